@@ -1,0 +1,1 @@
+//! bulwark's gRPC surface, generated from `proto/` at build time.

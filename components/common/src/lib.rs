@@ -1,0 +1,1 @@
+//! What every bulwark daemon shares.

@@ -1,1 +1,20 @@
-//! What every bulwark daemon shares.
+//! What every bulwark daemon shares, so each service is only its own logic:
+//!
+//! - [`tls`]: PEM loading, mutual-TLS configs for rustls and tonic, and the
+//!   verified peer's identity;
+//! - [`authz`]: identity rules (operators, LB peers) for gRPC calls;
+//! - [`config`]: YAML component-config files merged with flags and env,
+//!   validated with errors that name the field;
+//! - [`telemetry`]: `tracing` logs (text or JSON) and the Prometheus recorder;
+//! - [`admin`]: the `/livez`, `/readyz`, `/metrics` HTTP server;
+//! - [`shutdown`]: the root cancellation token, tracked and critical tasks,
+//!   signal handling with a grace period;
+//! - [`daemon`]: the flags and start-up steps every `main` shares.
+
+pub mod admin;
+pub mod authz;
+pub mod config;
+pub mod daemon;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,589 @@
+//! Configuration: a YAML file in the Kubernetes component-config style,
+//! merged with flags and environment, validated into a typed config.
+//!
+//! ```yaml
+//! apiVersion: bulwark.dev/v1alpha1
+//! kind: LoadBalancerConfiguration
+//! nodeId: 1
+//! admin:
+//!   address: 127.0.0.1:9440
+//! ```
+//!
+//! Why YAML with apiVersion/kind rather than TOML: the people who run
+//! bulwark already write kubeadm's ClusterConfiguration and the kubelet's
+//! KubeletConfiguration this way, keep them in the same repositories and
+//! ConfigMaps, and ship them beside static pod manifests that are YAML too.
+//! The versioned kind lets the schema evolve with explicit conversions, the
+//! way Kubernetes component configs do.
+//!
+//! Precedence, highest first: flag, environment variable (every flag has
+//! one, through clap), config file, built-in default. Flags become
+//! [`Overrides`] on the parsed YAML tree before the typed config is built, so
+//! one code path validates all sources and every error names the field's
+//! path (`backends[2].address: …`). Unknown fields are rejected.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::{Mapping, Value};
+
+/// The API group and version of every bulwark configuration kind.
+pub const API_VERSION: &str = "bulwark.dev/v1alpha1";
+
+/// A daemon's configuration kind.
+pub trait ComponentConfig: DeserializeOwned + Validate {
+    /// The `kind:` this type is read from, e.g. `LoadBalancerConfiguration`.
+    const KIND: &'static str;
+}
+
+/// Semantic validation after the types have parsed: ranges, cross-field
+/// rules, files that must exist. Report every problem, not just the first.
+pub trait Validate {
+    /// Records problems in `v`, at paths relative to this value.
+    fn validate(&self, v: &mut Validator);
+}
+
+/// One problem with one field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `backends[2].address`; empty for the document.
+    pub path: String,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not YAML.
+    #[error("config file {path} is not valid YAML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    /// One or more fields are wrong; all of them are listed.
+    #[error("invalid configuration{}:\n{}", file_suffix(.file), list(.errors))]
+    Invalid {
+        file: Option<PathBuf>,
+        errors: Vec<FieldError>,
+    },
+}
+
+impl ConfigError {
+    /// The field errors, when the problem is with fields.
+    pub fn field_errors(&self) -> &[FieldError] {
+        match self {
+            ConfigError::Invalid { errors, .. } => errors,
+            _ => &[],
+        }
+    }
+}
+
+fn file_suffix(file: &Option<PathBuf>) -> String {
+    file.as_ref()
+        .map(|p| format!(" in {}", p.display()))
+        .unwrap_or_default()
+}
+
+fn list(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  - {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Collects [`FieldError`]s while walking a config.
+#[derive(Debug, Default)]
+pub struct Validator {
+    path: Vec<String>,
+    errors: Vec<FieldError>,
+}
+
+impl Validator {
+    /// Records a problem with the current field.
+    pub fn error(&mut self, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            path: self.current(),
+            message: message.into(),
+        });
+    }
+
+    /// Runs `f` one level down, at `field` (a name, or `[i]` for an index).
+    pub fn at(&mut self, field: impl Into<String>, f: impl FnOnce(&mut Validator)) {
+        self.path.push(field.into());
+        f(self);
+        self.path.pop();
+    }
+
+    /// Validates a nested value at `field`.
+    pub fn nested<V: Validate + ?Sized>(&mut self, field: impl Into<String>, value: &V) {
+        self.at(field, |v| value.validate(v));
+    }
+
+    /// Records `message` at `field` unless `ok`.
+    pub fn check(&mut self, ok: bool, field: impl Into<String>, message: impl Into<String>) {
+        if !ok {
+            let message = message.into();
+            self.at(field, |v| v.error(message));
+        }
+    }
+
+    /// Checks that a file exists and is readable, naming what it is for.
+    pub fn file_exists(&mut self, field: impl Into<String>, path: &Path) {
+        if let Err(e) = std::fs::File::open(path) {
+            self.at(field, |v| {
+                v.error(format!("cannot read {}: {e}", path.display()));
+            });
+        }
+    }
+
+    /// Checks that a duration is within `[min, max]`.
+    pub fn duration_in(
+        &mut self,
+        field: impl Into<String>,
+        value: Duration,
+        min: Duration,
+        max: Duration,
+    ) {
+        if value < min || value > max {
+            self.at(field, |v| {
+                v.error(format!(
+                    "{} is out of range: expected between {} and {}",
+                    humantime::format_duration(value),
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ));
+            });
+        }
+    }
+
+    fn current(&self) -> String {
+        let mut out = String::new();
+        for seg in &self.path {
+            if !out.is_empty() && !seg.starts_with('[') {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+        out
+    }
+
+    /// The problems found so far.
+    pub fn into_errors(self) -> Vec<FieldError> {
+        self.errors
+    }
+}
+
+/// Validates `value` as if it sat at `prefix`; convenient in tests.
+pub fn validate_at<V: Validate + ?Sized>(prefix: &str, value: &V) -> Vec<FieldError> {
+    let mut v = Validator::default();
+    if prefix.is_empty() {
+        value.validate(&mut v);
+    } else {
+        v.nested(prefix, value);
+    }
+    v.into_errors()
+}
+
+/// Values set from flags or the environment, by field path
+/// (`admin.address`), applied over the file before typing.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    entries: Vec<(String, Value)>,
+}
+
+impl Overrides {
+    /// No overrides.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `path` (dot-separated camelCase field names) to `value`.
+    pub fn set(&mut self, path: &str, value: impl Serialize) -> &mut Self {
+        // Serializing plain values (numbers, strings, lists) into a YAML
+        // tree cannot fail; a failure would be a programming error in the
+        // caller's flag type, so it is reported at the field.
+        let value = serde_yaml_ng::to_value(value)
+            .unwrap_or_else(|e| Value::String(format!("<unserializable override: {e}>")));
+        self.entries.push((path.to_owned(), value));
+        self
+    }
+
+    /// Sets `path` when `value` is `Some`.
+    pub fn set_opt<T: Serialize>(&mut self, path: &str, value: Option<T>) -> &mut Self {
+        if let Some(v) = value {
+            self.set(path, v);
+        }
+        self
+    }
+
+    fn apply(&self, root: &mut Mapping) {
+        for (path, value) in &self.entries {
+            let mut node = &mut *root;
+            let mut parts = path.split('.').peekable();
+            while let Some(part) = parts.next() {
+                let key = Value::String(part.to_owned());
+                if parts.peek().is_none() {
+                    node.insert(key, value.clone());
+                    break;
+                }
+                let entry = node
+                    .entry(key)
+                    .or_insert_with(|| Value::Mapping(Mapping::new()));
+                if !entry.is_mapping() {
+                    *entry = Value::Mapping(Mapping::new());
+                }
+                match entry {
+                    Value::Mapping(m) => node = m,
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+/// Reads the config file (when given), checks `apiVersion`/`kind`, applies
+/// `overrides`, and builds and validates the typed config. Without a file the
+/// config is built from defaults and overrides alone.
+pub fn load<T: ComponentConfig>(
+    file: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<T, ConfigError> {
+    let text = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    from_str_with::<T>(text.as_deref(), file, overrides)
+}
+
+/// [`load`] from text already in memory; `origin` names it in errors.
+pub fn from_str_with<T: ComponentConfig>(
+    text: Option<&str>,
+    origin: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<T, ConfigError> {
+    let invalid = |errors: Vec<FieldError>| ConfigError::Invalid {
+        file: origin.map(Path::to_owned),
+        errors,
+    };
+    let mut root = match text {
+        None => Mapping::new(),
+        Some(text) => {
+            let value: Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax {
+                path: origin.map(Path::to_owned).unwrap_or_default(),
+                message: e.to_string(),
+            })?;
+            match value {
+                Value::Mapping(m) => m,
+                // An empty file parses as null: treat it as an empty document
+                // so the header check below gives the useful message.
+                Value::Null => Mapping::new(),
+                other => {
+                    return Err(invalid(vec![FieldError {
+                        path: String::new(),
+                        message: format!(
+                            "expected a mapping with apiVersion and kind at the top level, found {}",
+                            kind_of(&other)
+                        ),
+                    }]));
+                }
+            }
+        }
+    };
+
+    if text.is_some() {
+        let mut errors = Vec::new();
+        check_header(&mut root, "apiVersion", API_VERSION, &mut errors);
+        check_header(&mut root, "kind", T::KIND, &mut errors);
+        if !errors.is_empty() {
+            return Err(invalid(errors));
+        }
+    }
+    overrides.apply(&mut root);
+
+    let config: T = serde_path_to_error::deserialize(Value::Mapping(root)).map_err(|e| {
+        let path = e.path().to_string();
+        invalid(vec![FieldError {
+            path: if path == "." { String::new() } else { path },
+            message: e.into_inner().to_string(),
+        }])
+    })?;
+
+    let mut v = Validator::default();
+    config.validate(&mut v);
+    let errors = v.into_errors();
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(invalid(errors))
+    }
+}
+
+fn check_header(root: &mut Mapping, key: &str, want: &str, errors: &mut Vec<FieldError>) {
+    match root.remove(key) {
+        Some(Value::String(got)) if got == want => {}
+        Some(Value::String(got)) => errors.push(FieldError {
+            path: key.to_owned(),
+            message: format!("expected {want:?}, found {got:?}"),
+        }),
+        Some(other) => errors.push(FieldError {
+            path: key.to_owned(),
+            message: format!("expected the string {want:?}, found {}", kind_of(&other)),
+        }),
+        None => errors.push(FieldError {
+            path: key.to_owned(),
+            message: format!("missing; expected {want:?}"),
+        }),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+/// Serde adapter for durations written the way operators write them:
+/// `500ms`, `2s`, `1m30s`. Use with `#[serde(with = "bulwark_common::config::duration")]`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `d` as a human-readable duration.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    /// Reads a human-readable duration such as `250ms` or `1m30s`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}): expected e.g. \"500ms\", \"2s\" or \"1m30s\""
+            ))
+        })
+    }
+
+    /// The same for `Option<Duration>`: absent or null is `None`.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Writes `Some(d)` as a duration and `None` as null.
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads an optional duration.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrap(#[serde(with = "super")] Duration);
+            Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct Sample {
+        node_id: u64,
+        #[serde(default = "default_listen")]
+        listen: SocketAddr,
+        #[serde(default, with = "duration::option")]
+        timeout: Option<Duration>,
+        #[serde(default)]
+        backends: Vec<SampleBackend>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct SampleBackend {
+        address: SocketAddr,
+        #[serde(default = "one")]
+        weight: u32,
+    }
+
+    fn default_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 6443))
+    }
+
+    fn one() -> u32 {
+        1
+    }
+
+    impl Validate for Sample {
+        fn validate(&self, v: &mut Validator) {
+            v.check(self.node_id > 0, "nodeId", "must be greater than 0");
+            for (i, b) in self.backends.iter().enumerate() {
+                v.at(format!("backends[{i}]"), |v| {
+                    v.check(b.weight <= 100, "weight", "must be at most 100");
+                });
+            }
+        }
+    }
+
+    impl ComponentConfig for Sample {
+        const KIND: &'static str = "SampleConfiguration";
+    }
+
+    const HEADER: &str = "apiVersion: bulwark.dev/v1alpha1\nkind: SampleConfiguration\n";
+
+    fn parse(body: &str) -> Result<Sample, ConfigError> {
+        from_str_with(Some(&format!("{HEADER}{body}")), None, &Overrides::new())
+    }
+
+    fn only_error(r: Result<Sample, ConfigError>) -> String {
+        let err = r.unwrap_err();
+        let errs = err.field_errors();
+        assert_eq!(errs.len(), 1, "{err}");
+        errs[0].to_string()
+    }
+
+    #[test]
+    fn a_valid_file_loads_with_defaults() {
+        let c = parse("nodeId: 3\ntimeout: 250ms\nbackends:\n- address: 10.0.0.1:6443\n").unwrap();
+        assert_eq!(c.node_id, 3);
+        assert_eq!(c.listen, default_listen());
+        assert_eq!(c.timeout, Some(Duration::from_millis(250)));
+        assert_eq!(c.backends[0].address, "10.0.0.1:6443".parse().unwrap());
+        assert_eq!(c.backends[0].weight, 1);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_path() {
+        let e = only_error(parse(
+            "nodeId: 1\nbackends:\n- address: 10.0.0.1:6443\n  wieght: 3\n",
+        ));
+        assert_eq!(
+            e,
+            "backends[0].wieght: unknown field `wieght`, expected `address` or `weight`"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_field_and_what_was_expected() {
+        let e = only_error(parse("nodeId: 1\nbackends:\n- address: not-an-address\n"));
+        assert!(e.starts_with("backends[0].address:"), "{e}");
+        assert!(e.contains("socket address"), "{e}");
+
+        let e = only_error(parse("nodeId: 1\ntimeout: soon\n"));
+        assert!(e.starts_with("timeout: invalid duration \"soon\""), "{e}");
+
+        let e = only_error(parse("nodeId: one\n"));
+        assert!(e.starts_with("nodeId: invalid type"), "{e}");
+    }
+
+    #[test]
+    fn validation_reports_every_problem() {
+        let err =
+            parse("nodeId: 0\nbackends:\n- address: 10.0.0.1:1\n  weight: 500\n").unwrap_err();
+        let errs: Vec<String> = err.field_errors().iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            errs,
+            vec![
+                "nodeId: must be greater than 0",
+                "backends[0].weight: must be at most 100"
+            ]
+        );
+    }
+
+    #[test]
+    fn header_is_checked() {
+        let r: Result<Sample, _> = from_str_with(
+            Some("apiVersion: v1\nkind: Pod\nnodeId: 1\n"),
+            Some(Path::new("/etc/bulwark/lb.yaml")),
+            &Overrides::new(),
+        );
+        let msg = r.unwrap_err().to_string();
+        assert!(msg.contains("in /etc/bulwark/lb.yaml"), "{msg}");
+        assert!(
+            msg.contains("apiVersion: expected \"bulwark.dev/v1alpha1\", found \"v1\""),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("kind: expected \"SampleConfiguration\", found \"Pod\""),
+            "{msg}"
+        );
+
+        let r: Result<Sample, _> = from_str_with(Some("- a\n- b\n"), None, &Overrides::new());
+        assert!(r.unwrap_err().to_string().contains("found a list"));
+        let r: Result<Sample, _> = from_str_with(Some(""), None, &Overrides::new());
+        assert!(r.unwrap_err().to_string().contains("apiVersion: missing"));
+    }
+
+    #[test]
+    fn overrides_win_over_the_file_and_stand_alone() {
+        let mut o = Overrides::new();
+        o.set("nodeId", 7u64).set("listen", "127.0.0.2:7445");
+        let c: Sample = from_str_with(Some(&format!("{HEADER}nodeId: 1\n")), None, &o).unwrap();
+        assert_eq!(c.node_id, 7);
+        assert_eq!(c.listen, "127.0.0.2:7445".parse().unwrap());
+
+        // No file at all: defaults plus flags.
+        let c: Sample = from_str_with(None, None, &o).unwrap();
+        assert_eq!(c.node_id, 7);
+
+        // A bad flag value is reported at the field it overrides.
+        let mut o = Overrides::new();
+        o.set("nodeId", "x");
+        let err = from_str_with::<Sample>(None, None, &o).unwrap_err();
+        assert!(err.field_errors()[0].to_string().starts_with("nodeId:"));
+    }
+
+    #[test]
+    fn missing_file_and_bad_yaml_are_clear() {
+        let err = load::<Sample>(Some(Path::new("/nonexistent/lb.yaml")), &Overrides::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot read config file /nonexistent/lb.yaml"),
+            "{err}"
+        );
+        let err =
+            from_str_with::<Sample>(Some("a: [1"), Some(Path::new("x.yaml")), &Overrides::new())
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("x.yaml is not valid YAML"), "{err}");
+    }
+}

@@ -1,0 +1,707 @@
+//! `BackupConfiguration`: the YAML file (`apiVersion: bulwark.dev/v1alpha1`)
+//! plus flags, validated with errors that name the field.
+//!
+//! Every field has a default that suits a kubeadm control-plane node, so a
+//! minimal file only names the store. `docs/BACKUP.md` lists the schema.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bulwark_common::admin::AdminConfig;
+use bulwark_common::authz::AccessPolicy;
+use bulwark_common::config::{ComponentConfig, Validate, Validator, duration};
+use bulwark_common::telemetry::LoggingConfig;
+use bulwark_common::tls::{
+    KUBEADM_APISERVER_ETCD_CLIENT_CERT, KUBEADM_APISERVER_ETCD_CLIENT_KEY, KUBEADM_ETCD_CA_CERT,
+    TlsFiles,
+};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::retention::RetentionPolicy;
+use crate::schedule::Schedule;
+
+/// The whole configuration of one bulwark-backup instance.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackupConfig {
+    /// This instance's name in status, manifests and the election (default:
+    /// the host name).
+    #[serde(default = "default_node_name")]
+    pub node_name: String,
+    /// Directory name of this cluster's backups in the store; stable across
+    /// restores (etcd's cluster id is not).
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+    /// Admin HTTP server (`/livez`, `/readyz`, `/metrics`).
+    #[serde(default = "default_admin")]
+    pub admin: AdminConfig,
+    /// Logs.
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    /// The gRPC server (mTLS) behind `bulwarkctl backup`.
+    #[serde(default)]
+    pub grpc: GrpcConfig,
+    /// How to reach etcd.
+    #[serde(default)]
+    pub etcd: EtcdConfig,
+    /// Where backups go.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// zstd settings.
+    #[serde(default)]
+    pub compression: CompressionConfig,
+    /// Client-side encryption; absent: none.
+    #[serde(default)]
+    pub encryption: EncryptionConfig,
+    /// Scheduled snapshots and the leader election.
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    /// What to keep.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+    /// Verification and scheduled restore drills.
+    #[serde(default)]
+    pub drill: DrillConfig,
+    /// How long SIGTERM waits for in-flight work before exiting.
+    #[serde(default = "default_grace", with = "duration")]
+    pub shutdown_grace_period: Duration,
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "bulwark-backup".into())
+}
+
+fn default_cluster_name() -> String {
+    "kubernetes".into()
+}
+
+fn default_admin() -> AdminConfig {
+    AdminConfig {
+        address: SocketAddr::from(([127, 0, 0, 1], 9446)),
+    }
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl ComponentConfig for BackupConfig {
+    const KIND: &'static str = "BackupConfiguration";
+}
+
+/// `grpc:`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Listen address.
+    #[serde(default = "default_grpc_address")]
+    pub address: SocketAddr,
+    /// Serving certificate, key and the CA clients must present certificates from.
+    #[serde(default = "default_grpc_tls")]
+    pub tls: TlsFiles,
+    /// Who may call what.
+    #[serde(default)]
+    pub access: AccessPolicy,
+}
+
+fn default_grpc_address() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9445))
+}
+
+fn default_grpc_tls() -> TlsFiles {
+    TlsFiles::kubeadm_default("backup")
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            address: default_grpc_address(),
+            tls: default_grpc_tls(),
+            access: AccessPolicy::default(),
+        }
+    }
+}
+
+/// Which etcd member serves snapshots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MemberChoice {
+    /// The raft leader: always has every committed write.
+    #[default]
+    Leader,
+    /// The member reporting the highest revision (a follower when it is
+    /// caught up), to keep snapshot load off the leader.
+    HighestRevision,
+}
+
+/// `etcd:`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Client URLs of the members.
+    #[serde(default = "default_endpoints")]
+    pub endpoints: Vec<String>,
+    /// Client certificate, key and etcd's CA; `null` for plain HTTP.
+    #[serde(default = "default_etcd_tls")]
+    pub tls: Option<TlsFiles>,
+    /// Connection timeout per endpoint.
+    #[serde(default = "default_dial_timeout", with = "duration")]
+    pub dial_timeout: Duration,
+    /// Timeout of short requests (status, counts, election calls).
+    #[serde(default = "default_request_timeout", with = "duration")]
+    pub request_timeout: Duration,
+    /// Longest pause between two chunks of a snapshot stream before the
+    /// backup is abandoned as stalled.
+    #[serde(default = "default_stall_timeout", with = "duration")]
+    pub stall_timeout: Duration,
+    /// Which member to snapshot.
+    #[serde(default)]
+    pub snapshot_from: MemberChoice,
+}
+
+fn default_endpoints() -> Vec<String> {
+    vec!["https://127.0.0.1:2379".into()]
+}
+
+fn default_etcd_tls() -> Option<TlsFiles> {
+    Some(TlsFiles {
+        cert_file: KUBEADM_APISERVER_ETCD_CLIENT_CERT.into(),
+        key_file: KUBEADM_APISERVER_ETCD_CLIENT_KEY.into(),
+        ca_file: KUBEADM_ETCD_CA_CERT.into(),
+    })
+}
+
+fn default_dial_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: default_endpoints(),
+            tls: default_etcd_tls(),
+            dial_timeout: default_dial_timeout(),
+            request_timeout: default_request_timeout(),
+            stall_timeout: default_stall_timeout(),
+            snapshot_from: MemberChoice::default(),
+        }
+    }
+}
+
+/// A byte size written as a number or with a unit: `8MiB`, `5MB`, `1048576`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// `n` mebibytes.
+    pub const fn mib(n: u64) -> Self {
+        ByteSize(n * 1024 * 1024)
+    }
+
+    /// Parses `8MiB`, `8 MiB`, `5MB`, `64KiB`, `1GiB` or a plain number.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected e.g. \"8MiB\" or 8388608"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "invalid size unit {other:?} in {s:?}: expected B, KiB, MiB, GiB, KB, MB or GB"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        if n >= 1 << 20 && n % (1 << 20) == 0 {
+            write!(f, "{}MiB", n >> 20)
+        } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+            write!(f, "{}KiB", n >> 10)
+        } else {
+            write!(f, "{n}")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `store:`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `file:///path`, `s3://bucket/prefix`, `gs://bucket/prefix` or
+    /// `az://container/prefix`.
+    #[serde(default = "default_store_url")]
+    pub url: String,
+    /// object_store options for the URL's scheme (e.g. `aws_endpoint`,
+    /// `aws_region`, `aws_virtual_hosted_style_request: "false"`,
+    /// `aws_allow_http: "true"`); credentials are better left to the
+    /// environment (`AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT`,
+    /// `AZURE_STORAGE_ACCOUNT_KEY`, …), which is read too.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// Multipart part size (S3 requires at least 5 MiB except the last).
+    #[serde(default = "default_part_size")]
+    pub part_size: ByteSize,
+    /// Parts uploaded at once. Memory in flight is about
+    /// `partSize × (uploadConcurrency + 1)`.
+    #[serde(default = "default_upload_concurrency")]
+    pub upload_concurrency: usize,
+}
+
+fn default_store_url() -> String {
+    "file:///var/lib/bulwark/backups".into()
+}
+
+fn default_part_size() -> ByteSize {
+    ByteSize::mib(8)
+}
+
+fn default_upload_concurrency() -> usize {
+    2
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: default_store_url(),
+            options: BTreeMap::new(),
+            part_size: default_part_size(),
+            upload_concurrency: default_upload_concurrency(),
+        }
+    }
+}
+
+/// `compression:`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// zstd level, 1–19 (higher: smaller and slower; above 19 needs more
+    /// memory than the 64 MiB budget allows).
+    #[serde(default = "default_level")]
+    pub level: i32,
+    /// zstd worker threads (0: compress on the pipeline's own thread).
+    #[serde(default)]
+    pub workers: u32,
+}
+
+fn default_level() -> i32 {
+    1
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            level: default_level(),
+            workers: 0,
+        }
+    }
+}
+
+/// `encryption:`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// File with the age recipient (`age1…`) new snapshots are encrypted to,
+    /// or an identity whose public key is used. Absent: no encryption.
+    #[serde(default)]
+    pub recipient_file: Option<PathBuf>,
+    /// Files with age identities (`AGE-SECRET-KEY-1…`) to verify, drill and
+    /// restore with; snapshots name the key they need by id.
+    #[serde(default)]
+    pub identity_files: Vec<PathBuf>,
+}
+
+/// `schedule:`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Every this long, aligned to the Unix epoch so every instance agrees
+    /// on tick times. Exclusive with `cron`.
+    #[serde(default, with = "duration::option")]
+    pub interval: Option<Duration>,
+    /// A cron expression (5 fields, UTC), e.g. `0 */6 * * *`.
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// etcd election name the instances campaign on.
+    #[serde(default = "default_election")]
+    pub election_name: String,
+    /// Lease TTL of the election: how long a dead leader keeps the role.
+    #[serde(default = "default_lease_ttl", with = "duration")]
+    pub lease_ttl: Duration,
+    /// Attempts per tick after a failed scheduled snapshot.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Pause before each retry.
+    #[serde(default = "default_retry_backoff", with = "duration")]
+    pub retry_backoff: Duration,
+}
+
+fn default_election() -> String {
+    "bulwark-backup/leader".into()
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_retries() -> u32 {
+    2
+}
+
+fn default_retry_backoff() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            interval: Some(Duration::from_secs(3600)),
+            cron: None,
+            election_name: default_election(),
+            lease_ttl: default_lease_ttl(),
+            retries: default_retries(),
+            retry_backoff: default_retry_backoff(),
+        }
+    }
+}
+
+impl ScheduleConfig {
+    /// The parsed schedule, `None` when scheduling is off.
+    pub fn schedule(&self) -> Result<Option<Schedule>, String> {
+        match (&self.interval, &self.cron) {
+            (Some(_), Some(_)) => Err("set either interval or cron, not both".into()),
+            (Some(i), None) => Schedule::interval(*i).map(Some),
+            (None, Some(c)) => Schedule::cron(c).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// `retention:`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// The policy.
+    #[serde(default)]
+    pub policy: RetentionPolicy,
+    /// How often the leader applies it besides after each snapshot.
+    #[serde(default = "default_retention_interval", with = "duration")]
+    pub interval: Duration,
+    /// Objects without a manifest (failed or interrupted uploads) older than
+    /// this are removed.
+    #[serde(default = "default_grace_period", with = "duration")]
+    pub gc_grace_period: Duration,
+}
+
+fn default_retention_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_grace_period() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            policy: RetentionPolicy::default(),
+            interval: default_retention_interval(),
+            gc_grace_period: default_grace_period(),
+        }
+    }
+}
+
+/// `drill:`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DrillConfig {
+    /// How often the leader drills the newest snapshot; absent: never
+    /// (drills still run on demand).
+    #[serde(default, with = "duration::option")]
+    pub interval: Option<Duration>,
+    /// `etcdutl` (3.5+).
+    #[serde(default = "default_etcdutl")]
+    pub etcdutl: PathBuf,
+    /// `etcd`, started on loopback for the drill.
+    #[serde(default = "default_etcd_bin")]
+    pub etcd: PathBuf,
+    /// Where the throwaway data dir goes (needs room for one decompressed
+    /// snapshot); default: the system temp dir.
+    #[serde(default)]
+    pub work_dir: Option<PathBuf>,
+    /// Limit for the throwaway etcd to become healthy.
+    #[serde(default = "default_drill_timeout", with = "duration")]
+    pub start_timeout: Duration,
+}
+
+fn default_etcdutl() -> PathBuf {
+    "/usr/local/bin/etcdutl".into()
+}
+
+fn default_etcd_bin() -> PathBuf {
+    "/usr/local/bin/etcd".into()
+}
+
+fn default_drill_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for DrillConfig {
+    fn default() -> Self {
+        Self {
+            interval: None,
+            etcdutl: default_etcdutl(),
+            etcd: default_etcd_bin(),
+            work_dir: None,
+            start_timeout: default_drill_timeout(),
+        }
+    }
+}
+
+impl Validate for BackupConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(
+            !self.node_name.trim().is_empty(),
+            "nodeName",
+            "must not be empty",
+        );
+        v.check(
+            crate::layout::is_valid_id(&self.cluster_name),
+            "clusterName",
+            "must be letters, digits, '-' or '_' (it is a directory name in the store)",
+        );
+        v.nested("logging", &self.logging);
+        v.at("grpc", |v| {
+            v.nested("access", &self.grpc.access);
+            check_tls(v, "tls", &self.grpc.tls);
+        });
+        v.at("etcd", |v| {
+            if self.etcd.endpoints.is_empty() {
+                v.at("endpoints", |v| v.error("must list at least one etcd client URL"));
+            }
+            for (i, e) in self.etcd.endpoints.iter().enumerate() {
+                let ok = url::Url::parse(e)
+                    .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                    .unwrap_or(false);
+                v.check(
+                    ok,
+                    format!("endpoints[{i}]"),
+                    format!("{e:?} is not an etcd client URL: expected http(s)://host:port"),
+                );
+            }
+            if let Some(tls) = &self.etcd.tls {
+                check_tls(v, "tls", tls);
+            }
+            let secs = Duration::from_secs;
+            v.duration_in("dialTimeout", self.etcd.dial_timeout, Duration::from_millis(100), secs(300));
+            v.duration_in("requestTimeout", self.etcd.request_timeout, Duration::from_millis(100), secs(600));
+            v.duration_in("stallTimeout", self.etcd.stall_timeout, secs(1), secs(3600));
+        });
+        v.at("store", |v| {
+            if let Err(e) = crate::store::StoreSpec::parse(&self.store.url, &self.store.options) {
+                v.error(e);
+            }
+            v.check(
+                self.store.part_size >= ByteSize::mib(5) && self.store.part_size <= ByteSize::mib(64),
+                "partSize",
+                format!(
+                    "{} is out of range: expected between 5MiB (S3's minimum part) and 64MiB (the memory budget)",
+                    self.store.part_size
+                ),
+            );
+            v.check(
+                (1..=8).contains(&self.store.upload_concurrency),
+                "uploadConcurrency",
+                "must be between 1 and 8",
+            );
+        });
+        v.at("compression", |v| {
+            v.check(
+                (1..=19).contains(&self.compression.level),
+                "level",
+                format!("{} is out of range: expected 1 to 19", self.compression.level),
+            );
+            v.check(
+                self.compression.workers <= 8,
+                "workers",
+                "must be at most 8",
+            );
+        });
+        v.at("encryption", |v| {
+            if let Err(e) = crate::encryption::Keyring::load(
+                self.encryption.recipient_file.as_deref(),
+                &self.encryption.identity_files,
+            ) {
+                v.error(e.to_string());
+            }
+        });
+        v.at("schedule", |v| {
+            if let Err(e) = self.schedule.schedule() {
+                v.error(e);
+            }
+            v.check(
+                !self.schedule.election_name.trim().is_empty(),
+                "electionName",
+                "must not be empty",
+            );
+            v.duration_in("leaseTtl", self.schedule.lease_ttl, Duration::from_secs(2), Duration::from_secs(300));
+            v.duration_in("retryBackoff", self.schedule.retry_backoff, Duration::ZERO, Duration::from_secs(3600));
+        });
+        v.at("retention", |v| {
+            v.nested("policy", &self.retention.policy);
+            v.duration_in("interval", self.retention.interval, Duration::from_secs(1), Duration::from_secs(7 * 86400));
+            v.duration_in("gcGracePeriod", self.retention.gc_grace_period, Duration::ZERO, Duration::from_secs(30 * 86400));
+        });
+        v.at("drill", |v| {
+            if let Some(i) = self.drill.interval {
+                v.duration_in("interval", i, Duration::from_secs(1), Duration::from_secs(30 * 86400));
+                // Scheduled drills need the tools; on-demand ones report
+                // their absence as a failed drill.
+                v.file_exists("etcdutl", &self.drill.etcdutl);
+                v.file_exists("etcd", &self.drill.etcd);
+            }
+        });
+    }
+}
+
+fn check_tls(v: &mut Validator, field: &str, tls: &TlsFiles) {
+    v.at(field, |v| {
+        v.file_exists("certFile", &tls.cert_file);
+        v.file_exists("keyFile", &tls.key_file);
+        v.file_exists("caFile", &tls.ca_file);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use bulwark_common::config::{Overrides, from_str_with};
+
+    use super::*;
+
+    fn parse(body: &str) -> Result<BackupConfig, bulwark_common::config::ConfigError> {
+        let text = format!("apiVersion: bulwark.dev/v1alpha1\nkind: BackupConfiguration\n{body}");
+        from_str_with(Some(&text), None, &Overrides::new())
+    }
+
+    fn errors(body: &str) -> Vec<String> {
+        match parse(body) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.field_errors().iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    /// A config that validates on any machine: plain-HTTP etcd, gRPC TLS
+    /// files that exist (any readable file passes the existence check).
+    fn minimal(extra: &str) -> String {
+        format!(
+            "grpc:\n  tls: {{certFile: /proc/self/status, keyFile: /proc/self/status, caFile: /proc/self/status}}\n\
+             etcd:\n  endpoints: [http://127.0.0.1:2379]\n  tls: null\n{extra}"
+        )
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = parse(&minimal("")).unwrap();
+        assert_eq!(c.cluster_name, "kubernetes");
+        assert_eq!(c.store.url, "file:///var/lib/bulwark/backups");
+        assert_eq!(c.store.part_size, ByteSize::mib(8));
+        assert_eq!(c.store.upload_concurrency, 2);
+        assert_eq!(c.compression.level, 1);
+        assert_eq!(c.schedule.interval, Some(Duration::from_secs(3600)));
+        assert_eq!(c.schedule.lease_ttl, Duration::from_secs(15));
+        assert_eq!(c.etcd.snapshot_from, MemberChoice::Leader);
+        assert!(c.encryption.recipient_file.is_none());
+        assert!(c.drill.interval.is_none());
+    }
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(ByteSize::parse("8MiB"), Ok(ByteSize::mib(8)));
+        assert_eq!(ByteSize::parse("5 MB"), Ok(ByteSize(5_000_000)));
+        assert_eq!(ByteSize::parse("1024"), Ok(ByteSize(1024)));
+        assert!(ByteSize::parse("8 parsecs").unwrap_err().contains("unit"));
+        assert_eq!(ByteSize::mib(8).to_string(), "8MiB");
+    }
+
+    #[test]
+    fn bad_values_name_their_fields() {
+        let errs = errors(&minimal(
+            "store:\n  url: ftp://x/y\n  partSize: 1MiB\n  uploadConcurrency: 0\n\
+             compression:\n  level: 22\n\
+             schedule:\n  interval: 1h\n  cron: '0 * * * *'\n\
+             encryption:\n  recipientFile: /nonexistent/key.txt\n",
+        ));
+        let has = |prefix: &str| errs.iter().any(|e| e.starts_with(prefix));
+        assert!(has("store: unsupported store URL scheme"), "{errs:#?}");
+        assert!(has("store.partSize: 1MiB is out of range"), "{errs:#?}");
+        assert!(has("store.uploadConcurrency"), "{errs:#?}");
+        assert!(has("compression.level: 22 is out of range"), "{errs:#?}");
+        assert!(has("schedule: set either interval or cron"), "{errs:#?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("encryption: encryption key: encryption.recipientFile")
+                    && e.contains("/nonexistent/key.txt")),
+            "{errs:#?}"
+        );
+
+        let errs = errors(
+            "grpc:\n  tls: {certFile: /nonexistent/c.crt, keyFile: /proc/self/status, caFile: /proc/self/status}\n\
+             etcd:\n  endpoints: [127.0.0.1:2379]\n  tls: null\n",
+        );
+        assert!(errs.iter().any(|e| e.starts_with("grpc.tls.certFile: cannot read /nonexistent/c.crt")), "{errs:#?}");
+        assert!(errs.iter().any(|e| e.starts_with("etcd.endpoints[0]")), "{errs:#?}");
+    }
+}

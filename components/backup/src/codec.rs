@@ -80,8 +80,9 @@ impl<W: Write> Sealer<W> {
         match recipient {
             None => Ok(Sealer::Plain(out)),
             Some(r) => {
-                let enc = age::Encryptor::with_recipients(std::iter::once(r as &dyn age::Recipient))
-                    .map_err(|e| io::Error::other(format!("age: {e}")))?;
+                let enc =
+                    age::Encryptor::with_recipients(std::iter::once(r as &dyn age::Recipient))
+                        .map_err(|e| io::Error::other(format!("age: {e}")))?;
                 Ok(Sealer::Age(enc.wrap_output(out)?))
             }
         }
@@ -281,12 +282,18 @@ impl Decoder {
             (Encryption::None, _) => Box::new(src),
             (Encryption::AgeX25519 { .. }, Some(id)) => {
                 let d = age::Decryptor::new(src).map_err(|e| {
-                    classify(io::Error::new(io::ErrorKind::InvalidData, e.to_string()), &source_failed)
+                    classify(
+                        io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+                        &source_failed,
+                    )
                 })?;
                 let r = d
                     .decrypt(std::iter::once(id as &dyn age::Identity))
                     .map_err(|e| {
-                        classify(io::Error::new(io::ErrorKind::InvalidData, e.to_string()), &source_failed)
+                        classify(
+                            io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+                            &source_failed,
+                        )
                     })?;
                 Box::new(Tagged {
                     inner: r,
@@ -302,12 +309,12 @@ impl Decoder {
         };
         let inner: Box<dyn Read + Send> = match compression {
             Compression::None => plain,
-            Compression::Zstd { .. } => Box::new(
-                zstd::stream::read::Decoder::new(plain).map_err(|e| DecodeError {
+            Compression::Zstd { .. } => Box::new(zstd::stream::read::Decoder::new(plain).map_err(
+                |e| DecodeError {
                     layer: Layer::Decompress,
                     error: e,
-                })?,
-            ),
+                },
+            )?),
         };
         Ok(Self {
             inner,
@@ -359,7 +366,8 @@ mod tests {
     ) -> Result<Vec<u8>, DecodeError> {
         let (tx, rx) = mpsc::channel(1024);
         for piece in stored.chunks(500) {
-            tx.try_send(Item::Data(Bytes::copy_from_slice(piece))).unwrap();
+            tx.try_send(Item::Data(Bytes::copy_from_slice(piece)))
+                .unwrap();
         }
         tx.try_send(Item::End).unwrap();
         let mut d = Decoder::new(ChannelReader::new(rx), compression, encryption, identity)?;
@@ -375,7 +383,9 @@ mod tests {
     }
 
     fn data() -> Vec<u8> {
-        (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+        (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect()
     }
 
     #[test]
@@ -409,11 +419,17 @@ mod tests {
         let mut bad = sealed.clone();
         let i = bad.len() / 2;
         bad[i] ^= 1;
-        assert_eq!(decode(&bad, z, &enc, Some(&id)).unwrap_err().layer, Layer::Decrypt);
+        assert_eq!(
+            decode(&bad, z, &enc, Some(&id)).unwrap_err().layer,
+            Layer::Decrypt
+        );
 
         // Truncated ciphertext: the last chunk is missing.
         let cut = &sealed[..sealed.len() - 100];
-        assert_eq!(decode(cut, z, &enc, Some(&id)).unwrap_err().layer, Layer::Decrypt);
+        assert_eq!(
+            decode(cut, z, &enc, Some(&id)).unwrap_err().layer,
+            Layer::Decrypt
+        );
 
         // Unencrypted: a truncated zstd frame is a decompression error.
         let plain = encode(&data(), None);
@@ -425,7 +441,8 @@ mod tests {
 
         // The source failing is the source's fault.
         let (tx, rx) = mpsc::channel(4);
-        tx.try_send(Item::Data(Bytes::copy_from_slice(&plain[..100]))).unwrap();
+        tx.try_send(Item::Data(Bytes::copy_from_slice(&plain[..100])))
+            .unwrap();
         tx.try_send(Item::Error("connection reset".into())).unwrap();
         let mut d = Decoder::new(ChannelReader::new(rx), z, &Encryption::None, None).unwrap();
         let mut buf = vec![0u8; 1 << 20];

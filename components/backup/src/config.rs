@@ -216,9 +216,7 @@ impl ByteSize {
     /// Parses `8MiB`, `8 MiB`, `5MB`, `64KiB`, `1GiB` or a plain number.
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         let n: u64 = num
             .parse()
@@ -246,9 +244,9 @@ impl ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
-        if n >= 1 << 20 && n % (1 << 20) == 0 {
+        if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
             write!(f, "{}MiB", n >> 20)
-        } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
             write!(f, "{}KiB", n >> 10)
         } else {
             write!(f, "{n}")
@@ -530,7 +528,9 @@ impl Validate for BackupConfig {
         });
         v.at("etcd", |v| {
             if self.etcd.endpoints.is_empty() {
-                v.at("endpoints", |v| v.error("must list at least one etcd client URL"));
+                v.at("endpoints", |v| {
+                    v.error("must list at least one etcd client URL")
+                });
             }
             for (i, e) in self.etcd.endpoints.iter().enumerate() {
                 let ok = url::Url::parse(e)
@@ -546,8 +546,18 @@ impl Validate for BackupConfig {
                 check_tls(v, "tls", tls);
             }
             let secs = Duration::from_secs;
-            v.duration_in("dialTimeout", self.etcd.dial_timeout, Duration::from_millis(100), secs(300));
-            v.duration_in("requestTimeout", self.etcd.request_timeout, Duration::from_millis(100), secs(600));
+            v.duration_in(
+                "dialTimeout",
+                self.etcd.dial_timeout,
+                Duration::from_millis(100),
+                secs(300),
+            );
+            v.duration_in(
+                "requestTimeout",
+                self.etcd.request_timeout,
+                Duration::from_millis(100),
+                secs(600),
+            );
             v.duration_in("stallTimeout", self.etcd.stall_timeout, secs(1), secs(3600));
         });
         v.at("store", |v| {
@@ -572,7 +582,10 @@ impl Validate for BackupConfig {
             v.check(
                 (1..=19).contains(&self.compression.level),
                 "level",
-                format!("{} is out of range: expected 1 to 19", self.compression.level),
+                format!(
+                    "{} is out of range: expected 1 to 19",
+                    self.compression.level
+                ),
             );
             v.check(
                 self.compression.workers <= 8,
@@ -597,17 +610,42 @@ impl Validate for BackupConfig {
                 "electionName",
                 "must not be empty",
             );
-            v.duration_in("leaseTtl", self.schedule.lease_ttl, Duration::from_secs(2), Duration::from_secs(300));
-            v.duration_in("retryBackoff", self.schedule.retry_backoff, Duration::ZERO, Duration::from_secs(3600));
+            v.duration_in(
+                "leaseTtl",
+                self.schedule.lease_ttl,
+                Duration::from_secs(2),
+                Duration::from_secs(300),
+            );
+            v.duration_in(
+                "retryBackoff",
+                self.schedule.retry_backoff,
+                Duration::ZERO,
+                Duration::from_secs(3600),
+            );
         });
         v.at("retention", |v| {
             v.nested("policy", &self.retention.policy);
-            v.duration_in("interval", self.retention.interval, Duration::from_secs(1), Duration::from_secs(7 * 86400));
-            v.duration_in("gcGracePeriod", self.retention.gc_grace_period, Duration::ZERO, Duration::from_secs(30 * 86400));
+            v.duration_in(
+                "interval",
+                self.retention.interval,
+                Duration::from_secs(1),
+                Duration::from_secs(7 * 86400),
+            );
+            v.duration_in(
+                "gcGracePeriod",
+                self.retention.gc_grace_period,
+                Duration::ZERO,
+                Duration::from_secs(30 * 86400),
+            );
         });
         v.at("drill", |v| {
             if let Some(i) = self.drill.interval {
-                v.duration_in("interval", i, Duration::from_secs(1), Duration::from_secs(30 * 86400));
+                v.duration_in(
+                    "interval",
+                    i,
+                    Duration::from_secs(1),
+                    Duration::from_secs(30 * 86400),
+                );
                 // Scheduled drills need the tools; on-demand ones report
                 // their absence as a failed drill.
                 v.file_exists("etcdutl", &self.drill.etcdutl);
@@ -691,9 +729,9 @@ mod tests {
         assert!(has("compression.level: 22 is out of range"), "{errs:#?}");
         assert!(has("schedule: set either interval or cron"), "{errs:#?}");
         assert!(
-            errs.iter()
-                .any(|e| e.starts_with("encryption: encryption key: encryption.recipientFile")
-                    && e.contains("/nonexistent/key.txt")),
+            errs.iter().any(|e| e
+                .starts_with("encryption: encryption key: encryption.recipientFile")
+                && e.contains("/nonexistent/key.txt")),
             "{errs:#?}"
         );
 
@@ -701,7 +739,14 @@ mod tests {
             "grpc:\n  tls: {certFile: /nonexistent/c.crt, keyFile: /proc/self/status, caFile: /proc/self/status}\n\
              etcd:\n  endpoints: [127.0.0.1:2379]\n  tls: null\n",
         );
-        assert!(errs.iter().any(|e| e.starts_with("grpc.tls.certFile: cannot read /nonexistent/c.crt")), "{errs:#?}");
-        assert!(errs.iter().any(|e| e.starts_with("etcd.endpoints[0]")), "{errs:#?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("grpc.tls.certFile: cannot read /nonexistent/c.crt")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with("etcd.endpoints[0]")),
+            "{errs:#?}"
+        );
     }
 }

@@ -85,9 +85,8 @@ enum KeyLine {
 }
 
 fn read_key_file(field: &str, path: &Path) -> Result<Vec<KeyLine>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        BackupError::Key(format!("{field}: cannot read {}: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BackupError::Key(format!("{field}: cannot read {}: {e}", path.display())))?;
     let mut keys = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();

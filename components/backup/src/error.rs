@@ -195,7 +195,9 @@ fn store_detail(err: &object_store::Error) -> String {
         || text.contains("AccessDenied")
         || text.contains("403")
     {
-        text.push_str(" (the store refused our credentials: check store.options and the environment)");
+        text.push_str(
+            " (the store refused our credentials: check store.options and the environment)",
+        );
     }
     text
 }

@@ -162,10 +162,7 @@ impl EtcdConnector {
     async fn status_of(&self, endpoint: &str) -> Result<MemberStatus> {
         let eps = [endpoint.to_owned()];
         let mut c = self.client_for(&eps, true).await?;
-        let s = c
-            .status()
-            .await
-            .map_err(|e| classify(&eps, "status", &e))?;
+        let s = c.status().await.map_err(|e| classify(&eps, "status", &e))?;
         let h = s.header().ok_or_else(|| BackupError::Etcd {
             operation: "status",
             detail: "response without header".into(),
@@ -196,7 +193,10 @@ impl EtcdConnector {
     /// The store revision seen by `client` now (serializable).
     pub async fn revision(client: &mut Client, endpoint: &str) -> Result<i64> {
         let r = client
-            .get("\0", Some(GetOptions::new().with_serializable().with_count_only()))
+            .get(
+                "\0",
+                Some(GetOptions::new().with_serializable().with_count_only()),
+            )
             .await
             .map_err(|e| classify(&[endpoint.to_owned()], "get", &e))?;
         Ok(r.header().map(|h| h.revision()).unwrap_or(0))
@@ -204,7 +204,11 @@ impl EtcdConnector {
 
     /// Number of keys at `revision` (0: the current one), and the revision
     /// the answer is for.
-    pub async fn key_count(client: &mut Client, endpoint: &str, revision: i64) -> Result<(u64, i64)> {
+    pub async fn key_count(
+        client: &mut Client,
+        endpoint: &str,
+        revision: i64,
+    ) -> Result<(u64, i64)> {
         let mut opts = GetOptions::new()
             .with_all_keys()
             .with_count_only()
@@ -288,7 +292,11 @@ pub fn error_text(e: &etcd_client::Error) -> String {
 }
 
 /// Maps a client error to unreachable, refused credentials or other.
-pub fn classify(endpoints: &[String], operation: &'static str, e: &etcd_client::Error) -> BackupError {
+pub fn classify(
+    endpoints: &[String],
+    operation: &'static str,
+    e: &etcd_client::Error,
+) -> BackupError {
     let endpoints = endpoints.join(",");
     let detail = error_text(e);
     let lower = detail.to_ascii_lowercase();
@@ -303,10 +311,12 @@ pub fn classify(endpoints: &[String], operation: &'static str, e: &etcd_client::
         "alert",
     ];
     let is_auth = match e {
-        etcd_client::Error::GRpcStatus(s) => matches!(
-            s.code(),
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-        ) || auth_words.iter().any(|w| lower.contains(w)),
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) || auth_words.iter().any(|w| lower.contains(w))
+        }
         etcd_client::Error::TransportError(_) => auth_words.iter().any(|w| lower.contains(w)),
         _ => false,
     };
@@ -350,20 +360,29 @@ mod tests {
     #[test]
     fn member_choice() {
         let ms = [member(1, 10, 2), member(2, 10, 2), member(3, 9, 2)];
-        assert_eq!(choose(&ms, MemberChoice::Leader, None).unwrap().member_id, 2);
+        assert_eq!(
+            choose(&ms, MemberChoice::Leader, None).unwrap().member_id,
+            2
+        );
         // Equal revisions: prefer a follower.
         assert_eq!(
-            choose(&ms, MemberChoice::HighestRevision, None).unwrap().member_id,
+            choose(&ms, MemberChoice::HighestRevision, None)
+                .unwrap()
+                .member_id,
             1
         );
         // No leader among the answers: fall back to the highest revision.
         let no_leader = [member(1, 10, 0), member(3, 11, 0)];
         assert_eq!(
-            choose(&no_leader, MemberChoice::Leader, None).unwrap().member_id,
+            choose(&no_leader, MemberChoice::Leader, None)
+                .unwrap()
+                .member_id,
             3
         );
         assert_eq!(
-            choose(&ms, MemberChoice::Leader, Some("m3")).unwrap().member_id,
+            choose(&ms, MemberChoice::Leader, Some("m3"))
+                .unwrap()
+                .member_id,
             3
         );
         let e = choose(&ms, MemberChoice::Leader, Some("m9")).unwrap_err();
@@ -374,13 +393,19 @@ mod tests {
     fn auth_errors_are_told_apart() {
         let eps = ["https://e:2379".to_owned()];
         let denied = etcd_client::Error::GRpcStatus(tonic::Status::permission_denied("nope"));
-        assert!(matches!(classify(&eps, "status", &denied), BackupError::EtcdAuth { .. }));
+        assert!(matches!(
+            classify(&eps, "status", &denied),
+            BackupError::EtcdAuth { .. }
+        ));
         let down = etcd_client::Error::GRpcStatus(tonic::Status::unavailable("connection refused"));
         assert!(matches!(
             classify(&eps, "status", &down),
             BackupError::EtcdUnavailable { .. }
         ));
         let other = etcd_client::Error::GRpcStatus(tonic::Status::invalid_argument("bad"));
-        assert!(matches!(classify(&eps, "status", &other), BackupError::Etcd { .. }));
+        assert!(matches!(
+            classify(&eps, "status", &other),
+            BackupError::Etcd { .. }
+        ));
     }
 }

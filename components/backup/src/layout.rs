@@ -174,7 +174,10 @@ impl Layout {
     /// A path relative to the store location (what manifests record).
     pub fn relative(&self, prefix: &Path, path: &Path) -> String {
         match path.prefix_match(prefix) {
-            Some(parts) => parts.map(|p| p.as_ref().to_owned()).collect::<Vec<_>>().join("/"),
+            Some(parts) => parts
+                .map(|p| p.as_ref().to_owned())
+                .collect::<Vec<_>>()
+                .join("/"),
             None => path.to_string(),
         }
     }
@@ -192,12 +195,10 @@ impl Layout {
         Some(match parts.as_slice() {
             [_, name] if name == MANIFEST => Entry::Manifest { id },
             [_, name] if name.starts_with("snapshot.db") => Entry::Data { id },
-            [_, dir, file] if dir == VERIFY_DIR && file.ends_with(".json") => {
-                Entry::Verification {
-                    id,
-                    name: file.trim_end_matches(".json").to_owned(),
-                }
-            }
+            [_, dir, file] if dir == VERIFY_DIR && file.ends_with(".json") => Entry::Verification {
+                id,
+                name: file.trim_end_matches(".json").to_owned(),
+            },
             _ => Entry::Other { id },
         })
     }

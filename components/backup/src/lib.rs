@@ -18,17 +18,160 @@
 //! | [`config`] | `BackupConfiguration` |
 //! | [`schedule`] | interval and cron ticks |
 //! | [`retention`] | the pure keep/delete policy |
+//! | [`catalog`] | listing, get, delete, retention and garbage collection against the store |
+//! | [`verify`] | verification and restore drills |
+//! | [`election`] | the etcd election of the instance that does scheduled work |
+//! | [`service`] | the scheduler and the state behind `GetStatus` |
+//! | [`api`] | the `bulwark.backup.v1.Backup` gRPC handlers |
+//! | [`metrics`] | `bulwark_backup_*` metrics |
+//! | [`faults`] | an object store that fails on demand, for tests |
+//!
+//! [`run`] starts everything on listeners bound by the caller, so tests can
+//! run several instances on port 0 in one process.
+pub mod api;
+pub mod catalog;
 pub mod codec;
 pub mod config;
+pub mod election;
 pub mod encryption;
 pub mod engine;
 pub mod error;
 pub mod etcd;
+pub mod faults;
 pub mod hashing;
 pub mod layout;
 pub mod manifest;
+pub mod metrics;
 pub mod retention;
 pub mod schedule;
+pub mod service;
 pub mod snapshot;
 pub mod store;
 pub mod upload;
+pub mod verify;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bulwark_common::admin::Health;
+use bulwark_common::grpc::GrpcServer;
+use bulwark_common::shutdown::Shutdown;
+use object_store::ObjectStore as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::BackupConfig;
+pub use engine::Engine;
+pub use error::{BackupError, Corruption};
+
+/// The sockets [`run`] serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC (mTLS) listener.
+    pub grpc: TcpListener,
+    /// The admin HTTP listener.
+    pub admin: TcpListener,
+}
+
+/// How often the admin readiness check lists the store.
+const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Starts the service: admin server, gRPC server, the election and the
+/// scheduler, as tasks of `shutdown`. Returns once they run; the caller
+/// waits on `shutdown`.
+pub async fn run(
+    config: BackupConfig,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    bulwark_common::tls::install_crypto_provider();
+    let engine = Arc::new(Engine::from_config(&config).context("setting up the backup engine")?);
+    let tls = config
+        .grpc
+        .tls
+        .load()
+        .context("loading the gRPC server's TLS files")?;
+    let schedule = config
+        .schedule
+        .schedule()
+        .map_err(|e| anyhow::anyhow!("schedule: {e}"))?;
+    let scheduled_work = schedule.is_some() || config.drill.interval.is_some();
+    let settings = service::ServiceSettings {
+        schedule,
+        retries: config.schedule.retries,
+        retry_backoff: config.schedule.retry_backoff,
+        retention_interval: config.retention.interval,
+        drill_interval: config.drill.interval,
+        election_name: config.schedule.election_name.clone(),
+    };
+    let (leader_tx, leader_rx) = watch::channel(election::LeaderState::default());
+    let service = Arc::new(service::Service::new(engine.clone(), settings, leader_rx));
+    let health = Health::new();
+    health.set_ready("store", Err("not checked yet".into()));
+    tracing::info!(
+        node = %config.node_name,
+        store = %engine.store.display(),
+        grpc = %listeners.grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "bulwark-backup starting"
+    );
+
+    let admin_token = shutdown.token();
+    let admin_health = health.clone();
+    shutdown.spawn_critical("admin server", async move {
+        bulwark_common::admin::serve(
+            listeners.admin,
+            admin_health,
+            Some(bulwark_common::telemetry::metrics_handle()),
+            admin_token,
+        )
+        .await
+        .context("admin server")
+    });
+
+    let grpc_token = shutdown.token();
+    let api = api::BackupApi::new(service.clone(), shutdown.token());
+    let access = config.grpc.access.clone();
+    shutdown.spawn_critical("gRPC server", async move {
+        GrpcServer::new()
+            .add_service(api.into_server())
+            .serve(listeners.grpc, &tls, access, grpc_token)
+            .await
+            .context("gRPC server")
+    });
+
+    if scheduled_work {
+        let token = shutdown.token();
+        let connector = engine.etcd.clone();
+        let name = config.schedule.election_name.clone();
+        let node = config.node_name.clone();
+        let ttl = config.schedule.lease_ttl;
+        shutdown.spawn_critical("leader election", async move {
+            election::run(connector, name, node, ttl, leader_tx, token).await;
+            Ok(())
+        });
+        let token = shutdown.token();
+        let svc = service.clone();
+        shutdown.spawn_critical("scheduler", async move {
+            svc.run_scheduler(token).await;
+            Ok(())
+        });
+    }
+
+    let token = shutdown.token();
+    shutdown.spawn("store probe", async move {
+        loop {
+            let root = engine.layout.root().clone();
+            let state = match engine.store.inner().list_with_delimiter(Some(&root)).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(BackupError::store(engine.store.display(), e).to_string()),
+            };
+            health.set_ready("store", state);
+            tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(STORE_PROBE_INTERVAL) => {}
+            }
+        }
+    });
+    Ok(())
+}

@@ -215,7 +215,10 @@ impl Manifest {
     }
 
     /// The one-line API form.
-    pub fn to_summary(&self, last_verification: Option<&VerificationRecord>) -> pb::SnapshotSummary {
+    pub fn to_summary(
+        &self,
+        last_verification: Option<&VerificationRecord>,
+    ) -> pb::SnapshotSummary {
         let full = self.to_proto(last_verification);
         pb::SnapshotSummary {
             id: full.id,

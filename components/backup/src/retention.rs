@@ -250,7 +250,10 @@ mod tests {
             exponential: None,
         };
         let errs = bulwark_common::config::validate_at("retention.policy", &none);
-        assert_eq!(errs[0].to_string(), "retention.policy: set keepLast, exponential or both");
+        assert_eq!(
+            errs[0].to_string(),
+            "retention.policy: set keepLast, exponential or both"
+        );
     }
 
     fn timeline() -> impl Strategy<Value = Vec<Candidate>> {

@@ -37,9 +37,7 @@ use crate::error::{BackupError, Corruption, Result};
 use crate::etcd::{EtcdConnector, MemberStatus, classify};
 use crate::hashing::{Sha256, TrailerVerifier};
 use crate::layout;
-use crate::manifest::{
-    Compression, Encryption, EtcdSource, FORMAT_VERSION, Manifest, Trigger,
-};
+use crate::manifest::{Compression, Encryption, EtcdSource, FORMAT_VERSION, Manifest, Trigger};
 use crate::upload::PartUploader;
 
 /// Raw bytes are batched to this size before crossing to the compressor.
@@ -172,7 +170,10 @@ impl Engine {
         async {
             tracing::info!(endpoint = %member.endpoint, revision, "taking snapshot");
             let result = self
-                .stream_and_commit(&options, &member, short, revision, started_at, &id, progress, cancel, may_commit)
+                .stream_and_commit(
+                    &options, &member, short, revision, started_at, &id, progress, cancel,
+                    may_commit,
+                )
                 .await;
             match &result {
                 Ok(m) => tracing::info!(
@@ -288,18 +289,23 @@ impl Engine {
             stage_cancel.cancel();
         }
         let read = reader.await.unwrap_or_else(|e| {
-            Err(StageError::Failed(BackupError::local("snapshot reader task", e)))
+            Err(StageError::Failed(BackupError::local(
+                "snapshot reader task",
+                e,
+            )))
         });
-        let compressed = compressor.await.unwrap_or_else(|e| {
-            Err(StageError::Failed(BackupError::local("compressor task", e)))
-        });
+        let compressed = compressor
+            .await
+            .unwrap_or_else(|e| Err(StageError::Failed(BackupError::local("compressor task", e))));
         let outcome = match (read, upload_error, compressed) {
             (Err(StageError::Failed(e)), _, _) => Err(e),
             (_, Some(e), _) => Err(e),
             (_, None, Err(StageError::Failed(e))) => Err(e),
-            (Err(StageError::DownstreamGone), None, _) | (_, None, Err(StageError::DownstreamGone)) => {
-                Err(BackupError::local("snapshot pipeline", "a stage stopped without an error"))
-            }
+            (Err(StageError::DownstreamGone), None, _)
+            | (_, None, Err(StageError::DownstreamGone)) => Err(BackupError::local(
+                "snapshot pipeline",
+                "a stage stopped without an error",
+            )),
             (Ok(o), None, Ok(())) => Ok(o),
         };
         let read = match outcome {
@@ -322,8 +328,20 @@ impl Engine {
         // From here on the object exists: remove it on any failure.
         let committed = self
             .commit(
-                options, member, short, revision, started_at, id, read, stored_sha256,
-                stored_size, recipient.map(|(k, _)| k), &data_path, progress, cancel, may_commit,
+                options,
+                member,
+                short,
+                revision,
+                started_at,
+                id,
+                read,
+                stored_sha256,
+                stored_size,
+                recipient.map(|(k, _)| k),
+                &data_path,
+                progress,
+                cancel,
+                may_commit,
             )
             .await;
         if committed.is_err()
@@ -353,7 +371,9 @@ impl Engine {
         may_commit: &(dyn Fn() -> Result<()> + Send + Sync),
     ) -> Result<Manifest> {
         if cancel.is_cancelled() {
-            return Err(BackupError::Cancelled(format!("snapshot {id} stopped before commit")));
+            return Err(BackupError::Cancelled(format!(
+                "snapshot {id} stopped before commit"
+            )));
         }
         let meta = self
             .store
@@ -538,10 +558,7 @@ fn compress(
         match rx.blocking_recv() {
             Some(Chunk::Data(b)) => encoder.write_all(&b).map_err(failed)?,
             Some(Chunk::End) => {
-                return encoder
-                    .finish()
-                    .and_then(ChunkSink::finish)
-                    .map_err(failed);
+                return encoder.finish().and_then(ChunkSink::finish).map_err(failed);
             }
             // The reader stopped without End: it failed and says why.
             None => return Err(StageError::DownstreamGone),

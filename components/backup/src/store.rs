@@ -241,7 +241,11 @@ impl Store {
     pub fn describe(&self, path: &Path) -> String {
         let rel = path
             .prefix_match(&self.prefix)
-            .map(|p| p.map(|s| s.as_ref().to_owned()).collect::<Vec<_>>().join("/"))
+            .map(|p| {
+                p.map(|s| s.as_ref().to_owned())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
             .unwrap_or_else(|| path.to_string());
         format!("{}/{rel}", self.display.trim_end_matches('/'))
     }
@@ -252,22 +256,32 @@ mod tests {
     use super::*;
 
     fn opts(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn urls_parse_with_prefixes() {
-        let s = StoreSpec::parse("s3://bucket/a/b/", &opts(&[("aws_endpoint", "http://x")])).unwrap();
+        let s =
+            StoreSpec::parse("s3://bucket/a/b/", &opts(&[("aws_endpoint", "http://x")])).unwrap();
         assert_eq!(s.scheme(), Scheme::S3);
         assert_eq!(s.prefix.as_ref(), "a/b");
         let f = StoreSpec::parse("file:///var/backups", &BTreeMap::new()).unwrap();
-        assert_eq!(f.local_dir.as_deref(), Some(std::path::Path::new("/var/backups")));
         assert_eq!(
-            StoreSpec::parse("gs://b", &BTreeMap::new()).unwrap().scheme(),
+            f.local_dir.as_deref(),
+            Some(std::path::Path::new("/var/backups"))
+        );
+        assert_eq!(
+            StoreSpec::parse("gs://b", &BTreeMap::new())
+                .unwrap()
+                .scheme(),
             Scheme::Gcs
         );
         assert_eq!(
-            StoreSpec::parse("az://container/p", &BTreeMap::new()).unwrap().scheme(),
+            StoreSpec::parse("az://container/p", &BTreeMap::new())
+                .unwrap()
+                .scheme(),
             Scheme::Azure
         );
     }
@@ -293,12 +307,19 @@ mod tests {
         for (url, o) in [
             (
                 "s3://bucket/p",
-                opts(&[("aws_region", "eu-west-1"), ("aws_access_key_id", "a"), ("aws_secret_access_key", "b")]),
+                opts(&[
+                    ("aws_region", "eu-west-1"),
+                    ("aws_access_key_id", "a"),
+                    ("aws_secret_access_key", "b"),
+                ]),
             ),
             ("gs://bucket/p", opts(&[])),
             (
                 "az://container/p",
-                opts(&[("azure_storage_account_name", "acct"), ("azure_storage_account_key", "a2V5")]),
+                opts(&[
+                    ("azure_storage_account_name", "acct"),
+                    ("azure_storage_account_key", "a2V5"),
+                ]),
             ),
         ] {
             let spec = StoreSpec::parse(url, &o).unwrap();
@@ -307,7 +328,10 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}/nested", dir.path().display());
-        let store = StoreSpec::parse(&url, &BTreeMap::new()).unwrap().build().unwrap();
+        let store = StoreSpec::parse(&url, &BTreeMap::new())
+            .unwrap()
+            .build()
+            .unwrap();
         assert!(dir.path().join("nested").is_dir());
         assert_eq!(store.describe(&Path::from("x/y")), format!("{url}/x/y"));
     }

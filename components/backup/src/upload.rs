@@ -121,9 +121,9 @@ impl PartUploader {
 mod tests {
     use std::sync::Arc;
 
+    use object_store::ObjectStoreExt;
     use object_store::memory::InMemory;
     use object_store::path::Path;
-    use object_store::ObjectStoreExt;
 
     use super::*;
 

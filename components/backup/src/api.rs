@@ -1,0 +1,408 @@
+//! `bulwark.backup.v1.Backup`: the gRPC handlers behind `bulwarkctl backup`.
+//!
+//! Access levels come from the protos and are enforced by
+//! `bulwark_common::grpc::AccessLayer` before a handler runs (delete,
+//! create and verify are operator-only). Streaming calls run the operation
+//! in a task and forward its progress; the stream ends with `done`/`failed`
+//! or the verification result. A client that goes away cancels the work:
+//! the task's token is tied to the response channel.
+//!
+//! `Restore` and `ListDeltas` belong to whole-cluster restore and
+//! continuous deltas, which this service does not do yet; they answer
+//! UNIMPLEMENTED, and the `RestoreAgent` service is not registered at all
+//! (tonic answers UNIMPLEMENTED for it).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulwark_api::backup::v1 as pb;
+use chrono::Utc;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::error::BackupError;
+use crate::manifest::timestamp;
+use crate::service::Service;
+use crate::snapshot::{SnapshotEvent, SnapshotOptions};
+use crate::verify::{Stage, VerifyEvent};
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The handlers.
+#[derive(Clone, Debug)]
+pub struct BackupApi {
+    service: Arc<Service>,
+    shutdown: CancellationToken,
+}
+
+impl BackupApi {
+    /// Handlers over `service`; `shutdown` stops streaming work.
+    pub fn new(service: Arc<Service>, shutdown: CancellationToken) -> Self {
+        Self { service, shutdown }
+    }
+
+    /// The tonic service to register.
+    pub fn into_server(self) -> pb::backup_server::BackupServer<Self> {
+        pb::backup_server::BackupServer::new(self)
+    }
+
+    async fn resolve(&self, sel: Option<&pb::SnapshotSelector>) -> Result<String, Status> {
+        match sel.and_then(|s| s.selector.as_ref()) {
+            Some(pb::snapshot_selector::Selector::Id(id)) => Ok(id.clone()),
+            Some(pb::snapshot_selector::Selector::Latest(true)) => {
+                Ok(self.service.engine().latest_snapshot().await?.manifest.id)
+            }
+            _ => Err(Status::invalid_argument(
+                "snapshot: set id, or latest = true",
+            )),
+        }
+    }
+}
+
+/// A task token cancelled when the client hangs up or the server stops.
+fn task_token<T>(tx: &mpsc::Sender<T>, shutdown: &CancellationToken) -> CancellationToken
+where
+    T: Send + 'static,
+{
+    let token = shutdown.child_token();
+    let watch = tx.clone();
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = watch.closed() => t.cancel(),
+            _ = t.cancelled() => {}
+        }
+    });
+    token
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    bulwark_api::time::duration_to_proto(d).unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl pb::backup_server::Backup for BackupApi {
+    type CreateSnapshotStream = Stream_<pb::SnapshotProgress>;
+
+    async fn create_snapshot(
+        &self,
+        request: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<Self::CreateSnapshotStream>, Status> {
+        let caller = bulwark_common::grpc::caller(&request).map(ToString::to_string);
+        let req = request.into_inner();
+        if req.note.chars().count() > 256 {
+            return Err(Status::invalid_argument("note: at most 256 characters"));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let token = task_token(&tx, &self.shutdown);
+        let service = self.service.clone();
+        tracing::info!(caller = ?caller, "snapshot requested");
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let id = Arc::new(std::sync::Mutex::new(String::new()));
+            let send = {
+                let tx = tx.clone();
+                let id = id.clone();
+                move |event: pb::snapshot_progress::Event| {
+                    let snapshot_id = id.lock().map(|s| s.clone()).unwrap_or_default();
+                    // A full channel only drops a progress tick; the final
+                    // message is sent with backpressure below.
+                    let _ = tx.try_send(Ok(pb::SnapshotProgress {
+                        snapshot_id,
+                        at: Some(timestamp(Utc::now())),
+                        event: Some(event),
+                    }));
+                }
+            };
+            let progress = {
+                let send = send.clone();
+                let id = id.clone();
+                move |e: SnapshotEvent| match e {
+                    SnapshotEvent::Connecting {
+                        id: sid,
+                        endpoint,
+                        member_name,
+                        revision,
+                    } => {
+                        if let Ok(mut s) = id.lock() {
+                            *s = sid;
+                        }
+                        send(pb::snapshot_progress::Event::Connecting(
+                            pb::SnapshotConnecting {
+                                endpoint,
+                                member_name,
+                                revision,
+                            },
+                        ))
+                    }
+                    SnapshotEvent::Streaming {
+                        raw_bytes,
+                        stored_bytes,
+                        raw_expected,
+                        elapsed,
+                    } => send(pb::snapshot_progress::Event::Streaming(
+                        pb::SnapshotStreaming {
+                            raw_bytes,
+                            stored_bytes,
+                            raw_bytes_expected: (raw_expected > 0).then_some(raw_expected),
+                            raw_bytes_per_second: (raw_bytes as f64
+                                / elapsed.as_secs_f64().max(0.001))
+                                as u64,
+                            elapsed: Some(duration(elapsed)),
+                        },
+                    )),
+                    SnapshotEvent::Committing { manifest_key } => {
+                        send(pb::snapshot_progress::Event::Committing(
+                            pb::SnapshotCommitting { manifest_key },
+                        ))
+                    }
+                }
+            };
+            let mut options = SnapshotOptions::manual(req.note);
+            options.member_name = Some(req.member_name).filter(|n| !n.is_empty());
+            let result = service
+                .snapshot(options, &progress, &token, &|| Ok(()))
+                .await;
+            let snapshot_id = id.lock().map(|s| s.clone()).unwrap_or_default();
+            let last = match result {
+                Ok(m) => pb::snapshot_progress::Event::Done(pb::SnapshotDone {
+                    manifest: Some(m.to_proto(None)),
+                    took: Some(duration(started.elapsed())),
+                }),
+                Err(BackupError::Busy(who)) => {
+                    let _ = tx
+                        .send(Err(Status::aborted(format!(
+                            "a snapshot is already being taken by {who}"
+                        ))))
+                        .await;
+                    return;
+                }
+                Err(e) => pb::snapshot_progress::Event::Failed(pb::SnapshotFailed {
+                    phase: if snapshot_id.is_empty() {
+                        pb::SnapshotPhase::Connecting as i32
+                    } else {
+                        pb::SnapshotPhase::Streaming as i32
+                    },
+                    etcd_hash_mismatch: e.reason() == "etcd_hash_mismatch",
+                    message: e.to_string(),
+                }),
+            };
+            let _ = tx
+                .send(Ok(pb::SnapshotProgress {
+                    snapshot_id,
+                    at: Some(timestamp(Utc::now())),
+                    event: Some(last),
+                }))
+                .await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        let after = req
+            .created_after
+            .as_ref()
+            .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+        let before = req
+            .created_before
+            .as_ref()
+            .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+        let page_size = match req.page_size {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let entries = self.service.engine().list_snapshots().await?;
+        let filtered: Vec<_> = entries
+            .iter()
+            .filter(|e| {
+                let created = e.manifest.finished_at.timestamp_millis();
+                after.is_none_or(|a| created >= a)
+                    && before.is_none_or(|b| created < b)
+                    && (!req.verified_only
+                        || e.last_verification.as_ref().is_some_and(|v| v.passed))
+                    && (req.trigger == 0 || e.manifest.to_proto(None).trigger == req.trigger)
+                    && (req.page_token.is_empty() || e.manifest.id < req.page_token)
+            })
+            .collect();
+        let page: Vec<_> = filtered.iter().take(page_size).collect();
+        let next_page_token = if filtered.len() > page_size {
+            page.last()
+                .map(|e| e.manifest.id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: page
+                .iter()
+                .map(|e| e.manifest.to_summary(e.last_verification.as_ref()))
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotManifest>, Status> {
+        let id = self.resolve(request.get_ref().snapshot.as_ref()).await?;
+        let e = self.service.engine().get_snapshot(&id).await?;
+        Ok(Response::new(
+            e.manifest.to_proto(e.last_verification.as_ref()),
+        ))
+    }
+
+    type VerifySnapshotStream = Stream_<pb::VerifyProgress>;
+
+    async fn verify_snapshot(
+        &self,
+        request: Request<pb::VerifySnapshotRequest>,
+    ) -> Result<Response<Self::VerifySnapshotStream>, Status> {
+        let req = request.into_inner();
+        let id = self.resolve(req.snapshot.as_ref()).await?;
+        // Fail fast on an unknown id, before the stream opens.
+        self.service.engine().get_snapshot(&id).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let token = task_token(&tx, &self.shutdown);
+        let service = self.service.clone();
+        tokio::spawn(async move {
+            let progress = {
+                let tx = tx.clone();
+                let id = id.clone();
+                move |e: VerifyEvent| {
+                    let stage = match e.stage {
+                        Stage::StreamCheck => pb::VerifyStage::StreamCheck,
+                        Stage::DrillRestore => pb::VerifyStage::DrillRestore,
+                        Stage::DrillStart => pb::VerifyStage::DrillStart,
+                        Stage::DrillCompare => pb::VerifyStage::DrillCompare,
+                    };
+                    let transfer = (e.stage == Stage::StreamCheck).then(|| pb::TransferProgress {
+                        bytes_done: e.bytes_done,
+                        bytes_total: Some(e.bytes_total),
+                        bytes_per_second: (e.bytes_done as f64 / e.elapsed.as_secs_f64().max(0.001))
+                            as u64,
+                        elapsed: Some(duration(e.elapsed)),
+                    });
+                    let _ = tx.try_send(Ok(pb::VerifyProgress {
+                        snapshot_id: id.clone(),
+                        at: Some(timestamp(Utc::now())),
+                        event: Some(pb::verify_progress::Event::Stage(pb::VerifyStageProgress {
+                            stage: stage as i32,
+                            transfer,
+                            detail: e.detail,
+                        })),
+                    }));
+                }
+            };
+            let last = match service.verify(&id, req.drill, &progress, &token).await {
+                Ok(record) => Ok(pb::VerifyProgress {
+                    snapshot_id: id.clone(),
+                    at: Some(timestamp(Utc::now())),
+                    event: Some(pb::verify_progress::Event::Result(record.to_result())),
+                }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let caller = bulwark_common::grpc::caller(&request).map(ToString::to_string);
+        let req = request.into_inner();
+        let deleted = self
+            .service
+            .engine()
+            .delete_snapshot(&req.id, req.force)
+            .await?;
+        tracing::info!(caller = ?caller, snapshot_id = %deleted.id, freed = deleted.freed_bytes, "snapshot deleted");
+        Ok(Response::new(pb::DeleteSnapshotResponse {
+            id: deleted.id,
+            freed_bytes: deleted.freed_bytes,
+            deleted_delta_segments: 0,
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let s = &self.service;
+        let engine = s.engine();
+        let settings = s.settings();
+        let leader =
+            match crate::election::current_leader(&engine.etcd, &settings.election_name).await {
+                Ok(l) => l.unwrap_or_default(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "status: leader unknown");
+                    String::new()
+                }
+            };
+        let latest = engine.list_snapshots().await?.into_iter().next();
+        Ok(Response::new(pb::GetStatusResponse {
+            node_name: engine.node_name.clone(),
+            store_url: engine.store.display().to_owned(),
+            schedule: Some(pb::ScheduleStatus {
+                interval: settings
+                    .schedule
+                    .as_ref()
+                    .and_then(|sc| sc.interval_duration())
+                    .map(duration),
+                next_run_at: s.next_run().map(timestamp),
+                leader,
+                is_leader: s.is_leader(),
+                drill_interval: settings.drill_interval.map(duration),
+            }),
+            newest_revision_covered: latest
+                .as_ref()
+                .map(|l| l.manifest.revision_max)
+                .unwrap_or(0),
+            last_success: latest
+                .as_ref()
+                .map(|l| l.manifest.to_summary(l.last_verification.as_ref())),
+            last_error: s.last_error().map(|e| pb::ErrorRecord {
+                at: Some(timestamp(e.at)),
+                operation: e.operation,
+                message: e.message,
+            }),
+            deltas: Some(pb::DeltaStatus {
+                state: pb::DeltaState::Disabled as i32,
+                ..Default::default()
+            }),
+            last_drill: s.last_drill().map(|r| r.to_result()),
+            restore_in_progress: None,
+        }))
+    }
+
+    async fn list_deltas(
+        &self,
+        _request: Request<pb::ListDeltasRequest>,
+    ) -> Result<Response<pb::ListDeltasResponse>, Status> {
+        Err(Status::unimplemented(
+            "continuous deltas are not recorded by this version of bulwark-backup",
+        ))
+    }
+
+    type RestoreStream = Stream_<pb::RestoreProgress>;
+
+    async fn restore(
+        &self,
+        _request: Request<pb::RestoreRequest>,
+    ) -> Result<Response<Self::RestoreStream>, Status> {
+        Err(Status::unimplemented(
+            "whole-cluster restore is not available in this version of bulwark-backup; \
+             restore a member by hand with `etcdutl snapshot restore` (docs/BACKUP.md)",
+        ))
+    }
+}

@@ -1,0 +1,199 @@
+//! Who takes scheduled backups: one instance, elected through etcd's own
+//! election API (a lease-backed campaign).
+//!
+//! Every instance campaigns on the same election name with a lease of
+//! `leaseTtl`; etcd makes the oldest campaigner the leader and the others
+//! wait in line. The leader keeps its lease alive; if it dies, the lease
+//! lapses after the TTL, its key disappears, and the next in line is
+//! elected. A leader steps down on its own as soon as it has not managed to
+//! refresh its lease for two thirds of the TTL, i.e. before etcd could
+//! expire it and elect someone else, so two instances do not both think
+//! they lead (modulo clock rate differences, which a third of the TTL
+//! covers). On graceful shutdown the leader resigns at once, so a rolling
+//! restart hands over without waiting for the TTL.
+//!
+//! Depending on etcd here is deliberate: backups are etcd protecting its
+//! own data, and without etcd there is nothing to back up.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{LeaderKey, ResignOptions};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{BackupError, Result};
+use crate::etcd::{EtcdConnector, classify};
+
+/// This instance's view of the election.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaderState {
+    /// Whether this instance leads now.
+    pub is_leader: bool,
+    /// Increments each time this instance becomes leader.
+    pub term: u64,
+}
+
+/// Runs the campaign until `cancel`, publishing leadership on `tx`.
+pub async fn run(
+    connector: EtcdConnector,
+    name: String,
+    node: String,
+    ttl: Duration,
+    tx: watch::Sender<LeaderState>,
+    cancel: CancellationToken,
+) {
+    let mut term = 0;
+    while !cancel.is_cancelled() {
+        if let Err(e) = campaign_once(&connector, &name, &node, ttl, &tx, &mut term, &cancel).await
+        {
+            tracing::warn!(error = %e, "backup leader election: retrying");
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+    tx.send_modify(|s| s.is_leader = false);
+}
+
+async fn campaign_once(
+    connector: &EtcdConnector,
+    name: &str,
+    node: &str,
+    ttl: Duration,
+    tx: &watch::Sender<LeaderState>,
+    term: &mut u64,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let eps = connector.endpoints().to_vec();
+    // No per-request timeout: a campaign blocks until we are elected.
+    let mut client = connector.client_for(&eps, false).await?;
+    let ttl_secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
+    let lease = client
+        .lease_grant(ttl_secs, None)
+        .await
+        .map_err(|e| classify(&eps, "lease grant", &e))?
+        .id();
+    let lost = CancellationToken::new();
+    let keeper = tokio::spawn(keep_alive(
+        client.clone(),
+        lease,
+        ttl,
+        eps.clone(),
+        lost.clone(),
+    ));
+
+    let campaign = tokio::select! {
+        r = client.campaign(name, node, lease) => r.map_err(|e| classify(&eps, "campaign", &e)),
+        _ = lost.cancelled() => Err(BackupError::Etcd {
+            operation: "campaign",
+            detail: "the election lease could not be kept alive".into(),
+        }),
+        _ = cancel.cancelled() => {
+            keeper.abort();
+            let _ = client.lease_revoke(lease).await;
+            return Ok(());
+        }
+    };
+    let leader_key: Option<LeaderKey> = match campaign {
+        Ok(resp) => resp.leader().cloned(),
+        Err(e) => {
+            keeper.abort();
+            let _ = client.lease_revoke(lease).await;
+            return Err(e);
+        }
+    };
+    *term += 1;
+    tracing::info!(term = *term, election = name, "became the backup leader");
+    tx.send_replace(LeaderState {
+        is_leader: true,
+        term: *term,
+    });
+    metrics::gauge!(crate::metrics::LEADER).set(1.0);
+
+    tokio::select! {
+        _ = lost.cancelled() => {}
+        _ = cancel.cancelled() => {}
+    }
+    tx.send_modify(|s| s.is_leader = false);
+    metrics::gauge!(crate::metrics::LEADER).set(0.0);
+    keeper.abort();
+    if cancel.is_cancelled() {
+        // Hand over now rather than after the TTL.
+        let resign = ResignOptions::new();
+        let resign = match leader_key {
+            Some(k) => resign.with_leader(k),
+            None => resign,
+        };
+        let _ =
+            tokio::time::timeout(connector.request_timeout(), client.resign(Some(resign))).await;
+        let _ = tokio::time::timeout(connector.request_timeout(), client.lease_revoke(lease)).await;
+        tracing::info!("resigned as backup leader");
+        Ok(())
+    } else {
+        Err(BackupError::Etcd {
+            operation: "lease keep-alive",
+            detail: "lost the election lease; stepped down".into(),
+        })
+    }
+}
+
+/// Refreshes the lease every third of the TTL; cancels `lost` when the
+/// lease is gone or has not been refreshed for two thirds of the TTL.
+async fn keep_alive(
+    mut client: etcd_client::Client,
+    lease: i64,
+    ttl: Duration,
+    eps: Vec<String>,
+    lost: CancellationToken,
+) {
+    let period = ttl / 3;
+    let deadline = ttl * 2 / 3;
+    let mut last_ok = Instant::now();
+    let mut channel = None;
+    loop {
+        if last_ok.elapsed() > deadline {
+            tracing::warn!("election lease not refreshed in time; stepping down");
+            lost.cancel();
+            return;
+        }
+        if channel.is_none() {
+            match tokio::time::timeout(period, client.lease_keep_alive(lease)).await {
+                Ok(Ok(pair)) => channel = Some(pair),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %classify(&eps, "keep-alive", &e), "keep-alive stream")
+                }
+                Err(_) => {}
+            }
+        }
+        if let Some((keeper, stream)) = channel.as_mut() {
+            let round = async {
+                keeper.keep_alive().await?;
+                stream.message().await
+            };
+            match tokio::time::timeout(period, round).await {
+                Ok(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = Instant::now(),
+                Ok(Ok(Some(_))) => {
+                    tracing::warn!("election lease expired; stepping down");
+                    lost.cancel();
+                    return;
+                }
+                _ => channel = None,
+            }
+        }
+        tokio::time::sleep(period.saturating_sub(Duration::from_millis(10))).await;
+    }
+}
+
+/// The current leader's node name, as etcd's election says.
+pub async fn current_leader(connector: &EtcdConnector, name: &str) -> Result<Option<String>> {
+    let mut client = connector.client().await?;
+    match client.leader(name).await {
+        Ok(resp) => Ok(resp
+            .kv()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+        // etcd answers "election: no leader" as an error.
+        Err(e) if e.to_string().contains("no leader") => Ok(None),
+        Err(e) => Err(classify(connector.endpoints(), "election leader", &e)),
+    }
+}

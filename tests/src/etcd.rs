@@ -105,7 +105,10 @@ impl EtcdBuilder {
     /// Starts every member and waits until each reports a leader and
     /// serves a linearizable read.
     pub async fn start(self) -> anyhow::Result<Etcd> {
-        anyhow::ensure!(self.members >= 1, "an etcd cluster needs at least one member");
+        anyhow::ensure!(
+            self.members >= 1,
+            "an etcd cluster needs at least one member"
+        );
         let binary = tools::etcd(self.version)?;
         crate::install_crypto_provider();
         ports::retry_on_addr_in_use("etcd", || self.try_start(&binary)).await
@@ -170,7 +173,8 @@ impl EtcdBuilder {
                 .arg(format!("--election-timeout={}", self.election_ms))
                 .args(["--logger", "zap"]);
             if let Some(pki) = &self.pki {
-                let cert = pki.peer(&format!("{token}-{name}"), &[], &["127.0.0.1", "localhost"])?;
+                let cert =
+                    pki.peer(&format!("{token}-{name}"), &[], &["127.0.0.1", "localhost"])?;
                 spec = spec
                     .arg("--cert-file")
                     .arg(&cert.cert)
@@ -194,6 +198,7 @@ impl EtcdBuilder {
                 peer_url,
                 data_dir,
                 tls: client_tls.clone(),
+                id: std::sync::OnceLock::new(),
                 process: spec.spawn_in(dir)?,
             });
         }
@@ -223,6 +228,8 @@ pub struct EtcdMember {
     peer_url: String,
     data_dir: PathBuf,
     tls: Option<CertFiles>,
+    // Learned from the member's first status answer.
+    id: std::sync::OnceLock<u64>,
     process: Process,
 }
 
@@ -294,11 +301,17 @@ impl Etcd {
         connect(&self.running_endpoints(), self.tls.as_ref()).await
     }
 
-    /// Waits until every running member reports a leader and serves a
-    /// linearizable read.
+    /// Waits until every running member follows a leader that is itself
+    /// running and serves a linearizable read. After killing a member that
+    /// led, this is what waits for the new election (the survivors keep
+    /// naming the dead leader until their election timeout).
     pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
-        for member in self.members.iter().filter(|m| m.process.pid().is_some()) {
-            member.wait_healthy(timeout).await?;
+        let running: Vec<&EtcdMember> = self.members.iter().filter(|m| m.is_running()).collect();
+        // Ids are known once each member answered a status; before that
+        // (first start) any leader will do.
+        let ids: Option<Vec<u64>> = running.iter().map(|m| m.id.get().copied()).collect();
+        for member in &running {
+            member.wait_ready(timeout, ids.as_deref()).await?;
         }
         Ok(())
     }
@@ -311,8 +324,10 @@ impl Etcd {
         S: AsRef<std::ffi::OsStr>,
     {
         let mut cmd = tokio::process::Command::new(tools::etcdctl(self.version)?);
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.running_endpoints().join(",")));
+        cmd.env("ETCDCTL_API", "3").arg(format!(
+            "--endpoints={}",
+            self.running_endpoints().join(",")
+        ));
         if let Some(tls) = &self.tls {
             cmd.arg("--cacert")
                 .arg(&tls.ca)
@@ -370,7 +385,9 @@ impl EtcdMember {
         self.process.stop().await.map(drop)
     }
 
-    /// SIGKILL, as a crash or power loss would.
+    /// SIGKILL, as a crash or power loss would. If it led, the others elect
+    /// a new leader after their election timeout: [`Etcd::wait_healthy`]
+    /// waits for that.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         self.process.kill().map(drop)
     }
@@ -388,15 +405,28 @@ impl EtcdMember {
         connect(std::slice::from_ref(&self.client_url), self.tls.as_ref()).await
     }
 
+    /// Its etcd member id, once it has answered a status request (every
+    /// member has by the time [`EtcdBuilder::start`] returns).
+    pub fn id(&self) -> Option<u64> {
+        self.id.get().copied()
+    }
+
     /// Waits until this member reports a leader and serves a linearizable
-    /// read (which needs a quorum).
+    /// read (which needs a quorum). See also [`Etcd::wait_healthy`].
     pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_ready(timeout, None).await
+    }
+
+    async fn wait_ready(&self, timeout: Duration, leaders: Option<&[u64]>) -> anyhow::Result<()> {
         let last_error = std::sync::Mutex::new(String::from("no check finished yet"));
         let what = format!("etcd member {} healthy", self.name);
         self.process
             .wait_until(&what, timeout, || async {
-                match check_health(&self.client_url, self.tls.as_ref()).await {
-                    Ok(()) => Some(()),
+                match check_health(&self.client_url, self.tls.as_ref(), leaders).await {
+                    Ok(id) => {
+                        let _ = self.id.set(id);
+                        Some(())
+                    }
                     Err(err) => {
                         if let Ok(mut last) = last_error.lock() {
                             *last = format!("{err:#}");
@@ -413,22 +443,42 @@ impl EtcdMember {
     }
 }
 
-async fn check_health(endpoint: &str, tls: Option<&CertFiles>) -> anyhow::Result<()> {
+/// One health check of one member: it names a leader (one of `leaders`
+/// when given) and a linearizable read through it succeeds. Returns the
+/// member's id.
+async fn check_health(
+    endpoint: &str,
+    tls: Option<&CertFiles>,
+    leaders: Option<&[u64]>,
+) -> anyhow::Result<u64> {
     let mut client = connect(&[endpoint.to_owned()], tls).await?;
     let status = client.status().await.context("status")?;
-    anyhow::ensure!(status.leader() != 0, "no leader yet");
+    let id = status
+        .header()
+        .map(|h| h.member_id())
+        .context("status without a header")?;
+    let leader = status.leader();
+    anyhow::ensure!(leader != 0, "no leader yet");
+    if let Some(leaders) = leaders {
+        anyhow::ensure!(
+            leaders.contains(&leader),
+            "its leader {leader:x} is not a running member"
+        );
+    }
     client
         .get("bulwark-testkit/health", None)
         .await
         .context("linearizable get")?;
-    Ok(())
+    Ok(id)
 }
 
 async fn connect(endpoints: &[String], tls: Option<&CertFiles>) -> anyhow::Result<Client> {
     anyhow::ensure!(!endpoints.is_empty(), "no etcd member is running");
     let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5));
+        // Short, so a health check stuck on a dead leader retries soon;
+        // callers with long requests build their own client.
+        .with_timeout(Duration::from_secs(3));
     if let Some(tls) = tls {
         options = options.with_tls(
             TlsOptions::new()

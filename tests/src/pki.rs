@@ -95,7 +95,9 @@ impl Pki {
     pub fn with_ca_name(common_name: &str) -> anyhow::Result<Self> {
         let dir = TestDir::new("pki")?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -185,7 +187,9 @@ impl Pki {
         let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
         let mut params = CertificateParams::new(sans)
             .with_context(|| format!("SANs of certificate {file_stem}"))?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         for org in organizations {
             params
                 .distinguished_name

@@ -389,14 +389,20 @@ impl Process {
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(10);
         loop {
-            if let Some(value) = check().await {
-                return Ok(value);
-            }
+            // Exit is checked before and after the probe: a port another
+            // process holds (the race in `ports`) accepts connections even
+            // though ours died of "address in use".
             if let Some(exit) = self.child.as_ref().and_then(|c| peek_exit(c.id())) {
                 return Err(self.exited_early(what, exit).into());
             }
             if self.child.is_none() {
                 anyhow::bail!("{} is not running (waiting for {what})", self.name());
+            }
+            if let Some(value) = check().await {
+                if let Some(exit) = self.child.as_ref().and_then(|c| peek_exit(c.id())) {
+                    return Err(self.exited_early(what, exit).into());
+                }
+                return Ok(value);
             }
             if Instant::now() >= deadline {
                 anyhow::bail!(
@@ -447,9 +453,11 @@ impl Process {
 
     /// Waits until `path` exists.
     pub async fn wait_for_file(&self, path: &Path, timeout: Duration) -> anyhow::Result<()> {
-        self.wait_until(&format!("{} to appear", path.display()), timeout, || async {
-            path.exists().then_some(())
-        })
+        self.wait_until(
+            &format!("{} to appear", path.display()),
+            timeout,
+            || async { path.exists().then_some(()) },
+        )
         .await
     }
 
@@ -634,7 +642,14 @@ fn spawn_supervised(spec: &ProcessBuilder, dir: &Path, log: File) -> anyhow::Res
     // async-signal-safe calls (prctl, getppid); it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             // The test process may have died between fork and prctl; then

@@ -139,7 +139,10 @@ impl S3Server {
             (AmazonS3ConfigKey::Endpoint.as_ref(), self.endpoint.as_str()),
             (AmazonS3ConfigKey::Region.as_ref(), REGION),
             (AmazonS3ConfigKey::AccessKeyId.as_ref(), ACCESS_KEY_ID),
-            (AmazonS3ConfigKey::SecretAccessKey.as_ref(), SECRET_ACCESS_KEY),
+            (
+                AmazonS3ConfigKey::SecretAccessKey.as_ref(),
+                SECRET_ACCESS_KEY,
+            ),
             (AmazonS3ConfigKey::Bucket.as_ref(), self.bucket.as_str()),
             (
                 AmazonS3ConfigKey::VirtualHostedStyleRequest.as_ref(),

@@ -72,7 +72,8 @@ impl DelayLine {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let path = std::path::Path::new(super::NETNS_DIR).join(netns);
-        let ns_file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let ns_file =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
@@ -206,7 +207,12 @@ impl Queue {
         }
         // A burst larger than the socket buffer would otherwise surface as
         // ENOBUFS; fail-open covers what cannot be queued.
-        set_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
+        set_int_opt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            8 << 20,
+        );
         set_int_opt(fd.as_raw_fd(), libc::SOL_NETLINK, NETLINK_NO_ENOBUFS, 1);
         let mut queue = Self { fd, seq: 0 };
         queue.config(&attr(NFQA_CFG_CMD, &[NFQNL_CFG_CMD_BIND, 0, 0, 0]))?;
@@ -229,11 +235,13 @@ impl Queue {
             let n = self.recv(&mut buf, 0)?;
             for (kind, payload) in messages(&buf[..n]) {
                 if kind == NLMSG_ERROR && payload.len() >= 4 {
-                    let errno = i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    let errno =
+                        i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
                     if errno == 0 {
                         return Ok(());
                     }
-                    return Err(std::io::Error::from_raw_os_error(-errno)).context("NFQUEUE config");
+                    return Err(std::io::Error::from_raw_os_error(-errno))
+                        .context("NFQUEUE config");
                 }
             }
         }
@@ -294,7 +302,11 @@ impl Queue {
     fn verdict(&mut self, id: u32, verdict: u32) {
         let mut body = verdict.to_be_bytes().to_vec();
         body.extend(id.to_be_bytes());
-        let msg = self.message(NFQNL_MSG_VERDICT, NLM_F_REQUEST, &attr(NFQA_VERDICT_HDR, &body));
+        let msg = self.message(
+            NFQNL_MSG_VERDICT,
+            NLM_F_REQUEST,
+            &attr(NFQA_VERDICT_HDR, &body),
+        );
         // A lost verdict leaves the packet queued until the queue goes away
         // (then it is dropped); nothing better to do with the error here.
         let _ = self.send(&msg);
@@ -328,7 +340,14 @@ impl Queue {
 
     fn recv(&self, buf: &mut [u8], flags: libc::c_int) -> std::io::Result<usize> {
         // SAFETY: buf is valid for buf.len() writable bytes.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags,
+            )
+        };
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }

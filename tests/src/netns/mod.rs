@@ -254,7 +254,16 @@ impl Lab {
             )?;
             run(
                 "ip",
-                ["-n", &br, "link", "set", &host.bridge_port, "master", BRIDGE, "up"],
+                [
+                    "-n",
+                    &br,
+                    "link",
+                    "set",
+                    &host.bridge_port,
+                    "master",
+                    BRIDGE,
+                    "up",
+                ],
             )?;
             let ns = host.netns.as_str();
             run("ip", ["-n", ns, "link", "set", "lo", "up"])?;
@@ -302,7 +311,14 @@ impl Lab {
     pub fn cut_link(&self, host: &Host) -> anyhow::Result<()> {
         run(
             "ip",
-            ["-n", &self.bridge_netns, "link", "set", &host.bridge_port, "down"],
+            [
+                "-n",
+                &self.bridge_netns,
+                "link",
+                "set",
+                &host.bridge_port,
+                "down",
+            ],
         )
         .map(drop)
     }
@@ -311,7 +327,14 @@ impl Lab {
     pub fn restore_link(&self, host: &Host) -> anyhow::Result<()> {
         run(
             "ip",
-            ["-n", &self.bridge_netns, "link", "set", &host.bridge_port, "up"],
+            [
+                "-n",
+                &self.bridge_netns,
+                "link",
+                "set",
+                &host.bridge_port,
+                "up",
+            ],
         )
         .map(drop)
     }
@@ -360,7 +383,16 @@ impl Lab {
         self.clear_netem(host)?;
         let tc = tools::system("tc").map_err(|e| anyhow::anyhow!("{e} (Debian iproute2)"))?;
         let output = Command::new(tc)
-            .args(["-n", &host.netns, "qdisc", "replace", "dev", HOST_IFACE, "root", "netem"])
+            .args([
+                "-n",
+                &host.netns,
+                "qdisc",
+                "replace",
+                "dev",
+                HOST_IFACE,
+                "root",
+                "netem",
+            ])
             .arg("delay")
             .arg(format!("{}us", netem.delay.as_micros()))
             .arg("loss")
@@ -582,8 +614,15 @@ where
 }
 
 /// A TCP connection to `addr` from inside the named namespace.
-pub(crate) async fn tcp_connect_in(netns: &str, addr: SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
-    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+pub(crate) async fn tcp_connect_in(
+    netns: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     let stream = run_in_netns(netns, || -> std::io::Result<std::net::TcpStream> {
         // SAFETY: socket(2) has no memory preconditions; the fd is checked
         // and owned right away.
@@ -598,7 +637,9 @@ pub(crate) async fn tcp_connect_in(netns: &str, addr: SocketAddr) -> anyhow::Res
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh socket nobody else owns.
-        Ok(std::net::TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(std::net::TcpStream::from(unsafe {
+            OwnedFd::from_raw_fd(fd)
+        }))
     })?
     .with_context(|| format!("creating a socket in {netns}"))?;
     let socket = tokio::net::TcpSocket::from_std_stream(stream);

@@ -230,7 +230,7 @@ async fn refused(addr: SocketAddr) -> bool {
 #[tokio::test]
 async fn shutdown_sequence_then_sigkill_and_restart() {
     let pki = Pki::new().unwrap();
-    let delay = Duration::from_millis(1500);
+    let delay = Duration::from_millis(2000);
     let mut server = ApiServerProcess::builder("api-shutdown")
         .shutdown_delay(delay)
         .shutdown_grace(Duration::from_millis(800))
@@ -249,7 +249,7 @@ async fn shutdown_sequence_then_sigkill_and_restart() {
         .into_body();
 
     let sent = Instant::now();
-    server.terminate().unwrap();
+    server.terminate().await.unwrap();
     let readyz = https.get(addr, "/readyz").await.unwrap();
     assert_eq!(readyz.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(

@@ -95,15 +95,16 @@ async fn stop_restart_and_kill() {
     let first = process.pid().unwrap();
 
     process.restart().await.unwrap();
-    // The log of the new run starts after the marker; the old "up" does not count.
-    assert!(!process.current_log().contains("up"));
+    // The current run's log starts after the restart marker, so the first
+    // run's "up" cannot satisfy a wait.
+    assert!(process.log().contains("start #2"));
+    assert!(!process.current_log().contains("start #2"));
     process
         .wait_for_log("up", Duration::from_secs(10))
         .await
         .unwrap();
     assert_ne!(process.pid().unwrap(), first);
     assert!(!alive(first));
-    assert!(process.log().contains("start #2"));
     let runs = std::fs::read_to_string(process.dir().join("runs")).unwrap();
     assert_eq!(runs.lines().count(), 2, "same directory across restarts");
 
@@ -182,4 +183,71 @@ fn missing_tools_say_how_to_get_them() {
             .join("Cargo.toml")
             .is_file()
     );
+}
+
+/// Env var that turns [`pdeathsig_helper`] from a no-op into the stand-in
+/// for a test runner that gets killed.
+const PDEATHSIG_HELPER_ENV: &str = "BULWARK_TESTKIT_PDEATHSIG_PIDFILE";
+
+/// Not a test on its own: run by [`children_die_with_a_killed_test_process`]
+/// in a child copy of this binary. Starts a supervised process, reports its
+/// pid, then waits to be killed.
+#[test]
+fn pdeathsig_helper() {
+    let Some(pidfile) = std::env::var_os(PDEATHSIG_HELPER_ENV) else {
+        return;
+    };
+    let process = ProcessBuilder::new("orphan-to-be", "/bin/sleep")
+        .arg("1000")
+        .spawn()
+        .unwrap();
+    std::fs::write(&pidfile, process.pid().unwrap().to_string()).unwrap();
+    // Handles are never dropped here: only PR_SET_PDEATHSIG can save us.
+    std::mem::forget(process);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[tokio::test]
+async fn children_die_with_a_killed_test_process() {
+    let dir = bulwark_testkit::TestDir::new("pdeathsig").unwrap();
+    let pidfile = dir.join("child.pid");
+    // A copy of this test binary running only the helper, as a test runner
+    // would run a test; it is SIGKILLed below, so no Drop runs in it.
+    let mut runner = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "pdeathsig_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(PDEATHSIG_HELPER_ENV, &pidfile)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let child: u32 = loop {
+        if let Ok(text) = std::fs::read_to_string(&pidfile)
+            && let Ok(pid) = text.trim().parse()
+        {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the helper never started its child"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(alive(child));
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    let killed = std::time::Instant::now();
+    while alive(child) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "pid {child} outlived the killed test process"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

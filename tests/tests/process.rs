@@ -201,7 +201,12 @@ fn pdeathsig_helper() {
         .arg("1000")
         .spawn()
         .unwrap();
-    std::fs::write(&pidfile, process.pid().unwrap().to_string()).unwrap();
+    // The pid, and the directory the killed helper cannot delete itself.
+    let report = format!("{}\n{}", process.pid().unwrap(), process.dir().display());
+    let pidfile = std::path::PathBuf::from(pidfile);
+    let tmp = pidfile.with_extension("tmp");
+    std::fs::write(&tmp, report).unwrap();
+    std::fs::rename(&tmp, &pidfile).unwrap();
     // Handles are never dropped here: only PR_SET_PDEATHSIG can save us.
     std::mem::forget(process);
     loop {
@@ -227,11 +232,11 @@ async fn children_die_with_a_killed_test_process() {
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
-    let child: u32 = loop {
+    let (child, child_dir): (u32, std::path::PathBuf) = loop {
         if let Ok(text) = std::fs::read_to_string(&pidfile)
-            && let Ok(pid) = text.trim().parse()
+            && let Some((pid, dir)) = text.split_once('\n')
         {
-            break pid;
+            break (pid.parse().unwrap(), dir.into());
         }
         assert!(
             started.elapsed() < Duration::from_secs(20),
@@ -250,4 +255,5 @@ async fn children_die_with_a_killed_test_process() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    std::fs::remove_dir_all(&child_dir).unwrap();
 }

@@ -131,6 +131,10 @@ impl DelayLine {
     }
 
     fn shutdown(&mut self) {
+        // Already stopped (stop() then Drop).
+        if self.thread.is_none() {
+            return;
+        }
         if let Ok(iptables) = tools::system("iptables") {
             // Fails when the namespace is already gone; nothing to undo then.
             let _ = self.iptables(&iptables, "-D");

@@ -323,7 +323,19 @@ pub fn classify(
     if is_auth {
         return BackupError::EtcdAuth { endpoints, detail };
     }
+    // A stream cut by the member going away surfaces as an h2 error.
+    let connection_lost = [
+        "h2 protocol error",
+        "broken pipe",
+        "connection reset",
+        "connection refused",
+    ]
+    .iter()
+    .any(|w| lower.contains(w));
     match e {
+        etcd_client::Error::GRpcStatus(_) if connection_lost => {
+            BackupError::EtcdUnavailable { endpoints, detail }
+        }
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
             BackupError::EtcdUnavailable { endpoints, detail }
         }

@@ -11,7 +11,8 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -30,6 +31,7 @@ pub struct Faults {
     manifest_failures: AtomicUsize,
     parts_seen: AtomicUsize,
     injected: AtomicUsize,
+    part_delay_ms: AtomicU64,
 }
 
 impl Faults {
@@ -53,6 +55,15 @@ impl Faults {
     /// The next `n` writes of a `manifest.json` fail.
     pub fn fail_manifest_puts(&self, n: usize) {
         self.manifest_failures.store(n, Ordering::SeqCst);
+    }
+
+    /// Every part upload from now on takes `delay` longer: a slow store,
+    /// which backpressure must turn into a slow etcd stream.
+    pub fn delay_parts(&self, delay: Duration) {
+        self.part_delay_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
     }
 
     /// Faults injected so far.
@@ -194,7 +205,14 @@ impl MultipartUpload for UnreliableUpload {
         if self.faults.part_should_fail() {
             return Box::pin(async { Err(injected("part upload")) });
         }
-        self.inner.put_part(data)
+        let part = self.inner.put_part(data);
+        match self.faults.part_delay_ms.load(Ordering::SeqCst) {
+            0 => part,
+            ms => Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                part.await
+            }),
+        }
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {

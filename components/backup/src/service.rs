@@ -220,7 +220,7 @@ impl Service {
         {
             match self.tick_done(prev).await {
                 Ok(true) => {}
-                Ok(false) => self.run_tick(prev, lead).await,
+                Ok(false) => self.scheduled_snapshot(prev, lead).await,
                 Err(e) => self.remember_error("listing snapshots", &e),
             }
         }
@@ -249,7 +249,7 @@ impl Service {
             }
             let now = Utc::now();
             if let Some(tick) = next_tick.filter(|t| *t <= now) {
-                self.run_tick(tick, lead).await;
+                self.scheduled_snapshot(tick, lead).await;
             }
             if lead.is_cancelled() {
                 return;
@@ -274,8 +274,9 @@ impl Service {
         }))
     }
 
-    /// One scheduled snapshot with retries, then retention.
-    async fn run_tick(&self, tick: DateTime<Utc>, lead: &CancellationToken) {
+    /// The scheduled snapshot of `tick`, retried up to `retries` times
+    /// while `lead` holds, then retention.
+    pub async fn scheduled_snapshot(&self, tick: DateTime<Utc>, lead: &CancellationToken) {
         let attempts = self.settings.retries + 1;
         let term = self.leader.borrow().term;
         let leader = self.leader.clone();

@@ -297,10 +297,16 @@ impl Engine {
         let compressed = compressor
             .await
             .unwrap_or_else(|e| Err(StageError::Failed(BackupError::local("compressor task", e))));
+        // The root cause wins: a reader failure of its own (etcd, trailer)
+        // over the upload's, the upload's over the compressor's, and the
+        // reader's "stopped because of cancellation" only when nothing else
+        // explains it.
+        let reader_cancelled = matches!(&read, Err(StageError::Failed(BackupError::Cancelled(_))));
         let outcome = match (read, upload_error, compressed) {
-            (Err(StageError::Failed(e)), _, _) => Err(e),
+            (Err(StageError::Failed(e)), _, _) if !reader_cancelled => Err(e),
             (_, Some(e), _) => Err(e),
             (_, None, Err(StageError::Failed(e))) => Err(e),
+            (Err(StageError::Failed(e)), None, _) => Err(e),
             (Err(StageError::DownstreamGone), None, _)
             | (_, None, Err(StageError::DownstreamGone)) => Err(BackupError::local(
                 "snapshot pipeline",

@@ -1,0 +1,155 @@
+//! Shared set-up of the real-process tests: engines over a testkit etcd and
+//! a file or moto S3 store, and ways to fill etcd.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulwark_backup::config::{EtcdConfig, MemberChoice};
+use bulwark_backup::encryption::Keyring;
+use bulwark_backup::engine::{DrillSettings, Engine, PipelineSettings};
+use bulwark_backup::etcd::EtcdConnector;
+use bulwark_backup::retention::RetentionPolicy;
+use bulwark_backup::store::{Store, StoreSpec};
+use bulwark_testkit::{Etcd, EtcdVersion, S3Server, tools};
+use ring::rand::SecureRandom;
+
+/// The etcd connector for a testkit cluster (TLS when it has TLS).
+pub fn connector(etcd: &Etcd) -> EtcdConnector {
+    EtcdConnector::new(&EtcdConfig {
+        endpoints: etcd.endpoints(),
+        tls: etcd.client_tls().map(|c| c.tls_files()),
+        dial_timeout: Duration::from_secs(3),
+        request_timeout: Duration::from_secs(10),
+        stall_timeout: Duration::from_secs(30),
+        snapshot_from: MemberChoice::Leader,
+    })
+    .expect("etcd connector")
+}
+
+/// A `file://` store in `dir`.
+pub fn file_store(dir: &Path) -> Store {
+    StoreSpec::parse(&format!("file://{}", dir.display()), &BTreeMap::new())
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+/// An `s3://` store on the moto server, under `prefix`.
+pub fn s3_store(s3: &S3Server, prefix: &str) -> Store {
+    let options: BTreeMap<String, String> = s3
+        .options()
+        .into_iter()
+        .filter(|(k, _)| k != "aws_bucket")
+        .collect();
+    StoreSpec::parse(&format!("s3://{}/{prefix}", s3.bucket()), &options)
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+/// Small parts so that a few MiB make a multipart upload of several parts.
+pub fn pipeline() -> PipelineSettings {
+    PipelineSettings {
+        level: 3,
+        workers: 0,
+        part_size: 5 << 20,
+        upload_concurrency: 2,
+        stall_timeout: Duration::from_secs(30),
+        member_choice: MemberChoice::Leader,
+    }
+}
+
+/// etcd 3.5's tools from the tools dir.
+pub fn drill_tools() -> DrillSettings {
+    DrillSettings {
+        etcdutl: tools::etcdutl().expect("etcdutl"),
+        etcd: tools::etcd(EtcdVersion::V3_5).expect("etcd"),
+        work_dir: None,
+        start_timeout: Duration::from_secs(60),
+    }
+}
+
+/// An engine over `etcd` and `store`.
+pub fn engine(etcd: &Etcd, store: Store, keys: Keyring) -> Arc<Engine> {
+    Arc::new(Engine::new(
+        "test-node".into(),
+        "testcluster".into(),
+        connector(etcd),
+        store,
+        keys,
+        pipeline(),
+        drill_tools(),
+        RetentionPolicy::default(),
+        Duration::from_secs(3600),
+    ))
+}
+
+/// Writes `n` keys `k/<i>` with small text values.
+pub async fn put_small(etcd: &Etcd, n: usize) {
+    let mut c = etcd.client().await.unwrap();
+    for i in 0..n {
+        c.put(format!("k/{i:05}"), format!("value-{i}"), None)
+            .await
+            .unwrap();
+    }
+}
+
+/// Writes `n` keys `big/<i>` with 1 MiB of random bytes each (incompressible).
+pub async fn put_random_mib(etcd: &Etcd, n: usize) {
+    let mut c = etcd.client().await.unwrap();
+    let rng = ring::rand::SystemRandom::new();
+    for i in 0..n {
+        let mut v = vec![0u8; 1 << 20];
+        rng.fill(&mut v).unwrap();
+        c.put(format!("big/{i:04}"), v, None).await.unwrap();
+    }
+}
+
+/// Multipart uploads the moto server still has open in its bucket.
+pub async fn open_multipart_uploads(s3: &S3Server) -> usize {
+    let url = format!("{}/{}?uploads", s3.endpoint(), s3.bucket());
+    let body = reqwest::Client::new()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    body.matches("<Upload>").count()
+}
+
+/// Every object key in the store under its prefix.
+pub async fn all_keys(store: &Store) -> Vec<String> {
+    use futures::TryStreamExt;
+    let mut keys: Vec<String> = store
+        .inner()
+        .list(Some(store.prefix()))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+/// Writes an age identity file into `dir`, as `age-keygen` would.
+pub fn write_identity(dir: &Path, name: &str) -> std::path::PathBuf {
+    use age::secrecy::ExposeSecret;
+    let id = age::x25519::Identity::generate();
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "# public key: {}\n{}\n",
+            id.to_public(),
+            id.to_string().expose_secret()
+        ),
+    )
+    .unwrap();
+    path
+}

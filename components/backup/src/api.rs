@@ -64,6 +64,8 @@ impl BackupApi {
 }
 
 /// A task token cancelled when the client hangs up or the server stops.
+/// The watcher holds a sender clone until the token is cancelled, so the
+/// task cancels the token when it is done, or the stream would never end.
 fn task_token<T>(tx: &mpsc::Sender<T>, shutdown: &CancellationToken) -> CancellationToken
 where
     T: Send + 'static,
@@ -179,6 +181,7 @@ impl pb::backup_server::Backup for BackupApi {
                             "a snapshot is already being taken by {who}"
                         ))))
                         .await;
+                    token.cancel();
                     return;
                 }
                 Err(e) => pb::snapshot_progress::Event::Failed(pb::SnapshotFailed {
@@ -198,6 +201,7 @@ impl pb::backup_server::Backup for BackupApi {
                     event: Some(last),
                 }))
                 .await;
+            token.cancel();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -311,6 +315,7 @@ impl pb::backup_server::Backup for BackupApi {
                 Err(e) => Err(Status::from(e)),
             };
             let _ = tx.send(last).await;
+            token.cancel();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

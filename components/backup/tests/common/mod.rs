@@ -75,9 +75,14 @@ pub fn drill_tools() -> DrillSettings {
 
 /// An engine over `etcd` and `store`.
 pub fn engine(etcd: &Etcd, store: Store, keys: Keyring) -> Arc<Engine> {
+    engine_in(etcd, store, keys, "testcluster")
+}
+
+/// An engine over `etcd` and `store` for the cluster directory `cluster`.
+pub fn engine_in(etcd: &Etcd, store: Store, keys: Keyring, cluster: &str) -> Arc<Engine> {
     Arc::new(Engine::new(
         "test-node".into(),
-        "testcluster".into(),
+        cluster.into(),
         connector(etcd),
         store,
         keys,

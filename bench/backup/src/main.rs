@@ -1,0 +1,553 @@
+//! Benchmark: a full snapshot of a ≥ 1 GB etcd database through
+//! bulwark-backup's pipeline (to the file store, with and without age, and
+//! to the moto S3 server) against `etcdctl snapshot save` to local disk, in
+//! one run, as medians of several runs and ratios.
+//!
+//! Each measured snapshot runs in its own process (`bench-backup
+//! snapshot-once …` for ours, `etcdctl` for the baseline), so wall time and
+//! peak RSS (`ru_maxrss` from `wait4`) are those of a process doing exactly
+//! that. Two databases are measured: 1 MiB values of random bytes
+//! (incompressible, the worst case for time) and of JSON-like text
+//! (compressible, like real Kubernetes objects).
+//!
+//! ```text
+//! cargo run --release -p bulwark-bench-backup -- --size-mib 1100 --runs 3
+//! ```
+//!
+//! Results go to `bench/results/<date>-backup.md` and `.json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bulwark_backup::config::MemberChoice;
+use bulwark_backup::encryption::Keyring;
+use bulwark_backup::engine::{DrillSettings, Engine, PipelineSettings};
+use bulwark_backup::etcd::EtcdConnector;
+use bulwark_backup::retention::RetentionPolicy;
+use bulwark_backup::snapshot::SnapshotOptions;
+use bulwark_backup::store::StoreSpec;
+use bulwark_testkit::{Etcd, S3Server, tools};
+use clap::{Parser, Subcommand};
+use ring::rand::SecureRandom as _;
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "bench-backup")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Database size to fill, in MiB of values (the DB file is a bit larger).
+    #[arg(long, default_value_t = 1100)]
+    size_mib: usize,
+    /// Runs per variant (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Data sets: random, text.
+    #[arg(long, value_delimiter = ',', default_value = "random,text")]
+    cases: Vec<String>,
+    /// zstd level for our pipeline.
+    #[arg(long, default_value_t = 1)]
+    level: i32,
+    /// zstd worker threads (0: none).
+    #[arg(long, default_value_t = 0)]
+    workers: u32,
+    /// Skip the S3 (moto) variant.
+    #[arg(long)]
+    no_s3: bool,
+    /// Where results go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// One snapshot through the pipeline (run by the benchmark as a child).
+    SnapshotOnce {
+        /// etcd client URL.
+        #[arg(long)]
+        endpoint: String,
+        /// Store URL.
+        #[arg(long)]
+        store: String,
+        /// Store options, key=value.
+        #[arg(long = "option")]
+        options: Vec<String>,
+        /// zstd level.
+        #[arg(long, default_value_t = 1)]
+        level: i32,
+        /// zstd workers.
+        #[arg(long, default_value_t = 0)]
+        workers: u32,
+        /// age recipient file (encrypt when given).
+        #[arg(long)]
+        recipient: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match args.cmd {
+        Some(Cmd::SnapshotOnce {
+            endpoint,
+            store,
+            options,
+            level,
+            workers,
+            recipient,
+        }) => rt.block_on(snapshot_once(endpoint, store, options, level, workers, recipient)),
+        None => {
+            let cmdline = std::env::args().collect::<Vec<_>>().join(" ");
+            rt.block_on(bench(&args, cmdline))
+        }
+    }
+}
+
+/// The child: one snapshot, its sizes on stdout as JSON.
+async fn snapshot_once(
+    endpoint: String,
+    store: String,
+    options: Vec<String>,
+    level: i32,
+    workers: u32,
+    recipient: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    bulwark_common::tls::install_crypto_provider();
+    let options: BTreeMap<String, String> = options
+        .iter()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect();
+    let store = StoreSpec::parse(&store, &options)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .build()?;
+    let keys = Keyring::load(recipient.as_deref(), &[])?;
+    let engine = Engine::new(
+        "bench".into(),
+        "bench".into(),
+        EtcdConnector::plain(vec![endpoint], Duration::from_secs(30)),
+        store,
+        keys,
+        PipelineSettings {
+            level,
+            workers,
+            part_size: 8 << 20,
+            upload_concurrency: 2,
+            stall_timeout: Duration::from_secs(120),
+            member_choice: MemberChoice::Leader,
+        },
+        DrillSettings {
+            etcdutl: PathBuf::new(),
+            etcd: PathBuf::new(),
+            work_dir: None,
+            start_timeout: Duration::from_secs(1),
+        },
+        RetentionPolicy::default(),
+        Duration::from_secs(3600),
+    );
+    let m = engine
+        .take_snapshot(
+            SnapshotOptions::manual("bench"),
+            &(),
+            &tokio_util::sync::CancellationToken::new(),
+            &|| Ok(()),
+        )
+        .await?;
+    println!(
+        "{}",
+        serde_json::json!({"raw": m.raw_size_bytes, "stored": m.stored_size_bytes, "id": m.id})
+    );
+    Ok(())
+}
+
+/// Wall time and peak RSS of one child process.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Sample {
+    seconds: f64,
+    max_rss_kib: u64,
+    stored_bytes: u64,
+}
+
+/// Runs `cmd` to completion and measures it with `wait4`.
+fn measure(mut cmd: Command) -> anyhow::Result<(Sample, String)> {
+    let started = Instant::now();
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let pid = i32::try_from(child.id())?;
+    // Read output on threads so a full pipe cannot block the child.
+    let mut child = child;
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(o) = out.as_mut() {
+            let _ = std::io::Read::read_to_string(o, &mut s);
+        }
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = err.as_mut() {
+            let _ = std::io::Read::read_to_string(e, &mut s);
+        }
+        s
+    });
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value, and wait4 writes it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child, not yet reaped (std's handle never waited).
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let seconds = started.elapsed().as_secs_f64();
+    // The child is reaped; stop std from trying again.
+    std::mem::forget(child);
+    if r != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!("{cmd:?} failed (status {status}): {stderr}");
+    }
+    Ok((
+        Sample {
+            seconds,
+            max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+            stored_bytes: 0,
+        },
+        stdout,
+    ))
+}
+
+/// Fills etcd with `mib` values of 1 MiB: random bytes or JSON-like text.
+async fn fill(etcd: &Etcd, case: &str, mib: usize) -> anyhow::Result<()> {
+    let client = etcd.client().await?;
+    let rng = ring::rand::SystemRandom::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let text_block: String = (0..)
+        .map(|i| {
+            format!(
+                "{{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"metadata\":{{\"name\":\"cm-{i}\",\"namespace\":\"default\",\"uid\":\"{{UID}}\",\"resourceVersion\":\"{i}\"}},\"data\":{{\"key\":\"value-{i}\"}}}}\n"
+            )
+        })
+        .take_while({
+            let mut len = 0usize;
+            move |s: &String| {
+                len += s.len();
+                len < (1 << 20)
+            }
+        })
+        .collect();
+    for i in 0..mib {
+        let value: Vec<u8> = match case {
+            "random" => {
+                let mut v = vec![0u8; 1 << 20];
+                rng.fill(&mut v)
+                    .map_err(|_| anyhow::anyhow!("system RNG failed"))?;
+                v
+            }
+            _ => {
+                let mut uid = [0u8; 8];
+                rng.fill(&mut uid)
+                    .map_err(|_| anyhow::anyhow!("system RNG failed"))?;
+                let uid: String = uid.iter().map(|b| format!("{b:02x}")).collect();
+                text_block.replace("{UID}", &uid).into_bytes()
+            }
+        };
+        let mut c = client.clone();
+        tasks.spawn(async move { c.put(format!("bench/{i:06}"), value, None).await });
+        while tasks.len() >= 8 {
+            if let Some(r) = tasks.join_next().await {
+                r??;
+            }
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct VariantResult {
+    variant: String,
+    samples: Vec<Sample>,
+    median_seconds: f64,
+    median_max_rss_mib: f64,
+    max_max_rss_mib: f64,
+    ratio_to_etcdctl: f64,
+    stored_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct CaseResult {
+    case: String,
+    db_size_bytes: u64,
+    variants: Vec<VariantResult>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    date: String,
+    command: String,
+    machine: BTreeMap<String, String>,
+    settings: BTreeMap<String, String>,
+    cases: Vec<CaseResult>,
+}
+
+fn machine() -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if let Some(model) = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+    {
+        m.insert("cpu".into(), model.1.trim().to_owned());
+    }
+    m.insert(
+        "cores".into(),
+        std::thread::available_parallelism()
+            .map(|n| n.to_string())
+            .unwrap_or_default(),
+    );
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    if let Some(total) = meminfo.lines().find(|l| l.starts_with("MemTotal")) {
+        m.insert("memory".into(), total.trim_start_matches("MemTotal:").trim().to_owned());
+    }
+    m.insert(
+        "kernel".into(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+    );
+    m.insert("etcd".into(), "3.5.1 (single member, fsync on)".into());
+    m
+}
+
+async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
+    bulwark_common::tls::install_crypto_provider();
+    let me = std::env::current_exe()?;
+    let etcdctl = tools::etcdctl(bulwark_testkit::EtcdVersion::V3_5)?;
+    let work = tempfile::Builder::new().prefix("bench-backup-").tempdir()?;
+    let key = work.path().join("age.key");
+    write_identity(&key)?;
+    let s3 = if args.no_s3 {
+        None
+    } else {
+        Some(S3Server::start().await?)
+    };
+    let mut cases = Vec::new();
+    for case in &args.cases {
+        eprintln!("[{case}] starting etcd and filling {} MiB", args.size_mib);
+        let etcd = Etcd::builder()
+            .arg("--quota-backend-bytes=8589934592")
+            .start()
+            .await?;
+        fill(&etcd, case, args.size_mib).await?;
+        let endpoint = etcd.endpoints()[0].clone();
+        let db_size = {
+            let mut c = etcd.client().await?;
+            u64::try_from(c.status().await?.db_size()).unwrap_or(0)
+        };
+        eprintln!("[{case}] db size {:.0} MiB", db_size as f64 / 1048576.0);
+
+        let variants: Vec<&str> = if s3.is_some() {
+            vec!["etcdctl", "file", "file+age", "s3"]
+        } else {
+            vec!["etcdctl", "file", "file+age"]
+        };
+        let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+        for run in 0..args.runs {
+            for v in &variants {
+                let store_dir = work.path().join(format!("store-{case}-{run}-{}", v.replace('+', "-")));
+                let cmd = match *v {
+                    "etcdctl" => {
+                        let mut c = Command::new(&etcdctl);
+                        c.env("ETCDCTL_API", "3")
+                            .arg(format!("--endpoints={endpoint}"))
+                            .args(["snapshot", "save"])
+                            .arg(work.path().join("etcdctl.db"));
+                        c
+                    }
+                    variant => {
+                        let mut c = Command::new(&me);
+                        c.arg("snapshot-once")
+                            .args(["--endpoint", &endpoint])
+                            .args(["--level", &args.level.to_string()])
+                            .args(["--workers", &args.workers.to_string()]);
+                        match (variant, &s3) {
+                            ("s3", Some(s3)) => {
+                                c.args(["--store", &format!("s3://{}/bench", s3.bucket())]);
+                                for (k, val) in s3.options() {
+                                    if k != "aws_bucket" {
+                                        c.args(["--option", &format!("{k}={val}")]);
+                                    }
+                                }
+                            }
+                            _ => {
+                                c.args(["--store", &format!("file://{}", store_dir.display())]);
+                            }
+                        }
+                        if variant == "file+age" {
+                            c.arg("--recipient").arg(&key);
+                        }
+                        c
+                    }
+                };
+                let (mut sample, stdout) =
+                    tokio::task::spawn_blocking(move || measure(cmd)).await??;
+                sample.stored_bytes = if *v == "etcdctl" {
+                    std::fs::metadata(work.path().join("etcdctl.db"))
+                        .map(|m| m.len())
+                        .unwrap_or(0)
+                } else {
+                    serde_json::from_str::<serde_json::Value>(stdout.trim())
+                        .ok()
+                        .and_then(|j| j["stored"].as_u64())
+                        .unwrap_or(0)
+                };
+                eprintln!(
+                    "[{case}] run {run} {v}: {:.2} s, peak RSS {:.1} MiB, {:.0} MiB stored",
+                    sample.seconds,
+                    sample.max_rss_kib as f64 / 1024.0,
+                    sample.stored_bytes as f64 / 1048576.0
+                );
+                samples.entry(v).or_default().push(sample);
+                // Free space (and moto's memory) before the next run.
+                let _ = std::fs::remove_file(work.path().join("etcdctl.db"));
+                let _ = std::fs::remove_dir_all(&store_dir);
+                if *v == "s3"
+                    && let Some(s3) = &s3
+                {
+                    clear_s3(s3).await?;
+                }
+            }
+        }
+        let base = median(samples["etcdctl"].iter().map(|s| s.seconds).collect());
+        let variants = variants
+            .iter()
+            .map(|v| {
+                let s = &samples[v];
+                let t = median(s.iter().map(|x| x.seconds).collect());
+                VariantResult {
+                    variant: (*v).to_owned(),
+                    samples: s.clone(),
+                    median_seconds: t,
+                    median_max_rss_mib: median(s.iter().map(|x| x.max_rss_kib as f64 / 1024.0).collect()),
+                    max_max_rss_mib: s.iter().map(|x| x.max_rss_kib as f64 / 1024.0).fold(0.0, f64::max),
+                    ratio_to_etcdctl: if base > 0.0 { t / base } else { 0.0 },
+                    stored_bytes: s.last().map(|x| x.stored_bytes).unwrap_or(0),
+                }
+            })
+            .collect();
+        cases.push(CaseResult {
+            case: case.clone(),
+            db_size_bytes: db_size,
+            variants,
+        });
+        drop(etcd);
+    }
+    let report = Report {
+        date: chrono::Utc::now().to_rfc3339(),
+        command: cmdline,
+        machine: machine(),
+        settings: [
+            ("zstd level", args.level.to_string()),
+            ("zstd workers", args.workers.to_string()),
+            ("part size", "8 MiB".to_owned()),
+            ("upload concurrency", "2".to_owned()),
+            ("runs", args.runs.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        cases,
+    };
+    write_report(&args.out, &report)
+}
+
+/// Deletes everything in the moto bucket (moto keeps objects in memory).
+async fn clear_s3(s3: &S3Server) -> anyhow::Result<()> {
+    use futures::TryStreamExt as _;
+    use object_store::{ObjectStore as _, ObjectStoreExt as _};
+    let store = s3.store()?;
+    let keys: Vec<_> = store.list(None).map_ok(|m| m.location).try_collect().await?;
+    for k in keys {
+        store.delete(&k).await?;
+    }
+    Ok(())
+}
+
+/// A fresh age identity file, as `age-keygen` writes it.
+fn write_identity(path: &Path) -> anyhow::Result<()> {
+    use age::secrecy::ExposeSecret as _;
+    let id = age::x25519::Identity::generate();
+    std::fs::write(
+        path,
+        format!("# public key: {}\n{}\n", id.to_public(), id.to_string().expose_secret()),
+    )?;
+    Ok(())
+}
+
+fn write_report(dir: &Path, r: &Report) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let day = &r.date[..10];
+    let json = dir.join(format!("{day}-backup.json"));
+    std::fs::write(&json, serde_json::to_vec_pretty(r)?)?;
+    let mut md = format!(
+        "# Backup benchmark, {day}\n\n\
+         Full snapshot of a single-member etcd 3.5.1 through bulwark-backup's pipeline \
+         (etcd stream → trailing-hash check → zstd → [age] → multipart upload, manifest last), \
+         each run in its own process, against `etcdctl snapshot save` to local disk. \
+         Medians of {} runs; peak RSS is the process's `ru_maxrss`.\n\n\
+         Command: `{}`\n\n## Machine\n\n",
+        r.settings.get("runs").cloned().unwrap_or_default(),
+        r.command
+    );
+    for (k, v) in &r.machine {
+        md.push_str(&format!("- {k}: {v}\n"));
+    }
+    md.push_str("\n## Settings\n\n");
+    for (k, v) in &r.settings {
+        md.push_str(&format!("- {k}: {v}\n"));
+    }
+    for c in &r.cases {
+        md.push_str(&format!(
+            "\n## {} values, DB {:.0} MiB\n\n| variant | median time | × etcdctl | peak RSS (median / max) | stored |\n|---|---|---|---|---|\n",
+            c.case,
+            c.db_size_bytes as f64 / 1048576.0
+        ));
+        for v in &c.variants {
+            md.push_str(&format!(
+                "| {} | {:.2} s | {:.2} | {:.1} / {:.1} MiB | {:.0} MiB |\n",
+                v.variant,
+                v.median_seconds,
+                v.ratio_to_etcdctl,
+                v.median_max_rss_mib,
+                v.max_max_rss_mib,
+                v.stored_bytes as f64 / 1048576.0
+            ));
+        }
+    }
+    let path = dir.join(format!("{day}-backup.md"));
+    std::fs::write(&path, md)?;
+    eprintln!("wrote {} and {}", path.display(), json.display());
+    Ok(())
+}

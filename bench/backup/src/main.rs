@@ -100,7 +100,9 @@ fn main() -> anyhow::Result<()> {
             level,
             workers,
             recipient,
-        }) => rt.block_on(snapshot_once(endpoint, store, options, level, workers, recipient)),
+        }) => rt.block_on(snapshot_once(
+            endpoint, store, options, level, workers, recipient,
+        )),
         None => {
             let cmdline = std::env::args().collect::<Vec<_>>().join(" ");
             rt.block_on(bench(&args, cmdline))
@@ -120,7 +122,10 @@ async fn snapshot_once(
     bulwark_common::tls::install_crypto_provider();
     let options: BTreeMap<String, String> = options
         .iter()
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
         .collect();
     let store = StoreSpec::parse(&store, &options)
         .map_err(|e| anyhow::anyhow!(e))?
@@ -276,11 +281,7 @@ async fn fill(etcd: &Etcd, case: &str, mib: usize) -> anyhow::Result<()> {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
-    }
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
 #[derive(Debug, Serialize)]
@@ -328,7 +329,10 @@ fn machine() -> BTreeMap<String, String> {
     );
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     if let Some(total) = meminfo.lines().find(|l| l.starts_with("MemTotal")) {
-        m.insert("memory".into(), total.trim_start_matches("MemTotal:").trim().to_owned());
+        m.insert(
+            "memory".into(),
+            total.trim_start_matches("MemTotal:").trim().to_owned(),
+        );
     }
     m.insert(
         "kernel".into(),
@@ -376,7 +380,9 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
         let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
         for run in 0..args.runs {
             for v in &variants {
-                let store_dir = work.path().join(format!("store-{case}-{run}-{}", v.replace('+', "-")));
+                let store_dir = work
+                    .path()
+                    .join(format!("store-{case}-{run}-{}", v.replace('+', "-")));
                 let cmd = match *v {
                     "etcdctl" => {
                         let mut c = Command::new(&etcdctl);
@@ -450,8 +456,13 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
                     variant: (*v).to_owned(),
                     samples: s.clone(),
                     median_seconds: t,
-                    median_max_rss_mib: median(s.iter().map(|x| x.max_rss_kib as f64 / 1024.0).collect()),
-                    max_max_rss_mib: s.iter().map(|x| x.max_rss_kib as f64 / 1024.0).fold(0.0, f64::max),
+                    median_max_rss_mib: median(
+                        s.iter().map(|x| x.max_rss_kib as f64 / 1024.0).collect(),
+                    ),
+                    max_max_rss_mib: s
+                        .iter()
+                        .map(|x| x.max_rss_kib as f64 / 1024.0)
+                        .fold(0.0, f64::max),
                     ratio_to_etcdctl: if base > 0.0 { t / base } else { 0.0 },
                     stored_bytes: s.last().map(|x| x.stored_bytes).unwrap_or(0),
                 }
@@ -488,7 +499,11 @@ async fn clear_s3(s3: &S3Server) -> anyhow::Result<()> {
     use futures::TryStreamExt as _;
     use object_store::{ObjectStore as _, ObjectStoreExt as _};
     let store = s3.store()?;
-    let keys: Vec<_> = store.list(None).map_ok(|m| m.location).try_collect().await?;
+    let keys: Vec<_> = store
+        .list(None)
+        .map_ok(|m| m.location)
+        .try_collect()
+        .await?;
     for k in keys {
         store.delete(&k).await?;
     }
@@ -501,7 +516,11 @@ fn write_identity(path: &Path) -> anyhow::Result<()> {
     let id = age::x25519::Identity::generate();
     std::fs::write(
         path,
-        format!("# public key: {}\n{}\n", id.to_public(), id.to_string().expose_secret()),
+        format!(
+            "# public key: {}\n{}\n",
+            id.to_public(),
+            id.to_string().expose_secret()
+        ),
     )?;
     Ok(())
 }

@@ -271,7 +271,7 @@ impl Engine {
                 .find(|s| s.last_verification.as_ref().is_some_and(|v| v.passed))
                 .map(|s| s.manifest.id.as_str());
             if newest == Some(id) || newest_verified == Some(id) {
-                return Err(BackupError::InvalidArgument(format!(
+                return Err(BackupError::Refused(format!(
                     "snapshot {id} is the newest{} snapshot; deleting it shortens what can be \
                      restored: pass force to delete it anyway",
                     if newest == Some(id) { "" } else { " verified" }

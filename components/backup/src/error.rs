@@ -109,6 +109,10 @@ pub enum BackupError {
     /// The request or configuration cannot be acted on as given.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The request conflicts with the current state (e.g. deleting the
+    /// newest snapshot without force).
+    #[error("{0}")]
+    Refused(String),
     /// Another snapshot is being taken by this instance.
     #[error("a snapshot is already being taken by this instance ({0})")]
     Busy(String),
@@ -145,6 +149,7 @@ impl BackupError {
             BackupError::Corrupt { kind, .. } => kind.as_str(),
             BackupError::Key(_) => "encryption_key",
             BackupError::InvalidArgument(_) => "invalid_argument",
+            BackupError::Refused(_) => "refused",
             BackupError::Busy(_) => "busy",
             BackupError::Cancelled(_) => "cancelled",
             BackupError::Local { .. } => "local_error",
@@ -215,6 +220,7 @@ impl From<BackupError> for tonic::Status {
             BackupError::Corrupt { .. } => tonic::Status::data_loss(msg),
             BackupError::Key(_) => tonic::Status::failed_precondition(msg),
             BackupError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            BackupError::Refused(_) => tonic::Status::failed_precondition(msg),
             BackupError::Busy(_) => tonic::Status::aborted(msg),
             BackupError::Cancelled(_) => tonic::Status::cancelled(msg),
         }

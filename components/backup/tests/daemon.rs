@@ -278,7 +278,7 @@ async fn heavy_grpc_api_enforces_access_and_streams_progress() {
     let e = view.clone().delete_snapshot(req(true)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     let e = op.clone().delete_snapshot(req(false)).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     op.clone().delete_snapshot(req(true)).await.unwrap();
     let e = view
         .clone()

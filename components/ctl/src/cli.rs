@@ -28,6 +28,9 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// etcd snapshots: create, list, show, verify, delete, status.
+    #[command(subcommand)]
+    Backup(crate::backup::BackupCommand),
     /// Show and select contexts in the config file.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -56,6 +59,10 @@ impl Cli {
     /// Runs the command.
     pub async fn run(self) -> Result<(), CliError> {
         match &self.command {
+            Command::Backup(c) => {
+                let session = self.session()?;
+                crate::backup::run(c, &session.backup()?, self.output).await
+            }
             Command::Config(c) => self.config(c),
             Command::Completion { shell } => {
                 let mut cmd = Cli::command();

@@ -6,8 +6,10 @@
 //! - [`connect`]: endpoint fail-over, leader redirects, deadlines;
 //! - [`output`]: `-o table|json|yaml`;
 //! - [`error`]: errors with a next step, and the documented exit codes;
-//! - [`cli`]: the command tree.
+//! - [`cli`]: the command tree;
+//! - [`backup`]: `bulwarkctl backup …`.
 
+pub mod backup;
 pub mod cli;
 pub mod connect;
 pub mod context;

@@ -1,0 +1,763 @@
+//! `bulwarkctl backup …`: snapshots of etcd in object storage.
+//!
+//! `create` and `verify` show a progress bar on stderr (hidden when stderr
+//! is not a terminal), so `-o json` on stdout stays machine-readable. A
+//! verification that finds a problem exits 7 after printing what did not
+//! match.
+
+use std::time::{Duration, SystemTime};
+
+use bulwark_api::backup::v1 as pb;
+use bulwark_api::backup::v1::backup_client::BackupClient;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::connect::Service;
+use crate::error::{CliError, Exit};
+use crate::output::{self, OutputFormat};
+
+/// `bulwarkctl backup …`
+#[derive(Debug, clap::Subcommand)]
+pub enum BackupCommand {
+    /// Take a snapshot now and wait for it to be committed.
+    Create {
+        /// Free text stored in the manifest (at most 256 characters).
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Snapshot this etcd member (by name) instead of the configured choice.
+        #[arg(long)]
+        member: Option<String>,
+    },
+    /// List committed snapshots, newest first.
+    List {
+        /// Only snapshots whose last verification passed.
+        #[arg(long)]
+        verified_only: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Show one snapshot's manifest.
+    Show {
+        /// Snapshot id, or `latest`.
+        id: String,
+    },
+    /// Check a snapshot end to end; with --drill also restore it into a
+    /// throwaway etcd and compare revision and key count.
+    Verify {
+        /// Snapshot id, or `latest`.
+        id: String,
+        /// Also run a restore drill.
+        #[arg(long)]
+        drill: bool,
+    },
+    /// Delete a snapshot (operators only).
+    Delete {
+        /// Exact snapshot id.
+        id: String,
+        /// Needed to delete the newest, or newest verified, snapshot.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Schedule, leader, last success and error, last drill.
+    Status,
+}
+
+fn selector(id: &str) -> pb::SnapshotSelector {
+    pb::SnapshotSelector {
+        selector: Some(if id == "latest" {
+            pb::snapshot_selector::Selector::Latest(true)
+        } else {
+            pb::snapshot_selector::Selector::Id(id.to_owned())
+        }),
+    }
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> String {
+    t.and_then(|t| bulwark_api::time::timestamp_from_proto(t).ok())
+        .map(|t: SystemTime| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_default()
+}
+
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn stream_error(service: &Service<'_>, s: tonic::Status) -> CliError {
+    CliError::from_status(&s, service.name(), "the stream")
+}
+
+/// One snapshot in list output.
+#[derive(Debug, Serialize)]
+struct Row {
+    id: String,
+    created: String,
+    trigger: String,
+    revision: i64,
+    raw_bytes: u64,
+    stored_bytes: u64,
+    encrypted: bool,
+    key_id: String,
+    taken_by: String,
+    last_verified: Option<Verified>,
+}
+
+/// A verification in list and show output.
+#[derive(Debug, Serialize)]
+struct Verified {
+    at: String,
+    passed: bool,
+    drill: bool,
+    mismatches: Vec<MismatchView>,
+}
+
+/// One failed check.
+#[derive(Debug, Serialize)]
+struct MismatchView {
+    kind: String,
+    expected: String,
+    actual: String,
+    detail: String,
+}
+
+fn mismatch(m: &pb::Mismatch) -> MismatchView {
+    MismatchView {
+        kind: pb::MismatchKind::try_from(m.kind)
+            .map(|k| {
+                k.as_str_name()
+                    .trim_start_matches("MISMATCH_KIND_")
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_else(|_| m.kind.to_string()),
+        expected: m.expected.clone(),
+        actual: m.actual.clone(),
+        detail: m.detail.clone(),
+    }
+}
+
+fn verified(v: Option<&pb::VerificationRecord>) -> Option<Verified> {
+    v.map(|v| Verified {
+        at: time(v.verified_at.as_ref()),
+        passed: v.passed,
+        drill: v.drill,
+        mismatches: v.mismatches.iter().map(mismatch).collect(),
+    })
+}
+
+fn trigger(t: i32) -> String {
+    pb::SnapshotTrigger::try_from(t)
+        .map(|t| {
+            t.as_str_name()
+                .trim_start_matches("SNAPSHOT_TRIGGER_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+fn verified_cell(v: &Option<Verified>) -> String {
+    match v {
+        None => "never".into(),
+        Some(v) => format!(
+            "{} {}{}",
+            if v.passed { "passed" } else { "FAILED" },
+            v.at,
+            if v.drill { " (drill)" } else { "" }
+        ),
+    }
+}
+
+/// The manifest as `show` prints it.
+#[derive(Debug, Serialize)]
+struct ManifestView {
+    id: String,
+    trigger: String,
+    cluster_name: String,
+    cluster_id: String,
+    member: String,
+    etcd_version: String,
+    revision: i64,
+    revision_max: i64,
+    key_count: Option<u64>,
+    raw_bytes: u64,
+    stored_bytes: u64,
+    etcd_sha256: String,
+    stored_sha256: String,
+    compression: String,
+    encryption: String,
+    key_id: String,
+    object_key: String,
+    started_at: String,
+    finished_at: String,
+    taken_by: String,
+    note: String,
+    last_verified: Option<Verified>,
+}
+
+fn manifest_view(m: &pb::SnapshotManifest) -> ManifestView {
+    ManifestView {
+        id: m.id.clone(),
+        trigger: trigger(m.trigger),
+        cluster_name: m.cluster_name.clone(),
+        cluster_id: format!("{:016x}", m.cluster_id),
+        member: format!("{} ({:016x})", m.member_name, m.member_id),
+        etcd_version: m.etcd_version.clone(),
+        revision: m.revision,
+        revision_max: m.revision_max,
+        key_count: m.key_count,
+        raw_bytes: m.raw_size_bytes,
+        stored_bytes: m.stored_size_bytes,
+        etcd_sha256: m.etcd_sha256.clone(),
+        stored_sha256: m.stored_sha256.clone(),
+        compression: match pb::Compression::try_from(m.compression) {
+            Ok(pb::Compression::Zstd) => format!("zstd level {}", m.compression_level),
+            _ => "none".into(),
+        },
+        encryption: match pb::Encryption::try_from(m.encryption) {
+            Ok(pb::Encryption::AgeX25519) => "age (X25519)".into(),
+            _ => "none".into(),
+        },
+        key_id: m.key_id.clone(),
+        object_key: m.object_key.clone(),
+        started_at: time(m.started_at.as_ref()),
+        finished_at: time(m.finished_at.as_ref()),
+        taken_by: m.taken_by.clone(),
+        note: m.note.clone(),
+        last_verified: verified(m.last_verification.as_ref()),
+    }
+}
+
+fn print_manifest(format: OutputFormat, m: &pb::SnapshotManifest) -> Result<(), CliError> {
+    let view = manifest_view(m);
+    output::print(format, &view, |v| {
+        output::fields(&[
+            ("id", v.id.clone()),
+            ("trigger", v.trigger.clone()),
+            (
+                "cluster",
+                format!("{} (etcd cluster {})", v.cluster_name, v.cluster_id),
+            ),
+            ("member", format!("{}, etcd {}", v.member, v.etcd_version)),
+            (
+                "revision",
+                if v.revision == v.revision_max {
+                    v.revision.to_string()
+                } else {
+                    format!("{}..{}", v.revision, v.revision_max)
+                },
+            ),
+            (
+                "keys",
+                v.key_count
+                    .map(|k| k.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+            ),
+            (
+                "size",
+                format!(
+                    "{} from etcd, {} stored",
+                    size(v.raw_bytes),
+                    size(v.stored_bytes)
+                ),
+            ),
+            ("etcd sha256", v.etcd_sha256.clone()),
+            ("stored sha256", v.stored_sha256.clone()),
+            ("compression", v.compression.clone()),
+            (
+                "encryption",
+                if v.key_id.is_empty() {
+                    v.encryption.clone()
+                } else {
+                    format!("{}, key {}", v.encryption, v.key_id)
+                },
+            ),
+            ("object", v.object_key.clone()),
+            (
+                "taken",
+                format!("{} .. {} by {}", v.started_at, v.finished_at, v.taken_by),
+            ),
+            ("note", v.note.clone()),
+            ("last verified", verified_cell(&v.last_verified)),
+        ])
+    })
+}
+
+fn bar(len: Option<u64>) -> ProgressBar {
+    let pb = match len {
+        Some(n) if n > 0 => ProgressBar::new(n),
+        _ => ProgressBar::no_length(),
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+/// Runs one `backup` command against `service`.
+pub async fn run(
+    cmd: &BackupCommand,
+    service: &Service<'_>,
+    format: OutputFormat,
+) -> Result<(), CliError> {
+    match cmd {
+        BackupCommand::Create { note, member } => {
+            let req = pb::CreateSnapshotRequest {
+                note: note.clone(),
+                member_name: member.clone().unwrap_or_default(),
+            };
+            let mut stream = service
+                .call(|ch| {
+                    let req = req.clone();
+                    async move {
+                        BackupClient::new(ch)
+                            .create_snapshot(req)
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await?;
+            let progress = bar(None);
+            progress.set_message("connecting");
+            while let Some(msg) = stream
+                .message()
+                .await
+                .map_err(|s| stream_error(service, s))?
+            {
+                match msg.event {
+                    Some(pb::snapshot_progress::Event::Connecting(c)) => {
+                        progress.set_message(format!(
+                            "snapshot {} from {} (revision {})",
+                            msg.snapshot_id, c.member_name, c.revision
+                        ))
+                    }
+                    Some(pb::snapshot_progress::Event::Streaming(s)) => {
+                        if let Some(total) = s.raw_bytes_expected {
+                            progress.set_length(total.max(s.raw_bytes));
+                        }
+                        progress.set_position(s.raw_bytes);
+                    }
+                    Some(pb::snapshot_progress::Event::Committing(_)) => {
+                        progress.set_message("writing the manifest");
+                    }
+                    Some(pb::snapshot_progress::Event::Done(done)) => {
+                        progress.finish_and_clear();
+                        let Some(m) = done.manifest else {
+                            return Err(CliError::new(Exit::Failure, "done without a manifest"));
+                        };
+                        return print_manifest(format, &m);
+                    }
+                    Some(pb::snapshot_progress::Event::Failed(f)) => {
+                        progress.finish_and_clear();
+                        let exit = if f.etcd_hash_mismatch {
+                            Exit::VerifyFailed
+                        } else {
+                            Exit::Failure
+                        };
+                        return Err(CliError::new(
+                            exit,
+                            format!("snapshot {} failed: {}", msg.snapshot_id, f.message),
+                        )
+                        .hint("nothing was committed; the partial upload was removed"));
+                    }
+                    None => {}
+                }
+            }
+            progress.finish_and_clear();
+            Err(CliError::new(
+                Exit::Unavailable,
+                "the snapshot stream ended without a result",
+            ))
+        }
+        BackupCommand::List {
+            verified_only,
+            limit,
+        } => {
+            let req = pb::ListSnapshotsRequest {
+                verified_only: *verified_only,
+                page_size: *limit,
+                ..Default::default()
+            };
+            let resp = service
+                .call(|ch| {
+                    let req = req.clone();
+                    async move {
+                        BackupClient::new(ch)
+                            .list_snapshots(req)
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await?;
+            let rows: Vec<Row> = resp
+                .snapshots
+                .iter()
+                .map(|s| Row {
+                    id: s.id.clone(),
+                    created: time(s.created_at.as_ref()),
+                    trigger: trigger(s.trigger),
+                    revision: s.revision,
+                    raw_bytes: s.raw_size_bytes,
+                    stored_bytes: s.stored_size_bytes,
+                    encrypted: s.encrypted,
+                    key_id: s.key_id.clone(),
+                    taken_by: s.taken_by.clone(),
+                    last_verified: verified(s.last_verification.as_ref()),
+                })
+                .collect();
+            output::print(format, &rows, |rows| {
+                let cells: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id.clone(),
+                            r.created.clone(),
+                            r.trigger.clone(),
+                            r.revision.to_string(),
+                            size(r.raw_bytes),
+                            size(r.stored_bytes),
+                            if r.encrypted {
+                                "yes".into()
+                            } else {
+                                "no".into()
+                            },
+                            r.taken_by.clone(),
+                            verified_cell(&r.last_verified),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &[
+                        "ID",
+                        "CREATED",
+                        "TRIGGER",
+                        "REVISION",
+                        "RAW",
+                        "STORED",
+                        "ENCRYPTED",
+                        "BY",
+                        "LAST VERIFIED",
+                    ],
+                    &cells,
+                )
+            })
+        }
+        BackupCommand::Show { id } => {
+            let req = pb::GetSnapshotRequest {
+                snapshot: Some(selector(id)),
+            };
+            let m = service
+                .call(|ch| {
+                    let req = req.clone();
+                    async move {
+                        BackupClient::new(ch)
+                            .get_snapshot(req)
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await?;
+            print_manifest(format, &m)
+        }
+        BackupCommand::Verify { id, drill } => {
+            let req = pb::VerifySnapshotRequest {
+                snapshot: Some(selector(id)),
+                drill: *drill,
+            };
+            let mut stream = service
+                .call(|ch| {
+                    let req = req.clone();
+                    async move {
+                        BackupClient::new(ch)
+                            .verify_snapshot(req)
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await?;
+            let progress = bar(None);
+            progress.set_message("downloading and checking");
+            while let Some(msg) = stream
+                .message()
+                .await
+                .map_err(|s| stream_error(service, s))?
+            {
+                match msg.event {
+                    Some(pb::verify_progress::Event::Stage(stage)) => {
+                        if let Some(t) = stage.transfer {
+                            if let Some(total) = t.bytes_total {
+                                progress.set_length(total);
+                            }
+                            progress.set_position(t.bytes_done);
+                        }
+                        if !stage.detail.is_empty() {
+                            progress.set_message(stage.detail);
+                        }
+                    }
+                    Some(pb::verify_progress::Event::Result(r)) => {
+                        progress.finish_and_clear();
+                        return print_verify(format, &r);
+                    }
+                    None => {}
+                }
+            }
+            progress.finish_and_clear();
+            Err(CliError::new(
+                Exit::Unavailable,
+                "the verification stream ended without a result",
+            ))
+        }
+        BackupCommand::Delete { id, force } => {
+            let req = pb::DeleteSnapshotRequest {
+                id: id.clone(),
+                force: *force,
+            };
+            let resp = service
+                .call(|ch| {
+                    let req = req.clone();
+                    async move {
+                        BackupClient::new(ch)
+                            .delete_snapshot(req)
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await?;
+            #[derive(Serialize)]
+            struct Deleted {
+                id: String,
+                freed_bytes: u64,
+            }
+            output::print(
+                format,
+                &Deleted {
+                    id: resp.id,
+                    freed_bytes: resp.freed_bytes,
+                },
+                |d| format!("deleted {} ({} freed)\n", d.id, size(d.freed_bytes)),
+            )
+        }
+        BackupCommand::Status => {
+            let s = service
+                .call(|ch| async move {
+                    BackupClient::new(ch)
+                        .get_status(pb::GetStatusRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                })
+                .await?;
+            print_status(format, &s)
+        }
+    }
+}
+
+/// Verification result output.
+#[derive(Debug, Serialize)]
+struct VerifyView {
+    snapshot_id: String,
+    passed: bool,
+    drill: bool,
+    restored_revision: Option<i64>,
+    restored_key_count: Option<u64>,
+    took_seconds: f64,
+    mismatches: Vec<MismatchView>,
+}
+
+fn print_verify(format: OutputFormat, r: &pb::VerifyResult) -> Result<(), CliError> {
+    let view = VerifyView {
+        snapshot_id: r.snapshot_id.clone(),
+        passed: r.passed,
+        drill: r.drill,
+        restored_revision: r.restored_revision,
+        restored_key_count: r.restored_key_count,
+        took_seconds: r
+            .took
+            .as_ref()
+            .map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
+            .unwrap_or(0.0),
+        mismatches: r.mismatches.iter().map(mismatch).collect(),
+    };
+    output::print(format, &view, |v| {
+        let mut text = output::fields(&[
+            ("snapshot", v.snapshot_id.clone()),
+            (
+                "result",
+                if v.passed {
+                    "passed".into()
+                } else {
+                    "FAILED".into()
+                },
+            ),
+            ("drill", if v.drill { "yes".into() } else { "no".into() }),
+            (
+                "restored",
+                match (v.restored_revision, v.restored_key_count) {
+                    (Some(r), Some(k)) => format!("revision {r}, {k} keys"),
+                    _ => "-".into(),
+                },
+            ),
+            ("took", format!("{:.1}s", v.took_seconds)),
+        ]);
+        if !v.mismatches.is_empty() {
+            let cells: Vec<Vec<String>> = v
+                .mismatches
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.kind.clone(),
+                        m.expected.clone(),
+                        m.actual.clone(),
+                        m.detail.clone(),
+                    ]
+                })
+                .collect();
+            text.push('\n');
+            text.push_str(&output::table(
+                &["MISMATCH", "EXPECTED", "ACTUAL", "DETAIL"],
+                &cells,
+            ));
+        }
+        text
+    })?;
+    if r.passed {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            Exit::VerifyFailed,
+            format!("snapshot {} failed verification", r.snapshot_id),
+        ))
+    }
+}
+
+/// Status output.
+#[derive(Debug, Serialize)]
+struct StatusView {
+    node: String,
+    store: String,
+    schedule: String,
+    next_run: String,
+    leader: String,
+    this_node_leads: bool,
+    last_success: Option<String>,
+    last_error: Option<String>,
+    last_drill: Option<String>,
+}
+
+fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), CliError> {
+    let sched = s.schedule.clone().unwrap_or_default();
+    let view = StatusView {
+        node: s.node_name.clone(),
+        store: s.store_url.clone(),
+        schedule: sched
+            .interval
+            .as_ref()
+            .and_then(|d| bulwark_api::time::duration_from_proto(d).ok())
+            .map(|d| format!("every {}", humantime::format_duration(d)))
+            .unwrap_or_else(|| "cron or on demand".into()),
+        next_run: time(sched.next_run_at.as_ref()),
+        leader: sched.leader.clone(),
+        this_node_leads: sched.is_leader,
+        last_success: s
+            .last_success
+            .as_ref()
+            .map(|l| format!("{} at {}", l.id, time(l.created_at.as_ref()))),
+        last_error: s
+            .last_error
+            .as_ref()
+            .map(|e| format!("{} ({}): {}", time(e.at.as_ref()), e.operation, e.message)),
+        last_drill: s.last_drill.as_ref().map(|d| {
+            format!(
+                "{} {} at {}",
+                d.snapshot_id,
+                if d.passed { "passed" } else { "FAILED" },
+                time(d.finished_at.as_ref())
+            )
+        }),
+    };
+    output::print(format, &view, |v| {
+        output::fields(&[
+            ("node", v.node.clone()),
+            ("store", v.store.clone()),
+            ("schedule", v.schedule.clone()),
+            ("next run", v.next_run.clone()),
+            (
+                "leader",
+                format!(
+                    "{}{}",
+                    if v.leader.is_empty() {
+                        "unknown"
+                    } else {
+                        &v.leader
+                    },
+                    if v.this_node_leads {
+                        " (this node)"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+            (
+                "last success",
+                v.last_success.clone().unwrap_or_else(|| "none".into()),
+            ),
+            (
+                "last error",
+                v.last_error.clone().unwrap_or_else(|| "none".into()),
+            ),
+            (
+                "last drill",
+                v.last_drill.clone().unwrap_or_else(|| "none".into()),
+            ),
+        ])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_selectors() {
+        assert_eq!(size(512), "512 B");
+        assert_eq!(size(3 * 1024 * 1024 / 2), "1.5 MiB");
+        assert!(matches!(
+            selector("latest").selector,
+            Some(pb::snapshot_selector::Selector::Latest(true))
+        ));
+        assert!(matches!(
+            selector("20250101T000000Z-r1-abcd").selector,
+            Some(pb::snapshot_selector::Selector::Id(_))
+        ));
+    }
+
+    #[test]
+    fn failed_verification_exits_7_and_lists_mismatches() {
+        let r = pb::VerifyResult {
+            snapshot_id: "s".into(),
+            passed: false,
+            mismatches: vec![pb::Mismatch {
+                kind: pb::MismatchKind::StoredHash as i32,
+                expected: "aa".into(),
+                actual: "bb".into(),
+                detail: "d".into(),
+            }],
+            ..Default::default()
+        };
+        let e = print_verify(OutputFormat::Json, &r).unwrap_err();
+        assert_eq!(e.exit(), Exit::VerifyFailed);
+        assert_eq!(mismatch(&r.mismatches[0]).kind, "stored_hash");
+    }
+}

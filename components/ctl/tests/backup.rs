@@ -1,0 +1,131 @@
+//! `bulwarkctl backup …` end to end: the real binary against an in-process
+//! bulwark-backup over mTLS, with a real etcd behind it.
+
+// Tests panic on failure: the harness then prints the processes' logs.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Output;
+
+use bulwark_backup::Listeners;
+use bulwark_common::shutdown::Shutdown;
+use bulwark_testkit::tools::bin_path;
+use bulwark_testkit::{Etcd, Pki};
+
+async fn ctl(args: &[&str], addr: &str, cert: &bulwark_testkit::CertFiles) -> Output {
+    let mut cmd = tokio::process::Command::new(bin_path("bulwarkctl").unwrap());
+    cmd.env("HOME", std::env::temp_dir())
+        .arg("--backup-endpoint")
+        .arg(addr)
+        .arg("--ca")
+        .arg(&cert.ca)
+        .arg("--cert")
+        .arg(&cert.cert)
+        .arg("--key")
+        .arg(&cert.key)
+        .args(args);
+    cmd.output().await.unwrap()
+}
+
+#[tokio::test]
+async fn heavy_bulwarkctl_backup_commands() {
+    bulwark_common::tls::install_crypto_provider();
+    let pki = Pki::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let mut c = etcd.client().await.unwrap();
+    for i in 0..25 {
+        c.put(format!("k{i}"), "v", None).await.unwrap();
+    }
+    let store = tempfile::tempdir().unwrap();
+    let server = pki.server("backup", &["127.0.0.1"]).unwrap();
+    let text = format!(
+        "apiVersion: bulwark.dev/v1alpha1
+kind: BackupConfiguration
+nodeName: ctl-node
+admin: {{address: '127.0.0.1:0'}}
+grpc:
+  tls: {{certFile: {}, keyFile: {}, caFile: {}}}
+  access: {{operators: {{organizations: [system:masters]}}}}
+etcd: {{endpoints: ['{}'], tls: null}}
+store: {{url: 'file://{}'}}
+schedule: {{interval: null}}
+drill: {{etcdutl: {}, etcd: {}}}
+",
+        server.cert.display(),
+        server.key.display(),
+        server.ca.display(),
+        etcd.endpoints()[0],
+        store.path().display(),
+        bulwark_testkit::tools::etcdutl().unwrap().display(),
+        bulwark_testkit::tools::etcd(bulwark_testkit::EtcdVersion::V3_5)
+            .unwrap()
+            .display(),
+    );
+    let config = bulwark_common::config::from_str_with(
+        Some(&text),
+        None,
+        &bulwark_common::config::Overrides::new(),
+    )
+    .unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = grpc.local_addr().unwrap().to_string();
+    let shutdown = Shutdown::new();
+    bulwark_backup::run(config, Listeners { grpc, admin }, shutdown.clone())
+        .await
+        .unwrap();
+    let operator = pki.client("alice", &["system:masters"]).unwrap();
+    let viewer = pki.client("bob", &[]).unwrap();
+
+    let out = ctl(
+        &["backup", "create", "--note", "from ctl", "-o", "json"],
+        &addr,
+        &operator,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["note"], "from ctl");
+    assert_eq!(created["key_count"], 25);
+
+    // A viewer may list but not create: exit 4 with a hint.
+    let out = ctl(&["backup", "create"], &addr, &viewer).await;
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("operator"));
+    let out = ctl(&["backup", "list"], &addr, &viewer).await;
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(table.contains(&id) && table.contains("never"), "{table}");
+
+    let out = ctl(&["backup", "verify", "latest", "--drill"], &addr, &operator).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("passed"));
+    let out = ctl(&["backup", "show", &id, "-o", "yaml"], &addr, &viewer).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("passed: true"));
+    let out = ctl(&["backup", "status"], &addr, &viewer).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ctl-node"));
+
+    // The newest snapshot needs --force (exit 6), then it is gone (exit 5).
+    let out = ctl(&["backup", "delete", &id], &addr, &operator).await;
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctl(&["backup", "delete", &id, "--force"], &addr, &operator).await;
+    assert!(out.status.success());
+    let out = ctl(&["backup", "show", &id], &addr, &viewer).await;
+    assert_eq!(out.status.code(), Some(5));
+
+    shutdown.trigger();
+}

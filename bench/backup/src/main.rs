@@ -235,20 +235,6 @@ async fn fill(etcd: &Etcd, case: &str, mib: usize) -> anyhow::Result<()> {
     let client = etcd.client().await?;
     let rng = ring::rand::SystemRandom::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let text_block: String = (0..)
-        .map(|i| {
-            format!(
-                "{{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"metadata\":{{\"name\":\"cm-{i}\",\"namespace\":\"default\",\"uid\":\"{{UID}}\",\"resourceVersion\":\"{i}\"}},\"data\":{{\"key\":\"value-{i}\"}}}}\n"
-            )
-        })
-        .take_while({
-            let mut len = 0usize;
-            move |s: &String| {
-                len += s.len();
-                len < (1 << 20)
-            }
-        })
-        .collect();
     for i in 0..mib {
         let value: Vec<u8> = match case {
             "random" => {
@@ -257,13 +243,7 @@ async fn fill(etcd: &Etcd, case: &str, mib: usize) -> anyhow::Result<()> {
                     .map_err(|_| anyhow::anyhow!("system RNG failed"))?;
                 v
             }
-            _ => {
-                let mut uid = [0u8; 8];
-                rng.fill(&mut uid)
-                    .map_err(|_| anyhow::anyhow!("system RNG failed"))?;
-                let uid: String = uid.iter().map(|b| format!("{b:02x}")).collect();
-                text_block.replace("{UID}", &uid).into_bytes()
-            }
+            _ => text_value(&rng)?,
         };
         let mut c = client.clone();
         tasks.spawn(async move { c.put(format!("bench/{i:06}"), value, None).await });
@@ -277,6 +257,33 @@ async fn fill(etcd: &Etcd, case: &str, mib: usize) -> anyhow::Result<()> {
         r??;
     }
     Ok(())
+}
+
+/// 1 MiB of Kubernetes-like JSON lines with random ids, versions and
+/// values in each line, so it compresses like real objects (a few times),
+/// not like a repeated block.
+fn text_value(rng: &ring::rand::SystemRandom) -> anyhow::Result<Vec<u8>> {
+    let mut out = String::with_capacity((1 << 20) + 512);
+    let mut n = 0u64;
+    while out.len() < (1 << 20) {
+        let mut r = [0u8; 28];
+        rng.fill(&mut r)
+            .map_err(|_| anyhow::anyhow!("system RNG failed"))?;
+        let hexed: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let version = u32::from_le_bytes([r[0], r[1], r[2], 0]);
+        out.push_str(&format!(
+            "{{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"metadata\":{{\"name\":\"cm-{n}\",\
+             \"namespace\":\"default\",\"uid\":\"{}-{}-{}\",\"resourceVersion\":\"{version}\"}},\
+             \"data\":{{\"checksum\":\"{}\",\"enabled\":\"true\"}}}}\n",
+            &hexed[..8],
+            &hexed[8..12],
+            &hexed[12..24],
+            &hexed[24..56],
+        ));
+        n += 1;
+    }
+    out.truncate(1 << 20);
+    Ok(out.into_bytes())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -57,7 +57,10 @@ async fn heavy_backup_to_file_store_verifies_and_drills() {
     let etcd = Etcd::builder().members(3).tls(&pki).start().await.unwrap();
     common::put_small(&etcd, 200).await;
     let dir = tempfile::tempdir().unwrap();
-    let engine = common::engine(&etcd, common::file_store(dir.path()), Keyring::none());
+    let drills = tempfile::tempdir().unwrap();
+    let mut engine =
+        (*common::engine(&etcd, common::file_store(dir.path()), Keyring::none())).clone();
+    engine.drill.work_dir = Some(drills.path().to_owned());
 
     let m = snapshot(&engine).await.unwrap();
 
@@ -128,21 +131,8 @@ async fn heavy_backup_to_file_store_verifies_and_drills() {
     let last = listed[0].last_verification.as_ref().unwrap();
     assert!(last.passed && last.drill);
     // The throwaway directory is gone.
-    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("bulwark-drill-")
-        })
-        .filter(|e| {
-            e.metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(120))
-        })
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let left: Vec<_> = std::fs::read_dir(drills.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[tokio::test]

@@ -2,7 +2,9 @@
 //! tests. Each backend announces its id in a first line, so a test can see
 //! which backend answered, then behaves per its [`Mode`].
 
-#![allow(dead_code)]
+// Test helpers: a failed bind or a broken socket should fail the test loudly,
+// and not every test binary uses every helper.
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -2,6 +2,9 @@
 //! concurrency, connect retries, limits, idle timeout and shutdown. Both the
 //! buffered copy and the splice path run the integrity tests.
 
+// Helpers outside #[test] functions fail the test on a broken socket too.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -293,7 +293,7 @@ fn machine() -> BTreeMap<String, String> {
 
 fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr], threads: usize) -> String {
     let mut c = format!(
-        "global\n    nbthread {threads}\n    maxconn 20000\n\n\
+        "global\n    nbthread {threads}\n    maxconn 8000\n\n\
          defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 1h\n    timeout server 1h\n\n\
          frontend fe\n    bind {listen}\n    default_backend be\n\n\
          backend be\n    balance leastconn\n"

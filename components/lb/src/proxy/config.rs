@@ -61,7 +61,10 @@ pub struct ProxyConfig {
     /// so lower it when connections are very many.
     #[serde(default = "d_buffer_size")]
     pub buffer_size: usize,
-    /// Zero-copy forwarding with `splice(2)` through a pipe (Linux).
+    /// Zero-copy forwarding: a direction that carries bulk data (a read of
+    /// 16 KiB or more) moves on with `splice(2)` through a pipe, so its
+    /// bytes never enter user space; small exchanges stay on read/write.
+    /// Costs two more descriptors per bulk direction.
     #[serde(default)]
     pub splice: bool,
 }

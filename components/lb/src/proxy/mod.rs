@@ -6,11 +6,12 @@
 //! The caller binds the listener ([`serve`] takes it): the VIP holder's
 //! front, the node-local listener (e.g. `127.0.0.1:7445`) and tests on port
 //! 0 all run the same code.
+//!
+//! Linux only, like the rest of bulwark (static pods, netlink, splice).
 
 mod config;
 mod conn;
 mod copy;
-#[cfg(target_os = "linux")]
 mod splice;
 
 use std::io;

@@ -50,6 +50,9 @@ pub struct Args {
     /// CPU list for both proxies (the same for each); empty: no pinning.
     #[arg(long, default_value = "")]
     cpus_proxy: String,
+    /// Copy buffer per direction for bulwark (default: ProxyConfig's).
+    #[arg(long)]
+    buffer_size: Option<usize>,
     /// Also run bulwark with splice(2) forwarding as a fourth contender.
     #[arg(long)]
     with_splice: bool,
@@ -351,6 +354,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         for a in &backend_addrs {
             cmd.arg("--backend").arg(a.to_string());
         }
+        if let Some(b) = args.buffer_size {
+            cmd.arg("--buffer-size").arg(b.to_string());
+        }
         let name = if splice {
             cmd.arg("--splice");
             "bulwark (splice)"
@@ -470,6 +476,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ("cpus_load", args.cpus_load.clone()),
         ("cpus_backend", args.cpus_backend.clone()),
         ("cpus_proxy", args.cpus_proxy.clone()),
+        (
+            "bulwark_buffer_size",
+            args.buffer_size
+                .unwrap_or(bulwark_lb::proxy::ProxyConfig::default().buffer_size)
+                .to_string(),
+        ),
     ] {
         settings.insert(k.to_owned(), v);
     }

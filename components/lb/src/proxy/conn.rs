@@ -49,7 +49,9 @@ pub(super) async fn handle(
     mut client: TcpStream,
     _permit: OwnedSemaphorePermit,
 ) {
-    set_options(&client, &shared);
+    if !shared.client_options_inherited {
+        set_options(&client, &shared);
+    }
     let connected = tokio::select! {
         biased;
         () = shared.force_close.cancelled() => return,

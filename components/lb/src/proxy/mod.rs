@@ -97,6 +97,7 @@ pub async fn serve(
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     backends.set_drain_max_duration(config.drain_max_duration);
+    check_descriptor_limit(&address, &config);
     let keepalive = config.tcp_keepalive.enabled.then(|| {
         socket2::TcpKeepalive::new()
             .with_time(config.tcp_keepalive.idle)
@@ -136,6 +137,32 @@ pub async fn serve(
     }
     tracing::info!(listener = %address, "proxy stopped");
     result
+}
+
+/// Warns when `maxConnections` cannot be reached before accept runs out of
+/// descriptors: each connection holds two sockets, plus two pipes per bulk
+/// direction with splice. The accept backoff copes either way; the warning
+/// says which limit will bite first.
+fn check_descriptor_limit(address: &str, config: &ProxyConfig) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit for the kernel to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let per_connection: u64 = if config.splice { 6 } else { 2 };
+    let needed = u64::from(config.max_connections) * per_connection + 64;
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            listener = address,
+            max_connections = config.max_connections,
+            descriptor_limit = limit.rlim_cur,
+            needed,
+            "the descriptor limit (ulimit -n) is below what maxConnections needs: accepts will back off first"
+        );
+    }
 }
 
 fn set_listener_options(

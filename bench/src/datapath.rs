@@ -53,9 +53,10 @@ pub struct Args {
     /// Copy buffer per direction for bulwark (default: ProxyConfig's).
     #[arg(long)]
     buffer_size: Option<usize>,
-    /// Also run bulwark with splice(2) forwarding as a fourth contender.
+    /// Also run bulwark with splice(2) off (buffered copy only) as a
+    /// fourth contender.
     #[arg(long)]
-    with_splice: bool,
+    compare_buffered: bool,
     /// HAProxy binary.
     #[arg(long, default_value = "/usr/sbin/haproxy")]
     haproxy: PathBuf,
@@ -338,12 +339,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     wait_listening(&mut haproxy, haproxy_addr)?;
 
     let mut contenders: Vec<(String, SocketAddr, Proc)> = Vec::new();
-    let variants: &[bool] = if args.with_splice {
+    let variants: &[bool] = if args.compare_buffered {
         &[false, true]
     } else {
         &[false]
     };
-    for &splice in variants {
+    for &buffered in variants {
         let addr = free_port()?;
         let mut cmd = pinned(&args.cpus_proxy, &exe);
         cmd.arg("proxy")
@@ -357,9 +358,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         if let Some(b) = args.buffer_size {
             cmd.arg("--buffer-size").arg(b.to_string());
         }
-        let name = if splice {
-            cmd.arg("--splice");
-            "bulwark (splice)"
+        let name = if buffered {
+            cmd.arg("--no-splice");
+            "bulwark (buffered)"
         } else {
             "bulwark"
         };

@@ -8,6 +8,22 @@
 //! 0 all run the same code.
 //!
 //! Linux only, like the rest of bulwark (static pods, netlink, splice).
+//!
+//! Wiring, as the `bulwark-lb` binary does it:
+//!
+//! ```ignore
+//! bulwark_common::telemetry::metrics_handle(); // before serve: handles resolve once
+//! let backends = Backends::new(config.routing.clone());   // this node's zone
+//! // Raft apply / health aggregation, on every change (version = log index):
+//! backends.publish(specs, applied_index)?;
+//! let proxy = Arc::new(config.proxy.clone());
+//! let local = TcpListener::bind("127.0.0.1:7445").await?;
+//! let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
+//! shutdown.spawn_critical("proxy-local", async move { Ok(proxy::serve(local, b, p, t).await?) });
+//! // The VIP front: bind when this node takes the VIP, cancel a child token
+//! // when it releases it (new connections stop at once; open ones get
+//! // `shutdownGrace`).
+//! ```
 
 mod config;
 mod conn;

@@ -21,10 +21,10 @@ use serde::Serialize;
 #[derive(clap::Args)]
 pub struct Args {
     /// Duration of one wrk run.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Runs per (workload, contender); the median is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     runs: usize,
     /// wrk threads.
     #[arg(long, default_value_t = 2)]
@@ -295,6 +295,14 @@ fn machine() -> BTreeMap<String, String> {
     m
 }
 
+/// The 1/5/15-minute load averages: other work on the machine is the
+/// largest source of noise, so every report says how busy it was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr], threads: usize) -> String {
     let mut c = format!(
         "global\n    nbthread {threads}\n    maxconn 8000\n\n\
@@ -310,6 +318,7 @@ fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr], threads: usize) -
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this binary")?;
+    let load_before = loadavg();
     let dir = tempfile::tempdir().context("creating a temp dir")?;
 
     let backend_addrs: Vec<SocketAddr> = (0..BACKENDS)
@@ -465,6 +474,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut machine = machine();
+    machine.insert("loadavg_before".into(), load_before);
+    machine.insert("loadavg_after".into(), loadavg());
     let mut settings = BTreeMap::new();
     for (k, v) in [
         ("duration", format!("{}s", args.duration.as_secs())),
@@ -489,7 +501,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let report = Report {
         date: date.clone(),
         command,
-        machine: machine(),
+        machine,
         settings,
         note: "bulwark = bulwark_lb::proxy::serve (the library's data path) run by \
                `bulwark-bench proxy` with static backends, not the bulwark-lb binary; \

@@ -25,6 +25,7 @@
 //! // `shutdownGrace`).
 //! ```
 
+mod close;
 mod config;
 mod conn;
 mod copy;

@@ -1,12 +1,15 @@
 //! Who may call what: identity rules over verified client certificates.
 //!
 //! Every bulwark gRPC server requires a client certificate from its CA, so
-//! any caller that reaches a handler is authenticated. Reading calls are open
-//! to all of them; destructive calls (restore, delete, membership, drain) are
-//! allowed only to identities listed as operators, and the Raft port only to
-//! LB peers. Rules match the certificate the way kube-apiserver reads it: the
-//! CN is the user, each O a group.
+//! any caller that reaches a handler is authenticated. Each rpc declares an
+//! access level in the protos: reading calls are open to every authenticated
+//! client; destructive calls (restore, delete, membership, drain) only to
+//! identities listed as operators; report streams only to probers; the Raft
+//! and restore-agent services only to peers. Rules match the certificate the
+//! way kube-apiserver reads it: the CN is the user, each O a group.
+//! [`crate::grpc::AccessLayer`] applies an [`AccessPolicy`] to every call.
 
+use bulwark_api::Access;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Validate, Validator};
@@ -75,54 +78,83 @@ impl Validate for IdentityRule {
     }
 }
 
-/// Authorizes gRPC requests against an [`IdentityRule`].
-#[derive(Clone, Debug)]
-pub struct Authorizer {
-    operators: IdentityRule,
+/// Which certificate identities may call which access level. READ needs only
+/// a certificate from the trusted CA.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessPolicy {
+    /// Operators: destructive and state-changing calls.
+    #[serde(default = "IdentityRule::kubeadm_admins")]
+    pub operators: IdentityRule,
+    /// bulwark-prober instances (report streams). Absent: nobody.
+    #[serde(default)]
+    pub probers: Option<IdentityRule>,
+    /// Peers of the same service (LB nodes on the Raft port, backup
+    /// instances for restore agents). Absent: nobody.
+    #[serde(default)]
+    pub peers: Option<IdentityRule>,
 }
 
-impl Authorizer {
-    /// An authorizer whose operators are `operators`.
-    pub fn new(operators: IdentityRule) -> Self {
-        Self { operators }
+impl Default for AccessPolicy {
+    fn default() -> Self {
+        Self {
+            operators: IdentityRule::kubeadm_admins(),
+            probers: None,
+            peers: None,
+        }
     }
+}
 
-    /// The caller's identity, or UNAUTHENTICATED when the connection carried
-    /// no usable client certificate.
-    pub fn caller<T>(request: &tonic::Request<T>) -> Result<PeerIdentity, tonic::Status> {
-        PeerIdentity::of_request(request).map_err(|e| {
-            tonic::Status::unauthenticated(format!("client certificate required: {e}"))
-        })
+impl Validate for AccessPolicy {
+    fn validate(&self, v: &mut Validator) {
+        v.nested("operators", &self.operators);
+        if let Some(p) = &self.probers {
+            v.nested("probers", p);
+        }
+        if let Some(p) = &self.peers {
+            v.nested("peers", p);
+        }
     }
+}
 
-    /// Allows the call only for an operator identity; `action` names what was
-    /// refused so the message tells the caller what they may not do.
-    pub fn require_operator<T>(
+impl AccessPolicy {
+    /// Decides one call. `Ok` carries the caller's identity.
+    pub fn check(
         &self,
-        request: &tonic::Request<T>,
-        action: &str,
+        path: &str,
+        identity: Option<PeerIdentity>,
     ) -> Result<PeerIdentity, tonic::Status> {
-        require(&self.operators, request, action, "operator")
-    }
-}
-
-/// Allows the call only when the caller matches `rule`; `role` names the
-/// role in the refusal (e.g. "LB peer").
-pub fn require<T>(
-    rule: &IdentityRule,
-    request: &tonic::Request<T>,
-    action: &str,
-    role: &str,
-) -> Result<PeerIdentity, tonic::Status> {
-    let id = Authorizer::caller(request)?;
-    if rule.matches(&id) {
-        Ok(id)
-    } else {
-        tracing::warn!(caller = %id, action, role, "permission denied");
-        Err(tonic::Status::permission_denied(format!(
-            "{id} may not {action}: only {role} identities may (certificate CN in {:?} or O in {:?})",
-            rule.common_names, rule.organizations
-        )))
+        let Some(id) = identity else {
+            return Err(tonic::Status::unauthenticated(
+                "a client certificate issued by the cluster CA is required",
+            ));
+        };
+        // Paths outside bulwark's protos (health, reflection) are read-only.
+        let access = bulwark_api::method_access(path).unwrap_or(Access::Read);
+        let (rule, role) = match access {
+            Access::Read => return Ok(id),
+            Access::Operator => (Some(&self.operators), "operator"),
+            Access::Prober => (self.probers.as_ref(), "prober"),
+            Access::Peer => (self.peers.as_ref(), "peer"),
+            Access::Unspecified => (None, "unspecified"),
+        };
+        match rule {
+            Some(rule) if rule.matches(&id) => Ok(id),
+            _ => {
+                tracing::warn!(caller = %id, method = path, role, "permission denied");
+                let allowed = rule
+                    .map(|r| {
+                        format!(
+                            " (certificate CN in {:?} or O in {:?})",
+                            r.common_names, r.organizations
+                        )
+                    })
+                    .unwrap_or_else(|| " (none are configured)".into());
+                Err(tonic::Status::permission_denied(format!(
+                    "{id} may not call {path}: it requires {role} identities{allowed}"
+                )))
+            }
+        }
     }
 }
 
@@ -151,15 +183,6 @@ mod tests {
     }
 
     #[test]
-    fn request_without_certificate_is_unauthenticated() {
-        let auth = Authorizer::new(IdentityRule::kubeadm_admins());
-        let err = auth
-            .require_operator(&tonic::Request::new(()), "restore etcd")
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    }
-
-    #[test]
     fn empty_rule_is_invalid() {
         let errs = crate::config::validate_at("spec.operators", &IdentityRule::default());
         assert_eq!(errs.len(), 1);
@@ -167,6 +190,72 @@ mod tests {
             errs[0].to_string().starts_with("spec.operators:"),
             "{}",
             errs[0]
+        );
+    }
+
+    fn some_id(cn: &str, orgs: &[&str]) -> Option<PeerIdentity> {
+        Some(PeerIdentity {
+            common_name: Some(cn.into()),
+            organizations: orgs.iter().map(|o| o.to_string()).collect(),
+            ..Default::default()
+        })
+    }
+
+    fn policy() -> AccessPolicy {
+        AccessPolicy {
+            operators: IdentityRule {
+                common_names: vec!["admin".into()],
+                organizations: vec![],
+            },
+            probers: Some(IdentityRule {
+                common_names: vec![],
+                organizations: vec!["bulwark:probers".into()],
+            }),
+            peers: None,
+        }
+    }
+
+    #[test]
+    fn access_levels_follow_the_protos() {
+        let p = policy();
+        let restore = "/bulwark.backup.v1.Backup/Restore";
+        let list = "/bulwark.backup.v1.Backup/ListSnapshots";
+        let report = "/bulwark.lb.v1.ProbeReports/Report";
+        let raft = "/bulwark.raft.v1.Raft/Vote";
+
+        assert!(p.check(list, some_id("viewer", &[])).is_ok());
+        assert!(p.check(restore, some_id("admin", &[])).is_ok());
+        let denied = p
+            .check(restore, some_id("viewer", &["system:nodes"]))
+            .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(
+            denied.message().contains("requires operator identities"),
+            "{}",
+            denied.message()
+        );
+
+        assert!(
+            p.check(report, some_id("prober-a", &["bulwark:probers"]))
+                .is_ok()
+        );
+        assert!(p.check(report, some_id("admin", &[])).is_err());
+        // No peers configured: nobody may call the Raft service.
+        let e = p.check(raft, some_id("admin", &[])).unwrap_err();
+        assert!(
+            e.message().contains("none are configured"),
+            "{}",
+            e.message()
+        );
+        // Health and reflection are read-only.
+        assert!(
+            p.check("/grpc.health.v1.Health/Check", some_id("x", &[]))
+                .is_ok()
+        );
+        // No certificate, no call.
+        assert_eq!(
+            p.check(list, None).unwrap_err().code(),
+            tonic::Code::Unauthenticated
         );
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! - [`tls`]: PEM loading, mutual-TLS configs for rustls and tonic, and the
 //!   verified peer's identity;
-//! - [`authz`]: identity rules (operators, LB peers) for gRPC calls;
+//! - [`authz`]: identity rules and the access policy for gRPC calls;
+//! - [`grpc`]: the mTLS gRPC server (health, reflection, per-rpc access
+//!   checks) and client channels;
 //! - [`config`]: YAML component-config files merged with flags and env,
 //!   validated with errors that name the field;
 //! - [`telemetry`]: `tracing` logs (text or JSON) and the Prometheus recorder;
@@ -15,6 +17,10 @@ pub mod admin;
 pub mod authz;
 pub mod config;
 pub mod daemon;
+pub mod grpc;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+
+#[cfg(test)]
+mod test_pki;

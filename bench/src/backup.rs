@@ -3,15 +3,15 @@
 //! to the moto S3 server) against `etcdctl snapshot save` to local disk, in
 //! one run, as medians of several runs and ratios.
 //!
-//! Each measured snapshot runs in its own process (`bench-backup
-//! snapshot-once …` for ours, `etcdctl` for the baseline), so wall time and
+//! Each measured snapshot runs in its own process (`bulwark-bench
+//! backup-once …` for ours, `etcdctl` for the baseline), so wall time and
 //! peak RSS (`ru_maxrss` from `wait4`) are those of a process doing exactly
 //! that. Two databases are measured: 1 MiB values of random bytes
 //! (incompressible, the worst case for time) and of JSON-like text
 //! (compressible, like real Kubernetes objects).
 //!
 //! ```text
-//! cargo run --release -p bulwark-bench-backup -- --size-mib 1100 --runs 3
+//! target/release/bulwark-bench backup --size-mib 1100 --runs 3
 //! ```
 //!
 //! Results go to `bench/results/<date>-backup.md` and `.json`.
@@ -30,15 +30,12 @@ use bulwark_backup::retention::RetentionPolicy;
 use bulwark_backup::snapshot::SnapshotOptions;
 use bulwark_backup::store::StoreSpec;
 use bulwark_testkit::{Etcd, S3Server, tools};
-use clap::{Parser, Subcommand};
 use ring::rand::SecureRandom as _;
 use serde::Serialize;
 
-#[derive(Debug, Parser)]
-#[command(name = "bench-backup")]
-struct Args {
-    #[command(subcommand)]
-    cmd: Option<Cmd>,
+/// `bulwark-bench backup`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
     /// Database size to fill, in MiB of values (the DB file is a bit larger).
     #[arg(long, default_value_t = 1100)]
     size_mib: usize,
@@ -62,52 +59,51 @@ struct Args {
     out: PathBuf,
 }
 
-#[derive(Debug, Subcommand)]
-enum Cmd {
-    /// One snapshot through the pipeline (run by the benchmark as a child).
-    SnapshotOnce {
-        /// etcd client URL.
-        #[arg(long)]
-        endpoint: String,
-        /// Store URL.
-        #[arg(long)]
-        store: String,
-        /// Store options, key=value.
-        #[arg(long = "option")]
-        options: Vec<String>,
-        /// zstd level.
-        #[arg(long, default_value_t = 1)]
-        level: i32,
-        /// zstd workers.
-        #[arg(long, default_value_t = 0)]
-        workers: u32,
-        /// age recipient file (encrypt when given).
-        #[arg(long)]
-        recipient: Option<PathBuf>,
-    },
+/// `bulwark-bench backup-once` (internal): one snapshot through the pipeline.
+#[derive(Debug, clap::Args)]
+pub struct OnceArgs {
+    /// etcd client URL.
+    #[arg(long)]
+    endpoint: String,
+    /// Store URL.
+    #[arg(long)]
+    store: String,
+    /// Store options, key=value.
+    #[arg(long = "option")]
+    options: Vec<String>,
+    /// zstd level.
+    #[arg(long, default_value_t = 1)]
+    level: i32,
+    /// zstd workers.
+    #[arg(long, default_value_t = 0)]
+    workers: u32,
+    /// age recipient file (encrypt when given).
+    #[arg(long)]
+    recipient: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    match args.cmd {
-        Some(Cmd::SnapshotOnce {
-            endpoint,
-            store,
-            options,
-            level,
-            workers,
-            recipient,
-        }) => rt.block_on(snapshot_once(
-            endpoint, store, options, level, workers, recipient,
-        )),
-        None => {
-            let cmdline = std::env::args().collect::<Vec<_>>().join(" ");
-            rt.block_on(bench(&args, cmdline))
-        }
-    }
+        .build()?)
+}
+
+/// Runs the scenario.
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let cmdline = std::env::args().collect::<Vec<_>>().join(" ");
+    runtime()?.block_on(bench(args, cmdline))
+}
+
+/// Runs one snapshot (the child of [`run`]).
+pub fn run_once(a: &OnceArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(snapshot_once(
+        a.endpoint.clone(),
+        a.store.clone(),
+        a.options.clone(),
+        a.level,
+        a.workers,
+        a.recipient.clone(),
+    ))
 }
 
 /// The child: one snapshot, its sizes on stdout as JSON.
@@ -401,7 +397,7 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
                     }
                     variant => {
                         let mut c = Command::new(&me);
-                        c.arg("snapshot-once")
+                        c.arg("backup-once")
                             .args(["--endpoint", &endpoint])
                             .args(["--level", &args.level.to_string()])
                             .args(["--workers", &args.workers.to_string()]);

@@ -546,3 +546,47 @@ async fn heavy_bad_inputs_get_clear_errors() {
     let err = Keyring::load(Some(&dir.path().join("gone.txt")), &[]).unwrap_err();
     assert!(err.to_string().contains("gone.txt"), "{err}");
 }
+
+#[tokio::test]
+async fn heavy_shutdown_mid_upload_aborts_cleanly() {
+    let etcd = Etcd::start().await.unwrap();
+    common::put_random_mib(&etcd, 24).await;
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    faults.delay_parts(Duration::from_millis(1000));
+    let store = common::file_store(dir.path())
+        .wrapped(|inner| Arc::new(UnreliableStore::new(inner, faults.clone())));
+    let engine = common::engine(&etcd, store, Keyring::none());
+    // What SIGTERM does to the daemon: the root token is cancelled.
+    let shutdown = CancellationToken::new();
+    let progress = {
+        let shutdown = shutdown.clone();
+        move |e: SnapshotEvent| {
+            if let SnapshotEvent::Streaming { raw_bytes, .. } = e
+                && raw_bytes > 0
+            {
+                shutdown.cancel();
+            }
+        }
+    };
+    let err = engine
+        .take_snapshot(SnapshotOptions::manual(""), &progress, &shutdown, &ok)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BackupError::Cancelled(_)), "{err}");
+    assert!(engine.list_snapshots().await.unwrap().is_empty());
+    assert!(common::all_keys(&engine.store).await.is_empty());
+    // Not even the file store's staging files of the aborted upload remain.
+    let mut files = Vec::new();
+    let mut stack = vec![dir.path().to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(files.is_empty(), "{files:?}");
+}

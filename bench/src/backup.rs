@@ -96,6 +96,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
 /// Runs one snapshot (the child of [`run`]).
 pub fn run_once(a: &OnceArgs) -> anyhow::Result<()> {
+    // As the daemon does (see its doc): measure what it would use.
+    bulwark_backup::tune_allocator();
     runtime()?.block_on(snapshot_once(
         a.endpoint.clone(),
         a.store.clone(),

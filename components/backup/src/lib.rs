@@ -74,6 +74,33 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
+/// Pins glibc's mmap threshold at its default (128 KiB). Call it first
+/// thing in a process that runs snapshots.
+///
+/// glibc raises the threshold dynamically after a large mmapped block is
+/// freed; from then on the pipeline's MiB-sized buffers (1 MiB chunks,
+/// multipart parts, age and zstd buffers, each freed on another thread than
+/// the one that allocated it) come from per-thread arenas, which fragment
+/// and keep their pages: peak RSS then creeps up with the database size
+/// (measured: 60 MiB for a 1.2 GB database with age, 28 MiB for 400 MB with
+/// the threshold pinned). Pinned, large buffers are always mmapped and
+/// their pages return to the OS on free, so RSS follows the live data,
+/// which the bounded stages keep constant.
+pub fn tune_allocator() {
+    // An operator's explicit MALLOC_MMAP_THRESHOLD_ wins (glibc applied it).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only changes allocator parameters; it is called
+        // before the runtime starts other threads.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+        if ok != 1 {
+            eprintln!(
+                "warning: mallopt(M_MMAP_THRESHOLD) failed; memory may grow with the database size"
+            );
+        }
+    }
+}
+
 /// How often the admin readiness check lists the store.
 const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 

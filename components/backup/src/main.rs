@@ -48,6 +48,7 @@ impl Args {
 }
 
 fn main() -> ExitCode {
+    bulwark_backup::tune_allocator();
     let args = Args::parse();
     let config = match args.daemon.load_or_exit::<BackupConfig>(args.overrides()) {
         Ok(c) => c,

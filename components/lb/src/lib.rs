@@ -1,0 +1,19 @@
+//! bulwark-lb: the apiserver front. Its instances elect a leader through
+//! Raft; the leader holds the virtual IP; every instance proxies TCP to the
+//! healthy apiservers without ever terminating TLS.
+//!
+//! Where a client connection goes: [`proxy`] accepts it and asks
+//! [`backends`] for a backend, reading the immutable snapshot that the
+//! control plane (Raft apply, health aggregation) publishes.
+//!
+//! Who decides: [`raft`] replicates the backend registry and elects the
+//! leader; [`vip`] lets the leader hold the virtual IP only while its
+//! quorum lease is fresh; [`api`] is the operator API; [`node`] wires one
+//! node together (`run(config, listeners, shutdown)`), configured by
+//! [`config`].
+
+pub mod backends;
+pub mod config;
+pub mod proxy;
+pub mod raft;
+pub mod vip;

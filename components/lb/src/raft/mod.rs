@@ -15,7 +15,9 @@
 //!   handshake that admits a node with an empty data dir.
 
 pub mod convert;
-
+pub mod membership;
+pub mod network;
+pub mod server;
 pub mod state;
 pub mod store;
 pub mod types;

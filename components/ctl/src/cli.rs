@@ -1,0 +1,211 @@
+//! The command tree. Each service's commands live in their own module; this
+//! file holds the global flags and the commands about bulwarkctl itself.
+
+use std::io::Write;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::connect::Session;
+use crate::context::{self, ConnectionArgs, CtlConfig};
+use crate::error::{CliError, EXIT_CODES_HELP, Exit};
+use crate::output::{self, OutputFormat};
+
+/// The operator CLI for bulwark: the load balancer in front of the
+/// apiservers, its health verdicts, and etcd backups and restores.
+#[derive(Debug, Parser)]
+#[command(name = "bulwarkctl", version, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show and select contexts in the config file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `bulwarkctl config …`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// List the contexts; the current one is marked with `*`.
+    GetContexts,
+    /// Print the config file as loaded.
+    View,
+    /// Make NAME the current context (rewrites the config file).
+    UseContext {
+        /// The context to select.
+        name: String,
+    },
+}
+
+impl Cli {
+    /// Runs the command.
+    pub async fn run(self) -> Result<(), CliError> {
+        match &self.command {
+            Command::Config(c) => self.config(c),
+            Command::Completion { shell } => {
+                let mut cmd = Cli::command();
+                let mut out = std::io::stdout().lock();
+                clap_complete::generate(*shell, &mut cmd, "bulwarkctl", &mut out);
+                out.flush()
+                    .map_err(|e| CliError::new(Exit::Failure, format!("writing completions: {e}")))
+            }
+        }
+    }
+
+    /// Opens a session for the service commands: the context merged with the
+    /// flags, and the client certificate loaded.
+    pub fn session(&self) -> Result<Session, CliError> {
+        let (cfg, _) = context::load(self.connection.config.as_deref())?;
+        Session::open(self.connection.resolve(&cfg)?)
+    }
+
+    fn config(&self, cmd: &ConfigCommand) -> Result<(), CliError> {
+        let (cfg, path) = context::load(self.connection.config.as_deref())?;
+        match cmd {
+            ConfigCommand::GetContexts => {
+                #[derive(Serialize)]
+                struct Row {
+                    name: String,
+                    current: bool,
+                    lb: Vec<String>,
+                    backup: Vec<String>,
+                }
+                let rows: Vec<Row> = cfg
+                    .contexts
+                    .iter()
+                    .map(|c| Row {
+                        name: c.name.clone(),
+                        current: cfg.current_context.as_deref() == Some(c.name.as_str()),
+                        lb: c
+                            .lb
+                            .as_ref()
+                            .map(|e| e.endpoints.clone())
+                            .unwrap_or_default(),
+                        backup: c
+                            .backup
+                            .as_ref()
+                            .map(|e| e.endpoints.clone())
+                            .unwrap_or_default(),
+                    })
+                    .collect();
+                output::print(self.output, &rows, |rows| {
+                    let cells: Vec<Vec<String>> = rows
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                if r.current { "*".into() } else { String::new() },
+                                r.name.clone(),
+                                r.lb.join(","),
+                                r.backup.join(","),
+                            ]
+                        })
+                        .collect();
+                    output::table(&["CURRENT", "NAME", "LB", "BACKUP"], &cells)
+                })
+            }
+            ConfigCommand::View => output::print(self.output, &cfg, |cfg| {
+                serde_yaml_ng::to_string(cfg).unwrap_or_else(|e| format!("cannot render: {e}\n"))
+            }),
+            ConfigCommand::UseContext { name } => {
+                let path = path.ok_or_else(|| {
+                    CliError::new(Exit::Usage, "no config file to change")
+                        .hint("create ~/.config/bulwark/bulwarkctl.yaml or pass --config FILE")
+                })?;
+                use_context(cfg, &path, name)?;
+                println!("switched to context {name:?} in {}", path.display());
+                Ok(())
+            }
+        }
+    }
+}
+
+fn use_context(mut cfg: CtlConfig, path: &std::path::Path, name: &str) -> Result<(), CliError> {
+    if !cfg.contexts.iter().any(|c| c.name == name) {
+        let known: Vec<&str> = cfg.contexts.iter().map(|c| c.name.as_str()).collect();
+        return Err(
+            CliError::new(Exit::NotFound, format!("no context named {name:?}"))
+                .hint(format!("known contexts: {known:?}")),
+        );
+    }
+    cfg.current_context = Some(name.to_owned());
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct File<'a> {
+        api_version: &'a str,
+        kind: &'a str,
+        #[serde(flatten)]
+        cfg: &'a CtlConfig,
+    }
+    let text = serde_yaml_ng::to_string(&File {
+        api_version: bulwark_common::config::API_VERSION,
+        kind: <CtlConfig as bulwark_common::config::ComponentConfig>::KIND,
+        cfg: &cfg,
+    })
+    .map_err(|e| CliError::new(Exit::Failure, format!("cannot render config: {e}")))?;
+    // Write beside and rename, so an interrupted write never leaves a
+    // truncated config behind.
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            CliError::new(
+                Exit::Failure,
+                format!("cannot write {}: {e}", path.display()),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn use_context_rewrites_the_file_and_it_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulwarkctl.yaml");
+        std::fs::write(
+            &path,
+            "apiVersion: bulwark.dev/v1alpha1\nkind: BulwarkctlConfiguration\ncurrentContext: a\ncontexts:\n- name: a\n- name: b\n",
+        )
+        .unwrap();
+        let (cfg, _) = context::load(Some(&path)).unwrap();
+        use_context(cfg, &path, "b").unwrap();
+        let (cfg, _) = context::load(Some(&path)).unwrap();
+        assert_eq!(cfg.current_context.as_deref(), Some("b"));
+        assert_eq!(cfg.contexts.len(), 2);
+
+        let err = use_context(cfg, &path, "zzz").unwrap_err();
+        assert_eq!(err.exit(), Exit::NotFound);
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn an_explicit_missing_config_is_an_error_but_the_default_may_be_absent() {
+        let err =
+            context::load(Some(std::path::Path::new("/nonexistent/bulwarkctl.yaml"))).unwrap_err();
+        assert_eq!(err.exit(), Exit::Usage);
+        assert!(
+            err.to_string().contains("/nonexistent/bulwarkctl.yaml"),
+            "{err}"
+        );
+    }
+}

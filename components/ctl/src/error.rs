@@ -1,0 +1,185 @@
+//! Errors that tell the operator what happened and what to do next, and the
+//! documented exit codes scripts can rely on.
+
+use std::fmt;
+
+/// `bulwarkctl`'s exit codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// 0: success.
+    Ok,
+    /// 1: the call failed for another reason (internal error, aborted).
+    Failure,
+    /// 2: bad arguments, config file or input.
+    Usage,
+    /// 3: the service could not be reached or is not ready (retry later).
+    Unavailable,
+    /// 4: the certificate was refused or lacks the needed identity.
+    Denied,
+    /// 5: the named object (backend, member, snapshot) does not exist.
+    NotFound,
+    /// 6: the service refused because of the current state (e.g. removing
+    /// the last voter, a restore already running, no confirmation).
+    Refused,
+    /// 7: a verification found a problem (corrupt or mismatched backup).
+    VerifyFailed,
+}
+
+impl Exit {
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Ok => 0,
+            Exit::Failure => 1,
+            Exit::Usage => 2,
+            Exit::Unavailable => 3,
+            Exit::Denied => 4,
+            Exit::NotFound => 5,
+            Exit::Refused => 6,
+            Exit::VerifyFailed => 7,
+        }
+    }
+}
+
+/// The table in `bulwarkctl --help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  failed (internal error, aborted)
+  2  bad arguments, config file or input
+  3  service unreachable or not ready (retry later)
+  4  certificate refused or not allowed (use an operator certificate)
+  5  not found (backend, member, snapshot)
+  6  refused in the current state (last voter, restore running, not confirmed)
+  7  verification found a problem";
+
+/// An error with its exit code and, when we know one, the next step.
+#[derive(Debug)]
+pub struct CliError {
+    exit: Exit,
+    message: String,
+    hint: Option<String>,
+}
+
+impl CliError {
+    /// An error with an exit code.
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        Self {
+            exit,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// Adds what the operator can do about it.
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// The exit code.
+    pub fn exit(&self) -> Exit {
+        self.exit
+    }
+
+    /// The hint, if any.
+    pub fn hint_text(&self) -> Option<&str> {
+        self.hint.as_deref()
+    }
+
+    /// Maps a gRPC status from `service` at `endpoint` to an error with a
+    /// next step.
+    pub fn from_status(status: &tonic::Status, service: &str, endpoint: &str) -> Self {
+        use tonic::Code;
+        let msg = status.message();
+        let (exit, hint) = match status.code() {
+            Code::Unavailable | Code::DeadlineExceeded => (
+                Exit::Unavailable,
+                Some(format!(
+                    "check that {service} runs and {endpoint} is right (--{service_flag}-endpoint or the context), \
+                     and its admin /readyz; then retry",
+                    service_flag = service.trim_start_matches("bulwark-")
+                )),
+            ),
+            Code::Unauthenticated => (
+                Exit::Denied,
+                Some("pass a client certificate issued by the cluster CA (--cert/--key or the context)".into()),
+            ),
+            Code::PermissionDenied => (
+                Exit::Denied,
+                Some(format!(
+                    "use an operator certificate, or add its CN/O to `access.operators` in {service}'s config"
+                )),
+            ),
+            Code::NotFound => (Exit::NotFound, None),
+            Code::InvalidArgument | Code::OutOfRange => (Exit::Usage, None),
+            Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => (Exit::Refused, None),
+            Code::DataLoss => (Exit::VerifyFailed, None),
+            _ => (Exit::Failure, None),
+        };
+        let detail = if msg.is_empty() {
+            format!("{:?}", status.code())
+        } else {
+            msg.to_owned()
+        };
+        Self {
+            exit,
+            message: format!("{service} at {endpoint}: {detail}"),
+            hint,
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+impl From<bulwark_common::tls::TlsError> for CliError {
+    fn from(e: bulwark_common::tls::TlsError) -> Self {
+        CliError::new(Exit::Usage, e.to_string())
+            .hint("check --ca/--cert/--key (or the context's ca/cert/key)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_documented_codes_with_hints() {
+        let e = CliError::from_status(
+            &tonic::Status::permission_denied("CN=viewer may not call …"),
+            "bulwark-lb",
+            "10.0.0.1:9440",
+        );
+        assert_eq!(e.exit().code(), 4);
+        assert!(
+            e.to_string()
+                .starts_with("bulwark-lb at 10.0.0.1:9440: CN=viewer")
+        );
+        assert!(e.hint_text().unwrap().contains("access.operators"));
+
+        let e = CliError::from_status(&tonic::Status::unavailable(""), "bulwark-backup", "h:1");
+        assert_eq!(e.exit().code(), 3);
+        assert!(
+            e.hint_text().unwrap().contains("--backup-endpoint"),
+            "{:?}",
+            e.hint_text()
+        );
+
+        for (code, exit) in [
+            (tonic::Code::NotFound, 5),
+            (tonic::Code::FailedPrecondition, 6),
+            (tonic::Code::InvalidArgument, 2),
+            (tonic::Code::DataLoss, 7),
+            (tonic::Code::Internal, 1),
+        ] {
+            let e = CliError::from_status(&tonic::Status::new(code, "x"), "s", "e");
+            assert_eq!(e.exit().code(), exit, "{code:?}");
+        }
+    }
+}

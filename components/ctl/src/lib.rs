@@ -1,0 +1,15 @@
+//! `bulwarkctl`, the operator CLI: one consistent command line over
+//! bulwark-lb's and bulwark-backup's gRPC APIs (mTLS).
+//!
+//! - [`context`]: named contexts (endpoints, CA, client certificate) in a
+//!   kubeconfig-like file, overridden by flags and environment;
+//! - [`connect`]: endpoint fail-over, leader redirects, deadlines;
+//! - [`output`]: `-o table|json|yaml`;
+//! - [`error`]: errors with a next step, and the documented exit codes;
+//! - [`cli`]: the command tree.
+
+pub mod cli;
+pub mod connect;
+pub mod context;
+pub mod error;
+pub mod output;

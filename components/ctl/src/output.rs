@@ -1,0 +1,137 @@
+//! `-o table|json|yaml`: every command builds a serializable view of what it
+//! got (not the raw protobuf, so the output stays stable when the wire
+//! changes) and prints it in the chosen format.
+
+use serde::Serialize;
+
+use crate::error::{CliError, Exit};
+
+/// Output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// JSON for scripts.
+    Json,
+    /// YAML for scripts and people.
+    Yaml,
+}
+
+/// Prints `value` as JSON or YAML, or as the text `table` renders.
+pub fn print<T: Serialize>(
+    format: OutputFormat,
+    value: &T,
+    table: impl FnOnce(&T) -> String,
+) -> Result<(), CliError> {
+    let text = render(format, value, table)?;
+    print!("{text}");
+    Ok(())
+}
+
+/// What [`print`] prints.
+pub fn render<T: Serialize>(
+    format: OutputFormat,
+    value: &T,
+    table: impl FnOnce(&T) -> String,
+) -> Result<String, CliError> {
+    let fail = |e: &dyn std::fmt::Display| {
+        CliError::new(Exit::Failure, format!("cannot render output: {e}"))
+    };
+    Ok(match format {
+        OutputFormat::Table => table(value),
+        OutputFormat::Json => {
+            let mut s = serde_json::to_string_pretty(value).map_err(|e| fail(&e))?;
+            s.push('\n');
+            s
+        }
+        OutputFormat::Yaml => serde_yaml_ng::to_string(value).map_err(|e| fail(&e))?,
+    })
+}
+
+/// Aligned columns: a header row, then one row per item. Cells are padded to
+/// the widest cell of their column (by characters).
+pub fn table<R: AsRef<[String]>>(header: &[&str], rows: &[R]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.as_ref().iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, cell) in cells.enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            l.push_str(cell);
+            for _ in cell.chars().count()..w + 2 {
+                l.push(' ');
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.as_ref().iter().map(String::as_str));
+    }
+    out
+}
+
+/// `key: value` lines with the keys aligned, for single objects.
+pub fn fields(pairs: &[(&str, String)]) -> String {
+    let w = pairs
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}:{:pad$} {v}\n", "", pad = w - k.chars().count()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let rows = vec![
+            vec!["api-1".to_string(), "a".into(), "up".into()],
+            vec!["apiserver-long".to_string(), "b".into(), "draining".into()],
+        ];
+        let t = table(&["BACKEND", "ZONE", "VERDICT"], &rows);
+        assert_eq!(
+            t,
+            "BACKEND         ZONE  VERDICT\napi-1           a     up\napiserver-long  b     draining\n"
+        );
+    }
+
+    #[test]
+    fn formats_render() {
+        #[derive(Serialize)]
+        struct V {
+            leader: u64,
+        }
+        let v = V { leader: 2 };
+        assert_eq!(
+            render(OutputFormat::Json, &v, |_| String::new()).unwrap(),
+            "{\n  \"leader\": 2\n}\n"
+        );
+        assert_eq!(
+            render(OutputFormat::Yaml, &v, |_| String::new()).unwrap(),
+            "leader: 2\n"
+        );
+        assert_eq!(
+            render(OutputFormat::Table, &v, |v| fields(&[
+                ("leader", v.leader.to_string()),
+                ("vip", "x".into())
+            ]))
+            .unwrap(),
+            "leader: 2\nvip:    x\n"
+        );
+    }
+}

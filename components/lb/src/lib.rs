@@ -12,8 +12,12 @@
 //! node together (`run(config, listeners, shutdown)`), configured by
 //! [`config`].
 
+pub mod api;
 pub mod backends;
 pub mod config;
+pub mod node;
 pub mod proxy;
 pub mod raft;
 pub mod vip;
+
+pub use node::{Listeners, Node, run};

@@ -397,18 +397,15 @@ async fn seed(
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut rx = raft.metrics();
-    let mut tried_term = None;
     loop {
-        let (leading, term) = {
+        if sm.current().seeded() {
+            return Ok(());
+        }
+        let leading = {
             let m = rx.borrow_watched();
-            (
-                m.state == openraft::ServerState::Leader
-                    && m.current_leader == Some(config.node_id),
-                m.current_term,
-            )
+            m.state == openraft::ServerState::Leader && m.current_leader == Some(config.node_id)
         };
-        if leading && tried_term != Some(term) && !sm.current().seeded() {
-            tried_term = Some(term);
+        if leading {
             let backends = config
                 .backends
                 .iter()
@@ -426,17 +423,22 @@ async fn seed(
                 pb::command::Command::SeedBackends(pb::SeedBackends { backends }),
             );
             match raft.client_write(cmd).await {
-                Ok(_) => tracing::info!(
-                    count = config.backends.len(),
-                    "seeded the backend registry from the configuration"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "seeding the backend registry failed; next leader term retries")
+                Ok(_) => {
+                    tracing::info!(
+                        count = config.backends.len(),
+                        "seeded the backend registry from the configuration"
+                    );
+                    continue;
                 }
+                // A new leader accepts writes once a quorum acknowledged
+                // it (openraft's check-quorum lease): try again shortly.
+                Err(e) => tracing::debug!(error = %e, "seeding the backend registry: retrying"),
             }
-        }
-        if sm.current().seeded() {
-            return Ok(());
+            tokio::select! {
+                () = token.cancelled() => return Ok(()),
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            continue;
         }
         tokio::select! {
             () = token.cancelled() => return Ok(()),

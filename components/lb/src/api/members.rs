@@ -208,7 +208,7 @@ fn reachable(m: &Metrics, me: NodeId, window: Duration) -> BTreeSet<NodeId> {
     if let Some(h) = &m.heartbeat {
         for (id, t) in h.iter() {
             if t.as_ref()
-                .is_some_and(|t| openraft::Instant::elapsed(&t.clone().into_inner()) < window)
+                .is_some_and(|t| openraft::Instant::elapsed(&(*t).into_inner()) < window)
             {
                 out.insert(*id);
             }

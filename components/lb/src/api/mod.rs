@@ -133,9 +133,19 @@ impl Api {
                 Ok(()) => Ok(resp.log_id.index),
                 Err(e) => Err(apply_status(e)),
             },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(
-                bulwark_api::leader_hint::not_leader(self.leader_hint().as_ref()),
-            ),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                if f.leader_id.is_none_or(|l| l == self.node_id) && self.require_leader().is_ok() {
+                    // Still leader, but without a fresh quorum
+                    // acknowledgement (just elected, or cut off).
+                    Err(Status::unavailable(
+                        "the leader has no quorum acknowledgement right now; retry shortly",
+                    ))
+                } else {
+                    Err(bulwark_api::leader_hint::not_leader(
+                        self.leader_hint().as_ref(),
+                    ))
+                }
+            }
             Err(e) => Err(Status::unavailable(format!(
                 "the write was not committed: {e}"
             ))),

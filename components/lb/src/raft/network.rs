@@ -167,6 +167,8 @@ fn decode_err(target: NodeId, e: ConvertError) -> RPCError<TypeConfig> {
 }
 
 impl Peer {
+    // openraft's error type is large; this is its own API's shape.
+    #[allow(clippy::result_large_err)]
     fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
         self.client.clone().map_err(unreachable)
     }

@@ -209,7 +209,7 @@ impl LbState {
                     since: r.since.or(proposed_at),
                 });
                 if let Some(f) = &r.failover {
-                    self.data.failovers.push(f.clone());
+                    self.data.failovers.push(*f);
                     let excess = self.data.failovers.len().saturating_sub(MAX_FAILOVERS);
                     self.data.failovers.drain(..excess);
                 }

@@ -194,7 +194,7 @@ impl Fence {
         match self.leading {
             Some((term, elected_at, after_transfer))
                 if fresh
-                    && !self.fenced_through.is_some_and(|f| term <= f)
+                    && self.fenced_through.is_none_or(|f| term > f)
                     && now >= elected_at + self.timing.claim_delay(after_transfer) =>
             {
                 self.holding = true;

@@ -1,0 +1,341 @@
+//! Real `bulwark-lb` processes on loopback, bind-mode VIP: leadership and
+//! VIP failover, durability across restarts, wiped nodes, access control.
+
+mod cluster;
+
+use std::time::{Duration, Instant};
+
+use bulwark_api::lb::v1 as lb;
+use cluster::{LbCluster, Options, echo_backend, echo_through};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_sigkill_of_the_leader_moves_the_vip() {
+    let (backend, _b) = echo_backend().await;
+    let mut c = LbCluster::start(Options {
+        nodes: 3,
+        backends: vec![("api-1".into(), backend)],
+    })
+    .await;
+    let holder = c.wait_for_holder(None, Duration::from_secs(10)).await;
+    assert_eq!(c.holders().await, vec![holder], "exactly one holder");
+    // The registry comes from the configuration, seeded by the first
+    // leader once it leads.
+    let list = c.wait_for_backends(holder, 1).await;
+    assert_eq!(list.backends[0].id, "api-1");
+    assert_eq!(echo_through(c.vip, b"ping").await.unwrap(), b"ping");
+
+    let killed_at = Instant::now();
+    c.node_mut(holder).process.kill().unwrap();
+    let new = c
+        .wait_for_holder(Some(holder), Duration::from_secs(15))
+        .await;
+    let gap = killed_at.elapsed();
+    eprintln!(
+        "VIP moved from node {holder} to node {new}; client-visible gap {gap:?} (figures belong to bench/)"
+    );
+    assert!(gap < Duration::from_secs(10), "generous bound: {gap:?}");
+    assert_eq!(echo_through(c.vip, b"pong").await.unwrap(), b"pong");
+
+    // The new holder recorded the failover with its measurements.
+    let status = c.status(new).await.unwrap();
+    let f = &status.recent_failovers[0];
+    assert_eq!(f.to_node_id, new);
+    assert_eq!(f.from_node_id, Some(holder));
+    assert_eq!(f.cause, lb::FailoverCause::LeaderLost as i32);
+    assert!(f.time_to_detect.is_some() && f.time_to_move_vip.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_state_survives_restarts_of_a_follower_then_the_leader() {
+    let (backend, _b) = echo_backend().await;
+    let mut c = LbCluster::start(Options {
+        nodes: 3,
+        backends: vec![],
+    })
+    .await;
+    let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
+    c.client(leader)
+        .add_backend(lb::AddBackendRequest {
+            id: "api-1".into(),
+            address: backend.to_string(),
+            zone: "a".into(),
+            weight: Some(7),
+            drained: false,
+        })
+        .await
+        .unwrap();
+    c.client(leader)
+        .drain_backend(lb::DrainBackendRequest {
+            id: "api-1".into(),
+            max_drain_duration: None,
+        })
+        .await
+        .unwrap();
+
+    let follower = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader)
+        .unwrap();
+    c.node_mut(follower).process.restart().await.unwrap();
+    let api = c.node(follower).api;
+    c.node(follower)
+        .process
+        .wait_for_port(api, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let check = |list: lb::ListBackendsResponse| {
+        assert_eq!(list.backends.len(), 1);
+        let b = &list.backends[0];
+        assert_eq!(
+            (b.id.as_str(), b.weight, b.zone.as_str()),
+            ("api-1", 7, "a")
+        );
+        assert_eq!(b.admin_state, lb::AdminState::Drain as i32);
+    };
+    check(
+        c.client(follower)
+            .list_backends(lb::ListBackendsRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+
+    c.node_mut(leader).process.restart().await.unwrap();
+    let api = c.node(leader).api;
+    c.node(leader)
+        .process
+        .wait_for_port(api, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let holder = c.wait_for_holder(None, Duration::from_secs(15)).await;
+    for id in [leader, holder] {
+        check(
+            c.client(id)
+                .list_backends(lb::ListBackendsRequest::default())
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_a_wiped_node_rejoins_only_when_an_operator_adds_it() {
+    let mut c = LbCluster::start(Options {
+        nodes: 3,
+        backends: vec![],
+    })
+    .await;
+    let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
+    // Wipe a follower that is not the bootstrapper's peer of choice: any.
+    let wiped = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader)
+        .unwrap();
+    {
+        let n = c.node_mut(wiped);
+        n.process.stop().await.unwrap();
+        std::fs::remove_dir_all(&n.data_dir).unwrap();
+        n.process.start().unwrap();
+    }
+    let wiped_api = c.node(wiped).api;
+    c.node(wiped)
+        .process
+        .wait_for_port(wiped_api, Duration::from_secs(20))
+        .await
+        .unwrap();
+    // It does not take part: the leader's appends are refused, it knows no
+    // leader, and the others carry on.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = c.status(wiped).await.unwrap();
+    assert!(
+        s.leader.is_none(),
+        "a wiped node must not follow by itself: {s:?}"
+    );
+    assert_eq!(s.applied_index, 0);
+    c.client(leader)
+        .add_backend(lb::AddBackendRequest {
+            id: "after-wipe".into(),
+            address: "127.0.0.1:9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // Adding it while it is still a member is refused with the way out.
+    let node_info = |id: u64, c: &LbCluster| lb::NodeInfo {
+        id,
+        name: format!("lb-{id}"),
+        raft_address: c.node(id).raft.to_string(),
+        api_address: c.node(id).api.to_string(),
+        ..Default::default()
+    };
+    let err = c
+        .client(leader)
+        .add_member(lb::AddMemberRequest {
+            node: Some(node_info(wiped, &c)),
+            stay_learner: false,
+            catch_up_timeout: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+    assert!(err.message().contains("remove it first"), "{err}");
+
+    c.client(leader)
+        .remove_member(lb::RemoveMemberRequest {
+            node_id: wiped,
+            force: false,
+        })
+        .await
+        .unwrap();
+    let added = c
+        .client(leader)
+        .add_member(lb::AddMemberRequest {
+            node: Some(node_info(wiped, &c)),
+            stay_learner: false,
+            catch_up_timeout: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(added.member.unwrap().role, lb::MemberRole::Voter as i32);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = c
+            .client(wiped)
+            .list_backends(lb::ListBackendsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if list.backends.iter().any(|b| b.id == "after-wipe") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the re-added node did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_access_control_and_precise_errors() {
+    let c = LbCluster::start(Options {
+        nodes: 3,
+        backends: vec![],
+    })
+    .await;
+    let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
+    let follower = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader)
+        .unwrap();
+
+    // A non-operator may read but not change anything.
+    let mut viewer = c.client_as(leader, &c.viewer);
+    viewer
+        .get_status(lb::GetStatusRequest::default())
+        .await
+        .unwrap();
+    let err = viewer
+        .drain_backend(lb::DrainBackendRequest {
+            id: "x".into(),
+            max_drain_duration: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let err = viewer
+        .add_member(lb::AddMemberRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+
+    // The Raft port accepts LB peers only.
+    let raft_addr = c.node(leader).raft.to_string();
+    for tls in [&c.operator, &c.viewer] {
+        let mut raft = bulwark_api::raft::v1::raft_client::RaftClient::new(
+            bulwark_common::grpc::channel(&raft_addr, tls, None).unwrap(),
+        );
+        let err = raft
+            .get_node_state(bulwark_api::raft::v1::GetNodeStateRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    }
+
+    let mut op = c.client(leader);
+    let err = op
+        .drain_backend(lb::DrainBackendRequest {
+            id: "nope".into(),
+            max_drain_duration: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("\"nope\""), "{err}");
+    let err = op
+        .add_backend(lb::AddBackendRequest {
+            id: "api-1".into(),
+            address: "not-an-address".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("field `address`"), "{err}");
+    let err = op
+        .remove_member(lb::RemoveMemberRequest {
+            node_id: 42,
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+
+    // A follower points writes at the leader.
+    let err = c
+        .client(follower)
+        .add_backend(lb::AddBackendRequest {
+            id: "api-2".into(),
+            address: "127.0.0.1:9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    let hint = bulwark_api::leader_hint::from_status(&err).unwrap();
+    assert_eq!(hint.node_id, leader);
+    assert_eq!(hint.address, c.node(leader).api.to_string());
+}
+
+#[tokio::test]
+async fn check_config_names_the_bad_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lb.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: bulwark.dev/v1alpha1\nkind: LoadBalancerConfiguration\nnodeId: 1\nraft:\n  address: 127.0.0.1:1\n  electionTimeoutMin: soon\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(bulwark_testkit::tools::bin_path("bulwark-lb").unwrap())
+        .arg("--config")
+        .arg(&path)
+        .arg("--check-config")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("raft.electionTimeoutMin: invalid duration \"soon\""),
+        "{err}"
+    );
+}

@@ -129,7 +129,9 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         )
         .await
         .context("the client never got through after the cut")?;
-        let new = l.wait_for_holder(Some(leader), Duration::from_secs(15)).await;
+        let new = l
+            .wait_for_holder(Some(leader), Duration::from_secs(15))
+            .await;
         let record = l
             .status(new)
             .await
@@ -172,11 +174,18 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.out_dir)?;
     let stem = args.out_dir.join(format!("{}-failover", &date[..10]));
-    std::fs::write(stem.with_extension("json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        stem.with_extension("json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     std::fs::write(stem.with_extension("md"), markdown(&report))?;
     println!("{}", markdown(&report));
     if report.double_holder_samples > 0 {
-        bail!("the witnesses saw two VIP holders: {:?} {:?}", w.addr_violations, w.arp_violations);
+        bail!(
+            "the witnesses saw two VIP holders: {:?} {:?}",
+            w.addr_violations,
+            w.arp_violations
+        );
     }
     Ok(())
 }
@@ -207,7 +216,11 @@ fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Failover: leader link cut, arp mode ({})\n", r.date);
     let _ = writeln!(s, "Machine: {} (kernel {}).\n", r.machine, r.kernel);
-    let _ = writeln!(s, "Command: `{}` (as root, after `cargo build --release -p bulwark-lb -p bulwark-bench`).\n", r.command);
+    let _ = writeln!(
+        s,
+        "Command: `{}` (as root, after `cargo build --release -p bulwark-lb -p bulwark-bench`).\n",
+        r.command
+    );
     let _ = writeln!(
         s,
         "Three `bulwark-lb` hosts and a client host in network namespaces on one bridge; default timers (heartbeat 50 ms, election timeout 150-250 ms, VIP lease 180 ms). Each trial cuts the current leader's link; the client opens a fresh TCP connection to VIP:6443 (100 ms timeout, echo round trip) in a loop.\n"
@@ -215,10 +228,17 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "| | median | p99 | max |\n|---|---|---|---|");
     for (name, v) in [
         ("client-visible gap", &r.gap),
-        ("time to detect (last contact -> elected)", &r.time_to_detect),
+        (
+            "time to detect (last contact -> elected)",
+            &r.time_to_detect,
+        ),
         ("time to move (elected -> VIP announced)", &r.time_to_move),
     ] {
-        let _ = writeln!(s, "| {name} | {:.0} ms | {:.0} ms | {:.0} ms |", v.median_ms, v.p99_ms, v.max_ms);
+        let _ = writeln!(
+            s,
+            "| {name} | {:.0} ms | {:.0} ms | {:.0} ms |",
+            v.median_ms, v.p99_ms, v.max_ms
+        );
     }
     let _ = writeln!(
         s,
@@ -228,7 +248,10 @@ fn markdown(r: &Report) -> String {
         r.arp_windows,
         r.double_holder_samples
     );
-    let _ = writeln!(s, "| trial | from | to | gap | detect | move |\n|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| trial | from | to | gap | detect | move |\n|---|---|---|---|---|---|"
+    );
     for t in &r.trials {
         let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
         let _ = writeln!(

@@ -14,6 +14,7 @@ async fn heavy_sigkill_of_the_leader_moves_the_vip() {
     let mut c = LbCluster::start(Options {
         nodes: 3,
         backends: vec![("api-1".into(), backend)],
+        vip: None,
     })
     .await;
     let holder = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -51,6 +52,7 @@ async fn heavy_state_survives_restarts_of_a_follower_then_the_leader() {
     let mut c = LbCluster::start(Options {
         nodes: 3,
         backends: vec![],
+        vip: None,
     })
     .await;
     let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -126,6 +128,7 @@ async fn heavy_a_wiped_node_rejoins_only_when_an_operator_adds_it() {
     let mut c = LbCluster::start(Options {
         nodes: 3,
         backends: vec![],
+        vip: None,
     })
     .await;
     let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -228,6 +231,7 @@ async fn heavy_access_control_and_precise_errors() {
     let c = LbCluster::start(Options {
         nodes: 3,
         backends: vec![],
+        vip: None,
     })
     .await;
     let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;

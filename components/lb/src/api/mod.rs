@@ -152,16 +152,25 @@ impl Api {
         }
     }
 
-    /// Waits until this node has applied `index` (so the response reflects
-    /// the write).
+    /// Waits until this node has applied `index` and its data path runs
+    /// on that state (so the response reflects the write, and a drain
+    /// acknowledged here is in effect here).
     async fn applied(&self, index: u64) -> Arc<LbState> {
         let mut rx = self.sm.subscribe();
-        loop {
+        let state = loop {
             let s = rx.borrow_and_update().clone();
             if s.applied_index() >= index || rx.changed().await.is_err() {
-                return s;
+                break s;
             }
+        };
+        // The publisher runs right after apply; bound the wait anyway.
+        for _ in 0..100 {
+            if self.backends.load().version() >= index {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        state
     }
 
     fn api_backend(

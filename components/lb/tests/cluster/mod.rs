@@ -52,29 +52,44 @@ pub struct Options {
     pub nodes: u64,
     /// Backends (id, address) seeded from the config.
     pub backends: Vec<(String, SocketAddr)>,
+    /// The VIP; `None` picks one with [`new_vip`].
+    pub vip: Option<SocketAddr>,
+}
+
+/// A VIP:port of its own on loopback (127.77.0.0/16), so parallel tests do
+/// not meet.
+pub fn new_vip() -> SocketAddr {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid = std::process::id();
+    let ip = IpAddr::V4(Ipv4Addr::new(
+        127,
+        77,
+        (pid % 250) as u8,
+        (n % 250) as u8 + 2,
+    ));
+    SocketAddr::new(ip, ports::free_port(ip).unwrap())
 }
 
 impl LbCluster {
     /// Starts `opts.nodes` nodes and waits until one holds the VIP.
     pub async fn start(opts: Options) -> Self {
         bulwark_testkit::install_crypto_provider();
-        let pki = Pki::new().unwrap();
+        Self::start_with_pki(Pki::new().unwrap(), opts).await
+    }
+
+    /// [`LbCluster::start`] with certificates from `pki` (shared with
+    /// fixture apiservers).
+    pub async fn start_with_pki(pki: Pki, opts: Options) -> Self {
+        bulwark_testkit::install_crypto_provider();
         let dir = TestDir::new("lb-cluster").unwrap();
         let operator = tls_files(&pki.admin().unwrap()).load().unwrap();
         let viewer = tls_files(&pki.client("viewer", &["system:nodes"]).unwrap())
             .load()
             .unwrap();
         // A VIP address of its own on loopback, so parallel tests do not meet.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pid = std::process::id();
-        let vip_ip = IpAddr::V4(Ipv4Addr::new(
-            127,
-            77,
-            (pid % 250) as u8,
-            (n % 250) as u8 + 2,
-        ));
-        let vip = SocketAddr::new(vip_ip, ports::free_port(vip_ip).unwrap());
+        let vip = opts.vip.unwrap_or_else(new_vip);
+        let vip_ip = vip.ip();
 
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let ports = ports::free_ports(loopback, 3 * opts.nodes as usize).unwrap();

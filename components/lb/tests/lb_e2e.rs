@@ -2,6 +2,9 @@
 //! apiservers (the kube-apiserver test double) behind a 3-node cluster's
 //! bind-mode VIP, driven by kubectl and by an HTTPS client.
 
+// Helpers outside #[test] fns fail the test loudly too.
+#![allow(clippy::unwrap_used)]
+
 mod cluster;
 
 use std::sync::Arc;

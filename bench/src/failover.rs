@@ -19,7 +19,6 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-#[allow(dead_code)]
 #[path = "../../components/lb/tests/netns_lab/mod.rs"]
 mod netns_lab;
 

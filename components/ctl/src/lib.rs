@@ -6,10 +6,12 @@
 //! - [`connect`]: endpoint fail-over, leader redirects, deadlines;
 //! - [`output`]: `-o table|json|yaml`;
 //! - [`error`]: errors with a next step, and the documented exit codes;
-//! - [`cli`]: the command tree.
+//! - [`cli`]: the command tree;
+//! - [`lb`]: `bulwarkctl lb …`, bulwark-lb's operator commands.
 
 pub mod cli;
 pub mod connect;
 pub mod context;
 pub mod error;
+pub mod lb;
 pub mod output;

@@ -1,6 +1,9 @@
 //! Real `bulwark-lb` processes on loopback, bind-mode VIP: leadership and
 //! VIP failover, durability across restarts, wiped nodes, access control.
 
+// Helpers outside #[test] fns fail the test loudly too.
+#![allow(clippy::unwrap_used)]
+
 mod cluster;
 
 use std::time::{Duration, Instant};
@@ -342,4 +345,70 @@ async fn check_config_names_the_bad_field() {
         err.contains("raft.electionTimeoutMin: invalid duration \"soon\""),
         "{err}"
     );
+}
+
+/// Runs `bulwarkctl -o json ARGS` as the operator against every node's API.
+async fn ctl(c: &LbCluster, args: &[&str]) -> serde_json::Value {
+    let endpoints: Vec<String> = c.nodes.iter().map(|n| n.api.to_string()).collect();
+    let out = tokio::process::Command::new(bulwark_testkit::tools::bin_path("bulwarkctl").unwrap())
+        .arg(format!("--lb-endpoint={}", endpoints.join(",")))
+        .arg(format!("--ca={}", c.operator_files.ca.display()))
+        .arg(format!("--cert={}", c.operator_files.cert.display()))
+        .arg(format!("--key={}", c.operator_files.key.display()))
+        .args(["-o", "json", "lb"])
+        // No context file: everything comes from the flags.
+        .env("HOME", c.operator_files.ca.parent().unwrap())
+        .env_remove("BULWARKCTL_CONFIG")
+        .env_remove("XDG_CONFIG_HOME")
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bulwarkctl lb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_bulwarkctl_lb_commands() {
+    let (backend, _b) = echo_backend().await;
+    let c = LbCluster::start(Options {
+        nodes: 3,
+        backends: vec![("api-1".into(), backend)],
+        vip: None,
+    })
+    .await;
+    let holder = c.wait_for_holder(None, Duration::from_secs(10)).await;
+    c.wait_for_backends(holder, 1).await;
+
+    let status = ctl(&c, &["status"]).await;
+    assert_eq!(status["leader"], format!("{holder} (lb-{holder})"));
+    let members = ctl(&c, &["members"]).await;
+    assert_eq!(members.as_array().unwrap().len(), 3);
+    // Writes reach the leader whichever endpoint answers first.
+    let drained = ctl(&c, &["drain", "api-1"]).await;
+    assert_eq!(drained[0]["admin"], "drain");
+    assert_eq!(drained[0]["routable"], false);
+    let backends = ctl(&c, &["backends"]).await;
+    assert_eq!(backends[0]["admin"], "drain");
+    let undrained = ctl(&c, &["undrain", "api-1"]).await;
+    assert_eq!(undrained[0]["admin"], "active");
+    ctl(
+        &c,
+        &[
+            "add-backend",
+            "api-2",
+            "--address",
+            "127.0.0.1:9",
+            "--weight",
+            "5",
+        ],
+    )
+    .await;
+    ctl(&c, &["remove-backend", "api-2"]).await;
+    let backends = ctl(&c, &["backends"]).await;
+    assert_eq!(backends.as_array().unwrap().len(), 1);
 }

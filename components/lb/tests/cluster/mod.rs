@@ -34,6 +34,7 @@ pub struct LbCluster {
     pub nodes: Vec<LbNode>,
     pub vip: SocketAddr,
     pub operator: TlsMaterial,
+    pub operator_files: CertFiles,
     pub viewer: TlsMaterial,
     pub peer_files: CertFiles,
     dir: TestDir,
@@ -83,7 +84,8 @@ impl LbCluster {
     pub async fn start_with_pki(pki: Pki, opts: Options) -> Self {
         bulwark_testkit::install_crypto_provider();
         let dir = TestDir::new("lb-cluster").unwrap();
-        let operator = tls_files(&pki.admin().unwrap()).load().unwrap();
+        let operator_files = pki.admin().unwrap();
+        let operator = tls_files(&operator_files).load().unwrap();
         let viewer = tls_files(&pki.client("viewer", &["system:nodes"]).unwrap())
             .load()
             .unwrap();
@@ -198,6 +200,7 @@ shutdownGrace: 5s
             nodes,
             vip,
             operator,
+            operator_files,
             viewer,
             peer_files,
             dir,

@@ -306,7 +306,7 @@ pub async fn run(
 
     shutdown.spawn(
         "readiness",
-        readiness(raft.clone(), health, shutdown.token()),
+        readiness(raft.clone(), node_id, health, shutdown.token()),
     );
     shutdown.spawn(
         "seeder",
@@ -369,11 +369,29 @@ async fn publish(
     }
 }
 
-/// Ready while a leader is known.
-async fn readiness(raft: Raft, health: Health, token: CancellationToken) -> anyhow::Result<()> {
+/// Ready while a leader is known; also exports the Raft role metrics.
+async fn readiness(
+    raft: Raft,
+    node_id: u64,
+    health: Health,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
     let mut rx = raft.metrics();
+    let mut last_term = None;
     loop {
-        let leader = rx.borrow_watched().current_leader;
+        let (leader, term, state) = {
+            let m = rx.borrow_watched();
+            (m.current_leader, m.current_term, m.state)
+        };
+        if last_term != Some(term) {
+            if last_term.is_some() {
+                metrics::counter!("bulwark_lb_elections_total").increment(1);
+            }
+            last_term = Some(term);
+            metrics::gauge!("bulwark_lb_term").set(term as f64);
+        }
+        let leading = state == openraft::ServerState::Leader && leader == Some(node_id);
+        metrics::gauge!("bulwark_lb_is_leader").set(f64::from(u8::from(leading)));
         health.set_ready(
             "raft",
             match leader {

@@ -412,3 +412,35 @@ async fn heavy_bulwarkctl_lb_commands() {
     let backends = ctl(&c, &["backends"]).await;
     assert_eq!(backends.as_array().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_sigterm_on_the_leader_releases_then_hands_over() {
+    let mut c = LbCluster::start(Options {
+        nodes: 3,
+        backends: vec![],
+        vip: None,
+    })
+    .await;
+    let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
+    c.node(leader).process.terminate().unwrap();
+    let new = c
+        .wait_for_holder(Some(leader), Duration::from_secs(10))
+        .await;
+    let status = c
+        .node_mut(leader)
+        .process
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(status.success(), "graceful exit: {status:?}");
+    let s = c.status(new).await.unwrap();
+    let f = &s.recent_failovers[0];
+    assert_eq!(f.to_node_id, new);
+    assert_eq!(f.cause, lb::FailoverCause::Transfer as i32, "{f:?}");
+    let log = c.node(leader).process.log();
+    assert!(
+        log.contains("released the VIP"),
+        "the VIP goes first:\n{log}"
+    );
+    assert!(log.contains("handing leadership over"), "{log}");
+}

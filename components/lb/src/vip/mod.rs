@@ -201,7 +201,6 @@ impl VipTask {
         let mut tick = tokio::time::interval(self.fence.timing().check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut measure = Measure { previous: None };
-        let mut last_term = None;
         loop {
             tokio::select! {
                 biased;
@@ -230,15 +229,6 @@ impl VipTask {
             }
             let view = self.view();
             let now = Instant::now();
-            {
-                let m = self.raft.metrics().borrow_watched().clone();
-                if last_term != Some(m.current_term) {
-                    last_term = Some(m.current_term);
-                    metrics::gauge!("bulwark_lb_term").set(m.current_term as f64);
-                }
-                metrics::gauge!("bulwark_lb_is_leader")
-                    .set(f64::from(u8::from(view.leader_term.is_some())));
-            }
             if view.leader_term.is_none()
                 && let Some(contact) = self.signals.last_contact()
             {

@@ -21,10 +21,10 @@ use serde::Serialize;
 #[derive(clap::Args)]
 pub struct Args {
     /// Duration of one wrk run.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Runs per (workload, contender); the median is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     runs: usize,
     /// wrk threads.
     #[arg(long, default_value_t = 2)]
@@ -50,9 +50,13 @@ pub struct Args {
     /// CPU list for both proxies (the same for each); empty: no pinning.
     #[arg(long, default_value = "")]
     cpus_proxy: String,
-    /// Also run bulwark with splice(2) forwarding as a fourth contender.
+    /// Copy buffer per direction for bulwark (default: ProxyConfig's).
     #[arg(long)]
-    with_splice: bool,
+    buffer_size: Option<usize>,
+    /// Also run bulwark with splice(2) off (buffered copy only) as a
+    /// fourth contender.
+    #[arg(long)]
+    compare_buffered: bool,
     /// HAProxy binary.
     #[arg(long, default_value = "/usr/sbin/haproxy")]
     haproxy: PathBuf,
@@ -291,6 +295,14 @@ fn machine() -> BTreeMap<String, String> {
     m
 }
 
+/// The 1/5/15-minute load averages: other work on the machine is the
+/// largest source of noise, so every report says how busy it was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr], threads: usize) -> String {
     let mut c = format!(
         "global\n    nbthread {threads}\n    maxconn 8000\n\n\
@@ -306,6 +318,7 @@ fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr], threads: usize) -
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this binary")?;
+    let load_before = loadavg();
     let dir = tempfile::tempdir().context("creating a temp dir")?;
 
     let backend_addrs: Vec<SocketAddr> = (0..BACKENDS)
@@ -335,12 +348,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     wait_listening(&mut haproxy, haproxy_addr)?;
 
     let mut contenders: Vec<(String, SocketAddr, Proc)> = Vec::new();
-    let variants: &[bool] = if args.with_splice {
+    let variants: &[bool] = if args.compare_buffered {
         &[false, true]
     } else {
         &[false]
     };
-    for &splice in variants {
+    for &buffered in variants {
         let addr = free_port()?;
         let mut cmd = pinned(&args.cpus_proxy, &exe);
         cmd.arg("proxy")
@@ -351,9 +364,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         for a in &backend_addrs {
             cmd.arg("--backend").arg(a.to_string());
         }
-        let name = if splice {
-            cmd.arg("--splice");
-            "bulwark (splice)"
+        if let Some(b) = args.buffer_size {
+            cmd.arg("--buffer-size").arg(b.to_string());
+        }
+        let name = if buffered {
+            cmd.arg("--no-splice");
+            "bulwark (buffered)"
         } else {
             "bulwark"
         };
@@ -458,6 +474,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut machine = machine();
+    machine.insert("loadavg_before".into(), load_before);
+    machine.insert("loadavg_after".into(), loadavg());
     let mut settings = BTreeMap::new();
     for (k, v) in [
         ("duration", format!("{}s", args.duration.as_secs())),
@@ -470,13 +489,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ("cpus_load", args.cpus_load.clone()),
         ("cpus_backend", args.cpus_backend.clone()),
         ("cpus_proxy", args.cpus_proxy.clone()),
+        (
+            "bulwark_buffer_size",
+            args.buffer_size
+                .unwrap_or(bulwark_lb::proxy::ProxyConfig::default().buffer_size)
+                .to_string(),
+        ),
     ] {
         settings.insert(k.to_owned(), v);
     }
     let report = Report {
         date: date.clone(),
         command,
-        machine: machine(),
+        machine,
         settings,
         note: "bulwark = bulwark_lb::proxy::serve (the library's data path) run by \
                `bulwark-bench proxy` with static backends, not the bulwark-lb binary; \

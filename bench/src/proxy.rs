@@ -27,9 +27,9 @@ pub struct Args {
     /// Runtime worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Forward with splice(2) instead of user-space buffers.
+    /// Keep every byte on the buffered path (no splice(2)).
     #[arg(long)]
-    splice: bool,
+    no_splice: bool,
     /// Copy buffer per direction, in bytes.
     #[arg(long)]
     buffer_size: Option<usize>,
@@ -60,10 +60,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             })
             .collect();
         backends.publish(specs, 1)?;
-        let mut config = ProxyConfig {
-            splice: args.splice,
-            ..ProxyConfig::default()
-        };
+        let mut config = ProxyConfig::default();
+        if args.no_splice {
+            config.splice = false;
+        }
         if let Some(b) = args.buffer_size {
             config.buffer_size = b;
         }

@@ -11,6 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::Shared;
+use super::close::CloseSignals;
 use super::config::MAX_CONNECT_ATTEMPTS;
 use super::copy::Bidirectional;
 use crate::backends::{BackendStats, ConnectErrorKind};
@@ -49,7 +50,9 @@ pub(super) async fn handle(
     mut client: TcpStream,
     _permit: OwnedSemaphorePermit,
 ) {
-    set_options(&client, &shared);
+    if !shared.client_options_inherited {
+        set_options(&client, &shared);
+    }
     let connected = tokio::select! {
         biased;
         () = shared.force_close.cancelled() => return,
@@ -90,6 +93,7 @@ async fn run(
     tokio::pin!(force);
     let drain = close.cancelled();
     tokio::pin!(drain);
+    let mut signals = CloseSignals::new(force, drain);
     loop {
         tokio::select! {
             biased;
@@ -100,12 +104,8 @@ async fn run(
                 }
                 return;
             }
-            () = &mut force => {
-                tracing::debug!("closing connection: shutdown grace over");
-                return;
-            }
-            () = &mut drain => {
-                tracing::debug!("closing connection: backend drain deadline passed");
+            reason = &mut signals => {
+                tracing::debug!(?reason, "closing connection");
                 return;
             }
             () = &mut sleep, if idle.is_some() => {

@@ -131,11 +131,22 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         let new = l
             .wait_for_holder(Some(leader), Duration::from_secs(15))
             .await;
-        let record = l
-            .status(new)
-            .await
-            .and_then(|s| s.recent_failovers.into_iter().next())
-            .filter(|f| f.to_node_id == new as u64 + 1);
+        // The holder commits its record right after claiming; give it a
+        // moment to be applied.
+        let mut record = None;
+        for _ in 0..40 {
+            record = l
+                .status(new)
+                .await
+                .and_then(|s| s.recent_failovers.into_iter().next())
+                .filter(|f| {
+                    f.to_node_id == new as u64 + 1 && f.from_node_id == Some(leader as u64 + 1)
+                });
+            if record.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let t = Trial {
             trial,
             from_host: leader + 1,

@@ -74,12 +74,16 @@ impl ClusterId {
     }
 }
 
-/// Creates clients to peers.
+/// Creates clients to peers. Channels are kept per address and shared by
+/// every client openraft asks for: a candidate's vote requests warm the
+/// connection its replication will use once it leads, so a new leader's
+/// first heartbeat pays no TCP and TLS handshake.
 #[derive(Clone)]
 pub struct Network {
     tls: Arc<TlsMaterial>,
     cluster: ClusterId,
     handover: Arc<dyn Handover>,
+    channels: Arc<std::sync::Mutex<std::collections::HashMap<String, RaftClient<Channel>>>>,
 }
 
 impl Network {
@@ -89,7 +93,18 @@ impl Network {
             tls,
             cluster,
             handover,
+            channels: Arc::default(),
         }
+    }
+
+    fn client_for(&self, address: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let c = raft_client(address, &self.tls)?;
+        channels.insert(address.to_owned(), c.clone());
+        Ok(c)
     }
 }
 
@@ -122,7 +137,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &LbNode) -> Self::Network {
-        let client = raft_client(&node.raft_address, &self.tls).map_err(|e| e.to_string());
+        let client = self
+            .client_for(&node.raft_address)
+            .map_err(|e| e.to_string());
         if let Err(e) = &client {
             tracing::error!(peer = target, address = %node.raft_address, error = %e, "cannot build a Raft client");
         }

@@ -201,6 +201,7 @@ impl VipTask {
         let mut tick = tokio::time::interval(self.fence.timing().check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut measure = Measure { previous: None };
+        let mut kicked = None;
         loop {
             tokio::select! {
                 biased;
@@ -233,6 +234,19 @@ impl VipTask {
                 && let Some(contact) = self.signals.last_contact()
             {
                 measure.previous = Some(contact);
+            }
+            // A new leader learns its first quorum acknowledgement from the
+            // next heartbeat round, up to a heartbeat interval away: ask for
+            // one at once, so the claim does not wait for the tick.
+            if let Some(term) = view.leader_term
+                && !self.fence.holding()
+                && kicked != Some(term)
+            {
+                kicked = Some(term);
+                let raft = self.raft.clone();
+                tokio::spawn(async move {
+                    let _ = raft.trigger().heartbeat().await;
+                });
             }
             let transfer = self.transfer_recent(now);
             match self.fence.decide(&view, now, transfer) {

@@ -135,6 +135,115 @@ fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
     })
 }
 
+/// Starts the real `bulwark-lb` (built beside this binary) as a one-node
+/// cluster whose node-local listener on `addr` is the contender, with the
+/// backends seeded from its configuration and as many runtime workers as
+/// HAProxy gets threads.
+fn bulwark_lb(
+    exe: &Path,
+    dir: &Path,
+    name: &str,
+    addr: SocketAddr,
+    backends: &[SocketAddr],
+    args: &Args,
+    buffered: bool,
+) -> anyhow::Result<Proc> {
+    let bin = exe.with_file_name("bulwark-lb");
+    if !bin.exists() {
+        bail!(
+            "{} not found: cargo build --release -p bulwark-lb",
+            bin.display()
+        );
+    }
+    let work = dir.join(name.replace([' ', '(', ')'], ""));
+    std::fs::create_dir_all(&work)?;
+    // Its gRPC needs an mTLS identity; a throwaway CA is enough.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "bench-lb");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "bulwark:lb");
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::write(work.join("ca.crt"), ca_cert.pem())?;
+    std::fs::write(work.join("lb.crt"), cert.pem())?;
+    std::fs::write(work.join("lb.key"), key.serialize_pem())?;
+    let (raft, api, admin) = (free_port()?, free_port()?, free_port()?);
+    let mut yaml = format!(
+        "apiVersion: bulwark.dev/v1alpha1
+kind: LoadBalancerConfiguration
+nodeId: 1
+dataDir: {data}
+raft: {{address: '{raft}'}}
+api: {{address: '{api}'}}
+admin: {{address: '{admin}'}}
+tls: {{certFile: {w}/lb.crt, keyFile: {w}/lb.key, caFile: {w}/ca.crt}}
+initialMembers:
+- {{id: 1, raftAddress: '{raft}', apiAddress: '{api}'}}
+localListener: '{addr}'
+logging: {{level: warn}}
+proxy:
+  splice: {splice}
+",
+        data = work.join("data").display(),
+        w = work.display(),
+        splice = !buffered,
+    );
+    if let Some(b) = args.buffer_size {
+        yaml.push_str(&format!("  bufferSize: {b}\n"));
+    }
+    yaml.push_str("backends:\n");
+    for (i, b) in backends.iter().enumerate() {
+        yaml.push_str(&format!("- {{id: b{i}, address: '{b}'}}\n"));
+    }
+    let config = work.join("lb.yaml");
+    std::fs::write(&config, yaml)?;
+    let mut cmd = pinned(&args.cpus_proxy, &bin);
+    cmd.arg("--config")
+        .arg(&config)
+        .env("TOKIO_WORKER_THREADS", args.proxy_threads.to_string());
+    spawn(name, cmd, &dir.join(format!("{name}.log")))
+}
+
+/// Waits until the proxy on `addr` has a backend: with none it closes a
+/// new connection at once; with one, a backend's TLS stack answers (or
+/// waits for the rest of the handshake).
+fn wait_routable(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Some(status) = p.child.try_wait()? {
+            bail!("{} exited early with {status}", p.name);
+        }
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            s.set_read_timeout(Some(Duration::from_millis(300)))?;
+            let _ = s.write_all(b"\x16\x03\x01\x00\x05hello");
+            let mut buf = [0u8; 16];
+            match s.read(&mut buf) {
+                Ok(n) if n > 0 => return Ok(()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{} has no routable backend after 15 s", p.name)
+}
+
 fn free_port() -> anyhow::Result<SocketAddr> {
     // Bound and released at once; the short race with other processes is
     // acceptable for a benchmark on a quiet machine.
@@ -355,26 +464,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     };
     for &buffered in variants {
         let addr = free_port()?;
-        let mut cmd = pinned(&args.cpus_proxy, &exe);
-        cmd.arg("proxy")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--threads")
-            .arg(args.proxy_threads.to_string());
-        for a in &backend_addrs {
-            cmd.arg("--backend").arg(a.to_string());
-        }
-        if let Some(b) = args.buffer_size {
-            cmd.arg("--buffer-size").arg(b.to_string());
-        }
         let name = if buffered {
-            cmd.arg("--no-splice");
             "bulwark (buffered)"
         } else {
             "bulwark"
         };
-        let mut p = spawn(name, cmd, &dir.path().join(format!("{name}.log")))?;
+        let mut p = bulwark_lb(&exe, dir.path(), name, addr, &backend_addrs, args, buffered)?;
         wait_listening(&mut p, addr)?;
+        wait_routable(&mut p, addr)?;
         contenders.push((name.to_owned(), addr, p));
     }
 
@@ -503,9 +600,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         command,
         machine,
         settings,
-        note: "bulwark = bulwark_lb::proxy::serve (the library's data path) run by \
-               `bulwark-bench proxy` with static backends, not the bulwark-lb binary; \
-               final figures must come from the real binary."
+        note: "bulwark = the bulwark-lb binary (a one-node cluster: Raft, store and API \
+               running; the contender is its node-local listener), with the backends \
+               seeded from its configuration."
             .into(),
         rows,
     };

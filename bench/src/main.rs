@@ -2,13 +2,13 @@
 //! baseline in one invocation, reported as medians and ratios (see
 //! `bench/README.md`).
 //!
-//! The contenders run as separate processes (this same binary re-executed
-//! with an internal subcommand), so CPU pinning applies to each alike.
+//! The contenders run as separate processes (the test backends are this
+//! same binary re-executed with an internal subcommand; bulwark is the
+//! `bulwark-lb` binary), so CPU pinning applies to each alike.
 
 mod backend;
 mod datapath;
 mod failover;
-mod proxy;
 
 use std::process::ExitCode;
 
@@ -31,8 +31,6 @@ enum Cmd {
     Failover(failover::Args),
     /// (internal) HTTPS test backends that terminate TLS.
     Backend(backend::Args),
-    /// (internal) bulwark's data path with static backends.
-    Proxy(proxy::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,7 +39,6 @@ fn main() -> ExitCode {
         Cmd::Datapath(a) => datapath::run(&a),
         Cmd::Failover(a) => failover::run(&a),
         Cmd::Backend(a) => backend::run(&a),
-        Cmd::Proxy(a) => proxy::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -188,7 +188,7 @@ tls: {{certFile: {w}/lb.crt, keyFile: {w}/lb.key, caFile: {w}/ca.crt}}
 initialMembers:
 - {{id: 1, raftAddress: '{raft}', apiAddress: '{api}'}}
 localListener: '{addr}'
-logging: {{level: warn}}
+logging: {{level: 'warn,bulwark_lb::node=info'}}
 proxy:
   splice: {splice}
 ",
@@ -212,36 +212,24 @@ proxy:
     spawn(name, cmd, &dir.join(format!("{name}.log")))
 }
 
-/// Waits until the proxy on `addr` has a backend: with none it closes a
-/// new connection at once; with one, a backend's TLS stack answers (or
-/// waits for the rest of the handshake).
-fn wait_routable(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
+/// Waits until `bulwark-lb` says it seeded the backends from its
+/// configuration (before that its listener has nothing to route to).
+fn wait_seeded(p: &mut Proc, log: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if let Some(status) = p.child.try_wait()? {
             bail!("{} exited early with {status}", p.name);
         }
-        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            s.set_read_timeout(Some(Duration::from_millis(300)))?;
-            let _ = s.write_all(b"\x16\x03\x01\x00\x05hello");
-            let mut buf = [0u8; 16];
-            match s.read(&mut buf) {
-                Ok(n) if n > 0 => return Ok(()),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(());
-                }
-                _ => {}
-            }
+        if std::fs::read_to_string(log).is_ok_and(|l| l.contains("seeded the backend registry")) {
+            return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("{} has no routable backend after 15 s", p.name)
+    bail!(
+        "{} did not seed its backends within 15 s; see {}",
+        p.name,
+        log.display()
+    )
 }
 
 fn free_port() -> anyhow::Result<SocketAddr> {
@@ -471,7 +459,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         };
         let mut p = bulwark_lb(&exe, dir.path(), name, addr, &backend_addrs, args, buffered)?;
         wait_listening(&mut p, addr)?;
-        wait_routable(&mut p, addr)?;
+        wait_seeded(&mut p, &dir.path().join(format!("{name}.log")))?;
         contenders.push((name.to_owned(), addr, p));
     }
 

@@ -54,11 +54,6 @@ impl Signals {
         }
     }
 
-    /// When the process started.
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
     /// The last append accepted from a leader, and which leader.
     pub fn last_contact(&self) -> Option<(Instant, NodeId)> {
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner())

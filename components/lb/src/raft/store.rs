@@ -185,20 +185,6 @@ impl Store {
             .await
     }
 
-    /// Whether nothing was ever stored: no vote, no log, no cluster id.
-    pub async fn is_pristine(&self) -> io::Result<bool> {
-        self.blocking(|db| {
-            let txn = db.begin_read().map_err(io_err)?;
-            let log = txn.open_table(LOG).map_err(io_err)?;
-            let meta = txn.open_table(META).map_err(io_err)?;
-            Ok(log.first().map_err(io_err)?.is_none()
-                && meta.get(KEY_VOTE).map_err(io_err)?.is_none()
-                && meta.get(KEY_PURGED).map_err(io_err)?.is_none()
-                && meta.get(KEY_CLUSTER_ID).map_err(io_err)?.is_none())
-        })
-        .await
-    }
-
     /// The log store half.
     pub fn log_store(&self) -> LogStore {
         LogStore {
@@ -620,7 +606,7 @@ mod tests {
         };
         {
             let store = Store::open(dir.path()).unwrap();
-            assert!(store.is_pristine().await.unwrap());
+            assert_eq!(store.cluster_id().await.unwrap(), None);
             let mut log = store.log_store();
             log.save_vote(&vote).await.unwrap();
             store.set_cluster_id("c1").await.unwrap();
@@ -631,7 +617,6 @@ mod tests {
             log.append(entries, IOFlushed::noop()).await.unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert!(!store.is_pristine().await.unwrap());
         let mut log = store.log_store();
         assert_eq!(log.read_vote().await.unwrap(), Some(vote));
         assert_eq!(store.cluster_id().await.unwrap().as_deref(), Some("c1"));

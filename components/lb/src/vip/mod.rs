@@ -82,14 +82,6 @@ pub struct VipHandle {
 }
 
 impl VipHandle {
-    /// A handle for a node without a VIP.
-    pub fn disabled() -> Self {
-        Self {
-            tx: None,
-            state: watch::channel(VipState::default()).1,
-        }
-    }
-
     /// The current state.
     pub fn state(&self) -> VipState {
         self.state.borrow().clone()

@@ -1,0 +1,273 @@
+//! Live per-backend state that outlives snapshots: connection and byte
+//! counters (atomics, plus `metrics` handles resolved once per backend) and
+//! the close token that a drain deadline cancels.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime};
+
+use metrics::{Counter, Gauge};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{AdminState, BackendSpec, arm_deadline};
+
+/// Why a connect to a backend failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnectErrorKind {
+    /// Nothing listens (RST to our SYN).
+    Refused,
+    /// No answer within the connect timeout.
+    Timeout,
+    /// The connection was reset or aborted while being set up.
+    Reset,
+    /// Anything else (unreachable network, no buffers, …).
+    Other,
+}
+
+impl ConnectErrorKind {
+    const ALL: [ConnectErrorKind; 4] = [Self::Refused, Self::Timeout, Self::Reset, Self::Other];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+            Self::Other => "other",
+        }
+    }
+
+    /// Classifies an I/O error from `connect`.
+    pub fn of(e: &std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::ConnectionRefused => Self::Refused,
+            K::TimedOut => Self::Timeout,
+            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => Self::Reset,
+            _ => Self::Other,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A backend's counters at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsSnapshot {
+    /// Open client connections proxied to it now.
+    pub active_connections: u64,
+    /// Connections proxied to it since this node started.
+    pub total_connections: u64,
+    /// Bytes from clients forwarded to it.
+    pub bytes_in: u64,
+    /// Bytes from it forwarded to clients.
+    pub bytes_out: u64,
+    /// Failed connect attempts to it.
+    pub connect_errors: u64,
+    /// Connect attempts to it that were retries after another backend failed.
+    pub retries: u64,
+}
+
+/// A backend as the API shows it: its spec, whether it takes new
+/// connections, and its counters.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendStatus {
+    /// The published spec.
+    pub spec: BackendSpec,
+    /// Whether it may be picked for a new connection now (in the routable
+    /// set, or in the fail-open set while nothing is routable).
+    pub routable: bool,
+    /// Its counters.
+    pub stats: StatsSnapshot,
+}
+
+struct Handles {
+    active: Gauge,
+    total: Counter,
+    bytes_in: Counter,
+    bytes_out: Counter,
+    connect_errors: [Counter; 4],
+    retries: Counter,
+}
+
+/// Drain bookkeeping; only publishers touch it.
+#[derive(Default)]
+struct DrainControl {
+    token: CancellationToken,
+    /// When this node first applied the current drain.
+    since: Option<SystemTime>,
+    /// The armed deadline and its timer.
+    timer: Option<(SystemTime, Option<tokio::task::AbortHandle>)>,
+}
+
+/// Live counters of one backend, shared by its connections and every
+/// snapshot that lists it.
+pub struct BackendStats {
+    active: AtomicU64,
+    total: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    connect_errors: AtomicU64,
+    retries: AtomicU64,
+    m: Handles,
+    drain: Mutex<DrainControl>,
+}
+
+impl std::fmt::Debug for BackendStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.snapshot().fmt(f)
+    }
+}
+
+impl BackendStats {
+    pub(super) fn new(id: &str) -> Self {
+        let b = id.to_owned();
+        let err = |k: ConnectErrorKind| metrics::counter!("bulwark_lb_connect_errors_total", "backend" => b.clone(), "reason" => k.as_str());
+        Self {
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            m: Handles {
+                active: metrics::gauge!("bulwark_lb_connections_active", "backend" => b.clone()),
+                total: metrics::counter!("bulwark_lb_connections_total", "backend" => b.clone()),
+                bytes_in: metrics::counter!("bulwark_lb_bytes_in_total", "backend" => b.clone()),
+                bytes_out: metrics::counter!("bulwark_lb_bytes_out_total", "backend" => b.clone()),
+                connect_errors: ConnectErrorKind::ALL.map(err),
+                retries: metrics::counter!("bulwark_lb_backend_retries_total", "backend" => b.clone()),
+            },
+            drain: Mutex::new(DrainControl::default()),
+        }
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            active_connections: self.active.load(Relaxed),
+            total_connections: self.total.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            connect_errors: self.connect_errors.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+        }
+    }
+
+    /// Current active connections (the load that selection compares).
+    #[inline]
+    pub(crate) fn active(&self) -> u64 {
+        self.active.load(Relaxed)
+    }
+
+    /// Counts the end of a connection counted by [`BackendStats::confirm`].
+    pub(crate) fn connection_closed(&self) {
+        self.active.fetch_sub(1, Relaxed);
+        self.m.active.decrement(1.0);
+    }
+
+    /// Reserves a slot before connecting, so that concurrent picks see the
+    /// load they are about to add (otherwise a burst of accepts all choose
+    /// the same idle backend). Undone by [`BackendStats::release`] when the
+    /// connect fails.
+    #[inline]
+    pub(crate) fn reserve(&self) {
+        self.active.fetch_add(1, Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn release(&self) {
+        self.active.fetch_sub(1, Relaxed);
+    }
+
+    /// Counts the reserved slot as an established connection.
+    pub(crate) fn confirm(&self) {
+        self.total.fetch_add(1, Relaxed);
+        self.m.active.increment(1.0);
+        self.m.total.increment(1);
+    }
+
+    #[inline]
+    pub(crate) fn add_bytes_in(&self, n: u64) {
+        self.bytes_in.fetch_add(n, Relaxed);
+        self.m.bytes_in.increment(n);
+    }
+
+    #[inline]
+    pub(crate) fn add_bytes_out(&self, n: u64) {
+        self.bytes_out.fetch_add(n, Relaxed);
+        self.m.bytes_out.increment(n);
+    }
+
+    pub(crate) fn connect_failed(&self, kind: ConnectErrorKind) {
+        self.connect_errors.fetch_add(1, Relaxed);
+        self.m.connect_errors[kind.index()].increment(1);
+    }
+
+    pub(crate) fn retried(&self) {
+        self.retries.fetch_add(1, Relaxed);
+        self.m.retries.increment(1);
+    }
+
+    /// Applies the admin state at publish time and returns the token that
+    /// this backend's connections select on.
+    pub(super) fn apply_admin(
+        &self,
+        admin: &AdminState,
+        drain_max: Option<Duration>,
+        now: SystemTime,
+    ) -> CancellationToken {
+        let mut d = self.drain.lock().unwrap_or_else(|p| p.into_inner());
+        match admin {
+            AdminState::Active => {
+                if let Some((_, Some(timer))) = d.timer.take() {
+                    timer.abort();
+                }
+                d.since = None;
+                // Connections closed by a past deadline are gone; an
+                // undrained backend needs a fresh token for its new ones.
+                if d.token.is_cancelled() {
+                    d.token = CancellationToken::new();
+                }
+            }
+            AdminState::Drain { deadline } => {
+                let since = *d.since.get_or_insert(now);
+                let capped = drain_max.map(|m| since + m);
+                let effective = match (*deadline, capped) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let armed = d.timer.as_ref().map(|(t, _)| *t);
+                if armed != effective {
+                    if let Some((_, Some(timer))) = d.timer.take() {
+                        timer.abort();
+                    }
+                    // A deadline moved later than one that already fired
+                    // cannot reopen closed connections; new ones would not
+                    // come anyway (drained).
+                    if let Some(t) = effective {
+                        let timer = arm_deadline(&d.token, t);
+                        d.timer = Some((t, timer));
+                    }
+                }
+            }
+        }
+        d.token.clone()
+    }
+}
+
+impl Drop for DrainControl {
+    fn drop(&mut self) {
+        // Connections hold the stats (and so this) alive: dropping means
+        // the backend left the registry and its last connection ended, so
+        // nothing is left for the timer to close.
+        if let Some((_, Some(timer))) = self.timer.take() {
+            timer.abort();
+        }
+    }
+}

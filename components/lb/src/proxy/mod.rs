@@ -1,0 +1,258 @@
+//! The L4 data path: accept a client, pick a backend, connect (retrying on
+//! another backend before the client sees anything), then copy bytes both
+//! ways without looking at them. TLS passes through untouched, so clients
+//! see the apiserver's own certificate.
+//!
+//! The caller binds the listener ([`serve`] takes it): the VIP holder's
+//! front, the node-local listener (e.g. `127.0.0.1:7445`) and tests on port
+//! 0 all run the same code.
+
+mod config;
+mod conn;
+mod copy;
+#[cfg(target_os = "linux")]
+mod splice;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::Counter;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backends::Backends;
+
+pub use config::{KeepaliveConfig, MAX_CONNECT_ATTEMPTS, ProxyConfig};
+
+/// Why [`serve`] stopped other than by shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The listener itself is broken (closed descriptor, not a socket):
+    /// accepting again cannot succeed.
+    #[error("listener on {address} failed: {source}")]
+    Listener {
+        /// The listener's address, when it could still be read.
+        address: String,
+        /// The error from `accept`.
+        source: io::Error,
+    },
+}
+
+/// Metric handles resolved once per listener, not per connection.
+struct Metrics {
+    accepted: Counter,
+    accept_errors_resources: Counter,
+    accept_errors_other: Counter,
+    max_connections_reached: Counter,
+    retries: Counter,
+    no_backend: Counter,
+    all_attempts_failed: Counter,
+}
+
+impl Metrics {
+    fn new(listener: &str) -> Self {
+        let l = listener.to_owned();
+        Self {
+            accepted: metrics::counter!("bulwark_lb_connections_accepted_total", "listener" => l.clone()),
+            accept_errors_resources: metrics::counter!("bulwark_lb_accept_errors_total", "listener" => l.clone(), "reason" => "resources"),
+            accept_errors_other: metrics::counter!("bulwark_lb_accept_errors_total", "listener" => l.clone(), "reason" => "other"),
+            max_connections_reached: metrics::counter!("bulwark_lb_max_connections_reached_total", "listener" => l.clone()),
+            retries: metrics::counter!("bulwark_lb_retries_total", "listener" => l.clone()),
+            no_backend: metrics::counter!("bulwark_lb_connections_failed_total", "listener" => l.clone(), "reason" => "no_backend"),
+            all_attempts_failed: metrics::counter!("bulwark_lb_connections_failed_total", "listener" => l, "reason" => "connect_failed"),
+        }
+    }
+}
+
+/// What every connection task of one listener shares.
+struct Shared {
+    backends: Backends,
+    config: Arc<ProxyConfig>,
+    keepalive: Option<socket2::TcpKeepalive>,
+    /// Cancelled when the shutdown grace is over: open connections close.
+    force_close: CancellationToken,
+    metrics: Metrics,
+}
+
+/// Serves `listener` until `shutdown` is cancelled: stops accepting at
+/// once, lets open connections finish for `shutdownGrace`, then closes the
+/// rest and returns. Errors only when the listener itself is unusable.
+///
+/// Metric handles are resolved here: install the metrics recorder
+/// (`bulwark_common::telemetry::metrics_handle()`) before calling it.
+pub async fn serve(
+    listener: TcpListener,
+    backends: Backends,
+    config: Arc<ProxyConfig>,
+    shutdown: CancellationToken,
+) -> Result<(), ProxyError> {
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    backends.set_drain_max_duration(config.drain_max_duration);
+    let keepalive = config.tcp_keepalive.enabled.then(|| {
+        socket2::TcpKeepalive::new()
+            .with_time(config.tcp_keepalive.idle)
+            .with_interval(config.tcp_keepalive.interval)
+            .with_retries(config.tcp_keepalive.count)
+    });
+    let shared = Arc::new(Shared {
+        backends,
+        keepalive,
+        force_close: CancellationToken::new(),
+        metrics: Metrics::new(&address),
+        config,
+    });
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections as usize));
+    let tracker = TaskTracker::new();
+    tracing::info!(listener = %address, "proxy listening");
+
+    let result = accept_loop(&listener, &address, &shared, &limit, &tracker, &shutdown).await;
+    // Stop accepting at once: the kernel refuses new connects from here on
+    // instead of queueing them for a listener nobody reads.
+    drop(listener);
+
+    tracker.close();
+    if !tracker.is_empty() {
+        let grace = shared.config.shutdown_grace;
+        tracing::info!(listener = %address, open = tracker.len(), ?grace, "waiting for open connections");
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::info!(listener = %address, open = tracker.len(), "grace over: closing connections");
+            shared.force_close.cancel();
+            tracker.wait().await;
+        }
+    }
+    tracing::info!(listener = %address, "proxy stopped");
+    result
+}
+
+async fn accept_loop(
+    listener: &TcpListener,
+    address: &str,
+    shared: &Arc<Shared>,
+    limit: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), ProxyError> {
+    let mut backoff = Backoff::default();
+    let mut at_limit = false;
+    loop {
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => {
+                at_limit = false;
+                p
+            }
+            Err(_) => {
+                if !at_limit {
+                    at_limit = true;
+                    shared.metrics.max_connections_reached.increment(1);
+                    tracing::warn!(
+                        listener = address,
+                        max = shared.config.max_connections,
+                        "max connections reached: new clients wait in the accept queue"
+                    );
+                }
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return Ok(()),
+                    p = limit.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        // The semaphore is never closed.
+                        Err(_) => return Ok(()),
+                    },
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(()),
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((client, _peer)) => {
+                backoff.recovered(address);
+                shared.metrics.accepted.increment(1);
+                tracker.spawn(conn::handle(shared.clone(), client, permit));
+            }
+            Err(e) => match classify_accept_error(&e) {
+                AcceptError::Connection => {}
+                AcceptError::Resources => {
+                    shared.metrics.accept_errors_resources.increment(1);
+                    let pause = backoff.next(address, &e);
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
+                AcceptError::Fatal => {
+                    shared.metrics.accept_errors_other.increment(1);
+                    return Err(ProxyError::Listener {
+                        address: address.to_owned(),
+                        source: e,
+                    });
+                }
+            },
+        }
+    }
+}
+
+enum AcceptError {
+    /// One pending connection failed (aborted before we accepted it): skip it.
+    Connection,
+    /// Out of descriptors or memory: accepting again at once would spin.
+    Resources,
+    /// The listener is unusable.
+    Fatal,
+}
+
+fn classify_accept_error(e: &io::Error) -> AcceptError {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptError::Resources,
+        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP | libc::EFAULT) => {
+            AcceptError::Fatal
+        }
+        // ECONNABORTED, EPROTO, EPERM (firewall), ENETDOWN and friends
+        // concern the one connection, not the listener.
+        _ => AcceptError::Connection,
+    }
+}
+
+/// Exponential pause after resource errors, logged once per burst.
+#[derive(Default)]
+struct Backoff {
+    errors: u64,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_millis(500);
+
+    fn next(&mut self, address: &str, e: &io::Error) -> Duration {
+        if self.errors == 0 {
+            tracing::error!(
+                listener = address,
+                error = %e,
+                "accept failed for lack of resources (descriptors or memory); backing off"
+            );
+        }
+        self.errors += 1;
+        let shift = (self.errors - 1).min(7) as u32;
+        (Self::FIRST * 2u32.pow(shift)).min(Self::MAX)
+    }
+
+    fn recovered(&mut self, address: &str) {
+        if self.errors > 0 {
+            tracing::info!(
+                listener = address,
+                errors = self.errors,
+                "accepting again after resource errors"
+            );
+            self.errors = 0;
+        }
+    }
+}

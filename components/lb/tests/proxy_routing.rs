@@ -1,0 +1,182 @@
+//! Where new connections go, observed through the backend that answers:
+//! drain (with and without a deadline), zone preference and spill-over,
+//! fail-open.
+
+// Helpers outside #[test] functions fail the test on a broken socket too.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use bulwark_lb::backends::{AdminState, RoutingPolicy, Verdict};
+use bulwark_lb::proxy::ProxyConfig;
+use support::*;
+use tokio::io::AsyncReadExt;
+
+async fn answering(p: &TestProxy, n: usize) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    for _ in 0..n {
+        let (id, _c) = p.connect().await.unwrap();
+        seen.insert(id);
+    }
+    seen
+}
+
+fn set(ids: &[&str]) -> HashSet<String> {
+    ids.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn drained_backend_takes_no_new_connections_but_keeps_old_ones() {
+    let a = TestBackend::start("a", Mode::Echo).await;
+    let b = TestBackend::start("b", Mode::Echo).await;
+    let p = TestProxy::start(
+        ProxyConfig::default(),
+        RoutingPolicy::default(),
+        vec![a.spec("z")],
+    )
+    .await;
+    let (id, mut old) = p.connect().await.unwrap();
+    assert_eq!(id, "a");
+
+    let mut drained = a.spec("z");
+    drained.admin = AdminState::Drain { deadline: None };
+    p.publish(vec![drained, b.spec("z")]);
+    assert_eq!(answering(&p, 30).await, set(&["b"]));
+    // The old connection keeps transferring, in volume.
+    for i in 0..20 {
+        roundtrip(&mut old, &random_bytes(256 * 1024, i))
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.accepted(), 1);
+}
+
+#[tokio::test]
+async fn drain_deadline_closes_old_connections() {
+    let a = TestBackend::start("a", Mode::Echo).await;
+    let b = TestBackend::start("b", Mode::Echo).await;
+    let p = TestProxy::start(
+        ProxyConfig::default(),
+        RoutingPolicy::default(),
+        vec![a.spec("z")],
+    )
+    .await;
+    let (_, mut old) = p.connect().await.unwrap();
+
+    let mut drained = a.spec("z");
+    drained.admin = AdminState::Drain {
+        deadline: Some(SystemTime::now() + Duration::from_millis(500)),
+    };
+    p.publish(vec![drained, b.spec("z")]);
+    roundtrip(&mut old, b"before the deadline").await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(10), old.read(&mut buf))
+        .await
+        .expect("connection outlived its drain deadline");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || p.backends.stats()[0]
+            .stats
+            .active_connections
+            == 0)
+        .await
+    );
+    // New connections were going to b all along.
+    assert_eq!(answering(&p, 5).await, set(&["b"]));
+}
+
+#[tokio::test]
+async fn local_zone_is_preferred_and_spills_over_when_short() {
+    let a1 = TestBackend::start("a1", Mode::Echo).await;
+    let a2 = TestBackend::start("a2", Mode::Echo).await;
+    let b1 = TestBackend::start("b1", Mode::Echo).await;
+    let policy = RoutingPolicy {
+        local_zone: Some("zone-a".into()),
+        min_local_healthy_share: 0.6,
+    };
+    let p = TestProxy::start(
+        ProxyConfig::default(),
+        policy,
+        vec![a1.spec("zone-a"), a2.spec("zone-a"), b1.spec("zone-b")],
+    )
+    .await;
+    assert_eq!(answering(&p, 40).await, set(&["a1", "a2"]));
+
+    // Half of zone a is down: 0.5 < 0.6, spread over every routable backend.
+    let mut down = a2.spec("zone-a");
+    down.verdict = Verdict::Down;
+    p.publish(vec![a1.spec("zone-a"), down.clone(), b1.spec("zone-b")]);
+    assert!(p.backends.load().spilled_over());
+    assert_eq!(answering(&p, 60).await, set(&["a1", "b1"]));
+
+    // The whole local zone is down: everything goes to zone b.
+    let mut down1 = a1.spec("zone-a");
+    down1.verdict = Verdict::Down;
+    p.publish(vec![down1, down, b1.spec("zone-b")]);
+    assert_eq!(answering(&p, 20).await, set(&["b1"]));
+
+    // Recovery: back to the local zone.
+    p.publish(vec![
+        a1.spec("zone-a"),
+        a2.spec("zone-a"),
+        b1.spec("zone-b"),
+    ]);
+    assert!(!p.backends.load().spilled_over());
+    assert_eq!(answering(&p, 40).await, set(&["a1", "a2"]));
+}
+
+#[tokio::test]
+async fn a_failed_local_connect_retries_in_another_zone() {
+    let b1 = TestBackend::start("b1", Mode::Echo).await;
+    let mut dead_local = closed_port_spec("dead-local").await;
+    dead_local.zone = "zone-a".into();
+    let p = TestProxy::start(
+        ProxyConfig::default(),
+        RoutingPolicy {
+            local_zone: Some("zone-a".into()),
+            min_local_healthy_share: 0.5,
+        },
+        vec![dead_local, b1.spec("zone-b")],
+    )
+    .await;
+    // The verdict still says healthy (no prober yet): the retry leaves the
+    // zone rather than failing the client.
+    assert_eq!(answering(&p, 10).await, set(&["b1"]));
+}
+
+#[tokio::test]
+async fn fail_open_when_nothing_is_routable() {
+    let a = TestBackend::start("a", Mode::Echo).await;
+    let b = TestBackend::start("b", Mode::Echo).await;
+    let c = TestBackend::start("c", Mode::Echo).await;
+    let mut sa = a.spec("z");
+    sa.verdict = Verdict::Down;
+    let mut sb = b.spec("z");
+    sb.verdict = Verdict::Draining;
+    let mut sc = c.spec("z");
+    sc.verdict = Verdict::Down;
+    sc.admin = AdminState::Drain { deadline: None };
+    let p = TestProxy::start(
+        ProxyConfig::default(),
+        RoutingPolicy::default(),
+        vec![sa, sb, sc],
+    )
+    .await;
+    assert!(p.backends.load().fail_open());
+    // Every admin-active backend serves, whatever its verdict; the drained
+    // one never does.
+    assert_eq!(answering(&p, 40).await, set(&["a", "b"]));
+
+    p.publish(vec![a.spec("z"), b.spec("z"), c.spec("z")]);
+    assert!(!p.backends.load().fail_open());
+}
+
+#[tokio::test]
+async fn no_backend_at_all_resets_the_client() {
+    let p = TestProxy::start(ProxyConfig::default(), RoutingPolicy::default(), vec![]).await;
+    let r = p.connect().await;
+    assert!(r.is_err(), "{r:?}");
+}

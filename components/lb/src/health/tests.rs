@@ -156,7 +156,7 @@ fn clock(config: &HealthConfig) -> Clock {
 /// Feeds the scenario and evaluates once.
 fn run(s: &Scenario, config: &HealthConfig) -> (HealthAggregator, Evaluation, Clock) {
     let c = clock(config);
-    let mut agg = HealthAggregator::new(config.clone());
+    let mut agg = HealthAggregator::new(config.clone(), c.t0);
     agg.set_backends(&specs(s));
     for (i, p) in s.probers.iter().enumerate() {
         let at = if p.fresh { c.now } else { c.t0 };
@@ -674,7 +674,7 @@ fn a_new_leader_rebuilds_from_full_reports() {
     registry[0].verdict = Verdict::Down;
     registry[1].verdict = Verdict::Healthy;
     registry[2].verdict = Verdict::Healthy;
-    let mut new = HealthAggregator::new(config);
+    let mut new = HealthAggregator::new(config.clone(), c.now);
     new.set_backends(&registry);
     let mut changes = full_report("p0", &s.probers[0], 7);
     changes.kind = ReportKind::Changes as i32;
@@ -682,8 +682,32 @@ fn a_new_leader_rebuilds_from_full_reports() {
     for p in 0..3 {
         send(&mut new, &s, p, 8, c.now);
     }
-    assert!(new.evaluate(c.now).verdicts.is_empty());
+    let warm = c.now + config.stale_after;
+    assert!(new.evaluate(warm).verdicts.is_empty());
     assert_eq!(new.verdict("b0"), Some(Verdict::Down));
+}
+
+#[test]
+fn a_new_leader_keeps_committed_verdicts_until_probers_had_time_to_report() {
+    let config = HealthConfig::default();
+    let s = three_zones();
+    let start = Instant::now();
+    let mut registry = specs(&s);
+    registry[0].verdict = Verdict::Down;
+    let mut agg = HealthAggregator::new(config.clone(), start);
+    agg.set_backends(&registry);
+    // Nobody has reported yet: nothing moves during the warm-up...
+    let almost = start + config.stale_after - Duration::from_millis(1);
+    assert!(!agg.is_warm(almost));
+    assert!(agg.evaluate(almost).is_empty());
+    assert_eq!(agg.verdict("b0"), Some(Verdict::Down));
+    // ...and probers that report in time decide once it is over.
+    for p in 0..3 {
+        send(&mut agg, &s, p, 1, almost);
+    }
+    let e = agg.evaluate(start + config.stale_after);
+    assert_eq!(e.verdicts.len(), 3);
+    assert!(e.verdicts.iter().all(|v| v.to == Verdict::Healthy));
 }
 
 #[test]
@@ -692,7 +716,9 @@ fn etcd_and_unknown_targets_do_not_vote() {
         min_votes: 1,
         ..HealthConfig::default()
     };
-    let mut agg = HealthAggregator::new(config);
+    let now = Instant::now();
+    let mut agg = HealthAggregator::new(config.clone(), now);
+    let now = now + config.stale_after;
     let s = Scenario {
         backends: vec![(0, true)],
         probers: vec![],
@@ -712,9 +738,9 @@ fn etcd_and_unknown_targets_do_not_vote() {
         ],
         sent_at: None,
     };
-    let now = Instant::now();
     agg.report(&report, now).unwrap();
     assert!(agg.evaluate(now).verdicts.is_empty());
+    assert_eq!(agg.verdict("b0"), Some(Verdict::Unknown));
     let status = agg.status(now);
     assert!(status.backends[0].probers.is_empty());
     assert!(!status.probers[0].isolated);

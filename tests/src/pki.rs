@@ -61,6 +61,15 @@ pub struct CertFiles {
 }
 
 impl CertFiles {
+    /// The same files as bulwark's config type for TLS material.
+    pub fn tls_files(&self) -> bulwark_common::tls::TlsFiles {
+        bulwark_common::tls::TlsFiles {
+            cert_file: self.cert.clone(),
+            key_file: self.key.clone(),
+            ca_file: self.ca.clone(),
+        }
+    }
+
     /// The certificate as PEM text.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
@@ -190,10 +199,16 @@ impl Pki {
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);
-        for org in organizations {
-            params
-                .distinguished_name
-                .push(DnType::OrganizationName, *org);
+        // rcgen keys the DN by attribute type, so a second O would replace
+        // the first: later ones go in under the same OID (2.5.4.10) spelled
+        // as a custom type, which encodes identically.
+        for (i, org) in organizations.iter().enumerate() {
+            let ty = if i == 0 {
+                DnType::OrganizationName
+            } else {
+                DnType::CustomDnType(vec![2, 5, 4, 10])
+            };
+            params.distinguished_name.push(ty, *org);
         }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![

@@ -148,3 +148,22 @@ fn files_are_private_pem_with_the_identity() {
         "\"ca\" would overwrite the CA files"
     );
 }
+
+#[test]
+fn client_identities_carry_cn_and_every_organization() {
+    let pki = Pki::new().expect("test PKI");
+    let files = pki
+        .client("bulwark-prober-a", &["bulwark:probers", "bulwark:readers"])
+        .expect("client certificate");
+    let identity = files
+        .tls_files()
+        .load()
+        .expect("bulwark loads the files")
+        .identity()
+        .expect("identity parses");
+    assert_eq!(identity.common_name.as_deref(), Some("bulwark-prober-a"));
+    assert_eq!(
+        identity.organizations,
+        ["bulwark:probers", "bulwark:readers"]
+    );
+}

@@ -11,9 +11,30 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::Shared;
+use super::close::CloseSignals;
 use super::config::MAX_CONNECT_ATTEMPTS;
-use super::copy::{Bidirectional, CopyError};
+use super::copy::Bidirectional;
 use crate::backends::{BackendStats, ConnectErrorKind};
+
+/// A slot reserved on a backend while connecting; released unless the
+/// connect succeeded, including when the attempt is dropped by shutdown.
+struct Reservation<'a>(Option<&'a BackendStats>);
+
+impl Reservation<'_> {
+    fn confirm(mut self) {
+        if let Some(s) = self.0.take() {
+            s.confirm();
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.release();
+        }
+    }
+}
 
 /// Decrements the backend's active count however the connection ends.
 struct Active(Arc<BackendStats>);
@@ -29,7 +50,9 @@ pub(super) async fn handle(
     mut client: TcpStream,
     _permit: OwnedSemaphorePermit,
 ) {
-    set_options(&client, &shared);
+    if !shared.client_options_inherited {
+        set_options(&client, &shared);
+    }
     let connected = tokio::select! {
         biased;
         () = shared.force_close.cancelled() => return,
@@ -45,36 +68,18 @@ pub(super) async fn handle(
     let active = Active(stats);
 
     let config = &shared.config;
-    #[cfg(target_os = "linux")]
-    if config.splice {
-        match super::splice::Splice::new(&mut client, &mut backend, &active.0) {
-            Ok(copy) => {
-                run(copy, &shared, &close).await;
-                return;
-            }
-            Err(e) => {
-                // No pipes (descriptor limit): the buffered copy still works.
-                tracing::debug!(error = %e, "splice unavailable; copying through buffers");
-            }
-        }
-    }
-    let copy = Bidirectional::new(&mut client, &mut backend, &active.0, config.buffer_size);
+    let copy = Bidirectional::new(
+        &mut client,
+        &mut backend,
+        &active.0,
+        config.buffer_size,
+        config.splice,
+    );
     run(copy, &shared, &close).await;
 }
 
-/// The copy future the connection drives (buffered or spliced).
-pub(super) trait Forward:
-    std::future::Future<Output = Result<(), CopyError>> + Unpin
-{
-    /// Whether bytes moved since the last call.
-    fn take_activity(&mut self) -> bool;
-    /// Resets the peer of the side that failed, so it learns the
-    /// connection broke instead of seeing a clean end of stream.
-    fn reset_peer_of(&mut self, failed: &CopyError);
-}
-
-async fn run<C: Forward>(
-    mut copy: C,
+async fn run(
+    mut copy: Bidirectional<'_>,
     shared: &Shared,
     close: &tokio_util::sync::CancellationToken,
 ) {
@@ -88,6 +93,7 @@ async fn run<C: Forward>(
     tokio::pin!(force);
     let drain = close.cancelled();
     tokio::pin!(drain);
+    let mut signals = CloseSignals::new(force, drain);
     loop {
         tokio::select! {
             biased;
@@ -98,12 +104,8 @@ async fn run<C: Forward>(
                 }
                 return;
             }
-            () = &mut force => {
-                tracing::debug!("closing connection: shutdown grace over");
-                return;
-            }
-            () = &mut drain => {
-                tracing::debug!("closing connection: backend drain deadline passed");
+            reason = &mut signals => {
+                tracing::debug!(?reason, "closing connection");
                 return;
             }
             () = &mut sleep, if idle.is_some() => {
@@ -117,15 +119,6 @@ async fn run<C: Forward>(
                 }
             }
         }
-    }
-}
-
-impl Forward for Bidirectional<'_> {
-    fn take_activity(&mut self) -> bool {
-        Bidirectional::take_activity(self)
-    }
-    fn reset_peer_of(&mut self, failed: &CopyError) {
-        Bidirectional::reset_peer_of(self, failed);
     }
 }
 
@@ -162,6 +155,7 @@ async fn connect_some_backend(
         let stats = backend.stats();
         // Reserve before connecting so concurrent picks see this load.
         stats.reserve();
+        let reservation = Reservation(Some(stats));
         if n > 0 {
             stats.retried();
             shared.metrics.retries.increment(1);
@@ -173,14 +167,14 @@ async fn connect_some_backend(
         .await;
         let error = match result {
             Ok(Ok(stream)) => {
-                stats.confirm();
+                reservation.confirm();
                 set_options(&stream, shared);
                 return Some((stream, stats.clone(), backend.close_token().clone()));
             }
             Ok(Err(e)) => e,
             Err(_) => io::ErrorKind::TimedOut.into(),
         };
-        stats.release();
+        drop(reservation);
         let kind = ConnectErrorKind::of(&error);
         stats.connect_failed(kind);
         tracing::debug!(

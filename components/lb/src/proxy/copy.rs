@@ -8,16 +8,29 @@
 //! backend's live counters after every write (the API shows the bytes of a
 //! watch that has been open for an hour, not only of finished connections)
 //! and the future reports activity for the idle timer.
+//!
+//! With `proxy.splice` on, a direction that carries bulk data (a read of at
+//! least [`SPLICE_AFTER`] bytes) switches to `splice(2)` through a pipe for
+//! the rest of the connection: payload then never enters user space. Small
+//! exchanges stay on plain read/write, which costs fewer syscalls per
+//! message than socket → pipe → socket, and short connections never pay
+//! for creating pipes. If a pipe cannot be created (descriptor limit) the
+//! direction simply stays buffered.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::splice::Pipe;
 use crate::backends::BackendStats;
+
+/// A read at least this large marks a direction as bulk: one full TLS
+/// record (16 KiB of plaintext plus overhead) or more was waiting.
+pub(crate) const SPLICE_AFTER: usize = 16 * 1024;
 
 /// Which side ended the copy with an error.
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +46,15 @@ pub(crate) enum CopyError {
 /// One direction's state.
 #[derive(Default)]
 struct Half {
+    /// Bytes `buf[pos..cap]` read but not yet written.
     pos: usize,
     cap: usize,
+    /// Bytes sitting in `pipe`, not yet written.
+    in_pipe: usize,
+    /// Present once this direction went zero-copy.
+    pipe: Option<Pipe>,
+    /// Whether this direction may go zero-copy (`proxy.splice`).
+    may_splice: bool,
     eof: bool,
     done: bool,
 }
@@ -58,14 +78,21 @@ impl<'a> Bidirectional<'a> {
         backend: &'a mut TcpStream,
         stats: &'a BackendStats,
         buffer_size: usize,
+        splice: bool,
     ) -> Self {
         Self {
             client,
             backend,
             stats,
             buf: vec![0u8; buffer_size * 2].into_boxed_slice(),
-            up: Half::default(),
-            down: Half::default(),
+            up: Half {
+                may_splice: splice,
+                ..Half::default()
+            },
+            down: Half {
+                may_splice: splice,
+                ..Half::default()
+            },
             active: false,
         }
     }
@@ -75,24 +102,25 @@ impl<'a> Bidirectional<'a> {
         std::mem::take(&mut self.active)
     }
 
-    /// Resets the side opposite the one that failed.
+    /// Resets the side opposite the one that failed: a FIN would look like
+    /// a clean end of stream. Best effort: the socket may already be gone.
     pub(crate) fn reset_peer_of(&mut self, failed: &CopyError) {
-        reset_peer_of(self.client, self.backend, failed);
+        let peer = match failed {
+            CopyError::Client(_) => &*self.backend,
+            CopyError::Backend(_) => &*self.client,
+        };
+        let _ = peer.set_zero_linger();
     }
 }
 
-/// A broken side's peer gets a reset rather than a FIN: a FIN would look
-/// like a clean end of stream. Best effort: the socket may already be gone.
-pub(crate) fn reset_peer_of(client: &TcpStream, backend: &TcpStream, failed: &CopyError) {
-    let peer = match failed {
-        CopyError::Client(_) => backend,
-        CopyError::Backend(_) => client,
-    };
-    let _ = peer.set_zero_linger();
+/// Where an error came from, before it is named client or backend.
+enum Side {
+    From(io::Error),
+    To(io::Error),
 }
 
-/// Moves bytes one way until `from` is exhausted or `to` would block.
-/// Errors are tagged with the side they came from by the caller's closures.
+/// Moves bytes one way until `from` would block, `to` would block, or the
+/// direction is finished (EOF forwarded as a write shutdown).
 fn poll_half(
     cx: &mut Context<'_>,
     h: &mut Half,
@@ -101,35 +129,64 @@ fn poll_half(
     to: &mut TcpStream,
     active: &mut bool,
     mut count: impl FnMut(u64),
-) -> Poll<Result<(), (bool, io::Error)>> {
-    // `(true, e)`: the error came from reading `from`; `(false, e)`: from
-    // writing `to`.
+) -> Poll<Result<(), Side>> {
     loop {
-        if h.pos == h.cap && !h.eof {
+        while h.pos < h.cap {
+            let n =
+                ready!(Pin::new(&mut *to).poll_write(cx, &buf[h.pos..h.cap])).map_err(Side::To)?;
+            if n == 0 {
+                return Poll::Ready(Err(Side::To(io::ErrorKind::WriteZero.into())));
+            }
+            h.pos += n;
+            *active = true;
+            count(n as u64);
+        }
+        if let Some(pipe) = &h.pipe {
+            while h.in_pipe > 0 {
+                ready!(to.poll_write_ready(cx)).map_err(Side::To)?;
+                match to.try_io(Interest::WRITABLE, || pipe.drain_into(&*to, h.in_pipe)) {
+                    Ok(0) => return Poll::Ready(Err(Side::To(io::ErrorKind::WriteZero.into()))),
+                    Ok(n) => {
+                        h.in_pipe -= n;
+                        *active = true;
+                        count(n as u64);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(Side::To(e))),
+                }
+            }
+        }
+        if h.eof {
+            ready!(Pin::new(&mut *to).poll_shutdown(cx)).map_err(Side::To)?;
+            h.done = true;
+            return Poll::Ready(Ok(()));
+        }
+        // Everything read so far is written: read more.
+        if let Some(pipe) = &h.pipe {
+            // The pipe is empty here, so EAGAIN can only mean the socket
+            // has nothing, and clearing its read readiness is correct.
+            ready!(from.poll_read_ready(cx)).map_err(Side::From)?;
+            match from.try_io(Interest::READABLE, || pipe.fill_from(&*from)) {
+                Ok(0) => h.eof = true,
+                Ok(n) => h.in_pipe = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(Side::From(e))),
+            }
+        } else {
             let mut rb = ReadBuf::new(buf);
-            ready!(Pin::new(&mut *from).poll_read(cx, &mut rb)).map_err(|e| (true, e))?;
+            ready!(Pin::new(&mut *from).poll_read(cx, &mut rb)).map_err(Side::From)?;
             let n = rb.filled().len();
             if n == 0 {
                 h.eof = true;
             } else {
                 h.pos = 0;
                 h.cap = n;
+                if h.may_splice && n >= SPLICE_AFTER {
+                    // Bulk from now on; failing to get a pipe only means
+                    // staying buffered.
+                    h.pipe = Pipe::new().ok();
+                }
             }
-        }
-        while h.pos < h.cap {
-            let n = ready!(Pin::new(&mut *to).poll_write(cx, &buf[h.pos..h.cap]))
-                .map_err(|e| (false, e))?;
-            if n == 0 {
-                return Poll::Ready(Err((false, io::ErrorKind::WriteZero.into())));
-            }
-            h.pos += n;
-            *active = true;
-            count(n as u64);
-        }
-        if h.eof {
-            ready!(Pin::new(&mut *to).poll_shutdown(cx)).map_err(|e| (false, e))?;
-            h.done = true;
-            return Poll::Ready(Ok(()));
         }
     }
 }
@@ -143,10 +200,8 @@ impl Future for Bidirectional<'_> {
         let (up_buf, down_buf) = this.buf.split_at_mut(half);
         let stats = this.stats;
 
-        let up = if this.up.done {
-            Poll::Ready(Ok(()))
-        } else {
-            poll_half(
+        if !this.up.done
+            && let Poll::Ready(Err(side)) = poll_half(
                 cx,
                 &mut this.up,
                 up_buf,
@@ -155,18 +210,14 @@ impl Future for Bidirectional<'_> {
                 &mut this.active,
                 |n| stats.add_bytes_in(n),
             )
-        };
-        if let Poll::Ready(Err((read, e))) = up {
-            return Poll::Ready(Err(if read {
-                CopyError::Client(e)
-            } else {
-                CopyError::Backend(e)
+        {
+            return Poll::Ready(Err(match side {
+                Side::From(e) => CopyError::Client(e),
+                Side::To(e) => CopyError::Backend(e),
             }));
         }
-        let down = if this.down.done {
-            Poll::Ready(Ok(()))
-        } else {
-            poll_half(
+        if !this.down.done
+            && let Poll::Ready(Err(side)) = poll_half(
                 cx,
                 &mut this.down,
                 down_buf,
@@ -175,12 +226,10 @@ impl Future for Bidirectional<'_> {
                 &mut this.active,
                 |n| stats.add_bytes_out(n),
             )
-        };
-        if let Poll::Ready(Err((read, e))) = down {
-            return Poll::Ready(Err(if read {
-                CopyError::Backend(e)
-            } else {
-                CopyError::Client(e)
+        {
+            return Poll::Ready(Err(match side {
+                Side::From(e) => CopyError::Backend(e),
+                Side::To(e) => CopyError::Client(e),
             }));
         }
         if this.up.done && this.down.done {

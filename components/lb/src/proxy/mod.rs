@@ -6,11 +6,29 @@
 //! The caller binds the listener ([`serve`] takes it): the VIP holder's
 //! front, the node-local listener (e.g. `127.0.0.1:7445`) and tests on port
 //! 0 all run the same code.
+//!
+//! Linux only, like the rest of bulwark (static pods, netlink, splice).
+//!
+//! Wiring, as the `bulwark-lb` binary does it:
+//!
+//! ```ignore
+//! bulwark_common::telemetry::metrics_handle(); // before serve: handles resolve once
+//! let backends = Backends::new(config.routing.clone());   // this node's zone
+//! // Raft apply / health aggregation, on every change (version = log index):
+//! backends.publish(specs, applied_index)?;
+//! let proxy = Arc::new(config.proxy.clone());
+//! let local = TcpListener::bind("127.0.0.1:7445").await?;
+//! let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
+//! shutdown.spawn_critical("proxy-local", async move { Ok(proxy::serve(local, b, p, t).await?) });
+//! // The VIP front: bind when this node takes the VIP, cancel a child token
+//! // when it releases it (new connections stop at once; open ones get
+//! // `shutdownGrace`).
+//! ```
 
+mod close;
 mod config;
 mod conn;
 mod copy;
-#[cfg(target_os = "linux")]
 mod splice;
 
 use std::io;
@@ -72,6 +90,8 @@ struct Shared {
     backends: Backends,
     config: Arc<ProxyConfig>,
     keepalive: Option<socket2::TcpKeepalive>,
+    /// Client sockets got their options from the listener.
+    client_options_inherited: bool,
     /// Cancelled when the shutdown grace is over: open connections close.
     force_close: CancellationToken,
     metrics: Metrics,
@@ -94,14 +114,20 @@ pub async fn serve(
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     backends.set_drain_max_duration(config.drain_max_duration);
+    check_descriptor_limit(&address, &config);
     let keepalive = config.tcp_keepalive.enabled.then(|| {
         socket2::TcpKeepalive::new()
             .with_time(config.tcp_keepalive.idle)
             .with_interval(config.tcp_keepalive.interval)
             .with_retries(config.tcp_keepalive.count)
     });
+    // Accepted sockets inherit TCP_NODELAY and the keepalive settings from
+    // the listener on Linux: set once here instead of five setsockopt calls
+    // per accepted connection. If that fails, set them per connection.
+    let inherit = set_listener_options(&listener, keepalive.as_ref()).is_ok();
     let shared = Arc::new(Shared {
         backends,
+        client_options_inherited: inherit,
         keepalive,
         force_close: CancellationToken::new(),
         metrics: Metrics::new(&address),
@@ -128,6 +154,44 @@ pub async fn serve(
     }
     tracing::info!(listener = %address, "proxy stopped");
     result
+}
+
+/// Warns when `maxConnections` cannot be reached before accept runs out of
+/// descriptors: each connection holds two sockets, plus two pipes per bulk
+/// direction with splice. The accept backoff copes either way; the warning
+/// says which limit will bite first.
+fn check_descriptor_limit(address: &str, config: &ProxyConfig) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit for the kernel to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let per_connection: u64 = if config.splice { 6 } else { 2 };
+    let needed = u64::from(config.max_connections) * per_connection + 64;
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            listener = address,
+            max_connections = config.max_connections,
+            descriptor_limit = limit.rlim_cur,
+            needed,
+            "the descriptor limit (ulimit -n) is below what maxConnections needs: accepts will back off first"
+        );
+    }
+}
+
+fn set_listener_options(
+    listener: &TcpListener,
+    keepalive: Option<&socket2::TcpKeepalive>,
+) -> io::Result<()> {
+    let sock = socket2::SockRef::from(listener);
+    sock.set_tcp_nodelay(true)?;
+    if let Some(ka) = keepalive {
+        sock.set_tcp_keepalive(ka)?;
+    }
+    Ok(())
 }
 
 async fn accept_loop(
@@ -254,5 +318,73 @@ impl Backoff {
             );
             self.errors = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_are_classified_by_what_retrying_would_do() {
+        let os = io::Error::from_raw_os_error;
+        for e in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(matches!(
+                classify_accept_error(&os(e)),
+                AcceptError::Resources
+            ));
+        }
+        for e in [libc::ECONNABORTED, libc::EPROTO, libc::EPERM, libc::EINTR] {
+            assert!(matches!(
+                classify_accept_error(&os(e)),
+                AcceptError::Connection
+            ));
+        }
+        for e in [libc::EBADF, libc::EINVAL, libc::ENOTSOCK] {
+            assert!(matches!(classify_accept_error(&os(e)), AcceptError::Fatal));
+        }
+    }
+
+    #[test]
+    fn resource_backoff_grows_caps_and_resets() {
+        let mut b = Backoff::default();
+        let e = io::Error::from_raw_os_error(libc::EMFILE);
+        let pauses: Vec<Duration> = (0..10).map(|_| b.next("test", &e)).collect();
+        assert_eq!(pauses[0], Duration::from_millis(5));
+        assert_eq!(pauses[1], Duration::from_millis(10));
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*pauses.last().unwrap(), Duration::from_millis(500));
+        // A burst of a second never makes more than a dozen accept calls.
+        let mut b = Backoff::default();
+        let mut spent = Duration::ZERO;
+        let mut calls = 0;
+        while spent < Duration::from_secs(1) {
+            spent += b.next("test", &e);
+            calls += 1;
+        }
+        assert!(calls <= 12, "{calls} accept calls in a second");
+        b.recovered("test");
+        assert_eq!(b.next("test", &e), Duration::from_millis(5));
+    }
+
+    /// The per-connection setsockopt calls are skipped on this premise.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listener_options() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(17))
+            .with_interval(Duration::from_secs(5))
+            .with_retries(4);
+        set_listener_options(&listener, Some(&ka)).unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let s = socket2::SockRef::from(&accepted);
+        assert!(s.tcp_nodelay().unwrap());
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(17));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(5));
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), 4);
     }
 }

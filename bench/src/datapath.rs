@@ -1,0 +1,596 @@
+//! Scenario `datapath`: HTTPS through TLS passthrough, measured with `wrk`
+//! against (a) one backend directly, (b) HAProxy in mode tcp, (c) bulwark's
+//! proxy, all in front of the same backends, in one invocation. Three
+//! workloads: small keep-alive, 64 KiB keep-alive, and a new connection (so
+//! a new TLS handshake and a new proxied TCP connection) per request.
+//!
+//! Runs alternate the contenders' order so slow drift (thermal, noisy
+//! neighbours) does not favour one; each figure is the median of the runs.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+/// Flags of `bulwark-bench datapath`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Duration of one wrk run.
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Runs per (workload, contender); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// wrk threads.
+    #[arg(long, default_value_t = 2)]
+    wrk_threads: usize,
+    /// wrk connections (keep-alive workloads).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// wrk connections for the connection-per-request workload.
+    #[arg(long, default_value_t = 16)]
+    close_connections: usize,
+    /// Threads of each proxy (HAProxy nbthread, bulwark's runtime workers).
+    #[arg(long, default_value_t = 2)]
+    proxy_threads: usize,
+    /// Worker threads of the backend process.
+    #[arg(long, default_value_t = 2)]
+    backend_threads: usize,
+    /// CPU list (taskset -c) for wrk; empty: no pinning.
+    #[arg(long, default_value = "")]
+    cpus_load: String,
+    /// CPU list for the backends; empty: no pinning.
+    #[arg(long, default_value = "")]
+    cpus_backend: String,
+    /// CPU list for both proxies (the same for each); empty: no pinning.
+    #[arg(long, default_value = "")]
+    cpus_proxy: String,
+    /// Copy buffer per direction for bulwark (default: ProxyConfig's).
+    #[arg(long)]
+    buffer_size: Option<usize>,
+    /// Also run bulwark with splice(2) off (buffered copy only) as a
+    /// fourth contender.
+    #[arg(long)]
+    compare_buffered: bool,
+    /// HAProxy binary.
+    #[arg(long, default_value = "/usr/sbin/haproxy")]
+    haproxy: PathBuf,
+    /// wrk binary.
+    #[arg(long, default_value = "/usr/bin/wrk")]
+    wrk: PathBuf,
+    /// Where to write `<date>-datapath.md` and `.json`.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Print the table only; write no files.
+    #[arg(long)]
+    no_write: bool,
+}
+
+const BACKENDS: usize = 3;
+
+struct Workload {
+    name: &'static str,
+    path: &'static str,
+    close: bool,
+}
+
+const WORKLOADS: [Workload; 3] = [
+    Workload {
+        name: "small keep-alive",
+        path: "/small",
+        close: false,
+    },
+    Workload {
+        name: "64 KiB keep-alive",
+        path: "/64k",
+        close: false,
+    },
+    Workload {
+        name: "new connection per request",
+        path: "/small",
+        close: true,
+    },
+];
+
+/// A child process killed on drop, so no contender outlives the bench.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pinned(cpus: &str, program: &Path) -> Command {
+    if cpus.is_empty() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(cpus).arg(program);
+        c
+    }
+}
+
+fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Proc {
+        name: name.to_owned(),
+        child,
+    })
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    // Bound and released at once; the short race with other processes is
+    // acceptable for a benchmark on a quiet machine.
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn wait_listening(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Some(status) = p.child.try_wait()? {
+            bail!("{} exited early with {status}", p.name);
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{} is not listening on {addr} after 15 s", p.name)
+}
+
+/// One wrk run's figures.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Sample {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn parse_latency(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, mult) = if let Some(v) = s.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        return None;
+    };
+    num.trim().parse::<f64>().ok().map(|v| v * mult)
+}
+
+fn parse_wrk(out: &str) -> anyhow::Result<Sample> {
+    let mut rps = None;
+    let mut p50 = None;
+    let mut p99 = None;
+    let mut errors = 0u64;
+    for line in out.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse::<f64>().ok();
+        } else if let Some(v) = t.strip_prefix("50%") {
+            p50 = parse_latency(v);
+        } else if let Some(v) = t.strip_prefix("99%") {
+            p99 = parse_latency(v);
+        } else if let Some(v) = t.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            errors += v
+                .split(',')
+                .filter_map(|kv| kv.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += v.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    match (rps, p50, p99) {
+        (Some(rps), Some(p50_ms), Some(p99_ms)) => Ok(Sample {
+            rps,
+            p50_ms,
+            p99_ms,
+            errors,
+        }),
+        _ => bail!("cannot read wrk's output:\n{out}"),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[derive(Serialize)]
+struct Row {
+    workload: String,
+    contender: String,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    rps_ratio_to_haproxy: Option<f64>,
+    p99_ratio_to_haproxy: Option<f64>,
+    samples: Vec<Sample>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    date: String,
+    command: String,
+    machine: BTreeMap<String, String>,
+    settings: BTreeMap<String, String>,
+    note: String,
+    rows: Vec<Row>,
+}
+
+fn machine() -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "nproc".into(),
+        std::thread::available_parallelism()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".into()),
+    );
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "?".into());
+    m.insert("cpu".into(), cpu);
+    m.insert(
+        "kernel".into(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "?".into()),
+    );
+    let first_line = |prog: &str, arg: &str| {
+        Command::new(prog)
+            .arg(arg)
+            .output()
+            .ok()
+            .map(|o| {
+                let text = if o.stdout.is_empty() {
+                    o.stderr
+                } else {
+                    o.stdout
+                };
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .unwrap_or_else(|| "?".into())
+    };
+    m.insert("haproxy".into(), first_line("haproxy", "-v"));
+    m.insert("wrk".into(), first_line("wrk", "-v"));
+    m
+}
+
+/// The 1/5/15-minute load averages: other work on the machine is the
+/// largest source of noise, so every report says how busy it was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr], threads: usize) -> String {
+    let mut c = format!(
+        "global\n    nbthread {threads}\n    maxconn 8000\n\n\
+         defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 1h\n    timeout server 1h\n\n\
+         frontend fe\n    bind {listen}\n    default_backend be\n\n\
+         backend be\n    balance leastconn\n"
+    );
+    for (i, b) in backends.iter().enumerate() {
+        let _ = writeln!(c, "    server b{i} {b}");
+    }
+    c
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let load_before = loadavg();
+    let dir = tempfile::tempdir().context("creating a temp dir")?;
+
+    let backend_addrs: Vec<SocketAddr> = (0..BACKENDS)
+        .map(|_| free_port())
+        .collect::<anyhow::Result<_>>()?;
+    let mut cmd = pinned(&args.cpus_backend, &exe);
+    cmd.arg("backend")
+        .arg("--threads")
+        .arg(args.backend_threads.to_string());
+    for a in &backend_addrs {
+        cmd.arg("--listen").arg(a.to_string());
+    }
+    let mut backend = spawn("backends", cmd, &dir.path().join("backends.log"))?;
+    for a in &backend_addrs {
+        wait_listening(&mut backend, *a)?;
+    }
+
+    let haproxy_addr = free_port()?;
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        haproxy_config(haproxy_addr, &backend_addrs, args.proxy_threads),
+    )?;
+    let mut cmd = pinned(&args.cpus_proxy, &args.haproxy);
+    cmd.arg("-f").arg(&cfg).arg("-db");
+    let mut haproxy = spawn("haproxy", cmd, &dir.path().join("haproxy.log"))?;
+    wait_listening(&mut haproxy, haproxy_addr)?;
+
+    let mut contenders: Vec<(String, SocketAddr, Proc)> = Vec::new();
+    let variants: &[bool] = if args.compare_buffered {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &buffered in variants {
+        let addr = free_port()?;
+        let mut cmd = pinned(&args.cpus_proxy, &exe);
+        cmd.arg("proxy")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--threads")
+            .arg(args.proxy_threads.to_string());
+        for a in &backend_addrs {
+            cmd.arg("--backend").arg(a.to_string());
+        }
+        if let Some(b) = args.buffer_size {
+            cmd.arg("--buffer-size").arg(b.to_string());
+        }
+        let name = if buffered {
+            cmd.arg("--no-splice");
+            "bulwark (buffered)"
+        } else {
+            "bulwark"
+        };
+        let mut p = spawn(name, cmd, &dir.path().join(format!("{name}.log")))?;
+        wait_listening(&mut p, addr)?;
+        contenders.push((name.to_owned(), addr, p));
+    }
+
+    let mut targets: Vec<(String, SocketAddr)> = vec![
+        ("direct".into(), backend_addrs[0]),
+        ("haproxy".into(), haproxy_addr),
+    ];
+    targets.extend(contenders.iter().map(|(n, a, _)| (n.clone(), *a)));
+
+    let mut samples: BTreeMap<(usize, String), Vec<Sample>> = BTreeMap::new();
+    for run in 0..args.runs {
+        for (wi, w) in WORKLOADS.iter().enumerate() {
+            // Rotate the order every run: no contender always goes first.
+            let n = targets.len();
+            for k in 0..n {
+                let (name, addr) = &targets[(k + run) % n];
+                let conns = if w.close {
+                    args.close_connections
+                } else {
+                    args.connections
+                };
+                let mut cmd = pinned(&args.cpus_load, &args.wrk);
+                cmd.arg("-t")
+                    .arg(args.wrk_threads.to_string())
+                    .arg("-c")
+                    .arg(conns.to_string())
+                    .arg("-d")
+                    .arg(format!("{}s", args.duration.as_secs().max(1)))
+                    .arg("--latency");
+                if w.close {
+                    cmd.arg("-H").arg("Connection: close");
+                }
+                cmd.arg(format!("https://{addr}{}", w.path));
+                let out = cmd.output().context("running wrk")?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                if !out.status.success() {
+                    bail!(
+                        "wrk failed against {name}: {}\n{text}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                let s = parse_wrk(&text)?;
+                eprintln!(
+                    "run {}/{} {:<28} {:<18} {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {}",
+                    run + 1,
+                    args.runs,
+                    w.name,
+                    name,
+                    s.rps,
+                    s.p50_ms,
+                    s.p99_ms,
+                    s.errors
+                );
+                samples.entry((wi, name.clone())).or_default().push(s);
+            }
+        }
+    }
+
+    for p in [&mut backend, &mut haproxy]
+        .into_iter()
+        .chain(contenders.iter_mut().map(|(_, _, p)| p))
+    {
+        if let Some(status) = p.child.try_wait()? {
+            bail!("{} died during the bench ({status})", p.name);
+        }
+    }
+
+    let mut rows = Vec::new();
+    for (wi, w) in WORKLOADS.iter().enumerate() {
+        let get = |name: &str| {
+            samples
+                .get(&(wi, name.to_owned()))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+        let ha = get("haproxy");
+        let (ha_rps, ha_p99) = (med(&ha, |s| s.rps), med(&ha, |s| s.p99_ms));
+        for (name, _) in &targets {
+            let v = get(name);
+            let rps = med(&v, |s| s.rps);
+            let p99 = med(&v, |s| s.p99_ms);
+            let is_ha = name == "haproxy";
+            rows.push(Row {
+                workload: w.name.into(),
+                contender: name.clone(),
+                rps,
+                p50_ms: med(&v, |s| s.p50_ms),
+                p99_ms: p99,
+                errors: v.iter().map(|s| s.errors).sum(),
+                rps_ratio_to_haproxy: (!is_ha).then(|| rps / ha_rps),
+                p99_ratio_to_haproxy: (!is_ha).then(|| p99 / ha_p99),
+                samples: v,
+            });
+        }
+    }
+
+    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut machine = machine();
+    machine.insert("loadavg_before".into(), load_before);
+    machine.insert("loadavg_after".into(), loadavg());
+    let mut settings = BTreeMap::new();
+    for (k, v) in [
+        ("duration", format!("{}s", args.duration.as_secs())),
+        ("runs", args.runs.to_string()),
+        ("wrk_threads", args.wrk_threads.to_string()),
+        ("connections", args.connections.to_string()),
+        ("close_connections", args.close_connections.to_string()),
+        ("proxy_threads", args.proxy_threads.to_string()),
+        ("backend_threads", args.backend_threads.to_string()),
+        ("cpus_load", args.cpus_load.clone()),
+        ("cpus_backend", args.cpus_backend.clone()),
+        ("cpus_proxy", args.cpus_proxy.clone()),
+        (
+            "bulwark_buffer_size",
+            args.buffer_size
+                .unwrap_or(bulwark_lb::proxy::ProxyConfig::default().buffer_size)
+                .to_string(),
+        ),
+    ] {
+        settings.insert(k.to_owned(), v);
+    }
+    let report = Report {
+        date: date.clone(),
+        command,
+        machine,
+        settings,
+        note: "bulwark = bulwark_lb::proxy::serve (the library's data path) run by \
+               `bulwark-bench proxy` with static backends, not the bulwark-lb binary; \
+               final figures must come from the real binary."
+            .into(),
+        rows,
+    };
+    let md = markdown(&report);
+    println!("{md}");
+    if !args.no_write {
+        std::fs::create_dir_all(&args.out)?;
+        let day = &date[..10];
+        let md_path = args.out.join(format!("{day}-datapath.md"));
+        let json_path = args.out.join(format!("{day}-datapath.json"));
+        std::fs::write(&md_path, &md)?;
+        std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("wrote {} and {}", md_path.display(), json_path.display());
+    }
+    Ok(())
+}
+
+fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# datapath — {}\n", r.date);
+    let _ = writeln!(s, "Command: `{}`\n", r.command);
+    let _ = writeln!(s, "Machine: {}\n", kv(&r.machine));
+    let _ = writeln!(s, "Settings: {}\n", kv(&r.settings));
+    let _ = writeln!(s, "Note: {}\n", r.note);
+    let _ = writeln!(
+        s,
+        "Figures are medians of {} alternating runs; ratios are to HAProxy \
+         (throughput: higher is better, ≥ 1.0 is the target; p99: lower is better, ≤ 1.0 is the target).\n",
+        r.settings.get("runs").map(String::as_str).unwrap_or("?")
+    );
+    let _ = writeln!(
+        s,
+        "| workload | contender | req/s | p50 ms | p99 ms | errors | req/s ÷ HAProxy | p99 ÷ HAProxy |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
+    for row in &r.rows {
+        let ratio = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "—".into());
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {} | {} | {} |",
+            row.workload,
+            row.contender,
+            row.rps,
+            row.p50_ms,
+            row.p99_ms,
+            row.errors,
+            ratio(row.rps_ratio_to_haproxy),
+            ratio(row.p99_ratio_to_haproxy)
+        );
+    }
+    s
+}
+
+fn kv(m: &BTreeMap<String, String>) -> String {
+    m.iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrk_output() {
+        let out = "Running 1s test @ https://127.0.0.1:1/small
+  2 threads and 8 connections
+  Latency Distribution
+     50%  520.00us
+     75%  600.00us
+     90%    1.00ms
+     99%    2.50ms
+  1000 requests in 1.00s, 100KB read
+  Socket errors: connect 1, read 2, write 0, timeout 3
+Requests/sec:   1234.56
+Transfer/sec:    100.00KB
+";
+        let s = parse_wrk(out).unwrap();
+        assert_eq!(s.rps, 1234.56);
+        assert!((s.p50_ms - 0.52).abs() < 1e-9);
+        assert!((s.p99_ms - 2.5).abs() < 1e-9);
+        assert_eq!(s.errors, 6);
+        assert!(parse_wrk("garbage").is_err());
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+    }
+}

@@ -1,0 +1,48 @@
+//! `bulwark-bench`: benchmark scenarios, each run side by side with its
+//! baseline in one invocation, reported as medians and ratios (see
+//! `bench/README.md`).
+//!
+//! The contenders run as separate processes (this same binary re-executed
+//! with an internal subcommand), so CPU pinning applies to each alike.
+
+mod backend;
+mod datapath;
+mod proxy;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bulwark-bench", about = "bulwark benchmark scenarios")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Data path: wrk over HTTPS against the backends directly, HAProxy
+    /// (mode tcp) and bulwark's proxy, three workloads, alternating runs.
+    Datapath(datapath::Args),
+    /// (internal) HTTPS test backends that terminate TLS.
+    Backend(backend::Args),
+    /// (internal) bulwark's data path with static backends.
+    Proxy(proxy::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Datapath(a) => datapath::run(&a),
+        Cmd::Backend(a) => backend::run(&a),
+        Cmd::Proxy(a) => proxy::run(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulwark-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

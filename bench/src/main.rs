@@ -7,6 +7,7 @@
 
 mod backend;
 mod datapath;
+mod probecost;
 mod proxy;
 
 use std::process::ExitCode;
@@ -25,6 +26,9 @@ enum Cmd {
     /// Data path: wrk over HTTPS against the backends directly, HAProxy
     /// (mode tcp) and bulwark's proxy, three workloads, alternating runs.
     Datapath(datapath::Args),
+    /// Probing cost: CPU of bulwark-prober and of the probed servers with
+    /// a fresh connection per probe and with kept-alive connections.
+    ProbeCost(probecost::Args),
     /// (internal) HTTPS test backends that terminate TLS.
     Backend(backend::Args),
     /// (internal) bulwark's data path with static backends.
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Datapath(a) => datapath::run(&a),
+        Cmd::ProbeCost(a) => probecost::run(&a),
         Cmd::Backend(a) => backend::run(&a),
         Cmd::Proxy(a) => proxy::run(&a),
     };

@@ -82,7 +82,11 @@ fn check_config_accepts_a_valid_file_and_names_every_bad_field() {
         "{stderr}"
     );
 
-    let unknown = write(&dir, "unknown.yaml", &format!("{HEADER}nodeName: x\nprobes: []\n"));
+    let unknown = write(
+        &dir,
+        "unknown.yaml",
+        &format!("{HEADER}nodeName: x\nprobes: []\n"),
+    );
     let (code, _, stderr) = check_config(&unknown, &[]);
     assert_eq!(code, 2);
     assert!(stderr.contains("probes: unknown field"), "{stderr}");

@@ -98,9 +98,9 @@ const WORKLOADS: [Workload; 3] = [
 ];
 
 /// A child process killed on drop, so no contender outlives the bench.
-struct Proc {
-    name: String,
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    pub(crate) child: Child,
 }
 
 impl Drop for Proc {
@@ -120,7 +120,7 @@ fn pinned(cpus: &str, program: &Path) -> Command {
     }
 }
 
-fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
+pub(crate) fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     let child = cmd
@@ -232,13 +232,13 @@ fn wait_seeded(p: &mut Proc, log: &Path) -> anyhow::Result<()> {
     )
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     // Bound and released at once; the short race with other processes is
     // acceptable for a benchmark on a quiet machine.
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn wait_listening(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
+pub(crate) fn wait_listening(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if let Some(status) = p.child.try_wait()? {
@@ -309,7 +309,7 @@ fn parse_wrk(out: &str) -> anyhow::Result<Sample> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {
@@ -344,7 +344,7 @@ struct Report {
     rows: Vec<Row>,
 }
 
-fn machine() -> BTreeMap<String, String> {
+pub(crate) fn machine() -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     m.insert(
         "nproc".into(),
@@ -394,7 +394,7 @@ fn machine() -> BTreeMap<String, String> {
 
 /// The 1/5/15-minute load averages: other work on the machine is the
 /// largest source of noise, so every report says how busy it was.
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
@@ -644,7 +644,7 @@ fn markdown(r: &Report) -> String {
     s
 }
 
-fn kv(m: &BTreeMap<String, String>) -> String {
+pub(crate) fn kv(m: &BTreeMap<String, String>) -> String {
     m.iter()
         .filter(|(_, v)| !v.is_empty())
         .map(|(k, v)| format!("{k}={v}"))

@@ -9,6 +9,7 @@
 mod backend;
 mod datapath;
 mod failover;
+mod probecost;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,9 @@ enum Cmd {
     /// VIP failover: netns lab, arp mode, the leader's link cut per trial
     /// (root only).
     Failover(failover::Args),
+    /// Probing cost: CPU of bulwark-prober and of the probed servers with
+    /// a fresh connection per probe and with kept-alive connections.
+    ProbeCost(probecost::Args),
     /// (internal) HTTPS test backends that terminate TLS.
     Backend(backend::Args),
 }
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Datapath(a) => datapath::run(&a),
         Cmd::Failover(a) => failover::run(&a),
+        Cmd::ProbeCost(a) => probecost::run(&a),
         Cmd::Backend(a) => backend::run(&a),
     };
     match result {

@@ -11,10 +11,14 @@
 //! quorum lease is fresh; [`api`] is the operator API; [`node`] wires one
 //! node together (`run(config, listeners, shutdown)`), configured by
 //! [`config`].
+//!
+//! Who decides a backend is down: [`health`] aggregates the probers'
+//! reports into verdicts that the leader commits.
 
 pub mod api;
 pub mod backends;
 pub mod config;
+pub mod health;
 pub mod node;
 pub mod proxy;
 pub mod raft;

@@ -199,7 +199,7 @@ async fn closed_port_backend_costs_no_client_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_backend_under_load_costs_no_new_connection() {
-    let backends = [
+    let mut backends = [
         TestBackend::start("k1", Mode::Echo).await,
         TestBackend::start("k2", Mode::Echo).await,
         TestBackend::start("k3", Mode::Echo).await,
@@ -226,7 +226,7 @@ async fn killed_backend_under_load_costs_no_new_connection() {
     for t in before {
         t.await.unwrap();
     }
-    backends[0].kill();
+    backends[0].kill().await;
     // Nothing tells the proxy: no prober, no publish. The connect retry
     // alone must hide the dead backend from every new client.
     let after: Vec<_> = (0..8).map(|_| load(40)).collect();
@@ -295,8 +295,8 @@ async fn idle_timeout_is_off_by_default_and_cuts_when_set() {
     let (_, mut busy) = on.connect().await.unwrap();
     // Longer than the connect timeout and than the idle timeout below; the
     // busy connection talks more often than the timeout.
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
         roundtrip(&mut busy, b"tick").await.unwrap();
     }
     roundtrip(&mut silent, b"still open").await.unwrap();

@@ -325,6 +325,48 @@ impl Backoff {
 mod tests {
     use super::*;
 
+    #[test]
+    fn accept_errors_are_classified_by_what_retrying_would_do() {
+        let os = io::Error::from_raw_os_error;
+        for e in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(matches!(
+                classify_accept_error(&os(e)),
+                AcceptError::Resources
+            ));
+        }
+        for e in [libc::ECONNABORTED, libc::EPROTO, libc::EPERM, libc::EINTR] {
+            assert!(matches!(
+                classify_accept_error(&os(e)),
+                AcceptError::Connection
+            ));
+        }
+        for e in [libc::EBADF, libc::EINVAL, libc::ENOTSOCK] {
+            assert!(matches!(classify_accept_error(&os(e)), AcceptError::Fatal));
+        }
+    }
+
+    #[test]
+    fn resource_backoff_grows_caps_and_resets() {
+        let mut b = Backoff::default();
+        let e = io::Error::from_raw_os_error(libc::EMFILE);
+        let pauses: Vec<Duration> = (0..10).map(|_| b.next("test", &e)).collect();
+        assert_eq!(pauses[0], Duration::from_millis(5));
+        assert_eq!(pauses[1], Duration::from_millis(10));
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*pauses.last().unwrap(), Duration::from_millis(500));
+        // A burst of a second never makes more than a dozen accept calls.
+        let mut b = Backoff::default();
+        let mut spent = Duration::ZERO;
+        let mut calls = 0;
+        while spent < Duration::from_secs(1) {
+            spent += b.next("test", &e);
+            calls += 1;
+        }
+        assert!(calls <= 12, "{calls} accept calls in a second");
+        b.recovered("test");
+        assert_eq!(b.next("test", &e), Duration::from_millis(5));
+    }
+
     /// The per-connection setsockopt calls are skipped on this premise.
     #[tokio::test]
     async fn accepted_sockets_inherit_the_listener_options() {

@@ -89,9 +89,12 @@ impl TestBackend {
         }
     }
 
-    /// Drops the listener and every open connection.
-    pub fn kill(&self) {
+    /// Drops the listener and every open connection, and returns once they
+    /// are gone (abort alone only requests it; a connect could still land
+    /// in the dying listener's backlog).
+    pub async fn kill(&mut self) {
         self.task.abort();
+        let _ = (&mut self.task).await;
     }
 
     pub fn spec(&self, zone: &str) -> BackendSpec {

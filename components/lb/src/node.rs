@@ -130,7 +130,9 @@ fn openraft_config(config: &LbConfig) -> anyhow::Result<openraft::Config> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
             config.raft.snapshot_every_entries,
         ),
-        max_in_snapshot_log_to_keep: 100,
+        // A follower a little behind catches up from the log; one further
+        // behind (or a new member) gets the snapshot.
+        max_in_snapshot_log_to_keep: config.raft.snapshot_every_entries.min(100),
         install_snapshot_timeout: 10_000,
         ..Default::default()
     };

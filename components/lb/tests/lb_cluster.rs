@@ -18,6 +18,7 @@ async fn heavy_sigkill_of_the_leader_moves_the_vip() {
         nodes: 3,
         backends: vec![("api-1".into(), backend)],
         vip: None,
+        snapshot_every: None,
     })
     .await;
     let holder = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -56,6 +57,7 @@ async fn heavy_state_survives_restarts_of_a_follower_then_the_leader() {
         nodes: 3,
         backends: vec![],
         vip: None,
+        snapshot_every: None,
     })
     .await;
     let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -132,6 +134,7 @@ async fn heavy_a_wiped_node_rejoins_only_when_an_operator_adds_it() {
         nodes: 3,
         backends: vec![],
         vip: None,
+        snapshot_every: Some(10),
     })
     .await;
     let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -171,6 +174,18 @@ async fn heavy_a_wiped_node_rejoins_only_when_an_operator_adds_it() {
         })
         .await
         .unwrap();
+    // Enough writes that the leader snapshots (every 10 entries) and purges
+    // the log behind it: the re-added node must be sent the snapshot.
+    for i in 0..30 {
+        c.client(leader)
+            .add_backend(lb::AddBackendRequest {
+                id: format!("filler-{i}"),
+                address: "127.0.0.1:9".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
 
     // Adding it while it is still a member is refused with the way out.
     let node_info = |id: u64, c: &LbCluster| lb::NodeInfo {
@@ -219,6 +234,7 @@ async fn heavy_a_wiped_node_rejoins_only_when_an_operator_adds_it() {
             .unwrap()
             .into_inner();
         if list.backends.iter().any(|b| b.id == "after-wipe") {
+            assert_eq!(list.backends.len(), 31);
             break;
         }
         assert!(
@@ -235,6 +251,7 @@ async fn heavy_access_control_and_precise_errors() {
         nodes: 3,
         backends: vec![],
         vip: None,
+        snapshot_every: None,
     })
     .await;
     let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -379,6 +396,7 @@ async fn heavy_bulwarkctl_lb_commands() {
         nodes: 3,
         backends: vec![("api-1".into(), backend)],
         vip: None,
+        snapshot_every: None,
     })
     .await;
     let holder = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -419,6 +437,7 @@ async fn heavy_sigterm_on_the_leader_releases_then_hands_over() {
         nodes: 3,
         backends: vec![],
         vip: None,
+        snapshot_every: None,
     })
     .await;
     let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;

@@ -39,6 +39,7 @@ async fn cluster_with(apis: &[ApiServerProcess], pki: Pki, vip: std::net::Socket
                 .map(|a| (a.name().to_owned(), a.addr()))
                 .collect(),
             vip: Some(vip),
+            snapshot_every: None,
         },
     )
     .await

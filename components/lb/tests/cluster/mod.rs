@@ -55,6 +55,8 @@ pub struct Options {
     pub backends: Vec<(String, SocketAddr)>,
     /// The VIP; `None` picks one with [`new_vip`].
     pub vip: Option<SocketAddr>,
+    /// `raft.snapshotEveryEntries`; `None` keeps the default.
+    pub snapshot_every: Option<u64>,
 }
 
 /// A VIP:port of its own on loopback (127.77.0.0/16), so parallel tests do
@@ -144,7 +146,7 @@ name: lb-{id}
 dataDir: {data}
 raft:
   address: '{raft}'
-api:
+{snapshot}api:
   address: '{api}'
 admin:
   address: '{admin}'
@@ -170,6 +172,10 @@ shutdownGrace: 5s
                     key = cert.key.display(),
                     ca = cert.ca.display(),
                     vip_port = vip.port(),
+                    snapshot = opts
+                        .snapshot_every
+                        .map(|n| format!("  snapshotEveryEntries: {n}\n"))
+                        .unwrap_or_default(),
                     backends = if backends.is_empty() {
                         " []\n".to_owned()
                     } else {

@@ -44,9 +44,24 @@ async fn heavy_netns_cut_leader_link_moves_the_vip() {
     assert_eq!(l.holders(), vec![new]);
     assert!(echo(&l.client(), l.vip, Duration::from_secs(1)).await);
 
-    let status = l.status(new).await.unwrap();
-    let f = &status.recent_failovers[0];
-    assert_eq!(f.to_node_id, new as u64 + 1);
+    // The new holder commits its record right after claiming.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let f = loop {
+        if let Some(f) = l
+            .status(new)
+            .await
+            .and_then(|s| s.recent_failovers.into_iter().next())
+            .filter(|f| f.to_node_id == new as u64 + 1)
+        {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failover record on the new holder"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(f.from_node_id, Some(leader as u64 + 1));
     eprintln!("failover record: {f:?}");
 
     let w = sampler.finish();

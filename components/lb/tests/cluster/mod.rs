@@ -311,6 +311,27 @@ shutdownGrace: 5s
         }
     }
 
+    /// Waits until node `id` shows a failover to `to` as the latest (the
+    /// new holder commits its record right after claiming).
+    pub async fn wait_for_failover(&self, id: u64, to: u64) -> lb::Failover {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(f) = self
+                .status(id)
+                .await
+                .and_then(|s| s.recent_failovers.into_iter().next())
+                .filter(|f| f.to_node_id == to)
+            {
+                return f;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no failover record to node {to} on node {id}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The leader as node `id` sees it.
     pub async fn leader(&self, id: u64) -> Option<u64> {
         self.status(id).await.and_then(|s| s.leader).map(|l| l.id)

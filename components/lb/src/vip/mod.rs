@@ -194,6 +194,7 @@ impl VipTask {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut measure = Measure { previous: None };
         let mut kicked = None;
+        let mut recorded_term = None;
         loop {
             tokio::select! {
                 biased;
@@ -255,7 +256,14 @@ impl VipTask {
                         let claimed = Instant::now();
                         metrics::counter!("bulwark_lb_vip_acquisitions_total").increment(1);
                         metrics::gauge!("bulwark_lb_vip_held").set(1.0);
-                        self.record(term, elected_at, claimed, after_transfer, &measure);
+                        if recorded_term == Some(term) {
+                            // The lease lapsed (acks were late) and came
+                            // back in the same term: no leadership moved.
+                            tracing::warn!(term, "took the VIP again after a lease lapse");
+                        } else {
+                            recorded_term = Some(term);
+                            self.record(term, elected_at, claimed, after_transfer, &measure);
+                        }
                         self.state.send_replace(VipState {
                             holding: true,
                             since: Some(SystemTime::now()),

@@ -6,6 +6,7 @@
 //! A stand-in until the testkit's fixture apiserver can take its place.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -27,17 +28,35 @@ pub struct Args {
     /// Runtime worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Serve this certificate chain (PEM) instead of a fresh self-signed
+    /// one, so a client that verifies (the prober) can trust its CA.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Key of `--cert` (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     bulwark_common::tls::install_crypto_provider();
-    let key = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .context("generating the certificate")?;
-    let cert = CertificateDer::from(key.cert.der().to_vec());
-    let pkey = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.signing_key.serialize_der()));
+    let (chain, pkey) = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => (
+            bulwark_common::tls::load_certs(cert, "certificate")?,
+            bulwark_common::tls::load_key(key)?,
+        ),
+        _ => {
+            let key =
+                rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+                    .context("generating the certificate")?;
+            let cert = CertificateDer::from(key.cert.der().to_vec());
+            let pkey =
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.signing_key.serialize_der()));
+            (vec![cert], pkey)
+        }
+    };
     let mut tls = rustls::ServerConfig::builder()
         .with_no_client_auth()
-        .with_single_cert(vec![cert], pkey)
+        .with_single_cert(chain, pkey)
         .context("building the TLS config")?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));

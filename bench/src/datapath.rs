@@ -98,9 +98,9 @@ const WORKLOADS: [Workload; 3] = [
 ];
 
 /// A child process killed on drop, so no contender outlives the bench.
-struct Proc {
-    name: String,
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    pub(crate) child: Child,
 }
 
 impl Drop for Proc {
@@ -120,7 +120,7 @@ fn pinned(cpus: &str, program: &Path) -> Command {
     }
 }
 
-fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
+pub(crate) fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     let child = cmd
@@ -135,13 +135,110 @@ fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
     })
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
+/// Starts the real `bulwark-lb` (built beside this binary) as a one-node
+/// cluster whose node-local listener on `addr` is the contender, with the
+/// backends seeded from its configuration and as many runtime workers as
+/// HAProxy gets threads.
+fn bulwark_lb(
+    exe: &Path,
+    dir: &Path,
+    name: &str,
+    addr: SocketAddr,
+    backends: &[SocketAddr],
+    args: &Args,
+    buffered: bool,
+) -> anyhow::Result<Proc> {
+    let bin = exe.with_file_name("bulwark-lb");
+    if !bin.exists() {
+        bail!(
+            "{} not found: cargo build --release -p bulwark-lb",
+            bin.display()
+        );
+    }
+    let work = dir.join(name.replace([' ', '(', ')'], ""));
+    std::fs::create_dir_all(&work)?;
+    // Its gRPC needs an mTLS identity; a throwaway CA is enough.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "bench-lb");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "bulwark:lb");
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::write(work.join("ca.crt"), ca_cert.pem())?;
+    std::fs::write(work.join("lb.crt"), cert.pem())?;
+    std::fs::write(work.join("lb.key"), key.serialize_pem())?;
+    let (raft, api, admin) = (free_port()?, free_port()?, free_port()?);
+    let mut yaml = format!(
+        "apiVersion: bulwark.dev/v1alpha1
+kind: LoadBalancerConfiguration
+nodeId: 1
+dataDir: {data}
+raft: {{address: '{raft}'}}
+api: {{address: '{api}'}}
+admin: {{address: '{admin}'}}
+tls: {{certFile: {w}/lb.crt, keyFile: {w}/lb.key, caFile: {w}/ca.crt}}
+initialMembers:
+- {{id: 1, raftAddress: '{raft}', apiAddress: '{api}'}}
+localListener: '{addr}'
+logging: {{level: 'warn,bulwark_lb::node=info'}}
+proxy:
+  splice: {splice}
+",
+        data = work.join("data").display(),
+        w = work.display(),
+        splice = !buffered,
+    );
+    if let Some(b) = args.buffer_size {
+        yaml.push_str(&format!("  bufferSize: {b}\n"));
+    }
+    yaml.push_str("backends:\n");
+    for (i, b) in backends.iter().enumerate() {
+        yaml.push_str(&format!("- {{id: b{i}, address: '{b}'}}\n"));
+    }
+    let config = work.join("lb.yaml");
+    std::fs::write(&config, yaml)?;
+    let mut cmd = pinned(&args.cpus_proxy, &bin);
+    cmd.arg("--config")
+        .arg(&config)
+        .env("TOKIO_WORKER_THREADS", args.proxy_threads.to_string());
+    spawn(name, cmd, &dir.join(format!("{name}.log")))
+}
+
+/// Waits until `bulwark-lb` says it seeded the backends from its
+/// configuration (before that its listener has nothing to route to).
+fn wait_seeded(p: &mut Proc, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Some(status) = p.child.try_wait()? {
+            bail!("{} exited early with {status}", p.name);
+        }
+        if std::fs::read_to_string(log).is_ok_and(|l| l.contains("seeded the backend registry")) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "{} did not seed its backends within 15 s; see {}",
+        p.name,
+        log.display()
+    )
+}
+
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     // Bound and released at once; the short race with other processes is
     // acceptable for a benchmark on a quiet machine.
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn wait_listening(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
+pub(crate) fn wait_listening(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if let Some(status) = p.child.try_wait()? {
@@ -212,7 +309,7 @@ fn parse_wrk(out: &str) -> anyhow::Result<Sample> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {
@@ -247,7 +344,7 @@ struct Report {
     rows: Vec<Row>,
 }
 
-fn machine() -> BTreeMap<String, String> {
+pub(crate) fn machine() -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     m.insert(
         "nproc".into(),
@@ -297,7 +394,7 @@ fn machine() -> BTreeMap<String, String> {
 
 /// The 1/5/15-minute load averages: other work on the machine is the
 /// largest source of noise, so every report says how busy it was.
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
@@ -355,26 +452,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     };
     for &buffered in variants {
         let addr = free_port()?;
-        let mut cmd = pinned(&args.cpus_proxy, &exe);
-        cmd.arg("proxy")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--threads")
-            .arg(args.proxy_threads.to_string());
-        for a in &backend_addrs {
-            cmd.arg("--backend").arg(a.to_string());
-        }
-        if let Some(b) = args.buffer_size {
-            cmd.arg("--buffer-size").arg(b.to_string());
-        }
         let name = if buffered {
-            cmd.arg("--no-splice");
             "bulwark (buffered)"
         } else {
             "bulwark"
         };
-        let mut p = spawn(name, cmd, &dir.path().join(format!("{name}.log")))?;
+        let mut p = bulwark_lb(&exe, dir.path(), name, addr, &backend_addrs, args, buffered)?;
         wait_listening(&mut p, addr)?;
+        wait_seeded(&mut p, &dir.path().join(format!("{name}.log")))?;
         contenders.push((name.to_owned(), addr, p));
     }
 
@@ -503,9 +588,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         command,
         machine,
         settings,
-        note: "bulwark = bulwark_lb::proxy::serve (the library's data path) run by \
-               `bulwark-bench proxy` with static backends, not the bulwark-lb binary; \
-               final figures must come from the real binary."
+        note: "bulwark = the bulwark-lb binary (a one-node cluster: Raft, store and API \
+               running; the contender is its node-local listener), with the backends \
+               seeded from its configuration."
             .into(),
         rows,
     };
@@ -559,7 +644,7 @@ fn markdown(r: &Report) -> String {
     s
 }
 
-fn kv(m: &BTreeMap<String, String>) -> String {
+pub(crate) fn kv(m: &BTreeMap<String, String>) -> String {
     m.iter()
         .filter(|(_, v)| !v.is_empty())
         .map(|(k, v)| format!("{k}={v}"))

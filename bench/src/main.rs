@@ -2,13 +2,15 @@
 //! baseline in one invocation, reported as medians and ratios (see
 //! `bench/README.md`).
 //!
-//! The contenders run as separate processes (this same binary re-executed
-//! with an internal subcommand), so CPU pinning applies to each alike.
+//! The contenders run as separate processes (the test backends are this
+//! same binary re-executed with an internal subcommand; bulwark is the
+//! `bulwark-lb` binary), so CPU pinning applies to each alike.
 
 mod backend;
 mod backup;
 mod datapath;
-mod proxy;
+mod failover;
+mod probecost;
 
 use std::process::ExitCode;
 
@@ -31,10 +33,14 @@ enum Cmd {
     Backup(backup::Args),
     /// (internal) one snapshot through bulwark-backup's pipeline.
     BackupOnce(backup::OnceArgs),
+    /// VIP failover: netns lab, arp mode, the leader's link cut per trial
+    /// (root only).
+    Failover(failover::Args),
+    /// Probing cost: CPU of bulwark-prober and of the probed servers with
+    /// a fresh connection per probe and with kept-alive connections.
+    ProbeCost(probecost::Args),
     /// (internal) HTTPS test backends that terminate TLS.
     Backend(backend::Args),
-    /// (internal) bulwark's data path with static backends.
-    Proxy(proxy::Args),
 }
 
 fn main() -> ExitCode {
@@ -43,8 +49,9 @@ fn main() -> ExitCode {
         Cmd::Datapath(a) => datapath::run(&a),
         Cmd::Backup(a) => backup::run(&a),
         Cmd::BackupOnce(a) => backup::run_once(&a),
+        Cmd::Failover(a) => failover::run(&a),
+        Cmd::ProbeCost(a) => probecost::run(&a),
         Cmd::Backend(a) => backend::run(&a),
-        Cmd::Proxy(a) => proxy::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -631,9 +631,7 @@ fn raft_append_entries_round_trips() {
         leader_commit: log_id(9),
     });
     round_trip(&AppendEntriesResponse {
-        result: Some(append_entries_response::Result::Conflict(AppendConflict {
-            conflict_log_id: log_id(9),
-        })),
+        result: Some(append_entries_response::Result::Conflict(AppendConflict {})),
     });
 }
 

@@ -83,6 +83,11 @@ pub fn init_logging(config: &LoggingConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bucket bounds, in seconds, of every histogram bulwark records.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// The process-wide Prometheus recorder, installed on first use. Several
 /// nodes in one test process share it, which is why this is not an
 /// install-or-fail call.
@@ -90,7 +95,14 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            // Without buckets the exporter renders histograms as summaries,
+            // which cannot be aggregated across nodes. Every bulwark
+            // histogram is a duration in seconds (probe latency, failover
+            // time, snapshot duration), so one set of bounds fits them all.
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(LATENCY_BUCKETS)
+                .map(PrometheusBuilder::build_recorder)
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
             // Another recorder may already be installed (a test harness);
             // ours then only renders what it was given, which is harmless.
@@ -118,6 +130,17 @@ mod tests {
                 .starts_with("logging.level: invalid filter"),
             "{}",
             errs[0]
+        );
+    }
+
+    #[test]
+    fn histograms_render_with_buckets() {
+        let handle = metrics_handle();
+        metrics::histogram!("bulwark_common_test_seconds").record(0.003);
+        let text = handle.render();
+        assert!(
+            text.contains("bulwark_common_test_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
         );
     }
 

@@ -34,6 +34,9 @@ pub enum Command {
     /// Show and select contexts in the config file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The load balancer: status, backends, drain, members.
+    #[command(subcommand)]
+    Lb(crate::lb::LbCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         /// The shell.
@@ -64,6 +67,10 @@ impl Cli {
                 crate::backup::run(c, &session.backup()?, self.output).await
             }
             Command::Config(c) => self.config(c),
+            Command::Lb(c) => {
+                let session = self.session()?;
+                c.run(&session.lb()?, self.output).await
+            }
             Command::Completion { shell } => {
                 let mut cmd = Cli::command();
                 let mut out = std::io::stdout().lock();

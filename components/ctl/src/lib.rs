@@ -7,11 +7,13 @@
 //! - [`output`]: `-o table|json|yaml`;
 //! - [`error`]: errors with a next step, and the documented exit codes;
 //! - [`cli`]: the command tree;
-//! - [`backup`]: `bulwarkctl backup …`.
+//! - [`backup`]: `bulwarkctl backup …`;
+//! - [`lb`]: `bulwarkctl lb …`, bulwark-lb's operator commands.
 
 pub mod backup;
 pub mod cli;
 pub mod connect;
 pub mod context;
 pub mod error;
+pub mod lb;
 pub mod output;

@@ -5,6 +5,23 @@
 //! Where a client connection goes: [`proxy`] accepts it and asks
 //! [`backends`] for a backend, reading the immutable snapshot that the
 //! control plane (Raft apply, health aggregation) publishes.
+//!
+//! Who decides: [`raft`] replicates the backend registry and elects the
+//! leader; [`vip`] lets the leader hold the virtual IP only while its
+//! quorum lease is fresh; [`api`] is the operator API; [`node`] wires one
+//! node together (`run(config, listeners, shutdown)`), configured by
+//! [`config`].
+//!
+//! Who decides a backend is down: [`health`] aggregates the probers'
+//! reports into verdicts that the leader commits.
 
+pub mod api;
 pub mod backends;
+pub mod config;
+pub mod health;
+pub mod node;
 pub mod proxy;
+pub mod raft;
+pub mod vip;
+
+pub use node::{Listeners, Node, run};

@@ -1,0 +1,615 @@
+//! `bulwarkctl lb …`: bulwark-lb's operator API. Reads go to any endpoint;
+//! writes follow the leader hint a follower answers with (see
+//! [`crate::connect`]).
+
+use std::time::Duration;
+
+use bulwark_api::lb::v1 as lb;
+use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
+use clap::Subcommand;
+use serde::Serialize;
+
+use crate::connect::Service;
+use crate::error::{CliError, Exit};
+use crate::output::{self, OutputFormat};
+
+/// `bulwarkctl lb …`
+#[derive(Debug, Subcommand)]
+pub enum LbCommand {
+    /// Leader, term, members, VIP holder and recent failovers.
+    Status,
+    /// Registered backends with verdicts and this node's traffic.
+    Backends {
+        /// Only this zone.
+        #[arg(long)]
+        zone: Option<String>,
+    },
+    /// Stop sending new connections to a backend (existing ones continue).
+    Drain {
+        /// Backend id.
+        id: String,
+        /// Close the connections still open after this long (e.g. 10m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_duration: Option<Duration>,
+    },
+    /// Return a drained backend to service.
+    Undrain {
+        /// Backend id.
+        id: String,
+    },
+    /// Register an apiserver backend.
+    AddBackend {
+        /// Backend id (a DNS label, e.g. the node name).
+        id: String,
+        /// IP:port of the apiserver.
+        #[arg(long)]
+        address: String,
+        /// Zone of the backend.
+        #[arg(long, default_value = "")]
+        zone: String,
+        /// Relative weight, 1-10000 (default 100).
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Register it drained.
+        #[arg(long)]
+        drained: bool,
+    },
+    /// Unregister a backend.
+    RemoveBackend {
+        /// Backend id.
+        id: String,
+    },
+    /// The Raft members.
+    Members,
+    /// Add a node to the Raft group (learner, catch up, then voter).
+    AddMember {
+        /// Raft node id (never reused).
+        #[arg(long)]
+        id: u64,
+        /// Host name.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Raft address, host:port.
+        #[arg(long)]
+        raft_address: String,
+        /// API address, host:port.
+        #[arg(long)]
+        api_address: String,
+        /// Node-local proxy address, host:port.
+        #[arg(long, default_value = "")]
+        proxy_address: String,
+        /// Zone.
+        #[arg(long, default_value = "")]
+        zone: String,
+        /// Keep it a learner.
+        #[arg(long)]
+        stay_learner: bool,
+        /// How long it may take to catch up (default 60s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        catch_up_timeout: Option<Duration>,
+    },
+    /// Remove a node from the Raft group.
+    RemoveMember {
+        /// Raft node id.
+        id: u64,
+        /// Remove even if the remaining voters reachable now are no quorum.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Hand leadership (and the VIP) to another voter.
+    TransferLeadership {
+        /// The voter to hand over to; default the most up-to-date one.
+        #[arg(long)]
+        to: Option<u64>,
+    },
+}
+
+fn dur(d: Option<&prost_types::Duration>) -> String {
+    match d {
+        Some(d) if d.seconds >= 0 && d.nanos >= 0 => humantime::format_duration(Duration::new(
+            d.seconds as u64,
+            d.nanos as u32 / 1_000_000 * 1_000_000,
+        ))
+        .to_string(),
+        _ => "-".into(),
+    }
+}
+
+fn ts(t: Option<&prost_types::Timestamp>) -> String {
+    t.and_then(|t| bulwark_api::time::timestamp_from_proto(t).ok())
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn enum_name<E: TryFrom<i32>>(v: i32, name: impl Fn(&E) -> &'static str, prefix: &str) -> String {
+    E::try_from(v)
+        .map(|e| name(&e).trim_start_matches(prefix).to_lowercase())
+        .unwrap_or_else(|_| v.to_string())
+}
+
+fn pb_duration(d: Duration) -> Result<prost_types::Duration, CliError> {
+    bulwark_api::time::duration_to_proto(d).map_err(|e| CliError::new(Exit::Usage, e.to_string()))
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    node: String,
+    role: String,
+    leader: String,
+    term: u64,
+    commit_index: u64,
+    applied_index: u64,
+    vip: String,
+    vip_holder: String,
+    held_since: String,
+    backends: String,
+    failovers: Vec<FailoverView>,
+}
+
+#[derive(Serialize)]
+struct FailoverView {
+    at: String,
+    from: String,
+    to: u64,
+    term: u64,
+    cause: String,
+    time_to_detect: String,
+    time_to_move: String,
+}
+
+#[derive(Serialize)]
+struct BackendView {
+    id: String,
+    address: String,
+    zone: String,
+    weight: u32,
+    admin: String,
+    verdict: String,
+    routable: bool,
+    active_connections: u64,
+    total_connections: u64,
+    connect_errors: u64,
+}
+
+#[derive(Serialize)]
+struct MemberView {
+    id: u64,
+    name: String,
+    role: String,
+    raft_address: String,
+    api_address: String,
+    zone: String,
+    matched_index: String,
+    lag: String,
+    last_ack: String,
+}
+
+fn node_name(n: Option<&lb::NodeInfo>) -> String {
+    n.map(|n| format!("{} ({})", n.id, n.name))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn backend_view(b: &lb::Backend) -> BackendView {
+    let t = b.traffic.unwrap_or_default();
+    BackendView {
+        id: b.id.clone(),
+        address: b.address.clone(),
+        zone: b.zone.clone(),
+        weight: b.weight,
+        admin: enum_name(b.admin_state, lb::AdminState::as_str_name, "ADMIN_STATE_"),
+        verdict: b
+            .verdict
+            .as_ref()
+            .map(|v| enum_name(v.verdict, lb::Verdict::as_str_name, "VERDICT_"))
+            .unwrap_or_else(|| "-".into()),
+        routable: b.routable,
+        active_connections: t.active_connections,
+        total_connections: t.total_connections,
+        connect_errors: t.connect_errors,
+    }
+}
+
+fn member_view(m: &lb::Member) -> MemberView {
+    let n = m.node.clone().unwrap_or_default();
+    let r = m.replication;
+    MemberView {
+        id: n.id,
+        name: n.name,
+        role: enum_name(m.role, lb::MemberRole::as_str_name, "MEMBER_ROLE_"),
+        raft_address: n.raft_address,
+        api_address: n.api_address,
+        zone: n.zone,
+        matched_index: r
+            .and_then(|r| r.matched_index)
+            .map_or_else(|| "-".into(), |i| i.to_string()),
+        lag: r.map_or_else(|| "-".into(), |r| r.lag_entries.to_string()),
+        last_ack: r.map_or_else(|| "-".into(), |r| dur(r.last_ack_age.as_ref())),
+    }
+}
+
+fn print_backends(format: OutputFormat, rows: &[BackendView]) -> Result<(), CliError> {
+    output::print(format, &rows, |rows| {
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|b| {
+                vec![
+                    b.id.clone(),
+                    b.address.clone(),
+                    b.zone.clone(),
+                    b.weight.to_string(),
+                    b.admin.clone(),
+                    b.verdict.clone(),
+                    if b.routable {
+                        "yes".into()
+                    } else {
+                        "no".into()
+                    },
+                    b.active_connections.to_string(),
+                    b.total_connections.to_string(),
+                    b.connect_errors.to_string(),
+                ]
+            })
+            .collect();
+        output::table(
+            &[
+                "ID",
+                "ADDRESS",
+                "ZONE",
+                "WEIGHT",
+                "ADMIN",
+                "VERDICT",
+                "ROUTABLE",
+                "ACTIVE",
+                "TOTAL",
+                "CONNECT-ERRORS",
+            ],
+            &cells,
+        )
+    })
+}
+
+impl LbCommand {
+    /// Runs the command against `svc`.
+    pub async fn run(&self, svc: &Service<'_>, format: OutputFormat) -> Result<(), CliError> {
+        match self {
+            LbCommand::Status => {
+                let s = svc
+                    .call(|ch| async move {
+                        LoadBalancerClient::new(ch)
+                            .get_status(lb::GetStatusRequest::default())
+                            .await
+                            .map(tonic::Response::into_inner)
+                    })
+                    .await?;
+                let vip = s.vip.clone().unwrap_or_default();
+                let view = StatusView {
+                    node: node_name(s.node.as_ref()),
+                    role: enum_name(s.role, lb::NodeRole::as_str_name, "NODE_ROLE_"),
+                    leader: node_name(s.leader.as_ref()),
+                    term: s.current_term,
+                    commit_index: s.commit_index,
+                    applied_index: s.applied_index,
+                    vip: if vip.address.is_empty() {
+                        "disabled".into()
+                    } else {
+                        format!(
+                            "{} ({})",
+                            vip.address,
+                            enum_name(vip.mode, lb::VipMode::as_str_name, "VIP_MODE_")
+                        )
+                    },
+                    vip_holder: vip
+                        .holder_node_id
+                        .map_or_else(|| "-".into(), |h| h.to_string()),
+                    held_since: ts(vip.held_since.as_ref()),
+                    backends: format!("{}/{} routable", s.backends_routable, s.backends_total),
+                    failovers: s
+                        .recent_failovers
+                        .iter()
+                        .map(|f| FailoverView {
+                            at: ts(f.at.as_ref()),
+                            from: f.from_node_id.map_or_else(|| "-".into(), |n| n.to_string()),
+                            to: f.to_node_id,
+                            term: f.term,
+                            cause: enum_name(
+                                f.cause,
+                                lb::FailoverCause::as_str_name,
+                                "FAILOVER_CAUSE_",
+                            ),
+                            time_to_detect: dur(f.time_to_detect.as_ref()),
+                            time_to_move: dur(f.time_to_move_vip.as_ref()),
+                        })
+                        .collect(),
+                };
+                output::print(format, &view, |v| {
+                    let mut out = output::fields(&[
+                        ("node", v.node.clone()),
+                        ("role", v.role.clone()),
+                        ("leader", v.leader.clone()),
+                        ("term", v.term.to_string()),
+                        ("commit index", v.commit_index.to_string()),
+                        ("applied index", v.applied_index.to_string()),
+                        ("vip", v.vip.clone()),
+                        ("vip holder", v.vip_holder.clone()),
+                        ("held since", v.held_since.clone()),
+                        ("backends", v.backends.clone()),
+                    ]);
+                    if !v.failovers.is_empty() {
+                        out.push_str("\nrecent failovers:\n");
+                        let cells: Vec<Vec<String>> = v
+                            .failovers
+                            .iter()
+                            .map(|f| {
+                                vec![
+                                    f.at.clone(),
+                                    f.from.clone(),
+                                    f.to.to_string(),
+                                    f.term.to_string(),
+                                    f.cause.clone(),
+                                    f.time_to_detect.clone(),
+                                    f.time_to_move.clone(),
+                                ]
+                            })
+                            .collect();
+                        out.push_str(&output::table(
+                            &["AT", "FROM", "TO", "TERM", "CAUSE", "DETECT", "MOVE"],
+                            &cells,
+                        ));
+                    }
+                    out
+                })
+            }
+            LbCommand::Backends { zone } => {
+                let zone = zone.clone().unwrap_or_default();
+                let list = svc
+                    .call(|ch| {
+                        let zone = zone.clone();
+                        async move {
+                            LoadBalancerClient::new(ch)
+                                .list_backends(lb::ListBackendsRequest { zone })
+                                .await
+                                .map(tonic::Response::into_inner)
+                        }
+                    })
+                    .await?;
+                let rows: Vec<BackendView> = list.backends.iter().map(backend_view).collect();
+                print_backends(format, &rows)
+            }
+            LbCommand::Drain { id, max_duration } => {
+                let max = max_duration.map(pb_duration).transpose()?;
+                let b = svc
+                    .call(|ch| {
+                        let id = id.clone();
+                        async move {
+                            LoadBalancerClient::new(ch)
+                                .drain_backend(lb::DrainBackendRequest {
+                                    id,
+                                    max_drain_duration: max,
+                                })
+                                .await
+                                .map(tonic::Response::into_inner)
+                        }
+                    })
+                    .await?;
+                print_backends(format, &[backend_view(&b)])
+            }
+            LbCommand::Undrain { id } => {
+                let b = svc
+                    .call(|ch| {
+                        let id = id.clone();
+                        async move {
+                            LoadBalancerClient::new(ch)
+                                .undrain_backend(lb::UndrainBackendRequest { id })
+                                .await
+                                .map(tonic::Response::into_inner)
+                        }
+                    })
+                    .await?;
+                print_backends(format, &[backend_view(&b)])
+            }
+            LbCommand::AddBackend {
+                id,
+                address,
+                zone,
+                weight,
+                drained,
+            } => {
+                let req = lb::AddBackendRequest {
+                    id: id.clone(),
+                    address: address.clone(),
+                    zone: zone.clone(),
+                    weight: *weight,
+                    drained: *drained,
+                };
+                let b = svc
+                    .call(|ch| {
+                        let req = req.clone();
+                        async move {
+                            LoadBalancerClient::new(ch)
+                                .add_backend(req)
+                                .await
+                                .map(tonic::Response::into_inner)
+                        }
+                    })
+                    .await?;
+                print_backends(format, &[backend_view(&b)])
+            }
+            LbCommand::RemoveBackend { id } => {
+                let r = svc
+                    .call(|ch| {
+                        let id = id.clone();
+                        async move {
+                            LoadBalancerClient::new(ch)
+                                .remove_backend(lb::RemoveBackendRequest { id })
+                                .await
+                                .map(tonic::Response::into_inner)
+                        }
+                    })
+                    .await?;
+                #[derive(Serialize)]
+                struct Removed {
+                    id: String,
+                    log_index: u64,
+                }
+                output::print(
+                    format,
+                    &Removed {
+                        id: id.clone(),
+                        log_index: r.log_index,
+                    },
+                    |r| format!("backend {} removed (log index {})\n", r.id, r.log_index),
+                )
+            }
+            LbCommand::Members => {
+                let list = svc
+                    .call(|ch| async move {
+                        LoadBalancerClient::new(ch)
+                            .list_members(lb::ListMembersRequest {})
+                            .await
+                            .map(tonic::Response::into_inner)
+                    })
+                    .await?;
+                let rows: Vec<MemberView> = list.members.iter().map(member_view).collect();
+                let leader = list.leader.as_ref().map(|l| l.id);
+                output::print(format, &rows, |rows| {
+                    let cells: Vec<Vec<String>> = rows
+                        .iter()
+                        .map(|m| {
+                            vec![
+                                if Some(m.id) == leader {
+                                    "*".into()
+                                } else {
+                                    String::new()
+                                },
+                                m.id.to_string(),
+                                m.name.clone(),
+                                m.role.clone(),
+                                m.raft_address.clone(),
+                                m.api_address.clone(),
+                                m.zone.clone(),
+                                m.matched_index.clone(),
+                                m.lag.clone(),
+                                m.last_ack.clone(),
+                            ]
+                        })
+                        .collect();
+                    output::table(
+                        &[
+                            "LEADER", "ID", "NAME", "ROLE", "RAFT", "API", "ZONE", "MATCHED",
+                            "LAG", "LAST-ACK",
+                        ],
+                        &cells,
+                    )
+                })
+            }
+            LbCommand::AddMember {
+                id,
+                name,
+                raft_address,
+                api_address,
+                proxy_address,
+                zone,
+                stay_learner,
+                catch_up_timeout,
+            } => {
+                let req = lb::AddMemberRequest {
+                    node: Some(lb::NodeInfo {
+                        id: *id,
+                        name: name.clone(),
+                        raft_address: raft_address.clone(),
+                        api_address: api_address.clone(),
+                        proxy_address: proxy_address.clone(),
+                        zone: zone.clone(),
+                    }),
+                    stay_learner: *stay_learner,
+                    catch_up_timeout: catch_up_timeout.map(pb_duration).transpose()?,
+                };
+                let r = svc
+                    .call(|ch| {
+                        let req = req.clone();
+                        async move {
+                            LoadBalancerClient::new(ch)
+                                .add_member(req)
+                                .await
+                                .map(tonic::Response::into_inner)
+                        }
+                    })
+                    .await?;
+                let rows: Vec<MemberView> = r.member.iter().map(member_view).collect();
+                output::print(format, &rows, |rows| {
+                    rows.iter()
+                        .map(|m| {
+                            format!(
+                                "node {} added as {} (membership log index {})\n",
+                                m.id, m.role, r.membership_log_index
+                            )
+                        })
+                        .collect()
+                })
+            }
+            LbCommand::RemoveMember { id, force } => {
+                let (id, force) = (*id, *force);
+                let r = svc
+                    .call(|ch| async move {
+                        LoadBalancerClient::new(ch)
+                            .remove_member(lb::RemoveMemberRequest { node_id: id, force })
+                            .await
+                            .map(tonic::Response::into_inner)
+                    })
+                    .await?;
+                #[derive(Serialize)]
+                struct Removed {
+                    id: u64,
+                    membership_log_index: u64,
+                }
+                output::print(
+                    format,
+                    &Removed {
+                        id,
+                        membership_log_index: r.membership_log_index,
+                    },
+                    |r| {
+                        format!(
+                            "node {} removed (membership log index {})\n",
+                            r.id, r.membership_log_index
+                        )
+                    },
+                )
+            }
+            LbCommand::TransferLeadership { to } => {
+                let to = *to;
+                let r = svc
+                    .call(|ch| async move {
+                        LoadBalancerClient::new(ch)
+                            .transfer_leadership(lb::TransferLeadershipRequest { to_node_id: to })
+                            .await
+                            .map(tonic::Response::into_inner)
+                    })
+                    .await?;
+                #[derive(Serialize)]
+                struct Moved {
+                    new_leader: String,
+                    term: u64,
+                    time_to_move: String,
+                }
+                output::print(
+                    format,
+                    &Moved {
+                        new_leader: node_name(r.new_leader.as_ref()),
+                        term: r.term,
+                        time_to_move: dur(r
+                            .failover
+                            .as_ref()
+                            .and_then(|f| f.time_to_move_vip.as_ref())),
+                    },
+                    |m| {
+                        format!(
+                            "leadership moved to {} in term {} (VIP moved in {})\n",
+                            m.new_leader, m.term, m.time_to_move
+                        )
+                    },
+                )
+            }
+        }
+    }
+}

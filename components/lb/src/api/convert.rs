@@ -1,0 +1,136 @@
+//! Replicated records -> API messages.
+
+use bulwark_api::lb::v1 as lb;
+use bulwark_api::raft::v1 as pb;
+
+use crate::backends::BackendSet;
+use crate::raft::NodeId;
+use crate::raft::state::LbState;
+use crate::raft::types::LbNode;
+
+/// A node record as the API shows it.
+pub fn node_info(id: NodeId, n: &LbNode) -> lb::NodeInfo {
+    lb::NodeInfo {
+        id,
+        name: n.name.clone(),
+        raft_address: n.raft_address.clone(),
+        api_address: n.api_address.clone(),
+        proxy_address: n.proxy_address.clone(),
+        zone: n.zone.clone(),
+    }
+}
+
+/// The committed verdict; no record means UNKNOWN (routable).
+pub fn verdict_status(v: Option<&pb::VerdictRecord>) -> lb::VerdictStatus {
+    match v {
+        Some(v) => lb::VerdictStatus {
+            verdict: verdict(v.verdict) as i32,
+            reason: v.reason.clone(),
+            since: v.since,
+        },
+        None => lb::VerdictStatus {
+            verdict: lb::Verdict::Unknown as i32,
+            reason: "no health verdict yet".into(),
+            since: None,
+        },
+    }
+}
+
+fn verdict(v: i32) -> lb::Verdict {
+    match pb::Verdict::try_from(v) {
+        Ok(pb::Verdict::Up) => lb::Verdict::Up,
+        Ok(pb::Verdict::NotReady) => lb::Verdict::NotReady,
+        Ok(pb::Verdict::Down) => lb::Verdict::Down,
+        _ => lb::Verdict::Unknown,
+    }
+}
+
+fn admin(a: i32) -> lb::AdminState {
+    if a == pb::AdminState::Drain as i32 {
+        lb::AdminState::Drain
+    } else {
+        lb::AdminState::Active
+    }
+}
+
+/// Whether the cluster routes new connections to the backend.
+fn routable(b: &pb::BackendRecord, v: Option<&pb::VerdictRecord>, fail_open: bool) -> bool {
+    let active = admin(b.admin_state) == lb::AdminState::Active;
+    let healthy = matches!(
+        v.map_or(lb::Verdict::Unknown, |v| verdict(v.verdict)),
+        lb::Verdict::Up | lb::Verdict::Unknown
+    );
+    active && (healthy || fail_open)
+}
+
+/// A backend with its verdict and, when a snapshot is given, this node's
+/// traffic counters.
+pub fn backend_to_api(
+    b: &pb::BackendRecord,
+    state: &LbState,
+    set: Option<&BackendSet>,
+) -> lb::Backend {
+    let v = state.verdict(&b.id);
+    let live = set.and_then(|s| s.by_id(&b.id));
+    lb::Backend {
+        id: b.id.clone(),
+        address: b.address.clone(),
+        zone: b.zone.clone(),
+        weight: b.weight,
+        admin_state: admin(b.admin_state) as i32,
+        drain_deadline: b.drain_deadline,
+        verdict: Some(verdict_status(v)),
+        routable: live.map_or_else(
+            || routable(b, v, state.data().fail_open),
+            |l| l.is_eligible(),
+        ),
+        traffic: live.map(|l| {
+            let s = l.stats().snapshot();
+            lb::BackendTraffic {
+                active_connections: s.active_connections,
+                total_connections: s.total_connections,
+                bytes_client_to_backend: s.bytes_in,
+                bytes_backend_to_client: s.bytes_out,
+                connect_errors: s.connect_errors,
+                last_connect_error_at: None,
+            }
+        }),
+    }
+}
+
+/// One entry of the watched backend set.
+pub fn backend_entry(
+    b: &pb::BackendRecord,
+    v: Option<&pb::VerdictRecord>,
+    fail_open: bool,
+) -> lb::BackendEntry {
+    lb::BackendEntry {
+        id: b.id.clone(),
+        address: b.address.clone(),
+        zone: b.zone.clone(),
+        weight: b.weight,
+        verdict: v.map_or(lb::Verdict::Unknown, |v| verdict(v.verdict)) as i32,
+        admin_state: admin(b.admin_state) as i32,
+        routable: routable(b, v, fail_open),
+        drain_deadline: b.drain_deadline,
+    }
+}
+
+/// A failover record as the API shows it.
+pub fn failover_to_api(f: &pb::FailoverRecord) -> lb::Failover {
+    lb::Failover {
+        at: f.at,
+        from_node_id: f.from_node_id,
+        to_node_id: f.to_node_id,
+        term: f.term,
+        cause: match pb::FailoverCause::try_from(f.cause) {
+            Ok(pb::FailoverCause::Startup) => lb::FailoverCause::Startup,
+            Ok(pb::FailoverCause::LeaderLost) => lb::FailoverCause::LeaderLost,
+            Ok(pb::FailoverCause::LeaseLost) => lb::FailoverCause::LeaseLost,
+            Ok(pb::FailoverCause::Transfer) => lb::FailoverCause::Transfer,
+            _ => lb::FailoverCause::Unspecified,
+        } as i32,
+        time_to_detect: f.time_to_detect,
+        time_to_move_vip: f.time_to_move_vip,
+    }
+}

@@ -1,0 +1,619 @@
+//! The operator API (`bulwark.lb.v1.LoadBalancer`) and the backend set
+//! watch (`bulwark.lb.v1.BackendWatch`).
+//!
+//! Reads are answered by any node from its applied state. Writes go
+//! through Raft on the leader; a follower answers FAILED_PRECONDITION with
+//! the leader's id and API address in the metadata
+//! (`bulwark_api::leader_hint`), and bulwarkctl follows it, so there is no
+//! second forwarding path to secure. Input is checked before anything is
+//! proposed, and each error names the field or the backend.
+//! Who may call what is enforced by the server's access layer from the
+//! protos (destructive calls: operators only).
+//!
+//! `ProbeReports` is not served yet: health aggregation comes with
+//! bulwark-prober, and until then calls get UNIMPLEMENTED from the router.
+
+mod convert;
+mod members;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bulwark_api::lb::v1 as lb;
+use bulwark_api::lb::v1::backend_watch_server::BackendWatch;
+use bulwark_api::lb::v1::load_balancer_server::LoadBalancer;
+use bulwark_api::raft::v1 as pb;
+use bulwark_common::tls::TlsMaterial;
+use futures::Stream;
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
+use tonic::{Request, Response, Status};
+
+use self::convert::{backend_entry, backend_to_api, node_info};
+use crate::backends::Backends;
+use crate::config::{MAX_WEIGHT, VipConfig, VipMode, valid_backend_id};
+use crate::raft::network::ClusterId;
+use crate::raft::state::{ApplyError, LbState, command};
+use crate::raft::store::StateMachineStore;
+use crate::raft::types::LbNode;
+use crate::raft::{NodeId, Raft};
+use crate::vip::VipHandle;
+
+/// Everything the handlers read.
+#[derive(Clone)]
+pub struct Api {
+    node_id: NodeId,
+    node: LbNode,
+    raft: Raft,
+    sm: StateMachineStore,
+    backends: Backends,
+    vip: VipHandle,
+    vip_config: VipConfig,
+    tls: Arc<TlsMaterial>,
+    cluster: ClusterId,
+    election_timeout_max: Duration,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("node_id", &self.node_id)
+            .finish()
+    }
+}
+
+impl Api {
+    /// The API of node `node_id`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node_id: NodeId,
+        node: LbNode,
+        raft: Raft,
+        sm: StateMachineStore,
+        backends: Backends,
+        vip: VipHandle,
+        vip_config: VipConfig,
+        tls: Arc<TlsMaterial>,
+        cluster: ClusterId,
+        election_timeout_max: Duration,
+    ) -> Self {
+        Self {
+            node_id,
+            node,
+            raft,
+            sm,
+            backends,
+            vip,
+            vip_config,
+            tls,
+            cluster,
+            election_timeout_max,
+        }
+    }
+
+    fn metrics(&self) -> openraft::RaftMetrics<crate::raft::TypeConfig> {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    fn leader_hint(&self) -> Option<lb::LeaderHint> {
+        let m = self.metrics();
+        let leader = m.current_leader?;
+        let address = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.api_address.clone())
+            .unwrap_or_default();
+        Some(lb::LeaderHint {
+            node_id: leader,
+            address,
+        })
+    }
+
+    /// FAILED_PRECONDITION with a leader hint unless this node leads.
+    fn require_leader(&self) -> Result<(), Status> {
+        let m = self.metrics();
+        if m.current_leader == Some(self.node_id) && m.state == openraft::ServerState::Leader {
+            Ok(())
+        } else {
+            Err(bulwark_api::leader_hint::not_leader(
+                self.leader_hint().as_ref(),
+            ))
+        }
+    }
+
+    /// Proposes a command and maps the outcome.
+    async fn propose(&self, c: pb::command::Command) -> Result<u64, Status> {
+        self.require_leader()?;
+        match self.raft.client_write(command(SystemTime::now(), c)).await {
+            Ok(resp) => match resp.data {
+                Ok(()) => Ok(resp.log_id.index),
+                Err(e) => Err(apply_status(e)),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                if f.leader_id.is_none_or(|l| l == self.node_id) && self.require_leader().is_ok() {
+                    // Still leader, but without a fresh quorum
+                    // acknowledgement (just elected, or cut off).
+                    Err(Status::unavailable(
+                        "the leader has no quorum acknowledgement right now; retry shortly",
+                    ))
+                } else {
+                    Err(bulwark_api::leader_hint::not_leader(
+                        self.leader_hint().as_ref(),
+                    ))
+                }
+            }
+            Err(e) => Err(Status::unavailable(format!(
+                "the write was not committed: {e}"
+            ))),
+        }
+    }
+
+    /// Waits until this node has applied `index` and its data path runs
+    /// on that state (so the response reflects the write, and a drain
+    /// acknowledged here is in effect here).
+    async fn applied(&self, index: u64) -> Arc<LbState> {
+        let mut rx = self.sm.subscribe();
+        let state = loop {
+            let s = rx.borrow_and_update().clone();
+            if s.applied_index() >= index || rx.changed().await.is_err() {
+                break s;
+            }
+        };
+        // The publisher runs right after apply; bound the wait anyway.
+        for _ in 0..100 {
+            if self.backends.load().version() >= index {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        state
+    }
+
+    fn api_backend(
+        &self,
+        state: &LbState,
+        id: &str,
+        with_traffic: bool,
+    ) -> Result<lb::Backend, Status> {
+        let record = state
+            .backend(id)
+            .ok_or_else(|| Status::not_found(format!("backend {id:?} does not exist")))?;
+        let traffic = with_traffic.then(|| self.backends.load());
+        Ok(backend_to_api(record, state, traffic.as_deref()))
+    }
+}
+
+/// Maps an apply-time refusal.
+fn apply_status(e: ApplyError) -> Status {
+    match e {
+        ApplyError::NotFound { id } => Status::not_found(format!("backend {id:?} does not exist")),
+        ApplyError::AlreadyExists { id } => {
+            Status::already_exists(format!("backend {id:?} already exists"))
+        }
+        ApplyError::Malformed(m) => Status::internal(m),
+    }
+}
+
+fn check_id(id: &str) -> Result<(), Status> {
+    if valid_backend_id(id) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "field `id`: {id:?} is not a valid backend id: expected 1-63 lowercase letters, digits or '-', not starting or ending with '-'"
+        )))
+    }
+}
+
+fn check_address(address: &str) -> Result<SocketAddr, Status> {
+    match address.parse::<SocketAddr>() {
+        Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => Ok(a),
+        _ => Err(Status::invalid_argument(format!(
+            "field `address`: {address:?} is not an IP:port an apiserver listens on (e.g. 10.0.0.11:6443)"
+        ))),
+    }
+}
+
+fn check_weight(w: u32) -> Result<u32, Status> {
+    if (1..=MAX_WEIGHT).contains(&w) {
+        Ok(w)
+    } else {
+        Err(Status::invalid_argument(format!(
+            "field `weight`: {w} is out of range: expected between 1 and {MAX_WEIGHT}"
+        )))
+    }
+}
+
+fn check_zone(zone: &str) -> Result<(), Status> {
+    if zone.len() <= 63 && zone.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "field `zone`: {zone:?} must be at most 63 printable ASCII characters"
+        )))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<lb::BackendSet, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LoadBalancer for Api {
+    async fn get_status(
+        &self,
+        request: Request<lb::GetStatusRequest>,
+    ) -> Result<Response<lb::GetStatusResponse>, Status> {
+        let max = match request.get_ref().max_failovers {
+            0 => 10,
+            n => n as usize,
+        };
+        let m = self.metrics();
+        let state = self.sm.current();
+        let members = members::list(&m, self.node_id);
+        let leader = m.current_leader.and_then(|id| {
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| node_info(id, n))
+        });
+        let vip_state = self.vip.state();
+        let holder = state.vip_holder();
+        let vip = lb::VipStatus {
+            address: self
+                .vip_config
+                .address
+                .filter(|_| self.vip_config.mode != VipMode::Disabled)
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            mode: match self.vip_config.mode {
+                VipMode::Disabled => lb::VipMode::Disabled,
+                VipMode::Bind => lb::VipMode::Bind,
+                VipMode::Arp => lb::VipMode::L2,
+            } as i32,
+            interface: self.vip_config.interface.clone().unwrap_or_default(),
+            holder_node_id: holder.map(|h| h.node_id),
+            held_since: holder.and_then(|h| h.since),
+            lease_remaining: vip_state
+                .lease_remaining
+                .and_then(|d| bulwark_api::time::duration_to_proto(d).ok()),
+        };
+        let set = self.backends.load();
+        let resp = lb::GetStatusResponse {
+            node: Some(node_info(self.node_id, &self.node)),
+            role: members::role(&m, self.node_id) as i32,
+            leader,
+            current_term: m.current_term,
+            commit_index: m.local_committed.map_or(0, |l| l.index),
+            applied_index: state.applied_index(),
+            membership_changing: m.membership_config.membership().get_joint_config().len() > 1,
+            members,
+            vip: Some(vip),
+            recent_failovers: state
+                .failovers()
+                .iter()
+                .rev()
+                .take(max)
+                .map(convert::failover_to_api)
+                .collect(),
+            fail_open: state.data().fail_open || set.fail_open(),
+            zones_down: state.data().zones_down.clone(),
+            backends_total: state.backends().len() as u32,
+            backends_routable: set.routable_len() as u32,
+            observed_at: bulwark_api::time::timestamp_to_proto(SystemTime::now()).ok(),
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn list_backends(
+        &self,
+        request: Request<lb::ListBackendsRequest>,
+    ) -> Result<Response<lb::ListBackendsResponse>, Status> {
+        let zone = &request.get_ref().zone;
+        let state = self.sm.current();
+        let set = self.backends.load();
+        let backends = state
+            .backends()
+            .iter()
+            .filter(|b| zone.is_empty() || &b.zone == zone)
+            .map(|b| backend_to_api(b, &state, Some(&set)))
+            .collect();
+        Ok(Response::new(lb::ListBackendsResponse {
+            backends,
+            applied_index: state.applied_index(),
+            answered_by: self.node_id,
+        }))
+    }
+
+    async fn add_backend(
+        &self,
+        request: Request<lb::AddBackendRequest>,
+    ) -> Result<Response<lb::Backend>, Status> {
+        let r = request.into_inner();
+        check_id(&r.id)?;
+        let address = check_address(&r.address)?;
+        let weight = check_weight(r.weight.unwrap_or(100))?;
+        check_zone(&r.zone)?;
+        let record = pb::BackendRecord {
+            id: r.id.clone(),
+            address: address.to_string(),
+            zone: r.zone,
+            weight,
+            admin_state: if r.drained {
+                pb::AdminState::Drain
+            } else {
+                pb::AdminState::Active
+            } as i32,
+            drain_deadline: None,
+        };
+        let index = self
+            .propose(pb::command::Command::SetBackend(pb::SetBackend {
+                backend: Some(record),
+                mode: pb::SetMode::Create as i32,
+            }))
+            .await?;
+        tracing::info!(backend = %r.id, %address, "backend added");
+        let state = self.applied(index).await;
+        Ok(Response::new(self.api_backend(&state, &r.id, false)?))
+    }
+
+    async fn remove_backend(
+        &self,
+        request: Request<lb::RemoveBackendRequest>,
+    ) -> Result<Response<lb::RemoveBackendResponse>, Status> {
+        let id = request.into_inner().id;
+        check_id(&id)?;
+        let index = self
+            .propose(pb::command::Command::RemoveBackend(pb::RemoveBackend {
+                id: id.clone(),
+            }))
+            .await?;
+        tracing::info!(backend = %id, "backend removed");
+        Ok(Response::new(lb::RemoveBackendResponse {
+            log_index: index,
+        }))
+    }
+
+    async fn update_backend(
+        &self,
+        request: Request<lb::UpdateBackendRequest>,
+    ) -> Result<Response<lb::Backend>, Status> {
+        let r = request.into_inner();
+        check_id(&r.id)?;
+        self.require_leader()?;
+        let mut record = self
+            .sm
+            .current()
+            .backend(&r.id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("backend {:?} does not exist", r.id)))?;
+        if let Some(w) = r.weight {
+            record.weight = check_weight(w)?;
+        }
+        if let Some(z) = r.zone {
+            check_zone(&z)?;
+            record.zone = z;
+        }
+        let index = self
+            .propose(pb::command::Command::SetBackend(pb::SetBackend {
+                backend: Some(record),
+                mode: pb::SetMode::Update as i32,
+            }))
+            .await?;
+        let state = self.applied(index).await;
+        Ok(Response::new(self.api_backend(&state, &r.id, false)?))
+    }
+
+    async fn drain_backend(
+        &self,
+        request: Request<lb::DrainBackendRequest>,
+    ) -> Result<Response<lb::Backend>, Status> {
+        let r = request.into_inner();
+        check_id(&r.id)?;
+        let deadline = match r.max_drain_duration {
+            None => None,
+            Some(d) => {
+                let d = bulwark_api::time::duration_from_proto(&d)
+                    .map_err(|e| e.into_status("max_drain_duration"))?;
+                let at = SystemTime::now() + d;
+                Some(
+                    bulwark_api::time::timestamp_to_proto(at)
+                        .map_err(|e| e.into_status("max_drain_duration"))?,
+                )
+            }
+        };
+        let index = self
+            .propose(pb::command::Command::SetAdminState(pb::SetAdminState {
+                id: r.id.clone(),
+                admin_state: pb::AdminState::Drain as i32,
+                drain_deadline: deadline,
+            }))
+            .await?;
+        tracing::info!(backend = %r.id, "backend drained");
+        let state = self.applied(index).await;
+        Ok(Response::new(self.api_backend(&state, &r.id, false)?))
+    }
+
+    async fn undrain_backend(
+        &self,
+        request: Request<lb::UndrainBackendRequest>,
+    ) -> Result<Response<lb::Backend>, Status> {
+        let id = request.into_inner().id;
+        check_id(&id)?;
+        let index = self
+            .propose(pb::command::Command::SetAdminState(pb::SetAdminState {
+                id: id.clone(),
+                admin_state: pb::AdminState::Active as i32,
+                drain_deadline: None,
+            }))
+            .await?;
+        tracing::info!(backend = %id, "backend returned to service");
+        let state = self.applied(index).await;
+        Ok(Response::new(self.api_backend(&state, &id, false)?))
+    }
+
+    async fn list_members(
+        &self,
+        _request: Request<lb::ListMembersRequest>,
+    ) -> Result<Response<lb::ListMembersResponse>, Status> {
+        let m = self.metrics();
+        Ok(Response::new(lb::ListMembersResponse {
+            members: members::list(&m, self.node_id),
+            leader: m.current_leader.and_then(|id| {
+                m.membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| node_info(id, n))
+            }),
+            membership_log_index: m.membership_config.log_id().map_or(0, |l| l.index),
+            membership_changing: m.membership_config.membership().get_joint_config().len() > 1,
+        }))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<lb::AddMemberRequest>,
+    ) -> Result<Response<lb::AddMemberResponse>, Status> {
+        members::add(self, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<lb::RemoveMemberRequest>,
+    ) -> Result<Response<lb::RemoveMemberResponse>, Status> {
+        members::remove(self, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn transfer_leadership(
+        &self,
+        request: Request<lb::TransferLeadershipRequest>,
+    ) -> Result<Response<lb::TransferLeadershipResponse>, Status> {
+        members::transfer(self, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_health(
+        &self,
+        request: Request<lb::GetHealthRequest>,
+    ) -> Result<Response<lb::GetHealthResponse>, Status> {
+        // Aggregation (votes per zone, probers) arrives with bulwark-prober;
+        // until then the committed verdicts are the whole story.
+        let only = request.into_inner().backend_id;
+        let state = self.sm.current();
+        if !only.is_empty() && state.backend(&only).is_none() {
+            return Err(Status::not_found(format!(
+                "backend {only:?} does not exist"
+            )));
+        }
+        let backends = state
+            .backends()
+            .iter()
+            .filter(|b| only.is_empty() || b.id == only)
+            .map(|b| lb::BackendHealth {
+                backend_id: b.id.clone(),
+                address: b.address.clone(),
+                zone: b.zone.clone(),
+                verdict: Some(convert::verdict_status(state.verdict(&b.id))),
+                zones: Vec::new(),
+                probers: Vec::new(),
+            })
+            .collect();
+        Ok(Response::new(lb::GetHealthResponse {
+            backends,
+            probers: Vec::new(),
+            fail_open: state.data().fail_open,
+            zones_down: state.data().zones_down.clone(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl BackendWatch for Api {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<lb::WatchBackendsRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = request.into_inner();
+        tracing::info!(watcher = %r.node_name, since = ?r.since_version, "backend watch opened");
+        let mut rx = self.sm.subscribe();
+        let mut last = r.since_version;
+        let stream = async_stream(move |tx| async move {
+            loop {
+                let state = rx.borrow_and_update().clone();
+                let set = backend_set(&state);
+                if last != Some(set.version) {
+                    last = Some(set.version);
+                    if tx.send(Ok(set)).await.is_err() {
+                        return;
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task through a channel (the task ends when the
+/// client goes away).
+fn async_stream<F, Fut>(f: F) -> WatchStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<lb::BackendSet, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// The complete routable set at the applied version.
+pub fn backend_set(state: &LbState) -> lb::BackendSet {
+    let fail_open = state.data().fail_open;
+    lb::BackendSet {
+        version: state.applied_index(),
+        backends: state
+            .backends()
+            .iter()
+            .map(|b| backend_entry(b, state.verdict(&b.id), fail_open))
+            .collect(),
+        fail_open,
+        zones_down: state.data().zones_down.clone(),
+        generated_at: bulwark_api::time::timestamp_to_proto(SystemTime::now()).ok(),
+    }
+}
+
+/// Ids of the current voters.
+fn voters(m: &openraft::RaftMetrics<crate::raft::TypeConfig>) -> BTreeSet<NodeId> {
+    m.membership_config.membership().voter_ids().collect()
+}
+
+/// A wait for cluster changes: polls the metrics until `done` or the
+/// deadline (metrics changes wake it early).
+async fn wait_metrics<F>(raft: &Raft, timeout: Duration, mut done: F) -> bool
+where
+    F: FnMut(&openraft::RaftMetrics<crate::raft::TypeConfig>) -> bool,
+{
+    let mut rx = raft.metrics();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if done(&rx.borrow_watched()) {
+            return true;
+        }
+        let tick = tokio::time::sleep(Duration::from_millis(20));
+        tokio::select! {
+            _ = rx.changed() => {}
+            () = tick => {}
+            () = tokio::time::sleep_until(deadline) => return done(&rx.borrow_watched()),
+        }
+    }
+}

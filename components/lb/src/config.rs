@@ -1,0 +1,914 @@
+//! `LoadBalancerConfiguration`: everything one bulwark-lb node needs, read
+//! from YAML plus flags (see `bulwark_common::config` for precedence).
+//!
+//! ```yaml
+//! apiVersion: bulwark.dev/v1alpha1
+//! kind: LoadBalancerConfiguration
+//! nodeId: 1
+//! name: cp-1
+//! zone: zone-a
+//! dataDir: /var/lib/bulwark-lb
+//! raft:
+//!   address: 10.0.0.11:9441
+//! api:
+//!   address: 10.0.0.11:9442
+//! initialMembers:
+//!   - {id: 1, name: cp-1, raftAddress: 10.0.0.11:9441, apiAddress: 10.0.0.11:9442}
+//!   - {id: 2, name: cp-2, raftAddress: 10.0.0.12:9441, apiAddress: 10.0.0.12:9442}
+//!   - {id: 3, name: cp-3, raftAddress: 10.0.0.13:9441, apiAddress: 10.0.0.13:9442}
+//! vip:
+//!   mode: arp
+//!   address: 10.0.0.10
+//!   port: 6443
+//!   interface: eth0
+//! backends:
+//!   - {id: cp-1, address: 10.0.0.11:6443, zone: zone-a}
+//! ```
+//!
+//! The timing defaults (heartbeat, election timeout, VIP lease) are chosen
+//! together; docs/FAILOVER.md gives the argument and [`VipConfig::timing`]
+//! checks the inequality that keeps two holders apart.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bulwark_common::admin::AdminConfig;
+use bulwark_common::authz::{AccessPolicy, IdentityRule};
+use bulwark_common::config::{ComponentConfig, Validate, Validator, duration};
+use bulwark_common::telemetry::LoggingConfig;
+use bulwark_common::tls::TlsFiles;
+use serde::{Deserialize, Serialize};
+
+use crate::backends::RoutingPolicy;
+use crate::proxy::ProxyConfig;
+use crate::vip::fence::FenceTiming;
+
+/// The whole configuration of one node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LbConfig {
+    /// Raft node id of this node: nonzero, unique in the cluster, never
+    /// reused for another machine.
+    pub node_id: u64,
+    /// Human name (normally the host name). Default: `node-<nodeId>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Failure-domain zone of this node; the data path prefers backends in
+    /// it. Empty: no zone preference.
+    #[serde(default)]
+    pub zone: String,
+    /// Where the Raft log, vote and state machine live (one redb file).
+    #[serde(default = "d_data_dir")]
+    pub data_dir: PathBuf,
+    /// The Raft transport and its timers.
+    #[serde(default)]
+    pub raft: RaftConfig,
+    /// The operator API (`bulwark.lb.v1`).
+    #[serde(default = "d_api")]
+    pub api: ListenConfig,
+    /// mTLS material shared by the Raft transport and the API (server and
+    /// client side). Default: kubeadm's layout, `bulwark-lb.{crt,key}`.
+    #[serde(default = "d_tls")]
+    pub tls: TlsFiles,
+    /// Who may call what. `peers` (who may speak Raft) defaults to the
+    /// `bulwark:lb` organization.
+    #[serde(default = "d_access")]
+    pub access: AccessPolicy,
+    /// The members the cluster is formed from the first time. Only used
+    /// while this node's data dir is empty; see docs/FAILOVER.md
+    /// "Bootstrap".
+    #[serde(default)]
+    pub initial_members: Vec<MemberConfig>,
+    /// The virtual IP.
+    #[serde(default)]
+    pub vip: VipConfig,
+    /// Node-local listener every node runs (KubePrism-style), e.g.
+    /// `127.0.0.1:7445`. Absent: none.
+    #[serde(default)]
+    pub local_listener: Option<SocketAddr>,
+    /// The data path's settings.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// Zone-aware routing; the local zone is `zone` above.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// Backends proposed once, by the first leader, when the registry is
+    /// empty. Afterwards the registry is what Raft says.
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    /// `/livez`, `/readyz`, `/metrics`.
+    #[serde(default = "d_admin")]
+    pub admin: AdminConfig,
+    /// Logs.
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    /// How long SIGTERM may take before the process exits anyway.
+    #[serde(default = "d_shutdown_grace", with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl ComponentConfig for LbConfig {
+    const KIND: &'static str = "LoadBalancerConfiguration";
+}
+
+impl LbConfig {
+    /// This node's name.
+    pub fn node_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("node-{}", self.node_id))
+    }
+
+    /// The routing policy for the data path.
+    pub fn routing_policy(&self) -> RoutingPolicy {
+        RoutingPolicy {
+            local_zone: (!self.zone.is_empty()).then(|| self.zone.clone()),
+            min_local_healthy_share: self.routing.min_local_healthy_share,
+        }
+    }
+
+    /// The node that initializes the cluster: the lowest id among the
+    /// initial members (every node computes the same one).
+    pub fn bootstrapper(&self) -> Option<u64> {
+        self.initial_members.iter().map(|m| m.id).min()
+    }
+}
+
+fn d_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/bulwark-lb")
+}
+fn d_api() -> ListenConfig {
+    ListenConfig {
+        address: SocketAddr::from(([0, 0, 0, 0], 9442)),
+        advertise_address: None,
+    }
+}
+fn d_tls() -> TlsFiles {
+    TlsFiles::kubeadm_default("bulwark-lb")
+}
+fn d_access() -> AccessPolicy {
+    AccessPolicy {
+        peers: Some(IdentityRule {
+            common_names: Vec::new(),
+            organizations: vec!["bulwark:lb".into()],
+        }),
+        ..AccessPolicy::default()
+    }
+}
+fn d_admin() -> AdminConfig {
+    AdminConfig {
+        address: SocketAddr::from(([127, 0, 0, 1], 9440)),
+    }
+}
+fn d_shutdown_grace() -> Duration {
+    Duration::from_secs(15)
+}
+
+/// A listening gRPC endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Where to listen.
+    pub address: SocketAddr,
+    /// What peers and clients dial (host:port). Default: `address`, which
+    /// then must not be 0.0.0.0 or `::`.
+    #[serde(default)]
+    pub advertise_address: Option<String>,
+}
+
+impl ListenConfig {
+    /// The address others use.
+    pub fn advertised(&self) -> String {
+        self.advertise_address
+            .clone()
+            .unwrap_or_else(|| self.address.to_string())
+    }
+}
+
+impl Validate for ListenConfig {
+    fn validate(&self, v: &mut Validator) {
+        match &self.advertise_address {
+            None => v.check(
+                !self.address.ip().is_unspecified(),
+                "advertiseAddress",
+                format!(
+                    "required when address is {} (others cannot dial an unspecified address)",
+                    self.address
+                ),
+            ),
+            Some(a) => v.check(
+                valid_host_port(a),
+                "advertiseAddress",
+                format!("{a:?} is not host:port"),
+            ),
+        }
+    }
+}
+
+/// Whether `s` looks like `host:port` with a nonzero port.
+pub fn valid_host_port(s: &str) -> bool {
+    if s.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0) {
+        return true;
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.contains(['[', ']', ' ', '/'])
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
+        None => false,
+    }
+}
+
+/// The Raft transport and timers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RaftConfig {
+    /// Where the Raft service listens; advertised to peers.
+    #[serde(flatten)]
+    pub listen: RaftListen,
+    /// How often the leader sends heartbeats.
+    #[serde(default = "d_heartbeat", with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// Lower bound of the randomized election timeout.
+    #[serde(default = "d_election_min", with = "duration")]
+    pub election_timeout_min: Duration,
+    /// Upper bound of the randomized election timeout. openraft also uses
+    /// it as the followers' leader lease: a follower grants no vote for
+    /// this long after hearing from the leader.
+    #[serde(default = "d_election_max", with = "duration")]
+    pub election_timeout_max: Duration,
+    /// Build a snapshot (and purge the log before it) every this many
+    /// applied entries.
+    #[serde(default = "d_snapshot_every")]
+    pub snapshot_every_entries: u64,
+}
+
+/// `raft.address` / `raft.advertiseAddress` (flattened so the YAML reads
+/// like the `api` section).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RaftListen {
+    /// Where to listen.
+    #[serde(default = "d_raft_address")]
+    pub address: SocketAddr,
+    /// What peers dial; default `address`.
+    #[serde(default)]
+    pub advertise_address: Option<String>,
+}
+
+impl RaftListen {
+    fn as_listen(&self) -> ListenConfig {
+        ListenConfig {
+            address: self.address,
+            advertise_address: self.advertise_address.clone(),
+        }
+    }
+
+    /// The address peers use.
+    pub fn advertised(&self) -> String {
+        self.as_listen().advertised()
+    }
+}
+
+fn d_raft_address() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9441))
+}
+fn d_heartbeat() -> Duration {
+    Duration::from_millis(50)
+}
+fn d_election_min() -> Duration {
+    Duration::from_millis(150)
+}
+fn d_election_max() -> Duration {
+    Duration::from_millis(250)
+}
+fn d_snapshot_every() -> u64 {
+    1000
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            listen: RaftListen {
+                address: d_raft_address(),
+                advertise_address: None,
+            },
+            heartbeat_interval: d_heartbeat(),
+            election_timeout_min: d_election_min(),
+            election_timeout_max: d_election_max(),
+            snapshot_every_entries: d_snapshot_every(),
+        }
+    }
+}
+
+impl Validate for RaftConfig {
+    fn validate(&self, v: &mut Validator) {
+        self.listen.as_listen().validate(v);
+        let ms = Duration::from_millis;
+        v.duration_in(
+            "heartbeatInterval",
+            self.heartbeat_interval,
+            ms(10),
+            ms(5000),
+        );
+        v.duration_in(
+            "electionTimeoutMin",
+            self.election_timeout_min,
+            ms(20),
+            ms(60_000),
+        );
+        v.duration_in(
+            "electionTimeoutMax",
+            self.election_timeout_max,
+            ms(20),
+            ms(60_000),
+        );
+        v.check(
+            self.election_timeout_min > self.heartbeat_interval * 2,
+            "electionTimeoutMin",
+            format!(
+                "must exceed twice heartbeatInterval ({}), or one late heartbeat starts an election",
+                humantime::format_duration(self.heartbeat_interval)
+            ),
+        );
+        v.check(
+            self.election_timeout_max > self.election_timeout_min,
+            "electionTimeoutMax",
+            "must be greater than electionTimeoutMin",
+        );
+        v.check(
+            (10..=10_000_000).contains(&self.snapshot_every_entries),
+            "snapshotEveryEntries",
+            format!(
+                "{} is out of range: expected between 10 and 10000000",
+                self.snapshot_every_entries
+            ),
+        );
+    }
+}
+
+/// One initial member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MemberConfig {
+    /// Raft node id.
+    pub id: u64,
+    /// Host name. Default: `node-<id>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Raft address, host:port.
+    pub raft_address: String,
+    /// API address, host:port.
+    pub api_address: String,
+    /// Node-local proxy address; empty when none.
+    #[serde(default)]
+    pub proxy_address: String,
+    /// Zone.
+    #[serde(default)]
+    pub zone: String,
+}
+
+impl Validate for MemberConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(self.id != 0, "id", "must be greater than 0");
+        v.check(
+            valid_host_port(&self.raft_address),
+            "raftAddress",
+            format!("{:?} is not host:port", self.raft_address),
+        );
+        v.check(
+            valid_host_port(&self.api_address),
+            "apiAddress",
+            format!("{:?} is not host:port", self.api_address),
+        );
+        if !self.proxy_address.is_empty() {
+            v.check(
+                valid_host_port(&self.proxy_address),
+                "proxyAddress",
+                format!("{:?} is not host:port", self.proxy_address),
+            );
+        }
+    }
+}
+
+/// How the VIP is announced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VipMode {
+    /// No VIP: clients use node addresses or the node-local listener.
+    #[default]
+    Disabled,
+    /// The leader opens the front listener on the VIP itself. Needs no
+    /// privileges on 127.0.0.0/8; for demos, tests and hosts that route
+    /// the VIP some other way.
+    Bind,
+    /// The leader adds the VIP to `interface` (netlink) and announces it
+    /// with gratuitous ARP / unsolicited neighbour advertisements. Every
+    /// node keeps a front listener bound to VIP:port with IP_FREEBIND.
+    /// Needs CAP_NET_ADMIN and CAP_NET_RAW.
+    Arp,
+}
+
+/// The virtual IP and its fencing timers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VipConfig {
+    /// How the VIP is announced.
+    #[serde(default)]
+    pub mode: VipMode,
+    /// The VIP (no port, no prefix). Required unless disabled.
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    /// Port of the front listener on the VIP.
+    #[serde(default = "d_vip_port")]
+    pub port: u16,
+    /// arp mode: prefix length the VIP is added with (32 or 128 keeps it
+    /// off the routing decisions of the subnet).
+    #[serde(default)]
+    pub prefix_length: Option<u8>,
+    /// arp mode: the interface that carries the VIP.
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// The holder keeps the VIP only while the last heartbeat a quorum
+    /// acknowledged was sent less than this long ago.
+    #[serde(default = "d_lease", with = "duration")]
+    pub lease: Duration,
+    /// How often the holder checks its lease. Much shorter than the lease:
+    /// openraft reports no change while a partitioned leader waits.
+    #[serde(default = "d_check", with = "duration")]
+    pub check_interval: Duration,
+    /// Bound on how fast one node's clock may run against another's, as a
+    /// fraction (0.01 = 1%). Monotonic clocks under NTP slew by at most
+    /// 0.05%; the default leaves a wide margin.
+    #[serde(default = "d_drift")]
+    pub clock_drift: f64,
+    /// Time allowed from deciding to release to the address being gone
+    /// (netlink round trip, closing a listener).
+    #[serde(default = "d_release_budget", with = "duration")]
+    pub release_budget: Duration,
+    /// arp mode: gratuitous ARPs (or neighbour advertisements) sent per
+    /// claim.
+    #[serde(default = "d_garp_count")]
+    pub garp_count: u32,
+    /// arp mode: pause between them.
+    #[serde(default = "d_garp_interval", with = "duration")]
+    pub garp_interval: Duration,
+}
+
+fn d_vip_port() -> u16 {
+    6443
+}
+fn d_lease() -> Duration {
+    Duration::from_millis(180)
+}
+fn d_check() -> Duration {
+    Duration::from_millis(10)
+}
+fn d_drift() -> f64 {
+    0.01
+}
+fn d_release_budget() -> Duration {
+    Duration::from_millis(25)
+}
+fn d_garp_count() -> u32 {
+    3
+}
+fn d_garp_interval() -> Duration {
+    Duration::from_millis(100)
+}
+
+impl Default for VipConfig {
+    fn default() -> Self {
+        Self {
+            mode: VipMode::Disabled,
+            address: None,
+            port: d_vip_port(),
+            prefix_length: None,
+            interface: None,
+            lease: d_lease(),
+            check_interval: d_check(),
+            clock_drift: d_drift(),
+            release_budget: d_release_budget(),
+            garp_count: d_garp_count(),
+            garp_interval: d_garp_interval(),
+        }
+    }
+}
+
+impl VipConfig {
+    /// The fencing timers derived from this section and the Raft timers.
+    pub fn timing(&self, raft: &RaftConfig) -> FenceTiming {
+        FenceTiming {
+            lease: self.lease,
+            check_interval: self.check_interval,
+            clock_drift: self.clock_drift,
+            release_budget: self.release_budget,
+            follower_lease: raft.election_timeout_max,
+        }
+    }
+
+    /// The VIP with its port, when enabled.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match self.mode {
+            VipMode::Disabled => None,
+            _ => self.address.map(|ip| SocketAddr::new(ip, self.port)),
+        }
+    }
+
+    /// The prefix length the VIP is added with in arp mode.
+    pub fn prefix(&self) -> u8 {
+        self.prefix_length.unwrap_or(match self.address {
+            Some(IpAddr::V6(_)) => 128,
+            _ => 32,
+        })
+    }
+
+    fn validate_with(&self, raft: &RaftConfig, v: &mut Validator) {
+        if self.mode != VipMode::Disabled {
+            v.check(
+                self.address.is_some(),
+                "address",
+                "required when mode is bind or arp",
+            );
+            if let Some(a) = self.address {
+                v.check(
+                    !a.is_unspecified() && !a.is_multicast(),
+                    "address",
+                    format!("{a} cannot be a virtual IP"),
+                );
+            }
+            v.check(self.port != 0, "port", "must be between 1 and 65535");
+        }
+        if self.mode == VipMode::Arp {
+            match &self.interface {
+                None => v.at("interface", |v| v.error("required when mode is arp")),
+                Some(i) => v.check(
+                    !i.is_empty() && i.len() < 16 && !i.contains(['/', ' ']),
+                    "interface",
+                    format!("{i:?} is not a network interface name"),
+                ),
+            }
+            if let Some(a) = self.address {
+                v.check(
+                    !a.is_loopback(),
+                    "address",
+                    "a loopback address cannot be announced with ARP; use mode bind",
+                );
+            }
+        }
+        if let Some(p) = self.prefix_length {
+            let max = if matches!(self.address, Some(IpAddr::V6(_))) {
+                128
+            } else {
+                32
+            };
+            v.check(
+                (1..=max).contains(&p),
+                "prefixLength",
+                format!("{p} is out of range: expected between 1 and {max}"),
+            );
+        }
+        let ms = Duration::from_millis;
+        v.duration_in("lease", self.lease, ms(20), ms(60_000));
+        v.duration_in("checkInterval", self.check_interval, ms(1), ms(1000));
+        v.check(
+            self.check_interval * 4 <= self.lease,
+            "checkInterval",
+            "must be at most a quarter of lease",
+        );
+        v.check(
+            self.clock_drift.is_finite() && (0.0..0.5).contains(&self.clock_drift),
+            "clockDrift",
+            format!(
+                "{} is out of range: expected a fraction in [0, 0.5)",
+                self.clock_drift
+            ),
+        );
+        v.duration_in("releaseBudget", self.release_budget, ms(1), ms(10_000));
+        v.check(
+            (1..=100).contains(&self.garp_count),
+            "garpCount",
+            format!(
+                "{} is out of range: expected between 1 and 100",
+                self.garp_count
+            ),
+        );
+        v.duration_in("garpInterval", self.garp_interval, ms(1), ms(10_000));
+        // The lease must expire well before a follower may vote again,
+        // or every failover pays the difference as claim delay.
+        v.check(
+            self.lease > raft.heartbeat_interval * 2,
+            "lease",
+            format!(
+                "must exceed twice raft.heartbeatInterval ({}), or the holder drops the VIP on every late heartbeat",
+                humantime::format_duration(raft.heartbeat_interval)
+            ),
+        );
+    }
+}
+
+/// Zone-aware routing settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Share of the local zone's backends that must be routable before new
+    /// connections stay in the zone (see `RoutingPolicy`).
+    #[serde(default = "d_min_share")]
+    pub min_local_healthy_share: f64,
+}
+
+fn d_min_share() -> f64 {
+    RoutingPolicy::default().min_local_healthy_share
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            min_local_healthy_share: d_min_share(),
+        }
+    }
+}
+
+/// One initial backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Backend id (a DNS label).
+    pub id: String,
+    /// host:port of the apiserver.
+    pub address: SocketAddr,
+    /// Zone.
+    #[serde(default)]
+    pub zone: String,
+    /// Relative weight, 1-10000.
+    #[serde(default = "d_weight")]
+    pub weight: u32,
+}
+
+fn d_weight() -> u32 {
+    100
+}
+
+/// Whether `id` is a valid backend id: a DNS label.
+pub fn valid_backend_id(id: &str) -> bool {
+    (1..=63).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-')
+}
+
+/// Largest backend weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+impl Validate for BackendConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(
+            valid_backend_id(&self.id),
+            "id",
+            format!(
+                "{:?} is not a valid id: expected 1-63 lowercase letters, digits or '-', not starting or ending with '-'",
+                self.id
+            ),
+        );
+        v.check(
+            self.address.port() != 0 && !self.address.ip().is_unspecified(),
+            "address",
+            format!("{} cannot be connected to", self.address),
+        );
+        v.check(
+            (1..=MAX_WEIGHT).contains(&self.weight),
+            "weight",
+            format!(
+                "{} is out of range: expected between 1 and {MAX_WEIGHT}",
+                self.weight
+            ),
+        );
+    }
+}
+
+impl Validate for LbConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(self.node_id != 0, "nodeId", "must be greater than 0");
+        if let Some(n) = &self.name {
+            v.check(!n.trim().is_empty(), "name", "must not be empty");
+        }
+        v.check(
+            !self.data_dir.as_os_str().is_empty(),
+            "dataDir",
+            "must not be empty",
+        );
+        v.nested("raft", &self.raft);
+        v.nested("api", &self.api);
+        v.at("tls", |v| {
+            v.file_exists("certFile", &self.tls.cert_file);
+            v.file_exists("keyFile", &self.tls.key_file);
+            v.file_exists("caFile", &self.tls.ca_file);
+        });
+        v.nested("access", &self.access);
+        v.check(
+            self.access.peers.is_some(),
+            "access.peers",
+            "must be set: nobody could speak Raft to this node",
+        );
+
+        let mut ids = BTreeSet::new();
+        for (i, m) in self.initial_members.iter().enumerate() {
+            v.nested(format!("initialMembers[{i}]"), m);
+            if !ids.insert(m.id) {
+                v.at(format!("initialMembers[{i}].id"), |v| {
+                    v.error(format!("duplicate member id {}", m.id))
+                });
+            }
+        }
+        if !self.initial_members.is_empty() {
+            v.check(
+                ids.contains(&self.node_id),
+                "initialMembers",
+                format!("must include this node (nodeId {}) when set", self.node_id),
+            );
+        }
+
+        v.at("vip", |v| self.vip.validate_with(&self.raft, v));
+        v.nested("proxy", &self.proxy);
+        v.at("routing", |v| {
+            let s = self.routing.min_local_healthy_share;
+            v.check(
+                s.is_finite() && (0.0..=1.0).contains(&s),
+                "minLocalHealthyShare",
+                format!("{s} is out of range: expected a fraction between 0.0 and 1.0"),
+            );
+        });
+        let mut backend_ids = BTreeSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            v.nested(format!("backends[{i}]"), b);
+            if !backend_ids.insert(b.id.as_str()) {
+                v.at(format!("backends[{i}].id"), |v| {
+                    v.error(format!("duplicate backend id {:?}", b.id))
+                });
+            }
+        }
+        v.nested("logging", &self.logging);
+        v.duration_in(
+            "shutdownGrace",
+            self.shutdown_grace,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bulwark_common::config::{Overrides, from_str_with};
+
+    use super::*;
+
+    fn tls_files(dir: &std::path::Path) -> String {
+        for f in ["lb.crt", "lb.key", "ca.crt"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        format!(
+            "tls:\n  certFile: {0}/lb.crt\n  keyFile: {0}/lb.key\n  caFile: {0}/ca.crt\n",
+            dir.display()
+        )
+    }
+
+    fn parse(body: &str) -> Result<LbConfig, bulwark_common::config::ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "apiVersion: bulwark.dev/v1alpha1\nkind: LoadBalancerConfiguration\n{}{body}",
+            tls_files(dir.path())
+        );
+        from_str_with::<LbConfig>(Some(&text), None, &Overrides::new())
+    }
+
+    fn errors(body: &str) -> Vec<String> {
+        parse(body)
+            .unwrap_err()
+            .field_errors()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const MINIMAL: &str =
+        "nodeId: 1\nraft:\n  address: 127.0.0.1:9441\napi:\n  address: 127.0.0.1:9442\n";
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.node_name(), "node-1");
+        assert_eq!(c.raft.heartbeat_interval, Duration::from_millis(50));
+        assert_eq!(c.raft.election_timeout_min, Duration::from_millis(150));
+        assert_eq!(c.raft.election_timeout_max, Duration::from_millis(250));
+        assert_eq!(c.vip.mode, VipMode::Disabled);
+        assert_eq!(c.vip.lease, Duration::from_millis(180));
+        assert_eq!(
+            c.access.peers.as_ref().unwrap().organizations,
+            ["bulwark:lb"]
+        );
+        assert_eq!(c.raft.listen.advertised(), "127.0.0.1:9441");
+        assert!(c.routing_policy().local_zone.is_none());
+        // The defaults satisfy the fencing inequality without a claim delay.
+        let t = c.vip.timing(&c.raft);
+        assert_eq!(t.claim_delay(false), Duration::ZERO);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = errors(
+            "nodeId: 0\nraft:\n  address: 0.0.0.0:9441\n  electionTimeoutMin: 300ms\n  electionTimeoutMax: 200ms\napi:\n  address: 127.0.0.1:9442\n",
+        );
+        assert!(
+            e.contains(&"nodeId: must be greater than 0".to_owned()),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m
+                    .starts_with("raft.advertiseAddress: required when address is 0.0.0.0:9441")),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(
+                &"raft.electionTimeoutMax: must be greater than electionTimeoutMin".to_owned()
+            ),
+            "{e:?}"
+        );
+
+        let e = errors(&format!(
+            "{MINIMAL}vip:\n  mode: arp\n  address: 127.0.0.10\nbackends:\n- id: Bad_Id\n  address: 10.0.0.1:6443\n  weight: 0\n"
+        ));
+        assert!(
+            e.contains(&"vip.interface: required when mode is arp".to_owned()),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("vip.address: a loopback address")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("backends[0].id: \"Bad_Id\" is not a valid id")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("backends[0].weight: 0 is out of range")),
+            "{e:?}"
+        );
+
+        let e = errors(&format!(
+            "{MINIMAL}initialMembers:\n- {{id: 2, raftAddress: 'nope', apiAddress: 'b:1'}}\n- {{id: 2, raftAddress: 'a:1', apiAddress: 'b:1'}}\n"
+        ));
+        assert!(
+            e.contains(&"initialMembers[0].raftAddress: \"nope\" is not host:port".to_owned()),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"initialMembers[1].id: duplicate member id 2".to_owned()),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("initialMembers: must include this node")),
+            "{e:?}"
+        );
+
+        let e = errors(&format!("{MINIMAL}vip:\n  mode: bind\n  adress: 1.2.3.4\n"));
+        assert!(
+            e[0].starts_with("vip.adress: unknown field `adress`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn missing_tls_files_are_named() {
+        let text = format!(
+            "apiVersion: bulwark.dev/v1alpha1\nkind: LoadBalancerConfiguration\n{MINIMAL}tls:\n  certFile: /nonexistent/lb.crt\n  keyFile: /nonexistent/lb.key\n  caFile: /nonexistent/ca.crt\n"
+        );
+        let err = from_str_with::<LbConfig>(Some(&text), None, &Overrides::new()).unwrap_err();
+        let e: Vec<String> = err.field_errors().iter().map(ToString::to_string).collect();
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("tls.certFile: cannot read /nonexistent/lb.crt")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn host_port_check() {
+        assert!(valid_host_port("10.0.0.1:9441"));
+        assert!(valid_host_port("[::1]:9441"));
+        assert!(valid_host_port("lb-1.example:9441"));
+        assert!(!valid_host_port("lb-1.example"));
+        assert!(!valid_host_port("10.0.0.1:0"));
+        assert!(!valid_host_port(":80"));
+    }
+}

@@ -1,0 +1,516 @@
+//! One bulwark-lb node, wired together: `run(config, listeners, shutdown)`.
+//!
+//! The caller binds every listener ([`Listeners::bind`] in `main`, port 0
+//! in tests), so several nodes can run in one process. What runs:
+//!
+//! - the Raft node over the redb store, its gRPC service (LB peers only),
+//!   and the bootstrap protocol;
+//! - the publisher: every applied state becomes a new backend snapshot for
+//!   the data path (versioned by the applied log index);
+//! - the seeder: a leader proposes the configured backends once;
+//! - the VIP task (bind or arp mode) and, in arp mode, the front listener
+//!   on VIP:port that every node keeps;
+//! - the node-local proxy listener, when configured;
+//! - the operator API and the admin server (`/readyz`: store open and a
+//!   leader known).
+//!
+//! Shutdown (the first SIGTERM): the VIP is released first, then a leader
+//! hands leadership to the most up-to-date voter and waits briefly for it,
+//! then Raft stops, and only then the gRPC servers (the transfer needs
+//! them).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bulwark_api::lb::v1::backend_watch_server::BackendWatchServer;
+use bulwark_api::lb::v1::load_balancer_server::LoadBalancerServer;
+use bulwark_api::raft::v1 as pb;
+use bulwark_api::raft::v1::raft_server::RaftServer;
+use bulwark_common::admin::Health;
+use bulwark_common::grpc::GrpcServer;
+use bulwark_common::shutdown::Shutdown;
+use openraft::async_runtime::WatchReceiver;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::Api;
+use crate::backends::Backends;
+use crate::config::{LbConfig, VipMode};
+use crate::raft::Raft;
+use crate::raft::membership::{self, Bootstrap};
+use crate::raft::network::{ClusterId, Network};
+use crate::raft::server::{RaftService, Signals};
+use crate::raft::state::command;
+use crate::raft::store::{StateMachineStore, Store};
+use crate::raft::types::LbNode;
+use crate::vip::arp::{ArpVip, bind_front};
+use crate::vip::bind::BindVip;
+use crate::vip::{Actuator, VipHandle, VipTask};
+
+/// The listeners a node serves, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The Raft service.
+    pub raft: TcpListener,
+    /// The operator API.
+    pub api: TcpListener,
+    /// `/livez`, `/readyz`, `/metrics`.
+    pub admin: Option<TcpListener>,
+    /// The node-local proxy listener.
+    pub local: Option<TcpListener>,
+    /// arp mode: the front listener on VIP:port (bound with IP_FREEBIND).
+    pub front: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds everything the configuration names.
+    pub async fn bind(config: &LbConfig) -> anyhow::Result<Self> {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the {what} listener on {addr}"))
+        };
+        let front = match (config.vip.mode, config.vip.socket_addr()) {
+            (VipMode::Arp, Some(addr)) => {
+                let std = bind_front(addr).with_context(|| {
+                    format!("binding the front listener on {addr} (IP_FREEBIND)")
+                })?;
+                Some(TcpListener::from_std(std)?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            raft: bind(config.raft.listen.address, "Raft").await?,
+            api: bind(config.api.address, "API").await?,
+            admin: Some(bind(config.admin.address, "admin").await?),
+            local: match config.local_listener {
+                Some(a) => Some(bind(a, "node-local proxy").await?),
+                None => None,
+            },
+            front,
+        })
+    }
+}
+
+/// Handles to a running node (tests use them in-process).
+#[derive(Clone)]
+pub struct Node {
+    /// The Raft handle.
+    pub raft: Raft,
+    /// The applied state.
+    pub state: StateMachineStore,
+    /// The data path's backend set.
+    pub backends: Backends,
+    /// The VIP task.
+    pub vip: VipHandle,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("state", &self.state).finish()
+    }
+}
+
+fn openraft_config(config: &LbConfig) -> anyhow::Result<openraft::Config> {
+    let ms = |d: Duration| d.as_millis() as u64;
+    let c = openraft::Config {
+        cluster_name: "bulwark-lb".into(),
+        heartbeat_interval: ms(config.raft.heartbeat_interval),
+        election_timeout_min: ms(config.raft.election_timeout_min),
+        election_timeout_max: ms(config.raft.election_timeout_max),
+        // A node cut off while the others carried on must not depose the
+        // leader with an inflated term when it comes back.
+        enable_pre_vote: Some(true),
+        // A restarted leader runs an election like anyone else: resuming
+        // leadership from disk would skip the voters' lease wait that VIP
+        // fencing relies on.
+        enable_leader_restore: Some(false),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
+            config.raft.snapshot_every_entries,
+        ),
+        // A follower a little behind catches up from the log; one further
+        // behind (or a new member) gets the snapshot.
+        max_in_snapshot_log_to_keep: config.raft.snapshot_every_entries.min(100),
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    };
+    c.validate().context("Raft timers")
+}
+
+/// Starts a node. Tasks run under `shutdown`; the returned handles stay
+/// valid until it completes.
+pub async fn run(
+    config: LbConfig,
+    listeners: Listeners,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Node> {
+    bulwark_common::tls::install_crypto_provider();
+    let node_id = config.node_id;
+    let tls = Arc::new(config.tls.load().context("loading TLS material")?);
+    let health = Health::new();
+    health.set_ready("raft", Err("no leader known yet".into()));
+
+    let store = Store::open(&config.data_dir)?;
+    let cluster = ClusterId::new(store.cluster_id().await?);
+    let sm = store.state_machine().await?;
+    tracing::info!(node = node_id, store = %store.path().display(), cluster = ?cluster.get(), applied = sm.current().applied_index(), "store open");
+
+    let signals = Arc::new(Signals::new());
+    let (vip, inbox) = crate::vip::channel();
+    let network = Network::new(tls.clone(), cluster.clone(), Arc::new(vip.clone()));
+    let raft = Raft::new(
+        node_id,
+        Arc::new(openraft_config(&config)?),
+        network,
+        store.log_store(),
+        sm.clone(),
+    )
+    .await
+    .context("starting Raft")?;
+
+    // The servers stop last: a leader's shutdown hands over through them.
+    let servers = CancellationToken::new();
+
+    let raft_service = RaftService::new(
+        node_id,
+        raft.clone(),
+        store.clone(),
+        cluster.clone(),
+        signals.clone(),
+        config.raft.election_timeout_max,
+    );
+    {
+        let (tls, access, token) = (tls.clone(), config.access.clone(), servers.clone());
+        let server = GrpcServer::new().add_service(
+            RaftServer::new(raft_service)
+                .max_decoding_message_size(16 * 1024 * 1024)
+                .max_encoding_message_size(16 * 1024 * 1024),
+        );
+        shutdown.spawn_critical("raft-grpc", async move {
+            server
+                .serve(listeners.raft, &tls, access, token)
+                .await
+                .context("Raft gRPC server")
+        });
+    }
+
+    let backends = Backends::new(config.routing_policy());
+    shutdown.spawn_critical(
+        "publisher",
+        publish(sm.clone(), backends.clone(), shutdown.token()),
+    );
+
+    let proxy = Arc::new(config.proxy.clone());
+    let this = LbNode {
+        name: config.node_name(),
+        raft_address: config.raft.listen.advertised(),
+        api_address: config.api.advertised(),
+        proxy_address: config
+            .local_listener
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        zone: config.zone.clone(),
+    };
+
+    // The VIP.
+    let vip_task = match (config.vip.mode, config.vip.socket_addr()) {
+        (VipMode::Bind, Some(addr)) => Some(Actuator::Bind(BindVip::new(
+            addr,
+            backends.clone(),
+            proxy.clone(),
+        ))),
+        (VipMode::Arp, Some(addr)) => {
+            let interface = config
+                .vip
+                .interface
+                .clone()
+                .context("vip.interface is required in arp mode")?;
+            let mut arp = ArpVip::new(
+                interface,
+                addr.ip(),
+                config.vip.prefix(),
+                config.vip.garp_count,
+                config.vip.garp_interval,
+            )?;
+            if arp.remove_stale().await.context("removing a stale VIP")? {
+                tracing::warn!(vip = %addr.ip(), "removed the VIP a previous run left on the interface");
+            }
+            Some(Actuator::Arp(arp))
+        }
+        _ => None,
+    };
+    if let Some(actuator) = vip_task {
+        let task = VipTask::new(
+            inbox,
+            node_id,
+            raft.clone(),
+            config.vip.timing(&config.raft),
+            actuator,
+            signals.clone(),
+        );
+        let token = shutdown.token();
+        shutdown.spawn_critical("vip", task.run(token));
+    }
+    if let Some(front) = listeners.front {
+        let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
+        shutdown.spawn_critical("front-proxy", async move {
+            crate::proxy::serve(front, b, p, t)
+                .await
+                .context("front listener")
+        });
+    }
+    if let Some(local) = listeners.local {
+        let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
+        shutdown.spawn_critical("local-proxy", async move {
+            crate::proxy::serve(local, b, p, t)
+                .await
+                .context("node-local listener")
+        });
+    }
+
+    // The API.
+    {
+        let api = Api::new(
+            node_id,
+            this,
+            raft.clone(),
+            sm.clone(),
+            backends.clone(),
+            vip.clone(),
+            config.vip.clone(),
+            tls.clone(),
+            cluster.clone(),
+            config.raft.election_timeout_max,
+        );
+        let server = GrpcServer::new()
+            .add_service(LoadBalancerServer::new(api.clone()))
+            .add_service(BackendWatchServer::new(api));
+        let (tls, access, token) = (tls.clone(), config.access.clone(), servers.clone());
+        shutdown.spawn_critical("api-grpc", async move {
+            server
+                .serve(listeners.api, &tls, access, token)
+                .await
+                .context("API gRPC server")
+        });
+    }
+
+    if let Some(admin) = listeners.admin {
+        let (h, token) = (health.clone(), servers.clone());
+        let metrics = bulwark_common::telemetry::metrics_handle();
+        shutdown.spawn_critical("admin", async move {
+            bulwark_common::admin::serve(admin, h, Some(metrics), token)
+                .await
+                .context("admin server")
+        });
+    }
+
+    shutdown.spawn(
+        "readiness",
+        readiness(raft.clone(), node_id, health, shutdown.token()),
+    );
+    shutdown.spawn(
+        "seeder",
+        seed(raft.clone(), sm.clone(), config.clone(), shutdown.token()),
+    );
+    {
+        let (config, raft, store, cluster, tls, token) = (
+            config.clone(),
+            raft.clone(),
+            store.clone(),
+            cluster.clone(),
+            tls.clone(),
+            shutdown.token(),
+        );
+        shutdown.spawn("bootstrap", async move {
+            match membership::bootstrap(&config, &raft, &store, &cluster, &tls, &token).await? {
+                Bootstrap::Refused => tracing::error!(
+                    "not creating a cluster: it already exists without this node's data; add this node with bulwarkctl lb add-member"
+                ),
+                outcome => tracing::debug!(?outcome, "bootstrap"),
+            }
+            Ok(())
+        });
+    }
+    shutdown.spawn_critical(
+        "lifecycle",
+        lifecycle(
+            raft.clone(),
+            node_id,
+            shutdown.token(),
+            servers,
+            config.raft.election_timeout_max,
+        ),
+    );
+
+    Ok(Node {
+        raft,
+        state: sm,
+        backends,
+        vip,
+    })
+}
+
+/// Publishes every applied state to the data path.
+async fn publish(
+    sm: StateMachineStore,
+    backends: Backends,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut rx = sm.subscribe();
+    loop {
+        let state = rx.borrow_and_update().clone();
+        if let Err(e) = backends.publish(state.backend_specs(), state.applied_index()) {
+            tracing::error!(version = state.applied_index(), error = %e, "backend set refused by the data path");
+        }
+        tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            r = rx.changed() => if r.is_err() { return Ok(()) },
+        }
+    }
+}
+
+/// Ready while a leader is known; also exports the Raft role metrics.
+async fn readiness(
+    raft: Raft,
+    node_id: u64,
+    health: Health,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut rx = raft.metrics();
+    let mut last_term = None;
+    loop {
+        let (leader, term, state) = {
+            let m = rx.borrow_watched();
+            (m.current_leader, m.current_term, m.state)
+        };
+        if last_term != Some(term) {
+            if last_term.is_some() {
+                metrics::counter!("bulwark_lb_elections_total").increment(1);
+            }
+            last_term = Some(term);
+            metrics::gauge!("bulwark_lb_term").set(term as f64);
+        }
+        let leading = state == openraft::ServerState::Leader && leader == Some(node_id);
+        metrics::gauge!("bulwark_lb_is_leader").set(f64::from(u8::from(leading)));
+        health.set_ready(
+            "raft",
+            match leader {
+                Some(_) => Ok(()),
+                None => Err("no leader known".into()),
+            },
+        );
+        tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            r = rx.changed() => if r.is_err() { return Ok(()) },
+        }
+    }
+}
+
+/// As leader, proposes the configured backends once, if the registry was
+/// never seeded.
+async fn seed(
+    raft: Raft,
+    sm: StateMachineStore,
+    config: LbConfig,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut rx = raft.metrics();
+    loop {
+        if sm.current().seeded() {
+            return Ok(());
+        }
+        let leading = {
+            let m = rx.borrow_watched();
+            m.state == openraft::ServerState::Leader && m.current_leader == Some(config.node_id)
+        };
+        if leading {
+            let backends = config
+                .backends
+                .iter()
+                .map(|b| pb::BackendRecord {
+                    id: b.id.clone(),
+                    address: b.address.to_string(),
+                    zone: b.zone.clone(),
+                    weight: b.weight,
+                    admin_state: pb::AdminState::Active as i32,
+                    drain_deadline: None,
+                })
+                .collect();
+            let cmd = command(
+                std::time::SystemTime::now(),
+                pb::command::Command::SeedBackends(pb::SeedBackends { backends }),
+            );
+            match raft.client_write(cmd).await {
+                Ok(_) => {
+                    tracing::info!(
+                        count = config.backends.len(),
+                        "seeded the backend registry from the configuration"
+                    );
+                    continue;
+                }
+                // A new leader accepts writes once a quorum acknowledged
+                // it (openraft's check-quorum lease): try again shortly.
+                Err(e) => tracing::debug!(error = %e, "seeding the backend registry: retrying"),
+            }
+            tokio::select! {
+                () = token.cancelled() => return Ok(()),
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            continue;
+        }
+        tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            r = rx.changed() => if r.is_err() { return Ok(()) },
+        }
+    }
+}
+
+/// Graceful shutdown in order: VIP (the VIP task releases on the same
+/// token), leadership, Raft, servers.
+async fn lifecycle(
+    raft: Raft,
+    node_id: u64,
+    token: CancellationToken,
+    servers: CancellationToken,
+    election_timeout_max: Duration,
+) -> anyhow::Result<()> {
+    token.cancelled().await;
+    let m = raft.metrics().borrow_watched().clone();
+    if m.state == openraft::ServerState::Leader && m.current_leader == Some(node_id) {
+        let target = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != node_id)
+            .max_by_key(|v| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(v).cloned().flatten())
+                    .map_or(0, |l| l.index)
+            });
+        if let Some(to) = target {
+            tracing::info!(to, "shutting down: handing leadership over");
+            if raft.trigger().transfer_leader(to).await.is_ok() {
+                let mut rx = raft.metrics();
+                let _ = tokio::time::timeout(election_timeout_max * 4, async {
+                    loop {
+                        if rx.borrow_watched().current_leader != Some(node_id) {
+                            return;
+                        }
+                        if rx.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                })
+                .await;
+            }
+        }
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "Raft did not stop cleanly");
+    }
+    servers.cancel();
+    Ok(())
+}

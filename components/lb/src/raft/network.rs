@@ -1,0 +1,361 @@
+//! The Raft client: openraft's `RaftNetworkV2` over mTLS gRPC
+//! (`bulwark.raft.v1.Raft`).
+//!
+//! One lazily connecting channel per peer. Every call carries our cluster id
+//! (a node of another cluster refuses it) and is bounded by openraft's
+//! per-RPC deadline, so a peer behind a cut link costs a timeout, not a
+//! stuck replication stream. Appends are split so that one request stays
+//! far below gRPC's 4 MiB default limit (the follower then answers
+//! PartialSuccess-style: we report the prefix that went through); snapshots
+//! stream in 1 MiB chunks.
+//!
+//! Before it asks a peer to take over leadership, this node releases the
+//! VIP ([`Handover`]): a transfer election skips the voters' lease wait, so
+//! the old holder must be gone first.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulwark_api::raft::v1 as pb;
+use bulwark_api::raft::v1::raft_client::RaftClient;
+use bulwark_common::tls::TlsMaterial;
+use futures::future::BoxFuture;
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{Backoff, RPCOption};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{OptionalSend, RaftNetworkFactory, RaftNetworkV2};
+use prost::Message;
+use tonic::transport::Channel;
+
+use super::convert::{
+    ConvertError, append_req_to_pb, append_resp_from_pb, entry_to_pb, snapshot_meta_to_pb,
+    transfer_req_to_pb, transfer_resp_from_pb, vote_from_pb, vote_req_to_pb, vote_resp_from_pb,
+    vote_to_pb,
+};
+use super::types::{LbNode, NodeId, Snapshot, TypeConfig, Vote};
+
+/// Request header carrying the sender's cluster id.
+pub const CLUSTER_ID_HEADER: &str = "bulwark-cluster-id";
+/// Largest encoded append we send in one request.
+pub const MAX_APPEND_BYTES: usize = 2 * 1024 * 1024;
+/// Snapshot chunk size.
+pub const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+
+/// Releases the VIP before leadership is handed to another node.
+pub trait Handover: Send + Sync + 'static {
+    /// Returns once this node no longer holds the VIP and will not claim it
+    /// again in `term`.
+    fn hand_over(&self, term: u64) -> BoxFuture<'static, ()>;
+}
+
+/// The cluster id this node speaks for, shared with the server and the
+/// bootstrap code (it is set once, when the node bootstraps or joins).
+#[derive(Clone, Debug, Default)]
+pub struct ClusterId(Arc<std::sync::RwLock<Option<String>>>);
+
+impl ClusterId {
+    /// A known id.
+    pub fn new(id: Option<String>) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(id)))
+    }
+
+    /// The id, once known.
+    pub fn get(&self) -> Option<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets it (after it was stored durably).
+    pub fn set(&self, id: String) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(id);
+    }
+}
+
+/// Creates clients to peers. Channels are kept per address and shared by
+/// every client openraft asks for: a candidate's vote requests warm the
+/// connection its replication will use once it leads, so a new leader's
+/// first heartbeat pays no TCP and TLS handshake.
+#[derive(Clone)]
+pub struct Network {
+    tls: Arc<TlsMaterial>,
+    cluster: ClusterId,
+    handover: Arc<dyn Handover>,
+    channels: Arc<std::sync::Mutex<std::collections::HashMap<String, RaftClient<Channel>>>>,
+}
+
+impl Network {
+    /// A factory using our TLS identity.
+    pub fn new(tls: Arc<TlsMaterial>, cluster: ClusterId, handover: Arc<dyn Handover>) -> Self {
+        Self {
+            tls,
+            cluster,
+            handover,
+            channels: Arc::default(),
+        }
+    }
+
+    fn client_for(&self, address: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let c = raft_client(address, &self.tls)?;
+        channels.insert(address.to_owned(), c.clone());
+        Ok(c)
+    }
+}
+
+/// A client for `address` (used outside openraft too: bootstrap, join).
+pub fn raft_client(
+    address: &str,
+    tls: &TlsMaterial,
+) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+    Ok(
+        RaftClient::new(bulwark_common::grpc::channel(address, tls, None)?)
+            // Snapshots and split appends stay below this; the margin covers
+            // one oversized entry we cannot split.
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(16 * 1024 * 1024),
+    )
+}
+
+/// Attaches the cluster id header.
+pub fn with_cluster<T>(msg: T, cluster: &ClusterId) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(id) = cluster.get()
+        && let Ok(v) = tonic::metadata::MetadataValue::try_from(id.as_str())
+    {
+        req.metadata_mut().insert(CLUSTER_ID_HEADER, v);
+    }
+    req
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &LbNode) -> Self::Network {
+        let client = self
+            .client_for(&node.raft_address)
+            .map_err(|e| e.to_string());
+        if let Err(e) = &client {
+            tracing::error!(peer = target, address = %node.raft_address, error = %e, "cannot build a Raft client");
+        }
+        Peer {
+            target,
+            client,
+            cluster: self.cluster.clone(),
+            handover: self.handover.clone(),
+        }
+    }
+}
+
+/// The connection to one peer.
+pub struct Peer {
+    target: NodeId,
+    client: Result<RaftClient<Channel>, String>,
+    cluster: ClusterId,
+    handover: Arc<dyn Handover>,
+}
+
+fn unreachable(msg: impl ToString) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::from_string(msg))
+}
+
+fn network(msg: impl ToString) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(msg))
+}
+
+/// Maps a failed call: the peer not answering at all is Unreachable (back
+/// off), anything else a network error (retry at once).
+fn status_err(target: NodeId, s: tonic::Status) -> RPCError<TypeConfig> {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::FailedPrecondition => {
+            unreachable(format!("node {target}: {}", s.message()))
+        }
+        _ => network(format!("node {target}: {}: {}", s.code(), s.message())),
+    }
+}
+
+fn decode_err(target: NodeId, e: ConvertError) -> RPCError<TypeConfig> {
+    network(format!("node {target} sent a malformed answer: {e}"))
+}
+
+impl Peer {
+    // openraft's error type is large; this is its own API's shape.
+    #[allow(clippy::result_large_err)]
+    fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
+        self.client.clone().map_err(unreachable)
+    }
+
+    async fn bounded<T, F>(&self, ttl: Duration, f: F) -> Result<T, RPCError<TypeConfig>>
+    where
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(ttl, f).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(status_err(self.target, s)),
+            Err(_) => Err(unreachable(format!(
+                "node {}: no answer within {ttl:?}",
+                self.target
+            ))),
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for Peer {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut req = append_req_to_pb(&AppendEntriesRequest {
+            entries: Vec::new(),
+            ..rpc.clone()
+        });
+        // Take entries while they fit; always at least one.
+        let mut size = 0;
+        let mut truncated = false;
+        for e in &rpc.entries {
+            let pb_entry = entry_to_pb(e);
+            let len = pb_entry.encoded_len();
+            if !req.entries.is_empty() && size + len > MAX_APPEND_BYTES {
+                truncated = true;
+                break;
+            }
+            size += len;
+            req.entries.push(pb_entry);
+        }
+        let sent_last = req.entries.last().and_then(|e| e.log_id);
+        let mut client = self.client()?;
+        let resp = self
+            .bounded(
+                option.hard_ttl(),
+                client.append_entries(with_cluster(req, &self.cluster)),
+            )
+            .await?;
+        let resp = append_resp_from_pb(&resp).map_err(|e| decode_err(self.target, e))?;
+        Ok(match (resp, truncated) {
+            (AppendEntriesResponse::Success, true) => AppendEntriesResponse::PartialSuccess(
+                sent_last.map(|l| super::convert::log_id_from_pb(&l)),
+            ),
+            (other, _) => other,
+        })
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut client = self.client()?;
+        let resp = self
+            .bounded(
+                option.hard_ttl(),
+                client.vote(with_cluster(vote_req_to_pb(&rpc), &self.cluster)),
+            )
+            .await?;
+        vote_resp_from_pb(&resp).map_err(|e| decode_err(self.target, e))
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut client = self.client()?;
+        let resp = self
+            .bounded(
+                option.hard_ttl(),
+                client.pre_vote(with_cluster(vote_req_to_pb(&rpc), &self.cluster)),
+            )
+            .await?;
+        vote_resp_from_pb(&resp).map_err(|e| decode_err(self.target, e))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let header = pb::InstallSnapshotRequest {
+            chunk: Some(pb::install_snapshot_request::Chunk::Header(
+                pb::InstallSnapshotHeader {
+                    vote: Some(vote_to_pb(&vote)),
+                    meta: Some(snapshot_meta_to_pb(&snapshot.meta)),
+                    size_bytes: Some(snapshot.snapshot.len() as u64),
+                },
+            )),
+        };
+        let chunks: Vec<pb::InstallSnapshotRequest> =
+            std::iter::once(header)
+                .chain(snapshot.snapshot.chunks(SNAPSHOT_CHUNK).map(|c| {
+                    pb::InstallSnapshotRequest {
+                        chunk: Some(pb::install_snapshot_request::Chunk::Data(c.to_vec())),
+                    }
+                }))
+                .collect();
+        let mut client = self.client().map_err(|e| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            other => StreamingError::Network(NetworkError::from_string(other)),
+        })?;
+        let call =
+            client.install_snapshot(with_cluster(futures::stream::iter(chunks), &self.cluster));
+        let result = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            r = tokio::time::timeout(option.hard_ttl().max(Duration::from_secs(10)), call) => r,
+        };
+        let resp = match result {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => {
+                return Err(StreamingError::Network(NetworkError::from_string(format!(
+                    "node {}: {}: {}",
+                    self.target,
+                    s.code(),
+                    s.message()
+                ))));
+            }
+            Err(_) => {
+                return Err(StreamingError::Unreachable(Unreachable::from_string(
+                    format!("node {}: snapshot not acknowledged in time", self.target),
+                )));
+            }
+        };
+        Ok(SnapshotResponse::new(
+            vote_from_pb(resp.vote.as_ref(), "InstallSnapshotResponse")
+                .map_err(|e| StreamingError::Network(NetworkError::from_string(e)))?,
+        ))
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // Release before the target can run a transfer election, which
+        // voters grant without waiting out our lease.
+        self.handover
+            .hand_over(req.from_leader().leader_id.term)
+            .await;
+        let mut client = self.client()?;
+        let resp = self
+            .bounded(
+                option.hard_ttl(),
+                client.transfer_leader(with_cluster(transfer_req_to_pb(&req), &self.cluster)),
+            )
+            .await?;
+        transfer_resp_from_pb(&resp).map_err(|e| decode_err(self.target, e))
+    }
+
+    fn backoff(&self) -> Option<Backoff> {
+        // Short and flat: a follower back from a blip must hear heartbeats
+        // again well within its election timeout, and peers are few.
+        Some(Backoff::new(std::iter::repeat(Duration::from_millis(50))))
+    }
+}

@@ -1,0 +1,293 @@
+//! arp mode: the holder adds VIP/prefix to an interface over netlink and
+//! announces it: gratuitous ARP requests for IPv4 (sent on a raw AF_PACKET
+//! socket, so CAP_NET_RAW), unsolicited neighbour advertisements for IPv6.
+//! Releasing deletes the address. At start-up a node deletes the VIP if a
+//! crashed previous run of it left it on the interface: it is not the
+//! leader yet, so it must not hold it.
+//!
+//! The front listener is not opened and closed here: every node binds
+//! VIP:port once, at start, with IP_FREEBIND ([`bind_front`]), so the
+//! kernel accepts the bind before the address exists; only the node that
+//! has the address receives traffic for it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressHeaderFlags, AddressMessage};
+use rtnetlink::packet_route::link::LinkAttribute;
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// The interface and address the holder manages.
+pub struct ArpVip {
+    interface: String,
+    address: IpAddr,
+    prefix: u8,
+    announcements: u32,
+    interval: Duration,
+    handle: rtnetlink::Handle,
+    /// Announcements still being sent for the current claim.
+    announcing: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// What could go wrong talking to the kernel.
+fn nl_err(what: &str, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("{what}: {e}"))
+}
+
+impl ArpVip {
+    /// Opens a netlink connection (its task runs on the current runtime).
+    pub fn new(
+        interface: String,
+        address: IpAddr,
+        prefix: u8,
+        announcements: u32,
+        interval: Duration,
+    ) -> std::io::Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        Ok(Self {
+            interface,
+            address,
+            prefix,
+            announcements,
+            interval,
+            handle,
+            announcing: None,
+        })
+    }
+
+    async fn link(&self) -> std::io::Result<(u32, [u8; 6])> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(self.interface.clone())
+            .execute();
+        let link = links
+            .try_next()
+            .await
+            .map_err(|e| nl_err(&format!("looking up interface {}", self.interface), e))?
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("interface {} does not exist", self.interface),
+                )
+            })?;
+        let mac = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(m) if m.len() == 6 => {
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(m);
+                    Some(mac)
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        Ok((link.header.index, mac))
+    }
+
+    async fn present(&self, index: u32) -> std::io::Result<Vec<AddressMessage>> {
+        self.handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(self.address)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_err("listing addresses", e))
+    }
+
+    /// Adds the address and starts announcing it.
+    pub async fn claim(&mut self) -> std::io::Result<()> {
+        let (index, mac) = self.link().await?;
+        let mut add = self
+            .handle
+            .address()
+            .add(index, self.address, self.prefix)
+            .replace();
+        if self.address.is_ipv6() {
+            // No duplicate address detection: it would keep the address
+            // tentative (unusable) for a second; fencing is our DAD.
+            add.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+        }
+        add.execute()
+            .await
+            .map_err(|e| nl_err("adding the VIP", e))?;
+        if let Some(task) = self.announcing.take() {
+            task.abort();
+        }
+        let (address, count, interval) = (self.address, self.announcements, self.interval);
+        self.announcing = Some(tokio::spawn(async move {
+            for i in 0..count {
+                if i > 0 {
+                    tokio::time::sleep(interval).await;
+                }
+                if let Err(e) = announce(index, mac, address) {
+                    tracing::warn!(vip = %address, error = %e, "announcing the VIP failed");
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// Stops announcing and deletes the address.
+    pub async fn release(&mut self) -> std::io::Result<()> {
+        if let Some(task) = self.announcing.take() {
+            task.abort();
+        }
+        let (index, _) = self.link().await?;
+        for msg in self.present(index).await? {
+            self.handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| nl_err("deleting the VIP", e))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a VIP that a previous run of this node left behind. Returns
+    /// whether there was one.
+    pub async fn remove_stale(&mut self) -> std::io::Result<bool> {
+        let (index, _) = self.link().await?;
+        let stale = !self.present(index).await?.is_empty();
+        if stale {
+            self.release().await?;
+        }
+        Ok(stale)
+    }
+}
+
+/// Binds the front listener to VIP:port before the address exists
+/// (IP_FREEBIND), so every node keeps one and only the holder receives
+/// traffic.
+pub fn bind_front(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    match address {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+fn announce(index: u32, mac: [u8; 6], address: IpAddr) -> std::io::Result<()> {
+    match address {
+        IpAddr::V4(ip) => send_garp(index, mac, ip),
+        IpAddr::V6(ip) => send_unsolicited_na(index, mac, ip),
+    }
+}
+
+/// A gratuitous ARP request: "who has VIP? tell VIP (at my MAC)",
+/// broadcast, so every neighbour updates its cache to our MAC.
+pub fn garp_frame(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 42] {
+    let mut f = [0u8; 42];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes()); // ARP
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&1u16.to_be_bytes()); // request
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&ip.octets());
+    // Target hardware address stays zero; target IP is the VIP itself.
+    f[38..42].copy_from_slice(&ip.octets());
+    f
+}
+
+fn send_garp(index: u32, mac: [u8; 6], ip: Ipv4Addr) -> std::io::Result<()> {
+    const ETH_P_ARP: u16 = 0x0806;
+    let socket = Socket::new(
+        Domain::PACKET,
+        Type::RAW,
+        Some(Protocol::from(i32::from(ETH_P_ARP.to_be()))),
+    )?;
+    let frame = garp_frame(mac, ip);
+    // SAFETY: sockaddr_ll is plain old data; zeroed is a valid value and we
+    // fill the fields the kernel reads for a send.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = ETH_P_ARP.to_be();
+    sll.sll_ifindex = i32::try_from(index).map_err(std::io::Error::other)?;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: the buffer and address are valid for the lengths given; the
+    // descriptor is open for the duration of the call.
+    let sent = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An unsolicited neighbour advertisement (ICMPv6 type 136, override
+/// flag) to all nodes, with our MAC as target link-layer address. The
+/// kernel fills in the checksum of raw ICMPv6 sockets.
+pub fn na_message(mac: [u8; 6], ip: Ipv6Addr) -> [u8; 32] {
+    let mut m = [0u8; 32];
+    m[0] = 136;
+    m[4] = 0x20; // override
+    m[8..24].copy_from_slice(&ip.octets());
+    m[24] = 2; // option: target link-layer address
+    m[25] = 1; // length in 8-octet units
+    m[26..32].copy_from_slice(&mac);
+    m
+}
+
+fn send_unsolicited_na(index: u32, mac: [u8; 6], ip: Ipv6Addr) -> std::io::Result<()> {
+    let socket = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
+    // Receivers drop neighbour discovery with a hop limit other than 255.
+    socket.set_multicast_hops_v6(255)?;
+    socket.set_multicast_if_v6(index)?;
+    let all_nodes = SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)), 0);
+    socket.send_to(&na_message(mac, ip), &all_nodes.into())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garp_frame_layout() {
+        let mac = [2, 0, 0, 0, 0, 1];
+        let f = garp_frame(mac, Ipv4Addr::new(198, 18, 0, 100));
+        assert_eq!(&f[0..6], &[0xff; 6], "broadcast");
+        assert_eq!(&f[12..14], &[0x08, 0x06]);
+        assert_eq!(&f[20..22], &[0, 1], "request");
+        assert_eq!(&f[22..28], &mac, "sender MAC");
+        assert_eq!(&f[28..32], &[198, 18, 0, 100], "sender IP");
+        assert_eq!(&f[38..42], &[198, 18, 0, 100], "target IP = sender IP");
+    }
+
+    #[test]
+    fn na_layout() {
+        let m = na_message([2, 0, 0, 0, 0, 1], "2001:db8::10".parse().unwrap());
+        assert_eq!(m[0], 136);
+        assert_eq!(m[4] & 0x20, 0x20, "override");
+        assert_eq!(m[24..26], [2, 1]);
+    }
+}

@@ -1,0 +1,125 @@
+//! bind mode: the holder opens the front listener on VIP:port itself and
+//! runs the proxy on it; releasing closes it.
+//!
+//! Closing must be immediate and certain (the fencing budget counts on
+//! it), not "when the proxy task next runs": we keep a duplicate of the
+//! listening socket and `shutdown(2)` it, which on Linux takes a listening
+//! TCP socket out of the LISTEN state at once (new connects are refused)
+//! whatever the task holding the other descriptor is doing. Connections
+//! already accepted keep running until they end or the proxy's shutdown
+//! grace passes.
+
+use std::net::{Shutdown, SocketAddr, TcpListener as StdListener};
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio_util::sync::CancellationToken;
+
+use crate::backends::Backends;
+use crate::proxy::{self, ProxyConfig};
+
+/// The front listener of a bind-mode holder.
+pub struct BindVip {
+    address: SocketAddr,
+    backends: Backends,
+    proxy: Arc<ProxyConfig>,
+    running: Option<(StdListener, CancellationToken)>,
+}
+
+impl BindVip {
+    /// Serves `address` while held.
+    pub fn new(address: SocketAddr, backends: Backends, proxy: Arc<ProxyConfig>) -> Self {
+        Self {
+            address,
+            backends,
+            proxy,
+            running: None,
+        }
+    }
+
+    /// Binds VIP:port and starts serving.
+    pub fn claim(&mut self) -> std::io::Result<()> {
+        if self.running.is_some() {
+            return Ok(());
+        }
+        let socket = Socket::new(
+            Domain::for_address(self.address),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
+        // TIME_WAIT connections of a previous holding must not block us.
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&self.address.into())?;
+        socket.listen(4096)?;
+        let listener: StdListener = socket.into();
+        let ours = listener.try_clone()?;
+        let tokio_listener = tokio::net::TcpListener::from_std(listener)?;
+        let token = CancellationToken::new();
+        let (backends, config, t) = (self.backends.clone(), self.proxy.clone(), token.clone());
+        let address = self.address;
+        tokio::spawn(async move {
+            if let Err(e) = proxy::serve(tokio_listener, backends, config, t.clone()).await
+                && !t.is_cancelled()
+            {
+                tracing::error!(vip = %address, error = %e, "front listener failed");
+            }
+        });
+        self.running = Some((ours, token));
+        Ok(())
+    }
+
+    /// Stops listening now; accepted connections continue.
+    pub fn release(&mut self) -> std::io::Result<()> {
+        let Some((listener, token)) = self.running.take() else {
+            return Ok(());
+        };
+        token.cancel();
+        let result = SockRef::from(&listener).shutdown(Shutdown::Both);
+        drop(listener);
+        match result {
+            // ENOTCONN: already out of LISTEN (the task closed it first).
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Whether it is serving.
+    pub fn held(&self) -> bool {
+        self.running.is_some()
+    }
+}
+
+impl Drop for BindVip {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn release_refuses_new_connects_at_once() {
+        // Find a free port, then hold it as a "VIP" on loopback.
+        let probe = StdListener::bind("127.0.0.1:0").unwrap();
+        let address = probe.local_addr().unwrap();
+        drop(probe);
+        let mut vip = BindVip::new(
+            address,
+            Backends::default(),
+            Arc::new(ProxyConfig::default()),
+        );
+        vip.claim().unwrap();
+        assert!(vip.held());
+        tokio::net::TcpStream::connect(address).await.unwrap();
+        vip.release().unwrap();
+        assert!(!vip.held());
+        let err = tokio::net::TcpStream::connect(address).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+        // And it can be taken again (by us or, on this host, by another node).
+        vip.claim().unwrap();
+        tokio::net::TcpStream::connect(address).await.unwrap();
+    }
+}

@@ -1,0 +1,366 @@
+//! The virtual IP: who may hold it ([`fence`]) and how it is taken and
+//! given up ([`bind`]: a listener on the VIP; [`arp`]: an address on an
+//! interface, announced with gratuitous ARP / neighbour advertisements).
+//!
+//! One task per node ([`VipTask`]) owns the VIP. It wakes on every Raft
+//! metrics change and every `checkInterval`, asks the [`fence::Fence`]
+//! what to do, and does it. A claim is followed by a `RecordVipHolder`
+//! proposal carrying the failover's measured durations. Leadership
+//! transfers and shutdown go through [`VipHandle::hand_over`], which
+//! returns only once the VIP is released.
+
+pub mod arp;
+pub mod bind;
+pub mod fence;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bulwark_api::raft::v1 as pb;
+use futures::future::BoxFuture;
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use self::arp::ArpVip;
+use self::bind::BindVip;
+use self::fence::{Action, Fence, FenceTiming, LeaderView, ReleaseReason};
+use crate::raft::network::Handover;
+use crate::raft::server::Signals;
+use crate::raft::state::command;
+use crate::raft::{NodeId, Raft};
+
+/// How the VIP is taken and released.
+pub enum Actuator {
+    /// bind mode.
+    Bind(BindVip),
+    /// arp mode.
+    Arp(ArpVip),
+}
+
+impl Actuator {
+    async fn claim(&mut self) -> std::io::Result<()> {
+        match self {
+            Actuator::Bind(b) => b.claim(),
+            Actuator::Arp(a) => a.claim().await,
+        }
+    }
+
+    async fn release(&mut self) -> std::io::Result<()> {
+        match self {
+            Actuator::Bind(b) => b.release(),
+            Actuator::Arp(a) => a.release().await,
+        }
+    }
+}
+
+/// What the VIP task reports (for the API and metrics).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VipState {
+    /// This node holds the VIP now.
+    pub holding: bool,
+    /// Since when (wall clock), while holding.
+    pub since: Option<SystemTime>,
+    /// Lease left at the last check, while holding.
+    pub lease_remaining: Option<Duration>,
+}
+
+enum Control {
+    Handover {
+        term: u64,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The handle the Raft network and the shutdown path use.
+#[derive(Clone)]
+pub struct VipHandle {
+    tx: Option<mpsc::Sender<Control>>,
+    state: watch::Receiver<VipState>,
+}
+
+impl VipHandle {
+    /// The current state.
+    pub fn state(&self) -> VipState {
+        self.state.borrow().clone()
+    }
+
+    /// Releases the VIP and never claims it again in `term` or before.
+    pub async fn release_for_handover(&self, term: u64) {
+        let Some(tx) = &self.tx else { return };
+        let (done, wait) = oneshot::channel();
+        if tx.send(Control::Handover { term, done }).await.is_ok() {
+            // An error means the task ended, which released the VIP.
+            let _ = wait.await;
+        }
+    }
+}
+
+impl Handover for VipHandle {
+    fn hand_over(&self, term: u64) -> BoxFuture<'static, ()> {
+        let this = self.clone();
+        Box::pin(async move { this.release_for_handover(term).await })
+    }
+}
+
+/// Failover metrics and records.
+struct Measure {
+    /// The leader we last followed, and the last contact with it.
+    previous: Option<(Instant, NodeId)>,
+}
+
+/// The task that owns the VIP on one node.
+pub struct VipTask {
+    node_id: NodeId,
+    raft: Raft,
+    fence: Fence,
+    actuator: Actuator,
+    signals: Arc<Signals>,
+    rx: mpsc::Receiver<Control>,
+    state: watch::Sender<VipState>,
+}
+
+/// The receiving half of a [`VipHandle`], turned into a task by
+/// [`VipTask::new`] once the Raft node exists (the Raft network needs the
+/// handle first).
+pub struct VipInbox {
+    rx: mpsc::Receiver<Control>,
+    state: watch::Sender<VipState>,
+}
+
+/// A connected handle and inbox.
+pub fn channel() -> (VipHandle, VipInbox) {
+    let (tx, rx) = mpsc::channel(4);
+    let (state, state_rx) = watch::channel(VipState::default());
+    (
+        VipHandle {
+            tx: Some(tx),
+            state: state_rx,
+        },
+        VipInbox { rx, state },
+    )
+}
+
+impl VipTask {
+    /// The task owning `actuator`, controlled through `inbox`.
+    pub fn new(
+        inbox: VipInbox,
+        node_id: NodeId,
+        raft: Raft,
+        timing: FenceTiming,
+        actuator: Actuator,
+        signals: Arc<Signals>,
+    ) -> Self {
+        Self {
+            node_id,
+            raft,
+            fence: Fence::new(timing),
+            actuator,
+            signals,
+            rx: inbox.rx,
+            state: inbox.state,
+        }
+    }
+
+    fn view(&self) -> LeaderView {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let leading = m.state == ServerState::Leader && m.current_leader == Some(self.node_id);
+        let acked = m.last_quorum_acked.map(|a| {
+            // openraft's instant wraps tokio's; map through "elapsed".
+            let age = openraft::Instant::elapsed(&a.into_inner());
+            Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+        });
+        LeaderView {
+            leader_term: leading.then_some(m.current_term),
+            last_quorum_acked: if leading { acked } else { None },
+        }
+    }
+
+    fn transfer_recent(&self, now: Instant) -> bool {
+        // A transfer election starts right after the request is accepted;
+        // a generous window only costs a longer wait.
+        let window = self.fence.timing().follower_lease * 5;
+        self.signals
+            .transfer_at()
+            .is_some_and(|t| now.saturating_duration_since(t) < window)
+    }
+
+    /// Runs until `shutdown`, then releases the VIP for good.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut metrics = self.raft.metrics();
+        let mut tick = tokio::time::interval(self.fence.timing().check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut measure = Measure { previous: None };
+        let mut kicked = None;
+        let mut recorded_term = None;
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    if self.fence.fence_forever() {
+                        self.release(ReleaseReason::Handover).await;
+                    }
+                    return Ok(());
+                }
+                Some(Control::Handover { term, done }) = self.rx.recv() => {
+                    if self.fence.fence_through(term) {
+                        self.release(ReleaseReason::Handover).await;
+                    }
+                    let _ = done.send(());
+                }
+                r = metrics.changed() => {
+                    if r.is_err() {
+                        // Raft stopped: nothing may be held without it.
+                        if self.fence.fence_forever() {
+                            self.release(ReleaseReason::LostLeadership).await;
+                        }
+                        return Ok(());
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            let view = self.view();
+            let now = Instant::now();
+            if view.leader_term.is_none()
+                && let Some(contact) = self.signals.last_contact()
+            {
+                measure.previous = Some(contact);
+            }
+            // A new leader learns its first quorum acknowledgement from the
+            // next heartbeat round, up to a heartbeat interval away: ask for
+            // one at once, so the claim does not wait for the tick.
+            if let Some(term) = view.leader_term
+                && !self.fence.holding()
+                && kicked != Some(term)
+            {
+                kicked = Some(term);
+                let raft = self.raft.clone();
+                tokio::spawn(async move {
+                    let _ = raft.trigger().heartbeat().await;
+                });
+            }
+            let transfer = self.transfer_recent(now);
+            match self.fence.decide(&view, now, transfer) {
+                Action::None => {}
+                Action::Claim {
+                    term,
+                    elected_at,
+                    after_transfer,
+                } => {
+                    if let Err(e) = self.actuator.claim().await {
+                        tracing::error!(term, error = %e, "could not take the VIP; retrying");
+                        self.fence.claim_failed();
+                    } else {
+                        let claimed = Instant::now();
+                        metrics::counter!("bulwark_lb_vip_acquisitions_total").increment(1);
+                        metrics::gauge!("bulwark_lb_vip_held").set(1.0);
+                        if recorded_term == Some(term) {
+                            // The lease lapsed (acks were late) and came
+                            // back in the same term: no leadership moved.
+                            tracing::warn!(term, "took the VIP again after a lease lapse");
+                        } else {
+                            recorded_term = Some(term);
+                            self.record(term, elected_at, claimed, after_transfer, &measure);
+                        }
+                        self.state.send_replace(VipState {
+                            holding: true,
+                            since: Some(SystemTime::now()),
+                            lease_remaining: self.fence.lease_remaining(&view, claimed),
+                        });
+                    }
+                }
+                Action::Release(reason) => self.release(reason).await,
+            }
+            if self.fence.holding() {
+                let remaining = self.fence.lease_remaining(&view, now);
+                self.state.send_if_modified(|s| {
+                    let changed = s.lease_remaining != remaining;
+                    s.lease_remaining = remaining;
+                    changed
+                });
+            }
+        }
+    }
+
+    async fn release(&mut self, reason: ReleaseReason) {
+        let started = Instant::now();
+        if let Err(e) = self.actuator.release().await {
+            // Nothing more can be done here; the fencing budget assumed it
+            // works, so say so loudly.
+            tracing::error!(reason = reason.as_str(), error = %e, "releasing the VIP failed");
+        }
+        tracing::warn!(reason = reason.as_str(), took = ?started.elapsed(), "released the VIP");
+        metrics::counter!("bulwark_lb_vip_releases_total", "reason" => reason.as_str())
+            .increment(1);
+        metrics::gauge!("bulwark_lb_vip_held").set(0.0);
+        self.state.send_replace(VipState::default());
+    }
+
+    /// Logs, measures and proposes the failover record.
+    fn record(
+        &self,
+        term: u64,
+        elected_at: Instant,
+        claimed: Instant,
+        after_transfer: bool,
+        measure: &Measure,
+    ) {
+        let from = measure
+            .previous
+            .map(|(_, id)| id)
+            .filter(|id| *id != self.node_id);
+        let detect = measure
+            .previous
+            .filter(|(_, id)| *id != self.node_id)
+            .map(|(at, _)| elected_at.saturating_duration_since(at));
+        let moved = claimed.saturating_duration_since(elected_at);
+        let cause = match (from, after_transfer) {
+            (None, _) => pb::FailoverCause::Startup,
+            (Some(_), true) => pb::FailoverCause::Transfer,
+            (Some(_), false) => pb::FailoverCause::LeaderLost,
+        };
+        tracing::info!(
+            term,
+            from = ?from,
+            time_to_detect = ?detect,
+            time_to_move = ?moved,
+            cause = cause.as_str_name(),
+            "took the VIP"
+        );
+        if let Some(d) = detect {
+            metrics::histogram!("bulwark_lb_failover_detect_seconds").record(d.as_secs_f64());
+            metrics::histogram!("bulwark_lb_failover_duration_seconds")
+                .record((d + moved).as_secs_f64());
+        }
+        metrics::histogram!("bulwark_lb_failover_move_seconds").record(moved.as_secs_f64());
+
+        let now = SystemTime::now();
+        let ts = bulwark_api::time::timestamp_to_proto(now).ok();
+        let dur = |d: Duration| bulwark_api::time::duration_to_proto(d).ok();
+        let cmd = command(
+            now,
+            pb::command::Command::RecordVipHolder(pb::RecordVipHolder {
+                node_id: self.node_id,
+                term,
+                since: ts,
+                failover: Some(pb::FailoverRecord {
+                    at: ts,
+                    from_node_id: from,
+                    to_node_id: self.node_id,
+                    term,
+                    cause: cause as i32,
+                    time_to_detect: detect.and_then(dur),
+                    time_to_move_vip: dur(moved),
+                }),
+            }),
+        );
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            if let Err(e) = raft.client_write(cmd).await {
+                tracing::warn!(term, error = %e, "could not record the VIP holder");
+            }
+        });
+    }
+}

@@ -1,0 +1,371 @@
+//! A bulwark-lb cluster of real `bulwark-lb` processes on loopback, for the
+//! cluster tests: a test PKI (LB peers `O=bulwark:lb`, an operator, a
+//! viewer), one YAML config per node, ephemeral ports, bind-mode VIP on a
+//! 127.0.0.0/8 address, and mTLS gRPC clients.
+
+// Test helpers: failures should fail the test loudly, and not every test
+// binary uses every helper.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bulwark_api::lb::v1 as lb;
+use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
+use bulwark_common::tls::{TlsFiles, TlsMaterial};
+use bulwark_testkit::{CertFiles, Pki, Process, ProcessBuilder, TestDir, ports, tools};
+use tonic::transport::Channel;
+
+/// One node's process and addresses.
+pub struct LbNode {
+    pub id: u64,
+    pub process: Process,
+    pub raft: SocketAddr,
+    pub api: SocketAddr,
+    pub admin: SocketAddr,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+}
+
+/// A running cluster.
+pub struct LbCluster {
+    pub pki: Pki,
+    pub nodes: Vec<LbNode>,
+    pub vip: SocketAddr,
+    pub operator: TlsMaterial,
+    pub operator_files: CertFiles,
+    pub viewer: TlsMaterial,
+    pub peer_files: CertFiles,
+    dir: TestDir,
+}
+
+fn tls_files(c: &CertFiles) -> TlsFiles {
+    TlsFiles {
+        cert_file: c.cert.clone(),
+        key_file: c.key.clone(),
+        ca_file: c.ca.clone(),
+    }
+}
+
+/// Cluster options.
+pub struct Options {
+    pub nodes: u64,
+    /// Backends (id, address) seeded from the config.
+    pub backends: Vec<(String, SocketAddr)>,
+    /// The VIP; `None` picks one with [`new_vip`].
+    pub vip: Option<SocketAddr>,
+    /// `raft.snapshotEveryEntries`; `None` keeps the default.
+    pub snapshot_every: Option<u64>,
+}
+
+/// A VIP:port of its own on loopback (127.77.0.0/16), so parallel tests do
+/// not meet.
+pub fn new_vip() -> SocketAddr {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid = std::process::id();
+    let ip = IpAddr::V4(Ipv4Addr::new(
+        127,
+        77,
+        (pid % 250) as u8,
+        (n % 250) as u8 + 2,
+    ));
+    SocketAddr::new(ip, ports::free_port(ip).unwrap())
+}
+
+impl LbCluster {
+    /// Starts `opts.nodes` nodes and waits until one holds the VIP.
+    pub async fn start(opts: Options) -> Self {
+        bulwark_testkit::install_crypto_provider();
+        Self::start_with_pki(Pki::new().unwrap(), opts).await
+    }
+
+    /// [`LbCluster::start`] with certificates from `pki` (shared with
+    /// fixture apiservers).
+    pub async fn start_with_pki(pki: Pki, opts: Options) -> Self {
+        bulwark_testkit::install_crypto_provider();
+        let dir = TestDir::new("lb-cluster").unwrap();
+        let operator_files = pki.admin().unwrap();
+        let operator = tls_files(&operator_files).load().unwrap();
+        let viewer = tls_files(&pki.client("viewer", &["system:nodes"]).unwrap())
+            .load()
+            .unwrap();
+        // A VIP address of its own on loopback, so parallel tests do not meet.
+        let vip = opts.vip.unwrap_or_else(new_vip);
+        let vip_ip = vip.ip();
+
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let ports = ports::free_ports(loopback, 3 * opts.nodes as usize).unwrap();
+        let addrs: Vec<(u64, SocketAddr, SocketAddr, SocketAddr)> = (0..opts.nodes)
+            .map(|i| {
+                let p = &ports[i as usize * 3..];
+                (
+                    i + 1,
+                    SocketAddr::new(loopback, p[0]),
+                    SocketAddr::new(loopback, p[1]),
+                    SocketAddr::new(loopback, p[2]),
+                )
+            })
+            .collect();
+        let members: String = addrs
+            .iter()
+            .map(|(id, raft, api, _)| {
+                format!(
+                    "- {{id: {id}, name: lb-{id}, raftAddress: '{raft}', apiAddress: '{api}'}}\n"
+                )
+            })
+            .collect();
+        let backends: String = opts
+            .backends
+            .iter()
+            .map(|(id, a)| format!("- {{id: {id}, address: '{a}'}}\n"))
+            .collect();
+
+        let peer_files = pki
+            .peer("lb-peer", &["bulwark:lb"], &["127.0.0.1", "localhost"])
+            .unwrap();
+        let mut nodes = Vec::new();
+        for (id, raft, api, admin) in addrs {
+            let cert = pki
+                .peer(
+                    &format!("lb-{id}"),
+                    &["bulwark:lb"],
+                    &["127.0.0.1", "localhost"],
+                )
+                .unwrap();
+            let data_dir = dir.join(format!("data-{id}"));
+            let config = dir.join(format!("lb-{id}.yaml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "apiVersion: bulwark.dev/v1alpha1
+kind: LoadBalancerConfiguration
+nodeId: {id}
+name: lb-{id}
+dataDir: {data}
+raft:
+  address: '{raft}'
+{snapshot}api:
+  address: '{api}'
+admin:
+  address: '{admin}'
+tls:
+  certFile: {cert}
+  keyFile: {key}
+  caFile: {ca}
+access:
+  operators: {{organizations: [system:masters]}}
+  peers: {{organizations: ['bulwark:lb']}}
+initialMembers:
+{members}vip:
+  mode: bind
+  address: {vip_ip}
+  port: {vip_port}
+backends:{backends}proxy:
+  connectTimeout: 200ms
+  shutdownGrace: 1s
+shutdownGrace: 5s
+",
+                    data = data_dir.display(),
+                    cert = cert.cert.display(),
+                    key = cert.key.display(),
+                    ca = cert.ca.display(),
+                    vip_port = vip.port(),
+                    snapshot = opts
+                        .snapshot_every
+                        .map(|n| format!("  snapshotEveryEntries: {n}\n"))
+                        .unwrap_or_default(),
+                    backends = if backends.is_empty() {
+                        " []\n".to_owned()
+                    } else {
+                        format!("\n{backends}")
+                    },
+                ),
+            )
+            .unwrap();
+            let process =
+                ProcessBuilder::new(format!("lb-{id}"), tools::bin_path("bulwark-lb").unwrap())
+                    .arg("--config")
+                    .arg(&config)
+                    .env("BULWARK_LOG_LEVEL", "info,openraft=warn")
+                    .spawn()
+                    .unwrap();
+            nodes.push(LbNode {
+                id,
+                process,
+                raft,
+                api,
+                admin,
+                data_dir,
+                config,
+            });
+        }
+        let cluster = Self {
+            pki,
+            nodes,
+            vip,
+            operator,
+            operator_files,
+            viewer,
+            peer_files,
+            dir,
+        };
+        for n in &cluster.nodes {
+            n.process
+                .wait_for_port(n.api, Duration::from_secs(30))
+                .await
+                .unwrap();
+        }
+        cluster.wait_for_holder(None, Duration::from_secs(30)).await;
+        cluster
+    }
+
+    pub fn node(&self, id: u64) -> &LbNode {
+        self.nodes.iter().find(|n| n.id == id).unwrap()
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> &mut LbNode {
+        self.nodes.iter_mut().find(|n| n.id == id).unwrap()
+    }
+
+    /// An operator client to node `id`.
+    pub fn client(&self, id: u64) -> LoadBalancerClient<Channel> {
+        self.client_as(id, &self.operator)
+    }
+
+    pub fn client_as(&self, id: u64, tls: &TlsMaterial) -> LoadBalancerClient<Channel> {
+        let addr = self.node(id).api.to_string();
+        LoadBalancerClient::new(bulwark_common::grpc::channel(&addr, tls, None).unwrap())
+    }
+
+    /// Status of node `id`, if it answers.
+    pub async fn status(&self, id: u64) -> Option<lb::GetStatusResponse> {
+        let mut c = self.client(id);
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            c.get_status(lb::GetStatusRequest::default()),
+        )
+        .await
+        .ok()?
+        .ok()
+        .map(|r| r.into_inner())
+    }
+
+    /// Nodes that say they hold the VIP now (lease_remaining is only set
+    /// on the holder).
+    pub async fn holders(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            if !n.process.is_running() {
+                continue;
+            }
+            if let Some(s) = self.status(n.id).await
+                && s.vip.as_ref().is_some_and(|v| v.lease_remaining.is_some())
+            {
+                out.push(n.id);
+            }
+        }
+        out
+    }
+
+    /// Waits until exactly one running node other than `not` holds the VIP
+    /// and a client connect to it succeeds; returns the holder.
+    pub async fn wait_for_holder(&self, not: Option<u64>, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let holders = self.holders().await;
+            if holders.len() == 1
+                && Some(holders[0]) != not
+                && tokio::net::TcpStream::connect(self.vip).await.is_ok()
+            {
+                return holders[0];
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single VIP holder (other than {not:?}) within {timeout:?}; holders now: {holders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until node `id` lists `n` backends.
+    pub async fn wait_for_backends(&self, id: u64, n: usize) -> lb::ListBackendsResponse {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let list = self
+                .client(id)
+                .list_backends(lb::ListBackendsRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            if list.backends.len() == n {
+                return list;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} lists {:?}, expected {n} backends",
+                list.backends
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until node `id` shows a failover to `to` as the latest (the
+    /// new holder commits its record right after claiming).
+    pub async fn wait_for_failover(&self, id: u64, to: u64) -> lb::Failover {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(f) = self
+                .status(id)
+                .await
+                .and_then(|s| s.recent_failovers.into_iter().next())
+                .filter(|f| f.to_node_id == to)
+            {
+                return f;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no failover record to node {to} on node {id}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The leader as node `id` sees it.
+    pub async fn leader(&self, id: u64) -> Option<u64> {
+        self.status(id).await.and_then(|s| s.leader).map(|l| l.id)
+    }
+}
+
+/// An echo server on 127.0.0.1 (a stand-in backend for TCP-level tests).
+pub async fn echo_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Sends `msg` through `addr` and reads the echo.
+pub async fn echo_through(addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::other("connect timed out"))??;
+    s.write_all(msg).await?;
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("read timed out"))??;
+    Ok(buf)
+}

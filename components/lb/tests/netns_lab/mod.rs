@@ -1,0 +1,479 @@
+//! A bulwark-lb cluster in arp mode on a network-namespace lab: hosts
+//! `h1..hN` run `bulwark-lb`, the last host is the client and runs an echo
+//! backend. Also the two independent witnesses of "never two holders":
+//! a sampler of `ip addr` on every LB host, and an ARP prober on the
+//! client host that records which MACs answer for the VIP.
+//!
+//! Shared by the netns tests (`tests/lb_netns.rs`) and the failover
+//! benchmark (`bench/src/failover.rs` includes this file), so that the
+//! benchmark measures exactly what the tests check.
+
+// Test helpers: failures should fail loudly; not every user uses every helper.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bulwark_api::lb::v1 as lb;
+use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
+use bulwark_common::tls::{TlsFiles, TlsMaterial};
+use bulwark_testkit::{CertFiles, Host, Lab, Pki, Process, ProcessBuilder, TestDir, tools};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+/// The VIP's port.
+pub const VIP_PORT: u16 = 6443;
+/// The backend's port on the client host.
+pub const BACKEND_PORT: u16 = 8443;
+
+/// The lab and the LB processes.
+pub struct LbLab {
+    pub lab: Lab,
+    pub nodes: Vec<Process>,
+    pub vip: SocketAddr,
+    pub operator: TlsMaterial,
+    pki: Pki,
+    dir: TestDir,
+    backend: tokio::task::JoinHandle<()>,
+}
+
+fn tls_files(c: &CertFiles) -> TlsFiles {
+    TlsFiles {
+        cert_file: c.cert.clone(),
+        key_file: c.key.clone(),
+        ca_file: c.ca.clone(),
+    }
+}
+
+impl LbLab {
+    /// `n` LB hosts plus a client host; `None` when the lab cannot run here
+    /// (no root) and the harness says to skip.
+    pub async fn start(n: usize, extra_yaml: &str) -> Option<Self> {
+        bulwark_testkit::install_crypto_provider();
+        let lab = Lab::start_or_skip(n + 1).unwrap()?;
+        let pki = Pki::new().unwrap();
+        let dir = TestDir::new("lb-lab").unwrap();
+        let operator = tls_files(&pki.admin().unwrap()).load().unwrap();
+        let vip = SocketAddr::new(IpAddr::V4(lab.spare_addr(0)), VIP_PORT);
+        let client = lab.host(n).clone();
+        let backend_addr = SocketAddr::new(IpAddr::V4(client.addr()), BACKEND_PORT);
+        let listener = client.tcp_listener(backend_addr).unwrap();
+        let backend = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+
+        let members: String = (0..n)
+            .map(|i| {
+                let a = lab.host(i).addr();
+                format!(
+                    "- {{id: {id}, name: lb-{id}, raftAddress: '{a}:9441', apiAddress: '{a}:9442'}}\n",
+                    id = i + 1
+                )
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let host = lab.host(i);
+            let id = i + 1;
+            let a = host.addr();
+            let cert = pki
+                .peer(&format!("lb-{id}"), &["bulwark:lb"], &[&a.to_string()])
+                .unwrap();
+            let config = dir.join(format!("lb-{id}.yaml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "apiVersion: bulwark.dev/v1alpha1
+kind: LoadBalancerConfiguration
+nodeId: {id}
+name: lb-{id}
+dataDir: {data}
+raft:
+  address: '{a}:9441'
+api:
+  address: '{a}:9442'
+admin:
+  address: '127.0.0.1:9440'
+tls:
+  certFile: {cert}
+  keyFile: {key}
+  caFile: {ca}
+access:
+  operators: {{organizations: [system:masters]}}
+  peers: {{organizations: ['bulwark:lb']}}
+initialMembers:
+{members}vip:
+  mode: arp
+  address: {vip_ip}
+  port: {VIP_PORT}
+  interface: {iface}
+backends:
+- {{id: api-1, address: '{backend_addr}'}}
+proxy:
+  connectTimeout: 200ms
+  shutdownGrace: 1s
+shutdownGrace: 5s
+{extra_yaml}",
+                    data = dir.join(format!("data-{id}")).display(),
+                    cert = cert.cert.display(),
+                    key = cert.key.display(),
+                    ca = cert.ca.display(),
+                    vip_ip = vip.ip(),
+                    iface = host.interface(),
+                ),
+            )
+            .unwrap();
+            let process = host
+                .spawn(
+                    ProcessBuilder::new(format!("lb-{id}"), tools::bin_path("bulwark-lb").unwrap())
+                        .arg("--config")
+                        .arg(&config)
+                        .env("BULWARK_LOG_LEVEL", "info,openraft=warn"),
+                )
+                .unwrap();
+            nodes.push(process);
+        }
+        Some(Self {
+            lab,
+            nodes,
+            vip,
+            operator,
+            pki,
+            dir,
+            backend,
+        })
+    }
+
+    /// The LB hosts.
+    pub fn lb_hosts(&self) -> Vec<Host> {
+        self.lab.hosts()[..self.nodes.len()].to_vec()
+    }
+
+    /// The client host.
+    pub fn client(&self) -> Host {
+        self.lab.host(self.nodes.len()).clone()
+    }
+
+    /// Indices (0-based) of the LB hosts that have the VIP on eth0 now.
+    pub fn holders(&self) -> Vec<usize> {
+        holders_of(&self.lb_hosts(), self.vip.ip())
+    }
+
+    /// Waits until exactly one host holds the VIP and the client gets an
+    /// echo through it; returns that host's index.
+    pub async fn wait_for_holder(&self, not: Option<usize>, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let h = self.holders();
+            if h.len() == 1
+                && Some(h[0]) != not
+                && echo(&self.client(), self.vip, Duration::from_millis(300)).await
+            {
+                return h[0];
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single VIP holder within {timeout:?}: {h:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An operator API client to LB host `i`, dialled from the client host.
+    pub fn api(&self, i: usize) -> LoadBalancerClient<Channel> {
+        let addr = SocketAddr::new(IpAddr::V4(self.lab.host(i).addr()), 9442);
+        let via = self.client();
+        let endpoint =
+            bulwark_common::grpc::endpoint(&addr.to_string(), &self.operator, None).unwrap();
+        let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+            let via = via.clone();
+            async move {
+                via.tcp_connect(addr)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+                    .map_err(std::io::Error::other)
+            }
+        }));
+        LoadBalancerClient::new(channel)
+    }
+
+    /// Node `i`'s status, if it answers within a second.
+    pub async fn status(&self, i: usize) -> Option<lb::GetStatusResponse> {
+        let mut c = self.api(i);
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            c.get_status(lb::GetStatusRequest { max_failovers: 64 }),
+        )
+        .await
+        .ok()?
+        .ok()
+        .map(|r| r.into_inner())
+    }
+}
+
+impl Drop for LbLab {
+    fn drop(&mut self) {
+        self.backend.abort();
+    }
+}
+
+/// Which of `hosts` have `vip` on their interface.
+pub fn holders_of(hosts: &[Host], vip: IpAddr) -> Vec<usize> {
+    let needle = format!(" {vip}/");
+    hosts
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| {
+            h.exec_ok("ip", ["-o", "addr", "show", "dev", h.interface()])
+                .is_ok_and(|out| out.contains(&needle))
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// One echo round trip from `host` through `addr` within `timeout`.
+pub async fn echo(host: &Host, addr: SocketAddr, timeout: Duration) -> bool {
+    let attempt = async {
+        let mut s = host.tcp_connect(addr).await.ok()?;
+        s.write_all(b"bulwark").await.ok()?;
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).await.ok()?;
+        (&buf == b"bulwark").then_some(())
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+/// What the witnesses saw.
+#[derive(Debug, Default, Clone)]
+pub struct Witness {
+    /// `ip addr` sweeps over all LB hosts.
+    pub addr_samples: u64,
+    /// Sweeps that found the VIP on more than one host.
+    pub addr_violations: Vec<Vec<usize>>,
+    /// ARP probe windows.
+    pub arp_windows: u64,
+    /// Windows in which more than one MAC answered for the VIP.
+    pub arp_violations: Vec<BTreeSet<[u8; 6]>>,
+    /// Every MAC that ever answered.
+    pub macs: BTreeSet<[u8; 6]>,
+}
+
+/// Samples VIP ownership until dropped or stopped.
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    witness: Arc<Mutex<Witness>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    /// Starts both witnesses.
+    pub fn start(lab: &LbLab) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let witness = Arc::new(Mutex::new(Witness::default()));
+        let mut threads = Vec::new();
+        {
+            let (stop, witness, hosts, vip) =
+                (stop.clone(), witness.clone(), lab.lb_hosts(), lab.vip.ip());
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let h = holders_of(&hosts, vip);
+                    let mut w = witness.lock().unwrap();
+                    w.addr_samples += 1;
+                    if h.len() > 1 {
+                        w.addr_violations.push(h);
+                    }
+                }
+            }));
+        }
+        {
+            let (stop, witness, client) = (stop.clone(), witness.clone(), lab.client());
+            let IpAddr::V4(vip) = lab.vip.ip() else {
+                panic!("IPv4 lab")
+            };
+            threads.push(std::thread::spawn(move || {
+                let me = client.addr();
+                let iface = client.interface().to_owned();
+                client
+                    .in_netns(move || arp_probe(&iface, me, vip, &stop, &witness))
+                    .unwrap();
+            }));
+        }
+        Self {
+            stop,
+            witness,
+            threads,
+        }
+    }
+
+    /// Stops and returns what was seen.
+    pub fn finish(mut self) -> Witness {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+        self.witness.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Sends "who has VIP" every 20 ms and records the MACs answering in each
+/// window. Runs inside the client host's namespace.
+fn arp_probe(
+    iface: &str,
+    me: Ipv4Addr,
+    vip: Ipv4Addr,
+    stop: &AtomicBool,
+    witness: &Mutex<Witness>,
+) {
+    const ETH_P_ARP: u16 = 0x0806;
+    // SAFETY: plain libc socket calls on descriptors owned by this function;
+    // buffers outlive the calls and lengths match them.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from(ETH_P_ARP.to_be()),
+        );
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let name = std::ffi::CString::new(iface).unwrap();
+        let index = libc::if_nametoindex(name.as_ptr()) as i32;
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(iface.bytes()) {
+            *d = s as libc::c_char;
+        }
+        assert_eq!(libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr), 0);
+        let mut mac = [0u8; 6];
+        for (d, s) in mac.iter_mut().zip(ifr.ifr_ifru.ifru_hwaddr.sa_data.iter()) {
+            *d = *s as u8;
+        }
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 5_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ETH_P_ARP.to_be();
+        sll.sll_ifindex = index;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        let mut req = [0u8; 42];
+        req[0..6].copy_from_slice(&[0xff; 6]);
+        req[6..12].copy_from_slice(&mac);
+        req[12..14].copy_from_slice(&ETH_P_ARP.to_be_bytes());
+        req[14..16].copy_from_slice(&1u16.to_be_bytes());
+        req[16..18].copy_from_slice(&0x0800u16.to_be_bytes());
+        req[18] = 6;
+        req[19] = 4;
+        req[20..22].copy_from_slice(&1u16.to_be_bytes());
+        req[22..28].copy_from_slice(&mac);
+        req[28..32].copy_from_slice(&me.octets());
+        req[38..42].copy_from_slice(&vip.octets());
+        let mut buf = [0u8; 1500];
+        while !stop.load(Ordering::Relaxed) {
+            libc::sendto(
+                fd,
+                req.as_ptr().cast(),
+                req.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let window = Instant::now() + Duration::from_millis(20);
+            let mut seen = BTreeSet::new();
+            while Instant::now() < window {
+                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                if n < 42 {
+                    continue;
+                }
+                // An ARP reply whose sender IP is the VIP.
+                if buf[12..14] == ETH_P_ARP.to_be_bytes()
+                    && buf[20..22] == [0, 2]
+                    && buf[28..32] == vip.octets()
+                {
+                    let mut m = [0u8; 6];
+                    m.copy_from_slice(&buf[22..28]);
+                    seen.insert(m);
+                }
+            }
+            let mut w = witness.lock().unwrap();
+            w.arp_windows += 1;
+            w.macs.extend(seen.iter().copied());
+            if seen.len() > 1 {
+                w.arp_violations.push(seen);
+            }
+        }
+        libc::close(fd);
+    }
+}
+
+/// The client's view of a failover: connects (fresh connection, short
+/// timeout, echo round trip) in a loop; the gap is from the last success
+/// before `cut` to the first success after it.
+pub async fn measure_gap(
+    client: &Host,
+    vip: SocketAddr,
+    cut: impl FnOnce(),
+    limit: Duration,
+) -> Option<Duration> {
+    let attempt = Duration::from_millis(100);
+    let mut last_ok = Instant::now();
+    // Make sure it works before the cut.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !echo(client, vip, attempt).await {
+        assert!(
+            Instant::now() < deadline,
+            "VIP not reachable before the cut"
+        );
+    }
+    last_ok = last_ok.max(Instant::now());
+    cut();
+    let cut_at = Instant::now();
+    loop {
+        let start = Instant::now();
+        if echo(client, vip, attempt).await {
+            if start > cut_at {
+                return Some(Instant::now() - last_ok);
+            }
+            last_ok = Instant::now();
+        }
+        if cut_at.elapsed() > limit {
+            return None;
+        }
+        // A failed attempt already waited up to its timeout; a quick
+        // refusal (RST) is retried after a short pause.
+        if start.elapsed() < Duration::from_millis(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}

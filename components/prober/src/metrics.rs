@@ -1,0 +1,84 @@
+//! The prober's Prometheus metrics, all prefixed `bulwark_prober_`.
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `probe_duration_seconds` | target, kind | latency of every probe, pass or fail |
+//! | `probes_total` | target, kind, reason | every probe by result class |
+//! | `check_up` | target, kind | settled state: 1 up, 0 down (absent until settled) |
+//! | `check_transitions_total` | target, kind, to | settled state changes |
+//! | `report_connected` | | 1 while a stream to the LB leader is acknowledged |
+//! | `reports_sent_total` | kind | reports handed to the stream (full, changes, heartbeat) |
+//! | `report_reconnects_total` | cause | streams ended: redirect, error, closed, ack_timeout |
+//! | `resyncs_total` | | FULL reports the LB asked for |
+
+use bulwark_api::lb::v1::{ProbeReason, ReportKind};
+
+use crate::probe::Outcome;
+
+/// The label of a probe reason.
+pub(crate) fn reason_label(reason: ProbeReason) -> &'static str {
+    match reason {
+        ProbeReason::Ok => "ok",
+        ProbeReason::HttpStatus => "http_status",
+        ProbeReason::Timeout => "timeout",
+        ProbeReason::TlsError => "tls_error",
+        ProbeReason::ConnectionRefused => "connection_refused",
+        ProbeReason::ConnectionReset => "connection_reset",
+        ProbeReason::Dns => "dns",
+        ProbeReason::Other | ProbeReason::Unspecified => "other",
+    }
+}
+
+pub(crate) fn probe_finished(target: &str, kind: &'static str, outcome: &Outcome) {
+    metrics::histogram!(
+        "bulwark_prober_probe_duration_seconds",
+        "target" => target.to_owned(),
+        "kind" => kind,
+    )
+    .record(outcome.latency.as_secs_f64());
+    metrics::counter!(
+        "bulwark_prober_probes_total",
+        "target" => target.to_owned(),
+        "kind" => kind,
+        "reason" => reason_label(outcome.reason),
+    )
+    .increment(1);
+}
+
+pub(crate) fn check_settled(target: &str, kind: &'static str, up: bool) {
+    metrics::gauge!(
+        "bulwark_prober_check_up",
+        "target" => target.to_owned(),
+        "kind" => kind,
+    )
+    .set(if up { 1.0 } else { 0.0 });
+    metrics::counter!(
+        "bulwark_prober_check_transitions_total",
+        "target" => target.to_owned(),
+        "kind" => kind,
+        "to" => if up { "up" } else { "down" },
+    )
+    .increment(1);
+}
+
+pub(crate) fn report_sent(kind: ReportKind) {
+    let kind = match kind {
+        ReportKind::Full => "full",
+        ReportKind::Changes => "changes",
+        ReportKind::Heartbeat => "heartbeat",
+        ReportKind::Unspecified => "unspecified",
+    };
+    metrics::counter!("bulwark_prober_reports_sent_total", "kind" => kind).increment(1);
+}
+
+pub(crate) fn connected(yes: bool) {
+    metrics::gauge!("bulwark_prober_report_connected").set(if yes { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn reconnect(cause: &'static str) {
+    metrics::counter!("bulwark_prober_report_reconnects_total", "cause" => cause).increment(1);
+}
+
+pub(crate) fn resync() {
+    metrics::counter!("bulwark_prober_resyncs_total").increment(1);
+}

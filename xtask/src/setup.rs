@@ -44,7 +44,10 @@ const DEBIAN: &[(&str, &str)] = &[
     // etcd-client's build script compiles etcd's protos with protoc, which
     // needs the well-known types (google/protobuf/*.proto) beside it.
     ("protobuf-compiler", "/usr/bin/protoc"),
-    ("libprotobuf-dev", "/usr/include/google/protobuf/descriptor.proto"),
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
     // The harness's userspace netem fallback (this kernel has no sch_netem).
     ("iptables", "/usr/sbin/iptables"),
 ];

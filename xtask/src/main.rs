@@ -4,7 +4,9 @@
 //!   quiet when everything is present).
 //! - `cargo xtask test`: setup, then format check, clippy and the whole test
 //!   suite. This is exactly what CI runs (`.ci/run`).
+//! - `cargo xtask demo`: the whole product on loopback, narrated.
 
+mod demo;
 mod setup;
 mod test;
 
@@ -30,6 +32,10 @@ enum Cmd {
     /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then every
     /// test with nextest. Extra arguments go to `cargo nextest run`.
     Test(test::TestArgs),
+    /// The whole product on loopback in one command: etcd, apiserver
+    /// stand-ins, bulwark-lb, -prober and -backup; a failover, an apiserver
+    /// loss, a backup and a restore, narrated. No root needed.
+    Demo(demo::DemoArgs),
 }
 
 fn main() {
@@ -37,6 +43,7 @@ fn main() {
     let result = match cli.command {
         Cmd::Setup(args) => setup::run(&args),
         Cmd::Test(args) => test::run(&args),
+        Cmd::Demo(args) => demo::run(&args),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -50,6 +57,13 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(Path::to_owned)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `cargo`, as the one running xtask, in the workspace root.
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
 }
 
 /// Runs a command to completion, inheriting stdio; fails with the command

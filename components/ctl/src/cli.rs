@@ -37,6 +37,8 @@ pub enum Command {
     /// The load balancer: status, backends, drain, members.
     #[command(subcommand)]
     Lb(crate::lb::LbCommand),
+    /// Health verdicts: votes per zone, probers, zones down, fail-open.
+    Health(crate::health::HealthArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         /// The shell.
@@ -68,6 +70,10 @@ impl Cli {
             }
             Command::Config(c) => self.config(c),
             Command::Lb(c) => {
+                let session = self.session()?;
+                c.run(&session.lb()?, self.output).await
+            }
+            Command::Health(c) => {
                 let session = self.session()?;
                 c.run(&session.lb()?, self.output).await
             }

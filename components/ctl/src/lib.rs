@@ -8,12 +8,14 @@
 //! - [`error`]: errors with a next step, and the documented exit codes;
 //! - [`cli`]: the command tree;
 //! - [`backup`]: `bulwarkctl backup …`;
-//! - [`lb`]: `bulwarkctl lb …`, bulwark-lb's operator commands.
+//! - [`lb`]: `bulwarkctl lb …`, bulwark-lb's operator commands;
+//! - [`health`]: `bulwarkctl health`, the LB leader's health aggregation.
 
 pub mod backup;
 pub mod cli;
 pub mod connect;
 pub mod context;
 pub mod error;
+pub mod health;
 pub mod lb;
 pub mod output;

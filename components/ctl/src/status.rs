@@ -279,15 +279,28 @@ fn node_ref(n: &lb::NodeInfo) -> String {
     }
 }
 
+async fn get_status(svc: &Service<'_>) -> Result<lb::GetStatusResponse, CliError> {
+    svc.call(|ch| async move {
+        LoadBalancerClient::new(ch)
+            .get_status(lb::GetStatusRequest { max_failovers: 1 })
+            .await
+            .map(tonic::Response::into_inner)
+    })
+    .await
+}
+
 async fn lb_part(svc: &Service<'_>) -> Result<LbView, CliError> {
-    let s = svc
-        .call(|ch| async move {
-            LoadBalancerClient::new(ch)
-                .get_status(lb::GetStatusRequest { max_failovers: 1 })
-                .await
-                .map(tonic::Response::into_inner)
-        })
-        .await?;
+    let mut s = get_status(svc).await?;
+    // Only the leader knows how far each member lags: ask it when a
+    // follower answered. If the leader cannot be reached from here, the
+    // follower's answer stands (without lag).
+    if s.role != lb::NodeRole::Leader as i32
+        && let Some(leader) = s.leader.as_ref().filter(|l| !l.api_address.is_empty())
+        && let Ok(from_leader) = get_status(&svc.preferring(&leader.api_address)).await
+        && from_leader.role == lb::NodeRole::Leader as i32
+    {
+        s = from_leader;
+    }
     let list = svc
         .call(|ch| async move {
             LoadBalancerClient::new(ch)

@@ -248,6 +248,32 @@ drill: {{etcdutl: {}, etcd: {}}}
     assert_eq!(bk["last_drill"]["snapshot"], snapshot.as_str());
     assert_eq!(bk["last_drill"]["passed"], true);
 
+    // Given only a follower, status still shows the leader's view, with
+    // each member's replication lag (only the leader knows it).
+    let follower = (1..=3u64).find(|&i| i != leader).unwrap();
+    let only_follower = Endpoints {
+        lb: apis[follower as usize - 1].to_string(),
+        backup: ep.backup.clone(),
+    };
+    let out = ctl(&["status", "-o", "json"], &only_follower, &viewer).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        r["lb"]["answered_by"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{leader} ")),
+        "{r}"
+    );
+    assert!(
+        r["lb"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["lag"].is_u64()),
+        "{r}"
+    );
+
     // The table names the same things.
     let out = ctl(&["status"], &ep, &viewer).await;
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -39,6 +39,11 @@ pub enum Command {
     Lb(crate::lb::LbCommand),
     /// Health verdicts: votes per zone, probers, zones down, fail-open.
     Health(crate::health::HealthArgs),
+    /// The whole control plane at a glance: LB leader, VIP holder, members,
+    /// backends with verdicts and zones, probers, last backup, RPO lag, last
+    /// restore drill. Prints what it can reach; exits non-zero (the code of
+    /// the first failure) when a part is UNAVAILABLE.
+    Status,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         /// The shell.
@@ -76,6 +81,10 @@ impl Cli {
             Command::Health(c) => {
                 let session = self.session()?;
                 c.run(&session.lb()?, self.output).await
+            }
+            Command::Status => {
+                let session = self.session()?;
+                crate::status::run(&session, self.output).await
             }
             Command::Completion { shell } => {
                 let mut cmd = Cli::command();

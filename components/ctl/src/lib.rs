@@ -10,6 +10,7 @@
 //! - [`backup`]: `bulwarkctl backup …`;
 //! - [`lb`]: `bulwarkctl lb …`, bulwark-lb's operator commands;
 //! - [`health`]: `bulwarkctl health`, the LB leader's health aggregation.
+//! - [`status`]: `bulwarkctl status`, the whole control plane at a glance.
 
 pub mod backup;
 pub mod cli;
@@ -19,3 +20,4 @@ pub mod error;
 pub mod health;
 pub mod lb;
 pub mod output;
+pub mod status;

@@ -335,7 +335,7 @@ impl pb::backup_server::Backup for BackupApi {
         Ok(Response::new(pb::DeleteSnapshotResponse {
             id: deleted.id,
             freed_bytes: deleted.freed_bytes,
-            deleted_delta_segments: 0,
+            deleted_delta_segments: deleted.deleted_segments,
         }))
     }
 
@@ -355,6 +355,29 @@ impl pb::backup_server::Backup for BackupApi {
                 }
             };
         let latest = engine.list_snapshots().await?.into_iter().next();
+        // Segments of the newest snapshot: the history that can be restored.
+        let segments = match &latest {
+            Some(l) => engine.list_segments(Some(&l.manifest.id)).await?,
+            None => Vec::new(),
+        };
+        let covered = latest.as_ref().map(|l| {
+            crate::delta::check_continuity(l.manifest.revision, &segments)
+                .unwrap_or(l.manifest.revision)
+                .max(l.manifest.revision_max)
+        });
+        let ds = s.delta_status();
+        let now = Utc::now();
+        let lag = ds.rpo_lag(now);
+        let delta_state = match (&settings.deltas, &ds.state) {
+            (None, _) => pb::DeltaState::Disabled,
+            (Some(_), crate::delta::RecorderState::Stopped) => pb::DeltaState::Stopped,
+            (Some(_), crate::delta::RecorderState::Gap) => pb::DeltaState::Gap,
+            (Some(d), crate::delta::RecorderState::Running) if lag > d.rpo_target => {
+                pb::DeltaState::Lagging
+            }
+            (Some(_), crate::delta::RecorderState::Running) => pb::DeltaState::Running,
+        };
+        let newest = segments.last();
         Ok(Response::new(pb::GetStatusResponse {
             node_name: engine.node_name.clone(),
             store_url: engine.store.display().to_owned(),
@@ -369,10 +392,7 @@ impl pb::backup_server::Backup for BackupApi {
                 is_leader: s.is_leader(),
                 drill_interval: settings.drill_interval.map(duration),
             }),
-            newest_revision_covered: latest
-                .as_ref()
-                .map(|l| l.manifest.revision_max)
-                .unwrap_or(0),
+            newest_revision_covered: covered.unwrap_or(0),
             last_success: latest
                 .as_ref()
                 .map(|l| l.manifest.to_summary(l.last_verification.as_ref())),
@@ -382,21 +402,52 @@ impl pb::backup_server::Backup for BackupApi {
                 message: e.message,
             }),
             deltas: Some(pb::DeltaStatus {
-                state: pb::DeltaState::Disabled as i32,
-                ..Default::default()
+                state: delta_state as i32,
+                newest_revision: newest
+                    .map(|n| n.last_revision)
+                    .unwrap_or(ds.newest_revision),
+                newest_revision_at: newest
+                    .map(|n| n.last_event_at)
+                    .or(ds.newest_at)
+                    .map(timestamp),
+                rpo_lag: (ds.state == crate::delta::RecorderState::Running).then(|| duration(lag)),
+                segment_count: segments.len() as u64,
             }),
             last_drill: s.last_drill().map(|r| r.to_result()),
-            restore_in_progress: None,
+            restore_in_progress: s.restore_running().map(|r| pb::RestoreInProgress {
+                restore_id: r.restore_id,
+                coordinator: engine.node_name.clone(),
+                started_at: Some(timestamp(r.started_at)),
+                phase: r.phase,
+            }),
         }))
     }
 
     async fn list_deltas(
         &self,
-        _request: Request<pb::ListDeltasRequest>,
+        request: Request<pb::ListDeltasRequest>,
     ) -> Result<Response<pb::ListDeltasResponse>, Status> {
-        Err(Status::unimplemented(
-            "continuous deltas are not recorded by this version of bulwark-backup",
-        ))
+        let req = request.into_inner();
+        let page_size = match req.page_size {
+            0 => 1000,
+            n => n.min(10_000) as usize,
+        };
+        let all = self.service.engine().list_segments(None).await?;
+        let mut matching = all.iter().filter(|s| {
+            req.from_revision.is_none_or(|r| s.last_revision >= r)
+                && req.to_revision.is_none_or(|r| s.first_revision <= r)
+                && (req.page_token.is_empty() || s.id > req.page_token)
+        });
+        let page: Vec<_> = matching.by_ref().take(page_size).collect();
+        let next_page_token = if matching.next().is_some() {
+            page.last().map(|s| s.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListDeltasResponse {
+            segments: page.iter().map(|s| s.to_proto()).collect(),
+            next_page_token,
+        }))
     }
 
     type RestoreStream = Stream_<pb::RestoreProgress>;

@@ -6,6 +6,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`snapshot`] | the pipeline: etcd stream → trailer check → zstd → age → multipart upload → manifest |
+//! | [`delta`] | continuous deltas: the watch recorder, segments, their commit records |
 //! | [`codec`] | the zstd/age write and read chains and the channel adapters between stages |
 //! | [`hashing`] | SHA-256 and etcd's trailing-hash verifier |
 //! | [`upload`] | multipart upload with bounded parallelism and a guaranteed abort |
@@ -19,6 +20,8 @@
 //! | [`schedule`] | interval and cron ticks |
 //! | [`retention`] | the pure keep/delete policy |
 //! | [`catalog`] | listing, get, delete, retention and garbage collection against the store |
+//! | [`pitr`] | point-in-time restore: the plan and the one target snapshot every member restores |
+//! | [`scratch`] | a throwaway loopback etcd restored from a snapshot file |
 //! | [`verify`] | verification and restore drills |
 //! | [`election`] | the etcd election of the instance that does scheduled work |
 //! | [`service`] | the scheduler and the state behind `GetStatus` |
@@ -32,6 +35,7 @@ pub mod api;
 pub mod catalog;
 pub mod codec;
 pub mod config;
+pub mod delta;
 pub mod election;
 pub mod encryption;
 pub mod engine;
@@ -42,8 +46,10 @@ pub mod hashing;
 pub mod layout;
 pub mod manifest;
 pub mod metrics;
+pub mod pitr;
 pub mod retention;
 pub mod schedule;
+pub mod scratch;
 pub mod service;
 pub mod snapshot;
 pub mod store;
@@ -123,7 +129,8 @@ pub async fn run(
         .schedule
         .schedule()
         .map_err(|e| anyhow::anyhow!("schedule: {e}"))?;
-    let scheduled_work = schedule.is_some() || config.drill.interval.is_some();
+    let scheduled_work =
+        schedule.is_some() || config.drill.interval.is_some() || config.deltas.enabled;
     let settings = service::ServiceSettings {
         schedule,
         retries: config.schedule.retries,
@@ -131,6 +138,12 @@ pub async fn run(
         retention_interval: config.retention.interval,
         drill_interval: config.drill.interval,
         election_name: config.schedule.election_name.clone(),
+        deltas: config.deltas.enabled.then(|| delta::DeltaSettings {
+            flush_interval: config.deltas.flush_interval,
+            max_segment_bytes: usize::try_from(config.deltas.max_segment_bytes.0)
+                .unwrap_or(4 << 20),
+            rpo_target: config.deltas.rpo_target,
+        }),
     };
     let (leader_tx, leader_rx) = watch::channel(election::LeaderState::default());
     let service = Arc::new(service::Service::new(engine.clone(), settings, leader_rx));

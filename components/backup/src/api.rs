@@ -7,10 +7,8 @@
 //! or the verification result. A client that goes away cancels the work:
 //! the task's token is tied to the response channel.
 //!
-//! `Restore` and `ListDeltas` belong to whole-cluster restore and
-//! continuous deltas, which this service does not do yet; they answer
-//! UNIMPLEMENTED, and the `RestoreAgent` service is not registered at all
-//! (tonic answers UNIMPLEMENTED for it).
+//! `Restore` is handed to [`crate::restore::Coordinator`]; the
+//! `RestoreAgent` service is [`crate::restore::AgentApi`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,12 +35,23 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>
 pub struct BackupApi {
     service: Arc<Service>,
     shutdown: CancellationToken,
+    restore: Option<crate::restore::Coordinator>,
 }
 
 impl BackupApi {
     /// Handlers over `service`; `shutdown` stops streaming work.
     pub fn new(service: Arc<Service>, shutdown: CancellationToken) -> Self {
-        Self { service, shutdown }
+        Self {
+            service,
+            shutdown,
+            restore: None,
+        }
+    }
+
+    /// Serves `Restore` through `coordinator`.
+    pub fn with_restore(mut self, coordinator: crate::restore::Coordinator) -> Self {
+        self.restore = Some(coordinator);
+        self
     }
 
     /// The tonic service to register.
@@ -454,11 +463,17 @@ impl pb::backup_server::Backup for BackupApi {
 
     async fn restore(
         &self,
-        _request: Request<pb::RestoreRequest>,
+        request: Request<pb::RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
-        Err(Status::unimplemented(
-            "whole-cluster restore is not available in this version of bulwark-backup; \
-             restore a member by hand with `etcdutl snapshot restore` (docs/BACKUP.md)",
+        let caller = bulwark_common::grpc::caller(&request).map(ToString::to_string);
+        let Some(c) = &self.restore else {
+            return Err(Status::failed_precondition(
+                "this instance has no restore coordinator configured",
+            ));
+        };
+        tracing::warn!(caller = ?caller, request = ?request.get_ref(), "restore requested");
+        Ok(Response::new(
+            c.start(request.into_inner(), &self.shutdown)?,
         ))
     }
 }

@@ -25,12 +25,15 @@
 //! | [`verify`] | verification and restore drills |
 //! | [`election`] | the etcd election of the instance that does scheduled work |
 //! | [`service`] | the scheduler and the state behind `GetStatus` |
+//! | [`agent`] | this node's part of a restore: manifest out, data dir aside, etcdutl restore, manifest back |
+//! | [`restore`] | the restore coordinator and the `RestoreAgent` gRPC handlers |
 //! | [`api`] | the `bulwark.backup.v1.Backup` gRPC handlers |
 //! | [`metrics`] | `bulwark_backup_*` metrics |
 //! | [`faults`] | an object store that fails on demand, for tests |
 //!
 //! [`run`] starts everything on listeners bound by the caller, so tests can
 //! run several instances on port 0 in one process.
+pub mod agent;
 pub mod api;
 pub mod catalog;
 pub mod codec;
@@ -47,6 +50,7 @@ pub mod layout;
 pub mod manifest;
 pub mod metrics;
 pub mod pitr;
+pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod scratch;
@@ -170,11 +174,35 @@ pub async fn run(
     });
 
     let grpc_token = shutdown.token();
-    let api = api::BackupApi::new(service.clone(), shutdown.token());
+    let agent_address = match &config.restore.agent_address {
+        Some(a) => a.clone(),
+        None => listeners
+            .grpc
+            .local_addr()
+            .context("reading the gRPC listen address")?
+            .to_string(),
+    };
+    let agent = Arc::new(agent::Agent::new(
+        engine.clone(),
+        config.restore.clone(),
+        agent_address,
+    ));
+    let client_tls = config
+        .restore
+        .client_tls
+        .as_ref()
+        .unwrap_or(&config.grpc.tls)
+        .load()
+        .context("loading restore.clientTls")?;
+    let coordinator =
+        restore::Coordinator::new(service.clone(), config.restore.peers.clone(), client_tls);
+    let api = api::BackupApi::new(service.clone(), shutdown.token()).with_restore(coordinator);
+    let agent_api = restore::AgentApi::new(agent, shutdown.token());
     let access = config.grpc.access.clone();
     shutdown.spawn_critical("gRPC server", async move {
         GrpcServer::new()
             .add_service(api.into_server())
+            .add_service(agent_api.into_server())
             .serve(listeners.grpc, &tls, access, grpc_token)
             .await
             .context("gRPC server")

@@ -11,6 +11,7 @@ mod backup;
 mod datapath;
 mod failover;
 mod probecost;
+mod suite;
 
 use std::process::ExitCode;
 
@@ -39,6 +40,11 @@ enum Cmd {
     /// Probing cost: CPU of bulwark-prober and of the probed servers with
     /// a fresh connection per probe and with kept-alive connections.
     ProbeCost(probecost::Args),
+    /// Failover scenario suite (root only): bulwark beside keepalived +
+    /// HAProxy on the same netns topology, in one run (`cargo xtask bench`).
+    Suite(suite::Args),
+    /// (internal) the suite's load driver, run inside the client host.
+    Load(suite::load::Args),
     /// (internal) HTTPS test backends that terminate TLS.
     Backend(backend::Args),
 }
@@ -52,6 +58,8 @@ fn main() -> ExitCode {
         Cmd::Failover(a) => failover::run(&a),
         Cmd::ProbeCost(a) => probecost::run(&a),
         Cmd::Backend(a) => backend::run(&a),
+        Cmd::Suite(a) => suite::run(&a),
+        Cmd::Load(a) => suite::load::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

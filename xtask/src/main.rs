@@ -4,7 +4,10 @@
 //!   quiet when everything is present).
 //! - `cargo xtask test`: setup, then format check, clippy and the whole test
 //!   suite. This is exactly what CI runs (`.ci/run`).
+//! - `cargo xtask bench [SCENARIO] [--quick]`: the failover scenario suite,
+//!   bulwark beside keepalived + HAProxy (root: network namespaces).
 
+mod bench;
 mod setup;
 mod test;
 
@@ -30,6 +33,10 @@ enum Cmd {
     /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then every
     /// test with nextest. Extra arguments go to `cargo nextest run`.
     Test(test::TestArgs),
+    /// Build in release, setup, then run the failover scenario suite
+    /// (bulwark beside keepalived + HAProxy, same topology, same run) as
+    /// root; results in bench/results/<date>-suite.{md,json,svg}.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -37,6 +44,7 @@ fn main() {
     let result = match cli.command {
         Cmd::Setup(args) => setup::run(&args),
         Cmd::Test(args) => test::run(&args),
+        Cmd::Bench(args) => bench::run(&args),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

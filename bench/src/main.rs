@@ -12,6 +12,7 @@ mod datapath;
 mod detection;
 mod failover;
 mod probecost;
+mod suite;
 
 use std::process::ExitCode;
 
@@ -44,6 +45,11 @@ enum Cmd {
     /// bulwark (probers + verdicts) and HAProxy (kubeadm guide checks) stop
     /// sending it new connections.
     Detection(detection::Args),
+    /// Failover scenario suite (root only): bulwark beside keepalived +
+    /// HAProxy on the same netns topology, in one run (`cargo xtask bench`).
+    Suite(suite::Args),
+    /// (internal) the suite's load driver, run inside the client host.
+    Load(suite::load::Args),
     /// (internal) HTTPS test backends that terminate TLS.
     Backend(backend::Args),
 }
@@ -58,6 +64,8 @@ fn main() -> ExitCode {
         Cmd::ProbeCost(a) => probecost::run(&a),
         Cmd::Detection(a) => detection::run(&a),
         Cmd::Backend(a) => backend::run(&a),
+        Cmd::Suite(a) => suite::run(&a),
+        Cmd::Load(a) => suite::load::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,10 @@
 //! - `cargo xtask test`: setup, then format check, clippy and the whole test
 //!   suite. This is exactly what CI runs (`.ci/run`).
 //! - `cargo xtask demo`: the whole product on loopback, narrated.
+//! - `cargo xtask bench [SCENARIO] [--quick]`: the failover scenario suite,
+//!   bulwark beside keepalived + HAProxy (root: network namespaces).
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -36,6 +39,10 @@ enum Cmd {
     /// stand-ins, bulwark-lb, -prober and -backup; a failover, an apiserver
     /// loss, a backup and a restore, narrated. No root needed.
     Demo(demo::DemoArgs),
+    /// Build in release, setup, then run the failover scenario suite
+    /// (bulwark beside keepalived + HAProxy, same topology, same run) as
+    /// root; results in bench/results/<date>-suite.{md,json,svg}.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -44,6 +51,7 @@ fn main() {
         Cmd::Setup(args) => setup::run(&args),
         Cmd::Test(args) => test::run(&args),
         Cmd::Demo(args) => demo::run(&args),
+        Cmd::Bench(args) => bench::run(&args),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -1,0 +1,404 @@
+//! From one run's events to its figures.
+//!
+//! - client-visible gap: the longest time between two successful short
+//!   requests (completions, all requesters together) that ends after the
+//!   first fault; in steady state it is a few ms;
+//! - failed requests, failed connects (TCP + TLS + HTTP/2, 1 s timeout),
+//!   watch streams lost: counted from the first fault on;
+//! - latency p50/p99 of successful short requests by start time: before
+//!   the first fault, during (from the first fault to `during_s` after the
+//!   last), after;
+//! - watch streams back: for every watcher that lost its stream after the
+//!   fault, the time from the fault to its next stream; "all back" is the
+//!   slowest;
+//! - time to detect: bulwark's own failover record (last contact with the
+//!   old leader to election won); for the baseline, the fault to keepalived
+//!   logging `Entering MASTER STATE` on another host (VIP scenarios) or
+//!   HAProxy logging a server DOWN (apiserver scenarios), polled every 20 ms;
+//! - time to move the VIP: the fault to the `ip addr` sampler (every ~10 ms
+//!   plus the sweep) first seeing the VIP on another host, for both; plus
+//!   bulwark's record (election won to VIP announced);
+//! - two holders: how long the sampler saw the VIP on more than one host.
+
+use bulwark_api::lb::v1 as lb;
+use serde::Serialize;
+
+use super::load::{Event, Kind};
+use super::{Contender, Marker, Params, Scenario};
+
+/// What one run produced.
+pub struct Input<'a> {
+    pub scenario: Scenario,
+    pub contender: Contender,
+    pub params: &'a Params,
+    pub watchers: usize,
+    pub holder: usize,
+    pub events: &'a [Event],
+    pub markers: Vec<Marker>,
+    pub load_ready_ns: u64,
+    pub load_end_ns: u64,
+    pub vip_changes: Vec<(u64, Vec<usize>)>,
+    pub keepalived_master_ns: Option<u64>,
+    pub haproxy_down_ns: Option<u64>,
+    pub failovers: Vec<lb::Failover>,
+}
+
+/// p50 and p99 of a phase, ms.
+#[derive(Clone, Debug, Serialize)]
+pub struct Latency {
+    pub n: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// One plot bucket (rates per second).
+#[derive(Clone, Debug, Serialize)]
+pub struct Bucket {
+    /// Bucket start, s from the first fault.
+    pub t_s: f64,
+    pub ok_rps: f64,
+    pub failed_rps: f64,
+    pub watch_lost_ps: f64,
+}
+
+/// The figures of one scenario with one contender.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    pub scenario: Scenario,
+    pub contender: Contender,
+    pub watchers: usize,
+    pub requesters: usize,
+    /// LB host (1-based) holding the VIP when the fault came.
+    pub holder_before: usize,
+    pub markers: Vec<Marker>,
+    pub gap_ms: f64,
+    pub requests_after_fault: usize,
+    pub failed_requests: usize,
+    pub connects_after_fault: usize,
+    pub failed_connects: usize,
+    pub watch_streams_lost: usize,
+    /// Time from the fault until every lost stream was back (ms), and the
+    /// median; `None` when none was lost.
+    pub watch_all_back_ms: Option<f64>,
+    pub watch_median_back_ms: Option<f64>,
+    pub watch_never_back: usize,
+    pub latency_before: Latency,
+    pub latency_during: Latency,
+    pub latency_after: Latency,
+    pub time_to_detect_ms: Option<f64>,
+    /// Where `time_to_detect_ms` comes from.
+    pub detect_source: String,
+    pub vip_moved_ms: Option<f64>,
+    /// bulwark's record: election won to VIP announced.
+    pub record_move_ms: Option<f64>,
+    pub two_holders_ms: f64,
+    pub failure_kinds: Vec<(String, usize)>,
+    pub series: Vec<Bucket>,
+}
+
+impl RunResult {
+    /// A progress line.
+    pub fn one_line(&self) -> String {
+        let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
+        format!(
+            "gap {:.0} ms, failed req {}/{}, failed conn {}/{}, watches lost {} (all back {}), detect {}, VIP moved {}",
+            self.gap_ms,
+            self.failed_requests,
+            self.requests_after_fault,
+            self.failed_connects,
+            self.connects_after_fault,
+            self.watch_streams_lost,
+            f(self.watch_all_back_ms),
+            f(self.time_to_detect_ms),
+            f(self.vip_moved_ms),
+        )
+    }
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn latency(mut v: Vec<f64>) -> Latency {
+    v.sort_by(f64::total_cmp);
+    Latency {
+        n: v.len(),
+        p50_ms: percentile(&v, 50.0),
+        p99_ms: percentile(&v, 99.0),
+    }
+}
+
+fn pb_ms(d: Option<prost_types::Duration>) -> Option<f64> {
+    d.map(|d| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6)
+}
+
+fn ts_ns(t: Option<&prost_types::Timestamp>) -> u64 {
+    t.map_or(0, |t| {
+        (t.seconds.max(0) as u64) * 1_000_000_000 + t.nanos.max(0) as u64
+    })
+}
+
+/// Computes the figures.
+pub fn analyse(i: Input<'_>) -> RunResult {
+    let fault = i.markers.first().map_or(i.load_ready_ns, |m| m.at_ns);
+    let last_fault = i.markers.last().map_or(fault, |m| m.at_ns);
+    let during_end = last_fault + (i.params.during_s * 1e9) as u64;
+
+    let requests: Vec<&Event> = i
+        .events
+        .iter()
+        .filter(|e| e.kind == Kind::Request && e.start_ns >= i.load_ready_ns)
+        .collect();
+    let mut ok_ends: Vec<u64> = requests.iter().filter(|e| e.ok).map(|e| e.end_ns).collect();
+    ok_ends.sort_unstable();
+    let mut gap = 0u64;
+    let mut prev = ok_ends.iter().copied().rfind(|&t| t <= fault).unwrap_or(fault);
+    for &t in ok_ends.iter().filter(|&&t| t > fault) {
+        gap = gap.max(t - prev);
+        prev = t;
+    }
+    gap = gap.max(i.load_end_ns.saturating_sub(prev));
+
+    let after_fault = |e: &&Event| e.end_ns >= fault;
+    let req_after: Vec<&Event> = requests.iter().copied().filter(after_fault).collect();
+    let connects: Vec<&Event> = i
+        .events
+        .iter()
+        .filter(|e| e.kind == Kind::Connect)
+        .filter(after_fault)
+        .collect();
+    let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in req_after.iter().chain(connects.iter()).filter(|e| !e.ok) {
+        let what = if e.kind == Kind::Request {
+            "request"
+        } else {
+            "connect"
+        };
+        let detail: String = e.detail.chars().take(60).collect();
+        *kinds.entry(format!("{what}: {detail}")).or_default() += 1;
+    }
+
+    let phase = |lo: u64, hi: u64| {
+        latency(
+            requests
+                .iter()
+                .filter(|e| e.ok && e.start_ns >= lo && e.start_ns < hi)
+                .map(|e| ms(e.end_ns - e.start_ns))
+                .collect(),
+        )
+    };
+
+    // Watch streams lost after the fault, and when each came back.
+    let mut lost = 0;
+    let mut back: Vec<f64> = Vec::new();
+    let mut never = 0;
+    for w in 0..i.watchers {
+        let down = i
+            .events
+            .iter()
+            .filter(|e| e.kind == Kind::WatchDown && e.client == w && e.end_ns >= fault)
+            .map(|e| e.end_ns)
+            .min();
+        let Some(down) = down else { continue };
+        lost += 1;
+        let up = i
+            .events
+            .iter()
+            .filter(|e| e.kind == Kind::WatchUp && e.ok && e.client == w && e.end_ns >= down)
+            .map(|e| e.end_ns)
+            .min();
+        match up {
+            Some(up) => back.push(ms(up - fault)),
+            None => never += 1,
+        }
+    }
+    back.sort_by(f64::total_cmp);
+
+    // The VIP: first sample on another host; time with two holders.
+    let vip_moved = i
+        .vip_changes
+        .iter()
+        .find(|(t, h)| *t >= fault && h.iter().any(|&x| x != i.holder))
+        .map(|(t, _)| ms(t - fault));
+    let mut two = 0u64;
+    for (n, (t, h)) in i.vip_changes.iter().enumerate() {
+        if h.len() > 1 {
+            let end = i
+                .vip_changes
+                .get(n + 1)
+                .map_or(i.load_end_ns, |(next, _)| *next);
+            two += end.saturating_sub(*t);
+        }
+    }
+
+    let vip_scenario = !matches!(
+        i.scenario,
+        Scenario::ApiserverKill | Scenario::ApiserverShutdown
+    );
+    let record = i
+        .failovers
+        .iter()
+        .filter(|f| ts_ns(f.at.as_ref()) >= fault)
+        .min_by_key(|f| ts_ns(f.at.as_ref()));
+    let (detect, source) = match (i.contender, vip_scenario) {
+        (Contender::Bulwark, true) => (
+            record.and_then(|f| pb_ms(f.time_to_detect)),
+            "bulwark failover record (last contact with the leader -> elected)".to_owned(),
+        ),
+        (Contender::Bulwark, false) => (
+            None,
+            "no backend health checks without bulwark-prober; failed connects are retried on another backend".to_owned(),
+        ),
+        (Contender::Baseline, true) => (
+            i.keepalived_master_ns.map(|t| ms(t.saturating_sub(fault))),
+            "fault -> keepalived logs `Entering MASTER STATE` on another host".to_owned(),
+        ),
+        (Contender::Baseline, false) => (
+            i.haproxy_down_ns.map(|t| ms(t.saturating_sub(fault))),
+            "fault -> the first HAProxy logs the server DOWN".to_owned(),
+        ),
+    };
+
+    // Plot buckets, 250 ms.
+    let bucket_ns = 250_000_000u64;
+    let start = i.load_ready_ns;
+    let n = ((i.load_end_ns.saturating_sub(start)) / bucket_ns + 1) as usize;
+    let mut ok = vec![0u32; n];
+    let mut failed = vec![0u32; n];
+    let mut wl = vec![0u32; n];
+    let slot = |t: u64| ((t.saturating_sub(start)) / bucket_ns) as usize;
+    for e in i.events.iter().filter(|e| e.end_ns >= start) {
+        let s = slot(e.end_ns);
+        if s >= n {
+            continue;
+        }
+        match (e.kind, e.ok) {
+            (Kind::Request, true) => ok[s] += 1,
+            (Kind::Request | Kind::Connect, false) => failed[s] += 1,
+            (Kind::WatchDown, _) => wl[s] += 1,
+            _ => {}
+        }
+    }
+    let per_s = 1e9 / bucket_ns as f64;
+    let series = (0..n)
+        .map(|k| Bucket {
+            t_s: (start as f64 + (k as u64 * bucket_ns) as f64 - fault as f64) / 1e9,
+            ok_rps: f64::from(ok[k]) * per_s,
+            failed_rps: f64::from(failed[k]) * per_s,
+            watch_lost_ps: f64::from(wl[k]) * per_s,
+        })
+        .collect();
+
+    RunResult {
+        scenario: i.scenario,
+        contender: i.contender,
+        watchers: i.watchers,
+        requesters: i.params.requesters,
+        holder_before: i.holder + 1,
+        markers: i.markers.clone(),
+        gap_ms: ms(gap),
+        requests_after_fault: req_after.len(),
+        failed_requests: req_after.iter().filter(|e| !e.ok).count(),
+        connects_after_fault: connects.len(),
+        failed_connects: connects.iter().filter(|e| !e.ok).count(),
+        watch_streams_lost: lost,
+        watch_all_back_ms: back.last().copied().filter(|_| never == 0),
+        watch_median_back_ms: (!back.is_empty()).then(|| percentile(&back, 50.0)),
+        watch_never_back: never,
+        latency_before: phase(i.load_ready_ns, fault),
+        latency_during: phase(fault, during_end),
+        latency_after: phase(during_end, i.load_end_ns),
+        time_to_detect_ms: detect,
+        detect_source: source,
+        vip_moved_ms: vip_moved,
+        record_move_ms: if i.contender == Contender::Bulwark && vip_scenario {
+            record.and_then(|f| pb_ms(f.time_to_move_vip))
+        } else {
+            None
+        },
+        two_holders_ms: ms(two),
+        failure_kinds: kinds.into_iter().collect(),
+        series,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: Kind, client: usize, start_ms: u64, end_ms: u64, ok: bool) -> Event {
+        Event {
+            kind,
+            client,
+            start_ns: start_ms * 1_000_000,
+            end_ns: end_ms * 1_000_000,
+            ok,
+            detail: if ok { String::new() } else { "refused".into() },
+        }
+    }
+
+    #[test]
+    fn gap_failures_and_watch_recovery_come_from_the_events() {
+        let params = super::super::Params::new(true);
+        // Watcher 0 loses its stream at 1100 ms and is back at 1900 ms;
+        // requester 1 succeeds every 100 ms except between 1000 and 1600.
+        let mut events = vec![
+            ev(Kind::WatchUp, 0, 0, 10, true),
+            ev(Kind::WatchDown, 0, 10, 1100, false),
+            ev(Kind::WatchUp, 0, 1850, 1900, true),
+            ev(Kind::Connect, 1, 1200, 1300, false),
+            ev(Kind::Request, 1, 1300, 1400, false),
+        ];
+        for t in (100..=3000).step_by(100).filter(|t| !(1001..1600).contains(t)) {
+            events.push(ev(Kind::Request, 1, t - 5, t, true));
+        }
+        let r = analyse(Input {
+            scenario: Scenario::LinkCut,
+            contender: Contender::Baseline,
+            params: &params,
+            watchers: 1,
+            holder: 0,
+            events: &events,
+            markers: vec![Marker {
+                at_ns: 1_050_000_000,
+                label: "cut".into(),
+            }],
+            load_ready_ns: 0,
+            load_end_ns: 3_000_000_000,
+            vip_changes: vec![
+                (0, vec![0]),
+                (1_500_000_000, vec![0, 1]),
+                (1_700_000_000, vec![1]),
+            ],
+            keepalived_master_ns: Some(1_450_000_000),
+            haproxy_down_ns: None,
+            failovers: Vec::new(),
+        });
+        assert!((r.gap_ms - 600.0).abs() < 1e-6, "{}", r.gap_ms);
+        assert_eq!((r.failed_requests, r.failed_connects), (1, 1));
+        assert_eq!(r.watch_streams_lost, 1);
+        assert!((r.watch_all_back_ms.expect("back") - 850.0).abs() < 1e-6);
+        assert!((r.vip_moved_ms.expect("moved") - 450.0).abs() < 1e-6);
+        assert!((r.two_holders_ms - 200.0).abs() < 1e-6);
+        assert!((r.time_to_detect_ms.expect("detect") - 400.0).abs() < 1e-6);
+        assert_eq!(r.latency_before.n, 10);
+        assert!((r.latency_before.p50_ms - 5.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert!((percentile(&v, 50.0) - 50.0).abs() < 1e-9);
+        assert!((percentile(&v, 99.0) - 99.0).abs() < 1e-9);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+}

@@ -1,0 +1,433 @@
+//! The load driver (`bulwark-bench load`, started by the suite inside the
+//! client host's network namespace): many concurrent HTTPS clients through
+//! the VIP, recording every outcome with a wall-clock timestamp (the suite
+//! lines them up with its fault markers; one machine, one clock).
+//!
+//! - Watchers, like kubelets and controllers: one HTTP/2 connection each
+//!   holding a watch stream (`?watch=true`; the fixture sends an event
+//!   every second). A stream that ends, fails or stays silent for
+//!   `--watch-idle` is dropped and re-established after a short
+//!   per-client backoff. client-go notices a dead connection through
+//!   HTTP/2 pings after 30 s read-idle + 15 s; the shorter idle limit keeps
+//!   a run short and is the same for every contender.
+//! - Requesters: short GETs (a configmap list) at a fixed pace each. Even
+//!   ids keep one HTTP/2 connection (controllers), odd ids open a new
+//!   connection per request (kubectl), so both failed requests and failed
+//!   new connections show.
+//!
+//! Starts on `--ready-file` being written (every watcher has its stream),
+//! stops on SIGTERM, then writes every event to `--out` as CSV:
+//! `kind,client,start_ns,end_ns,ok,detail`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bulwark_testkit::fixture::{HttpsClient, HttpsConnection};
+use http_body_util::BodyExt;
+use tokio_util::sync::CancellationToken;
+
+/// The short request's path.
+const LIST_PATH: &str = "/api/v1/namespaces/default/configmaps";
+/// The watch's path.
+const WATCH_PATH: &str = "/api/v1/namespaces/default/configmaps?watch=true";
+
+/// Flags of `bulwark-bench load`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// VIP:port.
+    #[arg(long)]
+    target: SocketAddr,
+    /// CA certificate (PEM) the apiservers' certificates chain to.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Long-lived watch clients.
+    #[arg(long, default_value_t = 100)]
+    watchers: usize,
+    /// Short-request clients.
+    #[arg(long, default_value_t = 8)]
+    requesters: usize,
+    /// Requests per second per requester.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Timeout of a connect (TCP + TLS + HTTP/2) and of a short request.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// A watch stream silent this long is considered dead.
+    #[arg(long, default_value = "2500ms", value_parser = humantime::parse_duration)]
+    watch_idle: Duration,
+    /// Written once every watcher has its first stream.
+    #[arg(long)]
+    ready_file: PathBuf,
+    /// The CSV of every event.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// One recorded outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A short GET (on a kept or a new connection).
+    Request,
+    /// A connect: TCP, TLS and HTTP/2 handshakes.
+    Connect,
+    /// A watch stream established (response headers, status 200).
+    WatchUp,
+    /// A watch stream lost (`start` = when it came up, `end` = when lost).
+    WatchDown,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Request => "req",
+            Kind::Connect => "conn",
+            Kind::WatchUp => "watch_up",
+            Kind::WatchDown => "watch_down",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "req" => Kind::Request,
+            "conn" => Kind::Connect,
+            "watch_up" => Kind::WatchUp,
+            "watch_down" => Kind::WatchDown,
+            _ => return None,
+        })
+    }
+}
+
+/// One line of the CSV.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: Kind,
+    /// Watcher or requester id (requesters after watchers).
+    pub client: usize,
+    /// Unix time, ns.
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Unix time in ns.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Reads the CSV `run` writes.
+pub fn read_events(path: &std::path::Path) -> anyhow::Result<Vec<Event>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut events = Vec::new();
+    for (n, line) in text.lines().enumerate().skip(1) {
+        let mut f = line.splitn(6, ',');
+        let mut next = || f.next().with_context(|| format!("line {}: short", n + 1));
+        let kind = next()?;
+        let kind = Kind::parse(kind).with_context(|| format!("line {}: kind {kind:?}", n + 1))?;
+        let client = next()?.parse()?;
+        let start_ns = next()?.parse()?;
+        let end_ns = next()?.parse()?;
+        let ok = next()? == "1";
+        let detail = next().unwrap_or_default().to_owned();
+        events.push(Event {
+            kind,
+            client,
+            start_ns,
+            end_ns,
+            ok,
+            detail,
+        });
+    }
+    Ok(events)
+}
+
+type Log = Vec<Event>;
+
+fn record(log: &mut Log, kind: Kind, client: usize, start_ns: u64, ok: bool, detail: String) {
+    log.push(Event {
+        kind,
+        client,
+        start_ns,
+        end_ns: now_ns(),
+        ok,
+        detail,
+    });
+}
+
+/// The first line of an error, without commas (CSV).
+fn short(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .replace([',', '\n'], ";")
+        .chars()
+        .take(120)
+        .collect()
+}
+
+/// Connects with the overall timeout; records the outcome.
+async fn connect(
+    client: &HttpsClient,
+    target: SocketAddr,
+    timeout: Duration,
+    id: usize,
+    log: &mut Log,
+) -> Option<HttpsConnection> {
+    let start = now_ns();
+    match tokio::time::timeout(timeout, client.connect(target)).await {
+        Ok(Ok(c)) => {
+            record(log, Kind::Connect, id, start, true, String::new());
+            Some(c)
+        }
+        Ok(Err(e)) => {
+            record(log, Kind::Connect, id, start, false, short(&e));
+            None
+        }
+        Err(_) => {
+            record(log, Kind::Connect, id, start, false, "timeout".into());
+            None
+        }
+    }
+}
+
+/// A per-client backoff before reconnecting: 100-300 ms, spread by id so
+/// the clients do not reconnect in lockstep.
+fn backoff(id: usize) -> Duration {
+    Duration::from_millis(100 + (id as u64 * 37) % 200)
+}
+
+async fn watcher(
+    id: usize,
+    args: Arc<Args>,
+    client: Arc<HttpsClient>,
+    ready: Arc<AtomicUsize>,
+    stop: CancellationToken,
+) -> Log {
+    let mut log = Log::new();
+    let mut first = true;
+    while !stop.is_cancelled() {
+        let attempt = async {
+            let Some(mut conn) = connect(&client, args.target, args.timeout, id, &mut log).await
+            else {
+                return;
+            };
+            let start = now_ns();
+            let response =
+                match tokio::time::timeout(args.timeout, conn.get_streaming(WATCH_PATH)).await {
+                    Ok(Ok(r)) if r.status().is_success() => r,
+                    Ok(Ok(r)) => {
+                        let d = format!("status {}", r.status());
+                        record(&mut log, Kind::WatchUp, id, start, false, d);
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        record(&mut log, Kind::WatchUp, id, start, false, short(&e));
+                        return;
+                    }
+                    Err(_) => {
+                        record(&mut log, Kind::WatchUp, id, start, false, "timeout".into());
+                        return;
+                    }
+                };
+            record(&mut log, Kind::WatchUp, id, start, true, String::new());
+            let up = now_ns();
+            if first {
+                first = false;
+                ready.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut body = response.into_body();
+            let why = loop {
+                match tokio::time::timeout(args.watch_idle, body.frame()).await {
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(e))) => break format!("stream error: {e}"),
+                    Ok(None) => break "stream ended".to_owned(),
+                    Err(_) => break "silent".to_owned(),
+                }
+            };
+            log.push(Event {
+                kind: Kind::WatchDown,
+                client: id,
+                start_ns: up,
+                end_ns: now_ns(),
+                ok: false,
+                detail: why.replace(',', ";"),
+            });
+        };
+        tokio::select! {
+            () = attempt => {}
+            () = stop.cancelled() => break,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff(id)) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    log
+}
+
+async fn requester(
+    id: usize,
+    keep: bool,
+    args: Arc<Args>,
+    client: Arc<HttpsClient>,
+    stop: CancellationToken,
+) -> Log {
+    let mut log = Log::new();
+    let period = Duration::from_secs_f64(1.0 / args.rate.max(0.01));
+    let mut conn: Option<HttpsConnection> = None;
+    let mut next = tokio::time::Instant::now() + period.mul_f64((id % 16) as f64 / 16.0);
+    while !stop.is_cancelled() {
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            () = stop.cancelled() => break,
+        }
+        // Paced, not bursting: a late request pushes the schedule back.
+        next = (next + period).max(tokio::time::Instant::now());
+        let work = async {
+            if conn.is_none() {
+                conn = connect(&client, args.target, args.timeout, id, &mut log).await;
+            }
+            let Some(c) = conn.as_mut() else {
+                return;
+            };
+            let start = now_ns();
+            match tokio::time::timeout(args.timeout, c.get(LIST_PATH)).await {
+                Ok(Ok(r)) if r.status.is_success() => {
+                    record(&mut log, Kind::Request, id, start, true, String::new());
+                }
+                Ok(Ok(r)) => {
+                    let d = format!("status {}", r.status);
+                    record(&mut log, Kind::Request, id, start, false, d);
+                    conn = None;
+                }
+                Ok(Err(e)) => {
+                    record(&mut log, Kind::Request, id, start, false, short(&e));
+                    conn = None;
+                }
+                Err(_) => {
+                    record(&mut log, Kind::Request, id, start, false, "timeout".into());
+                    conn = None;
+                }
+            }
+            if !keep {
+                conn = None;
+            }
+        };
+        tokio::select! {
+            () = work => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    log
+}
+
+/// Runs the driver until SIGTERM.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: Args) -> anyhow::Result<()> {
+    let client = Arc::new(
+        HttpsClient::from_ca_file(&args.ca)?
+            .http2_only()
+            .timeout(args.timeout),
+    );
+    let args = Arc::new(args);
+    let stop = CancellationToken::new();
+    let ready = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for id in 0..args.watchers {
+        tasks.push(tokio::spawn(watcher(
+            id,
+            args.clone(),
+            client.clone(),
+            ready.clone(),
+            stop.clone(),
+        )));
+        // Ramp up instead of one SYN flood: the storm comes later, on purpose.
+        if id % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for j in 0..args.requesters {
+        let id = args.watchers + j;
+        tasks.push(tokio::spawn(requester(
+            id,
+            j % 2 == 0,
+            args.clone(),
+            client.clone(),
+            stop.clone(),
+        )));
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        if !announced && ready.load(Ordering::Relaxed) >= args.watchers {
+            std::fs::write(&args.ready_file, "ready\n")?;
+            announced = true;
+        }
+    }
+    stop.cancel();
+    let mut csv = String::from("kind,client,start_ns,end_ns,ok,detail\n");
+    for t in tasks {
+        for e in t.await? {
+            let _ = writeln!(
+                csv,
+                "{},{},{},{},{},{}",
+                e.kind.as_str(),
+                e.client,
+                e.start_ns,
+                e.end_ns,
+                u8::from(e.ok),
+                e.detail
+            );
+        }
+    }
+    std::fs::write(&args.out, csv).with_context(|| format!("writing {}", args.out.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_the_csv() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("e.csv");
+        std::fs::write(
+            &path,
+            "kind,client,start_ns,end_ns,ok,detail\nreq,3,10,20,1,\nconn,4,30,40,0,refused; really\n",
+        )
+        .expect("write");
+        let e = read_events(&path).expect("parse");
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].kind, Kind::Request);
+        assert!(e[0].ok);
+        assert_eq!((e[1].client, e[1].start_ns, e[1].end_ns), (4, 30, 40));
+        assert_eq!(e[1].detail, "refused; really");
+        assert!(!e[1].ok);
+    }
+
+    #[test]
+    fn bad_csv_lines_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("e.csv");
+        std::fs::write(&path, "header\nnope,1,2,3,1,\n").expect("write");
+        assert!(read_events(&path).is_err());
+    }
+}

@@ -1,0 +1,586 @@
+//! Scenario `suite` (`cargo xtask bench [SCENARIO] [--quick]`): failover
+//! scenarios in network namespaces, bulwark and the keepalived + HAProxy
+//! baseline one after the other on the same topology in the same run.
+//!
+//! Topology (one bridge, root only): three LB hosts (zones a, b, c), three
+//! fixture apiservers (the testkit's kube-apiserver test double) on their
+//! own hosts in zones a, b, c, and a client host running the load driver
+//! (`load.rs`). Per scenario and contender: start the front, start the
+//! load, wait until every watcher has its stream, run `before`, inject the
+//! fault(s) on the schedule, run `after`, stop the load, heal the lab,
+//! stop the front. The contenders' order alternates between scenarios.
+//!
+//! What is measured, and how, is in `analysis.rs`; the report and plots in
+//! `report.rs`.
+
+mod analysis;
+pub mod load;
+mod report;
+mod stack;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bulwark_testkit::fixture::ApiServerProcess;
+use bulwark_testkit::{Host, Lab, Pki, ProcessBuilder, TestDir};
+use serde::Serialize;
+
+use self::analysis::RunResult;
+use self::load::now_ns;
+use self::stack::{Stack, clear_vip, holders, wait_single_holder};
+
+/// The VIP's port (also the apiservers').
+pub const VIP_PORT: u16 = 6443;
+/// The zones, in host order.
+pub const ZONES: [&str; 3] = ["a", "b", "c"];
+
+/// The scenarios.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// The VIP holder's link is cut (cable pulled).
+    LinkCut,
+    /// The VIP holder's front is SIGKILLed (bulwark-lb; keepalived and
+    /// HAProxy for the baseline).
+    Sigkill,
+    /// The VIP holder is partitioned from the other LB hosts but still
+    /// reachable by clients and apiservers.
+    Partition,
+    /// One apiserver is SIGKILLed.
+    ApiserverKill,
+    /// One apiserver shuts down gracefully (SIGTERM: /readyz fails, then
+    /// the listener closes after its shutdown delay).
+    ApiserverShutdown,
+    /// A whole zone goes dark: the VIP holder's LB host and the apiserver
+    /// host of the same zone lose their links.
+    ZoneOutage,
+    /// Every LB node in turn is stopped (SIGTERM) and started again.
+    RollingRestart,
+    /// Many long-lived watch clients, then the holder's link is cut: time
+    /// until every watch stream is re-established.
+    ReconnectStorm,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 8] = [
+        Scenario::LinkCut,
+        Scenario::Sigkill,
+        Scenario::Partition,
+        Scenario::ApiserverKill,
+        Scenario::ApiserverShutdown,
+        Scenario::ZoneOutage,
+        Scenario::RollingRestart,
+        Scenario::ReconnectStorm,
+    ];
+
+    /// The kebab-case name.
+    pub fn key(self) -> &'static str {
+        match self {
+            Scenario::LinkCut => "link-cut",
+            Scenario::Sigkill => "sigkill",
+            Scenario::Partition => "partition",
+            Scenario::ApiserverKill => "apiserver-kill",
+            Scenario::ApiserverShutdown => "apiserver-shutdown",
+            Scenario::ZoneOutage => "zone-outage",
+            Scenario::RollingRestart => "rolling-restart",
+            Scenario::ReconnectStorm => "reconnect-storm",
+        }
+    }
+
+    /// One line for the report.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Scenario::LinkCut => "the VIP holder's link is cut",
+            Scenario::Sigkill => {
+                "the VIP holder's front is SIGKILLed (bulwark-lb; keepalived + HAProxy)"
+            }
+            Scenario::Partition => {
+                "the VIP holder is cut off from its LB peers, still reachable by clients"
+            }
+            Scenario::ApiserverKill => "apiserver in zone a is SIGKILLed",
+            Scenario::ApiserverShutdown => {
+                "apiserver in zone a shuts down gracefully (readyz fails, listener closes after the delay)"
+            }
+            Scenario::ZoneOutage => {
+                "the holder's zone goes dark (its LB host and apiserver host lose their links)"
+            }
+            Scenario::RollingRestart => "each LB node in turn: SIGTERM, down 1 s, start, settle",
+            Scenario::ReconnectStorm => {
+                "many watch clients, then the holder's link is cut: time until all are back"
+            }
+        }
+    }
+}
+
+/// The two fronts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Contender {
+    /// bulwark-lb.
+    Bulwark,
+    /// keepalived + HAProxy (kubeadm HA guide).
+    Baseline,
+}
+
+impl Contender {
+    /// Short name.
+    pub fn key(self) -> &'static str {
+        match self {
+            Contender::Bulwark => "bulwark",
+            Contender::Baseline => "keepalived+haproxy",
+        }
+    }
+}
+
+/// Flags of `bulwark-bench suite`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// One scenario; all when absent.
+    #[arg(value_enum)]
+    scenario: Option<Scenario>,
+    /// Short phases and fewer clients (the whole suite in a few minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Where the report goes (`<date>-suite.md`, `.json`, `-<scenario>.svg`).
+    #[arg(long, default_value = "bench/results")]
+    out_dir: PathBuf,
+}
+
+/// Durations and client counts of one run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Params {
+    /// Steady load before the first fault, s.
+    pub before_s: f64,
+    /// Load after the (last) fault, s.
+    pub after_s: f64,
+    /// "During" is this long from the first fault; "after" is the rest.
+    pub during_s: f64,
+    /// Watch clients.
+    pub watchers: usize,
+    /// Watch clients in the reconnect storm.
+    pub storm_watchers: usize,
+    /// Short-request clients and each one's rate.
+    pub requesters: usize,
+    pub rate: f64,
+    /// Rolling restart: how long a node stays down, and the settle time
+    /// before the next.
+    pub restart_down_s: f64,
+    pub restart_settle_s: f64,
+}
+
+impl Params {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Params {
+                before_s: 4.0,
+                after_s: 8.0,
+                during_s: 4.0,
+                watchers: 50,
+                storm_watchers: 500,
+                requesters: 8,
+                rate: 20.0,
+                restart_down_s: 1.0,
+                restart_settle_s: 3.0,
+            }
+        } else {
+            Params {
+                before_s: 10.0,
+                after_s: 20.0,
+                during_s: 5.0,
+                watchers: 200,
+                storm_watchers: 5000,
+                requesters: 16,
+                rate: 20.0,
+                restart_down_s: 1.0,
+                restart_settle_s: 5.0,
+            }
+        }
+    }
+}
+
+/// The lab: 3 LB hosts, 3 apiserver hosts, a client host.
+pub struct Topology {
+    pub lab: Lab,
+    pub pki: Pki,
+    pub apis: Vec<ApiServerProcess>,
+    pub vip: Ipv4Addr,
+    ca: PathBuf,
+    dir: TestDir,
+}
+
+impl Topology {
+    async fn start() -> anyhow::Result<Self> {
+        bulwark_testkit::install_crypto_provider();
+        let Some(lab) = Lab::start_or_skip(7)? else {
+            bail!("the suite needs root (network namespaces)");
+        };
+        let pki = Pki::new()?;
+        let vip = lab.spare_addr(0);
+        let mut apis = Vec::new();
+        for (i, zone) in ZONES.iter().enumerate() {
+            let host = lab.host(3 + i);
+            apis.push(
+                ApiServerProcess::builder(format!("api-{zone}"))
+                    .on_host(host)
+                    .listen(SocketAddr::new(IpAddr::V4(host.addr()), VIP_PORT))
+                    .san(vip.to_string())
+                    .shutdown_delay(Duration::from_secs(3))
+                    .shutdown_grace(Duration::from_secs(5))
+                    .start(&pki)
+                    .await
+                    .with_context(|| format!("starting apiserver {zone}"))?,
+            );
+        }
+        let dir = TestDir::new("suite")?;
+        let ca = apis[0].ca_path().to_owned();
+        Ok(Self {
+            lab,
+            pki,
+            apis,
+            vip,
+            ca,
+            dir,
+        })
+    }
+
+    /// The LB hosts (zones a, b, c).
+    pub fn lb_hosts(&self) -> &[Host] {
+        &self.lab.hosts()[..3]
+    }
+
+    /// The apiserver hosts (zones a, b, c).
+    pub fn api_hosts(&self) -> &[Host] {
+        &self.lab.hosts()[3..6]
+    }
+
+    /// The client host.
+    pub fn client(&self) -> &Host {
+        self.lab.host(6)
+    }
+
+    /// Undoes every fault: links up, partitions healed, apiservers running
+    /// and serving.
+    async fn heal(&mut self) -> anyhow::Result<()> {
+        for h in self.lab.hosts() {
+            self.lab.restore_link(h)?;
+        }
+        self.lab.heal_all()?;
+        for api in &mut self.apis {
+            let serving = api.process().is_running()
+                && api
+                    .stats()
+                    .await
+                    .is_ok_and(|s| s.phase == bulwark_testkit::fixture::Phase::Serving);
+            if !serving {
+                api.restart().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A fault marker on the time line.
+#[derive(Clone, Debug, Serialize)]
+pub struct Marker {
+    /// Unix ns.
+    pub at_ns: u64,
+    pub label: String,
+}
+
+/// Samples which LB hosts hold the VIP (every ~10 ms, `ip addr` on each).
+struct VipSampler {
+    stop: Arc<AtomicBool>,
+    changes: Arc<Mutex<Vec<(u64, Vec<usize>)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl VipSampler {
+    fn start(hosts: Vec<Host>, vip: Ipv4Addr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let (s, c) = (stop.clone(), changes.clone());
+        let thread = std::thread::spawn(move || {
+            let mut last: Option<Vec<usize>> = None;
+            while !s.load(Ordering::Relaxed) {
+                let h = holders(&hosts, vip);
+                if last.as_ref() != Some(&h) {
+                    if let Ok(mut c) = c.lock() {
+                        c.push((now_ns(), h.clone()));
+                    }
+                    last = Some(h);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Self {
+            stop,
+            changes,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<(u64, Vec<usize>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.changes.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+/// Watches log files for a line (keepalived taking over, HAProxy marking a
+/// server down) and records when it first showed after the fault.
+struct LogWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Option<u64>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LogWatch {
+    fn start(paths: Vec<PathBuf>, needle: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(None));
+        let base = stack::log_count(&paths, needle);
+        let (s, out) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if stack::log_count(&paths, needle) > base {
+                    if let Ok(mut o) = out.lock() {
+                        *o = Some(now_ns());
+                    }
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Option<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.seen.lock().ok().and_then(|s| *s)
+    }
+}
+
+/// Runs the suite.
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: &Args) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let params = Params::new(args.quick);
+    let scenarios: Vec<Scenario> = match args.scenario {
+        Some(s) => vec![s],
+        None => Scenario::ALL.to_vec(),
+    };
+    let load_before = crate::datapath::loadavg();
+    let mut topo = Topology::start().await?;
+    let mut results = Vec::new();
+    for (n, &scenario) in scenarios.iter().enumerate() {
+        let order = if n % 2 == 0 {
+            [Contender::Bulwark, Contender::Baseline]
+        } else {
+            [Contender::Baseline, Contender::Bulwark]
+        };
+        for contender in order {
+            eprintln!("suite: {} / {}", scenario.key(), contender.key());
+            let r = run_one(&mut topo, scenario, contender, &params)
+                .await
+                .with_context(|| format!("{} with {}", scenario.key(), contender.key()))?;
+            eprintln!("suite:   {}", r.one_line());
+            results.push(r);
+        }
+    }
+    let report = report::Report::new(
+        args,
+        params,
+        results,
+        load_before,
+        crate::datapath::loadavg(),
+        started.elapsed(),
+    );
+    report.write(&args.out_dir)
+}
+
+async fn run_one(
+    topo: &mut Topology,
+    scenario: Scenario,
+    contender: Contender,
+    p: &Params,
+) -> anyhow::Result<RunResult> {
+    let lb_hosts = topo.lb_hosts().to_vec();
+    clear_vip(&lb_hosts, topo.vip);
+    let _ = topo
+        .client()
+        .exec("ip", ["neigh", "flush", "dev", topo.client().interface()]);
+    let mut front = Stack::start(topo, contender)?;
+    let holder = match wait_single_holder(&lb_hosts, topo.vip, Duration::from_secs(60)).await {
+        Ok(h) => h,
+        Err(e) => {
+            stack::check_running(&front)?;
+            return Err(e);
+        }
+    };
+    // bulwark proposes its backends once elected; let it commit them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack::check_running(&front)?;
+
+    let watchers = if scenario == Scenario::ReconnectStorm {
+        p.storm_watchers
+    } else {
+        p.watchers
+    };
+    let run_dir = topo
+        .dir
+        .join(format!("{}-{}", scenario.key(), contender.key()));
+    std::fs::create_dir_all(&run_dir)?;
+    let ready = run_dir.join("ready");
+    let csv = run_dir.join("events.csv");
+    let mut load = topo.client().spawn(
+        ProcessBuilder::new(
+            format!("load-{}", scenario.key()),
+            std::env::current_exe().context("locating bulwark-bench")?,
+        )
+        .arg("load")
+        .arg("--target")
+        .arg(SocketAddr::new(IpAddr::V4(topo.vip), VIP_PORT).to_string())
+        .arg("--ca")
+        .arg(&topo.ca)
+        .arg("--watchers")
+        .arg(watchers.to_string())
+        .arg("--requesters")
+        .arg(p.requesters.to_string())
+        .arg("--rate")
+        .arg(p.rate.to_string())
+        .arg("--ready-file")
+        .arg(&ready)
+        .arg("--out")
+        .arg(&csv)
+        .stop_timeout(Duration::from_secs(60)),
+    )?;
+    load.wait_for_file(&ready, Duration::from_secs(180))
+        .await
+        .context("the load driver never had every watch stream up")?;
+    let load_ready_ns = now_ns();
+    let sampler = VipSampler::start(lb_hosts.clone(), topo.vip);
+    tokio::time::sleep(Duration::from_secs_f64(p.before_s)).await;
+
+    // Detection witnesses for the baseline: keepalived on the other LB
+    // hosts entering MASTER, HAProxy (anywhere) marking a server down.
+    let others: Vec<PathBuf> = (0..lb_hosts.len())
+        .filter(|&i| i != holder)
+        .flat_map(|i| front.logs(i))
+        .collect();
+    let all_logs: Vec<PathBuf> = (0..lb_hosts.len()).flat_map(|i| front.logs(i)).collect();
+    let master_watch = (contender == Contender::Baseline)
+        .then(|| LogWatch::start(others, stack::KEEPALIVED_MASTER));
+    let down_watch = (contender == Contender::Baseline)
+        .then(|| LogWatch::start(all_logs, stack::HAPROXY_DOWN));
+
+    let markers = inject(topo, &mut front, scenario, holder, p).await?;
+    tokio::time::sleep(Duration::from_secs_f64(p.after_s)).await;
+
+    load.stop().await?;
+    let load_end_ns = now_ns();
+    let vip_changes = sampler.finish();
+    let keepalived_master_ns = master_watch.and_then(LogWatch::finish);
+    let haproxy_down_ns = down_watch.and_then(LogWatch::finish);
+    let failovers = front.failovers(topo).await;
+    topo.heal().await?;
+    front.shutdown().await?;
+    clear_vip(&lb_hosts, topo.vip);
+
+    let events = load::read_events(&csv)?;
+    Ok(analysis::analyse(analysis::Input {
+        scenario,
+        contender,
+        params: p,
+        watchers,
+        holder,
+        events: &events,
+        markers,
+        load_ready_ns,
+        load_end_ns,
+        vip_changes,
+        keepalived_master_ns,
+        haproxy_down_ns,
+        failovers,
+    }))
+}
+
+fn mark(markers: &mut Vec<Marker>, label: impl Into<String>) {
+    markers.push(Marker {
+        at_ns: now_ns(),
+        label: label.into(),
+    });
+}
+
+/// Injects the scenario's fault(s); returns the markers.
+async fn inject(
+    topo: &mut Topology,
+    front: &mut Stack,
+    scenario: Scenario,
+    holder: usize,
+    p: &Params,
+) -> anyhow::Result<Vec<Marker>> {
+    let lb = topo.lb_hosts().to_vec();
+    let mut m = Vec::new();
+    match scenario {
+        Scenario::LinkCut | Scenario::ReconnectStorm => {
+            mark(&mut m, format!("cut lb-{}", holder + 1));
+            topo.lab.cut_link(&lb[holder])?;
+        }
+        Scenario::Sigkill => {
+            mark(&mut m, format!("SIGKILL lb-{}", holder + 1));
+            front.kill(holder)?;
+        }
+        Scenario::Partition => {
+            mark(&mut m, format!("partition lb-{} from peers", holder + 1));
+            for (i, h) in lb.iter().enumerate() {
+                if i != holder {
+                    topo.lab.partition(&lb[holder], h)?;
+                }
+            }
+        }
+        Scenario::ApiserverKill => {
+            mark(&mut m, "SIGKILL api-a");
+            topo.apis[0].kill()?;
+        }
+        Scenario::ApiserverShutdown => {
+            mark(&mut m, "SIGTERM api-a");
+            topo.apis[0].process().terminate()?;
+        }
+        Scenario::ZoneOutage => {
+            mark(&mut m, format!("zone {} dark", ZONES[holder]));
+            topo.lab.cut_link(&lb[holder])?;
+            let api_host = topo.api_hosts()[holder].clone();
+            topo.lab.cut_link(&api_host)?;
+        }
+        Scenario::RollingRestart => {
+            for i in 0..lb.len() {
+                mark(&mut m, format!("restart lb-{}", i + 1));
+                front.stop(i).await?;
+                tokio::time::sleep(Duration::from_secs_f64(p.restart_down_s)).await;
+                front.restart(i)?;
+                tokio::time::sleep(Duration::from_secs_f64(p.restart_settle_s)).await;
+            }
+        }
+    }
+    Ok(m)
+}

@@ -1,0 +1,431 @@
+//! The two fronts the suite compares, on the same three LB hosts:
+//!
+//! - bulwark: three `bulwark-lb` processes, arp-mode VIP, zone-aware, the
+//!   three apiservers as backends;
+//! - the baseline, as the kubeadm HA guide sets it up: keepalived (VRRP,
+//!   defaults: advert_int 1 s, preemption; one MASTER at priority 101, two
+//!   BACKUPs at 100) moving the VIP, and HAProxy in `mode tcp` on every LB
+//!   host with the guide's health check (`option httpchk GET /healthz`,
+//!   `http-check expect status 200`, `check check-ssl verify none`, HAProxy's
+//!   default `inter 2s fall 3 rise 2`) and its `defaults` (redispatch,
+//!   `retries 1`, `timeout connect 5s`, client/server 35 s).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use bulwark_api::lb::v1 as lb;
+use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
+use bulwark_common::tls::{TlsFiles, TlsMaterial};
+use bulwark_testkit::{Host, Process, ProcessBuilder, TestDir, tools};
+
+use super::{Contender, Topology, VIP_PORT};
+
+/// bulwark-lb's operator API port on every LB host.
+const API_PORT: u16 = 9442;
+
+/// Log lines that mean "this node is taking the VIP" (keepalived) and "a
+/// backend was declared down" (HAProxy's health check).
+pub const KEEPALIVED_MASTER: &str = "Entering MASTER STATE";
+pub const HAPROXY_DOWN: &str = " is DOWN";
+
+/// One LB host's processes.
+pub struct Node {
+    pub procs: Vec<Process>,
+}
+
+/// A running front.
+pub struct Stack {
+    pub nodes: Vec<Node>,
+    operator: Option<TlsMaterial>,
+    _dir: TestDir,
+}
+
+impl Stack {
+    /// Starts `contender` on the topology's LB hosts.
+    pub fn start(t: &Topology, contender: Contender) -> anyhow::Result<Self> {
+        let dir = TestDir::new(&format!("suite-{}", contender.key()))?;
+        let mut nodes = Vec::new();
+        let mut operator = None;
+        match contender {
+            Contender::Bulwark => {
+                operator = Some(tls_files(&t.pki.admin()?).load()?);
+                for i in 0..t.lb_hosts().len() {
+                    nodes.push(Node {
+                        procs: vec![bulwark_node(t, &dir, i)?],
+                    });
+                }
+            }
+            Contender::Baseline => {
+                for i in 0..t.lb_hosts().len() {
+                    nodes.push(Node {
+                        procs: baseline_node(t, &dir, i)?,
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            nodes,
+            operator,
+            _dir: dir,
+        })
+    }
+
+    /// SIGKILL every process of node `i` (what a crash of the front looks
+    /// like: for the baseline that is keepalived and HAProxy).
+    pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        for p in &mut self.nodes[i].procs {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM node `i`'s processes and waits for them to exit.
+    pub async fn stop(&mut self, i: usize) -> anyhow::Result<()> {
+        for p in &mut self.nodes[i].procs {
+            p.stop().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `i`'s processes again (same data dir and config).
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        for p in &mut self.nodes[i].procs {
+            p.start()?;
+        }
+        Ok(())
+    }
+
+    /// Stops everything (graceful, so the VIP is released).
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            self.stop(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Log files of node `i` (to watch for detection lines).
+    pub fn logs(&self, i: usize) -> Vec<PathBuf> {
+        self.nodes[i]
+            .procs
+            .iter()
+            .map(|p| p.log_path().to_owned())
+            .collect()
+    }
+
+    /// bulwark's failover records, from every node that answers (deduplicated
+    /// by term), newest first.
+    pub async fn failovers(&self, t: &Topology) -> Vec<lb::Failover> {
+        let Some(operator) = &self.operator else {
+            return Vec::new();
+        };
+        let mut all: Vec<lb::Failover> = Vec::new();
+        for host in t.lb_hosts() {
+            if let Some(s) = status(t, host, operator).await {
+                for f in s.recent_failovers {
+                    if !all.iter().any(|g| g.term == f.term) {
+                        all.push(f);
+                    }
+                }
+            }
+        }
+        all.sort_by_key(|f| std::cmp::Reverse(f.term));
+        all
+    }
+}
+
+fn tls_files(c: &bulwark_testkit::CertFiles) -> TlsFiles {
+    TlsFiles {
+        cert_file: c.cert.clone(),
+        key_file: c.key.clone(),
+        ca_file: c.ca.clone(),
+    }
+}
+
+/// Node `i`'s status over the operator API, dialled from the client host.
+async fn status(t: &Topology, host: &Host, operator: &TlsMaterial) -> Option<lb::GetStatusResponse> {
+    let addr = SocketAddr::new(IpAddr::V4(host.addr()), API_PORT);
+    let via = t.client().clone();
+    let endpoint = bulwark_common::grpc::endpoint(&addr.to_string(), operator, None).ok()?;
+    let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+        let via = via.clone();
+        async move {
+            via.tcp_connect(addr)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+                .map_err(std::io::Error::other)
+        }
+    }));
+    let mut c = LoadBalancerClient::new(channel);
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        c.get_status(lb::GetStatusRequest { max_failovers: 64 }),
+    )
+    .await
+    .ok()?
+    .ok()
+    .map(tonic::Response::into_inner)
+}
+
+fn bulwark_node(t: &Topology, dir: &TestDir, i: usize) -> anyhow::Result<Process> {
+    let hosts = t.lb_hosts();
+    let host = &hosts[i];
+    let id = i + 1;
+    let a = host.addr();
+    let members: String = hosts
+        .iter()
+        .enumerate()
+        .map(|(j, h)| {
+            format!(
+                "- {{id: {id}, name: lb-{id}, raftAddress: '{a}:9441', apiAddress: '{a}:{API_PORT}'}}\n",
+                id = j + 1,
+                a = h.addr()
+            )
+        })
+        .collect();
+    let backends: String = t
+        .apis
+        .iter()
+        .zip(super::ZONES)
+        .map(|(api, zone)| {
+            format!(
+                "- {{id: api-{zone}, address: '{}', zone: zone-{zone}}}\n",
+                api.addr()
+            )
+        })
+        .collect();
+    let cert = t
+        .pki
+        .peer(&format!("lb-{id}"), &["bulwark:lb"], &[&a.to_string()])?;
+    let config = dir.join(format!("lb-{id}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: bulwark.dev/v1alpha1
+kind: LoadBalancerConfiguration
+nodeId: {id}
+name: lb-{id}
+zone: zone-{zone}
+dataDir: {data}
+raft:
+  address: '{a}:9441'
+api:
+  address: '{a}:{API_PORT}'
+admin:
+  address: '127.0.0.1:9440'
+tls:
+  certFile: {cert}
+  keyFile: {key}
+  caFile: {ca}
+access:
+  operators: {{organizations: [system:masters]}}
+  peers: {{organizations: ['bulwark:lb']}}
+initialMembers:
+{members}vip:
+  mode: arp
+  address: {vip}
+  port: {VIP_PORT}
+  interface: {iface}
+backends:
+{backends}",
+            zone = super::ZONES[i],
+            data = dir.join(format!("data-{id}")).display(),
+            cert = cert.cert.display(),
+            key = cert.key.display(),
+            ca = cert.ca.display(),
+            vip = t.vip,
+            iface = host.interface(),
+        ),
+    )?;
+    host.spawn(
+        ProcessBuilder::new(format!("lb-{id}"), tools::bin_path("bulwark-lb")?)
+            .arg("--config")
+            .arg(&config)
+            .env("BULWARK_LOG_LEVEL", "info,openraft=warn"),
+    )
+}
+
+fn baseline_node(t: &Topology, dir: &TestDir, i: usize) -> anyhow::Result<Vec<Process>> {
+    let host = &t.lb_hosts()[i];
+    let id = i + 1;
+    let servers: String = t
+        .apis
+        .iter()
+        .zip(super::ZONES)
+        .map(|(api, zone)| {
+            format!(
+                "    server api-{zone} {} check check-ssl verify none\n",
+                api.addr()
+            )
+        })
+        .collect();
+    let haproxy_cfg = dir.join(format!("haproxy-{id}.cfg"));
+    // The kubeadm HA guide's haproxy.cfg (ha-considerations.md), in the
+    // foreground (-db) rather than as a daemon.
+    std::fs::write(
+        &haproxy_cfg,
+        format!(
+            "global
+    log stdout format raw local0
+
+defaults
+    mode                    http
+    log                     global
+    option                  httplog
+    option                  dontlognull
+    option http-server-close
+    option forwardfor       except 127.0.0.0/8
+    option                  redispatch
+    retries                 1
+    timeout http-request    10s
+    timeout queue           20s
+    timeout connect         5s
+    timeout client          35s
+    timeout server          35s
+    timeout http-keep-alive 10s
+    timeout check           10s
+
+frontend apiserver
+    bind *:{VIP_PORT}
+    mode tcp
+    option tcplog
+    default_backend apiserverbackend
+
+backend apiserverbackend
+    option httpchk GET /healthz
+    http-check expect status 200
+    mode tcp
+    balance roundrobin
+    default-server inter 2s fall 3 rise 2
+{servers}"
+        ),
+    )?;
+    let keepalived_cfg = dir.join(format!("keepalived-{id}.conf"));
+    let (state, priority) = if i == 0 {
+        ("MASTER", 101)
+    } else {
+        ("BACKUP", 100)
+    };
+    // The guide's keepalived.conf without its track_script (it curls the
+    // local HAProxy every 3 s and needs 10 failures: 30 s, longer than any
+    // window here); everything else at keepalived's defaults.
+    std::fs::write(
+        &keepalived_cfg,
+        format!(
+            "global_defs {{
+    router_id LVS_DEVEL_{id}
+}}
+vrrp_instance VI_1 {{
+    state {state}
+    interface {iface}
+    virtual_router_id 51
+    priority {priority}
+    authentication {{
+        auth_type PASS
+        auth_pass 42
+    }}
+    virtual_ipaddress {{
+        {vip}
+    }}
+}}
+",
+            iface = host.interface(),
+            vip = t.vip,
+        ),
+    )?;
+    let haproxy = host.spawn(
+        ProcessBuilder::new(format!("haproxy-{id}"), "/usr/sbin/haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&haproxy_cfg),
+    )?;
+    let run = dir.join(format!("keepalived-{id}"));
+    std::fs::create_dir_all(&run)?;
+    let keepalived = host.spawn(
+        ProcessBuilder::new(format!("keepalived-{id}"), "/usr/sbin/keepalived")
+            .args(["--dont-fork", "--log-console", "--log-detail", "--vrrp"])
+            .arg("--use-file")
+            .arg(&keepalived_cfg)
+            .arg("--pid")
+            .arg(run.join("keepalived.pid"))
+            .arg("--vrrp_pid")
+            .arg(run.join("vrrp.pid"))
+            .arg("--checkers_pid")
+            .arg(run.join("checkers.pid")),
+    )?;
+    Ok(vec![haproxy, keepalived])
+}
+
+/// Removes the VIP from every LB host's interface (what a killed process
+/// leaves behind) so the next run starts clean.
+pub fn clear_vip(hosts: &[Host], vip: Ipv4Addr) {
+    for h in hosts {
+        let Ok(out) = h.exec_ok("ip", ["-o", "addr", "show", "dev", h.interface()]) else {
+            continue;
+        };
+        for word in out.split_whitespace() {
+            if word.starts_with(&format!("{vip}/")) {
+                let _ = h.exec("ip", ["addr", "del", word, "dev", h.interface()]);
+            }
+        }
+    }
+}
+
+/// Reads a log file, empty when missing.
+pub fn read_log(path: &std::path::Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Which of `hosts` hold `vip` now.
+pub fn holders(hosts: &[Host], vip: Ipv4Addr) -> Vec<usize> {
+    let needle = format!(" {vip}/");
+    hosts
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| {
+            h.exec_ok("ip", ["-o", "addr", "show", "dev", h.interface()])
+                .is_ok_and(|out| out.contains(&needle))
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Waits until exactly one host holds the VIP.
+pub async fn wait_single_holder(hosts: &[Host], vip: Ipv4Addr, limit: Duration) -> anyhow::Result<usize> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let h = holders(hosts, vip);
+        if h.len() == 1 {
+            return Ok(h[0]);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no single VIP holder within {limit:?} (holders: {h:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Context for a missing log (keeps `read_log` callers short).
+pub fn log_count(paths: &[PathBuf], needle: &str) -> usize {
+    paths
+        .iter()
+        .map(|p| read_log(p).matches(needle).count())
+        .sum()
+}
+
+/// Errors out with the process log when a process died at start.
+pub fn check_running(stack: &Stack) -> anyhow::Result<()> {
+    for n in &stack.nodes {
+        for p in &n.procs {
+            if !p.is_running() {
+                return Err(anyhow::anyhow!("{} exited:\n{}", p.name(), p.log()))
+                    .context("starting the front");
+            }
+        }
+    }
+    Ok(())
+}

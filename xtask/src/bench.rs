@@ -1,0 +1,72 @@
+//! `cargo xtask bench [SCENARIO] [--quick]`: the failover scenario suite
+//! (bench/README.md, "Scenario suite").
+//!
+//! Builds every binary the suite starts in release mode (debug figures
+//! mean nothing), runs setup (keepalived and HAProxy, the baseline, come
+//! from Debian), then runs `bulwark-bench suite` as root: network
+//! namespaces need it. Results go to `bench/results/<date>-suite.{md,json}`
+//! and `bench/results/<date>-suite-*.svg`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::setup::{SetupArgs, tools_dir};
+use crate::{is_root, run_cmd, workspace_root};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// One scenario (`bulwark-bench suite --help` lists them); all when
+    /// absent.
+    pub scenario: Option<String>,
+    /// Shorter phases and fewer clients: the whole suite in a few minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where the results go.
+    #[arg(long, default_value = "bench/results")]
+    pub out_dir: PathBuf,
+}
+
+/// The packages whose release binaries the suite runs: the load balancer,
+/// the prober, the fixture apiserver (`bulwark-testkit`) and the bench
+/// binary itself (the orchestrator and the load driver).
+const PACKAGES: &[&str] = &[
+    "bulwark-lb",
+    "bulwark-prober",
+    "bulwark-testkit",
+    "bulwark-bench",
+];
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the bench suite builds network namespaces: run it as root");
+    }
+    let root = workspace_root();
+    let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    build
+        .current_dir(&root)
+        .args(["build", "--release", "--locked", "--bins"]);
+    for p in PACKAGES {
+        build.args(["-p", p]);
+    }
+    run_cmd(&mut build)?;
+    crate::setup::run(&SetupArgs::default())?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bench = target.join("release").join("bulwark-bench");
+    let mut cmd = Command::new(&bench);
+    cmd.current_dir(&root)
+        .arg("suite")
+        .arg("--out-dir")
+        .arg(&args.out_dir)
+        .env("BULWARK_TOOLS_DIR", tools_dir());
+    if args.quick {
+        cmd.arg("--quick");
+    }
+    if let Some(s) = &args.scenario {
+        cmd.arg(s);
+    }
+    run_cmd(&mut cmd)
+}

@@ -30,6 +30,7 @@ pub struct ControlPlane {
     pub operator: CertFiles,
     pub apiservers: Vec<ApiServerProcess>,
     pub lbs: Vec<LbNode>,
+    pub probers: Vec<Process>,
     pub vip: SocketAddr,
     pub ctl_config: PathBuf,
 }
@@ -63,6 +64,7 @@ impl ControlPlane {
             operator,
             apiservers: Vec::new(),
             lbs: Vec::new(),
+            probers: Vec::new(),
             vip: pick_vip()?,
             ctl_config,
         })
@@ -135,7 +137,7 @@ tls:
 access:
   operators: {{organizations: [system:masters]}}
   peers: {{organizations: ['bulwark:lb']}}
-  probers: {{organizations: ['bulwark:prober']}}
+  probers: {{organizations: ['bulwark:probers']}}
 initialMembers:
 {members}vip:
   mode: bind
@@ -174,6 +176,57 @@ shutdownGrace: 5s
             lb.process
                 .wait_for_port(lb.api, Duration::from_secs(60))
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// A bulwark-prober per zone, probing every apiserver's `/readyz` and
+    /// `/livez` and reporting to the LB leader.
+    pub async fn start_probers(&mut self) -> anyhow::Result<()> {
+        let mut targets = String::new();
+        for (server, zone) in self.apiservers.iter().zip(ZONES) {
+            writeln!(
+                targets,
+                "  - {{id: apiserver-{zone}, address: '{}', zone: {zone}}}",
+                server.addr()
+            )?;
+        }
+        let endpoints: Vec<String> = self.lbs.iter().map(|l| format!("'{}'", l.api)).collect();
+        for zone in ZONES {
+            let name = format!("prober-{zone}");
+            let cert = self.pki.client(&name, &["bulwark:probers"])?;
+            let admin = loopback(ports::loopback_port()?);
+            let config = self.dir.join(format!("{name}.yaml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "apiVersion: bulwark.dev/v1alpha1
+kind: ProberConfiguration
+nodeName: {name}
+zone: {zone}
+admin: {{address: '{admin}'}}
+apiservers:
+  tls: {{caFile: '{ca}'}}
+  targets:
+{targets}report:
+  endpoints: [{endpoints}]
+  tls: {{certFile: '{cert}', keyFile: '{key}', caFile: '{ca}'}}
+  serverName: localhost
+",
+                    ca = self.pki.ca_path().display(),
+                    endpoints = endpoints.join(", "),
+                    cert = cert.cert.display(),
+                    key = cert.key.display(),
+                ),
+            )?;
+            let process = ProcessBuilder::new(name, tools::bin_path("bulwark-prober")?)
+                .arg("--config")
+                .arg(&config)
+                .spawn()?;
+            process
+                .wait_for_port(admin, Duration::from_secs(60))
+                .await?;
+            self.probers.push(process);
         }
         Ok(())
     }

@@ -115,6 +115,12 @@ mod demo {
             cp.vip,
             say::ms(t0.elapsed())
         ));
+        cp.start_probers().await?;
+        let verdicts = wait_for_verdicts(&ctl, |v| v.values().all(|v| v == "up")).await?;
+        say::ok(format!(
+            "bulwark-prober: one per zone (a, b, c) probing /readyz and /livez of every apiserver; \
+             the LB leader commits their agreed verdicts: {verdicts:?}"
+        ));
 
         say::step(2, STEPS, "The control plane at a glance");
         ctl.show(&["lb", "status"]).await?;
@@ -137,6 +143,9 @@ mod demo {
             tally.ok, tally.failed
         ));
         say::note(format!("answered by: {spread:?}"));
+        for (error, n) in traffic::error_kinds(&warmup) {
+            say::note(format!("  {n} × {error}"));
+        }
         if tally.ok == 0 {
             bail!("no request through the VIP succeeded");
         }
@@ -147,10 +156,7 @@ mod demo {
         cp.lbs[old].process.kill()?;
         say::note(format!("killed {} (it held the VIP)", cp.lbs[old].name));
         let recovered = traffic
-            .first_success_after(
-                killed_at + Duration::from_millis(1),
-                Duration::from_secs(30),
-            )
+            .first_success_after(killed_at, Duration::from_secs(30))
             .await
             .context("no request succeeded within 30 s of the kill")?;
         let new = wait_for_holder(&cp, &ctl, Some(old)).await?;
@@ -180,24 +186,42 @@ mod demo {
 
         say::step(5, STEPS, "Killing an apiserver (SIGKILL) under traffic");
         let victim = 1;
+        let victim_id = format!("apiserver-{}", cluster::ZONES[victim]);
         let killed_at = Instant::now();
         cp.apiservers[victim].kill()?;
-        say::note(format!("killed apiserver-{}", cluster::ZONES[victim]));
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        say::note(format!("killed {victim_id}"));
+        wait_for_verdicts(&ctl, |v| v.get(&victim_id).is_some_and(|v| v == "down")).await?;
+        say::ok(format!(
+            "probers in a quorum of zones agreed: {victim_id} is down, {} after the kill; \
+             the LB stopped sending it connections",
+            say::ms(killed_at.elapsed())
+        ));
+        ctl.show(&["health", "--backend", &victim_id]).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let since = traffic.since(killed_at);
         let (in_flight, after): (Vec<_>, Vec<_>) =
             since.into_iter().partition(|o| o.started < killed_at);
         let in_flight = Tally::of(&in_flight);
-        let after = Tally::of(&after);
+        let after_outcomes = after;
+        let after = Tally::of(&after_outcomes);
         say::ok(format!(
             "requests sent after the kill: {} ok, {} failed (a refused connect is retried on another apiserver inside the LB)",
             after.ok, after.failed
         ));
+        for (error, n) in traffic::error_kinds(&after_outcomes) {
+            say::note(format!("  {n} × {error}"));
+        }
         say::note(format!(
             "requests already in flight on the killed apiserver: {} (a TCP front cannot save a connection whose server died)",
             in_flight.failed
         ));
-        ctl.show(&["lb", "backends"]).await?;
+        cp.apiservers[victim].restart().await?;
+        let back_at = Instant::now();
+        wait_for_verdicts(&ctl, |v| v.get(&victim_id).is_some_and(|v| v == "up")).await?;
+        say::ok(format!(
+            "{victim_id} restarted: verdict up again {} later, and it takes traffic",
+            say::ms(back_at.elapsed())
+        ));
 
         drop(traffic);
         if args.keep {
@@ -237,6 +261,43 @@ mod demo {
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the committed verdicts (backend id → verdict, from
+    /// `bulwarkctl health`) satisfy `done`; returns them.
+    async fn wait_for_verdicts(
+        ctl: &Ctl,
+        done: impl Fn(&std::collections::BTreeMap<String, String>) -> bool,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let health = ctl.json(&["health"]).await;
+            let verdicts: std::collections::BTreeMap<String, String> = health
+                .as_ref()
+                .ok()
+                .and_then(|h| h["backends"].as_array())
+                .map(|bs| {
+                    bs.iter()
+                        .map(|b| {
+                            (
+                                b["id"].as_str().unwrap_or_default().to_owned(),
+                                b["verdict"].as_str().unwrap_or_default().to_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !verdicts.is_empty() && done(&verdicts) {
+                return Ok(verdicts);
+            }
+            if Instant::now() > deadline {
+                match health {
+                    Err(e) => bail!("health verdicts not as expected after 60 s: {e:#}"),
+                    Ok(_) => bail!("health verdicts not as expected after 60 s: {verdicts:?}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

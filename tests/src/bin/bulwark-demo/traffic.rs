@@ -106,12 +106,17 @@ impl Traffic {
             .collect()
     }
 
-    /// Waits until a request finishing after `after` succeeded; `None` if
-    /// none did within `timeout`.
+    /// Waits until a request started after `after` succeeded; returns when
+    /// it finished, or `None` if none did within `timeout`.
     pub async fn first_success_after(&self, after: Instant, timeout: Duration) -> Option<Instant> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(o) = self.since(after).into_iter().find(|o| o.ok) {
+            if let Some(o) = self
+                .since(after)
+                .into_iter()
+                .filter(|o| o.ok && o.started > after)
+                .min_by_key(|o| o.at)
+            {
                 return Some(o.at);
             }
             if Instant::now() > deadline {

@@ -8,7 +8,8 @@
 //! - [`error`]: errors with a next step, and the documented exit codes;
 //! - [`cli`]: the command tree;
 //! - [`backup`]: `bulwarkctl backup …`;
-//! - [`lb`]: `bulwarkctl lb …`, bulwark-lb's operator commands.
+//! - [`lb`]: `bulwarkctl lb …`, bulwark-lb's operator commands;
+//! - [`restore`]: `bulwarkctl restore`, whole-cluster etcd restore.
 
 pub mod backup;
 pub mod cli;
@@ -17,3 +18,4 @@ pub mod context;
 pub mod error;
 pub mod lb;
 pub mod output;
+pub mod restore;

@@ -15,6 +15,7 @@
 //! | [`etcd`] | [`Etcd`]: one etcd member or an N-member cluster, optionally with TLS |
 //! | [`s3`] | [`S3Server`]: `moto_server` with a bucket, ready for `object_store` |
 //! | [`fixture`] | a kube-apiserver test double, in-process or as a real process |
+//! | [`kubelet`] | [`kubelet::Kubelet`]: a static-pod runner that starts/stops the process a manifest describes |
 //! | [`netns`] | [`Lab`]: hosts in network namespaces on a private bridge, links to cut |
 //!
 //! # Environment
@@ -44,6 +45,7 @@
 
 pub mod etcd;
 pub mod fixture;
+pub mod kubelet;
 pub mod netns;
 pub mod pki;
 pub mod ports;

@@ -684,7 +684,10 @@ impl Recorder {
                     }
                 }
             };
-            match self.follow(&base.id, base.revision, cancel).await {
+            match self
+                .follow(&base.id, base.revision, &base.etcd.cluster_id, cancel)
+                .await
+            {
                 Ok(FollowEnd::Cancelled) => break,
                 Ok(FollowEnd::NewBase) => {}
                 Ok(FollowEnd::Gap(why)) => {
@@ -730,8 +733,20 @@ impl Recorder {
         &self,
         base: &str,
         base_revision: i64,
+        base_cluster: &str,
         cancel: &CancellationToken,
     ) -> Result<FollowEnd> {
+        // After a restore etcd is a new cluster with other revisions: the
+        // old base's history does not continue there.
+        let statuses = self.engine.etcd.statuses().await?;
+        if let Some(s) = statuses.first()
+            && format!("{:016x}", s.cluster_id) != base_cluster
+        {
+            return Ok(FollowEnd::Gap(format!(
+                "etcd is now cluster {:016x}, snapshot {base} is of cluster {base_cluster} (restored?)",
+                s.cluster_id
+            )));
+        }
         let existing = self.engine.list_segments(Some(base)).await?;
         let mut last = match check_continuity(base_revision, &existing) {
             Ok(l) => l,

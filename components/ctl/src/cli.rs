@@ -44,6 +44,9 @@ pub enum Command {
     /// restore drill. Prints what it can reach; exits non-zero (the code of
     /// the first failure) when a part is UNAVAILABLE.
     Status,
+    /// Restore the whole etcd cluster from a snapshot (and its deltas, to
+    /// the latest state, a revision or a time). Operators only.
+    Restore(crate::restore::RestoreArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         /// The shell.
@@ -72,6 +75,10 @@ impl Cli {
             Command::Backup(c) => {
                 let session = self.session()?;
                 crate::backup::run(c, &session.backup()?, self.output).await
+            }
+            Command::Restore(args) => {
+                let session = self.session()?;
+                crate::restore::run(args, &session.backup()?, self.output).await
             }
             Command::Config(c) => self.config(c),
             Command::Lb(c) => {

@@ -11,6 +11,7 @@
 //! - [`lb`]: `bulwarkctl lb …`, bulwark-lb's operator commands;
 //! - [`health`]: `bulwarkctl health`, the LB leader's health aggregation.
 //! - [`status`]: `bulwarkctl status`, the whole control plane at a glance.
+//! - [`restore`]: `bulwarkctl restore`, whole-cluster etcd restore.
 
 pub mod backup;
 pub mod cli;
@@ -20,4 +21,5 @@ pub mod error;
 pub mod health;
 pub mod lb;
 pub mod output;
+pub mod restore;
 pub mod status;

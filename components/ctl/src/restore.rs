@@ -1,0 +1,433 @@
+//! `bulwarkctl restore`: whole-cluster etcd restore from a snapshot, to the
+//! snapshot itself, to the latest recorded state, to a revision or a time.
+//!
+//! Without `--yes` it asks on the terminal (and refuses when there is no
+//! terminal to ask); `--dry-run` plans and checks everything, prepares
+//! every node and changes nothing. Progress goes to stderr; the summary
+//! (or where each node stands after a failure) to stdout, in the chosen
+//! output format. Exit codes: 0 done, 6 not confirmed or refused by the
+//! service, 7 the backup failed verification (nothing was touched), 1 any
+//! other failure.
+
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::time::Duration;
+
+use bulwark_api::backup::v1 as pb;
+use bulwark_api::backup::v1::backup_client::BackupClient;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::connect::Service;
+use crate::error::{CliError, Exit};
+use crate::output::{self, OutputFormat};
+
+/// `bulwarkctl restore …`
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// Base snapshot: an id, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub snapshot: String,
+    /// Roll the snapshot forward with deltas to exactly this etcd revision.
+    #[arg(long, conflicts_with_all = ["to_time", "to_latest"])]
+    pub to_revision: Option<i64>,
+    /// Roll forward to the last change recorded at or before this time
+    /// (RFC 3339, e.g. 2025-01-02T03:04:05Z).
+    #[arg(long, conflicts_with = "to_latest")]
+    pub to_time: Option<String>,
+    /// Roll forward through every recorded delta (the default when the
+    /// snapshot is `latest` and no other target is given).
+    #[arg(long)]
+    pub to_latest: bool,
+    /// Restore the snapshot as it is, without deltas.
+    #[arg(long, conflicts_with_all = ["to_revision", "to_time", "to_latest"])]
+    pub snapshot_only: bool,
+    /// Plan and check everything, prepare every node, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    restore_id: String,
+    dry_run: bool,
+    snapshot_id: String,
+    revision: i64,
+    cluster_id: String,
+    deltas_applied: u32,
+    took: String,
+    nodes: Vec<NodeRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct NodeRow {
+    node: String,
+    member: String,
+    member_id: String,
+    old_data_dir_kept_at: String,
+}
+
+#[derive(Debug, Serialize)]
+struct FailureReport {
+    restore_id: String,
+    phase: String,
+    message: String,
+    rolled_back: bool,
+    instructions: String,
+    nodes: Vec<NodeState>,
+}
+
+#[derive(Debug, Serialize)]
+struct NodeState {
+    node: String,
+    last_step: String,
+    manifest_in_place: bool,
+    data_dir_moved: bool,
+    data_dir_aside: String,
+    restored: bool,
+    error: String,
+    manual_rollback: Vec<String>,
+}
+
+fn enum_name(s: &str, prefix: &str) -> String {
+    s.strip_prefix(prefix).unwrap_or(s).to_lowercase()
+}
+
+fn phase_name(p: i32) -> String {
+    pb::RestorePhase::try_from(p)
+        .map(|p| enum_name(p.as_str_name(), "RESTORE_PHASE_"))
+        .unwrap_or_else(|_| p.to_string())
+}
+
+fn step_name(s: i32) -> String {
+    pb::NodeStep::try_from(s)
+        .map(|s| enum_name(s.as_str_name(), "NODE_STEP_"))
+        .unwrap_or_else(|_| s.to_string())
+}
+
+fn status_name(s: i32) -> String {
+    pb::StepStatus::try_from(s)
+        .map(|s| enum_name(s.as_str_name(), "STEP_STATUS_"))
+        .unwrap_or_else(|_| s.to_string())
+}
+
+impl RestoreArgs {
+    fn request(&self) -> Result<pb::RestoreRequest, CliError> {
+        let snapshot = pb::SnapshotSelector {
+            selector: Some(if self.snapshot == "latest" {
+                pb::snapshot_selector::Selector::Latest(true)
+            } else {
+                pb::snapshot_selector::Selector::Id(self.snapshot.clone())
+            }),
+        };
+        let target = if let Some(r) = self.to_revision {
+            if r <= 0 {
+                return Err(CliError::new(
+                    Exit::Usage,
+                    format!("--to-revision {r}: expected a positive etcd revision"),
+                ));
+            }
+            Some(pb::restore_target::Target::Revision(r))
+        } else if let Some(t) = &self.to_time {
+            let at = humantime::parse_rfc3339_weak(t).map_err(|e| {
+                CliError::new(
+                    Exit::Usage,
+                    format!("--to-time {t:?}: {e} (expected RFC 3339, e.g. 2025-01-02T03:04:05Z)"),
+                )
+            })?;
+            Some(pb::restore_target::Target::Time(
+                bulwark_api::time::timestamp_to_proto(at)
+                    .map_err(|e| CliError::new(Exit::Usage, format!("--to-time {t:?}: {e}")))?,
+            ))
+        } else if self.snapshot_only {
+            None
+        } else if self.to_latest || self.snapshot == "latest" {
+            Some(pb::restore_target::Target::Latest(true))
+        } else {
+            None
+        };
+        Ok(pb::RestoreRequest {
+            snapshot: Some(snapshot),
+            target: target.map(|t| pb::RestoreTarget { target: Some(t) }),
+            dry_run: self.dry_run,
+            confirm: !self.dry_run,
+            ..Default::default()
+        })
+    }
+
+    fn confirm(&self) -> Result<(), CliError> {
+        if self.yes || self.dry_run {
+            return Ok(());
+        }
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return Err(CliError::new(
+                Exit::Refused,
+                "a restore stops etcd on every control-plane node and replaces its data: \
+                 pass --yes to confirm (or --dry-run to see the plan)",
+            ));
+        }
+        eprint!(
+            "This stops etcd on every control-plane node and replaces its data with snapshot {} \
+             (old data dirs are kept). Type 'yes' to continue: ",
+            self.snapshot
+        );
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| CliError::new(Exit::Failure, format!("reading the answer: {e}")))?;
+        if line.trim() == "yes" {
+            Ok(())
+        } else {
+            Err(CliError::new(
+                Exit::Refused,
+                "not confirmed; nothing was changed",
+            ))
+        }
+    }
+}
+
+/// A progress line above the spinner, or on stderr when there is no
+/// terminal to draw the spinner on (logs and scripts still see the steps).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
+fn spinner() -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+/// Runs `bulwarkctl restore`.
+pub async fn run(
+    args: &RestoreArgs,
+    service: &Service<'_>,
+    format: OutputFormat,
+) -> Result<(), CliError> {
+    let req = args.request()?;
+    args.confirm()?;
+    let mut stream = service
+        .call(|ch| {
+            let req = req.clone();
+            async move {
+                BackupClient::new(ch)
+                    .restore(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await?;
+    let bar = spinner();
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|s| CliError::from_status(&s, service.name(), "the restore stream"))?
+    {
+        let restore_id = msg.restore_id.clone();
+        match msg.event {
+            Some(pb::restore_progress::Event::Plan(p)) => {
+                let snap = p.snapshot.as_ref();
+                say(
+                    &bar,
+                    format!(
+                        "restore {restore_id}{}: snapshot {} (revision {}), {} delta segment(s), target revision {}, {} node(s)",
+                        if p.dry_run { " (dry run)" } else { "" },
+                        snap.map(|s| s.id.as_str()).unwrap_or("?"),
+                        snap.map(|s| s.revision).unwrap_or(0),
+                        p.deltas.len(),
+                        if p.target_revision > 0 {
+                            p.target_revision.to_string()
+                        } else {
+                            "decided while replaying".into()
+                        },
+                        p.nodes.len(),
+                    ),
+                );
+                for n in &p.nodes {
+                    if let Some(i) = &n.info {
+                        say(
+                            &bar,
+                            format!(
+                                "  {} member {} data {} -> kept at {}",
+                                i.node_name, i.member_name, i.data_dir, n.data_dir_aside_path
+                            ),
+                        );
+                    }
+                }
+                for w in &p.warnings {
+                    say(&bar, format!("  warning: {w}"));
+                }
+            }
+            Some(pb::restore_progress::Event::Phase(p)) => {
+                let mut m = phase_name(p.phase);
+                if let Some(t) = &p.transfer {
+                    m.push_str(&format!(
+                        " {}/{} bytes",
+                        t.bytes_done,
+                        t.bytes_total.unwrap_or(0)
+                    ));
+                }
+                if let Some(r) = p.revision {
+                    m.push_str(&format!(" revision {r}"));
+                }
+                bar.set_message(m);
+            }
+            Some(pb::restore_progress::Event::Node(n)) => {
+                let line = format!(
+                    "  {} {} {}{}{}",
+                    n.node_name,
+                    step_name(n.step),
+                    status_name(n.status),
+                    if n.path.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" {}", n.path)
+                    },
+                    if n.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", n.detail)
+                    },
+                );
+                say(&bar, line);
+            }
+            Some(pb::restore_progress::Event::Done(s)) => {
+                bar.finish_and_clear();
+                let summary = Summary {
+                    restore_id: restore_id.clone(),
+                    dry_run: s.dry_run,
+                    snapshot_id: s.snapshot_id,
+                    revision: s.revision,
+                    cluster_id: format!("{:x}", s.cluster_id),
+                    deltas_applied: s.deltas_applied,
+                    took: s
+                        .took
+                        .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
+                        .map(|d| {
+                            humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+                                .to_string()
+                        })
+                        .unwrap_or_default(),
+                    nodes: s
+                        .nodes
+                        .into_iter()
+                        .map(|n| NodeRow {
+                            node: n.node_name,
+                            member: n.member_name,
+                            member_id: format!("{:x}", n.member_id),
+                            old_data_dir_kept_at: n.data_dir_aside_path,
+                        })
+                        .collect(),
+                };
+                return print_summary(&summary, format);
+            }
+            Some(pb::restore_progress::Event::Failed(f)) => {
+                bar.finish_and_clear();
+                let report = FailureReport {
+                    restore_id: restore_id.clone(),
+                    phase: phase_name(f.phase),
+                    message: f.message.clone(),
+                    rolled_back: f.rolled_back,
+                    instructions: f.rollback_instructions.clone(),
+                    nodes: f
+                        .nodes
+                        .into_iter()
+                        .map(|n| NodeState {
+                            node: n.node_name,
+                            last_step: step_name(n.last_step),
+                            manifest_in_place: n.manifest_in_place,
+                            data_dir_moved: n.data_dir_moved,
+                            data_dir_aside: n.data_dir_aside_path,
+                            restored: n.restored,
+                            error: n.error,
+                            manual_rollback: n.manual_rollback,
+                        })
+                        .collect(),
+                };
+                print_failure(&report, format)?;
+                let exit = if f.phase == pb::RestorePhase::Download as i32 {
+                    Exit::VerifyFailed
+                } else {
+                    Exit::Failure
+                };
+                return Err(CliError::new(
+                    exit,
+                    format!("restore failed in phase {}: {}", report.phase, f.message),
+                ));
+            }
+            None => {}
+        }
+    }
+    Err(CliError::new(
+        Exit::Failure,
+        "the restore stream ended without a result; check `bulwarkctl backup status` and the nodes",
+    ))
+}
+
+fn print_summary(s: &Summary, format: OutputFormat) -> Result<(), CliError> {
+    output::print(format, s, |s| {
+        let mut out = format!(
+            "{} {}: snapshot {}, {} delta segment(s), revision {}, cluster {}, took {}\n",
+            if s.dry_run { "dry run" } else { "restored" },
+            s.restore_id,
+            s.snapshot_id,
+            s.deltas_applied,
+            s.revision,
+            s.cluster_id,
+            s.took
+        );
+        for n in &s.nodes {
+            out.push_str(&format!(
+                "  {} member {} ({}), old data dir kept at {}\n",
+                n.node, n.member, n.member_id, n.old_data_dir_kept_at
+            ));
+        }
+        out
+    })
+}
+
+fn print_failure(r: &FailureReport, format: OutputFormat) -> Result<(), CliError> {
+    output::print(format, r, |r| {
+        let mut out = format!(
+            "restore {} failed in phase {}: {}\n{}\n",
+            r.restore_id, r.phase, r.message, r.instructions
+        );
+        for n in &r.nodes {
+            out.push_str(&format!(
+                "  {}: last step {}, manifest in place {}, data dir moved {}{}, restored {}{}\n",
+                n.node,
+                n.last_step,
+                n.manifest_in_place,
+                n.data_dir_moved,
+                if n.data_dir_aside.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", n.data_dir_aside)
+                },
+                n.restored,
+                if n.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(", error: {}", n.error)
+                },
+            ));
+            for c in &n.manual_rollback {
+                out.push_str(&format!("    {c}\n"));
+            }
+        }
+        out
+    })
+}

@@ -1,0 +1,464 @@
+//! `bulwarkctl restore` end to end: three etcd 3.5 members run by the
+//! testkit's kubelet stand-in from static pod manifests, three in-process
+//! bulwark-backup instances (one records deltas as the elected leader, each
+//! serves its node's restore agent), and the real bulwarkctl binary.
+
+// Tests panic on failure: the harness then prints the processes' logs.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use bulwark_backup::Listeners;
+use bulwark_common::shutdown::Shutdown;
+use bulwark_testkit::kubelet::Kubelet;
+use bulwark_testkit::tools::bin_path;
+use bulwark_testkit::{EtcdVersion, Pki, tools};
+use etcd_client::GetOptions;
+use object_store::{ObjectStoreExt, PutPayload};
+
+async fn ctl(args: &[&str], addr: &str, cert: &bulwark_testkit::CertFiles) -> Output {
+    let mut cmd = tokio::process::Command::new(bin_path("bulwarkctl").unwrap());
+    cmd.env("HOME", std::env::temp_dir())
+        .arg("--backup-endpoint")
+        .arg(addr)
+        .arg("--ca")
+        .arg(&cert.ca)
+        .arg("--cert")
+        .arg(&cert.cert)
+        .arg("--key")
+        .arg(&cert.key)
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    cmd.output().await.unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+struct Node {
+    manifest: PathBuf,
+    data_dir: PathBuf,
+    client_url: String,
+}
+
+fn manifest(name: &str, data: &Path, client: &str, peer: &str, cluster: &str) -> String {
+    let etcd = tools::etcd(EtcdVersion::V3_5).unwrap();
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: etcd-{name}, namespace: kube-system}}
+spec:
+  containers:
+  - name: etcd
+    command:
+    - {etcd}
+    - --name={name}
+    - --data-dir={data}
+    - --listen-client-urls={client}
+    - --advertise-client-urls={client}
+    - --listen-peer-urls={peer}
+    - --initial-advertise-peer-urls={peer}
+    - --initial-cluster={cluster}
+    - --initial-cluster-token=original
+    - --initial-cluster-state=new
+    - --heartbeat-interval=50
+    - --election-timeout=500
+",
+        etcd = etcd.display(),
+        data = data.display(),
+    )
+}
+
+/// Every key outside bulwark-backup's own election keys (their leases
+/// come and go around a restore), with values, at `revision` (0: now).
+async fn user_state(c: &mut etcd_client::Client, revision: i64) -> Vec<(String, String)> {
+    let mut opts = GetOptions::new().with_all_keys();
+    if revision > 0 {
+        opts = opts.with_revision(revision);
+    }
+    c.get("", Some(opts))
+        .await
+        .unwrap()
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                String::from_utf8_lossy(kv.value()).into_owned(),
+            )
+        })
+        .filter(|(k, _)| !k.starts_with("bulwark-backup/"))
+        .collect()
+}
+
+async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn aside_dirs(data_dir: &Path) -> Vec<PathBuf> {
+    let name = data_dir.file_name().unwrap().to_string_lossy().into_owned();
+    let mut out: Vec<PathBuf> = std::fs::read_dir(data_dir.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{name}.bulwark-")))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
+    bulwark_common::tls::install_crypto_provider();
+    let pki = Pki::new().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let ports = bulwark_testkit::ports::free_ports(IpAddr::V4(Ipv4Addr::LOCALHOST), 6).unwrap();
+    let names = ["m0", "m1", "m2"];
+    let cluster = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{n}=http://127.0.0.1:{}", ports[2 * i + 1]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = Vec::new();
+    let mut kubelets = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let dir = root.path().join(format!("node-{i}"));
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        let data_dir = dir.join("etcd-data");
+        let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
+        let peer_url = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+        let path = dir.join("manifests/etcd.yaml");
+        std::fs::write(
+            &path,
+            manifest(name, &data_dir, &client_url, &peer_url, &cluster),
+        )
+        .unwrap();
+        kubelets.push(Kubelet::start(&path, &format!("etcd-{name}")));
+        nodes.push(Node {
+            manifest: path,
+            data_dir,
+            client_url,
+        });
+    }
+    let endpoints: Vec<String> = nodes.iter().map(|n| n.client_url.clone()).collect();
+    let client = || {
+        let eps = endpoints.clone();
+        async move { etcd_client::Client::connect(eps, None).await }
+    };
+    wait_for("etcd from the manifests", || async {
+        match client().await {
+            Ok(mut c) => c.put("probe", "1", None).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let mut c = client().await.unwrap();
+    c.delete("probe", None).await.unwrap();
+    for i in 0..40 {
+        c.put(format!("base/{i:03}"), format!("v{i}"), None)
+            .await
+            .unwrap();
+    }
+
+    // Three bulwark-backup instances, one per node.
+    let cert = pki
+        .peer("backup", &["bulwark:backup"], &["127.0.0.1", "localhost"])
+        .unwrap();
+    let store = root.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listeners.push((grpc, admin));
+    }
+    let agents: Vec<String> = listeners
+        .iter()
+        .map(|(g, _)| g.local_addr().unwrap().to_string())
+        .collect();
+    let peers = agents
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let eps = endpoints
+        .iter()
+        .map(|e| format!("'{e}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut configs = Vec::new();
+    let mut shutdowns = Vec::new();
+    for (i, (grpc, admin)) in listeners.into_iter().enumerate() {
+        let text = format!(
+            "apiVersion: bulwark.dev/v1alpha1
+kind: BackupConfiguration
+nodeName: node-{i}
+clusterName: lab
+admin: {{address: '127.0.0.1:0'}}
+grpc:
+  tls: {{certFile: {cert}, keyFile: {key}, caFile: {ca}}}
+  access:
+    operators: {{organizations: [system:masters]}}
+    peers: {{organizations: ['bulwark:backup']}}
+etcd: {{endpoints: [{eps}], tls: null}}
+store: {{url: 'file://{store}'}}
+schedule: {{interval: 1h}}
+deltas: {{flushInterval: 200ms}}
+drill: {{etcdutl: {etcdutl}, etcd: {etcd}, workDir: {work}}}
+restore:
+  etcdManifest: {manifest}
+  stateDir: {state}
+  peers: [{peers}]
+  stopTimeout: 60s
+  healthTimeout: 90s
+",
+            cert = cert.cert.display(),
+            key = cert.key.display(),
+            ca = cert.ca.display(),
+            store = store.display(),
+            etcdutl = tools::etcdutl().unwrap().display(),
+            etcd = tools::etcd(EtcdVersion::V3_5).unwrap().display(),
+            work = root.path().display(),
+            manifest = nodes[i].manifest.display(),
+            state = root.path().join(format!("node-{i}/state")).display(),
+        );
+        let config: bulwark_backup::BackupConfig = bulwark_common::config::from_str_with(
+            Some(&text),
+            None,
+            &bulwark_common::config::Overrides::new(),
+        )
+        .unwrap();
+        let shutdown = Shutdown::new();
+        bulwark_backup::run(config.clone(), Listeners { grpc, admin }, shutdown.clone())
+            .await
+            .unwrap();
+        configs.push(config);
+        shutdowns.push(shutdown);
+    }
+    let engine = bulwark_backup::Engine::from_config(&configs[0]).unwrap();
+
+    // The elected leader takes the first scheduled snapshot and then
+    // records deltas.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let base_id = loop {
+        if let Ok(s) = engine.latest_snapshot().await {
+            break s.manifest.id;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no scheduled snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for i in 0..30 {
+        c.put(format!("one/{i:03}"), format!("a{i}"), None)
+            .await
+            .unwrap();
+    }
+    c.delete("base/000", None).await.unwrap();
+    let r1 = c.get("x", None).await.unwrap().header().unwrap().revision();
+    let want = user_state(&mut c, r1).await;
+    for i in 0..30 {
+        c.put(format!("two/{i:03}"), format!("b{i}"), None)
+            .await
+            .unwrap();
+    }
+    let r2 = c.get("x", None).await.unwrap().header().unwrap().revision();
+    wait_for("deltas to cover the writes", || {
+        let engine = &engine;
+        let base_id = base_id.clone();
+        async move {
+            engine
+                .list_segments(Some(&base_id))
+                .await
+                .map(|s| s.last().is_some_and(|s| s.last_revision >= r2))
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let old_cluster = c.status().await.unwrap().header().unwrap().cluster_id();
+    let operator = pki.client("alice", &["system:masters"]).unwrap();
+    let viewer = pki.client("bob", &[]).unwrap();
+    let r1s = r1.to_string();
+    let starts = |k: &[Kubelet]| k.iter().map(Kubelet::starts).collect::<Vec<_>>();
+    let starts_before = starts(&kubelets);
+
+    // A non-operator is refused (exit 4); no confirmation and no terminal
+    // is refused (exit 6).
+    let out = ctl(
+        &["restore", "--to-revision", &r1s, "--yes"],
+        &agents[1],
+        &viewer,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let out = ctl(&["restore", "--to-revision", &r1s], &agents[1], &operator).await;
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+
+    // A dry run plans, builds, prepares every node and changes nothing.
+    let out = ctl(
+        &["restore", "--to-revision", &r1s, "--dry-run"],
+        &agents[1],
+        &operator,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("dry run"),
+        "{}",
+        text(&out)
+    );
+    for n in &nodes {
+        assert!(n.manifest.exists());
+        assert!(
+            aside_dirs(&n.data_dir).is_empty(),
+            "{:?}",
+            aside_dirs(&n.data_dir)
+        );
+    }
+    assert_eq!(
+        starts(&kubelets),
+        starts_before,
+        "a dry run must not restart etcd"
+    );
+    assert_eq!(user_state(&mut c, 0).await.len(), want.len() + 30);
+
+    // A corrupted delta segment is refused before any node is touched (exit 7).
+    let segs = engine.list_segments(Some(&base_id)).await.unwrap();
+    let victim = segs.first().unwrap().clone();
+    let path = bulwark_backup::verify::object_path(engine.store.prefix(), &victim.object_key);
+    let good = engine
+        .store
+        .inner()
+        .get(&path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut bad = good.to_vec();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    engine
+        .store
+        .inner()
+        .put(&path, PutPayload::from(bad))
+        .await
+        .unwrap();
+    let out = ctl(
+        &[
+            "restore",
+            "--snapshot",
+            &base_id,
+            "--to-revision",
+            &r1s,
+            "--yes",
+        ],
+        &agents[1],
+        &operator,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(
+        text(&out).contains(&victim.id) && text(&out).contains("no node was touched"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(starts(&kubelets), starts_before);
+    engine
+        .store
+        .inner()
+        .put(&path, PutPayload::from(good))
+        .await
+        .unwrap();
+
+    // The real restore, to the revision between the two batches.
+    let out = ctl(
+        &[
+            "restore",
+            "--snapshot",
+            &base_id,
+            "--to-revision",
+            &r1s,
+            "--yes",
+            "-o",
+            "json",
+        ],
+        &agents[1],
+        &operator,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    println!("{}", text(&out));
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("restore_snapshot done") && progress.contains("wait_healthy done"),
+        "{progress}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["snapshot_id"], base_id.as_str());
+    assert_eq!(summary["nodes"].as_array().unwrap().len(), 3);
+
+    let mut c = client().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while c.get("x", None).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restored cluster never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        user_state(&mut c, 0).await,
+        want,
+        "the state at revision {r1}"
+    );
+    let status = c.status().await.unwrap();
+    assert_ne!(
+        status.header().unwrap().cluster_id(),
+        old_cluster,
+        "a new cluster id"
+    );
+    assert!(status.header().unwrap().revision() >= r1);
+    assert_eq!(c.member_list().await.unwrap().members().len(), 3);
+    for n in &nodes {
+        let mut one = etcd_client::Client::connect([n.client_url.clone()], None)
+            .await
+            .unwrap();
+        one.status().await.unwrap();
+        assert!(n.manifest.exists());
+        let kept = aside_dirs(&n.data_dir);
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert!(
+            kept[0].join("member").exists(),
+            "the old data dir is kept whole"
+        );
+    }
+    for s in shutdowns {
+        s.trigger();
+    }
+}

@@ -1,0 +1,136 @@
+//! A kubelet stand-in for static pods: watches one manifest file and runs
+//! the process its container command describes, so restore code that stops
+//! and starts etcd by moving its manifest runs the same path as on a real
+//! node. Test double, not a kubelet: it reads only `spec.containers[0]`'s
+//! `command` (and `args`), polls every 100 ms, stops the process (SIGTERM)
+//! when the file goes away, restarts it when the file changes, and
+//! restarts it after it exits, like `restartPolicy: Always`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::process::{Process, ProcessBuilder};
+
+/// The running simulator; stops its process when dropped.
+#[derive(Debug)]
+pub struct Kubelet {
+    cancel: CancellationToken,
+    starts: Arc<AtomicU32>,
+    running: Arc<AtomicBool>,
+    manifest: PathBuf,
+}
+
+/// The command line of the first container of a static pod manifest.
+pub fn pod_command(text: &str) -> anyhow::Result<Vec<String>> {
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(text)?;
+    let c = doc
+        .get("spec")
+        .and_then(|s| s.get("containers"))
+        .and_then(|c| c.as_sequence())
+        .and_then(|c| c.first())
+        .ok_or_else(|| anyhow::anyhow!("no spec.containers[0]"))?;
+    let args: Vec<String> = ["command", "args"]
+        .iter()
+        .filter_map(|k| c.get(*k).and_then(|v| v.as_sequence()))
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    anyhow::ensure!(!args.is_empty(), "spec.containers[0] has no command");
+    Ok(args)
+}
+
+impl Kubelet {
+    /// Starts watching `manifest`; the process is called `name` in logs.
+    pub fn start(manifest: &Path, name: &str) -> Self {
+        let cancel = CancellationToken::new();
+        let starts = Arc::new(AtomicU32::new(0));
+        let running = Arc::new(AtomicBool::new(false));
+        let (c, s, r, path, name) = (
+            cancel.clone(),
+            starts.clone(),
+            running.clone(),
+            manifest.to_owned(),
+            name.to_owned(),
+        );
+        tokio::spawn(async move {
+            let mut current: Option<(String, Process)> = None;
+            loop {
+                let text = std::fs::read_to_string(&path).ok();
+                let changed = match (&current, &text) {
+                    (Some((old, _)), Some(new)) => old != new,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if changed && let Some((_, mut p)) = current.take() {
+                    let _ = p.stop().await;
+                    r.store(false, Ordering::SeqCst);
+                }
+                if let Some((_, p)) = &mut current
+                    && !p.is_running()
+                {
+                    // restartPolicy: Always, with a short back-off.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if p.start().is_ok() {
+                        s.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                if current.is_none()
+                    && let Some(t) = text
+                {
+                    match pod_command(&t) {
+                        Ok(cmd) => {
+                            match ProcessBuilder::new(&name, &cmd[0]).args(&cmd[1..]).spawn() {
+                                Ok(p) => {
+                                    s.fetch_add(1, Ordering::SeqCst);
+                                    r.store(true, Ordering::SeqCst);
+                                    current = Some((t, p));
+                                }
+                                Err(e) => eprintln!("kubelet {name}: cannot start: {e:#}"),
+                            }
+                        }
+                        Err(e) => eprintln!("kubelet {name}: bad manifest: {e:#}"),
+                    }
+                }
+                tokio::select! {
+                    _ = c.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            if let Some((_, mut p)) = current {
+                let _ = p.stop().await;
+            }
+            r.store(false, Ordering::SeqCst);
+        });
+        Self {
+            cancel,
+            starts,
+            running,
+            manifest: manifest.to_owned(),
+        }
+    }
+
+    /// How many times the process was started.
+    pub fn starts(&self) -> u32 {
+        self.starts.load(Ordering::SeqCst)
+    }
+
+    /// Whether a process for the manifest runs now.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// The watched manifest.
+    pub fn manifest(&self) -> &Path {
+        &self.manifest
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}

@@ -24,7 +24,11 @@ use cluster::{LbCluster, Options, new_vip};
 const WAIT: Duration = Duration::from_secs(60);
 const ZONES: [&str; 3] = ["a", "b", "c"];
 
-/// A `bulwark-prober` process reporting to every LB node.
+/// A `bulwark-prober` process reporting to every LB node. The probe
+/// timeout is raised from 300 ms to 2 s and `fall` to 3: ten debug-build
+/// processes share two loaded cores here, and a slow answer is not what
+/// these tests are about (a killed process is refused at once whatever the
+/// timeout; docs/HEALTH.md has the timing argument for the defaults).
 fn prober(
     dir: &TestDir,
     pki: &Pki,
@@ -52,6 +56,7 @@ kind: ProberConfiguration
 nodeName: {name}
 zone: {zone}
 admin: {{address: '{admin}'}}
+probing: {{timeout: 2s, fall: 3}}
 apiservers:
   tls: {{caFile: '{ca}'}}
   targets:
@@ -225,6 +230,7 @@ async fn heavy_probers_drive_verdicts_drain_fail_open_and_survive_a_leader_chang
     // its votes do not evict anything.
     let h = wait_health(&lab.c, "all Up, prober-cut isolated", |h| {
         verdicts(h).values().all(|v| *v == Up)
+            && h.zones_down.is_empty()
             && h.probers.len() == 4
             && prober_state(h, "prober-cut") == Some((true, false))
             && ZONES
@@ -322,10 +328,14 @@ async fn heavy_probers_drive_verdicts_drain_fail_open_and_survive_a_leader_chang
         .unwrap();
     assert_ne!(new_leader, leader);
 
-    // Every backend down: fail open, the alert in GetHealth and metrics.
+    // Every backend down (the draining one dies too): fail open, the
+    // alert in GetHealth and metrics.
+    lab.apis[1].kill().unwrap();
     lab.apis[2].kill().unwrap();
-    let h = wait_health(&lab.c, "fail-open", |h| h.fail_open).await;
-    assert_eq!(verdicts(&h)["api-3"], Down, "{h:#?}");
+    let h = wait_health(&lab.c, "all Down and fail-open", |h| {
+        h.fail_open && verdicts(h).values().all(|v| *v == Down)
+    })
+    .await;
     assert_eq!(h.zones_down, ["a", "b", "c"]);
     assert!(
         h.probers.iter().all(|p| !p.isolated),

@@ -499,14 +499,25 @@ fn backup_view(s: &bk::GetStatusResponse, now: SystemTime) -> BackupView {
 
 /// Fetches every part; the failures come back beside the report.
 pub async fn gather(session: &Session) -> (StatusReport, Vec<CliError>) {
+    // The questions go out at once: a dead endpoint costs its connect
+    // timeout once, not once per part.
+    let lb_calls = async {
+        let svc = session.lb()?;
+        Ok::<_, CliError>(tokio::join!(lb_part(&svc), probers_part(&svc)))
+    };
+    let backup_call = async {
+        let svc = session.backup()?;
+        backup_part(&svc, SystemTime::now()).await
+    };
+    let (lb_calls, backup) = tokio::join!(lb_calls, backup_call);
+
     let mut failures = Vec::new();
-    let (lb, probers) = match session.lb() {
-        Ok(svc) => {
-            let (lb, probers) = tokio::join!(lb_part(&svc), probers_part(&svc));
+    let (lb, probers) = match lb_calls {
+        Ok((lb, probers)) => {
             let lb = Part::from_result(lb, &mut failures);
-            // When the LB is unreachable the probers are too: count that
-            // failure once.
             let probers = match (&lb, probers) {
+                // When the LB is unreachable the probers are too: count
+                // that failure once.
                 (Part::Unavailable { .. }, Err(e)) => Part::Unavailable {
                     unavailable: e.to_string(),
                     hint: None,
@@ -522,10 +533,6 @@ pub async fn gather(session: &Session) -> (StatusReport, Vec<CliError>) {
                 hint: None,
             },
         ),
-    };
-    let backup = match session.backup() {
-        Ok(svc) => backup_part(&svc, SystemTime::now()).await,
-        Err(e) => Err(e),
     };
     let backup = Part::from_result(backup, &mut failures);
     (

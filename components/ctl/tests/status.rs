@@ -274,6 +274,28 @@ drill: {{etcdutl: {}, etcd: {}}}
         "{r}"
     );
 
+    // A context without backup endpoints: the LB part is shown, the backup
+    // part says what to configure, exit 2.
+    let out = tokio::process::Command::new(bin_path("bulwarkctl").unwrap())
+        .env("HOME", std::env::temp_dir())
+        .args(["--lb-endpoint", &ep.lb, "status"])
+        .arg("--ca")
+        .arg(&viewer.ca)
+        .arg("--cert")
+        .arg(&viewer.cert)
+        .arg("--key")
+        .arg(&viewer.key)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(table.contains("LOAD BALANCER, answered by node"), "{table}");
+    assert!(
+        table.contains("BACKUP UNAVAILABLE: no bulwark-backup endpoint configured"),
+        "{table}"
+    );
+
     // The table names the same things.
     let out = ctl(&["status"], &ep, &viewer).await;
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -16,6 +16,7 @@
 //! | [`s3`] | [`S3Server`]: `moto_server` with a bucket, ready for `object_store` |
 //! | [`fixture`] | a kube-apiserver test double, in-process or as a real process |
 //! | [`netns`] | [`Lab`]: hosts in network namespaces on a private bridge, links to cut |
+//! | [`access`] | the access-control matrix: every rpc of `METHOD_ACCESS` called as every kind of caller |
 //!
 //! # Environment
 //!
@@ -42,6 +43,7 @@
 //! reports them; the outcomes a caller acts on have types: [`Skipped`],
 //! [`tools::ToolError`], [`process::ExitedEarly`], [`netns::LabError`].
 
+pub mod access;
 pub mod etcd;
 pub mod fixture;
 pub mod netns;

@@ -17,6 +17,7 @@
 //! | [`fixture`] | a kube-apiserver test double, in-process or as a real process |
 //! | [`kubelet`] | [`kubelet::Kubelet`]: a static-pod runner that starts/stops the process a manifest describes |
 //! | [`netns`] | [`Lab`]: hosts in network namespaces on a private bridge, links to cut |
+//! | [`access`] | the access-control matrix: every rpc of `METHOD_ACCESS` called as every kind of caller |
 //!
 //! # Environment
 //!
@@ -43,6 +44,7 @@
 //! reports them; the outcomes a caller acts on have types: [`Skipped`],
 //! [`tools::ToolError`], [`process::ExitedEarly`], [`netns::LabError`].
 
+pub mod access;
 pub mod etcd;
 pub mod fixture;
 pub mod kubelet;

@@ -61,7 +61,10 @@ impl BackupApi {
 
     async fn resolve(&self, sel: Option<&pb::SnapshotSelector>) -> Result<String, Status> {
         match sel.and_then(|s| s.selector.as_ref()) {
-            Some(pb::snapshot_selector::Selector::Id(id)) => Ok(id.clone()),
+            Some(pb::snapshot_selector::Selector::Id(id)) => {
+                check_snapshot_id("snapshot.id", id)?;
+                Ok(id.clone())
+            }
             Some(pb::snapshot_selector::Selector::Latest(true)) => {
                 Ok(self.service.engine().latest_snapshot().await?.manifest.id)
             }
@@ -70,6 +73,23 @@ impl BackupApi {
             )),
         }
     }
+}
+
+/// Rejects a snapshot id that cannot name a snapshot before it reaches the
+/// store, quoting at most 64 characters of it: the message travels in a
+/// response header, and echoing a megabyte-sized id there makes the
+/// client's HTTP/2 stack drop the whole connection.
+fn check_snapshot_id(field: &str, id: &str) -> Result<(), Status> {
+    if crate::layout::is_valid_id(id) {
+        return Ok(());
+    }
+    let shown = match id.char_indices().nth(64) {
+        None => format!("{id:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &id[..cut], id.len()),
+    };
+    Err(Status::invalid_argument(format!(
+        "{field}: {shown} is not a snapshot id (1-128 letters, digits, '-' or '_', as ListSnapshots shows them)"
+    )))
 }
 
 /// A task token cancelled when the client hangs up or the server stops.
@@ -335,6 +355,7 @@ impl pb::backup_server::Backup for BackupApi {
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let caller = bulwark_common::grpc::caller(&request).map(ToString::to_string);
         let req = request.into_inner();
+        check_snapshot_id("id", &req.id)?;
         let deleted = self
             .service
             .engine()

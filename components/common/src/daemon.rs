@@ -60,7 +60,8 @@ impl DaemonArgs {
 
     /// Loads the config, handling the two outcomes that end the process:
     /// an invalid config (printed to stderr, exit 2) and `--check-config`
-    /// (a summary on stdout, exit 0). Otherwise returns the config to run.
+    /// (a summary on stdout, exit 0). Otherwise makes the files the daemon
+    /// will create private ([`private_files`]) and returns the config to run.
     pub fn load_or_exit<T: ComponentConfig>(&self, overrides: Overrides) -> Result<T, ExitCode> {
         match self.load::<T>(overrides) {
             Err(e) => {
@@ -74,7 +75,23 @@ impl DaemonArgs {
                 }
                 Err(ExitCode::SUCCESS)
             }
-            Ok(config) => Ok(config),
+            Ok(config) => {
+                private_files();
+                Ok(config)
+            }
         }
+    }
+}
+
+/// Sets the process umask to 077: every file and directory the daemon
+/// creates from now on — the LB's Raft log, a `file://` backup store
+/// (snapshots hold every Secret of the cluster), restore and drill work
+/// directories, and whatever child processes such as etcdutl write — is
+/// readable by its own user only (0600 / 0700), whatever the umask it
+/// was started with.
+pub fn private_files() {
+    // SAFETY: umask(2) cannot fail and touches no memory.
+    unsafe {
+        libc::umask(0o077);
     }
 }

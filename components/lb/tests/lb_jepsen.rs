@@ -251,7 +251,8 @@ fn schedule(seed: u64, steps: usize) -> Vec<Step> {
 /// Whether an LB node's process runs, as far as the witnesses care.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Life {
-    Alive,
+    /// Running, and since when it counts as such.
+    Alive(Instant),
     /// SIGKILLed: whatever its host still has is stale.
     Dead,
     /// Started again at this instant; stale until it drops the leftover
@@ -285,7 +286,7 @@ impl Witnesses {
     fn start(l: &LbLab, t0: Instant) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let life = Arc::new(Mutex::new(vec![Life::Alive; NODES]));
+        let life = Arc::new(Mutex::new(vec![Life::Alive(t0); NODES]));
         let hosts = l.lb_hosts();
         let macs: BTreeMap<[u8; 6], usize> = hosts
             .iter()
@@ -334,9 +335,7 @@ impl Witnesses {
                             let live: Vec<usize> = hosts
                                 .iter()
                                 .copied()
-                                .filter(|&h| {
-                                    h == usize::MAX || life.lock().unwrap()[h] == Life::Alive
-                                })
+                                .filter(|&h| h == usize::MAX || alive_for_window(&life, h))
                                 .collect();
                             let mut s = seen.lock().unwrap();
                             s.arp_windows += 1;
@@ -396,14 +395,27 @@ fn classify(life: &Mutex<Vec<Life>>, with_vip: &[usize]) -> Vec<usize> {
         if let Life::Restarting(since) = *l
             && (!with_vip.contains(&i) || since.elapsed() > RESTART_GRACE)
         {
-            *l = Life::Alive;
+            *l = Life::Alive(Instant::now());
         }
     }
     with_vip
         .iter()
         .copied()
-        .filter(|&i| life[i] == Life::Alive)
+        .filter(|&i| matches!(life[i], Life::Alive(_)))
         .collect()
+}
+
+/// Whether node `h` counts as a holder for an ARP window that just ended:
+/// alive since before the window began. An answer from a restarting node's
+/// leftover address can arrive moments before the node removes it, in the
+/// same window in which the `ip addr` witness then sees it gone.
+fn alive_for_window(life: &Mutex<Vec<Life>>, h: usize) -> bool {
+    // The window is 20 ms; the margin covers the classification delay.
+    let window = Duration::from_millis(50);
+    match life.lock().unwrap()[h] {
+        Life::Alive(since) => since.elapsed() > window,
+        Life::Dead | Life::Restarting(_) => false,
+    }
 }
 
 /// The MAC of the host's lab interface.
@@ -660,7 +672,15 @@ async fn run_trial(l: &mut LbLab, seed: u64, steps: usize, t0: Instant) -> Resul
     };
     let mut r = Rng::new(seed ^ 0x466c_6170);
     for (n, step) in schedule(seed, steps).into_iter().enumerate() {
-        let leader = current_holder(l);
+        let mut leader = current_holder(l);
+        if matches!(step.fault, Fault::IsolateLeader | Fault::KillLeader) {
+            // Aim at a leader: give a running election a moment to finish.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while leader.is_none() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                leader = current_holder(l);
+            }
+        }
         let applies = match step.fault {
             Fault::IsolateLeader | Fault::KillLeader => leader.is_some(),
             Fault::Kill { node } => l.nodes[node].is_running(),

@@ -109,14 +109,15 @@ pub async fn add(api: &Api, r: lb::AddMemberRequest) -> Result<lb::AddMemberResp
     ] {
         if !valid_host_port(value) {
             return Err(Status::invalid_argument(format!(
-                "field `{field}`: {value:?} is not host:port"
+                "field `{field}`: {} is not host:port",
+                super::clip(value)
             )));
         }
     }
     if !info.proxy_address.is_empty() && !valid_host_port(&info.proxy_address) {
         return Err(Status::invalid_argument(format!(
-            "field `node.proxy_address`: {:?} is not host:port",
-            info.proxy_address
+            "field `node.proxy_address`: {} is not host:port",
+            super::clip(&info.proxy_address)
         )));
     }
     let timeout = match r.catch_up_timeout {

@@ -10,10 +10,31 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bulwark_testkit::fixture::ApiServerProcess;
-use bulwark_testkit::{CertFiles, Pki, Process, ProcessBuilder, TestDir, ports, tools};
+use bulwark_testkit::kubelet::Kubelet;
+use bulwark_testkit::{
+    CertFiles, EtcdVersion, Pki, Process, ProcessBuilder, TestDir, ports, tools,
+};
 
 /// The zones, one apiserver, LB node, prober and backup service each.
 pub const ZONES: [&str; 3] = ["a", "b", "c"];
+
+/// One control-plane node's etcd member, run by a kubelet stand-in from
+/// its static pod manifest (so a restore stops and starts it the way it
+/// would on a kubeadm node).
+pub struct EtcdNode {
+    pub name: String,
+    pub manifest: PathBuf,
+    pub data_dir: PathBuf,
+    pub client_url: String,
+    /// Runs the member while it lives; dropped with the demo.
+    pub _kubelet: Kubelet,
+}
+
+/// One bulwark-backup instance.
+pub struct BackupNode {
+    pub process: Process,
+    pub grpc: SocketAddr,
+}
 
 /// One bulwark-lb node.
 pub struct LbNode {
@@ -28,6 +49,8 @@ pub struct ControlPlane {
     pub dir: TestDir,
     pub pki: Pki,
     pub operator: CertFiles,
+    pub etcd: Vec<EtcdNode>,
+    pub backups: Vec<BackupNode>,
     pub apiservers: Vec<ApiServerProcess>,
     pub lbs: Vec<LbNode>,
     pub probers: Vec<Process>,
@@ -62,12 +85,168 @@ impl ControlPlane {
             dir,
             pki,
             operator,
+            etcd: Vec::new(),
+            backups: Vec::new(),
             apiservers: Vec::new(),
             lbs: Vec::new(),
             probers: Vec::new(),
             vip: pick_vip()?,
             ctl_config,
         })
+    }
+
+    /// A 3-member etcd cluster, one member per node, each started by a
+    /// kubelet stand-in from `<node>/manifests/etcd.yaml`.
+    pub async fn start_etcd(&mut self) -> anyhow::Result<()> {
+        let etcd = tools::etcd(EtcdVersion::V3_5)?;
+        let ports = ports::free_ports(IpAddr::V4(Ipv4Addr::LOCALHOST), 2 * ZONES.len())?;
+        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let cluster: Vec<String> = ZONES
+            .iter()
+            .enumerate()
+            .map(|(i, z)| format!("etcd-{z}={}", url(ports[2 * i + 1])))
+            .collect();
+        for (i, zone) in ZONES.iter().enumerate() {
+            let name = format!("etcd-{zone}");
+            let node = self.dir.join(format!("node-{zone}"));
+            std::fs::create_dir_all(node.join("manifests"))?;
+            let data_dir = node.join("etcd-data");
+            let manifest = node.join("manifests/etcd.yaml");
+            let (client, peer) = (url(ports[2 * i]), url(ports[2 * i + 1]));
+            std::fs::write(
+                &manifest,
+                format!(
+                    "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: kube-system}}
+spec:
+  containers:
+  - name: etcd
+    command:
+    - {etcd}
+    - --name={name}
+    - --data-dir={data}
+    - --listen-client-urls={client}
+    - --advertise-client-urls={client}
+    - --listen-peer-urls={peer}
+    - --initial-advertise-peer-urls={peer}
+    - --initial-cluster={cluster}
+    - --initial-cluster-token=bulwark-demo
+    - --initial-cluster-state=new
+    - --heartbeat-interval=100
+    - --election-timeout=1000
+",
+                    etcd = etcd.display(),
+                    data = data_dir.display(),
+                    cluster = cluster.join(","),
+                ),
+            )?;
+            let kubelet = Kubelet::start(&manifest, &name);
+            self.etcd.push(EtcdNode {
+                name,
+                manifest,
+                data_dir,
+                client_url: client,
+                _kubelet: kubelet,
+            });
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut c) = self.etcd_client().await
+                && c.status().await.is_ok()
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "etcd did not become healthy within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A client of the whole etcd cluster.
+    pub async fn etcd_client(&self) -> anyhow::Result<etcd_client::Client> {
+        let endpoints: Vec<String> = self.etcd.iter().map(|e| e.client_url.clone()).collect();
+        Ok(etcd_client::Client::connect(endpoints, None).await?)
+    }
+
+    /// A bulwark-backup per node: snapshots and deltas to a local file
+    /// store, and the restore agent for that node's etcd.
+    pub async fn start_backups(&mut self) -> anyhow::Result<()> {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let ports = ports::free_ports(lo, 2 * ZONES.len())?;
+        let grpc: Vec<SocketAddr> = (0..ZONES.len()).map(|i| loopback(ports[2 * i])).collect();
+        let peers: Vec<String> = grpc.iter().map(|a| format!("'{a}'")).collect();
+        let endpoints: Vec<String> = self
+            .etcd
+            .iter()
+            .map(|e| format!("'{}'", e.client_url))
+            .collect();
+        let store = self.dir.join("backups");
+        std::fs::create_dir_all(&store)?;
+        for (i, zone) in ZONES.iter().enumerate() {
+            let name = format!("backup-{zone}");
+            let node = self.dir.join(format!("node-{zone}"));
+            let cert = self
+                .pki
+                .peer(&name, &["bulwark:backup"], &["127.0.0.1", "localhost"])?;
+            std::fs::create_dir_all(node.join("work"))?;
+            let config = self.dir.join(format!("{name}.yaml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "apiVersion: bulwark.dev/v1alpha1
+kind: BackupConfiguration
+nodeName: node-{zone}
+clusterName: demo
+admin: {{address: '{admin}'}}
+grpc:
+  address: '{grpc}'
+  tls: {{certFile: {cert}, keyFile: {key}, caFile: {ca}}}
+  access:
+    operators: {{organizations: [system:masters]}}
+    peers: {{organizations: ['bulwark:backup']}}
+etcd: {{endpoints: [{endpoints}], tls: null}}
+store: {{url: 'file://{store}'}}
+schedule: {{interval: 1h}}
+deltas: {{flushInterval: 200ms}}
+drill: {{etcdutl: {etcdutl}, etcd: {etcd}, workDir: {work}}}
+restore:
+  etcdManifest: {manifest}
+  stateDir: {state}
+  peers: [{peers}]
+",
+                    admin = loopback(ports[2 * i + 1]),
+                    grpc = grpc[i],
+                    cert = cert.cert.display(),
+                    key = cert.key.display(),
+                    ca = cert.ca.display(),
+                    endpoints = endpoints.join(", "),
+                    store = store.display(),
+                    etcdutl = tools::etcdutl()?.display(),
+                    etcd = tools::etcd(EtcdVersion::V3_5)?.display(),
+                    work = node.join("work").display(),
+                    manifest = self.etcd[i].manifest.display(),
+                    state = node.join("restore-state").display(),
+                    peers = peers.join(", "),
+                ),
+            )?;
+            let process = ProcessBuilder::new(name, tools::bin_path("bulwark-backup")?)
+                .arg("--config")
+                .arg(&config)
+                .spawn()?;
+            self.backups.push(BackupNode {
+                process,
+                grpc: grpc[i],
+            });
+        }
+        for b in &self.backups {
+            b.process
+                .wait_for_port(b.grpc, Duration::from_secs(60))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Three fixture apiservers, one per zone, whose certificates also name

@@ -189,6 +189,54 @@ fn image_files() -> BTreeSet<PathBuf> {
     files
 }
 
+/// The image installs our four binaries, built by the Containerfile's own
+/// `cargo build` from the packages that own them, plus etcd's tools for
+/// drills and restores.
+#[test]
+fn the_image_builds_what_it_installs() {
+    let text = std::fs::read_to_string(deploy_dir().join("Containerfile")).unwrap();
+    let joined = text.replace("\\\n", " ");
+    let build = joined
+        .lines()
+        .find(|l| l.contains("cargo build"))
+        .expect("Containerfile runs no cargo build");
+    let words: Vec<&str> = build.split_whitespace().collect();
+    let packages: BTreeSet<&str> = words
+        .windows(2)
+        .filter(|w| w[0] == "-p")
+        .map(|w| w[1])
+        .collect();
+    let image = image_files();
+    for bin in [
+        "bulwark-lb",
+        "bulwark-prober",
+        "bulwark-backup",
+        "bulwarkctl",
+    ] {
+        assert!(
+            image.contains(&Path::new("/usr/local/bin").join(bin)),
+            "the image lacks {bin}"
+        );
+        // A binary this workspace really builds under that name.
+        tools::bin_path(bin).unwrap();
+        let package = if bin == "bulwarkctl" {
+            "bulwark-ctl"
+        } else {
+            bin
+        };
+        assert!(
+            packages.contains(package),
+            "the Containerfile's cargo build lacks -p {package}: {build}"
+        );
+    }
+    for tool in ["etcd", "etcdutl"] {
+        assert!(
+            image.contains(&Path::new("/usr/local/bin").join(tool)),
+            "the image lacks {tool}"
+        );
+    }
+}
+
 /// Every absolute path (`/…` or `file:///…`) among the string values of a
 /// config, with the field it came from.
 fn config_paths(v: &Value, field: &str, out: &mut Vec<(String, PathBuf)>) {

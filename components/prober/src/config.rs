@@ -91,7 +91,7 @@ fn hostname() -> Option<String> {
 
 fn default_admin() -> AdminConfig {
     AdminConfig {
-        address: std::net::SocketAddr::from(([127, 0, 0, 1], 9442)),
+        address: std::net::SocketAddr::from(([127, 0, 0, 1], 9443)),
     }
 }
 
@@ -609,7 +609,7 @@ mod tests {
         assert_eq!(c.probing.timeout, Duration::from_millis(300));
         assert_eq!((c.probing.fall, c.probing.rise), (2, 2));
         assert!(!c.probing.reuse_connections);
-        assert_eq!(c.admin.address.to_string(), "127.0.0.1:9442");
+        assert_eq!(c.admin.address.to_string(), "127.0.0.1:9443");
         assert!(c.report.endpoints.is_empty());
         assert_eq!(
             c.etcd.tls.cert_file.as_deref(),

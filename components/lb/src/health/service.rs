@@ -409,7 +409,7 @@ mod tests {
         let s = HealthService::new(config());
         assert_eq!(s.report(&full("p-a", "a", true)), Ok(None));
         assert!(s.status().is_none());
-        let mut epoch = s.leadership();
+        let epoch = s.leadership();
         s.follow_leadership(true, &registry());
         assert!(epoch.has_changed().unwrap(), "streams learn of the change");
         assert!(s.report(&full("p-a", "a", true)).unwrap().is_some());

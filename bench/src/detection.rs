@@ -82,6 +82,9 @@ struct Trial {
     haproxy_ms: f64,
     bulwark_failed_requests: u64,
     haproxy_failed_requests: u64,
+    /// What failed requests saw (the first few per front).
+    bulwark_errors: Vec<String>,
+    haproxy_errors: Vec<String>,
     /// Graceful only: the last new request the backend served through
     /// each front, after the signal.
     bulwark_last_served_ms: Option<f64>,
@@ -313,6 +316,28 @@ struct Load {
     failed: AtomicU64,
     /// Microseconds since `epoch` of the last request `watch` served.
     last_served_us: AtomicU64,
+    /// What the failed requests saw (the first few).
+    errors: std::sync::Mutex<Vec<String>>,
+}
+
+impl Load {
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut e = self
+            .errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if e.len() < 5 {
+            e.push(what);
+        }
+    }
+
+    fn errors(&self) -> Vec<String> {
+        self.errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 fn load(
@@ -339,9 +364,8 @@ fn load(
                             .store(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
                     }
                 }
-                _ => {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(r) => counters.fail(format!("HTTP {}", r.status)),
+                Err(e) => counters.fail(format!("{e:#}")),
             }
         }
     });
@@ -447,6 +471,8 @@ impl Lab {
             haproxy_ms: haproxy.unwrap_or_default().as_secs_f64() * 1000.0,
             bulwark_failed_requests: lb_load.failed.load(Ordering::Relaxed),
             haproxy_failed_requests: ha_load.failed.load(Ordering::Relaxed),
+            bulwark_errors: lb_load.errors(),
+            haproxy_errors: ha_load.errors(),
             bulwark_last_served_ms: since_signal(&lb_load),
             haproxy_last_served_ms: since_signal(&ha_load),
             requests_per_front: lb_load

@@ -916,6 +916,45 @@ mod tests {
     }
 
     #[test]
+    fn health_section_and_zones_are_checked() {
+        let c = parse(&format!(
+            "{MINIMAL}zone: a\nbackends:\n- {{id: cp-1, address: 10.0.0.1:6443, zone: a}}\nhealth:\n  zoneQuorum: 2\n  minVotes: 3\n  staleAfter: 5s\n"
+        ))
+        .unwrap();
+        assert_eq!(c.health.zone_quorum, crate::health::ZoneQuorum::Zones(2));
+        assert_eq!(c.health.min_votes, 3);
+        assert_eq!(c.health.stale_after, Duration::from_secs(5));
+        assert_eq!(parse(MINIMAL).unwrap().health, HealthConfig::default());
+
+        let e = errors(&format!(
+            "{MINIMAL}zone: zone-x\nbackends:\n- {{id: cp-1, address: 10.0.0.1:6443, zone: a}}\n- {{id: cp-2, address: 10.0.0.2:6443, zone: b}}\nhealth:\n  minVotes: 0\n  heartbeatInterval: 2s\n  staleAfter: 3s\n"
+        ));
+        assert!(
+            e.contains(
+                &"zone: \"zone-x\" is not the zone of any configured backend (their zones: a, b)"
+                    .to_owned()
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("health.minVotes: must be at least 1")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("health.staleAfter: 3000ms is too short")),
+            "{e:?}"
+        );
+        let e = errors(&format!("{MINIMAL}health:\n  zoneQuorum: most\n"));
+        assert!(
+            e.iter()
+                .any(|m| m.contains("\"majority\" or a number of zones")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn missing_tls_files_are_named() {
         let text = format!(
             "apiVersion: bulwark.dev/v1alpha1\nkind: LoadBalancerConfiguration\n{MINIMAL}tls:\n  certFile: /nonexistent/lb.crt\n  keyFile: /nonexistent/lb.key\n  caFile: /nonexistent/ca.crt\n"

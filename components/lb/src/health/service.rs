@@ -327,3 +327,141 @@ pub fn export_committed(state: &LbState) {
     metrics::gauge!("bulwark_lb_zones_down").set(data.zones_down.len() as f64);
     metrics::gauge!("bulwark_lb_health_fail_open").set(f64::from(u8::from(data.fail_open)));
 }
+
+#[cfg(test)]
+mod tests {
+    use bulwark_api::lb::v1::{Observation, ProbeKind, ProbeReason, ProberIdentity};
+    use openraft::vote::RaftLeaderId;
+
+    use super::*;
+    use crate::raft::types::{Entry, LeaderId, LogId};
+
+    fn apply(state: &mut LbState, index: u64, c: pb::command::Command) {
+        let entry = Entry {
+            log_id: LogId::new(LeaderId::new(1, 1), index),
+            payload: openraft::EntryPayload::Normal(command(SystemTime::UNIX_EPOCH, c)),
+        };
+        state.apply(&entry).unwrap();
+    }
+
+    fn registry() -> LbState {
+        let mut s = LbState::default();
+        let backends = ["cp-1", "cp-2"]
+            .iter()
+            .zip(["a", "b"])
+            .map(|(id, zone)| pb::BackendRecord {
+                id: (*id).into(),
+                address: "10.0.0.1:6443".into(),
+                zone: zone.into(),
+                weight: 100,
+                admin_state: pb::AdminState::Active as i32,
+                drain_deadline: None,
+            })
+            .collect();
+        apply(
+            &mut s,
+            1,
+            pb::command::Command::SeedBackends(pb::SeedBackends { backends }),
+        );
+        s
+    }
+
+    fn full(prober: &str, zone: &str, cp1_ok: bool) -> ProbeReport {
+        let obs = |target: &str, kind: ProbeKind, ok: bool| Observation {
+            target_id: target.into(),
+            kind: kind as i32,
+            ok,
+            reason: if ok {
+                ProbeReason::Ok
+            } else {
+                ProbeReason::ConnectionRefused
+            } as i32,
+            ..Default::default()
+        };
+        ProbeReport {
+            prober: Some(ProberIdentity {
+                node_name: prober.into(),
+                zone: zone.into(),
+                instance_id: format!("{prober}-1"),
+            }),
+            sequence: 1,
+            kind: ReportKind::Full as i32,
+            observations: vec![
+                obs("cp-1", ProbeKind::Readyz, cp1_ok),
+                obs("cp-1", ProbeKind::Livez, cp1_ok),
+                obs("cp-2", ProbeKind::Readyz, true),
+                obs("cp-2", ProbeKind::Livez, true),
+            ],
+            sent_at: None,
+        }
+    }
+
+    fn config() -> HealthConfig {
+        HealthConfig {
+            heartbeat_interval: Duration::from_millis(100),
+            stale_after: Duration::from_millis(200),
+            ..HealthConfig::default()
+        }
+    }
+
+    #[test]
+    fn only_a_leader_takes_reports() {
+        let s = HealthService::new(config());
+        assert_eq!(s.report(&full("p-a", "a", true)), Ok(None));
+        assert!(s.status().is_none());
+        let epoch = s.leadership();
+        s.follow_leadership(true, &registry());
+        assert!(epoch.has_changed().unwrap(), "streams learn of the change");
+        assert!(s.report(&full("p-a", "a", true)).unwrap().is_some());
+        s.follow_leadership(false, &registry());
+        assert!(!s.is_leading());
+        assert_eq!(s.report(&full("p-a", "a", true)), Ok(None));
+    }
+
+    #[test]
+    fn commits_changes_only_and_keeps_committed_verdicts_while_warming_up() {
+        let mut state = registry();
+        let s = HealthService::new(config());
+        s.follow_leadership(true, &state);
+        for (p, z) in [("p-a", "a"), ("p-b", "b")] {
+            s.report(&full(p, z, false)).unwrap();
+        }
+        // Warming up: the committed (Unknown) verdicts stand.
+        assert_eq!(s.evaluate(&state), None);
+
+        std::thread::sleep(Duration::from_millis(250));
+        for (p, z) in [("p-a", "a"), ("p-b", "b")] {
+            let mut r = full(p, z, false);
+            r.sequence = 2;
+            r.kind = ReportKind::Heartbeat as i32;
+            r.observations.clear();
+            s.report(&r).unwrap();
+        }
+        let cmd = s.evaluate(&state).expect("cp-1 down, cp-2 up");
+        let got: Vec<(&str, i32)> = cmd
+            .changes
+            .iter()
+            .map(|c| (c.backend_id.as_str(), c.verdict))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("cp-1", pb::Verdict::Down as i32),
+                ("cp-2", pb::Verdict::Up as i32)
+            ]
+        );
+        assert_eq!(cmd.zones_down, ["a"]);
+        assert!(!cmd.fail_open);
+
+        // Not committed yet: the same difference is proposed again.
+        assert_eq!(s.evaluate(&state).map(|c| c.changes.len()), Some(2));
+        // Committed: nothing more to propose.
+        apply(&mut state, 2, pb::command::Command::ApplyVerdicts(cmd));
+        assert_eq!(s.evaluate(&state), None);
+        assert_eq!(
+            state.backend_specs()[0].verdict,
+            Verdict::Down,
+            "as committed"
+        );
+    }
+}

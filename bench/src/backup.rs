@@ -229,7 +229,7 @@ fn measure(mut cmd: Command) -> anyhow::Result<(Sample, String)> {
 }
 
 /// Fills etcd with `mib` values of 1 MiB: random bytes or JSON-like text.
-async fn fill(etcd: &Etcd, case: &str, mib: usize) -> anyhow::Result<()> {
+pub(crate) async fn fill(etcd: &Etcd, case: &str, mib: usize) -> anyhow::Result<()> {
     let client = etcd.client().await?;
     let rng = ring::rand::SystemRandom::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -284,7 +284,7 @@ fn text_value(rng: &ring::rand::SystemRandom) -> anyhow::Result<Vec<u8>> {
     Ok(out.into_bytes())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
@@ -316,7 +316,7 @@ struct Report {
     cases: Vec<CaseResult>,
 }
 
-fn machine() -> BTreeMap<String, String> {
+pub(crate) fn machine() -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     if let Some(model) = cpuinfo

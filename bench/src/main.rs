@@ -12,6 +12,7 @@ mod datapath;
 mod detection;
 mod failover;
 mod probecost;
+mod restore;
 mod suite;
 
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ enum Cmd {
     /// Backup: a full snapshot of a ≥ 1 GB etcd through bulwark-backup's
     /// pipeline (file, file+age, S3) against `etcdctl snapshot save`.
     Backup(backup::Args),
+    /// Restore: one member's restore against `etcdutl snapshot restore`,
+    /// a point-in-time build, and the delta RPO under steady writes.
+    Restore(restore::Args),
     /// (internal) one snapshot through bulwark-backup's pipeline.
     BackupOnce(backup::OnceArgs),
     /// VIP failover: netns lab, arp mode, the leader's link cut per trial
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Cmd::Datapath(a) => datapath::run(&a),
         Cmd::Backup(a) => backup::run(&a),
         Cmd::BackupOnce(a) => backup::run_once(&a),
+        Cmd::Restore(a) => restore::run(&a),
         Cmd::Failover(a) => failover::run(&a),
         Cmd::ProbeCost(a) => probecost::run(&a),
         Cmd::Detection(a) => detection::run(&a),

@@ -5,6 +5,8 @@
 //! `command` (and `args`), polls every 100 ms, stops the process (SIGTERM)
 //! when the file goes away, restarts it when the file changes, and
 //! restarts it after it exits, like `restartPolicy: Always`.
+//! [`Kubelet::pause`] makes it ignore the manifest (a stuck kubelet), for
+//! testing what a restore does when etcd does not stop.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +23,7 @@ pub struct Kubelet {
     cancel: CancellationToken,
     starts: Arc<AtomicU32>,
     running: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
     manifest: PathBuf,
 }
 
@@ -49,16 +52,24 @@ impl Kubelet {
         let cancel = CancellationToken::new();
         let starts = Arc::new(AtomicU32::new(0));
         let running = Arc::new(AtomicBool::new(false));
-        let (c, s, r, path, name) = (
+        let paused = Arc::new(AtomicBool::new(false));
+        let (c, s, r, z, path, name) = (
             cancel.clone(),
             starts.clone(),
             running.clone(),
+            paused.clone(),
             manifest.to_owned(),
             name.to_owned(),
         );
         tokio::spawn(async move {
             let mut current: Option<(String, Process)> = None;
             loop {
+                if z.load(Ordering::SeqCst) {
+                    tokio::select! {
+                        _ = c.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
                 let text = std::fs::read_to_string(&path).ok();
                 let changed = match (&current, &text) {
                     (Some((old, _)), Some(new)) => old != new,
@@ -109,8 +120,15 @@ impl Kubelet {
             cancel,
             starts,
             running,
+            paused,
             manifest: manifest.to_owned(),
         }
+    }
+
+    /// Stops or resumes reacting to the manifest (the process keeps
+    /// running as it is while paused).
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
     }
 
     /// How many times the process was started.

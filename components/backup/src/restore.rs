@@ -501,10 +501,27 @@ impl Coordinator {
             if done.is_some() {
                 let urls: Vec<String> = nodes.iter().flat_map(|(n, _)| n.client_urls.clone()).collect();
                 let statuses = engine.etcd.with_endpoints(urls).statuses().await.unwrap_or_default();
-                if let Some(s) = statuses.first() {
-                    summary.cluster_id = s.cluster_id;
-                    summary.revision = s.revision;
+                let Some(s) = statuses.first() else {
+                    return Err(Failed {
+                        phase: pb::RestorePhase::StartMembers,
+                        error: "no restored member answers its status call".into(),
+                    });
+                };
+                // The members restored the target: the cluster holds at
+                // least its revision (more with a bump, or new writes).
+                if let Some(r) = built.revision
+                    && s.revision < r
+                {
+                    return Err(Failed {
+                        phase: pb::RestorePhase::StartMembers,
+                        error: format!(
+                            "the restored cluster is at revision {}, the target was {r}",
+                            s.revision
+                        ),
+                    });
                 }
+                summary.cluster_id = s.cluster_id;
+                summary.revision = s.revision;
                 summary.nodes = nodes
                     .iter()
                     .map(|(n, _)| pb::NodeOutcome {

@@ -36,6 +36,7 @@ use crate::error::{BackupError, Result};
 use crate::etcd::EtcdConnector;
 use crate::hashing::{Sha256, TrailerError, TrailerVerifier};
 use crate::manifest::{FORMAT_VERSION, Manifest, Mismatch, MismatchKind, VerificationRecord};
+use crate::scratch::{free_ports, tail};
 
 /// Stages, as in the API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -427,14 +428,6 @@ struct DrillFindings {
     mismatches: Vec<Mismatch>,
 }
 
-/// Two free loopback ports. The race with other processes taking them
-/// before etcd binds is handled by retrying the start.
-fn free_ports() -> std::io::Result<(u16, u16)> {
-    let a = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let b = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
-}
-
 async fn run_drill(
     tools: &DrillSettings,
     dir: &Path,
@@ -634,12 +627,6 @@ async fn run_drill(
         }
     }
     Err(last.unwrap_or_else(|| Mismatch::new(MismatchKind::EtcdUnhealthy, "no attempt ran")))
-}
-
-/// The last lines of a process's output, for error details.
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
 /// Object path of a manifest's snapshot object (as the catalog stores it).

@@ -143,7 +143,8 @@ async fn heavy_grpc_api_enforces_access_and_streams_progress() {
         &server,
         &etcd,
         store.path(),
-        "schedule:\n  interval: null\n",
+        // No scheduled work at all: no election key among the counted keys.
+        "schedule:\n  interval: null\ndeltas:\n  enabled: false\n",
     );
     let tools = common::drill_tools();
     text.push_str(&format!(
@@ -291,13 +292,20 @@ async fn heavy_grpc_api_enforces_access_and_streams_progress() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 
-    // Restore and the restore agent are not served by this version.
+    // Restore needs an operator and a confirmation (or a dry run).
+    let e = view
+        .clone()
+        .restore(pb::RestoreRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     let e = op
         .clone()
         .restore(pb::RestoreRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("--yes"), "{e}");
 
     // Metrics carry the outcome.
     let body = reqwest::get(format!("http://{admin_addr}/metrics"))

@@ -48,6 +48,7 @@ grpc:
 etcd: {{endpoints: ['{}'], tls: null}}
 store: {{url: 'file://{}'}}
 schedule: {{interval: null}}
+deltas: {{enabled: false}}
 drill: {{etcdutl: {}, etcd: {}}}
 ",
         server.cert.display(),

@@ -233,7 +233,7 @@ restore:
   etcdManifest: {manifest}
   stateDir: {state}
   peers: [{peers}]
-  stopTimeout: 60s
+  stopTimeout: {stop}
   healthTimeout: 90s
 ",
             cert = cert.cert.display(),
@@ -245,6 +245,7 @@ restore:
             work = root.path().display(),
             manifest = nodes[i].manifest.display(),
             state = root.path().join(format!("node-{i}/state")).display(),
+            stop = if i == 2 { "3s" } else { "60s" },
         );
         let config: bulwark_backup::BackupConfig = bulwark_common::config::from_str_with(
             Some(&text),
@@ -396,6 +397,61 @@ restore:
         .await
         .unwrap();
 
+    // A kubelet that does not stop etcd on node-2: the restore fails there
+    // after node-0 and node-1 were restored, and every node is rolled back
+    // to its original data, manifest and cluster.
+    kubelets[2].pause(true);
+    let out = ctl(
+        &[
+            "restore",
+            "--snapshot",
+            &base_id,
+            "--to-revision",
+            &r1s,
+            "--yes",
+        ],
+        &agents[0],
+        &operator,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("still answers"), "{}", text(&out));
+    assert!(text(&out).contains("every node is back"), "{}", text(&out));
+    kubelets[2].pause(false);
+    for n in &nodes {
+        assert!(
+            n.manifest.exists(),
+            "manifest back on {}",
+            n.manifest.display()
+        );
+        let kept = aside_dirs(&n.data_dir);
+        assert!(
+            kept.iter()
+                .all(|k| k.to_string_lossy().ends_with("-restored")),
+            "only restored data is kept aside after a rollback: {kept:?}"
+        );
+    }
+    let mut c = client().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while c
+        .get("two/000", None)
+        .await
+        .map(|r| r.kvs().len())
+        .unwrap_or(0)
+        != 1
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the original cluster did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        c.status().await.unwrap().header().unwrap().cluster_id(),
+        old_cluster
+    );
+    assert_eq!(user_state(&mut c, 0).await.len(), want.len() + 30);
+
     // The real restore, to the revision between the two batches.
     let out = ctl(
         &[
@@ -451,7 +507,11 @@ restore:
             .unwrap();
         one.status().await.unwrap();
         assert!(n.manifest.exists());
-        let kept = aside_dirs(&n.data_dir);
+        // Besides the restored data kept by the rolled-back attempt.
+        let kept: Vec<PathBuf> = aside_dirs(&n.data_dir)
+            .into_iter()
+            .filter(|k| !k.to_string_lossy().ends_with("-restored"))
+            .collect();
         assert_eq!(kept.len(), 1, "{kept:?}");
         assert!(
             kept[0].join("member").exists(),

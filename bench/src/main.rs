@@ -9,6 +9,7 @@
 mod backend;
 mod backup;
 mod datapath;
+mod detection;
 mod failover;
 mod probecost;
 mod suite;
@@ -40,6 +41,10 @@ enum Cmd {
     /// Probing cost: CPU of bulwark-prober and of the probed servers with
     /// a fresh connection per probe and with kept-alive connections.
     ProbeCost(probecost::Args),
+    /// Detection: an apiserver SIGKILLed or shut down gracefully, time until
+    /// bulwark (probers + verdicts) and HAProxy (kubeadm guide checks) stop
+    /// sending it new connections.
+    Detection(detection::Args),
     /// Failover scenario suite (root only): bulwark beside keepalived +
     /// HAProxy on the same netns topology, in one run (`cargo xtask bench`).
     Suite(suite::Args),
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
         Cmd::BackupOnce(a) => backup::run_once(&a),
         Cmd::Failover(a) => failover::run(&a),
         Cmd::ProbeCost(a) => probecost::run(&a),
+        Cmd::Detection(a) => detection::run(&a),
         Cmd::Backend(a) => backend::run(&a),
         Cmd::Suite(a) => suite::run(&a),
         Cmd::Load(a) => suite::load::run(a),

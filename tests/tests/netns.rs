@@ -78,6 +78,44 @@ fn heavy_netns_partition_blocks_only_the_pair() {
     assert!(ping_becomes(h1, h3.addr(), true, Duration::from_secs(5)));
 }
 
+#[test]
+fn heavy_netns_one_way_partition_drops_one_direction() {
+    let Some(lab) = Lab::start_or_skip(2).unwrap() else {
+        return;
+    };
+    let (h1, h2) = (lab.host(0).clone(), lab.host(1).clone());
+    lab.partition_one_way(&h1, &h2).unwrap();
+    // h2 -> h1 gets through, h1 -> h2 does not (UDP: no answer needed).
+    assert!(udp_arrives(&h2, &h1), "h2 -> h1 should pass");
+    assert!(!udp_arrives(&h1, &h2), "h1 -> h2 should be dropped");
+    lab.heal(&h2, &h1).unwrap();
+    assert!(udp_arrives(&h1, &h2), "h1 -> h2 after heal");
+}
+
+/// Whether a UDP datagram from `from` reaches `to` within a second (a few
+/// tries, so that ARP resolution cannot lose the only datagram).
+fn udp_arrives(from: &bulwark_testkit::Host, to: &bulwark_testkit::Host) -> bool {
+    let to_addr = to.addr();
+    let receiver = to
+        .in_netns(move || std::net::UdpSocket::bind((to_addr, 0)).unwrap())
+        .unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let target = receiver.local_addr().unwrap();
+    let from_addr = from.addr();
+    let sender = from
+        .in_netns(move || std::net::UdpSocket::bind((from_addr, 0)).unwrap())
+        .unwrap();
+    let mut buf = [0u8; 16];
+    (0..5).any(|_| {
+        sender.send_to(b"bulwark", target).unwrap();
+        receiver
+            .recv(&mut buf)
+            .is_ok_and(|n| &buf[..n] == b"bulwark")
+    })
+}
+
 #[tokio::test]
 async fn heavy_netns_netem_adds_delay_and_loss() {
     let Some(lab) = Lab::start_or_skip(2).unwrap() else {

@@ -13,7 +13,7 @@ use std::process::Command;
 use anyhow::bail;
 
 use crate::setup::{SetupArgs, tools_dir};
-use crate::{is_root, run_cmd, workspace_root};
+use crate::{cargo, is_root, run_cmd, workspace_root};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -43,7 +43,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("the bench suite builds network namespaces: run it as root");
     }
     let root = workspace_root();
-    let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut build = cargo();
     build
         .current_dir(&root)
         .args(["build", "--release", "--locked", "--bins"]);

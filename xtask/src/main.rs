@@ -4,10 +4,12 @@
 //!   quiet when everything is present).
 //! - `cargo xtask test`: setup, then format check, clippy and the whole test
 //!   suite. This is exactly what CI runs (`.ci/run`).
+//! - `cargo xtask demo`: the whole product on loopback, narrated.
 //! - `cargo xtask bench [SCENARIO] [--quick]`: the failover scenario suite,
 //!   bulwark beside keepalived + HAProxy (root: network namespaces).
 
 mod bench;
+mod demo;
 mod setup;
 mod test;
 
@@ -33,6 +35,10 @@ enum Cmd {
     /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then every
     /// test with nextest. Extra arguments go to `cargo nextest run`.
     Test(test::TestArgs),
+    /// The whole product on loopback in one command: etcd, apiserver
+    /// stand-ins, bulwark-lb, -prober and -backup; a failover, an apiserver
+    /// loss, a backup and a restore, narrated. No root needed.
+    Demo(demo::DemoArgs),
     /// Build in release, setup, then run the failover scenario suite
     /// (bulwark beside keepalived + HAProxy, same topology, same run) as
     /// root; results in bench/results/<date>-suite.{md,json,svg}.
@@ -44,6 +50,7 @@ fn main() {
     let result = match cli.command {
         Cmd::Setup(args) => setup::run(&args),
         Cmd::Test(args) => test::run(&args),
+        Cmd::Demo(args) => demo::run(&args),
         Cmd::Bench(args) => bench::run(&args),
     };
     if let Err(e) = result {
@@ -58,6 +65,13 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(Path::to_owned)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `cargo`, as the one running xtask, in the workspace root.
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
 }
 
 /// Runs a command to completion, inheriting stdio; fails with the command

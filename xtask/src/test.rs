@@ -5,13 +5,12 @@
 //! run --workspace`. Run as root it also demands that privileged tests
 //! (network namespaces) and every tool actually run rather than skip.
 
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
 
 use crate::setup::{SetupArgs, tools_dir};
-use crate::{is_root, output_of, run_cmd, workspace_root};
+use crate::{cargo, is_root, output_of, run_cmd};
 
 #[derive(clap::Args)]
 pub struct TestArgs {
@@ -29,12 +28,6 @@ fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()
     let r = f().with_context(|| format!("step `{name}` failed"));
     println!("xtask test: {name}: {:.1?}", start.elapsed());
     r
-}
-
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(workspace_root());
-    c
 }
 
 pub fn run(args: &TestArgs) -> anyhow::Result<()> {

@@ -161,7 +161,11 @@ pub fn analyse(i: Input<'_>) -> RunResult {
     let mut ok_ends: Vec<u64> = requests.iter().filter(|e| e.ok).map(|e| e.end_ns).collect();
     ok_ends.sort_unstable();
     let mut gap = 0u64;
-    let mut prev = ok_ends.iter().copied().rfind(|&t| t <= fault).unwrap_or(fault);
+    let mut prev = ok_ends
+        .iter()
+        .copied()
+        .rfind(|&t| t <= fault)
+        .unwrap_or(fault);
     for &t in ok_ends.iter().filter(|&&t| t > fault) {
         gap = gap.max(t - prev);
         prev = t;
@@ -358,7 +362,10 @@ mod tests {
             ev(Kind::Connect, 1, 1200, 1300, false),
             ev(Kind::Request, 1, 1300, 1400, false),
         ];
-        for t in (100..=3000).step_by(100).filter(|t| !(1001..1600).contains(t)) {
+        for t in (100..=3000)
+            .step_by(100)
+            .filter(|t| !(1001..1600).contains(t))
+        {
             events.push(ev(Kind::Request, 1, t - 5, t, true));
         }
         let r = analyse(Input {

@@ -490,8 +490,8 @@ async fn run_one(
     let all_logs: Vec<PathBuf> = (0..lb_hosts.len()).flat_map(|i| front.logs(i)).collect();
     let master_watch = (contender == Contender::Baseline)
         .then(|| LogWatch::start(others, stack::KEEPALIVED_MASTER));
-    let down_watch = (contender == Contender::Baseline)
-        .then(|| LogWatch::start(all_logs, stack::HAPROXY_DOWN));
+    let down_watch =
+        (contender == Contender::Baseline).then(|| LogWatch::start(all_logs, stack::HAPROXY_DOWN));
 
     let markers = inject(topo, &mut front, scenario, holder, p).await?;
     tokio::time::sleep(Duration::from_secs_f64(p.after_s)).await;

@@ -148,13 +148,7 @@ impl Report {
         let _ = writeln!(
             s,
             "Load (from the client host, over HTTPS through the VIP, HTTP/2): {} watch clients holding a watch stream each ({} in the reconnect storm; a stream silent for 2.5 s is re-established after a 100-300 ms backoff), {} short-request clients at {} req/s each (half keep their connection, half connect per request; 1 s timeout for connects and requests). {} s of load before the fault, {} s after; \"during\" is from the first fault to {} s after the last.\n",
-            p.watchers,
-            p.storm_watchers,
-            p.requesters,
-            p.rate,
-            p.before_s,
-            p.after_s,
-            p.during_s
+            p.watchers, p.storm_watchers, p.requesters, p.rate, p.before_s, p.after_s, p.during_s
         );
         let _ = writeln!(
             s,
@@ -257,7 +251,13 @@ impl Report {
         }
         let _ = writeln!(s, "\n## Plots\n");
         for (sc, file) in plots {
-            let _ = writeln!(s, "### {}: {}\n\n![{}]({file})\n", sc.key(), sc.describe(), sc.key());
+            let _ = writeln!(
+                s,
+                "### {}: {}\n\n![{}]({file})\n",
+                sc.key(),
+                sc.describe(),
+                sc.key()
+            );
         }
         s
     }
@@ -287,7 +287,12 @@ fn plot(path: &Path, scenario: Scenario, runs: &[&RunResult]) -> anyhow::Result<
         let fault = r.markers.first().map_or(0, |m| m.at_ns);
         let mut chart = ChartBuilder::on(area)
             .caption(
-                format!("{} — {}: {}", scenario.key(), r.contender.key(), scenario.describe()),
+                format!(
+                    "{} — {}: {}",
+                    scenario.key(),
+                    r.contender.key(),
+                    scenario.describe()
+                ),
                 ("sans-serif", 15),
             )
             .margin(10)
@@ -302,7 +307,9 @@ fn plot(path: &Path, scenario: Scenario, runs: &[&RunResult]) -> anyhow::Result<
         let series: [(&str, RGBColor, fn(&super::analysis::Bucket) -> f64); 3] = [
             ("requests ok/s", BLUE, |b| b.ok_rps),
             ("failed requests+connects/s", RED, |b| b.failed_rps),
-            ("watch streams lost/s", RGBColor(230, 140, 0), |b| b.watch_lost_ps),
+            ("watch streams lost/s", RGBColor(230, 140, 0), |b| {
+                b.watch_lost_ps
+            }),
         ];
         for (label, color, value) in series {
             chart

@@ -144,7 +144,11 @@ fn tls_files(c: &bulwark_testkit::CertFiles) -> TlsFiles {
 }
 
 /// Node `i`'s status over the operator API, dialled from the client host.
-async fn status(t: &Topology, host: &Host, operator: &TlsMaterial) -> Option<lb::GetStatusResponse> {
+async fn status(
+    t: &Topology,
+    host: &Host,
+    operator: &TlsMaterial,
+) -> Option<lb::GetStatusResponse> {
     let addr = SocketAddr::new(IpAddr::V4(host.addr()), API_PORT);
     let via = t.client().clone();
     let endpoint = bulwark_common::grpc::endpoint(&addr.to_string(), operator, None).ok()?;
@@ -394,7 +398,11 @@ pub fn holders(hosts: &[Host], vip: Ipv4Addr) -> Vec<usize> {
 }
 
 /// Waits until exactly one host holds the VIP.
-pub async fn wait_single_holder(hosts: &[Host], vip: Ipv4Addr, limit: Duration) -> anyhow::Result<usize> {
+pub async fn wait_single_holder(
+    hosts: &[Host],
+    vip: Ipv4Addr,
+    limit: Duration,
+) -> anyhow::Result<usize> {
     let deadline = std::time::Instant::now() + limit;
     loop {
         let h = holders(hosts, vip);

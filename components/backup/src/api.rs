@@ -7,10 +7,8 @@
 //! or the verification result. A client that goes away cancels the work:
 //! the task's token is tied to the response channel.
 //!
-//! `Restore` and `ListDeltas` belong to whole-cluster restore and
-//! continuous deltas, which this service does not do yet; they answer
-//! UNIMPLEMENTED, and the `RestoreAgent` service is not registered at all
-//! (tonic answers UNIMPLEMENTED for it).
+//! `Restore` is handed to [`crate::restore::Coordinator`]; the
+//! `RestoreAgent` service is [`crate::restore::AgentApi`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,12 +35,23 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>
 pub struct BackupApi {
     service: Arc<Service>,
     shutdown: CancellationToken,
+    restore: Option<crate::restore::Coordinator>,
 }
 
 impl BackupApi {
     /// Handlers over `service`; `shutdown` stops streaming work.
     pub fn new(service: Arc<Service>, shutdown: CancellationToken) -> Self {
-        Self { service, shutdown }
+        Self {
+            service,
+            shutdown,
+            restore: None,
+        }
+    }
+
+    /// Serves `Restore` through `coordinator`.
+    pub fn with_restore(mut self, coordinator: crate::restore::Coordinator) -> Self {
+        self.restore = Some(coordinator);
+        self
     }
 
     /// The tonic service to register.
@@ -335,7 +344,7 @@ impl pb::backup_server::Backup for BackupApi {
         Ok(Response::new(pb::DeleteSnapshotResponse {
             id: deleted.id,
             freed_bytes: deleted.freed_bytes,
-            deleted_delta_segments: 0,
+            deleted_delta_segments: deleted.deleted_segments,
         }))
     }
 
@@ -355,6 +364,29 @@ impl pb::backup_server::Backup for BackupApi {
                 }
             };
         let latest = engine.list_snapshots().await?.into_iter().next();
+        // Segments of the newest snapshot: the history that can be restored.
+        let segments = match &latest {
+            Some(l) => engine.list_segments(Some(&l.manifest.id)).await?,
+            None => Vec::new(),
+        };
+        let covered = latest.as_ref().map(|l| {
+            crate::delta::check_continuity(l.manifest.revision, &segments)
+                .unwrap_or(l.manifest.revision)
+                .max(l.manifest.revision_max)
+        });
+        let ds = s.delta_status();
+        let now = Utc::now();
+        let lag = ds.rpo_lag(now);
+        let delta_state = match (&settings.deltas, &ds.state) {
+            (None, _) => pb::DeltaState::Disabled,
+            (Some(_), crate::delta::RecorderState::Stopped) => pb::DeltaState::Stopped,
+            (Some(_), crate::delta::RecorderState::Gap) => pb::DeltaState::Gap,
+            (Some(d), crate::delta::RecorderState::Running) if lag > d.rpo_target => {
+                pb::DeltaState::Lagging
+            }
+            (Some(_), crate::delta::RecorderState::Running) => pb::DeltaState::Running,
+        };
+        let newest = segments.last();
         Ok(Response::new(pb::GetStatusResponse {
             node_name: engine.node_name.clone(),
             store_url: engine.store.display().to_owned(),
@@ -369,10 +401,7 @@ impl pb::backup_server::Backup for BackupApi {
                 is_leader: s.is_leader(),
                 drill_interval: settings.drill_interval.map(duration),
             }),
-            newest_revision_covered: latest
-                .as_ref()
-                .map(|l| l.manifest.revision_max)
-                .unwrap_or(0),
+            newest_revision_covered: covered.unwrap_or(0),
             last_success: latest
                 .as_ref()
                 .map(|l| l.manifest.to_summary(l.last_verification.as_ref())),
@@ -382,32 +411,69 @@ impl pb::backup_server::Backup for BackupApi {
                 message: e.message,
             }),
             deltas: Some(pb::DeltaStatus {
-                state: pb::DeltaState::Disabled as i32,
-                ..Default::default()
+                state: delta_state as i32,
+                newest_revision: newest
+                    .map(|n| n.last_revision)
+                    .unwrap_or(ds.newest_revision),
+                newest_revision_at: newest
+                    .map(|n| n.last_event_at)
+                    .or(ds.newest_at)
+                    .map(timestamp),
+                rpo_lag: (ds.state == crate::delta::RecorderState::Running).then(|| duration(lag)),
+                segment_count: segments.len() as u64,
             }),
             last_drill: s.last_drill().map(|r| r.to_result()),
-            restore_in_progress: None,
+            restore_in_progress: s.restore_running().map(|r| pb::RestoreInProgress {
+                restore_id: r.restore_id,
+                coordinator: engine.node_name.clone(),
+                started_at: Some(timestamp(r.started_at)),
+                phase: r.phase,
+            }),
         }))
     }
 
     async fn list_deltas(
         &self,
-        _request: Request<pb::ListDeltasRequest>,
+        request: Request<pb::ListDeltasRequest>,
     ) -> Result<Response<pb::ListDeltasResponse>, Status> {
-        Err(Status::unimplemented(
-            "continuous deltas are not recorded by this version of bulwark-backup",
-        ))
+        let req = request.into_inner();
+        let page_size = match req.page_size {
+            0 => 1000,
+            n => n.min(10_000) as usize,
+        };
+        let all = self.service.engine().list_segments(None).await?;
+        let mut matching = all.iter().filter(|s| {
+            req.from_revision.is_none_or(|r| s.last_revision >= r)
+                && req.to_revision.is_none_or(|r| s.first_revision <= r)
+                && (req.page_token.is_empty() || s.id > req.page_token)
+        });
+        let page: Vec<_> = matching.by_ref().take(page_size).collect();
+        let next_page_token = if matching.next().is_some() {
+            page.last().map(|s| s.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListDeltasResponse {
+            segments: page.iter().map(|s| s.to_proto()).collect(),
+            next_page_token,
+        }))
     }
 
     type RestoreStream = Stream_<pb::RestoreProgress>;
 
     async fn restore(
         &self,
-        _request: Request<pb::RestoreRequest>,
+        request: Request<pb::RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
-        Err(Status::unimplemented(
-            "whole-cluster restore is not available in this version of bulwark-backup; \
-             restore a member by hand with `etcdutl snapshot restore` (docs/BACKUP.md)",
+        let caller = bulwark_common::grpc::caller(&request).map(ToString::to_string);
+        let Some(c) = &self.restore else {
+            return Err(Status::failed_precondition(
+                "this instance has no restore coordinator configured",
+            ));
+        };
+        tracing::warn!(caller = ?caller, request = ?request.get_ref(), "restore requested");
+        Ok(Response::new(
+            c.start(request.into_inner(), &self.shutdown)?,
         ))
     }
 }

@@ -70,8 +70,10 @@ pub struct Scan {
 pub struct Deleted {
     /// The snapshot.
     pub id: String,
-    /// Bytes freed.
+    /// Bytes freed (snapshot and delta segments).
     pub freed_bytes: u64,
+    /// Delta segments deleted with it.
+    pub deleted_segments: u32,
 }
 
 /// What one retention run did.
@@ -307,9 +309,18 @@ impl Engine {
             .filter(|m| m.location == manifest)
             .map(|m| m.size)
             .sum::<u64>();
+        // Deltas follow their base snapshot: without it they restore nothing.
+        let (deleted_segments, delta_bytes) = match self.delete_segments(id).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(snapshot_id = id, error = %e, "deleting the snapshot's delta segments failed; the next retention run retries");
+                (0, 0)
+            }
+        };
         Ok(Deleted {
             id: id.to_owned(),
-            freed_bytes: freed,
+            freed_bytes: freed + delta_bytes,
+            deleted_segments,
         })
     }
 
@@ -343,6 +354,26 @@ impl Engine {
                     tracing::warn!(snapshot_id = %id, error = %e, "retention could not delete")
                 }
             }
+        }
+        // Segments whose base snapshot is gone (deleted by an older
+        // version, or its segment deletion failed) restore nothing.
+        match self.list_segments(None).await {
+            Ok(segments) => {
+                let orphaned: std::collections::BTreeSet<&str> = segments
+                    .iter()
+                    .map(|s| s.base_snapshot.as_str())
+                    .filter(|b| {
+                        !scan.snapshots.iter().any(|s| s.manifest.id == *b)
+                            || outcome.deleted.iter().any(|d| d == b)
+                    })
+                    .collect();
+                for base in orphaned {
+                    if let Err(e) = self.delete_segments(base).await {
+                        tracing::warn!(base, error = %e, "retention could not delete delta segments");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "retention could not list delta segments"),
         }
         let grace =
             chrono::TimeDelta::from_std(self.gc_grace_period).unwrap_or(chrono::TimeDelta::MAX);

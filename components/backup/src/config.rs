@@ -65,6 +65,13 @@ pub struct BackupConfig {
     /// Verification and scheduled restore drills.
     #[serde(default)]
     pub drill: DrillConfig,
+    /// Continuous deltas recorded by the leader after each full snapshot.
+    #[serde(default)]
+    pub deltas: DeltaConfig,
+    /// This node's etcd member and the restore agents of every
+    /// control-plane node, for whole-cluster restore.
+    #[serde(default)]
+    pub restore: RestoreConfig,
     /// How long SIGTERM waits for in-flight work before exiting.
     #[serde(default = "default_grace", with = "duration")]
     pub shutdown_grace_period: Duration,
@@ -509,6 +516,129 @@ impl Default for DrillConfig {
     }
 }
 
+/// `deltas:`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeltaConfig {
+    /// Record deltas while leading.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Longest time an event waits before its segment is written.
+    #[serde(default = "default_flush_interval", with = "duration")]
+    pub flush_interval: Duration,
+    /// Buffered events that write a segment at once.
+    #[serde(default = "default_segment_bytes")]
+    pub max_segment_bytes: ByteSize,
+    /// Lag above this shows as LAGGING in status.
+    #[serde(default = "default_rpo_target", with = "duration")]
+    pub rpo_target: Duration,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_flush_interval() -> Duration {
+    Duration::from_millis(500)
+}
+
+fn default_segment_bytes() -> ByteSize {
+    ByteSize::mib(4)
+}
+
+fn default_rpo_target() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl Default for DeltaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            flush_interval: default_flush_interval(),
+            max_segment_bytes: default_segment_bytes(),
+            rpo_target: default_rpo_target(),
+        }
+    }
+}
+
+/// `restore:`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestoreConfig {
+    /// etcd's static pod manifest; moving it out of the kubelet's manifest
+    /// dir stops etcd, putting it back starts it.
+    #[serde(default = "default_etcd_manifest")]
+    pub etcd_manifest: PathBuf,
+    /// Where moved manifests and staged snapshots go (same file system as
+    /// the manifest, so moves are renames).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// etcd's data dir. Empty: `--data-dir` of the manifest.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// etcd member name. Empty: `--name` of the manifest.
+    #[serde(default)]
+    pub member_name: Option<String>,
+    /// Peer URLs. Empty: `--initial-advertise-peer-urls` of the manifest.
+    #[serde(default)]
+    pub peer_urls: Vec<String>,
+    /// Client URLs. Empty: `--advertise-client-urls` of the manifest.
+    #[serde(default)]
+    pub client_urls: Vec<String>,
+    /// This node's agent address (host:port) as the other nodes reach it.
+    /// Empty: the gRPC listen address.
+    #[serde(default)]
+    pub agent_address: Option<String>,
+    /// Every control-plane node's agent address (host:port), this one
+    /// included: a restore restores exactly these members.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Client certificate for calling the other agents (their `peers`
+    /// access rule must match it). Absent: `grpc.tls`.
+    #[serde(default)]
+    pub client_tls: Option<TlsFiles>,
+    /// Longest wait for etcd to stop after its manifest is moved.
+    #[serde(default = "default_stop_timeout", with = "duration")]
+    pub stop_timeout: Duration,
+    /// Longest wait for the restored member to become healthy.
+    #[serde(default = "default_health_timeout", with = "duration")]
+    pub health_timeout: Duration,
+}
+
+fn default_etcd_manifest() -> PathBuf {
+    "/etc/kubernetes/manifests/etcd.yaml".into()
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/bulwark/restore".into()
+}
+
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for RestoreConfig {
+    fn default() -> Self {
+        Self {
+            etcd_manifest: default_etcd_manifest(),
+            state_dir: default_state_dir(),
+            data_dir: None,
+            member_name: None,
+            peer_urls: Vec::new(),
+            client_urls: Vec::new(),
+            agent_address: None,
+            peers: Vec::new(),
+            client_tls: None,
+            stop_timeout: default_stop_timeout(),
+            health_timeout: default_health_timeout(),
+        }
+    }
+}
+
 impl Validate for BackupConfig {
     fn validate(&self, v: &mut Validator) {
         v.check(
@@ -638,6 +768,110 @@ impl Validate for BackupConfig {
                 Duration::from_secs(30 * 86400),
             );
         });
+        v.at("deltas", |v| {
+            v.duration_in(
+                "flushInterval",
+                self.deltas.flush_interval,
+                Duration::from_millis(10),
+                Duration::from_secs(300),
+            );
+            v.check(
+                self.deltas.max_segment_bytes >= ByteSize(64 << 10)
+                    && self.deltas.max_segment_bytes <= ByteSize::mib(64),
+                "maxSegmentBytes",
+                format!(
+                    "{} is out of range: expected between 64KiB and 64MiB",
+                    self.deltas.max_segment_bytes
+                ),
+            );
+            v.duration_in(
+                "rpoTarget",
+                self.deltas.rpo_target,
+                Duration::from_millis(10),
+                Duration::from_secs(86400),
+            );
+        });
+        v.at("restore", |v| {
+            let r = &self.restore;
+            v.check(
+                r.etcd_manifest.is_absolute() && r.etcd_manifest.parent().is_some(),
+                "etcdManifest",
+                format!(
+                    "{} must be an absolute file path",
+                    r.etcd_manifest.display()
+                ),
+            );
+            v.check(
+                r.state_dir.is_absolute(),
+                "stateDir",
+                format!("{} must be an absolute path", r.state_dir.display()),
+            );
+            if let Some(d) = &r.data_dir {
+                v.check(
+                    d.is_absolute() && d.parent().is_some() && d.file_name().is_some(),
+                    "dataDir",
+                    format!("{} must be an absolute path below /", d.display()),
+                );
+            }
+            if let Some(n) = &r.member_name {
+                v.check(
+                    !n.trim().is_empty(),
+                    "memberName",
+                    "must not be empty when set",
+                );
+            }
+            for (field, urls) in [("peerUrls", &r.peer_urls), ("clientUrls", &r.client_urls)] {
+                for (i, u) in urls.iter().enumerate() {
+                    let ok = url::Url::parse(u)
+                        .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                        .unwrap_or(false);
+                    v.check(
+                        ok,
+                        format!("{field}[{i}]"),
+                        format!("{u:?} is not a URL: expected http(s)://host:port"),
+                    );
+                }
+            }
+            let host_port = |a: &str| {
+                a.rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+            };
+            if let Some(a) = &r.agent_address {
+                v.check(
+                    host_port(a),
+                    "agentAddress",
+                    format!("{a:?}: expected host:port"),
+                );
+            }
+            for (i, a) in r.peers.iter().enumerate() {
+                v.check(
+                    host_port(a),
+                    format!("peers[{i}]"),
+                    format!("{a:?}: expected host:port"),
+                );
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for a in &r.peers {
+                if !seen.insert(a) {
+                    v.at("peers", |v| v.error(format!("{a:?} is listed twice")));
+                }
+            }
+            if let Some(tls) = &r.client_tls {
+                check_tls(v, "clientTls", tls);
+            }
+            v.duration_in(
+                "stopTimeout",
+                r.stop_timeout,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            );
+            v.duration_in(
+                "healthTimeout",
+                r.health_timeout,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            );
+        });
         v.at("drill", |v| {
             if let Some(i) = self.drill.interval {
                 v.duration_in(
@@ -703,6 +937,30 @@ mod tests {
         assert_eq!(c.etcd.snapshot_from, MemberChoice::Leader);
         assert!(c.encryption.recipient_file.is_none());
         assert!(c.drill.interval.is_none());
+        assert!(c.deltas.enabled);
+        assert_eq!(c.deltas.flush_interval, Duration::from_millis(500));
+        assert_eq!(
+            c.restore.etcd_manifest,
+            PathBuf::from("/etc/kubernetes/manifests/etcd.yaml")
+        );
+    }
+
+    #[test]
+    fn restore_fields_are_checked() {
+        let errs = errors(&minimal(
+            "deltas:\n  maxSegmentBytes: 1KiB\n\
+             restore:\n  etcdManifest: etc/etcd.yaml\n  dataDir: var/lib/etcd\n  peerUrls: [10.0.0.1:2380]\n  peers: ['a:1', 'a:1', 'b']\n",
+        ));
+        let has = |prefix: &str| errs.iter().any(|e| e.starts_with(prefix));
+        assert!(
+            has("deltas.maxSegmentBytes: 1KiB is out of range"),
+            "{errs:#?}"
+        );
+        assert!(has("restore.etcdManifest"), "{errs:#?}");
+        assert!(has("restore.dataDir"), "{errs:#?}");
+        assert!(has("restore.peerUrls[0]"), "{errs:#?}");
+        assert!(has("restore.peers: \"a:1\" is listed twice"), "{errs:#?}");
+        assert!(has("restore.peers[2]"), "{errs:#?}");
     }
 
     #[test]

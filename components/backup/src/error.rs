@@ -23,6 +23,10 @@ pub enum Corruption {
     Decompress,
     /// A manifest or record is not valid JSON of our format.
     Manifest,
+    /// Delta segments do not cover a revision range without a hole.
+    DeltaGap,
+    /// A delta segment decoded, but its content is not what its record says.
+    DeltaContent,
 }
 
 impl Corruption {
@@ -35,6 +39,8 @@ impl Corruption {
             Corruption::Decrypt => "decrypt_failed",
             Corruption::Decompress => "decompress_failed",
             Corruption::Manifest => "bad_manifest",
+            Corruption::DeltaGap => "delta_gap",
+            Corruption::DeltaContent => "delta_content_mismatch",
         }
     }
 }
@@ -48,6 +54,8 @@ impl fmt::Display for Corruption {
             Corruption::Decrypt => "decryption failed (tampered or truncated ciphertext)",
             Corruption::Decompress => "zstd decompression failed (malformed or truncated frame)",
             Corruption::Manifest => "manifest is not valid",
+            Corruption::DeltaGap => "delta segments leave a gap in the revision history",
+            Corruption::DeltaContent => "delta segment content does not match its record",
         })
     }
 }

@@ -159,6 +159,15 @@ impl EtcdConnector {
         Ok(out)
     }
 
+    /// The same connection settings for other endpoints (one member's
+    /// client URLs, during a restore).
+    pub fn with_endpoints(&self, endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            ..self.clone()
+        }
+    }
+
     async fn status_of(&self, endpoint: &str) -> Result<MemberStatus> {
         let eps = [endpoint.to_owned()];
         let mut c = self.client_for(&eps, true).await?;

@@ -6,6 +6,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`snapshot`] | the pipeline: etcd stream → trailer check → zstd → age → multipart upload → manifest |
+//! | [`delta`] | continuous deltas: the watch recorder, segments, their commit records |
 //! | [`codec`] | the zstd/age write and read chains and the channel adapters between stages |
 //! | [`hashing`] | SHA-256 and etcd's trailing-hash verifier |
 //! | [`upload`] | multipart upload with bounded parallelism and a guaranteed abort |
@@ -19,19 +20,25 @@
 //! | [`schedule`] | interval and cron ticks |
 //! | [`retention`] | the pure keep/delete policy |
 //! | [`catalog`] | listing, get, delete, retention and garbage collection against the store |
+//! | [`pitr`] | point-in-time restore: the plan and the one target snapshot every member restores |
+//! | [`scratch`] | a throwaway loopback etcd restored from a snapshot file |
 //! | [`verify`] | verification and restore drills |
 //! | [`election`] | the etcd election of the instance that does scheduled work |
 //! | [`service`] | the scheduler and the state behind `GetStatus` |
+//! | [`agent`] | this node's part of a restore: manifest out, data dir aside, etcdutl restore, manifest back |
+//! | [`restore`] | the restore coordinator and the `RestoreAgent` gRPC handlers |
 //! | [`api`] | the `bulwark.backup.v1.Backup` gRPC handlers |
 //! | [`metrics`] | `bulwark_backup_*` metrics |
 //! | [`faults`] | an object store that fails on demand, for tests |
 //!
 //! [`run`] starts everything on listeners bound by the caller, so tests can
 //! run several instances on port 0 in one process.
+pub mod agent;
 pub mod api;
 pub mod catalog;
 pub mod codec;
 pub mod config;
+pub mod delta;
 pub mod election;
 pub mod encryption;
 pub mod engine;
@@ -42,8 +49,11 @@ pub mod hashing;
 pub mod layout;
 pub mod manifest;
 pub mod metrics;
+pub mod pitr;
+pub mod restore;
 pub mod retention;
 pub mod schedule;
+pub mod scratch;
 pub mod service;
 pub mod snapshot;
 pub mod store;
@@ -123,7 +133,8 @@ pub async fn run(
         .schedule
         .schedule()
         .map_err(|e| anyhow::anyhow!("schedule: {e}"))?;
-    let scheduled_work = schedule.is_some() || config.drill.interval.is_some();
+    let scheduled_work =
+        schedule.is_some() || config.drill.interval.is_some() || config.deltas.enabled;
     let settings = service::ServiceSettings {
         schedule,
         retries: config.schedule.retries,
@@ -131,6 +142,12 @@ pub async fn run(
         retention_interval: config.retention.interval,
         drill_interval: config.drill.interval,
         election_name: config.schedule.election_name.clone(),
+        deltas: config.deltas.enabled.then(|| delta::DeltaSettings {
+            flush_interval: config.deltas.flush_interval,
+            max_segment_bytes: usize::try_from(config.deltas.max_segment_bytes.0)
+                .unwrap_or(4 << 20),
+            rpo_target: config.deltas.rpo_target,
+        }),
     };
     let (leader_tx, leader_rx) = watch::channel(election::LeaderState::default());
     let service = Arc::new(service::Service::new(engine.clone(), settings, leader_rx));
@@ -157,11 +174,35 @@ pub async fn run(
     });
 
     let grpc_token = shutdown.token();
-    let api = api::BackupApi::new(service.clone(), shutdown.token());
+    let agent_address = match &config.restore.agent_address {
+        Some(a) => a.clone(),
+        None => listeners
+            .grpc
+            .local_addr()
+            .context("reading the gRPC listen address")?
+            .to_string(),
+    };
+    let agent = Arc::new(agent::Agent::new(
+        engine.clone(),
+        config.restore.clone(),
+        agent_address,
+    ));
+    let client_tls = config
+        .restore
+        .client_tls
+        .as_ref()
+        .unwrap_or(&config.grpc.tls)
+        .load()
+        .context("loading restore.clientTls")?;
+    let coordinator =
+        restore::Coordinator::new(service.clone(), config.restore.peers.clone(), client_tls);
+    let api = api::BackupApi::new(service.clone(), shutdown.token()).with_restore(coordinator);
+    let agent_api = restore::AgentApi::new(agent, shutdown.token());
     let access = config.grpc.access.clone();
     shutdown.spawn_critical("gRPC server", async move {
         GrpcServer::new()
             .add_service(api.into_server())
+            .add_service(agent_api.into_server())
             .serve(listeners.grpc, &tls, access, grpc_token)
             .await
             .context("gRPC server")

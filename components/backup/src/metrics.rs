@@ -13,7 +13,15 @@
 //! | `bulwark_backup_leader` | gauge | 1 while this instance leads scheduled work |
 //! | `bulwark_backup_retention_deleted_total` | counter | snapshots deleted by retention |
 //! | `bulwark_backup_gc_collected_total` | counter | leftover uploads removed |
+//! | `bulwark_backup_delta_segments_total` | counter | delta segments committed |
+//! | `bulwark_backup_delta_events_total` | counter | etcd events in them |
+//! | `bulwark_backup_delta_gaps_total` | counter | gaps (compaction, missing revision) that forced a full snapshot |
+//! | `bulwark_backup_delta_covered_revision` | gauge | newest etcd revision in a committed segment |
+//! | `bulwark_backup_delta_rpo_lag_seconds` | gauge | age of the oldest event not yet committed (0: all committed) |
+//! | `bulwark_backup_delta_running` | gauge | 1 while this instance records deltas |
+//! | `bulwark_backup_restores_total` | counter | restores coordinated here, by `outcome` |
 
+use crate::delta::{DeltaStatus, RecorderState, SegmentMeta};
 use crate::error::BackupError;
 use crate::manifest::{Manifest, VerificationRecord};
 
@@ -56,4 +64,31 @@ pub fn verified(r: &VerificationRecord) {
 pub fn retention(deleted: usize, collected: usize) {
     metrics::counter!("bulwark_backup_retention_deleted_total").increment(deleted as u64);
     metrics::counter!("bulwark_backup_gc_collected_total").increment(collected as u64);
+}
+
+/// Records a committed delta segment.
+pub fn delta_committed(m: &SegmentMeta) {
+    metrics::counter!("bulwark_backup_delta_segments_total").increment(1);
+    metrics::counter!("bulwark_backup_delta_events_total").increment(m.event_count);
+}
+
+/// Records a delta gap.
+pub fn delta_gap() {
+    metrics::counter!("bulwark_backup_delta_gaps_total").increment(1);
+}
+
+/// Publishes the delta recorder's status.
+pub fn delta_status(s: &DeltaStatus, lag: std::time::Duration) {
+    metrics::gauge!("bulwark_backup_delta_covered_revision").set(s.newest_revision as f64);
+    metrics::gauge!("bulwark_backup_delta_rpo_lag_seconds").set(lag.as_secs_f64());
+    metrics::gauge!("bulwark_backup_delta_running").set(if s.state == RecorderState::Running {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+/// Records the end of a restore.
+pub fn restore_finished(outcome: &'static str) {
+    metrics::counter!("bulwark_backup_restores_total", "outcome" => outcome).increment(1);
 }

@@ -8,6 +8,10 @@
 //! last check before the manifest is written asks again. At most one
 //! snapshot runs per instance at a time (the API answers ABORTED to a
 //! second one).
+//!
+//! While leading, the delta recorder ([`crate::delta::Recorder`]) follows
+//! etcd after the newest snapshot; a gap in the history makes it ask for a
+//! new full snapshot, taken through the same path as scheduled ones.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +20,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::delta::{DeltaSettings, DeltaStatus, Recorder};
 use crate::election::LeaderState;
 use crate::engine::Engine;
 use crate::error::{BackupError, Result};
@@ -39,6 +44,8 @@ pub struct ServiceSettings {
     pub drill_interval: Option<Duration>,
     /// etcd election name.
     pub election_name: String,
+    /// Continuous deltas while leading; `None`: off.
+    pub deltas: Option<DeltaSettings>,
 }
 
 /// An error remembered for status.
@@ -67,6 +74,20 @@ pub struct Service {
     leader: watch::Receiver<LeaderState>,
     state: Mutex<State>,
     snapshot_lock: tokio::sync::Mutex<()>,
+    delta_status: Arc<Mutex<DeltaStatus>>,
+    restore_lock: tokio::sync::Mutex<()>,
+    restore_state: Mutex<Option<RestoreRunning>>,
+}
+
+/// The restore this instance coordinates now.
+#[derive(Clone, Debug)]
+pub struct RestoreRunning {
+    /// Restore id.
+    pub restore_id: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Its phase, as the API numbers them.
+    pub phase: i32,
 }
 
 impl Service {
@@ -82,7 +103,41 @@ impl Service {
             leader,
             state: Mutex::new(State::default()),
             snapshot_lock: tokio::sync::Mutex::new(()),
+            delta_status: Arc::new(Mutex::new(DeltaStatus::default())),
+            restore_lock: tokio::sync::Mutex::new(()),
+            restore_state: Mutex::new(None),
         }
+    }
+
+    /// The delta recorder's status.
+    pub fn delta_status(&self) -> DeltaStatus {
+        self.delta_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The restore lock: one restore per instance at a time.
+    pub fn try_restore_lock(&self) -> Result<tokio::sync::MutexGuard<'_, ()>> {
+        self.restore_lock.try_lock().map_err(|_| {
+            BackupError::Busy(format!(
+                "a restore is already running on {}",
+                self.engine.node_name
+            ))
+        })
+    }
+
+    /// Sets (or clears) the restore shown in status.
+    pub fn set_restore(&self, r: Option<RestoreRunning>) {
+        *self.restore_state.lock().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    /// The restore shown in status.
+    pub fn restore_running(&self) -> Option<RestoreRunning> {
+        self.restore_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The engine.
@@ -197,7 +252,17 @@ impl Service {
                     lead.cancel();
                 })
             };
-            self.lead(&lead).await;
+            let deltas = async {
+                if let Some(settings) = self.settings.deltas.clone() {
+                    let recorder =
+                        Recorder::new(self.engine.clone(), settings, self.delta_status.clone());
+                    let lead = &lead;
+                    recorder
+                        .run(lead, &|| Box::pin(self.gap_snapshot(lead)))
+                        .await;
+                }
+            };
+            tokio::join!(self.lead(&lead), deltas);
             lead.cancel();
             watcher.abort();
             self.lock().next_run = None;
@@ -274,13 +339,29 @@ impl Service {
         }))
     }
 
-    /// The scheduled snapshot of `tick`, retried up to `retries` times
-    /// while `lead` holds, then retention.
-    pub async fn scheduled_snapshot(&self, tick: DateTime<Utc>, lead: &CancellationToken) {
-        let attempts = self.settings.retries + 1;
+    /// A full snapshot after a delta gap, committed only while leading.
+    async fn gap_snapshot(&self, lead: &CancellationToken) -> Result<()> {
+        let may_commit = self.leading_now();
+        let options = SnapshotOptions {
+            trigger: Trigger::Scheduled,
+            scheduled_for: None,
+            note: "taken after a gap in the delta history".into(),
+            member_name: None,
+        };
+        match self.snapshot(options, &(), lead, &may_commit).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.remember_error("snapshot after a delta gap", &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// A check that this instance still leads in the current term.
+    fn leading_now(&self) -> impl Fn() -> Result<()> + Send + Sync + use<> {
         let term = self.leader.borrow().term;
         let leader = self.leader.clone();
-        let may_commit = move || {
+        move || {
             let s = leader.borrow();
             if s.is_leader && s.term == term {
                 Ok(())
@@ -289,7 +370,14 @@ impl Service {
                     "lost leadership before commit".into(),
                 ))
             }
-        };
+        }
+    }
+
+    /// The scheduled snapshot of `tick`, retried up to `retries` times
+    /// while `lead` holds, then retention.
+    pub async fn scheduled_snapshot(&self, tick: DateTime<Utc>, lead: &CancellationToken) {
+        let attempts = self.settings.retries + 1;
+        let may_commit = self.leading_now();
         for attempt in 1..=attempts {
             let options = SnapshotOptions {
                 trigger: Trigger::Scheduled,

@@ -174,7 +174,7 @@ impl Engine {
     }
 
     /// The streaming pass. Writes the decoded snapshot to `decoded` when given.
-    async fn stream_check(
+    pub(crate) async fn stream_check(
         &self,
         entry: &SnapshotEntry,
         decoded: Option<PathBuf>,

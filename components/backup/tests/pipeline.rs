@@ -322,6 +322,7 @@ async fn heavy_upload_faults_leave_nothing_behind() {
             retention_interval: Duration::from_secs(3600),
             drill_interval: None,
             election_name: "unused".into(),
+            deltas: None,
         },
         rx,
     );

@@ -37,6 +37,13 @@ pub enum Command {
     /// The load balancer: status, backends, drain, members.
     #[command(subcommand)]
     Lb(crate::lb::LbCommand),
+    /// Health verdicts: votes per zone, probers, zones down, fail-open.
+    Health(crate::health::HealthArgs),
+    /// The whole control plane at a glance: LB leader, VIP holder, members,
+    /// backends with verdicts and zones, probers, last backup, RPO lag, last
+    /// restore drill. Prints what it can reach; exits non-zero (the code of
+    /// the first failure) when a part is UNAVAILABLE.
+    Status,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         /// The shell.
@@ -70,6 +77,14 @@ impl Cli {
             Command::Lb(c) => {
                 let session = self.session()?;
                 c.run(&session.lb()?, self.output).await
+            }
+            Command::Health(c) => {
+                let session = self.session()?;
+                c.run(&session.lb()?, self.output).await
+            }
+            Command::Status => {
+                let session = self.session()?;
+                crate::status::run(&session, self.output).await
             }
             Command::Completion { shell } => {
                 let mut cmd = Cli::command();

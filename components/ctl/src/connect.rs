@@ -53,7 +53,7 @@ impl Session {
             })?;
         Ok(Service {
             name,
-            endpoints,
+            endpoints: endpoints.clone(),
             tls: &self.tls,
             timeout: self.resolved.timeout,
         })
@@ -63,15 +63,29 @@ impl Session {
 /// One service's endpoints.
 pub struct Service<'a> {
     name: &'static str,
-    endpoints: &'a ServiceEndpoints,
+    endpoints: ServiceEndpoints,
     tls: &'a TlsMaterial,
     timeout: Duration,
 }
 
-impl Service<'_> {
+impl<'a> Service<'a> {
     /// The service's name, for messages.
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// The same service with `address` tried first (e.g. the leader, for
+    /// what only the leader knows); the configured endpoints follow.
+    pub fn preferring(&self, address: &str) -> Service<'a> {
+        let mut endpoints = self.endpoints.clone();
+        endpoints.endpoints.retain(|e| e != address);
+        endpoints.endpoints.insert(0, address.to_owned());
+        Service {
+            name: self.name,
+            endpoints,
+            tls: self.tls,
+            timeout: self.timeout,
+        }
     }
 
     fn channel(&self, address: &str) -> Result<Channel, CliError> {

@@ -12,9 +12,9 @@
 //!   cert: /etc/kubernetes/pki/bulwark/admin.crt
 //!   key: /etc/kubernetes/pki/bulwark/admin.key
 //!   lb:
-//!     endpoints: [10.0.0.11:9440, 10.0.0.12:9440, 10.0.0.13:9440]
+//!     endpoints: [10.0.0.11:9442, 10.0.0.12:9442, 10.0.0.13:9442]
 //!   backup:
-//!     endpoints: [10.0.0.11:9450]
+//!     endpoints: [10.0.0.11:9445, 10.0.0.12:9445, 10.0.0.13:9445]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -98,7 +98,7 @@ pub fn check_endpoint(e: &str) -> Result<(), String> {
     if ok && !e.contains("://") {
         Ok(())
     } else {
-        Err(format!("{e:?} is not host:port (e.g. 10.0.0.11:9440)"))
+        Err(format!("{e:?} is not host:port (e.g. 10.0.0.11:9442)"))
     }
 }
 

@@ -47,7 +47,8 @@ Exit codes:
   0  success
   1  failed (internal error, aborted)
   2  bad arguments, config file or input
-  3  service unreachable or not ready (retry later)
+  3  service unreachable or not ready (retry later); `status` printed a
+     partial report
   4  certificate refused or not allowed (use an operator certificate)
   5  not found (backend, member, snapshot)
   6  refused in the current state (last voter, restore running, not confirmed)

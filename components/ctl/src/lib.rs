@@ -8,12 +8,16 @@
 //! - [`error`]: errors with a next step, and the documented exit codes;
 //! - [`cli`]: the command tree;
 //! - [`backup`]: `bulwarkctl backup …`;
-//! - [`lb`]: `bulwarkctl lb …`, bulwark-lb's operator commands.
+//! - [`lb`]: `bulwarkctl lb …`, bulwark-lb's operator commands;
+//! - [`health`]: `bulwarkctl health`, the LB leader's health aggregation.
+//! - [`status`]: `bulwarkctl status`, the whole control plane at a glance.
 
 pub mod backup;
 pub mod cli;
 pub mod connect;
 pub mod context;
 pub mod error;
+pub mod health;
 pub mod lb;
 pub mod output;
+pub mod status;

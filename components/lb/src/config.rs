@@ -23,6 +23,9 @@
 //!   interface: eth0
 //! backends:
 //!   - {id: cp-1, address: 10.0.0.11:6443, zone: zone-a}
+//! health:
+//!   zoneQuorum: majority
+//!   minVotes: 2
 //! ```
 //!
 //! The timing defaults (heartbeat, election timeout, VIP lease) are chosen
@@ -42,6 +45,7 @@ use bulwark_common::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 
 use crate::backends::RoutingPolicy;
+use crate::health::HealthConfig;
 use crate::proxy::ProxyConfig;
 use crate::vip::fence::FenceTiming;
 
@@ -94,6 +98,9 @@ pub struct LbConfig {
     /// Zone-aware routing; the local zone is `zone` above.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// How probers' reports become verdicts (docs/HEALTH.md).
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Backends proposed once, by the first leader, when the registry is
     /// empty. Afterwards the registry is what Raft says.
     #[serde(default)]
@@ -743,6 +750,26 @@ impl Validate for LbConfig {
                 format!("{s} is out of range: expected a fraction between 0.0 and 1.0"),
             );
         });
+        v.nested("health", &self.health);
+        // Zones named by the configured backends: the local zone must be
+        // one of them (a typo would silently route across zones).
+        let zones: BTreeSet<&str> = self
+            .backends
+            .iter()
+            .map(|b| b.zone.as_str())
+            .filter(|z| !z.is_empty())
+            .collect();
+        if !zones.is_empty() {
+            let list = zones.iter().copied().collect::<Vec<_>>().join(", ");
+            v.check(
+                self.zone.is_empty() || zones.contains(self.zone.as_str()),
+                "zone",
+                format!(
+                    "{:?} is not the zone of any configured backend (their zones: {list})",
+                    self.zone
+                ),
+            );
+        }
         let mut backend_ids = BTreeSet::new();
         for (i, b) in self.backends.iter().enumerate() {
             v.nested(format!("backends[{i}]"), b);

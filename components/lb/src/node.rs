@@ -11,8 +11,10 @@
 //! - the VIP task (bind or arp mode) and, in arp mode, the front listener
 //!   on VIP:port that every node keeps;
 //! - the node-local proxy listener, when configured;
-//! - the operator API and the admin server (`/readyz`: store open and a
-//!   leader known).
+//! - health aggregation ([`HealthService`]: on the leader, probers'
+//!   reports become committed verdict changes);
+//! - the operator API, `ProbeReports`, and the admin server (`/readyz`:
+//!   store open and a leader known).
 //!
 //! Shutdown (the first SIGTERM): the VIP is released first, then a leader
 //! hands leadership to the most up-to-date voter and waits briefly for it,
@@ -26,6 +28,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bulwark_api::lb::v1::backend_watch_server::BackendWatchServer;
 use bulwark_api::lb::v1::load_balancer_server::LoadBalancerServer;
+use bulwark_api::lb::v1::probe_reports_server::ProbeReportsServer;
 use bulwark_api::raft::v1 as pb;
 use bulwark_api::raft::v1::raft_server::RaftServer;
 use bulwark_common::admin::Health;
@@ -38,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::Api;
 use crate::backends::Backends;
 use crate::config::{LbConfig, VipMode};
+use crate::health::HealthService;
 use crate::raft::Raft;
 use crate::raft::membership::{self, Bootstrap};
 use crate::raft::network::{ClusterId, Network};
@@ -270,6 +274,15 @@ pub async fn run(
         });
     }
 
+    // Health aggregation (active while this node leads).
+    let health_service = HealthService::new(config.health.clone());
+    shutdown.spawn_critical(
+        "health",
+        health_service
+            .clone()
+            .run(raft.clone(), sm.clone(), node_id, shutdown.token()),
+    );
+
     // The API.
     {
         let api = Api::new(
@@ -283,9 +296,11 @@ pub async fn run(
             tls.clone(),
             cluster.clone(),
             config.raft.election_timeout_max,
+            health_service,
         );
         let server = GrpcServer::new()
             .add_service(LoadBalancerServer::new(api.clone()))
+            .add_service(ProbeReportsServer::new(api.clone()))
             .add_service(BackendWatchServer::new(api));
         let (tls, access, token) = (tls.clone(), config.access.clone(), servers.clone());
         shutdown.spawn_critical("api-grpc", async move {
@@ -364,6 +379,7 @@ async fn publish(
         if let Err(e) = backends.publish(state.backend_specs(), state.applied_index()) {
             tracing::error!(version = state.applied_index(), error = %e, "backend set refused by the data path");
         }
+        crate::health::export_committed(&state);
         tokio::select! {
             () = token.cancelled() => return Ok(()),
             r = rx.changed() => if r.is_err() { return Ok(()) },

@@ -19,6 +19,7 @@ async fn heavy_sigkill_of_the_leader_moves_the_vip() {
         backends: vec![("api-1".into(), backend)],
         vip: None,
         snapshot_every: None,
+        ..Default::default()
     })
     .await;
     let holder = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -56,6 +57,7 @@ async fn heavy_state_survives_restarts_of_a_follower_then_the_leader() {
         backends: vec![],
         vip: None,
         snapshot_every: None,
+        ..Default::default()
     })
     .await;
     let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -158,6 +160,7 @@ async fn heavy_a_wiped_node_rejoins_only_when_an_operator_adds_it() {
         backends: vec![],
         vip: None,
         snapshot_every: Some(10),
+        ..Default::default()
     })
     .await;
     let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -275,6 +278,7 @@ async fn heavy_access_control_and_precise_errors() {
         backends: vec![],
         vip: None,
         snapshot_every: None,
+        ..Default::default()
     })
     .await;
     let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -420,6 +424,7 @@ async fn heavy_bulwarkctl_lb_commands() {
         backends: vec![("api-1".into(), backend)],
         vip: None,
         snapshot_every: None,
+        ..Default::default()
     })
     .await;
     let holder = c.wait_for_holder(None, Duration::from_secs(10)).await;
@@ -461,6 +466,7 @@ async fn heavy_sigterm_on_the_leader_releases_then_hands_over() {
         backends: vec![],
         vip: None,
         snapshot_every: None,
+        ..Default::default()
     })
     .await;
     let leader = c.wait_for_holder(None, Duration::from_secs(10)).await;

@@ -40,6 +40,7 @@ async fn cluster_with(apis: &[ApiServerProcess], pki: Pki, vip: std::net::Socket
                 .collect(),
             vip: Some(vip),
             snapshot_every: None,
+            ..Default::default()
         },
     )
     .await

@@ -129,7 +129,9 @@ pub struct Lab {
     hosts: Vec<Host>,
     // Every namespace created so far, for cleanup even of a half-built lab.
     created: Vec<String>,
-    partitions: Mutex<BTreeSet<(usize, usize)>>,
+    // Dropped pairs: both directions for `(a, b)` with `a < b` from
+    // partition(), one direction `(from, to)` from partition_one_way().
+    partitions: Mutex<Partitions>,
     delays: Mutex<HashMap<usize, delay::DelayLine>>,
 }
 
@@ -172,7 +174,7 @@ impl Lab {
             id,
             hosts: Vec::new(),
             created: Vec::new(),
-            partitions: Mutex::new(BTreeSet::new()),
+            partitions: Mutex::new(Partitions::default()),
             delays: Mutex::new(HashMap::new()),
         };
         // The first namespace tells whether namespaces work here at all.
@@ -342,33 +344,45 @@ impl Lab {
     /// Silently drops all traffic (ARP included) between `a` and `b`, both
     /// ways; their traffic with other hosts is untouched.
     pub fn partition(&self, a: &Host, b: &Host) -> anyhow::Result<()> {
-        let mut pairs = self.lock_partitions();
-        pairs.insert(pair(a, b));
-        self.apply_partitions(&pairs)
+        let mut p = self.lock_partitions();
+        p.both.insert(pair(a, b));
+        self.apply_partitions(&p)
+    }
+
+    /// Drops what `from` sends to `to` (ARP included) but lets `to`'s
+    /// traffic reach `from`: an asymmetric partition, where `to` can talk
+    /// but never hears an answer.
+    pub fn partition_one_way(&self, from: &Host, to: &Host) -> anyhow::Result<()> {
+        let mut p = self.lock_partitions();
+        p.one_way.insert((from.index, to.index));
+        self.apply_partitions(&p)
     }
 
     /// Partitions `host` from every other host (its link stays up, unlike
     /// [`Lab::cut_link`]).
     pub fn isolate(&self, host: &Host) -> anyhow::Result<()> {
-        let mut pairs = self.lock_partitions();
+        let mut p = self.lock_partitions();
         for other in self.hosts.iter().filter(|h| h.index != host.index) {
-            pairs.insert(pair(host, other));
+            p.both.insert(pair(host, other));
         }
-        self.apply_partitions(&pairs)
+        self.apply_partitions(&p)
     }
 
-    /// Undoes [`Lab::partition`] for one pair.
+    /// Undoes [`Lab::partition`] (and [`Lab::partition_one_way`] in either
+    /// direction) for one pair.
     pub fn heal(&self, a: &Host, b: &Host) -> anyhow::Result<()> {
-        let mut pairs = self.lock_partitions();
-        pairs.remove(&pair(a, b));
-        self.apply_partitions(&pairs)
+        let mut p = self.lock_partitions();
+        p.both.remove(&pair(a, b));
+        p.one_way.remove(&(a.index, b.index));
+        p.one_way.remove(&(b.index, a.index));
+        self.apply_partitions(&p)
     }
 
     /// Undoes every partition.
     pub fn heal_all(&self) -> anyhow::Result<()> {
-        let mut pairs = self.lock_partitions();
-        pairs.clear();
-        self.apply_partitions(&pairs)
+        let mut p = self.lock_partitions();
+        *p = Partitions::default();
+        self.apply_partitions(&p)
     }
 
     /// Adds latency and loss to everything `host` sends (replacing earlier
@@ -425,21 +439,25 @@ impl Lab {
         Ok(())
     }
 
-    fn apply_partitions(&self, pairs: &BTreeSet<(usize, usize)>) -> anyhow::Result<()> {
+    fn apply_partitions(&self, p: &Partitions) -> anyhow::Result<()> {
         // One nft transaction: the rule set changes atomically.
         let mut script = format!("flush chain bridge {NFT_TABLE} {NFT_CHAIN}\n");
-        for &(a, b) in pairs {
-            let (a, b) = (&self.hosts[a].bridge_port, &self.hosts[b].bridge_port);
-            for (from, to) in [(a, b), (b, a)] {
-                script.push_str(&format!(
-                    "add rule bridge {NFT_TABLE} {NFT_CHAIN} iifname \"{from}\" oifname \"{to}\" drop\n"
-                ));
-            }
+        let directed: BTreeSet<(usize, usize)> = p
+            .both
+            .iter()
+            .flat_map(|&(a, b)| [(a, b), (b, a)])
+            .chain(p.one_way.iter().copied())
+            .collect();
+        for (from, to) in directed {
+            let (from, to) = (&self.hosts[from].bridge_port, &self.hosts[to].bridge_port);
+            script.push_str(&format!(
+                "add rule bridge {NFT_TABLE} {NFT_CHAIN} iifname \"{from}\" oifname \"{to}\" drop\n"
+            ));
         }
         nft(&self.bridge_netns, &script)
     }
 
-    fn lock_partitions(&self) -> MutexGuard<'_, BTreeSet<(usize, usize)>> {
+    fn lock_partitions(&self) -> MutexGuard<'_, Partitions> {
         self.partitions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -464,6 +482,13 @@ impl Drop for Lab {
             }
         }
     }
+}
+
+/// The partitions in force, by host index.
+#[derive(Debug, Default)]
+struct Partitions {
+    both: BTreeSet<(usize, usize)>,
+    one_way: BTreeSet<(usize, usize)>,
 }
 
 fn pair(a: &Host, b: &Host) -> (usize, usize) {

@@ -4,6 +4,7 @@ use bulwark_api::lb::v1 as lb;
 use bulwark_api::raft::v1 as pb;
 
 use crate::backends::BackendSet;
+use crate::health::{HealthStatus, View};
 use crate::raft::NodeId;
 use crate::raft::state::LbState;
 use crate::raft::types::LbNode;
@@ -132,5 +133,67 @@ pub fn failover_to_api(f: &pb::FailoverRecord) -> lb::Failover {
         } as i32,
         time_to_detect: f.time_to_detect,
         time_to_move_vip: f.time_to_move_vip,
+    }
+}
+
+/// The aggregator's picture with the committed verdicts, for GetHealth;
+/// `only` limits it to one backend (empty: all).
+pub fn health_to_api(status: HealthStatus, state: &LbState, only: &str) -> lb::GetHealthResponse {
+    let view = |v: Option<View>| match v {
+        Some(View::Up) => lb::Verdict::Up,
+        Some(View::NotReady) => lb::Verdict::NotReady,
+        Some(View::Down) => lb::Verdict::Down,
+        None => lb::Verdict::Unknown,
+    } as i32;
+    let backends = status
+        .backends
+        .into_iter()
+        .filter(|b| only.is_empty() || b.id == only)
+        .map(|b| lb::BackendHealth {
+            verdict: Some(verdict_status(state.verdict(&b.id))),
+            zones: b
+                .zones
+                .into_iter()
+                .map(|z| lb::ZoneVotes {
+                    zone: z.zone,
+                    zone_verdict: view(z.view),
+                    up: z.tally.up,
+                    not_ready: z.tally.not_ready,
+                    down: z.tally.down,
+                    ignored: z.tally.ignored,
+                })
+                .collect(),
+            probers: b
+                .probers
+                .into_iter()
+                .map(|p| lb::ProberView {
+                    prober: p.node_name,
+                    zone: p.zone,
+                    counted: p.counted,
+                    latest: p.latest,
+                })
+                .collect(),
+            backend_id: b.id,
+            address: b.address,
+            zone: b.zone,
+        })
+        .collect();
+    let probers = status
+        .probers
+        .into_iter()
+        .map(|p| lb::ProberStatus {
+            node_name: p.node_name,
+            zone: p.zone,
+            isolated: p.isolated,
+            stale: p.stale,
+            last_report_age: bulwark_api::time::duration_to_proto(p.last_report_age).ok(),
+            last_sequence: p.last_sequence,
+        })
+        .collect();
+    lb::GetHealthResponse {
+        backends,
+        probers,
+        fail_open: status.fail_open,
+        zones_down: status.zones_down,
     }
 }

@@ -10,11 +10,12 @@
 //! Who may call what is enforced by the server's access layer from the
 //! protos (destructive calls: operators only).
 //!
-//! `ProbeReports` is not served yet: health aggregation comes with
-//! bulwark-prober, and until then calls get UNIMPLEMENTED from the router.
+//! `ProbeReports` (reports.rs) feeds the leader's health aggregation;
+//! GetHealth shows it (leader only, where aggregation runs).
 
 mod convert;
 mod members;
+mod reports;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -35,6 +36,7 @@ use tonic::{Request, Response, Status};
 use self::convert::{backend_entry, backend_to_api, node_info};
 use crate::backends::Backends;
 use crate::config::{MAX_WEIGHT, VipConfig, VipMode, valid_backend_id};
+use crate::health::HealthService;
 use crate::raft::network::ClusterId;
 use crate::raft::state::{ApplyError, LbState, command};
 use crate::raft::store::StateMachineStore;
@@ -55,6 +57,7 @@ pub struct Api {
     tls: Arc<TlsMaterial>,
     cluster: ClusterId,
     election_timeout_max: Duration,
+    health: HealthService,
 }
 
 impl std::fmt::Debug for Api {
@@ -79,6 +82,7 @@ impl Api {
         tls: Arc<TlsMaterial>,
         cluster: ClusterId,
         election_timeout_max: Duration,
+        health: HealthService,
     ) -> Self {
         Self {
             node_id,
@@ -91,6 +95,7 @@ impl Api {
             tls,
             cluster,
             election_timeout_max,
+            health,
         }
     }
 
@@ -502,34 +507,18 @@ impl LoadBalancer for Api {
         &self,
         request: Request<lb::GetHealthRequest>,
     ) -> Result<Response<lb::GetHealthResponse>, Status> {
-        // Aggregation (votes per zone, probers) arrives with bulwark-prober;
-        // until then the committed verdicts are the whole story.
         let only = request.into_inner().backend_id;
+        self.require_leader()?;
+        let status = self.health.status().ok_or_else(|| {
+            Status::unavailable("this node just became leader; health aggregation is starting")
+        })?;
         let state = self.sm.current();
         if !only.is_empty() && state.backend(&only).is_none() {
             return Err(Status::not_found(format!(
                 "backend {only:?} does not exist"
             )));
         }
-        let backends = state
-            .backends()
-            .iter()
-            .filter(|b| only.is_empty() || b.id == only)
-            .map(|b| lb::BackendHealth {
-                backend_id: b.id.clone(),
-                address: b.address.clone(),
-                zone: b.zone.clone(),
-                verdict: Some(convert::verdict_status(state.verdict(&b.id))),
-                zones: Vec::new(),
-                probers: Vec::new(),
-            })
-            .collect();
-        Ok(Response::new(lb::GetHealthResponse {
-            backends,
-            probers: Vec::new(),
-            fail_open: state.data().fail_open,
-            zones_down: state.data().zones_down.clone(),
-        }))
+        Ok(Response::new(convert::health_to_api(status, &state, &only)))
     }
 }
 

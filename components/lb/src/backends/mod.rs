@@ -341,9 +341,9 @@ impl Backends {
         let was_fail_open = self.inner.current.load().fail_open();
         if set.fail_open() != was_fail_open {
             if set.fail_open() {
-                tracing::warn!(
+                tracing::error!(
                     version,
-                    "no backend is routable by verdict: failing open to every active backend"
+                    "ALERT fail-open: no backend is routable by verdict; routing to every active backend"
                 );
             } else {
                 tracing::info!(version, "routable backends are back: fail-open ended");

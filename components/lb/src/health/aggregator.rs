@@ -360,6 +360,14 @@ impl HealthAggregator {
         self.backends.get(backend_id).map(|t| t.verdict)
     }
 
+    /// Every tracked backend's current verdict and its latest reason, by
+    /// id: what the leader makes the committed verdicts agree with.
+    pub fn verdicts(&self) -> impl Iterator<Item = (&str, Verdict, &str)> {
+        self.backends
+            .iter()
+            .map(|(id, t)| (id.as_str(), t.verdict, t.reason.as_str()))
+    }
+
     /// See [`fail_open`], over the current verdicts.
     pub fn fail_open(&self) -> bool {
         fail_open_of(self.backends.values().map(|t| (t.active, t.verdict)))

@@ -19,12 +19,15 @@
 //!   raises the alert; a zone whose backends are all down is reported by
 //!   [`zones_down`].
 //!
-//! Pure logic: no I/O, no clock of its own (callers pass `now`), no Raft.
-//! docs/HEALTH.md has the reasoning and the timing.
+//! The aggregator is pure logic: no I/O, no clock of its own (callers pass
+//! `now`), no Raft. [`HealthService`] (service.rs) runs it on the leader:
+//! report streams feed it, and one task commits the verdict changes
+//! through Raft. docs/HEALTH.md has the reasoning and the timing.
 
 mod aggregator;
 mod config;
 mod probers;
+mod service;
 mod votes;
 
 pub use aggregator::{
@@ -33,6 +36,7 @@ pub use aggregator::{
 };
 pub use config::{HealthConfig, ZoneQuorum};
 pub use probers::{ReportError, ReportOutcome};
+pub use service::{HealthService, export_committed, verdict_label, verdict_to_pb};
 pub use votes::{View, ZoneTally};
 
 #[cfg(test)]

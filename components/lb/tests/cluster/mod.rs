@@ -49,6 +49,7 @@ fn tls_files(c: &CertFiles) -> TlsFiles {
 }
 
 /// Cluster options.
+#[derive(Default)]
 pub struct Options {
     pub nodes: u64,
     /// Backends (id, address) seeded from the config.
@@ -57,6 +58,11 @@ pub struct Options {
     pub vip: Option<SocketAddr>,
     /// `raft.snapshotEveryEntries`; `None` keeps the default.
     pub snapshot_every: Option<u64>,
+    /// Zone of each backend, by position in `backends` (missing: none).
+    pub backend_zones: Vec<String>,
+    /// YAML appended to every node's configuration (e.g. a `health:`
+    /// section).
+    pub extra_yaml: String,
 }
 
 /// A VIP:port of its own on loopback (127.77.0.0/16), so parallel tests do
@@ -119,7 +125,11 @@ impl LbCluster {
         let backends: String = opts
             .backends
             .iter()
-            .map(|(id, a)| format!("- {{id: {id}, address: '{a}'}}\n"))
+            .enumerate()
+            .map(|(i, (id, a))| {
+                let zone = opts.backend_zones.get(i).cloned().unwrap_or_default();
+                format!("- {{id: {id}, address: '{a}', zone: '{zone}'}}\n")
+            })
             .collect();
 
         let peer_files = pki
@@ -157,6 +167,7 @@ tls:
 access:
   operators: {{organizations: [system:masters]}}
   peers: {{organizations: ['bulwark:lb']}}
+  probers: {{organizations: ['bulwark:probers']}}
 initialMembers:
 {members}vip:
   mode: bind
@@ -166,7 +177,8 @@ backends:{backends}proxy:
   connectTimeout: 200ms
   shutdownGrace: 1s
 shutdownGrace: 5s
-",
+{extra}",
+                    extra = opts.extra_yaml,
                     data = data_dir.display(),
                     cert = cert.cert.display(),
                     key = cert.key.display(),

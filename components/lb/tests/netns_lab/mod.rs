@@ -193,19 +193,7 @@ shutdownGrace: 5s
     /// An operator API client to LB host `i`, dialled from the client host.
     pub fn api(&self, i: usize) -> LoadBalancerClient<Channel> {
         let addr = SocketAddr::new(IpAddr::V4(self.lab.host(i).addr()), 9442);
-        let via = self.client();
-        let endpoint =
-            bulwark_common::grpc::endpoint(&addr.to_string(), &self.operator, None).unwrap();
-        let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-            let via = via.clone();
-            async move {
-                via.tcp_connect(addr)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-                    .map_err(std::io::Error::other)
-            }
-        }));
-        LoadBalancerClient::new(channel)
+        api_via(&self.client(), addr, &self.operator)
     }
 
     /// Node `i`'s status, if it answers within a second.
@@ -226,6 +214,23 @@ impl Drop for LbLab {
     fn drop(&mut self) {
         self.backend.abort();
     }
+}
+
+/// An API client to `addr` as `tls`, its connections made from `via`'s
+/// namespace. The channel is lazy and reconnects by itself.
+pub fn api_via(via: &Host, addr: SocketAddr, tls: &TlsMaterial) -> LoadBalancerClient<Channel> {
+    let via = via.clone();
+    let endpoint = bulwark_common::grpc::endpoint(&addr.to_string(), tls, None).unwrap();
+    let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+        let via = via.clone();
+        async move {
+            via.tcp_connect(addr)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+                .map_err(std::io::Error::other)
+        }
+    }));
+    LoadBalancerClient::new(channel)
 }
 
 /// Which of `hosts` have `vip` on their interface.
@@ -309,7 +314,16 @@ impl Sampler {
                 let me = client.addr();
                 let iface = client.interface().to_owned();
                 client
-                    .in_netns(move || arp_probe(&iface, me, vip, &stop, &witness))
+                    .in_netns(move || {
+                        arp_probe(&iface, me, vip, &stop, |seen| {
+                            let mut w = witness.lock().unwrap();
+                            w.arp_windows += 1;
+                            w.macs.extend(seen.iter().copied());
+                            if seen.len() > 1 {
+                                w.arp_violations.push(seen);
+                            }
+                        })
+                    })
                     .unwrap();
             }));
         }
@@ -336,14 +350,15 @@ impl Drop for Sampler {
     }
 }
 
-/// Sends "who has VIP" every 20 ms and records the MACs answering in each
-/// window. Runs inside the client host's namespace.
-fn arp_probe(
+/// Sends "who has VIP" every 20 ms until `stop` and hands the set of MACs
+/// that answered in each window to `on_window`. Runs inside the namespace
+/// of the host it probes from (see [`Host::in_netns`]).
+pub fn arp_probe(
     iface: &str,
     me: Ipv4Addr,
     vip: Ipv4Addr,
     stop: &AtomicBool,
-    witness: &Mutex<Witness>,
+    mut on_window: impl FnMut(BTreeSet<[u8; 6]>),
 ) {
     const ETH_P_ARP: u16 = 0x0806;
     // SAFETY: plain libc socket calls on descriptors owned by this function;
@@ -426,12 +441,7 @@ fn arp_probe(
                     seen.insert(m);
                 }
             }
-            let mut w = witness.lock().unwrap();
-            w.arp_windows += 1;
-            w.macs.extend(seen.iter().copied());
-            if seen.len() > 1 {
-                w.arp_violations.push(seen);
-            }
+            on_window(seen);
         }
         libc::close(fd);
     }

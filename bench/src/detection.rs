@@ -1,0 +1,718 @@
+//! Scenario `detection`: how fast a failed or shutting-down apiserver stops
+//! getting new connections, bulwark against HAProxy configured as in the
+//! kubeadm HA guide, side by side on the same backends in the same trials.
+//!
+//! Topology (all on loopback): three fixture apiservers (the testkit's
+//! kube-apiserver test double) in zones a, b, c. bulwark: a one-node
+//! `bulwark-lb` cluster whose node-local listener is the front, fed by three
+//! real `bulwark-prober` processes (one per zone, default probing: 200 ms
+//! interval, 100 ms fast interval, 300 ms timeout, fall 2, rise 2) and the
+//! default aggregation (majority of zones, two votes). HAProxy 2.6: the
+//! kubeadm guide's `haproxy.cfg` (mode tcp, `option httpchk`, `http-check
+//! connect ssl`, `GET /healthz`, `expect status 200`, `check inter 2s fall
+//! 3 rise 2 verify none`, `retries 1`, `option redispatch`).
+//!
+//! Per trial, one apiserver (rotating) is
+//! - **killed** (SIGKILL): detection = from the kill to bulwark's committed
+//!   verdict `down` (its `/metrics`), and to HAProxy's server state `DOWN`
+//!   (`show stat` on its stats socket);
+//! - **shut down gracefully** (SIGTERM: the fixture fails `/readyz` at once,
+//!   keeps serving for `--shutdown-delay`, then closes its listener, like
+//!   kube-apiserver with `--shutdown-delay-duration`): drained = from the
+//!   signal to bulwark's verdict `draining` or `down`, and to HAProxy's
+//!   `DOWN` (its `/healthz` check passes until the listener closes).
+//!
+//! Meanwhile a client opens a new TLS connection and sends `GET /version`
+//! through each front every `--load-interval`; failed requests are counted
+//! per front, and so is the last request the affected backend served
+//! after the signal (in graceful trials). Then the backend is restarted and
+//! both fronts must see it up again before the next trial. Figures are
+//! medians over the trials.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use bulwark_testkit::Pki;
+use bulwark_testkit::fixture::{ApiServerProcess, HttpsClient};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::datapath::{free_port, kv, loadavg, machine, median};
+
+const ZONES: [&str; 3] = ["a", "b", "c"];
+/// Longest a trial waits for a front to react.
+const TRIAL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Flags of `bulwark-bench detection`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Trials per kind (kill, graceful).
+    #[arg(long, default_value_t = 10)]
+    trials: usize,
+    /// The fixture apiservers' shutdown delay (readyz fails, requests are
+    /// still served, then the listener closes).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    shutdown_delay: Duration,
+    /// One new client connection through each front this often.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    load_interval: Duration,
+    /// The HAProxy binary.
+    #[arg(long, default_value = "/usr/sbin/haproxy")]
+    haproxy: PathBuf,
+    /// Where to write `<date>-detection.md` and `.json`.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Print the table only; write no files.
+    #[arg(long)]
+    no_write: bool,
+}
+
+/// One trial, both fronts.
+#[derive(Clone, Debug, Serialize)]
+struct Trial {
+    kind: &'static str,
+    backend: String,
+    bulwark_ms: f64,
+    haproxy_ms: f64,
+    bulwark_failed_requests: u64,
+    haproxy_failed_requests: u64,
+    /// Graceful only: the last new request the backend served through
+    /// each front, after the signal.
+    bulwark_last_served_ms: Option<f64>,
+    haproxy_last_served_ms: Option<f64>,
+    requests_per_front: u64,
+}
+
+#[derive(Serialize)]
+struct Row {
+    kind: &'static str,
+    front: &'static str,
+    median_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+    failed_requests: u64,
+    requests: u64,
+    median_last_served_ms: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    date: String,
+    command: String,
+    machine: BTreeMap<String, String>,
+    settings: BTreeMap<String, String>,
+    rows: Vec<Row>,
+    trials: Vec<Trial>,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run_async(args))
+}
+
+/// A child killed on drop.
+struct Child {
+    name: String,
+    child: tokio::process::Child,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+fn spawn(name: &str, program: &Path, args: &[&str], log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {name} ({})", program.display()))?;
+    Ok(Child {
+        name: name.to_owned(),
+        child,
+    })
+}
+
+/// `GET path` over plain HTTP (the admin servers); the body.
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .context("connect timed out")??;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out))
+        .await
+        .context("read timed out")??;
+    Ok(out)
+}
+
+/// bulwark's committed verdict of `backend` from the LB's `/metrics`.
+async fn bulwark_verdict(admin: SocketAddr, backend: &str) -> anyhow::Result<Option<String>> {
+    let text = http_get(admin, "/metrics").await?;
+    let prefix = format!("bulwark_lb_backend_verdict{{backend=\"{backend}\",verdict=\"");
+    Ok(text.lines().find_map(|l| {
+        let rest = l.strip_prefix(&prefix)?;
+        let (verdict, value) = rest.split_once("\"} ")?;
+        (value.trim() == "1").then(|| verdict.to_owned())
+    }))
+}
+
+/// HAProxy's state of `server` (`UP`, `DOWN`, `UP 1/3`...) from `show stat`.
+async fn haproxy_state(socket: &Path, server: &str) -> anyhow::Result<String> {
+    let mut s = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    s.write_all(b"show stat\n").await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    // CSV: pxname, svname, ..., status is the 18th column.
+    out.lines()
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|f| f.len() > 17 && f[0] == "apiservers" && f[1] == server)
+        .map(|f| f[17].to_owned())
+        .with_context(|| format!("no server {server} in HAProxy's stats"))
+}
+
+/// The kubeadm HA guide's HAProxy configuration (its checks verbatim, the
+/// defaults it sets that matter here), on our addresses.
+fn haproxy_config(listen: SocketAddr, socket: &Path, backends: &[(String, SocketAddr)]) -> String {
+    let mut c = format!(
+        "global
+    stats socket {socket} mode 600 level admin
+defaults
+    mode tcp
+    retries 1
+    option redispatch
+    timeout connect 5s
+    timeout client 35s
+    timeout server 35s
+    timeout check 10s
+frontend apiserver
+    bind {listen}
+    mode tcp
+    default_backend apiservers
+backend apiservers
+    option httpchk
+    http-check connect ssl
+    http-check send meth GET uri /healthz
+    http-check expect status 200
+    mode tcp
+    balance roundrobin
+",
+        socket = socket.display()
+    );
+    for (name, addr) in backends {
+        let _ = writeln!(
+            c,
+            "    server {name} {addr} check inter 2s fall 3 rise 2 verify none"
+        );
+    }
+    c
+}
+
+/// A one-node bulwark-lb with its node-local listener on `front`.
+#[allow(clippy::too_many_arguments)]
+fn lb_config(
+    dir: &Path,
+    pki: &Pki,
+    front: SocketAddr,
+    api: SocketAddr,
+    raft: SocketAddr,
+    admin: SocketAddr,
+    backends: &[(String, SocketAddr)],
+) -> anyhow::Result<PathBuf> {
+    let cert = pki.peer("bench-lb", &["bulwark:lb"], &["127.0.0.1", "localhost"])?;
+    let mut yaml = format!(
+        "apiVersion: bulwark.dev/v1alpha1
+kind: LoadBalancerConfiguration
+nodeId: 1
+dataDir: {data}
+raft: {{address: '{raft}'}}
+api: {{address: '{api}'}}
+admin: {{address: '{admin}'}}
+tls: {{certFile: '{c}', keyFile: '{k}', caFile: '{ca}'}}
+access:
+  peers: {{organizations: ['bulwark:lb']}}
+  probers: {{organizations: ['bulwark:probers']}}
+initialMembers:
+- {{id: 1, raftAddress: '{raft}', apiAddress: '{api}'}}
+localListener: '{front}'
+logging: {{level: 'warn,bulwark_lb::health=info'}}
+backends:
+",
+        data = dir.join("lb-data").display(),
+        c = cert.cert.display(),
+        k = cert.key.display(),
+        ca = cert.ca.display(),
+    );
+    for ((id, addr), zone) in backends.iter().zip(ZONES) {
+        let _ = writeln!(yaml, "- {{id: {id}, address: '{addr}', zone: {zone}}}");
+    }
+    let path = dir.join("lb.yaml");
+    std::fs::write(&path, yaml)?;
+    Ok(path)
+}
+
+fn prober_config(
+    dir: &Path,
+    pki: &Pki,
+    zone: &str,
+    lb_api: SocketAddr,
+    backends: &[(String, SocketAddr)],
+) -> anyhow::Result<PathBuf> {
+    let name = format!("prober-{zone}");
+    let cert = pki.client(&name, &["bulwark:probers"])?;
+    let admin = free_port()?;
+    let mut yaml = format!(
+        "apiVersion: bulwark.dev/v1alpha1
+kind: ProberConfiguration
+nodeName: {name}
+zone: {zone}
+admin: {{address: '{admin}'}}
+logging: {{level: warn}}
+report:
+  endpoints: ['{lb_api}']
+  tls: {{certFile: '{c}', keyFile: '{k}', caFile: '{ca}'}}
+apiservers:
+  tls: {{caFile: '{ca}'}}
+  targets:
+",
+        c = cert.cert.display(),
+        k = cert.key.display(),
+        ca = pki.ca_path().display(),
+    );
+    for ((id, addr), z) in backends.iter().zip(ZONES) {
+        let _ = writeln!(yaml, "  - {{id: {id}, address: '{addr}', zone: {z}}}");
+    }
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml)?;
+    Ok(path)
+}
+
+/// Requests through one front, counted, until `stop`.
+#[derive(Default)]
+struct Load {
+    requests: AtomicU64,
+    failed: AtomicU64,
+    /// Microseconds since `epoch` of the last request `watch` served.
+    last_served_us: AtomicU64,
+}
+
+fn load(
+    https: HttpsClient,
+    front: SocketAddr,
+    interval: Duration,
+    watch: String,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Load>, tokio::task::JoinHandle<()>) {
+    let l = Arc::new(Load::default());
+    let counters = l.clone();
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            match https.get(front, "/version").await {
+                Ok(r) if r.status == 200 => {
+                    if r.backend() == Some(watch.as_str()) {
+                        counters
+                            .last_served_us
+                            .store(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    }
+                }
+                _ => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    (l, task)
+}
+
+struct Lab {
+    apis: Vec<ApiServerProcess>,
+    lb_admin: SocketAddr,
+    lb_front: SocketAddr,
+    ha_front: SocketAddr,
+    ha_socket: PathBuf,
+    https: HttpsClient,
+    _children: Vec<Child>,
+}
+
+impl Lab {
+    /// Waits until both fronts see `backend` up.
+    async fn both_up(&self, backend: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + TRIAL_TIMEOUT;
+        loop {
+            let b = bulwark_verdict(self.lb_admin, backend).await.ok().flatten();
+            let h = haproxy_state(&self.ha_socket, backend).await.ok();
+            if b.as_deref() == Some("healthy") && h.as_deref() == Some("UP") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{backend} not up on both fronts: bulwark {b:?}, haproxy {h:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn trial(&mut self, i: usize, graceful: bool, args: &Args) -> anyhow::Result<Trial> {
+        let idx = i % self.apis.len();
+        let backend = self.apis[idx].name().to_owned();
+        self.both_up(&backend).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let t0 = Instant::now();
+        let (lb_load, lb_task) = load(
+            self.https.clone(),
+            self.lb_front,
+            args.load_interval,
+            backend.clone(),
+            t0,
+            stop.clone(),
+        );
+        let (ha_load, ha_task) = load(
+            self.https.clone(),
+            self.ha_front,
+            args.load_interval,
+            backend.clone(),
+            t0,
+            stop.clone(),
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let signalled = Instant::now();
+        if graceful {
+            self.apis[idx].process().terminate()?;
+        } else {
+            self.apis[idx].kill()?;
+        }
+        let (mut bulwark, mut haproxy) = (None, None);
+        while bulwark.is_none() || haproxy.is_none() {
+            if signalled.elapsed() > TRIAL_TIMEOUT {
+                bail!(
+                    "trial {i}: no detection within {TRIAL_TIMEOUT:?} (bulwark {bulwark:?}, haproxy {haproxy:?})"
+                );
+            }
+            if bulwark.is_none()
+                && let Some(v) = bulwark_verdict(self.lb_admin, &backend).await?
+                && (v == "down" || (graceful && v == "draining"))
+            {
+                bulwark = Some(signalled.elapsed());
+            }
+            if haproxy.is_none()
+                && haproxy_state(&self.ha_socket, &backend)
+                    .await?
+                    .starts_with("DOWN")
+            {
+                haproxy = Some(signalled.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Let the load see the aftermath, then stop it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        let _ = lb_task.await;
+        let _ = ha_task.await;
+
+        let since_signal = |l: &Load| {
+            let at = l.last_served_us.load(Ordering::Relaxed);
+            let signal_us = signalled.duration_since(t0).as_micros() as u64;
+            (graceful && at > signal_us).then(|| (at - signal_us) as f64 / 1000.0)
+        };
+        let trial = Trial {
+            kind: if graceful { "graceful" } else { "kill" },
+            backend: backend.clone(),
+            bulwark_ms: bulwark.unwrap_or_default().as_secs_f64() * 1000.0,
+            haproxy_ms: haproxy.unwrap_or_default().as_secs_f64() * 1000.0,
+            bulwark_failed_requests: lb_load.failed.load(Ordering::Relaxed),
+            haproxy_failed_requests: ha_load.failed.load(Ordering::Relaxed),
+            bulwark_last_served_ms: since_signal(&lb_load),
+            haproxy_last_served_ms: since_signal(&ha_load),
+            requests_per_front: lb_load
+                .requests
+                .load(Ordering::Relaxed)
+                .min(ha_load.requests.load(Ordering::Relaxed)),
+        };
+        eprintln!("{trial:?}");
+        self.apis[idx]
+            .restart()
+            .await
+            .with_context(|| format!("restarting {backend}"))?;
+        Ok(trial)
+    }
+}
+
+async fn run_async(args: &Args) -> anyhow::Result<()> {
+    let me = std::env::current_exe().context("locating this binary")?;
+    let sibling = |name: &str| -> anyhow::Result<PathBuf> {
+        let p = me.with_file_name(name);
+        if !p.exists() {
+            bail!(
+                "{} not found: cargo build --release -p bulwark-lb -p bulwark-prober -p bulwark-testkit --bins",
+                p.display()
+            );
+        }
+        Ok(p)
+    };
+    let (lb_bin, prober_bin) = (sibling("bulwark-lb")?, sibling("bulwark-prober")?);
+    sibling("bulwark-fixture-apiserver")?;
+    if !args.haproxy.exists() {
+        bail!(
+            "{} not found (apt-get install haproxy)",
+            args.haproxy.display()
+        );
+    }
+    bulwark_testkit::install_crypto_provider();
+    let dir = tempfile::tempdir().context("creating a temp dir")?;
+    let pki = Pki::new()?;
+    let load_before = loadavg();
+
+    let mut apis = Vec::new();
+    for i in 1..=3 {
+        apis.push(
+            ApiServerProcess::builder(format!("api-{i}"))
+                .shutdown_delay(args.shutdown_delay)
+                .shutdown_grace(Duration::from_secs(1))
+                .start(&pki)
+                .await?,
+        );
+    }
+    let backends: Vec<(String, SocketAddr)> = apis
+        .iter()
+        .map(|a| (a.name().to_owned(), a.addr()))
+        .collect();
+
+    let mut children = Vec::new();
+    let (lb_front, lb_api, lb_raft, lb_admin) =
+        (free_port()?, free_port()?, free_port()?, free_port()?);
+    let lb_yaml = lb_config(
+        dir.path(),
+        &pki,
+        lb_front,
+        lb_api,
+        lb_raft,
+        lb_admin,
+        &backends,
+    )?;
+    let lb_yaml = lb_yaml.display().to_string();
+    children.push(spawn(
+        "bulwark-lb",
+        &lb_bin,
+        &["--config", &lb_yaml],
+        &dir.path().join("lb.log"),
+    )?);
+    for zone in ZONES {
+        let config = prober_config(dir.path(), &pki, zone, lb_api, &backends)?;
+        let config = config.display().to_string();
+        children.push(spawn(
+            &format!("prober-{zone}"),
+            &prober_bin,
+            &["--config", &config],
+            &dir.path().join(format!("prober-{zone}.log")),
+        )?);
+    }
+    let ha_front = free_port()?;
+    let ha_socket = dir.path().join("haproxy.sock");
+    let ha_cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(&ha_cfg, haproxy_config(ha_front, &ha_socket, &backends))?;
+    let ha_cfg = ha_cfg.display().to_string();
+    children.push(spawn(
+        "haproxy",
+        &args.haproxy,
+        &["-db", "-f", &ha_cfg],
+        &dir.path().join("haproxy.log"),
+    )?);
+
+    let mut lab = Lab {
+        apis,
+        lb_admin,
+        lb_front,
+        ha_front,
+        ha_socket,
+        https: HttpsClient::new(pki.ca_pem())?.timeout(Duration::from_secs(5)),
+        _children: children,
+    };
+    for (name, _) in &backends {
+        lab.both_up(name).await.with_context(|| {
+            let logs: Vec<String> = lab
+                ._children
+                .iter()
+                .map(|c| {
+                    let log = std::fs::read_to_string(
+                        dir.path()
+                            .join(format!("{}.log", c.name.trim_start_matches("bulwark-"))),
+                    )
+                    .unwrap_or_default();
+                    format!("--- {}\n{log}", c.name)
+                })
+                .collect();
+            format!("waiting for the fronts to start\n{}", logs.join("\n"))
+        })?;
+    }
+
+    let mut trials = Vec::new();
+    for i in 0..args.trials {
+        trials.push(lab.trial(i, false, args).await?);
+    }
+    for i in 0..args.trials {
+        trials.push(lab.trial(i, true, args).await?);
+    }
+
+    let mut rows = Vec::new();
+    for kind in ["kill", "graceful"] {
+        let t: Vec<&Trial> = trials.iter().filter(|t| t.kind == kind).collect();
+        let requests = t.iter().map(|t| t.requests_per_front).sum();
+        for front in ["bulwark", "haproxy"] {
+            let ms: Vec<f64> = t
+                .iter()
+                .map(|t| {
+                    if front == "bulwark" {
+                        t.bulwark_ms
+                    } else {
+                        t.haproxy_ms
+                    }
+                })
+                .collect();
+            let last: Vec<f64> = t
+                .iter()
+                .filter_map(|t| {
+                    if front == "bulwark" {
+                        t.bulwark_last_served_ms
+                    } else {
+                        t.haproxy_last_served_ms
+                    }
+                })
+                .collect();
+            rows.push(Row {
+                kind,
+                front,
+                median_ms: median(ms.clone()),
+                min_ms: ms.iter().copied().fold(f64::INFINITY, f64::min),
+                max_ms: ms.iter().copied().fold(0.0, f64::max),
+                failed_requests: t
+                    .iter()
+                    .map(|t| {
+                        if front == "bulwark" {
+                            t.bulwark_failed_requests
+                        } else {
+                            t.haproxy_failed_requests
+                        }
+                    })
+                    .sum(),
+                requests,
+                median_last_served_ms: (!last.is_empty()).then(|| median(last)),
+            });
+        }
+    }
+
+    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let mut machine = machine();
+    machine.insert("loadavg_before".into(), load_before);
+    machine.insert("loadavg_after".into(), loadavg());
+    let settings: BTreeMap<String, String> = [
+        ("trials", args.trials.to_string()),
+        (
+            "shutdown_delay",
+            humantime::format_duration(args.shutdown_delay).to_string(),
+        ),
+        (
+            "load_interval",
+            humantime::format_duration(args.load_interval).to_string(),
+        ),
+        (
+            "bulwark",
+            "1 LB node, 3 probers (zones a, b, c), default probing and aggregation".to_owned(),
+        ),
+        (
+            "haproxy",
+            "kubeadm HA guide: httpchk GET /healthz over TLS, inter 2s fall 3 rise 2, retries 1, redispatch".to_owned(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let report = Report {
+        date: date.clone(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine,
+        settings,
+        rows,
+        trials,
+    };
+    let md = markdown(&report);
+    println!("{md}");
+    if !args.no_write {
+        std::fs::create_dir_all(&args.out)?;
+        let day = &date[..10];
+        let md_path = args.out.join(format!("{day}-detection.md"));
+        let json_path = args.out.join(format!("{day}-detection.json"));
+        std::fs::write(&md_path, &md)?;
+        std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("wrote {} and {}", md_path.display(), json_path.display());
+    }
+    Ok(())
+}
+
+fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# detection — {}\n", r.date);
+    let _ = writeln!(s, "Command: `{}`\n", r.command);
+    let _ = writeln!(s, "Machine: {}\n", kv(&r.machine));
+    let _ = writeln!(s, "Settings: {}\n", kv(&r.settings));
+    let _ = writeln!(
+        s,
+        "Time from the signal to the front taking the backend out of rotation \
+         (bulwark: committed verdict down, or draining for a graceful shutdown; \
+         HAProxy: server state DOWN), over {} trials per kind. Failed requests: \
+         new-connection requests through the front that failed during the trials. \
+         Last served: the last new request the shutting-down backend served after \
+         the signal (graceful only).\n",
+        r.settings.get("trials").map(String::as_str).unwrap_or("?")
+    );
+    let _ = writeln!(
+        s,
+        "| signal | front | median ms | min ms | max ms | failed requests / total | last served (median ms) |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+    for row in &r.rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {} / {} | {} |",
+            if row.kind == "kill" {
+                "SIGKILL"
+            } else {
+                "SIGTERM (graceful)"
+            },
+            row.front,
+            row.median_ms,
+            row.min_ms,
+            row.max_ms,
+            row.failed_requests,
+            row.requests,
+            row.median_last_served_ms
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
+        );
+    }
+    s
+}

@@ -1,0 +1,325 @@
+//! Continuous deltas and point-in-time builds against a real etcd: capture,
+//! continuity and gaps, and restoring to a revision, a time and the latest
+//! state with the key contents compared to etcd's own history.
+
+// Tests panic on failure: the harness then prints the processes' logs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bulwark_backup::Engine;
+use bulwark_backup::delta::{DeltaSettings, DeltaStatus, Recorder};
+use bulwark_backup::encryption::Keyring;
+use bulwark_backup::error::BackupError;
+use bulwark_backup::pitr::Target;
+use bulwark_backup::scratch::ScratchEtcd;
+use bulwark_backup::snapshot::SnapshotOptions;
+use bulwark_testkit::Etcd;
+use etcd_client::GetOptions;
+use object_store::{ObjectStoreExt, PutPayload};
+use tokio_util::sync::CancellationToken;
+
+fn ok() -> bulwark_backup::error::Result<()> {
+    Ok(())
+}
+
+async fn snapshot(engine: &Engine) -> bulwark_backup::manifest::Manifest {
+    engine
+        .take_snapshot(
+            SnapshotOptions::manual("test"),
+            &(),
+            &CancellationToken::new(),
+            &ok,
+        )
+        .await
+        .unwrap()
+}
+
+/// Every key and value at `revision` (0: now), and the revision read.
+async fn state(client: &mut etcd_client::Client, revision: i64) -> (Vec<(String, String)>, i64) {
+    let mut opts = GetOptions::new().with_all_keys();
+    if revision > 0 {
+        opts = opts.with_revision(revision);
+    }
+    let r = client.get("", Some(opts)).await.unwrap();
+    let kvs = r
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                String::from_utf8_lossy(kv.value()).into_owned(),
+            )
+        })
+        .collect();
+    (kvs, r.header().unwrap().revision())
+}
+
+/// Starts a recorder that takes real snapshots after a gap.
+fn start_recorder(
+    engine: &Arc<Engine>,
+    cancel: &CancellationToken,
+) -> (Arc<Mutex<DeltaStatus>>, tokio::task::JoinHandle<()>) {
+    let status = Arc::new(Mutex::new(DeltaStatus::default()));
+    let recorder = Recorder::new(
+        engine.clone(),
+        DeltaSettings {
+            flush_interval: Duration::from_millis(200),
+            max_segment_bytes: 1 << 20,
+            rpo_target: Duration::from_secs(1),
+        },
+        status.clone(),
+    );
+    let engine = engine.clone();
+    let cancel = cancel.clone();
+    let task = tokio::spawn(async move {
+        let e = engine.clone();
+        recorder
+            .run(&cancel, &|| {
+                let e = e.clone();
+                Box::pin(async move {
+                    snapshot(&e).await;
+                    Ok(())
+                })
+            })
+            .await;
+    });
+    (status, task)
+}
+
+/// Polls until committed segments of `base` reach `revision`.
+async fn wait_covered(engine: &Engine, base: &str, revision: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let segs = engine.list_segments(Some(base)).await.unwrap();
+        if segs.last().is_some_and(|s| s.last_revision >= revision) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "deltas never reached revision {revision}: {segs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Builds the target for `target` and returns the key state of a scratch
+/// etcd started from it, and its revision.
+async fn restored_state(engine: &Engine, target: Target) -> (Vec<(String, String)>, i64) {
+    let plan = engine.plan_restore(None, target).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let built = engine
+        .build_target(&plan, dir.path(), &|_| {}, &CancellationToken::new())
+        .await
+        .unwrap();
+    let check = tempfile::tempdir().unwrap();
+    let scratch = ScratchEtcd::from_snapshot(
+        &engine.drill,
+        check.path(),
+        &built.path,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let mut c = scratch.client().await.unwrap();
+    let s = state(&mut c, 0).await;
+    if let Some(r) = built.revision {
+        assert_eq!(r, s.1, "the built target's revision");
+    }
+    scratch.stop().await;
+    s
+}
+
+#[tokio::test]
+async fn heavy_deltas_capture_writes_and_restore_to_revision_time_and_latest() {
+    let etcd = Etcd::start().await.unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let engine = common::engine(&etcd, common::file_store(store_dir.path()), Keyring::none());
+    common::put_small(&etcd, 20).await;
+    let base = snapshot(&engine).await;
+    let cancel = CancellationToken::new();
+    let (status, task) = start_recorder(&engine, &cancel);
+    let mut c = etcd.client().await.unwrap();
+
+    // Batch 1, including a delete and an overwrite, then a transaction
+    // with several events in one revision.
+    for i in 0..30 {
+        c.put(format!("a/{i:03}"), format!("one-{i}"), None)
+            .await
+            .unwrap();
+    }
+    c.delete("k/00003", None).await.unwrap();
+    c.put("a/000", "overwritten", None).await.unwrap();
+    c.txn(etcd_client::Txn::new().and_then(vec![
+        etcd_client::TxnOp::put("t/1", "x", None),
+        etcd_client::TxnOp::put("t/2", "y", None),
+        etcd_client::TxnOp::delete("a/001", None),
+    ]))
+    .await
+    .unwrap();
+    let (at_one, r1) = state(&mut c, 0).await;
+    let written = std::time::Instant::now();
+    wait_covered(&engine, &base.id, r1).await;
+    println!(
+        "deltas covered revision {r1} {:?} after the last write",
+        written.elapsed()
+    );
+    {
+        let s = status.lock().unwrap();
+        assert!(s.newest_revision >= r1, "{s:?}");
+        assert_eq!(s.base_snapshot.as_deref(), Some(base.id.as_str()));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let t1 = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    // Batch 2.
+    for i in 0..30 {
+        c.put(format!("b/{i:03}"), format!("two-{i}"), None)
+            .await
+            .unwrap();
+    }
+    c.delete("a/", Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let (at_two, r2) = state(&mut c, 0).await;
+    wait_covered(&engine, &base.id, r2).await;
+
+    // Segments are contiguous from the snapshot on.
+    let segs = engine.list_segments(Some(&base.id)).await.unwrap();
+    assert_eq!(
+        bulwark_backup::delta::check_continuity(base.revision, &segs).unwrap(),
+        r2
+    );
+    assert!(segs[0].first_revision <= base.revision_max + 1);
+
+    // To a revision between: exactly etcd's own state at that revision.
+    let mid = r1 - 5;
+    let (want_mid, _) = state(&mut c, mid).await;
+    let (got, rev) = restored_state(&engine, Target::Revision(mid)).await;
+    assert_eq!(rev, mid);
+    assert_eq!(got, want_mid);
+    // To the time between the batches: batch 1 only.
+    let (got, rev) = restored_state(&engine, Target::Time(t1)).await;
+    assert_eq!(rev, r1);
+    assert_eq!(got, at_one);
+    // Latest: everything.
+    let (got, rev) = restored_state(&engine, Target::Latest).await;
+    assert_eq!(rev, r2);
+    assert_eq!(got, at_two);
+
+    // A revision past what is covered is refused up front.
+    let e = engine
+        .plan_restore(None, Target::Revision(r2 + 1000))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("is not covered"), "{e}");
+
+    // A corrupted segment is refused with a clear error before any replay.
+    cancel.cancel();
+    task.await.unwrap();
+    let victim = &segs[segs.len() / 2];
+    let path = bulwark_backup::verify::object_path(engine.store.prefix(), &victim.object_key);
+    let mut bytes = engine
+        .store
+        .inner()
+        .get(&path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x55;
+    engine
+        .store
+        .inner()
+        .put(&path, PutPayload::from(bytes))
+        .await
+        .unwrap();
+    let plan = engine.plan_restore(None, Target::Latest).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine
+        .build_target(&plan, dir.path(), &|_| {}, &CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BackupError::Corrupt { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("delta segment {}", victim.id))
+            && text.contains("SHA-256 of the stored object"),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("base.db").exists(),
+        "the snapshot must not be downloaded after a bad segment"
+    );
+}
+
+#[tokio::test]
+async fn heavy_compaction_gap_forces_a_new_full_snapshot() {
+    let etcd = Etcd::start().await.unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let engine = common::engine(&etcd, common::file_store(store_dir.path()), Keyring::none());
+    common::put_small(&etcd, 5).await;
+    let base = snapshot(&engine).await;
+    let mut c = etcd.client().await.unwrap();
+
+    // Writes the recorder never saw, then compacted away: the history after
+    // the snapshot is gone.
+    for i in 0..10 {
+        c.put(format!("lost/{i}"), "x", None).await.unwrap();
+    }
+    let (_, now) = state(&mut c, 0).await;
+    c.compact(now, None).await.unwrap();
+
+    let cancel = CancellationToken::new();
+    let (status, task) = start_recorder(&engine, &cancel);
+    // The recorder finds the gap and takes a new full snapshot, then
+    // follows it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let newer = loop {
+        let latest = engine.latest_snapshot().await.unwrap().manifest;
+        if latest.id != base.id {
+            break latest;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no snapshot after the gap: {:?}",
+            status.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(newer.revision >= now);
+    c.put("after/gap", "y", None).await.unwrap();
+    let (_, r) = state(&mut c, 0).await;
+    wait_covered(&engine, &newer.id, r).await;
+    assert!(
+        engine
+            .list_segments(Some(&base.id))
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing may be recorded after the old base once its history is lost"
+    );
+    let (got, rev) = restored_state(&engine, Target::Latest).await;
+    let (want, _) = state(&mut c, r).await;
+    assert_eq!((got, rev), (want, r));
+    cancel.cancel();
+    task.await.unwrap();
+
+    // Deleting the base deletes its deltas.
+    let deleted = engine.delete_snapshot(&newer.id, true).await.unwrap();
+    assert!(deleted.deleted_segments >= 1, "{deleted:?}");
+    assert!(
+        engine
+            .list_segments(Some(&newer.id))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

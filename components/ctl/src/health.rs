@@ -1,0 +1,374 @@
+//! `bulwarkctl health`: what the LB leader's health aggregation sees — per
+//! backend the committed verdict, the votes per zone and every prober's
+//! latest probes (reason and latency); per prober its zone and whether it
+//! counts; zones down and the fail-open alert. GetHealth is answered by the
+//! leader; a follower's hint is followed (see [`crate::connect`]).
+
+use std::time::Duration;
+
+use bulwark_api::lb::v1 as lb;
+use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
+use clap::Args;
+use serde::Serialize;
+
+use crate::connect::Service;
+use crate::error::CliError;
+use crate::output::{self, OutputFormat};
+
+/// `bulwarkctl health`
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Only this backend.
+    #[arg(long)]
+    pub backend: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct HealthView {
+    fail_open: bool,
+    zones_down: Vec<String>,
+    backends: Vec<BackendView>,
+    probers: Vec<ProberView>,
+}
+
+#[derive(Debug, Serialize)]
+struct BackendView {
+    id: String,
+    address: String,
+    zone: String,
+    verdict: String,
+    reason: String,
+    since: String,
+    zones: Vec<ZoneView>,
+    probes: Vec<ProbeView>,
+}
+
+#[derive(Debug, Serialize)]
+struct ZoneView {
+    zone: String,
+    verdict: String,
+    up: u32,
+    not_ready: u32,
+    down: u32,
+    ignored: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct ProbeView {
+    prober: String,
+    zone: String,
+    counted: bool,
+    /// Latest result per kind, e.g. `readyz: ok 2ms`.
+    latest: Vec<ObservationView>,
+}
+
+#[derive(Debug, Serialize)]
+struct ObservationView {
+    kind: String,
+    ok: bool,
+    reason: String,
+    http_status: Option<u32>,
+    latency: String,
+    detail: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ProberView {
+    node_name: String,
+    zone: String,
+    state: String,
+    last_report_age: String,
+    last_sequence: u64,
+}
+
+fn name<E: TryFrom<i32>>(v: i32, f: impl Fn(&E) -> &'static str, prefix: &str) -> String {
+    E::try_from(v)
+        .map(|e| f(&e).trim_start_matches(prefix).to_lowercase())
+        .unwrap_or_else(|_| v.to_string())
+}
+
+fn duration(d: Option<&prost_types::Duration>) -> String {
+    match d.and_then(|d| bulwark_api::time::duration_from_proto(d).ok()) {
+        Some(d) if d < Duration::from_secs(1) => format!("{}ms", d.as_millis()),
+        Some(d) => format!("{:.1}s", d.as_secs_f64()),
+        None => "-".into(),
+    }
+}
+
+fn timestamp(t: Option<&prost_types::Timestamp>) -> String {
+    t.and_then(|t| bulwark_api::time::timestamp_from_proto(t).ok())
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn view(r: lb::GetHealthResponse) -> HealthView {
+    let backends = r
+        .backends
+        .into_iter()
+        .map(|b| {
+            let v = b.verdict.unwrap_or_default();
+            BackendView {
+                verdict: name(v.verdict, lb::Verdict::as_str_name, "VERDICT_"),
+                reason: v.reason,
+                since: timestamp(v.since.as_ref()),
+                zones: b
+                    .zones
+                    .into_iter()
+                    .map(|z| ZoneView {
+                        verdict: name(z.zone_verdict, lb::Verdict::as_str_name, "VERDICT_"),
+                        zone: z.zone,
+                        up: z.up,
+                        not_ready: z.not_ready,
+                        down: z.down,
+                        ignored: z.ignored,
+                    })
+                    .collect(),
+                probes: b
+                    .probers
+                    .into_iter()
+                    .map(|p| ProbeView {
+                        prober: p.prober,
+                        zone: p.zone,
+                        counted: p.counted,
+                        latest: p
+                            .latest
+                            .into_iter()
+                            .map(|o| ObservationView {
+                                kind: name(o.kind, lb::ProbeKind::as_str_name, "PROBE_KIND_"),
+                                ok: o.ok,
+                                reason: name(
+                                    o.reason,
+                                    lb::ProbeReason::as_str_name,
+                                    "PROBE_REASON_",
+                                ),
+                                http_status: o.http_status,
+                                latency: duration(o.latency.as_ref()),
+                                detail: o.detail,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                id: b.backend_id,
+                address: b.address,
+                zone: b.zone,
+            }
+        })
+        .collect();
+    let probers = r
+        .probers
+        .into_iter()
+        .map(|p| ProberView {
+            state: match (p.isolated, p.stale) {
+                (true, _) => "isolated".into(),
+                (_, true) => "stale".into(),
+                _ => "counted".into(),
+            },
+            last_report_age: duration(p.last_report_age.as_ref()),
+            node_name: p.node_name,
+            zone: p.zone,
+            last_sequence: p.last_sequence,
+        })
+        .collect();
+    HealthView {
+        fail_open: r.fail_open,
+        zones_down: r.zones_down,
+        backends,
+        probers,
+    }
+}
+
+/// One probe result in a cell: `ok 2ms`, `http 500 3ms`, `refused 0ms`.
+fn cell(o: &ObservationView) -> String {
+    let what = match (o.ok, o.http_status) {
+        (true, _) => "ok".to_owned(),
+        (false, Some(code)) => format!("http {code}"),
+        (false, None) => o.reason.replace('_', " "),
+    };
+    format!("{}: {what} {}", o.kind, o.latency)
+}
+
+fn table(v: &HealthView) -> String {
+    let mut out = output::fields(&[
+        (
+            "fail-open",
+            if v.fail_open {
+                "YES: every backend looks down; the front routes to all of them (ALERT)".into()
+            } else {
+                "no".into()
+            },
+        ),
+        (
+            "zones down",
+            if v.zones_down.is_empty() {
+                "none".into()
+            } else {
+                v.zones_down.join(", ")
+            },
+        ),
+    ]);
+    out.push('\n');
+    let rows: Vec<Vec<String>> = v
+        .backends
+        .iter()
+        .map(|b| {
+            let votes = b
+                .zones
+                .iter()
+                .map(|z| {
+                    let mut s = format!(
+                        "{}={} ({}/{}/{}",
+                        z.zone, z.verdict, z.up, z.not_ready, z.down
+                    );
+                    if z.ignored > 0 {
+                        s.push_str(&format!(", {} ignored", z.ignored));
+                    }
+                    s.push(')');
+                    s
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            vec![
+                b.id.clone(),
+                b.zone.clone(),
+                b.verdict.clone(),
+                b.since.clone(),
+                if votes.is_empty() { "-".into() } else { votes },
+                b.reason.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&output::table(
+        &[
+            "BACKEND",
+            "ZONE",
+            "VERDICT",
+            "SINCE",
+            "VOTES (UP/NOT-READY/DOWN)",
+            "REASON",
+        ],
+        &rows,
+    ));
+    out.push('\n');
+    let rows: Vec<Vec<String>> = v
+        .backends
+        .iter()
+        .flat_map(|b| {
+            b.probes.iter().map(|p| {
+                vec![
+                    b.id.clone(),
+                    p.prober.clone(),
+                    p.zone.clone(),
+                    if p.counted { "yes".into() } else { "no".into() },
+                    p.latest.iter().map(cell).collect::<Vec<_>>().join(", "),
+                ]
+            })
+        })
+        .collect();
+    out.push_str(&output::table(
+        &["BACKEND", "PROBER", "ZONE", "COUNTED", "LATEST PROBES"],
+        &rows,
+    ));
+    out.push('\n');
+    let rows: Vec<Vec<String>> = v
+        .probers
+        .iter()
+        .map(|p| {
+            vec![
+                p.node_name.clone(),
+                p.zone.clone(),
+                p.state.clone(),
+                p.last_report_age.clone(),
+                p.last_sequence.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&output::table(
+        &["PROBER", "ZONE", "STATE", "LAST REPORT", "SEQUENCE"],
+        &rows,
+    ));
+    out
+}
+
+impl HealthArgs {
+    /// Runs `bulwarkctl health` against the LB endpoints.
+    pub async fn run(&self, svc: &Service<'_>, format: OutputFormat) -> Result<(), CliError> {
+        let backend_id = self.backend.clone().unwrap_or_default();
+        let r = svc
+            .call(|ch| {
+                let backend_id = backend_id.clone();
+                async move {
+                    LoadBalancerClient::new(ch)
+                        .get_health(lb::GetHealthRequest { backend_id })
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            })
+            .await?;
+        output::print(format, &view(r), table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_shows_votes_probes_probers_and_the_alert() {
+        let r = lb::GetHealthResponse {
+            backends: vec![lb::BackendHealth {
+                backend_id: "cp-1".into(),
+                address: "10.0.0.1:6443".into(),
+                zone: "a".into(),
+                verdict: Some(lb::VerdictStatus {
+                    verdict: lb::Verdict::Down as i32,
+                    reason: "down in 2/2 zones (connection refused)".into(),
+                    since: None,
+                }),
+                zones: vec![lb::ZoneVotes {
+                    zone: "a".into(),
+                    zone_verdict: lb::Verdict::Down as i32,
+                    up: 0,
+                    not_ready: 0,
+                    down: 1,
+                    ignored: 1,
+                }],
+                probers: vec![lb::ProberView {
+                    prober: "p-a".into(),
+                    zone: "a".into(),
+                    counted: true,
+                    latest: vec![lb::Observation {
+                        kind: lb::ProbeKind::Readyz as i32,
+                        ok: false,
+                        reason: lb::ProbeReason::ConnectionRefused as i32,
+                        latency: Some(prost_types::Duration {
+                            seconds: 0,
+                            nanos: 2_000_000,
+                        }),
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            probers: vec![lb::ProberStatus {
+                node_name: "p-a".into(),
+                zone: "a".into(),
+                isolated: true,
+                stale: false,
+                last_report_age: None,
+                last_sequence: 7,
+            }],
+            fail_open: true,
+            zones_down: vec!["a".into()],
+        };
+        let text = table(&view(r));
+        for needle in [
+            "fail-open:  YES",
+            "zones down: a",
+            "cp-1     a     down",
+            "a=down (0/0/1, 1 ignored)",
+            "readyz: connection refused 2ms",
+            "p-a     a     isolated",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,1017 @@
+//! `bulwarkctl status`: the whole control plane from one command. It asks
+//! bulwark-lb (`GetStatus`, `ListBackends`, and `GetHealth` on the leader)
+//! and bulwark-backup (`GetStatus`) and prints one report: the LB leader,
+//! the VIP holder and since when, the members, every backend with its
+//! verdict and zone, the probers the leader counts, the last backup, the
+//! RPO lag and the last restore drill.
+//!
+//! A part that cannot be fetched does not hide the others: the report says
+//! `UNAVAILABLE` in its place (and `"unavailable": "<why>"` in JSON/YAML),
+//! and the command exits with the code of the first failure (3 unreachable,
+//! 4 refused certificate, 2 no endpoint configured) after printing
+//! everything it could.
+
+use std::time::{Duration, SystemTime};
+
+use bulwark_api::backup::v1 as bk;
+use bulwark_api::backup::v1::backup_client::BackupClient;
+use bulwark_api::lb::v1 as lb;
+use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
+use serde::Serialize;
+
+use crate::connect::{Service, Session};
+use crate::error::CliError;
+use crate::output::{self, OutputFormat};
+
+/// One part of the report: what was fetched, or why it could not be.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Part<T> {
+    /// Fetched.
+    Ok(T),
+    /// Not fetched.
+    Unavailable {
+        /// The error, naming the service and endpoint.
+        unavailable: String,
+        /// What to do about it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hint: Option<String>,
+    },
+}
+
+impl<T> Part<T> {
+    fn from_result(r: Result<T, CliError>, failures: &mut Vec<CliError>) -> Self {
+        match r {
+            Ok(v) => Part::Ok(v),
+            Err(e) => {
+                let part = Part::Unavailable {
+                    unavailable: e.to_string(),
+                    hint: e.hint_text().map(str::to_owned),
+                };
+                failures.push(e);
+                part
+            }
+        }
+    }
+}
+
+/// The report.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    /// True when every part was fetched.
+    pub complete: bool,
+    /// The LB cluster.
+    pub lb: Part<LbView>,
+    /// Health aggregation on the LB leader (probers).
+    pub probers: Part<Vec<ProberRow>>,
+    /// Backups.
+    pub backup: Part<BackupView>,
+}
+
+/// The LB cluster as one node sees it.
+#[derive(Debug, Serialize)]
+pub struct LbView {
+    /// The node that answered (`id (name)`).
+    pub answered_by: String,
+    /// The leader (`id (name)`); `None` during an election.
+    pub leader: Option<String>,
+    /// Raft term.
+    pub term: u64,
+    /// The VIP.
+    pub vip: VipView,
+    /// Health aggregation failed open (every backend routed to).
+    pub fail_open: bool,
+    /// Zones with no backend up.
+    pub zones_down: Vec<String>,
+    /// Raft members.
+    pub members: Vec<MemberRow>,
+    /// Backends that receive new connections now.
+    pub backends_routable: u32,
+    /// Registered backends.
+    pub backends_total: u32,
+    /// Every backend.
+    pub backends: Vec<BackendRow>,
+    /// The newest leadership change.
+    pub last_failover: Option<FailoverRow>,
+}
+
+/// The virtual IP.
+#[derive(Debug, Serialize)]
+pub struct VipView {
+    /// Address, or `disabled`.
+    pub address: String,
+    /// `arp`, `bind` or `disabled`.
+    pub mode: String,
+    /// Holder node id; `None` while nobody holds it.
+    pub holder: Option<u64>,
+    /// Holder's name when it is a member.
+    pub holder_name: Option<String>,
+    /// When the holder took it (RFC 3339).
+    pub held_since: Option<String>,
+    /// For how long, by the answering node's clock.
+    pub held_for: Option<String>,
+}
+
+/// One Raft member.
+#[derive(Debug, Serialize)]
+pub struct MemberRow {
+    /// Raft node id.
+    pub id: u64,
+    /// Host name.
+    pub name: String,
+    /// `voter` or `learner`.
+    pub role: String,
+    /// True for the leader.
+    pub leader: bool,
+    /// Zone.
+    pub zone: String,
+    /// API address.
+    pub api_address: String,
+    /// Entries behind the leader (known when the leader answered).
+    pub lag: Option<u64>,
+}
+
+/// One backend.
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    /// Backend id.
+    pub id: String,
+    /// host:port.
+    pub address: String,
+    /// Zone.
+    pub zone: String,
+    /// `active` or `drain`.
+    pub admin: String,
+    /// `up`, `not_ready`, `down` or `unknown`.
+    pub verdict: String,
+    /// Why, in one line.
+    pub reason: String,
+    /// When the verdict last changed (RFC 3339).
+    pub since: Option<String>,
+    /// Receives new connections now.
+    pub routable: bool,
+}
+
+/// One prober as the LB leader counts it.
+#[derive(Debug, Serialize)]
+pub struct ProberRow {
+    /// Its node name.
+    pub node: String,
+    /// Its zone.
+    pub zone: String,
+    /// `counted`, `isolated` or `stale`.
+    pub state: String,
+    /// Time since its last report.
+    pub last_report: Option<String>,
+}
+
+/// A leadership change.
+#[derive(Debug, Serialize)]
+pub struct FailoverRow {
+    /// When (RFC 3339).
+    pub at: String,
+    /// Previous leader.
+    pub from: Option<u64>,
+    /// New leader.
+    pub to: u64,
+    /// Why.
+    pub cause: String,
+    /// Detection plus election.
+    pub time_to_detect: Option<String>,
+    /// Election won to VIP announced.
+    pub time_to_move_vip: Option<String>,
+}
+
+/// Backups.
+#[derive(Debug, Serialize)]
+pub struct BackupView {
+    /// The instance that answered.
+    pub answered_by: String,
+    /// The instance leading scheduled work.
+    pub schedule_leader: String,
+    /// Where backups go.
+    pub store: String,
+    /// `every 1h`, or `cron or on demand`.
+    pub schedule: String,
+    /// Next scheduled snapshot (RFC 3339).
+    pub next_run: Option<String>,
+    /// The newest committed snapshot.
+    pub last_backup: Option<LastBackup>,
+    /// Newest revision a restore can reach.
+    pub newest_revision_covered: i64,
+    /// Continuous deltas: `running`, `lagging`, `gap`, `disabled`, `stopped`.
+    pub deltas: String,
+    /// RPO lag: recent history lost if etcd were lost now.
+    pub rpo_lag: Option<String>,
+    /// The last restore drill.
+    pub last_drill: Option<DrillRow>,
+    /// The last error of scheduled work.
+    pub last_error: Option<String>,
+    /// A restore running now.
+    pub restore_in_progress: Option<String>,
+}
+
+/// The newest snapshot.
+#[derive(Debug, Serialize)]
+pub struct LastBackup {
+    /// Snapshot id.
+    pub id: String,
+    /// When committed (RFC 3339).
+    pub at: String,
+    /// How long ago, by this machine's clock.
+    pub age: Option<String>,
+    /// etcd revision.
+    pub revision: i64,
+    /// Stored size in bytes.
+    pub stored_bytes: u64,
+    /// Encrypted client-side.
+    pub encrypted: bool,
+    /// `passed`, `FAILED` or `never`, with the time.
+    pub verified: String,
+}
+
+/// A restore drill.
+#[derive(Debug, Serialize)]
+pub struct DrillRow {
+    /// The drilled snapshot.
+    pub snapshot: String,
+    /// Every check passed.
+    pub passed: bool,
+    /// When it finished (RFC 3339).
+    pub at: String,
+    /// How long it took.
+    pub took: Option<String>,
+}
+
+fn dur(d: Option<&prost_types::Duration>) -> Option<String> {
+    let d = bulwark_api::time::duration_from_proto(d?).ok()?;
+    // Milliseconds are enough for people; nanoseconds are noise.
+    let d = Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX));
+    Some(humantime::format_duration(d).to_string())
+}
+
+fn time_of(t: Option<&prost_types::Timestamp>) -> Option<SystemTime> {
+    bulwark_api::time::timestamp_from_proto(t?).ok()
+}
+
+fn ts(t: Option<&prost_types::Timestamp>) -> Option<String> {
+    time_of(t).map(|t| humantime::format_rfc3339_seconds(t).to_string())
+}
+
+/// `later - earlier`, rounded to seconds, when both are known and ordered.
+fn between(earlier: Option<SystemTime>, later: Option<SystemTime>) -> Option<String> {
+    let d = later?.duration_since(earlier?).ok()?;
+    Some(humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
+}
+
+/// An enum value's proto name without its prefix, lowercased.
+fn name_of<E: TryFrom<i32>>(v: i32, name: impl Fn(&E) -> &'static str, prefix: &str) -> String {
+    E::try_from(v)
+        .map(|e| name(&e).trim_start_matches(prefix).to_lowercase())
+        .unwrap_or_else(|_| v.to_string())
+}
+
+fn node_ref(n: &lb::NodeInfo) -> String {
+    if n.name.is_empty() {
+        n.id.to_string()
+    } else {
+        format!("{} ({})", n.id, n.name)
+    }
+}
+
+async fn get_status(svc: &Service<'_>) -> Result<lb::GetStatusResponse, CliError> {
+    svc.call(|ch| async move {
+        LoadBalancerClient::new(ch)
+            .get_status(lb::GetStatusRequest { max_failovers: 1 })
+            .await
+            .map(tonic::Response::into_inner)
+    })
+    .await
+}
+
+async fn lb_part(svc: &Service<'_>) -> Result<LbView, CliError> {
+    let mut s = get_status(svc).await?;
+    // Only the leader knows how far each member lags: ask it when a
+    // follower answered. If the leader cannot be reached from here, the
+    // follower's answer stands (without lag).
+    if s.role != lb::NodeRole::Leader as i32
+        && let Some(leader) = s.leader.as_ref().filter(|l| !l.api_address.is_empty())
+        && let Ok(from_leader) = get_status(&svc.preferring(&leader.api_address)).await
+        && from_leader.role == lb::NodeRole::Leader as i32
+    {
+        s = from_leader;
+    }
+    let list = svc
+        .call(|ch| async move {
+            LoadBalancerClient::new(ch)
+                .list_backends(lb::ListBackendsRequest::default())
+                .await
+                .map(tonic::Response::into_inner)
+        })
+        .await?;
+    Ok(lb_view(&s, &list))
+}
+
+fn lb_view(s: &lb::GetStatusResponse, list: &lb::ListBackendsResponse) -> LbView {
+    let leader_id = s.leader.as_ref().map(|l| l.id);
+    let vip = s.vip.clone().unwrap_or_default();
+    let mode = name_of(vip.mode, lb::VipMode::as_str_name, "VIP_MODE_");
+    let holder_name = vip.holder_node_id.and_then(|h| {
+        s.members
+            .iter()
+            .filter_map(|m| m.node.as_ref())
+            .find(|n| n.id == h && !n.name.is_empty())
+            .map(|n| n.name.clone())
+    });
+    LbView {
+        answered_by: s.node.as_ref().map(node_ref).unwrap_or_default(),
+        leader: s.leader.as_ref().map(node_ref),
+        term: s.current_term,
+        vip: VipView {
+            address: if vip.address.is_empty() {
+                "disabled".into()
+            } else {
+                vip.address.clone()
+            },
+            // The config's names: `arp` is the proto's L2.
+            mode: match mode.as_str() {
+                "unspecified" => "disabled".into(),
+                "l2" => "arp".into(),
+                _ => mode,
+            },
+            holder: vip.holder_node_id,
+            holder_name,
+            held_since: ts(vip.held_since.as_ref()),
+            held_for: between(
+                time_of(vip.held_since.as_ref()),
+                time_of(s.observed_at.as_ref()),
+            ),
+        },
+        fail_open: s.fail_open,
+        zones_down: s.zones_down.clone(),
+        members: s
+            .members
+            .iter()
+            .map(|m| {
+                let n = m.node.clone().unwrap_or_default();
+                MemberRow {
+                    leader: Some(n.id) == leader_id,
+                    id: n.id,
+                    name: n.name,
+                    role: name_of(m.role, lb::MemberRole::as_str_name, "MEMBER_ROLE_"),
+                    zone: n.zone,
+                    api_address: n.api_address,
+                    lag: m.replication.map(|r| r.lag_entries),
+                }
+            })
+            .collect(),
+        backends_routable: s.backends_routable,
+        backends_total: s.backends_total,
+        backends: list
+            .backends
+            .iter()
+            .map(|b| {
+                let v = b.verdict.clone().unwrap_or_default();
+                BackendRow {
+                    id: b.id.clone(),
+                    address: b.address.clone(),
+                    zone: b.zone.clone(),
+                    admin: name_of(b.admin_state, lb::AdminState::as_str_name, "ADMIN_STATE_"),
+                    verdict: name_of(v.verdict, lb::Verdict::as_str_name, "VERDICT_"),
+                    reason: v.reason,
+                    since: ts(v.since.as_ref()),
+                    routable: b.routable,
+                }
+            })
+            .collect(),
+        last_failover: s.recent_failovers.first().map(|f| FailoverRow {
+            at: ts(f.at.as_ref()).unwrap_or_default(),
+            from: f.from_node_id,
+            to: f.to_node_id,
+            cause: name_of(f.cause, lb::FailoverCause::as_str_name, "FAILOVER_CAUSE_"),
+            time_to_detect: dur(f.time_to_detect.as_ref()),
+            time_to_move_vip: dur(f.time_to_move_vip.as_ref()),
+        }),
+    }
+}
+
+/// Probers come from the leader's aggregation (a follower redirects).
+async fn probers_part(svc: &Service<'_>) -> Result<Vec<ProberRow>, CliError> {
+    let h = svc
+        .call(|ch| async move {
+            LoadBalancerClient::new(ch)
+                .get_health(lb::GetHealthRequest::default())
+                .await
+                .map(tonic::Response::into_inner)
+        })
+        .await?;
+    Ok(h.probers
+        .iter()
+        .map(|p| ProberRow {
+            node: p.node_name.clone(),
+            zone: p.zone.clone(),
+            state: if p.isolated {
+                "isolated"
+            } else if p.stale {
+                "stale"
+            } else {
+                "counted"
+            }
+            .into(),
+            last_report: dur(p.last_report_age.as_ref()),
+        })
+        .collect())
+}
+
+async fn backup_part(svc: &Service<'_>, now: SystemTime) -> Result<BackupView, CliError> {
+    let s = svc
+        .call(|ch| async move {
+            BackupClient::new(ch)
+                .get_status(bk::GetStatusRequest {})
+                .await
+                .map(tonic::Response::into_inner)
+        })
+        .await?;
+    Ok(backup_view(&s, now))
+}
+
+fn backup_view(s: &bk::GetStatusResponse, now: SystemTime) -> BackupView {
+    let sched = s.schedule.clone().unwrap_or_default();
+    let deltas = s.deltas.unwrap_or_default();
+    BackupView {
+        answered_by: s.node_name.clone(),
+        schedule_leader: sched.leader.clone(),
+        store: s.store_url.clone(),
+        schedule: dur(sched.interval.as_ref())
+            .map(|d| format!("every {d}"))
+            .unwrap_or_else(|| "cron or on demand".into()),
+        next_run: ts(sched.next_run_at.as_ref()),
+        last_backup: s.last_success.as_ref().map(|l| LastBackup {
+            id: l.id.clone(),
+            at: ts(l.created_at.as_ref()).unwrap_or_default(),
+            age: between(time_of(l.created_at.as_ref()), Some(now)),
+            revision: l.revision,
+            stored_bytes: l.stored_size_bytes,
+            encrypted: l.encrypted,
+            verified: match &l.last_verification {
+                None => "never".into(),
+                Some(v) => format!(
+                    "{} {}",
+                    if v.passed { "passed" } else { "FAILED" },
+                    ts(v.verified_at.as_ref()).unwrap_or_default()
+                ),
+            },
+        }),
+        newest_revision_covered: s.newest_revision_covered,
+        deltas: match bk::DeltaState::try_from(deltas.state) {
+            Ok(bk::DeltaState::Unspecified) | Err(_) => "unknown".into(),
+            Ok(st) => st
+                .as_str_name()
+                .trim_start_matches("DELTA_STATE_")
+                .to_lowercase(),
+        },
+        rpo_lag: dur(deltas.rpo_lag.as_ref()),
+        last_drill: s.last_drill.as_ref().map(|d| DrillRow {
+            snapshot: d.snapshot_id.clone(),
+            passed: d.passed,
+            at: ts(d.finished_at.as_ref()).unwrap_or_default(),
+            took: dur(d.took.as_ref()),
+        }),
+        last_error: s.last_error.as_ref().map(|e| {
+            format!(
+                "{} ({}): {}",
+                ts(e.at.as_ref()).unwrap_or_default(),
+                e.operation,
+                e.message
+            )
+        }),
+        restore_in_progress: s.restore_in_progress.as_ref().map(|r| {
+            format!(
+                "{} by {} since {}, phase {}",
+                r.restore_id,
+                r.coordinator,
+                ts(r.started_at.as_ref()).unwrap_or_default(),
+                name_of(r.phase, bk::RestorePhase::as_str_name, "RESTORE_PHASE_")
+            )
+        }),
+    }
+}
+
+/// Fetches every part; the failures come back beside the report.
+pub async fn gather(session: &Session) -> (StatusReport, Vec<CliError>) {
+    let mut failures = Vec::new();
+    let (lb, probers) = match session.lb() {
+        Ok(svc) => {
+            let (lb, probers) = tokio::join!(lb_part(&svc), probers_part(&svc));
+            let lb = Part::from_result(lb, &mut failures);
+            // When the LB is unreachable the probers are too: count that
+            // failure once.
+            let probers = match (&lb, probers) {
+                (Part::Unavailable { .. }, Err(e)) => Part::Unavailable {
+                    unavailable: e.to_string(),
+                    hint: None,
+                },
+                (_, r) => Part::from_result(r, &mut failures),
+            };
+            (lb, probers)
+        }
+        Err(e) => (
+            Part::from_result(Err(e), &mut failures),
+            Part::Unavailable {
+                unavailable: "no bulwark-lb endpoint configured".into(),
+                hint: None,
+            },
+        ),
+    };
+    let backup = match session.backup() {
+        Ok(svc) => backup_part(&svc, SystemTime::now()).await,
+        Err(e) => Err(e),
+    };
+    let backup = Part::from_result(backup, &mut failures);
+    (
+        StatusReport {
+            complete: failures.is_empty(),
+            lb,
+            probers,
+            backup,
+        },
+        failures,
+    )
+}
+
+/// Runs `bulwarkctl status`.
+pub async fn run(session: &Session, format: OutputFormat) -> Result<(), CliError> {
+    let (report, mut failures) = gather(session).await;
+    output::print(format, &report, render)?;
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let first = failures.remove(0);
+    let what: Vec<&str> = [
+        matches!(report.lb, Part::Unavailable { .. }).then_some("lb"),
+        matches!(report.probers, Part::Unavailable { .. }).then_some("probers"),
+        matches!(report.backup, Part::Unavailable { .. }).then_some("backup"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let err = CliError::new(
+        first.exit(),
+        format!(
+            "status is incomplete ({} unavailable): {first}",
+            what.join(", ")
+        ),
+    );
+    Err(match first.hint_text() {
+        Some(h) => err.hint(h),
+        None => err,
+    })
+}
+
+/// Bytes for people: `672 B`, `1.5 MiB`.
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+fn unavailable(out: &mut String, unavailable: &str, hint: &Option<String>) {
+    out.push_str(&format!("UNAVAILABLE: {unavailable}\n"));
+    if let Some(h) = hint {
+        out.push_str(&format!("hint: {h}\n"));
+    }
+}
+
+fn opt(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "-".into())
+}
+
+/// The table view.
+pub fn render(r: &StatusReport) -> String {
+    let mut out = String::new();
+    match &r.lb {
+        Part::Ok(l) => {
+            out.push_str(&format!(
+                "LOAD BALANCER, answered by node {}\n",
+                l.answered_by
+            ));
+            let vip = &l.vip;
+            let held = match (vip.holder, &vip.holder_name) {
+                (None, _) => "held by nobody".to_owned(),
+                (Some(h), name) => format!(
+                    "held by {h}{} since {}{}",
+                    name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
+                    opt(&vip.held_since),
+                    vip.held_for
+                        .as_ref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                ),
+            };
+            let mut pairs = vec![
+                (
+                    "leader",
+                    match &l.leader {
+                        Some(n) => format!("{n}, term {}", l.term),
+                        None => format!("NONE (election in progress), term {}", l.term),
+                    },
+                ),
+                (
+                    "vip",
+                    if vip.mode == "disabled" {
+                        "disabled".to_owned()
+                    } else {
+                        format!("{} ({}), {held}", vip.address, vip.mode)
+                    },
+                ),
+                (
+                    "backends",
+                    format!("{}/{} routable", l.backends_routable, l.backends_total),
+                ),
+                (
+                    "zones down",
+                    if l.zones_down.is_empty() {
+                        "none".into()
+                    } else {
+                        l.zones_down.join(", ")
+                    },
+                ),
+            ];
+            if l.fail_open {
+                pairs.push((
+                    "FAIL-OPEN",
+                    "every backend looks down to the probers; routing to all".into(),
+                ));
+            }
+            if let Some(f) = &l.last_failover {
+                let moved = match f.from {
+                    Some(from) => format!("node {from} -> node {}", f.to),
+                    None => format!("node {}", f.to),
+                };
+                let detect = f
+                    .time_to_detect
+                    .as_ref()
+                    .map(|d| format!(", detected in {d}"))
+                    .unwrap_or_default();
+                pairs.push((
+                    "last failover",
+                    format!(
+                        "{} {moved} ({}){detect}, VIP moved in {}",
+                        f.at,
+                        f.cause,
+                        opt(&f.time_to_move_vip)
+                    ),
+                ));
+            }
+            out.push_str(&output::fields(&pairs));
+            out.push('\n');
+            let members: Vec<Vec<String>> = l
+                .members
+                .iter()
+                .map(|m| {
+                    vec![
+                        format!("{}{}", if m.leader { "*" } else { "" }, m.id),
+                        m.name.clone(),
+                        m.role.clone(),
+                        m.zone.clone(),
+                        m.api_address.clone(),
+                        m.lag.map_or_else(|| "-".into(), |l| l.to_string()),
+                    ]
+                })
+                .collect();
+            out.push_str(&output::table(
+                &["MEMBER", "NAME", "ROLE", "ZONE", "API", "LAG"],
+                &members,
+            ));
+            out.push('\n');
+            let backends: Vec<Vec<String>> = l
+                .backends
+                .iter()
+                .map(|b| {
+                    vec![
+                        b.id.clone(),
+                        b.address.clone(),
+                        b.zone.clone(),
+                        b.verdict.clone(),
+                        b.admin.clone(),
+                        if b.routable { "yes" } else { "NO" }.into(),
+                        opt(&b.since),
+                        b.reason.clone(),
+                    ]
+                })
+                .collect();
+            if backends.is_empty() {
+                out.push_str("BACKEND: none registered (bulwarkctl lb add-backend)\n");
+            } else {
+                out.push_str(&output::table(
+                    &[
+                        "BACKEND", "ADDRESS", "ZONE", "VERDICT", "ADMIN", "ROUTABLE", "SINCE",
+                        "REASON",
+                    ],
+                    &backends,
+                ));
+            }
+        }
+        Part::Unavailable {
+            unavailable: u,
+            hint,
+        } => {
+            out.push_str("LOAD BALANCER ");
+            unavailable(&mut out, u, hint);
+        }
+    }
+    out.push('\n');
+    match &r.probers {
+        Part::Ok(p) if p.is_empty() => out.push_str("PROBER: none reporting to the leader\n"),
+        Part::Ok(p) => {
+            let rows: Vec<Vec<String>> = p
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.node.clone(),
+                        p.zone.clone(),
+                        p.state.clone(),
+                        opt(&p.last_report),
+                    ]
+                })
+                .collect();
+            out.push_str(&output::table(
+                &["PROBER", "ZONE", "STATE", "LAST-REPORT"],
+                &rows,
+            ));
+        }
+        Part::Unavailable {
+            unavailable: u,
+            hint,
+        } => {
+            out.push_str("PROBERS ");
+            unavailable(&mut out, u, hint);
+        }
+    }
+    out.push('\n');
+    match &r.backup {
+        Part::Ok(b) => {
+            out.push_str(&format!(
+                "BACKUP (answered by {}; schedule led by {})\n",
+                b.answered_by,
+                if b.schedule_leader.is_empty() {
+                    "nobody known"
+                } else {
+                    &b.schedule_leader
+                }
+            ));
+            out.push_str(&output::fields(&[
+                ("store", b.store.clone()),
+                (
+                    "schedule",
+                    match &b.next_run {
+                        Some(n) => format!("{}, next {n}", b.schedule),
+                        None => b.schedule.clone(),
+                    },
+                ),
+                (
+                    "last backup",
+                    match &b.last_backup {
+                        None => "NONE".into(),
+                        Some(l) => format!(
+                            "{} at {}{} (revision {}, {} stored{}), verified {}",
+                            l.id,
+                            l.at,
+                            l.age
+                                .as_ref()
+                                .map(|a| format!(", {a} ago"))
+                                .unwrap_or_default(),
+                            l.revision,
+                            size(l.stored_bytes),
+                            if l.encrypted { ", encrypted" } else { "" },
+                            l.verified
+                        ),
+                    },
+                ),
+                (
+                    "covered to",
+                    format!("revision {}", b.newest_revision_covered),
+                ),
+                (
+                    "rpo lag",
+                    match (&b.rpo_lag, b.deltas.as_str()) {
+                        (_, "disabled") => {
+                            "n/a: continuous deltas are off, a restore reaches the last backup"
+                                .into()
+                        }
+                        (Some(lag), state) => format!("{lag} (deltas {state})"),
+                        (None, state) => format!("unknown (deltas {state})"),
+                    },
+                ),
+                (
+                    "last drill",
+                    match &b.last_drill {
+                        None => "never".into(),
+                        Some(d) => format!(
+                            "{} {} at {} (took {})",
+                            d.snapshot,
+                            if d.passed { "passed" } else { "FAILED" },
+                            d.at,
+                            opt(&d.took)
+                        ),
+                    },
+                ),
+                ("last error", opt(&b.last_error)),
+                (
+                    "restore",
+                    b.restore_in_progress
+                        .clone()
+                        .unwrap_or_else(|| "none running".into()),
+                ),
+            ]));
+        }
+        Part::Unavailable {
+            unavailable: u,
+            hint,
+        } => {
+            out.push_str("BACKUP ");
+            unavailable(&mut out, u, hint);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts_at(secs: i64) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp {
+            seconds: secs,
+            nanos: 0,
+        })
+    }
+
+    fn node(id: u64, name: &str) -> lb::NodeInfo {
+        lb::NodeInfo {
+            id,
+            name: name.into(),
+            api_address: format!("10.0.0.1{id}:9442"),
+            zone: format!("zone-{id}"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lb_view_names_the_holder_and_how_long_it_held() {
+        let s = lb::GetStatusResponse {
+            node: Some(node(2, "cp-2")),
+            role: lb::NodeRole::Follower as i32,
+            leader: Some(node(1, "cp-1")),
+            current_term: 4,
+            members: vec![
+                lb::Member {
+                    node: Some(node(1, "cp-1")),
+                    role: lb::MemberRole::Voter as i32,
+                    replication: None,
+                },
+                lb::Member {
+                    node: Some(node(2, "cp-2")),
+                    role: lb::MemberRole::Learner as i32,
+                    replication: None,
+                },
+            ],
+            vip: Some(lb::VipStatus {
+                address: "10.0.0.10".into(),
+                mode: lb::VipMode::L2 as i32,
+                holder_node_id: Some(1),
+                held_since: ts_at(1_000),
+                ..Default::default()
+            }),
+            observed_at: ts_at(1_000 + 3 * 3600 + 62),
+            backends_total: 1,
+            ..Default::default()
+        };
+        let list = lb::ListBackendsResponse {
+            backends: vec![lb::Backend {
+                id: "cp-1".into(),
+                address: "10.0.0.11:6443".into(),
+                zone: "zone-a".into(),
+                admin_state: lb::AdminState::Drain as i32,
+                verdict: Some(lb::VerdictStatus {
+                    verdict: lb::Verdict::NotReady as i32,
+                    reason: "readyz failing while alive in 2/3 zones".into(),
+                    since: ts_at(2_000),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let v = lb_view(&s, &list);
+        assert_eq!(v.leader.as_deref(), Some("1 (cp-1)"));
+        assert_eq!(v.vip.mode, "arp");
+        assert_eq!(v.vip.holder_name.as_deref(), Some("cp-1"));
+        assert_eq!(v.vip.held_for.as_deref(), Some("3h 1m 2s"));
+        assert_eq!(v.members[0].role, "voter");
+        assert!(v.members[0].leader && !v.members[1].leader);
+        assert_eq!(v.backends[0].verdict, "not_ready");
+        assert_eq!(v.backends[0].admin, "drain");
+        let report = StatusReport {
+            complete: false,
+            lb: Part::Ok(v),
+            probers: Part::Ok(Vec::new()),
+            backup: Part::Unavailable {
+                unavailable: "bulwark-backup at h:1: connection refused".into(),
+                hint: Some("check that bulwark-backup runs".into()),
+            },
+        };
+        let text = render(&report);
+        assert!(
+            text.contains("held by 1 (cp-1) since 1970-01-01T00:16:40Z (3h 1m 2s)"),
+            "{text}"
+        );
+        assert!(text.contains("*1 "), "{text}");
+        assert!(text.contains("not_ready"), "{text}");
+        assert!(
+            text.contains(
+                "BACKUP UNAVAILABLE: bulwark-backup at h:1: connection refused\nhint: check"
+            ),
+            "{text}"
+        );
+        let json = output::render(OutputFormat::Json, &report, render).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(json["complete"], false);
+        assert_eq!(
+            json["backup"]["unavailable"],
+            "bulwark-backup at h:1: connection refused"
+        );
+        assert_eq!(json["lb"]["vip"]["holder"], 1);
+    }
+
+    #[test]
+    fn backup_view_reports_age_rpo_and_drill() {
+        let s = bk::GetStatusResponse {
+            node_name: "cp-2".into(),
+            store_url: "s3://b/p".into(),
+            schedule: Some(bk::ScheduleStatus {
+                interval: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+                leader: "cp-1".into(),
+                ..Default::default()
+            }),
+            last_success: Some(bk::SnapshotSummary {
+                id: "snap-1".into(),
+                created_at: ts_at(10_000),
+                revision: 42,
+                ..Default::default()
+            }),
+            deltas: Some(bk::DeltaStatus {
+                state: bk::DeltaState::Running as i32,
+                rpo_lag: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 420_000_000,
+                }),
+                ..Default::default()
+            }),
+            last_drill: Some(bk::VerifyResult {
+                snapshot_id: "snap-1".into(),
+                passed: false,
+                finished_at: ts_at(10_100),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000 + 90);
+        let v = backup_view(&s, now);
+        assert_eq!(v.schedule, "every 1h");
+        assert_eq!(v.deltas, "running");
+        assert_eq!(v.rpo_lag.as_deref(), Some("420ms"));
+        let last = v.last_backup.as_ref().unwrap();
+        assert_eq!(last.age.as_deref(), Some("1m 30s"));
+        assert_eq!(last.verified, "never");
+        assert!(!v.last_drill.as_ref().unwrap().passed);
+        let report = StatusReport {
+            complete: true,
+            lb: Part::Unavailable {
+                unavailable: "x".into(),
+                hint: None,
+            },
+            probers: Part::Unavailable {
+                unavailable: "x".into(),
+                hint: None,
+            },
+            backup: Part::Ok(v),
+        };
+        let text = render(&report);
+        assert!(
+            text.contains("rpo lag:     420ms (deltas running)"),
+            "{text}"
+        );
+        assert!(text.contains("snap-1 FAILED at"), "{text}");
+    }
+}

@@ -1,0 +1,329 @@
+//! The [`HealthAggregator`] at work on the Raft leader: fed by the
+//! `ProbeReports` streams and the committed registry, and turned into
+//! `ApplyVerdicts` commands.
+//!
+//! Only the leader aggregates. When a node becomes leader it starts a fresh
+//! aggregator from the committed registry and verdicts (probers reconnect
+//! and send FULL reports; the aggregator emits nothing until `staleAfter`
+//! has passed, so committed verdicts stand until fresh evidence changes
+//! them). When it stops leading, the aggregator is dropped and every open
+//! report stream is told where the leader went.
+//!
+//! Committing is a reconciliation, not a queue: after each report (and on a
+//! timer, for staleness) one task evaluates, then compares the aggregator's
+//! verdicts with the committed ones and proposes the differences in one
+//! command. One proposal is in flight at a time, and a proposal that fails
+//! (no quorum for a moment) is simply found again on the next pass, so a
+//! verdict change is never lost and an unchanged verdict is never written.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use bulwark_api::lb::v1::{ProbeReport, ReportKind};
+use bulwark_api::raft::v1 as pb;
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{HealthAggregator, HealthConfig, HealthStatus, ReportError, ReportOutcome};
+use crate::backends::{BackendSpec, Verdict};
+use crate::raft::state::{LbState, command};
+use crate::raft::store::StateMachineStore;
+use crate::raft::{NodeId, Raft};
+
+/// How often the leader re-evaluates without a report (staleness, the end
+/// of the warm-up).
+const TICK: Duration = Duration::from_millis(200);
+/// How long one proposal may take before the next pass tries again.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The leader's health aggregation, shared by the report streams, GetHealth
+/// and the committing task. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct HealthService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: HealthConfig,
+    /// `Some` while this node leads.
+    aggregator: Mutex<Option<HealthAggregator>>,
+    /// A report arrived: evaluate now.
+    wake: Notify,
+    /// Bumped whenever leadership starts or ends on this node, so report
+    /// streams opened under the previous leadership end.
+    epoch: watch::Sender<u64>,
+}
+
+impl HealthService {
+    /// A service that aggregates once this node leads.
+    pub fn new(config: HealthConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                aggregator: Mutex::new(None),
+                wake: Notify::new(),
+                epoch: watch::Sender::new(0),
+            }),
+        }
+    }
+
+    /// The rules in force.
+    pub fn config(&self) -> &HealthConfig {
+        &self.inner.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<HealthAggregator>> {
+        // The aggregator is plain data; a panic elsewhere cannot leave it
+        // half-updated in a way that matters more than losing the process.
+        self.inner
+            .aggregator
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether this node aggregates now (it leads).
+    pub fn is_leading(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Changes whenever leadership starts or ends here.
+    pub fn leadership(&self) -> watch::Receiver<u64> {
+        self.inner.epoch.subscribe()
+    }
+
+    /// Applies one prober report. `Ok(None)`: this node does not aggregate
+    /// (not the leader); the caller sends a leader hint.
+    pub fn report(&self, report: &ProbeReport) -> Result<Option<ReportOutcome>, ReportError> {
+        let outcome = {
+            let mut guard = self.lock();
+            let Some(agg) = guard.as_mut() else {
+                return Ok(None);
+            };
+            agg.report(report, Instant::now())?
+        };
+        let kind = ReportKind::try_from(report.kind)
+            .map_or("unknown", |k| k.as_str_name())
+            .trim_start_matches("REPORT_KIND_")
+            .to_ascii_lowercase();
+        metrics::counter!("bulwark_lb_probe_reports_total", "kind" => kind).increment(1);
+        self.inner.wake.notify_one();
+        Ok(Some(outcome))
+    }
+
+    /// Everything GetHealth shows; `None` when not leading.
+    pub fn status(&self) -> Option<HealthStatus> {
+        self.lock().as_ref().map(|a| a.status(Instant::now()))
+    }
+
+    /// Runs on every node: aggregates while this node leads, and commits
+    /// verdict changes.
+    pub async fn run(
+        self,
+        raft: Raft,
+        sm: StateMachineStore,
+        node_id: NodeId,
+        token: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut metrics_rx = raft.metrics();
+        let mut state_rx = sm.subscribe();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let leading = {
+                let m = metrics_rx.borrow_watched();
+                m.state == openraft::ServerState::Leader && m.current_leader == Some(node_id)
+            };
+            let state = state_rx.borrow_and_update().clone();
+            self.follow_leadership(leading, &state);
+            if leading {
+                self.reconcile(&raft, &state).await;
+            }
+            tokio::select! {
+                () = token.cancelled() => return Ok(()),
+                r = metrics_rx.changed() => if r.is_err() { return Ok(()) },
+                r = state_rx.changed() => if r.is_err() { return Ok(()) },
+                () = self.inner.wake.notified() => {}
+                _ = tick.tick() => {}
+            }
+        }
+    }
+
+    /// Starts or drops the aggregator as leadership comes and goes, and
+    /// keeps its registry in step with the committed one.
+    fn follow_leadership(&self, leading: bool, state: &LbState) {
+        let mut guard = self.lock();
+        match (guard.as_mut(), leading) {
+            (None, true) => {
+                let mut agg = HealthAggregator::new(self.inner.config.clone(), Instant::now());
+                agg.set_backends(&state.backend_specs());
+                *guard = Some(agg);
+                drop(guard);
+                self.inner.epoch.send_modify(|e| *e += 1);
+                tracing::info!(
+                    warm_up = ?self.inner.config.stale_after,
+                    "leading: health aggregation started; committed verdicts stand until probers have reported"
+                );
+            }
+            (Some(_), false) => {
+                *guard = None;
+                drop(guard);
+                self.inner.epoch.send_modify(|e| *e += 1);
+                set_prober_gauges(None);
+                tracing::info!("no longer leading: health aggregation stopped");
+            }
+            (Some(agg), true) => agg.set_backends(&state.backend_specs()),
+            (None, false) => {}
+        }
+    }
+
+    /// Evaluates, then proposes whatever differs from the committed state.
+    async fn reconcile(&self, raft: &Raft, state: &LbState) {
+        let Some(cmd) = self.evaluate(state) else {
+            return;
+        };
+        let changes = cmd.changes.clone();
+        let fail_open = cmd.fail_open;
+        let c = command(SystemTime::now(), pb::command::Command::ApplyVerdicts(cmd));
+        match tokio::time::timeout(COMMIT_TIMEOUT, raft.client_write(c)).await {
+            Err(_) => {
+                tracing::warn!("verdict changes not committed within {COMMIT_TIMEOUT:?}; retrying")
+            }
+            Ok(Ok(resp)) => {
+                for ch in &changes {
+                    let to = verdict_of_pb(ch.verdict);
+                    metrics::counter!("bulwark_lb_verdict_changes_total", "to" => verdict_label(to))
+                        .increment(1);
+                    tracing::info!(
+                        backend = %ch.backend_id,
+                        verdict = verdict_label(to),
+                        reason = %ch.reason,
+                        index = resp.log_id.index,
+                        "verdict committed"
+                    );
+                }
+                if fail_open {
+                    tracing::error!(
+                        index = resp.log_id.index,
+                        "ALERT fail-open: every backend looks down to the probers; routing to all of them"
+                    );
+                }
+            }
+            // Not committed: the next pass (report or tick) finds the same
+            // difference and proposes again, or leadership is gone and the
+            // aggregator with it.
+            Ok(Err(e)) => tracing::warn!(error = %e, "verdict changes not committed; retrying"),
+        }
+    }
+
+    /// The command that makes the committed verdicts agree with the
+    /// aggregator's; `None` when they already do.
+    fn evaluate(&self, state: &LbState) -> Option<pb::ApplyVerdicts> {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let agg = guard.as_mut()?;
+        let evaluation = agg.evaluate(now);
+        for p in &evaluation.probers {
+            if p.isolated {
+                tracing::warn!(prober = %p.node_name, zone = %p.zone, "prober isolated: it sees every backend down while others do not; its votes are ignored");
+            } else if p.stale {
+                tracing::warn!(prober = %p.node_name, zone = %p.zone, "prober stale: no report within staleAfter; its votes are ignored");
+            } else {
+                tracing::info!(prober = %p.node_name, zone = %p.zone, "prober counted again");
+            }
+        }
+        set_prober_gauges(Some(&agg.status(now)));
+
+        let committed: std::collections::HashMap<String, Verdict> = state
+            .backend_specs()
+            .into_iter()
+            .map(|b: BackendSpec| (b.id, b.verdict))
+            .collect();
+        let changes: Vec<pb::VerdictRecord> = agg
+            .verdicts()
+            .filter(|(id, v, _)| committed.get(*id).is_some_and(|c| c != v))
+            .map(|(id, v, reason)| pb::VerdictRecord {
+                backend_id: id.to_owned(),
+                verdict: verdict_to_pb(v) as i32,
+                reason: reason.to_owned(),
+                since: None,
+            })
+            .collect();
+        let fail_open = agg.fail_open();
+        let zones_down = agg.zones_down();
+        let data = state.data();
+        if changes.is_empty() && fail_open == data.fail_open && zones_down == data.zones_down {
+            return None;
+        }
+        Some(pb::ApplyVerdicts {
+            changes,
+            fail_open,
+            zones_down,
+        })
+    }
+}
+
+fn set_prober_gauges(status: Option<&HealthStatus>) {
+    let (total, isolated, stale) = status.map_or((0, 0, 0), |s| {
+        (
+            s.probers.len(),
+            s.probers.iter().filter(|p| p.isolated).count(),
+            s.probers.iter().filter(|p| p.stale).count(),
+        )
+    });
+    metrics::gauge!("bulwark_lb_probers").set(total as f64);
+    metrics::gauge!("bulwark_lb_probers_isolated").set(isolated as f64);
+    metrics::gauge!("bulwark_lb_probers_stale").set(stale as f64);
+}
+
+/// The persisted form of a verdict.
+pub fn verdict_to_pb(v: Verdict) -> pb::Verdict {
+    match v {
+        Verdict::Healthy => pb::Verdict::Up,
+        Verdict::Draining => pb::Verdict::NotReady,
+        Verdict::Down => pb::Verdict::Down,
+        Verdict::Unknown => pb::Verdict::Unknown,
+    }
+}
+
+fn verdict_of_pb(v: i32) -> Verdict {
+    match pb::Verdict::try_from(v) {
+        Ok(pb::Verdict::Up) => Verdict::Healthy,
+        Ok(pb::Verdict::NotReady) => Verdict::Draining,
+        Ok(pb::Verdict::Down) => Verdict::Down,
+        _ => Verdict::Unknown,
+    }
+}
+
+/// The label of a verdict in metrics and logs.
+pub fn verdict_label(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Healthy => "healthy",
+        Verdict::Draining => "draining",
+        Verdict::Down => "down",
+        Verdict::Unknown => "unknown",
+    }
+}
+
+/// Exports the committed health of `state` (every node): one
+/// `bulwark_lb_backend_verdict{backend,verdict}` series per backend and
+/// verdict (1 for the current one), zones down, and the committed
+/// fail-open flag.
+pub fn export_committed(state: &LbState) {
+    const ALL: [Verdict; 4] = [
+        Verdict::Healthy,
+        Verdict::Draining,
+        Verdict::Down,
+        Verdict::Unknown,
+    ];
+    for b in state.backend_specs() {
+        for v in ALL {
+            metrics::gauge!("bulwark_lb_backend_verdict", "backend" => b.id.clone(), "verdict" => verdict_label(v))
+                .set(f64::from(u8::from(b.verdict == v)));
+        }
+    }
+    let data = state.data();
+    metrics::gauge!("bulwark_lb_zones_down").set(data.zones_down.len() as f64);
+    metrics::gauge!("bulwark_lb_health_fail_open").set(f64::from(u8::from(data.fail_open)));
+}

@@ -1,0 +1,980 @@
+//! Jepsen-style checker for the LB cluster on a network-namespace lab (root
+//! only; skipped without it, failed instead with
+//! BULWARK_REQUIRE_PRIVILEGED=1).
+//!
+//! A trial starts three `bulwark-lb` nodes (arp mode) and a client host,
+//! then runs a seeded schedule of faults — the leader partitioned from its
+//! peers, a 1|2 split, an asymmetric (one-way) partition, link flaps,
+//! SIGKILL of the leader or of any node, later restarts — while an operator
+//! client keeps writing to the backend registry. Two witnesses run all the
+//! time and fail the trial on any instant with two holders of the VIP:
+//! `ip addr` on every LB host, and which MACs answer ARP for the VIP as
+//! seen from the client host. After the faults are healed and every node
+//! is running again, the committed state must be identical on all nodes
+//! (applied and commit index, backends, members, the recorded VIP holder),
+//! must hold every write that was acknowledged, and the recorded holder must
+//! be the host that really has the VIP.
+//!
+//! A SIGKILLed node cannot delete its VIP address: the kernel of a dead
+//! holder's host keeps the address (and answers ARP for it) until the node
+//! starts again and removes it. The witnesses count those answers as
+//! *stale*, not as a second holder, while the node is down and for up to
+//! [`RESTART_GRACE`] after its restart; they are reported in the figures
+//! (docs/RELIABILITY.md discusses them).
+//!
+//! Modes (environment):
+//! - none: CI's short mode, [`CI_SEEDS`] (every fault kind in each trial);
+//! - `BULWARK_JEPSEN_SEED=S`: replay the trial with seed S;
+//! - `BULWARK_JEPSEN_TRIALS=N`: N trials with fresh random seeds (the long
+//!   mode; run with `cargo test`, which has no per-test timeout); stops at
+//!   the first failing trial and prints its seed;
+//! - `BULWARK_JEPSEN_STEPS=K`: faults per trial (default 7);
+//! - `BULWARK_JEPSEN_BUDGET_SECS=T`: start no new trial after T seconds
+//!   (the figures then say how many ran).
+//!
+//! The schedule (fault kinds, targets by role or index, durations, the
+//! writes) is a pure function of the seed; which node "the leader" is at the
+//! moment of a fault is decided by the cluster, so a replay repeats the
+//! schedule, not necessarily every interleaving.
+
+mod netns_lab;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bulwark_api::lb::v1 as lb;
+use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
+use bulwark_testkit::Host;
+use netns_lab::{BACKEND_PORT, LbLab, api_via, arp_probe, echo, holders_of};
+use tonic::transport::Channel;
+
+/// Replays one trial.
+const SEED_ENV: &str = "BULWARK_JEPSEN_SEED";
+/// Runs this many trials with random seeds.
+const TRIALS_ENV: &str = "BULWARK_JEPSEN_TRIALS";
+/// Faults per trial.
+const STEPS_ENV: &str = "BULWARK_JEPSEN_STEPS";
+/// Wall-clock budget for starting trials.
+const BUDGET_ENV: &str = "BULWARK_JEPSEN_BUDGET_SECS";
+/// CI's seeds: two trials, each covering every fault kind.
+const CI_SEEDS: &[u64] = &[0x6a65_7073_656e_0001, 0x6a65_7073_656e_0002];
+/// Faults per trial unless `BULWARK_JEPSEN_STEPS` says otherwise.
+const DEFAULT_STEPS: usize = 7;
+/// LB nodes per trial.
+const NODES: usize = 3;
+/// How long a restarted node may keep the address its killed run left
+/// behind before the witnesses count it as a holder.
+const RESTART_GRACE: Duration = Duration::from_secs(3);
+/// How long the cluster has to converge after healing.
+const SETTLE: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_jepsen_partitions_kills_and_flaps_never_split_the_vip() {
+    let steps = env_usize(STEPS_ENV).unwrap_or(DEFAULT_STEPS);
+    let seeds: Vec<u64> = if let Some(seed) = env_u64(SEED_ENV) {
+        vec![seed]
+    } else if let Some(n) = env_usize(TRIALS_ENV) {
+        let mut r = Rng::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64,
+        );
+        (0..n).map(|_| r.next_u64()).collect()
+    } else {
+        CI_SEEDS.to_vec()
+    };
+
+    let budget = env_u64(BUDGET_ENV).map(Duration::from_secs);
+    let started = Instant::now();
+    let mut total = Figures::default();
+    for (n, &seed) in seeds.iter().enumerate() {
+        if budget.is_some_and(|b| started.elapsed() > b) {
+            eprintln!("jepsen: {BUDGET_ENV} spent after {n} trials");
+            break;
+        }
+        eprintln!(
+            "jepsen: trial {}/{} seed {seed:#x} ({steps} faults)",
+            n + 1,
+            seeds.len()
+        );
+        let Some(result) = trial(seed, steps).await else {
+            return; // skipped: no root
+        };
+        match result {
+            Ok(f) => {
+                eprintln!("jepsen: trial {} ok: {f}", n + 1);
+                total.add(&f);
+            }
+            Err(failure) => panic!(
+                "jepsen trial {} FAILED (replay: {SEED_ENV}={seed} {STEPS_ENV}={steps}): {failure}\n\
+                 after {} passing trials: {total}",
+                n + 1,
+                total.trials
+            ),
+        }
+    }
+    eprintln!(
+        "jepsen: {} trials passed in {:?}: {total}",
+        total.trials,
+        started.elapsed()
+    );
+    assert!(total.trials > 0);
+    // The witnesses really watched: a trial lasts seconds, both sample
+    // every few tens of milliseconds.
+    assert!(total.addr_sweeps > 50 * total.trials, "{total}");
+    assert!(total.arp_windows > 50 * total.trials, "{total}");
+}
+
+// ---------------------------------------------------------------------------
+// The schedule
+// ---------------------------------------------------------------------------
+
+/// splitmix64: tiny, seedable, good enough to pick faults.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next_u64() % 100 < percent
+    }
+
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next_u64() % (hi - lo + 1))
+    }
+}
+
+/// One fault. Nodes are 0-based LB host indices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    /// The leader (at that moment) partitioned from both peers; the client
+    /// still reaches it — the case where a stale leader must let go.
+    IsolateLeader,
+    /// One node partitioned from the other two (both ways).
+    Split { alone: usize },
+    /// `from`'s packets to `to` dropped, the other direction delivered.
+    OneWay { from: usize, to: usize },
+    /// A node's link cut and restored `flaps` times.
+    FlapLink { node: usize, flaps: usize },
+    /// SIGKILL of the leader at that moment.
+    KillLeader,
+    /// SIGKILL of a node by index (leader or not).
+    Kill { node: usize },
+}
+
+impl Fault {
+    fn kind(&self) -> &'static str {
+        match self {
+            Fault::IsolateLeader => "isolate-leader",
+            Fault::Split { .. } => "split-1|2",
+            Fault::OneWay { .. } => "one-way",
+            Fault::FlapLink { .. } => "flap-link",
+            Fault::KillLeader => "kill-leader",
+            Fault::Kill { .. } => "kill",
+        }
+    }
+}
+
+/// A step: inject, hold, and heal (or leave it until the end of the trial).
+#[derive(Clone, Debug)]
+struct Step {
+    fault: Fault,
+    hold: Duration,
+    heal: bool,
+}
+
+/// The steps of a trial: every fault kind once in a seeded order, then
+/// random ones.
+fn schedule(seed: u64, steps: usize) -> Vec<Step> {
+    let mut r = Rng::new(seed);
+    let random_fault = |r: &mut Rng, kind: usize| match kind {
+        0 => Fault::IsolateLeader,
+        1 => Fault::Split {
+            alone: r.below(NODES),
+        },
+        2 => {
+            let from = r.below(NODES);
+            Fault::OneWay {
+                from,
+                to: (from + 1 + r.below(NODES - 1)) % NODES,
+            }
+        }
+        3 => Fault::FlapLink {
+            node: r.below(NODES),
+            flaps: 1 + r.below(4),
+        },
+        4 => Fault::KillLeader,
+        _ => Fault::Kill {
+            node: r.below(NODES),
+        },
+    };
+    const KINDS: usize = 6;
+    let mut kinds: Vec<usize> = (0..KINDS).collect();
+    for i in (1..KINDS).rev() {
+        kinds.swap(i, r.below(i + 1));
+    }
+    (0..steps)
+        .map(|i| {
+            let kind = if i < KINDS { kinds[i] } else { r.below(KINDS) };
+            let fault = random_fault(&mut r, kind);
+            Step {
+                fault,
+                hold: r.millis(300, 2500),
+                heal: r.chance(75),
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The witnesses
+// ---------------------------------------------------------------------------
+
+/// Whether an LB node's process runs, as far as the witnesses care.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Life {
+    Alive,
+    /// SIGKILLed: whatever its host still has is stale.
+    Dead,
+    /// Started again at this instant; stale until it drops the leftover
+    /// address or [`RESTART_GRACE`] passes.
+    Restarting(Instant),
+}
+
+/// What the witnesses saw.
+#[derive(Debug, Default)]
+struct Seen {
+    addr_sweeps: u64,
+    arp_windows: u64,
+    /// Sweeps that found the VIP on a host whose node was dead.
+    stale_addr_sweeps: u64,
+    /// ARP windows with an answer from a dead node's host.
+    stale_arp_windows: u64,
+    /// Violations: what was seen, when (since the trial started).
+    violations: Vec<String>,
+    /// Hosts seen holding (alive), for the figures.
+    holders: BTreeSet<usize>,
+}
+
+struct Witnesses {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+    life: Arc<Mutex<Vec<Life>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Witnesses {
+    fn start(l: &LbLab, t0: Instant) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let life = Arc::new(Mutex::new(vec![Life::Alive; NODES]));
+        let hosts = l.lb_hosts();
+        let macs: BTreeMap<[u8; 6], usize> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (mac_of(h), i))
+            .collect();
+        let mut threads = Vec::new();
+        {
+            let (stop, seen, life, vip) = (stop.clone(), seen.clone(), life.clone(), l.vip.ip());
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let with_vip = holders_of(&hosts, vip);
+                    let live = classify(&life, &with_vip);
+                    let mut s = seen.lock().unwrap();
+                    s.addr_sweeps += 1;
+                    if live.len() < with_vip.len() {
+                        s.stale_addr_sweeps += 1;
+                    }
+                    s.holders.extend(live.iter().copied());
+                    if live.len() > 1 {
+                        s.violations.push(format!(
+                            "{:?}: VIP on the interfaces of h{:?} (ip addr)",
+                            t0.elapsed(),
+                            live.iter().map(|i| i + 1).collect::<Vec<_>>()
+                        ));
+                    }
+                }
+            }));
+        }
+        {
+            let (stop, seen, life, client) = (stop.clone(), seen.clone(), life.clone(), l.client());
+            let std::net::IpAddr::V4(vip) = l.vip.ip() else {
+                panic!("IPv4 lab")
+            };
+            threads.push(std::thread::spawn(move || {
+                let me = client.addr();
+                let iface = client.interface().to_owned();
+                client
+                    .in_netns(move || {
+                        arp_probe(&iface, me, vip, &stop, |answered| {
+                            // A MAC that is no LB host's counts as a holder.
+                            let hosts: Vec<usize> = answered
+                                .iter()
+                                .map(|m| macs.get(m).copied().unwrap_or(usize::MAX))
+                                .collect();
+                            let live: Vec<usize> = hosts
+                                .iter()
+                                .copied()
+                                .filter(|&h| {
+                                    h == usize::MAX || life.lock().unwrap()[h] == Life::Alive
+                                })
+                                .collect();
+                            let mut s = seen.lock().unwrap();
+                            s.arp_windows += 1;
+                            if live.len() < hosts.len() {
+                                s.stale_arp_windows += 1;
+                            }
+                            if live.len() > 1 {
+                                s.violations.push(format!(
+                                    "{:?}: {} MACs answered ARP for the VIP: {answered:02x?}",
+                                    t0.elapsed(),
+                                    live.len()
+                                ));
+                            }
+                        })
+                    })
+                    .unwrap();
+            }));
+        }
+        Self {
+            stop,
+            seen,
+            life,
+            threads,
+        }
+    }
+
+    fn set(&self, node: usize, life: Life) {
+        self.life.lock().unwrap()[node] = life;
+    }
+
+    fn violations(&self) -> Vec<String> {
+        self.seen.lock().unwrap().violations.clone()
+    }
+
+    fn finish(mut self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            t.join().unwrap();
+        }
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+impl Drop for Witnesses {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Which of `with_vip` (a sweep over all LB hosts) count as holders: alive
+/// nodes, and restarting ones that still have the address after
+/// [`RESTART_GRACE`]. A restarting node seen without the address is alive
+/// from then on (the ARP witness reads the state this sets).
+fn classify(life: &Mutex<Vec<Life>>, with_vip: &[usize]) -> Vec<usize> {
+    let mut life = life.lock().unwrap();
+    for (i, l) in life.iter_mut().enumerate() {
+        if let Life::Restarting(since) = *l
+            && (!with_vip.contains(&i) || since.elapsed() > RESTART_GRACE)
+        {
+            *l = Life::Alive;
+        }
+    }
+    with_vip
+        .iter()
+        .copied()
+        .filter(|&i| life[i] == Life::Alive)
+        .collect()
+}
+
+/// The MAC of the host's lab interface.
+fn mac_of(h: &Host) -> [u8; 6] {
+    let out = h
+        .exec_ok("ip", ["-o", "link", "show", "dev", h.interface()])
+        .unwrap();
+    let hex = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {out:?}"));
+    let mut mac = [0u8; 6];
+    for (d, part) in mac.iter_mut().zip(hex.split(':')) {
+        *d = u8::from_str_radix(part, 16).unwrap();
+    }
+    mac
+}
+
+// ---------------------------------------------------------------------------
+// The writer: an operator changing the backend registry throughout
+// ---------------------------------------------------------------------------
+
+/// What the writer learned. Only acknowledged writes are promised;
+/// timed-out ones may or may not have been committed.
+#[derive(Debug, Default)]
+struct Writes {
+    acked: u64,
+    indeterminate: u64,
+    refused: u64,
+    /// Backends whose AddBackend was acknowledged.
+    added: BTreeSet<String>,
+    /// Per backend: every weight ever sent, and the highest acknowledged.
+    weights_sent: BTreeMap<String, BTreeSet<u32>>,
+    weight_acked: BTreeMap<String, u32>,
+}
+
+async fn writer(
+    seed: u64,
+    mut clients: Vec<LoadBalancerClient<Channel>>,
+    backend_addr: String,
+    stop: Arc<AtomicBool>,
+) -> Writes {
+    let mut r = Rng::new(seed ^ 0x5772_6974_6572);
+    let mut w = Writes::default();
+    let mut target = 0usize;
+    let mut next_id = 0u32;
+    // Weights only grow, so "the final weight is at least the highest
+    // acknowledged one" is a real check.
+    let mut next_weight = 1u32;
+    let timeout = Duration::from_millis(1500);
+    while !stop.load(Ordering::Relaxed) {
+        let known: Vec<String> = w.added.iter().cloned().collect();
+        let c = &mut clients[target];
+        let outcome = if known.is_empty() || r.chance(35) {
+            let id = format!("j-{next_id}");
+            next_id += 1;
+            let res = tokio::time::timeout(
+                timeout,
+                c.add_backend(lb::AddBackendRequest {
+                    id: id.clone(),
+                    address: backend_addr.clone(),
+                    zone: String::new(),
+                    weight: Some(1),
+                    drained: false,
+                }),
+            )
+            .await;
+            let ok = matches!(res, Ok(Ok(_)));
+            if ok {
+                w.added.insert(id.clone());
+            }
+            // A retried id whose first attempt did commit.
+            if let Ok(Err(e)) = &res
+                && e.code() == tonic::Code::AlreadyExists
+            {
+                w.added.insert(id);
+            }
+            res.map(|r| r.map(drop))
+        } else {
+            let id = known[r.below(known.len())].clone();
+            if r.chance(70) {
+                next_weight += 1;
+                let weight = next_weight;
+                w.weights_sent.entry(id.clone()).or_default().insert(weight);
+                let res = tokio::time::timeout(
+                    timeout,
+                    c.update_backend(lb::UpdateBackendRequest {
+                        id: id.clone(),
+                        weight: Some(weight),
+                        zone: None,
+                    }),
+                )
+                .await;
+                if matches!(res, Ok(Ok(_))) {
+                    let best = w.weight_acked.entry(id).or_default();
+                    *best = (*best).max(weight);
+                }
+                res.map(|r| r.map(drop))
+            } else if r.chance(50) {
+                tokio::time::timeout(
+                    timeout,
+                    c.drain_backend(lb::DrainBackendRequest {
+                        id,
+                        max_drain_duration: None,
+                    }),
+                )
+                .await
+                .map(|r| r.map(drop))
+            } else {
+                tokio::time::timeout(timeout, c.undrain_backend(lb::UndrainBackendRequest { id }))
+                    .await
+                    .map(|r| r.map(drop))
+            }
+        };
+        match outcome {
+            Ok(Ok(())) => w.acked += 1,
+            Ok(Err(e)) => {
+                match e.code() {
+                    // Definitely not applied: a follower or a node without
+                    // a leader refused it.
+                    tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists => w.refused += 1,
+                    _ => w.indeterminate += 1,
+                }
+                target = match bulwark_api::leader_hint::from_status(&e) {
+                    Some(h) if (1..=NODES as u64).contains(&h.node_id) => h.node_id as usize - 1,
+                    _ => (target + 1) % NODES,
+                };
+            }
+            Err(_) => {
+                w.indeterminate += 1;
+                target = (target + 1) % NODES;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    w
+}
+
+// ---------------------------------------------------------------------------
+// A trial
+// ---------------------------------------------------------------------------
+
+/// Figures of one or more trials.
+#[derive(Debug, Default)]
+struct Figures {
+    trials: u64,
+    faults: BTreeMap<&'static str, u64>,
+    addr_sweeps: u64,
+    arp_windows: u64,
+    stale_addr_sweeps: u64,
+    stale_arp_windows: u64,
+    writes_acked: u64,
+    writes_indeterminate: u64,
+    writes_refused: u64,
+    distinct_holders: u64,
+    violations: u64,
+}
+
+impl Figures {
+    fn add(&mut self, o: &Figures) {
+        self.trials += o.trials;
+        for (k, v) in &o.faults {
+            *self.faults.entry(k).or_default() += v;
+        }
+        self.addr_sweeps += o.addr_sweeps;
+        self.arp_windows += o.arp_windows;
+        self.stale_addr_sweeps += o.stale_addr_sweeps;
+        self.stale_arp_windows += o.stale_arp_windows;
+        self.writes_acked += o.writes_acked;
+        self.writes_indeterminate += o.writes_indeterminate;
+        self.writes_refused += o.writes_refused;
+        self.distinct_holders += o.distinct_holders;
+        self.violations += o.violations;
+    }
+}
+
+impl fmt::Display for Figures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let faults: u64 = self
+            .faults
+            .iter()
+            .filter(|(k, _)| **k != "no-op")
+            .map(|(_, v)| v)
+            .sum();
+        write!(
+            f,
+            "{} trials, {faults} faults {:?}, {} ip-addr sweeps ({} with a dead node's stale address), \
+             {} ARP windows ({} with a stale answer), writes {} acked / {} indeterminate / {} refused, \
+             {} VIP holders over the trials, {} violations",
+            self.trials,
+            self.faults,
+            self.addr_sweeps,
+            self.stale_addr_sweeps,
+            self.arp_windows,
+            self.stale_arp_windows,
+            self.writes_acked,
+            self.writes_indeterminate,
+            self.writes_refused,
+            self.distinct_holders,
+            self.violations
+        )
+    }
+}
+
+/// One trial; `None` when the lab cannot run here.
+async fn trial(seed: u64, steps: usize) -> Option<Result<Figures, String>> {
+    let mut l = LbLab::start(NODES, "").await?;
+    let t0 = Instant::now();
+    let result = run_trial(&mut l, seed, steps, t0).await;
+    Some(result.map_err(|e| {
+        let logs: String = l
+            .nodes
+            .iter()
+            .map(|p| {
+                let log = p.log();
+                let tail: Vec<&str> = log.lines().rev().take(25).collect();
+                format!(
+                    "\n----- {} (last lines) -----\n{}",
+                    p.name(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
+        format!("{e}{logs}")
+    }))
+}
+
+async fn run_trial(l: &mut LbLab, seed: u64, steps: usize, t0: Instant) -> Result<Figures, String> {
+    let witnesses = Witnesses::start(l, t0);
+    l.wait_for_holder(None, Duration::from_secs(30)).await;
+    let hosts = l.lb_hosts();
+    let client = l.client();
+    let backend_addr = format!("{}:{BACKEND_PORT}", client.addr());
+    let clients = |l: &LbLab| -> Vec<LoadBalancerClient<Channel>> {
+        (0..NODES)
+            .map(|i| {
+                let addr = std::net::SocketAddr::new(hosts[i].addr().into(), 9442);
+                api_via(&client, addr, &l.operator)
+            })
+            .collect()
+    };
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let writes = tokio::spawn(writer(
+        seed,
+        clients(l),
+        backend_addr.clone(),
+        stop_writer.clone(),
+    ));
+
+    let mut figures = Figures {
+        trials: 1,
+        ..Figures::default()
+    };
+    let mut r = Rng::new(seed ^ 0x466c_6170);
+    for (n, step) in schedule(seed, steps).into_iter().enumerate() {
+        let leader = current_holder(l);
+        let applies = match step.fault {
+            Fault::IsolateLeader | Fault::KillLeader => leader.is_some(),
+            Fault::Kill { node } => l.nodes[node].is_running(),
+            _ => true,
+        };
+        // Faults aimed at the leader while there is none (an election
+        // running) or at a node that is already down do nothing.
+        *figures
+            .faults
+            .entry(if applies { step.fault.kind() } else { "no-op" })
+            .or_default() += 1;
+        eprintln!(
+            "jepsen {:>6.1?}: step {n}: {:?} (leader {}), hold {:?}, heal {}",
+            t0.elapsed(),
+            step.fault,
+            leader.map_or("none".to_owned(), |i| format!("h{}", i + 1)),
+            step.hold,
+            step.heal
+        );
+        let undo: Option<Undo> = match step.fault {
+            Fault::IsolateLeader => leader.map(|ld| {
+                for (i, h) in hosts.iter().enumerate() {
+                    if i != ld {
+                        l.lab.partition(&hosts[ld], h).unwrap();
+                    }
+                }
+                Undo::HealAll
+            }),
+            Fault::Split { alone } => {
+                for (i, h) in hosts.iter().enumerate() {
+                    if i != alone {
+                        l.lab.partition(&hosts[alone], h).unwrap();
+                    }
+                }
+                Some(Undo::HealAll)
+            }
+            Fault::OneWay { from, to } => {
+                l.lab.partition_one_way(&hosts[from], &hosts[to]).unwrap();
+                Some(Undo::HealAll)
+            }
+            Fault::FlapLink { node, flaps } => {
+                let per = step.hold / (2 * flaps as u32);
+                for _ in 0..flaps {
+                    l.lab.cut_link(&hosts[node]).unwrap();
+                    tokio::time::sleep(per.mul_f64(0.5 + r.below(100) as f64 / 100.0)).await;
+                    l.lab.restore_link(&hosts[node]).unwrap();
+                    tokio::time::sleep(per).await;
+                }
+                None
+            }
+            Fault::KillLeader => leader.map(|ld| kill(l, &witnesses, ld)),
+            Fault::Kill { node } => Some(kill(l, &witnesses, node)),
+        };
+        if !matches!(step.fault, Fault::FlapLink { .. }) {
+            tokio::time::sleep(step.hold).await;
+        }
+        if step.heal
+            && let Some(undo) = undo
+        {
+            undo.apply(l, &witnesses);
+        }
+        let v = witnesses.violations();
+        if !v.is_empty() {
+            return Err(format!("two VIP holders during step {n}: {v:#?}"));
+        }
+    }
+
+    // Heal everything and let the cluster settle with every node running.
+    eprintln!("jepsen {:>6.1?}: healing", t0.elapsed());
+    l.lab.heal_all().unwrap();
+    for h in &hosts {
+        l.lab.restore_link(h).unwrap();
+    }
+    for i in 0..NODES {
+        if !l.nodes[i].is_running() {
+            Undo::Restart(i).apply(l, &witnesses);
+        }
+    }
+    let holder = wait_for_live_holder(l, Duration::from_secs(30)).await?;
+    // A few more writes on the healed cluster, then stop writing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_writer.store(true, Ordering::Relaxed);
+    let writes = writes.await.unwrap();
+    figures.writes_acked = writes.acked;
+    figures.writes_indeterminate = writes.indeterminate;
+    figures.writes_refused = writes.refused;
+
+    let settled = converge(l, &clients(l), holder, &writes).await;
+    let seen = witnesses.finish();
+    figures.addr_sweeps = seen.addr_sweeps;
+    figures.arp_windows = seen.arp_windows;
+    figures.stale_addr_sweeps = seen.stale_addr_sweeps;
+    figures.stale_arp_windows = seen.stale_arp_windows;
+    figures.distinct_holders = seen.holders.len() as u64;
+    figures.violations = seen.violations.len() as u64;
+    if !seen.violations.is_empty() {
+        return Err(format!("two VIP holders: {:#?}", seen.violations));
+    }
+    settled?;
+    eprintln!("jepsen {:>6.1?}: converged", t0.elapsed());
+    Ok(figures)
+}
+
+/// How to undo a fault.
+enum Undo {
+    HealAll,
+    Restart(usize),
+}
+
+impl Undo {
+    fn apply(self, l: &mut LbLab, w: &Witnesses) {
+        match self {
+            Undo::HealAll => l.lab.heal_all().unwrap(),
+            Undo::Restart(i) => {
+                if !l.nodes[i].is_running() {
+                    w.set(i, Life::Restarting(Instant::now()));
+                    l.nodes[i].start().unwrap();
+                }
+            }
+        }
+    }
+}
+
+fn kill(l: &mut LbLab, w: &Witnesses, node: usize) -> Undo {
+    if l.nodes[node].is_running() {
+        l.nodes[node].kill().unwrap();
+        // After the kill: until now it was alive and counted.
+        w.set(node, Life::Dead);
+    }
+    Undo::Restart(node)
+}
+
+/// The single host with the VIP among running nodes, if any.
+fn current_holder(l: &LbLab) -> Option<usize> {
+    let h: Vec<usize> = l
+        .holders()
+        .into_iter()
+        .filter(|&i| l.nodes[i].is_running())
+        .collect();
+    (h.len() == 1).then(|| h[0])
+}
+
+async fn wait_for_live_holder(l: &LbLab, timeout: Duration) -> Result<usize, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let h = l.holders();
+        if h.len() == 1 && echo(&l.client(), l.vip, Duration::from_millis(500)).await {
+            return Ok(h[0]);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "after healing, no single VIP holder within {timeout:?}: {h:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One node's committed state, with what is local to the node (traffic
+/// counters, replication progress, who answered) left out.
+#[derive(Debug, PartialEq)]
+struct Committed {
+    applied_index: u64,
+    commit_index: u64,
+    leader: Option<u64>,
+    vip_holder: Option<u64>,
+    backends: Vec<lb::Backend>,
+    members: Vec<lb::Member>,
+    membership_log_index: u64,
+    membership_changing: bool,
+}
+
+async fn committed(c: &mut LoadBalancerClient<Channel>) -> Result<Committed, String> {
+    let t = Duration::from_secs(2);
+    let call = async {
+        let status = c
+            .get_status(lb::GetStatusRequest { max_failovers: 1 })
+            .await?
+            .into_inner();
+        let backends = c
+            .list_backends(lb::ListBackendsRequest::default())
+            .await?
+            .into_inner();
+        let members = c
+            .list_members(lb::ListMembersRequest {})
+            .await?
+            .into_inner();
+        Ok::<_, tonic::Status>((status, backends, members))
+    };
+    let (status, backends, members) = tokio::time::timeout(t, call)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let mut bs = backends.backends;
+    for b in &mut bs {
+        b.traffic = None;
+    }
+    let mut ms = members.members;
+    for m in &mut ms {
+        m.replication = None;
+    }
+    Ok(Committed {
+        // ListBackends reflects the same state as GetStatus when nothing is
+        // being written; take the later of the two.
+        applied_index: status.applied_index.max(backends.applied_index),
+        commit_index: status.commit_index,
+        leader: status.leader.map(|n| n.id),
+        vip_holder: status.vip.and_then(|v| v.holder_node_id),
+        backends: bs,
+        members: ms,
+        membership_log_index: members.membership_log_index,
+        membership_changing: members.membership_changing,
+    })
+}
+
+/// Waits until every node reports the same committed state, the recorded
+/// VIP holder is `holder`, and every acknowledged write is in it.
+async fn converge(
+    l: &LbLab,
+    clients: &[LoadBalancerClient<Channel>],
+    holder: usize,
+    writes: &Writes,
+) -> Result<(), String> {
+    let deadline = Instant::now() + SETTLE;
+    let mut last;
+    loop {
+        let mut states = Vec::new();
+        for c in clients {
+            states.push(committed(&mut c.clone()).await);
+        }
+        match check_states(&states, holder, writes) {
+            Ok(()) => {
+                // The witnesses' view agrees with the log.
+                if l.holders() == vec![holder] {
+                    return Ok(());
+                }
+                last = format!("VIP moved during the check: {:?}", l.holders());
+            }
+            Err(e) => last = e,
+        }
+        if Instant::now() > deadline {
+            return Err(format!("not converged within {SETTLE:?}: {last}"));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn check_states(
+    states: &[Result<Committed, String>],
+    holder: usize,
+    writes: &Writes,
+) -> Result<(), String> {
+    let mut ok = Vec::new();
+    for (i, s) in states.iter().enumerate() {
+        match s {
+            Ok(s) => ok.push(s),
+            Err(e) => return Err(format!("h{} does not answer: {e}", i + 1)),
+        }
+    }
+    let first = ok[0];
+    for (i, s) in ok.iter().enumerate().skip(1) {
+        if *s != first {
+            return Err(format!(
+                "h1 and h{} differ:\n h1: {first:?}\n h{}: {s:?}",
+                i + 1,
+                i + 1
+            ));
+        }
+    }
+    let want = Some(holder as u64 + 1);
+    if first.vip_holder != want || first.leader != want {
+        return Err(format!(
+            "h{} has the VIP but the log says holder {:?}, leader {:?}",
+            holder + 1,
+            first.vip_holder,
+            first.leader
+        ));
+    }
+    if first.membership_changing || first.members.len() != NODES {
+        return Err(format!("membership: {:?}", first.members));
+    }
+    let ids: BTreeMap<&str, &lb::Backend> =
+        first.backends.iter().map(|b| (b.id.as_str(), b)).collect();
+    if !ids.contains_key("api-1") {
+        return Err("the configured backend api-1 is gone".to_owned());
+    }
+    for id in &writes.added {
+        if !ids.contains_key(id.as_str()) {
+            return Err(format!("acknowledged AddBackend {id:?} was lost"));
+        }
+    }
+    for (id, &acked) in &writes.weight_acked {
+        let b = ids[id.as_str()];
+        let sent = &writes.weights_sent[id];
+        if b.weight < acked || !(b.weight == 1 || sent.contains(&b.weight)) {
+            return Err(format!(
+                "backend {id:?} has weight {} but {acked} was acknowledged (sent {sent:?})",
+                b.weight
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    let parsed = match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    Some(parsed.unwrap_or_else(|e| panic!("{name}={v:?}: not a number: {e}")))
+}
+
+fn env_usize(name: &str) -> Option<usize> {
+    env_u64(name).map(|n| n as usize)
+}

@@ -1,0 +1,320 @@
+//! `bulwark-demo`: the whole of bulwark on loopback in one command (`cargo
+//! xtask demo`), narrated for someone seeing it for the first time.
+//!
+//! It starts a 3-member etcd, three stand-in apiservers in zones a/b/c,
+//! three bulwark-lb nodes sharing a bind-mode VIP on 127.0.10.1, a
+//! bulwark-prober per zone and a bulwark-backup per node, then shows what
+//! the product does: `bulwarkctl status`, traffic through the VIP, the LB
+//! leader killed and the measured failover, an apiserver killed and taken
+//! out with no failed request, a backup, more writes, and a restore of the
+//! whole etcd cluster to the backup point with the data checked. Everything
+//! stays on 127.0.0.0/8, needs no root, and is torn down at the end (or
+//! left running with `--keep`).
+
+mod cluster;
+mod ctl;
+mod traffic;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+/// The whole of bulwark on loopback, narrated.
+#[derive(Parser)]
+#[command(name = "bulwark-demo")]
+struct Args {
+    /// Leave everything running at the end, print how to explore it with
+    /// bulwarkctl, and tear down on Ctrl-C.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bulwark-demo: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(demo::run(&args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nbulwark-demo: FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Narration helpers: numbered steps, checks, and durations in ms.
+mod say {
+    use std::time::Duration;
+
+    pub fn step(n: usize, of: usize, what: &str) {
+        println!("\n[{n}/{of}] {what}");
+    }
+
+    pub fn ok(what: impl AsRef<str>) {
+        println!("  ✓ {}", what.as_ref());
+    }
+
+    pub fn note(what: impl AsRef<str>) {
+        println!("    {}", what.as_ref());
+    }
+
+    pub fn ms(d: Duration) -> String {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+mod demo {
+    use super::*;
+    use crate::cluster::ControlPlane;
+    use crate::ctl::Ctl;
+    use crate::say;
+    use crate::traffic::{self, Tally, Traffic, longest_gap};
+    use anyhow::{Context as _, bail};
+    use bulwark_testkit::fixture::HttpsClient;
+
+    const STEPS: usize = 7;
+
+    pub async fn run(args: &Args) -> anyhow::Result<()> {
+        println!("bulwark demo: the whole kit on loopback (no root; nothing leaves 127.0.0.0/8)");
+        say::step(
+            1,
+            STEPS,
+            "Starting a control plane: etcd, apiservers, bulwark",
+        );
+        let mut cp = ControlPlane::new()?;
+        let t0 = Instant::now();
+        cp.start_apiservers().await?;
+        for (server, zone) in cp.apiservers.iter().zip(cluster::ZONES) {
+            say::ok(format!(
+                "apiserver-{zone}: a kube-apiserver stand-in (HTTPS, /readyz, /livez, watches) on {}",
+                server.addr()
+            ));
+        }
+        cp.start_lbs().await?;
+        cp.write_ctl_config(&[])?;
+        let ctl = Ctl::new(&cp.ctl_config)?;
+        let holder = wait_for_holder(&cp, &ctl, None).await?;
+        say::ok(format!(
+            "bulwark-lb: {} elected {} by Raft; it holds the VIP {} ({} after start)",
+            cp.lbs
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            cp.lbs[holder].name,
+            cp.vip,
+            say::ms(t0.elapsed())
+        ));
+        cp.start_probers().await?;
+        let verdicts = wait_for_verdicts(&ctl, |v| v.values().all(|v| v == "up")).await?;
+        say::ok(format!(
+            "bulwark-prober: one per zone (a, b, c) probing /readyz and /livez of every apiserver; \
+             the LB leader commits their agreed verdicts: {verdicts:?}"
+        ));
+
+        say::step(2, STEPS, "The control plane at a glance");
+        ctl.show(&["lb", "status"]).await?;
+        ctl.show(&["lb", "backends"]).await?;
+
+        say::step(3, STEPS, "Traffic through the VIP");
+        let client = HttpsClient::new(cp.pki.ca_pem())?.timeout(Duration::from_secs(2));
+        let traffic = Traffic::start(client, cp.vip, 8, Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let warmup = traffic.since(traffic.started());
+        let tally = Tally::of(&warmup);
+        let mut spread: std::collections::BTreeMap<String, usize> = Default::default();
+        for o in warmup.iter().filter(|o| o.ok) {
+            *spread
+                .entry(o.backend.clone().unwrap_or_default())
+                .or_default() += 1;
+        }
+        say::ok(format!(
+            "8 clients, a new TLS connection per request: {} ok, {} failed in 3 s",
+            tally.ok, tally.failed
+        ));
+        say::note(format!("answered by: {spread:?}"));
+        for (error, n) in traffic::error_kinds(&warmup) {
+            say::note(format!("  {n} × {error}"));
+        }
+        if tally.ok == 0 {
+            bail!("no request through the VIP succeeded");
+        }
+
+        say::step(4, STEPS, "Killing the LB leader (SIGKILL) under traffic");
+        let old = holder;
+        let killed_at = Instant::now();
+        cp.lbs[old].process.kill()?;
+        say::note(format!("killed {} (it held the VIP)", cp.lbs[old].name));
+        let recovered = traffic
+            .first_success_after(killed_at, Duration::from_secs(30))
+            .await
+            .context("no request succeeded within 30 s of the kill")?;
+        let new = wait_for_holder(&cp, &ctl, Some(old)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let window = traffic.since(killed_at - Duration::from_secs(1));
+        let gap = longest_gap(&window, killed_at - Duration::from_secs(1));
+        let during = Tally::of(&traffic.since(killed_at));
+        say::ok(format!(
+            "{} took over; clients were served again {} after the kill (longest gap between successes {})",
+            cp.lbs[new].name,
+            say::ms(recovered - killed_at),
+            say::ms(gap),
+        ));
+        say::note(format!(
+            "requests since the kill: {} ok, {} failed (connections open to the dead node, and connects while no one held the VIP)",
+            during.ok, during.failed
+        ));
+        for (error, n) in traffic::error_kinds(&traffic.since(killed_at)) {
+            say::note(format!("  {n} × {error}"));
+        }
+        ctl.show(&["lb", "status"]).await?;
+        cp.lbs[old].process.start()?;
+        say::ok(format!(
+            "{} restarted: it rejoins as a follower",
+            cp.lbs[old].name
+        ));
+
+        say::step(5, STEPS, "Killing an apiserver (SIGKILL) under traffic");
+        let victim = 1;
+        let victim_id = format!("apiserver-{}", cluster::ZONES[victim]);
+        let killed_at = Instant::now();
+        cp.apiservers[victim].kill()?;
+        say::note(format!("killed {victim_id}"));
+        wait_for_verdicts(&ctl, |v| v.get(&victim_id).is_some_and(|v| v == "down")).await?;
+        say::ok(format!(
+            "probers in a quorum of zones agreed: {victim_id} is down, {} after the kill; \
+             the LB stopped sending it connections",
+            say::ms(killed_at.elapsed())
+        ));
+        ctl.show(&["health", "--backend", &victim_id]).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let since = traffic.since(killed_at);
+        let (in_flight, after): (Vec<_>, Vec<_>) =
+            since.into_iter().partition(|o| o.started < killed_at);
+        let in_flight = Tally::of(&in_flight);
+        let after_outcomes = after;
+        let after = Tally::of(&after_outcomes);
+        say::ok(format!(
+            "requests sent after the kill: {} ok, {} failed (a refused connect is retried on another apiserver inside the LB)",
+            after.ok, after.failed
+        ));
+        for (error, n) in traffic::error_kinds(&after_outcomes) {
+            say::note(format!("  {n} × {error}"));
+        }
+        say::note(format!(
+            "requests already in flight on the killed apiserver: {} (a TCP front cannot save a connection whose server died)",
+            in_flight.failed
+        ));
+        cp.apiservers[victim].restart().await?;
+        let back_at = Instant::now();
+        wait_for_verdicts(&ctl, |v| v.get(&victim_id).is_some_and(|v| v == "up")).await?;
+        say::ok(format!(
+            "{victim_id} restarted: verdict up again {} later, and it takes traffic",
+            say::ms(back_at.elapsed())
+        ));
+
+        drop(traffic);
+        if args.keep {
+            keep(&cp).await?;
+        }
+        say::step(STEPS, STEPS, "Tearing down");
+        drop(cp);
+        say::ok("every process stopped and its directory removed");
+        Ok(())
+    }
+
+    /// Waits until one LB node holds the VIP (other than `not`); returns
+    /// its index.
+    async fn wait_for_holder(
+        cp: &ControlPlane,
+        ctl: &Ctl,
+        not: Option<usize>,
+    ) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = ctl.json(&["lb", "status"]).await;
+            if let Ok(status) = &status
+                && let Some(id) = status["vip_holder"]
+                    .as_str()
+                    .and_then(|h| h.parse::<u64>().ok())
+                && let Some(i) = cp.lbs.iter().position(|l| l.id == id)
+                && Some(i) != not
+                && cp.lbs[i].process.is_running()
+                && tokio::net::TcpStream::connect(cp.vip).await.is_ok()
+            {
+                return Ok(i);
+            }
+            if Instant::now() > deadline {
+                match status {
+                    Err(e) => bail!("no LB node holds the VIP after 60 s: {e:#}"),
+                    Ok(s) => bail!("no LB node holds the VIP after 60 s; last status: {s}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the committed verdicts (backend id → verdict, from
+    /// `bulwarkctl health`) satisfy `done`; returns them.
+    async fn wait_for_verdicts(
+        ctl: &Ctl,
+        done: impl Fn(&std::collections::BTreeMap<String, String>) -> bool,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let health = ctl.json(&["health"]).await;
+            let verdicts: std::collections::BTreeMap<String, String> = health
+                .as_ref()
+                .ok()
+                .and_then(|h| h["backends"].as_array())
+                .map(|bs| {
+                    bs.iter()
+                        .map(|b| {
+                            (
+                                b["id"].as_str().unwrap_or_default().to_owned(),
+                                b["verdict"].as_str().unwrap_or_default().to_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !verdicts.is_empty() && done(&verdicts) {
+                return Ok(verdicts);
+            }
+            if Instant::now() > deadline {
+                match health {
+                    Err(e) => bail!("health verdicts not as expected after 60 s: {e:#}"),
+                    Ok(_) => bail!("health verdicts not as expected after 60 s: {verdicts:?}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `--keep`: show how to explore, wait for Ctrl-C.
+    async fn keep(cp: &ControlPlane) -> anyhow::Result<()> {
+        println!("\nEverything is still running. Explore it with bulwarkctl:");
+        let bin = bulwark_testkit::tools::bin_path("bulwarkctl")?;
+        println!("  export BULWARKCTL_CONFIG={}", cp.ctl_config.display());
+        println!("  alias bulwarkctl={}", bin.display());
+        println!("  bulwarkctl lb status; bulwarkctl lb backends; bulwarkctl backup list");
+        println!(
+            "  curl --cacert {} https://{}/version",
+            cp.pki.ca_path().display(),
+            cp.vip
+        );
+        println!("Press Ctrl-C to tear everything down.");
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    }
+}

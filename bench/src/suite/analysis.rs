@@ -11,10 +11,12 @@
 //! - watch streams back: for every watcher that lost its stream after the
 //!   fault, the time from the fault to its next stream; "all back" is the
 //!   slowest;
-//! - time to detect: bulwark's own failover record (last contact with the
-//!   old leader to election won); for the baseline, the fault to keepalived
-//!   logging `Entering MASTER STATE` on another host (VIP scenarios) or
-//!   HAProxy logging a server DOWN (apiserver scenarios), polled every 20 ms;
+//! - time to detect: VIP scenarios: bulwark's own failover record (last
+//!   contact with the old leader to election won), for the baseline the
+//!   fault to keepalived logging `Entering MASTER STATE` on another host;
+//!   backend scenarios (apiserver kill/shutdown, prober isolated): the fault
+//!   to bulwark's leader logging a committed verdict change, or to HAProxy
+//!   logging a server DOWN; logs polled every 20 ms;
 //! - time to move the VIP: the fault to the `ip addr` sampler (every ~10 ms
 //!   plus the sweep) first seeing the VIP on another host, for both; plus
 //!   bulwark's record (election won to VIP announced);
@@ -39,7 +41,9 @@ pub struct Input<'a> {
     pub load_end_ns: u64,
     pub vip_changes: Vec<(u64, Vec<usize>)>,
     pub keepalived_master_ns: Option<u64>,
-    pub haproxy_down_ns: Option<u64>,
+    /// First backend verdict after the fault: bulwark's committed verdict
+    /// change, HAProxy's server DOWN.
+    pub backend_verdict_ns: Option<u64>,
     pub failovers: Vec<lb::Failover>,
 }
 
@@ -246,7 +250,7 @@ pub fn analyse(i: Input<'_>) -> RunResult {
 
     let vip_scenario = !matches!(
         i.scenario,
-        Scenario::ApiserverKill | Scenario::ApiserverShutdown
+        Scenario::ApiserverKill | Scenario::ApiserverShutdown | Scenario::ProberIsolated
     );
     let record = i
         .failovers
@@ -259,15 +263,15 @@ pub fn analyse(i: Input<'_>) -> RunResult {
             "bulwark failover record (last contact with the leader -> elected)".to_owned(),
         ),
         (Contender::Bulwark, false) => (
-            None,
-            "no backend health checks without bulwark-prober; failed connects are retried on another backend".to_owned(),
+            i.backend_verdict_ns.map(|t| ms(t.saturating_sub(fault))),
+            "fault -> bulwark's leader logs a committed verdict change".to_owned(),
         ),
         (Contender::Baseline, true) => (
             i.keepalived_master_ns.map(|t| ms(t.saturating_sub(fault))),
             "fault -> keepalived logs `Entering MASTER STATE` on another host".to_owned(),
         ),
         (Contender::Baseline, false) => (
-            i.haproxy_down_ns.map(|t| ms(t.saturating_sub(fault))),
+            i.backend_verdict_ns.map(|t| ms(t.saturating_sub(fault))),
             "fault -> the first HAProxy logs the server DOWN".to_owned(),
         ),
     };
@@ -387,7 +391,7 @@ mod tests {
                 (1_700_000_000, vec![1]),
             ],
             keepalived_master_ns: Some(1_450_000_000),
-            haproxy_down_ns: None,
+            backend_verdict_ns: None,
             failovers: Vec::new(),
         });
         assert!((r.gap_ms - 600.0).abs() < 1e-6, "{}", r.gap_ms);

@@ -60,13 +60,18 @@ pub enum Scenario {
     ZoneOutage,
     /// Every LB node in turn is stopped (SIGTERM) and started again.
     RollingRestart,
+    /// The prober of a zone whose LB node does not hold the VIP loses the
+    /// apiservers (its host is partitioned from them; it still reaches the
+    /// LB cluster): its "all down" must not evict healthy backends. For
+    /// the baseline the same host loses the apiservers (its HAProxy).
+    ProberIsolated,
     /// Many long-lived watch clients, then the holder's link is cut: time
     /// until every watch stream is re-established.
     ReconnectStorm,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 8] = [
+    const ALL: [Scenario; 9] = [
         Scenario::LinkCut,
         Scenario::Sigkill,
         Scenario::Partition,
@@ -74,6 +79,7 @@ impl Scenario {
         Scenario::ApiserverShutdown,
         Scenario::ZoneOutage,
         Scenario::RollingRestart,
+        Scenario::ProberIsolated,
         Scenario::ReconnectStorm,
     ];
 
@@ -87,6 +93,7 @@ impl Scenario {
             Scenario::ApiserverShutdown => "apiserver-shutdown",
             Scenario::ZoneOutage => "zone-outage",
             Scenario::RollingRestart => "rolling-restart",
+            Scenario::ProberIsolated => "prober-isolated",
             Scenario::ReconnectStorm => "reconnect-storm",
         }
     }
@@ -109,6 +116,9 @@ impl Scenario {
                 "the holder's zone goes dark (its LB host and apiserver host lose their links)"
             }
             Scenario::RollingRestart => "each LB node in turn: SIGTERM, down 1 s, start, settle",
+            Scenario::ProberIsolated => {
+                "a non-holder LB host (with its zone's prober) loses the apiservers, keeps its LB peers"
+            }
             Scenario::ReconnectStorm => {
                 "many watch clients, then the holder's link is cut: time until all are back"
             }
@@ -430,13 +440,10 @@ async fn run_one(
         .client()
         .exec("ip", ["neigh", "flush", "dev", topo.client().interface()]);
     let mut front = Stack::start(topo, contender)?;
-    let holder = match wait_single_holder(&lb_hosts, topo.vip, Duration::from_secs(60)).await {
-        Ok(h) => h,
-        Err(e) => {
-            stack::check_running(&front)?;
-            return Err(e);
-        }
-    };
+    if let Err(e) = wait_single_holder(&lb_hosts, topo.vip, Duration::from_secs(60)).await {
+        stack::check_running(&front)?;
+        return Err(e);
+    }
     // bulwark proposes its backends once elected; let it commit them.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stack::check_running(&front)?;
@@ -480,6 +487,9 @@ async fn run_one(
     let load_ready_ns = now_ns();
     let sampler = VipSampler::start(lb_hosts.clone(), topo.vip);
     tokio::time::sleep(Duration::from_secs_f64(p.before_s)).await;
+    // The holder now, not at start: keepalived's MASTER may preempt a
+    // BACKUP that took the VIP first while the load ramped up.
+    let holder = wait_single_holder(&lb_hosts, topo.vip, Duration::from_secs(10)).await?;
 
     // Detection witnesses for the baseline: keepalived on the other LB
     // hosts entering MASTER, HAProxy (anywhere) marking a server down.
@@ -490,8 +500,13 @@ async fn run_one(
     let all_logs: Vec<PathBuf> = (0..lb_hosts.len()).flat_map(|i| front.logs(i)).collect();
     let master_watch = (contender == Contender::Baseline)
         .then(|| LogWatch::start(others, stack::KEEPALIVED_MASTER));
-    let down_watch =
-        (contender == Contender::Baseline).then(|| LogWatch::start(all_logs, stack::HAPROXY_DOWN));
+    let down_watch = LogWatch::start(
+        all_logs,
+        match contender {
+            Contender::Baseline => stack::HAPROXY_DOWN,
+            Contender::Bulwark => stack::BULWARK_VERDICT,
+        },
+    );
 
     let markers = inject(topo, &mut front, scenario, holder, p).await?;
     tokio::time::sleep(Duration::from_secs_f64(p.after_s)).await;
@@ -500,7 +515,7 @@ async fn run_one(
     let load_end_ns = now_ns();
     let vip_changes = sampler.finish();
     let keepalived_master_ns = master_watch.and_then(LogWatch::finish);
-    let haproxy_down_ns = down_watch.and_then(LogWatch::finish);
+    let backend_verdict_ns = down_watch.finish();
     let failovers = front.failovers(topo).await;
     topo.heal().await?;
     front.shutdown().await?;
@@ -519,7 +534,7 @@ async fn run_one(
         load_end_ns,
         vip_changes,
         keepalived_master_ns,
-        haproxy_down_ns,
+        backend_verdict_ns,
         failovers,
     }))
 }
@@ -556,6 +571,13 @@ async fn inject(
                 if i != holder {
                     topo.lab.partition(&lb[holder], h)?;
                 }
+            }
+        }
+        Scenario::ProberIsolated => {
+            let i = (holder + 1) % lb.len();
+            mark(&mut m, format!("lb-{} host cut from apiservers", i + 1));
+            for api in topo.api_hosts() {
+                topo.lab.partition(&lb[i], api)?;
             }
         }
         Scenario::ApiserverKill => {

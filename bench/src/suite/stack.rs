@@ -1,7 +1,8 @@
 //! The two fronts the suite compares, on the same three LB hosts:
 //!
 //! - bulwark: three `bulwark-lb` processes, arp-mode VIP, zone-aware, the
-//!   three apiservers as backends;
+//!   three apiservers as backends, and a `bulwark-prober` per zone (on the
+//!   LB host of that zone, default probing) whose verdicts the LB commits;
 //! - the baseline, as the kubeadm HA guide sets it up: keepalived (VRRP,
 //!   defaults: advert_int 1 s, preemption; one MASTER at priority 101, two
 //!   BACKUPs at 100) moving the VIP, and HAProxy in `mode tcp` on every LB
@@ -29,6 +30,8 @@ const API_PORT: u16 = 9442;
 /// backend was declared down" (HAProxy's health check).
 pub const KEEPALIVED_MASTER: &str = "Entering MASTER STATE";
 pub const HAPROXY_DOWN: &str = " is DOWN";
+/// bulwark-lb's leader committing a health verdict change.
+pub const BULWARK_VERDICT: &str = "verdict committed";
 
 /// One LB host's processes.
 pub struct Node {
@@ -38,6 +41,8 @@ pub struct Node {
 /// A running front.
 pub struct Stack {
     pub nodes: Vec<Node>,
+    /// bulwark-prober per zone (bulwark only).
+    pub probers: Vec<Process>,
     operator: Option<TlsMaterial>,
     _dir: TestDir,
 }
@@ -48,6 +53,7 @@ impl Stack {
         let dir = TestDir::new(&format!("suite-{}", contender.key()))?;
         let mut nodes = Vec::new();
         let mut operator = None;
+        let mut probers = Vec::new();
         match contender {
             Contender::Bulwark => {
                 operator = Some(tls_files(&t.pki.admin()?).load()?);
@@ -55,6 +61,9 @@ impl Stack {
                     nodes.push(Node {
                         procs: vec![bulwark_node(t, &dir, i)?],
                     });
+                }
+                for i in 0..t.lb_hosts().len() {
+                    probers.push(prober(t, &dir, i)?);
                 }
             }
             Contender::Baseline => {
@@ -67,6 +76,7 @@ impl Stack {
         }
         Ok(Self {
             nodes,
+            probers,
             operator,
             _dir: dir,
         })
@@ -225,6 +235,7 @@ tls:
 access:
   operators: {{organizations: [system:masters]}}
   peers: {{organizations: ['bulwark:lb']}}
+  probers: {{organizations: ['bulwark:probers']}}
 initialMembers:
 {members}vip:
   mode: arp
@@ -246,7 +257,62 @@ backends:
         ProcessBuilder::new(format!("lb-{id}"), tools::bin_path("bulwark-lb")?)
             .arg("--config")
             .arg(&config)
-            .env("BULWARK_LOG_LEVEL", "info,openraft=warn"),
+            .env("BULWARK_LOG_LEVEL", "info,openraft=warn")
+            // SIGTERM drains open connections for up to the proxy's default
+            // shutdown grace (10 s): let it finish rather than SIGKILL it.
+            .stop_timeout(Duration::from_secs(20)),
+    )
+}
+
+/// The prober of zone `i`, on that zone's LB host, reporting to every LB
+/// node (it finds the leader).
+fn prober(t: &Topology, dir: &TestDir, i: usize) -> anyhow::Result<Process> {
+    let host = &t.lb_hosts()[i];
+    let zone = super::ZONES[i];
+    let name = format!("prober-{zone}");
+    let targets: String = t
+        .apis
+        .iter()
+        .zip(super::ZONES)
+        .map(|(api, z)| {
+            format!(
+                "  - {{id: api-{z}, address: '{}', zone: zone-{z}}}\n",
+                api.addr()
+            )
+        })
+        .collect();
+    let endpoints: Vec<String> = t
+        .lb_hosts()
+        .iter()
+        .map(|h| format!("'{}:{API_PORT}'", h.addr()))
+        .collect();
+    let cert = t.pki.client(&name, &["bulwark:probers"])?;
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: bulwark.dev/v1alpha1
+kind: ProberConfiguration
+nodeName: {name}
+zone: zone-{zone}
+admin: {{address: '127.0.0.1:9450'}}
+apiservers:
+  tls: {{caFile: '{ca}'}}
+  targets:
+{targets}report:
+  endpoints: [{endpoints}]
+  tls: {{certFile: '{cert}', keyFile: '{key}', caFile: '{ca}'}}
+",
+            ca = t.pki.ca_path().display(),
+            endpoints = endpoints.join(", "),
+            cert = cert.cert.display(),
+            key = cert.key.display(),
+        ),
+    )?;
+    host.spawn(
+        ProcessBuilder::new(name, tools::bin_path("bulwark-prober")?)
+            .arg("--config")
+            .arg(&config),
     )
 }
 
@@ -428,7 +494,7 @@ pub fn log_count(paths: &[PathBuf], needle: &str) -> usize {
 /// Errors out with the process log when a process died at start.
 pub fn check_running(stack: &Stack) -> anyhow::Result<()> {
     for n in &stack.nodes {
-        for p in &n.procs {
+        for p in n.procs.iter().chain(&stack.probers) {
             if !p.is_running() {
                 return Err(anyhow::anyhow!("{} exited:\n{}", p.name(), p.log()))
                     .context("starting the front");

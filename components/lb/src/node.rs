@@ -156,6 +156,31 @@ pub async fn run(
     let health = Health::new();
     health.set_ready("raft", Err("no leader known yet".into()));
 
+    // A run of this node killed while holding the VIP left the address on
+    // the interface, and the front listener (bound before `run`) accepts
+    // on it: remove it before anything else, this node leads nothing yet.
+    let mut stale_checked = match (config.vip.mode, config.vip.socket_addr()) {
+        (VipMode::Arp, Some(addr)) => {
+            let interface = config
+                .vip
+                .interface
+                .clone()
+                .context("vip.interface is required in arp mode")?;
+            let mut arp = ArpVip::new(
+                interface,
+                addr.ip(),
+                config.vip.prefix(),
+                config.vip.garp_count,
+                config.vip.garp_interval,
+            )?;
+            if arp.remove_stale().await.context("removing a stale VIP")? {
+                tracing::warn!(vip = %addr.ip(), "removed the VIP a previous run left on the interface");
+            }
+            Some(arp)
+        }
+        _ => None,
+    };
+
     let store = Store::open(&config.data_dir)?;
     let cluster = ClusterId::new(store.cluster_id().await?);
     let sm = store.state_machine().await?;
@@ -225,24 +250,7 @@ pub async fn run(
             backends.clone(),
             proxy.clone(),
         ))),
-        (VipMode::Arp, Some(addr)) => {
-            let interface = config
-                .vip
-                .interface
-                .clone()
-                .context("vip.interface is required in arp mode")?;
-            let mut arp = ArpVip::new(
-                interface,
-                addr.ip(),
-                config.vip.prefix(),
-                config.vip.garp_count,
-                config.vip.garp_interval,
-            )?;
-            if arp.remove_stale().await.context("removing a stale VIP")? {
-                tracing::warn!(vip = %addr.ip(), "removed the VIP a previous run left on the interface");
-            }
-            Some(Actuator::Arp(arp))
-        }
+        (VipMode::Arp, Some(_)) => stale_checked.take().map(Actuator::Arp),
         _ => None,
     };
     if let Some(actuator) = vip_task {

@@ -349,9 +349,10 @@ impl Lab {
         self.apply_partitions(&p)
     }
 
-    /// Drops what `from` sends to `to` (ARP included) but lets `to`'s
-    /// traffic reach `from`: an asymmetric partition, where `to` can talk
-    /// but never hears an answer.
+    /// Drops the IPv4 packets `from` sends to `to` but lets `to`'s traffic
+    /// reach `from`: an asymmetric partition, where `to` can talk but never
+    /// hears an answer. ARP still passes both ways (dropping it would make
+    /// the partition symmetric as soon as a neighbour entry expires).
     pub fn partition_one_way(&self, from: &Host, to: &Host) -> anyhow::Result<()> {
         let mut p = self.lock_partitions();
         p.one_way.insert((from.index, to.index));
@@ -442,16 +443,16 @@ impl Lab {
     fn apply_partitions(&self, p: &Partitions) -> anyhow::Result<()> {
         // One nft transaction: the rule set changes atomically.
         let mut script = format!("flush chain bridge {NFT_TABLE} {NFT_CHAIN}\n");
-        let directed: BTreeSet<(usize, usize)> = p
+        // Both ways: everything, ARP included. One way: IPv4 only.
+        let rules = p
             .both
             .iter()
-            .flat_map(|&(a, b)| [(a, b), (b, a)])
-            .chain(p.one_way.iter().copied())
-            .collect();
-        for (from, to) in directed {
+            .flat_map(|&(a, b)| [(a, b, ""), (b, a, "")])
+            .chain(p.one_way.iter().map(|&(a, b)| (a, b, "ether type ip ")));
+        for (from, to, what) in rules {
             let (from, to) = (&self.hosts[from].bridge_port, &self.hosts[to].bridge_port);
             script.push_str(&format!(
-                "add rule bridge {NFT_TABLE} {NFT_CHAIN} iifname \"{from}\" oifname \"{to}\" drop\n"
+                "add rule bridge {NFT_TABLE} {NFT_CHAIN} iifname \"{from}\" oifname \"{to}\" {what}drop\n"
             ));
         }
         nft(&self.bridge_netns, &script)

@@ -301,10 +301,14 @@ pub struct Marker {
     pub label: String,
 }
 
+/// A change of the VIP's holders: when (ns since the run's start) and the
+/// hosts holding it from then on.
+type HolderChange = (u64, Vec<usize>);
+
 /// Samples which LB hosts hold the VIP (every ~10 ms, `ip addr` on each).
 struct VipSampler {
     stop: Arc<AtomicBool>,
-    changes: Arc<Mutex<Vec<(u64, Vec<usize>)>>>,
+    changes: Arc<Mutex<Vec<HolderChange>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 

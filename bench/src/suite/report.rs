@@ -304,7 +304,8 @@ fn plot(path: &Path, scenario: Scenario, runs: &[&RunResult]) -> anyhow::Result<
             .x_desc("s from the first fault")
             .y_desc("per second")
             .draw()?;
-        let series: [(&str, RGBColor, fn(&super::analysis::Bucket) -> f64); 3] = [
+        type Series = (&'static str, RGBColor, fn(&super::analysis::Bucket) -> f64);
+        let series: [Series; 3] = [
             ("requests ok/s", BLUE, |b| b.ok_rps),
             ("failed requests+connects/s", RED, |b| b.failed_rps),
             ("watch streams lost/s", RGBColor(230, 140, 0), |b| {

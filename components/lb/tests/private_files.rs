@@ -19,6 +19,7 @@ async fn heavy_data_dir_is_private_and_the_key_stays_out_of_the_log() {
         backends: vec![],
         vip: None,
         snapshot_every: Some(10),
+        ..Default::default()
     })
     .await;
     c.wait_for_holder(None, Duration::from_secs(30)).await;

@@ -880,9 +880,37 @@ async fn rename(from: &Path, to: &Path) -> Result<()> {
             to.display()
         )));
     }
-    tokio::fs::rename(from, to).await.map_err(|e| {
-        BackupError::local(format!("moving {} to {}", from.display(), to.display()), e)
-    })
+    let what = || format!("moving {} to {}", from.display(), to.display());
+    match tokio::fs::rename(from, to).await {
+        Ok(()) => Ok(()),
+        // In the static pod, etcd's manifest dir and the state dir are
+        // separate bind mounts, so the manifest cannot be renamed across.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::CrossesDevices
+                && tokio::fs::metadata(from).await.is_ok_and(|m| m.is_file()) =>
+        {
+            move_file_across(from, to)
+                .await
+                .map_err(|e| BackupError::local(what(), e))
+        }
+        Err(e) => Err(BackupError::local(what(), e)),
+    }
+}
+
+/// Moves a file to another mount: a copy beside the target, synced, renamed
+/// into place, and only then the source removed. Interrupted, it leaves the
+/// source in place (and at worst a `.partial` copy), never neither.
+async fn move_file_across(from: &Path, to: &Path) -> std::io::Result<()> {
+    let mut partial = to.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    tokio::fs::copy(from, &partial).await?;
+    tokio::fs::File::open(&partial).await?.sync_all().await?;
+    tokio::fs::rename(&partial, to).await?;
+    if let Some(dir) = to.parent() {
+        tokio::fs::File::open(dir).await?.sync_all().await?;
+    }
+    tokio::fs::remove_file(from).await
 }
 
 /// Waits until nothing listens on the member's client and peer ports.
@@ -960,6 +988,31 @@ fn dir_size(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The manifest moves between two mounts (as between the static pod's
+    /// bind mounts): /dev/shm is a tmpfs, the temp dir is not.
+    #[tokio::test]
+    async fn a_manifest_moves_across_mounts_by_copy_then_remove() {
+        use std::os::unix::fs::MetadataExt as _;
+        let shm = Path::new("/dev/shm");
+        let disk = tempfile::tempdir().unwrap();
+        assert_ne!(
+            std::fs::metadata(shm).unwrap().dev(),
+            std::fs::metadata(disk.path()).unwrap().dev(),
+            "this test needs /dev/shm on a mount of its own"
+        );
+        let mounted = tempfile::tempdir_in(shm).unwrap();
+        let from = mounted.path().join("etcd.yaml");
+        std::fs::write(&from, "kind: Pod\n").unwrap();
+        let to = disk.path().join("etcd.yaml.bulwark-r1");
+        rename(&from, &to).await.unwrap();
+        assert!(!from.exists());
+        assert_eq!(std::fs::read_to_string(&to).unwrap(), "kind: Pod\n");
+        assert!(!disk.path().join("etcd.yaml.bulwark-r1.partial").exists());
+        // And back, as a restore's last step does.
+        rename(&to, &from).await.unwrap();
+        assert!(from.exists() && !to.exists());
+    }
 
     #[test]
     fn flags_come_from_the_static_pod_command() {

@@ -5,7 +5,8 @@
 //! point at closed ports: it is cut off from the backends, and only it).
 //!
 //! The probers stream to the LB leader, the leader aggregates and commits
-//! verdict changes through Raft, and every node routes by them.
+//! verdict changes through Raft, and every node routes by them;
+//! `bulwarkctl health` shows it.
 
 // Helpers outside #[test] fns fail the test loudly too.
 #![allow(clippy::unwrap_used)]
@@ -257,6 +258,17 @@ async fn heavy_probers_drive_verdicts_drain_fail_open_and_survive_a_leader_chang
         (1, 1),
         "zone c: prober-c votes, prober-cut is ignored: {c_votes:?}"
     );
+    // The operator's view: `bulwarkctl health` (JSON) shows the same.
+    let view = bulwarkctl_health(&lab.c).await;
+    let probers = view["probers"].as_array().unwrap();
+    let cut = probers
+        .iter()
+        .find(|p| p["node_name"] == "prober-cut")
+        .unwrap();
+    assert_eq!(cut["state"], "isolated", "{view:#}");
+    assert_eq!(view["backends"][0]["verdict"], "up", "{view:#}");
+    assert_eq!(view["fail_open"], false);
+
     // The isolated prober keeps reporting for a while; nothing changes.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let h = health(&lab.c).await.unwrap();
@@ -361,6 +373,31 @@ async fn heavy_probers_drive_verdicts_drain_fail_open_and_survive_a_leader_chang
         metrics.contains("bulwark_lb_backend_verdict{backend=\"api-3\",verdict=\"down\"} 1"),
         "{metrics}"
     );
+}
+
+/// `bulwarkctl -o json health` as the operator against every node's API
+/// (it follows a follower's leader hint).
+async fn bulwarkctl_health(c: &LbCluster) -> serde_json::Value {
+    let endpoints: Vec<String> = c.nodes.iter().map(|n| n.api.to_string()).collect();
+    let out = tokio::process::Command::new(tools::bin_path("bulwarkctl").unwrap())
+        .arg(format!("--lb-endpoint={}", endpoints.join(",")))
+        .arg(format!("--ca={}", c.operator_files.ca.display()))
+        .arg(format!("--cert={}", c.operator_files.cert.display()))
+        .arg(format!("--key={}", c.operator_files.key.display()))
+        .args(["-o", "json", "health"])
+        // No context file: everything comes from the flags.
+        .env("HOME", c.operator_files.ca.parent().unwrap())
+        .env_remove("BULWARKCTL_CONFIG")
+        .env_remove("XDG_CONFIG_HOME")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bulwarkctl health: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// A plain-HTTP GET on the admin server; the body.

@@ -98,17 +98,17 @@ fn udp_arrives(from: &bulwark_testkit::Host, to: &bulwark_testkit::Host) -> bool
     let to_addr = to.addr();
     let receiver = to
         .in_netns(move || std::net::UdpSocket::bind((to_addr, 0)))
-        .expect("entering the receiver's netns")
-        .expect("binding the receiver");
+        .expect("entering the namespace")
+        .expect("binding a UDP socket");
     receiver
         .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("setting a read timeout");
-    let target = receiver.local_addr().expect("the receiver's address");
+        .expect("setting a timeout");
+    let target = receiver.local_addr().expect("local address");
     let from_addr = from.addr();
     let sender = from
         .in_netns(move || std::net::UdpSocket::bind((from_addr, 0)))
-        .expect("entering the sender's netns")
-        .expect("binding the sender");
+        .expect("entering the namespace")
+        .expect("binding a UDP socket");
     let mut buf = [0u8; 16];
     (0..5).any(|_| {
         sender.send_to(b"bulwark", target).expect("sending");

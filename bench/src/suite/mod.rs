@@ -301,14 +301,13 @@ pub struct Marker {
     pub label: String,
 }
 
-/// A change of the VIP's holders: when (ns since the run's start) and the
-/// hosts holding it from then on.
-type HolderChange = (u64, Vec<usize>);
+/// (unix ns, the LB hosts holding the VIP from then on).
+type HolderChanges = Vec<(u64, Vec<usize>)>;
 
 /// Samples which LB hosts hold the VIP (every ~10 ms, `ip addr` on each).
 struct VipSampler {
     stop: Arc<AtomicBool>,
-    changes: Arc<Mutex<Vec<HolderChange>>>,
+    changes: Arc<Mutex<HolderChanges>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -337,7 +336,7 @@ impl VipSampler {
         }
     }
 
-    fn finish(mut self) -> Vec<(u64, Vec<usize>)> {
+    fn finish(mut self) -> HolderChanges {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -263,6 +263,9 @@ impl Report {
     }
 }
 
+/// Which figure of a plot bucket a line shows.
+type BucketValue = fn(&super::analysis::Bucket) -> f64;
+
 /// One SVG per scenario: one panel per front.
 fn plot(path: &Path, scenario: Scenario, runs: &[&RunResult]) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (960, 300 * runs.len().max(1) as u32)).into_drawing_area();
@@ -304,8 +307,7 @@ fn plot(path: &Path, scenario: Scenario, runs: &[&RunResult]) -> anyhow::Result<
             .x_desc("s from the first fault")
             .y_desc("per second")
             .draw()?;
-        type Series = (&'static str, RGBColor, fn(&super::analysis::Bucket) -> f64);
-        let series: [Series; 3] = [
+        let series: [(&str, RGBColor, BucketValue); 3] = [
             ("requests ok/s", BLUE, |b| b.ok_rps),
             ("failed requests+connects/s", RED, |b| b.failed_rps),
             ("watch streams lost/s", RGBColor(230, 140, 0), |b| {

@@ -14,7 +14,6 @@ fuzz_target!(|data: &[u8]| {
         let again = Manifest::from_json("fuzz", &m.to_json()).expect("round trip");
         assert_eq!(again.to_json(), m.to_json());
         let _ = m.to_proto(None);
-        let _ = m.key_id();
     }
     if let Ok(v) = VerificationRecord::from_json("fuzz", data) {
         let _ = v.to_proto();

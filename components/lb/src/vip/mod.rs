@@ -357,9 +357,24 @@ impl VipTask {
             }),
         );
         let raft = self.raft.clone();
+        let node_id = self.node_id;
         tokio::spawn(async move {
-            if let Err(e) = raft.client_write(cmd).await {
-                tracing::warn!(term, error = %e, "could not record the VIP holder");
+            // A proposal can fail while this node still leads the term (a
+            // partition healing under it); the committed holder would then
+            // name the previous holder for good. Propose again until it
+            // commits or the term is no longer ours (the next leader
+            // records itself).
+            while let Err(e) = raft.client_write(cmd.clone()).await {
+                let m = raft.metrics().borrow_watched().clone();
+                let ours = m.current_term == term
+                    && m.state == ServerState::Leader
+                    && m.current_leader == Some(node_id);
+                if !ours {
+                    tracing::warn!(term, error = %e, "could not record the VIP holder; no longer leading this term");
+                    return;
+                }
+                tracing::warn!(term, error = %e, "could not record the VIP holder; proposing again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
     }

@@ -1,8 +1,8 @@
 //! `cargo xtask test`: the one command that says whether main is good.
 //!
 //! setup → `cargo fmt --check` → `cargo clippy --all-targets -D warnings` →
-//! build every binary (tests start them as real processes) → `cargo nextest
-//! run --workspace`. Run as root it also demands that privileged tests
+//! `cargo deny check licenses bans sources` → build every binary (tests
+//! start them as real processes) → `cargo nextest run --workspace`. Run as root it also demands that privileged tests
 //! (network namespaces) and every tool actually run rather than skip.
 
 use std::time::Instant;
@@ -47,6 +47,18 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
                 "-D",
                 "warnings",
             ]))
+        })?;
+    }
+    if !args.no_lint {
+        if output_of(cargo().args(["deny", "--version"])).is_none() {
+            step("install cargo-deny", || {
+                run_cmd(cargo().args(["install", "--locked", "cargo-deny@0.20.2"]))
+            })?;
+        }
+        // Advisories need the RustSec database from GitHub, which this
+        // CI machine cannot reach (docs/RELIABILITY.md, "cargo-deny").
+        step("cargo deny", || {
+            run_cmd(cargo().args(["deny", "check", "licenses", "bans", "sources"]))
         })?;
     }
     step("build binaries", || {

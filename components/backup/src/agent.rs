@@ -6,8 +6,9 @@
 //! (into `restore.stateDir/<restore id>/`) and waits until etcd's ports are
 //! closed, and starts it by moving the manifest back. The old data dir is
 //! renamed to `<dataDir>.bulwark-<restore id>` next to it and never
-//! deleted; the member is restored with `etcdutl snapshot restore` into a
-//! fresh `<dataDir>`, so the manifest (its `--data-dir` and its hostPath
+//! deleted; the member is restored with `etcdutl snapshot restore` (or,
+//! where `restore.etcdctl` is set for etcd 3.4, `etcdctl snapshot restore`)
+//! into a fresh `<dataDir>`, so the manifest (its `--data-dir` and its hostPath
 //! volume) stays as it was. [`Agent::abort`] undoes each step that was
 //! done, in reverse, keeping the restored data as
 //! `<dataDir>.bulwark-<restore id>-restored`.
@@ -31,6 +32,26 @@ use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::hashing::Sha256;
 use crate::manifest::timestamp;
+
+/// `etcdutl`, or etcd 3.4's `etcdctl`, which restores snapshots the same way.
+struct RestoreTool<'a> {
+    /// "etcdutl" or "etcdctl", as its `version` output names it.
+    name: &'static str,
+    path: &'a Path,
+}
+
+impl RestoreTool<'_> {
+    /// The tool with no stdin; etcdctl with the v3 API pinned (3.4's
+    /// default, but an inherited `ETCDCTL_API=2` has no `snapshot`).
+    fn command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(self.path);
+        if self.name == "etcdctl" {
+            cmd.env("ETCDCTL_API", "3");
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+}
 
 /// etcd's command line as the static pod manifest gives it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -233,26 +254,41 @@ impl Agent {
         })
     }
 
-    /// What `etcdutl snapshot restore` here supports.
+    /// The tool that restores this member: `restore.etcdctl` (etcd 3.4,
+    /// run with `ETCDCTL_API=3`) when set, else `drill.etcdutl`.
+    fn restore_tool(&self) -> RestoreTool<'_> {
+        match &self.config.etcdctl {
+            Some(path) => RestoreTool {
+                name: "etcdctl",
+                path,
+            },
+            None => RestoreTool {
+                name: "etcdutl",
+                path: &self.engine.drill.etcdutl,
+            },
+        }
+    }
+
+    /// What the restore tool's `snapshot restore` here supports.
     async fn etcdutl_capabilities(&self) -> pb::EtcdutlCapabilities {
-        let bin = &self.engine.drill.etcdutl;
-        let version = tokio::process::Command::new(bin)
+        let tool = self.restore_tool();
+        let prefix = format!("{} version:", tool.name);
+        let version = tool
+            .command()
             .arg("version")
-            .stdin(Stdio::null())
             .output()
             .await
             .ok()
             .filter(|o| o.status.success())
             .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
-                    l.strip_prefix("etcdutl version:")
-                        .map(|v| v.trim().to_owned())
-                })
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().to_owned()))
             })
             .unwrap_or_default();
-        let help = tokio::process::Command::new(bin)
+        let help = tool
+            .command()
             .args(["snapshot", "restore", "--help"])
-            .stdin(Stdio::null())
             .output()
             .await
             .map(|o| {
@@ -380,18 +416,20 @@ impl Agent {
             .await
             .map_err(|e| BackupError::local(format!("creating {}", dir.display()), e))?;
         let caps = self.etcdutl_capabilities().await;
+        let tool = self.restore_tool();
         if caps.version.is_empty() {
             return Err(BackupError::Refused(format!(
-                "{} does not run here",
-                self.engine.drill.etcdutl.display()
+                "{} ({}) does not run here",
+                tool.path.display(),
+                tool.name
             )));
         }
         if (spec.bump_revision > 0 && !caps.bump_revision)
             || (spec.mark_compacted && !caps.mark_compacted)
         {
             return Err(BackupError::Refused(format!(
-                "etcdutl {} here has no --bump-revision/--mark-compacted (3.5.10+)",
-                caps.version
+                "{} {} here has no --bump-revision/--mark-compacted (etcdutl 3.5.10+ has them)",
+                tool.name, caps.version
             )));
         }
         let staged = dir.join("snapshot.db");
@@ -600,7 +638,8 @@ impl Agent {
         h.last_step = pb::NodeStep::RestoreSnapshot;
         if !h.restored {
             let spec = &h.spec;
-            let mut cmd = tokio::process::Command::new(&self.engine.drill.etcdutl);
+            let tool = self.restore_tool();
+            let mut cmd = tool.command();
             cmd.arg("snapshot")
                 .arg("restore")
                 .arg(&h.staged)
@@ -623,14 +662,13 @@ impl Agent {
                 String::new(),
             );
             let out = cmd
-                .stdin(Stdio::null())
                 .kill_on_drop(true)
                 .output()
                 .await
-                .map_err(|e| BackupError::local("running etcdutl", e))?;
+                .map_err(|e| BackupError::local(format!("running {}", tool.name), e))?;
             if !out.status.success() {
                 return Err(BackupError::local(
-                    "etcdutl snapshot restore",
+                    format!("{} snapshot restore", tool.name),
                     format!(
                         "{}: {}",
                         out.status,

@@ -603,6 +603,12 @@ pub struct RestoreConfig {
     /// Longest wait for the restored member to become healthy.
     #[serde(default = "default_health_timeout", with = "duration")]
     pub health_timeout: Duration,
+    /// etcd 3.4's `etcdctl`, for nodes whose etcd is 3.4 (which has no
+    /// etcdutl): set, this node's member is restored with
+    /// `ETCDCTL_API=3 etcdctl snapshot restore` (no `--bump-revision`);
+    /// absent, with `drill.etcdutl`.
+    #[serde(default)]
+    pub etcdctl: Option<PathBuf>,
 }
 
 fn default_etcd_manifest() -> PathBuf {
@@ -635,6 +641,7 @@ impl Default for RestoreConfig {
             client_tls: None,
             stop_timeout: default_stop_timeout(),
             health_timeout: default_health_timeout(),
+            etcdctl: None,
         }
     }
 }
@@ -856,6 +863,9 @@ impl Validate for BackupConfig {
                     v.at("peers", |v| v.error(format!("{a:?} is listed twice")));
                 }
             }
+            if let Some(etcdctl) = &r.etcdctl {
+                v.file_exists("etcdctl", etcdctl);
+            }
             if let Some(tls) = &r.client_tls {
                 check_tls(v, "clientTls", tls);
             }
@@ -949,7 +959,7 @@ mod tests {
     fn restore_fields_are_checked() {
         let errs = errors(&minimal(
             "deltas:\n  maxSegmentBytes: 1KiB\n\
-             restore:\n  etcdManifest: etc/etcd.yaml\n  dataDir: var/lib/etcd\n  peerUrls: [10.0.0.1:2380]\n  peers: ['a:1', 'a:1', 'b']\n",
+             restore:\n  etcdManifest: etc/etcd.yaml\n  dataDir: var/lib/etcd\n  peerUrls: [10.0.0.1:2380]\n  peers: ['a:1', 'a:1', 'b']\n  etcdctl: /nonexistent/etcdctl\n",
         ));
         let has = |prefix: &str| errs.iter().any(|e| e.starts_with(prefix));
         assert!(
@@ -961,6 +971,10 @@ mod tests {
         assert!(has("restore.peerUrls[0]"), "{errs:#?}");
         assert!(has("restore.peers: \"a:1\" is listed twice"), "{errs:#?}");
         assert!(has("restore.peers[2]"), "{errs:#?}");
+        assert!(
+            has("restore.etcdctl: cannot read /nonexistent/etcdctl"),
+            "{errs:#?}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! DOWNLOAD/BUILD  the target snapshot, once (pitr): every check fails here, before any node
 //! UPLOAD   restore/<restore id>/target.db for the agents to fetch
 //! PREPARE  every agent fetches it, checks its SHA-256, takes its lock  (dry run ends here)
-//! RESTORE  every agent: manifest out, wait stopped, data dir aside, etcdutl restore
+//! RESTORE  every agent: manifest out, wait stopped, data dir aside, etcdutl (etcdctl on 3.4) restore
 //! START    every agent at once: manifest back, wait healthy
 //! ```
 //!
@@ -273,19 +273,24 @@ impl Coordinator {
                 .plan_restore(snapshot.as_deref(), target)
                 .await
                 .map_err(fail(pb::RestorePhase::Plan))?;
-            let supports_bump = nodes.iter().all(|(n, _)| {
-                n.etcdutl.as_ref().is_some_and(|e| e.bump_revision && e.mark_compacted)
-            });
+            let lacking_bump: Vec<&str> = nodes
+                .iter()
+                .filter(|(n, _)| {
+                    !n.etcdutl.as_ref().is_some_and(|e| e.bump_revision && e.mark_compacted)
+                })
+                .map(|(n, _)| n.node_name.as_str())
+                .collect();
             let mut warnings = plan.warnings.clone();
             let bump = match req.bump_revision {
                 Some(b) => b,
-                None if supports_bump => DEFAULT_BUMP,
+                None if lacking_bump.is_empty() => DEFAULT_BUMP,
                 None => {
-                    warnings.push(
-                        "etcdutl on some node lacks --bump-revision/--mark-compacted (3.5.10+): \
-                         restoring without a revision bump; clients that cached revisions should re-list"
-                            .into(),
-                    );
+                    warnings.push(format!(
+                        "the restore tool on {} lacks --bump-revision/--mark-compacted \
+                         (etcdutl 3.5.10+ has them; etcd 3.4's etcdctl does not): \
+                         restoring without a revision bump; clients that cached revisions should re-list",
+                        lacking_bump.join(", ")
+                    ));
                     0
                 }
             };

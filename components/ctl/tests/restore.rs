@@ -1,7 +1,8 @@
-//! `bulwarkctl restore` end to end: three etcd 3.5 members run by the
-//! testkit's kubelet stand-in from static pod manifests, three in-process
-//! bulwark-backup instances (one records deltas as the elected leader, each
-//! serves its node's restore agent), and the real bulwarkctl binary.
+//! `bulwarkctl restore` end to end: three etcd members (3.5, or Debian's
+//! 3.4 restored through etcdctl) run by the testkit's kubelet stand-in from
+//! static pod manifests, three in-process bulwark-backup instances (one
+//! records deltas as the elected leader, each serves its node's restore
+//! agent), and the real bulwarkctl binary.
 
 // Tests panic on failure: the harness then prints the processes' logs.
 #![allow(clippy::unwrap_used)]
@@ -50,8 +51,14 @@ struct Node {
     client_url: String,
 }
 
-fn manifest(name: &str, data: &Path, client: &str, peer: &str, cluster: &str) -> String {
-    let etcd = tools::etcd(EtcdVersion::V3_5).unwrap();
+fn manifest(
+    etcd: &Path,
+    name: &str,
+    data: &Path,
+    client: &str,
+    peer: &str,
+    cluster: &str,
+) -> String {
     format!(
         "apiVersion: v1
 kind: Pod
@@ -154,7 +161,14 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
         let path = dir.join("manifests/etcd.yaml");
         std::fs::write(
             &path,
-            manifest(name, &data_dir, &client_url, &peer_url, &cluster),
+            manifest(
+                &tools::etcd(EtcdVersion::V3_5).unwrap(),
+                name,
+                &data_dir,
+                &client_url,
+                &peer_url,
+                &cluster,
+            ),
         )
         .unwrap();
         kubelets.push(Kubelet::start(&path, &format!("etcd-{name}")));
@@ -431,21 +445,26 @@ restore:
             "only restored data is kept aside after a rollback: {kept:?}"
         );
     }
-    let mut c = client().await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while c
-        .get("two/000", None)
-        .await
-        .map(|r| r.kvs().len())
-        .unwrap_or(0)
-        != 1
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the original cluster did not come back"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every member, not just one: the client below may pick any of them.
+    for n in &nodes {
+        wait_for(
+            &format!("the original member {} back", n.client_url),
+            || {
+                let url = n.client_url.clone();
+                async move {
+                    match etcd_client::Client::connect([url], None).await {
+                        Ok(mut one) => one
+                            .get("two/000", None)
+                            .await
+                            .is_ok_and(|r| r.kvs().len() == 1),
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await;
     }
+    let mut c = client().await.unwrap();
     assert_eq!(
         c.status().await.unwrap().header().unwrap().cluster_id(),
         old_cluster
@@ -512,6 +531,242 @@ restore:
             .into_iter()
             .filter(|k| !k.to_string_lossy().ends_with("-restored"))
             .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert!(
+            kept[0].join("member").exists(),
+            "the old data dir is kept whole"
+        );
+    }
+    for s in shutdowns {
+        s.trigger();
+    }
+}
+
+/// etcd 3.4 has no etcdutl: with `restore.etcdctl` set, every agent
+/// restores its member with etcd 3.4's `etcdctl snapshot restore`, and the
+/// plan warns that there is no revision bump.
+#[tokio::test]
+async fn heavy_whole_cluster_restore_on_etcd_3_4_through_etcdctl() {
+    let Some((etcd34, etcdctl34)) = tools::etcd_or_skip(EtcdVersion::V3_4).unwrap() else {
+        return;
+    };
+    bulwark_common::tls::install_crypto_provider();
+    let pki = Pki::new().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let ports = bulwark_testkit::ports::free_ports(IpAddr::V4(Ipv4Addr::LOCALHOST), 6).unwrap();
+    let names = ["m0", "m1", "m2"];
+    let cluster = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{n}=http://127.0.0.1:{}", ports[2 * i + 1]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = Vec::new();
+    let mut kubelets = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let dir = root.path().join(format!("node-{i}"));
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        let data_dir = dir.join("etcd-data");
+        let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
+        let peer_url = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+        let path = dir.join("manifests/etcd.yaml");
+        std::fs::write(
+            &path,
+            manifest(&etcd34, name, &data_dir, &client_url, &peer_url, &cluster),
+        )
+        .unwrap();
+        kubelets.push(Kubelet::start(&path, &format!("etcd-{name}")));
+        nodes.push(Node {
+            manifest: path,
+            data_dir,
+            client_url,
+        });
+    }
+    let endpoints: Vec<String> = nodes.iter().map(|n| n.client_url.clone()).collect();
+    let client = || {
+        let eps = endpoints.clone();
+        async move { etcd_client::Client::connect(eps, None).await }
+    };
+    wait_for("etcd 3.4 from the manifests", || async {
+        match client().await {
+            Ok(mut c) => c.put("probe", "1", None).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let mut c = client().await.unwrap();
+    c.delete("probe", None).await.unwrap();
+    for i in 0..40 {
+        c.put(format!("base/{i:03}"), format!("v{i}"), None)
+            .await
+            .unwrap();
+    }
+    c.delete("base/000", None).await.unwrap();
+    // No user writes until the snapshot is stored: this is its state.
+    let want = user_state(&mut c, 0).await;
+    let status = c.status().await.unwrap();
+    assert!(status.version().starts_with("3.4."), "{}", status.version());
+    let old_cluster = status.header().unwrap().cluster_id();
+
+    let cert = pki
+        .peer("backup", &["bulwark:backup"], &["127.0.0.1", "localhost"])
+        .unwrap();
+    let store = root.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listeners.push((grpc, admin));
+    }
+    let agents: Vec<String> = listeners
+        .iter()
+        .map(|(g, _)| g.local_addr().unwrap().to_string())
+        .collect();
+    let peers = agents
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let eps = endpoints
+        .iter()
+        .map(|e| format!("'{e}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut configs = Vec::new();
+    let mut shutdowns = Vec::new();
+    for (i, (grpc, admin)) in listeners.into_iter().enumerate() {
+        // The coordinator builds the target with etcd 3.5's tools; each
+        // node restores with its own etcd 3.4 etcdctl.
+        let text = format!(
+            "apiVersion: bulwark.dev/v1alpha1
+kind: BackupConfiguration
+nodeName: node-{i}
+clusterName: lab
+admin: {{address: '127.0.0.1:0'}}
+grpc:
+  tls: {{certFile: {cert}, keyFile: {key}, caFile: {ca}}}
+  access:
+    operators: {{organizations: [system:masters]}}
+    peers: {{organizations: ['bulwark:backup']}}
+etcd: {{endpoints: [{eps}], tls: null}}
+store: {{url: 'file://{store}'}}
+schedule: {{interval: 1h}}
+deltas: {{enabled: false}}
+drill: {{etcdutl: {etcdutl}, etcd: {etcd}, workDir: {work}}}
+restore:
+  etcdManifest: {manifest}
+  stateDir: {state}
+  peers: [{peers}]
+  etcdctl: {etcdctl}
+  stopTimeout: 60s
+  healthTimeout: 90s
+",
+            cert = cert.cert.display(),
+            key = cert.key.display(),
+            ca = cert.ca.display(),
+            store = store.display(),
+            etcdutl = tools::etcdutl().unwrap().display(),
+            etcd = tools::etcd(EtcdVersion::V3_5).unwrap().display(),
+            work = root.path().display(),
+            manifest = nodes[i].manifest.display(),
+            state = root.path().join(format!("node-{i}/state")).display(),
+            etcdctl = etcdctl34.display(),
+        );
+        let config: bulwark_backup::BackupConfig = bulwark_common::config::from_str_with(
+            Some(&text),
+            None,
+            &bulwark_common::config::Overrides::new(),
+        )
+        .unwrap();
+        let shutdown = Shutdown::new();
+        bulwark_backup::run(config.clone(), Listeners { grpc, admin }, shutdown.clone())
+            .await
+            .unwrap();
+        configs.push(config);
+        shutdowns.push(shutdown);
+    }
+    let engine = bulwark_backup::Engine::from_config(&configs[0]).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let snapshot_id = loop {
+        if let Ok(s) = engine.latest_snapshot().await {
+            break s.manifest.id;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no scheduled snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for i in 0..30 {
+        c.put(format!("after/{i:03}"), format!("a{i}"), None)
+            .await
+            .unwrap();
+    }
+
+    let operator = pki.client("alice", &["system:masters"]).unwrap();
+    let out = ctl(
+        &[
+            "restore",
+            "--snapshot",
+            &snapshot_id,
+            "--snapshot-only",
+            "--yes",
+            "-o",
+            "json",
+        ],
+        &agents[2],
+        &operator,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    println!("{}", text(&out));
+    let all = text(&out);
+    assert!(
+        all.contains("lacks --bump-revision/--mark-compacted")
+            && all.contains("node-0, node-1, node-2"),
+        "the plan warns that etcdctl 3.4 cannot bump the revision: {all}"
+    );
+    assert!(
+        all.contains(&etcdctl34.display().to_string()),
+        "the members were restored with {}: {all}",
+        etcdctl34.display()
+    );
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("restore_snapshot done") && progress.contains("wait_healthy done"),
+        "{progress}"
+    );
+
+    let mut c = client().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while c.get("x", None).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restored cluster never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        user_state(&mut c, 0).await,
+        want,
+        "the state of snapshot {snapshot_id}"
+    );
+    assert_ne!(
+        c.status().await.unwrap().header().unwrap().cluster_id(),
+        old_cluster,
+        "a new cluster id"
+    );
+    assert_eq!(c.member_list().await.unwrap().members().len(), 3);
+    for n in &nodes {
+        let mut one = etcd_client::Client::connect([n.client_url.clone()], None)
+            .await
+            .unwrap();
+        let status = one.status().await.unwrap();
+        assert!(status.version().starts_with("3.4."), "{}", status.version());
+        assert_ne!(status.leader(), 0, "{} has a leader", n.client_url);
+        assert!(n.manifest.exists());
+        let kept = aside_dirs(&n.data_dir);
         assert_eq!(kept.len(), 1, "{kept:?}");
         assert!(
             kept[0].join("member").exists(),

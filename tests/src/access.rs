@@ -224,8 +224,9 @@ pub fn methods_of(services: &[&str]) -> Vec<(&'static str, Access)> {
 }
 
 /// Calls `path` with `body` as the raw request message (not necessarily
-/// valid protobuf) and returns the status the server answered with (`Ok`
-/// once response headers came back). For hostile-input tests.
+/// valid protobuf) and returns the status the server answered with, after
+/// reading every answer of a stream (`Ok` when it ended cleanly). For
+/// hostile-input tests.
 pub async fn call_raw(channel: Channel, path: &str, body: Vec<u8>) -> Result<(), tonic::Status> {
     let attempt = async {
         let mut grpc = tonic::client::Grpc::new(channel);
@@ -234,9 +235,14 @@ pub async fn call_raw(channel: Channel, path: &str, body: Vec<u8>) -> Result<(),
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let path = http::uri::PathAndQuery::try_from(path.to_owned())
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        grpc.server_streaming(tonic::Request::new(body), path, RawCodec)
-            .await
-            .map(drop)
+        let mut answers = grpc
+            .server_streaming(tonic::Request::new(body), path, RawCodec)
+            .await?
+            .into_inner();
+        // A streaming handler answers its headers first and its verdict on
+        // the request in the stream (or its trailers): read it all.
+        while answers.message().await?.is_some() {}
+        Ok(())
     };
     tokio::time::timeout(Duration::from_secs(10), attempt)
         .await

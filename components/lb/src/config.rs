@@ -121,6 +121,29 @@ impl ComponentConfig for LbConfig {
 }
 
 impl LbConfig {
+    /// When backends are seeded with zones and this node's zone is none of
+    /// them, a warning to log (a typo would silently route across zones;
+    /// not an error: a node may stand in a zone without an apiserver, and
+    /// the registry is what Raft says after the seeding).
+    pub fn zone_warning(&self) -> Option<String> {
+        let zones: BTreeSet<&str> = self
+            .backends
+            .iter()
+            .map(|b| b.zone.as_str())
+            .filter(|z| !z.is_empty())
+            .collect();
+        (!zones.is_empty() && !self.zone.is_empty() && !zones.contains(self.zone.as_str())).then(
+            || {
+                let list = zones.iter().copied().collect::<Vec<_>>().join(", ");
+                format!(
+                    "zone {:?} is not the zone of any configured backend (their zones: {list}); \
+                     this node will prefer no backend as local",
+                    self.zone
+                )
+            },
+        )
+    }
+
     /// This node's name.
     pub fn node_name(&self) -> String {
         self.name
@@ -751,25 +774,6 @@ impl Validate for LbConfig {
             );
         });
         v.nested("health", &self.health);
-        // Zones named by the configured backends: the local zone must be
-        // one of them (a typo would silently route across zones).
-        let zones: BTreeSet<&str> = self
-            .backends
-            .iter()
-            .map(|b| b.zone.as_str())
-            .filter(|z| !z.is_empty())
-            .collect();
-        if !zones.is_empty() {
-            let list = zones.iter().copied().collect::<Vec<_>>().join(", ");
-            v.check(
-                self.zone.is_empty() || zones.contains(self.zone.as_str()),
-                "zone",
-                format!(
-                    "{:?} is not the zone of any configured backend (their zones: {list})",
-                    self.zone
-                ),
-            );
-        }
         let mut backend_ids = BTreeSet::new();
         for (i, b) in self.backends.iter().enumerate() {
             v.nested(format!("backends[{i}]"), b);
@@ -926,16 +930,21 @@ mod tests {
         assert_eq!(c.health.stale_after, Duration::from_secs(5));
         assert_eq!(parse(MINIMAL).unwrap().health, HealthConfig::default());
 
-        let e = errors(&format!(
-            "{MINIMAL}zone: zone-x\nbackends:\n- {{id: cp-1, address: 10.0.0.1:6443, zone: a}}\n- {{id: cp-2, address: 10.0.0.2:6443, zone: b}}\nhealth:\n  minVotes: 0\n  heartbeatInterval: 2s\n  staleAfter: 3s\n"
-        ));
+        let odd = parse(&format!(
+            "{MINIMAL}zone: zone-x\nbackends:\n- {{id: cp-1, address: 10.0.0.1:6443, zone: a}}\n- {{id: cp-2, address: 10.0.0.2:6443, zone: b}}\n"
+        ))
+        .unwrap();
         assert!(
-            e.contains(
-                &"zone: \"zone-x\" is not the zone of any configured backend (their zones: a, b)"
-                    .to_owned()
-            ),
-            "{e:?}"
+            odd.zone_warning().is_some_and(|w| w.starts_with(
+                "zone \"zone-x\" is not the zone of any configured backend (their zones: a, b)"
+            )),
+            "{:?}",
+            odd.zone_warning()
         );
+        assert_eq!(c.zone_warning(), None);
+        let e = errors(&format!(
+            "{MINIMAL}health:\n  minVotes: 0\n  heartbeatInterval: 2s\n  staleAfter: 3s\n"
+        ));
         assert!(
             e.iter()
                 .any(|m| m.starts_with("health.minVotes: must be at least 1")),

@@ -153,6 +153,9 @@ pub async fn run(
     bulwark_common::tls::install_crypto_provider();
     let node_id = config.node_id;
     let tls = Arc::new(config.tls.load().context("loading TLS material")?);
+    if let Some(warning) = config.zone_warning() {
+        tracing::warn!("{warning}");
+    }
     let health = Health::new();
     health.set_ready("raft", Err("no leader known yet".into()));
 

@@ -61,6 +61,16 @@ impl ProbeReports for Api {
                     Ok(None) => return,
                     Err(e) => {
                         tracing::debug!(%prober, error = %e, "report stream ended");
+                        // A report that does not decode is the client's
+                        // error; say so rather than end the stream cleanly.
+                        if e.code() != tonic::Code::Cancelled {
+                            let _ = tx
+                                .send(Err(Status::invalid_argument(format!(
+                                    "a report could not be read: {}",
+                                    e.message().chars().take(200).collect::<String>()
+                                ))))
+                                .await;
+                        }
                         return;
                     }
                 };

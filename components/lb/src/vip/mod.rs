@@ -167,6 +167,19 @@ impl VipTask {
     fn view(&self) -> LeaderView {
         let m = self.raft.metrics().borrow_watched().clone();
         let leading = m.state == ServerState::Leader && m.current_leader == Some(self.node_id);
+        // A lone voter is its own quorum: nothing acknowledges it, and
+        // nothing else can lead while it does.
+        let alone = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .eq([self.node_id]);
+        if leading && alone {
+            return LeaderView {
+                leader_term: Some(m.current_term),
+                last_quorum_acked: Some(Instant::now()),
+            };
+        }
         let acked = m.last_quorum_acked.map(|a| {
             // openraft's instant wraps tokio's; map through "elapsed".
             let age = openraft::Instant::elapsed(&a.into_inner());

@@ -64,6 +64,11 @@ mod say {
         println!("  ✓ {}", what.as_ref());
     }
 
+    /// A result that is not what it should be, shown as such.
+    pub fn short(what: impl AsRef<str>) {
+        println!("  ! {}", what.as_ref());
+    }
+
     pub fn note(what: impl AsRef<str>) {
         println!("    {}", what.as_ref());
     }
@@ -230,10 +235,15 @@ mod demo {
         let in_flight = Tally::of(&in_flight);
         let after_outcomes = after;
         let after = Tally::of(&after_outcomes);
-        say::ok(format!(
+        let line = format!(
             "requests sent after the kill: {} ok, {} failed (a refused connect is retried on another apiserver inside the LB)",
             after.ok, after.failed
-        ));
+        );
+        if after.failed == 0 {
+            say::ok(line);
+        } else {
+            say::short(line);
+        }
         for (error, n) in traffic::error_kinds(&after_outcomes) {
             say::note(format!("  {n} × {error}"));
         }

@@ -597,13 +597,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let md = markdown(&report);
     println!("{md}");
     if !args.no_write {
-        std::fs::create_dir_all(&args.out)?;
-        let day = &date[..10];
-        let md_path = args.out.join(format!("{day}-datapath.md"));
-        let json_path = args.out.join(format!("{day}-datapath.json"));
-        std::fs::write(&md_path, &md)?;
-        std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
-        eprintln!("wrote {} and {}", md_path.display(), json_path.display());
+        publish(&args.out, &date, "datapath", &md, &report)?;
     }
     Ok(())
 }
@@ -642,6 +636,24 @@ fn markdown(r: &Report) -> String {
         );
     }
     s
+}
+
+/// Writes a scenario's report as `<out>/<day>-<scenario>.md` and `.json`.
+pub(crate) fn publish(
+    out: &std::path::Path,
+    date: &str,
+    scenario: &str,
+    md: &str,
+    report: &impl Serialize,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    let day = &date[..10];
+    let md_path = out.join(format!("{day}-{scenario}.md"));
+    let json_path = out.join(format!("{day}-{scenario}.json"));
+    std::fs::write(&md_path, md)?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)?;
+    eprintln!("wrote {} and {}", md_path.display(), json_path.display());
+    Ok(())
 }
 
 pub(crate) fn kv(m: &BTreeMap<String, String>) -> String {

@@ -43,7 +43,7 @@ use bulwark_testkit::fixture::{ApiServerProcess, HttpsClient};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::datapath::{free_port, kv, loadavg, machine, median};
+use crate::datapath::{free_port, kv, loadavg, machine, median, publish};
 
 const ZONES: [&str; 3] = ["a", "b", "c"];
 /// Longest a trial waits for a front to react.
@@ -689,13 +689,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     let md = markdown(&report);
     println!("{md}");
     if !args.no_write {
-        std::fs::create_dir_all(&args.out)?;
-        let day = &date[..10];
-        let md_path = args.out.join(format!("{day}-detection.md"));
-        let json_path = args.out.join(format!("{day}-detection.json"));
-        std::fs::write(&md_path, &md)?;
-        std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
-        eprintln!("wrote {} and {}", md_path.display(), json_path.display());
+        publish(&args.out, &date, "detection", &md, &report)?;
     }
     Ok(())
 }

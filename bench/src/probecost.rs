@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::datapath::{free_port, kv, loadavg, machine, median, spawn, wait_listening};
+use crate::datapath::{free_port, kv, loadavg, machine, median, publish, spawn, wait_listening};
 
 /// Flags of `bulwark-bench probe-cost`.
 #[derive(clap::Args)]
@@ -254,13 +254,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let md = markdown(&report);
     println!("{md}");
     if !args.no_write {
-        std::fs::create_dir_all(&args.out)?;
-        let day = &date[..10];
-        let md_path = args.out.join(format!("{day}-probe-cost.md"));
-        let json_path = args.out.join(format!("{day}-probe-cost.json"));
-        std::fs::write(&md_path, &md)?;
-        std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
-        eprintln!("wrote {} and {}", md_path.display(), json_path.display());
+        publish(&args.out, &date, "probe-cost", &md, &report)?;
     }
     Ok(())
 }

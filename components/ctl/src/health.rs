@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::connect::Service;
 use crate::error::CliError;
-use crate::output::{self, OutputFormat};
+use crate::output::{self, OutputFormat, enum_name};
 
 /// `bulwarkctl health`
 #[derive(Debug, Args)]
@@ -81,12 +81,6 @@ struct ProberView {
     last_sequence: u64,
 }
 
-fn name<E: TryFrom<i32>>(v: i32, f: impl Fn(&E) -> &'static str, prefix: &str) -> String {
-    E::try_from(v)
-        .map(|e| f(&e).trim_start_matches(prefix).to_lowercase())
-        .unwrap_or_else(|_| v.to_string())
-}
-
 fn duration(d: Option<&prost_types::Duration>) -> String {
     match d.and_then(|d| bulwark_api::time::duration_from_proto(d).ok()) {
         Some(d) if d < Duration::from_secs(1) => format!("{}ms", d.as_millis()),
@@ -108,14 +102,14 @@ fn view(r: lb::GetHealthResponse) -> HealthView {
         .map(|b| {
             let v = b.verdict.unwrap_or_default();
             BackendView {
-                verdict: name(v.verdict, lb::Verdict::as_str_name, "VERDICT_"),
+                verdict: enum_name(v.verdict, lb::Verdict::as_str_name, "VERDICT_"),
                 reason: v.reason,
                 since: timestamp(v.since.as_ref()),
                 zones: b
                     .zones
                     .into_iter()
                     .map(|z| ZoneView {
-                        verdict: name(z.zone_verdict, lb::Verdict::as_str_name, "VERDICT_"),
+                        verdict: enum_name(z.zone_verdict, lb::Verdict::as_str_name, "VERDICT_"),
                         zone: z.zone,
                         up: z.up,
                         not_ready: z.not_ready,
@@ -134,9 +128,9 @@ fn view(r: lb::GetHealthResponse) -> HealthView {
                             .latest
                             .into_iter()
                             .map(|o| ObservationView {
-                                kind: name(o.kind, lb::ProbeKind::as_str_name, "PROBE_KIND_"),
+                                kind: enum_name(o.kind, lb::ProbeKind::as_str_name, "PROBE_KIND_"),
                                 ok: o.ok,
-                                reason: name(
+                                reason: enum_name(
                                     o.reason,
                                     lb::ProbeReason::as_str_name,
                                     "PROBE_REASON_",

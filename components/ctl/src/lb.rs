@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::connect::Service;
 use crate::error::{CliError, Exit};
-use crate::output::{self, OutputFormat};
+use crate::output::{self, OutputFormat, enum_name};
 
 /// `bulwarkctl lb …`
 #[derive(Debug, Subcommand)]
@@ -119,12 +119,6 @@ fn ts(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(|t| bulwark_api::time::timestamp_from_proto(t).ok())
         .map(|t| humantime::format_rfc3339_seconds(t).to_string())
         .unwrap_or_else(|| "-".into())
-}
-
-fn enum_name<E: TryFrom<i32>>(v: i32, name: impl Fn(&E) -> &'static str, prefix: &str) -> String {
-    E::try_from(v)
-        .map(|e| name(&e).trim_start_matches(prefix).to_lowercase())
-        .unwrap_or_else(|_| v.to_string())
 }
 
 fn pb_duration(d: Duration) -> Result<prost_types::Duration, CliError> {

@@ -93,6 +93,18 @@ pub fn fields(pairs: &[(&str, String)]) -> String {
         .collect()
 }
 
+/// A protobuf enum value as operators read it: its name without the
+/// `prefix`, lower-case (`VERDICT_DOWN` → `down`); the number when unknown.
+pub fn enum_name<E: TryFrom<i32>>(
+    v: i32,
+    name: impl Fn(&E) -> &'static str,
+    prefix: &str,
+) -> String {
+    E::try_from(v)
+        .map(|e| name(&e).trim_start_matches(prefix).to_lowercase())
+        .unwrap_or_else(|_| v.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::connect::{Service, Session};
 use crate::error::CliError;
-use crate::output::{self, OutputFormat};
+use crate::output::{self, OutputFormat, enum_name};
 
 /// One part of the report: what was fetched, or why it could not be.
 #[derive(Debug, Serialize)]
@@ -265,12 +265,6 @@ fn between(earlier: Option<SystemTime>, later: Option<SystemTime>) -> Option<Str
 }
 
 /// An enum value's proto name without its prefix, lowercased.
-fn name_of<E: TryFrom<i32>>(v: i32, name: impl Fn(&E) -> &'static str, prefix: &str) -> String {
-    E::try_from(v)
-        .map(|e| name(&e).trim_start_matches(prefix).to_lowercase())
-        .unwrap_or_else(|_| v.to_string())
-}
-
 fn node_ref(n: &lb::NodeInfo) -> String {
     if n.name.is_empty() {
         n.id.to_string()
@@ -315,7 +309,7 @@ async fn lb_part(svc: &Service<'_>) -> Result<LbView, CliError> {
 fn lb_view(s: &lb::GetStatusResponse, list: &lb::ListBackendsResponse) -> LbView {
     let leader_id = s.leader.as_ref().map(|l| l.id);
     let vip = s.vip.clone().unwrap_or_default();
-    let mode = name_of(vip.mode, lb::VipMode::as_str_name, "VIP_MODE_");
+    let mode = enum_name(vip.mode, lb::VipMode::as_str_name, "VIP_MODE_");
     let holder_name = vip.holder_node_id.and_then(|h| {
         s.members
             .iter()
@@ -358,7 +352,7 @@ fn lb_view(s: &lb::GetStatusResponse, list: &lb::ListBackendsResponse) -> LbView
                     leader: Some(n.id) == leader_id,
                     id: n.id,
                     name: n.name,
-                    role: name_of(m.role, lb::MemberRole::as_str_name, "MEMBER_ROLE_"),
+                    role: enum_name(m.role, lb::MemberRole::as_str_name, "MEMBER_ROLE_"),
                     zone: n.zone,
                     api_address: n.api_address,
                     lag: m.replication.map(|r| r.lag_entries),
@@ -376,8 +370,8 @@ fn lb_view(s: &lb::GetStatusResponse, list: &lb::ListBackendsResponse) -> LbView
                     id: b.id.clone(),
                     address: b.address.clone(),
                     zone: b.zone.clone(),
-                    admin: name_of(b.admin_state, lb::AdminState::as_str_name, "ADMIN_STATE_"),
-                    verdict: name_of(v.verdict, lb::Verdict::as_str_name, "VERDICT_"),
+                    admin: enum_name(b.admin_state, lb::AdminState::as_str_name, "ADMIN_STATE_"),
+                    verdict: enum_name(v.verdict, lb::Verdict::as_str_name, "VERDICT_"),
                     reason: v.reason,
                     since: ts(v.since.as_ref()),
                     routable: b.routable,
@@ -388,7 +382,7 @@ fn lb_view(s: &lb::GetStatusResponse, list: &lb::ListBackendsResponse) -> LbView
             at: ts(f.at.as_ref()).unwrap_or_default(),
             from: f.from_node_id,
             to: f.to_node_id,
-            cause: name_of(f.cause, lb::FailoverCause::as_str_name, "FAILOVER_CAUSE_"),
+            cause: enum_name(f.cause, lb::FailoverCause::as_str_name, "FAILOVER_CAUSE_"),
             time_to_detect: dur(f.time_to_detect.as_ref()),
             time_to_move_vip: dur(f.time_to_move_vip.as_ref()),
         }),
@@ -491,7 +485,7 @@ fn backup_view(s: &bk::GetStatusResponse, now: SystemTime) -> BackupView {
                 r.restore_id,
                 r.coordinator,
                 ts(r.started_at.as_ref()).unwrap_or_default(),
-                name_of(r.phase, bk::RestorePhase::as_str_name, "RESTORE_PHASE_")
+                enum_name(r.phase, bk::RestorePhase::as_str_name, "RESTORE_PHASE_")
             )
         }),
     }

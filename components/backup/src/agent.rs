@@ -11,9 +11,9 @@
 //! into `<dataDir>.bulwark-<restore id>-partial`, renamed to a fresh
 //! `<dataDir>` only once the tool succeeded, so the manifest (its
 //! `--data-dir` and its hostPath volume) stays as it was and a tool that
-//! fails half-way (a full disk) leaves nothing where etcd would start from. [`Agent::abort`] undoes each step that was
-//! done, in reverse, keeping the restored data as
-//! `<dataDir>.bulwark-<restore id>-restored`.
+//! fails half-way (a full disk) leaves nothing where etcd would start
+//! from. [`Agent::abort`] undoes each step that was done, in reverse,
+//! keeping the restored data as `<dataDir>.bulwark-<restore id>-restored`.
 //!
 //! The member's name, URLs and data dir come from `restore:` in the config,
 //! or else from etcd's command line in the manifest.
@@ -703,7 +703,7 @@ impl Agent {
                     let free = free_bytes(parent);
                     format!(
                         "; the file system of {} is full ({free} bytes free after cleaning up; \
-                         a member needs about the snapshot's size plus etcd's 64 MiB WAL segment)",
+                         a member needs about the snapshot's size plus etcd's 64 MB WAL segment)",
                         parent.display(),
                     )
                 } else {

@@ -773,7 +773,7 @@ async fn heavy_whole_cluster_restore_on_etcd_3_4_through_etcdctl() {
 }
 
 /// The disk under node-2's data dir fills up while its member is restored
-/// (etcdutl has written the database and fails on the 64 MiB WAL segment):
+/// (etcdutl has written the database and fails on the 64 MB WAL segment):
 /// the restore fails naming the node and the full disk, every node is
 /// rolled back onto its original data dir (nothing half-written is left
 /// where etcd starts from, no data dir is deleted), the old cluster serves

@@ -205,9 +205,11 @@ async fn holder_stops_answering(how: Stop) {
     let sampler = sweep_until(&l, stop.clone());
     let stopped = Instant::now();
     match how {
-        Stop::Freeze => l.nodes[old].signal(libc::SIGSTOP).unwrap(),
+        Stop::Freeze => l.nodes[old]
+            .signal(libc::SIGSTOP)
+            .expect("SIGSTOP the holder"),
         Stop::Kill => {
-            l.nodes[old].kill().unwrap();
+            l.nodes[old].kill().expect("SIGKILL the holder");
         }
     }
     // Generous: the kernel needs at most lifetime + 1 s after the last
@@ -226,7 +228,9 @@ async fn holder_stops_answering(how: Stop) {
     if how == Stop::Freeze {
         // Wake it: it must see its lease long gone and not add the address
         // back (no renewal, no re-add, no gratuitous ARP).
-        l.nodes[old].signal(libc::SIGCONT).unwrap();
+        l.nodes[old]
+            .signal(libc::SIGCONT)
+            .expect("SIGCONT the old holder");
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
@@ -235,7 +239,7 @@ async fn holder_stops_answering(how: Stop) {
         new + 1
     );
     stop.store(true, Ordering::Relaxed);
-    let sweeps = sampler.join().unwrap();
+    let sweeps = sampler.join().expect("the sweeping thread");
 
     let at = |t: Instant| t.saturating_duration_since(stopped);
     let gone = sweeps

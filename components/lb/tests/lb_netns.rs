@@ -201,6 +201,33 @@ async fn holder_stops_answering(how: Stop) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(l.holders(), vec![old]);
 
+    if how == Stop::Freeze {
+        // The address vanishing under a holder that is still valid: its
+        // next renewal (every 250 ms) adds and announces it again.
+        let host = &l.lb_hosts()[old];
+        let prefix = format!("{}/32", l.vip.ip());
+        host.exec_ok(
+            "ip",
+            ["addr", "del", prefix.as_str(), "dev", host.interface()],
+        )
+        .expect("delete the VIP behind the holder's back");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while l.holders() != vec![old] {
+            assert!(
+                Instant::now() < deadline,
+                "h{} did not re-add the VIP",
+                old + 1
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            l.nodes[old]
+                .current_log()
+                .contains("added and announced it again"),
+            "the re-add is logged"
+        );
+    }
+
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = sweep_until(&l, stop.clone());
     let stopped = Instant::now();

@@ -17,6 +17,7 @@
 //! has the address receives traffic for it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -26,6 +27,7 @@ use rtnetlink::packet_route::address::{
 };
 use rtnetlink::packet_route::link::LinkAttribute;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::time::Instant;
 
 /// The interface and address the holder manages.
 pub struct ArpVip {
@@ -39,6 +41,12 @@ pub struct ArpVip {
     handle: rtnetlink::Handle,
     /// Announcements still being sent for the current claim.
     announcing: Option<tokio::task::JoinHandle<()>>,
+    /// Until when the holder's lease is known to be fresh; announcements
+    /// go out only before it. A holder frozen in the middle of its
+    /// announcements must not send the rest when it wakes up: its lease is
+    /// gone, another node holds the VIP, and a late gratuitous ARP would
+    /// point clients at an address it no longer has.
+    valid_until: Arc<Mutex<Option<Instant>>>,
 }
 
 /// What could go wrong talking to the kernel.
@@ -69,6 +77,7 @@ impl ArpVip {
             lifetime: lifetime_seconds(lifetime),
             handle,
             announcing: None,
+            valid_until: Arc::default(),
         })
     }
 
@@ -139,16 +148,33 @@ impl ArpVip {
             task.abort();
         }
         let (address, count, interval) = (self.address, self.announcements, self.interval);
+        let valid_until = self.valid_until.clone();
         self.announcing = Some(tokio::spawn(async move {
             for i in 0..count {
                 if i > 0 {
                     tokio::time::sleep(interval).await;
+                }
+                let fresh = valid_until
+                    .lock()
+                    .ok()
+                    .and_then(|v| *v)
+                    .is_some_and(|v| Instant::now() < v);
+                if !fresh {
+                    return;
                 }
                 if let Err(e) = announce(index, mac, address) {
                     tracing::warn!(vip = %address, error = %e, "announcing the VIP failed");
                 }
             }
         }));
+    }
+
+    /// Records that the holder's lease is fresh until `until`
+    /// (announcements stop after it).
+    pub fn hold_until(&self, until: Instant) {
+        if let Ok(mut v) = self.valid_until.lock() {
+            *v = Some(until);
+        }
     }
 
     /// Adds the address and starts announcing it.
@@ -166,10 +192,10 @@ impl ArpVip {
     /// had vanished (the kernel expired it while this process was stalled
     /// for most of a lifetime, or someone deleted it), it is added again
     /// and announced afresh: returns whether that happened.
-    pub async fn renew(&mut self, valid_until: tokio::time::Instant) -> std::io::Result<bool> {
+    pub async fn renew(&mut self, valid_until: Instant) -> std::io::Result<bool> {
         let (index, mac) = self.link().await?;
         let vanished = self.present(index).await?.is_empty();
-        if tokio::time::Instant::now() >= valid_until {
+        if Instant::now() >= valid_until {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the lease ran out before the renewal could be sent",
@@ -184,6 +210,9 @@ impl ArpVip {
 
     /// Stops announcing and deletes the address.
     pub async fn release(&mut self) -> std::io::Result<()> {
+        if let Ok(mut v) = self.valid_until.lock() {
+            *v = None;
+        }
         if let Some(task) = self.announcing.take() {
             task.abort();
         }

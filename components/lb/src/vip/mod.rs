@@ -67,6 +67,13 @@ impl Actuator {
         }
     }
 
+    /// Tells the actuator the holder's lease is fresh until `until`.
+    fn hold_until(&self, until: Instant) {
+        if let Actuator::Arp(a) = self {
+            a.hold_until(until);
+        }
+    }
+
     /// Renews a held VIP if still before `valid_until`; true when it had
     /// vanished and was added again.
     async fn renew(&mut self, valid_until: Instant) -> std::io::Result<bool> {
@@ -282,7 +289,13 @@ impl VipTask {
                 });
             }
             let transfer = self.transfer_recent(now);
-            match self.fence.decide(&view, now, transfer) {
+            let action = self.fence.decide(&view, now, transfer);
+            if self.fence.holding()
+                && let Some(remaining) = self.fence.lease_remaining(&view, now)
+            {
+                self.actuator.hold_until(now + remaining);
+            }
+            match action {
                 // Renew only right after the fence said "keep holding".
                 Action::None if self.fence.holding() && renew_at.is_some_and(|at| now >= at) => {
                     renew_at = self.renew(&view, now).await;

@@ -13,7 +13,13 @@
 //! `--data-dir` and its hostPath volume) stays as it was and a tool that
 //! fails half-way (a full disk) leaves nothing where etcd would start
 //! from. [`Agent::abort`] undoes each step that was done, in reverse,
-//! keeping the restored data as `<dataDir>.bulwark-<restore id>-restored`.
+//! keeping the restored data as `<dataDir>.bulwark-<restore id>-restored`
+//! and removing a `-partial` output that never took the data dir's place
+//! (its final rename failed).
+//!
+//! Before anything is fetched or moved, [`Agent::prepare`] refuses a node
+//! whose data dir's file system lacks room for the restored member
+//! (`SpaceNeeded`), unless the request skips that check.
 //!
 //! The member's name, URLs and data dir come from `restore:` in the config,
 //! or else from etcd's command line in the manifest.
@@ -137,6 +143,10 @@ struct Held {
     data_aside: PathBuf,
     manifest_moved: bool,
     data_moved: bool,
+    /// The restore tool's output `<dataDir>.bulwark-<id>-partial` may
+    /// exist: the tool ran and its output was neither renamed into place
+    /// nor removed (a failed final rename); the rollback removes it.
+    partial: bool,
     restored: bool,
     started: bool,
     last_step: pb::NodeStep,
@@ -413,6 +423,17 @@ impl Agent {
                 member.name, spec.member_name
             )));
         }
+        if req.skip_space_check {
+            tracing::warn!(restore_id = %req.restore_id, "free-space check skipped (--skip-space-check)");
+        } else {
+            let node = self.engine.node_name.clone();
+            let data_dir = member.data_dir.clone();
+            let state_dir = self.config.state_dir.clone();
+            let raw = source.size_bytes;
+            tokio::task::spawn_blocking(move || check_space(&node, &data_dir, &state_dir, raw))
+                .await
+                .map_err(|e| BackupError::local("checking free space", e))??;
+        }
         let dir = self.config.state_dir.join(&req.restore_id);
         tokio::fs::create_dir_all(&dir)
             .await
@@ -450,6 +471,7 @@ impl Agent {
             data_aside: data_aside.clone(),
             manifest_moved: false,
             data_moved: false,
+            partial: false,
             restored: false,
             started: false,
             last_step: pb::NodeStep::FetchSnapshot,
@@ -657,6 +679,17 @@ impl Agent {
             // half-written member where etcd, or the rollback, expects the
             // data dir.
             let partial = aside_path(&h.member.data_dir, &h.restore_id, "-partial");
+            if h.partial {
+                // Our own output of an earlier attempt whose final rename
+                // failed: redone from scratch.
+                remove_partial(&partial).await?;
+            } else if tokio::fs::try_exists(&partial).await.unwrap_or(false) {
+                return Err(BackupError::Refused(format!(
+                    "{} already exists and is not this restore's output; not touching it",
+                    partial.display()
+                )));
+            }
+            h.partial = true;
             let spec = &h.spec;
             let tool = self.restore_tool();
             let mut cmd = tool.command();
@@ -692,18 +725,25 @@ impl Agent {
                 // was a data dir etcd ran from); on a full disk this gives
                 // the space back.
                 let removed = match tokio::fs::remove_dir_all(&partial).await {
-                    Ok(()) => "its partial output was removed".to_owned(),
+                    Ok(()) => {
+                        h.partial = false;
+                        "its partial output was removed".to_owned()
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        h.partial = false;
                         "it wrote nothing".to_owned()
                     }
-                    Err(e) => format!("its partial output {} is left: {e}", partial.display()),
+                    Err(e) => format!(
+                        "its partial output {} is left (the rollback removes it): {e}",
+                        partial.display()
+                    ),
                 };
                 let full = if stderr.contains("no space left on device") {
                     let parent = h.member.data_dir.parent().unwrap_or(Path::new("/"));
                     let free = free_bytes(parent);
                     format!(
                         "; the file system of {} is full ({free} bytes free after cleaning up; \
-                         a member needs about the snapshot's size plus etcd's 64 MB WAL segment)",
+                         a member needs about the snapshot's size plus two of etcd's 64 MB WAL segments)",
                         parent.display(),
                     )
                 } else {
@@ -718,7 +758,10 @@ impl Agent {
                     ),
                 ));
             }
+            // Should this fail, the complete output stays at `partial`
+            // (`h.partial` still set) and the rollback removes it.
             rename(&partial, &h.member.data_dir).await?;
+            h.partial = false;
             h.restored = true;
         }
         ev(
@@ -858,6 +901,21 @@ impl Agent {
             h.restored = false;
             h.started = false;
         }
+        if h.partial {
+            // Only the restore tool's own output, by its restore-specific
+            // name (never a data dir etcd ran from): it was never renamed
+            // into place.
+            let partial = aside_path(&h.member.data_dir, restore_id, "-partial");
+            if remove_partial(&partial).await? {
+                ev(
+                    pb::StepStatus::Running,
+                    "the restore tool's output that never took the data dir's place was removed"
+                        .into(),
+                    partial.display().to_string(),
+                );
+            }
+            h.partial = false;
+        }
         if h.data_moved {
             rename(&h.data_aside, &h.member.data_dir).await?;
             h.data_moved = false;
@@ -903,6 +961,12 @@ impl Agent {
     fn state_of(&self, h: &Held) -> pb::NodeRestoreState {
         let manifest = self.config.etcd_manifest.display().to_string();
         let mut manual = Vec::new();
+        if h.partial {
+            manual.push(format!(
+                "rm -rf {}",
+                aside_path(&h.member.data_dir, &h.restore_id, "-partial").display()
+            ));
+        }
         if h.restored {
             manual.push(format!(
                 "mv {} {}",
@@ -952,6 +1016,18 @@ fn aside_path(dir: &Path, restore_id: &str, suffix: &str) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "etcd".into());
     dir.with_file_name(format!("{name}.bulwark-{restore_id}{suffix}"))
+}
+
+/// Removes the restore tool's `-partial` output; false when there was none.
+async fn remove_partial(partial: &Path) -> Result<bool> {
+    match tokio::fs::remove_dir_all(partial).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(BackupError::local(
+            format!("removing {}", partial.display()),
+            e,
+        )),
+    }
 }
 
 async fn rename(from: &Path, to: &Path) -> Result<()> {
@@ -1037,19 +1113,133 @@ fn free_bytes(path: &Path) -> u64 {
     } else {
         path.parent().unwrap_or(Path::new("/"))
     };
-    let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()) else {
-        return 0;
-    };
+    statvfs_free(probe).unwrap_or(0)
+}
+
+/// Bytes an unprivileged writer may still use on the file system of `path`.
+fn statvfs_free(path: &Path) -> std::io::Result<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
     // SAFETY: statvfs writes into the zeroed struct we own; the path is a
     // valid NUL-terminated string.
     unsafe {
         let mut st: libc::statvfs = std::mem::zeroed();
         if libc::statvfs(c.as_ptr(), &mut st) == 0 {
-            st.f_bavail.saturating_mul(st.f_frsize)
+            Ok(st.f_bavail.saturating_mul(st.f_frsize))
         } else {
-            0
+            Err(std::io::Error::last_os_error())
         }
     }
+}
+
+/// etcd's WAL segment (64,000,000 bytes), rounded up to 64 MiB.
+const WAL_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// The least margin on top of a restored member's database and WAL.
+const MIN_SPACE_MARGIN: u64 = 16 << 20;
+
+/// The room a restored member needs on its data dir's file system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SpaceNeeded {
+    /// The restored database: the target snapshot's raw size.
+    database: u64,
+    /// The WAL segment etcdutl preallocates, and the next one etcd
+    /// preallocates when it starts ("failed to preallocate space when
+    /// creating a new WAL" otherwise).
+    wal: u64,
+    /// A tenth of the database, at least 16 MiB: the database grows as
+    /// the restored member serves writes.
+    margin: u64,
+    /// The staged snapshot, held until the member starts, when the state
+    /// dir is on the same file system.
+    staged: u64,
+}
+
+impl SpaceNeeded {
+    fn new(raw_snapshot: u64, staged_on_same_fs: bool) -> Self {
+        Self {
+            database: raw_snapshot,
+            wal: 2 * WAL_SEGMENT_BYTES,
+            margin: (raw_snapshot / 10).max(MIN_SPACE_MARGIN),
+            staged: if staged_on_same_fs { raw_snapshot } else { 0 },
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.database
+            .saturating_add(self.wal)
+            .saturating_add(self.margin)
+            .saturating_add(self.staged)
+    }
+}
+
+impl std::fmt::Display for SpaceNeeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes: the snapshot's {} + two 64 MiB WAL segments {} + margin {}",
+            self.total(),
+            self.database,
+            self.wal,
+            self.margin
+        )?;
+        if self.staged > 0 {
+            write!(
+                f,
+                " + the staged snapshot {} (the state dir is on the same file system)",
+                self.staged
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `path`, or its nearest ancestor that exists.
+fn existing_ancestor(path: &Path) -> &Path {
+    path.ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"))
+}
+
+/// Where the file system holding `path` (which exists) is mounted: the
+/// last ancestor on the same device.
+fn mount_point(path: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    let Some(own) = dev(path) else {
+        return path.to_owned();
+    };
+    let mut top = path;
+    while let Some(parent) = top.parent()
+        && dev(parent) == Some(own)
+    {
+        top = parent;
+    }
+    top.to_owned()
+}
+
+/// Refuses a restore (before anything is fetched or moved) when the file
+/// system of `data_dir` has less room than [`SpaceNeeded`] for a snapshot
+/// of `raw_snapshot` bytes.
+fn check_space(node: &str, data_dir: &Path, state_dir: &Path, raw_snapshot: u64) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let probe = existing_ancestor(data_dir);
+    let free = statvfs_free(probe)
+        .map_err(|e| BackupError::local(format!("statvfs {}", probe.display()), e))?;
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    let same_fs = dev(probe).is_some() && dev(probe) == dev(existing_ancestor(state_dir));
+    let needed = SpaceNeeded::new(raw_snapshot, same_fs);
+    if free >= needed.total() {
+        return Ok(());
+    }
+    Err(BackupError::Refused(format!(
+        "not enough free space on node {node} for the restored member: the file system \
+         mounted on {} (holding the data dir {}) has {free} bytes free, the restore needs \
+         {needed}; nothing was changed: free space there, or restore anyway with \
+         --skip-space-check",
+        mount_point(probe).display(),
+        data_dir.display(),
+    )))
 }
 
 fn dir_size(path: &Path) -> u64 {
@@ -1093,6 +1283,52 @@ mod tests {
         // And back, as a restore's last step does.
         rename(&to, &from).await.unwrap();
         assert!(from.exists() && !to.exists());
+    }
+
+    #[test]
+    fn the_space_needed_is_the_database_two_wal_segments_and_a_margin() {
+        let mib = 1 << 20;
+        let small = SpaceNeeded::new(12 * mib, false);
+        assert_eq!(small.total(), 12 * mib + 128 * mib + 16 * mib);
+        let big = SpaceNeeded::new(1000 * mib, true);
+        assert_eq!(big.total(), 1000 * mib + 128 * mib + 100 * mib + 1000 * mib);
+        assert!(big.to_string().contains("staged snapshot"), "{big}");
+        assert_eq!(SpaceNeeded::new(u64::MAX, true).total(), u64::MAX);
+    }
+
+    #[test]
+    fn the_space_check_names_the_node_the_file_system_and_both_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("etcd-data");
+        let state_dir = dir.path().join("state");
+        // Neither exists yet: their nearest existing ancestor is measured.
+        check_space("n1", &data_dir, &state_dir, 0).unwrap();
+        let huge = 1 << 60;
+        let err = check_space("n1", &data_dir, &state_dir, huge)
+            .unwrap_err()
+            .to_string();
+        let free = statvfs_free(dir.path()).unwrap();
+        assert!(err.contains("node n1"), "{err}");
+        assert!(err.contains(&data_dir.display().to_string()), "{err}");
+        assert!(
+            err.contains(&mount_point(dir.path()).display().to_string()),
+            "{err}"
+        );
+        // Free bytes move with other writers: the figure is near ours.
+        let said: u64 = err
+            .split(" bytes free")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no free bytes in {err}"));
+        assert!(said.abs_diff(free) < 1 << 30, "{said} vs {free}: {err}");
+        let needed = SpaceNeeded::new(huge, true);
+        assert!(
+            err.contains(&format!("needs {needed}")),
+            "the state dir shares the file system: {err}"
+        );
+        assert!(err.contains("--skip-space-check"), "{err}");
+        assert!(!data_dir.exists() && !state_dir.exists());
     }
 
     #[test]

@@ -295,6 +295,13 @@ impl Coordinator {
                 }
             };
             let mark_compacted = req.mark_compacted.unwrap_or(bump > 0);
+            if req.skip_space_check {
+                warnings.push(
+                    "the nodes' free-space check is skipped (--skip-space-check): a node whose \
+                     disk fills up during the restore makes every node roll back"
+                        .to_owned(),
+                );
+            }
             let initial_cluster = nodes
                 .iter()
                 .flat_map(|(n, _)| n.peer_urls.iter().map(move |u| format!("{}={u}", n.member_name)))
@@ -431,6 +438,7 @@ impl Coordinator {
                             coordinator: engine.node_name.clone(),
                             spec: Some(spec_of(info)),
                             lock_ttl: Some(d(Duration::from_secs(600))),
+                            skip_space_check: req.skip_space_check,
                         })
                         .await;
                     // Even a failed prepare may hold the lock: undo it too.

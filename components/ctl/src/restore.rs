@@ -47,6 +47,11 @@ pub struct RestoreArgs {
     /// Do not ask for confirmation.
     #[arg(long, short = 'y')]
     pub yes: bool,
+    /// Restore even where a node's data dir file system lacks room for the
+    /// restored member (snapshot + two 64 MiB WAL segments + a margin);
+    /// a node that then runs out of space makes every node roll back.
+    #[arg(long)]
+    pub skip_space_check: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,6 +158,7 @@ impl RestoreArgs {
             target: target.map(|t| pb::RestoreTarget { target: Some(t) }),
             dry_run: self.dry_run,
             confirm: !self.dry_run,
+            skip_space_check: self.skip_space_check,
             ..Default::default()
         })
     }

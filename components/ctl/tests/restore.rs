@@ -772,12 +772,17 @@ async fn heavy_whole_cluster_restore_on_etcd_3_4_through_etcdctl() {
     lab.stop_services();
 }
 
-/// The disk under node-2's data dir fills up while its member is restored
-/// (etcdutl has written the database and fails on the 64 MB WAL segment):
-/// the restore fails naming the node and the full disk, every node is
-/// rolled back onto its original data dir (nothing half-written is left
-/// where etcd starts from, no data dir is deleted), the old cluster serves
-/// again, and once the operator frees space the same restore succeeds.
+/// node-2's data dir is on a disk with a few MiB free. The restore is
+/// refused while preparing, naming the node, the file system, its free
+/// bytes and the bytes needed, before any node is touched (every etcd
+/// keeps running on its data dir, nothing is moved or staged). Forced
+/// with `--skip-space-check`, the disk fills up while node-2's member is
+/// restored (etcdutl has written the database and fails on the 64 MB WAL
+/// segment): the restore fails naming the node and the full disk, every
+/// node is rolled back onto its original data dir (nothing half-written
+/// is left where etcd starts from, no data dir is deleted), the old
+/// cluster serves again, and once the operator frees space the same
+/// restore passes the check and succeeds.
 #[tokio::test]
 async fn heavy_disk_full_during_restore_rolls_back_and_a_rerun_succeeds() {
     let root = tempfile::tempdir().unwrap();
@@ -843,20 +848,70 @@ async fn heavy_disk_full_during_restore_rolls_back_and_a_rerun_succeeds() {
         "--yes",
     ];
     let restore = || ctl(&args, &lab.agents[0], &operator);
+    let forced: Vec<&str> = args.iter().copied().chain(["--skip-space-check"]).collect();
 
-    // Fill node-2's disk up to 4 MiB. Stopping etcd frees the WAL segment
-    // it preallocated (64 MB), so the restore finds about 65 MiB: room for
-    // the 12 MiB database, not for it and a fresh 64 MB WAL segment too.
+    // Fill node-2's disk up to 4 MiB: the check wants the 12 MiB database,
+    // two 64 MiB WAL segments and a 16 MiB margin.
     let used = disk.used().unwrap();
     disk.resize(used + (4 << 20)).unwrap();
-    println!(
-        "node-2's disk: {used} bytes used, {} free",
-        disk.free().unwrap()
-    );
+    let free = disk.free().unwrap();
+    println!("node-2's disk: {used} bytes used, {free} free");
     let out = restore().await;
     println!("{}", text(&out));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let all = text(&out);
+    assert!(
+        all.contains("not enough free space on node node-2"),
+        "names the node: {all}"
+    );
+    assert!(
+        all.contains(&format!("mounted on {} (", disk.path().display())),
+        "names the file system: {all}"
+    );
+    let said_free: u64 = all
+        .split(" bytes free")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no free bytes in {all}"));
+    assert!(said_free <= 4 << 20, "{said_free} bytes free: {all}");
+    let needed: u64 = all
+        .split("the restore needs ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes needed in {all}"));
+    assert!(needed > (12 << 20) + (128 << 20), "{needed}: {all}");
+    assert!(all.contains("nothing was changed on any node"), "{all}");
+    for (i, n) in nodes.iter().enumerate() {
+        assert!(n.manifest.exists(), "manifest in place on node-{i}");
+        assert!(
+            aside_dirs(&n.data_dir).is_empty(),
+            "nothing moved aside on node-{i}: {:?}",
+            aside_dirs(&n.data_dir)
+        );
+        let staged: Vec<_> = walk(&root.path().join(format!("node-{i}/state")))
+            .into_iter()
+            .filter(|p| p.ends_with("snapshot.db"))
+            .collect();
+        assert!(staged.is_empty(), "nothing staged on node-{i}: {staged:?}");
+    }
+    let mut c = lab.client().await;
+    assert_eq!(
+        c.status().await.unwrap().header().unwrap().cluster_id(),
+        old_cluster,
+        "the old cluster never stopped"
+    );
+    assert_eq!(user_state(&mut c, 0).await, before);
+
+    // Forced past the check. Stopping etcd frees the WAL segment it
+    // preallocated (64 MB), so the restore finds about 65 MiB: room for
+    // the 12 MiB database, not for it and a fresh 64 MB WAL segment too.
+    let out = ctl(&forced, &lab.agents[0], &operator).await;
+    println!("{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let all = text(&out);
+    assert!(all.contains("free-space check is skipped"), "{all}");
     assert!(all.contains("node node-2"), "names the node: {all}");
     assert!(
         all.contains("no space left on device") && all.contains("is full"),
@@ -920,4 +975,18 @@ async fn heavy_disk_full_during_restore_rolls_back_and_a_rerun_succeeds() {
         );
     }
     lab.stop_services();
+}
+
+/// Every file under `dir` (none when it does not exist).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() { walk(&p) } else { vec![p] }
+        })
+        .collect()
 }

@@ -57,6 +57,11 @@ pub struct Args {
     /// fourth contender.
     #[arg(long)]
     compare_buffered: bool,
+    /// Another `bulwark-lb` binary (e.g. a build of an earlier commit) to
+    /// run as one more contender, named after its file; repeatable. Compares
+    /// two builds in one run, on the same machine state.
+    #[arg(long = "also-lb")]
+    also_lb: Vec<PathBuf>,
     /// HAProxy binary.
     #[arg(long, default_value = "/usr/sbin/haproxy")]
     haproxy: PathBuf,
@@ -140,7 +145,7 @@ pub(crate) fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<
 /// backends seeded from its configuration and as many runtime workers as
 /// HAProxy gets threads.
 fn bulwark_lb(
-    exe: &Path,
+    bin: &Path,
     dir: &Path,
     name: &str,
     addr: SocketAddr,
@@ -148,7 +153,6 @@ fn bulwark_lb(
     args: &Args,
     buffered: bool,
 ) -> anyhow::Result<Proc> {
-    let bin = exe.with_file_name("bulwark-lb");
     if !bin.exists() {
         bail!(
             "{} not found: cargo build --release -p bulwark-lb",
@@ -205,7 +209,7 @@ proxy:
     }
     let config = work.join("lb.yaml");
     std::fs::write(&config, yaml)?;
-    let mut cmd = pinned(&args.cpus_proxy, &bin);
+    let mut cmd = pinned(&args.cpus_proxy, bin);
     cmd.arg("--config")
         .arg(&config)
         .env("TOKIO_WORKER_THREADS", args.proxy_threads.to_string());
@@ -259,6 +263,41 @@ struct Sample {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// CPU time (user + system, all threads) the contender's process spent
+    /// per request during the run, µs; `None` for `direct`.
+    cpu_us_per_req: Option<f64>,
+}
+
+/// User + system CPU time of process `pid` so far (all its threads), s.
+/// Robust against other load on the machine, unlike throughput.
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    cpu_seconds_of(&stat, clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// utime and stime are fields 14 and 15 of /proc/<pid>/stat; the command
+/// name (field 2) is in parentheses and may contain spaces, so fields are
+/// counted after its closing parenthesis.
+fn cpu_seconds_of(stat: &str, ticks_per_s: f64) -> anyhow::Result<f64> {
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("no command name in /proc/<pid>/stat")?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let mut next = || -> anyhow::Result<f64> {
+        Ok(fields
+            .next()
+            .context("/proc/<pid>/stat is too short")?
+            .parse::<f64>()?)
+    };
+    Ok((next()? + next()?) / ticks_per_s)
 }
 
 fn parse_latency(s: &str) -> Option<f64> {
@@ -304,6 +343,7 @@ fn parse_wrk(out: &str) -> anyhow::Result<Sample> {
             p50_ms,
             p99_ms,
             errors,
+            cpu_us_per_req: None,
         }),
         _ => bail!("cannot read wrk's output:\n{out}"),
     }
@@ -331,6 +371,9 @@ struct Row {
     errors: u64,
     rps_ratio_to_haproxy: Option<f64>,
     p99_ratio_to_haproxy: Option<f64>,
+    /// Median CPU time per request of the contender's process, µs.
+    cpu_us_per_req: Option<f64>,
+    cpu_ratio_to_haproxy: Option<f64>,
     samples: Vec<Sample>,
 }
 
@@ -445,29 +488,38 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     wait_listening(&mut haproxy, haproxy_addr)?;
 
     let mut contenders: Vec<(String, SocketAddr, Proc)> = Vec::new();
-    let variants: &[bool] = if args.compare_buffered {
-        &[false, true]
-    } else {
-        &[false]
-    };
-    for &buffered in variants {
+    // (name, binary, buffered)
+    let ours = exe.with_file_name("bulwark-lb");
+    let mut variants = vec![("bulwark".to_owned(), ours.clone(), false)];
+    if args.compare_buffered {
+        variants.push(("bulwark (buffered)".to_owned(), ours, true));
+    }
+    for bin in &args.also_lb {
+        let file = bin
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| bin.display().to_string());
+        variants.push((format!("bulwark ({file})"), bin.clone(), false));
+    }
+    for (name, bin, buffered) in &variants {
+        let name = name.as_str();
         let addr = free_port()?;
-        let name = if buffered {
-            "bulwark (buffered)"
-        } else {
-            "bulwark"
-        };
-        let mut p = bulwark_lb(&exe, dir.path(), name, addr, &backend_addrs, args, buffered)?;
+        let mut p = bulwark_lb(bin, dir.path(), name, addr, &backend_addrs, args, *buffered)?;
         wait_listening(&mut p, addr)?;
         wait_seeded(&mut p, &dir.path().join(format!("{name}.log")))?;
         contenders.push((name.to_owned(), addr, p));
     }
 
-    let mut targets: Vec<(String, SocketAddr)> = vec![
-        ("direct".into(), backend_addrs[0]),
-        ("haproxy".into(), haproxy_addr),
+    // Name, address, and the process whose CPU time is charged to it.
+    let mut targets: Vec<(String, SocketAddr, Option<u32>)> = vec![
+        ("direct".into(), backend_addrs[0], None),
+        ("haproxy".into(), haproxy_addr, Some(haproxy.child.id())),
     ];
-    targets.extend(contenders.iter().map(|(n, a, _)| (n.clone(), *a)));
+    targets.extend(
+        contenders
+            .iter()
+            .map(|(n, a, p)| (n.clone(), *a, Some(p.child.id()))),
+    );
 
     let mut samples: BTreeMap<(usize, String), Vec<Sample>> = BTreeMap::new();
     for run in 0..args.runs {
@@ -475,7 +527,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             // Rotate the order every run: no contender always goes first.
             let n = targets.len();
             for k in 0..n {
-                let (name, addr) = &targets[(k + run) % n];
+                let (name, addr, pid) = &targets[(k + run) % n];
                 let conns = if w.close {
                     args.close_connections
                 } else {
@@ -493,7 +545,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                     cmd.arg("-H").arg("Connection: close");
                 }
                 cmd.arg(format!("https://{addr}{}", w.path));
+                let cpu_before = pid.map(cpu_seconds).transpose()?;
+                let started = Instant::now();
                 let out = cmd.output().context("running wrk")?;
+                let elapsed = started.elapsed().as_secs_f64();
+                let cpu_after = pid.map(cpu_seconds).transpose()?;
                 let text = String::from_utf8_lossy(&out.stdout);
                 if !out.status.success() {
                     bail!(
@@ -501,9 +557,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                         String::from_utf8_lossy(&out.stderr)
                     );
                 }
-                let s = parse_wrk(&text)?;
+                let mut s = parse_wrk(&text)?;
+                // wrk's own start-up and TLS set-up are inside `elapsed`,
+                // so this slightly overstates the cost per request, the
+                // same way for every contender.
+                if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+                    let requests = s.rps * elapsed;
+                    if requests > 0.0 {
+                        s.cpu_us_per_req = Some((b - a) * 1e6 / requests);
+                    }
+                }
                 eprintln!(
-                    "run {}/{} {:<28} {:<18} {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {}",
+                    "run {}/{} {:<28} {:<18} {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {}  cpu {}",
                     run + 1,
                     args.runs,
                     w.name,
@@ -511,7 +576,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                     s.rps,
                     s.p50_ms,
                     s.p99_ms,
-                    s.errors
+                    s.errors,
+                    s.cpu_us_per_req
+                        .map(|c| format!("{c:.1} µs/req"))
+                        .unwrap_or_else(|| "-".into())
                 );
                 samples.entry((wi, name.clone())).or_default().push(s);
             }
@@ -538,7 +606,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
         let ha = get("haproxy");
         let (ha_rps, ha_p99) = (med(&ha, |s| s.rps), med(&ha, |s| s.p99_ms));
-        for (name, _) in &targets {
+        let cpu = |v: &[Sample]| {
+            let c: Vec<f64> = v.iter().filter_map(|s| s.cpu_us_per_req).collect();
+            (!c.is_empty()).then(|| median(c))
+        };
+        let ha_cpu = cpu(&ha);
+        for (name, _, _) in &targets {
             let v = get(name);
             let rps = med(&v, |s| s.rps);
             let p99 = med(&v, |s| s.p99_ms);
@@ -552,6 +625,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 errors: v.iter().map(|s| s.errors).sum(),
                 rps_ratio_to_haproxy: (!is_ha).then(|| rps / ha_rps),
                 p99_ratio_to_haproxy: (!is_ha).then(|| p99 / ha_p99),
+                cpu_us_per_req: cpu(&v),
+                cpu_ratio_to_haproxy: match (is_ha, cpu(&v), ha_cpu) {
+                    (false, Some(c), Some(h)) if h > 0.0 => Some(c / h),
+                    _ => None,
+                },
                 samples: v,
             });
         }
@@ -574,6 +652,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ("cpus_load", args.cpus_load.clone()),
         ("cpus_backend", args.cpus_backend.clone()),
         ("cpus_proxy", args.cpus_proxy.clone()),
+        (
+            "also_lb",
+            args.also_lb
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
         (
             "bulwark_buffer_size",
             args.buffer_size
@@ -612,27 +698,35 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(
         s,
         "Figures are medians of {} alternating runs; ratios are to HAProxy \
-         (throughput: higher is better, ≥ 1.0 is the target; p99: lower is better, ≤ 1.0 is the target).\n",
+         (throughput: higher is better, ≥ 1.0 is the target; p99: lower is better, ≤ 1.0 is the target). \
+         CPU is the user + system time of the proxy's process (all threads) per request, from \
+         /proc/<pid>/stat around each wrk run: it does not depend on what else the machine runs, \
+         unlike throughput on a shared 2-core machine, where the load generator, the backends and \
+         the proxy compete for the same cores.\n",
         r.settings.get("runs").map(String::as_str).unwrap_or("?")
     );
     let _ = writeln!(
         s,
-        "| workload | contender | req/s | p50 ms | p99 ms | errors | req/s ÷ HAProxy | p99 ÷ HAProxy |"
+        "| workload | contender | req/s | p50 ms | p99 ms | errors | CPU µs/req | req/s ÷ HAProxy | p99 ÷ HAProxy | CPU ÷ HAProxy |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in &r.rows {
         let ratio = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "—".into());
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {:.3} | {:.3} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {} | {} | {} | {} | {} |",
             row.workload,
             row.contender,
             row.rps,
             row.p50_ms,
             row.p99_ms,
             row.errors,
+            row.cpu_us_per_req
+                .map(|c| format!("{c:.1}"))
+                .unwrap_or_else(|| "—".into()),
             ratio(row.rps_ratio_to_haproxy),
-            ratio(row.p99_ratio_to_haproxy)
+            ratio(row.p99_ratio_to_haproxy),
+            ratio(row.cpu_ratio_to_haproxy)
         );
     }
     s
@@ -689,5 +783,15 @@ Transfer/sec:    100.00KB
         assert_eq!(s.errors, 6);
         assert!(parse_wrk("garbage").is_err());
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+    }
+
+    #[test]
+    fn reads_cpu_time_after_the_command_name() {
+        // A command name with spaces and parentheses must not shift fields.
+        let stat = "4242 (bulwark (lb) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0";
+        assert_eq!(cpu_seconds_of(stat, 100.0).unwrap(), 3.0);
+        assert!(cpu_seconds_of("4242 (x) S 1", 100.0).is_err());
+        let own = cpu_seconds(std::process::id()).unwrap();
+        assert!(own >= 0.0);
     }
 }

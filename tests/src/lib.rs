@@ -15,6 +15,7 @@
 //! | [`etcd`] | [`Etcd`]: one etcd member or an N-member cluster, optionally with TLS |
 //! | [`s3`] | [`S3Server`]: `moto_server` with a bucket, ready for `object_store` |
 //! | [`fixture`] | a kube-apiserver test double, in-process or as a real process |
+//! | [`disk`] | [`disk::SmallDisk`]: a small tmpfs (root) that fills up, for disk-full faults |
 //! | [`kubelet`] | [`kubelet::Kubelet`]: a static-pod runner that starts/stops the process a manifest describes |
 //! | [`netns`] | [`Lab`]: hosts in network namespaces on a private bridge, links to cut |
 //! | [`access`] | the access-control matrix: every rpc of `METHOD_ACCESS` called as every kind of caller |
@@ -26,8 +27,8 @@
 //!   certificates) and print where it is.
 //! - `BULWARK_PRINT_LOGS=1`: print process logs on every drop, not only when
 //!   the test panics.
-//! - `BULWARK_REQUIRE_PRIVILEGED=1`: a network-namespace test that would skip
-//!   for lack of root fails instead (CI sets it).
+//! - `BULWARK_REQUIRE_PRIVILEGED=1`: a network-namespace or small-disk test
+//!   that would skip for lack of root fails instead (CI sets it).
 //! - `BULWARK_REQUIRE_ALL_TOOLS=1`: a test of an optional tool (etcd 3.4) that
 //!   would skip because the tool is missing fails instead.
 //!
@@ -42,9 +43,11 @@
 //!
 //! Errors are `anyhow` with context, because every caller is a test that
 //! reports them; the outcomes a caller acts on have types: [`Skipped`],
-//! [`tools::ToolError`], [`process::ExitedEarly`], [`netns::LabError`].
+//! [`tools::ToolError`], [`process::ExitedEarly`], [`netns::LabError`],
+//! [`disk::DiskError`].
 
 pub mod access;
+pub mod disk;
 pub mod etcd;
 pub mod fixture;
 pub mod kubelet;

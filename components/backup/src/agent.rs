@@ -8,10 +8,12 @@
 //! renamed to `<dataDir>.bulwark-<restore id>` next to it and never
 //! deleted; the member is restored with `etcdutl snapshot restore` (or,
 //! where `restore.etcdctl` is set for etcd 3.4, `etcdctl snapshot restore`)
-//! into a fresh `<dataDir>`, so the manifest (its `--data-dir` and its hostPath
-//! volume) stays as it was. [`Agent::abort`] undoes each step that was
-//! done, in reverse, keeping the restored data as
-//! `<dataDir>.bulwark-<restore id>-restored`.
+//! into `<dataDir>.bulwark-<restore id>-partial`, renamed to a fresh
+//! `<dataDir>` only once the tool succeeded, so the manifest (its
+//! `--data-dir` and its hostPath volume) stays as it was and a tool that
+//! fails half-way (a full disk) leaves nothing where etcd would start
+//! from. [`Agent::abort`] undoes each step that was done, in reverse,
+//! keeping the restored data as `<dataDir>.bulwark-<restore id>-restored`.
 //!
 //! The member's name, URLs and data dir come from `restore:` in the config,
 //! or else from etcd's command line in the manifest.
@@ -464,8 +466,20 @@ impl Agent {
         })
     }
 
-    /// Downloads the target snapshot and checks its SHA-256 and size.
+    /// Downloads the target snapshot and checks its SHA-256 and size; on
+    /// any failure nothing of it is left in the state dir.
     async fn fetch(&self, source: &pb::SnapshotSource, to: &Path) -> Result<()> {
+        let fetched = self.fetch_into(source, to).await;
+        if fetched.is_err()
+            && let Err(e) = tokio::fs::remove_file(to).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %to.display(), error = %e, "could not remove a failed download");
+        }
+        fetched
+    }
+
+    async fn fetch_into(&self, source: &pb::SnapshotSource, to: &Path) -> Result<()> {
         use futures::StreamExt;
         let path = crate::verify::object_path(self.engine.store.prefix(), &source.object_key);
         let described = self.engine.store.describe(&path);
@@ -637,6 +651,12 @@ impl Agent {
         }
         h.last_step = pb::NodeStep::RestoreSnapshot;
         if !h.restored {
+            // The tool writes into a directory beside the data dir, which
+            // takes the data dir's place only once it is complete: a tool
+            // that fails half-way (a full disk, a kill) never leaves a
+            // half-written member where etcd, or the rollback, expects the
+            // data dir.
+            let partial = aside_path(&h.member.data_dir, &h.restore_id, "-partial");
             let spec = &h.spec;
             let tool = self.restore_tool();
             let mut cmd = tool.command();
@@ -644,7 +664,7 @@ impl Agent {
                 .arg("restore")
                 .arg(&h.staged)
                 .arg("--data-dir")
-                .arg(&h.member.data_dir)
+                .arg(&partial)
                 .args(["--name", &spec.member_name])
                 .args(["--initial-cluster", &spec.initial_cluster])
                 .args(["--initial-cluster-token", &spec.cluster_token])
@@ -667,15 +687,38 @@ impl Agent {
                 .await
                 .map_err(|e| BackupError::local(format!("running {}", tool.name), e))?;
             if !out.status.success() {
-                return Err(BackupError::local(
-                    format!("{} snapshot restore", tool.name),
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                // Only the tool's own unfinished output is removed (it never
+                // was a data dir etcd ran from); on a full disk this gives
+                // the space back.
+                let removed = match tokio::fs::remove_dir_all(&partial).await {
+                    Ok(()) => "its partial output was removed".to_owned(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        "it wrote nothing".to_owned()
+                    }
+                    Err(e) => format!("its partial output {} is left: {e}", partial.display()),
+                };
+                let full = if stderr.contains("no space left on device") {
+                    let parent = h.member.data_dir.parent().unwrap_or(Path::new("/"));
+                    let free = free_bytes(parent);
                     format!(
-                        "{}: {}",
+                        "; the file system of {} is full ({free} bytes free after cleaning up; \
+                         a member needs about the snapshot's size plus etcd's 64 MB WAL segment)",
+                        parent.display(),
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(BackupError::local(
+                    format!("{} snapshot restore into {}", tool.name, partial.display()),
+                    format!(
+                        "{}: {}{full}; {removed}",
                         out.status,
-                        crate::scratch::tail(&String::from_utf8_lossy(&out.stderr))
+                        crate::scratch::tail(&stderr)
                     ),
                 ));
             }
+            rename(&partial, &h.member.data_dir).await?;
             h.restored = true;
         }
         ev(

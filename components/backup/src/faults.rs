@@ -3,7 +3,8 @@
 //! The idea is neon's `UnreliableWrapper` (remote storage that fails the
 //! first attempts of chosen operations); this is our own, shaped by what
 //! the snapshot pipeline must survive: parts failing mid-upload, the final
-//! complete failing, and the manifest write (the commit point) failing.
+//! complete failing, and the manifest write (the commit point) failing; and
+//! what a restore must survive: a download breaking off mid-object.
 //! Tests arm a [`Faults`] plan, run a backup through a store wrapped in
 //! [`UnreliableStore`], and check that nothing was committed and nothing
 //! was left behind. Each fault fires a set number of times, then the store
@@ -15,11 +16,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
+    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
 };
 
 /// What to break, and how often. Shared between a test and the wrapper.
@@ -29,6 +31,7 @@ pub struct Faults {
     part_failures: AtomicUsize,
     complete_failures: AtomicUsize,
     manifest_failures: AtomicUsize,
+    download_failures: AtomicUsize,
     parts_seen: AtomicUsize,
     injected: AtomicUsize,
     part_delay_ms: AtomicU64,
@@ -55,6 +58,13 @@ impl Faults {
     /// The next `n` writes of a `manifest.json` fail.
     pub fn fail_manifest_puts(&self, n: usize) {
         self.manifest_failures.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` downloads of an object other than a `.json` file
+    /// (manifests, records) break off half-way: the first half of the
+    /// object arrives, then the stream fails.
+    pub fn fail_downloads(&self, n: usize) {
+        self.download_failures.store(n, Ordering::SeqCst);
     }
 
     /// Every part upload from now on takes `delay` longer: a slow store,
@@ -164,7 +174,43 @@ impl ObjectStore for UnreliableStore {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        self.inner.get_opts(location, options).await
+        let result = self.inner.get_opts(location, options).await?;
+        if location.extension() == Some("json") || !self.faults.take(&self.faults.download_failures)
+        {
+            return Ok(result);
+        }
+        let (meta, range, attributes, extensions) = (
+            result.meta.clone(),
+            result.range.clone(),
+            result.attributes.clone(),
+            result.extensions.clone(),
+        );
+        let half = (range.end - range.start) / 2;
+        let mut delivered = 0u64;
+        let body = result.into_stream().flat_map(move |chunk| {
+            let out = match chunk {
+                // Broken off already: nothing more arrives.
+                _ if delivered >= half => vec![],
+                Ok(c) if delivered + c.len() as u64 >= half => {
+                    let keep = c.slice(..usize::try_from(half - delivered).unwrap_or(c.len()));
+                    delivered = half;
+                    vec![Ok(keep), Err(injected("download"))]
+                }
+                Ok(c) => {
+                    delivered += c.len() as u64;
+                    vec![Ok(c)]
+                }
+                Err(e) => vec![Err(e)],
+            };
+            futures::stream::iter(out)
+        });
+        Ok(GetResult {
+            payload: GetResultPayload::Stream(body.boxed()),
+            meta,
+            range,
+            attributes,
+            extensions,
+        })
     }
 
     fn delete_stream(
@@ -260,5 +306,34 @@ mod tests {
         assert!(up.complete().await.is_err());
         assert_eq!(faults.injected(), 3);
         assert_eq!(faults.parts_seen(), 3);
+
+        // A download breaks off half-way, once; manifests are not affected.
+        let data = Path::from("x/snapshot.db.zst");
+        store
+            .put(&data, PutPayload::from(vec![7u8; 1000]))
+            .await
+            .unwrap();
+        faults.fail_downloads(1);
+        assert!(store.get(&m).await.unwrap().bytes().await.is_ok());
+        let mut body = store.get(&data).await.unwrap().into_stream();
+        let mut got = 0;
+        let err = loop {
+            match body.next().await {
+                Some(Ok(c)) => got += c.len(),
+                Some(Err(e)) => break e,
+                None => panic!("the download did not break off"),
+            }
+        };
+        assert_eq!(got, 500);
+        assert!(
+            err.to_string().contains("injected failure: download"),
+            "{err}"
+        );
+        assert!(body.next().await.is_none());
+        assert_eq!(
+            store.get(&data).await.unwrap().bytes().await.unwrap().len(),
+            1000
+        );
+        assert_eq!(faults.injected(), 4);
     }
 }

@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use bulwark_backup::Listeners;
 use bulwark_common::shutdown::Shutdown;
+use bulwark_testkit::disk::{DiskError, SmallDisk};
 use bulwark_testkit::kubelet::Kubelet;
 use bulwark_testkit::tools::bin_path;
-use bulwark_testkit::{EtcdVersion, Pki, tools};
+use bulwark_testkit::{EtcdVersion, Pki, skip_or_fail, tools};
 use etcd_client::GetOptions;
 use object_store::{ObjectStoreExt, PutPayload};
 
@@ -137,98 +138,142 @@ fn aside_dirs(data_dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-#[tokio::test]
-async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
-    bulwark_common::tls::install_crypto_provider();
-    let pki = Pki::new().unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let ports = bulwark_testkit::ports::free_ports(IpAddr::V4(Ipv4Addr::LOCALHOST), 6).unwrap();
-    let names = ["m0", "m1", "m2"];
-    let cluster = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| format!("{n}=http://127.0.0.1:{}", ports[2 * i + 1]))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut nodes = Vec::new();
-    let mut kubelets = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let dir = root.path().join(format!("node-{i}"));
-        std::fs::create_dir_all(dir.join("manifests")).unwrap();
-        let data_dir = dir.join("etcd-data");
-        let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
-        let peer_url = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
-        let path = dir.join("manifests/etcd.yaml");
-        std::fs::write(
-            &path,
-            manifest(
-                &tools::etcd(EtcdVersion::V3_5).unwrap(),
-                name,
-                &data_dir,
-                &client_url,
-                &peer_url,
-                &cluster,
-            ),
-        )
-        .unwrap();
-        kubelets.push(Kubelet::start(&path, &format!("etcd-{name}")));
-        nodes.push(Node {
-            manifest: path,
-            data_dir,
-            client_url,
-        });
-    }
-    let endpoints: Vec<String> = nodes.iter().map(|n| n.client_url.clone()).collect();
-    let client = || {
-        let eps = endpoints.clone();
-        async move { etcd_client::Client::connect(eps, None).await }
-    };
-    wait_for("etcd from the manifests", || async {
-        match client().await {
-            Ok(mut c) => c.put("probe", "1", None).await.is_ok(),
-            Err(_) => false,
+/// How [`Lab::start`] sets up the three nodes.
+struct LabSpec {
+    /// The etcd binary the static pod manifests run.
+    etcd: PathBuf,
+    /// The `deltas:` section of every node's config.
+    deltas: &'static str,
+    /// Node `i`'s data dir, given its node directory.
+    data_dir: fn(usize, &Path) -> PathBuf,
+    /// Extra lines of node `i`'s `restore:` section (4-space indented).
+    restore_extra: Box<dyn Fn(usize) -> String>,
+}
+
+/// Three etcd members (`m0`..`m2`) run by kubelet stand-ins from static
+/// pod manifests under `root/node-<i>/`; after [`Lab::start_backups`], a
+/// bulwark-backup instance per node on one `file://` store (one elected
+/// leader takes scheduled snapshots, every instance serves its node's
+/// restore agent), and an engine on the same store for the test to look at.
+struct Lab {
+    root: PathBuf,
+    spec: LabSpec,
+    pki: Pki,
+    nodes: Vec<Node>,
+    kubelets: Vec<Kubelet>,
+    agents: Vec<String>,
+    shutdowns: Vec<Shutdown>,
+    engine: Option<bulwark_backup::Engine>,
+    endpoints: Vec<String>,
+}
+
+impl Lab {
+    async fn start(root: &Path, spec: LabSpec) -> Lab {
+        bulwark_common::tls::install_crypto_provider();
+        let pki = Pki::new().unwrap();
+        let ports = bulwark_testkit::ports::free_ports(IpAddr::V4(Ipv4Addr::LOCALHOST), 6).unwrap();
+        let names = ["m0", "m1", "m2"];
+        let cluster = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{n}=http://127.0.0.1:{}", ports[2 * i + 1]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        let mut kubelets = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let dir = root.join(format!("node-{i}"));
+            std::fs::create_dir_all(dir.join("manifests")).unwrap();
+            let data_dir = (spec.data_dir)(i, &dir);
+            let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
+            let peer_url = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+            let path = dir.join("manifests/etcd.yaml");
+            std::fs::write(
+                &path,
+                manifest(
+                    &spec.etcd,
+                    name,
+                    &data_dir,
+                    &client_url,
+                    &peer_url,
+                    &cluster,
+                ),
+            )
+            .unwrap();
+            kubelets.push(Kubelet::start(&path, &format!("etcd-{name}")));
+            nodes.push(Node {
+                manifest: path,
+                data_dir,
+                client_url,
+            });
         }
-    })
-    .await;
-    let mut c = client().await.unwrap();
-    c.delete("probe", None).await.unwrap();
-    for i in 0..40 {
-        c.put(format!("base/{i:03}"), format!("v{i}"), None)
+        let endpoints: Vec<String> = nodes.iter().map(|n| n.client_url.clone()).collect();
+        wait_for("etcd from the manifests", || {
+            let eps = endpoints.clone();
+            async move {
+                match etcd_client::Client::connect(eps, None).await {
+                    Ok(mut c) => c.put("probe", "1", None).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        let mut c = etcd_client::Client::connect(endpoints.clone(), None)
             .await
             .unwrap();
+        c.delete("probe", None).await.unwrap();
+        Lab {
+            root: root.to_owned(),
+            spec,
+            pki,
+            nodes,
+            kubelets,
+            agents: Vec::new(),
+            shutdowns: Vec::new(),
+            engine: None,
+            endpoints,
+        }
     }
 
-    // Three bulwark-backup instances, one per node.
-    let cert = pki
-        .peer("backup", &["bulwark:backup"], &["127.0.0.1", "localhost"])
-        .unwrap();
-    let store = root.path().join("store");
-    std::fs::create_dir_all(&store).unwrap();
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listeners.push((grpc, admin));
-    }
-    let agents: Vec<String> = listeners
-        .iter()
-        .map(|(g, _)| g.local_addr().unwrap().to_string())
-        .collect();
-    let peers = agents
-        .iter()
-        .map(|a| format!("'{a}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let eps = endpoints
-        .iter()
-        .map(|e| format!("'{e}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut configs = Vec::new();
-    let mut shutdowns = Vec::new();
-    for (i, (grpc, admin)) in listeners.into_iter().enumerate() {
-        let text = format!(
-            "apiVersion: bulwark.dev/v1alpha1
+    /// Starts a bulwark-backup instance per node; the elected one takes a
+    /// scheduled snapshot right away.
+    async fn start_backups(&mut self) {
+        let (root, spec, pki, nodes, endpoints) = (
+            &self.root,
+            &self.spec,
+            &self.pki,
+            &self.nodes,
+            &self.endpoints,
+        );
+        let cert = pki
+            .peer("backup", &["bulwark:backup"], &["127.0.0.1", "localhost"])
+            .unwrap();
+        let store = root.join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let mut listeners = Vec::new();
+        for _ in 0..3 {
+            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listeners.push((grpc, admin));
+        }
+        let agents: Vec<String> = listeners
+            .iter()
+            .map(|(g, _)| g.local_addr().unwrap().to_string())
+            .collect();
+        let quoted = |v: &[String]| {
+            v.iter()
+                .map(|a| format!("'{a}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (peers, eps) = (quoted(&agents), quoted(endpoints));
+        let mut configs = Vec::new();
+        let mut shutdowns = Vec::new();
+        for (i, (grpc, admin)) in listeners.into_iter().enumerate() {
+            // The coordinator builds the target with etcd 3.5's tools
+            // (drill section); each node restores with its own tool.
+            let text = format!(
+                "apiVersion: bulwark.dev/v1alpha1
 kind: BackupConfiguration
 nodeName: node-{i}
 clusterName: lab
@@ -241,54 +286,128 @@ grpc:
 etcd: {{endpoints: [{eps}], tls: null}}
 store: {{url: 'file://{store}'}}
 schedule: {{interval: 1h}}
-deltas: {{flushInterval: 200ms}}
+deltas: {deltas}
 drill: {{etcdutl: {etcdutl}, etcd: {etcd}, workDir: {work}}}
 restore:
   etcdManifest: {manifest}
   stateDir: {state}
   peers: [{peers}]
-  stopTimeout: {stop}
   healthTimeout: 90s
-",
-            cert = cert.cert.display(),
-            key = cert.key.display(),
-            ca = cert.ca.display(),
-            store = store.display(),
-            etcdutl = tools::etcdutl().unwrap().display(),
-            etcd = tools::etcd(EtcdVersion::V3_5).unwrap().display(),
-            work = root.path().display(),
-            manifest = nodes[i].manifest.display(),
-            state = root.path().join(format!("node-{i}/state")).display(),
-            stop = if i == 2 { "3s" } else { "60s" },
-        );
-        let config: bulwark_backup::BackupConfig = bulwark_common::config::from_str_with(
-            Some(&text),
-            None,
-            &bulwark_common::config::Overrides::new(),
-        )
-        .unwrap();
-        let shutdown = Shutdown::new();
-        bulwark_backup::run(config.clone(), Listeners { grpc, admin }, shutdown.clone())
+{extra}",
+                cert = cert.cert.display(),
+                key = cert.key.display(),
+                ca = cert.ca.display(),
+                store = store.display(),
+                deltas = spec.deltas,
+                etcdutl = tools::etcdutl().unwrap().display(),
+                etcd = tools::etcd(EtcdVersion::V3_5).unwrap().display(),
+                work = root.display(),
+                manifest = nodes[i].manifest.display(),
+                state = root.join(format!("node-{i}/state")).display(),
+                extra = (spec.restore_extra)(i),
+            );
+            let config: bulwark_backup::BackupConfig = bulwark_common::config::from_str_with(
+                Some(&text),
+                None,
+                &bulwark_common::config::Overrides::new(),
+            )
+            .unwrap();
+            let shutdown = Shutdown::new();
+            bulwark_backup::run(config.clone(), Listeners { grpc, admin }, shutdown.clone())
+                .await
+                .unwrap();
+            configs.push(config);
+            shutdowns.push(shutdown);
+        }
+        self.engine = Some(bulwark_backup::Engine::from_config(&configs[0]).unwrap());
+        self.agents = agents;
+        self.shutdowns = shutdowns;
+    }
+
+    /// An engine on the instances' store.
+    fn engine(&self) -> &bulwark_backup::Engine {
+        self.engine.as_ref().expect("start_backups first")
+    }
+
+    /// A client of every member.
+    async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect(self.endpoints.clone(), None)
+            .await
+            .unwrap()
+    }
+
+    /// The id of the first snapshot the elected leader takes on schedule.
+    async fn scheduled_snapshot(&self) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(s) = self.engine().latest_snapshot().await {
+                return s.manifest.id;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no scheduled snapshot"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until every member answers a linearizable read of its own.
+    async fn wait_every_member(&self, what: &str) {
+        for n in &self.nodes {
+            wait_for(&format!("{what}: {}", n.client_url), || {
+                let url = n.client_url.clone();
+                async move {
+                    match etcd_client::Client::connect([url], None).await {
+                        Ok(mut one) => one.get("x", None).await.is_ok(),
+                        Err(_) => false,
+                    }
+                }
+            })
+            .await;
+        }
+    }
+
+    fn stop_services(&self) {
+        for s in &self.shutdowns {
+            s.trigger();
+        }
+    }
+}
+
+#[tokio::test]
+async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
+    let root = tempfile::tempdir().unwrap();
+    let mut lab = Lab::start(
+        root.path(),
+        LabSpec {
+            etcd: tools::etcd(EtcdVersion::V3_5).unwrap(),
+            deltas: "{flushInterval: 200ms}",
+            data_dir: |_, dir| dir.join("etcd-data"),
+            // node-2's agent gives up soon on an etcd that does not stop.
+            restore_extra: Box::new(|i| {
+                format!("  stopTimeout: {}\n", if i == 2 { "3s" } else { "60s" })
+            }),
+        },
+    )
+    .await;
+    let mut c = lab.client().await;
+    for i in 0..40 {
+        c.put(format!("base/{i:03}"), format!("v{i}"), None)
             .await
             .unwrap();
-        configs.push(config);
-        shutdowns.push(shutdown);
     }
-    let engine = bulwark_backup::Engine::from_config(&configs[0]).unwrap();
-
     // The elected leader takes the first scheduled snapshot and then
     // records deltas.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    let base_id = loop {
-        if let Ok(s) = engine.latest_snapshot().await {
-            break s.manifest.id;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no scheduled snapshot"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    lab.start_backups().await;
+    let base_id = lab.scheduled_snapshot().await;
+    let (pki, nodes, kubelets, agents, engine) = (
+        &lab.pki,
+        &lab.nodes,
+        &lab.kubelets,
+        &lab.agents,
+        lab.engine(),
+    );
+    let client = || lab.client();
     for i in 0..30 {
         c.put(format!("one/{i:03}"), format!("a{i}"), None)
             .await
@@ -304,7 +423,6 @@ restore:
     }
     let r2 = c.get("x", None).await.unwrap().header().unwrap().revision();
     wait_for("deltas to cover the writes", || {
-        let engine = &engine;
         let base_id = base_id.clone();
         async move {
             engine
@@ -320,7 +438,7 @@ restore:
     let viewer = pki.client("bob", &[]).unwrap();
     let r1s = r1.to_string();
     let starts = |k: &[Kubelet]| k.iter().map(Kubelet::starts).collect::<Vec<_>>();
-    let starts_before = starts(&kubelets);
+    let starts_before = starts(kubelets);
 
     // A non-operator is refused (exit 4); no confirmation and no terminal
     // is refused (exit 6).
@@ -347,7 +465,7 @@ restore:
         "{}",
         text(&out)
     );
-    for n in &nodes {
+    for n in nodes {
         assert!(n.manifest.exists());
         assert!(
             aside_dirs(&n.data_dir).is_empty(),
@@ -356,7 +474,7 @@ restore:
         );
     }
     assert_eq!(
-        starts(&kubelets),
+        starts(kubelets),
         starts_before,
         "a dry run must not restart etcd"
     );
@@ -403,7 +521,7 @@ restore:
         "{}",
         text(&out)
     );
-    assert_eq!(starts(&kubelets), starts_before);
+    assert_eq!(starts(kubelets), starts_before);
     engine
         .store
         .inner()
@@ -432,7 +550,7 @@ restore:
     assert!(text(&out).contains("still answers"), "{}", text(&out));
     assert!(text(&out).contains("every node is back"), "{}", text(&out));
     kubelets[2].pause(false);
-    for n in &nodes {
+    for n in nodes {
         assert!(
             n.manifest.exists(),
             "manifest back on {}",
@@ -446,7 +564,7 @@ restore:
         );
     }
     // Every member, not just one: the client below may pick any of them.
-    for n in &nodes {
+    for n in nodes {
         wait_for(
             &format!("the original member {} back", n.client_url),
             || {
@@ -464,7 +582,7 @@ restore:
         )
         .await;
     }
-    let mut c = client().await.unwrap();
+    let mut c = client().await;
     assert_eq!(
         c.status().await.unwrap().header().unwrap().cluster_id(),
         old_cluster
@@ -498,7 +616,7 @@ restore:
     assert_eq!(summary["snapshot_id"], base_id.as_str());
     assert_eq!(summary["nodes"].as_array().unwrap().len(), 3);
 
-    let mut c = client().await.unwrap();
+    let mut c = client().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while c.get("x", None).await.is_err() {
         assert!(
@@ -520,7 +638,7 @@ restore:
     );
     assert!(status.header().unwrap().revision() >= r1);
     assert_eq!(c.member_list().await.unwrap().members().len(), 3);
-    for n in &nodes {
+    for n in nodes {
         let mut one = etcd_client::Client::connect([n.client_url.clone()], None)
             .await
             .unwrap();
@@ -537,9 +655,7 @@ restore:
             "the old data dir is kept whole"
         );
     }
-    for s in shutdowns {
-        s.trigger();
-    }
+    lab.stop_services();
 }
 
 /// etcd 3.4 has no etcdutl: with `restore.etcdctl` set, every agent
@@ -550,52 +666,19 @@ async fn heavy_whole_cluster_restore_on_etcd_3_4_through_etcdctl() {
     let Some((etcd34, etcdctl34)) = tools::etcd_or_skip(EtcdVersion::V3_4).unwrap() else {
         return;
     };
-    bulwark_common::tls::install_crypto_provider();
-    let pki = Pki::new().unwrap();
     let root = tempfile::tempdir().unwrap();
-    let ports = bulwark_testkit::ports::free_ports(IpAddr::V4(Ipv4Addr::LOCALHOST), 6).unwrap();
-    let names = ["m0", "m1", "m2"];
-    let cluster = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| format!("{n}=http://127.0.0.1:{}", ports[2 * i + 1]))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut nodes = Vec::new();
-    let mut kubelets = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let dir = root.path().join(format!("node-{i}"));
-        std::fs::create_dir_all(dir.join("manifests")).unwrap();
-        let data_dir = dir.join("etcd-data");
-        let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
-        let peer_url = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
-        let path = dir.join("manifests/etcd.yaml");
-        std::fs::write(
-            &path,
-            manifest(&etcd34, name, &data_dir, &client_url, &peer_url, &cluster),
-        )
-        .unwrap();
-        kubelets.push(Kubelet::start(&path, &format!("etcd-{name}")));
-        nodes.push(Node {
-            manifest: path,
-            data_dir,
-            client_url,
-        });
-    }
-    let endpoints: Vec<String> = nodes.iter().map(|n| n.client_url.clone()).collect();
-    let client = || {
-        let eps = endpoints.clone();
-        async move { etcd_client::Client::connect(eps, None).await }
-    };
-    wait_for("etcd 3.4 from the manifests", || async {
-        match client().await {
-            Ok(mut c) => c.put("probe", "1", None).await.is_ok(),
-            Err(_) => false,
-        }
-    })
+    let etcdctl_line = format!("  etcdctl: {}\n  stopTimeout: 60s\n", etcdctl34.display());
+    let mut lab = Lab::start(
+        root.path(),
+        LabSpec {
+            etcd: etcd34,
+            deltas: "{enabled: false}",
+            data_dir: |_, dir| dir.join("etcd-data"),
+            restore_extra: Box::new(move |_| etcdctl_line.clone()),
+        },
+    )
     .await;
-    let mut c = client().await.unwrap();
-    c.delete("probe", None).await.unwrap();
+    let mut c = lab.client().await;
     for i in 0..40 {
         c.put(format!("base/{i:03}"), format!("v{i}"), None)
             .await
@@ -607,97 +690,10 @@ async fn heavy_whole_cluster_restore_on_etcd_3_4_through_etcdctl() {
     let status = c.status().await.unwrap();
     assert!(status.version().starts_with("3.4."), "{}", status.version());
     let old_cluster = status.header().unwrap().cluster_id();
-
-    let cert = pki
-        .peer("backup", &["bulwark:backup"], &["127.0.0.1", "localhost"])
-        .unwrap();
-    let store = root.path().join("store");
-    std::fs::create_dir_all(&store).unwrap();
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listeners.push((grpc, admin));
-    }
-    let agents: Vec<String> = listeners
-        .iter()
-        .map(|(g, _)| g.local_addr().unwrap().to_string())
-        .collect();
-    let peers = agents
-        .iter()
-        .map(|a| format!("'{a}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let eps = endpoints
-        .iter()
-        .map(|e| format!("'{e}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut configs = Vec::new();
-    let mut shutdowns = Vec::new();
-    for (i, (grpc, admin)) in listeners.into_iter().enumerate() {
-        // The coordinator builds the target with etcd 3.5's tools; each
-        // node restores with its own etcd 3.4 etcdctl.
-        let text = format!(
-            "apiVersion: bulwark.dev/v1alpha1
-kind: BackupConfiguration
-nodeName: node-{i}
-clusterName: lab
-admin: {{address: '127.0.0.1:0'}}
-grpc:
-  tls: {{certFile: {cert}, keyFile: {key}, caFile: {ca}}}
-  access:
-    operators: {{organizations: [system:masters]}}
-    peers: {{organizations: ['bulwark:backup']}}
-etcd: {{endpoints: [{eps}], tls: null}}
-store: {{url: 'file://{store}'}}
-schedule: {{interval: 1h}}
-deltas: {{enabled: false}}
-drill: {{etcdutl: {etcdutl}, etcd: {etcd}, workDir: {work}}}
-restore:
-  etcdManifest: {manifest}
-  stateDir: {state}
-  peers: [{peers}]
-  etcdctl: {etcdctl}
-  stopTimeout: 60s
-  healthTimeout: 90s
-",
-            cert = cert.cert.display(),
-            key = cert.key.display(),
-            ca = cert.ca.display(),
-            store = store.display(),
-            etcdutl = tools::etcdutl().unwrap().display(),
-            etcd = tools::etcd(EtcdVersion::V3_5).unwrap().display(),
-            work = root.path().display(),
-            manifest = nodes[i].manifest.display(),
-            state = root.path().join(format!("node-{i}/state")).display(),
-            etcdctl = etcdctl34.display(),
-        );
-        let config: bulwark_backup::BackupConfig = bulwark_common::config::from_str_with(
-            Some(&text),
-            None,
-            &bulwark_common::config::Overrides::new(),
-        )
-        .unwrap();
-        let shutdown = Shutdown::new();
-        bulwark_backup::run(config.clone(), Listeners { grpc, admin }, shutdown.clone())
-            .await
-            .unwrap();
-        configs.push(config);
-        shutdowns.push(shutdown);
-    }
-    let engine = bulwark_backup::Engine::from_config(&configs[0]).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    let snapshot_id = loop {
-        if let Ok(s) = engine.latest_snapshot().await {
-            break s.manifest.id;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no scheduled snapshot"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    lab.start_backups().await;
+    let snapshot_id = lab.scheduled_snapshot().await;
+    let (pki, nodes, agents) = (&lab.pki, &lab.nodes, &lab.agents);
+    let client = || lab.client();
     for i in 0..30 {
         c.put(format!("after/{i:03}"), format!("a{i}"), None)
             .await
@@ -738,7 +734,7 @@ restore:
         "{progress}"
     );
 
-    let mut c = client().await.unwrap();
+    let mut c = client().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while c.get("x", None).await.is_err() {
         assert!(
@@ -758,7 +754,7 @@ restore:
         "a new cluster id"
     );
     assert_eq!(c.member_list().await.unwrap().members().len(), 3);
-    for n in &nodes {
+    for n in nodes {
         let mut one = etcd_client::Client::connect([n.client_url.clone()], None)
             .await
             .unwrap();
@@ -773,7 +769,155 @@ restore:
             "the old data dir is kept whole"
         );
     }
-    for s in shutdowns {
-        s.trigger();
+    lab.stop_services();
+}
+
+/// The disk under node-2's data dir fills up while its member is restored
+/// (etcdutl has written the database and fails on the 64 MB WAL segment):
+/// the restore fails naming the node and the full disk, every node is
+/// rolled back onto its original data dir (nothing half-written is left
+/// where etcd starts from, no data dir is deleted), the old cluster serves
+/// again, and once the operator frees space the same restore succeeds.
+#[tokio::test]
+async fn heavy_disk_full_during_restore_rolls_back_and_a_rerun_succeeds() {
+    let root = tempfile::tempdir().unwrap();
+    // Roomy at first; shrunk to its contents right before the restore.
+    let roomy = 512 << 20;
+    let disk = match SmallDisk::mount(&root.path().join("node-2/disk"), roomy) {
+        Ok(d) => d,
+        Err(DiskError::Skipped(s)) => return skip_or_fail(&s).unwrap(),
+        Err(DiskError::Failed(e)) => panic!("{e:#}"),
+    };
+    let mut lab = Lab::start(
+        root.path(),
+        LabSpec {
+            etcd: tools::etcd(EtcdVersion::V3_5).unwrap(),
+            deltas: "{enabled: false}",
+            data_dir: |i, dir| {
+                dir.join(if i == 2 {
+                    "disk/etcd-data"
+                } else {
+                    "etcd-data"
+                })
+            },
+            restore_extra: Box::new(|_| "  stopTimeout: 60s\n".into()),
+        },
+    )
+    .await;
+    let mut c = lab.client().await;
+    // A 12 MiB database (more than the room left for it below), in
+    // history: deleted keys stay in etcd's database until compaction.
+    for i in 0..48 {
+        let value = format!("{i:03}").repeat((256 << 10) / 3);
+        c.put(format!("bulk/{i:03}"), value, None).await.unwrap();
     }
+    c.delete(
+        "bulk/",
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .unwrap();
+    for i in 0..40 {
+        c.put(format!("base/{i:03}"), format!("v{i}"), None)
+            .await
+            .unwrap();
+    }
+    // No user writes until the snapshot is stored: this is its state.
+    let want = user_state(&mut c, 0).await;
+    lab.start_backups().await;
+    let snapshot_id = lab.scheduled_snapshot().await;
+    for i in 0..30 {
+        c.put(format!("after/{i:03}"), format!("a{i}"), None)
+            .await
+            .unwrap();
+    }
+    let before = user_state(&mut c, 0).await;
+    let old_cluster = c.status().await.unwrap().header().unwrap().cluster_id();
+    let operator = lab.pki.client("alice", &["system:masters"]).unwrap();
+    let nodes = &lab.nodes;
+    let args = [
+        "restore",
+        "--snapshot",
+        &snapshot_id,
+        "--snapshot-only",
+        "--yes",
+    ];
+    let restore = || ctl(&args, &lab.agents[0], &operator);
+
+    // Fill node-2's disk up to 4 MiB. Stopping etcd frees the WAL segment
+    // it preallocated (64 MB), so the restore finds about 65 MiB: room for
+    // the 12 MiB database, not for it and a fresh 64 MB WAL segment too.
+    let used = disk.used().unwrap();
+    disk.resize(used + (4 << 20)).unwrap();
+    println!(
+        "node-2's disk: {used} bytes used, {} free",
+        disk.free().unwrap()
+    );
+    let out = restore().await;
+    println!("{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let all = text(&out);
+    assert!(all.contains("node node-2"), "names the node: {all}");
+    assert!(
+        all.contains("no space left on device") && all.contains("is full"),
+        "names the disk problem: {all}"
+    );
+    assert!(all.contains("its partial output was removed"), "{all}");
+    assert!(all.contains("every node is back"), "{all}");
+    for n in nodes {
+        assert!(
+            n.manifest.exists(),
+            "manifest back on {}",
+            n.manifest.display()
+        );
+        assert!(
+            n.data_dir.join("member/wal").is_dir(),
+            "a whole data dir at {}",
+            n.data_dir.display()
+        );
+        let kept = aside_dirs(&n.data_dir);
+        assert!(
+            kept.iter()
+                .all(|k| k.to_string_lossy().ends_with("-restored")),
+            "only restored data is kept aside after a rollback: {kept:?}"
+        );
+    }
+    assert!(
+        aside_dirs(&nodes[2].data_dir).is_empty(),
+        "node-2 was never restored, and its partial output is gone: {:?}",
+        aside_dirs(&nodes[2].data_dir)
+    );
+    // The old cluster, with every write, is back.
+    lab.wait_every_member("the original member back").await;
+    let mut c = lab.client().await;
+    assert_eq!(
+        c.status().await.unwrap().header().unwrap().cluster_id(),
+        old_cluster
+    );
+    assert_eq!(user_state(&mut c, 0).await, before);
+
+    // The operator frees space; the same restore now succeeds.
+    disk.resize(roomy).unwrap();
+    let out = restore().await;
+    assert!(out.status.success(), "{}", text(&out));
+    lab.wait_every_member("the restored member").await;
+    let mut c = lab.client().await;
+    assert_eq!(user_state(&mut c, 0).await, want);
+    assert_ne!(
+        c.status().await.unwrap().header().unwrap().cluster_id(),
+        old_cluster,
+        "a new cluster id"
+    );
+    for n in nodes {
+        let kept: Vec<PathBuf> = aside_dirs(&n.data_dir)
+            .into_iter()
+            .filter(|k| !k.to_string_lossy().ends_with("-restored"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert!(
+            kept[0].join("member/wal").is_dir(),
+            "the old data dir is kept whole"
+        );
+    }
+    lab.stop_services();
 }

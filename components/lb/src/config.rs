@@ -486,6 +486,13 @@ pub struct VipConfig {
     /// arp mode: pause between them.
     #[serde(default = "d_garp_interval", with = "duration")]
     pub garp_interval: Duration,
+    /// arp mode: the kernel lifetime the VIP is added with (whole seconds,
+    /// at least `lease`); the holder renews it every quarter of it while
+    /// its lease is fresh, so a holder killed or frozen without releasing
+    /// loses the address about one lifetime later. Default: `lease`
+    /// rounded up to whole seconds (1s with the default lease).
+    #[serde(default, with = "duration::option")]
+    pub address_lifetime: Option<Duration>,
 }
 
 fn d_vip_port() -> u16 {
@@ -524,6 +531,7 @@ impl Default for VipConfig {
             release_budget: d_release_budget(),
             garp_count: d_garp_count(),
             garp_interval: d_garp_interval(),
+            address_lifetime: None,
         }
     }
 }
@@ -538,6 +546,15 @@ impl VipConfig {
             release_budget: self.release_budget,
             follower_lease: raft.election_timeout_max,
         }
+    }
+
+    /// arp mode: the address lifetime, configured or derived from the
+    /// lease (rounded up to whole seconds, the kernel's unit).
+    pub fn address_lifetime(&self) -> Duration {
+        self.address_lifetime.unwrap_or_else(|| {
+            let secs = self.lease.as_secs() + u64::from(self.lease.subsec_nanos() > 0);
+            Duration::from_secs(secs.max(1))
+        })
     }
 
     /// The VIP with its port, when enabled.
@@ -627,6 +644,27 @@ impl VipConfig {
             ),
         );
         v.duration_in("garpInterval", self.garp_interval, ms(1), ms(10_000));
+        if let Some(l) = self.address_lifetime {
+            v.duration_in("addressLifetime", l, ms(1000), ms(3_600_000));
+            v.check(
+                l.subsec_nanos() == 0,
+                "addressLifetime",
+                format!(
+                    "{} is not a whole number of seconds (the kernel's unit)",
+                    humantime::format_duration(l)
+                ),
+            );
+            // Renewals come every quarter lifetime, from a check that runs
+            // every checkInterval (at most a quarter of lease).
+            v.check(
+                l >= self.lease,
+                "addressLifetime",
+                format!(
+                    "must be at least lease ({})",
+                    humantime::format_duration(self.lease)
+                ),
+            );
+        }
         // The lease must expire well before a follower may vote again,
         // or every failover pays the difference as claim delay.
         v.check(
@@ -845,6 +883,8 @@ mod tests {
         );
         assert_eq!(c.raft.listen.advertised(), "127.0.0.1:9441");
         assert!(c.routing_policy().local_zone.is_none());
+        // The address lifetime follows the lease, in whole seconds.
+        assert_eq!(c.vip.address_lifetime(), Duration::from_secs(1));
         // The defaults satisfy the fencing inequality without a claim delay.
         let t = c.vip.timing(&c.raft);
         assert_eq!(t.claim_delay(false), Duration::ZERO);
@@ -915,6 +955,33 @@ mod tests {
         let e = errors(&format!("{MINIMAL}vip:\n  mode: bind\n  adress: 1.2.3.4\n"));
         assert!(
             e[0].starts_with("vip.adress: unknown field `adress`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn address_lifetime_follows_the_lease_or_is_whole_seconds() {
+        let c = parse(&format!("{MINIMAL}vip:\n  lease: 1500ms\n")).unwrap();
+        assert_eq!(c.vip.address_lifetime(), Duration::from_secs(2));
+        let c = parse(&format!("{MINIMAL}vip:\n  addressLifetime: 3s\n")).unwrap();
+        assert_eq!(c.vip.address_lifetime(), Duration::from_secs(3));
+        for (value, expected) in [
+            (
+                "1500ms",
+                "vip.addressLifetime: 1s 500ms is not a whole number of seconds",
+            ),
+            ("0s", "vip.addressLifetime: 0s is out of range"),
+            ("2h", "vip.addressLifetime: 2h is out of range"),
+        ] {
+            let e = errors(&format!("{MINIMAL}vip:\n  addressLifetime: {value}\n"));
+            assert!(e.iter().any(|m| m.starts_with(expected)), "{value}: {e:?}");
+        }
+        let e = errors(&format!(
+            "{MINIMAL}vip:\n  lease: 1200ms\n  addressLifetime: 1s\n"
+        ));
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("vip.addressLifetime: must be at least lease (1s 200ms)")),
             "{e:?}"
         );
     }

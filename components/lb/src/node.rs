@@ -175,6 +175,7 @@ pub async fn run(
                 config.vip.prefix(),
                 config.vip.garp_count,
                 config.vip.garp_interval,
+                config.vip.address_lifetime(),
             )?;
             if arp.remove_stale().await.context("removing a stale VIP")? {
                 tracing::warn!(vip = %addr.ip(), "removed the VIP a previous run left on the interface");

@@ -5,18 +5,29 @@
 //! crashed previous run of it left it on the interface: it is not the
 //! leader yet, so it must not hold it.
 //!
+//! The address is added with a finite lifetime (IFA_CACHEINFO valid and
+//! preferred lifetime, whole seconds) and renewed while the holder passes
+//! its fence, so the kernel itself removes the address of a holder that
+//! was SIGKILLed or froze (SIGSTOP, a stalled VM) about one lifetime after
+//! its last renewal; docs/FAILOVER.md gives the kernel's timing.
+//!
 //! The front listener is not opened and closed here: every node binds
 //! VIP:port once, at start, with IP_FREEBIND ([`bind_front`]), so the
 //! kernel accepts the bind before the address exists; only the node that
 //! has the address receives traffic for it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressHeaderFlags, AddressMessage};
+use rtnetlink::AddressMessageBuilder;
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressHeaderFlags, AddressMessage, CacheInfo,
+};
 use rtnetlink::packet_route::link::LinkAttribute;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::time::Instant;
 
 /// The interface and address the holder manages.
 pub struct ArpVip {
@@ -25,9 +36,17 @@ pub struct ArpVip {
     prefix: u8,
     announcements: u32,
     interval: Duration,
+    /// Valid and preferred lifetime of the address, in seconds.
+    lifetime: u32,
     handle: rtnetlink::Handle,
     /// Announcements still being sent for the current claim.
     announcing: Option<tokio::task::JoinHandle<()>>,
+    /// Until when the holder's lease is known to be fresh; announcements
+    /// go out only before it. A holder frozen in the middle of its
+    /// announcements must not send the rest when it wakes up: its lease is
+    /// gone, another node holds the VIP, and a late gratuitous ARP would
+    /// point clients at an address it no longer has.
+    valid_until: Arc<Mutex<Option<Instant>>>,
 }
 
 /// What could go wrong talking to the kernel.
@@ -37,12 +56,15 @@ fn nl_err(what: &str, e: impl std::fmt::Display) -> std::io::Error {
 
 impl ArpVip {
     /// Opens a netlink connection (its task runs on the current runtime).
+    /// The address is added with `lifetime`, rounded up to whole seconds
+    /// (the kernel's unit), at least one.
     pub fn new(
         interface: String,
         address: IpAddr,
         prefix: u8,
         announcements: u32,
         interval: Duration,
+        lifetime: Duration,
     ) -> std::io::Result<Self> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
@@ -52,8 +74,10 @@ impl ArpVip {
             prefix,
             announcements,
             interval,
+            lifetime: lifetime_seconds(lifetime),
             handle,
             announcing: None,
+            valid_until: Arc::default(),
         })
     }
 
@@ -101,41 +125,94 @@ impl ArpVip {
             .map_err(|e| nl_err("listing addresses", e))
     }
 
-    /// Adds the address and starts announcing it.
-    pub async fn claim(&mut self) -> std::io::Result<()> {
-        let (index, mac) = self.link().await?;
+    /// How often the holder renews the address: a quarter of its
+    /// lifetime, so three renewals in a row can be late or fail before the
+    /// kernel removes it.
+    pub fn renew_interval(&self) -> Duration {
+        Duration::from_secs(u64::from(self.lifetime)) / 4
+    }
+
+    /// Adds the address (or renews its lifetime: NLM_F_REPLACE).
+    async fn add(&self, index: u32) -> std::io::Result<()> {
         let mut add = self
             .handle
             .address()
             .add(index, self.address, self.prefix)
             .replace();
-        if self.address.is_ipv6() {
-            // No duplicate address detection: it would keep the address
-            // tentative (unusable) for a second; fencing is our DAD.
-            add.message_mut().header.flags |= AddressHeaderFlags::Nodad;
-        }
-        add.execute()
-            .await
-            .map_err(|e| nl_err("adding the VIP", e))?;
+        *add.message_mut() = address_message(index, self.address, self.prefix, self.lifetime);
+        add.execute().await.map_err(|e| nl_err("adding the VIP", e))
+    }
+
+    fn announce(&mut self, index: u32, mac: [u8; 6]) {
         if let Some(task) = self.announcing.take() {
             task.abort();
         }
         let (address, count, interval) = (self.address, self.announcements, self.interval);
+        let valid_until = self.valid_until.clone();
         self.announcing = Some(tokio::spawn(async move {
             for i in 0..count {
                 if i > 0 {
                     tokio::time::sleep(interval).await;
+                }
+                let fresh = valid_until
+                    .lock()
+                    .ok()
+                    .and_then(|v| *v)
+                    .is_some_and(|v| Instant::now() < v);
+                if !fresh {
+                    return;
                 }
                 if let Err(e) = announce(index, mac, address) {
                     tracing::warn!(vip = %address, error = %e, "announcing the VIP failed");
                 }
             }
         }));
+    }
+
+    /// Records that the holder's lease is fresh until `until`
+    /// (announcements stop after it).
+    pub fn hold_until(&self, until: Instant) {
+        if let Ok(mut v) = self.valid_until.lock() {
+            *v = Some(until);
+        }
+    }
+
+    /// Adds the address and starts announcing it.
+    pub async fn claim(&mut self) -> std::io::Result<()> {
+        let (index, mac) = self.link().await?;
+        self.add(index).await?;
+        self.announce(index, mac);
         Ok(())
+    }
+
+    /// Renews the address's lifetime, provided it is still before
+    /// `valid_until` (the holder's lease) right before the request goes
+    /// out: a process frozen in the middle of a renewal must not extend,
+    /// or bring back, an address after its lease ran out. If the address
+    /// had vanished (the kernel expired it while this process was stalled
+    /// for most of a lifetime, or someone deleted it), it is added again
+    /// and announced afresh: returns whether that happened.
+    pub async fn renew(&mut self, valid_until: Instant) -> std::io::Result<bool> {
+        let (index, mac) = self.link().await?;
+        let vanished = self.present(index).await?.is_empty();
+        if Instant::now() >= valid_until {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the lease ran out before the renewal could be sent",
+            ));
+        }
+        self.add(index).await?;
+        if vanished {
+            self.announce(index, mac);
+        }
+        Ok(vanished)
     }
 
     /// Stops announcing and deletes the address.
     pub async fn release(&mut self) -> std::io::Result<()> {
+        if let Ok(mut v) = self.valid_until.lock() {
+            *v = None;
+        }
         if let Some(task) = self.announcing.take() {
             task.abort();
         }
@@ -181,6 +258,42 @@ pub fn bind_front(address: SocketAddr) -> std::io::Result<std::net::TcpListener>
     socket.bind(&address.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
+}
+
+/// `lifetime` in the kernel's unit: whole seconds, rounded up, at least
+/// one, below 0xFFFFFFFF (which means forever).
+fn lifetime_seconds(lifetime: Duration) -> u32 {
+    let secs = lifetime.as_secs() + u64::from(lifetime.subsec_nanos() > 0);
+    u32::try_from(secs.max(1))
+        .unwrap_or(u32::MAX - 1)
+        .min(u32::MAX - 1)
+}
+
+/// The RTM_NEWADDR body that adds the VIP to interface `index`, or renews
+/// it when sent with NLM_F_REPLACE: valid and preferred lifetime both
+/// `lifetime` seconds (the kernel removes the address once the valid one
+/// runs out; equal lifetimes leave no "deprecated" phase), and for IPv6 no
+/// duplicate address detection (it would keep the address tentative,
+/// unusable, for a second; fencing is our DAD).
+pub fn address_message(index: u32, address: IpAddr, prefix: u8, lifetime: u32) -> AddressMessage {
+    let mut message = match address {
+        IpAddr::V4(a) => AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(a, prefix)
+            .build(),
+        IpAddr::V6(a) => AddressMessageBuilder::<Ipv6Addr>::new()
+            .index(index)
+            .address(a, prefix)
+            .build(),
+    };
+    if address.is_ipv6() {
+        message.header.flags |= AddressHeaderFlags::Nodad;
+    }
+    let mut cache = CacheInfo::default();
+    cache.ifa_valid = lifetime;
+    cache.ifa_preferred = lifetime;
+    message.attributes.push(AddressAttribute::CacheInfo(cache));
+    message
 }
 
 fn announce(index: u32, mac: [u8; 6], address: IpAddr) -> std::io::Result<()> {
@@ -269,7 +382,51 @@ fn send_unsolicited_na(index: u32, mac: [u8; 6], ip: Ipv6Addr) -> std::io::Resul
 
 #[cfg(test)]
 mod tests {
+    use rtnetlink::packet_core::{Emitable, Parseable};
+
     use super::*;
+
+    #[test]
+    fn address_message_carries_the_lifetime() {
+        for (ip, prefix) in [("198.18.0.100", 32), ("2001:db8::10", 128)] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let m = address_message(7, ip, prefix, 3);
+            // What the kernel reads: the emitted bytes, parsed back.
+            let mut buf = vec![0; m.buffer_len()];
+            m.emit(&mut buf);
+            let back = AddressMessage::parse(&buf[..]).unwrap();
+            assert_eq!(back.header.index, 7);
+            assert_eq!(back.header.prefix_len, prefix);
+            assert!(back.attributes.contains(&AddressAttribute::Address(ip)));
+            let cache = back
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::CacheInfo(c) => Some(*c),
+                    _ => None,
+                })
+                .expect("IFA_CACHEINFO present");
+            assert_eq!((cache.ifa_valid, cache.ifa_preferred), (3, 3), "{ip}");
+            assert_eq!(
+                back.header.flags.contains(AddressHeaderFlags::Nodad),
+                ip.is_ipv6(),
+                "no DAD for IPv6 only: {ip}"
+            );
+        }
+    }
+
+    #[test]
+    fn lifetime_is_whole_seconds_rounded_up_and_finite() {
+        let ms = Duration::from_millis;
+        assert_eq!(lifetime_seconds(Duration::ZERO), 1);
+        assert_eq!(lifetime_seconds(ms(180)), 1);
+        assert_eq!(lifetime_seconds(ms(1000)), 1);
+        assert_eq!(lifetime_seconds(ms(1001)), 2);
+        assert_eq!(
+            lifetime_seconds(Duration::from_secs(u64::MAX)),
+            u32::MAX - 1
+        );
+    }
 
     #[test]
     fn garp_frame_layout() {

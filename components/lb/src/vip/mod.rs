@@ -5,7 +5,10 @@
 //! One task per node ([`VipTask`]) owns the VIP. It wakes on every Raft
 //! metrics change and every `checkInterval`, asks the [`fence::Fence`]
 //! what to do, and does it. A claim is followed by a `RecordVipHolder`
-//! proposal carrying the failover's measured durations. Leadership
+//! proposal carrying the failover's measured durations. In arp mode the
+//! holder also renews the address's kernel lifetime every quarter of it
+//! while the fence still passes, so a holder that dies or freezes without
+//! releasing loses the address anyway. Leadership
 //! transfers and shutdown go through [`VipHandle::hand_over`], which
 //! returns only once the VIP is released.
 
@@ -54,7 +57,36 @@ impl Actuator {
             Actuator::Arp(a) => a.release().await,
         }
     }
+
+    /// How often a held VIP must be renewed; `None` when it never expires
+    /// by itself (bind mode: the listener dies with the process).
+    fn renew_interval(&self) -> Option<Duration> {
+        match self {
+            Actuator::Bind(_) => None,
+            Actuator::Arp(a) => Some(a.renew_interval()),
+        }
+    }
+
+    /// Tells the actuator the holder's lease is fresh until `until`.
+    fn hold_until(&self, until: Instant) {
+        if let Actuator::Arp(a) = self {
+            a.hold_until(until);
+        }
+    }
+
+    /// Renews a held VIP if still before `valid_until`; true when it had
+    /// vanished and was added again.
+    async fn renew(&mut self, valid_until: Instant) -> std::io::Result<bool> {
+        match self {
+            Actuator::Bind(_) => Ok(false),
+            Actuator::Arp(a) => a.renew(valid_until).await,
+        }
+    }
 }
+
+/// Pause before retrying a failed renewal (well inside a renew interval,
+/// which is at least 250 ms).
+const RENEW_RETRY: Duration = Duration::from_millis(50);
 
 /// What the VIP task reports (for the API and metrics).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -208,6 +240,8 @@ impl VipTask {
         let mut measure = Measure { previous: None };
         let mut kicked = None;
         let mut recorded_term = None;
+        // When the held address is due for renewal (arp mode).
+        let mut renew_at: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -255,7 +289,17 @@ impl VipTask {
                 });
             }
             let transfer = self.transfer_recent(now);
-            match self.fence.decide(&view, now, transfer) {
+            let action = self.fence.decide(&view, now, transfer);
+            if self.fence.holding()
+                && let Some(remaining) = self.fence.lease_remaining(&view, now)
+            {
+                self.actuator.hold_until(now + remaining);
+            }
+            match action {
+                // Renew only right after the fence said "keep holding".
+                Action::None if self.fence.holding() && renew_at.is_some_and(|at| now >= at) => {
+                    renew_at = self.renew(&view, now).await;
+                }
                 Action::None => {}
                 Action::Claim {
                     term,
@@ -267,6 +311,7 @@ impl VipTask {
                         self.fence.claim_failed();
                     } else {
                         let claimed = Instant::now();
+                        renew_at = self.actuator.renew_interval().map(|i| claimed + i);
                         metrics::counter!("bulwark_lb_vip_acquisitions_total").increment(1);
                         metrics::gauge!("bulwark_lb_vip_held").set(1.0);
                         if recorded_term == Some(term) {
@@ -293,6 +338,35 @@ impl VipTask {
                     s.lease_remaining = remaining;
                     changed
                 });
+            }
+        }
+    }
+
+    /// Renews the held address's lifetime. A failure never drops the VIP
+    /// (the fence alone decides that): it is logged, counted and retried
+    /// soon. Returns when to renew next.
+    async fn renew(&mut self, view: &LeaderView, now: Instant) -> Option<Instant> {
+        let interval = self.actuator.renew_interval()?;
+        let term = view.leader_term;
+        let Some(remaining) = self.fence.lease_remaining(view, now) else {
+            // Not holding after all: the next claim schedules renewals.
+            return None;
+        };
+        let valid_until = now + remaining;
+        match self.actuator.renew(valid_until).await {
+            Ok(false) => Some(Instant::now() + interval),
+            Ok(true) => {
+                tracing::warn!(
+                    term,
+                    "the VIP had vanished from the interface while this node still held it; added and announced it again"
+                );
+                metrics::counter!("bulwark_lb_vip_readded_total").increment(1);
+                Some(Instant::now() + interval)
+            }
+            Err(e) => {
+                tracing::warn!(term, error = %e, "renewing the VIP's address lifetime failed; still holding, retrying");
+                metrics::counter!("bulwark_lb_vip_renew_failures_total").increment(1);
+                Some(Instant::now() + interval.min(RENEW_RETRY))
             }
         }
     }

@@ -14,6 +14,13 @@
 //! target/release/bulwark-bench backup --size-mib 1100 --runs 3
 //! ```
 //!
+//! Besides wall time and peak RSS, each run records the CPU time (user +
+//! system, from `wait4`) of the measured process and of etcd, per GiB of
+//! snapshot: unlike wall time, CPU time barely moves when other work shares
+//! the machine. `--baseline-exe` runs the file variants of another build of
+//! `bulwark-bench` in the same run (`file@base`, `file+age@base`), so a
+//! change to the pipeline can be compared before and after side by side.
+//!
 //! Results go to `bench/results/<date>-backup.md` and `.json`.
 
 use std::collections::BTreeMap;
@@ -30,6 +37,8 @@ use bulwark_backup::retention::RetentionPolicy;
 use bulwark_backup::snapshot::SnapshotOptions;
 use bulwark_backup::store::StoreSpec;
 use bulwark_testkit::{Etcd, S3Server, tools};
+
+use crate::probecost::cpu_seconds;
 use ring::rand::SecureRandom as _;
 use serde::Serialize;
 
@@ -54,6 +63,10 @@ pub struct Args {
     /// Skip the S3 (moto) variant.
     #[arg(long)]
     no_s3: bool,
+    /// Another `bulwark-bench` binary (e.g. a build of the previous
+    /// commit) whose file variants run in the same run as `…@base`.
+    #[arg(long)]
+    baseline_exe: Option<PathBuf>,
     /// Where results go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -167,12 +180,32 @@ async fn snapshot_once(
     Ok(())
 }
 
-/// Wall time and peak RSS of one child process.
+/// Wall time, CPU time and peak RSS of one child process.
 #[derive(Debug, Clone, Copy, Serialize)]
 struct Sample {
     seconds: f64,
     max_rss_kib: u64,
+    /// User CPU seconds of the child.
+    user_seconds: f64,
+    /// System CPU seconds of the child.
+    sys_seconds: f64,
+    /// CPU seconds etcd used meanwhile.
+    etcd_cpu_seconds: f64,
+    /// One-minute load average when the run started.
+    load_1m: f64,
     stored_bytes: u64,
+}
+
+fn seconds(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
+/// The one-minute load average.
+fn load_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 /// Runs `cmd` to completion and measures it with `wait4`.
@@ -222,6 +255,10 @@ fn measure(mut cmd: Command) -> anyhow::Result<(Sample, String)> {
         Sample {
             seconds,
             max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+            user_seconds: self::seconds(usage.ru_utime),
+            sys_seconds: self::seconds(usage.ru_stime),
+            etcd_cpu_seconds: 0.0,
+            load_1m: 0.0,
             stored_bytes: 0,
         },
         stdout,
@@ -297,6 +334,10 @@ struct VariantResult {
     median_max_rss_mib: f64,
     max_max_rss_mib: f64,
     ratio_to_etcdctl: f64,
+    /// Median CPU seconds (user + system) of the process per GiB of snapshot.
+    median_cpu_seconds_per_gib: f64,
+    /// Median CPU seconds of etcd per GiB of snapshot during the runs.
+    median_etcd_cpu_seconds_per_gib: f64,
     stored_bytes: u64,
 }
 
@@ -304,6 +345,8 @@ struct VariantResult {
 struct CaseResult {
     case: String,
     db_size_bytes: u64,
+    /// Load averages at the start of each run.
+    load_1m: Vec<f64>,
     variants: Vec<VariantResult>,
 }
 
@@ -377,11 +420,17 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
         };
         eprintln!("[{case}] db size {:.0} MiB", db_size as f64 / 1048576.0);
 
-        let variants: Vec<&str> = if s3.is_some() {
-            vec!["etcdctl", "file", "file+age", "s3"]
-        } else {
-            vec!["etcdctl", "file", "file+age"]
-        };
+        let etcd_pid = etcd
+            .member(0)
+            .pid()
+            .context("etcd is not running after the fill")?;
+        let mut variants = vec!["etcdctl", "file", "file+age"];
+        if args.baseline_exe.is_some() {
+            variants.extend(["file@base", "file+age@base"]);
+        }
+        if s3.is_some() {
+            variants.push("s3");
+        }
         let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
         for run in 0..args.runs {
             for v in &variants {
@@ -398,7 +447,11 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
                         c
                     }
                     variant => {
-                        let mut c = Command::new(&me);
+                        let exe = match (variant.strip_suffix("@base"), &args.baseline_exe) {
+                            (Some(_), Some(base)) => base,
+                            _ => &me,
+                        };
+                        let mut c = Command::new(exe);
                         c.arg("backup-once")
                             .args(["--endpoint", &endpoint])
                             .args(["--level", &args.level.to_string()])
@@ -416,14 +469,18 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
                                 c.args(["--store", &format!("file://{}", store_dir.display())]);
                             }
                         }
-                        if variant == "file+age" {
+                        if variant.starts_with("file+age") {
                             c.arg("--recipient").arg(&key);
                         }
                         c
                     }
                 };
+                let load = load_1m();
+                let etcd_before = cpu_seconds(etcd_pid)?;
                 let (mut sample, stdout) =
                     tokio::task::spawn_blocking(move || measure(cmd)).await??;
+                sample.etcd_cpu_seconds = cpu_seconds(etcd_pid)? - etcd_before;
+                sample.load_1m = load;
                 sample.stored_bytes = if *v == "etcdctl" {
                     std::fs::metadata(work.path().join("etcdctl.db"))
                         .map(|m| m.len())
@@ -435,10 +492,15 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
                         .unwrap_or(0)
                 };
                 eprintln!(
-                    "[{case}] run {run} {v}: {:.2} s, peak RSS {:.1} MiB, {:.0} MiB stored",
+                    "[{case}] run {run} {v}: {:.2} s, CPU {:.2} user + {:.2} sys, etcd CPU {:.2}, \
+                     peak RSS {:.1} MiB, {:.0} MiB stored, load {:.2}",
                     sample.seconds,
+                    sample.user_seconds,
+                    sample.sys_seconds,
+                    sample.etcd_cpu_seconds,
                     sample.max_rss_kib as f64 / 1024.0,
-                    sample.stored_bytes as f64 / 1048576.0
+                    sample.stored_bytes as f64 / 1048576.0,
+                    sample.load_1m
                 );
                 samples.entry(v).or_default().push(sample);
                 // Free space (and moto's memory) before the next run.
@@ -452,6 +514,8 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
             }
         }
         let base = median(samples["etcdctl"].iter().map(|s| s.seconds).collect());
+        let gib = db_size as f64 / f64::from(1u32 << 30);
+        let per_gib = |x: f64| if gib > 0.0 { x / gib } else { 0.0 };
         let variants = variants
             .iter()
             .map(|v| {
@@ -469,6 +533,12 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
                         .map(|x| x.max_rss_kib as f64 / 1024.0)
                         .fold(0.0, f64::max),
                     ratio_to_etcdctl: if base > 0.0 { t / base } else { 0.0 },
+                    median_cpu_seconds_per_gib: per_gib(median(
+                        s.iter().map(|x| x.user_seconds + x.sys_seconds).collect(),
+                    )),
+                    median_etcd_cpu_seconds_per_gib: per_gib(median(
+                        s.iter().map(|x| x.etcd_cpu_seconds).collect(),
+                    )),
                     stored_bytes: s.last().map(|x| x.stored_bytes).unwrap_or(0),
                 }
             })
@@ -476,6 +546,7 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
         cases.push(CaseResult {
             case: case.clone(),
             db_size_bytes: db_size,
+            load_1m: samples.values().flatten().map(|s| s.load_1m).collect(),
             variants,
         });
         drop(etcd);
@@ -490,6 +561,13 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
             ("part size", "8 MiB".to_owned()),
             ("upload concurrency", "2".to_owned()),
             ("runs", args.runs.to_string()),
+            (
+                "baseline (…@base)",
+                args.baseline_exe
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".to_owned()),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -554,16 +632,22 @@ fn write_report(dir: &Path, r: &Report) -> anyhow::Result<()> {
     }
     for c in &r.cases {
         md.push_str(&format!(
-            "\n## {} values, DB {:.0} MiB\n\n| variant | median time | × etcdctl | peak RSS (median / max) | stored |\n|---|---|---|---|---|\n",
+            "\n## {} values, DB {:.0} MiB\n\n1-minute load average at the runs' start: {:.2}–{:.2}\n\n\
+             | variant | median time | × etcdctl | CPU user+sys | etcd CPU | peak RSS (median / max) | stored |\n\
+             |---|---|---|---|---|---|---|\n",
             c.case,
-            c.db_size_bytes as f64 / 1048576.0
+            c.db_size_bytes as f64 / 1048576.0,
+            c.load_1m.iter().copied().fold(f64::INFINITY, f64::min),
+            c.load_1m.iter().copied().fold(0.0, f64::max),
         ));
         for v in &c.variants {
             md.push_str(&format!(
-                "| {} | {:.2} s | {:.2} | {:.1} / {:.1} MiB | {:.0} MiB |\n",
+                "| {} | {:.2} s | {:.2} | {:.2} s/GiB | {:.2} s/GiB | {:.1} / {:.1} MiB | {:.0} MiB |\n",
                 v.variant,
                 v.median_seconds,
                 v.ratio_to_etcdctl,
+                v.median_cpu_seconds_per_gib,
+                v.median_etcd_cpu_seconds_per_gib,
                 v.median_max_rss_mib,
                 v.max_max_rss_mib,
                 v.stored_bytes as f64 / 1048576.0

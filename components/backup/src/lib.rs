@@ -13,6 +13,7 @@
 //! | [`manifest`] | `manifest.json` (the commit point) and `verify/*.json` records |
 //! | [`layout`] | object keys and snapshot ids |
 //! | [`store`] | store URLs (`file://`, `s3://`, `gs://`, `az://`) |
+//! | [`filestore`] | the `file://` store: streaming write-back and durable multipart uploads |
 //! | [`encryption`] | age recipients, identities and key ids |
 //! | [`etcd`] | etcd clients, member choice, error classification |
 //! | [`engine`] | the shared dependencies of every operation |
@@ -45,6 +46,7 @@ pub mod engine;
 pub mod error;
 pub mod etcd;
 pub mod faults;
+pub mod filestore;
 pub mod hashing;
 pub mod layout;
 pub mod manifest;

@@ -47,7 +47,9 @@ impl Trigger {
 pub enum Compression {
     /// Stored as etcd sent it.
     None,
-    /// One zstd frame.
+    /// zstd: one or more concatenated frames, read as one stream
+    /// (incompressible stretches are frames of raw blocks, see
+    /// [`crate::codec::Adaptive`]).
     Zstd {
         /// zstd level used.
         level: i32,

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use etcd_client::SnapshotStreaming;
 use object_store::{ObjectStoreExt, PutPayload};
@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::codec::{ChunkSink, Encoder};
+use crate::codec::{BufferPool, ChunkSink, Encoder};
 use crate::engine::Engine;
 use crate::error::{BackupError, Corruption, Result};
 use crate::etcd::{EtcdConnector, MemberStatus, classify};
@@ -48,6 +48,9 @@ const RAW_CHANNEL: usize = 8;
 const STORED_CHUNK: usize = 1024 * 1024;
 /// Chunks queued for the uploader.
 const STORED_CHANNEL: usize = 4;
+/// Idle buffers each pool keeps: enough for everything the stages can
+/// hold at once, so the steady state allocates nothing.
+const POOL_KEEP: usize = 64;
 
 /// What to snapshot and why.
 #[derive(Clone, Debug)]
@@ -123,7 +126,8 @@ impl<F: Fn(SnapshotEvent) + Send + Sync> Progress for F {
 }
 
 enum Chunk {
-    Data(Bytes),
+    /// A batch from the raw pool; the compressor gives it back.
+    Data(Vec<u8>),
     End,
 }
 
@@ -240,13 +244,25 @@ impl Engine {
         let level = self.pipeline.level;
         let workers = self.pipeline.workers;
         let sealing_to = recipient.as_ref().map(|(_, r)| r.clone());
-        let compressor = tokio::task::spawn_blocking(move || {
-            compress(raw_rx, stored_tx, level, workers, sealing_to.as_ref())
-        });
+        let raw_pool = BufferPool::new(RAW_BATCH, POOL_KEEP);
+        let compressor = {
+            let raw_pool = raw_pool.clone();
+            tokio::task::spawn_blocking(move || {
+                compress(
+                    raw_rx,
+                    &raw_pool,
+                    stored_tx,
+                    level,
+                    workers,
+                    sealing_to.as_ref(),
+                )
+            })
+        };
         let reader = tokio::spawn(
             read_etcd(
                 stream,
                 raw_tx,
+                raw_pool,
                 self.pipeline.stall_timeout,
                 stage_cancel.clone(),
                 raw_counter.clone(),
@@ -456,9 +472,11 @@ impl Engine {
 }
 
 /// The reader stage: etcd's stream, trailer check, batches to the compressor.
+#[allow(clippy::too_many_arguments)]
 async fn read_etcd(
     mut stream: SnapshotStreaming,
     tx: mpsc::Sender<Chunk>,
+    pool: BufferPool,
     stall: Duration,
     cancel: CancellationToken,
     raw_counter: Arc<AtomicU64>,
@@ -467,7 +485,7 @@ async fn read_etcd(
 ) -> Result<ReadOutcome, StageError> {
     let eps = [endpoint.clone()];
     let mut verifier = TrailerVerifier::new();
-    let mut batch = BytesMut::with_capacity(RAW_BATCH);
+    let mut batch = pool.take();
     let mut revision_probe: Option<oneshot::Receiver<Result<i64>>> = None;
     loop {
         let next = tokio::select! {
@@ -504,16 +522,22 @@ async fn read_etcd(
         let blob = message.blob();
         verifier.update(blob);
         raw_counter.fetch_add(blob.len() as u64, Ordering::Relaxed);
-        batch.extend_from_slice(blob);
-        if batch.len() >= RAW_BATCH {
-            let out = batch.split().freeze();
-            batch.reserve(RAW_BATCH);
-            if tx.send(Chunk::Data(out)).await.is_err() {
-                return Err(StageError::DownstreamGone);
+        // Fill batches to their size exactly: a batch that grew would be a
+        // fresh allocation.
+        let mut blob = blob;
+        while !blob.is_empty() {
+            let n = (RAW_BATCH - batch.len()).min(blob.len());
+            batch.extend_from_slice(&blob[..n]);
+            blob = &blob[n..];
+            if batch.len() == RAW_BATCH {
+                let full = std::mem::replace(&mut batch, pool.take());
+                if tx.send(Chunk::Data(full)).await.is_err() {
+                    return Err(StageError::DownstreamGone);
+                }
             }
         }
     }
-    if !batch.is_empty() && tx.send(Chunk::Data(batch.freeze())).await.is_err() {
+    if !batch.is_empty() && tx.send(Chunk::Data(batch)).await.is_err() {
         return Err(StageError::DownstreamGone);
     }
     let (etcd_sha256, raw_size) = verifier.finish().map_err(|e| {
@@ -545,6 +569,7 @@ async fn read_etcd(
 /// the uploader.
 fn compress(
     mut rx: mpsc::Receiver<Chunk>,
+    raw_pool: &BufferPool,
     tx: mpsc::Sender<Bytes>,
     level: i32,
     workers: u32,
@@ -558,11 +583,14 @@ fn compress(
             StageError::Failed(BackupError::local("compressing and encrypting", e))
         }
     };
-    let sink = ChunkSink::new(tx, STORED_CHUNK);
+    let sink = ChunkSink::new(tx, BufferPool::new(STORED_CHUNK, POOL_KEEP));
     let mut encoder = Encoder::new(sink, level, workers, recipient).map_err(failed)?;
     loop {
         match rx.blocking_recv() {
-            Some(Chunk::Data(b)) => encoder.write_all(&b).map_err(failed)?,
+            Some(Chunk::Data(b)) => {
+                encoder.write_all(&b).map_err(failed)?;
+                raw_pool.give(b);
+            }
             Some(Chunk::End) => {
                 return encoder.finish().and_then(ChunkSink::finish).map_err(failed);
             }

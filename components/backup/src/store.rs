@@ -22,6 +22,7 @@ use object_store::path::Path;
 use url::Url;
 
 use crate::error::{BackupError, Result};
+use crate::filestore::FileStore;
 
 /// Which kind of store a URL names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,11 +139,11 @@ impl StoreSpec {
                 std::fs::create_dir_all(&dir).map_err(|e| {
                     BackupError::local(format!("creating store directory {}", dir.display()), e)
                 })?;
-                Arc::new(
+                Arc::new(FileStore::new(
                     LocalFileSystem::new_with_prefix(&dir)
                         .map_err(fail)?
                         .with_automatic_cleanup(true),
-                )
+                ))
             }
             Scheme::S3 => {
                 let mut b = AmazonS3Builder::from_env().with_url(self.url.as_str());

@@ -408,8 +408,10 @@ impl LogWatch {
 /// load driver and one in an apiserver, plus the short requests' churn.
 const NOFILE_WANTED: u64 = 1 << 20;
 
-/// Raises this process's descriptor limit (soft and, as root, hard) towards
-/// [`NOFILE_WANTED`], capped by `fs.nr_open`. Every process the suite
+/// Raises this process's descriptor limit (soft and, with
+/// CAP_SYS_RESOURCE, hard) towards [`NOFILE_WANTED`], capped by
+/// `fs.nr_open`; without the capability (a container's root may lack it)
+/// the soft limit rises to the hard one. Every process the suite
 /// spawns (fronts, apiservers, the load driver) inherits it, so HAProxy,
 /// bulwark-lb and the fixture apiservers all run with it. Returns the soft
 /// limit now in force.
@@ -418,14 +420,7 @@ pub fn raise_nofile() -> anyhow::Result<u64> {
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(NOFILE_WANTED);
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a valid, writable rlimit for the kernel to fill.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
-    }
+    let limit = nofile_limit()?;
     let want = NOFILE_WANTED.min(nr_open).max(limit.rlim_cur);
     let raised = libc::rlimit {
         rlim_cur: want,
@@ -445,6 +440,24 @@ pub fn raise_nofile() -> anyhow::Result<u64> {
         return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
     }
     Ok(limit.rlim_max)
+}
+
+/// The descriptor limit (soft, hard) of this process.
+fn nofile_limit() -> anyhow::Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit for the kernel to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(limit)
+}
+
+/// The soft descriptor limit the suite's processes inherit.
+pub fn nofile_soft() -> anyhow::Result<u64> {
+    Ok(nofile_limit()?.rlim_cur)
 }
 
 /// Runs the suite.

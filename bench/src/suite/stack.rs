@@ -331,20 +331,24 @@ fn baseline_node(t: &Topology, dir: &TestDir, i: usize) -> anyhow::Result<Vec<Pr
         })
         .collect();
     let haproxy_cfg = dir.join(format!("haproxy-{id}.cfg"));
+    // HAProxy wants 2 descriptors per connection plus some, and refuses to
+    // start when `maxconn` needs more than it may open.
+    let maxconn = ((super::nofile_soft()?.saturating_sub(100)) / 2).min(20_000);
     // The kubeadm HA guide's haproxy.cfg (ha-considerations.md), in the
-    // foreground (-db) rather than as a daemon. One addition: `maxconn
-    // 20000` (global and per frontend); the guide leaves it to HAProxy's
-    // default, derived from the descriptor limit of whoever starts it, and
-    // the reconnect storm's 5,000 streams need it stated.
+    // foreground (-db) rather than as a daemon. One addition: `maxconn`
+    // (global and per frontend) as high as the descriptor limit allows, at
+    // most 20000; the guide leaves it to HAProxy's default, derived from
+    // the limit of whoever starts it, and the reconnect storm's 5,000
+    // streams need it stated.
     std::fs::write(
         &haproxy_cfg,
         format!(
             "global
     log stdout format raw local0
-    maxconn 20000
+    maxconn {maxconn}
 
 defaults
-    maxconn                 20000
+    maxconn                 {maxconn}
     mode                    http
     log                     global
     option                  httplog

@@ -5,7 +5,8 @@
 //! mean nothing), runs setup (keepalived and HAProxy, the baseline, come
 //! from Debian), then runs `bulwark-bench suite` as root: network
 //! namespaces need it. Results go to `bench/results/<date>-suite.{md,json}`
-//! and `bench/results/<date>-suite-*.svg`.
+//! and `bench/results/<date>-suite-*.svg` with `--quick`, to
+//! `<date>-suite-full.*` without; a one-scenario run appends `-<scenario>`.
 
 use std::path::PathBuf;
 use std::process::Command;

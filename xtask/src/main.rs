@@ -41,7 +41,7 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Build in release, setup, then run the failover scenario suite
     /// (bulwark beside keepalived + HAProxy, same topology, same run) as
-    /// root; results in bench/results/<date>-suite.{md,json,svg}.
+    /// root; results in bench/results/<date>-suite[-full].{md,json,svg}.
     Bench(bench::BenchArgs),
 }
 

@@ -85,6 +85,7 @@ pub struct RunResult {
     /// median; `None` when none was lost.
     pub watch_all_back_ms: Option<f64>,
     pub watch_median_back_ms: Option<f64>,
+    pub watch_p99_back_ms: Option<f64>,
     pub watch_never_back: usize,
     pub latency_before: Latency,
     pub latency_during: Latency,
@@ -205,25 +206,40 @@ pub fn analyse(i: Input<'_>) -> RunResult {
         )
     };
 
-    // Watch streams lost after the fault, and when each came back.
+    // Watch streams lost after the fault, and when each came back. Indexed
+    // by client first: the storm has thousands of watchers and their
+    // events.
+    let mut first_down = vec![None::<u64>; i.watchers];
+    for e in i
+        .events
+        .iter()
+        .filter(|e| e.kind == Kind::WatchDown && e.client < i.watchers && e.end_ns >= fault)
+    {
+        let d = &mut first_down[e.client];
+        *d = Some(d.map_or(e.end_ns, |d| d.min(e.end_ns)));
+    }
+    let mut first_up_after = vec![None::<u64>; i.watchers];
+    for e in i
+        .events
+        .iter()
+        .filter(|e| e.kind == Kind::WatchUp && e.ok && e.client < i.watchers)
+    {
+        let Some(down) = first_down[e.client] else {
+            continue;
+        };
+        if e.end_ns >= down {
+            let u = &mut first_up_after[e.client];
+            *u = Some(u.map_or(e.end_ns, |u| u.min(e.end_ns)));
+        }
+    }
     let mut lost = 0;
     let mut back: Vec<f64> = Vec::new();
     let mut never = 0;
-    for w in 0..i.watchers {
-        let down = i
-            .events
-            .iter()
-            .filter(|e| e.kind == Kind::WatchDown && e.client == w && e.end_ns >= fault)
-            .map(|e| e.end_ns)
-            .min();
-        let Some(down) = down else { continue };
+    for (down, up) in first_down.iter().zip(&first_up_after) {
+        if down.is_none() {
+            continue;
+        }
         lost += 1;
-        let up = i
-            .events
-            .iter()
-            .filter(|e| e.kind == Kind::WatchUp && e.ok && e.client == w && e.end_ns >= down)
-            .map(|e| e.end_ns)
-            .min();
         match up {
             Some(up) => back.push(ms(up - fault)),
             None => never += 1,
@@ -321,6 +337,7 @@ pub fn analyse(i: Input<'_>) -> RunResult {
         watch_streams_lost: lost,
         watch_all_back_ms: back.last().copied().filter(|_| never == 0),
         watch_median_back_ms: (!back.is_empty()).then(|| percentile(&back, 50.0)),
+        watch_p99_back_ms: (!back.is_empty()).then(|| percentile(&back, 99.0)),
         watch_never_back: never,
         latency_before: phase(i.load_ready_ns, fault),
         latency_during: phase(fault, during_end),

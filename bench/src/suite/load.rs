@@ -54,9 +54,16 @@ pub struct Args {
     /// Requests per second per requester.
     #[arg(long, default_value_t = 20.0)]
     rate: f64,
-    /// Timeout of a connect (TCP + TLS + HTTP/2) and of a short request.
+    /// Timeout of the TCP connect and of a short request.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Timeout of the TLS and HTTP/2 handshakes once TCP is connected
+    /// (client-go's TLS handshake timeout). A connected handshake that is
+    /// slow is queued behind others, not lost: giving up after 1 s and
+    /// starting over only multiplies the work, and thousands of clients
+    /// doing that at once never get back on a 2-core machine.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
     /// A watch stream silent this long is considered dead.
     #[arg(long, default_value = "2500ms", value_parser = humantime::parse_duration)]
     watch_idle: Duration,
@@ -171,16 +178,33 @@ fn short(e: &anyhow::Error) -> String {
         .collect()
 }
 
-/// Connects with the overall timeout; records the outcome.
+/// Connects (TCP within `--timeout`, then TLS and HTTP/2 within
+/// `--handshake-timeout`); records the outcome.
 async fn connect(
     client: &HttpsClient,
-    target: SocketAddr,
-    timeout: Duration,
+    args: &Args,
     id: usize,
     log: &mut Log,
 ) -> Option<HttpsConnection> {
     let start = now_ns();
-    match tokio::time::timeout(timeout, client.connect(target)).await {
+    let target = args.target;
+    let tcp = match tokio::time::timeout(args.timeout, tokio::net::TcpStream::connect(target)).await
+    {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            let e = anyhow::Error::new(e).context(format!("connecting to {target}"));
+            record(log, Kind::Connect, id, start, false, short(&e));
+            return None;
+        }
+        Err(_) => {
+            let d = format!("connecting to {target}: timed out");
+            record(log, Kind::Connect, id, start, false, d);
+            return None;
+        }
+    };
+    let name = target.ip().to_string();
+    let handshake = client.handshake(tcp, &name);
+    match tokio::time::timeout(args.handshake_timeout, handshake).await {
         Ok(Ok(c)) => {
             record(log, Kind::Connect, id, start, true, String::new());
             Some(c)
@@ -190,7 +214,14 @@ async fn connect(
             None
         }
         Err(_) => {
-            record(log, Kind::Connect, id, start, false, "timeout".into());
+            record(
+                log,
+                Kind::Connect,
+                id,
+                start,
+                false,
+                "handshake timeout".into(),
+            );
             None
         }
     }
@@ -213,13 +244,14 @@ async fn watcher(
     let mut first = true;
     while !stop.is_cancelled() {
         let attempt = async {
-            let Some(mut conn) = connect(&client, args.target, args.timeout, id, &mut log).await
-            else {
+            let Some(mut conn) = connect(&client, &args, id, &mut log).await else {
                 return;
             };
             let start = now_ns();
             let response =
-                match tokio::time::timeout(args.timeout, conn.get_streaming(WATCH_PATH)).await {
+                match tokio::time::timeout(args.handshake_timeout, conn.get_streaming(WATCH_PATH))
+                    .await
+                {
                     Ok(Ok(r)) if r.status().is_success() => r,
                     Ok(Ok(r)) => {
                         let d = format!("status {}", r.status());
@@ -291,7 +323,7 @@ async fn requester(
         next = (next + period).max(tokio::time::Instant::now());
         let work = async {
             if conn.is_none() {
-                conn = connect(&client, args.target, args.timeout, id, &mut log).await;
+                conn = connect(&client, &args, id, &mut log).await;
             }
             let Some(c) = conn.as_mut() else {
                 return;
@@ -329,6 +361,14 @@ async fn requester(
 
 /// Runs the driver until SIGTERM.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // The suite raised it already (this process inherits it); run alone,
+    // the driver raises its own.
+    let nofile = super::raise_nofile()?;
+    anyhow::ensure!(
+        nofile > (args.watchers + args.requesters) as u64 + 64,
+        "the descriptor limit is {nofile}: too low for {} watchers",
+        args.watchers
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -340,7 +380,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     let client = Arc::new(
         HttpsClient::from_ca_file(&args.ca)?
             .http2_only()
-            .timeout(args.timeout),
+            .timeout(args.handshake_timeout),
     );
     let args = Arc::new(args);
     let stop = CancellationToken::new();

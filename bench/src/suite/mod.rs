@@ -155,7 +155,8 @@ pub struct Args {
     /// Short phases and fewer clients (the whole suite in a few minutes).
     #[arg(long)]
     quick: bool,
-    /// Where the report goes (`<date>-suite.md`, `.json`, `-<scenario>.svg`).
+    /// Where the report goes (`<date>-suite[-full].md`, `.json`,
+    /// `-<scenario>.svg`; `report.rs` has the naming).
     #[arg(long, default_value = "bench/results")]
     out_dir: PathBuf,
 }
@@ -244,6 +245,22 @@ impl Topology {
                     .await
                     .with_context(|| format!("starting apiserver {zone}"))?,
             );
+        }
+        // The reconnect storm: thousands of connects within a second from
+        // the client host to the VIP, and as many from the front to the
+        // apiservers. A namespace starts with the kernel's defaults
+        // (28k ephemeral ports, SYN backlog 128 per listener at most
+        // `tcp_max_syn_backlog`); widen them on every host, for both fronts
+        // alike.
+        for host in lab.hosts() {
+            for setting in [
+                "net.ipv4.ip_local_port_range=1024 65535",
+                "net.ipv4.tcp_max_syn_backlog=8192",
+                "net.core.somaxconn=8192",
+            ] {
+                host.exec_ok("sysctl", ["-q", "-w", setting])
+                    .with_context(|| format!("sysctl {setting} on {}", host.name()))?;
+            }
         }
         let dir = TestDir::new("suite")?;
         let ca = apis[0].ca_path().to_owned();
@@ -357,11 +374,11 @@ impl LogWatch {
     fn start(paths: Vec<PathBuf>, needle: &'static str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(None));
-        let base = stack::log_count(&paths, needle);
+        let mut tail = stack::LogTail::at_end(paths);
         let (s, out) = (stop.clone(), seen.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                if stack::log_count(&paths, needle) > base {
+                if tail.seen(needle) {
                     if let Ok(mut o) = out.lock() {
                         *o = Some(now_ns());
                     }
@@ -386,8 +403,71 @@ impl LogWatch {
     }
 }
 
+/// What the suite asks for: the reconnect storm's 5,000 watch streams hold
+/// two descriptors each in a front (client and backend side), one in the
+/// load driver and one in an apiserver, plus the short requests' churn.
+const NOFILE_WANTED: u64 = 1 << 20;
+
+/// Raises this process's descriptor limit (soft and, with
+/// CAP_SYS_RESOURCE, hard) towards [`NOFILE_WANTED`], capped by
+/// `fs.nr_open`; without the capability (a container's root may lack it)
+/// the soft limit rises to the hard one. Every process the suite
+/// spawns (fronts, apiservers, the load driver) inherits it, so HAProxy,
+/// bulwark-lb and the fixture apiservers all run with it. Returns the soft
+/// limit now in force.
+pub fn raise_nofile() -> anyhow::Result<u64> {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(NOFILE_WANTED);
+    let limit = nofile_limit()?;
+    let want = NOFILE_WANTED.min(nr_open).max(limit.rlim_cur);
+    let raised = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want.max(limit.rlim_max),
+    };
+    // SAFETY: `raised` is a valid rlimit; raising the hard limit needs
+    // CAP_SYS_RESOURCE (root), otherwise the soft limit goes to the hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return Ok(want);
+    }
+    let soft = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: as above; the soft limit may always rise to the hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(limit.rlim_max)
+}
+
+/// The descriptor limit (soft, hard) of this process.
+fn nofile_limit() -> anyhow::Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit for the kernel to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(limit)
+}
+
+/// The soft descriptor limit the suite's processes inherit.
+pub fn nofile_soft() -> anyhow::Result<u64> {
+    Ok(nofile_limit()?.rlim_cur)
+}
+
 /// Runs the suite.
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    let nofile = raise_nofile()?;
+    let needed = Params::new(args.quick).storm_watchers as u64 * 3;
+    anyhow::ensure!(
+        nofile >= needed,
+        "the descriptor limit is {nofile}, the reconnect storm needs about {needed}: raise ulimit -n (as root the suite raises it itself)"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -405,6 +485,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     let load_before = crate::datapath::loadavg();
     let mut topo = Topology::start().await?;
     let mut results = Vec::new();
+    let mut failed = Vec::new();
     for (n, &scenario) in scenarios.iter().enumerate() {
         let order = if n % 2 == 0 {
             [Contender::Bulwark, Contender::Baseline]
@@ -413,22 +494,47 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         };
         for contender in order {
             eprintln!("suite: {} / {}", scenario.key(), contender.key());
-            let r = run_one(&mut topo, scenario, contender, &params)
-                .await
-                .with_context(|| format!("{} with {}", scenario.key(), contender.key()))?;
-            eprintln!("suite:   {}", r.one_line());
-            results.push(r);
+            match run_one(&mut topo, scenario, contender, &params).await {
+                Ok(r) => {
+                    eprintln!("suite:   {}", r.one_line());
+                    results.push(r);
+                }
+                // One run going wrong (a front that never elects, a load
+                // driver that never gets every stream) is a result too:
+                // report it and go on with the next rather than lose the
+                // whole run.
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    eprintln!("suite:   FAILED: {error}");
+                    failed.push(report::FailedRun {
+                        scenario,
+                        contender,
+                        error,
+                    });
+                    topo.heal()
+                        .await
+                        .context("healing the lab after a failed run")?;
+                    clear_vip(topo.lb_hosts(), topo.vip);
+                }
+            }
         }
     }
+    let n_failed = failed.len();
     let report = report::Report::new(
         args,
         params,
         results,
+        failed,
         load_before,
         crate::datapath::loadavg(),
         started.elapsed(),
     );
-    report.write(&args.out_dir)
+    report.write(&args.out_dir)?;
+    anyhow::ensure!(
+        n_failed == 0,
+        "{n_failed} run(s) failed (listed in the report)"
+    );
+    Ok(())
 }
 
 async fn run_one(
@@ -484,7 +590,7 @@ async fn run_one(
         .arg(&csv)
         .stop_timeout(Duration::from_secs(60)),
     )?;
-    load.wait_for_file(&ready, Duration::from_secs(180))
+    load.wait_for_file(&ready, Duration::from_secs(300))
         .await
         .context("the load driver never had every watch stream up")?;
     let load_ready_ns = now_ns();

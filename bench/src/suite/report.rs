@@ -1,8 +1,9 @@
-//! The suite's report: `<date>-suite.md` (tables, ratios, machine,
-//! command), `<date>-suite.json` (every figure and the plot series) and one
-//! SVG per scenario (`<date>-suite-<scenario>.svg`): requests/s, failures/s
-//! and watch streams lost/s over time with the fault markers, bulwark above
-//! the baseline.
+//! The suite's report: `<stem>.md` (tables, ratios, machine, command,
+//! duration), `<stem>.json` (every figure and the plot series) and one SVG
+//! per scenario (`<stem>-<scenario>.svg`): requests/s, failures/s and watch
+//! streams lost/s over time with the fault markers, bulwark above the
+//! baseline. The stem is `<date>-suite` for `--quick`, `<date>-suite-full`
+//! otherwise, with `-<scenario>` appended when only one scenario ran.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -15,6 +16,14 @@ use serde::Serialize;
 use super::analysis::{Latency, RunResult};
 use super::{Args, Contender, Params, Scenario};
 
+/// A scenario run that did not complete, and why.
+#[derive(Serialize)]
+pub struct FailedRun {
+    pub scenario: Scenario,
+    pub contender: Contender,
+    pub error: String,
+}
+
 /// Everything the run produced.
 #[derive(Serialize)]
 pub struct Report {
@@ -22,12 +31,15 @@ pub struct Report {
     date: String,
     command: String,
     quick: bool,
+    /// The one scenario run, when not all.
+    only: Option<Scenario>,
     duration_s: f64,
     machine: BTreeMap<String, String>,
     loadavg_before: String,
     loadavg_after: String,
     params: Params,
     runs: Vec<RunResult>,
+    failed: Vec<FailedRun>,
 }
 
 impl Report {
@@ -36,6 +48,7 @@ impl Report {
         args: &Args,
         params: Params,
         runs: Vec<RunResult>,
+        failed: Vec<FailedRun>,
         loadavg_before: String,
         loadavg_after: String,
         took: Duration,
@@ -76,17 +89,28 @@ impl Report {
             date,
             command,
             quick: args.quick,
+            only: args.scenario,
             duration_s: took.as_secs_f64(),
             machine,
             loadavg_before,
             loadavg_after,
             params,
             runs,
+            failed,
         }
     }
 
+    /// `<day>-suite` (quick), `<day>-suite-full`, plus `-<scenario>` when
+    /// one scenario ran: a full run on the day of a quick one keeps both.
     fn stem(&self) -> String {
-        format!("{}-suite", &self.date[..10])
+        let mut stem = format!("{}-suite", &self.date[..10]);
+        if !self.quick {
+            stem.push_str("-full");
+        }
+        if let Some(s) = self.only {
+            let _ = write!(stem, "-{}", s.key());
+        }
+        stem
     }
 
     /// Writes the markdown, the JSON and the plots.
@@ -95,7 +119,11 @@ impl Report {
         let stem = self.stem();
         let mut plots = Vec::new();
         for scenario in self.scenarios() {
-            let file = format!("{stem}-{}.svg", scenario.key());
+            let file = if self.only.is_some() {
+                format!("{stem}.svg")
+            } else {
+                format!("{stem}-{}.svg", scenario.key())
+            };
             plot(&out.join(&file), scenario, &self.runs_of(scenario))?;
             plots.push((scenario, file));
         }
@@ -147,7 +175,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "Load (from the client host, over HTTPS through the VIP, HTTP/2): {} watch clients holding a watch stream each ({} in the reconnect storm; a stream silent for 2.5 s is re-established after a 100-300 ms backoff), {} short-request clients at {} req/s each (half keep their connection, half connect per request; 1 s timeout for connects and requests). {} s of load before the fault, {} s after; \"during\" is from the first fault to {} s after the last.\n",
+            "Load (from the client host, over HTTPS through the VIP, HTTP/2): {} watch clients holding a watch stream each ({} in the reconnect storm; a stream silent for 2.5 s is re-established after a 100-300 ms backoff), {} short-request clients at {} req/s each (half keep their connection, half connect per request); 1 s timeout for the TCP connect and for a short request, 10 s for the TLS + HTTP/2 handshakes once TCP is up (client-go's TLS handshake timeout; giving up sooner only repeats the work). {} s of load before the fault, {} s after; \"during\" is from the first fault to {} s after the last.\n",
             p.watchers, p.storm_watchers, p.requesters, p.rate, p.before_s, p.after_s, p.during_s
         );
         let _ = writeln!(
@@ -155,19 +183,15 @@ impl Report {
             "| scenario | front | gap | failed req | failed conn | watches lost | all back | detect | VIP moved | two holders | p50/p99 before | during | after |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
-        let lat = |l: &Latency| {
-            if l.n == 0 {
-                "-".to_owned()
-            } else {
-                format!("{:.1}/{:.1} ms", l.p50_ms, l.p99_ms)
-            }
-        };
         for sc in self.scenarios() {
             for r in self.runs_of(sc) {
-                let back = if r.watch_never_back > 0 {
-                    format!("{} never", r.watch_never_back)
-                } else {
-                    f(r.watch_all_back_ms)
+                let back = match (r.watch_never_back, r.watch_all_back_ms) {
+                    (0, Some(all)) => format!(
+                        "{all:.0} ms (p50 {:.0})",
+                        r.watch_median_back_ms.unwrap_or(all)
+                    ),
+                    (0, None) => "-".to_owned(),
+                    (n, _) => format!("{n} never"),
                 };
                 let _ = writeln!(
                     s,
@@ -185,9 +209,9 @@ impl Report {
                     f(r.time_to_detect_ms),
                     f(r.vip_moved_ms),
                     r.two_holders_ms,
-                    lat(&r.latency_before),
-                    lat(&r.latency_during),
-                    lat(&r.latency_after),
+                    latency_cell(&r.latency_before),
+                    latency_cell(&r.latency_during),
+                    latency_cell(&r.latency_after),
                 );
             }
         }
@@ -203,34 +227,38 @@ impl Report {
             ) else {
                 continue;
             };
-            let ratio = |a: f64, b: f64| {
-                if b > 0.0 {
-                    format!("{:.2}", a / b)
-                } else if a == 0.0 {
-                    "both 0".to_owned()
-                } else {
-                    "baseline 0".to_owned()
-                }
-            };
-            let back = match (b.watch_all_back_ms, k.watch_all_back_ms) {
-                (Some(x), Some(y)) => ratio(x, y),
-                _ => "-".to_owned(),
-            };
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} |",
                 sc.key(),
                 ratio(b.gap_ms, k.gap_ms),
-                ratio(b.failed_requests as f64, k.failed_requests as f64),
-                ratio(b.failed_connects as f64, k.failed_connects as f64),
-                back,
-                ratio(b.latency_during.p99_ms, k.latency_during.p99_ms),
+                count_ratio(b.failed_requests, k.failed_requests),
+                count_ratio(b.failed_connects, k.failed_connects),
+                back_ratio(b, k),
+                latency_ratio(&b.latency_during, &k.latency_during),
             );
         }
         let _ = writeln!(
             s,
-            "\n## How to read it\n\n- **gap**: the longest time between two successful short requests (all clients together) ending after the fault; steady state is a few ms.\n- **failed req / conn**: failed short requests and failed connects (TCP + TLS + HTTP/2) from the fault on, out of all attempted.\n- **watches lost / all back**: watch streams lost after the fault, out of all watch clients, and the time from the fault until the last of them had its stream again.\n- **detect**: VIP scenarios: bulwark's failover record (last contact with the old leader to election won); baseline: the fault to keepalived logging `Entering MASTER STATE` on another host. Backend scenarios (apiserver kill / shutdown, prober isolated): the fault to bulwark's leader logging a committed verdict change (`verdict committed`), or to HAProxy logging a server DOWN; logs polled every 20 ms. In `prober-isolated` a figure here means a verdict changed: for bulwark that would be a wrong eviction; HAProxy on the cut-off host marks its servers down, which harms no client while that host does not hold the VIP.\n- **VIP moved**: the fault to an `ip addr` sampler (every ~10 ms) first seeing the VIP on another host (same yardstick for both).\n- **two holders**: time the sampler saw the VIP on more than one host. After a SIGKILL the dead node's address stays behind (both fronts); after a partition only a fenced leader gives it up.\n- **p50/p99**: successful short requests by start time: before the fault, during, after.\n"
+            "\nA ratio needs a sample on both sides (at least {MIN_SAMPLE}): **p99 during** is \"-\" when either front had fewer than {MIN_SAMPLE} successful requests in its during window (a p99 of a handful is its maximum); **failed requests / connects** show both counts (\"4 vs 1\") when both are below {MIN_SAMPLE}; **watch streams all back** is \"-\" when either front lost fewer than {MIN_SAMPLE} streams or some never came back. The **gap** is one measurement per run, not a sample, and is always a ratio."
         );
+        let _ = writeln!(
+            s,
+            "\n## How to read it\n\n- **gap**: the longest time between two successful short requests (all clients together) ending after the fault; steady state is a few ms.\n- **failed req / conn**: failed short requests and failed connects (TCP + TLS + HTTP/2) from the fault on, out of all attempted. A requester whose connect fails sends no request, so when the VIP or every backend is unreachable the failures show under conn, not req.\n- **watches lost / all back**: watch streams lost after the fault, out of all watch clients, and the time from the fault until the last of them had its stream again (p50: the median stream); \"N never\" when N streams were still down when the load stopped.\n- **detect**: VIP scenarios: bulwark's failover record (last contact with the old leader to election won); baseline: the fault to keepalived logging `Entering MASTER STATE` on another host. Backend scenarios (apiserver kill / shutdown, prober isolated): the fault to bulwark's leader logging a committed verdict change (`verdict committed`), or to HAProxy logging a server DOWN; logs polled every 20 ms. In `prober-isolated` a figure here means a verdict changed: for bulwark that would be a wrong eviction; HAProxy on the cut-off host marks its servers down, which harms no client while that host does not hold the VIP.\n- **VIP moved**: the fault to an `ip addr` sampler (every ~10 ms) first seeing the VIP on another host (same yardstick for both).\n- **two holders**: time the sampler saw the VIP on more than one host. After a SIGKILL the dead node's address stays behind (both fronts); after a partition only a fenced leader gives it up.\n- **p50/p99**: successful short requests by start time: before the fault, during, after; \"(n=…)\" marks a window with fewer than {MIN_SAMPLE} successes.\n- **zone-outage, keepalived+haproxy** is slow for two reasons of the baseline itself, not of the harness. (1) The two BACKUPs have the same priority (100, as in the guide), so when the MASTER's zone goes dark both time out at the same instant, both enter MASTER and send gratuitous ARPs, and the one with the lower address yields at once (keepalived's log: `Entering MASTER STATE`, then `same priority 100 but higher IP address`, `Entering BACKUP STATE`). A client whose neighbour entry took the loser's ARP last sends its SYNs to a host that no longer has the VIP until keepalived repeats its gratuitous ARPs (`garp_master_delay`, 5 s later). (2) HAProxy keeps the dead zone's apiserver in the round robin until three checks have failed (`inter 2s fall 3`, each check waiting 2 s): a connection sent there waits `timeout connect 5s` before `retries 1` with `redispatch` moves it, so a third of the watch streams come back only 8-10 s after the fault.\n"
+        );
+        if !self.failed.is_empty() {
+            let _ = writeln!(s, "## Runs that did not complete\n");
+            for f in &self.failed {
+                let _ = writeln!(
+                    s,
+                    "- {} / {}: {}",
+                    f.scenario.key(),
+                    f.contender.key(),
+                    f.error.replace('\n', " ")
+                );
+            }
+            let _ = writeln!(s);
+        }
         let _ = writeln!(s, "## Failures by kind\n");
         for r in &self.runs {
             if r.failure_kinds.is_empty() {
@@ -260,6 +288,62 @@ impl Report {
             );
         }
         s
+    }
+}
+
+/// Fewer samples than this on either side and a ratio is noise.
+pub const MIN_SAMPLE: usize = 20;
+
+/// `a / b`, or what stands in for it when `b` is 0.
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else if a == 0.0 {
+        "both 0".to_owned()
+    } else {
+        "baseline 0".to_owned()
+    }
+}
+
+/// A ratio of two counts, or both counts when both are small.
+fn count_ratio(a: usize, b: usize) -> String {
+    if a < MIN_SAMPLE && b < MIN_SAMPLE {
+        format!("{a} vs {b}")
+    } else {
+        ratio(a as f64, b as f64)
+    }
+}
+
+/// The ratio of two p99s, only when both rest on enough requests.
+fn latency_ratio(a: &Latency, b: &Latency) -> String {
+    if a.n < MIN_SAMPLE || b.n < MIN_SAMPLE {
+        "-".to_owned()
+    } else {
+        ratio(a.p99_ms, b.p99_ms)
+    }
+}
+
+/// The ratio of the "all back" times, only when both fronts lost enough
+/// streams and got every one back.
+fn back_ratio(a: &RunResult, b: &RunResult) -> String {
+    match (a.watch_all_back_ms, b.watch_all_back_ms) {
+        (Some(x), Some(y))
+            if a.watch_streams_lost >= MIN_SAMPLE && b.watch_streams_lost >= MIN_SAMPLE =>
+        {
+            ratio(x, y)
+        }
+        _ => "-".to_owned(),
+    }
+}
+
+/// A latency cell: p50/p99, with the sample size when it is small.
+fn latency_cell(l: &Latency) -> String {
+    if l.n == 0 {
+        "-".to_owned()
+    } else if l.n < MIN_SAMPLE {
+        format!("{:.1}/{:.1} ms (n={})", l.p50_ms, l.p99_ms, l.n)
+    } else {
+        format!("{:.1}/{:.1} ms", l.p50_ms, l.p99_ms)
     }
 }
 
@@ -344,4 +428,36 @@ fn plot(path: &Path, scenario: Scenario, runs: &[&RunResult]) -> anyhow::Result<
     }
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lat(n: usize, p99_ms: f64) -> Latency {
+        Latency {
+            n,
+            p50_ms: 1.0,
+            p99_ms,
+        }
+    }
+
+    #[test]
+    fn a_p99_of_a_handful_of_requests_gets_no_ratio() {
+        assert_eq!(latency_ratio(&lat(500, 15.7), &lat(3, 0.3)), "-");
+        assert_eq!(latency_ratio(&lat(19, 15.7), &lat(500, 0.3)), "-");
+        assert_eq!(latency_ratio(&lat(20, 10.0), &lat(20, 5.0)), "2.00");
+        assert_eq!(latency_cell(&lat(3, 0.3)), "1.0/0.3 ms (n=3)");
+        assert_eq!(latency_cell(&lat(300, 0.3)), "1.0/0.3 ms");
+        assert_eq!(latency_cell(&lat(0, f64::NAN)), "-");
+    }
+
+    #[test]
+    fn small_counts_show_both_counts_instead_of_a_ratio() {
+        assert_eq!(count_ratio(4, 1), "4 vs 1");
+        assert_eq!(count_ratio(0, 0), "0 vs 0");
+        assert_eq!(count_ratio(4, 1401), "0.00");
+        assert_eq!(count_ratio(159, 1401), "0.11");
+        assert_eq!(count_ratio(30, 0), "baseline 0");
+    }
 }

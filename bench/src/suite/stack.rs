@@ -331,15 +331,24 @@ fn baseline_node(t: &Topology, dir: &TestDir, i: usize) -> anyhow::Result<Vec<Pr
         })
         .collect();
     let haproxy_cfg = dir.join(format!("haproxy-{id}.cfg"));
+    // HAProxy wants 2 descriptors per connection plus some, and refuses to
+    // start when `maxconn` needs more than it may open.
+    let maxconn = ((super::nofile_soft()?.saturating_sub(100)) / 2).min(20_000);
     // The kubeadm HA guide's haproxy.cfg (ha-considerations.md), in the
-    // foreground (-db) rather than as a daemon.
+    // foreground (-db) rather than as a daemon. One addition: `maxconn`
+    // (global and per frontend) as high as the descriptor limit allows, at
+    // most 20000; the guide leaves it to HAProxy's default, derived from
+    // the limit of whoever starts it, and the reconnect storm's 5,000
+    // streams need it stated.
     std::fs::write(
         &haproxy_cfg,
         format!(
             "global
     log stdout format raw local0
+    maxconn {maxconn}
 
 defaults
+    maxconn                 {maxconn}
     mode                    http
     log                     global
     option                  httplog
@@ -442,13 +451,6 @@ pub fn clear_vip(hosts: &[Host], vip: Ipv4Addr) {
     }
 }
 
-/// Reads a log file, empty when missing.
-pub fn read_log(path: &std::path::Path) -> String {
-    std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
 /// Which of `hosts` hold `vip` now.
 pub fn holders(hosts: &[Host], vip: Ipv4Addr) -> Vec<usize> {
     let needle = format!(" {vip}/");
@@ -483,12 +485,56 @@ pub async fn wait_single_holder(
     }
 }
 
-/// Context for a missing log (keeps `read_log` callers short).
-pub fn log_count(paths: &[PathBuf], needle: &str) -> usize {
-    paths
-        .iter()
-        .map(|p| read_log(p).matches(needle).count())
-        .sum()
+/// Follows log files from their current ends: each [`LogTail::seen`]
+/// reads only what was appended since the last call (HAProxy logs every
+/// connection, and the storm has thousands), so polling stays cheap.
+pub struct LogTail {
+    files: Vec<(PathBuf, u64)>,
+    /// The end of what was read last, per file, so a needle split across
+    /// two reads is still found.
+    carry: Vec<Vec<u8>>,
+}
+
+impl LogTail {
+    /// Starts at the files' current ends (a missing file starts at 0).
+    pub fn at_end(paths: Vec<PathBuf>) -> Self {
+        let files: Vec<(PathBuf, u64)> = paths
+            .into_iter()
+            .map(|p| {
+                let len = std::fs::metadata(&p).map_or(0, |m| m.len());
+                (p, len)
+            })
+            .collect();
+        let carry = vec![Vec::new(); files.len()];
+        Self { files, carry }
+    }
+
+    /// Whether `needle` appeared in what was appended since the last call.
+    pub fn seen(&mut self, needle: &str) -> bool {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let needle = needle.as_bytes();
+        let mut found = false;
+        for ((path, offset), carry) in self.files.iter_mut().zip(&mut self.carry) {
+            let Ok(mut f) = std::fs::File::open(&*path) else {
+                continue;
+            };
+            // A process restarted with a fresh log: start from its top.
+            if f.metadata().is_ok_and(|m| m.len() < *offset) {
+                *offset = 0;
+                carry.clear();
+            }
+            let mut new = Vec::new();
+            if f.seek(SeekFrom::Start(*offset)).is_err() || f.read_to_end(&mut new).is_err() {
+                continue;
+            }
+            *offset += new.len() as u64;
+            carry.extend_from_slice(&new);
+            found |= carry.windows(needle.len()).any(|w| w == needle);
+            let keep = needle.len().saturating_sub(1).min(carry.len());
+            carry.drain(..carry.len() - keep);
+        }
+        found
+    }
 }
 
 /// Errors out with the process log when a process died at start.
@@ -502,4 +548,42 @@ pub fn check_running(stack: &Stack) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    #[test]
+    fn log_tail_sees_only_appended_lines_even_split_across_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        std::fs::write(&path, "old: Entering MASTER STATE\n").expect("write");
+        let mut tail = LogTail::at_end(vec![path.clone(), dir.path().join("missing")]);
+        assert!(
+            !tail.seen(KEEPALIVED_MASTER),
+            "what was there before is not news"
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        f.write_all(b"new: Entering MAS").expect("append");
+        assert!(!tail.seen(KEEPALIVED_MASTER));
+        f.write_all(b"TER STATE\n").expect("append");
+        assert!(tail.seen(KEEPALIVED_MASTER), "a needle split across reads");
+        assert!(!tail.seen(KEEPALIVED_MASTER), "and only once");
+    }
+
+    #[test]
+    fn log_tail_restarts_from_the_top_of_a_truncated_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        std::fs::write(&path, "a long first life of the process\n").expect("write");
+        let mut tail = LogTail::at_end(vec![path.clone()]);
+        std::fs::write(&path, "x is DOWN\n").expect("rewrite");
+        assert!(tail.seen(HAPROXY_DOWN));
+    }
 }

@@ -130,3 +130,73 @@ impl Drop for LiveGuard {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Connections spread evenly and go back to their thread's count when
+    /// they end; each runs on a `proxy-<n>` thread, not the caller's.
+    #[tokio::test]
+    async fn least_loaded_thread_takes_each_connection() {
+        let mut workers = Workers::start(3).unwrap();
+        let stop = CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..9 {
+            let (stop, tx) = (stop.clone(), tx.clone());
+            workers.spawn(async move {
+                let name = std::thread::current().name().map(str::to_owned);
+                let _ = tx.send(name);
+                stop.cancelled().await;
+            });
+        }
+        let mut names = Vec::new();
+        for _ in 0..9 {
+            names.push(rx.recv().await.unwrap().unwrap_or_default());
+        }
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "proxy-0", "proxy-0", "proxy-0", "proxy-1", "proxy-1", "proxy-1", "proxy-2",
+                "proxy-2", "proxy-2"
+            ]
+        );
+        let loads = |w: &Workers| -> Vec<usize> {
+            w.workers
+                .iter()
+                .map(|w| w.live.load(Ordering::Relaxed))
+                .collect()
+        };
+        assert_eq!(loads(&workers), [3, 3, 3]);
+        stop.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while loads(&workers) != [0, 0, 0] {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                loads(&workers)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Dropping the workers ends their threads and whatever still runs on
+    /// them (the caller drops them only after the shutdown grace).
+    #[tokio::test]
+    async fn dropping_the_workers_ends_their_connections() {
+        let mut workers = Workers::start(1).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        workers.spawn(async move {
+            let _tx = tx;
+            std::future::pending::<()>().await;
+        });
+        drop(workers);
+        // The sender is dropped with the task: the receiver sees it closed.
+        let r = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .unwrap();
+        assert!(r.is_err());
+    }
+}

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// remembered in a fixed array so a connection allocates nothing for them.
 pub const MAX_CONNECT_ATTEMPTS: u32 = 16;
 
+/// Upper bound for [`ProxyConfig::workers`]: more threads than this only
+/// add context switches.
+const MAX_WORKERS: u32 = 256;
+
 /// How the proxy connects, limits and copies.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -70,6 +74,11 @@ pub struct ProxyConfig {
     /// every byte on the buffered path.
     #[serde(default = "d_true")]
     pub splice: bool,
+    /// Threads that run this node's proxied connections, per listener; a
+    /// connection stays on one thread for its whole life. 0 (the default):
+    /// one per CPU the process may use.
+    #[serde(default)]
+    pub workers: u32,
 }
 
 /// TCP keepalive probes, so a peer that vanished (power loss, cut link)
@@ -147,6 +156,7 @@ impl Default for ProxyConfig {
             shutdown_grace: d_shutdown_grace(),
             buffer_size: d_buffer_size(),
             splice: true,
+            workers: 0,
         }
     }
 }
@@ -201,6 +211,14 @@ impl Validate for ProxyConfig {
             format!(
                 "{} is out of range: expected between 1024 and 16777216 bytes",
                 self.buffer_size
+            ),
+        );
+        v.check(
+            self.workers <= MAX_WORKERS,
+            "workers",
+            format!(
+                "{} is out of range: expected between 0 (one per CPU) and {MAX_WORKERS}",
+                self.workers
             ),
         );
     }
@@ -260,6 +278,7 @@ mod tests {
             connect_attempts: 0,
             max_connections: 0,
             buffer_size: 10,
+            workers: 1000,
             idle_timeout: Some(Duration::from_millis(5)),
             tcp_keepalive: KeepaliveConfig {
                 count: 0,
@@ -282,7 +301,8 @@ mod tests {
                 "proxy.maxConnections",
                 "proxy.tcpKeepalive.count",
                 "proxy.idleTimeout",
-                "proxy.bufferSize"
+                "proxy.bufferSize",
+                "proxy.workers"
             ],
             "{errs:?}"
         );

@@ -30,18 +30,21 @@ mod config;
 mod conn;
 mod copy;
 mod splice;
+mod workers;
 
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::net::TcpListener;
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backends::Backends;
+use workers::Workers;
 
 pub use config::{KeepaliveConfig, MAX_CONNECT_ATTEMPTS, ProxyConfig};
 
@@ -55,6 +58,14 @@ pub enum ProxyError {
         /// The listener's address, when it could still be read.
         address: String,
         /// The error from `accept`.
+        source: io::Error,
+    },
+    /// The data-path threads could not be started.
+    #[error("cannot start the data-path threads for {address}: {source}")]
+    Workers {
+        /// The listener's address.
+        address: String,
+        /// Why a thread or its runtime could not be created.
         source: io::Error,
     },
 }
@@ -99,7 +110,12 @@ struct Shared {
 
 /// Serves `listener` until `shutdown` is cancelled: stops accepting at
 /// once, lets open connections finish for `shutdownGrace`, then closes the
-/// rest and returns. Errors only when the listener itself is unusable.
+/// rest and returns. Errors only when the listener itself is unusable or
+/// the data-path threads cannot start.
+///
+/// Accepting runs on the caller's runtime; the connections run on
+/// `proxy.workers` threads of their own ([`workers`]), which stop when this
+/// returns (or its future is dropped, which closes open connections).
 ///
 /// Metric handles are resolved here: install the metrics recorder
 /// (`bulwark_common::telemetry::metrics_handle()`) before calling it.
@@ -125,6 +141,29 @@ pub async fn serve(
     // the listener on Linux: set once here instead of five setsockopt calls
     // per accepted connection. If that fails, set them per connection.
     let inherit = set_listener_options(&listener, keepalive.as_ref()).is_ok();
+    let count = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
+    };
+    let mut workers = Workers::start(count).map_err(|source| ProxyError::Workers {
+        address: address.clone(),
+        source,
+    })?;
+    // Accept without registering the new sockets here: each is registered
+    // once, by the thread that will serve it.
+    let listener = listener
+        .into_std()
+        .and_then(|l| {
+            // SAFETY: the std listener owns its descriptor, and the AsyncFd
+            // owns the listener until it is dropped, so the descriptor stays
+            // open and the same for the AsyncFd's whole life.
+            unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) }
+                .map_err(io::Error::from)
+        })
+        .map_err(|source| ProxyError::Listener {
+            address: address.clone(),
+            source,
+        })?;
     let shared = Arc::new(Shared {
         backends,
         client_options_inherited: inherit,
@@ -135,9 +174,18 @@ pub async fn serve(
     });
     let limit = Arc::new(Semaphore::new(shared.config.max_connections as usize));
     let tracker = TaskTracker::new();
-    tracing::info!(listener = %address, "proxy listening");
+    tracing::info!(listener = %address, threads = workers.len(), "proxy listening");
 
-    let result = accept_loop(&listener, &address, &shared, &limit, &tracker, &shutdown).await;
+    let result = accept_loop(
+        &listener,
+        &address,
+        &shared,
+        &limit,
+        &tracker,
+        &mut workers,
+        &shutdown,
+    )
+    .await;
     // Stop accepting at once: the kernel refuses new connects from here on
     // instead of queueing them for a listener nobody reads.
     drop(listener);
@@ -194,12 +242,44 @@ fn set_listener_options(
     Ok(())
 }
 
+/// `accept(2)` once the listener is readable. The socket comes back in
+/// blocking mode (std's accept); its thread makes it non-blocking.
+async fn accept(listener: &AsyncFd<std::net::TcpListener>) -> io::Result<std::net::TcpStream> {
+    loop {
+        let mut ready = listener.readable().await?;
+        match ready.try_io(|l| l.get_ref().accept()) {
+            Ok(result) => return result.map(|(stream, _peer)| stream),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// A connection's whole life on its data-path thread.
+async fn connection(
+    shared: Arc<Shared>,
+    client: std::net::TcpStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let client = match client
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(client))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register an accepted connection; closing it");
+            return;
+        }
+    };
+    conn::handle(shared, client, permit).await;
+}
+
 async fn accept_loop(
-    listener: &TcpListener,
+    listener: &AsyncFd<std::net::TcpListener>,
     address: &str,
     shared: &Arc<Shared>,
     limit: &Arc<Semaphore>,
     tracker: &TaskTracker,
+    workers: &mut Workers,
     shutdown: &CancellationToken,
 ) -> Result<(), ProxyError> {
     let mut backoff = Backoff::default();
@@ -234,13 +314,13 @@ async fn accept_loop(
         let accepted = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
-            r = listener.accept() => r,
+            r = accept(listener) => r,
         };
         match accepted {
-            Ok((client, _peer)) => {
+            Ok(client) => {
                 backoff.recovered(address);
                 shared.metrics.accepted.increment(1);
-                tracker.spawn(conn::handle(shared.clone(), client, permit));
+                workers.spawn(tracker.track_future(connection(shared.clone(), client, permit)));
             }
             Err(e) => match classify_accept_error(&e) {
                 AcceptError::Connection => {}

@@ -1,0 +1,202 @@
+//! The data path's threads: each runs its own single-threaded Tokio
+//! runtime, and a connection lives its whole life on one of them, as in
+//! HAProxy's or nginx's thread-per-core model.
+//!
+//! On the work-stealing runtime the daemon uses for Raft, gRPC and the
+//! rest, a connection's task could be woken on one worker and stolen by
+//! another: each proxied message could cost a cross-thread wake-up (a
+//! futex call and a context switch) on top of its read and write. Here the
+//! thread whose epoll saw a socket become ready is the one that reads it,
+//! copies, writes and goes back to epoll: nothing else is involved.
+//!
+//! The listener stays with the caller: one acceptor hands each new
+//! connection to the thread with the fewest live connections (ties rotate),
+//! so long-lived connections (watches, `kubectl logs -f`) spread evenly
+//! instead of landing wherever a wake-up happened to come first.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+/// One data-path thread.
+struct Worker {
+    handle: Handle,
+    /// Connections it is serving now.
+    live: Arc<AtomicUsize>,
+}
+
+/// The threads of one listener. Dropping this stops them: a connection
+/// still open then is closed (serve drops it only after its grace).
+pub(super) struct Workers {
+    workers: Vec<Worker>,
+    /// Where the search for the least-loaded thread starts next time.
+    next: usize,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    /// Starts `count` threads (at least one), named `proxy-<n>`.
+    pub(super) fn start(count: usize) -> io::Result<Self> {
+        let stop = CancellationToken::new();
+        let mut workers = Vec::with_capacity(count.max(1));
+        for n in 0..count.max(1) {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let token = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("proxy-{n}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Ok(runtime.handle().clone()));
+                    // Runs the connections spawned onto it until stopped;
+                    // dropping the runtime then closes whatever is left.
+                    runtime.block_on(token.cancelled());
+                })?;
+            let handle = rx
+                .recv()
+                .map_err(|_| io::Error::other("a data-path thread exited while starting"))??;
+            workers.push(Worker {
+                handle,
+                live: Arc::new(AtomicUsize::new(0)),
+            });
+        }
+        Ok(Self {
+            workers,
+            next: 0,
+            stop,
+        })
+    }
+
+    /// How many threads there are.
+    pub(super) fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Runs `connection` on the thread with the fewest live connections.
+    /// The future is first polled there, so a socket it registers (e.g.
+    /// `TcpStream::from_std` at its start) belongs to that thread's runtime.
+    pub(super) fn spawn(&mut self, connection: impl Future<Output = ()> + Send + 'static) {
+        let n = self.workers.len();
+        let mut best = self.next % n;
+        let mut best_load = usize::MAX;
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            let load = self.workers[i].live.load(Ordering::Relaxed);
+            if load < best_load {
+                best = i;
+                best_load = load;
+            }
+        }
+        self.next = best + 1;
+        let worker = &self.workers[best];
+        let live = LiveGuard::new(worker.live.clone());
+        worker.handle.spawn(async move {
+            let _live = live;
+            connection.await;
+        });
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Counts a connection on its thread until the connection ends.
+struct LiveGuard(Arc<AtomicUsize>);
+
+impl LiveGuard {
+    fn new(live: Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::Relaxed);
+        Self(live)
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Connections spread evenly and go back to their thread's count when
+    /// they end; each runs on a `proxy-<n>` thread, not the caller's.
+    #[tokio::test]
+    async fn least_loaded_thread_takes_each_connection() {
+        let mut workers = Workers::start(3).unwrap();
+        let stop = CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..9 {
+            let (stop, tx) = (stop.clone(), tx.clone());
+            workers.spawn(async move {
+                let name = std::thread::current().name().map(str::to_owned);
+                let _ = tx.send(name);
+                stop.cancelled().await;
+            });
+        }
+        let mut names = Vec::new();
+        for _ in 0..9 {
+            names.push(rx.recv().await.unwrap().unwrap_or_default());
+        }
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "proxy-0", "proxy-0", "proxy-0", "proxy-1", "proxy-1", "proxy-1", "proxy-2",
+                "proxy-2", "proxy-2"
+            ]
+        );
+        let loads = |w: &Workers| -> Vec<usize> {
+            w.workers
+                .iter()
+                .map(|w| w.live.load(Ordering::Relaxed))
+                .collect()
+        };
+        assert_eq!(loads(&workers), [3, 3, 3]);
+        stop.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while loads(&workers) != [0, 0, 0] {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                loads(&workers)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Dropping the workers ends their threads and whatever still runs on
+    /// them (the caller drops them only after the shutdown grace).
+    #[tokio::test]
+    async fn dropping_the_workers_ends_their_connections() {
+        let mut workers = Workers::start(1).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        workers.spawn(async move {
+            let _tx = tx;
+            std::future::pending::<()>().await;
+        });
+        drop(workers);
+        // The sender is dropped with the task: the receiver sees it closed.
+        let r = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .unwrap();
+        assert!(r.is_err());
+    }
+}

@@ -242,16 +242,36 @@ fn set_listener_options(
     Ok(())
 }
 
-/// `accept(2)` once the listener is readable. The socket comes back in
-/// blocking mode (std's accept); its thread makes it non-blocking.
+/// `accept4(2)` once the listener is readable: the new socket comes back
+/// non-blocking and close-on-exec in one call, ready for its thread to
+/// register.
 async fn accept(listener: &AsyncFd<std::net::TcpListener>) -> io::Result<std::net::TcpStream> {
     loop {
         let mut ready = listener.readable().await?;
-        match ready.try_io(|l| l.get_ref().accept()) {
-            Ok(result) => return result.map(|(stream, _peer)| stream),
+        match ready.try_io(|l| accept_nonblocking(l.get_ref())) {
+            Ok(result) => return result,
             Err(_would_block) => continue,
         }
     }
+}
+
+fn accept_nonblocking(listener: &std::net::TcpListener) -> io::Result<std::net::TcpStream> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: the listener's descriptor is open for the call (we borrow
+    // the listener), and null address pointers are allowed.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::net::TcpStream::from_raw_fd(fd) })
 }
 
 /// A connection's whole life on its data-path thread.
@@ -260,10 +280,7 @@ async fn connection(
     client: std::net::TcpStream,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let client = match client
-        .set_nonblocking(true)
-        .and_then(|()| TcpStream::from_std(client))
-    {
+    let client = match TcpStream::from_std(client) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "cannot register an accepted connection; closing it");

@@ -78,35 +78,7 @@ async fn heavy_download_breaking_off_mid_object_touches_no_node() {
     let data_dir = node.path().join("etcd-data");
     std::fs::create_dir_all(data_dir.join("member")).unwrap();
     std::fs::write(data_dir.join("member/sentinel"), b"old data").unwrap();
-    let manifest = node.path().join("manifests/etcd.yaml");
-    std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
-    let pod = format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: etcd-m1, namespace: kube-system}}
-spec:
-  containers:
-  - name: etcd
-    command:
-    - etcd
-    - --name=m1
-    - --data-dir={}
-    - --advertise-client-urls=http://127.0.0.1:1
-    - --initial-advertise-peer-urls=http://127.0.0.1:2
-",
-        data_dir.display()
-    );
-    std::fs::write(&manifest, &pod).unwrap();
-    let state_dir = node.path().join("state");
-    let agent = Agent::new(
-        engine.clone(),
-        RestoreConfig {
-            etcd_manifest: manifest.clone(),
-            state_dir: state_dir.clone(),
-            ..Default::default()
-        },
-        "127.0.0.1:1".into(),
-    );
+    let (agent, manifest, pod, state_dir) = node_agent(&engine, node.path(), &data_dir);
     let request = pb::PrepareRestoreRequest {
         restore_id: "r1".into(),
         coordinator: "test".into(),
@@ -208,35 +180,7 @@ async fn heavy_space_check_refuses_up_front_and_the_rollback_removes_an_unrename
     let node = tempfile::tempdir().unwrap();
     let data_dir = node.path().join("etcd-data");
     std::os::unix::fs::symlink(node.path().join("nowhere"), &data_dir).unwrap();
-    let manifest = node.path().join("manifests/etcd.yaml");
-    std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
-    let pod = format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: etcd-m1, namespace: kube-system}}
-spec:
-  containers:
-  - name: etcd
-    command:
-    - etcd
-    - --name=m1
-    - --data-dir={}
-    - --advertise-client-urls=http://127.0.0.1:1
-    - --initial-advertise-peer-urls=http://127.0.0.1:2
-",
-        data_dir.display()
-    );
-    std::fs::write(&manifest, &pod).unwrap();
-    let state_dir = node.path().join("state");
-    let agent = Agent::new(
-        engine.clone(),
-        RestoreConfig {
-            etcd_manifest: manifest.clone(),
-            state_dir: state_dir.clone(),
-            ..Default::default()
-        },
-        "127.0.0.1:1".into(),
-    );
+    let (agent, manifest, pod, state_dir) = node_agent(&engine, node.path(), &data_dir);
     let spec = |size_bytes| pb::MemberRestoreSpec {
         snapshot: Some(pb::SnapshotSource {
             object_key: key.into(),
@@ -333,4 +277,44 @@ spec:
         .filter(|n| n.contains(".bulwark-"))
         .collect();
     assert!(kept.is_empty(), "{kept:?}");
+}
+
+/// A node's agent over a tempdir: etcd's static pod manifest naming
+/// `data_dir`, and a state dir. Returns the agent, the manifest's path and
+/// text (to check it is untouched) and the state dir.
+fn node_agent(
+    engine: &Arc<bulwark_backup::Engine>,
+    node: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> (Agent, std::path::PathBuf, String, std::path::PathBuf) {
+    let manifest = node.join("manifests/etcd.yaml");
+    std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+    let pod = format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: etcd-m1, namespace: kube-system}}
+spec:
+  containers:
+  - name: etcd
+    command:
+    - etcd
+    - --name=m1
+    - --data-dir={}
+    - --advertise-client-urls=http://127.0.0.1:1
+    - --initial-advertise-peer-urls=http://127.0.0.1:2
+",
+        data_dir.display()
+    );
+    std::fs::write(&manifest, &pod).unwrap();
+    let state_dir = node.join("state");
+    let agent = Agent::new(
+        engine.clone(),
+        RestoreConfig {
+            etcd_manifest: manifest.clone(),
+            state_dir: state_dir.clone(),
+            ..Default::default()
+        },
+        "127.0.0.1:1".into(),
+    );
+    (agent, manifest, pod, state_dir)
 }

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::probecost::cpu_seconds;
+
 use anyhow::{Context, bail};
 use serde::Serialize;
 
@@ -266,38 +268,6 @@ struct Sample {
     /// CPU time (user + system, all threads) the contender's process spent
     /// per request during the run, µs; `None` for `direct`.
     cpu_us_per_req: Option<f64>,
-}
-
-/// User + system CPU time of process `pid` so far (all its threads), s.
-/// Robust against other load on the machine, unlike throughput.
-pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    cpu_seconds_of(&stat, clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
-}
-
-/// utime and stime are fields 14 and 15 of /proc/<pid>/stat; the command
-/// name (field 2) is in parentheses and may contain spaces, so fields are
-/// counted after its closing parenthesis.
-fn cpu_seconds_of(stat: &str, ticks_per_s: f64) -> anyhow::Result<f64> {
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("no command name in /proc/<pid>/stat")?;
-    let mut fields = rest.split_whitespace().skip(11);
-    let mut next = || -> anyhow::Result<f64> {
-        Ok(fields
-            .next()
-            .context("/proc/<pid>/stat is too short")?
-            .parse::<f64>()?)
-    };
-    Ok((next()? + next()?) / ticks_per_s)
 }
 
 fn parse_latency(s: &str) -> Option<f64> {
@@ -783,15 +753,5 @@ Transfer/sec:    100.00KB
         assert_eq!(s.errors, 6);
         assert!(parse_wrk("garbage").is_err());
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-    }
-
-    #[test]
-    fn reads_cpu_time_after_the_command_name() {
-        // A command name with spaces and parentheses must not shift fields.
-        let stat = "4242 (bulwark (lb) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0";
-        assert_eq!(cpu_seconds_of(stat, 100.0).unwrap(), 3.0);
-        assert!(cpu_seconds_of("4242 (x) S 1", 100.0).is_err());
-        let own = cpu_seconds(std::process::id()).unwrap();
-        assert!(own >= 0.0);
     }
 }

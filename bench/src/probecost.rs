@@ -81,10 +81,20 @@ struct Report {
     rows: Vec<Row>,
 }
 
-/// CPU seconds (user + system) a process has used, from /proc.
+/// CPU seconds (user + system, all threads) a process has used, from /proc.
 pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        bail!("sysconf(_SC_CLK_TCK) failed");
+    }
+    cpu_seconds_of(&stat, hz as f64)
+}
+
+/// utime + stime of a /proc/<pid>/stat line, in seconds at `hz` ticks/s.
+fn cpu_seconds_of(stat: &str, hz: f64) -> anyhow::Result<f64> {
     // The command name is in parentheses and may contain spaces: fields
     // are counted after the last ')'. utime and stime are fields 14 and
     // 15, i.e. the 12th and 13th after it.
@@ -100,12 +110,7 @@ pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
             .parse::<f64>()
             .context("parsing /proc stat")
     };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz <= 0 {
-        bail!("sysconf(_SC_CLK_TCK) failed");
-    }
-    Ok((ticks(11)? + ticks(12)?) / hz as f64)
+    Ok((ticks(11)? + ticks(12)?) / hz)
 }
 
 /// Sum of `bulwark_prober_probes_total` from the prober's /metrics.
@@ -366,5 +371,15 @@ mod tests {
         }
         let after = cpu_seconds(std::process::id()).unwrap();
         assert!(after > before, "{before} -> {after}");
+    }
+
+    #[test]
+    fn reads_cpu_time_after_the_command_name() {
+        // A command name with spaces and parentheses must not shift fields.
+        let stat = "4242 (bulwark (lb) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0";
+        assert_eq!(cpu_seconds_of(stat, 100.0).unwrap(), 3.0);
+        assert!(cpu_seconds_of("4242 (x) S 1", 100.0).is_err());
+        let own = cpu_seconds(std::process::id()).unwrap();
+        assert!(own >= 0.0);
     }
 }

@@ -7,8 +7,8 @@
 //! or the verification result. A client that goes away cancels the work:
 //! the task's token is tied to the response channel.
 //!
-//! `Restore` is handed to [`crate::restore::Coordinator`]; the
-//! `RestoreAgent` service is [`crate::restore::AgentApi`].
+//! `Restore` is handed to [`crate::restore::coordinator::Coordinator`]; the
+//! `RestoreAgent` service is [`crate::restore::coordinator::AgentApi`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::BackupError;
-use crate::manifest::timestamp;
-use crate::service::Service;
+use crate::schedule::service::Service;
+use crate::snapshot::manifest::timestamp;
 use crate::snapshot::{SnapshotEvent, SnapshotOptions};
 use crate::verify::{Stage, VerifyEvent};
 
@@ -35,7 +35,7 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>
 pub struct BackupApi {
     service: Arc<Service>,
     shutdown: CancellationToken,
-    restore: Option<crate::restore::Coordinator>,
+    restore: Option<crate::restore::coordinator::Coordinator>,
 }
 
 impl BackupApi {
@@ -49,7 +49,7 @@ impl BackupApi {
     }
 
     /// Serves `Restore` through `coordinator`.
-    pub fn with_restore(mut self, coordinator: crate::restore::Coordinator) -> Self {
+    pub fn with_restore(mut self, coordinator: crate::restore::coordinator::Coordinator) -> Self {
         self.restore = Some(coordinator);
         self
     }
@@ -80,7 +80,7 @@ impl BackupApi {
 /// response header, and echoing a megabyte-sized id there makes the
 /// client's HTTP/2 stack drop the whole connection.
 fn check_snapshot_id(field: &str, id: &str) -> Result<(), Status> {
-    if crate::layout::is_valid_id(id) {
+    if crate::store::layout::is_valid_id(id) {
         return Ok(());
     }
     let shown = match id.char_indices().nth(64) {
@@ -377,7 +377,9 @@ impl pb::backup_server::Backup for BackupApi {
         let engine = s.engine();
         let settings = s.settings();
         let leader =
-            match crate::election::current_leader(&engine.etcd, &settings.election_name).await {
+            match crate::schedule::election::current_leader(&engine.etcd, &settings.election_name)
+                .await
+            {
                 Ok(l) => l.unwrap_or_default(),
                 Err(e) => {
                     tracing::debug!(error = %e, "status: leader unknown");

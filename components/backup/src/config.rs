@@ -20,8 +20,8 @@ use bulwark_common::tls::{
 };
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::retention::RetentionPolicy;
-use crate::schedule::Schedule;
+use crate::schedule::ticks::Schedule;
+use crate::snapshot::retention::RetentionPolicy;
 
 /// The whole configuration of one bulwark-backup instance.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -654,7 +654,7 @@ impl Validate for BackupConfig {
             "must not be empty",
         );
         v.check(
-            crate::layout::is_valid_id(&self.cluster_name),
+            crate::store::layout::is_valid_id(&self.cluster_name),
             "clusterName",
             "must be letters, digits, '-' or '_' (it is a directory name in the store)",
         );
@@ -731,7 +731,7 @@ impl Validate for BackupConfig {
             );
         });
         v.at("encryption", |v| {
-            if let Err(e) = crate::encryption::Keyring::load(
+            if let Err(e) = crate::pipeline::encryption::Keyring::load(
                 self.encryption.recipient_file.as_deref(),
                 &self.encryption.identity_files,
             ) {

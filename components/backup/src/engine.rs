@@ -2,18 +2,18 @@
 //! layout, the keys and the tuning knobs), built once from the config and
 //! shared by the scheduler, the gRPC handlers, the tests and the bench.
 //! The operations themselves live in [`crate::snapshot`] (take),
-//! [`crate::catalog`] (list, get, delete, retention, garbage collection)
+//! [`crate::snapshot::catalog`] (list, get, delete, retention, garbage collection)
 //! and [`crate::verify`] (checks and drills).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::{BackupConfig, MemberChoice};
-use crate::encryption::Keyring;
 use crate::error::Result;
 use crate::etcd::EtcdConnector;
-use crate::layout::Layout;
-use crate::retention::RetentionPolicy;
+use crate::pipeline::encryption::Keyring;
+use crate::snapshot::retention::RetentionPolicy;
+use crate::store::layout::Layout;
 use crate::store::{Store, StoreSpec};
 
 /// Tuning of the snapshot pipeline.

@@ -22,7 +22,7 @@ use object_store::path::Path;
 use url::Url;
 
 use crate::error::{BackupError, Result};
-use crate::filestore::FileStore;
+use crate::store::file::FileStore;
 
 /// Which kind of store a URL names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,9 +17,9 @@ use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
 
 use crate::engine::Engine;
 use crate::error::{BackupError, Result};
-use crate::layout::{Entry, id_time, is_valid_id};
-use crate::manifest::{Manifest, VerificationRecord};
-use crate::retention::Candidate;
+use crate::snapshot::manifest::{Manifest, VerificationRecord};
+use crate::snapshot::retention::Candidate;
+use crate::store::layout::{Entry, id_time, is_valid_id};
 
 /// A committed snapshot and its newest verification.
 #[derive(Clone, Debug)]
@@ -160,7 +160,7 @@ impl Engine {
                 let p = self
                     .layout
                     .snapshot_dir(id)
-                    .join(crate::layout::VERIFY_DIR)
+                    .join(crate::store::layout::VERIFY_DIR)
                     .join(format!("{name}.json"));
                 match self.get_bytes(&p).await {
                     Ok(b) => VerificationRecord::from_json(&self.store.describe(&p), &b).ok(),
@@ -198,7 +198,10 @@ impl Engine {
                 "{id:?} is not a snapshot id (expected e.g. 20250102T030405Z-r42-3f2a)"
             )));
         }
-        let verify_dir = self.layout.snapshot_dir(id).join(crate::layout::VERIFY_DIR);
+        let verify_dir = self
+            .layout
+            .snapshot_dir(id)
+            .join(crate::store::layout::VERIFY_DIR);
         let records: Vec<ObjectMeta> = self
             .store
             .inner()

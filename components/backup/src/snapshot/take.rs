@@ -31,14 +31,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::codec::{BufferPool, ChunkSink, Encoder};
 use crate::engine::Engine;
 use crate::error::{BackupError, Corruption, Result};
 use crate::etcd::{EtcdConnector, MemberStatus, classify};
-use crate::hashing::{Sha256, TrailerVerifier};
-use crate::layout;
-use crate::manifest::{Compression, Encryption, EtcdSource, FORMAT_VERSION, Manifest, Trigger};
-use crate::upload::PartUploader;
+use crate::pipeline::codec::{BufferPool, ChunkSink, Encoder};
+use crate::pipeline::hashing::{Sha256, TrailerVerifier};
+use crate::pipeline::upload::PartUploader;
+use crate::snapshot::manifest::{
+    Compression, Encryption, EtcdSource, FORMAT_VERSION, Manifest, Trigger,
+};
+use crate::store::layout;
 
 /// Raw bytes are batched to this size before crossing to the compressor.
 const RAW_BATCH: usize = 256 * 1024;
@@ -386,7 +388,7 @@ impl Engine {
         read: ReadOutcome,
         stored_sha256: String,
         stored_size: u64,
-        key_id: Option<crate::encryption::KeyId>,
+        key_id: Option<crate::pipeline::encryption::KeyId>,
         data_path: &object_store::path::Path,
         progress: &dyn Progress,
         cancel: &CancellationToken,

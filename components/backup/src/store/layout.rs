@@ -51,7 +51,7 @@ pub fn new_snapshot_id(at: DateTime<Utc>, revision: i64) -> String {
     format!(
         "{}-r{revision}-{}",
         format_time(at),
-        crate::hashing::hex(&suffix)
+        crate::pipeline::hashing::hex(&suffix)
     )
 }
 
@@ -202,6 +202,13 @@ impl Layout {
             _ => Entry::Other { id },
         })
     }
+}
+
+/// Object path of a manifest's snapshot object (as the catalog stores it).
+pub fn object_path(prefix: &Path, object_key: &str) -> Path {
+    object_key
+        .split('/')
+        .fold(prefix.clone(), |p, part| p.join(part))
 }
 
 #[cfg(test)]

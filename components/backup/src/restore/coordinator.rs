@@ -200,7 +200,7 @@ impl Coordinator {
             let restore_id = format!(
                 "{}-{}",
                 crate::store::layout::format_time(Utc::now()),
-                crate::pipeline::hashing::hex(&rand_suffix())
+                crate::store::layout::random_suffix()
             );
             let events = Events {
                 tx,
@@ -773,12 +773,6 @@ impl Planned {
             warnings,
         }
     }
-}
-
-fn rand_suffix() -> [u8; 2] {
-    let mut b = [0u8; 2];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    b
 }
 
 /// Relays a node's step stream until it ends; an rpc error is the failure.

@@ -1,7 +1,7 @@
 //! Verifying a stored snapshot (`Engine::verify_snapshot`): the stream
 //! check, then a drill when asked; the record stored and returned.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
@@ -10,50 +10,7 @@ use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::snapshot::manifest::{FORMAT_VERSION, VerificationRecord};
 use crate::verify::drill::run_drill;
-
-/// Stages, as in the API.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    /// Download, hashes, decryption, decompression.
-    StreamCheck,
-    /// `etcdutl snapshot restore`.
-    DrillRestore,
-    /// Starting the throwaway etcd.
-    DrillStart,
-    /// Reading and comparing revision and key count.
-    DrillCompare,
-}
-
-/// Progress of a verification.
-#[derive(Clone, Debug)]
-pub struct VerifyEvent {
-    /// The stage.
-    pub stage: Stage,
-    /// Stored bytes read so far (stream check).
-    pub bytes_done: u64,
-    /// Stored bytes in total (stream check).
-    pub bytes_total: u64,
-    /// Time since the stage began.
-    pub elapsed: Duration,
-    /// Free text, e.g. the throwaway etcd's endpoint.
-    pub detail: String,
-}
-
-/// Progress sink for verifications.
-pub trait VerifyProgress: Send + Sync {
-    /// One event.
-    fn event(&self, event: VerifyEvent);
-}
-
-impl VerifyProgress for () {
-    fn event(&self, _: VerifyEvent) {}
-}
-
-impl<F: Fn(VerifyEvent) + Send + Sync> VerifyProgress for F {
-    fn event(&self, event: VerifyEvent) {
-        self(event)
-    }
-}
+use crate::verify::{Stage, VerifyEvent, VerifyProgress};
 
 impl Engine {
     /// Verifies snapshot `id` (with a drill when asked), stores the record

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::DrillSettings;
 use crate::etcd::EtcdConnector;
 use crate::snapshot::manifest::{Manifest, Mismatch, MismatchKind};
-use crate::verify::check::{Stage, VerifyEvent, VerifyProgress};
 use crate::verify::scratch::{Member, StartFailure, ToolFailure, tail};
+use crate::verify::{Stage, VerifyEvent, VerifyProgress};
 
 /// What the throwaway etcd showed.
 pub(crate) struct DrillFindings {

@@ -17,4 +17,48 @@ pub mod check;
 pub mod drill;
 pub mod scratch;
 
-pub use check::{Stage, VerifyEvent, VerifyProgress};
+use std::time::Duration;
+
+/// Stages, as in the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Download, hashes, decryption, decompression.
+    StreamCheck,
+    /// `etcdutl snapshot restore`.
+    DrillRestore,
+    /// Starting the throwaway etcd.
+    DrillStart,
+    /// Reading and comparing revision and key count.
+    DrillCompare,
+}
+
+/// Progress of a verification.
+#[derive(Clone, Debug)]
+pub struct VerifyEvent {
+    /// The stage.
+    pub stage: Stage,
+    /// Stored bytes read so far (stream check).
+    pub bytes_done: u64,
+    /// Stored bytes in total (stream check).
+    pub bytes_total: u64,
+    /// Time since the stage began.
+    pub elapsed: Duration,
+    /// Free text, e.g. the throwaway etcd's endpoint.
+    pub detail: String,
+}
+
+/// Progress sink for verifications.
+pub trait VerifyProgress: Send + Sync {
+    /// One event.
+    fn event(&self, event: VerifyEvent);
+}
+
+impl VerifyProgress for () {
+    fn event(&self, _: VerifyEvent) {}
+}
+
+impl<F: Fn(VerifyEvent) + Send + Sync> VerifyProgress for F {
+    fn event(&self, event: VerifyEvent) {
+        self(event)
+    }
+}

@@ -194,14 +194,31 @@ impl Agent {
         result
     }
 
-    pub(super) async fn do_restore(
-        &self,
-        h: &mut Held,
-        ev: &(dyn Fn(pb::NodeStep, pb::StepStatus, String, String) + Send + Sync),
-    ) -> Result<()> {
-        let manifest = &self.config.etcd_manifest;
+    /// RestoreMember's steps, each skipped when an earlier attempt of this
+    /// restore did it: stop etcd, wait until it stopped, move the data dir
+    /// aside, restore the snapshot.
+    pub(super) async fn do_restore(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
         h.expires = Instant::now() + Duration::from_secs(24 * 3600);
-        // Stop: the manifest leaves the kubelet's dir.
+        self.stop_etcd(h, ev).await?;
+        self.move_data_aside(h, ev).await?;
+        h.last_step = pb::NodeStep::RestoreSnapshot;
+        if !h.restored {
+            self.restore_snapshot(h, ev).await?;
+        }
+        ev(
+            h.last_step,
+            pb::StepStatus::Done,
+            String::new(),
+            h.member.data_dir.display().to_string(),
+        );
+        h.last_status = pb::StepStatus::Done;
+        Ok(())
+    }
+
+    /// Stop: the manifest leaves the kubelet's dir; then wait until etcd's
+    /// ports are closed.
+    async fn stop_etcd(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
+        let manifest = &self.config.etcd_manifest;
         h.last_step = pb::NodeStep::StopEtcd;
         if !h.manifest_moved {
             ev(
@@ -233,133 +250,145 @@ impl Agent {
             String::new(),
             String::new(),
         );
-        // Keep the old data: rename, never delete.
-        h.last_step = pb::NodeStep::MoveDataDirAside;
-        if !h.data_moved && !h.restored {
-            if tokio::fs::try_exists(&h.member.data_dir)
-                .await
-                .unwrap_or(false)
-            {
-                rename(&h.member.data_dir, &h.data_aside).await?;
-                h.data_moved = true;
-                ev(
-                    h.last_step,
-                    pb::StepStatus::Done,
-                    String::new(),
-                    h.data_aside.display().to_string(),
-                );
-            } else {
-                ev(
-                    h.last_step,
-                    pb::StepStatus::Skipped,
-                    format!("{} does not exist", h.member.data_dir.display()),
-                    String::new(),
-                );
-            }
-        }
-        h.last_step = pb::NodeStep::RestoreSnapshot;
-        if !h.restored {
-            // The tool writes into a directory beside the data dir, which
-            // takes the data dir's place only once it is complete: a tool
-            // that fails half-way (a full disk, a kill) never leaves a
-            // half-written member where etcd, or the rollback, expects the
-            // data dir.
-            let partial = aside_path(&h.member.data_dir, &h.restore_id, "-partial");
-            if h.partial {
-                // Our own output of an earlier attempt whose final rename
-                // failed: redone from scratch.
-                remove_partial(&partial).await?;
-            } else if tokio::fs::try_exists(&partial).await.unwrap_or(false) {
-                return Err(BackupError::Refused(format!(
-                    "{} already exists and is not this restore's output; not touching it",
-                    partial.display()
-                )));
-            }
-            h.partial = true;
-            let spec = &h.spec;
-            let tool = self.restore_tool();
-            let mut cmd = tool.command();
-            cmd.arg("snapshot")
-                .arg("restore")
-                .arg(&h.staged)
-                .arg("--data-dir")
-                .arg(&partial)
-                .args(["--name", &spec.member_name])
-                .args(["--initial-cluster", &spec.initial_cluster])
-                .args(["--initial-cluster-token", &spec.cluster_token])
-                .args(["--initial-advertise-peer-urls", &spec.peer_urls.join(",")]);
-            if spec.bump_revision > 0 {
-                cmd.arg(format!("--bump-revision={}", spec.bump_revision));
-            }
-            if spec.mark_compacted {
-                cmd.arg("--mark-compacted");
-            }
-            ev(
-                h.last_step,
-                pb::StepStatus::Started,
-                format!("{:?}", cmd.as_std()),
-                String::new(),
-            );
-            let out = cmd
-                .kill_on_drop(true)
-                .output()
-                .await
-                .map_err(|e| BackupError::local(format!("running {}", tool.name), e))?;
-            if !out.status.success() {
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                // Only the tool's own unfinished output is removed (it never
-                // was a data dir etcd ran from); on a full disk this gives
-                // the space back.
-                let removed = match tokio::fs::remove_dir_all(&partial).await {
-                    Ok(()) => {
-                        h.partial = false;
-                        "its partial output was removed".to_owned()
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        h.partial = false;
-                        "it wrote nothing".to_owned()
-                    }
-                    Err(e) => format!(
-                        "its partial output {} is left (the rollback removes it): {e}",
-                        partial.display()
-                    ),
-                };
-                let full = if stderr.contains("no space left on device") {
-                    let parent = h.member.data_dir.parent().unwrap_or(Path::new("/"));
-                    let free = free_bytes(parent);
-                    format!(
-                        "; the file system of {} is full ({free} bytes free after cleaning up; \
-                         a member needs about the snapshot's size plus two of etcd's 64 MB WAL segments)",
-                        parent.display(),
-                    )
-                } else {
-                    String::new()
-                };
-                return Err(BackupError::local(
-                    format!("{} snapshot restore into {}", tool.name, partial.display()),
-                    format!(
-                        "{}: {}{full}; {removed}",
-                        out.status,
-                        crate::verify::scratch::tail(&stderr)
-                    ),
-                ));
-            }
-            // Should this fail, the complete output stays at `partial`
-            // (`h.partial` still set) and the rollback removes it.
-            rename(&partial, &h.member.data_dir).await?;
-            h.partial = false;
-            h.restored = true;
-        }
-        ev(
-            h.last_step,
-            pb::StepStatus::Done,
-            String::new(),
-            h.member.data_dir.display().to_string(),
-        );
-        h.last_status = pb::StepStatus::Done;
         Ok(())
     }
 
+    /// Keep the old data: rename, never delete.
+    async fn move_data_aside(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
+        h.last_step = pb::NodeStep::MoveDataDirAside;
+        if h.data_moved || h.restored {
+            return Ok(());
+        }
+        if tokio::fs::try_exists(&h.member.data_dir)
+            .await
+            .unwrap_or(false)
+        {
+            rename(&h.member.data_dir, &h.data_aside).await?;
+            h.data_moved = true;
+            ev(
+                h.last_step,
+                pb::StepStatus::Done,
+                String::new(),
+                h.data_aside.display().to_string(),
+            );
+        } else {
+            ev(
+                h.last_step,
+                pb::StepStatus::Skipped,
+                format!("{} does not exist", h.member.data_dir.display()),
+                String::new(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The restore tool into `<dataDir>.bulwark-<id>-partial`, renamed into
+    /// place once complete: a tool that fails half-way (a full disk, a
+    /// kill) never leaves a half-written member where etcd, or the
+    /// rollback, expects the data dir.
+    async fn restore_snapshot(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
+        let partial = aside_path(&h.member.data_dir, &h.restore_id, "-partial");
+        if h.partial {
+            // Our own output of an earlier attempt whose final rename
+            // failed: redone from scratch.
+            remove_partial(&partial).await?;
+        } else if tokio::fs::try_exists(&partial).await.unwrap_or(false) {
+            return Err(BackupError::Refused(format!(
+                "{} already exists and is not this restore's output; not touching it",
+                partial.display()
+            )));
+        }
+        h.partial = true;
+        let spec = &h.spec;
+        let tool = self.restore_tool();
+        let mut cmd = tool.command();
+        cmd.arg("snapshot")
+            .arg("restore")
+            .arg(&h.staged)
+            .arg("--data-dir")
+            .arg(&partial)
+            .args(["--name", &spec.member_name])
+            .args(["--initial-cluster", &spec.initial_cluster])
+            .args(["--initial-cluster-token", &spec.cluster_token])
+            .args(["--initial-advertise-peer-urls", &spec.peer_urls.join(",")]);
+        if spec.bump_revision > 0 {
+            cmd.arg(format!("--bump-revision={}", spec.bump_revision));
+        }
+        if spec.mark_compacted {
+            cmd.arg("--mark-compacted");
+        }
+        ev(
+            h.last_step,
+            pb::StepStatus::Started,
+            format!("{:?}", cmd.as_std()),
+            String::new(),
+        );
+        let out = cmd
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| BackupError::local(format!("running {}", tool.name), e))?;
+        if !out.status.success() {
+            return Err(tool_failed(h, tool.name, &partial, &out).await);
+        }
+        // Should this fail, the complete output stays at `partial`
+        // (`h.partial` still set) and the rollback removes it.
+        rename(&partial, &h.member.data_dir).await?;
+        h.partial = false;
+        h.restored = true;
+        Ok(())
+    }
+}
+
+/// A failed restore tool: its unfinished output removed (it never was a
+/// data dir etcd ran from; on a full disk this gives the space back), and
+/// an error that says what happened, and why when the disk is full.
+async fn tool_failed(
+    h: &mut Held,
+    tool: &str,
+    partial: &Path,
+    out: &std::process::Output,
+) -> BackupError {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let removed = match tokio::fs::remove_dir_all(partial).await {
+        Ok(()) => {
+            h.partial = false;
+            "its partial output was removed".to_owned()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            h.partial = false;
+            "it wrote nothing".to_owned()
+        }
+        Err(e) => format!(
+            "its partial output {} is left (the rollback removes it): {e}",
+            partial.display()
+        ),
+    };
+    let full = if stderr.contains("no space left on device") {
+        let parent = h.member.data_dir.parent().unwrap_or(Path::new("/"));
+        let free = free_bytes(parent);
+        format!(
+            "; the file system of {} is full ({free} bytes free after cleaning up; \
+             a member needs about the snapshot's size plus two of etcd's 64 MB WAL segments)",
+            parent.display(),
+        )
+    } else {
+        String::new()
+    };
+    BackupError::local(
+        format!("{tool} snapshot restore into {}", partial.display()),
+        format!(
+            "{}: {}{full}; {removed}",
+            out.status,
+            crate::verify::scratch::tail(&stderr)
+        ),
+    )
+}
+
+/// A step's event: step, status, detail, path.
+type StepEvents<'a> = &'a (dyn Fn(pb::NodeStep, pb::StepStatus, String, String) + Send + Sync);
+
+impl Agent {
     /// StartMember: manifest back, wait until the member answers.
     pub async fn start_member(
         &self,

@@ -159,21 +159,9 @@ impl Recorder {
         base_cluster: &str,
         cancel: &CancellationToken,
     ) -> Result<FollowEnd> {
-        // After a restore etcd is a new cluster with other revisions: the
-        // old base's history does not continue there.
-        let statuses = self.engine.etcd.statuses().await?;
-        if let Some(s) = statuses.first()
-            && format!("{:016x}", s.cluster_id) != base_cluster
-        {
-            return Ok(FollowEnd::Gap(format!(
-                "etcd is now cluster {:016x}, snapshot {base} is of cluster {base_cluster} (restored?)",
-                s.cluster_id
-            )));
-        }
-        let existing = self.engine.list_segments(Some(base)).await?;
-        let mut last = match check_continuity(base_revision, &existing) {
+        let mut last = match self.start_after(base, base_revision, base_cluster).await? {
             Ok(l) => l,
-            Err(e) => return Ok(FollowEnd::Gap(e.to_string())),
+            Err(gap) => return Ok(gap),
         };
         let resumed_from = last;
         let mut client = self.engine.etcd.client().await?;
@@ -247,42 +235,9 @@ impl Recorder {
                             resp.cancel_reason()
                         )));
                     }
-                    let now = Utc::now().timestamp_millis();
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        let revision = kv.mod_revision();
-                        let same_group = revision == last && last > resumed_from;
-                        if revision != last + 1 && !same_group {
-                            self.flush(base, &mut buffer, &mut bytes).await?;
-                            return Ok(FollowEnd::Gap(format!(
-                                "the watch jumped from revision {last} to {revision}"
-                            )));
-                        }
-                        last = revision;
-                        let e = match ev.event_type() {
-                            EventType::Put => DeltaEvent {
-                                kind: EventKind::Put,
-                                revision,
-                                create_revision: kv.create_revision(),
-                                version: kv.version(),
-                                lease: kv.lease(),
-                                observed_at_ms: now,
-                                key: kv.key().to_vec(),
-                                value: kv.value().to_vec(),
-                            },
-                            EventType::Delete => DeltaEvent {
-                                kind: EventKind::Delete,
-                                revision,
-                                create_revision: 0,
-                                version: 0,
-                                lease: 0,
-                                observed_at_ms: now,
-                                key: kv.key().to_vec(),
-                                value: Vec::new(),
-                            },
-                        };
-                        bytes += e.encoded_len();
-                        buffer.push(e);
+                    if let Err(gap) = absorb(resp.events(), &mut last, resumed_from, &mut buffer, &mut bytes) {
+                        self.flush(base, &mut buffer, &mut bytes).await?;
+                        return Ok(FollowEnd::Gap(gap));
                     }
                     if !buffer.is_empty() && flush_at.is_none() {
                         flush_at = Some(tokio::time::Instant::now() + self.settings.flush_interval);
@@ -296,6 +251,29 @@ impl Recorder {
                 }
             }
         }
+    }
+
+    /// The revision to follow after: the last one `base`'s segments cover,
+    /// or a gap when etcd is another cluster now (after a restore its
+    /// revisions do not continue the base's history) or the segments have
+    /// a hole.
+    async fn start_after(
+        &self,
+        base: &str,
+        base_revision: i64,
+        base_cluster: &str,
+    ) -> Result<std::result::Result<i64, FollowEnd>> {
+        let statuses = self.engine.etcd.statuses().await?;
+        if let Some(s) = statuses.first()
+            && format!("{:016x}", s.cluster_id) != base_cluster
+        {
+            return Ok(Err(FollowEnd::Gap(format!(
+                "etcd is now cluster {:016x}, snapshot {base} is of cluster {base_cluster} (restored?)",
+                s.cluster_id
+            ))));
+        }
+        let existing = self.engine.list_segments(Some(base)).await?;
+        Ok(check_continuity(base_revision, &existing).map_err(|e| FollowEnd::Gap(e.to_string())))
     }
 
     async fn flush(
@@ -320,4 +298,54 @@ impl Recorder {
         });
         Ok(())
     }
+}
+
+/// Buffers a watch response's events, checking that their revisions follow
+/// `last` without a hole (several events of one revision are one group,
+/// except the first revision after a resume, already covered). A hole is
+/// the gap's description; the events before it are buffered.
+fn absorb(
+    events: &[etcd_client::Event],
+    last: &mut i64,
+    resumed_from: i64,
+    buffer: &mut Vec<DeltaEvent>,
+    bytes: &mut usize,
+) -> std::result::Result<(), String> {
+    let now = Utc::now().timestamp_millis();
+    for ev in events {
+        let Some(kv) = ev.kv() else { continue };
+        let revision = kv.mod_revision();
+        let same_group = revision == *last && *last > resumed_from;
+        if revision != *last + 1 && !same_group {
+            return Err(format!(
+                "the watch jumped from revision {last} to {revision}"
+            ));
+        }
+        *last = revision;
+        let e = match ev.event_type() {
+            EventType::Put => DeltaEvent {
+                kind: EventKind::Put,
+                revision,
+                create_revision: kv.create_revision(),
+                version: kv.version(),
+                lease: kv.lease(),
+                observed_at_ms: now,
+                key: kv.key().to_vec(),
+                value: kv.value().to_vec(),
+            },
+            EventType::Delete => DeltaEvent {
+                kind: EventKind::Delete,
+                revision,
+                create_revision: 0,
+                version: 0,
+                lease: 0,
+                observed_at_ms: now,
+                key: kv.key().to_vec(),
+                value: Vec::new(),
+            },
+        };
+        *bytes += e.encoded_len();
+        buffer.push(e);
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use bulwark_common::admin::Health;
 use bulwark_common::grpc::GrpcServer;
 use bulwark_common::shutdown::Shutdown;
+use bulwark_common::tls::TlsMaterial;
 use object_store::ObjectStore as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -75,13 +76,61 @@ pub async fn run(
         .tls
         .load()
         .context("loading the gRPC server's TLS files")?;
+    let settings = service_settings(&config)?;
+    let scheduled_work = settings.schedule.is_some()
+        || settings.drill_interval.is_some()
+        || settings.deltas.is_some();
+    let (leader_tx, leader_rx) = watch::channel(election::LeaderState::default());
+    let service = Arc::new(service::Service::new(engine.clone(), settings, leader_rx));
+    let health = Health::new();
+    health.set_ready("store", Err("not checked yet".into()));
+    tracing::info!(
+        node = %config.node_name,
+        store = %engine.store.display(),
+        grpc = %listeners.grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "bulwark-backup starting"
+    );
+    let Listeners { grpc, admin } = listeners;
+    let admin_token = shutdown.token();
+    let admin_health = health.clone();
+    shutdown.spawn_critical("admin server", async move {
+        bulwark_common::admin::serve(
+            admin,
+            admin_health,
+            Some(bulwark_common::telemetry::metrics_handle()),
+            admin_token,
+        )
+        .await
+        .context("admin server")
+    });
+    spawn_grpc(&config, (grpc, tls), &engine, &service, &shutdown)?;
+    if scheduled_work {
+        let token = shutdown.token();
+        let connector = engine.etcd.clone();
+        let name = config.schedule.election_name.clone();
+        let node = config.node_name.clone();
+        let ttl = config.schedule.lease_ttl;
+        shutdown.spawn_critical("leader election", async move {
+            election::run(connector, name, node, ttl, leader_tx, token).await;
+            Ok(())
+        });
+        let token = shutdown.token();
+        shutdown.spawn_critical("scheduler", async move {
+            service.run_scheduler(token).await;
+            Ok(())
+        });
+    }
+    spawn_store_probe(engine, health, &shutdown);
+    Ok(())
+}
+
+/// The scheduler's settings from the config.
+fn service_settings(config: &BackupConfig) -> anyhow::Result<service::ServiceSettings> {
     let schedule = config
         .schedule
         .schedule()
         .map_err(|e| anyhow::anyhow!("schedule: {e}"))?;
-    let scheduled_work =
-        schedule.is_some() || config.drill.interval.is_some() || config.deltas.enabled;
-    let settings = service::ServiceSettings {
+    Ok(service::ServiceSettings {
         schedule,
         retries: config.schedule.retries,
         retry_backoff: config.schedule.retry_backoff,
@@ -94,36 +143,21 @@ pub async fn run(
                 .unwrap_or(4 << 20),
             rpo_target: config.deltas.rpo_target,
         }),
-    };
-    let (leader_tx, leader_rx) = watch::channel(election::LeaderState::default());
-    let service = Arc::new(service::Service::new(engine.clone(), settings, leader_rx));
-    let health = Health::new();
-    health.set_ready("store", Err("not checked yet".into()));
-    tracing::info!(
-        node = %config.node_name,
-        store = %engine.store.display(),
-        grpc = %listeners.grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        "bulwark-backup starting"
-    );
+    })
+}
 
-    let admin_token = shutdown.token();
-    let admin_health = health.clone();
-    shutdown.spawn_critical("admin server", async move {
-        bulwark_common::admin::serve(
-            listeners.admin,
-            admin_health,
-            Some(bulwark_common::telemetry::metrics_handle()),
-            admin_token,
-        )
-        .await
-        .context("admin server")
-    });
-
-    let grpc_token = shutdown.token();
+/// The gRPC server: `Backup` (with the restore coordinator) and this
+/// node's `RestoreAgent`.
+fn spawn_grpc(
+    config: &BackupConfig,
+    (listener, tls): (TcpListener, TlsMaterial),
+    engine: &Arc<Engine>,
+    service: &Arc<service::Service>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
     let agent_address = match &config.restore.agent_address {
         Some(a) => a.clone(),
-        None => listeners
-            .grpc
+        None => listener
             .local_addr()
             .context("reading the gRPC listen address")?
             .to_string(),
@@ -145,33 +179,20 @@ pub async fn run(
     let api = api::BackupApi::new(service.clone(), shutdown.token()).with_restore(coordinator);
     let agent_api = restore::AgentApi::new(agent, shutdown.token());
     let access = config.grpc.access.clone();
+    let token = shutdown.token();
     shutdown.spawn_critical("gRPC server", async move {
         GrpcServer::new()
             .add_service(api.into_server())
             .add_service(agent_api.into_server())
-            .serve(listeners.grpc, &tls, access, grpc_token)
+            .serve(listener, &tls, access, token)
             .await
             .context("gRPC server")
     });
+    Ok(())
+}
 
-    if scheduled_work {
-        let token = shutdown.token();
-        let connector = engine.etcd.clone();
-        let name = config.schedule.election_name.clone();
-        let node = config.node_name.clone();
-        let ttl = config.schedule.lease_ttl;
-        shutdown.spawn_critical("leader election", async move {
-            election::run(connector, name, node, ttl, leader_tx, token).await;
-            Ok(())
-        });
-        let token = shutdown.token();
-        let svc = service.clone();
-        shutdown.spawn_critical("scheduler", async move {
-            svc.run_scheduler(token).await;
-            Ok(())
-        });
-    }
-
+/// Readiness: the store answers a listing of the cluster's directory.
+fn spawn_store_probe(engine: Arc<Engine>, health: Health, shutdown: &Shutdown) {
     let token = shutdown.token();
     shutdown.spawn("store probe", async move {
         loop {
@@ -187,5 +208,4 @@ pub async fn run(
             }
         }
     });
-    Ok(())
 }

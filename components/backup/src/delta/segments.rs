@@ -11,9 +11,8 @@ use std::io::Write as _;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -205,13 +204,7 @@ impl Engine {
             Some(b) => self.delta_base_dir(b),
             None => self.layout.delta_dir(),
         };
-        let metas: Vec<ObjectMeta> = self
-            .store
-            .inner()
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|e| BackupError::store(self.store.describe(&dir), e))?;
+        let metas = self.store.list_all(&dir).await?;
         let mut out = Vec::new();
         for m in metas
             .iter()
@@ -360,13 +353,7 @@ impl Engine {
     /// none is listed half-deleted). Returns segments and bytes removed.
     pub async fn delete_segments(&self, base: &str) -> Result<(u32, u64)> {
         let dir = self.delta_base_dir(base);
-        let mut metas: Vec<ObjectMeta> = self
-            .store
-            .inner()
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|e| BackupError::store(self.store.describe(&dir), e))?;
+        let mut metas = self.store.list_all(&dir).await?;
         metas.sort_by_key(|m| !m.location.as_ref().ends_with(".json"));
         let (mut count, mut freed) = (0, 0);
         for m in metas {

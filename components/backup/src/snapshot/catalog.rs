@@ -91,13 +91,7 @@ impl Engine {
     /// Lists `full/` and reads every manifest and newest verification record.
     pub async fn scan(&self) -> Result<Scan> {
         let full = self.layout.full_dir();
-        let metas: Vec<ObjectMeta> = self
-            .store
-            .inner()
-            .list(Some(&full))
-            .try_collect()
-            .await
-            .map_err(|e| BackupError::store(self.store.describe(&full), e))?;
+        let metas = self.store.list_all(&full).await?;
         let mut objects: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
         let mut has_manifest = BTreeMap::new();
         let mut newest_record: BTreeMap<String, String> = BTreeMap::new();
@@ -202,13 +196,7 @@ impl Engine {
             .layout
             .snapshot_dir(id)
             .join(crate::store::layout::VERIFY_DIR);
-        let records: Vec<ObjectMeta> = self
-            .store
-            .inner()
-            .list(Some(&verify_dir))
-            .try_collect()
-            .await
-            .map_err(|e| BackupError::store(self.store.describe(&verify_dir), e))?;
+        let records = self.store.list_all(&verify_dir).await?;
         let newest = records
             .iter()
             .filter_map(|m| match self.layout.classify(&m.location) {

@@ -238,6 +238,16 @@ impl Store {
         self.local_dir.as_deref()
     }
 
+    /// Every object below `dir`, listed to the end.
+    pub async fn list_all(&self, dir: &Path) -> Result<Vec<object_store::ObjectMeta>> {
+        use futures::TryStreamExt as _;
+        self.inner
+            .list(Some(dir))
+            .try_collect()
+            .await
+            .map_err(|e| BackupError::store(self.describe(dir), e))
+    }
+
     /// `<url>/<path>` for error messages.
     pub fn describe(&self, path: &Path) -> String {
         let rel = path

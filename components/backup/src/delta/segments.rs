@@ -282,24 +282,7 @@ impl Engine {
         let compression = meta.compression;
         let encryption = meta.encryption.clone();
         let decoded = tokio::task::spawn_blocking(move || {
-            let (tx, rx) = mpsc::channel(2);
-            let _ = tx.try_send(Item::Data(stored));
-            let _ = tx.try_send(Item::End);
-            let mut d = Decoder::new(
-                ChannelReader::new(rx),
-                compression,
-                &encryption,
-                identity.as_ref(),
-            )?;
-            let mut raw = Vec::new();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = d.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(raw);
-                }
-                raw.extend_from_slice(&buf[..n]);
-            }
+            decode_whole(stored, compression, &encryption, identity.as_ref())
         })
         .await
         .map_err(|e| BackupError::local("delta decoder task", e))?;
@@ -323,29 +306,7 @@ impl Engine {
             ));
         }
         let events = decode_events(&raw).map_err(|e| corrupt(Corruption::DeltaContent, e))?;
-        let mut prev = meta.first_revision;
-        for e in &events {
-            if e.revision < prev || e.revision > meta.last_revision {
-                return Err(corrupt(
-                    Corruption::DeltaContent,
-                    format!(
-                        "event at revision {} is out of order or outside {}..={}",
-                        e.revision, meta.first_revision, meta.last_revision
-                    ),
-                ));
-            }
-            prev = e.revision;
-        }
-        if events.len() as u64 != meta.event_count {
-            return Err(corrupt(
-                Corruption::DeltaContent,
-                format!(
-                    "{} events, the record says {}",
-                    events.len(),
-                    meta.event_count
-                ),
-            ));
-        }
+        check_events(meta, &events).map_err(|e| corrupt(Corruption::DeltaContent, e))?;
         Ok(events)
     }
 
@@ -369,6 +330,51 @@ impl Engine {
         }
         Ok((count, freed))
     }
+}
+
+/// A whole stored segment through age and zstd (blocking).
+fn decode_whole(
+    stored: bytes::Bytes,
+    compression: Compression,
+    encryption: &Encryption,
+    identity: Option<&age::x25519::Identity>,
+) -> std::result::Result<Vec<u8>, crate::pipeline::codec::DecodeError> {
+    let (tx, rx) = mpsc::channel(2);
+    let _ = tx.try_send(Item::Data(stored));
+    let _ = tx.try_send(Item::End);
+    let mut d = Decoder::new(ChannelReader::new(rx), compression, encryption, identity)?;
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = d.read(&mut buf)?;
+        if n == 0 {
+            return Ok(raw);
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A segment's events lie in its recorded revision range, in order, as
+/// many as the record says.
+fn check_events(meta: &SegmentMeta, events: &[DeltaEvent]) -> std::result::Result<(), String> {
+    let mut prev = meta.first_revision;
+    for e in events {
+        if e.revision < prev || e.revision > meta.last_revision {
+            return Err(format!(
+                "event at revision {} is out of order or outside {}..={}",
+                e.revision, meta.first_revision, meta.last_revision
+            ));
+        }
+        prev = e.revision;
+    }
+    if events.len() as u64 != meta.event_count {
+        return Err(format!(
+            "{} events, the record says {}",
+            events.len(),
+            meta.event_count
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -115,6 +115,37 @@ fn duration(d: Duration) -> prost_types::Duration {
     bulwark_api::time::duration_to_proto(d).unwrap_or_default()
 }
 
+/// A snapshot's progress event as the API sends it.
+fn snapshot_event(e: SnapshotEvent) -> pb::snapshot_progress::Event {
+    match e {
+        SnapshotEvent::Connecting {
+            endpoint,
+            member_name,
+            revision,
+            ..
+        } => pb::snapshot_progress::Event::Connecting(pb::SnapshotConnecting {
+            endpoint,
+            member_name,
+            revision,
+        }),
+        SnapshotEvent::Streaming {
+            raw_bytes,
+            stored_bytes,
+            raw_expected,
+            elapsed,
+        } => pb::snapshot_progress::Event::Streaming(pb::SnapshotStreaming {
+            raw_bytes,
+            stored_bytes,
+            raw_bytes_expected: (raw_expected > 0).then_some(raw_expected),
+            raw_bytes_per_second: (raw_bytes as f64 / elapsed.as_secs_f64().max(0.001)) as u64,
+            elapsed: Some(duration(elapsed)),
+        }),
+        SnapshotEvent::Committing { manifest_key } => {
+            pb::snapshot_progress::Event::Committing(pb::SnapshotCommitting { manifest_key })
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::backup_server::Backup for BackupApi {
     type CreateSnapshotStream = Stream_<pb::SnapshotProgress>;
@@ -152,45 +183,13 @@ impl pb::backup_server::Backup for BackupApi {
             let progress = {
                 let send = send.clone();
                 let id = id.clone();
-                move |e: SnapshotEvent| match e {
-                    SnapshotEvent::Connecting {
-                        id: sid,
-                        endpoint,
-                        member_name,
-                        revision,
-                    } => {
-                        if let Ok(mut s) = id.lock() {
-                            *s = sid;
-                        }
-                        send(pb::snapshot_progress::Event::Connecting(
-                            pb::SnapshotConnecting {
-                                endpoint,
-                                member_name,
-                                revision,
-                            },
-                        ))
+                move |e: SnapshotEvent| {
+                    if let SnapshotEvent::Connecting { id: sid, .. } = &e
+                        && let Ok(mut s) = id.lock()
+                    {
+                        s.clone_from(sid);
                     }
-                    SnapshotEvent::Streaming {
-                        raw_bytes,
-                        stored_bytes,
-                        raw_expected,
-                        elapsed,
-                    } => send(pb::snapshot_progress::Event::Streaming(
-                        pb::SnapshotStreaming {
-                            raw_bytes,
-                            stored_bytes,
-                            raw_bytes_expected: (raw_expected > 0).then_some(raw_expected),
-                            raw_bytes_per_second: (raw_bytes as f64
-                                / elapsed.as_secs_f64().max(0.001))
-                                as u64,
-                            elapsed: Some(duration(elapsed)),
-                        },
-                    )),
-                    SnapshotEvent::Committing { manifest_key } => {
-                        send(pb::snapshot_progress::Event::Committing(
-                            pb::SnapshotCommitting { manifest_key },
-                        ))
-                    }
+                    send(snapshot_event(e))
                 }
             };
             let mut options = SnapshotOptions::manual(req.note);

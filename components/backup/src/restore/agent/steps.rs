@@ -65,35 +65,13 @@ impl Agent {
         if req.skip_space_check {
             tracing::warn!(restore_id = %req.restore_id, "free-space check skipped (--skip-space-check)");
         } else {
-            let node = self.engine.node_name.clone();
-            let data_dir = member.data_dir.clone();
-            let state_dir = self.config.state_dir.clone();
-            let raw = source.size_bytes;
-            tokio::task::spawn_blocking(move || check_space(&node, &data_dir, &state_dir, raw))
-                .await
-                .map_err(|e| BackupError::local("checking free space", e))??;
+            self.check_space(&member, source.size_bytes).await?;
         }
         let dir = self.config.state_dir.join(&req.restore_id);
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| BackupError::local(format!("creating {}", dir.display()), e))?;
-        let caps = self.etcdutl_capabilities().await;
-        let tool = self.restore_tool();
-        if caps.version.is_empty() {
-            return Err(BackupError::Refused(format!(
-                "{} ({}) does not run here",
-                tool.path.display(),
-                tool.name
-            )));
-        }
-        if (spec.bump_revision > 0 && !caps.bump_revision)
-            || (spec.mark_compacted && !caps.mark_compacted)
-        {
-            return Err(BackupError::Refused(format!(
-                "{} {} here has no --bump-revision/--mark-compacted (etcdutl 3.5.10+ has them)",
-                tool.name, caps.version
-            )));
-        }
+        self.check_tool(&spec).await?;
         let staged = dir.join("snapshot.db");
         self.fetch(&source, &staged).await?;
         let data_aside = aside_path(&member.data_dir, &req.restore_id, "");
@@ -125,6 +103,39 @@ impl Agent {
             data_dir_aside_path: data_aside.display().to_string(),
             staged_snapshot_path: staged.display().to_string(),
         })
+    }
+
+    /// The restored member fits on its data dir's file system (blocking
+    /// statvfs calls, off the runtime).
+    async fn check_space(&self, member: &Member, raw_snapshot: u64) -> Result<()> {
+        let node = self.engine.node_name.clone();
+        let data_dir = member.data_dir.clone();
+        let state_dir = self.config.state_dir.clone();
+        tokio::task::spawn_blocking(move || check_space(&node, &data_dir, &state_dir, raw_snapshot))
+            .await
+            .map_err(|e| BackupError::local("checking free space", e))?
+    }
+
+    /// The restore tool runs here and has the flags `spec` asks for.
+    async fn check_tool(&self, spec: &pb::MemberRestoreSpec) -> Result<()> {
+        let caps = self.etcdutl_capabilities().await;
+        let tool = self.restore_tool();
+        if caps.version.is_empty() {
+            return Err(BackupError::Refused(format!(
+                "{} ({}) does not run here",
+                tool.path.display(),
+                tool.name
+            )));
+        }
+        if (spec.bump_revision > 0 && !caps.bump_revision)
+            || (spec.mark_compacted && !caps.mark_compacted)
+        {
+            return Err(BackupError::Refused(format!(
+                "{} {} here has no --bump-revision/--mark-compacted (etcdutl 3.5.10+ has them)",
+                tool.name, caps.version
+            )));
+        }
+        Ok(())
     }
 
     pub(super) async fn held_for(

@@ -365,27 +365,7 @@ async fn replay(
                 detail: format!("revision {revision} follows {current}: revisions are missing"),
             });
         }
-        let mut ops = Vec::with_capacity(group.len());
-        for e in group {
-            match e.kind {
-                EventKind::Put => {
-                    let mut opts = PutOptions::new();
-                    if e.lease != 0 {
-                        if leases.insert(e.lease) {
-                            ensure_lease(&mut client, e.lease).await?;
-                        }
-                        opts = opts.with_lease(e.lease);
-                    }
-                    ops.push(TxnOp::put(e.key.clone(), e.value.clone(), Some(opts)));
-                }
-                EventKind::Delete => ops.push(TxnOp::delete(e.key.clone(), None)),
-            }
-        }
-        let resp = client
-            .txn(Txn::new().and_then(ops))
-            .await
-            .map_err(|e| crate::etcd::classify(&eps, "replay txn", &e))?;
-        let got = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let got = apply_revision(&mut client, &eps, group, &mut leases).await?;
         if got != revision {
             return Err(BackupError::Corrupt {
                 kind: Corruption::DeltaContent,
@@ -420,6 +400,37 @@ async fn replay(
         events: applied,
     });
     Ok((current, applied))
+}
+
+/// One revision's events as one transaction (their leases granted first);
+/// the revision etcd answered with.
+async fn apply_revision(
+    client: &mut etcd_client::Client,
+    eps: &[String],
+    group: &[DeltaEvent],
+    leases: &mut BTreeSet<i64>,
+) -> Result<i64> {
+    let mut ops = Vec::with_capacity(group.len());
+    for e in group {
+        match e.kind {
+            EventKind::Put => {
+                let mut opts = PutOptions::new();
+                if e.lease != 0 {
+                    if leases.insert(e.lease) {
+                        ensure_lease(client, e.lease).await?;
+                    }
+                    opts = opts.with_lease(e.lease);
+                }
+                ops.push(TxnOp::put(e.key.clone(), e.value.clone(), Some(opts)));
+            }
+            EventKind::Delete => ops.push(TxnOp::delete(e.key.clone(), None)),
+        }
+    }
+    let resp = client
+        .txn(Txn::new().and_then(ops))
+        .await
+        .map_err(|e| crate::etcd::classify(eps, "replay txn", &e))?;
+    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
 }
 
 /// Grants lease `id` unless it exists.

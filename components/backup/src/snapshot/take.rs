@@ -289,15 +289,8 @@ impl Engine {
         if upload_error.is_some() {
             stage_cancel.cancel();
         }
-        let read = reader.await.unwrap_or_else(|e| {
-            Err(StageError::Failed(BackupError::local(
-                "snapshot reader task",
-                e,
-            )))
-        });
-        let compressed = compressor
-            .await
-            .unwrap_or_else(|e| Err(StageError::Failed(BackupError::local("compressor task", e))));
+        let read = joined(reader.await, "snapshot reader task");
+        let compressed = joined(compressor.await, "compressor task");
         let read = match root_cause(read, upload_error, compressed) {
             Ok(o) => o,
             Err(e) => {
@@ -510,6 +503,14 @@ async fn upload_stored(
         }
     }
     (stored_hash, None)
+}
+
+/// A stage task's outcome; a panicked task is a failure of its own.
+fn joined<T>(
+    r: std::result::Result<Result<T, StageError>, tokio::task::JoinError>,
+    what: &str,
+) -> Result<T, StageError> {
+    r.unwrap_or_else(|e| Err(StageError::Failed(BackupError::local(what, e))))
 }
 
 /// The stages' outcomes as one. The root cause wins: a reader failure of

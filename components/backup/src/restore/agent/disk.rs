@@ -26,7 +26,7 @@ impl Agent {
         fetched
     }
 
-    pub(super) async fn fetch_into(&self, source: &pb::SnapshotSource, to: &Path) -> Result<()> {
+    async fn fetch_into(&self, source: &pb::SnapshotSource, to: &Path) -> Result<()> {
         use futures::StreamExt;
         let path =
             crate::store::layout::object_path(self.engine.store.prefix(), &source.object_key);
@@ -116,7 +116,7 @@ pub(super) async fn rename(from: &Path, to: &Path) -> Result<()> {
 /// Moves a file to another mount: a copy beside the target, synced, renamed
 /// into place, and only then the source removed. Interrupted, it leaves the
 /// source in place (and at worst a `.partial` copy), never neither.
-pub(super) async fn move_file_across(from: &Path, to: &Path) -> std::io::Result<()> {
+async fn move_file_across(from: &Path, to: &Path) -> std::io::Result<()> {
     let mut partial = to.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
@@ -140,7 +140,7 @@ pub(super) fn free_bytes(path: &Path) -> u64 {
 }
 
 /// Bytes an unprivileged writer may still use on the file system of `path`.
-pub(super) fn statvfs_free(path: &Path) -> std::io::Result<u64> {
+fn statvfs_free(path: &Path) -> std::io::Result<u64> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(std::io::Error::other)?;
     // SAFETY: statvfs writes into the zeroed struct we own; the path is a
@@ -156,14 +156,14 @@ pub(super) fn statvfs_free(path: &Path) -> std::io::Result<u64> {
 }
 
 /// etcd's WAL segment (64,000,000 bytes), rounded up to 64 MiB.
-pub(super) const WAL_SEGMENT_BYTES: u64 = 64 << 20;
+const WAL_SEGMENT_BYTES: u64 = 64 << 20;
 
 /// The least margin on top of a restored member's database and WAL.
-pub(super) const MIN_SPACE_MARGIN: u64 = 16 << 20;
+const MIN_SPACE_MARGIN: u64 = 16 << 20;
 
 /// The room a restored member needs on its data dir's file system.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct SpaceNeeded {
+struct SpaceNeeded {
     /// The restored database: the target snapshot's raw size.
     database: u64,
     /// The WAL segment etcdutl preallocates, and the next one etcd
@@ -179,7 +179,7 @@ pub(super) struct SpaceNeeded {
 }
 
 impl SpaceNeeded {
-    pub(super) fn new(raw_snapshot: u64, staged_on_same_fs: bool) -> Self {
+    fn new(raw_snapshot: u64, staged_on_same_fs: bool) -> Self {
         Self {
             database: raw_snapshot,
             wal: 2 * WAL_SEGMENT_BYTES,
@@ -188,7 +188,7 @@ impl SpaceNeeded {
         }
     }
 
-    pub(super) fn total(&self) -> u64 {
+    fn total(&self) -> u64 {
         self.database
             .saturating_add(self.wal)
             .saturating_add(self.margin)
@@ -218,7 +218,7 @@ impl std::fmt::Display for SpaceNeeded {
 }
 
 /// `path`, or its nearest ancestor that exists.
-pub(super) fn existing_ancestor(path: &Path) -> &Path {
+fn existing_ancestor(path: &Path) -> &Path {
     path.ancestors()
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"))
@@ -226,7 +226,7 @@ pub(super) fn existing_ancestor(path: &Path) -> &Path {
 
 /// Where the file system holding `path` (which exists) is mounted: the
 /// last ancestor on the same device.
-pub(super) fn mount_point(path: &Path) -> PathBuf {
+fn mount_point(path: &Path) -> PathBuf {
     use std::os::unix::fs::MetadataExt as _;
     let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
     let Some(own) = dev(path) else {

@@ -103,7 +103,7 @@ pub struct Member {
     pub data_dir: PathBuf,
 }
 
-pub(super) fn split_urls(s: &str) -> Vec<String> {
+fn split_urls(s: &str) -> Vec<String> {
     s.split(',')
         .map(str::trim)
         .filter(|u| !u.is_empty())
@@ -112,7 +112,7 @@ pub(super) fn split_urls(s: &str) -> Vec<String> {
 }
 
 /// host:port of a URL.
-pub(super) fn url_addr(u: &str) -> Option<String> {
+fn url_addr(u: &str) -> Option<String> {
     let parsed = url::Url::parse(u).ok()?;
     Some(format!(
         "{}:{}",

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use bulwark_api::backup::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-use super::disk::*;
-use super::static_pod::*;
+use super::disk::{aside_path, check_space, free_bytes, remove_partial, rename};
+use super::static_pod::{Member, wait_ports_closed};
 use super::{Agent, Held, StepSink};
 use crate::error::{BackupError, Result};
 

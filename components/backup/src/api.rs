@@ -8,7 +8,7 @@
 //! the task's token is tied to the response channel.
 //!
 //! `Restore` is handed to [`crate::restore::coordinator::Coordinator`]; the
-//! `RestoreAgent` service is [`crate::restore::coordinator::AgentApi`].
+//! `RestoreAgent` service is [`crate::restore::AgentApi`].
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -26,7 +26,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`format`] | the raw segment format: events to bytes and back |
+//! | [`format`](mod@format) | the raw segment format: events to bytes and back |
 //! | [`segments`] | segment objects and their commit records in the store (the `Engine` methods) |
 //! | [`recorder`] | the watch that buffers events and flushes segments |
 //! | [`status`] | what the recorder is doing, for status and metrics |

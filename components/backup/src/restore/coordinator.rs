@@ -1,6 +1,6 @@
 //! `Backup.Restore`: the coordinator, one function per phase (the diagram
-//! in [`crate::restore`]). [`Coordinator::run`] reads as the phases in
-//! order; a failure anywhere ends in [`Coordinator::rollback`]
+//! in [`crate::restore`]). `Coordinator::run` reads as the phases in
+//! order; a failure anywhere ends in `Coordinator::rollback`
 //! ([`crate::restore::rollback`]), which says where each node stands.
 
 use std::pin::Pin;

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | [`url`] | store URLs (`file://`, `s3://`, `gs://`, `az://`) and the [`Store`] handle |
 //! | [`layout`] | object keys, snapshot ids, and a manifest's object path |
-//! | [`file`] | the `file://` store: streaming write-back and durable multipart uploads |
+//! | [`file`](mod@file) | the `file://` store: streaming write-back and durable multipart uploads |
 //! | `faults` | (feature `faults`, and unit tests) an object store that fails on demand |
 
 pub mod file;

@@ -26,9 +26,9 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`steps`] | prepare, restore member, start member, abort |
-//! | [`static_pod`] | the member from the static pod's manifest, the restore tool, etcd's ports |
-//! | [`disk`] | fetching the target, aside names and moves, the free-space check |
+//! | `steps` | prepare, restore member, start member, abort |
+//! | `static_pod` | the member from the static pod's manifest, the restore tool, etcd's ports |
+//! | `disk` | fetching the target, aside names and moves, the free-space check |
 
 mod disk;
 use disk::{aside_path, dir_size, free_bytes};

@@ -4,8 +4,8 @@
 
 #![no_main]
 
-use bulwark_backup::store::layout::{self, Layout};
 use bulwark_backup::snapshot::manifest::{Manifest, VerificationRecord};
+use bulwark_backup::store::layout::{self, Layout};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -24,5 +24,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = layout::id_time(&text);
     let _ = layout::is_valid_id(&text);
     let l = Layout::new(&object_store::path::Path::from("backups"), "lab");
-    let _ = l.classify(&object_store::path::Path::from(format!("{}/{text}", l.full_dir())));
+    let _ = l.classify(&object_store::path::Path::from(format!(
+        "{}/{text}",
+        l.full_dir()
+    )));
 });

@@ -24,8 +24,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = layout::id_time(&text);
     let _ = layout::is_valid_id(&text);
     let l = Layout::new(&object_store::path::Path::from("backups"), "lab");
-    let _ = l.classify(&object_store::path::Path::from(format!(
-        "{}/{text}",
-        l.full_dir()
-    )));
+    let _ = l.classify(&object_store::path::Path::from(format!("{}/{text}", l.full_dir())));
 });

@@ -30,11 +30,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bulwark_backup::config::MemberChoice;
-use bulwark_backup::encryption::Keyring;
 use bulwark_backup::engine::{DrillSettings, Engine, PipelineSettings};
 use bulwark_backup::etcd::EtcdConnector;
-use bulwark_backup::retention::RetentionPolicy;
+use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::snapshot::SnapshotOptions;
+use bulwark_backup::snapshot::retention::RetentionPolicy;
 use bulwark_backup::store::StoreSpec;
 use bulwark_testkit::{Etcd, S3Server, tools};
 

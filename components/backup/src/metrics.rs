@@ -21,9 +21,8 @@
 //! | `bulwark_backup_delta_running` | gauge | 1 while this instance records deltas |
 //! | `bulwark_backup_restores_total` | counter | restores coordinated here, by `outcome` |
 
-use crate::delta::{DeltaStatus, RecorderState, SegmentMeta};
 use crate::error::BackupError;
-use crate::manifest::{Manifest, VerificationRecord};
+use crate::snapshot::manifest::{Manifest, VerificationRecord};
 
 /// Gauge: 1 while this instance leads.
 pub const LEADER: &str = "bulwark_backup_leader";
@@ -37,9 +36,9 @@ pub fn snapshot_committed(m: &Manifest) {
     metrics::gauge!("bulwark_backup_last_raw_bytes").set(m.raw_size_bytes as f64);
     metrics::gauge!("bulwark_backup_last_stored_bytes").set(m.stored_size_bytes as f64);
     let trigger = match m.trigger {
-        crate::manifest::Trigger::Scheduled => "scheduled",
-        crate::manifest::Trigger::Manual => "manual",
-        crate::manifest::Trigger::PreRestore => "pre_restore",
+        crate::snapshot::manifest::Trigger::Scheduled => "scheduled",
+        crate::snapshot::manifest::Trigger::Manual => "manual",
+        crate::snapshot::manifest::Trigger::PreRestore => "pre_restore",
     };
     metrics::counter!("bulwark_backup_snapshots_total", "trigger" => trigger).increment(1);
 }
@@ -66,10 +65,10 @@ pub fn retention(deleted: usize, collected: usize) {
     metrics::counter!("bulwark_backup_gc_collected_total").increment(collected as u64);
 }
 
-/// Records a committed delta segment.
-pub fn delta_committed(m: &SegmentMeta) {
+/// Records a committed delta segment of `event_count` events.
+pub fn delta_committed(event_count: u64) {
     metrics::counter!("bulwark_backup_delta_segments_total").increment(1);
-    metrics::counter!("bulwark_backup_delta_events_total").increment(m.event_count);
+    metrics::counter!("bulwark_backup_delta_events_total").increment(event_count);
 }
 
 /// Records a delta gap.
@@ -77,15 +76,13 @@ pub fn delta_gap() {
     metrics::counter!("bulwark_backup_delta_gaps_total").increment(1);
 }
 
-/// Publishes the delta recorder's status.
-pub fn delta_status(s: &DeltaStatus, lag: std::time::Duration) {
-    metrics::gauge!("bulwark_backup_delta_covered_revision").set(s.newest_revision as f64);
+/// Publishes the delta recorder's status: the newest covered revision,
+/// the RPO lag and whether it runs. (Plain values, so this module does not
+/// depend on the recorder's types.)
+pub fn delta_status(newest_revision: i64, lag: std::time::Duration, running: bool) {
+    metrics::gauge!("bulwark_backup_delta_covered_revision").set(newest_revision as f64);
     metrics::gauge!("bulwark_backup_delta_rpo_lag_seconds").set(lag.as_secs_f64());
-    metrics::gauge!("bulwark_backup_delta_running").set(if s.state == RecorderState::Running {
-        1.0
-    } else {
-        0.0
-    });
+    metrics::gauge!("bulwark_backup_delta_running").set(if running { 1.0 } else { 0.0 });
 }
 
 /// Records the end of a restore.

@@ -49,7 +49,7 @@ pub enum Compression {
     None,
     /// zstd: one or more concatenated frames, read as one stream
     /// (incompressible stretches are frames of raw blocks, see
-    /// [`crate::codec::Adaptive`]).
+    /// [`crate::pipeline::codec::Adaptive`]).
     Zstd {
         /// zstd level used.
         level: i32,
@@ -65,7 +65,7 @@ pub enum Encryption {
     /// age to one X25519 recipient.
     #[serde(rename = "age-x25519", rename_all = "camelCase")]
     AgeX25519 {
-        /// Fingerprint of the recipient ([`crate::encryption::KeyId`]).
+        /// Fingerprint of the recipient ([`crate::pipeline::encryption::KeyId`]).
         key_id: String,
     },
 }

@@ -28,7 +28,7 @@ use std::str::FromStr;
 use age::x25519;
 
 use crate::error::{BackupError, Result};
-use crate::hashing::Sha256;
+use crate::pipeline::hashing::Sha256;
 
 /// Fingerprint of an age X25519 recipient: `age-x25519:` and the first 16
 /// hex digits of the SHA-256 of its `age1…` text. Names a key without

@@ -149,7 +149,7 @@ impl ObjectStore for UnreliableStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        if location.filename() == Some(crate::layout::MANIFEST)
+        if location.filename() == Some(crate::store::layout::MANIFEST)
             && self.faults.take(&self.faults.manifest_failures)
         {
             return Err(injected("manifest put"));

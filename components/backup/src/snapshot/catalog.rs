@@ -17,9 +17,9 @@ use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
 
 use crate::engine::Engine;
 use crate::error::{BackupError, Result};
-use crate::layout::{Entry, id_time, is_valid_id};
-use crate::manifest::{Manifest, VerificationRecord};
-use crate::retention::Candidate;
+use crate::snapshot::manifest::{Manifest, VerificationRecord};
+use crate::snapshot::retention::Candidate;
+use crate::store::layout::{Entry, id_time, is_valid_id};
 
 /// A committed snapshot and its newest verification.
 #[derive(Clone, Debug)]
@@ -91,13 +91,7 @@ impl Engine {
     /// Lists `full/` and reads every manifest and newest verification record.
     pub async fn scan(&self) -> Result<Scan> {
         let full = self.layout.full_dir();
-        let metas: Vec<ObjectMeta> = self
-            .store
-            .inner()
-            .list(Some(&full))
-            .try_collect()
-            .await
-            .map_err(|e| BackupError::store(self.store.describe(&full), e))?;
+        let metas = self.store.list_all(&full).await?;
         let mut objects: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
         let mut has_manifest = BTreeMap::new();
         let mut newest_record: BTreeMap<String, String> = BTreeMap::new();
@@ -160,7 +154,7 @@ impl Engine {
                 let p = self
                     .layout
                     .snapshot_dir(id)
-                    .join(crate::layout::VERIFY_DIR)
+                    .join(crate::store::layout::VERIFY_DIR)
                     .join(format!("{name}.json"));
                 match self.get_bytes(&p).await {
                     Ok(b) => VerificationRecord::from_json(&self.store.describe(&p), &b).ok(),
@@ -198,14 +192,11 @@ impl Engine {
                 "{id:?} is not a snapshot id (expected e.g. 20250102T030405Z-r42-3f2a)"
             )));
         }
-        let verify_dir = self.layout.snapshot_dir(id).join(crate::layout::VERIFY_DIR);
-        let records: Vec<ObjectMeta> = self
-            .store
-            .inner()
-            .list(Some(&verify_dir))
-            .try_collect()
-            .await
-            .map_err(|e| BackupError::store(self.store.describe(&verify_dir), e))?;
+        let verify_dir = self
+            .layout
+            .snapshot_dir(id)
+            .join(crate::store::layout::VERIFY_DIR);
+        let records = self.store.list_all(&verify_dir).await?;
         let newest = records
             .iter()
             .filter_map(|m| match self.layout.classify(&m.location) {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::DrillSettings;
 use crate::error::{BackupError, Corruption, Result};
 use crate::etcd::{EtcdConnector, classify};
-use crate::hashing::{Sha256, TrailerVerifier};
+use crate::pipeline::hashing::{Sha256, TrailerVerifier};
 
 /// The running throwaway etcd.
 #[derive(Debug)]
@@ -25,7 +25,7 @@ pub struct ScratchEtcd {
 
 /// Two free loopback ports. The race with other processes taking them
 /// before etcd binds is handled by retrying the start.
-pub(crate) fn free_ports() -> std::io::Result<(u16, u16)> {
+fn free_ports() -> std::io::Result<(u16, u16)> {
     let a = std::net::TcpListener::bind("127.0.0.1:0")?;
     let b = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok((a.local_addr()?.port(), b.local_addr()?.port()))
@@ -35,6 +35,120 @@ pub(crate) fn free_ports() -> std::io::Result<(u16, u16)> {
 pub(crate) fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+/// One throwaway single-member etcd's names and loopback URLs, shared by
+/// the scratch etcd and the drill (which differ in how they report).
+pub(crate) struct Member {
+    /// The member's (and the cluster token's) name.
+    name: &'static str,
+    /// Where it is restored.
+    pub(crate) data_dir: PathBuf,
+    /// Its peer URL.
+    peer: String,
+    /// Its client URL.
+    pub(crate) client: String,
+}
+
+/// Why `etcdutl snapshot restore` did not restore.
+pub(crate) enum ToolFailure {
+    /// It could not be run.
+    Spawn(std::io::Error),
+    /// It ran and failed: its status and the tail of its stderr.
+    Exit(std::process::ExitStatus, String),
+}
+
+/// Why etcd did not start.
+pub(crate) enum StartFailure {
+    /// Its log file (what was being done, the error).
+    Log(String, std::io::Error),
+    /// The process.
+    Spawn(std::io::Error),
+}
+
+impl Member {
+    /// A member `name` restored into `<dir>/<name>-<attempt>` on two free
+    /// loopback ports.
+    pub(crate) fn new(dir: &Path, name: &'static str, attempt: usize) -> std::io::Result<Self> {
+        let (client_port, peer_port) = free_ports()?;
+        Ok(Self {
+            name,
+            data_dir: dir.join(format!("{name}-{attempt}")),
+            peer: format!("http://127.0.0.1:{peer_port}"),
+            client: format!("http://127.0.0.1:{client_port}"),
+        })
+    }
+
+    fn cluster(&self) -> String {
+        format!("{}={}", self.name, self.peer)
+    }
+
+    fn token(&self) -> String {
+        format!("bulwark-{}", self.name)
+    }
+
+    /// `etcdutl snapshot restore` of `db` into the member's data dir.
+    pub(crate) async fn restore(
+        &self,
+        tools: &DrillSettings,
+        db: &Path,
+    ) -> std::result::Result<(), ToolFailure> {
+        let out = tokio::process::Command::new(&tools.etcdutl)
+            .arg("snapshot")
+            .arg("restore")
+            .arg(db)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--name", self.name, "--initial-cluster", &self.cluster()])
+            .args(["--initial-advertise-peer-urls", &self.peer])
+            .args(["--initial-cluster-token", &self.token()])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(ToolFailure::Spawn)?;
+        if !out.status.success() {
+            return Err(ToolFailure::Exit(
+                out.status,
+                tail(&String::from_utf8_lossy(&out.stderr)),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Starts etcd on the restored data dir, its output in `log_path`,
+    /// with `extra` flags; killed when the child is dropped.
+    pub(crate) fn start(
+        &self,
+        tools: &DrillSettings,
+        log_path: &Path,
+        extra: &[&str],
+    ) -> std::result::Result<tokio::process::Child, StartFailure> {
+        let log = std::fs::File::create(log_path)
+            .map_err(|e| StartFailure::Log(format!("creating {}", log_path.display()), e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| StartFailure::Log(format!("opening {}", log_path.display()), e))?;
+        tokio::process::Command::new(&tools.etcd)
+            .args(["--name", self.name])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--listen-client-urls", &self.client])
+            .args(["--advertise-client-urls", &self.client])
+            .args(["--listen-peer-urls", &self.peer])
+            .args(["--initial-advertise-peer-urls", &self.peer])
+            .args(["--initial-cluster", &self.cluster()])
+            .args(["--initial-cluster-token", &self.token()])
+            .args(extra)
+            // A throwaway: durability does not matter, start-up time does.
+            .arg("--unsafe-no-fsync")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(StartFailure::Spawn)
+    }
 }
 
 impl ScratchEtcd {
@@ -49,67 +163,33 @@ impl ScratchEtcd {
         const ATTEMPTS: usize = 3;
         let mut last = None;
         for attempt in 1..=ATTEMPTS {
-            let (client_port, peer_port) =
-                free_ports().map_err(|e| BackupError::local("finding free ports", e))?;
-            let data_dir = dir.join(format!("scratch-{attempt}"));
-            let peer = format!("http://127.0.0.1:{peer_port}");
-            let endpoint = format!("http://127.0.0.1:{client_port}");
-            let cluster = format!("scratch={peer}");
-            let out = tokio::process::Command::new(&tools.etcdutl)
-                .arg("snapshot")
-                .arg("restore")
-                .arg(db)
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .args(["--name", "scratch", "--initial-cluster", &cluster])
-                .args(["--initial-advertise-peer-urls", &peer])
-                .args(["--initial-cluster-token", "bulwark-scratch"])
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output()
-                .await
-                .map_err(|e| {
+            let member = Member::new(dir, "scratch", attempt)
+                .map_err(|e| BackupError::local("finding free ports", e))?;
+            member.restore(tools, db).await.map_err(|e| match e {
+                ToolFailure::Spawn(e) => {
                     BackupError::local(format!("running {}", tools.etcdutl.display()), e)
-                })?;
-            if !out.status.success() {
-                return Err(BackupError::local(
-                    "etcdutl snapshot restore",
-                    format!(
-                        "{}: {}",
-                        out.status,
-                        tail(&String::from_utf8_lossy(&out.stderr))
-                    ),
-                ));
-            }
+                }
+                ToolFailure::Exit(status, tail) => {
+                    BackupError::local("etcdutl snapshot restore", format!("{status}: {tail}"))
+                }
+            })?;
             let log_path = dir.join(format!("scratch-{attempt}.log"));
-            let log = std::fs::File::create(&log_path)
-                .map_err(|e| BackupError::local(format!("creating {}", log_path.display()), e))?;
-            let log_err = log
-                .try_clone()
-                .map_err(|e| BackupError::local(format!("opening {}", log_path.display()), e))?;
-            let child = tokio::process::Command::new(&tools.etcd)
-                .args(["--name", "scratch"])
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .args(["--listen-client-urls", &endpoint])
-                .args(["--advertise-client-urls", &endpoint])
-                .args(["--listen-peer-urls", &peer])
-                .args(["--initial-advertise-peer-urls", &peer])
-                .args(["--initial-cluster", &cluster])
-                .args(["--initial-cluster-token", "bulwark-scratch"])
-                // Large requests: one replayed revision is one transaction.
-                .args(["--max-request-bytes", "33554432"])
-                .args(["--max-txn-ops", "100000"])
-                .arg("--unsafe-no-fsync")
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(log_err)
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| BackupError::local(format!("starting {}", tools.etcd.display()), e))?;
+            // Large requests: one replayed revision is one transaction.
+            let child = member
+                .start(
+                    tools,
+                    &log_path,
+                    &["--max-request-bytes", "33554432", "--max-txn-ops", "100000"],
+                )
+                .map_err(|e| match e {
+                    StartFailure::Log(what, e) => BackupError::local(what, e),
+                    StartFailure::Spawn(e) => {
+                        BackupError::local(format!("starting {}", tools.etcd.display()), e)
+                    }
+                })?;
             let mut scratch = Self {
                 child,
-                endpoint,
+                endpoint: member.client,
                 log_path,
             };
             match scratch.wait_ready(tools.start_timeout, cancel).await {

@@ -26,19 +26,22 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use etcd_client::SnapshotStreaming;
+use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::codec::{BufferPool, ChunkSink, Encoder};
 use crate::engine::Engine;
 use crate::error::{BackupError, Corruption, Result};
 use crate::etcd::{EtcdConnector, MemberStatus, classify};
-use crate::hashing::{Sha256, TrailerVerifier};
-use crate::layout;
-use crate::manifest::{Compression, Encryption, EtcdSource, FORMAT_VERSION, Manifest, Trigger};
-use crate::upload::PartUploader;
+use crate::pipeline::codec::{BufferPool, ChunkSink, Encoder};
+use crate::pipeline::hashing::{Sha256, TrailerVerifier};
+use crate::pipeline::upload::PartUploader;
+use crate::snapshot::manifest::{
+    Compression, Encryption, EtcdSource, FORMAT_VERSION, Manifest, Trigger,
+};
+use crate::store::layout;
 
 /// Raw bytes are batched to this size before crossing to the compressor.
 const RAW_BATCH: usize = 256 * 1024;
@@ -137,6 +140,28 @@ enum StageError {
     DownstreamGone,
 }
 
+/// One snapshot being taken: what its steps share.
+struct Taking<'a> {
+    options: &'a SnapshotOptions,
+    member: &'a MemberStatus,
+    /// A client with the request timeout, for the short calls.
+    short: etcd_client::Client,
+    /// The revision when the snapshot began.
+    revision: i64,
+    started_at: DateTime<Utc>,
+    id: &'a str,
+    progress: &'a dyn Progress,
+    cancel: &'a CancellationToken,
+    may_commit: &'a (dyn Fn() -> Result<()> + Send + Sync),
+}
+
+/// The uploaded object: its hash and size, and the key it is sealed to.
+struct Stored {
+    sha256: String,
+    size: u64,
+    key_id: Option<crate::pipeline::encryption::KeyId>,
+}
+
 /// What the reader learnt.
 struct ReadOutcome {
     etcd_sha256: String,
@@ -174,10 +199,17 @@ impl Engine {
         async {
             tracing::info!(endpoint = %member.endpoint, revision, "taking snapshot");
             let result = self
-                .stream_and_commit(
-                    &options, &member, short, revision, started_at, &id, progress, cancel,
+                .stream_and_commit(Taking {
+                    options: &options,
+                    member: &member,
+                    short,
+                    revision,
+                    started_at,
+                    id: &id,
+                    progress,
+                    cancel,
                     may_commit,
-                )
+                })
                 .await;
             match &result {
                 Ok(m) => tracing::info!(
@@ -194,19 +226,10 @@ impl Engine {
         .await
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn stream_and_commit(
-        &self,
-        options: &SnapshotOptions,
-        member: &MemberStatus,
-        short: etcd_client::Client,
-        revision: i64,
-        started_at: DateTime<Utc>,
-        id: &str,
-        progress: &dyn Progress,
-        cancel: &CancellationToken,
-        may_commit: &(dyn Fn() -> Result<()> + Send + Sync),
-    ) -> Result<Manifest> {
+    /// Streams etcd's snapshot through the stages into the store, then
+    /// commits it; the object is removed again if the commit fails.
+    async fn stream_and_commit(&self, t: Taking<'_>) -> Result<Manifest> {
+        let (member, id, cancel) = (t.member, t.id, t.cancel);
         let eps = [member.endpoint.clone()];
         let recipient = self.keys.recipient().map(|(k, r)| (k.clone(), r.clone()));
         let data_path = self.layout.data(id, true, recipient.is_some());
@@ -217,47 +240,20 @@ impl Engine {
             .snapshot()
             .await
             .map_err(|e| classify(&eps, "snapshot", &e))?;
-        let upload = self
-            .store
-            .inner()
-            .put_multipart(&data_path)
-            .await
-            .map_err(|e| BackupError::store(described.clone(), e))
-            .map_err(|e| match e {
-                BackupError::NotFound { .. } => BackupError::StoreUnavailable {
-                    location: described.clone(),
-                    detail: "the bucket or container does not exist".into(),
-                },
-                other => other,
-            })?;
-        let mut uploader = PartUploader::new(
-            upload,
-            self.pipeline.part_size,
-            self.pipeline.upload_concurrency,
-        );
+        let mut uploader = self.open_upload(&data_path, &described).await?;
 
         let (raw_tx, raw_rx) = mpsc::channel::<Chunk>(RAW_CHANNEL);
-        let (stored_tx, mut stored_rx) = mpsc::channel::<Bytes>(STORED_CHANNEL);
+        let (stored_tx, stored_rx) = mpsc::channel::<Bytes>(STORED_CHANNEL);
         let raw_counter = Arc::new(AtomicU64::new(0));
         let stage_cancel = cancel.child_token();
 
-        let level = self.pipeline.level;
-        let workers = self.pipeline.workers;
-        let sealing_to = recipient.as_ref().map(|(_, r)| r.clone());
         let raw_pool = BufferPool::new(RAW_BATCH, POOL_KEEP);
-        let compressor = {
-            let raw_pool = raw_pool.clone();
-            tokio::task::spawn_blocking(move || {
-                compress(
-                    raw_rx,
-                    &raw_pool,
-                    stored_tx,
-                    level,
-                    workers,
-                    sealing_to.as_ref(),
-                )
-            })
-        };
+        let compressor = self.spawn_compressor(
+            raw_rx,
+            raw_pool.clone(),
+            stored_tx,
+            recipient.as_ref().map(|(_, r)| r.clone()),
+        );
         let reader = tokio::spawn(
             read_etcd(
                 stream,
@@ -266,71 +262,36 @@ impl Engine {
                 self.pipeline.stall_timeout,
                 stage_cancel.clone(),
                 raw_counter.clone(),
-                short.clone(),
+                t.short.clone(),
                 member.endpoint.clone(),
             )
             .in_current_span(),
         );
 
         // Upload on this task: hash what is stored, hand parts to the store.
-        let streaming_since = Instant::now();
-        let mut last_report = Instant::now();
-        let mut stored_hash = Sha256::new();
-        let mut upload_error = None;
-        while let Some(bytes) = stored_rx.recv().await {
-            stored_hash.update(&bytes);
-            uploader.put(bytes);
-            let waited = tokio::select! {
-                r = uploader.wait_for_capacity() => r,
-                _ = stage_cancel.cancelled() => Ok(()),
-            };
-            if let Err(e) = waited {
-                upload_error = Some(BackupError::store(described.clone(), e));
-                break;
-            }
-            if last_report.elapsed() >= Duration::from_secs(1) {
-                last_report = Instant::now();
-                progress.event(SnapshotEvent::Streaming {
+        let (stored_hash, upload_error) = upload_stored(
+            stored_rx,
+            &mut uploader,
+            &stage_cancel,
+            &described,
+            &|stored_bytes, elapsed| {
+                t.progress.event(SnapshotEvent::Streaming {
                     raw_bytes: raw_counter.load(Ordering::Relaxed),
-                    stored_bytes: stored_hash.len(),
+                    stored_bytes,
                     raw_expected: member.db_size,
-                    elapsed: streaming_since.elapsed(),
-                });
-            }
-        }
+                    elapsed,
+                })
+            },
+        )
+        .await;
         // Stop the other stages if the upload failed; they see closed
         // channels and a cancelled token.
-        drop(stored_rx);
         if upload_error.is_some() {
             stage_cancel.cancel();
         }
-        let read = reader.await.unwrap_or_else(|e| {
-            Err(StageError::Failed(BackupError::local(
-                "snapshot reader task",
-                e,
-            )))
-        });
-        let compressed = compressor
-            .await
-            .unwrap_or_else(|e| Err(StageError::Failed(BackupError::local("compressor task", e))));
-        // The root cause wins: a reader failure of its own (etcd, trailer)
-        // over the upload's, the upload's over the compressor's, and the
-        // reader's "stopped because of cancellation" only when nothing else
-        // explains it.
-        let reader_cancelled = matches!(&read, Err(StageError::Failed(BackupError::Cancelled(_))));
-        let outcome = match (read, upload_error, compressed) {
-            (Err(StageError::Failed(e)), _, _) if !reader_cancelled => Err(e),
-            (_, Some(e), _) => Err(e),
-            (_, None, Err(StageError::Failed(e))) => Err(e),
-            (Err(StageError::Failed(e)), None, _) => Err(e),
-            (Err(StageError::DownstreamGone), None, _)
-            | (_, None, Err(StageError::DownstreamGone)) => Err(BackupError::local(
-                "snapshot pipeline",
-                "a stage stopped without an error",
-            )),
-            (Ok(o), None, Ok(())) => Ok(o),
-        };
-        let read = match outcome {
+        let read = joined(reader.await, "snapshot reader task");
+        let compressed = joined(compressor.await, "compressor task");
+        let read = match root_cause(read, upload_error, compressed) {
             Ok(o) => o,
             Err(e) => {
                 uploader.abort().await;
@@ -345,27 +306,15 @@ impl Engine {
             .finish()
             .await
             .map_err(|e| BackupError::store(described.clone(), e))?;
-        let (stored_sha256, stored_size) = stored_hash.finish_hex();
+        let (sha256, size) = stored_hash.finish_hex();
+        let stored = Stored {
+            sha256,
+            size,
+            key_id: recipient.map(|(k, _)| k),
+        };
 
         // From here on the object exists: remove it on any failure.
-        let committed = self
-            .commit(
-                options,
-                member,
-                short,
-                revision,
-                started_at,
-                id,
-                read,
-                stored_sha256,
-                stored_size,
-                recipient.map(|(k, _)| k),
-                &data_path,
-                progress,
-                cancel,
-                may_commit,
-            )
-            .await;
+        let committed = self.commit(t, read, stored, &data_path).await;
         if committed.is_err()
             && let Err(e) = self.store.inner().delete(&data_path).await
         {
@@ -374,24 +323,77 @@ impl Engine {
         committed
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Starts the compressor (zstd, then age to `sealing_to`) on a blocking
+    /// thread, between the reader's raw batches and the uploader.
+    fn spawn_compressor(
+        &self,
+        raw_rx: mpsc::Receiver<Chunk>,
+        raw_pool: BufferPool,
+        stored_tx: mpsc::Sender<Bytes>,
+        sealing_to: Option<age::x25519::Recipient>,
+    ) -> tokio::task::JoinHandle<Result<(), StageError>> {
+        let level = self.pipeline.level;
+        let workers = self.pipeline.workers;
+        tokio::task::spawn_blocking(move || {
+            compress(
+                raw_rx,
+                &raw_pool,
+                stored_tx,
+                level,
+                workers,
+                sealing_to.as_ref(),
+            )
+        })
+    }
+
+    /// Starts the multipart upload of the snapshot object; a missing bucket
+    /// is the store being unavailable, not a missing snapshot.
+    async fn open_upload(&self, data_path: &Path, described: &str) -> Result<PartUploader> {
+        let upload = self
+            .store
+            .inner()
+            .put_multipart(data_path)
+            .await
+            .map_err(|e| BackupError::store(described, e))
+            .map_err(|e| match e {
+                BackupError::NotFound { .. } => BackupError::StoreUnavailable {
+                    location: described.to_owned(),
+                    detail: "the bucket or container does not exist".into(),
+                },
+                other => other,
+            })?;
+        Ok(PartUploader::new(
+            upload,
+            self.pipeline.part_size,
+            self.pipeline.upload_concurrency,
+        ))
+    }
+
+    /// The commit: the object's size checked, the key count read, the
+    /// caller asked (`may_commit`), then the manifest written.
     async fn commit(
         &self,
-        options: &SnapshotOptions,
-        member: &MemberStatus,
-        mut short: etcd_client::Client,
-        revision: i64,
-        started_at: DateTime<Utc>,
-        id: &str,
+        t: Taking<'_>,
         read: ReadOutcome,
-        stored_sha256: String,
-        stored_size: u64,
-        key_id: Option<crate::encryption::KeyId>,
-        data_path: &object_store::path::Path,
-        progress: &dyn Progress,
-        cancel: &CancellationToken,
-        may_commit: &(dyn Fn() -> Result<()> + Send + Sync),
+        stored: Stored,
+        data_path: &Path,
     ) -> Result<Manifest> {
+        let Taking {
+            options,
+            member,
+            mut short,
+            revision,
+            started_at,
+            id,
+            progress,
+            cancel,
+            may_commit,
+        } = t;
+        let Stored {
+            sha256: stored_sha256,
+            size: stored_size,
+            key_id,
+        } = stored;
         if cancel.is_cancelled() {
             return Err(BackupError::Cancelled(format!(
                 "snapshot {id} stopped before commit"
@@ -472,6 +474,70 @@ impl Engine {
 }
 
 /// The reader stage: etcd's stream, trailer check, batches to the compressor.
+/// Hands the stored chunks to the uploader, hashing them, until the
+/// compressor is done or the upload fails; reports the stored bytes about
+/// once a second. Returns the stored bytes' hash and the upload's error.
+async fn upload_stored(
+    mut stored_rx: mpsc::Receiver<Bytes>,
+    uploader: &mut PartUploader,
+    stage_cancel: &CancellationToken,
+    described: &str,
+    report: &(dyn Fn(u64, Duration) + Send + Sync),
+) -> (Sha256, Option<BackupError>) {
+    let streaming_since = Instant::now();
+    let mut last_report = Instant::now();
+    let mut stored_hash = Sha256::new();
+    while let Some(bytes) = stored_rx.recv().await {
+        stored_hash.update(&bytes);
+        uploader.put(bytes);
+        let waited = tokio::select! {
+            r = uploader.wait_for_capacity() => r,
+            _ = stage_cancel.cancelled() => Ok(()),
+        };
+        if let Err(e) = waited {
+            return (stored_hash, Some(BackupError::store(described, e)));
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            report(stored_hash.len(), streaming_since.elapsed());
+        }
+    }
+    (stored_hash, None)
+}
+
+/// A stage task's outcome; a panicked task is a failure of its own.
+fn joined<T>(
+    r: std::result::Result<Result<T, StageError>, tokio::task::JoinError>,
+    what: &str,
+) -> Result<T, StageError> {
+    r.unwrap_or_else(|e| Err(StageError::Failed(BackupError::local(what, e))))
+}
+
+/// The stages' outcomes as one. The root cause wins: a reader failure of
+/// its own (etcd, trailer) over the upload's, the upload's over the
+/// compressor's, and the reader's "stopped because of cancellation" only
+/// when nothing else explains it.
+fn root_cause(
+    read: Result<ReadOutcome, StageError>,
+    upload_error: Option<BackupError>,
+    compressed: Result<(), StageError>,
+) -> Result<ReadOutcome> {
+    let reader_cancelled = matches!(&read, Err(StageError::Failed(BackupError::Cancelled(_))));
+    match (read, upload_error, compressed) {
+        (Err(StageError::Failed(e)), _, _) if !reader_cancelled => Err(e),
+        (_, Some(e), _) => Err(e),
+        (_, None, Err(StageError::Failed(e))) => Err(e),
+        (Err(StageError::Failed(e)), None, _) => Err(e),
+        (Err(StageError::DownstreamGone), None, _) | (_, None, Err(StageError::DownstreamGone)) => {
+            Err(BackupError::local(
+                "snapshot pipeline",
+                "a stage stopped without an error",
+            ))
+        }
+        (Ok(o), None, Ok(())) => Ok(o),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn read_etcd(
     mut stream: SnapshotStreaming,

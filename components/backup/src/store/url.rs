@@ -22,7 +22,7 @@ use object_store::path::Path;
 use url::Url;
 
 use crate::error::{BackupError, Result};
-use crate::filestore::FileStore;
+use crate::store::file::FileStore;
 
 /// Which kind of store a URL names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,6 +236,16 @@ impl Store {
     /// For `file://` stores, the directory.
     pub fn local_dir(&self) -> Option<&std::path::Path> {
         self.local_dir.as_deref()
+    }
+
+    /// Every object below `dir`, listed to the end.
+    pub async fn list_all(&self, dir: &Path) -> Result<Vec<object_store::ObjectMeta>> {
+        use futures::TryStreamExt as _;
+        self.inner
+            .list(Some(dir))
+            .try_collect()
+            .await
+            .map_err(|e| BackupError::store(self.describe(dir), e))
     }
 
     /// `<url>/<path>` for error messages.

@@ -1,6 +1,6 @@
 //! Which snapshots to keep: a pure function of the policy, the time and
 //! the list of committed snapshots, so it can be property-tested on
-//! synthetic timelines. [`crate::catalog`] applies its answer to the store.
+//! synthetic timelines. [`crate::snapshot::catalog`] applies its answer to the store.
 //!
 //! Rules combine with OR: a snapshot is kept when any configured rule keeps
 //! it. Two snapshots are always kept whatever the rules say: the newest one
@@ -194,7 +194,7 @@ mod tests {
     fn snap(mins: i64, valid: bool) -> Candidate {
         let t = now() - TimeDelta::minutes(mins);
         Candidate {
-            id: format!("{}-{mins}", crate::layout::format_time(t)),
+            id: format!("{}-{mins}", crate::store::layout::format_time(t)),
             time: t,
             valid,
         }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::manifest::{Compression, Encryption};
+use crate::snapshot::manifest::{Compression, Encryption};
 
 /// Reusable byte buffers of one size.
 ///

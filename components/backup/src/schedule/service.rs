@@ -21,11 +21,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::delta::{DeltaSettings, DeltaStatus, Recorder};
-use crate::election::LeaderState;
 use crate::engine::Engine;
 use crate::error::{BackupError, Result};
-use crate::manifest::{Manifest, Trigger, VerificationRecord};
-use crate::schedule::Schedule;
+use crate::schedule::election::LeaderState;
+use crate::schedule::ticks::Schedule;
+use crate::snapshot::manifest::{Manifest, Trigger, VerificationRecord};
 use crate::snapshot::{Progress, SnapshotOptions};
 use crate::verify::VerifyProgress;
 

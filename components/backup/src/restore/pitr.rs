@@ -34,10 +34,9 @@ use tokio_util::sync::CancellationToken;
 use crate::delta::{DeltaEvent, EventKind, SegmentMeta, check_continuity};
 use crate::engine::Engine;
 use crate::error::{BackupError, Corruption, Result};
-use crate::hashing::Sha256;
-use crate::manifest::Manifest;
-use crate::scratch::ScratchEtcd;
-use crate::verify::{Stage, VerifyEvent};
+use crate::pipeline::hashing::Sha256;
+use crate::snapshot::manifest::Manifest;
+use crate::verify::scratch::ScratchEtcd;
 
 /// TTL of the leases replay creates for keys whose lease the snapshot does
 /// not hold.
@@ -232,14 +231,12 @@ impl Engine {
         let entry = self.get_snapshot(&plan.base.id).await?;
         let base_db = dir.join("base.db");
         let since = Instant::now();
-        let on_download = |e: VerifyEvent| {
-            if e.stage == Stage::StreamCheck {
-                progress(BuildEvent::Download {
-                    bytes_done: e.bytes_done,
-                    bytes_total: e.bytes_total,
-                    elapsed: since.elapsed(),
-                });
-            }
+        let on_download = |bytes_done, bytes_total, _| {
+            progress(BuildEvent::Download {
+                bytes_done,
+                bytes_total,
+                elapsed: since.elapsed(),
+            });
         };
         let mismatches = self
             .stream_check(&entry, Some(base_db.clone()), &on_download, cancel)
@@ -247,10 +244,10 @@ impl Engine {
         if let Some(first) = mismatches.first() {
             return Err(BackupError::Corrupt {
                 kind: match first.kind {
-                    crate::manifest::MismatchKind::Decrypt => Corruption::Decrypt,
-                    crate::manifest::MismatchKind::Decompress => Corruption::Decompress,
-                    crate::manifest::MismatchKind::StoredSize => Corruption::StoredSize,
-                    crate::manifest::MismatchKind::EtcdHash => Corruption::EtcdHash,
+                    crate::snapshot::manifest::MismatchKind::Decrypt => Corruption::Decrypt,
+                    crate::snapshot::manifest::MismatchKind::Decompress => Corruption::Decompress,
+                    crate::snapshot::manifest::MismatchKind::StoredSize => Corruption::StoredSize,
+                    crate::snapshot::manifest::MismatchKind::EtcdHash => Corruption::EtcdHash,
                     _ => Corruption::StoredHash,
                 },
                 what: format!("snapshot {}", plan.base.id),
@@ -368,27 +365,7 @@ async fn replay(
                 detail: format!("revision {revision} follows {current}: revisions are missing"),
             });
         }
-        let mut ops = Vec::with_capacity(group.len());
-        for e in group {
-            match e.kind {
-                EventKind::Put => {
-                    let mut opts = PutOptions::new();
-                    if e.lease != 0 {
-                        if leases.insert(e.lease) {
-                            ensure_lease(&mut client, e.lease).await?;
-                        }
-                        opts = opts.with_lease(e.lease);
-                    }
-                    ops.push(TxnOp::put(e.key.clone(), e.value.clone(), Some(opts)));
-                }
-                EventKind::Delete => ops.push(TxnOp::delete(e.key.clone(), None)),
-            }
-        }
-        let resp = client
-            .txn(Txn::new().and_then(ops))
-            .await
-            .map_err(|e| crate::etcd::classify(&eps, "replay txn", &e))?;
-        let got = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let got = apply_revision(&mut client, &eps, group, &mut leases).await?;
         if got != revision {
             return Err(BackupError::Corrupt {
                 kind: Corruption::DeltaContent,
@@ -423,6 +400,37 @@ async fn replay(
         events: applied,
     });
     Ok((current, applied))
+}
+
+/// One revision's events as one transaction (their leases granted first);
+/// the revision etcd answered with.
+async fn apply_revision(
+    client: &mut etcd_client::Client,
+    eps: &[String],
+    group: &[DeltaEvent],
+    leases: &mut BTreeSet<i64>,
+) -> Result<i64> {
+    let mut ops = Vec::with_capacity(group.len());
+    for e in group {
+        match e.kind {
+            EventKind::Put => {
+                let mut opts = PutOptions::new();
+                if e.lease != 0 {
+                    if leases.insert(e.lease) {
+                        ensure_lease(client, e.lease).await?;
+                    }
+                    opts = opts.with_lease(e.lease);
+                }
+                ops.push(TxnOp::put(e.key.clone(), e.value.clone(), Some(opts)));
+            }
+            EventKind::Delete => ops.push(TxnOp::delete(e.key.clone(), None)),
+        }
+    }
+    let resp = client
+        .txn(Txn::new().and_then(ops))
+        .await
+        .map_err(|e| crate::etcd::classify(eps, "replay txn", &e))?;
+    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
 }
 
 /// Grants lease `id` unless it exists.

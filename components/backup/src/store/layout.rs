@@ -44,15 +44,17 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 
 /// A new snapshot id for a snapshot started at `at` from `revision`.
 pub fn new_snapshot_id(at: DateTime<Utc>, revision: i64) -> String {
+    format!("{}-r{revision}-{}", format_time(at), random_suffix())
+}
+
+/// Four random hex digits, which keep two ids taken in the same second
+/// apart (snapshot and restore ids).
+pub fn random_suffix() -> String {
     let mut suffix = [0u8; 2];
     // A failing system RNG only makes the suffix less random; the time and
     // revision still make ids unique in practice.
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix);
-    format!(
-        "{}-r{revision}-{}",
-        format_time(at),
-        crate::hashing::hex(&suffix)
-    )
+    suffix.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The time a snapshot id was taken at, if `id` is one of ours.
@@ -202,6 +204,13 @@ impl Layout {
             _ => Entry::Other { id },
         })
     }
+}
+
+/// Object path of a manifest's snapshot object (as the catalog stores it).
+pub fn object_path(prefix: &Path, object_key: &str) -> Path {
+    object_key
+        .split('/')
+        .fold(prefix.clone(), |p, part| p.join(part))
 }
 
 #[cfg(test)]

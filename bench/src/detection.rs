@@ -390,7 +390,7 @@ impl Lab {
         loop {
             let b = bulwark_verdict(self.lb_admin, backend).await.ok().flatten();
             let h = haproxy_state(&self.ha_socket, backend).await.ok();
-            if b.as_deref() == Some("healthy") && h.as_deref() == Some("UP") {
+            if b.as_deref() == Some("up") && h.as_deref() == Some("UP") {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -441,7 +441,7 @@ impl Lab {
             }
             if bulwark.is_none()
                 && let Some(v) = bulwark_verdict(self.lb_admin, &backend).await?
-                && (v == "down" || (graceful && v == "draining"))
+                && (v == "down" || (graceful && v == "not_ready"))
             {
                 bulwark = Some(signalled.elapsed());
             }

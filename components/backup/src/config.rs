@@ -90,9 +90,7 @@ fn default_cluster_name() -> String {
 }
 
 fn default_admin() -> AdminConfig {
-    AdminConfig {
-        address: SocketAddr::from(([127, 0, 0, 1], 9446)),
-    }
+    AdminConfig::on_all_addresses(9446)
 }
 
 fn default_grace() -> Duration {

@@ -1,5 +1,12 @@
 //! Logs and metrics: `tracing` as text or JSON, and a Prometheus recorder
 //! for the `metrics` facade whose output the admin server's `/metrics` serves.
+//!
+//! - [`catalog`]: each daemon's declared metrics (`# HELP`, series created
+//!   at zero), build info and certificate expiry;
+//! - [`process`]: the standard `process_*` metrics, read at scrape time.
+
+pub mod catalog;
+pub mod process;
 
 use std::sync::OnceLock;
 

@@ -38,7 +38,7 @@ use openraft::async_runtime::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::Api;
+use crate::api::{Api, ListenerInfo};
 use crate::backends::Backends;
 use crate::config::{LbConfig, VipMode};
 use crate::health::HealthService;
@@ -117,6 +117,22 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// The proxy listeners this node runs, with their routing modes, for
+/// GetStatus.
+fn listener_infos(config: &LbConfig) -> Vec<ListenerInfo> {
+    let vip = config.vip.socket_addr().map(|a| ListenerInfo {
+        name: "vip",
+        address: a.to_string(),
+        mode: config.routing.vip,
+    });
+    let local = config.local_listener.map(|a| ListenerInfo {
+        name: "local",
+        address: a.to_string(),
+        mode: config.routing.local,
+    });
+    vip.into_iter().chain(local).collect()
+}
+
 fn openraft_config(config: &LbConfig) -> anyhow::Result<openraft::Config> {
     let ms = |d: Duration| d.as_millis() as u64;
     let c = openraft::Config {
@@ -153,7 +169,7 @@ pub async fn run(
     bulwark_common::tls::install_crypto_provider();
     let node_id = config.node_id;
     let tls = Arc::new(config.tls.load().context("loading TLS material")?);
-    if let Some(warning) = config.zone_warning() {
+    for warning in bulwark_common::config::ComponentConfig::warnings(&config) {
         tracing::warn!("{warning}");
     }
     let health = Health::new();
@@ -251,7 +267,7 @@ pub async fn run(
     let vip_task = match (config.vip.mode, config.vip.socket_addr()) {
         (VipMode::Bind, Some(addr)) => Some(Actuator::Bind(BindVip::new(
             addr,
-            backends.clone(),
+            backends.with_mode(config.routing.vip),
             proxy.clone(),
         ))),
         (VipMode::Arp, Some(_)) => stale_checked.take().map(Actuator::Arp),
@@ -270,7 +286,8 @@ pub async fn run(
         shutdown.spawn_critical("vip", task.run(token));
     }
     if let Some(front) = listeners.front {
-        let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
+        let b = backends.with_mode(config.routing.vip);
+        let (p, t) = (proxy.clone(), shutdown.token());
         shutdown.spawn_critical("front-proxy", async move {
             crate::proxy::serve(front, b, p, t)
                 .await
@@ -278,7 +295,8 @@ pub async fn run(
         });
     }
     if let Some(local) = listeners.local {
-        let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
+        let b = backends.with_mode(config.routing.local);
+        let (p, t) = (proxy.clone(), shutdown.token());
         shutdown.spawn_critical("local-proxy", async move {
             crate::proxy::serve(local, b, p, t)
                 .await
@@ -309,7 +327,8 @@ pub async fn run(
             cluster.clone(),
             config.raft.election_timeout_max,
             health_service,
-        );
+        )
+        .with_listeners(listener_infos(&config));
         let server = GrpcServer::new()
             .add_service(LoadBalancerServer::new(api.clone()))
             .add_service(ProbeReportsServer::new(api.clone()))

@@ -137,7 +137,56 @@ struct StatusView {
     vip_holder: String,
     held_since: String,
     backends: String,
+    listeners: Vec<ListenerView>,
     failovers: Vec<FailoverView>,
+}
+
+/// A proxy listener's routing mode as the config spells it.
+#[derive(Serialize)]
+struct ListenerView {
+    name: String,
+    address: String,
+    routing: String,
+    local_zone: String,
+    spilled_over: bool,
+    local_share: Option<f64>,
+}
+
+impl ListenerView {
+    fn of(l: &lb::ListenerStatus) -> Self {
+        Self {
+            name: l.name.clone(),
+            address: l.address.clone(),
+            routing: match lb::RoutingMode::try_from(l.routing) {
+                Ok(lb::RoutingMode::Balanced) => "balanced".into(),
+                Ok(lb::RoutingMode::ZonePreferred) => "zonePreferred".into(),
+                Ok(lb::RoutingMode::Unspecified) => "-".into(),
+                Err(_) => l.routing.to_string(),
+            },
+            local_zone: l.local_zone.clone(),
+            spilled_over: l.spilled_over,
+            local_share: l.local_share,
+        }
+    }
+
+    /// e.g. `zonePreferred (zone a, spilled over: 33% of it routable) on 127.0.0.1:7445`.
+    fn line(&self) -> String {
+        let mut out = self.routing.clone();
+        if self.routing == "zonePreferred" {
+            let share = self
+                .local_share
+                .map(|s| format!(": {:.0}% of it routable", s * 100.0))
+                .unwrap_or_default();
+            if self.local_zone.is_empty() {
+                out.push_str(" (no zone: spread over all)");
+            } else if self.spilled_over {
+                out.push_str(&format!(" (zone {}, spilled over{share})", self.local_zone));
+            } else {
+                out.push_str(&format!(" (zone {})", self.local_zone));
+            }
+        }
+        format!("{out} on {}", self.address)
+    }
 }
 
 #[derive(Serialize)]
@@ -297,6 +346,7 @@ impl LbCommand {
                         .map_or_else(|| "-".into(), |h| h.to_string()),
                     held_since: ts(vip.held_since.as_ref()),
                     backends: format!("{}/{} routable", s.backends_routable, s.backends_total),
+                    listeners: s.listeners.iter().map(ListenerView::of).collect(),
                     failovers: s
                         .recent_failovers
                         .iter()
@@ -328,6 +378,16 @@ impl LbCommand {
                         ("held since", v.held_since.clone()),
                         ("backends", v.backends.clone()),
                     ]);
+                    let routing: Vec<(String, String)> = v
+                        .listeners
+                        .iter()
+                        .map(|l| (format!("routing {}", l.name), l.line()))
+                        .collect();
+                    let routing: Vec<(&str, String)> = routing
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.clone()))
+                        .collect();
+                    out.push_str(&output::fields(&routing));
                     if !v.failovers.is_empty() {
                         out.push_str("\nrecent failovers:\n");
                         let cells: Vec<Vec<String>> = v
@@ -605,5 +665,52 @@ impl LbCommand {
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(name: &str, mode: lb::RoutingMode) -> lb::ListenerStatus {
+        lb::ListenerStatus {
+            name: name.into(),
+            address: "127.0.0.1:7445".into(),
+            routing: mode as i32,
+            local_zone: "a".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn listener_lines_name_the_mode_and_the_spill_over() {
+        let vip = ListenerView::of(&listener("vip", lb::RoutingMode::Balanced));
+        assert_eq!(vip.line(), "balanced on 127.0.0.1:7445");
+
+        let mut local = listener("local", lb::RoutingMode::ZonePreferred);
+        local.local_share = Some(1.0);
+        assert_eq!(
+            ListenerView::of(&local).line(),
+            "zonePreferred (zone a) on 127.0.0.1:7445"
+        );
+        local.spilled_over = true;
+        local.local_share = Some(1.0 / 3.0);
+        assert_eq!(
+            ListenerView::of(&local).line(),
+            "zonePreferred (zone a, spilled over: 33% of it routable) on 127.0.0.1:7445"
+        );
+        local.local_zone.clear();
+        local.local_share = None;
+        local.spilled_over = false;
+        assert_eq!(
+            ListenerView::of(&local).line(),
+            "zonePreferred (no zone: spread over all) on 127.0.0.1:7445"
+        );
+        // A server that predates the field.
+        let old = ListenerView::of(&listener("vip", lb::RoutingMode::Unspecified));
+        assert_eq!(old.routing, "-");
+        let json = serde_json::to_value(ListenerView::of(&local)).unwrap();
+        assert_eq!(json["routing"], "zonePreferred");
+        assert_eq!(json["spilled_over"], false);
     }
 }

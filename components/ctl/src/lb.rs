@@ -227,6 +227,16 @@ struct MemberView {
     last_ack: String,
 }
 
+/// One `routing <listener>:` line per listener.
+fn routing_fields(listeners: &[ListenerView]) -> String {
+    let lines: Vec<(String, String)> = listeners
+        .iter()
+        .map(|l| (format!("routing {}", l.name), l.line()))
+        .collect();
+    let pairs: Vec<(&str, String)> = lines.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    output::fields(&pairs)
+}
+
 fn node_name(n: Option<&lb::NodeInfo>) -> String {
     n.map(|n| format!("{} ({})", n.id, n.name))
         .unwrap_or_else(|| "-".into())
@@ -378,16 +388,7 @@ impl LbCommand {
                         ("held since", v.held_since.clone()),
                         ("backends", v.backends.clone()),
                     ]);
-                    let routing: Vec<(String, String)> = v
-                        .listeners
-                        .iter()
-                        .map(|l| (format!("routing {}", l.name), l.line()))
-                        .collect();
-                    let routing: Vec<(&str, String)> = routing
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.clone()))
-                        .collect();
-                    out.push_str(&output::fields(&routing));
+                    out.push_str(&routing_fields(&v.listeners));
                     if !v.failovers.is_empty() {
                         out.push_str("\nrecent failovers:\n");
                         let cells: Vec<Vec<String>> = v
@@ -709,6 +710,11 @@ mod tests {
         // A server that predates the field.
         let old = ListenerView::of(&listener("vip", lb::RoutingMode::Unspecified));
         assert_eq!(old.routing, "-");
+        assert_eq!(
+            routing_fields(&[vip, ListenerView::of(&local)]),
+            "routing vip:   balanced on 127.0.0.1:7445\n\
+             routing local: zonePreferred (no zone: spread over all) on 127.0.0.1:7445\n"
+        );
         let json = serde_json::to_value(ListenerView::of(&local)).unwrap();
         assert_eq!(json["routing"], "zonePreferred");
         assert_eq!(json["spilled_over"], false);

@@ -37,6 +37,12 @@ pub const API_VERSION: &str = "bulwark.dev/v1alpha1";
 pub trait ComponentConfig: DeserializeOwned + Validate {
     /// The `kind:` this type is read from, e.g. `LoadBalancerConfiguration`.
     const KIND: &'static str;
+
+    /// Valid but probably unintended settings, each a sentence naming the
+    /// field: logged at startup and printed by `--check-config`.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Semantic validation after the types have parsed: ranges, cross-field

@@ -60,18 +60,22 @@ impl DaemonArgs {
 
     /// Loads the config, handling the two outcomes that end the process:
     /// an invalid config (printed to stderr, exit 2) and `--check-config`
-    /// (a summary on stdout, exit 0). Otherwise makes the files the daemon
-    /// will create private ([`private_files`]) and returns the config to run.
+    /// (a summary and the config's warnings on stdout, exit 0). Otherwise
+    /// makes the files the daemon will create private ([`private_files`])
+    /// and returns the config to run.
     pub fn load_or_exit<T: ComponentConfig>(&self, overrides: Overrides) -> Result<T, ExitCode> {
         match self.load::<T>(overrides) {
             Err(e) => {
                 eprintln!("error: {e}");
                 Err(ExitCode::from(EXIT_CONFIG))
             }
-            Ok(_) if self.check_config => {
+            Ok(config) if self.check_config => {
                 match &self.config {
                     Some(path) => println!("{}: valid {}", path.display(), T::KIND),
                     None => println!("valid {} (built-in defaults and flags)", T::KIND),
+                }
+                for w in config.warnings() {
+                    println!("warning: {w}");
                 }
                 Err(ExitCode::SUCCESS)
             }

@@ -137,7 +137,56 @@ struct StatusView {
     vip_holder: String,
     held_since: String,
     backends: String,
+    listeners: Vec<ListenerView>,
     failovers: Vec<FailoverView>,
+}
+
+/// A proxy listener's routing mode as the config spells it.
+#[derive(Serialize)]
+struct ListenerView {
+    name: String,
+    address: String,
+    routing: String,
+    local_zone: String,
+    spilled_over: bool,
+    local_share: Option<f64>,
+}
+
+impl ListenerView {
+    fn of(l: &lb::ListenerStatus) -> Self {
+        Self {
+            name: l.name.clone(),
+            address: l.address.clone(),
+            routing: match lb::RoutingMode::try_from(l.routing) {
+                Ok(lb::RoutingMode::Balanced) => "balanced".into(),
+                Ok(lb::RoutingMode::ZonePreferred) => "zonePreferred".into(),
+                Ok(lb::RoutingMode::Unspecified) => "-".into(),
+                Err(_) => l.routing.to_string(),
+            },
+            local_zone: l.local_zone.clone(),
+            spilled_over: l.spilled_over,
+            local_share: l.local_share,
+        }
+    }
+
+    /// e.g. `zonePreferred (zone a, spilled over: 33% of it routable) on 127.0.0.1:7445`.
+    fn line(&self) -> String {
+        let mut out = self.routing.clone();
+        if self.routing == "zonePreferred" {
+            let share = self
+                .local_share
+                .map(|s| format!(": {:.0}% of it routable", s * 100.0))
+                .unwrap_or_default();
+            if self.local_zone.is_empty() {
+                out.push_str(" (no zone: spread over all)");
+            } else if self.spilled_over {
+                out.push_str(&format!(" (zone {}, spilled over{share})", self.local_zone));
+            } else {
+                out.push_str(&format!(" (zone {})", self.local_zone));
+            }
+        }
+        format!("{out} on {}", self.address)
+    }
 }
 
 #[derive(Serialize)]
@@ -176,6 +225,16 @@ struct MemberView {
     matched_index: String,
     lag: String,
     last_ack: String,
+}
+
+/// One `routing <listener>:` line per listener.
+fn routing_fields(listeners: &[ListenerView]) -> String {
+    let lines: Vec<(String, String)> = listeners
+        .iter()
+        .map(|l| (format!("routing {}", l.name), l.line()))
+        .collect();
+    let pairs: Vec<(&str, String)> = lines.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    output::fields(&pairs)
 }
 
 fn node_name(n: Option<&lb::NodeInfo>) -> String {
@@ -353,6 +412,7 @@ fn status_view(s: &lb::GetStatusResponse) -> StatusView {
             .map_or_else(|| "-".into(), |h| h.to_string()),
         held_since: ts(vip.held_since.as_ref()),
         backends: format!("{}/{} routable", s.backends_routable, s.backends_total),
+        listeners: s.listeners.iter().map(ListenerView::of).collect(),
         failovers: s
             .recent_failovers
             .iter()
@@ -383,6 +443,7 @@ fn render_status(v: &StatusView) -> String {
         ("held since", v.held_since.clone()),
         ("backends", v.backends.clone()),
     ]);
+    out.push_str(&routing_fields(&v.listeners));
     if !v.failovers.is_empty() {
         out.push_str("\nrecent failovers:\n");
         let cells: Vec<Vec<String>> = v

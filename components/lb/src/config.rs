@@ -44,7 +44,7 @@ use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 
-use crate::backends::RoutingPolicy;
+use crate::backends::{RoutingMode, RoutingPolicy};
 use crate::health::HealthConfig;
 use crate::proxy::ProxyConfig;
 use crate::vip::fence::FenceTiming;
@@ -59,8 +59,8 @@ pub struct LbConfig {
     /// Human name (normally the host name). Default: `node-<nodeId>`.
     #[serde(default)]
     pub name: Option<String>,
-    /// Failure-domain zone of this node; the data path prefers backends in
-    /// it. Empty: no zone preference.
+    /// Failure-domain zone of this node; listeners in `zonePreferred` mode
+    /// prefer backends in it (see `routing`). Empty: no zone preference.
     #[serde(default)]
     pub zone: String,
     /// Where the Raft log, vote and state machine live (one redb file).
@@ -95,7 +95,7 @@ pub struct LbConfig {
     /// The data path's settings.
     #[serde(default)]
     pub proxy: ProxyConfig,
-    /// Zone-aware routing; the local zone is `zone` above.
+    /// How each listener chooses a backend; the local zone is `zone` above.
     #[serde(default)]
     pub routing: RoutingConfig,
     /// How probers' reports become verdicts (docs/HEALTH.md).
@@ -118,6 +118,12 @@ pub struct LbConfig {
 
 impl ComponentConfig for LbConfig {
     const KIND: &'static str = "LoadBalancerConfiguration";
+
+    fn warnings(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.zone_warning().into_iter().collect();
+        out.extend(self.routing_warning());
+        out
+    }
 }
 
 impl LbConfig {
@@ -142,6 +148,24 @@ impl LbConfig {
                 )
             },
         )
+    }
+
+    /// Zone preference on the VIP listener concentrates the whole cluster's
+    /// clients in one zone: a warning, not an error (a cluster with several
+    /// apiservers per zone and clients in one zone may want it).
+    pub fn routing_warning(&self) -> Option<String> {
+        let has_vip = self.vip.mode != VipMode::Disabled;
+        let concentrates = self.routing.vip == RoutingMode::ZonePreferred && !self.zone.is_empty();
+        (has_vip && concentrates).then(|| {
+            format!(
+                "routing.vip: zonePreferred sends every client that comes through the VIP to the \
+                 apiservers of the VIP holder's zone ({:?} while this node holds it), whichever \
+                 zone the client is in; with one apiserver per zone, one apiserver carries the \
+                 whole cluster while the others idle. Use balanced for the VIP and keep \
+                 zonePreferred for the node-local listener (routing.local)",
+                self.zone
+            )
+        })
     }
 
     /// This node's name.
@@ -676,14 +700,26 @@ impl VipConfig {
     }
 }
 
-/// Zone-aware routing settings.
+/// How each listener chooses a backend (docs/HEALTH.md "Routing").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RoutingConfig {
-    /// Share of the local zone's backends that must be routable before new
-    /// connections stay in the zone (see `RoutingPolicy`).
+    /// The VIP listener (arp front or bind mode): `balanced` by default,
+    /// since its clients are the whole cluster.
+    #[serde(default)]
+    pub vip: RoutingMode,
+    /// The node-local listener (`localListener`): `zonePreferred` by
+    /// default, since its clients are this node's own.
+    #[serde(default = "d_local_mode")]
+    pub local: RoutingMode,
+    /// Share of the local zone's backends that must be routable before
+    /// zone-preferred connections stay in the zone (see `RoutingPolicy`).
     #[serde(default = "d_min_share")]
     pub min_local_healthy_share: f64,
+}
+
+fn d_local_mode() -> RoutingMode {
+    RoutingMode::ZonePreferred
 }
 
 fn d_min_share() -> f64 {
@@ -693,6 +729,8 @@ fn d_min_share() -> f64 {
 impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
+            vip: RoutingMode::Balanced,
+            local: d_local_mode(),
             min_local_healthy_share: d_min_share(),
         }
     }
@@ -831,7 +869,7 @@ impl Validate for LbConfig {
 
 #[cfg(test)]
 mod tests {
-    use bulwark_common::config::{Overrides, from_str_with};
+    use bulwark_common::config::{ComponentConfig, Overrides, from_str_with};
 
     use super::*;
 
@@ -1026,6 +1064,74 @@ mod tests {
                 .any(|m| m.contains("\"majority\" or a number of zones")),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn routing_defaults_old_and_new_shapes() {
+        let d = parse(MINIMAL).unwrap().routing;
+        assert_eq!(d.vip, RoutingMode::Balanced);
+        assert_eq!(d.local, RoutingMode::ZonePreferred);
+        assert_eq!(d.min_local_healthy_share, 0.5);
+        assert_eq!(d, RoutingConfig::default());
+
+        // The shape before per-listener modes still parses.
+        let old = parse(&format!("{MINIMAL}routing:\n  minLocalHealthyShare: 0.7\n")).unwrap();
+        assert_eq!(old.routing.vip, RoutingMode::Balanced);
+        assert_eq!(old.routing.local, RoutingMode::ZonePreferred);
+        assert_eq!(old.routing.min_local_healthy_share, 0.7);
+
+        let new = parse(&format!(
+            "{MINIMAL}zone: a\nrouting: {{vip: zonePreferred, local: balanced, minLocalHealthyShare: 0.6}}\n"
+        ))
+        .unwrap();
+        assert_eq!(new.routing.vip, RoutingMode::ZonePreferred);
+        assert_eq!(new.routing.local, RoutingMode::Balanced);
+        let policy = new.routing_policy();
+        assert_eq!(policy.local_zone.as_deref(), Some("a"));
+        assert_eq!(policy.min_local_healthy_share, 0.6);
+
+        let e = errors(&format!("{MINIMAL}routing:\n  vip: nearest\n"));
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("routing.vip: unknown variant `nearest`")),
+            "{e:?}"
+        );
+        let e = errors(&format!("{MINIMAL}routing:\n  minLocalHealthyShare: 2\n"));
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("routing.minLocalHealthyShare: 2 is out of range")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn zone_preference_on_the_vip_is_warned_about() {
+        let vip = "zone: a\nvip:\n  mode: bind\n  address: 10.0.0.10\n";
+        let warned = parse(&format!("{MINIMAL}{vip}routing:\n  vip: zonePreferred\n")).unwrap();
+        let w = warned.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("routing.vip: zonePreferred sends every client")
+                && w[0].contains("(\"a\" while this node holds it)")
+                && w[0].contains("Use balanced for the VIP"),
+            "{w:?}"
+        );
+        // The defaults, zone preference on the local listener only, and
+        // zone preference without a VIP or without a zone are fine.
+        for body in [
+            format!("{MINIMAL}{vip}"),
+            format!("{MINIMAL}{vip}routing:\n  local: zonePreferred\n"),
+            format!("{MINIMAL}zone: a\nrouting:\n  vip: zonePreferred\n"),
+            format!(
+                "{MINIMAL}vip:\n  mode: bind\n  address: 10.0.0.10\nrouting:\n  vip: zonePreferred\n"
+            ),
+        ] {
+            assert_eq!(
+                parse(&body).unwrap().warnings(),
+                Vec::<String>::new(),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ use openraft::async_runtime::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::Api;
+use crate::api::{Api, ListenerInfo};
 use crate::backends::Backends;
 use crate::config::{LbConfig, VipMode};
 use crate::health::HealthService;
@@ -117,6 +117,22 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// The proxy listeners this node runs, with their routing modes, for
+/// GetStatus.
+fn listener_infos(config: &LbConfig) -> Vec<ListenerInfo> {
+    let vip = config.vip.socket_addr().map(|a| ListenerInfo {
+        name: "vip",
+        address: a.to_string(),
+        mode: config.routing.vip,
+    });
+    let local = config.local_listener.map(|a| ListenerInfo {
+        name: "local",
+        address: a.to_string(),
+        mode: config.routing.local,
+    });
+    vip.into_iter().chain(local).collect()
+}
+
 fn openraft_config(config: &LbConfig) -> anyhow::Result<openraft::Config> {
     let ms = |d: Duration| d.as_millis() as u64;
     let c = openraft::Config {
@@ -153,7 +169,7 @@ pub async fn run(
     bulwark_common::tls::install_crypto_provider();
     let node_id = config.node_id;
     let tls = Arc::new(config.tls.load().context("loading TLS material")?);
-    if let Some(warning) = config.zone_warning() {
+    for warning in bulwark_common::config::ComponentConfig::warnings(&config) {
         tracing::warn!("{warning}");
     }
     let health = Health::new();
@@ -189,11 +205,28 @@ pub async fn run(
     if let Some(actuator) = vip_actuator(&config, &backends, &proxy, stale_checked) {
         spawn_vip(shutdown, actuator, inbox, &config, &raft, &signals);
     }
-    for (task, what, listener) in [
-        ("front-proxy", "front listener", listeners.front),
-        ("local-proxy", "node-local listener", listeners.local),
+    for (task, what, listener, mode) in [
+        (
+            "front-proxy",
+            "front listener",
+            listeners.front,
+            config.routing.vip,
+        ),
+        (
+            "local-proxy",
+            "node-local listener",
+            listeners.local,
+            config.routing.local,
+        ),
     ] {
-        spawn_proxy(shutdown, task, what, listener, &backends, &proxy);
+        spawn_proxy(
+            shutdown,
+            task,
+            what,
+            listener,
+            &backends.with_mode(mode),
+            &proxy,
+        );
     }
 
     // Health aggregation (active while this node leads).
@@ -212,7 +245,8 @@ pub async fn run(
         cluster.clone(),
         config.raft.election_timeout_max,
         health_service,
-    );
+    )
+    .with_listeners(listener_infos(&config));
     spawn_api_server(shutdown, api, listeners.api, &tls, &config, &servers);
 
     if let Some(admin) = listeners.admin {
@@ -320,7 +354,7 @@ fn vip_actuator(
     match (config.vip.mode, config.vip.socket_addr()) {
         (VipMode::Bind, Some(addr)) => Some(Actuator::Bind(BindVip::new(
             addr,
-            backends.clone(),
+            backends.with_mode(config.routing.vip),
             proxy.clone(),
         ))),
         (VipMode::Arp, Some(_)) => stale_checked.map(Actuator::Arp),

@@ -1,19 +1,20 @@
 //! Where new connections go, observed through the backend that answers:
 //! drain (with and without a deadline), zone preference and spill-over,
-//! fail-open.
+//! per-listener routing modes, fail-open.
 
 // Helpers outside #[test] functions fail the test on a broken socket too.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use bulwark_lb::backends::{AdminState, RoutingPolicy, Verdict};
+use bulwark_lb::backends::{AdminState, Backends, RoutingMode, RoutingPolicy, Verdict};
 use bulwark_lb::proxy::ProxyConfig;
 use support::*;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, BufReader};
+use tokio::net::TcpStream;
 
 async fn answering(p: &TestProxy, n: usize) -> HashSet<String> {
     let mut seen = HashSet::new();
@@ -97,9 +98,10 @@ async fn local_zone_is_preferred_and_spills_over_when_short() {
         local_zone: Some("zone-a".into()),
         min_local_healthy_share: 0.6,
     };
-    let p = TestProxy::start(
+    let p = TestProxy::start_mode(
         ProxyConfig::default(),
         policy,
+        RoutingMode::ZonePreferred,
         vec![a1.spec("zone-a"), a2.spec("zone-a"), b1.spec("zone-b")],
     )
     .await;
@@ -133,18 +135,82 @@ async fn a_failed_local_connect_retries_in_another_zone() {
     let b1 = TestBackend::start("b1", Mode::Echo).await;
     let mut dead_local = closed_port_spec("dead-local").await;
     dead_local.zone = "zone-a".into();
-    let p = TestProxy::start(
+    let p = TestProxy::start_mode(
         ProxyConfig::default(),
         RoutingPolicy {
             local_zone: Some("zone-a".into()),
             min_local_healthy_share: 0.5,
         },
+        RoutingMode::ZonePreferred,
         vec![dead_local, b1.spec("zone-b")],
     )
     .await;
     // The verdict still says healthy (no prober yet): the retry leaves the
     // zone rather than failing the client.
     assert_eq!(answering(&p, 10).await, set(&["b1"]));
+}
+
+/// Connects `n` times and keeps every connection open (watches), so the
+/// load the balancer sees builds up. Returns connections per backend.
+async fn held(p: &TestProxy, n: usize) -> (BTreeMap<String, usize>, Vec<BufReader<TcpStream>>) {
+    let mut by = BTreeMap::new();
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (id, c) = p.connect().await.unwrap();
+        *by.entry(id).or_insert(0) += 1;
+        open.push(c);
+    }
+    (by, open)
+}
+
+#[tokio::test]
+async fn vip_balances_and_local_prefers_its_zone_on_one_node() {
+    // The standard layout: one apiserver per zone, this node in zone a.
+    let a = TestBackend::start("a", Mode::Echo).await;
+    let b = TestBackend::start("b", Mode::Echo).await;
+    let c = TestBackend::start("c", Mode::Echo).await;
+    let registry = Backends::new(RoutingPolicy {
+        local_zone: Some("zone-a".into()),
+        min_local_healthy_share: 0.5,
+    });
+    let specs = |a_verdict: Verdict| {
+        let mut sa = a.spec("zone-a");
+        sa.verdict = a_verdict;
+        vec![sa, b.spec("zone-b"), c.spec("zone-c")]
+    };
+    registry.publish(specs(Verdict::Healthy), 1).unwrap();
+    let vip = TestProxy::serve(
+        ProxyConfig::default(),
+        registry.with_mode(RoutingMode::Balanced),
+    )
+    .await;
+    let local = TestProxy::serve(
+        ProxyConfig::default(),
+        registry.with_mode(RoutingMode::ZonePreferred),
+    )
+    .await;
+
+    // Through the VIP: every apiserver carries its share of the open
+    // connections.
+    let (spread, open_vip) = held(&vip, 90).await;
+    assert_eq!(spread.len(), 3, "{spread:?}");
+    let max = *spread.values().max().unwrap() as f64;
+    let min = *spread.values().min().unwrap() as f64;
+    assert!(max / min <= 1.15, "{spread:?}");
+
+    // Through the local listener: zone a only, although zone a's apiserver
+    // is now the most loaded (the modes share the counters, not the rule).
+    let (kept, open_local) = held(&local, 30).await;
+    assert_eq!(kept.into_iter().collect::<Vec<_>>(), [("a".to_owned(), 30)]);
+
+    // Zone a goes down: the local listener spills over, the VIP listener
+    // just loses one candidate.
+    let v = registry.load().version() + 1;
+    registry.publish(specs(Verdict::Down), v).unwrap();
+    assert!(registry.load().spilled_over());
+    assert_eq!(answering(&local, 30).await, set(&["b", "c"]));
+    assert_eq!(answering(&vip, 30).await, set(&["b", "c"]));
+    drop((open_vip, open_local));
 }
 
 #[tokio::test]

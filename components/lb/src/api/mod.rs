@@ -34,7 +34,7 @@ use openraft::errors::{ClientWriteError, RaftError};
 use tonic::{Request, Response, Status};
 
 use self::convert::{backend_entry, backend_to_api, node_info};
-use crate::backends::Backends;
+use crate::backends::{Backends, RoutingMode};
 use crate::config::{MAX_WEIGHT, VipConfig, VipMode, valid_backend_id};
 use crate::health::HealthService;
 use crate::raft::network::ClusterId;
@@ -58,6 +58,18 @@ pub struct Api {
     cluster: ClusterId,
     election_timeout_max: Duration,
     health: HealthService,
+    listeners: Arc<[ListenerInfo]>,
+}
+
+/// One proxy listener of this node, as GetStatus reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerInfo {
+    /// `vip` or `local`.
+    pub name: &'static str,
+    /// host:port it listens on.
+    pub address: String,
+    /// How it chooses backends.
+    pub mode: RoutingMode,
 }
 
 impl std::fmt::Debug for Api {
@@ -96,7 +108,36 @@ impl Api {
             cluster,
             election_timeout_max,
             health,
+            listeners: Arc::new([]),
         }
+    }
+
+    /// The proxy listeners GetStatus reports (none by default).
+    pub fn with_listeners(mut self, listeners: Vec<ListenerInfo>) -> Self {
+        self.listeners = listeners.into();
+        self
+    }
+
+    /// Each listener's routing as the current snapshot applies it.
+    fn listener_status(&self, set: &crate::backends::BackendSet) -> Vec<lb::ListenerStatus> {
+        let zone = &self.node.zone;
+        self.listeners
+            .iter()
+            .map(|l| {
+                let preferring = l.mode == RoutingMode::ZonePreferred && !zone.is_empty();
+                lb::ListenerStatus {
+                    name: l.name.to_owned(),
+                    address: l.address.clone(),
+                    routing: match l.mode {
+                        RoutingMode::Balanced => lb::RoutingMode::Balanced,
+                        RoutingMode::ZonePreferred => lb::RoutingMode::ZonePreferred,
+                    } as i32,
+                    local_zone: zone.clone(),
+                    spilled_over: preferring && set.spilled_over(),
+                    local_share: set.local_share().filter(|_| preferring),
+                }
+            })
+            .collect()
     }
 
     fn metrics(&self) -> openraft::RaftMetrics<crate::raft::TypeConfig> {
@@ -325,6 +366,7 @@ impl LoadBalancer for Api {
             backends_total: state.backends().len() as u32,
             backends_routable: set.routable_len() as u32,
             observed_at: bulwark_api::time::timestamp_to_proto(SystemTime::now()).ok(),
+            listeners: self.listener_status(&set),
         };
         Ok(Response::new(resp))
     }

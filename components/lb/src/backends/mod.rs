@@ -4,7 +4,8 @@
 //! publishes a new one.
 //!
 //! Readers never lock and never wait: a connection loads the current `Arc`,
-//! picks a backend from lists computed at publish time, and keeps the chosen
+//! picks a backend from lists computed at publish time (with its listener's
+//! [`RoutingMode`], carried by the handle it was given), and keeps the chosen
 //! backend's live counters (which outlive any one snapshot) for its
 //! lifetime. Writers are rare and serialized by a mutex that readers never
 //! touch.
@@ -105,7 +106,38 @@ impl Verdict {
     }
 }
 
-/// Zone preference of this LB node (Envoy's zone-aware routing idea).
+/// How one listener chooses among the routable backends.
+///
+/// Why per listener: the VIP's clients are the whole cluster, so preferring
+/// the VIP holder's zone would send every client to one zone's apiservers
+/// (with one apiserver per zone, to one apiserver). The node-local
+/// listener's clients are that node's kubelet and controllers, spread over
+/// the nodes of every zone, so keeping them in their zone saves cross-zone
+/// traffic without concentrating anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RoutingMode {
+    /// Every routable backend of every zone (weighted power of two choices).
+    #[default]
+    Balanced,
+    /// The local zone's routable backends while at least
+    /// `minLocalHealthyShare` of them are routable, else every routable one.
+    ZonePreferred,
+}
+
+impl RoutingMode {
+    /// The name used in configs and status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingMode::Balanced => "balanced",
+            RoutingMode::ZonePreferred => "zonePreferred",
+        }
+    }
+}
+
+/// Zone preference of this LB node (Envoy's zone-aware routing idea): what
+/// the zone-preferred list of every snapshot is computed from. Listeners in
+/// [`RoutingMode::Balanced`] ignore it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RoutingPolicy {
@@ -216,6 +248,9 @@ pub fn validate_specs(specs: &[BackendSpec]) -> Result<(), BackendsError> {
 #[derive(Clone)]
 pub struct Backends {
     inner: Arc<Inner>,
+    /// How picks through this handle choose (one handle per listener, all
+    /// sharing `inner`).
+    mode: RoutingMode,
 }
 
 impl std::fmt::Debug for Backends {
@@ -225,6 +260,7 @@ impl std::fmt::Debug for Backends {
             .field("version", &set.version())
             .field("backends", &set.len())
             .field("fail_open", &set.fail_open())
+            .field("mode", &self.mode)
             .finish()
     }
 }
@@ -250,7 +286,8 @@ impl Default for Backends {
 }
 
 impl Backends {
-    /// An empty registry (version 0) with this node's routing policy.
+    /// An empty registry (version 0) with this node's routing policy; the
+    /// handle routes [`RoutingMode::Balanced`] (see [`Backends::with_mode`]).
     pub fn new(policy: RoutingPolicy) -> Self {
         let empty = BackendSet::build(0, &[], &[], &policy);
         Self {
@@ -263,7 +300,22 @@ impl Backends {
                     live: HashMap::new(),
                 }),
             }),
+            mode: RoutingMode::Balanced,
         }
+    }
+
+    /// A handle to the same registry whose picks use `mode`: what a
+    /// listener is given.
+    pub fn with_mode(&self, mode: RoutingMode) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            mode,
+        }
+    }
+
+    /// How picks through this handle choose.
+    pub fn mode(&self) -> RoutingMode {
+        self.mode
     }
 
     /// The current snapshot. Lock-free; hold it only as long as needed.

@@ -12,11 +12,16 @@
 //! the load that matters; the `+ 1` lets weights break ties among idle
 //! backends.
 //!
-//! The candidate lists are tiers computed at publish time: the preferred
-//! list (the local zone's routable backends, or every routable backend when
-//! the local zone runs short), then every routable backend (so a retry after
-//! a failed connect can leave the zone), then — only when nothing at all is
-//! routable — every admin-active backend (fail-open, Envoy's panic mode).
+//! The candidate lists are tiers computed at publish time, both routing
+//! modes' at once so that a listener's choice costs nothing per connection:
+//!
+//! - balanced: every routable backend of every zone;
+//! - zone-preferred: the local zone's routable backends (or every routable
+//!   backend when the local zone runs short), then every routable backend
+//!   (so a retry after a failed connect can leave the zone);
+//!
+//! and in both, only when nothing at all is routable, every admin-active
+//! backend (fail-open, Envoy's panic mode).
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -24,7 +29,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::stats::{BackendStats, BackendStatus};
-use super::{BackendSpec, RoutingPolicy};
+use super::{BackendSpec, RoutingMode, RoutingPolicy};
 
 /// One backend in a snapshot.
 #[derive(Debug)]
@@ -87,12 +92,14 @@ impl Backend {
 pub struct BackendSet {
     version: u64,
     backends: Vec<Backend>,
-    /// Tier 0: where a first attempt goes.
-    preferred: Vec<usize>,
-    /// Tier 1: every routable backend (equal to `preferred` without zone
-    /// preference or after spill-over).
+    /// Zone-preferred tier 0: the local zone's routable backends, or all
+    /// of `routable` without a local zone or after spill-over.
+    zone_preferred: Vec<usize>,
+    /// Every routable backend: the balanced tier 0, the zone-preferred
+    /// tier 1.
     routable: Vec<usize>,
-    /// Tier 2: every admin-active backend, only when `routable` is empty.
+    /// The last tier: every admin-active backend, only when `routable` is
+    /// empty.
     fail_open: Vec<usize>,
     spilled_over: bool,
     local_share: Option<f64>,
@@ -124,7 +131,7 @@ impl BackendSet {
 
         let mut spilled_over = false;
         let mut local_share = None;
-        let preferred = match &policy.local_zone {
+        let zone_preferred = match &policy.local_zone {
             None => routable.clone(),
             Some(zone) => {
                 let local_total = specs.iter().filter(|s| &s.zone == zone).count();
@@ -164,7 +171,7 @@ impl BackendSet {
         Self {
             version,
             backends,
-            preferred,
+            zone_preferred,
             routable,
             fail_open,
             spilled_over,
@@ -208,7 +215,8 @@ impl BackendSet {
         !self.fail_open.is_empty()
     }
 
-    /// The local zone runs short, so first attempts spread over all zones.
+    /// The local zone runs short, so zone-preferred first attempts spread
+    /// over all zones too. Says nothing about balanced listeners.
     pub fn spilled_over(&self) -> bool {
         self.spilled_over
     }
@@ -223,16 +231,25 @@ impl BackendSet {
         self.routable.len()
     }
 
-    /// Chooses a backend for a new connection, skipping the indices in
-    /// `exclude` (backends this connection already failed to reach).
-    /// `None` when no eligible backend is left. No lock, no await, no
-    /// allocation.
-    pub fn pick(&self, exclude: &[usize]) -> Option<&Backend> {
-        let tiers: [&[usize]; 3] = [&self.preferred, &self.routable, &self.fail_open];
+    /// The backends a first attempt in `mode` chooses among (before
+    /// fail-open).
+    pub fn first_tier(&self, mode: RoutingMode) -> &[usize] {
+        match mode {
+            RoutingMode::Balanced => &self.routable,
+            RoutingMode::ZonePreferred => &self.zone_preferred,
+        }
+    }
+
+    /// Chooses a backend for a new connection of a listener in `mode`,
+    /// skipping the indices in `exclude` (backends this connection already
+    /// failed to reach). `None` when no eligible backend is left. No lock,
+    /// no await, no allocation.
+    pub fn pick(&self, mode: RoutingMode, exclude: &[usize]) -> Option<&Backend> {
+        let tiers: [&[usize]; 3] = [self.first_tier(mode), &self.routable, &self.fail_open];
         let mut last_len = usize::MAX;
         for tier in tiers {
-            // `routable` repeats `preferred` when there is no zone
-            // preference in effect: same length means same list.
+            // `routable` repeats the first tier when balanced, or when no
+            // zone preference is in effect: same length means same list.
             if tier.len() == last_len {
                 continue;
             }

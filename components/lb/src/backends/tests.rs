@@ -22,6 +22,10 @@ fn healthy(id: &str, zone: &str) -> BackendSpec {
     spec(id, zone, Verdict::Healthy, AdminState::Active)
 }
 
+/// The mode the tests written before per-listener routing assume.
+const ZP: RoutingMode = RoutingMode::ZonePreferred;
+const MODES: [RoutingMode; 2] = [RoutingMode::Balanced, RoutingMode::ZonePreferred];
+
 fn policy(zone: Option<&str>, share: f64) -> RoutingPolicy {
     RoutingPolicy {
         local_zone: zone.map(Into::into),
@@ -32,7 +36,7 @@ fn policy(zone: Option<&str>, share: f64) -> RoutingPolicy {
 fn picks(b: &Backends, n: usize) -> HashSet<String> {
     let set = b.load();
     (0..n)
-        .filter_map(|_| set.pick(&[]).map(|b| b.id().to_owned()))
+        .filter_map(|_| set.pick(b.mode(), &[]).map(|b| b.id().to_owned()))
         .collect()
 }
 
@@ -106,7 +110,7 @@ fn least_loaded_of_two_wins() {
         set.by_id("a").unwrap().stats().reserve();
     }
     for _ in 0..50 {
-        assert_eq!(set.pick(&[]).unwrap().id(), "b");
+        assert_eq!(set.pick(RoutingMode::Balanced, &[]).unwrap().id(), "b");
     }
 }
 
@@ -119,7 +123,10 @@ fn weights_steer_the_load() {
     let set = b.load();
     // Simulate long-lived connections: each pick keeps its slot.
     for _ in 0..400 {
-        set.pick(&[]).unwrap().stats().reserve();
+        set.pick(RoutingMode::Balanced, &[])
+            .unwrap()
+            .stats()
+            .reserve();
     }
     let h = set.by_id("heavy").unwrap().stats().active() as f64;
     let l = set.by_id("light").unwrap().stats().active() as f64;
@@ -132,11 +139,130 @@ fn exclusion_leaves_the_zone_before_giving_up() {
     b.publish(vec![healthy("a1", "a"), healthy("b1", "b")], 1)
         .unwrap();
     let set = b.load();
-    let first = set.pick(&[]).unwrap();
+    let first = set.pick(ZP, &[]).unwrap();
     assert_eq!(first.id(), "a1");
-    let second = set.pick(&[first.index()]).unwrap();
+    let second = set.pick(ZP, &[first.index()]).unwrap();
     assert_eq!(second.id(), "b1");
-    assert!(set.pick(&[0, 1]).is_none());
+    assert!(set.pick(ZP, &[0, 1]).is_none());
+}
+
+/// Long-lived connections through `mode`: each pick keeps its slot.
+/// Returns the open connections per backend id.
+fn hold(set: &BackendSet, mode: RoutingMode, n: usize) -> std::collections::BTreeMap<String, u64> {
+    for _ in 0..n {
+        set.pick(mode, &[]).unwrap().stats().reserve();
+    }
+    set.iter()
+        .map(|b| (b.id().to_owned(), b.stats().active()))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+#[test]
+fn balanced_spreads_over_every_zone_and_zone_preferred_stays_local() {
+    // The standard layout: one apiserver per zone, this node in zone a.
+    let b = Backends::new(policy(Some("a"), 0.5));
+    let three = vec![healthy("a1", "a"), healthy("b1", "b"), healthy("c1", "c")];
+    b.publish(three.clone(), 1).unwrap();
+    let set = b.load();
+    assert_eq!(set.first_tier(RoutingMode::Balanced), &[0, 1, 2]);
+    assert_eq!(set.first_tier(ZP), &[0]);
+    assert!(!set.spilled_over());
+
+    let spread = hold(&set, RoutingMode::Balanced, 300);
+    assert_eq!(spread.len(), 3, "{spread:?}");
+    let (max, min) = (
+        *spread.values().max().unwrap() as f64,
+        *spread.values().min().unwrap() as f64,
+    );
+    assert!(max / min <= 1.15, "{spread:?}");
+
+    // A fresh snapshot (new counters) for the zone-preferred listener.
+    b.publish(Vec::new(), 2).unwrap();
+    b.publish(three, 3).unwrap();
+    let local = hold(&b.load(), ZP, 100);
+    assert_eq!(
+        local.into_iter().collect::<Vec<_>>(),
+        [("a1".to_owned(), 100)]
+    );
+}
+
+#[test]
+fn zone_preferred_spills_below_the_share_and_balanced_is_unaffected() {
+    let specs = |a2: Verdict| {
+        vec![
+            healthy("a1", "a"),
+            spec("a2", "a", a2, AdminState::Active),
+            healthy("b1", "b"),
+            healthy("c1", "c"),
+        ]
+    };
+    // Half of zone a routable, 0.5 >= 0.5: stays local.
+    let b = Backends::new(policy(Some("a"), 0.5));
+    b.publish(specs(Verdict::Down), 1).unwrap();
+    let set = b.load();
+    assert!(!set.spilled_over());
+    assert_eq!(set.local_share(), Some(0.5));
+    assert_eq!(set.first_tier(ZP), &[0]);
+    assert_eq!(set.first_tier(RoutingMode::Balanced), &[0, 2, 3]);
+
+    // The same list with a stricter share: spills over to every routable
+    // backend; the balanced list is the same either way.
+    b.set_policy(policy(Some("a"), 0.6));
+    let set = b.load();
+    assert!(set.spilled_over());
+    assert_eq!(set.first_tier(ZP), &[0, 2, 3]);
+    assert_eq!(set.first_tier(RoutingMode::Balanced), &[0, 2, 3]);
+    let spread = hold(&set, ZP, 90);
+    assert_eq!(
+        spread.len(),
+        3,
+        "spilled picks reach every zone: {spread:?}"
+    );
+
+    // Zone a whole again: back to local.
+    b.publish(specs(Verdict::Healthy), 2).unwrap();
+    let set = b.load();
+    assert!(!set.spilled_over());
+    assert_eq!(set.first_tier(ZP), &[0, 1]);
+    assert_eq!(set.first_tier(RoutingMode::Balanced), &[0, 1, 2, 3]);
+}
+
+#[test]
+fn handles_with_different_modes_share_one_registry() {
+    let vip = Backends::new(policy(Some("a"), 0.5));
+    assert_eq!(vip.mode(), RoutingMode::Balanced);
+    let local = vip.with_mode(ZP);
+    assert_eq!(local.mode(), ZP);
+    vip.publish(vec![healthy("a1", "a"), healthy("b1", "b")], 7)
+        .unwrap();
+    // One publish, seen by both.
+    assert_eq!(local.load().version(), 7);
+    assert_eq!(
+        picks(&local, 50),
+        HashSet::from(["a1".to_owned()]),
+        "the local handle prefers zone a"
+    );
+    assert_eq!(
+        picks(&vip, 200),
+        HashSet::from(["a1".to_owned(), "b1".to_owned()]),
+        "the VIP handle balances"
+    );
+    // The live counters are shared: a connection through the local
+    // listener makes the VIP listener steer away from its backend.
+    local.load().pick(ZP, &[]).unwrap().stats().reserve();
+    assert_eq!(vip.load().by_id("a1").unwrap().stats().active(), 1);
+    assert_eq!(picks(&vip, 50), HashSet::from(["b1".to_owned()]));
+}
+
+#[test]
+fn routing_modes_parse_by_their_config_names() {
+    for mode in MODES {
+        let json = serde_json::to_string(&mode).unwrap();
+        assert_eq!(json, format!("\"{}\"", mode.as_str()));
+        assert_eq!(serde_json::from_str::<RoutingMode>(&json).unwrap(), mode);
+    }
+    assert_eq!(RoutingMode::default(), RoutingMode::Balanced);
 }
 
 #[test]
@@ -213,7 +339,12 @@ async fn drain_deadline_cancels_the_close_token() {
         2,
     )
     .unwrap();
-    assert!(b.load().pick(&[]).is_none(), "a drained backend is chosen");
+    for mode in MODES {
+        assert!(
+            b.load().pick(mode, &[]).is_none(),
+            "a drained backend is chosen"
+        );
+    }
     tokio::time::sleep(Duration::from_secs(29)).await;
     assert!(!token.is_cancelled());
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -316,8 +447,8 @@ proptest! {
         let set = b.load();
         let any_routable = specs.iter().any(routable);
         prop_assert_eq!(set.fail_open(), !any_routable && specs.iter().any(|s| !s.admin.is_drain()));
-        for _ in 0..32 {
-            match set.pick(&[]) {
+        for mode in MODES.into_iter().cycle().take(64) {
+            match set.pick(mode, &[]) {
                 Some(p) => {
                     let s = &specs[p.index()];
                     prop_assert!(!s.admin.is_drain(), "picked drained {}", s.id);
@@ -343,9 +474,14 @@ proptest! {
         let local_ok = specs.iter().filter(|s| s.zone == zone && routable(s)).count();
         let prefer_local = local_ok > 0 && (local_ok as f64 / local_total as f64) >= share;
         prop_assert_eq!(set.spilled_over(), !prefer_local && specs.iter().any(routable));
+        // The balanced list ignores zones whatever the policy.
+        prop_assert_eq!(
+            set.first_tier(RoutingMode::Balanced).len(),
+            specs.iter().filter(|s| routable(s)).count()
+        );
         let mut seen = HashSet::new();
         for _ in 0..64 {
-            if let Some(p) = set.pick(&[]) {
+            if let Some(p) = set.pick(ZP, &[]) {
                 seen.insert(p.index());
                 if prefer_local {
                     prop_assert_eq!(&specs[p.index()].zone, zone);
@@ -372,8 +508,8 @@ proptest! {
     ) {
         let (b, specs) = build(&raw, local, share);
         let set = b.load();
-        for _ in 0..32 {
-            match set.pick(&exclude) {
+        for mode in MODES.into_iter().cycle().take(64) {
+            match set.pick(mode, &exclude) {
                 Some(p) => {
                     prop_assert!(!exclude.contains(&p.index()));
                     prop_assert!(!specs[p.index()].admin.is_drain());

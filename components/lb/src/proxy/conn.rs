@@ -135,10 +135,11 @@ async fn connect_some_backend(
     let config = &shared.config;
     // One snapshot for all attempts, so indices stay meaningful.
     let set = shared.backends.load();
+    let mode = shared.backends.mode();
     let mut tried = [0usize; MAX_CONNECT_ATTEMPTS as usize];
     let attempts = (config.connect_attempts as usize).min(tried.len());
     for n in 0..attempts {
-        let Some(backend) = set.pick(&tried[..n]) else {
+        let Some(backend) = set.pick(mode, &tried[..n]) else {
             if n == 0 {
                 shared.metrics.no_backend.increment(1);
                 tracing::warn!(

@@ -13,12 +13,14 @@
 //!
 //! ```ignore
 //! bulwark_common::telemetry::metrics_handle(); // before serve: handles resolve once
-//! let backends = Backends::new(config.routing.clone());   // this node's zone
+//! let backends = Backends::new(config.routing_policy());   // this node's zone
 //! // Raft apply / health aggregation, on every change (version = log index):
 //! backends.publish(specs, applied_index)?;
 //! let proxy = Arc::new(config.proxy.clone());
 //! let local = TcpListener::bind("127.0.0.1:7445").await?;
-//! let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
+//! // Each listener gets a handle with its own routing mode.
+//! let b = backends.with_mode(config.routing.local);
+//! let (p, t) = (proxy.clone(), shutdown.token());
 //! shutdown.spawn_critical("proxy-local", async move { Ok(proxy::serve(local, b, p, t).await?) });
 //! // The VIP front: bind when this node takes the VIP, cancel a child token
 //! // when it releases it (new connections stop at once; open ones get
@@ -174,7 +176,7 @@ pub async fn serve(
     });
     let limit = Arc::new(Semaphore::new(shared.config.max_connections as usize));
     let tracker = TaskTracker::new();
-    tracing::info!(listener = %address, threads = workers.len(), "proxy listening");
+    tracing::info!(listener = %address, threads = workers.len(), routing = shared.backends.mode().as_str(), "proxy listening");
 
     let result = accept_loop(
         &listener,

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bulwark_lb::backends::{AdminState, BackendSpec, Backends, RoutingPolicy, Verdict};
+use bulwark_lb::backends::{
+    AdminState, BackendSpec, Backends, RoutingMode, RoutingPolicy, Verdict,
+};
 use bulwark_lb::proxy::{self, ProxyConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -143,16 +145,33 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
+    /// A balanced listener (the VIP's default) over `specs`.
     pub async fn start(
         config: ProxyConfig,
         policy: RoutingPolicy,
         specs: Vec<BackendSpec>,
     ) -> Self {
+        Self::start_mode(config, policy, RoutingMode::Balanced, specs).await
+    }
+
+    /// A listener routing in `mode` over `specs`.
+    pub async fn start_mode(
+        config: ProxyConfig,
+        policy: RoutingPolicy,
+        mode: RoutingMode,
+        specs: Vec<BackendSpec>,
+    ) -> Self {
+        let backends = Backends::new(policy);
+        backends.publish(specs, 1).unwrap();
+        Self::serve(config, backends.with_mode(mode)).await
+    }
+
+    /// A listener serving through `backends` (and its mode): several
+    /// listeners may share one registry, as a node's VIP and local ones do.
+    pub async fn serve(config: ProxyConfig, backends: Backends) -> Self {
         bulwark_common::telemetry::metrics_handle();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let backends = Backends::new(policy);
-        backends.publish(specs, 1).unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(proxy::serve(
             listener,

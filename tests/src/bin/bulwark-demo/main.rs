@@ -165,7 +165,7 @@ mod demo {
             tally.ok, tally.failed
         ));
         say::note(format!(
-            "answered by: {spread:?} (the VIP holder prefers apiservers in its own zone)"
+            "answered by: {spread:?} (the VIP balances over the apiservers of every zone)"
         ));
         for (error, n) in traffic::error_kinds(&warmup) {
             say::note(format!("  {n} × {error}"));

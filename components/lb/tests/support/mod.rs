@@ -161,6 +161,9 @@ impl TestProxy {
         mode: RoutingMode,
         specs: Vec<BackendSpec>,
     ) -> Self {
+        // The recorder first: per-backend counters are registered when the
+        // backends are published.
+        bulwark_common::telemetry::metrics_handle();
         let backends = Backends::new(policy);
         backends.publish(specs, 1).unwrap();
         Self::serve(config, backends.with_mode(mode)).await

@@ -18,7 +18,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bulwark_common::telemetry::catalog::recorded_names;
+use bulwark_common::telemetry::catalog::{BUILD_INFO, CERT_EXPIRY, recorded_names};
+use bulwark_common::telemetry::process;
 use bulwark_testkit::tools;
 use serde_yaml_ng::Value;
 
@@ -169,20 +170,8 @@ fn exposed_names() -> BTreeSet<String> {
             names.insert(name);
         }
     }
-    names.extend(
-        [
-            "bulwark_build_info",
-            "bulwark_certificate_expiry_timestamp_seconds",
-            "process_cpu_seconds_total",
-            "process_resident_memory_bytes",
-            "process_virtual_memory_bytes",
-            "process_open_fds",
-            "process_max_fds",
-            "process_threads",
-            "process_start_time_seconds",
-        ]
-        .map(str::to_owned),
-    );
+    names.extend([CERT_EXPIRY, BUILD_INFO].map(str::to_owned));
+    names.extend(process::METRICS.iter().map(|(name, ..)| (*name).to_owned()));
     names
 }
 

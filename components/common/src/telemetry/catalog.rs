@@ -178,8 +178,11 @@ pub fn register_certificates(component: &'static str, files: &[&TlsFiles]) {
         "When the certificate expires (notAfter), in seconds since the Unix epoch; role is certificate (this side's leaf) or ca (earliest in the bundle)."
     );
     for tls in files {
-        for (path, role) in [(&tls.cert_file, "certificate"), (&tls.ca_file, "ca")] {
-            match not_after(path, role == "ca") {
+        for (path, role, earliest) in [
+            (&tls.cert_file, "certificate", false),
+            (&tls.ca_file, "ca", true),
+        ] {
+            match not_after(path, earliest) {
                 Ok(at) => metrics::gauge!(
                     CERT_EXPIRY,
                     "component" => component,
@@ -236,6 +239,26 @@ pub fn recorded_names(dir: &Path, prefix: &str) -> std::collections::BTreeSet<St
         }
     }
     names
+}
+
+/// Checks a catalogue against the sources under `dir`: no name declared
+/// twice, and the declared names equal [`recorded_names`]. The error lists
+/// what differs, for each crate's catalogue test.
+pub fn check_against_sources(defs: &[MetricDef], dir: &Path, prefix: &str) -> Result<(), String> {
+    let declared: std::collections::BTreeSet<String> =
+        defs.iter().map(|d| d.name.to_owned()).collect();
+    if declared.len() != defs.len() {
+        return Err("a metric is declared twice".into());
+    }
+    let recorded = recorded_names(dir, prefix);
+    if declared == recorded {
+        return Ok(());
+    }
+    let undeclared: Vec<_> = recorded.difference(&declared).collect();
+    let unrecorded: Vec<_> = declared.difference(&recorded).collect();
+    Err(format!(
+        "recorded but not in the catalogue: {undeclared:?}; in the catalogue but never recorded: {unrecorded:?}"
+    ))
 }
 
 /// `text` less its catalogue block, if it has one.

@@ -83,58 +83,65 @@ fn parse_stat(stat: &str, ticks: f64, page: u64, boot_time: f64) -> Option<Proce
     })
 }
 
+/// Every `process_*` metric: name, type and help text, in the order
+/// [`render`] writes them.
+pub const METRICS: [(&str, &str, &str); 7] = [
+    (
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+    ),
+    (
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+    ),
+    (
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+    ),
+    (
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+    ),
+    (
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+    ),
+    (
+        "process_threads",
+        "gauge",
+        "Number of OS threads in the process.",
+    ),
+    (
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+    ),
+];
+
 /// The Prometheus text for `stats`.
 pub fn render(stats: &ProcessStats) -> String {
+    let values = [
+        stats.cpu_seconds.to_string(),
+        stats.resident_bytes.to_string(),
+        stats.virtual_bytes.to_string(),
+        stats.open_fds.to_string(),
+        stats.max_fds.to_string(),
+        stats.threads.to_string(),
+        stats.start_time_seconds.to_string(),
+    ];
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+    for ((name, kind, help), value) in METRICS.iter().zip(values) {
         // Writing to a String cannot fail.
         let _ = write!(
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
         );
-    };
-    metric(
-        "process_cpu_seconds_total",
-        "counter",
-        "Total user and system CPU time spent in seconds.",
-        stats.cpu_seconds.to_string(),
-    );
-    metric(
-        "process_resident_memory_bytes",
-        "gauge",
-        "Resident memory size in bytes.",
-        stats.resident_bytes.to_string(),
-    );
-    metric(
-        "process_virtual_memory_bytes",
-        "gauge",
-        "Virtual memory size in bytes.",
-        stats.virtual_bytes.to_string(),
-    );
-    metric(
-        "process_open_fds",
-        "gauge",
-        "Number of open file descriptors.",
-        stats.open_fds.to_string(),
-    );
-    metric(
-        "process_max_fds",
-        "gauge",
-        "Maximum number of open file descriptors.",
-        stats.max_fds.to_string(),
-    );
-    metric(
-        "process_threads",
-        "gauge",
-        "Number of OS threads in the process.",
-        stats.threads.to_string(),
-    );
-    metric(
-        "process_start_time_seconds",
-        "gauge",
-        "Start time of the process since unix epoch in seconds.",
-        stats.start_time_seconds.to_string(),
-    );
+    }
     out
 }
 

@@ -296,8 +296,16 @@ fn verdict_of_pb(v: i32) -> Verdict {
     }
 }
 
+/// Every verdict, in the order metrics list them.
+const ALL_VERDICTS: [Verdict; 4] = [
+    Verdict::Healthy,
+    Verdict::Draining,
+    Verdict::Down,
+    Verdict::Unknown,
+];
+
 /// The label of a verdict in metrics and logs.
-pub fn verdict_label(v: Verdict) -> &'static str {
+pub const fn verdict_label(v: Verdict) -> &'static str {
     match v {
         Verdict::Healthy => "up",
         Verdict::Draining => "not_ready",
@@ -307,7 +315,12 @@ pub fn verdict_label(v: Verdict) -> &'static str {
 }
 
 /// Every value [`verdict_label`] returns.
-pub const VERDICT_LABELS: &[&str] = &["up", "not_ready", "down", "unknown"];
+pub const VERDICT_LABELS: &[&str] = &[
+    verdict_label(ALL_VERDICTS[0]),
+    verdict_label(ALL_VERDICTS[1]),
+    verdict_label(ALL_VERDICTS[2]),
+    verdict_label(ALL_VERDICTS[3]),
+];
 
 /// Exports the committed health of `state` (every node): one
 /// `bulwark_lb_backend_verdict{backend,verdict}` series per backend and
@@ -315,14 +328,8 @@ pub const VERDICT_LABELS: &[&str] = &["up", "not_ready", "down", "unknown"];
 /// exported once, by the data path (`bulwark_lb_fail_open`), where it
 /// takes effect.
 pub fn export_committed(state: &LbState) {
-    const ALL: [Verdict; 4] = [
-        Verdict::Healthy,
-        Verdict::Draining,
-        Verdict::Down,
-        Verdict::Unknown,
-    ];
     for b in state.backend_specs() {
-        for v in ALL {
+        for v in ALL_VERDICTS {
             metrics::gauge!("bulwark_lb_backend_verdict", "backend" => b.id.clone(), "verdict" => verdict_label(v))
                 .set(f64::from(u8::from(b.verdict == v)));
         }

@@ -21,6 +21,7 @@
 //!   address: 10.0.0.10
 //!   port: 6443
 //!   interface: eth0
+//!   # address6: fd00::10   # dual-stack: an IPv6 VIP held with the IPv4 one
 //! backends:
 //!   - {id: cp-1, address: 10.0.0.11:6443, zone: zone-a}
 //! health:
@@ -47,7 +48,9 @@ use serde::{Deserialize, Serialize};
 use crate::backends::RoutingPolicy;
 use crate::health::HealthConfig;
 use crate::proxy::ProxyConfig;
+use crate::vip::arp::VipAddress;
 use crate::vip::fence::FenceTiming;
+use crate::vip::iface;
 
 /// The whole configuration of one node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -449,16 +452,24 @@ pub struct VipConfig {
     /// How the VIP is announced.
     #[serde(default)]
     pub mode: VipMode,
-    /// The VIP (no port, no prefix). Required unless disabled.
+    /// The VIP (no port, no prefix), IPv4 or IPv6. Required unless
+    /// disabled.
     #[serde(default)]
     pub address: Option<IpAddr>,
+    /// arp mode, dual-stack: the IPv6 VIP held together with an IPv4
+    /// `address` (claimed, renewed, announced and released as one).
+    #[serde(default)]
+    pub address6: Option<IpAddr>,
     /// Port of the front listener on the VIP.
     #[serde(default = "d_vip_port")]
     pub port: u16,
-    /// arp mode: prefix length the VIP is added with (32 or 128 keeps it
-    /// off the routing decisions of the subnet).
+    /// arp mode: prefix length `address` is added with (default 32 or
+    /// 128, which keeps it off the routing decisions of the subnet).
     #[serde(default)]
     pub prefix_length: Option<u8>,
+    /// arp mode: prefix length `address6` is added with (default 128).
+    #[serde(default)]
+    pub prefix_length6: Option<u8>,
     /// arp mode: the interface that carries the VIP.
     #[serde(default)]
     pub interface: Option<String>,
@@ -522,8 +533,10 @@ impl Default for VipConfig {
         Self {
             mode: VipMode::Disabled,
             address: None,
+            address6: None,
             port: d_vip_port(),
             prefix_length: None,
+            prefix_length6: None,
             interface: None,
             lease: d_lease(),
             check_interval: d_check(),
@@ -557,20 +570,131 @@ impl VipConfig {
         })
     }
 
-    /// The VIP with its port, when enabled.
+    /// The VIP with its port, when enabled (the first address of a
+    /// dual-stack pair).
     pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.socket_addrs().into_iter().next()
+    }
+
+    /// Every VIP address with the port, when enabled: one, or two for a
+    /// dual-stack pair (arp mode binds a front listener on each).
+    pub fn socket_addrs(&self) -> Vec<SocketAddr> {
         match self.mode {
-            VipMode::Disabled => None,
-            _ => self.address.map(|ip| SocketAddr::new(ip, self.port)),
+            VipMode::Disabled => Vec::new(),
+            _ => self
+                .addresses()
+                .into_iter()
+                .map(|a| SocketAddr::new(a.ip, self.port))
+                .collect(),
         }
     }
 
-    /// The prefix length the VIP is added with in arp mode.
+    /// The prefix length `address` is added with in arp mode.
     pub fn prefix(&self) -> u8 {
         self.prefix_length.unwrap_or(match self.address {
             Some(IpAddr::V6(_)) => 128,
             _ => 32,
         })
+    }
+
+    /// The addresses the arp-mode holder adds, with their prefix lengths:
+    /// `address`, then `address6` if set.
+    pub fn addresses(&self) -> Vec<VipAddress> {
+        let first = self.address.map(|ip| VipAddress {
+            ip,
+            prefix: self.prefix(),
+        });
+        let second = self.address6.map(|ip| VipAddress {
+            ip,
+            prefix: self.prefix_length6.unwrap_or(128),
+        });
+        first.into_iter().chain(second).collect()
+    }
+
+    /// The dual-stack fields: `address6` is IPv6, `address` IPv4, arp mode
+    /// only; prefix lengths of the family they apply to.
+    fn validate_families(&self, v: &mut Validator) {
+        if let Some(a6) = self.address6 {
+            v.check(
+                self.mode == VipMode::Arp,
+                "address6",
+                "a dual-stack VIP needs mode arp",
+            );
+            v.check(
+                a6.is_ipv6(),
+                "address6",
+                format!("{a6} is IPv4: the second VIP of a dual-stack pair must be IPv6"),
+            );
+            v.check(
+                !a6.is_unspecified() && !a6.is_multicast() && !a6.is_loopback(),
+                "address6",
+                format!("{a6} cannot be a virtual IP"),
+            );
+            if let Some(a) = self.address
+                && a.is_ipv6()
+                && a6.is_ipv6()
+            {
+                v.at("address", |v| {
+                    v.error(format!(
+                        "{a} is IPv6 like address6 ({a6}): a dual-stack pair needs an IPv4 address here"
+                    ))
+                });
+            }
+        }
+        let prefix_check = |v: &mut Validator, field: &str, p: u8, ip: Option<IpAddr>| {
+            let (max, family) = match ip {
+                Some(IpAddr::V6(_)) => (128, "IPv6"),
+                _ => (32, "IPv4"),
+            };
+            let of = ip
+                .map(|ip| format!(" for the {family} VIP {ip}"))
+                .unwrap_or_default();
+            v.check(
+                (1..=max).contains(&p),
+                field,
+                format!("{p} is out of range{of}: expected between 1 and {max}"),
+            );
+        };
+        if let Some(p) = self.prefix_length {
+            prefix_check(v, "prefixLength", p, self.address);
+        }
+        if let Some(p) = self.prefix_length6 {
+            match self.address6 {
+                None => v.at("prefixLength6", |v| {
+                    v.error("set without address6 (prefixLength applies to address)")
+                }),
+                Some(a6) => prefix_check(v, "prefixLength6", p, Some(a6)),
+            }
+        }
+    }
+
+    /// arp mode: every VIP family must exist on the interface (an IPv6 VIP
+    /// on an interface with IPv6 disabled could never be announced).
+    /// Checked where the interface exists, i.e. on the node itself; an
+    /// interface missing here is reported at start.
+    fn validate_interface_families(&self, interface: &str, v: &mut Validator) {
+        let Ok(Some(have)) = iface::families(interface) else {
+            return;
+        };
+        for (field, ip) in [("address", self.address), ("address6", self.address6)] {
+            let Some(ip) = ip else { continue };
+            let (ok, family) = match ip {
+                IpAddr::V4(_) => (have.v4, "IPv4"),
+                IpAddr::V6(_) => (have.v6, "IPv6"),
+            };
+            v.check(
+                ok,
+                field,
+                format!(
+                    "{ip} is {family} but interface {interface} has no {family} address{}",
+                    if ip.is_ipv6() {
+                        " (is IPv6 disabled on it? net.ipv6.conf.<if>.disable_ipv6)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
     }
 
     fn validate_with(&self, raft: &RaftConfig, v: &mut Validator) {
@@ -592,11 +716,12 @@ impl VipConfig {
         if self.mode == VipMode::Arp {
             match &self.interface {
                 None => v.at("interface", |v| v.error("required when mode is arp")),
-                Some(i) => v.check(
-                    !i.is_empty() && i.len() < 16 && !i.contains(['/', ' ']),
-                    "interface",
-                    format!("{i:?} is not a network interface name"),
-                ),
+                Some(i) if !i.is_empty() && i.len() < 16 && !i.contains(['/', ' ']) => {
+                    self.validate_interface_families(i, v);
+                }
+                Some(i) => v.at("interface", |v| {
+                    v.error(format!("{i:?} is not a network interface name"))
+                }),
             }
             if let Some(a) = self.address {
                 v.check(
@@ -606,18 +731,7 @@ impl VipConfig {
                 );
             }
         }
-        if let Some(p) = self.prefix_length {
-            let max = if matches!(self.address, Some(IpAddr::V6(_))) {
-                128
-            } else {
-                32
-            };
-            v.check(
-                (1..=max).contains(&p),
-                "prefixLength",
-                format!("{p} is out of range: expected between 1 and {max}"),
-            );
-        }
+        self.validate_families(v);
         let ms = Duration::from_millis;
         v.duration_in("lease", self.lease, ms(20), ms(60_000));
         v.duration_in("checkInterval", self.check_interval, ms(1), ms(1000));

@@ -64,8 +64,9 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
     /// The node-local proxy listener.
     pub local: Option<TcpListener>,
-    /// arp mode: the front listener on VIP:port (bound with IP_FREEBIND).
-    pub front: Option<TcpListener>,
+    /// arp mode: the front listener on VIP:port (bound with IP_FREEBIND),
+    /// one per address of a dual-stack VIP.
+    pub front: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -76,15 +77,15 @@ impl Listeners {
                 .await
                 .with_context(|| format!("binding the {what} listener on {addr}"))
         };
-        let front = match (config.vip.mode, config.vip.socket_addr()) {
-            (VipMode::Arp, Some(addr)) => {
+        let mut front = Vec::new();
+        if config.vip.mode == VipMode::Arp {
+            for addr in config.vip.socket_addrs() {
                 let std = bind_front(addr).with_context(|| {
                     format!("binding the front listener on {addr} (IP_FREEBIND)")
                 })?;
-                Some(TcpListener::from_std(std)?)
+                front.push(TcpListener::from_std(std)?);
             }
-            _ => None,
-        };
+        }
         Ok(Self {
             raft: bind(config.raft.listen.address, "Raft").await?,
             api: bind(config.api.address, "API").await?,
@@ -171,8 +172,7 @@ pub async fn run(
                 .context("vip.interface is required in arp mode")?;
             let mut arp = ArpVip::new(
                 interface,
-                addr.ip(),
-                config.vip.prefix(),
+                config.vip.addresses(),
                 config.vip.garp_count,
                 config.vip.garp_interval,
                 config.vip.address_lifetime(),
@@ -269,7 +269,7 @@ pub async fn run(
         let token = shutdown.token();
         shutdown.spawn_critical("vip", task.run(token));
     }
-    if let Some(front) = listeners.front {
+    for front in listeners.front {
         let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
         shutdown.spawn_critical("front-proxy", async move {
             crate::proxy::serve(front, b, p, t)

@@ -6,6 +6,12 @@
 //! two holders. A holder that is frozen (SIGSTOP) or SIGKILLed cannot
 //! release; its host's kernel removes the address once its lifetime runs
 //! out, and a frozen holder that wakes up does not take it back.
+//!
+//! The link-cut failover also runs with an IPv6 VIP (Raft, API and backend
+//! on IPv6; neighbour solicitations as the second witness, and the
+//! client's neighbour entry must name the new holder's MAC) and with a
+//! dual-stack VIP, whose two addresses must move together: no sweep of
+//! `ip addr` may find them on two hosts.
 
 mod netns_lab;
 
@@ -13,16 +19,80 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use netns_lab::{LbLab, Sampler, echo, holders_of, measure_gap};
+use bulwark_testkit::Host;
+use netns_lab::{LbLab, Sampler, Stack, echo, held_by, holders_of, measure_gap};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_netns_cut_leader_link_moves_the_vip() {
-    let Some(l) = LbLab::start(3, "").await else {
+    cut_leader_link_moves_the_vip(Stack::V4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_netns_ipv6_cut_leader_link_moves_the_vip() {
+    cut_leader_link_moves_the_vip(Stack::V6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_netns_dual_stack_cut_leader_link_moves_both_addresses() {
+    cut_leader_link_moves_the_vip(Stack::Dual).await;
+}
+
+/// `host`'s MAC as `ip` prints it (`02:…`).
+fn mac_text(host: &Host) -> String {
+    let out = host
+        .exec_ok("ip", ["-o", "link", "show", "dev", host.interface()])
+        .unwrap();
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("link/ether in ip link")
+        .to_owned()
+}
+
+/// Every LB host holds all of the VIP's addresses or none: one holder,
+/// `holder`, with the whole VIP.
+fn assert_whole_vip_on(l: &LbLab, holder: usize) {
+    let ips = l.vip_ips();
+    for (i, h) in l.lb_hosts().iter().enumerate() {
+        let held = held_by(h, &ips);
+        let want = vec![i == holder; ips.len()];
+        assert_eq!(held, want, "h{}: addresses {ips:?} held {held:?}", i + 1);
+    }
+}
+
+/// The client's neighbour entry for every IPv6 VIP address names
+/// `holder`'s MAC: the unsolicited neighbour advertisements reached it.
+async fn assert_client_neighbour_is(l: &LbLab, holder: usize) {
+    let mac = mac_text(&l.lb_hosts()[holder]);
+    for ip in l.vip_ips().into_iter().filter(std::net::IpAddr::is_ipv6) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let client = l.client();
+            let neigh = client
+                .exec_ok("ip", ["-6", "neigh", "show", &ip.to_string()])
+                .unwrap();
+            if neigh.contains(&mac) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "client's neighbour entry for {ip} is {neigh:?}, not h{}'s {mac}",
+                holder + 1
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn cut_leader_link_moves_the_vip(stack: Stack) {
+    let Some(l) = LbLab::start_stack(3, "", stack).await else {
         return;
     };
     let sampler = Sampler::start(&l);
     let leader = l.wait_for_holder(None, Duration::from_secs(20)).await;
     let hosts = l.lb_hosts();
+    assert_whole_vip_on(&l, leader);
+    assert_client_neighbour_is(&l, leader).await;
 
     let gap = measure_gap(
         &l.client(),
@@ -36,17 +106,25 @@ async fn heavy_netns_cut_leader_link_moves_the_vip() {
         .wait_for_holder(Some(leader), Duration::from_secs(10))
         .await;
     eprintln!(
-        "link of h{} cut: VIP moved to h{}; client-visible gap {gap:?}",
+        "{stack:?}: link of h{} cut: VIP moved to h{}; client-visible gap {gap:?}",
         leader + 1,
         new + 1
     );
     assert!(gap < Duration::from_secs(5), "generous bound: {gap:?}");
+    assert_client_neighbour_is(&l, new).await;
 
-    // The old leader comes back as a follower; still one holder.
+    // The old leader comes back as a follower; still one holder, with the
+    // whole VIP.
     l.lab.restore_link(&hosts[leader]).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(l.holders(), vec![new]);
-    assert!(echo(&l.client(), l.vip, Duration::from_secs(1)).await);
+    assert_whole_vip_on(&l, new);
+    for vip in l.vips() {
+        assert!(
+            echo(&l.client(), vip, Duration::from_secs(1)).await,
+            "{vip}"
+        );
+    }
 
     // The new holder commits its record right after claiming.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -70,7 +148,7 @@ async fn heavy_netns_cut_leader_link_moves_the_vip() {
 
     let w = sampler.finish();
     eprintln!(
-        "witnesses: {} ip-addr sweeps, {} ARP windows, MACs seen {}",
+        "witnesses: {} ip-addr sweeps, {} ARP/ND windows, MACs seen {}",
         w.addr_samples,
         w.arp_windows,
         w.macs.len()
@@ -83,7 +161,7 @@ async fn heavy_netns_cut_leader_link_moves_the_vip() {
     );
     assert!(
         w.arp_violations.is_empty(),
-        "two MACs answered ARP: {:?}",
+        "two MACs answered ARP/ND: {:?}",
         w.arp_violations
     );
     assert!(
@@ -141,7 +219,7 @@ async fn heavy_netns_partitioned_leader_releases_within_its_lease() {
     );
     assert!(
         w.arp_violations.is_empty(),
-        "two MACs answered ARP: {:?}",
+        "two MACs answered ARP/ND: {:?}",
         w.arp_violations
     );
 }

@@ -247,8 +247,10 @@ pub fn valid_host_port(s: &str) -> bool {
     }
     match s.rsplit_once(':') {
         Some((host, port)) => {
+            // A colon left in the host is an IPv6 address without
+            // brackets ("fd00::1:9441"): ambiguous, and no URL can carry it.
             !host.is_empty()
-                && !host.contains(['[', ']', ' ', '/'])
+                && !host.contains([':', '[', ']', ' ', '/'])
                 && port.parse::<u16>().is_ok_and(|p| p != 0)
         }
         None => false,
@@ -673,9 +675,13 @@ impl VipConfig {
     /// Checked where the interface exists, i.e. on the node itself; an
     /// interface missing here is reported at start.
     fn validate_interface_families(&self, interface: &str, v: &mut Validator) {
-        let Ok(Some(have)) = iface::families(interface) else {
-            return;
-        };
+        if let Ok(Some(have)) = iface::families(interface) {
+            self.check_families(interface, have, v);
+        }
+    }
+
+    /// The VIP's families against those `interface` has.
+    fn check_families(&self, interface: &str, have: iface::Families, v: &mut Validator) {
         for (field, ip) in [("address", self.address), ("address6", self.address6)] {
             let Some(ip) = ip else { continue };
             let (ok, family) = match ip {
@@ -1158,6 +1164,140 @@ mod tests {
         );
     }
 
+    /// A config with `vip` as its `vip:` section (arp mode on an interface
+    /// that does not exist here, so the interface check is left to start).
+    fn arp(vip: &str) -> String {
+        format!("{MINIMAL}vip:\n  mode: arp\n  interface: bwk-none0\n{vip}")
+    }
+
+    #[test]
+    fn dual_stack_vip_parses_and_single_address_configs_still_do() {
+        let c = parse(&arp("  address: 198.18.0.10\n  address6: 'fd00::10'\n")).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            c.vip.addresses(),
+            vec![
+                VipAddress {
+                    ip: ip("198.18.0.10"),
+                    prefix: 32
+                },
+                VipAddress {
+                    ip: ip("fd00::10"),
+                    prefix: 128
+                }
+            ]
+        );
+        let fronts: Vec<String> = c.vip.socket_addrs().iter().map(|a| a.to_string()).collect();
+        assert_eq!(fronts, ["198.18.0.10:6443", "[fd00::10]:6443"]);
+
+        let c = parse(&arp(
+            "  address: 198.18.0.10\n  prefixLength: 24\n  address6: 'fd00::10'\n  prefixLength6: 64\n",
+        ))
+        .unwrap();
+        let prefixes: Vec<u8> = c.vip.addresses().iter().map(|a| a.prefix).collect();
+        assert_eq!(prefixes, [24, 64]);
+
+        // The single-address forms, IPv4 and IPv6, are unchanged.
+        let c = parse(&arp("  address: 'fd00::10'\n")).unwrap();
+        assert_eq!(
+            c.vip.addresses(),
+            vec![VipAddress {
+                ip: ip("fd00::10"),
+                prefix: 128
+            }]
+        );
+        let c = parse(&arp("  address: 198.18.0.10\n")).unwrap();
+        assert_eq!(c.vip.socket_addrs().len(), 1);
+    }
+
+    #[test]
+    fn bad_vip_families_name_the_field() {
+        let cases = [
+            (
+                arp("  address: 198.18.0.10\n  address6: 198.18.0.11\n"),
+                "vip.address6: 198.18.0.11 is IPv4: the second VIP of a dual-stack pair must be IPv6",
+            ),
+            (
+                arp("  address: 'fd00::1'\n  address6: 'fd00::10'\n"),
+                "vip.address: fd00::1 is IPv6 like address6 (fd00::10): a dual-stack pair needs an IPv4 address here",
+            ),
+            (
+                format!("{MINIMAL}vip:\n  mode: bind\n  address: 127.0.0.10\n  address6: '::1'\n"),
+                "vip.address6: a dual-stack VIP needs mode arp",
+            ),
+            (
+                arp("  address: 198.18.0.10\n  prefixLength: 64\n"),
+                "vip.prefixLength: 64 is out of range for the IPv4 VIP 198.18.0.10: expected between 1 and 32",
+            ),
+            (
+                arp("  address: 198.18.0.10\n  address6: 'fd00::10'\n  prefixLength6: 129\n"),
+                "vip.prefixLength6: 129 is out of range for the IPv6 VIP fd00::10: expected between 1 and 128",
+            ),
+            (
+                arp("  address: 'fd00::10'\n  prefixLength6: 64\n"),
+                "vip.prefixLength6: set without address6 (prefixLength applies to address)",
+            ),
+        ];
+        for (config, want) in cases {
+            let e = errors(&config);
+            assert!(e.iter().any(|m| m == want), "want {want:?} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_vip_family_the_interface_lacks_names_the_field() {
+        let c = parse(&arp("  address: 198.18.0.10\n  address6: 'fd00::10'\n")).unwrap();
+        let only_v4 = iface::Families {
+            v4: true,
+            v6: false,
+        };
+        let mut v = Validator::default();
+        c.vip.check_families("eth0", only_v4, &mut v);
+        let e: Vec<String> = v.into_errors().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            e,
+            [
+                "address6: fd00::10 is IPv6 but interface eth0 has no IPv6 address (is IPv6 disabled on it? net.ipv6.conf.<if>.disable_ipv6)"
+            ]
+        );
+        let mut v = Validator::default();
+        let only_v6 = iface::Families {
+            v4: false,
+            v6: true,
+        };
+        c.vip.check_families("eth0", only_v6, &mut v);
+        let e: Vec<String> = v.into_errors().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            e,
+            ["address: 198.18.0.10 is IPv4 but interface eth0 has no IPv4 address"]
+        );
+        // Checked through the config too, on an interface every namespace
+        // has: lo carries IPv4, so an IPv4 VIP on it is valid.
+        let c = parse(&format!(
+            "{MINIMAL}vip:\n  mode: arp\n  interface: lo\n  address: 198.18.0.10\n"
+        ));
+        assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn ipv6_raft_api_and_backend_addresses_parse() {
+        let c = parse(
+            "nodeId: 1\nraft:\n  address: '[fd00::1]:9441'\napi:\n  address: '[fd00::1]:9442'\ninitialMembers:\n- {id: 1, raftAddress: '[fd00::1]:9441', apiAddress: '[fd00::1]:9442'}\nbackends:\n- {id: cp-1, address: '[fd00::11]:6443'}\n",
+        )
+        .unwrap();
+        assert_eq!(c.raft.listen.advertised(), "[fd00::1]:9441");
+        assert_eq!(c.api.advertised(), "[fd00::1]:9442");
+        assert_eq!(c.backends[0].address.to_string(), "[fd00::11]:6443");
+        let e = errors(
+            "nodeId: 1\nraft:\n  address: '[fd00::1]:9441'\napi:\n  address: '[fd00::1]:9442'\ninitialMembers:\n- {id: 1, raftAddress: 'fd00::1:9441', apiAddress: '[fd00::1]:9442'}\n",
+        );
+        assert!(
+            e.iter().any(|m| m
+                .starts_with("initialMembers[0].raftAddress: \"fd00::1:9441\" is not host:port")),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn host_port_check() {
         assert!(valid_host_port("10.0.0.1:9441"));
@@ -1166,5 +1306,10 @@ mod tests {
         assert!(!valid_host_port("lb-1.example"));
         assert!(!valid_host_port("10.0.0.1:0"));
         assert!(!valid_host_port(":80"));
+        assert!(valid_host_port("[fd00::1]:9442"));
+        assert!(
+            !valid_host_port("fd00::1:9442"),
+            "IPv6 needs brackets: no URL holds https://fd00::1:9442"
+        );
     }
 }

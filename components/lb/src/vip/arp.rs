@@ -530,9 +530,20 @@ mod tests {
 
     #[test]
     fn na_layout() {
-        let m = na_message([2, 0, 0, 0, 0, 1], "2001:db8::10".parse().unwrap());
-        assert_eq!(m[0], 136);
-        assert_eq!(m[4] & 0x20, 0x20, "override");
-        assert_eq!(m[24..26], [2, 1]);
+        let mac = [2, 0, 0, 0, 0, 1];
+        let ip: Ipv6Addr = "2001:db8::10".parse().unwrap();
+        let m = na_message(mac, ip);
+        assert_eq!(m[0], 136, "ICMPv6 neighbour advertisement");
+        assert_eq!(m[1], 0, "code 0 (receivers drop any other)");
+        assert_eq!(m[2..4], [0, 0], "checksum left to the kernel");
+        // Flags: router 0x80, solicited 0x40, override 0x20. Unsolicited,
+        // to a multicast group: S must be clear or receivers drop it; O
+        // set so caches that point at the old holder are overwritten.
+        assert_eq!(m[4], 0x20, "override only");
+        assert_eq!(m[5..8], [0, 0, 0], "reserved");
+        assert_eq!(m[8..24], ip.octets(), "target = the VIP");
+        assert_eq!(m[24..26], [2, 1], "target link-layer address, 8 octets");
+        assert_eq!(m[26..32], mac);
+        assert_eq!(m.len() % 8, 0, "options end on an 8-octet boundary");
     }
 }

@@ -41,7 +41,7 @@ async fn heavy_netns_dual_stack_cut_leader_link_moves_both_addresses() {
 fn mac_text(host: &Host) -> String {
     let out = host
         .exec_ok("ip", ["-o", "link", "show", "dev", host.interface()])
-        .unwrap();
+        .expect("ip link show");
     out.split_whitespace()
         .skip_while(|w| *w != "link/ether")
         .nth(1)
@@ -70,7 +70,7 @@ async fn assert_client_neighbour_is(l: &LbLab, holder: usize) {
             let client = l.client();
             let neigh = client
                 .exec_ok("ip", ["-6", "neigh", "show", &ip.to_string()])
-                .unwrap();
+                .expect("ip -6 neigh show");
             if neigh.contains(&mac) {
                 break;
             }
@@ -97,7 +97,7 @@ async fn cut_leader_link_moves_the_vip(stack: Stack) {
     let gap = measure_gap(
         &l.client(),
         l.vip,
-        || l.lab.cut_link(&hosts[leader]).unwrap(),
+        || l.lab.cut_link(&hosts[leader]).expect("cutting the link"),
         Duration::from_secs(10),
     )
     .await
@@ -115,7 +115,9 @@ async fn cut_leader_link_moves_the_vip(stack: Stack) {
 
     // The old leader comes back as a follower; still one holder, with the
     // whole VIP.
-    l.lab.restore_link(&hosts[leader]).unwrap();
+    l.lab
+        .restore_link(&hosts[leader])
+        .expect("restoring the link");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(l.holders(), vec![new]);
     assert_whole_vip_on(&l, new);

@@ -467,12 +467,18 @@ impl Lab {
     fn apply_partitions(&self, p: &Partitions) -> anyhow::Result<()> {
         // One nft transaction: the rule set changes atomically.
         let mut script = format!("flush chain bridge {NFT_TABLE} {NFT_CHAIN}\n");
-        // Both ways: everything, ARP included. One way: IPv4 only.
+        // Both ways: everything, ARP and neighbour discovery included. One
+        // way: IPv4, and TCP over IPv6 (ARP and neighbour discovery pass,
+        // so the one-way cut is not also a resolution failure).
         let rules = p
             .both
             .iter()
             .flat_map(|&(a, b)| [(a, b, ""), (b, a, "")])
-            .chain(p.one_way.iter().map(|&(a, b)| (a, b, "ether type ip ")));
+            .chain(
+                p.one_way
+                    .iter()
+                    .flat_map(|&(a, b)| [(a, b, "ether type ip "), (a, b, "ip6 nexthdr tcp ")]),
+            );
         for (from, to, what) in rules {
             let (from, to) = (&self.hosts[from].bridge_port, &self.hosts[to].bridge_port);
             script.push_str(&format!(

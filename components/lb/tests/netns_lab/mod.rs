@@ -265,14 +265,18 @@ shutdownGrace: 5s
         }
     }
 
-    /// An operator API client to LB host `i`, dialled from the client host.
-    pub fn api(&self, i: usize) -> LoadBalancerClient<Channel> {
-        let host = self.lab.host(i);
-        let ip = match self.stack {
+    /// The address `host` uses for Raft, the API and the backend: IPv6 in
+    /// an IPv6 lab.
+    pub fn own_addr(&self, host: &Host) -> IpAddr {
+        match self.stack {
             Stack::V6 => IpAddr::V6(host.addr6()),
             _ => IpAddr::V4(host.addr()),
-        };
-        let addr = SocketAddr::new(ip, 9442);
+        }
+    }
+
+    /// An operator API client to LB host `i`, dialled from the client host.
+    pub fn api(&self, i: usize) -> LoadBalancerClient<Channel> {
+        let addr = SocketAddr::new(self.own_addr(self.lab.host(i)), 9442);
         api_via(&self.client(), addr, &self.operator)
     }
 

@@ -30,15 +30,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bulwark_backup::config::MemberChoice;
-use bulwark_backup::encryption::Keyring;
 use bulwark_backup::engine::{DrillSettings, Engine, PipelineSettings};
 use bulwark_backup::etcd::EtcdConnector;
-use bulwark_backup::retention::RetentionPolicy;
+use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::snapshot::SnapshotOptions;
+use bulwark_backup::snapshot::retention::RetentionPolicy;
 use bulwark_backup::store::StoreSpec;
 use bulwark_testkit::{Etcd, S3Server, tools};
 
-use crate::probecost::cpu_seconds;
+use crate::stats::{cpu_seconds, load_1m, median};
 use ring::rand::SecureRandom as _;
 use serde::Serialize;
 
@@ -200,14 +200,6 @@ fn seconds(t: libc::timeval) -> f64 {
     t.tv_sec as f64 + t.tv_usec as f64 / 1e6
 }
 
-/// The one-minute load average.
-fn load_1m() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse().ok()))
-        .unwrap_or(0.0)
-}
-
 /// Runs `cmd` to completion and measures it with `wait4`.
 fn measure(mut cmd: Command) -> anyhow::Result<(Sample, String)> {
     let started = Instant::now();
@@ -321,11 +313,6 @@ fn text_value(rng: &ring::rand::SystemRandom) -> anyhow::Result<Vec<u8>> {
     Ok(out.into_bytes())
 }
 
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
-}
-
 #[derive(Debug, Serialize)]
 struct VariantResult {
     variant: String,
@@ -359,36 +346,9 @@ struct Report {
     cases: Vec<CaseResult>,
 }
 
-pub(crate) fn machine() -> BTreeMap<String, String> {
-    let mut m = BTreeMap::new();
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    if let Some(model) = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-    {
-        m.insert("cpu".into(), model.1.trim().to_owned());
-    }
-    m.insert(
-        "cores".into(),
-        std::thread::available_parallelism()
-            .map(|n| n.to_string())
-            .unwrap_or_default(),
-    );
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    if let Some(total) = meminfo.lines().find(|l| l.starts_with("MemTotal")) {
-        m.insert(
-            "memory".into(),
-            total.trim_start_matches("MemTotal:").trim().to_owned(),
-        );
-    }
-    m.insert(
-        "kernel".into(),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
-    );
+/// The machine, and the etcd the backup and restore scenarios run against.
+pub(crate) fn etcd_machine() -> BTreeMap<String, String> {
+    let mut m = crate::stats::machine();
     m.insert("etcd".into(), "3.5.1 (single member, fsync on)".into());
     m
 }
@@ -513,31 +473,29 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
                 }
             }
         }
-        let base = median(samples["etcdctl"].iter().map(|s| s.seconds).collect());
+        let base = median(samples["etcdctl"].iter().map(|s| s.seconds));
         let gib = db_size as f64 / f64::from(1u32 << 30);
         let per_gib = |x: f64| if gib > 0.0 { x / gib } else { 0.0 };
         let variants = variants
             .iter()
             .map(|v| {
                 let s = &samples[v];
-                let t = median(s.iter().map(|x| x.seconds).collect());
+                let t = median(s.iter().map(|x| x.seconds));
                 VariantResult {
                     variant: (*v).to_owned(),
                     samples: s.clone(),
                     median_seconds: t,
-                    median_max_rss_mib: median(
-                        s.iter().map(|x| x.max_rss_kib as f64 / 1024.0).collect(),
-                    ),
+                    median_max_rss_mib: median(s.iter().map(|x| x.max_rss_kib as f64 / 1024.0)),
                     max_max_rss_mib: s
                         .iter()
                         .map(|x| x.max_rss_kib as f64 / 1024.0)
                         .fold(0.0, f64::max),
                     ratio_to_etcdctl: if base > 0.0 { t / base } else { 0.0 },
                     median_cpu_seconds_per_gib: per_gib(median(
-                        s.iter().map(|x| x.user_seconds + x.sys_seconds).collect(),
+                        s.iter().map(|x| x.user_seconds + x.sys_seconds),
                     )),
                     median_etcd_cpu_seconds_per_gib: per_gib(median(
-                        s.iter().map(|x| x.etcd_cpu_seconds).collect(),
+                        s.iter().map(|x| x.etcd_cpu_seconds),
                     )),
                     stored_bytes: s.last().map(|x| x.stored_bytes).unwrap_or(0),
                 }
@@ -554,7 +512,7 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
     let report = Report {
         date: chrono::Utc::now().to_rfc3339(),
         command: cmdline,
-        machine: machine(),
+        machine: etcd_machine(),
         settings: [
             ("zstd level", args.level.to_string()),
             ("zstd workers", args.workers.to_string()),

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::probecost::cpu_seconds;
+use crate::stats::{cpu_seconds, loadavg, median, tool_version};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -319,18 +319,6 @@ fn parse_wrk(out: &str) -> anyhow::Result<Sample> {
     }
 }
 
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 #[derive(Serialize)]
 struct Row {
     workload: String,
@@ -355,62 +343,6 @@ struct Report {
     settings: BTreeMap<String, String>,
     note: String,
     rows: Vec<Row>,
-}
-
-pub(crate) fn machine() -> BTreeMap<String, String> {
-    let mut m = BTreeMap::new();
-    m.insert(
-        "nproc".into(),
-        std::thread::available_parallelism()
-            .map(|n| n.to_string())
-            .unwrap_or_else(|_| "?".into()),
-    );
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "?".into());
-    m.insert("cpu".into(), cpu);
-    m.insert(
-        "kernel".into(),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "?".into()),
-    );
-    let first_line = |prog: &str, arg: &str| {
-        Command::new(prog)
-            .arg(arg)
-            .output()
-            .ok()
-            .map(|o| {
-                let text = if o.stdout.is_empty() {
-                    o.stderr
-                } else {
-                    o.stdout
-                };
-                String::from_utf8_lossy(&text)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_owned()
-            })
-            .unwrap_or_else(|| "?".into())
-    };
-    m.insert("haproxy".into(), first_line("haproxy", "-v"));
-    m.insert("wrk".into(), first_line("wrk", "-v"));
-    m
-}
-
-/// The 1/5/15-minute load averages: other work on the machine is the
-/// largest source of noise, so every report says how busy it was.
-pub(crate) fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr], threads: usize) -> String {
@@ -573,7 +505,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 .cloned()
                 .unwrap_or_default()
         };
-        let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+        let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f));
         let ha = get("haproxy");
         let (ha_rps, ha_p99) = (med(&ha, |s| s.rps), med(&ha, |s| s.p99_ms));
         let cpu = |v: &[Sample]| {
@@ -607,7 +539,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let mut machine = machine();
+    let mut machine = crate::stats::machine();
+    machine.insert("haproxy".into(), tool_version("haproxy", "-v"));
+    machine.insert("wrk".into(), tool_version("wrk", "-v"));
     machine.insert("loadavg_before".into(), load_before);
     machine.insert("loadavg_after".into(), loadavg());
     let mut settings = BTreeMap::new();
@@ -650,20 +584,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             .into(),
         rows,
     };
-    let md = markdown(&report);
-    println!("{md}");
-    if !args.no_write {
-        publish(&args.out, &date, "datapath", &md, &report)?;
-    }
-    Ok(())
+    publish(
+        &args.out,
+        args.no_write,
+        &date,
+        "datapath",
+        &markdown(&report),
+        &report,
+    )
 }
 
 fn markdown(r: &Report) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "# datapath — {}\n", r.date);
-    let _ = writeln!(s, "Command: `{}`\n", r.command);
-    let _ = writeln!(s, "Machine: {}\n", kv(&r.machine));
-    let _ = writeln!(s, "Settings: {}\n", kv(&r.settings));
+    let mut s = markdown_head("datapath", &r.date, &r.command, &r.machine, &r.settings);
     let _ = writeln!(s, "Note: {}\n", r.note);
     let _ = writeln!(
         s,
@@ -702,14 +634,20 @@ fn markdown(r: &Report) -> String {
     s
 }
 
-/// Writes a scenario's report as `<out>/<day>-<scenario>.md` and `.json`.
+/// Prints a scenario's report (markdown) and, unless `no_write`, writes it
+/// as `<out>/<day>-<scenario>.md` and `.json`.
 pub(crate) fn publish(
     out: &std::path::Path,
+    no_write: bool,
     date: &str,
     scenario: &str,
     md: &str,
     report: &impl Serialize,
 ) -> anyhow::Result<()> {
+    println!("{md}");
+    if no_write {
+        return Ok(());
+    }
     std::fs::create_dir_all(out)?;
     let day = &date[..10];
     let md_path = out.join(format!("{day}-{scenario}.md"));
@@ -718,6 +656,22 @@ pub(crate) fn publish(
     std::fs::write(&json_path, serde_json::to_string_pretty(report)?)?;
     eprintln!("wrote {} and {}", md_path.display(), json_path.display());
     Ok(())
+}
+
+/// A scenario report's first lines: title and date, command, machine,
+/// settings.
+pub(crate) fn markdown_head(
+    scenario: &str,
+    date: &str,
+    command: &str,
+    machine: &BTreeMap<String, String>,
+    settings: &BTreeMap<String, String>,
+) -> String {
+    format!(
+        "# {scenario} — {date}\n\nCommand: `{command}`\n\nMachine: {}\n\nSettings: {}\n\n",
+        kv(machine),
+        kv(settings)
+    )
 }
 
 pub(crate) fn kv(m: &BTreeMap<String, String>) -> String {

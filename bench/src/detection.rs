@@ -43,7 +43,8 @@ use bulwark_testkit::fixture::{ApiServerProcess, HttpsClient};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::datapath::{free_port, kv, loadavg, machine, median, publish};
+use crate::datapath::{free_port, markdown_head, publish};
+use crate::stats::{loadavg, machine, median, tool_version};
 
 const ZONES: [&str; 3] = ["a", "b", "c"];
 /// Longest a trial waits for a front to react.
@@ -389,7 +390,7 @@ impl Lab {
         loop {
             let b = bulwark_verdict(self.lb_admin, backend).await.ok().flatten();
             let h = haproxy_state(&self.ha_socket, backend).await.ok();
-            if b.as_deref() == Some("healthy") && h.as_deref() == Some("UP") {
+            if b.as_deref() == Some("up") && h.as_deref() == Some("UP") {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -440,7 +441,7 @@ impl Lab {
             }
             if bulwark.is_none()
                 && let Some(v) = bulwark_verdict(self.lb_admin, &backend).await?
-                && (v == "down" || (graceful && v == "draining"))
+                && (v == "down" || (graceful && v == "not_ready"))
             {
                 bulwark = Some(signalled.elapsed());
             }
@@ -633,7 +634,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
             rows.push(Row {
                 kind,
                 front,
-                median_ms: median(ms.clone()),
+                median_ms: median(ms.iter().copied()),
                 min_ms: ms.iter().copied().fold(f64::INFINITY, f64::min),
                 max_ms: ms.iter().copied().fold(0.0, f64::max),
                 failed_requests: t
@@ -654,6 +655,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
 
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let mut machine = machine();
+    machine.insert("haproxy".into(), tool_version("haproxy", "-v"));
     machine.insert("loadavg_before".into(), load_before);
     machine.insert("loadavg_after".into(), loadavg());
     let settings: BTreeMap<String, String> = [
@@ -686,20 +688,18 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         rows,
         trials,
     };
-    let md = markdown(&report);
-    println!("{md}");
-    if !args.no_write {
-        publish(&args.out, &date, "detection", &md, &report)?;
-    }
-    Ok(())
+    publish(
+        &args.out,
+        args.no_write,
+        &date,
+        "detection",
+        &markdown(&report),
+        &report,
+    )
 }
 
 fn markdown(r: &Report) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "# detection — {}\n", r.date);
-    let _ = writeln!(s, "Command: `{}`\n", r.command);
-    let _ = writeln!(s, "Machine: {}\n", kv(&r.machine));
-    let _ = writeln!(s, "Settings: {}\n", kv(&r.settings));
+    let mut s = markdown_head("detection", &r.date, &r.command, &r.machine, &r.settings);
     let _ = writeln!(
         s,
         "Time from the signal to the front taking the backend out of rotation \

@@ -24,6 +24,8 @@ mod netns_lab;
 
 use netns_lab::{LbLab, Sampler, measure_gap};
 
+use crate::stats::{kernel, machine_summary, median, percentile};
+
 /// Flags of `bulwark-bench failover`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -76,19 +78,10 @@ fn pb_ms(d: Option<prost_types::Duration>) -> Option<f64> {
     d.map(|d| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6)
 }
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn summary(mut v: Vec<f64>) -> Summary {
     v.sort_by(f64::total_cmp);
     Summary {
-        median_ms: percentile(&v, 50.0),
+        median_ms: median(v.iter().copied()),
         p99_ms: percentile(&v, 99.0),
         max_ms: v.last().copied().unwrap_or(f64::NAN),
     }
@@ -168,11 +161,8 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     let report = Report {
         scenario: "failover",
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine: machine(),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
+        machine: machine_summary(),
+        kernel: kernel(),
         date: date.clone(),
         gap: summary(trials.iter().map(|t| t.gap_ms).collect()),
         time_to_detect: summary(trials.iter().filter_map(|t| t.time_to_detect_ms).collect()),
@@ -198,28 +188,6 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("unknown CPU")
-        .trim()
-        .to_owned();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .nth(1)
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb / 1024 / 1024);
-    format!("{model}, {cpus} CPUs, {mem} GiB")
 }
 
 fn markdown(r: &Report) -> String {

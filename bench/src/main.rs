@@ -13,6 +13,7 @@ mod detection;
 mod failover;
 mod probecost;
 mod restore;
+mod stats;
 mod suite;
 
 use std::process::ExitCode;

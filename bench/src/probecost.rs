@@ -23,7 +23,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::datapath::{free_port, kv, loadavg, machine, median, publish, spawn, wait_listening};
+use crate::datapath::{free_port, markdown_head, publish, spawn, wait_listening};
+use crate::stats::{cpu_seconds, loadavg, machine, median};
 
 /// Flags of `bulwark-bench probe-cost`.
 #[derive(clap::Args)]
@@ -79,38 +80,6 @@ struct Report {
     machine: BTreeMap<String, String>,
     settings: BTreeMap<String, String>,
     rows: Vec<Row>,
-}
-
-/// CPU seconds (user + system, all threads) a process has used, from /proc.
-pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz <= 0 {
-        bail!("sysconf(_SC_CLK_TCK) failed");
-    }
-    cpu_seconds_of(&stat, hz as f64)
-}
-
-/// utime + stime of a /proc/<pid>/stat line, in seconds at `hz` ticks/s.
-fn cpu_seconds_of(stat: &str, hz: f64) -> anyhow::Result<f64> {
-    // The command name is in parentheses and may contain spaces: fields
-    // are counted after the last ')'. utime and stime are fields 14 and
-    // 15, i.e. the 12th and 13th after it.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("malformed /proc stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        fields
-            .get(i)
-            .context("short /proc stat")?
-            .parse::<f64>()
-            .context("parsing /proc stat")
-    };
-    Ok((ticks(11)? + ticks(12)?) / hz)
 }
 
 /// Sum of `bulwark_prober_probes_total` from the prober's /metrics.
@@ -213,7 +182,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let rows = samples
         .into_iter()
         .map(|(reuse, v)| {
-            let med = |f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+            let med = |f: fn(&Sample) -> f64| median(v.iter().map(f));
             Row {
                 mode: if reuse {
                     "kept-alive connection".into()
@@ -256,12 +225,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         settings,
         rows,
     };
-    let md = markdown(&report);
-    println!("{md}");
-    if !args.no_write {
-        publish(&args.out, &date, "probe-cost", &md, &report)?;
-    }
-    Ok(())
+    publish(
+        &args.out,
+        args.no_write,
+        &date,
+        "probe-cost",
+        &markdown(&report),
+        &report,
+    )
 }
 
 fn measure(
@@ -326,11 +297,7 @@ fn measure(
 }
 
 fn markdown(r: &Report) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "# probe-cost — {}\n", r.date);
-    let _ = writeln!(s, "Command: `{}`\n", r.command);
-    let _ = writeln!(s, "Machine: {}\n", kv(&r.machine));
-    let _ = writeln!(s, "Settings: {}\n", kv(&r.settings));
+    let mut s = markdown_head("probe-cost", &r.date, &r.command, &r.machine, &r.settings);
     let _ = writeln!(
         s,
         "CPU of the bulwark-prober process and of the probed HTTPS servers \
@@ -355,31 +322,4 @@ fn markdown(r: &Report) -> String {
         );
     }
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_the_cpu_time_it_burns() {
-        let before = cpu_seconds(std::process::id()).unwrap();
-        let start = Instant::now();
-        let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(300) {
-            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
-        }
-        let after = cpu_seconds(std::process::id()).unwrap();
-        assert!(after > before, "{before} -> {after}");
-    }
-
-    #[test]
-    fn reads_cpu_time_after_the_command_name() {
-        // A command name with spaces and parentheses must not shift fields.
-        let stat = "4242 (bulwark (lb) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0";
-        assert_eq!(cpu_seconds_of(stat, 100.0).unwrap(), 3.0);
-        assert!(cpu_seconds_of("4242 (x) S 1", 100.0).is_err());
-        let own = cpu_seconds(std::process::id()).unwrap();
-        assert!(own >= 0.0);
-    }
 }

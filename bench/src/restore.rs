@@ -33,18 +33,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use bulwark_backup::config::MemberChoice;
 use bulwark_backup::delta::{DeltaSettings, DeltaStatus, Recorder};
-use bulwark_backup::encryption::Keyring;
 use bulwark_backup::engine::{DrillSettings, Engine, PipelineSettings};
 use bulwark_backup::etcd::EtcdConnector;
-use bulwark_backup::pitr::Target;
-use bulwark_backup::retention::RetentionPolicy;
+use bulwark_backup::pipeline::encryption::Keyring;
+use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::SnapshotOptions;
+use bulwark_backup::snapshot::retention::RetentionPolicy;
 use bulwark_backup::store::StoreSpec;
 use bulwark_testkit::{Etcd, EtcdVersion, tools};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::backup::{fill, machine, median};
+use crate::backup::{etcd_machine, fill};
+use crate::stats::{median, percentile};
 
 /// `bulwark-bench restore`.
 #[derive(Debug, clap::Args)]
@@ -137,14 +138,6 @@ fn etcdutl_restore(db: &Path, dir: &Path) -> anyhow::Result<f64> {
         );
     }
     Ok(started.elapsed().as_secs_f64())
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
@@ -334,8 +327,8 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
     let rpo = Rpo {
         writes: acks.len(),
         write_rate: args.write_rate,
-        lag_p50_ms: percentile(&lags, 0.5),
-        lag_p99_ms: percentile(&lags, 0.99),
+        lag_p50_ms: percentile(&lags, 50.0),
+        lag_p99_ms: percentile(&lags, 99.0),
         lag_max_ms: lags.last().copied().unwrap_or(0.0),
         missing_after_crash: missing.len(),
         oldest_missing_age_ms: missing
@@ -346,7 +339,7 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
     eprintln!("rpo: {rpo:?}");
     rec_cancel.cancel();
 
-    let med = |f: fn(&RestoreRun) -> f64| median(runs.iter().map(f).collect());
+    let med = |f: fn(&RestoreRun) -> f64| median(runs.iter().map(f));
     let (e, b, m) = (
         med(|r| r.etcdutl_seconds),
         med(|r| r.build_seconds),
@@ -355,7 +348,7 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
     let report = Report {
         date: chrono::Utc::now().to_rfc3339(),
         command: cmdline,
-        machine: machine(),
+        machine: etcd_machine(),
         db_size_bytes: manifest.raw_size_bytes,
         stored_bytes: manifest.stored_size_bytes,
         runs,

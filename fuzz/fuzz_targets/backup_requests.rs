@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use bulwark_api::backup::v1 as pb;
 use bulwark_backup::config::ByteSize;
-use bulwark_backup::layout;
 use bulwark_backup::store::StoreSpec;
+use bulwark_backup::store::layout;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 

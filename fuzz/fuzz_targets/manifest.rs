@@ -4,8 +4,8 @@
 
 #![no_main]
 
-use bulwark_backup::layout::{self, Layout};
-use bulwark_backup::manifest::{Manifest, VerificationRecord};
+use bulwark_backup::snapshot::manifest::{Manifest, VerificationRecord};
+use bulwark_backup::store::layout::{self, Layout};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -13,6 +13,7 @@
 //! Debian packages (installed with apt when missing, as root): etcd 3.4 for
 //! the older restore path, HAProxy, keepalived and wrk as benchmark
 //! baselines, iproute2/nftables/iptables/ping for network-namespace tests,
+//! Prometheus (server and promtool) for the monitoring rules and scrape test,
 //! protoc for etcd-client's build, and kubectl (`kubernetes-client`) when no
 //! kubectl is on the PATH.
 
@@ -50,6 +51,9 @@ const DEBIAN: &[(&str, &str)] = &[
     ),
     // The harness's userspace netem fallback (this kernel has no sch_netem).
     ("iptables", "/usr/sbin/iptables"),
+    // promtool checks and unit-tests deploy/monitoring's rules; the server
+    // scrapes a running cluster in the monitoring test.
+    ("prometheus", "/usr/bin/promtool"),
 ];
 
 #[derive(clap::Args, Default)]
@@ -127,7 +131,7 @@ fn debian(args: &SetupArgs) -> anyhow::Result<()> {
     result?;
     // Some maintainer scripts start the daemon regardless; a system etcd on
     // the default ports would confuse anyone debugging a test.
-    for daemon in ["etcd", "haproxy", "keepalived"] {
+    for daemon in ["etcd", "haproxy", "keepalived", "prometheus"] {
         let _ = Command::new("pkill").args(["-x", daemon]).status();
     }
     Ok(())

@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use super::load::{Event, Kind};
 use super::{Contender, Marker, Params, Scenario};
+use crate::stats::percentile;
 
 /// What one run produced.
 pub struct Input<'a> {
@@ -122,15 +123,6 @@ impl RunResult {
 
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
-}
-
-/// Nearest-rank percentile of sorted values.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn latency(mut v: Vec<f64>) -> Latency {

@@ -482,7 +482,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         Some(s) => vec![s],
         None => Scenario::ALL.to_vec(),
     };
-    let load_before = crate::datapath::loadavg();
+    let load_before = crate::stats::loadavg();
     let mut topo = Topology::start().await?;
     let mut results = Vec::new();
     let mut failed = Vec::new();
@@ -526,7 +526,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         results,
         failed,
         load_before,
-        crate::datapath::loadavg(),
+        crate::stats::loadavg(),
         started.elapsed(),
     );
     report.write(&args.out_dir)?;

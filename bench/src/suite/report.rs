@@ -53,29 +53,13 @@ impl Report {
         loadavg_after: String,
         took: Duration,
     ) -> Self {
-        let mut machine = crate::datapath::machine();
-        machine.remove("wrk");
-        let keepalived = std::process::Command::new("/usr/sbin/keepalived")
-            .arg("--version")
-            .output()
-            .ok()
-            .map(|o| {
-                String::from_utf8_lossy(&[o.stdout, o.stderr].concat())
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_owned()
-            })
-            .unwrap_or_default();
-        machine.insert("keepalived".into(), keepalived);
-        let mem_gib = std::fs::read_to_string("/proc/meminfo")
-            .unwrap_or_default()
-            .lines()
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb / 1024 / 1024);
-        machine.insert("memory".into(), format!("{mem_gib} GiB"));
+        let mut machine = crate::stats::machine();
+        let version = crate::stats::tool_version;
+        machine.insert("haproxy".into(), version("haproxy", "-v"));
+        machine.insert(
+            "keepalived".into(),
+            version("/usr/sbin/keepalived", "--version"),
+        );
         let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let mut command = String::from("cargo xtask bench");
         if let Some(s) = args.scenario {

@@ -7,7 +7,7 @@
 //! or the verification result. A client that goes away cancels the work:
 //! the task's token is tied to the response channel.
 //!
-//! `Restore` is handed to [`crate::restore::Coordinator`]; the
+//! `Restore` is handed to [`crate::restore::coordinator::Coordinator`]; the
 //! `RestoreAgent` service is [`crate::restore::AgentApi`].
 
 use std::pin::Pin;
@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::BackupError;
-use crate::manifest::timestamp;
-use crate::service::Service;
+use crate::schedule::service::Service;
+use crate::snapshot::manifest::timestamp;
 use crate::snapshot::{SnapshotEvent, SnapshotOptions};
 use crate::verify::{Stage, VerifyEvent};
 
@@ -35,7 +35,7 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>
 pub struct BackupApi {
     service: Arc<Service>,
     shutdown: CancellationToken,
-    restore: Option<crate::restore::Coordinator>,
+    restore: Option<crate::restore::coordinator::Coordinator>,
 }
 
 impl BackupApi {
@@ -49,7 +49,7 @@ impl BackupApi {
     }
 
     /// Serves `Restore` through `coordinator`.
-    pub fn with_restore(mut self, coordinator: crate::restore::Coordinator) -> Self {
+    pub fn with_restore(mut self, coordinator: crate::restore::coordinator::Coordinator) -> Self {
         self.restore = Some(coordinator);
         self
     }
@@ -80,7 +80,7 @@ impl BackupApi {
 /// response header, and echoing a megabyte-sized id there makes the
 /// client's HTTP/2 stack drop the whole connection.
 fn check_snapshot_id(field: &str, id: &str) -> Result<(), Status> {
-    if crate::layout::is_valid_id(id) {
+    if crate::store::layout::is_valid_id(id) {
         return Ok(());
     }
     let shown = match id.char_indices().nth(64) {
@@ -113,6 +113,37 @@ where
 
 fn duration(d: Duration) -> prost_types::Duration {
     bulwark_api::time::duration_to_proto(d).unwrap_or_default()
+}
+
+/// A snapshot's progress event as the API sends it.
+fn snapshot_event(e: SnapshotEvent) -> pb::snapshot_progress::Event {
+    match e {
+        SnapshotEvent::Connecting {
+            endpoint,
+            member_name,
+            revision,
+            ..
+        } => pb::snapshot_progress::Event::Connecting(pb::SnapshotConnecting {
+            endpoint,
+            member_name,
+            revision,
+        }),
+        SnapshotEvent::Streaming {
+            raw_bytes,
+            stored_bytes,
+            raw_expected,
+            elapsed,
+        } => pb::snapshot_progress::Event::Streaming(pb::SnapshotStreaming {
+            raw_bytes,
+            stored_bytes,
+            raw_bytes_expected: (raw_expected > 0).then_some(raw_expected),
+            raw_bytes_per_second: (raw_bytes as f64 / elapsed.as_secs_f64().max(0.001)) as u64,
+            elapsed: Some(duration(elapsed)),
+        }),
+        SnapshotEvent::Committing { manifest_key } => {
+            pb::snapshot_progress::Event::Committing(pb::SnapshotCommitting { manifest_key })
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -152,45 +183,13 @@ impl pb::backup_server::Backup for BackupApi {
             let progress = {
                 let send = send.clone();
                 let id = id.clone();
-                move |e: SnapshotEvent| match e {
-                    SnapshotEvent::Connecting {
-                        id: sid,
-                        endpoint,
-                        member_name,
-                        revision,
-                    } => {
-                        if let Ok(mut s) = id.lock() {
-                            *s = sid;
-                        }
-                        send(pb::snapshot_progress::Event::Connecting(
-                            pb::SnapshotConnecting {
-                                endpoint,
-                                member_name,
-                                revision,
-                            },
-                        ))
+                move |e: SnapshotEvent| {
+                    if let SnapshotEvent::Connecting { id: sid, .. } = &e
+                        && let Ok(mut s) = id.lock()
+                    {
+                        s.clone_from(sid);
                     }
-                    SnapshotEvent::Streaming {
-                        raw_bytes,
-                        stored_bytes,
-                        raw_expected,
-                        elapsed,
-                    } => send(pb::snapshot_progress::Event::Streaming(
-                        pb::SnapshotStreaming {
-                            raw_bytes,
-                            stored_bytes,
-                            raw_bytes_expected: (raw_expected > 0).then_some(raw_expected),
-                            raw_bytes_per_second: (raw_bytes as f64
-                                / elapsed.as_secs_f64().max(0.001))
-                                as u64,
-                            elapsed: Some(duration(elapsed)),
-                        },
-                    )),
-                    SnapshotEvent::Committing { manifest_key } => {
-                        send(pb::snapshot_progress::Event::Committing(
-                            pb::SnapshotCommitting { manifest_key },
-                        ))
-                    }
+                    send(snapshot_event(e))
                 }
             };
             let mut options = SnapshotOptions::manual(req.note);
@@ -377,7 +376,9 @@ impl pb::backup_server::Backup for BackupApi {
         let engine = s.engine();
         let settings = s.settings();
         let leader =
-            match crate::election::current_leader(&engine.etcd, &settings.election_name).await {
+            match crate::schedule::election::current_leader(&engine.etcd, &settings.election_name)
+                .await
+            {
                 Ok(l) => l.unwrap_or_default(),
                 Err(e) => {
                     tracing::debug!(error = %e, "status: leader unknown");

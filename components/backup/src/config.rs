@@ -20,8 +20,8 @@ use bulwark_common::tls::{
 };
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::retention::RetentionPolicy;
-use crate::schedule::Schedule;
+use crate::schedule::ticks::Schedule;
+use crate::snapshot::retention::RetentionPolicy;
 
 /// The whole configuration of one bulwark-backup instance.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -90,9 +90,7 @@ fn default_cluster_name() -> String {
 }
 
 fn default_admin() -> AdminConfig {
-    AdminConfig {
-        address: SocketAddr::from(([127, 0, 0, 1], 9446)),
-    }
+    AdminConfig::on_all_addresses(9446)
 }
 
 fn default_grace() -> Duration {
@@ -654,249 +652,297 @@ impl Validate for BackupConfig {
             "must not be empty",
         );
         v.check(
-            crate::layout::is_valid_id(&self.cluster_name),
+            crate::store::layout::is_valid_id(&self.cluster_name),
             "clusterName",
             "must be letters, digits, '-' or '_' (it is a directory name in the store)",
         );
         v.nested("logging", &self.logging);
-        v.at("grpc", |v| {
-            v.nested("access", &self.grpc.access);
-            check_tls(v, "tls", &self.grpc.tls);
-        });
-        v.at("etcd", |v| {
-            if self.etcd.endpoints.is_empty() {
-                v.at("endpoints", |v| {
-                    v.error("must list at least one etcd client URL")
-                });
-            }
-            for (i, e) in self.etcd.endpoints.iter().enumerate() {
-                let ok = url::Url::parse(e)
-                    .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-                    .unwrap_or(false);
+        v.nested("grpc", &self.grpc);
+        v.nested("etcd", &self.etcd);
+        v.nested("store", &self.store);
+        v.nested("compression", &self.compression);
+        v.nested("encryption", &self.encryption);
+        v.nested("schedule", &self.schedule);
+        v.nested("retention", &self.retention);
+        v.nested("deltas", &self.deltas);
+        v.nested("restore", &self.restore);
+        v.nested("drill", &self.drill);
+    }
+}
+
+impl Validate for GrpcConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.nested("access", &self.access);
+        check_tls(v, "tls", &self.tls);
+    }
+}
+
+impl Validate for EtcdConfig {
+    fn validate(&self, v: &mut Validator) {
+        if self.endpoints.is_empty() {
+            v.at("endpoints", |v| {
+                v.error("must list at least one etcd client URL")
+            });
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            v.check(
+                is_http_url(e),
+                format!("endpoints[{i}]"),
+                format!("{e:?} is not an etcd client URL: expected http(s)://host:port"),
+            );
+        }
+        if let Some(tls) = &self.tls {
+            check_tls(v, "tls", tls);
+        }
+        let secs = Duration::from_secs;
+        v.duration_in(
+            "dialTimeout",
+            self.dial_timeout,
+            Duration::from_millis(100),
+            secs(300),
+        );
+        v.duration_in(
+            "requestTimeout",
+            self.request_timeout,
+            Duration::from_millis(100),
+            secs(600),
+        );
+        v.duration_in("stallTimeout", self.stall_timeout, secs(1), secs(3600));
+    }
+}
+
+impl Validate for StoreConfig {
+    fn validate(&self, v: &mut Validator) {
+        if let Err(e) = crate::store::StoreSpec::parse(&self.url, &self.options) {
+            v.error(e);
+        }
+        v.check(
+            self.part_size >= ByteSize::mib(5) && self.part_size <= ByteSize::mib(64),
+            "partSize",
+            format!(
+                "{} is out of range: expected between 5MiB (S3's minimum part) and 64MiB (the memory budget)",
+                self.part_size
+            ),
+        );
+        v.check(
+            (1..=8).contains(&self.upload_concurrency),
+            "uploadConcurrency",
+            "must be between 1 and 8",
+        );
+    }
+}
+
+impl Validate for CompressionConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.check(
+            (1..=19).contains(&self.level),
+            "level",
+            format!("{} is out of range: expected 1 to 19", self.level),
+        );
+        v.check(self.workers <= 8, "workers", "must be at most 8");
+    }
+}
+
+impl Validate for EncryptionConfig {
+    fn validate(&self, v: &mut Validator) {
+        if let Err(e) = crate::pipeline::encryption::Keyring::load(
+            self.recipient_file.as_deref(),
+            &self.identity_files,
+        ) {
+            v.error(e.to_string());
+        }
+    }
+}
+
+impl Validate for ScheduleConfig {
+    fn validate(&self, v: &mut Validator) {
+        if let Err(e) = self.schedule() {
+            v.error(e);
+        }
+        v.check(
+            !self.election_name.trim().is_empty(),
+            "electionName",
+            "must not be empty",
+        );
+        v.duration_in(
+            "leaseTtl",
+            self.lease_ttl,
+            Duration::from_secs(2),
+            Duration::from_secs(300),
+        );
+        v.duration_in(
+            "retryBackoff",
+            self.retry_backoff,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        );
+    }
+}
+
+impl Validate for RetentionConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.nested("policy", &self.policy);
+        v.duration_in(
+            "interval",
+            self.interval,
+            Duration::from_secs(1),
+            Duration::from_secs(7 * 86400),
+        );
+        v.duration_in(
+            "gcGracePeriod",
+            self.gc_grace_period,
+            Duration::ZERO,
+            Duration::from_secs(30 * 86400),
+        );
+    }
+}
+
+impl Validate for DeltaConfig {
+    fn validate(&self, v: &mut Validator) {
+        v.duration_in(
+            "flushInterval",
+            self.flush_interval,
+            Duration::from_millis(10),
+            Duration::from_secs(300),
+        );
+        v.check(
+            self.max_segment_bytes >= ByteSize(64 << 10)
+                && self.max_segment_bytes <= ByteSize::mib(64),
+            "maxSegmentBytes",
+            format!(
+                "{} is out of range: expected between 64KiB and 64MiB",
+                self.max_segment_bytes
+            ),
+        );
+        v.duration_in(
+            "rpoTarget",
+            self.rpo_target,
+            Duration::from_millis(10),
+            Duration::from_secs(86400),
+        );
+    }
+}
+
+impl Validate for RestoreConfig {
+    fn validate(&self, v: &mut Validator) {
+        self.validate_member(v);
+        self.validate_peers(v);
+        if let Some(etcdctl) = &self.etcdctl {
+            v.file_exists("etcdctl", etcdctl);
+        }
+        if let Some(tls) = &self.client_tls {
+            check_tls(v, "clientTls", tls);
+        }
+        v.duration_in(
+            "stopTimeout",
+            self.stop_timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        );
+        v.duration_in(
+            "healthTimeout",
+            self.health_timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        );
+    }
+}
+
+impl RestoreConfig {
+    /// This node's member: its manifest, state and data dirs, name, URLs.
+    fn validate_member(&self, v: &mut Validator) {
+        v.check(
+            self.etcd_manifest.is_absolute() && self.etcd_manifest.parent().is_some(),
+            "etcdManifest",
+            format!(
+                "{} must be an absolute file path",
+                self.etcd_manifest.display()
+            ),
+        );
+        v.check(
+            self.state_dir.is_absolute(),
+            "stateDir",
+            format!("{} must be an absolute path", self.state_dir.display()),
+        );
+        if let Some(d) = &self.data_dir {
+            v.check(
+                d.is_absolute() && d.parent().is_some() && d.file_name().is_some(),
+                "dataDir",
+                format!("{} must be an absolute path below /", d.display()),
+            );
+        }
+        if let Some(n) = &self.member_name {
+            v.check(
+                !n.trim().is_empty(),
+                "memberName",
+                "must not be empty when set",
+            );
+        }
+        for (field, urls) in [
+            ("peerUrls", &self.peer_urls),
+            ("clientUrls", &self.client_urls),
+        ] {
+            for (i, u) in urls.iter().enumerate() {
                 v.check(
-                    ok,
-                    format!("endpoints[{i}]"),
-                    format!("{e:?} is not an etcd client URL: expected http(s)://host:port"),
+                    is_http_url(u),
+                    format!("{field}[{i}]"),
+                    format!("{u:?} is not a URL: expected http(s)://host:port"),
                 );
             }
-            if let Some(tls) = &self.etcd.tls {
-                check_tls(v, "tls", tls);
+        }
+    }
+
+    /// The agents: this one's address and the peers', each once.
+    fn validate_peers(&self, v: &mut Validator) {
+        let host_port = |a: &str| {
+            a.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+        };
+        if let Some(a) = &self.agent_address {
+            v.check(
+                host_port(a),
+                "agentAddress",
+                format!("{a:?}: expected host:port"),
+            );
+        }
+        for (i, a) in self.peers.iter().enumerate() {
+            v.check(
+                host_port(a),
+                format!("peers[{i}]"),
+                format!("{a:?}: expected host:port"),
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for a in &self.peers {
+            if !seen.insert(a) {
+                v.at("peers", |v| v.error(format!("{a:?} is listed twice")));
             }
-            let secs = Duration::from_secs;
-            v.duration_in(
-                "dialTimeout",
-                self.etcd.dial_timeout,
-                Duration::from_millis(100),
-                secs(300),
-            );
-            v.duration_in(
-                "requestTimeout",
-                self.etcd.request_timeout,
-                Duration::from_millis(100),
-                secs(600),
-            );
-            v.duration_in("stallTimeout", self.etcd.stall_timeout, secs(1), secs(3600));
-        });
-        v.at("store", |v| {
-            if let Err(e) = crate::store::StoreSpec::parse(&self.store.url, &self.store.options) {
-                v.error(e);
-            }
-            v.check(
-                self.store.part_size >= ByteSize::mib(5) && self.store.part_size <= ByteSize::mib(64),
-                "partSize",
-                format!(
-                    "{} is out of range: expected between 5MiB (S3's minimum part) and 64MiB (the memory budget)",
-                    self.store.part_size
-                ),
-            );
-            v.check(
-                (1..=8).contains(&self.store.upload_concurrency),
-                "uploadConcurrency",
-                "must be between 1 and 8",
-            );
-        });
-        v.at("compression", |v| {
-            v.check(
-                (1..=19).contains(&self.compression.level),
-                "level",
-                format!(
-                    "{} is out of range: expected 1 to 19",
-                    self.compression.level
-                ),
-            );
-            v.check(
-                self.compression.workers <= 8,
-                "workers",
-                "must be at most 8",
-            );
-        });
-        v.at("encryption", |v| {
-            if let Err(e) = crate::encryption::Keyring::load(
-                self.encryption.recipient_file.as_deref(),
-                &self.encryption.identity_files,
-            ) {
-                v.error(e.to_string());
-            }
-        });
-        v.at("schedule", |v| {
-            if let Err(e) = self.schedule.schedule() {
-                v.error(e);
-            }
-            v.check(
-                !self.schedule.election_name.trim().is_empty(),
-                "electionName",
-                "must not be empty",
-            );
-            v.duration_in(
-                "leaseTtl",
-                self.schedule.lease_ttl,
-                Duration::from_secs(2),
-                Duration::from_secs(300),
-            );
-            v.duration_in(
-                "retryBackoff",
-                self.schedule.retry_backoff,
-                Duration::ZERO,
-                Duration::from_secs(3600),
-            );
-        });
-        v.at("retention", |v| {
-            v.nested("policy", &self.retention.policy);
+        }
+    }
+}
+
+impl Validate for DrillConfig {
+    fn validate(&self, v: &mut Validator) {
+        if let Some(i) = self.interval {
             v.duration_in(
                 "interval",
-                self.retention.interval,
+                i,
                 Duration::from_secs(1),
-                Duration::from_secs(7 * 86400),
-            );
-            v.duration_in(
-                "gcGracePeriod",
-                self.retention.gc_grace_period,
-                Duration::ZERO,
                 Duration::from_secs(30 * 86400),
             );
-        });
-        v.at("deltas", |v| {
-            v.duration_in(
-                "flushInterval",
-                self.deltas.flush_interval,
-                Duration::from_millis(10),
-                Duration::from_secs(300),
-            );
-            v.check(
-                self.deltas.max_segment_bytes >= ByteSize(64 << 10)
-                    && self.deltas.max_segment_bytes <= ByteSize::mib(64),
-                "maxSegmentBytes",
-                format!(
-                    "{} is out of range: expected between 64KiB and 64MiB",
-                    self.deltas.max_segment_bytes
-                ),
-            );
-            v.duration_in(
-                "rpoTarget",
-                self.deltas.rpo_target,
-                Duration::from_millis(10),
-                Duration::from_secs(86400),
-            );
-        });
-        v.at("restore", |v| {
-            let r = &self.restore;
-            v.check(
-                r.etcd_manifest.is_absolute() && r.etcd_manifest.parent().is_some(),
-                "etcdManifest",
-                format!(
-                    "{} must be an absolute file path",
-                    r.etcd_manifest.display()
-                ),
-            );
-            v.check(
-                r.state_dir.is_absolute(),
-                "stateDir",
-                format!("{} must be an absolute path", r.state_dir.display()),
-            );
-            if let Some(d) = &r.data_dir {
-                v.check(
-                    d.is_absolute() && d.parent().is_some() && d.file_name().is_some(),
-                    "dataDir",
-                    format!("{} must be an absolute path below /", d.display()),
-                );
-            }
-            if let Some(n) = &r.member_name {
-                v.check(
-                    !n.trim().is_empty(),
-                    "memberName",
-                    "must not be empty when set",
-                );
-            }
-            for (field, urls) in [("peerUrls", &r.peer_urls), ("clientUrls", &r.client_urls)] {
-                for (i, u) in urls.iter().enumerate() {
-                    let ok = url::Url::parse(u)
-                        .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-                        .unwrap_or(false);
-                    v.check(
-                        ok,
-                        format!("{field}[{i}]"),
-                        format!("{u:?} is not a URL: expected http(s)://host:port"),
-                    );
-                }
-            }
-            let host_port = |a: &str| {
-                a.rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
-            };
-            if let Some(a) = &r.agent_address {
-                v.check(
-                    host_port(a),
-                    "agentAddress",
-                    format!("{a:?}: expected host:port"),
-                );
-            }
-            for (i, a) in r.peers.iter().enumerate() {
-                v.check(
-                    host_port(a),
-                    format!("peers[{i}]"),
-                    format!("{a:?}: expected host:port"),
-                );
-            }
-            let mut seen = std::collections::BTreeSet::new();
-            for a in &r.peers {
-                if !seen.insert(a) {
-                    v.at("peers", |v| v.error(format!("{a:?} is listed twice")));
-                }
-            }
-            if let Some(etcdctl) = &r.etcdctl {
-                v.file_exists("etcdctl", etcdctl);
-            }
-            if let Some(tls) = &r.client_tls {
-                check_tls(v, "clientTls", tls);
-            }
-            v.duration_in(
-                "stopTimeout",
-                r.stop_timeout,
-                Duration::from_secs(1),
-                Duration::from_secs(3600),
-            );
-            v.duration_in(
-                "healthTimeout",
-                r.health_timeout,
-                Duration::from_secs(1),
-                Duration::from_secs(3600),
-            );
-        });
-        v.at("drill", |v| {
-            if let Some(i) = self.drill.interval {
-                v.duration_in(
-                    "interval",
-                    i,
-                    Duration::from_secs(1),
-                    Duration::from_secs(30 * 86400),
-                );
-                // Scheduled drills need the tools; on-demand ones report
-                // their absence as a failed drill.
-                v.file_exists("etcdutl", &self.drill.etcdutl);
-                v.file_exists("etcd", &self.drill.etcd);
-            }
-        });
+            // Scheduled drills need the tools; on-demand ones report
+            // their absence as a failed drill.
+            v.file_exists("etcdutl", &self.etcdutl);
+            v.file_exists("etcd", &self.etcd);
+        }
     }
+}
+
+/// An `http(s)://host[:port]` URL.
+fn is_http_url(u: &str) -> bool {
+    url::Url::parse(u)
+        .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .unwrap_or(false)
 }
 
 fn check_tls(v: &mut Validator, field: &str, tls: &TlsFiles) {

@@ -1,19 +1,28 @@
 //! [`Engine`]: everything one backup operation needs (etcd, the store, the
 //! layout, the keys and the tuning knobs), built once from the config and
 //! shared by the scheduler, the gRPC handlers, the tests and the bench.
-//! The operations themselves live in [`crate::snapshot`] (take),
-//! [`crate::catalog`] (list, get, delete, retention, garbage collection)
-//! and [`crate::verify`] (checks and drills).
+//!
+//! The operations are `Engine` methods, one `impl Engine` per concern, in
+//! the module of that concern:
+//!
+//! | module | methods |
+//! |---|---|
+//! | [`crate::snapshot::take`] | `take_snapshot` |
+//! | [`crate::snapshot::catalog`] | `scan`, `list_snapshots`, `get_snapshot`, `latest_snapshot`, `record_verification`, `delete_snapshot`, `apply_retention` |
+//! | [`crate::pipeline::download`] | `stream_check` (the read path) |
+//! | [`crate::verify::check`] | `verify_snapshot` (with a drill when asked) |
+//! | [`crate::delta::segments`] | `commit_segment`, `list_segments`, `read_segment`, `delete_segments` |
+//! | [`crate::restore::pitr`] | `plan_restore`, `build_target` |
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::{BackupConfig, MemberChoice};
-use crate::encryption::Keyring;
 use crate::error::Result;
 use crate::etcd::EtcdConnector;
-use crate::layout::Layout;
-use crate::retention::RetentionPolicy;
+use crate::pipeline::encryption::Keyring;
+use crate::snapshot::retention::RetentionPolicy;
+use crate::store::layout::Layout;
 use crate::store::{Store, StoreSpec};
 
 /// Tuning of the snapshot pipeline.

@@ -187,12 +187,12 @@ impl BackupError {
     }
 }
 
-/// The object store's error with its causes, and a hint for the two
-/// mistakes operators make most: a bucket that does not exist and
-/// credentials the store refuses.
-fn store_detail(err: &object_store::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
+/// Appends each cause in the chain from `source` to `text`, but those
+/// `text` already says.
+pub(crate) fn append_causes(
+    text: &mut String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) {
     while let Some(cause) = source {
         let line = cause.to_string();
         if !text.contains(&line) {
@@ -201,6 +201,14 @@ fn store_detail(err: &object_store::Error) -> String {
         }
         source = cause.source();
     }
+}
+
+/// The object store's error with its causes, and a hint for the two
+/// mistakes operators make most: a bucket that does not exist and
+/// credentials the store refuses.
+fn store_detail(err: &object_store::Error) -> String {
+    let mut text = err.to_string();
+    append_causes(&mut text, std::error::Error::source(err));
     if text.contains("NoSuchBucket") || text.contains("bucket does not exist") {
         text.push_str(" (the bucket does not exist: create it or fix store.url)");
     } else if text.contains("InvalidAccessKeyId")

@@ -284,19 +284,12 @@ pub fn error_text(e: &etcd_client::Error) -> String {
         etcd_client::Error::GRpcStatus(s) => format!("{}: {}", s.code(), s.message()),
         other => other.to_string(),
     };
-    let mut source: Option<&(dyn std::error::Error + 'static)> = match e {
+    let source: Option<&(dyn std::error::Error + 'static)> = match e {
         etcd_client::Error::TransportError(t) => std::error::Error::source(t),
         etcd_client::Error::GRpcStatus(s) => std::error::Error::source(s),
         _ => None,
     };
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
+    crate::error::append_causes(&mut text, source);
     text
 }
 

@@ -79,6 +79,7 @@ fn main() -> ExitCode {
 async fn start(config: BackupConfig) -> anyhow::Result<ExitCode> {
     bulwark_common::tls::install_crypto_provider();
     bulwark_common::telemetry::init_logging(&config.logging)?;
+    bulwark_backup::metrics::register(&config);
     let grpc = tokio::net::TcpListener::bind(config.grpc.address)
         .await
         .with_context(|| format!("binding grpc.address {}", config.grpc.address))?;

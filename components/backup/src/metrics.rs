@@ -21,9 +21,130 @@
 //! | `bulwark_backup_delta_running` | gauge | 1 while this instance records deltas |
 //! | `bulwark_backup_restores_total` | counter | restores coordinated here, by `outcome` |
 
-use crate::delta::{DeltaStatus, RecorderState, SegmentMeta};
+use bulwark_common::telemetry::catalog::{self, MetricDef, MetricKind::*};
+
+use crate::config::BackupConfig;
 use crate::error::BackupError;
-use crate::manifest::{Manifest, VerificationRecord};
+use crate::snapshot::manifest::{Manifest, VerificationRecord};
+
+/// The catalogue: every metric above with its `# HELP` text.
+///
+/// The `last_*` gauges describe the last snapshot or drill *this process*
+/// saw; they are absent until then rather than 0, because a 0 timestamp
+/// would make "no backup for two intervals" fire on every restart (the
+/// rules use `max` over instances and `absent` with a long `for`).
+pub const DEFS: &[MetricDef] = &[
+    MetricDef::dynamic(
+        "bulwark_backup_last_success_timestamp_seconds",
+        Gauge,
+        "When the last snapshot this instance committed was finished, in seconds since the epoch.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_last_duration_seconds",
+        Gauge,
+        "How long the last snapshot this instance committed took.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_last_raw_bytes",
+        Gauge,
+        "Size of the last committed snapshot as etcd sent it.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_last_stored_bytes",
+        Gauge,
+        "Size of the last committed snapshot in the store (compressed, encrypted).",
+    ),
+    MetricDef::per_label(
+        "bulwark_backup_snapshots_total",
+        Counter,
+        "Snapshots committed by this instance, by trigger.",
+        "trigger",
+        &["scheduled", "manual", "pre_restore"],
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_failures_total",
+        Counter,
+        "Failed snapshots, by reason.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_last_drill_success",
+        Gauge,
+        "1 if the last verification or drill this instance ran passed, 0 if not (absent until one ran).",
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_last_drill_timestamp_seconds",
+        Gauge,
+        "When the last verification or drill this instance ran finished.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_verify_mismatches_total",
+        Counter,
+        "Failed verification checks, by kind.",
+    ),
+    MetricDef::single(
+        "bulwark_backup_leader",
+        Gauge,
+        "1 while this instance leads scheduled work (summed over instances it should be 1).",
+    ),
+    MetricDef::single(
+        "bulwark_backup_retention_deleted_total",
+        Counter,
+        "Snapshots deleted by retention.",
+    ),
+    MetricDef::single(
+        "bulwark_backup_gc_collected_total",
+        Counter,
+        "Leftover uploads removed by garbage collection.",
+    ),
+    MetricDef::single(
+        "bulwark_backup_delta_segments_total",
+        Counter,
+        "Delta segments committed.",
+    ),
+    MetricDef::single(
+        "bulwark_backup_delta_events_total",
+        Counter,
+        "etcd events in committed delta segments.",
+    ),
+    MetricDef::single(
+        "bulwark_backup_delta_gaps_total",
+        Counter,
+        "Gaps in the delta stream (compaction, missing revision) that forced a full snapshot.",
+    ),
+    MetricDef::single(
+        "bulwark_backup_delta_covered_revision",
+        Gauge,
+        "Newest etcd revision in a committed delta segment (0: none on this instance).",
+    ),
+    MetricDef::single(
+        "bulwark_backup_delta_rpo_lag_seconds",
+        Gauge,
+        "Age of the oldest etcd event not yet in a committed segment (0: all committed).",
+    ),
+    MetricDef::single(
+        "bulwark_backup_delta_running",
+        Gauge,
+        "1 while this instance records deltas.",
+    ),
+    MetricDef::per_label(
+        "bulwark_backup_restores_total",
+        Counter,
+        "Restores coordinated by this instance, by outcome.",
+        "outcome",
+        &["done", "dry_run", "failed"],
+    ),
+];
+
+/// Declares the catalogue, the build info and the certificate expiry of
+/// the gRPC (and restore client) identities. Call once at start.
+pub fn register(config: &BackupConfig) {
+    catalog::register(DEFS);
+    catalog::register_build_info("backup", env!("CARGO_PKG_VERSION"));
+    let mut files = vec![&config.grpc.tls];
+    files.extend(config.restore.client_tls.as_ref());
+    files.extend(config.etcd.tls.as_ref());
+    catalog::register_certificates("backup", &files);
+}
 
 /// Gauge: 1 while this instance leads.
 pub const LEADER: &str = "bulwark_backup_leader";
@@ -37,9 +158,9 @@ pub fn snapshot_committed(m: &Manifest) {
     metrics::gauge!("bulwark_backup_last_raw_bytes").set(m.raw_size_bytes as f64);
     metrics::gauge!("bulwark_backup_last_stored_bytes").set(m.stored_size_bytes as f64);
     let trigger = match m.trigger {
-        crate::manifest::Trigger::Scheduled => "scheduled",
-        crate::manifest::Trigger::Manual => "manual",
-        crate::manifest::Trigger::PreRestore => "pre_restore",
+        crate::snapshot::manifest::Trigger::Scheduled => "scheduled",
+        crate::snapshot::manifest::Trigger::Manual => "manual",
+        crate::snapshot::manifest::Trigger::PreRestore => "pre_restore",
     };
     metrics::counter!("bulwark_backup_snapshots_total", "trigger" => trigger).increment(1);
 }
@@ -66,10 +187,10 @@ pub fn retention(deleted: usize, collected: usize) {
     metrics::counter!("bulwark_backup_gc_collected_total").increment(collected as u64);
 }
 
-/// Records a committed delta segment.
-pub fn delta_committed(m: &SegmentMeta) {
+/// Records a committed delta segment of `event_count` events.
+pub fn delta_committed(event_count: u64) {
     metrics::counter!("bulwark_backup_delta_segments_total").increment(1);
-    metrics::counter!("bulwark_backup_delta_events_total").increment(m.event_count);
+    metrics::counter!("bulwark_backup_delta_events_total").increment(event_count);
 }
 
 /// Records a delta gap.
@@ -77,18 +198,35 @@ pub fn delta_gap() {
     metrics::counter!("bulwark_backup_delta_gaps_total").increment(1);
 }
 
-/// Publishes the delta recorder's status.
-pub fn delta_status(s: &DeltaStatus, lag: std::time::Duration) {
-    metrics::gauge!("bulwark_backup_delta_covered_revision").set(s.newest_revision as f64);
+/// Publishes the delta recorder's status: the newest covered revision,
+/// the RPO lag and whether it runs. (Plain values, so this module does not
+/// depend on the recorder's types.)
+pub fn delta_status(newest_revision: i64, lag: std::time::Duration, running: bool) {
+    metrics::gauge!("bulwark_backup_delta_covered_revision").set(newest_revision as f64);
     metrics::gauge!("bulwark_backup_delta_rpo_lag_seconds").set(lag.as_secs_f64());
-    metrics::gauge!("bulwark_backup_delta_running").set(if s.state == RecorderState::Running {
-        1.0
-    } else {
-        0.0
-    });
+    metrics::gauge!("bulwark_backup_delta_running").set(if running { 1.0 } else { 0.0 });
 }
 
 /// Records the end of a restore.
 pub fn restore_finished(outcome: &'static str) {
     metrics::counter!("bulwark_backup_restores_total", "outcome" => outcome).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every metric the code records is in the catalogue, and nothing else.
+    #[test]
+    fn the_catalogue_lists_exactly_the_recorded_metrics() {
+        let declared: BTreeSet<String> = DEFS.iter().map(|d| d.name.to_owned()).collect();
+        assert_eq!(declared.len(), DEFS.len(), "a metric is declared twice");
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+        assert_eq!(
+            declared,
+            catalog::recorded_names(src.as_ref(), "bulwark_backup_")
+        );
+    }
 }

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use bulwark_backup::Engine;
 use bulwark_backup::delta::{DeltaSettings, DeltaStatus, Recorder};
-use bulwark_backup::encryption::Keyring;
 use bulwark_backup::error::BackupError;
-use bulwark_backup::pitr::Target;
-use bulwark_backup::scratch::ScratchEtcd;
+use bulwark_backup::pipeline::encryption::Keyring;
+use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::SnapshotOptions;
+use bulwark_backup::verify::scratch::ScratchEtcd;
 use bulwark_testkit::Etcd;
 use etcd_client::GetOptions;
 use object_store::{ObjectStoreExt, PutPayload};
@@ -26,7 +26,7 @@ fn ok() -> bulwark_backup::error::Result<()> {
     Ok(())
 }
 
-async fn snapshot(engine: &Engine) -> bulwark_backup::manifest::Manifest {
+async fn snapshot(engine: &Engine) -> bulwark_backup::snapshot::manifest::Manifest {
     engine
         .take_snapshot(
             SnapshotOptions::manual("test"),
@@ -222,7 +222,8 @@ async fn heavy_deltas_capture_writes_and_restore_to_revision_time_and_latest() {
     cancel.cancel();
     task.await.unwrap();
     let victim = &segs[segs.len() / 2];
-    let path = bulwark_backup::verify::object_path(engine.store.prefix(), &victim.object_key);
+    let path =
+        bulwark_backup::store::layout::object_path(engine.store.prefix(), &victim.object_key);
     let mut bytes = engine
         .store
         .inner()

@@ -10,13 +10,13 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bulwark_backup::encryption::Keyring;
 use bulwark_backup::engine::Engine;
 use bulwark_backup::error::BackupError;
-use bulwark_backup::faults::{Faults, UnreliableStore};
-use bulwark_backup::hashing::{Sha256, hex};
-use bulwark_backup::manifest::{Compression, Encryption, MismatchKind, Trigger};
+use bulwark_backup::pipeline::encryption::Keyring;
+use bulwark_backup::pipeline::hashing::{Sha256, hex};
+use bulwark_backup::snapshot::manifest::{Compression, Encryption, MismatchKind, Trigger};
 use bulwark_backup::snapshot::{SnapshotEvent, SnapshotOptions};
+use bulwark_backup::store::faults::{Faults, UnreliableStore};
 use bulwark_testkit::{Etcd, Pki, S3Server};
 use object_store::ObjectStoreExt;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,7 @@ fn ok() -> bulwark_backup::error::Result<()> {
 
 async fn snapshot(
     engine: &Engine,
-) -> bulwark_backup::error::Result<bulwark_backup::manifest::Manifest> {
+) -> bulwark_backup::error::Result<bulwark_backup::snapshot::manifest::Manifest> {
     engine
         .take_snapshot(
             SnapshotOptions::manual("test"),
@@ -39,7 +39,7 @@ async fn snapshot(
 }
 
 async fn stored_bytes(engine: &Engine, object_key: &str) -> bytes::Bytes {
-    let path = bulwark_backup::verify::object_path(engine.store.prefix(), object_key);
+    let path = bulwark_backup::store::layout::object_path(engine.store.prefix(), object_key);
     engine
         .store
         .inner()
@@ -213,7 +213,7 @@ async fn heavy_corruption_is_named() {
     let a = snapshot(&plain).await.unwrap();
     let b = snapshot(&sealed).await.unwrap();
     let c = snapshot(&plain).await.unwrap();
-    let file = |m: &bulwark_backup::manifest::Manifest| dir.path().join(&m.object_key);
+    let file = |m: &bulwark_backup::snapshot::manifest::Manifest| dir.path().join(&m.object_key);
     let verify = |id: String| {
         let plain = plain.clone();
         async move {
@@ -309,13 +309,13 @@ async fn heavy_upload_faults_leave_nothing_behind() {
     }
 
     // Scheduled snapshots retry: one failed part, then success, one manifest.
-    let (_tx, rx) = tokio::sync::watch::channel(bulwark_backup::election::LeaderState {
+    let (_tx, rx) = tokio::sync::watch::channel(bulwark_backup::schedule::election::LeaderState {
         is_leader: true,
         term: 0,
     });
-    let service = bulwark_backup::service::Service::new(
+    let service = bulwark_backup::schedule::service::Service::new(
         engine.clone(),
-        bulwark_backup::service::ServiceSettings {
+        bulwark_backup::schedule::service::ServiceSettings {
             schedule: None,
             retries: 2,
             retry_backoff: Duration::ZERO,
@@ -422,7 +422,7 @@ async fn heavy_retention_and_garbage_collection_on_a_real_store() {
     let dir = tempfile::tempdir().unwrap();
     let mut engine =
         (*common::engine(&etcd, common::file_store(dir.path()), Keyring::none())).clone();
-    engine.retention = bulwark_backup::retention::RetentionPolicy {
+    engine.retention = bulwark_backup::snapshot::retention::RetentionPolicy {
         keep_last: Some(2),
         exponential: None,
     };

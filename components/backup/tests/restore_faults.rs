@@ -17,13 +17,13 @@ mod common;
 use std::sync::Arc;
 
 use bulwark_api::backup::v1 as pb;
-use bulwark_backup::agent::Agent;
 use bulwark_backup::config::RestoreConfig;
-use bulwark_backup::encryption::Keyring;
 use bulwark_backup::error::BackupError;
-use bulwark_backup::faults::{Faults, UnreliableStore};
-use bulwark_backup::pitr::Target;
+use bulwark_backup::pipeline::encryption::Keyring;
+use bulwark_backup::restore::agent::Agent;
+use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::SnapshotOptions;
+use bulwark_backup::store::faults::{Faults, UnreliableStore};
 use bulwark_testkit::Etcd;
 use object_store::{ObjectStoreExt as _, PutPayload};
 use tokio_util::sync::CancellationToken;
@@ -165,7 +165,7 @@ async fn heavy_space_check_refuses_up_front_and_the_rollback_removes_an_unrename
         .unwrap();
     // The target as the coordinator uploads it: plain, for the agent.
     let key = "testcluster/restore/r2/target.db";
-    let object = bulwark_backup::verify::object_path(engine.store.prefix(), key);
+    let object = bulwark_backup::store::layout::object_path(engine.store.prefix(), key);
     engine
         .store
         .inner()

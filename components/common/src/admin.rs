@@ -28,6 +28,25 @@ pub struct AdminConfig {
     pub address: SocketAddr,
 }
 
+impl AdminConfig {
+    /// The default: every address of the node on `port`.
+    ///
+    /// Why not loopback: a Prometheus running in the cluster scrapes from
+    /// a pod network address, and the daemons are static pods on the host
+    /// network, so a loopback-only `/metrics` is unreachable for it (the
+    /// kubelet's probes reach either). The trade-off, written down in
+    /// docs/OPERATIONS.md: these endpoints have no authentication, so
+    /// whoever reaches the node's port reads the metrics (backend
+    /// addresses, verdicts, backup times) and the readiness reasons. They
+    /// change nothing and carry no secret; set `admin.address` to
+    /// `127.0.0.1:<port>` (or firewall the port) where that matters.
+    pub fn on_all_addresses(port: u16) -> Self {
+        Self {
+            address: SocketAddr::from(([0, 0, 0, 0], port)),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum CheckState {
     Ok,
@@ -146,14 +165,20 @@ async fn readyz(State(s): State<AdminState>, Query(q): Query<ProbeQuery>) -> Res
 
 async fn metrics(State(s): State<AdminState>) -> Response {
     match &s.metrics {
-        Some(handle) => (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            handle.render(),
-        )
-            .into_response(),
+        Some(handle) => {
+            let mut body = handle.render();
+            if let Some(stats) = crate::telemetry::process::read() {
+                body.push_str(&crate::telemetry::process::render(&stats));
+            }
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                body,
+            )
+                .into_response()
+        }
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
     }
 }
@@ -226,6 +251,7 @@ mod tests {
         let (code, body) = get(addr, "/metrics").await;
         assert_eq!(code, 200);
         assert!(body.contains("bulwark_common_admin_test 1"), "{body}");
+        assert!(body.contains("\nprocess_resident_memory_bytes "), "{body}");
 
         token.cancel();
         server.await.unwrap().unwrap();

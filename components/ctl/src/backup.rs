@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::connect::Service;
 use crate::error::{CliError, Exit};
-use crate::output::{self, OutputFormat};
+use crate::output::{self, OutputFormat, size};
 
 /// `bulwarkctl backup …`
 #[derive(Debug, clap::Subcommand)]
@@ -77,21 +77,6 @@ fn time(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(|t| bulwark_api::time::timestamp_from_proto(t).ok())
         .map(|t: SystemTime| humantime::format_rfc3339_seconds(t).to_string())
         .unwrap_or_default()
-}
-
-fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 fn stream_error(service: &Service<'_>, s: tonic::Status) -> CliError {
@@ -319,68 +304,7 @@ pub async fn run(
                 note: note.clone(),
                 member_name: member.clone().unwrap_or_default(),
             };
-            let mut stream = service
-                .call(|ch| {
-                    let req = req.clone();
-                    async move {
-                        BackupClient::new(ch)
-                            .create_snapshot(req)
-                            .await
-                            .map(|r| r.into_inner())
-                    }
-                })
-                .await?;
-            let progress = bar(None);
-            progress.set_message("connecting");
-            while let Some(msg) = stream
-                .message()
-                .await
-                .map_err(|s| stream_error(service, s))?
-            {
-                match msg.event {
-                    Some(pb::snapshot_progress::Event::Connecting(c)) => {
-                        progress.set_message(format!(
-                            "snapshot {} from {} (revision {})",
-                            msg.snapshot_id, c.member_name, c.revision
-                        ))
-                    }
-                    Some(pb::snapshot_progress::Event::Streaming(s)) => {
-                        if let Some(total) = s.raw_bytes_expected {
-                            progress.set_length(total.max(s.raw_bytes));
-                        }
-                        progress.set_position(s.raw_bytes);
-                    }
-                    Some(pb::snapshot_progress::Event::Committing(_)) => {
-                        progress.set_message("writing the manifest");
-                    }
-                    Some(pb::snapshot_progress::Event::Done(done)) => {
-                        progress.finish_and_clear();
-                        let Some(m) = done.manifest else {
-                            return Err(CliError::new(Exit::Failure, "done without a manifest"));
-                        };
-                        return print_manifest(format, &m);
-                    }
-                    Some(pb::snapshot_progress::Event::Failed(f)) => {
-                        progress.finish_and_clear();
-                        let exit = if f.etcd_hash_mismatch {
-                            Exit::VerifyFailed
-                        } else {
-                            Exit::Failure
-                        };
-                        return Err(CliError::new(
-                            exit,
-                            format!("snapshot {} failed: {}", msg.snapshot_id, f.message),
-                        )
-                        .hint("nothing was committed; the partial upload was removed"));
-                    }
-                    None => {}
-                }
-            }
-            progress.finish_and_clear();
-            Err(CliError::new(
-                Exit::Unavailable,
-                "the snapshot stream ended without a result",
-            ))
+            create(service, format, req).await
         }
         BackupCommand::List {
             verified_only,
@@ -391,177 +315,248 @@ pub async fn run(
                 page_size: *limit,
                 ..Default::default()
             };
-            let resp = service
-                .call(|ch| {
-                    let req = req.clone();
-                    async move {
-                        BackupClient::new(ch)
-                            .list_snapshots(req)
-                            .await
-                            .map(|r| r.into_inner())
-                    }
-                })
-                .await?;
-            let rows: Vec<Row> = resp
-                .snapshots
-                .iter()
-                .map(|s| Row {
-                    id: s.id.clone(),
-                    created: time(s.created_at.as_ref()),
-                    trigger: trigger(s.trigger),
-                    revision: s.revision,
-                    raw_bytes: s.raw_size_bytes,
-                    stored_bytes: s.stored_size_bytes,
-                    encrypted: s.encrypted,
-                    key_id: s.key_id.clone(),
-                    taken_by: s.taken_by.clone(),
-                    last_verified: verified(s.last_verification.as_ref()),
-                })
-                .collect();
-            output::print(format, &rows, |rows| {
-                let cells: Vec<Vec<String>> = rows
-                    .iter()
-                    .map(|r| {
-                        vec![
-                            r.id.clone(),
-                            r.created.clone(),
-                            r.trigger.clone(),
-                            r.revision.to_string(),
-                            size(r.raw_bytes),
-                            size(r.stored_bytes),
-                            if r.encrypted {
-                                "yes".into()
-                            } else {
-                                "no".into()
-                            },
-                            r.taken_by.clone(),
-                            verified_cell(&r.last_verified),
-                        ]
-                    })
-                    .collect();
-                output::table(
-                    &[
-                        "ID",
-                        "CREATED",
-                        "TRIGGER",
-                        "REVISION",
-                        "RAW",
-                        "STORED",
-                        "ENCRYPTED",
-                        "BY",
-                        "LAST VERIFIED",
-                    ],
-                    &cells,
-                )
-            })
+            list(service, format, req).await
         }
-        BackupCommand::Show { id } => {
-            let req = pb::GetSnapshotRequest {
-                snapshot: Some(selector(id)),
-            };
-            let m = service
-                .call(|ch| {
-                    let req = req.clone();
-                    async move {
-                        BackupClient::new(ch)
-                            .get_snapshot(req)
-                            .await
-                            .map(|r| r.into_inner())
-                    }
-                })
-                .await?;
-            print_manifest(format, &m)
-        }
-        BackupCommand::Verify { id, drill } => {
-            let req = pb::VerifySnapshotRequest {
-                snapshot: Some(selector(id)),
-                drill: *drill,
-            };
-            let mut stream = service
-                .call(|ch| {
-                    let req = req.clone();
-                    async move {
-                        BackupClient::new(ch)
-                            .verify_snapshot(req)
-                            .await
-                            .map(|r| r.into_inner())
-                    }
-                })
-                .await?;
-            let progress = bar(None);
-            progress.set_message("downloading and checking");
-            while let Some(msg) = stream
-                .message()
-                .await
-                .map_err(|s| stream_error(service, s))?
-            {
-                match msg.event {
-                    Some(pb::verify_progress::Event::Stage(stage)) => {
-                        if let Some(t) = stage.transfer {
-                            if let Some(total) = t.bytes_total {
-                                progress.set_length(total);
-                            }
-                            progress.set_position(t.bytes_done);
-                        }
-                        if !stage.detail.is_empty() {
-                            progress.set_message(stage.detail);
-                        }
-                    }
-                    Some(pb::verify_progress::Event::Result(r)) => {
-                        progress.finish_and_clear();
-                        return print_verify(format, &r);
-                    }
-                    None => {}
+        BackupCommand::Show { id } => show(service, format, id).await,
+        BackupCommand::Verify { id, drill } => verify(service, format, id, *drill).await,
+        BackupCommand::Delete { id, force } => delete(service, format, id, *force).await,
+        BackupCommand::Status => status(service, format).await,
+    }
+}
+
+/// `backup create`: follows the snapshot's progress to its manifest.
+async fn create(
+    service: &Service<'_>,
+    format: OutputFormat,
+    req: pb::CreateSnapshotRequest,
+) -> Result<(), CliError> {
+    let mut stream = service
+        .send(BackupClient::new, req, |mut c, r| async move {
+            c.create_snapshot(r).await
+        })
+        .await?;
+    let progress = bar(None);
+    progress.set_message("connecting");
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|s| stream_error(service, s))?
+    {
+        match msg.event {
+            Some(pb::snapshot_progress::Event::Connecting(c)) => progress.set_message(format!(
+                "snapshot {} from {} (revision {})",
+                msg.snapshot_id, c.member_name, c.revision
+            )),
+            Some(pb::snapshot_progress::Event::Streaming(s)) => {
+                if let Some(total) = s.raw_bytes_expected {
+                    progress.set_length(total.max(s.raw_bytes));
                 }
+                progress.set_position(s.raw_bytes);
             }
-            progress.finish_and_clear();
-            Err(CliError::new(
-                Exit::Unavailable,
-                "the verification stream ended without a result",
-            ))
-        }
-        BackupCommand::Delete { id, force } => {
-            let req = pb::DeleteSnapshotRequest {
-                id: id.clone(),
-                force: *force,
-            };
-            let resp = service
-                .call(|ch| {
-                    let req = req.clone();
-                    async move {
-                        BackupClient::new(ch)
-                            .delete_snapshot(req)
-                            .await
-                            .map(|r| r.into_inner())
-                    }
-                })
-                .await?;
-            #[derive(Serialize)]
-            struct Deleted {
-                id: String,
-                freed_bytes: u64,
+            Some(pb::snapshot_progress::Event::Committing(_)) => {
+                progress.set_message("writing the manifest");
             }
-            output::print(
-                format,
-                &Deleted {
-                    id: resp.id,
-                    freed_bytes: resp.freed_bytes,
-                },
-                |d| format!("deleted {} ({} freed)\n", d.id, size(d.freed_bytes)),
-            )
-        }
-        BackupCommand::Status => {
-            let s = service
-                .call(|ch| async move {
-                    BackupClient::new(ch)
-                        .get_status(pb::GetStatusRequest {})
-                        .await
-                        .map(|r| r.into_inner())
-                })
-                .await?;
-            print_status(format, &s)
+            Some(pb::snapshot_progress::Event::Done(done)) => {
+                progress.finish_and_clear();
+                let Some(m) = done.manifest else {
+                    return Err(CliError::new(Exit::Failure, "done without a manifest"));
+                };
+                return print_manifest(format, &m);
+            }
+            Some(pb::snapshot_progress::Event::Failed(f)) => {
+                progress.finish_and_clear();
+                let exit = if f.etcd_hash_mismatch {
+                    Exit::VerifyFailed
+                } else {
+                    Exit::Failure
+                };
+                return Err(CliError::new(
+                    exit,
+                    format!("snapshot {} failed: {}", msg.snapshot_id, f.message),
+                )
+                .hint("nothing was committed; the partial upload was removed"));
+            }
+            None => {}
         }
     }
+    progress.finish_and_clear();
+    Err(CliError::new(
+        Exit::Unavailable,
+        "the snapshot stream ended without a result",
+    ))
+}
+
+/// `backup list`.
+async fn list(
+    service: &Service<'_>,
+    format: OutputFormat,
+    req: pb::ListSnapshotsRequest,
+) -> Result<(), CliError> {
+    let resp = service
+        .send(BackupClient::new, req, |mut c, r| async move {
+            c.list_snapshots(r).await
+        })
+        .await?;
+    let rows: Vec<Row> = resp
+        .snapshots
+        .iter()
+        .map(|s| Row {
+            id: s.id.clone(),
+            created: time(s.created_at.as_ref()),
+            trigger: trigger(s.trigger),
+            revision: s.revision,
+            raw_bytes: s.raw_size_bytes,
+            stored_bytes: s.stored_size_bytes,
+            encrypted: s.encrypted,
+            key_id: s.key_id.clone(),
+            taken_by: s.taken_by.clone(),
+            last_verified: verified(s.last_verification.as_ref()),
+        })
+        .collect();
+    output::print(format, &rows, |rows| render_list(rows))
+}
+
+/// `backup list` as a table.
+fn render_list(rows: &[Row]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.created.clone(),
+                r.trigger.clone(),
+                r.revision.to_string(),
+                size(r.raw_bytes),
+                size(r.stored_bytes),
+                if r.encrypted {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                r.taken_by.clone(),
+                verified_cell(&r.last_verified),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "ID",
+            "CREATED",
+            "TRIGGER",
+            "REVISION",
+            "RAW",
+            "STORED",
+            "ENCRYPTED",
+            "BY",
+            "LAST VERIFIED",
+        ],
+        &cells,
+    )
+}
+
+/// `backup show ID|latest`.
+async fn show(service: &Service<'_>, format: OutputFormat, id: &str) -> Result<(), CliError> {
+    let req = pb::GetSnapshotRequest {
+        snapshot: Some(selector(id)),
+    };
+    let m = service
+        .send(BackupClient::new, req, |mut c, r| async move {
+            c.get_snapshot(r).await
+        })
+        .await?;
+    print_manifest(format, &m)
+}
+
+/// `backup verify ID|latest [--drill]`: follows the check to its result.
+async fn verify(
+    service: &Service<'_>,
+    format: OutputFormat,
+    id: &str,
+    drill: bool,
+) -> Result<(), CliError> {
+    let req = pb::VerifySnapshotRequest {
+        snapshot: Some(selector(id)),
+        drill,
+    };
+    let mut stream = service
+        .send(BackupClient::new, req, |mut c, r| async move {
+            c.verify_snapshot(r).await
+        })
+        .await?;
+    let progress = bar(None);
+    progress.set_message("downloading and checking");
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|s| stream_error(service, s))?
+    {
+        match msg.event {
+            Some(pb::verify_progress::Event::Stage(stage)) => {
+                if let Some(t) = stage.transfer {
+                    if let Some(total) = t.bytes_total {
+                        progress.set_length(total);
+                    }
+                    progress.set_position(t.bytes_done);
+                }
+                if !stage.detail.is_empty() {
+                    progress.set_message(stage.detail);
+                }
+            }
+            Some(pb::verify_progress::Event::Result(r)) => {
+                progress.finish_and_clear();
+                return print_verify(format, &r);
+            }
+            None => {}
+        }
+    }
+    progress.finish_and_clear();
+    Err(CliError::new(
+        Exit::Unavailable,
+        "the verification stream ended without a result",
+    ))
+}
+
+/// `backup delete ID [--force]`.
+async fn delete(
+    service: &Service<'_>,
+    format: OutputFormat,
+    id: &str,
+    force: bool,
+) -> Result<(), CliError> {
+    let req = pb::DeleteSnapshotRequest {
+        id: id.to_owned(),
+        force,
+    };
+    let resp = service
+        .send(BackupClient::new, req, |mut c, r| async move {
+            c.delete_snapshot(r).await
+        })
+        .await?;
+    #[derive(Serialize)]
+    struct Deleted {
+        id: String,
+        freed_bytes: u64,
+    }
+    output::print(
+        format,
+        &Deleted {
+            id: resp.id,
+            freed_bytes: resp.freed_bytes,
+        },
+        |d| format!("deleted {} ({} freed)\n", d.id, size(d.freed_bytes)),
+    )
+}
+
+/// `backup status`.
+async fn status(service: &Service<'_>, format: OutputFormat) -> Result<(), CliError> {
+    let s = service
+        .send(
+            BackupClient::new,
+            pb::GetStatusRequest {},
+            |mut c, r| async move { c.get_status(r).await },
+        )
+        .await?;
+    print_status(format, &s)
 }
 
 /// Verification result output.

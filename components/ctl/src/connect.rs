@@ -98,6 +98,26 @@ impl<'a> Service<'a> {
             })
     }
 
+    /// One rpc through [`Service::call`] with a fresh client per attempt:
+    /// `client` builds it from the channel (e.g. `LoadBalancerClient::new`),
+    /// `rpc` sends a clone of `req`, and the answer's message comes back.
+    pub async fn send<C, Req, Resp, Fut>(
+        &self,
+        client: fn(Channel) -> C,
+        req: Req,
+        rpc: impl Fn(C, Req) -> Fut,
+    ) -> Result<Resp, CliError>
+    where
+        Req: Clone,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        self.call(|ch| {
+            let answer = rpc(client(ch), req.clone());
+            async move { answer.await.map(tonic::Response::into_inner) }
+        })
+        .await
+    }
+
     /// Calls the service under the per-call deadline. Tries each endpoint
     /// while they are unreachable, and follows leader hints for leader-only
     /// calls. For a streaming rpc `f` resolves when the stream opens, so the

@@ -181,6 +181,25 @@ fn cell(o: &ObservationView) -> String {
     format!("{}: {what} {}", o.kind, o.latency)
 }
 
+/// A backend's votes per zone: `a=up (2/0/0) b=down (0/0/2, 1 ignored)`.
+fn votes_cell(b: &BackendView) -> String {
+    b.zones
+        .iter()
+        .map(|z| {
+            let mut s = format!(
+                "{}={} ({}/{}/{}",
+                z.zone, z.verdict, z.up, z.not_ready, z.down
+            );
+            if z.ignored > 0 {
+                s.push_str(&format!(", {} ignored", z.ignored));
+            }
+            s.push(')');
+            s
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn table(v: &HealthView) -> String {
     let mut out = output::fields(&[
         (
@@ -205,22 +224,7 @@ fn table(v: &HealthView) -> String {
         .backends
         .iter()
         .map(|b| {
-            let votes = b
-                .zones
-                .iter()
-                .map(|z| {
-                    let mut s = format!(
-                        "{}={} ({}/{}/{}",
-                        z.zone, z.verdict, z.up, z.not_ready, z.down
-                    );
-                    if z.ignored > 0 {
-                        s.push_str(&format!(", {} ignored", z.ignored));
-                    }
-                    s.push(')');
-                    s
-                })
-                .collect::<Vec<_>>()
-                .join(" ");
+            let votes = votes_cell(b);
             vec![
                 b.id.clone(),
                 b.zone.clone(),
@@ -286,16 +290,12 @@ fn table(v: &HealthView) -> String {
 impl HealthArgs {
     /// Runs `bulwarkctl health` against the LB endpoints.
     pub async fn run(&self, svc: &Service<'_>, format: OutputFormat) -> Result<(), CliError> {
-        let backend_id = self.backend.clone().unwrap_or_default();
+        let req = lb::GetHealthRequest {
+            backend_id: self.backend.clone().unwrap_or_default(),
+        };
         let r = svc
-            .call(|ch| {
-                let backend_id = backend_id.clone();
-                async move {
-                    LoadBalancerClient::new(ch)
-                        .get_health(lb::GetHealthRequest { backend_id })
-                        .await
-                        .map(tonic::Response::into_inner)
-                }
+            .send(LoadBalancerClient::new, req, |mut c, r| async move {
+                c.get_health(r).await
             })
             .await?;
         output::print(format, &view(r), table)

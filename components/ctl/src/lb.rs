@@ -266,141 +266,10 @@ impl LbCommand {
     /// Runs the command against `svc`.
     pub async fn run(&self, svc: &Service<'_>, format: OutputFormat) -> Result<(), CliError> {
         match self {
-            LbCommand::Status => {
-                let s = svc
-                    .call(|ch| async move {
-                        LoadBalancerClient::new(ch)
-                            .get_status(lb::GetStatusRequest::default())
-                            .await
-                            .map(tonic::Response::into_inner)
-                    })
-                    .await?;
-                let vip = s.vip.clone().unwrap_or_default();
-                let view = StatusView {
-                    node: node_name(s.node.as_ref()),
-                    role: enum_name(s.role, lb::NodeRole::as_str_name, "NODE_ROLE_"),
-                    leader: node_name(s.leader.as_ref()),
-                    term: s.current_term,
-                    commit_index: s.commit_index,
-                    applied_index: s.applied_index,
-                    vip: if vip.address.is_empty() {
-                        "disabled".into()
-                    } else {
-                        format!(
-                            "{} ({})",
-                            vip.address,
-                            enum_name(vip.mode, lb::VipMode::as_str_name, "VIP_MODE_")
-                        )
-                    },
-                    vip_holder: vip
-                        .holder_node_id
-                        .map_or_else(|| "-".into(), |h| h.to_string()),
-                    held_since: ts(vip.held_since.as_ref()),
-                    backends: format!("{}/{} routable", s.backends_routable, s.backends_total),
-                    failovers: s
-                        .recent_failovers
-                        .iter()
-                        .map(|f| FailoverView {
-                            at: ts(f.at.as_ref()),
-                            from: f.from_node_id.map_or_else(|| "-".into(), |n| n.to_string()),
-                            to: f.to_node_id,
-                            term: f.term,
-                            cause: enum_name(
-                                f.cause,
-                                lb::FailoverCause::as_str_name,
-                                "FAILOVER_CAUSE_",
-                            ),
-                            time_to_detect: dur(f.time_to_detect.as_ref()),
-                            time_to_move: dur(f.time_to_move_vip.as_ref()),
-                        })
-                        .collect(),
-                };
-                output::print(format, &view, |v| {
-                    let mut out = output::fields(&[
-                        ("node", v.node.clone()),
-                        ("role", v.role.clone()),
-                        ("leader", v.leader.clone()),
-                        ("term", v.term.to_string()),
-                        ("commit index", v.commit_index.to_string()),
-                        ("applied index", v.applied_index.to_string()),
-                        ("vip", v.vip.clone()),
-                        ("vip holder", v.vip_holder.clone()),
-                        ("held since", v.held_since.clone()),
-                        ("backends", v.backends.clone()),
-                    ]);
-                    if !v.failovers.is_empty() {
-                        out.push_str("\nrecent failovers:\n");
-                        let cells: Vec<Vec<String>> = v
-                            .failovers
-                            .iter()
-                            .map(|f| {
-                                vec![
-                                    f.at.clone(),
-                                    f.from.clone(),
-                                    f.to.to_string(),
-                                    f.term.to_string(),
-                                    f.cause.clone(),
-                                    f.time_to_detect.clone(),
-                                    f.time_to_move.clone(),
-                                ]
-                            })
-                            .collect();
-                        out.push_str(&output::table(
-                            &["AT", "FROM", "TO", "TERM", "CAUSE", "DETECT", "MOVE"],
-                            &cells,
-                        ));
-                    }
-                    out
-                })
-            }
-            LbCommand::Backends { zone } => {
-                let zone = zone.clone().unwrap_or_default();
-                let list = svc
-                    .call(|ch| {
-                        let zone = zone.clone();
-                        async move {
-                            LoadBalancerClient::new(ch)
-                                .list_backends(lb::ListBackendsRequest { zone })
-                                .await
-                                .map(tonic::Response::into_inner)
-                        }
-                    })
-                    .await?;
-                let rows: Vec<BackendView> = list.backends.iter().map(backend_view).collect();
-                print_backends(format, &rows)
-            }
-            LbCommand::Drain { id, max_duration } => {
-                let max = max_duration.map(pb_duration).transpose()?;
-                let b = svc
-                    .call(|ch| {
-                        let id = id.clone();
-                        async move {
-                            LoadBalancerClient::new(ch)
-                                .drain_backend(lb::DrainBackendRequest {
-                                    id,
-                                    max_drain_duration: max,
-                                })
-                                .await
-                                .map(tonic::Response::into_inner)
-                        }
-                    })
-                    .await?;
-                print_backends(format, &[backend_view(&b)])
-            }
-            LbCommand::Undrain { id } => {
-                let b = svc
-                    .call(|ch| {
-                        let id = id.clone();
-                        async move {
-                            LoadBalancerClient::new(ch)
-                                .undrain_backend(lb::UndrainBackendRequest { id })
-                                .await
-                                .map(tonic::Response::into_inner)
-                        }
-                    })
-                    .await?;
-                print_backends(format, &[backend_view(&b)])
-            }
+            LbCommand::Status => status(svc, format).await,
+            LbCommand::Backends { zone } => backends(svc, format, zone.as_deref()).await,
+            LbCommand::Drain { id, max_duration } => drain(svc, format, id, *max_duration).await,
+            LbCommand::Undrain { id } => undrain(svc, format, id).await,
             LbCommand::AddBackend {
                 id,
                 address,
@@ -415,87 +284,10 @@ impl LbCommand {
                     weight: *weight,
                     drained: *drained,
                 };
-                let b = svc
-                    .call(|ch| {
-                        let req = req.clone();
-                        async move {
-                            LoadBalancerClient::new(ch)
-                                .add_backend(req)
-                                .await
-                                .map(tonic::Response::into_inner)
-                        }
-                    })
-                    .await?;
-                print_backends(format, &[backend_view(&b)])
+                add_backend(svc, format, req).await
             }
-            LbCommand::RemoveBackend { id } => {
-                let r = svc
-                    .call(|ch| {
-                        let id = id.clone();
-                        async move {
-                            LoadBalancerClient::new(ch)
-                                .remove_backend(lb::RemoveBackendRequest { id })
-                                .await
-                                .map(tonic::Response::into_inner)
-                        }
-                    })
-                    .await?;
-                #[derive(Serialize)]
-                struct Removed {
-                    id: String,
-                    log_index: u64,
-                }
-                output::print(
-                    format,
-                    &Removed {
-                        id: id.clone(),
-                        log_index: r.log_index,
-                    },
-                    |r| format!("backend {} removed (log index {})\n", r.id, r.log_index),
-                )
-            }
-            LbCommand::Members => {
-                let list = svc
-                    .call(|ch| async move {
-                        LoadBalancerClient::new(ch)
-                            .list_members(lb::ListMembersRequest {})
-                            .await
-                            .map(tonic::Response::into_inner)
-                    })
-                    .await?;
-                let rows: Vec<MemberView> = list.members.iter().map(member_view).collect();
-                let leader = list.leader.as_ref().map(|l| l.id);
-                output::print(format, &rows, |rows| {
-                    let cells: Vec<Vec<String>> = rows
-                        .iter()
-                        .map(|m| {
-                            vec![
-                                if Some(m.id) == leader {
-                                    "*".into()
-                                } else {
-                                    String::new()
-                                },
-                                m.id.to_string(),
-                                m.name.clone(),
-                                m.role.clone(),
-                                m.raft_address.clone(),
-                                m.api_address.clone(),
-                                m.zone.clone(),
-                                m.matched_index.clone(),
-                                m.lag.clone(),
-                                m.last_ack.clone(),
-                            ]
-                        })
-                        .collect();
-                    output::table(
-                        &[
-                            "LEADER", "ID", "NAME", "ROLE", "RAFT", "API", "ZONE", "MATCHED",
-                            "LAG", "LAST-ACK",
-                        ],
-                        &cells,
-                    )
-                })
-            }
+            LbCommand::RemoveBackend { id } => remove_backend(svc, format, id).await,
+            LbCommand::Members => members(svc, format).await,
             LbCommand::AddMember {
                 id,
                 name,
@@ -518,92 +310,324 @@ impl LbCommand {
                     stay_learner: *stay_learner,
                     catch_up_timeout: catch_up_timeout.map(pb_duration).transpose()?,
                 };
-                let r = svc
-                    .call(|ch| {
-                        let req = req.clone();
-                        async move {
-                            LoadBalancerClient::new(ch)
-                                .add_member(req)
-                                .await
-                                .map(tonic::Response::into_inner)
-                        }
-                    })
-                    .await?;
-                let rows: Vec<MemberView> = r.member.iter().map(member_view).collect();
-                output::print(format, &rows, |rows| {
-                    rows.iter()
-                        .map(|m| {
-                            format!(
-                                "node {} added as {} (membership log index {})\n",
-                                m.id, m.role, r.membership_log_index
-                            )
-                        })
-                        .collect()
-                })
+                add_member(svc, format, req).await
             }
-            LbCommand::RemoveMember { id, force } => {
-                let (id, force) = (*id, *force);
-                let r = svc
-                    .call(|ch| async move {
-                        LoadBalancerClient::new(ch)
-                            .remove_member(lb::RemoveMemberRequest { node_id: id, force })
-                            .await
-                            .map(tonic::Response::into_inner)
-                    })
-                    .await?;
-                #[derive(Serialize)]
-                struct Removed {
-                    id: u64,
-                    membership_log_index: u64,
-                }
-                output::print(
-                    format,
-                    &Removed {
-                        id,
-                        membership_log_index: r.membership_log_index,
-                    },
-                    |r| {
-                        format!(
-                            "node {} removed (membership log index {})\n",
-                            r.id, r.membership_log_index
-                        )
-                    },
-                )
-            }
-            LbCommand::TransferLeadership { to } => {
-                let to = *to;
-                let r = svc
-                    .call(|ch| async move {
-                        LoadBalancerClient::new(ch)
-                            .transfer_leadership(lb::TransferLeadershipRequest { to_node_id: to })
-                            .await
-                            .map(tonic::Response::into_inner)
-                    })
-                    .await?;
-                #[derive(Serialize)]
-                struct Moved {
-                    new_leader: String,
-                    term: u64,
-                    time_to_move: String,
-                }
-                output::print(
-                    format,
-                    &Moved {
-                        new_leader: node_name(r.new_leader.as_ref()),
-                        term: r.term,
-                        time_to_move: dur(r
-                            .failover
-                            .as_ref()
-                            .and_then(|f| f.time_to_move_vip.as_ref())),
-                    },
-                    |m| {
-                        format!(
-                            "leadership moved to {} in term {} (VIP moved in {})\n",
-                            m.new_leader, m.term, m.time_to_move
-                        )
-                    },
-                )
-            }
+            LbCommand::RemoveMember { id, force } => remove_member(svc, format, *id, *force).await,
+            LbCommand::TransferLeadership { to } => transfer_leadership(svc, format, *to).await,
         }
     }
+}
+
+/// `lb status`.
+async fn status(svc: &Service<'_>, format: OutputFormat) -> Result<(), CliError> {
+    let s = svc
+        .send(
+            LoadBalancerClient::new,
+            lb::GetStatusRequest::default(),
+            |mut c, r| async move { c.get_status(r).await },
+        )
+        .await?;
+    output::print(format, &status_view(&s), render_status)
+}
+
+fn status_view(s: &lb::GetStatusResponse) -> StatusView {
+    let vip = s.vip.clone().unwrap_or_default();
+    StatusView {
+        node: node_name(s.node.as_ref()),
+        role: enum_name(s.role, lb::NodeRole::as_str_name, "NODE_ROLE_"),
+        leader: node_name(s.leader.as_ref()),
+        term: s.current_term,
+        commit_index: s.commit_index,
+        applied_index: s.applied_index,
+        vip: if vip.address.is_empty() {
+            "disabled".into()
+        } else {
+            format!(
+                "{} ({})",
+                vip.address,
+                enum_name(vip.mode, lb::VipMode::as_str_name, "VIP_MODE_")
+            )
+        },
+        vip_holder: vip
+            .holder_node_id
+            .map_or_else(|| "-".into(), |h| h.to_string()),
+        held_since: ts(vip.held_since.as_ref()),
+        backends: format!("{}/{} routable", s.backends_routable, s.backends_total),
+        failovers: s
+            .recent_failovers
+            .iter()
+            .map(|f| FailoverView {
+                at: ts(f.at.as_ref()),
+                from: f.from_node_id.map_or_else(|| "-".into(), |n| n.to_string()),
+                to: f.to_node_id,
+                term: f.term,
+                cause: enum_name(f.cause, lb::FailoverCause::as_str_name, "FAILOVER_CAUSE_"),
+                time_to_detect: dur(f.time_to_detect.as_ref()),
+                time_to_move: dur(f.time_to_move_vip.as_ref()),
+            })
+            .collect(),
+    }
+}
+
+/// `lb status` as a table: the node's fields, then its recent failovers.
+fn render_status(v: &StatusView) -> String {
+    let mut out = output::fields(&[
+        ("node", v.node.clone()),
+        ("role", v.role.clone()),
+        ("leader", v.leader.clone()),
+        ("term", v.term.to_string()),
+        ("commit index", v.commit_index.to_string()),
+        ("applied index", v.applied_index.to_string()),
+        ("vip", v.vip.clone()),
+        ("vip holder", v.vip_holder.clone()),
+        ("held since", v.held_since.clone()),
+        ("backends", v.backends.clone()),
+    ]);
+    if !v.failovers.is_empty() {
+        out.push_str("\nrecent failovers:\n");
+        let cells: Vec<Vec<String>> = v
+            .failovers
+            .iter()
+            .map(|f| {
+                vec![
+                    f.at.clone(),
+                    f.from.clone(),
+                    f.to.to_string(),
+                    f.term.to_string(),
+                    f.cause.clone(),
+                    f.time_to_detect.clone(),
+                    f.time_to_move.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&output::table(
+            &["AT", "FROM", "TO", "TERM", "CAUSE", "DETECT", "MOVE"],
+            &cells,
+        ));
+    }
+    out
+}
+
+/// `lb backends [--zone Z]`.
+async fn backends(
+    svc: &Service<'_>,
+    format: OutputFormat,
+    zone: Option<&str>,
+) -> Result<(), CliError> {
+    let req = lb::ListBackendsRequest {
+        zone: zone.unwrap_or_default().to_owned(),
+    };
+    let list = svc
+        .send(LoadBalancerClient::new, req, |mut c, r| async move {
+            c.list_backends(r).await
+        })
+        .await?;
+    let rows: Vec<BackendView> = list.backends.iter().map(backend_view).collect();
+    print_backends(format, &rows)
+}
+
+/// `lb drain ID [--max-duration D]`.
+async fn drain(
+    svc: &Service<'_>,
+    format: OutputFormat,
+    id: &str,
+    max_duration: Option<Duration>,
+) -> Result<(), CliError> {
+    let req = lb::DrainBackendRequest {
+        id: id.to_owned(),
+        max_drain_duration: max_duration.map(pb_duration).transpose()?,
+    };
+    let b = svc
+        .send(LoadBalancerClient::new, req, |mut c, r| async move {
+            c.drain_backend(r).await
+        })
+        .await?;
+    print_backends(format, &[backend_view(&b)])
+}
+
+/// `lb undrain ID`.
+async fn undrain(svc: &Service<'_>, format: OutputFormat, id: &str) -> Result<(), CliError> {
+    let req = lb::UndrainBackendRequest { id: id.to_owned() };
+    let b = svc
+        .send(LoadBalancerClient::new, req, |mut c, r| async move {
+            c.undrain_backend(r).await
+        })
+        .await?;
+    print_backends(format, &[backend_view(&b)])
+}
+
+/// `lb add-backend`.
+async fn add_backend(
+    svc: &Service<'_>,
+    format: OutputFormat,
+    req: lb::AddBackendRequest,
+) -> Result<(), CliError> {
+    let b = svc
+        .send(LoadBalancerClient::new, req, |mut c, r| async move {
+            c.add_backend(r).await
+        })
+        .await?;
+    print_backends(format, &[backend_view(&b)])
+}
+
+/// `lb remove-backend ID`.
+async fn remove_backend(svc: &Service<'_>, format: OutputFormat, id: &str) -> Result<(), CliError> {
+    let req = lb::RemoveBackendRequest { id: id.to_owned() };
+    let r = svc
+        .send(LoadBalancerClient::new, req, |mut c, r| async move {
+            c.remove_backend(r).await
+        })
+        .await?;
+    #[derive(Serialize)]
+    struct Removed {
+        id: String,
+        log_index: u64,
+    }
+    output::print(
+        format,
+        &Removed {
+            id: id.to_owned(),
+            log_index: r.log_index,
+        },
+        |r| format!("backend {} removed (log index {})\n", r.id, r.log_index),
+    )
+}
+
+/// `lb members`.
+async fn members(svc: &Service<'_>, format: OutputFormat) -> Result<(), CliError> {
+    let list = svc
+        .send(
+            LoadBalancerClient::new,
+            lb::ListMembersRequest {},
+            |mut c, r| async move { c.list_members(r).await },
+        )
+        .await?;
+    let rows: Vec<MemberView> = list.members.iter().map(member_view).collect();
+    let leader = list.leader.as_ref().map(|l| l.id);
+    output::print(format, &rows, |rows| render_members(rows, leader))
+}
+
+/// `lb members` as a table, the leader starred.
+fn render_members(rows: &[MemberView], leader: Option<u64>) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|m| {
+            vec![
+                if Some(m.id) == leader {
+                    "*".into()
+                } else {
+                    String::new()
+                },
+                m.id.to_string(),
+                m.name.clone(),
+                m.role.clone(),
+                m.raft_address.clone(),
+                m.api_address.clone(),
+                m.zone.clone(),
+                m.matched_index.clone(),
+                m.lag.clone(),
+                m.last_ack.clone(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "LEADER", "ID", "NAME", "ROLE", "RAFT", "API", "ZONE", "MATCHED", "LAG", "LAST-ACK",
+        ],
+        &cells,
+    )
+}
+
+/// `lb add-member`.
+async fn add_member(
+    svc: &Service<'_>,
+    format: OutputFormat,
+    req: lb::AddMemberRequest,
+) -> Result<(), CliError> {
+    let r = svc
+        .send(LoadBalancerClient::new, req, |mut c, r| async move {
+            c.add_member(r).await
+        })
+        .await?;
+    let rows: Vec<MemberView> = r.member.iter().map(member_view).collect();
+    output::print(format, &rows, |rows| {
+        rows.iter()
+            .map(|m| {
+                format!(
+                    "node {} added as {} (membership log index {})\n",
+                    m.id, m.role, r.membership_log_index
+                )
+            })
+            .collect()
+    })
+}
+
+/// `lb remove-member ID [--force]`.
+async fn remove_member(
+    svc: &Service<'_>,
+    format: OutputFormat,
+    id: u64,
+    force: bool,
+) -> Result<(), CliError> {
+    let req = lb::RemoveMemberRequest { node_id: id, force };
+    let r = svc
+        .send(LoadBalancerClient::new, req, |mut c, r| async move {
+            c.remove_member(r).await
+        })
+        .await?;
+    #[derive(Serialize)]
+    struct Removed {
+        id: u64,
+        membership_log_index: u64,
+    }
+    output::print(
+        format,
+        &Removed {
+            id,
+            membership_log_index: r.membership_log_index,
+        },
+        |r| {
+            format!(
+                "node {} removed (membership log index {})\n",
+                r.id, r.membership_log_index
+            )
+        },
+    )
+}
+
+/// `lb transfer-leadership [--to ID]`.
+async fn transfer_leadership(
+    svc: &Service<'_>,
+    format: OutputFormat,
+    to: Option<u64>,
+) -> Result<(), CliError> {
+    let req = lb::TransferLeadershipRequest { to_node_id: to };
+    let r = svc
+        .send(LoadBalancerClient::new, req, |mut c, r| async move {
+            c.transfer_leadership(r).await
+        })
+        .await?;
+    #[derive(Serialize)]
+    struct Moved {
+        new_leader: String,
+        term: u64,
+        time_to_move: String,
+    }
+    output::print(
+        format,
+        &Moved {
+            new_leader: node_name(r.new_leader.as_ref()),
+            term: r.term,
+            time_to_move: dur(r
+                .failover
+                .as_ref()
+                .and_then(|f| f.time_to_move_vip.as_ref())),
+        },
+        |m| {
+            format!(
+                "leadership moved to {} in term {} (VIP moved in {})\n",
+                m.new_leader, m.term, m.time_to_move
+            )
+        },
+    )
 }

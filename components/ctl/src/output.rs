@@ -93,6 +93,21 @@ pub fn fields(pairs: &[(&str, String)]) -> String {
         .collect()
 }
 
+/// Bytes for people: `672 B`, `1.5 MiB`.
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 /// A protobuf enum value as operators read it: its name without the
 /// `prefix`, lower-case (`VERDICT_DOWN` → `down`); the number when unknown.
 pub fn enum_name<E: TryFrom<i32>>(

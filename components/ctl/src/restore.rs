@@ -217,7 +217,8 @@ fn spinner() -> ProgressBar {
     pb
 }
 
-/// Runs `bulwarkctl restore`.
+/// Runs `bulwarkctl restore`: follows the restore's progress (plan,
+/// phases, node steps) to its summary or its failure report.
 pub async fn run(
     args: &RestoreArgs,
     service: &Service<'_>,
@@ -226,14 +227,8 @@ pub async fn run(
     let req = args.request()?;
     args.confirm()?;
     let mut stream = service
-        .call(|ch| {
-            let req = req.clone();
-            async move {
-                BackupClient::new(ch)
-                    .restore(req)
-                    .await
-                    .map(|r| r.into_inner())
-            }
+        .send(BackupClient::new, req, |mut c, r| async move {
+            c.restore(r).await
         })
         .await?;
     let bar = spinner();
@@ -244,134 +239,26 @@ pub async fn run(
     {
         let restore_id = msg.restore_id.clone();
         match msg.event {
-            Some(pb::restore_progress::Event::Plan(p)) => {
-                let snap = p.snapshot.as_ref();
-                say(
-                    &bar,
-                    format!(
-                        "restore {restore_id}{}: snapshot {} (revision {}), {} delta segment(s), target revision {}, {} node(s)",
-                        if p.dry_run { " (dry run)" } else { "" },
-                        snap.map(|s| s.id.as_str()).unwrap_or("?"),
-                        snap.map(|s| s.revision).unwrap_or(0),
-                        p.deltas.len(),
-                        if p.target_revision > 0 {
-                            p.target_revision.to_string()
-                        } else {
-                            "decided while replaying".into()
-                        },
-                        p.nodes.len(),
-                    ),
-                );
-                for n in &p.nodes {
-                    if let Some(i) = &n.info {
-                        say(
-                            &bar,
-                            format!(
-                                "  {} member {} data {} -> kept at {}",
-                                i.node_name, i.member_name, i.data_dir, n.data_dir_aside_path
-                            ),
-                        );
-                    }
-                }
-                for w in &p.warnings {
-                    say(&bar, format!("  warning: {w}"));
-                }
-            }
-            Some(pb::restore_progress::Event::Phase(p)) => {
-                let mut m = phase_name(p.phase);
-                if let Some(t) = &p.transfer {
-                    m.push_str(&format!(
-                        " {}/{} bytes",
-                        t.bytes_done,
-                        t.bytes_total.unwrap_or(0)
-                    ));
-                }
-                if let Some(r) = p.revision {
-                    m.push_str(&format!(" revision {r}"));
-                }
-                bar.set_message(m);
-            }
-            Some(pb::restore_progress::Event::Node(n)) => {
-                let line = format!(
-                    "  {} {} {}{}{}",
-                    n.node_name,
-                    step_name(n.step),
-                    status_name(n.status),
-                    if n.path.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" {}", n.path)
-                    },
-                    if n.detail.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", n.detail)
-                    },
-                );
-                say(&bar, line);
-            }
+            Some(pb::restore_progress::Event::Plan(p)) => say_plan(&bar, &restore_id, &p),
+            Some(pb::restore_progress::Event::Phase(p)) => bar.set_message(phase_message(&p)),
+            Some(pb::restore_progress::Event::Node(n)) => say(&bar, node_line(&n)),
             Some(pb::restore_progress::Event::Done(s)) => {
                 bar.finish_and_clear();
-                let summary = Summary {
-                    restore_id: restore_id.clone(),
-                    dry_run: s.dry_run,
-                    snapshot_id: s.snapshot_id,
-                    revision: s.revision,
-                    cluster_id: format!("{:x}", s.cluster_id),
-                    deltas_applied: s.deltas_applied,
-                    took: s
-                        .took
-                        .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
-                        .map(|d| {
-                            humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
-                                .to_string()
-                        })
-                        .unwrap_or_default(),
-                    nodes: s
-                        .nodes
-                        .into_iter()
-                        .map(|n| NodeRow {
-                            node: n.node_name,
-                            member: n.member_name,
-                            member_id: format!("{:x}", n.member_id),
-                            old_data_dir_kept_at: n.data_dir_aside_path,
-                        })
-                        .collect(),
-                };
-                return print_summary(&summary, format);
+                return print_summary(&summary(restore_id, s), format);
             }
             Some(pb::restore_progress::Event::Failed(f)) => {
                 bar.finish_and_clear();
-                let report = FailureReport {
-                    restore_id: restore_id.clone(),
-                    phase: phase_name(f.phase),
-                    message: f.message.clone(),
-                    rolled_back: f.rolled_back,
-                    instructions: f.rollback_instructions.clone(),
-                    nodes: f
-                        .nodes
-                        .into_iter()
-                        .map(|n| NodeState {
-                            node: n.node_name,
-                            last_step: step_name(n.last_step),
-                            manifest_in_place: n.manifest_in_place,
-                            data_dir_moved: n.data_dir_moved,
-                            data_dir_aside: n.data_dir_aside_path,
-                            restored: n.restored,
-                            error: n.error,
-                            manual_rollback: n.manual_rollback,
-                        })
-                        .collect(),
-                };
-                print_failure(&report, format)?;
                 let exit = if f.phase == pb::RestorePhase::Download as i32 {
                     Exit::VerifyFailed
                 } else {
                     Exit::Failure
                 };
+                let message = f.message.clone();
+                let report = failure_report(restore_id, f);
+                print_failure(&report, format)?;
                 return Err(CliError::new(
                     exit,
-                    format!("restore failed in phase {}: {}", report.phase, f.message),
+                    format!("restore failed in phase {}: {message}", report.phase),
                 ));
             }
             None => {}
@@ -381,6 +268,129 @@ pub async fn run(
         Exit::Failure,
         "the restore stream ended without a result; check `bulwarkctl backup status` and the nodes",
     ))
+}
+
+/// The plan, as lines above the spinner: what is restored to where.
+fn say_plan(bar: &ProgressBar, restore_id: &str, p: &pb::RestorePlan) {
+    let snap = p.snapshot.as_ref();
+    say(
+        bar,
+        format!(
+            "restore {restore_id}{}: snapshot {} (revision {}), {} delta segment(s), target revision {}, {} node(s)",
+            if p.dry_run { " (dry run)" } else { "" },
+            snap.map(|s| s.id.as_str()).unwrap_or("?"),
+            snap.map(|s| s.revision).unwrap_or(0),
+            p.deltas.len(),
+            if p.target_revision > 0 {
+                p.target_revision.to_string()
+            } else {
+                "decided while replaying".into()
+            },
+            p.nodes.len(),
+        ),
+    );
+    for n in &p.nodes {
+        if let Some(i) = &n.info {
+            say(
+                bar,
+                format!(
+                    "  {} member {} data {} -> kept at {}",
+                    i.node_name, i.member_name, i.data_dir, n.data_dir_aside_path
+                ),
+            );
+        }
+    }
+    for w in &p.warnings {
+        say(bar, format!("  warning: {w}"));
+    }
+}
+
+/// The spinner's message for a phase: its name, bytes moved, revision.
+fn phase_message(p: &pb::RestorePhaseProgress) -> String {
+    let mut m = phase_name(p.phase);
+    if let Some(t) = &p.transfer {
+        m.push_str(&format!(
+            " {}/{} bytes",
+            t.bytes_done,
+            t.bytes_total.unwrap_or(0)
+        ));
+    }
+    if let Some(r) = p.revision {
+        m.push_str(&format!(" revision {r}"));
+    }
+    m
+}
+
+/// One node's step: `  node step status path (detail)`.
+fn node_line(n: &pb::NodeRestoreProgress) -> String {
+    format!(
+        "  {} {} {}{}{}",
+        n.node_name,
+        step_name(n.step),
+        status_name(n.status),
+        if n.path.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", n.path)
+        },
+        if n.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", n.detail)
+        },
+    )
+}
+
+fn summary(restore_id: String, s: pb::RestoreSummary) -> Summary {
+    Summary {
+        restore_id,
+        dry_run: s.dry_run,
+        snapshot_id: s.snapshot_id,
+        revision: s.revision,
+        cluster_id: format!("{:x}", s.cluster_id),
+        deltas_applied: s.deltas_applied,
+        took: s
+            .took
+            .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
+            .map(|d| {
+                humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+            })
+            .unwrap_or_default(),
+        nodes: s
+            .nodes
+            .into_iter()
+            .map(|n| NodeRow {
+                node: n.node_name,
+                member: n.member_name,
+                member_id: format!("{:x}", n.member_id),
+                old_data_dir_kept_at: n.data_dir_aside_path,
+            })
+            .collect(),
+    }
+}
+
+fn failure_report(restore_id: String, f: pb::RestoreFailure) -> FailureReport {
+    FailureReport {
+        restore_id,
+        phase: phase_name(f.phase),
+        message: f.message,
+        rolled_back: f.rolled_back,
+        instructions: f.rollback_instructions,
+        nodes: f
+            .nodes
+            .into_iter()
+            .map(|n| NodeState {
+                node: n.node_name,
+                last_step: step_name(n.last_step),
+                manifest_in_place: n.manifest_in_place,
+                data_dir_moved: n.data_dir_moved,
+                data_dir_aside: n.data_dir_aside_path,
+                restored: n.restored,
+                error: n.error,
+                manual_rollback: n.manual_rollback,
+            })
+            .collect(),
+    }
 }
 
 fn print_summary(s: &Summary, format: OutputFormat) -> Result<(), CliError> {

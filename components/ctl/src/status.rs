@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::connect::{Service, Session};
 use crate::error::CliError;
-use crate::output::{self, OutputFormat, enum_name};
+use crate::output::{self, OutputFormat, enum_name, size};
 
 /// One part of the report: what was fetched, or why it could not be.
 #[derive(Debug, Serialize)]
@@ -274,11 +274,9 @@ fn node_ref(n: &lb::NodeInfo) -> String {
 }
 
 async fn get_status(svc: &Service<'_>) -> Result<lb::GetStatusResponse, CliError> {
-    svc.call(|ch| async move {
-        LoadBalancerClient::new(ch)
-            .get_status(lb::GetStatusRequest { max_failovers: 1 })
-            .await
-            .map(tonic::Response::into_inner)
+    let req = lb::GetStatusRequest { max_failovers: 1 };
+    svc.send(LoadBalancerClient::new, req, |mut c, r| async move {
+        c.get_status(r).await
     })
     .await
 }
@@ -296,12 +294,11 @@ async fn lb_part(svc: &Service<'_>) -> Result<LbView, CliError> {
         s = from_leader;
     }
     let list = svc
-        .call(|ch| async move {
-            LoadBalancerClient::new(ch)
-                .list_backends(lb::ListBackendsRequest::default())
-                .await
-                .map(tonic::Response::into_inner)
-        })
+        .send(
+            LoadBalancerClient::new,
+            lb::ListBackendsRequest::default(),
+            |mut c, r| async move { c.list_backends(r).await },
+        )
         .await?;
     Ok(lb_view(&s, &list))
 }
@@ -392,12 +389,11 @@ fn lb_view(s: &lb::GetStatusResponse, list: &lb::ListBackendsResponse) -> LbView
 /// Probers come from the leader's aggregation (a follower redirects).
 async fn probers_part(svc: &Service<'_>) -> Result<Vec<ProberRow>, CliError> {
     let h = svc
-        .call(|ch| async move {
-            LoadBalancerClient::new(ch)
-                .get_health(lb::GetHealthRequest::default())
-                .await
-                .map(tonic::Response::into_inner)
-        })
+        .send(
+            LoadBalancerClient::new,
+            lb::GetHealthRequest::default(),
+            |mut c, r| async move { c.get_health(r).await },
+        )
         .await?;
     Ok(h.probers
         .iter()
@@ -419,12 +415,11 @@ async fn probers_part(svc: &Service<'_>) -> Result<Vec<ProberRow>, CliError> {
 
 async fn backup_part(svc: &Service<'_>, now: SystemTime) -> Result<BackupView, CliError> {
     let s = svc
-        .call(|ch| async move {
-            BackupClient::new(ch)
-                .get_status(bk::GetStatusRequest {})
-                .await
-                .map(tonic::Response::into_inner)
-        })
+        .send(
+            BackupClient::new,
+            bk::GetStatusRequest {},
+            |mut c, r| async move { c.get_status(r).await },
+        )
         .await?;
     Ok(backup_view(&s, now))
 }
@@ -569,21 +564,6 @@ pub async fn run(session: &Session, format: OutputFormat) -> Result<(), CliError
     })
 }
 
-/// Bytes for people: `672 B`, `1.5 MiB`.
-fn size(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut v = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
-
 fn unavailable(out: &mut String, unavailable: &str, hint: &Option<String>) {
     out.push_str(&format!("UNAVAILABLE: {unavailable}\n"));
     if let Some(h) = hint {
@@ -595,254 +575,262 @@ fn opt(v: &Option<String>) -> String {
     v.clone().unwrap_or_else(|| "-".into())
 }
 
-/// The table view.
+/// The table view: each part of the report in turn (LB with its VIP,
+/// members and backends; probers; backups).
 pub fn render(r: &StatusReport) -> String {
     let mut out = String::new();
-    match &r.lb {
-        Part::Ok(l) => {
-            out.push_str(&format!(
-                "LOAD BALANCER, answered by node {}\n",
-                l.answered_by
-            ));
-            let vip = &l.vip;
-            let held = match (vip.holder, &vip.holder_name) {
-                (None, _) => "held by nobody".to_owned(),
-                (Some(h), name) => format!(
-                    "held by {h}{} since {}{}",
-                    name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
-                    opt(&vip.held_since),
-                    vip.held_for
-                        .as_ref()
-                        .map(|d| format!(" ({d})"))
-                        .unwrap_or_default()
-                ),
-            };
-            let mut pairs = vec![
-                (
-                    "leader",
-                    match &l.leader {
-                        Some(n) => format!("{n}, term {}", l.term),
-                        None => format!("NONE (election in progress), term {}", l.term),
-                    },
-                ),
-                (
-                    "vip",
-                    if vip.mode == "disabled" {
-                        "disabled".to_owned()
-                    } else {
-                        format!("{} ({}), {held}", vip.address, vip.mode)
-                    },
-                ),
-                (
-                    "backends",
-                    format!("{}/{} routable", l.backends_routable, l.backends_total),
-                ),
-                (
-                    "zones down",
-                    if l.zones_down.is_empty() {
-                        "none".into()
-                    } else {
-                        l.zones_down.join(", ")
-                    },
-                ),
-            ];
-            if l.fail_open {
-                pairs.push((
-                    "FAIL-OPEN",
-                    "every backend looks down to the probers; routing to all".into(),
-                ));
-            }
-            if let Some(f) = &l.last_failover {
-                let moved = match f.from {
-                    Some(from) => format!("node {from} -> node {}", f.to),
-                    None => format!("node {}", f.to),
-                };
-                let detect = f
-                    .time_to_detect
-                    .as_ref()
-                    .map(|d| format!(", detected in {d}"))
-                    .unwrap_or_default();
-                pairs.push((
-                    "last failover",
-                    format!(
-                        "{} {moved} ({}){detect}, VIP moved in {}",
-                        f.at,
-                        f.cause,
-                        opt(&f.time_to_move_vip)
-                    ),
-                ));
-            }
-            out.push_str(&output::fields(&pairs));
-            out.push('\n');
-            let members: Vec<Vec<String>> = l
-                .members
-                .iter()
-                .map(|m| {
-                    vec![
-                        format!("{}{}", if m.leader { "*" } else { "" }, m.id),
-                        m.name.clone(),
-                        m.role.clone(),
-                        m.zone.clone(),
-                        m.api_address.clone(),
-                        m.lag.map_or_else(|| "-".into(), |l| l.to_string()),
-                    ]
-                })
-                .collect();
-            out.push_str(&output::table(
-                &["MEMBER", "NAME", "ROLE", "ZONE", "API", "LAG"],
-                &members,
-            ));
-            out.push('\n');
-            let backends: Vec<Vec<String>> = l
-                .backends
-                .iter()
-                .map(|b| {
-                    vec![
-                        b.id.clone(),
-                        b.address.clone(),
-                        b.zone.clone(),
-                        b.verdict.clone(),
-                        b.admin.clone(),
-                        if b.routable { "yes" } else { "NO" }.into(),
-                        opt(&b.since),
-                        b.reason.clone(),
-                    ]
-                })
-                .collect();
-            if backends.is_empty() {
-                out.push_str("BACKEND: none registered (bulwarkctl lb add-backend)\n");
-            } else {
-                out.push_str(&output::table(
-                    &[
-                        "BACKEND", "ADDRESS", "ZONE", "VERDICT", "ADMIN", "ROUTABLE", "SINCE",
-                        "REASON",
-                    ],
-                    &backends,
-                ));
-            }
-        }
-        Part::Unavailable {
-            unavailable: u,
-            hint,
-        } => {
-            out.push_str("LOAD BALANCER ");
-            unavailable(&mut out, u, hint);
-        }
-    }
+    render_part(&mut out, "LOAD BALANCER ", &r.lb, render_lb);
     out.push('\n');
-    match &r.probers {
-        Part::Ok(p) if p.is_empty() => out.push_str("PROBER: none reporting to the leader\n"),
-        Part::Ok(p) => {
-            let rows: Vec<Vec<String>> = p
-                .iter()
-                .map(|p| {
-                    vec![
-                        p.node.clone(),
-                        p.zone.clone(),
-                        p.state.clone(),
-                        opt(&p.last_report),
-                    ]
-                })
-                .collect();
-            out.push_str(&output::table(
-                &["PROBER", "ZONE", "STATE", "LAST-REPORT"],
-                &rows,
-            ));
-        }
-        Part::Unavailable {
-            unavailable: u,
-            hint,
-        } => {
-            out.push_str("PROBERS ");
-            unavailable(&mut out, u, hint);
-        }
-    }
+    render_part(&mut out, "PROBERS ", &r.probers, |o, p| {
+        render_probers(o, p)
+    });
     out.push('\n');
-    match &r.backup {
-        Part::Ok(b) => {
-            out.push_str(&format!(
-                "BACKUP (answered by {}; schedule led by {})\n",
-                b.answered_by,
-                if b.schedule_leader.is_empty() {
-                    "nobody known"
-                } else {
-                    &b.schedule_leader
-                }
-            ));
-            out.push_str(&output::fields(&[
-                ("store", b.store.clone()),
-                (
-                    "schedule",
-                    match &b.next_run {
-                        Some(n) => format!("{}, next {n}", b.schedule),
-                        None => b.schedule.clone(),
-                    },
-                ),
-                (
-                    "last backup",
-                    match &b.last_backup {
-                        None => "NONE".into(),
-                        Some(l) => format!(
-                            "{} at {}{} (revision {}, {} stored{}), verified {}",
-                            l.id,
-                            l.at,
-                            l.age
-                                .as_ref()
-                                .map(|a| format!(", {a} ago"))
-                                .unwrap_or_default(),
-                            l.revision,
-                            size(l.stored_bytes),
-                            if l.encrypted { ", encrypted" } else { "" },
-                            l.verified
-                        ),
-                    },
-                ),
-                (
-                    "covered to",
-                    format!("revision {}", b.newest_revision_covered),
-                ),
-                (
-                    "rpo lag",
-                    match (&b.rpo_lag, b.deltas.as_str()) {
-                        (_, "disabled") => {
-                            "n/a: continuous deltas are off, a restore reaches the last backup"
-                                .into()
-                        }
-                        (Some(lag), state) => format!("{lag} (deltas {state})"),
-                        (None, state) => format!("unknown (deltas {state})"),
-                    },
-                ),
-                (
-                    "last drill",
-                    match &b.last_drill {
-                        None => "never".into(),
-                        Some(d) => format!(
-                            "{} {} at {} (took {})",
-                            d.snapshot,
-                            if d.passed { "passed" } else { "FAILED" },
-                            d.at,
-                            opt(&d.took)
-                        ),
-                    },
-                ),
-                ("last error", opt(&b.last_error)),
-                (
-                    "restore",
-                    b.restore_in_progress
-                        .clone()
-                        .unwrap_or_else(|| "none running".into()),
-                ),
-            ]));
-        }
-        Part::Unavailable {
-            unavailable: u,
-            hint,
-        } => {
-            out.push_str("BACKUP ");
-            unavailable(&mut out, u, hint);
-        }
-    }
+    render_part(&mut out, "BACKUP ", &r.backup, render_backup);
     out
+}
+
+/// One part: rendered by `ok` when fetched, `TITLE UNAVAILABLE: why` when not.
+fn render_part<T>(out: &mut String, title: &str, part: &Part<T>, ok: impl FnOnce(&mut String, &T)) {
+    match part {
+        Part::Ok(v) => ok(out, v),
+        Part::Unavailable {
+            unavailable: u,
+            hint,
+        } => {
+            out.push_str(title);
+            unavailable(out, u, hint);
+        }
+    }
+}
+
+/// The LB part: its summary fields, then the members and the backends.
+fn render_lb(out: &mut String, l: &LbView) {
+    out.push_str(&format!(
+        "LOAD BALANCER, answered by node {}\n",
+        l.answered_by
+    ));
+    let mut pairs = vec![
+        (
+            "leader",
+            match &l.leader {
+                Some(n) => format!("{n}, term {}", l.term),
+                None => format!("NONE (election in progress), term {}", l.term),
+            },
+        ),
+        ("vip", vip_text(&l.vip)),
+        (
+            "backends",
+            format!("{}/{} routable", l.backends_routable, l.backends_total),
+        ),
+        (
+            "zones down",
+            if l.zones_down.is_empty() {
+                "none".into()
+            } else {
+                l.zones_down.join(", ")
+            },
+        ),
+    ];
+    if l.fail_open {
+        pairs.push((
+            "FAIL-OPEN",
+            "every backend looks down to the probers; routing to all".into(),
+        ));
+    }
+    if let Some(f) = &l.last_failover {
+        pairs.push(("last failover", failover_text(f)));
+    }
+    out.push_str(&output::fields(&pairs));
+    out.push('\n');
+    out.push_str(&members_table(&l.members));
+    out.push('\n');
+    out.push_str(&backends_table(&l.backends));
+}
+
+/// The VIP line: address and mode, who holds it and since when.
+fn vip_text(vip: &VipView) -> String {
+    if vip.mode == "disabled" {
+        return "disabled".to_owned();
+    }
+    let held = match (vip.holder, &vip.holder_name) {
+        (None, _) => "held by nobody".to_owned(),
+        (Some(h), name) => format!(
+            "held by {h}{} since {}{}",
+            name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
+            opt(&vip.held_since),
+            vip.held_for
+                .as_ref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
+        ),
+    };
+    format!("{} ({}), {held}", vip.address, vip.mode)
+}
+
+/// The last failover: when, from whom to whom, why and how fast.
+fn failover_text(f: &FailoverRow) -> String {
+    let moved = match f.from {
+        Some(from) => format!("node {from} -> node {}", f.to),
+        None => format!("node {}", f.to),
+    };
+    let detect = f
+        .time_to_detect
+        .as_ref()
+        .map(|d| format!(", detected in {d}"))
+        .unwrap_or_default();
+    format!(
+        "{} {moved} ({}){detect}, VIP moved in {}",
+        f.at,
+        f.cause,
+        opt(&f.time_to_move_vip)
+    )
+}
+
+/// The Raft members, the leader starred.
+fn members_table(members: &[MemberRow]) -> String {
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                format!("{}{}", if m.leader { "*" } else { "" }, m.id),
+                m.name.clone(),
+                m.role.clone(),
+                m.zone.clone(),
+                m.api_address.clone(),
+                m.lag.map_or_else(|| "-".into(), |l| l.to_string()),
+            ]
+        })
+        .collect();
+    output::table(&["MEMBER", "NAME", "ROLE", "ZONE", "API", "LAG"], &rows)
+}
+
+/// The registered backends with their verdicts.
+fn backends_table(backends: &[BackendRow]) -> String {
+    if backends.is_empty() {
+        return "BACKEND: none registered (bulwarkctl lb add-backend)\n".into();
+    }
+    let rows: Vec<Vec<String>> = backends
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.clone(),
+                b.address.clone(),
+                b.zone.clone(),
+                b.verdict.clone(),
+                b.admin.clone(),
+                if b.routable { "yes" } else { "NO" }.into(),
+                opt(&b.since),
+                b.reason.clone(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "BACKEND", "ADDRESS", "ZONE", "VERDICT", "ADMIN", "ROUTABLE", "SINCE", "REASON",
+        ],
+        &rows,
+    )
+}
+
+/// The probers the leader counts.
+fn render_probers(out: &mut String, probers: &[ProberRow]) {
+    if probers.is_empty() {
+        out.push_str("PROBER: none reporting to the leader\n");
+        return;
+    }
+    let rows: Vec<Vec<String>> = probers
+        .iter()
+        .map(|p| {
+            vec![
+                p.node.clone(),
+                p.zone.clone(),
+                p.state.clone(),
+                opt(&p.last_report),
+            ]
+        })
+        .collect();
+    out.push_str(&output::table(
+        &["PROBER", "ZONE", "STATE", "LAST-REPORT"],
+        &rows,
+    ));
+}
+
+/// The backup part: store, schedule, last backup, RPO, drill, restore.
+fn render_backup(out: &mut String, b: &BackupView) {
+    out.push_str(&format!(
+        "BACKUP (answered by {}; schedule led by {})\n",
+        b.answered_by,
+        if b.schedule_leader.is_empty() {
+            "nobody known"
+        } else {
+            &b.schedule_leader
+        }
+    ));
+    out.push_str(&output::fields(&[
+        ("store", b.store.clone()),
+        (
+            "schedule",
+            match &b.next_run {
+                Some(n) => format!("{}, next {n}", b.schedule),
+                None => b.schedule.clone(),
+            },
+        ),
+        ("last backup", last_backup_text(b.last_backup.as_ref())),
+        (
+            "covered to",
+            format!("revision {}", b.newest_revision_covered),
+        ),
+        (
+            "rpo lag",
+            match (&b.rpo_lag, b.deltas.as_str()) {
+                (_, "disabled") => {
+                    "n/a: continuous deltas are off, a restore reaches the last backup".into()
+                }
+                (Some(lag), state) => format!("{lag} (deltas {state})"),
+                (None, state) => format!("unknown (deltas {state})"),
+            },
+        ),
+        (
+            "last drill",
+            match &b.last_drill {
+                None => "never".into(),
+                Some(d) => format!(
+                    "{} {} at {} (took {})",
+                    d.snapshot,
+                    if d.passed { "passed" } else { "FAILED" },
+                    d.at,
+                    opt(&d.took)
+                ),
+            },
+        ),
+        ("last error", opt(&b.last_error)),
+        (
+            "restore",
+            b.restore_in_progress
+                .clone()
+                .unwrap_or_else(|| "none running".into()),
+        ),
+    ]));
+}
+
+/// The last backup: id, when, how old, revision, size, verification.
+fn last_backup_text(l: Option<&LastBackup>) -> String {
+    let Some(l) = l else {
+        return "NONE".into();
+    };
+    format!(
+        "{} at {}{} (revision {}, {} stored{}), verified {}",
+        l.id,
+        l.at,
+        l.age
+            .as_ref()
+            .map(|a| format!(", {a} ago"))
+            .unwrap_or_default(),
+        l.revision,
+        size(l.stored_bytes),
+        if l.encrypted { ", encrypted" } else { "" },
+        l.verified
+    )
 }
 
 #[cfg(test)]

@@ -483,7 +483,8 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     // A corrupted delta segment is refused before any node is touched (exit 7).
     let segs = engine.list_segments(Some(&base_id)).await.unwrap();
     let victim = segs.first().unwrap().clone();
-    let path = bulwark_backup::verify::object_path(engine.store.prefix(), &victim.object_key);
+    let path =
+        bulwark_backup::store::layout::object_path(engine.store.prefix(), &victim.object_key);
     let good = engine
         .store
         .inner()

@@ -191,9 +191,7 @@ fn d_access() -> AccessPolicy {
     }
 }
 fn d_admin() -> AdminConfig {
-    AdminConfig {
-        address: SocketAddr::from(([127, 0, 0, 1], 9440)),
-    }
+    AdminConfig::on_all_addresses(9440)
 }
 fn d_shutdown_grace() -> Duration {
     Duration::from_secs(15)

@@ -14,11 +14,15 @@
 //!
 //! Who decides a backend is down: [`health`] aggregates the probers'
 //! reports into verdicts that the leader commits.
+//!
+//! What an operator scrapes: [`metrics`] declares every `bulwark_lb_*`
+//! metric with its help text.
 
 pub mod api;
 pub mod backends;
 pub mod config;
 pub mod health;
+pub mod metrics;
 pub mod node;
 pub mod proxy;
 pub mod raft;

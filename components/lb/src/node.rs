@@ -160,30 +160,7 @@ pub async fn run(
     let health = Health::new();
     health.set_ready("raft", Err("no leader known yet".into()));
 
-    // A run of this node killed while holding the VIP left the address on
-    // the interface, and the front listener (bound before `run`) accepts
-    // on it: remove it before anything else, this node leads nothing yet.
-    let mut stale_checked = match (config.vip.mode, config.vip.socket_addr()) {
-        (VipMode::Arp, Some(addr)) => {
-            let interface = config
-                .vip
-                .interface
-                .clone()
-                .context("vip.interface is required in arp mode")?;
-            let mut arp = ArpVip::new(
-                interface,
-                config.vip.addresses(),
-                config.vip.garp_count,
-                config.vip.garp_interval,
-                config.vip.address_lifetime(),
-            )?;
-            if arp.remove_stale().await.context("removing a stale VIP")? {
-                tracing::warn!(vip = %addr.ip(), "removed the VIP a previous run left on the interface");
-            }
-            Some(arp)
-        }
-        _ => None,
-    };
+    let stale_checked = remove_stale_vip(&config).await?;
 
     let store = Store::open(&config.data_dir)?;
     let cluster = ClusterId::new(store.cluster_id().await?);
@@ -192,42 +169,13 @@ pub async fn run(
 
     let signals = Arc::new(Signals::new());
     let (vip, inbox) = crate::vip::channel();
-    let network = Network::new(tls.clone(), cluster.clone(), Arc::new(vip.clone()));
-    let raft = Raft::new(
-        node_id,
-        Arc::new(openraft_config(&config)?),
-        network,
-        store.log_store(),
-        sm.clone(),
-    )
-    .await
-    .context("starting Raft")?;
+    let raft = start_raft(&config, &tls, &cluster, &vip, &store, &sm).await?;
 
     // The servers stop last: a leader's shutdown hands over through them.
     let servers = CancellationToken::new();
 
-    let raft_service = RaftService::new(
-        node_id,
-        raft.clone(),
-        store.clone(),
-        cluster.clone(),
-        signals.clone(),
-        config.raft.election_timeout_max,
-    );
-    {
-        let (tls, access, token) = (tls.clone(), config.access.clone(), servers.clone());
-        let server = GrpcServer::new().add_service(
-            RaftServer::new(raft_service)
-                .max_decoding_message_size(16 * 1024 * 1024)
-                .max_encoding_message_size(16 * 1024 * 1024),
-        );
-        shutdown.spawn_critical("raft-grpc", async move {
-            server
-                .serve(listeners.raft, &tls, access, token)
-                .await
-                .context("Raft gRPC server")
-        });
-    }
+    let service = raft_service(&config, &raft, &store, &cluster, &signals);
+    spawn_raft_server(shutdown, service, listeners.raft, &tls, &config, &servers);
 
     let backends = Backends::new(config.routing_policy());
     shutdown.spawn_critical(
@@ -236,101 +184,53 @@ pub async fn run(
     );
 
     let proxy = Arc::new(config.proxy.clone());
-    let this = LbNode {
-        name: config.node_name(),
-        raft_address: config.raft.listen.advertised(),
-        api_address: config.api.advertised(),
-        proxy_address: config
-            .local_listener
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
-        zone: config.zone.clone(),
-    };
+    let this = local_member(&config);
 
     // The VIP.
-    let vip_task = match (config.vip.mode, config.vip.socket_addr()) {
-        (VipMode::Bind, Some(addr)) => Some(Actuator::Bind(BindVip::new(
-            addr,
-            backends.clone(),
-            proxy.clone(),
-        ))),
-        (VipMode::Arp, Some(_)) => stale_checked.take().map(Actuator::Arp),
-        _ => None,
-    };
-    if let Some(actuator) = vip_task {
-        let task = VipTask::new(
-            inbox,
-            node_id,
-            raft.clone(),
-            config.vip.timing(&config.raft),
-            actuator,
-            signals.clone(),
-        );
-        let token = shutdown.token();
-        shutdown.spawn_critical("vip", task.run(token));
+    if let Some(actuator) = vip_actuator(&config, &backends, &proxy, stale_checked) {
+        spawn_vip(shutdown, actuator, inbox, &config, &raft, &signals);
     }
+    // One front listener per VIP address (two for a dual-stack VIP).
     for front in listeners.front {
-        let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
-        shutdown.spawn_critical("front-proxy", async move {
-            crate::proxy::serve(front, b, p, t)
-                .await
-                .context("front listener")
-        });
+        spawn_proxy(
+            shutdown,
+            "front-proxy",
+            "front listener",
+            Some(front),
+            &backends,
+            &proxy,
+        );
     }
-    if let Some(local) = listeners.local {
-        let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
-        shutdown.spawn_critical("local-proxy", async move {
-            crate::proxy::serve(local, b, p, t)
-                .await
-                .context("node-local listener")
-        });
-    }
-
-    // Health aggregation (active while this node leads).
-    let health_service = HealthService::new(config.health.clone());
-    shutdown.spawn_critical(
-        "health",
-        health_service
-            .clone()
-            .run(raft.clone(), sm.clone(), node_id, shutdown.token()),
+    spawn_proxy(
+        shutdown,
+        "local-proxy",
+        "node-local listener",
+        listeners.local,
+        &backends,
+        &proxy,
     );
 
+    // Health aggregation (active while this node leads).
+    let health_service = spawn_health(shutdown, &config, &raft, &sm);
+
     // The API.
-    {
-        let api = Api::new(
-            node_id,
-            this,
-            raft.clone(),
-            sm.clone(),
-            backends.clone(),
-            vip.clone(),
-            config.vip.clone(),
-            tls.clone(),
-            cluster.clone(),
-            config.raft.election_timeout_max,
-            health_service,
-        );
-        let server = GrpcServer::new()
-            .add_service(LoadBalancerServer::new(api.clone()))
-            .add_service(ProbeReportsServer::new(api.clone()))
-            .add_service(BackendWatchServer::new(api));
-        let (tls, access, token) = (tls.clone(), config.access.clone(), servers.clone());
-        shutdown.spawn_critical("api-grpc", async move {
-            server
-                .serve(listeners.api, &tls, access, token)
-                .await
-                .context("API gRPC server")
-        });
-    }
+    let api = Api::new(
+        node_id,
+        this,
+        raft.clone(),
+        sm.clone(),
+        backends.clone(),
+        vip.clone(),
+        config.vip.clone(),
+        tls.clone(),
+        cluster.clone(),
+        config.raft.election_timeout_max,
+        health_service,
+    );
+    spawn_api_server(shutdown, api, listeners.api, &tls, &config, &servers);
 
     if let Some(admin) = listeners.admin {
-        let (h, token) = (health.clone(), servers.clone());
-        let metrics = bulwark_common::telemetry::metrics_handle();
-        shutdown.spawn_critical("admin", async move {
-            bulwark_common::admin::serve(admin, h, Some(metrics), token)
-                .await
-                .context("admin server")
-        });
+        spawn_admin(shutdown, admin, &health, &servers);
     }
 
     shutdown.spawn(
@@ -341,25 +241,7 @@ pub async fn run(
         "seeder",
         seed(raft.clone(), sm.clone(), config.clone(), shutdown.token()),
     );
-    {
-        let (config, raft, store, cluster, tls, token) = (
-            config.clone(),
-            raft.clone(),
-            store.clone(),
-            cluster.clone(),
-            tls.clone(),
-            shutdown.token(),
-        );
-        shutdown.spawn("bootstrap", async move {
-            match membership::bootstrap(&config, &raft, &store, &cluster, &tls, &token).await? {
-                Bootstrap::Refused => tracing::error!(
-                    "not creating a cluster: it already exists without this node's data; add this node with bulwarkctl lb add-member"
-                ),
-                outcome => tracing::debug!(?outcome, "bootstrap"),
-            }
-            Ok(())
-        });
-    }
+    spawn_bootstrap(shutdown, &config, &raft, &store, &cluster, &tls);
     shutdown.spawn_critical(
         "lifecycle",
         lifecycle(
@@ -377,6 +259,251 @@ pub async fn run(
         backends,
         vip,
     })
+}
+
+/// Starts the Raft node over the open store.
+async fn start_raft(
+    config: &LbConfig,
+    tls: &Arc<bulwark_common::tls::TlsMaterial>,
+    cluster: &ClusterId,
+    vip: &VipHandle,
+    store: &Store,
+    sm: &StateMachineStore,
+) -> anyhow::Result<Raft> {
+    let network = Network::new(tls.clone(), cluster.clone(), Arc::new(vip.clone()));
+    Raft::new(
+        config.node_id,
+        Arc::new(openraft_config(config)?),
+        network,
+        store.log_store(),
+        sm.clone(),
+    )
+    .await
+    .context("starting Raft")
+}
+
+/// A run of this node killed while holding the VIP left the address on
+/// the interface, and the front listener (bound before `run`) accepts on
+/// it: remove it before anything else, this node leads nothing yet.
+/// Returns the arp actuator (arp mode only), checked and ready.
+async fn remove_stale_vip(config: &LbConfig) -> anyhow::Result<Option<ArpVip>> {
+    let (VipMode::Arp, Some(addr)) = (config.vip.mode, config.vip.socket_addr()) else {
+        return Ok(None);
+    };
+    let interface = config
+        .vip
+        .interface
+        .clone()
+        .context("vip.interface is required in arp mode")?;
+    let mut arp = ArpVip::new(
+        interface,
+        config.vip.addresses(),
+        config.vip.garp_count,
+        config.vip.garp_interval,
+        config.vip.address_lifetime(),
+    )?;
+    if arp.remove_stale().await.context("removing a stale VIP")? {
+        tracing::warn!(vip = %addr.ip(), "removed the VIP a previous run left on the interface");
+    }
+    Ok(Some(arp))
+}
+
+/// How this node describes itself to the cluster (its member entry).
+fn local_member(config: &LbConfig) -> LbNode {
+    LbNode {
+        name: config.node_name(),
+        raft_address: config.raft.listen.advertised(),
+        api_address: config.api.advertised(),
+        proxy_address: config
+            .local_listener
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        zone: config.zone.clone(),
+    }
+}
+
+/// The VIP actuator the configuration asks for: bind mode builds one, arp
+/// mode uses the one [`remove_stale_vip`] checked; none without a VIP.
+fn vip_actuator(
+    config: &LbConfig,
+    backends: &Backends,
+    proxy: &Arc<crate::proxy::ProxyConfig>,
+    stale_checked: Option<ArpVip>,
+) -> Option<Actuator> {
+    match (config.vip.mode, config.vip.socket_addr()) {
+        (VipMode::Bind, Some(addr)) => Some(Actuator::Bind(BindVip::new(
+            addr,
+            backends.clone(),
+            proxy.clone(),
+        ))),
+        (VipMode::Arp, Some(_)) => stale_checked.map(Actuator::Arp),
+        _ => None,
+    }
+}
+
+/// The Raft gRPC service: peers' RPCs, the bootstrap protocol and the
+/// leadership-transfer signals.
+fn raft_service(
+    config: &LbConfig,
+    raft: &Raft,
+    store: &Store,
+    cluster: &ClusterId,
+    signals: &Arc<Signals>,
+) -> RaftService {
+    RaftService::new(
+        config.node_id,
+        raft.clone(),
+        store.clone(),
+        cluster.clone(),
+        signals.clone(),
+        config.raft.election_timeout_max,
+    )
+}
+
+/// Serves the Raft service (LB peers only) until `servers` is cancelled.
+fn spawn_raft_server(
+    shutdown: &Shutdown,
+    raft_service: RaftService,
+    listener: TcpListener,
+    tls: &Arc<bulwark_common::tls::TlsMaterial>,
+    config: &LbConfig,
+    servers: &CancellationToken,
+) {
+    let (tls, access, token) = (tls.clone(), config.access.clone(), servers.clone());
+    let server = GrpcServer::new().add_service(
+        RaftServer::new(raft_service)
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(16 * 1024 * 1024),
+    );
+    shutdown.spawn_critical("raft-grpc", async move {
+        server
+            .serve(listener, &tls, access, token)
+            .await
+            .context("Raft gRPC server")
+    });
+}
+
+/// Runs the VIP task: it holds the VIP while this node leads.
+fn spawn_vip(
+    shutdown: &Shutdown,
+    actuator: Actuator,
+    inbox: crate::vip::VipInbox,
+    config: &LbConfig,
+    raft: &Raft,
+    signals: &Arc<Signals>,
+) {
+    let task = VipTask::new(
+        inbox,
+        config.node_id,
+        raft.clone(),
+        config.vip.timing(&config.raft),
+        actuator,
+        signals.clone(),
+    );
+    let token = shutdown.token();
+    shutdown.spawn_critical("vip", task.run(token));
+}
+
+/// Serves a proxy listener (the arp-mode front or the node-local one),
+/// when the caller bound it.
+fn spawn_proxy(
+    shutdown: &Shutdown,
+    task: &'static str,
+    what: &'static str,
+    listener: Option<TcpListener>,
+    backends: &Backends,
+    proxy: &Arc<crate::proxy::ProxyConfig>,
+) {
+    let Some(listener) = listener else { return };
+    let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
+    shutdown.spawn_critical(task, async move {
+        crate::proxy::serve(listener, b, p, t).await.context(what)
+    });
+}
+
+/// Runs health aggregation (active while this node leads) and returns
+/// the service the API reports from.
+fn spawn_health(
+    shutdown: &Shutdown,
+    config: &LbConfig,
+    raft: &Raft,
+    sm: &StateMachineStore,
+) -> HealthService {
+    let health_service = HealthService::new(config.health.clone());
+    shutdown.spawn_critical(
+        "health",
+        health_service
+            .clone()
+            .run(raft.clone(), sm.clone(), config.node_id, shutdown.token()),
+    );
+    health_service
+}
+
+/// Serves the operator API, `ProbeReports` and `BackendWatch` until
+/// `servers` is cancelled.
+fn spawn_api_server(
+    shutdown: &Shutdown,
+    api: Api,
+    listener: TcpListener,
+    tls: &Arc<bulwark_common::tls::TlsMaterial>,
+    config: &LbConfig,
+    servers: &CancellationToken,
+) {
+    let server = GrpcServer::new()
+        .add_service(LoadBalancerServer::new(api.clone()))
+        .add_service(ProbeReportsServer::new(api.clone()))
+        .add_service(BackendWatchServer::new(api));
+    let (tls, access, token) = (tls.clone(), config.access.clone(), servers.clone());
+    shutdown.spawn_critical("api-grpc", async move {
+        server
+            .serve(listener, &tls, access, token)
+            .await
+            .context("API gRPC server")
+    });
+}
+
+/// Serves `/livez`, `/readyz` and `/metrics` until `servers` is cancelled.
+fn spawn_admin(
+    shutdown: &Shutdown,
+    admin: TcpListener,
+    health: &Health,
+    servers: &CancellationToken,
+) {
+    let (h, token) = (health.clone(), servers.clone());
+    let metrics = bulwark_common::telemetry::metrics_handle();
+    shutdown.spawn_critical("admin", async move {
+        bulwark_common::admin::serve(admin, h, Some(metrics), token)
+            .await
+            .context("admin server")
+    });
+}
+
+/// Joins or creates the cluster (the bootstrap protocol) in the background.
+fn spawn_bootstrap(
+    shutdown: &Shutdown,
+    config: &LbConfig,
+    raft: &Raft,
+    store: &Store,
+    cluster: &ClusterId,
+    tls: &Arc<bulwark_common::tls::TlsMaterial>,
+) {
+    let (config, raft, store, cluster, tls, token) = (
+        config.clone(),
+        raft.clone(),
+        store.clone(),
+        cluster.clone(),
+        tls.clone(),
+        shutdown.token(),
+    );
+    shutdown.spawn("bootstrap", async move {
+        match membership::bootstrap(&config, &raft, &store, &cluster, &tls, &token).await? {
+            Bootstrap::Refused => tracing::error!(
+                "not creating a cluster: it already exists without this node's data; add this node with bulwarkctl lb add-member"
+            ),
+            outcome => tracing::debug!(?outcome, "bootstrap"),
+        }
+        Ok(())
+    });
 }
 
 /// Publishes every applied state to the data path.

@@ -90,9 +90,7 @@ fn hostname() -> Option<String> {
 }
 
 fn default_admin() -> AdminConfig {
-    AdminConfig {
-        address: std::net::SocketAddr::from(([127, 0, 0, 1], 9443)),
-    }
+    AdminConfig::on_all_addresses(9443)
 }
 
 /// Timing of every check (HAProxy's inter/fastinter/fall/rise).
@@ -609,7 +607,7 @@ mod tests {
         assert_eq!(c.probing.timeout, Duration::from_millis(300));
         assert_eq!((c.probing.fall, c.probing.rise), (2, 2));
         assert!(!c.probing.reuse_connections);
-        assert_eq!(c.admin.address.to_string(), "127.0.0.1:9443");
+        assert_eq!(c.admin.address.to_string(), "0.0.0.0:9443");
         assert!(c.report.endpoints.is_empty());
         assert_eq!(
             c.etcd.tls.cert_file.as_deref(),

@@ -21,7 +21,7 @@
 
 pub mod check;
 pub mod config;
-mod metrics;
+pub mod metrics;
 pub mod observations;
 pub mod probe;
 pub mod report;

@@ -74,6 +74,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: ProberConfig) -> anyhow::Result<ExitCode> {
+    bulwark_prober::metrics::register(&config);
     let admin = tokio::net::TcpListener::bind(config.admin.address)
         .await
         .with_context(|| format!("binding the admin address {}", config.admin.address))?;

@@ -12,8 +12,69 @@
 //! | `resyncs_total` | | FULL reports the LB asked for |
 
 use bulwark_api::lb::v1::{ProbeReason, ReportKind};
+use bulwark_common::telemetry::catalog::{self, MetricDef, MetricKind::*};
 
+use crate::config::ProberConfig;
 use crate::probe::Outcome;
+
+/// The catalogue: every metric above with its `# HELP` text. Per-check
+/// series (`target`, `kind`) appear when the check first probes or
+/// settles: `check_up` is absent rather than 0 until a check has settled,
+/// because 0 would claim the target is down.
+pub const DEFS: &[MetricDef] = &[
+    MetricDef::dynamic(
+        "bulwark_prober_probe_duration_seconds",
+        Histogram,
+        "Latency of every probe, pass or fail, by target and kind.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_prober_probes_total",
+        Counter,
+        "Probes by target, kind and result reason.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_prober_check_up",
+        Gauge,
+        "Settled state of a check after fall/rise debouncing: 1 up, 0 down (absent until settled).",
+    ),
+    MetricDef::dynamic(
+        "bulwark_prober_check_transitions_total",
+        Counter,
+        "Settled state changes of a check, by target, kind and new state.",
+    ),
+    MetricDef::single(
+        "bulwark_prober_report_connected",
+        Gauge,
+        "1 while a report stream to the LB leader is acknowledged.",
+    ),
+    MetricDef::per_label(
+        "bulwark_prober_reports_sent_total",
+        Counter,
+        "Reports handed to the stream, by kind.",
+        "kind",
+        &["full", "changes", "heartbeat"],
+    ),
+    MetricDef::per_label(
+        "bulwark_prober_report_reconnects_total",
+        Counter,
+        "Report streams that ended, by cause.",
+        "cause",
+        &["redirect", "error", "closed", "ack_timeout"],
+    ),
+    MetricDef::single(
+        "bulwark_prober_resyncs_total",
+        Counter,
+        "FULL reports the LB leader asked for.",
+    ),
+];
+
+/// Declares the catalogue, the build info and the report stream's
+/// certificate expiry. Call once at start.
+pub fn register(config: &ProberConfig) {
+    catalog::register(DEFS);
+    catalog::register_build_info("prober", env!("CARGO_PKG_VERSION"));
+    catalog::register_certificates("prober", &[&config.report.tls]);
+}
 
 /// The label of a probe reason.
 pub(crate) fn reason_label(reason: ProbeReason) -> &'static str {
@@ -81,4 +142,21 @@ pub(crate) fn reconnect(cause: &'static str) {
 
 pub(crate) fn resync() {
     metrics::counter!("bulwark_prober_resyncs_total").increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every metric the code records is in the catalogue, and nothing else.
+    #[test]
+    fn the_catalogue_lists_exactly_the_recorded_metrics() {
+        let declared: BTreeSet<String> = DEFS.iter().map(|d| d.name.to_owned()).collect();
+        assert_eq!(declared.len(), DEFS.len(), "a metric is declared twice");
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+        let recorded = catalog::recorded_names(src.as_ref(), "bulwark_prober_");
+        assert_eq!(declared, recorded);
+    }
 }

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulwark_backup::config::{EtcdConfig, MemberChoice};
-use bulwark_backup::encryption::Keyring;
 use bulwark_backup::engine::{DrillSettings, Engine, PipelineSettings};
 use bulwark_backup::etcd::EtcdConnector;
-use bulwark_backup::retention::RetentionPolicy;
+use bulwark_backup::pipeline::encryption::Keyring;
+use bulwark_backup::snapshot::retention::RetentionPolicy;
 use bulwark_backup::store::{Store, StoreSpec};
 use bulwark_testkit::{Etcd, EtcdVersion, S3Server, tools};
 use ring::rand::SecureRandom;

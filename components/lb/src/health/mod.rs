@@ -36,7 +36,7 @@ pub use aggregator::{
 };
 pub use config::{HealthConfig, ZoneQuorum};
 pub use probers::{ReportError, ReportOutcome};
-pub use service::{HealthService, export_committed, verdict_label, verdict_to_pb};
+pub use service::{HealthService, VERDICT_LABELS, export_committed, verdict_label, verdict_to_pb};
 pub use votes::{View, ZoneTally};
 
 #[cfg(test)]

@@ -299,17 +299,21 @@ fn verdict_of_pb(v: i32) -> Verdict {
 /// The label of a verdict in metrics and logs.
 pub fn verdict_label(v: Verdict) -> &'static str {
     match v {
-        Verdict::Healthy => "healthy",
-        Verdict::Draining => "draining",
+        Verdict::Healthy => "up",
+        Verdict::Draining => "not_ready",
         Verdict::Down => "down",
         Verdict::Unknown => "unknown",
     }
 }
 
+/// Every value [`verdict_label`] returns.
+pub const VERDICT_LABELS: &[&str] = &["up", "not_ready", "down", "unknown"];
+
 /// Exports the committed health of `state` (every node): one
 /// `bulwark_lb_backend_verdict{backend,verdict}` series per backend and
-/// verdict (1 for the current one), zones down, and the committed
-/// fail-open flag.
+/// verdict (1 for the current one) and the zones down. Fail-open is
+/// exported once, by the data path (`bulwark_lb_fail_open`), where it
+/// takes effect.
 pub fn export_committed(state: &LbState) {
     const ALL: [Verdict; 4] = [
         Verdict::Healthy,
@@ -325,7 +329,6 @@ pub fn export_committed(state: &LbState) {
     }
     let data = state.data();
     metrics::gauge!("bulwark_lb_zones_down").set(data.zones_down.len() as f64);
-    metrics::gauge!("bulwark_lb_health_fail_open").set(f64::from(u8::from(data.fail_open)));
 }
 
 #[cfg(test)]

@@ -1,0 +1,218 @@
+//! The restore agent: this node's part of a whole-cluster restore
+//! (`bulwark.backup.v1.RestoreAgent`), driven by the coordinating instance.
+//!
+//! etcd runs as a kubelet static pod, so the agent never signals a process:
+//! it stops etcd by moving the manifest out of the kubelet's manifest dir
+//! (into `restore.stateDir/<restore id>/`) and waits until etcd's ports are
+//! closed, and starts it by moving the manifest back. The old data dir is
+//! renamed to `<dataDir>.bulwark-<restore id>` next to it and never
+//! deleted; the member is restored with `etcdutl snapshot restore` (or,
+//! where `restore.etcdctl` is set for etcd 3.4, `etcdctl snapshot restore`)
+//! into `<dataDir>.bulwark-<restore id>-partial`, renamed to a fresh
+//! `<dataDir>` only once the tool succeeded, so the manifest (its
+//! `--data-dir` and its hostPath volume) stays as it was and a tool that
+//! fails half-way (a full disk) leaves nothing where etcd would start
+//! from. [`Agent::abort`] undoes each step that was done, in reverse,
+//! keeping the restored data as `<dataDir>.bulwark-<restore id>-restored`
+//! and removing a `-partial` output that never took the data dir's place
+//! (its final rename failed).
+//!
+//! Before anything is fetched or moved, [`Agent::prepare`] refuses a node
+//! whose data dir's file system lacks room for the restored member
+//! (`SpaceNeeded`), unless the request skips that check.
+//!
+//! The member's name, URLs and data dir come from `restore:` in the config,
+//! or else from etcd's command line in the manifest.
+//!
+//! | module | owns |
+//! |---|---|
+//! | `steps` | prepare, restore member, start member, abort |
+//! | `static_pod` | the member from the static pod's manifest, the restore tool, etcd's ports |
+//! | `disk` | fetching the target, aside names and moves, the free-space check |
+
+mod disk;
+use disk::{aside_path, dir_size, free_bytes};
+mod static_pod;
+mod steps;
+
+pub use static_pod::{EtcdCommand, Member};
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bulwark_api::backup::v1 as pb;
+use chrono::Utc;
+
+use crate::config::RestoreConfig;
+use crate::engine::Engine;
+use crate::error::{BackupError, Result};
+use crate::snapshot::manifest::timestamp;
+
+/// Where a node's restore stands (kept in memory by the agent).
+#[derive(Clone, Debug)]
+struct Held {
+    restore_id: String,
+    spec: pb::MemberRestoreSpec,
+    member: Member,
+    staged: PathBuf,
+    manifest_aside: PathBuf,
+    data_aside: PathBuf,
+    manifest_moved: bool,
+    data_moved: bool,
+    /// The restore tool's output `<dataDir>.bulwark-<id>-partial` may
+    /// exist: the tool ran and its output was neither renamed into place
+    /// nor removed (a failed final rename); the rollback removes it.
+    partial: bool,
+    restored: bool,
+    started: bool,
+    last_step: pb::NodeStep,
+    last_status: pb::StepStatus,
+    error: String,
+    expires: Instant,
+}
+
+/// Sink of one node's step events.
+pub type StepSink<'a> = &'a (dyn Fn(pb::NodeRestoreProgress) + Send + Sync);
+
+/// The agent.
+#[derive(Debug)]
+pub struct Agent {
+    engine: Arc<Engine>,
+    config: RestoreConfig,
+    agent_address: String,
+    held: tokio::sync::Mutex<Option<Held>>,
+}
+
+impl Agent {
+    /// An agent for this node.
+    pub fn new(engine: Arc<Engine>, config: RestoreConfig, agent_address: String) -> Self {
+        Self {
+            engine,
+            config,
+            agent_address,
+            held: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// GetNodeInfo.
+    pub async fn node_info(&self) -> Result<pb::NodeInfo> {
+        let held = self.held.lock().await.clone();
+        let member = self
+            .member(held.as_ref().map(|h| h.manifest_aside.as_path()))
+            .await?;
+        let statuses = self
+            .engine
+            .etcd
+            .with_endpoints(member.client_urls.clone())
+            .statuses()
+            .await
+            .ok();
+        let me = statuses.as_ref().and_then(|s| s.first());
+        let data_dir = member.data_dir.clone();
+        let (free, size) =
+            tokio::task::spawn_blocking(move || (free_bytes(&data_dir), dir_size(&data_dir)))
+                .await
+                .unwrap_or((0, 0));
+        Ok(pb::NodeInfo {
+            node_name: self.engine.node_name.clone(),
+            agent_address: self.agent_address.clone(),
+            member_name: member.name,
+            member_id: me.map(|m| m.member_id).unwrap_or(0),
+            peer_urls: member.peer_urls,
+            client_urls: member.client_urls,
+            data_dir: member.data_dir.display().to_string(),
+            manifest_path: self.config.etcd_manifest.display().to_string(),
+            etcd_version: me.map(|m| m.version.clone()).unwrap_or_default(),
+            etcdutl: Some(self.etcdutl_capabilities().await),
+            etcd_healthy: me.is_some(),
+            data_dir_free_bytes: free,
+            data_dir_size_bytes: size,
+            restore_in_progress: held.map(|h| h.restore_id).unwrap_or_default(),
+        })
+    }
+
+    fn event(
+        &self,
+        restore_id: &str,
+        step: pb::NodeStep,
+        status: pb::StepStatus,
+        detail: impl Into<String>,
+        path: impl Into<String>,
+    ) -> pb::NodeRestoreProgress {
+        pb::NodeRestoreProgress {
+            restore_id: restore_id.to_owned(),
+            node_name: self.engine.node_name.clone(),
+            step: step as i32,
+            status: status as i32,
+            detail: detail.into(),
+            path: path.into(),
+            transfer: None,
+            at: Some(timestamp(Utc::now())),
+        }
+    }
+
+    /// GetRestoreState.
+    pub async fn state(&self, restore_id: &str) -> Result<pb::NodeRestoreState> {
+        let held = self.held.lock().await;
+        let h = match held.as_ref() {
+            Some(h) if restore_id.is_empty() || h.restore_id == restore_id => h,
+            _ => {
+                return Err(BackupError::NotFound {
+                    what: format!("restore {restore_id:?} on node {}", self.engine.node_name),
+                });
+            }
+        };
+        Ok(self.state_of(h))
+    }
+
+    fn state_of(&self, h: &Held) -> pb::NodeRestoreState {
+        let manifest = self.config.etcd_manifest.display().to_string();
+        let mut manual = Vec::new();
+        if h.partial {
+            manual.push(format!(
+                "rm -rf {}",
+                aside_path(&h.member.data_dir, &h.restore_id, "-partial").display()
+            ));
+        }
+        if h.restored {
+            manual.push(format!(
+                "mv {} {}",
+                h.member.data_dir.display(),
+                aside_path(&h.member.data_dir, &h.restore_id, "-restored").display()
+            ));
+        }
+        if h.data_moved {
+            manual.push(format!(
+                "mv {} {}",
+                h.data_aside.display(),
+                h.member.data_dir.display()
+            ));
+        }
+        if h.manifest_moved {
+            manual.push(format!("mv {} {manifest}", h.manifest_aside.display()));
+        }
+        pb::NodeRestoreState {
+            node_name: self.engine.node_name.clone(),
+            last_step: h.last_step as i32,
+            last_status: h.last_status as i32,
+            manifest_in_place: !h.manifest_moved,
+            manifest_aside_path: if h.manifest_moved {
+                h.manifest_aside.display().to_string()
+            } else {
+                String::new()
+            },
+            data_dir_moved: h.data_moved,
+            data_dir_aside_path: if h.data_moved {
+                h.data_aside.display().to_string()
+            } else {
+                String::new()
+            },
+            restored: h.restored,
+            started: h.started,
+            manual_rollback: manual,
+            error: h.error.clone(),
+            restore_id: h.restore_id.clone(),
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! The agent's steps, one per `RestoreAgent` call: prepare (checks, fetch,
+//! lock), restore the member (manifest out, data dir aside, restore tool),
+//! start it (manifest back, wait healthy) and abort (undo, newest first).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bulwark_api::backup::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use super::disk::{aside_path, check_space, free_bytes, remove_partial, rename};
+use super::static_pod::{Member, wait_ports_closed};
+use super::{Agent, Held, StepSink};
+use crate::error::{BackupError, Result};
+
+impl Agent {
+    /// PrepareRestore: checks, stages the target snapshot, takes the lock.
+    pub async fn prepare(
+        &self,
+        req: pb::PrepareRestoreRequest,
+    ) -> Result<pb::PrepareRestoreResponse> {
+        let spec = req
+            .spec
+            .ok_or_else(|| BackupError::InvalidArgument("spec: required".into()))?;
+        let source = spec
+            .snapshot
+            .clone()
+            .ok_or_else(|| BackupError::InvalidArgument("spec.snapshot: required".into()))?;
+        if !crate::store::layout::is_valid_id(&req.restore_id) {
+            return Err(BackupError::InvalidArgument(format!(
+                "restore_id {:?}: expected letters, digits, '-' or '_'",
+                req.restore_id
+            )));
+        }
+        let mut held = self.held.lock().await;
+        if let Some(h) = held.as_ref() {
+            let untouched = !h.manifest_moved && !h.data_moved;
+            if h.restore_id == req.restore_id && h.spec == spec {
+                return Ok(pb::PrepareRestoreResponse {
+                    info: None,
+                    data_dir_aside_path: h.data_aside.display().to_string(),
+                    staged_snapshot_path: h.staged.display().to_string(),
+                });
+            }
+            if !(untouched && Instant::now() > h.expires) {
+                return Err(BackupError::Refused(format!(
+                    "node {} is held by restore {}",
+                    self.engine.node_name, h.restore_id
+                )));
+            }
+        }
+        if !self.config.etcd_manifest.exists() {
+            return Err(BackupError::Refused(format!(
+                "etcd's manifest {} is not in place: is another restore half-done here?",
+                self.config.etcd_manifest.display()
+            )));
+        }
+        let member = self.member(None).await?;
+        if member.name != spec.member_name {
+            return Err(BackupError::InvalidArgument(format!(
+                "this node's etcd member is {:?}, the spec names {:?}",
+                member.name, spec.member_name
+            )));
+        }
+        if req.skip_space_check {
+            tracing::warn!(restore_id = %req.restore_id, "free-space check skipped (--skip-space-check)");
+        } else {
+            self.check_space(&member, source.size_bytes).await?;
+        }
+        let dir = self.config.state_dir.join(&req.restore_id);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| BackupError::local(format!("creating {}", dir.display()), e))?;
+        self.check_tool(&spec).await?;
+        let staged = dir.join("snapshot.db");
+        self.fetch(&source, &staged).await?;
+        let data_aside = aside_path(&member.data_dir, &req.restore_id, "");
+        let ttl = req
+            .lock_ttl
+            .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
+            .unwrap_or(Duration::from_secs(600));
+        *held = Some(Held {
+            restore_id: req.restore_id.clone(),
+            spec,
+            member,
+            staged: staged.clone(),
+            manifest_aside: dir.join("etcd.yaml"),
+            data_aside: data_aside.clone(),
+            manifest_moved: false,
+            data_moved: false,
+            partial: false,
+            restored: false,
+            started: false,
+            last_step: pb::NodeStep::FetchSnapshot,
+            last_status: pb::StepStatus::Done,
+            error: String::new(),
+            expires: Instant::now() + ttl,
+        });
+        drop(held);
+        tracing::info!(restore_id = %req.restore_id, coordinator = %req.coordinator, "restore prepared");
+        Ok(pb::PrepareRestoreResponse {
+            info: Some(self.node_info().await?),
+            data_dir_aside_path: data_aside.display().to_string(),
+            staged_snapshot_path: staged.display().to_string(),
+        })
+    }
+
+    /// The restored member fits on its data dir's file system (blocking
+    /// statvfs calls, off the runtime).
+    async fn check_space(&self, member: &Member, raw_snapshot: u64) -> Result<()> {
+        let node = self.engine.node_name.clone();
+        let data_dir = member.data_dir.clone();
+        let state_dir = self.config.state_dir.clone();
+        tokio::task::spawn_blocking(move || check_space(&node, &data_dir, &state_dir, raw_snapshot))
+            .await
+            .map_err(|e| BackupError::local("checking free space", e))?
+    }
+
+    /// The restore tool runs here and has the flags `spec` asks for.
+    async fn check_tool(&self, spec: &pb::MemberRestoreSpec) -> Result<()> {
+        let caps = self.etcdutl_capabilities().await;
+        let tool = self.restore_tool();
+        if caps.version.is_empty() {
+            return Err(BackupError::Refused(format!(
+                "{} ({}) does not run here",
+                tool.path.display(),
+                tool.name
+            )));
+        }
+        if (spec.bump_revision > 0 && !caps.bump_revision)
+            || (spec.mark_compacted && !caps.mark_compacted)
+        {
+            return Err(BackupError::Refused(format!(
+                "{} {} here has no --bump-revision/--mark-compacted (etcdutl 3.5.10+ has them)",
+                tool.name, caps.version
+            )));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn held_for(
+        &self,
+        restore_id: &str,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<Held>>> {
+        let held = self.held.lock().await;
+        match held.as_ref() {
+            Some(h) if h.restore_id == restore_id => Ok(held),
+            Some(h) => Err(BackupError::Refused(format!(
+                "node {} is held by restore {}, not {restore_id}",
+                self.engine.node_name, h.restore_id
+            ))),
+            None => Err(BackupError::Refused(format!(
+                "restore {restore_id} was not prepared on node {}",
+                self.engine.node_name
+            ))),
+        }
+    }
+
+    /// RestoreMember: stop etcd, move the data dir aside, restore.
+    pub async fn restore_member(
+        &self,
+        req: pb::RestoreMemberRequest,
+        sink: StepSink<'_>,
+    ) -> Result<()> {
+        let mut guard = self.held_for(&req.restore_id).await?;
+        let Some(h) = guard.as_mut() else {
+            return Err(BackupError::local("restore agent", "lost its state"));
+        };
+        if req.spec.as_ref() != Some(&h.spec) {
+            return Err(BackupError::Refused(
+                "the spec differs from the prepared one".into(),
+            ));
+        }
+        let rid = req.restore_id.clone();
+        let ev = |step, status, detail: String, path: String| {
+            sink(self.event(&rid, step, status, detail, path))
+        };
+        if req.dry_run {
+            for step in [
+                pb::NodeStep::StopEtcd,
+                pb::NodeStep::WaitStopped,
+                pb::NodeStep::MoveDataDirAside,
+                pb::NodeStep::RestoreSnapshot,
+            ] {
+                ev(
+                    step,
+                    pb::StepStatus::Skipped,
+                    "dry run".into(),
+                    String::new(),
+                );
+            }
+            return Ok(());
+        }
+        let result = self.do_restore(h, &ev).await;
+        if let Err(e) = &result {
+            h.last_status = pb::StepStatus::Failed;
+            h.error = e.to_string();
+            ev(
+                h.last_step,
+                pb::StepStatus::Failed,
+                e.to_string(),
+                String::new(),
+            );
+        }
+        result
+    }
+
+    /// RestoreMember's steps, each skipped when an earlier attempt of this
+    /// restore did it: stop etcd, wait until it stopped, move the data dir
+    /// aside, restore the snapshot.
+    pub(super) async fn do_restore(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
+        h.expires = Instant::now() + Duration::from_secs(24 * 3600);
+        self.stop_etcd(h, ev).await?;
+        self.move_data_aside(h, ev).await?;
+        h.last_step = pb::NodeStep::RestoreSnapshot;
+        if !h.restored {
+            self.restore_snapshot(h, ev).await?;
+        }
+        ev(
+            h.last_step,
+            pb::StepStatus::Done,
+            String::new(),
+            h.member.data_dir.display().to_string(),
+        );
+        h.last_status = pb::StepStatus::Done;
+        Ok(())
+    }
+
+    /// Stop: the manifest leaves the kubelet's dir; then wait until etcd's
+    /// ports are closed.
+    async fn stop_etcd(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
+        let manifest = &self.config.etcd_manifest;
+        h.last_step = pb::NodeStep::StopEtcd;
+        if !h.manifest_moved {
+            ev(
+                h.last_step,
+                pb::StepStatus::Started,
+                format!("moving {}", manifest.display()),
+                String::new(),
+            );
+            rename(manifest, &h.manifest_aside).await?;
+            h.manifest_moved = true;
+        }
+        ev(
+            h.last_step,
+            pb::StepStatus::Done,
+            String::new(),
+            h.manifest_aside.display().to_string(),
+        );
+        h.last_step = pb::NodeStep::WaitStopped;
+        ev(
+            h.last_step,
+            pb::StepStatus::Started,
+            String::new(),
+            String::new(),
+        );
+        wait_ports_closed(&h.member, self.config.stop_timeout).await?;
+        ev(
+            h.last_step,
+            pb::StepStatus::Done,
+            String::new(),
+            String::new(),
+        );
+        Ok(())
+    }
+
+    /// Keep the old data: rename, never delete.
+    async fn move_data_aside(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
+        h.last_step = pb::NodeStep::MoveDataDirAside;
+        if h.data_moved || h.restored {
+            return Ok(());
+        }
+        if tokio::fs::try_exists(&h.member.data_dir)
+            .await
+            .unwrap_or(false)
+        {
+            rename(&h.member.data_dir, &h.data_aside).await?;
+            h.data_moved = true;
+            ev(
+                h.last_step,
+                pb::StepStatus::Done,
+                String::new(),
+                h.data_aside.display().to_string(),
+            );
+        } else {
+            ev(
+                h.last_step,
+                pb::StepStatus::Skipped,
+                format!("{} does not exist", h.member.data_dir.display()),
+                String::new(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The restore tool into `<dataDir>.bulwark-<id>-partial`, renamed into
+    /// place once complete: a tool that fails half-way (a full disk, a
+    /// kill) never leaves a half-written member where etcd, or the
+    /// rollback, expects the data dir.
+    async fn restore_snapshot(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
+        let partial = aside_path(&h.member.data_dir, &h.restore_id, "-partial");
+        if h.partial {
+            // Our own output of an earlier attempt whose final rename
+            // failed: redone from scratch.
+            remove_partial(&partial).await?;
+        } else if tokio::fs::try_exists(&partial).await.unwrap_or(false) {
+            return Err(BackupError::Refused(format!(
+                "{} already exists and is not this restore's output; not touching it",
+                partial.display()
+            )));
+        }
+        h.partial = true;
+        let spec = &h.spec;
+        let tool = self.restore_tool();
+        let mut cmd = tool.command();
+        cmd.arg("snapshot")
+            .arg("restore")
+            .arg(&h.staged)
+            .arg("--data-dir")
+            .arg(&partial)
+            .args(["--name", &spec.member_name])
+            .args(["--initial-cluster", &spec.initial_cluster])
+            .args(["--initial-cluster-token", &spec.cluster_token])
+            .args(["--initial-advertise-peer-urls", &spec.peer_urls.join(",")]);
+        if spec.bump_revision > 0 {
+            cmd.arg(format!("--bump-revision={}", spec.bump_revision));
+        }
+        if spec.mark_compacted {
+            cmd.arg("--mark-compacted");
+        }
+        ev(
+            h.last_step,
+            pb::StepStatus::Started,
+            format!("{:?}", cmd.as_std()),
+            String::new(),
+        );
+        let out = cmd
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| BackupError::local(format!("running {}", tool.name), e))?;
+        if !out.status.success() {
+            return Err(tool_failed(h, tool.name, &partial, &out).await);
+        }
+        // Should this fail, the complete output stays at `partial`
+        // (`h.partial` still set) and the rollback removes it.
+        rename(&partial, &h.member.data_dir).await?;
+        h.partial = false;
+        h.restored = true;
+        Ok(())
+    }
+}
+
+/// A failed restore tool: its unfinished output removed (it never was a
+/// data dir etcd ran from; on a full disk this gives the space back), and
+/// an error that says what happened, and why when the disk is full.
+async fn tool_failed(
+    h: &mut Held,
+    tool: &str,
+    partial: &Path,
+    out: &std::process::Output,
+) -> BackupError {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let removed = match tokio::fs::remove_dir_all(partial).await {
+        Ok(()) => {
+            h.partial = false;
+            "its partial output was removed".to_owned()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            h.partial = false;
+            "it wrote nothing".to_owned()
+        }
+        Err(e) => format!(
+            "its partial output {} is left (the rollback removes it): {e}",
+            partial.display()
+        ),
+    };
+    let full = if stderr.contains("no space left on device") {
+        let parent = h.member.data_dir.parent().unwrap_or(Path::new("/"));
+        let free = free_bytes(parent);
+        format!(
+            "; the file system of {} is full ({free} bytes free after cleaning up; \
+             a member needs about the snapshot's size plus two of etcd's 64 MB WAL segments)",
+            parent.display(),
+        )
+    } else {
+        String::new()
+    };
+    BackupError::local(
+        format!("{tool} snapshot restore into {}", partial.display()),
+        format!(
+            "{}: {}{full}; {removed}",
+            out.status,
+            crate::verify::scratch::tail(&stderr)
+        ),
+    )
+}
+
+/// A step's event: step, status, detail, path.
+type StepEvents<'a> = &'a (dyn Fn(pb::NodeStep, pb::StepStatus, String, String) + Send + Sync);
+
+impl Agent {
+    /// StartMember: manifest back, wait until the member answers.
+    pub async fn start_member(
+        &self,
+        req: pb::StartMemberRequest,
+        sink: StepSink<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<u64> {
+        let mut guard = self.held_for(&req.restore_id).await?;
+        let Some(h) = guard.as_mut() else {
+            return Err(BackupError::local("restore agent", "lost its state"));
+        };
+        if !h.restored {
+            return Err(BackupError::Refused(format!(
+                "restore {} has not restored the member on {} yet",
+                req.restore_id, self.engine.node_name
+            )));
+        }
+        let rid = req.restore_id.clone();
+        let timeout = req
+            .health_timeout
+            .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
+            .unwrap_or(self.config.health_timeout);
+        h.last_step = pb::NodeStep::StartEtcd;
+        if h.manifest_moved {
+            rename(&h.manifest_aside, &self.config.etcd_manifest).await?;
+            h.manifest_moved = false;
+        }
+        h.started = true;
+        sink(self.event(
+            &rid,
+            h.last_step,
+            pb::StepStatus::Done,
+            String::new(),
+            self.config.etcd_manifest.display().to_string(),
+        ));
+        h.last_step = pb::NodeStep::WaitHealthy;
+        sink(self.event(
+            &rid,
+            h.last_step,
+            pb::StepStatus::Started,
+            String::new(),
+            String::new(),
+        ));
+        let connector = self
+            .engine
+            .etcd
+            .with_endpoints(h.member.client_urls.clone());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(s) = connector.statuses().await
+                && let Some(me) = s.first()
+                && me.leader != 0
+            {
+                h.last_status = pb::StepStatus::Done;
+                sink(self.event(
+                    &rid,
+                    h.last_step,
+                    pb::StepStatus::Done,
+                    format!(
+                        "member {:x} of cluster {:x} at revision {}",
+                        me.member_id, me.cluster_id, me.revision
+                    ),
+                    String::new(),
+                ));
+                // Done: the lock goes; the old data dir stays where it was moved.
+                let member_id = me.member_id;
+                let _ = tokio::fs::remove_file(&h.staged).await;
+                *guard = None;
+                return Ok(member_id);
+            }
+            if Instant::now() > deadline || cancel.is_cancelled() {
+                let e = BackupError::local(
+                    "waiting for the restored member",
+                    format!("not healthy after {}", humantime::format_duration(timeout)),
+                );
+                h.last_status = pb::StepStatus::Failed;
+                h.error = e.to_string();
+                sink(self.event(
+                    &rid,
+                    h.last_step,
+                    pb::StepStatus::Failed,
+                    e.to_string(),
+                    String::new(),
+                ));
+                return Err(e);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// AbortRestore: undo what was done, newest first; keep every copy.
+    pub async fn abort(&self, restore_id: &str, reason: &str, sink: StepSink<'_>) -> Result<()> {
+        let mut guard = self.held.lock().await;
+        let Some(h) = guard.as_mut().filter(|h| h.restore_id == restore_id) else {
+            // Nothing held for it: nothing to undo (idempotent).
+            return Ok(());
+        };
+        tracing::warn!(restore_id, reason, "rolling back the restore on this node");
+        let ev = |status, detail: String, path: String| {
+            sink(self.event(restore_id, pb::NodeStep::Rollback, status, detail, path))
+        };
+        ev(pb::StepStatus::Started, reason.to_owned(), String::new());
+        let manifest = &self.config.etcd_manifest;
+        if h.restored || h.data_moved {
+            // Stop the restored member if it runs.
+            if !h.manifest_moved && manifest.exists() {
+                rename(manifest, &h.manifest_aside).await?;
+                h.manifest_moved = true;
+            }
+            wait_ports_closed(&h.member, self.config.stop_timeout).await?;
+        }
+        if h.restored {
+            let keep = aside_path(&h.member.data_dir, restore_id, "-restored");
+            if tokio::fs::try_exists(&h.member.data_dir)
+                .await
+                .unwrap_or(false)
+            {
+                rename(&h.member.data_dir, &keep).await?;
+                ev(
+                    pb::StepStatus::Running,
+                    "restored data kept".into(),
+                    keep.display().to_string(),
+                );
+            }
+            h.restored = false;
+            h.started = false;
+        }
+        if h.partial {
+            // Only the restore tool's own output, by its restore-specific
+            // name (never a data dir etcd ran from): it was never renamed
+            // into place.
+            let partial = aside_path(&h.member.data_dir, restore_id, "-partial");
+            if remove_partial(&partial).await? {
+                ev(
+                    pb::StepStatus::Running,
+                    "the restore tool's output that never took the data dir's place was removed"
+                        .into(),
+                    partial.display().to_string(),
+                );
+            }
+            h.partial = false;
+        }
+        if h.data_moved {
+            rename(&h.data_aside, &h.member.data_dir).await?;
+            h.data_moved = false;
+            ev(
+                pb::StepStatus::Running,
+                "original data dir back".into(),
+                h.member.data_dir.display().to_string(),
+            );
+        }
+        if h.manifest_moved {
+            rename(&h.manifest_aside, manifest).await?;
+            h.manifest_moved = false;
+            ev(
+                pb::StepStatus::Running,
+                "manifest back".into(),
+                manifest.display().to_string(),
+            );
+        }
+        let _ = tokio::fs::remove_file(&h.staged).await;
+        *guard = None;
+        ev(
+            pb::StepStatus::Done,
+            "node is as it was before the restore".into(),
+            String::new(),
+        );
+        Ok(())
+    }
+}

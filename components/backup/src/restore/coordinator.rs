@@ -1,0 +1,787 @@
+//! `Backup.Restore`: the coordinator, one function per phase (the diagram
+//! in [`crate::restore`]). `Coordinator::run` reads as the phases in
+//! order; a failure anywhere ends in `Coordinator::rollback`
+//! ([`crate::restore::rollback`]), which says where each node stands.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulwark_api::backup::v1 as pb;
+use bulwark_api::backup::v1::restore_agent_client::RestoreAgentClient;
+use bulwark_common::tls::TlsMaterial;
+use chrono::Utc;
+use futures::Stream;
+use object_store::ObjectStoreExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use crate::engine::Engine;
+use crate::error::{BackupError, Result};
+use crate::restore::pitr::{BuildEvent, BuiltTarget, Plan, Target};
+use crate::restore::rollback::abort_node;
+use crate::schedule::service::{RestoreRunning, Service};
+use crate::snapshot::manifest::timestamp;
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
+
+/// Default revision bump where etcdutl supports it.
+pub const DEFAULT_BUMP: u64 = 1_000_000_000;
+
+/// Coordinates restores from this instance.
+#[derive(Clone)]
+pub struct Coordinator {
+    service: Arc<Service>,
+    peers: Vec<String>,
+    client_tls: Arc<TlsMaterial>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("peers", &self.peers)
+            .finish()
+    }
+}
+
+fn d(x: Duration) -> prost_types::Duration {
+    bulwark_api::time::duration_to_proto(x).unwrap_or_default()
+}
+
+/// Sends events of one restore.
+pub(super) struct Events {
+    tx: mpsc::Sender<std::result::Result<pb::RestoreProgress, Status>>,
+    restore_id: String,
+}
+
+impl Events {
+    pub(super) async fn send(&self, event: pb::restore_progress::Event) {
+        let _ = self
+            .tx
+            .send(Ok(pb::RestoreProgress {
+                restore_id: self.restore_id.clone(),
+                at: Some(timestamp(Utc::now())),
+                event: Some(event),
+            }))
+            .await;
+    }
+
+    fn try_send(&self, event: pb::restore_progress::Event) {
+        let _ = self.tx.try_send(Ok(pb::RestoreProgress {
+            restore_id: self.restore_id.clone(),
+            at: Some(timestamp(Utc::now())),
+            event: Some(event),
+        }));
+    }
+
+    pub(super) async fn phase(
+        &self,
+        phase: pb::RestorePhase,
+        transfer: Option<pb::TransferProgress>,
+        revision: Option<i64>,
+    ) {
+        self.send(pb::restore_progress::Event::Phase(
+            pb::RestorePhaseProgress {
+                phase: phase as i32,
+                transfer,
+                revision,
+            },
+        ))
+        .await;
+    }
+}
+
+/// A failure at `phase`.
+pub(super) struct Failed {
+    pub(super) phase: pb::RestorePhase,
+    pub(super) error: String,
+}
+
+fn fail(phase: pb::RestorePhase) -> impl Fn(BackupError) -> Failed {
+    move |e| Failed {
+        phase,
+        error: e.to_string(),
+    }
+}
+
+fn status_fail(phase: pb::RestorePhase, node: &str) -> impl Fn(Status) -> Failed + '_ {
+    move |s| Failed {
+        phase,
+        error: format!("node {node}: {}", s.message()),
+    }
+}
+
+impl Coordinator {
+    /// A coordinator driving the agents at `peers` with `client_tls`.
+    pub fn new(service: Arc<Service>, peers: Vec<String>, client_tls: TlsMaterial) -> Self {
+        Self {
+            service,
+            peers,
+            client_tls: Arc::new(client_tls),
+        }
+    }
+
+    fn client(&self, address: &str) -> Result<RestoreAgentClient<Channel>> {
+        let ch = bulwark_common::grpc::channel(address, &self.client_tls, None)
+            .map_err(|e| BackupError::InvalidArgument(format!("agent address {address}: {e}")))?;
+        Ok(RestoreAgentClient::new(ch))
+    }
+
+    /// Validates `req` and starts the restore; the stream carries its events.
+    pub fn start(
+        &self,
+        req: pb::RestoreRequest,
+        shutdown: &CancellationToken,
+    ) -> std::result::Result<Stream_<pb::RestoreProgress>, Status> {
+        if !req.dry_run && !req.confirm {
+            return Err(Status::failed_precondition(
+                "a restore replaces every etcd member's data: confirm it (bulwarkctl restore --yes) or ask for a dry run",
+            ));
+        }
+        if self.peers.is_empty() {
+            return Err(Status::failed_precondition(
+                "restore.peers is empty in this instance's config: it does not know the control-plane nodes",
+            ));
+        }
+        let snapshot = match req.snapshot.as_ref().and_then(|s| s.selector.as_ref()) {
+            None | Some(pb::snapshot_selector::Selector::Latest(true)) => None,
+            Some(pb::snapshot_selector::Selector::Id(id)) => Some(id.clone()),
+            Some(pb::snapshot_selector::Selector::Latest(false)) => {
+                return Err(Status::invalid_argument(
+                    "snapshot.latest: must be true when set",
+                ));
+            }
+        };
+        let explicit_latest = matches!(
+            req.snapshot.as_ref().and_then(|s| s.selector.as_ref()),
+            Some(pb::snapshot_selector::Selector::Latest(true))
+        );
+        let target = match req.target.as_ref().and_then(|t| t.target.as_ref()) {
+            None => Target::Snapshot,
+            Some(pb::restore_target::Target::Latest(true)) => Target::Latest,
+            Some(pb::restore_target::Target::Latest(false)) => {
+                return Err(Status::invalid_argument(
+                    "target.latest: must be true when set",
+                ));
+            }
+            Some(pb::restore_target::Target::Revision(r)) if *r > 0 => Target::Revision(*r),
+            Some(pb::restore_target::Target::Revision(r)) => {
+                return Err(Status::invalid_argument(format!(
+                    "target.revision: {r} is not a revision (expected > 0)"
+                )));
+            }
+            Some(pb::restore_target::Target::Time(t)) => {
+                let st = bulwark_api::time::timestamp_from_proto(t)
+                    .map_err(|e| e.into_status("target.time"))?;
+                Target::Time(chrono::DateTime::<Utc>::from(st))
+            }
+        };
+        // `--snapshot latest` with a revision or time means "the newest
+        // snapshot that reaches it", as unset does.
+        let snapshot = if explicit_latest && matches!(target, Target::Snapshot | Target::Latest) {
+            None
+        } else {
+            snapshot
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let cancel = shutdown.child_token();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let guard = match this.service.try_restore_lock() {
+                Ok(g) => g,
+                Err(e) => {
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    return;
+                }
+            };
+            let restore_id = format!(
+                "{}-{}",
+                crate::store::layout::format_time(Utc::now()),
+                crate::store::layout::random_suffix()
+            );
+            let events = Events {
+                tx,
+                restore_id: restore_id.clone(),
+            };
+            this.run(req, snapshot, target, &events, &cancel).await;
+            this.service.set_restore(None);
+            drop(guard);
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    /// Publishes the phase a restore is in (status).
+    pub(super) fn set_phase(&self, run: &Run<'_>, phase: pb::RestorePhase) {
+        self.service.set_restore(Some(RestoreRunning {
+            restore_id: run.rid.clone(),
+            started_at: run.started_at,
+            phase: phase as i32,
+        }));
+    }
+
+    /// One restore, phase by phase; on failure, the rollback.
+    async fn run(
+        &self,
+        req: pb::RestoreRequest,
+        snapshot: Option<String>,
+        target: Target,
+        events: &Events,
+        cancel: &CancellationToken,
+    ) {
+        let mut run = Run {
+            rid: events.restore_id.clone(),
+            started: Instant::now(),
+            started_at: Utc::now(),
+            engine: self.service.engine().clone(),
+            events,
+            cancel,
+            prepared: Vec::new(),
+            touched: false,
+        };
+        tracing::info!(restore_id = %run.rid, ?target, dry_run = req.dry_run, "restore starting");
+        match self.phases(&mut run, &req, snapshot, target).await {
+            Ok(summary) => self.finish(&run, summary).await,
+            Err(f) => self.rollback(&run, f).await,
+        }
+    }
+
+    /// PLAN, BUILD, UPLOAD, then the members' phases, VERIFY.
+    async fn phases(
+        &self,
+        run: &mut Run<'_>,
+        req: &pb::RestoreRequest,
+        snapshot: Option<String>,
+        target: Target,
+    ) -> std::result::Result<pb::RestoreSummary, Failed> {
+        let planned = self.plan(run, req, snapshot, target).await?;
+        let (built, work) = self.build(run, &planned.plan).await?;
+        let (source, object) = self.upload_target(run, &built).await?;
+        drop(work);
+        let outcome = self.on_members(run, req, &planned, &source).await;
+        // The target object is only for this restore.
+        if let Err(e) = run.engine.store.inner().delete(&object).await {
+            tracing::warn!(error = %e, object = %object, "could not delete the restore's target snapshot");
+        }
+        let members_started = outcome?;
+        let mut summary = pb::RestoreSummary {
+            cluster_id: 0,
+            revision: built.revision.unwrap_or(planned.plan.base.revision),
+            snapshot_id: planned.plan.base.id.clone(),
+            deltas_applied: built.segments_applied,
+            took: None,
+            nodes: Vec::new(),
+            dry_run: req.dry_run,
+        };
+        if members_started {
+            verify_cluster(run, &planned.nodes, built.revision, &mut summary).await?;
+        }
+        Ok(summary)
+    }
+
+    /// PLAN: every agent answers and is free; the snapshot and deltas are
+    /// chosen; the members' common spec is settled and announced.
+    async fn plan(
+        &self,
+        run: &Run<'_>,
+        req: &pb::RestoreRequest,
+        snapshot: Option<String>,
+        target: Target,
+    ) -> std::result::Result<Planned, Failed> {
+        self.set_phase(run, pb::RestorePhase::Plan);
+        let nodes = self.node_infos().await?;
+        let plan = run
+            .engine
+            .plan_restore(snapshot.as_deref(), target)
+            .await
+            .map_err(fail(pb::RestorePhase::Plan))?;
+        let lacking_bump: Vec<&str> = nodes
+            .iter()
+            .filter(|(n, _)| {
+                !n.etcdutl
+                    .as_ref()
+                    .is_some_and(|e| e.bump_revision && e.mark_compacted)
+            })
+            .map(|(n, _)| n.node_name.as_str())
+            .collect();
+        let mut warnings = plan.warnings.clone();
+        let bump = match req.bump_revision {
+            Some(b) => b,
+            None if lacking_bump.is_empty() => DEFAULT_BUMP,
+            None => {
+                warnings.push(format!(
+                    "the restore tool on {} lacks --bump-revision/--mark-compacted \
+                     (etcdutl 3.5.10+ has them; etcd 3.4's etcdctl does not): \
+                     restoring without a revision bump; clients that cached revisions should re-list",
+                    lacking_bump.join(", ")
+                ));
+                0
+            }
+        };
+        if req.skip_space_check {
+            warnings.push(
+                "the nodes' free-space check is skipped (--skip-space-check): a node whose \
+                 disk fills up during the restore makes every node roll back"
+                    .to_owned(),
+            );
+        }
+        let planned = Planned {
+            initial_cluster: nodes
+                .iter()
+                .flat_map(|(n, _)| {
+                    n.peer_urls
+                        .iter()
+                        .map(move |u| format!("{}={u}", n.member_name))
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            token: if req.cluster_token.is_empty() {
+                format!("bulwark-restore-{}", run.rid)
+            } else {
+                req.cluster_token.clone()
+            },
+            bump,
+            mark_compacted: req.mark_compacted.unwrap_or(bump > 0),
+            nodes,
+            plan,
+        };
+        run.events
+            .send(pb::restore_progress::Event::Plan(planned.announce(
+                &run.rid,
+                target,
+                req.dry_run,
+                warnings,
+            )))
+            .await;
+        Ok(planned)
+    }
+
+    /// Every peer's agent, asked for its node's facts; one held by another
+    /// restore stops the plan.
+    async fn node_infos(&self) -> std::result::Result<Vec<Node>, Failed> {
+        let mut nodes = Vec::new();
+        for address in &self.peers {
+            let mut c = self.client(address).map_err(fail(pb::RestorePhase::Plan))?;
+            let info = c
+                .get_node_info(pb::GetNodeInfoRequest {})
+                .await
+                .map_err(status_fail(pb::RestorePhase::Plan, address))?
+                .into_inner();
+            if !info.restore_in_progress.is_empty() {
+                return Err(Failed {
+                    phase: pb::RestorePhase::Plan,
+                    error: format!(
+                        "node {} is held by restore {}",
+                        info.node_name, info.restore_in_progress
+                    ),
+                });
+            }
+            nodes.push((info, c));
+        }
+        Ok(nodes)
+    }
+
+    /// DOWNLOAD + BUILD: the target snapshot, built once in a work dir
+    /// (returned with it, so it lives until the upload is done). Every
+    /// check on the stored data fails here, before any node is touched.
+    async fn build(
+        &self,
+        run: &Run<'_>,
+        plan: &Plan,
+    ) -> std::result::Result<(BuiltTarget, tempfile::TempDir), Failed> {
+        self.set_phase(run, pb::RestorePhase::Download);
+        let engine = &run.engine;
+        let parent = engine
+            .drill
+            .work_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir);
+        let work = tempfile::Builder::new()
+            .prefix("bulwark-restore-")
+            .tempdir_in(&parent)
+            .map_err(|e| {
+                BackupError::local(format!("creating a work dir in {}", parent.display()), e)
+            })
+            .map_err(fail(pb::RestorePhase::Download))?;
+        let events = run.events;
+        let on_build = |e: BuildEvent| match e {
+            BuildEvent::Download {
+                bytes_done,
+                bytes_total,
+                elapsed,
+            } => events.try_send(pb::restore_progress::Event::Phase(
+                pb::RestorePhaseProgress {
+                    phase: pb::RestorePhase::Download as i32,
+                    transfer: Some(pb::TransferProgress {
+                        bytes_done,
+                        bytes_total: Some(bytes_total),
+                        bytes_per_second: (bytes_done as f64 / elapsed.as_secs_f64().max(0.001))
+                            as u64,
+                        elapsed: Some(d(elapsed)),
+                    }),
+                    revision: None,
+                },
+            )),
+            BuildEvent::Replay { revision, .. } => events.try_send(
+                pb::restore_progress::Event::Phase(pb::RestorePhaseProgress {
+                    phase: pb::RestorePhase::Build as i32,
+                    transfer: None,
+                    revision: Some(revision),
+                }),
+            ),
+        };
+        let built = engine
+            .build_target(plan, work.path(), &on_build, run.cancel)
+            .await
+            .map_err(|e| Failed {
+                phase: if matches!(e, BackupError::Corrupt { .. }) {
+                    pb::RestorePhase::Download
+                } else {
+                    pb::RestorePhase::Build
+                },
+                error: format!("{e} (no node was touched)"),
+            })?;
+        events
+            .phase(pb::RestorePhase::Build, None, built.revision)
+            .await;
+        Ok((built, work))
+    }
+
+    /// UPLOAD: `restore/<restore id>/target.db` for the agents to fetch.
+    /// Returns what the agents are told and the object, deleted once the
+    /// members are done with it.
+    async fn upload_target(
+        &self,
+        run: &Run<'_>,
+        built: &BuiltTarget,
+    ) -> std::result::Result<(pb::SnapshotSource, object_store::path::Path), Failed> {
+        self.set_phase(run, pb::RestorePhase::Upload);
+        let engine = &run.engine;
+        let key = format!("{}/restore/{}/target.db", engine.cluster_name, run.rid);
+        let object = crate::store::layout::object_path(engine.store.prefix(), &key);
+        crate::pipeline::upload::upload_file(
+            &engine.store,
+            &built.path,
+            &object,
+            engine.pipeline.part_size,
+            engine.pipeline.upload_concurrency,
+        )
+        .await
+        .map_err(fail(pb::RestorePhase::Upload))?;
+        run.events
+            .phase(
+                pb::RestorePhase::Upload,
+                Some(pb::TransferProgress {
+                    bytes_done: built.size,
+                    bytes_total: Some(built.size),
+                    bytes_per_second: 0,
+                    elapsed: Some(d(run.started.elapsed())),
+                }),
+                None,
+            )
+            .await;
+        let source = pb::SnapshotSource {
+            object_key: key,
+            sha256: built.sha256.clone(),
+            size_bytes: built.size,
+        };
+        Ok((source, object))
+    }
+
+    /// PREPARE, then (unless a dry run) RESTORE and START. `Ok(true)` when
+    /// the members were started.
+    async fn on_members(
+        &self,
+        run: &mut Run<'_>,
+        req: &pb::RestoreRequest,
+        planned: &Planned,
+        source: &pb::SnapshotSource,
+    ) -> std::result::Result<bool, Failed> {
+        self.prepare(run, req, planned, source).await?;
+        if req.dry_run {
+            return Ok(false);
+        }
+        self.restore_members(run, planned, source).await?;
+        self.start_members(run, &planned.nodes).await?;
+        Ok(true)
+    }
+
+    /// PREPARE: every agent fetches the target, checks it and takes its
+    /// lock. Every agent asked is remembered for the rollback, even one
+    /// whose prepare failed (it may hold the lock).
+    async fn prepare(
+        &self,
+        run: &mut Run<'_>,
+        req: &pb::RestoreRequest,
+        planned: &Planned,
+        source: &pb::SnapshotSource,
+    ) -> std::result::Result<(), Failed> {
+        self.set_phase(run, pb::RestorePhase::Prepare);
+        for (info, c) in &planned.nodes {
+            let ev = |status: pb::StepStatus, detail: String| pb::NodeRestoreProgress {
+                restore_id: run.rid.clone(),
+                node_name: info.node_name.clone(),
+                step: pb::NodeStep::FetchSnapshot as i32,
+                status: status as i32,
+                detail,
+                path: String::new(),
+                transfer: None,
+                at: Some(timestamp(Utc::now())),
+            };
+            run.events
+                .send(pb::restore_progress::Event::Node(ev(
+                    pb::StepStatus::Started,
+                    String::new(),
+                )))
+                .await;
+            let mut c = c.clone();
+            let r = c
+                .prepare_restore(pb::PrepareRestoreRequest {
+                    restore_id: run.rid.clone(),
+                    coordinator: run.engine.node_name.clone(),
+                    spec: Some(planned.spec(info, source)),
+                    lock_ttl: Some(d(Duration::from_secs(600))),
+                    skip_space_check: req.skip_space_check,
+                })
+                .await;
+            run.prepared.push((info.clone(), c.clone()));
+            let r = r.map_err(status_fail(pb::RestorePhase::Prepare, &info.node_name))?;
+            run.events
+                .send(pb::restore_progress::Event::Node(ev(
+                    pb::StepStatus::Done,
+                    format!("staged at {}", r.into_inner().staged_snapshot_path),
+                )))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// RESTORE: one node after the other, each agent's steps relayed. From
+    /// here on a failure leaves something to roll back.
+    async fn restore_members(
+        &self,
+        run: &mut Run<'_>,
+        planned: &Planned,
+        source: &pb::SnapshotSource,
+    ) -> std::result::Result<(), Failed> {
+        self.set_phase(run, pb::RestorePhase::RestoreMembers);
+        run.events
+            .phase(pb::RestorePhase::RestoreMembers, None, None)
+            .await;
+        run.touched = true;
+        for (info, c) in &planned.nodes {
+            let mut c = c.clone();
+            let stream = c
+                .restore_member(pb::RestoreMemberRequest {
+                    restore_id: run.rid.clone(),
+                    spec: Some(planned.spec(info, source)),
+                    dry_run: false,
+                })
+                .await
+                .map_err(status_fail(
+                    pb::RestorePhase::RestoreMembers,
+                    &info.node_name,
+                ))?;
+            relay(stream.into_inner(), run.events)
+                .await
+                .map_err(status_fail(
+                    pb::RestorePhase::RestoreMembers,
+                    &info.node_name,
+                ))?;
+        }
+        Ok(())
+    }
+
+    /// START: all members at once (a member is healthy only with a quorum).
+    async fn start_members(
+        &self,
+        run: &Run<'_>,
+        nodes: &[Node],
+    ) -> std::result::Result<(), Failed> {
+        self.set_phase(run, pb::RestorePhase::StartMembers);
+        let events = run.events;
+        events
+            .phase(pb::RestorePhase::StartMembers, None, None)
+            .await;
+        let starts = nodes.iter().map(|(info, c)| {
+            let mut c = c.clone();
+            let rid = run.rid.clone();
+            async move {
+                let stream = c
+                    .start_member(pb::StartMemberRequest {
+                        restore_id: rid,
+                        health_timeout: None,
+                    })
+                    .await
+                    .map_err(status_fail(pb::RestorePhase::StartMembers, &info.node_name))?;
+                relay(stream.into_inner(), events)
+                    .await
+                    .map_err(status_fail(pb::RestorePhase::StartMembers, &info.node_name))
+            }
+        });
+        for r in futures::future::join_all(starts).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// The end of a restore that did not fail: a dry run releases the
+    /// nodes; the summary is sent.
+    async fn finish(&self, run: &Run<'_>, mut summary: pb::RestoreSummary) {
+        if summary.dry_run {
+            // Release the nodes' locks and staged files.
+            for (info, c) in &run.prepared {
+                let _ = abort_node(c.clone(), &run.rid, "dry run finished", run.events, info).await;
+            }
+        }
+        summary.took = Some(d(run.started.elapsed()));
+        crate::metrics::restore_finished(if summary.dry_run { "dry_run" } else { "done" });
+        tracing::info!(restore_id = %run.rid, revision = summary.revision, "restore finished");
+        run.events
+            .send(pb::restore_progress::Event::Done(summary))
+            .await;
+    }
+}
+
+/// VERIFY: the restored members answer, and hold at least the target
+/// revision (more with a bump, or new writes); the summary gets the
+/// cluster's id, revision and members.
+async fn verify_cluster(
+    run: &Run<'_>,
+    nodes: &[Node],
+    target_revision: Option<i64>,
+    summary: &mut pb::RestoreSummary,
+) -> std::result::Result<(), Failed> {
+    let urls: Vec<String> = nodes
+        .iter()
+        .flat_map(|(n, _)| n.client_urls.clone())
+        .collect();
+    let statuses = run
+        .engine
+        .etcd
+        .with_endpoints(urls)
+        .statuses()
+        .await
+        .unwrap_or_default();
+    let Some(s) = statuses.first() else {
+        return Err(Failed {
+            phase: pb::RestorePhase::StartMembers,
+            error: "no restored member answers its status call".into(),
+        });
+    };
+    if let Some(r) = target_revision
+        && s.revision < r
+    {
+        return Err(Failed {
+            phase: pb::RestorePhase::StartMembers,
+            error: format!(
+                "the restored cluster is at revision {}, the target was {r}",
+                s.revision
+            ),
+        });
+    }
+    summary.cluster_id = s.cluster_id;
+    summary.revision = s.revision;
+    summary.nodes = nodes
+        .iter()
+        .map(|(n, _)| pb::NodeOutcome {
+            node_name: n.node_name.clone(),
+            member_name: n.member_name.clone(),
+            member_id: statuses
+                .iter()
+                .find(|s| n.client_urls.contains(&s.endpoint))
+                .map(|s| s.member_id)
+                .unwrap_or(0),
+            data_dir_aside_path: format!("{}.bulwark-{}", n.data_dir, run.rid),
+        })
+        .collect();
+    Ok(())
+}
+
+/// A node's facts and a client for its agent.
+pub(super) type Node = (pb::NodeInfo, RestoreAgentClient<Channel>);
+
+/// One restore in progress: what its phases share.
+pub(super) struct Run<'a> {
+    pub(super) rid: String,
+    pub(super) started: Instant,
+    pub(super) started_at: chrono::DateTime<Utc>,
+    pub(super) engine: Arc<Engine>,
+    pub(super) events: &'a Events,
+    pub(super) cancel: &'a CancellationToken,
+    /// Every agent asked to prepare: the rollback's list.
+    pub(super) prepared: Vec<Node>,
+    /// Whether RESTORE began (something on a node may have changed).
+    pub(super) touched: bool,
+}
+
+/// What PLAN settled: the nodes, the plan and the members' common spec.
+struct Planned {
+    nodes: Vec<Node>,
+    plan: Plan,
+    initial_cluster: String,
+    token: String,
+    bump: u64,
+    mark_compacted: bool,
+}
+
+impl Planned {
+    /// Node `n`'s restore spec.
+    fn spec(&self, n: &pb::NodeInfo, source: &pb::SnapshotSource) -> pb::MemberRestoreSpec {
+        pb::MemberRestoreSpec {
+            snapshot: Some(source.clone()),
+            member_name: n.member_name.clone(),
+            peer_urls: n.peer_urls.clone(),
+            initial_cluster: self.initial_cluster.clone(),
+            cluster_token: self.token.clone(),
+            bump_revision: self.bump,
+            mark_compacted: self.mark_compacted,
+        }
+    }
+
+    /// The plan as announced to the caller.
+    fn announce(
+        &self,
+        rid: &str,
+        target: Target,
+        dry_run: bool,
+        warnings: Vec<String>,
+    ) -> pb::RestorePlan {
+        pb::RestorePlan {
+            snapshot: Some(self.plan.base.to_proto(None)),
+            deltas: self.plan.segments.iter().map(|s| s.to_proto()).collect(),
+            target_revision: self.plan.target_revision.unwrap_or(0),
+            target_time: match target {
+                Target::Time(t) => Some(timestamp(t)),
+                _ => None,
+            },
+            nodes: self
+                .nodes
+                .iter()
+                .map(|(n, _)| pb::PlannedNode {
+                    data_dir_aside_path: format!("{}.bulwark-{rid}", n.data_dir),
+                    info: Some(n.clone()),
+                })
+                .collect(),
+            initial_cluster: self.initial_cluster.clone(),
+            cluster_token: self.token.clone(),
+            bump_revision: self.bump,
+            mark_compacted: self.mark_compacted,
+            dry_run,
+            warnings,
+        }
+    }
+}
+
+/// Relays a node's step stream until it ends; an rpc error is the failure.
+pub(super) async fn relay(
+    mut stream: tonic::Streaming<pb::NodeRestoreProgress>,
+    events: &Events,
+) -> std::result::Result<(), Status> {
+    while let Some(ev) = stream.message().await? {
+        events.send(pb::restore_progress::Event::Node(ev)).await;
+    }
+    Ok(())
+}

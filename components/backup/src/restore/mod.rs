@@ -1,0 +1,31 @@
+//! What happens on restore: one instance coordinates, every control-plane
+//! node's agent does its part, and a failure after PREPARE rolls every
+//! node back.
+//!
+//! ```text
+//! PLAN     GetNodeInfo on every agent in restore.peers; choose snapshot + deltas
+//! DOWNLOAD/BUILD  the target snapshot, once (pitr): every check fails here, before any node
+//! UPLOAD   restore/<restore id>/target.db for the agents to fetch
+//! PREPARE  every agent fetches it, checks its SHA-256, takes its lock  (dry run ends here)
+//! RESTORE  every agent: manifest out, wait stopped, data dir aside, etcdutl (etcdctl on 3.4) restore
+//! START    every agent at once: manifest back, wait healthy
+//! VERIFY   the restored members answer and hold at least the target revision
+//! ROLLBACK (on any failure after PREPARE) AbortRestore on every prepared agent
+//! ```
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`coordinator`] | `Backup.Restore`: the phases above, each a function |
+//! | [`rollback`] | undoing a failed restore on every prepared node, and what the failure reports |
+//! | [`pitr`] | point-in-time restore: the plan and the one target snapshot every member restores |
+//! | [`agent`] | this node's part: manifest out, data dir aside, restore tool, manifest back |
+//! | [`api`] | the `RestoreAgent` gRPC handlers over the local agent |
+
+pub mod agent;
+pub mod api;
+pub mod coordinator;
+pub mod pitr;
+pub mod rollback;
+
+pub use api::AgentApi;
+pub use coordinator::{Coordinator, DEFAULT_BUMP};

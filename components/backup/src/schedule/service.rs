@@ -1,0 +1,437 @@
+//! The running service: scheduled snapshots, retention and drills on the
+//! elected leader, on-demand operations on any instance, and the state that
+//! `GetStatus` reports.
+//!
+//! Scheduled work runs only while this instance leads, under a token that
+//! is cancelled the moment leadership is lost, so an in-flight scheduled
+//! upload stops and aborts instead of committing from a former leader; the
+//! last check before the manifest is written asks again. At most one
+//! snapshot runs per instance at a time (the API answers ABORTED to a
+//! second one).
+//!
+//! While leading, the delta recorder ([`crate::delta::Recorder`]) follows
+//! etcd after the newest snapshot; a gap in the history makes it ask for a
+//! new full snapshot, taken through the same path as scheduled ones.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::delta::{DeltaSettings, DeltaStatus, Recorder};
+use crate::engine::Engine;
+use crate::error::{BackupError, Result};
+use crate::schedule::election::LeaderState;
+use crate::schedule::ticks::Schedule;
+use crate::snapshot::manifest::{Manifest, Trigger, VerificationRecord};
+use crate::snapshot::{Progress, SnapshotOptions};
+use crate::verify::VerifyProgress;
+
+/// Scheduling knobs, from the config.
+#[derive(Clone, Debug)]
+pub struct ServiceSettings {
+    /// When snapshots are due; `None`: on demand only.
+    pub schedule: Option<Schedule>,
+    /// Attempts after a failed scheduled snapshot.
+    pub retries: u32,
+    /// Pause before each retry.
+    pub retry_backoff: Duration,
+    /// How often retention runs besides after each snapshot.
+    pub retention_interval: Duration,
+    /// How often the newest snapshot is drilled; `None`: never.
+    pub drill_interval: Option<Duration>,
+    /// etcd election name.
+    pub election_name: String,
+    /// Continuous deltas while leading; `None`: off.
+    pub deltas: Option<DeltaSettings>,
+}
+
+/// An error remembered for status.
+#[derive(Clone, Debug)]
+pub struct ErrorRecord {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// What was being done.
+    pub operation: String,
+    /// The error.
+    pub message: String,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_run: Option<DateTime<Utc>>,
+    last_error: Option<ErrorRecord>,
+    last_drill: Option<VerificationRecord>,
+}
+
+/// The service shared by the scheduler and the gRPC handlers.
+#[derive(Debug)]
+pub struct Service {
+    engine: Arc<Engine>,
+    settings: ServiceSettings,
+    leader: watch::Receiver<LeaderState>,
+    state: Mutex<State>,
+    snapshot_lock: tokio::sync::Mutex<()>,
+    delta_status: Arc<Mutex<DeltaStatus>>,
+    restore_lock: tokio::sync::Mutex<()>,
+    restore_state: Mutex<Option<RestoreRunning>>,
+}
+
+/// The restore this instance coordinates now.
+#[derive(Clone, Debug)]
+pub struct RestoreRunning {
+    /// Restore id.
+    pub restore_id: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Its phase, as the API numbers them.
+    pub phase: i32,
+}
+
+impl Service {
+    /// A service over `engine`, leading when `leader` says so.
+    pub fn new(
+        engine: Arc<Engine>,
+        settings: ServiceSettings,
+        leader: watch::Receiver<LeaderState>,
+    ) -> Self {
+        Self {
+            engine,
+            settings,
+            leader,
+            state: Mutex::new(State::default()),
+            snapshot_lock: tokio::sync::Mutex::new(()),
+            delta_status: Arc::new(Mutex::new(DeltaStatus::default())),
+            restore_lock: tokio::sync::Mutex::new(()),
+            restore_state: Mutex::new(None),
+        }
+    }
+
+    /// The delta recorder's status.
+    pub fn delta_status(&self) -> DeltaStatus {
+        self.delta_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The restore lock: one restore per instance at a time.
+    pub fn try_restore_lock(&self) -> Result<tokio::sync::MutexGuard<'_, ()>> {
+        self.restore_lock.try_lock().map_err(|_| {
+            BackupError::Busy(format!(
+                "a restore is already running on {}",
+                self.engine.node_name
+            ))
+        })
+    }
+
+    /// Sets (or clears) the restore shown in status.
+    pub fn set_restore(&self, r: Option<RestoreRunning>) {
+        *self.restore_state.lock().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    /// The restore shown in status.
+    pub fn restore_running(&self) -> Option<RestoreRunning> {
+        self.restore_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &ServiceSettings {
+        &self.settings
+    }
+
+    /// Whether this instance leads now.
+    pub fn is_leader(&self) -> bool {
+        self.leader.borrow().is_leader
+    }
+
+    /// When the next scheduled snapshot is due (as computed by the leader
+    /// loop, or from the schedule otherwise).
+    pub fn next_run(&self) -> Option<DateTime<Utc>> {
+        self.lock().next_run.or_else(|| {
+            self.settings
+                .schedule
+                .as_ref()
+                .and_then(|s| s.next_after(Utc::now()))
+        })
+    }
+
+    /// The last error of scheduled work.
+    pub fn last_error(&self) -> Option<ErrorRecord> {
+        self.lock().last_error.clone()
+    }
+
+    /// The last drill or verification this instance ran.
+    pub fn last_drill(&self) -> Option<VerificationRecord> {
+        self.lock().last_drill.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember_error(&self, operation: &str, e: &BackupError) {
+        self.lock().last_error = Some(ErrorRecord {
+            at: Utc::now(),
+            operation: operation.to_owned(),
+            message: e.to_string(),
+        });
+    }
+
+    /// Takes a snapshot (one at a time per instance) and records metrics.
+    pub async fn snapshot(
+        &self,
+        options: SnapshotOptions,
+        progress: &dyn Progress,
+        cancel: &CancellationToken,
+        may_commit: &(dyn Fn() -> Result<()> + Send + Sync),
+    ) -> Result<Manifest> {
+        let _guard = self
+            .snapshot_lock
+            .try_lock()
+            .map_err(|_| BackupError::Busy(self.engine.node_name.clone()))?;
+        let result = self
+            .engine
+            .take_snapshot(options, progress, cancel, may_commit)
+            .await;
+        match &result {
+            Ok(m) => crate::metrics::snapshot_committed(m),
+            Err(e) => crate::metrics::snapshot_failed(e),
+        }
+        result
+    }
+
+    /// Verifies a snapshot and records metrics and status.
+    pub async fn verify(
+        &self,
+        id: &str,
+        drill: bool,
+        progress: &dyn VerifyProgress,
+        cancel: &CancellationToken,
+    ) -> Result<VerificationRecord> {
+        let record = self
+            .engine
+            .verify_snapshot(id, drill, progress, cancel)
+            .await?;
+        crate::metrics::verified(&record);
+        self.lock().last_drill = Some(record.clone());
+        Ok(record)
+    }
+
+    /// Runs the scheduler until `cancel`: waits for leadership, leads until
+    /// it is lost, and so on.
+    pub async fn run_scheduler(self: Arc<Self>, cancel: CancellationToken) {
+        let mut rx = self.leader.clone();
+        loop {
+            while !rx.borrow_and_update().is_leader {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+            }
+            let lead = cancel.child_token();
+            let watcher = {
+                let lead = lead.clone();
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    while rx.borrow_and_update().is_leader {
+                        if rx.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                    lead.cancel();
+                })
+            };
+            let deltas = async {
+                if let Some(settings) = self.settings.deltas.clone() {
+                    let recorder =
+                        Recorder::new(self.engine.clone(), settings, self.delta_status.clone());
+                    let lead = &lead;
+                    recorder
+                        .run(lead, &|| Box::pin(self.gap_snapshot(lead)))
+                        .await;
+                }
+            };
+            tokio::join!(self.lead(&lead), deltas);
+            lead.cancel();
+            watcher.abort();
+            self.lock().next_run = None;
+            if cancel.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Scheduled work while leading.
+    async fn lead(&self, lead: &CancellationToken) {
+        let now = Utc::now();
+        // A leader that died mid-tick, or a cluster starting up: take the
+        // last tick's snapshot now unless one was committed for it.
+        if let Some(prev) = self
+            .settings
+            .schedule
+            .as_ref()
+            .and_then(|s| s.last_at_or_before(now))
+        {
+            match self.tick_done(prev).await {
+                Ok(true) => {}
+                Ok(false) => self.scheduled_snapshot(prev, lead).await,
+                Err(e) => self.remember_error("listing snapshots", &e),
+            }
+        }
+        let mut next_retention = Utc::now() + to_delta(self.settings.retention_interval);
+        let mut next_drill = self
+            .settings
+            .drill_interval
+            .map(|d| Utc::now() + to_delta(d));
+        loop {
+            let now = Utc::now();
+            let next_tick = self
+                .settings
+                .schedule
+                .as_ref()
+                .and_then(|s| s.next_after(now));
+            self.lock().next_run = next_tick;
+            let wake = [Some(next_retention), next_drill, next_tick]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(next_retention);
+            let sleep = (wake - now).to_std().unwrap_or(Duration::ZERO);
+            tokio::select! {
+                _ = lead.cancelled() => return,
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            let now = Utc::now();
+            if let Some(tick) = next_tick.filter(|t| *t <= now) {
+                self.scheduled_snapshot(tick, lead).await;
+            }
+            if lead.is_cancelled() {
+                return;
+            }
+            if next_retention <= now {
+                self.retention().await;
+                next_retention = now + to_delta(self.settings.retention_interval);
+            }
+            if let (Some(at), Some(every)) = (next_drill, self.settings.drill_interval)
+                && at <= now
+            {
+                self.scheduled_drill(lead).await;
+                next_drill = Some(now + to_delta(every));
+            }
+        }
+    }
+
+    /// Whether a scheduled snapshot for `tick` (or a later one) is committed.
+    async fn tick_done(&self, tick: DateTime<Utc>) -> Result<bool> {
+        Ok(self.engine.list_snapshots().await?.iter().any(|s| {
+            s.manifest.trigger == Trigger::Scheduled && s.manifest.scheduled_for >= Some(tick)
+        }))
+    }
+
+    /// A full snapshot after a delta gap, committed only while leading.
+    async fn gap_snapshot(&self, lead: &CancellationToken) -> Result<()> {
+        let may_commit = self.leading_now();
+        let options = SnapshotOptions {
+            trigger: Trigger::Scheduled,
+            scheduled_for: None,
+            note: "taken after a gap in the delta history".into(),
+            member_name: None,
+        };
+        match self.snapshot(options, &(), lead, &may_commit).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.remember_error("snapshot after a delta gap", &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// A check that this instance still leads in the current term.
+    fn leading_now(&self) -> impl Fn() -> Result<()> + Send + Sync + use<> {
+        let term = self.leader.borrow().term;
+        let leader = self.leader.clone();
+        move || {
+            let s = leader.borrow();
+            if s.is_leader && s.term == term {
+                Ok(())
+            } else {
+                Err(BackupError::Cancelled(
+                    "lost leadership before commit".into(),
+                ))
+            }
+        }
+    }
+
+    /// The scheduled snapshot of `tick`, retried up to `retries` times
+    /// while `lead` holds, then retention.
+    pub async fn scheduled_snapshot(&self, tick: DateTime<Utc>, lead: &CancellationToken) {
+        let attempts = self.settings.retries + 1;
+        let may_commit = self.leading_now();
+        for attempt in 1..=attempts {
+            let options = SnapshotOptions {
+                trigger: Trigger::Scheduled,
+                scheduled_for: Some(tick),
+                note: String::new(),
+                member_name: None,
+            };
+            match self.snapshot(options, &(), lead, &may_commit).await {
+                Ok(_) => {
+                    self.lock().last_error = None;
+                    self.retention().await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(attempt, attempts, tick = %tick, error = %e, "scheduled snapshot failed");
+                    self.remember_error("scheduled snapshot", &e);
+                    if lead.is_cancelled() || attempt == attempts {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = lead.cancelled() => return,
+                        _ = tokio::time::sleep(self.settings.retry_backoff) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn retention(&self) {
+        match self.engine.apply_retention(Utc::now()).await {
+            Ok(o) => crate::metrics::retention(o.deleted.len(), o.collected.len()),
+            Err(e) => {
+                tracing::warn!(error = %e, "retention failed");
+                self.remember_error("retention", &e);
+            }
+        }
+    }
+
+    async fn scheduled_drill(&self, lead: &CancellationToken) {
+        let latest = match self.engine.latest_snapshot().await {
+            Ok(s) => s,
+            Err(BackupError::NotFound { .. }) => return,
+            Err(e) => {
+                self.remember_error("scheduled drill", &e);
+                return;
+            }
+        };
+        if let Err(e) = self.verify(&latest.manifest.id, true, &(), lead).await {
+            tracing::warn!(error = %e, "scheduled drill could not run");
+            self.remember_error("scheduled drill", &e);
+        }
+    }
+}
+
+fn to_delta(d: Duration) -> chrono::TimeDelta {
+    chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+}

@@ -1,0 +1,443 @@
+//! What is in the store: committed snapshots (those with a manifest), their
+//! verification records, and leftovers of failed uploads; deleting,
+//! retention and garbage collection.
+//!
+//! Deleting removes the manifest first, so a snapshot stops existing in one
+//! step, then its other objects; if that second step fails half-way, what
+//! remains is a leftover (no manifest), which garbage collection removes
+//! after the grace period. Nothing is ever half a snapshot.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
+
+use crate::engine::Engine;
+use crate::error::{BackupError, Result};
+use crate::snapshot::manifest::{Manifest, VerificationRecord};
+use crate::snapshot::retention::Candidate;
+use crate::store::layout::{Entry, id_time, is_valid_id};
+
+/// A committed snapshot and its newest verification.
+#[derive(Clone, Debug)]
+pub struct SnapshotEntry {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// The newest verification record, if any.
+    pub last_verification: Option<VerificationRecord>,
+}
+
+impl SnapshotEntry {
+    /// Whether it may serve as "the newest valid snapshot": committed and
+    /// not failed by its last verification.
+    pub fn is_valid(&self) -> bool {
+        self.last_verification.as_ref().is_none_or(|v| v.passed)
+    }
+}
+
+/// Objects of one snapshot directory without a manifest.
+#[derive(Clone, Debug)]
+pub struct Leftover {
+    /// The directory's id.
+    pub id: String,
+    /// Its objects.
+    pub objects: Vec<ObjectMeta>,
+}
+
+impl Leftover {
+    /// The newest modification among its objects.
+    pub fn last_modified(&self) -> Option<DateTime<Utc>> {
+        self.objects.iter().map(|o| o.last_modified).max()
+    }
+}
+
+/// One listing of the cluster's `full/` directory.
+#[derive(Clone, Debug, Default)]
+pub struct Scan {
+    /// Committed snapshots, newest first.
+    pub snapshots: Vec<SnapshotEntry>,
+    /// Directories without a manifest.
+    pub leftovers: Vec<Leftover>,
+    /// Every object, by snapshot id (to delete them and count sizes).
+    pub objects: BTreeMap<String, Vec<ObjectMeta>>,
+}
+
+/// What [`Engine::delete_snapshot`] removed.
+#[derive(Clone, Debug)]
+pub struct Deleted {
+    /// The snapshot.
+    pub id: String,
+    /// Bytes freed (snapshot and delta segments).
+    pub freed_bytes: u64,
+    /// Delta segments deleted with it.
+    pub deleted_segments: u32,
+}
+
+/// What one retention run did.
+#[derive(Clone, Debug, Default)]
+pub struct RetentionOutcome {
+    /// Snapshots deleted by the policy.
+    pub deleted: Vec<String>,
+    /// Leftover directories removed.
+    pub collected: Vec<String>,
+    /// Snapshots kept.
+    pub kept: usize,
+}
+
+impl Engine {
+    /// Lists `full/` and reads every manifest and newest verification record.
+    pub async fn scan(&self) -> Result<Scan> {
+        let full = self.layout.full_dir();
+        let metas = self.store.list_all(&full).await?;
+        let mut objects: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
+        let mut has_manifest = BTreeMap::new();
+        let mut newest_record: BTreeMap<String, String> = BTreeMap::new();
+        for meta in metas {
+            let Some(entry) = self.layout.classify(&meta.location) else {
+                continue;
+            };
+            let id = entry.id().to_owned();
+            match &entry {
+                Entry::Manifest { .. } => {
+                    has_manifest.insert(id.clone(), ());
+                }
+                Entry::Verification { name, .. } => {
+                    let newest = newest_record.entry(id.clone()).or_default();
+                    if *name > *newest {
+                        *newest = name.clone();
+                    }
+                }
+                Entry::Data { .. } | Entry::Other { .. } => {}
+            }
+            objects.entry(id).or_default().push(meta);
+        }
+        let ids: Vec<String> = has_manifest.keys().cloned().collect();
+        let mut snapshots: Vec<SnapshotEntry> = futures::stream::iter(ids)
+            .map(|id| {
+                let record = newest_record.get(&id).cloned();
+                async move { self.read_entry(&id, record.as_deref()).await }
+            })
+            .buffer_unordered(8)
+            .try_collect()
+            .await?;
+        snapshots.sort_by(|a, b| {
+            b.manifest
+                .started_at
+                .cmp(&a.manifest.started_at)
+                .then_with(|| b.manifest.id.cmp(&a.manifest.id))
+        });
+        let leftovers = objects
+            .iter()
+            .filter(|(id, _)| !has_manifest.contains_key(*id))
+            .map(|(id, objs)| Leftover {
+                id: id.clone(),
+                objects: objs.clone(),
+            })
+            .collect();
+        Ok(Scan {
+            snapshots,
+            leftovers,
+            objects,
+        })
+    }
+
+    async fn read_entry(&self, id: &str, record: Option<&str>) -> Result<SnapshotEntry> {
+        let path = self.layout.manifest(id);
+        let bytes = self.get_bytes(&path).await?;
+        let manifest = Manifest::from_json(&self.store.describe(&path), &bytes)?;
+        let last_verification = match record {
+            None => None,
+            Some(name) => {
+                let p = self
+                    .layout
+                    .snapshot_dir(id)
+                    .join(crate::store::layout::VERIFY_DIR)
+                    .join(format!("{name}.json"));
+                match self.get_bytes(&p).await {
+                    Ok(b) => VerificationRecord::from_json(&self.store.describe(&p), &b).ok(),
+                    Err(_) => None,
+                }
+            }
+        };
+        Ok(SnapshotEntry {
+            manifest,
+            last_verification,
+        })
+    }
+
+    async fn get_bytes(&self, path: &Path) -> Result<bytes::Bytes> {
+        let described = self.store.describe(path);
+        self.store
+            .inner()
+            .get(path)
+            .await
+            .map_err(|e| BackupError::store(described.clone(), e))?
+            .bytes()
+            .await
+            .map_err(|e| BackupError::store(described, e))
+    }
+
+    /// Committed snapshots, newest first.
+    pub async fn list_snapshots(&self) -> Result<Vec<SnapshotEntry>> {
+        Ok(self.scan().await?.snapshots)
+    }
+
+    /// One committed snapshot by id.
+    pub async fn get_snapshot(&self, id: &str) -> Result<SnapshotEntry> {
+        if !is_valid_id(id) {
+            return Err(BackupError::InvalidArgument(format!(
+                "{id:?} is not a snapshot id (expected e.g. 20250102T030405Z-r42-3f2a)"
+            )));
+        }
+        let verify_dir = self
+            .layout
+            .snapshot_dir(id)
+            .join(crate::store::layout::VERIFY_DIR);
+        let records = self.store.list_all(&verify_dir).await?;
+        let newest = records
+            .iter()
+            .filter_map(|m| match self.layout.classify(&m.location) {
+                Some(Entry::Verification { name, .. }) => Some(name),
+                _ => None,
+            })
+            .max();
+        self.read_entry(id, newest.as_deref())
+            .await
+            .map_err(|e| match e {
+                BackupError::NotFound { .. } => BackupError::NotFound {
+                    what: format!("snapshot {id}"),
+                },
+                other => other,
+            })
+    }
+
+    /// The newest committed snapshot.
+    pub async fn latest_snapshot(&self) -> Result<SnapshotEntry> {
+        self.list_snapshots()
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| BackupError::NotFound {
+                what: format!(
+                    "any snapshot in {}",
+                    self.store.describe(&self.layout.full_dir())
+                ),
+            })
+    }
+
+    /// Stores a verification record next to the snapshot's manifest.
+    pub async fn record_verification(&self, record: &VerificationRecord) -> Result<()> {
+        let path = self
+            .layout
+            .verification(&record.snapshot_id, record.verified_at);
+        self.store
+            .inner()
+            .put(&path, PutPayload::from(record.to_json()))
+            .await
+            .map(drop)
+            .map_err(|e| BackupError::store(self.store.describe(&path), e))
+    }
+
+    /// Deletes snapshot `id`: its manifest first, then its other objects.
+    /// The newest snapshot and the newest one whose last verification
+    /// passed need `force`.
+    pub async fn delete_snapshot(&self, id: &str, force: bool) -> Result<Deleted> {
+        if !is_valid_id(id) {
+            return Err(BackupError::InvalidArgument(format!(
+                "{id:?} is not a snapshot id"
+            )));
+        }
+        let scan = self.scan().await?;
+        if !scan.snapshots.iter().any(|s| s.manifest.id == id) {
+            return Err(BackupError::NotFound {
+                what: format!("snapshot {id}"),
+            });
+        }
+        if !force {
+            let newest = scan.snapshots.first().map(|s| s.manifest.id.as_str());
+            let newest_verified = scan
+                .snapshots
+                .iter()
+                .find(|s| s.last_verification.as_ref().is_some_and(|v| v.passed))
+                .map(|s| s.manifest.id.as_str());
+            if newest == Some(id) || newest_verified == Some(id) {
+                return Err(BackupError::Refused(format!(
+                    "snapshot {id} is the newest{} snapshot; deleting it shortens what can be \
+                     restored: pass force to delete it anyway",
+                    if newest == Some(id) { "" } else { " verified" }
+                )));
+            }
+        }
+        let objects = scan.objects.get(id).cloned().unwrap_or_default();
+        self.remove_snapshot(id, &objects).await
+    }
+
+    async fn remove_snapshot(&self, id: &str, objects: &[ObjectMeta]) -> Result<Deleted> {
+        let manifest = self.layout.manifest(id);
+        match self.store.inner().delete(&manifest).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(BackupError::store(self.store.describe(&manifest), e)),
+        }
+        let mut freed = 0;
+        for meta in objects.iter().filter(|m| m.location != manifest) {
+            match self.store.inner().delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => freed += meta.size,
+                Err(e) => {
+                    tracing::warn!(
+                        snapshot_id = id,
+                        object = %meta.location,
+                        error = %e,
+                        "snapshot uncommitted but an object remains; garbage collection will remove it"
+                    );
+                }
+            }
+        }
+        freed += objects
+            .iter()
+            .filter(|m| m.location == manifest)
+            .map(|m| m.size)
+            .sum::<u64>();
+        // Deltas follow their base snapshot: without it they restore nothing.
+        let (deleted_segments, delta_bytes) = match self.delete_segments(id).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(snapshot_id = id, error = %e, "deleting the snapshot's delta segments failed; the next retention run retries");
+                (0, 0)
+            }
+        };
+        Ok(Deleted {
+            id: id.to_owned(),
+            freed_bytes: freed + delta_bytes,
+            deleted_segments,
+        })
+    }
+
+    /// Applies the retention policy at `now` and removes leftovers older
+    /// than the grace period.
+    pub async fn apply_retention(&self, now: DateTime<Utc>) -> Result<RetentionOutcome> {
+        let scan = self.scan().await?;
+        let candidates: Vec<Candidate> = scan
+            .snapshots
+            .iter()
+            .map(|s| Candidate {
+                id: s.manifest.id.clone(),
+                time: s.manifest.started_at,
+                valid: s.is_valid(),
+            })
+            .collect();
+        let keep = self.retention.keep(now, &candidates);
+        let mut outcome = RetentionOutcome {
+            kept: keep.len(),
+            ..Default::default()
+        };
+        for s in &scan.snapshots {
+            let id = &s.manifest.id;
+            if keep.contains(id) {
+                continue;
+            }
+            let objects = scan.objects.get(id).cloned().unwrap_or_default();
+            match self.remove_snapshot(id, &objects).await {
+                Ok(_) => outcome.deleted.push(id.clone()),
+                Err(e) => {
+                    tracing::warn!(snapshot_id = %id, error = %e, "retention could not delete")
+                }
+            }
+        }
+        // Segments whose base snapshot is gone (deleted by an older
+        // version, or its segment deletion failed) restore nothing.
+        match self.list_segments(None).await {
+            Ok(segments) => {
+                let orphaned: std::collections::BTreeSet<&str> = segments
+                    .iter()
+                    .map(|s| s.base_snapshot.as_str())
+                    .filter(|b| {
+                        !scan.snapshots.iter().any(|s| s.manifest.id == *b)
+                            || outcome.deleted.iter().any(|d| d == b)
+                    })
+                    .collect();
+                for base in orphaned {
+                    if let Err(e) = self.delete_segments(base).await {
+                        tracing::warn!(base, error = %e, "retention could not delete delta segments");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "retention could not list delta segments"),
+        }
+        let grace =
+            chrono::TimeDelta::from_std(self.gc_grace_period).unwrap_or(chrono::TimeDelta::MAX);
+        for left in &scan.leftovers {
+            // Age from the newest object, and from the id's time when it has
+            // one: an upload still running keeps writing new parts.
+            let newest = left.last_modified();
+            let id_at = id_time(&left.id);
+            let old_enough = newest.is_some_and(|t| now.signed_duration_since(t) > grace)
+                && id_at.is_none_or(|t| now.signed_duration_since(t) > grace);
+            if !old_enough {
+                continue;
+            }
+            let mut all_gone = true;
+            for meta in &left.objects {
+                if let Err(e) = self.store.inner().delete(&meta.location).await
+                    && !matches!(e, object_store::Error::NotFound { .. })
+                {
+                    all_gone = false;
+                    tracing::warn!(object = %meta.location, error = %e, "garbage collection could not delete");
+                }
+            }
+            if all_gone {
+                outcome.collected.push(left.id.clone());
+            }
+        }
+        if let Some(dir) = self.store.local_dir() {
+            let root = dir.join(self.layout.full_dir().as_ref());
+            let grace = self.gc_grace_period;
+            let removed = tokio::task::spawn_blocking(move || remove_stale_staging(&root, grace))
+                .await
+                .unwrap_or(0);
+            if removed > 0 {
+                tracing::info!(removed, "removed stale partial uploads from the file store");
+            }
+        }
+        if !outcome.deleted.is_empty() || !outcome.collected.is_empty() {
+            tracing::info!(
+                deleted = ?outcome.deleted,
+                collected = ?outcome.collected,
+                kept = outcome.kept,
+                "retention applied"
+            );
+        }
+        Ok(outcome)
+    }
+}
+
+/// A `file://` store's interrupted uploads live as `<object>#<n>` staging
+/// files that listings do not show; remove those older than `grace`.
+fn remove_stale_staging(dir: &std::path::Path, grace: Duration) -> usize {
+    let mut removed = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_dir() {
+            removed += remove_stale_staging(&path, grace);
+        } else if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.contains('#'))
+            && meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age > grace)
+            && std::fs::remove_file(&path).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}

@@ -1,0 +1,17 @@
+//! Snapshots as the store holds them: taking one and committing it, the
+//! manifest that is its commit point, the catalog of what is stored, and
+//! the retention policy.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`take`] | etcd stream → trailer check → zstd → age → multipart upload → manifest (`Engine::take_snapshot`) |
+//! | [`manifest`] | `manifest.json` (the commit point) and `verify/*.json` records |
+//! | [`catalog`] | listing, get, delete, retention and garbage collection against the store (`Engine` methods) |
+//! | [`retention`] | the pure keep/delete policy |
+
+pub mod catalog;
+pub mod manifest;
+pub mod retention;
+pub mod take;
+
+pub use take::{Progress, SnapshotEvent, SnapshotOptions};

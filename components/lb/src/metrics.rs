@@ -1,0 +1,213 @@
+//! Every `bulwark_lb_*` metric, declared once: its `# HELP` text and the
+//! series that exist from the start ([`bulwark_common::telemetry::catalog`]).
+//!
+//! Per-listener series (`listener` label) are created when the listener
+//! starts and per-backend series (`backend` label) when the backend is
+//! published, so they too exist at zero before their first event. Label
+//! values are the CLI's words: verdicts are `up`, `not_ready`, `down`,
+//! `unknown`, as `bulwarkctl lb status` and `bulwarkctl health` print them.
+
+use bulwark_common::telemetry::catalog::{self, MetricDef, MetricKind::*};
+use bulwark_common::tls::TlsFiles;
+
+use crate::health::VERDICT_LABELS;
+
+/// The catalogue.
+pub const DEFS: &[MetricDef] = &[
+    // Raft and the VIP.
+    MetricDef::single(
+        "bulwark_lb_is_leader",
+        Gauge,
+        "1 while this node is the Raft leader.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_term",
+        Gauge,
+        "The Raft term this node last saw.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_elections_total",
+        Counter,
+        "Raft term changes seen by this node (each is an election).",
+    ),
+    MetricDef::single(
+        "bulwark_lb_vip_held",
+        Gauge,
+        "1 while this node holds the VIP; summed over nodes it must never exceed 1.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_vip_acquisitions_total",
+        Counter,
+        "Times this node took the VIP.",
+    ),
+    MetricDef::per_label(
+        "bulwark_lb_vip_releases_total",
+        Counter,
+        "Times this node released the VIP, by reason.",
+        "reason",
+        &["lease_expired", "lost_leadership", "handover"],
+    ),
+    MetricDef::single(
+        "bulwark_lb_vip_renew_failures_total",
+        Counter,
+        "arp mode: failed renewals of the VIP address's kernel lifetime (the VIP is kept and the renewal retried).",
+    ),
+    MetricDef::single(
+        "bulwark_lb_vip_readded_total",
+        Counter,
+        "arp mode: times the VIP address was found missing while held and added again.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_failover_detect_seconds",
+        Histogram,
+        "Failovers: from the old leader's last contact to this node's election.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_failover_move_seconds",
+        Histogram,
+        "Failovers: from election to the VIP announced by this node.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_failover_duration_seconds",
+        Histogram,
+        "Failovers: detection plus move, the client-visible part bulwark controls.",
+    ),
+    // The data path.
+    MetricDef::single(
+        "bulwark_lb_backends_routable",
+        Gauge,
+        "Backends that take new connections on this node (not drained, verdict up or unknown).",
+    ),
+    MetricDef::single(
+        "bulwark_lb_fail_open",
+        Gauge,
+        "1 while no backend is routable by verdict and every active backend is tried (fail-open).",
+    ),
+    MetricDef::single(
+        "bulwark_lb_zone_spillover",
+        Gauge,
+        "1 while a zone-preferring listener sends new connections outside this node's zone because the zone runs short.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_connections_active",
+        Gauge,
+        "Open proxied connections, by backend.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_connections_total",
+        Counter,
+        "Proxied connections established, by backend.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_bytes_in_total",
+        Counter,
+        "Bytes from clients to the backend, by backend.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_bytes_out_total",
+        Counter,
+        "Bytes from the backend to clients, by backend.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_connect_errors_total",
+        Counter,
+        "Failed connects to a backend, by backend and reason (retried on another backend).",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_backend_retries_total",
+        Counter,
+        "Connections that left this backend for another after a failed connect, by backend.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_connections_accepted_total",
+        Counter,
+        "Client connections accepted, by listener.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_accept_errors_total",
+        Counter,
+        "Failed accepts, by listener and reason (resources: out of descriptors or memory).",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_max_connections_reached_total",
+        Counter,
+        "Client connections refused at proxy.maxConnections, by listener.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_retries_total",
+        Counter,
+        "Connect retries on another backend, by listener.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_connections_failed_total",
+        Counter,
+        "Client connections closed because no backend could be connected, by listener and reason.",
+    ),
+    // Health.
+    MetricDef::dynamic(
+        "bulwark_lb_backend_verdict",
+        Gauge,
+        "1 for the backend's committed verdict (up, not_ready, down, unknown), 0 for the others.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_zones_down",
+        Gauge,
+        "Zones whose every backend is down by committed verdict.",
+    ),
+    MetricDef::per_label(
+        "bulwark_lb_verdict_changes_total",
+        Counter,
+        "Verdict changes committed by this node as leader, by new verdict.",
+        "to",
+        VERDICT_LABELS,
+    ),
+    MetricDef::per_label(
+        "bulwark_lb_probe_reports_total",
+        Counter,
+        "Prober reports received by this node as leader, by kind.",
+        "kind",
+        &["full", "changes", "heartbeat"],
+    ),
+    MetricDef::single(
+        "bulwark_lb_probers",
+        Gauge,
+        "Probers reporting to this node as leader.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_probers_isolated",
+        Gauge,
+        "Probers whose votes are ignored because they see every backend down while others do not.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_probers_stale",
+        Gauge,
+        "Probers whose last report is too old to count.",
+    ),
+];
+
+/// Declares the catalogue, the build info and the certificate expiry of
+/// `tls`. Call once at start, before the node runs.
+pub fn register(tls: &TlsFiles) {
+    catalog::register(DEFS);
+    catalog::register_build_info("lb", env!("CARGO_PKG_VERSION"));
+    catalog::register_certificates("lb", &[tls]);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every metric the code records is in the catalogue, and nothing
+    /// else is: the names come from the source files themselves.
+    #[test]
+    fn the_catalogue_lists_exactly_the_recorded_metrics() {
+        let declared: BTreeSet<&str> = DEFS.iter().map(|d| d.name).collect();
+        assert_eq!(declared.len(), DEFS.len(), "a metric is declared twice");
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+        let recorded = catalog::recorded_names(src.as_ref(), "bulwark_lb_");
+        let declared: BTreeSet<String> = declared.into_iter().map(str::to_owned).collect();
+        assert_eq!(declared, recorded);
+    }
+}

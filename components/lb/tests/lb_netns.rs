@@ -37,6 +37,83 @@ async fn heavy_netns_dual_stack_cut_leader_link_moves_both_addresses() {
     cut_leader_link_moves_the_vip(Stack::Dual).await;
 }
 
+/// A dual-stack holder whose interface loses IPv6 (disable_ipv6, which
+/// also deletes its IPv6 addresses) cannot add the IPv6 VIP back: it must
+/// not keep the IPv4 one alone. Its renewal drops the whole VIP, and every
+/// claim it retries deletes the IPv4 address again when the IPv6 add fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_netns_dual_stack_holder_losing_ipv6_keeps_no_ipv4_alone() {
+    let Some(l) = LbLab::start_stack(3, "", Stack::Dual).await else {
+        return;
+    };
+    let holder = l.wait_for_holder(None, Duration::from_secs(20)).await;
+    let host = l.lb_hosts()[holder].clone();
+    host.exec_ok("sysctl", ["-w", "net.ipv6.conf.eth0.disable_ipv6=1"])
+        .expect("disabling IPv6");
+    // A renewal comes every quarter lifetime (250 ms).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ips = l.vip_ips();
+    let (mut samples, mut v4_alone, mut run, mut longest) = (0u32, 0u32, 0u32, 0u32);
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let held = held_by(&host, &ips);
+        samples += 1;
+        assert!(!held[1], "IPv6 is disabled: {held:?}");
+        // A claim attempt adds IPv4 and deletes it again within a
+        // millisecond when IPv6 fails; a sweep can catch that moment.
+        v4_alone += u32::from(held[0]);
+        run = if held[0] { run + 1 } else { 0 };
+        longest = longest.max(run);
+        // Nobody else took either address: this node still leads.
+        for (i, other) in l.lb_hosts().iter().enumerate() {
+            if i != holder {
+                assert_eq!(held_by(other, &ips), [false, false], "h{}", i + 1);
+            }
+        }
+    }
+    eprintln!(
+        "IPv4 alone in {v4_alone} of {samples} sweeps of the holder, at most {longest} in a row"
+    );
+    assert!(samples > 10, "{samples}");
+    // A failed claim is retried every 200 ms; each attempt holds IPv4 for
+    // the netlink round trips until the IPv6 add fails and IPv4 is deleted
+    // (a sweep rarely catches one). Held for good, it would be in every
+    // sweep.
+    assert!(longest < 3, "IPv4 held alone in {longest} sweeps in a row");
+    assert!(
+        v4_alone * 10 < samples,
+        "IPv4 held alone in {v4_alone} of {samples} sweeps"
+    );
+    let log = l.nodes[holder].log();
+    assert!(
+        log.contains("released the whole VIP"),
+        "no whole-VIP release logged"
+    );
+    assert!(
+        log.contains("could not take the VIP"),
+        "the failed claims are logged"
+    );
+
+    // IPv6 back: the same leader takes the whole VIP again.
+    host.exec_ok("sysctl", ["-w", "net.ipv6.conf.eth0.disable_ipv6=0"])
+        .expect("enabling IPv6");
+    host.exec_ok(
+        "ip",
+        [
+            "addr",
+            "add",
+            &format!("{}/64", host.addr6()),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )
+    .expect("the lab address back");
+    let back = l.wait_for_holder(None, Duration::from_secs(10)).await;
+    assert_eq!(back, holder);
+    assert_whole_vip_on(&l, holder);
+}
+
 /// `host`'s MAC as `ip` prints it (`02:…`).
 fn mac_text(host: &Host) -> String {
     let out = host

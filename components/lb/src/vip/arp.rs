@@ -7,9 +7,10 @@
 //! interface, managed as one: claimed together (if adding either fails,
 //! whatever was added is deleted again and the claim fails), renewed
 //! together, announced together and released together, so the two
-//! families never sit on different nodes. At start-up a node deletes the VIP if a
-//! crashed previous run of it left it on the interface: it is not the
-//! leader yet, so it must not hold it.
+//! families never sit on different nodes.
+//!
+//! At start-up a node deletes the VIP if a crashed previous run of it left
+//! it on the interface: it is not the leader yet, so it must not hold it.
 //!
 //! The address is added with a finite lifetime (IFA_CACHEINFO valid and
 //! preferred lifetime, whole seconds) and renewed while the holder passes

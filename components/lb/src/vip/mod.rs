@@ -90,6 +90,12 @@ impl Actuator {
 /// which is at least 250 ms).
 const RENEW_RETRY: Duration = Duration::from_millis(50);
 
+/// Pause before claiming again after a claim failed. Not every check: a
+/// dual-stack claim whose second family fails adds and deletes the first
+/// one each time, and that address must not flicker a hundred times a
+/// second (connections accepted in a flicker break).
+const CLAIM_RETRY: Duration = Duration::from_millis(200);
+
 /// What the VIP task reports (for the API and metrics).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct VipState {
@@ -244,6 +250,8 @@ impl VipTask {
         let mut recorded_term = None;
         // When the held address is due for renewal (arp mode).
         let mut renew_at: Option<Instant> = None;
+        // No claim before this: the last one failed.
+        let mut claim_after: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -303,6 +311,9 @@ impl VipTask {
                     renew_at = self.renew(&view, now).await;
                 }
                 Action::None => {}
+                Action::Claim { .. } if claim_after.is_some_and(|at| now < at) => {
+                    self.fence.claim_failed();
+                }
                 Action::Claim {
                     term,
                     elected_at,
@@ -311,6 +322,7 @@ impl VipTask {
                     if let Err(e) = self.actuator.claim().await {
                         tracing::error!(term, error = %e, "could not take the VIP; retrying");
                         self.fence.claim_failed();
+                        claim_after = Some(Instant::now() + CLAIM_RETRY);
                     } else {
                         let claimed = Instant::now();
                         renew_at = self.actuator.renew_interval().map(|i| claimed + i);

@@ -21,6 +21,7 @@
 //!   address: 10.0.0.10
 //!   port: 6443
 //!   interface: eth0
+//!   # address6: fd00::10   # dual-stack: an IPv6 VIP held with the IPv4 one
 //! backends:
 //!   - {id: cp-1, address: 10.0.0.11:6443, zone: zone-a}
 //! health:
@@ -47,7 +48,9 @@ use serde::{Deserialize, Serialize};
 use crate::backends::{RoutingMode, RoutingPolicy};
 use crate::health::HealthConfig;
 use crate::proxy::ProxyConfig;
+use crate::vip::arp::VipAddress;
 use crate::vip::fence::FenceTiming;
+use crate::vip::iface;
 
 /// The whole configuration of one node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -266,8 +269,10 @@ pub fn valid_host_port(s: &str) -> bool {
     }
     match s.rsplit_once(':') {
         Some((host, port)) => {
+            // A colon left in the host is an IPv6 address without
+            // brackets ("fd00::1:9441"): ambiguous, and no URL can carry it.
             !host.is_empty()
-                && !host.contains(['[', ']', ' ', '/'])
+                && !host.contains([':', '[', ']', ' ', '/'])
                 && port.parse::<u16>().is_ok_and(|p| p != 0)
         }
         None => false,
@@ -471,16 +476,24 @@ pub struct VipConfig {
     /// How the VIP is announced.
     #[serde(default)]
     pub mode: VipMode,
-    /// The VIP (no port, no prefix). Required unless disabled.
+    /// The VIP (no port, no prefix), IPv4 or IPv6. Required unless
+    /// disabled.
     #[serde(default)]
     pub address: Option<IpAddr>,
+    /// arp mode, dual-stack: the IPv6 VIP held together with an IPv4
+    /// `address` (claimed, renewed, announced and released as one).
+    #[serde(default)]
+    pub address6: Option<IpAddr>,
     /// Port of the front listener on the VIP.
     #[serde(default = "d_vip_port")]
     pub port: u16,
-    /// arp mode: prefix length the VIP is added with (32 or 128 keeps it
-    /// off the routing decisions of the subnet).
+    /// arp mode: prefix length `address` is added with (default 32 or
+    /// 128, which keeps it off the routing decisions of the subnet).
     #[serde(default)]
     pub prefix_length: Option<u8>,
+    /// arp mode: prefix length `address6` is added with (default 128).
+    #[serde(default)]
+    pub prefix_length6: Option<u8>,
     /// arp mode: the interface that carries the VIP.
     #[serde(default)]
     pub interface: Option<String>,
@@ -544,8 +557,10 @@ impl Default for VipConfig {
         Self {
             mode: VipMode::Disabled,
             address: None,
+            address6: None,
             port: d_vip_port(),
             prefix_length: None,
+            prefix_length6: None,
             interface: None,
             lease: d_lease(),
             check_interval: d_check(),
@@ -579,20 +594,135 @@ impl VipConfig {
         })
     }
 
-    /// The VIP with its port, when enabled.
+    /// The VIP with its port, when enabled (the first address of a
+    /// dual-stack pair).
     pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.socket_addrs().into_iter().next()
+    }
+
+    /// Every VIP address with the port, when enabled: one, or two for a
+    /// dual-stack pair (arp mode binds a front listener on each).
+    pub fn socket_addrs(&self) -> Vec<SocketAddr> {
         match self.mode {
-            VipMode::Disabled => None,
-            _ => self.address.map(|ip| SocketAddr::new(ip, self.port)),
+            VipMode::Disabled => Vec::new(),
+            _ => self
+                .addresses()
+                .into_iter()
+                .map(|a| SocketAddr::new(a.ip, self.port))
+                .collect(),
         }
     }
 
-    /// The prefix length the VIP is added with in arp mode.
+    /// The prefix length `address` is added with in arp mode.
     pub fn prefix(&self) -> u8 {
         self.prefix_length.unwrap_or(match self.address {
             Some(IpAddr::V6(_)) => 128,
             _ => 32,
         })
+    }
+
+    /// The addresses the arp-mode holder adds, with their prefix lengths:
+    /// `address`, then `address6` if set.
+    pub fn addresses(&self) -> Vec<VipAddress> {
+        let first = self.address.map(|ip| VipAddress {
+            ip,
+            prefix: self.prefix(),
+        });
+        let second = self.address6.map(|ip| VipAddress {
+            ip,
+            prefix: self.prefix_length6.unwrap_or(128),
+        });
+        first.into_iter().chain(second).collect()
+    }
+
+    /// The dual-stack fields: `address6` is IPv6, `address` IPv4, arp mode
+    /// only; prefix lengths of the family they apply to.
+    fn validate_families(&self, v: &mut Validator) {
+        if let Some(a6) = self.address6 {
+            v.check(
+                self.mode == VipMode::Arp,
+                "address6",
+                "a dual-stack VIP needs mode arp",
+            );
+            v.check(
+                a6.is_ipv6(),
+                "address6",
+                format!("{a6} is IPv4: the second VIP of a dual-stack pair must be IPv6"),
+            );
+            v.check(
+                !a6.is_unspecified() && !a6.is_multicast() && !a6.is_loopback(),
+                "address6",
+                format!("{a6} cannot be a virtual IP"),
+            );
+            if let Some(a) = self.address
+                && a.is_ipv6()
+                && a6.is_ipv6()
+            {
+                v.at("address", |v| {
+                    v.error(format!(
+                        "{a} is IPv6 like address6 ({a6}): a dual-stack pair needs an IPv4 address here"
+                    ))
+                });
+            }
+        }
+        let prefix_check = |v: &mut Validator, field: &str, p: u8, ip: Option<IpAddr>| {
+            let (max, family) = match ip {
+                Some(IpAddr::V6(_)) => (128, "IPv6"),
+                _ => (32, "IPv4"),
+            };
+            let of = ip
+                .map(|ip| format!(" for the {family} VIP {ip}"))
+                .unwrap_or_default();
+            v.check(
+                (1..=max).contains(&p),
+                field,
+                format!("{p} is out of range{of}: expected between 1 and {max}"),
+            );
+        };
+        if let Some(p) = self.prefix_length {
+            prefix_check(v, "prefixLength", p, self.address);
+        }
+        if let Some(p) = self.prefix_length6 {
+            match self.address6 {
+                None => v.at("prefixLength6", |v| {
+                    v.error("set without address6 (prefixLength applies to address)")
+                }),
+                Some(a6) => prefix_check(v, "prefixLength6", p, Some(a6)),
+            }
+        }
+    }
+
+    /// arp mode: every VIP family must exist on the interface (an IPv6 VIP
+    /// on an interface with IPv6 disabled could never be announced).
+    /// Checked where the interface exists, i.e. on the node itself; an
+    /// interface missing here is reported at start.
+    fn validate_interface_families(&self, interface: &str, v: &mut Validator) {
+        if let Ok(Some(have)) = iface::families(interface) {
+            self.check_families(interface, have, v);
+        }
+    }
+
+    /// The VIP's families against those `interface` has.
+    fn check_families(&self, interface: &str, have: iface::Families, v: &mut Validator) {
+        for (field, ip) in [("address", self.address), ("address6", self.address6)] {
+            let Some(ip) = ip else { continue };
+            let (ok, family) = match ip {
+                IpAddr::V4(_) => (have.v4, "IPv4"),
+                IpAddr::V6(_) => (have.v6, "IPv6"),
+            };
+            v.check(
+                ok,
+                field,
+                format!(
+                    "{ip} is {family} but interface {interface} has no {family} address{}",
+                    if ip.is_ipv6() {
+                        " (is IPv6 disabled on it? net.ipv6.conf.<if>.disable_ipv6)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
     }
 
     fn validate_with(&self, raft: &RaftConfig, v: &mut Validator) {
@@ -614,11 +744,12 @@ impl VipConfig {
         if self.mode == VipMode::Arp {
             match &self.interface {
                 None => v.at("interface", |v| v.error("required when mode is arp")),
-                Some(i) => v.check(
-                    !i.is_empty() && i.len() < 16 && !i.contains(['/', ' ']),
-                    "interface",
-                    format!("{i:?} is not a network interface name"),
-                ),
+                Some(i) if !i.is_empty() && i.len() < 16 && !i.contains(['/', ' ']) => {
+                    self.validate_interface_families(i, v);
+                }
+                Some(i) => v.at("interface", |v| {
+                    v.error(format!("{i:?} is not a network interface name"))
+                }),
             }
             if let Some(a) = self.address {
                 v.check(
@@ -628,18 +759,7 @@ impl VipConfig {
                 );
             }
         }
-        if let Some(p) = self.prefix_length {
-            let max = if matches!(self.address, Some(IpAddr::V6(_))) {
-                128
-            } else {
-                32
-            };
-            v.check(
-                (1..=max).contains(&p),
-                "prefixLength",
-                format!("{p} is out of range: expected between 1 and {max}"),
-            );
-        }
+        self.validate_families(v);
         let ms = Duration::from_millis;
         v.duration_in("lease", self.lease, ms(20), ms(60_000));
         v.duration_in("checkInterval", self.check_interval, ms(1), ms(1000));
@@ -1148,6 +1268,140 @@ mod tests {
         );
     }
 
+    /// A config with `vip` as its `vip:` section (arp mode on an interface
+    /// that does not exist here, so the interface check is left to start).
+    fn arp(vip: &str) -> String {
+        format!("{MINIMAL}vip:\n  mode: arp\n  interface: bwk-none0\n{vip}")
+    }
+
+    #[test]
+    fn dual_stack_vip_parses_and_single_address_configs_still_do() {
+        let c = parse(&arp("  address: 198.18.0.10\n  address6: 'fd00::10'\n")).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            c.vip.addresses(),
+            vec![
+                VipAddress {
+                    ip: ip("198.18.0.10"),
+                    prefix: 32
+                },
+                VipAddress {
+                    ip: ip("fd00::10"),
+                    prefix: 128
+                }
+            ]
+        );
+        let fronts: Vec<String> = c.vip.socket_addrs().iter().map(|a| a.to_string()).collect();
+        assert_eq!(fronts, ["198.18.0.10:6443", "[fd00::10]:6443"]);
+
+        let c = parse(&arp(
+            "  address: 198.18.0.10\n  prefixLength: 24\n  address6: 'fd00::10'\n  prefixLength6: 64\n",
+        ))
+        .unwrap();
+        let prefixes: Vec<u8> = c.vip.addresses().iter().map(|a| a.prefix).collect();
+        assert_eq!(prefixes, [24, 64]);
+
+        // The single-address forms, IPv4 and IPv6, are unchanged.
+        let c = parse(&arp("  address: 'fd00::10'\n")).unwrap();
+        assert_eq!(
+            c.vip.addresses(),
+            vec![VipAddress {
+                ip: ip("fd00::10"),
+                prefix: 128
+            }]
+        );
+        let c = parse(&arp("  address: 198.18.0.10\n")).unwrap();
+        assert_eq!(c.vip.socket_addrs().len(), 1);
+    }
+
+    #[test]
+    fn bad_vip_families_name_the_field() {
+        let cases = [
+            (
+                arp("  address: 198.18.0.10\n  address6: 198.18.0.11\n"),
+                "vip.address6: 198.18.0.11 is IPv4: the second VIP of a dual-stack pair must be IPv6",
+            ),
+            (
+                arp("  address: 'fd00::1'\n  address6: 'fd00::10'\n"),
+                "vip.address: fd00::1 is IPv6 like address6 (fd00::10): a dual-stack pair needs an IPv4 address here",
+            ),
+            (
+                format!("{MINIMAL}vip:\n  mode: bind\n  address: 127.0.0.10\n  address6: '::1'\n"),
+                "vip.address6: a dual-stack VIP needs mode arp",
+            ),
+            (
+                arp("  address: 198.18.0.10\n  prefixLength: 64\n"),
+                "vip.prefixLength: 64 is out of range for the IPv4 VIP 198.18.0.10: expected between 1 and 32",
+            ),
+            (
+                arp("  address: 198.18.0.10\n  address6: 'fd00::10'\n  prefixLength6: 129\n"),
+                "vip.prefixLength6: 129 is out of range for the IPv6 VIP fd00::10: expected between 1 and 128",
+            ),
+            (
+                arp("  address: 'fd00::10'\n  prefixLength6: 64\n"),
+                "vip.prefixLength6: set without address6 (prefixLength applies to address)",
+            ),
+        ];
+        for (config, want) in cases {
+            let e = errors(&config);
+            assert!(e.iter().any(|m| m == want), "want {want:?} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_vip_family_the_interface_lacks_names_the_field() {
+        let c = parse(&arp("  address: 198.18.0.10\n  address6: 'fd00::10'\n")).unwrap();
+        let only_v4 = iface::Families {
+            v4: true,
+            v6: false,
+        };
+        let mut v = Validator::default();
+        c.vip.check_families("eth0", only_v4, &mut v);
+        let e: Vec<String> = v.into_errors().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            e,
+            [
+                "address6: fd00::10 is IPv6 but interface eth0 has no IPv6 address (is IPv6 disabled on it? net.ipv6.conf.<if>.disable_ipv6)"
+            ]
+        );
+        let mut v = Validator::default();
+        let only_v6 = iface::Families {
+            v4: false,
+            v6: true,
+        };
+        c.vip.check_families("eth0", only_v6, &mut v);
+        let e: Vec<String> = v.into_errors().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            e,
+            ["address: 198.18.0.10 is IPv4 but interface eth0 has no IPv4 address"]
+        );
+        // Checked through the config too, on an interface every namespace
+        // has: lo carries IPv4, so an IPv4 VIP on it is valid.
+        let c = parse(&format!(
+            "{MINIMAL}vip:\n  mode: arp\n  interface: lo\n  address: 198.18.0.10\n"
+        ));
+        assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn ipv6_raft_api_and_backend_addresses_parse() {
+        let c = parse(
+            "nodeId: 1\nraft:\n  address: '[fd00::1]:9441'\napi:\n  address: '[fd00::1]:9442'\ninitialMembers:\n- {id: 1, raftAddress: '[fd00::1]:9441', apiAddress: '[fd00::1]:9442'}\nbackends:\n- {id: cp-1, address: '[fd00::11]:6443'}\n",
+        )
+        .unwrap();
+        assert_eq!(c.raft.listen.advertised(), "[fd00::1]:9441");
+        assert_eq!(c.api.advertised(), "[fd00::1]:9442");
+        assert_eq!(c.backends[0].address.to_string(), "[fd00::11]:6443");
+        let e = errors(
+            "nodeId: 1\nraft:\n  address: '[fd00::1]:9441'\napi:\n  address: '[fd00::1]:9442'\ninitialMembers:\n- {id: 1, raftAddress: 'fd00::1:9441', apiAddress: '[fd00::1]:9442'}\n",
+        );
+        assert!(
+            e.iter().any(|m| m
+                .starts_with("initialMembers[0].raftAddress: \"fd00::1:9441\" is not host:port")),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn host_port_check() {
         assert!(valid_host_port("10.0.0.1:9441"));
@@ -1156,5 +1410,10 @@ mod tests {
         assert!(!valid_host_port("lb-1.example"));
         assert!(!valid_host_port("10.0.0.1:0"));
         assert!(!valid_host_port(":80"));
+        assert!(valid_host_port("[fd00::1]:9442"));
+        assert!(
+            !valid_host_port("fd00::1:9442"),
+            "IPv6 needs brackets: no URL holds https://fd00::1:9442"
+        );
     }
 }

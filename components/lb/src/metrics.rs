@@ -45,7 +45,12 @@ pub const DEFS: &[MetricDef] = &[
         Counter,
         "Times this node released the VIP, by reason.",
         "reason",
-        &["lease_expired", "lost_leadership", "handover"],
+        &[
+            "lease_expired",
+            "lost_leadership",
+            "handover",
+            "readd_failed",
+        ],
     ),
     MetricDef::single(
         "bulwark_lb_vip_renew_failures_total",

@@ -64,8 +64,9 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
     /// The node-local proxy listener.
     pub local: Option<TcpListener>,
-    /// arp mode: the front listener on VIP:port (bound with IP_FREEBIND).
-    pub front: Option<TcpListener>,
+    /// arp mode: the front listener on VIP:port (bound with IP_FREEBIND),
+    /// one per address of a dual-stack VIP.
+    pub front: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -76,15 +77,15 @@ impl Listeners {
                 .await
                 .with_context(|| format!("binding the {what} listener on {addr}"))
         };
-        let front = match (config.vip.mode, config.vip.socket_addr()) {
-            (VipMode::Arp, Some(addr)) => {
+        let mut front = Vec::new();
+        if config.vip.mode == VipMode::Arp {
+            for addr in config.vip.socket_addrs() {
                 let std = bind_front(addr).with_context(|| {
                     format!("binding the front listener on {addr} (IP_FREEBIND)")
                 })?;
-                Some(TcpListener::from_std(std)?)
+                front.push(TcpListener::from_std(std)?);
             }
-            _ => None,
-        };
+        }
         Ok(Self {
             raft: bind(config.raft.listen.address, "Raft").await?,
             api: bind(config.api.address, "API").await?,
@@ -205,29 +206,25 @@ pub async fn run(
     if let Some(actuator) = vip_actuator(&config, &backends, &proxy, stale_checked) {
         spawn_vip(shutdown, actuator, inbox, &config, &raft, &signals);
     }
-    for (task, what, listener, mode) in [
-        (
-            "front-proxy",
-            "front listener",
-            listeners.front,
-            config.routing.vip,
-        ),
-        (
-            "local-proxy",
-            "node-local listener",
-            listeners.local,
-            config.routing.local,
-        ),
-    ] {
+    // One front listener per VIP address (two for a dual-stack VIP).
+    for front in listeners.front {
         spawn_proxy(
             shutdown,
-            task,
-            what,
-            listener,
-            &backends.with_mode(mode),
+            "front-proxy",
+            "front listener",
+            Some(front),
+            &backends.with_mode(config.routing.vip),
             &proxy,
         );
     }
+    spawn_proxy(
+        shutdown,
+        "local-proxy",
+        "node-local listener",
+        listeners.local,
+        &backends.with_mode(config.routing.local),
+        &proxy,
+    );
 
     // Health aggregation (active while this node leads).
     let health_service = spawn_health(shutdown, &config, &raft, &sm);
@@ -317,8 +314,7 @@ async fn remove_stale_vip(config: &LbConfig) -> anyhow::Result<Option<ArpVip>> {
         .context("vip.interface is required in arp mode")?;
     let mut arp = ArpVip::new(
         interface,
-        addr.ip(),
-        config.vip.prefix(),
+        config.vip.addresses(),
         config.vip.garp_count,
         config.vip.garp_interval,
         config.vip.address_lifetime(),

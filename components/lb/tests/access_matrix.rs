@@ -84,7 +84,7 @@ initialMembers:
             api,
             admin: None,
             local: None,
-            front: None,
+            front: Vec::new(),
         },
         &shutdown,
     )

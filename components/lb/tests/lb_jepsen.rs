@@ -33,7 +33,15 @@
 //!   the first failing trial and prints its seed;
 //! - `BULWARK_JEPSEN_STEPS=K`: faults per trial (default 7);
 //! - `BULWARK_JEPSEN_BUDGET_SECS=T`: start no new trial after T seconds
-//!   (the figures then say how many ran).
+//!   (the figures then say how many ran);
+//! - `BULWARK_LB_STACK=v6|dual`: the trials of the modes above run with an
+//!   IPv6 VIP (Raft, API, backend on IPv6 too) or a dual-stack VIP (its
+//!   two addresses must never be on two hosts: one `ip addr` sweep covers
+//!   both). For an IPv6 address the neighbour witness sends neighbour
+//!   solicitations instead of ARP requests.
+//!
+//! CI also runs one short trial each with an IPv6 and a dual-stack VIP
+//! ([`STACK_SEED`], [`DEFAULT_STEPS`] faults).
 //!
 //! The schedule (fault kinds, targets by role or index, durations, the
 //! writes) is a pure function of the seed; which node "the leader" is at the
@@ -47,6 +55,7 @@ mod netns_lab;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,7 +63,7 @@ use std::time::{Duration, Instant};
 use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
 use bulwark_testkit::Host;
-use netns_lab::{BACKEND_PORT, LbLab, api_via, arp_probe, echo, holders_of};
+use netns_lab::{BACKEND_PORT, LbLab, Stack, api_via, arp_probe, echo, holders_of_any, nd_probe};
 use tonic::transport::Channel;
 
 /// Replays one trial.
@@ -67,6 +76,8 @@ const STEPS_ENV: &str = "BULWARK_JEPSEN_STEPS";
 const BUDGET_ENV: &str = "BULWARK_JEPSEN_BUDGET_SECS";
 /// CI's seeds: two trials, each covering every fault kind.
 const CI_SEEDS: &[u64] = &[0x6a65_7073_656e_0001, 0x6a65_7073_656e_0002];
+/// CI's IPv6 and dual-stack trials: the first CI seed (every fault kind).
+const STACK_SEED: u64 = CI_SEEDS[0];
 /// Faults per trial unless `BULWARK_JEPSEN_STEPS` says otherwise.
 const DEFAULT_STEPS: usize = 7;
 /// LB nodes per trial.
@@ -86,6 +97,7 @@ const SETTLE: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_jepsen_partitions_kills_and_flaps_never_split_the_vip() {
     let steps = env_usize(STEPS_ENV).unwrap_or(DEFAULT_STEPS);
+    let stack = Stack::from_env();
     let seeds: Vec<u64> = if let Some(seed) = env_u64(SEED_ENV) {
         vec![seed]
     } else if let Some(n) = env_usize(TRIALS_ENV) {
@@ -100,6 +112,18 @@ async fn heavy_jepsen_partitions_kills_and_flaps_never_split_the_vip() {
         CI_SEEDS.to_vec()
     };
 
+    run_trials(&seeds, steps, stack).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_jepsen_ipv6_and_dual_stack_vips_never_split() {
+    for stack in [Stack::V6, Stack::Dual] {
+        run_trials(&[STACK_SEED], DEFAULT_STEPS, stack).await;
+    }
+}
+
+/// Runs a trial per seed with `stack`; panics on the first failure.
+async fn run_trials(seeds: &[u64], steps: usize, stack: Stack) {
     let budget = env_u64(BUDGET_ENV).map(Duration::from_secs);
     let started = Instant::now();
     let mut total = Figures::default();
@@ -109,11 +133,11 @@ async fn heavy_jepsen_partitions_kills_and_flaps_never_split_the_vip() {
             break;
         }
         eprintln!(
-            "jepsen: trial {}/{} seed {seed:#x} ({steps} faults)",
+            "jepsen: {stack:?} trial {}/{} seed {seed:#x} ({steps} faults)",
             n + 1,
             seeds.len()
         );
-        let Some(result) = trial(seed, steps).await else {
+        let Some(result) = trial(seed, steps, stack).await else {
             return; // skipped: no root
         };
         match result {
@@ -122,15 +146,20 @@ async fn heavy_jepsen_partitions_kills_and_flaps_never_split_the_vip() {
                 total.add(&f);
             }
             Err(failure) => panic!(
-                "jepsen trial {} FAILED (replay: {SEED_ENV}={seed} {STEPS_ENV}={steps}): {failure}\n\
+                "jepsen {stack:?} trial {} FAILED (replay: {SEED_ENV}={seed} {STEPS_ENV}={steps} BULWARK_LB_STACK={}): {failure}\n\
                  after {} passing trials: {total}",
                 n + 1,
+                match stack {
+                    Stack::V4 => "v4",
+                    Stack::V6 => "v6",
+                    Stack::Dual => "dual",
+                },
                 total.trials
             ),
         }
     }
     eprintln!(
-        "jepsen: {} trials passed in {:?}: {total}",
+        "jepsen: {stack:?}: {} trials passed in {:?}: {total}",
         total.trials,
         started.elapsed()
     );
@@ -308,10 +337,12 @@ impl Witnesses {
             .collect();
         let mut threads = Vec::new();
         {
-            let (stop, seen, life, vip) = (stop.clone(), seen.clone(), life.clone(), l.vip.ip());
+            let (stop, seen, life, vips) = (stop.clone(), seen.clone(), life.clone(), l.vip_ips());
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let with_vip = holders_of(&hosts, vip);
+                    // Either address of a dual-stack VIP: the pair split
+                    // over two hosts is two holders.
+                    let with_vip = holders_of_any(&hosts, &vips);
                     let live = classify(&life, &with_vip);
                     let outlived = outlived_their_node(&life, &with_vip);
                     let mut s = seen.lock().unwrap();
@@ -337,17 +368,17 @@ impl Witnesses {
                 }
             }));
         }
-        {
+        // One neighbour witness per VIP address: ARP for IPv4, neighbour
+        // solicitation for IPv6.
+        for vip in l.vip_ips() {
             let (stop, seen, life, client) = (stop.clone(), seen.clone(), life.clone(), l.client());
-            let std::net::IpAddr::V4(vip) = l.vip.ip() else {
-                panic!("IPv4 lab")
-            };
+            let macs = macs.clone();
             threads.push(std::thread::spawn(move || {
-                let me = client.addr();
+                let (me, me6) = (client.addr(), client.addr6());
                 let iface = client.interface().to_owned();
                 client
                     .in_netns(move || {
-                        arp_probe(&iface, me, vip, &stop, |answered| {
+                        let on_window = |answered: BTreeSet<[u8; 6]>| {
                             // A MAC that is no LB host's counts as a holder.
                             let hosts: Vec<usize> = answered
                                 .iter()
@@ -365,12 +396,16 @@ impl Witnesses {
                             }
                             if live.len() > 1 {
                                 s.violations.push(format!(
-                                    "{:?}: {} MACs answered ARP for the VIP: {answered:02x?}",
+                                    "{:?}: {} MACs answered ARP/ND for the VIP {vip}: {answered:02x?}",
                                     t0.elapsed(),
                                     live.len()
                                 ));
                             }
-                        })
+                        };
+                        match vip {
+                            IpAddr::V4(vip) => arp_probe(&iface, me, vip, &stop, on_window),
+                            IpAddr::V6(vip) => nd_probe(&iface, me6, vip, &stop, on_window),
+                        }
                     })
                     .unwrap();
             }));
@@ -658,8 +693,8 @@ impl fmt::Display for Figures {
 }
 
 /// One trial; `None` when the lab cannot run here.
-async fn trial(seed: u64, steps: usize) -> Option<Result<Figures, String>> {
-    let mut l = LbLab::start(NODES, "").await?;
+async fn trial(seed: u64, steps: usize, stack: Stack) -> Option<Result<Figures, String>> {
+    let mut l = LbLab::start_stack(NODES, "", stack).await?;
     let t0 = Instant::now();
     let result = run_trial(&mut l, seed, steps, t0).await;
     Some(result.map_err(|e| {
@@ -685,11 +720,11 @@ async fn run_trial(l: &mut LbLab, seed: u64, steps: usize, t0: Instant) -> Resul
     l.wait_for_holder(None, Duration::from_secs(30)).await;
     let hosts = l.lb_hosts();
     let client = l.client();
-    let backend_addr = format!("{}:{BACKEND_PORT}", client.addr());
+    let backend_addr = std::net::SocketAddr::new(l.own_addr(&client), BACKEND_PORT).to_string();
     let clients = |l: &LbLab| -> Vec<LoadBalancerClient<Channel>> {
         (0..NODES)
             .map(|i| {
-                let addr = std::net::SocketAddr::new(hosts[i].addr().into(), 9442);
+                let addr = std::net::SocketAddr::new(l.own_addr(&hosts[i]), 9442);
                 api_via(&client, addr, &l.operator)
             })
             .collect()
@@ -863,7 +898,11 @@ async fn wait_for_live_holder(l: &LbLab, timeout: Duration) -> Result<(), String
     let deadline = Instant::now() + timeout;
     loop {
         let h = l.holders();
-        if h.len() == 1 && echo(&l.client(), l.vip, Duration::from_millis(500)).await {
+        let mut answered = h.len() == 1;
+        for vip in l.vips() {
+            answered = answered && echo(&l.client(), vip, Duration::from_millis(500)).await;
+        }
+        if answered {
             return Ok(());
         }
         if Instant::now() > deadline {

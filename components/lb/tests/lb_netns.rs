@@ -6,6 +6,12 @@
 //! two holders. A holder that is frozen (SIGSTOP) or SIGKILLed cannot
 //! release; its host's kernel removes the address once its lifetime runs
 //! out, and a frozen holder that wakes up does not take it back.
+//!
+//! The link-cut failover also runs with an IPv6 VIP (Raft, API and backend
+//! on IPv6; neighbour solicitations as the second witness, and the
+//! client's neighbour entry must name the new holder's MAC) and with a
+//! dual-stack VIP, whose two addresses must move together: no sweep of
+//! `ip addr` may find them on two hosts.
 
 mod netns_lab;
 
@@ -13,21 +19,162 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use netns_lab::{LbLab, Sampler, echo, holders_of, measure_gap};
+use bulwark_testkit::Host;
+use netns_lab::{LbLab, Sampler, Stack, echo, held_by, holders_of, measure_gap};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_netns_cut_leader_link_moves_the_vip() {
-    let Some(l) = LbLab::start(3, "").await else {
+    cut_leader_link_moves_the_vip(Stack::V4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_netns_ipv6_cut_leader_link_moves_the_vip() {
+    cut_leader_link_moves_the_vip(Stack::V6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_netns_dual_stack_cut_leader_link_moves_both_addresses() {
+    cut_leader_link_moves_the_vip(Stack::Dual).await;
+}
+
+/// A dual-stack holder whose interface loses IPv6 (disable_ipv6, which
+/// also deletes its IPv6 addresses) cannot add the IPv6 VIP back: it must
+/// not keep the IPv4 one alone. Its renewal drops the whole VIP, and every
+/// claim it retries deletes the IPv4 address again when the IPv6 add fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_netns_dual_stack_holder_losing_ipv6_keeps_no_ipv4_alone() {
+    let Some(l) = LbLab::start_stack(3, "", Stack::Dual).await else {
+        return;
+    };
+    let holder = l.wait_for_holder(None, Duration::from_secs(20)).await;
+    let host = l.lb_hosts()[holder].clone();
+    host.exec_ok("sysctl", ["-w", "net.ipv6.conf.eth0.disable_ipv6=1"])
+        .expect("disabling IPv6");
+    // A renewal comes every quarter lifetime (250 ms).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ips = l.vip_ips();
+    let (mut samples, mut v4_alone, mut run, mut longest) = (0u32, 0u32, 0u32, 0u32);
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let held = held_by(&host, &ips);
+        samples += 1;
+        assert!(!held[1], "IPv6 is disabled: {held:?}");
+        // A claim attempt adds IPv4 and deletes it again within a
+        // millisecond when IPv6 fails; a sweep can catch that moment.
+        v4_alone += u32::from(held[0]);
+        run = if held[0] { run + 1 } else { 0 };
+        longest = longest.max(run);
+        // Nobody else took either address: this node still leads.
+        for (i, other) in l.lb_hosts().iter().enumerate() {
+            if i != holder {
+                assert_eq!(held_by(other, &ips), [false, false], "h{}", i + 1);
+            }
+        }
+    }
+    eprintln!(
+        "IPv4 alone in {v4_alone} of {samples} sweeps of the holder, at most {longest} in a row"
+    );
+    assert!(samples > 10, "{samples}");
+    // A failed claim is retried every 200 ms; each attempt holds IPv4 for
+    // the netlink round trips until the IPv6 add fails and IPv4 is deleted
+    // (a sweep rarely catches one). Held for good, it would be in every
+    // sweep.
+    assert!(longest < 3, "IPv4 held alone in {longest} sweeps in a row");
+    assert!(
+        v4_alone * 10 < samples,
+        "IPv4 held alone in {v4_alone} of {samples} sweeps"
+    );
+    let log = l.nodes[holder].log();
+    assert!(
+        log.contains("released the whole VIP"),
+        "no whole-VIP release logged"
+    );
+    assert!(
+        log.contains("could not take the VIP"),
+        "the failed claims are logged"
+    );
+
+    // IPv6 back: the same leader takes the whole VIP again.
+    host.exec_ok("sysctl", ["-w", "net.ipv6.conf.eth0.disable_ipv6=0"])
+        .expect("enabling IPv6");
+    host.exec_ok(
+        "ip",
+        [
+            "addr",
+            "add",
+            &format!("{}/64", host.addr6()),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )
+    .expect("the lab address back");
+    let back = l.wait_for_holder(None, Duration::from_secs(10)).await;
+    assert_eq!(back, holder);
+    assert_whole_vip_on(&l, holder);
+}
+
+/// `host`'s MAC as `ip` prints it (`02:…`).
+fn mac_text(host: &Host) -> String {
+    let out = host
+        .exec_ok("ip", ["-o", "link", "show", "dev", host.interface()])
+        .expect("ip link show");
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("link/ether in ip link")
+        .to_owned()
+}
+
+/// Every LB host holds all of the VIP's addresses or none: one holder,
+/// `holder`, with the whole VIP.
+fn assert_whole_vip_on(l: &LbLab, holder: usize) {
+    let ips = l.vip_ips();
+    for (i, h) in l.lb_hosts().iter().enumerate() {
+        let held = held_by(h, &ips);
+        let want = vec![i == holder; ips.len()];
+        assert_eq!(held, want, "h{}: addresses {ips:?} held {held:?}", i + 1);
+    }
+}
+
+/// The client's neighbour entry for every IPv6 VIP address names
+/// `holder`'s MAC: the unsolicited neighbour advertisements reached it.
+async fn assert_client_neighbour_is(l: &LbLab, holder: usize) {
+    let mac = mac_text(&l.lb_hosts()[holder]);
+    for ip in l.vip_ips().into_iter().filter(std::net::IpAddr::is_ipv6) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let client = l.client();
+            let neigh = client
+                .exec_ok("ip", ["-6", "neigh", "show", &ip.to_string()])
+                .expect("ip -6 neigh show");
+            if neigh.contains(&mac) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "client's neighbour entry for {ip} is {neigh:?}, not h{}'s {mac}",
+                holder + 1
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn cut_leader_link_moves_the_vip(stack: Stack) {
+    let Some(l) = LbLab::start_stack(3, "", stack).await else {
         return;
     };
     let sampler = Sampler::start(&l);
     let leader = l.wait_for_holder(None, Duration::from_secs(20)).await;
     let hosts = l.lb_hosts();
+    assert_whole_vip_on(&l, leader);
+    assert_client_neighbour_is(&l, leader).await;
 
     let gap = measure_gap(
         &l.client(),
         l.vip,
-        || l.lab.cut_link(&hosts[leader]).unwrap(),
+        || l.lab.cut_link(&hosts[leader]).expect("cutting the link"),
         Duration::from_secs(10),
     )
     .await
@@ -36,17 +183,27 @@ async fn heavy_netns_cut_leader_link_moves_the_vip() {
         .wait_for_holder(Some(leader), Duration::from_secs(10))
         .await;
     eprintln!(
-        "link of h{} cut: VIP moved to h{}; client-visible gap {gap:?}",
+        "{stack:?}: link of h{} cut: VIP moved to h{}; client-visible gap {gap:?}",
         leader + 1,
         new + 1
     );
     assert!(gap < Duration::from_secs(5), "generous bound: {gap:?}");
+    assert_client_neighbour_is(&l, new).await;
 
-    // The old leader comes back as a follower; still one holder.
-    l.lab.restore_link(&hosts[leader]).unwrap();
+    // The old leader comes back as a follower; still one holder, with the
+    // whole VIP.
+    l.lab
+        .restore_link(&hosts[leader])
+        .expect("restoring the link");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(l.holders(), vec![new]);
-    assert!(echo(&l.client(), l.vip, Duration::from_secs(1)).await);
+    assert_whole_vip_on(&l, new);
+    for vip in l.vips() {
+        assert!(
+            echo(&l.client(), vip, Duration::from_secs(1)).await,
+            "{vip}"
+        );
+    }
 
     // The new holder commits its record right after claiming.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -70,7 +227,7 @@ async fn heavy_netns_cut_leader_link_moves_the_vip() {
 
     let w = sampler.finish();
     eprintln!(
-        "witnesses: {} ip-addr sweeps, {} ARP windows, MACs seen {}",
+        "witnesses: {} ip-addr sweeps, {} ARP/ND windows, MACs seen {}",
         w.addr_samples,
         w.arp_windows,
         w.macs.len()
@@ -83,7 +240,7 @@ async fn heavy_netns_cut_leader_link_moves_the_vip() {
     );
     assert!(
         w.arp_violations.is_empty(),
-        "two MACs answered ARP: {:?}",
+        "two MACs answered ARP/ND: {:?}",
         w.arp_violations
     );
     assert!(
@@ -141,7 +298,7 @@ async fn heavy_netns_partitioned_leader_releases_within_its_lease() {
     );
     assert!(
         w.arp_violations.is_empty(),
-        "two MACs answered ARP: {:?}",
+        "two MACs answered ARP/ND: {:?}",
         w.arp_violations
     );
 }

@@ -37,12 +37,18 @@
 //! Hosts accept gratuitous ARP (`net.ipv4.conf.all.arp_accept=1`) so the
 //! neighbours update when a VIP moves; `arp_ignore` and `arp_announce` keep
 //! their defaults.
+//!
+//! Every host also has an IPv6 address, `fd00:18::<n>/64` (added without
+//! duplicate address detection, so it is usable at once), for IPv6 and
+//! dual-stack tests; [`Lab::spare_addr6`] hands out IPv6 virtual IPs.
+//! Neighbour discovery keeps its defaults: an unsolicited neighbour
+//! advertisement with the override flag updates an existing cache entry.
 
 mod delay;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -67,6 +73,12 @@ pub const SUBNET: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
 
 /// The lab subnet's prefix length.
 pub const PREFIX_LEN: u8 = 24;
+
+/// The lab's IPv6 subnet (a unique local /64).
+pub const SUBNET6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0);
+
+/// The IPv6 subnet's prefix length.
+pub const PREFIX_LEN6: u8 = 64;
 
 /// Most hosts a lab can have (spare addresses start above them).
 pub const MAX_HOSTS: usize = 99;
@@ -271,6 +283,11 @@ impl Lab {
             run("ip", ["-n", ns, "link", "set", "lo", "up"])?;
             let cidr = format!("{}/{PREFIX_LEN}", host.addr);
             run("ip", ["-n", ns, "addr", "add", &cidr, "dev", HOST_IFACE])?;
+            let cidr6 = format!("{}/{PREFIX_LEN6}", host.addr6());
+            run(
+                "ip",
+                ["-n", ns, "addr", "add", &cidr6, "dev", HOST_IFACE, "nodad"],
+            )?;
             run("ip", ["-n", ns, "link", "set", HOST_IFACE, "up"])?;
             // /proc/sys/net shows the namespace of the thread that opens it.
             run_in_netns(ns, || {
@@ -306,6 +323,13 @@ impl Lab {
     /// e.g. for a virtual IP.
     pub fn spare_addr(&self, i: u8) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, 0, 100u8.saturating_add(i))
+    }
+
+    /// An IPv6 address in the lab's IPv6 subnet that no host has
+    /// (`fd00:18::100 + i`), e.g. for a virtual IP.
+    pub fn spare_addr6(&self, i: u8) -> Ipv6Addr {
+        let [a, b, c, d, e, f, g, _] = SUBNET6.segments();
+        Ipv6Addr::new(a, b, c, d, e, f, g, 0x100 + u16::from(i))
     }
 
     /// Takes the host's link down at the bridge: the host sees no carrier
@@ -443,12 +467,18 @@ impl Lab {
     fn apply_partitions(&self, p: &Partitions) -> anyhow::Result<()> {
         // One nft transaction: the rule set changes atomically.
         let mut script = format!("flush chain bridge {NFT_TABLE} {NFT_CHAIN}\n");
-        // Both ways: everything, ARP included. One way: IPv4 only.
+        // Both ways: everything, ARP and neighbour discovery included. One
+        // way: IPv4, and TCP over IPv6 (ARP and neighbour discovery pass,
+        // so the one-way cut is not also a resolution failure).
         let rules = p
             .both
             .iter()
             .flat_map(|&(a, b)| [(a, b, ""), (b, a, "")])
-            .chain(p.one_way.iter().map(|&(a, b)| (a, b, "ether type ip ")));
+            .chain(
+                p.one_way
+                    .iter()
+                    .flat_map(|&(a, b)| [(a, b, "ether type ip "), (a, b, "ip6 nexthdr tcp ")]),
+            );
         for (from, to, what) in rules {
             let (from, to) = (&self.hosts[from].bridge_port, &self.hosts[to].bridge_port);
             script.push_str(&format!(
@@ -515,6 +545,12 @@ impl Host {
     /// Its address (`198.18.0.<n>`).
     pub fn addr(&self) -> Ipv4Addr {
         self.addr
+    }
+
+    /// Its IPv6 address (`fd00:18::<n>`).
+    pub fn addr6(&self) -> Ipv6Addr {
+        let [a, b, c, d, e, f, g, _] = SUBNET6.segments();
+        Ipv6Addr::new(a, b, c, d, e, f, g, u16::from(self.addr.octets()[3]))
     }
 
     /// Its interface on the bridge (`eth0`).

@@ -1,9 +1,16 @@
 //! arp mode: the holder adds VIP/prefix to an interface over netlink and
 //! announces it: gratuitous ARP requests for IPv4 (sent on a raw AF_PACKET
 //! socket, so CAP_NET_RAW), unsolicited neighbour advertisements for IPv6.
-//! Releasing deletes the address. At start-up a node deletes the VIP if a
-//! crashed previous run of it left it on the interface: it is not the
-//! leader yet, so it must not hold it.
+//! Releasing deletes the address.
+//!
+//! A dual-stack VIP is one IPv4 and one IPv6 address on the same
+//! interface, managed as one: claimed together (if adding either fails,
+//! whatever was added is deleted again and the claim fails), renewed
+//! together, announced together and released together, so the two
+//! families never sit on different nodes.
+//!
+//! At start-up a node deletes the VIP if a crashed previous run of it left
+//! it on the interface: it is not the leader yet, so it must not hold it.
 //!
 //! The address is added with a finite lifetime (IFA_CACHEINFO valid and
 //! preferred lifetime, whole seconds) and renewed while the holder passes
@@ -29,11 +36,33 @@ use rtnetlink::packet_route::link::LinkAttribute;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::time::Instant;
 
-/// The interface and address the holder manages.
+/// One address of the VIP and the prefix length it is added with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipAddress {
+    /// The address.
+    pub ip: IpAddr,
+    /// Its prefix length.
+    pub prefix: u8,
+}
+
+/// What a renewal did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Renewal {
+    /// Every address was there and got a fresh lifetime.
+    Renewed,
+    /// At least one address had vanished and was added and announced again.
+    Readded,
+    /// An address had vanished and could not be added again: the others
+    /// were deleted too (one family alone must not stay held), so the VIP
+    /// is no longer held. Carries why.
+    Dropped(String),
+}
+
+/// The interface and addresses (one, or a dual-stack pair) the holder
+/// manages.
 pub struct ArpVip {
     interface: String,
-    address: IpAddr,
-    prefix: u8,
+    addresses: Vec<VipAddress>,
     announcements: u32,
     interval: Duration,
     /// Valid and preferred lifetime of the address, in seconds.
@@ -56,12 +85,11 @@ fn nl_err(what: &str, e: impl std::fmt::Display) -> std::io::Error {
 
 impl ArpVip {
     /// Opens a netlink connection (its task runs on the current runtime).
-    /// The address is added with `lifetime`, rounded up to whole seconds
+    /// The addresses are added with `lifetime`, rounded up to whole seconds
     /// (the kernel's unit), at least one.
     pub fn new(
         interface: String,
-        address: IpAddr,
-        prefix: u8,
+        addresses: Vec<VipAddress>,
         announcements: u32,
         interval: Duration,
         lifetime: Duration,
@@ -70,8 +98,7 @@ impl ArpVip {
         tokio::spawn(connection);
         Ok(Self {
             interface,
-            address,
-            prefix,
+            addresses,
             announcements,
             interval,
             lifetime: lifetime_seconds(lifetime),
@@ -113,16 +140,18 @@ impl ArpVip {
         Ok((link.header.index, mac))
     }
 
-    async fn present(&self, index: u32) -> std::io::Result<Vec<AddressMessage>> {
+    /// The kernel's entries for `address` on interface `index` (none when
+    /// it is not there).
+    async fn present(&self, index: u32, address: IpAddr) -> std::io::Result<Vec<AddressMessage>> {
         self.handle
             .address()
             .get()
             .set_link_index_filter(index)
-            .set_address_filter(self.address)
+            .set_address_filter(address)
             .execute()
             .try_collect()
             .await
-            .map_err(|e| nl_err("listing addresses", e))
+            .map_err(|e| nl_err(&format!("listing addresses ({address})"), e))
     }
 
     /// How often the holder renews the address: a quarter of its
@@ -132,22 +161,49 @@ impl ArpVip {
         Duration::from_secs(u64::from(self.lifetime)) / 4
     }
 
-    /// Adds the address (or renews its lifetime: NLM_F_REPLACE).
-    async fn add(&self, index: u32) -> std::io::Result<()> {
-        let mut add = self
-            .handle
-            .address()
-            .add(index, self.address, self.prefix)
-            .replace();
-        *add.message_mut() = address_message(index, self.address, self.prefix, self.lifetime);
-        add.execute().await.map_err(|e| nl_err("adding the VIP", e))
+    /// Adds `a` (or renews its lifetime: NLM_F_REPLACE).
+    async fn add(&self, index: u32, a: VipAddress) -> std::io::Result<()> {
+        let mut add = self.handle.address().add(index, a.ip, a.prefix).replace();
+        *add.message_mut() = address_message(index, a.ip, a.prefix, self.lifetime);
+        add.execute()
+            .await
+            .map_err(|e| nl_err(&format!("adding the VIP {}", a.ip), e))
+    }
+
+    /// Deletes `address` from interface `index` if it is there.
+    async fn delete(&self, index: u32, address: IpAddr) -> std::io::Result<()> {
+        for msg in self.present(index, address).await? {
+            self.handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| nl_err(&format!("deleting the VIP {address}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every address of the VIP, trying each even when one fails;
+    /// the first failure is returned.
+    async fn delete_all(&self, index: u32) -> std::io::Result<()> {
+        let mut first = Ok(());
+        for a in &self.addresses {
+            if let Err(e) = self.delete(index, a.ip).await {
+                tracing::error!(vip = %a.ip, error = %e, "deleting a VIP address failed");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
     }
 
     fn announce(&mut self, index: u32, mac: [u8; 6]) {
         if let Some(task) = self.announcing.take() {
             task.abort();
         }
-        let (address, count, interval) = (self.address, self.announcements, self.interval);
+        let (addresses, count, interval) =
+            (self.addresses.clone(), self.announcements, self.interval);
         let valid_until = self.valid_until.clone();
         self.announcing = Some(tokio::spawn(async move {
             for i in 0..count {
@@ -162,8 +218,11 @@ impl ArpVip {
                 if !fresh {
                     return;
                 }
-                if let Err(e) = announce(index, mac, address) {
-                    tracing::warn!(vip = %address, error = %e, "announcing the VIP failed");
+                // Every family in the same round: both move at once.
+                for a in &addresses {
+                    if let Err(e) = announce(index, mac, a.ip) {
+                        tracing::warn!(vip = %a.ip, error = %e, "announcing the VIP failed");
+                    }
                 }
             }
         }));
@@ -177,62 +236,92 @@ impl ArpVip {
         }
     }
 
-    /// Adds the address and starts announcing it.
+    /// Adds every address and starts announcing them. If one cannot be
+    /// added, those already added are deleted again and the error names
+    /// the address: a dual-stack VIP is held whole or not at all.
     pub async fn claim(&mut self) -> std::io::Result<()> {
         let (index, mac) = self.link().await?;
-        self.add(index).await?;
+        for a in &self.addresses {
+            if let Err(e) = self.add(index, *a).await {
+                if let Err(d) = self.delete_all(index).await {
+                    return Err(nl_err(
+                        &format!("{e}; and removing the addresses already added"),
+                        d,
+                    ));
+                }
+                return Err(e);
+            }
+        }
         self.announce(index, mac);
         Ok(())
     }
 
-    /// Renews the address's lifetime, provided it is still before
-    /// `valid_until` (the holder's lease) right before the request goes
+    /// Renews the addresses' lifetime, provided it is still before
+    /// `valid_until` (the holder's lease) right before the requests go
     /// out: a process frozen in the middle of a renewal must not extend,
-    /// or bring back, an address after its lease ran out. If the address
+    /// or bring back, an address after its lease ran out. An address that
     /// had vanished (the kernel expired it while this process was stalled
-    /// for most of a lifetime, or someone deleted it), it is added again
-    /// and announced afresh: returns whether that happened.
-    pub async fn renew(&mut self, valid_until: Instant) -> std::io::Result<bool> {
+    /// for most of a lifetime, or someone deleted it) is added again and
+    /// everything is announced afresh. If a vanished address cannot be
+    /// added again, the others are deleted too ([`Renewal::Dropped`]): one
+    /// family of a dual-stack VIP must not stay held alone. A failure to
+    /// renew an address that is still there is an error (retried: it keeps
+    /// its old lifetime meanwhile).
+    pub async fn renew(&mut self, valid_until: Instant) -> std::io::Result<Renewal> {
         let (index, mac) = self.link().await?;
-        let vanished = self.present(index).await?.is_empty();
+        let mut vanished = Vec::with_capacity(self.addresses.len());
+        for a in &self.addresses {
+            vanished.push(self.present(index, a.ip).await?.is_empty());
+        }
         if Instant::now() >= valid_until {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the lease ran out before the renewal could be sent",
             ));
         }
-        self.add(index).await?;
-        if vanished {
-            self.announce(index, mac);
+        for (a, gone) in self.addresses.iter().zip(&vanished) {
+            match self.add(index, *a).await {
+                Ok(()) => {}
+                Err(e) if *gone => {
+                    self.stop_announcing();
+                    self.delete_all(index).await?;
+                    return Ok(Renewal::Dropped(e.to_string()));
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(vanished)
+        if vanished.contains(&true) {
+            self.announce(index, mac);
+            return Ok(Renewal::Readded);
+        }
+        Ok(Renewal::Renewed)
     }
 
-    /// Stops announcing and deletes the address.
-    pub async fn release(&mut self) -> std::io::Result<()> {
+    fn stop_announcing(&mut self) {
         if let Ok(mut v) = self.valid_until.lock() {
             *v = None;
         }
         if let Some(task) = self.announcing.take() {
             task.abort();
         }
-        let (index, _) = self.link().await?;
-        for msg in self.present(index).await? {
-            self.handle
-                .address()
-                .del(msg)
-                .execute()
-                .await
-                .map_err(|e| nl_err("deleting the VIP", e))?;
-        }
-        Ok(())
     }
 
-    /// Deletes a VIP that a previous run of this node left behind. Returns
-    /// whether there was one.
+    /// Stops announcing and deletes every address (each is tried even if
+    /// another fails).
+    pub async fn release(&mut self) -> std::io::Result<()> {
+        self.stop_announcing();
+        let (index, _) = self.link().await?;
+        self.delete_all(index).await
+    }
+
+    /// Deletes a VIP (any of its addresses) that a previous run of this
+    /// node left behind. Returns whether there was one.
     pub async fn remove_stale(&mut self) -> std::io::Result<bool> {
         let (index, _) = self.link().await?;
-        let stale = !self.present(index).await?.is_empty();
+        let mut stale = false;
+        for a in &self.addresses {
+            stale |= !self.present(index, a.ip).await?.is_empty();
+        }
         if stale {
             self.release().await?;
         }
@@ -442,9 +531,20 @@ mod tests {
 
     #[test]
     fn na_layout() {
-        let m = na_message([2, 0, 0, 0, 0, 1], "2001:db8::10".parse().unwrap());
-        assert_eq!(m[0], 136);
-        assert_eq!(m[4] & 0x20, 0x20, "override");
-        assert_eq!(m[24..26], [2, 1]);
+        let mac = [2, 0, 0, 0, 0, 1];
+        let ip: Ipv6Addr = "2001:db8::10".parse().unwrap();
+        let m = na_message(mac, ip);
+        assert_eq!(m[0], 136, "ICMPv6 neighbour advertisement");
+        assert_eq!(m[1], 0, "code 0 (receivers drop any other)");
+        assert_eq!(m[2..4], [0, 0], "checksum left to the kernel");
+        // Flags: router 0x80, solicited 0x40, override 0x20. Unsolicited,
+        // to a multicast group: S must be clear or receivers drop it; O
+        // set so caches that point at the old holder are overwritten.
+        assert_eq!(m[4], 0x20, "override only");
+        assert_eq!(m[5..8], [0, 0, 0], "reserved");
+        assert_eq!(m[8..24], ip.octets(), "target = the VIP");
+        assert_eq!(m[24..26], [2, 1], "target link-layer address, 8 octets");
+        assert_eq!(m[26..32], mac);
+        assert_eq!(m.len() % 8, 0, "options end on an 8-octet boundary");
     }
 }

@@ -1,6 +1,8 @@
 //! The virtual IP: who may hold it ([`fence`]) and how it is taken and
-//! given up ([`bind`]: a listener on the VIP; [`arp`]: an address on an
-//! interface, announced with gratuitous ARP / neighbour advertisements).
+//! given up ([`bind`]: a listener on the VIP; [`arp`]: an address, or a
+//! dual-stack IPv4 + IPv6 pair held as one, on an interface, announced with
+//! gratuitous ARP / unsolicited neighbour advertisements; [`iface`]: which
+//! address families an interface has, for the config check).
 //!
 //! One task per node ([`VipTask`]) owns the VIP. It wakes on every Raft
 //! metrics change and every `checkInterval`, asks the [`fence::Fence`]
@@ -15,6 +17,7 @@
 pub mod arp;
 pub mod bind;
 pub mod fence;
+pub mod iface;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use self::arp::ArpVip;
+use self::arp::{ArpVip, Renewal};
 use self::bind::BindVip;
 use self::fence::{Action, Fence, FenceTiming, LeaderView, ReleaseReason};
 use crate::raft::network::Handover;
@@ -74,11 +77,10 @@ impl Actuator {
         }
     }
 
-    /// Renews a held VIP if still before `valid_until`; true when it had
-    /// vanished and was added again.
-    async fn renew(&mut self, valid_until: Instant) -> std::io::Result<bool> {
+    /// Renews a held VIP if still before `valid_until`.
+    async fn renew(&mut self, valid_until: Instant) -> std::io::Result<Renewal> {
         match self {
-            Actuator::Bind(_) => Ok(false),
+            Actuator::Bind(_) => Ok(Renewal::Renewed),
             Actuator::Arp(a) => a.renew(valid_until).await,
         }
     }
@@ -87,6 +89,12 @@ impl Actuator {
 /// Pause before retrying a failed renewal (well inside a renew interval,
 /// which is at least 250 ms).
 const RENEW_RETRY: Duration = Duration::from_millis(50);
+
+/// Pause before claiming again after a claim failed. Not every check: a
+/// dual-stack claim whose second family fails adds and deletes the first
+/// one each time, and that address must not flicker a hundred times a
+/// second (connections accepted in a flicker break).
+const CLAIM_RETRY: Duration = Duration::from_millis(200);
 
 /// What the VIP task reports (for the API and metrics).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -242,6 +250,8 @@ impl VipTask {
         let mut recorded_term = None;
         // When the held address is due for renewal (arp mode).
         let mut renew_at: Option<Instant> = None;
+        // No claim before this: the last one failed.
+        let mut claim_after: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -301,6 +311,9 @@ impl VipTask {
                     renew_at = self.renew(&view, now).await;
                 }
                 Action::None => {}
+                Action::Claim { .. } if claim_after.is_some_and(|at| now < at) => {
+                    self.fence.claim_failed();
+                }
                 Action::Claim {
                     term,
                     elected_at,
@@ -309,6 +322,7 @@ impl VipTask {
                     if let Err(e) = self.actuator.claim().await {
                         tracing::error!(term, error = %e, "could not take the VIP; retrying");
                         self.fence.claim_failed();
+                        claim_after = Some(Instant::now() + CLAIM_RETRY);
                     } else {
                         let claimed = Instant::now();
                         renew_at = self.actuator.renew_interval().map(|i| claimed + i);
@@ -354,8 +368,24 @@ impl VipTask {
         };
         let valid_until = now + remaining;
         match self.actuator.renew(valid_until).await {
-            Ok(false) => Some(Instant::now() + interval),
-            Ok(true) => {
+            Ok(Renewal::Renewed) => Some(Instant::now() + interval),
+            Ok(Renewal::Dropped(why)) => {
+                // A dual-stack VIP lost one family for good: the other was
+                // deleted too. Holding nothing now; the fence claims both
+                // again on its next decision if this node still leads.
+                tracing::error!(
+                    term,
+                    error = %why,
+                    "a VIP address vanished and could not be added again; released the whole VIP, claiming it again"
+                );
+                self.fence.claim_failed();
+                metrics::counter!("bulwark_lb_vip_releases_total", "reason" => "readd_failed")
+                    .increment(1);
+                metrics::gauge!("bulwark_lb_vip_held").set(0.0);
+                self.state.send_replace(VipState::default());
+                None
+            }
+            Ok(Renewal::Readded) => {
                 tracing::warn!(
                     term,
                     "the VIP had vanished from the interface while this node still held it; added and announced it again"

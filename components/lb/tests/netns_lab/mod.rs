@@ -4,6 +4,11 @@
 //! a sampler of `ip addr` on every LB host, and an ARP prober on the
 //! client host that records which MACs answer for the VIP.
 //!
+//! [`Stack`] picks the VIP's families: IPv4 (the default), IPv6 (VIP,
+//! Raft, API and backend all on the lab's IPv6 addresses) or dual-stack
+//! (an IPv4 and an IPv6 VIP held as one, Raft on IPv4). For IPv6 VIPs the
+//! second witness is a neighbour-solicitation prober ([`nd_probe`]).
+//!
 //! Shared by the netns tests (`tests/lb_netns.rs`) and the failover
 //! benchmark (`bench/src/failover.rs` includes this file), so that the
 //! benchmark measures exactly what the tests check.
@@ -12,7 +17,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,11 +34,40 @@ pub const VIP_PORT: u16 = 6443;
 /// The backend's port on the client host.
 pub const BACKEND_PORT: u16 = 8443;
 
+/// The address families of the VIP (and of the cluster's own addresses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    /// An IPv4 VIP; everything on IPv4.
+    V4,
+    /// An IPv6 VIP; Raft, API and the backend on IPv6 too.
+    V6,
+    /// An IPv4 VIP and an IPv6 one (`vip.address6`) held together; Raft,
+    /// API and the backend on IPv4.
+    Dual,
+}
+
+impl Stack {
+    /// From `BULWARK_LB_STACK` (`v4`, `v6`, `dual`); IPv4 when unset.
+    pub fn from_env() -> Self {
+        match std::env::var("BULWARK_LB_STACK").as_deref() {
+            Ok("v6") => Stack::V6,
+            Ok("dual") => Stack::Dual,
+            Ok("v4") | Err(_) => Stack::V4,
+            Ok(other) => panic!("BULWARK_LB_STACK={other}: expected v4, v6 or dual"),
+        }
+    }
+}
+
 /// The lab and the LB processes.
 pub struct LbLab {
     pub lab: Lab,
     pub nodes: Vec<Process>,
+    /// The VIP (`vip.address`) and port.
     pub vip: SocketAddr,
+    /// Dual-stack: the IPv6 VIP (`vip.address6`) and port.
+    pub vip6: Option<SocketAddr>,
+    /// The families in use.
+    pub stack: Stack,
     pub operator: TlsMaterial,
     pki: Pki,
     dir: TestDir,
@@ -52,14 +86,29 @@ impl LbLab {
     /// `n` LB hosts plus a client host; `None` when the lab cannot run here
     /// (no root) and the harness says to skip.
     pub async fn start(n: usize, extra_yaml: &str) -> Option<Self> {
+        Self::start_stack(n, extra_yaml, Stack::V4).await
+    }
+
+    /// [`LbLab::start`] with the VIP's families given.
+    pub async fn start_stack(n: usize, extra_yaml: &str, stack: Stack) -> Option<Self> {
         bulwark_testkit::install_crypto_provider();
         let lab = Lab::start_or_skip(n + 1).unwrap()?;
         let pki = Pki::new().unwrap();
         let dir = TestDir::new("lb-lab").unwrap();
         let operator = tls_files(&pki.admin().unwrap()).load().unwrap();
-        let vip = SocketAddr::new(IpAddr::V4(lab.spare_addr(0)), VIP_PORT);
+        let (v4, v6) = (
+            IpAddr::V4(lab.spare_addr(0)),
+            IpAddr::V6(lab.spare_addr6(0)),
+        );
+        let vip = SocketAddr::new(if stack == Stack::V6 { v6 } else { v4 }, VIP_PORT);
+        let vip6 = (stack == Stack::Dual).then(|| SocketAddr::new(v6, VIP_PORT));
         let client = lab.host(n).clone();
-        let backend_addr = SocketAddr::new(IpAddr::V4(client.addr()), BACKEND_PORT);
+        // The cluster's own addresses: IPv6 in an IPv6 lab.
+        let own = |h: &Host| match stack {
+            Stack::V6 => IpAddr::V6(h.addr6()),
+            _ => IpAddr::V4(h.addr()),
+        };
+        let backend_addr = SocketAddr::new(own(&client), BACKEND_PORT);
         let listener = client.tcp_listener(backend_addr).unwrap();
         let backend = tokio::spawn(async move {
             loop {
@@ -75,9 +124,10 @@ impl LbLab {
 
         let members: String = (0..n)
             .map(|i| {
-                let a = lab.host(i).addr();
+                let raft = SocketAddr::new(own(lab.host(i)), 9441);
+                let api = SocketAddr::new(own(lab.host(i)), 9442);
                 format!(
-                    "- {{id: {id}, name: lb-{id}, raftAddress: '{a}:9441', apiAddress: '{a}:9442'}}\n",
+                    "- {{id: {id}, name: lb-{id}, raftAddress: '{raft}', apiAddress: '{api}'}}\n",
                     id = i + 1
                 )
             })
@@ -86,10 +136,17 @@ impl LbLab {
         for i in 0..n {
             let host = lab.host(i);
             let id = i + 1;
-            let a = host.addr();
+            let a = own(host);
             let cert = pki
-                .peer(&format!("lb-{id}"), &["bulwark:lb"], &[&a.to_string()])
+                .peer(
+                    &format!("lb-{id}"),
+                    &["bulwark:lb"],
+                    &[&host.addr().to_string(), &host.addr6().to_string()],
+                )
                 .unwrap();
+            let address6 = vip6
+                .map(|v| format!("  address6: '{}'\n", v.ip()))
+                .unwrap_or_default();
             let config = dir.join(format!("lb-{id}.yaml"));
             std::fs::write(
                 &config,
@@ -100,9 +157,9 @@ nodeId: {id}
 name: lb-{id}
 dataDir: {data}
 raft:
-  address: '{a}:9441'
+  address: '{raft}'
 api:
-  address: '{a}:9442'
+  address: '{api}'
 admin:
   address: '127.0.0.1:9440'
 tls:
@@ -115,8 +172,8 @@ access:
 initialMembers:
 {members}vip:
   mode: arp
-  address: {vip_ip}
-  port: {VIP_PORT}
+  address: '{vip_ip}'
+{address6}  port: {VIP_PORT}
   interface: {iface}
 backends:
 - {{id: api-1, address: '{backend_addr}'}}
@@ -131,6 +188,8 @@ shutdownGrace: 5s
                     ca = cert.ca.display(),
                     vip_ip = vip.ip(),
                     iface = host.interface(),
+                    raft = SocketAddr::new(a, 9441),
+                    api = SocketAddr::new(a, 9442),
                 ),
             )
             .unwrap();
@@ -148,6 +207,8 @@ shutdownGrace: 5s
             lab,
             nodes,
             vip,
+            vip6,
+            stack,
             operator,
             pki,
             dir,
@@ -165,9 +226,22 @@ shutdownGrace: 5s
         self.lab.host(self.nodes.len()).clone()
     }
 
-    /// Indices (0-based) of the LB hosts that have the VIP on eth0 now.
+    /// Indices (0-based) of the LB hosts that have the VIP on eth0 now
+    /// (dual-stack: either of its addresses).
     pub fn holders(&self) -> Vec<usize> {
-        holders_of(&self.lb_hosts(), self.vip.ip())
+        holders_of_any(&self.lb_hosts(), &self.vip_ips())
+    }
+
+    /// The VIP's addresses: one, or both of a dual-stack pair.
+    pub fn vip_ips(&self) -> Vec<IpAddr> {
+        std::iter::once(self.vip.ip())
+            .chain(self.vip6.map(|v| v.ip()))
+            .collect()
+    }
+
+    /// Every VIP address with the port.
+    pub fn vips(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.vip).chain(self.vip6).collect()
     }
 
     /// Waits until exactly one host holds the VIP and the client gets an
@@ -176,10 +250,11 @@ shutdownGrace: 5s
         let deadline = Instant::now() + timeout;
         loop {
             let h = self.holders();
-            if h.len() == 1
-                && Some(h[0]) != not
-                && echo(&self.client(), self.vip, Duration::from_millis(300)).await
-            {
+            let mut answered = h.len() == 1 && Some(h[0]) != not;
+            for vip in self.vips() {
+                answered = answered && echo(&self.client(), vip, Duration::from_millis(300)).await;
+            }
+            if answered {
                 return h[0];
             }
             assert!(
@@ -190,9 +265,18 @@ shutdownGrace: 5s
         }
     }
 
+    /// The address `host` uses for Raft, the API and the backend: IPv6 in
+    /// an IPv6 lab.
+    pub fn own_addr(&self, host: &Host) -> IpAddr {
+        match self.stack {
+            Stack::V6 => IpAddr::V6(host.addr6()),
+            _ => IpAddr::V4(host.addr()),
+        }
+    }
+
     /// An operator API client to LB host `i`, dialled from the client host.
     pub fn api(&self, i: usize) -> LoadBalancerClient<Channel> {
-        let addr = SocketAddr::new(IpAddr::V4(self.lab.host(i).addr()), 9442);
+        let addr = SocketAddr::new(self.own_addr(self.lab.host(i)), 9442);
         api_via(&self.client(), addr, &self.operator)
     }
 
@@ -235,15 +319,31 @@ pub fn api_via(via: &Host, addr: SocketAddr, tls: &TlsMaterial) -> LoadBalancerC
 
 /// Which of `hosts` have `vip` on their interface.
 pub fn holders_of(hosts: &[Host], vip: IpAddr) -> Vec<usize> {
-    let needle = format!(" {vip}/");
+    holders_of_any(hosts, &[vip])
+}
+
+/// Which of `hosts` have any of `vips` on their interface (one `ip addr`
+/// per host covers both families, so a dual-stack pair split across two
+/// hosts shows as two holders).
+pub fn holders_of_any(hosts: &[Host], vips: &[IpAddr]) -> Vec<usize> {
     hosts
         .iter()
         .enumerate()
         .filter(|(_, h)| {
             h.exec_ok("ip", ["-o", "addr", "show", "dev", h.interface()])
-                .is_ok_and(|out| out.contains(&needle))
+                .is_ok_and(|out| vips.iter().any(|v| out.contains(&format!(" {v}/"))))
         })
         .map(|(i, _)| i)
+        .collect()
+}
+
+/// Which of `vips` host `h` has on its interface now, in `vips`' order.
+pub fn held_by(h: &Host, vips: &[IpAddr]) -> Vec<bool> {
+    let out = h
+        .exec_ok("ip", ["-o", "addr", "show", "dev", h.interface()])
+        .unwrap_or_default();
+    vips.iter()
+        .map(|v| out.contains(&format!(" {v}/")))
         .collect()
 }
 
@@ -270,9 +370,10 @@ pub struct Witness {
     pub addr_samples: u64,
     /// Sweeps that found the VIP on more than one host.
     pub addr_violations: Vec<Vec<usize>>,
-    /// ARP probe windows.
+    /// Neighbour probe windows (ARP for an IPv4 VIP, neighbour
+    /// solicitation for an IPv6 one; a dual-stack VIP has both).
     pub arp_windows: u64,
-    /// Windows in which more than one MAC answered for the VIP.
+    /// Windows in which more than one MAC answered for a VIP address.
     pub arp_violations: Vec<BTreeSet<[u8; 6]>>,
     /// Every MAC that ever answered.
     pub macs: BTreeSet<[u8; 6]>,
@@ -292,11 +393,13 @@ impl Sampler {
         let witness = Arc::new(Mutex::new(Witness::default()));
         let mut threads = Vec::new();
         {
-            let (stop, witness, hosts, vip) =
-                (stop.clone(), witness.clone(), lab.lb_hosts(), lab.vip.ip());
+            let (stop, witness, hosts, vips) =
+                (stop.clone(), witness.clone(), lab.lb_hosts(), lab.vip_ips());
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let h = holders_of(&hosts, vip);
+                    // Either address of a dual-stack pair counts: the pair
+                    // on two hosts (split) is as wrong as two holders.
+                    let h = holders_of_any(&hosts, &vips);
                     let mut w = witness.lock().unwrap();
                     w.addr_samples += 1;
                     if h.len() > 1 {
@@ -305,24 +408,27 @@ impl Sampler {
                 }
             }));
         }
-        {
+        // One neighbour prober per VIP address: ARP for IPv4, neighbour
+        // solicitation for IPv6; both report into the same windows.
+        for vip in lab.vip_ips() {
             let (stop, witness, client) = (stop.clone(), witness.clone(), lab.client());
-            let IpAddr::V4(vip) = lab.vip.ip() else {
-                panic!("IPv4 lab")
-            };
             threads.push(std::thread::spawn(move || {
-                let me = client.addr();
                 let iface = client.interface().to_owned();
+                let (me, me6) = (client.addr(), client.addr6());
                 client
                     .in_netns(move || {
-                        arp_probe(&iface, me, vip, &stop, |seen| {
+                        let on_window = |seen: BTreeSet<[u8; 6]>| {
                             let mut w = witness.lock().unwrap();
                             w.arp_windows += 1;
                             w.macs.extend(seen.iter().copied());
                             if seen.len() > 1 {
                                 w.arp_violations.push(seen);
                             }
-                        })
+                        };
+                        match vip {
+                            IpAddr::V4(vip) => arp_probe(&iface, me, vip, &stop, on_window),
+                            IpAddr::V6(vip) => nd_probe(&iface, me6, vip, &stop, on_window),
+                        }
                     })
                     .unwrap();
             }));
@@ -438,6 +544,138 @@ pub fn arp_probe(
                 {
                     let mut m = [0u8; 6];
                     m.copy_from_slice(&buf[22..28]);
+                    seen.insert(m);
+                }
+            }
+            on_window(seen);
+        }
+        libc::close(fd);
+    }
+}
+
+/// The MAC address of `iface` (in the calling thread's namespace).
+pub fn mac_of(iface: &str) -> [u8; 6] {
+    // SAFETY: an ioctl on a socket this function owns, with an ifreq that
+    // outlives the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(iface.bytes()) {
+            *d = s as libc::c_char;
+        }
+        assert_eq!(libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr), 0);
+        libc::close(fd);
+        let mut mac = [0u8; 6];
+        for (d, s) in mac.iter_mut().zip(ifr.ifr_ifru.ifru_hwaddr.sa_data.iter()) {
+            *d = *s as u8;
+        }
+        mac
+    }
+}
+
+/// A neighbour solicitation for `target` (ICMPv6 type 135) with our MAC
+/// as source link-layer address; the kernel fills in the checksum.
+pub fn ns_message(mac: [u8; 6], target: Ipv6Addr) -> [u8; 32] {
+    let mut m = [0u8; 32];
+    m[0] = 135;
+    m[8..24].copy_from_slice(&target.octets());
+    m[24] = 1; // option: source link-layer address
+    m[25] = 1;
+    m[26..32].copy_from_slice(&mac);
+    m
+}
+
+/// The IPv6 twin of [`arp_probe`]: sends a neighbour solicitation for
+/// `vip` to its solicited-node multicast group every 20 ms until `stop`
+/// and hands the set of MACs (target link-layer addresses) that answered
+/// in each window to `on_window`. Runs inside the prober's namespace.
+pub fn nd_probe(
+    iface: &str,
+    me: Ipv6Addr,
+    vip: Ipv6Addr,
+    stop: &AtomicBool,
+    mut on_window: impl FnMut(BTreeSet<[u8; 6]>),
+) {
+    let o = vip.octets();
+    let group = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(o[13]),
+        u16::from_be_bytes([o[14], o[15]]),
+    );
+    let ns = ns_message(mac_of(iface), vip);
+    let sockaddr = |ip: Ipv6Addr| {
+        // SAFETY: sockaddr_in6 is plain old data; zeroed is valid.
+        let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_addr.s6_addr = ip.octets();
+        sa
+    };
+    let (from, to) = (sockaddr(me), sockaddr(group));
+    let name = std::ffi::CString::new(iface).unwrap();
+    let int = |v: i32| (v, std::mem::size_of::<i32>() as libc::socklen_t);
+    // SAFETY: plain libc socket calls on a descriptor owned by this
+    // function; buffers outlive the calls and lengths match them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6);
+        assert!(
+            fd >= 0,
+            "ICMPv6 socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let index = libc::if_nametoindex(name.as_ptr()) as i32;
+        // Neighbour discovery with a hop limit other than 255 is dropped.
+        for (opt, value) in [
+            (libc::IPV6_MULTICAST_HOPS, 255),
+            (libc::IPV6_UNICAST_HOPS, 255),
+            (libc::IPV6_MULTICAST_IF, index),
+        ] {
+            let (v, len) = int(value);
+            let rc = libc::setsockopt(fd, libc::IPPROTO_IPV6, opt, (&raw const v).cast(), len);
+            assert_eq!(
+                rc,
+                0,
+                "setsockopt {opt}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 5_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        let in6_len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, (&raw const from).cast(), in6_len), 0);
+        let mut buf = [0u8; 1500];
+        while !stop.load(Ordering::Relaxed) {
+            libc::sendto(
+                fd,
+                ns.as_ptr().cast(),
+                ns.len(),
+                0,
+                (&raw const to).cast(),
+                in6_len,
+            );
+            let window = Instant::now() + Duration::from_millis(20);
+            let mut seen = BTreeSet::new();
+            while Instant::now() < window {
+                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                // A neighbour advertisement for the VIP with a target
+                // link-layer address option.
+                if n >= 32 && buf[0] == 136 && buf[8..24] == o && buf[24] == 2 {
+                    let mut m = [0u8; 6];
+                    m.copy_from_slice(&buf[26..32]);
                     seen.insert(m);
                 }
             }

@@ -279,14 +279,6 @@ fn sans(id: &PeerIdentity) -> String {
         .join(", ")
 }
 
-/// The host part of `host:port` (brackets of an IPv6 literal removed).
-pub fn host_of(address: &str) -> String {
-    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
-    host.trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned()
-}
-
 /// Parsed TLS material, ready to build rustls or tonic configurations.
 ///
 /// The PEM text is kept beside the parsed form because tonic takes PEM: we
@@ -735,13 +727,6 @@ mod tests {
             errs[0].starts_with("tls.caFile: cannot read CA bundle"),
             "{errs:#?}"
         );
-    }
-
-    #[test]
-    fn host_of_strips_port_and_brackets() {
-        assert_eq!(host_of("10.0.0.1:9441"), "10.0.0.1");
-        assert_eq!(host_of("[fd00::1]:9441"), "fd00::1");
-        assert_eq!(host_of("lb-1.example:9442"), "lb-1.example");
     }
 
     #[tokio::test]

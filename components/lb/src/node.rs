@@ -86,7 +86,7 @@ impl Listeners {
             _ => None,
         };
         Ok(Self {
-            raft: bind(config.raft.listen.address, "Raft").await?,
+            raft: bind(config.raft.address, "Raft").await?,
             api: bind(config.api.address, "API").await?,
             admin: Some(bind(config.admin.address, "admin").await?),
             local: match config.local_listener {
@@ -299,7 +299,7 @@ async fn remove_stale_vip(config: &LbConfig) -> anyhow::Result<Option<ArpVip>> {
 fn local_member(config: &LbConfig) -> LbNode {
     LbNode {
         name: config.node_name(),
-        raft_address: config.raft.listen.advertised(),
+        raft_address: config.raft.advertised(),
         api_address: config.api.advertised(),
         proxy_address: config
             .local_listener

@@ -400,7 +400,14 @@ fn build<T: ComponentConfig>(
     let mut v = Validator::default();
     config.validate(&mut v);
     if preflight {
-        config.preflight(&mut v);
+        // A field validation already refused (a file that cannot be read)
+        // is not reported a second time by the checks that read it.
+        let known: Vec<String> = v.errors.iter().map(|e| e.path.clone()).collect();
+        let mut pre = Validator::default();
+        config.preflight(&mut pre);
+        v.warnings.extend(pre.warnings);
+        v.errors
+            .extend(pre.errors.into_iter().filter(|e| !known.contains(&e.path)));
     }
     let warnings = v.warnings.clone();
     let errors = v.into_errors();

@@ -329,9 +329,10 @@ impl TlsMaterial {
         ) {
             Ok(_) => Ok(()),
             // A missing clientAuth usage is reported on its own.
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::InvalidPurpose)) => {
-                Ok(())
-            }
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::InvalidPurpose
+                | rustls::CertificateError::InvalidPurposeContext { .. },
+            )) => Ok(()),
             Err(e) => Err(e.to_string()),
         }
     }

@@ -636,10 +636,17 @@ fn materialize(root: &Path, pki: &Pki, daemon: &Daemon, node: &str) {
                     "backup" => "bulwark:backup",
                     _ => "kubeadm",
                 };
+                // SANs as the GUIDE's `issue` gives them: the node's
+                // address, which `--check-config` checks against the
+                // addresses peers dial.
+                let node_ip = str_at(&node_config(node, "bulwark-lb"), "raft.address")
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.to_owned())
+                    .unwrap();
                 pki.peer(
                     &format!("{node}-{}-{stem}", daemon.name),
                     &[org],
-                    &["127.0.0.1"],
+                    &["127.0.0.1", &node_ip],
                 )
                 .unwrap()
             });
@@ -668,6 +675,57 @@ fn materialize(root: &Path, pki: &Pki, daemon: &Daemon, node: &str) {
         if !target.exists() {
             std::os::unix::fs::symlink(real, &target).unwrap();
         }
+    }
+}
+
+/// The install gate: before the daemon, an init container runs the same
+/// binary with the same config, arguments, mounts and user, plus
+/// `--check-config`, so a broken config stops the pod with the reasons in
+/// that container's log instead of crashlooping a half-started daemon.
+#[test]
+fn every_manifest_runs_check_config_before_the_daemon() {
+    for d in manifests() {
+        let what = format!("manifests/{}.yaml", d.name);
+        let inits = at(&d.pod, "spec.initContainers")
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{what}: no initContainers (the --check-config gate)"));
+        assert_eq!(inits.len(), 1, "{what}: one init container, the gate");
+        let gate = &inits[0];
+        assert_eq!(str_at(gate, "name"), "check-config", "{what}");
+        for field in ["image", "imagePullPolicy", "command", "volumeMounts"] {
+            assert_eq!(
+                at(gate, field),
+                at(&d.container, field),
+                "{what}: the gate's {field} differs from the daemon's"
+            );
+        }
+        assert_eq!(
+            at(gate, "securityContext.runAsUser"),
+            at(&d.container, "securityContext.runAsUser"),
+            "{what}: the gate must read the keys as the daemon's user"
+        );
+        assert_eq!(
+            strings(at(gate, "securityContext.capabilities.drop")),
+            ["ALL"],
+            "{what}: the gate needs no capability"
+        );
+        assert!(
+            strings(at(gate, "securityContext.capabilities.add")).is_empty(),
+            "{what}: the gate needs no capability"
+        );
+        let mut expected = d.args.clone();
+        expected.push("--check-config".into());
+        assert_eq!(
+            strings(at(gate, "args")),
+            expected,
+            "{what}: the gate checks the daemon's own arguments and config"
+        );
+        assert!(
+            d.args
+                .iter()
+                .any(|a| a.starts_with("--config=/etc/bulwark/")),
+            "{what}: the daemon reads its config from /etc/bulwark"
+        );
     }
 }
 

@@ -15,8 +15,8 @@ use bulwark_common::authz::AccessPolicy;
 use bulwark_common::config::{ComponentConfig, Validate, Validator, duration};
 use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::{
-    KUBEADM_APISERVER_ETCD_CLIENT_CERT, KUBEADM_APISERVER_ETCD_CLIENT_KEY, KUBEADM_ETCD_CA_CERT,
-    TlsFiles,
+    CertUse, KUBEADM_APISERVER_ETCD_CLIENT_CERT, KUBEADM_APISERVER_ETCD_CLIENT_KEY,
+    KUBEADM_ETCD_CA_CERT, TlsFiles,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -99,6 +99,54 @@ fn default_grace() -> Duration {
 
 impl ComponentConfig for BackupConfig {
     const KIND: &'static str = "BackupConfiguration";
+
+    /// Reads the certificates: the serving one (serverAuth, the addresses
+    /// clients and restore agents dial), the one restore agents call each
+    /// other with (clientAuth, an identity `grpc.access.peers` admits, the
+    /// shared CA), and etcd's client certificate (clientAuth).
+    fn preflight(&self, v: &mut Validator) {
+        let mut hosts = Vec::new();
+        if !self.grpc.address.ip().is_unspecified() {
+            hosts.push(("grpc.address", self.grpc.address.ip().to_string()));
+        }
+        if let Some(a) = &self.restore.agent_address {
+            hosts.push(("restore.agentAddress", bulwark_common::grpc::host_of(a)));
+        }
+        let calls_agents = !self.restore.peers.is_empty();
+        let agent_identity = calls_agents
+            .then(|| {
+                self.grpc
+                    .access
+                    .peers
+                    .as_ref()
+                    .map(|p| ("grpc.access.peers", p))
+            })
+            .flatten();
+        let serving = CertUse {
+            server: true,
+            client: calls_agents && self.restore.client_tls.is_none(),
+            hosts,
+            identity: agent_identity.filter(|_| self.restore.client_tls.is_none()),
+            same_ca: true,
+        };
+        v.at("grpc.tls", |v| self.grpc.tls.check(&serving, v));
+        if let Some(tls) = &self.restore.client_tls {
+            let client = CertUse {
+                client: true,
+                identity: agent_identity,
+                same_ca: true,
+                ..CertUse::default()
+            };
+            v.at("restore.clientTls", |v| tls.check(&client, v));
+        }
+        if let Some(tls) = &self.etcd.tls {
+            let client = CertUse {
+                client: true,
+                ..CertUse::default()
+            };
+            v.at("etcd.tls", |v| tls.check(&client, v));
+        }
+    }
 }
 
 /// `grpc:`.
@@ -646,6 +694,7 @@ impl Default for RestoreConfig {
 
 impl Validate for BackupConfig {
     fn validate(&self, v: &mut Validator) {
+        check_listeners(v, self);
         v.check(
             !self.node_name.trim().is_empty(),
             "nodeName",
@@ -945,6 +994,14 @@ fn is_http_url(u: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Every socket the instance binds, each once.
+fn check_listeners(v: &mut Validator, config: &BackupConfig) {
+    v.distinct_listeners(&[
+        ("admin.address", config.admin.address),
+        ("grpc.address", config.grpc.address),
+    ]);
+}
+
 fn check_tls(v: &mut Validator, field: &str, tls: &TlsFiles) {
     v.at(field, |v| {
         v.file_exists("certFile", &tls.cert_file);
@@ -978,6 +1035,58 @@ mod tests {
             "grpc:\n  tls: {{certFile: /proc/self/status, keyFile: /proc/self/status, caFile: /proc/self/status}}\n\
              etcd:\n  endpoints: [http://127.0.0.1:2379]\n  tls: null\n{extra}"
         )
+    }
+
+    #[test]
+    fn grpc_and_admin_must_not_share_a_port() {
+        let e = errors(concat!(
+            "admin: {address: 127.0.0.1:9445}\n",
+            "grpc:\n  address: 0.0.0.0:9445\n",
+            "  tls: {certFile: /proc/self/status, keyFile: /proc/self/status, caFile: /proc/self/status}\n",
+            "etcd:\n  endpoints: [http://127.0.0.1:2379]\n  tls: null\n",
+        ));
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("grpc.address: 0.0.0.0:9445 clashes with admin.address")),
+            "{e:?}"
+        );
+    }
+
+    /// Restore agents call each other with the serving certificate: it
+    /// needs clientAuth and an identity `grpc.access.peers` admits.
+    #[test]
+    fn preflight_checks_the_agent_identity_and_the_dialed_address() {
+        let pki = bulwark_testkit::Pki::new().unwrap();
+        let server_only = pki.server("backup", &["10.0.0.99"]).unwrap().tls_files();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("backup.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: bulwark.dev/v1alpha1\nkind: BackupConfiguration\n\
+                 grpc:\n  address: 127.0.0.1:9445\n  tls: {{certFile: {}, keyFile: {}, caFile: {}}}\n  access: {{peers: {{organizations: ['bulwark:backup']}}}}\n\
+                 etcd:\n  endpoints: [http://127.0.0.1:2379]\n  tls: null\n\
+                 restore:\n  peers: ['127.0.0.1:9445']\n",
+                server_only.cert_file.display(),
+                server_only.key_file.display(),
+                server_only.ca_file.display()
+            ),
+        )
+        .unwrap();
+        let err =
+            bulwark_common::config::load_checked::<BackupConfig>(Some(&file), &Overrides::new())
+                .unwrap_err();
+        let e: Vec<String> = err.field_errors().iter().map(|e| e.to_string()).collect();
+        assert_eq!(e.len(), 3, "{e:#?}");
+        assert!(
+            e[0].starts_with("grpc.tls.certFile: ") && e[0].contains("lacks the clientAuth"),
+            "{e:#?}"
+        );
+        assert!(
+            e[1].contains("does not cover 127.0.0.1 (grpc.address)"),
+            "{e:#?}"
+        );
+        assert!(e[2].contains("grpc.access.peers"), "{e:#?}");
     }
 
     #[test]

@@ -23,6 +23,7 @@
 //! path (`backends[2].address: …`). Unknown fields are rejected.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -38,11 +39,13 @@ pub trait ComponentConfig: DeserializeOwned + Validate {
     /// The `kind:` this type is read from, e.g. `LoadBalancerConfiguration`.
     const KIND: &'static str;
 
-    /// Valid but probably unintended settings, each a sentence naming the
-    /// field: logged at startup and printed by `--check-config`.
-    fn warnings(&self) -> Vec<String> {
-        Vec::new()
-    }
+    /// Checks that read what the config points at and cross-check it with
+    /// the rest (TLS material: key against certificate, identity against
+    /// the access policy, usages, SANs against the addresses peers dial).
+    /// Run by [`load`] (so by `--check-config` and at start), not by
+    /// [`from_str_with`], so unit tests can parse configs without real
+    /// certificates.
+    fn preflight(&self, _v: &mut Validator) {}
 }
 
 /// Semantic validation after the types have parsed: ranges, cross-field
@@ -120,12 +123,22 @@ fn list(errors: &[FieldError]) -> String {
 pub struct Validator {
     path: Vec<String>,
     errors: Vec<FieldError>,
+    warnings: Vec<FieldError>,
 }
 
 impl Validator {
     /// Records a problem with the current field.
     pub fn error(&mut self, message: impl Into<String>) {
         self.errors.push(FieldError {
+            path: self.current(),
+            message: message.into(),
+        });
+    }
+
+    /// Records something legal but probably unintended about the current
+    /// field: printed by `--check-config` and logged at start, never fatal.
+    pub fn warn(&mut self, message: impl Into<String>) {
+        self.warnings.push(FieldError {
             path: self.current(),
             message: message.into(),
         });
@@ -194,6 +207,31 @@ impl Validator {
     /// The problems found so far.
     pub fn into_errors(self) -> Vec<FieldError> {
         self.errors
+    }
+
+    /// The warnings found so far.
+    pub fn warnings(&self) -> &[FieldError] {
+        &self.warnings
+    }
+
+    /// Checks that no two of a daemon's listeners share an address:port
+    /// (or a port, when one of them binds every address): the second bind
+    /// would fail at start. `listeners` are (field path, address).
+    pub fn distinct_listeners(&mut self, listeners: &[(&str, SocketAddr)]) {
+        for (i, (field, a)) in listeners.iter().enumerate() {
+            let clash = listeners[..i].iter().find(|(_, b)| {
+                a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+            });
+            if let Some((other, b)) = clash {
+                self.at(*field, |v| {
+                    v.error(format!(
+                        "{a} clashes with {other} ({b}): both would listen on port {}; give each listener its own port",
+                        a.port()
+                    ))
+                });
+            }
+        }
     }
 }
 
@@ -265,6 +303,16 @@ impl Overrides {
     }
 }
 
+/// A configuration that loaded, with what was legal but suspicious.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    /// The typed, validated configuration.
+    pub config: T,
+    /// Warnings (`path: message`), for `--check-config` to print and the
+    /// daemon to log.
+    pub warnings: Vec<FieldError>,
+}
+
 /// Reads the config file (when given), checks `apiVersion`/`kind`, applies
 /// `overrides`, and builds and validates the typed config. Without a file the
 /// config is built from defaults and overrides alone.
@@ -272,6 +320,15 @@ pub fn load<T: ComponentConfig>(
     file: Option<&Path>,
     overrides: &Overrides,
 ) -> Result<T, ConfigError> {
+    load_checked(file, overrides).map(|l| l.config)
+}
+
+/// [`load`] plus the config's [`ComponentConfig::preflight`] checks, keeping
+/// the warnings: what a daemon runs at start and for `--check-config`.
+pub fn load_checked<T: ComponentConfig>(
+    file: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<Loaded<T>, ConfigError> {
     let text = match file {
         Some(path) => Some(
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -281,15 +338,25 @@ pub fn load<T: ComponentConfig>(
         ),
         None => None,
     };
-    from_str_with::<T>(text.as_deref(), file, overrides)
+    build::<T>(text.as_deref(), file, overrides, true)
 }
 
 /// [`load`] from text already in memory; `origin` names it in errors.
+/// Runs [`Validate`] but not the preflight checks.
 pub fn from_str_with<T: ComponentConfig>(
     text: Option<&str>,
     origin: Option<&Path>,
     overrides: &Overrides,
 ) -> Result<T, ConfigError> {
+    build::<T>(text, origin, overrides, false).map(|l| l.config)
+}
+
+fn build<T: ComponentConfig>(
+    text: Option<&str>,
+    origin: Option<&Path>,
+    overrides: &Overrides,
+    preflight: bool,
+) -> Result<Loaded<T>, ConfigError> {
     let invalid = |errors: Vec<FieldError>| ConfigError::Invalid {
         file: origin.map(Path::to_owned),
         errors,
@@ -329,22 +396,157 @@ pub fn from_str_with<T: ComponentConfig>(
     }
     overrides.apply(&mut root);
 
-    let config: T = serde_path_to_error::deserialize(Value::Mapping(root)).map_err(|e| {
-        let path = e.path().to_string();
-        invalid(vec![FieldError {
-            path: if path == "." { String::new() } else { path },
-            message: e.into_inner().to_string(),
-        }])
-    })?;
-
+    let config: T = deserialize_all(root).map_err(invalid)?;
     let mut v = Validator::default();
     config.validate(&mut v);
+    if preflight {
+        // A field validation already refused (a file that cannot be read)
+        // is not reported a second time by the checks that read it.
+        let known: Vec<String> = v.errors.iter().map(|e| e.path.clone()).collect();
+        let mut pre = Validator::default();
+        config.preflight(&mut pre);
+        v.warnings.extend(pre.warnings);
+        v.errors
+            .extend(pre.errors.into_iter().filter(|e| !known.contains(&e.path)));
+    }
+    let warnings = v.warnings.clone();
     let errors = v.into_errors();
     if errors.is_empty() {
-        Ok(config)
+        Ok(Loaded { config, warnings })
     } else {
         Err(invalid(errors))
     }
+}
+
+/// Most problems one load reports; a file that is wrong everywhere is
+/// wrong enough at fifty.
+const MAX_TYPE_ERRORS: usize = 50;
+
+/// Builds the typed config, reporting every field that does not type-check
+/// rather than the first: after each error the offending field is taken
+/// out of the tree (its default applies) and the build is retried.
+fn deserialize_all<T: DeserializeOwned>(mut root: Mapping) -> Result<T, Vec<FieldError>> {
+    let mut errors: Vec<FieldError> = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    loop {
+        let e = match serde_path_to_error::deserialize(Value::Mapping(root.clone())) {
+            Ok(config) if errors.is_empty() => return Ok(config),
+            Ok(_) => return Err(errors),
+            Err(e) => e,
+        };
+        let segments: Vec<serde_path_to_error::Segment> = e.path().iter().cloned().collect();
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let message = plain_words(&e.into_inner().to_string());
+        // A required field reported missing because an earlier error took
+        // it out is no news.
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'));
+        if let Some(field) = missing {
+            let full = if path.is_empty() {
+                field.to_owned()
+            } else {
+                format!("{path}.{field}")
+            };
+            if !removed.contains(&full) {
+                errors.push(FieldError { path, message });
+            }
+            return Err(errors);
+        }
+        errors.push(FieldError {
+            path: path.clone(),
+            message,
+        });
+        if errors.len() >= MAX_TYPE_ERRORS || !remove_at(&mut root, &segments) {
+            return Err(errors);
+        }
+        removed.push(path);
+    }
+}
+
+/// Removes the field at `segments`; false when there is none, or when it
+/// is a list item (removing it would renumber the items after it).
+fn remove_at(root: &mut Mapping, segments: &[serde_path_to_error::Segment]) -> bool {
+    use serde_path_to_error::Segment;
+    let Some((Segment::Map { key }, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut node = &mut *root;
+    let mut parents = parents.iter();
+    loop {
+        let Some(seg) = parents.next() else {
+            return node.remove(key.as_str()).is_some();
+        };
+        let mut child = match seg {
+            Segment::Map { key } => node.get_mut(key.as_str()),
+            _ => None,
+        };
+        // Lists are stepped through here (`backends[0].weight`).
+        while let Some(Value::Sequence(items)) = child {
+            child = match parents.next() {
+                Some(Segment::Seq { index }) => items.get_mut(*index),
+                _ => None,
+            };
+        }
+        match child {
+            Some(Value::Mapping(m)) => node = m,
+            _ => return false,
+        }
+    }
+}
+
+/// Rewrites serde's type names in an error message into the words of
+/// YAML: "expected u64" becomes "expected a whole number ≥ 0".
+fn plain_words(message: &str) -> String {
+    const WORDS: &[(&str, &str)] = &[
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number ≥ 0"),
+        ("expected usize", "expected a whole number ≥ 0"),
+        ("expected i8", "expected a whole number"),
+        ("expected i16", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected isize", "expected a whole number"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+        ("expected a sequence", "expected a list"),
+        ("expected a map", "expected a mapping"),
+        ("invalid type: map,", "invalid type: a mapping,"),
+        ("invalid type: sequence,", "invalid type: a list,"),
+        ("invalid type: unit value,", "invalid type: null,"),
+        ("invalid type: floating point", "invalid type: the number"),
+        ("invalid type: integer", "invalid type: the number"),
+        ("invalid value: integer", "invalid value: the number"),
+        ("invalid type: boolean", "invalid type: the boolean"),
+    ];
+    let mut out = message.to_owned();
+    for (from, to) in WORDS {
+        // Only whole words: "expected u16" must not rewrite "expected u160".
+        let mut rebuilt = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(at) = rest.find(from) {
+            let after = &rest[at + from.len()..];
+            let whole = !after.starts_with(|c: char| c.is_ascii_alphanumeric());
+            rebuilt.push_str(&rest[..at]);
+            rebuilt.push_str(if whole { to } else { from });
+            rest = after;
+        }
+        rebuilt.push_str(rest);
+        out = rebuilt;
+    }
+    // "expected struct RaftConfig" names a Rust type: say what YAML it wants.
+    if let Some(at) = out.find("expected struct ") {
+        out.truncate(at);
+        out.push_str("expected a mapping of fields");
+    }
+    out
 }
 
 fn check_header(root: &mut Mapping, key: &str, want: &str, errors: &mut Vec<FieldError>) {
@@ -518,6 +720,118 @@ mod tests {
 
         let e = only_error(parse("nodeId: one\n"));
         assert!(e.starts_with("nodeId: invalid type"), "{e}");
+        // In YAML's words, not Rust's.
+        assert!(e.contains("expected a whole number ≥ 0"), "{e}");
+        assert!(!e.contains("u64"), "{e}");
+        let e = only_error(parse("nodeId: 1\nbackends: {a: 1}\n"));
+        assert!(
+            e.contains("invalid type: a mapping, expected a list"),
+            "{e}"
+        );
+        let e = only_error(parse("nodeId: 1\nbackends:\n- 3\n"));
+        assert!(
+            e.contains("the number `3`, expected a mapping of fields"),
+            "{e}"
+        );
+        let e = only_error(parse("nodeId: -1\n"));
+        assert!(e.contains("expected a whole number ≥ 0"), "{e}");
+    }
+
+    #[test]
+    fn plain_words_rewrite_whole_words_only() {
+        assert_eq!(
+            plain_words("invalid type: string \"x\", expected u16"),
+            "invalid type: string \"x\", expected a whole number from 0 to 65535"
+        );
+        assert_eq!(plain_words("expected u160 things"), "expected u160 things");
+    }
+
+    #[test]
+    fn type_errors_are_all_reported_at_once() {
+        let err = parse(
+            "nodeId: 1\ntimeout: soon\nlisten: nowhere\nbackends:\n- address: 10.0.0.1:1\n  weight: heavy\n  colour: red\n",
+        )
+        .unwrap_err();
+        let errs: Vec<String> = err.field_errors().iter().map(|e| e.to_string()).collect();
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+        for field in [
+            "listen:",
+            "timeout:",
+            "backends[0].weight:",
+            "backends[0].colour:",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(field)),
+                "{field} in {errs:#?}"
+            );
+        }
+
+        // A required field with a bad value is reported once, not again as
+        // missing after it was taken out.
+        let errs = parse("nodeId: x\ntimeout: soon\n").unwrap_err();
+        let errs: Vec<String> = errs.field_errors().iter().map(|e| e.to_string()).collect();
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(errs.iter().all(|e| !e.contains("missing")), "{errs:#?}");
+    }
+
+    #[test]
+    fn listeners_must_not_share_a_port() {
+        let mut v = Validator::default();
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        v.distinct_listeners(&[
+            ("raft.address", a("0.0.0.0:9441")),
+            ("api.address", a("10.0.0.1:9441")),
+            ("admin.address", a("127.0.0.1:9440")),
+            ("localListener", a("127.0.0.2:9440")),
+        ]);
+        let errs: Vec<String> = v.into_errors().iter().map(|e| e.to_string()).collect();
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0]
+                .starts_with("api.address: 10.0.0.1:9441 clashes with raft.address (0.0.0.0:9441)"),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn warnings_and_preflight_come_from_load_checked_only() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Warned {
+            n: u64,
+        }
+        impl Validate for Warned {
+            fn validate(&self, v: &mut Validator) {
+                if self.n > 10 {
+                    v.at("n", |v| v.warn("is large"));
+                }
+            }
+        }
+        impl ComponentConfig for Warned {
+            const KIND: &'static str = "WarnedConfiguration";
+            fn preflight(&self, v: &mut Validator) {
+                v.check(self.n != 13, "n", "is unlucky");
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.yaml");
+        let write = |n: u64| {
+            std::fs::write(
+                &file,
+                format!("apiVersion: bulwark.dev/v1alpha1\nkind: WarnedConfiguration\nn: {n}\n"),
+            )
+            .unwrap()
+        };
+        write(11);
+        let loaded = load_checked::<Warned>(Some(&file), &Overrides::new()).unwrap();
+        assert_eq!(loaded.config.n, 11);
+        assert_eq!(loaded.warnings[0].to_string(), "n: is large");
+        write(13);
+        let err = load_checked::<Warned>(Some(&file), &Overrides::new()).unwrap_err();
+        assert_eq!(err.field_errors()[0].to_string(), "n: is unlucky");
+        // Parsing from text skips the preflight checks.
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(from_str_with::<Warned>(Some(&text), None, &Overrides::new()).is_ok());
     }
 
     #[test]

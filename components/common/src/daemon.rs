@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{ComponentConfig, ConfigError, Overrides};
+use crate::config::{ComponentConfig, ConfigError, Loaded, Overrides};
 use crate::telemetry::LogFormat;
 
 /// Exit code for a configuration that does not load or validate (the same
@@ -52,38 +52,47 @@ impl DaemonArgs {
             .set_opt("admin.address", self.admin_address.map(|a| a.to_string()));
     }
 
-    /// Loads the config from `--config` plus `overrides` and the shared flags.
-    pub fn load<T: ComponentConfig>(&self, mut overrides: Overrides) -> Result<T, ConfigError> {
+    /// Loads the config from `--config` plus `overrides` and the shared
+    /// flags, with the preflight checks (TLS material read and
+    /// cross-checked) and the warnings.
+    pub fn load<T: ComponentConfig>(
+        &self,
+        mut overrides: Overrides,
+    ) -> Result<Loaded<T>, ConfigError> {
         self.add_overrides(&mut overrides);
-        crate::config::load(self.config.as_deref(), &overrides)
+        crate::config::load_checked(self.config.as_deref(), &overrides)
     }
 
     /// Loads the config, handling the two outcomes that end the process:
-    /// an invalid config (printed to stderr, exit 2) and `--check-config`
-    /// (a summary and the config's warnings on stdout, exit 0). Otherwise
-    /// makes the files the daemon will create private ([`private_files`])
-    /// and returns the config to run.
+    /// an invalid config (every problem printed to stderr, exit 2) and
+    /// `--check-config` (a summary on stdout, exit 0). Warnings go to
+    /// stderr either way (logging is not set up yet; stderr is the pod
+    /// log). Otherwise makes the files the daemon will create private
+    /// ([`private_files`]) and returns the config to run.
     pub fn load_or_exit<T: ComponentConfig>(&self, overrides: Overrides) -> Result<T, ExitCode> {
-        match self.load::<T>(overrides) {
+        let loaded = match self.load::<T>(overrides) {
             Err(e) => {
                 eprintln!("error: {e}");
-                Err(ExitCode::from(EXIT_CONFIG))
+                return Err(ExitCode::from(EXIT_CONFIG));
             }
-            Ok(config) if self.check_config => {
-                match &self.config {
-                    Some(path) => println!("{}: valid {}", path.display(), T::KIND),
-                    None => println!("valid {} (built-in defaults and flags)", T::KIND),
-                }
-                for w in config.warnings() {
-                    println!("warning: {w}");
-                }
-                Err(ExitCode::SUCCESS)
-            }
-            Ok(config) => {
-                private_files();
-                Ok(config)
-            }
+            Ok(loaded) => loaded,
+        };
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
         }
+        if self.check_config {
+            let warned = match loaded.warnings.len() {
+                0 => String::new(),
+                n => format!(" ({n} warning{})", if n == 1 { "" } else { "s" }),
+            };
+            match &self.config {
+                Some(path) => println!("{}: valid {}{warned}", path.display(), T::KIND),
+                None => println!("valid {} (built-in defaults and flags){warned}", T::KIND),
+            }
+            return Err(ExitCode::SUCCESS);
+        }
+        private_files();
+        Ok(loaded.config)
     }
 }
 

@@ -218,7 +218,9 @@ pub fn endpoint(
         })
 }
 
-fn host_of(address: &str) -> String {
+/// The host part of `host:port` (an IPv6 literal without its brackets):
+/// the name a client verifies the server certificate under by default.
+pub fn host_of(address: &str) -> String {
     match address.parse::<SocketAddr>() {
         Ok(sa) => sa.ip().to_string(),
         Err(_) => address

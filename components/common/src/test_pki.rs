@@ -26,6 +26,27 @@ impl Pki {
     }
 
     pub fn issue(&self, name: &str, cn: &str, orgs: &[&str], sans: &[&str]) -> TlsFiles {
+        self.issue_for(
+            name,
+            cn,
+            orgs,
+            sans,
+            vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// [`Pki::issue`] with the given extended key usages.
+    pub fn issue_for(
+        &self,
+        name: &str,
+        cn: &str,
+        orgs: &[&str],
+        sans: &[&str],
+        usages: Vec<rcgen::ExtendedKeyUsagePurpose>,
+    ) -> TlsFiles {
         let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
         let mut params = rcgen::CertificateParams::new(sans).unwrap();
         params
@@ -41,10 +62,7 @@ impl Pki {
             };
             params.distinguished_name.push(ty, *o);
         }
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca).unwrap();
         let files = TlsFiles {

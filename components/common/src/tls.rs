@@ -29,6 +29,9 @@ use serde::{Deserialize, Serialize};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::authz::IdentityRule;
+use crate::config::Validator;
+
 /// kubeadm's PKI directory.
 pub const KUBEADM_PKI_DIR: &str = "/etc/kubernetes/pki";
 /// The cluster CA kubeadm creates; bulwark trusts it for its own gRPC by default.
@@ -116,6 +119,166 @@ impl TlsFiles {
     }
 }
 
+/// What a daemon does with one certificate, for [`TlsFiles::check`]:
+/// the properties that, when missing, make it fail only at its first
+/// handshake (or crashloop) rather than at `--check-config`.
+#[derive(Debug, Default)]
+pub struct CertUse<'a> {
+    /// It serves TLS with it: the certificate needs the serverAuth usage.
+    pub server: bool,
+    /// It dials with it: the certificate needs the clientAuth usage.
+    pub client: bool,
+    /// Hosts peers dial it by, with the field each comes from
+    /// (`raft.advertiseAddress`); each must be one of its SANs.
+    pub hosts: Vec<(&'a str, String)>,
+    /// The access rule (and its path) its identity must match because
+    /// peers check it (the LB's `access.peers`).
+    pub identity: Option<(&'a str, &'a IdentityRule)>,
+    /// Its peers trust the same `caFile`, so the certificate must chain to
+    /// a CA in it.
+    pub same_ca: bool,
+}
+
+impl TlsFiles {
+    /// Reads the three files and records, at `certFile`/`keyFile`/`caFile`
+    /// relative to the validator's position, every reason the daemon would
+    /// fail with them: unreadable or malformed files, a key that is not the
+    /// certificate's, an expired certificate, a missing usage, a SAN that
+    /// does not cover an address peers dial, an identity the access policy
+    /// refuses, a certificate not issued by the CA bundle.
+    pub fn check(&self, want: &CertUse<'_>, v: &mut Validator) {
+        let material = match self.load() {
+            Ok(m) => m,
+            Err(e) => {
+                let field = match &e {
+                    TlsError::Read { path, .. } | TlsError::Pem { path, .. }
+                        if *path == self.key_file =>
+                    {
+                        "keyFile"
+                    }
+                    TlsError::Read { path, .. } | TlsError::Pem { path, .. }
+                        if *path == self.ca_file =>
+                    {
+                        "caFile"
+                    }
+                    _ => "certFile",
+                };
+                v.at(field, |v| v.error(e.to_string()));
+                return;
+            }
+        };
+        let provider = provider();
+        match rustls::sign::CertifiedKey::from_der(
+            material.chain.clone(),
+            material.key.clone_key(),
+            &provider,
+        ) {
+            Ok(_) => {}
+            Err(rustls::Error::InconsistentKeys(_)) => v.at("keyFile", |v| {
+                v.error(format!(
+                    "{} is not the key of the certificate {} (their public keys differ): \
+                     give the key the certificate was issued for",
+                    self.key_file.display(),
+                    self.cert_file.display()
+                ))
+            }),
+            Err(e) => v.at("keyFile", |v| {
+                v.error(format!("{} cannot be used: {e}", self.key_file.display()))
+            }),
+        }
+        v.at("certFile", |v| self.check_leaf(&material, want, v));
+    }
+
+    fn check_leaf(&self, material: &TlsMaterial, want: &CertUse<'_>, v: &mut Validator) {
+        let file = self.cert_file.display();
+        let leaf = &material.chain[0];
+        let cert = match X509Certificate::from_der(leaf) {
+            Ok((_, cert)) => cert,
+            Err(e) => return v.error(format!("{file}: the certificate cannot be parsed: {e}")),
+        };
+        let validity = cert.validity();
+        if !validity.is_valid() {
+            v.error(format!(
+                "{file} is not valid now: valid from {} to {}",
+                validity.not_before, validity.not_after
+            ));
+        }
+        if let Ok(Some(eku)) = cert.extended_key_usage() {
+            let eku = eku.value;
+            for (needed, has, what) in [
+                (want.server, eku.server_auth, "serverAuth (it serves TLS)"),
+                (want.client, eku.client_auth, "clientAuth (it dials peers)"),
+            ] {
+                if needed && !has && !eku.any {
+                    v.error(format!(
+                        "{file} lacks the {what} extended key usage: reissue it with \
+                         extendedKeyUsage = serverAuth, clientAuth"
+                    ));
+                }
+            }
+        }
+        let id = match PeerIdentity::from_der(leaf) {
+            Ok(id) => id,
+            Err(e) => return v.error(format!("{file}: {e}")),
+        };
+        for (field, host) in &want.hosts {
+            if !covers(&id, host) {
+                v.error(format!(
+                    "{file} does not cover {host} ({field}), which peers dial and verify: \
+                     its SANs are [{}]; reissue it with {host} in subjectAltName",
+                    sans(&id)
+                ));
+            }
+        }
+        if let Some((rule_path, rule)) = want.identity
+            && !rule.matches(&id)
+        {
+            v.error(format!(
+                "{file} is {id}, which {rule_path} (commonNames {:?}, organizations {:?}) does \
+                 not match, so peers would refuse it: is it another component's certificate?",
+                rule.common_names, rule.organizations
+            ));
+        }
+        if want.same_ca
+            && let Err(e) = material.verify_against_own_ca()
+        {
+            v.error(format!(
+                "{file} is not issued by a CA in {}: {e}",
+                material.ca_path.display()
+            ));
+        }
+    }
+}
+
+/// Whether the certificate of `id` is valid for `host` (an IP or DNS name,
+/// DNS wildcards in the leftmost label).
+fn covers(id: &PeerIdentity, host: &str) -> bool {
+    if let Ok(ip) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        return id.ip_addresses.contains(&ip);
+    }
+    let host = host.to_ascii_lowercase();
+    id.dns_names.iter().any(|d| {
+        let d = d.to_ascii_lowercase();
+        match d.strip_prefix("*.") {
+            Some(suffix) => host.split_once('.').is_some_and(|(_, rest)| rest == suffix),
+            None => d == host,
+        }
+    })
+}
+
+fn sans(id: &PeerIdentity) -> String {
+    id.dns_names
+        .iter()
+        .map(|d| format!("DNS:{d}"))
+        .chain(id.ip_addresses.iter().map(|ip| format!("IP:{ip}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Parsed TLS material, ready to build rustls or tonic configurations.
 ///
 /// The PEM text is kept beside the parsed form because tonic takes PEM: we
@@ -147,6 +310,31 @@ impl TlsMaterial {
     pub fn identity(&self) -> Result<PeerIdentity, IdentityError> {
         let leaf = self.chain.first().ok_or(IdentityError::NoCertificate)?;
         PeerIdentity::from_der(leaf)
+    }
+
+    /// Verifies our own certificate chain against our CA bundle, as a
+    /// peer trusting the same bundle would (usages and names are checked
+    /// separately, with clearer words).
+    fn verify_against_own_ca(&self) -> Result<(), String> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(self.roots().map_err(|e| e.to_string())?),
+            provider(),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        match verifier.verify_client_cert(
+            &self.chain[0],
+            &self.chain[1..],
+            rustls_pki_types::UnixTime::now(),
+        ) {
+            Ok(_) => Ok(()),
+            // A missing clientAuth usage is reported on its own.
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::InvalidPurpose
+                | rustls::CertificateError::InvalidPurposeContext { .. },
+            )) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     fn roots(&self) -> Result<RootCertStore, TlsError> {
@@ -431,6 +619,114 @@ mod tests {
         assert!(
             err.contains("garbage.crt") && err.contains("no CERTIFICATE"),
             "{err}"
+        );
+    }
+
+    fn check_errors(files: &TlsFiles, want: &CertUse<'_>) -> Vec<String> {
+        crate::config::validate_at("", &Checked(files, want))
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    struct Checked<'a>(&'a TlsFiles, &'a CertUse<'a>);
+
+    impl crate::config::Validate for Checked<'_> {
+        fn validate(&self, v: &mut Validator) {
+            v.at("tls", |v| self.0.check(self.1, v));
+        }
+    }
+
+    #[test]
+    fn check_passes_a_good_certificate() {
+        let pki = Pki::new();
+        let files = pki.issue(
+            "lb",
+            "lb-1",
+            &["bulwark:lb"],
+            &["10.0.0.11", "*.cp.example"],
+        );
+        let rule = IdentityRule {
+            common_names: vec![],
+            organizations: vec!["bulwark:lb".into()],
+        };
+        let want = CertUse {
+            server: true,
+            client: true,
+            hosts: vec![
+                ("raft.address", "10.0.0.11".into()),
+                ("api.advertiseAddress", "lb-1.cp.example".into()),
+            ],
+            identity: Some(("access.peers", &rule)),
+            same_ca: true,
+        };
+        assert_eq!(check_errors(&files, &want), Vec::<String>::new());
+    }
+
+    #[test]
+    fn check_reports_every_problem_with_its_file() {
+        let pki = Pki::new();
+        // A prober's certificate, client usage only, for the wrong address,
+        // with another certificate's key, from another CA.
+        let mut files = pki.issue_for(
+            "prober",
+            "prober",
+            &["bulwark:probers"],
+            &["10.0.0.99"],
+            vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth],
+        );
+        let other = Pki::new();
+        let stranger = other.issue("stranger", "stranger", &["bulwark:lb"], &["10.0.0.11"]);
+        files.key_file = pki.issue("x", "x", &[], &[]).key_file;
+        let rule = IdentityRule {
+            common_names: vec![],
+            organizations: vec!["bulwark:lb".into()],
+        };
+        let want = CertUse {
+            server: true,
+            client: true,
+            hosts: vec![("raft.advertiseAddress", "10.0.0.11".into())],
+            identity: Some(("access.peers", &rule)),
+            same_ca: true,
+        };
+        let errs = check_errors(&files, &want);
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("tls.keyFile: ")
+                && errs[0].contains("is not the key of the certificate"),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[1].starts_with("tls.certFile: ") && errs[1].contains("lacks the serverAuth"),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[2].contains("does not cover 10.0.0.11 (raft.advertiseAddress)")
+                && errs[2].contains("IP:10.0.0.99"),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[3].contains("CN=prober,O=bulwark:probers")
+                && errs[3].contains("access.peers")
+                && errs[3].contains("another component's certificate"),
+            "{errs:#?}"
+        );
+
+        // Another CA's certificate, otherwise fine.
+        let mut foreign = stranger.clone();
+        foreign.ca_file = pki.dir.path().join("ca.crt");
+        let errs = check_errors(&foreign, &want);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(errs[0].contains("is not issued by a CA in"), "{errs:#?}");
+
+        // An unreadable file stops the checks of that certificate, at its field.
+        let mut missing = stranger;
+        missing.ca_file = pki.dir.path().join("nope.crt");
+        let errs = check_errors(&missing, &want);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("tls.caFile: cannot read CA bundle"),
+            "{errs:#?}"
         );
     }
 

@@ -42,7 +42,7 @@ use bulwark_common::admin::AdminConfig;
 use bulwark_common::authz::{AccessPolicy, IdentityRule};
 use bulwark_common::config::{ComponentConfig, Validate, Validator, duration};
 use bulwark_common::telemetry::LoggingConfig;
-use bulwark_common::tls::TlsFiles;
+use bulwark_common::tls::{CertUse, TlsFiles};
 use serde::{Deserialize, Serialize};
 
 use crate::backends::{RoutingMode, RoutingPolicy};
@@ -122,10 +122,25 @@ pub struct LbConfig {
 impl ComponentConfig for LbConfig {
     const KIND: &'static str = "LoadBalancerConfiguration";
 
-    fn warnings(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.zone_warning().into_iter().collect();
-        out.extend(self.routing_warning());
-        out
+    /// The one certificate serves Raft and the API and dials peers, so it
+    /// needs both usages, both advertised hosts in its SANs, an identity
+    /// the peers' `access.peers` rule admits (the same on every node), and
+    /// the CA every node trusts as its issuer.
+    fn preflight(&self, v: &mut Validator) {
+        let raft = bulwark_common::grpc::host_of(&self.raft.advertised());
+        let api = bulwark_common::grpc::host_of(&self.api.advertised());
+        let mut hosts = vec![("raft.advertiseAddress", raft.clone())];
+        if api != raft {
+            hosts.push(("api.advertiseAddress", api));
+        }
+        let want = CertUse {
+            server: true,
+            client: true,
+            hosts,
+            identity: self.access.peers.as_ref().map(|p| ("access.peers", p)),
+            same_ca: true,
+        };
+        v.at("tls", |v| self.tls.check(&want, v));
     }
 }
 
@@ -161,7 +176,7 @@ impl LbConfig {
         let concentrates = self.routing.vip == RoutingMode::ZonePreferred && !self.zone.is_empty();
         (has_vip && concentrates).then(|| {
             format!(
-                "routing.vip: zonePreferred sends every client that comes through the VIP to the \
+                "zonePreferred sends every client that comes through the VIP to the \
                  apiservers of the VIP holder's zone ({:?} while this node holds it), whichever \
                  zone the client is in; with one apiserver per zone, one apiserver carries the \
                  whole cluster while the others idle. Use balanced for the VIP and keep \
@@ -283,9 +298,14 @@ pub fn valid_host_port(s: &str) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RaftConfig {
-    /// Where the Raft service listens; advertised to peers.
-    #[serde(flatten)]
-    pub listen: RaftListen,
+    /// Where the Raft service listens. (Spelled out rather than a flattened
+    /// [`ListenConfig`]: serde cannot list the valid fields of a struct
+    /// with a flattened part, and an operator's typo deserves the list.)
+    #[serde(default = "d_raft_address")]
+    pub address: SocketAddr,
+    /// What peers dial; default `address`.
+    #[serde(default)]
+    pub advertise_address: Option<String>,
     /// How often the leader sends heartbeats.
     #[serde(default = "d_heartbeat", with = "duration")]
     pub heartbeat_interval: Duration,
@@ -303,20 +323,7 @@ pub struct RaftConfig {
     pub snapshot_every_entries: u64,
 }
 
-/// `raft.address` / `raft.advertiseAddress` (flattened so the YAML reads
-/// like the `api` section).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RaftListen {
-    /// Where to listen.
-    #[serde(default = "d_raft_address")]
-    pub address: SocketAddr,
-    /// What peers dial; default `address`.
-    #[serde(default)]
-    pub advertise_address: Option<String>,
-}
-
-impl RaftListen {
+impl RaftConfig {
     fn as_listen(&self) -> ListenConfig {
         ListenConfig {
             address: self.address,
@@ -349,10 +356,8 @@ fn d_snapshot_every() -> u64 {
 impl Default for RaftConfig {
     fn default() -> Self {
         Self {
-            listen: RaftListen {
-                address: d_raft_address(),
-                advertise_address: None,
-            },
+            address: d_raft_address(),
+            advertise_address: None,
             heartbeat_interval: d_heartbeat(),
             election_timeout_min: d_election_min(),
             election_timeout_max: d_election_max(),
@@ -363,7 +368,7 @@ impl Default for RaftConfig {
 
 impl Validate for RaftConfig {
     fn validate(&self, v: &mut Validator) {
-        self.listen.as_listen().validate(v);
+        self.as_listen().validate(v);
         let ms = Duration::from_millis;
         v.duration_in(
             "heartbeatInterval",
@@ -984,12 +989,57 @@ impl Validate for LbConfig {
             Duration::from_secs(1),
             Duration::from_secs(3600),
         );
+        self.check_listeners(v);
+        self.warn_vip_lease(v);
+        if let Some(w) = self.zone_warning() {
+            v.at("zone", |v| v.warn(w));
+        }
+        if let Some(w) = self.routing_warning() {
+            v.at("routing.vip", |v| v.warn(w));
+        }
+    }
+}
+
+impl LbConfig {
+    /// Every socket this node binds, each once: a second bind of the same
+    /// port fails at start, after Raft has opened its log.
+    fn check_listeners(&self, v: &mut Validator) {
+        let mut listeners = vec![
+            ("raft.address", self.raft.address),
+            ("api.address", self.api.address),
+            ("admin.address", self.admin.address),
+        ];
+        if let Some(a) = self.local_listener {
+            listeners.push(("localListener", a));
+        }
+        if let Some(a) = self.vip.socket_addr() {
+            listeners.push(("vip.port", a));
+        }
+        v.distinct_listeners(&listeners);
+    }
+
+    /// A lease longer than the followers' leader lease is legal but makes
+    /// every failover wait the difference before the new leader claims
+    /// the VIP (see `FenceTiming::claim_delay`).
+    fn warn_vip_lease(&self, v: &mut Validator) {
+        let (lease, election) = (self.vip.lease, self.raft.election_timeout_max);
+        if self.vip.mode != VipMode::Disabled && lease > election {
+            v.at("vip.lease", |v| {
+                v.warn(format!(
+                    "{} is longer than raft.electionTimeoutMax ({}): after a failover the new \
+                     leader waits about the difference ({}) before it claims the VIP",
+                    humantime::format_duration(lease),
+                    humantime::format_duration(election),
+                    humantime::format_duration(lease - election)
+                ))
+            });
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use bulwark_common::config::{ComponentConfig, Overrides, from_str_with};
+    use bulwark_common::config::{Overrides, from_str_with};
 
     use super::*;
 
@@ -1010,6 +1060,14 @@ mod tests {
             tls_files(dir.path())
         );
         from_str_with::<LbConfig>(Some(&text), None, &Overrides::new())
+    }
+
+    /// The warnings validation records for `body`, as `path: message`.
+    fn warnings(body: &str) -> Vec<String> {
+        let c = parse(body).unwrap();
+        let mut v = Validator::default();
+        c.validate(&mut v);
+        v.warnings().iter().map(ToString::to_string).collect()
     }
 
     fn errors(body: &str) -> Vec<String> {
@@ -1037,7 +1095,7 @@ mod tests {
             c.access.peers.as_ref().unwrap().organizations,
             ["bulwark:lb"]
         );
-        assert_eq!(c.raft.listen.advertised(), "127.0.0.1:9441");
+        assert_eq!(c.raft.advertised(), "127.0.0.1:9441");
         assert!(c.routing_policy().local_zone.is_none());
         // The address lifetime follows the lease, in whole seconds.
         assert_eq!(c.vip.address_lifetime(), Duration::from_secs(1));
@@ -1227,8 +1285,7 @@ mod tests {
     #[test]
     fn zone_preference_on_the_vip_is_warned_about() {
         let vip = "zone: a\nvip:\n  mode: bind\n  address: 10.0.0.10\n";
-        let warned = parse(&format!("{MINIMAL}{vip}routing:\n  vip: zonePreferred\n")).unwrap();
-        let w = warned.warnings();
+        let w = warnings(&format!("{MINIMAL}{vip}routing:\n  vip: zonePreferred\n"));
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(
             w[0].starts_with("routing.vip: zonePreferred sends every client")
@@ -1246,11 +1303,7 @@ mod tests {
                 "{MINIMAL}vip:\n  mode: bind\n  address: 10.0.0.10\nrouting:\n  vip: zonePreferred\n"
             ),
         ] {
-            assert_eq!(
-                parse(&body).unwrap().warnings(),
-                Vec::<String>::new(),
-                "{body}"
-            );
+            assert_eq!(warnings(&body), Vec::<String>::new(), "{body}");
         }
     }
 
@@ -1389,7 +1442,7 @@ mod tests {
             "nodeId: 1\nraft:\n  address: '[fd00::1]:9441'\napi:\n  address: '[fd00::1]:9442'\ninitialMembers:\n- {id: 1, raftAddress: '[fd00::1]:9441', apiAddress: '[fd00::1]:9442'}\nbackends:\n- {id: cp-1, address: '[fd00::11]:6443'}\n",
         )
         .unwrap();
-        assert_eq!(c.raft.listen.advertised(), "[fd00::1]:9441");
+        assert_eq!(c.raft.advertised(), "[fd00::1]:9441");
         assert_eq!(c.api.advertised(), "[fd00::1]:9442");
         assert_eq!(c.backends[0].address.to_string(), "[fd00::11]:6443");
         let e = errors(
@@ -1414,6 +1467,98 @@ mod tests {
         assert!(
             !valid_host_port("fd00::1:9442"),
             "IPv6 needs brackets: no URL holds https://fd00::1:9442"
+        );
+    }
+
+    #[test]
+    fn an_unknown_raft_field_gets_the_valid_ones() {
+        let e =
+            errors("nodeId: 1\nraft:\n  adress: 127.0.0.1:9441\napi:\n  address: 127.0.0.1:9442\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "raft.adress: unknown field `adress`, expected one of `address`, `advertiseAddress`"
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn two_listeners_on_one_port_are_refused() {
+        let e = errors(
+            "nodeId: 1\nraft:\n  address: 127.0.0.1:9441\napi:\n  address: 127.0.0.1:9441\nlocalListener: 0.0.0.0:9440\n",
+        );
+        assert_eq!(
+            e,
+            vec![
+                "api.address: 127.0.0.1:9441 clashes with raft.address (127.0.0.1:9441): both would listen on port 9441; give each listener its own port",
+                "localListener: 0.0.0.0:9440 clashes with admin.address (127.0.0.1:9440): both would listen on port 9440; give each listener its own port",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_vip_lease_above_the_election_timeout_warns() {
+        assert_eq!(
+            warnings(&format!(
+                "{MINIMAL}vip:\n  mode: bind\n  address: 127.0.0.10\n"
+            )),
+            Vec::<String>::new()
+        );
+        let w = warnings(&format!(
+            "{MINIMAL}vip:\n  mode: bind\n  address: 127.0.0.10\n  lease: 400ms\n  checkInterval: 50ms\n"
+        ));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("vip.lease: 400ms is longer than raft.electionTimeoutMax (250ms)")
+                && w[0].contains("(150ms)"),
+            "{w:?}"
+        );
+    }
+
+    /// The preflight checks read the certificate: an LB given a prober's
+    /// certificate, for another address, is refused before it starts.
+    #[test]
+    fn preflight_refuses_another_components_certificate() {
+        let pki = bulwark_testkit::Pki::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lb.yaml");
+        let write = |cert: &bulwark_testkit::CertFiles| {
+            let t = cert.tls_files();
+            std::fs::write(
+                &file,
+                format!(
+                    "apiVersion: bulwark.dev/v1alpha1\nkind: LoadBalancerConfiguration\n{MINIMAL}tls:\n  certFile: {}\n  keyFile: {}\n  caFile: {}\n",
+                    t.cert_file.display(),
+                    t.key_file.display(),
+                    t.ca_file.display()
+                ),
+            )
+            .unwrap();
+        };
+        let good = pki.peer("lb-1", &["bulwark:lb"], &["127.0.0.1"]).unwrap();
+        write(&good);
+        let loaded =
+            bulwark_common::config::load_checked::<LbConfig>(Some(&file), &Overrides::new());
+        assert!(loaded.is_ok(), "{:?}", loaded.err());
+
+        let prober = pki.client("prober-1", &["bulwark:probers"]).unwrap();
+        write(&prober);
+        let err = bulwark_common::config::load_checked::<LbConfig>(Some(&file), &Overrides::new())
+            .unwrap_err();
+        let e: Vec<String> = err.field_errors().iter().map(ToString::to_string).collect();
+        assert_eq!(e.len(), 3, "{e:#?}");
+        assert!(
+            e[0].starts_with("tls.certFile: ") && e[0].contains("lacks the serverAuth"),
+            "{e:#?}"
+        );
+        assert!(
+            e[1].contains("does not cover 127.0.0.1 (raft.advertiseAddress)"),
+            "{e:#?}"
+        );
+        assert!(
+            e[2].contains("CN=prober-1,O=bulwark:probers") && e[2].contains("access.peers"),
+            "{e:#?}"
         );
     }
 }

@@ -87,7 +87,7 @@ impl Listeners {
             }
         }
         Ok(Self {
-            raft: bind(config.raft.listen.address, "Raft").await?,
+            raft: bind(config.raft.address, "Raft").await?,
             api: bind(config.api.address, "API").await?,
             admin: Some(bind(config.admin.address, "admin").await?),
             local: match config.local_listener {
@@ -170,9 +170,6 @@ pub async fn run(
     bulwark_common::tls::install_crypto_provider();
     let node_id = config.node_id;
     let tls = Arc::new(config.tls.load().context("loading TLS material")?);
-    for warning in bulwark_common::config::ComponentConfig::warnings(&config) {
-        tracing::warn!("{warning}");
-    }
     let health = Health::new();
     health.set_ready("raft", Err("no leader known yet".into()));
 
@@ -329,7 +326,7 @@ async fn remove_stale_vip(config: &LbConfig) -> anyhow::Result<Option<ArpVip>> {
 fn local_member(config: &LbConfig) -> LbNode {
     LbNode {
         name: config.node_name(),
-        raft_address: config.raft.listen.advertised(),
+        raft_address: config.raft.advertised(),
         api_address: config.api.advertised(),
         proxy_address: config
             .local_listener

@@ -29,7 +29,7 @@ use std::time::Duration;
 use bulwark_common::admin::AdminConfig;
 use bulwark_common::config::{ComponentConfig, Validate, Validator};
 use bulwark_common::telemetry::LoggingConfig;
-use bulwark_common::tls::{KUBEADM_CA_CERT, KUBEADM_ETCD_CA_CERT, TlsFiles};
+use bulwark_common::tls::{CertUse, KUBEADM_CA_CERT, KUBEADM_ETCD_CA_CERT, TlsFiles};
 use serde::{Deserialize, Serialize};
 
 /// kubeadm's client certificate for etcd health checks.
@@ -75,6 +75,21 @@ pub struct ProberConfig {
 
 impl ComponentConfig for ProberConfig {
     const KIND: &'static str = "ProberConfiguration";
+
+    /// The report certificate dials the LB: it needs clientAuth and a key
+    /// that is its own. (Whether the LB's `access.probers` admits it is in
+    /// the LB's config; its CA is the LB's, not necessarily `caFile`.)
+    fn preflight(&self, v: &mut Validator) {
+        // Unreadable files are already reported by validation.
+        if self.report.endpoints.is_empty() || self.report.tls.load().is_err() {
+            return;
+        }
+        let want = CertUse {
+            client: true,
+            ..CertUse::default()
+        };
+        v.at("report.tls", |v| self.report.tls.check(&want, v));
+    }
 }
 
 fn default_node_name() -> String {
@@ -591,6 +606,46 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    /// A report certificate made for serving only, with another
+    /// certificate's key, is refused before the prober starts.
+    #[test]
+    fn preflight_checks_the_report_certificate() {
+        let pki = bulwark_testkit::Pki::new().unwrap();
+        let server = pki.server("prober", &["10.0.0.1"]).unwrap().tls_files();
+        let other = pki
+            .client("other", &["bulwark:probers"])
+            .unwrap()
+            .tls_files();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("prober.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: bulwark.dev/v1alpha1\nkind: ProberConfiguration\nnodeName: cp-1\n\
+                 tcp:\n- {{id: t1, address: 10.0.0.1:6443}}\n\
+                 report:\n  endpoints: ['10.0.0.1:9442']\n  tls: {{certFile: {}, keyFile: {}, caFile: {}}}\n",
+                server.cert_file.display(),
+                other.key_file.display(),
+                server.ca_file.display()
+            ),
+        )
+        .unwrap();
+        let err =
+            bulwark_common::config::load_checked::<ProberConfig>(Some(&file), &Overrides::new())
+                .unwrap_err();
+        let e: Vec<String> = err.field_errors().iter().map(ToString::to_string).collect();
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(
+            e[0].starts_with("report.tls.keyFile: ")
+                && e[0].contains("is not the key of the certificate"),
+            "{e:#?}"
+        );
+        assert!(
+            e[1].starts_with("report.tls.certFile: ") && e[1].contains("lacks the clientAuth"),
+            "{e:#?}"
+        );
     }
 
     #[test]

@@ -398,6 +398,8 @@ async fn watch_once(
     let mut body = response.into_body();
     let period = Duration::from_secs_f64(1.0 / args.watcher_rate.max(0.001));
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // A slow request delays the next instead of a burst catching up.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ended = loop {
         tokio::select! {
             frame = tokio::time::timeout(args.watch_idle, body.frame()) => match frame {

@@ -508,23 +508,30 @@ pub fn markdown(runs: &[DistributionResult], p: &DistParams, plot: Option<&str>)
         RECOVERED * 100.0
     );
     for r in runs {
-        let spread_ok = [&r.live_connections, &r.new_connections, &r.requests]
-            .iter()
-            .all(|x| x.max_min.is_some_and(|m| m <= TARGET_MAX_MIN));
-        let lost_ok = r.watches_lost_pct <= TARGET_WATCHES_LOST_PCT;
+        // ✗ marks a bulwark figure that misses its target.
+        let mark = |miss: bool| {
+            if miss && r.contender == Contender::Bulwark {
+                " ✗"
+            } else {
+                ""
+            }
+        };
+        let share = |x: &Shares| {
+            let miss = !x.max_min.is_some_and(|m| m <= TARGET_MAX_MIN);
+            format!("{}{}", shares_cell(x), mark(miss))
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {}{} | {} | {} | {}/{} ({:.0} %){} | {} | {} | {} | {}/{} | {}/{} |",
+            "| {} | {} | {} | {} | {} | {}/{} ({:.0} %){} | {} | {} | {} | {}/{} | {}/{} |",
             r.contender.key(),
             r.goaway_chance,
-            shares_cell(&r.live_connections),
-            if spread_ok { "" } else { " ✗" },
-            shares_cell(&r.new_connections),
-            shares_cell(&r.requests),
+            share(&r.live_connections),
+            share(&r.new_connections),
+            share(&r.requests),
             r.watches_lost,
             r.watchers,
             r.watches_lost_pct,
-            if lost_ok { "" } else { " ✗" },
+            mark(r.watches_lost_pct > TARGET_WATCHES_LOST_PCT),
             recovery_cell(r.recovery_s),
             r.final_share
                 .map_or("-".to_owned(), |x| format!("{:.0} %", x * 100.0)),
@@ -537,8 +544,9 @@ pub fn markdown(runs: &[DistributionResult], p: &DistParams, plot: Option<&str>)
     }
     let _ = writeln!(
         s,
-        "\n- **shares**: over the steady window, each apiserver's share of the live connections (median of the samples), of the connections it accepted and of the requests it answered (health checks included: a handful next to the load); ∞ when one apiserver got none. ✗ marks a miss of a target.\n\
+        "\n- **shares**: over the steady window, each apiserver's share of the live connections (median of the samples), of the connections it accepted and of the requests it answered (health checks included: a handful next to the load); ∞ when one apiserver got none. ✗ marks a bulwark figure that misses its target.\n\
          - **watches lost**: watchers whose stream failed after the SIGKILL (a balanced front loses about a third).\n\
+         - **failed req**: short requests that failed from the SIGKILL on; a request a GOAWAY refused before it was sent is sent again on a new connection (client-go's transport does the same) and is not a failure.\n\
          - **recovery**: from the restart until api-a holds {:.0} % of a third of all live connections. Without the goaway chance, HTTP/2 clients never leave the survivors: only new clients land on api-a. With it, each request moves its client with that chance; a front that sends new connections to the least-loaded apiserver refills api-a faster than round-robin, which gives it only a third of the movers. The chance sets the pace: a client making r requests/s moves after about 1/(chance·r) s, so 0.02 shows the move within this run and 0.001 (what GUIDE recommends in production) would take ~20× longer.\n",
         RECOVERED * 100.0
     );

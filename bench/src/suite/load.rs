@@ -331,17 +331,24 @@ async fn side_request(
     id: usize,
     log: &mut Log,
 ) {
-    let Some(c) = conns.usable(client, args, id, log).await else {
-        return;
-    };
     let start = now_ns();
-    let (ok, detail) = match tokio::time::timeout(args.timeout, c.get(LIST_PATH)).await {
-        Ok(Ok(r)) if r.status.is_success() => (true, String::new()),
-        Ok(Ok(r)) => (false, format!("status {}", r.status)),
-        Ok(Err(e)) => (false, short(&e)),
-        Err(_) => (false, "timeout".into()),
-    };
-    record(log, Kind::Request, id, start, ok, detail);
+    // Twice at most: a request a GOAWAY refused before it was sent goes
+    // again on a new connection, as client-go's transport does.
+    for _ in 0..2 {
+        let Some(c) = conns.usable(client, args, id, log).await else {
+            return;
+        };
+        let (ok, detail) = match tokio::time::timeout(args.timeout, c.get(LIST_PATH)).await {
+            Ok(Ok(r)) if r.status.is_success() => (true, String::new()),
+            Ok(Ok(r)) => (false, format!("status {}", r.status)),
+            Ok(Err(e)) if HttpsConnection::not_sent(&e) && c.is_closed() => continue,
+            Ok(Err(e)) => (false, short(&e)),
+            Err(_) => (false, "timeout".into()),
+        };
+        record(log, Kind::Request, id, start, ok, detail);
+        return;
+    }
+    record(log, Kind::Request, id, start, false, "refused twice".into());
 }
 
 /// What one watcher keeps between its watches.
@@ -496,7 +503,19 @@ async fn requester(
                 return;
             };
             let start = now_ns();
-            match tokio::time::timeout(args.timeout, c.get(LIST_PATH)).await {
+            let mut result = tokio::time::timeout(args.timeout, c.get(LIST_PATH)).await;
+            // Refused by a GOAWAY before it was sent: again on a new
+            // connection, as client-go does.
+            if args.follow_goaway
+                && matches!(&result, Ok(Err(e)) if HttpsConnection::not_sent(e) && c.is_closed())
+            {
+                conn = connect(&client, &args, id, &mut log).await;
+                let Some(c) = conn.as_mut() else {
+                    return;
+                };
+                result = tokio::time::timeout(args.timeout, c.get(LIST_PATH)).await;
+            }
+            match result {
                 Ok(Ok(r)) if r.status.is_success() => {
                     record(&mut log, Kind::Request, id, start, true, String::new());
                 }

@@ -342,6 +342,24 @@ fn kubeadm_config(kind: &str) -> Value {
         .unwrap_or_else(|| panic!("kubeadm-config.yaml has no {kind}"))
 }
 
+/// kube-apiserver's --goaway-chance (GUIDE, step 1) is set, in kubeadm
+/// v1beta4's list form, to a value kube-apiserver accepts.
+#[test]
+fn kubeadm_config_sets_a_goaway_chance_kube_apiserver_accepts() {
+    let cluster = kubeadm_config("ClusterConfiguration");
+    let args = at(&cluster, "apiServer.extraArgs")
+        .as_sequence()
+        .expect("apiServer.extraArgs is a list of {name, value}");
+    let chance = args
+        .iter()
+        .find(|a| str_at(a, "name") == "goaway-chance")
+        .map(|a| str_at(a, "value"))
+        .expect("apiServer.extraArgs sets goaway-chance");
+    let chance: f64 = chance.parse().unwrap();
+    bulwark_testkit::fixture::validate_goaway_chance(chance).unwrap();
+    assert!(chance > 0.0, "a goaway chance of 0 is off");
+}
+
 #[test]
 fn manifests_are_control_plane_static_pods() {
     let image = image_files();

@@ -1,13 +1,14 @@
 //! The kube-apiserver test double: driven by a real kubectl, over HTTP/2,
-//! its watch stream, its fault controls, its shutdown sequence, SIGKILL.
+//! its watch stream, its fault controls, its shutdown sequence, SIGKILL,
+//! kube-apiserver's goaway chance.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bulwark_testkit::fixture::{
-    ApiServer, ApiServerConfig, ApiServerProcess, GIT_VERSION, HttpsClient, Phase,
-    server_tls_config,
+    ApiServer, ApiServerConfig, ApiServerProcess, GIT_VERSION, HttpsClient, HttpsConnection,
+    MAX_GOAWAY_CHANCE, Phase, server_tls_config, validate_goaway_chance,
 };
 use bulwark_testkit::{Pki, TestDir, tools};
 use http::{StatusCode, Version};
@@ -360,4 +361,184 @@ async fn in_process_server() {
         .await
         .unwrap();
     assert_eq!(controls.stats().phase, Phase::Stopped);
+}
+
+/// An in-process fixture on loopback with this goaway chance.
+async fn goaway_server(pki: &Pki, chance: f64) -> ApiServer {
+    let cert = pki
+        .server("goaway", &["127.0.0.1"])
+        .expect("a server certificate");
+    let config = ApiServerConfig::new(
+        "goaway",
+        server_tls_config(cert.cert_pem(), cert.key_pem()).expect("a TLS config"),
+    )
+    .watch_interval(Duration::from_millis(50))
+    .goaway_chance(chance)
+    .expect("a valid goaway chance");
+    ApiServer::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config)
+        .await
+        .expect("the fixture binds loopback")
+}
+
+/// Sends `n` GETs one after the other, opening a new connection whenever
+/// the current one takes no more requests (a GOAWAY), as client-go does;
+/// returns how many connections that took.
+async fn connections_for_requests(https: &HttpsClient, addr: SocketAddr, n: usize) -> usize {
+    let mut conn = https
+        .connect(addr)
+        .await
+        .expect("connecting to the fixture");
+    let mut opened = 1;
+    let mut answered = 0;
+    while answered < n {
+        if conn.is_closed() {
+            conn = https
+                .connect(addr)
+                .await
+                .expect("connecting to the fixture");
+            opened += 1;
+        }
+        match conn.get("/version").await {
+            Ok(response) => {
+                assert_eq!(response.status, StatusCode::OK);
+                answered += 1;
+            }
+            // The GOAWAY crossed this request on the wire; client-go sends
+            // it again on a new connection, and so does the next round.
+            Err(err) => {
+                let deadline = Instant::now() + Duration::from_secs(1);
+                while !conn.is_closed() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                assert!(
+                    conn.is_closed(),
+                    "a request failed on a connection that stays open: {err:#}"
+                );
+            }
+        }
+    }
+    opened
+}
+
+#[tokio::test]
+async fn goaway_chance_makes_http2_clients_reconnect_at_that_rate() {
+    let pki = Pki::new().unwrap();
+    let server = goaway_server(&pki, 0.02).await;
+    let https = HttpsClient::new(pki.ca_pem()).unwrap().http2_only();
+    let n = 2000;
+    let opened = connections_for_requests(&https, server.local_addr(), n).await;
+    // 2,000 draws at 2 %: 40 GOAWAYs expected, standard deviation 6.3;
+    // the bounds are 4 deviations below and more than 5 above.
+    let reconnects = opened - 1;
+    assert!(
+        (15..=75).contains(&reconnects),
+        "{reconnects} reconnections in {n} requests at goaway-chance 0.02"
+    );
+    let stats = server.controls().stats();
+    // The last connection may have drawn a GOAWAY on the last request.
+    assert!(
+        stats.goaways == reconnects as u64 || stats.goaways == opened as u64,
+        "{} GOAWAYs for {opened} connections",
+        stats.goaways
+    );
+    assert_eq!(stats.connections, opened as u64);
+}
+
+#[tokio::test]
+async fn no_goaway_at_chance_zero_nor_on_http1() {
+    let pki = Pki::new().unwrap();
+    let off = goaway_server(&pki, 0.0).await;
+    let h2 = HttpsClient::new(pki.ca_pem()).unwrap().http2_only();
+    assert_eq!(
+        connections_for_requests(&h2, off.local_addr(), 1000).await,
+        1
+    );
+    assert_eq!(off.controls().stats().goaways, 0);
+
+    // kube-apiserver draws only for HTTP/2 requests: an HTTP/1.1 client at
+    // the highest chance keeps its connection (500 draws at 2 % would
+    // almost surely hit).
+    let on = goaway_server(&pki, 0.02).await;
+    let h1 = HttpsClient::new(pki.ca_pem()).unwrap().http1_only();
+    assert_eq!(connections_for_requests(&h1, on.local_addr(), 500).await, 1);
+    assert_eq!(on.controls().stats().goaways, 0);
+}
+
+#[tokio::test]
+async fn a_goaway_leaves_the_watch_on_that_connection_running() {
+    let pki = Pki::new().unwrap();
+    let server = goaway_server(&pki, 0.02).await;
+    let https = HttpsClient::new(pki.ca_pem()).unwrap().http2_only();
+    let mut conn = https.connect(server.local_addr()).await.unwrap();
+    let watch = conn
+        .get_streaming("/api/v1/namespaces/default/configmaps?watch=true")
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), StatusCode::OK);
+    let mut body = watch.into_body();
+    // Short requests on the same connection until one draws the GOAWAY
+    // (the watch's own request may have drawn it already).
+    let mut sent = 0;
+    while !conn.is_closed() {
+        assert!(sent < 5000, "no GOAWAY in {sent} requests at 2 %");
+        match conn.get("/version").await {
+            Ok(_) => sent += 1,
+            // Sent while the GOAWAY was being processed: never sent on.
+            Err(e) => assert!(
+                conn.is_closed() && HttpsConnection::not_sent(&e),
+                "a request failed on an open connection, or was sent: {e:#}"
+            ),
+        }
+    }
+    assert_eq!(server.controls().stats().goaways, 1);
+    // The watch goes on after the GOAWAY: more events arrive, and the
+    // connection stays open for it.
+    let mut events = 0;
+    while events < 5 {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("watch events after the GOAWAY")
+            .expect("the watch stream is still open")
+            .unwrap();
+        if frame.is_data() {
+            events += 1;
+        }
+    }
+    let stats = server.controls().stats();
+    assert_eq!((stats.active_connections, stats.open_streams), (1, 1));
+    // Once the watch ends, the connection closes.
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.controls().stats().active_connections > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the GOAWAY'd connection outlived its last stream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn goaway_chance_is_checked_like_kube_apiservers() {
+    for bad in [-0.1, 0.021, 1.0, f64::NAN] {
+        let err = validate_goaway_chance(bad).unwrap_err().to_string();
+        assert!(err.contains("goaway-chance"), "{err}");
+    }
+    assert_eq!(validate_goaway_chance(0.0).unwrap(), 0.0);
+    assert_eq!(
+        validate_goaway_chance(MAX_GOAWAY_CHANCE).unwrap(),
+        MAX_GOAWAY_CHANCE
+    );
+    // The binary refuses it before reading anything else.
+    let output = std::process::Command::new(tools::bin_path("bulwark-fixture-apiserver").unwrap())
+        .args(["--cert", "/nonexistent", "--key", "/nonexistent"])
+        .arg("--goaway-chance=0.5")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--goaway-chance") && stderr.contains("0.02"),
+        "{stderr}"
+    );
 }

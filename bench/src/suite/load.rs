@@ -14,6 +14,15 @@
 //!   ids keep one HTTP/2 connection (controllers), odd ids open a new
 //!   connection per request (kubectl), so both failed requests and failed
 //!   new connections show.
+//! - For the `distribution` scenario, clients behave more like client-go
+//!   (all off by default, so the other scenarios keep their load):
+//!   `--watcher-rate` makes each watcher send short requests on its
+//!   watch's connection, as an informer's client shares one HTTP/2
+//!   connection; `--watch-timeout` gives watches a `timeoutSeconds` (the
+//!   reflector's jitter, T to 2T) after which they are re-established on
+//!   the same connection, not lost; `--follow-goaway` makes every client
+//!   open a new connection for its next request once the current one said
+//!   GOAWAY, while a watch already on it runs to its end.
 //!
 //! Starts on `--ready-file` being written (every watcher has its stream),
 //! stops on SIGTERM, then writes every event to `--out` as CSV:
@@ -67,6 +76,19 @@ pub struct Args {
     /// A watch stream silent this long is considered dead.
     #[arg(long, default_value = "2500ms", value_parser = humantime::parse_duration)]
     watch_idle: Duration,
+    /// Short requests per second each watcher sends on its watch's
+    /// connection (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    watcher_rate: f64,
+    /// Watches ask for `timeoutSeconds` between this and twice this, and
+    /// are re-established on the same connection when it passes (absent:
+    /// watches run until they fail).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    watch_timeout: Option<Duration>,
+    /// A connection that said GOAWAY (or closed) is replaced before the
+    /// next request instead of failing it, as client-go does.
+    #[arg(long)]
+    follow_goaway: bool,
     /// Written once every watcher has its first stream.
     #[arg(long)]
     ready_file: PathBuf,
@@ -86,6 +108,9 @@ pub enum Kind {
     WatchUp,
     /// A watch stream lost (`start` = when it came up, `end` = when lost).
     WatchDown,
+    /// A watch stream that ended at its `timeoutSeconds` (not lost: it is
+    /// re-established at once).
+    WatchEnd,
 }
 
 impl Kind {
@@ -95,6 +120,7 @@ impl Kind {
             Kind::Connect => "conn",
             Kind::WatchUp => "watch_up",
             Kind::WatchDown => "watch_down",
+            Kind::WatchEnd => "watch_end",
         }
     }
 
@@ -104,6 +130,7 @@ impl Kind {
             "conn" => Kind::Connect,
             "watch_up" => Kind::WatchUp,
             "watch_down" => Kind::WatchDown,
+            "watch_end" => Kind::WatchEnd,
             _ => return None,
         })
     }
@@ -233,55 +260,174 @@ fn backoff(id: usize) -> Duration {
     Duration::from_millis(100 + (id as u64 * 37) % 200)
 }
 
-async fn watcher(
-    id: usize,
-    args: Arc<Args>,
-    client: Arc<HttpsClient>,
-    ready: Arc<AtomicUsize>,
-    stop: CancellationToken,
-) -> Log {
-    let mut log = Log::new();
-    let mut first = true;
-    while !stop.is_cancelled() {
-        let attempt = async {
-            let Some(mut conn) = connect(&client, &args, id, &mut log).await else {
-                return;
-            };
-            let start = now_ns();
-            let response =
-                match tokio::time::timeout(args.handshake_timeout, conn.get_streaming(WATCH_PATH))
-                    .await
-                {
-                    Ok(Ok(r)) if r.status().is_success() => r,
-                    Ok(Ok(r)) => {
-                        let d = format!("status {}", r.status());
-                        record(&mut log, Kind::WatchUp, id, start, false, d);
-                        return;
-                    }
-                    Ok(Err(e)) => {
-                        record(&mut log, Kind::WatchUp, id, start, false, short(&e));
-                        return;
-                    }
-                    Err(_) => {
-                        record(&mut log, Kind::WatchUp, id, start, false, "timeout".into());
-                        return;
-                    }
-                };
-            record(&mut log, Kind::WatchUp, id, start, true, String::new());
-            let up = now_ns();
-            if first {
-                first = false;
-                ready.fetch_add(1, Ordering::Relaxed);
+/// The watch path, with a `timeoutSeconds` between T and 2T when
+/// `--watch-timeout` is T (spread by client and round, like client-go's
+/// reflector spreads its watches).
+fn watch_path(args: &Args, id: usize, round: u64) -> String {
+    match args.watch_timeout {
+        Some(t) => {
+            let t = t.as_secs().max(1);
+            let spread = (id as u64)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(round.wrapping_mul(40_503))
+                % (t + 1);
+            format!("{WATCH_PATH}&timeoutSeconds={}", t + spread)
+        }
+        None => WATCH_PATH.to_owned(),
+    }
+}
+
+/// How a watch stream ended.
+enum WatchOutcome {
+    /// Never came up, or was lost: back off, then a new connection.
+    Lost,
+    /// Ended at its `timeoutSeconds`: watch again on the current connection.
+    TimedOut,
+}
+
+/// One watcher's connections: `current` takes new requests; `draining` is
+/// the connection that said GOAWAY while the watch ran on it, kept until
+/// the watch ends.
+#[derive(Default)]
+struct WatcherConns {
+    current: Option<HttpsConnection>,
+    draining: Option<HttpsConnection>,
+}
+
+impl WatcherConns {
+    /// A connection that takes new requests: the current one unless it
+    /// said GOAWAY or closed (then it drains, and a new one is opened).
+    async fn usable(
+        &mut self,
+        client: &HttpsClient,
+        args: &Args,
+        id: usize,
+        log: &mut Log,
+    ) -> Option<&mut HttpsConnection> {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(HttpsConnection::is_closed)
+        {
+            let old = self.current.take();
+            // Only the watch's own connection needs to stay; one a side
+            // request opened later has no stream left on it.
+            if self.draining.is_none() {
+                self.draining = old;
             }
-            let mut body = response.into_body();
-            let why = loop {
-                match tokio::time::timeout(args.watch_idle, body.frame()).await {
-                    Ok(Some(Ok(_))) => {}
-                    Ok(Some(Err(e))) => break format!("stream error: {e}"),
-                    Ok(None) => break "stream ended".to_owned(),
-                    Err(_) => break "silent".to_owned(),
-                }
-            };
+        }
+        if self.current.is_none() {
+            self.current = connect(client, args, id, log).await;
+        }
+        self.current.as_mut()
+    }
+}
+
+/// One short request on the watcher's connection (`--watcher-rate`).
+async fn side_request(
+    conns: &mut WatcherConns,
+    client: &HttpsClient,
+    args: &Args,
+    id: usize,
+    log: &mut Log,
+) {
+    let start = now_ns();
+    // Twice at most: a request a GOAWAY refused before it was sent goes
+    // again on a new connection, as client-go's transport does.
+    for _ in 0..2 {
+        let Some(c) = conns.usable(client, args, id, log).await else {
+            return;
+        };
+        let (ok, detail) = match tokio::time::timeout(args.timeout, c.get(LIST_PATH)).await {
+            Ok(Ok(r)) if r.status.is_success() => (true, String::new()),
+            Ok(Ok(r)) => (false, format!("status {}", r.status)),
+            Ok(Err(e)) if HttpsConnection::not_sent(&e) && c.is_closed() => continue,
+            Ok(Err(e)) => (false, short(&e)),
+            Err(_) => (false, "timeout".into()),
+        };
+        record(log, Kind::Request, id, start, ok, detail);
+        return;
+    }
+    record(log, Kind::Request, id, start, false, "refused twice".into());
+}
+
+/// What one watcher keeps between its watches.
+struct WatcherState {
+    id: usize,
+    round: u64,
+    conns: WatcherConns,
+    log: Log,
+    /// Whether its first stream has come up (counted in `ready`).
+    counted: bool,
+}
+
+/// One watch: up on the watcher's connection, then events (and side
+/// requests) until it ends.
+async fn watch_once(
+    w: &mut WatcherState,
+    args: &Args,
+    client: &HttpsClient,
+    ready: &AtomicUsize,
+) -> Option<WatchOutcome> {
+    let (id, conns, log) = (w.id, &mut w.conns, &mut w.log);
+    let c = conns.usable(client, args, id, log).await?;
+    let start = now_ns();
+    let path = watch_path(args, id, w.round);
+    let response = match tokio::time::timeout(args.handshake_timeout, c.get_streaming(&path)).await
+    {
+        Ok(Ok(r)) if r.status().is_success() => r,
+        Ok(Ok(r)) => {
+            record(
+                log,
+                Kind::WatchUp,
+                id,
+                start,
+                false,
+                format!("status {}", r.status()),
+            );
+            return None;
+        }
+        Ok(Err(e)) => {
+            record(log, Kind::WatchUp, id, start, false, short(&e));
+            return None;
+        }
+        Err(_) => {
+            record(log, Kind::WatchUp, id, start, false, "timeout".into());
+            return None;
+        }
+    };
+    record(log, Kind::WatchUp, id, start, true, String::new());
+    let up = now_ns();
+    if !w.counted {
+        w.counted = true;
+        ready.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut body = response.into_body();
+    let period = Duration::from_secs_f64(1.0 / args.watcher_rate.max(0.001));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // A slow request delays the next instead of a burst catching up.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ended = loop {
+        tokio::select! {
+            frame = tokio::time::timeout(args.watch_idle, body.frame()) => match frame {
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(e))) => break Err(format!("stream error: {e}")),
+                Ok(None) => break Ok(()),
+                Err(_) => break Err("silent".to_owned()),
+            },
+            _ = ticks.tick(), if args.watcher_rate > 0.0 => {
+                side_request(conns, client, args, id, log).await;
+            }
+        }
+    };
+    conns.draining = None;
+    match ended {
+        Ok(()) if args.watch_timeout.is_some() => {
+            record(log, Kind::WatchEnd, id, up, true, String::new());
+            Some(WatchOutcome::TimedOut)
+        }
+        ended => {
+            let why = ended.err().unwrap_or_else(|| "stream ended".to_owned());
             log.push(Event {
                 kind: Kind::WatchDown,
                 client: id,
@@ -290,17 +436,42 @@ async fn watcher(
                 ok: false,
                 detail: why.replace(',', ";"),
             });
-        };
-        tokio::select! {
-            () = attempt => {}
-            () = stop.cancelled() => break,
+            Some(WatchOutcome::Lost)
         }
+    }
+}
+
+async fn watcher(
+    id: usize,
+    args: Arc<Args>,
+    client: Arc<HttpsClient>,
+    ready: Arc<AtomicUsize>,
+    stop: CancellationToken,
+) -> Log {
+    let mut w = WatcherState {
+        id,
+        round: 0,
+        conns: WatcherConns::default(),
+        log: Log::new(),
+        counted: false,
+    };
+    while !stop.is_cancelled() {
+        w.round += 1;
+        let outcome = tokio::select! {
+            o = watch_once(&mut w, &args, &client, &ready) => o,
+            () = stop.cancelled() => break,
+        };
+        if matches!(outcome, Some(WatchOutcome::TimedOut)) {
+            continue;
+        }
+        // Lost, or never up: a new connection after a short backoff.
+        w.conns = WatcherConns::default();
         tokio::select! {
             () = tokio::time::sleep(backoff(id)) => {}
             () = stop.cancelled() => break,
         }
     }
-    log
+    w.log
 }
 
 async fn requester(
@@ -322,6 +493,9 @@ async fn requester(
         // Paced, not bursting: a late request pushes the schedule back.
         next = (next + period).max(tokio::time::Instant::now());
         let work = async {
+            if args.follow_goaway && conn.as_ref().is_some_and(HttpsConnection::is_closed) {
+                conn = None;
+            }
             if conn.is_none() {
                 conn = connect(&client, &args, id, &mut log).await;
             }
@@ -329,7 +503,19 @@ async fn requester(
                 return;
             };
             let start = now_ns();
-            match tokio::time::timeout(args.timeout, c.get(LIST_PATH)).await {
+            let mut result = tokio::time::timeout(args.timeout, c.get(LIST_PATH)).await;
+            // Refused by a GOAWAY before it was sent: again on a new
+            // connection, as client-go does.
+            if args.follow_goaway
+                && matches!(&result, Ok(Err(e)) if HttpsConnection::not_sent(e) && c.is_closed())
+            {
+                conn = connect(&client, &args, id, &mut log).await;
+                let Some(c) = conn.as_mut() else {
+                    return;
+                };
+                result = tokio::time::timeout(args.timeout, c.get(LIST_PATH)).await;
+            }
+            match result {
                 Ok(Ok(r)) if r.status.is_success() => {
                     record(&mut log, Kind::Request, id, start, true, String::new());
                 }

@@ -11,9 +11,13 @@
 //! stop the front. The contenders' order alternates between scenarios.
 //!
 //! What is measured, and how, is in `analysis.rs`; the report and plots in
-//! `report.rs`.
+//! `report.rs`. The `distribution` scenario (how evenly the fronts spread
+//! connections and requests over the apiservers, and how fast a restarted
+//! apiserver gets its share back, with and without the apiservers'
+//! goaway chance) has its own run and figures in `distribution.rs`.
 
 mod analysis;
+mod distribution;
 pub mod load;
 mod report;
 mod stack;
@@ -26,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bulwark_testkit::fixture::ApiServerProcess;
-use bulwark_testkit::{Host, Lab, Pki, ProcessBuilder, TestDir};
+use bulwark_testkit::{Host, Lab, Pki, Process, ProcessBuilder, TestDir};
 use serde::Serialize;
 
 use self::analysis::RunResult;
@@ -68,10 +72,15 @@ pub enum Scenario {
     /// Many long-lived watch clients, then the holder's link is cut: time
     /// until every watch stream is re-established.
     ReconnectStorm,
+    /// Watch streams and short requests through the VIP: each apiserver's
+    /// share of connections and requests, watches lost when one is
+    /// SIGKILLed, and the time until it carries its share again after a
+    /// restart, with the apiservers' goaway chance off and on.
+    Distribution,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 9] = [
+    const ALL: [Scenario; 10] = [
         Scenario::LinkCut,
         Scenario::Sigkill,
         Scenario::Partition,
@@ -81,6 +90,7 @@ impl Scenario {
         Scenario::RollingRestart,
         Scenario::ProberIsolated,
         Scenario::ReconnectStorm,
+        Scenario::Distribution,
     ];
 
     /// The kebab-case name.
@@ -95,6 +105,7 @@ impl Scenario {
             Scenario::RollingRestart => "rolling-restart",
             Scenario::ProberIsolated => "prober-isolated",
             Scenario::ReconnectStorm => "reconnect-storm",
+            Scenario::Distribution => "distribution",
         }
     }
 
@@ -121,6 +132,9 @@ impl Scenario {
             }
             Scenario::ReconnectStorm => {
                 "many watch clients, then the holder's link is cut: time until all are back"
+            }
+            Scenario::Distribution => {
+                "spread over the apiservers; apiserver a SIGKILLed and restarted: time until it carries its share"
             }
         }
     }
@@ -159,6 +173,11 @@ pub struct Args {
     /// `-<scenario>.svg`; `report.rs` has the naming).
     #[arg(long, default_value = "bench/results")]
     out_dir: PathBuf,
+    /// The apiservers' goaway chance in the `distribution` scenario's runs
+    /// with it on (kube-apiserver's --goaway-chance, at most 0.02; the runs
+    /// with it off always run too).
+    #[arg(long, default_value_t = distribution::DEFAULT_GOAWAY_CHANCE)]
+    goaway_chance: f64,
 }
 
 /// Durations and client counts of one run.
@@ -219,6 +238,8 @@ pub struct Topology {
     pub pki: Pki,
     pub apis: Vec<ApiServerProcess>,
     pub vip: Ipv4Addr,
+    /// The apiservers' `--goaway-chance` now.
+    pub goaway_chance: f64,
     ca: PathBuf,
     dir: TestDir,
 }
@@ -232,19 +253,8 @@ impl Topology {
         let pki = Pki::new()?;
         let vip = lab.spare_addr(0);
         let mut apis = Vec::new();
-        for (i, zone) in ZONES.iter().enumerate() {
-            let host = lab.host(3 + i);
-            apis.push(
-                ApiServerProcess::builder(format!("api-{zone}"))
-                    .on_host(host)
-                    .listen(SocketAddr::new(IpAddr::V4(host.addr()), VIP_PORT))
-                    .san(vip.to_string())
-                    .shutdown_delay(Duration::from_secs(3))
-                    .shutdown_grace(Duration::from_secs(5))
-                    .start(&pki)
-                    .await
-                    .with_context(|| format!("starting apiserver {zone}"))?,
-            );
+        for i in 0..ZONES.len() {
+            apis.push(start_api(&lab, &pki, vip, i, 0.0).await?);
         }
         // The reconnect storm: thousands of connects within a second from
         // the client host to the VIP, and as many from the front to the
@@ -269,9 +279,24 @@ impl Topology {
             pki,
             apis,
             vip,
+            goaway_chance: 0.0,
             ca,
             dir,
         })
+    }
+
+    /// Replaces the apiservers with ones running with this goaway chance
+    /// (same hosts, addresses and certificates' CA), unless they already do.
+    async fn set_goaway_chance(&mut self, chance: f64) -> anyhow::Result<()> {
+        if self.goaway_chance == chance {
+            return Ok(());
+        }
+        for i in 0..self.apis.len() {
+            self.apis[i].kill()?;
+            self.apis[i] = start_api(&self.lab, &self.pki, self.vip, i, chance).await?;
+        }
+        self.goaway_chance = chance;
+        Ok(())
     }
 
     /// The LB hosts (zones a, b, c).
@@ -308,6 +333,28 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// Starts the apiserver of zone `i` on its host, on the VIP's port.
+async fn start_api(
+    lab: &Lab,
+    pki: &Pki,
+    vip: Ipv4Addr,
+    i: usize,
+    goaway_chance: f64,
+) -> anyhow::Result<ApiServerProcess> {
+    let zone = ZONES[i];
+    let host = lab.host(3 + i);
+    ApiServerProcess::builder(format!("api-{zone}"))
+        .on_host(host)
+        .listen(SocketAddr::new(IpAddr::V4(host.addr()), VIP_PORT))
+        .san(vip.to_string())
+        .shutdown_delay(Duration::from_secs(3))
+        .shutdown_grace(Duration::from_secs(5))
+        .goaway_chance(goaway_chance)
+        .start(pki)
+        .await
+        .with_context(|| format!("starting apiserver {zone}"))
 }
 
 /// A fault marker on the time line.
@@ -476,8 +523,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: &Args) -> anyhow::Result<()> {
+    bulwark_testkit::fixture::validate_goaway_chance(args.goaway_chance)
+        .context("--goaway-chance")?;
     let started = std::time::Instant::now();
     let params = Params::new(args.quick);
+    let dist_params = distribution::DistParams::new(args.quick, args.goaway_chance);
+    let mut dist_results = Vec::new();
     let scenarios: Vec<Scenario> = match args.scenario {
         Some(s) => vec![s],
         None => Scenario::ALL.to_vec(),
@@ -492,6 +543,12 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         } else {
             [Contender::Baseline, Contender::Bulwark]
         };
+        if scenario == Scenario::Distribution {
+            let (runs, errors) = distribution::run_all(&mut topo, order, &dist_params).await?;
+            dist_results.extend(runs);
+            failed.extend(errors);
+            continue;
+        }
         for contender in order {
             eprintln!("suite: {} / {}", scenario.key(), contender.key());
             match run_one(&mut topo, scenario, contender, &params).await {
@@ -528,7 +585,8 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         load_before,
         crate::stats::loadavg(),
         started.elapsed(),
-    );
+    )
+    .with_distribution(dist_results, dist_params);
     report.write(&args.out_dir)?;
     anyhow::ensure!(
         n_failed == 0,
@@ -544,55 +602,20 @@ async fn run_one(
     p: &Params,
 ) -> anyhow::Result<RunResult> {
     let lb_hosts = topo.lb_hosts().to_vec();
-    clear_vip(&lb_hosts, topo.vip);
-    let _ = topo
-        .client()
-        .exec("ip", ["neigh", "flush", "dev", topo.client().interface()]);
-    let mut front = Stack::start(topo, contender)?;
-    if let Err(e) = wait_single_holder(&lb_hosts, topo.vip, Duration::from_secs(60)).await {
-        stack::check_running(&front)?;
-        return Err(e);
-    }
-    // bulwark proposes its backends once elected; let it commit them.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stack::check_running(&front)?;
-
+    let mut front = start_front(topo, contender).await?;
     let watchers = if scenario == Scenario::ReconnectStorm {
         p.storm_watchers
     } else {
         p.watchers
     };
-    let run_dir = topo
-        .dir
-        .join(format!("{}-{}", scenario.key(), contender.key()));
-    std::fs::create_dir_all(&run_dir)?;
-    let ready = run_dir.join("ready");
-    let csv = run_dir.join("events.csv");
-    let mut load = topo.client().spawn(
-        ProcessBuilder::new(
-            format!("load-{}", scenario.key()),
-            std::env::current_exe().context("locating bulwark-bench")?,
-        )
-        .arg("load")
-        .arg("--target")
-        .arg(SocketAddr::new(IpAddr::V4(topo.vip), VIP_PORT).to_string())
-        .arg("--ca")
-        .arg(&topo.ca)
-        .arg("--watchers")
-        .arg(watchers.to_string())
-        .arg("--requesters")
-        .arg(p.requesters.to_string())
-        .arg("--rate")
-        .arg(p.rate.to_string())
-        .arg("--ready-file")
-        .arg(&ready)
-        .arg("--out")
-        .arg(&csv)
-        .stop_timeout(Duration::from_secs(60)),
-    )?;
-    load.wait_for_file(&ready, Duration::from_secs(300))
-        .await
-        .context("the load driver never had every watch stream up")?;
+    let spec = LoadSpec {
+        name: format!("{}-{}", scenario.key(), contender.key()),
+        watchers,
+        requesters: p.requesters,
+        rate: p.rate,
+        extra: Vec::new(),
+    };
+    let (mut load, csv) = spawn_load(topo, &spec).await?;
     let load_ready_ns = now_ns();
     let sampler = VipSampler::start(lb_hosts.clone(), topo.vip);
     tokio::time::sleep(Duration::from_secs_f64(p.before_s)).await;
@@ -646,6 +669,72 @@ async fn run_one(
         backend_verdict_ns,
         failovers,
     }))
+}
+
+/// Starts `contender` on a clean lab and waits until one LB host holds
+/// the VIP and bulwark has had time to commit its backends.
+async fn start_front(topo: &Topology, contender: Contender) -> anyhow::Result<Stack> {
+    let lb_hosts = topo.lb_hosts().to_vec();
+    clear_vip(&lb_hosts, topo.vip);
+    let _ = topo
+        .client()
+        .exec("ip", ["neigh", "flush", "dev", topo.client().interface()]);
+    let front = Stack::start(topo, contender)?;
+    if let Err(e) = wait_single_holder(&lb_hosts, topo.vip, Duration::from_secs(60)).await {
+        stack::check_running(&front)?;
+        return Err(e);
+    }
+    // bulwark proposes its backends once elected; let it commit them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack::check_running(&front)?;
+    Ok(front)
+}
+
+/// What the load driver of one run does.
+struct LoadSpec {
+    /// The run's directory name under the suite's temp dir.
+    name: String,
+    watchers: usize,
+    requesters: usize,
+    rate: f64,
+    /// More `bulwark-bench load` flags.
+    extra: Vec<String>,
+}
+
+/// Starts the load driver on the client host and waits until every
+/// watcher has its stream; returns it and the CSV it writes when stopped.
+async fn spawn_load(topo: &Topology, spec: &LoadSpec) -> anyhow::Result<(Process, PathBuf)> {
+    let run_dir = topo.dir.join(&spec.name);
+    std::fs::create_dir_all(&run_dir)?;
+    let ready = run_dir.join("ready");
+    let csv = run_dir.join("events.csv");
+    let load = topo.client().spawn(
+        ProcessBuilder::new(
+            format!("load-{}", spec.name),
+            std::env::current_exe().context("locating bulwark-bench")?,
+        )
+        .arg("load")
+        .arg("--target")
+        .arg(SocketAddr::new(IpAddr::V4(topo.vip), VIP_PORT).to_string())
+        .arg("--ca")
+        .arg(&topo.ca)
+        .arg("--watchers")
+        .arg(spec.watchers.to_string())
+        .arg("--requesters")
+        .arg(spec.requesters.to_string())
+        .arg("--rate")
+        .arg(spec.rate.to_string())
+        .arg("--ready-file")
+        .arg(&ready)
+        .arg("--out")
+        .arg(&csv)
+        .args(&spec.extra)
+        .stop_timeout(Duration::from_secs(60)),
+    )?;
+    load.wait_for_file(&ready, Duration::from_secs(300))
+        .await
+        .context("the load driver never had every watch stream up")?;
+    Ok((load, csv))
 }
 
 fn mark(markers: &mut Vec<Marker>, label: impl Into<String>) {
@@ -703,6 +792,8 @@ async fn inject(
             let api_host = topo.api_hosts()[holder].clone();
             topo.lab.cut_link(&api_host)?;
         }
+        // Its own run, with its own schedule (distribution.rs).
+        Scenario::Distribution => bail!("the distribution scenario runs in distribution.rs"),
         Scenario::RollingRestart => {
             for i in 0..lb.len() {
                 mark(&mut m, format!("restart lb-{}", i + 1));

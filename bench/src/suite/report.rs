@@ -14,6 +14,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use super::analysis::{Latency, RunResult};
+use super::distribution::{self, DistParams, DistributionResult};
 use super::{Args, Contender, Params, Scenario};
 
 /// A scenario run that did not complete, and why.
@@ -39,6 +40,9 @@ pub struct Report {
     loadavg_after: String,
     params: Params,
     runs: Vec<RunResult>,
+    /// The `distribution` scenario's runs and their parameters.
+    distribution: Vec<DistributionResult>,
+    distribution_params: Option<DistParams>,
     failed: Vec<FailedRun>,
 }
 
@@ -68,6 +72,9 @@ impl Report {
         if args.quick {
             command.push_str(" --quick");
         }
+        if args.goaway_chance != distribution::DEFAULT_GOAWAY_CHANCE {
+            let _ = write!(command, " --goaway-chance {}", args.goaway_chance);
+        }
         Self {
             suite: "failover-suite",
             date,
@@ -80,8 +87,19 @@ impl Report {
             loadavg_after,
             params,
             runs,
+            distribution: Vec::new(),
+            distribution_params: None,
             failed,
         }
+    }
+
+    /// Adds the `distribution` scenario's runs, when it ran.
+    pub fn with_distribution(mut self, runs: Vec<DistributionResult>, params: DistParams) -> Self {
+        if !runs.is_empty() {
+            self.distribution = runs;
+            self.distribution_params = Some(params);
+        }
+        self
     }
 
     /// `<day>-suite` (quick), `<day>-suite-full`, plus `-<scenario>` when
@@ -111,11 +129,29 @@ impl Report {
             plot(&out.join(&file), scenario, &self.runs_of(scenario))?;
             plots.push((scenario, file));
         }
+        let dist_plot = if self.distribution.is_empty() {
+            None
+        } else {
+            let file = if self.only.is_some() {
+                format!("{stem}.svg")
+            } else {
+                format!("{stem}-distribution.svg")
+            };
+            distribution::plot(&out.join(&file), &self.distribution)?;
+            Some(file)
+        };
         std::fs::write(
             out.join(format!("{stem}.json")),
             serde_json::to_string_pretty(self)?,
         )?;
-        let md = self.markdown(&plots);
+        let mut md = self.markdown(&plots);
+        if let Some(params) = &self.distribution_params {
+            md.push_str(&distribution::markdown(
+                &self.distribution,
+                params,
+                dist_plot.as_deref(),
+            ));
+        }
         std::fs::write(out.join(format!("{stem}.md")), &md)?;
         println!("{md}");
         Ok(())

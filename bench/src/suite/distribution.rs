@@ -334,13 +334,6 @@ struct Input<'a> {
     events: &'a [Event],
 }
 
-/// The suite's median (`analysis::percentile`, nearest rank), kept in this
-/// one place.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    super::analysis::percentile(&v, 50.0)
-}
-
 fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
@@ -362,12 +355,7 @@ fn analyse(i: &Input<'_>) -> DistributionResult {
         }
     };
     let live: [f64; 3] = std::array::from_fn(|k| {
-        median(
-            steady
-                .iter()
-                .map(|s| s[k].active_connections as f64)
-                .collect(),
-        )
+        crate::stats::median(steady.iter().map(|s| s[k].active_connections as f64))
     });
 
     let mut lost = vec![false; i.watchers];

@@ -54,6 +54,8 @@ const DEBIAN: &[(&str, &str)] = &[
     // promtool checks and unit-tests deploy/monitoring's rules; the server
     // scrapes a running cluster in the monitoring test.
     ("prometheus", "/usr/bin/promtool"),
+    // The router of lb's bgp-mode network-namespace tests (bird, birdc).
+    ("bird2", "/usr/sbin/bird"),
 ];
 
 #[derive(clap::Args, Default)]

@@ -139,6 +139,56 @@ struct StatusView {
     backends: String,
     listeners: Vec<ListenerView>,
     failovers: Vec<FailoverView>,
+    /// bgp mode: this node's sessions; absent in other modes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bgp: Option<BgpView>,
+}
+
+/// bgp mode: the answering node's sessions and last announce/withdrawal.
+#[derive(Serialize)]
+struct BgpView {
+    peers: Vec<BgpPeerView>,
+    last_announce: String,
+    last_withdraw: String,
+}
+
+#[derive(Serialize)]
+struct BgpPeerView {
+    address: String,
+    asn: u32,
+    state: String,
+    announced: Vec<String>,
+    last_error: String,
+}
+
+impl BgpView {
+    fn of(b: &lb::BgpStatus) -> Self {
+        let event = |e: Option<&lb::BgpEvent>| {
+            e.map_or_else(
+                || "-".into(),
+                |e| format!("{} ({})", ts(e.at.as_ref()), e.reason),
+            )
+        };
+        Self {
+            peers: b
+                .peers
+                .iter()
+                .map(|p| BgpPeerView {
+                    address: p.address.clone(),
+                    asn: p.asn,
+                    state: enum_name(
+                        p.state,
+                        lb::BgpSessionState::as_str_name,
+                        "BGP_SESSION_STATE_",
+                    ),
+                    announced: p.announced.clone(),
+                    last_error: p.last_error.clone(),
+                })
+                .collect(),
+            last_announce: event(b.last_announce.as_ref()),
+            last_withdraw: event(b.last_withdraw.as_ref()),
+        }
+    }
 }
 
 /// A proxy listener's routing mode as the config spells it.
@@ -413,6 +463,7 @@ fn status_view(s: &lb::GetStatusResponse) -> StatusView {
         held_since: ts(vip.held_since.as_ref()),
         backends: format!("{}/{} routable", s.backends_routable, s.backends_total),
         listeners: s.listeners.iter().map(ListenerView::of).collect(),
+        bgp: vip.bgp.as_ref().map(BgpView::of),
         failovers: s
             .recent_failovers
             .iter()
@@ -427,6 +478,41 @@ fn status_view(s: &lb::GetStatusResponse) -> StatusView {
             })
             .collect(),
     }
+}
+
+/// bgp mode: the last announce and withdrawal, then a row per peer.
+fn render_bgp(b: &BgpView) -> String {
+    let mut out = output::fields(&[
+        ("bgp last announce", b.last_announce.clone()),
+        ("bgp last withdraw", b.last_withdraw.clone()),
+    ]);
+    out.push_str("\nbgp peers:\n");
+    let cells: Vec<Vec<String>> = b
+        .peers
+        .iter()
+        .map(|p| {
+            vec![
+                p.address.clone(),
+                p.asn.to_string(),
+                p.state.clone(),
+                if p.announced.is_empty() {
+                    "-".into()
+                } else {
+                    p.announced.join(",")
+                },
+                if p.last_error.is_empty() {
+                    "-".into()
+                } else {
+                    p.last_error.clone()
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&output::table(
+        &["PEER", "ASN", "STATE", "ANNOUNCED", "LAST ERROR"],
+        &cells,
+    ));
+    out
 }
 
 /// `lb status` as a table: the node's fields, then its recent failovers.
@@ -444,6 +530,9 @@ fn render_status(v: &StatusView) -> String {
         ("backends", v.backends.clone()),
     ]);
     out.push_str(&routing_fields(&v.listeners));
+    if let Some(b) = &v.bgp {
+        out.push_str(&render_bgp(b));
+    }
     if !v.failovers.is_empty() {
         out.push_str("\nrecent failovers:\n");
         let cells: Vec<Vec<String>> = v
@@ -691,4 +780,54 @@ async fn transfer_leadership(
             )
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bgp_sessions_are_rendered_per_peer() {
+        let b = lb::BgpStatus {
+            peers: vec![
+                lb::BgpPeer {
+                    address: "10.0.0.1:179".into(),
+                    asn: 65000,
+                    state: lb::BgpSessionState::Established as i32,
+                    announced: vec!["10.0.0.10/32".into()],
+                    last_error: String::new(),
+                    established_since: None,
+                },
+                lb::BgpPeer {
+                    address: "10.0.1.1:179".into(),
+                    asn: 65000,
+                    state: lb::BgpSessionState::Idle as i32,
+                    announced: vec![],
+                    last_error: "connection refused".into(),
+                    established_since: None,
+                },
+            ],
+            last_announce: Some(lb::BgpEvent {
+                at: None,
+                reason: "leader of term 3 with a fresh quorum lease".into(),
+            }),
+            last_withdraw: None,
+        };
+        let text = render_bgp(&BgpView::of(&b));
+        assert!(
+            text.contains("leader of term 3 with a fresh quorum lease"),
+            "{text}"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        let up = lines.iter().find(|l| l.contains("10.0.0.1:179")).unwrap();
+        assert!(
+            up.contains("established") && up.contains("10.0.0.10/32"),
+            "{up}"
+        );
+        let down = lines.iter().find(|l| l.contains("10.0.1.1:179")).unwrap();
+        assert!(
+            down.contains("idle") && down.contains("connection refused"),
+            "{down}"
+        );
+    }
 }

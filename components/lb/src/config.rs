@@ -34,7 +34,7 @@
 //! checks the inequality that keeps two holders apart.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -472,6 +472,11 @@ pub enum VipMode {
     /// node keeps a front listener bound to VIP:port with IP_FREEBIND.
     /// Needs CAP_NET_ADMIN and CAP_NET_RAW.
     Arp,
+    /// The leader adds the VIP to `interface` (default `lo`) like arp
+    /// mode and announces it as a host route to the BGP peers of `bgp`;
+    /// every node keeps its sessions up. For routed networks without a
+    /// shared L2 segment. Needs CAP_NET_ADMIN.
+    Bgp,
 }
 
 /// The virtual IP and its fencing timers.
@@ -499,9 +504,13 @@ pub struct VipConfig {
     /// arp mode: prefix length `address6` is added with (default 128).
     #[serde(default)]
     pub prefix_length6: Option<u8>,
-    /// arp mode: the interface that carries the VIP.
+    /// arp mode: the interface that carries the VIP. bgp mode: where the
+    /// holder binds it (default `lo`).
     #[serde(default)]
     pub interface: Option<String>,
+    /// bgp mode: the speaker and its peers.
+    #[serde(default)]
+    pub bgp: Option<BgpConfig>,
     /// The holder keeps the VIP only while the last heartbeat a quorum
     /// acknowledged was sent less than this long ago.
     #[serde(default = "d_lease", with = "duration")]
@@ -526,7 +535,7 @@ pub struct VipConfig {
     /// arp mode: pause between them.
     #[serde(default = "d_garp_interval", with = "duration")]
     pub garp_interval: Duration,
-    /// arp mode: the kernel lifetime the VIP is added with (whole seconds,
+    /// arp and bgp mode: the kernel lifetime the VIP is added with (whole seconds,
     /// at least `lease`); the holder renews it every quarter of it while
     /// its lease is fresh, so a holder killed or frozen without releasing
     /// loses the address about one lifetime later. Default: `lease`
@@ -537,6 +546,168 @@ pub struct VipConfig {
 
 fn d_vip_port() -> u16 {
     6443
+}
+
+/// bgp mode: the speaker's identity and its peers (docs/FAILOVER.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpConfig {
+    /// Our AS number (2- or 4-octet).
+    pub local_asn: u32,
+    /// Our BGP identifier. Default: the Raft address (advertised, else
+    /// listening), which must then be IPv4.
+    #[serde(default)]
+    pub router_id: Option<Ipv4Addr>,
+    /// The routers to announce the VIP to. Each session carries the VIP
+    /// family of its own address (an IPv4 peer the IPv4 VIP, an IPv6 peer
+    /// the IPv6 one).
+    pub peers: Vec<BgpPeerConfig>,
+}
+
+/// One BGP peer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpPeerConfig {
+    /// The router's address.
+    pub address: IpAddr,
+    /// Its AS (equal to `localAsn`: iBGP).
+    pub asn: u32,
+    /// The hold time proposed (whole seconds; 0 or at least 3s). The
+    /// router drops the routes of a holder that died without withdrawing
+    /// after the negotiated hold time.
+    #[serde(default = "d_bgp_hold", with = "duration")]
+    pub hold_time: Duration,
+    /// The router's BGP port.
+    #[serde(default = "d_bgp_port")]
+    pub port: u16,
+    /// TCP MD5 signature key (RFC 2385), up to 80 bytes.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+fn d_bgp_hold() -> Duration {
+    Duration::from_secs(3)
+}
+fn d_bgp_port() -> u16 {
+    179
+}
+
+impl BgpConfig {
+    /// The BGP identifier: configured, or the Raft address when IPv4.
+    pub fn router_id(&self, raft: &RaftConfig) -> Option<Ipv4Addr> {
+        if self.router_id.is_some() {
+            return self.router_id;
+        }
+        let advertised = raft
+            .advertise_address
+            .as_deref()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| a.ip());
+        match advertised.unwrap_or(raft.address.ip()) {
+            IpAddr::V4(a) if !a.is_unspecified() => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The session settings of every peer.
+    pub fn peer_configs(&self) -> Vec<crate::vip::bgp::session::PeerConfig> {
+        self.peers
+            .iter()
+            .map(|p| crate::vip::bgp::session::PeerConfig {
+                address: p.address,
+                port: p.port,
+                asn: p.asn,
+                hold_time: p.hold_time,
+                password: p.password.clone(),
+            })
+            .collect()
+    }
+
+    fn validate_with(&self, raft: &RaftConfig, vip: &[IpAddr], v: &mut Validator) {
+        let asn_ok = |a: u32| a != 0 && a != 23456 && a != u32::MAX;
+        v.check(
+            asn_ok(self.local_asn),
+            "localAsn",
+            format!(
+                "{} is not a usable AS number (0, 23456 and 4294967295 are reserved)",
+                self.local_asn
+            ),
+        );
+        match self.router_id(raft) {
+            Some(id) => v.check(
+                !id.is_unspecified() && !id.is_broadcast(),
+                "routerId",
+                format!("{id} cannot be a BGP identifier"),
+            ),
+            None => v.at("routerId", |v| {
+                v.error("required: raft.address is not an IPv4 address to take it from")
+            }),
+        }
+        v.check(
+            !self.peers.is_empty(),
+            "peers",
+            "at least one peer is needed to announce the VIP to",
+        );
+        let mut seen = BTreeSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            v.at(format!("peers[{i}]"), |v| p.validate(v));
+            v.check(
+                asn_ok(p.asn),
+                format!("peers[{i}].asn"),
+                format!(
+                    "{} is not a usable AS number (0, 23456 and 4294967295 are reserved)",
+                    p.asn
+                ),
+            );
+            v.check(
+                seen.insert((p.address, p.port)),
+                format!("peers[{i}].address"),
+                format!("{} port {} is listed twice", p.address, p.port),
+            );
+        }
+        for ip in vip {
+            let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+            v.check(
+                self.peers.iter().any(|p| p.address.is_ipv4() == ip.is_ipv4()),
+                "peers",
+                format!(
+                    "no {family} peer to announce the {family} VIP {ip} to (a session carries the routes of its own family)"
+                ),
+            );
+        }
+    }
+}
+
+impl Validate for BgpPeerConfig {
+    fn validate(&self, v: &mut Validator) {
+        let a = self.address;
+        v.check(
+            !a.is_unspecified() && !a.is_multicast() && !a.is_loopback(),
+            "address",
+            format!("{a} cannot be a BGP peer"),
+        );
+        v.check(self.port != 0, "port", "must be between 1 and 65535");
+        let h = self.hold_time;
+        v.check(
+            h.subsec_nanos() == 0 && (h.is_zero() || (3..=65535).contains(&h.as_secs())),
+            "holdTime",
+            format!(
+                "{} is out of range: 0 (no keepalives) or whole seconds from 3s to 65535s",
+                humantime::format_duration(h)
+            ),
+        );
+        if let Some(pw) = &self.password {
+            v.check(
+                (1..=crate::vip::bgp::md5::MAX_KEY).contains(&pw.len()),
+                "password",
+                format!(
+                    "a TCP MD5 key has 1 to {} bytes, this one {}",
+                    crate::vip::bgp::md5::MAX_KEY,
+                    pw.len()
+                ),
+            );
+        }
+    }
 }
 fn d_lease() -> Duration {
     Duration::from_millis(180)
@@ -567,6 +738,7 @@ impl Default for VipConfig {
             prefix_length: None,
             prefix_length6: None,
             interface: None,
+            bgp: None,
             lease: d_lease(),
             check_interval: d_check(),
             clock_drift: d_drift(),
@@ -645,9 +817,9 @@ impl VipConfig {
     fn validate_families(&self, v: &mut Validator) {
         if let Some(a6) = self.address6 {
             v.check(
-                self.mode == VipMode::Arp,
+                matches!(self.mode, VipMode::Arp | VipMode::Bgp),
                 "address6",
-                "a dual-stack VIP needs mode arp",
+                "a dual-stack VIP needs mode arp or bgp",
             );
             v.check(
                 a6.is_ipv6(),
@@ -730,12 +902,50 @@ impl VipConfig {
         }
     }
 
+    /// bgp mode: the speaker section, and the local interface (`lo`
+    /// unless set).
+    fn validate_bgp(&self, raft: &RaftConfig, v: &mut Validator) {
+        if self.mode != VipMode::Bgp {
+            if self.bgp.is_some() {
+                v.at("bgp", |v| v.error("set, but mode is not bgp"));
+            }
+            return;
+        }
+        match &self.bgp {
+            None => v.at("bgp", |v| v.error("required when mode is bgp")),
+            Some(b) => {
+                let vips: Vec<IpAddr> = self.address.into_iter().chain(self.address6).collect();
+                v.at("bgp", |v| b.validate_with(raft, &vips, v));
+            }
+        }
+        let interface = self.bgp_interface();
+        if !interface.is_empty() && interface.len() < 16 && !interface.contains(['/', ' ']) {
+            self.validate_interface_families(interface, v);
+        } else {
+            v.at("interface", |v| {
+                v.error(format!("{interface:?} is not a network interface name"))
+            });
+        }
+        if let Some(a) = self.address {
+            v.check(
+                !a.is_loopback(),
+                "address",
+                "a loopback address cannot be announced over BGP; use mode bind",
+            );
+        }
+    }
+
+    /// bgp mode: the interface the holder binds the VIP to.
+    pub fn bgp_interface(&self) -> &str {
+        self.interface.as_deref().unwrap_or("lo")
+    }
+
     fn validate_with(&self, raft: &RaftConfig, v: &mut Validator) {
         if self.mode != VipMode::Disabled {
             v.check(
                 self.address.is_some(),
                 "address",
-                "required when mode is bind or arp",
+                "required when mode is bind, arp or bgp",
             );
             if let Some(a) = self.address {
                 v.check(
@@ -764,6 +974,7 @@ impl VipConfig {
                 );
             }
         }
+        self.validate_bgp(raft, v);
         self.validate_families(v);
         let ms = Duration::from_millis;
         v.duration_in("lease", self.lease, ms(20), ms(60_000));
@@ -1380,7 +1591,7 @@ mod tests {
             ),
             (
                 format!("{MINIMAL}vip:\n  mode: bind\n  address: 127.0.0.10\n  address6: '::1'\n"),
-                "vip.address6: a dual-stack VIP needs mode arp",
+                "vip.address6: a dual-stack VIP needs mode arp or bgp",
             ),
             (
                 arp("  address: 198.18.0.10\n  prefixLength: 64\n"),
@@ -1495,6 +1706,124 @@ mod tests {
                 "localListener: 0.0.0.0:9440 clashes with admin.address (127.0.0.1:9440): both would listen on port 9440; give each listener its own port",
             ]
         );
+    }
+
+    /// A bgp-mode config with `bgp` as its `vip.bgp:` section.
+    fn bgp(bgp: &str) -> String {
+        format!("{MINIMAL}vip:\n  mode: bgp\n  address: 198.18.0.10\n  bgp:\n{bgp}")
+    }
+
+    #[test]
+    fn a_bgp_config_parses_with_its_defaults() {
+        let c = parse(&bgp(
+            "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 65000}\n",
+        ))
+        .unwrap();
+        assert_eq!(c.vip.mode, VipMode::Bgp);
+        assert_eq!(c.vip.bgp_interface(), "lo");
+        let b = c.vip.bgp.as_ref().unwrap();
+        assert_eq!(
+            b.router_id(&c.raft),
+            Some(Ipv4Addr::new(127, 0, 0, 1)),
+            "from raft.address"
+        );
+        let p = &b.peer_configs()[0];
+        assert_eq!(
+            (p.port, p.hold_time, p.asn),
+            (179, Duration::from_secs(3), 65000)
+        );
+        assert_eq!(p.password, None);
+        assert_eq!(
+            c.vip.socket_addrs().len(),
+            1,
+            "a front listener, as in arp mode"
+        );
+        // Dual-stack with a peer of each family, a 4-octet AS, a password.
+        let c = parse(&format!(
+            "{MINIMAL}vip:\n  mode: bgp\n  address: 198.18.0.10\n  address6: fd00::10\n  interface: dummy0\n  bgp:\n    localAsn: 4200000001\n    routerId: 10.0.0.11\n    peers:\n    - {{address: 10.0.0.1, asn: 65000, holdTime: 9s, password: s3cret}}\n    - {{address: 'fd00::1', asn: 4200000001, port: 1179, holdTime: 0s}}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.vip.addresses().len(), 2);
+        assert_eq!(c.vip.bgp_interface(), "dummy0");
+    }
+
+    #[test]
+    fn bad_bgp_fields_name_the_field() {
+        let peer = "    peers:\n    - {address: 10.0.0.1, asn: 65000}\n";
+        for (section, want) in [
+            (
+                format!("    localAsn: 0\n{peer}"),
+                "vip.bgp.localAsn: 0 is not a usable AS number",
+            ),
+            (
+                "    localAsn: 65010\n    peers: []\n".to_owned(),
+                "vip.bgp.peers: at least one peer is needed",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 65000, holdTime: 2s}\n".to_owned(),
+                "vip.bgp.peers[0].holdTime: 2s is out of range",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 65000, holdTime: 3500ms}\n".to_owned(),
+                "vip.bgp.peers[0].holdTime: 3s 500ms is out of range",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 0.0.0.0, asn: 65000, port: 0}\n".to_owned(),
+                "vip.bgp.peers[0].address: 0.0.0.0 cannot be a BGP peer",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 65000, port: 0}\n".to_owned(),
+                "vip.bgp.peers[0].port: must be between 1 and 65535",
+            ),
+            (
+                format!("    localAsn: 65010\n    peers:\n    - {{address: 10.0.0.1, asn: 23456, password: {}}}\n", "k".repeat(81)),
+                "vip.bgp.peers[0].password: a TCP MD5 key has 1 to 80 bytes, this one 81",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 23456}\n".to_owned(),
+                "vip.bgp.peers[0].asn: 23456 is not a usable AS number",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 1}\n    - {address: 10.0.0.1, asn: 1}\n".to_owned(),
+                "vip.bgp.peers[1].address: 10.0.0.1 port 179 is listed twice",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 'fd00::1', asn: 1}\n".to_owned(),
+                "vip.bgp.peers: no IPv4 peer to announce the IPv4 VIP 198.18.0.10 to",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 1, holdtime: 3s}\n".to_owned(),
+                "vip.bgp.peers[0].holdtime: unknown field `holdtime`",
+            ),
+        ] {
+            let e = errors(&bgp(&section));
+            assert!(e.iter().any(|m| m.starts_with(want)), "want {want:?} in {e:?}");
+        }
+        let cases = [
+            (
+                format!("{MINIMAL}vip:\n  mode: bgp\n  address: 198.18.0.10\n"),
+                "vip.bgp: required when mode is bgp",
+            ),
+            (
+                format!("{MINIMAL}vip:\n  mode: arp\n  interface: lo\n  address: 198.18.0.10\n  bgp:\n    localAsn: 1\n    peers: []\n"),
+                "vip.bgp: set, but mode is not bgp",
+            ),
+            (
+                format!("{MINIMAL}vip:\n  mode: bgp\n  address: 127.0.0.10\n  bgp:\n    localAsn: 1\n    peers:\n    - {{address: 10.0.0.1, asn: 2}}\n"),
+                "vip.address: a loopback address cannot be announced over BGP",
+            ),
+            (
+                "nodeId: 1\nraft:\n  address: '[::1]:9441'\napi:\n  address: 127.0.0.1:9442\nvip:\n  mode: bgp\n  address: 198.18.0.10\n  bgp:\n    localAsn: 1\n    peers:\n    - {address: 10.0.0.1, asn: 2}\n".to_owned(),
+                "vip.bgp.routerId: required: raft.address is not an IPv4 address",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = errors(&text);
+            assert!(
+                e.iter().any(|m| m.starts_with(want)),
+                "want {want:?} in {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -77,6 +77,26 @@ pub const DEFS: &[MetricDef] = &[
         Histogram,
         "Failovers: detection plus move, the client-visible part bulwark controls.",
     ),
+    MetricDef::dynamic(
+        "bulwark_lb_bgp_session_established",
+        Gauge,
+        "bgp mode: 1 while the BGP session with the peer (address:port) is established, on every node.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_bgp_announced_prefixes",
+        Gauge,
+        "bgp mode: VIP host routes this node announces to the peer; summed over nodes, per peer, at most the VIP's families.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_bgp_announces_total",
+        Counter,
+        "bgp mode: times this node, as holder, asked its sessions to announce the VIP.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_bgp_withdrawals_total",
+        Counter,
+        "bgp mode: times this node asked its sessions to withdraw the VIP (release, or its local address lost).",
+    ),
     // The data path.
     MetricDef::single(
         "bulwark_lb_backends_routable",

@@ -50,6 +50,7 @@ use crate::raft::state::command;
 use crate::raft::store::{StateMachineStore, Store};
 use crate::raft::types::LbNode;
 use crate::vip::arp::{ArpVip, bind_front};
+use crate::vip::bgp::BgpVip;
 use crate::vip::bind::BindVip;
 use crate::vip::{Actuator, VipHandle, VipTask};
 
@@ -64,7 +65,7 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
     /// The node-local proxy listener.
     pub local: Option<TcpListener>,
-    /// arp mode: the front listener on VIP:port (bound with IP_FREEBIND),
+    /// arp and bgp mode: the front listener on VIP:port (bound with IP_FREEBIND),
     /// one per address of a dual-stack VIP.
     pub front: Vec<TcpListener>,
 }
@@ -78,7 +79,7 @@ impl Listeners {
                 .with_context(|| format!("binding the {what} listener on {addr}"))
         };
         let mut front = Vec::new();
-        if config.vip.mode == VipMode::Arp {
+        if matches!(config.vip.mode, VipMode::Arp | VipMode::Bgp) {
             for addr in config.vip.socket_addrs() {
                 let std = bind_front(addr).with_context(|| {
                     format!("binding the front listener on {addr} (IP_FREEBIND)")
@@ -299,27 +300,61 @@ async fn start_raft(
 /// A run of this node killed while holding the VIP left the address on
 /// the interface, and the front listener (bound before `run`) accepts on
 /// it: remove it before anything else, this node leads nothing yet.
-/// Returns the arp actuator (arp mode only), checked and ready.
-async fn remove_stale_vip(config: &LbConfig) -> anyhow::Result<Option<ArpVip>> {
-    let (VipMode::Arp, Some(addr)) = (config.vip.mode, config.vip.socket_addr()) else {
+/// Returns the actuator of arp and bgp mode, checked and ready (bgp
+/// mode's sessions start here: followers keep theirs up too).
+async fn remove_stale_vip(config: &LbConfig) -> anyhow::Result<Option<Actuator>> {
+    let (mode, Some(addr)) = (config.vip.mode, config.vip.socket_addr()) else {
         return Ok(None);
     };
-    let interface = config
-        .vip
-        .interface
-        .clone()
-        .context("vip.interface is required in arp mode")?;
+    let (interface, announcements) = match mode {
+        VipMode::Arp => (
+            config
+                .vip
+                .interface
+                .clone()
+                .context("vip.interface is required in arp mode")?,
+            config.vip.garp_count,
+        ),
+        // BGP announces; the address is only bound locally.
+        VipMode::Bgp => (config.vip.bgp_interface().to_owned(), 0),
+        VipMode::Disabled | VipMode::Bind => return Ok(None),
+    };
     let mut arp = ArpVip::new(
         interface,
         config.vip.addresses(),
-        config.vip.garp_count,
+        announcements,
         config.vip.garp_interval,
         config.vip.address_lifetime(),
     )?;
     if arp.remove_stale().await.context("removing a stale VIP")? {
         tracing::warn!(vip = %addr.ip(), "removed the VIP a previous run left on the interface");
     }
-    Ok(Some(arp))
+    if mode == VipMode::Arp {
+        return Ok(Some(Actuator::Arp(arp)));
+    }
+    let bgp = config
+        .vip
+        .bgp
+        .as_ref()
+        .context("vip.bgp is required in bgp mode")?;
+    let speaker = crate::vip::bgp::session::LocalConfig {
+        asn: bgp.local_asn,
+        router_id: bgp
+            .router_id(&config.raft)
+            .context("vip.bgp.routerId is required: raft.address is not IPv4")?,
+        prefixes: config
+            .vip
+            .addresses()
+            .iter()
+            .map(|a| crate::vip::bgp::codec::Prefix::host(a.ip))
+            .collect(),
+    };
+    Ok(Some(Actuator::Bgp(BgpVip::new(
+        arp,
+        speaker,
+        bgp.peer_configs(),
+        config.vip.release_budget,
+    ))))
 }
 
 /// How this node describes itself to the cluster (its member entry).
@@ -337,12 +372,13 @@ fn local_member(config: &LbConfig) -> LbNode {
 }
 
 /// The VIP actuator the configuration asks for: bind mode builds one, arp
-/// mode uses the one [`remove_stale_vip`] checked; none without a VIP.
+/// and bgp mode use the one [`remove_stale_vip`] checked; none without a
+/// VIP.
 fn vip_actuator(
     config: &LbConfig,
     backends: &Backends,
     proxy: &Arc<crate::proxy::ProxyConfig>,
-    stale_checked: Option<ArpVip>,
+    stale_checked: Option<Actuator>,
 ) -> Option<Actuator> {
     match (config.vip.mode, config.vip.socket_addr()) {
         (VipMode::Bind, Some(addr)) => Some(Actuator::Bind(BindVip::new(
@@ -350,7 +386,7 @@ fn vip_actuator(
             backends.with_mode(config.routing.vip),
             proxy.clone(),
         ))),
-        (VipMode::Arp, Some(_)) => stale_checked.map(Actuator::Arp),
+        (VipMode::Arp | VipMode::Bgp, Some(_)) => stale_checked,
         _ => None,
     }
 }

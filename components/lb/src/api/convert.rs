@@ -8,6 +8,39 @@ use crate::health::{HealthStatus, View};
 use crate::raft::NodeId;
 use crate::raft::state::LbState;
 use crate::raft::types::LbNode;
+use crate::vip::bgp::session::SessionState;
+use crate::vip::bgp::{BgpStatus, Event};
+
+/// bgp mode: the speaker's sessions and last announce and withdrawal.
+pub fn bgp_status(b: &BgpStatus) -> lb::BgpStatus {
+    let ts = |t: std::time::SystemTime| bulwark_api::time::timestamp_to_proto(t).ok();
+    let event = |e: &Event| lb::BgpEvent {
+        at: ts(e.at),
+        reason: e.reason.clone(),
+    };
+    lb::BgpStatus {
+        peers: b
+            .peers
+            .iter()
+            .map(|(c, s)| lb::BgpPeer {
+                address: std::net::SocketAddr::new(c.address, c.port).to_string(),
+                asn: c.asn,
+                state: match s.state {
+                    SessionState::Idle => lb::BgpSessionState::Idle,
+                    SessionState::Connect => lb::BgpSessionState::Connect,
+                    SessionState::OpenSent => lb::BgpSessionState::OpenSent,
+                    SessionState::OpenConfirm => lb::BgpSessionState::OpenConfirm,
+                    SessionState::Established => lb::BgpSessionState::Established,
+                } as i32,
+                announced: s.announced.iter().map(ToString::to_string).collect(),
+                last_error: s.last_error.clone().unwrap_or_default(),
+                established_since: s.established_since.and_then(ts),
+            })
+            .collect(),
+        last_announce: b.last_announce.as_ref().map(event),
+        last_withdraw: b.last_withdraw.as_ref().map(event),
+    }
+}
 
 /// A node record as the API shows it.
 pub fn node_info(id: NodeId, n: &LbNode) -> lb::NodeInfo {

@@ -335,6 +335,7 @@ impl LoadBalancer for Api {
                 VipMode::Disabled => lb::VipMode::Disabled,
                 VipMode::Bind => lb::VipMode::Bind,
                 VipMode::Arp => lb::VipMode::L2,
+                VipMode::Bgp => lb::VipMode::Bgp,
             } as i32,
             interface: self.vip_config.interface.clone().unwrap_or_default(),
             holder_node_id: holder.map(|h| h.node_id),
@@ -342,6 +343,7 @@ impl LoadBalancer for Api {
             lease_remaining: vip_state
                 .lease_remaining
                 .and_then(|d| bulwark_api::time::duration_to_proto(d).ok()),
+            bgp: self.vip.bgp().map(|b| convert::bgp_status(&b)),
         };
         let set = self.backends.load();
         let resp = lb::GetStatusResponse {

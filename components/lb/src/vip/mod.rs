@@ -1,8 +1,9 @@
 //! The virtual IP: who may hold it ([`fence`]) and how it is taken and
 //! given up ([`bind`]: a listener on the VIP; [`arp`]: an address, or a
 //! dual-stack IPv4 + IPv6 pair held as one, on an interface, announced with
-//! gratuitous ARP / unsolicited neighbour advertisements; [`iface`]: which
-//! address families an interface has, for the config check).
+//! gratuitous ARP / unsolicited neighbour advertisements; [`bgp`]: the
+//! same local address, announced as a host route over BGP; [`iface`]:
+//! which address families an interface has, for the config check).
 //!
 //! One task per node ([`VipTask`]) owns the VIP. It wakes on every Raft
 //! metrics change and every `checkInterval`, asks the [`fence::Fence`]
@@ -15,11 +16,12 @@
 //! returns only once the VIP is released.
 
 pub mod arp;
+pub mod bgp;
 pub mod bind;
 pub mod fence;
 pub mod iface;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bulwark_api::raft::v1 as pb;
@@ -31,6 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::arp::{ArpVip, Renewal};
+use self::bgp::BgpVip;
 use self::bind::BindVip;
 use self::fence::{Action, Fence, FenceTiming, LeaderView, ReleaseReason};
 use crate::raft::network::Handover;
@@ -44,20 +47,25 @@ pub enum Actuator {
     Bind(BindVip),
     /// arp mode.
     Arp(ArpVip),
+    /// bgp mode.
+    Bgp(BgpVip),
 }
 
 impl Actuator {
-    async fn claim(&mut self) -> std::io::Result<()> {
+    /// Takes the VIP; `reason` is recorded where the mode shows it (bgp).
+    async fn claim(&mut self, reason: &str) -> std::io::Result<()> {
         match self {
             Actuator::Bind(b) => b.claim(),
             Actuator::Arp(a) => a.claim().await,
+            Actuator::Bgp(g) => g.claim(reason).await,
         }
     }
 
-    async fn release(&mut self) -> std::io::Result<()> {
+    async fn release(&mut self, reason: &str) -> std::io::Result<()> {
         match self {
             Actuator::Bind(b) => b.release(),
             Actuator::Arp(a) => a.release().await,
+            Actuator::Bgp(g) => g.release(reason).await,
         }
     }
 
@@ -67,13 +75,16 @@ impl Actuator {
         match self {
             Actuator::Bind(_) => None,
             Actuator::Arp(a) => Some(a.renew_interval()),
+            Actuator::Bgp(g) => Some(g.renew_interval()),
         }
     }
 
     /// Tells the actuator the holder's lease is fresh until `until`.
     fn hold_until(&self, until: Instant) {
-        if let Actuator::Arp(a) = self {
-            a.hold_until(until);
+        match self {
+            Actuator::Bind(_) => {}
+            Actuator::Arp(a) => a.hold_until(until),
+            Actuator::Bgp(g) => g.hold_until(until),
         }
     }
 
@@ -82,6 +93,7 @@ impl Actuator {
         match self {
             Actuator::Bind(_) => Ok(Renewal::Renewed),
             Actuator::Arp(a) => a.renew(valid_until).await,
+            Actuator::Bgp(g) => g.renew(valid_until).await,
         }
     }
 }
@@ -119,12 +131,19 @@ enum Control {
 pub struct VipHandle {
     tx: Option<mpsc::Sender<Control>>,
     state: watch::Receiver<VipState>,
+    /// bgp mode: the speaker's sessions, set when the task is built.
+    bgp: Arc<OnceLock<bgp::StatusSource>>,
 }
 
 impl VipHandle {
     /// The current state.
     pub fn state(&self) -> VipState {
         self.state.borrow().clone()
+    }
+
+    /// bgp mode: the sessions and the last announce and withdrawal.
+    pub fn bgp(&self) -> Option<bgp::BgpStatus> {
+        self.bgp.get().map(bgp::StatusSource::get)
     }
 
     /// Releases the VIP and never claims it again in `term` or before.
@@ -168,18 +187,21 @@ pub struct VipTask {
 pub struct VipInbox {
     rx: mpsc::Receiver<Control>,
     state: watch::Sender<VipState>,
+    bgp: Arc<OnceLock<bgp::StatusSource>>,
 }
 
 /// A connected handle and inbox.
 pub fn channel() -> (VipHandle, VipInbox) {
     let (tx, rx) = mpsc::channel(4);
     let (state, state_rx) = watch::channel(VipState::default());
+    let bgp = Arc::new(OnceLock::new());
     (
         VipHandle {
             tx: Some(tx),
             state: state_rx,
+            bgp: bgp.clone(),
         },
-        VipInbox { rx, state },
+        VipInbox { rx, state, bgp },
     )
 }
 
@@ -193,6 +215,9 @@ impl VipTask {
         actuator: Actuator,
         signals: Arc<Signals>,
     ) -> Self {
+        if let Actuator::Bgp(g) = &actuator {
+            let _ = inbox.bgp.set(g.status());
+        }
         Self {
             node_id,
             raft,
@@ -319,7 +344,8 @@ impl VipTask {
                     elected_at,
                     after_transfer,
                 } => {
-                    if let Err(e) = self.actuator.claim().await {
+                    let reason = format!("leader of term {term} with a fresh quorum lease");
+                    if let Err(e) = self.actuator.claim(&reason).await {
                         tracing::error!(term, error = %e, "could not take the VIP; retrying");
                         self.fence.claim_failed();
                         claim_after = Some(Instant::now() + CLAIM_RETRY);
@@ -403,7 +429,7 @@ impl VipTask {
 
     async fn release(&mut self, reason: ReleaseReason) {
         let started = Instant::now();
-        if let Err(e) = self.actuator.release().await {
+        if let Err(e) = self.actuator.release(reason.as_str()).await {
             // Nothing more can be done here; the fencing budget assumed it
             // works, so say so loudly.
             tracing::error!(reason = reason.as_str(), error = %e, "releasing the VIP failed");

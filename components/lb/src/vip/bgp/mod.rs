@@ -1,0 +1,241 @@
+//! bgp mode: the holder binds the VIP locally (an address on an interface,
+//! `lo` by default, through the same netlink code and kernel lifetime as
+//! arp mode, so the front listener accepts it) and announces it as a host
+//! route (/32, /128, both for a dual-stack VIP) over BGP instead of with
+//! gratuitous ARP. Releasing withdraws the routes first, then deletes the
+//! address.
+//!
+//! Every node keeps its sessions up ([`session`]), holder or not; only the
+//! holder announces. The fencing is arp mode's: the VIP task claims and
+//! releases from the quorum lease, and an announcement goes out only while
+//! that lease is fresh. A holder that dies without withdrawing is covered
+//! by the router's hold timer (docs/FAILOVER.md); graceful restart is not
+//! advertised, so the router never keeps such a route past it.
+//!
+//! No maintained crate on crates.io is a BGP *speaker* that fits (the Rust
+//! BGP crates are message codecs and MRT parsers), so [`codec`] is a
+//! minimal one, fuzzed like the other decoders (fuzz/fuzz_targets/bgp.rs).
+
+pub mod codec;
+pub mod md5;
+pub mod session;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use self::session::{Desired, LocalConfig, PeerConfig, PeerStatus, ValidUntil};
+use super::arp::{ArpVip, Renewal};
+
+/// An announce or a withdrawal, for the status RPC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// When.
+    pub at: SystemTime,
+    /// Why (the lease decision that caused it).
+    pub reason: String,
+}
+
+/// What `bulwarkctl lb status` shows of the speaker.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BgpStatus {
+    /// Every peer with its session.
+    pub peers: Vec<(PeerConfig, PeerStatus)>,
+    /// The last time the holder asked for the VIP to be announced.
+    pub last_announce: Option<Event>,
+    /// The last time it asked for a withdrawal.
+    pub last_withdraw: Option<Event>,
+}
+
+/// A cheap handle that reads the speaker's state.
+#[derive(Clone)]
+pub struct StatusSource {
+    peers: Vec<(PeerConfig, watch::Receiver<PeerStatus>)>,
+    events: Arc<Mutex<(Option<Event>, Option<Event>)>>,
+}
+
+impl StatusSource {
+    /// The state now.
+    pub fn get(&self) -> BgpStatus {
+        let (last_announce, last_withdraw) =
+            self.events.lock().map(|e| e.clone()).unwrap_or_default();
+        BgpStatus {
+            peers: self
+                .peers
+                .iter()
+                .map(|(c, s)| (c.clone(), s.borrow().clone()))
+                .collect(),
+            last_announce,
+            last_withdraw,
+        }
+    }
+}
+
+/// The bgp-mode actuator.
+pub struct BgpVip {
+    /// Binds the address locally (no announcements: BGP does that).
+    local: ArpVip,
+    desired: watch::Sender<Desired>,
+    valid_until: ValidUntil,
+    status: StatusSource,
+    /// How long a release waits for the withdrawals to be written.
+    flush: Duration,
+    cancel: CancellationToken,
+}
+
+impl BgpVip {
+    /// Starts a session task per peer (they run until this is dropped);
+    /// `local` binds the addresses whose host routes are announced.
+    pub fn new(
+        local: ArpVip,
+        speaker: LocalConfig,
+        peers: Vec<PeerConfig>,
+        flush: Duration,
+    ) -> Self {
+        let (desired, desired_rx) = watch::channel(Desired::default());
+        let valid_until: ValidUntil = Arc::default();
+        let cancel = CancellationToken::new();
+        let mut sources = Vec::with_capacity(peers.len());
+        for peer in peers {
+            let (status, status_rx) = watch::channel(PeerStatus::default());
+            sources.push((peer.clone(), status_rx));
+            tokio::spawn(session::run(
+                peer,
+                speaker.clone(),
+                desired_rx.clone(),
+                valid_until.clone(),
+                status,
+                cancel.clone(),
+            ));
+        }
+        Self {
+            local,
+            desired,
+            valid_until,
+            status: StatusSource {
+                peers: sources,
+                events: Arc::default(),
+            },
+            flush,
+            cancel,
+        }
+    }
+
+    /// The handle the status RPC reads.
+    pub fn status(&self) -> StatusSource {
+        self.status.clone()
+    }
+
+    fn record(&self, announce: bool, reason: &str) {
+        let event = Event {
+            at: SystemTime::now(),
+            reason: reason.to_owned(),
+        };
+        if let Ok(mut e) = self.status.events.lock() {
+            if announce {
+                e.0 = Some(event);
+            } else {
+                e.1 = Some(event);
+            }
+        }
+        if announce {
+            metrics::counter!("bulwark_lb_bgp_announces_total").increment(1);
+        } else {
+            metrics::counter!("bulwark_lb_bgp_withdrawals_total").increment(1);
+        }
+    }
+
+    /// Asks every session for `announce`; returns the generation to wait for.
+    fn ask(&self, announce: bool) -> u64 {
+        let mut generation = 0;
+        self.desired.send_modify(|d| {
+            d.generation += 1;
+            d.announce = announce;
+            generation = d.generation;
+        });
+        generation
+    }
+
+    /// Binds the addresses, then announces them to every established peer
+    /// (and to each one that comes up while this is held).
+    pub async fn claim(&mut self, reason: &str) -> std::io::Result<()> {
+        self.local.claim().await?;
+        self.ask(true);
+        self.record(true, reason);
+        Ok(())
+    }
+
+    /// Withdraws the routes from every established peer (waiting at most
+    /// the flush bound for the UPDATEs to be written), then deletes the
+    /// addresses.
+    pub async fn release(&mut self, reason: &str) -> std::io::Result<()> {
+        if let Ok(mut v) = self.valid_until.lock() {
+            *v = None;
+        }
+        let generation = self.ask(false);
+        self.record(false, reason);
+        let waits = self.status.peers.iter().map(|(_, rx)| {
+            let mut rx = rx.clone();
+            async move {
+                // Done once the withdrawal is written, or when the session
+                // is not up (a session that comes up later announces
+                // nothing: nothing is desired).
+                let _ = rx
+                    .wait_for(|s| {
+                        s.applied >= generation || s.state != session::SessionState::Established
+                    })
+                    .await;
+            }
+        });
+        if tokio::time::timeout(self.flush, futures::future::join_all(waits))
+            .await
+            .is_err()
+        {
+            tracing::warn!(flush = ?self.flush, "not every BGP withdrawal was written in time; deleting the address anyway");
+        }
+        self.local.release().await
+    }
+
+    /// Records that the lease is fresh until `until`.
+    pub fn hold_until(&self, until: Instant) {
+        self.local.hold_until(until);
+        if let Ok(mut v) = self.valid_until.lock() {
+            *v = Some(until);
+        }
+    }
+
+    /// The local address's renewal interval.
+    pub fn renew_interval(&self) -> Duration {
+        self.local.renew_interval()
+    }
+
+    /// Renews the local address. If it vanished and could not be added
+    /// again the routes are withdrawn too: a route to a node that does not
+    /// accept the address would black-hole the VIP.
+    pub async fn renew(&mut self, valid_until: Instant) -> std::io::Result<Renewal> {
+        let r = self.local.renew(valid_until).await?;
+        if let Renewal::Dropped(why) = &r {
+            self.ask(false);
+            self.record(
+                false,
+                &format!("the local address could not be added again: {why}"),
+            );
+        }
+        Ok(r)
+    }
+
+    /// Deletes an address a previous run left (see [`ArpVip::remove_stale`]).
+    pub async fn remove_stale(&mut self) -> std::io::Result<bool> {
+        self.local.remove_stale().await
+    }
+}
+
+impl Drop for BgpVip {
+    fn drop(&mut self) {
+        // The sessions send a Cease and close; the router drops our routes.
+        self.cancel.cancel();
+    }
+}

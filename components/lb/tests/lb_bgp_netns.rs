@@ -1,0 +1,590 @@
+//! bgp mode against a real router: BIRD 2 (Debian's `bird2`, installed by
+//! `cargo xtask setup`) on a network-namespace lab. Root only; skipped
+//! without it, failed instead with BULWARK_REQUIRE_PRIVILEGED=1.
+//!
+//! ```text
+//!   h1 h2 h3: bulwark-lb, bgp mode, AS 65010, VIP 10.255.0.10 bound on lo
+//!      |  eBGP to 198.18.0.4 (hold time 3s)
+//!   br0 (the lab's bridge, 198.18.0.0/24)
+//!      |
+//!   h4: bird (AS 65000), forwards; exports what it learns to its kernel
+//!      |  veth 10.99.0.0/30
+//!   h5: the client, whose only route to the VIP is via h4
+//! ```
+//!
+//! The VIP is outside every link's subnet, so nothing reaches it by ARP:
+//! only the route the holder announces brings the client's connections to
+//! it. A link cut of the holder and a SIGKILL of it must each move the
+//! route (`birdc show route` in the router's namespace) to the new holder
+//! and the client must reach the VIP through it; meanwhile a sampler reads
+//! the router's RIB and every host's `lo`, and no sample may show routes
+//! via two hosts that both hold the VIP (two live holders announced at
+//! once).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod netns_lab;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bulwark_api::lb::v1 as lb;
+use bulwark_common::tls::{TlsFiles, TlsMaterial};
+use bulwark_testkit::{Host, Lab, Pki, Process, ProcessBuilder, TestDir, tools};
+use netns_lab::{api_via, echo};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 10);
+const VIP_PORT: u16 = 6443;
+const BACKEND_PORT: u16 = 8443;
+const LB_ASN: u32 = 65010;
+const ROUTER_ASN: u32 = 65000;
+/// The router's side of the client link.
+const ROUTER_CLIENT_SIDE: &str = "10.99.0.1";
+const CLIENT_ADDR: &str = "10.99.0.2";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_bgp_cut_leader_link_moves_the_route() {
+    trial(Trial::CutLink).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_bgp_killed_leader_moves_the_route() {
+    trial(Trial::Kill).await;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trial {
+    CutLink,
+    Kill,
+}
+
+/// Three LB hosts, the router and the client, with bird and the LB nodes
+/// running.
+struct BgpLab {
+    lab: Lab,
+    nodes: Vec<Process>,
+    bird_socket: std::path::PathBuf,
+    operator: TlsMaterial,
+    _bird: Process,
+    /// The certificates the nodes read at start (its directory must
+    /// outlive them).
+    _pki: Pki,
+    _dir: TestDir,
+    backend: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for BgpLab {
+    fn drop(&mut self) {
+        self.backend.abort();
+    }
+}
+
+fn tls_files(c: &bulwark_testkit::CertFiles) -> TlsFiles {
+    TlsFiles {
+        cert_file: c.cert.clone(),
+        key_file: c.key.clone(),
+        ca_file: c.ca.clone(),
+    }
+}
+
+impl BgpLab {
+    async fn start() -> Option<Self> {
+        bulwark_testkit::install_crypto_provider();
+        let lab = Lab::start_or_skip(5).unwrap()?;
+        let dir = TestDir::new("lb-bgp").unwrap();
+        let pki = Pki::new().unwrap();
+        let operator = tls_files(&pki.admin().unwrap()).load().unwrap();
+        let (router, client) = (lab.host(3).clone(), lab.host(4).clone());
+        wire_client_behind_router(&lab, &router, &client);
+
+        // The backend: an echo server on the client host's bridge address
+        // (the LB hosts reach it directly).
+        let backend_addr = SocketAddr::new(IpAddr::V4(client.addr()), BACKEND_PORT);
+        let listener = client.tcp_listener(backend_addr).unwrap();
+        let backend = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+
+        let bird_socket = dir.join("bird.ctl");
+        let bird = start_bird(&lab, &router, &dir, &bird_socket);
+        let nodes = (0..3)
+            .map(|i| start_lb(&lab, i, &pki, &dir, backend_addr, router.addr()))
+            .collect();
+        Some(Self {
+            lab,
+            nodes,
+            bird_socket,
+            operator,
+            _bird: bird,
+            _pki: pki,
+            _dir: dir,
+            backend,
+        })
+    }
+
+    fn router(&self) -> &Host {
+        self.lab.host(3)
+    }
+
+    fn client(&self) -> &Host {
+        self.lab.host(4)
+    }
+
+    /// The next hops the router's RIB has for the VIP (every route, best
+    /// first), or `None` if birdc did not answer.
+    fn rib(&self) -> Option<Vec<Ipv4Addr>> {
+        rib(self.router(), &self.bird_socket)
+    }
+
+    /// Index of the LB host whose bridge address is `hop`.
+    fn host_of(&self, hop: Ipv4Addr) -> Option<usize> {
+        (0..3).find(|&i| self.lab.host(i).addr() == hop)
+    }
+
+    /// Waits until the router has exactly one route for the VIP, via a host
+    /// other than `not` that has the VIP on `lo`, and the client gets an
+    /// echo through the VIP. Returns that host.
+    async fn wait_for_route(&self, not: Option<usize>, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let vip = SocketAddr::new(IpAddr::V4(VIP), VIP_PORT);
+        loop {
+            let rib = self.rib().unwrap_or_default();
+            let holder = match rib.as_slice() {
+                [hop] => self
+                    .host_of(*hop)
+                    .filter(|&h| Some(h) != not && holds(self.lab.host(h))),
+                _ => None,
+            };
+            if let Some(h) = holder
+                && echo(self.client(), vip, Duration::from_millis(500)).await
+            {
+                return h;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single route to a holder within {timeout:?}: RIB {rib:?}\nbird:\n{}",
+                self.router()
+                    .exec(
+                        "birdc",
+                        [
+                            "-s",
+                            &self.bird_socket.display().to_string(),
+                            "show",
+                            "protocols",
+                            "all"
+                        ]
+                    )
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Node `i`'s status over the API, from the client host.
+    async fn status(&self, i: usize) -> Option<lb::GetStatusResponse> {
+        let addr = SocketAddr::new(IpAddr::V4(self.lab.host(i).addr()), 9442);
+        let mut c = api_via(self.client(), addr, &self.operator);
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            c.get_status(lb::GetStatusRequest::default()),
+        )
+        .await
+        .ok()?
+        .ok()
+        .map(|r| r.into_inner())
+    }
+}
+
+/// A veth from the router to the client; the client's route to the VIP
+/// (and only route off its link) goes through the router, and the LB
+/// hosts route the client's link back through it too.
+fn wire_client_behind_router(lab: &Lab, router: &Host, client: &Host) {
+    router
+        .exec_ok(
+            "ip",
+            [
+                "link",
+                "add",
+                "rt0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "cl0",
+                "netns",
+                client.netns(),
+            ],
+        )
+        .unwrap();
+    router
+        .exec_ok(
+            "ip",
+            [
+                "addr",
+                "add",
+                &format!("{ROUTER_CLIENT_SIDE}/30"),
+                "dev",
+                "rt0",
+            ],
+        )
+        .unwrap();
+    router.exec_ok("ip", ["link", "set", "rt0", "up"]).unwrap();
+    router
+        .exec_ok("sysctl", ["-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    client
+        .exec_ok(
+            "ip",
+            ["addr", "add", &format!("{CLIENT_ADDR}/30"), "dev", "cl0"],
+        )
+        .unwrap();
+    client.exec_ok("ip", ["link", "set", "cl0", "up"]).unwrap();
+    client
+        .exec_ok(
+            "ip",
+            [
+                "route",
+                "add",
+                &format!("{VIP}/32"),
+                "via",
+                ROUTER_CLIENT_SIDE,
+            ],
+        )
+        .unwrap();
+    for i in 0..3 {
+        lab.host(i)
+            .exec_ok(
+                "ip",
+                [
+                    "route",
+                    "add",
+                    "10.99.0.0/30",
+                    "via",
+                    &router.addr().to_string(),
+                ],
+            )
+            .unwrap();
+    }
+}
+
+/// bird in the router's namespace: eBGP with each LB host, everything
+/// learned exported to the kernel (so the router forwards to the holder).
+/// Short timers: the LB side proposes 3s hold time; after an error bird
+/// would wait a minute before talking to that peer again.
+fn start_bird(lab: &Lab, router: &Host, dir: &TestDir, socket: &std::path::Path) -> Process {
+    let bird = tools::system("bird").expect("bird (Debian bird2; cargo xtask setup installs it)");
+    let peers: String = (0..3)
+        .map(|i| {
+            format!(
+                "protocol bgp lb{n} from lb {{ neighbor {addr} as {LB_ASN}; }}\n",
+                n = i + 1,
+                addr = lab.host(i).addr()
+            )
+        })
+        .collect();
+    let config = dir.join("bird.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "router id {rid};
+log \"{log}\" all;
+protocol device {{ scan time 1; }}
+protocol kernel {{ ipv4 {{ import none; export all; }}; }}
+template bgp lb {{
+  local {rid} as {ROUTER_ASN};
+  hold time 3;
+  keepalive time 1;
+  connect retry time 1;
+  error wait time 1, 2;
+  ipv4 {{ import all; export none; }};
+}}
+{peers}",
+            rid = router.addr(),
+            log = dir.join("bird.log").display(),
+        ),
+    )
+    .unwrap();
+    let process = router
+        .spawn(
+            ProcessBuilder::new("bird", bird)
+                .arg("-f")
+                .arg("-c")
+                .arg(&config)
+                .arg("-s")
+                .arg(socket),
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rib(router, socket).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "bird did not come up: {}",
+            process.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    process
+}
+
+fn start_lb(
+    lab: &Lab,
+    i: usize,
+    pki: &Pki,
+    dir: &TestDir,
+    backend: SocketAddr,
+    router: Ipv4Addr,
+) -> Process {
+    let host = lab.host(i);
+    let id = i + 1;
+    let members: String = (0..3)
+        .map(|j| {
+            let a = lab.host(j).addr();
+            format!(
+                "- {{id: {n}, name: lb-{n}, raftAddress: '{a}:9441', apiAddress: '{a}:9442'}}\n",
+                n = j + 1
+            )
+        })
+        .collect();
+    let cert = pki
+        .peer(
+            &format!("lb-{id}"),
+            &["bulwark:lb"],
+            &[&host.addr().to_string()],
+        )
+        .unwrap();
+    let config = dir.join(format!("lb-{id}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: bulwark.dev/v1alpha1
+kind: LoadBalancerConfiguration
+nodeId: {id}
+name: lb-{id}
+dataDir: {data}
+raft:
+  address: '{a}:9441'
+api:
+  address: '{a}:9442'
+admin:
+  address: '127.0.0.1:9440'
+tls:
+  certFile: {cert}
+  keyFile: {key}
+  caFile: {ca}
+access:
+  operators: {{organizations: [system:masters]}}
+  peers: {{organizations: ['bulwark:lb']}}
+initialMembers:
+{members}vip:
+  mode: bgp
+  address: '{VIP}'
+  port: {VIP_PORT}
+  bgp:
+    localAsn: {LB_ASN}
+    peers:
+    - {{address: '{router}', asn: {ROUTER_ASN}}}
+backends:
+- {{id: api-1, address: '{backend}'}}
+proxy:
+  connectTimeout: 200ms
+  shutdownGrace: 1s
+shutdownGrace: 5s
+",
+            a = host.addr(),
+            data = dir.join(format!("data-{id}")).display(),
+            cert = cert.cert.display(),
+            key = cert.key.display(),
+            ca = cert.ca.display(),
+        ),
+    )
+    .unwrap();
+    host.spawn(
+        ProcessBuilder::new(format!("lb-{id}"), tools::bin_path("bulwark-lb").unwrap())
+            .arg("--config")
+            .arg(&config)
+            .env("BULWARK_LOG_LEVEL", "info,openraft=warn"),
+    )
+    .unwrap()
+}
+
+/// `birdc show route for VIP`: the next hop of every route, best first.
+fn rib(router: &Host, socket: &std::path::Path) -> Option<Vec<Ipv4Addr>> {
+    let out = router
+        .exec(
+            "birdc",
+            [
+                "-s",
+                &socket.display().to_string(),
+                "show",
+                "route",
+                "for",
+                &VIP.to_string(),
+            ],
+        )
+        .ok()?;
+    // birdc exits 1 for "Network not found" (no route): only a missing
+    // greeting means bird did not answer.
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !text.contains(" ready.") {
+        return None;
+    }
+    Some(
+        text.split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .filter_map(|w| w[1].parse().ok())
+            .collect(),
+    )
+}
+
+/// Whether `host` has the VIP on `lo` (bound by a holder).
+fn holds(host: &Host) -> bool {
+    host.exec_ok("ip", ["-o", "addr", "show", "dev", "lo"])
+        .is_ok_and(|out| out.contains(&format!(" {VIP}/")))
+}
+
+/// What the sampler saw.
+#[derive(Debug, Default)]
+struct Witness {
+    samples: u64,
+    /// Samples whose RIB had routes via two hosts that both held the VIP
+    /// (and whose process was alive), with what was seen.
+    double: Vec<String>,
+    /// The most routes the RIB had at once.
+    max_routes: usize,
+}
+
+/// What the sampler thread reads: the router and the LB hosts.
+struct View {
+    router: Host,
+    socket: std::path::PathBuf,
+    hosts: Vec<Host>,
+}
+
+/// Samples the router's RIB, then the `lo` of every LB host it routes to,
+/// until `stop`. A host in `dead` (SIGKILLed: its address lingers until
+/// its kernel lifetime ends, but nothing serves it) is not a live holder.
+fn sample(v: &View, dead: &std::sync::Mutex<Option<usize>>, stop: &AtomicBool) -> Witness {
+    let mut w = Witness::default();
+    while !stop.load(Ordering::Relaxed) {
+        // RIB first: a route seen here was announced before the `ip addr`
+        // below, so a host holding then and routed to now is a holder the
+        // router sends traffic to.
+        let Some(rib) = rib(&v.router, &v.socket) else {
+            continue;
+        };
+        let killed = *dead.lock().unwrap();
+        let live: Vec<usize> = rib
+            .iter()
+            .filter_map(|hop| v.hosts.iter().position(|h| h.addr() == *hop))
+            .filter(|&h| Some(h) != killed && holds(&v.hosts[h]))
+            .collect();
+        w.samples += 1;
+        w.max_routes = w.max_routes.max(rib.len());
+        if live.len() > 1 {
+            w.double.push(format!("RIB {rib:?}, live holders {live:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w
+}
+
+async fn trial(kind: Trial) {
+    let Some(mut l) = BgpLab::start().await else {
+        return;
+    };
+    let old = l.wait_for_route(None, Duration::from_secs(30)).await;
+
+    // Status: the holder announces the /32 to its established session;
+    // followers keep theirs up and announce nothing.
+    for i in 0..3 {
+        let bgp = l
+            .status(i)
+            .await
+            .and_then(|s| s.vip?.bgp)
+            .expect("status with bgp");
+        let peer = &bgp.peers[0];
+        assert_eq!(
+            peer.state,
+            lb::BgpSessionState::Established as i32,
+            "node {i}: {peer:?}"
+        );
+        if i == old {
+            assert_eq!(peer.announced, vec![format!("{VIP}/32")]);
+            let reason = bgp.last_announce.map(|e| e.reason).unwrap_or_default();
+            assert!(reason.contains("quorum lease"), "{reason}");
+        } else {
+            assert!(
+                peer.announced.is_empty(),
+                "follower {i} announces {:?}",
+                peer.announced
+            );
+        }
+    }
+
+    let view = View {
+        router: l.router().clone(),
+        socket: l.bird_socket.clone(),
+        hosts: (0..3).map(|i| l.lab.host(i).clone()).collect(),
+    };
+    let dead = Arc::new(std::sync::Mutex::new(None));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (dead, stop) = (dead.clone(), stop.clone());
+        std::thread::spawn(move || sample(&view, &dead, &stop))
+    };
+    // Let the sampler see the steady state first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = Instant::now();
+    match kind {
+        Trial::CutLink => l.lab.cut_link(l.lab.host(old)).unwrap(),
+        Trial::Kill => {
+            *dead.lock().unwrap() = Some(old);
+            l.nodes[old].kill().unwrap();
+        }
+    }
+    // A cut link cannot carry the withdrawal: the router drops the old
+    // route when its hold timer (3s) runs out, and until then may prefer
+    // it. A killed process's socket closes at once and the route goes
+    // with it.
+    let new = l.wait_for_route(Some(old), Duration::from_secs(20)).await;
+    let moved = started.elapsed();
+    // Keep sampling a little past the move.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let w = sampler.join().unwrap();
+    println!(
+        "{kind:?}: route moved from lb-{} to lb-{} in {moved:?}; {} RIB samples, at most {} routes at once",
+        old + 1,
+        new + 1,
+        w.samples,
+        w.max_routes
+    );
+    assert!(w.samples > 10, "too few samples: {w:?}");
+    assert!(
+        w.double.is_empty(),
+        "routes via two live holders at once: {:?}",
+        w.double
+    );
+    assert_eq!(
+        l.rib(),
+        Some(vec![l.lab.host(new).addr()]),
+        "one route, via the new holder"
+    );
+    let bgp = l
+        .status(new)
+        .await
+        .and_then(|s| s.vip?.bgp)
+        .expect("status of the new holder");
+    assert_eq!(bgp.peers[0].announced, vec![format!("{VIP}/32")]);
+}

@@ -484,6 +484,21 @@ fn lb_status_round_trips() {
                 seconds: 0,
                 nanos: 300_000_000,
             }),
+            bgp: Some(BgpStatus {
+                peers: vec![BgpPeer {
+                    address: "198.18.0.254:179".into(),
+                    asn: 65000,
+                    state: BgpSessionState::Established as i32,
+                    announced: vec!["198.18.0.100/32".into()],
+                    last_error: String::new(),
+                    established_since: ts(1_700_000_000),
+                }],
+                last_announce: Some(BgpEvent {
+                    at: ts(1_700_000_000),
+                    reason: "leader of term 7 with a fresh quorum lease".into(),
+                }),
+                last_withdraw: None,
+            }),
         }),
         recent_failovers: vec![Failover {
             at: ts(1_700_000_000),

@@ -406,8 +406,26 @@ shutdownGrace: 5s
         ),
     )
     .unwrap();
+    // The config an operator would write passes --check-config cleanly
+    // (on the node: the interface check runs there).
+    let bin = tools::bin_path("bulwark-lb").unwrap();
+    let check = host
+        .exec(
+            &bin.display().to_string(),
+            ["--check-config", "--config", &config.display().to_string()],
+        )
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        check.status.success() && !said.contains("warning"),
+        "--check-config: {said}"
+    );
     host.spawn(
-        ProcessBuilder::new(format!("lb-{id}"), tools::bin_path("bulwark-lb").unwrap())
+        ProcessBuilder::new(format!("lb-{id}"), bin)
             .arg("--config")
             .arg(&config)
             .env("BULWARK_LOG_LEVEL", "info,openraft=warn"),

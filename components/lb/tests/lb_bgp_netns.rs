@@ -12,6 +12,10 @@
 //!   h5: the client, whose only route to the VIP is via h4
 //! ```
 //!
+//! The dual-stack variant adds an IPv6 VIP (`fd00:255::10`, announced as a
+//! /128 in MP_REACH_NLRI over IPv6 sessions to `fd00:18::4`); both routes
+//! must move together.
+//!
 //! The VIP is outside every link's subnet, so nothing reaches it by ARP:
 //! only the route the holder announces brings the client's connections to
 //! it. A link cut of the holder and a SIGKILL of it must each move the
@@ -25,7 +29,7 @@
 
 mod netns_lab;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -36,6 +40,7 @@ use bulwark_testkit::{Host, Lab, Pki, Process, ProcessBuilder, TestDir, tools};
 use netns_lab::{api_via, echo};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 10);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x255, 0, 0, 0, 0, 0, 0x10);
 const VIP_PORT: u16 = 6443;
 const BACKEND_PORT: u16 = 8443;
 const LB_ASN: u32 = 65010;
@@ -46,12 +51,17 @@ const CLIENT_ADDR: &str = "10.99.0.2";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_bgp_cut_leader_link_moves_the_route() {
-    trial(Trial::CutLink).await;
+    trial(Trial::CutLink, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_bgp_killed_leader_moves_the_route() {
-    trial(Trial::Kill).await;
+    trial(Trial::Kill, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_bgp_dual_stack_killed_leader_moves_both_routes() {
+    trial(Trial::Kill, true).await;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +76,8 @@ struct BgpLab {
     lab: Lab,
     nodes: Vec<Process>,
     bird_socket: std::path::PathBuf,
+    /// The VIP's addresses: IPv4, and IPv6 when dual-stack.
+    vips: Vec<IpAddr>,
     operator: TlsMaterial,
     _bird: Process,
     /// The certificates the nodes read at start (its directory must
@@ -90,14 +102,14 @@ fn tls_files(c: &bulwark_testkit::CertFiles) -> TlsFiles {
 }
 
 impl BgpLab {
-    async fn start() -> Option<Self> {
+    async fn start(dual: bool) -> Option<Self> {
         bulwark_testkit::install_crypto_provider();
         let lab = Lab::start_or_skip(5).unwrap()?;
         let dir = TestDir::new("lb-bgp").unwrap();
         let pki = Pki::new().unwrap();
         let operator = tls_files(&pki.admin().unwrap()).load().unwrap();
         let (router, client) = (lab.host(3).clone(), lab.host(4).clone());
-        wire_client_behind_router(&lab, &router, &client);
+        wire_client_behind_router(&lab, &router, &client, dual);
 
         // The backend: an echo server on the client host's bridge address
         // (the LB hosts reach it directly).
@@ -113,14 +125,19 @@ impl BgpLab {
         });
 
         let bird_socket = dir.join("bird.ctl");
-        let bird = start_bird(&lab, &router, &dir, &bird_socket);
+        let bird = start_bird(&lab, &router, &dir, &bird_socket, dual);
         let nodes = (0..3)
-            .map(|i| start_lb(&lab, i, &pki, &dir, backend_addr, router.addr()))
+            .map(|i| start_lb(&lab, i, &pki, &dir, backend_addr, &router, dual))
             .collect();
+        let mut vips = vec![IpAddr::V4(VIP)];
+        if dual {
+            vips.push(IpAddr::V6(VIP6));
+        }
         Some(Self {
             lab,
             nodes,
             bird_socket,
+            vips,
             operator,
             _bird: bird,
             _pki: pki,
@@ -137,39 +154,54 @@ impl BgpLab {
         self.lab.host(4)
     }
 
-    /// The next hops the router's RIB has for the VIP (every route, best
-    /// first), or `None` if birdc did not answer.
-    fn rib(&self) -> Option<Vec<Ipv4Addr>> {
-        rib(self.router(), &self.bird_socket)
+    /// The next hops the router's RIB has for each VIP address (every
+    /// route, best first), or `None` if birdc did not answer.
+    fn ribs(&self) -> Option<Vec<Vec<IpAddr>>> {
+        self.vips
+            .iter()
+            .map(|v| rib(self.router(), &self.bird_socket, *v))
+            .collect()
     }
 
-    /// Index of the LB host whose bridge address is `hop`.
-    fn host_of(&self, hop: Ipv4Addr) -> Option<usize> {
-        (0..3).find(|&i| self.lab.host(i).addr() == hop)
-    }
-
-    /// Waits until the router has exactly one route for the VIP, via a host
-    /// other than `not` that has the VIP on `lo`, and the client gets an
-    /// echo through the VIP. Returns that host.
+    /// Waits until the router has exactly one route for each VIP address,
+    /// all via one host other than `not` that has the VIP on `lo`, and the
+    /// client gets an echo through every VIP address. Returns that host.
     async fn wait_for_route(&self, not: Option<usize>, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
-        let vip = SocketAddr::new(IpAddr::V4(VIP), VIP_PORT);
+        let hosts: Vec<Host> = (0..3).map(|i| self.lab.host(i).clone()).collect();
         loop {
-            let rib = self.rib().unwrap_or_default();
-            let holder = match rib.as_slice() {
-                [hop] => self
-                    .host_of(*hop)
-                    .filter(|&h| Some(h) != not && holds(self.lab.host(h))),
+            let ribs = self.ribs().unwrap_or_default();
+            let hops: Vec<Option<usize>> = ribs
+                .iter()
+                .map(|r| match r.as_slice() {
+                    [hop] => host_of(&hosts, *hop),
+                    _ => None,
+                })
+                .collect();
+            let holder = match hops.first() {
+                Some(Some(h))
+                    if ribs.len() == self.vips.len()
+                        && hops.iter().all(|x| *x == Some(*h))
+                        && Some(*h) != not
+                        && holds(&hosts[*h], &self.vips) =>
+                {
+                    Some(*h)
+                }
                 _ => None,
             };
-            if let Some(h) = holder
-                && echo(self.client(), vip, Duration::from_millis(500)).await
-            {
-                return h;
+            if let Some(h) = holder {
+                let mut answered = true;
+                for v in &self.vips {
+                    let vip = SocketAddr::new(*v, VIP_PORT);
+                    answered &= echo(self.client(), vip, Duration::from_millis(500)).await;
+                }
+                if answered {
+                    return h;
+                }
             }
             assert!(
                 Instant::now() < deadline,
-                "no single route to a holder within {timeout:?}: RIB {rib:?}\nbird:\n{}",
+                "no single route to a holder within {timeout:?}: RIBs {ribs:?}\nbird:\n{}",
                 self.router()
                     .exec(
                         "birdc",
@@ -205,83 +237,111 @@ impl BgpLab {
 
 /// A veth from the router to the client; the client's route to the VIP
 /// (and only route off its link) goes through the router, and the LB
-/// hosts route the client's link back through it too.
-fn wire_client_behind_router(lab: &Lab, router: &Host, client: &Host) {
-    router
-        .exec_ok(
-            "ip",
-            [
-                "link",
-                "add",
-                "rt0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "cl0",
-                "netns",
-                client.netns(),
-            ],
-        )
-        .unwrap();
-    router
-        .exec_ok(
-            "ip",
-            [
-                "addr",
-                "add",
-                &format!("{ROUTER_CLIENT_SIDE}/30"),
-                "dev",
-                "rt0",
-            ],
-        )
-        .unwrap();
-    router.exec_ok("ip", ["link", "set", "rt0", "up"]).unwrap();
+/// hosts route the client's link back through it too. Dual-stack: the same
+/// in IPv6 (`fd00:99::/64`).
+fn wire_client_behind_router(lab: &Lab, router: &Host, client: &Host, dual: bool) {
+    let ip = |h: &Host, args: &[&str]| {
+        h.exec_ok("ip", args).unwrap();
+    };
+    ip(
+        router,
+        &[
+            "link",
+            "add",
+            "rt0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "cl0",
+            "netns",
+            client.netns(),
+        ],
+    );
+    ip(
+        router,
+        &[
+            "addr",
+            "add",
+            &format!("{ROUTER_CLIENT_SIDE}/30"),
+            "dev",
+            "rt0",
+        ],
+    );
+    ip(router, &["link", "set", "rt0", "up"]);
     router
         .exec_ok("sysctl", ["-qw", "net.ipv4.ip_forward=1"])
         .unwrap();
-    client
-        .exec_ok(
-            "ip",
-            ["addr", "add", &format!("{CLIENT_ADDR}/30"), "dev", "cl0"],
-        )
-        .unwrap();
-    client.exec_ok("ip", ["link", "set", "cl0", "up"]).unwrap();
-    client
-        .exec_ok(
-            "ip",
-            [
-                "route",
-                "add",
-                &format!("{VIP}/32"),
-                "via",
-                ROUTER_CLIENT_SIDE,
-            ],
-        )
-        .unwrap();
+    ip(
+        client,
+        &["addr", "add", &format!("{CLIENT_ADDR}/30"), "dev", "cl0"],
+    );
+    ip(client, &["link", "set", "cl0", "up"]);
+    ip(
+        client,
+        &[
+            "route",
+            "add",
+            &format!("{VIP}/32"),
+            "via",
+            ROUTER_CLIENT_SIDE,
+        ],
+    );
+    let router4 = router.addr().to_string();
     for i in 0..3 {
-        lab.host(i)
-            .exec_ok(
-                "ip",
-                [
-                    "route",
-                    "add",
-                    "10.99.0.0/30",
-                    "via",
-                    &router.addr().to_string(),
-                ],
-            )
-            .unwrap();
+        ip(
+            lab.host(i),
+            &["route", "add", "10.99.0.0/30", "via", &router4],
+        );
+    }
+    if !dual {
+        return;
+    }
+    router
+        .exec_ok("sysctl", ["-qw", "net.ipv6.conf.all.forwarding=1"])
+        .unwrap();
+    ip(
+        router,
+        &["addr", "add", "fd00:99::1/64", "dev", "rt0", "nodad"],
+    );
+    ip(
+        client,
+        &["addr", "add", "fd00:99::2/64", "dev", "cl0", "nodad"],
+    );
+    ip(
+        client,
+        &[
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP6}/128"),
+            "via",
+            "fd00:99::1",
+        ],
+    );
+    let router6 = router.addr6().to_string();
+    for i in 0..3 {
+        ip(
+            lab.host(i),
+            &["-6", "route", "add", "fd00:99::/64", "via", &router6],
+        );
     }
 }
 
 /// bird in the router's namespace: eBGP with each LB host, everything
 /// learned exported to the kernel (so the router forwards to the holder).
 /// Short timers: the LB side proposes 3s hold time; after an error bird
-/// would wait a minute before talking to that peer again.
-fn start_bird(lab: &Lab, router: &Host, dir: &TestDir, socket: &std::path::Path) -> Process {
+/// would wait a minute before talking to that peer again. Dual-stack: a
+/// second session per host over IPv6, with an IPv6 channel.
+fn start_bird(
+    lab: &Lab,
+    router: &Host,
+    dir: &TestDir,
+    socket: &std::path::Path,
+    dual: bool,
+) -> Process {
     let bird = tools::system("bird").expect("bird (Debian bird2; cargo xtask setup installs it)");
-    let peers: String = (0..3)
+    let mut peers: String = (0..3)
         .map(|i| {
             format!(
                 "protocol bgp lb{n} from lb {{ neighbor {addr} as {LB_ASN}; }}\n",
@@ -290,6 +350,28 @@ fn start_bird(lab: &Lab, router: &Host, dir: &TestDir, socket: &std::path::Path)
             )
         })
         .collect();
+    if dual {
+        peers.push_str(&format!(
+            "protocol kernel {{ ipv6 {{ import none; export all; }}; }}
+template bgp lb6 {{
+  local {rid6} as {ROUTER_ASN};
+  hold time 3;
+  keepalive time 1;
+  connect retry time 1;
+  error wait time 1, 2;
+  ipv6 {{ import all; export none; }};
+}}
+",
+            rid6 = router.addr6()
+        ));
+        for i in 0..3 {
+            peers.push_str(&format!(
+                "protocol bgp lb{n}v6 from lb6 {{ neighbor {addr} as {LB_ASN}; }}\n",
+                n = i + 1,
+                addr = lab.host(i).addr6()
+            ));
+        }
+    }
     let config = dir.join("bird.conf");
     std::fs::write(
         &config,
@@ -323,7 +405,7 @@ template bgp lb {{
         )
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while rib(router, socket).is_none() {
+    while rib(router, socket, IpAddr::V4(VIP)).is_none() {
         assert!(
             Instant::now() < deadline,
             "bird did not come up: {}",
@@ -340,7 +422,8 @@ fn start_lb(
     pki: &Pki,
     dir: &TestDir,
     backend: SocketAddr,
-    router: Ipv4Addr,
+    router: &Host,
+    dual: bool,
 ) -> Process {
     let host = lab.host(i);
     let id = i + 1;
@@ -357,7 +440,7 @@ fn start_lb(
         .peer(
             &format!("lb-{id}"),
             &["bulwark:lb"],
-            &[&host.addr().to_string()],
+            &[&host.addr().to_string(), &host.addr6().to_string()],
         )
         .unwrap();
     let config = dir.join(format!("lb-{id}.yaml"));
@@ -386,12 +469,12 @@ initialMembers:
 {members}vip:
   mode: bgp
   address: '{VIP}'
-  port: {VIP_PORT}
+{address6}  port: {VIP_PORT}
   bgp:
     localAsn: {LB_ASN}
     peers:
-    - {{address: '{router}', asn: {ROUTER_ASN}}}
-backends:
+    - {{address: '{router4}', asn: {ROUTER_ASN}}}
+{peer6}backends:
 - {{id: api-1, address: '{backend}'}}
 proxy:
   connectTimeout: 200ms
@@ -399,6 +482,20 @@ proxy:
 shutdownGrace: 5s
 ",
             a = host.addr(),
+            router4 = router.addr(),
+            address6 = if dual {
+                format!("  address6: '{VIP6}'\n")
+            } else {
+                String::new()
+            },
+            peer6 = if dual {
+                format!(
+                    "    - {{address: '{}', asn: {ROUTER_ASN}}}\n",
+                    router.addr6()
+                )
+            } else {
+                String::new()
+            },
             data = dir.join(format!("data-{id}")).display(),
             cert = cert.cert.display(),
             key = cert.key.display(),
@@ -433,8 +530,8 @@ shutdownGrace: 5s
     .unwrap()
 }
 
-/// `birdc show route for VIP`: the next hop of every route, best first.
-fn rib(router: &Host, socket: &std::path::Path) -> Option<Vec<Ipv4Addr>> {
+/// `birdc show route for <vip>`: the next hop of every route, best first.
+fn rib(router: &Host, socket: &std::path::Path, vip: IpAddr) -> Option<Vec<IpAddr>> {
     let out = router
         .exec(
             "birdc",
@@ -444,7 +541,7 @@ fn rib(router: &Host, socket: &std::path::Path) -> Option<Vec<Ipv4Addr>> {
                 "show",
                 "route",
                 "for",
-                &VIP.to_string(),
+                &vip.to_string(),
             ],
         )
         .ok()?;
@@ -464,10 +561,17 @@ fn rib(router: &Host, socket: &std::path::Path) -> Option<Vec<Ipv4Addr>> {
     )
 }
 
-/// Whether `host` has the VIP on `lo` (bound by a holder).
-fn holds(host: &Host) -> bool {
+/// Which of `hosts` has `hop` as its bridge address (either family).
+fn host_of(hosts: &[Host], hop: IpAddr) -> Option<usize> {
+    hosts
+        .iter()
+        .position(|h| IpAddr::V4(h.addr()) == hop || IpAddr::V6(h.addr6()) == hop)
+}
+
+/// Whether `host` has any of `vips` on `lo` (bound by a holder).
+fn holds(host: &Host, vips: &[IpAddr]) -> bool {
     host.exec_ok("ip", ["-o", "addr", "show", "dev", "lo"])
-        .is_ok_and(|out| out.contains(&format!(" {VIP}/")))
+        .is_ok_and(|out| vips.iter().any(|v| out.contains(&format!(" {v}/"))))
 }
 
 /// What the sampler saw.
@@ -486,66 +590,94 @@ struct View {
     router: Host,
     socket: std::path::PathBuf,
     hosts: Vec<Host>,
+    vips: Vec<IpAddr>,
 }
 
-/// Samples the router's RIB, then the `lo` of every LB host it routes to,
-/// until `stop`. A host in `dead` (SIGKILLed: its address lingers until
-/// its kernel lifetime ends, but nothing serves it) is not a live holder.
+/// Samples the router's RIB for every VIP address, then the `lo` of every
+/// LB host it routes to, until `stop`. Two live holders routed to at once,
+/// in one family or across the two of a dual-stack VIP, is a violation. A
+/// host in `dead` (SIGKILLed: its address lingers until its kernel
+/// lifetime ends, but nothing serves it) is not a live holder.
 fn sample(v: &View, dead: &std::sync::Mutex<Option<usize>>, stop: &AtomicBool) -> Witness {
     let mut w = Witness::default();
     while !stop.load(Ordering::Relaxed) {
         // RIB first: a route seen here was announced before the `ip addr`
         // below, so a host holding then and routed to now is a holder the
         // router sends traffic to.
-        let Some(rib) = rib(&v.router, &v.socket) else {
+        let Some(ribs) = v
+            .vips
+            .iter()
+            .map(|vip| rib(&v.router, &v.socket, *vip))
+            .collect::<Option<Vec<_>>>()
+        else {
             continue;
         };
         let killed = *dead.lock().unwrap();
-        let live: Vec<usize> = rib
+        let mut live: Vec<usize> = ribs
             .iter()
-            .filter_map(|hop| v.hosts.iter().position(|h| h.addr() == *hop))
-            .filter(|&h| Some(h) != killed && holds(&v.hosts[h]))
+            .flatten()
+            .filter_map(|hop| host_of(&v.hosts, *hop))
+            .filter(|&h| Some(h) != killed && holds(&v.hosts[h], &v.vips))
             .collect();
+        live.sort_unstable();
+        live.dedup();
         w.samples += 1;
-        w.max_routes = w.max_routes.max(rib.len());
+        w.max_routes = w
+            .max_routes
+            .max(ribs.iter().map(Vec::len).max().unwrap_or(0));
         if live.len() > 1 {
-            w.double.push(format!("RIB {rib:?}, live holders {live:?}"));
+            w.double
+                .push(format!("RIBs {ribs:?}, live holders {live:?}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     w
 }
 
-async fn trial(kind: Trial) {
-    let Some(mut l) = BgpLab::start().await else {
+/// What each of node `i`'s sessions should announce: the holder the VIP
+/// address of the session's family, the others nothing.
+fn expected_announced(peer: &lb::BgpPeer, holder: bool) -> Vec<String> {
+    if !holder {
+        return Vec::new();
+    }
+    if peer.address.starts_with('[') {
+        vec![format!("{VIP6}/128")]
+    } else {
+        vec![format!("{VIP}/32")]
+    }
+}
+
+async fn trial(kind: Trial, dual: bool) {
+    let Some(mut l) = BgpLab::start(dual).await else {
         return;
     };
     let old = l.wait_for_route(None, Duration::from_secs(30)).await;
 
-    // Status: the holder announces the /32 to its established session;
-    // followers keep theirs up and announce nothing.
+    // Status: the holder announces the host route to each established
+    // session (of that session's family); followers keep theirs up and
+    // announce nothing.
     for i in 0..3 {
         let bgp = l
             .status(i)
             .await
             .and_then(|s| s.vip?.bgp)
             .expect("status with bgp");
-        let peer = &bgp.peers[0];
-        assert_eq!(
-            peer.state,
-            lb::BgpSessionState::Established as i32,
-            "node {i}: {peer:?}"
-        );
+        assert_eq!(bgp.peers.len(), l.vips.len());
+        for peer in &bgp.peers {
+            assert_eq!(
+                peer.state,
+                lb::BgpSessionState::Established as i32,
+                "node {i}: {peer:?}"
+            );
+            assert_eq!(
+                peer.announced,
+                expected_announced(peer, i == old),
+                "node {i}"
+            );
+        }
         if i == old {
-            assert_eq!(peer.announced, vec![format!("{VIP}/32")]);
             let reason = bgp.last_announce.map(|e| e.reason).unwrap_or_default();
             assert!(reason.contains("quorum lease"), "{reason}");
-        } else {
-            assert!(
-                peer.announced.is_empty(),
-                "follower {i} announces {:?}",
-                peer.announced
-            );
         }
     }
 
@@ -553,6 +685,7 @@ async fn trial(kind: Trial) {
         router: l.router().clone(),
         socket: l.bird_socket.clone(),
         hosts: (0..3).map(|i| l.lab.host(i).clone()).collect(),
+        vips: l.vips.clone(),
     };
     let dead = Arc::new(std::sync::Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
@@ -582,7 +715,7 @@ async fn trial(kind: Trial) {
     stop.store(true, Ordering::Relaxed);
     let w = sampler.join().unwrap();
     println!(
-        "{kind:?}: route moved from lb-{} to lb-{} in {moved:?}; {} RIB samples, at most {} routes at once",
+        "{kind:?} (dual-stack: {dual}): route moved from lb-{} to lb-{} in {moved:?}; {} RIB samples, at most {} routes at once",
         old + 1,
         new + 1,
         w.samples,
@@ -594,15 +727,29 @@ async fn trial(kind: Trial) {
         "routes via two live holders at once: {:?}",
         w.double
     );
+    let host = l.lab.host(new);
+    let want: Vec<Vec<IpAddr>> = l
+        .vips
+        .iter()
+        .map(|v| {
+            vec![if v.is_ipv4() {
+                IpAddr::V4(host.addr())
+            } else {
+                IpAddr::V6(host.addr6())
+            }]
+        })
+        .collect();
     assert_eq!(
-        l.rib(),
-        Some(vec![l.lab.host(new).addr()]),
-        "one route, via the new holder"
+        l.ribs(),
+        Some(want),
+        "one route per family, via the new holder"
     );
     let bgp = l
         .status(new)
         .await
         .and_then(|s| s.vip?.bgp)
         .expect("status of the new holder");
-    assert_eq!(bgp.peers[0].announced, vec![format!("{VIP}/32")]);
+    for peer in &bgp.peers {
+        assert_eq!(peer.announced, expected_announced(peer, true));
+    }
 }

@@ -14,7 +14,7 @@
 //!
 //! The dual-stack variant adds an IPv6 VIP (`fd00:255::10`, announced as a
 //! /128 in MP_REACH_NLRI over IPv6 sessions to `fd00:18::4`); both routes
-//! must move together.
+//! must move together. Its IPv4 sessions carry a TCP MD5 password.
 //!
 //! The VIP is outside every link's subnet, so nothing reaches it by ARP:
 //! only the route the holder announces brings the client's connections to
@@ -48,6 +48,9 @@ const ROUTER_ASN: u32 = 65000;
 /// The router's side of the client link.
 const ROUTER_CLIENT_SIDE: &str = "10.99.0.1";
 const CLIENT_ADDR: &str = "10.99.0.2";
+/// The dual-stack lab's IPv4 sessions are TCP-MD5 signed with this key
+/// (both sides), its IPv6 ones are not.
+const PASSWORD: &str = "bulwark-md5";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_bgp_cut_leader_link_moves_the_route() {
@@ -344,7 +347,12 @@ fn start_bird(
     let mut peers: String = (0..3)
         .map(|i| {
             format!(
-                "protocol bgp lb{n} from lb {{ neighbor {addr} as {LB_ASN}; }}\n",
+                "protocol bgp lb{n} from lb {{ neighbor {addr} as {LB_ASN};{pw} }}\n",
+                pw = if dual {
+                    format!(" password \"{PASSWORD}\";")
+                } else {
+                    String::new()
+                },
                 n = i + 1,
                 addr = lab.host(i).addr()
             )
@@ -473,7 +481,7 @@ initialMembers:
   bgp:
     localAsn: {LB_ASN}
     peers:
-    - {{address: '{router4}', asn: {ROUTER_ASN}}}
+    - {{address: '{router4}', asn: {ROUTER_ASN}{pw}}}
 {peer6}backends:
 - {{id: api-1, address: '{backend}'}}
 proxy:
@@ -483,6 +491,11 @@ shutdownGrace: 5s
 ",
             a = host.addr(),
             router4 = router.addr(),
+            pw = if dual {
+                format!(", password: {PASSWORD}")
+            } else {
+                String::new()
+            },
             address6 = if dual {
                 format!("  address6: '{VIP6}'\n")
             } else {

@@ -525,7 +525,9 @@ pub struct VipConfig {
     #[serde(default = "d_drift")]
     pub clock_drift: f64,
     /// Time allowed from deciding to release to the address being gone
-    /// (netlink round trip, closing a listener).
+    /// (netlink round trip, closing a listener; in bgp mode also the
+    /// withdrawals written to the sessions, which a release waits for at
+    /// most this long).
     #[serde(default = "d_release_budget", with = "duration")]
     pub release_budget: Duration,
     /// arp mode: gratuitous ARPs (or neighbour advertisements) sent per

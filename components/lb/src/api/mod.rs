@@ -337,7 +337,10 @@ impl LoadBalancer for Api {
                 VipMode::Arp => lb::VipMode::L2,
                 VipMode::Bgp => lb::VipMode::Bgp,
             } as i32,
-            interface: self.vip_config.interface.clone().unwrap_or_default(),
+            interface: match self.vip_config.mode {
+                VipMode::Bgp => self.vip_config.bgp_interface().to_owned(),
+                _ => self.vip_config.interface.clone().unwrap_or_default(),
+            },
             holder_node_id: holder.map(|h| h.node_id),
             held_since: holder.and_then(|h| h.since),
             lease_remaining: vip_state

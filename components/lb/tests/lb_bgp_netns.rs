@@ -18,7 +18,7 @@
 //!
 //! The VIP is outside every link's subnet, so nothing reaches it by ARP:
 //! only the route the holder announces brings the client's connections to
-//! it. A link cut of the holder and a SIGKILL of it must each move the
+//! it. A link cut of the holder, a SIGKILL and a SIGSTOP of it must each move the
 //! route (`birdc show route` in the router's namespace) to the new holder
 //! and the client must reach the VIP through it; meanwhile a sampler reads
 //! the router's RIB and every host's `lo`, and no sample may show routes
@@ -62,6 +62,14 @@ async fn heavy_bgp_killed_leader_moves_the_route() {
     trial(Trial::Kill, false).await;
 }
 
+/// A frozen holder (SIGSTOP) cannot withdraw: the router keeps its route
+/// until the hold timer expires (the documented worst case). Woken up
+/// (SIGCONT) long after its lease, it must not announce again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_bgp_frozen_leader_loses_the_route_and_does_not_take_it_back() {
+    trial(Trial::Freeze, false).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_bgp_dual_stack_killed_leader_moves_both_routes() {
     trial(Trial::Kill, true).await;
@@ -71,6 +79,7 @@ async fn heavy_bgp_dual_stack_killed_leader_moves_both_routes() {
 enum Trial {
     CutLink,
     Kill,
+    Freeze,
 }
 
 /// Three LB hosts, the router and the client, with bird and the LB nodes
@@ -716,13 +725,46 @@ async fn trial(kind: Trial, dual: bool) {
             *dead.lock().unwrap() = Some(old);
             l.nodes[old].kill().unwrap();
         }
+        Trial::Freeze => {
+            // Frozen, it serves nothing: not a live holder while stopped.
+            *dead.lock().unwrap() = Some(old);
+            l.nodes[old].signal(libc::SIGSTOP).unwrap();
+        }
     }
-    // A cut link cannot carry the withdrawal: the router drops the old
-    // route when its hold timer (3s) runs out, and until then may prefer
-    // it. A killed process's socket closes at once and the route goes
-    // with it.
+    // A cut link or a frozen process cannot withdraw: the router drops
+    // the old route when its hold timer (3s) runs out, and until then may
+    // prefer it. A killed process's socket closes at once and the route
+    // goes with it.
     let new = l.wait_for_route(Some(old), Duration::from_secs(20)).await;
     let moved = started.elapsed();
+    if kind == Trial::Freeze {
+        // Wake it well after its lease: it is live again, must release
+        // whatever it thinks it holds and announce nothing, while its
+        // sessions come back (the router dropped them on its hold timer).
+        l.nodes[old].signal(libc::SIGCONT).unwrap();
+        *dead.lock().unwrap() = None;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let peers = l
+                .status(old)
+                .await
+                .and_then(|s| s.vip?.bgp)
+                .map(|b| b.peers)
+                .unwrap_or_default();
+            if !peers.is_empty()
+                && peers.iter().all(|p| {
+                    p.state == lb::BgpSessionState::Established as i32 && p.announced.is_empty()
+                })
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the woken node's sessions did not come back announcing nothing: {peers:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     // Keep sampling a little past the move.
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);

@@ -935,6 +935,18 @@ impl VipConfig {
                 "a loopback address cannot be announced over BGP; use mode bind",
             );
         }
+        // A shorter prefix on lo would make the whole range local to the
+        // holder; what is announced is the host route anyway.
+        for (field, set) in [
+            ("prefixLength", self.prefix_length),
+            ("prefixLength6", self.prefix_length6),
+        ] {
+            if set.is_some() {
+                v.at(field, |v| {
+                    v.error("bgp mode binds and announces host routes (/32, /128); leave it unset")
+                });
+            }
+        }
     }
 
     /// bgp mode: the interface the holder binds the VIP to.
@@ -1805,6 +1817,10 @@ mod tests {
             (
                 format!("{MINIMAL}vip:\n  mode: bgp\n  address: 198.18.0.10\n"),
                 "vip.bgp: required when mode is bgp",
+            ),
+            (
+                format!("{MINIMAL}vip:\n  mode: bgp\n  address: 198.18.0.10\n  prefixLength: 24\n  bgp:\n    localAsn: 1\n    peers:\n    - {{address: 10.0.0.1, asn: 2}}\n"),
+                "vip.prefixLength: bgp mode binds and announces host routes",
             ),
             (
                 format!("{MINIMAL}vip:\n  mode: arp\n  interface: lo\n  address: 198.18.0.10\n  bgp:\n    localAsn: 1\n    peers: []\n"),

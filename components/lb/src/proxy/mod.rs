@@ -1,6 +1,7 @@
 //! The L4 data path: accept a client, pick a backend, connect (retrying on
-//! another backend before the client sees anything), then copy bytes both
-//! ways without looking at them. TLS passes through untouched, so clients
+//! another backend before the client sees anything; replaying the client's
+//! first bytes elsewhere when a backend accepts but dies before answering),
+//! then copy bytes both ways without looking at them. TLS passes through untouched, so clients
 //! see the apiserver's own certificate.
 //!
 //! The caller binds the listener ([`serve`] takes it): the VIP holder's
@@ -79,6 +80,7 @@ struct Metrics {
     accept_errors_other: Counter,
     max_connections_reached: Counter,
     retries: Counter,
+    replays: Counter,
     no_backend: Counter,
     all_attempts_failed: Counter,
 }
@@ -92,6 +94,7 @@ impl Metrics {
             accept_errors_other: metrics::counter!("bulwark_lb_accept_errors_total", "listener" => l.clone(), "reason" => "other"),
             max_connections_reached: metrics::counter!("bulwark_lb_max_connections_reached_total", "listener" => l.clone()),
             retries: metrics::counter!("bulwark_lb_retries_total", "listener" => l.clone()),
+            replays: metrics::counter!("bulwark_lb_first_flight_replays_total", "listener" => l.clone()),
             no_backend: metrics::counter!("bulwark_lb_connections_failed_total", "listener" => l.clone(), "reason" => "no_backend"),
             all_attempts_failed: metrics::counter!("bulwark_lb_connections_failed_total", "listener" => l, "reason" => "connect_failed"),
         }

@@ -397,3 +397,87 @@ async fn a_close_after_the_replay_deadline_is_not_replayed() {
     assert_eq!((bad.accepted(), good.accepted()), (1, 0));
     assert_eq!(replays(&p), 0);
 }
+
+/// The real thing: TLS apiservers (the fixture, as processes) behind the
+/// proxy, sixteen clients opening a new TLS connection per request, and a
+/// SIGKILL of one apiserver in the middle. Connections it had accepted
+/// (or that sat in its backlog) are reset mid-handshake; the proxy must
+/// replay their ClientHello elsewhere, and new connects to the dead port
+/// are retried, so not one TLS connect fails. A request already sent on
+/// a finished handshake to the killed apiserver reached it and fails (at
+/// most one per client); that is not a connect. Nothing tells the proxy
+/// about the death (no prober, no publish).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_tls_apiserver_under_new_connections_costs_no_client_request() {
+    bulwark_testkit::install_crypto_provider();
+    let pki = bulwark_testkit::Pki::new().unwrap();
+    let mut apis = Vec::new();
+    for i in 1..=3 {
+        apis.push(
+            bulwark_testkit::fixture::ApiServerProcess::builder(format!("api-{i}"))
+                .start(&pki)
+                .await
+                .unwrap(),
+        );
+    }
+    let specs = apis
+        .iter()
+        .map(|a| BackendSpec {
+            id: a.name().to_owned(),
+            address: a.addr(),
+            zone: "z".into(),
+            weight: 1,
+            admin: AdminState::Active,
+            verdict: Verdict::Healthy,
+        })
+        .collect();
+    let p = TestProxy::start(ProxyConfig::default(), RoutingPolicy::default(), specs).await;
+    let https = bulwark_testkit::fixture::HttpsClient::new(pki.ca_pem())
+        .unwrap()
+        .timeout(Duration::from_secs(5));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let address = p.address;
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (https, stop) = (https.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut connects, mut requests) = (0usize, Vec::new(), Vec::new());
+                while !stop.load(Ordering::SeqCst) {
+                    let mut conn = match https.connect(address).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            connects.push(format!("{e:#}"));
+                            continue;
+                        }
+                    };
+                    match conn.get("/readyz").await {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) => requests.push(format!("HTTP {}", r.status)),
+                        Err(e) => requests.push(format!("{e:#}")),
+                    }
+                }
+                (ok, connects, requests)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    apis[0].kill().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (mut ok, mut connects, mut requests) = (0, Vec::new(), Vec::new());
+    for c in clients {
+        let (o, c, r) = c.await.unwrap();
+        ok += o;
+        connects.extend(c);
+        requests.extend(r);
+    }
+    let stats = p.backends.stats();
+    eprintln!(
+        "{ok} requests served, {} replays, {} errors on the killed backend, in-flight requests lost: {requests:?}",
+        replays(&p),
+        stats[0].stats.connect_errors
+    );
+    assert!(connects.is_empty(), "failed TLS connects: {connects:?}");
+    assert!(requests.len() <= 16, "failed requests: {requests:?}");
+    assert!(ok > 100, "only {ok} requests in 2 s");
+}

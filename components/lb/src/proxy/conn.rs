@@ -14,7 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::Shared;
-use super::close::CloseSignals;
+use super::close::{CloseReason, CloseSignals};
 use super::config::MAX_CONNECT_ATTEMPTS;
 use super::copy::{Bidirectional, CopyError};
 use crate::backends::{BackendStats, ConnectErrorKind};
@@ -62,7 +62,12 @@ pub(super) async fn handle(
     let mut tried = Tried::default();
     let connected = tokio::select! {
         biased;
-        () = shared.force_close.cancelled() => return,
+        () = shared.force_close.cancelled() => {
+            if shared.reset_on_close {
+                let _ = client.set_zero_linger();
+            }
+            return;
+        }
         c = connect_some_backend(&shared, &mut tried) => c,
     };
     let Some((backend, stats, mut close)) = connected else {
@@ -92,7 +97,12 @@ pub(super) async fn handle(
         );
         let next = tokio::select! {
             biased;
-            () = shared.force_close.cancelled() => return,
+            () = shared.force_close.cancelled() => {
+                if shared.reset_on_close {
+                    copy.reset_client();
+                }
+                return;
+            }
             c = connect_some_backend(&shared, &mut tried) => c,
         };
         let Some((backend, stats, token)) = next else {
@@ -142,6 +152,9 @@ async fn run(
             }
             reason = &mut signals => {
                 tracing::debug!(?reason, "closing connection");
+                if reason == CloseReason::Shutdown && shared.reset_on_close {
+                    copy.reset_client();
+                }
                 return None;
             }
             () = &mut sleep, if idle.is_some() => {

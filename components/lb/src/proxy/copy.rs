@@ -154,6 +154,12 @@ impl<'a> Bidirectional<'a> {
         std::mem::take(&mut self.active)
     }
 
+    /// Makes the client's connection end with a reset when it is closed.
+    /// Best effort: the socket may already be gone.
+    pub(crate) fn reset_client(&self) {
+        let _ = self.client.set_zero_linger();
+    }
+
     /// Resets the side opposite the one that failed: a FIN would look like
     /// a clean end of stream. Best effort: the socket may already be gone.
     pub(crate) fn reset_peer_of(&mut self, failed: &CopyError) {

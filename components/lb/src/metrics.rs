@@ -144,6 +144,11 @@ pub const DEFS: &[MetricDef] = &[
         "Connect retries on another backend, by listener.",
     ),
     MetricDef::dynamic(
+        "bulwark_lb_first_flight_replays_total",
+        Counter,
+        "Client first flights replayed to another backend because the backend closed or reset before its first byte, by listener.",
+    ),
+    MetricDef::dynamic(
         "bulwark_lb_connections_failed_total",
         Counter,
         "Client connections closed because no backend could be connected, by listener and reason.",

@@ -794,6 +794,9 @@ impl Validate for CompressionConfig {
 
 impl Validate for EncryptionConfig {
     fn validate(&self, v: &mut Validator) {
+        if !v.reads_files() {
+            return;
+        }
         if let Err(e) = crate::pipeline::encryption::Keyring::load(
             self.recipient_file.as_deref(),
             &self.identity_files,

@@ -47,6 +47,11 @@ pub enum Command {
     /// Restore the whole etcd cluster from a snapshot (and its deltas, to
     /// the latest state, a revision or a time). Operators only.
     Restore(crate::restore::RestoreArgs),
+    /// Generate every node's configs, the kubeadm config, bulwarkctl.yaml
+    /// and the static pod manifests from a cluster description.
+    Init(crate::init::InitArgs),
+    /// Print a daemon's static pod manifest (lb, prober, backup).
+    Manifest(crate::init::ManifestArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         /// The shell.
@@ -81,6 +86,8 @@ impl Cli {
                 crate::restore::run(args, &session.backup()?, self.output).await
             }
             Command::Config(c) => self.config(c),
+            Command::Init(args) => crate::init::run_init(args),
+            Command::Manifest(args) => crate::init::run_manifest(args),
             Command::Lb(c) => {
                 let session = self.session()?;
                 c.run(&session.lb()?, self.output).await

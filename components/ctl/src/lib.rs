@@ -19,6 +19,7 @@ pub mod connect;
 pub mod context;
 pub mod error;
 pub mod health;
+pub mod init;
 pub mod lb;
 pub mod output;
 pub mod restore;

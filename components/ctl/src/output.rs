@@ -25,8 +25,25 @@ pub fn print<T: Serialize>(
     table: impl FnOnce(&T) -> String,
 ) -> Result<(), CliError> {
     let text = render(format, value, table)?;
-    print!("{text}");
-    Ok(())
+    emit(text.as_bytes())
+}
+
+/// Writes to stdout: the one way bulwarkctl prints results. A reader that
+/// went away (`bulwarkctl … | head -1`) is not an error: the rest is
+/// dropped quietly, as other Unix tools do, instead of a panic or a message.
+pub fn emit(bytes: &[u8]) -> Result<(), CliError> {
+    emit_to(&mut std::io::stdout().lock(), bytes)
+}
+
+fn emit_to(out: &mut impl std::io::Write, bytes: &[u8]) -> Result<(), CliError> {
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::new(
+            Exit::Failure,
+            format!("cannot write to stdout: {e}"),
+        )),
+    }
 }
 
 /// What [`print`] prints.
@@ -123,6 +140,25 @@ pub fn enum_name<E: TryFrom<i32>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Closed;
+
+    impl std::io::Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_pipe_is_quiet_and_other_write_errors_are_not() {
+        assert!(emit_to(&mut Closed, b"x\n").is_ok());
+        let mut full = std::io::Cursor::new([0u8; 1]);
+        let e = emit_to(&mut full, b"too long").unwrap_err();
+        assert_eq!(e.exit(), Exit::Failure);
+    }
 
     #[test]
     fn table_aligns_columns() {

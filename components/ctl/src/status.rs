@@ -8,8 +8,9 @@
 //! A part that cannot be fetched does not hide the others: the report says
 //! `UNAVAILABLE` in its place (and `"unavailable": "<why>"` in JSON/YAML),
 //! and the command exits with the code of the first failure (3 unreachable,
-//! 4 refused certificate, 2 no endpoint configured) after printing
-//! everything it could.
+//! 4 refused certificate) after printing everything it could. A service
+//! the context names no endpoint for is `not configured`, which is no
+//! failure: a context with only LB endpoints can exit 0.
 
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +21,7 @@ use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
 use serde::Serialize;
 
 use crate::connect::{Service, Session};
-use crate::error::CliError;
+use crate::error::{CliError, Exit};
 use crate::output::{self, OutputFormat, enum_name, size};
 
 /// One part of the report: what was fetched, or why it could not be.
@@ -29,6 +30,11 @@ use crate::output::{self, OutputFormat, enum_name, size};
 pub enum Part<T> {
     /// Fetched.
     Ok(T),
+    /// Not asked: the context and flags name no endpoint for it.
+    NotConfigured {
+        /// How to configure it.
+        not_configured: String,
+    },
     /// Not fetched.
     Unavailable {
         /// The error, naming the service and endpoint.
@@ -55,10 +61,19 @@ impl<T> Part<T> {
     }
 }
 
+/// A part for a service no endpoint is configured for.
+fn not_configured<T>(service: &str, flag: &str) -> Part<T> {
+    Part::NotConfigured {
+        not_configured: format!(
+            "no {service} endpoint; pass --{flag}-endpoint HOST:PORT or add `{flag}.endpoints` to the context"
+        ),
+    }
+}
+
 /// The report.
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
-    /// True when every part was fetched.
+    /// True when every configured part was fetched.
     pub complete: bool,
     /// The LB cluster.
     pub lb: Part<LbView>,
@@ -486,23 +501,25 @@ fn backup_view(s: &bk::GetStatusResponse, now: SystemTime) -> BackupView {
     }
 }
 
-/// Fetches every part; the failures come back beside the report.
+/// Fetches every configured part; the failures come back beside the
+/// report. A service without endpoints is reported as not configured, not
+/// as a failure: a context may name only the LB, or only backups.
 pub async fn gather(session: &Session) -> (StatusReport, Vec<CliError>) {
     // The questions go out at once: a dead endpoint costs its connect
     // timeout once, not once per part.
     let lb_calls = async {
-        let svc = session.lb()?;
-        Ok::<_, CliError>(tokio::join!(lb_part(&svc), probers_part(&svc)))
+        let svc = session.lb().ok()?;
+        Some(tokio::join!(lb_part(&svc), probers_part(&svc)))
     };
     let backup_call = async {
-        let svc = session.backup()?;
-        backup_part(&svc, SystemTime::now()).await
+        let svc = session.backup().ok()?;
+        Some(backup_part(&svc, SystemTime::now()).await)
     };
     let (lb_calls, backup) = tokio::join!(lb_calls, backup_call);
 
     let mut failures = Vec::new();
     let (lb, probers) = match lb_calls {
-        Ok((lb, probers)) => {
+        Some((lb, probers)) => {
             let lb = Part::from_result(lb, &mut failures);
             let probers = match (&lb, probers) {
                 // When the LB is unreachable the probers are too: count
@@ -515,15 +532,15 @@ pub async fn gather(session: &Session) -> (StatusReport, Vec<CliError>) {
             };
             (lb, probers)
         }
-        Err(e) => (
-            Part::from_result(Err(e), &mut failures),
-            Part::Unavailable {
-                unavailable: "no bulwark-lb endpoint configured".into(),
-                hint: None,
-            },
+        None => (
+            not_configured("bulwark-lb", "lb"),
+            not_configured("bulwark-lb", "lb"),
         ),
     };
-    let backup = Part::from_result(backup, &mut failures);
+    let backup = match backup {
+        Some(r) => Part::from_result(r, &mut failures),
+        None => not_configured("bulwark-backup", "backup"),
+    };
     (
         StatusReport {
             complete: failures.is_empty(),
@@ -537,6 +554,13 @@ pub async fn gather(session: &Session) -> (StatusReport, Vec<CliError>) {
 
 /// Runs `bulwarkctl status`.
 pub async fn run(session: &Session, format: OutputFormat) -> Result<(), CliError> {
+    if session.lb().is_err() && session.backup().is_err() {
+        return Err(CliError::new(
+            Exit::Usage,
+            "no bulwark-lb or bulwark-backup endpoint configured: nothing to ask",
+        )
+        .hint("pass --lb-endpoint and/or --backup-endpoint HOST:PORT, or add `lb.endpoints`/`backup.endpoints` to the context"));
+    }
     let (report, mut failures) = gather(session).await;
     output::print(format, &report, render)?;
     if failures.is_empty() {
@@ -593,6 +617,9 @@ pub fn render(r: &StatusReport) -> String {
 fn render_part<T>(out: &mut String, title: &str, part: &Part<T>, ok: impl FnOnce(&mut String, &T)) {
     match part {
         Part::Ok(v) => ok(out, v),
+        Part::NotConfigured { not_configured } => {
+            out.push_str(&format!("{title}not configured: {not_configured}\n"));
+        }
         Part::Unavailable {
             unavailable: u,
             hint,
@@ -1002,5 +1029,53 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("snap-1 FAILED at"), "{text}");
+    }
+
+    /// Only backup endpoints (here one nobody listens on): the LB part is
+    /// "not configured", which is not a failure; only the backup counts.
+    #[tokio::test]
+    async fn a_service_without_endpoints_is_not_configured_and_no_failure() {
+        let pki = bulwark_testkit::Pki::new().unwrap();
+        let viewer = pki.client("viewer", &[]).unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let session = Session::open(crate::context::Resolved {
+            context: None,
+            tls: viewer.tls_files(),
+            lb: None,
+            backup: Some(crate::context::ServiceEndpoints {
+                endpoints: vec![closed],
+                server_name: None,
+            }),
+            timeout: Duration::from_secs(3),
+        })
+        .unwrap();
+        let (report, failures) = gather(&session).await;
+        assert!(
+            matches!(report.lb, Part::NotConfigured { .. }),
+            "{report:?}"
+        );
+        assert!(
+            matches!(report.probers, Part::NotConfigured { .. }),
+            "{report:?}"
+        );
+        assert!(
+            matches!(report.backup, Part::Unavailable { .. }),
+            "{report:?}"
+        );
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        let text = render(&report);
+        assert!(
+            text.contains(
+                "LOAD BALANCER not configured: no bulwark-lb endpoint; pass --lb-endpoint"
+            ),
+            "{text}"
+        );
+        let json = output::render(OutputFormat::Json, &report, render).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(json["lb"]["not_configured"].is_string(), "{json}");
     }
 }

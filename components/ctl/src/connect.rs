@@ -128,13 +128,19 @@ impl<'a> Service<'a> {
             })
     }
 
-    /// When a call died on a broken connection (tonic: Unknown, "transport
-    /// error"), a handshake of our own says whether a certificate was the
+    /// When a call died on a broken connection (tonic: "transport error"
+    /// or "operation was canceled"), a handshake of our own says whether a certificate was the
     /// reason. With TLS 1.3 a server refuses a client certificate only
     /// after the client's handshake is done, so the alert reaches the gRPC
     /// call as a broken pipe or a cancelled request, never as itself.
     async fn refusal_behind(&self, status: &tonic::Status, address: &str) -> Option<TlsRefusal> {
-        if status.code() != tonic::Code::Unknown || status.message() != "transport error" {
+        let broken = match status.code() {
+            tonic::Code::Unknown | tonic::Code::Cancelled => true,
+            // A refused or timed-out connect is no certificate problem.
+            tonic::Code::Unavailable => !crate::error::cause_chain(status).contains("tcp connect"),
+            _ => false,
+        };
+        if !broken {
             return None;
         }
         let host = self
@@ -222,15 +228,8 @@ impl<'a> Service<'a> {
                         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
                     ) {
                         // Try the next endpoint; remember why this one failed.
-                    } else if let Some(refusal) = self.refusal_behind(&status, &address).await {
-                        return Err(refusal.error(self.name, &address, Some(self.ca_file)));
                     } else {
-                        return Err(CliError::from_call(
-                            &status,
-                            self.name,
-                            &address,
-                            Some(self.ca_file),
-                        ));
+                        return Err(self.failure(&status, &address).await);
                     }
                     last = Some((status, address));
                 }
@@ -238,11 +237,15 @@ impl<'a> Service<'a> {
         }
         let (status, address) =
             last.unwrap_or_else(|| (tonic::Status::unavailable("no endpoints"), String::new()));
-        Err(CliError::from_call(
-            &status,
-            self.name,
-            &address,
-            Some(self.ca_file),
-        ))
+        Err(self.failure(&status, &address).await)
+    }
+
+    /// The error for a call that failed at `address`, naming a refused
+    /// certificate when one was the reason.
+    async fn failure(&self, status: &tonic::Status, address: &str) -> CliError {
+        match self.refusal_behind(status, address).await {
+            Some(refusal) => refusal.error(self.name, address, Some(self.ca_file)),
+            None => CliError::from_call(status, self.name, address, Some(self.ca_file)),
+        }
     }
 }

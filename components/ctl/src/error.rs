@@ -256,7 +256,7 @@ fn tls_refusal(status: &tonic::Status) -> Option<TlsRefusal> {
 }
 
 /// Every distinct message in `status`'s source chain, outermost first.
-fn cause_chain(status: &tonic::Status) -> String {
+pub(crate) fn cause_chain(status: &tonic::Status) -> String {
     let mut parts = vec![status.message().to_owned()];
     let mut next = std::error::Error::source(status);
     while let Some(e) = next {

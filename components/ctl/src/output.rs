@@ -125,6 +125,26 @@ pub fn size(bytes: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
+/// A protobuf duration as JSON and YAML carry it: seconds, a number (the
+/// field's name ends in `_seconds`); `None` when absent or negative.
+pub fn seconds(d: Option<&prost_types::Duration>) -> Option<f64> {
+    bulwark_api::time::duration_from_proto(d?)
+        .ok()
+        .map(|d| d.as_secs_f64())
+}
+
+/// Seconds for people, to the millisecond: `420ms`, `3h 1m 2s`, `1s 500ms`;
+/// `-` when unknown.
+pub fn duration_text(secs: Option<f64>) -> String {
+    match secs.and_then(|s| std::time::Duration::try_from_secs_f64(s).ok()) {
+        Some(d) => humantime::format_duration(std::time::Duration::from_millis(
+            d.as_millis().try_into().unwrap_or(u64::MAX),
+        ))
+        .to_string(),
+        None => "-".into(),
+    }
+}
+
 /// A protobuf enum value as operators read it: its name without the
 /// `prefix`, lower-case (`VERDICT_DOWN` → `down`); the number when unknown.
 pub fn enum_name<E: TryFrom<i32>>(
@@ -158,6 +178,19 @@ mod tests {
         let mut full = std::io::Cursor::new([0u8; 1]);
         let e = emit_to(&mut full, b"too long").unwrap_err();
         assert_eq!(e.exit(), Exit::Failure);
+    }
+
+    #[test]
+    fn durations_are_seconds_for_scripts_and_words_for_people() {
+        let d = prost_types::Duration {
+            seconds: 1,
+            nanos: 503_000_000,
+        };
+        assert!((seconds(Some(&d)).unwrap() - 1.503).abs() < 1e-9);
+        assert_eq!(seconds(None), None);
+        assert_eq!(duration_text(Some(1.503)), "1s 503ms");
+        assert_eq!(duration_text(Some(0.4204)), "420ms");
+        assert_eq!(duration_text(None), "-");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! got (not the raw protobuf, so the output stays stable when the wire
 //! changes) and prints it in the chosen format.
 
+use std::io::Write as _;
+
 use serde::Serialize;
 
 use crate::error::{CliError, Exit};
@@ -33,6 +35,12 @@ pub fn print<T: Serialize>(
 /// dropped quietly, as other Unix tools do, instead of a panic or a message.
 pub fn emit(bytes: &[u8]) -> Result<(), CliError> {
     emit_to(&mut std::io::stdout().lock(), bytes)
+}
+
+/// A line for the operator on stderr, beside the result on stdout (which
+/// stays machine-readable). A closed stderr loses the note, nothing more.
+pub fn note(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 fn emit_to(out: &mut impl std::io::Write, bytes: &[u8]) -> Result<(), CliError> {

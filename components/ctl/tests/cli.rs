@@ -94,7 +94,7 @@ async fn tls_failures_exit_with_the_documented_code_and_name_the_cause() {
 
     // --ca that did not issue the server's certificate: we refuse the
     // server. Exit 4, naming the CA bundle, with no /readyz hint.
-    let out = lb_status(&addr, &other.ca_path().to_owned(), &good).await;
+    let out = lb_status(&addr, other.ca_path(), &good).await;
     let stderr = text(&out.stderr);
     eprintln!("a CA bundle that did not issue the server's certificate:\n{stderr}");
     assert_eq!(out.status.code(), Some(4), "{stderr}");

@@ -41,7 +41,8 @@ pub enum Command {
     /// The whole control plane at a glance: LB leader, VIP holder, members,
     /// backends with verdicts and zones, probers, last backup, RPO lag, last
     /// restore drill. Prints what it can reach; exits non-zero (the code of
-    /// the first failure) when a part is UNAVAILABLE.
+    /// the first failure) when a part is UNAVAILABLE. A service with no
+    /// endpoint configured is shown as not configured, which is no failure.
     Status,
     /// Restore the whole etcd cluster from a snapshot (and its deltas, to
     /// the latest state, a revision or a time). Operators only.

@@ -15,7 +15,9 @@ pub enum Exit {
     Usage,
     /// 3: the service could not be reached or is not ready (retry later).
     Unavailable,
-    /// 4: the certificate was refused or lacks the needed identity.
+    /// 4: a certificate was refused in the TLS handshake (ours by the
+    /// service, or the service's by our CA bundle), or ours lacks the
+    /// needed identity.
     Denied,
     /// 5: the named object (backend, member, snapshot) does not exist.
     NotFound,
@@ -47,10 +49,13 @@ pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success
   1  failed (internal error, aborted)
-  2  bad arguments, config file or input
+  2  bad arguments, config file or input (no context file and no flags,
+     a key that is not the certificate's)
   3  service unreachable or not ready (retry later); `status` printed a
      partial report
-  4  certificate refused or not allowed (use an operator certificate)
+  4  a certificate refused in the TLS handshake (ours by the service, or
+     the service's by --ca), or a call not allowed (use an operator
+     certificate)
   5  not found (backend, member, snapshot)
   6  refused in the current state (last voter, restore running, not confirmed)
   7  verification found a problem";

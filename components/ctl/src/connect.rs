@@ -128,12 +128,20 @@ impl<'a> Service<'a> {
             })
     }
 
-    /// When a call died on a broken connection (tonic: "transport error"
-    /// or "operation was canceled"), a handshake of our own says whether a certificate was the
-    /// reason. With TLS 1.3 a server refuses a client certificate only
-    /// after the client's handshake is done, so the alert reaches the gRPC
-    /// call as a broken pipe or a cancelled request, never as itself.
+    /// Whether a refused certificate is why a call failed: from the error
+    /// itself when it says so, else, when the call died on a broken
+    /// connection (tonic: "transport error" or "operation was canceled"),
+    /// from a handshake of our own. With TLS 1.3 a server refuses a client
+    /// certificate only after the client's handshake is done, so the alert
+    /// reaches the gRPC call as a broken pipe or a cancelled request, never
+    /// as itself.
     async fn refusal_behind(&self, status: &tonic::Status, address: &str) -> Option<TlsRefusal> {
+        if let Some(refusal) = crate::error::tls_refusal(status) {
+            return Some(refusal);
+        }
+        if address.is_empty() {
+            return None;
+        }
         let broken = match status.code() {
             tonic::Code::Unknown | tonic::Code::Cancelled => true,
             // A refused or timed-out connect is no certificate problem.

@@ -249,7 +249,7 @@ fn refuses_client_certificate(alert: rustls::AlertDescription) -> bool {
 /// The refusal under a failed call, if its source chain has one. tonic
 /// reports connection failures as "transport error" and keeps the cause in
 /// the chain.
-fn tls_refusal(status: &tonic::Status) -> Option<TlsRefusal> {
+pub(crate) fn tls_refusal(status: &tonic::Status) -> Option<TlsRefusal> {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(status);
     while let Some(e) = next {
         if let Some(r) = TlsRefusal::in_error(e) {

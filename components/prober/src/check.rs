@@ -450,11 +450,16 @@ mod tests {
             );
             tasks.push(tokio::spawn(check.run(table.clone(), cancel.clone())));
         }
-        while !(table.get("t1", ProbeKind::Tcp).is_some_and(|o| !o.ok)
-            && table.get("t2", ProbeKind::Tcp).is_some_and(|o| o.ok))
-        {
-            changes.changed().await.unwrap();
-        }
+        let settled = async {
+            while !(table.get("t1", ProbeKind::Tcp).is_some_and(|o| !o.ok)
+                && table.get("t2", ProbeKind::Tcp).is_some_and(|o| o.ok))
+            {
+                changes.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), settled)
+            .await
+            .expect("t1 down and t2 up within 30 s");
         cancel.cancel();
         for t in tasks {
             t.await.unwrap();

@@ -34,7 +34,10 @@ pub struct ProxyConfig {
     pub connect_attempts: u32,
     /// Client connections served at once; beyond it the proxy stops
     /// accepting and new clients wait in the kernel's accept queue. Each
-    /// connection costs two descriptors and `2 × bufferSize` of memory.
+    /// connection costs two descriptors (its two sockets) and
+    /// `2 × bufferSize` of memory; with `splice` on, up to six (a pipe of
+    /// two more for each direction that carries bulk data), which is what
+    /// the startup check of the descriptor limit counts.
     #[serde(default = "d_max_connections")]
     pub max_connections: u32,
     /// TCP keepalive on both sides of every connection.

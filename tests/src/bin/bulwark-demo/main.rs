@@ -397,9 +397,7 @@ mod demo {
         loop {
             let status = ctl.json(&["lb", "status"]).await;
             if let Ok(status) = &status
-                && let Some(id) = status["vip_holder"]
-                    .as_str()
-                    .and_then(|h| h.parse::<u64>().ok())
+                && let Some(id) = status["vip_holder"].as_u64()
                 && let Some(i) = cp.lbs.iter().position(|l| l.id == id)
                 && Some(i) != not
                 && cp.lbs[i].process.is_running()

@@ -39,8 +39,8 @@ pub const MANIFESTS: [(&str, &str); 3] = [
 /// `bulwarkctl init`'s arguments.
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
-    /// The cluster description (kind: ClusterDescription; deploy/config/
-    /// cluster.yaml is the example).
+    /// The cluster description (kind: ClusterDescription; the example is
+    /// deploy/config/cluster.yaml).
     #[arg(long = "from", value_name = "FILE")]
     pub from: PathBuf,
     /// Where to write `<node>/{lb,prober,backup}.yaml`, `kubeadm-config.yaml`,
@@ -164,8 +164,7 @@ pub fn run_init(args: &InitArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::new(Exit::Usage, format!("{}: {e}", args.from.display())))?;
     check_all(&files)?;
     write_all(&args.out, &files, args.force)?;
-    print_next_steps(&args.out, &cluster);
-    Ok(())
+    print_next_steps(&args.out, &cluster)
 }
 
 /// Runs `bulwarkctl manifest DAEMON`.
@@ -175,8 +174,7 @@ pub fn run_manifest(args: &ManifestArgs) -> Result<(), CliError> {
         .iter()
         .find(|(n, _)| *n == name)
         .ok_or_else(|| CliError::new(Exit::Usage, format!("no manifest for {}", args.daemon)))?;
-    print!("{text}");
-    Ok(())
+    crate::output::emit(text.as_bytes())
 }
 
 /// Reads a description and checks what serde cannot.
@@ -715,26 +713,26 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
-fn print_next_steps(out: &Path, c: &ClusterDescription) {
-    println!(
-        "wrote the configs of {} nodes under {}",
+fn print_next_steps(out: &Path, c: &ClusterDescription) -> Result<(), CliError> {
+    let mut text = format!(
+        "wrote the configs of {} nodes under {}\nnext (deploy/GUIDE.md walks each step):\n",
         c.nodes.len(),
         out.display()
     );
-    println!("next (deploy/GUIDE.md walks each step):");
     for n in &c.nodes {
-        println!(
-            "  {}: install {}/{}/*.yaml as /etc/bulwark/, manifests/ into /etc/kubernetes/manifests/, then bulwark-<daemon> --config /etc/bulwark/<daemon>.yaml --check-config",
+        text.push_str(&format!(
+            "  {}: install {}/{}/*.yaml as /etc/bulwark/, manifests/ into /etc/kubernetes/manifests/, then bulwark-<daemon> --config /etc/bulwark/<daemon>.yaml --check-config\n",
             n.name,
             out.display(),
             n.name
-        );
+        ));
     }
-    println!(
-        "  {}: kubeadm init --config {}/kubeadm-config.yaml --upload-certs",
+    text.push_str(&format!(
+        "  {}: kubeadm init --config {}/kubeadm-config.yaml --upload-certs\n",
         c.nodes[0].name,
         out.display()
-    );
+    ));
+    crate::output::emit(text.as_bytes())
 }
 
 #[cfg(test)]

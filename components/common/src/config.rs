@@ -370,8 +370,8 @@ pub fn from_str_with<T: ComponentConfig>(
 /// config for another machine: every check except those that read the
 /// files the config names (certificates, keys, tools), which exist only on
 /// the node; `--check-config` there runs them.
-pub fn check_offline<T: ComponentConfig>(text: &str) -> Result<Vec<FieldError>, ConfigError> {
-    build::<T>(Some(text), None, &Overrides::new(), Mode::Offline).map(|l| l.warnings)
+pub fn check_offline<T: ComponentConfig>(text: &str) -> Result<Loaded<T>, ConfigError> {
+    build::<T>(Some(text), None, &Overrides::new(), Mode::Offline)
 }
 
 /// How much of the checking [`build`] does.

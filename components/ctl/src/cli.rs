@@ -47,6 +47,10 @@ pub enum Command {
     /// Restore the whole etcd cluster from a snapshot (and its deltas, to
     /// the latest state, a revision or a time). Operators only.
     Restore(crate::restore::RestoreArgs),
+    /// Certificates on this node: `check` every file the daemon configs
+    /// name (key, chain, usages, SANs, identity, expiry).
+    #[command(subcommand)]
+    Certs(crate::certs::CertsCommand),
     /// Generate every node's configs, the kubeadm config, bulwarkctl.yaml
     /// and the static pod manifests from a cluster description.
     Init(crate::init::InitArgs),
@@ -86,6 +90,7 @@ impl Cli {
                 crate::restore::run(args, &session.backup()?, self.output).await
             }
             Command::Config(c) => self.config(c),
+            Command::Certs(c) => crate::certs::run(c, self.output),
             Command::Init(args) => crate::init::run_init(args),
             Command::Manifest(args) => crate::init::run_manifest(args),
             Command::Lb(c) => {

@@ -14,6 +14,7 @@
 //! - [`restore`]: `bulwarkctl restore`, whole-cluster etcd restore.
 
 pub mod backup;
+pub mod certs;
 pub mod cli;
 pub mod connect;
 pub mod context;

@@ -73,6 +73,14 @@ pub struct ProberConfig {
     pub report: ReportConfig,
 }
 
+impl ProberConfig {
+    /// The TLS identity this prober reports with, with the field naming
+    /// it: what the expiry metric and `bulwarkctl certs check` read.
+    pub fn certificates(&self) -> Vec<(&'static str, &TlsFiles)> {
+        vec![("report.tls", &self.report.tls)]
+    }
+}
+
 impl ComponentConfig for ProberConfig {
     const KIND: &'static str = "ProberConfiguration";
 

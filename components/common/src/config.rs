@@ -124,6 +124,9 @@ pub struct Validator {
     path: Vec<String>,
     errors: Vec<FieldError>,
     warnings: Vec<FieldError>,
+    /// Skip [`Validator::file_exists`]: the config is checked away from
+    /// the node whose files it names ([`check_offline`]).
+    offline: bool,
 }
 
 impl Validator {
@@ -166,11 +169,21 @@ impl Validator {
 
     /// Checks that a file exists and is readable, naming what it is for.
     pub fn file_exists(&mut self, field: impl Into<String>, path: &Path) {
+        if self.offline {
+            return;
+        }
         if let Err(e) = std::fs::File::open(path) {
             self.at(field, |v| {
                 v.error(format!("cannot read {}: {e}", path.display()));
             });
         }
+    }
+
+    /// Whether checks may read the files a config names: false when the
+    /// config is checked away from its node ([`check_offline`]). Checks
+    /// that load a file (a key, a certificate) skip themselves when false.
+    pub fn reads_files(&self) -> bool {
+        !self.offline
     }
 
     /// Checks that a duration is within `[min, max]`.
@@ -219,8 +232,10 @@ impl Validator {
     /// would fail at start. `listeners` are (field path, address).
     pub fn distinct_listeners(&mut self, listeners: &[(&str, SocketAddr)]) {
         for (i, (field, a)) in listeners.iter().enumerate() {
+            // Port 0 asks the kernel for a free port: never a clash.
             let clash = listeners[..i].iter().find(|(_, b)| {
-                a.port() == b.port()
+                a.port() != 0
+                    && a.port() == b.port()
                     && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
             });
             if let Some((other, b)) = clash {
@@ -338,7 +353,7 @@ pub fn load_checked<T: ComponentConfig>(
         ),
         None => None,
     };
-    build::<T>(text.as_deref(), file, overrides, true)
+    build::<T>(text.as_deref(), file, overrides, Mode::Preflight)
 }
 
 /// [`load`] from text already in memory; `origin` names it in errors.
@@ -348,14 +363,33 @@ pub fn from_str_with<T: ComponentConfig>(
     origin: Option<&Path>,
     overrides: &Overrides,
 ) -> Result<T, ConfigError> {
-    build::<T>(text, origin, overrides, false).map(|l| l.config)
+    build::<T>(text, origin, overrides, Mode::Validate).map(|l| l.config)
+}
+
+/// Parses and validates `text` as a generator does before writing a
+/// config for another machine: every check except those that read the
+/// files the config names (certificates, keys, tools), which exist only on
+/// the node; `--check-config` there runs them.
+pub fn check_offline<T: ComponentConfig>(text: &str) -> Result<Loaded<T>, ConfigError> {
+    build::<T>(Some(text), None, &Overrides::new(), Mode::Offline)
+}
+
+/// How much of the checking [`build`] does.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Field validation, files included.
+    Validate,
+    /// Field validation and the preflight checks.
+    Preflight,
+    /// Field validation without reading files.
+    Offline,
 }
 
 fn build<T: ComponentConfig>(
     text: Option<&str>,
     origin: Option<&Path>,
     overrides: &Overrides,
-    preflight: bool,
+    mode: Mode,
 ) -> Result<Loaded<T>, ConfigError> {
     let invalid = |errors: Vec<FieldError>| ConfigError::Invalid {
         file: origin.map(Path::to_owned),
@@ -397,9 +431,12 @@ fn build<T: ComponentConfig>(
     overrides.apply(&mut root);
 
     let config: T = deserialize_all(root).map_err(invalid)?;
-    let mut v = Validator::default();
+    let mut v = Validator {
+        offline: mode == Mode::Offline,
+        ..Validator::default()
+    };
     config.validate(&mut v);
-    if preflight {
+    if mode == Mode::Preflight {
         // A field validation already refused (a file that cannot be read)
         // is not reported a second time by the checks that read it.
         let known: Vec<String> = v.errors.iter().map(|e| e.path.clone()).collect();
@@ -783,6 +820,9 @@ mod tests {
             ("api.address", a("10.0.0.1:9441")),
             ("admin.address", a("127.0.0.1:9440")),
             ("localListener", a("127.0.0.2:9440")),
+            // Two "any free port" requests get two ports.
+            ("grpc.address", a("127.0.0.1:0")),
+            ("metrics.address", a("127.0.0.1:0")),
         ]);
         let errs: Vec<String> = v.into_errors().iter().map(|e| e.to_string()).collect();
         assert_eq!(errs.len(), 1, "{errs:#?}");

@@ -186,6 +186,12 @@ impl LbConfig {
         })
     }
 
+    /// Every TLS identity this node uses, with the field naming it: what
+    /// the expiry metric and `bulwarkctl certs check` read.
+    pub fn certificates(&self) -> Vec<(&'static str, &TlsFiles)> {
+        vec![("tls", &self.tls)]
+    }
+
     /// This node's name.
     pub fn node_name(&self) -> String {
         self.name
@@ -1717,7 +1723,7 @@ mod tests {
             e,
             vec![
                 "api.address: 127.0.0.1:9441 clashes with raft.address (127.0.0.1:9441): both would listen on port 9441; give each listener its own port",
-                "localListener: 0.0.0.0:9440 clashes with admin.address (127.0.0.1:9440): both would listen on port 9440; give each listener its own port",
+                "localListener: 0.0.0.0:9440 clashes with admin.address (0.0.0.0:9440): both would listen on port 9440; give each listener its own port",
             ]
         );
     }

@@ -54,6 +54,36 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
+/// `apiServer.certSANs` of the shipped deploy/config/kubeadm-config.yaml:
+/// what a test apiserver adds to kubeadm's own SANs to have the
+/// certificate an operator following the GUIDE gets.
+pub fn kubeadm_cert_sans() -> anyhow::Result<Vec<String>> {
+    use anyhow::Context as _;
+    let path = workspace_root().join("deploy/config/kubeadm-config.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    for doc in text.split("\n---\n") {
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc)
+            .with_context(|| format!("parsing a document of {}", path.display()))?;
+        if doc.get("kind").and_then(|k| k.as_str()) != Some("ClusterConfiguration") {
+            continue;
+        }
+        let sans = doc
+            .get("apiServer")
+            .and_then(|a| a.get("certSANs"))
+            .and_then(|s| s.as_sequence())
+            .context("ClusterConfiguration has no apiServer.certSANs list")?;
+        return sans
+            .iter()
+            .map(|s| match s {
+                serde_yaml_ng::Value::String(s) => Ok(s.clone()),
+                other => anyhow::bail!("certSANs holds {other:?}, not a string"),
+            })
+            .collect();
+    }
+    anyhow::bail!("{} has no ClusterConfiguration", path.display())
+}
+
 /// The tools directory: `$BULWARK_TOOLS_DIR`, else `<workspace>/.tools`.
 pub fn tools_dir() -> PathBuf {
     match std::env::var_os(TOOLS_DIR_ENV) {

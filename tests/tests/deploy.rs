@@ -360,6 +360,31 @@ fn kubeadm_config_sets_a_goaway_chance_kube_apiserver_accepts() {
     assert!(chance > 0.0, "a goaway chance of 0 is off");
 }
 
+/// The apiserver certificate covers every address the front serves it
+/// under: the VIP (controlPlaneEndpoint) and each node's node-local
+/// listener (KubePrism-style, the kubelet's server in the GUIDE). TLS
+/// passes through, so a host missing here fails every client verifying it.
+#[test]
+fn kubeadm_cert_sans_cover_the_vip_and_the_node_local_listener() {
+    let sans = tools::kubeadm_cert_sans().unwrap();
+    let cluster = kubeadm_config("ClusterConfiguration");
+    let endpoint = str_at(&cluster, "controlPlaneEndpoint");
+    let (vip, _) = endpoint.rsplit_once(':').unwrap();
+    assert!(
+        sans.iter().any(|s| s == vip),
+        "certSANs {sans:?} lack the VIP {vip}"
+    );
+    for node in NODES {
+        let lb = node_config(node, "bulwark-lb");
+        let local: SocketAddr = str_at(&lb, "localListener").parse().unwrap();
+        assert!(
+            sans.contains(&local.ip().to_string()),
+            "certSANs {sans:?} lack {}, where {node}'s node-local listener serves the apiservers",
+            local.ip()
+        );
+    }
+}
+
 #[test]
 fn manifests_are_control_plane_static_pods() {
     let image = image_files();

@@ -219,8 +219,10 @@ impl Validator {
     /// would fail at start. `listeners` are (field path, address).
     pub fn distinct_listeners(&mut self, listeners: &[(&str, SocketAddr)]) {
         for (i, (field, a)) in listeners.iter().enumerate() {
+            // Port 0 asks the kernel for a free port: never a clash.
             let clash = listeners[..i].iter().find(|(_, b)| {
-                a.port() == b.port()
+                a.port() != 0
+                    && a.port() == b.port()
                     && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
             });
             if let Some((other, b)) = clash {
@@ -783,6 +785,9 @@ mod tests {
             ("api.address", a("10.0.0.1:9441")),
             ("admin.address", a("127.0.0.1:9440")),
             ("localListener", a("127.0.0.2:9440")),
+            // Two "any free port" requests get two ports.
+            ("grpc.address", a("127.0.0.1:0")),
+            ("metrics.address", a("127.0.0.1:0")),
         ]);
         let errs: Vec<String> = v.into_errors().iter().map(|e| e.to_string()).collect();
         assert_eq!(errs.len(), 1, "{errs:#?}");

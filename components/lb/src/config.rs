@@ -1492,7 +1492,7 @@ mod tests {
             e,
             vec![
                 "api.address: 127.0.0.1:9441 clashes with raft.address (127.0.0.1:9441): both would listen on port 9441; give each listener its own port",
-                "localListener: 0.0.0.0:9440 clashes with admin.address (127.0.0.1:9440): both would listen on port 9440; give each listener its own port",
+                "localListener: 0.0.0.0:9440 clashes with admin.address (0.0.0.0:9440): both would listen on port 9440; give each listener its own port",
             ]
         );
     }

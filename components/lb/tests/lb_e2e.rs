@@ -46,21 +46,13 @@ async fn cluster_with(apis: &[ApiServerProcess], pki: Pki, vip: std::net::Socket
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heavy_kubectl_through_the_vip_sees_the_apiserver_certificate() {
-    bulwark_testkit::install_crypto_provider();
-    let pki = Pki::new().unwrap();
-    let vip = new_vip();
-    let apis = apiservers(&pki, vip, 2).await;
-    let c = cluster_with(&apis, pki.clone(), vip).await;
-    let holder = c.wait_for_holder(None, Duration::from_secs(10)).await;
-    c.wait_for_backends(holder, 2).await;
-
+/// `kubectl get --raw /readyz` against `server`, trusting `pki`'s CA.
+async fn kubectl_readyz(pki: &Pki, server: &str) -> std::process::Output {
     // An empty kubeconfig and a token: without credentials kubectl would
     // prompt for a user name.
     let kubeconfig = tempfile::NamedTempFile::new().unwrap();
-    let out = tokio::process::Command::new(bulwark_testkit::tools::kubectl().unwrap())
-        .arg(format!("--server=https://{vip}"))
+    tokio::process::Command::new(bulwark_testkit::tools::kubectl().unwrap())
+        .arg(format!("--server={server}"))
         .arg(format!(
             "--certificate-authority={}",
             pki.ca_path().display()
@@ -76,7 +68,73 @@ async fn heavy_kubectl_through_the_vip_sees_the_apiserver_certificate() {
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The GUIDE points each node's kubelet at its node-local listener
+/// (https://127.0.0.1:7445, KubePrism-style). The apiservers here have the
+/// certificate kubeadm issues from the shipped kubeadm config (kubeadm's
+/// own SANs, not 127.0.0.1, plus its `certSANs`), so this fails unless the
+/// shipped config covers the listener's address; the real kubectl then
+/// verifies the apiserver through every node's listener, leader or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_kubectl_through_every_nodes_local_listener_with_kubeadms_certificate() {
+    bulwark_testkit::install_crypto_provider();
+    let pki = Pki::new().unwrap();
+    let cert_sans = bulwark_testkit::tools::kubeadm_cert_sans().unwrap();
+    let mut apis = Vec::new();
+    for i in 1..=2u8 {
+        // Not on 127.0.0.1: kubeadm puts the advertise address in the
+        // certificate, and it must not be the listener's address.
+        let listen = std::net::SocketAddr::from(([127, 0, 0, 20 + i], 0));
+        apis.push(
+            ApiServerProcess::builder(format!("cp-{i}"))
+                .listen(listen)
+                .kubeadm_sans(&cert_sans)
+                .start(&pki)
+                .await
+                .unwrap(),
+        );
+    }
+    let c = LbCluster::start_with_pki(
+        pki.clone(),
+        Options {
+            nodes: 3,
+            backends: apis
+                .iter()
+                .map(|a| (a.name().to_owned(), a.addr()))
+                .collect(),
+            snapshot_every: None,
+            local_listeners: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    for n in &c.nodes {
+        c.wait_for_backends(n.id, 2).await;
+        let local = n.local.unwrap();
+        let out = kubectl_readyz(&pki, &format!("https://{local}")).await;
+        assert!(
+            out.status.success(),
+            "kubectl through lb-{}'s node-local listener {local}: {}",
+            n.id,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_kubectl_through_the_vip_sees_the_apiserver_certificate() {
+    bulwark_testkit::install_crypto_provider();
+    let pki = Pki::new().unwrap();
+    let vip = new_vip();
+    let apis = apiservers(&pki, vip, 2).await;
+    let c = cluster_with(&apis, pki.clone(), vip).await;
+    let holder = c.wait_for_holder(None, Duration::from_secs(10)).await;
+    c.wait_for_backends(holder, 2).await;
+
+    let out = kubectl_readyz(&pki, &format!("https://{vip}")).await;
     assert!(
         out.status.success(),
         "kubectl: {}",

@@ -24,6 +24,8 @@ pub struct LbNode {
     pub raft: SocketAddr,
     pub api: SocketAddr,
     pub admin: SocketAddr,
+    /// The node-local listener, with [`Options::local_listeners`].
+    pub local: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub config: PathBuf,
 }
@@ -63,6 +65,9 @@ pub struct Options {
     /// YAML appended to every node's configuration (e.g. a `health:`
     /// section).
     pub extra_yaml: String,
+    /// Give every node a node-local listener on 127.0.0.1 (its address
+    /// in [`LbNode::local`]).
+    pub local_listeners: bool,
 }
 
 /// A VIP:port of its own on loopback (127.77.0.0/16), so parallel tests do
@@ -102,21 +107,22 @@ impl LbCluster {
         let vip_ip = vip.ip();
 
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let ports = ports::free_ports(loopback, 3 * opts.nodes as usize).unwrap();
-        let addrs: Vec<(u64, SocketAddr, SocketAddr, SocketAddr)> = (0..opts.nodes)
+        let ports = ports::free_ports(loopback, 4 * opts.nodes as usize).unwrap();
+        let addrs: Vec<(u64, SocketAddr, SocketAddr, SocketAddr, SocketAddr)> = (0..opts.nodes)
             .map(|i| {
-                let p = &ports[i as usize * 3..];
+                let p = &ports[i as usize * 4..];
                 (
                     i + 1,
                     SocketAddr::new(loopback, p[0]),
                     SocketAddr::new(loopback, p[1]),
                     SocketAddr::new(loopback, p[2]),
+                    SocketAddr::new(loopback, p[3]),
                 )
             })
             .collect();
         let members: String = addrs
             .iter()
-            .map(|(id, raft, api, _)| {
+            .map(|(id, raft, api, _, _)| {
                 format!(
                     "- {{id: {id}, name: lb-{id}, raftAddress: '{raft}', apiAddress: '{api}'}}\n"
                 )
@@ -136,7 +142,8 @@ impl LbCluster {
             .peer("lb-peer", &["bulwark:lb"], &["127.0.0.1", "localhost"])
             .unwrap();
         let mut nodes = Vec::new();
-        for (id, raft, api, admin) in addrs {
+        for (id, raft, api, admin, local) in addrs {
+            let local = opts.local_listeners.then_some(local);
             let cert = pki
                 .peer(
                     &format!("lb-{id}"),
@@ -177,8 +184,11 @@ backends:{backends}proxy:
   connectTimeout: 200ms
   shutdownGrace: 1s
 shutdownGrace: 5s
-{extra}",
+{local}{extra}",
                     extra = opts.extra_yaml,
+                    local = local
+                        .map(|l| format!("localListener: '{l}'\n"))
+                        .unwrap_or_default(),
                     data = data_dir.display(),
                     cert = cert.cert.display(),
                     key = cert.key.display(),
@@ -209,6 +219,7 @@ shutdownGrace: 5s
                 raft,
                 api,
                 admin,
+                local,
                 data_dir,
                 config,
             });

@@ -445,6 +445,7 @@ impl pb::backup_server::Backup for BackupApi {
                 segment_count: segments.len() as u64,
             }),
             last_drill: s.last_drill().map(|r| r.to_result()),
+            last_verify: s.last_verify().map(|r| r.to_result()),
             restore_in_progress: s.restore_running().map(|r| pb::RestoreInProgress {
                 restore_id: r.restore_id,
                 coordinator: engine.node_name.clone(),

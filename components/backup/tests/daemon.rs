@@ -269,7 +269,34 @@ async fn heavy_grpc_api_enforces_access_and_streams_progress() {
         status.store_url
     );
     assert_eq!(status.last_success.unwrap().id, manifest.id);
-    assert!(status.last_drill.unwrap().passed);
+    let drill = status.last_drill.unwrap();
+    assert!(drill.passed && drill.drill, "{drill:?}");
+    assert!(status.last_verify.is_none(), "{:?}", status.last_verify);
+
+    // A plain verification is shown (and exported) apart: the drill stays.
+    let mut stream = op
+        .clone()
+        .verify_snapshot(pb::VerifySnapshotRequest {
+            snapshot: Some(pb::SnapshotSelector {
+                selector: Some(pb::snapshot_selector::Selector::Id(manifest.id.clone())),
+            }),
+            drill: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(msg) = stream.next().await {
+        msg.unwrap();
+    }
+    let status = view
+        .clone()
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.last_drill.as_ref(), Some(&drill));
+    let verify = status.last_verify.unwrap();
+    assert!(verify.passed && !verify.drill, "{verify:?}");
 
     // Deleting: operators only, and the newest needs force.
     let req = |force| pb::DeleteSnapshotRequest {
@@ -320,6 +347,10 @@ async fn heavy_grpc_api_enforces_access_and_streams_progress() {
     );
     assert!(
         body.contains("bulwark_backup_last_drill_success 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("bulwark_backup_last_verify_success 1"),
         "{body}"
     );
 

@@ -649,6 +649,17 @@ struct StatusView {
     last_success: Option<String>,
     last_error: Option<String>,
     last_drill: Option<String>,
+    last_verify: Option<String>,
+}
+
+/// One drill's or verification's outcome: `ID passed|FAILED at TIME`.
+fn check_line(d: &pb::VerifyResult) -> String {
+    format!(
+        "{} {} at {}",
+        d.snapshot_id,
+        if d.passed { "passed" } else { "FAILED" },
+        time(d.finished_at.as_ref())
+    )
 }
 
 fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), CliError> {
@@ -673,14 +684,8 @@ fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), C
             .last_error
             .as_ref()
             .map(|e| format!("{} ({}): {}", time(e.at.as_ref()), e.operation, e.message)),
-        last_drill: s.last_drill.as_ref().map(|d| {
-            format!(
-                "{} {} at {}",
-                d.snapshot_id,
-                if d.passed { "passed" } else { "FAILED" },
-                time(d.finished_at.as_ref())
-            )
-        }),
+        last_drill: s.last_drill.as_ref().map(check_line),
+        last_verify: s.last_verify.as_ref().map(check_line),
     };
     output::print(format, &view, |v| {
         output::fields(&[
@@ -715,6 +720,10 @@ fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), C
             (
                 "last drill",
                 v.last_drill.clone().unwrap_or_else(|| "none".into()),
+            ),
+            (
+                "last verify",
+                v.last_verify.clone().unwrap_or_else(|| "none".into()),
             ),
         ])
     })

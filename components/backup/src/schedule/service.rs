@@ -64,6 +64,7 @@ struct State {
     next_run: Option<DateTime<Utc>>,
     last_error: Option<ErrorRecord>,
     last_drill: Option<VerificationRecord>,
+    last_verify: Option<VerificationRecord>,
 }
 
 /// The service shared by the scheduler and the gRPC handlers.
@@ -171,9 +172,17 @@ impl Service {
         self.lock().last_error.clone()
     }
 
-    /// The last drill or verification this instance ran.
+    /// The last drill (a throwaway etcd started from a snapshot) this
+    /// instance ran.
     pub fn last_drill(&self) -> Option<VerificationRecord> {
         self.lock().last_drill.clone()
+    }
+
+    /// The last plain verification (hashes and decryption, no etcd) this
+    /// instance ran. Kept apart from drills: verifying an old snapshot
+    /// says nothing about whether the newest one restores.
+    pub fn last_verify(&self) -> Option<VerificationRecord> {
+        self.lock().last_verify.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -224,7 +233,13 @@ impl Service {
             .verify_snapshot(id, drill, progress, cancel)
             .await?;
         crate::metrics::verified(&record);
-        self.lock().last_drill = Some(record.clone());
+        let mut state = self.lock();
+        let slot = if record.drill {
+            &mut state.last_drill
+        } else {
+            &mut state.last_verify
+        };
+        *slot = Some(record.clone());
         Ok(record)
     }
 

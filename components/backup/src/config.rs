@@ -1179,6 +1179,9 @@ mod tests {
         );
     }
 
+    /// A section's name and the check of its type.
+    type SectionCheck = (&'static str, fn(&str));
+
     /// Every field of `T`'s default given alone parses back to the whole
     /// default: a section given with one field keeps every other field's
     /// default (`schedule: {retries: 3}` once turned scheduling off).
@@ -1218,7 +1221,7 @@ mod tests {
         // `retention.policy` is left out on purpose: it is a set of rules
         // (OR-combined), and a policy that is given is exactly the rules
         // it names (BACKUP.md); its `exponential` rule is a section.
-        let sections: [(&str, fn(&str)); 13] = [
+        let sections: &[SectionCheck] = &[
             ("logging", assert_fields_merge::<LoggingConfig>),
             ("grpc", assert_fields_merge::<GrpcConfig>),
             ("grpc.access", assert_fields_merge::<AccessPolicy>),

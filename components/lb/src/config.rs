@@ -1562,6 +1562,9 @@ mod tests {
         );
     }
 
+    /// A section's name and the check of its type.
+    type SectionCheck = (&'static str, fn(&str));
+
     /// Every field of `T`'s default given alone parses back to the whole
     /// default: a section given with one field keeps every other field's
     /// default.
@@ -1599,7 +1602,7 @@ mod tests {
     /// names them); every other section has a default for each field.
     #[test]
     fn every_section_merges_with_its_defaults() {
-        let sections: [(&str, fn(&str)); 8] = [
+        let sections: &[SectionCheck] = &[
             ("raft", assert_fields_merge::<RaftConfig>),
             ("access", assert_fields_merge::<AccessPolicy>),
             ("vip", assert_fields_merge::<VipConfig>),

@@ -752,6 +752,9 @@ mod tests {
         assert!(split_address("h:x").is_err());
     }
 
+    /// A section's name and the check of its type.
+    type SectionCheck = (&'static str, fn(&str));
+
     /// Every field of `T`'s default given alone parses back to the whole
     /// default: a section given with one field keeps every other field's
     /// default.
@@ -789,7 +792,7 @@ mod tests {
     /// error names them); every other section has a default for each field.
     #[test]
     fn every_section_merges_with_its_defaults() {
-        let sections: [(&str, fn(&str)); 5] = [
+        let sections: &[SectionCheck] = &[
             ("logging", assert_fields_merge::<LoggingConfig>),
             ("probing", assert_fields_merge::<ProbingConfig>),
             ("apiservers", assert_fields_merge::<ApiserverTargets>),

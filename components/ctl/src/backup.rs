@@ -552,7 +552,7 @@ async fn status(service: &Service<'_>, format: OutputFormat) -> Result<(), CliEr
     let s = service
         .send(
             BackupClient::new,
-            pb::GetStatusRequest {},
+            pb::GetStatusRequest::default(),
             |mut c, r| async move { c.get_status(r).await },
         )
         .await?;

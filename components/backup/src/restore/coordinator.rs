@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulwark_api::backup::v1 as pb;
+use bulwark_api::backup::v1::backup_client::BackupClient;
 use bulwark_api::backup::v1::restore_agent_client::RestoreAgentClient;
 use bulwark_common::tls::TlsMaterial;
 use chrono::Utc;
@@ -122,6 +123,14 @@ impl Coordinator {
             peers,
             client_tls: Arc::new(client_tls),
         }
+    }
+
+    /// A `Backup` client for the instance at `address` (the schedule
+    /// leader, for what only it knows), with the agents' client identity.
+    pub fn backup_client(&self, address: &str) -> Result<BackupClient<Channel>> {
+        let ch = bulwark_common::grpc::channel(address, &self.client_tls, None)
+            .map_err(|e| BackupError::InvalidArgument(format!("leader address {address}: {e}")))?;
+        Ok(BackupClient::new(ch))
     }
 
     fn client(&self, address: &str) -> Result<RestoreAgentClient<Channel>> {

@@ -426,16 +426,26 @@ impl pb::backup_server::Backup for BackupApi {
             };
         let leader = leader_info.name.clone();
         let latest = engine.list_snapshots().await?.into_iter().next();
+        let last_restore = engine.last_restore().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "status: could not read the restore records");
+            None
+        });
+        // A restore after the newest snapshot abandoned its timeline.
+        let abandoned = last_restore.as_ref().is_some_and(|r| {
+            latest
+                .as_ref()
+                .is_none_or(|l| l.manifest.started_at < r.finished_at)
+        });
         // Segments of the newest snapshot: the history that can be restored.
         let segments = match &latest {
-            Some(l) => engine.list_segments(Some(&l.manifest.id)).await?,
-            None => Vec::new(),
+            Some(l) if !abandoned => engine.list_segments(Some(&l.manifest.id)).await?,
+            _ => Vec::new(),
         };
-        let covered = latest.as_ref().map(|l| {
-            crate::delta::check_continuity(l.manifest.revision, &segments)
-                .unwrap_or(l.manifest.revision)
-                .max(l.manifest.revision_max)
-        });
+        let covered = crate::restore::record::covered_revision(
+            latest.as_ref().map(|l| &l.manifest),
+            &segments,
+            last_restore.as_ref(),
+        );
         let ds = s.delta_status();
         let now = Utc::now();
         let lag = ds.rpo_lag(now);

@@ -169,11 +169,10 @@ fn spawn_grpc(
     service: &Arc<service::Service>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
-    let agent = Arc::new(agent::Agent::new(
-        engine.clone(),
-        config.restore.clone(),
-        agent_address,
-    ));
+    let agent = Arc::new(
+        agent::Agent::new(engine.clone(), config.restore.clone(), agent_address)
+            .with_recorder_pause(service.recorder_pause().clone()),
+    );
     let client_tls = config
         .restore
         .client_tls

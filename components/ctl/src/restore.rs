@@ -59,7 +59,10 @@ struct Summary {
     restore_id: String,
     dry_run: bool,
     snapshot_id: String,
+    /// The revision restored to (before any bump).
     revision: i64,
+    /// The cluster's revision when it was checked (bump and writes since).
+    live_revision: i64,
     cluster_id: String,
     deltas_applied: u32,
     took: String,
@@ -232,6 +235,7 @@ pub async fn run(
         })
         .await?;
     let bar = spinner();
+    let mut target = TargetLine::default();
     while let Some(msg) = stream
         .message()
         .await
@@ -239,8 +243,16 @@ pub async fn run(
     {
         let restore_id = msg.restore_id.clone();
         match msg.event {
-            Some(pb::restore_progress::Event::Plan(p)) => say_plan(&bar, &restore_id, &p),
-            Some(pb::restore_progress::Event::Phase(p)) => bar.set_message(phase_message(&p)),
+            Some(pb::restore_progress::Event::Plan(p)) => {
+                target.undecided = p.target_revision == 0;
+                say_plan(&bar, &restore_id, &p);
+            }
+            Some(pb::restore_progress::Event::Phase(p)) => {
+                if let Some(line) = target.on_phase(&p) {
+                    say(&bar, line);
+                }
+                bar.set_message(phase_message(&p));
+            }
             Some(pb::restore_progress::Event::Node(n)) => say(&bar, node_line(&n)),
             Some(pb::restore_progress::Event::Done(s)) => {
                 bar.finish_and_clear();
@@ -248,17 +260,18 @@ pub async fn run(
             }
             Some(pb::restore_progress::Event::Failed(f)) => {
                 bar.finish_and_clear();
-                let exit = if f.phase == pb::RestorePhase::Download as i32 {
-                    Exit::VerifyFailed
-                } else {
-                    Exit::Failure
-                };
+                let exit = failure_exit(&f);
                 let message = f.message.clone();
                 let report = failure_report(restore_id, f);
                 print_failure(&report, format)?;
+                // The message is said once, here (the report above has
+                // the nodes and what to do).
                 return Err(CliError::new(
                     exit,
-                    format!("restore failed in phase {}: {message}", report.phase),
+                    format!(
+                        "restore {} failed in phase {}: {message}",
+                        report.restore_id, report.phase
+                    ),
                 ));
             }
             None => {}
@@ -268,6 +281,31 @@ pub async fn run(
         Exit::Failure,
         "the restore stream ended without a result; check `bulwarkctl backup status` and the nodes",
     ))
+}
+
+/// A target revision chosen while replaying (`--to-time`, `--to-latest`)
+/// is known once the build phase ends: it gets a line of its own, not only
+/// the spinner (hidden without a terminal).
+#[derive(Default)]
+struct TargetLine {
+    undecided: bool,
+    last_built: Option<i64>,
+}
+
+impl TargetLine {
+    /// The line to print, once, when the phase after the build begins.
+    fn on_phase(&mut self, p: &pb::RestorePhaseProgress) -> Option<String> {
+        if !self.undecided {
+            return None;
+        }
+        if p.phase == pb::RestorePhase::Build as i32 {
+            self.last_built = p.revision.or(self.last_built);
+            return None;
+        }
+        let r = self.last_built.take()?;
+        self.undecided = false;
+        Some(format!("target revision {r} (chosen while replaying)"))
+    }
 }
 
 /// The plan, as lines above the spinner: what is restored to where.
@@ -347,6 +385,7 @@ fn summary(restore_id: String, s: pb::RestoreSummary) -> Summary {
         dry_run: s.dry_run,
         snapshot_id: s.snapshot_id,
         revision: s.revision,
+        live_revision: s.live_revision,
         cluster_id: format!("{:x}", s.cluster_id),
         deltas_applied: s.deltas_applied,
         took: s
@@ -396,12 +435,17 @@ fn failure_report(restore_id: String, f: pb::RestoreFailure) -> FailureReport {
 fn print_summary(s: &Summary, format: OutputFormat) -> Result<(), CliError> {
     output::print(format, s, |s| {
         let mut out = format!(
-            "{} {}: snapshot {}, {} delta segment(s), revision {}, cluster {}, took {}\n",
+            "{} {}: snapshot {}, {} delta segment(s), revision {}{}, cluster {}, took {}\n",
             if s.dry_run { "dry run" } else { "restored" },
             s.restore_id,
             s.snapshot_id,
             s.deltas_applied,
             s.revision,
+            if s.live_revision > s.revision {
+                format!(" (live revision {})", s.live_revision)
+            } else {
+                String::new()
+            },
             s.cluster_id,
             s.took
         );
@@ -415,12 +459,27 @@ fn print_summary(s: &Summary, format: OutputFormat) -> Result<(), CliError> {
     })
 }
 
+/// The exit code of a failed restore, as docs/OPERATIONS.md documents
+/// them: the cause's status code when the request was at fault (2 for a
+/// target that is not covered, 5 for an unknown snapshot, 6 refused), 7
+/// for a snapshot or segment that fails its checks, else 1.
+fn failure_exit(f: &pb::RestoreFailure) -> Exit {
+    if f.code != 0 {
+        let status = tonic::Status::new(tonic::Code::from(f.code), f.message.clone());
+        return CliError::from_status(&status, "bulwark-backup", "").exit();
+    }
+    if f.phase == pb::RestorePhase::Download as i32 {
+        Exit::VerifyFailed
+    } else {
+        Exit::Failure
+    }
+}
+
+/// The report without the message (the error line that follows carries
+/// it): what to do, then where each node stands.
 fn print_failure(r: &FailureReport, format: OutputFormat) -> Result<(), CliError> {
     output::print(format, r, |r| {
-        let mut out = format!(
-            "restore {} failed in phase {}: {}\n{}\n",
-            r.restore_id, r.phase, r.message, r.instructions
-        );
+        let mut out = format!("{}\n", r.instructions);
         for n in &r.nodes {
             out.push_str(&format!(
                 "  {}: last step {}, manifest in place {}, data dir moved {}{}, restored {}{}\n",
@@ -446,4 +505,89 @@ fn print_failure(r: &FailureReport, format: OutputFormat) -> Result<(), CliError
         }
         out
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(p: pb::RestorePhase, revision: Option<i64>) -> pb::RestorePhaseProgress {
+        pb::RestorePhaseProgress {
+            phase: p as i32,
+            transfer: None,
+            revision,
+        }
+    }
+
+    /// `--to-time`: the revision chosen while replaying gets one plain
+    /// line when the build ends; a plan that named it gets none.
+    #[test]
+    fn a_target_chosen_while_replaying_gets_a_line() {
+        let mut t = TargetLine {
+            undecided: true,
+            last_built: None,
+        };
+        assert_eq!(t.on_phase(&phase(pb::RestorePhase::Download, None)), None);
+        assert_eq!(t.on_phase(&phase(pb::RestorePhase::Build, Some(120))), None);
+        assert_eq!(t.on_phase(&phase(pb::RestorePhase::Build, Some(131))), None);
+        assert_eq!(
+            t.on_phase(&phase(pb::RestorePhase::Upload, None))
+                .as_deref(),
+            Some("target revision 131 (chosen while replaying)")
+        );
+        assert_eq!(t.on_phase(&phase(pb::RestorePhase::Prepare, None)), None);
+
+        let mut named = TargetLine::default();
+        assert_eq!(
+            named.on_phase(&phase(pb::RestorePhase::Build, Some(5004))),
+            None
+        );
+        assert_eq!(named.on_phase(&phase(pb::RestorePhase::Upload, None)), None);
+    }
+
+    #[test]
+    fn failures_exit_as_documented() {
+        let failure = |code: tonic::Code, phase: pb::RestorePhase| pb::RestoreFailure {
+            phase: phase as i32,
+            code: if code == tonic::Code::Ok {
+                0
+            } else {
+                code as i32
+            },
+            message: "x".into(),
+            ..Default::default()
+        };
+        use pb::RestorePhase::*;
+        for (code, phase, exit) in [
+            (tonic::Code::InvalidArgument, Plan, 2),
+            (tonic::Code::NotFound, Plan, 5),
+            (tonic::Code::FailedPrecondition, Plan, 6),
+            (tonic::Code::Ok, Download, 7),
+            (tonic::Code::Ok, StartMembers, 1),
+        ] {
+            assert_eq!(
+                failure_exit(&failure(code, phase)).code(),
+                exit,
+                "{code:?} {phase:?}"
+            );
+        }
+    }
+
+    /// The summary's revision is the one restored; the live one is beside it.
+    #[test]
+    fn the_summary_reports_the_restored_revision() {
+        let s = summary(
+            "r1".into(),
+            pb::RestoreSummary {
+                revision: 5004,
+                live_revision: 1_000_005_005,
+                snapshot_id: "snap".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(s.revision, 5004);
+        let json = output::render(OutputFormat::Json, &s, |_| String::new()).unwrap();
+        assert!(json.contains("\"revision\": 5004"), "{json}");
+        assert!(json.contains("\"live_revision\": 1000005005"), "{json}");
+    }
 }

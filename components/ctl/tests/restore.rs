@@ -590,6 +590,38 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     );
     assert_eq!(user_state(&mut c, 0).await.len(), want.len() + 30);
 
+    // A revision nothing covers is a bad argument (exit 2), said once,
+    // with nothing touched.
+    let uncovered = (r2 + 100_000).to_string();
+    let starts_now = starts(kubelets);
+    let out = ctl(
+        &["restore", "--to-revision", &uncovered, "--yes"],
+        &agents[0],
+        &operator,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(
+        text(&out).matches("is not covered").count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert_eq!(starts(kubelets), starts_now);
+
+    // Delta coverage through the CLI: from the snapshot to the last write.
+    let out = ctl(&["backup", "deltas", "-o", "json"], &agents[2], &operator).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let deltas: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(deltas["base_snapshot"], base_id.as_str(), "{deltas}");
+    assert!(deltas["to_revision"].as_i64().unwrap() >= r2, "{deltas}");
+    assert!(deltas["segment_count"].as_u64().unwrap() > 0, "{deltas}");
+
+    // The old cluster's last write before the real restore: the recorder
+    // pauses from PREPARE on, so nothing after it (bulwark-backup's own
+    // election keys while members stop) joins the old timeline.
+    let before_restore = c.get("x", None).await.unwrap().header().unwrap().revision();
+
     // The real restore, to the revision between the two batches.
     let out = ctl(
         &[
@@ -616,6 +648,19 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["snapshot_id"], base_id.as_str());
     assert_eq!(summary["nodes"].as_array().unwrap().len(), 3);
+    // The revision restored, not the live one after bulwark's own writes.
+    assert_eq!(summary["revision"].as_i64(), Some(r1), "{summary}");
+    assert!(
+        summary["live_revision"].as_i64().unwrap() >= r1,
+        "{summary}"
+    );
+    let old_timeline = engine.list_segments(Some(&base_id)).await.unwrap();
+    let recorded = old_timeline.last().map_or(0, |s| s.last_revision);
+    assert!(
+        recorded <= before_restore,
+        "the recorder went on recording the old cluster during the restore: \
+         segments reach {recorded}, the last write before it was {before_restore}"
+    );
 
     let mut c = client().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
@@ -639,6 +684,18 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     );
     assert!(status.header().unwrap().revision() >= r1);
     assert_eq!(c.member_list().await.unwrap().members().len(), 3);
+    // Coverage starts again from the restore point: r1 until a snapshot
+    // of the restored (revision-bumped) cluster, never the abandoned r2.
+    for agent in agents {
+        let out = ctl(&["backup", "status", "-o", "json"], agent, &operator).await;
+        assert!(out.status.success(), "{}", text(&out));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let covered = s["covered_to_revision"].as_i64().unwrap();
+        assert!(
+            covered == r1 || covered >= r1 + 1_000_000_000,
+            "covered to {covered} after a restore to {r1} (abandoned timeline reached {r2}): {s}"
+        );
+    }
     for n in nodes {
         let mut one = etcd_client::Client::connect([n.client_url.clone()], None)
             .await

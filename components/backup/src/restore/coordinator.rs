@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::restore::pitr::{BuildEvent, BuiltTarget, Plan, Target};
+use crate::restore::record::RestoreRecord;
 use crate::restore::rollback::abort_node;
 use crate::schedule::service::{RestoreRunning, Service};
 use crate::snapshot::manifest::timestamp;
@@ -97,12 +98,18 @@ impl Events {
 
 /// A failure at `phase`.
 pub(super) struct Failed {
+    /// The cause's status code when it says what the request got wrong
+    /// (a target that is not covered: INVALID_ARGUMENT; a snapshot that
+    /// does not exist: NOT_FOUND), so `bulwarkctl` exits as for the same
+    /// status; `None`: a failure of the restore itself.
+    pub(super) code: Option<tonic::Code>,
     pub(super) phase: pb::RestorePhase,
     pub(super) error: String,
 }
 
 fn fail(phase: pb::RestorePhase) -> impl Fn(BackupError) -> Failed {
     move |e| Failed {
+        code: None,
         phase,
         error: e.to_string(),
     }
@@ -110,6 +117,7 @@ fn fail(phase: pb::RestorePhase) -> impl Fn(BackupError) -> Failed {
 
 fn status_fail(phase: pb::RestorePhase, node: &str) -> impl Fn(Status) -> Failed + '_ {
     move |s| Failed {
+        code: None,
         phase,
         error: format!("node {node}: {}", s.message()),
     }
@@ -283,6 +291,7 @@ impl Coordinator {
             took: None,
             nodes: Vec::new(),
             dry_run: req.dry_run,
+            live_revision: 0,
         };
         if members_started {
             verify_cluster(run, &planned.nodes, built.revision, &mut summary).await?;
@@ -305,7 +314,14 @@ impl Coordinator {
             .engine
             .plan_restore(snapshot.as_deref(), target)
             .await
-            .map_err(fail(pb::RestorePhase::Plan))?;
+            .map_err(|e| {
+                let error = e.to_string();
+                Failed {
+                    code: Some(Status::from(e).code()),
+                    phase: pb::RestorePhase::Plan,
+                    error,
+                }
+            })?;
         let lacking_bump: Vec<&str> = nodes
             .iter()
             .filter(|(n, _)| {
@@ -380,6 +396,7 @@ impl Coordinator {
                 .into_inner();
             if !info.restore_in_progress.is_empty() {
                 return Err(Failed {
+                    code: None,
                     phase: pb::RestorePhase::Plan,
                     error: format!(
                         "node {} is held by restore {}",
@@ -445,6 +462,7 @@ impl Coordinator {
             .build_target(plan, work.path(), &on_build, run.cancel)
             .await
             .map_err(|e| Failed {
+                code: None,
                 phase: if matches!(e, BackupError::Corrupt { .. }) {
                     pb::RestorePhase::Download
                 } else {
@@ -647,6 +665,19 @@ impl Coordinator {
         }
         summary.took = Some(d(run.started.elapsed()));
         crate::metrics::restore_finished(if summary.dry_run { "dry_run" } else { "done" });
+        if !summary.dry_run {
+            let record = RestoreRecord {
+                restore_id: run.rid.clone(),
+                finished_at: Utc::now(),
+                snapshot_id: summary.snapshot_id.clone(),
+                revision: summary.revision,
+                cluster_id: summary.cluster_id,
+                coordinated_by: run.engine.node_name.clone(),
+            };
+            if let Err(e) = run.engine.record_restore(&record).await {
+                tracing::warn!(restore_id = %run.rid, error = %e, "could not store the restore record: status coverage shows the old timeline until the next snapshot");
+            }
+        }
         tracing::info!(restore_id = %run.rid, revision = summary.revision, "restore finished");
         run.events
             .send(pb::restore_progress::Event::Done(summary))
@@ -676,6 +707,7 @@ async fn verify_cluster(
         .unwrap_or_default();
     let Some(s) = statuses.first() else {
         return Err(Failed {
+            code: None,
             phase: pb::RestorePhase::StartMembers,
             error: "no restored member answers its status call".into(),
         });
@@ -684,6 +716,7 @@ async fn verify_cluster(
         && s.revision < r
     {
         return Err(Failed {
+            code: None,
             phase: pb::RestorePhase::StartMembers,
             error: format!(
                 "the restored cluster is at revision {}, the target was {r}",
@@ -691,8 +724,11 @@ async fn verify_cluster(
             ),
         });
     }
+    // `revision` stays the one restored: the live one is past it by the
+    // bump and by the writes made since (bulwark-backup's election keys
+    // among them).
     summary.cluster_id = s.cluster_id;
-    summary.revision = s.revision;
+    summary.live_revision = s.revision;
     summary.nodes = nodes
         .iter()
         .map(|(n, _)| pb::NodeOutcome {

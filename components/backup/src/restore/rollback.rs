@@ -31,6 +31,7 @@ impl Coordinator {
         run.events
             .send(pb::restore_progress::Event::Failed(pb::RestoreFailure {
                 phase: f.phase as i32,
+                code: f.code.map_or(0, i32::from),
                 message: f.error,
                 nodes: states,
                 rolled_back: rolled_back || !run.touched,

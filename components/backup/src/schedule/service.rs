@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::delta::{DeltaSettings, DeltaStatus, Recorder};
+use crate::delta::{DeltaSettings, DeltaStatus, Recorder, RecorderPause};
 use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::schedule::election::LeaderState;
@@ -78,6 +78,7 @@ pub struct Service {
     delta_status: Arc<Mutex<DeltaStatus>>,
     restore_lock: tokio::sync::Mutex<()>,
     restore_state: Mutex<Option<RestoreRunning>>,
+    recorder_pause: RecorderPause,
 }
 
 /// The restore this instance coordinates now.
@@ -107,7 +108,13 @@ impl Service {
             delta_status: Arc::new(Mutex::new(DeltaStatus::default())),
             restore_lock: tokio::sync::Mutex::new(()),
             restore_state: Mutex::new(None),
+            recorder_pause: RecorderPause::default(),
         }
+    }
+
+    /// The delta recorder's pause, held by this node's restore agent.
+    pub fn recorder_pause(&self) -> &RecorderPause {
+        &self.recorder_pause
     }
 
     /// The delta recorder's status.
@@ -269,12 +276,7 @@ impl Service {
             };
             let deltas = async {
                 if let Some(settings) = self.settings.deltas.clone() {
-                    let recorder =
-                        Recorder::new(self.engine.clone(), settings, self.delta_status.clone());
-                    let lead = &lead;
-                    recorder
-                        .run(lead, &|| Box::pin(self.gap_snapshot(lead)))
-                        .await;
+                    self.record_deltas(settings, &lead).await;
                 }
             };
             tokio::join!(self.lead(&lead), deltas);
@@ -284,6 +286,43 @@ impl Service {
             if cancel.is_cancelled() {
                 return;
             }
+        }
+    }
+
+    /// The delta recorder while leading, stopped (its buffer flushed)
+    /// while a restore holds this node and started again after it.
+    async fn record_deltas(&self, settings: DeltaSettings, lead: &CancellationToken) {
+        let pause = &self.recorder_pause;
+        while !lead.is_cancelled() {
+            if let Some(restore_id) = pause.held_by() {
+                tracing::info!(%restore_id, "delta recorder paused while the restore runs");
+                tokio::select! {
+                    _ = lead.cancelled() => return,
+                    _ = pause.resumed() => {}
+                }
+                tracing::info!(%restore_id, "delta recorder resumes");
+            }
+            let recording = lead.child_token();
+            let recorder = Recorder::new(
+                self.engine.clone(),
+                settings.clone(),
+                self.delta_status.clone(),
+            );
+            let run = async {
+                recorder
+                    .run(&recording, &|| Box::pin(self.gap_snapshot(lead)))
+                    .await;
+                recording.cancel();
+            };
+            // A pause cancels the recorder's token rather than dropping it,
+            // so it flushes what it buffered (its cancel path).
+            let stop = async {
+                tokio::select! {
+                    _ = pause.paused() => recording.cancel(),
+                    _ = recording.cancelled() => {}
+                }
+            };
+            tokio::join!(run, stop);
         }
     }
 

@@ -22,6 +22,8 @@
 //! | `bulwark_backup_delta_rpo_lag_seconds` | gauge | age of the oldest event not yet committed (0: all committed) |
 //! | `bulwark_backup_delta_running` | gauge | 1 while this instance records deltas |
 //! | `bulwark_backup_restores_total` | counter | restores coordinated here, by `outcome` |
+//! | `bulwark_backup_restore_phase_seconds` | gauge | how long each phase of the last restore coordinated here took, by `phase` |
+//! | `bulwark_backup_restore_step_seconds` | gauge | how long each node's step of that restore took, by `node` and `step` |
 
 use bulwark_common::telemetry::catalog::{self, MetricDef, MetricKind::*};
 
@@ -144,6 +146,16 @@ pub const DEFS: &[MetricDef] = &[
         "Restores coordinated by this instance, by outcome.",
         "outcome",
         &["done", "dry_run", "failed"],
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_restore_phase_seconds",
+        Gauge,
+        "How long each phase of the last restore this instance coordinated took, by phase.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_restore_step_seconds",
+        Gauge,
+        "How long each node's step of the last restore this instance coordinated took, by node and step.",
     ),
 ];
 

@@ -67,6 +67,18 @@ struct Summary {
     deltas_applied: u32,
     took: String,
     nodes: Vec<NodeRow>,
+    /// Each phase's and each node's step's time, in order.
+    timings: Vec<TimingRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct TimingRow {
+    /// A phase, or a node's step.
+    name: String,
+    /// The node, for a step.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    node: String,
+    seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -405,7 +417,33 @@ fn summary(restore_id: String, s: pb::RestoreSummary) -> Summary {
                 old_data_dir_kept_at: n.data_dir_aside_path,
             })
             .collect(),
+        timings: s
+            .timings
+            .into_iter()
+            .map(|t| TimingRow {
+                name: t.name,
+                node: t.node_name,
+                seconds: t
+                    .took
+                    .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
+                    .map_or(0.0, |d| d.as_secs_f64()),
+            })
+            .collect(),
     }
+}
+
+/// The timing lines: each phase, with its nodes' steps under it.
+fn timing_lines(rows: &[TimingRow]) -> String {
+    let mut out = String::new();
+    for t in rows {
+        let what = if t.node.is_empty() {
+            t.name.clone()
+        } else {
+            format!("  {} {}", t.node, t.name)
+        };
+        out.push_str(&format!("  {what:<36} {:>8.2}s\n", t.seconds));
+    }
+    out
 }
 
 fn failure_report(restore_id: String, f: pb::RestoreFailure) -> FailureReport {
@@ -454,6 +492,10 @@ fn print_summary(s: &Summary, format: OutputFormat) -> Result<(), CliError> {
                 "  {} member {} ({}), old data dir kept at {}\n",
                 n.node, n.member, n.member_id, n.old_data_dir_kept_at
             ));
+        }
+        if !s.timings.is_empty() {
+            out.push_str("time taken:\n");
+            out.push_str(&timing_lines(&s.timings));
         }
         out
     })
@@ -586,8 +628,48 @@ mod tests {
             },
         );
         assert_eq!(s.revision, 5004);
+        assert!(s.timings.is_empty());
         let json = output::render(OutputFormat::Json, &s, |_| String::new()).unwrap();
         assert!(json.contains("\"revision\": 5004"), "{json}");
         assert!(json.contains("\"live_revision\": 1000005005"), "{json}");
+    }
+
+    #[test]
+    fn every_phase_and_step_is_shown_with_its_time() {
+        let t = |name: &str, node: &str, ms: i32| pb::PhaseTiming {
+            name: name.into(),
+            node_name: node.into(),
+            took: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: ms * 1_000_000,
+            }),
+        };
+        let s = summary(
+            "r1".into(),
+            pb::RestoreSummary {
+                timings: vec![
+                    t("plan", "", 100),
+                    t("fetch_snapshot", "node-0", 250),
+                    t("prepare", "", 300),
+                    t("check", "", 50),
+                ],
+                ..Default::default()
+            },
+        );
+        assert_eq!(s.timings[1].node, "node-0");
+        assert!((s.timings[1].seconds - 0.25).abs() < 1e-9);
+        let text = timing_lines(&s.timings);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(
+            lines[0].starts_with("  plan ") && lines[0].ends_with("0.10s"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("    node-0 fetch_snapshot") && lines[1].ends_with("0.25s"),
+            "{text}"
+        );
+        let json = output::render(OutputFormat::Json, &s, |_| String::new()).unwrap();
+        assert!(json.contains("\"name\": \"check\""), "{json}");
     }
 }

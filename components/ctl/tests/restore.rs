@@ -654,6 +654,49 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
         summary["live_revision"].as_i64().unwrap() >= r1,
         "{summary}"
     );
+    // Every phase and every node's steps, timed.
+    let timed: Vec<(String, String)> = summary["timings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_owned(),
+                t["node"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    for phase in [
+        "plan",
+        "download",
+        "upload",
+        "prepare",
+        "restore_members",
+        "start_members",
+        "check",
+    ] {
+        assert!(
+            timed.iter().any(|(n, node)| n == phase && node.is_empty()),
+            "{phase} untimed: {timed:?}"
+        );
+    }
+    for step in [
+        "fetch_snapshot",
+        "stop_etcd",
+        "move_data_dir_aside",
+        "restore_snapshot",
+        "start_etcd",
+        "wait_healthy",
+    ] {
+        assert_eq!(
+            timed
+                .iter()
+                .filter(|(n, node)| n == step && !node.is_empty())
+                .count(),
+            3,
+            "{step} on every node: {timed:?}"
+        );
+    }
     let old_timeline = engine.list_segments(Some(&base_id)).await.unwrap();
     let recorded = old_timeline.last().map_or(0, |s| s.last_revision);
     assert!(

@@ -25,6 +25,7 @@ use crate::error::{BackupError, Result};
 use crate::restore::pitr::{BuildEvent, BuiltTarget, Plan, Target};
 use crate::restore::record::RestoreRecord;
 use crate::restore::rollback::abort_node;
+use crate::restore::timing::{Timings, phase_label};
 use crate::schedule::service::{RestoreRunning, Service};
 use crate::snapshot::manifest::timestamp;
 
@@ -57,10 +58,28 @@ fn d(x: Duration) -> prost_types::Duration {
 pub(super) struct Events {
     tx: mpsc::Sender<std::result::Result<pb::RestoreProgress, Status>>,
     restore_id: String,
+    timings: std::sync::Mutex<Timings>,
 }
 
 impl Events {
+    fn timings(&self) -> std::sync::MutexGuard<'_, Timings> {
+        self.timings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the running phase's clock and starts `name`'s.
+    pub(super) fn enter_phase(&self, name: &str) {
+        self.timings().enter(&self.restore_id, name);
+    }
+
+    /// Every phase's and step's time so far.
+    pub(super) fn finish_timings(&self) -> Vec<pb::PhaseTiming> {
+        self.timings().finish(&self.restore_id)
+    }
+
     pub(super) async fn send(&self, event: pb::restore_progress::Event) {
+        if let pb::restore_progress::Event::Node(ev) = &event {
+            self.timings().node_event(&self.restore_id, ev);
+        }
         let _ = self
             .tx
             .send(Ok(pb::RestoreProgress {
@@ -222,6 +241,7 @@ impl Coordinator {
             let events = Events {
                 tx,
                 restore_id: restore_id.clone(),
+                timings: Default::default(),
             };
             this.run(req, snapshot, target, &events, &cancel).await;
             this.service.set_restore(None);
@@ -232,6 +252,7 @@ impl Coordinator {
 
     /// Publishes the phase a restore is in (status).
     pub(super) fn set_phase(&self, run: &Run<'_>, phase: pb::RestorePhase) {
+        run.events.enter_phase(&phase_label(phase));
         self.service.set_restore(Some(RestoreRunning {
             restore_id: run.rid.clone(),
             started_at: run.started_at,
@@ -292,6 +313,7 @@ impl Coordinator {
             nodes: Vec::new(),
             dry_run: req.dry_run,
             live_revision: 0,
+            timings: Vec::new(),
         };
         if members_started {
             verify_cluster(run, &planned.nodes, built.revision, &mut summary).await?;
@@ -664,6 +686,7 @@ impl Coordinator {
             }
         }
         summary.took = Some(d(run.started.elapsed()));
+        summary.timings = run.events.finish_timings();
         crate::metrics::restore_finished(if summary.dry_run { "dry_run" } else { "done" });
         if !summary.dry_run {
             let record = RestoreRecord {
@@ -694,6 +717,7 @@ async fn verify_cluster(
     target_revision: Option<i64>,
     summary: &mut pb::RestoreSummary,
 ) -> std::result::Result<(), Failed> {
+    run.events.enter_phase("check");
     let urls: Vec<String> = nodes
         .iter()
         .flat_map(|(n, _)| n.client_urls.clone())

@@ -19,6 +19,7 @@
 //! | [`rollback`] | undoing a failed restore on every prepared node, and what the failure reports |
 //! | [`pitr`] | point-in-time restore: the plan and the one target snapshot every member restores |
 //! | [`record`] | `restores/<id>.json`, the restore point later coverage starts from |
+//! | `timing` | how long each phase and each node's step took: log, gauges, summary |
 //! | [`agent`] | this node's part: manifest out, data dir aside, restore tool, manifest back |
 //! | [`api`] | the `RestoreAgent` gRPC handlers over the local agent |
 
@@ -28,6 +29,7 @@ pub mod coordinator;
 pub mod pitr;
 pub mod record;
 pub mod rollback;
+mod timing;
 
 pub use api::AgentApi;
 pub use coordinator::{Coordinator, DEFAULT_BUMP};

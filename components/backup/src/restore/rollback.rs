@@ -28,6 +28,8 @@ impl Coordinator {
             rolled_back &= clean;
             states.push(state);
         }
+        // Logs and exports the rollback's own time too.
+        run.events.finish_timings();
         run.events
             .send(pb::restore_progress::Event::Failed(pb::RestoreFailure {
                 phase: f.phase as i32,

@@ -277,6 +277,14 @@ impl Agent {
             .await
             .unwrap_or(false)
         {
+            // Started/Done around the rename: the coordinator times steps
+            // (a copy across file systems can take long).
+            ev(
+                h.last_step,
+                pb::StepStatus::Started,
+                String::new(),
+                String::new(),
+            );
             rename(&h.member.data_dir, &h.data_aside).await?;
             h.data_moved = true;
             ev(
@@ -426,6 +434,13 @@ impl Agent {
             .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
             .unwrap_or(self.config.health_timeout);
         h.last_step = pb::NodeStep::StartEtcd;
+        sink(self.event(
+            &rid,
+            h.last_step,
+            pb::StepStatus::Started,
+            String::new(),
+            String::new(),
+        ));
         if h.manifest_moved {
             rename(&h.manifest_aside, &self.config.etcd_manifest).await?;
             h.manifest_moved = false;

@@ -501,6 +501,8 @@ impl pb::backup_server::Backup for BackupApi {
                 coordinator: engine.node_name.clone(),
                 started_at: Some(timestamp(r.started_at)),
                 phase: r.phase,
+                phase_started_at: Some(timestamp(r.phase_started_at)),
+                timings: r.timings,
             }),
         };
         if !local_only && settings.deltas.is_some() && !s.is_leader() {

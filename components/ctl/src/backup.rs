@@ -667,6 +667,53 @@ struct StatusView {
     deltas: String,
     /// How much recent history etcd's loss would cost now.
     rpo_lag: Option<String>,
+    /// The restore this instance coordinates now: its phase and how long
+    /// each finished phase and node step took.
+    restore: Option<String>,
+}
+
+/// A running restore: `ID (coordinator N): PHASE for T; done: plan 0.1s, …`.
+fn restore_line(r: &pb::RestoreInProgress, now: SystemTime) -> String {
+    let secs = |d: Option<&prost_types::Duration>| {
+        d.and_then(|d| bulwark_api::time::duration_from_proto(d).ok())
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let phase = pb::RestorePhase::try_from(r.phase)
+        .map(|p| {
+            p.as_str_name()
+                .trim_start_matches("RESTORE_PHASE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into());
+    let elapsed = r
+        .phase_started_at
+        .as_ref()
+        .and_then(|t| bulwark_api::time::timestamp_from_proto(t).ok())
+        .and_then(|t: SystemTime| now.duration_since(t).ok())
+        .map(|d| format!(" for {:.1}s", d.as_secs_f64()))
+        .unwrap_or_default();
+    let done: Vec<String> = r
+        .timings
+        .iter()
+        .map(|t| {
+            let who = if t.node_name.is_empty() {
+                t.name.clone()
+            } else {
+                format!("{} {}", t.node_name, t.name)
+            };
+            format!("{who} {:.1}s", secs(t.took.as_ref()))
+        })
+        .collect();
+    format!(
+        "{} (coordinator {}): {phase}{elapsed}{}",
+        r.restore_id,
+        r.coordinator,
+        if done.is_empty() {
+            String::new()
+        } else {
+            format!("; done: {}", done.join(", "))
+        }
+    )
 }
 
 /// The recorder's state as a word.
@@ -890,6 +937,10 @@ fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), C
         covered_to_revision: s.newest_revision_covered,
         deltas: delta_state(s.deltas.as_ref()),
         rpo_lag: rpo_lag(s.deltas.as_ref()),
+        restore: s
+            .restore_in_progress
+            .as_ref()
+            .map(|r| restore_line(r, SystemTime::now())),
     };
     output::print(format, &view, |v| {
         output::fields(&[
@@ -930,6 +981,10 @@ fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), C
                 v.last_verify.clone().unwrap_or_else(|| "none".into()),
             ),
             ("covered to", format!("revision {}", v.covered_to_revision)),
+            (
+                "restore",
+                v.restore.clone().unwrap_or_else(|| "none running".into()),
+            ),
             (
                 "deltas",
                 match &v.rpo_lag {
@@ -1076,5 +1131,39 @@ mod tests {
         assert_eq!(delta_state(s.deltas.as_ref()), "stopped");
         assert_eq!(rpo_lag(s.deltas.as_ref()), None);
         assert_eq!(delta_state(None), "unknown");
+    }
+
+    #[test]
+    fn a_running_restore_shows_its_phase_and_what_each_step_took() {
+        let r = pb::RestoreInProgress {
+            restore_id: "r1".into(),
+            coordinator: "node-1".into(),
+            phase: pb::RestorePhase::RestoreMembers as i32,
+            phase_started_at: ts(100),
+            timings: vec![
+                pb::PhaseTiming {
+                    name: "plan".into(),
+                    node_name: String::new(),
+                    took: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 100_000_000,
+                    }),
+                },
+                pb::PhaseTiming {
+                    name: "fetch_snapshot".into(),
+                    node_name: "node-0".into(),
+                    took: Some(prost_types::Duration {
+                        seconds: 12,
+                        nanos: 0,
+                    }),
+                },
+            ],
+            ..Default::default()
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(102_500);
+        assert_eq!(
+            restore_line(&r, now),
+            "r1 (coordinator node-1): restore_members for 2.5s; done: plan 0.1s, node-0 fetch_snapshot 12.0s"
+        );
     }
 }

@@ -71,6 +71,12 @@ impl Events {
         self.timings().enter(&self.restore_id, name);
     }
 
+    /// The finished phases' and steps' times, the running phase's clock
+    /// left running.
+    pub(super) fn timings_so_far(&self) -> Vec<pb::PhaseTiming> {
+        self.timings().so_far()
+    }
+
     /// Every phase's and step's time so far.
     pub(super) fn finish_timings(&self) -> Vec<pb::PhaseTiming> {
         self.timings().finish(&self.restore_id)
@@ -257,6 +263,8 @@ impl Coordinator {
             restore_id: run.rid.clone(),
             started_at: run.started_at,
             phase: phase as i32,
+            phase_started_at: Utc::now(),
+            timings: run.events.timings_so_far(),
         }));
     }
 

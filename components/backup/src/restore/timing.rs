@@ -52,6 +52,11 @@ impl Timings {
         self.done.clone()
     }
 
+    /// The finished phases and steps, in order.
+    pub(super) fn so_far(&self) -> Vec<pb::PhaseTiming> {
+        self.done.clone()
+    }
+
     fn close(&mut self, restore_id: &str) {
         let Some((phase, started)) = self.current.take() else {
             return;
@@ -116,7 +121,9 @@ mod tests {
     fn phases_and_node_steps_are_timed_in_order() {
         let mut t = Timings::default();
         t.enter("r", &phase_label(pb::RestorePhase::Plan));
+        assert!(t.so_far().is_empty(), "plan still runs");
         t.enter("r", &phase_label(pb::RestorePhase::Prepare));
+        assert_eq!(t.so_far()[0].name, "plan");
         t.node_event(
             "r",
             &ev("n1", pb::NodeStep::FetchSnapshot, pb::StepStatus::Started),

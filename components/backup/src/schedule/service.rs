@@ -90,6 +90,10 @@ pub struct RestoreRunning {
     pub started_at: DateTime<Utc>,
     /// Its phase, as the API numbers them.
     pub phase: i32,
+    /// When that phase began.
+    pub phase_started_at: DateTime<Utc>,
+    /// How long each finished phase and node step took.
+    pub timings: Vec<bulwark_api::backup::v1::PhaseTiming>,
 }
 
 impl Service {

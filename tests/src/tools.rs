@@ -121,6 +121,21 @@ pub fn etcdctl(version: EtcdVersion) -> Result<PathBuf, ToolError> {
     }
 }
 
+/// A system tool (see [`system`]), or `None` after reporting a skip when
+/// it is not installed (a failure when `BULWARK_REQUIRE_ALL_TOOLS=1`).
+pub fn system_or_skip(name: &str) -> anyhow::Result<Option<PathBuf>> {
+    match system(name) {
+        Ok(path) => Ok(Some(path)),
+        Err(missing) => {
+            crate::skip_or_fail(&crate::Skipped::new(
+                missing.to_string(),
+                crate::etcd::REQUIRE_ALL_TOOLS_ENV,
+            ))?;
+            Ok(None)
+        }
+    }
+}
+
 /// `etcd` and `etcdctl` of a version, or `None` after reporting a skip
 /// when either is not installed (a failure when
 /// `BULWARK_REQUIRE_ALL_TOOLS=1`), like

@@ -38,4 +38,13 @@ async fn heavy_the_demo_runs_to_the_end() {
             "the demo's output lacks {expected:?}:\n{stdout}\n{stderr}"
         );
     }
+    // With Debian's prometheus installed (CI fails the demo without it),
+    // a real Prometheus scraped every daemon with the shipped rules.
+    if tools::system("prometheus").is_ok() {
+        let scraped = "Prometheus scrapes all 9 daemons' /metrics (9/9 targets up)";
+        assert!(
+            stdout.contains(scraped),
+            "the demo's output lacks {scraped:?}:\n{stdout}\n{stderr}"
+        );
+    }
 }

@@ -97,6 +97,22 @@ fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
 
+impl BackupConfig {
+    /// Every TLS identity this instance uses, with the field naming it:
+    /// what the expiry metric and `bulwarkctl certs check` read.
+    pub fn certificates(&self) -> Vec<(&'static str, &TlsFiles)> {
+        let mut files = vec![("grpc.tls", &self.grpc.tls)];
+        files.extend(
+            self.restore
+                .client_tls
+                .as_ref()
+                .map(|t| ("restore.clientTls", t)),
+        );
+        files.extend(self.etcd.tls.as_ref().map(|t| ("etcd.tls", t)));
+        files
+    }
+}
+
 impl ComponentConfig for BackupConfig {
     const KIND: &'static str = "BackupConfiguration";
 
@@ -796,6 +812,9 @@ impl Validate for CompressionConfig {
 
 impl Validate for EncryptionConfig {
     fn validate(&self, v: &mut Validator) {
+        if !v.reads_files() {
+            return;
+        }
         if let Err(e) = crate::pipeline::encryption::Keyring::load(
             self.recipient_file.as_deref(),
             &self.identity_files,

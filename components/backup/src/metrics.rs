@@ -164,9 +164,7 @@ pub const DEFS: &[MetricDef] = &[
 pub fn register(config: &BackupConfig) {
     catalog::register(DEFS);
     catalog::register_build_info("backup", env!("CARGO_PKG_VERSION"));
-    let mut files = vec![&config.grpc.tls];
-    files.extend(config.restore.client_tls.as_ref());
-    files.extend(config.etcd.tls.as_ref());
+    let files: Vec<_> = config.certificates().into_iter().map(|(_, f)| f).collect();
     catalog::register_certificates("backup", &files);
 }
 

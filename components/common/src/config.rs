@@ -124,6 +124,9 @@ pub struct Validator {
     path: Vec<String>,
     errors: Vec<FieldError>,
     warnings: Vec<FieldError>,
+    /// Skip [`Validator::file_exists`]: the config is checked away from
+    /// the node whose files it names ([`check_offline`]).
+    offline: bool,
 }
 
 impl Validator {
@@ -166,11 +169,21 @@ impl Validator {
 
     /// Checks that a file exists and is readable, naming what it is for.
     pub fn file_exists(&mut self, field: impl Into<String>, path: &Path) {
+        if self.offline {
+            return;
+        }
         if let Err(e) = std::fs::File::open(path) {
             self.at(field, |v| {
                 v.error(format!("cannot read {}: {e}", path.display()));
             });
         }
+    }
+
+    /// Whether checks may read the files a config names: false when the
+    /// config is checked away from its node ([`check_offline`]). Checks
+    /// that load a file (a key, a certificate) skip themselves when false.
+    pub fn reads_files(&self) -> bool {
+        !self.offline
     }
 
     /// Checks that a duration is within `[min, max]`.
@@ -340,7 +353,7 @@ pub fn load_checked<T: ComponentConfig>(
         ),
         None => None,
     };
-    build::<T>(text.as_deref(), file, overrides, true)
+    build::<T>(text.as_deref(), file, overrides, Mode::Preflight)
 }
 
 /// [`load`] from text already in memory; `origin` names it in errors.
@@ -350,14 +363,33 @@ pub fn from_str_with<T: ComponentConfig>(
     origin: Option<&Path>,
     overrides: &Overrides,
 ) -> Result<T, ConfigError> {
-    build::<T>(text, origin, overrides, false).map(|l| l.config)
+    build::<T>(text, origin, overrides, Mode::Validate).map(|l| l.config)
+}
+
+/// Parses and validates `text` as a generator does before writing a
+/// config for another machine: every check except those that read the
+/// files the config names (certificates, keys, tools), which exist only on
+/// the node; `--check-config` there runs them.
+pub fn check_offline<T: ComponentConfig>(text: &str) -> Result<Loaded<T>, ConfigError> {
+    build::<T>(Some(text), None, &Overrides::new(), Mode::Offline)
+}
+
+/// How much of the checking [`build`] does.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Field validation, files included.
+    Validate,
+    /// Field validation and the preflight checks.
+    Preflight,
+    /// Field validation without reading files.
+    Offline,
 }
 
 fn build<T: ComponentConfig>(
     text: Option<&str>,
     origin: Option<&Path>,
     overrides: &Overrides,
-    preflight: bool,
+    mode: Mode,
 ) -> Result<Loaded<T>, ConfigError> {
     let invalid = |errors: Vec<FieldError>| ConfigError::Invalid {
         file: origin.map(Path::to_owned),
@@ -399,9 +431,12 @@ fn build<T: ComponentConfig>(
     overrides.apply(&mut root);
 
     let config: T = deserialize_all(root).map_err(invalid)?;
-    let mut v = Validator::default();
+    let mut v = Validator {
+        offline: mode == Mode::Offline,
+        ..Validator::default()
+    };
     config.validate(&mut v);
-    if preflight {
+    if mode == Mode::Preflight {
         // A field validation already refused (a file that cannot be read)
         // is not reported a second time by the checks that read it.
         let known: Vec<String> = v.errors.iter().map(|e| e.path.clone()).collect();

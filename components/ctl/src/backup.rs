@@ -53,7 +53,8 @@ pub enum BackupCommand {
     },
     /// Delete a snapshot (operators only).
     Delete {
-        /// Exact snapshot id.
+        /// Snapshot id, or `latest` (resolved to one id, printed, before
+        /// anything is deleted).
         id: String,
         /// Needed to delete the newest, or newest verified, snapshot.
         #[arg(long)]
@@ -526,17 +527,30 @@ async fn verify(
     ))
 }
 
-/// `backup delete ID [--force]`.
+/// `backup delete ID|latest [--force]`. `latest` becomes one concrete id
+/// first, named on stderr, so the delete cannot hit a snapshot committed
+/// in between; being the newest, it still needs `--force`.
 async fn delete(
     service: &Service<'_>,
     format: OutputFormat,
     id: &str,
     force: bool,
 ) -> Result<(), CliError> {
-    let req = pb::DeleteSnapshotRequest {
-        id: id.to_owned(),
-        force,
+    let id = if id == "latest" {
+        let req = pb::GetSnapshotRequest {
+            snapshot: Some(selector(id)),
+        };
+        let newest = service
+            .send(BackupClient::new, req, |mut c, r| async move {
+                c.get_snapshot(r).await
+            })
+            .await?;
+        output::note(&format!("latest is {}", newest.id));
+        newest.id
+    } else {
+        id.to_owned()
     };
+    let req = pb::DeleteSnapshotRequest { id, force };
     let resp = service
         .send(BackupClient::new, req, |mut c, r| async move {
             c.delete_snapshot(r).await

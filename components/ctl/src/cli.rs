@@ -1,8 +1,6 @@
 //! The command tree. Each service's commands live in their own module; this
 //! file holds the global flags and the commands about bulwarkctl itself.
 
-use std::io::Write;
-
 use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 
@@ -19,7 +17,8 @@ pub struct Cli {
     #[command(flatten)]
     pub connection: ConnectionArgs,
     /// Output format.
-    #[arg(short = 'o', long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = OutputFormat::Table,
+          help_heading = context::GLOBAL_OPTIONS)]
     pub output: OutputFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -42,11 +41,21 @@ pub enum Command {
     /// The whole control plane at a glance: LB leader, VIP holder, members,
     /// backends with verdicts and zones, probers, last backup, RPO lag, last
     /// restore drill. Prints what it can reach; exits non-zero (the code of
-    /// the first failure) when a part is UNAVAILABLE.
+    /// the first failure) when a part is UNAVAILABLE. A service with no
+    /// endpoint configured is shown as not configured, which is no failure.
     Status,
     /// Restore the whole etcd cluster from a snapshot (and its deltas, to
     /// the latest state, a revision or a time). Operators only.
     Restore(crate::restore::RestoreArgs),
+    /// Certificates on this node: `check` every file the daemon configs
+    /// name (key, chain, usages, SANs, identity, expiry).
+    #[command(subcommand)]
+    Certs(crate::certs::CertsCommand),
+    /// Generate every node's configs, the kubeadm config, bulwarkctl.yaml
+    /// and the static pod manifests from a cluster description.
+    Init(crate::init::InitArgs),
+    /// Print a daemon's static pod manifest (lb, prober, backup).
+    Manifest(crate::init::ManifestArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion {
         /// The shell.
@@ -81,6 +90,9 @@ impl Cli {
                 crate::restore::run(args, &session.backup()?, self.output).await
             }
             Command::Config(c) => self.config(c),
+            Command::Certs(c) => crate::certs::run(c, self.output),
+            Command::Init(args) => crate::init::run_init(args),
+            Command::Manifest(args) => crate::init::run_manifest(args),
             Command::Lb(c) => {
                 let session = self.session()?;
                 c.run(&session.lb()?, self.output).await
@@ -94,11 +106,11 @@ impl Cli {
                 crate::status::run(&session, self.output).await
             }
             Command::Completion { shell } => {
-                let mut cmd = Cli::command();
-                let mut out = std::io::stdout().lock();
-                clap_complete::generate(*shell, &mut cmd, "bulwarkctl", &mut out);
-                out.flush()
-                    .map_err(|e| CliError::new(Exit::Failure, format!("writing completions: {e}")))
+                // Rendered first: clap_complete panics on a write error,
+                // and a closed pipe must stay quiet (see output::emit).
+                let mut script = Vec::new();
+                clap_complete::generate(*shell, &mut Cli::command(), "bulwarkctl", &mut script);
+                output::emit(&script)
             }
         }
     }
@@ -106,8 +118,8 @@ impl Cli {
     /// Opens a session for the service commands: the context merged with the
     /// flags, and the client certificate loaded.
     pub fn session(&self) -> Result<Session, CliError> {
-        let (cfg, _) = context::load(self.connection.config.as_deref())?;
-        Session::open(self.connection.resolve(&cfg)?)
+        let (cfg, file) = context::load(self.connection.config.as_deref())?;
+        Session::open(self.connection.resolve(&cfg, file.as_deref())?)
     }
 
     fn config(&self, cmd: &ConfigCommand) -> Result<(), CliError> {
@@ -163,8 +175,9 @@ impl Cli {
                         .hint("create ~/.config/bulwark/bulwarkctl.yaml or pass --config FILE")
                 })?;
                 use_context(cfg, &path, name)?;
-                println!("switched to context {name:?} in {}", path.display());
-                Ok(())
+                output::emit(
+                    format!("switched to context {name:?} in {}\n", path.display()).as_bytes(),
+                )
             }
         }
     }
@@ -227,6 +240,24 @@ mod tests {
 
         let err = use_context(cfg, &path, "zzz").unwrap_err();
         assert_eq!(err.exit(), Exit::NotFound);
+    }
+
+    /// A subcommand's `--help` shows its own options first; the global
+    /// connection flags follow under their own heading.
+    #[test]
+    fn subcommand_help_puts_the_commands_own_flags_first() {
+        let help = Cli::try_parse_from(["bulwarkctl", "backup", "delete", "--help"])
+            .unwrap_err()
+            .to_string();
+        let at = |needle: &str| {
+            help.find(needle)
+                .unwrap_or_else(|| panic!("{needle:?} not in:\n{help}"))
+        };
+        let globals = at("Global options:");
+        assert!(at("--force") < globals, "{help}");
+        for global in ["--lb-endpoint", "--ca <FILE>", "--timeout", "--output"] {
+            assert!(at(global) > globals, "{global} above the globals:\n{help}");
+        }
     }
 
     #[test]

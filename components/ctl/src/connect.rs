@@ -2,17 +2,21 @@
 //! the per-call deadline, and turn failures into errors with a next step.
 
 use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
 
-use bulwark_common::tls::TlsMaterial;
+use bulwark_common::tls::{TlsError, TlsFiles, TlsMaterial};
 use tonic::transport::Channel;
 
 use crate::context::{Resolved, ServiceEndpoints};
-use crate::error::{CliError, Exit};
+use crate::error::{CliError, Exit, TlsRefusal};
 
 /// How many leader hints a call follows before giving up (a leader change
 /// during the call can need a second hop; more means the cluster is flapping).
 const MAX_REDIRECTS: usize = 3;
+
+/// How long the handshake that explains a broken connection may take.
+const DIAGNOSIS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The connection settings with TLS material loaded.
 pub struct Session {
@@ -25,6 +29,7 @@ impl Session {
     pub fn open(resolved: Resolved) -> Result<Self, CliError> {
         bulwark_common::tls::install_crypto_provider();
         let tls = resolved.tls.load()?;
+        check_key_matches(&tls, &resolved.tls)?;
         Ok(Self { tls, resolved })
     }
 
@@ -55,8 +60,30 @@ impl Session {
             name,
             endpoints: endpoints.clone(),
             tls: &self.tls,
+            ca_file: &self.resolved.tls.ca_file,
             timeout: self.resolved.timeout,
         })
+    }
+}
+
+/// Fails with both file names when the key is not the certificate's: tonic
+/// would only say the endpoint is bad, at the first call.
+fn check_key_matches(tls: &TlsMaterial, files: &TlsFiles) -> Result<(), CliError> {
+    match tls.client_config(&[]) {
+        Ok(_) => Ok(()),
+        Err(TlsError::Rustls {
+            source: rustls::Error::InconsistentKeys(_),
+            ..
+        }) => Err(CliError::new(
+            Exit::Usage,
+            format!(
+                "the client certificate {} and the key {} do not match: the key belongs to another certificate",
+                files.cert_file.display(),
+                files.key_file.display()
+            ),
+        )
+        .hint("pass the key issued with that certificate (--key, or the context's key)")),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -65,6 +92,8 @@ pub struct Service<'a> {
     name: &'static str,
     endpoints: ServiceEndpoints,
     tls: &'a TlsMaterial,
+    /// The CA bundle the services are verified against, for messages.
+    ca_file: &'a Path,
     timeout: Duration,
 }
 
@@ -84,6 +113,7 @@ impl<'a> Service<'a> {
             name: self.name,
             endpoints,
             tls: self.tls,
+            ca_file: self.ca_file,
             timeout: self.timeout,
         }
     }
@@ -96,6 +126,57 @@ impl<'a> Service<'a> {
                     format!("{}: bad endpoint {address:?}: {e}", self.name),
                 )
             })
+    }
+
+    /// Whether a refused certificate is why a call failed: from the error
+    /// itself when it says so, else, when the call died on a broken
+    /// connection (tonic: "transport error" or "operation was canceled"),
+    /// from a handshake of our own. With TLS 1.3 a server refuses a client
+    /// certificate only after the client's handshake is done, so the alert
+    /// reaches the gRPC call as a broken pipe or a cancelled request, never
+    /// as itself.
+    async fn refusal_behind(&self, status: &tonic::Status, address: &str) -> Option<TlsRefusal> {
+        if let Some(refusal) = crate::error::tls_refusal(status) {
+            return Some(refusal);
+        }
+        if address.is_empty() {
+            return None;
+        }
+        let broken = match status.code() {
+            tonic::Code::Unknown | tonic::Code::Cancelled => true,
+            // A refused or timed-out connect is no certificate problem.
+            tonic::Code::Unavailable => !crate::error::cause_chain(status).contains("tcp connect"),
+            _ => false,
+        };
+        if !broken {
+            return None;
+        }
+        let host = self
+            .endpoints
+            .server_name
+            .clone()
+            .unwrap_or_else(|| bulwark_common::grpc::host_of(address));
+        let name = rustls_pki_types::ServerName::try_from(host).ok()?;
+        let config = self.tls.client_config(&[b"h2"]).ok()?;
+        let handshake = async {
+            let tcp = tokio::net::TcpStream::connect(address).await.ok()?;
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let mut tls = match connector.connect(name, tcp).await {
+                Ok(tls) => tls,
+                Err(e) => return TlsRefusal::in_error(&e),
+            };
+            // A server that accepted us sends its HTTP/2 settings; one that
+            // refused us sends the alert.
+            let mut byte = [0u8; 1];
+            match tokio::io::AsyncReadExt::read(&mut tls, &mut byte).await {
+                Err(e) => TlsRefusal::in_error(&e),
+                Ok(_) => None,
+            }
+        };
+        tokio::time::timeout(DIAGNOSIS_TIMEOUT, handshake)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// One rpc through [`Service::call`] with a fresh client per attempt:
@@ -156,7 +237,7 @@ impl<'a> Service<'a> {
                     ) {
                         // Try the next endpoint; remember why this one failed.
                     } else {
-                        return Err(CliError::from_status(&status, self.name, &address));
+                        return Err(self.failure(&status, &address).await);
                     }
                     last = Some((status, address));
                 }
@@ -164,6 +245,15 @@ impl<'a> Service<'a> {
         }
         let (status, address) =
             last.unwrap_or_else(|| (tonic::Status::unavailable("no endpoints"), String::new()));
-        Err(CliError::from_status(&status, self.name, &address))
+        Err(self.failure(&status, &address).await)
+    }
+
+    /// The error for a call that failed at `address`, naming a refused
+    /// certificate when one was the reason.
+    async fn failure(&self, status: &tonic::Status, address: &str) -> CliError {
+        match self.refusal_behind(status, address).await {
+            Some(refusal) => refusal.error(self.name, address, Some(self.ca_file)),
+            None => CliError::from_call(status, self.name, address, Some(self.ca_file)),
+        }
     }
 }

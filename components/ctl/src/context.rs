@@ -163,9 +163,14 @@ pub fn load(explicit: Option<&Path>) -> Result<(CtlConfig, Option<PathBuf>), Cli
     }
 }
 
+/// The `--help` heading of the flags every command takes, so that a
+/// command's own options come first.
+pub const GLOBAL_OPTIONS: &str = "Global options";
+
 /// What the command line says about the connection; each field overrides
 /// the context's.
 #[derive(Clone, Debug, Default, clap::Args)]
+#[command(next_help_heading = GLOBAL_OPTIONS)]
 pub struct ConnectionArgs {
     /// Config file with contexts [default: ~/.config/bulwark/bulwarkctl.yaml].
     #[arg(long, global = true, env = "BULWARKCTL_CONFIG", value_name = "FILE")]
@@ -231,9 +236,38 @@ pub struct Resolved {
     pub timeout: Duration,
 }
 
+/// Why a TLS file is missing when no context file was read: the file is
+/// not where it was looked for, which is what the operator needs to hear
+/// (not only that `--ca` was not given).
+fn no_context_file(what: &str) -> CliError {
+    let (message, create) = match default_path() {
+        Some(p) => (
+            format!(
+                "no {what} given, and no context file: {} does not exist",
+                p.display()
+            ),
+            format!("create {}", p.display()),
+        ),
+        None => (
+            format!(
+                "no {what} given, and no context file: neither $XDG_CONFIG_HOME nor $HOME is set"
+            ),
+            "create a context file".to_owned(),
+        ),
+    };
+    CliError::new(Exit::Usage, message).hint(format!(
+        "{create} with a context naming ca, cert, key and the lb/backup endpoints \
+         (deploy/config/bulwarkctl.yaml is an example; --config FILE or BULWARKCTL_CONFIG \
+         name another file), or pass --ca, --cert, --key and --lb-endpoint/--backup-endpoint \
+         (or BULWARKCTL_CA, BULWARKCTL_CERT, BULWARKCTL_KEY, BULWARKCTL_LB_ENDPOINTS, \
+         BULWARKCTL_BACKUP_ENDPOINTS)"
+    ))
+}
+
 impl ConnectionArgs {
-    /// Merges flags over the selected context.
-    pub fn resolve(&self, cfg: &CtlConfig) -> Result<Resolved, CliError> {
+    /// Merges flags over the selected context. `file` is the context file
+    /// `cfg` was read from, `None` when there was none.
+    pub fn resolve(&self, cfg: &CtlConfig, file: Option<&Path>) -> Result<Resolved, CliError> {
         let name = self.context.clone().or_else(|| cfg.current_context.clone());
         let ctx = match &name {
             Some(n) => cfg
@@ -250,11 +284,18 @@ impl ConnectionArgs {
             None => Context::default(),
         };
         let pick = |flag: &Option<PathBuf>, ctx: &Option<PathBuf>, what: &str, flag_name: &str| {
-            flag.clone().or_else(|| ctx.clone()).ok_or_else(|| {
-                CliError::new(Exit::Usage, format!("no {what} given")).hint(format!(
-                    "pass --{flag_name} FILE, or set it in a context (`bulwarkctl config view`)"
-                ))
-            })
+            flag.clone()
+                .or_else(|| ctx.clone())
+                .ok_or_else(|| match file {
+                    None => no_context_file(what),
+                    Some(file) => {
+                        CliError::new(Exit::Usage, format!("no {what} given")).hint(format!(
+                            "pass --{flag_name} FILE, or set `{flag_name}` in the context in {} \
+                     (`bulwarkctl config view`)",
+                            file.display()
+                        ))
+                    }
+                })
         };
         let tls = TlsFiles {
             ca_file: pick(&self.ca, &ctx.ca, "CA bundle", "ca")?,
@@ -319,7 +360,9 @@ contexts:
     #[test]
     fn flags_override_the_context_field_by_field() {
         let c = cfg(TWO).unwrap();
-        let r = ConnectionArgs::default().resolve(&c).unwrap();
+        let r = ConnectionArgs::default()
+            .resolve(&c, Some(Path::new("/c.yaml")))
+            .unwrap();
         assert_eq!(r.context.as_deref(), Some("a"));
         assert_eq!(r.tls.ca_file, PathBuf::from("/a/ca.crt"));
         assert_eq!(r.lb.unwrap().endpoints.len(), 2);
@@ -331,7 +374,7 @@ contexts:
             backup_endpoint: vec!["127.0.0.1:1".into()],
             ..Default::default()
         };
-        let r = args.resolve(&c).unwrap();
+        let r = args.resolve(&c, Some(Path::new("/c.yaml"))).unwrap();
         assert_eq!(r.tls.cert_file, PathBuf::from("/me.crt"));
         assert_eq!(r.tls.key_file, PathBuf::from("/b/admin.key"));
         let b = r.backup.unwrap();
@@ -343,20 +386,21 @@ contexts:
     #[test]
     fn missing_pieces_say_what_to_pass() {
         let err = ConnectionArgs::default()
-            .resolve(&CtlConfig::default())
+            .resolve(
+                &cfg("contexts: [{name: a}]\ncurrentContext: a\n").unwrap(),
+                Some(Path::new("/c.yaml")),
+            )
             .unwrap_err();
         assert_eq!(err.exit(), Exit::Usage);
         assert!(err.to_string().contains("no CA bundle given"), "{err}");
-        assert!(
-            err.hint_text().unwrap_or_default().contains("--ca"),
-            "{err:?}"
-        );
+        let hint = err.hint_text().unwrap_or_default();
+        assert!(hint.contains("--ca") && hint.contains("/c.yaml"), "{err:?}");
 
         let args = ConnectionArgs {
             context: Some("zzz".into()),
             ..Default::default()
         };
-        let err = args.resolve(&cfg(TWO).unwrap()).unwrap_err();
+        let err = args.resolve(&cfg(TWO).unwrap(), None).unwrap_err();
         assert!(
             err.to_string().contains("no context named \"zzz\""),
             "{err}"

@@ -4,8 +4,6 @@
 //! counts; zones down and the fail-open alert. GetHealth is answered by the
 //! leader; a follower's hint is followed (see [`crate::connect`]).
 
-use std::time::Duration;
-
 use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
 use clap::Args;
@@ -13,7 +11,7 @@ use serde::Serialize;
 
 use crate::connect::Service;
 use crate::error::CliError;
-use crate::output::{self, OutputFormat, enum_name};
+use crate::output::{self, OutputFormat, duration_text, enum_name, seconds};
 
 /// `bulwarkctl health`
 #[derive(Debug, Args)]
@@ -38,7 +36,7 @@ struct BackendView {
     zone: String,
     verdict: String,
     reason: String,
-    since: String,
+    since: Option<String>,
     zones: Vec<ZoneView>,
     probes: Vec<ProbeView>,
 }
@@ -68,7 +66,7 @@ struct ObservationView {
     ok: bool,
     reason: String,
     http_status: Option<u32>,
-    latency: String,
+    latency_seconds: Option<f64>,
     detail: String,
 }
 
@@ -77,22 +75,13 @@ struct ProberView {
     node_name: String,
     zone: String,
     state: String,
-    last_report_age: String,
+    last_report_age_seconds: Option<f64>,
     last_sequence: u64,
 }
 
-fn duration(d: Option<&prost_types::Duration>) -> String {
-    match d.and_then(|d| bulwark_api::time::duration_from_proto(d).ok()) {
-        Some(d) if d < Duration::from_secs(1) => format!("{}ms", d.as_millis()),
-        Some(d) => format!("{:.1}s", d.as_secs_f64()),
-        None => "-".into(),
-    }
-}
-
-fn timestamp(t: Option<&prost_types::Timestamp>) -> String {
+fn timestamp(t: Option<&prost_types::Timestamp>) -> Option<String> {
     t.and_then(|t| bulwark_api::time::timestamp_from_proto(t).ok())
         .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-        .unwrap_or_else(|| "-".into())
 }
 
 fn view(r: lb::GetHealthResponse) -> HealthView {
@@ -136,7 +125,7 @@ fn view(r: lb::GetHealthResponse) -> HealthView {
                                     "PROBE_REASON_",
                                 ),
                                 http_status: o.http_status,
-                                latency: duration(o.latency.as_ref()),
+                                latency_seconds: seconds(o.latency.as_ref()),
                                 detail: o.detail,
                             })
                             .collect(),
@@ -157,7 +146,7 @@ fn view(r: lb::GetHealthResponse) -> HealthView {
                 (_, true) => "stale".into(),
                 _ => "counted".into(),
             },
-            last_report_age: duration(p.last_report_age.as_ref()),
+            last_report_age_seconds: seconds(p.last_report_age.as_ref()),
             node_name: p.node_name,
             zone: p.zone,
             last_sequence: p.last_sequence,
@@ -178,7 +167,7 @@ fn cell(o: &ObservationView) -> String {
         (false, Some(code)) => format!("http {code}"),
         (false, None) => o.reason.replace('_', " "),
     };
-    format!("{}: {what} {}", o.kind, o.latency)
+    format!("{}: {what} {}", o.kind, duration_text(o.latency_seconds))
 }
 
 /// A backend's votes per zone: `a=up (2/0/0) b=down (0/0/2, 1 ignored)`.
@@ -229,7 +218,7 @@ fn table(v: &HealthView) -> String {
                 b.id.clone(),
                 b.zone.clone(),
                 b.verdict.clone(),
-                b.since.clone(),
+                b.since.clone().unwrap_or_else(|| "-".into()),
                 if votes.is_empty() { "-".into() } else { votes },
                 b.reason.clone(),
             ]
@@ -275,7 +264,7 @@ fn table(v: &HealthView) -> String {
                 p.node_name.clone(),
                 p.zone.clone(),
                 p.state.clone(),
-                p.last_report_age.clone(),
+                duration_text(p.last_report_age_seconds),
                 p.last_sequence.to_string(),
             ]
         })
@@ -353,7 +342,17 @@ mod tests {
             fail_open: true,
             zones_down: vec!["a".into()],
         };
-        let text = table(&view(r));
+        let v = view(r);
+        let json = output::render(OutputFormat::Json, &v, table).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let probe = &json["backends"][0]["probes"][0]["latest"][0];
+        assert_eq!(probe["latency_seconds"], 0.002, "{json}");
+        assert!(json["backends"][0]["since"].is_null(), "{json}");
+        assert!(
+            json["probers"][0]["last_report_age_seconds"].is_null(),
+            "{json}"
+        );
+        let text = table(&v);
         for needle in [
             "fail-open:  YES",
             "zones down: a",

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::connect::Service;
 use crate::error::{CliError, Exit};
-use crate::output::{self, OutputFormat, enum_name};
+use crate::output::{self, OutputFormat, duration_text, enum_name, seconds};
 
 /// `bulwarkctl lb …`
 #[derive(Debug, Subcommand)]
@@ -104,21 +104,14 @@ pub enum LbCommand {
     },
 }
 
-fn dur(d: Option<&prost_types::Duration>) -> String {
-    match d {
-        Some(d) if d.seconds >= 0 && d.nanos >= 0 => humantime::format_duration(Duration::new(
-            d.seconds as u64,
-            d.nanos as u32 / 1_000_000 * 1_000_000,
-        ))
-        .to_string(),
-        _ => "-".into(),
-    }
-}
-
-fn ts(t: Option<&prost_types::Timestamp>) -> String {
+fn ts(t: Option<&prost_types::Timestamp>) -> Option<String> {
     t.and_then(|t| bulwark_api::time::timestamp_from_proto(t).ok())
         .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-        .unwrap_or_else(|| "-".into())
+}
+
+/// An absent value in a table cell.
+fn cell<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 fn pb_duration(d: Duration) -> Result<prost_types::Duration, CliError> {
@@ -129,13 +122,13 @@ fn pb_duration(d: Duration) -> Result<prost_types::Duration, CliError> {
 struct StatusView {
     node: String,
     role: String,
-    leader: String,
+    leader: Option<String>,
     term: u64,
     commit_index: u64,
     applied_index: u64,
     vip: String,
-    vip_holder: String,
-    held_since: String,
+    vip_holder: Option<u64>,
+    held_since: Option<String>,
     backends: String,
     listeners: Vec<ListenerView>,
     failovers: Vec<FailoverView>,
@@ -191,13 +184,13 @@ impl ListenerView {
 
 #[derive(Serialize)]
 struct FailoverView {
-    at: String,
-    from: String,
+    at: Option<String>,
+    from: Option<u64>,
     to: u64,
     term: u64,
     cause: String,
-    time_to_detect: String,
-    time_to_move: String,
+    time_to_detect_seconds: Option<f64>,
+    time_to_move_vip_seconds: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -222,9 +215,9 @@ struct MemberView {
     raft_address: String,
     api_address: String,
     zone: String,
-    matched_index: String,
-    lag: String,
-    last_ack: String,
+    matched_index: Option<u64>,
+    lag: Option<u64>,
+    last_ack_age_seconds: Option<f64>,
 }
 
 /// One `routing <listener>:` line per listener.
@@ -272,11 +265,9 @@ fn member_view(m: &lb::Member) -> MemberView {
         raft_address: n.raft_address,
         api_address: n.api_address,
         zone: n.zone,
-        matched_index: r
-            .and_then(|r| r.matched_index)
-            .map_or_else(|| "-".into(), |i| i.to_string()),
-        lag: r.map_or_else(|| "-".into(), |r| r.lag_entries.to_string()),
-        last_ack: r.map_or_else(|| "-".into(), |r| dur(r.last_ack_age.as_ref())),
+        matched_index: r.and_then(|r| r.matched_index),
+        lag: r.map(|r| r.lag_entries),
+        last_ack_age_seconds: r.and_then(|r| seconds(r.last_ack_age.as_ref())),
     }
 }
 
@@ -394,7 +385,7 @@ fn status_view(s: &lb::GetStatusResponse) -> StatusView {
     StatusView {
         node: node_name(s.node.as_ref()),
         role: enum_name(s.role, lb::NodeRole::as_str_name, "NODE_ROLE_"),
-        leader: node_name(s.leader.as_ref()),
+        leader: s.leader.as_ref().map(|n| node_name(Some(n))),
         term: s.current_term,
         commit_index: s.commit_index,
         applied_index: s.applied_index,
@@ -407,9 +398,7 @@ fn status_view(s: &lb::GetStatusResponse) -> StatusView {
                 enum_name(vip.mode, lb::VipMode::as_str_name, "VIP_MODE_")
             )
         },
-        vip_holder: vip
-            .holder_node_id
-            .map_or_else(|| "-".into(), |h| h.to_string()),
+        vip_holder: vip.holder_node_id,
         held_since: ts(vip.held_since.as_ref()),
         backends: format!("{}/{} routable", s.backends_routable, s.backends_total),
         listeners: s.listeners.iter().map(ListenerView::of).collect(),
@@ -418,12 +407,12 @@ fn status_view(s: &lb::GetStatusResponse) -> StatusView {
             .iter()
             .map(|f| FailoverView {
                 at: ts(f.at.as_ref()),
-                from: f.from_node_id.map_or_else(|| "-".into(), |n| n.to_string()),
+                from: f.from_node_id,
                 to: f.to_node_id,
                 term: f.term,
                 cause: enum_name(f.cause, lb::FailoverCause::as_str_name, "FAILOVER_CAUSE_"),
-                time_to_detect: dur(f.time_to_detect.as_ref()),
-                time_to_move: dur(f.time_to_move_vip.as_ref()),
+                time_to_detect_seconds: seconds(f.time_to_detect.as_ref()),
+                time_to_move_vip_seconds: seconds(f.time_to_move_vip.as_ref()),
             })
             .collect(),
     }
@@ -434,13 +423,13 @@ fn render_status(v: &StatusView) -> String {
     let mut out = output::fields(&[
         ("node", v.node.clone()),
         ("role", v.role.clone()),
-        ("leader", v.leader.clone()),
+        ("leader", cell(v.leader.as_ref())),
         ("term", v.term.to_string()),
         ("commit index", v.commit_index.to_string()),
         ("applied index", v.applied_index.to_string()),
         ("vip", v.vip.clone()),
-        ("vip holder", v.vip_holder.clone()),
-        ("held since", v.held_since.clone()),
+        ("vip holder", cell(v.vip_holder)),
+        ("held since", cell(v.held_since.as_ref())),
         ("backends", v.backends.clone()),
     ]);
     out.push_str(&routing_fields(&v.listeners));
@@ -451,13 +440,13 @@ fn render_status(v: &StatusView) -> String {
             .iter()
             .map(|f| {
                 vec![
-                    f.at.clone(),
-                    f.from.clone(),
+                    cell(f.at.as_ref()),
+                    cell(f.from),
                     f.to.to_string(),
                     f.term.to_string(),
                     f.cause.clone(),
-                    f.time_to_detect.clone(),
-                    f.time_to_move.clone(),
+                    duration_text(f.time_to_detect_seconds),
+                    duration_text(f.time_to_move_vip_seconds),
                 ]
             })
             .collect();
@@ -585,9 +574,9 @@ fn render_members(rows: &[MemberView], leader: Option<u64>) -> String {
                 m.raft_address.clone(),
                 m.api_address.clone(),
                 m.zone.clone(),
-                m.matched_index.clone(),
-                m.lag.clone(),
-                m.last_ack.clone(),
+                cell(m.matched_index),
+                cell(m.lag),
+                duration_text(m.last_ack_age_seconds),
             ]
         })
         .collect();
@@ -672,23 +661,67 @@ async fn transfer_leadership(
     struct Moved {
         new_leader: String,
         term: u64,
-        time_to_move: String,
+        time_to_move_vip_seconds: Option<f64>,
     }
     output::print(
         format,
         &Moved {
             new_leader: node_name(r.new_leader.as_ref()),
             term: r.term,
-            time_to_move: dur(r
-                .failover
-                .as_ref()
-                .and_then(|f| f.time_to_move_vip.as_ref())),
+            time_to_move_vip_seconds: seconds(
+                r.failover
+                    .as_ref()
+                    .and_then(|f| f.time_to_move_vip.as_ref()),
+            ),
         },
         |m| {
             format!(
                 "leadership moved to {} in term {} (VIP moved in {})\n",
-                m.new_leader, m.term, m.time_to_move
+                m.new_leader,
+                m.term,
+                duration_text(m.time_to_move_vip_seconds)
             )
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scripts get numbers: lag and indexes as integers or null (never
+    /// "-"), durations as seconds in fields that say so.
+    #[test]
+    fn json_has_numbers_and_nulls_where_the_table_has_words_and_dashes() {
+        let caught_up = lb::Member {
+            node: Some(lb::NodeInfo {
+                id: 1,
+                ..Default::default()
+            }),
+            role: lb::MemberRole::Voter as i32,
+            replication: Some(lb::ReplicationStatus {
+                matched_index: Some(41),
+                lag_entries: 2,
+                last_ack_age: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 503_000_000,
+                }),
+            }),
+        };
+        let unknown = lb::Member {
+            replication: None,
+            ..caught_up.clone()
+        };
+        let rows = vec![member_view(&caught_up), member_view(&unknown)];
+        let json = output::render(OutputFormat::Json, &rows, |_| String::new()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(json[0]["lag"], 2);
+        assert_eq!(json[0]["matched_index"], 41);
+        assert_eq!(json[0]["last_ack_age_seconds"], 0.503);
+        assert!(json[1]["lag"].is_null(), "{json}");
+        assert!(json[1]["last_ack_age_seconds"].is_null(), "{json}");
+        let table = render_members(&rows, Some(1));
+        assert!(table.contains("41       2    503ms"), "{table}");
+        assert!(table.contains("-        -    -"), "{table}");
+    }
 }

@@ -14,11 +14,13 @@
 //! - [`restore`]: `bulwarkctl restore`, whole-cluster etcd restore.
 
 pub mod backup;
+pub mod certs;
 pub mod cli;
 pub mod connect;
 pub mod context;
 pub mod error;
 pub mod health;
+pub mod init;
 pub mod lb;
 pub mod output;
 pub mod restore;

@@ -2,6 +2,8 @@
 //! got (not the raw protobuf, so the output stays stable when the wire
 //! changes) and prints it in the chosen format.
 
+use std::io::Write as _;
+
 use serde::Serialize;
 
 use crate::error::{CliError, Exit};
@@ -25,8 +27,31 @@ pub fn print<T: Serialize>(
     table: impl FnOnce(&T) -> String,
 ) -> Result<(), CliError> {
     let text = render(format, value, table)?;
-    print!("{text}");
-    Ok(())
+    emit(text.as_bytes())
+}
+
+/// Writes to stdout: the one way bulwarkctl prints results. A reader that
+/// went away (`bulwarkctl … | head -1`) is not an error: the rest is
+/// dropped quietly, as other Unix tools do, instead of a panic or a message.
+pub fn emit(bytes: &[u8]) -> Result<(), CliError> {
+    emit_to(&mut std::io::stdout().lock(), bytes)
+}
+
+/// A line for the operator on stderr, beside the result on stdout (which
+/// stays machine-readable). A closed stderr loses the note, nothing more.
+pub fn note(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+fn emit_to(out: &mut impl std::io::Write, bytes: &[u8]) -> Result<(), CliError> {
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::new(
+            Exit::Failure,
+            format!("cannot write to stdout: {e}"),
+        )),
+    }
 }
 
 /// What [`print`] prints.
@@ -108,6 +133,26 @@ pub fn size(bytes: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
+/// A protobuf duration as JSON and YAML carry it: seconds, a number (the
+/// field's name ends in `_seconds`); `None` when absent or negative.
+pub fn seconds(d: Option<&prost_types::Duration>) -> Option<f64> {
+    bulwark_api::time::duration_from_proto(d?)
+        .ok()
+        .map(|d| d.as_secs_f64())
+}
+
+/// Seconds for people, to the millisecond: `420ms`, `3h 1m 2s`, `1s 500ms`;
+/// `-` when unknown.
+pub fn duration_text(secs: Option<f64>) -> String {
+    match secs.and_then(|s| std::time::Duration::try_from_secs_f64(s).ok()) {
+        Some(d) => humantime::format_duration(std::time::Duration::from_millis(
+            d.as_millis().try_into().unwrap_or(u64::MAX),
+        ))
+        .to_string(),
+        None => "-".into(),
+    }
+}
+
 /// A protobuf enum value as operators read it: its name without the
 /// `prefix`, lower-case (`VERDICT_DOWN` → `down`); the number when unknown.
 pub fn enum_name<E: TryFrom<i32>>(
@@ -123,6 +168,38 @@ pub fn enum_name<E: TryFrom<i32>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Closed;
+
+    impl std::io::Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_pipe_is_quiet_and_other_write_errors_are_not() {
+        assert!(emit_to(&mut Closed, b"x\n").is_ok());
+        let mut full = std::io::Cursor::new([0u8; 1]);
+        let e = emit_to(&mut full, b"too long").unwrap_err();
+        assert_eq!(e.exit(), Exit::Failure);
+    }
+
+    #[test]
+    fn durations_are_seconds_for_scripts_and_words_for_people() {
+        let d = prost_types::Duration {
+            seconds: 1,
+            nanos: 503_000_000,
+        };
+        assert!((seconds(Some(&d)).unwrap() - 1.503).abs() < 1e-9);
+        assert_eq!(seconds(None), None);
+        assert_eq!(duration_text(Some(1.503)), "1s 503ms");
+        assert_eq!(duration_text(Some(0.4204)), "420ms");
+        assert_eq!(duration_text(None), "-");
+    }
 
     #[test]
     fn table_aligns_columns() {

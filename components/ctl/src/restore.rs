@@ -65,7 +65,7 @@ struct Summary {
     live_revision: i64,
     cluster_id: String,
     deltas_applied: u32,
-    took: String,
+    took_seconds: Option<f64>,
     nodes: Vec<NodeRow>,
     /// Each phase's and each node's step's time, in order.
     timings: Vec<TimingRow>,
@@ -400,13 +400,7 @@ fn summary(restore_id: String, s: pb::RestoreSummary) -> Summary {
         live_revision: s.live_revision,
         cluster_id: format!("{:x}", s.cluster_id),
         deltas_applied: s.deltas_applied,
-        took: s
-            .took
-            .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
-            .map(|d| {
-                humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
-            })
-            .unwrap_or_default(),
+        took_seconds: output::seconds(s.took.as_ref()),
         nodes: s
             .nodes
             .into_iter()
@@ -485,7 +479,7 @@ fn print_summary(s: &Summary, format: OutputFormat) -> Result<(), CliError> {
                 String::new()
             },
             s.cluster_id,
-            s.took
+            output::duration_text(s.took_seconds)
         );
         for n in &s.nodes {
             out.push_str(&format!(

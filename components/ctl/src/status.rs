@@ -8,10 +8,11 @@
 //! A part that cannot be fetched does not hide the others: the report says
 //! `UNAVAILABLE` in its place (and `"unavailable": "<why>"` in JSON/YAML),
 //! and the command exits with the code of the first failure (3 unreachable,
-//! 4 refused certificate, 2 no endpoint configured) after printing
-//! everything it could.
+//! 4 refused certificate) after printing everything it could. A service
+//! the context names no endpoint for is `not configured`, which is no
+//! failure: a context with only LB endpoints can exit 0.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bulwark_api::backup::v1 as bk;
 use bulwark_api::backup::v1::backup_client::BackupClient;
@@ -20,8 +21,8 @@ use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
 use serde::Serialize;
 
 use crate::connect::{Service, Session};
-use crate::error::CliError;
-use crate::output::{self, OutputFormat, enum_name, size};
+use crate::error::{CliError, Exit};
+use crate::output::{self, OutputFormat, duration_text, enum_name, seconds, size};
 
 /// One part of the report: what was fetched, or why it could not be.
 #[derive(Debug, Serialize)]
@@ -29,6 +30,11 @@ use crate::output::{self, OutputFormat, enum_name, size};
 pub enum Part<T> {
     /// Fetched.
     Ok(T),
+    /// Not asked: the context and flags name no endpoint for it.
+    NotConfigured {
+        /// How to configure it.
+        not_configured: String,
+    },
     /// Not fetched.
     Unavailable {
         /// The error, naming the service and endpoint.
@@ -55,10 +61,19 @@ impl<T> Part<T> {
     }
 }
 
+/// A part for a service no endpoint is configured for.
+fn not_configured<T>(service: &str, flag: &str) -> Part<T> {
+    Part::NotConfigured {
+        not_configured: format!(
+            "no {service} endpoint; pass --{flag}-endpoint HOST:PORT or add `{flag}.endpoints` to the context"
+        ),
+    }
+}
+
 /// The report.
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
-    /// True when every part was fetched.
+    /// True when every configured part was fetched.
     pub complete: bool,
     /// The LB cluster.
     pub lb: Part<LbView>,
@@ -108,8 +123,8 @@ pub struct VipView {
     pub holder_name: Option<String>,
     /// When the holder took it (RFC 3339).
     pub held_since: Option<String>,
-    /// For how long, by the answering node's clock.
-    pub held_for: Option<String>,
+    /// For how long, in seconds, by the answering node's clock.
+    pub held_for_seconds: Option<f64>,
 }
 
 /// One Raft member.
@@ -161,8 +176,8 @@ pub struct ProberRow {
     pub zone: String,
     /// `counted`, `isolated` or `stale`.
     pub state: String,
-    /// Time since its last report.
-    pub last_report: Option<String>,
+    /// Seconds since its last report.
+    pub last_report_age_seconds: Option<f64>,
 }
 
 /// A leadership change.
@@ -176,10 +191,10 @@ pub struct FailoverRow {
     pub to: u64,
     /// Why.
     pub cause: String,
-    /// Detection plus election.
-    pub time_to_detect: Option<String>,
-    /// Election won to VIP announced.
-    pub time_to_move_vip: Option<String>,
+    /// Detection plus election, in seconds.
+    pub time_to_detect_seconds: Option<f64>,
+    /// Election won to VIP announced, in seconds.
+    pub time_to_move_vip_seconds: Option<f64>,
 }
 
 /// Backups.
@@ -193,6 +208,8 @@ pub struct BackupView {
     pub store: String,
     /// `every 1h`, or `cron or on demand`.
     pub schedule: String,
+    /// The schedule's interval in seconds; `None` for cron or on demand.
+    pub schedule_interval_seconds: Option<f64>,
     /// Next scheduled snapshot (RFC 3339).
     pub next_run: Option<String>,
     /// The newest committed snapshot.
@@ -201,8 +218,8 @@ pub struct BackupView {
     pub newest_revision_covered: i64,
     /// Continuous deltas: `running`, `lagging`, `gap`, `disabled`, `stopped`.
     pub deltas: String,
-    /// RPO lag: recent history lost if etcd were lost now.
-    pub rpo_lag: Option<String>,
+    /// RPO lag in seconds: recent history lost if etcd were lost now.
+    pub rpo_lag_seconds: Option<f64>,
     /// The last restore drill.
     pub last_drill: Option<DrillRow>,
     /// The last error of scheduled work.
@@ -218,8 +235,8 @@ pub struct LastBackup {
     pub id: String,
     /// When committed (RFC 3339).
     pub at: String,
-    /// How long ago, by this machine's clock.
-    pub age: Option<String>,
+    /// How long ago, in seconds, by this machine's clock.
+    pub age_seconds: Option<f64>,
     /// etcd revision.
     pub revision: i64,
     /// Stored size in bytes.
@@ -239,15 +256,13 @@ pub struct DrillRow {
     pub passed: bool,
     /// When it finished (RFC 3339).
     pub at: String,
-    /// How long it took.
-    pub took: Option<String>,
+    /// How long it took, in seconds.
+    pub took_seconds: Option<f64>,
 }
 
-fn dur(d: Option<&prost_types::Duration>) -> Option<String> {
-    let d = bulwark_api::time::duration_from_proto(d?).ok()?;
-    // Milliseconds are enough for people; nanoseconds are noise.
-    let d = Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX));
-    Some(humantime::format_duration(d).to_string())
+/// An optional number of seconds for people (`-` when unknown).
+fn secs_text(s: Option<f64>) -> Option<String> {
+    s.map(|s| duration_text(Some(s)))
 }
 
 fn time_of(t: Option<&prost_types::Timestamp>) -> Option<SystemTime> {
@@ -258,10 +273,10 @@ fn ts(t: Option<&prost_types::Timestamp>) -> Option<String> {
     time_of(t).map(|t| humantime::format_rfc3339_seconds(t).to_string())
 }
 
-/// `later - earlier`, rounded to seconds, when both are known and ordered.
-fn between(earlier: Option<SystemTime>, later: Option<SystemTime>) -> Option<String> {
+/// `later - earlier` in whole seconds, when both are known and ordered.
+fn between(earlier: Option<SystemTime>, later: Option<SystemTime>) -> Option<f64> {
     let d = later?.duration_since(earlier?).ok()?;
-    Some(humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
+    Some(d.as_secs() as f64)
 }
 
 /// An enum value's proto name without its prefix, lowercased.
@@ -333,7 +348,7 @@ fn lb_view(s: &lb::GetStatusResponse, list: &lb::ListBackendsResponse) -> LbView
             holder: vip.holder_node_id,
             holder_name,
             held_since: ts(vip.held_since.as_ref()),
-            held_for: between(
+            held_for_seconds: between(
                 time_of(vip.held_since.as_ref()),
                 time_of(s.observed_at.as_ref()),
             ),
@@ -380,8 +395,8 @@ fn lb_view(s: &lb::GetStatusResponse, list: &lb::ListBackendsResponse) -> LbView
             from: f.from_node_id,
             to: f.to_node_id,
             cause: enum_name(f.cause, lb::FailoverCause::as_str_name, "FAILOVER_CAUSE_"),
-            time_to_detect: dur(f.time_to_detect.as_ref()),
-            time_to_move_vip: dur(f.time_to_move_vip.as_ref()),
+            time_to_detect_seconds: seconds(f.time_to_detect.as_ref()),
+            time_to_move_vip_seconds: seconds(f.time_to_move_vip.as_ref()),
         }),
     }
 }
@@ -408,7 +423,7 @@ async fn probers_part(svc: &Service<'_>) -> Result<Vec<ProberRow>, CliError> {
                 "counted"
             }
             .into(),
-            last_report: dur(p.last_report_age.as_ref()),
+            last_report_age_seconds: seconds(p.last_report_age.as_ref()),
         })
         .collect())
 }
@@ -431,14 +446,15 @@ fn backup_view(s: &bk::GetStatusResponse, now: SystemTime) -> BackupView {
         answered_by: s.node_name.clone(),
         schedule_leader: sched.leader.clone(),
         store: s.store_url.clone(),
-        schedule: dur(sched.interval.as_ref())
+        schedule: secs_text(seconds(sched.interval.as_ref()))
             .map(|d| format!("every {d}"))
             .unwrap_or_else(|| "cron or on demand".into()),
+        schedule_interval_seconds: seconds(sched.interval.as_ref()),
         next_run: ts(sched.next_run_at.as_ref()),
         last_backup: s.last_success.as_ref().map(|l| LastBackup {
             id: l.id.clone(),
             at: ts(l.created_at.as_ref()).unwrap_or_default(),
-            age: between(time_of(l.created_at.as_ref()), Some(now)),
+            age_seconds: between(time_of(l.created_at.as_ref()), Some(now)),
             revision: l.revision,
             stored_bytes: l.stored_size_bytes,
             encrypted: l.encrypted,
@@ -459,12 +475,12 @@ fn backup_view(s: &bk::GetStatusResponse, now: SystemTime) -> BackupView {
                 .trim_start_matches("DELTA_STATE_")
                 .to_lowercase(),
         },
-        rpo_lag: dur(deltas.rpo_lag.as_ref()),
+        rpo_lag_seconds: seconds(deltas.rpo_lag.as_ref()),
         last_drill: s.last_drill.as_ref().map(|d| DrillRow {
             snapshot: d.snapshot_id.clone(),
             passed: d.passed,
             at: ts(d.finished_at.as_ref()).unwrap_or_default(),
-            took: dur(d.took.as_ref()),
+            took_seconds: seconds(d.took.as_ref()),
         }),
         last_error: s.last_error.as_ref().map(|e| {
             format!(
@@ -486,23 +502,25 @@ fn backup_view(s: &bk::GetStatusResponse, now: SystemTime) -> BackupView {
     }
 }
 
-/// Fetches every part; the failures come back beside the report.
+/// Fetches every configured part; the failures come back beside the
+/// report. A service without endpoints is reported as not configured, not
+/// as a failure: a context may name only the LB, or only backups.
 pub async fn gather(session: &Session) -> (StatusReport, Vec<CliError>) {
     // The questions go out at once: a dead endpoint costs its connect
     // timeout once, not once per part.
     let lb_calls = async {
-        let svc = session.lb()?;
-        Ok::<_, CliError>(tokio::join!(lb_part(&svc), probers_part(&svc)))
+        let svc = session.lb().ok()?;
+        Some(tokio::join!(lb_part(&svc), probers_part(&svc)))
     };
     let backup_call = async {
-        let svc = session.backup()?;
-        backup_part(&svc, SystemTime::now()).await
+        let svc = session.backup().ok()?;
+        Some(backup_part(&svc, SystemTime::now()).await)
     };
     let (lb_calls, backup) = tokio::join!(lb_calls, backup_call);
 
     let mut failures = Vec::new();
     let (lb, probers) = match lb_calls {
-        Ok((lb, probers)) => {
+        Some((lb, probers)) => {
             let lb = Part::from_result(lb, &mut failures);
             let probers = match (&lb, probers) {
                 // When the LB is unreachable the probers are too: count
@@ -515,15 +533,15 @@ pub async fn gather(session: &Session) -> (StatusReport, Vec<CliError>) {
             };
             (lb, probers)
         }
-        Err(e) => (
-            Part::from_result(Err(e), &mut failures),
-            Part::Unavailable {
-                unavailable: "no bulwark-lb endpoint configured".into(),
-                hint: None,
-            },
+        None => (
+            not_configured("bulwark-lb", "lb"),
+            not_configured("bulwark-lb", "lb"),
         ),
     };
-    let backup = Part::from_result(backup, &mut failures);
+    let backup = match backup {
+        Some(r) => Part::from_result(r, &mut failures),
+        None => not_configured("bulwark-backup", "backup"),
+    };
     (
         StatusReport {
             complete: failures.is_empty(),
@@ -537,6 +555,13 @@ pub async fn gather(session: &Session) -> (StatusReport, Vec<CliError>) {
 
 /// Runs `bulwarkctl status`.
 pub async fn run(session: &Session, format: OutputFormat) -> Result<(), CliError> {
+    if session.lb().is_err() && session.backup().is_err() {
+        return Err(CliError::new(
+            Exit::Usage,
+            "no bulwark-lb or bulwark-backup endpoint configured: nothing to ask",
+        )
+        .hint("pass --lb-endpoint and/or --backup-endpoint HOST:PORT, or add `lb.endpoints`/`backup.endpoints` to the context"));
+    }
     let (report, mut failures) = gather(session).await;
     output::print(format, &report, render)?;
     if failures.is_empty() {
@@ -593,6 +618,9 @@ pub fn render(r: &StatusReport) -> String {
 fn render_part<T>(out: &mut String, title: &str, part: &Part<T>, ok: impl FnOnce(&mut String, &T)) {
     match part {
         Part::Ok(v) => ok(out, v),
+        Part::NotConfigured { not_configured } => {
+            out.push_str(&format!("{title}not configured: {not_configured}\n"));
+        }
         Part::Unavailable {
             unavailable: u,
             hint,
@@ -658,8 +686,7 @@ fn vip_text(vip: &VipView) -> String {
             "held by {h}{} since {}{}",
             name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
             opt(&vip.held_since),
-            vip.held_for
-                .as_ref()
+            secs_text(vip.held_for_seconds)
                 .map(|d| format!(" ({d})"))
                 .unwrap_or_default()
         ),
@@ -673,16 +700,14 @@ fn failover_text(f: &FailoverRow) -> String {
         Some(from) => format!("node {from} -> node {}", f.to),
         None => format!("node {}", f.to),
     };
-    let detect = f
-        .time_to_detect
-        .as_ref()
+    let detect = secs_text(f.time_to_detect_seconds)
         .map(|d| format!(", detected in {d}"))
         .unwrap_or_default();
     format!(
         "{} {moved} ({}){detect}, VIP moved in {}",
         f.at,
         f.cause,
-        opt(&f.time_to_move_vip)
+        duration_text(f.time_to_move_vip_seconds)
     )
 }
 
@@ -745,7 +770,7 @@ fn render_probers(out: &mut String, probers: &[ProberRow]) {
                 p.node.clone(),
                 p.zone.clone(),
                 p.state.clone(),
-                opt(&p.last_report),
+                duration_text(p.last_report_age_seconds),
             ]
         })
         .collect();
@@ -782,7 +807,7 @@ fn render_backup(out: &mut String, b: &BackupView) {
         ),
         (
             "rpo lag",
-            match (&b.rpo_lag, b.deltas.as_str()) {
+            match (secs_text(b.rpo_lag_seconds), b.deltas.as_str()) {
                 (_, "disabled") => {
                     "n/a: continuous deltas are off, a restore reaches the last backup".into()
                 }
@@ -799,7 +824,7 @@ fn render_backup(out: &mut String, b: &BackupView) {
                     d.snapshot,
                     if d.passed { "passed" } else { "FAILED" },
                     d.at,
-                    opt(&d.took)
+                    duration_text(d.took_seconds)
                 ),
             },
         ),
@@ -822,8 +847,7 @@ fn last_backup_text(l: Option<&LastBackup>) -> String {
         "{} at {}{} (revision {}, {} stored{}), verified {}",
         l.id,
         l.at,
-        l.age
-            .as_ref()
+        secs_text(l.age_seconds)
             .map(|a| format!(", {a} ago"))
             .unwrap_or_default(),
         l.revision,
@@ -835,6 +859,8 @@ fn last_backup_text(l: Option<&LastBackup>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn ts_at(secs: i64) -> Option<prost_types::Timestamp> {
@@ -903,7 +929,7 @@ mod tests {
         assert_eq!(v.leader.as_deref(), Some("1 (cp-1)"));
         assert_eq!(v.vip.mode, "arp");
         assert_eq!(v.vip.holder_name.as_deref(), Some("cp-1"));
-        assert_eq!(v.vip.held_for.as_deref(), Some("3h 1m 2s"));
+        assert_eq!(v.vip.held_for_seconds, Some(10_862.0));
         assert_eq!(v.members[0].role, "voter");
         assert!(v.members[0].leader && !v.members[1].leader);
         assert_eq!(v.backends[0].verdict, "not_ready");
@@ -938,6 +964,8 @@ mod tests {
             "bulwark-backup at h:1: connection refused"
         );
         assert_eq!(json["lb"]["vip"]["holder"], 1);
+        // Durations are numbers of seconds for scripts.
+        assert_eq!(json["lb"]["vip"]["held_for_seconds"], 10_862.0);
     }
 
     #[test]
@@ -979,9 +1007,9 @@ mod tests {
         let v = backup_view(&s, now);
         assert_eq!(v.schedule, "every 1h");
         assert_eq!(v.deltas, "running");
-        assert_eq!(v.rpo_lag.as_deref(), Some("420ms"));
+        assert_eq!(v.rpo_lag_seconds, Some(0.42));
         let last = v.last_backup.as_ref().unwrap();
-        assert_eq!(last.age.as_deref(), Some("1m 30s"));
+        assert_eq!(last.age_seconds, Some(90.0));
         assert_eq!(last.verified, "never");
         assert!(!v.last_drill.as_ref().unwrap().passed);
         let report = StatusReport {
@@ -1002,5 +1030,61 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("snap-1 FAILED at"), "{text}");
+        let json = output::render(OutputFormat::Json, &report, render).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(json["backup"]["rpo_lag_seconds"], 0.42, "{json}");
+        assert_eq!(
+            json["backup"]["schedule_interval_seconds"], 3600.0,
+            "{json}"
+        );
+        assert_eq!(json["backup"]["last_backup"]["age_seconds"], 90.0, "{json}");
+    }
+
+    /// Only backup endpoints (here one nobody listens on): the LB part is
+    /// "not configured", which is not a failure; only the backup counts.
+    #[tokio::test]
+    async fn a_service_without_endpoints_is_not_configured_and_no_failure() {
+        let pki = bulwark_testkit::Pki::new().unwrap();
+        let viewer = pki.client("viewer", &[]).unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let session = Session::open(crate::context::Resolved {
+            context: None,
+            tls: viewer.tls_files(),
+            lb: None,
+            backup: Some(crate::context::ServiceEndpoints {
+                endpoints: vec![closed],
+                server_name: None,
+            }),
+            timeout: Duration::from_secs(3),
+        })
+        .unwrap();
+        let (report, failures) = gather(&session).await;
+        assert!(
+            matches!(report.lb, Part::NotConfigured { .. }),
+            "{report:?}"
+        );
+        assert!(
+            matches!(report.probers, Part::NotConfigured { .. }),
+            "{report:?}"
+        );
+        assert!(
+            matches!(report.backup, Part::Unavailable { .. }),
+            "{report:?}"
+        );
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        let text = render(&report);
+        assert!(
+            text.contains(
+                "LOAD BALANCER not configured: no bulwark-lb endpoint; pass --lb-endpoint"
+            ),
+            "{text}"
+        );
+        let json = output::render(OutputFormat::Json, &report, render).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(json["lb"]["not_configured"].is_string(), "{json}");
     }
 }

@@ -128,5 +128,35 @@ drill: {{etcdutl: {}, etcd: {}}}
     let out = ctl(&["backup", "show", &id], &addr, &viewer).await;
     assert_eq!(out.status.code(), Some(5));
 
+    // `latest` is accepted by delete as by show and verify: it is resolved
+    // to one id, which is printed, and as the newest it needs --force.
+    let out = ctl(&["backup", "create", "-o", "json"], &addr, &operator).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let newest = created["id"].as_str().unwrap().to_owned();
+    let out = ctl(&["backup", "delete", "latest"], &addr, &operator).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains(&format!("latest is {newest}")), "{stderr}");
+    let out = ctl(
+        &["backup", "delete", "latest", "--force", "-o", "json"],
+        &addr,
+        &operator,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deleted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(deleted["id"], newest.as_str());
+    let out = ctl(&["backup", "show", &newest], &addr, &viewer).await;
+    assert_eq!(out.status.code(), Some(5));
+
     shutdown.trigger();
 }

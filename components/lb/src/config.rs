@@ -186,6 +186,12 @@ impl LbConfig {
         })
     }
 
+    /// Every TLS identity this node uses, with the field naming it: what
+    /// the expiry metric and `bulwarkctl certs check` read.
+    pub fn certificates(&self) -> Vec<(&'static str, &TlsFiles)> {
+        vec![("tls", &self.tls)]
+    }
+
     /// This node's name.
     pub fn node_name(&self) -> String {
         self.name

@@ -75,7 +75,7 @@ fn main() -> ExitCode {
 
 async fn serve(config: LbConfig) -> anyhow::Result<ExitCode> {
     bulwark_common::telemetry::init_logging(&config.logging).context("starting logs")?;
-    bulwark_lb::metrics::register(&config.tls);
+    bulwark_lb::metrics::register(&config);
     let span = tracing::info_span!("lb", node = config.node_id);
     run(config).instrument(span).await
 }

@@ -8,7 +8,6 @@
 //! `unknown`, as `bulwarkctl lb status` and `bulwarkctl health` print them.
 
 use bulwark_common::telemetry::catalog::{self, MetricDef, MetricKind::*};
-use bulwark_common::tls::TlsFiles;
 
 use crate::health::VERDICT_LABELS;
 
@@ -144,6 +143,11 @@ pub const DEFS: &[MetricDef] = &[
         "Connect retries on another backend, by listener.",
     ),
     MetricDef::dynamic(
+        "bulwark_lb_first_flight_replays_total",
+        Counter,
+        "Client first flights replayed to another backend because the backend closed or reset before its first byte, by listener.",
+    ),
+    MetricDef::dynamic(
         "bulwark_lb_connections_failed_total",
         Counter,
         "Client connections closed because no backend could be connected, by listener and reason.",
@@ -191,11 +195,12 @@ pub const DEFS: &[MetricDef] = &[
 ];
 
 /// Declares the catalogue, the build info and the certificate expiry of
-/// `tls`. Call once at start, before the node runs.
-pub fn register(tls: &TlsFiles) {
+/// the node's identities. Call once at start, before the node runs.
+pub fn register(config: &crate::config::LbConfig) {
     catalog::register(DEFS);
     catalog::register_build_info("lb", env!("CARGO_PKG_VERSION"));
-    catalog::register_certificates("lb", &[tls]);
+    let files: Vec<_> = config.certificates().into_iter().map(|(_, f)| f).collect();
+    catalog::register_certificates("lb", &files);
 }
 
 #[cfg(test)]

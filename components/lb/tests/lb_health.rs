@@ -370,6 +370,10 @@ async fn heavy_probers_drive_verdicts_drain_fail_open_and_survive_a_leader_chang
         "fail-open gauge: {metrics}"
     );
     assert!(
+        metrics.contains("bulwark_build_info{component=\"lb\""),
+        "registered at start: {metrics}"
+    );
+    assert!(
         metrics.contains("bulwark_lb_backend_verdict{backend=\"api-3\",verdict=\"down\"} 1"),
         "{metrics}"
     );

@@ -23,6 +23,7 @@ use bulwark_api::lb::v1::ProbeKind;
 use bulwark_common::tls::TlsError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::{ProberConfig, ProbingConfig};
 use crate::metrics;
@@ -244,10 +245,18 @@ impl Check {
     }
 
     /// Probes until `cancel`, publishing settled observations to `table`.
-    pub async fn run(mut self, table: Observations, cancel: CancellationToken) {
+    /// Every log line of the check carries its own target and kind: the
+    /// span is attached to the future, so it is entered only while this
+    /// check runs (a guard held across an await would stay entered while
+    /// other checks run on the same thread, and their lines would carry it).
+    pub async fn run(self, table: Observations, cancel: CancellationToken) {
+        let span =
+            tracing::info_span!("check", target = %self.target_id, kind = kind_label(self.kind));
+        self.probe_until(table, cancel).instrument(span).await;
+    }
+
+    async fn probe_until(mut self, table: Observations, cancel: CancellationToken) {
         let kind = kind_label(self.kind);
-        let span = tracing::info_span!("check", target = %self.target_id, kind);
-        let _enter = span.enter();
         // Spread the checks over the first fast interval so a prober with
         // many targets does not fire them all in the same instant.
         let spread = self.timing.fast_interval.as_millis().max(1) as u64;
@@ -403,5 +412,94 @@ mod tests {
         println!("closed listener settled down after {:?}", dead_at.elapsed());
         cancel.cancel();
         task.await.unwrap();
+    }
+
+    /// Runs a dead target (t1) and a live one (t2) side by side on one
+    /// thread under the daemon's own subscriber, until each has settled,
+    /// and returns what was logged.
+    async fn log_of_two_checks(format: bulwark_common::telemetry::LogFormat) -> String {
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap().to_string();
+        drop(dead);
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap().to_string();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let config = bulwark_common::telemetry::LoggingConfig {
+            format,
+            ..Default::default()
+        };
+        let subscriber = bulwark_common::telemetry::subscriber(
+            &config,
+            std::sync::Mutex::new(file.reopen().unwrap()),
+            false,
+        )
+        .unwrap();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let table = Observations::new();
+        let mut changes = table.subscribe();
+        let cancel = CancellationToken::new();
+        let mut tasks = Vec::new();
+        for (id, addr) in [("t1", &dead_addr), ("t2", &live_addr)] {
+            let check = Check::new(
+                id,
+                addr,
+                "z",
+                ProbeKind::Tcp,
+                Probe::Tcp(TcpProbe::new(addr).unwrap()),
+                ProbingConfig::default(),
+            );
+            tasks.push(tokio::spawn(check.run(table.clone(), cancel.clone())));
+        }
+        let settled = async {
+            while !(table.get("t1", ProbeKind::Tcp).is_some_and(|o| !o.ok)
+                && table.get("t2", ProbeKind::Tcp).is_some_and(|o| o.ok))
+            {
+                changes.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), settled)
+            .await
+            .expect("t1 down and t2 up within 30 s");
+        cancel.cancel();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        drop(live);
+        std::fs::read_to_string(file.path()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn each_check_logs_under_its_own_target_in_json() {
+        let log = log_of_two_checks(bulwark_common::telemetry::LogFormat::Json).await;
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let of = |msg: &str| -> Vec<&serde_json::Value> {
+            lines.iter().filter(|l| l["message"] == msg).collect()
+        };
+        let (down, up) = (of("check down"), of("check up"));
+        assert_eq!(down.len(), 1, "{log}");
+        assert_eq!(up.len(), 1, "{log}");
+        assert_eq!(down[0]["span"]["target"], "t1", "{log}");
+        assert_eq!(down[0]["span"]["kind"], "tcp", "{log}");
+        assert_eq!(up[0]["span"]["target"], "t2", "{log}");
+    }
+
+    #[tokio::test]
+    async fn each_check_logs_under_one_span_of_its_own_in_text() {
+        let log = log_of_two_checks(bulwark_common::telemetry::LogFormat::Text).await;
+        let line = |msg: &str| {
+            log.lines()
+                .find(|l| l.contains(msg))
+                .unwrap_or_else(|| panic!("no {msg:?} in {log}"))
+                .to_owned()
+        };
+        let (down, up) = (line("check down"), line("check up"));
+        assert!(down.contains("check{target=t1 kind=\"tcp\"}"), "{down}");
+        assert!(up.contains("check{target=t2 kind=\"tcp\"}"), "{up}");
+        // One span, not the other checks' nested around it.
+        assert_eq!(down.matches("check{").count(), 1, "{down}");
+        assert_eq!(up.matches("check{").count(), 1, "{up}");
     }
 }

@@ -73,7 +73,8 @@ pub const DEFS: &[MetricDef] = &[
 pub fn register(config: &ProberConfig) {
     catalog::register(DEFS);
     catalog::register_build_info("prober", env!("CARGO_PKG_VERSION"));
-    catalog::register_certificates("prober", &[&config.report.tls]);
+    let files: Vec<_> = config.certificates().into_iter().map(|(_, f)| f).collect();
+    catalog::register_certificates("prober", &files);
 }
 
 /// The label of a probe reason.

@@ -126,6 +126,14 @@ async fn runs_serves_admin_and_stops_gracefully_on_sigterm() {
             .then_some(())
     })
     .await;
+    // Series registered at start reach the binary's /metrics (they are
+    // lost when created before the recorder is installed).
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("bulwark_build_info{component=\"prober\"")
+            && metrics.contains("bulwark_prober_resyncs_total 0"),
+        "{metrics}"
+    );
 
     process.terminate().unwrap();
     let status = process.wait_exit(WAIT).await.unwrap();

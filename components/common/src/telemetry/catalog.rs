@@ -110,6 +110,10 @@ impl MetricDef {
 /// for a histogram), so calling it again — several nodes in one test
 /// process — never resets a value.
 pub fn register(defs: &[MetricDef]) {
+    // The recorder must exist before the first series: a series created
+    // while none is installed goes to the no-op recorder and is lost (the
+    // admin server installs it too, but later).
+    let _ = super::metrics_handle();
     for d in defs {
         describe(d);
         match d.series {
@@ -152,6 +156,7 @@ fn create(kind: MetricKind, name: &'static str, labels: &[(&'static str, &'stati
 /// `component` and `instance`, it tells which build each daemon runs
 /// (a rolling upgrade shows both versions side by side).
 pub fn register_build_info(component: &'static str, version: &'static str) {
+    let _ = super::metrics_handle();
     metrics::describe_gauge!(
         BUILD_INFO,
         "Always 1; the labels say which component and version this process runs."
@@ -173,6 +178,7 @@ pub const CERT_EXPIRY: &str = "bulwark_certificate_expiry_timestamp_seconds";
 /// cannot be read or parsed is left out with a warning; the daemon's own
 /// TLS loading reports it as an error.
 pub fn register_certificates(component: &'static str, files: &[&TlsFiles]) {
+    let _ = super::metrics_handle();
     metrics::describe_gauge!(
         CERT_EXPIRY,
         "When the certificate expires (notAfter), in seconds since the Unix epoch; role is certificate (this side's leaf) or ca (earliest in the bundle)."

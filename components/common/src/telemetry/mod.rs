@@ -8,13 +8,15 @@
 pub mod catalog;
 pub mod process;
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::{Validate, Validator};
 
@@ -68,26 +70,67 @@ impl Validate for LoggingConfig {
     }
 }
 
-/// Installs the global `tracing` subscriber. Call once, early in `main`.
+/// Installs the global `tracing` subscriber on stderr. Call once, early in
+/// `main`. Colour codes are written only when stderr is a terminal: under
+/// the kubelet or redirected to a file they would be noise in every line.
 pub fn init_logging(config: &LoggingConfig) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&config.level)?;
-    let registry = tracing_subscriber::registry().with(filter);
-    match config.format {
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init()?,
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init()?,
-    }
+    let ansi = std::io::stderr().is_terminal();
+    subscriber(config, std::io::stderr, ansi)?.try_init()?;
     Ok(())
+}
+
+/// The subscriber [`init_logging`] installs, writing to `writer`, with
+/// colour only when `ansi` is set (text format; JSON never has any).
+pub fn subscriber<W>(
+    config: &LoggingConfig,
+    writer: W,
+    ansi: bool,
+) -> anyhow::Result<impl tracing::Subscriber + Send + Sync + 'static>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_new(effective_filter(&config.level))?;
+    let layer: Box<dyn Layer<Registry> + Send + Sync> = match config.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(writer)
+            .boxed(),
+    };
+    Ok(tracing_subscriber::registry().with(layer).with(filter))
+}
+
+/// Crates whose info level is too chatty for an operator's log: openraft
+/// logs its whole state at info on every start and election. They log at
+/// warn unless the operator's filter names them.
+const QUIET_BY_DEFAULT: &[&str] = &["openraft"];
+
+/// The operator's filter with [`QUIET_BY_DEFAULT`] crates at `warn`
+/// unless it says otherwise about them.
+pub fn effective_filter(level: &str) -> String {
+    let mut directives: Vec<String> = level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for krate in QUIET_BY_DEFAULT {
+        let named = directives.iter().any(|d| {
+            d.split(['=', '[', ':'])
+                .next()
+                .is_some_and(|target| target == *krate)
+        });
+        if !named {
+            directives.push(format!("{krate}=warn"));
+        }
+    }
+    directives.join(",")
 }
 
 /// Bucket bounds, in seconds, of every histogram bulwark records.
@@ -138,6 +181,51 @@ mod tests {
             "{}",
             errs[0]
         );
+    }
+
+    #[test]
+    fn openraft_is_quiet_unless_the_filter_names_it() {
+        assert_eq!(effective_filter("info"), "info,openraft=warn");
+        assert_eq!(
+            effective_filter("debug, bulwark_lb=trace"),
+            "debug,bulwark_lb=trace,openraft=warn"
+        );
+        assert_eq!(effective_filter("info,openraft=info"), "info,openraft=info");
+        assert_eq!(
+            effective_filter("info,openraft::engine=debug"),
+            "info,openraft::engine=debug"
+        );
+        // A crate whose name only starts with it is another crate.
+        assert_eq!(
+            effective_filter("openraft_extra=debug"),
+            "openraft_extra=debug,openraft=warn"
+        );
+    }
+
+    /// A file, as the kubelet's log capture or `2> file` is: never a
+    /// terminal, so no colour, and openraft's info lines are filtered out
+    /// while bulwark's come through.
+    #[test]
+    fn text_logs_to_a_file_have_no_colour_codes_and_no_openraft_info() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let writer = file.reopen().unwrap();
+        assert!(!writer.is_terminal());
+        let ansi = writer.is_terminal();
+        let writer = std::sync::Mutex::new(writer);
+        let subscriber = subscriber(&LoggingConfig::default(), writer, ansi).unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("check", target = "t1");
+            let _in = span.enter();
+            tracing::warn!(target: "bulwark_prober::check", reason = "refused", "check down");
+            tracing::info!(target: "openraft::engine", "a page of raft state");
+            tracing::warn!(target: "openraft::engine", "a raft warning");
+        });
+        let text = std::fs::read_to_string(file.path()).unwrap();
+        assert!(!text.contains('\u{1b}'), "colour codes in a file: {text:?}");
+        assert!(text.contains("check down"), "{text}");
+        assert!(text.contains("check{target=\"t1\"}"), "{text}");
+        assert!(!text.contains("a page of raft state"), "{text}");
+        assert!(text.contains("a raft warning"), "{text}");
     }
 
     #[test]

@@ -27,12 +27,17 @@ pub struct ProxyConfig {
     #[serde(default = "d_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
     /// Connect tries per client connection, each on a different backend,
-    /// before the client's connection is closed.
+    /// before the client's connection is closed. A backend that accepted
+    /// but reset or closed before its first byte counts as one: the
+    /// client's first flight is replayed to the next (docs/HEALTH.md).
     #[serde(default = "d_connect_attempts")]
     pub connect_attempts: u32,
     /// Client connections served at once; beyond it the proxy stops
     /// accepting and new clients wait in the kernel's accept queue. Each
-    /// connection costs two descriptors and `2 × bufferSize` of memory.
+    /// connection costs two descriptors (its two sockets) and
+    /// `2 × bufferSize` of memory; with `splice` on, up to six (a pipe of
+    /// two more for each direction that carries bulk data), which is what
+    /// the startup check of the descriptor limit counts.
     #[serde(default = "d_max_connections")]
     pub max_connections: u32,
     /// TCP keepalive on both sides of every connection.
@@ -63,7 +68,9 @@ pub struct ProxyConfig {
     /// Copy buffer per direction, in bytes, for the exchanges that do not
     /// go through splice. 16 KiB holds a full TLS record (as HAProxy's
     /// default buffer does) and keeps an idle watch at 32 KiB of buffers;
-    /// bulk transfers move through pipes instead when `splice` is on.
+    /// bulk transfers move through pipes instead when `splice` is on. Also
+    /// the bound on the client's first flight that is kept for a replay
+    /// until the backend's first byte.
     #[serde(default = "d_buffer_size")]
     pub buffer_size: usize,
     /// Zero-copy forwarding: a direction that carries bulk data (a read of

@@ -1,8 +1,11 @@
 //! One client connection: choose and connect a backend (retrying elsewhere
 //! on failure), then copy until both sides are done, the idle timer fires,
-//! the backend's drain deadline passes or shutdown's grace is over.
+//! the backend's drain deadline passes or shutdown's grace is over. A
+//! backend that closes or resets before its first byte gets the client's
+//! first flight replayed to another backend ([`super::copy`] keeps it).
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,9 +14,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::Shared;
-use super::close::CloseSignals;
+use super::close::{CloseReason, CloseSignals};
 use super::config::MAX_CONNECT_ATTEMPTS;
-use super::copy::Bidirectional;
+use super::copy::{Bidirectional, CopyError};
 use crate::backends::{BackendStats, ConnectErrorKind};
 
 /// A slot reserved on a backend while connecting; released unless the
@@ -53,36 +56,75 @@ pub(super) async fn handle(
     if !shared.client_options_inherited {
         set_options(&client, &shared);
     }
+    // Replays of the first flight must come within one connect timeout of
+    // the client's arrival: the bound on how long a client waits for them.
+    let replay_until = Instant::now() + shared.config.connect_timeout;
+    let mut tried = Tried::default();
     let connected = tokio::select! {
         biased;
-        () = shared.force_close.cancelled() => return,
-        c = connect_some_backend(&shared) => c,
+        () = shared.force_close.cancelled() => {
+            if shared.reset_on_close {
+                let _ = client.set_zero_linger();
+            }
+            return;
+        }
+        c = connect_some_backend(&shared, &mut tried) => c,
     };
-    let Some((mut backend, stats, close)) = connected else {
+    let Some((backend, stats, mut close)) = connected else {
         // Nothing could be reached: reset rather than close, so the client
         // fails at once instead of waiting for a TLS handshake that will
         // never come.
         let _ = client.set_zero_linger();
         return;
     };
-    let active = Active(stats);
+    let mut active = Active(stats.clone());
 
     let config = &shared.config;
-    let copy = Bidirectional::new(
+    let mut copy = Bidirectional::new(
         &mut client,
-        &mut backend,
-        &active.0,
+        backend,
+        stats,
         config.buffer_size,
         config.splice,
+        replay_until,
     );
-    run(copy, &shared, &close).await;
+    while let Some(failed) = run(&mut copy, &shared, &close).await {
+        active.0.connect_failed(ConnectErrorKind::of(&failed));
+        tracing::debug!(
+            error = %failed,
+            tried = tried.len,
+            "backend closed before its first byte; replaying the client's first flight to another backend"
+        );
+        let next = tokio::select! {
+            biased;
+            () = shared.force_close.cancelled() => {
+                if shared.reset_on_close {
+                    copy.reset_client();
+                }
+                return;
+            }
+            c = connect_some_backend(&shared, &mut tried) => c,
+        };
+        let Some((backend, stats, token)) = next else {
+            copy.reset_peer_of(&CopyError::BeforeFirstByte(failed));
+            return;
+        };
+        // The failed backend's connection ends here (its drop counts it).
+        active = Active(stats.clone());
+        close = token;
+        copy.replay_to(backend, stats);
+        shared.metrics.replays.increment(1);
+    }
 }
 
+/// Copies until the connection is over (`None`), or until the backend
+/// failed before its first byte while the first flight can be replayed
+/// (`Some`, with the backend's error).
 async fn run(
-    mut copy: Bidirectional<'_>,
+    copy: &mut Bidirectional<'_>,
     shared: &Shared,
     close: &tokio_util::sync::CancellationToken,
-) {
+) -> Option<io::Error> {
     let idle = shared.config.idle_timeout;
     // Without an idle timeout the timer is never polled (the `if` below),
     // so it costs nothing; with one, it is re-armed once per period, not
@@ -97,16 +139,23 @@ async fn run(
     loop {
         tokio::select! {
             biased;
-            r = &mut copy => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                    copy.reset_peer_of(&e);
+            r = &mut *copy => {
+                match r {
+                    Ok(()) => {}
+                    Err(CopyError::BeforeFirstByte(e)) => return Some(e),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                        copy.reset_peer_of(&e);
+                    }
                 }
-                return;
+                return None;
             }
             reason = &mut signals => {
                 tracing::debug!(?reason, "closing connection");
-                return;
+                if reason == CloseReason::Shutdown && shared.reset_on_close {
+                    copy.reset_client();
+                }
+                return None;
             }
             () = &mut sleep, if idle.is_some() => {
                 if copy.take_activity() {
@@ -115,18 +164,43 @@ async fn run(
                     }
                 } else {
                     tracing::debug!(?idle, "closing idle connection");
-                    return;
+                    return None;
                 }
             }
         }
     }
 }
 
-/// Tries backends until one accepts, at most `connectAttempts` of them,
-/// never the same one twice. Returns the stream, the backend's counters
-/// (its active count already includes this connection) and its close token.
+/// The backends one client connection has tried, by address: a replay may
+/// load a newer snapshot, where indices mean other backends. A fixed array,
+/// so a connection allocates nothing for it.
+struct Tried {
+    addresses: [SocketAddr; MAX_CONNECT_ATTEMPTS as usize],
+    len: usize,
+}
+
+impl Default for Tried {
+    fn default() -> Self {
+        Self {
+            addresses: [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_CONNECT_ATTEMPTS as usize],
+            len: 0,
+        }
+    }
+}
+
+impl Tried {
+    fn contains(&self, address: SocketAddr) -> bool {
+        self.addresses[..self.len].contains(&address)
+    }
+}
+
+/// Tries backends until one accepts, never one this connection tried
+/// before, at most `connectAttempts` per client connection counting the
+/// tries before a replay. Returns the stream, the backend's counters (its
+/// active count already includes this connection) and its close token.
 async fn connect_some_backend(
     shared: &Shared,
+    tried: &mut Tried,
 ) -> Option<(
     TcpStream,
     Arc<BackendStats>,
@@ -136,11 +210,20 @@ async fn connect_some_backend(
     // One snapshot for all attempts, so indices stay meaningful.
     let set = shared.backends.load();
     let mode = shared.backends.mode();
-    let mut tried = [0usize; MAX_CONNECT_ATTEMPTS as usize];
-    let attempts = (config.connect_attempts as usize).min(tried.len());
-    for n in 0..attempts {
-        let Some(backend) = set.pick(mode, &tried[..n]) else {
-            if n == 0 {
+    let mut exclude = [0usize; MAX_CONNECT_ATTEMPTS as usize];
+    let mut excluded = 0;
+    if tried.len > 0 {
+        for b in set.iter() {
+            if excluded < exclude.len() && tried.contains(b.address()) {
+                exclude[excluded] = b.index();
+                excluded += 1;
+            }
+        }
+    }
+    let attempts = (config.connect_attempts as usize).min(tried.addresses.len());
+    while tried.len < attempts {
+        let Some(backend) = set.pick(mode, &exclude[..excluded]) else {
+            if tried.len == 0 {
                 shared.metrics.no_backend.increment(1);
                 tracing::warn!(
                     version = set.version(),
@@ -148,16 +231,25 @@ async fn connect_some_backend(
                 );
             } else {
                 shared.metrics.all_attempts_failed.increment(1);
-                tracing::warn!(attempts = n, "every eligible backend failed to connect");
+                tracing::warn!(
+                    attempts = tried.len,
+                    "every eligible backend failed to connect"
+                );
             }
             return None;
         };
-        tried[n] = backend.index();
+        if excluded < exclude.len() {
+            exclude[excluded] = backend.index();
+            excluded += 1;
+        }
+        let first = tried.len == 0;
+        tried.addresses[tried.len] = backend.address();
+        tried.len += 1;
         let stats = backend.stats();
         // Reserve before connecting so concurrent picks see this load.
         stats.reserve();
         let reservation = Reservation(Some(stats));
-        if n > 0 {
+        if !first {
             stats.retried();
             shared.metrics.retries.increment(1);
         }

@@ -16,14 +16,27 @@
 //! message than socket → pipe → socket, and short connections never pay
 //! for creating pipes. If a pipe cannot be created (descriptor limit) the
 //! direction simply stays buffered.
+//!
+//! Until the backend's first byte, the client's bytes are kept (appended in
+//! the client→backend buffer, at most `bufferSize` of them) instead of
+//! being overwritten: if the backend closes or resets before answering (a
+//! dying apiserver's listener accepts, then resets mid-handshake), the copy
+//! ends with [`CopyError::BeforeFirstByte`] and the caller can replay that
+//! first flight to another backend ([`Bidirectional::replay_to`]). Nothing
+//! reached an application then: a TLS client sends only its ClientHello
+//! before the server's first byte. The window closes on the backend's
+//! first byte, when the buffer is full, or at the replay deadline; after
+//! it the copy is exactly the plain one.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::splice::Pipe;
 use crate::backends::BackendStats;
@@ -41,6 +54,27 @@ pub(crate) enum CopyError {
     /// Reading from or writing to the backend failed.
     #[error("backend side: {0}")]
     Backend(io::Error),
+    /// The backend closed or reset before its first byte, while the
+    /// client's first flight is still held and the replay deadline has not
+    /// passed: the client has seen nothing and the flight can go to another
+    /// backend.
+    #[error("backend closed before its first byte: {0}")]
+    BeforeFirstByte(io::Error),
+}
+
+/// The replay window: open from the start until the backend's first byte,
+/// a full client→backend buffer, or the deadline.
+struct FirstFlight {
+    open: bool,
+    until: Instant,
+}
+
+impl FirstFlight {
+    /// Whether a backend failure now may be replayed. Read only when the
+    /// backend failed, so the clock is not read on the data path.
+    fn replayable(&self) -> bool {
+        self.open && Instant::now() < self.until
+    }
 }
 
 /// One direction's state.
@@ -62,23 +96,26 @@ struct Half {
 /// Copies until both directions have seen EOF and forwarded it.
 pub(crate) struct Bidirectional<'a> {
     client: &'a mut TcpStream,
-    backend: &'a mut TcpStream,
-    stats: &'a BackendStats,
+    backend: TcpStream,
+    stats: Arc<BackendStats>,
     /// Both directions' buffers in one allocation: `[..half]` carries
     /// client→backend, `[half..]` backend→client.
     buf: Box<[u8]>,
     up: Half,
     down: Half,
     active: bool,
+    first_flight: FirstFlight,
 }
 
 impl<'a> Bidirectional<'a> {
+    /// A copy whose first flight may be replayed until `replay_until`.
     pub(crate) fn new(
         client: &'a mut TcpStream,
-        backend: &'a mut TcpStream,
-        stats: &'a BackendStats,
+        backend: TcpStream,
+        stats: Arc<BackendStats>,
         buffer_size: usize,
         splice: bool,
+        replay_until: Instant,
     ) -> Self {
         Self {
             client,
@@ -94,7 +131,22 @@ impl<'a> Bidirectional<'a> {
                 ..Half::default()
             },
             active: false,
+            first_flight: FirstFlight {
+                open: true,
+                until: replay_until,
+            },
         }
+    }
+
+    /// After [`CopyError::BeforeFirstByte`]: drops the failed backend and
+    /// sends the kept first flight (and the client's FIN, if it came) to
+    /// `backend` from the start. Nothing was read from the failed backend,
+    /// so the other direction has nothing to undo.
+    pub(crate) fn replay_to(&mut self, backend: TcpStream, stats: Arc<BackendStats>) {
+        self.backend = backend;
+        self.stats = stats;
+        self.up.pos = 0;
+        self.up.done = false;
     }
 
     /// Whether bytes moved since the last call.
@@ -102,12 +154,18 @@ impl<'a> Bidirectional<'a> {
         std::mem::take(&mut self.active)
     }
 
+    /// Makes the client's connection end with a reset when it is closed.
+    /// Best effort: the socket may already be gone.
+    pub(crate) fn reset_client(&self) {
+        let _ = self.client.set_zero_linger();
+    }
+
     /// Resets the side opposite the one that failed: a FIN would look like
     /// a clean end of stream. Best effort: the socket may already be gone.
     pub(crate) fn reset_peer_of(&mut self, failed: &CopyError) {
         let peer = match failed {
-            CopyError::Client(_) => &*self.backend,
-            CopyError::Backend(_) => &*self.client,
+            CopyError::Client(_) => &self.backend,
+            CopyError::Backend(_) | CopyError::BeforeFirstByte(_) => &*self.client,
         };
         let _ = peer.set_zero_linger();
     }
@@ -120,10 +178,14 @@ enum Side {
 }
 
 /// Moves bytes one way until `from` would block, `to` would block, or the
-/// direction is finished (EOF forwarded as a write shutdown).
-fn poll_half(
+/// direction is finished (EOF forwarded as a write shutdown). `UP` is the
+/// client→backend direction, which keeps the first flight; the other one
+/// closes the window on the backend's first byte.
+#[allow(clippy::too_many_arguments)] // one call per direction, all state borrowed
+fn poll_half<const UP: bool>(
     cx: &mut Context<'_>,
     h: &mut Half,
+    first_flight: &mut FirstFlight,
     buf: &mut [u8],
     from: &mut TcpStream,
     to: &mut TcpStream,
@@ -173,21 +235,58 @@ fn poll_half(
                 Err(e) => return Poll::Ready(Err(Side::From(e))),
             }
         } else {
-            let mut rb = ReadBuf::new(buf);
+            // While the window is open the client's bytes are appended
+            // after the ones already sent, so all of them can be sent again.
+            // A full buffer closes the window (beyond it, no replay), but
+            // only once the client has more to send: a first flight of
+            // exactly `bufferSize` bytes is still kept whole.
+            let start = if UP && first_flight.open {
+                if h.cap < buf.len() {
+                    h.cap
+                } else {
+                    // Peek, not readiness: readiness stays set after a
+                    // read that filled the buffer, with nothing behind it.
+                    let mut one = [0u8; 1];
+                    ready!(from.poll_peek(cx, &mut ReadBuf::new(&mut one))).map_err(Side::From)?;
+                    first_flight.open = false;
+                    0
+                }
+            } else {
+                0
+            };
+            let mut rb = ReadBuf::new(&mut buf[start..]);
             ready!(Pin::new(&mut *from).poll_read(cx, &mut rb)).map_err(Side::From)?;
             let n = rb.filled().len();
             if n == 0 {
+                if !UP && first_flight.replayable() {
+                    return Poll::Ready(Err(Side::From(io::ErrorKind::UnexpectedEof.into())));
+                }
                 h.eof = true;
             } else {
-                h.pos = 0;
-                h.cap = n;
-                if h.may_splice && n >= SPLICE_AFTER {
+                if !UP {
+                    // The backend answered: replaying is no longer safe.
+                    first_flight.open = false;
+                }
+                h.pos = start;
+                h.cap = start + n;
+                // A kept first flight stays in the buffer: a pipe would
+                // carry the next bytes past it.
+                if h.may_splice && n >= SPLICE_AFTER && !(UP && first_flight.open) {
                     // Bulk from now on; failing to get a pipe only means
                     // staying buffered.
                     h.pipe = Pipe::new().ok();
                 }
             }
         }
+    }
+}
+
+/// A backend error is replayable while the first flight is still held.
+fn backend_failed(first_flight: &FirstFlight, e: io::Error) -> CopyError {
+    if first_flight.replayable() {
+        CopyError::BeforeFirstByte(e)
+    } else {
+        CopyError::Backend(e)
     }
 }
 
@@ -198,37 +297,40 @@ impl Future for Bidirectional<'_> {
         let this = self.get_mut();
         let half = this.buf.len() / 2;
         let (up_buf, down_buf) = this.buf.split_at_mut(half);
-        let stats = this.stats;
+        let stats = &*this.stats;
+        let ff = &mut this.first_flight;
 
         if !this.up.done
-            && let Poll::Ready(Err(side)) = poll_half(
+            && let Poll::Ready(Err(side)) = poll_half::<true>(
                 cx,
                 &mut this.up,
+                ff,
                 up_buf,
                 this.client,
-                this.backend,
+                &mut this.backend,
                 &mut this.active,
                 |n| stats.add_bytes_in(n),
             )
         {
             return Poll::Ready(Err(match side {
                 Side::From(e) => CopyError::Client(e),
-                Side::To(e) => CopyError::Backend(e),
+                Side::To(e) => backend_failed(ff, e),
             }));
         }
         if !this.down.done
-            && let Poll::Ready(Err(side)) = poll_half(
+            && let Poll::Ready(Err(side)) = poll_half::<false>(
                 cx,
                 &mut this.down,
+                ff,
                 down_buf,
-                this.backend,
+                &mut this.backend,
                 this.client,
                 &mut this.active,
                 |n| stats.add_bytes_out(n),
             )
         {
             return Poll::Ready(Err(match side {
-                Side::From(e) => CopyError::Backend(e),
+                Side::From(e) => backend_failed(ff, e),
                 Side::To(e) => CopyError::Client(e),
             }));
         }

@@ -1,6 +1,7 @@
 //! The L4 data path: accept a client, pick a backend, connect (retrying on
-//! another backend before the client sees anything), then copy bytes both
-//! ways without looking at them. TLS passes through untouched, so clients
+//! another backend before the client sees anything; replaying the client's
+//! first bytes elsewhere when a backend accepts but dies before answering),
+//! then copy bytes both ways without looking at them. TLS passes through untouched, so clients
 //! see the apiserver's own certificate.
 //!
 //! The caller binds the listener ([`serve`] takes it): the VIP holder's
@@ -22,9 +23,9 @@
 //! let b = backends.with_mode(config.routing.local);
 //! let (p, t) = (proxy.clone(), shutdown.token());
 //! shutdown.spawn_critical("proxy-local", async move { Ok(proxy::serve(local, b, p, t).await?) });
-//! // The VIP front: bind when this node takes the VIP, cancel a child token
-//! // when it releases it (new connections stop at once; open ones get
-//! // `shutdownGrace`).
+//! // The VIP front (`serve_vip`): bind when this node takes the VIP, cancel
+//! // a child token when it releases it (new connections stop at once and
+//! // open ones are reset, so their clients reconnect to the new holder).
 //! ```
 
 mod close;
@@ -79,6 +80,7 @@ struct Metrics {
     accept_errors_other: Counter,
     max_connections_reached: Counter,
     retries: Counter,
+    replays: Counter,
     no_backend: Counter,
     all_attempts_failed: Counter,
 }
@@ -92,6 +94,7 @@ impl Metrics {
             accept_errors_other: metrics::counter!("bulwark_lb_accept_errors_total", "listener" => l.clone(), "reason" => "other"),
             max_connections_reached: metrics::counter!("bulwark_lb_max_connections_reached_total", "listener" => l.clone()),
             retries: metrics::counter!("bulwark_lb_retries_total", "listener" => l.clone()),
+            replays: metrics::counter!("bulwark_lb_first_flight_replays_total", "listener" => l.clone()),
             no_backend: metrics::counter!("bulwark_lb_connections_failed_total", "listener" => l.clone(), "reason" => "no_backend"),
             all_attempts_failed: metrics::counter!("bulwark_lb_connections_failed_total", "listener" => l, "reason" => "connect_failed"),
         }
@@ -100,6 +103,9 @@ impl Metrics {
 
 /// What every connection task of one listener shares.
 struct Shared {
+    /// Close client connections with a reset when `force_close` fires
+    /// ([`serve_vip`]), not with a FIN.
+    reset_on_close: bool,
     backends: Backends,
     config: Arc<ProxyConfig>,
     keepalive: Option<socket2::TcpKeepalive>,
@@ -126,6 +132,31 @@ pub async fn serve(
     backends: Backends,
     config: Arc<ProxyConfig>,
     shutdown: CancellationToken,
+) -> Result<(), ProxyError> {
+    serve_until(listener, backends, config, shutdown, false).await
+}
+
+/// [`serve`] for a VIP front: when `released` is cancelled (the VIP went
+/// to another node, whatever the reason), accepting stops and every open
+/// connection is reset at once, without `shutdownGrace`. The VIP's clients
+/// then reconnect, to the new holder, at once instead of waiting for their
+/// own timeouts (a watch can sit silent for minutes) on a node that no
+/// longer holds the VIP.
+pub async fn serve_vip(
+    listener: TcpListener,
+    backends: Backends,
+    config: Arc<ProxyConfig>,
+    released: CancellationToken,
+) -> Result<(), ProxyError> {
+    serve_until(listener, backends, config, released, true).await
+}
+
+async fn serve_until(
+    listener: TcpListener,
+    backends: Backends,
+    config: Arc<ProxyConfig>,
+    shutdown: CancellationToken,
+    reset_on_close: bool,
 ) -> Result<(), ProxyError> {
     let address = listener
         .local_addr()
@@ -167,6 +198,7 @@ pub async fn serve(
             source,
         })?;
     let shared = Arc::new(Shared {
+        reset_on_close,
         backends,
         client_options_inherited: inherit,
         keepalive,
@@ -193,7 +225,11 @@ pub async fn serve(
     drop(listener);
 
     tracker.close();
-    if !tracker.is_empty() {
+    if reset_on_close {
+        tracing::info!(listener = %address, open = tracker.len(), "VIP released: resetting open connections");
+        shared.force_close.cancel();
+        tracker.wait().await;
+    } else if !tracker.is_empty() {
         let grace = shared.config.shutdown_grace;
         tracing::info!(listener = %address, open = tracker.len(), ?grace, "waiting for open connections");
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {

@@ -51,9 +51,19 @@ pub struct LbState {
 }
 
 impl LbState {
-    /// Wraps decoded data (from disk or a snapshot).
-    pub fn from_data(data: pb::StateMachineData) -> Self {
-        Self { data }
+    /// Wraps decoded data (from disk or a snapshot). Data of a newer
+    /// format than this build's (a rollback after the new version wrote)
+    /// is refused: read as this format it could lose fields silently.
+    pub fn from_data(data: pb::StateMachineData) -> Result<Self, String> {
+        if data.format_version > FORMAT_VERSION {
+            return Err(format!(
+                "written by a newer bulwark-lb (state format {}; this build reads up to {FORMAT_VERSION}): \
+                 run the newer version again, or restore the data dir kept from before the upgrade \
+                 (docs/UPGRADES.md)",
+                data.format_version
+            ));
+        }
+        Ok(Self { data })
     }
 
     /// The data, as persisted and sent in snapshots.
@@ -291,6 +301,30 @@ mod tests {
     use openraft::vote::RaftLeaderId;
 
     use super::*;
+
+    /// A rollback onto data a newer version wrote is refused, never read
+    /// as this format (which could drop what it does not know).
+    #[test]
+    fn data_of_a_newer_format_is_refused() {
+        let current = pb::StateMachineData {
+            format_version: FORMAT_VERSION,
+            ..Default::default()
+        };
+        assert!(LbState::from_data(current).is_ok());
+        // Data of no format (never applied anything) is the current one.
+        assert!(LbState::from_data(pb::StateMachineData::default()).is_ok());
+        let newer = pb::StateMachineData {
+            format_version: FORMAT_VERSION + 1,
+            ..Default::default()
+        };
+        let e = LbState::from_data(newer).unwrap_err();
+        assert!(
+            e.starts_with(
+                "written by a newer bulwark-lb (state format 2; this build reads up to 1)"
+            ),
+            "{e}"
+        );
+    }
     use crate::raft::types::LeaderId;
 
     fn entry(index: u64, c: pb::command::Command) -> Entry {

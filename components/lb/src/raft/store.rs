@@ -204,12 +204,16 @@ impl Store {
         let state = match bytes {
             None => LbState::default(),
             Some(b) => {
-                LbState::from_data(pb::StateMachineData::decode(b.as_slice()).map_err(|e| {
+                let data = pb::StateMachineData::decode(b.as_slice()).map_err(|e| {
                     StoreError::Corrupt {
                         path: self.path.clone(),
                         detail: format!("state machine: {e}"),
                     }
-                })?)
+                })?;
+                LbState::from_data(data).map_err(|detail| StoreError::Open {
+                    path: self.path.clone(),
+                    detail: format!("state machine {detail}"),
+                })?
             }
         };
         let (tx, _) = watch::channel(Arc::new(state));
@@ -520,7 +524,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), io::Error> {
         let data = pb::StateMachineData::decode(snapshot.as_slice())
             .map_err(|e| corrupt("snapshot", e))?;
-        let state = LbState::from_data(data);
+        let state = LbState::from_data(data).map_err(|e| corrupt("snapshot", e))?;
         self.persist(&state, Some((meta, &snapshot))).await?;
         tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
         self.state.send_replace(Arc::new(state));

@@ -6,8 +6,8 @@
 //! listening socket and `shutdown(2)` it, which on Linux takes a listening
 //! TCP socket out of the LISTEN state at once (new connects are refused)
 //! whatever the task holding the other descriptor is doing. Connections
-//! already accepted keep running until they end or the proxy's shutdown
-//! grace passes.
+//! already accepted are reset at once ([`proxy::serve_vip`]): their clients
+//! reconnect to the new holder instead of waiting for their own timeouts.
 
 use std::net::{Shutdown, SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
@@ -59,7 +59,7 @@ impl BindVip {
         let (backends, config, t) = (self.backends.clone(), self.proxy.clone(), token.clone());
         let address = self.address;
         tokio::spawn(async move {
-            if let Err(e) = proxy::serve(tokio_listener, backends, config, t.clone()).await
+            if let Err(e) = proxy::serve_vip(tokio_listener, backends, config, t.clone()).await
                 && !t.is_cancelled()
             {
                 tracing::error!(vip = %address, error = %e, "front listener failed");
@@ -69,7 +69,7 @@ impl BindVip {
         Ok(())
     }
 
-    /// Stops listening now; accepted connections continue.
+    /// Stops listening now and resets the accepted connections.
     pub fn release(&mut self) -> std::io::Result<()> {
         let Some((listener, token)) = self.running.take() else {
             return Ok(());

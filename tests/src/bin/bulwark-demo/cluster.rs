@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bulwark_testkit::fixture::ApiServerProcess;
 use bulwark_testkit::kubelet::Kubelet;
+
+use crate::prometheus::Target;
 use bulwark_testkit::{
     CertFiles, EtcdVersion, Pki, Process, ProcessBuilder, TestDir, ports, tools,
 };
@@ -56,6 +58,8 @@ pub struct ControlPlane {
     pub probers: Vec<Process>,
     pub vip: SocketAddr,
     pub ctl_config: PathBuf,
+    /// Every daemon's admin endpoint (/metrics), for Prometheus.
+    pub scrape: Vec<Target>,
 }
 
 /// The VIP: 127.0.10.1:6443 like a real control-plane endpoint when that
@@ -92,6 +96,7 @@ impl ControlPlane {
             probers: Vec::new(),
             vip: pick_vip()?,
             ctl_config,
+            scrape: Vec::new(),
         })
     }
 
@@ -236,6 +241,10 @@ restore:
                 .arg("--config")
                 .arg(&config)
                 .spawn()?;
+            self.scrape.push(Target {
+                job: "bulwark-backup",
+                admin: loopback(ports[2 * i + 1]),
+            });
             self.backups.push(BackupNode {
                 process,
                 grpc: grpc[i],
@@ -344,6 +353,10 @@ shutdownGrace: 5s
                 .arg(&config)
                 .env("BULWARK_LOG_LEVEL", "info,openraft=warn")
                 .spawn()?;
+            self.scrape.push(Target {
+                job: "bulwark-lb",
+                admin: addr(i, 2),
+            });
             self.lbs.push(LbNode {
                 id,
                 name,
@@ -405,6 +418,10 @@ apiservers:
             process
                 .wait_for_port(admin, Duration::from_secs(60))
                 .await?;
+            self.scrape.push(Target {
+                job: "bulwark-prober",
+                admin,
+            });
             self.probers.push(process);
         }
         Ok(())

@@ -13,6 +13,7 @@
 
 mod cluster;
 mod ctl;
+mod prometheus;
 mod traffic;
 
 use std::process::ExitCode;
@@ -147,6 +148,7 @@ mod demo {
 
         say::step(2, STEPS, "The control plane at a glance");
         ctl.show(&["status"]).await?;
+        let prometheus = scrape_everything(&cp).await?;
 
         say::step(3, STEPS, "Traffic through the VIP");
         let client = HttpsClient::new(cp.pki.ca_pem())?.timeout(Duration::from_secs(2));
@@ -335,12 +337,53 @@ mod demo {
         ctl.show(&["status"]).await?;
 
         if args.keep {
+            if let Some(p) = &prometheus {
+                println!("\nPrometheus (the shipped rules loaded): {}", p.url);
+            }
             keep(&cp).await?;
         }
         say::step(STEPS, STEPS, "Tearing down");
         drop(cp);
         say::ok("every process stopped and its directory removed");
         Ok(())
+    }
+
+    /// A real Prometheus scrapes all nine daemons with the shipped rules;
+    /// fails the demo unless every target is up, every rule evaluates and
+    /// each daemon reports its build. `None` without a `prometheus` binary.
+    async fn scrape_everything(
+        cp: &ControlPlane,
+    ) -> anyhow::Result<Option<crate::prometheus::Prometheus>> {
+        let Some(p) = crate::prometheus::Prometheus::start(cp.dir.path(), &cp.scrape).await? else {
+            return Ok(None);
+        };
+        let seen = p.first_round(cp.scrape.len()).await?;
+        let built: u64 = seen.build_info.iter().map(|(_, n)| n).sum();
+        if seen.targets != cp.scrape.len()
+            || seen.up != seen.targets
+            || seen.rules_ok != seen.rules
+            || built != seen.targets as u64
+        {
+            bail!(
+                "Prometheus at {}: {}/{} targets up, {}/{} rules evaluate, build_info by job {:?}",
+                p.url,
+                seen.up,
+                seen.targets,
+                seen.rules_ok,
+                seen.rules,
+                seen.build_info
+            );
+        }
+        say::ok(format!(
+            "Prometheus scrapes all {} daemons' /metrics ({}/{} targets up) and evaluates the \
+             {} shipped rules without an error",
+            seen.targets, seen.up, seen.targets, seen.rules
+        ));
+        say::note(match seen.alerts.is_empty() {
+            true => "alerts pending or firing: none".to_owned(),
+            false => format!("alerts pending or firing: {}", seen.alerts.join(", ")),
+        });
+        Ok(Some(p))
     }
 
     /// Waits until one LB node holds the VIP (other than `not`); returns
@@ -354,9 +397,7 @@ mod demo {
         loop {
             let status = ctl.json(&["lb", "status"]).await;
             if let Ok(status) = &status
-                && let Some(id) = status["vip_holder"]
-                    .as_str()
-                    .and_then(|h| h.parse::<u64>().ok())
+                && let Some(id) = status["vip_holder"].as_u64()
                 && let Some(i) = cp.lbs.iter().position(|l| l.id == id)
                 && Some(i) != not
                 && cp.lbs[i].process.is_running()

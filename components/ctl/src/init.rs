@@ -1,0 +1,834 @@
+//! `bulwarkctl init` and `bulwarkctl manifest`: every node's configs and
+//! static pod manifests from a short cluster description (nodes,
+//! addresses, zones, VIP, store URL), instead of three hand-edited files
+//! per node.
+//!
+//! The files are the shipped examples' shape (deploy/config/cp-*/ are this
+//! generator's output for deploy/config/cluster.yaml, and a test keeps it
+//! so), each checked with the daemon's own validation before anything is
+//! written. Checks that read the files a config names (certificates, keys,
+//! the restore tools) run on the node, with `--check-config`, where those
+//! files exist.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use bulwark_common::config::{ComponentConfig, check_offline};
+use serde::Deserialize;
+
+use crate::error::{CliError, Exit};
+
+/// The static pod manifests, shipped in the image and identical on every
+/// node (each reads its node's files under /etc/bulwark).
+pub const MANIFESTS: [(&str, &str); 3] = [
+    (
+        "bulwark-lb.yaml",
+        include_str!("../../../deploy/manifests/bulwark-lb.yaml"),
+    ),
+    (
+        "bulwark-prober.yaml",
+        include_str!("../../../deploy/manifests/bulwark-prober.yaml"),
+    ),
+    (
+        "bulwark-backup.yaml",
+        include_str!("../../../deploy/manifests/bulwark-backup.yaml"),
+    ),
+];
+
+/// `bulwarkctl init`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// The cluster description (kind: ClusterDescription; the example is
+    /// deploy/config/cluster.yaml).
+    #[arg(long = "from", value_name = "FILE")]
+    pub from: PathBuf,
+    /// Where to write `<node>/{lb,prober,backup}.yaml`, `kubeadm-config.yaml`,
+    /// `bulwarkctl.yaml` and `manifests/`. Existing files are not
+    /// overwritten without --force.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Overwrite files that exist.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `bulwarkctl manifest`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct ManifestArgs {
+    /// Which daemon's static pod manifest to print.
+    #[arg(value_parser = ["lb", "prober", "backup"])]
+    pub daemon: String,
+}
+
+/// A cluster as the operator describes it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterDescription {
+    /// `apiVersion: bulwark.dev/v1alpha1`.
+    pub api_version: String,
+    /// `kind: ClusterDescription`.
+    pub kind: String,
+    /// The Kubernetes cluster's name (kubeadm's clusterName, the backup
+    /// prefix, the bulwarkctl context).
+    pub name: String,
+    /// The virtual IP clients use.
+    pub vip: VipDescription,
+    /// Where backups go.
+    pub store: StoreDescription,
+    /// The control-plane nodes, the first forms the LB cluster.
+    pub nodes: Vec<NodeDescription>,
+    /// The operator's client certificate, for bulwarkctl.yaml.
+    pub operator: CertPair,
+    /// A read-only certificate (no operator organization), for a second
+    /// context `<name>-readonly`, e.g. for monitoring scripts.
+    #[serde(default)]
+    pub readonly: Option<CertPair>,
+}
+
+/// The VIP.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VipDescription {
+    pub address: IpAddr,
+    #[serde(default = "default_vip_port")]
+    pub port: u16,
+    #[serde(default = "default_interface")]
+    pub interface: String,
+}
+
+/// The backup store.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoreDescription {
+    pub url: String,
+    /// object_store options (e.g. `aws_region`), written as given.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+/// One control-plane node.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeDescription {
+    pub name: String,
+    pub address: IpAddr,
+    pub zone: String,
+}
+
+/// A certificate and its key.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn default_vip_port() -> u16 {
+    8443
+}
+
+fn default_interface() -> String {
+    "eth0".into()
+}
+
+/// Ports every node uses (deploy/GUIDE.md's table).
+const RAFT_PORT: u16 = 9441;
+const API_PORT: u16 = 9442;
+const LB_ADMIN_PORT: u16 = 9440;
+const PROBER_ADMIN_PORT: u16 = 9443;
+const BACKUP_GRPC_PORT: u16 = 9445;
+const BACKUP_ADMIN_PORT: u16 = 9446;
+const APISERVER_PORT: u16 = 6443;
+const ETCD_CLIENT_PORT: u16 = 2379;
+const LOCAL_LISTENER: &str = "127.0.0.1:7445";
+
+/// One generated file: where it goes under `--out`, and its text.
+#[derive(Debug, PartialEq)]
+pub struct File {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+/// Runs `bulwarkctl init`.
+pub fn run_init(args: &InitArgs) -> Result<(), CliError> {
+    let text = std::fs::read_to_string(&args.from).map_err(|e| {
+        CliError::new(
+            Exit::Usage,
+            format!("cannot read {}: {e}", args.from.display()),
+        )
+    })?;
+    let cluster = parse(&text)
+        .map_err(|e| CliError::new(Exit::Usage, format!("{}: {e}", args.from.display())))?;
+    let files = generate(&cluster)
+        .map_err(|e| CliError::new(Exit::Usage, format!("{}: {e}", args.from.display())))?;
+    check_all(&files)?;
+    write_all(&args.out, &files, args.force)?;
+    print_next_steps(&args.out, &cluster)
+}
+
+/// Runs `bulwarkctl manifest DAEMON`.
+pub fn run_manifest(args: &ManifestArgs) -> Result<(), CliError> {
+    let name = format!("bulwark-{}.yaml", args.daemon);
+    let (_, text) = MANIFESTS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| CliError::new(Exit::Usage, format!("no manifest for {}", args.daemon)))?;
+    crate::output::emit(text.as_bytes())
+}
+
+/// Reads a description and checks what serde cannot.
+pub fn parse(text: &str) -> Result<ClusterDescription, String> {
+    let c: ClusterDescription = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    let mut problems = Vec::new();
+    if c.api_version != bulwark_common::config::API_VERSION {
+        problems.push(format!(
+            "apiVersion: {:?}, expected {:?}",
+            c.api_version,
+            bulwark_common::config::API_VERSION
+        ));
+    }
+    if c.kind != "ClusterDescription" {
+        problems.push(format!(
+            "kind: {:?}, expected \"ClusterDescription\"",
+            c.kind
+        ));
+    }
+    if c.nodes.is_empty() {
+        problems.push("nodes: at least one node is needed".into());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, n) in c.nodes.iter().enumerate() {
+        if n.name.is_empty() || n.zone.is_empty() {
+            problems.push(format!("nodes[{i}]: name and zone must not be empty"));
+        }
+        if !seen.insert(n.name.as_str()) || c.nodes[..i].iter().any(|m| m.address == n.address) {
+            problems.push(format!(
+                "nodes[{i}]: {} ({}) repeats another node's name or address",
+                n.name, n.address
+            ));
+        }
+        if n.address == c.vip.address {
+            problems.push(format!(
+                "nodes[{i}].address: {} is the VIP; the VIP must be an address no node owns",
+                n.address
+            ));
+        }
+    }
+    match problems.is_empty() {
+        true => Ok(c),
+        false => Err(problems.join("; ")),
+    }
+}
+
+/// Every file `init` writes, in order.
+pub fn generate(c: &ClusterDescription) -> Result<Vec<File>, std::fmt::Error> {
+    let mut files = Vec::new();
+    for (i, node) in c.nodes.iter().enumerate() {
+        let dir = PathBuf::from(&node.name);
+        files.push(File {
+            path: dir.join("lb.yaml"),
+            text: lb_config(c, i)?,
+        });
+        files.push(File {
+            path: dir.join("prober.yaml"),
+            text: prober_config(c, node)?,
+        });
+        files.push(File {
+            path: dir.join("backup.yaml"),
+            text: backup_config(c, node)?,
+        });
+    }
+    files.push(File {
+        path: "kubeadm-config.yaml".into(),
+        text: kubeadm_config(c),
+    });
+    files.push(File {
+        path: "bulwarkctl.yaml".into(),
+        text: ctl_config(c),
+    });
+    for (name, text) in MANIFESTS {
+        files.push(File {
+            path: Path::new("manifests").join(name),
+            text: text.to_owned(),
+        });
+    }
+    Ok(files)
+}
+
+fn addr(ip: IpAddr, port: u16) -> String {
+    SocketAddr::new(ip, port).to_string()
+}
+
+/// `['a', 'b']` of each node's `ip:port`.
+fn endpoints(c: &ClusterDescription, port: u16) -> String {
+    let list: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|n| format!("'{}'", addr(n.address, port)))
+        .collect();
+    format!("[{}]", list.join(", "))
+}
+
+fn lb_config(c: &ClusterDescription, i: usize) -> Result<String, std::fmt::Error> {
+    let n = &c.nodes[i];
+    let (id, ip) = (i + 1, n.address);
+    let mut s = String::new();
+    writeln!(
+        s,
+        "# bulwark-lb on {name} ({ip}, {zone}): /etc/bulwark/lb.yaml.
+# Check it with: bulwark-lb --config /etc/bulwark/lb.yaml --check-config
+apiVersion: bulwark.dev/v1alpha1
+kind: LoadBalancerConfiguration
+nodeId: {id}
+name: {name}
+zone: {zone}
+# The VIP spreads the cluster's clients over every apiserver; the node-local
+# listener ({LOCAL_LISTENER}) keeps this node's own clients in its zone.
+routing: {{vip: balanced, local: zonePreferred, minLocalHealthyShare: 0.5}}
+dataDir: /var/lib/bulwark-lb
+raft:
+  address: '{raft}'
+api:
+  address: '{api}'
+# /livez, /readyz, /metrics on every address of the node, so an in-cluster
+# Prometheus can scrape it (docs/OPERATIONS.md, \"Monitoring\": no
+# authentication; '127.0.0.1:{LB_ADMIN_PORT}' keeps it to the node).
+admin:
+  address: '0.0.0.0:{LB_ADMIN_PORT}'
+logging:
+  format: json
+  level: info
+# One certificate for the Raft transport and the API, both sides:
+# CN=bulwark-lb-{name}, O=bulwark:lb, serverAuth+clientAuth, SAN {ip}.
+tls:
+  certFile: /etc/kubernetes/pki/bulwark/bulwark-lb.crt
+  keyFile: /etc/kubernetes/pki/bulwark/bulwark-lb.key
+  caFile: /etc/kubernetes/pki/ca.crt
+access:
+  operators: {{organizations: ['kubeadm:cluster-admins', 'system:masters']}}
+  probers: {{organizations: ['bulwark:probers']}}
+  peers: {{organizations: ['bulwark:lb']}}",
+        name = n.name,
+        zone = n.zone,
+        raft = addr(ip, RAFT_PORT),
+        api = addr(ip, API_PORT),
+    )?;
+    if i == 0 {
+        let others: Vec<&str> = c.nodes[1..].iter().map(|n| n.name.as_str()).collect();
+        writeln!(
+            s,
+            "# The cluster is formed once, by this node, from this list. Only {name}
+# lists it: {others} start with an empty data dir and no initial
+# members, and wait until `bulwarkctl lb add-member` admits them (GUIDE.md,
+# \"Add the LB members\").
+initialMembers:
+- {{id: 1, name: {name}, zone: {zone}, raftAddress: '{raft}', apiAddress: '{api}', proxyAddress: '{LOCAL_LISTENER}'}}",
+            name = n.name,
+            zone = n.zone,
+            others = if others.is_empty() {
+                "later nodes".to_owned()
+            } else {
+                others.join(" and ")
+            },
+            raft = addr(ip, RAFT_PORT),
+            api = addr(ip, API_PORT),
+        )?;
+    } else {
+        writeln!(
+            s,
+            "# No initialMembers: this node waits, with an empty data dir, until the
+# leader admits it (`bulwarkctl lb add-member --id {id} ...`, GUIDE.md)."
+        )?;
+    }
+    writeln!(
+        s,
+        "# The VIP clients use (kubeadm's controlPlaneEndpoint, {endpoint}).
+# Port {port}, not {APISERVER_PORT}: the apiserver on this host already listens on
+# 0.0.0.0:{APISERVER_PORT}, and every node keeps a front listener on VIP:port.
+vip:
+  mode: arp
+  address: {vip}
+  port: {port}
+  interface: {iface}
+# KubePrism-style listener: this node's kubelet and controllers may use
+# https://{LOCAL_LISTENER} and keep working while the VIP moves.
+localListener: '{LOCAL_LISTENER}'",
+        endpoint = addr(c.vip.address, c.vip.port),
+        vip = c.vip.address,
+        port = c.vip.port,
+        iface = c.vip.interface,
+    )?;
+    if i == 0 {
+        let others: Vec<&str> = c.nodes[1..].iter().map(|n| n.name.as_str()).collect();
+        writeln!(
+            s,
+            "# Seeded once, by the first leader, into an empty registry; afterwards
+# the registry is what Raft says (`bulwarkctl lb add-backend` adds
+# {others} once their apiservers have joined).
+backends:
+- {{id: {name}, address: '{api}', zone: {zone}}}",
+            others = if others.is_empty() {
+                "later nodes".to_owned()
+            } else {
+                others.join(" and ")
+            },
+            name = n.name,
+            zone = n.zone,
+            api = addr(ip, APISERVER_PORT),
+        )?;
+    }
+    Ok(s)
+}
+
+fn prober_config(c: &ClusterDescription, n: &NodeDescription) -> Result<String, std::fmt::Error> {
+    let mut targets = String::new();
+    let mut members = String::new();
+    for m in &c.nodes {
+        writeln!(
+            targets,
+            "  - {{id: {}, address: '{}', zone: {}}}",
+            m.name,
+            addr(m.address, APISERVER_PORT),
+            m.zone
+        )?;
+        writeln!(
+            members,
+            "  - {{name: {}, address: '{}'}}",
+            m.name,
+            addr(m.address, ETCD_CLIENT_PORT)
+        )?;
+    }
+    let mut s = String::new();
+    write!(
+        s,
+        "# bulwark-prober on {name} ({zone}): /etc/bulwark/prober.yaml.
+# Check it with: bulwark-prober --config /etc/bulwark/prober.yaml --check-config
+apiVersion: bulwark.dev/v1alpha1
+kind: ProberConfiguration
+nodeName: {name}
+zone: {zone}
+# /livez, /readyz, /metrics on every address of the node, so an in-cluster
+# Prometheus can scrape it (docs/OPERATIONS.md, \"Monitoring\": no
+# authentication; '127.0.0.1:{PROBER_ADMIN_PORT}' keeps it to the node).
+admin:
+  address: '0.0.0.0:{PROBER_ADMIN_PORT}'
+logging:
+  format: json
+  level: info
+# Every apiserver, from this zone. Ids are the LB backend ids the
+# observations vote on. /readyz and /livez are open to anonymous clients
+# (kubeadm's default), so only the cluster CA is needed.
+apiservers:
+  tls:
+    caFile: /etc/kubernetes/pki/ca.crt
+  targets:
+{targets}# etcd /health with kubeadm's healthcheck-client certificate (made for
+# exactly this).
+etcd:
+  tls:
+    caFile: /etc/kubernetes/pki/etcd/ca.crt
+    certFile: /etc/kubernetes/pki/etcd/healthcheck-client.crt
+    keyFile: /etc/kubernetes/pki/etcd/healthcheck-client.key
+  members:
+{members}# The LB API on every node; the prober finds the leader and follows it.
+# Its identity: CN=bulwark-prober-{name}, O=bulwark:probers, clientAuth.
+report:
+  endpoints: {lb}
+  tls:
+    certFile: /etc/kubernetes/pki/bulwark/prober.crt
+    keyFile: /etc/kubernetes/pki/bulwark/prober.key
+    caFile: /etc/kubernetes/pki/ca.crt
+",
+        name = n.name,
+        zone = n.zone,
+        lb = endpoints(c, API_PORT),
+    )?;
+    Ok(s)
+}
+
+fn backup_config(c: &ClusterDescription, n: &NodeDescription) -> Result<String, std::fmt::Error> {
+    let etcd: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|m| format!("'https://{}'", addr(m.address, ETCD_CLIENT_PORT)))
+        .collect();
+    let mut options = String::new();
+    if !c.store.options.is_empty() {
+        options.push_str("  options:\n");
+        for (k, v) in &c.store.options {
+            writeln!(options, "    {k}: {v}")?;
+        }
+    }
+    let mut s = String::new();
+    write!(
+        s,
+        "# bulwark-backup on {name}: /etc/bulwark/backup.yaml. The nodes'
+# files differ only in nodeName and grpc.address; one instance (elected
+# through etcd) runs the schedule, any of them answers bulwarkctl.
+# Check it with: bulwark-backup --config /etc/bulwark/backup.yaml --check-config
+apiVersion: bulwark.dev/v1alpha1
+kind: BackupConfiguration
+nodeName: {name}
+clusterName: {cluster}
+# /livez, /readyz, /metrics on every address of the node, so an in-cluster
+# Prometheus can scrape it (docs/OPERATIONS.md, \"Monitoring\": no
+# authentication; '127.0.0.1:{BACKUP_ADMIN_PORT}' keeps it to the node).
+admin:
+  address: '0.0.0.0:{BACKUP_ADMIN_PORT}'
+logging:
+  format: json
+  level: info
+# Serving and peer certificate (the restore coordinator calls the other
+# nodes' agents with it): CN=bulwark-backup-{name}, O=bulwark:backup,
+# serverAuth+clientAuth, SAN {ip}.
+grpc:
+  address: '{grpc}'
+  tls:
+    certFile: /etc/kubernetes/pki/bulwark/backup.crt
+    keyFile: /etc/kubernetes/pki/bulwark/backup.key
+    caFile: /etc/kubernetes/pki/ca.crt
+  access:
+    operators: {{organizations: ['kubeadm:cluster-admins', 'system:masters']}}
+    peers: {{organizations: ['bulwark:backup']}}
+# kubeadm's apiserver-etcd-client identity: the one etcd client that may
+# read every key.
+etcd:
+  endpoints: [{etcd}]
+  tls:
+    certFile: /etc/kubernetes/pki/apiserver-etcd-client.crt
+    keyFile: /etc/kubernetes/pki/apiserver-etcd-client.key
+    caFile: /etc/kubernetes/pki/etcd/ca.crt
+  snapshotFrom: highestRevision
+# Off the control-plane hosts: a backup on the disk it protects is no
+# backup. Credentials come from the node's instance role (or put
+# aws_access_key_id / aws_secret_access_key here; this file is 0600).
+store:
+  url: {url}
+{options}# etcd holds every Secret: encrypt before upload. The recipient (public)
+# key encrypts; the identity decrypts for verify, drills and restore.
+encryption:
+  recipientFile: /etc/bulwark/backup-age.pub
+  identityFiles: [/etc/bulwark/backup-age.key]
+schedule:
+  interval: 1h
+retention:
+  policy: {{exponential: {{keepAllWithin: 1h, hourly: 24, daily: 7, weekly: 4}}}}
+# A daily restore drill of the newest snapshot into a throwaway etcd on
+# loopback; the tools ship in the image.
+drill:
+  interval: 24h
+  etcdutl: /usr/local/bin/etcdutl
+  etcd: /usr/local/bin/etcd
+  workDir: /var/lib/bulwark/drill
+# Deltas are on by default: after each snapshot the elected instance records
+# every change (flushed every 500 ms) so a restore can reach any revision.
+# This node's restore agent: `bulwarkctl restore` stops etcd by moving its
+# manifest out of the kubelet's dir, keeps the old data dir beside the new
+# one, and puts the manifest back. Member name, data dir and URLs are read
+# from etcd's manifest; `peers` is every node's agent, this one included.
+restore:
+  etcdManifest: /etc/kubernetes/manifests/etcd.yaml
+  stateDir: /var/lib/bulwark/restore
+  peers: {peers}
+",
+        name = n.name,
+        cluster = c.name,
+        ip = n.address,
+        grpc = addr(n.address, BACKUP_GRPC_PORT),
+        etcd = etcd.join(", "),
+        url = c.store.url,
+        peers = endpoints(c, BACKUP_GRPC_PORT),
+    )?;
+    Ok(s)
+}
+
+fn kubeadm_config(c: &ClusterDescription) -> String {
+    let first = &c.nodes[0];
+    format!(
+        "# kubeadm init --config kubeadm-config.yaml on {first_name} (GUIDE.md). The
+# apiservers keep their port {APISERVER_PORT}; clients reach them through the VIP that
+# bulwark-lb holds, on {port}.
+apiVersion: kubeadm.k8s.io/v1beta4
+kind: InitConfiguration
+localAPIEndpoint:
+  advertiseAddress: {first_ip}
+  bindPort: {APISERVER_PORT}
+nodeRegistration:
+  name: {first_name}
+---
+apiVersion: kubeadm.k8s.io/v1beta4
+kind: ClusterConfiguration
+clusterName: {cluster}
+controlPlaneEndpoint: {endpoint}
+apiServer:
+  # Every address the front serves the apiservers under must be in the
+  # serving certificate's SANs (clients verify the apiserver's certificate
+  # through the TCP passthrough): the VIP, and 127.0.0.1 for each node's
+  # node-local listener ({LOCAL_LISTENER}, the kubelet's server; GUIDE.md).
+  certSANs: [{vip}, 127.0.0.1]
+  extraArgs:
+    # Now and then (0.1 % of requests) tell an HTTP/2 client to reconnect,
+    # so clients that piled onto the survivors while an apiserver was down
+    # spread out again once it is back (GUIDE.md, step 1).
+    - name: goaway-chance
+      value: \"0.001\"
+etcd:
+  local:
+    dataDir: /var/lib/etcd
+",
+        first_name = first.name,
+        first_ip = first.address,
+        port = c.vip.port,
+        cluster = c.name,
+        endpoint = addr(c.vip.address, c.vip.port),
+        vip = c.vip.address,
+    )
+}
+
+fn ctl_config(c: &ClusterDescription) -> String {
+    let mut text = format!(
+        "# bulwarkctl contexts: ~/.config/bulwark/bulwarkctl.yaml (or --config FILE,
+# or $BULWARKCTL_CONFIG). Flags and BULWARKCTL_* variables override a
+# context field by field.
+apiVersion: bulwark.dev/v1alpha1
+kind: BulwarkctlConfiguration
+currentContext: {name}
+contexts:
+# An operator: may drain, change membership, take, delete and restore
+# backups. The certificate carries O=kubeadm:cluster-admins (GUIDE.md,
+# \"Certificates\").
+- name: {name}
+  ca: /etc/kubernetes/pki/ca.crt
+  cert: {cert}
+  key: {key}
+  lb:
+    endpoints: {lb}
+  backup:
+    endpoints: {backup}
+",
+        name = c.name,
+        cert = c.operator.cert.display(),
+        key = c.operator.key.display(),
+        lb = endpoints(c, API_PORT),
+        backup = endpoints(c, BACKUP_GRPC_PORT),
+    );
+    if let Some(r) = &c.readonly {
+        text.push_str(&format!(
+            "# Read-only (status, lists, health): any certificate from the cluster CA
+# without an operator O, e.g. for monitoring scripts.
+- name: {name}-readonly
+  ca: /etc/kubernetes/pki/ca.crt
+  cert: {cert}
+  key: {key}
+  lb:
+    endpoints: {lb}
+  backup:
+    endpoints: {backup}
+",
+            name = c.name,
+            cert = r.cert.display(),
+            key = r.key.display(),
+            lb = endpoints(c, API_PORT),
+            backup = endpoints(c, BACKUP_GRPC_PORT),
+        ));
+    }
+    text
+}
+
+/// Each daemon config through its daemon's validation (all but the file
+/// reads); one error lists every problem of every file.
+fn check_all(files: &[File]) -> Result<(), CliError> {
+    let mut problems = Vec::new();
+    for f in files {
+        let checked = match f.path.file_name().and_then(|n| n.to_str()) {
+            Some("lb.yaml") => check::<bulwark_lb::config::LbConfig>(&f.text),
+            Some("prober.yaml") => check::<bulwark_prober::ProberConfig>(&f.text),
+            Some("backup.yaml") => check::<bulwark_backup::BackupConfig>(&f.text),
+            _ => Ok(()),
+        };
+        if let Err(e) = checked {
+            problems.push(format!("{}: {e}", f.path.display()));
+        }
+    }
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(CliError::new(
+            Exit::Usage,
+            format!(
+                "the generated configs do not validate (nothing was written):\n  {}",
+                problems.join("\n  ")
+            ),
+        )),
+    }
+}
+
+fn check<T: ComponentConfig>(text: &str) -> Result<(), String> {
+    check_offline::<T>(text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Writes every file under `out`; refuses (writing nothing) when one
+/// exists and `force` is off. Configs are 0600 (they name key files and
+/// may hold store credentials).
+fn write_all(out: &Path, files: &[File], force: bool) -> Result<(), CliError> {
+    let fail = |what: String| CliError::new(Exit::Failure, what);
+    if !force {
+        let existing: Vec<String> = files
+            .iter()
+            .map(|f| out.join(&f.path))
+            .filter(|p| p.exists())
+            .map(|p| p.display().to_string())
+            .collect();
+        if !existing.is_empty() {
+            return Err(CliError::new(
+                Exit::Usage,
+                format!("would overwrite {}", existing.join(", ")),
+            )
+            .hint("pass --force to replace them, or choose another --out"));
+        }
+    }
+    for f in files {
+        let path = out.join(&f.path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
+        }
+        write_private(&path, &f.text)
+            .map_err(|e| fail(format!("writing {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+fn print_next_steps(out: &Path, c: &ClusterDescription) -> Result<(), CliError> {
+    let mut text = format!(
+        "wrote the configs of {} nodes under {}\nnext (deploy/GUIDE.md walks each step):\n",
+        c.nodes.len(),
+        out.display()
+    );
+    for n in &c.nodes {
+        text.push_str(&format!(
+            "  {}: install {}/{}/*.yaml as /etc/bulwark/, manifests/ into /etc/kubernetes/manifests/, then bulwark-<daemon> --config /etc/bulwark/<daemon>.yaml --check-config\n",
+            n.name,
+            out.display(),
+            n.name
+        ));
+    }
+    text.push_str(&format!(
+        "  {}: kubeadm init --config {}/kubeadm-config.yaml --upload-certs\n",
+        c.nodes[0].name,
+        out.display()
+    ));
+    crate::output::emit(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> String {
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/config/cluster.yaml"
+        ))
+        .unwrap()
+    }
+
+    /// deploy/config/ is this generator's output for the example
+    /// description: the shipped files and `init` never drift apart.
+    #[test]
+    fn the_shipped_configs_are_the_example_descriptions_output() {
+        let files = generate(&parse(&example()).unwrap()).unwrap();
+        check_all(&files).unwrap();
+        let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy"));
+        for f in &files {
+            let shipped = match f.path.starts_with("manifests") {
+                true => root.join(&f.path),
+                false => root.join("config").join(&f.path),
+            };
+            let text = std::fs::read_to_string(&shipped)
+                .unwrap_or_else(|e| panic!("{}: {e}", shipped.display()));
+            assert_eq!(
+                text,
+                f.text,
+                "{} differs from `bulwarkctl init --from deploy/config/cluster.yaml`'s {}",
+                shipped.display(),
+                f.path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn bad_descriptions_get_every_problem() {
+        let text = example()
+            .replace("address: 10.0.0.12", "address: 10.0.0.11")
+            .replace("kind: ClusterDescription", "kind: Cluster");
+        let e = parse(&text).unwrap_err();
+        assert!(e.contains("kind: \"Cluster\""), "{e}");
+        assert!(e.contains("nodes[1]: cp-2 (10.0.0.11) repeats"), "{e}");
+        let e = parse(&example().replace("zone: zone-a", "zone: zone-a, rack: 3")).unwrap_err();
+        assert!(e.contains("unknown field `rack`"), "{e}");
+    }
+
+    #[test]
+    fn a_description_the_daemons_refuse_writes_nothing() {
+        // A store bulwark-backup cannot write to, and a VIP port of 0.
+        let text = example()
+            .replace("s3://example-etcd-backups", "ftp://example-etcd-backups")
+            .replace("port: 8443", "port: 0");
+        let files = generate(&parse(&text).unwrap()).unwrap();
+        let e = check_all(&files).unwrap_err().to_string();
+        for file in ["cp-1/lb.yaml", "cp-1/backup.yaml", "cp-3/backup.yaml"] {
+            assert!(e.contains(file), "{file}: {e}");
+        }
+        assert!(e.contains("unsupported store URL scheme \"ftp\""), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("cluster.yaml");
+        std::fs::write(&from, text).unwrap();
+        let out = dir.path().join("out");
+        let args = InitArgs {
+            from,
+            out: out.clone(),
+            force: false,
+        };
+        assert!(run_init(&args).is_err());
+        assert!(!out.exists(), "nothing is written");
+    }
+
+    #[test]
+    fn init_writes_private_files_and_refuses_to_overwrite() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("cluster.yaml");
+        std::fs::write(&from, example()).unwrap();
+        let args = InitArgs {
+            from,
+            out: dir.path().join("out"),
+            force: false,
+        };
+        run_init(&args).unwrap();
+        let lb = args.out.join("cp-2/lb.yaml");
+        let mode = std::fs::metadata(&lb).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let e = run_init(&args).unwrap_err();
+        assert!(e.to_string().contains("would overwrite"), "{e}");
+        run_init(&InitArgs {
+            force: true,
+            ..args
+        })
+        .unwrap();
+    }
+}

@@ -680,7 +680,7 @@ struct StatusView {
     /// The delta recorder: `running`, `lagging`, `gap`, `stopped`, `disabled`.
     deltas: String,
     /// How much recent history etcd's loss would cost now.
-    rpo_lag: Option<String>,
+    rpo_lag_seconds: Option<f64>,
     /// The restore this instance coordinates now: its phase and how long
     /// each finished phase and node step took.
     restore: Option<String>,
@@ -742,12 +742,8 @@ fn delta_state(d: Option<&pb::DeltaStatus>) -> String {
 }
 
 /// The RPO lag, when the recorder runs.
-fn rpo_lag(d: Option<&pb::DeltaStatus>) -> Option<String> {
-    d.and_then(|d| d.rpo_lag.as_ref())
-        .and_then(|l| bulwark_api::time::duration_from_proto(l).ok())
-        .map(|l| {
-            humantime::format_duration(Duration::from_millis(l.as_millis() as u64)).to_string()
-        })
+fn rpo_lag(d: Option<&pb::DeltaStatus>) -> Option<f64> {
+    output::seconds(d.and_then(|d| d.rpo_lag.as_ref()))
 }
 
 /// `backup deltas` output.
@@ -764,7 +760,7 @@ struct DeltasView {
     segment_count: usize,
     stored_bytes: u64,
     state: String,
-    rpo_lag: Option<String>,
+    rpo_lag_seconds: Option<f64>,
     /// With `--segments`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     segments: Vec<SegmentRow>,
@@ -846,7 +842,7 @@ fn deltas_view(s: &pb::GetStatusResponse, segments: &[pb::DeltaSegment], list: b
         segment_count: segments.len(),
         stored_bytes: segments.iter().map(|g| g.stored_size_bytes).sum(),
         state: delta_state(s.deltas.as_ref()),
-        rpo_lag: rpo_lag(s.deltas.as_ref()),
+        rpo_lag_seconds: rpo_lag(s.deltas.as_ref()),
         segments: if list {
             segments
                 .iter()
@@ -892,8 +888,10 @@ fn deltas_text(v: &DeltasView) -> String {
             ),
             (
                 "deltas",
-                match &v.rpo_lag {
-                    Some(lag) => format!("{}, rpo lag {lag}", v.state),
+                match v.rpo_lag_seconds {
+                    Some(lag) => {
+                        format!("{}, rpo lag {}", v.state, output::duration_text(Some(lag)))
+                    }
                     None => v.state.clone(),
                 },
             ),
@@ -950,7 +948,7 @@ fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), C
         last_verify: s.last_verify.as_ref().map(check_line),
         covered_to_revision: s.newest_revision_covered,
         deltas: delta_state(s.deltas.as_ref()),
-        rpo_lag: rpo_lag(s.deltas.as_ref()),
+        rpo_lag_seconds: rpo_lag(s.deltas.as_ref()),
         restore: s
             .restore_in_progress
             .as_ref()
@@ -1001,8 +999,10 @@ fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), C
             ),
             (
                 "deltas",
-                match &v.rpo_lag {
-                    Some(lag) => format!("{}, rpo lag {lag}", v.deltas),
+                match v.rpo_lag_seconds {
+                    Some(lag) => {
+                        format!("{}, rpo lag {}", v.deltas, output::duration_text(Some(lag)))
+                    }
                     None => v.deltas.clone(),
                 },
             ),
@@ -1088,7 +1088,7 @@ mod tests {
         assert_eq!(v.to_time, "1970-01-01T00:20:00Z");
         assert_eq!((v.segment_count, v.stored_bytes), (2, 2048));
         assert_eq!(v.state, "running");
-        assert_eq!(v.rpo_lag.as_deref(), Some("250ms"));
+        assert_eq!(v.rpo_lag_seconds, Some(0.25));
         assert_eq!(v.segments.len(), 2);
         let text = deltas_text(&v);
         assert!(

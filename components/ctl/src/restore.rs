@@ -78,7 +78,7 @@ struct TimingRow {
     /// The node, for a step.
     #[serde(skip_serializing_if = "String::is_empty")]
     node: String,
-    seconds: f64,
+    took_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -417,10 +417,7 @@ fn summary(restore_id: String, s: pb::RestoreSummary) -> Summary {
             .map(|t| TimingRow {
                 name: t.name,
                 node: t.node_name,
-                seconds: t
-                    .took
-                    .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
-                    .map_or(0.0, |d| d.as_secs_f64()),
+                took_seconds: output::seconds(t.took.as_ref()).unwrap_or(0.0),
             })
             .collect(),
     }
@@ -435,7 +432,7 @@ fn timing_lines(rows: &[TimingRow]) -> String {
         } else {
             format!("  {} {}", t.node, t.name)
         };
-        out.push_str(&format!("  {what:<36} {:>8.2}s\n", t.seconds));
+        out.push_str(&format!("  {what:<36} {:>8.2}s\n", t.took_seconds));
     }
     out
 }
@@ -651,7 +648,7 @@ mod tests {
             },
         );
         assert_eq!(s.timings[1].node, "node-0");
-        assert!((s.timings[1].seconds - 0.25).abs() < 1e-9);
+        assert!((s.timings[1].took_seconds - 0.25).abs() < 1e-9);
         let text = timing_lines(&s.timings);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::BackupError;
+use crate::schedule::election::LeaderInfo;
 use crate::schedule::service::Service;
 use crate::snapshot::manifest::timestamp;
 use crate::snapshot::{SnapshotEvent, SnapshotOptions};
@@ -45,6 +46,43 @@ impl BackupApi {
             service,
             shutdown,
             restore: None,
+        }
+    }
+
+    /// On an instance that does not lead: takes the delta recorder's
+    /// state and lag from the leader, which alone runs the recorder (its
+    /// own would always read "stopped"). The leader is asked with
+    /// `local_only`, so a leadership change in between cannot loop; when
+    /// it cannot be reached, the local view stays and the log says why.
+    async fn fill_from_leader(&self, leader: &LeaderInfo, response: &mut pb::GetStatusResponse) {
+        let (Some(address), Some(restore)) = (&leader.address, &self.restore) else {
+            return;
+        };
+        if leader.name == self.service.engine().node_name {
+            return;
+        }
+        let ask = async {
+            let mut client = restore.backup_client(address)?;
+            client
+                .get_status(pb::GetStatusRequest { local_only: true })
+                .await
+                .map(Response::into_inner)
+                .map_err(|e| BackupError::InvalidArgument(e.message().to_owned()))
+        };
+        let timeout = self.service.engine().etcd.request_timeout();
+        match tokio::time::timeout(timeout, ask).await {
+            Ok(Ok(theirs)) => {
+                response.deltas = theirs.deltas;
+                if response.last_drill.is_none() {
+                    response.last_drill = theirs.last_drill;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(leader = %leader.name, %address, error = %e, "status: the schedule leader did not answer; showing this instance's view");
+            }
+            Err(_) => {
+                tracing::warn!(leader = %leader.name, %address, "status: the schedule leader did not answer in time; showing this instance's view");
+            }
         }
     }
 
@@ -370,32 +408,44 @@ impl pb::backup_server::Backup for BackupApi {
 
     async fn get_status(
         &self,
-        _request: Request<pb::GetStatusRequest>,
+        request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let local_only = request.into_inner().local_only;
         let s = &self.service;
         let engine = s.engine();
         let settings = s.settings();
-        let leader =
+        let leader_info =
             match crate::schedule::election::current_leader(&engine.etcd, &settings.election_name)
                 .await
             {
                 Ok(l) => l.unwrap_or_default(),
                 Err(e) => {
                     tracing::debug!(error = %e, "status: leader unknown");
-                    String::new()
+                    Default::default()
                 }
             };
+        let leader = leader_info.name.clone();
         let latest = engine.list_snapshots().await?.into_iter().next();
+        let last_restore = engine.last_restore().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "status: could not read the restore records");
+            None
+        });
+        // A restore after the newest snapshot abandoned its timeline.
+        let abandoned = last_restore.as_ref().is_some_and(|r| {
+            latest
+                .as_ref()
+                .is_none_or(|l| l.manifest.started_at < r.finished_at)
+        });
         // Segments of the newest snapshot: the history that can be restored.
         let segments = match &latest {
-            Some(l) => engine.list_segments(Some(&l.manifest.id)).await?,
-            None => Vec::new(),
+            Some(l) if !abandoned => engine.list_segments(Some(&l.manifest.id)).await?,
+            _ => Vec::new(),
         };
-        let covered = latest.as_ref().map(|l| {
-            crate::delta::check_continuity(l.manifest.revision, &segments)
-                .unwrap_or(l.manifest.revision)
-                .max(l.manifest.revision_max)
-        });
+        let covered = crate::restore::record::covered_revision(
+            latest.as_ref().map(|l| &l.manifest),
+            &segments,
+            last_restore.as_ref(),
+        );
         let ds = s.delta_status();
         let now = Utc::now();
         let lag = ds.rpo_lag(now);
@@ -409,7 +459,7 @@ impl pb::backup_server::Backup for BackupApi {
             (Some(_), crate::delta::RecorderState::Running) => pb::DeltaState::Running,
         };
         let newest = segments.last();
-        Ok(Response::new(pb::GetStatusResponse {
+        let mut response = pb::GetStatusResponse {
             node_name: engine.node_name.clone(),
             store_url: engine.store.display().to_owned(),
             schedule: Some(pb::ScheduleStatus {
@@ -445,13 +495,20 @@ impl pb::backup_server::Backup for BackupApi {
                 segment_count: segments.len() as u64,
             }),
             last_drill: s.last_drill().map(|r| r.to_result()),
+            last_verify: s.last_verify().map(|r| r.to_result()),
             restore_in_progress: s.restore_running().map(|r| pb::RestoreInProgress {
                 restore_id: r.restore_id,
                 coordinator: engine.node_name.clone(),
                 started_at: Some(timestamp(r.started_at)),
                 phase: r.phase,
+                phase_started_at: Some(timestamp(r.phase_started_at)),
+                timings: r.timings,
             }),
-        }))
+        };
+        if !local_only && settings.deltas.is_some() && !s.is_leader() {
+            self.fill_from_leader(&leader_info, &mut response).await;
+        }
+        Ok(Response::new(response))
     }
 
     async fn list_deltas(

@@ -167,7 +167,7 @@ impl ComponentConfig for BackupConfig {
 
 /// `grpc:`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcConfig {
     /// Listen address.
     #[serde(default = "default_grpc_address")]
@@ -212,7 +212,7 @@ pub enum MemberChoice {
 
 /// `etcd:`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct EtcdConfig {
     /// Client URLs of the members.
     #[serde(default = "default_endpoints")]
@@ -346,7 +346,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 /// `store:`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct StoreConfig {
     /// `file:///path`, `s3://bucket/prefix`, `gs://bucket/prefix` or
     /// `az://container/prefix`.
@@ -393,7 +393,7 @@ impl Default for StoreConfig {
 
 /// `compression:`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct CompressionConfig {
     /// zstd level, 1–19 (higher: smaller and slower; above 19 needs more
     /// memory than the 64 MiB budget allows).
@@ -419,7 +419,7 @@ impl Default for CompressionConfig {
 
 /// `encryption:`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct EncryptionConfig {
     /// File with the age recipient (`age1…`) new snapshots are encrypted to,
     /// or an identity whose public key is used. Absent: no encryption.
@@ -433,11 +433,13 @@ pub struct EncryptionConfig {
 
 /// `schedule:`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScheduleConfig {
     /// Every this long, aligned to the Unix epoch so every instance agrees
-    /// on tick times. Exclusive with `cron`.
-    #[serde(default, with = "duration::option")]
+    /// on tick times. Exclusive with `cron`. Absent: the default (`1h`),
+    /// also when other fields are given; `null` (with no `cron`): on
+    /// demand only.
+    #[serde(with = "duration::option")]
     pub interval: Option<Duration>,
     /// A cron expression (5 fields, UTC), e.g. `0 */6 * * *`.
     #[serde(default)]
@@ -499,7 +501,7 @@ impl ScheduleConfig {
 
 /// `retention:`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetentionConfig {
     /// The policy.
     #[serde(default)]
@@ -533,7 +535,7 @@ impl Default for RetentionConfig {
 
 /// `drill:`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct DrillConfig {
     /// How often the leader drills the newest snapshot; absent: never
     /// (drills still run on demand).
@@ -580,7 +582,7 @@ impl Default for DrillConfig {
 
 /// `deltas:`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeltaConfig {
     /// Record deltas while leading.
     #[serde(default = "default_true")]
@@ -625,7 +627,7 @@ impl Default for DeltaConfig {
 
 /// `restore:`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct RestoreConfig {
     /// etcd's static pod manifest; moving it out of the kubelet's manifest
     /// dir stops etcd, putting it back starts it.
@@ -1194,5 +1196,78 @@ mod tests {
             errs.iter().any(|e| e.starts_with("etcd.endpoints[0]")),
             "{errs:#?}"
         );
+    }
+
+    /// A section's name and the check of its type.
+    type SectionCheck = (&'static str, fn(&str));
+
+    /// Every field of `T`'s default given alone parses back to the whole
+    /// default: a section given with one field keeps every other field's
+    /// default (`schedule: {retries: 3}` once turned scheduling off).
+    fn assert_fields_merge<T>(section: &str)
+    where
+        T: Default + Serialize + serde::de::DeserializeOwned,
+    {
+        use serde_yaml_ng::{Mapping, Value};
+        let default = serde_yaml_ng::to_value(T::default()).unwrap();
+        let Value::Mapping(fields) = &default else {
+            panic!("{section}: default is not a mapping: {default:?}");
+        };
+        let parse = |v: Value| {
+            let t: T = serde_yaml_ng::from_value(v.clone())
+                .unwrap_or_else(|e| panic!("{section}: {v:?} does not parse: {e}"));
+            serde_yaml_ng::to_value(t).unwrap()
+        };
+        assert_eq!(
+            parse(Value::Mapping(Mapping::new())),
+            default,
+            "{section}: {{}}"
+        );
+        assert!(!fields.is_empty(), "{section} has no fields");
+        for (field, value) in fields {
+            let one = Mapping::from_iter([(field.clone(), value.clone())]);
+            assert_eq!(
+                parse(Value::Mapping(one)),
+                default,
+                "{section}.{field:?} alone"
+            );
+        }
+    }
+
+    #[test]
+    fn every_section_merges_with_its_defaults() {
+        use crate::snapshot::retention::Exponential;
+        // `retention.policy` is left out on purpose: it is a set of rules
+        // (OR-combined), and a policy that is given is exactly the rules
+        // it names (BACKUP.md); its `exponential` rule is a section.
+        let sections: &[SectionCheck] = &[
+            ("logging", assert_fields_merge::<LoggingConfig>),
+            ("grpc", assert_fields_merge::<GrpcConfig>),
+            ("grpc.access", assert_fields_merge::<AccessPolicy>),
+            ("etcd", assert_fields_merge::<EtcdConfig>),
+            ("store", assert_fields_merge::<StoreConfig>),
+            ("compression", assert_fields_merge::<CompressionConfig>),
+            ("encryption", assert_fields_merge::<EncryptionConfig>),
+            ("schedule", assert_fields_merge::<ScheduleConfig>),
+            ("retention", assert_fields_merge::<RetentionConfig>),
+            (
+                "retention.policy.exponential",
+                assert_fields_merge::<Exponential>,
+            ),
+            ("drill", assert_fields_merge::<DrillConfig>),
+            ("deltas", assert_fields_merge::<DeltaConfig>),
+            ("restore", assert_fields_merge::<RestoreConfig>),
+        ];
+        for (name, check) in sections {
+            check(name);
+        }
+        // Through the whole file too: the reported case.
+        let c = parse(&minimal("schedule: {retries: 3}\n")).unwrap();
+        assert_eq!(c.schedule.retries, 3);
+        assert_eq!(c.schedule.interval, Some(Duration::from_secs(3600)));
+        assert!(c.schedule.schedule().unwrap().is_some());
+        // Turning the schedule off stays possible, and explicit.
+        let c = parse(&minimal("schedule: {interval: null}\n")).unwrap();
+        assert!(c.schedule.schedule().unwrap().is_none());
     }
 }

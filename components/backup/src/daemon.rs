@@ -91,6 +91,14 @@ pub async fn run(
         "bulwark-backup starting"
     );
     let Listeners { grpc, admin } = listeners;
+    // What the restore agents and the other instances dial.
+    let advertised = match &config.restore.agent_address {
+        Some(a) => a.clone(),
+        None => grpc
+            .local_addr()
+            .context("reading the gRPC listen address")?
+            .to_string(),
+    };
     let admin_token = shutdown.token();
     let admin_health = health.clone();
     shutdown.spawn_critical("admin server", async move {
@@ -103,12 +111,18 @@ pub async fn run(
         .await
         .context("admin server")
     });
-    spawn_grpc(&config, (grpc, tls), &engine, &service, &shutdown)?;
+    spawn_grpc(
+        &config,
+        (grpc, tls, advertised.clone()),
+        &engine,
+        &service,
+        &shutdown,
+    )?;
     if scheduled_work {
         let token = shutdown.token();
         let connector = engine.etcd.clone();
         let name = config.schedule.election_name.clone();
-        let node = config.node_name.clone();
+        let node = election::LeaderInfo::new(&config.node_name, &advertised);
         let ttl = config.schedule.lease_ttl;
         shutdown.spawn_critical("leader election", async move {
             election::run(connector, name, node, ttl, leader_tx, token).await;
@@ -150,23 +164,15 @@ fn service_settings(config: &BackupConfig) -> anyhow::Result<service::ServiceSet
 /// node's `RestoreAgent`.
 fn spawn_grpc(
     config: &BackupConfig,
-    (listener, tls): (TcpListener, TlsMaterial),
+    (listener, tls, agent_address): (TcpListener, TlsMaterial, String),
     engine: &Arc<Engine>,
     service: &Arc<service::Service>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
-    let agent_address = match &config.restore.agent_address {
-        Some(a) => a.clone(),
-        None => listener
-            .local_addr()
-            .context("reading the gRPC listen address")?
-            .to_string(),
-    };
-    let agent = Arc::new(agent::Agent::new(
-        engine.clone(),
-        config.restore.clone(),
-        agent_address,
-    ));
+    let agent = Arc::new(
+        agent::Agent::new(engine.clone(), config.restore.clone(), agent_address)
+            .with_recorder_pause(service.recorder_pause().clone()),
+    );
     let client_tls = config
         .restore
         .client_tls

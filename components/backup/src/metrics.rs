@@ -7,8 +7,10 @@
 //! | `bulwark_backup_last_raw_bytes` / `_last_stored_bytes` | gauge | its size from etcd / in the store |
 //! | `bulwark_backup_snapshots_total` | counter | snapshots committed, by `trigger` |
 //! | `bulwark_backup_failures_total` | counter | failed snapshots by `reason` (`etcd_unavailable`, `etcd_auth`, `etcd_hash_mismatch`, `store_unavailable`, `cancelled`, …) |
-//! | `bulwark_backup_last_drill_success` | gauge | 1 if the last drill (or verification) passed, 0 if not |
+//! | `bulwark_backup_last_drill_success` | gauge | 1 if the last drill passed, 0 if not |
 //! | `bulwark_backup_last_drill_timestamp_seconds` | gauge | when it finished |
+//! | `bulwark_backup_last_verify_success` | gauge | 1 if the last plain verification (no drill) passed, 0 if not |
+//! | `bulwark_backup_last_verify_timestamp_seconds` | gauge | when it finished |
 //! | `bulwark_backup_verify_mismatches_total` | counter | failed checks by `kind` (`stored_hash`, `decrypt`, …) |
 //! | `bulwark_backup_leader` | gauge | 1 while this instance leads scheduled work |
 //! | `bulwark_backup_retention_deleted_total` | counter | snapshots deleted by retention |
@@ -20,6 +22,8 @@
 //! | `bulwark_backup_delta_rpo_lag_seconds` | gauge | age of the oldest event not yet committed (0: all committed) |
 //! | `bulwark_backup_delta_running` | gauge | 1 while this instance records deltas |
 //! | `bulwark_backup_restores_total` | counter | restores coordinated here, by `outcome` |
+//! | `bulwark_backup_restore_phase_seconds` | gauge | how long each phase of the last restore coordinated here took, by `phase` |
+//! | `bulwark_backup_restore_step_seconds` | gauge | how long each node's step of that restore took, by `node` and `step` |
 
 use bulwark_common::telemetry::catalog::{self, MetricDef, MetricKind::*};
 
@@ -69,12 +73,22 @@ pub const DEFS: &[MetricDef] = &[
     MetricDef::dynamic(
         "bulwark_backup_last_drill_success",
         Gauge,
-        "1 if the last verification or drill this instance ran passed, 0 if not (absent until one ran).",
+        "1 if the last drill this instance ran passed, 0 if not (absent until one ran).",
     ),
     MetricDef::dynamic(
         "bulwark_backup_last_drill_timestamp_seconds",
         Gauge,
-        "When the last verification or drill this instance ran finished.",
+        "When the last drill this instance ran finished.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_last_verify_success",
+        Gauge,
+        "1 if the last plain verification (no drill) this instance ran passed, 0 if not (absent until one ran).",
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_last_verify_timestamp_seconds",
+        Gauge,
+        "When the last plain verification (no drill) this instance ran finished.",
     ),
     MetricDef::dynamic(
         "bulwark_backup_verify_mismatches_total",
@@ -133,6 +147,16 @@ pub const DEFS: &[MetricDef] = &[
         "outcome",
         &["done", "dry_run", "failed"],
     ),
+    MetricDef::dynamic(
+        "bulwark_backup_restore_phase_seconds",
+        Gauge,
+        "How long each phase of the last restore this instance coordinated took, by phase.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_backup_restore_step_seconds",
+        Gauge,
+        "How long each node's step of the last restore this instance coordinated took, by node and step.",
+    ),
 ];
 
 /// Declares the catalogue, the build info and the certificate expiry of
@@ -168,11 +192,19 @@ pub fn snapshot_failed(e: &BackupError) {
     metrics::counter!("bulwark_backup_failures_total", "reason" => e.reason()).increment(1);
 }
 
-/// Records a verification or drill outcome.
+/// Records a verification or drill outcome, each in its own gauges: a
+/// plain verification of an old snapshot must neither fail nor refresh
+/// the drill that the alerts watch.
 pub fn verified(r: &VerificationRecord) {
-    metrics::gauge!("bulwark_backup_last_drill_success").set(if r.passed { 1.0 } else { 0.0 });
-    metrics::gauge!("bulwark_backup_last_drill_timestamp_seconds")
-        .set(r.verified_at.timestamp() as f64);
+    let passed = if r.passed { 1.0 } else { 0.0 };
+    let at = r.verified_at.timestamp() as f64;
+    if r.drill {
+        metrics::gauge!("bulwark_backup_last_drill_success").set(passed);
+        metrics::gauge!("bulwark_backup_last_drill_timestamp_seconds").set(at);
+    } else {
+        metrics::gauge!("bulwark_backup_last_verify_success").set(passed);
+        metrics::gauge!("bulwark_backup_last_verify_timestamp_seconds").set(at);
+    }
     for m in &r.mismatches {
         metrics::counter!("bulwark_backup_verify_mismatches_total", "kind" => m.kind.as_str())
             .increment(1);

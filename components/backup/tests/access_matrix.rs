@@ -182,7 +182,9 @@ schedule:
         }
     }
     // Still serving.
-    op.get_status(pb::GetStatusRequest {}).await.unwrap();
+    op.get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap();
     assert!(
         wrong.is_empty(),
         "{} mismatches:\n{}",

@@ -258,7 +258,7 @@ async fn heavy_grpc_api_enforces_access_and_streams_progress() {
 
     let status = view
         .clone()
-        .get_status(pb::GetStatusRequest {})
+        .get_status(pb::GetStatusRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -269,7 +269,34 @@ async fn heavy_grpc_api_enforces_access_and_streams_progress() {
         status.store_url
     );
     assert_eq!(status.last_success.unwrap().id, manifest.id);
-    assert!(status.last_drill.unwrap().passed);
+    let drill = status.last_drill.unwrap();
+    assert!(drill.passed && drill.drill, "{drill:?}");
+    assert!(status.last_verify.is_none(), "{:?}", status.last_verify);
+
+    // A plain verification is shown (and exported) apart: the drill stays.
+    let mut stream = op
+        .clone()
+        .verify_snapshot(pb::VerifySnapshotRequest {
+            snapshot: Some(pb::SnapshotSelector {
+                selector: Some(pb::snapshot_selector::Selector::Id(manifest.id.clone())),
+            }),
+            drill: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(msg) = stream.next().await {
+        msg.unwrap();
+    }
+    let status = view
+        .clone()
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.last_drill.as_ref(), Some(&drill));
+    let verify = status.last_verify.unwrap();
+    assert!(verify.passed && !verify.drill, "{verify:?}");
 
     // Deleting: operators only, and the newest needs force.
     let req = |force| pb::DeleteSnapshotRequest {
@@ -320,6 +347,10 @@ async fn heavy_grpc_api_enforces_access_and_streams_progress() {
     );
     assert!(
         body.contains("bulwark_backup_last_drill_success 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("bulwark_backup_last_verify_success 1"),
         "{body}"
     );
 
@@ -402,5 +433,113 @@ async fn heavy_one_leader_takes_one_backup_per_tick_and_another_takes_over() {
             let status = node.stop().await.unwrap();
             assert!(status.is_some_and(|s| s.success()), "{status:?}");
         }
+    }
+}
+
+/// Only the schedule leader runs the delta recorder; every instance's
+/// status must still show its state and lag (non-leaders ask the leader),
+/// not "stopped".
+#[tokio::test]
+async fn heavy_every_instance_reports_the_recorders_state() {
+    bulwark_common::tls::install_crypto_provider();
+    let pki = Pki::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    common::put_small(&etcd, 10).await;
+    let store = tempfile::tempdir().unwrap();
+    let operator = pki.admin().unwrap().tls_files().load().unwrap();
+    let mut clients = Vec::new();
+    let mut shutdowns = Vec::new();
+    for i in 1..=3 {
+        // Instances dial each other with their serving certificate.
+        let cert = pki
+            .peer(&format!("backup-{i}"), &["bulwark:backup"], &["127.0.0.1"])
+            .unwrap();
+        let text = yaml_config(
+            &format!("node-{i}"),
+            &cert,
+            &etcd,
+            store.path(),
+            // Long: the one snapshot is the recorder's own base.
+            "schedule:\n  interval: 24h\n  leaseTtl: 3s\n",
+        );
+        let config: bulwark_backup::BackupConfig = bulwark_common::config::from_str_with(
+            Some(&text),
+            None,
+            &bulwark_common::config::Overrides::new(),
+        )
+        .unwrap();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap().to_string();
+        let shutdown = Shutdown::new();
+        bulwark_backup::run(config, Listeners { grpc, admin }, shutdown.clone())
+            .await
+            .unwrap();
+        shutdowns.push(shutdown);
+        clients.push(BackupClient::new(
+            bulwark_common::grpc::channel(&addr, &operator, None).unwrap(),
+        ));
+    }
+
+    // Wait until the leader records: a snapshot, then a segment with a
+    // write made after it.
+    let mut c = etcd.client().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (leader, revision) = loop {
+        let written = c.put("after/x", "1", None).await.unwrap();
+        let revision = written.header().unwrap().revision();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut found = None;
+        for client in &clients {
+            let s = client
+                .clone()
+                .get_status(pb::GetStatusRequest { local_only: true })
+                .await
+                .unwrap()
+                .into_inner();
+            let d = s.deltas.unwrap_or_default();
+            if s.schedule.as_ref().is_some_and(|sc| sc.is_leader)
+                && d.state() == pb::DeltaState::Running
+                && d.newest_revision >= revision
+                && d.segment_count > 0
+            {
+                found = Some(s.node_name);
+            }
+        }
+        if let Some(leader) = found {
+            break (leader, revision);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never recorded deltas"
+        );
+    };
+
+    // Ask each of the three.
+    for client in &clients {
+        let s = client
+            .clone()
+            .get_status(pb::GetStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let d = s.deltas.unwrap_or_default();
+        assert!(
+            matches!(d.state(), pb::DeltaState::Running | pb::DeltaState::Lagging),
+            "{} (leader {leader}): {s:#?}",
+            s.node_name
+        );
+        assert!(d.rpo_lag.is_some(), "{}: {s:#?}", s.node_name);
+        assert!(d.newest_revision >= revision, "{}: {s:#?}", s.node_name);
+        assert!(d.segment_count > 0, "{}: {s:#?}", s.node_name);
+        assert_eq!(s.schedule.unwrap().leader, leader);
+    }
+
+    for shutdown in shutdowns {
+        shutdown.trigger();
+        assert_eq!(
+            shutdown.wait(Duration::from_secs(20)).await,
+            std::process::ExitCode::SUCCESS
+        );
     }
 }

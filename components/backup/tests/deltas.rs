@@ -324,3 +324,95 @@ async fn heavy_compaction_gap_forces_a_new_full_snapshot() {
             .is_empty()
     );
 }
+
+/// Polls the scheduler's delta status until `done`.
+async fn wait_state(
+    service: &bulwark_backup::schedule::service::Service,
+    what: &str,
+    done: impl Fn(&DeltaStatus) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done(&service.delta_status()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting for {what}: {:?}",
+            service.delta_status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// While a restore holds this node (agent PREPARE to START or rollback),
+/// the leader's recorder stops: writes to the old cluster meanwhile (its
+/// own election keys as members stop) must not join the timeline a
+/// `--to-latest` restore lands on. Released, it records again from where
+/// it stopped.
+#[tokio::test]
+async fn heavy_the_recorder_pauses_while_a_restore_holds_the_node() {
+    use bulwark_backup::delta::RecorderState;
+    use bulwark_backup::schedule::election::LeaderState;
+    use bulwark_backup::schedule::service::{Service, ServiceSettings};
+
+    let etcd = Etcd::start().await.unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let engine = common::engine(&etcd, common::file_store(store_dir.path()), Keyring::none());
+    common::put_small(&etcd, 5).await;
+    let base = snapshot(&engine).await;
+    let (_leader, leading) = tokio::sync::watch::channel(LeaderState {
+        is_leader: true,
+        term: 1,
+    });
+    let settings = ServiceSettings {
+        schedule: None,
+        retries: 0,
+        retry_backoff: Duration::from_secs(1),
+        retention_interval: Duration::from_secs(3600),
+        drill_interval: None,
+        election_name: "test/leader".into(),
+        deltas: Some(DeltaSettings {
+            flush_interval: Duration::from_millis(100),
+            max_segment_bytes: 1 << 20,
+            rpo_target: Duration::from_secs(1),
+        }),
+    };
+    let service = Arc::new(Service::new(engine.clone(), settings, leading));
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(service.clone().run_scheduler(cancel.clone()));
+    let mut c = etcd.client().await.unwrap();
+    let put = |c: &mut etcd_client::Client, k: &'static str| {
+        let mut c = c.clone();
+        async move {
+            c.put(k, "v", None)
+                .await
+                .unwrap()
+                .header()
+                .unwrap()
+                .revision()
+        }
+    };
+    let first = put(&mut c, "before").await;
+    wait_covered(&engine, &base.id, first).await;
+
+    service
+        .recorder_pause()
+        .hold("r1", std::time::Instant::now() + Duration::from_secs(60));
+    wait_state(&service, "the recorder to stop", |s| {
+        s.state == RecorderState::Stopped
+    })
+    .await;
+    let during = put(&mut c, "during").await;
+    // Several flush intervals: a running recorder would have committed it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let segs = engine.list_segments(Some(&base.id)).await.unwrap();
+    assert!(
+        segs.iter().all(|s| s.last_revision < during),
+        "recorded during the pause: {segs:#?}"
+    );
+
+    service.recorder_pause().release("r1");
+    wait_covered(&engine, &base.id, during).await;
+    let segs = engine.list_segments(Some(&base.id)).await.unwrap();
+    bulwark_backup::delta::check_continuity(base.revision, &segs).unwrap();
+    cancel.cancel();
+    task.await.unwrap();
+}

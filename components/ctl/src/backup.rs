@@ -60,8 +60,17 @@ pub enum BackupCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Schedule, leader, last success and error, last drill.
+    /// Schedule, leader, last success and error, last drill and verify,
+    /// delta coverage.
     Status,
+    /// Continuous deltas: what a restore can reach (from the newest
+    /// snapshot's revision to the newest committed event), the segments,
+    /// the recorder's state and lag.
+    Deltas {
+        /// Also list every segment of the coverage.
+        #[arg(long)]
+        segments: bool,
+    },
 }
 
 fn selector(id: &str) -> pb::SnapshotSelector {
@@ -322,6 +331,7 @@ pub async fn run(
         BackupCommand::Verify { id, drill } => verify(service, format, id, *drill).await,
         BackupCommand::Delete { id, force } => delete(service, format, id, *force).await,
         BackupCommand::Status => status(service, format).await,
+        BackupCommand::Deltas { segments } => deltas(service, format, *segments).await,
     }
 }
 
@@ -566,7 +576,7 @@ async fn status(service: &Service<'_>, format: OutputFormat) -> Result<(), CliEr
     let s = service
         .send(
             BackupClient::new,
-            pb::GetStatusRequest {},
+            pb::GetStatusRequest::default(),
             |mut c, r| async move { c.get_status(r).await },
         )
         .await?;
@@ -663,6 +673,253 @@ struct StatusView {
     last_success: Option<String>,
     last_error: Option<String>,
     last_drill: Option<String>,
+    last_verify: Option<String>,
+    /// Newest revision a restore reaches (snapshot plus deltas; after a
+    /// restore, from its restore point).
+    covered_to_revision: i64,
+    /// The delta recorder: `running`, `lagging`, `gap`, `stopped`, `disabled`.
+    deltas: String,
+    /// How much recent history etcd's loss would cost now.
+    rpo_lag_seconds: Option<f64>,
+    /// The restore this instance coordinates now: its phase and how long
+    /// each finished phase and node step took.
+    restore: Option<String>,
+}
+
+/// A running restore: `ID (coordinator N): PHASE for T; done: plan 0.1s, …`.
+fn restore_line(r: &pb::RestoreInProgress, now: SystemTime) -> String {
+    let secs = |d: Option<&prost_types::Duration>| {
+        d.and_then(|d| bulwark_api::time::duration_from_proto(d).ok())
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let phase = pb::RestorePhase::try_from(r.phase)
+        .map(|p| {
+            p.as_str_name()
+                .trim_start_matches("RESTORE_PHASE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into());
+    let elapsed = r
+        .phase_started_at
+        .as_ref()
+        .and_then(|t| bulwark_api::time::timestamp_from_proto(t).ok())
+        .and_then(|t: SystemTime| now.duration_since(t).ok())
+        .map(|d| format!(" for {:.1}s", d.as_secs_f64()))
+        .unwrap_or_default();
+    let done: Vec<String> = r
+        .timings
+        .iter()
+        .map(|t| {
+            let who = if t.node_name.is_empty() {
+                t.name.clone()
+            } else {
+                format!("{} {}", t.node_name, t.name)
+            };
+            format!("{who} {:.1}s", secs(t.took.as_ref()))
+        })
+        .collect();
+    format!(
+        "{} (coordinator {}): {phase}{elapsed}{}",
+        r.restore_id,
+        r.coordinator,
+        if done.is_empty() {
+            String::new()
+        } else {
+            format!("; done: {}", done.join(", "))
+        }
+    )
+}
+
+/// The recorder's state as a word.
+fn delta_state(d: Option<&pb::DeltaStatus>) -> String {
+    match d.map(|d| d.state()) {
+        None | Some(pb::DeltaState::Unspecified) => "unknown".into(),
+        Some(st) => st
+            .as_str_name()
+            .trim_start_matches("DELTA_STATE_")
+            .to_lowercase(),
+    }
+}
+
+/// The RPO lag, when the recorder runs.
+fn rpo_lag(d: Option<&pb::DeltaStatus>) -> Option<f64> {
+    output::seconds(d.and_then(|d| d.rpo_lag.as_ref()))
+}
+
+/// `backup deltas` output.
+#[derive(Debug, Serialize)]
+struct DeltasView {
+    /// The snapshot the deltas follow (the newest one).
+    base_snapshot: Option<String>,
+    /// Coverage starts at the base snapshot's revision…
+    from_revision: i64,
+    from_time: String,
+    /// …and reaches this revision.
+    to_revision: i64,
+    to_time: String,
+    segment_count: usize,
+    stored_bytes: u64,
+    state: String,
+    rpo_lag_seconds: Option<f64>,
+    /// With `--segments`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    segments: Vec<SegmentRow>,
+}
+
+/// One delta segment.
+#[derive(Debug, Serialize)]
+struct SegmentRow {
+    id: String,
+    first_revision: i64,
+    last_revision: i64,
+    first_event: String,
+    last_event: String,
+    events: u64,
+    stored_bytes: u64,
+}
+
+/// Every segment of the store, page by page (ListDeltas).
+async fn all_segments(service: &Service<'_>) -> Result<Vec<pb::DeltaSegment>, CliError> {
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = pb::ListDeltasRequest {
+            page_token: page_token.clone(),
+            ..Default::default()
+        };
+        let page = service
+            .send(BackupClient::new, req, |mut c, r| async move {
+                c.list_deltas(r).await
+            })
+            .await?;
+        out.extend(page.segments);
+        if page.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// `backup deltas`: the coverage from GetStatus, its segments from
+/// ListDeltas (those that follow the newest snapshot).
+async fn deltas(service: &Service<'_>, format: OutputFormat, list: bool) -> Result<(), CliError> {
+    let s = service
+        .send(
+            BackupClient::new,
+            pb::GetStatusRequest::default(),
+            |mut c, r| async move { c.get_status(r).await },
+        )
+        .await?;
+    // The status counts no segment when a restore abandoned the newest
+    // snapshot's timeline; those are then not coverage either.
+    let counted = s.deltas.as_ref().is_some_and(|d| d.segment_count > 0);
+    let segments = match (&s.last_success, counted) {
+        (Some(base), true) => {
+            let prefix = format!("{}/", base.id);
+            all_segments(service)
+                .await?
+                .into_iter()
+                .filter(|g| g.id.starts_with(&prefix))
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    print_deltas(format, &deltas_view(&s, &segments, list))
+}
+
+fn deltas_view(s: &pb::GetStatusResponse, segments: &[pb::DeltaSegment], list: bool) -> DeltasView {
+    let base = s.last_success.as_ref();
+    let last = segments.last();
+    DeltasView {
+        base_snapshot: base.map(|b| b.id.clone()),
+        from_revision: base.map_or(0, |b| b.revision),
+        from_time: time(base.and_then(|b| b.created_at.as_ref())),
+        to_revision: s.newest_revision_covered,
+        to_time: match last {
+            Some(l) => time(l.last_event_at.as_ref()),
+            None => time(base.and_then(|b| b.created_at.as_ref())),
+        },
+        segment_count: segments.len(),
+        stored_bytes: segments.iter().map(|g| g.stored_size_bytes).sum(),
+        state: delta_state(s.deltas.as_ref()),
+        rpo_lag_seconds: rpo_lag(s.deltas.as_ref()),
+        segments: if list {
+            segments
+                .iter()
+                .map(|g| SegmentRow {
+                    id: g.id.clone(),
+                    first_revision: g.first_revision,
+                    last_revision: g.last_revision,
+                    first_event: time(g.first_event_at.as_ref()),
+                    last_event: time(g.last_event_at.as_ref()),
+                    events: g.event_count,
+                    stored_bytes: g.stored_size_bytes,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+fn print_deltas(format: OutputFormat, v: &DeltasView) -> Result<(), CliError> {
+    output::print(format, v, deltas_text)
+}
+
+/// The table form of `backup deltas`.
+fn deltas_text(v: &DeltasView) -> String {
+    {
+        let mut out = output::fields(&[
+            (
+                "base snapshot",
+                v.base_snapshot.clone().unwrap_or_else(|| "none".into()),
+            ),
+            (
+                "covered from",
+                format!("revision {} at {}", v.from_revision, v.from_time),
+            ),
+            (
+                "covered to",
+                format!("revision {} at {}", v.to_revision, v.to_time),
+            ),
+            (
+                "segments",
+                format!("{} ({})", v.segment_count, size(v.stored_bytes)),
+            ),
+            (
+                "deltas",
+                match v.rpo_lag_seconds {
+                    Some(lag) => {
+                        format!("{}, rpo lag {}", v.state, output::duration_text(Some(lag)))
+                    }
+                    None => v.state.clone(),
+                },
+            ),
+        ]);
+        for g in &v.segments {
+            out.push_str(&format!(
+                "  {} revisions {}-{} {} events {} .. {} ({})\n",
+                g.id,
+                g.first_revision,
+                g.last_revision,
+                g.events,
+                g.first_event,
+                g.last_event,
+                size(g.stored_bytes)
+            ));
+        }
+        out
+    }
+}
+
+/// One drill's or verification's outcome: `ID passed|FAILED at TIME`.
+fn check_line(d: &pb::VerifyResult) -> String {
+    format!(
+        "{} {} at {}",
+        d.snapshot_id,
+        if d.passed { "passed" } else { "FAILED" },
+        time(d.finished_at.as_ref())
+    )
 }
 
 fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), CliError> {
@@ -687,14 +944,15 @@ fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), C
             .last_error
             .as_ref()
             .map(|e| format!("{} ({}): {}", time(e.at.as_ref()), e.operation, e.message)),
-        last_drill: s.last_drill.as_ref().map(|d| {
-            format!(
-                "{} {} at {}",
-                d.snapshot_id,
-                if d.passed { "passed" } else { "FAILED" },
-                time(d.finished_at.as_ref())
-            )
-        }),
+        last_drill: s.last_drill.as_ref().map(check_line),
+        last_verify: s.last_verify.as_ref().map(check_line),
+        covered_to_revision: s.newest_revision_covered,
+        deltas: delta_state(s.deltas.as_ref()),
+        rpo_lag_seconds: rpo_lag(s.deltas.as_ref()),
+        restore: s
+            .restore_in_progress
+            .as_ref()
+            .map(|r| restore_line(r, SystemTime::now())),
     };
     output::print(format, &view, |v| {
         output::fields(&[
@@ -729,6 +987,24 @@ fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), C
             (
                 "last drill",
                 v.last_drill.clone().unwrap_or_else(|| "none".into()),
+            ),
+            (
+                "last verify",
+                v.last_verify.clone().unwrap_or_else(|| "none".into()),
+            ),
+            ("covered to", format!("revision {}", v.covered_to_revision)),
+            (
+                "restore",
+                v.restore.clone().unwrap_or_else(|| "none running".into()),
+            ),
+            (
+                "deltas",
+                match v.rpo_lag_seconds {
+                    Some(lag) => {
+                        format!("{}, rpo lag {}", v.deltas, output::duration_text(Some(lag)))
+                    }
+                    None => v.deltas.clone(),
+                },
             ),
         ])
     })
@@ -768,5 +1044,140 @@ mod tests {
         let e = print_verify(OutputFormat::Json, &r).unwrap_err();
         assert_eq!(e.exit(), Exit::VerifyFailed);
         assert_eq!(mismatch(&r.mismatches[0]).kind, "stored_hash");
+    }
+
+    fn ts(seconds: i64) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp { seconds, nanos: 0 })
+    }
+
+    #[test]
+    fn deltas_show_coverage_from_the_snapshot_to_the_newest_segment() {
+        let status = pb::GetStatusResponse {
+            last_success: Some(pb::SnapshotSummary {
+                id: "snap".into(),
+                revision: 100,
+                created_at: ts(1_000),
+                ..Default::default()
+            }),
+            newest_revision_covered: 130,
+            deltas: Some(pb::DeltaStatus {
+                state: pb::DeltaState::Running as i32,
+                rpo_lag: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 250_000_000,
+                }),
+                segment_count: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let seg = |first: i64, last: i64, at: i64| pb::DeltaSegment {
+            id: format!("snap/{first}-{last}"),
+            first_revision: first,
+            last_revision: last,
+            first_event_at: ts(at - 1),
+            last_event_at: ts(at),
+            event_count: (last - first + 1) as u64,
+            stored_size_bytes: 1024,
+            ..Default::default()
+        };
+        let segments = [seg(101, 120, 1_100), seg(121, 130, 1_200)];
+        let v = deltas_view(&status, &segments, true);
+        assert_eq!(v.base_snapshot.as_deref(), Some("snap"));
+        assert_eq!((v.from_revision, v.to_revision), (100, 130));
+        assert_eq!(v.to_time, "1970-01-01T00:20:00Z");
+        assert_eq!((v.segment_count, v.stored_bytes), (2, 2048));
+        assert_eq!(v.state, "running");
+        assert_eq!(v.rpo_lag_seconds, Some(0.25));
+        assert_eq!(v.segments.len(), 2);
+        let text = deltas_text(&v);
+        assert!(
+            text.contains("covered from:  revision 100 at 1970-01-01T00:16:40Z\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("covered to:    revision 130 at 1970-01-01T00:20:00Z\n"),
+            "{text}"
+        );
+        assert!(text.contains("segments:      2 (2.0 KiB)\n"), "{text}");
+        assert!(
+            text.contains("deltas:        running, rpo lag 250ms\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  snap/121-130 revisions 121-130 10 events"),
+            "{text}"
+        );
+        // Without --segments the JSON has no list.
+        let v = deltas_view(&status, &segments, false);
+        let json = output::render(OutputFormat::Json, &v, |_| String::new()).unwrap();
+        assert!(!json.contains("\"segments\""), "{json}");
+        assert!(json.contains("\"to_revision\": 130"), "{json}");
+    }
+
+    #[test]
+    fn status_keeps_verify_and_drill_apart_and_shows_coverage() {
+        let check = |drill: bool, passed: bool| pb::VerifyResult {
+            snapshot_id: if drill { "new" } else { "old" }.into(),
+            passed,
+            drill,
+            finished_at: ts(0),
+            ..Default::default()
+        };
+        let s = pb::GetStatusResponse {
+            last_drill: Some(check(true, true)),
+            last_verify: Some(check(false, false)),
+            newest_revision_covered: 104,
+            deltas: Some(pb::DeltaStatus {
+                state: pb::DeltaState::Stopped as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            check_line(s.last_drill.as_ref().unwrap()),
+            "new passed at 1970-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            check_line(s.last_verify.as_ref().unwrap()),
+            "old FAILED at 1970-01-01T00:00:00Z"
+        );
+        assert_eq!(delta_state(s.deltas.as_ref()), "stopped");
+        assert_eq!(rpo_lag(s.deltas.as_ref()), None);
+        assert_eq!(delta_state(None), "unknown");
+    }
+
+    #[test]
+    fn a_running_restore_shows_its_phase_and_what_each_step_took() {
+        let r = pb::RestoreInProgress {
+            restore_id: "r1".into(),
+            coordinator: "node-1".into(),
+            phase: pb::RestorePhase::RestoreMembers as i32,
+            phase_started_at: ts(100),
+            timings: vec![
+                pb::PhaseTiming {
+                    name: "plan".into(),
+                    node_name: String::new(),
+                    took: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 100_000_000,
+                    }),
+                },
+                pb::PhaseTiming {
+                    name: "fetch_snapshot".into(),
+                    node_name: "node-0".into(),
+                    took: Some(prost_types::Duration {
+                        seconds: 12,
+                        nanos: 0,
+                    }),
+                },
+            ],
+            ..Default::default()
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(102_500);
+        assert_eq!(
+            restore_line(&r, now),
+            "r1 (coordinator node-1): restore_members for 2.5s; done: plan 0.1s, node-0 fetch_snapshot 12.0s"
+        );
     }
 }

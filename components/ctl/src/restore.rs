@@ -59,11 +59,26 @@ struct Summary {
     restore_id: String,
     dry_run: bool,
     snapshot_id: String,
+    /// The revision restored to (before any bump).
     revision: i64,
+    /// The cluster's revision when it was checked (bump and writes since).
+    live_revision: i64,
     cluster_id: String,
     deltas_applied: u32,
     took_seconds: Option<f64>,
     nodes: Vec<NodeRow>,
+    /// Each phase's and each node's step's time, in order.
+    timings: Vec<TimingRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct TimingRow {
+    /// A phase, or a node's step.
+    name: String,
+    /// The node, for a step.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    node: String,
+    took_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -232,6 +247,7 @@ pub async fn run(
         })
         .await?;
     let bar = spinner();
+    let mut target = TargetLine::default();
     while let Some(msg) = stream
         .message()
         .await
@@ -239,8 +255,16 @@ pub async fn run(
     {
         let restore_id = msg.restore_id.clone();
         match msg.event {
-            Some(pb::restore_progress::Event::Plan(p)) => say_plan(&bar, &restore_id, &p),
-            Some(pb::restore_progress::Event::Phase(p)) => bar.set_message(phase_message(&p)),
+            Some(pb::restore_progress::Event::Plan(p)) => {
+                target.undecided = p.target_revision == 0;
+                say_plan(&bar, &restore_id, &p);
+            }
+            Some(pb::restore_progress::Event::Phase(p)) => {
+                if let Some(line) = target.on_phase(&p) {
+                    say(&bar, line);
+                }
+                bar.set_message(phase_message(&p));
+            }
             Some(pb::restore_progress::Event::Node(n)) => say(&bar, node_line(&n)),
             Some(pb::restore_progress::Event::Done(s)) => {
                 bar.finish_and_clear();
@@ -248,17 +272,18 @@ pub async fn run(
             }
             Some(pb::restore_progress::Event::Failed(f)) => {
                 bar.finish_and_clear();
-                let exit = if f.phase == pb::RestorePhase::Download as i32 {
-                    Exit::VerifyFailed
-                } else {
-                    Exit::Failure
-                };
+                let exit = failure_exit(&f);
                 let message = f.message.clone();
                 let report = failure_report(restore_id, f);
                 print_failure(&report, format)?;
+                // The message is said once, here (the report above has
+                // the nodes and what to do).
                 return Err(CliError::new(
                     exit,
-                    format!("restore failed in phase {}: {message}", report.phase),
+                    format!(
+                        "restore {} failed in phase {}: {message}",
+                        report.restore_id, report.phase
+                    ),
                 ));
             }
             None => {}
@@ -268,6 +293,31 @@ pub async fn run(
         Exit::Failure,
         "the restore stream ended without a result; check `bulwarkctl backup status` and the nodes",
     ))
+}
+
+/// A target revision chosen while replaying (`--to-time`, `--to-latest`)
+/// is known once the build phase ends: it gets a line of its own, not only
+/// the spinner (hidden without a terminal).
+#[derive(Default)]
+struct TargetLine {
+    undecided: bool,
+    last_built: Option<i64>,
+}
+
+impl TargetLine {
+    /// The line to print, once, when the phase after the build begins.
+    fn on_phase(&mut self, p: &pb::RestorePhaseProgress) -> Option<String> {
+        if !self.undecided {
+            return None;
+        }
+        if p.phase == pb::RestorePhase::Build as i32 {
+            self.last_built = p.revision.or(self.last_built);
+            return None;
+        }
+        let r = self.last_built.take()?;
+        self.undecided = false;
+        Some(format!("target revision {r} (chosen while replaying)"))
+    }
 }
 
 /// The plan, as lines above the spinner: what is restored to where.
@@ -347,6 +397,7 @@ fn summary(restore_id: String, s: pb::RestoreSummary) -> Summary {
         dry_run: s.dry_run,
         snapshot_id: s.snapshot_id,
         revision: s.revision,
+        live_revision: s.live_revision,
         cluster_id: format!("{:x}", s.cluster_id),
         deltas_applied: s.deltas_applied,
         took_seconds: output::seconds(s.took.as_ref()),
@@ -360,7 +411,30 @@ fn summary(restore_id: String, s: pb::RestoreSummary) -> Summary {
                 old_data_dir_kept_at: n.data_dir_aside_path,
             })
             .collect(),
+        timings: s
+            .timings
+            .into_iter()
+            .map(|t| TimingRow {
+                name: t.name,
+                node: t.node_name,
+                took_seconds: output::seconds(t.took.as_ref()).unwrap_or(0.0),
+            })
+            .collect(),
     }
+}
+
+/// The timing lines: each phase, with its nodes' steps under it.
+fn timing_lines(rows: &[TimingRow]) -> String {
+    let mut out = String::new();
+    for t in rows {
+        let what = if t.node.is_empty() {
+            t.name.clone()
+        } else {
+            format!("  {} {}", t.node, t.name)
+        };
+        out.push_str(&format!("  {what:<36} {:>8.2}s\n", t.took_seconds));
+    }
+    out
 }
 
 fn failure_report(restore_id: String, f: pb::RestoreFailure) -> FailureReport {
@@ -390,12 +464,17 @@ fn failure_report(restore_id: String, f: pb::RestoreFailure) -> FailureReport {
 fn print_summary(s: &Summary, format: OutputFormat) -> Result<(), CliError> {
     output::print(format, s, |s| {
         let mut out = format!(
-            "{} {}: snapshot {}, {} delta segment(s), revision {}, cluster {}, took {}\n",
+            "{} {}: snapshot {}, {} delta segment(s), revision {}{}, cluster {}, took {}\n",
             if s.dry_run { "dry run" } else { "restored" },
             s.restore_id,
             s.snapshot_id,
             s.deltas_applied,
             s.revision,
+            if s.live_revision > s.revision {
+                format!(" (live revision {})", s.live_revision)
+            } else {
+                String::new()
+            },
             s.cluster_id,
             output::duration_text(s.took_seconds)
         );
@@ -405,16 +484,35 @@ fn print_summary(s: &Summary, format: OutputFormat) -> Result<(), CliError> {
                 n.node, n.member, n.member_id, n.old_data_dir_kept_at
             ));
         }
+        if !s.timings.is_empty() {
+            out.push_str("time taken:\n");
+            out.push_str(&timing_lines(&s.timings));
+        }
         out
     })
 }
 
+/// The exit code of a failed restore, as docs/OPERATIONS.md documents
+/// them: the cause's status code when the request was at fault (2 for a
+/// target that is not covered, 5 for an unknown snapshot, 6 refused), 7
+/// for a snapshot or segment that fails its checks, else 1.
+fn failure_exit(f: &pb::RestoreFailure) -> Exit {
+    if f.code != 0 {
+        let status = tonic::Status::new(tonic::Code::from(f.code), f.message.clone());
+        return CliError::from_status(&status, "bulwark-backup", "").exit();
+    }
+    if f.phase == pb::RestorePhase::Download as i32 {
+        Exit::VerifyFailed
+    } else {
+        Exit::Failure
+    }
+}
+
+/// The report without the message (the error line that follows carries
+/// it): what to do, then where each node stands.
 fn print_failure(r: &FailureReport, format: OutputFormat) -> Result<(), CliError> {
     output::print(format, r, |r| {
-        let mut out = format!(
-            "restore {} failed in phase {}: {}\n{}\n",
-            r.restore_id, r.phase, r.message, r.instructions
-        );
+        let mut out = format!("{}\n", r.instructions);
         for n in &r.nodes {
             out.push_str(&format!(
                 "  {}: last step {}, manifest in place {}, data dir moved {}{}, restored {}{}\n",
@@ -440,4 +538,129 @@ fn print_failure(r: &FailureReport, format: OutputFormat) -> Result<(), CliError
         }
         out
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(p: pb::RestorePhase, revision: Option<i64>) -> pb::RestorePhaseProgress {
+        pb::RestorePhaseProgress {
+            phase: p as i32,
+            transfer: None,
+            revision,
+        }
+    }
+
+    /// `--to-time`: the revision chosen while replaying gets one plain
+    /// line when the build ends; a plan that named it gets none.
+    #[test]
+    fn a_target_chosen_while_replaying_gets_a_line() {
+        let mut t = TargetLine {
+            undecided: true,
+            last_built: None,
+        };
+        assert_eq!(t.on_phase(&phase(pb::RestorePhase::Download, None)), None);
+        assert_eq!(t.on_phase(&phase(pb::RestorePhase::Build, Some(120))), None);
+        assert_eq!(t.on_phase(&phase(pb::RestorePhase::Build, Some(131))), None);
+        assert_eq!(
+            t.on_phase(&phase(pb::RestorePhase::Upload, None))
+                .as_deref(),
+            Some("target revision 131 (chosen while replaying)")
+        );
+        assert_eq!(t.on_phase(&phase(pb::RestorePhase::Prepare, None)), None);
+
+        let mut named = TargetLine::default();
+        assert_eq!(
+            named.on_phase(&phase(pb::RestorePhase::Build, Some(5004))),
+            None
+        );
+        assert_eq!(named.on_phase(&phase(pb::RestorePhase::Upload, None)), None);
+    }
+
+    #[test]
+    fn failures_exit_as_documented() {
+        let failure = |code: tonic::Code, phase: pb::RestorePhase| pb::RestoreFailure {
+            phase: phase as i32,
+            code: if code == tonic::Code::Ok {
+                0
+            } else {
+                code as i32
+            },
+            message: "x".into(),
+            ..Default::default()
+        };
+        use pb::RestorePhase::*;
+        for (code, phase, exit) in [
+            (tonic::Code::InvalidArgument, Plan, 2),
+            (tonic::Code::NotFound, Plan, 5),
+            (tonic::Code::FailedPrecondition, Plan, 6),
+            (tonic::Code::Ok, Download, 7),
+            (tonic::Code::Ok, StartMembers, 1),
+        ] {
+            assert_eq!(
+                failure_exit(&failure(code, phase)).code(),
+                exit,
+                "{code:?} {phase:?}"
+            );
+        }
+    }
+
+    /// The summary's revision is the one restored; the live one is beside it.
+    #[test]
+    fn the_summary_reports_the_restored_revision() {
+        let s = summary(
+            "r1".into(),
+            pb::RestoreSummary {
+                revision: 5004,
+                live_revision: 1_000_005_005,
+                snapshot_id: "snap".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(s.revision, 5004);
+        assert!(s.timings.is_empty());
+        let json = output::render(OutputFormat::Json, &s, |_| String::new()).unwrap();
+        assert!(json.contains("\"revision\": 5004"), "{json}");
+        assert!(json.contains("\"live_revision\": 1000005005"), "{json}");
+    }
+
+    #[test]
+    fn every_phase_and_step_is_shown_with_its_time() {
+        let t = |name: &str, node: &str, ms: i32| pb::PhaseTiming {
+            name: name.into(),
+            node_name: node.into(),
+            took: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: ms * 1_000_000,
+            }),
+        };
+        let s = summary(
+            "r1".into(),
+            pb::RestoreSummary {
+                timings: vec![
+                    t("plan", "", 100),
+                    t("fetch_snapshot", "node-0", 250),
+                    t("prepare", "", 300),
+                    t("check", "", 50),
+                ],
+                ..Default::default()
+            },
+        );
+        assert_eq!(s.timings[1].node, "node-0");
+        assert!((s.timings[1].took_seconds - 0.25).abs() < 1e-9);
+        let text = timing_lines(&s.timings);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(
+            lines[0].starts_with("  plan ") && lines[0].ends_with("0.10s"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("    node-0 fetch_snapshot") && lines[1].ends_with("0.25s"),
+            "{text}"
+        );
+        let json = output::render(OutputFormat::Json, &s, |_| String::new()).unwrap();
+        assert!(json.contains("\"name\": \"check\""), "{json}");
+    }
 }

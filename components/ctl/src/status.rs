@@ -432,7 +432,7 @@ async fn backup_part(svc: &Service<'_>, now: SystemTime) -> Result<BackupView, C
     let s = svc
         .send(
             BackupClient::new,
-            bk::GetStatusRequest {},
+            bk::GetStatusRequest::default(),
             |mut c, r| async move { c.get_status(r).await },
         )
         .await?;

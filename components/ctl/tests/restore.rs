@@ -590,6 +590,33 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     );
     assert_eq!(user_state(&mut c, 0).await.len(), want.len() + 30);
 
+    // A revision nothing covers is a bad argument (exit 2), said once,
+    // with nothing touched.
+    let uncovered = (r2 + 100_000).to_string();
+    let starts_now = starts(kubelets);
+    let out = ctl(
+        &["restore", "--to-revision", &uncovered, "--yes"],
+        &agents[0],
+        &operator,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(
+        text(&out).matches("is not covered").count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert_eq!(starts(kubelets), starts_now);
+
+    // Delta coverage through the CLI: from the snapshot to the last write.
+    let out = ctl(&["backup", "deltas", "-o", "json"], &agents[2], &operator).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let deltas: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(deltas["base_snapshot"], base_id.as_str(), "{deltas}");
+    assert!(deltas["to_revision"].as_i64().unwrap() >= r2, "{deltas}");
+    assert!(deltas["segment_count"].as_u64().unwrap() > 0, "{deltas}");
+
     // The real restore, to the revision between the two batches.
     let out = ctl(
         &[
@@ -616,6 +643,55 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["snapshot_id"], base_id.as_str());
     assert_eq!(summary["nodes"].as_array().unwrap().len(), 3);
+    // The revision restored, not the live one after bulwark's own writes.
+    assert_eq!(summary["revision"].as_i64(), Some(r1), "{summary}");
+    assert!(
+        summary["live_revision"].as_i64().unwrap() >= r1,
+        "{summary}"
+    );
+    // Every phase and every node's steps, timed.
+    let timed: Vec<(String, String)> = summary["timings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_owned(),
+                t["node"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    for phase in [
+        "plan",
+        "download",
+        "upload",
+        "prepare",
+        "restore_members",
+        "start_members",
+        "check",
+    ] {
+        assert!(
+            timed.iter().any(|(n, node)| n == phase && node.is_empty()),
+            "{phase} untimed: {timed:?}"
+        );
+    }
+    for step in [
+        "fetch_snapshot",
+        "stop_etcd",
+        "move_data_dir_aside",
+        "restore_snapshot",
+        "start_etcd",
+        "wait_healthy",
+    ] {
+        assert_eq!(
+            timed
+                .iter()
+                .filter(|(n, node)| n == step && !node.is_empty())
+                .count(),
+            3,
+            "{step} on every node: {timed:?}"
+        );
+    }
 
     let mut c = client().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
@@ -639,6 +715,18 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     );
     assert!(status.header().unwrap().revision() >= r1);
     assert_eq!(c.member_list().await.unwrap().members().len(), 3);
+    // Coverage starts again from the restore point: r1 until a snapshot
+    // of the restored (revision-bumped) cluster, never the abandoned r2.
+    for agent in agents {
+        let out = ctl(&["backup", "status", "-o", "json"], agent, &operator).await;
+        assert!(out.status.success(), "{}", text(&out));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let covered = s["covered_to_revision"].as_i64().unwrap();
+        assert!(
+            covered == r1 || covered >= r1 + 1_000_000_000,
+            "covered to {covered} after a restore to {r1} (abandoned timeline reached {r2}): {s}"
+        );
+    }
     for n in nodes {
         let mut one = etcd_client::Client::connect([n.client_url.clone()], None)
             .await

@@ -29,14 +29,17 @@
 //! | [`format`](mod@format) | the raw segment format: events to bytes and back |
 //! | [`segments`] | segment objects and their commit records in the store (the `Engine` methods) |
 //! | [`recorder`] | the watch that buffers events and flushes segments |
+//! | [`pause`] | the recorder's pause while a restore holds this node |
 //! | [`status`] | what the recorder is doing, for status and metrics |
 
 pub mod format;
+pub mod pause;
 pub mod recorder;
 pub mod segments;
 pub mod status;
 
 pub use format::{DeltaEvent, EventKind, decode_events, encode_events};
+pub use pause::RecorderPause;
 pub use recorder::{DeltaSettings, FollowEnd, Recorder, SnapshotFn};
 pub use segments::{SEGMENT_FORMAT_VERSION, SegmentMeta, check_continuity};
 pub use status::{DeltaStatus, RecorderState};

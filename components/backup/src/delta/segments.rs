@@ -378,10 +378,11 @@ fn check_events(meta: &SegmentMeta, events: &[DeltaEvent]) -> std::result::Resul
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn seg(first: i64, last: i64) -> SegmentMeta {
+    /// A segment of revisions `first..=last` with placeholder fields.
+    pub(crate) fn seg(first: i64, last: i64) -> SegmentMeta {
         SegmentMeta {
             format_version: 1,
             id: format!("b/{first}-{last}"),

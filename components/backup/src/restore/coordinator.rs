@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulwark_api::backup::v1 as pb;
+use bulwark_api::backup::v1::backup_client::BackupClient;
 use bulwark_api::backup::v1::restore_agent_client::RestoreAgentClient;
 use bulwark_common::tls::TlsMaterial;
 use chrono::Utc;
@@ -22,7 +23,9 @@ use tonic::transport::Channel;
 use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::restore::pitr::{BuildEvent, BuiltTarget, Plan, Target};
+use crate::restore::record::RestoreRecord;
 use crate::restore::rollback::abort_node;
+use crate::restore::timing::{Timings, phase_label};
 use crate::schedule::service::{RestoreRunning, Service};
 use crate::snapshot::manifest::timestamp;
 
@@ -55,10 +58,34 @@ fn d(x: Duration) -> prost_types::Duration {
 pub(super) struct Events {
     tx: mpsc::Sender<std::result::Result<pb::RestoreProgress, Status>>,
     restore_id: String,
+    timings: std::sync::Mutex<Timings>,
 }
 
 impl Events {
+    fn timings(&self) -> std::sync::MutexGuard<'_, Timings> {
+        self.timings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the running phase's clock and starts `name`'s.
+    pub(super) fn enter_phase(&self, name: &str) {
+        self.timings().enter(&self.restore_id, name);
+    }
+
+    /// The finished phases' and steps' times, the running phase's clock
+    /// left running.
+    pub(super) fn timings_so_far(&self) -> Vec<pb::PhaseTiming> {
+        self.timings().so_far()
+    }
+
+    /// Every phase's and step's time so far.
+    pub(super) fn finish_timings(&self) -> Vec<pb::PhaseTiming> {
+        self.timings().finish(&self.restore_id)
+    }
+
     pub(super) async fn send(&self, event: pb::restore_progress::Event) {
+        if let pb::restore_progress::Event::Node(ev) = &event {
+            self.timings().node_event(&self.restore_id, ev);
+        }
         let _ = self
             .tx
             .send(Ok(pb::RestoreProgress {
@@ -96,12 +123,18 @@ impl Events {
 
 /// A failure at `phase`.
 pub(super) struct Failed {
+    /// The cause's status code when it says what the request got wrong
+    /// (a target that is not covered: INVALID_ARGUMENT; a snapshot that
+    /// does not exist: NOT_FOUND), so `bulwarkctl` exits as for the same
+    /// status; `None`: a failure of the restore itself.
+    pub(super) code: Option<tonic::Code>,
     pub(super) phase: pb::RestorePhase,
     pub(super) error: String,
 }
 
 fn fail(phase: pb::RestorePhase) -> impl Fn(BackupError) -> Failed {
     move |e| Failed {
+        code: None,
         phase,
         error: e.to_string(),
     }
@@ -109,6 +142,7 @@ fn fail(phase: pb::RestorePhase) -> impl Fn(BackupError) -> Failed {
 
 fn status_fail(phase: pb::RestorePhase, node: &str) -> impl Fn(Status) -> Failed + '_ {
     move |s| Failed {
+        code: None,
         phase,
         error: format!("node {node}: {}", s.message()),
     }
@@ -122,6 +156,14 @@ impl Coordinator {
             peers,
             client_tls: Arc::new(client_tls),
         }
+    }
+
+    /// A `Backup` client for the instance at `address` (the schedule
+    /// leader, for what only it knows), with the agents' client identity.
+    pub fn backup_client(&self, address: &str) -> Result<BackupClient<Channel>> {
+        let ch = bulwark_common::grpc::channel(address, &self.client_tls, None)
+            .map_err(|e| BackupError::InvalidArgument(format!("leader address {address}: {e}")))?;
+        Ok(BackupClient::new(ch))
     }
 
     fn client(&self, address: &str) -> Result<RestoreAgentClient<Channel>> {
@@ -205,6 +247,7 @@ impl Coordinator {
             let events = Events {
                 tx,
                 restore_id: restore_id.clone(),
+                timings: Default::default(),
             };
             this.run(req, snapshot, target, &events, &cancel).await;
             this.service.set_restore(None);
@@ -215,10 +258,13 @@ impl Coordinator {
 
     /// Publishes the phase a restore is in (status).
     pub(super) fn set_phase(&self, run: &Run<'_>, phase: pb::RestorePhase) {
+        run.events.enter_phase(&phase_label(phase));
         self.service.set_restore(Some(RestoreRunning {
             restore_id: run.rid.clone(),
             started_at: run.started_at,
             phase: phase as i32,
+            phase_started_at: Utc::now(),
+            timings: run.events.timings_so_far(),
         }));
     }
 
@@ -274,6 +320,8 @@ impl Coordinator {
             took: None,
             nodes: Vec::new(),
             dry_run: req.dry_run,
+            live_revision: 0,
+            timings: Vec::new(),
         };
         if members_started {
             verify_cluster(run, &planned.nodes, built.revision, &mut summary).await?;
@@ -296,7 +344,14 @@ impl Coordinator {
             .engine
             .plan_restore(snapshot.as_deref(), target)
             .await
-            .map_err(fail(pb::RestorePhase::Plan))?;
+            .map_err(|e| {
+                let error = e.to_string();
+                Failed {
+                    code: Some(Status::from(e).code()),
+                    phase: pb::RestorePhase::Plan,
+                    error,
+                }
+            })?;
         let lacking_bump: Vec<&str> = nodes
             .iter()
             .filter(|(n, _)| {
@@ -371,6 +426,7 @@ impl Coordinator {
                 .into_inner();
             if !info.restore_in_progress.is_empty() {
                 return Err(Failed {
+                    code: None,
                     phase: pb::RestorePhase::Plan,
                     error: format!(
                         "node {} is held by restore {}",
@@ -436,6 +492,7 @@ impl Coordinator {
             .build_target(plan, work.path(), &on_build, run.cancel)
             .await
             .map_err(|e| Failed {
+                code: None,
                 phase: if matches!(e, BackupError::Corrupt { .. }) {
                     pb::RestorePhase::Download
                 } else {
@@ -637,7 +694,21 @@ impl Coordinator {
             }
         }
         summary.took = Some(d(run.started.elapsed()));
+        summary.timings = run.events.finish_timings();
         crate::metrics::restore_finished(if summary.dry_run { "dry_run" } else { "done" });
+        if !summary.dry_run {
+            let record = RestoreRecord {
+                restore_id: run.rid.clone(),
+                finished_at: Utc::now(),
+                snapshot_id: summary.snapshot_id.clone(),
+                revision: summary.revision,
+                cluster_id: summary.cluster_id,
+                coordinated_by: run.engine.node_name.clone(),
+            };
+            if let Err(e) = run.engine.record_restore(&record).await {
+                tracing::warn!(restore_id = %run.rid, error = %e, "could not store the restore record: status coverage shows the old timeline until the next snapshot");
+            }
+        }
         tracing::info!(restore_id = %run.rid, revision = summary.revision, "restore finished");
         run.events
             .send(pb::restore_progress::Event::Done(summary))
@@ -654,6 +725,7 @@ async fn verify_cluster(
     target_revision: Option<i64>,
     summary: &mut pb::RestoreSummary,
 ) -> std::result::Result<(), Failed> {
+    run.events.enter_phase("check");
     let urls: Vec<String> = nodes
         .iter()
         .flat_map(|(n, _)| n.client_urls.clone())
@@ -667,6 +739,7 @@ async fn verify_cluster(
         .unwrap_or_default();
     let Some(s) = statuses.first() else {
         return Err(Failed {
+            code: None,
             phase: pb::RestorePhase::StartMembers,
             error: "no restored member answers its status call".into(),
         });
@@ -675,6 +748,7 @@ async fn verify_cluster(
         && s.revision < r
     {
         return Err(Failed {
+            code: None,
             phase: pb::RestorePhase::StartMembers,
             error: format!(
                 "the restored cluster is at revision {}, the target was {r}",
@@ -682,8 +756,11 @@ async fn verify_cluster(
             ),
         });
     }
+    // `revision` stays the one restored: the live one is past it by the
+    // bump and by the writes made since (bulwark-backup's election keys
+    // among them).
     summary.cluster_id = s.cluster_id;
-    summary.revision = s.revision;
+    summary.live_revision = s.revision;
     summary.nodes = nodes
         .iter()
         .map(|(n, _)| pb::NodeOutcome {

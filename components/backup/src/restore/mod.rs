@@ -18,6 +18,8 @@
 //! | [`coordinator`] | `Backup.Restore`: the phases above, each a function |
 //! | [`rollback`] | undoing a failed restore on every prepared node, and what the failure reports |
 //! | [`pitr`] | point-in-time restore: the plan and the one target snapshot every member restores |
+//! | [`record`] | `restores/<id>.json`, the restore point later coverage starts from |
+//! | `timing` | how long each phase and each node's step took: log, gauges, summary |
 //! | [`agent`] | this node's part: manifest out, data dir aside, restore tool, manifest back |
 //! | [`api`] | the `RestoreAgent` gRPC handlers over the local agent |
 
@@ -25,7 +27,9 @@ pub mod agent;
 pub mod api;
 pub mod coordinator;
 pub mod pitr;
+pub mod record;
 pub mod rollback;
+mod timing;
 
 pub use api::AgentApi;
 pub use coordinator::{Coordinator, DEFAULT_BUMP};

@@ -28,9 +28,12 @@ impl Coordinator {
             rolled_back &= clean;
             states.push(state);
         }
+        // Logs and exports the rollback's own time too.
+        run.events.finish_timings();
         run.events
             .send(pb::restore_progress::Event::Failed(pb::RestoreFailure {
                 phase: f.phase as i32,
+                code: f.code.map_or(0, i32::from),
                 message: f.error,
                 nodes: states,
                 rolled_back: rolled_back || !run.touched,

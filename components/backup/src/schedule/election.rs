@@ -33,18 +33,20 @@ pub struct LeaderState {
     pub term: u64,
 }
 
-/// Runs the campaign until `cancel`, publishing leadership on `tx`.
+/// Runs the campaign until `cancel` with `node`'s election value,
+/// publishing leadership on `tx`.
 pub async fn run(
     connector: EtcdConnector,
     name: String,
-    node: String,
+    node: LeaderInfo,
     ttl: Duration,
     tx: watch::Sender<LeaderState>,
     cancel: CancellationToken,
 ) {
     let mut term = 0;
+    let value = node.value();
     while !cancel.is_cancelled() {
-        if let Err(e) = campaign_once(&connector, &name, &node, ttl, &tx, &mut term, &cancel).await
+        if let Err(e) = campaign_once(&connector, &name, &value, ttl, &tx, &mut term, &cancel).await
         {
             tracing::warn!(error = %e, "backup leader election: retrying");
             tokio::select! {
@@ -59,7 +61,7 @@ pub async fn run(
 async fn campaign_once(
     connector: &EtcdConnector,
     name: &str,
-    node: &str,
+    value: &str,
     ttl: Duration,
     tx: &watch::Sender<LeaderState>,
     term: &mut u64,
@@ -84,7 +86,7 @@ async fn campaign_once(
     ));
 
     let campaign = tokio::select! {
-        r = client.campaign(name, node, lease) => r.map_err(|e| classify(&eps, "campaign", &e)),
+        r = client.campaign(name, value, lease) => r.map_err(|e| classify(&eps, "campaign", &e)),
         _ = lost.cancelled() => Err(BackupError::Etcd {
             operation: "campaign",
             detail: "the election lease could not be kept alive".into(),
@@ -185,15 +187,85 @@ async fn keep_alive(
     }
 }
 
-/// The current leader's node name, as etcd's election says.
-pub async fn current_leader(connector: &EtcdConnector, name: &str) -> Result<Option<String>> {
+/// Who leads, as the election value says: the node name and, when the
+/// leader has one other instances can dial, its gRPC address (non-leaders
+/// forward to it what only the leader knows, such as the delta recorder's
+/// state).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaderInfo {
+    /// Node name.
+    pub name: String,
+    /// gRPC address (host:port); `None` when it listens on every address
+    /// and `restore.agentAddress` is unset.
+    pub address: Option<String>,
+}
+
+impl LeaderInfo {
+    /// This instance's value: `name` and, unless it is a wildcard
+    /// address nobody can dial, `address`.
+    pub fn new(name: &str, address: &str) -> Self {
+        let dialable = address
+            .parse::<std::net::SocketAddr>()
+            .map_or(true, |a| !a.ip().is_unspecified());
+        Self {
+            name: name.to_owned(),
+            address: dialable.then(|| address.to_owned()),
+        }
+    }
+
+    /// The election value: `name` or `name address` (node names, being
+    /// host names, hold no spaces). An older instance's value is the bare
+    /// name, which parses as a leader without an address.
+    pub fn value(&self) -> String {
+        match &self.address {
+            Some(a) => format!("{} {a}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// Reads an election value.
+    pub fn parse(value: &str) -> Self {
+        match value.split_once(' ') {
+            Some((name, address)) => Self {
+                name: name.to_owned(),
+                address: Some(address.trim().to_owned()).filter(|a| !a.is_empty()),
+            },
+            None => Self {
+                name: value.to_owned(),
+                address: None,
+            },
+        }
+    }
+}
+
+/// The current leader, as etcd's election says.
+pub async fn current_leader(connector: &EtcdConnector, name: &str) -> Result<Option<LeaderInfo>> {
     let mut client = connector.client().await?;
     match client.leader(name).await {
         Ok(resp) => Ok(resp
             .kv()
-            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+            .map(|kv| LeaderInfo::parse(&String::from_utf8_lossy(kv.value())))),
         // etcd answers "election: no leader" as an error.
         Err(e) if e.to_string().contains("no leader") => Ok(None),
         Err(e) => Err(classify(connector.endpoints(), "election leader", &e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn election_values_carry_a_dialable_address() {
+        let with = LeaderInfo::new("cp-1", "10.0.0.1:9445");
+        assert_eq!(with.value(), "cp-1 10.0.0.1:9445");
+        assert_eq!(LeaderInfo::parse(&with.value()), with);
+        let wildcard = LeaderInfo::new("cp-2", "0.0.0.0:9445");
+        assert_eq!(wildcard.address, None);
+        assert_eq!(LeaderInfo::parse(&wildcard.value()), wildcard);
+        let named = LeaderInfo::new("cp-3", "cp-3.example:9445");
+        assert_eq!(named.address.as_deref(), Some("cp-3.example:9445"));
+        // An older instance's bare name.
+        assert_eq!(LeaderInfo::parse("cp-4").address, None);
     }
 }

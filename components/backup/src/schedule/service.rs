@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::delta::{DeltaSettings, DeltaStatus, Recorder};
+use crate::delta::{DeltaSettings, DeltaStatus, Recorder, RecorderPause};
 use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::schedule::election::LeaderState;
@@ -64,6 +64,7 @@ struct State {
     next_run: Option<DateTime<Utc>>,
     last_error: Option<ErrorRecord>,
     last_drill: Option<VerificationRecord>,
+    last_verify: Option<VerificationRecord>,
 }
 
 /// The service shared by the scheduler and the gRPC handlers.
@@ -77,6 +78,7 @@ pub struct Service {
     delta_status: Arc<Mutex<DeltaStatus>>,
     restore_lock: tokio::sync::Mutex<()>,
     restore_state: Mutex<Option<RestoreRunning>>,
+    recorder_pause: RecorderPause,
 }
 
 /// The restore this instance coordinates now.
@@ -88,6 +90,10 @@ pub struct RestoreRunning {
     pub started_at: DateTime<Utc>,
     /// Its phase, as the API numbers them.
     pub phase: i32,
+    /// When that phase began.
+    pub phase_started_at: DateTime<Utc>,
+    /// How long each finished phase and node step took.
+    pub timings: Vec<bulwark_api::backup::v1::PhaseTiming>,
 }
 
 impl Service {
@@ -106,7 +112,13 @@ impl Service {
             delta_status: Arc::new(Mutex::new(DeltaStatus::default())),
             restore_lock: tokio::sync::Mutex::new(()),
             restore_state: Mutex::new(None),
+            recorder_pause: RecorderPause::default(),
         }
+    }
+
+    /// The delta recorder's pause, held by this node's restore agent.
+    pub fn recorder_pause(&self) -> &RecorderPause {
+        &self.recorder_pause
     }
 
     /// The delta recorder's status.
@@ -171,9 +183,17 @@ impl Service {
         self.lock().last_error.clone()
     }
 
-    /// The last drill or verification this instance ran.
+    /// The last drill (a throwaway etcd started from a snapshot) this
+    /// instance ran.
     pub fn last_drill(&self) -> Option<VerificationRecord> {
         self.lock().last_drill.clone()
+    }
+
+    /// The last plain verification (hashes and decryption, no etcd) this
+    /// instance ran. Kept apart from drills: verifying an old snapshot
+    /// says nothing about whether the newest one restores.
+    pub fn last_verify(&self) -> Option<VerificationRecord> {
+        self.lock().last_verify.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -224,7 +244,13 @@ impl Service {
             .verify_snapshot(id, drill, progress, cancel)
             .await?;
         crate::metrics::verified(&record);
-        self.lock().last_drill = Some(record.clone());
+        let mut state = self.lock();
+        let slot = if record.drill {
+            &mut state.last_drill
+        } else {
+            &mut state.last_verify
+        };
+        *slot = Some(record.clone());
         Ok(record)
     }
 
@@ -254,12 +280,7 @@ impl Service {
             };
             let deltas = async {
                 if let Some(settings) = self.settings.deltas.clone() {
-                    let recorder =
-                        Recorder::new(self.engine.clone(), settings, self.delta_status.clone());
-                    let lead = &lead;
-                    recorder
-                        .run(lead, &|| Box::pin(self.gap_snapshot(lead)))
-                        .await;
+                    self.record_deltas(settings, &lead).await;
                 }
             };
             tokio::join!(self.lead(&lead), deltas);
@@ -269,6 +290,43 @@ impl Service {
             if cancel.is_cancelled() {
                 return;
             }
+        }
+    }
+
+    /// The delta recorder while leading, stopped (its buffer flushed)
+    /// while a restore holds this node and started again after it.
+    async fn record_deltas(&self, settings: DeltaSettings, lead: &CancellationToken) {
+        let pause = &self.recorder_pause;
+        while !lead.is_cancelled() {
+            if let Some(restore_id) = pause.held_by() {
+                tracing::info!(%restore_id, "delta recorder paused while the restore runs");
+                tokio::select! {
+                    _ = lead.cancelled() => return,
+                    _ = pause.resumed() => {}
+                }
+                tracing::info!(%restore_id, "delta recorder resumes");
+            }
+            let recording = lead.child_token();
+            let recorder = Recorder::new(
+                self.engine.clone(),
+                settings.clone(),
+                self.delta_status.clone(),
+            );
+            let run = async {
+                recorder
+                    .run(&recording, &|| Box::pin(self.gap_snapshot(lead)))
+                    .await;
+                recording.cancel();
+            };
+            // A pause cancels the recorder's token rather than dropping it,
+            // so it flushes what it buffered (its cancel path).
+            let stop = async {
+                tokio::select! {
+                    _ = pause.paused() => recording.cancel(),
+                    _ = recording.cancelled() => {}
+                }
+            };
+            tokio::join!(run, stop);
         }
     }
 

@@ -42,7 +42,7 @@ impl Default for RetentionPolicy {
 
 /// Gardener-style exponential retention.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct Exponential {
     /// Keep every snapshot younger than this.
     #[serde(default = "one_hour", with = "duration")]

@@ -45,6 +45,7 @@ use bulwark_api::backup::v1 as pb;
 use chrono::Utc;
 
 use crate::config::RestoreConfig;
+use crate::delta::RecorderPause;
 use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::snapshot::manifest::timestamp;
@@ -82,6 +83,7 @@ pub struct Agent {
     config: RestoreConfig,
     agent_address: String,
     held: tokio::sync::Mutex<Option<Held>>,
+    recorder_pause: RecorderPause,
 }
 
 impl Agent {
@@ -92,7 +94,15 @@ impl Agent {
             config,
             agent_address,
             held: tokio::sync::Mutex::new(None),
+            recorder_pause: RecorderPause::default(),
         }
+    }
+
+    /// Holds `pause` (this process's delta recorder) while a restore
+    /// holds this node.
+    pub fn with_recorder_pause(mut self, pause: RecorderPause) -> Self {
+        self.recorder_pause = pause;
+        self
     }
 
     /// GetNodeInfo.

@@ -254,15 +254,11 @@ pub(super) async fn wait_ports_closed(member: &Member, timeout: Duration) -> Res
         .filter_map(|u| url_addr(u))
         .collect();
     let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(100);
     loop {
         let mut open = None;
         for a in &addrs {
-            let probe = tokio::time::timeout(
-                Duration::from_millis(500),
-                tokio::net::TcpStream::connect(a),
-            )
-            .await;
-            if matches!(probe, Ok(Ok(_))) {
+            if listening(a).await {
                 open = Some(a.clone());
                 break;
             }
@@ -277,14 +273,69 @@ pub(super) async fn wait_ports_closed(member: &Member, timeout: Duration) -> Res
                 ),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(pause).await;
+        // Backing off bounds the dialled probes of addresses this host
+        // cannot bind (below) to about one a second.
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
+}
+
+/// Whether something listens on `addr` (host:port). An address of this
+/// host is checked by binding it (with SO_REUSEADDR, so connections
+/// lingering in TIME_WAIT do not count; Linux still refuses while a socket
+/// listens there): etcd sees nothing, where a bare TCP connect on its TLS
+/// ports made it log a `rejected connection` warning on every probe. An
+/// address this host cannot bind (another host's) is dialled.
+pub(super) async fn listening(addr: &str) -> bool {
+    let resolved: Vec<std::net::SocketAddr> = match tokio::net::lookup_host(addr).await {
+        Ok(a) => a.collect(),
+        Err(_) => return false,
+    };
+    for sa in resolved {
+        let bound = (|| {
+            let socket = if sa.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(sa)
+        })();
+        match bound {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return true,
+            Err(_) => {
+                let probe = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    tokio::net::TcpStream::connect(sa),
+                )
+                .await;
+                if matches!(probe, Ok(Ok(_))) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::disk::aside_path;
     use super::*;
+
+    /// The probe sees a listener without connecting to it (etcd logged
+    /// every connect as a rejected connection), and sees it gone.
+    #[tokio::test]
+    async fn the_port_probe_does_not_connect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        assert!(listening(&addr).await);
+        let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+        assert!(accepted.is_err(), "the probe connected: {accepted:?}");
+        drop(listener);
+        assert!(!listening(&addr).await);
+    }
 
     #[test]
     fn flags_come_from_the_static_pod_command() {

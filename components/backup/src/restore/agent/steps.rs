@@ -97,6 +97,8 @@ impl Agent {
             expires: Instant::now() + ttl,
         });
         drop(held);
+        self.recorder_pause
+            .hold(&req.restore_id, Instant::now() + ttl);
         tracing::info!(restore_id = %req.restore_id, coordinator = %req.coordinator, "restore prepared");
         Ok(pb::PrepareRestoreResponse {
             info: Some(self.node_info().await?),
@@ -210,6 +212,7 @@ impl Agent {
     /// aside, restore the snapshot.
     pub(super) async fn do_restore(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
         h.expires = Instant::now() + Duration::from_secs(24 * 3600);
+        self.recorder_pause.hold(&h.restore_id, h.expires);
         self.stop_etcd(h, ev).await?;
         self.move_data_aside(h, ev).await?;
         h.last_step = pb::NodeStep::RestoreSnapshot;
@@ -274,6 +277,14 @@ impl Agent {
             .await
             .unwrap_or(false)
         {
+            // Started/Done around the rename: the coordinator times steps
+            // (a copy across file systems can take long).
+            ev(
+                h.last_step,
+                pb::StepStatus::Started,
+                String::new(),
+                String::new(),
+            );
             rename(&h.member.data_dir, &h.data_aside).await?;
             h.data_moved = true;
             ev(
@@ -423,6 +434,13 @@ impl Agent {
             .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
             .unwrap_or(self.config.health_timeout);
         h.last_step = pb::NodeStep::StartEtcd;
+        sink(self.event(
+            &rid,
+            h.last_step,
+            pb::StepStatus::Started,
+            String::new(),
+            String::new(),
+        ));
         if h.manifest_moved {
             rename(&h.manifest_aside, &self.config.etcd_manifest).await?;
             h.manifest_moved = false;
@@ -468,6 +486,7 @@ impl Agent {
                 let member_id = me.member_id;
                 let _ = tokio::fs::remove_file(&h.staged).await;
                 *guard = None;
+                self.recorder_pause.release(&rid);
                 return Ok(member_id);
             }
             if Instant::now() > deadline || cancel.is_cancelled() {
@@ -562,6 +581,7 @@ impl Agent {
         }
         let _ = tokio::fs::remove_file(&h.staged).await;
         *guard = None;
+        self.recorder_pause.release(restore_id);
         ev(
             pb::StepStatus::Done,
             "node is as it was before the restore".into(),

@@ -294,15 +294,28 @@ impl BackendSet {
         }
     }
 
-    /// Whether `x` carries less load per unit of weight than `y`.
+    /// Whether `x` carries clearly less load per unit of weight than `y`:
+    /// more than [`TIE_BAND`] less. Loads within the band count as equal,
+    /// and the caller keeps its random first choice. Without the band,
+    /// three apiservers holding 201/200/201 long-lived watches would get
+    /// every new connection that draws the one with 200 (two thirds of
+    /// them, and their TLS handshakes): least-connections balances live
+    /// connections, the band keeps it from skewing new ones over a
+    /// difference of one. A real imbalance (a restarted apiserver with
+    /// none) is far outside the band and still wins every draw.
     #[inline]
     fn lighter(&self, x: usize, y: usize) -> bool {
         let (bx, by) = (&self.backends[x], &self.backends[y]);
         let lx = u128::from(bx.stats.active() + 1) * u128::from(by.spec.weight);
         let ly = u128::from(by.stats.active() + 1) * u128::from(bx.spec.weight);
-        lx < ly
+        lx * (TIE_BAND + 1) < ly * TIE_BAND
     }
 }
+
+/// Two loads within 1/`TIE_BAND` (about 3 %) of each other are a tie
+/// for [`BackendSet::pick`]'s comparison. Small counts stay strict: 1
+/// against 2 live connections is far outside it.
+const TIE_BAND: u128 = 32;
 
 thread_local! {
     static RNG: Cell<u64> = Cell::new(seed());

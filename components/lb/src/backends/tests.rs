@@ -114,6 +114,60 @@ fn least_loaded_of_two_wins() {
     }
 }
 
+/// Long-lived connections one apart (201/200/201) do not pull every new
+/// connection onto the backend with one fewer: within the tie band the
+/// draw stays random, so new connections spread evenly. A backend with
+/// none (just restarted) still wins every draw it is in.
+#[test]
+fn near_equal_loads_share_new_connections_and_an_empty_backend_wins() {
+    let b = Backends::default();
+    b.publish(
+        vec![healthy("a", "z"), healthy("b", "z"), healthy("c", "z")],
+        1,
+    )
+    .unwrap();
+    let set = b.load();
+    for (id, n) in [("a", 201), ("b", 200), ("c", 201)] {
+        for _ in 0..n {
+            set.by_id(id).unwrap().stats().reserve();
+        }
+    }
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..3000 {
+        *counts
+            .entry(
+                set.pick(RoutingMode::Balanced, &[])
+                    .unwrap()
+                    .id()
+                    .to_owned(),
+            )
+            .or_insert(0u32) += 1;
+    }
+    for id in ["a", "b", "c"] {
+        let share = f64::from(counts[id]) / 3000.0;
+        assert!((0.28..0.39).contains(&share), "{id}: {share} of {counts:?}");
+    }
+
+    let restarted = Backends::default();
+    restarted
+        .publish(
+            vec![healthy("a", "z"), healthy("b", "z"), healthy("c", "z")],
+            1,
+        )
+        .unwrap();
+    let set = restarted.load();
+    for id in ["b", "c"] {
+        for _ in 0..200 {
+            set.by_id(id).unwrap().stats().reserve();
+        }
+    }
+    let to_a = (0..3000)
+        .filter(|_| set.pick(RoutingMode::Balanced, &[]).unwrap().id() == "a")
+        .count();
+    // a is in two of every three draws and wins each of them.
+    assert!((1800..2200).contains(&to_a), "{to_a} of 3000");
+}
+
 #[test]
 fn weights_steer_the_load() {
     let b = Backends::default();

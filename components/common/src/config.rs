@@ -250,6 +250,39 @@ impl Validator {
     }
 }
 
+/// Whether a config section of type `T` given with any one of its
+/// fields (or none) keeps every other field's default: each daemon's test
+/// runs it over its sections (`schedule: {retries: 3}` once turned
+/// scheduled backups off). The error names the field that did not merge.
+pub fn check_fields_merge<T>() -> Result<(), String>
+where
+    T: Default + Serialize + DeserializeOwned,
+{
+    let render = |t: T| serde_yaml_ng::to_value(t).map_err(|e| e.to_string());
+    let default = render(T::default())?;
+    let Value::Mapping(fields) = &default else {
+        return Err(format!("the default is not a mapping: {default:?}"));
+    };
+    if fields.is_empty() {
+        return Err("no fields".into());
+    }
+    let empty = std::iter::once((Value::Null, Mapping::new()));
+    let alone = fields
+        .iter()
+        .map(|(f, v)| (f.clone(), Mapping::from_iter([(f.clone(), v.clone())])));
+    for (field, given) in empty.chain(alone) {
+        let given = Value::Mapping(given);
+        let parsed: T = serde_yaml_ng::from_value(given.clone())
+            .map_err(|e| format!("{given:?} does not parse: {e}"))?;
+        if render(parsed)? != default {
+            return Err(format!(
+                "{field:?} given alone loses other fields' defaults"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Validates `value` as if it sat at `prefix`; convenient in tests.
 pub fn validate_at<V: Validate + ?Sized>(prefix: &str, value: &V) -> Vec<FieldError> {
     let mut v = Validator::default();

@@ -315,7 +315,6 @@ access:
         api = addr(ip, API_PORT),
     )?;
     if i == 0 {
-        let others: Vec<&str> = c.nodes[1..].iter().map(|n| n.name.as_str()).collect();
         writeln!(
             s,
             "# The cluster is formed once, by this node, from this list. Only {name}
@@ -326,11 +325,7 @@ initialMembers:
 - {{id: 1, name: {name}, zone: {zone}, raftAddress: '{raft}', apiAddress: '{api}', proxyAddress: '{LOCAL_LISTENER}'}}",
             name = n.name,
             zone = n.zone,
-            others = if others.is_empty() {
-                "later nodes".to_owned()
-            } else {
-                others.join(" and ")
-            },
+            others = others_than_first(c),
             raft = addr(ip, RAFT_PORT),
             api = addr(ip, API_PORT),
         )?;
@@ -360,7 +355,6 @@ localListener: '{LOCAL_LISTENER}'",
         iface = c.vip.interface,
     )?;
     if i == 0 {
-        let others: Vec<&str> = c.nodes[1..].iter().map(|n| n.name.as_str()).collect();
         writeln!(
             s,
             "# Seeded once, by the first leader, into an empty registry; afterwards
@@ -368,17 +362,25 @@ localListener: '{LOCAL_LISTENER}'",
 # {others} once their apiservers have joined).
 backends:
 - {{id: {name}, address: '{api}', zone: {zone}}}",
-            others = if others.is_empty() {
-                "later nodes".to_owned()
-            } else {
-                others.join(" and ")
-            },
+            others = others_than_first(c),
             name = n.name,
             zone = n.zone,
             api = addr(ip, APISERVER_PORT),
         )?;
     }
     Ok(s)
+}
+
+/// The nodes that join the first one's LB cluster, for its comments.
+fn others_than_first(c: &ClusterDescription) -> String {
+    match &c.nodes[1..] {
+        [] => "later nodes".to_owned(),
+        rest => rest
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" and "),
+    }
 }
 
 fn prober_config(c: &ClusterDescription, n: &NodeDescription) -> Result<String, std::fmt::Error> {

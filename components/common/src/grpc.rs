@@ -179,6 +179,14 @@ impl GrpcServer {
             .tls_config(tls.tonic_server())?
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            // Raft cancels a heartbeat that is not answered within its
+            // 50 ms deadline. On a loaded machine more than h2's default
+            // of 20 such streams can be cancelled before this server has
+            // accepted them, and h2 then ends the whole connection with
+            // ENHANCE_YOUR_CALM (seen in the jepsen test as
+            // "resource exhausted: h2 protocol error"). Every client here
+            // has passed mutual TLS, so the rapid-reset guard can be wide.
+            .http2_max_pending_accept_reset_streams(Some(1000))
             .tcp_nodelay(true)
             .layer(AccessLayer::new(policy))
             .add_routes(self.routes.routes())

@@ -1,10 +1,11 @@
 //! The Raft client: openraft's `RaftNetworkV2` over mTLS gRPC
 //! (`bulwark.raft.v1.Raft`).
 //!
-//! One lazily connecting channel per peer. Every call carries our cluster id
-//! (a node of another cluster refuses it) and is bounded by openraft's
-//! per-RPC deadline, so a peer behind a cut link costs a timeout, not a
-//! stuck replication stream. Appends are split so that one request stays
+//! One lazily connecting channel per peer, replaced by a fresh one when the
+//! peer has answered nothing on it for two seconds. Every call carries our
+//! cluster id (a node of another cluster refuses it) and is bounded by
+//! openraft's per-RPC deadline, so a peer behind a cut link costs a
+//! timeout, not a stuck replication stream. Appends are split so that one request stays
 //! far below gRPC's 4 MiB default limit (the follower then answers
 //! PartialSuccess-style: we report the prefix that went through); snapshots
 //! stream in 1 MiB chunks.
@@ -15,7 +16,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bulwark_api::raft::v1 as pb;
 use bulwark_api::raft::v1::raft_client::RaftClient;
@@ -80,31 +81,110 @@ impl ClusterId {
 /// first heartbeat pays no TCP and TLS handshake.
 #[derive(Clone)]
 pub struct Network {
-    tls: Arc<TlsMaterial>,
     cluster: ClusterId,
     handover: Arc<dyn Handover>,
-    channels: Arc<std::sync::Mutex<std::collections::HashMap<String, RaftClient<Channel>>>>,
+    channels: Channels,
 }
 
 impl Network {
     /// A factory using our TLS identity.
     pub fn new(tls: Arc<TlsMaterial>, cluster: ClusterId, handover: Arc<dyn Handover>) -> Self {
         Self {
-            tls,
             cluster,
             handover,
-            channels: Arc::default(),
+            channels: Channels::new(tls),
+        }
+    }
+}
+
+/// How long a peer's channel may go without any answer before it is
+/// replaced by a fresh connection. Longer than any normal stall (a GC-free
+/// process answers heartbeats in milliseconds; a loaded 2-core machine in
+/// tens), short against the 60 s a wedged HTTP/2 connection was seen to
+/// cost: once, after a partition healed, every call on one connection timed
+/// out while the peer answered everyone else. A real partition costs one
+/// idle reconnect per interval, which the lazy channel does not even dial
+/// until the next call.
+const REBUILD_AFTER: Duration = Duration::from_secs(2);
+
+/// The per-address channels, each with the time its calls started to go
+/// unanswered.
+#[derive(Clone)]
+struct Channels {
+    tls: Arc<TlsMaterial>,
+    slots: Arc<std::sync::Mutex<std::collections::HashMap<String, Slot>>>,
+}
+
+struct Slot {
+    client: RaftClient<Channel>,
+    silence: Silence,
+}
+
+/// When a channel's calls started to go unanswered.
+#[derive(Debug, Default)]
+struct Silence {
+    since: Option<Instant>,
+}
+
+impl Silence {
+    /// Records one call's outcome at `now`; returns how long the channel
+    /// has been silent once that reaches [`REBUILD_AFTER`].
+    fn record(&mut self, answered: bool, now: Instant) -> Option<Duration> {
+        if answered {
+            self.since = None;
+            return None;
+        }
+        let silent = now.duration_since(*self.since.get_or_insert(now));
+        (silent >= REBUILD_AFTER).then_some(silent)
+    }
+}
+
+impl Channels {
+    fn new(tls: Arc<TlsMaterial>) -> Self {
+        Self {
+            tls,
+            slots: Arc::default(),
         }
     }
 
-    fn client_for(&self, address: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(address) {
-            return Ok(c.clone());
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shared client for `address`, built on first use.
+    fn client(&self, address: &str) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+        let mut slots = self.lock();
+        if let Some(slot) = slots.get(address) {
+            return Ok(slot.client.clone());
         }
-        let c = raft_client(address, &self.tls)?;
-        channels.insert(address.to_owned(), c.clone());
-        Ok(c)
+        let client = raft_client(address, &self.tls)?;
+        slots.insert(
+            address.to_owned(),
+            Slot {
+                client: client.clone(),
+                silence: Silence::default(),
+            },
+        );
+        Ok(client)
+    }
+
+    /// Records whether the peer at `address` answered a call; drops its
+    /// channel (the next call dials afresh) once it has answered nothing
+    /// for [`REBUILD_AFTER`].
+    fn record(&self, target: NodeId, address: &str, answered: bool) {
+        let mut slots = self.lock();
+        let Some(slot) = slots.get_mut(address) else {
+            return;
+        };
+        if let Some(silent) = slot.silence.record(answered, Instant::now()) {
+            tracing::info!(
+                peer = target,
+                address,
+                silent_ms = silent.as_millis() as u64,
+                "no answer from the peer on this connection; reconnecting"
+            );
+            slots.remove(address);
+        }
     }
 }
 
@@ -137,15 +217,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &LbNode) -> Self::Network {
-        let client = self
-            .client_for(&node.raft_address)
-            .map_err(|e| e.to_string());
-        if let Err(e) = &client {
+        if let Err(e) = self.channels.client(&node.raft_address) {
             tracing::error!(peer = target, address = %node.raft_address, error = %e, "cannot build a Raft client");
         }
         Peer {
             target,
-            client,
+            address: node.raft_address.clone(),
+            channels: self.channels.clone(),
             cluster: self.cluster.clone(),
             handover: self.handover.clone(),
         }
@@ -155,7 +233,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// The connection to one peer.
 pub struct Peer {
     target: NodeId,
-    client: Result<RaftClient<Channel>, String>,
+    address: String,
+    channels: Channels,
     cluster: ClusterId,
     handover: Arc<dyn Handover>,
 }
@@ -187,14 +266,29 @@ impl Peer {
     // openraft's error type is large; this is its own API's shape.
     #[allow(clippy::result_large_err)]
     fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
-        self.client.clone().map_err(unreachable)
+        self.channels
+            .client(&self.address)
+            .map_err(|e| unreachable(format!("node {}: {e}", self.target)))
     }
 
     async fn bounded<T, F>(&self, ttl: Duration, f: F) -> Result<T, RPCError<TypeConfig>>
     where
         F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        match tokio::time::timeout(ttl, f).await {
+        let result = tokio::time::timeout(ttl, f).await;
+        let answered = match &result {
+            Ok(Ok(_)) => true,
+            // Refusals and errors the peer's service sent are answers; a
+            // transport failure (no connection, a reset or refused HTTP/2
+            // stream, a GOAWAY) is not.
+            Ok(Err(s)) => !matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::ResourceExhausted | tonic::Code::Unknown
+            ),
+            Err(_) => false,
+        };
+        self.channels.record(self.target, &self.address, answered);
+        match result {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => Err(status_err(self.target, s)),
             Err(_) => Err(unreachable(format!(
@@ -357,5 +451,26 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         // Short and flat: a follower back from a blip must hear heartbeats
         // again well within its election timeout, and peers are few.
         Some(Backoff::new(std::iter::repeat(Duration::from_millis(50))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_is_replaced_only_after_a_long_silence() {
+        let t0 = Instant::now();
+        let mut s = Silence::default();
+        assert_eq!(s.record(false, t0), None);
+        assert_eq!(s.record(false, t0 + Duration::from_millis(1500)), None);
+        // One answer forgives everything before it.
+        assert_eq!(s.record(true, t0 + Duration::from_millis(1600)), None);
+        assert_eq!(s.record(false, t0 + Duration::from_millis(1700)), None);
+        assert_eq!(s.record(false, t0 + Duration::from_millis(3600)), None);
+        assert_eq!(
+            s.record(false, t0 + Duration::from_millis(3700)),
+            Some(REBUILD_AFTER)
+        );
     }
 }

@@ -65,6 +65,12 @@ pub struct SegmentMeta {
 }
 
 impl SegmentMeta {
+    /// Parses a stored segment record, refusing a newer format (read as
+    /// this one, its events could be replayed wrongly).
+    pub fn from_json(what: &str, bytes: &[u8]) -> Result<Self> {
+        crate::snapshot::manifest::parse_versioned(what, bytes, SEGMENT_FORMAT_VERSION)
+    }
+
     /// The API form.
     pub fn to_proto(&self) -> bulwark_api::backup::v1::DeltaSegment {
         use bulwark_api::backup::v1 as pb;
@@ -220,13 +226,7 @@ impl Engine {
                 .bytes()
                 .await
                 .map_err(|e| BackupError::store(described.clone(), e))?;
-            let meta: SegmentMeta =
-                serde_json::from_slice(&bytes).map_err(|e| BackupError::Corrupt {
-                    kind: Corruption::Manifest,
-                    what: described,
-                    detail: e.to_string(),
-                })?;
-            out.push(meta);
+            out.push(SegmentMeta::from_json(&described, &bytes)?);
         }
         out.sort_by(|a, b| {
             (a.base_snapshot.as_str(), a.first_revision)
@@ -401,6 +401,25 @@ pub(crate) mod tests {
             object_key: String::new(),
             committed_at: Utc::now(),
         }
+    }
+
+    #[test]
+    fn a_newer_segment_record_is_refused_not_misread() {
+        let mut json = serde_json::to_value(seg(11, 20)).unwrap();
+        let same = serde_json::to_vec(&json).unwrap();
+        assert_eq!(SegmentMeta::from_json("r", &same).unwrap(), seg_like(&json));
+        json["formatVersion"] = (SEGMENT_FORMAT_VERSION + 1).into();
+        json["events"] = "a shape this build does not know".into();
+        json.as_object_mut().unwrap().remove("rawSha256");
+        let e = SegmentMeta::from_json("r", &serde_json::to_vec(&json).unwrap()).unwrap_err();
+        assert!(
+            e.to_string().contains("is newer than this bulwark-backup"),
+            "{e}"
+        );
+    }
+
+    fn seg_like(json: &serde_json::Value) -> SegmentMeta {
+        serde_json::from_value(json.clone()).unwrap()
     }
 
     #[test]

@@ -145,27 +145,39 @@ pub struct Manifest {
     pub note: String,
 }
 
+/// Parses a stored JSON record (a manifest, a verification or a segment
+/// record) whose `formatVersion` this build must understand: the version is
+/// read first, because a newer record may not parse as this one, and read
+/// as this one it could be misunderstood.
+pub fn parse_versioned<T: serde::de::DeserializeOwned>(
+    what: &str,
+    bytes: &[u8],
+    understood: u32,
+) -> Result<T> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Version {
+        format_version: u32,
+    }
+    let corrupt = |detail: String| BackupError::Corrupt {
+        kind: Corruption::Manifest,
+        what: what.to_owned(),
+        detail,
+    };
+    let v: Version = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if v.format_version > understood {
+        return Err(corrupt(format!(
+            "format version {} is newer than this bulwark-backup understands ({understood}); upgrade it",
+            v.format_version
+        )));
+    }
+    serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))
+}
+
 impl Manifest {
     /// Parses a stored manifest, refusing newer formats.
     pub fn from_json(what: &str, bytes: &[u8]) -> Result<Self> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Version {
-            format_version: u32,
-        }
-        let corrupt = |detail: String| BackupError::Corrupt {
-            kind: Corruption::Manifest,
-            what: what.to_owned(),
-            detail,
-        };
-        let v: Version = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-        if v.format_version > FORMAT_VERSION {
-            return Err(corrupt(format!(
-                "format version {} is newer than this bulwark-backup understands ({FORMAT_VERSION}); upgrade it",
-                v.format_version
-            )));
-        }
-        serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))
+        parse_versioned(what, bytes, FORMAT_VERSION)
     }
 
     /// The JSON written to the store.
@@ -393,13 +405,9 @@ pub struct VerificationRecord {
 }
 
 impl VerificationRecord {
-    /// Parses a stored record.
+    /// Parses a stored record, refusing newer formats.
     pub fn from_json(what: &str, bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes).map_err(|e| BackupError::Corrupt {
-            kind: Corruption::Manifest,
-            what: what.to_owned(),
-            detail: e.to_string(),
-        })
+        parse_versioned(what, bytes, FORMAT_VERSION)
     }
 
     /// The JSON written to the store.

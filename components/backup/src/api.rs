@@ -538,6 +538,42 @@ impl pb::backup_server::Backup for BackupApi {
         }))
     }
 
+    async fn collect_garbage(
+        &self,
+        request: Request<pb::CollectGarbageRequest>,
+    ) -> Result<Response<pb::CollectGarbageResponse>, Status> {
+        let caller = bulwark_common::grpc::caller(&request).map(ToString::to_string);
+        let dry_run = request.into_inner().dry_run;
+        let engine = self.service.engine();
+        let c = engine.collect_garbage(Utc::now(), dry_run).await?;
+        if !dry_run {
+            tracing::info!(
+                caller = ?caller,
+                collected = c.collected.len(),
+                bytes = c.collected_bytes(),
+                failed = c.failed.len(),
+                "garbage collection run"
+            );
+        }
+        let objects = |list: &[crate::snapshot::gc::Garbage]| {
+            list.iter()
+                .map(|g| pb::GarbageObject {
+                    path: g.path.clone(),
+                    size_bytes: g.size,
+                    last_modified: Some(timestamp(g.last_modified)),
+                    reason: g.reason.as_str().to_owned(),
+                })
+                .collect()
+        };
+        Ok(Response::new(pb::CollectGarbageResponse {
+            collected: objects(&c.collected),
+            young: objects(&c.young),
+            failed: objects(&c.failed),
+            grace_period: Some(duration(engine.gc_grace_period)),
+            dry_run,
+        }))
+    }
+
     type RestoreStream = Stream_<pb::RestoreProgress>;
 
     async fn restore(

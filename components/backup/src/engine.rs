@@ -9,6 +9,7 @@
 //! |---|---|
 //! | [`crate::snapshot::take`] | `take_snapshot` |
 //! | [`crate::snapshot::catalog`] | `scan`, `list_snapshots`, `get_snapshot`, `latest_snapshot`, `record_verification`, `delete_snapshot`, `apply_retention` |
+//! | [`crate::snapshot::gc`] | `collect_garbage` |
 //! | [`crate::pipeline::download`] | `stream_check` (the read path) |
 //! | [`crate::verify::check`] | `verify_snapshot` (with a drill when asked) |
 //! | [`crate::delta::segments`] | `commit_segment`, `list_segments`, `read_segment`, `delete_segments` |

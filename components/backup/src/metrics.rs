@@ -14,7 +14,8 @@
 //! | `bulwark_backup_verify_mismatches_total` | counter | failed checks by `kind` (`stored_hash`, `decrypt`, …) |
 //! | `bulwark_backup_leader` | gauge | 1 while this instance leads scheduled work |
 //! | `bulwark_backup_retention_deleted_total` | counter | snapshots deleted by retention |
-//! | `bulwark_backup_gc_collected_total` | counter | leftover uploads removed |
+//! | `bulwark_backup_gc_collected_total` | counter | unreferenced objects removed by garbage collection, by `reason` (`upload_without_manifest`, `segment_without_record`, `restore_target`) |
+//! | `bulwark_backup_gc_collected_bytes_total` | counter | their bytes |
 //! | `bulwark_backup_delta_segments_total` | counter | delta segments committed |
 //! | `bulwark_backup_delta_events_total` | counter | etcd events in them |
 //! | `bulwark_backup_delta_gaps_total` | counter | gaps (compaction, missing revision) that forced a full snapshot |
@@ -105,10 +106,21 @@ pub const DEFS: &[MetricDef] = &[
         Counter,
         "Snapshots deleted by retention.",
     ),
-    MetricDef::single(
+    MetricDef::per_label(
         "bulwark_backup_gc_collected_total",
         Counter,
-        "Leftover uploads removed by garbage collection.",
+        "Unreferenced objects removed by garbage collection, by reason.",
+        "reason",
+        &[
+            "upload_without_manifest",
+            "segment_without_record",
+            "restore_target",
+        ],
+    ),
+    MetricDef::single(
+        "bulwark_backup_gc_collected_bytes_total",
+        Counter,
+        "Bytes of unreferenced objects removed by garbage collection.",
     ),
     MetricDef::single(
         "bulwark_backup_delta_segments_total",
@@ -212,9 +224,17 @@ pub fn verified(r: &VerificationRecord) {
 }
 
 /// Records a retention run.
-pub fn retention(deleted: usize, collected: usize) {
+pub fn retention(deleted: usize) {
     metrics::counter!("bulwark_backup_retention_deleted_total").increment(deleted as u64);
-    metrics::counter!("bulwark_backup_gc_collected_total").increment(collected as u64);
+}
+
+/// Records what a garbage collection deleted.
+pub fn garbage_collected(c: &crate::snapshot::gc::Collection) {
+    for g in &c.collected {
+        metrics::counter!("bulwark_backup_gc_collected_total", "reason" => g.reason.as_str())
+            .increment(1);
+    }
+    metrics::counter!("bulwark_backup_gc_collected_bytes_total").increment(c.collected_bytes());
 }
 
 /// Records a committed delta segment of `event_count` events.

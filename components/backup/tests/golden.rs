@@ -24,14 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bulwark_backup::Engine;
-use bulwark_backup::config::{EtcdConfig, MemberChoice};
 use bulwark_backup::delta::{DeltaSettings, DeltaStatus, Recorder, check_continuity};
-use bulwark_backup::etcd::EtcdConnector;
 use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::SnapshotOptions;
 use bulwark_backup::snapshot::manifest::Manifest;
-use bulwark_backup::snapshot::retention::RetentionPolicy;
 use bulwark_backup::verify::scratch::ScratchEtcd;
 use bulwark_testkit::Etcd;
 use etcd_client::GetOptions;
@@ -99,32 +96,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// An engine over a copy of a golden store, with the identity that opens
-/// it; its etcd is never dialled (listing, checking and building a target
-/// read only the store).
-fn reader(store: &Path, identity: &Path) -> Engine {
-    let connector = EtcdConnector::new(&EtcdConfig {
-        endpoints: vec!["127.0.0.1:9".into()],
-        tls: None,
-        dial_timeout: Duration::from_secs(1),
-        request_timeout: Duration::from_secs(1),
-        stall_timeout: Duration::from_secs(5),
-        snapshot_from: MemberChoice::Leader,
-    })
-    .unwrap();
-    Engine::new(
-        "golden-reader".into(),
-        CLUSTER.into(),
-        connector,
-        common::file_store(store),
-        Keyring::load(None, &[identity.to_path_buf()]).unwrap(),
-        common::pipeline(),
-        common::drill_tools(),
-        RetentionPolicy::default(),
-        Duration::from_secs(3600),
-    )
-}
-
 /// Builds `target` from the store and returns the state a scratch etcd
 /// started on it holds.
 async fn rebuilt(engine: &Engine, id: &str, target: Target) -> Value {
@@ -171,7 +142,13 @@ async fn check_golden(dir: &Path) {
     let id = expected["snapshot"].as_str().unwrap();
     let copy = tempfile::tempdir().unwrap();
     copy_dir(&dir.join("store"), copy.path());
-    let engine = reader(copy.path(), &dir.join("identity.txt"));
+    // An engine whose etcd is never dialled: listing, checking and
+    // building a target read only the store.
+    let engine = common::offline_engine(
+        common::file_store(copy.path()),
+        Keyring::load(None, &[dir.join("identity.txt")]).unwrap(),
+        CLUSTER,
+    );
 
     // Listed, complete, and carrying its verification record.
     let list = engine.list_snapshots().await.unwrap();

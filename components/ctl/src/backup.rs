@@ -71,6 +71,15 @@ pub enum BackupCommand {
         #[arg(long)]
         segments: bool,
     },
+    /// Delete stored objects no committed record names (uploads without a
+    /// manifest, delta data without a segment record, restore targets a
+    /// crash left) once older than `retention.gcGracePeriod` (operators
+    /// only). Retention does the same after every scheduled snapshot.
+    Gc {
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn selector(id: &str) -> pb::SnapshotSelector {
@@ -332,6 +341,7 @@ pub async fn run(
         BackupCommand::Delete { id, force } => delete(service, format, id, *force).await,
         BackupCommand::Status => status(service, format).await,
         BackupCommand::Deltas { segments } => deltas(service, format, *segments).await,
+        BackupCommand::Gc { dry_run } => gc(service, format, *dry_run).await,
     }
 }
 
@@ -569,6 +579,110 @@ async fn delete(
         },
         |d| format!("deleted {} ({} freed)\n", d.id, size(d.freed_bytes)),
     )
+}
+
+/// One unreferenced object in `backup gc` output.
+#[derive(Debug, Serialize)]
+struct GarbageRow {
+    path: String,
+    size_bytes: u64,
+    last_modified: String,
+    reason: String,
+}
+
+/// `backup gc` output.
+#[derive(Debug, Serialize)]
+struct GcView {
+    dry_run: bool,
+    grace_period_seconds: f64,
+    collected: Vec<GarbageRow>,
+    collected_bytes: u64,
+    young: Vec<GarbageRow>,
+    failed: Vec<GarbageRow>,
+}
+
+/// `backup gc [--dry-run]`.
+async fn gc(service: &Service<'_>, format: OutputFormat, dry_run: bool) -> Result<(), CliError> {
+    let req = pb::CollectGarbageRequest { dry_run };
+    let resp = service
+        .send(BackupClient::new, req, |mut c, r| async move {
+            c.collect_garbage(r).await
+        })
+        .await?;
+    let rows = |list: &[pb::GarbageObject]| -> Vec<GarbageRow> {
+        list.iter()
+            .map(|g| GarbageRow {
+                path: g.path.clone(),
+                size_bytes: g.size_bytes,
+                last_modified: time(g.last_modified.as_ref()),
+                reason: g.reason.clone(),
+            })
+            .collect()
+    };
+    let view = GcView {
+        dry_run: resp.dry_run,
+        grace_period_seconds: resp
+            .grace_period
+            .as_ref()
+            .and_then(|d| bulwark_api::time::duration_from_proto(d).ok())
+            .map_or(0.0, |d| d.as_secs_f64()),
+        collected_bytes: resp.collected.iter().map(|g| g.size_bytes).sum(),
+        collected: rows(&resp.collected),
+        young: rows(&resp.young),
+        failed: rows(&resp.failed),
+    };
+    output::print(format, &view, gc_text)?;
+    if view.failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            Exit::Failure,
+            format!(
+                "{} object(s) could not be deleted; the store refused (see the backup logs)",
+                view.failed.len()
+            ),
+        ))
+    }
+}
+
+/// The text form of `backup gc`.
+fn gc_text(v: &GcView) -> String {
+    let verb = if v.dry_run { "would delete" } else { "deleted" };
+    let grace = output::duration_text(Some(v.grace_period_seconds));
+    let mut text = format!(
+        "{verb} {} object(s), {} (older than the grace period, {grace})\n",
+        v.collected.len(),
+        size(v.collected_bytes)
+    );
+    let table = |list: &[GarbageRow]| {
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|g| {
+                vec![
+                    g.path.clone(),
+                    size(g.size_bytes),
+                    g.last_modified.clone(),
+                    g.reason.clone(),
+                ]
+            })
+            .collect();
+        output::table(&["OBJECT", "SIZE", "WRITTEN", "REASON"], &rows)
+    };
+    if !v.collected.is_empty() {
+        text.push_str(&table(&v.collected));
+    }
+    if !v.young.is_empty() {
+        text.push_str(&format!(
+            "kept {} unreferenced object(s) younger than the grace period (an upload, segment or restore may still be writing them):\n",
+            v.young.len()
+        ));
+        text.push_str(&table(&v.young));
+    }
+    if !v.failed.is_empty() {
+        text.push_str("the store refused to delete:\n");
+        text.push_str(&table(&v.failed));
+    }
+    text
 }
 
 /// `backup status`.

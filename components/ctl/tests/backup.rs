@@ -158,5 +158,65 @@ drill: {{etcdutl: {}, etcd: {}}}
     let out = ctl(&["backup", "show", &newest], &addr, &viewer).await;
     assert_eq!(out.status.code(), Some(5));
 
+    gc_lists_then_deletes_what_a_crash_left(&addr, store.path(), &operator, &viewer).await;
     shutdown.trigger();
+}
+
+/// `backup gc`: a restore target a crashed coordinator left is kept while
+/// young, listed by `--dry-run` once older than the grace period, then
+/// deleted; viewers may not run it.
+async fn gc_lists_then_deletes_what_a_crash_left(
+    addr: &str,
+    store: &std::path::Path,
+    operator: &bulwark_testkit::CertFiles,
+    viewer: &bulwark_testkit::CertFiles,
+) {
+    // The config names no cluster: the default directory.
+    let target = store.join("kubernetes/restore/20200101T000000Z-r9-beef/target.db");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::write(&target, vec![0u8; 4096]).unwrap();
+
+    let out = ctl(&["backup", "gc", "--dry-run", "-o", "json"], addr, operator).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["collected"], serde_json::json!([]), "{v}");
+    assert_eq!(v["young"][0]["reason"], "restore_target", "{v}");
+    assert_eq!(v["grace_period_seconds"], 6.0 * 3600.0, "{v}");
+
+    // Seven hours old: past the default grace period of six.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7 * 3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&target)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let out = ctl(&["backup", "gc", "--dry-run"], addr, operator).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("would delete 1 object(s), 4.0 KiB") && text.contains("restore_target"),
+        "{text}"
+    );
+    assert!(target.exists());
+    let out = ctl(&["backup", "gc"], addr, viewer).await;
+    assert_eq!(out.status.code(), Some(4));
+    assert!(target.exists());
+    let out = ctl(&["backup", "gc", "-o", "json"], addr, operator).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["collected_bytes"], 4096, "{v}");
+    assert!(!target.exists());
 }

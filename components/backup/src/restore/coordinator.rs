@@ -516,7 +516,12 @@ impl Coordinator {
     ) -> std::result::Result<(pb::SnapshotSource, object_store::path::Path), Failed> {
         self.set_phase(run, pb::RestorePhase::Upload);
         let engine = &run.engine;
-        let key = format!("{}/restore/{}/target.db", engine.cluster_name, run.rid);
+        let key = format!(
+            "{}/{}/{}/target.db",
+            engine.cluster_name,
+            crate::store::layout::RESTORE_DIR,
+            run.rid
+        );
         let object = crate::store::layout::object_path(engine.store.prefix(), &key);
         crate::pipeline::upload::upload_file(
             &engine.store,

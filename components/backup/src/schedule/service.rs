@@ -466,7 +466,7 @@ impl Service {
 
     async fn retention(&self) {
         match self.engine.apply_retention(Utc::now()).await {
-            Ok(o) => crate::metrics::retention(o.deleted.len(), o.collected.len()),
+            Ok(o) => crate::metrics::retention(o.deleted.len()),
             Err(e) => {
                 tracing::warn!(error = %e, "retention failed");
                 self.remember_error("retention", &e);

@@ -19,7 +19,7 @@ use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::snapshot::manifest::{Manifest, VerificationRecord};
 use crate::snapshot::retention::Candidate;
-use crate::store::layout::{Entry, id_time, is_valid_id};
+use crate::store::layout::{Entry, is_valid_id};
 
 /// A committed snapshot and its newest verification.
 #[derive(Clone, Debug)]
@@ -81,7 +81,8 @@ pub struct Deleted {
 pub struct RetentionOutcome {
     /// Snapshots deleted by the policy.
     pub deleted: Vec<String>,
-    /// Leftover directories removed.
+    /// Snapshot directories without a manifest removed (every object of
+    /// theirs collected).
     pub collected: Vec<String>,
     /// Snapshots kept.
     pub kept: usize,
@@ -366,31 +367,8 @@ impl Engine {
             }
             Err(e) => tracing::warn!(error = %e, "retention could not list delta segments"),
         }
-        let grace =
-            chrono::TimeDelta::from_std(self.gc_grace_period).unwrap_or(chrono::TimeDelta::MAX);
-        for left in &scan.leftovers {
-            // Age from the newest object, and from the id's time when it has
-            // one: an upload still running keeps writing new parts.
-            let newest = left.last_modified();
-            let id_at = id_time(&left.id);
-            let old_enough = newest.is_some_and(|t| now.signed_duration_since(t) > grace)
-                && id_at.is_none_or(|t| now.signed_duration_since(t) > grace);
-            if !old_enough {
-                continue;
-            }
-            let mut all_gone = true;
-            for meta in &left.objects {
-                if let Err(e) = self.store.inner().delete(&meta.location).await
-                    && !matches!(e, object_store::Error::NotFound { .. })
-                {
-                    all_gone = false;
-                    tracing::warn!(object = %meta.location, error = %e, "garbage collection could not delete");
-                }
-            }
-            if all_gone {
-                outcome.collected.push(left.id.clone());
-            }
-        }
+        let garbage = self.collect_garbage(now, false).await?;
+        outcome.collected = garbage.collected_uploads();
         if let Some(dir) = self.store.local_dir() {
             let root = dir.join(self.layout.full_dir().as_ref());
             let grace = self.gc_grace_period;

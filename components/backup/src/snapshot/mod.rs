@@ -6,10 +6,12 @@
 //! |---|---|
 //! | [`take`] | etcd stream → trailer check → zstd → age → multipart upload → manifest (`Engine::take_snapshot`) |
 //! | [`manifest`] | `manifest.json` (the commit point) and `verify/*.json` records |
-//! | [`catalog`] | listing, get, delete, retention and garbage collection against the store (`Engine` methods) |
+//! | [`catalog`] | listing, get, delete and retention against the store (`Engine` methods) |
+//! | [`gc`] | garbage collection: objects no committed record names (`Engine::collect_garbage`) |
 //! | [`retention`] | the pure keep/delete policy |
 
 pub mod catalog;
+pub mod gc;
 pub mod manifest;
 pub mod retention;
 pub mod take;

@@ -5,7 +5,9 @@
 //!   full/<id>/snapshot.db.zst[.age]      the snapshot: zstd, then age when encrypted
 //!   full/<id>/manifest.json              written last: the commit point
 //!   full/<id>/verify/<time>.json         one record per verification or drill
-//!   delta/…                              reserved for continuous deltas
+//!   delta/<base id>/…                    continuous deltas (delta/segments.rs)
+//!   restore/<restore id>/target.db       a restore's target while its members fetch it
+//!   restores/<restore id>.json           what a finished restore left (restore/record.rs)
 //! ```
 //!
 //! `<id>` is `<yyyymmddThhmmssZ>-r<revision>-<4 hex>`: it sorts by time,
@@ -25,8 +27,11 @@ pub const MANIFEST: &str = "manifest.json";
 pub const VERIFY_DIR: &str = "verify";
 /// Directory of full snapshots under the cluster's directory.
 pub const FULL_DIR: &str = "full";
-/// Directory reserved for delta segments.
+/// Directory of delta segments.
 pub const DELTA_DIR: &str = "delta";
+/// Directory of restore targets (deleted when their restore ends; garbage
+/// collection removes what a crash left).
+pub const RESTORE_DIR: &str = "restore";
 
 const TIME_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 

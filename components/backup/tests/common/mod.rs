@@ -93,6 +93,32 @@ pub fn engine_in(etcd: &Etcd, store: Store, keys: Keyring, cluster: &str) -> Arc
     ))
 }
 
+/// An engine over `store` for the cluster directory `cluster` whose etcd is
+/// never dialled: for what reads and writes only the store (listing,
+/// checking, building a target, garbage collection).
+pub fn offline_engine(store: Store, keys: Keyring, cluster: &str) -> Engine {
+    let connector = EtcdConnector::new(&EtcdConfig {
+        endpoints: vec!["127.0.0.1:9".into()],
+        tls: None,
+        dial_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(1),
+        stall_timeout: Duration::from_secs(5),
+        snapshot_from: MemberChoice::Leader,
+    })
+    .expect("etcd connector");
+    Engine::new(
+        "offline".into(),
+        cluster.into(),
+        connector,
+        store,
+        keys,
+        pipeline(),
+        drill_tools(),
+        RetentionPolicy::default(),
+        Duration::from_secs(3600),
+    )
+}
+
 /// Writes `n` keys `k/<i>` with small text values.
 pub async fn put_small(etcd: &Etcd, n: usize) {
     let mut c = etcd.client().await.unwrap();

@@ -222,6 +222,10 @@ pub struct BackupView {
     pub rpo_lag_seconds: Option<f64>,
     /// The last restore drill.
     pub last_drill: Option<DrillRow>,
+    /// The last verification without a drill (hashes only), kept apart so
+    /// a plain check of an old snapshot neither fails nor refreshes the
+    /// drill.
+    pub last_verify: Option<DrillRow>,
     /// The last error of scheduled work.
     pub last_error: Option<String>,
     /// A restore running now.
@@ -247,10 +251,10 @@ pub struct LastBackup {
     pub verified: String,
 }
 
-/// A restore drill.
+/// A restore drill or a verification.
 #[derive(Debug, Serialize)]
 pub struct DrillRow {
-    /// The drilled snapshot.
+    /// The checked snapshot.
     pub snapshot: String,
     /// Every check passed.
     pub passed: bool,
@@ -476,12 +480,8 @@ fn backup_view(s: &bk::GetStatusResponse, now: SystemTime) -> BackupView {
                 .to_lowercase(),
         },
         rpo_lag_seconds: seconds(deltas.rpo_lag.as_ref()),
-        last_drill: s.last_drill.as_ref().map(|d| DrillRow {
-            snapshot: d.snapshot_id.clone(),
-            passed: d.passed,
-            at: ts(d.finished_at.as_ref()).unwrap_or_default(),
-            took_seconds: seconds(d.took.as_ref()),
-        }),
+        last_drill: s.last_drill.as_ref().map(check_row),
+        last_verify: s.last_verify.as_ref().map(check_row),
         last_error: s.last_error.as_ref().map(|e| {
             format!(
                 "{} ({}): {}",
@@ -815,19 +815,8 @@ fn render_backup(out: &mut String, b: &BackupView) {
                 (None, state) => format!("unknown (deltas {state})"),
             },
         ),
-        (
-            "last drill",
-            match &b.last_drill {
-                None => "never".into(),
-                Some(d) => format!(
-                    "{} {} at {} (took {})",
-                    d.snapshot,
-                    if d.passed { "passed" } else { "FAILED" },
-                    d.at,
-                    duration_text(d.took_seconds)
-                ),
-            },
-        ),
+        ("last drill", check_text(b.last_drill.as_ref())),
+        ("last verify", check_text(b.last_verify.as_ref())),
         ("last error", opt(&b.last_error)),
         (
             "restore",
@@ -836,6 +825,30 @@ fn render_backup(out: &mut String, b: &BackupView) {
                 .unwrap_or_else(|| "none running".into()),
         ),
     ]));
+}
+
+/// A drill or verification result, as the API sends it.
+fn check_row(d: &bk::VerifyResult) -> DrillRow {
+    DrillRow {
+        snapshot: d.snapshot_id.clone(),
+        passed: d.passed,
+        at: ts(d.finished_at.as_ref()).unwrap_or_default(),
+        took_seconds: seconds(d.took.as_ref()),
+    }
+}
+
+/// One drill or verification line: snapshot, outcome, when, how long.
+fn check_text(d: Option<&DrillRow>) -> String {
+    match d {
+        None => "never".into(),
+        Some(d) => format!(
+            "{} {} at {} (took {})",
+            d.snapshot,
+            if d.passed { "passed" } else { "FAILED" },
+            d.at,
+            duration_text(d.took_seconds)
+        ),
+    }
 }
 
 /// The last backup: id, when, how old, revision, size, verification.
@@ -1001,6 +1014,12 @@ mod tests {
                 finished_at: ts_at(10_100),
                 ..Default::default()
             }),
+            last_verify: Some(bk::VerifyResult {
+                snapshot_id: "snap-0".into(),
+                passed: true,
+                finished_at: ts_at(10_050),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000 + 90);
@@ -1029,7 +1048,10 @@ mod tests {
             text.contains("rpo lag:     420ms (deltas running)"),
             "{text}"
         );
-        assert!(text.contains("snap-1 FAILED at"), "{text}");
+        assert!(text.contains("last drill:  snap-1 FAILED at"), "{text}");
+        // A plain verification is its own line: it neither fails nor
+        // refreshes the drill.
+        assert!(text.contains("last verify: snap-0 passed at"), "{text}");
         let json = output::render(OutputFormat::Json, &report, render).unwrap();
         let json: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(json["backup"]["rpo_lag_seconds"], 0.42, "{json}");
@@ -1038,6 +1060,10 @@ mod tests {
             "{json}"
         );
         assert_eq!(json["backup"]["last_backup"]["age_seconds"], 90.0, "{json}");
+        assert_eq!(
+            json["backup"]["last_verify"]["snapshot"], "snap-0",
+            "{json}"
+        );
     }
 
     /// Only backup endpoints (here one nobody listens on): the LB part is

@@ -16,9 +16,7 @@ use bulwark_backup::error::BackupError;
 use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::SnapshotOptions;
-use bulwark_backup::verify::scratch::ScratchEtcd;
 use bulwark_testkit::Etcd;
-use etcd_client::GetOptions;
 use object_store::{ObjectStoreExt, PutPayload};
 use tokio_util::sync::CancellationToken;
 
@@ -36,26 +34,6 @@ async fn snapshot(engine: &Engine) -> bulwark_backup::snapshot::manifest::Manife
         )
         .await
         .unwrap()
-}
-
-/// Every key and value at `revision` (0: now), and the revision read.
-async fn state(client: &mut etcd_client::Client, revision: i64) -> (Vec<(String, String)>, i64) {
-    let mut opts = GetOptions::new().with_all_keys();
-    if revision > 0 {
-        opts = opts.with_revision(revision);
-    }
-    let r = client.get("", Some(opts)).await.unwrap();
-    let kvs = r
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                String::from_utf8_lossy(kv.value()).into_owned(),
-            )
-        })
-        .collect();
-    (kvs, r.header().unwrap().revision())
 }
 
 /// Starts a recorder that takes real snapshots after a gap.
@@ -106,33 +84,6 @@ async fn wait_covered(engine: &Engine, base: &str, revision: i64) {
     }
 }
 
-/// Builds the target for `target` and returns the key state of a scratch
-/// etcd started from it, and its revision.
-async fn restored_state(engine: &Engine, target: Target) -> (Vec<(String, String)>, i64) {
-    let plan = engine.plan_restore(None, target).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let built = engine
-        .build_target(&plan, dir.path(), &|_| {}, &CancellationToken::new())
-        .await
-        .unwrap();
-    let check = tempfile::tempdir().unwrap();
-    let scratch = ScratchEtcd::from_snapshot(
-        &engine.drill,
-        check.path(),
-        &built.path,
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let mut c = scratch.client().await.unwrap();
-    let s = state(&mut c, 0).await;
-    if let Some(r) = built.revision {
-        assert_eq!(r, s.1, "the built target's revision");
-    }
-    scratch.stop().await;
-    s
-}
-
 #[tokio::test]
 async fn heavy_deltas_capture_writes_and_restore_to_revision_time_and_latest() {
     let etcd = Etcd::start().await.unwrap();
@@ -160,7 +111,7 @@ async fn heavy_deltas_capture_writes_and_restore_to_revision_time_and_latest() {
     ]))
     .await
     .unwrap();
-    let (at_one, r1) = state(&mut c, 0).await;
+    let (at_one, r1) = common::state(&mut c, 0).await;
     let written = std::time::Instant::now();
     wait_covered(&engine, &base.id, r1).await;
     println!(
@@ -185,7 +136,7 @@ async fn heavy_deltas_capture_writes_and_restore_to_revision_time_and_latest() {
     c.delete("a/", Some(etcd_client::DeleteOptions::new().with_prefix()))
         .await
         .unwrap();
-    let (at_two, r2) = state(&mut c, 0).await;
+    let (at_two, r2) = common::state(&mut c, 0).await;
     wait_covered(&engine, &base.id, r2).await;
 
     // Segments are contiguous from the snapshot on.
@@ -198,16 +149,16 @@ async fn heavy_deltas_capture_writes_and_restore_to_revision_time_and_latest() {
 
     // To a revision between: exactly etcd's own state at that revision.
     let mid = r1 - 5;
-    let (want_mid, _) = state(&mut c, mid).await;
-    let (got, rev) = restored_state(&engine, Target::Revision(mid)).await;
+    let (want_mid, _) = common::state(&mut c, mid).await;
+    let (got, rev) = common::restored_state(&engine, None, Target::Revision(mid)).await;
     assert_eq!(rev, mid);
     assert_eq!(got, want_mid);
     // To the time between the batches: batch 1 only.
-    let (got, rev) = restored_state(&engine, Target::Time(t1)).await;
+    let (got, rev) = common::restored_state(&engine, None, Target::Time(t1)).await;
     assert_eq!(rev, r1);
     assert_eq!(got, at_one);
     // Latest: everything.
-    let (got, rev) = restored_state(&engine, Target::Latest).await;
+    let (got, rev) = common::restored_state(&engine, None, Target::Latest).await;
     assert_eq!(rev, r2);
     assert_eq!(got, at_two);
 
@@ -275,7 +226,7 @@ async fn heavy_compaction_gap_forces_a_new_full_snapshot() {
     for i in 0..10 {
         c.put(format!("lost/{i}"), "x", None).await.unwrap();
     }
-    let (_, now) = state(&mut c, 0).await;
+    let (_, now) = common::state(&mut c, 0).await;
     c.compact(now, None).await.unwrap();
 
     let cancel = CancellationToken::new();
@@ -297,7 +248,7 @@ async fn heavy_compaction_gap_forces_a_new_full_snapshot() {
     };
     assert!(newer.revision >= now);
     c.put("after/gap", "y", None).await.unwrap();
-    let (_, r) = state(&mut c, 0).await;
+    let (_, r) = common::state(&mut c, 0).await;
     wait_covered(&engine, &newer.id, r).await;
     assert!(
         engine
@@ -307,8 +258,8 @@ async fn heavy_compaction_gap_forces_a_new_full_snapshot() {
             .is_empty(),
         "nothing may be recorded after the old base once its history is lost"
     );
-    let (got, rev) = restored_state(&engine, Target::Latest).await;
-    let (want, _) = state(&mut c, r).await;
+    let (got, rev) = common::restored_state(&engine, None, Target::Latest).await;
+    let (want, _) = common::state(&mut c, r).await;
     assert_eq!((got, rev), (want, r));
     cancel.cancel();
     task.await.unwrap();

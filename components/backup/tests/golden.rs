@@ -29,9 +29,7 @@ use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::SnapshotOptions;
 use bulwark_backup::snapshot::manifest::Manifest;
-use bulwark_backup::verify::scratch::ScratchEtcd;
 use bulwark_testkit::Etcd;
-use etcd_client::GetOptions;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -41,26 +39,6 @@ const CLUSTER: &str = "golden";
 
 fn golden_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
-}
-
-/// Every key and value etcd (or a scratch etcd) holds now, and its
-/// revision.
-async fn state(client: &mut etcd_client::Client) -> (Vec<(String, String)>, i64) {
-    let r = client
-        .get("", Some(GetOptions::new().with_all_keys()))
-        .await
-        .unwrap();
-    let kvs = r
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                String::from_utf8_lossy(kv.value()).into_owned(),
-            )
-        })
-        .collect();
-    (kvs, r.header().unwrap().revision())
 }
 
 fn state_json(kvs: &[(String, String)], revision: i64) -> Value {
@@ -99,23 +77,7 @@ fn copy_dir(from: &Path, to: &Path) {
 /// Builds `target` from the store and returns the state a scratch etcd
 /// started on it holds.
 async fn rebuilt(engine: &Engine, id: &str, target: Target) -> Value {
-    let plan = engine.plan_restore(Some(id), target).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let built = engine
-        .build_target(&plan, dir.path(), &|_| {}, &CancellationToken::new())
-        .await
-        .unwrap();
-    let check = tempfile::tempdir().unwrap();
-    let scratch = ScratchEtcd::from_snapshot(
-        &engine.drill,
-        check.path(),
-        &built.path,
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let (kvs, revision) = state(&mut scratch.client().await.unwrap()).await;
-    scratch.stop().await;
+    let (kvs, revision) = common::restored_state(engine, Some(id), target).await;
     state_json(&kvs, revision)
 }
 
@@ -209,7 +171,7 @@ async fn write_golden() {
             .await
             .unwrap();
     }
-    let (at_snapshot, _) = state(&mut c).await;
+    let (at_snapshot, _) = common::state(&mut c, 0).await;
     let manifest = engine
         .take_snapshot(
             SnapshotOptions::manual("golden"),
@@ -226,7 +188,7 @@ async fn write_golden() {
     assert!(record.passed, "{record:#?}");
 
     let covered = record_deltas(&engine, &mut c, &manifest).await;
-    let (at_latest, latest) = state(&mut c).await;
+    let (at_latest, latest) = common::state(&mut c, 0).await;
     assert_eq!(covered, latest);
 
     let out = golden_root().join(env!("CARGO_PKG_VERSION"));
@@ -288,7 +250,7 @@ async fn record_deltas(engine: &Arc<Engine>, c: &mut etcd_client::Client, base: 
     ]))
     .await
     .unwrap();
-    let target = state(c).await.1;
+    let target = common::state(c, 0).await.1;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let covered = loop {
         let segs = engine.list_segments(Some(&base.id)).await.unwrap();

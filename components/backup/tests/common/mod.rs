@@ -12,10 +12,13 @@ use bulwark_backup::config::{EtcdConfig, MemberChoice};
 use bulwark_backup::engine::{DrillSettings, Engine, PipelineSettings};
 use bulwark_backup::etcd::EtcdConnector;
 use bulwark_backup::pipeline::encryption::Keyring;
+use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::retention::RetentionPolicy;
 use bulwark_backup::store::{Store, StoreSpec};
+use bulwark_backup::verify::scratch::ScratchEtcd;
 use bulwark_testkit::{Etcd, EtcdVersion, S3Server, tools};
 use ring::rand::SecureRandom;
+use tokio_util::sync::CancellationToken;
 
 /// The etcd connector for a testkit cluster (TLS when it has TLS).
 pub fn connector(etcd: &Etcd) -> EtcdConnector {
@@ -138,6 +141,61 @@ pub async fn put_random_mib(etcd: &Etcd, n: usize) {
         rng.fill(&mut v).unwrap();
         c.put(format!("big/{i:04}"), v, None).await.unwrap();
     }
+}
+
+/// Every key and value at `revision` (0: now), and the revision read.
+pub async fn state(
+    client: &mut etcd_client::Client,
+    revision: i64,
+) -> (Vec<(String, String)>, i64) {
+    let mut opts = etcd_client::GetOptions::new().with_all_keys();
+    if revision > 0 {
+        opts = opts.with_revision(revision);
+    }
+    let r = client.get("", Some(opts)).await.unwrap();
+    let kvs = r
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                String::from_utf8_lossy(kv.value()).into_owned(),
+            )
+        })
+        .collect();
+    (kvs, r.header().unwrap().revision())
+}
+
+/// Builds `target` from `snapshot` (None: the newest) and returns the key
+/// state of a scratch etcd started from it, and its revision (which must
+/// be the one the build reported).
+pub async fn restored_state(
+    engine: &Engine,
+    snapshot: Option<&str>,
+    target: Target,
+) -> (Vec<(String, String)>, i64) {
+    let plan = engine.plan_restore(snapshot, target).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let built = engine
+        .build_target(&plan, dir.path(), &|_| {}, &CancellationToken::new())
+        .await
+        .unwrap();
+    let check = tempfile::tempdir().unwrap();
+    let scratch = ScratchEtcd::from_snapshot(
+        &engine.drill,
+        check.path(),
+        &built.path,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let mut c = scratch.client().await.unwrap();
+    let s = state(&mut c, 0).await;
+    if let Some(r) = built.revision {
+        assert_eq!(r, s.1, "the built target's revision");
+    }
+    scratch.stop().await;
+    s
 }
 
 /// Multipart uploads the moto server still has open in its bucket.

@@ -18,6 +18,7 @@
 //! | [`disk`] | [`disk::SmallDisk`]: a small tmpfs (root) that fills up, for disk-full faults |
 //! | [`kubelet`] | [`kubelet::Kubelet`]: a static-pod runner that starts/stops the process a manifest describes |
 //! | [`netns`] | [`Lab`]: hosts in network namespaces on a private bridge, links to cut |
+//! | [`config`] | typed config writers: the daemons' own config types, serialized with `apiVersion`/`kind` |
 //! | [`access`] | the access-control matrix: every rpc of `METHOD_ACCESS` called as every kind of caller |
 //!
 //! # Environment
@@ -47,6 +48,7 @@
 //! [`disk::DiskError`].
 
 pub mod access;
+pub mod config;
 pub mod disk;
 pub mod etcd;
 pub mod fixture;

@@ -19,6 +19,7 @@
 //! | [`kubelet`] | [`kubelet::Kubelet`]: a static-pod runner that starts/stops the process a manifest describes |
 //! | [`netns`] | [`Lab`]: hosts in network namespaces on a private bridge, links to cut |
 //! | [`config`] | typed config writers: the daemons' own config types, serialized with `apiVersion`/`kind` |
+//! | [`cluster`] | our daemons as clusters: LB nodes' configs and processes, [`cluster::LbCluster`] on loopback, [`cluster::lab::LbLab`] on a netns lab, probers and backup nodes |
 //! | [`access`] | the access-control matrix: every rpc of `METHOD_ACCESS` called as every kind of caller |
 //!
 //! # Environment
@@ -48,6 +49,7 @@
 //! [`disk::DiskError`].
 
 pub mod access;
+pub mod cluster;
 pub mod config;
 pub mod disk;
 pub mod etcd;

@@ -27,8 +27,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod netns_lab;
-
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use bulwark_api::lb::v1 as lb;
 use bulwark_common::tls::{TlsFiles, TlsMaterial};
+use bulwark_testkit::cluster::lab::{api_via, echo};
 use bulwark_testkit::{Host, Lab, Pki, Process, ProcessBuilder, TestDir, tools};
-use netns_lab::{api_via, echo};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x255, 0, 0, 0, 0, 0, 0x10);

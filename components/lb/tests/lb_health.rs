@@ -11,16 +11,14 @@
 // Helpers outside #[test] fns fail the test loudly too.
 #![allow(clippy::unwrap_used)]
 
-mod cluster;
-
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bulwark_api::lb::v1 as lb;
+use bulwark_testkit::cluster::{LbCluster, Options, new_vip};
 use bulwark_testkit::fixture::{ApiServerProcess, HttpsClient};
 use bulwark_testkit::{Pki, Process, ProcessBuilder, TestDir, ports, tools};
-use cluster::{LbCluster, Options, new_vip};
 
 const WAIT: Duration = Duration::from_secs(60);
 const ZONES: [&str; 3] = ["a", "b", "c"];

@@ -10,15 +10,15 @@
 //! is tested below). Tests that feed the parser bad or hand-written YAML on
 //! purpose keep their literals.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use bulwark_backup::config::BackupConfig;
 use bulwark_common::authz::IdentityRule;
-use bulwark_common::config::{API_VERSION, ComponentConfig};
+use bulwark_common::config::{API_VERSION, ComponentConfig, Overrides, from_str_with};
 use bulwark_common::tls::TlsFiles;
-use bulwark_lb::config::{BackendConfig, LbConfig, MemberConfig};
+use bulwark_lb::config::{BackendConfig, BgpPeerConfig, LbConfig, MemberConfig};
 use bulwark_prober::config::{ApiserverTarget, ProberConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -51,6 +51,14 @@ pub fn write<T: ComponentConfig + Serialize>(
     std::fs::write(&path, to_yaml(config)?)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+/// `config` as its daemon reads it from a file: serialized, parsed and
+/// validated (not preflighted). For in-process tests that hand the config
+/// to `run` directly, so it has passed the same checks as a file would.
+pub fn validated<T: ComponentConfig + Serialize>(config: &T) -> anyhow::Result<T> {
+    let text = to_yaml(config)?;
+    Ok(from_str_with(Some(&text), None, &Overrides::new())?)
 }
 
 /// A config of type `T` with only `required` given: every other field is
@@ -120,6 +128,14 @@ pub fn lb_backend(id: &str, address: SocketAddr, zone: &str) -> BackendConfig {
     ]))
 }
 
+/// A BGP peer of a bgp-mode VIP, hold time and port at the defaults.
+pub fn bgp_peer(address: IpAddr, asn: u32) -> BgpPeerConfig {
+    defaults(Mapping::from_iter([
+        ("address".into(), address.to_string().into()),
+        ("asn".into(), asn.into()),
+    ]))
+}
+
 /// The node of `members` with id `id` as every LB cluster set-up here runs
 /// it: its member's name, zone and Raft and API addresses, `tls` from
 /// `cert`, its data under `data_dir`, operators `system:masters`, peers
@@ -166,15 +182,11 @@ pub fn apiserver_target(id: &str, address: SocketAddr, zone: &str) -> ApiserverT
 
 #[cfg(test)]
 mod tests {
-    use bulwark_common::config::{Overrides, from_str_with};
-
     use super::*;
 
     /// What a writer wrote, parsed back the way the daemon parses it.
     fn parsed<T: ComponentConfig + Serialize>(config: &T) -> T {
-        let text = to_yaml(config).expect("serializes");
-        from_str_with::<T>(Some(&text), None, &Overrides::new())
-            .unwrap_or_else(|e| panic!("{e}\n{text}"))
+        validated(config).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     fn as_value<T: Serialize>(t: &T) -> Value {

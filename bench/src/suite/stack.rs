@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bulwark_api::lb::v1 as lb;
-use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
 use bulwark_common::tls::TlsMaterial;
 use bulwark_lb::config::VipMode;
+use bulwark_testkit::cluster::lab::api_via;
 use bulwark_testkit::cluster::{LbSpec, lb_process, prober_config, prober_process, write_named};
 use bulwark_testkit::{Host, Process, ProcessBuilder, TestDir, config};
 
@@ -154,18 +154,7 @@ async fn status(
     operator: &TlsMaterial,
 ) -> Option<lb::GetStatusResponse> {
     let addr = SocketAddr::new(IpAddr::V4(host.addr()), API_PORT);
-    let via = t.client().clone();
-    let endpoint = bulwark_common::grpc::endpoint(&addr.to_string(), operator, None).ok()?;
-    let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-        let via = via.clone();
-        async move {
-            via.tcp_connect(addr)
-                .await
-                .map(hyper_util::rt::TokioIo::new)
-                .map_err(std::io::Error::other)
-        }
-    }));
-    let mut c = LoadBalancerClient::new(channel);
+    let mut c = api_via(t.client(), addr, operator);
     tokio::time::timeout(
         Duration::from_secs(2),
         c.get_status(lb::GetStatusRequest { max_failovers: 64 }),

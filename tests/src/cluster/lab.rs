@@ -31,7 +31,7 @@ use bulwark_lb::config::VipMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
-use super::{LbSpec, lb_process};
+use super::{LbSpec, lb_process, serve_echo};
 use crate::{Host, Lab, Pki, Process, TestDir, config};
 
 /// The VIP's port.
@@ -108,17 +108,7 @@ impl LbLab {
         };
         let backend_addr = SocketAddr::new(own(&client), BACKEND_PORT);
         let listener = client.tcp_listener(backend_addr).unwrap();
-        let backend = tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
+        let backend = serve_echo(listener);
 
         let spec = LbSpec {
             pki: &pki,

@@ -299,7 +299,12 @@ impl LbCluster {
 pub async fn echo_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
+    (addr, serve_echo(listener))
+}
+
+/// Echoes every connection `listener` accepts until the task is aborted.
+pub fn serve_echo(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
                 return;
@@ -309,8 +314,7 @@ pub async fn echo_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });
         }
-    });
-    (addr, task)
+    })
 }
 
 /// Sends `msg` through `addr` and reads the echo.

@@ -28,7 +28,7 @@ use crate::{CertFiles, Pki, ProcessBuilder, config, tools};
 pub mod lab;
 pub mod loopback;
 
-pub use loopback::{LbCluster, LbNode, Options, echo_backend, echo_through, new_vip};
+pub use loopback::{LbCluster, LbNode, Options, echo_backend, echo_through, new_vip, serve_echo};
 
 /// The log filter every LB node runs with: openraft's info lines are
 /// per-heartbeat noise in a test log.

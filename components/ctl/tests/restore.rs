@@ -16,7 +16,7 @@ use bulwark_backup::Listeners;
 use bulwark_backup::config::BackupConfig;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_testkit::disk::{DiskError, SmallDisk};
-use bulwark_testkit::kubelet::Kubelet;
+use bulwark_testkit::kubelet::{EtcdPod, Kubelet};
 use bulwark_testkit::tools::bin_path;
 use bulwark_testkit::{EtcdVersion, Pki, config, skip_or_fail, tools};
 use etcd_client::GetOptions;
@@ -51,40 +51,6 @@ struct Node {
     manifest: PathBuf,
     data_dir: PathBuf,
     client_url: String,
-}
-
-fn manifest(
-    etcd: &Path,
-    name: &str,
-    data: &Path,
-    client: &str,
-    peer: &str,
-    cluster: &str,
-) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: etcd-{name}, namespace: kube-system}}
-spec:
-  containers:
-  - name: etcd
-    command:
-    - {etcd}
-    - --name={name}
-    - --data-dir={data}
-    - --listen-client-urls={client}
-    - --advertise-client-urls={client}
-    - --listen-peer-urls={peer}
-    - --initial-advertise-peer-urls={peer}
-    - --initial-cluster={cluster}
-    - --initial-cluster-token=original
-    - --initial-cluster-state=new
-    - --heartbeat-interval=50
-    - --election-timeout=500
-",
-        etcd = etcd.display(),
-        data = data.display(),
-    )
 }
 
 /// Every key outside bulwark-backup's own election keys (their leases
@@ -191,17 +157,19 @@ impl Lab {
             let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
             let peer_url = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
             let path = dir.join("manifests/etcd.yaml");
-            std::fs::write(
-                &path,
-                manifest(
-                    &spec.etcd,
-                    name,
-                    &data_dir,
-                    &client_url,
-                    &peer_url,
-                    &cluster,
-                ),
-            )
+            EtcdPod {
+                pod_name: &format!("etcd-{name}"),
+                etcd: &spec.etcd,
+                name,
+                data_dir: &data_dir,
+                client_url: &client_url,
+                peer_url: &peer_url,
+                initial_cluster: &cluster,
+                token: "original",
+                heartbeat_ms: 50,
+                election_ms: 500,
+            }
+            .write(&path)
             .unwrap();
             kubelets.push(Kubelet::start(&path, &format!("etcd-{name}")));
             nodes.push(Node {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bulwark_testkit::fixture::ApiServerProcess;
-use bulwark_testkit::kubelet::Kubelet;
+use bulwark_testkit::kubelet::{EtcdPod, Kubelet};
 
 use crate::prometheus::Target;
 use bulwark_ctl::context::{Context, CtlConfig, ServiceEndpoints};
@@ -120,34 +120,19 @@ impl ControlPlane {
             let data_dir = node.join("etcd-data");
             let manifest = node.join("manifests/etcd.yaml");
             let (client, peer) = (url(ports[2 * i]), url(ports[2 * i + 1]));
-            std::fs::write(
-                &manifest,
-                format!(
-                    "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: kube-system}}
-spec:
-  containers:
-  - name: etcd
-    command:
-    - {etcd}
-    - --name={name}
-    - --data-dir={data}
-    - --listen-client-urls={client}
-    - --advertise-client-urls={client}
-    - --listen-peer-urls={peer}
-    - --initial-advertise-peer-urls={peer}
-    - --initial-cluster={cluster}
-    - --initial-cluster-token=bulwark-demo
-    - --initial-cluster-state=new
-    - --heartbeat-interval=100
-    - --election-timeout=1000
-",
-                    etcd = etcd.display(),
-                    data = data_dir.display(),
-                    cluster = cluster.join(","),
-                ),
-            )?;
+            EtcdPod {
+                pod_name: &name,
+                etcd: &etcd,
+                name: &name,
+                data_dir: &data_dir,
+                client_url: &client,
+                peer_url: &peer,
+                initial_cluster: &cluster.join(","),
+                token: "bulwark-demo",
+                heartbeat_ms: 100,
+                election_ms: 1000,
+            }
+            .write(&manifest)?;
             let kubelet = Kubelet::start(&manifest, &name);
             self.etcd.push(EtcdNode {
                 name,

@@ -3,7 +3,7 @@
 //!
 //! Each writer starts from the daemon's own config type with the daemon's
 //! own defaults ([`lb`], [`prober`], [`backup`]), lets the caller set fields
-//! in Rust, and serializes it with `apiVersion`/`kind` ([`write`]). Nothing
+//! in Rust, and serializes it with `apiVersion`/`kind` ([`write()`]). Nothing
 //! here spells a field name in YAML, so a renamed or removed field breaks
 //! the build of every set-up that uses it instead of a test at run time,
 //! and what a test writes is exactly what the daemon parses (the round trip

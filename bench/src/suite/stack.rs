@@ -19,7 +19,7 @@ use anyhow::Context;
 use bulwark_api::lb::v1 as lb;
 use bulwark_common::tls::TlsMaterial;
 use bulwark_lb::config::VipMode;
-use bulwark_testkit::cluster::lab::api_via;
+use bulwark_testkit::cluster::lab::status_via;
 use bulwark_testkit::cluster::{LbSpec, lb_process, prober_config, prober_process, write_named};
 use bulwark_testkit::{Host, Process, ProcessBuilder, TestDir, config};
 
@@ -154,15 +154,7 @@ async fn status(
     operator: &TlsMaterial,
 ) -> Option<lb::GetStatusResponse> {
     let addr = SocketAddr::new(IpAddr::V4(host.addr()), API_PORT);
-    let mut c = api_via(t.client(), addr, operator);
-    tokio::time::timeout(
-        Duration::from_secs(2),
-        c.get_status(lb::GetStatusRequest { max_failovers: 64 }),
-    )
-    .await
-    .ok()?
-    .ok()
-    .map(tonic::Response::into_inner)
+    status_via(t.client(), addr, operator, Duration::from_secs(2)).await
 }
 
 fn bulwark_node(t: &Topology, dir: &TestDir, i: usize) -> anyhow::Result<Process> {

@@ -222,16 +222,28 @@ impl LbLab {
 
     /// Node `i`'s status, if it answers within a second.
     pub async fn status(&self, i: usize) -> Option<lb::GetStatusResponse> {
-        let mut c = self.api(i);
-        tokio::time::timeout(
-            Duration::from_secs(1),
-            c.get_status(lb::GetStatusRequest { max_failovers: 64 }),
-        )
-        .await
-        .ok()?
-        .ok()
-        .map(|r| r.into_inner())
+        let addr = SocketAddr::new(self.own_addr(self.lab.host(i)), 9442);
+        status_via(&self.client(), addr, &self.operator, Duration::from_secs(1)).await
     }
+}
+
+/// The status (with up to 64 failover records) of the LB node whose API
+/// is `addr`, dialled from `via` as `tls`, if it answers within `timeout`.
+pub async fn status_via(
+    via: &Host,
+    addr: SocketAddr,
+    tls: &TlsMaterial,
+    timeout: Duration,
+) -> Option<lb::GetStatusResponse> {
+    let mut c = api_via(via, addr, tls);
+    tokio::time::timeout(
+        timeout,
+        c.get_status(lb::GetStatusRequest { max_failovers: 64 }),
+    )
+    .await
+    .ok()?
+    .ok()
+    .map(tonic::Response::into_inner)
 }
 
 impl Drop for LbLab {

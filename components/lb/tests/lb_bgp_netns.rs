@@ -36,7 +36,7 @@ use bulwark_api::lb::v1 as lb;
 use bulwark_common::tls::TlsMaterial;
 use bulwark_lb::config::{BgpConfig, VipMode};
 use bulwark_testkit::cluster::lab::{api_via, echo};
-use bulwark_testkit::cluster::{LbSpec, lb_process};
+use bulwark_testkit::cluster::{LbSpec, lb_process, test_timers};
 use bulwark_testkit::config;
 use bulwark_testkit::{Host, Lab, Pki, Process, ProcessBuilder, TestDir, tools};
 
@@ -468,9 +468,7 @@ fn start_lb(
         peers,
     });
     c.backends = vec![config::lb_backend("api-1", backend, "")];
-    c.proxy.connect_timeout = Duration::from_millis(200);
-    c.proxy.shutdown_grace = Duration::from_secs(1);
-    c.shutdown_grace = Duration::from_secs(5);
+    test_timers(&mut c);
     let config = spec.write(&c).unwrap();
     // The config an operator would write passes --check-config cleanly
     // (on the node: the interface check runs there).

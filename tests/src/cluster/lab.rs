@@ -31,7 +31,7 @@ use bulwark_lb::config::VipMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
-use super::{LbSpec, lb_process, serve_echo};
+use super::{LbSpec, lb_process, serve_echo, test_timers};
 use crate::{Host, Lab, Pki, Process, TestDir, config};
 
 /// The VIP's port.
@@ -134,9 +134,7 @@ impl LbLab {
             c.vip.port = VIP_PORT;
             c.vip.interface = Some(host.interface().to_owned());
             c.backends = vec![config::lb_backend("api-1", backend_addr, "")];
-            c.proxy.connect_timeout = Duration::from_millis(200);
-            c.proxy.shutdown_grace = Duration::from_secs(1);
-            c.shutdown_grace = Duration::from_secs(5);
+            test_timers(&mut c);
             let config = spec.write(&c).unwrap();
             let process = host
                 .spawn(lb_process(&format!("lb-{id}"), &config).unwrap())

@@ -17,7 +17,7 @@ use bulwark_common::tls::TlsMaterial;
 use bulwark_lb::config::{BackendConfig, VipMode};
 use tonic::transport::Channel;
 
-use super::{LbSpec, lb_process};
+use super::{LbSpec, lb_process, test_timers};
 use crate::{CertFiles, Pki, Process, TestDir, config, ports};
 
 /// One node's process and addresses.
@@ -138,9 +138,7 @@ impl LbCluster {
             c.vip.address = Some(vip.ip());
             c.vip.port = vip.port();
             c.backends.clone_from(&backends);
-            c.proxy.connect_timeout = Duration::from_millis(200);
-            c.proxy.shutdown_grace = Duration::from_secs(1);
-            c.shutdown_grace = Duration::from_secs(5);
+            test_timers(&mut c);
             c.local_listener = local;
             let config = spec.write(&c).unwrap();
             let process = lb_process(&format!("lb-{id}"), &config)

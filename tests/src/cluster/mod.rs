@@ -17,6 +17,7 @@
 //! ([`crate::config`]), not copies of the whole start-up.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use bulwark_backup::config::BackupConfig;
@@ -65,6 +66,15 @@ impl LbSpec<'_> {
     pub fn write(&self, config: &LbConfig) -> anyhow::Result<PathBuf> {
         config::write(self.dir.join(format!("lb-{}.yaml", config.node_id)), config)
     }
+}
+
+/// The timers every test cluster runs with: a 200 ms backend connect
+/// timeout (a dead fixture backend fails fast), and a 1 s proxy drain
+/// inside a 5 s shutdown, so a SIGTERMed node is gone in seconds.
+pub fn test_timers(c: &mut LbConfig) {
+    c.proxy.connect_timeout = Duration::from_millis(200);
+    c.proxy.shutdown_grace = Duration::from_secs(1);
+    c.shutdown_grace = Duration::from_secs(5);
 }
 
 /// A `bulwark-lb` process named `name` reading `config` (not yet spawned:

@@ -46,7 +46,9 @@
 //! Errors are `anyhow` with context, because every caller is a test that
 //! reports them; the outcomes a caller acts on have types: [`Skipped`],
 //! [`tools::ToolError`], [`process::ExitedEarly`], [`netns::LabError`],
-//! [`disk::DiskError`].
+//! [`disk::DiskError`]. The exceptions are [`cluster::LbCluster`] and
+//! [`cluster::lab::LbLab`] and their waits, which panic like the tests they
+//! were lifted from, so the failing test prints their processes' logs.
 
 pub mod access;
 pub mod cluster;

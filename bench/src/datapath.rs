@@ -17,6 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::stats::{cpu_seconds, loadavg, median, tool_version};
 
 use anyhow::{Context, bail};
+use bulwark_common::tls::TlsFiles;
+use bulwark_lb::config::MemberConfig;
+use bulwark_testkit::config;
 use serde::Serialize;
 
 /// Flags of `bulwark-bench datapath`.
@@ -182,35 +185,32 @@ fn bulwark_lb(
     std::fs::write(work.join("lb.crt"), cert.pem())?;
     std::fs::write(work.join("lb.key"), key.serialize_pem())?;
     let (raft, api, admin) = (free_port()?, free_port()?, free_port()?);
-    let mut yaml = format!(
-        "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: 1
-dataDir: {data}
-raft: {{address: '{raft}'}}
-api: {{address: '{api}'}}
-admin: {{address: '{admin}'}}
-tls: {{certFile: {w}/lb.crt, keyFile: {w}/lb.key, caFile: {w}/ca.crt}}
-initialMembers:
-- {{id: 1, raftAddress: '{raft}', apiAddress: '{api}'}}
-localListener: '{addr}'
-logging: {{level: 'warn,bulwark_lb::node=info'}}
-proxy:
-  splice: {splice}
-",
-        data = work.join("data").display(),
-        w = work.display(),
-        splice = !buffered,
-    );
+    let mut c = config::lb(1);
+    c.data_dir = work.join("data");
+    c.raft.address = raft;
+    c.api.address = api;
+    c.admin.address = admin;
+    c.tls = TlsFiles {
+        cert_file: work.join("lb.crt"),
+        key_file: work.join("lb.key"),
+        ca_file: work.join("ca.crt"),
+    };
+    c.initial_members = vec![MemberConfig {
+        name: None,
+        ..config::lb_member(1, "", "", raft, api)
+    }];
+    c.local_listener = Some(addr);
+    c.logging.level = "warn,bulwark_lb::node=info".into();
+    c.proxy.splice = !buffered;
     if let Some(b) = args.buffer_size {
-        yaml.push_str(&format!("  bufferSize: {b}\n"));
+        c.proxy.buffer_size = b;
     }
-    yaml.push_str("backends:\n");
-    for (i, b) in backends.iter().enumerate() {
-        yaml.push_str(&format!("- {{id: b{i}, address: '{b}'}}\n"));
-    }
-    let config = work.join("lb.yaml");
-    std::fs::write(&config, yaml)?;
+    c.backends = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| config::lb_backend(&format!("b{i}"), *b, ""))
+        .collect();
+    let config = config::write(work.join("lb.yaml"), &c)?;
     let mut cmd = pinned(&args.cpus_proxy, bin);
     cmd.arg("--config")
         .arg(&config)

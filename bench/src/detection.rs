@@ -38,8 +38,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use bulwark_testkit::Pki;
+use bulwark_lb::config::MemberConfig;
 use bulwark_testkit::fixture::{ApiServerProcess, HttpsClient};
+use bulwark_testkit::{Pki, cluster, config};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -243,35 +244,26 @@ fn lb_config(
     backends: &[(String, SocketAddr)],
 ) -> anyhow::Result<PathBuf> {
     let cert = pki.peer("bench-lb", &["bulwark:lb"], &["127.0.0.1", "localhost"])?;
-    let mut yaml = format!(
-        "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: 1
-dataDir: {data}
-raft: {{address: '{raft}'}}
-api: {{address: '{api}'}}
-admin: {{address: '{admin}'}}
-tls: {{certFile: '{c}', keyFile: '{k}', caFile: '{ca}'}}
-access:
-  peers: {{organizations: ['bulwark:lb']}}
-  probers: {{organizations: ['bulwark:probers']}}
-initialMembers:
-- {{id: 1, raftAddress: '{raft}', apiAddress: '{api}'}}
-localListener: '{front}'
-logging: {{level: 'warn,bulwark_lb::health=info'}}
-backends:
-",
-        data = dir.join("lb-data").display(),
-        c = cert.cert.display(),
-        k = cert.key.display(),
-        ca = cert.ca.display(),
-    );
-    for ((id, addr), zone) in backends.iter().zip(ZONES) {
-        let _ = writeln!(yaml, "- {{id: {id}, address: '{addr}', zone: {zone}}}");
-    }
-    let path = dir.join("lb.yaml");
-    std::fs::write(&path, yaml)?;
-    Ok(path)
+    let mut c = config::lb(1);
+    c.data_dir = dir.join("lb-data");
+    c.raft.address = raft;
+    c.api.address = api;
+    c.admin.address = admin;
+    c.tls = config::tls(&cert);
+    c.access.peers = Some(config::orgs(&["bulwark:lb"]));
+    c.access.probers = Some(config::orgs(&["bulwark:probers"]));
+    c.initial_members = vec![MemberConfig {
+        name: None,
+        ..config::lb_member(1, "", "", raft, api)
+    }];
+    c.local_listener = Some(front);
+    c.logging.level = "warn,bulwark_lb::health=info".into();
+    c.backends = backends
+        .iter()
+        .zip(ZONES)
+        .map(|((id, addr), zone)| config::lb_backend(id, *addr, zone))
+        .collect();
+    config::write(dir.join("lb.yaml"), &c)
 }
 
 fn prober_config(
@@ -282,32 +274,15 @@ fn prober_config(
     backends: &[(String, SocketAddr)],
 ) -> anyhow::Result<PathBuf> {
     let name = format!("prober-{zone}");
-    let cert = pki.client(&name, &["bulwark:probers"])?;
-    let admin = free_port()?;
-    let mut yaml = format!(
-        "apiVersion: bulwark.dev/v1alpha1
-kind: ProberConfiguration
-nodeName: {name}
-zone: {zone}
-admin: {{address: '{admin}'}}
-logging: {{level: warn}}
-report:
-  endpoints: ['{lb_api}']
-  tls: {{certFile: '{c}', keyFile: '{k}', caFile: '{ca}'}}
-apiservers:
-  tls: {{caFile: '{ca}'}}
-  targets:
-",
-        c = cert.cert.display(),
-        k = cert.key.display(),
-        ca = pki.ca_path().display(),
-    );
-    for ((id, addr), z) in backends.iter().zip(ZONES) {
-        let _ = writeln!(yaml, "  - {{id: {id}, address: '{addr}', zone: {z}}}");
-    }
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml)?;
-    Ok(path)
+    let targets = backends
+        .iter()
+        .zip(ZONES)
+        .map(|((id, addr), z)| config::apiserver_target(id, *addr, z))
+        .collect();
+    let mut c = cluster::prober_config(pki, &name, zone, targets, vec![lb_api.to_string()])?;
+    c.admin.address = free_port()?;
+    c.logging.level = "warn".into();
+    cluster::write_named(dir, &name, &c)
 }
 
 /// Requests through one front, counted, until `stop`.

@@ -9,8 +9,8 @@
 //! back, the cluster settles, and the next trial cuts the new leader.
 //!
 //! The cluster and witnesses are the ones the netns tests use
-//! (`components/lb/tests/netns_lab/mod.rs`, included below), so the figure
-//! and the correctness checks describe the same thing.
+//! (`bulwark_testkit::cluster::lab`), so the figure and the correctness
+//! checks describe the same thing.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -19,10 +19,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-#[path = "../../components/lb/tests/netns_lab/mod.rs"]
-mod netns_lab;
-
-use netns_lab::{LbLab, Sampler, measure_gap};
+use bulwark_testkit::cluster::lab::{LbLab, Sampler, measure_gap};
 
 use crate::stats::{kernel, machine_summary, median, percentile};
 
@@ -97,7 +94,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: &Args) -> anyhow::Result<()> {
-    let Some(l) = LbLab::start(3, "").await else {
+    let Some(l) = LbLab::start(3).await else {
         bail!("the failover scenario needs root (network namespaces)");
     };
     let sampler = Sampler::start(&l);

@@ -21,6 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
+use bulwark_testkit::config;
 use serde::Serialize;
 
 use crate::datapath::{free_port, markdown_head, publish, spawn, wait_listening};
@@ -245,20 +246,22 @@ fn measure(
     backend: &mut crate::datapath::Proc,
 ) -> anyhow::Result<Sample> {
     let admin = free_port()?;
-    let mut yaml = format!(
-        "apiVersion: bulwark.dev/v1alpha1\nkind: ProberConfiguration\nnodeName: bench\n\
-         admin: {{address: '{admin}'}}\nlogging: {{level: warn}}\n\
-         probing: {{interval: {}ms, fastInterval: {}ms, reuseConnections: {reuse}}}\n\
-         apiservers:\n  tls: {{caFile: '{}'}}\n  targets:\n",
-        args.interval.as_millis(),
-        (args.interval.as_millis() / 2).max(10),
-        ca.display()
-    );
-    for (i, t) in targets.iter().enumerate() {
-        let _ = writeln!(yaml, "  - {{id: t{i}, address: '{t}'}}");
-    }
-    let config = dir.join(format!("prober-{reuse}.yaml"));
-    std::fs::write(&config, yaml)?;
+    let mut c = config::prober();
+    c.node_name = "bench".into();
+    c.admin.address = admin;
+    c.logging.level = "warn".into();
+    // Whole milliseconds, as the flag is documented.
+    let interval_ms = args.interval.as_millis() as u64;
+    c.probing.interval = Duration::from_millis(interval_ms);
+    c.probing.fast_interval = Duration::from_millis((interval_ms / 2).max(10));
+    c.probing.reuse_connections = reuse;
+    c.apiservers.tls.ca_file = ca.to_owned();
+    c.apiservers.targets = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| config::apiserver_target(&format!("t{i}"), *t, ""))
+        .collect();
+    let config = config::write(dir.join(format!("prober-{reuse}.yaml")), &c)?;
     let mut cmd = Command::new(prober);
     cmd.arg("--config").arg(&config);
     let mut p = spawn(

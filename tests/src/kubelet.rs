@@ -46,6 +46,66 @@ pub fn pod_command(text: &str) -> anyhow::Result<Vec<String>> {
     Ok(args)
 }
 
+/// An etcd member as a kubeadm node runs it: a static pod whose one
+/// container's command line is etcd's (the part a [`Kubelet`] runs and a
+/// restore reads and rewrites).
+#[derive(Clone, Debug)]
+pub struct EtcdPod<'a> {
+    /// `metadata.name` (kubeadm: `etcd-<node>`).
+    pub pod_name: &'a str,
+    /// The etcd binary.
+    pub etcd: &'a Path,
+    /// `--name`.
+    pub name: &'a str,
+    /// `--data-dir`.
+    pub data_dir: &'a Path,
+    /// `--listen-client-urls` and `--advertise-client-urls`.
+    pub client_url: &'a str,
+    /// `--listen-peer-urls` and `--initial-advertise-peer-urls`.
+    pub peer_url: &'a str,
+    /// `--initial-cluster` (`name=peer-url,…`).
+    pub initial_cluster: &'a str,
+    /// `--initial-cluster-token`.
+    pub token: &'a str,
+    /// `--heartbeat-interval` and `--election-timeout`, in milliseconds.
+    pub heartbeat_ms: u32,
+    /// See `heartbeat_ms`.
+    pub election_ms: u32,
+}
+
+impl EtcdPod<'_> {
+    /// The manifest (YAML) for `manifests/etcd.yaml`.
+    pub fn manifest(&self) -> anyhow::Result<String> {
+        let command = vec![
+            self.etcd.display().to_string(),
+            format!("--name={}", self.name),
+            format!("--data-dir={}", self.data_dir.display()),
+            format!("--listen-client-urls={}", self.client_url),
+            format!("--advertise-client-urls={}", self.client_url),
+            format!("--listen-peer-urls={}", self.peer_url),
+            format!("--initial-advertise-peer-urls={}", self.peer_url),
+            format!("--initial-cluster={}", self.initial_cluster),
+            format!("--initial-cluster-token={}", self.token),
+            "--initial-cluster-state=new".to_owned(),
+            format!("--heartbeat-interval={}", self.heartbeat_ms),
+            format!("--election-timeout={}", self.election_ms),
+        ];
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": self.pod_name, "namespace": "kube-system"},
+            "spec": {"containers": [{"name": "etcd", "command": command}]},
+        });
+        Ok(serde_yaml_ng::to_string(&pod)?)
+    }
+
+    /// Writes the manifest to `path`.
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        std::fs::write(path, self.manifest()?)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    }
+}
+
 impl Kubelet {
     /// Starts watching `manifest`; the process is called `name` in logs.
     pub fn start(manifest: &Path, name: &str) -> Self {
@@ -150,5 +210,40 @@ impl Kubelet {
 impl Drop for Kubelet {
     fn drop(&mut self) {
         self.cancel.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_etcd_pod_manifest_runs_the_command_it_was_given() {
+        let pod = EtcdPod {
+            pod_name: "etcd-m0",
+            etcd: Path::new("/opt/etcd"),
+            name: "m0",
+            data_dir: Path::new("/var/lib/etcd"),
+            client_url: "http://127.0.0.1:2379",
+            peer_url: "http://127.0.0.1:2380",
+            initial_cluster: "m0=http://127.0.0.1:2380",
+            token: "original",
+            heartbeat_ms: 50,
+            election_ms: 500,
+        };
+        let text = pod.manifest().expect("manifest");
+        let args = pod_command(&text).expect("a command");
+        assert_eq!(args[0], "/opt/etcd");
+        assert!(
+            args.contains(&"--data-dir=/var/lib/etcd".to_owned()),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&"--election-timeout=500".to_owned()),
+            "{args:?}"
+        );
+        assert_eq!(args.len(), 12);
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("YAML");
+        assert_eq!(doc["metadata"]["name"].as_str(), Some("etcd-m0"));
     }
 }

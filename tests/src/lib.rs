@@ -18,6 +18,8 @@
 //! | [`disk`] | [`disk::SmallDisk`]: a small tmpfs (root) that fills up, for disk-full faults |
 //! | [`kubelet`] | [`kubelet::Kubelet`]: a static-pod runner that starts/stops the process a manifest describes |
 //! | [`netns`] | [`Lab`]: hosts in network namespaces on a private bridge, links to cut |
+//! | [`config`] | typed config writers: the daemons' own config types, serialized with `apiVersion`/`kind` |
+//! | [`cluster`] | our daemons as clusters: LB nodes' configs and processes, [`cluster::LbCluster`] on loopback, [`cluster::lab::LbLab`] on a netns lab, probers and backup nodes |
 //! | [`access`] | the access-control matrix: every rpc of `METHOD_ACCESS` called as every kind of caller |
 //!
 //! # Environment
@@ -44,9 +46,13 @@
 //! Errors are `anyhow` with context, because every caller is a test that
 //! reports them; the outcomes a caller acts on have types: [`Skipped`],
 //! [`tools::ToolError`], [`process::ExitedEarly`], [`netns::LabError`],
-//! [`disk::DiskError`].
+//! [`disk::DiskError`]. The exceptions are [`cluster::LbCluster`] and
+//! [`cluster::lab::LbLab`] and their waits, which panic like the tests they
+//! were lifted from, so the failing test prints their processes' logs.
 
 pub mod access;
+pub mod cluster;
+pub mod config;
 pub mod disk;
 pub mod etcd;
 pub mod fixture;

@@ -17,9 +17,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bulwark_api::lb::v1 as lb;
-use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
-use bulwark_common::tls::{TlsFiles, TlsMaterial};
-use bulwark_testkit::{Host, Process, ProcessBuilder, TestDir, tools};
+use bulwark_common::tls::TlsMaterial;
+use bulwark_lb::config::VipMode;
+use bulwark_testkit::cluster::lab::status_via;
+use bulwark_testkit::cluster::{LbSpec, lb_process, prober_config, prober_process, write_named};
+use bulwark_testkit::{Host, Process, ProcessBuilder, TestDir, config};
 
 use super::{Contender, Topology, VIP_PORT};
 
@@ -56,7 +58,7 @@ impl Stack {
         let mut probers = Vec::new();
         match contender {
             Contender::Bulwark => {
-                operator = Some(tls_files(&t.pki.admin()?).load()?);
+                operator = Some(config::tls(&t.pki.admin()?).load()?);
                 for i in 0..t.lb_hosts().len() {
                     nodes.push(Node {
                         procs: vec![bulwark_node(t, &dir, i)?],
@@ -145,14 +147,6 @@ impl Stack {
     }
 }
 
-fn tls_files(c: &bulwark_testkit::CertFiles) -> TlsFiles {
-    TlsFiles {
-        cert_file: c.cert.clone(),
-        key_file: c.key.clone(),
-        ca_file: c.ca.clone(),
-    }
-}
-
 /// Node `i`'s status over the operator API, dialled from the client host.
 async fn status(
     t: &Topology,
@@ -160,104 +154,45 @@ async fn status(
     operator: &TlsMaterial,
 ) -> Option<lb::GetStatusResponse> {
     let addr = SocketAddr::new(IpAddr::V4(host.addr()), API_PORT);
-    let via = t.client().clone();
-    let endpoint = bulwark_common::grpc::endpoint(&addr.to_string(), operator, None).ok()?;
-    let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-        let via = via.clone();
-        async move {
-            via.tcp_connect(addr)
-                .await
-                .map(hyper_util::rt::TokioIo::new)
-                .map_err(std::io::Error::other)
-        }
-    }));
-    let mut c = LoadBalancerClient::new(channel);
-    tokio::time::timeout(
-        Duration::from_secs(2),
-        c.get_status(lb::GetStatusRequest { max_failovers: 64 }),
-    )
-    .await
-    .ok()?
-    .ok()
-    .map(tonic::Response::into_inner)
+    status_via(t.client(), addr, operator, Duration::from_secs(2)).await
 }
 
 fn bulwark_node(t: &Topology, dir: &TestDir, i: usize) -> anyhow::Result<Process> {
     let hosts = t.lb_hosts();
     let host = &hosts[i];
-    let id = i + 1;
-    let a = host.addr();
-    let members: String = hosts
-        .iter()
-        .enumerate()
-        .map(|(j, h)| {
-            format!(
-                "- {{id: {id}, name: lb-{id}, raftAddress: '{a}:9441', apiAddress: '{a}:{API_PORT}'}}\n",
-                id = j + 1,
-                a = h.addr()
-            )
-        })
-        .collect();
-    let backends: String = t
+    let id = i as u64 + 1;
+    let own = |h: &Host, port: u16| SocketAddr::new(IpAddr::V4(h.addr()), port);
+    let spec = LbSpec {
+        pki: &t.pki,
+        dir: dir.path(),
+        members: hosts
+            .iter()
+            .enumerate()
+            .map(|(j, h)| {
+                let n = j as u64 + 1;
+                config::lb_member(n, &format!("lb-{n}"), "", own(h, 9441), own(h, API_PORT))
+            })
+            .collect(),
+    };
+    let (mut c, _) = spec.node(id, &[&host.addr().to_string()])?;
+    c.zone = format!("zone-{}", super::ZONES[i]);
+    c.admin.address = SocketAddr::from(([127, 0, 0, 1], 9440));
+    c.access.probers = Some(config::orgs(&["bulwark:probers"]));
+    c.vip.mode = VipMode::Arp;
+    c.vip.address = Some(IpAddr::V4(t.vip));
+    c.vip.port = VIP_PORT;
+    c.vip.interface = Some(host.interface().to_owned());
+    c.backends = t
         .apis
         .iter()
         .zip(super::ZONES)
         .map(|(api, zone)| {
-            format!(
-                "- {{id: api-{zone}, address: '{}', zone: zone-{zone}}}\n",
-                api.addr()
-            )
+            config::lb_backend(&format!("api-{zone}"), api.addr(), &format!("zone-{zone}"))
         })
         .collect();
-    let cert = t
-        .pki
-        .peer(&format!("lb-{id}"), &["bulwark:lb"], &[&a.to_string()])?;
-    let config = dir.join(format!("lb-{id}.yaml"));
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: {id}
-name: lb-{id}
-zone: zone-{zone}
-dataDir: {data}
-raft:
-  address: '{a}:9441'
-api:
-  address: '{a}:{API_PORT}'
-admin:
-  address: '127.0.0.1:9440'
-tls:
-  certFile: {cert}
-  keyFile: {key}
-  caFile: {ca}
-access:
-  operators: {{organizations: [system:masters]}}
-  peers: {{organizations: ['bulwark:lb']}}
-  probers: {{organizations: ['bulwark:probers']}}
-initialMembers:
-{members}vip:
-  mode: arp
-  address: {vip}
-  port: {VIP_PORT}
-  interface: {iface}
-backends:
-{backends}",
-            zone = super::ZONES[i],
-            data = dir.join(format!("data-{id}")).display(),
-            cert = cert.cert.display(),
-            key = cert.key.display(),
-            ca = cert.ca.display(),
-            vip = t.vip,
-            iface = host.interface(),
-        ),
-    )?;
+    let config = spec.write(&c)?;
     host.spawn(
-        ProcessBuilder::new(format!("lb-{id}"), tools::bin_path("bulwark-lb")?)
-            .arg("--config")
-            .arg(&config)
-            .env("BULWARK_LOG_LEVEL", "info,openraft=warn")
+        lb_process(&format!("lb-{id}"), &config)?
             // SIGTERM drains open connections for up to the proxy's default
             // shutdown grace (10 s): let it finish rather than SIGKILL it.
             .stop_timeout(Duration::from_secs(20)),
@@ -270,50 +205,23 @@ fn prober(t: &Topology, dir: &TestDir, i: usize) -> anyhow::Result<Process> {
     let host = &t.lb_hosts()[i];
     let zone = super::ZONES[i];
     let name = format!("prober-{zone}");
-    let targets: String = t
+    let targets = t
         .apis
         .iter()
         .zip(super::ZONES)
         .map(|(api, z)| {
-            format!(
-                "  - {{id: api-{z}, address: '{}', zone: zone-{z}}}\n",
-                api.addr()
-            )
+            config::apiserver_target(&format!("api-{z}"), api.addr(), &format!("zone-{z}"))
         })
         .collect();
-    let endpoints: Vec<String> = t
+    let endpoints = t
         .lb_hosts()
         .iter()
-        .map(|h| format!("'{}:{API_PORT}'", h.addr()))
+        .map(|h| format!("{}:{API_PORT}", h.addr()))
         .collect();
-    let cert = t.pki.client(&name, &["bulwark:probers"])?;
-    let config = dir.join(format!("{name}.yaml"));
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: bulwark.dev/v1alpha1
-kind: ProberConfiguration
-nodeName: {name}
-zone: zone-{zone}
-admin: {{address: '127.0.0.1:9450'}}
-apiservers:
-  tls: {{caFile: '{ca}'}}
-  targets:
-{targets}report:
-  endpoints: [{endpoints}]
-  tls: {{certFile: '{cert}', keyFile: '{key}', caFile: '{ca}'}}
-",
-            ca = t.pki.ca_path().display(),
-            endpoints = endpoints.join(", "),
-            cert = cert.cert.display(),
-            key = cert.key.display(),
-        ),
-    )?;
-    host.spawn(
-        ProcessBuilder::new(name, tools::bin_path("bulwark-prober")?)
-            .arg("--config")
-            .arg(&config),
-    )
+    let mut c = prober_config(&t.pki, &name, &format!("zone-{zone}"), targets, endpoints)?;
+    c.admin.address = SocketAddr::from(([127, 0, 0, 1], 9450));
+    let config = write_named(dir.path(), &name, &c)?;
+    host.spawn(prober_process(&name, &config)?)
 }
 
 fn baseline_node(t: &Topology, dir: &TestDir, i: usize) -> anyhow::Result<Vec<Process>> {

@@ -18,7 +18,7 @@ use bulwark_api::backup::v1::backup_client::BackupClient;
 use bulwark_backup::Listeners;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_testkit::access::{Caller, Callers, check_garbage, methods_of};
-use bulwark_testkit::{Etcd, Pki};
+use bulwark_testkit::{Etcd, Pki, config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_access_matrix_covers_every_backup_rpc() {
@@ -28,46 +28,19 @@ async fn heavy_access_matrix_covers_every_backup_rpc() {
     common::put_small(&etcd, 5).await;
     let store = tempfile::tempdir().unwrap();
     let server = pki.server("backup", &["127.0.0.1", "localhost"]).unwrap();
-    let endpoints = etcd
-        .endpoints()
-        .iter()
-        .map(|e| format!("'{e}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        "apiVersion: bulwark.dev/v1alpha1
-kind: BackupConfiguration
-nodeName: access-node
-clusterName: lab
-grpc:
-  address: 127.0.0.1:0
-  tls:
-    certFile: {cert}
-    keyFile: {key}
-    caFile: {ca}
-  access:
-    operators: {{organizations: [system:masters]}}
-    probers: {{organizations: ['bulwark:prober']}}
-    peers: {{organizations: ['bulwark:backup']}}
-etcd:
-  endpoints: [{endpoints}]
-  tls: null
-store:
-  url: file://{store}
-schedule:
-  interval: null
-",
-        cert = server.cert.display(),
-        key = server.key.display(),
-        ca = server.ca.display(),
-        store = store.path().display(),
-    );
-    let config: bulwark_backup::BackupConfig = bulwark_common::config::from_str_with(
-        Some(&text),
-        None,
-        &bulwark_common::config::Overrides::new(),
-    )
-    .unwrap();
+    let mut c = config::backup();
+    c.node_name = "access-node".into();
+    c.cluster_name = "lab".into();
+    c.grpc.address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    c.grpc.tls = config::tls(&server);
+    c.grpc.access.operators = config::orgs(&["system:masters"]);
+    c.grpc.access.probers = Some(config::orgs(&["bulwark:prober"]));
+    c.grpc.access.peers = Some(config::orgs(&["bulwark:backup"]));
+    c.etcd.endpoints = etcd.endpoints();
+    c.etcd.tls = None;
+    c.store.url = format!("file://{}", store.path().display());
+    c.schedule.interval = None;
+    let config = config::validated(&c).unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = grpc.local_addr().unwrap().to_string();

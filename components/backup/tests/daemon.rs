@@ -7,65 +7,50 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use bulwark_api::backup::v1 as pb;
 use bulwark_api::backup::v1::backup_client::BackupClient;
 use bulwark_backup::Listeners;
+use bulwark_backup::config::{BackupConfig, ByteSize};
 use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::snapshot::manifest::{Manifest, Trigger};
+use bulwark_backup::snapshot::retention::RetentionPolicy;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_testkit::tools::bin_path;
-use bulwark_testkit::{Etcd, Pki, ProcessBuilder, TestDir};
+use bulwark_testkit::{Etcd, Pki, ProcessBuilder, TestDir, config};
 use futures::StreamExt;
 
-fn yaml_config(
+/// The config every daemon test here starts from: node `node` of cluster
+/// `lab`, admin and gRPC on ephemeral ports, etcd without TLS, a file
+/// store, and every snapshot kept; `schedule` sets the rest.
+fn test_config(
     node: &str,
     pki_files: &bulwark_testkit::CertFiles,
     etcd: &Etcd,
     store_dir: &Path,
-    schedule: &str,
-) -> String {
-    let endpoints = etcd
-        .endpoints()
-        .iter()
-        .map(|e| format!("'{e}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "apiVersion: bulwark.dev/v1alpha1
-kind: BackupConfiguration
-nodeName: {node}
-clusterName: lab
-admin:
-  address: 127.0.0.1:0
-logging:
-  level: info,bulwark_backup=debug
-grpc:
-  address: 127.0.0.1:0
-  tls:
-    certFile: {cert}
-    keyFile: {key}
-    caFile: {ca}
-  access:
-    operators:
-      organizations: [system:masters]
-etcd:
-  endpoints: [{endpoints}]
-  tls: null
-store:
-  url: file://{store}
-  partSize: 5MiB
-retention:
-  policy:
-    keepLast: 1000
-{schedule}",
-        cert = pki_files.cert.display(),
-        key = pki_files.key.display(),
-        ca = pki_files.ca.display(),
-        store = store_dir.display(),
-    )
+    schedule: impl FnOnce(&mut BackupConfig),
+) -> BackupConfig {
+    let mut c = config::backup();
+    c.node_name = node.to_owned();
+    c.cluster_name = "lab".into();
+    c.admin.address = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.logging.level = "info,bulwark_backup=debug".into();
+    c.grpc.address = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.grpc.tls = config::tls(pki_files);
+    c.grpc.access.operators = config::orgs(&["system:masters"]);
+    c.etcd.endpoints = etcd.endpoints();
+    c.etcd.tls = None;
+    c.store.url = format!("file://{}", store_dir.display());
+    c.store.part_size = ByteSize::mib(5);
+    c.retention.policy = RetentionPolicy {
+        keep_last: Some(1000),
+        exponential: None,
+    };
+    schedule(&mut c);
+    c
 }
 
 /// Polls the store until the scheduled snapshots satisfy `done`. The
@@ -138,26 +123,15 @@ async fn heavy_grpc_api_enforces_access_and_streams_progress() {
     common::put_small(&etcd, 30).await;
     let store = tempfile::tempdir().unwrap();
     let server = pki.server("backup", &["127.0.0.1", "localhost"]).unwrap();
-    let mut text = yaml_config(
-        "api-node",
-        &server,
-        &etcd,
-        store.path(),
-        // No scheduled work at all: no election key among the counted keys.
-        "schedule:\n  interval: null\ndeltas:\n  enabled: false\n",
-    );
     let tools = common::drill_tools();
-    text.push_str(&format!(
-        "drill:\n  etcdutl: {}\n  etcd: {}\n",
-        tools.etcdutl.display(),
-        tools.etcd.display()
-    ));
-    let config: bulwark_backup::BackupConfig = bulwark_common::config::from_str_with(
-        Some(&text),
-        None,
-        &bulwark_common::config::Overrides::new(),
-    )
-    .unwrap();
+    let c = test_config("api-node", &server, &etcd, store.path(), |c| {
+        // No scheduled work at all: no election key among the counted keys.
+        c.schedule.interval = None;
+        c.deltas.enabled = false;
+        c.drill.etcdutl = tools.etcdutl.clone();
+        c.drill.etcd = tools.etcd.clone();
+    });
+    let config = config::validated(&c).unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = grpc.local_addr().unwrap().to_string();
@@ -372,18 +346,12 @@ async fn heavy_one_leader_takes_one_backup_per_tick_and_another_takes_over() {
     for i in 1..=3 {
         let dir = TestDir::new(&format!("backup-{i}")).unwrap();
         let server = pki.server(&format!("backup-{i}"), &["127.0.0.1"]).unwrap();
-        let config = dir.join("config.yaml");
-        std::fs::write(
-            &config,
-            yaml_config(
-                &format!("node-{i}"),
-                &server,
-                &etcd,
-                store.path(),
-                "schedule:\n  interval: 2s\n  leaseTtl: 3s\n  retries: 0\n",
-            ),
-        )
-        .unwrap();
+        let c = test_config(&format!("node-{i}"), &server, &etcd, store.path(), |c| {
+            c.schedule.interval = Some(Duration::from_secs(2));
+            c.schedule.lease_ttl = Duration::from_secs(3);
+            c.schedule.retries = 0;
+        });
+        let config = config::write(dir.join("config.yaml"), &c).unwrap();
         let process = ProcessBuilder::new(format!("backup-{i}"), &bin)
             .arg("--config")
             .arg(&config)
@@ -454,20 +422,12 @@ async fn heavy_every_instance_reports_the_recorders_state() {
         let cert = pki
             .peer(&format!("backup-{i}"), &["bulwark:backup"], &["127.0.0.1"])
             .unwrap();
-        let text = yaml_config(
-            &format!("node-{i}"),
-            &cert,
-            &etcd,
-            store.path(),
+        let c = test_config(&format!("node-{i}"), &cert, &etcd, store.path(), |c| {
             // Long: the one snapshot is the recorder's own base.
-            "schedule:\n  interval: 24h\n  leaseTtl: 3s\n",
-        );
-        let config: bulwark_backup::BackupConfig = bulwark_common::config::from_str_with(
-            Some(&text),
-            None,
-            &bulwark_common::config::Overrides::new(),
-        )
-        .unwrap();
+            c.schedule.interval = Some(Duration::from_secs(24 * 3600));
+            c.schedule.lease_ttl = Duration::from_secs(3);
+        });
+        let config = config::validated(&c).unwrap();
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap().to_string();

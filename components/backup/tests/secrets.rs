@@ -16,7 +16,7 @@ use std::time::Duration;
 use bulwark_api::backup::v1 as pb;
 use bulwark_api::backup::v1::backup_client::BackupClient;
 use bulwark_testkit::tools::bin_path;
-use bulwark_testkit::{Etcd, Pki, ProcessBuilder, TestDir, ports};
+use bulwark_testkit::{Etcd, Pki, ProcessBuilder, TestDir, config, ports};
 use futures::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,56 +54,23 @@ async fn heavy_no_secret_in_logs_and_private_files() {
         ports::free_port([127, 0, 0, 1].into()).unwrap(),
     );
     let tools = common::drill_tools();
-    let config = dir.join("backup.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: bulwark.dev/v1alpha1
-kind: BackupConfiguration
-nodeName: secrets-node
-clusterName: lab
-admin:
-  address: 127.0.0.1:0
-logging:
-  level: debug
-grpc:
-  address: '{addr}'
-  tls:
-    certFile: {cert}
-    keyFile: {tls_key}
-    caFile: {ca}
-  access:
-    operators: {{organizations: [system:masters]}}
-etcd:
-  endpoints: [{endpoints}]
-  tls: null
-store:
-  url: file://{store}
-encryption:
-  recipientFile: {key}
-  identityFiles: [{key}]
-schedule:
-  interval: null
-drill:
-  etcdutl: {etcdutl}
-  etcd: {etcd_bin}
-",
-            cert = server.cert.display(),
-            tls_key = server.key.display(),
-            ca = server.ca.display(),
-            endpoints = etcd
-                .endpoints()
-                .iter()
-                .map(|e| format!("'{e}'"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            store = store.display(),
-            key = key.display(),
-            etcdutl = tools.etcdutl.display(),
-            etcd_bin = tools.etcd.display(),
-        ),
-    )
-    .unwrap();
+    let mut c = config::backup();
+    c.node_name = "secrets-node".into();
+    c.cluster_name = "lab".into();
+    c.admin.address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    c.logging.level = "debug".into();
+    c.grpc.address = addr;
+    c.grpc.tls = config::tls(&server);
+    c.grpc.access.operators = config::orgs(&["system:masters"]);
+    c.etcd.endpoints = etcd.endpoints();
+    c.etcd.tls = None;
+    c.store.url = format!("file://{}", store.display());
+    c.encryption.recipient_file = Some(key.clone());
+    c.encryption.identity_files = vec![key.clone()];
+    c.schedule.interval = None;
+    c.drill.etcdutl = tools.etcdutl.clone();
+    c.drill.etcd = tools.etcd.clone();
+    let config = config::write(dir.join("backup.yaml"), &c).unwrap();
     let mut daemon = ProcessBuilder::new("bulwark-backup", bin_path("bulwark-backup").unwrap())
         .arg("--config")
         .arg(&config)

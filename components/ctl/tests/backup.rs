@@ -9,7 +9,7 @@ use std::process::Output;
 use bulwark_backup::Listeners;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_testkit::tools::bin_path;
-use bulwark_testkit::{Etcd, Pki};
+use bulwark_testkit::{Etcd, Pki, config};
 
 async fn ctl(args: &[&str], addr: &str, cert: &bulwark_testkit::CertFiles) -> Output {
     let mut cmd = tokio::process::Command::new(bin_path("bulwarkctl").unwrap());
@@ -37,36 +37,19 @@ async fn heavy_bulwarkctl_backup_commands() {
     }
     let store = tempfile::tempdir().unwrap();
     let server = pki.server("backup", &["127.0.0.1"]).unwrap();
-    let text = format!(
-        "apiVersion: bulwark.dev/v1alpha1
-kind: BackupConfiguration
-nodeName: ctl-node
-admin: {{address: '127.0.0.1:0'}}
-grpc:
-  tls: {{certFile: {}, keyFile: {}, caFile: {}}}
-  access: {{operators: {{organizations: [system:masters]}}}}
-etcd: {{endpoints: ['{}'], tls: null}}
-store: {{url: 'file://{}'}}
-schedule: {{interval: null}}
-deltas: {{enabled: false}}
-drill: {{etcdutl: {}, etcd: {}}}
-",
-        server.cert.display(),
-        server.key.display(),
-        server.ca.display(),
-        etcd.endpoints()[0],
-        store.path().display(),
-        bulwark_testkit::tools::etcdutl().unwrap().display(),
-        bulwark_testkit::tools::etcd(bulwark_testkit::EtcdVersion::V3_5)
-            .unwrap()
-            .display(),
-    );
-    let config = bulwark_common::config::from_str_with(
-        Some(&text),
-        None,
-        &bulwark_common::config::Overrides::new(),
-    )
-    .unwrap();
+    let mut cfg = config::backup();
+    cfg.node_name = "ctl-node".into();
+    cfg.admin.address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.grpc.tls = config::tls(&server);
+    cfg.grpc.access.operators = config::orgs(&["system:masters"]);
+    cfg.etcd.endpoints = vec![etcd.endpoints()[0].clone()];
+    cfg.etcd.tls = None;
+    cfg.store.url = format!("file://{}", store.path().display());
+    cfg.schedule.interval = None;
+    cfg.deltas.enabled = false;
+    cfg.drill.etcdutl = bulwark_testkit::tools::etcdutl().unwrap();
+    cfg.drill.etcd = bulwark_testkit::tools::etcd(bulwark_testkit::EtcdVersion::V3_5).unwrap();
+    let config = config::validated(&cfg).unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = grpc.local_addr().unwrap().to_string();

@@ -7,17 +7,18 @@
 // Tests panic on failure: the harness then prints the processes' logs.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
 use bulwark_backup::Listeners;
+use bulwark_backup::config::BackupConfig;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_testkit::disk::{DiskError, SmallDisk};
-use bulwark_testkit::kubelet::Kubelet;
+use bulwark_testkit::kubelet::{EtcdPod, Kubelet};
 use bulwark_testkit::tools::bin_path;
-use bulwark_testkit::{EtcdVersion, Pki, skip_or_fail, tools};
+use bulwark_testkit::{EtcdVersion, Pki, config, skip_or_fail, tools};
 use etcd_client::GetOptions;
 use object_store::{ObjectStoreExt, PutPayload};
 
@@ -50,40 +51,6 @@ struct Node {
     manifest: PathBuf,
     data_dir: PathBuf,
     client_url: String,
-}
-
-fn manifest(
-    etcd: &Path,
-    name: &str,
-    data: &Path,
-    client: &str,
-    peer: &str,
-    cluster: &str,
-) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: etcd-{name}, namespace: kube-system}}
-spec:
-  containers:
-  - name: etcd
-    command:
-    - {etcd}
-    - --name={name}
-    - --data-dir={data}
-    - --listen-client-urls={client}
-    - --advertise-client-urls={client}
-    - --listen-peer-urls={peer}
-    - --initial-advertise-peer-urls={peer}
-    - --initial-cluster={cluster}
-    - --initial-cluster-token=original
-    - --initial-cluster-state=new
-    - --heartbeat-interval=50
-    - --election-timeout=500
-",
-        etcd = etcd.display(),
-        data = data.display(),
-    )
 }
 
 /// Every key outside bulwark-backup's own election keys (their leases
@@ -138,16 +105,18 @@ fn aside_dirs(data_dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Sets node `i`'s own part of its backup config.
+type Configure = dyn Fn(usize, &mut BackupConfig);
+
 /// How [`Lab::start`] sets up the three nodes.
 struct LabSpec {
     /// The etcd binary the static pod manifests run.
     etcd: PathBuf,
-    /// The `deltas:` section of every node's config.
-    deltas: &'static str,
     /// Node `i`'s data dir, given its node directory.
     data_dir: fn(usize, &Path) -> PathBuf,
-    /// Extra lines of node `i`'s `restore:` section (4-space indented).
-    restore_extra: Box<dyn Fn(usize) -> String>,
+    /// What node `i`'s config sets beyond the common part (deltas, the
+    /// restore section's timeouts and tools).
+    configure: Box<Configure>,
 }
 
 /// Three etcd members (`m0`..`m2`) run by kubelet stand-ins from static
@@ -188,17 +157,19 @@ impl Lab {
             let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
             let peer_url = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
             let path = dir.join("manifests/etcd.yaml");
-            std::fs::write(
-                &path,
-                manifest(
-                    &spec.etcd,
-                    name,
-                    &data_dir,
-                    &client_url,
-                    &peer_url,
-                    &cluster,
-                ),
-            )
+            EtcdPod {
+                pod_name: &format!("etcd-{name}"),
+                etcd: &spec.etcd,
+                name,
+                data_dir: &data_dir,
+                client_url: &client_url,
+                peer_url: &peer_url,
+                initial_cluster: &cluster,
+                token: "original",
+                heartbeat_ms: 50,
+                election_ms: 500,
+            }
+            .write(&path)
             .unwrap();
             kubelets.push(Kubelet::start(&path, &format!("etcd-{name}")));
             nodes.push(Node {
@@ -260,58 +231,31 @@ impl Lab {
             .iter()
             .map(|(g, _)| g.local_addr().unwrap().to_string())
             .collect();
-        let quoted = |v: &[String]| {
-            v.iter()
-                .map(|a| format!("'{a}'"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let (peers, eps) = (quoted(&agents), quoted(endpoints));
         let mut configs = Vec::new();
         let mut shutdowns = Vec::new();
         for (i, (grpc, admin)) in listeners.into_iter().enumerate() {
+            let mut c = config::backup();
+            c.node_name = format!("node-{i}");
+            c.cluster_name = "lab".into();
+            c.admin.address = SocketAddr::from(([127, 0, 0, 1], 0));
+            c.grpc.tls = config::tls(&cert);
+            c.grpc.access.operators = config::orgs(&["system:masters"]);
+            c.grpc.access.peers = Some(config::orgs(&["bulwark:backup"]));
+            c.etcd.endpoints.clone_from(endpoints);
+            c.etcd.tls = None;
+            c.store.url = format!("file://{}", store.display());
+            c.schedule.interval = Some(Duration::from_secs(3600));
             // The coordinator builds the target with etcd 3.5's tools
             // (drill section); each node restores with its own tool.
-            let text = format!(
-                "apiVersion: bulwark.dev/v1alpha1
-kind: BackupConfiguration
-nodeName: node-{i}
-clusterName: lab
-admin: {{address: '127.0.0.1:0'}}
-grpc:
-  tls: {{certFile: {cert}, keyFile: {key}, caFile: {ca}}}
-  access:
-    operators: {{organizations: [system:masters]}}
-    peers: {{organizations: ['bulwark:backup']}}
-etcd: {{endpoints: [{eps}], tls: null}}
-store: {{url: 'file://{store}'}}
-schedule: {{interval: 1h}}
-deltas: {deltas}
-drill: {{etcdutl: {etcdutl}, etcd: {etcd}, workDir: {work}}}
-restore:
-  etcdManifest: {manifest}
-  stateDir: {state}
-  peers: [{peers}]
-  healthTimeout: 90s
-{extra}",
-                cert = cert.cert.display(),
-                key = cert.key.display(),
-                ca = cert.ca.display(),
-                store = store.display(),
-                deltas = spec.deltas,
-                etcdutl = tools::etcdutl().unwrap().display(),
-                etcd = tools::etcd(EtcdVersion::V3_5).unwrap().display(),
-                work = root.display(),
-                manifest = nodes[i].manifest.display(),
-                state = root.join(format!("node-{i}/state")).display(),
-                extra = (spec.restore_extra)(i),
-            );
-            let config: bulwark_backup::BackupConfig = bulwark_common::config::from_str_with(
-                Some(&text),
-                None,
-                &bulwark_common::config::Overrides::new(),
-            )
-            .unwrap();
+            c.drill.etcdutl = tools::etcdutl().unwrap();
+            c.drill.etcd = tools::etcd(EtcdVersion::V3_5).unwrap();
+            c.drill.work_dir = Some(root.clone());
+            c.restore.etcd_manifest.clone_from(&nodes[i].manifest);
+            c.restore.state_dir = root.join(format!("node-{i}/state"));
+            c.restore.peers.clone_from(&agents);
+            c.restore.health_timeout = Duration::from_secs(90);
+            (spec.configure)(i, &mut c);
+            let config = config::validated(&c).unwrap();
             let shutdown = Shutdown::new();
             bulwark_backup::run(config.clone(), Listeners { grpc, admin }, shutdown.clone())
                 .await
@@ -381,11 +325,11 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
         root.path(),
         LabSpec {
             etcd: tools::etcd(EtcdVersion::V3_5).unwrap(),
-            deltas: "{flushInterval: 200ms}",
             data_dir: |_, dir| dir.join("etcd-data"),
-            // node-2's agent gives up soon on an etcd that does not stop.
-            restore_extra: Box::new(|i| {
-                format!("  stopTimeout: {}\n", if i == 2 { "3s" } else { "60s" })
+            configure: Box::new(|i, c| {
+                c.deltas.flush_interval = Duration::from_millis(200);
+                // node-2's agent gives up soon on an etcd that does not stop.
+                c.restore.stop_timeout = Duration::from_secs(if i == 2 { 3 } else { 60 });
             }),
         },
     )
@@ -756,14 +700,19 @@ async fn heavy_whole_cluster_restore_on_etcd_3_4_through_etcdctl() {
         return;
     };
     let root = tempfile::tempdir().unwrap();
-    let etcdctl_line = format!("  etcdctl: {}\n  stopTimeout: 60s\n", etcdctl34.display());
     let mut lab = Lab::start(
         root.path(),
         LabSpec {
             etcd: etcd34,
-            deltas: "{enabled: false}",
             data_dir: |_, dir| dir.join("etcd-data"),
-            restore_extra: Box::new(move |_| etcdctl_line.clone()),
+            configure: Box::new({
+                let etcdctl = etcdctl34.clone();
+                move |_, c| {
+                    c.deltas.enabled = false;
+                    c.restore.etcdctl = Some(etcdctl.clone());
+                    c.restore.stop_timeout = Duration::from_secs(60);
+                }
+            }),
         },
     )
     .await;
@@ -886,7 +835,6 @@ async fn heavy_disk_full_during_restore_rolls_back_and_a_rerun_succeeds() {
         root.path(),
         LabSpec {
             etcd: tools::etcd(EtcdVersion::V3_5).unwrap(),
-            deltas: "{enabled: false}",
             data_dir: |i, dir| {
                 dir.join(if i == 2 {
                     "disk/etcd-data"
@@ -894,7 +842,10 @@ async fn heavy_disk_full_during_restore_rolls_back_and_a_rerun_succeeds() {
                     "etcd-data"
                 })
             },
-            restore_extra: Box::new(|_| "  stopTimeout: 60s\n".into()),
+            configure: Box::new(|_, c| {
+                c.deltas.enabled = false;
+                c.restore.stop_timeout = Duration::from_secs(60);
+            }),
         },
     )
     .await;

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use bulwark_backup::Listeners;
 use bulwark_common::shutdown::Shutdown;
+use bulwark_lb::config::VipMode;
+use bulwark_testkit::cluster::{LbSpec, lb_process};
 use bulwark_testkit::tools::bin_path;
-use bulwark_testkit::{CertFiles, Etcd, Pki, Process, ProcessBuilder, TestDir, ports};
+use bulwark_testkit::{CertFiles, Etcd, Pki, Process, TestDir, config, ports};
 
 struct Endpoints {
     lb: String,
@@ -49,63 +51,32 @@ fn start_lb(pki: &Pki, dir: &TestDir, backend: SocketAddr) -> (Vec<Process>, Vec
     let vip_ip = Ipv4Addr::new(127, 79, (std::process::id() % 250) as u8, 2);
     let vip_port = ports::free_port(IpAddr::V4(vip_ip)).unwrap();
     let addr = |i: usize| SocketAddr::new(lo, p[i]);
-    let members: String = (0..3)
-        .map(|i| {
-            format!(
-                "- {{id: {id}, name: lb-{id}, zone: zone-{z}, raftAddress: '{r}', apiAddress: '{a}'}}\n",
-                id = i + 1,
-                z = ["a", "b", "c"][i],
-                r = addr(3 * i),
-                a = addr(3 * i + 1)
-            )
-        })
-        .collect();
+    let spec = LbSpec {
+        pki,
+        dir: dir.path(),
+        members: (0..3)
+            .map(|i| {
+                let (id, z) = (i as u64 + 1, ["a", "b", "c"][i]);
+                let zone = format!("zone-{z}");
+                config::lb_member(id, &format!("lb-{id}"), &zone, addr(3 * i), addr(3 * i + 1))
+            })
+            .collect(),
+    };
     let mut procs = Vec::new();
     let mut apis = Vec::new();
     for i in 0..3 {
-        let id = i + 1;
-        let cert = pki
-            .peer(&format!("lb-{id}"), &["bulwark:lb"], &["127.0.0.1"])
-            .unwrap();
-        let config = dir.join(format!("lb-{id}.yaml"));
-        std::fs::write(
-            &config,
-            format!(
-                "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: {id}
-name: lb-{id}
-zone: zone-{zone}
-dataDir: {data}
-raft: {{address: '{raft}'}}
-api: {{address: '{api}'}}
-admin: {{address: '{admin}'}}
-tls: {{certFile: {c}, keyFile: {k}, caFile: {ca}}}
-access:
-  operators: {{organizations: [system:masters]}}
-  peers: {{organizations: ['bulwark:lb']}}
-initialMembers:
-{members}vip: {{mode: bind, address: {vip_ip}, port: {vip_port}}}
-backends:
-- {{id: api-a, address: '{backend}', zone: zone-a}}
-shutdownGrace: 5s
-",
-                zone = ["a", "b", "c"][i],
-                data = dir.join(format!("data-{id}")).display(),
-                raft = addr(3 * i),
-                api = addr(3 * i + 1),
-                admin = addr(3 * i + 2),
-                c = cert.cert.display(),
-                k = cert.key.display(),
-                ca = cert.ca.display(),
-            ),
-        )
-        .unwrap();
+        let id = i as u64 + 1;
+        let (mut c, _) = spec.node(id, &["127.0.0.1"]).unwrap();
+        c.admin.address = addr(3 * i + 2);
+        c.vip.mode = VipMode::Bind;
+        c.vip.address = Some(IpAddr::V4(vip_ip));
+        c.vip.port = vip_port;
+        c.backends = vec![config::lb_backend("api-a", backend, "zone-a")];
+        c.shutdown_grace = Duration::from_secs(5);
+        let config = spec.write(&c).unwrap();
         procs.push(
-            ProcessBuilder::new(format!("lb-{id}"), bin_path("bulwark-lb").unwrap())
-                .arg("--config")
-                .arg(&config)
-                .env("BULWARK_LOG_LEVEL", "info,openraft=warn")
+            lb_process(&format!("lb-{id}"), &config)
+                .unwrap()
                 .spawn()
                 .unwrap(),
         );
@@ -127,35 +98,18 @@ async fn heavy_status_shows_the_whole_control_plane_and_marks_what_is_missing() 
     let etcd = Etcd::start().await.unwrap();
     let store = dir.join("store");
     let server = pki.server("backup", &["127.0.0.1"]).unwrap();
-    let text_cfg = format!(
-        "apiVersion: bulwark.dev/v1alpha1
-kind: BackupConfiguration
-nodeName: backup-1
-admin: {{address: '127.0.0.1:0'}}
-grpc:
-  tls: {{certFile: {}, keyFile: {}, caFile: {}}}
-  access: {{operators: {{organizations: [system:masters]}}}}
-etcd: {{endpoints: ['{}'], tls: null}}
-store: {{url: 'file://{}'}}
-schedule: {{interval: null}}
-drill: {{etcdutl: {}, etcd: {}}}
-",
-        server.cert.display(),
-        server.key.display(),
-        server.ca.display(),
-        etcd.endpoints()[0],
-        store.display(),
-        bulwark_testkit::tools::etcdutl().unwrap().display(),
-        bulwark_testkit::tools::etcd(bulwark_testkit::EtcdVersion::V3_5)
-            .unwrap()
-            .display(),
-    );
-    let config = bulwark_common::config::from_str_with(
-        Some(&text_cfg),
-        None,
-        &bulwark_common::config::Overrides::new(),
-    )
-    .unwrap();
+    let mut c = config::backup();
+    c.node_name = "backup-1".into();
+    c.admin.address = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.grpc.tls = config::tls(&server);
+    c.grpc.access.operators = config::orgs(&["system:masters"]);
+    c.etcd.endpoints = vec![etcd.endpoints()[0].clone()];
+    c.etcd.tls = None;
+    c.store.url = format!("file://{}", store.display());
+    c.schedule.interval = None;
+    c.drill.etcdutl = bulwark_testkit::tools::etcdutl().unwrap();
+    c.drill.etcd = bulwark_testkit::tools::etcd(bulwark_testkit::EtcdVersion::V3_5).unwrap();
+    let config = config::validated(&c).unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backup_addr = grpc.local_addr().unwrap().to_string();

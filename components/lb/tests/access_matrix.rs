@@ -16,7 +16,7 @@ use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_testkit::access::{Caller, Callers, check_garbage, methods_of};
-use bulwark_testkit::{Pki, TestDir};
+use bulwark_testkit::{Pki, TestDir, config};
 
 /// A one-node cluster in this process, with operators, probers and peers
 /// configured; the node runs until the returned guard drops.
@@ -45,37 +45,11 @@ async fn one_node() -> OneNode {
     let cert = pki
         .peer("lb-1", &["bulwark:lb"], &["127.0.0.1", "localhost"])
         .unwrap();
-    let text = format!(
-        "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: 1
-dataDir: {data}
-raft:
-  address: '{raft_addr}'
-api:
-  address: '{api_addr}'
-tls:
-  certFile: {cert}
-  keyFile: {key}
-  caFile: {ca}
-access:
-  operators: {{organizations: [system:masters]}}
-  probers: {{organizations: ['bulwark:prober']}}
-  peers: {{organizations: ['bulwark:lb']}}
-initialMembers:
-- {{id: 1, name: lb-1, raftAddress: '{raft_addr}', apiAddress: '{api_addr}'}}
-",
-        data = dir.join("data").display(),
-        cert = cert.cert.display(),
-        key = cert.key.display(),
-        ca = cert.ca.display(),
-    );
-    let config: bulwark_lb::config::LbConfig = bulwark_common::config::from_str_with(
-        Some(&text),
-        None,
-        &bulwark_common::config::Overrides::new(),
-    )
-    .unwrap();
+    let members = [config::lb_member(1, "lb-1", "", raft_addr, api_addr)];
+    let mut c = config::lb_node(&members, 1, &cert, &dir.join("data")).unwrap();
+    c.name = None;
+    c.access.probers = Some(config::orgs(&["bulwark:prober"]));
+    let config = config::validated(&c).unwrap();
     let shutdown = Shutdown::new();
     let node = bulwark_lb::run(
         config,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
 use bulwark_common::shutdown::Shutdown;
-use bulwark_testkit::{Pki, TestDir};
+use bulwark_testkit::{Pki, TestDir, config};
 use serde_json::{Value, json};
 
 const WRITE_ENV: &str = "BULWARK_WRITE_GOLDEN";
@@ -55,44 +55,20 @@ impl OneNode {
         let cert = pki
             .peer("lb-1", &["bulwark:lb"], &["127.0.0.1", "localhost"])
             .unwrap();
-        let members = if first {
-            format!(
-                "initialMembers:\n- {{id: 1, name: lb-1, zone: a, raftAddress: '{raft_addr}', apiAddress: '{api_addr}'}}\n\
-                 backends:\n- {{id: seeded, address: '10.0.0.1:6443', zone: a}}\n"
-            )
+        let members = [config::lb_member(1, "lb-1", "a", raft_addr, api_addr)];
+        let mut c = config::lb_node(&members, 1, &cert, data).unwrap();
+        c.name = None;
+        c.raft.snapshot_every_entries = 10;
+        if first {
+            c.backends = vec![config::lb_backend(
+                "seeded",
+                SocketAddr::from(([10, 0, 0, 1], 6443)),
+                "a",
+            )];
         } else {
-            String::new()
-        };
-        let text = format!(
-            "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: 1
-zone: a
-dataDir: {data}
-raft:
-  address: '{raft_addr}'
-  snapshotEveryEntries: 10
-api:
-  address: '{api_addr}'
-tls:
-  certFile: {cert}
-  keyFile: {key}
-  caFile: {ca}
-access:
-  operators: {{organizations: [system:masters]}}
-  peers: {{organizations: ['bulwark:lb']}}
-{members}",
-            data = data.display(),
-            cert = cert.cert.display(),
-            key = cert.key.display(),
-            ca = cert.ca.display(),
-        );
-        let config: bulwark_lb::config::LbConfig = bulwark_common::config::from_str_with(
-            Some(&text),
-            None,
-            &bulwark_common::config::Overrides::new(),
-        )
-        .unwrap();
+            c.initial_members.clear();
+        }
+        let config = config::validated(&c).unwrap();
         let shutdown = Shutdown::new();
         let node = bulwark_lb::run(
             config,

@@ -27,17 +27,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod netns_lab;
-
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bulwark_api::lb::v1 as lb;
-use bulwark_common::tls::{TlsFiles, TlsMaterial};
+use bulwark_common::tls::TlsMaterial;
+use bulwark_lb::config::{BgpConfig, VipMode};
+use bulwark_testkit::cluster::lab::{api_via, echo};
+use bulwark_testkit::cluster::{LbSpec, lb_process, test_timers};
+use bulwark_testkit::config;
 use bulwark_testkit::{Host, Lab, Pki, Process, ProcessBuilder, TestDir, tools};
-use netns_lab::{api_via, echo};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x255, 0, 0, 0, 0, 0, 0x10);
@@ -105,21 +106,13 @@ impl Drop for BgpLab {
     }
 }
 
-fn tls_files(c: &bulwark_testkit::CertFiles) -> TlsFiles {
-    TlsFiles {
-        cert_file: c.cert.clone(),
-        key_file: c.key.clone(),
-        ca_file: c.ca.clone(),
-    }
-}
-
 impl BgpLab {
     async fn start(dual: bool) -> Option<Self> {
         bulwark_testkit::install_crypto_provider();
         let lab = Lab::start_or_skip(5).unwrap()?;
         let dir = TestDir::new("lb-bgp").unwrap();
         let pki = Pki::new().unwrap();
-        let operator = tls_files(&pki.admin().unwrap()).load().unwrap();
+        let operator = config::tls(&pki.admin().unwrap()).load().unwrap();
         let (router, client) = (lab.host(3).clone(), lab.host(4).clone());
         wire_client_behind_router(&lab, &router, &client, dual);
 
@@ -444,87 +437,39 @@ fn start_lb(
 ) -> Process {
     let host = lab.host(i);
     let id = i + 1;
-    let members: String = (0..3)
-        .map(|j| {
-            let a = lab.host(j).addr();
-            format!(
-                "- {{id: {n}, name: lb-{n}, raftAddress: '{a}:9441', apiAddress: '{a}:9442'}}\n",
-                n = j + 1
-            )
-        })
-        .collect();
-    let cert = pki
-        .peer(
-            &format!("lb-{id}"),
-            &["bulwark:lb"],
-            &[&host.addr().to_string(), &host.addr6().to_string()],
-        )
-        .unwrap();
-    let config = dir.join(format!("lb-{id}.yaml"));
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: {id}
-name: lb-{id}
-dataDir: {data}
-raft:
-  address: '{a}:9441'
-api:
-  address: '{a}:9442'
-admin:
-  address: '127.0.0.1:9440'
-tls:
-  certFile: {cert}
-  keyFile: {key}
-  caFile: {ca}
-access:
-  operators: {{organizations: [system:masters]}}
-  peers: {{organizations: ['bulwark:lb']}}
-initialMembers:
-{members}vip:
-  mode: bgp
-  address: '{VIP}'
-{address6}  port: {VIP_PORT}
-  bgp:
-    localAsn: {LB_ASN}
-    peers:
-    - {{address: '{router4}', asn: {ROUTER_ASN}{pw}}}
-{peer6}backends:
-- {{id: api-1, address: '{backend}'}}
-proxy:
-  connectTimeout: 200ms
-  shutdownGrace: 1s
-shutdownGrace: 5s
-",
-            a = host.addr(),
-            router4 = router.addr(),
-            pw = if dual {
-                format!(", password: {PASSWORD}")
-            } else {
-                String::new()
-            },
-            address6 = if dual {
-                format!("  address6: '{VIP6}'\n")
-            } else {
-                String::new()
-            },
-            peer6 = if dual {
-                format!(
-                    "    - {{address: '{}', asn: {ROUTER_ASN}}}\n",
-                    router.addr6()
-                )
-            } else {
-                String::new()
-            },
-            data = dir.join(format!("data-{id}")).display(),
-            cert = cert.cert.display(),
-            key = cert.key.display(),
-            ca = cert.ca.display(),
-        ),
-    )
-    .unwrap();
+    let a = host.addr();
+    let spec = LbSpec {
+        pki,
+        dir: dir.path(),
+        members: (0..3)
+            .map(|j| {
+                let (a, n) = (IpAddr::V4(lab.host(j).addr()), j as u64 + 1);
+                let (raft, api) = (SocketAddr::new(a, 9441), SocketAddr::new(a, 9442));
+                config::lb_member(n, &format!("lb-{n}"), "", raft, api)
+            })
+            .collect(),
+    };
+    let sans = [a.to_string(), host.addr6().to_string()];
+    let (mut c, _) = spec.node(id as u64, &[&sans[0], &sans[1]]).unwrap();
+    c.admin.address = SocketAddr::from(([127, 0, 0, 1], 9440));
+    c.vip.mode = VipMode::Bgp;
+    c.vip.address = Some(IpAddr::V4(VIP));
+    c.vip.address6 = dual.then_some(IpAddr::V6(VIP6));
+    c.vip.port = VIP_PORT;
+    let mut peer4 = config::bgp_peer(IpAddr::V4(router.addr()), ROUTER_ASN);
+    peer4.password = dual.then(|| PASSWORD.to_owned());
+    let mut peers = vec![peer4];
+    if dual {
+        peers.push(config::bgp_peer(IpAddr::V6(router.addr6()), ROUTER_ASN));
+    }
+    c.vip.bgp = Some(BgpConfig {
+        local_asn: LB_ASN,
+        router_id: None,
+        peers,
+    });
+    c.backends = vec![config::lb_backend("api-1", backend, "")];
+    test_timers(&mut c);
+    let config = spec.write(&c).unwrap();
     // The config an operator would write passes --check-config cleanly
     // (on the node: the interface check runs there).
     let bin = tools::bin_path("bulwark-lb").unwrap();
@@ -543,13 +488,8 @@ shutdownGrace: 5s
         check.status.success() && !said.contains("warning"),
         "--check-config: {said}"
     );
-    host.spawn(
-        ProcessBuilder::new(format!("lb-{id}"), bin)
-            .arg("--config")
-            .arg(&config)
-            .env("BULWARK_LOG_LEVEL", "info,openraft=warn"),
-    )
-    .unwrap()
+    host.spawn(lb_process(&format!("lb-{id}"), &config).unwrap())
+        .unwrap()
 }
 
 /// `birdc show route for <vip>`: the next hop of every route, best first.

@@ -4,12 +4,10 @@
 // Helpers outside #[test] fns fail the test loudly too.
 #![allow(clippy::unwrap_used)]
 
-mod cluster;
-
 use std::time::{Duration, Instant};
 
 use bulwark_api::lb::v1 as lb;
-use cluster::{LbCluster, Options, echo_backend, echo_through};
+use bulwark_testkit::cluster::{LbCluster, Options, echo_backend, echo_through};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_sigkill_of_the_leader_moves_the_vip() {

@@ -5,15 +5,13 @@
 // Helpers outside #[test] fns fail the test loudly too.
 #![allow(clippy::unwrap_used)]
 
-mod cluster;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use bulwark_api::lb::v1 as lb;
 use bulwark_testkit::Pki;
+use bulwark_testkit::cluster::{LbCluster, Options, new_vip};
 use bulwark_testkit::fixture::{ApiServerProcess, HttpsClient};
-use cluster::{LbCluster, Options, new_vip};
 
 async fn apiservers(pki: &Pki, vip: std::net::SocketAddr, n: usize) -> Vec<ApiServerProcess> {
     let mut out = Vec::new();

@@ -11,16 +11,17 @@
 // Helpers outside #[test] fns fail the test loudly too.
 #![allow(clippy::unwrap_used)]
 
-mod cluster;
-
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bulwark_api::lb::v1 as lb;
+use bulwark_testkit::cluster::{
+    LbCluster, Options, new_vip, prober_config, prober_process, write_named,
+};
+use bulwark_testkit::config;
 use bulwark_testkit::fixture::{ApiServerProcess, HttpsClient};
-use bulwark_testkit::{Pki, Process, ProcessBuilder, TestDir, ports, tools};
-use cluster::{LbCluster, Options, new_vip};
+use bulwark_testkit::{Pki, Process, TestDir, ports, tools};
 
 const WAIT: Duration = Duration::from_secs(60);
 const ZONES: [&str; 3] = ["a", "b", "c"];
@@ -38,46 +39,22 @@ fn prober(
     targets: &[(String, SocketAddr, &str)],
     lb: &[SocketAddr],
 ) -> Process {
-    let cert = pki.client(name, &["bulwark:probers"]).unwrap();
     let admin = SocketAddr::new(
         IpAddr::V4(Ipv4Addr::LOCALHOST),
         ports::loopback_port().unwrap(),
     );
-    let targets: String = targets
+    let targets = targets
         .iter()
-        .map(|(id, a, z)| format!("  - {{id: {id}, address: '{a}', zone: {z}}}\n"))
+        .map(|(id, a, z)| config::apiserver_target(id, *a, z))
         .collect();
-    let endpoints: Vec<String> = lb.iter().map(|a| format!("'{a}'")).collect();
-    let config = dir.join(format!("{name}.yaml"));
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: bulwark.dev/v1alpha1
-kind: ProberConfiguration
-nodeName: {name}
-zone: {zone}
-admin: {{address: '{admin}'}}
-probing: {{timeout: 2s, fall: 3}}
-apiservers:
-  tls: {{caFile: '{ca}'}}
-  targets:
-{targets}report:
-  endpoints: [{endpoints}]
-  tls: {{certFile: '{cert}', keyFile: '{key}', caFile: '{ca}'}}
-  serverName: localhost
-",
-            ca = pki.ca_path().display(),
-            endpoints = endpoints.join(", "),
-            cert = cert.cert.display(),
-            key = cert.key.display(),
-        ),
-    )
-    .unwrap();
-    ProcessBuilder::new(name, tools::bin_path("bulwark-prober").unwrap())
-        .arg("--config")
-        .arg(&config)
-        .spawn()
-        .unwrap()
+    let endpoints = lb.iter().map(ToString::to_string).collect();
+    let mut c = prober_config(pki, name, zone, targets, endpoints).unwrap();
+    c.admin.address = admin;
+    c.probing.timeout = Duration::from_secs(2);
+    c.probing.fall = 3;
+    c.report.server_name = Some("localhost".into());
+    let config = write_named(dir.path(), name, &c).unwrap();
+    prober_process(name, &config).unwrap().spawn().unwrap()
 }
 
 struct Lab {

@@ -51,8 +51,6 @@
 // Test code: a failure should fail loudly.
 #![allow(clippy::unwrap_used)]
 
-mod netns_lab;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
@@ -63,7 +61,9 @@ use std::time::{Duration, Instant};
 use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
 use bulwark_testkit::Host;
-use netns_lab::{BACKEND_PORT, LbLab, Stack, api_via, arp_probe, echo, holders_of_any, nd_probe};
+use bulwark_testkit::cluster::lab::{
+    BACKEND_PORT, LbLab, Stack, api_via, arp_probe, echo, holders_of_any, nd_probe,
+};
 use tonic::transport::Channel;
 
 /// Replays one trial.
@@ -694,7 +694,7 @@ impl fmt::Display for Figures {
 
 /// One trial; `None` when the lab cannot run here.
 async fn trial(seed: u64, steps: usize, stack: Stack) -> Option<Result<Figures, String>> {
-    let mut l = LbLab::start_stack(NODES, "", stack).await?;
+    let mut l = LbLab::start_stack(NODES, stack).await?;
     let t0 = Instant::now();
     let result = run_trial(&mut l, seed, steps, t0).await;
     Some(result.map_err(|e| {

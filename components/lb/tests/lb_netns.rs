@@ -13,14 +13,14 @@
 //! dual-stack VIP, whose two addresses must move together: no sweep of
 //! `ip addr` may find them on two hosts.
 
-mod netns_lab;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bulwark_testkit::Host;
-use netns_lab::{LbLab, Sampler, Stack, echo, held_by, holders_of, measure_gap};
+use bulwark_testkit::cluster::lab::{
+    LbLab, Sampler, Stack, echo, held_by, holders_of, measure_gap,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_netns_cut_leader_link_moves_the_vip() {
@@ -43,7 +43,7 @@ async fn heavy_netns_dual_stack_cut_leader_link_moves_both_addresses() {
 /// claim it retries deletes the IPv4 address again when the IPv6 add fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_netns_dual_stack_holder_losing_ipv6_keeps_no_ipv4_alone() {
-    let Some(l) = LbLab::start_stack(3, "", Stack::Dual).await else {
+    let Some(l) = LbLab::start_stack(3, Stack::Dual).await else {
         return;
     };
     let holder = l.wait_for_holder(None, Duration::from_secs(20)).await;
@@ -162,7 +162,7 @@ async fn assert_client_neighbour_is(l: &LbLab, holder: usize) {
 }
 
 async fn cut_leader_link_moves_the_vip(stack: Stack) {
-    let Some(l) = LbLab::start_stack(3, "", stack).await else {
+    let Some(l) = LbLab::start_stack(3, stack).await else {
         return;
     };
     let sampler = Sampler::start(&l);
@@ -251,7 +251,7 @@ async fn cut_leader_link_moves_the_vip(stack: Stack) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_netns_partitioned_leader_releases_within_its_lease() {
-    let Some(l) = LbLab::start(3, "").await else {
+    let Some(l) = LbLab::start(3).await else {
         return;
     };
     let sampler = Sampler::start(&l);
@@ -349,7 +349,7 @@ fn sweep_until(l: &LbLab, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<
 /// an overlap of up to ~1.5 s is expected (docs/FAILOVER.md); the test
 /// prints it.
 async fn holder_stops_answering(how: Stop) {
-    let Some(mut l) = LbLab::start(3, "").await else {
+    let Some(mut l) = LbLab::start(3).await else {
         return;
     };
     let old = l.wait_for_holder(None, Duration::from_secs(20)).await;

@@ -7,7 +7,6 @@
 // Helpers outside #[test] fns fail the test loudly too.
 #![allow(clippy::unwrap_used)]
 
-mod cluster;
 mod support;
 
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use std::time::Duration;
 use bulwark_api::lb::v1 as lb;
 use bulwark_lb::backends::{Backends, RoutingPolicy};
 use bulwark_lb::proxy::{self, ProxyConfig};
-use cluster::{LbCluster, Options, echo_backend};
+use bulwark_testkit::cluster::{LbCluster, Options, echo_backend};
 use support::{Mode, TestBackend, roundtrip};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -129,7 +128,9 @@ async fn heavy_a_moved_bind_mode_vip_resets_the_old_holders_clients() {
     let e = ended.unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     assert_eq!(
-        cluster::echo_through(c.vip, b"pong").await.unwrap(),
+        bulwark_testkit::cluster::echo_through(c.vip, b"pong")
+            .await
+            .unwrap(),
         b"pong",
         "a new connection goes through node {new}"
     );

@@ -4,13 +4,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod cluster;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use bulwark_api::lb::v1 as lb;
-use cluster::{LbCluster, Options};
+use bulwark_testkit::cluster::{LbCluster, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_data_dir_is_private_and_the_key_stays_out_of_the_log() {

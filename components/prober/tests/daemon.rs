@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use bulwark_testkit::{Pki, ProcessBuilder, TestDir, ports};
+use bulwark_prober::config::TcpTarget;
+use bulwark_testkit::{Pki, ProcessBuilder, TestDir, config, ports};
 use support::{eventually, http_get};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bulwark-prober");
@@ -98,14 +99,15 @@ async fn runs_serves_admin_and_stops_gracefully_on_sigterm() {
     let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = ports::loopback_port().unwrap();
     let admin = SocketAddr::from(([127, 0, 0, 1], port));
-    let config = write(
-        &dir,
-        "prober.yaml",
-        &format!(
-            "{HEADER}nodeName: cp-1\nadmin: {{address: '{admin}'}}\ntcp:\n- {{id: cp-1, address: '{}'}}\n",
-            target.local_addr().unwrap()
-        ),
-    );
+    let mut c = config::prober();
+    c.node_name = "cp-1".into();
+    c.admin.address = admin;
+    c.tcp = vec![TcpTarget {
+        id: "cp-1".into(),
+        address: target.local_addr().unwrap().to_string(),
+        zone: String::new(),
+    }];
+    let config = config::write(dir.join("prober.yaml"), &c).unwrap();
     let mut process = ProcessBuilder::new("bulwark-prober", BIN)
         .arg("--config")
         .arg(&config)

@@ -12,10 +12,10 @@ mod support;
 use std::time::Duration;
 
 use bulwark_api::lb::v1::{Observation, ProbeKind, ProbeReason, ReportKind};
-use bulwark_prober::config::{ProberConfig, ReportConfig};
+use bulwark_prober::config::{ProberConfig, ReportConfig, TcpTarget};
 use bulwark_prober::observations::Observations;
 use bulwark_prober::report::{self, Reporter};
-use bulwark_testkit::Pki;
+use bulwark_testkit::{Pki, config};
 use support::{LbDouble, Mode, eventually, http_get, next_report, prober_identity};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -303,30 +303,19 @@ async fn run_is_ready_while_a_leader_acknowledges_and_stops_on_cancel() {
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let identity = prober_identity(&pki, "prober-1");
-    let yaml = format!(
-        "apiVersion: bulwark.dev/v1alpha1\n\
-         kind: ProberConfiguration\n\
-         nodeName: node-1\n\
-         zone: zone-a\n\
-         tcp:\n\
-         - {{id: cp-1, address: '{}', zone: zone-a}}\n\
-         report:\n  \
-           endpoints: ['{}']\n  \
-           tls: {{certFile: '{}', keyFile: '{}', caFile: '{}'}}\n  \
-           initialBackoff: 20ms\n  \
-           maxBackoff: 200ms\n",
-        target.local_addr().unwrap(),
-        lb.address(),
-        identity.cert_file.display(),
-        identity.key_file.display(),
-        identity.ca_file.display(),
-    );
-    let config: ProberConfig = bulwark_common::config::from_str_with(
-        Some(&yaml),
-        None,
-        &bulwark_common::config::Overrides::new(),
-    )
-    .unwrap();
+    let mut c = config::prober();
+    c.node_name = "node-1".into();
+    c.zone = "zone-a".into();
+    c.tcp = vec![TcpTarget {
+        id: "cp-1".into(),
+        address: target.local_addr().unwrap().to_string(),
+        zone: "zone-a".into(),
+    }];
+    c.report.endpoints = vec![lb.address().to_string()];
+    c.report.tls = identity;
+    c.report.initial_backoff = Duration::from_millis(20);
+    c.report.max_backoff = Duration::from_millis(200);
+    let config: ProberConfig = config::validated(&c).unwrap();
     let cancel = CancellationToken::new();
     let run = tokio::spawn(bulwark_prober::run(config, Some(admin), cancel.clone()));
 

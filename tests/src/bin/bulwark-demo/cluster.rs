@@ -3,19 +3,21 @@
 //! VIP, a prober per zone and a backup service per node, all with mTLS from
 //! one demo CA, and a bulwarkctl context for the operator.
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bulwark_testkit::fixture::ApiServerProcess;
-use bulwark_testkit::kubelet::Kubelet;
+use bulwark_testkit::kubelet::{EtcdPod, Kubelet};
 
 use crate::prometheus::Target;
-use bulwark_testkit::{
-    CertFiles, EtcdVersion, Pki, Process, ProcessBuilder, TestDir, ports, tools,
+use bulwark_ctl::context::{Context, CtlConfig, ServiceEndpoints};
+use bulwark_lb::config::{BackendConfig, VipMode};
+use bulwark_testkit::cluster::{
+    LbSpec, backup_config, backup_process, lb_process, prober_config, prober_process, write_named,
 };
+use bulwark_testkit::{CertFiles, EtcdVersion, Pki, Process, TestDir, config, ports, tools};
 
 /// The zones, one apiserver, LB node, prober and backup service each.
 pub const ZONES: [&str; 3] = ["a", "b", "c"];
@@ -118,34 +120,19 @@ impl ControlPlane {
             let data_dir = node.join("etcd-data");
             let manifest = node.join("manifests/etcd.yaml");
             let (client, peer) = (url(ports[2 * i]), url(ports[2 * i + 1]));
-            std::fs::write(
-                &manifest,
-                format!(
-                    "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: kube-system}}
-spec:
-  containers:
-  - name: etcd
-    command:
-    - {etcd}
-    - --name={name}
-    - --data-dir={data}
-    - --listen-client-urls={client}
-    - --advertise-client-urls={client}
-    - --listen-peer-urls={peer}
-    - --initial-advertise-peer-urls={peer}
-    - --initial-cluster={cluster}
-    - --initial-cluster-token=bulwark-demo
-    - --initial-cluster-state=new
-    - --heartbeat-interval=100
-    - --election-timeout=1000
-",
-                    etcd = etcd.display(),
-                    data = data_dir.display(),
-                    cluster = cluster.join(","),
-                ),
-            )?;
+            EtcdPod {
+                pod_name: &name,
+                etcd: &etcd,
+                name: &name,
+                data_dir: &data_dir,
+                client_url: &client,
+                peer_url: &peer,
+                initial_cluster: &cluster.join(","),
+                token: "bulwark-demo",
+                heartbeat_ms: 100,
+                election_ms: 1000,
+            }
+            .write(&manifest)?;
             let kubelet = Kubelet::start(&manifest, &name);
             self.etcd.push(EtcdNode {
                 name,
@@ -182,14 +169,11 @@ spec:
         let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let ports = ports::free_ports(lo, 2 * ZONES.len())?;
         let grpc: Vec<SocketAddr> = (0..ZONES.len()).map(|i| loopback(ports[2 * i])).collect();
-        let peers: Vec<String> = grpc.iter().map(|a| format!("'{a}'")).collect();
-        let endpoints: Vec<String> = self
-            .etcd
-            .iter()
-            .map(|e| format!("'{}'", e.client_url))
-            .collect();
+        let peers: Vec<String> = grpc.iter().map(ToString::to_string).collect();
+        let endpoints: Vec<String> = self.etcd.iter().map(|e| e.client_url.clone()).collect();
         let store = self.dir.join("backups");
         std::fs::create_dir_all(&store)?;
+        let store_url = format!("file://{}", store.display());
         for (i, zone) in ZONES.iter().enumerate() {
             let name = format!("backup-{zone}");
             let node = self.dir.join(format!("node-{zone}"));
@@ -197,50 +181,25 @@ spec:
                 .pki
                 .peer(&name, &["bulwark:backup"], &["127.0.0.1", "localhost"])?;
             std::fs::create_dir_all(node.join("work"))?;
-            let config = self.dir.join(format!("{name}.yaml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "apiVersion: bulwark.dev/v1alpha1
-kind: BackupConfiguration
-nodeName: node-{zone}
-clusterName: demo
-admin: {{address: '{admin}'}}
-grpc:
-  address: '{grpc}'
-  tls: {{certFile: {cert}, keyFile: {key}, caFile: {ca}}}
-  access:
-    operators: {{organizations: [system:masters]}}
-    peers: {{organizations: ['bulwark:backup']}}
-etcd: {{endpoints: [{endpoints}], tls: null}}
-store: {{url: 'file://{store}'}}
-schedule: {{interval: 1h}}
-deltas: {{flushInterval: 200ms}}
-drill: {{etcdutl: {etcdutl}, etcd: {etcd}, workDir: {work}}}
-restore:
-  etcdManifest: {manifest}
-  stateDir: {state}
-  peers: [{peers}]
-",
-                    admin = loopback(ports[2 * i + 1]),
-                    grpc = grpc[i],
-                    cert = cert.cert.display(),
-                    key = cert.key.display(),
-                    ca = cert.ca.display(),
-                    endpoints = endpoints.join(", "),
-                    store = store.display(),
-                    etcdutl = tools::etcdutl()?.display(),
-                    etcd = tools::etcd(EtcdVersion::V3_5)?.display(),
-                    work = node.join("work").display(),
-                    manifest = self.etcd[i].manifest.display(),
-                    state = node.join("restore-state").display(),
-                    peers = peers.join(", "),
-                ),
-            )?;
-            let process = ProcessBuilder::new(name, tools::bin_path("bulwark-backup")?)
-                .arg("--config")
-                .arg(&config)
-                .spawn()?;
+            let mut c = backup_config(
+                &format!("node-{zone}"),
+                "demo",
+                &cert,
+                endpoints.clone(),
+                &store_url,
+            );
+            c.admin.address = loopback(ports[2 * i + 1]);
+            c.grpc.address = grpc[i];
+            c.schedule.interval = Some(Duration::from_secs(3600));
+            c.deltas.flush_interval = Duration::from_millis(200);
+            c.drill.etcdutl = tools::etcdutl()?;
+            c.drill.etcd = tools::etcd(EtcdVersion::V3_5)?;
+            c.drill.work_dir = Some(node.join("work"));
+            c.restore.etcd_manifest.clone_from(&self.etcd[i].manifest);
+            c.restore.state_dir = node.join("restore-state");
+            c.restore.peers.clone_from(&peers);
+            let config = write_named(self.dir.path(), &name, &c)?;
+            let process = backup_process(&name, &config)?.spawn()?;
             self.scrape.push(Target {
                 job: "bulwark-backup",
                 admin: loopback(ports[2 * i + 1]),
@@ -278,81 +237,41 @@ restore:
         let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let ports = ports::free_ports(lo, 3 * ZONES.len())?;
         let addr = |i: usize, k: usize| loopback(ports[3 * i + k]);
-        let mut members = String::new();
-        for (i, zone) in ZONES.iter().enumerate() {
-            writeln!(
-                members,
-                "- {{id: {id}, name: lb-{zone}, zone: {zone}, raftAddress: '{raft}', apiAddress: '{api}'}}",
-                id = i + 1,
-                raft = addr(i, 0),
-                api = addr(i, 1),
-            )?;
-        }
-        let mut backends = String::new();
-        for (server, zone) in self.apiservers.iter().zip(ZONES) {
-            writeln!(
-                backends,
-                "- {{id: apiserver-{zone}, address: '{}', zone: {zone}}}",
-                server.addr()
-            )?;
-        }
+        let spec = LbSpec {
+            pki: &self.pki,
+            dir: self.dir.path(),
+            members: ZONES
+                .iter()
+                .enumerate()
+                .map(|(i, zone)| {
+                    let id = i as u64 + 1;
+                    config::lb_member(id, &format!("lb-{zone}"), zone, addr(i, 0), addr(i, 1))
+                })
+                .collect(),
+        };
+        let backends: Vec<BackendConfig> = self
+            .apiservers
+            .iter()
+            .zip(ZONES)
+            .map(|(server, zone)| {
+                config::lb_backend(&format!("apiserver-{zone}"), server.addr(), zone)
+            })
+            .collect();
         for (i, zone) in ZONES.iter().enumerate() {
             let id = i as u64 + 1;
             let name = format!("lb-{zone}");
-            let cert = self
-                .pki
-                .peer(&name, &["bulwark:lb"], &["127.0.0.1", "localhost"])?;
-            let config = self.dir.join(format!("{name}.yaml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: {id}
-name: {name}
-zone: {zone}
-dataDir: {data}
-raft:
-  address: '{raft}'
-api:
-  address: '{api}'
-admin:
-  address: '{admin}'
-tls:
-  certFile: {cert}
-  keyFile: {key}
-  caFile: {ca}
-access:
-  operators: {{organizations: [system:masters]}}
-  peers: {{organizations: ['bulwark:lb']}}
-  probers: {{organizations: ['bulwark:probers']}}
-initialMembers:
-{members}vip:
-  mode: bind
-  address: {vip_ip}
-  port: {vip_port}
-backends:
-{backends}proxy:
-  connectTimeout: 300ms
-  shutdownGrace: 1s
-shutdownGrace: 5s
-",
-                    data = self.dir.join(format!("{name}-data")).display(),
-                    raft = addr(i, 0),
-                    api = addr(i, 1),
-                    admin = addr(i, 2),
-                    cert = cert.cert.display(),
-                    key = cert.key.display(),
-                    ca = cert.ca.display(),
-                    vip_ip = self.vip.ip(),
-                    vip_port = self.vip.port(),
-                ),
-            )?;
-            let process = ProcessBuilder::new(name.clone(), tools::bin_path("bulwark-lb")?)
-                .arg("--config")
-                .arg(&config)
-                .env("BULWARK_LOG_LEVEL", "info,openraft=warn")
-                .spawn()?;
+            let (mut c, _) = spec.node(id, &["127.0.0.1", "localhost"])?;
+            c.admin.address = addr(i, 2);
+            c.access.probers = Some(config::orgs(&["bulwark:probers"]));
+            c.vip.mode = VipMode::Bind;
+            c.vip.address = Some(self.vip.ip());
+            c.vip.port = self.vip.port();
+            c.backends.clone_from(&backends);
+            c.proxy.connect_timeout = Duration::from_millis(300);
+            c.proxy.shutdown_grace = Duration::from_secs(1);
+            c.shutdown_grace = Duration::from_secs(5);
+            let config = spec.write(&c)?;
+            let process = lb_process(&name, &config)?.spawn()?;
             self.scrape.push(Target {
                 job: "bulwark-lb",
                 admin: addr(i, 2),
@@ -375,46 +294,23 @@ shutdownGrace: 5s
     /// A bulwark-prober per zone, probing every apiserver's `/readyz` and
     /// `/livez` and reporting to the LB leader.
     pub async fn start_probers(&mut self) -> anyhow::Result<()> {
-        let mut targets = String::new();
-        for (server, zone) in self.apiservers.iter().zip(ZONES) {
-            writeln!(
-                targets,
-                "  - {{id: apiserver-{zone}, address: '{}', zone: {zone}}}",
-                server.addr()
-            )?;
-        }
-        let endpoints: Vec<String> = self.lbs.iter().map(|l| format!("'{}'", l.api)).collect();
+        let targets: Vec<_> = self
+            .apiservers
+            .iter()
+            .zip(ZONES)
+            .map(|(server, zone)| {
+                config::apiserver_target(&format!("apiserver-{zone}"), server.addr(), zone)
+            })
+            .collect();
+        let endpoints: Vec<String> = self.lbs.iter().map(|l| l.api.to_string()).collect();
         for zone in ZONES {
             let name = format!("prober-{zone}");
-            let cert = self.pki.client(&name, &["bulwark:probers"])?;
             let admin = loopback(ports::loopback_port()?);
-            let config = self.dir.join(format!("{name}.yaml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "apiVersion: bulwark.dev/v1alpha1
-kind: ProberConfiguration
-nodeName: {name}
-zone: {zone}
-admin: {{address: '{admin}'}}
-apiservers:
-  tls: {{caFile: '{ca}'}}
-  targets:
-{targets}report:
-  endpoints: [{endpoints}]
-  tls: {{certFile: '{cert}', keyFile: '{key}', caFile: '{ca}'}}
-  serverName: localhost
-",
-                    ca = self.pki.ca_path().display(),
-                    endpoints = endpoints.join(", "),
-                    cert = cert.cert.display(),
-                    key = cert.key.display(),
-                ),
-            )?;
-            let process = ProcessBuilder::new(name, tools::bin_path("bulwark-prober")?)
-                .arg("--config")
-                .arg(&config)
-                .spawn()?;
+            let mut c = prober_config(&self.pki, &name, zone, targets.clone(), endpoints.clone())?;
+            c.admin.address = admin;
+            c.report.server_name = Some("localhost".into());
+            let config = write_named(self.dir.path(), &name, &c)?;
+            let process = prober_process(&name, &config)?.spawn()?;
             process
                 .wait_for_port(admin, Duration::from_secs(60))
                 .await?;
@@ -430,35 +326,24 @@ apiservers:
     /// Writes the operator's bulwarkctl context (every LB and backup
     /// endpoint, the demo CA, the operator certificate).
     pub fn write_ctl_config(&self, backup_endpoints: &[SocketAddr]) -> anyhow::Result<()> {
-        let list = |addrs: Vec<String>| addrs.join(", ");
-        std::fs::write(
-            &self.ctl_config,
-            format!(
-                "apiVersion: bulwark.dev/v1alpha1
-kind: BulwarkctlConfiguration
-currentContext: demo
-contexts:
-- name: demo
-  ca: {ca}
-  cert: {cert}
-  key: {key}
-  lb:
-    endpoints: [{lb}]
-{backup}",
-                ca = self.operator.ca.display(),
-                cert = self.operator.cert.display(),
-                key = self.operator.key.display(),
-                lb = list(self.lbs.iter().map(|l| format!("'{}'", l.api)).collect()),
-                backup = if backup_endpoints.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "  backup:\n    endpoints: [{}]\n",
-                        list(backup_endpoints.iter().map(|a| format!("'{a}'")).collect())
-                    )
-                },
-            ),
-        )?;
+        let endpoints = |addrs: &mut dyn Iterator<Item = SocketAddr>| ServiceEndpoints {
+            endpoints: addrs.map(|a| a.to_string()).collect(),
+            server_name: None,
+        };
+        let context = Context {
+            name: "demo".into(),
+            ca: Some(self.operator.ca.clone()),
+            cert: Some(self.operator.cert.clone()),
+            key: Some(self.operator.key.clone()),
+            lb: Some(endpoints(&mut self.lbs.iter().map(|l| l.api))),
+            backup: (!backup_endpoints.is_empty())
+                .then(|| endpoints(&mut backup_endpoints.iter().copied())),
+        };
+        let ctl = CtlConfig {
+            current_context: Some(context.name.clone()),
+            contexts: vec![context],
+        };
+        config::write(&self.ctl_config, &ctl)?;
         Ok(())
     }
 }

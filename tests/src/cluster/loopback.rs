@@ -1,11 +1,11 @@
 //! A bulwark-lb cluster of real `bulwark-lb` processes on loopback, for the
 //! cluster tests: a test PKI (LB peers `O=bulwark:lb`, an operator, a
-//! viewer), one YAML config per node, ephemeral ports, bind-mode VIP on a
+//! viewer), one config per node, ephemeral ports, bind-mode VIP on a
 //! 127.0.0.0/8 address, and mTLS gRPC clients.
 
-// Test helpers: failures should fail the test loudly, and not every test
-// binary uses every helper.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+// Test helpers panic rather than return errors: a panic in the calling test
+// is what prints the processes' logs (see the crate docs).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 
 use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
-use bulwark_common::tls::{TlsFiles, TlsMaterial};
-use bulwark_testkit::{CertFiles, Pki, Process, ProcessBuilder, TestDir, ports, tools};
+use bulwark_common::tls::TlsMaterial;
+use bulwark_lb::config::{BackendConfig, VipMode};
 use tonic::transport::Channel;
+
+use super::{LbSpec, lb_process, test_timers};
+use crate::{CertFiles, Pki, Process, TestDir, config, ports};
 
 /// One node's process and addresses.
 pub struct LbNode {
@@ -39,15 +42,8 @@ pub struct LbCluster {
     pub operator_files: CertFiles,
     pub viewer: TlsMaterial,
     pub peer_files: CertFiles,
-    dir: TestDir,
-}
-
-fn tls_files(c: &CertFiles) -> TlsFiles {
-    TlsFiles {
-        cert_file: c.cert.clone(),
-        key_file: c.key.clone(),
-        ca_file: c.ca.clone(),
-    }
+    // Held for its files: the configs and data dirs.
+    _dir: TestDir,
 }
 
 /// Cluster options.
@@ -62,9 +58,6 @@ pub struct Options {
     pub snapshot_every: Option<u64>,
     /// Zone of each backend, by position in `backends` (missing: none).
     pub backend_zones: Vec<String>,
-    /// YAML appended to every node's configuration (e.g. a `health:`
-    /// section).
-    pub extra_yaml: String,
     /// Give every node a node-local listener on 127.0.0.1 (its address
     /// in [`LbNode::local`]).
     pub local_listeners: bool,
@@ -88,53 +81,43 @@ pub fn new_vip() -> SocketAddr {
 impl LbCluster {
     /// Starts `opts.nodes` nodes and waits until one holds the VIP.
     pub async fn start(opts: Options) -> Self {
-        bulwark_testkit::install_crypto_provider();
+        crate::install_crypto_provider();
         Self::start_with_pki(Pki::new().unwrap(), opts).await
     }
 
     /// [`LbCluster::start`] with certificates from `pki` (shared with
     /// fixture apiservers).
     pub async fn start_with_pki(pki: Pki, opts: Options) -> Self {
-        bulwark_testkit::install_crypto_provider();
+        crate::install_crypto_provider();
         let dir = TestDir::new("lb-cluster").unwrap();
         let operator_files = pki.admin().unwrap();
-        let operator = tls_files(&operator_files).load().unwrap();
-        let viewer = tls_files(&pki.client("viewer", &["system:nodes"]).unwrap())
+        let operator = config::tls(&operator_files).load().unwrap();
+        let viewer = config::tls(&pki.client("viewer", &["system:nodes"]).unwrap())
             .load()
             .unwrap();
         // A VIP address of its own on loopback, so parallel tests do not meet.
         let vip = opts.vip.unwrap_or_else(new_vip);
-        let vip_ip = vip.ip();
 
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let ports = ports::free_ports(loopback, 4 * opts.nodes as usize).unwrap();
-        let addrs: Vec<(u64, SocketAddr, SocketAddr, SocketAddr, SocketAddr)> = (0..opts.nodes)
-            .map(|i| {
-                let p = &ports[i as usize * 4..];
-                (
-                    i + 1,
-                    SocketAddr::new(loopback, p[0]),
-                    SocketAddr::new(loopback, p[1]),
-                    SocketAddr::new(loopback, p[2]),
-                    SocketAddr::new(loopback, p[3]),
-                )
-            })
-            .collect();
-        let members: String = addrs
-            .iter()
-            .map(|(id, raft, api, _, _)| {
-                format!(
-                    "- {{id: {id}, name: lb-{id}, raftAddress: '{raft}', apiAddress: '{api}'}}\n"
-                )
-            })
-            .collect();
-        let backends: String = opts
+        let addr = |i: u64, k: usize| SocketAddr::new(loopback, ports[i as usize * 4 + k]);
+        let spec = LbSpec {
+            pki: &pki,
+            dir: dir.path(),
+            members: (0..opts.nodes)
+                .map(|i| {
+                    let id = i + 1;
+                    config::lb_member(id, &format!("lb-{id}"), "", addr(i, 0), addr(i, 1))
+                })
+                .collect(),
+        };
+        let backends: Vec<BackendConfig> = opts
             .backends
             .iter()
             .enumerate()
             .map(|(i, (id, a))| {
-                let zone = opts.backend_zones.get(i).cloned().unwrap_or_default();
-                format!("- {{id: {id}, address: '{a}', zone: '{zone}'}}\n")
+                let zone = opts.backend_zones.get(i).map_or("", String::as_str);
+                config::lb_backend(id, *a, zone)
             })
             .collect();
 
@@ -142,85 +125,34 @@ impl LbCluster {
             .peer("lb-peer", &["bulwark:lb"], &["127.0.0.1", "localhost"])
             .unwrap();
         let mut nodes = Vec::new();
-        for (id, raft, api, admin, local) in addrs {
-            let local = opts.local_listeners.then_some(local);
-            let cert = pki
-                .peer(
-                    &format!("lb-{id}"),
-                    &["bulwark:lb"],
-                    &["127.0.0.1", "localhost"],
-                )
+        for i in 0..opts.nodes {
+            let id = i + 1;
+            let local = opts.local_listeners.then_some(addr(i, 3));
+            let (mut c, _) = spec.node(id, &["127.0.0.1", "localhost"]).unwrap();
+            if let Some(n) = opts.snapshot_every {
+                c.raft.snapshot_every_entries = n;
+            }
+            c.admin.address = addr(i, 2);
+            c.access.probers = Some(config::orgs(&["bulwark:probers"]));
+            c.vip.mode = VipMode::Bind;
+            c.vip.address = Some(vip.ip());
+            c.vip.port = vip.port();
+            c.backends.clone_from(&backends);
+            test_timers(&mut c);
+            c.local_listener = local;
+            let config = spec.write(&c).unwrap();
+            let process = lb_process(&format!("lb-{id}"), &config)
+                .unwrap()
+                .spawn()
                 .unwrap();
-            let data_dir = dir.join(format!("data-{id}"));
-            let config = dir.join(format!("lb-{id}.yaml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: {id}
-name: lb-{id}
-dataDir: {data}
-raft:
-  address: '{raft}'
-{snapshot}api:
-  address: '{api}'
-admin:
-  address: '{admin}'
-tls:
-  certFile: {cert}
-  keyFile: {key}
-  caFile: {ca}
-access:
-  operators: {{organizations: [system:masters]}}
-  peers: {{organizations: ['bulwark:lb']}}
-  probers: {{organizations: ['bulwark:probers']}}
-initialMembers:
-{members}vip:
-  mode: bind
-  address: {vip_ip}
-  port: {vip_port}
-backends:{backends}proxy:
-  connectTimeout: 200ms
-  shutdownGrace: 1s
-shutdownGrace: 5s
-{local}{extra}",
-                    extra = opts.extra_yaml,
-                    local = local
-                        .map(|l| format!("localListener: '{l}'\n"))
-                        .unwrap_or_default(),
-                    data = data_dir.display(),
-                    cert = cert.cert.display(),
-                    key = cert.key.display(),
-                    ca = cert.ca.display(),
-                    vip_port = vip.port(),
-                    snapshot = opts
-                        .snapshot_every
-                        .map(|n| format!("  snapshotEveryEntries: {n}\n"))
-                        .unwrap_or_default(),
-                    backends = if backends.is_empty() {
-                        " []\n".to_owned()
-                    } else {
-                        format!("\n{backends}")
-                    },
-                ),
-            )
-            .unwrap();
-            let process =
-                ProcessBuilder::new(format!("lb-{id}"), tools::bin_path("bulwark-lb").unwrap())
-                    .arg("--config")
-                    .arg(&config)
-                    .env("BULWARK_LOG_LEVEL", "info,openraft=warn")
-                    .spawn()
-                    .unwrap();
             nodes.push(LbNode {
                 id,
                 process,
-                raft,
-                api,
-                admin,
+                raft: addr(i, 0),
+                api: addr(i, 1),
+                admin: addr(i, 2),
                 local,
-                data_dir,
+                data_dir: c.data_dir,
                 config,
             });
         }
@@ -232,7 +164,7 @@ shutdownGrace: 5s
             operator_files,
             viewer,
             peer_files,
-            dir,
+            _dir: dir,
         };
         for n in &cluster.nodes {
             n.process
@@ -365,7 +297,12 @@ shutdownGrace: 5s
 pub async fn echo_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
+    (addr, serve_echo(listener))
+}
+
+/// Echoes every connection `listener` accepts until the task is aborted.
+pub fn serve_echo(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
                 return;
@@ -375,8 +312,7 @@ pub async fn echo_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });
         }
-    });
-    (addr, task)
+    })
 }
 
 /// Sends `msg` through `addr` and reads the echo.

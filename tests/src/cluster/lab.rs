@@ -9,12 +9,14 @@
 //! (an IPv4 and an IPv6 VIP held as one, Raft on IPv4). For IPv6 VIPs the
 //! second witness is a neighbour-solicitation prober ([`nd_probe`]).
 //!
-//! Shared by the netns tests (`tests/lb_netns.rs`) and the failover
-//! benchmark (`bench/src/failover.rs` includes this file), so that the
-//! benchmark measures exactly what the tests check.
+//! Shared by the netns tests (components/lb/tests/lb_netns.rs,
+//! lb_jepsen.rs, lb_bgp_netns.rs) and the failover benchmark
+//! (bench/src/failover.rs), so that the benchmark measures exactly what the
+//! tests check.
 
-// Test helpers: failures should fail loudly; not every user uses every helper.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+// Test helpers panic rather than return errors: a panic in the calling test
+// is what prints the processes' logs (see the crate docs).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -24,10 +26,13 @@ use std::time::{Duration, Instant};
 
 use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
-use bulwark_common::tls::{TlsFiles, TlsMaterial};
-use bulwark_testkit::{CertFiles, Host, Lab, Pki, Process, ProcessBuilder, TestDir, tools};
+use bulwark_common::tls::TlsMaterial;
+use bulwark_lb::config::VipMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
+
+use super::{LbSpec, lb_process, serve_echo, test_timers};
+use crate::{Host, Lab, Pki, Process, TestDir, config};
 
 /// The VIP's port.
 pub const VIP_PORT: u16 = 6443;
@@ -69,33 +74,26 @@ pub struct LbLab {
     /// The families in use.
     pub stack: Stack,
     pub operator: TlsMaterial,
-    pki: Pki,
-    dir: TestDir,
+    // Held for their files: the certificates, configs and data dirs.
+    _pki: Pki,
+    _dir: TestDir,
     backend: tokio::task::JoinHandle<()>,
-}
-
-fn tls_files(c: &CertFiles) -> TlsFiles {
-    TlsFiles {
-        cert_file: c.cert.clone(),
-        key_file: c.key.clone(),
-        ca_file: c.ca.clone(),
-    }
 }
 
 impl LbLab {
     /// `n` LB hosts plus a client host; `None` when the lab cannot run here
     /// (no root) and the harness says to skip.
-    pub async fn start(n: usize, extra_yaml: &str) -> Option<Self> {
-        Self::start_stack(n, extra_yaml, Stack::V4).await
+    pub async fn start(n: usize) -> Option<Self> {
+        Self::start_stack(n, Stack::V4).await
     }
 
     /// [`LbLab::start`] with the VIP's families given.
-    pub async fn start_stack(n: usize, extra_yaml: &str, stack: Stack) -> Option<Self> {
-        bulwark_testkit::install_crypto_provider();
+    pub async fn start_stack(n: usize, stack: Stack) -> Option<Self> {
+        crate::install_crypto_provider();
         let lab = Lab::start_or_skip(n + 1).unwrap()?;
         let pki = Pki::new().unwrap();
         let dir = TestDir::new("lb-lab").unwrap();
-        let operator = tls_files(&pki.admin().unwrap()).load().unwrap();
+        let operator = config::tls(&pki.admin().unwrap()).load().unwrap();
         let (v4, v6) = (
             IpAddr::V4(lab.spare_addr(0)),
             IpAddr::V6(lab.spare_addr6(0)),
@@ -110,96 +108,36 @@ impl LbLab {
         };
         let backend_addr = SocketAddr::new(own(&client), BACKEND_PORT);
         let listener = client.tcp_listener(backend_addr).unwrap();
-        let backend = tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
+        let backend = serve_echo(listener);
 
-        let members: String = (0..n)
-            .map(|i| {
-                let raft = SocketAddr::new(own(lab.host(i)), 9441);
-                let api = SocketAddr::new(own(lab.host(i)), 9442);
-                format!(
-                    "- {{id: {id}, name: lb-{id}, raftAddress: '{raft}', apiAddress: '{api}'}}\n",
-                    id = i + 1
-                )
-            })
-            .collect();
+        let spec = LbSpec {
+            pki: &pki,
+            dir: dir.path(),
+            members: (0..n)
+                .map(|i| {
+                    let (a, id) = (own(lab.host(i)), i as u64 + 1);
+                    let (raft, api) = (SocketAddr::new(a, 9441), SocketAddr::new(a, 9442));
+                    config::lb_member(id, &format!("lb-{id}"), "", raft, api)
+                })
+                .collect(),
+        };
         let mut nodes = Vec::new();
         for i in 0..n {
             let host = lab.host(i);
-            let id = i + 1;
-            let a = own(host);
-            let cert = pki
-                .peer(
-                    &format!("lb-{id}"),
-                    &["bulwark:lb"],
-                    &[&host.addr().to_string(), &host.addr6().to_string()],
-                )
-                .unwrap();
-            let address6 = vip6
-                .map(|v| format!("  address6: '{}'\n", v.ip()))
-                .unwrap_or_default();
-            let config = dir.join(format!("lb-{id}.yaml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: {id}
-name: lb-{id}
-dataDir: {data}
-raft:
-  address: '{raft}'
-api:
-  address: '{api}'
-admin:
-  address: '127.0.0.1:9440'
-tls:
-  certFile: {cert}
-  keyFile: {key}
-  caFile: {ca}
-access:
-  operators: {{organizations: [system:masters]}}
-  peers: {{organizations: ['bulwark:lb']}}
-initialMembers:
-{members}vip:
-  mode: arp
-  address: '{vip_ip}'
-{address6}  port: {VIP_PORT}
-  interface: {iface}
-backends:
-- {{id: api-1, address: '{backend_addr}'}}
-proxy:
-  connectTimeout: 200ms
-  shutdownGrace: 1s
-shutdownGrace: 5s
-{extra_yaml}",
-                    data = dir.join(format!("data-{id}")).display(),
-                    cert = cert.cert.display(),
-                    key = cert.key.display(),
-                    ca = cert.ca.display(),
-                    vip_ip = vip.ip(),
-                    iface = host.interface(),
-                    raft = SocketAddr::new(a, 9441),
-                    api = SocketAddr::new(a, 9442),
-                ),
-            )
-            .unwrap();
+            let id = i as u64 + 1;
+            let sans = [host.addr().to_string(), host.addr6().to_string()];
+            let (mut c, _) = spec.node(id, &[&sans[0], &sans[1]]).unwrap();
+            c.admin.address = SocketAddr::from(([127, 0, 0, 1], 9440));
+            c.vip.mode = VipMode::Arp;
+            c.vip.address = Some(vip.ip());
+            c.vip.address6 = vip6.map(|v| v.ip());
+            c.vip.port = VIP_PORT;
+            c.vip.interface = Some(host.interface().to_owned());
+            c.backends = vec![config::lb_backend("api-1", backend_addr, "")];
+            test_timers(&mut c);
+            let config = spec.write(&c).unwrap();
             let process = host
-                .spawn(
-                    ProcessBuilder::new(format!("lb-{id}"), tools::bin_path("bulwark-lb").unwrap())
-                        .arg("--config")
-                        .arg(&config)
-                        .env("BULWARK_LOG_LEVEL", "info,openraft=warn"),
-                )
+                .spawn(lb_process(&format!("lb-{id}"), &config).unwrap())
                 .unwrap();
             nodes.push(process);
         }
@@ -210,8 +148,8 @@ shutdownGrace: 5s
             vip6,
             stack,
             operator,
-            pki,
-            dir,
+            _pki: pki,
+            _dir: dir,
             backend,
         })
     }
@@ -282,16 +220,28 @@ shutdownGrace: 5s
 
     /// Node `i`'s status, if it answers within a second.
     pub async fn status(&self, i: usize) -> Option<lb::GetStatusResponse> {
-        let mut c = self.api(i);
-        tokio::time::timeout(
-            Duration::from_secs(1),
-            c.get_status(lb::GetStatusRequest { max_failovers: 64 }),
-        )
-        .await
-        .ok()?
-        .ok()
-        .map(|r| r.into_inner())
+        let addr = SocketAddr::new(self.own_addr(self.lab.host(i)), 9442);
+        status_via(&self.client(), addr, &self.operator, Duration::from_secs(1)).await
     }
+}
+
+/// The status (with up to 64 failover records) of the LB node whose API
+/// is `addr`, dialled from `via` as `tls`, if it answers within `timeout`.
+pub async fn status_via(
+    via: &Host,
+    addr: SocketAddr,
+    tls: &TlsMaterial,
+    timeout: Duration,
+) -> Option<lb::GetStatusResponse> {
+    let mut c = api_via(via, addr, tls);
+    tokio::time::timeout(
+        timeout,
+        c.get_status(lb::GetStatusRequest { max_failovers: 64 }),
+    )
+    .await
+    .ok()?
+    .ok()
+    .map(tonic::Response::into_inner)
 }
 
 impl Drop for LbLab {

@@ -313,7 +313,7 @@ restore:
             )
             .unwrap();
             let shutdown = Shutdown::new();
-            bulwark_backup::run(config.clone(), Listeners { grpc, admin }, shutdown.clone())
+            bulwark_backup::run(config.clone(), Listeners { grpc, admin }, &shutdown)
                 .await
                 .unwrap();
             configs.push(config);

@@ -81,6 +81,9 @@ pub async fn run(
     listeners: Listeners,
     shutdown: &Shutdown,
 ) -> Result<(), RunError> {
+    // Installs the recorder before any worker counts anything (a counter
+    // bumped before it exists is lost).
+    let metrics = bulwark_common::telemetry::metrics_handle();
     let table = Observations::new();
     let checks = Check::from_config(&config)?;
     let health = Health::new();
@@ -121,15 +124,9 @@ pub async fn run(
     if let Some(listener) = listeners.admin {
         let (health, workers, token) = (health, shutdown.workers().clone(), shutdown.token());
         shutdown.spawn_critical("admin", async move {
-            admin::serve(
-                listener,
-                health,
-                Some(bulwark_common::telemetry::metrics_handle()),
-                workers,
-                token,
-            )
-            .await
-            .context("admin server")
+            admin::serve(listener, health, Some(metrics), workers, token)
+                .await
+                .context("admin server")
         });
     }
     Ok(())

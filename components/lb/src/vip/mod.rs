@@ -330,13 +330,7 @@ impl VipTask {
                 }
                 _ = tick.tick() => {}
                 why = self.actuator.background_ended() => {
-                    // The VIP cannot be served or kept any more: release
-                    // it and end, which stops the daemon (a critical
-                    // task), and leadership moves to a node that can.
-                    if self.fence.fence_forever() {
-                        self.release(ReleaseReason::Handover).await;
-                    }
-                    anyhow::bail!("{why}");
+                    return Err(self.background_failed(why).await);
                 }
             }
             let view = self.view();
@@ -354,10 +348,7 @@ impl VipTask {
                 && kicked != Some(term)
             {
                 kicked = Some(term);
-                let raft = self.raft.clone();
-                tokio::spawn(async move {
-                    let _ = raft.trigger().heartbeat().await;
-                });
+                self.kick_heartbeat();
             }
             let transfer = self.transfer_recent(now);
             let action = self.fence.decide(&view, now, transfer);
@@ -419,6 +410,25 @@ impl VipTask {
                 });
             }
         }
+    }
+
+    /// The VIP cannot be served or kept any more (`why`): releases it and
+    /// returns the error that ends the task, which stops the daemon (a
+    /// critical task), so leadership moves to a node that can hold it.
+    async fn background_failed(&mut self, why: String) -> anyhow::Error {
+        if self.fence.fence_forever() {
+            self.release(ReleaseReason::Handover).await;
+        }
+        anyhow::anyhow!(why)
+    }
+
+    /// Asks Raft for a heartbeat round now. A short task of its own, so
+    /// the VIP task's loop never waits on Raft.
+    fn kick_heartbeat(&self) {
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            let _ = raft.trigger().heartbeat().await;
+        });
     }
 
     /// Renews the held address's lifetime. A failure never drops the VIP

@@ -244,6 +244,7 @@ impl Shutdown {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workers::TaskState;
 
     #[tokio::test]
     async fn graceful_shutdown_waits_for_tasks() {
@@ -283,6 +284,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(code, ExitCode::from(EXIT_TASK_FAILED));
+    }
+
+    #[tokio::test]
+    async fn workers_show_how_each_task_ended() {
+        let s = Shutdown::new();
+        s.spawn("seeder", async { Ok(()) });
+        s.spawn("probe", async { panic!("bad input") });
+        let token = s.token();
+        s.spawn_critical("scheduler", async move {
+            token.cancelled().await;
+            Ok(())
+        });
+        let workers = s.workers().clone();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while workers.get("probe").unwrap().task != TaskState::Failed
+                || workers.get("seeder").unwrap().task != TaskState::Finished
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        // A task that is not critical does not stop the others.
+        assert!(!s.is_shutting_down());
+        let probe = workers.get("probe").unwrap();
+        assert_eq!(probe.last_error.unwrap().message, "panicked: bad input");
+        assert_eq!(workers.get("scheduler").unwrap().task, TaskState::Running);
+        s.trigger();
+        assert_eq!(s.wait(Duration::from_secs(5)).await, ExitCode::SUCCESS);
+        assert_eq!(workers.get("scheduler").unwrap().task, TaskState::Finished);
     }
 
     #[tokio::test(start_paused = true)]

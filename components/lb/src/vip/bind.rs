@@ -122,6 +122,8 @@ impl Drop for BindVip {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test]
@@ -145,5 +147,31 @@ mod tests {
         // And it can be taken again (by us or, on this host, by another node).
         vip.claim().unwrap();
         tokio::net::TcpStream::connect(address).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_vip_task_learns_when_the_front_listener_stops_while_held() {
+        let probe = StdListener::bind("127.0.0.1:0").unwrap();
+        let address = probe.local_addr().unwrap();
+        drop(probe);
+        let mut vip = BindVip::new(
+            address,
+            Backends::default(),
+            Arc::new(ProxyConfig::default()),
+        );
+        // Not held: nothing to watch.
+        let idle = tokio::time::timeout(Duration::from_millis(50), vip.serving_ended()).await;
+        assert!(idle.is_err());
+        vip.claim().unwrap();
+        // The proxy task ends while the VIP is still held.
+        vip.running.as_ref().unwrap().1.cancel();
+        let why = tokio::time::timeout(Duration::from_secs(5), vip.serving_ended())
+            .await
+            .unwrap();
+        assert_eq!(why, format!("the front listener on {address} stopped"));
+        // Released, it is not watched (nor polled again) any more.
+        vip.release().unwrap();
+        let idle = tokio::time::timeout(Duration::from_millis(50), vip.serving_ended()).await;
+        assert!(idle.is_err());
     }
 }

@@ -28,7 +28,8 @@ use crate::workers::Workers;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Where `/livez`, `/readyz` and `/metrics` listen (plain HTTP).
+    /// Where `/livez`, `/readyz`, `/metrics` and `/debug/workers` listen
+    /// (plain HTTP).
     pub address: SocketAddr,
 }
 

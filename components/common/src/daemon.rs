@@ -151,7 +151,8 @@ pub struct DaemonArgs {
     /// Log filter such as `info` or `info,bulwark_lb=debug`; overrides `logging.level`.
     #[arg(long, env = "BULWARK_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
-    /// Admin HTTP address (`/livez`, `/readyz`, `/metrics`); overrides `admin.address`.
+    /// Admin HTTP address (`/livez`, `/readyz`, `/metrics`, `/debug/workers`);
+    /// overrides `admin.address`.
     #[arg(long, env = "BULWARK_ADMIN_ADDRESS", value_name = "ADDR")]
     pub admin_address: Option<SocketAddr>,
 }

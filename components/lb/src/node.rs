@@ -65,7 +65,7 @@ pub struct Listeners {
     pub raft: TcpListener,
     /// The operator API.
     pub api: TcpListener,
-    /// `/livez`, `/readyz`, `/metrics`.
+    /// `/livez`, `/readyz`, `/metrics`, `/debug/workers`.
     pub admin: Option<TcpListener>,
     /// The node-local proxy listener.
     pub local: Option<TcpListener>,

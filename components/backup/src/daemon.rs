@@ -14,6 +14,7 @@ use bulwark_common::grpc::GrpcServer;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::TlsMaterial;
+use bulwark_common::workers::Worker;
 use object_store::ObjectStore as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -84,12 +85,17 @@ pub async fn run(
         || settings.drill_interval.is_some()
         || settings.deltas.is_some();
     let (leader_tx, leader_rx) = watch::channel(election::LeaderState::default());
-    let service = Arc::new(
-        service::Service::new(engine.clone(), settings, leader_rx).with_workers(
-            shutdown.worker(service::SCHEDULER),
-            shutdown.worker(crate::delta::recorder::WORKER),
-        ),
-    );
+    // Only what runs here is listed in /debug/workers.
+    let recorder = crate::delta::recorder::WORKER;
+    let recorder = match settings.deltas {
+        Some(_) => shutdown.worker(recorder),
+        None => Worker::detached(recorder),
+    };
+    let mut service = service::Service::new(engine.clone(), settings, leader_rx);
+    if scheduled_work {
+        service = service.with_workers(shutdown.worker(service::SCHEDULER), recorder);
+    }
+    let service = Arc::new(service);
     let health = Health::new();
     health.set_ready("store", Err("not checked yet".into()));
     tracing::info!(

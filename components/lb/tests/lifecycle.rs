@@ -2,7 +2,9 @@
 //! the health aggregator, the servers) are listed by `/debug/workers` with
 //! their state, last success and last error, and a VIP task that panics
 //! stops the node with a log line naming it (the panic is injected through
-//! bulwark-common's `faults` feature, which only test builds enable).
+//! bulwark-common's `faults` feature, which only test builds enable). And
+//! the BackendWatch stream, which runs as its connection's stream rather
+//! than a task of its own, still sends the set and then each change.
 
 #![allow(clippy::unwrap_used)]
 
@@ -28,6 +30,8 @@ const WAIT: Duration = Duration::from_secs(30);
 struct OneNode {
     shutdown: Shutdown,
     admin: SocketAddr,
+    api: SocketAddr,
+    pki: Pki,
     _node: bulwark_lb::Node,
     _dir: TestDir,
 }
@@ -62,6 +66,10 @@ async fn one_node() -> OneNode {
         .set(
             "vip",
             json!({ "mode": "bind", "address": "127.0.0.1", "port": ports::loopback_port().unwrap() }),
+        )
+        .set(
+            "backends",
+            json!([{ "id": "cp-1", "address": "127.0.0.1:6443", "zone": "zone-a" }]),
         );
     let config: LbConfig = bulwark_common::config::from_str_with(None, None, &o).unwrap();
     let shutdown = Shutdown::new();
@@ -76,6 +84,8 @@ async fn one_node() -> OneNode {
     OneNode {
         shutdown,
         admin: admin_addr,
+        api: api_addr,
+        pki,
         _node: node,
         _dir: dir,
     }
@@ -169,6 +179,52 @@ async fn debug_workers_lists_the_vip_task_and_the_health_aggregator() {
         .await
         .unwrap();
     assert_eq!(code, ExitCode::SUCCESS);
+}
+
+/// BackendWatch streams without a task of its own (the response stream
+/// does the work): the current set, then each change; with
+/// `since_version` current, nothing until the next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_watch_streams_the_seeded_set_then_waits_for_a_change() {
+    use bulwark_api::lb::v1::WatchBackendsRequest;
+    use bulwark_api::lb::v1::backend_watch_client::BackendWatchClient;
+
+    let n = one_node().await;
+    let tls = n
+        .pki
+        .peer("lb-2", &["bulwark:lb"], &["127.0.0.1"])
+        .unwrap()
+        .tls_files()
+        .load()
+        .unwrap();
+    let channel = bulwark_common::grpc::channel(&n.api.to_string(), &tls, None).unwrap();
+    let mut client = BackendWatchClient::new(channel);
+    let watch = |since| WatchBackendsRequest {
+        node_name: "lb-2".into(),
+        since_version: since,
+    };
+    let mut stream = client.watch(watch(None)).await.unwrap().into_inner();
+    // The leader seeds the configured backend: a set holding it arrives.
+    let seeded = tokio::time::timeout(WAIT, async {
+        loop {
+            let set = stream.message().await.unwrap().unwrap();
+            if set.backends.iter().any(|b| b.id == "cp-1") {
+                return set;
+            }
+        }
+    })
+    .await
+    .expect("the seeded set");
+    assert_eq!(seeded.backends[0].address, "127.0.0.1:6443");
+
+    let mut stream = client
+        .watch(watch(Some(seeded.version)))
+        .await
+        .unwrap()
+        .into_inner();
+    let quiet = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
+    assert!(quiet.is_err(), "a message without a change: {quiet:?}");
+    n.shutdown.trigger();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

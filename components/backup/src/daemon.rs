@@ -255,9 +255,10 @@ fn spawn_grpc(
 }
 
 /// Readiness: the store answers a listing of the cluster's directory.
+/// Critical: a /readyz nobody updates any more would lie.
 fn spawn_store_probe(engine: Arc<Engine>, health: Health, shutdown: &Shutdown) {
     let token = shutdown.token();
-    shutdown.spawn("store probe", async move {
+    shutdown.spawn_critical("store probe", async move {
         loop {
             let root = engine.layout.root().clone();
             let state = match engine.store.inner().list_with_delimiter(Some(&root)).await {

@@ -252,7 +252,8 @@ pub async fn run(
         spawn_admin(shutdown, admin, &health, &servers);
     }
 
-    shutdown.spawn(
+    // Critical: a /readyz nobody updates any more would lie.
+    shutdown.spawn_critical(
         "readiness",
         readiness(raft.clone(), node_id, health, shutdown.token()),
     );

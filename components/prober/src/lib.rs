@@ -138,7 +138,8 @@ fn spawn_reporter(reporter: Reporter, health: &Health, shutdown: &Shutdown) {
     let mut leader = reporter.leader();
     let h = health.clone();
     let token = shutdown.token();
-    shutdown.spawn("leader readiness", async move {
+    // Critical: a /readyz nobody updates any more would lie.
+    shutdown.spawn_critical("leader readiness", async move {
         loop {
             let state = match leader.borrow_and_update().as_deref() {
                 Some(_) => Ok(()),

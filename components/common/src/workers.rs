@@ -190,8 +190,9 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A handle that reports into a registry of its own, for code run
-    /// outside a daemon (unit tests, one-off tools).
+    /// A handle that reports into a registry of its own: what a worker
+    /// built outside a daemon (a unit test, a tool) reports into, until
+    /// the daemon hands it a handle of its registry.
     pub fn detached(name: &str) -> Self {
         Workers::new().worker(name)
     }

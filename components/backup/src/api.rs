@@ -15,11 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulwark_api::backup::v1 as pb;
+use bulwark_common::shutdown::Shutdown;
 use chrono::Utc;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::error::BackupError;
@@ -36,15 +38,20 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>
 pub struct BackupApi {
     service: Arc<Service>,
     shutdown: CancellationToken,
+    /// The daemon's tracker: a snapshot or verification a client started
+    /// is waited for (it stops on the token) when the daemon shuts down.
+    tasks: TaskTracker,
     restore: Option<crate::restore::coordinator::Coordinator>,
 }
 
 impl BackupApi {
-    /// Handlers over `service`; `shutdown` stops streaming work.
-    pub fn new(service: Arc<Service>, shutdown: CancellationToken) -> Self {
+    /// Handlers over `service`; `shutdown`'s token stops streaming work,
+    /// its tracker tracks it.
+    pub fn new(service: Arc<Service>, shutdown: &Shutdown) -> Self {
         Self {
             service,
-            shutdown,
+            shutdown: shutdown.token(),
+            tasks: shutdown.tracker().clone(),
             restore: None,
         }
     }
@@ -133,14 +140,18 @@ fn check_snapshot_id(field: &str, id: &str) -> Result<(), Status> {
 /// A task token cancelled when the client hangs up or the server stops.
 /// The watcher holds a sender clone until the token is cancelled, so the
 /// task cancels the token when it is done, or the stream would never end.
-fn task_token<T>(tx: &mpsc::Sender<T>, shutdown: &CancellationToken) -> CancellationToken
+fn task_token<T>(
+    tx: &mpsc::Sender<T>,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> CancellationToken
 where
     T: Send + 'static,
 {
     let token = shutdown.child_token();
     let watch = tx.clone();
     let t = token.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         tokio::select! {
             _ = watch.closed() => t.cancel(),
             _ = t.cancelled() => {}
@@ -198,10 +209,10 @@ impl pb::backup_server::Backup for BackupApi {
             return Err(Status::invalid_argument("note: at most 256 characters"));
         }
         let (tx, rx) = mpsc::channel(16);
-        let token = task_token(&tx, &self.shutdown);
+        let token = task_token(&tx, &self.shutdown, &self.tasks);
         let service = self.service.clone();
         tracing::info!(caller = ?caller, "snapshot requested");
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let started = Instant::now();
             let id = Arc::new(std::sync::Mutex::new(String::new()));
             let send = {
@@ -341,9 +352,9 @@ impl pb::backup_server::Backup for BackupApi {
         // Fail fast on an unknown id, before the stream opens.
         self.service.engine().get_snapshot(&id).await?;
         let (tx, rx) = mpsc::channel(16);
-        let token = task_token(&tx, &self.shutdown);
+        let token = task_token(&tx, &self.shutdown, &self.tasks);
         let service = self.service.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let progress = {
                 let tx = tx.clone();
                 let id = id.clone();

@@ -35,7 +35,7 @@ pub struct BackupConfig {
     /// restores (etcd's cluster id is not).
     #[serde(default = "default_cluster_name")]
     pub cluster_name: String,
-    /// Admin HTTP server (`/livez`, `/readyz`, `/metrics`).
+    /// Admin HTTP server (`/livez`, `/readyz`, `/metrics`, `/debug/workers`).
     #[serde(default = "default_admin")]
     pub admin: AdminConfig,
     /// Logs.

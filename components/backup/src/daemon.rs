@@ -1,16 +1,20 @@
 //! The daemon: [`run`] starts the admin and gRPC servers, the election,
-//! the scheduler and the store probe as tasks of a [`Shutdown`], on
-//! listeners bound by the caller (so tests can run several instances on
-//! port 0 in one process).
+//! the scheduler (with the delta recorder) and the store probe as tasks of
+//! a [`Shutdown`], on listeners bound by the caller (so tests can run
+//! several instances on port 0 in one process). [`Backup`] is the daemon
+//! the shared `main` (`bulwark_common::daemon::main`) runs.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bulwark_common::admin::Health;
+use bulwark_common::daemon::Daemon;
 use bulwark_common::grpc::GrpcServer;
 use bulwark_common::shutdown::Shutdown;
+use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::TlsMaterial;
+use bulwark_common::workers::Worker;
 use object_store::ObjectStore as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -67,7 +71,7 @@ const STORE_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 pub async fn run(
     config: BackupConfig,
     listeners: Listeners,
-    shutdown: Shutdown,
+    shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     bulwark_common::tls::install_crypto_provider();
     let engine = Arc::new(Engine::from_config(&config).context("setting up the backup engine")?);
@@ -81,7 +85,17 @@ pub async fn run(
         || settings.drill_interval.is_some()
         || settings.deltas.is_some();
     let (leader_tx, leader_rx) = watch::channel(election::LeaderState::default());
-    let service = Arc::new(service::Service::new(engine.clone(), settings, leader_rx));
+    // Only what runs here is listed in /debug/workers.
+    let recorder = crate::delta::recorder::WORKER;
+    let recorder = match settings.deltas {
+        Some(_) => shutdown.worker(recorder),
+        None => Worker::detached(recorder),
+    };
+    let mut service = service::Service::new(engine.clone(), settings, leader_rx);
+    if scheduled_work {
+        service = service.with_workers(shutdown.worker(service::SCHEDULER), recorder);
+    }
+    let service = Arc::new(service);
     let health = Health::new();
     health.set_ready("store", Err("not checked yet".into()));
     tracing::info!(
@@ -101,11 +115,13 @@ pub async fn run(
     };
     let admin_token = shutdown.token();
     let admin_health = health.clone();
+    let workers = shutdown.workers().clone();
     shutdown.spawn_critical("admin server", async move {
         bulwark_common::admin::serve(
             admin,
             admin_health,
             Some(bulwark_common::telemetry::metrics_handle()),
+            workers,
             admin_token,
         )
         .await
@@ -116,7 +132,7 @@ pub async fn run(
         (grpc, tls, advertised.clone()),
         &engine,
         &service,
-        &shutdown,
+        shutdown,
     )?;
     if scheduled_work {
         let token = shutdown.token();
@@ -124,18 +140,59 @@ pub async fn run(
         let name = config.schedule.election_name.clone();
         let node = election::LeaderInfo::new(&config.node_name, &advertised);
         let ttl = config.schedule.lease_ttl;
-        shutdown.spawn_critical("leader election", async move {
-            election::run(connector, name, node, ttl, leader_tx, token).await;
+        let worker = shutdown.worker(election::WORKER);
+        shutdown.spawn_critical(election::WORKER, async move {
+            election::run(connector, name, node, ttl, leader_tx, token, worker).await;
             Ok(())
         });
         let token = shutdown.token();
-        shutdown.spawn_critical("scheduler", async move {
+        shutdown.spawn_critical(service::SCHEDULER, async move {
             service.run_scheduler(token).await;
             Ok(())
         });
     }
-    spawn_store_probe(engine, health, &shutdown);
+    spawn_store_probe(engine, health, shutdown);
     Ok(())
+}
+
+/// `bulwark-backup` as the shared daemon `main` runs it.
+#[derive(Debug)]
+pub enum Backup {}
+
+impl Daemon for Backup {
+    const NAME: &'static str = "bulwark-backup";
+    type Config = BackupConfig;
+    type Listeners = Listeners;
+
+    fn logging(config: &BackupConfig) -> &LoggingConfig {
+        &config.logging
+    }
+
+    fn grace(config: &BackupConfig) -> Duration {
+        config.shutdown_grace_period
+    }
+
+    fn register_metrics(config: &BackupConfig) {
+        crate::metrics::register(config);
+    }
+
+    async fn bind(config: &BackupConfig) -> anyhow::Result<Listeners> {
+        let grpc = TcpListener::bind(config.grpc.address)
+            .await
+            .with_context(|| format!("binding grpc.address {}", config.grpc.address))?;
+        let admin = TcpListener::bind(config.admin.address)
+            .await
+            .with_context(|| format!("binding admin.address {}", config.admin.address))?;
+        Ok(Listeners { grpc, admin })
+    }
+
+    async fn run(
+        config: BackupConfig,
+        listeners: Listeners,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<()> {
+        run(config, listeners, shutdown).await
+    }
 }
 
 /// The scheduler's settings from the config.
@@ -182,7 +239,7 @@ fn spawn_grpc(
         .context("loading restore.clientTls")?;
     let coordinator =
         restore::Coordinator::new(service.clone(), config.restore.peers.clone(), client_tls);
-    let api = api::BackupApi::new(service.clone(), shutdown.token()).with_restore(coordinator);
+    let api = api::BackupApi::new(service.clone(), shutdown).with_restore(coordinator);
     let agent_api = restore::AgentApi::new(agent, shutdown.token());
     let access = config.grpc.access.clone();
     let token = shutdown.token();
@@ -198,9 +255,10 @@ fn spawn_grpc(
 }
 
 /// Readiness: the store answers a listing of the cluster's directory.
+/// Critical: a /readyz nobody updates any more would lie.
 fn spawn_store_probe(engine: Arc<Engine>, health: Health, shutdown: &Shutdown) {
     let token = shutdown.token();
-    shutdown.spawn("store probe", async move {
+    shutdown.spawn_critical("store probe", async move {
         loop {
             let root = engine.layout.root().clone();
             let state = match engine.store.inner().list_with_delimiter(Some(&root)).await {

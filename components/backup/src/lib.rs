@@ -41,6 +41,6 @@ pub mod store;
 pub mod verify;
 
 pub use config::BackupConfig;
-pub use daemon::{Listeners, run, tune_allocator};
+pub use daemon::{Backup, Listeners, run, tune_allocator};
 pub use engine::Engine;
 pub use error::{BackupError, Corruption};

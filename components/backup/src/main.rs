@@ -1,13 +1,10 @@
-//! `bulwark-backup`: parse flags, load the config, bind, call
-//! [`bulwark_backup::run`], wait for shutdown.
+//! `bulwark-backup`: parse flags; the shared daemon `main` loads the
+//! config, binds and runs [`bulwark_backup::Backup`] until SIGTERM.
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
-use bulwark_backup::{BackupConfig, Listeners};
 use bulwark_common::config::Overrides;
 use bulwark_common::daemon::DaemonArgs;
-use bulwark_common::shutdown::Shutdown;
 use clap::Parser;
 
 /// etcd snapshots streamed to object storage: verified, compressed,
@@ -48,49 +45,8 @@ impl Args {
 }
 
 fn main() -> ExitCode {
+    // Before the runtime starts its threads.
     bulwark_backup::tune_allocator();
     let args = Args::parse();
-    let config = match args.daemon.load_or_exit::<BackupConfig>(args.overrides()) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        match start(config).await {
-            Ok(code) => code,
-            Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "bulwark-backup failed to start");
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        }
-    })
-}
-
-async fn start(config: BackupConfig) -> anyhow::Result<ExitCode> {
-    bulwark_common::tls::install_crypto_provider();
-    bulwark_common::telemetry::init_logging(&config.logging)?;
-    bulwark_backup::metrics::register(&config);
-    let grpc = tokio::net::TcpListener::bind(config.grpc.address)
-        .await
-        .with_context(|| format!("binding grpc.address {}", config.grpc.address))?;
-    let admin = tokio::net::TcpListener::bind(config.admin.address)
-        .await
-        .with_context(|| format!("binding admin.address {}", config.admin.address))?;
-    let shutdown = Shutdown::new();
-    shutdown
-        .listen_for_signals()
-        .context("installing signal handlers")?;
-    let grace = config.shutdown_grace_period;
-    bulwark_backup::run(config, Listeners { grpc, admin }, shutdown.clone()).await?;
-    Ok(shutdown.wait(grace).await)
+    bulwark_common::daemon::main::<bulwark_backup::Backup>(&args.daemon, args.overrides())
 }

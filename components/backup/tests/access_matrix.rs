@@ -45,7 +45,7 @@ async fn heavy_access_matrix_covers_every_backup_rpc() {
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = grpc.local_addr().unwrap().to_string();
     let shutdown = Shutdown::new();
-    bulwark_backup::run(config, Listeners { grpc, admin }, shutdown.clone())
+    bulwark_backup::run(config, Listeners { grpc, admin }, &shutdown)
         .await
         .unwrap();
 

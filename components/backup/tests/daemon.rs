@@ -137,7 +137,7 @@ async fn heavy_grpc_api_enforces_access_and_streams_progress() {
     let addr = grpc.local_addr().unwrap().to_string();
     let admin_addr = admin.local_addr().unwrap();
     let shutdown = Shutdown::new();
-    bulwark_backup::run(config, Listeners { grpc, admin }, shutdown.clone())
+    bulwark_backup::run(config, Listeners { grpc, admin }, &shutdown)
         .await
         .unwrap();
 
@@ -432,7 +432,7 @@ async fn heavy_every_instance_reports_the_recorders_state() {
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap().to_string();
         let shutdown = Shutdown::new();
-        bulwark_backup::run(config, Listeners { grpc, admin }, shutdown.clone())
+        bulwark_backup::run(config, Listeners { grpc, admin }, &shutdown)
             .await
             .unwrap();
         shutdowns.push(shutdown);

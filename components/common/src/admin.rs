@@ -1,5 +1,7 @@
 //! The admin HTTP server every daemon runs: `/livez`, `/readyz` and
-//! `/metrics`, for the kubelet's probes and for Prometheus.
+//! `/metrics`, for the kubelet's probes and for Prometheus, and
+//! `/debug/workers` (JSON: each long-running task's state, last success
+//! and last error, from [`Workers`]) for an operator.
 //!
 //! It is plain HTTP on a loopback or node address (kubelet probes of static
 //! pods speak plain HTTP to the host network), carries no secrets, and
@@ -20,11 +22,14 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::workers::Workers;
+
 /// The `admin:` section every daemon's config has.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Where `/livez`, `/readyz` and `/metrics` listen (plain HTTP).
+    /// Where `/livez`, `/readyz`, `/metrics` and `/debug/workers` listen
+    /// (plain HTTP).
     pub address: SocketAddr,
 }
 
@@ -126,6 +131,7 @@ impl Health {
 struct AdminState {
     health: Health,
     metrics: Option<PrometheusHandle>,
+    workers: Workers,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +169,11 @@ async fn readyz(State(s): State<AdminState>, Query(q): Query<ProbeQuery>) -> Res
     probe_response(ok, detail, q.verbose.is_some(), "readyz")
 }
 
+async fn debug_workers(State(s): State<AdminState>) -> Response {
+    let body = serde_json::json!({ "workers": s.workers.list() }).to_string();
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 async fn metrics(State(s): State<AdminState>) -> Response {
     match &s.metrics {
         Some(handle) => {
@@ -188,6 +199,7 @@ pub async fn serve(
     listener: TcpListener,
     health: Health,
     metrics_handle: Option<PrometheusHandle>,
+    workers: Workers,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -195,9 +207,11 @@ pub async fn serve(
         .route("/healthz", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/debug/workers", get(debug_workers))
         .with_state(AdminState {
             health,
             metrics: metrics_handle,
+            workers,
         });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -232,7 +246,15 @@ mod tests {
         let token = CancellationToken::new();
         let handle = crate::telemetry::metrics_handle();
         metrics::gauge!("bulwark_common_admin_test").set(1.0);
-        let server = tokio::spawn(serve(listener, health.clone(), Some(handle), token.clone()));
+        let workers = Workers::new();
+        workers.worker("scheduler").set_state("leading");
+        let server = tokio::spawn(serve(
+            listener,
+            health.clone(),
+            Some(handle),
+            workers,
+            token.clone(),
+        ));
 
         health.set_ready("raft", Err("no leader".into()));
         assert_eq!(get(addr, "/livez").await, (200, "ok".into()));
@@ -252,6 +274,12 @@ mod tests {
         assert_eq!(code, 200);
         assert!(body.contains("bulwark_common_admin_test 1"), "{body}");
         assert!(body.contains("\nprocess_resident_memory_bytes "), "{body}");
+
+        let (code, body) = get(addr, "/debug/workers").await;
+        assert_eq!(code, 200);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["workers"][0]["name"], "scheduler", "{json}");
+        assert_eq!(json["workers"][0]["state"], "leading", "{json}");
 
         token.cancel();
         server.await.unwrap().unwrap();

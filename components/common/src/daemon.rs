@@ -1,21 +1,134 @@
-//! What every daemon's `main` does the same way: the shared flags, loading
-//! and checking the config, starting logs, and the admin server.
+//! One `main` for every daemon: the shared flags, loading and checking the
+//! config (or exiting with the documented code), logs, the runtime,
+//! binding, running and the graceful shutdown.
 //!
-//! A daemon's `main` stays short:
+//! A daemon implements [`Daemon`] in its library (its config type, what it
+//! binds, its `run(config, listeners, &Shutdown)`), and its `main.rs` only
+//! parses its own flags:
 //!
 //! ```ignore
-//! let args = Args::parse();
-//! let Some(config) = args.daemon.load_or_exit::<LbConfig>(args.overrides()) else {
-//!     return ExitCode::SUCCESS; // --check-config passed
-//! };
+//! fn main() -> ExitCode {
+//!     let args = Args::parse();
+//!     bulwark_common::daemon::main::<bulwark_lb::Lb>(&args.daemon, args.overrides())
+//! }
+//! ```
+//!
+//! The lifecycle [`main`] runs, the same in every daemon:
+//!
+//! ```text
+//! load config ──invalid──▶ exit 2      (--check-config valid ──▶ exit 0)
+//!     │
+//! logs, runtime, metrics, signal handlers
+//!     │
+//! Daemon::bind ──error──▶ "<name> failed to start", exit 1
+//!     │
+//! Daemon::run: spawns its workers on the Shutdown and returns
+//!     │
+//! Shutdown::wait ◀── SIGTERM/SIGINT, or a critical worker ended
+//!     │              ("critical task <name> <why>; shutting down")
+//!     ├── every task done within the grace period ──▶ exit 0
+//!     ├── a critical worker failed ─────────────────▶ exit 1
+//!     └── grace period over, or a second signal ────▶ exit 3
 //! ```
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tracing::Instrument as _;
 
 use crate::config::{ComponentConfig, ConfigError, Loaded, Overrides};
-use crate::telemetry::LogFormat;
+use crate::shutdown::Shutdown;
+use crate::telemetry::{LogFormat, LoggingConfig};
+
+/// A bulwark daemon, as [`main`] runs it.
+pub trait Daemon {
+    /// The binary's name (`bulwark-lb`), in start-up errors.
+    const NAME: &'static str;
+    /// The configuration file's type.
+    type Config: ComponentConfig;
+    /// The sockets [`run`](Daemon::run) serves on, bound by
+    /// [`bind`](Daemon::bind) (tests bind port 0 themselves).
+    type Listeners;
+
+    /// The `logging:` section.
+    fn logging(config: &Self::Config) -> &LoggingConfig;
+    /// How long a graceful shutdown may take.
+    fn grace(config: &Self::Config) -> Duration;
+    /// Declares the daemon's metrics (after the recorder is installed).
+    fn register_metrics(config: &Self::Config);
+    /// The span every log line carries (the LB: its node id).
+    fn span(_config: &Self::Config) -> tracing::Span {
+        tracing::Span::none()
+    }
+    /// Binds every listener the config names.
+    fn bind(config: &Self::Config) -> impl Future<Output = anyhow::Result<Self::Listeners>>;
+    /// Starts the daemon's workers as tasks of `shutdown` and returns once
+    /// they run; an error here is a failed start.
+    fn run(
+        config: Self::Config,
+        listeners: Self::Listeners,
+        shutdown: &Shutdown,
+    ) -> impl Future<Output = anyhow::Result<()>>;
+}
+
+/// The whole life of daemon `D`: see the module header. `args` and
+/// `overrides` are the shared flags and the daemon's own.
+pub fn main<D: Daemon>(args: &DaemonArgs, overrides: Overrides) -> ExitCode {
+    crate::tls::install_crypto_provider();
+    let config = match args.load_or_exit::<D::Config>(overrides) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(e) = crate::telemetry::init_logging(D::logging(&config)) {
+        eprintln!("error: cannot start logging: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let span = D::span(&config);
+    runtime.block_on(
+        async move {
+            match serve::<D>(config).await {
+                Ok(code) => code,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "{} failed to start", D::NAME);
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        .instrument(span),
+    )
+}
+
+/// Binds, runs and waits: the part of [`main`] inside the runtime.
+async fn serve<D: Daemon>(config: D::Config) -> anyhow::Result<ExitCode> {
+    D::register_metrics(&config);
+    let shutdown = Shutdown::new();
+    shutdown
+        .listen_for_signals()
+        .context("installing signal handlers")?;
+    let grace = D::grace(&config);
+    let listeners = D::bind(&config).await?;
+    D::run(config, listeners, &shutdown).await?;
+    let code = shutdown.wait(grace).await;
+    let short = D::NAME.trim_start_matches("bulwark-");
+    tracing::info!("{short} stopped");
+    Ok(code)
+}
 
 /// Exit code for a configuration that does not load or validate (the same
 /// code clap uses for bad arguments).
@@ -38,7 +151,8 @@ pub struct DaemonArgs {
     /// Log filter such as `info` or `info,bulwark_lb=debug`; overrides `logging.level`.
     #[arg(long, env = "BULWARK_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
-    /// Admin HTTP address (`/livez`, `/readyz`, `/metrics`); overrides `admin.address`.
+    /// Admin HTTP address (`/livez`, `/readyz`, `/metrics`, `/debug/workers`);
+    /// overrides `admin.address`.
     #[arg(long, env = "BULWARK_ADMIN_ADDRESS", value_name = "ADDR")]
     pub admin_address: Option<SocketAddr>,
 }

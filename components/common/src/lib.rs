@@ -11,7 +11,10 @@
 //! - [`admin`]: the `/livez`, `/readyz`, `/metrics` HTTP server;
 //! - [`shutdown`]: the root cancellation token, tracked and critical tasks,
 //!   signal handling with a grace period;
-//! - [`daemon`]: the flags and start-up steps every `main` shares.
+//! - [`workers`]: each long-running task's state, last success and last
+//!   error (`/debug/workers`);
+//! - [`daemon`]: the one `main` every daemon runs (flags, config, logs,
+//!   bind, `run`, graceful shutdown).
 
 pub mod admin;
 pub mod authz;
@@ -21,6 +24,7 @@ pub mod grpc;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod workers;
 
 #[cfg(test)]
 mod test_pki;

@@ -20,6 +20,18 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::workers::{Worker, Workers};
+
+/// A panic's message, when it was a string (as `panic!` makes it).
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
 /// Exit code when a critical task failed.
 pub const EXIT_TASK_FAILED: u8 = 1;
 /// Exit code when shutdown did not finish within the grace period, or a
@@ -32,6 +44,7 @@ pub struct Shutdown {
     root: CancellationToken,
     tracker: TaskTracker,
     failure: Arc<Mutex<Option<String>>>,
+    workers: Workers,
 }
 
 impl Default for Shutdown {
@@ -53,6 +66,7 @@ impl Shutdown {
             root,
             tracker: TaskTracker::new(),
             failure: Arc::new(Mutex::new(None)),
+            workers: Workers::new(),
         }
     }
 
@@ -71,43 +85,104 @@ impl Shutdown {
         self.root.is_cancelled()
     }
 
-    /// Runs `fut` as a tracked task; its outcome is only logged.
-    pub fn spawn<F>(&self, name: &'static str, fut: F)
+    /// The registry of this lifecycle's workers (`/debug/workers`).
+    pub fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
+    /// A reporting handle for the worker `name` (spawn it under the same
+    /// name, so its entry also shows how the task ended).
+    pub fn worker(&self, name: impl Into<String>) -> Worker {
+        self.workers.worker(name)
+    }
+
+    /// The tracker [`wait`](Self::wait) waits on, for short-lived tasks a
+    /// server starts per request or per stream: shutdown waits for them
+    /// (they watch a child token) within the grace period, and their end
+    /// is none of the supervisor's business.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// Runs `fut` as a tracked task; its outcome (an error or a panic) is
+    /// logged and shown in `/debug/workers`, but does not stop the daemon.
+    pub fn spawn<F>(&self, name: impl Into<String>, fut: F)
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        self.tracker.spawn(async move {
-            if let Err(e) = fut.await {
-                tracing::warn!(task = name, error = format!("{e:#}"), "task failed");
-            }
-        });
+        self.supervise(name.into(), false, fut);
     }
 
     /// Runs `fut` as a critical task: if it ends before shutdown started
     /// (successfully, with an error, or by panicking), the whole lifecycle
-    /// shuts down and [`Shutdown::wait`] reports a failure.
-    pub fn spawn_critical<F>(&self, name: &'static str, fut: F)
+    /// shuts down and [`Shutdown::wait`] reports a failure. The log line
+    /// names the task and why it ended.
+    pub fn spawn_critical<F>(&self, name: impl Into<String>, fut: F)
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
+        self.supervise(name.into(), true, fut);
+    }
+
+    fn supervise<F>(&self, name: String, critical: bool, fut: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.workers.started(&name, critical);
         let root = self.root.clone();
         let failure = self.failure.clone();
-        let inner = tokio::spawn(fut);
+        let workers = self.workers.clone();
+        // Its own tokio task, so a panic is caught at the join handle.
+        let inner = self.tracker.spawn(self.with_faults(&name, fut));
         self.tracker.spawn(async move {
             let outcome = match inner.await {
-                Ok(Ok(())) if root.is_cancelled() => None,
+                Ok(Ok(())) if root.is_cancelled() || !critical => None,
                 Ok(Ok(())) => Some("exited unexpectedly".to_owned()),
-                Ok(Err(e)) => Some(format!("{e:#}")),
-                Err(e) if e.is_panic() => Some("panicked".to_owned()),
+                Ok(Err(e)) => Some(format!("failed: {e:#}")),
+                Err(e) if e.is_panic() => Some(format!("panicked: {}", panic_message(e))),
                 Err(_) => Some("was cancelled".to_owned()),
             };
-            if let Some(reason) = outcome {
-                tracing::error!(task = name, reason, "critical task ended; shutting down");
-                let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
-                f.get_or_insert_with(|| format!("critical task {name} {reason}"));
-                root.cancel();
+            workers.ended(&name, outcome.clone().map_or(Ok(()), Err));
+            let Some(reason) = outcome else { return };
+            if !critical {
+                tracing::warn!(task = %name, reason = %reason, "task {name} {reason}");
+                return;
             }
+            tracing::error!(
+                task = %name,
+                reason = %reason,
+                "critical task {name} {reason}; shutting down"
+            );
+            let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+            f.get_or_insert_with(|| format!("critical task {name} {reason}"));
+            root.cancel();
         });
+    }
+
+    /// With the `faults` feature, `fut` panics when a test calls
+    /// [`Workers::inject_panic`] for `name`; otherwise it is `fut`.
+    #[cfg(feature = "faults")]
+    fn with_faults<F>(
+        &self,
+        name: &str,
+        fut: F,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send + 'static
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let fault = self.workers.fault(name);
+        let name = name.to_owned();
+        async move {
+            tokio::select! {
+                r = fut => r,
+                () = fault.notified() => panic!("fault injected into {name}"),
+            }
+        }
+    }
+
+    #[cfg(not(feature = "faults"))]
+    fn with_faults<F>(&self, _name: &str, fut: F) -> F {
+        fut
     }
 
     /// Cancels the root token on the first SIGTERM/SIGINT; a second one
@@ -116,6 +191,9 @@ impl Shutdown {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let root = self.root.clone();
+        // Outside the tracker on purpose: it must outlive the drain (a
+        // second signal during it exits at once), and it ends with the
+        // process.
         tokio::spawn(async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received; shutting down gracefully"),
@@ -166,6 +244,7 @@ impl Shutdown {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workers::TaskState;
 
     #[tokio::test]
     async fn graceful_shutdown_waits_for_tasks() {
@@ -205,6 +284,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(code, ExitCode::from(EXIT_TASK_FAILED));
+    }
+
+    #[tokio::test]
+    async fn workers_show_how_each_task_ended() {
+        let s = Shutdown::new();
+        s.spawn("seeder", async { Ok(()) });
+        s.spawn("probe", async { panic!("bad input") });
+        let token = s.token();
+        s.spawn_critical("scheduler", async move {
+            token.cancelled().await;
+            Ok(())
+        });
+        let workers = s.workers().clone();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while workers.get("probe").unwrap().task != TaskState::Failed
+                || workers.get("seeder").unwrap().task != TaskState::Finished
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        // A task that is not critical does not stop the others.
+        assert!(!s.is_shutting_down());
+        let probe = workers.get("probe").unwrap();
+        assert_eq!(probe.last_error.unwrap().message, "panicked: bad input");
+        assert_eq!(workers.get("scheduler").unwrap().task, TaskState::Running);
+        s.trigger();
+        assert_eq!(s.wait(Duration::from_secs(5)).await, ExitCode::SUCCESS);
+        assert_eq!(workers.get("scheduler").unwrap().task, TaskState::Finished);
     }
 
     #[tokio::test(start_paused = true)]

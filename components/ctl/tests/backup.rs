@@ -54,7 +54,7 @@ async fn heavy_bulwarkctl_backup_commands() {
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = grpc.local_addr().unwrap().to_string();
     let shutdown = Shutdown::new();
-    bulwark_backup::run(config, Listeners { grpc, admin }, shutdown.clone())
+    bulwark_backup::run(config, Listeners { grpc, admin }, &shutdown)
         .await
         .unwrap();
     let operator = pki.client("alice", &["system:masters"]).unwrap();

@@ -257,7 +257,7 @@ impl Lab {
             (spec.configure)(i, &mut c);
             let config = config::validated(&c).unwrap();
             let shutdown = Shutdown::new();
-            bulwark_backup::run(config.clone(), Listeners { grpc, admin }, shutdown.clone())
+            bulwark_backup::run(config.clone(), Listeners { grpc, admin }, &shutdown)
                 .await
                 .unwrap();
             configs.push(config);

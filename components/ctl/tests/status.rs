@@ -114,7 +114,7 @@ async fn heavy_status_shows_the_whole_control_plane_and_marks_what_is_missing() 
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backup_addr = grpc.local_addr().unwrap().to_string();
     let shutdown = Shutdown::new();
-    bulwark_backup::run(config, Listeners { grpc, admin }, shutdown.clone())
+    bulwark_backup::run(config, Listeners { grpc, admin }, &shutdown)
         .await
         .unwrap();
 

@@ -108,7 +108,7 @@ pub struct LbConfig {
     /// empty. Afterwards the registry is what Raft says.
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
-    /// `/livez`, `/readyz`, `/metrics`.
+    /// `/livez`, `/readyz`, `/metrics`, `/debug/workers`.
     #[serde(default = "d_admin")]
     pub admin: AdminConfig,
     /// Logs.

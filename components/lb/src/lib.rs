@@ -28,4 +28,4 @@ pub mod proxy;
 pub mod raft;
 pub mod vip;
 
-pub use node::{Listeners, Node, run};
+pub use node::{Lb, Listeners, Node, run};

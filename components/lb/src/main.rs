@@ -1,16 +1,13 @@
-//! `bulwark-lb`: parse flags, load the config, bind, run.
+//! `bulwark-lb`: parse flags; the shared daemon `main` loads the config,
+//! binds and runs [`bulwark_lb::Lb`] until SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use bulwark_common::config::Overrides;
 use bulwark_common::daemon::DaemonArgs;
-use bulwark_common::shutdown::Shutdown;
-use bulwark_lb::config::LbConfig;
 use clap::Parser;
-use tracing::Instrument;
 
 /// The apiserver front: a Raft-elected, quorum-fenced virtual IP and an L4
 /// TCP proxy to the kube-apiservers.
@@ -49,44 +46,5 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match args.daemon.load_or_exit::<LbConfig>(args.overrides()) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(config)) {
-        Ok(code) => code,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "bulwark-lb failed to start");
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn serve(config: LbConfig) -> anyhow::Result<ExitCode> {
-    bulwark_common::telemetry::init_logging(&config.logging).context("starting logs")?;
-    bulwark_lb::metrics::register(&config);
-    let span = tracing::info_span!("lb", node = config.node_id);
-    run(config).instrument(span).await
-}
-
-async fn run(config: LbConfig) -> anyhow::Result<ExitCode> {
-    let shutdown = Shutdown::new();
-    shutdown
-        .listen_for_signals()
-        .context("installing signal handlers")?;
-    let listeners = bulwark_lb::Listeners::bind(&config).await?;
-    let grace = config.shutdown_grace;
-    bulwark_lb::run(config, listeners, &shutdown).await?;
-    Ok(shutdown.wait(grace).await)
+    bulwark_common::daemon::main::<bulwark_lb::Lb>(&args.daemon, args.overrides())
 }

@@ -1,4 +1,6 @@
-//! One bulwark-lb node, wired together: `run(config, listeners, shutdown)`.
+//! One bulwark-lb node, wired together: `run(config, listeners, shutdown)`,
+//! and [`Lb`], the daemon the shared `main` (`bulwark_common::daemon::main`)
+//! runs.
 //!
 //! The caller binds every listener ([`Listeners::bind`] in `main`, port 0
 //! in tests), so several nodes can run in one process. What runs:
@@ -32,8 +34,10 @@ use bulwark_api::lb::v1::probe_reports_server::ProbeReportsServer;
 use bulwark_api::raft::v1 as pb;
 use bulwark_api::raft::v1::raft_server::RaftServer;
 use bulwark_common::admin::Health;
+use bulwark_common::daemon::Daemon;
 use bulwark_common::grpc::GrpcServer;
 use bulwark_common::shutdown::Shutdown;
+use bulwark_common::telemetry::LoggingConfig;
 use openraft::async_runtime::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -61,7 +65,7 @@ pub struct Listeners {
     pub raft: TcpListener,
     /// The operator API.
     pub api: TcpListener,
-    /// `/livez`, `/readyz`, `/metrics`.
+    /// `/livez`, `/readyz`, `/metrics`, `/debug/workers`.
     pub admin: Option<TcpListener>,
     /// The node-local proxy listener.
     pub local: Option<TcpListener>,
@@ -248,7 +252,8 @@ pub async fn run(
         spawn_admin(shutdown, admin, &health, &servers);
     }
 
-    shutdown.spawn(
+    // Critical: a /readyz nobody updates any more would lie.
+    shutdown.spawn_critical(
         "readiness",
         readiness(raft.clone(), node_id, health, shutdown.token()),
     );
@@ -449,9 +454,10 @@ fn spawn_vip(
         config.vip.timing(&config.raft),
         actuator,
         signals.clone(),
-    );
+    )
+    .with_worker(shutdown.worker(crate::vip::WORKER));
     let token = shutdown.token();
-    shutdown.spawn_critical("vip", task.run(token));
+    shutdown.spawn_critical(crate::vip::WORKER, task.run(token));
 }
 
 /// Serves a proxy listener (the arp-mode front or the node-local one),
@@ -471,6 +477,9 @@ fn spawn_proxy(
     });
 }
 
+/// The health aggregator's name as a worker (`/debug/workers`).
+pub const HEALTH_WORKER: &str = "health";
+
 /// Runs health aggregation (active while this node leads) and returns
 /// the service the API reports from.
 fn spawn_health(
@@ -480,11 +489,16 @@ fn spawn_health(
     sm: &StateMachineStore,
 ) -> HealthService {
     let health_service = HealthService::new(config.health.clone());
+    let worker = shutdown.worker(HEALTH_WORKER);
     shutdown.spawn_critical(
-        "health",
-        health_service
-            .clone()
-            .run(raft.clone(), sm.clone(), config.node_id, shutdown.token()),
+        HEALTH_WORKER,
+        health_service.clone().run(
+            raft.clone(),
+            sm.clone(),
+            config.node_id,
+            shutdown.token(),
+            worker,
+        ),
     );
     health_service
 }
@@ -521,8 +535,9 @@ fn spawn_admin(
 ) {
     let (h, token) = (health.clone(), servers.clone());
     let metrics = bulwark_common::telemetry::metrics_handle();
+    let workers = shutdown.workers().clone();
     shutdown.spawn_critical("admin", async move {
-        bulwark_common::admin::serve(admin, h, Some(metrics), token)
+        bulwark_common::admin::serve(admin, h, Some(metrics), workers, token)
             .await
             .context("admin server")
     });
@@ -718,4 +733,42 @@ async fn lifecycle(
     }
     servers.cancel();
     Ok(())
+}
+
+/// `bulwark-lb` as the shared daemon `main` runs it.
+#[derive(Debug)]
+pub enum Lb {}
+
+impl Daemon for Lb {
+    const NAME: &'static str = "bulwark-lb";
+    type Config = LbConfig;
+    type Listeners = Listeners;
+
+    fn logging(config: &LbConfig) -> &LoggingConfig {
+        &config.logging
+    }
+
+    fn grace(config: &LbConfig) -> Duration {
+        config.shutdown_grace
+    }
+
+    fn register_metrics(config: &LbConfig) {
+        crate::metrics::register(config);
+    }
+
+    fn span(config: &LbConfig) -> tracing::Span {
+        tracing::info_span!("lb", node = config.node_id)
+    }
+
+    async fn bind(config: &LbConfig) -> anyhow::Result<Listeners> {
+        Listeners::bind(config).await
+    }
+
+    async fn run(
+        config: LbConfig,
+        listeners: Listeners,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<()> {
+        run(config, listeners, shutdown).await.map(drop)
+    }
 }

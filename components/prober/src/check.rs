@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use bulwark_api::lb::v1::ProbeKind;
 use bulwark_common::tls::TlsError;
+use bulwark_common::workers::Worker;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -119,6 +120,10 @@ pub struct Check {
     probe: Probe,
     timing: ProbingConfig,
     state: CheckState,
+    /// Where the check reports its state, last success and last error
+    /// (`/debug/workers`); a registry of its own until
+    /// [`with_worker`](Check::with_worker).
+    worker: Worker,
 }
 
 /// Why the checks could not be built from the configuration.
@@ -152,6 +157,7 @@ impl Check {
         probe: Probe,
         timing: ProbingConfig,
     ) -> Self {
+        let worker = Worker::detached(&worker_name(target_id, kind));
         Self {
             target_id: target_id.to_owned(),
             address: address.to_owned(),
@@ -160,7 +166,20 @@ impl Check {
             probe,
             timing,
             state: CheckState::new(),
+            worker,
         }
+    }
+
+    /// Reports through `worker` (the daemon's registry) from now on.
+    #[must_use]
+    pub fn with_worker(mut self, worker: Worker) -> Self {
+        self.worker = worker;
+        self
+    }
+
+    /// The name the check runs under as a worker: `check cp-1/readyz`.
+    pub fn worker_name(&self) -> String {
+        worker_name(&self.target_id, self.kind)
     }
 
     /// Every check the configuration asks for: readyz and livez per
@@ -272,6 +291,15 @@ impl Check {
                 _ = cancel.cancelled() => return,
             };
             metrics::probe_finished(&self.target_id, kind, &outcome);
+            if outcome.ok {
+                self.worker.succeeded();
+            } else {
+                self.worker.failed(&format_args!(
+                    "{}: {}",
+                    outcome.reason.as_str_name(),
+                    outcome.detail
+                ));
+            }
             let observation = outcome.to_observation(&self.target_id, &self.address, self.kind);
             match self
                 .state
@@ -289,6 +317,7 @@ impl Check {
                         );
                     }
                     metrics::check_settled(&self.target_id, kind, up);
+                    self.worker.set_state(if up { "up" } else { "down" });
                     table.update(observation);
                 }
                 Transition::Steady => {
@@ -324,6 +353,10 @@ impl Check {
     pub fn kind(&self) -> ProbeKind {
         self.kind
     }
+}
+
+fn worker_name(target_id: &str, kind: ProbeKind) -> String {
+    format!("check {target_id}/{}", kind_label(kind))
 }
 
 /// The metric label of a probe kind.

@@ -49,7 +49,7 @@ pub struct ProberConfig {
     /// Empty when zones are not used.
     #[serde(default)]
     pub zone: String,
-    /// The admin HTTP server (`/livez`, `/readyz`, `/metrics`).
+    /// The admin HTTP server (`/livez`, `/readyz`, `/metrics`, `/debug/workers`).
     #[serde(default = "default_admin")]
     pub admin: AdminConfig,
     /// Logs.

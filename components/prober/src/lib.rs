@@ -16,8 +16,9 @@
 //!   HEARTBEAT; leader hints; backoff);
 //! - `metrics`: `bulwark_prober_*`.
 //!
-//! [`run`] wires them together with the admin server; `main.rs` only parses
-//! flags, loads the config, binds and calls it.
+//! [`run`] wires them together with the admin server as tasks of a
+//! [`Shutdown`]; [`Prober`] is the daemon the shared `main`
+//! (`bulwark_common::daemon::main`) runs, so `main.rs` only parses flags.
 
 pub mod check;
 pub mod config;
@@ -26,11 +27,15 @@ pub mod observations;
 pub mod probe;
 pub mod report;
 
+use std::time::Duration;
+
+use anyhow::Context as _;
 use bulwark_common::admin::{self, Health};
+use bulwark_common::daemon::Daemon;
+use bulwark_common::shutdown::Shutdown;
+use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::TlsError;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use config::ProberConfig;
 
@@ -38,7 +43,7 @@ use crate::check::{BuildError, Check};
 use crate::observations::Observations;
 use crate::report::Reporter;
 
-/// Why the prober could not run.
+/// Why the prober could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// A check could not be built (TLS files, addresses).
@@ -47,24 +52,38 @@ pub enum RunError {
     /// The report identity could not be loaded.
     #[error("report.tls: {0}")]
     ReportTls(#[source] TlsError),
-    /// The admin server failed.
-    #[error("admin server: {0}")]
-    Admin(#[source] std::io::Error),
 }
 
 /// Readiness check names on the admin server.
 const READY_PROBING: &str = "probing";
 const READY_LEADER: &str = "lb-leader";
 
-/// Runs the prober until `shutdown` is cancelled: every check, the reporter
-/// (when endpoints are configured) and, when given a listener, the admin
-/// server. `/readyz` passes once the checks run and a stream to the LB
-/// leader is acknowledged (without endpoints: once the checks run).
+/// How long a graceful shutdown may take: checks stop at once, the report
+/// stream closes, the admin server drains.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// The sockets [`run`] serves on, bound by the caller.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// `/livez`, `/readyz`, `/metrics`, `/debug/workers`; none in tests
+    /// that do not read them.
+    pub admin: Option<TcpListener>,
+}
+
+/// Starts the prober as tasks of `shutdown`: every check (a worker named
+/// `check <target>/<kind>`), the reporter (when endpoints are configured)
+/// and, when given a listener, the admin server. Returns once they run.
+/// `/readyz` passes once the checks run and a stream to the LB leader is
+/// acknowledged (without endpoints: once the checks run). A check or the
+/// reporter that panics or ends before shutdown stops the prober.
 pub async fn run(
     config: ProberConfig,
-    admin_listener: Option<TcpListener>,
-    shutdown: CancellationToken,
+    listeners: Listeners,
+    shutdown: &Shutdown,
 ) -> Result<(), RunError> {
+    // Installs the recorder before any worker counts anything (a counter
+    // bumped before it exists is lost).
+    let metrics = bulwark_common::telemetry::metrics_handle();
     let table = Observations::new();
     let checks = Check::from_config(&config)?;
     let health = Health::new();
@@ -75,12 +94,11 @@ pub async fn run(
     } else {
         Some(
             Reporter::new(identity.clone(), &config.report, table.clone())
-                .map_err(RunError::ReportTls)?,
+                .map_err(RunError::ReportTls)?
+                .with_worker(shutdown.worker(report::WORKER)),
         )
     };
 
-    let tracker = TaskTracker::new();
-    let tasks = shutdown.child_token();
     tracing::info!(
         node = %identity.node_name,
         zone = %identity.zone,
@@ -90,66 +108,90 @@ pub async fn run(
         "prober starting"
     );
     for check in checks {
-        tracker.spawn(check.run(table.clone(), tasks.child_token()));
+        let name = check.worker_name();
+        let check = check.with_worker(shutdown.worker(name.clone()));
+        let (table, token) = (table.clone(), shutdown.token());
+        shutdown.spawn_critical(name, async move {
+            check.run(table, token).await;
+            Ok(())
+        });
     }
     health.set_ready(READY_PROBING, Ok(()));
 
     if let Some(reporter) = reporter {
-        health.set_ready(READY_LEADER, Err("not connected to the LB leader".into()));
-        let mut leader = reporter.leader();
-        let h = health.clone();
-        let token = tasks.child_token();
-        tracker.spawn(async move {
-            loop {
-                let state = match leader.borrow_and_update().as_deref() {
-                    Some(_) => Ok(()),
-                    None => Err("not connected to the LB leader".to_owned()),
-                };
-                h.set_ready(READY_LEADER, state);
-                tokio::select! {
-                    r = leader.changed() => if r.is_err() { return },
-                    _ = token.cancelled() => return,
-                }
-            }
+        spawn_reporter(reporter, &health, shutdown);
+    }
+    if let Some(listener) = listeners.admin {
+        let (health, workers, token) = (health, shutdown.workers().clone(), shutdown.token());
+        shutdown.spawn_critical("admin", async move {
+            admin::serve(listener, health, Some(metrics), workers, token)
+                .await
+                .context("admin server")
         });
-        tracker.spawn(reporter.run(tasks.child_token()));
+    }
+    Ok(())
+}
+
+/// The reporter, and the readiness check that follows its leader.
+fn spawn_reporter(reporter: Reporter, health: &Health, shutdown: &Shutdown) {
+    health.set_ready(READY_LEADER, Err("not connected to the LB leader".into()));
+    let mut leader = reporter.leader();
+    let h = health.clone();
+    let token = shutdown.token();
+    // Critical: a /readyz nobody updates any more would lie.
+    shutdown.spawn_critical("leader readiness", async move {
+        loop {
+            let state = match leader.borrow_and_update().as_deref() {
+                Some(_) => Ok(()),
+                None => Err("not connected to the LB leader".to_owned()),
+            };
+            h.set_ready(READY_LEADER, state);
+            tokio::select! {
+                r = leader.changed() => if r.is_err() { return Ok(()) },
+                _ = token.cancelled() => return Ok(()),
+            }
+        }
+    });
+    let token = shutdown.token();
+    shutdown.spawn_critical(report::WORKER, async move {
+        reporter.run(token).await;
+        Ok(())
+    });
+}
+
+/// `bulwark-prober` as the shared daemon `main` runs it.
+#[derive(Debug)]
+pub enum Prober {}
+
+impl Daemon for Prober {
+    const NAME: &'static str = "bulwark-prober";
+    type Config = ProberConfig;
+    type Listeners = Listeners;
+
+    fn logging(config: &ProberConfig) -> &LoggingConfig {
+        &config.logging
     }
 
-    let admin = admin_listener.map(|listener| {
-        tokio::spawn(admin::serve(
-            listener,
-            health.clone(),
-            Some(bulwark_common::telemetry::metrics_handle()),
-            tasks.child_token(),
-        ))
-    });
+    fn grace(_: &ProberConfig) -> Duration {
+        GRACE
+    }
 
-    let result = match admin {
-        Some(mut admin) => tokio::select! {
-            _ = shutdown.cancelled() => {
-                tasks.cancel();
-                match admin.await {
-                    Ok(r) => r.map_err(RunError::Admin),
-                    Err(e) => Err(RunError::Admin(std::io::Error::other(e))),
-                }
-            }
-            r = &mut admin => {
-                // The admin server only ends early on an error.
-                tasks.cancel();
-                match r {
-                    Ok(r) => r.map_err(RunError::Admin),
-                    Err(e) => Err(RunError::Admin(std::io::Error::other(e))),
-                }
-            }
-        },
-        None => {
-            shutdown.cancelled().await;
-            tasks.cancel();
-            Ok(())
-        }
-    };
-    tracker.close();
-    tracker.wait().await;
-    tracing::info!("prober stopped");
-    result
+    fn register_metrics(config: &ProberConfig) {
+        metrics::register(config);
+    }
+
+    async fn bind(config: &ProberConfig) -> anyhow::Result<Listeners> {
+        let admin = TcpListener::bind(config.admin.address)
+            .await
+            .with_context(|| format!("binding the admin address {}", config.admin.address))?;
+        Ok(Listeners { admin: Some(admin) })
+    }
+
+    async fn run(
+        config: ProberConfig,
+        listeners: Listeners,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<()> {
+        run(config, listeners, shutdown).await.map_err(Into::into)
+    }
 }

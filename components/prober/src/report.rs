@@ -29,6 +29,7 @@ use std::time::Duration;
 use bulwark_api::lb::v1::probe_reports_client::ProbeReportsClient;
 use bulwark_api::lb::v1::{ProbeKind, ProbeReport, ProbeReportAck, ProberIdentity, ReportKind};
 use bulwark_common::tls::{TlsError, TlsMaterial};
+use bulwark_common::workers::Worker;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,6 +43,9 @@ use crate::observations::{CheckKey, Observations, OutcomeClass};
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Reports queued on a stream before the reporter waits (and coalesces).
 const QUEUE: usize = 2;
+
+/// The reporter's name as a worker (`/debug/workers`).
+pub const WORKER: &str = "reporter";
 /// How long opening a stream may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -70,6 +74,8 @@ pub struct Reporter {
     tls: TlsMaterial,
     table: Observations,
     leader: watch::Sender<Option<String>>,
+    /// Where the reporter reports its state (`/debug/workers`).
+    worker: Worker,
 }
 
 /// How a stream ended.
@@ -114,7 +120,15 @@ impl Reporter {
             tls: config.tls.load()?,
             table,
             leader: watch::Sender::new(None),
+            worker: Worker::detached(WORKER),
         })
+    }
+
+    /// Reports through `worker` (the daemon's registry) from now on.
+    #[must_use]
+    pub fn with_worker(mut self, worker: Worker) -> Self {
+        self.worker = worker;
+        self
     }
 
     /// The leader's address while a stream to it is acknowledged, `None`
@@ -134,6 +148,7 @@ impl Reporter {
         let mut backoff = self.initial_backoff;
         let mut redirects = 0usize;
         loop {
+            self.worker.set_state("connecting");
             let (end, acked) = self.session(&target, &mut sequence, &cancel).await;
             self.leader.send_replace(None);
             metrics::connected(false);
@@ -159,6 +174,9 @@ impl Reporter {
                 End::Retry { cause, detail } => (cause, detail),
             };
             metrics::reconnect(cause);
+            self.worker.failed(&format_args!(
+                "stream to {target} ended ({cause}): {detail}"
+            ));
             redirects = 0;
             let wait = jitter(backoff);
             tracing::warn!(endpoint = %target, cause, %detail, retry_in = ?wait, "report stream ended");
@@ -365,10 +383,12 @@ impl Reporter {
         if !s.acked {
             s.acked = true;
             tracing::info!(leader = %address, "reporting to the LB leader");
+            self.worker.set_state("connected");
             self.leader.send_replace(Some(address.to_owned()));
             metrics::connected(true);
         }
         s.last_ack = Instant::now();
+        self.worker.succeeded();
         s.acked_seq = s.acked_seq.max(ack.accepted_sequence);
         if ack.resync_required {
             tracing::info!(

@@ -12,6 +12,7 @@ mod support;
 use std::time::Duration;
 
 use bulwark_api::lb::v1::{Observation, ProbeKind, ProbeReason, ReportKind};
+use bulwark_common::shutdown::Shutdown;
 use bulwark_prober::config::{ProberConfig, ReportConfig, TcpTarget};
 use bulwark_prober::observations::Observations;
 use bulwark_prober::report::{self, Reporter};
@@ -316,8 +317,11 @@ async fn run_is_ready_while_a_leader_acknowledges_and_stops_on_cancel() {
     c.report.initial_backoff = Duration::from_millis(20);
     c.report.max_backoff = Duration::from_millis(200);
     let config: ProberConfig = config::validated(&c).unwrap();
-    let cancel = CancellationToken::new();
-    let run = tokio::spawn(bulwark_prober::run(config, Some(admin), cancel.clone()));
+    let shutdown = Shutdown::new();
+    let listeners = bulwark_prober::Listeners { admin: Some(admin) };
+    bulwark_prober::run(config, listeners, &shutdown)
+        .await
+        .unwrap();
 
     // The TCP check settles up and reaches the leader.
     let r = loop {
@@ -352,11 +356,10 @@ async fn run_is_ready_while_a_leader_acknowledges_and_stops_on_cancel() {
     assert_eq!(code, 503);
     assert!(body.contains("[-]lb-leader failed"), "{body}");
 
-    cancel.cancel();
-    tokio::time::timeout(WAIT, run)
+    shutdown.trigger();
+    let code = tokio::time::timeout(WAIT, shutdown.wait(WAIT))
         .await
-        .expect("run did not stop")
-        .unwrap()
-        .unwrap();
+        .expect("run did not stop");
+    assert_eq!(code, std::process::ExitCode::SUCCESS);
     drop(target);
 }

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bulwark_common::workers::Worker;
 use chrono::Utc;
 use etcd_client::{EventType, WatchOptions};
 use tokio_util::sync::CancellationToken;
@@ -54,10 +55,16 @@ pub struct Recorder {
     engine: Arc<Engine>,
     settings: DeltaSettings,
     status: Arc<Mutex<DeltaStatus>>,
+    /// Where the recorder reports (`/debug/workers`): its state, each
+    /// committed segment, each error.
+    worker: Worker,
 }
 
 /// Takes a new full snapshot (after a gap).
 pub type SnapshotFn<'a> = dyn Fn() -> futures::future::BoxFuture<'a, Result<()>> + Send + Sync + 'a;
+
+/// The recorder's name as a worker (`/debug/workers`).
+pub const WORKER: &str = "delta recorder";
 
 /// How often the recorder checks whether a newer full snapshot exists.
 const BASE_CHECK: Duration = Duration::from_secs(2);
@@ -73,12 +80,21 @@ impl Recorder {
             engine,
             settings,
             status,
+            worker: Worker::detached(WORKER),
         }
+    }
+
+    /// Reports through `worker` (the daemon's registry) from now on.
+    #[must_use]
+    pub fn with_worker(mut self, worker: Worker) -> Self {
+        self.worker = worker;
+        self
     }
 
     fn update(&self, f: impl FnOnce(&mut DeltaStatus)) {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
+        self.worker.set_state(s.state.as_str());
         let lag = s.rpo_lag(Utc::now());
         crate::metrics::delta_status(s.newest_revision, lag, s.state == RecorderState::Running);
     }
@@ -147,6 +163,7 @@ impl Recorder {
 
     fn failed(&self, e: &BackupError) {
         tracing::warn!(error = %e, "delta recorder");
+        self.worker.failed(e);
         self.update(|s| s.last_error = Some(e.to_string()));
     }
 
@@ -290,6 +307,7 @@ impl Recorder {
         let meta = self.engine.commit_segment(base, events).await?;
         tracing::debug!(segment = %meta.id, events = meta.event_count, "delta segment committed");
         crate::metrics::delta_committed(meta.event_count);
+        self.worker.succeeded();
         self.update(|s| {
             s.newest_revision = meta.last_revision;
             s.newest_at = Some(meta.last_event_at);

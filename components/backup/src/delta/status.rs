@@ -15,6 +15,17 @@ pub enum RecorderState {
     Gap,
 }
 
+impl RecorderState {
+    /// Lower-case name, as `/debug/workers` shows it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Running => "running",
+            Self::Gap => "gap",
+        }
+    }
+}
+
 /// The recorder's shared status.
 #[derive(Clone, Debug)]
 pub struct DeltaStatus {

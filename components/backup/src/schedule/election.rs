@@ -21,6 +21,8 @@ use etcd_client::{LeaderKey, ResignOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use bulwark_common::workers::Worker;
+
 use crate::error::{BackupError, Result};
 use crate::etcd::{EtcdConnector, classify};
 
@@ -33,8 +35,11 @@ pub struct LeaderState {
     pub term: u64,
 }
 
+/// The election's name as a worker (`/debug/workers`).
+pub const WORKER: &str = "leader election";
+
 /// Runs the campaign until `cancel` with `node`'s election value,
-/// publishing leadership on `tx`.
+/// publishing leadership on `tx` and its state through `worker`.
 pub async fn run(
     connector: EtcdConnector,
     name: String,
@@ -42,12 +47,19 @@ pub async fn run(
     ttl: Duration,
     tx: watch::Sender<LeaderState>,
     cancel: CancellationToken,
+    worker: Worker,
 ) {
-    let mut term = 0;
     let value = node.value();
+    let mut publish = Publish {
+        tx: &tx,
+        worker: &worker,
+        term: 0,
+    };
     while !cancel.is_cancelled() {
-        if let Err(e) = campaign_once(&connector, &name, &value, ttl, &tx, &mut term, &cancel).await
-        {
+        worker.set_state("campaigning");
+        let campaign = campaign_once(&connector, &name, &value, ttl, &mut publish, &cancel);
+        if let Err(e) = campaign.await {
+            worker.failed(&e);
             tracing::warn!(error = %e, "backup leader election: retrying");
             tokio::select! {
                 _ = cancel.cancelled() => {}
@@ -58,13 +70,20 @@ pub async fn run(
     tx.send_modify(|s| s.is_leader = false);
 }
 
+/// Where a campaign publishes leadership: the scheduler's watch, the
+/// election's worker state, and the term count.
+struct Publish<'a> {
+    tx: &'a watch::Sender<LeaderState>,
+    worker: &'a Worker,
+    term: u64,
+}
+
 async fn campaign_once(
     connector: &EtcdConnector,
     name: &str,
     value: &str,
     ttl: Duration,
-    tx: &watch::Sender<LeaderState>,
-    term: &mut u64,
+    publish: &mut Publish<'_>,
     cancel: &CancellationToken,
 ) -> Result<()> {
     let eps = connector.endpoints().to_vec();
@@ -76,23 +95,19 @@ async fn campaign_once(
         .await
         .map_err(|e| classify(&eps, "lease grant", &e))?
         .id();
-    let lost = CancellationToken::new();
-    let keeper = tokio::spawn(keep_alive(
-        client.clone(),
-        lease,
-        ttl,
-        eps.clone(),
-        lost.clone(),
-    ));
+    // Polled alongside the campaign and the lead, inside this task: it
+    // cannot outlive them, and if it ends (the lease is lost) so does
+    // the lead, so no leader runs on a lease nobody refreshes.
+    let keeper = keep_alive(client.clone(), lease, ttl, eps.clone());
+    tokio::pin!(keeper);
 
     let campaign = tokio::select! {
         r = client.campaign(name, value, lease) => r.map_err(|e| classify(&eps, "campaign", &e)),
-        _ = lost.cancelled() => Err(BackupError::Etcd {
+        () = &mut keeper => Err(BackupError::Etcd {
             operation: "campaign",
             detail: "the election lease could not be kept alive".into(),
         }),
         _ = cancel.cancelled() => {
-            keeper.abort();
             let _ = client.lease_revoke(lease).await;
             return Ok(());
         }
@@ -100,26 +115,30 @@ async fn campaign_once(
     let leader_key: Option<LeaderKey> = match campaign {
         Ok(resp) => resp.leader().cloned(),
         Err(e) => {
-            keeper.abort();
             let _ = client.lease_revoke(lease).await;
             return Err(e);
         }
     };
-    *term += 1;
-    tracing::info!(term = *term, election = name, "became the backup leader");
-    tx.send_replace(LeaderState {
+    publish.term += 1;
+    tracing::info!(
+        term = publish.term,
+        election = name,
+        "became the backup leader"
+    );
+    publish.tx.send_replace(LeaderState {
         is_leader: true,
-        term: *term,
+        term: publish.term,
     });
+    publish.worker.set_state("leading");
+    publish.worker.succeeded();
     metrics::gauge!(crate::metrics::LEADER).set(1.0);
 
     tokio::select! {
-        _ = lost.cancelled() => {}
+        () = &mut keeper => {}
         _ = cancel.cancelled() => {}
     }
-    tx.send_modify(|s| s.is_leader = false);
+    publish.tx.send_modify(|s| s.is_leader = false);
     metrics::gauge!(crate::metrics::LEADER).set(0.0);
-    keeper.abort();
     if cancel.is_cancelled() {
         // Hand over now rather than after the TTL.
         let resign = ResignOptions::new();
@@ -140,15 +159,9 @@ async fn campaign_once(
     }
 }
 
-/// Refreshes the lease every third of the TTL; cancels `lost` when the
-/// lease is gone or has not been refreshed for two thirds of the TTL.
-async fn keep_alive(
-    mut client: etcd_client::Client,
-    lease: i64,
-    ttl: Duration,
-    eps: Vec<String>,
-    lost: CancellationToken,
-) {
+/// Refreshes the lease every third of the TTL; returns when the lease is
+/// gone or has not been refreshed for two thirds of the TTL.
+async fn keep_alive(mut client: etcd_client::Client, lease: i64, ttl: Duration, eps: Vec<String>) {
     let period = ttl / 3;
     let deadline = ttl * 2 / 3;
     let mut last_ok = Instant::now();
@@ -156,7 +169,6 @@ async fn keep_alive(
     loop {
         if last_ok.elapsed() > deadline {
             tracing::warn!("election lease not refreshed in time; stepping down");
-            lost.cancel();
             return;
         }
         if channel.is_none() {
@@ -177,7 +189,6 @@ async fn keep_alive(
                 Ok(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = Instant::now(),
                 Ok(Ok(Some(_))) => {
                     tracing::warn!("election lease expired; stepping down");
-                    lost.cancel();
                     return;
                 }
                 _ => channel = None,

@@ -16,6 +16,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bulwark_common::workers::Worker;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,9 @@ use crate::schedule::ticks::Schedule;
 use crate::snapshot::manifest::{Manifest, Trigger, VerificationRecord};
 use crate::snapshot::{Progress, SnapshotOptions};
 use crate::verify::VerifyProgress;
+
+/// The scheduler's name as a worker (`/debug/workers`).
+pub const SCHEDULER: &str = "scheduler";
 
 /// Scheduling knobs, from the config.
 #[derive(Clone, Debug)]
@@ -79,6 +83,10 @@ pub struct Service {
     restore_lock: tokio::sync::Mutex<()>,
     restore_state: Mutex<Option<RestoreRunning>>,
     recorder_pause: RecorderPause,
+    /// Where the scheduler reports (`/debug/workers`).
+    scheduler: Worker,
+    /// Where the delta recorder reports.
+    recorder: Worker,
 }
 
 /// The restore this instance coordinates now.
@@ -113,7 +121,18 @@ impl Service {
             restore_lock: tokio::sync::Mutex::new(()),
             restore_state: Mutex::new(None),
             recorder_pause: RecorderPause::default(),
+            scheduler: Worker::detached(SCHEDULER),
+            recorder: Worker::detached(crate::delta::recorder::WORKER),
         }
+    }
+
+    /// Reports the scheduler's and the delta recorder's state through
+    /// these handles (the daemon's registry) from now on.
+    #[must_use]
+    pub fn with_workers(mut self, scheduler: Worker, recorder: Worker) -> Self {
+        self.scheduler = scheduler;
+        self.recorder = recorder;
+        self
     }
 
     /// The delta recorder's pause, held by this node's restore agent.
@@ -201,6 +220,7 @@ impl Service {
     }
 
     fn remember_error(&self, operation: &str, e: &BackupError) {
+        self.scheduler.failed(&format_args!("{operation}: {e}"));
         self.lock().last_error = Some(ErrorRecord {
             at: Utc::now(),
             operation: operation.to_owned(),
@@ -259,33 +279,41 @@ impl Service {
     pub async fn run_scheduler(self: Arc<Self>, cancel: CancellationToken) {
         let mut rx = self.leader.clone();
         loop {
+            self.scheduler.set_state("standby");
             while !rx.borrow_and_update().is_leader {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     changed = rx.changed() => if changed.is_err() { return },
                 }
             }
+            self.scheduler.set_state("leading");
             let lead = cancel.child_token();
-            let watcher = {
-                let lead = lead.clone();
+            // Ends the lead when leadership is lost; part of this task
+            // (not a task of its own), so nothing outlives the lead.
+            let watcher = async {
                 let mut rx = rx.clone();
-                tokio::spawn(async move {
-                    while rx.borrow_and_update().is_leader {
-                        if rx.changed().await.is_err() {
-                            break;
+                tokio::select! {
+                    _ = lead.cancelled() => {}
+                    _ = async {
+                        while rx.borrow_and_update().is_leader {
+                            if rx.changed().await.is_err() {
+                                break;
+                            }
                         }
-                    }
-                    lead.cancel();
-                })
-            };
-            let deltas = async {
-                if let Some(settings) = self.settings.deltas.clone() {
-                    self.record_deltas(settings, &lead).await;
+                    } => {}
                 }
+                lead.cancel();
             };
-            tokio::join!(self.lead(&lead), deltas);
-            lead.cancel();
-            watcher.abort();
+            let work = async {
+                let deltas = async {
+                    if let Some(settings) = self.settings.deltas.clone() {
+                        self.record_deltas(settings, &lead).await;
+                    }
+                };
+                tokio::join!(self.lead(&lead), deltas);
+                lead.cancel();
+            };
+            tokio::join!(work, watcher);
             self.lock().next_run = None;
             if cancel.is_cancelled() {
                 return;
@@ -311,7 +339,8 @@ impl Service {
                 self.engine.clone(),
                 settings.clone(),
                 self.delta_status.clone(),
-            );
+            )
+            .with_worker(self.recorder.clone());
             let run = async {
                 recorder
                     .run(&recording, &|| Box::pin(self.gap_snapshot(lead)))
@@ -446,6 +475,7 @@ impl Service {
             match self.snapshot(options, &(), lead, &may_commit).await {
                 Ok(_) => {
                     self.lock().last_error = None;
+                    self.scheduler.succeeded();
                     self.retention().await;
                     return;
                 }
@@ -466,7 +496,10 @@ impl Service {
 
     async fn retention(&self) {
         match self.engine.apply_retention(Utc::now()).await {
-            Ok(o) => crate::metrics::retention(o.deleted.len()),
+            Ok(o) => {
+                crate::metrics::retention(o.deleted.len());
+                self.scheduler.succeeded();
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "retention failed");
                 self.remember_error("retention", &e);
@@ -483,9 +516,12 @@ impl Service {
                 return;
             }
         };
-        if let Err(e) = self.verify(&latest.manifest.id, true, &(), lead).await {
-            tracing::warn!(error = %e, "scheduled drill could not run");
-            self.remember_error("scheduled drill", &e);
+        match self.verify(&latest.manifest.id, true, &(), lead).await {
+            Ok(_) => self.scheduler.succeeded(),
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduled drill could not run");
+                self.remember_error("scheduled drill", &e);
+            }
         }
     }
 }

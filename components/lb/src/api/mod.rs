@@ -597,37 +597,26 @@ impl BackendWatch for Api {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let r = request.into_inner();
         tracing::info!(watcher = %r.node_name, since = ?r.since_version, "backend watch opened");
-        let mut rx = self.sm.subscribe();
-        let mut last = r.since_version;
-        let stream = async_stream(move |tx| async move {
-            loop {
-                let state = rx.borrow_and_update().clone();
-                let set = backend_set(&state);
-                if last != Some(set.version) {
-                    last = Some(set.version);
-                    if tx.send(Ok(set)).await.is_err() {
-                        return;
+        // The stream does the work as tonic polls it: no task of its own,
+        // and it ends with the connection that owns it.
+        let stream = futures::stream::unfold(
+            (self.sm.subscribe(), r.since_version),
+            |(mut rx, mut last)| async move {
+                loop {
+                    let state = rx.borrow_and_update().clone();
+                    let set = backend_set(&state);
+                    if last != Some(set.version) {
+                        last = Some(set.version);
+                        return Some((Ok(set), (rx, last)));
+                    }
+                    if rx.changed().await.is_err() {
+                        return None;
                     }
                 }
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(stream))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
-}
-
-/// A stream fed by a task through a channel (the task ends when the
-/// client goes away).
-fn async_stream<F, Fut>(f: F) -> WatchStream
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<lb::BackendSet, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(f(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// The complete routable set at the applied version.

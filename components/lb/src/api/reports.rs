@@ -16,7 +16,7 @@ use std::pin::Pin;
 use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::probe_reports_server::ProbeReports;
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Api;
@@ -39,85 +39,108 @@ impl ProbeReports for Api {
                 "this node just became leader; health aggregation is starting",
             ));
         }
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let api = self.clone();
-        tokio::spawn(async move {
-            let mut leadership = api.health.leadership();
-            leadership.borrow_and_update();
-            let heartbeat =
-                bulwark_api::time::duration_to_proto(api.health.config().heartbeat_interval).ok();
-            let mut prober = String::new();
-            loop {
-                let message = tokio::select! {
-                    m = inbound.message() => m,
-                    _ = leadership.changed() => {
-                        api.send_hint(&tx, &prober).await;
-                        return;
-                    }
-                };
-                let report = match message {
-                    Ok(Some(r)) => r,
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::debug!(%prober, error = %e, "report stream ended");
-                        // A report that does not decode is the client's
-                        // error; say so rather than end the stream cleanly.
-                        if e.code() != tonic::Code::Cancelled {
-                            let _ = tx
-                                .send(Err(Status::invalid_argument(format!(
-                                    "a report could not be read: {}",
-                                    e.message().chars().take(200).collect::<String>()
-                                ))))
-                                .await;
-                        }
-                        return;
-                    }
-                };
-                if prober.is_empty()
-                    && let Some(p) = &report.prober
-                {
-                    prober = format!("{}@{}", p.node_name, p.zone);
-                    tracing::info!(%prober, "prober report stream opened");
-                }
-                let ack = match api.health.report(&report) {
-                    Ok(Some(outcome)) => lb::ProbeReportAck {
-                        accepted_sequence: outcome.accepted_sequence,
-                        leader_hint: None,
-                        resync_required: outcome.resync_required,
-                        heartbeat_interval: heartbeat,
-                    },
-                    Ok(None) => {
-                        api.send_hint(&tx, &prober).await;
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(%prober, error = %e, "malformed prober report refused");
-                        let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
-                        return;
-                    }
-                };
-                if tx.send(Ok(ack)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let mut leadership = self.health.leadership();
+        leadership.borrow_and_update();
+        let session = Session {
+            api: self.clone(),
+            inbound: request.into_inner(),
+            leadership,
+            heartbeat: bulwark_api::time::duration_to_proto(
+                self.health.config().heartbeat_interval,
+            )
+            .ok(),
+            prober: String::new(),
+            ended: false,
+        };
+        // The stream does the work as tonic polls it: no task of its own,
+        // and it ends with the connection that owns it.
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            session,
+            Session::next,
+        ))))
     }
 }
 
-impl Api {
-    /// Tells a prober where the leader is now, ending its stream here.
-    async fn send_hint(&self, tx: &mpsc::Sender<Result<lb::ProbeReportAck, Status>>, prober: &str) {
-        let hint = self.leader_hint().filter(|h| h.node_id != self.node_id);
-        tracing::info!(%prober, leader = ?hint.as_ref().map(|h| h.node_id), "leadership moved: sending the prober on");
-        let _ = tx
-            .send(Ok(lb::ProbeReportAck {
-                leader_hint: Some(hint.unwrap_or_default()),
-                ..Default::default()
-            }))
-            .await;
+/// One prober's report stream on the leader: each report read goes into
+/// the aggregator and yields its ack; a leadership change, a refused
+/// report or an unreadable one yields a last message and ends it.
+struct Session {
+    api: Api,
+    inbound: Streaming<lb::ProbeReport>,
+    leadership: watch::Receiver<u64>,
+    heartbeat: Option<prost_types::Duration>,
+    /// `node@zone`, once the first report named it.
+    prober: String,
+    /// The last message went out; the stream ends.
+    ended: bool,
+}
+
+impl Session {
+    async fn next(mut self) -> Option<(Result<lb::ProbeReportAck, Status>, Self)> {
+        if self.ended {
+            return None;
+        }
+        let message = tokio::select! {
+            m = self.inbound.message() => m,
+            _ = self.leadership.changed() => return Some((Ok(self.hint()), self.end())),
+        };
+        let report = match message {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(prober = %self.prober, error = %e, "report stream ended");
+                // A report that does not decode is the client's error; say
+                // so rather than end the stream cleanly.
+                if e.code() == tonic::Code::Cancelled {
+                    return None;
+                }
+                let status = Status::invalid_argument(format!(
+                    "a report could not be read: {}",
+                    e.message().chars().take(200).collect::<String>()
+                ));
+                return Some((Err(status), self.end()));
+            }
+        };
+        if self.prober.is_empty()
+            && let Some(p) = &report.prober
+        {
+            self.prober = format!("{}@{}", p.node_name, p.zone);
+            tracing::info!(prober = %self.prober, "prober report stream opened");
+        }
+        match self.api.health.report(&report) {
+            Ok(Some(outcome)) => {
+                let ack = lb::ProbeReportAck {
+                    accepted_sequence: outcome.accepted_sequence,
+                    leader_hint: None,
+                    resync_required: outcome.resync_required,
+                    heartbeat_interval: self.heartbeat,
+                };
+                Some((Ok(ack), self))
+            }
+            Ok(None) => Some((Ok(self.hint()), self.end())),
+            Err(e) => {
+                tracing::warn!(prober = %self.prober, error = %e, "malformed prober report refused");
+                let status = Status::invalid_argument(e.to_string());
+                Some((Err(status), self.end()))
+            }
+        }
+    }
+
+    fn end(mut self) -> Self {
+        self.ended = true;
+        self
+    }
+
+    /// Tells the prober where the leader is now, ending its stream here.
+    fn hint(&self) -> lb::ProbeReportAck {
+        let hint = self
+            .api
+            .leader_hint()
+            .filter(|h| h.node_id != self.api.node_id);
+        tracing::info!(prober = %self.prober, leader = ?hint.as_ref().map(|h| h.node_id), "leadership moved: sending the prober on");
+        lb::ProbeReportAck {
+            leader_hint: Some(hint.unwrap_or_default()),
+            ..Default::default()
+        }
     }
 }

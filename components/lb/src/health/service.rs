@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bulwark_api::lb::v1::{ProbeReport, ReportKind};
 use bulwark_api::raft::v1 as pb;
+use bulwark_common::workers::Worker;
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -125,6 +126,7 @@ impl HealthService {
         sm: StateMachineStore,
         node_id: NodeId,
         token: CancellationToken,
+        worker: Worker,
     ) -> anyhow::Result<()> {
         let mut metrics_rx = raft.metrics();
         let mut state_rx = sm.subscribe();
@@ -137,8 +139,9 @@ impl HealthService {
             };
             let state = state_rx.borrow_and_update().clone();
             self.follow_leadership(leading, &state);
+            worker.set_state(if leading { "leading" } else { "following" });
             if leading {
-                self.reconcile(&raft, &state).await;
+                worker.record(&self.reconcile(&raft, &state).await);
             }
             tokio::select! {
                 () = token.cancelled() => return Ok(()),
@@ -179,16 +182,21 @@ impl HealthService {
     }
 
     /// Evaluates, then proposes whatever differs from the committed state.
-    async fn reconcile(&self, raft: &Raft, state: &LbState) {
+    /// `Ok` when the committed verdicts agree with the aggregator's now;
+    /// the error says why a proposal did not commit.
+    async fn reconcile(&self, raft: &Raft, state: &LbState) -> Result<(), String> {
         let Some(cmd) = self.evaluate(state) else {
-            return;
+            return Ok(());
         };
         let changes = cmd.changes.clone();
         let fail_open = cmd.fail_open;
         let c = command(SystemTime::now(), pb::command::Command::ApplyVerdicts(cmd));
         match tokio::time::timeout(COMMIT_TIMEOUT, raft.client_write(c)).await {
             Err(_) => {
-                tracing::warn!("verdict changes not committed within {COMMIT_TIMEOUT:?}; retrying")
+                tracing::warn!("verdict changes not committed within {COMMIT_TIMEOUT:?}; retrying");
+                Err(format!(
+                    "verdict changes not committed within {COMMIT_TIMEOUT:?}"
+                ))
             }
             Ok(Ok(resp)) => {
                 for ch in &changes {
@@ -209,11 +217,15 @@ impl HealthService {
                         "ALERT fail-open: every backend looks down to the probers; routing to all of them"
                     );
                 }
+                Ok(())
             }
             // Not committed: the next pass (report or tick) finds the same
             // difference and proposes again, or leadership is gone and the
             // aggregator with it.
-            Ok(Err(e)) => tracing::warn!(error = %e, "verdict changes not committed; retrying"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "verdict changes not committed; retrying");
+                Err(format!("verdict changes not committed: {e}"))
+            }
         }
     }
 

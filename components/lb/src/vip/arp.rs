@@ -68,6 +68,9 @@ pub struct ArpVip {
     /// Valid and preferred lifetime of the address, in seconds.
     lifetime: u32,
     handle: rtnetlink::Handle,
+    /// The netlink connection's task, which `handle` talks through; the
+    /// VIP task watches it ([`ArpVip::connection_ended`]).
+    connection: Option<tokio::task::JoinHandle<()>>,
     /// Announcements still being sent for the current claim.
     announcing: Option<tokio::task::JoinHandle<()>>,
     /// Until when the holder's lease is known to be fresh; announcements
@@ -95,7 +98,7 @@ impl ArpVip {
         lifetime: Duration,
     ) -> std::io::Result<Self> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(connection);
+        let connection = Some(tokio::spawn(connection));
         Ok(Self {
             interface,
             addresses,
@@ -103,6 +106,7 @@ impl ArpVip {
             interval,
             lifetime: lifetime_seconds(lifetime),
             handle,
+            connection,
             announcing: None,
             valid_until: Arc::default(),
         })
@@ -226,6 +230,22 @@ impl ArpVip {
                 }
             }
         }));
+    }
+
+    /// Ends when the netlink connection's task ends (it should live as
+    /// long as this actuator: without it the VIP can be neither renewed
+    /// nor released), saying how; pending otherwise.
+    pub async fn connection_ended(&mut self) -> String {
+        let Some(task) = self.connection.as_mut() else {
+            return std::future::pending().await;
+        };
+        let outcome = task.await;
+        // Never polled again after it completed.
+        self.connection = None;
+        match outcome {
+            Err(e) if e.is_panic() => "the netlink connection task panicked".to_owned(),
+            _ => "the netlink connection ended".to_owned(),
+        }
     }
 
     /// Records that the holder's lease is fresh until `until`

@@ -13,6 +13,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backends::Backends;
@@ -24,6 +25,9 @@ pub struct BindVip {
     backends: Backends,
     proxy: Arc<ProxyConfig>,
     running: Option<(StdListener, CancellationToken)>,
+    /// The proxy task on the front listener while held; the VIP task
+    /// watches it ([`BindVip::serving_ended`]).
+    serving: Option<JoinHandle<Result<(), proxy::ProxyError>>>,
 }
 
 impl BindVip {
@@ -34,6 +38,7 @@ impl BindVip {
             backends,
             proxy,
             running: None,
+            serving: None,
         }
     }
 
@@ -57,16 +62,33 @@ impl BindVip {
         let tokio_listener = tokio::net::TcpListener::from_std(listener)?;
         let token = CancellationToken::new();
         let (backends, config, t) = (self.backends.clone(), self.proxy.clone(), token.clone());
-        let address = self.address;
-        tokio::spawn(async move {
-            if let Err(e) = proxy::serve_vip(tokio_listener, backends, config, t.clone()).await
-                && !t.is_cancelled()
-            {
-                tracing::error!(vip = %address, error = %e, "front listener failed");
-            }
-        });
+        self.serving = Some(tokio::spawn(proxy::serve_vip(
+            tokio_listener,
+            backends,
+            config,
+            t,
+        )));
         self.running = Some((ours, token));
         Ok(())
+    }
+
+    /// Ends when the front listener's proxy task ends while the VIP is
+    /// held (it fails, panics or returns), saying how; pending while not
+    /// held. A holder that no longer serves must not go on holding.
+    pub async fn serving_ended(&mut self) -> String {
+        let Some(task) = self.serving.as_mut() else {
+            return std::future::pending().await;
+        };
+        let outcome = task.await;
+        // Never polled again after it completed.
+        self.serving = None;
+        let why = match outcome {
+            Ok(Ok(())) => "stopped".to_owned(),
+            Ok(Err(e)) => format!("failed: {e}"),
+            Err(e) if e.is_panic() => "panicked".to_owned(),
+            Err(_) => "was cancelled".to_owned(),
+        };
+        format!("the front listener on {} {why}", self.address)
     }
 
     /// Stops listening now and resets the accepted connections.
@@ -75,6 +97,8 @@ impl BindVip {
             return Ok(());
         };
         token.cancel();
+        // Ends on the token; no longer watched.
+        self.serving = None;
         let result = SockRef::from(&listener).shutdown(Shutdown::Both);
         drop(listener);
         match result {
@@ -98,6 +122,8 @@ impl Drop for BindVip {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test]
@@ -121,5 +147,31 @@ mod tests {
         // And it can be taken again (by us or, on this host, by another node).
         vip.claim().unwrap();
         tokio::net::TcpStream::connect(address).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_vip_task_learns_when_the_front_listener_stops_while_held() {
+        let probe = StdListener::bind("127.0.0.1:0").unwrap();
+        let address = probe.local_addr().unwrap();
+        drop(probe);
+        let mut vip = BindVip::new(
+            address,
+            Backends::default(),
+            Arc::new(ProxyConfig::default()),
+        );
+        // Not held: nothing to watch.
+        let idle = tokio::time::timeout(Duration::from_millis(50), vip.serving_ended()).await;
+        assert!(idle.is_err());
+        vip.claim().unwrap();
+        // The proxy task ends while the VIP is still held.
+        vip.running.as_ref().unwrap().1.cancel();
+        let why = tokio::time::timeout(Duration::from_secs(5), vip.serving_ended())
+            .await
+            .unwrap();
+        assert_eq!(why, format!("the front listener on {address} stopped"));
+        // Released, it is not watched (nor polled again) any more.
+        vip.release().unwrap();
+        let idle = tokio::time::timeout(Duration::from_millis(50), vip.serving_ended()).await;
+        assert!(idle.is_err());
     }
 }

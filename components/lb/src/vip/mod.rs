@@ -25,6 +25,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bulwark_api::raft::v1 as pb;
+use bulwark_common::workers::Worker;
 use futures::future::BoxFuture;
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
@@ -85,6 +86,17 @@ impl Actuator {
             Actuator::Bind(_) => {}
             Actuator::Arp(a) => a.hold_until(until),
             Actuator::Bgp(g) => g.hold_until(until),
+        }
+    }
+
+    /// Ends when a task the actuator runs in the background ends while it
+    /// should still run (bind mode's front listener while held, a bgp
+    /// session, the netlink connection), saying which; pending otherwise.
+    async fn background_ended(&mut self) -> String {
+        match self {
+            Actuator::Bind(b) => b.serving_ended().await,
+            Actuator::Arp(a) => a.connection_ended().await,
+            Actuator::Bgp(g) => g.background_ended().await,
         }
     }
 
@@ -170,6 +182,9 @@ struct Measure {
     previous: Option<(Instant, NodeId)>,
 }
 
+/// The VIP task's name as a worker (`/debug/workers`).
+pub const WORKER: &str = "vip";
+
 /// The task that owns the VIP on one node.
 pub struct VipTask {
     node_id: NodeId,
@@ -179,6 +194,9 @@ pub struct VipTask {
     signals: Arc<Signals>,
     rx: mpsc::Receiver<Control>,
     state: watch::Sender<VipState>,
+    /// Where the task reports (`/debug/workers`): holding or standby,
+    /// each claim and renewal, each failure.
+    worker: Worker,
 }
 
 /// The receiving half of a [`VipHandle`], turned into a task by
@@ -226,7 +244,15 @@ impl VipTask {
             signals,
             rx: inbox.rx,
             state: inbox.state,
+            worker: Worker::detached(WORKER),
         }
+    }
+
+    /// Reports through `worker` (the daemon's registry) from now on.
+    #[must_use]
+    pub fn with_worker(mut self, worker: Worker) -> Self {
+        self.worker = worker;
+        self
     }
 
     fn view(&self) -> LeaderView {
@@ -267,6 +293,7 @@ impl VipTask {
 
     /// Runs until `shutdown`, then releases the VIP for good.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.worker.set_state("standby");
         let mut metrics = self.raft.metrics();
         let mut tick = tokio::time::interval(self.fence.timing().check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -302,6 +329,9 @@ impl VipTask {
                     }
                 }
                 _ = tick.tick() => {}
+                why = self.actuator.background_ended() => {
+                    return Err(self.background_failed(why).await);
+                }
             }
             let view = self.view();
             let now = Instant::now();
@@ -318,10 +348,7 @@ impl VipTask {
                 && kicked != Some(term)
             {
                 kicked = Some(term);
-                let raft = self.raft.clone();
-                tokio::spawn(async move {
-                    let _ = raft.trigger().heartbeat().await;
-                });
+                self.kick_heartbeat();
             }
             let transfer = self.transfer_recent(now);
             let action = self.fence.decide(&view, now, transfer);
@@ -347,10 +374,13 @@ impl VipTask {
                     let reason = format!("leader of term {term} with a fresh quorum lease");
                     if let Err(e) = self.actuator.claim(&reason).await {
                         tracing::error!(term, error = %e, "could not take the VIP; retrying");
+                        self.worker.failed(&format_args!("taking the VIP: {e}"));
                         self.fence.claim_failed();
                         claim_after = Some(Instant::now() + CLAIM_RETRY);
                     } else {
                         let claimed = Instant::now();
+                        self.worker.set_state("holding");
+                        self.worker.succeeded();
                         renew_at = self.actuator.renew_interval().map(|i| claimed + i);
                         metrics::counter!("bulwark_lb_vip_acquisitions_total").increment(1);
                         metrics::gauge!("bulwark_lb_vip_held").set(1.0);
@@ -382,6 +412,25 @@ impl VipTask {
         }
     }
 
+    /// The VIP cannot be served or kept any more (`why`): releases it and
+    /// returns the error that ends the task, which stops the daemon (a
+    /// critical task), so leadership moves to a node that can hold it.
+    async fn background_failed(&mut self, why: String) -> anyhow::Error {
+        if self.fence.fence_forever() {
+            self.release(ReleaseReason::Handover).await;
+        }
+        anyhow::anyhow!(why)
+    }
+
+    /// Asks Raft for a heartbeat round now. A short task of its own, so
+    /// the VIP task's loop never waits on Raft.
+    fn kick_heartbeat(&self) {
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            let _ = raft.trigger().heartbeat().await;
+        });
+    }
+
     /// Renews the held address's lifetime. A failure never drops the VIP
     /// (the fence alone decides that): it is logged, counted and retried
     /// soon. Returns when to renew next.
@@ -394,7 +443,10 @@ impl VipTask {
         };
         let valid_until = now + remaining;
         match self.actuator.renew(valid_until).await {
-            Ok(Renewal::Renewed) => Some(Instant::now() + interval),
+            Ok(Renewal::Renewed) => {
+                self.worker.succeeded();
+                Some(Instant::now() + interval)
+            }
             Ok(Renewal::Dropped(why)) => {
                 // A dual-stack VIP lost one family for good: the other was
                 // deleted too. Holding nothing now; the fence claims both
@@ -405,6 +457,10 @@ impl VipTask {
                     "a VIP address vanished and could not be added again; released the whole VIP, claiming it again"
                 );
                 self.fence.claim_failed();
+                self.worker.set_state("standby");
+                self.worker.failed(&format_args!(
+                    "a VIP address vanished and could not be added again: {why}"
+                ));
                 metrics::counter!("bulwark_lb_vip_releases_total", "reason" => "readd_failed")
                     .increment(1);
                 metrics::gauge!("bulwark_lb_vip_held").set(0.0);
@@ -421,6 +477,8 @@ impl VipTask {
             }
             Err(e) => {
                 tracing::warn!(term, error = %e, "renewing the VIP's address lifetime failed; still holding, retrying");
+                self.worker
+                    .failed(&format_args!("renewing the address lifetime: {e}"));
                 metrics::counter!("bulwark_lb_vip_renew_failures_total").increment(1);
                 Some(Instant::now() + interval.min(RENEW_RETRY))
             }
@@ -433,7 +491,9 @@ impl VipTask {
             // Nothing more can be done here; the fencing budget assumed it
             // works, so say so loudly.
             tracing::error!(reason = reason.as_str(), error = %e, "releasing the VIP failed");
+            self.worker.failed(&format_args!("releasing the VIP: {e}"));
         }
+        self.worker.set_state("standby");
         tracing::warn!(reason = reason.as_str(), took = ?started.elapsed(), "released the VIP");
         metrics::counter!("bulwark_lb_vip_releases_total", "reason" => reason.as_str())
             .increment(1);

@@ -20,10 +20,12 @@ pub mod codec;
 pub mod md5;
 pub mod session;
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +86,9 @@ pub struct BgpVip {
     /// How long a release waits for the withdrawals to be written.
     flush: Duration,
     cancel: CancellationToken,
+    /// One task per peer session, each ending with its peer's address;
+    /// the VIP task watches them ([`BgpVip::background_ended`]).
+    sessions: JoinSet<SocketAddr>,
 }
 
 impl BgpVip {
@@ -99,17 +104,23 @@ impl BgpVip {
         let valid_until: ValidUntil = Arc::default();
         let cancel = CancellationToken::new();
         let mut sources = Vec::with_capacity(peers.len());
+        let mut sessions = JoinSet::new();
         for peer in peers {
             let (status, status_rx) = watch::channel(PeerStatus::default());
             sources.push((peer.clone(), status_rx));
-            tokio::spawn(session::run(
+            let address = SocketAddr::new(peer.address, peer.port);
+            let session = session::run(
                 peer,
                 speaker.clone(),
                 desired_rx.clone(),
                 valid_until.clone(),
                 status,
                 cancel.clone(),
-            ));
+            );
+            sessions.spawn(async move {
+                session.await;
+                address
+            });
         }
         Self {
             local,
@@ -121,6 +132,27 @@ impl BgpVip {
             },
             flush,
             cancel,
+            sessions,
+        }
+    }
+
+    /// Ends when a peer session's task or the netlink connection ends
+    /// before this actuator is dropped (sessions run until then, retrying
+    /// on their own), saying which; pending otherwise.
+    pub async fn background_ended(&mut self) -> String {
+        let (sessions, local) = (&mut self.sessions, &mut self.local);
+        let session = async {
+            match sessions.join_next().await {
+                Some(Ok(peer)) => format!("the BGP session to {peer} ended"),
+                Some(Err(e)) if e.is_panic() => "a BGP session task panicked".to_owned(),
+                Some(Err(_)) => "a BGP session task was cancelled".to_owned(),
+                // No peers: nothing to watch.
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            why = session => why,
+            why = local.connection_ended() => why,
         }
     }
 
@@ -236,6 +268,8 @@ impl BgpVip {
 impl Drop for BgpVip {
     fn drop(&mut self) {
         // The sessions send a Cease and close; the router drops our routes.
+        // Detached, not aborted: they must live long enough to say so.
         self.cancel.cancel();
+        self.sessions.detach_all();
     }
 }

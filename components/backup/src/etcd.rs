@@ -325,9 +325,12 @@ pub fn classify(
     if is_auth {
         return BackupError::EtcdAuth { endpoints, detail };
     }
-    // A stream cut by the member going away surfaces as an h2 error.
+    // A stream cut by the member going away surfaces as an h2 error, or as
+    // a response that ends without its gRPC status (a member stopped
+    // mid-call, as a restore does).
     let connection_lost = [
         "h2 protocol error",
+        "missing grpc-status trailer",
         "broken pipe",
         "connection reset",
         "connection refused",
@@ -420,6 +423,14 @@ mod tests {
         assert!(matches!(
             classify(&eps, "status", &other),
             BackupError::Etcd { .. }
+        ));
+        // What tonic reports when a member stops mid-call (a restore).
+        let cut = etcd_client::Error::GRpcStatus(tonic::Status::unknown(
+            "h2 stream ended: missing grpc-status trailer",
+        ));
+        assert!(matches!(
+            classify(&eps, "campaign", &cut),
+            BackupError::EtcdUnavailable { .. }
         ));
     }
 }

@@ -54,13 +54,14 @@ pub async fn run(
         tx: &tx,
         worker: &worker,
         term: 0,
+        outage: Outage::default(),
     };
     while !cancel.is_cancelled() {
         worker.set_state("campaigning");
         let campaign = campaign_once(&connector, &name, &value, ttl, &mut publish, &cancel);
         if let Err(e) = campaign.await {
             worker.failed(&e);
-            tracing::warn!(error = %e, "backup leader election: retrying");
+            publish.outage.failed(&e, Instant::now());
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -70,12 +71,68 @@ pub async fn run(
     tx.send_modify(|s| s.is_leader = false);
 }
 
+/// How often an outage that goes on is logged again.
+const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// A run of failed campaigns (etcd stopped for a restore, unreachable,
+/// refusing). The first failure and a change of kind are warnings; the
+/// same failure again, once a second while etcd is away, is logged once
+/// per [`OUTAGE_LOG_EVERY`] with the count, so a restore that stops every
+/// member does not fill the log with one line a second.
+#[derive(Debug, Default)]
+struct Outage {
+    since: Option<Instant>,
+    kind: &'static str,
+    attempts: u32,
+    logged_at: Option<Instant>,
+}
+
+impl Outage {
+    /// Records a failed campaign at `now`; returns whether it was logged
+    /// as a warning.
+    fn failed(&mut self, e: &crate::error::BackupError, now: Instant) -> bool {
+        let since = *self.since.get_or_insert(now);
+        self.attempts += 1;
+        let new_kind = self.kind != e.reason();
+        let due = self
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= OUTAGE_LOG_EVERY);
+        self.kind = e.reason();
+        if new_kind || due {
+            self.logged_at = Some(now);
+            tracing::warn!(
+                error = %e,
+                attempts = self.attempts,
+                failing_for_s = now.duration_since(since).as_secs(),
+                "backup leader election: retrying every second"
+            );
+            true
+        } else {
+            tracing::debug!(error = %e, attempts = self.attempts, "backup leader election: retrying");
+            false
+        }
+    }
+
+    /// etcd answered a campaign: the outage, if any, is over.
+    fn ended(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                attempts = self.attempts,
+                failed_for_s = since.elapsed().as_secs(),
+                "backup leader election: etcd answers again"
+            );
+        }
+        *self = Self::default();
+    }
+}
+
 /// Where a campaign publishes leadership: the scheduler's watch, the
-/// election's worker state, and the term count.
+/// election's worker state, the term count, and the run of failures.
 struct Publish<'a> {
     tx: &'a watch::Sender<LeaderState>,
     worker: &'a Worker,
     term: u64,
+    outage: Outage,
 }
 
 async fn campaign_once(
@@ -95,6 +152,7 @@ async fn campaign_once(
         .await
         .map_err(|e| classify(&eps, "lease grant", &e))?
         .id();
+    publish.outage.ended();
     // Polled alongside the campaign and the lead, inside this task: it
     // cannot outlive them, and if it ends (the lease is lost) so does
     // the lead, so no leader runs on a lease nobody refreshes.
@@ -278,5 +336,31 @@ mod tests {
         assert_eq!(named.address.as_deref(), Some("cp-3.example:9445"));
         // An older instance's bare name.
         assert_eq!(LeaderInfo::parse("cp-4").address, None);
+    }
+
+    #[test]
+    fn an_outage_warns_once_then_every_thirty_seconds() {
+        let away = || BackupError::EtcdUnavailable {
+            endpoints: "e".into(),
+            detail: "connection refused".into(),
+        };
+        let t0 = Instant::now();
+        let mut o = Outage::default();
+        assert!(o.failed(&away(), t0));
+        // One a second for most of half a minute: quiet.
+        for s in 1..30 {
+            assert!(!o.failed(&away(), t0 + Duration::from_secs(s)));
+        }
+        assert!(o.failed(&away(), t0 + Duration::from_secs(30)));
+        // Another kind of failure is news at once.
+        let refused = BackupError::EtcdAuth {
+            endpoints: "e".into(),
+            detail: "bad certificate".into(),
+        };
+        assert!(o.failed(&refused, t0 + Duration::from_secs(31)));
+        assert_eq!(o.attempts, 32);
+        o.ended();
+        assert!(o.since.is_none());
+        assert!(o.failed(&away(), t0 + Duration::from_secs(32)));
     }
 }

@@ -33,13 +33,18 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use rtnetlink::AddressMessageBuilder;
+use rtnetlink::constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR};
+use rtnetlink::packet_core::NetlinkPayload;
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::{
     AddressAttribute, AddressHeaderFlags, AddressMessage, CacheInfo,
 };
 use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::sys::AsyncSocket;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::proxy::FrontGate;
@@ -87,6 +92,10 @@ pub struct ArpVip {
     /// The front listeners' gate, and how long a release waits for the
     /// resets before it deletes the addresses anyway.
     gate: Option<(FrontGate, Duration)>,
+    /// Woken when the kernel reports one of the addresses deleted.
+    vanished: Arc<Notify>,
+    /// The netlink connection and reader behind `vanished`.
+    watching: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What could go wrong talking to the kernel.
@@ -107,6 +116,13 @@ impl ArpVip {
     ) -> std::io::Result<Self> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
+        let vanished = Arc::new(Notify::new());
+        let ips = addresses.iter().map(|a| a.ip).collect();
+        let watching = watch_deletions(ips, vanished.clone()).unwrap_or_else(|e| {
+            // The periodic renewal still puts a deleted address back.
+            tracing::warn!(error = %e, "cannot watch the VIP's addresses for deletion; a deleted VIP comes back at the next renewal only");
+            Vec::new()
+        });
         Ok(Self {
             interface,
             addresses,
@@ -117,7 +133,17 @@ impl ArpVip {
             announcing: None,
             valid_until: Arc::default(),
             gate: None,
+            vanished,
+            watching,
         })
+    }
+
+    /// Notified when one of the VIP's addresses is deleted from the host,
+    /// by whoever: a holder renews (adds it back) at once instead of at
+    /// its next renewal. keepalived stopping while bulwark adopts its VIP
+    /// deletes it this way (deploy/GUIDE.md).
+    pub fn vanished(&self) -> Arc<Notify> {
+        self.vanished.clone()
     }
 
     /// Gates the front listeners on holding: `gate` opens before every
@@ -393,6 +419,41 @@ impl ArpVip {
         }
         Ok(found)
     }
+}
+
+impl Drop for ArpVip {
+    fn drop(&mut self) {
+        for task in &self.watching {
+            task.abort();
+        }
+    }
+}
+
+/// Listens for the kernel's address deletions (RTM_DELADDR, IPv4 and
+/// IPv6) and wakes `vanished` when one of `ips` goes. Returns the tasks.
+fn watch_deletions(
+    ips: Vec<IpAddr>,
+    vanished: Arc<Notify>,
+) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let (mut connection, _, mut messages) = rtnetlink::new_connection()?;
+    let groups = RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&rtnetlink::sys::SocketAddr::new(0, groups))?;
+    let connection = tokio::spawn(connection);
+    let reader = tokio::spawn(async move {
+        while let Some((m, _)) = messages.next().await {
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(a)) = m.payload
+                && a.attributes.iter().any(|x| {
+                    matches!(x, AddressAttribute::Address(ip) | AddressAttribute::Local(ip) if ips.contains(ip))
+                })
+            {
+                vanished.notify_one();
+            }
+        }
+    });
+    Ok(vec![connection, reader])
 }
 
 /// Binds the front listener to VIP:port before the address exists

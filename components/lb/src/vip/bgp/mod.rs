@@ -210,6 +210,11 @@ impl BgpVip {
         }
     }
 
+    /// Notified when the local address is deleted ([`ArpVip::vanished`]).
+    pub fn vanished(&self) -> Arc<tokio::sync::Notify> {
+        self.local.vanished()
+    }
+
     /// The local address's renewal interval.
     pub fn renew_interval(&self) -> Duration {
         self.local.renew_interval()

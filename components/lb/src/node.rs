@@ -178,7 +178,10 @@ pub async fn run(
     let health = Health::new();
     health.set_ready("raft", Err("no leader known yet".into()));
 
-    let stale_checked = remove_stale_vip(&config).await?;
+    // arp and bgp mode: the front listeners accept only while the VIP
+    // task holds the VIP, and it resets their clients before it lets go.
+    let gate = crate::proxy::FrontGate::new();
+    let stale_checked = remove_stale_vip(&config, &gate).await?;
 
     let store = Store::open(&config.data_dir)?;
     let cluster = ClusterId::new(store.cluster_id().await?);
@@ -210,14 +213,17 @@ pub async fn run(
     }
     // One front listener per VIP address (two for a dual-stack VIP).
     for front in listeners.front {
-        spawn_proxy(
-            shutdown,
-            "front-proxy",
-            "front listener",
-            Some(front),
-            &backends.with_mode(config.routing.vip),
-            &proxy,
+        let (b, p, t, g) = (
+            backends.with_mode(config.routing.vip),
+            proxy.clone(),
+            shutdown.token(),
+            gate.clone(),
         );
+        shutdown.spawn_critical("front-proxy", async move {
+            crate::proxy::serve_front(front, b, p, t, g)
+                .await
+                .context("front listener")
+        });
     }
     spawn_proxy(
         shutdown,
@@ -307,7 +313,10 @@ async fn start_raft(
 /// it: remove it before anything else, this node leads nothing yet.
 /// Returns the actuator of arp and bgp mode, checked and ready (bgp
 /// mode's sessions start here: followers keep theirs up too).
-async fn remove_stale_vip(config: &LbConfig) -> anyhow::Result<Option<Actuator>> {
+async fn remove_stale_vip(
+    config: &LbConfig,
+    gate: &crate::proxy::FrontGate,
+) -> anyhow::Result<Option<Actuator>> {
     let (mode, Some(addr)) = (config.vip.mode, config.vip.socket_addr()) else {
         return Ok(None);
     };
@@ -331,6 +340,7 @@ async fn remove_stale_vip(config: &LbConfig) -> anyhow::Result<Option<Actuator>>
         config.vip.garp_interval,
         config.vip.address_lifetime(),
     )?;
+    arp.gate_front(gate.clone(), config.vip.release_budget);
     if arp.remove_stale().await.context("removing a stale VIP")? {
         tracing::warn!(vip = %addr.ip(), "removed the VIP a previous run left on the interface");
     }
@@ -460,8 +470,7 @@ fn spawn_vip(
     shutdown.spawn_critical(crate::vip::WORKER, task.run(token));
 }
 
-/// Serves a proxy listener (the arp-mode front or the node-local one),
-/// when the caller bound it.
+/// Serves the node-local proxy listener, when the caller bound it.
 fn spawn_proxy(
     shutdown: &Shutdown,
     task: &'static str,

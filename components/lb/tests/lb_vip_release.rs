@@ -3,6 +3,13 @@
 //! of waiting for their own timeouts: first on the proxy alone
 //! (`proxy::serve_vip`), then through a 3-node cluster whose bind-mode VIP
 //! moves by a leadership transfer while the old holder stays up.
+//!
+//! arp mode keeps its front listener for good and gates it instead
+//! (`proxy::serve_front`): on the proxy alone, then on the network-namespace
+//! lab (root only; skipped without it), where the leader loses the VIP
+//! first to a partition from its peers (its lease runs out) and then by a
+//! leadership transfer, and the client holding a connection through the
+//! VIP gets a reset each time, sent before the address was deleted.
 
 // Helpers outside #[test] fns fail the test loudly too.
 #![allow(clippy::unwrap_used)]
@@ -14,7 +21,8 @@ use std::time::Duration;
 
 use bulwark_api::lb::v1 as lb;
 use bulwark_lb::backends::{Backends, RoutingPolicy};
-use bulwark_lb::proxy::{self, ProxyConfig};
+use bulwark_lb::proxy::{self, FrontGate, ProxyConfig};
+use bulwark_testkit::cluster::lab::{LbLab, echo};
 use bulwark_testkit::cluster::{LbCluster, Options, echo_backend};
 use support::{Mode, TestBackend, roundtrip};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -133,5 +141,171 @@ async fn heavy_a_moved_bind_mode_vip_resets_the_old_holders_clients() {
             .unwrap(),
         b"pong",
         "a new connection goes through node {new}"
+    );
+}
+
+/// arp mode's front: connections are proxied only while the gate is open,
+/// closing it resets those of the holding at once (before the actuator
+/// deletes the address), and a client arriving while it is closed waits
+/// in the accept queue for the next holding instead of being served by a
+/// node that does not hold the VIP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_front_gate_resets_the_holdings_connections() {
+    bulwark_common::telemetry::metrics_handle();
+    let b = TestBackend::start("b", Mode::Echo).await;
+    let backends = Backends::new(RoutingPolicy::default());
+    backends.publish(vec![b.spec("z")], 1).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let gate = FrontGate::new();
+    let shutdown = CancellationToken::new();
+    let config = ProxyConfig {
+        shutdown_grace: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let task = tokio::spawn(proxy::serve_front(
+        listener,
+        backends,
+        Arc::new(config),
+        shutdown.clone(),
+        gate.clone(),
+    ));
+
+    gate.open();
+    let mut conns = Vec::new();
+    for i in 0..3u64 {
+        let mut c = tokio::io::BufReader::new(TcpStream::connect(address).await.unwrap());
+        let mut id = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut c, &mut id)
+            .await
+            .unwrap();
+        assert_eq!(id, "b\n");
+        roundtrip(&mut c, &support::random_bytes(100, i))
+            .await
+            .unwrap();
+        conns.push(c.into_inner());
+    }
+    let closed = gate.close(Duration::from_secs(2)).await;
+    assert_eq!(closed, proxy::Closed { reset: 3, left: 0 });
+    for c in &mut conns {
+        // Already sent: the close waited for them.
+        let e = end_of(c, Duration::from_millis(500)).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
+
+    // Closed: the kernel completes the handshake, nobody proxies it.
+    let mut waiting = TcpStream::connect(address).await.unwrap();
+    let mut byte = [0u8; 1];
+    let silent = tokio::time::timeout(Duration::from_millis(300), waiting.read(&mut byte)).await;
+    assert!(silent.is_err(), "served while closed: {silent:?}");
+    assert_eq!(b.accepted(), 3);
+    // The next holding serves it.
+    gate.open();
+    let mut c = tokio::io::BufReader::new(waiting);
+    let mut id = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncBufReadExt::read_line(&mut c, &mut id),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(id, "b\n");
+
+    // Shutdown with a holding open: the grace, then closed.
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("serve_front returns after the grace")
+        .unwrap()
+        .unwrap();
+    let mut c = c.into_inner();
+    let e = end_of(&mut c, Duration::from_secs(1)).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+}
+
+/// Reads from a connection that should see no data until it is reset, and
+/// returns how long after `since` the reset came.
+async fn reset_after(s: &mut TcpStream, since: std::time::Instant, within: Duration) -> Duration {
+    let e = end_of(s, within).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    since.elapsed()
+}
+
+/// A connection through the VIP from the lab's client host, proven open by
+/// an echo.
+async fn connect_through(l: &LbLab) -> TcpStream {
+    let mut s = l.client().tcp_connect(l.vip).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"ping");
+    s
+}
+
+/// arp mode: the leader loses the VIP while it and its client stay up,
+/// first because a partition from its peers ends its lease, then by a
+/// leadership transfer. Each time the client, silent on a connection
+/// through the VIP (as a watch is between events), gets a reset within a
+/// moment of the release: the old holder sent it before deleting the
+/// address. Without it the client would wait for its own timeouts (the
+/// old holder can no longer send from the VIP, the new one never heard of
+/// the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_netns_arp_mode_release_resets_the_old_holders_clients() {
+    let Some(l) = LbLab::start(3).await else {
+        return;
+    };
+    let hosts = l.lb_hosts();
+    let leader = l.wait_for_holder(None, Duration::from_secs(20)).await;
+    let mut old = connect_through(&l).await;
+
+    // A partition from its peers: the lease runs out, it releases.
+    let cut = std::time::Instant::now();
+    for (i, h) in hosts.iter().enumerate() {
+        if i != leader {
+            l.lab.partition(&hosts[leader], h).unwrap();
+        }
+    }
+    let reset = reset_after(&mut old, cut, Duration::from_secs(3)).await;
+    // Logged once the resets are out, so maybe just after the client saw it.
+    l.nodes[leader]
+        .wait_for_log(
+            "reset its client connections before deleting the address",
+            Duration::from_secs(2),
+        )
+        .await
+        .expect("the reset is logged");
+    let new = l
+        .wait_for_holder(Some(leader), Duration::from_secs(10))
+        .await;
+    eprintln!(
+        "partitioned leader h{}: its client reset {reset:?} after the cut (lease 180 ms); VIP now on h{}",
+        leader + 1,
+        new + 1
+    );
+    l.lab.heal_all().unwrap();
+
+    // A leadership transfer: the holder releases before handing over.
+    let mut old = connect_through(&l).await;
+    let asked = std::time::Instant::now();
+    l.api(new)
+        .transfer_leadership(lb::TransferLeadershipRequest { to_node_id: None })
+        .await
+        .unwrap();
+    let reset = reset_after(&mut old, asked, Duration::from_secs(3)).await;
+    let next = l.wait_for_holder(Some(new), Duration::from_secs(10)).await;
+    eprintln!(
+        "transfer from h{}: its client reset {reset:?} after the request; VIP now on h{}",
+        new + 1,
+        next + 1
+    );
+    assert!(
+        echo(&l.client(), l.vip, Duration::from_secs(2)).await,
+        "a new connection goes through h{}",
+        next + 1
     );
 }

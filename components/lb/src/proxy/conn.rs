@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::close::{CloseReason, CloseSignals};
@@ -48,10 +49,13 @@ impl Drop for Active {
     }
 }
 
+/// `force_close` closes the connection from outside (shutdown grace over,
+/// or the VIP released): with a reset when the listener says so.
 pub(super) async fn handle(
     shared: Arc<Shared>,
     mut client: TcpStream,
     _permit: OwnedSemaphorePermit,
+    force_close: CancellationToken,
 ) {
     if !shared.client_options_inherited {
         set_options(&client, &shared);
@@ -62,7 +66,7 @@ pub(super) async fn handle(
     let mut tried = Tried::default();
     let connected = tokio::select! {
         biased;
-        () = shared.force_close.cancelled() => {
+        () = force_close.cancelled() => {
             if shared.reset_on_close {
                 let _ = client.set_zero_linger();
             }
@@ -88,7 +92,7 @@ pub(super) async fn handle(
         config.splice,
         replay_until,
     );
-    while let Some(failed) = run(&mut copy, &shared, &close).await {
+    while let Some(failed) = run(&mut copy, &shared, &force_close, &close).await {
         active.0.connect_failed(ConnectErrorKind::of(&failed));
         tracing::debug!(
             error = %failed,
@@ -97,7 +101,7 @@ pub(super) async fn handle(
         );
         let next = tokio::select! {
             biased;
-            () = shared.force_close.cancelled() => {
+            () = force_close.cancelled() => {
                 if shared.reset_on_close {
                     copy.reset_client();
                 }
@@ -123,7 +127,8 @@ pub(super) async fn handle(
 async fn run(
     copy: &mut Bidirectional<'_>,
     shared: &Shared,
-    close: &tokio_util::sync::CancellationToken,
+    force_close: &CancellationToken,
+    close: &CancellationToken,
 ) -> Option<io::Error> {
     let idle = shared.config.idle_timeout;
     // Without an idle timeout the timer is never polled (the `if` below),
@@ -131,7 +136,7 @@ async fn run(
     // on every chunk.
     let sleep = tokio::time::sleep(idle.unwrap_or(Duration::MAX / 4));
     tokio::pin!(sleep);
-    let force = shared.force_close.cancelled();
+    let force = force_close.cancelled();
     tokio::pin!(force);
     let drain = close.cancelled();
     tokio::pin!(drain);

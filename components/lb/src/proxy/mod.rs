@@ -26,12 +26,16 @@
 //! // The VIP front (`serve_vip`): bind when this node takes the VIP, cancel
 //! // a child token when it releases it (new connections stop at once and
 //! // open ones are reset, so their clients reconnect to the new holder).
+//! // arp and bgp mode keep the front listener for good (`serve_front`):
+//! // the actuator opens its `FrontGate` before adding the address and
+//! // closes it (resetting the holding's connections) before deleting it.
 //! ```
 
 mod close;
 mod config;
 mod conn;
 mod copy;
+mod gate;
 mod splice;
 mod workers;
 
@@ -50,6 +54,7 @@ use crate::backends::Backends;
 use workers::Workers;
 
 pub use config::{KeepaliveConfig, MAX_CONNECT_ATTEMPTS, ProxyConfig};
+pub use gate::{Closed, FrontGate};
 
 /// Why [`serve`] stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -101,11 +106,23 @@ impl Metrics {
     }
 }
 
+/// Which kind of listener [`serve_until`] runs.
+enum Front {
+    /// [`serve`]: the node-local listener, tests.
+    Plain,
+    /// [`serve_vip`]: bind mode's front, served while held.
+    Vip,
+    /// [`serve_front`]: arp and bgp mode's front, kept for good.
+    Gated(FrontGate),
+}
+
 /// What every connection task of one listener shares.
 struct Shared {
-    /// Close client connections with a reset when `force_close` fires
-    /// ([`serve_vip`]), not with a FIN.
+    /// Close client connections with a reset when their close token fires
+    /// ([`serve_vip`], [`serve_front`]), not with a FIN.
     reset_on_close: bool,
+    /// arp and bgp mode: accept only while the VIP is held.
+    gate: Option<FrontGate>,
     backends: Backends,
     config: Arc<ProxyConfig>,
     keepalive: Option<socket2::TcpKeepalive>,
@@ -133,7 +150,7 @@ pub async fn serve(
     config: Arc<ProxyConfig>,
     shutdown: CancellationToken,
 ) -> Result<(), ProxyError> {
-    serve_until(listener, backends, config, shutdown, false).await
+    serve_until(listener, backends, config, shutdown, Front::Plain).await
 }
 
 /// [`serve`] for a VIP front: when `released` is cancelled (the VIP went
@@ -148,7 +165,23 @@ pub async fn serve_vip(
     config: Arc<ProxyConfig>,
     released: CancellationToken,
 ) -> Result<(), ProxyError> {
-    serve_until(listener, backends, config, released, true).await
+    serve_until(listener, backends, config, released, Front::Vip).await
+}
+
+/// [`serve`] for the front listener of arp and bgp mode, which every node
+/// keeps on VIP:port for its whole life: connections are accepted only
+/// while `gate` is open (this node holds the VIP), and closing the gate
+/// resets those of the holding at once ([`FrontGate`]). On `shutdown` it
+/// ends like [`serve`], with `shutdownGrace` (the VIP task's release on
+/// shutdown has normally reset them already).
+pub async fn serve_front(
+    listener: TcpListener,
+    backends: Backends,
+    config: Arc<ProxyConfig>,
+    shutdown: CancellationToken,
+    gate: FrontGate,
+) -> Result<(), ProxyError> {
+    serve_until(listener, backends, config, shutdown, Front::Gated(gate)).await
 }
 
 async fn serve_until(
@@ -156,7 +189,7 @@ async fn serve_until(
     backends: Backends,
     config: Arc<ProxyConfig>,
     shutdown: CancellationToken,
-    reset_on_close: bool,
+    front: Front,
 ) -> Result<(), ProxyError> {
     let address = listener
         .local_addr()
@@ -197,12 +230,26 @@ async fn serve_until(
             address: address.clone(),
             source,
         })?;
+    // Resets on release, and on shutdown a grace first: bind mode's front
+    // only serves while held, so its shutdown is a release.
+    let (reset_on_close, grace_on_shutdown) = match front {
+        Front::Plain => (false, true),
+        Front::Vip => (true, false),
+        Front::Gated(_) => (true, true),
+    };
+    let gate = match front {
+        Front::Gated(g) => Some(g),
+        Front::Plain | Front::Vip => None,
+    };
     let shared = Arc::new(Shared {
         reset_on_close,
         backends,
         client_options_inherited: inherit,
         keepalive,
-        force_close: CancellationToken::new(),
+        force_close: gate
+            .as_ref()
+            .map_or_else(CancellationToken::new, FrontGate::root),
+        gate,
         metrics: Metrics::new(&address),
         config,
     });
@@ -225,7 +272,7 @@ async fn serve_until(
     drop(listener);
 
     tracker.close();
-    if reset_on_close {
+    if !grace_on_shutdown {
         tracing::info!(listener = %address, open = tracker.len(), "VIP released: resetting open connections");
         shared.force_close.cancel();
         tracker.wait().await;
@@ -313,10 +360,13 @@ fn accept_nonblocking(listener: &std::net::TcpListener) -> io::Result<std::net::
 }
 
 /// A connection's whole life on its data-path thread.
+/// `close` is the connection's close token: the listener's `force_close`,
+/// or a gated front's holding's.
 async fn connection(
     shared: Arc<Shared>,
     client: std::net::TcpStream,
     permit: tokio::sync::OwnedSemaphorePermit,
+    close: CancellationToken,
 ) {
     let client = match TcpStream::from_std(client) {
         Ok(c) => c,
@@ -325,7 +375,7 @@ async fn connection(
             return;
         }
     };
-    conn::handle(shared, client, permit).await;
+    conn::handle(shared, client, permit, close).await;
 }
 
 async fn accept_loop(
@@ -366,16 +416,29 @@ async fn accept_loop(
                 }
             }
         };
+        if let Some(gate) = &shared.gate
+            && !gate.is_open()
+        {
+            // Not holding the VIP: leave new connections in the kernel's
+            // queue for the next holding.
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                () = gate.opened() => {}
+            }
+        }
         let accepted = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
+            // Released while waiting: wait for the next holding instead.
+            () = until_closed(shared.gate.as_ref()) => continue,
             r = accept(listener) => r,
         };
         match accepted {
             Ok(client) => {
                 backoff.recovered(address);
                 shared.metrics.accepted.increment(1);
-                workers.spawn(tracker.track_future(connection(shared.clone(), client, permit)));
+                spawn_connection(shared, tracker, workers, client, permit);
             }
             Err(e) => match classify_accept_error(&e) {
                 AcceptError::Connection => {}
@@ -396,6 +459,41 @@ async fn accept_loop(
                     });
                 }
             },
+        }
+    }
+}
+
+/// Resolves when a gated front's gate closes; never for other listeners.
+async fn until_closed(gate: Option<&FrontGate>) {
+    match gate {
+        Some(g) => g.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands an accepted client to a data-path thread, under the current
+/// holding of a gated front; a gated front that stopped holding the VIP
+/// while the accept was under way resets it instead, while the address
+/// may still be there to send the reset from.
+fn spawn_connection(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    workers: &mut Workers,
+    client: std::net::TcpStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let Some(gate) = &shared.gate else {
+        let close = shared.force_close.clone();
+        workers.spawn(tracker.track_future(connection(shared.clone(), client, permit, close)));
+        return;
+    };
+    match gate.holding() {
+        Some(h) => {
+            let conn = connection(shared.clone(), client, permit, h.close);
+            workers.spawn(tracker.track_future(h.tracker.track_future(conn)));
+        }
+        None => {
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
         }
     }
 }

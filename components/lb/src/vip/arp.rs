@@ -11,6 +11,8 @@
 //!
 //! At start-up a node deletes the VIP if a crashed previous run of it left
 //! it on the interface: it is not the leader yet, so it must not hold it.
+//! A permanent entry (no lifetime) is not ours and is left alone: that is
+//! keepalived's while bulwark adopts its VIP, and a claim takes it over.
 //!
 //! The address is added with a finite lifetime (IFA_CACHEINFO valid and
 //! preferred lifetime, whole seconds) and renewed while the holder passes
@@ -21,20 +23,31 @@
 //! The front listener is not opened and closed here: every node binds
 //! VIP:port once, at start, with IP_FREEBIND ([`bind_front`]), so the
 //! kernel accepts the bind before the address exists; only the node that
-//! has the address receives traffic for it.
+//! has the address receives traffic for it. Its connections are gated
+//! ([`FrontGate`]): the gate opens before the addresses are added, and
+//! every release closes it, resetting the clients of the holding, before
+//! the addresses are deleted (afterwards the kernel could not send the
+//! resets from the VIP, and the clients would wait for their own timeouts).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use rtnetlink::AddressMessageBuilder;
+use rtnetlink::constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR};
+use rtnetlink::packet_core::NetlinkPayload;
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::{
     AddressAttribute, AddressHeaderFlags, AddressMessage, CacheInfo,
 };
 use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::sys::AsyncSocket;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::proxy::FrontGate;
 
 /// One address of the VIP and the prefix length it is added with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +92,13 @@ pub struct ArpVip {
     /// gone, another node holds the VIP, and a late gratuitous ARP would
     /// point clients at an address it no longer has.
     valid_until: Arc<Mutex<Option<Instant>>>,
+    /// The front listeners' gate, and how long a release waits for the
+    /// resets before it deletes the addresses anyway.
+    gate: Option<(FrontGate, Duration)>,
+    /// Woken when the kernel reports one of the addresses deleted.
+    vanished: Arc<Notify>,
+    /// The netlink connection and reader behind `vanished`.
+    watching: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What could go wrong talking to the kernel.
@@ -99,6 +119,13 @@ impl ArpVip {
     ) -> std::io::Result<Self> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         let connection = Some(tokio::spawn(connection));
+        let vanished = Arc::new(Notify::new());
+        let ips = addresses.iter().map(|a| a.ip).collect();
+        let watching = watch_deletions(ips, vanished.clone()).unwrap_or_else(|e| {
+            // The periodic renewal still puts a deleted address back.
+            tracing::warn!(error = %e, "cannot watch the VIP's addresses for deletion; a deleted VIP comes back at the next renewal only");
+            Vec::new()
+        });
         Ok(Self {
             interface,
             addresses,
@@ -109,7 +136,43 @@ impl ArpVip {
             connection,
             announcing: None,
             valid_until: Arc::default(),
+            gate: None,
+            vanished,
+            watching,
         })
+    }
+
+    /// Notified when one of the VIP's addresses is deleted from the host,
+    /// by whoever: a holder renews (adds it back) at once instead of at
+    /// its next renewal. keepalived stopping while bulwark adopts its VIP
+    /// deletes it this way (deploy/GUIDE.md).
+    pub fn vanished(&self) -> Arc<Notify> {
+        self.vanished.clone()
+    }
+
+    /// Gates the front listeners on holding: `gate` opens before every
+    /// claim and closes (resetting the holding's clients) before the
+    /// addresses are deleted. A release waits at most half of
+    /// `release_budget` (`vip.releaseBudget`) for the resets, leaving the
+    /// other half for the delete: the fencing counts the whole release.
+    pub fn gate_front(&mut self, gate: FrontGate, release_budget: Duration) {
+        self.gate = Some((gate, release_budget / 2));
+    }
+
+    /// Closes the front gate: resets the clients of the holding while the
+    /// addresses are still there to send the resets from.
+    pub async fn reset_clients(&self) {
+        let Some((gate, within)) = &self.gate else {
+            return;
+        };
+        let started = Instant::now();
+        let closed = gate.close(*within).await;
+        let vip = self.addresses.first().map(|a| a.ip);
+        if closed.left > 0 {
+            tracing::warn!(vip = ?vip, reset = closed.reset, left = closed.left, within = ?within, "not every client connection was reset in time; deleting the VIP anyway");
+        } else if closed.reset > 0 {
+            tracing::info!(vip = ?vip, reset = closed.reset, took = ?started.elapsed(), "VIP released: reset its client connections before deleting the address");
+        }
     }
 
     async fn link(&self) -> std::io::Result<(u32, [u8; 6])> {
@@ -261,8 +324,12 @@ impl ArpVip {
     /// the address: a dual-stack VIP is held whole or not at all.
     pub async fn claim(&mut self) -> std::io::Result<()> {
         let (index, mac) = self.link().await?;
+        if let Some((gate, _)) = &self.gate {
+            gate.open();
+        }
         for a in &self.addresses {
             if let Err(e) = self.add(index, *a).await {
+                self.reset_clients().await;
                 if let Err(d) = self.delete_all(index).await {
                     return Err(nl_err(
                         &format!("{e}; and removing the addresses already added"),
@@ -304,6 +371,7 @@ impl ArpVip {
                 Ok(()) => {}
                 Err(e) if *gone => {
                     self.stop_announcing();
+                    self.reset_clients().await;
                     self.delete_all(index).await?;
                     return Ok(Renewal::Dropped(e.to_string()));
                 }
@@ -326,32 +394,101 @@ impl ArpVip {
         }
     }
 
-    /// Stops announcing and deletes every address (each is tried even if
-    /// another fails).
+    /// Stops announcing, resets the holding's clients, and deletes every
+    /// address (each is tried even if another fails).
     pub async fn release(&mut self) -> std::io::Result<()> {
         self.stop_announcing();
+        self.reset_clients().await;
         let (index, _) = self.link().await?;
         self.delete_all(index).await
     }
 
     /// Deletes a VIP (any of its addresses) that a previous run of this
     /// node left behind. Returns whether there was one.
+    ///
+    /// Only addresses with a finite lifetime are ours: every claim adds
+    /// one. A permanent entry was put there by someone else, in practice
+    /// keepalived while bulwark adopts its VIP (deploy/GUIDE.md): it is
+    /// left in place (logged), and a claim on this node takes it over
+    /// (the add replaces it with a lifetime) without the address ever
+    /// leaving the interface.
     pub async fn remove_stale(&mut self) -> std::io::Result<bool> {
         let (index, _) = self.link().await?;
-        let mut stale = false;
+        let mut stale = Vec::new();
         for a in &self.addresses {
-            stale |= !self.present(index, a.ip).await?.is_empty();
+            for m in self.present(index, a.ip).await? {
+                if is_permanent(&m) {
+                    tracing::warn!(
+                        vip = %a.ip,
+                        interface = %self.interface,
+                        "the VIP is on the interface without a lifetime, so no run of bulwark added it (keepalived, while bulwark adopts its VIP?); leaving it, a claim here takes it over"
+                    );
+                } else {
+                    stale.push((a.ip, m));
+                }
+            }
         }
-        if stale {
-            self.release().await?;
+        let found = !stale.is_empty();
+        for (ip, m) in stale {
+            self.handle
+                .address()
+                .del(m)
+                .execute()
+                .await
+                .map_err(|e| nl_err(&format!("deleting the stale VIP {ip}"), e))?;
         }
-        Ok(stale)
+        Ok(found)
     }
+}
+
+impl Drop for ArpVip {
+    fn drop(&mut self) {
+        for task in &self.watching {
+            task.abort();
+        }
+    }
+}
+
+/// Listens for the kernel's address deletions (RTM_DELADDR, IPv4 and
+/// IPv6) and wakes `vanished` when one of `ips` goes. Returns the tasks.
+fn watch_deletions(
+    ips: Vec<IpAddr>,
+    vanished: Arc<Notify>,
+) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let (mut connection, _, mut messages) = rtnetlink::new_connection()?;
+    let groups = RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&rtnetlink::sys::SocketAddr::new(0, groups))?;
+    let connection = tokio::spawn(connection);
+    let reader = tokio::spawn(async move {
+        while let Some((m, _)) = messages.next().await {
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(a)) = m.payload
+                && a.attributes.iter().any(|x| {
+                    matches!(x, AddressAttribute::Address(ip) | AddressAttribute::Local(ip) if ips.contains(ip))
+                })
+            {
+                vanished.notify_one();
+            }
+        }
+    });
+    Ok(vec![connection, reader])
 }
 
 /// Binds the front listener to VIP:port before the address exists
 /// (IP_FREEBIND), so every node keeps one and only the holder receives
 /// traffic.
+///
+/// With SO_REUSEPORT, so that it can start beside a front that holds the
+/// same port on every address, as the kubeadm guide's HAProxy does
+/// (`bind *:8443`, SO_REUSEPORT by default, started as root like
+/// bulwark-lb: the kernel shares a port only between sockets of one user).
+/// The kernel gives a connection to the listener bound to its exact
+/// address before a wildcard one, so from the moment this is bound the
+/// VIP's new connections on this host come here and HAProxy keeps only
+/// the ones it has: what adopting a keepalived + HAProxy VIP relies on
+/// (deploy/GUIDE.md).
 pub fn bind_front(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(
         Domain::for_address(address),
@@ -359,6 +496,7 @@ pub fn bind_front(address: SocketAddr) -> std::io::Result<std::net::TcpListener>
         Some(Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     match address {
         SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
         SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
@@ -369,10 +507,20 @@ pub fn bind_front(address: SocketAddr) -> std::io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
+/// Whether the kernel's entry for an address has no lifetime (valid
+/// lifetime 0xFFFFFFFF, "forever").
+fn is_permanent(m: &AddressMessage) -> bool {
+    m.attributes
+        .iter()
+        .any(|a| matches!(a, AddressAttribute::CacheInfo(c) if c.ifa_valid == u32::MAX))
+}
+
 /// `lifetime` in the kernel's unit: whole seconds, rounded up, at least
 /// one, below 0xFFFFFFFF (which means forever).
 fn lifetime_seconds(lifetime: Duration) -> u32 {
-    let secs = lifetime.as_secs() + u64::from(lifetime.subsec_nanos() > 0);
+    let secs = lifetime
+        .as_secs()
+        .saturating_add(u64::from(lifetime.subsec_nanos() > 0));
     u32::try_from(secs.max(1))
         .unwrap_or(u32::MAX - 1)
         .min(u32::MAX - 1)
@@ -522,6 +670,28 @@ mod tests {
                 "no DAD for IPv6 only: {ip}"
             );
         }
+    }
+
+    #[test]
+    fn only_an_address_without_a_lifetime_is_permanent() {
+        let ip: IpAddr = "198.18.0.100".parse().unwrap();
+        let ours = address_message(7, ip, 32, 1);
+        assert!(!is_permanent(&ours));
+        let mut foreign = address_message(7, ip, 32, 1);
+        for a in &mut foreign.attributes {
+            if let AddressAttribute::CacheInfo(c) = a {
+                c.ifa_valid = u32::MAX;
+                c.ifa_preferred = u32::MAX;
+            }
+        }
+        assert!(is_permanent(&foreign));
+        // Our longest lifetime is still finite.
+        assert!(!is_permanent(&address_message(
+            7,
+            ip,
+            32,
+            lifetime_seconds(Duration::MAX)
+        )));
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! proposal carrying the failover's measured durations. In arp mode the
 //! holder also renews the address's kernel lifetime every quarter of it
 //! while the fence still passes, so a holder that dies or freezes without
-//! releasing loses the address anyway. Leadership
+//! releasing loses the address anyway; an address someone else deletes
+//! under a live holder is renewed (added back) as soon as the kernel
+//! reports the deletion. Leadership
 //! transfers and shutdown go through [`VipHandle::hand_over`], which
 //! returns only once the VIP is released.
 
@@ -77,6 +79,16 @@ impl Actuator {
             Actuator::Bind(_) => None,
             Actuator::Arp(a) => Some(a.renew_interval()),
             Actuator::Bgp(g) => Some(g.renew_interval()),
+        }
+    }
+
+    /// Notified when the held address was deleted by someone else (arp
+    /// and bgp mode).
+    fn vanished(&self) -> Option<Arc<tokio::sync::Notify>> {
+        match self {
+            Actuator::Bind(_) => None,
+            Actuator::Arp(a) => Some(a.vanished()),
+            Actuator::Bgp(g) => Some(g.vanished()),
         }
     }
 
@@ -173,6 +185,14 @@ impl Handover for VipHandle {
     fn hand_over(&self, term: u64) -> BoxFuture<'static, ()> {
         let this = self.clone();
         Box::pin(async move { this.release_for_handover(term).await })
+    }
+}
+
+/// Resolves when `n` is notified; never without one.
+async fn notified(n: Option<&tokio::sync::Notify>) {
+    match n {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -304,6 +324,7 @@ impl VipTask {
         let mut renew_at: Option<Instant> = None;
         // No claim before this: the last one failed.
         let mut claim_after: Option<Instant> = None;
+        let vanished = self.actuator.vanished();
         loop {
             tokio::select! {
                 biased;
@@ -332,6 +353,8 @@ impl VipTask {
                 why = self.actuator.background_ended() => {
                     return Err(self.background_failed(why).await);
                 }
+                // The held address was deleted: renew (add it back) now.
+                () = notified(vanished.as_deref()) => renew_at = renew_at.map(|_| Instant::now()),
             }
             let view = self.view();
             let now = Instant::now();

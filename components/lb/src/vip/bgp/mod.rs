@@ -201,8 +201,8 @@ impl BgpVip {
     }
 
     /// Withdraws the routes from every established peer (waiting at most
-    /// the flush bound for the UPDATEs to be written), then deletes the
-    /// addresses.
+    /// the flush bound for the UPDATEs to be written) and resets the front's
+    /// clients meanwhile, then deletes the addresses.
     pub async fn release(&mut self, reason: &str) -> std::io::Result<()> {
         if let Ok(mut v) = self.valid_until.lock() {
             *v = None;
@@ -222,10 +222,13 @@ impl BgpVip {
                     .await;
             }
         });
-        if tokio::time::timeout(self.flush, futures::future::join_all(waits))
-            .await
-            .is_err()
-        {
+        // The front's clients are reset meanwhile (within half the flush
+        // bound), while the address is still there to send from.
+        let (flushed, ()) = tokio::join!(
+            tokio::time::timeout(self.flush, futures::future::join_all(waits)),
+            self.local.reset_clients(),
+        );
+        if flushed.is_err() {
             tracing::warn!(flush = ?self.flush, "not every BGP withdrawal was written in time; deleting the address anyway");
         }
         self.local.release().await
@@ -237,6 +240,11 @@ impl BgpVip {
         if let Ok(mut v) = self.valid_until.lock() {
             *v = Some(until);
         }
+    }
+
+    /// Notified when the local address is deleted ([`ArpVip::vanished`]).
+    pub fn vanished(&self) -> Arc<tokio::sync::Notify> {
+        self.local.vanished()
     }
 
     /// The local address's renewal interval.

@@ -823,10 +823,12 @@ async fn trial(kind: Trial, dual: bool) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let w = sampler.finish();
     println!(
-        "{kind:?} (dual-stack: {dual}): route moved from lb-{} to lb-{} in {moved:?}; {} RIB samples, at most {} routes at once",
+        "{kind:?} (dual-stack: {dual}): route moved from lb-{} to lb-{} in {moved:?}; {} RIB samples ({} with routes via two hosts, {} with a stale route), at most {} routes at once",
         old + 1,
         new + 1,
         w.samples,
+        w.two_routes,
+        w.stale,
         w.max_routes
     );
     assert!(w.samples > 10, "too few samples: {w:?}");

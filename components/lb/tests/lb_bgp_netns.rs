@@ -24,12 +24,27 @@
 //! the router's RIB and every host's `lo`, and no sample may show routes
 //! via two hosts that both hold the VIP (two live holders announced at
 //! once).
+//!
+//! The partition trials run the jepsen schedule of lb_jepsen.rs (shared in
+//! tests/jepsen/mod.rs: the leader isolated from its peers while its
+//! session to the router stays up, a 1|2 split, one-way, link flaps, kills
+//! and restarts; seeded, replayable with `BULWARK_JEPSEN_SEED`, more trials
+//! with `BULWARK_JEPSEN_TRIALS`) with the same sampler as the witness. It
+//! counts instants with routes via two hosts, with a stale route (via a
+//! dead or restarting node, or one that no longer has the VIP — a killed
+//! holder's route may linger until the hold timer), and with routes via two
+//! live holders, which must never happen; a route stale for longer than
+//! [`STALE_ROUTE_GRACE`] fails the trial. After healing, one route via the
+//! one holder, the client reaching the VIP, every node agreeing on the
+//! holder; the figures (samples, instants, convergence time) are printed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bulwark_api::lb::v1 as lb;
@@ -39,6 +54,9 @@ use bulwark_testkit::cluster::lab::{api_via, echo};
 use bulwark_testkit::cluster::{LbSpec, lb_process, test_timers};
 use bulwark_testkit::config;
 use bulwark_testkit::{Host, Lab, Pki, Process, ProcessBuilder, TestDir, tools};
+use jepsen::{Life, NODES, Rng, SEED_ENV, STEPS_ENV, Target, classify, schedule};
+
+mod jepsen;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x255, 0, 0, 0, 0, 0, 0x10);
@@ -74,6 +92,36 @@ async fn heavy_bgp_frozen_leader_loses_the_route_and_does_not_take_it_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_bgp_dual_stack_killed_leader_moves_both_routes() {
     trial(Trial::Kill, true).await;
+}
+
+/// CI's partition trials, [`jepsen::DEFAULT_STEPS`] faults each (the first
+/// six one of each kind). The second starts with a long link flap of the
+/// holder, so its route lingers beside the new holder's until bird's hold
+/// timer: the witness sees two routes, one stale, and must not count them
+/// as two live holders. `BULWARK_JEPSEN_SEED` / `BULWARK_JEPSEN_TRIALS` /
+/// `BULWARK_JEPSEN_STEPS` replay one or run more.
+const CI_SEEDS: &[u64] = &[0x6267_7073_656e_0001, 0x6267_7073_656e_05ed];
+/// How long the cluster has to converge after healing.
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// Jepsen-style partition trials in bgp mode (see the module doc): a
+/// seeded schedule of partitions, link flaps and kills, with the RIB
+/// witness sampling throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_bgp_jepsen_partitions_never_route_to_two_live_holders() {
+    let steps = jepsen::steps();
+    let seeds = jepsen::seeds(CI_SEEDS);
+    for (n, &seed) in seeds.iter().enumerate() {
+        eprintln!(
+            "bgp jepsen: trial {}/{} seed {seed:#x} (replay: {SEED_ENV}={seed} {STEPS_ENV}={steps})",
+            n + 1,
+            seeds.len()
+        );
+        let Some(figures) = partition_trial(seed, steps).await else {
+            return; // skipped: no root
+        };
+        println!("bgp jepsen: trial {} seed {seed:#x}: {figures}", n + 1);
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +199,11 @@ impl BgpLab {
         })
     }
 
+    /// The LB hosts, in node order.
+    fn lb_hosts(&self) -> Vec<Host> {
+        (0..NODES).map(|i| self.lab.host(i).clone()).collect()
+    }
+
     fn router(&self) -> &Host {
         self.lab.host(3)
     }
@@ -173,7 +226,7 @@ impl BgpLab {
     /// client gets an echo through every VIP address. Returns that host.
     async fn wait_for_route(&self, not: Option<usize>, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
-        let hosts: Vec<Host> = (0..3).map(|i| self.lab.host(i).clone()).collect();
+        let hosts = self.lb_hosts();
         loop {
             let ribs = self.ribs().unwrap_or_default();
             let hops: Vec<Option<usize>> = ribs
@@ -540,12 +593,25 @@ fn holds(host: &Host, vips: &[IpAddr]) -> bool {
 #[derive(Debug, Default)]
 struct Witness {
     samples: u64,
-    /// Samples whose RIB had routes via two hosts that both held the VIP
-    /// (and whose process was alive), with what was seen.
+    /// Samples whose RIB had routes via two different hosts (either
+    /// family), live holders or not.
+    two_routes: u64,
+    /// Samples with a route via a host that was no live holder: dead,
+    /// stopped, restarting, or no longer holding the VIP (its withdrawal
+    /// or the router's hold timer still to come).
+    stale: u64,
+    /// Violations, with what was seen: routes via two live holders at
+    /// once, or a stale route the hold timer should have removed.
     double: Vec<String>,
     /// The most routes the RIB had at once.
     max_routes: usize,
 }
+
+/// How long the router may keep routing to a host that is no live holder:
+/// the hold time (3s) bird applies when nothing withdraws the route (a
+/// dead or frozen process, a cut link), plus margin for a loaded machine.
+/// A live node that released the VIP withdraws at once.
+const STALE_ROUTE_GRACE: Duration = Duration::from_secs(5);
 
 /// What the sampler thread reads: the router and the LB hosts.
 struct View {
@@ -558,10 +624,14 @@ struct View {
 /// Samples the router's RIB for every VIP address, then the `lo` of every
 /// LB host it routes to, until `stop`. Two live holders routed to at once,
 /// in one family or across the two of a dual-stack VIP, is a violation. A
-/// host in `dead` (SIGKILLed: its address lingers until its kernel
-/// lifetime ends, but nothing serves it) is not a live holder.
-fn sample(v: &View, dead: &std::sync::Mutex<Option<usize>>, stop: &AtomicBool) -> Witness {
+/// host whose node `life` says is dead (SIGKILLed or stopped: its address
+/// lingers until its kernel lifetime ends, its route until the router's
+/// hold timer, but nothing serves it) or restarting is not a live holder;
+/// a route via such a host, or via one that no longer has the VIP, is
+/// stale, and a violation once it outlives [`STALE_ROUTE_GRACE`].
+fn sample(v: &View, life: &Mutex<Vec<Life>>, stop: &AtomicBool) -> Witness {
     let mut w = Witness::default();
+    let mut stale_since: Vec<Option<Instant>> = vec![None; v.hosts.len()];
     while !stop.load(Ordering::Relaxed) {
         // RIB first: a route seen here was announced before the `ip addr`
         // below, so a host holding then and routed to now is a holder the
@@ -574,16 +644,22 @@ fn sample(v: &View, dead: &std::sync::Mutex<Option<usize>>, stop: &AtomicBool) -
         else {
             continue;
         };
-        let killed = *dead.lock().unwrap();
-        let mut live: Vec<usize> = ribs
+        let mut routed: Vec<usize> = ribs
             .iter()
             .flatten()
             .filter_map(|hop| host_of(&v.hosts, *hop))
-            .filter(|&h| Some(h) != killed && holds(&v.hosts[h], &v.vips))
             .collect();
-        live.sort_unstable();
-        live.dedup();
+        routed.sort_unstable();
+        routed.dedup();
+        let holding: Vec<usize> = routed
+            .iter()
+            .copied()
+            .filter(|&h| holds(&v.hosts[h], &v.vips))
+            .collect();
+        let live = classify(life, &holding);
         w.samples += 1;
+        w.two_routes += u64::from(routed.len() > 1);
+        w.stale += u64::from(live.len() < routed.len());
         w.max_routes = w
             .max_routes
             .max(ribs.iter().map(Vec::len).max().unwrap_or(0));
@@ -591,9 +667,58 @@ fn sample(v: &View, dead: &std::sync::Mutex<Option<usize>>, stop: &AtomicBool) -
             w.double
                 .push(format!("RIBs {ribs:?}, live holders {live:?}"));
         }
+        for (h, since) in stale_since.iter_mut().enumerate() {
+            if !routed.contains(&h) || live.contains(&h) {
+                *since = None;
+                continue;
+            }
+            let first = *since.get_or_insert_with(Instant::now);
+            if first.elapsed() > STALE_ROUTE_GRACE {
+                w.double.push(format!(
+                    "RIBs {ribs:?}: still routed via h{} {:?} after it stopped being a live holder",
+                    h + 1,
+                    first.elapsed()
+                ));
+                *since = None;
+            }
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     w
+}
+
+/// Runs [`sample`] on a thread until [`Sampler::finish`].
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    life: Arc<Mutex<Vec<Life>>>,
+    thread: std::thread::JoinHandle<Witness>,
+}
+
+impl Sampler {
+    fn start(l: &BgpLab) -> Self {
+        let view = View {
+            router: l.router().clone(),
+            socket: l.bird_socket.clone(),
+            hosts: l.lb_hosts(),
+            vips: l.vips.clone(),
+        };
+        let life = Arc::new(Mutex::new(vec![Life::Alive(Instant::now()); NODES]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (life, stop) = (life.clone(), stop.clone());
+            std::thread::spawn(move || sample(&view, &life, &stop))
+        };
+        Self { stop, life, thread }
+    }
+
+    fn set(&self, node: usize, life: Life) {
+        self.life.lock().unwrap()[node] = life;
+    }
+
+    fn finish(self) -> Witness {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
 }
 
 /// What each of node `i`'s sessions should announce: the holder the VIP
@@ -643,18 +768,7 @@ async fn trial(kind: Trial, dual: bool) {
         }
     }
 
-    let view = View {
-        router: l.router().clone(),
-        socket: l.bird_socket.clone(),
-        hosts: (0..3).map(|i| l.lab.host(i).clone()).collect(),
-        vips: l.vips.clone(),
-    };
-    let dead = Arc::new(std::sync::Mutex::new(None));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (dead, stop) = (dead.clone(), stop.clone());
-        std::thread::spawn(move || sample(&view, &dead, &stop))
-    };
+    let sampler = Sampler::start(&l);
     // Let the sampler see the steady state first.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -662,13 +776,13 @@ async fn trial(kind: Trial, dual: bool) {
     match kind {
         Trial::CutLink => l.lab.cut_link(l.lab.host(old)).unwrap(),
         Trial::Kill => {
-            *dead.lock().unwrap() = Some(old);
             l.nodes[old].kill().unwrap();
+            sampler.set(old, Life::Dead(Instant::now()));
         }
         Trial::Freeze => {
             // Frozen, it serves nothing: not a live holder while stopped.
-            *dead.lock().unwrap() = Some(old);
             l.nodes[old].signal(libc::SIGSTOP).unwrap();
+            sampler.set(old, Life::Dead(Instant::now()));
         }
     }
     // A cut link or a frozen process cannot withdraw: the router drops
@@ -681,8 +795,8 @@ async fn trial(kind: Trial, dual: bool) {
         // Wake it well after its lease: it is live again, must release
         // whatever it thinks it holds and announce nothing, while its
         // sessions come back (the router dropped them on its hold timer).
+        sampler.set(old, Life::Alive(Instant::now()));
         l.nodes[old].signal(libc::SIGCONT).unwrap();
-        *dead.lock().unwrap() = None;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let peers = l
@@ -707,13 +821,14 @@ async fn trial(kind: Trial, dual: bool) {
     }
     // Keep sampling a little past the move.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    let w = sampler.join().unwrap();
+    let w = sampler.finish();
     println!(
-        "{kind:?} (dual-stack: {dual}): route moved from lb-{} to lb-{} in {moved:?}; {} RIB samples, at most {} routes at once",
+        "{kind:?} (dual-stack: {dual}): route moved from lb-{} to lb-{} in {moved:?}; {} RIB samples ({} with routes via two hosts, {} with a stale route), at most {} routes at once",
         old + 1,
         new + 1,
         w.samples,
+        w.two_routes,
+        w.stale,
         w.max_routes
     );
     assert!(w.samples > 10, "too few samples: {w:?}");
@@ -746,5 +861,126 @@ async fn trial(kind: Trial, dual: bool) {
         .expect("status of the new holder");
     for peer in &bgp.peers {
         assert_eq!(peer.announced, expected_announced(peer, true));
+    }
+}
+
+/// The figures of one partition trial.
+struct TrialFigures {
+    faults: BTreeMap<&'static str, u64>,
+    witness: Witness,
+    /// From healing to one route via the one holder, answering the client,
+    /// with every node agreeing on it.
+    converged: Duration,
+}
+
+impl fmt::Display for TrialFigures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let w = &self.witness;
+        write!(
+            f,
+            "faults {:?}; {} RIB samples, {} with routes via two hosts, {} with a stale route \
+             (dead, restarting or released holder), {} with two live holders, at most {} routes; \
+             converged {:?} after healing",
+            self.faults,
+            w.samples,
+            w.two_routes,
+            w.stale,
+            w.double.len(),
+            w.max_routes,
+            self.converged
+        )
+    }
+}
+
+/// Which of `hosts` have any of `vips` on `lo` (the bgp holders).
+fn holders_on_lo(hosts: &[Host], vips: &[IpAddr]) -> Vec<usize> {
+    (0..hosts.len())
+        .filter(|&i| holds(&hosts[i], vips))
+        .collect()
+}
+
+/// One partition trial with `seed`; `None` when the lab cannot run here.
+/// Panics on a violation or if the cluster does not converge.
+async fn partition_trial(seed: u64, steps: usize) -> Option<TrialFigures> {
+    let mut l = BgpLab::start(false).await?;
+    l.wait_for_route(None, SETTLE).await;
+    let sampler = Sampler::start(&l);
+    let t0 = Instant::now();
+    let hosts = l.lb_hosts();
+    let mut faults = BTreeMap::new();
+    let mut r = Rng::new(seed ^ 0x466c_6170);
+    let mut target = Target {
+        lab: &l.lab,
+        nodes: &mut l.nodes,
+        hosts: &hosts,
+        vips: &l.vips,
+        life: &sampler.life,
+        holders: holders_on_lo,
+    };
+    for (n, step) in schedule(seed, steps).iter().enumerate() {
+        let kind = target.run_step(n, step, &mut r, t0).await;
+        *faults.entry(kind).or_default() += 1;
+    }
+    eprintln!("bgp jepsen {:>6.1?}: healing", t0.elapsed());
+    let healed = Instant::now();
+    target.heal_everything();
+    let holder = l.wait_for_route(None, SETTLE).await;
+    agree_on(&l, holder, healed + SETTLE).await;
+    let converged = healed.elapsed();
+    // Keep sampling the healed state a little.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let witness = sampler.finish();
+    assert!(
+        witness.double.is_empty(),
+        "seed {seed:#x}: the RIB routed to two live holders, or kept a stale route: {:#?}",
+        witness.double
+    );
+    assert!(witness.samples > 50, "too few samples: {witness:?}");
+    assert_eq!(
+        l.ribs(),
+        Some(vec![vec![IpAddr::V4(hosts[holder].addr())]]),
+        "one route, via the holder"
+    );
+    Some(TrialFigures {
+        faults,
+        witness,
+        converged,
+    })
+}
+
+/// Waits until every node names `holder` as leader and VIP holder, has its
+/// sessions established, and only the holder announces (the VIP /32).
+async fn agree_on(l: &BgpLab, holder: usize, deadline: Instant) {
+    let want = Some(holder as u64 + 1);
+    loop {
+        let mut last = None;
+        for i in 0..NODES {
+            let s = l.status(i).await;
+            let ok = s.as_ref().is_some_and(|s| {
+                let bgp = s.vip.as_ref().and_then(|v| v.bgp.as_ref());
+                s.leader.as_ref().map(|n| n.id) == want
+                    && s.vip.as_ref().and_then(|v| v.holder_node_id) == want
+                    && bgp.is_some_and(|b| {
+                        !b.peers.is_empty()
+                            && b.peers.iter().all(|p| {
+                                p.state == lb::BgpSessionState::Established as i32
+                                    && p.announced == expected_announced(p, i == holder)
+                            })
+                    })
+            });
+            if !ok {
+                last = Some((i, s));
+                break;
+            }
+        }
+        let Some((i, s)) = last else {
+            return;
+        };
+        assert!(
+            Instant::now() < deadline,
+            "after healing, node {i} does not agree that h{} holds the VIP: {s:?}",
+            holder + 1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

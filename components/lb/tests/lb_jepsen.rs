@@ -21,7 +21,7 @@
 //! the kernel removes it 1-2 s after the last renewal) or the node starts
 //! again and removes it. The witnesses count those answers as *stale*, not
 //! as a second holder, for up to [`DEAD_GRACE`] after the kill and up to
-//! [`RESTART_GRACE`] after a restart; they are reported in the figures
+//! [`jepsen::RESTART_GRACE`] after a restart; they are reported in the figures
 //! (docs/RELIABILITY.md discusses them). A dead node's address still there
 //! after [`DEAD_GRACE`] fails the trial: its lifetime did not end it.
 //!
@@ -43,10 +43,11 @@
 //! CI also runs one short trial each with an IPv6 and a dual-stack VIP
 //! ([`STACK_SEED`], [`DEFAULT_STEPS`] faults).
 //!
-//! The schedule (fault kinds, targets by role or index, durations, the
-//! writes) is a pure function of the seed; which node "the leader" is at the
-//! moment of a fault is decided by the cluster, so a replay repeats the
-//! schedule, not necessarily every interleaving.
+//! The schedule (tests/jepsen/mod.rs, shared with the bgp-mode partition
+//! trials in lb_bgp_netns.rs) and the writes are a pure function of the
+//! seed; which node "the leader" is at the moment of a fault is decided by
+//! the cluster, so a replay repeats the schedule, not necessarily every
+//! interleaving.
 
 // Test code: a failure should fail loudly.
 #![allow(clippy::unwrap_used)]
@@ -64,27 +65,19 @@ use bulwark_testkit::Host;
 use bulwark_testkit::cluster::lab::{
     BACKEND_PORT, LbLab, Stack, api_via, arp_probe, echo, holders_of_any, nd_probe,
 };
+use jepsen::{
+    DEFAULT_STEPS, Life, NODES, Rng, SEED_ENV, STEPS_ENV, Target, classify, env_u64, schedule,
+};
 use tonic::transport::Channel;
 
-/// Replays one trial.
-const SEED_ENV: &str = "BULWARK_JEPSEN_SEED";
-/// Runs this many trials with random seeds.
-const TRIALS_ENV: &str = "BULWARK_JEPSEN_TRIALS";
-/// Faults per trial.
-const STEPS_ENV: &str = "BULWARK_JEPSEN_STEPS";
+mod jepsen;
+
 /// Wall-clock budget for starting trials.
 const BUDGET_ENV: &str = "BULWARK_JEPSEN_BUDGET_SECS";
 /// CI's seeds: two trials, each covering every fault kind.
 const CI_SEEDS: &[u64] = &[0x6a65_7073_656e_0001, 0x6a65_7073_656e_0002];
 /// CI's IPv6 and dual-stack trials: the first CI seed (every fault kind).
 const STACK_SEED: u64 = CI_SEEDS[0];
-/// Faults per trial unless `BULWARK_JEPSEN_STEPS` says otherwise.
-const DEFAULT_STEPS: usize = 7;
-/// LB nodes per trial.
-const NODES: usize = 3;
-/// How long a restarted node may keep the address its killed run left
-/// behind before the witnesses count it as a holder.
-const RESTART_GRACE: Duration = Duration::from_secs(3);
 /// How long a killed node's host may keep the address before the
 /// witnesses count it as a holder (and the `ip addr` witness as a
 /// violation): the kernel removes it at most lifetime (1 s) + 1 s after
@@ -96,21 +89,9 @@ const SETTLE: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_jepsen_partitions_kills_and_flaps_never_split_the_vip() {
-    let steps = env_usize(STEPS_ENV).unwrap_or(DEFAULT_STEPS);
+    let steps = jepsen::steps();
     let stack = Stack::from_env();
-    let seeds: Vec<u64> = if let Some(seed) = env_u64(SEED_ENV) {
-        vec![seed]
-    } else if let Some(n) = env_usize(TRIALS_ENV) {
-        let mut r = Rng::new(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64,
-        );
-        (0..n).map(|_| r.next_u64()).collect()
-    } else {
-        CI_SEEDS.to_vec()
-    };
+    let seeds = jepsen::seeds(CI_SEEDS);
 
     run_trials(&seeds, steps, stack).await;
 }
@@ -171,136 +152,8 @@ async fn run_trials(seeds: &[u64], steps: usize, stack: Stack) {
 }
 
 // ---------------------------------------------------------------------------
-// The schedule
-// ---------------------------------------------------------------------------
-
-/// splitmix64: tiny, seedable, good enough to pick faults.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next_u64() % 100 < percent
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.next_u64() % (hi - lo + 1))
-    }
-}
-
-/// One fault. Nodes are 0-based LB host indices.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Fault {
-    /// The leader (at that moment) partitioned from both peers; the client
-    /// still reaches it — the case where a stale leader must let go.
-    IsolateLeader,
-    /// One node partitioned from the other two (both ways).
-    Split { alone: usize },
-    /// `from`'s packets to `to` dropped, the other direction delivered.
-    OneWay { from: usize, to: usize },
-    /// A node's link cut and restored `flaps` times.
-    FlapLink { node: usize, flaps: usize },
-    /// SIGKILL of the leader at that moment.
-    KillLeader,
-    /// SIGKILL of a node by index (leader or not).
-    Kill { node: usize },
-}
-
-impl Fault {
-    fn kind(&self) -> &'static str {
-        match self {
-            Fault::IsolateLeader => "isolate-leader",
-            Fault::Split { .. } => "split-1|2",
-            Fault::OneWay { .. } => "one-way",
-            Fault::FlapLink { .. } => "flap-link",
-            Fault::KillLeader => "kill-leader",
-            Fault::Kill { .. } => "kill",
-        }
-    }
-}
-
-/// A step: inject, hold, and heal (or leave it until the end of the trial).
-#[derive(Clone, Debug)]
-struct Step {
-    fault: Fault,
-    hold: Duration,
-    heal: bool,
-}
-
-/// The steps of a trial: every fault kind once in a seeded order, then
-/// random ones.
-fn schedule(seed: u64, steps: usize) -> Vec<Step> {
-    let mut r = Rng::new(seed);
-    let random_fault = |r: &mut Rng, kind: usize| match kind {
-        0 => Fault::IsolateLeader,
-        1 => Fault::Split {
-            alone: r.below(NODES),
-        },
-        2 => {
-            let from = r.below(NODES);
-            Fault::OneWay {
-                from,
-                to: (from + 1 + r.below(NODES - 1)) % NODES,
-            }
-        }
-        3 => Fault::FlapLink {
-            node: r.below(NODES),
-            flaps: 1 + r.below(4),
-        },
-        4 => Fault::KillLeader,
-        _ => Fault::Kill {
-            node: r.below(NODES),
-        },
-    };
-    const KINDS: usize = 6;
-    let mut kinds: Vec<usize> = (0..KINDS).collect();
-    for i in (1..KINDS).rev() {
-        kinds.swap(i, r.below(i + 1));
-    }
-    (0..steps)
-        .map(|i| {
-            let kind = if i < KINDS { kinds[i] } else { r.below(KINDS) };
-            let fault = random_fault(&mut r, kind);
-            Step {
-                fault,
-                hold: r.millis(300, 2500),
-                heal: r.chance(75),
-            }
-        })
-        .collect()
-}
-
-// ---------------------------------------------------------------------------
 // The witnesses
 // ---------------------------------------------------------------------------
-
-/// Whether an LB node's process runs, as far as the witnesses care.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Life {
-    /// Running, and since when it counts as such.
-    Alive(Instant),
-    /// SIGKILLed at this instant: whatever its host still has is stale
-    /// for up to [`DEAD_GRACE`].
-    Dead(Instant),
-    /// Started again at this instant; stale until it drops the leftover
-    /// address or [`RESTART_GRACE`] passes.
-    Restarting(Instant),
-}
 
 /// What the witnesses saw.
 #[derive(Debug, Default)]
@@ -418,10 +271,6 @@ impl Witnesses {
         }
     }
 
-    fn set(&self, node: usize, life: Life) {
-        self.life.lock().unwrap()[node] = life;
-    }
-
     fn violations(&self) -> Vec<String> {
         self.seen.lock().unwrap().violations.clone()
     }
@@ -439,26 +288,6 @@ impl Drop for Witnesses {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
-}
-
-/// Which of `with_vip` (a sweep over all LB hosts) count as holders: alive
-/// nodes, and restarting ones that still have the address after
-/// [`RESTART_GRACE`]. A restarting node seen without the address is alive
-/// from then on (the ARP witness reads the state this sets).
-fn classify(life: &Mutex<Vec<Life>>, with_vip: &[usize]) -> Vec<usize> {
-    let mut life = life.lock().unwrap();
-    for (i, l) in life.iter_mut().enumerate() {
-        if let Life::Restarting(since) = *l
-            && (!with_vip.contains(&i) || since.elapsed() > RESTART_GRACE)
-        {
-            *l = Life::Alive(Instant::now());
-        }
-    }
-    with_vip
-        .iter()
-        .copied()
-        .filter(|&i| matches!(life[i], Life::Alive(_)))
-        .collect()
 }
 
 /// Hosts in `with_vip` whose node was killed more than [`DEAD_GRACE`] ago,
@@ -742,77 +571,18 @@ async fn run_trial(l: &mut LbLab, seed: u64, steps: usize, t0: Instant) -> Resul
         ..Figures::default()
     };
     let mut r = Rng::new(seed ^ 0x466c_6170);
-    for (n, step) in schedule(seed, steps).into_iter().enumerate() {
-        let mut leader = current_holder(l);
-        if matches!(step.fault, Fault::IsolateLeader | Fault::KillLeader) {
-            // Aim at a leader: give a running election a moment to finish.
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while leader.is_none() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                leader = current_holder(l);
-            }
-        }
-        let applies = match step.fault {
-            Fault::IsolateLeader | Fault::KillLeader => leader.is_some(),
-            Fault::Kill { node } => l.nodes[node].is_running(),
-            _ => true,
-        };
-        // Faults aimed at the leader while there is none (an election
-        // running) or at a node that is already down do nothing.
-        *figures
-            .faults
-            .entry(if applies { step.fault.kind() } else { "no-op" })
-            .or_default() += 1;
-        eprintln!(
-            "jepsen {:>6.1?}: step {n}: {:?} (leader {}), hold {:?}, heal {}",
-            t0.elapsed(),
-            step.fault,
-            leader.map_or("none".to_owned(), |i| format!("h{}", i + 1)),
-            step.hold,
-            step.heal
-        );
-        let undo: Option<Undo> = match step.fault {
-            Fault::IsolateLeader => leader.map(|ld| {
-                for (i, h) in hosts.iter().enumerate() {
-                    if i != ld {
-                        l.lab.partition(&hosts[ld], h).unwrap();
-                    }
-                }
-                Undo::HealAll
-            }),
-            Fault::Split { alone } => {
-                for (i, h) in hosts.iter().enumerate() {
-                    if i != alone {
-                        l.lab.partition(&hosts[alone], h).unwrap();
-                    }
-                }
-                Some(Undo::HealAll)
-            }
-            Fault::OneWay { from, to } => {
-                l.lab.partition_one_way(&hosts[from], &hosts[to]).unwrap();
-                Some(Undo::HealAll)
-            }
-            Fault::FlapLink { node, flaps } => {
-                let per = step.hold / (2 * flaps as u32);
-                for _ in 0..flaps {
-                    l.lab.cut_link(&hosts[node]).unwrap();
-                    tokio::time::sleep(per.mul_f64(0.5 + r.below(100) as f64 / 100.0)).await;
-                    l.lab.restore_link(&hosts[node]).unwrap();
-                    tokio::time::sleep(per).await;
-                }
-                None
-            }
-            Fault::KillLeader => leader.map(|ld| kill(l, &witnesses, ld)),
-            Fault::Kill { node } => Some(kill(l, &witnesses, node)),
-        };
-        if !matches!(step.fault, Fault::FlapLink { .. }) {
-            tokio::time::sleep(step.hold).await;
-        }
-        if step.heal
-            && let Some(undo) = undo
-        {
-            undo.apply(l, &witnesses);
-        }
+    let vips = l.vip_ips();
+    let mut target = Target {
+        lab: &l.lab,
+        nodes: &mut l.nodes,
+        hosts: &hosts,
+        vips: &vips,
+        life: &witnesses.life,
+        holders: holders_of_any,
+    };
+    for (n, step) in schedule(seed, steps).iter().enumerate() {
+        let kind = target.run_step(n, step, &mut r, t0).await;
+        *figures.faults.entry(kind).or_default() += 1;
         let v = witnesses.violations();
         if !v.is_empty() {
             return Err(format!("two VIP holders during step {n}: {v:#?}"));
@@ -821,15 +591,7 @@ async fn run_trial(l: &mut LbLab, seed: u64, steps: usize, t0: Instant) -> Resul
 
     // Heal everything and let the cluster settle with every node running.
     eprintln!("jepsen {:>6.1?}: healing", t0.elapsed());
-    l.lab.heal_all().unwrap();
-    for h in &hosts {
-        l.lab.restore_link(h).unwrap();
-    }
-    for i in 0..NODES {
-        if !l.nodes[i].is_running() {
-            Undo::Restart(i).apply(l, &witnesses);
-        }
-    }
+    target.heal_everything();
     wait_for_live_holder(l, Duration::from_secs(30)).await?;
     // A few more writes on the healed cluster, then stop writing.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -853,45 +615,6 @@ async fn run_trial(l: &mut LbLab, seed: u64, steps: usize, t0: Instant) -> Resul
     settled?;
     eprintln!("jepsen {:>6.1?}: converged", t0.elapsed());
     Ok(figures)
-}
-
-/// How to undo a fault.
-enum Undo {
-    HealAll,
-    Restart(usize),
-}
-
-impl Undo {
-    fn apply(self, l: &mut LbLab, w: &Witnesses) {
-        match self {
-            Undo::HealAll => l.lab.heal_all().unwrap(),
-            Undo::Restart(i) => {
-                if !l.nodes[i].is_running() {
-                    w.set(i, Life::Restarting(Instant::now()));
-                    l.nodes[i].start().unwrap();
-                }
-            }
-        }
-    }
-}
-
-fn kill(l: &mut LbLab, w: &Witnesses, node: usize) -> Undo {
-    if l.nodes[node].is_running() {
-        l.nodes[node].kill().unwrap();
-        // After the kill: until now it was alive and counted.
-        w.set(node, Life::Dead(Instant::now()));
-    }
-    Undo::Restart(node)
-}
-
-/// The single host with the VIP among running nodes, if any.
-fn current_holder(l: &LbLab) -> Option<usize> {
-    let h: Vec<usize> = l
-        .holders()
-        .into_iter()
-        .filter(|&i| l.nodes[i].is_running())
-        .collect();
-    (h.len() == 1).then(|| h[0])
 }
 
 async fn wait_for_live_holder(l: &LbLab, timeout: Duration) -> Result<(), String> {
@@ -1059,18 +782,4 @@ fn check_states(
         }
     }
     Ok(())
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    let v = v.trim();
-    let parsed = match v.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => v.parse(),
-    };
-    Some(parsed.unwrap_or_else(|e| panic!("{name}={v:?}: not a number: {e}")))
-}
-
-fn env_usize(name: &str) -> Option<usize> {
-    env_u64(name).map(|n| n as usize)
 }

@@ -89,6 +89,15 @@ enum End {
     Cancelled,
 }
 
+/// An opened report stream: the acknowledgements, the sending side, the
+/// table's change signal and the stream's bookkeeping.
+struct Open {
+    acks: tonic::Streaming<ProbeReportAck>,
+    tx: mpsc::Sender<ProbeReport>,
+    changes: watch::Receiver<u64>,
+    s: Stream,
+}
+
 /// Per-stream state.
 struct Stream {
     /// Outcome class of each check as last sent on this stream.
@@ -198,19 +207,26 @@ impl Reporter {
         sequence: &mut u64,
         cancel: &CancellationToken,
     ) -> (End, bool) {
+        match self.open(address, sequence, cancel).await {
+            Ok(open) => self.pump(address, open, sequence, cancel).await,
+            Err(end) => (end, false),
+        }
+    }
+
+    /// Opens the stream with the first FULL report in the call itself.
+    async fn open(
+        &self,
+        address: &str,
+        sequence: &mut u64,
+        cancel: &CancellationToken,
+    ) -> Result<Open, End> {
+        let retry = |detail: String| End::Retry {
+            cause: "error",
+            detail,
+        };
         let channel =
-            match bulwark_common::grpc::channel(address, &self.tls, self.server_name.as_deref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    return (
-                        End::Retry {
-                            cause: "error",
-                            detail: format!("bad endpoint {address}: {e}"),
-                        },
-                        false,
-                    );
-                }
-            };
+            bulwark_common::grpc::channel(address, &self.tls, self.server_name.as_deref())
+                .map_err(|e| retry(format!("bad endpoint {address}: {e}")))?;
         let mut client = ProbeReportsClient::new(channel);
         let (tx, rx) = mpsc::channel::<ProbeReport>(QUEUE);
         let mut changes = self.table.subscribe();
@@ -226,38 +242,43 @@ impl Reporter {
             acked_seq: 0,
             acked: false,
         };
-        // The first report goes out with the call itself.
         changes.borrow_and_update();
-        let full = self.build(&mut s, sequence);
-        if let Some(full) = full
+        if let Some(full) = self.build(&mut s, sequence)
             && tx.try_send(full).is_err()
         {
-            return (
-                End::Retry {
-                    cause: "error",
-                    detail: "report queue unavailable".into(),
-                },
-                false,
-            );
+            return Err(retry("report queue unavailable".into()));
         }
         let opened = tokio::select! {
             r = tokio::time::timeout(OPEN_TIMEOUT, client.report(ReceiverStream::new(rx))) => r,
-            _ = cancel.cancelled() => return (End::Cancelled, false),
+            _ = cancel.cancelled() => return Err(End::Cancelled),
         };
-        let mut acks = match opened {
-            Err(_) => {
-                return (
-                    End::Retry {
-                        cause: "error",
-                        detail: format!("no answer within {OPEN_TIMEOUT:?}"),
-                    },
-                    false,
-                );
-            }
-            Ok(Err(status)) => return (end_of_status(&status), false),
-            Ok(Ok(response)) => response.into_inner(),
-        };
+        match opened {
+            Err(_) => Err(retry(format!("no answer within {OPEN_TIMEOUT:?}"))),
+            Ok(Err(status)) => Err(end_of_status(&status)),
+            Ok(Ok(response)) => Ok(Open {
+                acks: response.into_inner(),
+                tx,
+                changes,
+                s,
+            }),
+        }
+    }
 
+    /// Sends changes and heartbeats and reads acknowledgements until the
+    /// stream ends.
+    async fn pump(
+        &self,
+        address: &str,
+        open: Open,
+        sequence: &mut u64,
+        cancel: &CancellationToken,
+    ) -> (End, bool) {
+        let Open {
+            mut acks,
+            tx,
+            mut changes,
+            mut s,
+        } = open;
         loop {
             let heartbeat_at = s.last_sent + s.heartbeat;
             // An ack that does not come for three heartbeats means a hung

@@ -394,32 +394,16 @@ impl VipTask {
                     elected_at,
                     after_transfer,
                 } => {
-                    let reason = format!("leader of term {term} with a fresh quorum lease");
-                    if let Err(e) = self.actuator.claim(&reason).await {
-                        tracing::error!(term, error = %e, "could not take the VIP; retrying");
-                        self.worker.failed(&format_args!("taking the VIP: {e}"));
-                        self.fence.claim_failed();
-                        claim_after = Some(Instant::now() + CLAIM_RETRY);
-                    } else {
-                        let claimed = Instant::now();
-                        self.worker.set_state("holding");
-                        self.worker.succeeded();
-                        renew_at = self.actuator.renew_interval().map(|i| claimed + i);
-                        metrics::counter!("bulwark_lb_vip_acquisitions_total").increment(1);
-                        metrics::gauge!("bulwark_lb_vip_held").set(1.0);
-                        if recorded_term == Some(term) {
-                            // The lease lapsed (acks were late) and came
-                            // back in the same term: no leadership moved.
-                            tracing::warn!(term, "took the VIP again after a lease lapse");
-                        } else {
-                            recorded_term = Some(term);
-                            self.record(term, elected_at, claimed, after_transfer, &measure);
+                    let first_in_term = recorded_term != Some(term);
+                    match self.take(term, &view, first_in_term).await {
+                        Ok((claimed, renew)) => {
+                            renew_at = renew;
+                            if first_in_term {
+                                recorded_term = Some(term);
+                                self.record(term, elected_at, claimed, after_transfer, &measure);
+                            }
                         }
-                        self.state.send_replace(VipState {
-                            holding: true,
-                            since: Some(SystemTime::now()),
-                            lease_remaining: self.fence.lease_remaining(&view, claimed),
-                        });
+                        Err(retry) => claim_after = Some(retry),
                     }
                 }
                 Action::Release(reason) => self.release(reason).await,
@@ -433,6 +417,39 @@ impl VipTask {
                 });
             }
         }
+    }
+
+    /// CLAIM: takes the VIP as leader of `term`. Returns when it was taken
+    /// and when to renew it, or (it failed) when to try again.
+    async fn take(
+        &mut self,
+        term: u64,
+        view: &LeaderView,
+        first_in_term: bool,
+    ) -> Result<(Instant, Option<Instant>), Instant> {
+        let reason = format!("leader of term {term} with a fresh quorum lease");
+        if let Err(e) = self.actuator.claim(&reason).await {
+            tracing::error!(term, error = %e, "could not take the VIP; retrying");
+            self.worker.failed(&format_args!("taking the VIP: {e}"));
+            self.fence.claim_failed();
+            return Err(Instant::now() + CLAIM_RETRY);
+        }
+        let claimed = Instant::now();
+        self.worker.set_state("holding");
+        self.worker.succeeded();
+        metrics::counter!("bulwark_lb_vip_acquisitions_total").increment(1);
+        metrics::gauge!("bulwark_lb_vip_held").set(1.0);
+        if !first_in_term {
+            // The lease lapsed (acks were late) and came back in the same
+            // term: no leadership moved.
+            tracing::warn!(term, "took the VIP again after a lease lapse");
+        }
+        self.state.send_replace(VipState {
+            holding: true,
+            since: Some(SystemTime::now()),
+            lease_remaining: self.fence.lease_remaining(view, claimed),
+        });
+        Ok((claimed, self.actuator.renew_interval().map(|i| claimed + i)))
     }
 
     /// The VIP cannot be served or kept any more (`why`): releases it and

@@ -155,6 +155,73 @@ pub fn analyse(i: Input<'_>) -> RunResult {
         .iter()
         .filter(|e| e.kind == Kind::Request && e.start_ns >= i.load_ready_ns)
         .collect();
+    let gap = longest_gap(&requests, fault, i.load_end_ns);
+    let after_fault = |e: &&Event| e.end_ns >= fault;
+    let req_after: Vec<&Event> = requests.iter().copied().filter(after_fault).collect();
+    let connects: Vec<&Event> = i
+        .events
+        .iter()
+        .filter(|e| e.kind == Kind::Connect)
+        .filter(after_fault)
+        .collect();
+    let phase = |lo: u64, hi: u64| {
+        latency(
+            requests
+                .iter()
+                .filter(|e| e.ok && e.start_ns >= lo && e.start_ns < hi)
+                .map(|e| ms(e.end_ns - e.start_ns))
+                .collect(),
+        )
+    };
+    let watches = watch_recovery(&i, fault);
+    let vip_scenario = !matches!(
+        i.scenario,
+        Scenario::ApiserverKill | Scenario::ApiserverShutdown | Scenario::ProberIsolated
+    );
+    let record = i
+        .failovers
+        .iter()
+        .filter(|f| ts_ns(f.at.as_ref()) >= fault)
+        .min_by_key(|f| ts_ns(f.at.as_ref()));
+    let (detect, source) = detection(&i, fault, vip_scenario, record);
+
+    RunResult {
+        scenario: i.scenario,
+        contender: i.contender,
+        watchers: i.watchers,
+        requesters: i.params.requesters,
+        holder_before: i.holder + 1,
+        markers: i.markers.clone(),
+        gap_ms: ms(gap),
+        requests_after_fault: req_after.len(),
+        failed_requests: req_after.iter().filter(|e| !e.ok).count(),
+        connects_after_fault: connects.len(),
+        failed_connects: connects.iter().filter(|e| !e.ok).count(),
+        watch_streams_lost: watches.lost,
+        watch_all_back_ms: watches.back.last().copied().filter(|_| watches.never == 0),
+        watch_median_back_ms: (!watches.back.is_empty()).then(|| percentile(&watches.back, 50.0)),
+        watch_p99_back_ms: (!watches.back.is_empty()).then(|| percentile(&watches.back, 99.0)),
+        watch_never_back: watches.never,
+        latency_before: phase(i.load_ready_ns, fault),
+        latency_during: phase(fault, during_end),
+        latency_after: phase(during_end, i.load_end_ns),
+        time_to_detect_ms: detect,
+        detect_source: source,
+        vip_moved_ms: vip_moved(&i, fault),
+        record_move_ms: if i.contender == Contender::Bulwark && vip_scenario {
+            record.and_then(|f| pb_ms(f.time_to_move_vip))
+        } else {
+            None
+        },
+        two_holders_ms: ms(two_holders_ns(&i)),
+        failure_kinds: failure_kinds(&req_after, &connects),
+        series: series(&i, fault),
+    }
+}
+
+/// The longest time without a successful request from the fault to the
+/// end of the load.
+fn longest_gap(requests: &[&Event], fault: u64, load_end_ns: u64) -> u64 {
     let mut ok_ends: Vec<u64> = requests.iter().filter(|e| e.ok).map(|e| e.end_ns).collect();
     ok_ends.sort_unstable();
     let mut gap = 0u64;
@@ -167,16 +234,11 @@ pub fn analyse(i: Input<'_>) -> RunResult {
         gap = gap.max(t - prev);
         prev = t;
     }
-    gap = gap.max(i.load_end_ns.saturating_sub(prev));
+    gap.max(load_end_ns.saturating_sub(prev))
+}
 
-    let after_fault = |e: &&Event| e.end_ns >= fault;
-    let req_after: Vec<&Event> = requests.iter().copied().filter(after_fault).collect();
-    let connects: Vec<&Event> = i
-        .events
-        .iter()
-        .filter(|e| e.kind == Kind::Connect)
-        .filter(after_fault)
-        .collect();
+/// Failed requests and connects after the fault, counted by what failed.
+fn failure_kinds(req_after: &[&Event], connects: &[&Event]) -> Vec<(String, usize)> {
     let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
     for e in req_after.iter().chain(connects.iter()).filter(|e| !e.ok) {
         let what = if e.kind == Kind::Request {
@@ -187,20 +249,20 @@ pub fn analyse(i: Input<'_>) -> RunResult {
         let detail: String = e.detail.chars().take(60).collect();
         *kinds.entry(format!("{what}: {detail}")).or_default() += 1;
     }
+    kinds.into_iter().collect()
+}
 
-    let phase = |lo: u64, hi: u64| {
-        latency(
-            requests
-                .iter()
-                .filter(|e| e.ok && e.start_ns >= lo && e.start_ns < hi)
-                .map(|e| ms(e.end_ns - e.start_ns))
-                .collect(),
-        )
-    };
+/// Watch streams lost after the fault and when each came back.
+struct WatchRecovery {
+    lost: usize,
+    /// ms from the fault to each stream's return, sorted.
+    back: Vec<f64>,
+    never: usize,
+}
 
-    // Watch streams lost after the fault, and when each came back. Indexed
-    // by client first: the storm has thousands of watchers and their
-    // events.
+/// Indexed by client first: the storm has thousands of watchers and their
+/// events.
+fn watch_recovery(i: &Input<'_>, fault: u64) -> WatchRecovery {
     let mut first_down = vec![None::<u64>; i.watchers];
     for e in i
         .events
@@ -224,27 +286,35 @@ pub fn analyse(i: Input<'_>) -> RunResult {
             *u = Some(u.map_or(e.end_ns, |u| u.min(e.end_ns)));
         }
     }
-    let mut lost = 0;
-    let mut back: Vec<f64> = Vec::new();
-    let mut never = 0;
+    let mut r = WatchRecovery {
+        lost: 0,
+        back: Vec::new(),
+        never: 0,
+    };
     for (down, up) in first_down.iter().zip(&first_up_after) {
         if down.is_none() {
             continue;
         }
-        lost += 1;
+        r.lost += 1;
         match up {
-            Some(up) => back.push(ms(up - fault)),
-            None => never += 1,
+            Some(up) => r.back.push(ms(up - fault)),
+            None => r.never += 1,
         }
     }
-    back.sort_by(f64::total_cmp);
+    r.back.sort_by(f64::total_cmp);
+    r
+}
 
-    // The VIP: first sample on another host; time with two holders.
-    let vip_moved = i
-        .vip_changes
+/// ms from the fault to the first sample with the VIP on another host.
+fn vip_moved(i: &Input<'_>, fault: u64) -> Option<f64> {
+    i.vip_changes
         .iter()
         .find(|(t, h)| *t >= fault && h.iter().any(|&x| x != i.holder))
-        .map(|(t, _)| ms(t - fault));
+        .map(|(t, _)| ms(t - fault))
+}
+
+/// Time with two hosts holding the VIP, ns.
+fn two_holders_ns(i: &Input<'_>) -> u64 {
     let mut two = 0u64;
     for (n, (t, h)) in i.vip_changes.iter().enumerate() {
         if h.len() > 1 {
@@ -255,17 +325,17 @@ pub fn analyse(i: Input<'_>) -> RunResult {
             two += end.saturating_sub(*t);
         }
     }
+    two
+}
 
-    let vip_scenario = !matches!(
-        i.scenario,
-        Scenario::ApiserverKill | Scenario::ApiserverShutdown | Scenario::ProberIsolated
-    );
-    let record = i
-        .failovers
-        .iter()
-        .filter(|f| ts_ns(f.at.as_ref()) >= fault)
-        .min_by_key(|f| ts_ns(f.at.as_ref()));
-    let (detect, source) = match (i.contender, vip_scenario) {
+/// Time to detect the fault, and where that figure comes from.
+fn detection(
+    i: &Input<'_>,
+    fault: u64,
+    vip_scenario: bool,
+    record: Option<&lb::Failover>,
+) -> (Option<f64>, String) {
+    match (i.contender, vip_scenario) {
         (Contender::Bulwark, true) => (
             record.and_then(|f| pb_ms(f.time_to_detect)),
             "bulwark failover record (last contact with the leader -> elected)".to_owned(),
@@ -282,9 +352,11 @@ pub fn analyse(i: Input<'_>) -> RunResult {
             i.backend_verdict_ns.map(|t| ms(t.saturating_sub(fault))),
             "fault -> the first HAProxy logs the server DOWN".to_owned(),
         ),
-    };
+    }
+}
 
-    // Plot buckets, 250 ms.
+/// The plot: rates in 250 ms buckets, time from the fault.
+fn series(i: &Input<'_>, fault: u64) -> Vec<Bucket> {
     let bucket_ns = 250_000_000u64;
     let start = i.load_ready_ns;
     let n = ((i.load_end_ns.saturating_sub(start)) / bucket_ns + 1) as usize;
@@ -305,47 +377,14 @@ pub fn analyse(i: Input<'_>) -> RunResult {
         }
     }
     let per_s = 1e9 / bucket_ns as f64;
-    let series = (0..n)
+    (0..n)
         .map(|k| Bucket {
             t_s: (start as f64 + (k as u64 * bucket_ns) as f64 - fault as f64) / 1e9,
             ok_rps: f64::from(ok[k]) * per_s,
             failed_rps: f64::from(failed[k]) * per_s,
             watch_lost_ps: f64::from(wl[k]) * per_s,
         })
-        .collect();
-
-    RunResult {
-        scenario: i.scenario,
-        contender: i.contender,
-        watchers: i.watchers,
-        requesters: i.params.requesters,
-        holder_before: i.holder + 1,
-        markers: i.markers.clone(),
-        gap_ms: ms(gap),
-        requests_after_fault: req_after.len(),
-        failed_requests: req_after.iter().filter(|e| !e.ok).count(),
-        connects_after_fault: connects.len(),
-        failed_connects: connects.iter().filter(|e| !e.ok).count(),
-        watch_streams_lost: lost,
-        watch_all_back_ms: back.last().copied().filter(|_| never == 0),
-        watch_median_back_ms: (!back.is_empty()).then(|| percentile(&back, 50.0)),
-        watch_p99_back_ms: (!back.is_empty()).then(|| percentile(&back, 99.0)),
-        watch_never_back: never,
-        latency_before: phase(i.load_ready_ns, fault),
-        latency_during: phase(fault, during_end),
-        latency_after: phase(during_end, i.load_end_ns),
-        time_to_detect_ms: detect,
-        detect_source: source,
-        vip_moved_ms: vip_moved,
-        record_move_ms: if i.contender == Contender::Bulwark && vip_scenario {
-            record.and_then(|f| pb_ms(f.time_to_move_vip))
-        } else {
-            None
-        },
-        two_holders_ms: ms(two),
-        failure_kinds: kinds.into_iter().collect(),
-        series,
-    }
+        .collect()
 }
 
 #[cfg(test)]

@@ -198,8 +198,34 @@ impl Report {
             "Load (from the client host, over HTTPS through the VIP, HTTP/2): {} watch clients holding a watch stream each ({} in the reconnect storm; a stream silent for 2.5 s is re-established after a 100-300 ms backoff), {} short-request clients at {} req/s each (half keep their connection, half connect per request); 1 s timeout for the TCP connect and for a short request, 10 s for the TLS + HTTP/2 handshakes once TCP is up (client-go's TLS handshake timeout; giving up sooner only repeats the work). {} s of load before the fault, {} s after; \"during\" is from the first fault to {} s after the last.\n",
             p.watchers, p.storm_watchers, p.requesters, p.rate, p.before_s, p.after_s, p.during_s
         );
+        self.runs_table(&mut s);
+        self.ratios_table(&mut s);
         let _ = writeln!(
             s,
+            "\nA ratio needs a sample on both sides (at least {MIN_SAMPLE}): **p99 during** is \"-\" when either front had fewer than {MIN_SAMPLE} successful requests in its during window (a p99 of a handful is its maximum); **failed requests / connects** show both counts (\"4 vs 1\") when both are below {MIN_SAMPLE}; **watch streams all back** is \"-\" when either front lost fewer than {MIN_SAMPLE} streams or some never came back. The **gap** is one measurement per run, not a sample, and is always a ratio."
+        );
+        let _ = writeln!(
+            s,
+            "\n## How to read it\n\n- **gap**: the longest time between two successful short requests (all clients together) ending after the fault; steady state is a few ms.\n- **failed req / conn**: failed short requests and failed connects (TCP + TLS + HTTP/2) from the fault on, out of all attempted. A requester whose connect fails sends no request, so when the VIP or every backend is unreachable the failures show under conn, not req.\n- **watches lost / all back**: watch streams lost after the fault, out of all watch clients, and the time from the fault until the last of them had its stream again (p50: the median stream); \"N never\" when N streams were still down when the load stopped.\n- **detect**: VIP scenarios: bulwark's failover record (last contact with the old leader to election won); baseline: the fault to keepalived logging `Entering MASTER STATE` on another host. Backend scenarios (apiserver kill / shutdown, prober isolated): the fault to bulwark's leader logging a committed verdict change (`verdict committed`), or to HAProxy logging a server DOWN; logs polled every 20 ms. In `prober-isolated` a figure here means a verdict changed: for bulwark that would be a wrong eviction; HAProxy on the cut-off host marks its servers down, which harms no client while that host does not hold the VIP.\n- **VIP moved**: the fault to an `ip addr` sampler (every ~10 ms) first seeing the VIP on another host (same yardstick for both).\n- **two holders**: time the sampler saw the VIP on more than one host. After a SIGKILL the dead node's address stays behind (both fronts); after a partition only a fenced leader gives it up.\n- **p50/p99**: successful short requests by start time: before the fault, during, after; \"(n=…)\" marks a window with fewer than {MIN_SAMPLE} successes.\n- **zone-outage, keepalived+haproxy** is slow for two reasons of the baseline itself, not of the harness. (1) The two BACKUPs have the same priority (100, as in the guide), so when the MASTER's zone goes dark both time out at the same instant, both enter MASTER and send gratuitous ARPs, and the one with the lower address yields at once (keepalived's log: `Entering MASTER STATE`, then `same priority 100 but higher IP address`, `Entering BACKUP STATE`). A client whose neighbour entry took the loser's ARP last sends its SYNs to a host that no longer has the VIP until keepalived repeats its gratuitous ARPs (`garp_master_delay`, 5 s later). (2) HAProxy keeps the dead zone's apiserver in the round robin until three checks have failed (`inter 2s fall 3`, each check waiting 2 s): a connection sent there waits `timeout connect 5s` before `retries 1` with `redispatch` moves it, so a third of the watch streams come back only 8-10 s after the fault.\n"
+        );
+        self.failures(&mut s);
+        let _ = writeln!(s, "\n## Plots\n");
+        for (sc, file) in plots {
+            let _ = writeln!(
+                s,
+                "### {}: {}\n\n![{}]({file})\n",
+                sc.key(),
+                sc.describe(),
+                sc.key()
+            );
+        }
+        s
+    }
+
+    /// One row per scenario and front: the figures.
+    fn runs_table(&self, s: &mut String) {
+        let _ = writeln!(
+            *s,
             "| scenario | front | gap | failed req | failed conn | watches lost | all back | detect | VIP moved | two holders | p50/p99 before | during | after |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
@@ -214,7 +240,7 @@ impl Report {
                     (n, _) => format!("{n} never"),
                 };
                 let _ = writeln!(
-                    s,
+                    *s,
                     "| {} | {} | {:.0} ms | {}/{} | {}/{} | {}/{} | {} | {} | {} | {:.0} ms | {} | {} | {} |",
                     sc.key(),
                     r.contender.key(),
@@ -235,8 +261,12 @@ impl Report {
                 );
             }
         }
+    }
+
+    /// bulwark / baseline per scenario.
+    fn ratios_table(&self, s: &mut String) {
         let _ = writeln!(
-            s,
+            *s,
             "\n## Ratios, bulwark / baseline (below 1 is better for bulwark)\n\n| scenario | gap | failed requests | failed connects | watch streams all back | p99 during |\n|---|---|---|---|---|---|"
         );
         for sc in self.scenarios() {
@@ -248,7 +278,7 @@ impl Report {
                 continue;
             };
             let _ = writeln!(
-                s,
+                *s,
                 "| {} | {} | {} | {} | {} | {} |",
                 sc.key(),
                 ratio(b.gap_ms, k.gap_ms),
@@ -258,28 +288,24 @@ impl Report {
                 latency_ratio(&b.latency_during, &k.latency_during),
             );
         }
-        let _ = writeln!(
-            s,
-            "\nA ratio needs a sample on both sides (at least {MIN_SAMPLE}): **p99 during** is \"-\" when either front had fewer than {MIN_SAMPLE} successful requests in its during window (a p99 of a handful is its maximum); **failed requests / connects** show both counts (\"4 vs 1\") when both are below {MIN_SAMPLE}; **watch streams all back** is \"-\" when either front lost fewer than {MIN_SAMPLE} streams or some never came back. The **gap** is one measurement per run, not a sample, and is always a ratio."
-        );
-        let _ = writeln!(
-            s,
-            "\n## How to read it\n\n- **gap**: the longest time between two successful short requests (all clients together) ending after the fault; steady state is a few ms.\n- **failed req / conn**: failed short requests and failed connects (TCP + TLS + HTTP/2) from the fault on, out of all attempted. A requester whose connect fails sends no request, so when the VIP or every backend is unreachable the failures show under conn, not req.\n- **watches lost / all back**: watch streams lost after the fault, out of all watch clients, and the time from the fault until the last of them had its stream again (p50: the median stream); \"N never\" when N streams were still down when the load stopped.\n- **detect**: VIP scenarios: bulwark's failover record (last contact with the old leader to election won); baseline: the fault to keepalived logging `Entering MASTER STATE` on another host. Backend scenarios (apiserver kill / shutdown, prober isolated): the fault to bulwark's leader logging a committed verdict change (`verdict committed`), or to HAProxy logging a server DOWN; logs polled every 20 ms. In `prober-isolated` a figure here means a verdict changed: for bulwark that would be a wrong eviction; HAProxy on the cut-off host marks its servers down, which harms no client while that host does not hold the VIP.\n- **VIP moved**: the fault to an `ip addr` sampler (every ~10 ms) first seeing the VIP on another host (same yardstick for both).\n- **two holders**: time the sampler saw the VIP on more than one host. After a SIGKILL the dead node's address stays behind (both fronts); after a partition only a fenced leader gives it up.\n- **p50/p99**: successful short requests by start time: before the fault, during, after; \"(n=…)\" marks a window with fewer than {MIN_SAMPLE} successes.\n- **zone-outage, keepalived+haproxy** is slow for two reasons of the baseline itself, not of the harness. (1) The two BACKUPs have the same priority (100, as in the guide), so when the MASTER's zone goes dark both time out at the same instant, both enter MASTER and send gratuitous ARPs, and the one with the lower address yields at once (keepalived's log: `Entering MASTER STATE`, then `same priority 100 but higher IP address`, `Entering BACKUP STATE`). A client whose neighbour entry took the loser's ARP last sends its SYNs to a host that no longer has the VIP until keepalived repeats its gratuitous ARPs (`garp_master_delay`, 5 s later). (2) HAProxy keeps the dead zone's apiserver in the round robin until three checks have failed (`inter 2s fall 3`, each check waiting 2 s): a connection sent there waits `timeout connect 5s` before `retries 1` with `redispatch` moves it, so a third of the watch streams come back only 8-10 s after the fault.\n"
-        );
+    }
+
+    /// Runs that did not complete, and failures by kind.
+    fn failures(&self, s: &mut String) {
         if !self.failed.is_empty() {
-            let _ = writeln!(s, "## Runs that did not complete\n");
+            let _ = writeln!(*s, "## Runs that did not complete\n");
             for f in &self.failed {
                 let _ = writeln!(
-                    s,
+                    *s,
                     "- {} / {}: {}",
                     f.scenario.key(),
                     f.contender.key(),
                     f.error.replace('\n', " ")
                 );
             }
-            let _ = writeln!(s);
+            let _ = writeln!(*s);
         }
-        let _ = writeln!(s, "## Failures by kind\n");
+        let _ = writeln!(*s, "## Failures by kind\n");
         for r in &self.runs {
             if r.failure_kinds.is_empty() {
                 continue;
@@ -290,24 +316,13 @@ impl Report {
                 .map(|(k, n)| format!("{n}× {k}"))
                 .collect();
             let _ = writeln!(
-                s,
+                *s,
                 "- {} / {}: {}",
                 r.scenario.key(),
                 r.contender.key(),
                 kinds.join("; ")
             );
         }
-        let _ = writeln!(s, "\n## Plots\n");
-        for (sc, file) in plots {
-            let _ = writeln!(
-                s,
-                "### {}: {}\n\n![{}]({file})\n",
-                sc.key(),
-                sc.describe(),
-                sc.key()
-            );
-        }
-        s
     }
 }
 

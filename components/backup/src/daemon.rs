@@ -11,6 +11,7 @@ use bulwark_common::admin::Health;
 use bulwark_common::grpc::GrpcServer;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_common::tls::TlsMaterial;
+use bulwark_common::tls::reload::RELOAD_INTERVAL;
 use object_store::ObjectStore as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -76,6 +77,13 @@ pub async fn run(
         .tls
         .load()
         .context("loading the gRPC server's TLS files")?;
+    let follow = tls
+        .clone()
+        .follow("backup", RELOAD_INTERVAL, shutdown.token());
+    shutdown.spawn("certificate reload", async move {
+        follow.await;
+        Ok(())
+    });
     let settings = service_settings(&config)?;
     let scheduled_work = settings.schedule.is_some()
         || settings.drill_interval.is_some()
@@ -180,6 +188,13 @@ fn spawn_grpc(
         .unwrap_or(&config.grpc.tls)
         .load()
         .context("loading restore.clientTls")?;
+    let follow = client_tls
+        .clone()
+        .follow("backup", RELOAD_INTERVAL, shutdown.token());
+    shutdown.spawn("certificate reload", async move {
+        follow.await;
+        Ok(())
+    });
     let coordinator =
         restore::Coordinator::new(service.clone(), config.restore.peers.clone(), client_tls);
     let api = api::BackupApi::new(service.clone(), shutdown.token()).with_restore(coordinator);

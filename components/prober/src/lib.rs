@@ -112,6 +112,11 @@ pub async fn run(
                 }
             }
         });
+        tracker.spawn(reporter.tls().clone().follow(
+            "prober",
+            bulwark_common::tls::reload::RELOAD_INTERVAL,
+            tasks.child_token(),
+        ));
         tracker.spawn(reporter.run(tasks.child_token()));
     }
 

@@ -1,0 +1,352 @@
+//! Certificate rotation without a restart: a three-node bulwark-lb cluster
+//! (in this process, each node with its own certificate and a follower on
+//! its files) under RPC load (reads on long-lived channels, reads on a new
+//! connection each, writes through Raft to the leader, and an open watch
+//! stream) has every certificate replaced, the nodes' and the operator's,
+//! with new keys. No RPC fails, new handshakes present the new
+//! certificates, the open stream keeps delivering; then a corrupt
+//! replacement is refused (log line and metric) and the node keeps
+//! serving the certificate it had.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bulwark_api::lb::v1 as lb;
+use bulwark_api::lb::v1::backend_watch_client::BackendWatchClient;
+use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
+use bulwark_common::grpc::channel;
+use bulwark_common::shutdown::Shutdown;
+use bulwark_common::tls::TlsMaterial;
+use bulwark_common::tls::reload::{RELOADS, Reload};
+use bulwark_testkit::{CertFiles, Pki, TestDir};
+use rustls_pki_types::pem::PemObject;
+
+struct Cluster {
+    pki: Pki,
+    apis: Vec<SocketAddr>,
+    certs: Vec<CertFiles>,
+    shutdowns: Vec<Shutdown>,
+    _nodes: Vec<bulwark_lb::Node>,
+    _dir: TestDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.shutdowns.iter().for_each(Shutdown::trigger);
+    }
+}
+
+fn node_cert(pki: &Pki, i: usize) -> CertFiles {
+    pki.peer(&format!("lb-{i}"), &["bulwark:lb"], &["127.0.0.1"])
+        .unwrap()
+}
+
+async fn cluster() -> Cluster {
+    bulwark_testkit::install_crypto_provider();
+    let pki = Pki::new().unwrap();
+    let dir = TestDir::new("lb-cert-rotation").unwrap();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        let raft = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listeners.push((raft, api));
+    }
+    let addrs: Vec<(SocketAddr, SocketAddr)> = listeners
+        .iter()
+        .map(|(r, a)| (r.local_addr().unwrap(), a.local_addr().unwrap()))
+        .collect();
+    let members: String = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, (r, a))| {
+            format!(
+                "- {{id: {id}, name: lb-{id}, raftAddress: '{r}', apiAddress: '{a}'}}\n",
+                id = i + 1
+            )
+        })
+        .collect();
+    let (mut nodes, mut shutdowns, mut certs) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (raft, api)) in listeners.into_iter().enumerate() {
+        let cert = node_cert(&pki, i + 1);
+        let (raft_addr, api_addr) = addrs[i];
+        let text = format!(
+            "apiVersion: bulwark.dev/v1alpha1
+kind: LoadBalancerConfiguration
+nodeId: {id}
+name: lb-{id}
+dataDir: {data}
+raft:
+  address: '{raft_addr}'
+api:
+  address: '{api_addr}'
+tls:
+  certFile: {cert}
+  keyFile: {key}
+  caFile: {ca}
+access:
+  peers: {{organizations: ['bulwark:lb']}}
+initialMembers:
+{members}",
+            id = i + 1,
+            data = dir.join(format!("data-{}", i + 1)).display(),
+            cert = cert.cert.display(),
+            key = cert.key.display(),
+            ca = cert.ca.display(),
+        );
+        let config: bulwark_lb::config::LbConfig = bulwark_common::config::from_str_with(
+            Some(&text),
+            None,
+            &bulwark_common::config::Overrides::new(),
+        )
+        .unwrap();
+        let shutdown = Shutdown::new();
+        let listeners = bulwark_lb::Listeners {
+            raft,
+            api,
+            admin: None,
+            local: None,
+            front: Vec::new(),
+        };
+        nodes.push(bulwark_lb::run(config, listeners, &shutdown).await.unwrap());
+        shutdowns.push(shutdown);
+        certs.push(cert);
+    }
+    Cluster {
+        pki,
+        apis: addrs.iter().map(|(_, a)| *a).collect(),
+        certs,
+        shutdowns,
+        _nodes: nodes,
+        _dir: dir,
+    }
+}
+
+async fn leader(api: SocketAddr, tls: &TlsMaterial) -> SocketAddr {
+    let mut client = LoadBalancerClient::new(channel(&api.to_string(), tls, None).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client.get_status(lb::GetStatusRequest::default()).await
+            && let Some(l) = r.into_inner().leader
+            && let Ok(a) = l.api_address.parse()
+        {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "no leader within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `bulwark_certificate_reloads_total{file, result}` in this process.
+fn reloads(file: &std::path::Path, result: &str) -> u64 {
+    let text = bulwark_common::telemetry::metrics_handle().render();
+    let (file, result) = (
+        format!("file=\"{}\"", file.display()),
+        format!("result=\"{result}\""),
+    );
+    text.lines()
+        .find(|l| l.starts_with(RELOADS) && l.contains(&file) && l.contains(&result))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The certificate a fresh handshake with `api` presents.
+async fn served_cert(api: SocketAddr, tls: &TlsMaterial) -> Vec<u8> {
+    let config = tls.client_h2().unwrap();
+    let tcp = tokio::net::TcpStream::connect(api).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// Calls until `stop`: reads on one channel (one connection kept open),
+/// reads on a new channel each time, or writes to the leader. Counts
+/// successes and failures; a write redirected to a new leader follows the
+/// hint, as bulwarkctl does, and counts only as its outcome there.
+#[derive(Clone, Copy)]
+enum Load {
+    KeptReads,
+    NewConnectionReads,
+    Writes,
+}
+
+async fn load(
+    kind: Load,
+    api: SocketAddr,
+    tls: TlsMaterial,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+) {
+    let mut kept = LoadBalancerClient::new(channel(&api.to_string(), &tls, None).unwrap());
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let result = match kind {
+            Load::KeptReads => kept
+                .get_status(lb::GetStatusRequest::default())
+                .await
+                .map(drop),
+            Load::NewConnectionReads => {
+                LoadBalancerClient::new(channel(&api.to_string(), &tls, None).unwrap())
+                    .list_backends(lb::ListBackendsRequest::default())
+                    .await
+                    .map(drop)
+            }
+            Load::Writes => {
+                let target = leader(api, &tls).await;
+                LoadBalancerClient::new(channel(&target.to_string(), &tls, None).unwrap())
+                    .add_backend(lb::AddBackendRequest {
+                        id: format!("b-{}-{n}", api.port()),
+                        address: format!("127.0.0.1:{}", 10_000 + n % 50_000),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop)
+            }
+        };
+        match result {
+            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                eprintln!("failed RPC ({api}): {e}");
+                failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_certificate_rotates_under_load_and_a_corrupt_one_is_refused() {
+    let c = cluster().await;
+    let operator_files = c.pki.admin().unwrap();
+    let operator = operator_files.tls_files().load().unwrap();
+    let lead = leader(c.apis[0], &operator).await;
+
+    // An open watch stream on a follower-or-leader, read to its first set.
+    let mut watch =
+        BackendWatchClient::new(channel(&c.apis[1].to_string(), &operator, None).unwrap())
+            .watch(lb::WatchBackendsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    watch.message().await.unwrap().unwrap();
+
+    let (stop, ok, failed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let mut tasks = Vec::new();
+    for api in &c.apis {
+        for kind in [Load::KeptReads, Load::NewConnectionReads] {
+            tasks.push(tokio::spawn(load(
+                kind,
+                *api,
+                operator.clone(),
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+            )));
+        }
+    }
+    tasks.push(tokio::spawn(load(
+        Load::Writes,
+        lead,
+        operator.clone(),
+        stop.clone(),
+        ok.clone(),
+        failed.clone(),
+    )));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Every node's certificate and key, and the operator's, replaced in
+    // place (the same paths, new keys), as `bulwarkctl certs renew
+    // --new-key` does.
+    let new: Vec<CertFiles> = (1..=3).map(|i| node_cert(&c.pki, i)).collect();
+    let new_operator = c.pki.admin().unwrap();
+    assert_eq!(operator.reload(), Reload::Applied);
+    for (old, new) in c.certs.iter().zip(&new) {
+        assert_eq!(old.cert, new.cert);
+        assert_ne!(old.key_pem(), new.key_pem());
+        wait_for("the node applies its new certificate", || {
+            reloads(&new.cert, "applied") >= 1
+        })
+        .await;
+    }
+    for (api, new) in c.apis.iter().zip(&new) {
+        assert_eq!(served_cert(*api, &operator).await, der(new.cert_pem()));
+    }
+    assert_ne!(der(new_operator.cert_pem()), der(operator_files.cert_pem()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(
+        failed, 0,
+        "failed RPCs during the rotation ({ok} succeeded)"
+    );
+    assert!(ok > 50, "only {ok} RPCs ran");
+
+    // The stream opened before the rotation still delivers.
+    let mut client = LoadBalancerClient::new(channel(&lead.to_string(), &operator, None).unwrap());
+    client
+        .add_backend(lb::AddBackendRequest {
+            id: "after-rotation".into(),
+            address: "127.0.0.1:9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let set = watch.message().await.unwrap().unwrap();
+            if set.backends.iter().any(|b| b.id == "after-rotation") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the watch stream stopped delivering");
+
+    // A corrupt replacement: refused, counted, and the node keeps serving
+    // the certificate it had.
+    let node1 = &new[0];
+    std::fs::write(&node1.cert, "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+    wait_for("the corrupt certificate is refused", || {
+        reloads(&node1.cert, "refused") >= 1
+    })
+    .await;
+    assert_eq!(
+        served_cert(c.apis[0], &operator).await,
+        der(node1.cert_pem())
+    );
+    LoadBalancerClient::new(channel(&c.apis[0].to_string(), &operator, None).unwrap())
+        .get_status(lb::GetStatusRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(reloads(&node1.cert, "applied"), 1);
+}

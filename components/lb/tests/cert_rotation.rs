@@ -1,9 +1,9 @@
 //! Certificate rotation without a restart: a three-node bulwark-lb cluster
-//! (in this process, each node with its own certificate and a follower on
-//! its files) under RPC load (reads on long-lived channels, reads on a new
-//! connection each, writes through Raft to the leader, and an open watch
-//! stream) has every certificate replaced, the nodes' and the operator's,
-//! with new keys. No RPC fails, new handshakes present the new
+//! and a prober (in this process, each with its own certificate and a
+//! follower on its files) under RPC load (reads on long-lived channels,
+//! reads on a new connection each, writes through Raft to the leader, an
+//! open watch stream, the prober's report stream) has every certificate
+//! replaced, the nodes', the prober's and the operator's, with new keys. No RPC fails, new handshakes present the new
 //! certificates, the open stream keeps delivering; then a corrupt
 //! replacement is refused (log line and metric) and the node keeps
 //! serving the certificate it had.
@@ -89,6 +89,7 @@ tls:
   caFile: {ca}
 access:
   peers: {{organizations: ['bulwark:lb']}}
+  probers: {{organizations: ['bulwark:probers']}}
 initialMembers:
 {members}",
             id = i + 1,
@@ -174,6 +175,60 @@ async fn served_cert(api: SocketAddr, tls: &TlsMaterial) -> Vec<u8> {
     stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
+/// A prober in this process reporting to every node, probing a TCP port.
+fn start_prober(c: &Cluster, shutdown: &tokio_util::sync::CancellationToken) -> CertFiles {
+    let cert = c.pki.client("prober-1", &["bulwark:probers"]).unwrap();
+    let endpoints: Vec<String> = c.apis.iter().map(|a| format!("'{a}'")).collect();
+    let text = format!(
+        "apiVersion: bulwark.dev/v1alpha1
+kind: ProberConfiguration
+nodeName: p-1
+tcp: [{{id: t1, address: '{api}'}}]
+report:
+  endpoints: [{endpoints}]
+  tls: {{certFile: {cert}, keyFile: {key}, caFile: {ca}}}
+",
+        api = c.apis[0],
+        endpoints = endpoints.join(", "),
+        cert = cert.cert.display(),
+        key = cert.key.display(),
+        ca = cert.ca.display(),
+    );
+    let config: bulwark_prober::ProberConfig = bulwark_common::config::from_str_with(
+        Some(&text),
+        None,
+        &bulwark_common::config::Overrides::new(),
+    )
+    .unwrap();
+    tokio::spawn(bulwark_prober::run(config, None, shutdown.clone()));
+    cert
+}
+
+/// The last report sequence the leader accepted from the prober, once it
+/// is fresh.
+async fn prober_sequence(lead: SocketAddr, tls: &TlsMaterial) -> u64 {
+    let mut client = LoadBalancerClient::new(channel(&lead.to_string(), tls, None).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let health = client
+            .get_health(lb::GetHealthRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(p) = health.probers.iter().find(|p| p.node_name == "p-1")
+            && !p.stale
+            && p.last_sequence > 0
+        {
+            return p.last_sequence;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the prober does not report: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn der(pem: &str) -> Vec<u8> {
     rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
         .unwrap()
@@ -243,6 +298,9 @@ async fn every_certificate_rotates_under_load_and_a_corrupt_one_is_refused() {
     let operator_files = c.pki.admin().unwrap();
     let operator = operator_files.tls_files().load().unwrap();
     let lead = leader(c.apis[0], &operator).await;
+    let prober_stop = tokio_util::sync::CancellationToken::new();
+    let prober = start_prober(&c, &prober_stop);
+    let reported = prober_sequence(lead, &operator).await;
 
     // An open watch stream on a follower-or-leader, read to its first set.
     let mut watch =
@@ -286,6 +344,12 @@ async fn every_certificate_rotates_under_load_and_a_corrupt_one_is_refused() {
     // --new-key` does.
     let new: Vec<CertFiles> = (1..=3).map(|i| node_cert(&c.pki, i)).collect();
     let new_operator = c.pki.admin().unwrap();
+    let new_prober = c.pki.client("prober-1", &["bulwark:probers"]).unwrap();
+    assert_ne!(new_prober.key_pem(), prober.key_pem());
+    wait_for("the prober applies its new certificate", || {
+        reloads(&new_prober.cert, "applied") >= 1
+    })
+    .await;
     assert_eq!(operator.reload(), Reload::Applied);
     for (old, new) in c.certs.iter().zip(&new) {
         assert_eq!(old.cert, new.cert);
@@ -310,6 +374,9 @@ async fn every_certificate_rotates_under_load_and_a_corrupt_one_is_refused() {
         "failed RPCs during the rotation ({ok} succeeded)"
     );
     assert!(ok > 50, "only {ok} RPCs ran");
+    eprintln!("{ok} RPCs during the rotation, {failed} failed");
+    // The prober kept reporting through it.
+    assert!(prober_sequence(lead, &operator).await > reported);
 
     // The stream opened before the rotation still delivers.
     let mut client = LoadBalancerClient::new(channel(&lead.to_string(), &operator, None).unwrap());
@@ -349,4 +416,5 @@ async fn every_certificate_rotates_under_load_and_a_corrupt_one_is_refused() {
         .await
         .unwrap();
     assert_eq!(reloads(&node1.cert, "applied"), 1);
+    prober_stop.cancel();
 }

@@ -280,8 +280,38 @@ mod tests {
         assert_eq!(tls.identity().unwrap().ip_addresses.len(), 2);
     }
 
+    /// A log writer the test reads back.
+    #[derive(Clone, Default)]
+    struct Log(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Log {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    // Current-thread runtime: the follower logs to this thread's subscriber.
     #[tokio::test]
     async fn follow_waits_out_a_half_written_change_refuses_a_lasting_one_and_answers_sighup() {
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = crate::telemetry::subscriber(
+            &crate::telemetry::LoggingConfig::default(),
+            move || writer.clone(),
+            false,
+        )
+        .unwrap();
+        let _guard = tracing::subscriber::set_default(subscriber);
         let pki = Pki::new();
         let files = pki.issue("srv", "lb-1", &["bulwark:lb"], &["127.0.0.1"]);
         let tls = files.load().unwrap();
@@ -316,6 +346,14 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!(reloads(component, "refused"), 1);
+        let text = log.text();
+        assert_eq!(text.matches("certificate reloaded").count(), 1, "{text}");
+        assert_eq!(
+            text.matches("certificate replacement refused").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("srv.crt holds no PEM certificate"), "{text}");
 
         // SIGHUP: looked at now, not at the next tick.
         shutdown.cancel();

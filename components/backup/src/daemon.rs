@@ -77,13 +77,17 @@ pub async fn run(
         .tls
         .load()
         .context("loading the gRPC server's TLS files")?;
-    let follow = tls
-        .clone()
-        .follow("backup", RELOAD_INTERVAL, shutdown.token());
-    shutdown.spawn("certificate reload", async move {
-        follow.await;
-        Ok(())
-    });
+    // The serving certificate and etcd's client certificate (which
+    // `kubeadm certs renew` renews) follow their files.
+    for material in std::iter::once(&tls).chain(engine.etcd.tls()) {
+        let follow = material
+            .clone()
+            .follow("backup", RELOAD_INTERVAL, shutdown.token());
+        shutdown.spawn("certificate reload", async move {
+            follow.await;
+            Ok(())
+        });
+    }
     let settings = service_settings(&config)?;
     let scheduled_work = settings.schedule.is_some()
         || settings.drill_interval.is_some()

@@ -383,6 +383,13 @@ impl TlsMaterial {
         Ok(current.client_h2.get_or_init(|| config).clone())
     }
 
+    /// The current certificate chain, key and CA bundle as PEM, for a
+    /// client library that takes PEM and connects anew with it
+    /// (etcd-client).
+    pub fn pem(&self) -> [Vec<u8>; 3] {
+        self.current.load().contents.clone()
+    }
+
     /// tonic's client TLS from the current material: our identity, the
     /// server verified against our CA bundle under `server_name` (which
     /// must be in the server's SANs). Fixed for the life of what it

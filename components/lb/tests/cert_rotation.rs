@@ -6,7 +6,7 @@
 //! replaced, the nodes', the prober's and the operator's, with new keys. No RPC fails, new handshakes present the new
 //! certificates, the open stream keeps delivering; then a corrupt
 //! replacement is refused (log line and metric) and the node keeps
-//! serving the certificate it had.
+//! serving the certificate it had. And the real binary answers SIGHUP.
 
 #![allow(clippy::unwrap_used)]
 
@@ -417,4 +417,90 @@ async fn every_certificate_rotates_under_load_and_a_corrupt_one_is_refused() {
         .unwrap();
     assert_eq!(reloads(&node1.cert, "applied"), 1);
     prober_stop.cancel();
+}
+
+/// The real `bulwark-lb` binary: SIGHUP makes it look at its files at
+/// once, a renewed certificate is served from then on, and a corrupt
+/// replacement is refused with its log line while the renewed one keeps
+/// serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_a_real_lb_process_reloads_on_sighup_and_logs_a_refusal() {
+    bulwark_testkit::install_crypto_provider();
+    let pki = Pki::new().unwrap();
+    let dir = TestDir::new("lb-sighup").unwrap();
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let p = bulwark_testkit::ports::free_ports(loopback, 3).unwrap();
+    let (raft, api, admin) = (
+        SocketAddr::new(loopback, p[0]),
+        SocketAddr::new(loopback, p[1]),
+        SocketAddr::new(loopback, p[2]),
+    );
+    let cert = node_cert(&pki, 1);
+    let config = dir.join("lb.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: bulwark.dev/v1alpha1
+kind: LoadBalancerConfiguration
+nodeId: 1
+name: lb-1
+dataDir: {data}
+raft: {{address: '{raft}'}}
+api: {{address: '{api}'}}
+admin: {{address: '{admin}'}}
+tls: {{certFile: {cert}, keyFile: {key}, caFile: {ca}}}
+initialMembers:
+- {{id: 1, name: lb-1, raftAddress: '{raft}', apiAddress: '{api}'}}
+",
+            data = dir.join("data").display(),
+            cert = cert.cert.display(),
+            key = cert.key.display(),
+            ca = cert.ca.display(),
+        ),
+    )
+    .unwrap();
+    let process = bulwark_testkit::ProcessBuilder::new(
+        "lb-1",
+        bulwark_testkit::tools::bin_path("bulwark-lb").unwrap(),
+    )
+    .arg("--config")
+    .arg(&config)
+    .spawn()
+    .unwrap();
+    process
+        .wait_for_port(api, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let operator = operator_of(&pki);
+    assert_eq!(served_cert(api, &operator).await, der(cert.cert_pem()));
+    let wait = Duration::from_secs(5);
+
+    process.signal(libc::SIGHUP).unwrap();
+    process
+        .wait_for_log("SIGHUP: certificate files unchanged", wait)
+        .await
+        .unwrap();
+
+    let renewed = node_cert(&pki, 1);
+    process.signal(libc::SIGHUP).unwrap();
+    process
+        .wait_for_log("certificate reloaded", wait)
+        .await
+        .unwrap();
+    assert_eq!(served_cert(api, &operator).await, der(renewed.cert_pem()));
+
+    std::fs::write(&renewed.key, "-----BEGIN PRIVATE KEY-----\ncorrupt\n").unwrap();
+    process.signal(libc::SIGHUP).unwrap();
+    let line = process
+        .wait_for_log("certificate replacement refused", wait)
+        .await
+        .unwrap();
+    assert!(line.contains("lb-1.key"), "{line}");
+    assert_eq!(served_cert(api, &operator).await, der(renewed.cert_pem()));
+    assert!(process.is_running());
+}
+
+/// The operator's material (`CN=admin`) from `pki`.
+fn operator_of(pki: &Pki) -> TlsMaterial {
+    pki.admin().unwrap().tls_files().load().unwrap()
 }

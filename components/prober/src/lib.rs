@@ -66,7 +66,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let table = Observations::new();
-    let checks = Check::from_config(&config)?;
+    let (checks, tls_sources) = Check::from_config(&config)?;
     let health = Health::new();
     health.set_ready(READY_PROBING, Err("checks not started".into()));
     let identity = report::identity(&config.node_name, &config.zone);
@@ -91,6 +91,14 @@ pub async fn run(
     );
     for check in checks {
         tracker.spawn(check.run(table.clone(), tasks.child_token()));
+    }
+    for source in tls_sources {
+        tracker.spawn(bulwark_common::tls::reload::follow(
+            source,
+            "prober",
+            bulwark_common::tls::reload::RELOAD_INTERVAL,
+            tasks.child_token(),
+        ));
     }
     health.set_ready(READY_PROBING, Ok(()));
 

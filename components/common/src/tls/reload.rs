@@ -16,6 +16,7 @@
 //! fails is retried at the next look and refused only if it is still the
 //! same one then; SIGHUP is an operator asking, and gets an answer at once.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -49,11 +50,11 @@ impl TlsMaterial {
     /// [`TlsMaterial::follow`].
     pub fn reload(&self) -> Reload {
         let old = self.current.load();
-        let contents = match read_all(&self.files) {
+        let contents = match read_all(&self.paths()) {
             Ok(c) => c,
             Err(e) => return Reload::Refused(e),
         };
-        if contents == old.contents {
+        if contents[..] == old.contents[..] {
             return Reload::Unchanged;
         }
         let new = match self.files.parse() {
@@ -77,64 +78,7 @@ impl TlsMaterial {
         interval: Duration,
         shutdown: CancellationToken,
     ) {
-        let file = self.files.cert_file.display().to_string();
-        let _ = crate::telemetry::metrics_handle();
-        metrics::describe_counter!(
-            RELOADS,
-            "Changed certificate files applied (result=applied) or refused (result=refused: the previous certificate keeps serving)."
-        );
-        for result in ["applied", "refused"] {
-            metrics::counter!(RELOADS, "component" => component, "file" => file.clone(), "result" => result)
-                .increment(0);
-        }
-        let mut hangup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate files are still looked at every {interval:?}");
-                None
-            }
-        };
-        // A failing change seen once (retried), and one refused already
-        // (not reported again until the files change once more); a file
-        // that cannot be read counts as its error.
-        let mut failing: Option<Contents> = None;
-        let mut refused: Option<Contents> = None;
-        loop {
-            let asked = tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(interval) => false,
-                Some(()) = next_hangup(&mut hangup) => true,
-            };
-            let seen = read_all(&self.files);
-            if !asked && refused.as_ref() == Some(&seen) {
-                continue;
-            }
-            match self.reload() {
-                Reload::Unchanged => {
-                    failing = None;
-                    if asked {
-                        tracing::info!(cert = %file, "SIGHUP: certificate files unchanged");
-                    }
-                }
-                Reload::Applied => {
-                    (failing, refused) = (None, None);
-                    let not_after = self.not_after();
-                    tracing::info!(cert = %file, key = %self.files.key_file.display(), ca = %self.files.ca_file.display(), not_after = %not_after, "certificate reloaded: new handshakes use it");
-                    metrics::counter!(RELOADS, "component" => component, "file" => file.clone(), "result" => "applied").increment(1);
-                    crate::telemetry::catalog::register_certificates(component, &[&self.files]);
-                }
-                Reload::Refused(reason) => {
-                    if !asked && failing.as_ref() != Some(&seen) {
-                        // Maybe caught between two writes: look again first.
-                        failing = Some(seen);
-                        continue;
-                    }
-                    tracing::warn!(cert = %file, reason = %reason, not_after = %self.not_after(), "certificate replacement refused: the previous certificate keeps serving");
-                    metrics::counter!(RELOADS, "component" => component, "file" => file.clone(), "result" => "refused").increment(1);
-                    (failing, refused) = (None, Some(seen));
-                }
-            }
-        }
+        follow(self, component, interval, shutdown).await;
     }
 
     /// The current leaf's notAfter, RFC 3339 (for log lines).
@@ -149,6 +93,125 @@ impl TlsMaterial {
     }
 }
 
+/// TLS material that follows files: what [`follow`] drives.
+pub trait Reloadable {
+    /// The files it reads; the first names it in logs and metrics.
+    fn paths(&self) -> Vec<PathBuf>;
+    /// Looks at the files now: unchanged, applied or refused.
+    fn reload(&self) -> Reload;
+    /// After an applied change: updates what depends on it (the expiry
+    /// metric) and describes the new material for the log line.
+    fn applied(&self, component: &'static str) -> String;
+    /// Describes the material that keeps serving, for a refusal's log line.
+    fn serving(&self) -> String;
+}
+
+impl<R: Reloadable> Reloadable for std::sync::Arc<R> {
+    fn paths(&self) -> Vec<PathBuf> {
+        (**self).paths()
+    }
+    fn reload(&self) -> Reload {
+        (**self).reload()
+    }
+    fn applied(&self, component: &'static str) -> String {
+        (**self).applied(component)
+    }
+    fn serving(&self) -> String {
+        (**self).serving()
+    }
+}
+
+impl Reloadable for TlsMaterial {
+    fn paths(&self) -> Vec<PathBuf> {
+        let f = &self.files;
+        vec![f.cert_file.clone(), f.key_file.clone(), f.ca_file.clone()]
+    }
+
+    fn reload(&self) -> Reload {
+        TlsMaterial::reload(self)
+    }
+
+    fn applied(&self, component: &'static str) -> String {
+        crate::telemetry::catalog::register_certificates(component, &[&self.files]);
+        format!("valid until {}", self.not_after())
+    }
+
+    fn serving(&self) -> String {
+        format!("valid until {}", self.not_after())
+    }
+}
+
+/// Follows `what`'s files until `shutdown`, looking every `interval` and
+/// on SIGHUP; logs and counts each change applied or refused.
+pub async fn follow<R: Reloadable>(
+    what: R,
+    component: &'static str,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let paths = what.paths();
+    let file = paths
+        .first()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let _ = crate::telemetry::metrics_handle();
+    metrics::describe_counter!(
+        RELOADS,
+        "Changed certificate files applied (result=applied) or refused (result=refused: the previous certificate keeps serving)."
+    );
+    for result in ["applied", "refused"] {
+        metrics::counter!(RELOADS, "component" => component, "file" => file.clone(), "result" => result)
+            .increment(0);
+    }
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate files are still looked at every {interval:?}");
+            None
+        }
+    };
+    // A failing change seen once (retried), and one refused already (not
+    // reported again until the files change once more); a file that
+    // cannot be read counts as its error.
+    let mut failing: Option<Contents> = None;
+    let mut refused: Option<Contents> = None;
+    loop {
+        let asked = tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => false,
+            Some(()) = next_hangup(&mut hangup) => true,
+        };
+        let seen = read_all(&paths);
+        if !asked && refused.as_ref() == Some(&seen) {
+            continue;
+        }
+        match what.reload() {
+            Reload::Unchanged => {
+                failing = None;
+                if asked {
+                    tracing::info!(cert = %file, "SIGHUP: certificate files unchanged");
+                }
+            }
+            Reload::Applied => {
+                (failing, refused) = (None, None);
+                let detail = what.applied(component);
+                tracing::info!(cert = %file, %detail, "certificate reloaded: new handshakes use it");
+                metrics::counter!(RELOADS, "component" => component, "file" => file.clone(), "result" => "applied").increment(1);
+            }
+            Reload::Refused(reason) => {
+                if !asked && failing.as_ref() != Some(&seen) {
+                    // Maybe caught between two writes: look again first.
+                    failing = Some(seen);
+                    continue;
+                }
+                tracing::warn!(cert = %file, reason = %reason, serving = %what.serving(), "certificate replacement refused: the previous certificate keeps serving");
+                metrics::counter!(RELOADS, "component" => component, "file" => file.clone(), "result" => "refused").increment(1);
+                (failing, refused) = (None, Some(seen));
+            }
+        }
+    }
+}
+
 async fn next_hangup(hangup: &mut Option<Signal>) -> Option<()> {
     match hangup {
         Some(s) => s.recv().await,
@@ -156,16 +219,14 @@ async fn next_hangup(hangup: &mut Option<Signal>) -> Option<()> {
     }
 }
 
-/// The three files' bytes, or why they cannot be read.
-type Contents = Result<[Vec<u8>; 3], String>;
+/// The files' bytes, or why one cannot be read.
+type Contents = Result<Vec<Vec<u8>>, String>;
 
-fn read_all(files: &super::TlsFiles) -> Contents {
-    let read = |p: &std::path::Path, what| super::read(p, what).map_err(|e| e.to_string());
-    Ok([
-        read(&files.cert_file, "certificate")?,
-        read(&files.key_file, "private key")?,
-        read(&files.ca_file, "CA bundle")?,
-    ])
+fn read_all(paths: &[PathBuf]) -> Contents {
+    paths
+        .iter()
+        .map(|p| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display())))
+        .collect()
 }
 
 /// Why `new` must not replace `old`, if it must not. Builds the HTTP/2

@@ -724,7 +724,7 @@ fn print_next_steps(out: &Path, c: &ClusterDescription) -> Result<(), CliError> 
     );
     for n in &c.nodes {
         text.push_str(&format!(
-            "  {}: install {}/{}/*.yaml as /etc/bulwark/, manifests/ into /etc/kubernetes/manifests/, then bulwark-<daemon> --config /etc/bulwark/<daemon>.yaml --check-config\n",
+            "  {}: install {}/{}/*.yaml as /etc/bulwark/, `bulwarkctl certs issue` (root, with kubeadm's CA key), manifests/ into /etc/kubernetes/manifests/, then bulwark-<daemon> --config /etc/bulwark/<daemon>.yaml --check-config\n",
             n.name,
             out.display(),
             n.name

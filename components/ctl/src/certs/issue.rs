@@ -922,6 +922,63 @@ grpc:
         }
     }
 
+    /// The GUIDE's certificate table is what `issue` makes of the shipped
+    /// example configs.
+    #[test]
+    fn the_shipped_configs_get_the_guides_certificates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config/cp-1");
+        let ca = CaArgs {
+            ca_cert: PathBuf::from(KUBEADM_CA_CERT),
+            ca_key: PathBuf::from(KUBEADM_CA_KEY),
+        };
+        let mut problems = Vec::new();
+        let targets = plan(&issue_args(&dir, &ca), &mut problems);
+        assert_eq!(problems, Vec::<String>::new());
+        let got: Vec<(String, String, String, String)> = targets
+            .iter()
+            .map(|t| {
+                (
+                    t.file.clone(),
+                    describe(&t.spec),
+                    t.spec.sans.join(","),
+                    t.spec.usages(),
+                )
+            })
+            .collect();
+        let pki = "/etc/kubernetes/pki/bulwark";
+        let row = |f: &str, s: &str, sans: &str, u: &str| {
+            (
+                format!("{pki}/{f}"),
+                s.to_owned(),
+                sans.to_owned(),
+                u.to_owned(),
+            )
+        };
+        assert_eq!(
+            got,
+            vec![
+                row(
+                    "bulwark-lb.crt",
+                    "CN=bulwark-lb-cp-1,O=bulwark:lb",
+                    "10.0.0.11,cp-1",
+                    "serverAuth,clientAuth"
+                ),
+                row(
+                    "prober.crt",
+                    "CN=bulwark-prober-cp-1,O=bulwark:probers",
+                    "",
+                    "clientAuth"
+                ),
+                row(
+                    "backup.crt",
+                    "CN=bulwark-backup-cp-1,O=bulwark:backup",
+                    "10.0.0.11,cp-1",
+                    "serverAuth,clientAuth"
+                ),
+            ]
+        );
+    }
+
     #[test]
     fn existing_files_are_kept_unless_forced_and_nothing_is_half_written() {
         let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,11 @@
 //! the apiserver's etcd client certificate); bulwark's own serving
 //! certificates live under `/etc/kubernetes/pki/bulwark/`.
 //!
+//! A [`TlsMaterial`] is the current state of its three files, shared by
+//! every server and channel built from it; [`reload`] swaps in renewed
+//! files (or refuses broken ones) while the daemon runs, and [`transport`]
+//! does the handshakes so each new connection takes the current state.
+//!
 //! One crypto provider (ring) is used by the whole process:
 //! [`install_crypto_provider`] makes it the process default, which the
 //! object-store HTTP client relies on, and every config built here names it

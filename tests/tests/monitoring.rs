@@ -20,6 +20,7 @@ use std::process::Command;
 
 use bulwark_common::telemetry::catalog::{BUILD_INFO, CERT_EXPIRY, recorded_names};
 use bulwark_common::telemetry::process;
+use bulwark_common::tls::reload::RELOADS;
 use bulwark_testkit::tools;
 use serde_yaml_ng::Value;
 
@@ -170,7 +171,7 @@ fn exposed_names() -> BTreeSet<String> {
             names.insert(name);
         }
     }
-    names.extend([CERT_EXPIRY, BUILD_INFO].map(str::to_owned));
+    names.extend([CERT_EXPIRY, BUILD_INFO, RELOADS].map(str::to_owned));
     names.extend(process::METRICS.iter().map(|(name, ..)| (*name).to_owned()));
     names
 }

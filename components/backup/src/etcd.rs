@@ -5,16 +5,20 @@
 
 use std::time::Duration;
 
+use bulwark_common::tls::TlsMaterial;
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 
 use crate::config::{EtcdConfig, MemberChoice};
 use crate::error::{BackupError, Result};
 
-/// Connects to etcd with the configured endpoints, TLS and timeouts.
+/// Connects to etcd with the configured endpoints, TLS and timeouts. Each
+/// connection takes the TLS material current then, so a client certificate
+/// renewed by `kubeadm certs renew` is used without a restart once the
+/// daemon's follower has loaded it.
 #[derive(Clone)]
 pub struct EtcdConnector {
     endpoints: Vec<String>,
-    tls: Option<TlsOptions>,
+    tls: Option<TlsMaterial>,
     dial_timeout: Duration,
     request_timeout: Duration,
 }
@@ -57,18 +61,19 @@ impl EtcdConnector {
         let tls = match &config.tls {
             None => None,
             Some(files) => {
-                let read = |what: &str, p: &std::path::Path| {
+                for (what, p) in [
+                    ("caFile", &files.ca_file),
+                    ("certFile", &files.cert_file),
+                    ("keyFile", &files.key_file),
+                ] {
                     std::fs::read(p).map_err(|e| {
                         BackupError::local(format!("reading etcd.tls.{what} {}", p.display()), e)
-                    })
-                };
-                let ca = read("caFile", &files.ca_file)?;
-                let cert = read("certFile", &files.cert_file)?;
-                let key = read("keyFile", &files.key_file)?;
+                    })?;
+                }
                 Some(
-                    TlsOptions::new()
-                        .ca_certificate(Certificate::from_pem(ca))
-                        .identity(Identity::from_pem(cert, key)),
+                    files
+                        .load()
+                        .map_err(|e| BackupError::local("etcd.tls", e))?,
                 )
             }
         };
@@ -108,9 +113,19 @@ impl EtcdConnector {
             o = o.with_timeout(self.request_timeout);
         }
         if let Some(tls) = &self.tls {
-            o = o.with_tls(tls.clone());
+            let [cert, key, ca] = tls.pem();
+            o = o.with_tls(
+                TlsOptions::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .identity(Identity::from_pem(cert, key)),
+            );
         }
         o
+    }
+
+    /// The client TLS material, for the daemon to follow its files.
+    pub fn tls(&self) -> Option<&TlsMaterial> {
+        self.tls.as_ref()
     }
 
     /// A client over every configured endpoint, for short requests.

@@ -28,14 +28,25 @@ pub struct IdentityRule {
     pub organizations: Vec<String>,
 }
 
+/// The group of bulwark operators' certificates (`bulwarkctl certs issue
+/// --operator`). No Kubernetes role binding names it, so such a
+/// certificate, although issued by the cluster CA, grants nothing in
+/// Kubernetes beyond what any authenticated user has.
+pub const BULWARK_OPERATORS: &str = "bulwark:operators";
+
 impl IdentityRule {
-    /// kubeadm's administrators: the `kubeadm:cluster-admins` group of
-    /// admin.conf (Kubernetes 1.29+) and `system:masters` (older clusters,
-    /// super-admin.conf).
-    pub fn kubeadm_admins() -> Self {
+    /// The default operators: [`BULWARK_OPERATORS`], and kubeadm's
+    /// administrators, the `kubeadm:cluster-admins` group of admin.conf
+    /// (Kubernetes 1.29+) and `system:masters` (older clusters,
+    /// super-admin.conf), who hold the whole cluster anyway.
+    pub fn default_operators() -> Self {
         Self {
             common_names: Vec::new(),
-            organizations: vec!["kubeadm:cluster-admins".into(), "system:masters".into()],
+            organizations: vec![
+                BULWARK_OPERATORS.into(),
+                "kubeadm:cluster-admins".into(),
+                "system:masters".into(),
+            ],
         }
     }
 
@@ -84,7 +95,7 @@ impl Validate for IdentityRule {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccessPolicy {
     /// Operators: destructive and state-changing calls.
-    #[serde(default = "IdentityRule::kubeadm_admins")]
+    #[serde(default = "IdentityRule::default_operators")]
     pub operators: IdentityRule,
     /// bulwark-prober instances (report streams). Absent: nobody.
     #[serde(default)]
@@ -98,7 +109,7 @@ pub struct AccessPolicy {
 impl Default for AccessPolicy {
     fn default() -> Self {
         Self {
-            operators: IdentityRule::kubeadm_admins(),
+            operators: IdentityRule::default_operators(),
             probers: None,
             peers: None,
         }

@@ -174,9 +174,10 @@ impl GrpcServer {
                 .set_service_status(*name, tonic_health::ServingStatus::Serving)
                 .await;
         }
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // The handshake is ours (tls/transport.rs), so each connection
+        // gets the certificate current when it arrives.
+        let incoming = crate::tls::transport::accept(listener, tls.clone());
         tonic::transport::Server::builder()
-            .tls_config(tls.tonic_server())?
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             // Raft cancels a heartbeat that is not answered within its
@@ -197,16 +198,30 @@ impl GrpcServer {
 
 /// A lazily connecting mTLS channel to `address` (`host:port`), verifying
 /// the server certificate under `server_name` (defaults to the host part).
+/// Each connection it makes (the first, and every reconnect) handshakes
+/// with the material current then, so it follows certificate reloads.
 pub fn channel(
     address: &str,
     tls: &TlsMaterial,
     server_name: Option<&str>,
 ) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(address, tls, server_name)?.connect_lazy())
+    let host = server_name
+        .map(str::to_owned)
+        .unwrap_or_else(|| host_of(address));
+    // TLS is the connector's, so the URI says http.
+    let endpoint = with_options(Endpoint::from_shared(format!("http://{address}"))?);
+    let (address, tls) = (address.to_owned(), tls.clone());
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+            let (address, host, tls) = (address.clone(), host.clone(), tls.clone());
+            async move { crate::tls::transport::connect(&address, &host, &tls).await }
+        })),
+    )
 }
 
-/// The endpoint behind [`channel`], for callers that need their own
-/// connector (for example one that dials from inside a network namespace).
+/// An endpoint to `address` with TLS from the material current now, fixed
+/// for its life, for callers that need their own connector (for example
+/// one that dials from inside a network namespace).
 pub fn endpoint(
     address: &str,
     tls: &TlsMaterial,
@@ -217,13 +232,16 @@ pub fn endpoint(
         .unwrap_or_else(|| host_of(address));
     Endpoint::from_shared(format!("https://{address}"))?
         .tls_config(tls.tonic_client(&host))
-        .map(|e| {
-            e.connect_timeout(Duration::from_secs(3))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .keep_alive_while_idle(true)
-        })
+        .map(with_options)
+}
+
+/// Timeouts and keep-alives of every bulwark client connection.
+fn with_options(e: Endpoint) -> Endpoint {
+    e.connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
 }
 
 /// The host part of `host:port` (an IPv6 literal without its brackets):

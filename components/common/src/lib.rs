@@ -1,7 +1,7 @@
 //! What every bulwark daemon shares, so each service is only its own logic:
 //!
-//! - [`tls`]: PEM loading, mutual-TLS configs for rustls and tonic, and the
-//!   verified peer's identity;
+//! - [`tls`]: PEM loading, mutual-TLS configs for rustls and tonic, the
+//!   verified peer's identity, and certificate hot reload;
 //! - [`authz`]: identity rules and the access policy for gRPC calls;
 //! - [`grpc`]: the mTLS gRPC server (health, reflection, per-rpc access
 //!   checks) and client channels;

@@ -47,8 +47,10 @@ pub enum Command {
     /// Restore the whole etcd cluster from a snapshot (and its deltas, to
     /// the latest state, a revision or a time). Operators only.
     Restore(crate::restore::RestoreArgs),
-    /// Certificates on this node: `check` every file the daemon configs
-    /// name (key, chain, usages, SANs, identity, expiry).
+    /// Certificates on this node: `issue` them from the cluster CA as the
+    /// daemon configs need them (and operators'), `renew` them in place,
+    /// `check` every file the configs name (key, chain, usages, SANs,
+    /// identity, expiry).
     #[command(subcommand)]
     Certs(crate::certs::CertsCommand),
     /// Generate every node's configs, the kubeadm config, bulwarkctl.yaml

@@ -306,7 +306,7 @@ tls:
   keyFile: /etc/kubernetes/pki/bulwark/bulwark-lb.key
   caFile: /etc/kubernetes/pki/ca.crt
 access:
-  operators: {{organizations: ['kubeadm:cluster-admins', 'system:masters']}}
+  operators: {{organizations: ['bulwark:operators', 'kubeadm:cluster-admins', 'system:masters']}}
   probers: {{organizations: ['bulwark:probers']}}
   peers: {{organizations: ['bulwark:lb']}}",
         name = n.name,
@@ -491,7 +491,7 @@ grpc:
     keyFile: /etc/kubernetes/pki/bulwark/backup.key
     caFile: /etc/kubernetes/pki/ca.crt
   access:
-    operators: {{organizations: ['kubeadm:cluster-admins', 'system:masters']}}
+    operators: {{organizations: ['bulwark:operators', 'kubeadm:cluster-admins', 'system:masters']}}
     peers: {{organizations: ['bulwark:backup']}}
 # kubeadm's apiserver-etcd-client identity: the one etcd client that may
 # read every key.
@@ -598,7 +598,8 @@ kind: BulwarkctlConfiguration
 currentContext: {name}
 contexts:
 # An operator: may drain, change membership, take, delete and restore
-# backups. The certificate carries O=kubeadm:cluster-admins (GUIDE.md,
+# backups. The certificate carries O=bulwark:operators, which grants
+# nothing in Kubernetes (`bulwarkctl certs issue --operator NAME`, GUIDE.md
 # \"Certificates\").
 - name: {name}
   ca: /etc/kubernetes/pki/ca.crt
@@ -723,7 +724,7 @@ fn print_next_steps(out: &Path, c: &ClusterDescription) -> Result<(), CliError> 
     );
     for n in &c.nodes {
         text.push_str(&format!(
-            "  {}: install {}/{}/*.yaml as /etc/bulwark/, manifests/ into /etc/kubernetes/manifests/, then bulwark-<daemon> --config /etc/bulwark/<daemon>.yaml --check-config\n",
+            "  {}: install {}/{}/*.yaml as /etc/bulwark/, `bulwarkctl certs issue` (root, with kubeadm's CA key), manifests/ into /etc/kubernetes/manifests/, then bulwark-<daemon> --config /etc/bulwark/<daemon>.yaml --check-config\n",
             n.name,
             out.display(),
             n.name

@@ -38,6 +38,8 @@ use bulwark_common::daemon::Daemon;
 use bulwark_common::grpc::GrpcServer;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_common::telemetry::LoggingConfig;
+use bulwark_common::tls::TlsMaterial;
+use bulwark_common::tls::reload::RELOAD_INTERVAL;
 use openraft::async_runtime::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -175,6 +177,11 @@ pub async fn run(
     bulwark_common::tls::install_crypto_provider();
     let node_id = config.node_id;
     let tls = Arc::new(config.tls.load().context("loading TLS material")?);
+    let follow = TlsMaterial::clone(&tls).follow("lb", RELOAD_INTERVAL, shutdown.token());
+    shutdown.spawn("certificate reload", async move {
+        follow.await;
+        Ok(())
+    });
     let health = Health::new();
     health.set_ready("raft", Err("no leader known yet".into()));
 

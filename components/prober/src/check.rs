@@ -30,8 +30,9 @@ use crate::config::{ProberConfig, ProbingConfig};
 use crate::metrics;
 use crate::observations::Observations;
 use crate::probe::Outcome;
-use crate::probe::http::{Expect, HttpProbe, client_config};
+use crate::probe::http::{Expect, HttpProbe};
 use crate::probe::tcp::TcpProbe;
+use crate::probe::tls::ProbeTlsSource;
 
 /// What one probe result did to a check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,15 +185,23 @@ impl Check {
 
     /// Every check the configuration asks for: readyz and livez per
     /// apiserver, /health per etcd member, a connect per TCP target.
-    pub fn from_config(config: &ProberConfig) -> Result<Vec<Check>, BuildError> {
+    /// Also returns the TLS sources of the probe groups, for the prober
+    /// to follow their files.
+    pub fn from_config(
+        config: &ProberConfig,
+    ) -> Result<(Vec<Check>, Vec<Arc<ProbeTlsSource>>), BuildError> {
         let timing = &config.probing;
         let reuse = timing.reuse_connections;
         let mut checks = Vec::new();
+        let mut sources = Vec::new();
         if !config.apiservers.targets.is_empty() {
-            let tls = client_config(&config.apiservers.tls).map_err(|source| BuildError::Tls {
-                group: "apiservers",
-                source,
-            })?;
+            let source =
+                ProbeTlsSource::load(&config.apiservers.tls).map_err(|source| BuildError::Tls {
+                    group: "apiservers",
+                    source,
+                })?;
+            let tls = source.config();
+            sources.push(source);
             for (i, t) in config.apiservers.targets.iter().enumerate() {
                 for (kind, path) in [(ProbeKind::Readyz, "/readyz"), (ProbeKind::Livez, "/livez")] {
                     let probe = HttpProbe::new(
@@ -219,17 +228,20 @@ impl Check {
             }
         }
         if !config.etcd.members.is_empty() {
-            let tls = client_config(&config.etcd.tls).map_err(|source| BuildError::Tls {
-                group: "etcd",
-                source,
-            })?;
+            let source =
+                ProbeTlsSource::load(&config.etcd.tls).map_err(|source| BuildError::Tls {
+                    group: "etcd",
+                    source,
+                })?;
+            let tls = source.config();
+            sources.push(source);
             for (i, m) in config.etcd.members.iter().enumerate() {
                 let probe = HttpProbe::new(
                     &m.address,
                     m.server_name.as_deref(),
                     "/health",
                     Expect::EtcdHealth,
-                    Arc::clone(&tls),
+                    tls.clone(),
                     reuse,
                 )
                 .map_err(|e| BuildError::Target {
@@ -260,7 +272,7 @@ impl Check {
                 timing.clone(),
             ));
         }
-        Ok(checks)
+        Ok((checks, sources))
     }
 
     /// Probes until `cancel`, publishing settled observations to `table`.

@@ -85,7 +85,7 @@ pub async fn run(
     // bumped before it exists is lost).
     let metrics = bulwark_common::telemetry::metrics_handle();
     let table = Observations::new();
-    let checks = Check::from_config(&config)?;
+    let (checks, tls_sources) = Check::from_config(&config)?;
     let health = Health::new();
     health.set_ready(READY_PROBING, Err("checks not started".into()));
     let identity = report::identity(&config.node_name, &config.zone);
@@ -116,6 +116,20 @@ pub async fn run(
             Ok(())
         });
     }
+    // The probe clients' certificates (kubeadm renews them) follow their
+    // files.
+    for source in tls_sources {
+        let follow = bulwark_common::tls::reload::follow(
+            source,
+            "prober",
+            bulwark_common::tls::reload::RELOAD_INTERVAL,
+            shutdown.token(),
+        );
+        shutdown.spawn("certificate reload", async move {
+            follow.await;
+            Ok(())
+        });
+    }
     health.set_ready(READY_PROBING, Ok(()));
 
     if let Some(reporter) = reporter {
@@ -132,9 +146,19 @@ pub async fn run(
     Ok(())
 }
 
-/// The reporter, and the readiness check that follows its leader.
+/// The reporter, the readiness check that follows its leader, and the
+/// reload of its certificate.
 fn spawn_reporter(reporter: Reporter, health: &Health, shutdown: &Shutdown) {
     health.set_ready(READY_LEADER, Err("not connected to the LB leader".into()));
+    let follow = reporter.tls().clone().follow(
+        "prober",
+        bulwark_common::tls::reload::RELOAD_INTERVAL,
+        shutdown.token(),
+    );
+    shutdown.spawn("certificate reload", async move {
+        follow.await;
+        Ok(())
+    });
     let mut leader = reporter.leader();
     let h = health.clone();
     let token = shutdown.token();

@@ -140,6 +140,11 @@ impl Reporter {
         self
     }
 
+    /// The TLS identity it reports with (which follows its files).
+    pub fn tls(&self) -> &TlsMaterial {
+        &self.tls
+    }
+
     /// The leader's address while a stream to it is acknowledged, `None`
     /// otherwise.
     pub fn leader(&self) -> watch::Receiver<Option<String>> {

@@ -34,6 +34,7 @@ use rustls_pki_types::ServerName;
 use tokio::task::AbortHandle;
 use tokio_rustls::TlsConnector;
 
+use super::tls::ProbeTlsConfig;
 use super::{Failure, Outcome, Stage, connect, resolve};
 use crate::config::{ProbeTls, split_address};
 
@@ -113,7 +114,7 @@ pub struct HttpProbe {
     server_name: ServerName<'static>,
     path: &'static str,
     expect: Expect,
-    connector: TlsConnector,
+    tls: ProbeTlsConfig,
     reuse: bool,
     kept: Option<Kept>,
 }
@@ -136,7 +137,7 @@ impl HttpProbe {
         server_name: Option<&str>,
         path: &'static str,
         expect: Expect,
-        tls: Arc<rustls::ClientConfig>,
+        tls: impl Into<ProbeTlsConfig>,
         reuse: bool,
     ) -> Result<Self, HttpProbeError> {
         let (host, port) = split_address(address).map_err(HttpProbeError::Address)?;
@@ -150,7 +151,7 @@ impl HttpProbe {
             server_name,
             path,
             expect,
-            connector: TlsConnector::from(tls),
+            tls: tls.into(),
             reuse,
             kept: None,
         })
@@ -213,8 +214,9 @@ impl HttpProbe {
         *stage = Stage::Connecting;
         let tcp = connect(&addrs).await?;
         *stage = Stage::TlsHandshake;
-        let tls = self
-            .connector
+        // The config current now: a renewed client certificate is used
+        // from the next connection on.
+        let tls = TlsConnector::from(self.tls.current())
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| Failure::io(Stage::TlsHandshake, &e))?;

@@ -5,7 +5,8 @@
 //! - [`http`]: HTTPS `GET` (`/readyz`, `/livez` on apiservers, `/health` on
 //!   etcd members), the serving certificate verified against the configured
 //!   CA, optionally with a client certificate;
-//! - [`tcp`]: a plain TCP connect.
+//! - [`tcp`]: a plain TCP connect;
+//! - [`tls`]: the client TLS config of a probe group, following its files.
 //!
 //! Each probe runs under one overall timeout; when it fires, the outcome
 //! names the stage that was still waiting (connect, TLS handshake,
@@ -14,6 +15,7 @@
 
 pub mod http;
 pub mod tcp;
+pub mod tls;
 
 use std::fmt;
 use std::io;

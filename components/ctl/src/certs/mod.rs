@@ -1,4 +1,7 @@
-//! `bulwarkctl certs check`: on a node, every certificate the daemons'
+//! `bulwarkctl certs`: `issue` and `renew` bulwark's certificates from the
+//! cluster CA (issue.rs, signing in ca.rs), and `check` them.
+//!
+//! `check`: on a node, every certificate the daemons'
 //! configs name, checked the way each daemon checks it at start (key
 //! match, chain to the CA, usages, SANs against the addresses peers dial,
 //! the identity peers admit), with the expiry of each and the days left.
@@ -20,6 +23,11 @@ use serde::Serialize;
 use crate::error::{CliError, Exit};
 use crate::output::{self, OutputFormat};
 
+mod ca;
+mod issue;
+
+pub use issue::{CaArgs, IssueArgs, Outcome, RenewArgs};
+
 /// `bulwarkctl certs …`
 #[derive(Debug, clap::Subcommand)]
 pub enum CertsCommand {
@@ -27,6 +35,16 @@ pub enum CertsCommand {
     /// chain, usages, SANs, identity and expiry. Exits 7 when a daemon
     /// would refuse one or one expires within --warn-days.
     Check(CheckArgs),
+    /// Issue the certificates the daemon configs name from the cluster CA,
+    /// with the CN, O, SANs and usages each config needs; or, with
+    /// --operator NAME, an operator's (O=bulwark:operators, which grants
+    /// nothing in Kubernetes). Keys are 0600; existing files are kept
+    /// unless --force.
+    Issue(IssueArgs),
+    /// Renew existing certificates in place: same subject, SANs, usages
+    /// and key (unless --new-key), a new expiry. The daemons pick the new
+    /// files up without a restart.
+    Renew(RenewArgs),
 }
 
 /// `bulwarkctl certs check`'s arguments.
@@ -65,6 +83,12 @@ pub struct Report {
 /// Runs `bulwarkctl certs …`.
 pub fn run(cmd: &CertsCommand, format: OutputFormat) -> Result<(), CliError> {
     match cmd {
+        CertsCommand::Issue(args) => {
+            output::print(format, &issue::issue(args, now())?, issue::render)
+        }
+        CertsCommand::Renew(args) => {
+            output::print(format, &issue::renew(args, now())?, issue::render)
+        }
         CertsCommand::Check(args) => {
             let report = check(args, now())?;
             output::print(format, &report, render)?;
@@ -198,6 +222,15 @@ fn expiry(
             days_left,
         });
     }
+}
+
+/// A certificate file's notAfter, RFC 3339.
+fn file_not_after(path: &Path) -> Option<String> {
+    not_after(path, false).ok().map(rfc3339)
+}
+
+fn output_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    output::table(header, rows)
 }
 
 fn rfc3339(unix: i64) -> String {

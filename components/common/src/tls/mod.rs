@@ -10,6 +10,11 @@
 //! the apiserver's etcd client certificate); bulwark's own serving
 //! certificates live under `/etc/kubernetes/pki/bulwark/`.
 //!
+//! A [`TlsMaterial`] is the current state of its three files, shared by
+//! every server and channel built from it; [`reload`] swaps in renewed
+//! files (or refuses broken ones) while the daemon runs, and [`transport`]
+//! does the handshakes so each new connection takes the current state.
+//!
 //! One crypto provider (ring) is used by the whole process:
 //! [`install_crypto_provider`] makes it the process default, which the
 //! object-store HTTP client relies on, and every config built here names it
@@ -18,8 +23,9 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use arc_swap::ArcSwap;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
@@ -31,6 +37,9 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::authz::IdentityRule;
 use crate::config::Validator;
+
+pub mod reload;
+pub mod transport;
 
 /// kubeadm's PKI directory.
 pub const KUBEADM_PKI_DIR: &str = "/etc/kubernetes/pki";
@@ -104,17 +113,22 @@ impl TlsFiles {
     /// Reads and checks all three files, so a daemon fails at start (and
     /// `--check-config` reports it) rather than on its first connection.
     pub fn load(&self) -> Result<TlsMaterial, TlsError> {
+        Ok(TlsMaterial::new(self.clone(), self.parse()?))
+    }
+
+    /// Reads and parses the three files as they are now.
+    fn parse(&self) -> Result<Parsed, TlsError> {
         let chain_pem = read(&self.cert_file, "certificate")?;
         let key_pem = read(&self.key_file, "private key")?;
         let ca_pem = read(&self.ca_file, "CA bundle")?;
-        Ok(TlsMaterial {
+        Ok(Parsed {
             chain: parse_certs(&chain_pem, &self.cert_file, "certificate")?,
             key: Arc::new(parse_key(&key_pem, &self.key_file)?),
             ca: parse_certs(&ca_pem, &self.ca_file, "CA bundle")?,
             ca_path: self.ca_file.clone(),
-            chain_pem,
-            key_pem,
-            ca_pem,
+            contents: [chain_pem, key_pem, ca_pem],
+            server_h2: OnceLock::new(),
+            client_h2: OnceLock::new(),
         })
     }
 }
@@ -147,7 +161,7 @@ impl TlsFiles {
     /// does not cover an address peers dial, an identity the access policy
     /// refuses, a certificate not issued by the CA bundle.
     pub fn check(&self, want: &CertUse<'_>, v: &mut Validator) {
-        let material = match self.load() {
+        let material = match self.parse() {
             Ok(m) => m,
             Err(e) => {
                 let field = match &e {
@@ -189,7 +203,7 @@ impl TlsFiles {
         v.at("certFile", |v| self.check_leaf(&material, want, v));
     }
 
-    fn check_leaf(&self, material: &TlsMaterial, want: &CertUse<'_>, v: &mut Validator) {
+    fn check_leaf(&self, material: &Parsed, want: &CertUse<'_>, v: &mut Validator) {
         let file = self.cert_file.display();
         let leaf = &material.chain[0];
         let cert = match X509Certificate::from_der(leaf) {
@@ -279,35 +293,124 @@ fn sans(id: &PeerIdentity) -> String {
         .join(", ")
 }
 
-/// Parsed TLS material, ready to build rustls or tonic configurations.
-///
-/// The PEM text is kept beside the parsed form because tonic takes PEM: we
-/// parse once to fail early with a message naming the file, and hand tonic
-/// the same bytes.
+/// TLS material, ready to build rustls or tonic configurations, that
+/// follows its files: clones share one current state, which
+/// [`TlsMaterial::follow`] (reload.rs) replaces when the files change, so
+/// every server and channel built from it uses the new material for its
+/// next handshake while open connections keep theirs.
+#[derive(Clone)]
 pub struct TlsMaterial {
+    files: TlsFiles,
+    current: Arc<ArcSwap<Parsed>>,
+}
+
+/// The three files as parsed at one moment.
+///
+/// The PEM text is kept beside the parsed form because tonic takes PEM, and
+/// to tell a changed file from an unchanged one.
+struct Parsed {
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     ca: Vec<CertificateDer<'static>>,
     ca_path: PathBuf,
-    chain_pem: Vec<u8>,
-    key_pem: Vec<u8>,
-    ca_pem: Vec<u8>,
+    /// certFile, keyFile, caFile as read.
+    contents: [Vec<u8>; 3],
+    /// The HTTP/2 configs every gRPC connection uses, built on first use.
+    server_h2: OnceLock<Arc<rustls::ServerConfig>>,
+    client_h2: OnceLock<Arc<rustls::ClientConfig>>,
 }
 
 impl fmt::Debug for TlsMaterial {
     // Never print key material.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let current = self.current.load();
         f.debug_struct("TlsMaterial")
-            .field("chain_len", &self.chain.len())
-            .field("ca_len", &self.ca.len())
-            .field("ca_path", &self.ca_path)
+            .field("cert_file", &self.files.cert_file)
+            .field("chain_len", &current.chain.len())
+            .field("ca_len", &current.ca.len())
+            .field("ca_path", &current.ca_path)
             .finish_non_exhaustive()
     }
 }
 
+/// gRPC's ALPN protocol.
+const H2: &[&[u8]] = &[b"h2"];
+
 impl TlsMaterial {
+    fn new(files: TlsFiles, parsed: Parsed) -> Self {
+        Self {
+            files,
+            current: Arc::new(ArcSwap::from_pointee(parsed)),
+        }
+    }
+
+    /// The files this material comes from.
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
     /// The leaf certificate's identity (what peers will see of us).
     pub fn identity(&self) -> Result<PeerIdentity, IdentityError> {
+        self.current.load().identity()
+    }
+
+    /// A rustls server config that requires a client certificate issued by
+    /// our CA (mutual TLS), advertising the given ALPN protocols.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+        self.current.load().server_config(alpn)
+    }
+
+    /// A rustls client config presenting our certificate and trusting only
+    /// our CA bundle.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
+        self.current.load().client_config(alpn)
+    }
+
+    /// The current HTTP/2 server config (what a gRPC server accepts the
+    /// next connection with).
+    pub fn server_h2(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let current = self.current.load();
+        if let Some(c) = current.server_h2.get() {
+            return Ok(c.clone());
+        }
+        let config = Arc::new(current.server_config(H2)?);
+        Ok(current.server_h2.get_or_init(|| config).clone())
+    }
+
+    /// The current HTTP/2 client config (what a gRPC channel dials its next
+    /// connection with).
+    pub fn client_h2(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let current = self.current.load();
+        if let Some(c) = current.client_h2.get() {
+            return Ok(c.clone());
+        }
+        let config = Arc::new(current.client_config(H2)?);
+        Ok(current.client_h2.get_or_init(|| config).clone())
+    }
+
+    /// The current certificate chain, key and CA bundle as PEM, for a
+    /// client library that takes PEM and connects anew with it
+    /// (etcd-client).
+    pub fn pem(&self) -> [Vec<u8>; 3] {
+        self.current.load().contents.clone()
+    }
+
+    /// tonic's client TLS from the current material: our identity, the
+    /// server verified against our CA bundle under `server_name` (which
+    /// must be in the server's SANs). Fixed for the life of what it
+    /// configures; [`crate::grpc::channel`] follows reloads instead.
+    pub fn tonic_client(&self, server_name: &str) -> tonic::transport::ClientTlsConfig {
+        let current = self.current.load();
+        let [chain_pem, key_pem, ca_pem] = &current.contents;
+        tonic::transport::ClientTlsConfig::new()
+            .domain_name(server_name)
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+            .identity(tonic::transport::Identity::from_pem(chain_pem, key_pem))
+    }
+}
+
+impl Parsed {
+    fn identity(&self) -> Result<PeerIdentity, IdentityError> {
         let leaf = self.chain.first().ok_or(IdentityError::NoCertificate)?;
         PeerIdentity::from_der(leaf)
     }
@@ -348,9 +451,7 @@ impl TlsMaterial {
         Ok(roots)
     }
 
-    /// A rustls server config that requires a client certificate issued by
-    /// our CA (mutual TLS), advertising the given ALPN protocols.
-    pub fn server_config(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+    fn server_config(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
         let provider = provider();
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
@@ -375,9 +476,7 @@ impl TlsMaterial {
         Ok(config)
     }
 
-    /// A rustls client config presenting our certificate and trusting only
-    /// our CA bundle.
-    pub fn client_config(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
+    fn client_config(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|source| TlsError::Rustls {
@@ -392,29 +491,6 @@ impl TlsMaterial {
             })?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(config)
-    }
-
-    /// tonic's server TLS: our identity, client certificates required and
-    /// verified against our CA bundle.
-    pub fn tonic_server(&self) -> tonic::transport::ServerTlsConfig {
-        tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(
-                &self.chain_pem,
-                &self.key_pem,
-            ))
-            .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
-    }
-
-    /// tonic's client TLS: our identity, the server verified against our CA
-    /// bundle under `server_name` (which must be in the server's SANs).
-    pub fn tonic_client(&self, server_name: &str) -> tonic::transport::ClientTlsConfig {
-        tonic::transport::ClientTlsConfig::new()
-            .domain_name(server_name)
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(
-                &self.chain_pem,
-                &self.key_pem,
-            ))
     }
 }
 

@@ -693,6 +693,57 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
         );
     }
 
+    // `restore status`, from another instance and a read-only identity:
+    // the record the coordinator kept, with every node's steps timed.
+    let rid = summary["restore_id"].as_str().unwrap();
+    let out = ctl(
+        &["restore", "status", rid, "-o", "json"],
+        &agents[2],
+        &viewer,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["state"], "done", "{st}");
+    assert_eq!(st["phase"], "start_members", "{st}");
+    assert_eq!(st["revision"].as_i64(), Some(r1), "{st}");
+    assert_eq!(st["coordinator"], "node-1", "{st}");
+    let steps = st["timings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"] == "restore_snapshot")
+        .count();
+    assert_eq!(steps, 3, "{st}");
+    let last: Vec<(&str, &str)> = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["step"].as_str().unwrap(), n["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(last, [("wait_healthy", "done"); 3], "{st}");
+    let out = ctl(&["restore", "status"], &agents[0], &viewer).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = listed.lines().skip(1).collect();
+    assert!(
+        rows[0].starts_with(rid) && rows[0].contains(" done "),
+        "{listed}"
+    );
+    // The corrupt segment, the kubelet that did not stop etcd, the
+    // uncovered revision: each failed in its own phase.
+    for phase in ["download", "restore_members", "plan"] {
+        assert!(
+            rows.iter()
+                .any(|r| r.contains(" failed ") && r.contains(&format!(" {phase} "))),
+            "a restore failed in {phase} is listed: {listed}"
+        );
+    }
+    assert!(
+        rows.iter().any(|r| r.contains(" dry_run ")),
+        "the dry run is listed: {listed}"
+    );
+
     let mut c = client().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while c.get("x", None).await.is_err() {
@@ -862,7 +913,7 @@ async fn heavy_whole_cluster_restore_on_etcd_3_4_through_etcdctl() {
 }
 
 /// node-2's data dir is on a disk with a few MiB free. The restore is
-/// refused while preparing, naming the node, the file system, its free
+/// refused by the pre-flight (exit 6), before anything is fetched, naming the node, the file system, its free
 /// bytes and the bytes needed, before any node is touched (every etcd
 /// keeps running on its data dir, nothing is moved or staged). Forced
 /// with `--skip-space-check`, the disk fills up while node-2's member is
@@ -947,8 +998,15 @@ async fn heavy_disk_full_during_restore_rolls_back_and_a_rerun_succeeds() {
     println!("node-2's disk: {used} bytes used, {free} free");
     let out = restore().await;
     println!("{}", text(&out));
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // Refused by the pre-flight, before anything is fetched: exit 6.
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
     let all = text(&out);
+    assert!(
+        all.contains(
+            "failed in phase preflight: pre-flight found 1 problem(s) on 1 node(s) (node-2)"
+        ),
+        "{all}"
+    );
     assert!(
         all.contains("not enough free space on node node-2"),
         "names the node: {all}"

@@ -17,7 +17,10 @@
 //! and removing a `-partial` output that never took the data dir's place
 //! (its final rename failed).
 //!
-//! Before anything is fetched or moved, [`Agent::prepare`] refuses a node
+//! Before anything is fetched, the coordinator's pre-flight asks every
+//! agent's [`Agent::check`] for every problem at once (free space, restore
+//! tool, manifest, data dir, another restore); [`Agent::prepare`] checks
+//! the free space again with the target's exact size and refuses a node
 //! whose data dir's file system lacks room for the restored member
 //! (`SpaceNeeded`), unless the request skips that check.
 //!
@@ -26,12 +29,16 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | `journal` | the synced journal of this node's steps, and recovering from it after a restart |
+//! | `preflight` | the pre-flight: every problem at once, nothing changed |
 //! | `steps` | prepare, restore member, start member, abort |
 //! | `static_pod` | the member from the static pod's manifest, the restore tool, etcd's ports |
 //! | `disk` | fetching the target, aside names and moves, the free-space check |
 
 mod disk;
 use disk::{aside_path, dir_size, free_bytes};
+mod journal;
+mod preflight;
 mod static_pod;
 mod steps;
 
@@ -50,7 +57,7 @@ use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::snapshot::manifest::timestamp;
 
-/// Where a node's restore stands (kept in memory by the agent).
+/// Where a node's restore stands (in memory, and in the journal).
 #[derive(Clone, Debug)]
 struct Held {
     restore_id: String,

@@ -163,6 +163,8 @@ struct Lab {
     kubelets: Vec<Kubelet>,
     agents: Vec<String>,
     shutdowns: Vec<Shutdown>,
+    /// The instances, when they run as processes (to be killed).
+    processes: Vec<bulwark_testkit::Process>,
     engine: Option<bulwark_backup::Engine>,
     endpoints: Vec<String>,
 }
@@ -230,6 +232,7 @@ impl Lab {
             kubelets,
             agents: Vec::new(),
             shutdowns: Vec::new(),
+            processes: Vec::new(),
             engine: None,
             endpoints,
         }
@@ -238,6 +241,16 @@ impl Lab {
     /// Starts a bulwark-backup instance per node; the elected one takes a
     /// scheduled snapshot right away.
     async fn start_backups(&mut self) {
+        self.start_backups_as(false).await;
+    }
+
+    /// As [`Lab::start_backups`], each instance a `bulwark-backup` process
+    /// of its own (`processes[i]`), which a test can SIGKILL and restart.
+    async fn start_backup_processes(&mut self) {
+        self.start_backups_as(true).await;
+    }
+
+    async fn start_backups_as(&mut self, processes: bool) {
         let (root, spec, pki, nodes, endpoints) = (
             &self.root,
             &self.spec,
@@ -312,12 +325,30 @@ restore:
                 &bulwark_common::config::Overrides::new(),
             )
             .unwrap();
-            let shutdown = Shutdown::new();
-            bulwark_backup::run(config.clone(), Listeners { grpc, admin }, shutdown.clone())
-                .await
-                .unwrap();
+            if processes {
+                let address = grpc.local_addr().unwrap().to_string();
+                drop((grpc, admin));
+                let file = root.join(format!("node-{i}/backup.yaml"));
+                std::fs::write(&file, &text).unwrap();
+                let bin = bin_path("bulwark-backup").unwrap();
+                let p = bulwark_testkit::ProcessBuilder::new(format!("backup-{i}"), bin)
+                    .arg("--config")
+                    .arg(&file)
+                    .args(["--grpc-address", &address])
+                    .spawn()
+                    .unwrap();
+                p.wait_for_port(address.parse().unwrap(), Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                self.processes.push(p);
+            } else {
+                let shutdown = Shutdown::new();
+                bulwark_backup::run(config.clone(), Listeners { grpc, admin }, shutdown.clone())
+                    .await
+                    .unwrap();
+                shutdowns.push(shutdown);
+            }
             configs.push(config);
-            shutdowns.push(shutdown);
         }
         self.engine = Some(bulwark_backup::Engine::from_config(&configs[0]).unwrap());
         self.agents = agents;
@@ -1146,4 +1177,196 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
             if p.is_dir() { walk(&p) } else { vec![p] }
         })
         .collect()
+}
+
+/// The newest restore record, once `ready` holds for it.
+async fn wait_record(
+    engine: &bulwark_backup::Engine,
+    what: &str,
+    ready: impl Fn(&bulwark_backup::restore::record::RestoreRecord) -> bool,
+) -> bulwark_backup::restore::record::RestoreRecord {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Ok(records) = engine.restore_records().await
+            && let Some(r) = records.into_iter().next()
+            && ready(&r)
+        {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Node `node`'s last step in `r`, as `step status`.
+fn last_step(r: &bulwark_backup::restore::record::RestoreRecord, node: &str) -> String {
+    r.nodes
+        .iter()
+        .find(|n| n.node == node)
+        .map(|n| format!("{} {}", n.step, n.status))
+        .unwrap_or_default()
+}
+
+/// bulwark-backup SIGKILLed mid-restore, each instance a process of its
+/// own: the coordinator once node-0's member is restored (RESTORE MEMBERS
+/// under way), the coordinator once START MEMBERS began, and node-2's
+/// agent while it stops etcd and sets its data dir aside. The killed
+/// process is restarted; agents recover from their journals, the
+/// coordinator finishes what its record says it was running, and where
+/// that leaves a node unreachable the operator's `restore rollback`
+/// finishes the job. Every time the cluster ends on the snapshot's state
+/// on every member (record `done`) or on the state it had before the
+/// restore on every member (record `failed`, rolled back), never a mix;
+/// every manifest is in place, no journal is left beside a data dir and
+/// no data dir was deleted.
+#[tokio::test]
+async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
+    let root = tempfile::tempdir().unwrap();
+    let mut lab = Lab::start(
+        root.path(),
+        LabSpec {
+            etcd: tools::etcd(EtcdVersion::V3_5).unwrap(),
+            deltas: "{enabled: false}",
+            data_dir: |_, dir| dir.join("etcd-data"),
+            restore_extra: Box::new(|_| "  stopTimeout: 60s\n".into()),
+        },
+    )
+    .await;
+    let mut c = lab.client().await;
+    for i in 0..40 {
+        c.put(format!("base/{i:03}"), format!("v{i}"), None)
+            .await
+            .unwrap();
+    }
+    let want = user_state(&mut c, 0).await;
+    lab.start_backup_processes().await;
+    let snapshot_id = lab.scheduled_snapshot().await;
+    let operator = lab.pki.client("alice", &["system:masters"]).unwrap();
+    type Ready = fn(&bulwark_backup::restore::record::RestoreRecord) -> bool;
+    let cases: [(&str, usize, Ready); 3] = [
+        ("the coordinator during restore members", 0, |r| {
+            r.phase == "restore_members" && last_step(r, "node-0") == "restore_snapshot done"
+        }),
+        ("the coordinator during start members", 0, |r| {
+            r.phase == "start_members"
+        }),
+        ("node-2's agent while it sets its member aside", 2, |r| {
+            let s = last_step(r, "node-2");
+            r.phase == "restore_members"
+                && ["stop_etcd", "wait_stopped", "move_data_dir_aside"]
+                    .iter()
+                    .any(|step| s.starts_with(step))
+        }),
+    ];
+    for (round, (what, victim, ready)) in cases.into_iter().enumerate() {
+        let mut c = lab.client().await;
+        // Each round's "before" differs from the snapshot's state.
+        for i in 0..10 {
+            c.put(format!("round{round}/{i:03}"), "x", None)
+                .await
+                .unwrap();
+        }
+        let before = user_state(&mut c, 0).await;
+        let old_cluster = c.status().await.unwrap().header().unwrap().cluster_id();
+        let (agent, op) = (lab.agents[0].clone(), operator.clone());
+        let sid = snapshot_id.clone();
+        let restore = tokio::spawn(async move {
+            ctl(
+                &["restore", "--snapshot", &sid, "--snapshot-only", "--yes"],
+                &agent,
+                &op,
+            )
+            .await
+        });
+        let at = wait_record(lab.engine(), what, |r| {
+            r.state == bulwark_backup::restore::record::RecordState::Running && ready(r)
+        })
+        .await;
+        lab.processes[victim].kill().unwrap();
+        println!(
+            "round {round}: killed {what} (restore {}, phase {}, nodes {:?})",
+            at.restore_id,
+            at.phase,
+            at.nodes
+                .iter()
+                .map(|n| format!("{} {} {}", n.node, n.step, n.status))
+                .collect::<Vec<_>>()
+        );
+        let first = restore.await.unwrap();
+        println!("{}", text(&first));
+        lab.processes[victim].start().unwrap();
+        // Its port opens once its agent has dealt with its journal.
+        lab.processes[victim]
+            .wait_for_port(lab.agents[victim].parse().unwrap(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let ended = wait_record(lab.engine(), "the restore's end", |r| {
+            r.restore_id == at.restore_id
+                && r.state != bulwark_backup::restore::record::RecordState::Running
+        })
+        .await;
+        println!(
+            "round {round}: {:?} rolled back {} ({})",
+            ended.state, ended.rolled_back, ended.error
+        );
+        let ended = if ended.state == bulwark_backup::restore::record::RecordState::Failed
+            && !ended.rolled_back
+        {
+            // A node the rollback could not reach: the operator finishes it.
+            let out = ctl(
+                &["restore", "rollback", &at.restore_id],
+                &lab.agents[1],
+                &operator,
+            )
+            .await;
+            println!("{}", text(&out));
+            assert!(out.status.success(), "{}", text(&out));
+            lab.engine().restore_record(&at.restore_id).await.unwrap()
+        } else {
+            ended
+        };
+        lab.wait_every_member(what).await;
+        let mut c = lab.client().await;
+        let cluster = c.status().await.unwrap().header().unwrap().cluster_id();
+        match ended.state {
+            bulwark_backup::restore::record::RecordState::Done => {
+                assert_eq!(user_state(&mut c, 0).await, want, "{what}: restored");
+                assert_ne!(cluster, old_cluster, "{what}: a new cluster");
+            }
+            bulwark_backup::restore::record::RecordState::Failed => {
+                assert!(ended.rolled_back, "{what}: {ended:?}");
+                assert_eq!(user_state(&mut c, 0).await, before, "{what}: original");
+                assert_eq!(cluster, old_cluster, "{what}: the old cluster");
+            }
+            s => panic!("{what}: ended {s:?}"),
+        }
+        // Every member agrees: one cluster, the same keys.
+        for n in &lab.nodes {
+            let mut one = etcd_client::Client::connect([n.client_url.clone()], None)
+                .await
+                .unwrap();
+            let s = one.status().await.unwrap();
+            assert_eq!(
+                s.header().unwrap().cluster_id(),
+                cluster,
+                "{what}: {}",
+                n.client_url
+            );
+            assert!(n.manifest.exists(), "{what}: {}", n.manifest.display());
+            let left: Vec<PathBuf> = aside_dirs(&n.data_dir)
+                .into_iter()
+                .filter(|p| {
+                    p.to_string_lossy().ends_with(".journal")
+                        || p.to_string_lossy().ends_with("-partial")
+                })
+                .collect();
+            assert!(left.is_empty(), "{what}: {left:?}");
+        }
+    }
+    for p in &mut lab.processes {
+        p.stop().await.unwrap();
+    }
 }

@@ -1,8 +1,14 @@
 //! The agent's journal: `<dataDir>.bulwark-<restore id>.journal`, next to
 //! the set-aside dirs, rewritten (a synced temporary file renamed over it,
 //! then the directory synced) before the step it names changes anything
-//! and after it did, and removed once the node is released. A restarted
-//! agent ([`Agent::recover`]) reads it, checks every path it names against
+//! and after it did. When the member started healthy the journal moves
+//! to `restore.stateDir/<restore id>/journal.json`: the node then answers
+//! for that restore as restored (GetRestoreState), starts it again
+//! (StartMember) or undoes it (AbortRestore), so a coordinator that
+//! resumes a restore some of whose members had finished before it died
+//! neither mistakes them for untouched nodes nor leaves them restored
+//! while it rolls the others back. A rollback removes both journals. A
+//! restarted agent ([`Agent::recover`]) reads the active one, checks every path it names against
 //! the disk (a kill can fall between a rename and the journal's update),
 //! and then:
 //!
@@ -234,15 +240,50 @@ impl Agent {
             .map_err(|e| BackupError::local(format!("writing {}", path.display()), e))
     }
 
-    /// Removes `h`'s journal once the node is released; a journal that
-    /// stays is only read again by a restart, which finds nothing to do.
+    /// Removes `h`'s journals (active and finished) once the node is
+    /// released by a rollback.
     pub(super) async fn drop_journal(&self, h: &Held) {
-        let path = path_for(&h.member.data_dir, &h.restore_id);
-        let p = path.clone();
-        let removed = tokio::task::spawn_blocking(move || remove_entry(&p)).await;
-        if !matches!(removed, Ok(Ok(()))) {
-            tracing::warn!(path = %path.display(), "could not remove the restore journal");
+        for path in [
+            path_for(&h.member.data_dir, &h.restore_id),
+            self.finished_path(&h.restore_id),
+        ] {
+            let p = path.clone();
+            let removed = tokio::task::spawn_blocking(move || remove_entry(&p)).await;
+            if !matches!(removed, Ok(Ok(()))) {
+                tracing::warn!(path = %path.display(), "could not remove the restore journal");
+            }
         }
+    }
+
+    fn finished_path(&self, restore_id: &str) -> PathBuf {
+        self.config.state_dir.join(restore_id).join("journal.json")
+    }
+
+    /// The member started healthy: the journal moves to the state dir,
+    /// where it marks the restore finished on this node.
+    pub(super) async fn finish_journal(&self, h: &Held) {
+        let active = path_for(&h.member.data_dir, &h.restore_id);
+        let finished = self.finished_path(&h.restore_id);
+        let entry = Entry::of(h);
+        let moved = tokio::task::spawn_blocking(move || {
+            write_entry(&finished, &entry)?;
+            remove_entry(&active)
+        })
+        .await;
+        if !matches!(moved, Ok(Ok(()))) {
+            tracing::warn!(restore_id = %h.restore_id, "could not move the restore journal into the state dir");
+        }
+    }
+
+    /// Restore `restore_id` as it stands on this node after its member
+    /// started healthy, if it did.
+    pub(super) async fn finished(&self, restore_id: &str) -> Option<Held> {
+        if !crate::store::layout::is_valid_id(restore_id) {
+            return None;
+        }
+        let text = tokio::fs::read(self.finished_path(restore_id)).await.ok()?;
+        let entry: Entry = serde_json::from_slice(&text).ok()?;
+        Some(entry.into_held(&self.config.etcd_manifest))
     }
 
     /// After a restart: finds this node's journal and resumes, rolls back

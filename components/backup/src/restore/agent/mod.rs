@@ -172,15 +172,19 @@ impl Agent {
     /// GetRestoreState.
     pub async fn state(&self, restore_id: &str) -> Result<pb::NodeRestoreState> {
         let held = self.held.lock().await;
-        let h = match held.as_ref() {
-            Some(h) if restore_id.is_empty() || h.restore_id == restore_id => h,
-            _ => {
-                return Err(BackupError::NotFound {
-                    what: format!("restore {restore_id:?} on node {}", self.engine.node_name),
-                });
+        match held.as_ref() {
+            Some(h) if restore_id.is_empty() || h.restore_id == restore_id => {
+                return Ok(self.state_of(h));
             }
-        };
-        Ok(self.state_of(h))
+            _ => {}
+        }
+        drop(held);
+        match self.finished(restore_id).await {
+            Some(h) => Ok(self.state_of(&h)),
+            None => Err(BackupError::NotFound {
+                what: format!("restore {restore_id:?} on node {}", self.engine.node_name),
+            }),
+        }
     }
 
     fn state_of(&self, h: &Held) -> pb::NodeRestoreState {

@@ -151,7 +151,13 @@ impl Agent {
         &self,
         restore_id: &str,
     ) -> Result<tokio::sync::MutexGuard<'_, Option<Held>>> {
-        let held = self.held.lock().await;
+        let mut held = self.held.lock().await;
+        if held.is_none()
+            && let Some(h) = self.finished(restore_id).await
+        {
+            // Finished here before: started again, or undone, on request.
+            *held = Some(h);
+        }
         match held.as_ref() {
             Some(h) if h.restore_id == restore_id => Ok(held),
             Some(h) => Err(BackupError::Refused(format!(
@@ -499,7 +505,7 @@ impl Agent {
                 // Done: the lock goes; the old data dir stays where it was moved.
                 let member_id = me.member_id;
                 let _ = tokio::fs::remove_file(&h.staged).await;
-                self.drop_journal(h).await;
+                self.finish_journal(h).await;
                 *guard = None;
                 self.recorder_pause.release(&rid);
                 return Ok(member_id);
@@ -527,6 +533,11 @@ impl Agent {
     /// AbortRestore: undo what was done, newest first; keep every copy.
     pub async fn abort(&self, restore_id: &str, reason: &str, sink: StepSink<'_>) -> Result<()> {
         let mut guard = self.held.lock().await;
+        if guard.is_none()
+            && let Some(h) = self.finished(restore_id).await
+        {
+            *guard = Some(h);
+        }
         let Some(h) = guard.as_mut().filter(|h| h.restore_id == restore_id) else {
             // Nothing held for it: nothing to undo (idempotent).
             return Ok(());

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use bulwark_api::backup::v1 as pb;
 use chrono::Utc;
 use futures::StreamExt as _;
+use object_store::ObjectStoreExt as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -164,6 +165,16 @@ impl Coordinator {
                 Ok(summary) => self.finish(&run, summary).await,
                 Err(f) => self.rollback(&run, f).await,
             },
+        }
+        // The target a dead coordinator uploaded for the agents is only
+        // for this restore.
+        let key = format!("{}/restore/{rid}/target.db", run.engine.cluster_name);
+        let object = crate::store::layout::object_path(run.engine.store.prefix(), &key);
+        match run.engine.store.inner().delete(&object).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, object = %object, "could not delete the restore's target snapshot");
+            }
         }
         self.service.set_restore(None);
         drop(guard);

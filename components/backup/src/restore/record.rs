@@ -449,5 +449,60 @@ mod tests {
             Some(1_000_130)
         );
         assert_eq!(covered_revision(None, &[], None), None);
+        // A restore that did not finish is no restore point.
+        let mut failed = restore.clone();
+        failed.finished_at = None;
+        assert_eq!(
+            covered_revision(Some(&snap), &[segment(151, 205)], Some(&failed)),
+            Some(205)
+        );
+    }
+
+    /// Records from before the state was kept (only finished restores
+    /// were written) read as done; a running one says where it is.
+    #[test]
+    fn records_read_back_old_and_new() {
+        let old = r#"{"restoreId":"r0","finishedAt":"2026-11-28T10:00:00Z","snapshotId":"s",
+            "revision":104,"clusterId":7,"coordinatedBy":"cp-1"}"#;
+        let r: RestoreRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(r.state, RecordState::Done);
+        assert!(r.finished_at.is_some() && r.started_at.is_none());
+        assert_eq!(r.to_proto().state, pb::RestoreState::Done as i32);
+
+        let mut running = RestoreRecord::started("r1", "cp-2", Utc::now());
+        running.phase = "restore_members".into();
+        running.node_event(&pb::NodeRestoreProgress {
+            node_name: "cp-3".into(),
+            step: pb::NodeStep::MoveDataDirAside as i32,
+            status: pb::StepStatus::Done as i32,
+            path: "/var/lib/etcd.bulwark-r1".into(),
+            ..Default::default()
+        });
+        running.node_event(&pb::NodeRestoreProgress {
+            node_name: "cp-3".into(),
+            step: pb::NodeStep::RestoreSnapshot as i32,
+            status: pb::StepStatus::Started as i32,
+            ..Default::default()
+        });
+        running.set_timings(&[pb::PhaseTiming {
+            name: "plan".into(),
+            node_name: String::new(),
+            took: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000,
+            }),
+        }]);
+        let json = serde_json::to_string(&running).unwrap();
+        assert!(json.contains(r#""state":"running""#), "{json}");
+        let back: RestoreRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, running);
+        let p = back.to_proto();
+        assert_eq!(p.state, pb::RestoreState::Running as i32);
+        assert_eq!(p.phase, pb::RestorePhase::RestoreMembers as i32);
+        assert_eq!(p.nodes.len(), 1, "one row per node: its last step");
+        assert_eq!(p.nodes[0].step, pb::NodeStep::RestoreSnapshot as i32);
+        assert_eq!(p.nodes[0].status, pb::StepStatus::Started as i32);
+        let took = p.timings[0].took.unwrap();
+        assert_eq!((took.seconds, took.nanos), (1, 500_000_000));
     }
 }

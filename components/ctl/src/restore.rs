@@ -685,6 +685,41 @@ mod tests {
         }
     }
 
+    fn parse(args: &[&str]) -> Result<RestoreArgs, clap::Error> {
+        use clap::Parser as _;
+        let cli =
+            crate::cli::Cli::try_parse_from(["bulwarkctl", "restore"].iter().chain(args).copied())?;
+        match cli.command {
+            crate::cli::Command::Restore(a) => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn status_resume_and_rollback_are_subcommands_of_restore() {
+        assert!(matches!(
+            parse(&["status"]).unwrap().action,
+            Some(RestoreAction::Status { id: None })
+        ));
+        assert!(matches!(
+            parse(&["status", "r1"]).unwrap().action,
+            Some(RestoreAction::Status { id: Some(ref id) }) if id == "r1"
+        ));
+        assert!(matches!(
+            parse(&["resume", "r1"]).unwrap().action,
+            Some(RestoreAction::Resume { ref id }) if id == "r1"
+        ));
+        assert!(matches!(
+            parse(&["rollback", "r1"]).unwrap().action,
+            Some(RestoreAction::Rollback { ref id }) if id == "r1"
+        ));
+        assert!(parse(&["resume"]).is_err(), "resume needs an id");
+        // Restore flags and a subcommand do not mix.
+        assert!(parse(&["--yes", "status"]).is_err());
+        let plain = parse(&["--snapshot", "s1", "--yes"]).unwrap();
+        assert!(plain.action.is_none() && plain.yes && plain.snapshot == "s1");
+    }
+
     /// The summary's revision is the one restored; the live one is beside it.
     #[test]
     fn the_summary_reports_the_restored_revision() {

@@ -1211,9 +1211,11 @@ fn last_step(r: &bulwark_backup::restore::record::RestoreRecord, node: &str) -> 
 }
 
 /// bulwark-backup SIGKILLed mid-restore, each instance a process of its
-/// own: the coordinator once node-0's member is restored (RESTORE MEMBERS
-/// under way), the coordinator once START MEMBERS began, and node-2's
-/// agent while it stops etcd and sets its data dir aside. The killed
+/// own: the coordinator before any member is touched (pre-flight to
+/// prepare), once node-0's member is restored (RESTORE MEMBERS under way)
+/// and once START MEMBERS began; node-2's agent while it stops etcd and
+/// sets its data dir aside; node-1's agent once its member is restored
+/// (its restart holds the node for the coordinator). The killed
 /// process is restarted; agents recover from their journals, the
 /// coordinator finishes what its record says it was running, and where
 /// that leaves a node unreachable the operator's `restore rollback`
@@ -1246,7 +1248,13 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
     let snapshot_id = lab.scheduled_snapshot().await;
     let operator = lab.pki.client("alice", &["system:masters"]).unwrap();
     type Ready = fn(&bulwark_backup::restore::record::RestoreRecord) -> bool;
-    let cases: [(&str, usize, Ready); 3] = [
+    let cases: [(&str, usize, Ready); 5] = [
+        ("the coordinator before any member is touched", 0, |r| {
+            matches!(
+                r.phase.as_str(),
+                "preflight" | "download" | "upload" | "prepare"
+            )
+        }),
         ("the coordinator during restore members", 0, |r| {
             r.phase == "restore_members" && last_step(r, "node-0") == "restore_snapshot done"
         }),
@@ -1259,6 +1267,9 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
                 && ["stop_etcd", "wait_stopped", "move_data_dir_aside"]
                     .iter()
                     .any(|step| s.starts_with(step))
+        }),
+        ("node-1's agent once its member is restored", 1, |r| {
+            r.phase == "restore_members" && last_step(r, "node-1") == "restore_snapshot done"
         }),
     ];
     for (round, (what, victim, ready)) in cases.into_iter().enumerate() {

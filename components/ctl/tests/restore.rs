@@ -1179,7 +1179,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The newest restore record, once `ready` holds for it.
+/// The first restore record (newest first) for which `ready` holds.
 async fn wait_record(
     engine: &bulwark_backup::Engine,
     what: &str,
@@ -1188,8 +1188,7 @@ async fn wait_record(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
         if let Ok(records) = engine.restore_records().await
-            && let Some(r) = records.into_iter().next()
-            && ready(&r)
+            && let Some(r) = records.into_iter().find(|r| ready(r))
         {
             return r;
         }

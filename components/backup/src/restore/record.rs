@@ -314,8 +314,8 @@ impl Engine {
             .await
     }
 
-    /// Every restore's record, newest first; an unreadable one is logged
-    /// and left out.
+    /// Every restore's record, newest start first (ids carry their time
+    /// only to the second); an unreadable one is logged and left out.
     pub async fn restore_records(&self) -> Result<Vec<RestoreRecord>> {
         let mut out = Vec::new();
         for path in self.restore_objects().await? {
@@ -324,6 +324,12 @@ impl Engine {
                 Err(e) => tracing::warn!(object = %path, error = %e, "unreadable restore record"),
             }
         }
+        let start = |r: &RestoreRecord| r.started_at.or(r.finished_at);
+        out.sort_by(|a, b| {
+            start(b)
+                .cmp(&start(a))
+                .then_with(|| b.restore_id.cmp(&a.restore_id))
+        });
         Ok(out)
     }
 

@@ -7,7 +7,9 @@
 //! or the verification result. A client that goes away cancels the work:
 //! the task's token is tied to the response channel.
 //!
-//! `Restore` is handed to [`crate::restore::coordinator::Coordinator`]; the
+//! `Restore` is handed to [`crate::restore::coordinator::Coordinator`];
+//! `GetRestore`/`ListRestores` read the records it keeps in the store
+//! ([`crate::restore::record`]), so any instance answers them; the
 //! `RestoreAgent` service is [`crate::restore::AgentApi`].
 
 use std::pin::Pin;
@@ -97,6 +99,12 @@ impl BackupApi {
     pub fn with_restore(mut self, coordinator: crate::restore::coordinator::Coordinator) -> Self {
         self.restore = Some(coordinator);
         self
+    }
+
+    fn coordinator(&self) -> Result<&crate::restore::coordinator::Coordinator, Status> {
+        self.restore.as_ref().ok_or_else(|| {
+            Status::failed_precondition("this instance has no restore coordinator configured")
+        })
     }
 
     /// The tonic service to register.
@@ -442,11 +450,10 @@ impl pb::backup_server::Backup for BackupApi {
             None
         });
         // A restore after the newest snapshot abandoned its timeline.
-        let abandoned = last_restore.as_ref().is_some_and(|r| {
-            latest
-                .as_ref()
-                .is_none_or(|l| l.manifest.started_at < r.finished_at)
-        });
+        let abandoned = last_restore
+            .as_ref()
+            .and_then(|r| r.finished_at)
+            .is_some_and(|f| latest.as_ref().is_none_or(|l| l.manifest.started_at < f));
         // Segments of the newest snapshot: the history that can be restored.
         let segments = match &latest {
             Some(l) if !abandoned => engine.list_segments(Some(&l.manifest.id)).await?,
@@ -585,6 +592,55 @@ impl pb::backup_server::Backup for BackupApi {
         }))
     }
 
+    async fn get_restore(
+        &self,
+        request: Request<pb::GetRestoreRequest>,
+    ) -> Result<Response<pb::RestoreRecord>, Status> {
+        let id = request.into_inner().restore_id;
+        let record = self.service.engine().restore_record(&id).await?;
+        Ok(Response::new(record.to_proto()))
+    }
+
+    async fn list_restores(
+        &self,
+        _request: Request<pb::ListRestoresRequest>,
+    ) -> Result<Response<pb::ListRestoresResponse>, Status> {
+        let records = self.service.engine().restore_records().await?;
+        Ok(Response::new(pb::ListRestoresResponse {
+            restores: records.iter().map(|r| r.to_proto()).collect(),
+        }))
+    }
+
+    type ResumeRestoreStream = Stream_<pb::RestoreProgress>;
+
+    async fn resume_restore(
+        &self,
+        request: Request<pb::ResumeRestoreRequest>,
+    ) -> Result<Response<Self::ResumeRestoreStream>, Status> {
+        let caller = bulwark_common::grpc::caller(&request).map(ToString::to_string);
+        let c = self.coordinator()?;
+        let id = request.into_inner().restore_id;
+        tracing::warn!(caller = ?caller, restore_id = %id, "resuming a restore");
+        Ok(Response::new(c.finish_restore(
+            id,
+            false,
+            &self.shutdown,
+        )?))
+    }
+
+    type RollbackRestoreStream = Stream_<pb::RestoreProgress>;
+
+    async fn rollback_restore(
+        &self,
+        request: Request<pb::RollbackRestoreRequest>,
+    ) -> Result<Response<Self::RollbackRestoreStream>, Status> {
+        let caller = bulwark_common::grpc::caller(&request).map(ToString::to_string);
+        let c = self.coordinator()?;
+        let id = request.into_inner().restore_id;
+        tracing::warn!(caller = ?caller, restore_id = %id, "rolling a restore back");
+        Ok(Response::new(c.finish_restore(id, true, &self.shutdown)?))
+    }
+
     type RestoreStream = Stream_<pb::RestoreProgress>;
 
     async fn restore(
@@ -592,11 +648,7 @@ impl pb::backup_server::Backup for BackupApi {
         request: Request<pb::RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
         let caller = bulwark_common::grpc::caller(&request).map(ToString::to_string);
-        let Some(c) = &self.restore else {
-            return Err(Status::failed_precondition(
-                "this instance has no restore coordinator configured",
-            ));
-        };
+        let c = self.coordinator()?;
         tracing::warn!(caller = ?caller, request = ?request.get_ref(), "restore requested");
         Ok(Response::new(
             c.start(request.into_inner(), &self.shutdown)?,

@@ -258,17 +258,24 @@ fn spawn_grpc(
     });
     let coordinator =
         restore::Coordinator::new(service.clone(), config.restore.peers.clone(), client_tls);
-    let api = api::BackupApi::new(service.clone(), shutdown).with_restore(coordinator);
-    let agent_api = restore::AgentApi::new(agent, shutdown.token());
+    let api = api::BackupApi::new(service.clone(), shutdown).with_restore(coordinator.clone());
+    let agent_api = restore::AgentApi::new(agent.clone(), shutdown.token());
     let access = config.grpc.access.clone();
     let token = shutdown.token();
+    let recovery_token = shutdown.token();
     shutdown.spawn_critical("gRPC server", async move {
-        GrpcServer::new()
+        // Restarted mid-restore: this node's journal is dealt with before
+        // any call reaches the agent, and the restores this instance was
+        // coordinating are finished once its own agent answers.
+        if let Err(e) = agent.recover().await {
+            tracing::error!(error = %e, "could not recover this node's restore journal: see `bulwarkctl restore status`");
+        }
+        let serve = GrpcServer::new()
             .add_service(api.into_server())
             .add_service(agent_api.into_server())
-            .serve(listener, &tls, access, token)
-            .await
-            .context("gRPC server")
+            .serve(listener, &tls, access, token);
+        let (served, ()) = tokio::join!(serve, coordinator.recover(&recovery_token));
+        served.context("gRPC server")
     });
     Ok(())
 }

@@ -24,7 +24,7 @@ use bulwark_backup::restore::agent::Agent;
 use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::SnapshotOptions;
 use bulwark_backup::store::faults::{Faults, UnreliableStore};
-use bulwark_testkit::Etcd;
+use bulwark_testkit::{Etcd, config};
 use object_store::{ObjectStoreExt as _, PutPayload};
 use tokio_util::sync::CancellationToken;
 
@@ -317,4 +317,592 @@ spec:
         "127.0.0.1:1".into(),
     );
     (agent, manifest, pod, state_dir)
+}
+
+/// One node's files for [`start_node`]: its manifest, data dir and state dir.
+struct NodeFiles {
+    manifest: std::path::PathBuf,
+    data_dir: std::path::PathBuf,
+    state_dir: std::path::PathBuf,
+    pod: String,
+}
+
+fn node_files(root: &std::path::Path, i: usize) -> NodeFiles {
+    let dir = root.join(format!("node-{i}"));
+    std::fs::create_dir_all(dir.join("manifests")).unwrap();
+    let data_dir = dir.join("etcd-data");
+    // Nothing listens on these URLs: the member is not running, which a
+    // pre-flight and a dry run do not need.
+    let pod = format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: etcd-m{i}, namespace: kube-system}}
+spec:
+  containers:
+  - name: etcd
+    command:
+    - etcd
+    - --name=m{i}
+    - --data-dir={}
+    - --advertise-client-urls=http://127.0.0.1:1
+    - --initial-advertise-peer-urls=http://127.0.{i}.1:2380
+",
+        data_dir.display()
+    );
+    NodeFiles {
+        manifest: dir.join("manifests/etcd.yaml"),
+        data_dir,
+        state_dir: dir.join("state"),
+        pod,
+    }
+}
+
+/// Starts node `i`'s bulwark-backup (its restore agent, and a coordinator
+/// for every node's agent at `peers`) on `grpc`.
+#[allow(clippy::too_many_arguments)]
+async fn start_node(
+    i: usize,
+    files: &NodeFiles,
+    grpc: tokio::net::TcpListener,
+    peers: &[String],
+    cert: &bulwark_testkit::CertFiles,
+    etcd: &Etcd,
+    store: &std::path::Path,
+) -> bulwark_common::shutdown::Shutdown {
+    let tools = common::drill_tools();
+    let mut c = config::backup();
+    c.node_name = format!("node-{i}");
+    c.cluster_name = "lab".into();
+    c.admin.address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    c.grpc.tls = config::tls(cert);
+    c.grpc.access.operators = config::orgs(&["system:masters"]);
+    c.grpc.access.peers = Some(config::orgs(&["bulwark:backup"]));
+    c.etcd.endpoints = etcd.endpoints();
+    c.etcd.tls = None;
+    c.store.url = format!("file://{}", store.display());
+    c.schedule.interval = None;
+    c.deltas.enabled = false;
+    c.drill.etcdutl = tools.etcdutl;
+    c.drill.etcd = tools.etcd;
+    c.restore.etcd_manifest.clone_from(&files.manifest);
+    c.restore.state_dir.clone_from(&files.state_dir);
+    // The member's facts are configured, so the agent answers
+    // GetNodeInfo even while its manifest is missing.
+    c.restore.member_name = Some(format!("m{i}"));
+    c.restore.data_dir = Some(files.data_dir.clone());
+    c.restore.peer_urls = vec![format!("http://127.0.{i}.1:2380")];
+    c.restore.client_urls = vec!["http://127.0.0.1:1".into()];
+    c.restore.peers = peers.to_vec();
+    let config = config::validated(&c).unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shutdown = bulwark_common::shutdown::Shutdown::new();
+    bulwark_backup::run(config, bulwark_backup::Listeners { grpc, admin }, &shutdown)
+        .await
+        .unwrap();
+    shutdown
+}
+
+/// Every event of one `Backup.Restore` call, and its restore id.
+async fn restore_events(
+    client: &mut bulwark_api::backup::v1::backup_client::BackupClient<tonic::transport::Channel>,
+    dry_run: bool,
+) -> (String, Vec<pb::restore_progress::Event>) {
+    use futures::StreamExt as _;
+    let mut stream = client
+        .restore(pb::RestoreRequest {
+            dry_run,
+            confirm: !dry_run,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut id = String::new();
+    let mut events = Vec::new();
+    while let Some(msg) = stream.next().await {
+        let msg = msg.unwrap();
+        id = msg.restore_id;
+        events.extend(msg.event);
+    }
+    (id, events)
+}
+
+/// The pre-flight asks every node before anything is fetched: node-0's
+/// manifest is not in place, node-1's data dir path is a file, node-2's
+/// agent does not answer. One refusal (FAILED_PRECONDITION, which
+/// bulwarkctl exits 6 for) names all three; nothing was fetched, staged,
+/// uploaded or moved on any node, and the failed restore's record says so
+/// (`Backup.GetRestore`). Once the three are fixed, a dry run passes
+/// pre-flight and prepare on every node, and its record has every phase's
+/// time and each node's last step; `ListRestores` lists both, newest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_preflight_names_every_problem_on_every_node_and_fetches_nothing() {
+    use bulwark_api::backup::v1::backup_client::BackupClient;
+    bulwark_common::tls::install_crypto_provider();
+    let etcd = Etcd::start().await.unwrap();
+    common::put_small(&etcd, 20).await;
+    let root = tempfile::tempdir().unwrap();
+    let store_dir = root.path().join("store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let engine = common::engine_in(
+        &etcd,
+        common::file_store(&store_dir),
+        Keyring::none(),
+        "lab",
+    );
+    let snapshot = engine
+        .take_snapshot(
+            SnapshotOptions::manual(""),
+            &(),
+            &CancellationToken::new(),
+            &|| Ok(()),
+        )
+        .await
+        .unwrap();
+    let objects_before = common::all_keys(&engine.store).await;
+
+    let pki = bulwark_testkit::Pki::new().unwrap();
+    let cert = pki
+        .peer("backup", &["bulwark:backup"], &["127.0.0.1", "localhost"])
+        .unwrap();
+    let files: Vec<NodeFiles> = (0..3).map(|i| node_files(root.path(), i)).collect();
+    // node-0: no manifest. node-1: a file where the data dir should be.
+    // node-2: a data dir, and its manifest, but no agent yet.
+    std::fs::write(&files[1].manifest, &files[1].pod).unwrap();
+    std::fs::write(&files[1].data_dir, b"not a directory").unwrap();
+    std::fs::write(&files[2].manifest, &files[2].pod).unwrap();
+    std::fs::create_dir_all(files[2].data_dir.join("member")).unwrap();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let down = listeners.pop().unwrap();
+    drop(down);
+    let mut shutdowns = Vec::new();
+    for (i, grpc) in listeners.into_iter().enumerate() {
+        shutdowns.push(start_node(i, &files[i], grpc, &peers, &cert, &etcd, &store_dir).await);
+    }
+    let operator = pki
+        .client("alice", &["system:masters"])
+        .unwrap()
+        .tls_files()
+        .load()
+        .unwrap();
+    let mut client =
+        BackupClient::new(bulwark_common::grpc::channel(&peers[0], &operator, None).unwrap());
+
+    let (refused_id, events) = restore_events(&mut client, false).await;
+    let Some(pb::restore_progress::Event::Failed(f)) = events.last() else {
+        panic!("the restore must fail: {events:?}");
+    };
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, pb::restore_progress::Event::Plan(_))),
+        "no plan is announced for a refused restore: {events:?}"
+    );
+    assert_eq!(f.phase, pb::RestorePhase::Preflight as i32, "{f:?}");
+    assert_eq!(f.code, tonic::Code::FailedPrecondition as i32, "{f:?}");
+    let m = &f.message;
+    assert!(
+        m.starts_with("pre-flight found 3 problem(s) on 3 node(s)"),
+        "{m}"
+    );
+    assert!(m.contains("nothing was fetched or changed"), "{m}");
+    assert!(
+        m.contains(&format!(
+            "node node-0: etcd's manifest {} is not in place",
+            files[0].manifest.display()
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "node node-1: the data dir {} exists but is not a directory",
+            files[1].data_dir.display()
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "node at {}: its restore agent is unreachable",
+            peers[2]
+        )),
+        "{m}"
+    );
+    assert_eq!(f.rollback_instructions, "nothing was changed on any node");
+    assert!(f.rolled_back && f.nodes.is_empty(), "{f:?}");
+    // Nothing fetched, staged, uploaded or moved.
+    assert_eq!(
+        common::all_keys(&engine.store).await.len(),
+        objects_before.len() + 1
+    );
+    for (i, n) in files.iter().enumerate() {
+        assert!(!n.state_dir.exists(), "node-{i} staged something");
+    }
+    assert!(!files[0].manifest.exists());
+    assert_eq!(
+        std::fs::read(&files[1].data_dir).unwrap(),
+        b"not a directory"
+    );
+    assert!(files[2].data_dir.join("member").is_dir());
+    // The one new object is the refused restore's record.
+    let record = client
+        .get_restore(pb::GetRestoreRequest {
+            restore_id: refused_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(record.state, pb::RestoreState::Failed as i32, "{record:?}");
+    assert_eq!(record.phase, pb::RestorePhase::Preflight as i32);
+    assert_eq!(record.error, *m);
+    assert!(record.rolled_back);
+    assert!(record.finished_at.is_some() && record.started_at.is_some());
+    let timed: Vec<&str> = record.timings.iter().map(|t| t.name.as_str()).collect();
+    assert!(timed.starts_with(&["plan", "preflight"]), "{timed:?}");
+
+    // The operator fixes every node; a dry run gets through.
+    std::fs::write(&files[0].manifest, &files[0].pod).unwrap();
+    std::fs::remove_file(&files[1].data_dir).unwrap();
+    std::fs::create_dir_all(files[1].data_dir.join("member")).unwrap();
+    let grpc = tokio::net::TcpListener::bind(&peers[2]).await.unwrap();
+    shutdowns.push(start_node(2, &files[2], grpc, &peers, &cert, &etcd, &store_dir).await);
+    let (dry_id, events) = restore_events(&mut client, true).await;
+    let Some(pb::restore_progress::Event::Done(summary)) = events.last() else {
+        panic!("the dry run must pass: {events:?}");
+    };
+    assert!(summary.dry_run);
+    let record = client
+        .get_restore(pb::GetRestoreRequest {
+            restore_id: dry_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(record.state, pb::RestoreState::DryRun as i32, "{record:?}");
+    assert_eq!(record.snapshot_id, summary.snapshot_id);
+    let timed: Vec<(&str, &str)> = record
+        .timings
+        .iter()
+        .map(|t| (t.name.as_str(), t.node_name.as_str()))
+        .collect();
+    for phase in ["plan", "preflight", "download", "upload", "prepare"] {
+        assert!(timed.contains(&(phase, "")), "{phase}: {timed:?}");
+    }
+    let mut nodes: Vec<&str> = record.nodes.iter().map(|n| n.node_name.as_str()).collect();
+    nodes.sort();
+    assert_eq!(nodes, ["node-0", "node-1", "node-2"], "{record:?}");
+    // The dry run's last step on each node: the release of its lock.
+    assert!(
+        record
+            .nodes
+            .iter()
+            .all(|n| n.step == pb::NodeStep::Rollback as i32
+                && n.status == pb::StepStatus::Done as i32),
+        "{record:?}"
+    );
+    // Nothing moved: every manifest in place, node-1's and node-2's data
+    // dirs where they were (node-0 never had one).
+    for n in &files {
+        assert!(n.manifest.exists(), "{}", n.manifest.display());
+    }
+    assert!(files[1].data_dir.join("member").is_dir() && files[2].data_dir.join("member").is_dir());
+    assert!(!files[0].data_dir.exists());
+    let list = client
+        .list_restores(pb::ListRestoresRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = list
+        .restores
+        .iter()
+        .map(|r| r.restore_id.as_str())
+        .collect();
+    assert_eq!(ids, [dry_id.as_str(), refused_id.as_str()]);
+    let unknown = client
+        .get_restore(pb::GetRestoreRequest {
+            restore_id: "20990101T000000Z-none".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+
+    // A coordinator that died after PREPARE: every node holds restore r7,
+    // no member is restored. Resuming it rolls every node back; a dry run
+    // cannot be resumed.
+    let peer = cert.tls_files().load().unwrap();
+    for (i, address) in peers.iter().enumerate() {
+        let mut agent = bulwark_api::backup::v1::restore_agent_client::RestoreAgentClient::new(
+            bulwark_common::grpc::channel(address, &peer, None).unwrap(),
+        );
+        agent
+            .prepare_restore(pb::PrepareRestoreRequest {
+                restore_id: "r7".into(),
+                coordinator: "node-9".into(),
+                spec: Some(pb::MemberRestoreSpec {
+                    snapshot: Some(pb::SnapshotSource {
+                        object_key: snapshot.object_key.clone(),
+                        sha256: snapshot.stored_sha256.clone(),
+                        size_bytes: snapshot.stored_size_bytes,
+                    }),
+                    member_name: format!("m{i}"),
+                    peer_urls: vec![format!("http://127.0.{i}.1:2380")],
+                    initial_cluster: "m0=http://127.0.0.1:2380".into(),
+                    cluster_token: "t".into(),
+                    bump_revision: 0,
+                    mark_compacted: false,
+                }),
+                lock_ttl: None,
+                skip_space_check: false,
+            })
+            .await
+            .unwrap();
+    }
+    let mut died =
+        bulwark_backup::restore::record::RestoreRecord::started("r7", "node-9", chrono::Utc::now());
+    died.phase = "prepare".into();
+    engine.record_restore(&died).await.unwrap();
+    let resumed = client
+        .resume_restore(pb::ResumeRestoreRequest {
+            restore_id: "r7".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let events = collect(resumed).await;
+    let Some(pb::restore_progress::Event::Failed(f)) = events.last() else {
+        panic!("not resumable: {events:?}");
+    };
+    assert!(f.rolled_back, "{f:?}");
+    assert_eq!(f.phase, pb::RestorePhase::Prepare as i32, "{f:?}");
+    for i in 0..3 {
+        assert!(
+            f.message
+                .contains(&format!("node node-{i} (its member is not restored)")),
+            "{}",
+            f.message
+        );
+    }
+    for (i, n) in files.iter().enumerate() {
+        assert!(
+            !n.state_dir.join("r7/snapshot.db").exists(),
+            "node-{i} released its staged snapshot"
+        );
+        assert!(
+            !n.data_dir
+                .with_file_name("etcd-data.bulwark-r7.journal")
+                .exists()
+        );
+    }
+    let record = client
+        .get_restore(pb::GetRestoreRequest {
+            restore_id: "r7".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(record.state, pb::RestoreState::Failed as i32, "{record:?}");
+    assert!(
+        record.rolled_back && record.coordinator == "node-0",
+        "{record:?}"
+    );
+    // A dry run is not resumable: refused in the stream.
+    let refused = client
+        .resume_restore(pb::ResumeRestoreRequest {
+            restore_id: dry_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = collect_err(refused).await;
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("was a dry run"), "{err:?}");
+    for s in shutdowns {
+        s.trigger();
+    }
+}
+
+async fn collect(
+    mut stream: tonic::Streaming<pb::RestoreProgress>,
+) -> Vec<pb::restore_progress::Event> {
+    let mut events = Vec::new();
+    while let Some(msg) = stream.message().await.unwrap() {
+        events.extend(msg.event);
+    }
+    events
+}
+
+async fn collect_err(mut stream: tonic::Streaming<pb::RestoreProgress>) -> tonic::Status {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(s) => return s,
+        }
+    }
+}
+
+/// An agent killed mid-restore loses its memory, not its journal
+/// (`<dataDir>.bulwark-<id>.journal`). Killed after its member was
+/// restored, the restarted agent holds the node for the coordinator (the
+/// node's state shows the restored member; AbortRestore then puts the
+/// original back). Killed after the manifest and the data dir were moved
+/// but before a member was restored (here the restore tool failed on a
+/// damaged staged file), the restarted agent rolls the node back on its
+/// own. No data dir is deleted either way.
+#[tokio::test]
+async fn heavy_a_restarted_agent_holds_a_restored_node_and_rolls_back_a_half_done_one() {
+    let etcd = Etcd::start().await.unwrap();
+    common::put_small(&etcd, 30).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = common::engine(&etcd, common::file_store(dir.path()), Keyring::none());
+    let m = engine
+        .take_snapshot(
+            SnapshotOptions::manual(""),
+            &(),
+            &CancellationToken::new(),
+            &|| Ok(()),
+        )
+        .await
+        .unwrap();
+    let plan = engine
+        .plan_restore(Some(&m.id), Target::Snapshot)
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let built = engine
+        .build_target(&plan, work.path(), &|_| {}, &CancellationToken::new())
+        .await
+        .unwrap();
+    let key = "testcluster/restore/crash/target.db";
+    let object = bulwark_backup::store::layout::object_path(engine.store.prefix(), key);
+    engine
+        .store
+        .inner()
+        .put(
+            &object,
+            PutPayload::from(std::fs::read(&built.path).unwrap()),
+        )
+        .await
+        .unwrap();
+    let spec = pb::MemberRestoreSpec {
+        snapshot: Some(pb::SnapshotSource {
+            object_key: key.into(),
+            sha256: built.sha256.clone(),
+            size_bytes: built.size,
+        }),
+        member_name: "m1".into(),
+        peer_urls: vec!["http://127.0.0.1:2".into()],
+        initial_cluster: "m1=http://127.0.0.1:2".into(),
+        cluster_token: "t".into(),
+        bump_revision: 0,
+        mark_compacted: false,
+    };
+    let prepare = |rid: &str| pb::PrepareRestoreRequest {
+        restore_id: rid.into(),
+        coordinator: "test".into(),
+        spec: Some(spec.clone()),
+        lock_ttl: None,
+        skip_space_check: false,
+    };
+    let restore = |rid: &str| pb::RestoreMemberRequest {
+        restore_id: rid.into(),
+        spec: Some(spec.clone()),
+        dry_run: false,
+    };
+    let node = tempfile::tempdir().unwrap();
+    let data_dir = node.path().join("etcd-data");
+    std::fs::create_dir_all(data_dir.join("member")).unwrap();
+    std::fs::write(data_dir.join("member/sentinel"), b"old data").unwrap();
+    let (agent, manifest, pod, state_dir) = node_agent(&engine, node.path(), &data_dir);
+    let journal = |rid: &str| node.path().join(format!("etcd-data.bulwark-{rid}.journal"));
+    // The same node's agent after a restart: the same config, nothing
+    // rewritten on disk.
+    let restart = || {
+        Agent::new(
+            engine.clone(),
+            RestoreConfig {
+                etcd_manifest: manifest.clone(),
+                state_dir: state_dir.clone(),
+                ..Default::default()
+            },
+            "127.0.0.1:1".into(),
+        )
+    };
+
+    // Killed after its member was restored: held for the coordinator.
+    agent.prepare(prepare("r5")).await.unwrap();
+    assert!(journal("r5").exists(), "prepared: journaled");
+    agent.restore_member(restore("r5"), &|_| {}).await.unwrap();
+    drop(agent);
+    let agent = restart();
+    assert_eq!(agent.recover().await.unwrap().as_deref(), Some("r5"));
+    let state = agent.state("r5").await.unwrap();
+    assert!(
+        state.restored && !state.manifest_in_place && state.data_dir_moved,
+        "{state:?}"
+    );
+    assert!(
+        data_dir.join("member/snap/db").exists(),
+        "the restored member"
+    );
+    assert!(journal("r5").exists());
+    agent
+        .abort("r5", "the coordinator rolls back", &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&manifest).unwrap(), pod);
+    assert_eq!(
+        std::fs::read(data_dir.join("member/sentinel")).unwrap(),
+        b"old data"
+    );
+    assert!(
+        node.path()
+            .join("etcd-data.bulwark-r5-restored/member")
+            .is_dir()
+    );
+    assert!(!journal("r5").exists(), "released: no journal");
+    // Nothing left to recover.
+    drop(agent);
+    let agent = restart();
+    assert_eq!(agent.recover().await.unwrap(), None);
+
+    // Killed after the manifest and the data dir were moved, no member
+    // restored (the tool failed on a damaged staged snapshot and the
+    // coordinator never got to roll back): rolled back on restart.
+    let staged = agent
+        .prepare(prepare("r6"))
+        .await
+        .unwrap()
+        .staged_snapshot_path;
+    std::fs::write(&staged, b"not a snapshot").unwrap();
+    agent
+        .restore_member(restore("r6"), &|_| {})
+        .await
+        .unwrap_err();
+    assert!(!manifest.exists() && !data_dir.exists());
+    assert!(
+        node.path()
+            .join("etcd-data.bulwark-r6/member/sentinel")
+            .exists()
+    );
+    drop(agent);
+    let agent = restart();
+    assert_eq!(agent.recover().await.unwrap().as_deref(), Some("r6"));
+    assert_eq!(std::fs::read_to_string(&manifest).unwrap(), pod);
+    assert_eq!(
+        std::fs::read(data_dir.join("member/sentinel")).unwrap(),
+        b"old data"
+    );
+    assert!(!node.path().join("etcd-data.bulwark-r6").exists());
+    assert!(!journal("r6").exists());
+    assert!(matches!(
+        agent.state("r6").await,
+        Err(BackupError::NotFound { .. })
+    ));
 }

@@ -8,6 +8,9 @@
 //! output format. Exit codes: 0 done, 6 not confirmed or refused by the
 //! service, 7 the backup failed verification (nothing was touched), 1 any
 //! other failure.
+//!
+//! `bulwarkctl restore status [ID]` (`status`) shows a restore's record;
+//! `resume ID` and `rollback ID` finish one that stopped half-way.
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::time::Duration;
@@ -21,9 +24,15 @@ use crate::connect::Service;
 use crate::error::{CliError, Exit};
 use crate::output::{self, OutputFormat};
 
+mod status;
+
 /// `bulwarkctl restore …`
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct RestoreArgs {
+    /// Instead of restoring: show what was recorded.
+    #[command(subcommand)]
+    pub action: Option<RestoreAction>,
     /// Base snapshot: an id, or `latest`.
     #[arg(long, default_value = "latest")]
     pub snapshot: String,
@@ -52,6 +61,34 @@ pub struct RestoreArgs {
     /// a node that then runs out of space makes every node roll back.
     #[arg(long)]
     pub skip_space_check: bool,
+}
+
+/// `bulwarkctl restore <action>`
+#[derive(Debug, clap::Subcommand)]
+pub enum RestoreAction {
+    /// A restore's state, phase, each phase's and node step's time and
+    /// each node's last step, as its coordinator recorded them in the store
+    /// (any instance answers, also once the coordinator is gone). Without
+    /// an id: every recorded restore, newest first.
+    Status {
+        /// The restore id `bulwarkctl restore` printed.
+        id: Option<String>,
+    },
+    /// Finish a restore that stopped half-way (its coordinator died):
+    /// when every node's member is restored, start them all and check the
+    /// cluster; otherwise roll every node back. The instance asked
+    /// coordinates. A restarted coordinator does this by itself.
+    Resume {
+        /// The restore id.
+        id: String,
+    },
+    /// Roll every node of a restore that is not done back to its original
+    /// data dir and manifest (the restored data is kept aside). Exits 0
+    /// when every node is back.
+    Rollback {
+        /// The restore id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -232,20 +269,59 @@ fn spinner() -> ProgressBar {
     pb
 }
 
-/// Runs `bulwarkctl restore`: follows the restore's progress (plan,
-/// phases, node steps) to its summary or its failure report.
+/// Runs `bulwarkctl restore` and its `status`, `resume` and `rollback`.
 pub async fn run(
     args: &RestoreArgs,
     service: &Service<'_>,
     format: OutputFormat,
 ) -> Result<(), CliError> {
+    match &args.action {
+        Some(RestoreAction::Status { id }) => {
+            return status::run(id.as_deref(), service, format).await;
+        }
+        Some(RestoreAction::Resume { id }) => {
+            let req = pb::ResumeRestoreRequest {
+                restore_id: id.clone(),
+            };
+            let stream = service
+                .send(BackupClient::new, req, |mut c, r| async move {
+                    c.resume_restore(r).await
+                })
+                .await?;
+            return follow(stream, service, format, false).await;
+        }
+        Some(RestoreAction::Rollback { id }) => {
+            let req = pb::RollbackRestoreRequest {
+                restore_id: id.clone(),
+            };
+            let stream = service
+                .send(BackupClient::new, req, |mut c, r| async move {
+                    c.rollback_restore(r).await
+                })
+                .await?;
+            return follow(stream, service, format, true).await;
+        }
+        None => {}
+    }
     let req = args.request()?;
     args.confirm()?;
-    let mut stream = service
+    let stream = service
         .send(BackupClient::new, req, |mut c, r| async move {
             c.restore(r).await
         })
         .await?;
+    follow(stream, service, format, false).await
+}
+
+/// Follows a restore's progress (plan, phases, node steps) to its summary
+/// or its failure report. With `rollback_wanted` (`restore rollback`), a
+/// failure report whose nodes are all back is the success asked for.
+async fn follow(
+    mut stream: tonic::Streaming<pb::RestoreProgress>,
+    service: &Service<'_>,
+    format: OutputFormat,
+    rollback_wanted: bool,
+) -> Result<(), CliError> {
     let bar = spinner();
     let mut target = TargetLine::default();
     while let Some(msg) = stream
@@ -276,6 +352,9 @@ pub async fn run(
                 let message = f.message.clone();
                 let report = failure_report(restore_id, f);
                 print_failure(&report, format)?;
+                if rollback_wanted && report.rolled_back {
+                    return Ok(());
+                }
                 // The message is said once, here (the report above has
                 // the nodes and what to do).
                 return Err(CliError::new(
@@ -604,6 +683,41 @@ mod tests {
                 "{code:?} {phase:?}"
             );
         }
+    }
+
+    fn parse(args: &[&str]) -> Result<RestoreArgs, clap::Error> {
+        use clap::Parser as _;
+        let cli =
+            crate::cli::Cli::try_parse_from(["bulwarkctl", "restore"].iter().chain(args).copied())?;
+        match cli.command {
+            crate::cli::Command::Restore(a) => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn status_resume_and_rollback_are_subcommands_of_restore() {
+        assert!(matches!(
+            parse(&["status"]).unwrap().action,
+            Some(RestoreAction::Status { id: None })
+        ));
+        assert!(matches!(
+            parse(&["status", "r1"]).unwrap().action,
+            Some(RestoreAction::Status { id: Some(ref id) }) if id == "r1"
+        ));
+        assert!(matches!(
+            parse(&["resume", "r1"]).unwrap().action,
+            Some(RestoreAction::Resume { ref id }) if id == "r1"
+        ));
+        assert!(matches!(
+            parse(&["rollback", "r1"]).unwrap().action,
+            Some(RestoreAction::Rollback { ref id }) if id == "r1"
+        ));
+        assert!(parse(&["resume"]).is_err(), "resume needs an id");
+        // Restore flags and a subcommand do not mix.
+        assert!(parse(&["--yes", "status"]).is_err());
+        let plain = parse(&["--snapshot", "s1", "--yes"]).unwrap();
+        assert!(plain.action.is_none() && plain.yes && plain.snapshot == "s1");
     }
 
     /// The summary's revision is the one restored; the live one is beside it.

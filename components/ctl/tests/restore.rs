@@ -132,6 +132,8 @@ struct Lab {
     kubelets: Vec<Kubelet>,
     agents: Vec<String>,
     shutdowns: Vec<Shutdown>,
+    /// The instances, when they run as processes (to be killed).
+    processes: Vec<bulwark_testkit::Process>,
     engine: Option<bulwark_backup::Engine>,
     endpoints: Vec<String>,
 }
@@ -201,6 +203,7 @@ impl Lab {
             kubelets,
             agents: Vec::new(),
             shutdowns: Vec::new(),
+            processes: Vec::new(),
             engine: None,
             endpoints,
         }
@@ -209,6 +212,16 @@ impl Lab {
     /// Starts a bulwark-backup instance per node; the elected one takes a
     /// scheduled snapshot right away.
     async fn start_backups(&mut self) {
+        self.start_backups_as(false).await;
+    }
+
+    /// As [`Lab::start_backups`], each instance a `bulwark-backup` process
+    /// of its own (`processes[i]`), which a test can SIGKILL and restart.
+    async fn start_backup_processes(&mut self) {
+        self.start_backups_as(true).await;
+    }
+
+    async fn start_backups_as(&mut self, processes: bool) {
         let (root, spec, pki, nodes, endpoints) = (
             &self.root,
             &self.spec,
@@ -256,12 +269,29 @@ impl Lab {
             c.restore.health_timeout = Duration::from_secs(90);
             (spec.configure)(i, &mut c);
             let config = config::validated(&c).unwrap();
-            let shutdown = Shutdown::new();
-            bulwark_backup::run(config.clone(), Listeners { grpc, admin }, &shutdown)
-                .await
-                .unwrap();
+            if processes {
+                let address = grpc.local_addr().unwrap().to_string();
+                drop((grpc, admin));
+                let file = config::write(root.join(format!("node-{i}/backup.yaml")), &c).unwrap();
+                let bin = bin_path("bulwark-backup").unwrap();
+                let p = bulwark_testkit::ProcessBuilder::new(format!("backup-{i}"), bin)
+                    .arg("--config")
+                    .arg(&file)
+                    .args(["--grpc-address", &address])
+                    .spawn()
+                    .unwrap();
+                p.wait_for_port(address.parse().unwrap(), Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                self.processes.push(p);
+            } else {
+                let shutdown = Shutdown::new();
+                bulwark_backup::run(config.clone(), Listeners { grpc, admin }, &shutdown)
+                    .await
+                    .unwrap();
+                shutdowns.push(shutdown);
+            }
             configs.push(config);
-            shutdowns.push(shutdown);
         }
         self.engine = Some(bulwark_backup::Engine::from_config(&configs[0]).unwrap());
         self.agents = agents;
@@ -637,6 +667,57 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
         );
     }
 
+    // `restore status`, from another instance and a read-only identity:
+    // the record the coordinator kept, with every node's steps timed.
+    let rid = summary["restore_id"].as_str().unwrap();
+    let out = ctl(
+        &["restore", "status", rid, "-o", "json"],
+        &agents[2],
+        &viewer,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["state"], "done", "{st}");
+    assert_eq!(st["phase"], "start_members", "{st}");
+    assert_eq!(st["revision"].as_i64(), Some(r1), "{st}");
+    assert_eq!(st["coordinator"], "node-1", "{st}");
+    let steps = st["timings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"] == "restore_snapshot")
+        .count();
+    assert_eq!(steps, 3, "{st}");
+    let last: Vec<(&str, &str)> = st["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["step"].as_str().unwrap(), n["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(last, [("wait_healthy", "done"); 3], "{st}");
+    let out = ctl(&["restore", "status"], &agents[0], &viewer).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = listed.lines().skip(1).collect();
+    assert!(
+        rows[0].starts_with(rid) && rows[0].contains(" done "),
+        "{listed}"
+    );
+    // The corrupt segment, the kubelet that did not stop etcd, the
+    // uncovered revision: each failed in its own phase.
+    for phase in ["download", "restore_members", "plan"] {
+        assert!(
+            rows.iter()
+                .any(|r| r.contains(" failed ") && r.contains(&format!(" {phase} "))),
+            "a restore failed in {phase} is listed: {listed}"
+        );
+    }
+    assert!(
+        rows.iter().any(|r| r.contains(" dry_run ")),
+        "the dry run is listed: {listed}"
+    );
+
     let mut c = client().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while c.get("x", None).await.is_err() {
@@ -660,15 +741,25 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     assert!(status.header().unwrap().revision() >= r1);
     assert_eq!(c.member_list().await.unwrap().members().len(), 3);
     // Coverage starts again from the restore point: r1 until a snapshot
-    // of the restored (revision-bumped) cluster, never the abandoned r2.
+    // of the restored cluster (the recorder takes one when it sees the new
+    // cluster id; revision-bumped where etcdutl bumps), then from that
+    // snapshot; never the abandoned r2.
+    let new_cluster = format!("{:016x}", status.header().unwrap().cluster_id());
     for agent in agents {
         let out = ctl(&["backup", "status", "-o", "json"], agent, &operator).await;
         assert!(out.status.success(), "{}", text(&out));
         let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let covered = s["covered_to_revision"].as_i64().unwrap();
+        let latest = engine.latest_snapshot().await.unwrap().manifest;
+        let of_restored = latest.etcd.cluster_id == new_cluster;
         assert!(
-            covered == r1 || covered >= r1 + 1_000_000_000,
-            "covered to {covered} after a restore to {r1} (abandoned timeline reached {r2}): {s}"
+            covered == r1
+                || covered >= r1 + 1_000_000_000
+                || (of_restored && covered >= latest.revision && latest.revision >= r1),
+            "covered to {covered} after a restore to {r1} (abandoned timeline reached {r2}; newest snapshot {} at {} of cluster {}): {s}",
+            latest.id,
+            latest.revision,
+            latest.etcd.cluster_id
         );
     }
     for n in nodes {
@@ -811,7 +902,7 @@ async fn heavy_whole_cluster_restore_on_etcd_3_4_through_etcdctl() {
 }
 
 /// node-2's data dir is on a disk with a few MiB free. The restore is
-/// refused while preparing, naming the node, the file system, its free
+/// refused by the pre-flight (exit 6), before anything is fetched, naming the node, the file system, its free
 /// bytes and the bytes needed, before any node is touched (every etcd
 /// keeps running on its data dir, nothing is moved or staged). Forced
 /// with `--skip-space-check`, the disk fills up while node-2's member is
@@ -898,8 +989,15 @@ async fn heavy_disk_full_during_restore_rolls_back_and_a_rerun_succeeds() {
     println!("node-2's disk: {used} bytes used, {free} free");
     let out = restore().await;
     println!("{}", text(&out));
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // Refused by the pre-flight, before anything is fetched: exit 6.
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
     let all = text(&out);
+    assert!(
+        all.contains(
+            "failed in phase preflight: pre-flight found 1 problem(s) on 1 node(s) (node-2)"
+        ),
+        "{all}"
+    );
     assert!(
         all.contains("not enough free space on node node-2"),
         "names the node: {all}"
@@ -1029,4 +1127,208 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
             if p.is_dir() { walk(&p) } else { vec![p] }
         })
         .collect()
+}
+
+/// The first restore record (newest first) for which `ready` holds.
+async fn wait_record(
+    engine: &bulwark_backup::Engine,
+    what: &str,
+    ready: impl Fn(&bulwark_backup::restore::record::RestoreRecord) -> bool,
+) -> bulwark_backup::restore::record::RestoreRecord {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Ok(records) = engine.restore_records().await
+            && let Some(r) = records.into_iter().find(|r| ready(r))
+        {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Node `node`'s last step in `r`, as `step status`.
+fn last_step(r: &bulwark_backup::restore::record::RestoreRecord, node: &str) -> String {
+    r.nodes
+        .iter()
+        .find(|n| n.node == node)
+        .map(|n| format!("{} {}", n.step, n.status))
+        .unwrap_or_default()
+}
+
+/// bulwark-backup SIGKILLed mid-restore, each instance a process of its
+/// own: the coordinator before any member is touched (pre-flight to
+/// prepare), once node-0's member is restored (RESTORE MEMBERS under way)
+/// and once START MEMBERS began; node-2's agent while it stops etcd and
+/// sets its data dir aside; node-1's agent once its member is restored
+/// (its restart holds the node for the coordinator). The killed
+/// process is restarted; agents recover from their journals, the
+/// coordinator finishes what its record says it was running, and where
+/// that leaves a node unreachable the operator's `restore rollback`
+/// finishes the job. Every time the cluster ends on the snapshot's state
+/// on every member (record `done`) or on the state it had before the
+/// restore on every member (record `failed`, rolled back), never a mix;
+/// every manifest is in place, no journal is left beside a data dir and
+/// no data dir was deleted.
+#[tokio::test]
+async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
+    let root = tempfile::tempdir().unwrap();
+    let mut lab = Lab::start(
+        root.path(),
+        LabSpec {
+            etcd: tools::etcd(EtcdVersion::V3_5).unwrap(),
+            data_dir: |_, dir| dir.join("etcd-data"),
+            configure: Box::new(|_, c| {
+                c.deltas.enabled = false;
+                c.restore.stop_timeout = Duration::from_secs(60);
+            }),
+        },
+    )
+    .await;
+    let mut c = lab.client().await;
+    for i in 0..40 {
+        c.put(format!("base/{i:03}"), format!("v{i}"), None)
+            .await
+            .unwrap();
+    }
+    let want = user_state(&mut c, 0).await;
+    lab.start_backup_processes().await;
+    let snapshot_id = lab.scheduled_snapshot().await;
+    let operator = lab.pki.client("alice", &["system:masters"]).unwrap();
+    type Ready = fn(&bulwark_backup::restore::record::RestoreRecord) -> bool;
+    let cases: [(&str, usize, Ready); 5] = [
+        ("the coordinator before any member is touched", 0, |r| {
+            matches!(
+                r.phase.as_str(),
+                "preflight" | "download" | "upload" | "prepare"
+            )
+        }),
+        ("the coordinator during restore members", 0, |r| {
+            r.phase == "restore_members" && last_step(r, "node-0") == "restore_snapshot done"
+        }),
+        ("the coordinator during start members", 0, |r| {
+            r.phase == "start_members"
+        }),
+        ("node-2's agent while it sets its member aside", 2, |r| {
+            let s = last_step(r, "node-2");
+            r.phase == "restore_members"
+                && ["stop_etcd", "wait_stopped", "move_data_dir_aside"]
+                    .iter()
+                    .any(|step| s.starts_with(step))
+        }),
+        ("node-1's agent once its member is restored", 1, |r| {
+            r.phase == "restore_members" && last_step(r, "node-1") == "restore_snapshot done"
+        }),
+    ];
+    for (round, (what, victim, ready)) in cases.into_iter().enumerate() {
+        let mut c = lab.client().await;
+        // Each round's "before" differs from the snapshot's state.
+        for i in 0..10 {
+            c.put(format!("round{round}/{i:03}"), "x", None)
+                .await
+                .unwrap();
+        }
+        let before = user_state(&mut c, 0).await;
+        let old_cluster = c.status().await.unwrap().header().unwrap().cluster_id();
+        let (agent, op) = (lab.agents[0].clone(), operator.clone());
+        let sid = snapshot_id.clone();
+        let restore = tokio::spawn(async move {
+            ctl(
+                &["restore", "--snapshot", &sid, "--snapshot-only", "--yes"],
+                &agent,
+                &op,
+            )
+            .await
+        });
+        let at = wait_record(lab.engine(), what, |r| {
+            r.state == bulwark_backup::restore::record::RecordState::Running && ready(r)
+        })
+        .await;
+        lab.processes[victim].kill().unwrap();
+        println!(
+            "round {round}: killed {what} (restore {}, phase {}, nodes {:?})",
+            at.restore_id,
+            at.phase,
+            at.nodes
+                .iter()
+                .map(|n| format!("{} {} {}", n.node, n.step, n.status))
+                .collect::<Vec<_>>()
+        );
+        let first = restore.await.unwrap();
+        println!("{}", text(&first));
+        lab.processes[victim].start().unwrap();
+        // Its port opens once its agent has dealt with its journal.
+        lab.processes[victim]
+            .wait_for_port(lab.agents[victim].parse().unwrap(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let ended = wait_record(lab.engine(), "the restore's end", |r| {
+            r.restore_id == at.restore_id
+                && r.state != bulwark_backup::restore::record::RecordState::Running
+        })
+        .await;
+        println!(
+            "round {round}: {:?} rolled back {} ({})",
+            ended.state, ended.rolled_back, ended.error
+        );
+        let ended = if ended.state == bulwark_backup::restore::record::RecordState::Failed
+            && !ended.rolled_back
+        {
+            // A node the rollback could not reach: the operator finishes it.
+            let out = ctl(
+                &["restore", "rollback", &at.restore_id],
+                &lab.agents[1],
+                &operator,
+            )
+            .await;
+            println!("{}", text(&out));
+            assert!(out.status.success(), "{}", text(&out));
+            lab.engine().restore_record(&at.restore_id).await.unwrap()
+        } else {
+            ended
+        };
+        lab.wait_every_member(what).await;
+        let mut c = lab.client().await;
+        let cluster = c.status().await.unwrap().header().unwrap().cluster_id();
+        match ended.state {
+            bulwark_backup::restore::record::RecordState::Done => {
+                assert_eq!(user_state(&mut c, 0).await, want, "{what}: restored");
+                assert_ne!(cluster, old_cluster, "{what}: a new cluster");
+            }
+            bulwark_backup::restore::record::RecordState::Failed => {
+                assert!(ended.rolled_back, "{what}: {ended:?}");
+                assert_eq!(user_state(&mut c, 0).await, before, "{what}: original");
+                assert_eq!(cluster, old_cluster, "{what}: the old cluster");
+            }
+            s => panic!("{what}: ended {s:?}"),
+        }
+        // Every member agrees: one cluster, the same keys.
+        for n in &lab.nodes {
+            let mut one = etcd_client::Client::connect([n.client_url.clone()], None)
+                .await
+                .unwrap();
+            let s = one.status().await.unwrap();
+            assert_eq!(
+                s.header().unwrap().cluster_id(),
+                cluster,
+                "{what}: {}",
+                n.client_url
+            );
+            assert!(n.manifest.exists(), "{what}: {}", n.manifest.display());
+            let left: Vec<PathBuf> = aside_dirs(&n.data_dir)
+                .into_iter()
+                .filter(|p| {
+                    p.to_string_lossy().ends_with(".journal")
+                        || p.to_string_lossy().ends_with("-partial")
+                })
+                .collect();
+            assert!(left.is_empty(), "{what}: {left:?}");
+        }
+    }
+    for p in &mut lab.processes {
+        p.stop().await.unwrap();
+    }
 }

@@ -116,6 +116,13 @@ impl pb::restore_agent_server::RestoreAgent for AgentApi {
         })))
     }
 
+    async fn check_restore(
+        &self,
+        request: Request<pb::CheckRestoreRequest>,
+    ) -> std::result::Result<Response<pb::CheckRestoreResponse>, Status> {
+        Ok(Response::new(self.agent.check(request.into_inner()).await?))
+    }
+
     async fn get_restore_state(
         &self,
         request: Request<pb::GetRestoreStateRequest>,

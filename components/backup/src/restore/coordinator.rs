@@ -23,13 +23,15 @@ use tonic::transport::Channel;
 use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::restore::pitr::{BuildEvent, BuiltTarget, Plan, Target};
-use crate::restore::record::RestoreRecord;
+use crate::restore::preflight::{Problem, target_size_estimate, unanswered};
+use crate::restore::record::{RecordState, RecordWriter, RestoreRecord};
 use crate::restore::rollback::abort_node;
 use crate::restore::timing::{Timings, phase_label};
 use crate::schedule::service::{RestoreRunning, Service};
 use crate::snapshot::manifest::timestamp;
 
-type Stream_<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
+pub(super) type Stream_<T> =
+    Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
 
 /// Default revision bump where etcdutl supports it.
 pub const DEFAULT_BUMP: u64 = 1_000_000_000;
@@ -37,8 +39,8 @@ pub const DEFAULT_BUMP: u64 = 1_000_000_000;
 /// Coordinates restores from this instance.
 #[derive(Clone)]
 pub struct Coordinator {
-    service: Arc<Service>,
-    peers: Vec<String>,
+    pub(super) service: Arc<Service>,
+    pub(super) peers: Vec<String>,
     client_tls: Arc<TlsMaterial>,
 }
 
@@ -59,9 +61,27 @@ pub(super) struct Events {
     tx: mpsc::Sender<std::result::Result<pb::RestoreProgress, Status>>,
     restore_id: String,
     timings: std::sync::Mutex<Timings>,
+    /// `restores/<id>.json`, kept up to date as the restore goes.
+    pub(super) record: RecordWriter,
 }
 
 impl Events {
+    /// Events of restore `restore_id` sent on `tx`; the clock starts with
+    /// `earlier` (a resumed restore's finished phases) and `record` is kept.
+    pub(super) fn new(
+        tx: mpsc::Sender<std::result::Result<pb::RestoreProgress, Status>>,
+        restore_id: String,
+        earlier: &[crate::restore::record::TimingRecord],
+        record: RecordWriter,
+    ) -> Self {
+        Self {
+            tx,
+            restore_id,
+            timings: std::sync::Mutex::new(Timings::resumed(earlier)),
+            record,
+        }
+    }
+
     fn timings(&self) -> std::sync::MutexGuard<'_, Timings> {
         self.timings.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -84,7 +104,15 @@ impl Events {
 
     pub(super) async fn send(&self, event: pb::restore_progress::Event) {
         if let pb::restore_progress::Event::Node(ev) = &event {
-            self.timings().node_event(&self.restore_id, ev);
+            let timings = {
+                let mut t = self.timings();
+                t.node_event(&self.restore_id, ev);
+                t.so_far()
+            };
+            self.record.update(|r| {
+                r.node_event(ev);
+                r.set_timings(&timings);
+            });
         }
         let _ = self
             .tx
@@ -166,7 +194,7 @@ impl Coordinator {
         Ok(BackupClient::new(ch))
     }
 
-    fn client(&self, address: &str) -> Result<RestoreAgentClient<Channel>> {
+    pub(super) fn client(&self, address: &str) -> Result<RestoreAgentClient<Channel>> {
         let ch = bulwark_common::grpc::channel(address, &self.client_tls, None)
             .map_err(|e| BackupError::InvalidArgument(format!("agent address {address}: {e}")))?;
         Ok(RestoreAgentClient::new(ch))
@@ -244,11 +272,14 @@ impl Coordinator {
                 crate::store::layout::format_time(Utc::now()),
                 crate::store::layout::random_suffix()
             );
-            let events = Events {
+            let engine = this.service.engine().clone();
+            let first = RestoreRecord::started(&restore_id, &engine.node_name, Utc::now());
+            let events = Events::new(
                 tx,
-                restore_id: restore_id.clone(),
-                timings: Default::default(),
-            };
+                restore_id.clone(),
+                &[],
+                RecordWriter::start(engine, first),
+            );
             this.run(req, snapshot, target, &events, &cancel).await;
             this.service.set_restore(None);
             drop(guard);
@@ -258,7 +289,13 @@ impl Coordinator {
 
     /// Publishes the phase a restore is in (status).
     pub(super) fn set_phase(&self, run: &Run<'_>, phase: pb::RestorePhase) {
-        run.events.enter_phase(&phase_label(phase));
+        let label = phase_label(phase);
+        run.events.enter_phase(&label);
+        let timings = run.events.timings_so_far();
+        run.events.record.update(|r| {
+            r.phase = label;
+            r.set_timings(&timings);
+        });
         self.service.set_restore(Some(RestoreRunning {
             restore_id: run.rid.clone(),
             started_at: run.started_at,
@@ -339,7 +376,7 @@ impl Coordinator {
         target: Target,
     ) -> std::result::Result<Planned, Failed> {
         self.set_phase(run, pb::RestorePhase::Plan);
-        let nodes = self.node_infos().await?;
+        let (nodes, problems) = self.node_infos().await;
         let plan = run
             .engine
             .plan_restore(snapshot.as_deref(), target)
@@ -352,6 +389,10 @@ impl Coordinator {
                     error,
                 }
             })?;
+        run.events.record.update(|r| {
+            r.snapshot_id = plan.base.id.clone();
+            r.revision = plan.target_revision.unwrap_or(0);
+        });
         let lacking_bump: Vec<&str> = nodes
             .iter()
             .filter(|(n, _)| {
@@ -402,6 +443,15 @@ impl Coordinator {
             nodes,
             plan,
         };
+        let check = pb::CheckRestoreRequest {
+            restore_id: run.rid.clone(),
+            target_size_bytes: target_size_estimate(&planned.plan),
+            bump_revision: planned.bump,
+            mark_compacted: planned.mark_compacted,
+            skip_space_check: req.skip_space_check,
+        };
+        self.preflight(run, &check, &planned.nodes, problems)
+            .await?;
         run.events
             .send(pb::restore_progress::Event::Plan(planned.announce(
                 &run.rid,
@@ -413,30 +463,38 @@ impl Coordinator {
         Ok(planned)
     }
 
-    /// Every peer's agent, asked for its node's facts; one held by another
-    /// restore stops the plan.
-    async fn node_infos(&self) -> std::result::Result<Vec<Node>, Failed> {
-        let mut nodes = Vec::new();
-        for address in &self.peers {
-            let mut c = self.client(address).map_err(fail(pb::RestorePhase::Plan))?;
+    /// Every peer's agent, asked for its node's facts, all at once; one
+    /// that does not answer, or is held by another restore, is a problem
+    /// the pre-flight reports with the others.
+    async fn node_infos(&self) -> (Vec<Node>, Vec<Problem>) {
+        let asks = self.peers.iter().map(|address| async move {
+            let mut c = self.client(address).map_err(|e| e.to_string())?;
             let info = c
                 .get_node_info(pb::GetNodeInfoRequest {})
                 .await
-                .map_err(status_fail(pb::RestorePhase::Plan, address))?
+                .map_err(|s| unanswered(&s))?
                 .into_inner();
-            if !info.restore_in_progress.is_empty() {
-                return Err(Failed {
-                    code: None,
-                    phase: pb::RestorePhase::Plan,
-                    error: format!(
-                        "node {} is held by restore {}",
-                        info.node_name, info.restore_in_progress
+            Ok::<_, String>((info, c))
+        });
+        let mut nodes = Vec::new();
+        let mut problems = Vec::new();
+        for (address, answer) in self.peers.iter().zip(futures::future::join_all(asks).await) {
+            match answer {
+                Ok((info, _)) if !info.restore_in_progress.is_empty() => problems.push(Problem {
+                    what: format!(
+                        "the node is held by restore {} (see `bulwarkctl restore status {}`)",
+                        info.restore_in_progress, info.restore_in_progress
                     ),
-                });
+                    node: info.node_name,
+                }),
+                Ok(node) => nodes.push(node),
+                Err(what) => problems.push(Problem {
+                    node: format!("at {address}"),
+                    what,
+                }),
             }
-            nodes.push((info, c));
         }
-        Ok(nodes)
+        (nodes, problems)
     }
 
     /// DOWNLOAD + BUILD: the target snapshot, built once in a work dir
@@ -503,6 +561,8 @@ impl Coordinator {
         events
             .phase(pb::RestorePhase::Build, None, built.revision)
             .await;
+        let revision = built.revision.unwrap_or(plan.base.revision);
+        events.record.update(|r| r.revision = revision);
         Ok((built, work))
     }
 
@@ -657,7 +717,7 @@ impl Coordinator {
     }
 
     /// START: all members at once (a member is healthy only with a quorum).
-    async fn start_members(
+    pub(super) async fn start_members(
         &self,
         run: &Run<'_>,
         nodes: &[Node],
@@ -691,7 +751,7 @@ impl Coordinator {
 
     /// The end of a restore that did not fail: a dry run releases the
     /// nodes; the summary is sent.
-    async fn finish(&self, run: &Run<'_>, mut summary: pb::RestoreSummary) {
+    pub(super) async fn finish(&self, run: &Run<'_>, mut summary: pb::RestoreSummary) {
         if summary.dry_run {
             // Release the nodes' locks and staged files.
             for (info, c) in &run.prepared {
@@ -701,19 +761,22 @@ impl Coordinator {
         summary.took = Some(d(run.started.elapsed()));
         summary.timings = run.events.finish_timings();
         crate::metrics::restore_finished(if summary.dry_run { "dry_run" } else { "done" });
-        if !summary.dry_run {
-            let record = RestoreRecord {
-                restore_id: run.rid.clone(),
-                finished_at: Utc::now(),
-                snapshot_id: summary.snapshot_id.clone(),
-                revision: summary.revision,
-                cluster_id: summary.cluster_id,
-                coordinated_by: run.engine.node_name.clone(),
-            };
-            if let Err(e) = run.engine.record_restore(&record).await {
-                tracing::warn!(restore_id = %run.rid, error = %e, "could not store the restore record: status coverage shows the old timeline until the next snapshot");
-            }
-        }
+        // A done record is the restore point later coverage starts from.
+        run.events
+            .record
+            .finish(|r| {
+                r.state = if summary.dry_run {
+                    RecordState::DryRun
+                } else {
+                    RecordState::Done
+                };
+                r.finished_at = Some(Utc::now());
+                r.snapshot_id = summary.snapshot_id.clone();
+                r.revision = summary.revision;
+                r.cluster_id = summary.cluster_id;
+                r.set_timings(&summary.timings);
+            })
+            .await;
         tracing::info!(restore_id = %run.rid, revision = summary.revision, "restore finished");
         run.events
             .send(pb::restore_progress::Event::Done(summary))
@@ -724,7 +787,7 @@ impl Coordinator {
 /// VERIFY: the restored members answer, and hold at least the target
 /// revision (more with a bump, or new writes); the summary gets the
 /// cluster's id, revision and members.
-async fn verify_cluster(
+pub(super) async fn verify_cluster(
     run: &Run<'_>,
     nodes: &[Node],
     target_revision: Option<i64>,

@@ -4,6 +4,9 @@
 //!
 //! ```text
 //! PLAN     GetNodeInfo on every agent in restore.peers; choose snapshot + deltas
+//! PREFLIGHT CheckRestore on every agent at once (free space for the target,
+//!          restore tool and its flags, manifest, data dir); every problem on
+//!          every node, and every agent that does not answer, in one refusal
 //! DOWNLOAD/BUILD  the target snapshot, once (pitr): every check fails here, before any node
 //! UPLOAD   restore/<restore id>/target.db for the agents to fetch
 //! PREPARE  every agent fetches it, checks its SHA-256, takes its lock  (dry run ends here)
@@ -17,7 +20,9 @@
 //! |---|---|
 //! | [`coordinator`] | `Backup.Restore`: the phases above, each a function |
 //! | [`rollback`] | undoing a failed restore on every prepared node, and what the failure reports |
+//! | `preflight` | the checks on every node before anything is fetched, and the one refusal |
 //! | [`pitr`] | point-in-time restore: the plan and the one target snapshot every member restores |
+//! | `resume` | finishing a restore that stopped half-way: resumed where every member is restored, else rolled back; a restarted coordinator's own pass |
 //! | [`record`] | `restores/<id>.json`, the restore point later coverage starts from |
 //! | `timing` | how long each phase and each node's step took: log, gauges, summary |
 //! | [`agent`] | this node's part: manifest out, data dir aside, restore tool, manifest back |
@@ -27,7 +32,9 @@ pub mod agent;
 pub mod api;
 pub mod coordinator;
 pub mod pitr;
+mod preflight;
 pub mod record;
+mod resume;
 pub mod rollback;
 mod timing;
 

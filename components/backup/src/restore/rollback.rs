@@ -8,6 +8,8 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 use super::coordinator::{Coordinator, Events, Failed, Run, relay};
+use super::record::RecordState;
+use super::timing::phase_label;
 
 impl Coordinator {
     /// ROLLBACK: every prepared node aborted and asked for its state; the
@@ -29,14 +31,26 @@ impl Coordinator {
             states.push(state);
         }
         // Logs and exports the rollback's own time too.
-        run.events.finish_timings();
+        let timings = run.events.finish_timings();
+        let clean = rolled_back || !run.touched;
+        run.events
+            .record
+            .finish(|r| {
+                r.state = RecordState::Failed;
+                r.finished_at = Some(chrono::Utc::now());
+                r.phase = phase_label(f.phase);
+                r.error = f.error.clone();
+                r.rolled_back = clean;
+                r.set_timings(&timings);
+            })
+            .await;
         run.events
             .send(pb::restore_progress::Event::Failed(pb::RestoreFailure {
                 phase: f.phase as i32,
                 code: f.code.map_or(0, i32::from),
                 message: f.error,
                 nodes: states,
-                rolled_back: rolled_back || !run.touched,
+                rolled_back: clean,
                 rollback_instructions: instructions(run.touched, rolled_back),
             }))
             .await;

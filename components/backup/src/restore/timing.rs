@@ -40,6 +40,22 @@ fn step_label(step: i32) -> String {
 }
 
 impl Timings {
+    /// A clock whose finished phases and steps begin with `earlier` (a
+    /// restore finished by another run of the coordinator).
+    pub(super) fn resumed(earlier: &[crate::restore::record::TimingRecord]) -> Self {
+        Self {
+            done: earlier
+                .iter()
+                .map(|t| pb::PhaseTiming {
+                    name: t.name.clone(),
+                    node_name: t.node.clone(),
+                    took: proto(Duration::try_from_secs_f64(t.seconds).unwrap_or_default()),
+                })
+                .collect(),
+            ..Self::default()
+        }
+    }
+
     /// Ends the running phase (if any) and starts `name`.
     pub(super) fn enter(&mut self, restore_id: &str, name: &str) {
         self.close(restore_id);

@@ -17,7 +17,10 @@
 //! and removing a `-partial` output that never took the data dir's place
 //! (its final rename failed).
 //!
-//! Before anything is fetched or moved, [`Agent::prepare`] refuses a node
+//! Before anything is fetched, the coordinator's pre-flight asks every
+//! agent's [`Agent::check`] for every problem at once (free space, restore
+//! tool, manifest, data dir, another restore); [`Agent::prepare`] checks
+//! the free space again with the target's exact size and refuses a node
 //! whose data dir's file system lacks room for the restored member
 //! (`SpaceNeeded`), unless the request skips that check.
 //!
@@ -26,12 +29,16 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | `journal` | the synced journal of this node's steps, and recovering from it after a restart |
+//! | `preflight` | the pre-flight: every problem at once, nothing changed |
 //! | `steps` | prepare, restore member, start member, abort |
 //! | `static_pod` | the member from the static pod's manifest, the restore tool, etcd's ports |
 //! | `disk` | fetching the target, aside names and moves, the free-space check |
 
 mod disk;
 use disk::{aside_path, dir_size, free_bytes};
+mod journal;
+mod preflight;
 mod static_pod;
 mod steps;
 
@@ -50,7 +57,7 @@ use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::snapshot::manifest::timestamp;
 
-/// Where a node's restore stands (kept in memory by the agent).
+/// Where a node's restore stands (in memory, and in the journal).
 #[derive(Clone, Debug)]
 struct Held {
     restore_id: String,
@@ -165,15 +172,19 @@ impl Agent {
     /// GetRestoreState.
     pub async fn state(&self, restore_id: &str) -> Result<pb::NodeRestoreState> {
         let held = self.held.lock().await;
-        let h = match held.as_ref() {
-            Some(h) if restore_id.is_empty() || h.restore_id == restore_id => h,
-            _ => {
-                return Err(BackupError::NotFound {
-                    what: format!("restore {restore_id:?} on node {}", self.engine.node_name),
-                });
+        match held.as_ref() {
+            Some(h) if restore_id.is_empty() || h.restore_id == restore_id => {
+                return Ok(self.state_of(h));
             }
-        };
-        Ok(self.state_of(h))
+            _ => {}
+        }
+        drop(held);
+        match self.finished(restore_id).await {
+            Some(h) => Ok(self.state_of(&h)),
+            None => Err(BackupError::NotFound {
+                what: format!("restore {restore_id:?} on node {}", self.engine.node_name),
+            }),
+        }
     }
 
     fn state_of(&self, h: &Held) -> pb::NodeRestoreState {

@@ -48,6 +48,8 @@ impl Agent {
                     self.engine.node_name, h.restore_id
                 )));
             }
+            // An expired lock of a restore that never touched etcd.
+            self.drop_journal(h).await;
         }
         if !self.config.etcd_manifest.exists() {
             return Err(BackupError::Refused(format!(
@@ -79,7 +81,7 @@ impl Agent {
             .lock_ttl
             .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
             .unwrap_or(Duration::from_secs(600));
-        *held = Some(Held {
+        let h = Held {
             restore_id: req.restore_id.clone(),
             spec,
             member,
@@ -95,7 +97,12 @@ impl Agent {
             last_status: pb::StepStatus::Done,
             error: String::new(),
             expires: Instant::now() + ttl,
-        });
+        };
+        if let Err(e) = self.journal(&h).await {
+            let _ = tokio::fs::remove_file(&staged).await;
+            return Err(e);
+        }
+        *held = Some(h);
         drop(held);
         self.recorder_pause
             .hold(&req.restore_id, Instant::now() + ttl);
@@ -144,7 +151,13 @@ impl Agent {
         &self,
         restore_id: &str,
     ) -> Result<tokio::sync::MutexGuard<'_, Option<Held>>> {
-        let held = self.held.lock().await;
+        let mut held = self.held.lock().await;
+        if held.is_none()
+            && let Some(h) = self.finished(restore_id).await
+        {
+            // Finished here before: started again, or undone, on request.
+            *held = Some(h);
+        }
         match held.as_ref() {
             Some(h) if h.restore_id == restore_id => Ok(held),
             Some(h) => Err(BackupError::Refused(format!(
@@ -243,6 +256,7 @@ impl Agent {
             );
             rename(manifest, &h.manifest_aside).await?;
             h.manifest_moved = true;
+            self.journal(h).await?;
         }
         ev(
             h.last_step,
@@ -287,6 +301,7 @@ impl Agent {
             );
             rename(&h.member.data_dir, &h.data_aside).await?;
             h.data_moved = true;
+            self.journal(h).await?;
             ev(
                 h.last_step,
                 pb::StepStatus::Done,
@@ -321,6 +336,9 @@ impl Agent {
             )));
         }
         h.partial = true;
+        // Before the tool: a data dir found after a crash from here on is
+        // the restored one.
+        self.journal(h).await?;
         let spec = &h.spec;
         let tool = self.restore_tool();
         let mut cmd = tool.command();
@@ -358,6 +376,7 @@ impl Agent {
         rename(&partial, &h.member.data_dir).await?;
         h.partial = false;
         h.restored = true;
+        self.journal(h).await?;
         Ok(())
     }
 }
@@ -446,6 +465,7 @@ impl Agent {
             h.manifest_moved = false;
         }
         h.started = true;
+        self.journal(h).await?;
         sink(self.event(
             &rid,
             h.last_step,
@@ -485,6 +505,7 @@ impl Agent {
                 // Done: the lock goes; the old data dir stays where it was moved.
                 let member_id = me.member_id;
                 let _ = tokio::fs::remove_file(&h.staged).await;
+                self.finish_journal(h).await;
                 *guard = None;
                 self.recorder_pause.release(&rid);
                 return Ok(member_id);
@@ -512,6 +533,11 @@ impl Agent {
     /// AbortRestore: undo what was done, newest first; keep every copy.
     pub async fn abort(&self, restore_id: &str, reason: &str, sink: StepSink<'_>) -> Result<()> {
         let mut guard = self.held.lock().await;
+        if guard.is_none()
+            && let Some(h) = self.finished(restore_id).await
+        {
+            *guard = Some(h);
+        }
         let Some(h) = guard.as_mut().filter(|h| h.restore_id == restore_id) else {
             // Nothing held for it: nothing to undo (idempotent).
             return Ok(());
@@ -561,6 +587,9 @@ impl Agent {
             }
             h.partial = false;
         }
+        // Before the original data dir comes back: a data dir found after
+        // a crash from here on is the original, never one to set aside.
+        self.journal(h).await?;
         if h.data_moved {
             rename(&h.data_aside, &h.member.data_dir).await?;
             h.data_moved = false;
@@ -580,6 +609,7 @@ impl Agent {
             );
         }
         let _ = tokio::fs::remove_file(&h.staged).await;
+        self.drop_journal(h).await;
         *guard = None;
         self.recorder_pause.release(restore_id);
         ev(

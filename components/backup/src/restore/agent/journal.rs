@@ -1,0 +1,437 @@
+//! The agent's journal: `<dataDir>.bulwark-<restore id>.journal`, next to
+//! the set-aside dirs, rewritten (a synced temporary file renamed over it,
+//! then the directory synced) before the step it names changes anything
+//! and after it did. When the member started healthy the journal moves
+//! to `restore.stateDir/<restore id>/journal.json`: the node then answers
+//! for that restore as restored (GetRestoreState), starts it again
+//! (StartMember) or undoes it (AbortRestore), so a coordinator that
+//! resumes a restore some of whose members had finished before it died
+//! neither mistakes them for untouched nodes nor leaves them restored
+//! while it rolls the others back. A rollback removes both journals. A
+//! restarted agent ([`Agent::recover`]) reads the active one, checks every path it names against
+//! the disk (a kill can fall between a rename and the journal's update),
+//! and then:
+//!
+//! - nothing of etcd's was touched yet (prepared only): releases the node;
+//! - the member was being restored (manifest or data dir moved, the tool
+//!   ran, nothing restored yet): rolls the node back on its own, as the
+//!   coordinator does for a node whose restore step broke off;
+//! - the member is restored (started or not): holds the node for the
+//!   coordinator, which resumes it (StartMember) or rolls it back
+//!   (AbortRestore) with every other node, so the cluster ends either
+//!   restored or original, never part of each (`bulwarkctl restore
+//!   resume|rollback ID` when the coordinator is gone too).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bulwark_api::backup::v1 as pb;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::disk::aside_path;
+use super::{Agent, Held, Member};
+use crate::error::{BackupError, Result};
+
+/// The journal's suffix after `<dataDir>.bulwark-<restore id>`.
+const SUFFIX: &str = ".journal";
+
+/// How long a recovered, restored node waits for its coordinator before
+/// its lock may be taken over (never rolled back on its own: see above).
+const RECOVERED_HOLD: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SpecEntry {
+    object_key: String,
+    sha256: String,
+    size_bytes: u64,
+    member_name: String,
+    peer_urls: Vec<String>,
+    initial_cluster: String,
+    cluster_token: String,
+    bump_revision: u64,
+    mark_compacted: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MemberEntry {
+    name: String,
+    peer_urls: Vec<String>,
+    client_urls: Vec<String>,
+    data_dir: PathBuf,
+}
+
+/// One journal: everything [`Held`] knows, in a form that survives the
+/// process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Entry {
+    restore_id: String,
+    spec: SpecEntry,
+    member: MemberEntry,
+    staged: PathBuf,
+    manifest_aside: PathBuf,
+    data_aside: PathBuf,
+    manifest_moved: bool,
+    data_moved: bool,
+    partial: bool,
+    restored: bool,
+    started: bool,
+    /// `NodeStep` name of the step under way or last done.
+    last_step: String,
+    written_at: DateTime<Utc>,
+}
+
+impl Entry {
+    fn of(h: &Held) -> Self {
+        let source = h.spec.snapshot.clone().unwrap_or_default();
+        Self {
+            restore_id: h.restore_id.clone(),
+            spec: SpecEntry {
+                object_key: source.object_key,
+                sha256: source.sha256,
+                size_bytes: source.size_bytes,
+                member_name: h.spec.member_name.clone(),
+                peer_urls: h.spec.peer_urls.clone(),
+                initial_cluster: h.spec.initial_cluster.clone(),
+                cluster_token: h.spec.cluster_token.clone(),
+                bump_revision: h.spec.bump_revision,
+                mark_compacted: h.spec.mark_compacted,
+            },
+            member: MemberEntry {
+                name: h.member.name.clone(),
+                peer_urls: h.member.peer_urls.clone(),
+                client_urls: h.member.client_urls.clone(),
+                data_dir: h.member.data_dir.clone(),
+            },
+            staged: h.staged.clone(),
+            manifest_aside: h.manifest_aside.clone(),
+            data_aside: h.data_aside.clone(),
+            manifest_moved: h.manifest_moved,
+            data_moved: h.data_moved,
+            partial: h.partial,
+            restored: h.restored,
+            started: h.started,
+            last_step: h.last_step.as_str_name().to_owned(),
+            written_at: Utc::now(),
+        }
+    }
+
+    /// The held state the journal describes, checked against the disk:
+    /// each flag is what the paths show, not what was last written.
+    fn into_held(self, manifest: &Path) -> Held {
+        let exists = |p: &Path| std::fs::symlink_metadata(p).is_ok();
+        let data_dir = self.member.data_dir.clone();
+        let partial_path = aside_path(&data_dir, &self.restore_id, "-partial");
+        let manifest_moved = !exists(manifest) && exists(&self.manifest_aside);
+        // The tool's output renamed into place is the only way a data dir
+        // appears once the tool began (the manifest is out, etcd is down).
+        let tool_began = self.partial || self.restored;
+        let restored = tool_began && exists(&data_dir);
+        Held {
+            restore_id: self.restore_id,
+            spec: pb::MemberRestoreSpec {
+                snapshot: Some(pb::SnapshotSource {
+                    object_key: self.spec.object_key,
+                    sha256: self.spec.sha256,
+                    size_bytes: self.spec.size_bytes,
+                }),
+                member_name: self.spec.member_name,
+                peer_urls: self.spec.peer_urls,
+                initial_cluster: self.spec.initial_cluster,
+                cluster_token: self.spec.cluster_token,
+                bump_revision: self.spec.bump_revision,
+                mark_compacted: self.spec.mark_compacted,
+            },
+            member: Member {
+                name: self.member.name,
+                peer_urls: self.member.peer_urls,
+                client_urls: self.member.client_urls,
+                data_dir,
+            },
+            staged: self.staged,
+            manifest_aside: self.manifest_aside,
+            data_moved: exists(&self.data_aside),
+            data_aside: self.data_aside,
+            manifest_moved,
+            partial: exists(&partial_path),
+            restored,
+            started: restored && !manifest_moved,
+            last_step: pb::NodeStep::from_str_name(&self.last_step)
+                .unwrap_or(pb::NodeStep::Unspecified),
+            last_status: pb::StepStatus::Started,
+            error: String::new(),
+            expires: Instant::now() + RECOVERED_HOLD,
+        }
+    }
+}
+
+/// The journal of `restore_id` for the member whose data dir is `data_dir`.
+fn path_for(data_dir: &Path, restore_id: &str) -> PathBuf {
+    aside_path(data_dir, restore_id, SUFFIX)
+}
+
+/// Syncs the directory holding `path`, so a rename or removal in it
+/// survives a crash.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+fn write_entry(path: &Path, entry: &Entry) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let body = serde_json::to_vec_pretty(entry).map_err(std::io::Error::other)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    sync_parent(path)
+}
+
+fn remove_entry(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_parent(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Journals next to `data_dir`, newest restore first (ids begin with
+/// their UTC time).
+fn journals_beside(data_dir: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (data_dir.parent(), data_dir.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.bulwark-", name.to_string_lossy());
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(SUFFIX))
+        })
+        .collect();
+    found.sort();
+    found.reverse();
+    found
+}
+
+impl Agent {
+    /// Writes `h` to its journal, synced. A journal that cannot be written
+    /// stops the step: a restore this node could not resume or undo after
+    /// a crash must not go on.
+    pub(super) async fn journal(&self, h: &Held) -> Result<()> {
+        let path = path_for(&h.member.data_dir, &h.restore_id);
+        let entry = Entry::of(h);
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || write_entry(&p, &entry))
+            .await
+            .map_err(|e| BackupError::local("writing the restore journal", e))?
+            .map_err(|e| BackupError::local(format!("writing {}", path.display()), e))
+    }
+
+    /// Removes `h`'s journals (active and finished) once the node is
+    /// released by a rollback.
+    pub(super) async fn drop_journal(&self, h: &Held) {
+        for path in [
+            path_for(&h.member.data_dir, &h.restore_id),
+            self.finished_path(&h.restore_id),
+        ] {
+            let p = path.clone();
+            let removed = tokio::task::spawn_blocking(move || remove_entry(&p)).await;
+            if !matches!(removed, Ok(Ok(()))) {
+                tracing::warn!(path = %path.display(), "could not remove the restore journal");
+            }
+        }
+    }
+
+    fn finished_path(&self, restore_id: &str) -> PathBuf {
+        self.config.state_dir.join(restore_id).join("journal.json")
+    }
+
+    /// The member started healthy: the journal moves to the state dir,
+    /// where it marks the restore finished on this node.
+    pub(super) async fn finish_journal(&self, h: &Held) {
+        let active = path_for(&h.member.data_dir, &h.restore_id);
+        let finished = self.finished_path(&h.restore_id);
+        let entry = Entry::of(h);
+        let moved = tokio::task::spawn_blocking(move || {
+            write_entry(&finished, &entry)?;
+            remove_entry(&active)
+        })
+        .await;
+        if !matches!(moved, Ok(Ok(()))) {
+            tracing::warn!(restore_id = %h.restore_id, "could not move the restore journal into the state dir");
+        }
+    }
+
+    /// Restore `restore_id` as it stands on this node after its member
+    /// started healthy, if it did.
+    pub(super) async fn finished(&self, restore_id: &str) -> Option<Held> {
+        if !crate::store::layout::is_valid_id(restore_id) {
+            return None;
+        }
+        let text = tokio::fs::read(self.finished_path(restore_id)).await.ok()?;
+        let entry: Entry = serde_json::from_slice(&text).ok()?;
+        Some(entry.into_held(&self.config.etcd_manifest))
+    }
+
+    /// After a restart: finds this node's journal and resumes, rolls back
+    /// or releases as the module header says. Returns the restore id found,
+    /// if any. Call it before serving the agent.
+    pub async fn recover(&self) -> Result<Option<String>> {
+        let Some(data_dir) = self.recovery_data_dir().await else {
+            return Ok(None);
+        };
+        let Some(path) = journals_beside(&data_dir).into_iter().next() else {
+            return Ok(None);
+        };
+        let entry: Entry = {
+            let text = tokio::fs::read(&path)
+                .await
+                .map_err(|e| BackupError::local(format!("reading {}", path.display()), e))?;
+            serde_json::from_slice(&text).map_err(|e| {
+                BackupError::InvalidArgument(format!("restore journal {}: {e}", path.display()))
+            })?
+        };
+        let h = entry.into_held(&self.config.etcd_manifest);
+        let rid = h.restore_id.clone();
+        let touched = h.manifest_moved || h.data_moved || h.partial || h.restored;
+        tracing::warn!(restore_id = %rid, journal = %path.display(), manifest_moved = h.manifest_moved,
+            data_moved = h.data_moved, restored = h.restored, started = h.started,
+            "restarted during a restore: recovering from the journal");
+        *self.held.lock().await = Some(h.clone());
+        self.recorder_pause.hold(&rid, h.expires);
+        if h.restored {
+            // The coordinator (or `bulwarkctl restore resume|rollback`)
+            // decides with every other node.
+            self.journal(&h).await?;
+            return Ok(Some(rid));
+        }
+        let reason = if touched {
+            "the agent restarted while restoring its member; rolling the node back"
+        } else {
+            "the agent restarted before its member was touched; releasing the node"
+        };
+        self.abort(&rid, reason, &|_| {}).await?;
+        Ok(Some(rid))
+    }
+
+    /// The data dir to look for journals beside: from the config, the
+    /// manifest in place, or a manifest a restore moved into the state dir.
+    async fn recovery_data_dir(&self) -> Option<PathBuf> {
+        if let Ok(m) = self.member(None).await {
+            return Some(m.data_dir);
+        }
+        let mut entries = tokio::fs::read_dir(&self.config.state_dir).await.ok()?;
+        while let Ok(Some(e)) = entries.next_entry().await {
+            let aside = e.path().join("etcd.yaml");
+            if aside.exists()
+                && let Ok(m) = self.member(Some(&aside)).await
+            {
+                return Some(m.data_dir);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(dir: &Path) -> Held {
+        let data_dir = dir.join("etcd");
+        Held {
+            restore_id: "r1".into(),
+            spec: pb::MemberRestoreSpec {
+                snapshot: Some(pb::SnapshotSource {
+                    object_key: "k".into(),
+                    sha256: "s".into(),
+                    size_bytes: 7,
+                }),
+                member_name: "m1".into(),
+                peer_urls: vec!["http://p".into()],
+                initial_cluster: "m1=http://p".into(),
+                cluster_token: "t".into(),
+                bump_revision: 3,
+                mark_compacted: true,
+            },
+            member: Member {
+                name: "m1".into(),
+                peer_urls: vec!["http://p".into()],
+                client_urls: vec!["http://c".into()],
+                data_dir: data_dir.clone(),
+            },
+            staged: dir.join("state/r1/snapshot.db"),
+            manifest_aside: dir.join("state/r1/etcd.yaml"),
+            data_aside: aside_path(&data_dir, "r1", ""),
+            manifest_moved: false,
+            data_moved: false,
+            partial: false,
+            restored: false,
+            started: false,
+            last_step: pb::NodeStep::FetchSnapshot,
+            last_status: pb::StepStatus::Done,
+            error: String::new(),
+            expires: Instant::now(),
+        }
+    }
+
+    /// The flags come from the disk: a kill between a rename and the
+    /// journal's update leaves the journal one step behind.
+    #[test]
+    fn a_journal_reads_back_as_the_disk_shows() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("manifests/etcd.yaml");
+        std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(dir.path().join("state/r1")).unwrap();
+        let mut h = held(dir.path());
+        let path = path_for(&h.member.data_dir, "r1");
+        write_entry(&path, &Entry::of(&h)).unwrap();
+        assert_eq!(
+            journals_beside(&h.member.data_dir),
+            std::slice::from_ref(&path)
+        );
+        assert!(!dir.path().join("etcd.bulwark-r1.journal.tmp").exists());
+
+        // The journal says the tool began; the manifest and the data dir
+        // were moved, the restored data renamed into place.
+        h.partial = true;
+        h.last_step = pb::NodeStep::RestoreSnapshot;
+        write_entry(&path, &Entry::of(&h)).unwrap();
+        std::fs::write(&h.manifest_aside, "kind: Pod").unwrap();
+        std::fs::create_dir_all(&h.data_aside).unwrap();
+        std::fs::create_dir_all(&h.member.data_dir).unwrap();
+        let entry: Entry = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let back = entry.clone().into_held(&manifest);
+        assert!(back.manifest_moved && back.data_moved && back.restored);
+        assert!(!back.partial && !back.started);
+        assert_eq!(back.spec, h.spec);
+        assert_eq!(back.last_step, pb::NodeStep::RestoreSnapshot);
+
+        // The manifest back in place: the member was started.
+        std::fs::rename(&h.manifest_aside, &manifest).unwrap();
+        let back = entry.clone().into_held(&manifest);
+        assert!(back.started && !back.manifest_moved);
+
+        // The tool never began: a data dir there is not a restored one.
+        let mut fresh = entry;
+        fresh.partial = false;
+        assert!(!fresh.into_held(&manifest).restored);
+
+        remove_entry(&path).unwrap();
+        assert!(journals_beside(&h.member.data_dir).is_empty());
+        remove_entry(&path).unwrap();
+    }
+}

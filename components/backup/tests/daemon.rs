@@ -503,3 +503,118 @@ async fn heavy_every_instance_reports_the_recorders_state() {
         );
     }
 }
+
+/// Reads of `bulwark_certificate_reloads_total` for `file` with `result`.
+fn reloads(file: &Path, result: &str) -> u64 {
+    let text = bulwark_common::telemetry::metrics_handle().render();
+    let (file, result) = (
+        format!("file=\"{}\"", file.display()),
+        format!("result=\"{result}\""),
+    );
+    text.lines()
+        .find(|l| {
+            l.starts_with(bulwark_common::tls::reload::RELOADS)
+                && l.contains(&file)
+                && l.contains(&result)
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The gRPC server certificate renewed in place with a new key (as
+/// `bulwarkctl certs renew --new-key` does) while operators call the
+/// instance on a kept connection and on a new one each time: the instance
+/// applies it without a restart and no call fails (issue 16's rotation
+/// under load, for bulwark-backup; lb/tests/cert_rotation.rs does the LB
+/// and the prober).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_the_grpc_certificate_rotates_under_load() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    bulwark_common::tls::install_crypto_provider();
+    let pki = Pki::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let sans = ["127.0.0.1", "localhost"];
+    let server = pki.server("backup", &sans).unwrap();
+    let c = test_config("rotate-node", &server, &etcd, store.path(), |c| {
+        c.schedule.interval = None;
+        c.deltas.enabled = false;
+    });
+    let config = config::validated(&c).unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = grpc.local_addr().unwrap().to_string();
+    let shutdown = Shutdown::new();
+    bulwark_backup::run(config, Listeners { grpc, admin }, &shutdown)
+        .await
+        .unwrap();
+    let operator = pki
+        .client("alice", &["system:masters"])
+        .unwrap()
+        .tls_files()
+        .load()
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for kept in [true, false] {
+        let (addr, tls) = (addr.clone(), operator.clone());
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let channel = || bulwark_common::grpc::channel(&addr, &tls, None).unwrap();
+            let mut kept_client = BackupClient::new(channel());
+            while !stop.load(Ordering::Relaxed) {
+                let result = if kept {
+                    kept_client
+                        .get_status(pb::GetStatusRequest { local_only: true })
+                        .await
+                        .map(drop)
+                } else {
+                    BackupClient::new(channel())
+                        .list_snapshots(pb::ListSnapshotsRequest::default())
+                        .await
+                        .map(drop)
+                };
+                match result {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("failed RPC: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Renewed in place: the same paths, a new key.
+    let renewed = pki.server("backup", &sans).unwrap();
+    assert_eq!(renewed.cert, server.cert);
+    assert_ne!(renewed.key_pem(), server.key_pem());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while reloads(&renewed.cert, "applied") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewed certificate was not applied within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{ok} RPCs during the rotation, {failed} failed");
+    assert_eq!(
+        failed, 0,
+        "failed RPCs during the rotation ({ok} succeeded)"
+    );
+    assert!(ok > 20, "only {ok} RPCs ran");
+    shutdown.trigger();
+}

@@ -51,6 +51,7 @@
 //! were lifted from, so the failing test prints their processes' logs.
 
 pub mod access;
+pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod disk;

@@ -7,21 +7,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bulwark_backup::{BackupConfig, Listeners};
 use bulwark_common::config::Overrides;
 use bulwark_common::shutdown::{EXIT_TASK_FAILED, Shutdown};
-use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::workers::TaskState;
+use bulwark_testkit::admin::{CapturedLogs, http_get, worker};
 use bulwark_testkit::{Etcd, Pki};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -56,59 +53,6 @@ async fn start(pki: &Pki, etcd: &Etcd, store: &Path) -> (Shutdown, SocketAddr) {
         .await
         .unwrap();
     (shutdown, admin_addr)
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (status, body)
-}
-
-fn worker<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
-    list["workers"]
-        .as_array()?
-        .iter()
-        .find(|w| w["name"] == name)
-}
-
-/// Log lines written while it is installed (the process-wide subscriber:
-/// nextest runs each test in its own process).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn install() -> Self {
-        let captured = Self::default();
-        let writer = captured.clone();
-        let subscriber = bulwark_common::telemetry::subscriber(
-            &LoggingConfig::default(),
-            move || writer.clone(),
-            false,
-        )
-        .unwrap();
-        tracing::subscriber::set_global_default(subscriber).unwrap();
-        captured
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,7 +99,7 @@ async fn heavy_debug_workers_lists_election_scheduler_and_recorder() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_a_panicking_scheduler_stops_the_daemon() {
-    let log = Captured::install();
+    let log = CapturedLogs::install();
     let pki = Pki::new().unwrap();
     let etcd = Etcd::start().await.unwrap();
     let store = tempfile::tempdir().unwrap();

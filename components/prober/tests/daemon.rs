@@ -13,8 +13,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use bulwark_prober::config::TcpTarget;
+use bulwark_testkit::admin::http_get;
 use bulwark_testkit::{Pki, ProcessBuilder, TestDir, config, ports};
-use support::{eventually, http_get};
+use support::eventually;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bulwark-prober");
 const WAIT: Duration = Duration::from_secs(15);

@@ -8,19 +8,17 @@
 
 mod support;
 
-use std::io::Write;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bulwark_common::config::Overrides;
 use bulwark_common::shutdown::{EXIT_TASK_FAILED, Shutdown};
-use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::workers::TaskState;
 use bulwark_prober::{Listeners, ProberConfig};
 use bulwark_testkit::Pki;
+use bulwark_testkit::admin::{CapturedLogs, http_get, worker};
 use serde_json::{Value, json};
-use support::{eventually, http_get, prober_identity};
+use support::{eventually, prober_identity};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -43,47 +41,6 @@ fn config(target: &str, report: Option<(&Pki, &str)>) -> ProberConfig {
             .set("report.maxBackoff", "200ms");
     }
     bulwark_common::config::from_str_with(None, None, &o).unwrap()
-}
-
-/// Log lines written while it is installed (the process-wide subscriber:
-/// nextest runs each test in its own process).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn install() -> Self {
-        let captured = Self::default();
-        let writer = captured.clone();
-        let subscriber = bulwark_common::telemetry::subscriber(
-            &LoggingConfig::default(),
-            move || writer.clone(),
-            false,
-        )
-        .unwrap();
-        tracing::subscriber::set_global_default(subscriber).unwrap();
-        captured
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn worker<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
-    list["workers"]
-        .as_array()?
-        .iter()
-        .find(|w| w["name"] == name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +92,7 @@ async fn debug_workers_lists_the_checks_and_the_reporter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_check_stops_the_prober() {
-    let log = Captured::install();
+    let log = CapturedLogs::install();
     let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let shutdown = Shutdown::new();
     let config = config(&target.local_addr().unwrap().to_string(), None);

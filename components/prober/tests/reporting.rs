@@ -16,8 +16,9 @@ use bulwark_common::shutdown::Shutdown;
 use bulwark_prober::config::{ProberConfig, ReportConfig, TcpTarget};
 use bulwark_prober::observations::Observations;
 use bulwark_prober::report::{self, Reporter};
+use bulwark_testkit::admin::http_get;
 use bulwark_testkit::{Pki, config};
-use support::{LbDouble, Mode, eventually, http_get, next_report, prober_identity};
+use support::{LbDouble, Mode, eventually, next_report, prober_identity};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

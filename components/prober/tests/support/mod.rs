@@ -231,20 +231,6 @@ pub async fn next_report(
         .expect("every double is gone")
 }
 
-/// `GET path` on a plain-HTTP address: (status, body).
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (status, body)
-}
-
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `within`
 /// naming `what`.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T

@@ -14,7 +14,7 @@ use bulwark_common::grpc::GrpcServer;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::TlsMaterial;
-use bulwark_common::tls::reload::RELOAD_INTERVAL;
+use bulwark_common::tls::reload::spawn_follow;
 use bulwark_common::workers::Worker;
 use object_store::ObjectStore as _;
 use tokio::net::TcpListener;
@@ -84,13 +84,7 @@ pub async fn run(
     // The serving certificate and etcd's client certificate (which
     // `kubeadm certs renew` renews) follow their files.
     for material in std::iter::once(&tls).chain(engine.etcd.tls()) {
-        let follow = material
-            .clone()
-            .follow("backup", RELOAD_INTERVAL, shutdown.token());
-        shutdown.spawn("certificate reload", async move {
-            follow.await;
-            Ok(())
-        });
+        spawn_follow(material.clone(), "backup", shutdown);
     }
     let settings = service_settings(&config)?;
     let scheduled_work = settings.schedule.is_some()
@@ -249,13 +243,7 @@ fn spawn_grpc(
         .unwrap_or(&config.grpc.tls)
         .load()
         .context("loading restore.clientTls")?;
-    let follow = client_tls
-        .clone()
-        .follow("backup", RELOAD_INTERVAL, shutdown.token());
-    shutdown.spawn("certificate reload", async move {
-        follow.await;
-        Ok(())
-    });
+    spawn_follow(client_tls.clone(), "backup", shutdown);
     let coordinator =
         restore::Coordinator::new(service.clone(), config.restore.peers.clone(), client_tls);
     let api = api::BackupApi::new(service.clone(), shutdown).with_restore(coordinator.clone());

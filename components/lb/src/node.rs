@@ -39,7 +39,7 @@ use bulwark_common::grpc::GrpcServer;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::TlsMaterial;
-use bulwark_common::tls::reload::RELOAD_INTERVAL;
+use bulwark_common::tls::reload::spawn_follow;
 use openraft::async_runtime::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -177,11 +177,7 @@ pub async fn run(
     bulwark_common::tls::install_crypto_provider();
     let node_id = config.node_id;
     let tls = Arc::new(config.tls.load().context("loading TLS material")?);
-    let follow = TlsMaterial::clone(&tls).follow("lb", RELOAD_INTERVAL, shutdown.token());
-    shutdown.spawn("certificate reload", async move {
-        follow.await;
-        Ok(())
-    });
+    spawn_follow(TlsMaterial::clone(&tls), "lb", shutdown);
     let health = Health::new();
     health.set_ready("raft", Err("no leader known yet".into()));
 
@@ -218,27 +214,13 @@ pub async fn run(
     if let Some(actuator) = vip_actuator(&config, &backends, &proxy, stale_checked) {
         spawn_vip(shutdown, actuator, inbox, &config, &raft, &signals);
     }
-    // One front listener per VIP address (two for a dual-stack VIP).
-    for front in listeners.front {
-        let (b, p, t, g) = (
-            backends.with_mode(config.routing.vip),
-            proxy.clone(),
-            shutdown.token(),
-            gate.clone(),
-        );
-        shutdown.spawn_critical("front-proxy", async move {
-            crate::proxy::serve_front(front, b, p, t, g)
-                .await
-                .context("front listener")
-        });
-    }
-    spawn_proxy(
+    spawn_proxies(
         shutdown,
-        "local-proxy",
-        "node-local listener",
-        listeners.local,
-        &backends.with_mode(config.routing.local),
+        &config,
+        (listeners.front, listeners.local),
+        &backends,
         &proxy,
+        &gate,
     );
 
     // Health aggregation (active while this node leads).
@@ -292,6 +274,44 @@ pub async fn run(
         backends,
         vip,
     })
+}
+
+/// The data path: one front listener per VIP address (two for a
+/// dual-stack VIP), accepting while the gate is open, and the node-local
+/// listener.
+fn spawn_proxies(
+    shutdown: &Shutdown,
+    config: &LbConfig,
+    (fronts, local): (Vec<TcpListener>, Option<TcpListener>),
+    backends: &Backends,
+    proxy: &Arc<crate::proxy::ProxyConfig>,
+    gate: &crate::proxy::FrontGate,
+) {
+    for front in fronts {
+        let (b, p, t, g) = (
+            backends.with_mode(config.routing.vip),
+            proxy.clone(),
+            shutdown.token(),
+            gate.clone(),
+        );
+        shutdown.spawn_critical("front-proxy", async move {
+            crate::proxy::serve_front(front, b, p, t, g)
+                .await
+                .context("front listener")
+        });
+    }
+    if let Some(local) = local {
+        let (b, p, t) = (
+            backends.with_mode(config.routing.local),
+            proxy.clone(),
+            shutdown.token(),
+        );
+        shutdown.spawn_critical("local-proxy", async move {
+            crate::proxy::serve(local, b, p, t)
+                .await
+                .context("node-local listener")
+        });
+    }
 }
 
 /// Starts the Raft node over the open store.
@@ -475,22 +495,6 @@ fn spawn_vip(
     .with_worker(shutdown.worker(crate::vip::WORKER));
     let token = shutdown.token();
     shutdown.spawn_critical(crate::vip::WORKER, task.run(token));
-}
-
-/// Serves the node-local proxy listener, when the caller bound it.
-fn spawn_proxy(
-    shutdown: &Shutdown,
-    task: &'static str,
-    what: &'static str,
-    listener: Option<TcpListener>,
-    backends: &Backends,
-    proxy: &Arc<crate::proxy::ProxyConfig>,
-) {
-    let Some(listener) = listener else { return };
-    let (b, p, t) = (backends.clone(), proxy.clone(), shutdown.token());
-    shutdown.spawn_critical(task, async move {
-        crate::proxy::serve(listener, b, p, t).await.context(what)
-    });
 }
 
 /// The health aggregator's name as a worker (`/debug/workers`).

@@ -35,6 +35,7 @@ use bulwark_common::daemon::Daemon;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::TlsError;
+use bulwark_common::tls::reload::spawn_follow;
 use tokio::net::TcpListener;
 
 pub use config::ProberConfig;
@@ -119,16 +120,7 @@ pub async fn run(
     // The probe clients' certificates (kubeadm renews them) follow their
     // files.
     for source in tls_sources {
-        let follow = bulwark_common::tls::reload::follow(
-            source,
-            "prober",
-            bulwark_common::tls::reload::RELOAD_INTERVAL,
-            shutdown.token(),
-        );
-        shutdown.spawn("certificate reload", async move {
-            follow.await;
-            Ok(())
-        });
+        spawn_follow(source, "prober", shutdown);
     }
     health.set_ready(READY_PROBING, Ok(()));
 
@@ -150,15 +142,7 @@ pub async fn run(
 /// reload of its certificate.
 fn spawn_reporter(reporter: Reporter, health: &Health, shutdown: &Shutdown) {
     health.set_ready(READY_LEADER, Err("not connected to the LB leader".into()));
-    let follow = reporter.tls().clone().follow(
-        "prober",
-        bulwark_common::tls::reload::RELOAD_INTERVAL,
-        shutdown.token(),
-    );
-    shutdown.spawn("certificate reload", async move {
-        follow.await;
-        Ok(())
-    });
+    spawn_follow(reporter.tls().clone(), "prober", shutdown);
     let mut leader = reporter.leader();
     let h = health.clone();
     let token = shutdown.token();

@@ -141,6 +141,21 @@ impl Reloadable for TlsMaterial {
     }
 }
 
+/// Follows `what`'s files (every [`RELOAD_INTERVAL`] and on SIGHUP) as the
+/// task `certificate reload` of `shutdown`: what a daemon does with each
+/// certificate it holds.
+pub fn spawn_follow<R: Reloadable + Send + 'static>(
+    what: R,
+    component: &'static str,
+    shutdown: &crate::shutdown::Shutdown,
+) {
+    let follow = follow(what, component, RELOAD_INTERVAL, shutdown.token());
+    shutdown.spawn("certificate reload", async move {
+        follow.await;
+        Ok(())
+    });
+}
+
 /// Follows `what`'s files until `shutdown`, looking every `interval` and
 /// on SIGHUP; logs and counts each change applied or refused.
 pub async fn follow<R: Reloadable>(

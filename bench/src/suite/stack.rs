@@ -289,37 +289,9 @@ backend apiserverbackend
         ),
     )?;
     let keepalived_cfg = dir.join(format!("keepalived-{id}.conf"));
-    let (state, priority) = if i == 0 {
-        ("MASTER", 101)
-    } else {
-        ("BACKUP", 100)
-    };
-    // The guide's keepalived.conf without its track_script (it curls the
-    // local HAProxy every 3 s and needs 10 failures: 30 s, longer than any
-    // window here); everything else at keepalived's defaults.
     std::fs::write(
         &keepalived_cfg,
-        format!(
-            "global_defs {{
-    router_id LVS_DEVEL_{id}
-}}
-vrrp_instance VI_1 {{
-    state {state}
-    interface {iface}
-    virtual_router_id 51
-    priority {priority}
-    authentication {{
-        auth_type PASS
-        auth_pass 42
-    }}
-    virtual_ipaddress {{
-        {vip}
-    }}
-}}
-",
-            iface = host.interface(),
-            vip = t.vip,
-        ),
+        bulwark_testkit::cluster::lab::keepalived_conf(id, host.interface(), t.vip.into()),
     )?;
     let haproxy = host.spawn(
         ProcessBuilder::new(format!("haproxy-{id}"), "/usr/sbin/haproxy")

@@ -34,7 +34,7 @@ use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
 use bulwark_common::tls::{TlsFiles, TlsMaterial};
 use bulwark_lb::config::VipMode;
-use bulwark_testkit::cluster::lab::{api_via, echo, holders_of};
+use bulwark_testkit::cluster::lab::{api_via, echo, holders_of, keepalived_conf};
 use bulwark_testkit::{Host, Lab, Pki, Process, ProcessBuilder, TestDir, config, tools};
 use tonic::transport::Channel;
 
@@ -203,35 +203,10 @@ backend apiserverbackend
             ),
         )
         .unwrap();
-        let (state, priority) = if i == 0 {
-            ("MASTER", 101)
-        } else {
-            ("BACKUP", 100)
-        };
         let keepalived_cfg = self.dir.join(format!("keepalived-{id}.conf"));
         std::fs::write(
             &keepalived_cfg,
-            format!(
-                "global_defs {{
-    router_id LVS_DEVEL_{id}
-}}
-vrrp_instance VI_1 {{
-    state {state}
-    interface {iface}
-    virtual_router_id 51
-    priority {priority}
-    authentication {{
-        auth_type PASS
-        auth_pass 42
-    }}
-    virtual_ipaddress {{
-        {vip}
-    }}
-}}
-",
-                iface = host.interface(),
-                vip = self.vip.ip(),
-            ),
+            keepalived_conf(id, host.interface(), self.vip.ip()),
         )
         .unwrap();
         self.haproxy.push(

@@ -675,3 +675,36 @@ pub async fn measure_gap(
         }
     }
 }
+
+/// The kubeadm HA guide's `keepalived.conf` for host `id` (1-based): the
+/// first is MASTER at priority 101, the others BACKUP at 100, one VRRP
+/// instance holding `vip` on `interface`; without the guide's
+/// track_script (it curls the local HAProxy every 3 s and needs 10
+/// failures: 30 s, longer than any window the tests and benches watch),
+/// everything else at keepalived's defaults.
+pub fn keepalived_conf(id: usize, interface: &str, vip: IpAddr) -> String {
+    let (state, priority) = if id == 1 {
+        ("MASTER", 101)
+    } else {
+        ("BACKUP", 100)
+    };
+    format!(
+        "global_defs {{
+    router_id LVS_DEVEL_{id}
+}}
+vrrp_instance VI_1 {{
+    state {state}
+    interface {interface}
+    virtual_router_id 51
+    priority {priority}
+    authentication {{
+        auth_type PASS
+        auth_pass 42
+    }}
+    virtual_ipaddress {{
+        {vip}
+    }}
+}}
+"
+    )
+}

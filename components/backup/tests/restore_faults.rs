@@ -145,36 +145,9 @@ async fn heavy_space_check_refuses_up_front_and_the_rollback_removes_an_unrename
     common::put_small(&etcd, 50).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = common::engine(&etcd, common::file_store(dir.path()), Keyring::none());
-    let m = engine
-        .take_snapshot(
-            SnapshotOptions::manual(""),
-            &(),
-            &CancellationToken::new(),
-            &|| Ok(()),
-        )
-        .await
-        .unwrap();
-    let plan = engine
-        .plan_restore(Some(&m.id), Target::Snapshot)
-        .await
-        .unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let built = engine
-        .build_target(&plan, work.path(), &|_| {}, &CancellationToken::new())
-        .await
-        .unwrap();
     // The target as the coordinator uploads it: plain, for the agent.
     let key = "testcluster/restore/r2/target.db";
-    let object = bulwark_backup::store::layout::object_path(engine.store.prefix(), key);
-    engine
-        .store
-        .inner()
-        .put(
-            &object,
-            PutPayload::from(std::fs::read(&built.path).unwrap()),
-        )
-        .await
-        .unwrap();
+    let (built, _work) = uploaded_target(&engine, key).await;
 
     // A node whose data dir's path is a dangling symlink.
     let node = tempfile::tempdir().unwrap();
@@ -761,35 +734,8 @@ async fn heavy_a_restarted_agent_holds_a_restored_node_and_rolls_back_a_half_don
     common::put_small(&etcd, 30).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = common::engine(&etcd, common::file_store(dir.path()), Keyring::none());
-    let m = engine
-        .take_snapshot(
-            SnapshotOptions::manual(""),
-            &(),
-            &CancellationToken::new(),
-            &|| Ok(()),
-        )
-        .await
-        .unwrap();
-    let plan = engine
-        .plan_restore(Some(&m.id), Target::Snapshot)
-        .await
-        .unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let built = engine
-        .build_target(&plan, work.path(), &|_| {}, &CancellationToken::new())
-        .await
-        .unwrap();
     let key = "testcluster/restore/crash/target.db";
-    let object = bulwark_backup::store::layout::object_path(engine.store.prefix(), key);
-    engine
-        .store
-        .inner()
-        .put(
-            &object,
-            PutPayload::from(std::fs::read(&built.path).unwrap()),
-        )
-        .await
-        .unwrap();
+    let (built, _work) = uploaded_target(&engine, key).await;
     let spec = pb::MemberRestoreSpec {
         snapshot: Some(pb::SnapshotSource {
             object_key: key.into(),
@@ -905,4 +851,45 @@ async fn heavy_a_restarted_agent_holds_a_restored_node_and_rolls_back_a_half_don
         agent.state("r6").await,
         Err(BackupError::NotFound { .. })
     ));
+}
+
+/// Snapshots etcd, builds the snapshot as a restore target and uploads it
+/// at `key` as the coordinator does (plain, for the agents). Returns the
+/// built target and the directory it lives in (deleted when dropped).
+async fn uploaded_target(
+    engine: &bulwark_backup::Engine,
+    key: &str,
+) -> (
+    bulwark_backup::restore::pitr::BuiltTarget,
+    tempfile::TempDir,
+) {
+    let m = engine
+        .take_snapshot(
+            SnapshotOptions::manual(""),
+            &(),
+            &CancellationToken::new(),
+            &|| Ok(()),
+        )
+        .await
+        .unwrap();
+    let plan = engine
+        .plan_restore(Some(&m.id), Target::Snapshot)
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let built = engine
+        .build_target(&plan, work.path(), &|_| {}, &CancellationToken::new())
+        .await
+        .unwrap();
+    let object = bulwark_backup::store::layout::object_path(engine.store.prefix(), key);
+    engine
+        .store
+        .inner()
+        .put(
+            &object,
+            PutPayload::from(std::fs::read(&built.path).unwrap()),
+        )
+        .await
+        .unwrap();
+    (built, work)
 }

@@ -355,18 +355,56 @@ pub(crate) fn etcd_machine() -> BTreeMap<String, String> {
 
 async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
     bulwark_common::tls::install_crypto_provider();
-    let me = std::env::current_exe()?;
-    let etcdctl = tools::etcdctl(bulwark_testkit::EtcdVersion::V3_5)?;
-    let work = tempfile::Builder::new().prefix("bench-backup-").tempdir()?;
-    let key = work.path().join("age.key");
-    write_identity(&key)?;
-    let s3 = if args.no_s3 {
-        None
-    } else {
-        Some(S3Server::start().await?)
-    };
+    let bench = Bench::new(args).await?;
     let mut cases = Vec::new();
     for case in &args.cases {
+        cases.push(bench.case(case).await?);
+    }
+    let report = Report {
+        date: chrono::Utc::now().to_rfc3339(),
+        command: cmdline,
+        machine: etcd_machine(),
+        settings: settings(args),
+        cases,
+    };
+    write_report(&args.out, &report)
+}
+
+/// What every case shares: the binaries, a work dir, the age identity and
+/// (unless `--no-s3`) the S3 server.
+struct Bench<'a> {
+    args: &'a Args,
+    me: PathBuf,
+    etcdctl: PathBuf,
+    work: tempfile::TempDir,
+    key: PathBuf,
+    s3: Option<S3Server>,
+}
+
+impl<'a> Bench<'a> {
+    async fn new(args: &'a Args) -> anyhow::Result<Self> {
+        let work = tempfile::Builder::new().prefix("bench-backup-").tempdir()?;
+        let key = work.path().join("age.key");
+        write_identity(&key)?;
+        let s3 = if args.no_s3 {
+            None
+        } else {
+            Some(S3Server::start().await?)
+        };
+        Ok(Self {
+            args,
+            me: std::env::current_exe()?,
+            etcdctl: tools::etcdctl(bulwark_testkit::EtcdVersion::V3_5)?,
+            work,
+            key,
+            s3,
+        })
+    }
+
+    /// One data shape: a fresh etcd filled with it, then every variant
+    /// `runs` times, alternating variants within each run.
+    async fn case(&self, case: &str) -> anyhow::Result<CaseResult> {
+        let args = self.args;
         eprintln!("[{case}] starting etcd and filling {} MiB", args.size_mib);
         let etcd = Etcd::builder()
             .arg("--quota-backend-bytes=8589934592")
@@ -379,160 +417,185 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
             u64::try_from(c.status().await?.db_size()).unwrap_or(0)
         };
         eprintln!("[{case}] db size {:.0} MiB", db_size as f64 / 1048576.0);
-
         let etcd_pid = etcd
             .member(0)
             .pid()
             .context("etcd is not running after the fill")?;
-        let mut variants = vec!["etcdctl", "file", "file+age"];
-        if args.baseline_exe.is_some() {
-            variants.extend(["file@base", "file+age@base"]);
-        }
-        if s3.is_some() {
-            variants.push("s3");
-        }
+
+        let variants = self.variants();
         let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
         for run in 0..args.runs {
             for v in &variants {
-                let store_dir = work
-                    .path()
-                    .join(format!("store-{case}-{run}-{}", v.replace('+', "-")));
-                let cmd = match *v {
-                    "etcdctl" => {
-                        let mut c = Command::new(&etcdctl);
-                        c.env("ETCDCTL_API", "3")
-                            .arg(format!("--endpoints={endpoint}"))
-                            .args(["snapshot", "save"])
-                            .arg(work.path().join("etcdctl.db"));
-                        c
-                    }
-                    variant => {
-                        let exe = match (variant.strip_suffix("@base"), &args.baseline_exe) {
-                            (Some(_), Some(base)) => base,
-                            _ => &me,
-                        };
-                        let mut c = Command::new(exe);
-                        c.arg("backup-once")
-                            .args(["--endpoint", &endpoint])
-                            .args(["--level", &args.level.to_string()])
-                            .args(["--workers", &args.workers.to_string()]);
-                        match (variant, &s3) {
-                            ("s3", Some(s3)) => {
-                                c.args(["--store", &format!("s3://{}/bench", s3.bucket())]);
-                                for (k, val) in s3.options() {
-                                    if k != "aws_bucket" {
-                                        c.args(["--option", &format!("{k}={val}")]);
-                                    }
-                                }
-                            }
-                            _ => {
-                                c.args(["--store", &format!("file://{}", store_dir.display())]);
-                            }
-                        }
-                        if variant.starts_with("file+age") {
-                            c.arg("--recipient").arg(&key);
-                        }
-                        c
-                    }
-                };
-                let load = load_1m();
-                let etcd_before = cpu_seconds(etcd_pid)?;
-                let (mut sample, stdout) =
-                    tokio::task::spawn_blocking(move || measure(cmd)).await??;
-                sample.etcd_cpu_seconds = cpu_seconds(etcd_pid)? - etcd_before;
-                sample.load_1m = load;
-                sample.stored_bytes = if *v == "etcdctl" {
-                    std::fs::metadata(work.path().join("etcdctl.db"))
-                        .map(|m| m.len())
-                        .unwrap_or(0)
-                } else {
-                    serde_json::from_str::<serde_json::Value>(stdout.trim())
-                        .ok()
-                        .and_then(|j| j["stored"].as_u64())
-                        .unwrap_or(0)
-                };
-                eprintln!(
-                    "[{case}] run {run} {v}: {:.2} s, CPU {:.2} user + {:.2} sys, etcd CPU {:.2}, \
-                     peak RSS {:.1} MiB, {:.0} MiB stored, load {:.2}",
-                    sample.seconds,
-                    sample.user_seconds,
-                    sample.sys_seconds,
-                    sample.etcd_cpu_seconds,
-                    sample.max_rss_kib as f64 / 1024.0,
-                    sample.stored_bytes as f64 / 1048576.0,
-                    sample.load_1m
-                );
+                let sample = self.run(case, run, v, &endpoint, etcd_pid).await?;
                 samples.entry(v).or_default().push(sample);
-                // Free space (and moto's memory) before the next run.
-                let _ = std::fs::remove_file(work.path().join("etcdctl.db"));
-                let _ = std::fs::remove_dir_all(&store_dir);
-                if *v == "s3"
-                    && let Some(s3) = &s3
-                {
-                    clear_s3(s3).await?;
-                }
             }
         }
-        let base = median(samples["etcdctl"].iter().map(|s| s.seconds));
-        let gib = db_size as f64 / f64::from(1u32 << 30);
-        let per_gib = |x: f64| if gib > 0.0 { x / gib } else { 0.0 };
-        let variants = variants
-            .iter()
-            .map(|v| {
-                let s = &samples[v];
-                let t = median(s.iter().map(|x| x.seconds));
-                VariantResult {
-                    variant: (*v).to_owned(),
-                    samples: s.clone(),
-                    median_seconds: t,
-                    median_max_rss_mib: median(s.iter().map(|x| x.max_rss_kib as f64 / 1024.0)),
-                    max_max_rss_mib: s
-                        .iter()
-                        .map(|x| x.max_rss_kib as f64 / 1024.0)
-                        .fold(0.0, f64::max),
-                    ratio_to_etcdctl: if base > 0.0 { t / base } else { 0.0 },
-                    median_cpu_seconds_per_gib: per_gib(median(
-                        s.iter().map(|x| x.user_seconds + x.sys_seconds),
-                    )),
-                    median_etcd_cpu_seconds_per_gib: per_gib(median(
-                        s.iter().map(|x| x.etcd_cpu_seconds),
-                    )),
-                    stored_bytes: s.last().map(|x| x.stored_bytes).unwrap_or(0),
-                }
-            })
-            .collect();
-        cases.push(CaseResult {
-            case: case.clone(),
+        drop(etcd);
+        Ok(CaseResult {
+            case: case.to_owned(),
             db_size_bytes: db_size,
             load_1m: samples.values().flatten().map(|s| s.load_1m).collect(),
-            variants,
-        });
-        drop(etcd);
+            variants: summarise(&variants, &samples, db_size),
+        })
     }
-    let report = Report {
-        date: chrono::Utc::now().to_rfc3339(),
-        command: cmdline,
-        machine: etcd_machine(),
-        settings: [
-            ("zstd level", args.level.to_string()),
-            ("zstd workers", args.workers.to_string()),
-            ("part size", "8 MiB".to_owned()),
-            ("upload concurrency", "2".to_owned()),
-            ("runs", args.runs.to_string()),
-            (
-                "baseline (…@base)",
-                args.baseline_exe
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "none".to_owned()),
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect(),
-        cases,
-    };
-    write_report(&args.out, &report)
+
+    fn variants(&self) -> Vec<&'static str> {
+        let mut variants = vec!["etcdctl", "file", "file+age"];
+        if self.args.baseline_exe.is_some() {
+            variants.extend(["file@base", "file+age@base"]);
+        }
+        if self.s3.is_some() {
+            variants.push("s3");
+        }
+        variants
+    }
+
+    /// One timed backup of variant `v`, then its output removed so the
+    /// next run starts from the same free space (and moto's memory).
+    async fn run(
+        &self,
+        case: &str,
+        run: usize,
+        v: &str,
+        endpoint: &str,
+        etcd_pid: u32,
+    ) -> anyhow::Result<Sample> {
+        let store_dir = self
+            .work
+            .path()
+            .join(format!("store-{case}-{run}-{}", v.replace('+', "-")));
+        let cmd = self.command(v, endpoint, &store_dir);
+        let load = load_1m();
+        let etcd_before = cpu_seconds(etcd_pid)?;
+        let (mut sample, stdout) = tokio::task::spawn_blocking(move || measure(cmd)).await??;
+        sample.etcd_cpu_seconds = cpu_seconds(etcd_pid)? - etcd_before;
+        sample.load_1m = load;
+        let etcdctl_db = self.work.path().join("etcdctl.db");
+        sample.stored_bytes = if v == "etcdctl" {
+            std::fs::metadata(&etcdctl_db).map(|m| m.len()).unwrap_or(0)
+        } else {
+            serde_json::from_str::<serde_json::Value>(stdout.trim())
+                .ok()
+                .and_then(|j| j["stored"].as_u64())
+                .unwrap_or(0)
+        };
+        eprintln!(
+            "[{case}] run {run} {v}: {:.2} s, CPU {:.2} user + {:.2} sys, etcd CPU {:.2}, \
+             peak RSS {:.1} MiB, {:.0} MiB stored, load {:.2}",
+            sample.seconds,
+            sample.user_seconds,
+            sample.sys_seconds,
+            sample.etcd_cpu_seconds,
+            sample.max_rss_kib as f64 / 1024.0,
+            sample.stored_bytes as f64 / 1048576.0,
+            sample.load_1m
+        );
+        let _ = std::fs::remove_file(&etcdctl_db);
+        let _ = std::fs::remove_dir_all(&store_dir);
+        if v == "s3"
+            && let Some(s3) = &self.s3
+        {
+            clear_s3(s3).await?;
+        }
+        Ok(sample)
+    }
+
+    /// The command of variant `v`: `etcdctl snapshot save`, or this
+    /// binary's (or the baseline's) `backup-once` into a file or S3 store.
+    fn command(&self, v: &str, endpoint: &str, store_dir: &Path) -> Command {
+        if v == "etcdctl" {
+            let mut c = Command::new(&self.etcdctl);
+            c.env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={endpoint}"))
+                .args(["snapshot", "save"])
+                .arg(self.work.path().join("etcdctl.db"));
+            return c;
+        }
+        let args = self.args;
+        let exe = match (v.strip_suffix("@base"), &args.baseline_exe) {
+            (Some(_), Some(base)) => base,
+            _ => &self.me,
+        };
+        let mut c = Command::new(exe);
+        c.arg("backup-once")
+            .args(["--endpoint", endpoint])
+            .args(["--level", &args.level.to_string()])
+            .args(["--workers", &args.workers.to_string()]);
+        match (v, &self.s3) {
+            ("s3", Some(s3)) => {
+                c.args(["--store", &format!("s3://{}/bench", s3.bucket())]);
+                for (k, val) in s3.options() {
+                    if k != "aws_bucket" {
+                        c.args(["--option", &format!("{k}={val}")]);
+                    }
+                }
+            }
+            _ => {
+                c.args(["--store", &format!("file://{}", store_dir.display())]);
+            }
+        }
+        if v.starts_with("file+age") {
+            c.arg("--recipient").arg(&self.key);
+        }
+        c
+    }
+}
+
+/// Each variant's medians, its ratio to etcdctl's median time, and its CPU
+/// per GiB of database.
+fn summarise(
+    variants: &[&str],
+    samples: &BTreeMap<&str, Vec<Sample>>,
+    db_size: u64,
+) -> Vec<VariantResult> {
+    let base = median(samples["etcdctl"].iter().map(|s| s.seconds));
+    let gib = db_size as f64 / f64::from(1u32 << 30);
+    let per_gib = |x: f64| if gib > 0.0 { x / gib } else { 0.0 };
+    variants
+        .iter()
+        .map(|v| {
+            let s = &samples[v];
+            let t = median(s.iter().map(|x| x.seconds));
+            VariantResult {
+                variant: (*v).to_owned(),
+                samples: s.clone(),
+                median_seconds: t,
+                median_max_rss_mib: median(s.iter().map(|x| x.max_rss_kib as f64 / 1024.0)),
+                max_max_rss_mib: s
+                    .iter()
+                    .map(|x| x.max_rss_kib as f64 / 1024.0)
+                    .fold(0.0, f64::max),
+                ratio_to_etcdctl: if base > 0.0 { t / base } else { 0.0 },
+                median_cpu_seconds_per_gib: per_gib(median(
+                    s.iter().map(|x| x.user_seconds + x.sys_seconds),
+                )),
+                median_etcd_cpu_seconds_per_gib: per_gib(median(
+                    s.iter().map(|x| x.etcd_cpu_seconds),
+                )),
+                stored_bytes: s.last().map(|x| x.stored_bytes).unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+fn settings(args: &Args) -> BTreeMap<String, String> {
+    [
+        ("zstd level", args.level.to_string()),
+        ("zstd workers", args.workers.to_string()),
+        ("part size", "8 MiB".to_owned()),
+        ("upload concurrency", "2".to_owned()),
+        ("runs", args.runs.to_string()),
+        (
+            "baseline (…@base)",
+            args.baseline_exe
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none".to_owned()),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }
 
 /// Deletes everything in the moto bucket (moto keeps objects in memory).

@@ -362,35 +362,149 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let load_before = loadavg();
     let dir = tempfile::tempdir().context("creating a temp dir")?;
+    let mut stack = Stack::start(args, &exe, dir.path())?;
+    let targets = stack.targets();
+    let samples = measure(args, &targets)?;
+    stack.check_alive()?;
+    let rows = rows(&samples, &targets);
 
-    let backend_addrs: Vec<SocketAddr> = (0..BACKENDS)
+    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let mut machine = crate::stats::machine();
+    machine.insert("haproxy".into(), tool_version("haproxy", "-v"));
+    machine.insert("wrk".into(), tool_version("wrk", "-v"));
+    machine.insert("loadavg_before".into(), load_before);
+    machine.insert("loadavg_after".into(), loadavg());
+    let report = Report {
+        date: date.clone(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine,
+        settings: settings(args),
+        note: "bulwark = the bulwark-lb binary (a one-node cluster: Raft, store and API \
+               running; the contender is its node-local listener), with the backends \
+               seeded from its configuration."
+            .into(),
+        rows,
+    };
+    publish(
+        &args.out,
+        args.no_write,
+        &date,
+        "datapath",
+        &markdown(&report),
+        &report,
+    )
+}
+
+/// Every process of one datapath run (killed when dropped): the backends,
+/// HAProxy and each bulwark contender, all in front of the same backends.
+struct Stack {
+    backend: Proc,
+    backend_addrs: Vec<SocketAddr>,
+    haproxy: Proc,
+    haproxy_addr: SocketAddr,
+    contenders: Vec<(String, SocketAddr, Proc)>,
+}
+
+/// One contender as wrk sees it: its name, address, and the process whose
+/// CPU time is charged to it (none for the backends measured directly).
+struct Target {
+    name: String,
+    addr: SocketAddr,
+    pid: Option<u32>,
+}
+
+impl Stack {
+    fn start(args: &Args, exe: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let (backend, backend_addrs) = start_backends(args, exe, dir)?;
+        let (haproxy, haproxy_addr) = start_haproxy(args, dir, &backend_addrs)?;
+        let mut contenders = Vec::new();
+        for (name, bin, buffered) in variants(args, exe) {
+            let addr = free_port()?;
+            let mut p = bulwark_lb(&bin, dir, &name, addr, &backend_addrs, args, buffered)?;
+            wait_listening(&mut p, addr)?;
+            wait_seeded(&mut p, &dir.join(format!("{name}.log")))?;
+            contenders.push((name, addr, p));
+        }
+        Ok(Self {
+            backend,
+            backend_addrs,
+            haproxy,
+            haproxy_addr,
+            contenders,
+        })
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let mut targets = vec![
+            Target {
+                name: "direct".into(),
+                addr: self.backend_addrs[0],
+                pid: None,
+            },
+            Target {
+                name: "haproxy".into(),
+                addr: self.haproxy_addr,
+                pid: Some(self.haproxy.child.id()),
+            },
+        ];
+        targets.extend(self.contenders.iter().map(|(name, addr, p)| Target {
+            name: name.clone(),
+            addr: *addr,
+            pid: Some(p.child.id()),
+        }));
+        targets
+    }
+
+    /// A contender that died mid-run would have made its figures (and the
+    /// others', through the shared backends) meaningless.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for p in [&mut self.backend, &mut self.haproxy]
+            .into_iter()
+            .chain(self.contenders.iter_mut().map(|(_, _, p)| p))
+        {
+            if let Some(status) = p.child.try_wait()? {
+                bail!("{} died during the bench ({status})", p.name);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn start_backends(args: &Args, exe: &Path, dir: &Path) -> anyhow::Result<(Proc, Vec<SocketAddr>)> {
+    let addrs: Vec<SocketAddr> = (0..BACKENDS)
         .map(|_| free_port())
         .collect::<anyhow::Result<_>>()?;
-    let mut cmd = pinned(&args.cpus_backend, &exe);
+    let mut cmd = pinned(&args.cpus_backend, exe);
     cmd.arg("backend")
         .arg("--threads")
         .arg(args.backend_threads.to_string());
-    for a in &backend_addrs {
+    for a in &addrs {
         cmd.arg("--listen").arg(a.to_string());
     }
-    let mut backend = spawn("backends", cmd, &dir.path().join("backends.log"))?;
-    for a in &backend_addrs {
+    let mut backend = spawn("backends", cmd, &dir.join("backends.log"))?;
+    for a in &addrs {
         wait_listening(&mut backend, *a)?;
     }
+    Ok((backend, addrs))
+}
 
-    let haproxy_addr = free_port()?;
-    let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        haproxy_config(haproxy_addr, &backend_addrs, args.proxy_threads),
-    )?;
+fn start_haproxy(
+    args: &Args,
+    dir: &Path,
+    backends: &[SocketAddr],
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr = free_port()?;
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(&cfg, haproxy_config(addr, backends, args.proxy_threads))?;
     let mut cmd = pinned(&args.cpus_proxy, &args.haproxy);
     cmd.arg("-f").arg(&cfg).arg("-db");
-    let mut haproxy = spawn("haproxy", cmd, &dir.path().join("haproxy.log"))?;
-    wait_listening(&mut haproxy, haproxy_addr)?;
+    let mut haproxy = spawn("haproxy", cmd, &dir.join("haproxy.log"))?;
+    wait_listening(&mut haproxy, addr)?;
+    Ok((haproxy, addr))
+}
 
-    let mut contenders: Vec<(String, SocketAddr, Proc)> = Vec::new();
-    // (name, binary, buffered)
+/// The bulwark contenders: (name, binary, buffered copy only).
+fn variants(args: &Args, exe: &Path) -> Vec<(String, PathBuf, bool)> {
     let ours = exe.with_file_name("bulwark-lb");
     let mut variants = vec![("bulwark".to_owned(), ours.clone(), false)];
     if args.compare_buffered {
@@ -403,78 +517,27 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             .unwrap_or_else(|| bin.display().to_string());
         variants.push((format!("bulwark ({file})"), bin.clone(), false));
     }
-    for (name, bin, buffered) in &variants {
-        let name = name.as_str();
-        let addr = free_port()?;
-        let mut p = bulwark_lb(bin, dir.path(), name, addr, &backend_addrs, args, *buffered)?;
-        wait_listening(&mut p, addr)?;
-        wait_seeded(&mut p, &dir.path().join(format!("{name}.log")))?;
-        contenders.push((name.to_owned(), addr, p));
-    }
+    variants
+}
 
-    // Name, address, and the process whose CPU time is charged to it.
-    let mut targets: Vec<(String, SocketAddr, Option<u32>)> = vec![
-        ("direct".into(), backend_addrs[0], None),
-        ("haproxy".into(), haproxy_addr, Some(haproxy.child.id())),
-    ];
-    targets.extend(
-        contenders
-            .iter()
-            .map(|(n, a, p)| (n.clone(), *a, Some(p.child.id()))),
-    );
+/// Every (workload, contender) sample of every run.
+type Samples = BTreeMap<(usize, String), Vec<Sample>>;
 
-    let mut samples: BTreeMap<(usize, String), Vec<Sample>> = BTreeMap::new();
+fn measure(args: &Args, targets: &[Target]) -> anyhow::Result<Samples> {
+    let mut samples = Samples::new();
     for run in 0..args.runs {
         for (wi, w) in WORKLOADS.iter().enumerate() {
             // Rotate the order every run: no contender always goes first.
             let n = targets.len();
             for k in 0..n {
-                let (name, addr, pid) = &targets[(k + run) % n];
-                let conns = if w.close {
-                    args.close_connections
-                } else {
-                    args.connections
-                };
-                let mut cmd = pinned(&args.cpus_load, &args.wrk);
-                cmd.arg("-t")
-                    .arg(args.wrk_threads.to_string())
-                    .arg("-c")
-                    .arg(conns.to_string())
-                    .arg("-d")
-                    .arg(format!("{}s", args.duration.as_secs().max(1)))
-                    .arg("--latency");
-                if w.close {
-                    cmd.arg("-H").arg("Connection: close");
-                }
-                cmd.arg(format!("https://{addr}{}", w.path));
-                let cpu_before = pid.map(cpu_seconds).transpose()?;
-                let started = Instant::now();
-                let out = cmd.output().context("running wrk")?;
-                let elapsed = started.elapsed().as_secs_f64();
-                let cpu_after = pid.map(cpu_seconds).transpose()?;
-                let text = String::from_utf8_lossy(&out.stdout);
-                if !out.status.success() {
-                    bail!(
-                        "wrk failed against {name}: {}\n{text}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-                let mut s = parse_wrk(&text)?;
-                // wrk's own start-up and TLS set-up are inside `elapsed`,
-                // so this slightly overstates the cost per request, the
-                // same way for every contender.
-                if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
-                    let requests = s.rps * elapsed;
-                    if requests > 0.0 {
-                        s.cpu_us_per_req = Some((b - a) * 1e6 / requests);
-                    }
-                }
+                let target = &targets[(k + run) % n];
+                let s = wrk(args, w, target)?;
                 eprintln!(
                     "run {}/{} {:<28} {:<18} {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {}  cpu {}",
                     run + 1,
                     args.runs,
                     w.name,
-                    name,
+                    target.name,
                     s.rps,
                     s.p50_ms,
                     s.p99_ms,
@@ -483,20 +546,65 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                         .map(|c| format!("{c:.1} µs/req"))
                         .unwrap_or_else(|| "-".into())
                 );
-                samples.entry((wi, name.clone())).or_default().push(s);
+                samples
+                    .entry((wi, target.name.clone()))
+                    .or_default()
+                    .push(s);
             }
         }
     }
+    Ok(samples)
+}
 
-    for p in [&mut backend, &mut haproxy]
-        .into_iter()
-        .chain(contenders.iter_mut().map(|(_, _, p)| p))
-    {
-        if let Some(status) = p.child.try_wait()? {
-            bail!("{} died during the bench ({status})", p.name);
+/// One wrk run of workload `w` against `target`, with the CPU time its
+/// process spent per request.
+fn wrk(args: &Args, w: &Workload, target: &Target) -> anyhow::Result<Sample> {
+    let conns = if w.close {
+        args.close_connections
+    } else {
+        args.connections
+    };
+    let mut cmd = pinned(&args.cpus_load, &args.wrk);
+    cmd.arg("-t")
+        .arg(args.wrk_threads.to_string())
+        .arg("-c")
+        .arg(conns.to_string())
+        .arg("-d")
+        .arg(format!("{}s", args.duration.as_secs().max(1)))
+        .arg("--latency");
+    if w.close {
+        cmd.arg("-H").arg("Connection: close");
+    }
+    cmd.arg(format!("https://{}{}", target.addr, w.path));
+    let cpu_before = target.pid.map(cpu_seconds).transpose()?;
+    let started = Instant::now();
+    let out = cmd.output().context("running wrk")?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after = target.pid.map(cpu_seconds).transpose()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed against {}: {}\n{text}",
+            target.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut s = parse_wrk(&text)?;
+    // wrk's own start-up and TLS set-up are inside `elapsed`, so this
+    // slightly overstates the cost per request, the same way for every
+    // contender.
+    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+        let requests = s.rps * elapsed;
+        if requests > 0.0 {
+            s.cpu_us_per_req = Some((b - a) * 1e6 / requests);
         }
     }
+    Ok(s)
+}
 
+/// One row per (workload, contender): medians over the runs and the ratios
+/// to HAProxy's medians in the same run.
+fn rows(samples: &Samples, targets: &[Target]) -> Vec<Row> {
     let mut rows = Vec::new();
     for (wi, w) in WORKLOADS.iter().enumerate() {
         let get = |name: &str| {
@@ -513,7 +621,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             (!c.is_empty()).then(|| median(c))
         };
         let ha_cpu = cpu(&ha);
-        for (name, _, _) in &targets {
+        for Target { name, .. } in targets {
             let v = get(name);
             let rps = med(&v, |s| s.rps);
             let p99 = med(&v, |s| s.p99_ms);
@@ -536,16 +644,20 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             });
         }
     }
+    rows
+}
 
-    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let mut machine = crate::stats::machine();
-    machine.insert("haproxy".into(), tool_version("haproxy", "-v"));
-    machine.insert("wrk".into(), tool_version("wrk", "-v"));
-    machine.insert("loadavg_before".into(), load_before);
-    machine.insert("loadavg_after".into(), loadavg());
-    let mut settings = BTreeMap::new();
-    for (k, v) in [
+fn settings(args: &Args) -> BTreeMap<String, String> {
+    let also_lb = args
+        .also_lb
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let buffer_size = args
+        .buffer_size
+        .unwrap_or(bulwark_lb::proxy::ProxyConfig::default().buffer_size);
+    [
         ("duration", format!("{}s", args.duration.as_secs())),
         ("runs", args.runs.to_string()),
         ("wrk_threads", args.wrk_threads.to_string()),
@@ -556,42 +668,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ("cpus_load", args.cpus_load.clone()),
         ("cpus_backend", args.cpus_backend.clone()),
         ("cpus_proxy", args.cpus_proxy.clone()),
-        (
-            "also_lb",
-            args.also_lb
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(" "),
-        ),
-        (
-            "bulwark_buffer_size",
-            args.buffer_size
-                .unwrap_or(bulwark_lb::proxy::ProxyConfig::default().buffer_size)
-                .to_string(),
-        ),
-    ] {
-        settings.insert(k.to_owned(), v);
-    }
-    let report = Report {
-        date: date.clone(),
-        command,
-        machine,
-        settings,
-        note: "bulwark = the bulwark-lb binary (a one-node cluster: Raft, store and API \
-               running; the contender is its node-local listener), with the backends \
-               seeded from its configuration."
-            .into(),
-        rows,
-    };
-    publish(
-        &args.out,
-        args.no_write,
-        &date,
-        "datapath",
-        &markdown(&report),
-        &report,
-    )
+        ("also_lb", also_lb),
+        ("bulwark_buffer_size", buffer_size.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }
 
 fn markdown(r: &Report) -> String {

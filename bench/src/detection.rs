@@ -466,6 +466,48 @@ impl Lab {
 }
 
 async fn run_async(args: &Args) -> anyhow::Result<()> {
+    let (lb_bin, prober_bin) = binaries(args)?;
+    bulwark_testkit::install_crypto_provider();
+    let dir = tempfile::tempdir().context("creating a temp dir")?;
+    let pki = Pki::new()?;
+    let load_before = loadavg();
+    let mut lab = Lab::start(args, dir.path(), &pki, &lb_bin, &prober_bin).await?;
+
+    let mut trials = Vec::new();
+    for i in 0..args.trials {
+        trials.push(lab.trial(i, false, args).await?);
+    }
+    for i in 0..args.trials {
+        trials.push(lab.trial(i, true, args).await?);
+    }
+    let rows = rows(&trials);
+
+    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let mut machine = machine();
+    machine.insert("haproxy".into(), tool_version("haproxy", "-v"));
+    machine.insert("loadavg_before".into(), load_before);
+    machine.insert("loadavg_after".into(), loadavg());
+    let report = Report {
+        date: date.clone(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine,
+        settings: settings(args),
+        rows,
+        trials,
+    };
+    publish(
+        &args.out,
+        args.no_write,
+        &date,
+        "detection",
+        &markdown(&report),
+        &report,
+    )
+}
+
+/// The `bulwark-lb` and `bulwark-prober` binaries built beside this one
+/// (and the fixture apiserver the lab starts), and HAProxy.
+fn binaries(args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
     let me = std::env::current_exe().context("locating this binary")?;
     let sibling = |name: &str| -> anyhow::Result<PathBuf> {
         let p = me.with_file_name(name);
@@ -485,155 +527,145 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
             args.haproxy.display()
         );
     }
-    bulwark_testkit::install_crypto_provider();
-    let dir = tempfile::tempdir().context("creating a temp dir")?;
-    let pki = Pki::new()?;
-    let load_before = loadavg();
+    Ok((lb_bin, prober_bin))
+}
 
-    let mut apis = Vec::new();
-    for i in 1..=3 {
-        apis.push(
-            ApiServerProcess::builder(format!("api-{i}"))
-                .shutdown_delay(args.shutdown_delay)
-                .shutdown_grace(Duration::from_secs(1))
-                .start(&pki)
-                .await?,
-        );
-    }
-    let backends: Vec<(String, SocketAddr)> = apis
-        .iter()
-        .map(|a| (a.name().to_owned(), a.addr()))
-        .collect();
+impl Lab {
+    /// Three apiservers, bulwark (one LB node and a prober per zone) and
+    /// HAProxy in front of them, returned once both fronts see every
+    /// apiserver up.
+    async fn start(
+        args: &Args,
+        dir: &Path,
+        pki: &Pki,
+        lb_bin: &Path,
+        prober_bin: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut apis = Vec::new();
+        for i in 1..=3 {
+            apis.push(
+                ApiServerProcess::builder(format!("api-{i}"))
+                    .shutdown_delay(args.shutdown_delay)
+                    .shutdown_grace(Duration::from_secs(1))
+                    .start(pki)
+                    .await?,
+            );
+        }
+        let backends: Vec<(String, SocketAddr)> = apis
+            .iter()
+            .map(|a| (a.name().to_owned(), a.addr()))
+            .collect();
 
-    let mut children = Vec::new();
-    let (lb_front, lb_api, lb_raft, lb_admin) =
-        (free_port()?, free_port()?, free_port()?, free_port()?);
-    let lb_yaml = lb_config(
-        dir.path(),
-        &pki,
-        lb_front,
-        lb_api,
-        lb_raft,
-        lb_admin,
-        &backends,
-    )?;
-    let lb_yaml = lb_yaml.display().to_string();
-    children.push(spawn(
-        "bulwark-lb",
-        &lb_bin,
-        &["--config", &lb_yaml],
-        &dir.path().join("lb.log"),
-    )?);
-    for zone in ZONES {
-        let config = prober_config(dir.path(), &pki, zone, lb_api, &backends)?;
-        let config = config.display().to_string();
+        let mut children = Vec::new();
+        let (lb_front, lb_api, lb_raft, lb_admin) =
+            (free_port()?, free_port()?, free_port()?, free_port()?);
+        let lb_yaml = lb_config(dir, pki, lb_front, lb_api, lb_raft, lb_admin, &backends)?;
+        let lb_yaml = lb_yaml.display().to_string();
         children.push(spawn(
-            &format!("prober-{zone}"),
-            &prober_bin,
-            &["--config", &config],
-            &dir.path().join(format!("prober-{zone}.log")),
+            "bulwark-lb",
+            lb_bin,
+            &["--config", &lb_yaml],
+            &dir.join("lb.log"),
         )?);
-    }
-    let ha_front = free_port()?;
-    let ha_socket = dir.path().join("haproxy.sock");
-    let ha_cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(&ha_cfg, haproxy_config(ha_front, &ha_socket, &backends))?;
-    let ha_cfg = ha_cfg.display().to_string();
-    children.push(spawn(
-        "haproxy",
-        &args.haproxy,
-        &["-db", "-f", &ha_cfg],
-        &dir.path().join("haproxy.log"),
-    )?);
+        for zone in ZONES {
+            let config = prober_config(dir, pki, zone, lb_api, &backends)?;
+            let config = config.display().to_string();
+            children.push(spawn(
+                &format!("prober-{zone}"),
+                prober_bin,
+                &["--config", &config],
+                &dir.join(format!("prober-{zone}.log")),
+            )?);
+        }
+        let ha_front = free_port()?;
+        let ha_socket = dir.join("haproxy.sock");
+        let ha_cfg = dir.join("haproxy.cfg");
+        std::fs::write(&ha_cfg, haproxy_config(ha_front, &ha_socket, &backends))?;
+        let ha_cfg = ha_cfg.display().to_string();
+        children.push(spawn(
+            "haproxy",
+            &args.haproxy,
+            &["-db", "-f", &ha_cfg],
+            &dir.join("haproxy.log"),
+        )?);
 
-    let mut lab = Lab {
-        apis,
-        lb_admin,
-        lb_front,
-        ha_front,
-        ha_socket,
-        https: HttpsClient::new(pki.ca_pem())?.timeout(Duration::from_secs(5)),
-        _children: children,
-    };
-    for (name, _) in &backends {
-        lab.both_up(name).await.with_context(|| {
-            let logs: Vec<String> = lab
-                ._children
-                .iter()
-                .map(|c| {
-                    let log = std::fs::read_to_string(
-                        dir.path()
-                            .join(format!("{}.log", c.name.trim_start_matches("bulwark-"))),
-                    )
-                    .unwrap_or_default();
-                    format!("--- {}\n{log}", c.name)
-                })
-                .collect();
-            format!("waiting for the fronts to start\n{}", logs.join("\n"))
-        })?;
-    }
-
-    let mut trials = Vec::new();
-    for i in 0..args.trials {
-        trials.push(lab.trial(i, false, args).await?);
-    }
-    for i in 0..args.trials {
-        trials.push(lab.trial(i, true, args).await?);
+        let lab = Lab {
+            apis,
+            lb_admin,
+            lb_front,
+            ha_front,
+            ha_socket,
+            https: HttpsClient::new(pki.ca_pem())?.timeout(Duration::from_secs(5)),
+            _children: children,
+        };
+        for (name, _) in &backends {
+            lab.both_up(name)
+                .await
+                .with_context(|| lab.start_failure(dir))?;
+        }
+        Ok(lab)
     }
 
+    /// Every child's log, for a lab whose fronts never came up.
+    fn start_failure(&self, dir: &Path) -> String {
+        let logs: Vec<String> = self
+            ._children
+            .iter()
+            .map(|c| {
+                let file = format!("{}.log", c.name.trim_start_matches("bulwark-"));
+                let log = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+                format!("--- {}\n{log}", c.name)
+            })
+            .collect();
+        format!("waiting for the fronts to start\n{}", logs.join("\n"))
+    }
+}
+
+/// One front's figures of one trial: detection ms, failed requests, and
+/// (graceful only) the last request served after the signal.
+fn front_of(t: &Trial, front: &str) -> (f64, u64, Option<f64>) {
+    if front == "bulwark" {
+        (
+            t.bulwark_ms,
+            t.bulwark_failed_requests,
+            t.bulwark_last_served_ms,
+        )
+    } else {
+        (
+            t.haproxy_ms,
+            t.haproxy_failed_requests,
+            t.haproxy_last_served_ms,
+        )
+    }
+}
+
+/// One row per (signal, front) over that kind's trials.
+fn rows(trials: &[Trial]) -> Vec<Row> {
     let mut rows = Vec::new();
     for kind in ["kill", "graceful"] {
         let t: Vec<&Trial> = trials.iter().filter(|t| t.kind == kind).collect();
         let requests = t.iter().map(|t| t.requests_per_front).sum();
         for front in ["bulwark", "haproxy"] {
-            let ms: Vec<f64> = t
-                .iter()
-                .map(|t| {
-                    if front == "bulwark" {
-                        t.bulwark_ms
-                    } else {
-                        t.haproxy_ms
-                    }
-                })
-                .collect();
-            let last: Vec<f64> = t
-                .iter()
-                .filter_map(|t| {
-                    if front == "bulwark" {
-                        t.bulwark_last_served_ms
-                    } else {
-                        t.haproxy_last_served_ms
-                    }
-                })
-                .collect();
+            let figures: Vec<_> = t.iter().map(|t| front_of(t, front)).collect();
+            let ms: Vec<f64> = figures.iter().map(|f| f.0).collect();
+            let last: Vec<f64> = figures.iter().filter_map(|f| f.2).collect();
             rows.push(Row {
                 kind,
                 front,
                 median_ms: median(ms.iter().copied()),
                 min_ms: ms.iter().copied().fold(f64::INFINITY, f64::min),
                 max_ms: ms.iter().copied().fold(0.0, f64::max),
-                failed_requests: t
-                    .iter()
-                    .map(|t| {
-                        if front == "bulwark" {
-                            t.bulwark_failed_requests
-                        } else {
-                            t.haproxy_failed_requests
-                        }
-                    })
-                    .sum(),
+                failed_requests: figures.iter().map(|f| f.1).sum(),
                 requests,
                 median_last_served_ms: (!last.is_empty()).then(|| median(last)),
             });
         }
     }
+    rows
+}
 
-    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let mut machine = machine();
-    machine.insert("haproxy".into(), tool_version("haproxy", "-v"));
-    machine.insert("loadavg_before".into(), load_before);
-    machine.insert("loadavg_after".into(), loadavg());
-    let settings: BTreeMap<String, String> = [
+fn settings(args: &Args) -> BTreeMap<String, String> {
+    [
         ("trials", args.trials.to_string()),
         (
             "shutdown_delay",
@@ -654,23 +686,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let report = Report {
-        date: date.clone(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine,
-        settings,
-        rows,
-        trials,
-    };
-    publish(
-        &args.out,
-        args.no_write,
-        &date,
-        "detection",
-        &markdown(&report),
-        &report,
-    )
+    .collect()
 }
 
 fn markdown(r: &Report) -> String {

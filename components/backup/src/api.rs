@@ -329,10 +329,14 @@ impl pb::backup_server::Backup for BackupApi {
         } else {
             String::new()
         };
+        let timelines = self.service.engine().timelines().await?;
         Ok(Response::new(pb::ListSnapshotsResponse {
             snapshots: page
                 .iter()
-                .map(|e| e.manifest.to_summary(e.last_verification.as_ref()))
+                .map(|e| pb::SnapshotSummary {
+                    timeline: timelines.of_manifest(&e.manifest),
+                    ..e.manifest.to_summary(e.last_verification.as_ref())
+                })
                 .collect(),
             next_page_token,
         }))
@@ -343,10 +347,13 @@ impl pb::backup_server::Backup for BackupApi {
         request: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::SnapshotManifest>, Status> {
         let id = self.resolve(request.get_ref().snapshot.as_ref()).await?;
-        let e = self.service.engine().get_snapshot(&id).await?;
-        Ok(Response::new(
-            e.manifest.to_proto(e.last_verification.as_ref()),
-        ))
+        let engine = self.service.engine();
+        let e = engine.get_snapshot(&id).await?;
+        let timeline = engine.timelines().await?.of_manifest(&e.manifest);
+        Ok(Response::new(pb::SnapshotManifest {
+            timeline,
+            ..e.manifest.to_proto(e.last_verification.as_ref())
+        }))
     }
 
     type VerifySnapshotStream = Stream_<pb::VerifyProgress>;
@@ -449,6 +456,7 @@ impl pb::backup_server::Backup for BackupApi {
             tracing::warn!(error = %e, "status: could not read the restore records");
             None
         });
+        let timeline = engine.timelines().await.map_or(0, |t| t.current());
         // A restore after the newest snapshot abandoned its timeline.
         let abandoned = last_restore
             .as_ref()
@@ -492,6 +500,7 @@ impl pb::backup_server::Backup for BackupApi {
                 drill_interval: settings.drill_interval.map(duration),
             }),
             newest_revision_covered: covered.unwrap_or(0),
+            timeline,
             last_success: latest
                 .as_ref()
                 .map(|l| l.manifest.to_summary(l.last_verification.as_ref())),

@@ -109,6 +109,8 @@ struct Row {
     created: String,
     trigger: String,
     revision: i64,
+    /// The history it belongs to (every restore starts a new one).
+    timeline: u32,
     raw_bytes: u64,
     stored_bytes: u64,
     encrypted: bool,
@@ -192,6 +194,7 @@ struct ManifestView {
     etcd_version: String,
     revision: i64,
     revision_max: i64,
+    timeline: u32,
     key_count: Option<u64>,
     raw_bytes: u64,
     stored_bytes: u64,
@@ -218,6 +221,7 @@ fn manifest_view(m: &pb::SnapshotManifest) -> ManifestView {
         etcd_version: m.etcd_version.clone(),
         revision: m.revision,
         revision_max: m.revision_max,
+        timeline: m.timeline,
         key_count: m.key_count,
         raw_bytes: m.raw_size_bytes,
         stored_bytes: m.stored_size_bytes,
@@ -260,6 +264,7 @@ fn print_manifest(format: OutputFormat, m: &pb::SnapshotManifest) -> Result<(), 
                     format!("{}..{}", v.revision, v.revision_max)
                 },
             ),
+            ("timeline", v.timeline.to_string()),
             (
                 "keys",
                 v.key_count
@@ -426,6 +431,7 @@ async fn list(
             created: time(s.created_at.as_ref()),
             trigger: trigger(s.trigger),
             revision: s.revision,
+            timeline: s.timeline,
             raw_bytes: s.raw_size_bytes,
             stored_bytes: s.stored_size_bytes,
             encrypted: s.encrypted,
@@ -447,6 +453,7 @@ fn render_list(rows: &[Row]) -> String {
                 r.created.clone(),
                 r.trigger.clone(),
                 r.revision.to_string(),
+                r.timeline.to_string(),
                 size(r.raw_bytes),
                 size(r.stored_bytes),
                 if r.encrypted {
@@ -465,6 +472,7 @@ fn render_list(rows: &[Row]) -> String {
             "CREATED",
             "TRIGGER",
             "REVISION",
+            "TIMELINE",
             "RAW",
             "STORED",
             "ENCRYPTED",
@@ -791,6 +799,8 @@ struct StatusView {
     /// Newest revision a restore reaches (snapshot plus deltas; after a
     /// restore, from its restore point).
     covered_to_revision: i64,
+    /// The current timeline (every restore starts a new one).
+    timeline: u32,
     /// The delta recorder: `running`, `lagging`, `gap`, `stopped`, `disabled`.
     deltas: String,
     /// How much recent history etcd's loss would cost now.
@@ -1061,6 +1071,7 @@ fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), C
         last_drill: s.last_drill.as_ref().map(check_line),
         last_verify: s.last_verify.as_ref().map(check_line),
         covered_to_revision: s.newest_revision_covered,
+        timeline: s.timeline,
         deltas: delta_state(s.deltas.as_ref()),
         rpo_lag_seconds: rpo_lag(s.deltas.as_ref()),
         restore: s
@@ -1106,7 +1117,13 @@ fn print_status(format: OutputFormat, s: &pb::GetStatusResponse) -> Result<(), C
                 "last verify",
                 v.last_verify.clone().unwrap_or_else(|| "none".into()),
             ),
-            ("covered to", format!("revision {}", v.covered_to_revision)),
+            (
+                "covered to",
+                format!(
+                    "revision {} (timeline {})",
+                    v.covered_to_revision, v.timeline
+                ),
+            ),
             (
                 "restore",
                 v.restore.clone().unwrap_or_else(|| "none running".into()),

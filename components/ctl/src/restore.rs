@@ -50,6 +50,12 @@ pub struct RestoreArgs {
     /// Restore the snapshot as it is, without deltas.
     #[arg(long, conflicts_with_all = ["to_revision", "to_time", "to_latest"])]
     pub snapshot_only: bool,
+    /// Resolve the target in this timeline's history (`backup list` and
+    /// `backup status` show timelines; every restore starts a new one).
+    /// Default: the current timeline. Going back to the history a restore
+    /// abandoned: that history's number.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub timeline: Option<u32>,
     /// Plan and check everything, prepare every node, change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -101,6 +107,10 @@ struct Summary {
     /// The cluster's revision when it was checked (bump and writes since).
     live_revision: i64,
     cluster_id: String,
+    /// The timeline this restore started (0 for a dry run).
+    timeline: u32,
+    /// The timeline restored from.
+    from_timeline: u32,
     deltas_applied: u32,
     took_seconds: Option<f64>,
     nodes: Vec<NodeRow>,
@@ -211,6 +221,7 @@ impl RestoreArgs {
             dry_run: self.dry_run,
             confirm: !self.dry_run,
             skip_space_check: self.skip_space_check,
+            timeline: self.timeline,
             ..Default::default()
         })
     }
@@ -478,6 +489,8 @@ fn summary(restore_id: String, s: pb::RestoreSummary) -> Summary {
         revision: s.revision,
         live_revision: s.live_revision,
         cluster_id: format!("{:x}", s.cluster_id),
+        timeline: s.timeline,
+        from_timeline: s.from_timeline,
         deltas_applied: s.deltas_applied,
         took_seconds: output::seconds(s.took.as_ref()),
         nodes: s
@@ -557,6 +570,14 @@ fn print_summary(s: &Summary, format: OutputFormat) -> Result<(), CliError> {
             s.cluster_id,
             output::duration_text(s.took_seconds)
         );
+        if s.timeline > 0 {
+            out.push_str(&format!(
+                "  timeline {} begins here, branched from timeline {} at revision {}\n",
+                s.timeline, s.from_timeline, s.revision
+            ));
+        } else if s.from_timeline > 0 {
+            out.push_str(&format!("  from timeline {}\n", s.from_timeline));
+        }
         for n in &s.nodes {
             out.push_str(&format!(
                 "  {} member {} ({}), old data dir kept at {}\n",

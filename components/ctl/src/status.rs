@@ -216,6 +216,8 @@ pub struct BackupView {
     pub last_backup: Option<LastBackup>,
     /// Newest revision a restore can reach.
     pub newest_revision_covered: i64,
+    /// The current timeline (every restore starts a new one).
+    pub timeline: u32,
     /// Continuous deltas: `running`, `lagging`, `gap`, `disabled`, `stopped`.
     pub deltas: String,
     /// RPO lag in seconds: recent history lost if etcd were lost now.
@@ -472,6 +474,7 @@ fn backup_view(s: &bk::GetStatusResponse, now: SystemTime) -> BackupView {
             },
         }),
         newest_revision_covered: s.newest_revision_covered,
+        timeline: s.timeline,
         deltas: match bk::DeltaState::try_from(deltas.state) {
             Ok(bk::DeltaState::Unspecified) | Err(_) => "unknown".into(),
             Ok(st) => st
@@ -803,7 +806,10 @@ fn render_backup(out: &mut String, b: &BackupView) {
         ("last backup", last_backup_text(b.last_backup.as_ref())),
         (
             "covered to",
-            format!("revision {}", b.newest_revision_covered),
+            format!(
+                "revision {} (timeline {})",
+                b.newest_revision_covered, b.timeline
+            ),
         ),
         (
             "rpo lag",

@@ -617,6 +617,10 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["snapshot_id"], base_id.as_str());
     assert_eq!(summary["nodes"].as_array().unwrap().len(), 3);
+    // The first restore that finished starts timeline 2 (the dry run and
+    // the failed attempts start none).
+    assert_eq!(summary["timeline"], 2, "{summary}");
+    assert_eq!(summary["from_timeline"], 1, "{summary}");
     // The revision restored, not the live one after bulwark's own writes.
     assert_eq!(summary["revision"].as_i64(), Some(r1), "{summary}");
     assert!(
@@ -762,6 +766,7 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
             latest.etcd.cluster_id
         );
     }
+    check_timelines(agents, &operator, &base_id, r1, r2).await;
     for n in nodes {
         let mut one = etcd_client::Client::connect([n.client_url.clone()], None)
             .await
@@ -780,6 +785,85 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
         );
     }
     lab.stop_services();
+}
+
+/// After the restore to `r1` (timeline 2, branched from timeline 1 whose
+/// snapshot `base_id` and deltas reach the abandoned `r2`): status and the
+/// list name the timelines, a plain target resolves in timeline 2's
+/// history (its own, or timeline 1's before the branch), and `--timeline 1`
+/// reaches the abandoned stretch.
+/// Dry runs only: nothing is changed.
+async fn check_timelines(
+    agents: &[String],
+    operator: &bulwark_testkit::CertFiles,
+    base_id: &str,
+    r1: i64,
+    r2: i64,
+) {
+    let json = |out: &std::process::Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", text(out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    for agent in agents {
+        let s = json(&ctl(&["backup", "status", "-o", "json"], agent, operator).await);
+        assert_eq!(s["timeline"], 2, "{s}");
+    }
+    let list = json(&ctl(&["backup", "list", "-o", "json"], &agents[0], operator).await);
+    let base = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == base_id)
+        .unwrap();
+    assert_eq!(base["timeline"], 1, "{list}");
+
+    // The default timeline is the current one: its latest state is a
+    // snapshot of the restored cluster, or the restore point itself.
+    let dry = |args: &'static [&'static str]| async move {
+        let mut all = vec!["restore", "--dry-run", "-o", "json"];
+        all.extend_from_slice(args);
+        json(&ctl(&all, &agents[0], operator).await)
+    };
+    let plain = dry(&[]).await;
+    assert!(
+        plain["from_timeline"] == 2 || (plain["from_timeline"] == 1 && plain["revision"] == r1),
+        "{plain}"
+    );
+    assert_eq!(
+        plain["timeline"], 0,
+        "a dry run starts no timeline: {plain}"
+    );
+    // Before the branch, timeline 2's history is timeline 1's.
+    let before = (r1 - 1).to_string();
+    let out = ctl(
+        &[
+            "restore",
+            "--dry-run",
+            "-o",
+            "json",
+            "--to-revision",
+            &before,
+        ],
+        &agents[0],
+        operator,
+    )
+    .await;
+    let early = json(&out);
+    assert_eq!(early["revision"].as_i64(), Some(r1 - 1), "{early}");
+    assert_eq!(early["from_timeline"], 1, "{early}");
+    // The abandoned history is one flag away.
+    let back = dry(&["--timeline", "1", "--to-latest"]).await;
+    assert!(back["revision"].as_i64().unwrap() >= r2, "{back}");
+    assert_eq!(back["from_timeline"], 1, "{back}");
+    // A timeline that does not exist is a bad argument.
+    let out = ctl(
+        &["restore", "--timeline", "3", "--dry-run"],
+        &agents[0],
+        operator,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("timelines 1 to 2"), "{}", text(&out));
 }
 
 /// etcd 3.4 has no etcdutl: with `restore.etcdctl` set, every agent

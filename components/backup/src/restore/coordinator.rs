@@ -359,6 +359,12 @@ impl Coordinator {
             dry_run: req.dry_run,
             live_revision: 0,
             timings: Vec::new(),
+            timeline: if req.dry_run {
+                0
+            } else {
+                planned.plan.next_timeline
+            },
+            from_timeline: planned.plan.timeline,
         };
         if members_started {
             verify_cluster(run, &planned.nodes, built.revision, &mut summary).await?;
@@ -379,7 +385,7 @@ impl Coordinator {
         let (nodes, problems) = self.node_infos().await;
         let plan = run
             .engine
-            .plan_restore(snapshot.as_deref(), target)
+            .plan_restore_on(snapshot.as_deref(), target, req.timeline)
             .await
             .map_err(|e| {
                 let error = e.to_string();
@@ -392,6 +398,7 @@ impl Coordinator {
         run.events.record.update(|r| {
             r.snapshot_id = plan.base.id.clone();
             r.revision = plan.target_revision.unwrap_or(0);
+            r.from_cluster_id = u64::from_str_radix(&plan.base.etcd.cluster_id, 16).unwrap_or(0);
         });
         let lacking_bump: Vec<&str> = nodes
             .iter()

@@ -24,6 +24,7 @@
 //! | [`pitr`] | point-in-time restore: the plan and the one target snapshot every member restores |
 //! | `resume` | finishing a restore that stopped half-way: resumed where every member is restored, else rolled back; a restarted coordinator's own pass |
 //! | [`record`] | `restores/<id>.json`, the restore point later coverage starts from |
+//! | [`timeline`] | the histories restores start, derived from the records; where a revision or time lies in one |
 //! | `timing` | how long each phase and each node's step took: log, gauges, summary |
 //! | [`agent`] | this node's part: manifest out, data dir aside, restore tool, manifest back |
 //! | [`api`] | the `RestoreAgent` gRPC handlers over the local agent |
@@ -36,6 +37,7 @@ mod preflight;
 pub mod record;
 mod resume;
 pub mod rollback;
+pub mod timeline;
 mod timing;
 
 pub use api::AgentApi;

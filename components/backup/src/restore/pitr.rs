@@ -31,6 +31,7 @@ use chrono::{DateTime, Utc};
 use etcd_client::{LeaseGrantOptions, PutOptions, Txn, TxnOp};
 use tokio_util::sync::CancellationToken;
 
+use super::timeline::{Located, Timelines};
 use crate::delta::{DeltaEvent, EventKind, SegmentMeta, check_continuity};
 use crate::engine::Engine;
 use crate::error::{BackupError, Corruption, Result};
@@ -69,6 +70,10 @@ pub struct Plan {
     pub target_revision: Option<i64>,
     /// Things the operator should know.
     pub warnings: Vec<String>,
+    /// The timeline of the base snapshot, which the restore branches from.
+    pub timeline: u32,
+    /// The timeline the restore will start when it finishes.
+    pub next_timeline: u32,
 }
 
 /// Progress of building the target.
@@ -114,99 +119,131 @@ impl Engine {
     /// `snapshot`: an id, or `None` for the newest snapshot that can reach
     /// the target.
     pub async fn plan_restore(&self, snapshot: Option<&str>, target: Target) -> Result<Plan> {
-        let base = match snapshot {
-            Some(id) => self.get_snapshot(id).await?.manifest,
+        self.plan_restore_on(snapshot, target, None).await
+    }
+
+    /// [`Self::plan_restore`] in timeline `timeline`'s history (`None`: the
+    /// current timeline): with the snapshot unset, the target is located
+    /// along that history ([`Timelines::locate`]) and the base chosen among
+    /// the snapshots of the timeline it lies in. A timeline with no
+    /// snapshot of its own that reaches the target yields the state it
+    /// began with (its parent at the branch revision).
+    pub async fn plan_restore_on(
+        &self,
+        snapshot: Option<&str>,
+        target: Target,
+        timeline: Option<u32>,
+    ) -> Result<Plan> {
+        let timelines = self.timelines().await?;
+        let (base, target, upper) = match snapshot {
+            Some(id) => (
+                self.explicit_base(&timelines, id, timeline).await?,
+                target,
+                None,
+            ),
             None => {
-                let all = self.list_snapshots().await?;
-                let fits = |m: &Manifest| match target {
-                    Target::Snapshot | Target::Latest => true,
-                    Target::Revision(r) => m.revision <= r,
-                    Target::Time(t) => m.started_at <= t,
-                };
-                all.into_iter()
-                    .map(|e| e.manifest)
-                    .find(|m| fits(m))
-                    .ok_or_else(|| BackupError::NotFound {
-                        what: format!("a snapshot at or before the target ({target:?})"),
-                    })?
+                let n = timeline.unwrap_or_else(|| timelines.current());
+                self.choose_base(&timelines, n, target).await?
             }
         };
         let all = self.list_segments(Some(&base.id)).await?;
         let mut warnings = Vec::new();
-        let (segments, target_revision) = match target {
-            Target::Snapshot => (
-                Vec::new(),
-                (base.revision == base.revision_max).then_some(base.revision),
-            ),
-            Target::Latest => {
-                let covered = check_continuity(base.revision, &all)?;
-                if all.is_empty() {
-                    warnings.push(format!(
-                        "snapshot {} has no delta segments: restoring the snapshot as it is",
-                        base.id
-                    ));
-                }
-                let rev = if all.is_empty() {
-                    (base.revision == base.revision_max).then_some(base.revision)
-                } else {
-                    Some(covered)
-                };
-                (all, rev)
-            }
-            Target::Revision(r) => {
-                if r < base.revision {
-                    return Err(BackupError::InvalidArgument(format!(
-                        "revision {r} is before snapshot {} (revision {}): choose an older \
-                         snapshot or leave the snapshot unset",
-                        base.id, base.revision
-                    )));
-                }
-                let needed: Vec<SegmentMeta> =
-                    all.into_iter().filter(|s| s.first_revision <= r).collect();
-                let covered = check_continuity(base.revision, &needed)?.max(base.revision_max);
-                if r > covered {
-                    return Err(BackupError::InvalidArgument(format!(
-                        "revision {r} is not covered: snapshot {} and its deltas reach revision \
-                         {covered}",
-                        base.id
-                    )));
-                }
-                (needed, Some(r))
-            }
-            Target::Time(t) => {
-                if t < base.started_at {
-                    return Err(BackupError::InvalidArgument(format!(
-                        "time {} is before snapshot {} (taken at {}): choose an older snapshot \
-                         or leave the snapshot unset",
-                        t.to_rfc3339(),
-                        base.id,
-                        base.started_at.to_rfc3339()
-                    )));
-                }
-                let needed: Vec<SegmentMeta> =
-                    all.into_iter().filter(|s| s.first_event_at <= t).collect();
-                check_continuity(base.revision, &needed)?;
-                let newest = needed
-                    .last()
-                    .map(|s| s.last_event_at)
-                    .unwrap_or(base.started_at);
-                if t > newest + chrono::TimeDelta::seconds(1) {
-                    warnings.push(format!(
-                        "the newest recorded change is from {}; {} is later (nothing recorded \
-                         in between, or the recorder was behind)",
-                        newest.to_rfc3339(),
-                        t.to_rfc3339()
-                    ));
-                }
-                (needed, None)
-            }
-        };
+        let (segments, target_revision) = segments_for(&base, all, target, &mut warnings)?;
+        if let (Some(upper), Target::Time(t)) = (upper, target)
+            && segments.last().is_some_and(|s| s.last_revision > upper)
+        {
+            return Err(BackupError::InvalidArgument(format!(
+                "time {} falls after revision {upper}, where the asked timeline branched off \
+                 timeline {}, and before that branch began: that stretch of timeline {} was \
+                 abandoned. Restore --to-revision {upper} for the state the branch began \
+                 with, or add --timeline {} for that timeline's own history",
+                t.to_rfc3339(),
+                timelines.of_manifest(&base),
+                timelines.of_manifest(&base),
+                timelines.of_manifest(&base),
+            )));
+        }
         Ok(Plan {
+            timeline: timelines.of_manifest(&base),
+            next_timeline: timelines.current() + 1,
             base,
             segments,
             target,
             target_revision,
             warnings,
+        })
+    }
+
+    /// The snapshot the operator named, refused when it is not on the
+    /// timeline they also named.
+    async fn explicit_base(
+        &self,
+        timelines: &Timelines,
+        id: &str,
+        timeline: Option<u32>,
+    ) -> Result<Manifest> {
+        let m = self.get_snapshot(id).await?.manifest;
+        let on = timelines.of_manifest(&m);
+        match timeline {
+            Some(n) if n != on => {
+                timelines.get(n)?;
+                Err(BackupError::InvalidArgument(format!(
+                    "snapshot {id} is on timeline {on}, not timeline {n}: give the snapshot or \
+                     the timeline, not both"
+                )))
+            }
+            _ => Ok(m),
+        }
+    }
+
+    /// The newest snapshot that can reach `target` in timeline `n`'s
+    /// history, the target to build there, and the highest revision that
+    /// timeline may contribute (when it is an ancestor of `n`).
+    async fn choose_base(
+        &self,
+        timelines: &Timelines,
+        n: u32,
+        target: Target,
+    ) -> Result<(Manifest, Target, Option<i64>)> {
+        let all: Vec<Manifest> = self
+            .list_snapshots()
+            .await?
+            .into_iter()
+            .map(|e| e.manifest)
+            .collect();
+        let located = timelines.locate(n, target)?;
+        // Nothing of n's own reaches a latest, snapshot or time target:
+        // n then holds only the state it began with.
+        let began_with = match (located.timeline == n, target) {
+            (true, Target::Latest | Target::Time(_)) => timelines.start_of(n)?,
+            (true, Target::Snapshot) => timelines.start_of(n)?.map(|l| Located {
+                target: Target::Snapshot,
+                ..l
+            }),
+            _ => None,
+        };
+        for l in std::iter::once(located).chain(began_with) {
+            if let Some(m) = newest_fit(&all, timelines, &l) {
+                return Ok((m.clone(), l.target, l.upper));
+            }
+        }
+        let here = timelines.get(located.timeline)?;
+        Err(match here.parent {
+            Some(parent) => BackupError::InvalidArgument(format!(
+                "{} is not in timeline {n}'s history: timeline {} began at revision {} of \
+                 timeline {parent} and none of its snapshots reaches it. Add --timeline \
+                 {parent} to resolve it in that timeline's own history (`bulwarkctl backup \
+                 list` shows each snapshot's timeline)",
+                describe(target),
+                here.number,
+                here.branch_revision
+            )),
+            None => BackupError::NotFound {
+                what: format!(
+                    "a snapshot at or before {} in timeline {n}'s history",
+                    describe(target)
+                ),
+            },
         })
     }
 
@@ -307,6 +344,108 @@ impl Engine {
         let _ = tokio::fs::remove_file(&base_db).await;
         Ok(built)
     }
+}
+
+/// The delta segments `target` needs on top of `base` (oldest first), and
+/// the revision the target will have when it is known before building.
+fn segments_for(
+    base: &Manifest,
+    all: Vec<SegmentMeta>,
+    target: Target,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<SegmentMeta>, Option<i64>)> {
+    Ok(match target {
+        Target::Snapshot => (
+            Vec::new(),
+            (base.revision == base.revision_max).then_some(base.revision),
+        ),
+        Target::Latest => {
+            let covered = check_continuity(base.revision, &all)?;
+            if all.is_empty() {
+                warnings.push(format!(
+                    "snapshot {} has no delta segments: restoring the snapshot as it is",
+                    base.id
+                ));
+            }
+            let rev = if all.is_empty() {
+                (base.revision == base.revision_max).then_some(base.revision)
+            } else {
+                Some(covered)
+            };
+            (all, rev)
+        }
+        Target::Revision(r) => {
+            if r < base.revision {
+                return Err(BackupError::InvalidArgument(format!(
+                    "revision {r} is before snapshot {} (revision {}): choose an older \
+                     snapshot or leave the snapshot unset",
+                    base.id, base.revision
+                )));
+            }
+            let needed: Vec<SegmentMeta> =
+                all.into_iter().filter(|s| s.first_revision <= r).collect();
+            let covered = check_continuity(base.revision, &needed)?.max(base.revision_max);
+            if r > covered {
+                return Err(BackupError::InvalidArgument(format!(
+                    "revision {r} is not covered: snapshot {} and its deltas reach revision \
+                     {covered}",
+                    base.id
+                )));
+            }
+            (needed, Some(r))
+        }
+        Target::Time(t) => {
+            if t < base.started_at {
+                return Err(BackupError::InvalidArgument(format!(
+                    "time {} is before snapshot {} (taken at {}): choose an older snapshot \
+                     or leave the snapshot unset",
+                    t.to_rfc3339(),
+                    base.id,
+                    base.started_at.to_rfc3339()
+                )));
+            }
+            let needed: Vec<SegmentMeta> =
+                all.into_iter().filter(|s| s.first_event_at <= t).collect();
+            check_continuity(base.revision, &needed)?;
+            let newest = needed
+                .last()
+                .map(|s| s.last_event_at)
+                .unwrap_or(base.started_at);
+            if t > newest + chrono::TimeDelta::seconds(1) {
+                warnings.push(format!(
+                    "the newest recorded change is from {}; {} is later (nothing recorded \
+                     in between, or the recorder was behind)",
+                    newest.to_rfc3339(),
+                    t.to_rfc3339()
+                ));
+            }
+            (needed, None)
+        }
+    })
+}
+
+/// A target in the operator's words.
+fn describe(target: Target) -> String {
+    match target {
+        Target::Snapshot => "a snapshot".to_owned(),
+        Target::Latest => "the latest state".to_owned(),
+        Target::Revision(r) => format!("revision {r}"),
+        Target::Time(t) => format!("time {}", t.to_rfc3339()),
+    }
+}
+
+/// The newest snapshot of `l.timeline` that can reach `l.target`, and that
+/// is within the asked history (at or below `l.upper`).
+fn newest_fit<'a>(all: &'a [Manifest], timelines: &Timelines, l: &Located) -> Option<&'a Manifest> {
+    all.iter().find(|m| {
+        timelines.of_manifest(m) == l.timeline
+            && l.upper.is_none_or(|u| m.revision_max <= u)
+            && match l.target {
+                Target::Snapshot | Target::Latest => true,
+                Target::Revision(r) => m.revision <= r,
+                Target::Time(t) => m.started_at <= t,
+            }
+    })
 }
 
 /// Replays `events` into `scratch` up to the plan's target. Returns the

@@ -17,6 +17,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::timeline::Timelines;
 use crate::delta::SegmentMeta;
 use crate::engine::Engine;
 use crate::error::{BackupError, Corruption, Result};
@@ -105,6 +106,10 @@ pub struct RestoreRecord {
     /// The restored cluster's etcd id.
     #[serde(default)]
     pub cluster_id: u64,
+    /// The etcd id of the cluster the base snapshot came from, which names
+    /// the timeline restored from; 0 in records from before it was kept.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub from_cluster_id: u64,
     /// Node name of the coordinating instance.
     pub coordinated_by: String,
     /// A failed restore's message.
@@ -144,6 +149,7 @@ impl RestoreRecord {
             snapshot_id: String::new(),
             revision: 0,
             cluster_id: 0,
+            from_cluster_id: 0,
             coordinated_by: coordinated_by.to_owned(),
             error: String::new(),
             rolled_back: false,
@@ -333,6 +339,11 @@ impl Engine {
         Ok(out)
     }
 
+    /// Every timeline of this cluster's store ([`Timelines`]).
+    pub async fn timelines(&self) -> Result<Timelines> {
+        Ok(Timelines::new(&self.restore_records().await?))
+    }
+
     /// The newest restore that finished at its target (not a failed,
     /// running or dry-run one), if any.
     pub async fn last_restore(&self) -> Result<Option<RestoreRecord>> {
@@ -415,6 +426,10 @@ pub fn covered_revision(
             .unwrap_or(m.revision)
             .max(m.revision_max)
     })
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 #[cfg(test)]

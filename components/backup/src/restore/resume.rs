@@ -249,9 +249,26 @@ impl Coordinator {
         record: &RestoreRecord,
     ) -> std::result::Result<pb::RestoreSummary, Failed> {
         self.start_members(run, nodes).await?;
+        // The record is still running, so the timeline it starts is the
+        // one after the newest. Unreadable records only cost the numbers.
+        let (timeline, from_timeline) = match run.engine.timelines().await {
+            Ok(t) => (
+                t.current() + 1,
+                match record.from_cluster_id {
+                    0 => 0,
+                    id => t.of_cluster(id),
+                },
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the restore records to name the timeline");
+                (0, 0)
+            }
+        };
         let mut summary = pb::RestoreSummary {
             revision: record.revision,
             snapshot_id: record.snapshot_id.clone(),
+            timeline,
+            from_timeline,
             ..Default::default()
         };
         let target = (record.revision > 0).then_some(record.revision);

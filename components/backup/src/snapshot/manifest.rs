@@ -197,6 +197,9 @@ impl Manifest {
             Encryption::AgeX25519 { .. } => pb::Encryption::AgeX25519,
         };
         pb::SnapshotManifest {
+            // Follows from the restore records, which the API reads
+            // (`Timelines::of_manifest`); the manifest alone cannot say.
+            timeline: 0,
             id: self.id.clone(),
             format_version: self.format_version,
             kind: pb::SnapshotKind::Full as i32,
@@ -235,6 +238,7 @@ impl Manifest {
     ) -> pb::SnapshotSummary {
         let full = self.to_proto(last_verification);
         pb::SnapshotSummary {
+            timeline: full.timeline,
             id: full.id,
             kind: full.kind,
             trigger: full.trigger,

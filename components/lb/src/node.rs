@@ -200,6 +200,7 @@ pub async fn run(
 
     let service = raft_service(&config, &raft, &store, &cluster, &signals);
     spawn_raft_server(shutdown, service, listeners.raft, &tls, &config, &servers);
+    spawn_elector(shutdown, &config, &raft, &signals);
 
     let backends = Backends::new(config.routing_policy());
     shutdown.spawn_critical(
@@ -473,6 +474,22 @@ fn spawn_raft_server(
             .await
             .context("Raft gRPC server")
     });
+}
+
+/// A follower's campaign as soon as the silent leader's lease runs out
+/// (`raft/elector.rs`); followers take turns one heartbeat apart.
+fn spawn_elector(shutdown: &Shutdown, config: &LbConfig, raft: &Raft, signals: &Arc<Signals>) {
+    shutdown.spawn(
+        "elector",
+        crate::raft::elector::run(
+            raft.clone(),
+            config.node_id,
+            signals.clone(),
+            config.raft.election_timeout_max,
+            config.raft.heartbeat_interval,
+            shutdown.token(),
+        ),
+    );
 }
 
 /// Runs the VIP task: it holds the VIP while this node leads.

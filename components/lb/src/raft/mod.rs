@@ -13,8 +13,12 @@
 //!   or just-restarted node from voting too early.
 //! - [`membership`]: bootstrap from the initial members and the join
 //!   handshake that admits a node with an empty data dir.
+//! - [`elector`]: a follower's campaign the moment the silent leader's lease
+//!   runs out, instead of one election timeout after openraft's first,
+//!   refused, attempt.
 
 pub mod convert;
+pub mod elector;
 pub mod membership;
 pub mod network;
 pub mod server;

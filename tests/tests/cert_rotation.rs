@@ -116,6 +116,11 @@ impl Plane {
             },
         )
         .await;
+        // Every node has the configured backend (the leader's seeding is
+        // applied everywhere) before anything is proxied.
+        for n in &lbs.nodes {
+            lbs.wait_for_backends(n.id, 1).await;
+        }
         let operator_files = lbs.operator_files.clone();
         let operator = operator_files.tls_files().load().unwrap();
         let probers = start_probers(&pki, &lbs, dir.path()).await;
@@ -520,15 +525,6 @@ impl Load {
         let (stop, counters) = (Arc::new(AtomicBool::new(false)), Arc::default());
         let mut tasks = Vec::new();
         for kind in kinds {
-            if let Kind::Proxied(local) = kind {
-                // Counted from a working path on (see components/lb/tests/
-                // cert_rotation.rs on resets of a node's first connections).
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while proxied_echo(local, 0).await.is_err() {
-                    assert!(Instant::now() < deadline, "nothing proxied by {local}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
             let (tls, stop, counters) =
                 (plane.operator.clone(), stop.clone(), Arc::clone(&counters));
             tasks.push(tokio::spawn(run(kind, tls, stop, counters)));

@@ -28,10 +28,10 @@
 //! a step waits until every daemon counts each of its certificates as
 //! applied (`bulwark_certificate_reloads_total` on its /metrics).
 //!
-//! This supersedes, for the LB and the prober under load, the in-process
-//! test of components/lb/tests/cert_rotation.rs, and for bulwark-backup
-//! components/backup/tests/daemon.rs's rotation test; those stay as the
-//! quick in-process checks of each daemon (and of the LB's SIGHUP).
+//! It replaces the in-process rotation tests of components/lb/tests/
+//! cert_rotation.rs (three LB nodes and a prober) and components/backup/
+//! tests/daemon.rs (one backup instance), which it covers whole; the LB
+//! binary's SIGHUP test stays there.
 
 // Test code: a failed expectation panics, which prints the processes' logs.
 #![allow(clippy::unwrap_used)]

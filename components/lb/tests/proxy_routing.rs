@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use bulwark_lb::backends::{AdminState, Backends, RoutingMode, RoutingPolicy, Verdict};
 use bulwark_lb::proxy::ProxyConfig;
 use support::*;
-use tokio::io::{AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
 
 async fn answering(p: &TestProxy, n: usize) -> HashSet<String> {
@@ -250,4 +250,47 @@ async fn no_backend_at_all_resets_the_client() {
     let p = TestProxy::start(ProxyConfig::default(), RoutingPolicy::default(), vec![]).await;
     let r = p.connect().await;
     assert!(r.is_err(), "{r:?}");
+}
+
+/// A client that arrives while the node has no backend at all (a new
+/// cluster before the leader's seeding is committed) waits for the first
+/// one instead of being reset at once; one that waits a whole connect
+/// timeout in vain is reset then, not earlier.
+#[tokio::test]
+async fn a_client_that_arrives_before_any_backend_waits_for_the_first_one() {
+    let a = TestBackend::start("a", Mode::Echo).await;
+    let config = ProxyConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..ProxyConfig::default()
+    };
+    let p = TestProxy::start(config, RoutingPolicy::default(), vec![]).await;
+    let waiting = tokio::spawn({
+        let address = p.address;
+        async move {
+            let s = TcpStream::connect(address).await.unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            r.read_line(&mut line).await.map(|_| line)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "reset before the wait was over");
+    p.publish(vec![a.spec("z")]);
+    let line = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("still waiting after the first backend came")
+        .unwrap()
+        .unwrap();
+    assert_eq!(line.trim_end(), "a");
+
+    // Nothing comes: reset after the connect timeout.
+    p.publish(vec![]);
+    let start = std::time::Instant::now();
+    let r = p.connect().await;
+    assert!(r.is_err(), "{r:?}");
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "reset after {:?}, before the connect timeout",
+        start.elapsed()
+    );
 }

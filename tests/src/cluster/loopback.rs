@@ -61,6 +61,13 @@ pub struct Options {
     /// Give every node a node-local listener on 127.0.0.1 (its address
     /// in [`LbNode::local`]).
     pub local_listeners: bool,
+    /// Raft and VIP timers that tolerate a loaded machine: heartbeats
+    /// every 200 ms, an election timeout of 1.5–3 s, a 1 s VIP lease. For
+    /// tests that count failed requests over many seconds and measure no
+    /// failover: with the defaults (a heartbeat must be answered within
+    /// 50 ms) a busy machine lapses the leader's quorum acknowledgement,
+    /// and writes fail with "retry shortly" for reasons of CPU alone.
+    pub relaxed_timers: bool,
 }
 
 /// A VIP:port of its own on loopback (127.77.0.0/16), so parallel tests do
@@ -139,6 +146,12 @@ impl LbCluster {
             c.vip.port = vip.port();
             c.backends.clone_from(&backends);
             test_timers(&mut c);
+            if opts.relaxed_timers {
+                c.raft.heartbeat_interval = Duration::from_millis(200);
+                c.raft.election_timeout_min = Duration::from_millis(1500);
+                c.raft.election_timeout_max = Duration::from_millis(3000);
+                c.vip.lease = Duration::from_secs(1);
+            }
             c.local_listener = local;
             let config = spec.write(&c).unwrap();
             let process = lb_process(&format!("lb-{id}"), &config)

@@ -3,6 +3,14 @@
 //! the backend's drain deadline passes or shutdown's grace is over. A
 //! backend that closes or resets before its first byte gets the client's
 //! first flight replayed to another backend ([`super::copy`] keeps it).
+//!
+//! A client that arrives while this node has no backend to offer at all
+//! waits for the backend set to change, up to one connect timeout from
+//! its arrival, before it is reset. That is the moment a new cluster's
+//! nodes are in until the leader's seeding of the configured backends is
+//! committed (on a loaded machine, hundreds of milliseconds after the
+//! election, while the node-local listeners already accept): resetting
+//! at once turned every node's first client connections into failures.
 
 use std::io;
 use std::net::SocketAddr;
@@ -72,7 +80,7 @@ pub(super) async fn handle(
             }
             return;
         }
-        c = connect_some_backend(&shared, &mut tried) => c,
+        c = connect_some_backend(&shared, &mut tried, replay_until) => c,
     };
     let Some((backend, stats, mut close)) = connected else {
         // Nothing could be reached: reset rather than close, so the client
@@ -107,7 +115,7 @@ pub(super) async fn handle(
                 }
                 return;
             }
-            c = connect_some_backend(&shared, &mut tried) => c,
+            c = connect_some_backend(&shared, &mut tried, replay_until) => c,
         };
         let Some((backend, stats, token)) = next else {
             copy.reset_peer_of(&CopyError::BeforeFirstByte(failed));
@@ -199,21 +207,30 @@ impl Tried {
     }
 }
 
+/// How often a client that found no backend at all looks at the backend
+/// set again while it waits (a path taken only while a node has nothing
+/// to offer, so a short poll costs nothing on the data path).
+const NO_BACKEND_POLL: Duration = Duration::from_millis(10);
+
 /// Tries backends until one accepts, never one this connection tried
 /// before, at most `connectAttempts` per client connection counting the
-/// tries before a replay. Returns the stream, the backend's counters (its
-/// active count already includes this connection) and its close token.
+/// tries before a replay. Before its first try, a connection that finds no
+/// eligible backend waits for the set to offer one until `wait_until`.
+/// Returns the stream, the backend's counters (its active count already
+/// includes this connection) and its close token.
 async fn connect_some_backend(
     shared: &Shared,
     tried: &mut Tried,
+    wait_until: Instant,
 ) -> Option<(
     TcpStream,
     Arc<BackendStats>,
     tokio_util::sync::CancellationToken,
 )> {
     let config = &shared.config;
-    // One snapshot for all attempts, so indices stay meaningful.
-    let set = shared.backends.load();
+    // One snapshot for all attempts, so indices stay meaningful (a wait
+    // for a first backend, with nothing tried or excluded, takes a new one).
+    let mut set = shared.backends.load();
     let mode = shared.backends.mode();
     let mut exclude = [0usize; MAX_CONNECT_ATTEMPTS as usize];
     let mut excluded = 0;
@@ -228,6 +245,11 @@ async fn connect_some_backend(
     let attempts = (config.connect_attempts as usize).min(tried.addresses.len());
     while tried.len < attempts {
         let Some(backend) = set.pick(mode, &exclude[..excluded]) else {
+            if tried.len == 0 && Instant::now() < wait_until {
+                tokio::time::sleep(NO_BACKEND_POLL).await;
+                set = shared.backends.load();
+                continue;
+            }
             if tried.len == 0 {
                 shared.metrics.no_backend.increment(1);
                 tracing::warn!(

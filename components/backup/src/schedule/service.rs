@@ -240,15 +240,34 @@ impl Service {
             .snapshot_lock
             .try_lock()
             .map_err(|_| BackupError::Busy(self.engine.node_name.clone()))?;
-        let result = self
-            .engine
-            .take_snapshot(options, progress, cancel, may_commit)
-            .await;
+        let result = match self.scheduled_history_check(&options).await {
+            Ok(()) => {
+                self.engine
+                    .take_snapshot(options, progress, cancel, may_commit)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         match &result {
             Ok(m) => crate::metrics::snapshot_committed(m),
             Err(e) => crate::metrics::snapshot_failed(e),
         }
         result
+    }
+
+    /// A scheduled (or after-a-gap) snapshot only of a cluster that
+    /// continues the store's history ([`Engine::check_history`]): fresh
+    /// hosts' empty etcd is not backed up over the backups it is about to
+    /// be restored from. An operator's snapshot is never held.
+    async fn scheduled_history_check(&self, options: &SnapshotOptions) -> Result<()> {
+        if options.trigger != Trigger::Scheduled {
+            return Ok(());
+        }
+        let statuses = self.engine.etcd.statuses().await?;
+        match statuses.first() {
+            Some(s) => self.engine.check_history(s.cluster_id).await,
+            None => Ok(()),
+        }
     }
 
     /// Verifies a snapshot and records metrics and status.

@@ -28,6 +28,10 @@ use crate::schedule::election::LeaderState;
 use crate::schedule::ticks::Schedule;
 use crate::snapshot::manifest::{Manifest, Trigger, VerificationRecord};
 use crate::snapshot::{Progress, SnapshotOptions};
+
+/// How often a held snapshot after a delta gap (etcd is a cluster foreign
+/// to the store's history) is asked for again.
+const HELD_RECHECK: Duration = Duration::from_secs(10);
 use crate::verify::VerifyProgress;
 
 /// The scheduler's name as a worker (`/debug/workers`).
@@ -240,14 +244,10 @@ impl Service {
             .snapshot_lock
             .try_lock()
             .map_err(|_| BackupError::Busy(self.engine.node_name.clone()))?;
-        let result = match self.scheduled_history_check(&options).await {
-            Ok(()) => {
-                self.engine
-                    .take_snapshot(options, progress, cancel, may_commit)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
+        let result = self
+            .engine
+            .take_snapshot(options, progress, cancel, may_commit)
+            .await;
         match &result {
             Ok(m) => crate::metrics::snapshot_committed(m),
             Err(e) => crate::metrics::snapshot_failed(e),
@@ -259,10 +259,7 @@ impl Service {
     /// continues the store's history ([`Engine::check_history`]): fresh
     /// hosts' empty etcd is not backed up over the backups it is about to
     /// be restored from. An operator's snapshot is never held.
-    async fn scheduled_history_check(&self, options: &SnapshotOptions) -> Result<()> {
-        if options.trigger != Trigger::Scheduled {
-            return Ok(());
-        }
+    async fn history_check(&self) -> Result<()> {
         let statuses = self.engine.etcd.statuses().await?;
         match statuses.first() {
             Some(s) => self.engine.check_history(s.cluster_id).await,
@@ -447,6 +444,16 @@ impl Service {
 
     /// A full snapshot after a delta gap, committed only while leading.
     async fn gap_snapshot(&self, lead: &CancellationToken) -> Result<()> {
+        if let Err(e) = self.history_check().await {
+            self.remember_error("snapshot after a delta gap", &e);
+            // The recorder asks again at once; while the cluster stays
+            // foreign, each ask lists the catalog: not every second.
+            tokio::select! {
+                _ = lead.cancelled() => {}
+                _ = tokio::time::sleep(HELD_RECHECK) => {}
+            }
+            return Err(e);
+        }
         let may_commit = self.leading_now();
         let options = SnapshotOptions {
             trigger: Trigger::Scheduled,
@@ -482,6 +489,12 @@ impl Service {
     /// The scheduled snapshot of `tick`, retried up to `retries` times
     /// while `lead` holds, then retention.
     pub async fn scheduled_snapshot(&self, tick: DateTime<Utc>, lead: &CancellationToken) {
+        if let Err(e) = self.history_check().await {
+            tracing::warn!(tick = %tick, error = %e, "scheduled snapshot held");
+            self.remember_error("scheduled snapshot", &e);
+            crate::metrics::snapshot_failed(&e);
+            return;
+        }
         let attempts = self.settings.retries + 1;
         let may_commit = self.leading_now();
         for attempt in 1..=attempts {

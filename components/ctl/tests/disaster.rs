@@ -262,7 +262,7 @@ impl Site {
     /// `host`'s backup.yaml as the runbook has the operator write it on a
     /// new or surviving host: the same bucket, cluster name and age key,
     /// a fresh state dir, etcd's endpoints and every agent as given.
-    fn config(&self, host: &Host, etcd: &[&Host], peers: &[String]) -> BackupConfig {
+    fn config(&self, host: &Host, etcd: &[String], peers: &[String]) -> BackupConfig {
         let mut c = config::backup();
         c.node_name = host.name.clone();
         c.cluster_name = "prod".into();
@@ -270,7 +270,7 @@ impl Site {
         c.grpc.tls = config::tls(&self.cert);
         c.grpc.access.operators = config::orgs(&["system:masters"]);
         c.grpc.access.peers = Some(config::orgs(&["bulwark:backup"]));
-        c.etcd.endpoints = etcd.iter().map(|h| h.client_url.clone()).collect();
+        c.etcd.endpoints = etcd.to_vec();
         c.etcd.tls = None;
         c.store.url.clone_from(&self.store);
         if let Some(key) = &self.age_key {
@@ -306,9 +306,10 @@ impl Site {
     }
 
     /// An engine on the bucket, for the test to look at the catalog.
-    fn engine(&self, host: &Host, etcd: &[&Host]) -> bulwark_backup::Engine {
+    fn engine(&self, host: &Host) -> bulwark_backup::Engine {
+        let etcd = [host.client_url.clone()];
         bulwark_backup::Engine::from_config(
-            &config::validated(&self.config(host, etcd, &[])).unwrap(),
+            &config::validated(&self.config(host, &etcd, &[])).unwrap(),
         )
         .unwrap()
     }
@@ -333,7 +334,7 @@ async fn cluster_of(root: &Path, names: [&str; 3], token: &str) -> Vec<Host> {
 async fn start_backups(site: &Site, hosts: &mut [Host]) -> Vec<String> {
     let (listeners, agents) = Site::listeners(hosts.len()).await;
     let configs: Vec<BackupConfig> = {
-        let all: Vec<&Host> = hosts.iter().collect();
+        let all: Vec<String> = hosts.iter().map(|h| h.client_url.clone()).collect();
         hosts
             .iter()
             .map(|h| site.config(h, &all, &agents))
@@ -461,7 +462,7 @@ async fn heavy_two_of_three_hosts_lost_restore_on_the_survivor_then_grow_back_to
             .unwrap();
     }
     let agents = start_backups(&site, &mut hosts).await;
-    let engine = site.engine(&hosts[0], &[&hosts[0]]);
+    let engine = site.engine(&hosts[0]);
     let base = first_snapshot(&engine).await;
     for i in 0..20 {
         c.put(format!("late/{i:03}"), format!("l{i}"), None)
@@ -499,12 +500,13 @@ async fn heavy_two_of_three_hosts_lost_restore_on_the_survivor_then_grow_back_to
         assert!(text(&out).contains(lost.as_str()), "{}", text(&out));
     }
 
-    // The runbook: restore.peers lists the survivor alone; a fresh
-    // bulwark-backup (new state dir) reads the catalog from the bucket.
+    // The runbook: restore.peers lists the survivor alone (etcd's
+    // endpoints stay as they were); a fresh bulwark-backup (new state dir)
+    // reads the catalog from the bucket.
     let mut survivor = survivor;
     survivor.stop_backup();
     let (mut l, one) = Site::listeners(1).await;
-    let c1 = site.config(&survivor, &[&survivor], &one);
+    let c1 = site.config(&survivor, &urls, &one);
     site.start_backup(&mut survivor, c1, l.remove(0)).await;
     let out = ctl(&["backup", "list"], &one[0], &site.operator).await;
     assert!(out.status.success(), "{}", text(&out));
@@ -600,7 +602,7 @@ async fn heavy_all_hosts_rebuilt_restore_a_new_three_member_cluster_from_the_buc
             .unwrap();
     }
     start_backups(&site, &mut old).await;
-    let engine = site.engine(&old[0], &[&old[0]]);
+    let engine = site.engine(&old[0]);
     let base = first_snapshot(&engine).await;
     for i in 0..20 {
         c.put(format!("one/{i:03}"), format!("a{i}"), None)
@@ -646,7 +648,7 @@ async fn heavy_all_hosts_rebuilt_restore_a_new_three_member_cluster_from_the_buc
             .contains(&format!("{empty_cluster:016x}")),
         "{status}"
     );
-    let engine = site.engine(&hosts[0], &[&hosts[0]]);
+    let engine = site.engine(&hosts[0]);
     assert_eq!(
         snapshot_ids(&engine).await,
         before,

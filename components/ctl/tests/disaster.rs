@@ -8,10 +8,11 @@
 //!   one-member cluster from the bucket, then grows back to three with new
 //!   hosts (new member names and URLs).
 //! - "All control-plane hosts rebuilt": three new hosts (new names, URLs,
-//!   data dirs) and the bucket with its age identity; the fresh instances
-//!   hold their scheduled snapshots of the new, empty cluster, and the
-//!   restore brings back a three-member cluster serving the data at the
-//!   target revision.
+//!   data dirs) and the bucket with its age identity; a config with
+//!   another `clusterName` is told what the bucket holds, the fresh
+//!   instances hold their scheduled snapshots of the new, empty cluster,
+//!   and the restore brings back a three-member cluster serving the data
+//!   at the target revision.
 
 // Tests panic on failure: the harness then prints the processes' logs.
 #![allow(clippy::unwrap_used)]
@@ -627,6 +628,31 @@ async fn heavy_all_hosts_rebuilt_restore_a_new_three_member_cluster_from_the_buc
     // Three new hosts, new names and addresses: kubeadm's etcd manifests
     // for a new cluster (empty), and fresh backup configs on the bucket.
     let mut hosts = cluster_of(root.path(), ["cp-4", "cp-5", "cp-6"], "rebuilt").await;
+
+    // A config with another clusterName than the old hosts' finds nothing
+    // to restore, and says where it looked and what the bucket holds
+    // (exit 5). (No schedule and no deltas: it only answers.)
+    let (mut l, probe) = Site::listeners(1).await;
+    let mut typo = site.config(&hosts[0], &[hosts[0].client_url.clone()], &probe);
+    typo.cluster_name = "prod-eu-1".into();
+    typo.schedule.interval = None;
+    typo.deltas.enabled = false;
+    site.start_backup(&mut hosts[0], typo, l.remove(0)).await;
+    let out = ctl(
+        &["restore", "--snapshot", "latest", "--dry-run"],
+        &probe[0],
+        &site.operator,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(
+        text(&out).contains("prod-eu-1/full")
+            && text(&out).contains("holds backups under clusterName prod;"),
+        "{}",
+        text(&out)
+    );
+    hosts[0].stop_backup();
+
     let agents = start_backups(&site, &mut hosts).await;
     let urls: Vec<String> = hosts.iter().map(|h| h.client_url.clone()).collect();
     let empty_cluster = connect(&urls)

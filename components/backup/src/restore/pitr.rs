@@ -123,12 +123,13 @@ impl Engine {
                     Target::Revision(r) => m.revision <= r,
                     Target::Time(t) => m.started_at <= t,
                 };
-                all.into_iter()
-                    .map(|e| e.manifest)
-                    .find(|m| fits(m))
-                    .ok_or_else(|| BackupError::NotFound {
-                        what: format!("a snapshot at or before the target ({target:?})"),
-                    })?
+                match all.into_iter().map(|e| e.manifest).find(|m| fits(m)) {
+                    Some(m) => m,
+                    None => {
+                        let what = format!("a snapshot at or before the target ({target:?})");
+                        return Err(self.no_snapshot(&what).await);
+                    }
+                }
             }
         };
         let all = self.list_segments(Some(&base.id)).await?;

@@ -217,16 +217,47 @@ impl Engine {
 
     /// The newest committed snapshot.
     pub async fn latest_snapshot(&self) -> Result<SnapshotEntry> {
-        self.list_snapshots()
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| BackupError::NotFound {
-                what: format!(
-                    "any snapshot in {}",
-                    self.store.describe(&self.layout.full_dir())
-                ),
-            })
+        match self.list_snapshots().await?.into_iter().next() {
+            Some(s) => Ok(s),
+            None => Err(self.no_snapshot("any snapshot").await),
+        }
+    }
+
+    /// "`what` not found", naming where this instance looked and, when
+    /// the store holds other `clusterName`s' directories, those: what a
+    /// fresh config on a new host with another `clusterName` than the
+    /// old hosts' meets, instead of an empty catalog that looks like lost
+    /// backups.
+    pub async fn no_snapshot(&self, what: &str) -> BackupError {
+        let looked = self.store.describe(&self.layout.full_dir());
+        let others: Vec<String> = match self
+            .store
+            .inner()
+            .list_with_delimiter(Some(self.store.prefix()))
+            .await
+        {
+            Ok(listing) => listing
+                .common_prefixes
+                .iter()
+                .filter_map(|p| p.filename().map(str::to_owned))
+                .filter(|n| *n != self.cluster_name)
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "listing the store's cluster directories");
+                Vec::new()
+            }
+        };
+        let hint = match others.is_empty() {
+            true => String::new(),
+            false => format!(
+                " (this store holds backups under clusterName {}; this instance's clusterName is {:?})",
+                others.join(", "),
+                self.cluster_name
+            ),
+        };
+        BackupError::NotFound {
+            what: format!("{what} in {looked}{hint}"),
+        }
     }
 
     /// Whether etcd cluster `live` (its id) continues this store's

@@ -8,7 +8,7 @@
 //!   one-member cluster from the bucket, then grows back to three with new
 //!   hosts (new member names and URLs).
 //! - "All control-plane hosts rebuilt": three new hosts (new names, URLs,
-//!   data dirs) and the bucket with its age identity; a config with
+//!   data dirs) and the S3 bucket with its age identity; a config with
 //!   another `clusterName` is told what the bucket holds, the fresh
 //!   instances hold their scheduled snapshots of the new, empty cluster,
 //!   and the restore brings back a three-member cluster serving the data
@@ -27,7 +27,7 @@ use bulwark_backup::config::BackupConfig;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_testkit::kubelet::{EtcdPod, Kubelet};
 use bulwark_testkit::tools::bin_path;
-use bulwark_testkit::{CertFiles, EtcdVersion, Pki, config, tools};
+use bulwark_testkit::{CertFiles, EtcdVersion, Pki, S3Server, config, tools};
 use etcd_client::GetOptions;
 
 /// `bulwarkctl ARGS` against the instance at `addr`.
@@ -203,6 +203,8 @@ struct Site {
     cert: CertFiles,
     operator: CertFiles,
     store: String,
+    /// object_store options for `store` (an S3 server's endpoint and keys).
+    store_options: std::collections::BTreeMap<String, String>,
     age_key: Option<PathBuf>,
 }
 
@@ -239,8 +241,16 @@ impl Site {
             cert,
             operator,
             store: format!("file://{}", bucket.display()),
+            store_options: Default::default(),
             age_key,
         }
+    }
+
+    /// Backups go to `s3`'s bucket instead of a directory.
+    fn on_s3(mut self, s3: &S3Server) -> Site {
+        self.store = s3.url();
+        self.store_options = s3.options().into_iter().collect();
+        self
     }
 
     /// A gRPC listener per host, bound first so every config can name
@@ -274,6 +284,7 @@ impl Site {
         c.etcd.endpoints = etcd.to_vec();
         c.etcd.tls = None;
         c.store.url.clone_from(&self.store);
+        c.store.options.clone_from(&self.store_options);
         if let Some(key) = &self.age_key {
             c.encryption.recipient_file = Some(key.clone());
             c.encryption.identity_files = vec![key.clone()];
@@ -589,11 +600,13 @@ async fn heavy_two_of_three_hosts_lost_restore_on_the_survivor_then_grow_back_to
 }
 
 /// Runbook "All control-plane hosts rebuilt" (deploy/GUIDE.md), with
-/// encrypted backups: only the bucket and the age key are left.
+/// encrypted backups in an S3 bucket: only the bucket and the age key are
+/// left.
 #[tokio::test]
 async fn heavy_all_hosts_rebuilt_restore_a_new_three_member_cluster_from_the_bucket() {
     let root = tempfile::tempdir().unwrap();
-    let site = Site::new(root.path(), true);
+    let s3 = S3Server::start().await.unwrap();
+    let site = Site::new(root.path(), true).on_s3(&s3);
     let mut old = cluster_of(root.path(), ["cp-1", "cp-2", "cp-3"], "original").await;
     let urls: Vec<String> = old.iter().map(|h| h.client_url.clone()).collect();
     let mut c = connect(&urls).await;

@@ -12,6 +12,9 @@
 //! While leading, the delta recorder ([`crate::delta::Recorder`]) follows
 //! etcd after the newest snapshot; a gap in the history makes it ask for a
 //! new full snapshot, taken through the same path as scheduled ones.
+//! Both are held while etcd is a cluster the store's history does not
+//! know (hosts rebuilt with an empty etcd, about to be restored from this
+//! store): [`crate::Engine::check_history`].
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,11 +31,11 @@ use crate::schedule::election::LeaderState;
 use crate::schedule::ticks::Schedule;
 use crate::snapshot::manifest::{Manifest, Trigger, VerificationRecord};
 use crate::snapshot::{Progress, SnapshotOptions};
+use crate::verify::VerifyProgress;
 
 /// How often a held snapshot after a delta gap (etcd is a cluster foreign
 /// to the store's history) is asked for again.
 const HELD_RECHECK: Duration = Duration::from_secs(10);
-use crate::verify::VerifyProgress;
 
 /// The scheduler's name as a worker (`/debug/workers`).
 pub const SCHEDULER: &str = "scheduler";

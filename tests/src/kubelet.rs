@@ -76,6 +76,16 @@ pub struct EtcdPod<'a> {
 impl EtcdPod<'_> {
     /// The manifest (YAML) for `manifests/etcd.yaml`.
     pub fn manifest(&self) -> anyhow::Result<String> {
+        self.manifest_as("new")
+    }
+
+    /// The manifest of a member joining a running cluster (added first
+    /// with `etcdctl member add`): `--initial-cluster-state=existing`.
+    pub fn joining_manifest(&self) -> anyhow::Result<String> {
+        self.manifest_as("existing")
+    }
+
+    fn manifest_as(&self, state: &str) -> anyhow::Result<String> {
         let command = vec![
             self.etcd.display().to_string(),
             format!("--name={}", self.name),
@@ -86,7 +96,7 @@ impl EtcdPod<'_> {
             format!("--initial-advertise-peer-urls={}", self.peer_url),
             format!("--initial-cluster={}", self.initial_cluster),
             format!("--initial-cluster-token={}", self.token),
-            "--initial-cluster-state=new".to_owned(),
+            format!("--initial-cluster-state={state}"),
             format!("--heartbeat-interval={}", self.heartbeat_ms),
             format!("--election-timeout={}", self.election_ms),
         ];
@@ -102,6 +112,12 @@ impl EtcdPod<'_> {
     /// Writes the manifest to `path`.
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         std::fs::write(path, self.manifest()?)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    }
+
+    /// Writes the [joining manifest](Self::joining_manifest) to `path`.
+    pub fn write_joining(&self, path: &Path) -> anyhow::Result<()> {
+        std::fs::write(path, self.joining_manifest()?)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
     }
 }
@@ -245,5 +261,11 @@ mod tests {
         assert_eq!(args.len(), 12);
         let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("YAML");
         assert_eq!(doc["metadata"]["name"].as_str(), Some("etcd-m0"));
+        assert!(args.contains(&"--initial-cluster-state=new".to_owned()));
+        let joining = pod_command(&pod.joining_manifest().expect("manifest")).expect("a command");
+        assert!(
+            joining.contains(&"--initial-cluster-state=existing".to_owned()),
+            "{joining:?}"
+        );
     }
 }

@@ -228,8 +228,8 @@ impl Engine {
             }
         }
         let here = timelines.get(located.timeline)?;
-        Err(match here.parent {
-            Some(parent) => BackupError::InvalidArgument(format!(
+        if let Some(parent) = here.parent {
+            return Err(BackupError::InvalidArgument(format!(
                 "{} is not in timeline {n}'s history: timeline {} began at revision {} of \
                  timeline {parent} and none of its snapshots reaches it. Add --timeline \
                  {parent} to resolve it in that timeline's own history (`bulwarkctl backup \
@@ -237,14 +237,13 @@ impl Engine {
                 describe(target),
                 here.number,
                 here.branch_revision
-            )),
-            None => BackupError::NotFound {
-                what: format!(
-                    "a snapshot at or before {} in timeline {n}'s history",
-                    describe(target)
-                ),
-            },
-        })
+            )));
+        }
+        let what = format!(
+            "a snapshot at or before {} in timeline {n}'s history",
+            describe(target)
+        );
+        Err(self.no_snapshot(&what).await)
     }
 
     /// Builds the target snapshot of `plan` in `dir`: reads and checks the

@@ -12,6 +12,9 @@
 //! While leading, the delta recorder ([`crate::delta::Recorder`]) follows
 //! etcd after the newest snapshot; a gap in the history makes it ask for a
 //! new full snapshot, taken through the same path as scheduled ones.
+//! Both are held while etcd is a cluster the store's history does not
+//! know (hosts rebuilt with an empty etcd, about to be restored from this
+//! store): [`crate::Engine::check_history`].
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +32,10 @@ use crate::schedule::ticks::Schedule;
 use crate::snapshot::manifest::{Manifest, Trigger, VerificationRecord};
 use crate::snapshot::{Progress, SnapshotOptions};
 use crate::verify::VerifyProgress;
+
+/// How often a held snapshot after a delta gap (etcd is a cluster foreign
+/// to the store's history) is asked for again.
+const HELD_RECHECK: Duration = Duration::from_secs(10);
 
 /// The scheduler's name as a worker (`/debug/workers`).
 pub const SCHEDULER: &str = "scheduler";
@@ -251,6 +258,18 @@ impl Service {
         result
     }
 
+    /// A scheduled (or after-a-gap) snapshot only of a cluster that
+    /// continues the store's history ([`Engine::check_history`]): fresh
+    /// hosts' empty etcd is not backed up over the backups it is about to
+    /// be restored from. An operator's snapshot is never held.
+    async fn history_check(&self) -> Result<()> {
+        let statuses = self.engine.etcd.statuses().await?;
+        match statuses.first() {
+            Some(s) => self.engine.check_history(s.cluster_id).await,
+            None => Ok(()),
+        }
+    }
+
     /// Verifies a snapshot and records metrics and status.
     pub async fn verify(
         &self,
@@ -428,6 +447,16 @@ impl Service {
 
     /// A full snapshot after a delta gap, committed only while leading.
     async fn gap_snapshot(&self, lead: &CancellationToken) -> Result<()> {
+        if let Err(e) = self.history_check().await {
+            self.remember_error("snapshot after a delta gap", &e);
+            // The recorder asks again at once; while the cluster stays
+            // foreign, each ask lists the catalog: not every second.
+            tokio::select! {
+                _ = lead.cancelled() => {}
+                _ = tokio::time::sleep(HELD_RECHECK) => {}
+            }
+            return Err(e);
+        }
         let may_commit = self.leading_now();
         let options = SnapshotOptions {
             trigger: Trigger::Scheduled,
@@ -463,6 +492,12 @@ impl Service {
     /// The scheduled snapshot of `tick`, retried up to `retries` times
     /// while `lead` holds, then retention.
     pub async fn scheduled_snapshot(&self, tick: DateTime<Utc>, lead: &CancellationToken) {
+        if let Err(e) = self.history_check().await {
+            tracing::warn!(tick = %tick, error = %e, "scheduled snapshot held");
+            self.remember_error("scheduled snapshot", &e);
+            crate::metrics::snapshot_failed(&e);
+            return;
+        }
         let attempts = self.settings.retries + 1;
         let may_commit = self.leading_now();
         for attempt in 1..=attempts {

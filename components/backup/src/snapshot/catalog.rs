@@ -217,16 +217,84 @@ impl Engine {
 
     /// The newest committed snapshot.
     pub async fn latest_snapshot(&self) -> Result<SnapshotEntry> {
-        self.list_snapshots()
+        match self.list_snapshots().await?.into_iter().next() {
+            Some(s) => Ok(s),
+            None => Err(self.no_snapshot("any snapshot").await),
+        }
+    }
+
+    /// "`what` not found", naming where this instance looked and, when
+    /// the store holds other `clusterName`s' directories, those: what a
+    /// fresh config on a new host with another `clusterName` than the
+    /// old hosts' meets, instead of an empty catalog that looks like lost
+    /// backups.
+    pub async fn no_snapshot(&self, what: &str) -> BackupError {
+        let looked = self.store.describe(&self.layout.full_dir());
+        let others: Vec<String> = match self
+            .store
+            .inner()
+            .list_with_delimiter(Some(self.store.prefix()))
+            .await
+        {
+            Ok(listing) => listing
+                .common_prefixes
+                .iter()
+                .filter_map(|p| p.filename().map(str::to_owned))
+                .filter(|n| *n != self.cluster_name)
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "listing the store's cluster directories");
+                Vec::new()
+            }
+        };
+        let hint = match others.is_empty() {
+            true => String::new(),
+            false => format!(
+                " (this store holds backups under clusterName {}; this instance's clusterName is {:?})",
+                others.join(", "),
+                self.cluster_name
+            ),
+        };
+        BackupError::NotFound {
+            what: format!("{what} in {looked}{hint}"),
+        }
+    }
+
+    /// Whether etcd cluster `live` (its id) continues this store's
+    /// history: `Ok(())` when the store holds no snapshot yet, a snapshot
+    /// of that cluster, or a finished restore that made it; otherwise the
+    /// refusal scheduled snapshots get. A cluster rebuilt empty on new
+    /// hosts is not backed up over the history it is about to be restored
+    /// from (its snapshot would become the newest, the one
+    /// `bulwarkctl restore --snapshot latest` picks); an operator's
+    /// `bulwarkctl backup create` starts a new history on purpose.
+    pub async fn check_history(&self, live: u64) -> Result<()> {
+        let snapshots = self.list_snapshots().await?;
+        let clusters: Vec<u64> = snapshots
+            .iter()
+            .map(|s| u64::from_str_radix(&s.manifest.etcd.cluster_id, 16).unwrap_or(0))
+            .collect();
+        if snapshots.is_empty() || clusters.contains(&live) {
+            return Ok(());
+        }
+        let restored: Vec<u64> = self
+            .restore_records()
             .await?
             .into_iter()
-            .next()
-            .ok_or_else(|| BackupError::NotFound {
-                what: format!(
-                    "any snapshot in {}",
-                    self.store.describe(&self.layout.full_dir())
-                ),
-            })
+            .filter(|r| r.state == crate::restore::record::RecordState::Done)
+            .map(|r| r.cluster_id)
+            .collect();
+        match foreign_cluster(live, &clusters, &restored) {
+            None => Ok(()),
+            Some(why) => Err(BackupError::Refused(format!(
+                "{why}; the newest snapshot in {} is {} (revision {}): restore it \
+                 (`bulwarkctl restore --snapshot latest --yes`), or take a snapshot by hand \
+                 (`bulwarkctl backup create`) to start backing up this cluster here",
+                self.store.describe(&self.layout.full_dir()),
+                snapshots[0].manifest.id,
+                snapshots[0].manifest.revision
+            ))),
+        }
     }
 
     /// Stores a verification record next to the snapshot's manifest.
@@ -418,4 +486,36 @@ fn remove_stale_staging(dir: &std::path::Path, grace: Duration) -> usize {
         }
     }
     removed
+}
+
+/// Why cluster `live` is foreign to a store whose snapshots are of
+/// `snapshot_clusters` and whose finished restores made `restored`
+/// (`None`: it is not).
+fn foreign_cluster(live: u64, snapshot_clusters: &[u64], restored: &[u64]) -> Option<String> {
+    if snapshot_clusters.is_empty() || snapshot_clusters.contains(&live) || restored.contains(&live)
+    {
+        return None;
+    }
+    Some(format!(
+        "etcd is cluster {live:016x}, which no snapshot in this store is of and no restore \
+         from it made (a new, empty cluster?): scheduled snapshots are held"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::foreign_cluster;
+
+    #[test]
+    fn a_cluster_is_foreign_only_to_a_history_it_is_not_part_of() {
+        // An empty store: any cluster starts its history.
+        assert_eq!(foreign_cluster(7, &[], &[]), None);
+        // The cluster the snapshots are of.
+        assert_eq!(foreign_cluster(7, &[9, 7], &[]), None);
+        // A cluster a finished restore from this store made.
+        assert_eq!(foreign_cluster(8, &[7], &[8]), None);
+        let why = foreign_cluster(0xab, &[7], &[8]).expect("foreign");
+        assert!(why.contains("00000000000000ab"), "{why}");
+        assert!(why.contains("held"), "{why}");
+    }
 }

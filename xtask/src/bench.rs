@@ -1,4 +1,4 @@
-//! `cargo xtask bench [SCENARIO] [--quick]`: the failover scenario suite
+//! `cargo xtask bench [SCENARIO...] [--quick]`: the failover scenario suite
 //! (bench/README.md, "Scenario suite").
 //!
 //! Builds every binary the suite starts in release mode (debug figures
@@ -6,7 +6,7 @@
 //! from Debian), then runs `bulwark-bench suite` as root: network
 //! namespaces need it. Results go to `bench/results/<date>-suite.{md,json}`
 //! and `bench/results/<date>-suite-*.svg` with `--quick`, to
-//! `<date>-suite-full.*` without; a one-scenario run appends `-<scenario>`.
+//! `<date>-suite-full.*` without; each scenario named appends `-<scenario>`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -18,9 +18,9 @@ use crate::{cargo, is_root, run_cmd, workspace_root};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// One scenario (`bulwark-bench suite --help` lists them); all when
-    /// absent.
-    pub scenario: Option<String>,
+    /// The scenarios to run (`bulwark-bench suite --help` lists them); all
+    /// when none is given.
+    pub scenarios: Vec<String>,
     /// Shorter phases and fewer clients: the whole suite in a few minutes.
     #[arg(long)]
     pub quick: bool,
@@ -66,8 +66,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.quick {
         cmd.arg("--quick");
     }
-    if let Some(s) = &args.scenario {
-        cmd.arg(s);
-    }
+    cmd.args(&args.scenarios);
     run_cmd(&mut cmd)
 }

@@ -5,7 +5,7 @@
 //! - `cargo xtask test`: setup, then format check, clippy and the whole test
 //!   suite. This is exactly what CI runs (`.ci/run`).
 //! - `cargo xtask demo`: the whole product on loopback, narrated.
-//! - `cargo xtask bench [SCENARIO] [--quick]`: the failover scenario suite,
+//! - `cargo xtask bench [SCENARIO...] [--quick]`: the failover scenario suite,
 //!   bulwark beside keepalived + HAProxy (root: network namespaces).
 
 mod bench;

@@ -20,7 +20,13 @@
 //! - time to move the VIP: the fault to the `ip addr` sampler (every ~10 ms
 //!   plus the sweep) first seeing the VIP on another host, for both; plus
 //!   bulwark's record (election won to VIP announced);
-//! - two holders: how long the sampler saw the VIP on more than one host.
+//! - two holders: how long the sampler saw the VIP on more than one host
+//!   (bgp mode: on `lo`);
+//! - bgp mode, the router's view (`birdc show route`, sampled the same
+//!   way): route moved, the fault to the router's best route first going
+//!   via another host (where the clients' packets go from then on); two
+//!   routes, how long the router had routes via two hosts (a cut-off or
+//!   killed holder's route lingers until withdrawn or the hold timer).
 
 use bulwark_api::lb::v1 as lb;
 use serde::Serialize;
@@ -41,6 +47,9 @@ pub struct Input<'a> {
     pub load_ready_ns: u64,
     pub load_end_ns: u64,
     pub vip_changes: Vec<(u64, Vec<usize>)>,
+    /// bgp mode: the hosts the router routes the VIP via, best first, as
+    /// they changed.
+    pub route_changes: Option<Vec<(u64, Vec<usize>)>>,
     pub keepalived_master_ns: Option<u64>,
     /// First backend verdict after the fault: bulwark's committed verdict
     /// change, HAProxy's server DOWN.
@@ -98,6 +107,11 @@ pub struct RunResult {
     /// bulwark's record: election won to VIP announced.
     pub record_move_ms: Option<f64>,
     pub two_holders_ms: f64,
+    /// bgp mode: the fault to the router's best route going via another
+    /// host.
+    pub route_moved_ms: Option<f64>,
+    /// bgp mode: time with routes via two hosts.
+    pub two_routes_ms: Option<f64>,
     pub failure_kinds: Vec<(String, usize)>,
     pub series: Vec<Bucket>,
 }
@@ -208,12 +222,21 @@ pub fn analyse(i: Input<'_>) -> RunResult {
         time_to_detect_ms: detect,
         detect_source: source,
         vip_moved_ms: vip_moved(&i, fault),
-        record_move_ms: if i.contender == Contender::Bulwark && vip_scenario {
+        record_move_ms: if i.contender.is_bulwark() && vip_scenario {
             record.and_then(|f| pb_ms(f.time_to_move_vip))
         } else {
             None
         },
-        two_holders_ms: ms(two_holders_ns(&i)),
+        two_holders_ms: ms(two_holders_ns(&i.vip_changes, i.load_end_ns)),
+        route_moved_ms: i.route_changes.as_ref().and_then(|c| {
+            c.iter()
+                .find(|(t, via)| *t >= fault && via.first().is_some_and(|&h| h != i.holder))
+                .map(|(t, _)| ms(t - fault))
+        }),
+        two_routes_ms: i
+            .route_changes
+            .as_ref()
+            .map(|c| ms(two_holders_ns(c, i.load_end_ns))),
         failure_kinds: failure_kinds(&req_after, &connects),
         series: series(&i, fault),
     }
@@ -313,15 +336,13 @@ fn vip_moved(i: &Input<'_>, fault: u64) -> Option<f64> {
         .map(|(t, _)| ms(t - fault))
 }
 
-/// Time with two hosts holding the VIP, ns.
-fn two_holders_ns(i: &Input<'_>) -> u64 {
+/// Time with two hosts holding the VIP (or, for the router's changes,
+/// routed to), ns.
+fn two_holders_ns(changes: &[(u64, Vec<usize>)], load_end_ns: u64) -> u64 {
     let mut two = 0u64;
-    for (n, (t, h)) in i.vip_changes.iter().enumerate() {
+    for (n, (t, h)) in changes.iter().enumerate() {
         if h.len() > 1 {
-            let end = i
-                .vip_changes
-                .get(n + 1)
-                .map_or(i.load_end_ns, |(next, _)| *next);
+            let end = changes.get(n + 1).map_or(load_end_ns, |(next, _)| *next);
             two += end.saturating_sub(*t);
         }
     }
@@ -336,11 +357,11 @@ fn detection(
     record: Option<&lb::Failover>,
 ) -> (Option<f64>, String) {
     match (i.contender, vip_scenario) {
-        (Contender::Bulwark, true) => (
+        (Contender::Bulwark | Contender::BulwarkBgp, true) => (
             record.and_then(|f| pb_ms(f.time_to_detect)),
             "bulwark failover record (last contact with the leader -> elected)".to_owned(),
         ),
-        (Contender::Bulwark, false) => (
+        (Contender::Bulwark | Contender::BulwarkBgp, false) => (
             i.backend_verdict_ns.map(|t| ms(t.saturating_sub(fault))),
             "fault -> bulwark's leader logs a committed verdict change".to_owned(),
         ),
@@ -438,6 +459,7 @@ mod tests {
                 (1_500_000_000, vec![0, 1]),
                 (1_700_000_000, vec![1]),
             ],
+            route_changes: None,
             keepalived_master_ns: Some(1_450_000_000),
             backend_verdict_ns: None,
             failovers: Vec::new(),
@@ -451,6 +473,41 @@ mod tests {
         assert!((r.time_to_detect_ms.expect("detect") - 400.0).abs() < 1e-6);
         assert_eq!(r.latency_before.n, 10);
         assert!((r.latency_before.p50_ms - 5.0).abs() < 1e-6);
+        assert_eq!((r.route_moved_ms, r.two_routes_ms), (None, None));
+    }
+
+    #[test]
+    fn the_route_moves_when_the_best_route_goes_via_another_host() {
+        let params = super::super::Params::new(true);
+        let r = analyse(Input {
+            scenario: Scenario::LinkCut,
+            contender: Contender::BulwarkBgp,
+            params: &params,
+            watchers: 0,
+            holder: 0,
+            events: &[],
+            markers: vec![Marker {
+                at_ns: 1_000_000_000,
+                label: "cut".into(),
+            }],
+            load_ready_ns: 0,
+            load_end_ns: 5_000_000_000,
+            vip_changes: vec![(0, vec![0]), (1_600_000_000, vec![1])],
+            // The new holder's route arrives at 1.5 s but the cut-off
+            // holder's stays best until the hold timer drops it at 3.2 s.
+            route_changes: Some(vec![
+                (0, vec![0]),
+                (1_500_000_000, vec![0, 1]),
+                (3_200_000_000, vec![1]),
+            ]),
+            keepalived_master_ns: None,
+            backend_verdict_ns: None,
+            failovers: Vec::new(),
+        });
+        assert!((r.route_moved_ms.expect("moved") - 2200.0).abs() < 1e-6);
+        assert!((r.two_routes_ms.expect("two routes") - 1700.0).abs() < 1e-6);
+        assert!((r.vip_moved_ms.expect("bound") - 600.0).abs() < 1e-6);
+        assert!(r.two_holders_ms.abs() < 1e-6);
     }
 
     #[test]

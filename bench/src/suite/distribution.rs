@@ -212,7 +212,7 @@ pub async fn run_all(
                     topo.heal()
                         .await
                         .context("healing the lab after a failed run")?;
-                    super::clear_vip(topo.lb_hosts(), topo.vip);
+                    super::clear_vip(topo.lb_hosts(), topo.vip_of(contender));
                 }
             }
         }
@@ -234,6 +234,7 @@ async fn run_one(
         watchers: p.watchers,
         requesters: p.requesters,
         rate: p.rate,
+        vip: topo.vip,
         extra: vec![
             format!("--watcher-rate={}", p.watcher_rate),
             format!("--watch-timeout={}s", p.watch_timeout_s),
@@ -257,7 +258,7 @@ async fn run_one(
     let samples = sampler.finish().await;
     topo.heal().await?;
     front.shutdown().await?;
-    super::clear_vip(topo.lb_hosts(), topo.vip);
+    super::clear_vip(topo.lb_hosts(), topo.vip_of(contender));
 
     let events = load::read_events(&csv)?;
     Ok(analyse(&Input {

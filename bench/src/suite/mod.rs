@@ -1,14 +1,18 @@
-//! Scenario `suite` (`cargo xtask bench [SCENARIO] [--quick]`): failover
+//! Scenario `suite` (`cargo xtask bench [SCENARIO...] [--quick]`): failover
 //! scenarios in network namespaces, bulwark and the keepalived + HAProxy
 //! baseline one after the other on the same topology in the same run.
 //!
 //! Topology (one bridge, root only): three LB hosts (zones a, b, c), three
 //! fixture apiservers (the testkit's kube-apiserver test double) on their
-//! own hosts in zones a, b, c, and a client host running the load driver
-//! (`load.rs`). Per scenario and contender: start the front, start the
+//! own hosts in zones a, b, c, a client host running the load driver
+//! (`load.rs`), and a router host (BIRD, the testkit's bgp lab) with a
+//! second link to the client host, through which the client reaches the
+//! bgp-mode VIP. Per scenario and contender: start the front, start the
 //! load, wait until every watcher has its stream, run `before`, inject the
 //! fault(s) on the schedule, run `after`, stop the load, heal the lab,
-//! stop the front. The contenders' order alternates between scenarios.
+//! stop the front. The contenders' order alternates between scenarios;
+//! `link-cut` and `sigkill` also run bulwark in bgp mode, beside arp mode
+//! in the same run.
 //!
 //! What is measured, and how, is in `analysis.rs`; the report and plots in
 //! `report.rs`. The `distribution` scenario (how evenly the fronts spread
@@ -29,13 +33,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use bulwark_testkit::cluster::bgp;
 use bulwark_testkit::fixture::ApiServerProcess;
 use bulwark_testkit::{Host, Lab, Pki, Process, ProcessBuilder, TestDir};
 use serde::Serialize;
 
 use self::analysis::RunResult;
 use self::load::now_ns;
-use self::stack::{Stack, clear_vip, holders, wait_single_holder};
+use self::stack::{Stack, Vip, clear_vip, holders, wait_single_holder};
 
 /// The VIP's port (also the apiservers').
 pub const VIP_PORT: u16 = 6443;
@@ -46,10 +51,11 @@ pub const ZONES: [&str; 3] = ["a", "b", "c"];
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scenario {
-    /// The VIP holder's link is cut (cable pulled).
+    /// The VIP holder's link is cut (cable pulled); bulwark in arp and in
+    /// bgp mode.
     LinkCut,
-    /// The VIP holder's front is SIGKILLed (bulwark-lb; keepalived and
-    /// HAProxy for the baseline).
+    /// The VIP holder's front is SIGKILLed (bulwark-lb in arp and in bgp
+    /// mode; keepalived and HAProxy for the baseline).
     Sigkill,
     /// The VIP holder is partitioned from the other LB hosts but still
     /// reachable by clients and apiservers.
@@ -109,6 +115,21 @@ impl Scenario {
         }
     }
 
+    /// The fronts that run this scenario, in the order of the `n`-th
+    /// scenario of a run (alternating). bgp mode runs where the VIP moves
+    /// because its holder is gone, next to arp mode.
+    fn contenders(self, n: usize) -> Vec<Contender> {
+        let mut v = vec![Contender::Bulwark];
+        if matches!(self, Scenario::LinkCut | Scenario::Sigkill) {
+            v.push(Contender::BulwarkBgp);
+        }
+        v.push(Contender::Baseline);
+        if n % 2 == 1 {
+            v.reverse();
+        }
+        v
+    }
+
     /// One line for the report.
     pub fn describe(self) -> &'static str {
         match self {
@@ -140,12 +161,15 @@ impl Scenario {
     }
 }
 
-/// The two fronts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// The fronts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Contender {
-    /// bulwark-lb.
+    /// bulwark-lb, arp-mode VIP.
     Bulwark,
+    /// bulwark-lb, bgp-mode VIP announced to the router (link-cut and
+    /// sigkill only).
+    BulwarkBgp,
     /// keepalived + HAProxy (kubeadm HA guide).
     Baseline,
 }
@@ -155,17 +179,23 @@ impl Contender {
     pub fn key(self) -> &'static str {
         match self {
             Contender::Bulwark => "bulwark",
+            Contender::BulwarkBgp => "bulwark-bgp",
             Contender::Baseline => "keepalived+haproxy",
         }
+    }
+
+    /// bulwark-lb, in either mode.
+    pub fn is_bulwark(self) -> bool {
+        self != Contender::Baseline
     }
 }
 
 /// Flags of `bulwark-bench suite`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// One scenario; all when absent.
+    /// The scenarios to run, in this order; all when none is given.
     #[arg(value_enum)]
-    scenario: Option<Scenario>,
+    scenarios: Vec<Scenario>,
     /// Short phases and fewer clients (the whole suite in a few minutes).
     #[arg(long)]
     quick: bool,
@@ -232,7 +262,7 @@ impl Params {
     }
 }
 
-/// The lab: 3 LB hosts, 3 apiserver hosts, a client host.
+/// The lab: 3 LB hosts, 3 apiserver hosts, a client host, a router host.
 pub struct Topology {
     pub lab: Lab,
     pub pki: Pki,
@@ -247,9 +277,13 @@ pub struct Topology {
 impl Topology {
     async fn start() -> anyhow::Result<Self> {
         bulwark_testkit::install_crypto_provider();
-        let Some(lab) = Lab::start_or_skip(7)? else {
+        let Some(lab) = Lab::start_or_skip(8)? else {
             bail!("the suite needs root (network namespaces)");
         };
+        // The client reaches the bgp-mode VIP only through the router (its
+        // own link to it); the arp-mode VIP stays on the bridge.
+        bgp::wire_client_behind_router(&lab.hosts()[..3], lab.host(7), lab.host(6), false)
+            .context("wiring the client behind the router")?;
         let pki = Pki::new()?;
         let vip = lab.spare_addr(0);
         let mut apis = Vec::new();
@@ -314,6 +348,25 @@ impl Topology {
         self.lab.host(6)
     }
 
+    /// The router host (bird runs there in bgp-mode runs).
+    pub fn router(&self) -> &Host {
+        self.lab.host(7)
+    }
+
+    /// The VIP `contender` serves, and where its holder binds it.
+    pub fn vip_of(&self, contender: Contender) -> Vip {
+        match contender {
+            Contender::BulwarkBgp => Vip {
+                addr: bgp::VIP,
+                on_lo: true,
+            },
+            Contender::Bulwark | Contender::Baseline => Vip {
+                addr: self.vip,
+                on_lo: false,
+            },
+        }
+    }
+
     /// Undoes every fault: links up, partitions healed, apiservers running
     /// and serving.
     async fn heal(&mut self) -> anyhow::Result<()> {
@@ -349,6 +402,7 @@ async fn start_api(
         .on_host(host)
         .listen(SocketAddr::new(IpAddr::V4(host.addr()), VIP_PORT))
         .san(vip.to_string())
+        .san(bgp::VIP.to_string())
         .shutdown_delay(Duration::from_secs(3))
         .shutdown_grace(Duration::from_secs(5))
         .goaway_chance(goaway_chance)
@@ -368,7 +422,10 @@ pub struct Marker {
 /// (unix ns, the LB hosts holding the VIP from then on).
 type HolderChanges = Vec<(u64, Vec<usize>)>;
 
-/// Samples which LB hosts hold the VIP (every ~10 ms, `ip addr` on each).
+/// Records the changes of what `probe` sees (every ~10 ms): which LB
+/// hosts hold the VIP (`ip addr` on each), or which the router routes it
+/// via (bgp mode). A probe that returns `None` (bird did not answer)
+/// records nothing.
 struct VipSampler {
     stop: Arc<AtomicBool>,
     changes: Arc<Mutex<HolderChanges>>,
@@ -376,14 +433,16 @@ struct VipSampler {
 }
 
 impl VipSampler {
-    fn start(hosts: Vec<Host>, vip: Ipv4Addr) -> Self {
+    fn start(probe: impl Fn() -> Option<Vec<usize>> + Send + 'static) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let changes = Arc::new(Mutex::new(Vec::new()));
         let (s, c) = (stop.clone(), changes.clone());
         let thread = std::thread::spawn(move || {
             let mut last: Option<Vec<usize>> = None;
             while !s.load(Ordering::Relaxed) {
-                let h = holders(&hosts, vip);
+                let Some(h) = probe() else {
+                    continue;
+                };
                 if last.as_ref() != Some(&h) {
                     if let Ok(mut c) = c.lock() {
                         c.push((now_ns(), h.clone()));
@@ -398,6 +457,26 @@ impl VipSampler {
             changes,
             thread: Some(thread),
         }
+    }
+
+    /// Samples which of `hosts` hold `vip`.
+    fn holders(hosts: Vec<Host>, vip: Vip) -> Self {
+        Self::start(move || Some(holders(&hosts, vip)))
+    }
+
+    /// Samples which of `hosts` the router routes the bgp VIP via, best
+    /// route first.
+    fn routes(hosts: Vec<Host>, rib: bgp::RibReader) -> Self {
+        Self::start(move || {
+            let hops = rib.rib(IpAddr::V4(bgp::VIP))?;
+            let mut via: Vec<usize> = Vec::new();
+            for h in hops.into_iter().filter_map(|hop| bgp::host_of(&hosts, hop)) {
+                if !via.contains(&h) {
+                    via.push(h);
+                }
+            }
+            Some(via)
+        })
     }
 
     fn finish(mut self) -> HolderChanges {
@@ -529,27 +608,28 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     let params = Params::new(args.quick);
     let dist_params = distribution::DistParams::new(args.quick, args.goaway_chance);
     let mut dist_results = Vec::new();
-    let scenarios: Vec<Scenario> = match args.scenario {
-        Some(s) => vec![s],
-        None => Scenario::ALL.to_vec(),
+    let scenarios: Vec<Scenario> = if args.scenarios.is_empty() {
+        Scenario::ALL.to_vec()
+    } else {
+        args.scenarios.clone()
     };
     let load_before = crate::stats::loadavg();
     let mut topo = Topology::start().await?;
     let mut results = Vec::new();
     let mut failed = Vec::new();
     for (n, &scenario) in scenarios.iter().enumerate() {
-        let order = if n % 2 == 0 {
-            [Contender::Bulwark, Contender::Baseline]
-        } else {
-            [Contender::Baseline, Contender::Bulwark]
-        };
         if scenario == Scenario::Distribution {
+            let order = if n % 2 == 0 {
+                [Contender::Bulwark, Contender::Baseline]
+            } else {
+                [Contender::Baseline, Contender::Bulwark]
+            };
             let (runs, errors) = distribution::run_all(&mut topo, order, &dist_params).await?;
             dist_results.extend(runs);
             failed.extend(errors);
             continue;
         }
-        for contender in order {
+        for contender in scenario.contenders(n) {
             eprintln!("suite: {} / {}", scenario.key(), contender.key());
             match run_one(&mut topo, scenario, contender, &params).await {
                 Ok(r) => {
@@ -571,7 +651,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
                     topo.heal()
                         .await
                         .context("healing the lab after a failed run")?;
-                    clear_vip(topo.lb_hosts(), topo.vip);
+                    clear_vip(topo.lb_hosts(), topo.vip_of(contender));
                 }
             }
         }
@@ -602,6 +682,7 @@ async fn run_one(
     p: &Params,
 ) -> anyhow::Result<RunResult> {
     let lb_hosts = topo.lb_hosts().to_vec();
+    let vip = topo.vip_of(contender);
     let mut front = start_front(topo, contender).await?;
     let watchers = if scenario == Scenario::ReconnectStorm {
         p.storm_watchers
@@ -613,15 +694,20 @@ async fn run_one(
         watchers,
         requesters: p.requesters,
         rate: p.rate,
+        vip: vip.addr,
         extra: Vec::new(),
     };
     let (mut load, csv) = spawn_load(topo, &spec).await?;
     let load_ready_ns = now_ns();
-    let sampler = VipSampler::start(lb_hosts.clone(), topo.vip);
+    let sampler = VipSampler::holders(lb_hosts.clone(), vip);
+    let route_sampler = front
+        .router
+        .as_ref()
+        .map(|bird| VipSampler::routes(lb_hosts.clone(), bird.reader()));
     tokio::time::sleep(Duration::from_secs_f64(p.before_s)).await;
     // The holder now, not at start: keepalived's MASTER may preempt a
     // BACKUP that took the VIP first while the load ramped up.
-    let holder = wait_single_holder(&lb_hosts, topo.vip, Duration::from_secs(10)).await?;
+    let holder = wait_single_holder(&lb_hosts, vip, Duration::from_secs(10)).await?;
 
     // Detection witnesses for the baseline: keepalived on the other LB
     // hosts entering MASTER, HAProxy (anywhere) marking a server down.
@@ -636,7 +722,7 @@ async fn run_one(
         all_logs,
         match contender {
             Contender::Baseline => stack::HAPROXY_DOWN,
-            Contender::Bulwark => stack::BULWARK_VERDICT,
+            Contender::Bulwark | Contender::BulwarkBgp => stack::BULWARK_VERDICT,
         },
     );
 
@@ -646,12 +732,13 @@ async fn run_one(
     load.stop().await?;
     let load_end_ns = now_ns();
     let vip_changes = sampler.finish();
+    let route_changes = route_sampler.map(VipSampler::finish);
     let keepalived_master_ns = master_watch.and_then(LogWatch::finish);
     let backend_verdict_ns = down_watch.finish();
     let failovers = front.failovers(topo).await;
     topo.heal().await?;
     front.shutdown().await?;
-    clear_vip(&lb_hosts, topo.vip);
+    clear_vip(&lb_hosts, vip);
 
     let events = load::read_events(&csv)?;
     Ok(analysis::analyse(analysis::Input {
@@ -665,6 +752,7 @@ async fn run_one(
         load_ready_ns,
         load_end_ns,
         vip_changes,
+        route_changes,
         keepalived_master_ns,
         backend_verdict_ns,
         failovers,
@@ -672,15 +760,23 @@ async fn run_one(
 }
 
 /// Starts `contender` on a clean lab and waits until one LB host holds
-/// the VIP and bulwark has had time to commit its backends.
+/// the VIP (in bgp mode: and the router routes it there) and bulwark has
+/// had time to commit its backends.
 async fn start_front(topo: &Topology, contender: Contender) -> anyhow::Result<Stack> {
     let lb_hosts = topo.lb_hosts().to_vec();
-    clear_vip(&lb_hosts, topo.vip);
+    let vip = topo.vip_of(contender);
+    clear_vip(&lb_hosts, vip);
     let _ = topo
         .client()
         .exec("ip", ["neigh", "flush", "dev", topo.client().interface()]);
     let front = Stack::start(topo, contender)?;
-    if let Err(e) = wait_single_holder(&lb_hosts, topo.vip, Duration::from_secs(60)).await {
+    let routed = async {
+        let holder = wait_single_holder(&lb_hosts, vip, Duration::from_secs(60)).await?;
+        front
+            .wait_routed(&lb_hosts, holder, Duration::from_secs(30))
+            .await
+    };
+    if let Err(e) = routed.await {
         stack::check_running(&front)?;
         return Err(e);
     }
@@ -697,6 +793,8 @@ struct LoadSpec {
     watchers: usize,
     requesters: usize,
     rate: f64,
+    /// The VIP the clients connect to (port [`VIP_PORT`]).
+    vip: Ipv4Addr,
     /// More `bulwark-bench load` flags.
     extra: Vec<String>,
 }
@@ -715,7 +813,7 @@ async fn spawn_load(topo: &Topology, spec: &LoadSpec) -> anyhow::Result<(Process
         )
         .arg("load")
         .arg("--target")
-        .arg(SocketAddr::new(IpAddr::V4(topo.vip), VIP_PORT).to_string())
+        .arg(SocketAddr::new(IpAddr::V4(spec.vip), VIP_PORT).to_string())
         .arg("--ca")
         .arg(&topo.ca)
         .arg("--watchers")
@@ -805,4 +903,24 @@ async fn inject(
         }
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bgp_mode_runs_beside_arp_mode_only_where_the_holder_goes() {
+        use Contender::{Baseline, Bulwark, BulwarkBgp};
+        assert_eq!(
+            Scenario::LinkCut.contenders(0),
+            [Bulwark, BulwarkBgp, Baseline]
+        );
+        assert_eq!(
+            Scenario::Sigkill.contenders(1),
+            [Baseline, BulwarkBgp, Bulwark]
+        );
+        assert_eq!(Scenario::Partition.contenders(0), [Bulwark, Baseline]);
+        assert_eq!(Scenario::ZoneOutage.contenders(1), [Baseline, Bulwark]);
+    }
 }

@@ -3,7 +3,8 @@
 //! per scenario (`<stem>-<scenario>.svg`): requests/s, failures/s and watch
 //! streams lost/s over time with the fault markers, bulwark above the
 //! baseline. The stem is `<date>-suite` for `--quick`, `<date>-suite-full`
-//! otherwise, with `-<scenario>` appended when only one scenario ran.
+//! otherwise, with `-<scenario>` appended for each scenario named on the
+//! command line (none: all ran).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -32,8 +33,8 @@ pub struct Report {
     date: String,
     command: String,
     quick: bool,
-    /// The one scenario run, when not all.
-    only: Option<Scenario>,
+    /// The scenarios named on the command line (empty: all ran).
+    only: Vec<Scenario>,
     duration_s: f64,
     machine: BTreeMap<String, String>,
     loadavg_before: String,
@@ -66,7 +67,7 @@ impl Report {
         );
         let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let mut command = String::from("cargo xtask bench");
-        if let Some(s) = args.scenario {
+        for s in &args.scenarios {
             let _ = write!(command, " {}", s.key());
         }
         if args.quick {
@@ -80,7 +81,7 @@ impl Report {
             date,
             command,
             quick: args.quick,
-            only: args.scenario,
+            only: args.scenarios.clone(),
             duration_s: took.as_secs_f64(),
             machine,
             loadavg_before,
@@ -102,14 +103,14 @@ impl Report {
         self
     }
 
-    /// `<day>-suite` (quick), `<day>-suite-full`, plus `-<scenario>` when
-    /// one scenario ran: a full run on the day of a quick one keeps both.
+    /// `<day>-suite` (quick), `<day>-suite-full`, plus `-<scenario>` for
+    /// each scenario named: a full run on the day of a quick one keeps both.
     fn stem(&self) -> String {
         let mut stem = format!("{}-suite", &self.date[..10]);
         if !self.quick {
             stem.push_str("-full");
         }
-        if let Some(s) = self.only {
+        for s in &self.only {
             let _ = write!(stem, "-{}", s.key());
         }
         stem
@@ -121,7 +122,7 @@ impl Report {
         let stem = self.stem();
         let mut plots = Vec::new();
         for scenario in self.scenarios() {
-            let file = if self.only.is_some() {
+            let file = if self.only.len() == 1 {
                 format!("{stem}.svg")
             } else {
                 format!("{stem}-{}.svg", scenario.key())
@@ -132,7 +133,7 @@ impl Report {
         let dist_plot = if self.distribution.is_empty() {
             None
         } else {
-            let file = if self.only.is_some() {
+            let file = if self.only.len() == 1 {
                 format!("{stem}.svg")
             } else {
                 format!("{stem}-distribution.svg")
@@ -167,10 +168,10 @@ impl Report {
         v
     }
 
-    /// bulwark first, then the baseline.
+    /// bulwark (arp mode, then bgp mode), then the baseline.
     fn runs_of(&self, s: Scenario) -> Vec<&RunResult> {
         let mut v: Vec<&RunResult> = self.runs.iter().filter(|r| r.scenario == s).collect();
-        v.sort_by_key(|r| r.contender != Contender::Bulwark);
+        v.sort_by_key(|r| r.contender);
         v
     }
 
@@ -185,13 +186,13 @@ impl Report {
         let _ = writeln!(s, "Machine: {}.\n", crate::datapath::kv(&self.machine));
         let _ = writeln!(
             s,
-            "Load average (1/5/15 min) before: {}, after: {}. The machine is shared with other builds: compare the two fronts within this run, not across runs.\n",
+            "Load average (1/5/15 min) before: {}, after: {}. The machine is shared with other builds: compare the fronts (and bulwark's bgp mode with its arp mode) within this run, not across runs.\n",
             self.loadavg_before, self.loadavg_after
         );
         let p = &self.params;
         let _ = writeln!(
             s,
-            "Topology: network namespaces on one bridge: 3 LB hosts (zones a, b, c), 3 fixture apiservers (the testkit's kube-apiserver test double; shutdown delay 3 s, grace 5 s) on their own hosts in zones a, b, c, one client host. **bulwark**: `bulwark-lb` on each LB host, arp-mode VIP, default timers, and a `bulwark-prober` per zone on that zone's LB host (default probing) feeding the LB's health verdicts. **keepalived+haproxy**: the kubeadm HA guide's setup: keepalived VRRP (defaults, advert 1 s, one MASTER at 101, two BACKUPs at 100) and HAProxy `mode tcp` with `option httpchk GET /healthz`, `http-check expect status 200`, `check check-ssl verify none`, `inter 2s fall 3 rise 2`, `retries 1`, `option redispatch`. Both run on the same hosts in the same run, one after the other, order alternating by scenario.\n"
+            "Topology: network namespaces on one bridge: 3 LB hosts (zones a, b, c), 3 fixture apiservers (the testkit's kube-apiserver test double; shutdown delay 3 s, grace 5 s) on their own hosts in zones a, b, c, one client host, one router host. **bulwark**: `bulwark-lb` on each LB host, arp-mode VIP, default timers, and a `bulwark-prober` per zone on that zone's LB host (default probing) feeding the LB's health verdicts. **bulwark-bgp** (link-cut and sigkill): the same nodes and probers in bgp mode (default timers: hold time 3 s), the VIP (`10.255.0.10`, outside the bridge's subnet) bound on `lo` and announced over eBGP to BIRD 2 on the router host (`hold time 3`, `keepalive time 1`, learned routes exported to its kernel); the client host reaches that VIP only through its own link to the router (the testkit's bgp lab, the one `lb_bgp_netns.rs` tests), while the arp-mode VIP stays on the bridge. **keepalived+haproxy**: the kubeadm HA guide's setup: keepalived VRRP (defaults, advert 1 s, one MASTER at 101, two BACKUPs at 100) and HAProxy `mode tcp` with `option httpchk GET /healthz`, `http-check expect status 200`, `check check-ssl verify none`, `inter 2s fall 3 rise 2`, `retries 1`, `option redispatch`. All run on the same hosts in the same run, one after the other, order alternating by scenario.\n"
         );
         let _ = writeln!(
             s,
@@ -200,13 +201,14 @@ impl Report {
         );
         self.runs_table(&mut s);
         self.ratios_table(&mut s);
+        self.bgp_table(&mut s);
         let _ = writeln!(
             s,
             "\nA ratio needs a sample on both sides (at least {MIN_SAMPLE}): **p99 during** is \"-\" when either front had fewer than {MIN_SAMPLE} successful requests in its during window (a p99 of a handful is its maximum); **failed requests / connects** show both counts (\"4 vs 1\") when both are below {MIN_SAMPLE}; **watch streams all back** is \"-\" when either front lost fewer than {MIN_SAMPLE} streams or some never came back. The **gap** is one measurement per run, not a sample, and is always a ratio."
         );
         let _ = writeln!(
             s,
-            "\n## How to read it\n\n- **gap**: the longest time between two successful short requests (all clients together) ending after the fault; steady state is a few ms.\n- **failed req / conn**: failed short requests and failed connects (TCP + TLS + HTTP/2) from the fault on, out of all attempted. A requester whose connect fails sends no request, so when the VIP or every backend is unreachable the failures show under conn, not req.\n- **watches lost / all back**: watch streams lost after the fault, out of all watch clients, and the time from the fault until the last of them had its stream again (p50: the median stream); \"N never\" when N streams were still down when the load stopped.\n- **detect**: VIP scenarios: bulwark's failover record (last contact with the old leader to election won); baseline: the fault to keepalived logging `Entering MASTER STATE` on another host. Backend scenarios (apiserver kill / shutdown, prober isolated): the fault to bulwark's leader logging a committed verdict change (`verdict committed`), or to HAProxy logging a server DOWN; logs polled every 20 ms. In `prober-isolated` a figure here means a verdict changed: for bulwark that would be a wrong eviction; HAProxy on the cut-off host marks its servers down, which harms no client while that host does not hold the VIP.\n- **VIP moved**: the fault to an `ip addr` sampler (every ~10 ms) first seeing the VIP on another host (same yardstick for both).\n- **two holders**: time the sampler saw the VIP on more than one host. After a SIGKILL the dead node's address stays behind (both fronts); after a partition only a fenced leader gives it up.\n- **p50/p99**: successful short requests by start time: before the fault, during, after; \"(n=…)\" marks a window with fewer than {MIN_SAMPLE} successes.\n- **zone-outage, keepalived+haproxy** is slow for two reasons of the baseline itself, not of the harness. (1) The two BACKUPs have the same priority (100, as in the guide), so when the MASTER's zone goes dark both time out at the same instant, both enter MASTER and send gratuitous ARPs, and the one with the lower address yields at once (keepalived's log: `Entering MASTER STATE`, then `same priority 100 but higher IP address`, `Entering BACKUP STATE`). A client whose neighbour entry took the loser's ARP last sends its SYNs to a host that no longer has the VIP until keepalived repeats its gratuitous ARPs (`garp_master_delay`, 5 s later). (2) HAProxy keeps the dead zone's apiserver in the round robin until three checks have failed (`inter 2s fall 3`, each check waiting 2 s): a connection sent there waits `timeout connect 5s` before `retries 1` with `redispatch` moves it, so a third of the watch streams come back only 8-10 s after the fault.\n"
+            "\n## How to read it\n\n- **gap**: the longest time between two successful short requests (all clients together) ending after the fault; steady state is a few ms.\n- **failed req / conn**: failed short requests and failed connects (TCP + TLS + HTTP/2) from the fault on, out of all attempted. A requester whose connect fails sends no request, so when the VIP or every backend is unreachable the failures show under conn, not req.\n- **watches lost / all back**: watch streams lost after the fault, out of all watch clients, and the time from the fault until the last of them had its stream again (p50: the median stream); \"N never\" when N streams were still down when the load stopped.\n- **detect**: VIP scenarios: bulwark's failover record (last contact with the old leader to election won); baseline: the fault to keepalived logging `Entering MASTER STATE` on another host. Backend scenarios (apiserver kill / shutdown, prober isolated): the fault to bulwark's leader logging a committed verdict change (`verdict committed`), or to HAProxy logging a server DOWN; logs polled every 20 ms. In `prober-isolated` a figure here means a verdict changed: for bulwark that would be a wrong eviction; HAProxy on the cut-off host marks its servers down, which harms no client while that host does not hold the VIP.\n- **VIP moved**: the fault to an `ip addr` sampler (every ~10 ms) first seeing the VIP on another host (same yardstick for both).\n- **two holders**: time the sampler saw the VIP on more than one host. After a SIGKILL the dead node's address stays behind (both fronts); after a partition only a fenced leader gives it up.\n- **bulwark-bgp**: VIP moved and two holders are read from `lo`, where a bgp-mode holder binds the VIP; **route moved** is the fault to the router's best route (`birdc show route`, sampled like `ip addr`) first going via another host, which is when the clients' packets go there, and **two routes** the time the router had routes via two hosts: a cut-off holder cannot withdraw, so its route stays (and may stay best) until BIRD's hold timer expires; a SIGKILLed holder's sessions close at once and its route goes with them.\n- **p50/p99**: successful short requests by start time: before the fault, during, after; \"(n=…)\" marks a window with fewer than {MIN_SAMPLE} successes.\n- **zone-outage, keepalived+haproxy** is slow for two reasons of the baseline itself, not of the harness. (1) The two BACKUPs have the same priority (100, as in the guide), so when the MASTER's zone goes dark both time out at the same instant, both enter MASTER and send gratuitous ARPs, and the one with the lower address yields at once (keepalived's log: `Entering MASTER STATE`, then `same priority 100 but higher IP address`, `Entering BACKUP STATE`). A client whose neighbour entry took the loser's ARP last sends its SYNs to a host that no longer has the VIP until keepalived repeats its gratuitous ARPs (`garp_master_delay`, 5 s later). (2) HAProxy keeps the dead zone's apiserver in the round robin until three checks have failed (`inter 2s fall 3`, each check waiting 2 s): a connection sent there waits `timeout connect 5s` before `retries 1` with `redispatch` moves it, so a third of the watch streams come back only 8-10 s after the fault.\n"
         );
         self.failures(&mut s);
         let _ = writeln!(s, "\n## Plots\n");
@@ -286,6 +288,50 @@ impl Report {
                 count_ratio(b.failed_connects, k.failed_connects),
                 back_ratio(b, k),
                 latency_ratio(&b.latency_during, &k.latency_during),
+            );
+        }
+    }
+
+    /// bgp mode / arp mode per scenario with both, from this run.
+    fn bgp_table(&self, s: &mut String) {
+        let pairs: Vec<(Scenario, &RunResult, &RunResult)> = self
+            .scenarios()
+            .into_iter()
+            .filter_map(|sc| {
+                let runs = self.runs_of(sc);
+                let of = |c: Contender| runs.iter().copied().find(|r| r.contender == c);
+                Some((sc, of(Contender::BulwarkBgp)?, of(Contender::Bulwark)?))
+            })
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            *s,
+            "\n## bulwark, bgp mode beside arp mode (same run)\n\n| scenario | gap bgp / arp | failed conn bgp, arp | failed req bgp, arp | watch streams all back, bgp / arp | route moved | two routes | detect bgp, arp |\n|---|---|---|---|---|---|---|---|"
+        );
+        let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
+        for (sc, g, a) in pairs {
+            let _ = writeln!(
+                *s,
+                "| {} | {:.0} / {:.0} ms = {} | {}/{}, {}/{} | {}/{}, {}/{} | {} | {} | {} | {}, {} |",
+                sc.key(),
+                g.gap_ms,
+                a.gap_ms,
+                ratio(g.gap_ms, a.gap_ms),
+                g.failed_connects,
+                g.connects_after_fault,
+                a.failed_connects,
+                a.connects_after_fault,
+                g.failed_requests,
+                g.requests_after_fault,
+                a.failed_requests,
+                a.requests_after_fault,
+                back_ratio(g, a),
+                f(g.route_moved_ms),
+                f(g.two_routes_ms),
+                f(g.time_to_detect_ms),
+                f(a.time_to_detect_ms),
             );
         }
     }

@@ -3,6 +3,11 @@
 //! - bulwark: three `bulwark-lb` processes, arp-mode VIP, zone-aware, the
 //!   three apiservers as backends, and a `bulwark-prober` per zone (on the
 //!   LB host of that zone, default probing) whose verdicts the LB commits;
+//! - bulwark in bgp mode: the same, but the VIP (the testkit's
+//!   `cluster::bgp::VIP`, outside the bridge's subnet) is bound on `lo` and
+//!   announced to a BIRD router on its own host (the testkit's
+//!   `cluster::bgp::Bird`, the lab `lb_bgp_netns.rs` tests) which the client
+//!   reaches it through;
 //! - the baseline, as the kubeadm HA guide sets it up: keepalived (VRRP,
 //!   defaults: advert_int 1 s, preemption; one MASTER at priority 101, two
 //!   BACKUPs at 100) moving the VIP, and HAProxy in `mode tcp` on every LB
@@ -19,6 +24,7 @@ use anyhow::Context;
 use bulwark_api::lb::v1 as lb;
 use bulwark_common::tls::TlsMaterial;
 use bulwark_lb::config::VipMode;
+use bulwark_testkit::cluster::bgp::{self, Bird};
 use bulwark_testkit::cluster::lab::status_via;
 use bulwark_testkit::cluster::{LbSpec, lb_process, prober_config, prober_process, write_named};
 use bulwark_testkit::{Host, Process, ProcessBuilder, TestDir, config};
@@ -45,6 +51,9 @@ pub struct Stack {
     pub nodes: Vec<Node>,
     /// bulwark-prober per zone (bulwark only).
     pub probers: Vec<Process>,
+    /// The router the bgp-mode nodes announce the VIP to (bulwark in bgp
+    /// mode only).
+    pub router: Option<Bird>,
     operator: Option<TlsMaterial>,
     _dir: TestDir,
 }
@@ -56,12 +65,17 @@ impl Stack {
         let mut nodes = Vec::new();
         let mut operator = None;
         let mut probers = Vec::new();
+        let mut router = None;
         match contender {
-            Contender::Bulwark => {
+            Contender::Bulwark | Contender::BulwarkBgp => {
+                let bgp = contender == Contender::BulwarkBgp;
+                if bgp {
+                    router = Some(Bird::start(t.router(), t.lb_hosts(), dir.path(), false)?);
+                }
                 operator = Some(config::tls(&t.pki.admin()?).load()?);
                 for i in 0..t.lb_hosts().len() {
                     nodes.push(Node {
-                        procs: vec![bulwark_node(t, &dir, i)?],
+                        procs: vec![bulwark_node(t, &dir, i, bgp)?],
                     });
                 }
                 for i in 0..t.lb_hosts().len() {
@@ -79,9 +93,38 @@ impl Stack {
         Ok(Self {
             nodes,
             probers,
+            router,
             operator,
             _dir: dir,
         })
+    }
+
+    /// bgp mode: waits until the router has exactly one route for the VIP,
+    /// via LB host `holder`. Other fronts: nothing to wait for.
+    pub async fn wait_routed(
+        &self,
+        hosts: &[Host],
+        holder: usize,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        let Some(bird) = &self.router else {
+            return Ok(());
+        };
+        let vip = [IpAddr::V4(bgp::VIP)];
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let rib = bird.rib(vip[0]).unwrap_or_default();
+            if bgp::single_route(hosts, std::slice::from_ref(&rib), &vip) == Some(holder) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the router has no single route via lb-{} within {limit:?} (next hops: {rib:?})\nbird:\n{}",
+                holder + 1,
+                bird.protocols()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// SIGKILL every process of node `i` (what a crash of the front looks
@@ -157,7 +200,10 @@ async fn status(
     status_via(t.client(), addr, operator, Duration::from_secs(2)).await
 }
 
-fn bulwark_node(t: &Topology, dir: &TestDir, i: usize) -> anyhow::Result<Process> {
+/// LB node `i`: arp mode on its bridge interface, or (`bgp`) bgp mode
+/// announcing the routed VIP to the topology's router with the daemon's
+/// default timers (hold time 3 s).
+fn bulwark_node(t: &Topology, dir: &TestDir, i: usize, bgp: bool) -> anyhow::Result<Process> {
     let hosts = t.lb_hosts();
     let host = &hosts[i];
     let id = i as u64 + 1;
@@ -178,10 +224,14 @@ fn bulwark_node(t: &Topology, dir: &TestDir, i: usize) -> anyhow::Result<Process
     c.zone = format!("zone-{}", super::ZONES[i]);
     c.admin.address = SocketAddr::from(([127, 0, 0, 1], 9440));
     c.access.probers = Some(config::orgs(&["bulwark:probers"]));
-    c.vip.mode = VipMode::Arp;
-    c.vip.address = Some(IpAddr::V4(t.vip));
-    c.vip.port = VIP_PORT;
-    c.vip.interface = Some(host.interface().to_owned());
+    if bgp {
+        bgp::bgp_vip(&mut c, t.router(), VIP_PORT, false);
+    } else {
+        c.vip.mode = VipMode::Arp;
+        c.vip.address = Some(IpAddr::V4(t.vip));
+        c.vip.port = VIP_PORT;
+        c.vip.interface = Some(host.interface().to_owned());
+    }
     c.backends = t
         .apis
         .iter()
@@ -316,29 +366,44 @@ backend apiserverbackend
     Ok(vec![haproxy, keepalived])
 }
 
-/// Removes the VIP from every LB host's interface (what a killed process
-/// leaves behind) so the next run starts clean.
-pub fn clear_vip(hosts: &[Host], vip: Ipv4Addr) {
+/// A front's VIP and where its holder binds it: on the LB host's bridge
+/// interface (arp mode, keepalived) or on `lo` (bgp mode).
+#[derive(Clone, Copy, Debug)]
+pub struct Vip {
+    pub addr: Ipv4Addr,
+    pub on_lo: bool,
+}
+
+impl Vip {
+    /// The device of `h` the VIP is bound on.
+    fn dev(self, h: &Host) -> &str {
+        if self.on_lo { "lo" } else { h.interface() }
+    }
+}
+
+/// Removes the VIP from every LB host (what a killed process leaves
+/// behind) so the next run starts clean.
+pub fn clear_vip(hosts: &[Host], vip: Vip) {
     for h in hosts {
-        let Ok(out) = h.exec_ok("ip", ["-o", "addr", "show", "dev", h.interface()]) else {
+        let Ok(out) = h.exec_ok("ip", ["-o", "addr", "show", "dev", vip.dev(h)]) else {
             continue;
         };
         for word in out.split_whitespace() {
-            if word.starts_with(&format!("{vip}/")) {
-                let _ = h.exec("ip", ["addr", "del", word, "dev", h.interface()]);
+            if word.starts_with(&format!("{}/", vip.addr)) {
+                let _ = h.exec("ip", ["addr", "del", word, "dev", vip.dev(h)]);
             }
         }
     }
 }
 
 /// Which of `hosts` hold `vip` now.
-pub fn holders(hosts: &[Host], vip: Ipv4Addr) -> Vec<usize> {
-    let needle = format!(" {vip}/");
+pub fn holders(hosts: &[Host], vip: Vip) -> Vec<usize> {
+    let needle = format!(" {}/", vip.addr);
     hosts
         .iter()
         .enumerate()
         .filter(|(_, h)| {
-            h.exec_ok("ip", ["-o", "addr", "show", "dev", h.interface()])
+            h.exec_ok("ip", ["-o", "addr", "show", "dev", vip.dev(h)])
                 .is_ok_and(|out| out.contains(&needle))
         })
         .map(|(i, _)| i)
@@ -348,7 +413,7 @@ pub fn holders(hosts: &[Host], vip: Ipv4Addr) -> Vec<usize> {
 /// Waits until exactly one host holds the VIP.
 pub async fn wait_single_holder(
     hosts: &[Host],
-    vip: Ipv4Addr,
+    vip: Vip,
     limit: Duration,
 ) -> anyhow::Result<usize> {
     let deadline = std::time::Instant::now() + limit;
@@ -419,8 +484,9 @@ impl LogTail {
 
 /// Errors out with the process log when a process died at start.
 pub fn check_running(stack: &Stack) -> anyhow::Result<()> {
+    let router = stack.router.as_ref().map(Bird::process);
     for n in &stack.nodes {
-        for p in n.procs.iter().chain(&stack.probers) {
+        for p in n.procs.iter().chain(&stack.probers).chain(router) {
             if !p.is_running() {
                 return Err(anyhow::anyhow!("{} exited:\n{}", p.name(), p.log()))
                     .context("starting the front");

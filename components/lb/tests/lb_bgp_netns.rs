@@ -12,6 +12,10 @@
 //!   h5: the client, whose only route to the VIP is via h4
 //! ```
 //!
+//! The lab (bird's config, the client's wiring, the nodes' bgp config) is
+//! the testkit's `cluster::bgp::BgpLab`, shared with the bench suite's bgp
+//! runs; this file holds the trials, the RIB witness and the assertions.
+//!
 //! The dual-stack variant adds an IPv6 VIP (`fd00:255::10`, announced as a
 //! /128 in MP_REACH_NLRI over IPv6 sessions to `fd00:18::4`); both routes
 //! must move together. Its IPv4 sessions carry a TCP MD5 password.
@@ -42,34 +46,17 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bulwark_api::lb::v1 as lb;
-use bulwark_common::tls::TlsMaterial;
-use bulwark_lb::config::{BgpConfig, VipMode};
-use bulwark_testkit::cluster::lab::{api_via, echo};
-use bulwark_testkit::cluster::{LbSpec, lb_process, test_timers};
-use bulwark_testkit::config;
-use bulwark_testkit::{Host, Lab, Pki, Process, ProcessBuilder, TestDir, tools};
+use bulwark_testkit::Host;
+use bulwark_testkit::cluster::bgp::{BgpLab, RibReader, VIP, VIP6, holders_on_lo, holds, host_of};
 use jepsen::{Life, NODES, Rng, SEED_ENV, STEPS_ENV, Target, classify, schedule};
 
 mod jepsen;
-
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 10);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x255, 0, 0, 0, 0, 0, 0x10);
-const VIP_PORT: u16 = 6443;
-const BACKEND_PORT: u16 = 8443;
-const LB_ASN: u32 = 65010;
-const ROUTER_ASN: u32 = 65000;
-/// The router's side of the client link.
-const ROUTER_CLIENT_SIDE: &str = "10.99.0.1";
-const CLIENT_ADDR: &str = "10.99.0.2";
-/// The dual-stack lab's IPv4 sessions are TCP-MD5 signed with this key
-/// (both sides), its IPv6 ones are not.
-const PASSWORD: &str = "bulwark-md5";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_bgp_cut_leader_link_moves_the_route() {
@@ -131,464 +118,6 @@ enum Trial {
     Freeze,
 }
 
-/// Three LB hosts, the router and the client, with bird and the LB nodes
-/// running.
-struct BgpLab {
-    lab: Lab,
-    nodes: Vec<Process>,
-    bird_socket: std::path::PathBuf,
-    /// The VIP's addresses: IPv4, and IPv6 when dual-stack.
-    vips: Vec<IpAddr>,
-    operator: TlsMaterial,
-    _bird: Process,
-    /// The certificates the nodes read at start (its directory must
-    /// outlive them).
-    _pki: Pki,
-    _dir: TestDir,
-    backend: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for BgpLab {
-    fn drop(&mut self) {
-        self.backend.abort();
-    }
-}
-
-impl BgpLab {
-    async fn start(dual: bool) -> Option<Self> {
-        bulwark_testkit::install_crypto_provider();
-        let lab = Lab::start_or_skip(5).unwrap()?;
-        let dir = TestDir::new("lb-bgp").unwrap();
-        let pki = Pki::new().unwrap();
-        let operator = config::tls(&pki.admin().unwrap()).load().unwrap();
-        let (router, client) = (lab.host(3).clone(), lab.host(4).clone());
-        wire_client_behind_router(&lab, &router, &client, dual);
-
-        // The backend: an echo server on the client host's bridge address
-        // (the LB hosts reach it directly).
-        let backend_addr = SocketAddr::new(IpAddr::V4(client.addr()), BACKEND_PORT);
-        let listener = client.tcp_listener(backend_addr).unwrap();
-        let backend = tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-
-        let bird_socket = dir.join("bird.ctl");
-        let bird = start_bird(&lab, &router, &dir, &bird_socket, dual);
-        let nodes = (0..3)
-            .map(|i| start_lb(&lab, i, &pki, &dir, backend_addr, &router, dual))
-            .collect();
-        let mut vips = vec![IpAddr::V4(VIP)];
-        if dual {
-            vips.push(IpAddr::V6(VIP6));
-        }
-        Some(Self {
-            lab,
-            nodes,
-            bird_socket,
-            vips,
-            operator,
-            _bird: bird,
-            _pki: pki,
-            _dir: dir,
-            backend,
-        })
-    }
-
-    /// The LB hosts, in node order.
-    fn lb_hosts(&self) -> Vec<Host> {
-        (0..NODES).map(|i| self.lab.host(i).clone()).collect()
-    }
-
-    fn router(&self) -> &Host {
-        self.lab.host(3)
-    }
-
-    fn client(&self) -> &Host {
-        self.lab.host(4)
-    }
-
-    /// The next hops the router's RIB has for each VIP address (every
-    /// route, best first), or `None` if birdc did not answer.
-    fn ribs(&self) -> Option<Vec<Vec<IpAddr>>> {
-        self.vips
-            .iter()
-            .map(|v| rib(self.router(), &self.bird_socket, *v))
-            .collect()
-    }
-
-    /// Waits until the router has exactly one route for each VIP address,
-    /// all via one host other than `not` that has the VIP on `lo`, and the
-    /// client gets an echo through every VIP address. Returns that host.
-    async fn wait_for_route(&self, not: Option<usize>, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        let hosts = self.lb_hosts();
-        loop {
-            let ribs = self.ribs().unwrap_or_default();
-            let hops: Vec<Option<usize>> = ribs
-                .iter()
-                .map(|r| match r.as_slice() {
-                    [hop] => host_of(&hosts, *hop),
-                    _ => None,
-                })
-                .collect();
-            let holder = match hops.first() {
-                Some(Some(h))
-                    if ribs.len() == self.vips.len()
-                        && hops.iter().all(|x| *x == Some(*h))
-                        && Some(*h) != not
-                        && holds(&hosts[*h], &self.vips) =>
-                {
-                    Some(*h)
-                }
-                _ => None,
-            };
-            if let Some(h) = holder {
-                let mut answered = true;
-                for v in &self.vips {
-                    let vip = SocketAddr::new(*v, VIP_PORT);
-                    answered &= echo(self.client(), vip, Duration::from_millis(500)).await;
-                }
-                if answered {
-                    return h;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no single route to a holder within {timeout:?}: RIBs {ribs:?}\nbird:\n{}",
-                self.router()
-                    .exec(
-                        "birdc",
-                        [
-                            "-s",
-                            &self.bird_socket.display().to_string(),
-                            "show",
-                            "protocols",
-                            "all"
-                        ]
-                    )
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Node `i`'s status over the API, from the client host.
-    async fn status(&self, i: usize) -> Option<lb::GetStatusResponse> {
-        let addr = SocketAddr::new(IpAddr::V4(self.lab.host(i).addr()), 9442);
-        let mut c = api_via(self.client(), addr, &self.operator);
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            c.get_status(lb::GetStatusRequest::default()),
-        )
-        .await
-        .ok()?
-        .ok()
-        .map(|r| r.into_inner())
-    }
-}
-
-/// A veth from the router to the client; the client's route to the VIP
-/// (and only route off its link) goes through the router, and the LB
-/// hosts route the client's link back through it too. Dual-stack: the same
-/// in IPv6 (`fd00:99::/64`).
-fn wire_client_behind_router(lab: &Lab, router: &Host, client: &Host, dual: bool) {
-    let ip = |h: &Host, args: &[&str]| {
-        h.exec_ok("ip", args).unwrap();
-    };
-    ip(
-        router,
-        &[
-            "link",
-            "add",
-            "rt0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "cl0",
-            "netns",
-            client.netns(),
-        ],
-    );
-    ip(
-        router,
-        &[
-            "addr",
-            "add",
-            &format!("{ROUTER_CLIENT_SIDE}/30"),
-            "dev",
-            "rt0",
-        ],
-    );
-    ip(router, &["link", "set", "rt0", "up"]);
-    router
-        .exec_ok("sysctl", ["-qw", "net.ipv4.ip_forward=1"])
-        .unwrap();
-    ip(
-        client,
-        &["addr", "add", &format!("{CLIENT_ADDR}/30"), "dev", "cl0"],
-    );
-    ip(client, &["link", "set", "cl0", "up"]);
-    ip(
-        client,
-        &[
-            "route",
-            "add",
-            &format!("{VIP}/32"),
-            "via",
-            ROUTER_CLIENT_SIDE,
-        ],
-    );
-    let router4 = router.addr().to_string();
-    for i in 0..3 {
-        ip(
-            lab.host(i),
-            &["route", "add", "10.99.0.0/30", "via", &router4],
-        );
-    }
-    if !dual {
-        return;
-    }
-    router
-        .exec_ok("sysctl", ["-qw", "net.ipv6.conf.all.forwarding=1"])
-        .unwrap();
-    ip(
-        router,
-        &["addr", "add", "fd00:99::1/64", "dev", "rt0", "nodad"],
-    );
-    ip(
-        client,
-        &["addr", "add", "fd00:99::2/64", "dev", "cl0", "nodad"],
-    );
-    ip(
-        client,
-        &[
-            "-6",
-            "route",
-            "add",
-            &format!("{VIP6}/128"),
-            "via",
-            "fd00:99::1",
-        ],
-    );
-    let router6 = router.addr6().to_string();
-    for i in 0..3 {
-        ip(
-            lab.host(i),
-            &["-6", "route", "add", "fd00:99::/64", "via", &router6],
-        );
-    }
-}
-
-/// bird in the router's namespace: eBGP with each LB host, everything
-/// learned exported to the kernel (so the router forwards to the holder).
-/// Short timers: the LB side proposes 3s hold time; after an error bird
-/// would wait a minute before talking to that peer again. Dual-stack: a
-/// second session per host over IPv6, with an IPv6 channel.
-fn start_bird(
-    lab: &Lab,
-    router: &Host,
-    dir: &TestDir,
-    socket: &std::path::Path,
-    dual: bool,
-) -> Process {
-    let bird = tools::system("bird").expect("bird (Debian bird2; cargo xtask setup installs it)");
-    let mut peers: String = (0..3)
-        .map(|i| {
-            format!(
-                "protocol bgp lb{n} from lb {{ neighbor {addr} as {LB_ASN};{pw} }}\n",
-                pw = if dual {
-                    format!(" password \"{PASSWORD}\";")
-                } else {
-                    String::new()
-                },
-                n = i + 1,
-                addr = lab.host(i).addr()
-            )
-        })
-        .collect();
-    if dual {
-        peers.push_str(&format!(
-            "protocol kernel {{ ipv6 {{ import none; export all; }}; }}
-template bgp lb6 {{
-  local {rid6} as {ROUTER_ASN};
-  hold time 3;
-  keepalive time 1;
-  connect retry time 1;
-  error wait time 1, 2;
-  ipv6 {{ import all; export none; }};
-}}
-",
-            rid6 = router.addr6()
-        ));
-        for i in 0..3 {
-            peers.push_str(&format!(
-                "protocol bgp lb{n}v6 from lb6 {{ neighbor {addr} as {LB_ASN}; }}\n",
-                n = i + 1,
-                addr = lab.host(i).addr6()
-            ));
-        }
-    }
-    let config = dir.join("bird.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "router id {rid};
-log \"{log}\" all;
-protocol device {{ scan time 1; }}
-protocol kernel {{ ipv4 {{ import none; export all; }}; }}
-template bgp lb {{
-  local {rid} as {ROUTER_ASN};
-  hold time 3;
-  keepalive time 1;
-  connect retry time 1;
-  error wait time 1, 2;
-  ipv4 {{ import all; export none; }};
-}}
-{peers}",
-            rid = router.addr(),
-            log = dir.join("bird.log").display(),
-        ),
-    )
-    .unwrap();
-    let process = router
-        .spawn(
-            ProcessBuilder::new("bird", bird)
-                .arg("-f")
-                .arg("-c")
-                .arg(&config)
-                .arg("-s")
-                .arg(socket),
-        )
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while rib(router, socket, IpAddr::V4(VIP)).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "bird did not come up: {}",
-            process.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    process
-}
-
-fn start_lb(
-    lab: &Lab,
-    i: usize,
-    pki: &Pki,
-    dir: &TestDir,
-    backend: SocketAddr,
-    router: &Host,
-    dual: bool,
-) -> Process {
-    let host = lab.host(i);
-    let id = i + 1;
-    let a = host.addr();
-    let spec = LbSpec {
-        pki,
-        dir: dir.path(),
-        members: (0..3)
-            .map(|j| {
-                let (a, n) = (IpAddr::V4(lab.host(j).addr()), j as u64 + 1);
-                let (raft, api) = (SocketAddr::new(a, 9441), SocketAddr::new(a, 9442));
-                config::lb_member(n, &format!("lb-{n}"), "", raft, api)
-            })
-            .collect(),
-    };
-    let sans = [a.to_string(), host.addr6().to_string()];
-    let (mut c, _) = spec.node(id as u64, &[&sans[0], &sans[1]]).unwrap();
-    c.admin.address = SocketAddr::from(([127, 0, 0, 1], 9440));
-    c.vip.mode = VipMode::Bgp;
-    c.vip.address = Some(IpAddr::V4(VIP));
-    c.vip.address6 = dual.then_some(IpAddr::V6(VIP6));
-    c.vip.port = VIP_PORT;
-    let mut peer4 = config::bgp_peer(IpAddr::V4(router.addr()), ROUTER_ASN);
-    peer4.password = dual.then(|| PASSWORD.to_owned());
-    let mut peers = vec![peer4];
-    if dual {
-        peers.push(config::bgp_peer(IpAddr::V6(router.addr6()), ROUTER_ASN));
-    }
-    c.vip.bgp = Some(BgpConfig {
-        local_asn: LB_ASN,
-        router_id: None,
-        peers,
-    });
-    c.backends = vec![config::lb_backend("api-1", backend, "")];
-    test_timers(&mut c);
-    let config = spec.write(&c).unwrap();
-    // The config an operator would write passes --check-config cleanly
-    // (on the node: the interface check runs there).
-    let bin = tools::bin_path("bulwark-lb").unwrap();
-    let check = host
-        .exec(
-            &bin.display().to_string(),
-            ["--check-config", "--config", &config.display().to_string()],
-        )
-        .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
-    assert!(
-        check.status.success() && !said.contains("warning"),
-        "--check-config: {said}"
-    );
-    host.spawn(lb_process(&format!("lb-{id}"), &config).unwrap())
-        .unwrap()
-}
-
-/// `birdc show route for <vip>`: the next hop of every route, best first.
-fn rib(router: &Host, socket: &std::path::Path, vip: IpAddr) -> Option<Vec<IpAddr>> {
-    let out = router
-        .exec(
-            "birdc",
-            [
-                "-s",
-                &socket.display().to_string(),
-                "show",
-                "route",
-                "for",
-                &vip.to_string(),
-            ],
-        )
-        .ok()?;
-    // birdc exits 1 for "Network not found" (no route): only a missing
-    // greeting means bird did not answer.
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !text.contains(" ready.") {
-        return None;
-    }
-    Some(
-        text.split_whitespace()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .filter(|w| w[0] == "via")
-            .filter_map(|w| w[1].parse().ok())
-            .collect(),
-    )
-}
-
-/// Which of `hosts` has `hop` as its bridge address (either family).
-fn host_of(hosts: &[Host], hop: IpAddr) -> Option<usize> {
-    hosts
-        .iter()
-        .position(|h| IpAddr::V4(h.addr()) == hop || IpAddr::V6(h.addr6()) == hop)
-}
-
-/// Whether `host` has any of `vips` on `lo` (bound by a holder).
-fn holds(host: &Host, vips: &[IpAddr]) -> bool {
-    host.exec_ok("ip", ["-o", "addr", "show", "dev", "lo"])
-        .is_ok_and(|out| vips.iter().any(|v| out.contains(&format!(" {v}/"))))
-}
-
 /// What the sampler saw.
 #[derive(Debug, Default)]
 struct Witness {
@@ -615,8 +144,7 @@ const STALE_ROUTE_GRACE: Duration = Duration::from_secs(5);
 
 /// What the sampler thread reads: the router and the LB hosts.
 struct View {
-    router: Host,
-    socket: std::path::PathBuf,
+    rib: RibReader,
     hosts: Vec<Host>,
     vips: Vec<IpAddr>,
 }
@@ -639,7 +167,7 @@ fn sample(v: &View, life: &Mutex<Vec<Life>>, stop: &AtomicBool) -> Witness {
         let Some(ribs) = v
             .vips
             .iter()
-            .map(|vip| rib(&v.router, &v.socket, *vip))
+            .map(|vip| v.rib.rib(*vip))
             .collect::<Option<Vec<_>>>()
         else {
             continue;
@@ -697,8 +225,7 @@ struct Sampler {
 impl Sampler {
     fn start(l: &BgpLab) -> Self {
         let view = View {
-            router: l.router().clone(),
-            socket: l.bird_socket.clone(),
+            rib: l.bird.reader(),
             hosts: l.lb_hosts(),
             vips: l.vips.clone(),
         };
@@ -890,13 +417,6 @@ impl fmt::Display for TrialFigures {
             self.converged
         )
     }
-}
-
-/// Which of `hosts` have any of `vips` on `lo` (the bgp holders).
-fn holders_on_lo(hosts: &[Host], vips: &[IpAddr]) -> Vec<usize> {
-    (0..hosts.len())
-        .filter(|&i| holds(&hosts[i], vips))
-        .collect()
 }
 
 /// One partition trial with `seed`; `None` when the lab cannot run here.

@@ -10,7 +10,10 @@
 //!   with a bind-mode VIP (the lb cluster tests);
 //! - [`lab`]: [`lab::LbLab`], an arp-mode cluster on a network-namespace
 //!   lab with the witnesses of "never two holders" (the netns tests and
-//!   the failover benchmark, which so measure exactly what the tests check).
+//!   the failover benchmark, which so measure exactly what the tests check);
+//! - [`bgp`]: the bgp-mode lab: a BIRD router peering with the LB hosts and
+//!   a client behind it ([`bgp::BgpLab`] for the netns tests, its pieces for
+//!   the bench suite's bgp runs).
 //!
 //! Each set-up differs in where nodes listen and how the VIP is announced;
 //! those are fields the caller sets on the typed config
@@ -26,6 +29,7 @@ use bulwark_prober::config::{ApiserverTarget, ProberConfig};
 
 use crate::{CertFiles, Pki, ProcessBuilder, config, tools};
 
+pub mod bgp;
 pub mod lab;
 pub mod loopback;
 

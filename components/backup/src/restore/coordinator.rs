@@ -331,7 +331,8 @@ impl Coordinator {
         }
     }
 
-    /// PLAN, BUILD, UPLOAD, then the members' phases, VERIFY.
+    /// PLAN, then (point-in-time) BUILD and UPLOAD, then the members'
+    /// phases, VERIFY.
     async fn phases(
         &self,
         run: &mut Run<'_>,
@@ -340,20 +341,20 @@ impl Coordinator {
         target: Target,
     ) -> std::result::Result<pb::RestoreSummary, Failed> {
         let planned = self.plan(run, req, snapshot, target).await?;
-        let (built, work) = self.build(run, &planned.plan).await?;
-        let (source, object) = self.upload_target(run, &built).await?;
-        drop(work);
-        let outcome = self.on_members(run, req, &planned, &source).await;
-        // The target object is only for this restore.
-        if let Err(e) = run.engine.store.inner().delete(&object).await {
+        let staged = self.stage(run, &planned.plan).await?;
+        let outcome = self.on_members(run, req, &planned, &staged.source).await;
+        // A built target's object is only for this restore.
+        if let Some(object) = &staged.object
+            && let Err(e) = run.engine.store.inner().delete(object).await
+        {
             tracing::warn!(error = %e, object = %object, "could not delete the restore's target snapshot");
         }
         let members_started = outcome?;
         let mut summary = pb::RestoreSummary {
             cluster_id: 0,
-            revision: built.revision.unwrap_or(planned.plan.base.revision),
+            revision: staged.revision.unwrap_or(planned.plan.base.revision),
             snapshot_id: planned.plan.base.id.clone(),
-            deltas_applied: built.segments_applied,
+            deltas_applied: staged.segments_applied,
             took: None,
             nodes: Vec::new(),
             dry_run: req.dry_run,
@@ -361,9 +362,39 @@ impl Coordinator {
             timings: Vec::new(),
         };
         if members_started {
-            verify_cluster(run, &planned.nodes, built.revision, &mut summary).await?;
+            verify_cluster(run, &planned.nodes, staged.revision, &mut summary).await?;
         }
         Ok(summary)
+    }
+
+    /// What the members restore from. Snapshot only: the committed
+    /// snapshot object itself, which every agent fetches and decodes
+    /// straight into its staging file, checking both hashes (nothing is
+    /// downloaded, built or uploaded here). Point in time: the target
+    /// built once here (BUILD) and uploaded for the agents (UPLOAD).
+    async fn stage(&self, run: &Run<'_>, plan: &Plan) -> std::result::Result<Staged, Failed> {
+        if !plan.replays() {
+            let b = &plan.base;
+            let revision = plan.target_revision;
+            run.events
+                .record
+                .update(|r| r.revision = revision.unwrap_or(b.revision));
+            return Ok(Staged {
+                source: stored_source(b),
+                object: None,
+                revision,
+                segments_applied: 0,
+            });
+        }
+        let (built, work) = self.build(run, plan).await?;
+        let (source, object) = self.upload_target(run, &built).await?;
+        drop(work);
+        Ok(Staged {
+            source,
+            object: Some(object),
+            revision: built.revision,
+            segments_applied: built.segments_applied,
+        })
     }
 
     /// PLAN: every agent answers and is free; the snapshot and deltas are
@@ -449,6 +480,18 @@ impl Coordinator {
             bump_revision: planned.bump,
             mark_compacted: planned.mark_compacted,
             skip_space_check: req.skip_space_check,
+            // Every node decodes a stored snapshot itself.
+            key_id: if planned.plan.replays() {
+                String::new()
+            } else {
+                planned
+                    .plan
+                    .base
+                    .encryption
+                    .key_id()
+                    .unwrap_or_default()
+                    .to_owned()
+            },
         };
         self.preflight(run, &check, &planned.nodes, problems)
             .await?;
@@ -608,6 +651,8 @@ impl Coordinator {
             object_key: key,
             sha256: built.sha256.clone(),
             size_bytes: built.size,
+            snapshot_id: String::new(),
+            raw_size_bytes: built.size,
         };
         Ok((source, object))
     }
@@ -630,9 +675,9 @@ impl Coordinator {
         Ok(true)
     }
 
-    /// PREPARE: every agent fetches the target, checks it and takes its
-    /// lock. Every agent asked is remembered for the rollback, even one
-    /// whose prepare failed (it may hold the lock).
+    /// PREPARE: every agent at once fetches the target, checks it and
+    /// takes its lock. Every agent asked is remembered for the rollback,
+    /// even one whose prepare failed (it may hold the lock).
     async fn prepare(
         &self,
         run: &mut Run<'_>,
@@ -641,47 +686,46 @@ impl Coordinator {
         source: &pb::SnapshotSource,
     ) -> std::result::Result<(), Failed> {
         self.set_phase(run, pb::RestorePhase::Prepare);
-        for (info, c) in &planned.nodes {
-            let ev = |status: pb::StepStatus, detail: String| pb::NodeRestoreProgress {
-                restore_id: run.rid.clone(),
-                node_name: info.node_name.clone(),
-                step: pb::NodeStep::FetchSnapshot as i32,
-                status: status as i32,
-                detail,
-                path: String::new(),
-                transfer: None,
-                at: Some(timestamp(Utc::now())),
+        run.prepared = planned.nodes.clone();
+        let (rid, coordinator, events) = (&run.rid, &run.engine.node_name, run.events);
+        let asks = planned.nodes.iter().map(|(info, c)| async move {
+            let ev = |status: pb::StepStatus, detail: String| {
+                pb::restore_progress::Event::Node(pb::NodeRestoreProgress {
+                    restore_id: rid.clone(),
+                    node_name: info.node_name.clone(),
+                    step: pb::NodeStep::FetchSnapshot as i32,
+                    status: status as i32,
+                    detail,
+                    path: String::new(),
+                    transfer: None,
+                    at: Some(timestamp(Utc::now())),
+                })
             };
-            run.events
-                .send(pb::restore_progress::Event::Node(ev(
-                    pb::StepStatus::Started,
-                    String::new(),
-                )))
+            events
+                .send(ev(pb::StepStatus::Started, String::new()))
                 .await;
-            let mut c = c.clone();
             let r = c
+                .clone()
                 .prepare_restore(pb::PrepareRestoreRequest {
-                    restore_id: run.rid.clone(),
-                    coordinator: run.engine.node_name.clone(),
+                    restore_id: rid.clone(),
+                    coordinator: coordinator.clone(),
                     spec: Some(planned.spec(info, source)),
                     lock_ttl: Some(d(Duration::from_secs(600))),
                     skip_space_check: req.skip_space_check,
                 })
+                .await
+                .map_err(status_fail(pb::RestorePhase::Prepare, &info.node_name))?;
+            let staged = r.into_inner().staged_snapshot_path;
+            events
+                .send(ev(pb::StepStatus::Done, format!("staged at {staged}")))
                 .await;
-            run.prepared.push((info.clone(), c.clone()));
-            let r = r.map_err(status_fail(pb::RestorePhase::Prepare, &info.node_name))?;
-            run.events
-                .send(pb::restore_progress::Event::Node(ev(
-                    pb::StepStatus::Done,
-                    format!("staged at {}", r.into_inner().staged_snapshot_path),
-                )))
-                .await;
-        }
-        Ok(())
+            Ok(())
+        });
+        first_failure(futures::future::join_all(asks).await)
     }
 
-    /// RESTORE: one node after the other, each agent's steps relayed. From
-    /// here on a failure leaves something to roll back.
+    /// RESTORE: every node at once, each agent's steps relayed. From here
+    /// on a failure leaves something to roll back.
     async fn restore_members(
         &self,
         run: &mut Run<'_>,
@@ -693,27 +737,21 @@ impl Coordinator {
             .phase(pb::RestorePhase::RestoreMembers, None, None)
             .await;
         run.touched = true;
-        for (info, c) in &planned.nodes {
-            let mut c = c.clone();
+        let (rid, events) = (&run.rid, run.events);
+        let restores = planned.nodes.iter().map(|(info, c)| async move {
+            let fail = || status_fail(pb::RestorePhase::RestoreMembers, &info.node_name);
             let stream = c
+                .clone()
                 .restore_member(pb::RestoreMemberRequest {
-                    restore_id: run.rid.clone(),
+                    restore_id: rid.clone(),
                     spec: Some(planned.spec(info, source)),
                     dry_run: false,
                 })
                 .await
-                .map_err(status_fail(
-                    pb::RestorePhase::RestoreMembers,
-                    &info.node_name,
-                ))?;
-            relay(stream.into_inner(), run.events)
-                .await
-                .map_err(status_fail(
-                    pb::RestorePhase::RestoreMembers,
-                    &info.node_name,
-                ))?;
-        }
-        Ok(())
+                .map_err(fail())?;
+            relay(stream.into_inner(), events).await.map_err(fail())
+        });
+        first_failure(futures::future::join_all(restores).await)
     }
 
     /// START: all members at once (a member is healthy only with a quorum).
@@ -743,10 +781,7 @@ impl Coordinator {
                     .map_err(status_fail(pb::RestorePhase::StartMembers, &info.node_name))
             }
         });
-        for r in futures::future::join_all(starts).await {
-            r?;
-        }
-        Ok(())
+        first_failure(futures::future::join_all(starts).await)
     }
 
     /// The end of a restore that did not fail: a dry run releases the
@@ -843,6 +878,43 @@ pub(super) async fn verify_cluster(
         })
         .collect();
     Ok(())
+}
+
+/// Every node's outcome of a step they ran at once: the failure names
+/// every node that failed (one after the other), else none.
+fn first_failure(results: Vec<std::result::Result<(), Failed>>) -> std::result::Result<(), Failed> {
+    let mut failed = results.into_iter().filter_map(|r| r.err());
+    let Some(mut first) = failed.next() else {
+        return Ok(());
+    };
+    for f in failed {
+        first.error.push_str("; ");
+        first.error.push_str(&f.error);
+    }
+    Err(first)
+}
+
+/// The committed snapshot `b` as the agents fetch it: they decode it
+/// themselves and check it against its manifest.
+fn stored_source(b: &crate::snapshot::manifest::Manifest) -> pb::SnapshotSource {
+    pb::SnapshotSource {
+        object_key: b.object_key.clone(),
+        sha256: b.stored_sha256.clone(),
+        size_bytes: b.stored_size_bytes,
+        snapshot_id: b.id.clone(),
+        raw_size_bytes: b.raw_size_bytes,
+    }
+}
+
+/// What the members restore from (see `Coordinator::stage`).
+struct Staged {
+    source: pb::SnapshotSource,
+    /// A built target's object, deleted once the members are done with it.
+    object: Option<object_store::path::Path>,
+    /// The target's revision, when known exactly.
+    revision: Option<i64>,
+    /// Delta segments applied.
+    segments_applied: u32,
 }
 
 /// A node's facts and a client for its agent.

@@ -67,7 +67,7 @@ impl Agent {
         if req.skip_space_check {
             tracing::warn!(restore_id = %req.restore_id, "free-space check skipped (--skip-space-check)");
         } else {
-            self.check_space(&member, source.size_bytes).await?;
+            self.check_space(&member, raw_size(&source)).await?;
         }
         let dir = self.config.state_dir.join(&req.restore_id);
         tokio::fs::create_dir_all(&dir)
@@ -75,7 +75,12 @@ impl Agent {
             .map_err(|e| BackupError::local(format!("creating {}", dir.display()), e))?;
         self.check_tool(&spec).await?;
         let staged = dir.join("snapshot.db");
-        self.fetch(&source, &staged).await?;
+        let rid = req.restore_id.clone();
+        let fetch_progress = move |done: u64, total: u64, elapsed: Duration| {
+            tracing::info!(restore_id = %rid, bytes_done = done, bytes_total = total,
+                elapsed = ?elapsed, "fetching the target snapshot");
+        };
+        self.fetch(&source, &staged, &fetch_progress).await?;
         let data_aside = aside_path(&member.data_dir, &req.restore_id, "");
         let ttl = req
             .lock_ttl
@@ -424,6 +429,16 @@ async fn tool_failed(
             crate::verify::scratch::tail(&stderr)
         ),
     )
+}
+
+/// The decoded size of `source`: what the restored member's database
+/// takes on disk.
+fn raw_size(source: &pb::SnapshotSource) -> u64 {
+    if source.raw_size_bytes > 0 {
+        source.raw_size_bytes
+    } else {
+        source.size_bytes
+    }
 }
 
 /// A step's event: step, status, detail, path.

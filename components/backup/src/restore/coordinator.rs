@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bulwark_api::backup::v1 as pb;
 use bulwark_api::backup::v1::backup_client::BackupClient;
 use bulwark_api::backup::v1::restore_agent_client::RestoreAgentClient;
+use bulwark_common::shutdown::Shutdown;
 use bulwark_common::tls::TlsMaterial;
 use chrono::Utc;
 use futures::Stream;
@@ -17,6 +18,7 @@ use object_store::ObjectStoreExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -42,6 +44,9 @@ pub struct Coordinator {
     pub(super) service: Arc<Service>,
     pub(super) peers: Vec<String>,
     client_tls: Arc<TlsMaterial>,
+    /// The daemon's tracker: shutdown waits for a running restore (within
+    /// its grace period; see [`Coordinator::start`]).
+    pub(super) tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -177,12 +182,19 @@ fn status_fail(phase: pb::RestorePhase, node: &str) -> impl Fn(Status) -> Failed
 }
 
 impl Coordinator {
-    /// A coordinator driving the agents at `peers` with `client_tls`.
-    pub fn new(service: Arc<Service>, peers: Vec<String>, client_tls: TlsMaterial) -> Self {
+    /// A coordinator driving the agents at `peers` with `client_tls`; its
+    /// restores are tasks of `shutdown`'s tracker.
+    pub fn new(
+        service: Arc<Service>,
+        peers: Vec<String>,
+        client_tls: TlsMaterial,
+        shutdown: &Shutdown,
+    ) -> Self {
         Self {
             service,
             peers,
             client_tls: Arc::new(client_tls),
+            tasks: shutdown.tracker().clone(),
         }
     }
 
@@ -201,6 +213,13 @@ impl Coordinator {
     }
 
     /// Validates `req` and starts the restore; the stream carries its events.
+    ///
+    /// The restore is a task of the daemon's tracker, under a child of
+    /// `shutdown`: at shutdown a target build stops at once (and the
+    /// untouched nodes are released), and the daemon waits for the rest
+    /// within its grace period. A restore cut off there is safe: each
+    /// agent's journal and this restore's record let the restarted daemon
+    /// resume it (every member restored) or roll every node back.
     pub fn start(
         &self,
         req: pb::RestoreRequest,
@@ -259,7 +278,7 @@ impl Coordinator {
         let (tx, rx) = mpsc::channel(64);
         let cancel = shutdown.child_token();
         let this = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let guard = match this.service.try_restore_lock() {
                 Ok(g) => g,
                 Err(e) => {
@@ -689,37 +708,16 @@ impl Coordinator {
         run.prepared = planned.nodes.clone();
         let (rid, coordinator, events) = (&run.rid, &run.engine.node_name, run.events);
         let asks = planned.nodes.iter().map(|(info, c)| async move {
-            let ev = |status: pb::StepStatus, detail: String| {
-                pb::restore_progress::Event::Node(pb::NodeRestoreProgress {
-                    restore_id: rid.clone(),
-                    node_name: info.node_name.clone(),
-                    step: pb::NodeStep::FetchSnapshot as i32,
-                    status: status as i32,
-                    detail,
-                    path: String::new(),
-                    transfer: None,
-                    at: Some(timestamp(Utc::now())),
-                })
+            let req = pb::PrepareRestoreRequest {
+                restore_id: rid.clone(),
+                coordinator: coordinator.clone(),
+                spec: Some(planned.spec(info, source)),
+                lock_ttl: Some(d(Duration::from_secs(600))),
+                skip_space_check: req.skip_space_check,
             };
-            events
-                .send(ev(pb::StepStatus::Started, String::new()))
-                .await;
-            let r = c
-                .clone()
-                .prepare_restore(pb::PrepareRestoreRequest {
-                    restore_id: rid.clone(),
-                    coordinator: coordinator.clone(),
-                    spec: Some(planned.spec(info, source)),
-                    lock_ttl: Some(d(Duration::from_secs(600))),
-                    skip_space_check: req.skip_space_check,
-                })
+            prepare_node(c.clone(), req, info, events)
                 .await
-                .map_err(status_fail(pb::RestorePhase::Prepare, &info.node_name))?;
-            let staged = r.into_inner().staged_snapshot_path;
-            events
-                .send(ev(pb::StepStatus::Done, format!("staged at {staged}")))
-                .await;
-            Ok(())
+                .map_err(status_fail(pb::RestorePhase::Prepare, &info.node_name))
         });
         first_failure(futures::future::join_all(asks).await)
     }
@@ -877,6 +875,42 @@ pub(super) async fn verify_cluster(
             data_dir_aside_path: format!("{}.bulwark-{}", n.data_dir, run.rid),
         })
         .collect();
+    Ok(())
+}
+
+/// PREPARE on one node, its fetch's events relayed as they come (bytes
+/// fetched included). An agent without `PrepareRestoreStream` (an older
+/// version, mid-upgrade) is asked the unary way, its fetch timed here.
+async fn prepare_node(
+    mut c: RestoreAgentClient<Channel>,
+    req: pb::PrepareRestoreRequest,
+    info: &pb::NodeInfo,
+    events: &Events,
+) -> std::result::Result<(), Status> {
+    match c.prepare_restore_stream(req.clone()).await {
+        Ok(stream) => return relay(stream.into_inner(), events).await,
+        Err(s) if s.code() == tonic::Code::Unimplemented => {}
+        Err(s) => return Err(s),
+    }
+    let ev = |status: pb::StepStatus, path: String| {
+        pb::restore_progress::Event::Node(pb::NodeRestoreProgress {
+            restore_id: req.restore_id.clone(),
+            node_name: info.node_name.clone(),
+            step: pb::NodeStep::FetchSnapshot as i32,
+            status: status as i32,
+            detail: String::new(),
+            path,
+            transfer: None,
+            at: Some(timestamp(Utc::now())),
+        })
+    };
+    events
+        .send(ev(pb::StepStatus::Started, String::new()))
+        .await;
+    let staged = c.prepare_restore(req.clone()).await?.into_inner();
+    events
+        .send(ev(pb::StepStatus::Done, staged.staged_snapshot_path))
+        .await;
     Ok(())
 }
 

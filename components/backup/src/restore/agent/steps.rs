@@ -19,6 +19,16 @@ impl Agent {
         &self,
         req: pb::PrepareRestoreRequest,
     ) -> Result<pb::PrepareRestoreResponse> {
+        self.prepare_with(req, &|_| {}).await
+    }
+
+    /// PrepareRestore with the fetch's events (started, bytes about once a
+    /// second, done) sent to `sink` (`PrepareRestoreStream`).
+    pub async fn prepare_with(
+        &self,
+        req: pb::PrepareRestoreRequest,
+        sink: StepSink<'_>,
+    ) -> Result<pb::PrepareRestoreResponse> {
         let spec = req
             .spec
             .ok_or_else(|| BackupError::InvalidArgument("spec: required".into()))?;
@@ -75,12 +85,7 @@ impl Agent {
             .map_err(|e| BackupError::local(format!("creating {}", dir.display()), e))?;
         self.check_tool(&spec).await?;
         let staged = dir.join("snapshot.db");
-        let rid = req.restore_id.clone();
-        let fetch_progress = move |done: u64, total: u64, elapsed: Duration| {
-            tracing::info!(restore_id = %rid, bytes_done = done, bytes_total = total,
-                elapsed = ?elapsed, "fetching the target snapshot");
-        };
-        self.fetch(&source, &staged, &fetch_progress).await?;
+        self.stage(&req.restore_id, &source, &staged, sink).await?;
         let data_aside = aside_path(&member.data_dir, &req.restore_id, "");
         let ttl = req
             .lock_ttl

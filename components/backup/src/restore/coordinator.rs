@@ -582,6 +582,7 @@ impl Coordinator {
             })
             .map_err(fail(pb::RestorePhase::Download))?;
         let events = run.events;
+        let target_revision = plan.target_revision;
         let on_build = |e: BuildEvent| match e {
             BuildEvent::Download {
                 bytes_done,
@@ -600,13 +601,21 @@ impl Coordinator {
                     revision: None,
                 },
             )),
-            BuildEvent::Replay { revision, .. } => events.try_send(
-                pb::restore_progress::Event::Phase(pb::RestorePhaseProgress {
-                    phase: pb::RestorePhase::Build as i32,
-                    transfer: None,
-                    revision: Some(revision),
-                }),
-            ),
+            BuildEvent::Replay {
+                revision,
+                events: applied,
+            } => {
+                events.record.update(|r| {
+                    r.progress = replay_text(revision, target_revision, applied);
+                });
+                events.try_send(pb::restore_progress::Event::Phase(
+                    pb::RestorePhaseProgress {
+                        phase: pb::RestorePhase::Build as i32,
+                        transfer: None,
+                        revision: Some(revision),
+                    },
+                ));
+            }
         };
         let built = engine
             .build_target(plan, work.path(), &on_build, run.cancel)
@@ -620,6 +629,7 @@ impl Coordinator {
                 },
                 error: format!("{e} (no node was touched)"),
             })?;
+        events.record.update(|r| r.progress.clear());
         events
             .phase(pb::RestorePhase::Build, None, built.revision)
             .await;
@@ -912,6 +922,14 @@ async fn prepare_node(
         .send(ev(pb::StepStatus::Done, staged.staged_snapshot_path))
         .await;
     Ok(())
+}
+
+/// "replayed to revision 5004 of 7006, 12000 events" (`restore status`).
+fn replay_text(revision: i64, target: Option<i64>, events: u64) -> String {
+    match target {
+        Some(t) => format!("replayed to revision {revision} of {t}, {events} events"),
+        None => format!("replayed to revision {revision}, {events} events"),
+    }
 }
 
 /// Every node's outcome of a step they ran at once: the failure names

@@ -42,6 +42,7 @@ const HEALTHY_TIMEOUT: Duration = Duration::from_secs(300);
 struct Node {
     name: String,
     peer_url: String,
+    client_url: String,
     agent: Agent,
     _kubelet: Kubelet,
 }
@@ -142,10 +143,11 @@ async fn start_nodes(engine: &Arc<Engine>, root: &Path, n: usize) -> anyhow::Res
             },
             "127.0.0.1:1".into(),
         );
-        clients.push(client_url);
+        clients.push(client_url.clone());
         nodes.push(Node {
             name: name.clone(),
             peer_url,
+            client_url,
             agent,
             _kubelet: kubelet,
         });
@@ -210,17 +212,7 @@ pub(super) async fn restore(
         r.context("prepare (fetch)")?;
     }
     let fetched = Instant::now();
-    let restores = nodes.iter().zip(&specs).map(|(node, spec)| {
-        let req = pb::RestoreMemberRequest {
-            restore_id: rid.into(),
-            spec: Some(spec.clone()),
-            dry_run: false,
-        };
-        async move { node.agent.restore_member(req, &|_| {}).await }
-    });
-    for r in futures::future::join_all(restores).await {
-        r.context("restore member")?;
-    }
+    restore_members(&nodes, &specs, rid).await?;
     let restored = Instant::now();
     let cancel = CancellationToken::new();
     let starts = nodes.iter().map(|node| {
@@ -241,6 +233,65 @@ pub(super) async fn restore(
         start: (done - restored).as_secs_f64(),
         total: (done - started).as_secs_f64(),
     })
+}
+
+/// The old cluster's leader, by member name.
+async fn leader(nodes: &[Node]) -> Option<String> {
+    for n in nodes {
+        let connector = EtcdConnector::plain(vec![n.client_url.clone()], Duration::from_secs(2));
+        let s = connector.statuses().await.ok()?;
+        let me = s.first()?;
+        if me.leader != 0 && me.leader == me.member_id {
+            return Some(n.name.clone());
+        }
+    }
+    None
+}
+
+/// RestoreMember on every node at once, the old leader's last (once every
+/// other node's etcd is down), as the coordinator does: a leader stopped
+/// while its followers stop too waits out etcd's leadership transfer.
+async fn restore_members(
+    nodes: &[Node],
+    specs: &[pb::MemberRestoreSpec],
+    rid: &str,
+) -> anyhow::Result<()> {
+    let leader = leader(nodes).await.filter(|_| nodes.len() > 1);
+    let others = nodes.len() - usize::from(leader.is_some());
+    let (stopped, wait) = tokio::sync::watch::channel(0usize);
+    let restores = nodes.iter().zip(specs).map(|(node, spec)| {
+        let is_leader = leader.as_deref() == Some(node.name.as_str());
+        let (stopped, mut wait) = (&stopped, wait.clone());
+        let req = pb::RestoreMemberRequest {
+            restore_id: rid.into(),
+            spec: Some(spec.clone()),
+            dry_run: false,
+        };
+        async move {
+            if is_leader {
+                wait.wait_for(|n| *n >= others).await?;
+            }
+            let sink = |ev: pb::NodeRestoreProgress| {
+                if !is_leader
+                    && ev.step == pb::NodeStep::WaitStopped as i32
+                    && ev.status == pb::StepStatus::Done as i32
+                {
+                    stopped.send_modify(|n| *n += 1);
+                }
+            };
+            let restored = node.agent.restore_member(req, &sink).await;
+            if restored.is_err() {
+                // The bench fails; the leader need not wait any more.
+                stopped.send_modify(|n| *n = others);
+            }
+            restored?;
+            anyhow::Ok(())
+        }
+    });
+    for r in futures::future::join_all(restores).await {
+        r.context("restore member")?;
+    }
+    Ok(())
 }
 
 /// The baseline on the plain snapshot file `db`: `etcdutl snapshot

@@ -703,8 +703,22 @@ async fn heavy_preflight_names_every_problem_on_every_node_and_fetches_nothing()
         .iter()
         .map(|t| (t.name.as_str(), t.node_name.as_str()))
         .collect();
-    for phase in ["plan", "preflight", "download", "upload", "prepare"] {
+    for phase in ["plan", "preflight", "prepare"] {
         assert!(timed.contains(&(phase, "")), "{phase}: {timed:?}");
+    }
+    // A snapshot-only restore downloads, builds and uploads nothing on the
+    // coordinator: every node fetches and decodes the stored snapshot.
+    for phase in ["download", "upload"] {
+        assert!(
+            !timed.iter().any(|(p, _)| *p == phase),
+            "{phase}: {timed:?}"
+        );
+    }
+    for node in ["node-0", "node-1", "node-2"] {
+        assert!(
+            timed.contains(&("fetch_snapshot", node)),
+            "{node}: {timed:?}"
+        );
     }
     let mut nodes: Vec<&str> = record.nodes.iter().map(|n| n.node_name.as_str()).collect();
     nodes.sort();

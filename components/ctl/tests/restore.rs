@@ -1150,6 +1150,34 @@ async fn wait_record(
     }
 }
 
+/// Moves etcd's leadership to `nodes[to]` and waits until it holds it.
+async fn make_leader(nodes: &[Node], to: usize) {
+    let status = |url: String| async move {
+        let mut one = etcd_client::Client::connect([url], None).await.ok()?;
+        let s = one.status().await.ok()?;
+        Some((s.header()?.member_id(), s.leader(), one))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (target, leader, _) = status(nodes[to].client_url.clone()).await.unwrap();
+        if leader == target {
+            return;
+        }
+        for n in nodes {
+            if let Some((id, _, mut one)) = status(n.client_url.clone()).await
+                && id == leader
+            {
+                let _ = one.move_leader(target).await;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node-{to} never became the leader"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Node `node`'s last step in `r`, as `step status`.
 fn last_step(r: &bulwark_backup::restore::record::RestoreRecord, node: &str) -> String {
     r.nodes
@@ -1199,10 +1227,12 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
     let snapshot_id = lab.scheduled_snapshot().await;
     let operator = lab.pki.client("alice", &["system:masters"]).unwrap();
     type Ready = fn(&bulwark_backup::restore::record::RestoreRecord) -> bool;
-    // Every member is restored at once, so "restore members" outlasts one
+    // Every member is restored at once, the old leader's node last (once
+    // the others' etcd is down), so "restore members" outlasts one
     // member's restore only while another node is slower: where a round
-    // kills after a member is restored, node-2's kubelet holds its etcd
-    // (the node waits for it to stop) until the kill, then lets it go.
+    // kills after a member is restored, node-2 is made the leader and its
+    // kubelet holds its etcd (the node waits for it to stop) until the
+    // kill, then lets it go.
     let cases: [(&str, usize, Option<usize>, Ready); 5] = [
         (
             "the coordinator before any member is touched",
@@ -1251,6 +1281,7 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
         let before = user_state(&mut c, 0).await;
         let old_cluster = c.status().await.unwrap().header().unwrap().cluster_id();
         if let Some(h) = held {
+            make_leader(&lab.nodes, h).await;
             lab.kubelets[h].pause(true);
         }
         let (agent, op) = (lab.agents[0].clone(), operator.clone());

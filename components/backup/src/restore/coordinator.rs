@@ -734,6 +734,13 @@ impl Coordinator {
 
     /// RESTORE: every node at once, each agent's steps relayed. From here
     /// on a failure leaves something to roll back.
+    ///
+    /// The old cluster's leader stops last: etcd's leader, stopped while
+    /// its followers still run, first tries to hand its leadership to one
+    /// of them, and when they are stopping too that waits out etcd's
+    /// request timeout (seconds). So the leader's node starts once every
+    /// other node's etcd is down (its restore tool then still runs beside
+    /// theirs), and not at all when another node's restore failed.
     async fn restore_members(
         &self,
         run: &mut Run<'_>,
@@ -745,21 +752,80 @@ impl Coordinator {
             .phase(pb::RestorePhase::RestoreMembers, None, None)
             .await;
         run.touched = true;
+        let leader = old_leader(run, &planned.nodes).await;
+        let others = planned
+            .nodes
+            .iter()
+            .filter(|(i, _)| Some(i.member_id) != leader)
+            .count();
+        let leader = leader.filter(|_| others > 0);
+        // Followers whose etcd is down (or whose restore ended), and
+        // whether any of them failed.
+        let (stopped, wait) = tokio::sync::watch::channel((0usize, false));
         let (rid, events) = (&run.rid, run.events);
-        let restores = planned.nodes.iter().map(|(info, c)| async move {
-            let fail = || status_fail(pb::RestorePhase::RestoreMembers, &info.node_name);
-            let stream = c
-                .clone()
-                .restore_member(pb::RestoreMemberRequest {
-                    restore_id: rid.clone(),
-                    spec: Some(planned.spec(info, source)),
-                    dry_run: false,
-                })
-                .await
-                .map_err(fail())?;
-            relay(stream.into_inner(), events).await.map_err(fail())
+        let restores = planned.nodes.iter().map(|(info, c)| {
+            let is_leader = Some(info.member_id) == leader;
+            let (stopped, mut wait) = (&stopped, wait.clone());
+            async move {
+                if is_leader {
+                    let ready = wait.wait_for(|(n, _)| *n >= others).await;
+                    if ready.map(|r| r.1).unwrap_or(true) {
+                        // Another node failed: this one is left untouched.
+                        return Ok(());
+                    }
+                }
+                let counted = std::sync::atomic::AtomicBool::new(is_leader);
+                let count = |failed: bool| {
+                    if !counted.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        stopped.send_modify(|(n, f)| {
+                            *n += 1;
+                            *f |= failed;
+                        });
+                    }
+                };
+                let result = self
+                    .restore_member(c.clone(), rid, planned.spec(info, source), events, &|ev| {
+                        if ev.step == pb::NodeStep::WaitStopped as i32
+                            && ev.status == pb::StepStatus::Done as i32
+                        {
+                            count(false);
+                        }
+                    })
+                    .await
+                    .map_err(status_fail(
+                        pb::RestorePhase::RestoreMembers,
+                        &info.node_name,
+                    ));
+                count(result.is_err());
+                result
+            }
         });
         first_failure(futures::future::join_all(restores).await)
+    }
+
+    /// RestoreMember on one node, its steps relayed, each also shown to
+    /// `seen`.
+    async fn restore_member(
+        &self,
+        mut c: RestoreAgentClient<Channel>,
+        rid: &str,
+        spec: pb::MemberRestoreSpec,
+        events: &Events,
+        seen: &(dyn Fn(&pb::NodeRestoreProgress) + Sync),
+    ) -> std::result::Result<(), Status> {
+        let mut stream = c
+            .restore_member(pb::RestoreMemberRequest {
+                restore_id: rid.to_owned(),
+                spec: Some(spec),
+                dry_run: false,
+            })
+            .await?
+            .into_inner();
+        while let Some(ev) = stream.message().await? {
+            seen(&ev);
+            events.send(pb::restore_progress::Event::Node(ev)).await;
+        }
+        Ok(())
     }
 
     /// START: all members at once (a member is healthy only with a quorum).
@@ -886,6 +952,22 @@ pub(super) async fn verify_cluster(
         })
         .collect();
     Ok(())
+}
+
+/// The old cluster's leader among `nodes` (its member id), when a member
+/// answers and knows one.
+async fn old_leader(run: &Run<'_>, nodes: &[Node]) -> Option<u64> {
+    let urls: Vec<String> = nodes
+        .iter()
+        .flat_map(|(n, _)| n.client_urls.clone())
+        .collect();
+    // Members that do not answer soon have no leader to wait for.
+    let members = run.engine.etcd.with_endpoints(urls);
+    let statuses = tokio::time::timeout(Duration::from_secs(5), members.statuses())
+        .await
+        .ok()?
+        .ok()?;
+    statuses.iter().map(|s| s.leader).find(|l| *l != 0)
 }
 
 /// PREPARE on one node, its fetch's events relayed as they come (bytes

@@ -2,12 +2,15 @@
 //!
 //! Restore: a single-member etcd 3.5.1 filled with JSON-like 1 MiB values
 //! is snapshotted through bulwark-backup's pipeline to the file store.
-//! Then, per run, side by side: `etcdutl snapshot restore` of the plain
-//! snapshot file (the baseline), and bulwark's restore of one member — the
-//! target build (download, stored hash, zstd, etcd's trailer check; no
-//! deltas) and the member step (`etcdutl snapshot restore` of the target,
-//! which is what every agent runs). A point-in-time build is also timed:
-//! the same snapshot rolled forward by `--delta-writes` recorded puts.
+//! Then, per run, side by side on the same data, timed from the first
+//! command to a member with a leader (see [`members`]): the baseline
+//! (`etcdutl snapshot restore` of the plain snapshot file, then etcd
+//! started on it), bulwark's snapshot-only restore of one member, and of
+//! a three-member cluster (every node fetching, decoding and restoring at
+//! once). The machine's load average is recorded at the start and end: a
+//! ratio to the baseline of the same run is the figure to read. A
+//! point-in-time build is also timed: the same snapshot rolled forward by
+//! `--delta-writes` recorded puts.
 //!
 //! RPO: the delta recorder with its defaults (500 ms flush) follows etcd
 //! while a writer puts small keys at `--write-rate` per second for
@@ -24,9 +27,10 @@
 //!
 //! Results go to `bench/results/<date>-restore.md` and `.json`.
 
+mod members;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,9 +76,9 @@ pub struct Args {
 
 #[derive(Debug, Serialize)]
 struct RestoreRun {
-    etcdutl_seconds: f64,
-    build_seconds: f64,
-    member_restore_seconds: f64,
+    baseline: members::BaselineTimes,
+    single: members::MemberTimes,
+    three: members::MemberTimes,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,12 +99,14 @@ struct Report {
     machine: BTreeMap<String, String>,
     db_size_bytes: u64,
     stored_bytes: u64,
+    load_before: String,
+    load_after: String,
     runs: Vec<RestoreRun>,
-    median_etcdutl_seconds: f64,
-    median_build_seconds: f64,
-    median_member_restore_seconds: f64,
-    member_ratio_to_etcdutl: f64,
-    total_ratio_to_etcdutl: f64,
+    baseline: members::BaselineTimes,
+    single: members::MemberTimes,
+    three: members::MemberTimes,
+    single_ratio_to_baseline: f64,
+    three_ratio_to_single: f64,
     pitr_events: u64,
     pitr_build_seconds: f64,
     rpo: Rpo,
@@ -113,31 +119,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(bench(args, cmdline))
-}
-
-fn etcdutl_restore(db: &Path, dir: &Path) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let out = Command::new(tools::etcdutl()?)
-        .args(["snapshot", "restore"])
-        .arg(db)
-        .arg("--data-dir")
-        .arg(dir)
-        .args([
-            "--name",
-            "m",
-            "--initial-cluster",
-            "m=http://127.0.0.1:2380",
-        ])
-        .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-        .stdin(Stdio::null())
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "etcdutl snapshot restore: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(started.elapsed().as_secs_f64())
 }
 
 async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
@@ -188,31 +169,9 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
         manifest.stored_size_bytes >> 20
     );
 
-    let mut runs = Vec::new();
-    for run in 0..args.runs {
-        let dir = work.path().join(format!("run-{run}"));
-        std::fs::create_dir_all(&dir)?;
-        // bulwark: build the target (download and every check), then the
-        // member step.
-        let started = Instant::now();
-        let plan = engine
-            .plan_restore(Some(&manifest.id), Target::Snapshot)
-            .await?;
-        let built = engine.build_target(&plan, &dir, &|_| {}, &cancel).await?;
-        let build_seconds = started.elapsed().as_secs_f64();
-        let member_restore_seconds = etcdutl_restore(&built.path, &dir.join("member-data"))?;
-        // Baseline: etcdutl on the same plain file, into another dir.
-        let etcdutl_seconds = etcdutl_restore(&built.path, &dir.join("etcdutl-data"))?;
-        eprintln!(
-            "run {run}: etcdutl {etcdutl_seconds:.2} s; bulwark build {build_seconds:.2} s + member {member_restore_seconds:.2} s"
-        );
-        runs.push(RestoreRun {
-            etcdutl_seconds,
-            build_seconds,
-            member_restore_seconds,
-        });
-        std::fs::remove_dir_all(&dir)?;
-    }
+    let load_before = loadavg();
+    let runs = restore_runs(&engine, &manifest, work.path(), args.runs).await?;
+    let load_after = loadavg();
 
     // The recorder follows the snapshot (PITR, then RPO).
     let status = Arc::new(Mutex::new(DeltaStatus::default()));
@@ -340,28 +299,94 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
     rec_cancel.cancel();
 
     let med = |f: fn(&RestoreRun) -> f64| median(runs.iter().map(f));
-    let (e, b, m) = (
-        med(|r| r.etcdutl_seconds),
-        med(|r| r.build_seconds),
-        med(|r| r.member_restore_seconds),
-    );
+    let baseline = members::BaselineTimes {
+        etcdutl: med(|r| r.baseline.etcdutl),
+        start: med(|r| r.baseline.start),
+        total: med(|r| r.baseline.total),
+    };
+    let single = members::MemberTimes {
+        fetch: med(|r| r.single.fetch),
+        restore: med(|r| r.single.restore),
+        start: med(|r| r.single.start),
+        total: med(|r| r.single.total),
+    };
+    let three = members::MemberTimes {
+        fetch: med(|r| r.three.fetch),
+        restore: med(|r| r.three.restore),
+        start: med(|r| r.three.start),
+        total: med(|r| r.three.total),
+    };
     let report = Report {
         date: chrono::Utc::now().to_rfc3339(),
         command: cmdline,
         machine: etcd_machine(),
         db_size_bytes: manifest.raw_size_bytes,
         stored_bytes: manifest.stored_size_bytes,
+        load_before,
+        load_after,
+        single_ratio_to_baseline: single.total / baseline.total.max(1e-9),
+        three_ratio_to_single: three.total / single.total.max(1e-9),
         runs,
-        median_etcdutl_seconds: e,
-        median_build_seconds: b,
-        median_member_restore_seconds: m,
-        member_ratio_to_etcdutl: m / e.max(1e-9),
-        total_ratio_to_etcdutl: (b + m) / e.max(1e-9),
+        baseline,
+        single,
+        three,
         pitr_events: built.events_applied,
         pitr_build_seconds,
         rpo,
     };
     write_report(&args.out, &report)
+}
+
+/// `/proc/loadavg` as it reads now (the machine may be shared).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `runs` rounds of: the baseline on the plain snapshot file, bulwark's
+/// restore of one member, and of three.
+async fn restore_runs(
+    engine: &Arc<Engine>,
+    manifest: &bulwark_backup::snapshot::manifest::Manifest,
+    work: &Path,
+    runs: usize,
+) -> anyhow::Result<Vec<RestoreRun>> {
+    // The baseline's input: the plain snapshot file, as `etcdctl snapshot
+    // save` leaves it on local disk (decoded once, untimed).
+    let plain = work.join("plain");
+    std::fs::create_dir_all(&plain)?;
+    let plan = engine
+        .plan_restore(Some(&manifest.id), Target::Snapshot)
+        .await?;
+    let db = engine
+        .build_target(&plan, &plain, &|_| {}, &CancellationToken::new())
+        .await?
+        .path;
+    let mut out = Vec::new();
+    for run in 0..runs {
+        let dir = work.join(format!("run-{run}"));
+        let baseline = members::baseline(&db, &dir.join("baseline")).await?;
+        std::fs::remove_dir_all(&dir)?;
+        let single = members::restore(engine, &dir.join("one"), 1, manifest).await?;
+        std::fs::remove_dir_all(&dir)?;
+        let three = members::restore(engine, &dir.join("three"), 3, manifest).await?;
+        std::fs::remove_dir_all(&dir)?;
+        eprintln!(
+            "run {run}: baseline {:.2} s; one member {:.2} s; three members {:.2} s (load {})",
+            baseline.total,
+            single.total,
+            three.total,
+            loadavg()
+        );
+        out.push(RestoreRun {
+            baseline,
+            single,
+            three,
+        });
+    }
+    std::fs::remove_dir_all(&plain)?;
+    Ok(out)
 }
 
 fn write_report(dir: &Path, r: &Report) -> anyhow::Result<()> {
@@ -377,12 +402,14 @@ fn write_report(dir: &Path, r: &Report) -> anyhow::Result<()> {
         md.push_str(&format!("- {k}: {v}\n"));
     }
     md.push_str(&format!(
-        "\n## Restore of one member, DB {:.0} MiB ({:.0} MiB stored, zstd 1, file store)\n\n\
-         | step | median |\n|---|---|\n\
-         | `etcdutl snapshot restore` of the plain snapshot (baseline) | {:.2} s |\n\
-         | bulwark member step (`etcdutl snapshot restore` of the built target, as each agent runs it) | {:.2} s ({:.2}×) |\n\
-         | bulwark target build (download, stored SHA-256, zstd, etcd trailer check) | {:.2} s |\n\
-         | bulwark total (build + member step) | {:.2} s ({:.2}×) |\n\n\
+        "\n## Restore, DB {:.0} MiB ({:.0} MiB stored, zstd 1, file store)\n\n\
+         Load average (1, 5, 15 min) before the restore runs: {}; after: {}.\n\n\
+         Medians of {} runs, from the first command to a member with a leader:\n\n\
+         | | fetch (store → decoder → staging file, both hashes) | restore (stop, set aside, etcdutl) | start to healthy | total | ratio |\n\
+         |---|---|---|---|---|---|\n\
+         | baseline: `etcdutl snapshot restore` of the plain file + etcd start | — | {:.2} s | {:.2} s | {:.2} s | 1.00× |\n\
+         | bulwark, one member | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2}× the baseline |\n\
+         | bulwark, three members at once | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2}× one member |\n\n\
          Point-in-time build: {} recorded events replayed onto the same snapshot in {:.2} s \
          (download and checks, scratch etcd, replay, snapshot of the result).\n\n\
          ## Delta RPO under steady writes\n\n\
@@ -392,12 +419,22 @@ fn write_report(dir: &Path, r: &Report) -> anyhow::Result<()> {
          {} acknowledged writes were in no committed segment; the oldest of them was {:.0} ms old.\n",
         r.db_size_bytes as f64 / 1048576.0,
         r.stored_bytes as f64 / 1048576.0,
-        r.median_etcdutl_seconds,
-        r.median_member_restore_seconds,
-        r.member_ratio_to_etcdutl,
-        r.median_build_seconds,
-        r.median_build_seconds + r.median_member_restore_seconds,
-        r.total_ratio_to_etcdutl,
+        r.load_before,
+        r.load_after,
+        r.runs.len(),
+        r.baseline.etcdutl,
+        r.baseline.start,
+        r.baseline.total,
+        r.single.fetch,
+        r.single.restore,
+        r.single.start,
+        r.single.total,
+        r.single_ratio_to_baseline,
+        r.three.fetch,
+        r.three.restore,
+        r.three.start,
+        r.three.total,
+        r.three_ratio_to_single,
         r.pitr_events,
         r.pitr_build_seconds,
         r.rpo.writes,

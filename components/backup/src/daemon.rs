@@ -244,10 +244,14 @@ fn spawn_grpc(
         .load()
         .context("loading restore.clientTls")?;
     spawn_follow(client_tls.clone(), "backup", shutdown);
-    let coordinator =
-        restore::Coordinator::new(service.clone(), config.restore.peers.clone(), client_tls);
+    let coordinator = restore::Coordinator::new(
+        service.clone(),
+        config.restore.peers.clone(),
+        client_tls,
+        shutdown,
+    );
     let api = api::BackupApi::new(service.clone(), shutdown).with_restore(coordinator.clone());
-    let agent_api = restore::AgentApi::new(agent.clone(), shutdown.token());
+    let agent_api = restore::AgentApi::new(agent.clone(), shutdown);
     let access = config.grpc.access.clone();
     let token = shutdown.token();
     let recovery_token = shutdown.token();

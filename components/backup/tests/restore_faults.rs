@@ -87,6 +87,7 @@ async fn heavy_download_breaking_off_mid_object_touches_no_node() {
                 object_key: m.object_key.clone(),
                 sha256: m.stored_sha256.clone(),
                 size_bytes: m.stored_size_bytes,
+                ..Default::default()
             }),
             member_name: "m1".into(),
             peer_urls: vec!["http://127.0.0.1:2".into()],
@@ -133,6 +134,143 @@ async fn heavy_download_breaking_off_mid_object_touches_no_node() {
     assert!(data_dir.join("member/sentinel").exists());
 }
 
+/// A snapshot-only restore's node fetches the committed snapshot itself:
+/// the encrypted, compressed object streams through the decoder straight
+/// into the staging file (etcd's own snapshot, trailer and size checked,
+/// no other copy kept). A node without the snapshot's age identity is
+/// named by the pre-flight and refused before anything is fetched; a
+/// flipped byte in the stored object is refused naming the snapshot and
+/// both failed checks, nothing staged, no lock held.
+#[tokio::test]
+async fn heavy_an_agent_decodes_the_stored_snapshot_straight_into_its_staging_file() {
+    let etcd = Etcd::start().await.unwrap();
+    common::put_random_mib(&etcd, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let key = common::write_identity(keys_dir.path(), "key.txt");
+    let keys = Keyring::load(Some(&key), &[]).unwrap();
+    let engine = common::engine(&etcd, common::file_store(dir.path()), keys);
+    let m = engine
+        .take_snapshot(
+            SnapshotOptions::manual(""),
+            &(),
+            &CancellationToken::new(),
+            &|| Ok(()),
+        )
+        .await
+        .unwrap();
+    let key_id = m.encryption.key_id().unwrap().to_owned();
+    assert!(m.stored_size_bytes < m.raw_size_bytes, "compressed: {m:?}");
+    let request = |rid: &str| pb::PrepareRestoreRequest {
+        restore_id: rid.into(),
+        coordinator: "test".into(),
+        spec: Some(pb::MemberRestoreSpec {
+            snapshot: Some(pb::SnapshotSource {
+                object_key: m.object_key.clone(),
+                sha256: m.stored_sha256.clone(),
+                size_bytes: m.stored_size_bytes,
+                snapshot_id: m.id.clone(),
+                raw_size_bytes: m.raw_size_bytes,
+            }),
+            member_name: "m1".into(),
+            peer_urls: vec!["http://127.0.0.1:2".into()],
+            initial_cluster: "m1=http://127.0.0.1:2".into(),
+            cluster_token: "t".into(),
+            bump_revision: 0,
+            mark_compacted: false,
+        }),
+        lock_ttl: None,
+        skip_space_check: false,
+    };
+    let check = pb::CheckRestoreRequest {
+        restore_id: "r3".into(),
+        target_size_bytes: m.raw_size_bytes,
+        key_id: key_id.clone(),
+        ..Default::default()
+    };
+    let no_identity = format!("no age identity for key {key_id} here");
+
+    // A node without the identity: named by the pre-flight, refused.
+    let keyless = Arc::new(bulwark_backup::Engine {
+        keys: Keyring::none(),
+        ..(*engine).clone()
+    });
+    let other = tempfile::tempdir().unwrap();
+    let other_data = other.path().join("etcd-data");
+    let (agent, _, _, state_dir) = node_agent(&keyless, other.path(), &other_data);
+    let problems = agent.check(check.clone()).await.unwrap().problems;
+    assert!(
+        problems.iter().any(|p| p.contains(&no_identity)),
+        "{problems:?}"
+    );
+    let err = agent.prepare(request("r3")).await.unwrap_err();
+    assert!(matches!(err, BackupError::Refused(_)), "{err:?}");
+    assert!(err.to_string().contains(&no_identity), "{err}");
+    assert!(!state_dir.join("r3/snapshot.db").exists());
+
+    // A node with it: the decoded snapshot is staged, and only it.
+    let node = tempfile::tempdir().unwrap();
+    let data_dir = node.path().join("etcd-data");
+    let (agent, manifest, pod, state_dir) = node_agent(&engine, node.path(), &data_dir);
+    let problems = agent.check(check).await.unwrap().problems;
+    assert!(
+        !problems.iter().any(|p| p.contains("age identity")),
+        "{problems:?}"
+    );
+    agent.prepare(request("r3")).await.unwrap();
+    let staged = state_dir.join("r3/snapshot.db");
+    let bytes = std::fs::read(&staged).unwrap();
+    assert_eq!(bytes.len() as u64, m.raw_size_bytes);
+    // etcd's trailer: the SHA-256 of everything before it.
+    let (body, trailer) = bytes.split_at(bytes.len() - 32);
+    let trailer: String = trailer.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(trailer, m.etcd_sha256);
+    let mut h = bulwark_backup::pipeline::hashing::Sha256::new();
+    h.update(body);
+    assert_eq!(h.finish_hex().0, m.etcd_sha256);
+    let kept: Vec<_> = std::fs::read_dir(state_dir.join("r3"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept, ["snapshot.db"], "no stored copy kept beside it");
+    agent.abort("r3", "test over", &|_| {}).await.unwrap();
+    assert!(!staged.exists());
+
+    // One byte of the stored object flipped: refused naming the snapshot
+    // and the stored hash, nothing staged, no lock held.
+    let path = bulwark_backup::store::layout::object_path(engine.store.prefix(), &m.object_key);
+    let mut bad = engine
+        .store
+        .inner()
+        .get(&path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    engine
+        .store
+        .inner()
+        .put(&path, PutPayload::from(bad))
+        .await
+        .unwrap();
+    let err = agent.prepare(request("r4")).await.unwrap_err();
+    assert!(matches!(err, BackupError::Corrupt { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&m.id), "{text}");
+    assert!(text.contains("stored_hash"), "{text}");
+    assert!(text.contains("decrypt"), "the layer that tripped: {text}");
+    assert!(!state_dir.join("r4/snapshot.db").exists());
+    assert!(matches!(
+        agent.state("r4").await,
+        Err(BackupError::NotFound { .. })
+    ));
+    assert_eq!(std::fs::read_to_string(&manifest).unwrap(), pod);
+}
+
 /// A node whose data dir's file system has no room for the restored member
 /// is refused before anything is fetched or moved. Where the restore
 /// tool's complete output cannot be renamed into place (the data dir's
@@ -159,6 +297,7 @@ async fn heavy_space_check_refuses_up_front_and_the_rollback_removes_an_unrename
             object_key: key.into(),
             sha256: built.sha256.clone(),
             size_bytes,
+            ..Default::default()
         }),
         member_name: "m1".into(),
         peer_urls: vec!["http://127.0.0.1:2".into()],
@@ -564,8 +703,22 @@ async fn heavy_preflight_names_every_problem_on_every_node_and_fetches_nothing()
         .iter()
         .map(|t| (t.name.as_str(), t.node_name.as_str()))
         .collect();
-    for phase in ["plan", "preflight", "download", "upload", "prepare"] {
+    for phase in ["plan", "preflight", "prepare"] {
         assert!(timed.contains(&(phase, "")), "{phase}: {timed:?}");
+    }
+    // A snapshot-only restore downloads, builds and uploads nothing on the
+    // coordinator: every node fetches and decodes the stored snapshot.
+    for phase in ["download", "upload"] {
+        assert!(
+            !timed.iter().any(|(p, _)| *p == phase),
+            "{phase}: {timed:?}"
+        );
+    }
+    for node in ["node-0", "node-1", "node-2"] {
+        assert!(
+            timed.contains(&("fetch_snapshot", node)),
+            "{node}: {timed:?}"
+        );
     }
     let mut nodes: Vec<&str> = record.nodes.iter().map(|n| n.node_name.as_str()).collect();
     nodes.sort();
@@ -622,6 +775,7 @@ async fn heavy_preflight_names_every_problem_on_every_node_and_fetches_nothing()
                         object_key: snapshot.object_key.clone(),
                         sha256: snapshot.stored_sha256.clone(),
                         size_bytes: snapshot.stored_size_bytes,
+                        ..Default::default()
                     }),
                     member_name: format!("m{i}"),
                     peer_urls: vec![format!("http://127.0.{i}.1:2380")],
@@ -741,6 +895,7 @@ async fn heavy_a_restarted_agent_holds_a_restored_node_and_rolls_back_a_half_don
             object_key: key.into(),
             sha256: built.sha256.clone(),
             size_bytes: built.size,
+            ..Default::default()
         }),
         member_name: "m1".into(),
         peer_urls: vec!["http://127.0.0.1:2".into()],

@@ -13,18 +13,19 @@
 //! `resume ID` and `rollback ID` finish one that stopped half-way.
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
-use std::time::Duration;
 
 use bulwark_api::backup::v1 as pb;
 use bulwark_api::backup::v1::backup_client::BackupClient;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::connect::Service;
 use crate::error::{CliError, Exit};
 use crate::output::{self, OutputFormat};
 
+mod progress;
 mod status;
+
+use progress::Progress;
 
 /// `bulwarkctl restore …`
 #[derive(Debug, clap::Args)]
@@ -260,26 +261,6 @@ impl RestoreArgs {
     }
 }
 
-/// A progress line above the spinner, or on stderr when there is no
-/// terminal to draw the spinner on (logs and scripts still see the steps).
-fn say(bar: &ProgressBar, line: String) {
-    if bar.is_hidden() {
-        eprintln!("{line}");
-    } else {
-        bar.println(line);
-    }
-}
-
-fn spinner() -> ProgressBar {
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
-}
-
 /// Runs `bulwarkctl restore` and its `status`, `resume` and `rollback`.
 pub async fn run(
     args: &RestoreArgs,
@@ -333,7 +314,7 @@ async fn follow(
     format: OutputFormat,
     rollback_wanted: bool,
 ) -> Result<(), CliError> {
-    let bar = spinner();
+    let mut bar = Progress::new();
     let mut target = TargetLine::default();
     while let Some(msg) = stream
         .message()
@@ -348,17 +329,17 @@ async fn follow(
             }
             Some(pb::restore_progress::Event::Phase(p)) => {
                 if let Some(line) = target.on_phase(&p) {
-                    say(&bar, line);
+                    bar.say(line);
                 }
-                bar.set_message(phase_message(&p));
+                bar.phase(&p);
             }
-            Some(pb::restore_progress::Event::Node(n)) => say(&bar, node_line(&n)),
+            Some(pb::restore_progress::Event::Node(n)) => bar.node(&n),
             Some(pb::restore_progress::Event::Done(s)) => {
-                bar.finish_and_clear();
+                bar.finish();
                 return print_summary(&summary(restore_id, s), format);
             }
             Some(pb::restore_progress::Event::Failed(f)) => {
-                bar.finish_and_clear();
+                bar.finish();
                 let exit = failure_exit(&f);
                 let message = f.message.clone();
                 let report = failure_report(restore_id, f);
@@ -411,11 +392,9 @@ impl TargetLine {
 }
 
 /// The plan, as lines above the spinner: what is restored to where.
-fn say_plan(bar: &ProgressBar, restore_id: &str, p: &pb::RestorePlan) {
+fn say_plan(bar: &Progress, restore_id: &str, p: &pb::RestorePlan) {
     let snap = p.snapshot.as_ref();
-    say(
-        bar,
-        format!(
+    bar.say(format!(
             "restore {restore_id}{}: snapshot {} (revision {}), {} delta segment(s), target revision {}, {} node(s)",
             if p.dry_run { " (dry run)" } else { "" },
             snap.map(|s| s.id.as_str()).unwrap_or("?"),
@@ -431,17 +410,14 @@ fn say_plan(bar: &ProgressBar, restore_id: &str, p: &pb::RestorePlan) {
     );
     for n in &p.nodes {
         if let Some(i) = &n.info {
-            say(
-                bar,
-                format!(
-                    "  {} member {} data {} -> kept at {}",
-                    i.node_name, i.member_name, i.data_dir, n.data_dir_aside_path
-                ),
-            );
+            bar.say(format!(
+                "  {} member {} data {} -> kept at {}",
+                i.node_name, i.member_name, i.data_dir, n.data_dir_aside_path
+            ));
         }
     }
     for w in &p.warnings {
-        say(bar, format!("  warning: {w}"));
+        bar.say(format!("  warning: {w}"));
     }
 }
 

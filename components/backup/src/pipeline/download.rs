@@ -7,7 +7,9 @@
 //! that tripped over it), and the download always runs to the end so the
 //! stored hash is known. Used by verification and drills
 //! ([`crate::verify`]) and by the restore's target build
-//! ([`crate::restore::pitr`]).
+//! ([`crate::restore::pitr`]), and by every restore agent that decodes
+//! the stored snapshot straight into its staging file
+//! (`restore::agent`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
-use crate::error::{BackupError, Result};
+use crate::error::{BackupError, Corruption, Result};
 use crate::pipeline::codec::{ChannelReader, DecodeError, Decoder, Item, Layer};
 use crate::pipeline::hashing::{Sha256, TrailerError, TrailerVerifier};
 use crate::snapshot::catalog::SnapshotEntry;
@@ -177,6 +179,28 @@ async fn download(
         let _ = tx.send(Item::End).await;
     }
     Ok((stored, download_error))
+}
+
+/// The error a restore fails with when the stored snapshot `what` did not
+/// pass every check: the first mismatch's kind, every mismatch named in
+/// the detail; `None` when it passed.
+pub(crate) fn mismatch_error(what: String, mismatches: &[Mismatch]) -> Option<BackupError> {
+    let first = mismatches.first()?;
+    Some(BackupError::Corrupt {
+        kind: match first.kind {
+            MismatchKind::Decrypt => Corruption::Decrypt,
+            MismatchKind::Decompress => Corruption::Decompress,
+            MismatchKind::StoredSize => Corruption::StoredSize,
+            MismatchKind::EtcdHash => Corruption::EtcdHash,
+            _ => Corruption::StoredHash,
+        },
+        what,
+        detail: mismatches
+            .iter()
+            .map(|m| format!("{}: {}", m.kind.as_str(), m.detail))
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
 }
 
 /// The stored object's size and SHA-256 against the manifest.

@@ -5,10 +5,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bulwark_api::backup::v1 as pb;
+use bulwark_common::shutdown::Shutdown;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::error::Result;
@@ -21,12 +23,19 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Se
 pub struct AgentApi {
     agent: Arc<Agent>,
     shutdown: CancellationToken,
+    /// The daemon's tracker: shutdown waits for a step under way.
+    tasks: TaskTracker,
 }
 
 impl AgentApi {
-    /// Handlers over `agent`.
-    pub fn new(agent: Arc<Agent>, shutdown: CancellationToken) -> Self {
-        Self { agent, shutdown }
+    /// Handlers over `agent`; each streamed step is a task of `shutdown`'s
+    /// tracker, under a child of its token.
+    pub fn new(agent: Arc<Agent>, shutdown: &Shutdown) -> Self {
+        Self {
+            agent,
+            shutdown: shutdown.token(),
+            tasks: shutdown.tracker().clone(),
+        }
     }
 
     /// The tonic service to register.
@@ -35,7 +44,10 @@ impl AgentApi {
     }
 
     /// Runs `op` in a task, streaming its step events; an error ends the
-    /// stream with its status.
+    /// stream with its status. At shutdown the task's token is cancelled
+    /// (a wait for health stops) and the daemon waits for the step within
+    /// its grace period; a step cut off there is in the node's journal,
+    /// which the restarted agent resumes or rolls back from.
     fn stream<F>(&self, op: F) -> Stream_<pb::NodeRestoreProgress>
     where
         F: for<'a> FnOnce(
@@ -49,7 +61,7 @@ impl AgentApi {
         let (tx, rx) = mpsc::channel(64);
         let agent = self.agent.clone();
         let cancel = self.shutdown.child_token();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let sink_tx = tx.clone();
             let sink = move |e: pb::NodeRestoreProgress| {
                 let _ = sink_tx.try_send(Ok(e));
@@ -78,6 +90,18 @@ impl pb::restore_agent_server::RestoreAgent for AgentApi {
         Ok(Response::new(
             self.agent.prepare(request.into_inner()).await?,
         ))
+    }
+
+    type PrepareRestoreStreamStream = Stream_<pb::NodeRestoreProgress>;
+
+    async fn prepare_restore_stream(
+        &self,
+        request: Request<pb::PrepareRestoreRequest>,
+    ) -> std::result::Result<Response<Self::PrepareRestoreStreamStream>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(self.stream(move |agent, sink, _| {
+            Box::pin(async move { agent.prepare_with(req, sink).await.map(drop) })
+        })))
     }
 
     type RestoreMemberStream = Stream_<pb::NodeRestoreProgress>;

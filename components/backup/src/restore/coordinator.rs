@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bulwark_api::backup::v1 as pb;
 use bulwark_api::backup::v1::backup_client::BackupClient;
 use bulwark_api::backup::v1::restore_agent_client::RestoreAgentClient;
+use bulwark_common::shutdown::Shutdown;
 use bulwark_common::tls::TlsMaterial;
 use chrono::Utc;
 use futures::Stream;
@@ -17,6 +18,7 @@ use object_store::ObjectStoreExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -42,6 +44,9 @@ pub struct Coordinator {
     pub(super) service: Arc<Service>,
     pub(super) peers: Vec<String>,
     client_tls: Arc<TlsMaterial>,
+    /// The daemon's tracker: shutdown waits for a running restore (within
+    /// its grace period; see [`Coordinator::start`]).
+    pub(super) tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -177,12 +182,19 @@ fn status_fail(phase: pb::RestorePhase, node: &str) -> impl Fn(Status) -> Failed
 }
 
 impl Coordinator {
-    /// A coordinator driving the agents at `peers` with `client_tls`.
-    pub fn new(service: Arc<Service>, peers: Vec<String>, client_tls: TlsMaterial) -> Self {
+    /// A coordinator driving the agents at `peers` with `client_tls`; its
+    /// restores are tasks of `shutdown`'s tracker.
+    pub fn new(
+        service: Arc<Service>,
+        peers: Vec<String>,
+        client_tls: TlsMaterial,
+        shutdown: &Shutdown,
+    ) -> Self {
         Self {
             service,
             peers,
             client_tls: Arc::new(client_tls),
+            tasks: shutdown.tracker().clone(),
         }
     }
 
@@ -201,6 +213,13 @@ impl Coordinator {
     }
 
     /// Validates `req` and starts the restore; the stream carries its events.
+    ///
+    /// The restore is a task of the daemon's tracker, under a child of
+    /// `shutdown`: at shutdown a target build stops at once (and the
+    /// untouched nodes are released), and the daemon waits for the rest
+    /// within its grace period. A restore cut off there is safe: each
+    /// agent's journal and this restore's record let the restarted daemon
+    /// resume it (every member restored) or roll every node back.
     pub fn start(
         &self,
         req: pb::RestoreRequest,
@@ -259,7 +278,7 @@ impl Coordinator {
         let (tx, rx) = mpsc::channel(64);
         let cancel = shutdown.child_token();
         let this = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let guard = match this.service.try_restore_lock() {
                 Ok(g) => g,
                 Err(e) => {
@@ -331,7 +350,8 @@ impl Coordinator {
         }
     }
 
-    /// PLAN, BUILD, UPLOAD, then the members' phases, VERIFY.
+    /// PLAN, then (point-in-time) BUILD and UPLOAD, then the members'
+    /// phases, VERIFY.
     async fn phases(
         &self,
         run: &mut Run<'_>,
@@ -340,20 +360,20 @@ impl Coordinator {
         target: Target,
     ) -> std::result::Result<pb::RestoreSummary, Failed> {
         let planned = self.plan(run, req, snapshot, target).await?;
-        let (built, work) = self.build(run, &planned.plan).await?;
-        let (source, object) = self.upload_target(run, &built).await?;
-        drop(work);
-        let outcome = self.on_members(run, req, &planned, &source).await;
-        // The target object is only for this restore.
-        if let Err(e) = run.engine.store.inner().delete(&object).await {
+        let staged = self.stage(run, &planned.plan).await?;
+        let outcome = self.on_members(run, req, &planned, &staged.source).await;
+        // A built target's object is only for this restore.
+        if let Some(object) = &staged.object
+            && let Err(e) = run.engine.store.inner().delete(object).await
+        {
             tracing::warn!(error = %e, object = %object, "could not delete the restore's target snapshot");
         }
         let members_started = outcome?;
         let mut summary = pb::RestoreSummary {
             cluster_id: 0,
-            revision: built.revision.unwrap_or(planned.plan.base.revision),
+            revision: staged.revision.unwrap_or(planned.plan.base.revision),
             snapshot_id: planned.plan.base.id.clone(),
-            deltas_applied: built.segments_applied,
+            deltas_applied: staged.segments_applied,
             took: None,
             nodes: Vec::new(),
             dry_run: req.dry_run,
@@ -367,9 +387,39 @@ impl Coordinator {
             from_timeline: planned.plan.timeline,
         };
         if members_started {
-            verify_cluster(run, &planned.nodes, built.revision, &mut summary).await?;
+            verify_cluster(run, &planned.nodes, staged.revision, &mut summary).await?;
         }
         Ok(summary)
+    }
+
+    /// What the members restore from. Snapshot only: the committed
+    /// snapshot object itself, which every agent fetches and decodes
+    /// straight into its staging file, checking both hashes (nothing is
+    /// downloaded, built or uploaded here). Point in time: the target
+    /// built once here (BUILD) and uploaded for the agents (UPLOAD).
+    async fn stage(&self, run: &Run<'_>, plan: &Plan) -> std::result::Result<Staged, Failed> {
+        if !plan.replays() {
+            let b = &plan.base;
+            let revision = plan.target_revision;
+            run.events
+                .record
+                .update(|r| r.revision = revision.unwrap_or(b.revision));
+            return Ok(Staged {
+                source: stored_source(b),
+                object: None,
+                revision,
+                segments_applied: 0,
+            });
+        }
+        let (built, work) = self.build(run, plan).await?;
+        let (source, object) = self.upload_target(run, &built).await?;
+        drop(work);
+        Ok(Staged {
+            source,
+            object: Some(object),
+            revision: built.revision,
+            segments_applied: built.segments_applied,
+        })
     }
 
     /// PLAN: every agent answers and is free; the snapshot and deltas are
@@ -456,6 +506,18 @@ impl Coordinator {
             bump_revision: planned.bump,
             mark_compacted: planned.mark_compacted,
             skip_space_check: req.skip_space_check,
+            // Every node decodes a stored snapshot itself.
+            key_id: if planned.plan.replays() {
+                String::new()
+            } else {
+                planned
+                    .plan
+                    .base
+                    .encryption
+                    .key_id()
+                    .unwrap_or_default()
+                    .to_owned()
+            },
         };
         self.preflight(run, &check, &planned.nodes, problems)
             .await?;
@@ -527,6 +589,7 @@ impl Coordinator {
             })
             .map_err(fail(pb::RestorePhase::Download))?;
         let events = run.events;
+        let target_revision = plan.target_revision;
         let on_build = |e: BuildEvent| match e {
             BuildEvent::Download {
                 bytes_done,
@@ -545,13 +608,21 @@ impl Coordinator {
                     revision: None,
                 },
             )),
-            BuildEvent::Replay { revision, .. } => events.try_send(
-                pb::restore_progress::Event::Phase(pb::RestorePhaseProgress {
-                    phase: pb::RestorePhase::Build as i32,
-                    transfer: None,
-                    revision: Some(revision),
-                }),
-            ),
+            BuildEvent::Replay {
+                revision,
+                events: applied,
+            } => {
+                events.record.update(|r| {
+                    r.progress = replay_text(revision, target_revision, applied);
+                });
+                events.try_send(pb::restore_progress::Event::Phase(
+                    pb::RestorePhaseProgress {
+                        phase: pb::RestorePhase::Build as i32,
+                        transfer: None,
+                        revision: Some(revision),
+                    },
+                ));
+            }
         };
         let built = engine
             .build_target(plan, work.path(), &on_build, run.cancel)
@@ -565,6 +636,7 @@ impl Coordinator {
                 },
                 error: format!("{e} (no node was touched)"),
             })?;
+        events.record.update(|r| r.progress.clear());
         events
             .phase(pb::RestorePhase::Build, None, built.revision)
             .await;
@@ -615,6 +687,8 @@ impl Coordinator {
             object_key: key,
             sha256: built.sha256.clone(),
             size_bytes: built.size,
+            snapshot_id: String::new(),
+            raw_size_bytes: built.size,
         };
         Ok((source, object))
     }
@@ -637,9 +711,9 @@ impl Coordinator {
         Ok(true)
     }
 
-    /// PREPARE: every agent fetches the target, checks it and takes its
-    /// lock. Every agent asked is remembered for the rollback, even one
-    /// whose prepare failed (it may hold the lock).
+    /// PREPARE: every agent at once fetches the target, checks it and
+    /// takes its lock. Every agent asked is remembered for the rollback,
+    /// even one whose prepare failed (it may hold the lock).
     async fn prepare(
         &self,
         run: &mut Run<'_>,
@@ -648,47 +722,32 @@ impl Coordinator {
         source: &pb::SnapshotSource,
     ) -> std::result::Result<(), Failed> {
         self.set_phase(run, pb::RestorePhase::Prepare);
-        for (info, c) in &planned.nodes {
-            let ev = |status: pb::StepStatus, detail: String| pb::NodeRestoreProgress {
-                restore_id: run.rid.clone(),
-                node_name: info.node_name.clone(),
-                step: pb::NodeStep::FetchSnapshot as i32,
-                status: status as i32,
-                detail,
-                path: String::new(),
-                transfer: None,
-                at: Some(timestamp(Utc::now())),
+        run.prepared = planned.nodes.clone();
+        let (rid, coordinator, events) = (&run.rid, &run.engine.node_name, run.events);
+        let asks = planned.nodes.iter().map(|(info, c)| async move {
+            let req = pb::PrepareRestoreRequest {
+                restore_id: rid.clone(),
+                coordinator: coordinator.clone(),
+                spec: Some(planned.spec(info, source)),
+                lock_ttl: Some(d(Duration::from_secs(600))),
+                skip_space_check: req.skip_space_check,
             };
-            run.events
-                .send(pb::restore_progress::Event::Node(ev(
-                    pb::StepStatus::Started,
-                    String::new(),
-                )))
-                .await;
-            let mut c = c.clone();
-            let r = c
-                .prepare_restore(pb::PrepareRestoreRequest {
-                    restore_id: run.rid.clone(),
-                    coordinator: run.engine.node_name.clone(),
-                    spec: Some(planned.spec(info, source)),
-                    lock_ttl: Some(d(Duration::from_secs(600))),
-                    skip_space_check: req.skip_space_check,
-                })
-                .await;
-            run.prepared.push((info.clone(), c.clone()));
-            let r = r.map_err(status_fail(pb::RestorePhase::Prepare, &info.node_name))?;
-            run.events
-                .send(pb::restore_progress::Event::Node(ev(
-                    pb::StepStatus::Done,
-                    format!("staged at {}", r.into_inner().staged_snapshot_path),
-                )))
-                .await;
-        }
-        Ok(())
+            prepare_node(c.clone(), req, info, events)
+                .await
+                .map_err(status_fail(pb::RestorePhase::Prepare, &info.node_name))
+        });
+        first_failure(futures::future::join_all(asks).await)
     }
 
-    /// RESTORE: one node after the other, each agent's steps relayed. From
-    /// here on a failure leaves something to roll back.
+    /// RESTORE: every node at once, each agent's steps relayed. From here
+    /// on a failure leaves something to roll back.
+    ///
+    /// The old cluster's leader stops last: etcd's leader, stopped while
+    /// its followers still run, first tries to hand its leadership to one
+    /// of them, and when they are stopping too that waits out etcd's
+    /// request timeout (seconds). So the leader's node starts once every
+    /// other node's etcd is down (its restore tool then still runs beside
+    /// theirs), and not at all when another node's restore failed.
     async fn restore_members(
         &self,
         run: &mut Run<'_>,
@@ -700,25 +759,78 @@ impl Coordinator {
             .phase(pb::RestorePhase::RestoreMembers, None, None)
             .await;
         run.touched = true;
-        for (info, c) in &planned.nodes {
-            let mut c = c.clone();
-            let stream = c
-                .restore_member(pb::RestoreMemberRequest {
-                    restore_id: run.rid.clone(),
-                    spec: Some(planned.spec(info, source)),
-                    dry_run: false,
-                })
-                .await
-                .map_err(status_fail(
-                    pb::RestorePhase::RestoreMembers,
-                    &info.node_name,
-                ))?;
-            relay(stream.into_inner(), run.events)
-                .await
-                .map_err(status_fail(
-                    pb::RestorePhase::RestoreMembers,
-                    &info.node_name,
-                ))?;
+        let leader = old_leader(run, &planned.nodes).await;
+        let others = planned
+            .nodes
+            .iter()
+            .filter(|(i, _)| Some(i.member_id) != leader)
+            .count();
+        let leader = leader.filter(|_| others > 0);
+        // Followers whose etcd is down (or whose restore ended), and
+        // whether any of them failed.
+        let (stopped, wait) = tokio::sync::watch::channel((0usize, false));
+        let (rid, events) = (&run.rid, run.events);
+        let restores = planned.nodes.iter().map(|(info, c)| {
+            let is_leader = Some(info.member_id) == leader;
+            let (stopped, mut wait) = (&stopped, wait.clone());
+            async move {
+                if is_leader {
+                    let ready = wait.wait_for(|(n, _)| *n >= others).await;
+                    if ready.map(|r| r.1).unwrap_or(true) {
+                        // Another node failed: this one is left untouched.
+                        return Ok(());
+                    }
+                }
+                let counted = std::sync::atomic::AtomicBool::new(is_leader);
+                let count = |failed: bool| {
+                    if !counted.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        stopped.send_modify(|(n, f)| {
+                            *n += 1;
+                            *f |= failed;
+                        });
+                    }
+                };
+                let result = self
+                    .restore_member(c.clone(), rid, planned.spec(info, source), events, &|ev| {
+                        if ev.step == pb::NodeStep::WaitStopped as i32
+                            && ev.status == pb::StepStatus::Done as i32
+                        {
+                            count(false);
+                        }
+                    })
+                    .await
+                    .map_err(status_fail(
+                        pb::RestorePhase::RestoreMembers,
+                        &info.node_name,
+                    ));
+                count(result.is_err());
+                result
+            }
+        });
+        first_failure(futures::future::join_all(restores).await)
+    }
+
+    /// RestoreMember on one node, its steps relayed, each also shown to
+    /// `seen`.
+    async fn restore_member(
+        &self,
+        mut c: RestoreAgentClient<Channel>,
+        rid: &str,
+        spec: pb::MemberRestoreSpec,
+        events: &Events,
+        seen: &(dyn Fn(&pb::NodeRestoreProgress) + Sync),
+    ) -> std::result::Result<(), Status> {
+        let mut stream = c
+            .restore_member(pb::RestoreMemberRequest {
+                restore_id: rid.to_owned(),
+                spec: Some(spec),
+                dry_run: false,
+            })
+            .await?
+            .into_inner();
+        while let Some(ev) = stream.message().await? {
+            seen(&ev);
+            events.send(pb::restore_progress::Event::Node(ev)).await;
         }
         Ok(())
     }
@@ -750,10 +862,7 @@ impl Coordinator {
                     .map_err(status_fail(pb::RestorePhase::StartMembers, &info.node_name))
             }
         });
-        for r in futures::future::join_all(starts).await {
-            r?;
-        }
-        Ok(())
+        first_failure(futures::future::join_all(starts).await)
     }
 
     /// The end of a restore that did not fail: a dry run releases the
@@ -850,6 +959,103 @@ pub(super) async fn verify_cluster(
         })
         .collect();
     Ok(())
+}
+
+/// The old cluster's leader among `nodes` (its member id), when a member
+/// answers and knows one.
+async fn old_leader(run: &Run<'_>, nodes: &[Node]) -> Option<u64> {
+    let urls: Vec<String> = nodes
+        .iter()
+        .flat_map(|(n, _)| n.client_urls.clone())
+        .collect();
+    // Members that do not answer soon have no leader to wait for.
+    let members = run.engine.etcd.with_endpoints(urls);
+    let statuses = tokio::time::timeout(Duration::from_secs(5), members.statuses())
+        .await
+        .ok()?
+        .ok()?;
+    statuses.iter().map(|s| s.leader).find(|l| *l != 0)
+}
+
+/// PREPARE on one node, its fetch's events relayed as they come (bytes
+/// fetched included). An agent without `PrepareRestoreStream` (an older
+/// version, mid-upgrade) is asked the unary way, its fetch timed here.
+async fn prepare_node(
+    mut c: RestoreAgentClient<Channel>,
+    req: pb::PrepareRestoreRequest,
+    info: &pb::NodeInfo,
+    events: &Events,
+) -> std::result::Result<(), Status> {
+    match c.prepare_restore_stream(req.clone()).await {
+        Ok(stream) => return relay(stream.into_inner(), events).await,
+        Err(s) if s.code() == tonic::Code::Unimplemented => {}
+        Err(s) => return Err(s),
+    }
+    let ev = |status: pb::StepStatus, path: String| {
+        pb::restore_progress::Event::Node(pb::NodeRestoreProgress {
+            restore_id: req.restore_id.clone(),
+            node_name: info.node_name.clone(),
+            step: pb::NodeStep::FetchSnapshot as i32,
+            status: status as i32,
+            detail: String::new(),
+            path,
+            transfer: None,
+            at: Some(timestamp(Utc::now())),
+        })
+    };
+    events
+        .send(ev(pb::StepStatus::Started, String::new()))
+        .await;
+    let staged = c.prepare_restore(req.clone()).await?.into_inner();
+    events
+        .send(ev(pb::StepStatus::Done, staged.staged_snapshot_path))
+        .await;
+    Ok(())
+}
+
+/// "replayed to revision 5004 of 7006, 12000 events" (`restore status`).
+fn replay_text(revision: i64, target: Option<i64>, events: u64) -> String {
+    match target {
+        Some(t) => format!("replayed to revision {revision} of {t}, {events} events"),
+        None => format!("replayed to revision {revision}, {events} events"),
+    }
+}
+
+/// Every node's outcome of a step they ran at once: the failure names
+/// every node that failed (one after the other), else none.
+fn first_failure(results: Vec<std::result::Result<(), Failed>>) -> std::result::Result<(), Failed> {
+    let mut failed = results.into_iter().filter_map(|r| r.err());
+    let Some(mut first) = failed.next() else {
+        return Ok(());
+    };
+    for f in failed {
+        first.error.push_str("; ");
+        first.error.push_str(&f.error);
+    }
+    Err(first)
+}
+
+/// The committed snapshot `b` as the agents fetch it: they decode it
+/// themselves and check it against its manifest.
+fn stored_source(b: &crate::snapshot::manifest::Manifest) -> pb::SnapshotSource {
+    pb::SnapshotSource {
+        object_key: b.object_key.clone(),
+        sha256: b.stored_sha256.clone(),
+        size_bytes: b.stored_size_bytes,
+        snapshot_id: b.id.clone(),
+        raw_size_bytes: b.raw_size_bytes,
+    }
+}
+
+/// What the members restore from (see `Coordinator::stage`).
+struct Staged {
+    source: pb::SnapshotSource,
+    /// A built target's object, deleted once the members are done with it.
+    object: Option<object_store::path::Path>,
+    /// The target's revision, when known exactly.
+    revision: Option<i64>,
+    /// Delta segments applied.
+    segments_applied: u32,
 }
 
 /// A node's facts and a client for its agent.

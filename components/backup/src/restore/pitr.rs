@@ -35,6 +35,7 @@ use super::timeline::{Located, Timelines};
 use crate::delta::{DeltaEvent, EventKind, SegmentMeta, check_continuity};
 use crate::engine::Engine;
 use crate::error::{BackupError, Corruption, Result};
+use crate::pipeline::download::mismatch_error;
 use crate::pipeline::hashing::Sha256;
 use crate::snapshot::manifest::Manifest;
 use crate::verify::scratch::ScratchEtcd;
@@ -74,6 +75,14 @@ pub struct Plan {
     pub timeline: u32,
     /// The timeline the restore will start when it finishes.
     pub next_timeline: u32,
+}
+
+impl Plan {
+    /// Whether deltas are replayed onto the base: only then is a target
+    /// built; else every member restores the stored snapshot as it is.
+    pub fn replays(&self) -> bool {
+        self.target != Target::Snapshot && !self.segments.is_empty()
+    }
 }
 
 /// Progress of building the target.
@@ -277,29 +286,15 @@ impl Engine {
         let mismatches = self
             .stream_check(&entry, Some(base_db.clone()), &on_download, cancel)
             .await?;
-        if let Some(first) = mismatches.first() {
-            return Err(BackupError::Corrupt {
-                kind: match first.kind {
-                    crate::snapshot::manifest::MismatchKind::Decrypt => Corruption::Decrypt,
-                    crate::snapshot::manifest::MismatchKind::Decompress => Corruption::Decompress,
-                    crate::snapshot::manifest::MismatchKind::StoredSize => Corruption::StoredSize,
-                    crate::snapshot::manifest::MismatchKind::EtcdHash => Corruption::EtcdHash,
-                    _ => Corruption::StoredHash,
-                },
-                what: format!("snapshot {}", plan.base.id),
-                detail: mismatches
-                    .iter()
-                    .map(|m| format!("{}: {}", m.kind.as_str(), m.detail))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            });
+        if let Some(e) = mismatch_error(format!("snapshot {}", plan.base.id), &mismatches) {
+            return Err(e);
         }
         progress(BuildEvent::Download {
             bytes_done: plan.base.stored_size_bytes,
             bytes_total: plan.base.stored_size_bytes,
             elapsed: since.elapsed(),
         });
-        if events.is_empty() || plan.target == Target::Snapshot {
+        if events.is_empty() || !plan.replays() {
             // Nothing to replay: the base is the target.
             let (sha256, size) = file_sha256(&base_db).await?;
             return Ok(BuiltTarget {

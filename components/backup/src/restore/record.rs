@@ -124,6 +124,9 @@ pub struct RestoreRecord {
     /// Each node's last step.
     #[serde(default)]
     pub nodes: Vec<NodeRecord>,
+    /// While a point-in-time target is built: how far the replay is.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub progress: String,
 }
 
 /// `RESTORE_PHASE_PREPARE` from `prepare`.
@@ -155,6 +158,7 @@ impl RestoreRecord {
             rolled_back: false,
             timings: Vec::new(),
             nodes: Vec::new(),
+            progress: String::new(),
         }
     }
 
@@ -244,6 +248,7 @@ impl RestoreRecord {
                 })
                 .collect(),
             cluster_id: self.cluster_id,
+            progress: self.progress.clone(),
         }
     }
 }

@@ -88,7 +88,7 @@ impl Coordinator {
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
         let cancel = shutdown.child_token();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(s) = this
                 .finish_run(restore_id, rollback, tx.clone(), &cancel)
                 .await

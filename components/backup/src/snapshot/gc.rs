@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | upload without a manifest | a snapshot that failed or was interrupted before its commit point, a half-finished delete | `full/<id>/…` with no `manifest.json` |
 //! | segment without a record | a recorder that died between a segment's data object and its `.json` record | `delta/<base>/<name>.seg…` with no `<name>.json` |
-//! | restore target | a coordinator that died before it deleted the target it built | anything under `restore/<restore id>/` |
+//! | restore target | a coordinator that died before it deleted the point-in-time target it built (a snapshot-only restore writes none) | anything under `restore/<restore id>/` |
 //!
 //! An object is collected only once it is older than `gcGracePeriod` (by
 //! its newest sibling for an upload, and by the id's time too): an upload,

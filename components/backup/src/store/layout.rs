@@ -6,7 +6,7 @@
 //!   full/<id>/manifest.json              written last: the commit point
 //!   full/<id>/verify/<time>.json         one record per verification or drill
 //!   delta/<base id>/…                    continuous deltas (delta/segments.rs)
-//!   restore/<restore id>/target.db       a restore's target while its members fetch it
+//!   restore/<restore id>/target.db       a point-in-time restore's target while its members fetch it
 //!   restores/<restore id>.json           what a finished restore left (restore/record.rs)
 //! ```
 //!

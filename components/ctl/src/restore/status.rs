@@ -38,6 +38,9 @@ struct RestoreView {
     rolled_back: bool,
     timings: Vec<TimingRow>,
     nodes: Vec<NodeView>,
+    /// How far a point-in-time build's replay is, while it runs.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    progress: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +91,7 @@ fn view(r: pb::RestoreRecord) -> RestoreView {
         },
         error: r.error,
         rolled_back: r.rolled_back,
+        progress: r.progress,
         timings: r
             .timings
             .into_iter()
@@ -127,6 +131,9 @@ fn detail_text(v: &RestoreView) -> String {
         ("snapshot", v.snapshot_id.clone()),
         ("revision", v.revision.to_string()),
     ];
+    if !v.progress.is_empty() {
+        pairs.push(("progress", v.progress.clone()));
+    }
     if !v.cluster_id.is_empty() {
         pairs.push(("cluster", v.cluster_id.clone()));
     }
@@ -265,7 +272,34 @@ mod tests {
                 at: ts(1_800_000_011),
             }],
             cluster_id: 0,
+            progress: String::new(),
         }
+    }
+
+    /// While a restore runs: each node's bytes fetched (its last step's
+    /// detail) and how far a point-in-time build's replay is.
+    #[test]
+    fn a_running_restore_shows_bytes_fetched_and_replay_progress() {
+        let mut r = record();
+        r.state = pb::RestoreState::Running as i32;
+        r.phase = pb::RestorePhase::Build as i32;
+        r.progress = "replayed to revision 5004 of 7006, 12000 events".into();
+        r.nodes[0].status = pb::StepStatus::Running as i32;
+        r.nodes[0].detail = "120.0 of 215.3 MiB stored fetched, 95.1 MiB/s".into();
+        let text = detail_text(&view(r.clone()));
+        assert!(
+            text.lines().any(|l| l.starts_with("progress:")
+                && l.ends_with(" replayed to revision 5004 of 7006, 12000 events")),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  node-2 fetch_snapshot running (120.0 of 215.3 MiB stored fetched, 95.1 MiB/s)\n"
+            ),
+            "{text}"
+        );
+        r.progress.clear();
+        assert!(!detail_text(&view(r)).contains("progress:"));
     }
 
     #[test]

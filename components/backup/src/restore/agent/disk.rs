@@ -1,4 +1,5 @@
-//! The agent's disk work: fetching the target snapshot, the
+//! The agent's disk work: fetching the target snapshot (a stored one
+//! decoded on the way, or a plain built target), the
 //! `<dataDir>.bulwark-<restore id>` names, renames and cross-mount moves,
 //! and the free-space check that refuses a node before anything moves.
 
@@ -8,15 +9,29 @@ use bulwark_api::backup::v1 as pb;
 use object_store::ObjectStoreExt;
 use tokio::io::AsyncWriteExt as _;
 
-use super::Agent;
+use tokio_util::sync::CancellationToken;
+
+use super::{Agent, StepSink};
 use crate::error::{BackupError, Result};
+use crate::pipeline::download::{DownloadProgress, mismatch_error};
 use crate::pipeline::hashing::Sha256;
 
 impl Agent {
-    /// Downloads the target snapshot and checks its SHA-256 and size; on
-    /// any failure nothing of it is left in the state dir.
-    pub(super) async fn fetch(&self, source: &pb::SnapshotSource, to: &Path) -> Result<()> {
-        let fetched = self.fetch_into(source, to).await;
+    /// Fetches the target snapshot into `to`: a stored snapshot decoded on
+    /// the way (`source.snapshot_id` set), else a plain target copied; its
+    /// hashes checked either way. On any failure nothing of it is left in
+    /// the state dir.
+    pub(super) async fn fetch(
+        &self,
+        source: &pb::SnapshotSource,
+        to: &Path,
+        progress: DownloadProgress<'_>,
+    ) -> Result<()> {
+        let fetched = if source.snapshot_id.is_empty() {
+            self.fetch_into(source, to, progress).await
+        } else {
+            self.fetch_stored(source, to, progress).await
+        };
         if fetched.is_err()
             && let Err(e) = tokio::fs::remove_file(to).await
             && e.kind() != std::io::ErrorKind::NotFound
@@ -26,8 +41,131 @@ impl Agent {
         fetched
     }
 
-    async fn fetch_into(&self, source: &pb::SnapshotSource, to: &Path) -> Result<()> {
+    /// FETCH_SNAPSHOT as `sink` sees it: started, running with the bytes
+    /// fetched (about once a second; also in the detail, which `restore
+    /// status` shows), done with the staged path. A failure ends the call
+    /// with its error.
+    pub(super) async fn stage(
+        &self,
+        restore_id: &str,
+        source: &pb::SnapshotSource,
+        staged: &Path,
+        sink: StepSink<'_>,
+    ) -> Result<()> {
+        let step = pb::NodeStep::FetchSnapshot;
+        let what = if source.snapshot_id.is_empty() {
+            format!("target {}", source.object_key)
+        } else {
+            format!("snapshot {} (decoding it)", source.snapshot_id)
+        };
+        sink(self.event(restore_id, step, pb::StepStatus::Started, what, ""));
+        let progress = |done: u64, total: u64, elapsed: std::time::Duration| {
+            let mut ev = self.event(
+                restore_id,
+                step,
+                pb::StepStatus::Running,
+                fetched_text(done, total, elapsed),
+                "",
+            );
+            ev.transfer = Some(pb::TransferProgress {
+                bytes_done: done,
+                bytes_total: Some(total),
+                bytes_per_second: (done as f64 / elapsed.as_secs_f64().max(0.001)) as u64,
+                elapsed: bulwark_api::time::duration_to_proto(elapsed).ok(),
+            });
+            tracing::info!(
+                restore_id,
+                bytes_done = done,
+                bytes_total = total,
+                "fetching the target snapshot"
+            );
+            sink(ev);
+        };
+        self.fetch(source, staged, &progress).await?;
+        sink(self.event(
+            restore_id,
+            step,
+            pb::StepStatus::Done,
+            String::new(),
+            staged.display().to_string(),
+        ));
+        Ok(())
+    }
+
+    /// The committed snapshot `source.snapshot_id`, streamed from the store
+    /// through the decoder (age, zstd) straight into `to`: the stored
+    /// object's SHA-256 and size and etcd's trailing SHA-256 and size are
+    /// checked against its manifest on the way, so no plain copy of it is
+    /// ever uploaded or fetched twice. The staged file is not synced: a
+    /// node that crashes before its member is touched is released, and
+    /// the file fetched again.
+    async fn fetch_stored(
+        &self,
+        source: &pb::SnapshotSource,
+        to: &Path,
+        progress: DownloadProgress<'_>,
+    ) -> Result<()> {
+        let entry = self.engine.get_snapshot(&source.snapshot_id).await?;
+        let m = &entry.manifest;
+        if m.object_key != source.object_key
+            || m.stored_sha256 != source.sha256
+            || m.stored_size_bytes != source.size_bytes
+        {
+            return Err(BackupError::Refused(format!(
+                "snapshot {}: its manifest names {} ({} bytes, SHA-256 {}), the coordinator \
+                 asked for {} ({} bytes, SHA-256 {})",
+                m.id,
+                m.object_key,
+                m.stored_size_bytes,
+                m.stored_sha256,
+                source.object_key,
+                source.size_bytes,
+                source.sha256
+            )));
+        }
+        if let Some(key_id) = m.encryption.key_id() {
+            self.decrypts(key_id).map_err(BackupError::Refused)?;
+        }
+        let cancel = CancellationToken::new();
+        let mismatches = self
+            .engine
+            .stream_check(&entry, Some(to.to_owned()), progress, &cancel)
+            .await?;
+        match mismatch_error(format!("snapshot {} ({})", m.id, m.object_key), &mismatches) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this node holds the age identity of `key_id`; else what the
+    /// refusal says.
+    pub(super) fn decrypts(&self, key_id: &str) -> std::result::Result<(), String> {
+        match self.engine.keys.identity(key_id) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!(
+                "no age identity for key {key_id} here (configured: {}): this node decodes \
+                 the encrypted snapshot itself; add its identity to encryption.identityFiles",
+                self.engine
+                    .keys
+                    .identity_ids()
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+
+    /// A plain target, copied and checked against `source`.
+    async fn fetch_into(
+        &self,
+        source: &pb::SnapshotSource,
+        to: &Path,
+        progress: DownloadProgress<'_>,
+    ) -> Result<()> {
         use futures::StreamExt;
+        let since = std::time::Instant::now();
+        let mut last_report = since;
         let path =
             crate::store::layout::object_path(self.engine.store.prefix(), &source.object_key);
         let described = self.engine.store.describe(&path);
@@ -49,6 +187,10 @@ impl Agent {
             file.write_all(&chunk)
                 .await
                 .map_err(|e| BackupError::local(format!("writing {}", to.display()), e))?;
+            if last_report.elapsed() >= std::time::Duration::from_secs(1) {
+                last_report = std::time::Instant::now();
+                progress(h.len(), source.size_bytes, since.elapsed());
+            }
         }
         file.sync_all()
             .await
@@ -66,6 +208,17 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// "120.0 of 215.3 MiB stored fetched, 95.1 MiB/s".
+fn fetched_text(done: u64, total: u64, elapsed: std::time::Duration) -> String {
+    let mib = |b: u64| b as f64 / 1048576.0;
+    format!(
+        "{:.1} of {:.1} MiB stored fetched, {:.1} MiB/s",
+        mib(done),
+        mib(total),
+        mib(done) / elapsed.as_secs_f64().max(0.001)
+    )
 }
 
 /// `<dir>.bulwark-<restore id><suffix>`, next to `dir`.

@@ -46,6 +46,11 @@ struct SpecEntry {
     object_key: String,
     sha256: String,
     size_bytes: u64,
+    /// Set when the node decoded the stored snapshot itself.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    snapshot_id: String,
+    #[serde(default)]
+    raw_size_bytes: u64,
     member_name: String,
     peer_urls: Vec<String>,
     initial_cluster: String,
@@ -93,6 +98,8 @@ impl Entry {
                 object_key: source.object_key,
                 sha256: source.sha256,
                 size_bytes: source.size_bytes,
+                snapshot_id: source.snapshot_id,
+                raw_size_bytes: source.raw_size_bytes,
                 member_name: h.spec.member_name.clone(),
                 peer_urls: h.spec.peer_urls.clone(),
                 initial_cluster: h.spec.initial_cluster.clone(),
@@ -137,6 +144,8 @@ impl Entry {
                     object_key: self.spec.object_key,
                     sha256: self.spec.sha256,
                     size_bytes: self.spec.size_bytes,
+                    snapshot_id: self.spec.snapshot_id,
+                    raw_size_bytes: self.spec.raw_size_bytes,
                 }),
                 member_name: self.spec.member_name,
                 peer_urls: self.spec.peer_urls,
@@ -359,6 +368,8 @@ mod tests {
                     object_key: "k".into(),
                     sha256: "s".into(),
                     size_bytes: 7,
+                    snapshot_id: "20250102T030405Z-r42-abcd".into(),
+                    raw_size_bytes: 9,
                 }),
                 member_name: "m1".into(),
                 peer_urls: vec!["http://p".into()],

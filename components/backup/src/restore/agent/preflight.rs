@@ -36,6 +36,11 @@ impl Agent {
                 manifest.display()
             ));
         }
+        if !req.key_id.is_empty()
+            && let Err(why) = self.decrypts(&req.key_id)
+        {
+            problems.push(why);
+        }
         let (tool, tool_problem) = self.check_tool_for(&req).await;
         problems.extend(tool_problem);
         let mut free = 0;

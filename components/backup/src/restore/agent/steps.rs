@@ -19,6 +19,16 @@ impl Agent {
         &self,
         req: pb::PrepareRestoreRequest,
     ) -> Result<pb::PrepareRestoreResponse> {
+        self.prepare_with(req, &|_| {}).await
+    }
+
+    /// PrepareRestore with the fetch's events (started, bytes about once a
+    /// second, done) sent to `sink` (`PrepareRestoreStream`).
+    pub async fn prepare_with(
+        &self,
+        req: pb::PrepareRestoreRequest,
+        sink: StepSink<'_>,
+    ) -> Result<pb::PrepareRestoreResponse> {
         let spec = req
             .spec
             .ok_or_else(|| BackupError::InvalidArgument("spec: required".into()))?;
@@ -67,7 +77,7 @@ impl Agent {
         if req.skip_space_check {
             tracing::warn!(restore_id = %req.restore_id, "free-space check skipped (--skip-space-check)");
         } else {
-            self.check_space(&member, source.size_bytes).await?;
+            self.check_space(&member, raw_size(&source)).await?;
         }
         let dir = self.config.state_dir.join(&req.restore_id);
         tokio::fs::create_dir_all(&dir)
@@ -75,7 +85,7 @@ impl Agent {
             .map_err(|e| BackupError::local(format!("creating {}", dir.display()), e))?;
         self.check_tool(&spec).await?;
         let staged = dir.join("snapshot.db");
-        self.fetch(&source, &staged).await?;
+        self.stage(&req.restore_id, &source, &staged, sink).await?;
         let data_aside = aside_path(&member.data_dir, &req.restore_id, "");
         let ttl = req
             .lock_ttl
@@ -424,6 +434,16 @@ async fn tool_failed(
             crate::verify::scratch::tail(&stderr)
         ),
     )
+}
+
+/// The decoded size of `source`: what the restored member's database
+/// takes on disk.
+fn raw_size(source: &pb::SnapshotSource) -> u64 {
+    if source.raw_size_bytes > 0 {
+        source.raw_size_bytes
+    } else {
+        source.size_bytes
+    }
 }
 
 /// A step's event: step, status, detail, path.

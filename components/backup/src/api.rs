@@ -452,11 +452,18 @@ impl pb::backup_server::Backup for BackupApi {
             };
         let leader = leader_info.name.clone();
         let latest = engine.list_snapshots().await?.into_iter().next();
-        let last_restore = engine.last_restore().await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "status: could not read the restore records");
-            None
-        });
-        let timeline = engine.timelines().await.map_or(0, |t| t.current());
+        // One read of the restore records for the restore point and the
+        // timeline (0: unknown).
+        let (last_restore, timeline) = match engine.restore_records().await {
+            Ok(records) => (
+                crate::restore::record::last_done(&records).cloned(),
+                crate::restore::timeline::Timelines::new(&records).current(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "status: could not read the restore records");
+                (None, 0)
+            }
+        };
         // A restore after the newest snapshot abandoned its timeline.
         let abandoned = last_restore
             .as_ref()

@@ -448,7 +448,7 @@ impl Coordinator {
         run.events.record.update(|r| {
             r.snapshot_id = plan.base.id.clone();
             r.revision = plan.target_revision.unwrap_or(0);
-            r.from_cluster_id = u64::from_str_radix(&plan.base.etcd.cluster_id, 16).unwrap_or(0);
+            r.from_cluster_id = plan.base.cluster_id();
         });
         let lacking_bump: Vec<&str> = nodes
             .iter()

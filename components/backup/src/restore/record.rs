@@ -348,18 +348,15 @@ impl Engine {
     pub async fn timelines(&self) -> Result<Timelines> {
         Ok(Timelines::new(&self.restore_records().await?))
     }
+}
 
-    /// The newest restore that finished at its target (not a failed,
-    /// running or dry-run one), if any.
-    pub async fn last_restore(&self) -> Result<Option<RestoreRecord>> {
-        for path in self.restore_objects().await? {
-            let r = self.read_restore_record(&path).await?;
-            if r.state == RecordState::Done && r.finished_at.is_some() {
-                return Ok(Some(r));
-            }
-        }
-        Ok(None)
-    }
+/// The newest restore that finished at its target (not a failed, running
+/// or dry-run one) of `records`, newest first as
+/// [`Engine::restore_records`] returns them.
+pub fn last_done(records: &[RestoreRecord]) -> Option<&RestoreRecord> {
+    records
+        .iter()
+        .find(|r| r.state == RecordState::Done && r.finished_at.is_some())
 }
 
 /// Keeps a running restore's record in the store up to date without

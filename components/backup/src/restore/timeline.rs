@@ -146,7 +146,7 @@ impl Timelines {
 
     /// The timeline a snapshot (and so its delta segments) belongs to.
     pub fn of_manifest(&self, m: &Manifest) -> u32 {
-        u64::from_str_radix(&m.etcd.cluster_id, 16).map_or(ROOT, |id| self.of_cluster(id))
+        self.of_cluster(m.cluster_id())
     }
 
     /// Where `target` lies in timeline `n`'s history: in `n` itself when

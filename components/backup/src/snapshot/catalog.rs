@@ -270,19 +270,16 @@ impl Engine {
     /// `bulwarkctl backup create` starts a new history on purpose.
     pub async fn check_history(&self, live: u64) -> Result<()> {
         let snapshots = self.list_snapshots().await?;
-        let clusters: Vec<u64> = snapshots
-            .iter()
-            .map(|s| u64::from_str_radix(&s.manifest.etcd.cluster_id, 16).unwrap_or(0))
-            .collect();
+        let clusters: Vec<u64> = snapshots.iter().map(|s| s.manifest.cluster_id()).collect();
         if snapshots.is_empty() || clusters.contains(&live) {
             return Ok(());
         }
         let restored: Vec<u64> = self
-            .restore_records()
+            .timelines()
             .await?
-            .into_iter()
-            .filter(|r| r.state == crate::restore::record::RecordState::Done)
-            .map(|r| r.cluster_id)
+            .all()
+            .iter()
+            .filter_map(|t| t.cluster_id)
             .collect();
         match foreign_cluster(live, &clusters, &restored) {
             None => Ok(()),

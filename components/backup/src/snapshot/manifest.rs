@@ -204,7 +204,7 @@ impl Manifest {
             format_version: self.format_version,
             kind: pb::SnapshotKind::Full as i32,
             trigger: self.trigger.to_proto() as i32,
-            cluster_id: u64::from_str_radix(&self.etcd.cluster_id, 16).unwrap_or(0),
+            cluster_id: self.cluster_id(),
             member_id: u64::from_str_radix(&self.etcd.member_id, 16).unwrap_or(0),
             member_name: self.etcd.member_name.clone(),
             etcd_version: self.etcd.etcd_version.clone(),
@@ -229,6 +229,12 @@ impl Manifest {
             scheduled_for: self.scheduled_for.map(timestamp),
             cluster_name: self.cluster_name.clone(),
         }
+    }
+
+    /// The etcd cluster id it came from (0 if the manifest's hex is bad),
+    /// which names its history (`restore::timeline`).
+    pub fn cluster_id(&self) -> u64 {
+        u64::from_str_radix(&self.etcd.cluster_id, 16).unwrap_or(0)
     }
 
     /// The one-line API form.

@@ -52,6 +52,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod bulwarkctl;
 pub mod cluster;
 pub mod config;
 pub mod disk;

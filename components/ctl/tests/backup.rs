@@ -4,27 +4,10 @@
 // Tests panic on failure: the harness then prints the processes' logs.
 #![allow(clippy::unwrap_used)]
 
-use std::process::Output;
-
 use bulwark_backup::Listeners;
 use bulwark_common::shutdown::Shutdown;
-use bulwark_testkit::tools::bin_path;
+use bulwark_testkit::bulwarkctl::backup as ctl;
 use bulwark_testkit::{Etcd, Pki, config};
-
-async fn ctl(args: &[&str], addr: &str, cert: &bulwark_testkit::CertFiles) -> Output {
-    let mut cmd = tokio::process::Command::new(bin_path("bulwarkctl").unwrap());
-    cmd.env("HOME", std::env::temp_dir())
-        .arg("--backup-endpoint")
-        .arg(addr)
-        .arg("--ca")
-        .arg(&cert.ca)
-        .arg("--cert")
-        .arg(&cert.cert)
-        .arg("--key")
-        .arg(&cert.key)
-        .args(args);
-    cmd.output().await.unwrap()
-}
 
 #[tokio::test]
 async fn heavy_bulwarkctl_backup_commands() {

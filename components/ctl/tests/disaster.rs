@@ -19,42 +19,15 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use bulwark_backup::Listeners;
 use bulwark_backup::config::BackupConfig;
 use bulwark_common::shutdown::Shutdown;
+use bulwark_testkit::bulwarkctl::{backup as ctl, text};
 use bulwark_testkit::kubelet::{EtcdPod, Kubelet};
-use bulwark_testkit::tools::bin_path;
 use bulwark_testkit::{CertFiles, EtcdVersion, Pki, S3Server, config, tools};
 use etcd_client::GetOptions;
-
-/// `bulwarkctl ARGS` against the instance at `addr`.
-async fn ctl(args: &[&str], addr: &str, cert: &CertFiles) -> Output {
-    let mut cmd = tokio::process::Command::new(bin_path("bulwarkctl").unwrap());
-    cmd.env("HOME", std::env::temp_dir())
-        .arg("--backup-endpoint")
-        .arg(addr)
-        .arg("--ca")
-        .arg(&cert.ca)
-        .arg("--cert")
-        .arg(&cert.cert)
-        .arg("--key")
-        .arg(&cert.key)
-        .args(args)
-        .stdin(std::process::Stdio::null());
-    cmd.output().await.unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 async fn wait_for<F, Fut>(what: &str, mut f: F)
 where

@@ -9,43 +9,18 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use bulwark_backup::Listeners;
 use bulwark_backup::config::BackupConfig;
 use bulwark_common::shutdown::Shutdown;
+use bulwark_testkit::bulwarkctl::{backup as ctl, text};
 use bulwark_testkit::disk::{DiskError, SmallDisk};
 use bulwark_testkit::kubelet::{EtcdPod, Kubelet};
 use bulwark_testkit::tools::bin_path;
 use bulwark_testkit::{EtcdVersion, Pki, config, skip_or_fail, tools};
 use etcd_client::GetOptions;
 use object_store::{ObjectStoreExt, PutPayload};
-
-async fn ctl(args: &[&str], addr: &str, cert: &bulwark_testkit::CertFiles) -> Output {
-    let mut cmd = tokio::process::Command::new(bin_path("bulwarkctl").unwrap());
-    cmd.env("HOME", std::env::temp_dir())
-        .arg("--backup-endpoint")
-        .arg(addr)
-        .arg("--ca")
-        .arg(&cert.ca)
-        .arg("--cert")
-        .arg(&cert.cert)
-        .arg("--key")
-        .arg(&cert.key)
-        .args(args)
-        .stdin(std::process::Stdio::null());
-    cmd.output().await.unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 struct Node {
     manifest: PathBuf,

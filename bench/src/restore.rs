@@ -42,9 +42,11 @@ use bulwark_backup::etcd::EtcdConnector;
 use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::SnapshotOptions;
+use bulwark_backup::snapshot::manifest::Manifest;
 use bulwark_backup::snapshot::retention::RetentionPolicy;
 use bulwark_backup::store::StoreSpec;
 use bulwark_testkit::{Etcd, EtcdVersion, tools};
+use etcd_client::Client;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -129,12 +131,71 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
     let etcd = Etcd::start().await?;
     eprintln!("filling etcd with {} MiB", args.size_mib);
     fill(&etcd, "text", args.size_mib).await?;
-    let store_dir = work.path().join("store");
+    let engine = engine(&etcd, work.path())?;
+    let manifest = engine
+        .take_snapshot(
+            SnapshotOptions::manual("bench"),
+            &(),
+            &CancellationToken::new(),
+            &|| Ok(()),
+        )
+        .await
+        .context("snapshot")?;
+    eprintln!(
+        "snapshot {}: {} MiB raw, {} MiB stored",
+        manifest.id,
+        manifest.raw_size_bytes >> 20,
+        manifest.stored_size_bytes >> 20
+    );
+
+    let load_before = loadavg();
+    let runs = restore_runs(&engine, &manifest, work.path(), args.runs).await?;
+    let load_after = loadavg();
+
+    let recorder = Following::start(engine.clone());
+    let mut client = etcd.client().await?;
+    let (pitr_events, pitr_build_seconds) = pitr(
+        &engine,
+        &manifest,
+        &recorder,
+        &mut client,
+        args,
+        work.path(),
+    )
+    .await?;
+    let rpo = rpo(recorder, &mut client, args).await?;
+
+    let (baseline, single, three) = medians(&runs);
+    let report = Report {
+        date: chrono::Utc::now().to_rfc3339(),
+        command: cmdline,
+        machine: etcd_machine(),
+        db_size_bytes: manifest.raw_size_bytes,
+        stored_bytes: manifest.stored_size_bytes,
+        load_before,
+        load_after,
+        single_ratio_to_baseline: single.total / baseline.total.max(1e-9),
+        three_ratio_to_single: three.total / single.total.max(1e-9),
+        runs,
+        baseline,
+        single,
+        three,
+        pitr_events,
+        pitr_build_seconds,
+        rpo,
+    };
+    write_report(&args.out, &report)
+}
+
+/// The engine under test: bulwark-backup's pipeline over a file store in
+/// `work`, with the drill tools the testkit installed.
+fn engine(etcd: &Etcd, work: &Path) -> anyhow::Result<Arc<Engine>> {
+    let store_dir = work.join("store");
     std::fs::create_dir_all(&store_dir)?;
     let store = StoreSpec::parse(&format!("file://{}", store_dir.display()), &BTreeMap::new())
         .map_err(anyhow::Error::msg)?
         .build()?;
-    let engine = Arc::new(Engine::new(
+    Ok(Arc::new(Engine::new(
         "bench".into(),
         "bench".into(),
         EtcdConnector::plain(etcd.endpoints(), Duration::from_secs(30)),
@@ -151,85 +212,108 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
         DrillSettings {
             etcdutl: tools::etcdutl()?,
             etcd: tools::etcd(EtcdVersion::V3_5)?,
-            work_dir: Some(work.path().to_owned()),
+            work_dir: Some(work.to_owned()),
             start_timeout: Duration::from_secs(120),
         },
         RetentionPolicy::default(),
         Duration::from_secs(3600),
-    ));
-    let cancel = CancellationToken::new();
-    let manifest = engine
-        .take_snapshot(SnapshotOptions::manual("bench"), &(), &cancel, &|| Ok(()))
-        .await
-        .context("snapshot")?;
-    eprintln!(
-        "snapshot {}: {} MiB raw, {} MiB stored",
-        manifest.id,
-        manifest.raw_size_bytes >> 20,
-        manifest.stored_size_bytes >> 20
-    );
+    )))
+}
 
-    let load_before = loadavg();
-    let runs = restore_runs(&engine, &manifest, work.path(), args.runs).await?;
-    let load_after = loadavg();
+/// The delta recorder following etcd after the snapshot, and the newest
+/// revision it has committed.
+struct Following {
+    status: Arc<Mutex<DeltaStatus>>,
+    task: tokio::task::JoinHandle<()>,
+    cancel: CancellationToken,
+}
 
-    // The recorder follows the snapshot (PITR, then RPO).
-    let status = Arc::new(Mutex::new(DeltaStatus::default()));
-    let recorder = Recorder::new(engine.clone(), DeltaSettings::default(), status.clone());
-    let rec_cancel = CancellationToken::new();
-    let task = {
-        let rec_cancel = rec_cancel.clone();
-        tokio::spawn(async move {
-            recorder
-                .run(&rec_cancel, &|| {
-                    Box::pin(async {
-                        Err(bulwark_backup::BackupError::Refused(
-                            "no gap expected in the bench".into(),
-                        ))
+impl Following {
+    fn start(engine: Arc<Engine>) -> Self {
+        let status = Arc::new(Mutex::new(DeltaStatus::default()));
+        let recorder = Recorder::new(engine, DeltaSettings::default(), status.clone());
+        let cancel = CancellationToken::new();
+        let task = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                recorder
+                    .run(&cancel, &|| {
+                        Box::pin(async {
+                            Err(bulwark_backup::BackupError::Refused(
+                                "no gap expected in the bench".into(),
+                            ))
+                        })
                     })
-                })
-                .await
-        })
-    };
+                    .await
+            })
+        };
+        Self {
+            status,
+            task,
+            cancel,
+        }
+    }
 
-    // PITR: replay --delta-writes puts.
-    let mut c = etcd.client().await?;
+    fn committed(&self) -> i64 {
+        self.status.lock().map(|s| s.newest_revision).unwrap_or(0)
+    }
+}
+
+/// Point-in-time build: `--delta-writes` puts, recorded, replayed onto the
+/// snapshot. Returns the events replayed and the build's seconds.
+async fn pitr(
+    engine: &Engine,
+    manifest: &Manifest,
+    recorder: &Following,
+    client: &mut Client,
+    args: &Args,
+    work: &Path,
+) -> anyhow::Result<(u64, f64)> {
     let mut last = 0;
     for i in 0..args.delta_writes {
-        last = c
-            .put(format!("delta/{i:06}"), format!("value-{i}"), None)
-            .await?
-            .header()
-            .map(|h| h.revision())
-            .unwrap_or(0);
+        last = put(client, format!("delta/{i:06}"), format!("value-{i}")).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    while status.lock().map(|s| s.newest_revision).unwrap_or(0) < last {
+    while recorder.committed() < last {
         if Instant::now() > deadline {
             bail!("the recorder never covered revision {last}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let dir = work.path().join("pitr");
+    let dir = work.join("pitr");
     std::fs::create_dir_all(&dir)?;
     let started = Instant::now();
     let plan = engine
         .plan_restore(Some(&manifest.id), Target::Revision(last))
         .await?;
-    let built = engine.build_target(&plan, &dir, &|_| {}, &cancel).await?;
-    let pitr_build_seconds = started.elapsed().as_secs_f64();
+    let built = engine
+        .build_target(&plan, &dir, &|_| {}, &CancellationToken::new())
+        .await?;
+    let seconds = started.elapsed().as_secs_f64();
     eprintln!(
-        "pitr: {} events replayed, build {pitr_build_seconds:.2} s",
+        "pitr: {} events replayed, build {seconds:.2} s",
         built.events_applied
     );
     std::fs::remove_dir_all(&dir)?;
+    Ok((built.events_applied, seconds))
+}
 
-    // RPO under steady writes.
-    let interval = Duration::from_secs_f64(1.0 / f64::from(args.write_rate.max(1)));
-    let acks: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::default();
+/// A put's revision.
+async fn put(client: &mut Client, key: String, value: String) -> anyhow::Result<i64> {
+    Ok(client
+        .put(key, value, None)
+        .await?
+        .header()
+        .map(|h| h.revision())
+        .unwrap_or(0))
+}
+
+/// RPO under steady writes, then a crash of the recorder (aborted without
+/// a flush): what the acknowledged writes lacked.
+async fn rpo(recorder: Following, client: &mut Client, args: &Args) -> anyhow::Result<Rpo> {
     let commits: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::default();
     let sampler = {
-        let status = status.clone();
+        let status = recorder.status.clone();
         let commits = commits.clone();
         tokio::spawn(async move {
             let mut prev = 0;
@@ -245,30 +329,49 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
             }
         })
     };
+    let acks = steady_writes(client, args).await?;
+    let crash = Instant::now();
+    recorder.task.abort();
+    let _ = recorder.task.await;
+    sampler.abort();
+    let committed_at_crash = recorder
+        .status
+        .lock()
+        .map(|s| s.newest_revision)
+        .unwrap_or(0);
+    recorder.cancel.cancel();
+    let commits = commits.lock().map(|c| c.clone()).unwrap_or_default();
+    let rpo = rpo_figures(&acks, &commits, committed_at_crash, crash, args.write_rate);
+    eprintln!("rpo: {rpo:?}");
+    Ok(rpo)
+}
+
+/// `--write-rate` small puts per second for `--rpo-seconds`: each
+/// acknowledged revision and when it was acknowledged.
+async fn steady_writes(client: &mut Client, args: &Args) -> anyhow::Result<Vec<(i64, Instant)>> {
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.write_rate.max(1)));
     let end = Instant::now() + Duration::from_secs(args.rpo_seconds);
     let mut tick = tokio::time::interval(interval);
+    let mut acks = Vec::new();
     let mut i = 0u64;
     while Instant::now() < end {
         tick.tick().await;
-        let r = c
-            .put(format!("rpo/{i:08}"), "x".repeat(200), None)
-            .await?
-            .header()
-            .map(|h| h.revision())
-            .unwrap_or(0);
-        if let Ok(mut a) = acks.lock() {
-            a.push((r, Instant::now()));
-        }
+        let r = put(client, format!("rpo/{i:08}"), "x".repeat(200)).await?;
+        acks.push((r, Instant::now()));
         i += 1;
     }
-    // Crash: the recorder stops without flushing its buffer.
-    let crash = Instant::now();
-    task.abort();
-    let _ = task.await;
-    sampler.abort();
-    let committed_at_crash = status.lock().map(|s| s.newest_revision).unwrap_or(0);
-    let acks = acks.lock().map(|a| a.clone()).unwrap_or_default();
-    let commits = commits.lock().map(|c| c.clone()).unwrap_or_default();
+    Ok(acks)
+}
+
+/// Lag from each acknowledgement to the first commit covering it, and the
+/// acknowledged writes past the last commit before the crash.
+fn rpo_figures(
+    acks: &[(i64, Instant)],
+    commits: &[(i64, Instant)],
+    committed_at_crash: i64,
+    crash: Instant,
+    write_rate: u32,
+) -> Rpo {
     let mut lags: Vec<f64> = acks
         .iter()
         .filter_map(|(rev, at)| {
@@ -283,9 +386,9 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
         .iter()
         .filter(|(r, _)| *r > committed_at_crash)
         .collect();
-    let rpo = Rpo {
+    Rpo {
         writes: acks.len(),
-        write_rate: args.write_rate,
+        write_rate,
         lag_p50_ms: percentile(&lags, 50.0),
         lag_p99_ms: percentile(&lags, 99.0),
         lag_max_ms: lags.last().copied().unwrap_or(0.0),
@@ -294,47 +397,30 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
             .first()
             .map(|(_, t)| crash.saturating_duration_since(*t).as_secs_f64() * 1000.0)
             .unwrap_or(0.0),
-    };
-    eprintln!("rpo: {rpo:?}");
-    rec_cancel.cancel();
+    }
+}
 
-    let med = |f: fn(&RestoreRun) -> f64| median(runs.iter().map(f));
+/// Per-phase medians over the runs: baseline, one member, three members.
+fn medians(
+    runs: &[RestoreRun],
+) -> (
+    members::BaselineTimes,
+    members::MemberTimes,
+    members::MemberTimes,
+) {
+    let med = |f: &dyn Fn(&RestoreRun) -> f64| median(runs.iter().map(f));
+    let member = |pick: fn(&RestoreRun) -> &members::MemberTimes| members::MemberTimes {
+        fetch: med(&|r| pick(r).fetch),
+        restore: med(&|r| pick(r).restore),
+        start: med(&|r| pick(r).start),
+        total: med(&|r| pick(r).total),
+    };
     let baseline = members::BaselineTimes {
-        etcdutl: med(|r| r.baseline.etcdutl),
-        start: med(|r| r.baseline.start),
-        total: med(|r| r.baseline.total),
+        etcdutl: med(&|r| r.baseline.etcdutl),
+        start: med(&|r| r.baseline.start),
+        total: med(&|r| r.baseline.total),
     };
-    let single = members::MemberTimes {
-        fetch: med(|r| r.single.fetch),
-        restore: med(|r| r.single.restore),
-        start: med(|r| r.single.start),
-        total: med(|r| r.single.total),
-    };
-    let three = members::MemberTimes {
-        fetch: med(|r| r.three.fetch),
-        restore: med(|r| r.three.restore),
-        start: med(|r| r.three.start),
-        total: med(|r| r.three.total),
-    };
-    let report = Report {
-        date: chrono::Utc::now().to_rfc3339(),
-        command: cmdline,
-        machine: etcd_machine(),
-        db_size_bytes: manifest.raw_size_bytes,
-        stored_bytes: manifest.stored_size_bytes,
-        load_before,
-        load_after,
-        single_ratio_to_baseline: single.total / baseline.total.max(1e-9),
-        three_ratio_to_single: three.total / single.total.max(1e-9),
-        runs,
-        baseline,
-        single,
-        three,
-        pitr_events: built.events_applied,
-        pitr_build_seconds,
-        rpo,
-    };
-    write_report(&args.out, &report)
+    (baseline, member(|r| &r.single), member(|r| &r.three))
 }
 
 /// `/proc/loadavg` as it reads now (the machine may be shared).
@@ -348,7 +434,7 @@ fn loadavg() -> String {
 /// restore of one member, and of three.
 async fn restore_runs(
     engine: &Arc<Engine>,
-    manifest: &bulwark_backup::snapshot::manifest::Manifest,
+    manifest: &Manifest,
     work: &Path,
     runs: usize,
 ) -> anyhow::Result<Vec<RestoreRun>> {

@@ -92,6 +92,33 @@ mod demo {
 
     pub async fn run(args: &Args) -> anyhow::Result<()> {
         println!("bulwark demo: the whole kit on loopback (no root; nothing leaves 127.0.0.0/8)");
+        let (mut cp, ctl, holder) = start_control_plane().await?;
+
+        say::step(2, STEPS, "The control plane at a glance");
+        ctl.show(&["status"]).await?;
+        let prometheus = scrape_everything(&cp).await?;
+
+        let traffic = traffic_through_the_vip(&cp).await?;
+        kill_the_lb_leader(&mut cp, &ctl, &traffic, holder).await?;
+        kill_an_apiserver(&mut cp, &ctl, &traffic).await?;
+        drop(traffic);
+        backup_and_restore(&cp, &ctl).await?;
+
+        if args.keep {
+            if let Some(p) = &prometheus {
+                println!("\nPrometheus (the shipped rules loaded): {}", p.url);
+            }
+            keep(&cp).await?;
+        }
+        say::step(STEPS, STEPS, "Tearing down");
+        drop(cp);
+        say::ok("every process stopped and its directory removed");
+        Ok(())
+    }
+
+    /// Step 1: etcd, apiservers, LBs, backups and probers, each waited for;
+    /// returns the control plane, the CLI and the VIP holder's index.
+    async fn start_control_plane() -> anyhow::Result<(ControlPlane, Ctl, usize)> {
         say::step(
             1,
             STEPS,
@@ -146,10 +173,12 @@ mod demo {
             cp.dir.join("backups").display()
         ));
 
-        say::step(2, STEPS, "The control plane at a glance");
-        ctl.show(&["status"]).await?;
-        let prometheus = scrape_everything(&cp).await?;
+        Ok((cp, ctl, holder))
+    }
 
+    /// Step 3: clients through the VIP, a new TLS connection per request;
+    /// fails unless some succeed.
+    async fn traffic_through_the_vip(cp: &ControlPlane) -> anyhow::Result<Traffic> {
         say::step(3, STEPS, "Traffic through the VIP");
         let client = HttpsClient::new(cp.pki.ca_pem())?.timeout(Duration::from_secs(2));
         let traffic = Traffic::start(client, cp.vip, 8, Duration::from_millis(20));
@@ -183,6 +212,16 @@ mod demo {
             );
         }
 
+        Ok(traffic)
+    }
+
+    /// Step 4: SIGKILL of the VIP holder under traffic; the gap clients saw.
+    async fn kill_the_lb_leader(
+        cp: &mut ControlPlane,
+        ctl: &Ctl,
+        traffic: &Traffic,
+        holder: usize,
+    ) -> anyhow::Result<()> {
         say::step(4, STEPS, "Killing the LB leader (SIGKILL) under traffic");
         let old = holder;
         let killed_at = Instant::now();
@@ -192,7 +231,7 @@ mod demo {
             .first_success_after(killed_at, Duration::from_secs(30))
             .await
             .context("no request succeeded within 30 s of the kill")?;
-        let new = wait_for_holder(&cp, &ctl, Some(old)).await?;
+        let new = wait_for_holder(cp, ctl, Some(old)).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let window = traffic.since(killed_at - Duration::from_secs(1));
         let gap = longest_gap(&window, killed_at - Duration::from_secs(1));
@@ -217,13 +256,23 @@ mod demo {
             cp.lbs[old].name
         ));
 
+        Ok(())
+    }
+
+    /// Step 5: SIGKILL of an apiserver under traffic; the probers' verdict
+    /// and the requests that failed.
+    async fn kill_an_apiserver(
+        cp: &mut ControlPlane,
+        ctl: &Ctl,
+        traffic: &Traffic,
+    ) -> anyhow::Result<()> {
         say::step(5, STEPS, "Killing an apiserver (SIGKILL) under traffic");
         let victim = 1;
         let victim_id = format!("apiserver-{}", cluster::ZONES[victim]);
         let killed_at = Instant::now();
         cp.apiservers[victim].kill()?;
         say::note(format!("killed {victim_id}"));
-        wait_for_verdicts(&ctl, |v| v.get(&victim_id).is_some_and(|v| v == "down")).await?;
+        wait_for_verdicts(ctl, |v| v.get(&victim_id).is_some_and(|v| v == "down")).await?;
         say::ok(format!(
             "probers in a quorum of zones agreed: {victim_id} is down, {} after the kill; \
              the LB stopped sending it connections",
@@ -255,14 +304,18 @@ mod demo {
         ));
         cp.apiservers[victim].restart().await?;
         let back_at = Instant::now();
-        wait_for_verdicts(&ctl, |v| v.get(&victim_id).is_some_and(|v| v == "up")).await?;
+        wait_for_verdicts(ctl, |v| v.get(&victim_id).is_some_and(|v| v == "up")).await?;
         say::ok(format!(
             "{victim_id} restarted: verdict up again {} later, and it takes traffic",
             say::ms(back_at.elapsed())
         ));
 
-        drop(traffic);
+        Ok(())
+    }
 
+    /// Step 6: a backup, writes after it, and a whole-cluster restore that
+    /// must land exactly on the backup point with the old data dirs kept.
+    async fn backup_and_restore(cp: &ControlPlane, ctl: &Ctl) -> anyhow::Result<()> {
         say::step(
             6,
             STEPS,
@@ -310,7 +363,7 @@ mod demo {
             "every member restored from the same snapshot and restarted by its kubelet in {}",
             say::ms(started.elapsed())
         ));
-        let (before, after) = count_demo_keys(&cp).await?;
+        let (before, after) = count_demo_keys(cp).await?;
         say::ok(format!(
             "after the restore: {before}/100 keys demo/before/…, {after}/100 keys demo/after/…: \
              the cluster is exactly at the backup point"
@@ -336,15 +389,6 @@ mod demo {
         }
         ctl.show(&["status"]).await?;
 
-        if args.keep {
-            if let Some(p) = &prometheus {
-                println!("\nPrometheus (the shipped rules loaded): {}", p.url);
-            }
-            keep(&cp).await?;
-        }
-        say::step(STEPS, STEPS, "Tearing down");
-        drop(cp);
-        say::ok("every process stopped and its directory removed");
         Ok(())
     }
 

@@ -34,7 +34,6 @@ use bulwark_backup::engine::{DrillSettings, Engine, PipelineSettings};
 use bulwark_backup::etcd::EtcdConnector;
 use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::snapshot::SnapshotOptions;
-use bulwark_backup::snapshot::retention::RetentionPolicy;
 use bulwark_backup::store::StoreSpec;
 use bulwark_testkit::{Etcd, S3Server, tools};
 
@@ -162,7 +161,6 @@ async fn snapshot_once(
             work_dir: None,
             start_timeout: Duration::from_secs(1),
         },
-        RetentionPolicy::default(),
         Duration::from_secs(3600),
     );
     let m = engine

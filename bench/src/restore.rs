@@ -43,7 +43,6 @@ use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::SnapshotOptions;
 use bulwark_backup::snapshot::manifest::Manifest;
-use bulwark_backup::snapshot::retention::RetentionPolicy;
 use bulwark_backup::store::StoreSpec;
 use bulwark_testkit::{Etcd, EtcdVersion, tools};
 use etcd_client::Client;
@@ -215,7 +214,6 @@ fn engine(etcd: &Etcd, work: &Path) -> anyhow::Result<Arc<Engine>> {
             work_dir: Some(work.to_owned()),
             start_timeout: Duration::from_secs(120),
         },
-        RetentionPolicy::default(),
         Duration::from_secs(3600),
     )))
 }

@@ -581,6 +581,7 @@ impl pb::backup_server::Backup for BackupApi {
         let engine = self.service.engine();
         let c = engine.collect_garbage(Utc::now(), dry_run).await?;
         if !dry_run {
+            crate::metrics::garbage_collected(&c);
             tracing::info!(
                 caller = ?caller,
                 collected = c.collected.len(),

@@ -198,17 +198,7 @@ impl Default for GrpcConfig {
     }
 }
 
-/// Which etcd member serves snapshots.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum MemberChoice {
-    /// The raft leader: always has every committed write.
-    #[default]
-    Leader,
-    /// The member reporting the highest revision (a follower when it is
-    /// caught up), to keep snapshot load off the leader.
-    HighestRevision,
-}
+pub use crate::etcd::MemberChoice;
 
 /// `etcd:`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -1029,6 +1019,80 @@ fn check_tls(v: &mut Validator, field: &str, tls: &TlsFiles) {
         v.file_exists("keyFile", &tls.key_file);
         v.file_exists("caFile", &tls.ca_file);
     });
+}
+
+// Building the daemon's parts from a validated config. These sit here, at
+// the top of the crate's layers, so the layers below never import the
+// config: the engine, etcd and metrics take plain values.
+
+impl crate::etcd::EtcdConnector {
+    /// Reads the TLS files now, so a bad path fails at start.
+    pub fn new(config: &EtcdConfig) -> crate::error::Result<Self> {
+        let tls = match &config.tls {
+            None => None,
+            Some(files) => {
+                for (what, p) in [
+                    ("caFile", &files.ca_file),
+                    ("certFile", &files.cert_file),
+                    ("keyFile", &files.key_file),
+                ] {
+                    std::fs::read(p).map_err(|e| {
+                        crate::error::BackupError::local(
+                            format!("reading etcd.tls.{what} {}", p.display()),
+                            e,
+                        )
+                    })?;
+                }
+                Some(
+                    files
+                        .load()
+                        .map_err(|e| crate::error::BackupError::local("etcd.tls", e))?,
+                )
+            }
+        };
+        Ok(Self::with_tls(
+            config.endpoints.clone(),
+            tls,
+            config.dial_timeout,
+            config.request_timeout,
+        ))
+    }
+}
+
+impl crate::engine::Engine {
+    /// Builds the engine from a validated config: reads key and TLS files
+    /// and builds the store client (nothing is contacted yet).
+    pub fn from_config(config: &BackupConfig) -> crate::error::Result<Self> {
+        let spec = crate::store::StoreSpec::parse(&config.store.url, &config.store.options)
+            .map_err(crate::error::BackupError::InvalidArgument)?;
+        let store = spec.build()?;
+        let keys = crate::pipeline::encryption::Keyring::load(
+            config.encryption.recipient_file.as_deref(),
+            &config.encryption.identity_files,
+        )?;
+        Ok(Self::new(
+            config.node_name.clone(),
+            config.cluster_name.clone(),
+            crate::etcd::EtcdConnector::new(&config.etcd)?,
+            store,
+            keys,
+            crate::engine::PipelineSettings {
+                level: config.compression.level,
+                workers: config.compression.workers,
+                part_size: usize::try_from(config.store.part_size.0).unwrap_or(8 << 20),
+                upload_concurrency: config.store.upload_concurrency,
+                stall_timeout: config.etcd.stall_timeout,
+                member_choice: config.etcd.snapshot_from,
+            },
+            crate::engine::DrillSettings {
+                etcdutl: config.drill.etcdutl.clone(),
+                etcd: config.drill.etcd.clone(),
+                work_dir: config.drill.work_dir.clone(),
+                start_timeout: config.drill.start_timeout,
+            },
+            config.retention.gc_grace_period,
+        ))
+    }
 }
 
 #[cfg(test)]

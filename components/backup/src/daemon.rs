@@ -179,7 +179,8 @@ impl Daemon for Backup {
     }
 
     fn register_metrics(config: &BackupConfig) {
-        crate::metrics::register(config);
+        let certificates: Vec<_> = config.certificates().into_iter().map(|(_, f)| f).collect();
+        crate::metrics::register(&certificates);
     }
 
     async fn bind(config: &BackupConfig) -> anyhow::Result<Listeners> {
@@ -211,6 +212,7 @@ fn service_settings(config: &BackupConfig) -> anyhow::Result<service::ServiceSet
         schedule,
         retries: config.schedule.retries,
         retry_backoff: config.schedule.retry_backoff,
+        retention: config.retention.policy.clone(),
         retention_interval: config.retention.interval,
         drill_interval: config.drill.interval,
         election_name: config.schedule.election_name.clone(),

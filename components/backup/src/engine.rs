@@ -1,6 +1,9 @@
 //! [`Engine`]: everything one backup operation needs (etcd, the store, the
-//! layout, the keys and the tuning knobs), built once from the config and
-//! shared by the scheduler, the gRPC handlers, the tests and the bench.
+//! layout, the keys and the tuning knobs), built once from the config
+//! (`Engine::from_config`, in [`crate::config`]) and shared by the
+//! scheduler, the gRPC handlers, the tests and the bench. It holds plain
+//! values only, so every layer above can add its methods without an import
+//! cycle; policies (retention) travel with the call.
 //!
 //! The operations are `Engine` methods, one `impl Engine` per concern, in
 //! the module of that concern:
@@ -10,7 +13,7 @@
 //! | [`crate::snapshot::take`] | `take_snapshot` |
 //! | [`crate::snapshot::catalog`] | `scan`, `list_snapshots`, `get_snapshot`, `latest_snapshot`, `record_verification`, `delete_snapshot`, `apply_retention` |
 //! | [`crate::snapshot::gc`] | `collect_garbage` |
-//! | [`crate::pipeline::download`] | `stream_check` (the read path) |
+//! | [`crate::snapshot::read`] | `stream_check` (the read path) |
 //! | [`crate::verify::check`] | `verify_snapshot` (with a drill when asked) |
 //! | [`crate::delta::segments`] | `commit_segment`, `list_segments`, `read_segment`, `delete_segments` |
 //! | [`crate::restore::pitr`] | `plan_restore`, `build_target` |
@@ -18,13 +21,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::config::{BackupConfig, MemberChoice};
-use crate::error::Result;
-use crate::etcd::EtcdConnector;
+use crate::etcd::{EtcdConnector, MemberChoice};
 use crate::pipeline::encryption::Keyring;
-use crate::snapshot::retention::RetentionPolicy;
+use crate::store::Store;
 use crate::store::layout::Layout;
-use crate::store::{Store, StoreSpec};
 
 /// Tuning of the snapshot pipeline.
 #[derive(Clone, Debug)]
@@ -88,48 +88,11 @@ pub struct Engine {
     pub pipeline: PipelineSettings,
     /// Drill tools.
     pub drill: DrillSettings,
-    /// Retention rules.
-    pub retention: RetentionPolicy,
     /// Age after which objects without a manifest are garbage.
     pub gc_grace_period: Duration,
 }
 
 impl Engine {
-    /// Builds the engine from a validated config: reads key and TLS files
-    /// and builds the store client (nothing is contacted yet).
-    pub fn from_config(config: &BackupConfig) -> Result<Self> {
-        let spec = StoreSpec::parse(&config.store.url, &config.store.options)
-            .map_err(crate::error::BackupError::InvalidArgument)?;
-        let store = spec.build()?;
-        let keys = Keyring::load(
-            config.encryption.recipient_file.as_deref(),
-            &config.encryption.identity_files,
-        )?;
-        Ok(Self::new(
-            config.node_name.clone(),
-            config.cluster_name.clone(),
-            EtcdConnector::new(&config.etcd)?,
-            store,
-            keys,
-            PipelineSettings {
-                level: config.compression.level,
-                workers: config.compression.workers,
-                part_size: usize::try_from(config.store.part_size.0).unwrap_or(8 << 20),
-                upload_concurrency: config.store.upload_concurrency,
-                stall_timeout: config.etcd.stall_timeout,
-                member_choice: config.etcd.snapshot_from,
-            },
-            DrillSettings {
-                etcdutl: config.drill.etcdutl.clone(),
-                etcd: config.drill.etcd.clone(),
-                work_dir: config.drill.work_dir.clone(),
-                start_timeout: config.drill.start_timeout,
-            },
-            config.retention.policy.clone(),
-            config.retention.gc_grace_period,
-        ))
-    }
-
     /// Assembles an engine from parts (tests and the bench).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -140,7 +103,6 @@ impl Engine {
         keys: Keyring,
         pipeline: PipelineSettings,
         drill: DrillSettings,
-        retention: RetentionPolicy,
         gc_grace_period: Duration,
     ) -> Self {
         let layout = Layout::new(store.prefix(), &cluster_name);
@@ -153,7 +115,6 @@ impl Engine {
             keys,
             pipeline,
             drill,
-            retention,
             gc_grace_period,
         }
     }

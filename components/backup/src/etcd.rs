@@ -7,9 +7,21 @@ use std::time::Duration;
 
 use bulwark_common::tls::TlsMaterial;
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
+use serde::{Deserialize, Serialize};
 
-use crate::config::{EtcdConfig, MemberChoice};
 use crate::error::{BackupError, Result};
+
+/// Which etcd member serves snapshots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MemberChoice {
+    /// The raft leader: always has every committed write.
+    #[default]
+    Leader,
+    /// The member reporting the highest revision (a follower when it is
+    /// caught up), to keep snapshot load off the leader.
+    HighestRevision,
+}
 
 /// Connects to etcd with the configured endpoints, TLS and timeouts. Each
 /// connection takes the TLS material current then, so a client certificate
@@ -56,33 +68,19 @@ pub struct MemberStatus {
 }
 
 impl EtcdConnector {
-    /// Reads the TLS files now, so a bad path fails at start.
-    pub fn new(config: &EtcdConfig) -> Result<Self> {
-        let tls = match &config.tls {
-            None => None,
-            Some(files) => {
-                for (what, p) in [
-                    ("caFile", &files.ca_file),
-                    ("certFile", &files.cert_file),
-                    ("keyFile", &files.key_file),
-                ] {
-                    std::fs::read(p).map_err(|e| {
-                        BackupError::local(format!("reading etcd.tls.{what} {}", p.display()), e)
-                    })?;
-                }
-                Some(
-                    files
-                        .load()
-                        .map_err(|e| BackupError::local("etcd.tls", e))?,
-                )
-            }
-        };
-        Ok(Self {
-            endpoints: config.endpoints.clone(),
+    /// A connector for `endpoints` with the client TLS already loaded.
+    pub fn with_tls(
+        endpoints: Vec<String>,
+        tls: Option<TlsMaterial>,
+        dial_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Self {
+        Self {
+            endpoints,
             tls,
-            dial_timeout: config.dial_timeout,
-            request_timeout: config.request_timeout,
-        })
+            dial_timeout,
+            request_timeout,
+        }
     }
 
     /// A connector for explicit endpoints without TLS (tests, drills).

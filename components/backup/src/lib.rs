@@ -9,8 +9,8 @@
 //! into [`store`] (URLs, the key layout, the `file://` store). [`delta`]
 //! records every etcd event after a snapshot the same way.
 //!
-//! Where it comes back: [`pipeline::download`] reads an object back through
-//! the chain, checking every hash; [`verify`] runs that as a check or a
+//! Where it comes back: [`snapshot::read`] streams a stored snapshot back
+//! through the same stages, checking every hash; [`verify`] runs that as a check or a
 //! drill on a throwaway etcd.
 //!
 //! What happens on restore: [`restore`] plans, builds the target snapshot
@@ -24,6 +24,14 @@
 //! methods by concern), [`etcd`] (clients, member choice), [`config`],
 //! [`api`] (the `bulwark.backup.v1.Backup` gRPC handlers), [`metrics`],
 //! [`error`], and [`daemon`] (`run(config, listeners, shutdown)`).
+//!
+//! The modules import only downwards, so each reads without the ones
+//! above it (`tests/layers.rs` keeps it so), from the bottom: `error`,
+//! `store`, `etcd`, `pipeline`, `engine`, `snapshot`, `metrics`, `delta`,
+//! `verify`, `schedule`, `config` (what the operator wrote; it builds the
+//! engine and the etcd connector, so the layers below never see it),
+//! `restore` (its agent takes the `restore:` section; the coordinator
+//! pauses the scheduler), `api`, `daemon`.
 
 pub mod api;
 pub mod config;

@@ -28,7 +28,6 @@
 
 use bulwark_common::telemetry::catalog::{self, MetricDef, MetricKind::*};
 
-use crate::config::BackupConfig;
 use crate::error::BackupError;
 use crate::snapshot::manifest::{Manifest, VerificationRecord};
 
@@ -173,11 +172,10 @@ pub const DEFS: &[MetricDef] = &[
 
 /// Declares the catalogue, the build info and the certificate expiry of
 /// the gRPC (and restore client) identities. Call once at start.
-pub fn register(config: &BackupConfig) {
+pub fn register(certificates: &[&bulwark_common::tls::TlsFiles]) {
     catalog::register(DEFS);
     catalog::register_build_info("backup", env!("CARGO_PKG_VERSION"));
-    let files: Vec<_> = config.certificates().into_iter().map(|(_, f)| f).collect();
-    catalog::register_certificates("backup", &files);
+    catalog::register_certificates("backup", certificates);
 }
 
 /// Gauge: 1 while this instance leads.

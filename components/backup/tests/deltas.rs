@@ -317,6 +317,7 @@ async fn heavy_the_recorder_pauses_while_a_restore_holds_the_node() {
         schedule: None,
         retries: 0,
         retry_backoff: Duration::from_secs(1),
+        retention: Default::default(),
         retention_interval: Duration::from_secs(3600),
         drill_interval: None,
         election_name: "test/leader".into(),

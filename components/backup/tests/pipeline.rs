@@ -319,6 +319,7 @@ async fn heavy_upload_faults_leave_nothing_behind() {
             schedule: None,
             retries: 2,
             retry_backoff: Duration::ZERO,
+            retention: Default::default(),
             retention_interval: Duration::from_secs(3600),
             drill_interval: None,
             election_name: "unused".into(),
@@ -422,7 +423,7 @@ async fn heavy_retention_and_garbage_collection_on_a_real_store() {
     let dir = tempfile::tempdir().unwrap();
     let mut engine =
         (*common::engine(&etcd, common::file_store(dir.path()), Keyring::none())).clone();
-    engine.retention = bulwark_backup::snapshot::retention::RetentionPolicy {
+    let policy = bulwark_backup::snapshot::retention::RetentionPolicy {
         keep_last: Some(2),
         exponential: None,
     };
@@ -454,7 +455,10 @@ async fn heavy_retention_and_garbage_collection_on_a_real_store() {
     // Not listed: only committed snapshots are.
     assert_eq!(engine.list_snapshots().await.unwrap().len(), 4);
 
-    let outcome = engine.apply_retention(chrono::Utc::now()).await.unwrap();
+    let outcome = engine
+        .apply_retention(&policy, chrono::Utc::now())
+        .await
+        .unwrap();
     assert_eq!(outcome.deleted, vec![ids[1].clone(), ids[0].clone()]);
     assert_eq!(
         outcome.collected,

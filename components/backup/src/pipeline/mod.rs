@@ -3,8 +3,8 @@
 //! Out (a snapshot or a delta segment): etcd bytes → [`hashing`] (etcd's
 //! trailer, SHA-256) → [`codec`] (zstd, then age with keys from
 //! [`encryption`]) → [`upload`] (multipart, bounded). Back (verification,
-//! drills, restore): [`download`] streams the object and runs the chain in
-//! reverse, checking every hash on the way.
+//! drills, restore): [`crate::snapshot::read`] streams the object through
+//! the same stages in reverse, checking every hash on the way.
 //!
 //! | module | owns |
 //! |---|---|
@@ -12,10 +12,8 @@
 //! | [`encryption`] | age recipients, identities and key ids |
 //! | [`codec`] | the zstd/age write and read chains and the channel adapters between stages |
 //! | [`upload`] | multipart upload with bounded parallelism and a guaranteed abort |
-//! | [`download`] | the read path: download, decrypt, decompress, check every hash |
-
+//!
 pub mod codec;
-pub mod download;
 pub mod encryption;
 pub mod hashing;
 pub mod upload;

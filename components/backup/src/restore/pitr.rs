@@ -35,9 +35,9 @@ use super::timeline::{Located, Timelines};
 use crate::delta::{DeltaEvent, EventKind, SegmentMeta, check_continuity};
 use crate::engine::Engine;
 use crate::error::{BackupError, Corruption, Result};
-use crate::pipeline::download::mismatch_error;
 use crate::pipeline::hashing::Sha256;
 use crate::snapshot::manifest::Manifest;
+use crate::snapshot::read::mismatch_error;
 use crate::verify::scratch::ScratchEtcd;
 
 /// TTL of the leases replay creates for keys whose lease the snapshot does

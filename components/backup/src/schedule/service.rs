@@ -30,6 +30,7 @@ use crate::error::{BackupError, Result};
 use crate::schedule::election::LeaderState;
 use crate::schedule::ticks::Schedule;
 use crate::snapshot::manifest::{Manifest, Trigger, VerificationRecord};
+use crate::snapshot::retention::RetentionPolicy;
 use crate::snapshot::{Progress, SnapshotOptions};
 use crate::verify::VerifyProgress;
 
@@ -49,6 +50,8 @@ pub struct ServiceSettings {
     pub retries: u32,
     /// Pause before each retry.
     pub retry_backoff: Duration,
+    /// Which snapshots retention keeps.
+    pub retention: RetentionPolicy,
     /// How often retention runs besides after each snapshot.
     pub retention_interval: Duration,
     /// How often the newest snapshot is drilled; `None`: never.
@@ -530,9 +533,14 @@ impl Service {
     }
 
     async fn retention(&self) {
-        match self.engine.apply_retention(Utc::now()).await {
+        match self
+            .engine
+            .apply_retention(&self.settings.retention, Utc::now())
+            .await
+        {
             Ok(o) => {
                 crate::metrics::retention(o.deleted.len());
+                crate::metrics::garbage_collected(&o.garbage);
                 self.scheduler.succeeded();
             }
             Err(e) => {

@@ -18,7 +18,7 @@ use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
 use crate::engine::Engine;
 use crate::error::{BackupError, Result};
 use crate::snapshot::manifest::{Manifest, VerificationRecord};
-use crate::snapshot::retention::Candidate;
+use crate::snapshot::retention::{Candidate, RetentionPolicy};
 use crate::store::layout::{Entry, is_valid_id};
 
 /// A committed snapshot and its newest verification.
@@ -86,6 +86,8 @@ pub struct RetentionOutcome {
     pub collected: Vec<String>,
     /// Snapshots kept.
     pub kept: usize,
+    /// The garbage collection that followed.
+    pub garbage: crate::snapshot::gc::Collection,
 }
 
 impl Engine {
@@ -381,9 +383,13 @@ impl Engine {
         })
     }
 
-    /// Applies the retention policy at `now` and removes leftovers older
+    /// Applies the retention `policy` at `now` and removes leftovers older
     /// than the grace period.
-    pub async fn apply_retention(&self, now: DateTime<Utc>) -> Result<RetentionOutcome> {
+    pub async fn apply_retention(
+        &self,
+        policy: &RetentionPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<RetentionOutcome> {
         let scan = self.scan().await?;
         let candidates: Vec<Candidate> = scan
             .snapshots
@@ -394,7 +400,7 @@ impl Engine {
                 valid: s.is_valid(),
             })
             .collect();
-        let keep = self.retention.keep(now, &candidates);
+        let keep = policy.keep(now, &candidates);
         let mut outcome = RetentionOutcome {
             kept: keep.len(),
             ..Default::default()
@@ -433,6 +439,7 @@ impl Engine {
             Err(e) => tracing::warn!(error = %e, "retention could not list delta segments"),
         }
         let garbage = self.collect_garbage(now, false).await?;
+        outcome.garbage = garbage.clone();
         outcome.collected = garbage.collected_uploads();
         if let Some(dir) = self.store.local_dir() {
             let root = dir.join(self.layout.full_dir().as_ref());

@@ -144,9 +144,6 @@ impl Engine {
                 collection.failed.push(garbage);
             }
         }
-        if !dry_run {
-            crate::metrics::garbage_collected(&collection);
-        }
         Ok(collection)
     }
 

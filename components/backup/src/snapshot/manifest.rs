@@ -41,44 +41,7 @@ impl Trigger {
     }
 }
 
-/// Compression of the stored object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "algorithm")]
-pub enum Compression {
-    /// Stored as etcd sent it.
-    None,
-    /// zstd: one or more concatenated frames, read as one stream
-    /// (incompressible stretches are frames of raw blocks, see
-    /// [`crate::pipeline::codec::Adaptive`]).
-    Zstd {
-        /// zstd level used.
-        level: i32,
-    },
-}
-
-/// Encryption of the stored object.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "scheme")]
-pub enum Encryption {
-    /// Not encrypted.
-    None,
-    /// age to one X25519 recipient.
-    #[serde(rename = "age-x25519", rename_all = "camelCase")]
-    AgeX25519 {
-        /// Fingerprint of the recipient ([`crate::pipeline::encryption::KeyId`]).
-        key_id: String,
-    },
-}
-
-impl Encryption {
-    /// The key id, when encrypted.
-    pub fn key_id(&self) -> Option<&str> {
-        match self {
-            Encryption::None => None,
-            Encryption::AgeX25519 { key_id } => Some(key_id),
-        }
-    }
-}
+pub use crate::pipeline::codec::{Compression, Encryption};
 
 /// Which etcd member served a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`take`] | etcd stream → trailer check → zstd → age → multipart upload → manifest (`Engine::take_snapshot`) |
+//! | [`read`] | the read path: store → SHA-256 → age → zstd → etcd's trailer, every hash checked against the manifest (`Engine::stream_check`) |
 //! | [`manifest`] | `manifest.json` (the commit point) and `verify/*.json` records |
 //! | [`catalog`] | listing, get, delete and retention against the store (`Engine` methods) |
 //! | [`gc`] | garbage collection: objects no committed record names (`Engine::collect_garbage`) |
@@ -13,6 +14,7 @@
 pub mod catalog;
 pub mod gc;
 pub mod manifest;
+pub mod read;
 pub mod retention;
 pub mod take;
 

@@ -1,7 +1,7 @@
 //! Verification and restore drills.
 //!
 //! A verification reads a stored snapshot back in one streaming pass
-//! ([`crate::pipeline::download`]): every hash and layer checked, each
+//! ([`crate::snapshot::read`]): every hash and layer checked, each
 //! failed check reported by name. A drill also writes the decoded snapshot
 //! to a throwaway directory and restores and starts etcd on it
 //! ([`drill`], on [`scratch`]'s throwaway members). The outcome is stored

@@ -13,7 +13,6 @@ use bulwark_backup::engine::{DrillSettings, Engine, PipelineSettings};
 use bulwark_backup::etcd::EtcdConnector;
 use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::restore::pitr::Target;
-use bulwark_backup::snapshot::retention::RetentionPolicy;
 use bulwark_backup::store::{Store, StoreSpec};
 use bulwark_backup::verify::scratch::ScratchEtcd;
 use bulwark_testkit::{Etcd, EtcdVersion, S3Server, tools};
@@ -91,7 +90,6 @@ pub fn engine_in(etcd: &Etcd, store: Store, keys: Keyring, cluster: &str) -> Arc
         keys,
         pipeline(),
         drill_tools(),
-        RetentionPolicy::default(),
         Duration::from_secs(3600),
     ))
 }
@@ -117,7 +115,6 @@ pub fn offline_engine(store: Store, keys: Keyring, cluster: &str) -> Engine {
         keys,
         pipeline(),
         drill_tools(),
-        RetentionPolicy::default(),
         Duration::from_secs(3600),
     )
 }

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Agent, StepSink};
 use crate::error::{BackupError, Result};
-use crate::pipeline::download::{DownloadProgress, mismatch_error};
 use crate::pipeline::hashing::Sha256;
+use crate::snapshot::read::{DownloadProgress, mismatch_error};
 
 impl Agent {
     /// Fetches the target snapshot into `to`: a stored snapshot decoded on

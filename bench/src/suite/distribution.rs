@@ -597,24 +597,7 @@ pub fn plot(path: &std::path::Path, runs: &[DistributionResult]) -> anyhow::Resu
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
         let kill = r.markers.first().map_or(0, |m| m.at_ns);
-        for m in &r.markers {
-            let t = (m.at_ns as f64 - kill as f64) / 1e9;
-            chart.draw_series(LineSeries::new(
-                vec![(t, 0.0), (t, ymax)],
-                BLACK.stroke_width(1),
-            ))?;
-            chart.draw_series(std::iter::once(Text::new(
-                m.label.clone(),
-                (t, ymax * 0.95),
-                ("sans-serif", 12),
-            )))?;
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        super::report::markers_and_legend(&mut chart, &r.markers, kill, ymax)?;
     }
     root.present()?;
     Ok(())
@@ -726,6 +709,14 @@ mod tests {
         assert_eq!((r.failed_connects, r.connects_after_kill), (1, 1));
         assert_eq!(r.series.len(), samples.len());
         assert_eq!(r.series[3].active[0], None);
+
+        // The plot draws both markers and the legend.
+        let svg = tempfile::NamedTempFile::new().expect("temp file");
+        plot(svg.path(), std::slice::from_ref(&r)).expect("plot");
+        let drawn = std::fs::read_to_string(svg.path()).expect("svg");
+        for label in ["kill", "restart", "api-a", "api-c"] {
+            assert!(drawn.contains(label), "{label} missing from the plot");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -488,26 +489,38 @@ fn plot(path: &Path, scenario: Scenario, runs: &[&RunResult]) -> anyhow::Result<
                 .label(label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
-        for m in &r.markers {
-            let t = (m.at_ns as f64 - fault as f64) / 1e9;
-            chart.draw_series(LineSeries::new(
-                vec![(t, 0.0), (t, ymax)],
-                BLACK.stroke_width(1),
-            ))?;
-            chart.draw_series(std::iter::once(Text::new(
-                m.label.clone(),
-                (t, ymax * 0.95),
-                ("sans-serif", 12),
-            )))?;
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        markers_and_legend(&mut chart, &r.markers, fault, ymax)?;
     }
     root.present()?;
+    Ok(())
+}
+
+/// A panel's fault markers (a vertical line and its label each, time 0 at
+/// `origin_ns`) and its legend box.
+pub(super) fn markers_and_legend<'a, 'b: 'a>(
+    chart: &mut ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    markers: &[super::Marker],
+    origin_ns: u64,
+    ymax: f64,
+) -> anyhow::Result<()> {
+    for m in markers {
+        let t = (m.at_ns as f64 - origin_ns as f64) / 1e9;
+        chart.draw_series(LineSeries::new(
+            vec![(t, 0.0), (t, ymax)],
+            BLACK.stroke_width(1),
+        ))?;
+        chart.draw_series(std::iter::once(Text::new(
+            m.label.clone(),
+            (t, ymax * 0.95),
+            ("sans-serif", 12),
+        )))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
     Ok(())
 }
 

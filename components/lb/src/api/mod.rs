@@ -219,6 +219,18 @@ impl Api {
         state
     }
 
+    /// Commits a registry change to backend `id` and answers with that
+    /// backend as this node's data path now runs it.
+    async fn commit_backend(
+        &self,
+        command: pb::command::Command,
+        id: &str,
+    ) -> Result<Response<lb::Backend>, Status> {
+        let index = self.propose(command).await?;
+        let state = self.applied(index).await;
+        Ok(Response::new(self.api_backend(&state, id, false)?))
+    }
+
     fn api_backend(
         &self,
         state: &LbState,
@@ -417,15 +429,17 @@ impl LoadBalancer for Api {
             } as i32,
             drain_deadline: None,
         };
-        let index = self
-            .propose(pb::command::Command::SetBackend(pb::SetBackend {
-                backend: Some(record),
-                mode: pb::SetMode::Create as i32,
-            }))
+        let added = self
+            .commit_backend(
+                pb::command::Command::SetBackend(pb::SetBackend {
+                    backend: Some(record),
+                    mode: pb::SetMode::Create as i32,
+                }),
+                &r.id,
+            )
             .await?;
         tracing::info!(backend = %r.id, %address, "backend added");
-        let state = self.applied(index).await;
-        Ok(Response::new(self.api_backend(&state, &r.id, false)?))
+        Ok(added)
     }
 
     async fn remove_backend(
@@ -465,14 +479,14 @@ impl LoadBalancer for Api {
             check_zone(&z)?;
             record.zone = z;
         }
-        let index = self
-            .propose(pb::command::Command::SetBackend(pb::SetBackend {
+        self.commit_backend(
+            pb::command::Command::SetBackend(pb::SetBackend {
                 backend: Some(record),
                 mode: pb::SetMode::Update as i32,
-            }))
-            .await?;
-        let state = self.applied(index).await;
-        Ok(Response::new(self.api_backend(&state, &r.id, false)?))
+            }),
+            &r.id,
+        )
+        .await
     }
 
     async fn drain_backend(
@@ -493,16 +507,18 @@ impl LoadBalancer for Api {
                 )
             }
         };
-        let index = self
-            .propose(pb::command::Command::SetAdminState(pb::SetAdminState {
-                id: r.id.clone(),
-                admin_state: pb::AdminState::Drain as i32,
-                drain_deadline: deadline,
-            }))
+        let drained = self
+            .commit_backend(
+                pb::command::Command::SetAdminState(pb::SetAdminState {
+                    id: r.id.clone(),
+                    admin_state: pb::AdminState::Drain as i32,
+                    drain_deadline: deadline,
+                }),
+                &r.id,
+            )
             .await?;
         tracing::info!(backend = %r.id, "backend drained");
-        let state = self.applied(index).await;
-        Ok(Response::new(self.api_backend(&state, &r.id, false)?))
+        Ok(drained)
     }
 
     async fn undrain_backend(
@@ -511,16 +527,18 @@ impl LoadBalancer for Api {
     ) -> Result<Response<lb::Backend>, Status> {
         let id = request.into_inner().id;
         check_id(&id)?;
-        let index = self
-            .propose(pb::command::Command::SetAdminState(pb::SetAdminState {
-                id: id.clone(),
-                admin_state: pb::AdminState::Active as i32,
-                drain_deadline: None,
-            }))
+        let active = self
+            .commit_backend(
+                pb::command::Command::SetAdminState(pb::SetAdminState {
+                    id: id.clone(),
+                    admin_state: pb::AdminState::Active as i32,
+                    drain_deadline: None,
+                }),
+                &id,
+            )
             .await?;
         tracing::info!(backend = %id, "backend returned to service");
-        let state = self.applied(index).await;
-        Ok(Response::new(self.api_backend(&state, &id, false)?))
+        Ok(active)
     }
 
     async fn list_members(

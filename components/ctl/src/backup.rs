@@ -875,6 +875,9 @@ fn rpo_lag(d: Option<&pb::DeltaStatus>) -> Option<f64> {
 struct DeltasView {
     /// The snapshot the deltas follow (the newest one).
     base_snapshot: Option<String>,
+    /// The timeline (history) that snapshot and its deltas belong to: 1
+    /// for the original cluster, one more after each restore.
+    timeline: Option<u32>,
     /// Coverage starts at the base snapshot's revision…
     from_revision: i64,
     from_time: String,
@@ -956,6 +959,7 @@ fn deltas_view(s: &pb::GetStatusResponse, segments: &[pb::DeltaSegment], list: b
     let last = segments.last();
     DeltasView {
         base_snapshot: base.map(|b| b.id.clone()),
+        timeline: base.map(|b| b.timeline).filter(|t| *t > 0),
         from_revision: base.map_or(0, |b| b.revision),
         from_time: time(base.and_then(|b| b.created_at.as_ref())),
         to_revision: s.newest_revision_covered,
@@ -996,7 +1000,11 @@ fn deltas_text(v: &DeltasView) -> String {
         let mut out = output::fields(&[
             (
                 "base snapshot",
-                v.base_snapshot.clone().unwrap_or_else(|| "none".into()),
+                match (&v.base_snapshot, v.timeline) {
+                    (Some(id), Some(t)) => format!("{id} (timeline {t})"),
+                    (Some(id), None) => id.clone(),
+                    (None, _) => "none".into(),
+                },
             ),
             (
                 "covered from",
@@ -1188,6 +1196,7 @@ mod tests {
                 id: "snap".into(),
                 revision: 100,
                 created_at: ts(1_000),
+                timeline: 2,
                 ..Default::default()
             }),
             newest_revision_covered: 130,
@@ -1222,6 +1231,7 @@ mod tests {
         assert_eq!(v.rpo_lag_seconds, Some(0.25));
         assert_eq!(v.segments.len(), 2);
         let text = deltas_text(&v);
+        assert!(text.contains("base snapshot: snap (timeline 2)\n"), "{text}");
         assert!(
             text.contains("covered from:  revision 100 at 1970-01-01T00:16:40Z\n"),
             "{text}"
@@ -1244,6 +1254,7 @@ mod tests {
         let json = output::render(OutputFormat::Json, &v, |_| String::new()).unwrap();
         assert!(!json.contains("\"segments\""), "{json}");
         assert!(json.contains("\"to_revision\": 130"), "{json}");
+        assert!(json.contains("\"timeline\": 2"), "{json}");
     }
 
     #[test]

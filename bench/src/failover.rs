@@ -29,6 +29,14 @@ pub struct Args {
     /// Trials (one leader link cut each).
     #[arg(long, default_value_t = 20)]
     trials: usize,
+    /// Before the trials: seconds of steady state under load, counting
+    /// elections no fault asked for (0: skip).
+    #[arg(long, default_value_t = 60)]
+    soak_seconds: u64,
+    /// Busy-looping threads the bench runs during the soak, competing with
+    /// the LB processes for the cores.
+    #[arg(long, default_value_t = 4)]
+    soak_burners: usize,
     /// Where the report goes (`<date>-failover.md` and `.json`).
     #[arg(long, default_value = "bench/results")]
     out_dir: PathBuf,
@@ -51,6 +59,22 @@ struct Summary {
     max_ms: f64,
 }
 
+/// Steady state under load with no fault: elections here are spurious.
+#[derive(Serialize)]
+struct Soak {
+    seconds: u64,
+    burners: usize,
+    /// `/proc/loadavg` at the end of the soak.
+    load_average: String,
+    /// Raft terms started (the highest term seen, after minus before).
+    elections: u64,
+    /// Times the VIP holder changed.
+    holder_changes: u64,
+    /// Connects from the client host during the soak, and how many failed.
+    connects: u64,
+    failed_connects: u64,
+}
+
 #[derive(Serialize)]
 struct Report {
     scenario: &'static str,
@@ -58,6 +82,7 @@ struct Report {
     machine: String,
     kernel: String,
     date: String,
+    soak: Option<Soak>,
     trials: Vec<Trial>,
     gap: Summary,
     time_to_detect: Summary,
@@ -101,6 +126,11 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     let hosts = l.lb_hosts();
     let mut trials = Vec::new();
     l.wait_for_holder(None, Duration::from_secs(30)).await;
+    let soak = if args.soak_seconds > 0 {
+        Some(soak(&l, args.soak_seconds, args.soak_burners).await)
+    } else {
+        None
+    };
     for trial in 1..=args.trials {
         // Let every follower catch up and the old leader rejoin first.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -167,6 +197,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         ip_addr_sweeps: w.addr_samples,
         arp_windows: w.arp_windows,
         double_holder_samples: w.addr_violations.len() + w.arp_violations.len(),
+        soak,
         trials,
     };
     std::fs::create_dir_all(&args.out_dir)?;
@@ -185,6 +216,83 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The highest Raft term any node reports.
+async fn highest_term(l: &LbLab) -> u64 {
+    let mut term = 0;
+    for i in 0..l.lb_hosts().len() {
+        if let Some(s) = l.status(i).await {
+            term = term.max(s.current_term);
+        }
+    }
+    term
+}
+
+/// `seconds` of steady state with `burners` busy threads and the client
+/// connecting every 10 ms: elections and holder changes that no fault
+/// asked for.
+async fn soak(l: &LbLab, seconds: u64, burners: usize) -> Soak {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads: Vec<_> = (0..burners)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 1u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for _ in 0..10_000 {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    let term_before = highest_term(l).await;
+    let mut holder = l.holders().first().copied();
+    let (mut connects, mut failed, mut holder_changes) = (0u64, 0u64, 0u64);
+    let client = l.client();
+    let end = std::time::Instant::now() + Duration::from_secs(seconds);
+    while std::time::Instant::now() < end {
+        connects += 1;
+        if !bulwark_testkit::cluster::lab::echo(&client, l.vip, Duration::from_millis(100)).await {
+            failed += 1;
+        }
+        let now = l.holders().first().copied();
+        if now.is_some() && now != holder {
+            holder_changes += u64::from(holder.is_some());
+            holder = now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let load_average = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let soak = Soak {
+        seconds,
+        burners,
+        load_average,
+        elections: highest_term(l).await.saturating_sub(term_before),
+        holder_changes,
+        connects,
+        failed_connects: failed,
+    };
+    eprintln!(
+        "soak: {} s, {} burners, load {}: {} elections, {} holder changes, {}/{} connects failed",
+        soak.seconds,
+        soak.burners,
+        soak.load_average,
+        soak.elections,
+        soak.holder_changes,
+        soak.failed_connects,
+        soak.connects
+    );
+    soak
 }
 
 fn markdown(r: &Report) -> String {
@@ -223,6 +331,19 @@ fn markdown(r: &Report) -> String {
         r.arp_windows,
         r.double_holder_samples
     );
+    if let Some(k) = &r.soak {
+        let _ = writeln!(
+            s,
+            "Spurious elections: before the trials, {} s of steady state with no fault while {} busy threads compete for the cores (load average at the end: {}) and the client connects every 10 ms: **{} elections**, {} VIP holder changes, {} of {} connects failed.\n",
+            k.seconds,
+            k.burners,
+            k.load_average,
+            k.elections,
+            k.holder_changes,
+            k.failed_connects,
+            k.connects
+        );
+    }
     let _ = writeln!(
         s,
         "| trial | from | to | gap | detect | move |\n|---|---|---|---|---|---|"

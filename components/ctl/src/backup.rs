@@ -1231,7 +1231,10 @@ mod tests {
         assert_eq!(v.rpo_lag_seconds, Some(0.25));
         assert_eq!(v.segments.len(), 2);
         let text = deltas_text(&v);
-        assert!(text.contains("base snapshot: snap (timeline 2)\n"), "{text}");
+        assert!(
+            text.contains("base snapshot: snap (timeline 2)\n"),
+            "{text}"
+        );
         assert!(
             text.contains("covered from:  revision 100 at 1970-01-01T00:16:40Z\n"),
             "{text}"

@@ -24,6 +24,7 @@ pub struct Kubelet {
     starts: Arc<AtomicU32>,
     running: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
+    holding: Arc<AtomicBool>,
     manifest: PathBuf,
 }
 
@@ -129,11 +130,13 @@ impl Kubelet {
         let starts = Arc::new(AtomicU32::new(0));
         let running = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
-        let (c, s, r, z, path, name) = (
+        let holding = Arc::new(AtomicBool::new(false));
+        let (c, s, r, z, hold, path, name) = (
             cancel.clone(),
             starts.clone(),
             running.clone(),
             paused.clone(),
+            holding.clone(),
             manifest.to_owned(),
             name.to_owned(),
         );
@@ -158,6 +161,7 @@ impl Kubelet {
                 }
                 if let Some((_, p)) = &mut current
                     && !p.is_running()
+                    && !hold.load(Ordering::SeqCst)
                 {
                     // restartPolicy: Always, with a short back-off.
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -166,6 +170,7 @@ impl Kubelet {
                     }
                 }
                 if current.is_none()
+                    && !hold.load(Ordering::SeqCst)
                     && let Some(t) = text
                 {
                     match pod_command(&t) {
@@ -197,6 +202,7 @@ impl Kubelet {
             starts,
             running,
             paused,
+            holding,
             manifest: manifest.to_owned(),
         }
     }
@@ -205,6 +211,13 @@ impl Kubelet {
     /// running as it is while paused).
     pub fn pause(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Holds or releases new starts: while held, a removed or changed
+    /// manifest still stops the process, but nothing is started from the
+    /// manifest (a node whose restarted member never comes up).
+    pub fn hold_starts(&self, hold: bool) {
+        self.holding.store(hold, Ordering::SeqCst);
     }
 
     /// How many times the process was started.

@@ -1251,7 +1251,9 @@ fn last_step(r: &bulwark_backup::restore::record::RestoreRecord, node: &str) -> 
 /// prepare), once node-0's member is restored (RESTORE MEMBERS under way)
 /// and once START MEMBERS began; node-2's agent while it stops etcd and
 /// sets its data dir aside; node-1's agent once its member is restored
-/// (its restart holds the node for the coordinator). The killed
+/// (its restart holds the node for the coordinator); node-1's agent while
+/// it waits for its restarted member to be healthy (its kubelet holds the
+/// start until the kill). The killed
 /// process is restarted; agents recover from their journals, the
 /// coordinator finishes what its record says it was running, and where
 /// that leaves a node unreachable the operator's `restore rollback`
@@ -1292,10 +1294,14 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
     // kills after a member is restored, node-2 is made the leader and its
     // kubelet holds its etcd (the node waits for it to stop) until the
     // kill, then lets it go.
-    let cases: [(&str, usize, Option<usize>, Ready); 5] = [
+    // (what, the process killed, a node whose kubelet holds its etcd
+    // running until the kill, one whose kubelet holds the member's start
+    // until the kill, when to kill)
+    let cases: [(&str, usize, Option<usize>, Option<usize>, Ready); 6] = [
         (
             "the coordinator before any member is touched",
             0,
+            None,
             None,
             |r| {
                 matches!(
@@ -1304,15 +1310,20 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
                 )
             },
         ),
-        ("the coordinator during restore members", 0, Some(2), |r| {
-            r.phase == "restore_members" && last_step(r, "node-0") == "restore_snapshot done"
-        }),
-        ("the coordinator during start members", 0, None, |r| {
+        (
+            "the coordinator during restore members",
+            0,
+            Some(2),
+            None,
+            |r| r.phase == "restore_members" && last_step(r, "node-0") == "restore_snapshot done",
+        ),
+        ("the coordinator during start members", 0, None, None, |r| {
             r.phase == "start_members"
         }),
         (
             "node-2's agent while it sets its member aside",
             2,
+            None,
             None,
             |r| {
                 let s = last_step(r, "node-2");
@@ -1326,10 +1337,18 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             "node-1's agent once its member is restored",
             1,
             Some(2),
+            None,
             |r| r.phase == "restore_members" && last_step(r, "node-1") == "restore_snapshot done",
         ),
+        (
+            "node-1's agent while its member starts",
+            1,
+            None,
+            Some(1),
+            |r| r.phase == "start_members" && last_step(r, "node-1").starts_with("wait_healthy"),
+        ),
     ];
-    for (round, (what, victim, held, ready)) in cases.into_iter().enumerate() {
+    for (round, (what, victim, held, start_held, ready)) in cases.into_iter().enumerate() {
         let mut c = lab.client().await;
         // Each round's "before" differs from the snapshot's state.
         for i in 0..10 {
@@ -1342,6 +1361,9 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
         if let Some(h) = held {
             make_leader(&lab.nodes, h).await;
             lab.kubelets[h].pause(true);
+        }
+        if let Some(h) = start_held {
+            lab.kubelets[h].hold_starts(true);
         }
         let (agent, op) = (lab.agents[0].clone(), operator.clone());
         let sid = snapshot_id.clone();
@@ -1360,6 +1382,9 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
         lab.processes[victim].kill().unwrap();
         if let Some(h) = held {
             lab.kubelets[h].pause(false);
+        }
+        if let Some(h) = start_held {
+            lab.kubelets[h].hold_starts(false);
         }
         println!(
             "round {round}: killed {what} (restore {}, phase {}, nodes {:?})",

@@ -1246,6 +1246,19 @@ fn last_step(r: &bulwark_backup::restore::record::RestoreRecord, node: &str) -> 
         .unwrap_or_default()
 }
 
+/// One round of the kill test.
+struct Kill {
+    what: &'static str,
+    /// The process killed.
+    victim: usize,
+    /// A node whose kubelet keeps its etcd running until the kill.
+    hold_running: Option<usize>,
+    /// A node whose kubelet holds its member's start until the kill.
+    hold_start: Option<usize>,
+    /// When to kill.
+    ready: fn(&bulwark_backup::restore::record::RestoreRecord) -> bool,
+}
+
 /// bulwark-backup SIGKILLed mid-restore, each instance a process of its
 /// own: the coordinator before any member is touched (pre-flight to
 /// prepare), once node-0's member is restored (RESTORE MEMBERS under way)
@@ -1287,68 +1300,84 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
     lab.start_backup_processes().await;
     let snapshot_id = lab.scheduled_snapshot().await;
     let operator = lab.pki.client("alice", &["system:masters"]).unwrap();
-    type Ready = fn(&bulwark_backup::restore::record::RestoreRecord) -> bool;
     // Every member is restored at once, the old leader's node last (once
     // the others' etcd is down), so "restore members" outlasts one
     // member's restore only while another node is slower: where a round
     // kills after a member is restored, node-2 is made the leader and its
     // kubelet holds its etcd (the node waits for it to stop) until the
     // kill, then lets it go.
-    // (what, the process killed, a node whose kubelet holds its etcd
-    // running until the kill, one whose kubelet holds the member's start
-    // until the kill, when to kill)
-    let cases: [(&str, usize, Option<usize>, Option<usize>, Ready); 6] = [
-        (
-            "the coordinator before any member is touched",
-            0,
-            None,
-            None,
-            |r| {
+    let cases = [
+        Kill {
+            what: "the coordinator before any member is touched",
+            victim: 0,
+            hold_running: None,
+            hold_start: None,
+            ready: |r| {
                 matches!(
                     r.phase.as_str(),
                     "preflight" | "download" | "upload" | "prepare"
                 )
             },
-        ),
-        (
-            "the coordinator during restore members",
-            0,
-            Some(2),
-            None,
-            |r| r.phase == "restore_members" && last_step(r, "node-0") == "restore_snapshot done",
-        ),
-        ("the coordinator during start members", 0, None, None, |r| {
-            r.phase == "start_members"
-        }),
-        (
-            "node-2's agent while it sets its member aside",
-            2,
-            None,
-            None,
-            |r| {
+        },
+        Kill {
+            what: "the coordinator during restore members",
+            victim: 0,
+            hold_running: Some(2),
+            hold_start: None,
+            ready: |r| {
+                r.phase == "restore_members" && last_step(r, "node-0") == "restore_snapshot done"
+            },
+        },
+        Kill {
+            what: "the coordinator during start members",
+            victim: 0,
+            hold_running: None,
+            hold_start: None,
+            ready: |r| r.phase == "start_members",
+        },
+        Kill {
+            what: "node-2's agent while it sets its member aside",
+            victim: 2,
+            hold_running: None,
+            hold_start: None,
+            ready: |r| {
                 let s = last_step(r, "node-2");
                 r.phase == "restore_members"
                     && ["stop_etcd", "wait_stopped", "move_data_dir_aside"]
                         .iter()
                         .any(|step| s.starts_with(step))
             },
-        ),
-        (
-            "node-1's agent once its member is restored",
-            1,
-            Some(2),
-            None,
-            |r| r.phase == "restore_members" && last_step(r, "node-1") == "restore_snapshot done",
-        ),
-        (
-            "node-1's agent while its member starts",
-            1,
-            None,
-            Some(1),
-            |r| r.phase == "start_members" && last_step(r, "node-1").starts_with("wait_healthy"),
-        ),
+        },
+        Kill {
+            what: "node-1's agent once its member is restored",
+            victim: 1,
+            hold_running: Some(2),
+            hold_start: None,
+            ready: |r| {
+                r.phase == "restore_members" && last_step(r, "node-1") == "restore_snapshot done"
+            },
+        },
+        Kill {
+            what: "node-1's agent while its member starts",
+            victim: 1,
+            hold_running: None,
+            hold_start: Some(1),
+            ready: |r| {
+                r.phase == "start_members" && last_step(r, "node-1").starts_with("wait_healthy")
+            },
+        },
     ];
-    for (round, (what, victim, held, start_held, ready)) in cases.into_iter().enumerate() {
+    for (
+        round,
+        Kill {
+            what,
+            victim,
+            hold_running: held,
+            hold_start: start_held,
+            ready,
+        },
+    ) in cases.into_iter().enumerate()
+    {
         let mut c = lab.client().await;
         // Each round's "before" differs from the snapshot's state.
         for i in 0..10 {

@@ -176,6 +176,7 @@ fn specs(nodes: &[Node], m: &Manifest) -> Vec<pb::MemberRestoreSpec> {
                 size_bytes: m.stored_size_bytes,
                 snapshot_id: m.id.clone(),
                 raw_size_bytes: m.raw_size_bytes,
+                served_by: String::new(),
             }),
             member_name: n.name.clone(),
             peer_urls: vec![n.peer_url.clone()],

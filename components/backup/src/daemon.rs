@@ -234,10 +234,6 @@ fn spawn_grpc(
     service: &Arc<service::Service>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
-    let agent = Arc::new(
-        agent::Agent::new(engine.clone(), config.restore.clone(), agent_address)
-            .with_recorder_pause(service.recorder_pause().clone()),
-    );
     let client_tls = config
         .restore
         .client_tls
@@ -246,10 +242,16 @@ fn spawn_grpc(
         .load()
         .context("loading restore.clientTls")?;
     spawn_follow(client_tls.clone(), "backup", shutdown);
+    let agent = Arc::new(
+        agent::Agent::new(engine.clone(), config.restore.clone(), agent_address)
+            .with_recorder_pause(service.recorder_pause().clone())
+            .with_client_tls(client_tls.clone()),
+    );
     let coordinator = restore::Coordinator::new(
         service.clone(),
         config.restore.peers.clone(),
         client_tls,
+        agent.clone(),
         shutdown,
     );
     let api = api::BackupApi::new(service.clone(), shutdown).with_restore(coordinator.clone());

@@ -13,7 +13,7 @@ const LAYERS: &[&str] = &[
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+    for entry in std::fs::read_dir(dir).expect("reading src").flatten() {
         let path = entry.path();
         if path.is_dir() {
             sources(&path, out);
@@ -25,11 +25,11 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// The top-level module a file belongs to (`snapshot/read.rs` → `snapshot`).
 fn layer_of(src: &Path, file: &Path) -> String {
-    let rel = file.strip_prefix(src).unwrap();
+    let rel = file.strip_prefix(src).expect("a file under src");
     let first = rel
         .components()
         .next()
-        .unwrap()
+        .expect("a path under src")
         .as_os_str()
         .to_string_lossy();
     first.trim_end_matches(".rs").to_owned()

@@ -171,6 +171,7 @@ async fn heavy_an_agent_decodes_the_stored_snapshot_straight_into_its_staging_fi
                 size_bytes: m.stored_size_bytes,
                 snapshot_id: m.id.clone(),
                 raw_size_bytes: m.raw_size_bytes,
+                served_by: String::new(),
             }),
             member_name: "m1".into(),
             peer_urls: vec!["http://127.0.0.1:2".into()],

@@ -617,7 +617,6 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     for phase in [
         "plan",
         "download",
-        "upload",
         "prepare",
         "restore_members",
         "start_members",
@@ -628,6 +627,17 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
             "{phase} untimed: {timed:?}"
         );
     }
+    // The built target went to the members straight from the coordinator's
+    // node (FetchTarget; its own agent copies it), never through the store.
+    assert!(
+        !timed.iter().any(|(n, _)| n == "upload"),
+        "uploaded: {timed:?}"
+    );
+    assert_eq!(
+        progress.matches("the built target from").count(),
+        3,
+        "every node fetches the served target: {progress}"
+    );
     for step in [
         "fetch_snapshot",
         "stop_etcd",

@@ -147,6 +147,22 @@ impl pb::restore_agent_server::RestoreAgent for AgentApi {
         Ok(Response::new(self.agent.check(request.into_inner()).await?))
     }
 
+    type FetchTargetStream = Stream_<pb::TargetChunk>;
+
+    async fn fetch_target(
+        &self,
+        request: Request<pb::FetchTargetRequest>,
+    ) -> std::result::Result<Response<Self::FetchTargetStream>, Status> {
+        use futures::StreamExt as _;
+        let chunks = self
+            .agent
+            .serve_target(&request.into_inner().restore_id)
+            .await?;
+        Ok(Response::new(Box::pin(chunks.map(|c| {
+            c.map(|data| pb::TargetChunk { data }).map_err(Status::from)
+        }))))
+    }
+
     async fn get_restore_state(
         &self,
         request: Request<pb::GetRestoreStateRequest>,

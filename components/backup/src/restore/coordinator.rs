@@ -14,7 +14,6 @@ use bulwark_common::shutdown::Shutdown;
 use bulwark_common::tls::TlsMaterial;
 use chrono::Utc;
 use futures::Stream;
-use object_store::ObjectStoreExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +43,8 @@ pub struct Coordinator {
     pub(super) service: Arc<Service>,
     pub(super) peers: Vec<String>,
     client_tls: Arc<TlsMaterial>,
+    /// This node's agent, which serves a point-in-time target built here.
+    local: Arc<crate::restore::agent::Agent>,
     /// The daemon's tracker: shutdown waits for a running restore (within
     /// its grace period; see [`Coordinator::start`]).
     pub(super) tasks: TaskTracker,
@@ -188,12 +189,14 @@ impl Coordinator {
         service: Arc<Service>,
         peers: Vec<String>,
         client_tls: TlsMaterial,
+        local: Arc<crate::restore::agent::Agent>,
         shutdown: &Shutdown,
     ) -> Self {
         Self {
             service,
             peers,
             client_tls: Arc::new(client_tls),
+            local,
             tasks: shutdown.tracker().clone(),
         }
     }
@@ -350,7 +353,7 @@ impl Coordinator {
         }
     }
 
-    /// PLAN, then (point-in-time) BUILD and UPLOAD, then the members'
+    /// PLAN, then (point-in-time) BUILD, then the members'
     /// phases, VERIFY.
     async fn phases(
         &self,
@@ -362,12 +365,8 @@ impl Coordinator {
         let planned = self.plan(run, req, snapshot, target).await?;
         let staged = self.stage(run, &planned.plan).await?;
         let outcome = self.on_members(run, req, &planned, &staged.source).await;
-        // A built target's object is only for this restore.
-        if let Some(object) = &staged.object
-            && let Err(e) = run.engine.store.inner().delete(object).await
-        {
-            tracing::warn!(error = %e, object = %object, "could not delete the restore's target snapshot");
-        }
+        // A built target is only for this restore's members.
+        drop(staged.served);
         let members_started = outcome?;
         let mut summary = pb::RestoreSummary {
             cluster_id: 0,
@@ -396,7 +395,9 @@ impl Coordinator {
     /// snapshot object itself, which every agent fetches and decodes
     /// straight into its staging file, checking both hashes (nothing is
     /// downloaded, built or uploaded here). Point in time: the target
-    /// built once here (BUILD) and uploaded for the agents (UPLOAD).
+    /// built once here (BUILD) and served by this node's agent
+    /// (`FetchTarget`) to the others, which stream it, and to itself,
+    /// which copies it: it never goes through the store.
     async fn stage(&self, run: &Run<'_>, plan: &Plan) -> std::result::Result<Staged, Failed> {
         if !plan.replays() {
             let b = &plan.base;
@@ -406,17 +407,18 @@ impl Coordinator {
                 .update(|r| r.revision = revision.unwrap_or(b.revision));
             return Ok(Staged {
                 source: stored_source(b),
-                object: None,
+                served: None,
                 revision,
                 segments_applied: 0,
             });
         }
         let (built, work) = self.build(run, plan).await?;
-        let (source, object) = self.upload_target(run, &built).await?;
-        drop(work);
+        let (offer, source) =
+            self.local
+                .offer_target(&run.rid, &built.path, built.sha256.clone(), built.size);
         Ok(Staged {
             source,
-            object: Some(object),
+            served: Some((offer, work)),
             revision: built.revision,
             segments_applied: built.segments_applied,
         })
@@ -567,7 +569,7 @@ impl Coordinator {
     }
 
     /// DOWNLOAD + BUILD: the target snapshot, built once in a work dir
-    /// (returned with it, so it lives until the upload is done). Every
+    /// (returned with it, so it lives until the members have fetched it). Every
     /// check on the stored data fails here, before any node is touched.
     async fn build(
         &self,
@@ -643,54 +645,6 @@ impl Coordinator {
         let revision = built.revision.unwrap_or(plan.base.revision);
         events.record.update(|r| r.revision = revision);
         Ok((built, work))
-    }
-
-    /// UPLOAD: `restore/<restore id>/target.db` for the agents to fetch.
-    /// Returns what the agents are told and the object, deleted once the
-    /// members are done with it.
-    async fn upload_target(
-        &self,
-        run: &Run<'_>,
-        built: &BuiltTarget,
-    ) -> std::result::Result<(pb::SnapshotSource, object_store::path::Path), Failed> {
-        self.set_phase(run, pb::RestorePhase::Upload);
-        let engine = &run.engine;
-        let key = format!(
-            "{}/{}/{}/target.db",
-            engine.cluster_name,
-            crate::store::layout::RESTORE_DIR,
-            run.rid
-        );
-        let object = crate::store::layout::object_path(engine.store.prefix(), &key);
-        crate::pipeline::upload::upload_file(
-            &engine.store,
-            &built.path,
-            &object,
-            engine.pipeline.part_size,
-            engine.pipeline.upload_concurrency,
-        )
-        .await
-        .map_err(fail(pb::RestorePhase::Upload))?;
-        run.events
-            .phase(
-                pb::RestorePhase::Upload,
-                Some(pb::TransferProgress {
-                    bytes_done: built.size,
-                    bytes_total: Some(built.size),
-                    bytes_per_second: 0,
-                    elapsed: Some(d(run.started.elapsed())),
-                }),
-                None,
-            )
-            .await;
-        let source = pb::SnapshotSource {
-            object_key: key,
-            sha256: built.sha256.clone(),
-            size_bytes: built.size,
-            snapshot_id: String::new(),
-            raw_size_bytes: built.size,
-        };
-        Ok((source, object))
     }
 
     /// PREPARE, then (unless a dry run) RESTORE and START. `Ok(true)` when
@@ -1044,14 +998,16 @@ fn stored_source(b: &crate::snapshot::manifest::Manifest) -> pb::SnapshotSource 
         size_bytes: b.stored_size_bytes,
         snapshot_id: b.id.clone(),
         raw_size_bytes: b.raw_size_bytes,
+        served_by: String::new(),
     }
 }
 
 /// What the members restore from (see `Coordinator::stage`).
 struct Staged {
     source: pb::SnapshotSource,
-    /// A built target's object, deleted once the members are done with it.
-    object: Option<object_store::path::Path>,
+    /// A built target's offer to the agents and its work dir, both gone
+    /// once the members are done with it.
+    served: Option<(crate::restore::agent::Offer, tempfile::TempDir)>,
     /// The target's revision, when known exactly.
     revision: Option<i64>,
     /// Delta segments applied.

@@ -8,10 +8,11 @@
 //!          restore tool and its flags, manifest, data dir); every problem on
 //!          every node, and every agent that does not answer, in one refusal
 //! DOWNLOAD/BUILD  point in time only: the target snapshot, once (pitr); every check fails here, before any node
-//! UPLOAD   point in time only: restore/<restore id>/target.db for the agents to fetch
 //! PREPARE  every agent at once fetches the target and checks it, takes its lock (dry run ends here);
 //!          snapshot only: the committed snapshot object itself, streamed through the decoder
-//!          into the staging file, the stored and etcd's hashes checked against its manifest
+//!          into the staging file, the stored and etcd's hashes checked against its manifest;
+//!          point in time: the built target, served by this node's agent (FetchTarget) and
+//!          copied by it, never through the store
 //! RESTORE  every agent at once: manifest out, wait stopped, data dir aside, etcdutl (etcdctl on 3.4) restore
 //! START    every agent at once: manifest back, wait healthy
 //! VERIFY   the restored members answer and hold at least the target revision

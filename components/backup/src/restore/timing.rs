@@ -1,5 +1,5 @@
 //! How long each part of a restore took: the coordinator's phases (plan,
-//! download with its checks and the build, upload, prepare, restore
+//! download with its checks and the build, prepare, restore
 //! members, start members, check) and every node's steps (fetch, stop,
 //! wait stopped, set aside, restore, start, healthy) as their events pass
 //! through the coordinator. Each is logged when it ends, exported as a

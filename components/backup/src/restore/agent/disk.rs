@@ -7,13 +7,11 @@ use std::path::{Path, PathBuf};
 
 use bulwark_api::backup::v1 as pb;
 use object_store::ObjectStoreExt;
-use tokio::io::AsyncWriteExt as _;
 
 use tokio_util::sync::CancellationToken;
 
 use super::{Agent, StepSink};
 use crate::error::{BackupError, Result};
-use crate::pipeline::hashing::Sha256;
 use crate::snapshot::read::{DownloadProgress, mismatch_error};
 
 impl Agent {
@@ -23,14 +21,17 @@ impl Agent {
     /// the state dir.
     pub(super) async fn fetch(
         &self,
+        restore_id: &str,
         source: &pb::SnapshotSource,
         to: &Path,
         progress: DownloadProgress<'_>,
     ) -> Result<()> {
-        let fetched = if source.snapshot_id.is_empty() {
-            self.fetch_into(source, to, progress).await
-        } else {
+        let fetched = if !source.snapshot_id.is_empty() {
             self.fetch_stored(source, to, progress).await
+        } else if !source.served_by.is_empty() {
+            self.fetch_served(restore_id, source, to, progress).await
+        } else {
+            self.fetch_into(source, to, progress).await
         };
         if fetched.is_err()
             && let Err(e) = tokio::fs::remove_file(to).await
@@ -53,10 +54,12 @@ impl Agent {
         sink: StepSink<'_>,
     ) -> Result<()> {
         let step = pb::NodeStep::FetchSnapshot;
-        let what = if source.snapshot_id.is_empty() {
-            format!("target {}", source.object_key)
-        } else {
+        let what = if !source.snapshot_id.is_empty() {
             format!("snapshot {} (decoding it)", source.snapshot_id)
+        } else if !source.served_by.is_empty() {
+            format!("the built target from {}", source.served_by)
+        } else {
+            format!("target {}", source.object_key)
         };
         sink(self.event(restore_id, step, pb::StepStatus::Started, what, ""));
         let progress = |done: u64, total: u64, elapsed: std::time::Duration| {
@@ -81,7 +84,7 @@ impl Agent {
             );
             sink(ev);
         };
-        self.fetch(source, staged, &progress).await?;
+        self.fetch(restore_id, source, staged, &progress).await?;
         sink(self.event(
             restore_id,
             step,
@@ -156,7 +159,8 @@ impl Agent {
         }
     }
 
-    /// A plain target, copied and checked against `source`.
+    /// A plain target an older coordinator uploaded to the store, copied
+    /// and checked against `source`.
     async fn fetch_into(
         &self,
         source: &pb::SnapshotSource,
@@ -164,8 +168,6 @@ impl Agent {
         progress: DownloadProgress<'_>,
     ) -> Result<()> {
         use futures::StreamExt;
-        let since = std::time::Instant::now();
-        let mut last_report = since;
         let path =
             crate::store::layout::object_path(self.engine.store.prefix(), &source.object_key);
         let described = self.engine.store.describe(&path);
@@ -176,37 +178,18 @@ impl Agent {
             .get(&path)
             .await
             .map_err(|e| BackupError::store(described.clone(), e))?;
-        let mut stream = get.into_stream();
-        let mut file = tokio::fs::File::create(to)
-            .await
-            .map_err(|e| BackupError::local(format!("creating {}", to.display()), e))?;
-        let mut h = Sha256::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| BackupError::store(described.clone(), e))?;
-            h.update(&chunk);
-            file.write_all(&chunk)
-                .await
-                .map_err(|e| BackupError::local(format!("writing {}", to.display()), e))?;
-            if last_report.elapsed() >= std::time::Duration::from_secs(1) {
-                last_report = std::time::Instant::now();
-                progress(h.len(), source.size_bytes, since.elapsed());
-            }
-        }
-        file.sync_all()
-            .await
-            .map_err(|e| BackupError::local(format!("writing {}", to.display()), e))?;
-        let (sha, size) = h.finish_hex();
-        if sha != source.sha256 || size != source.size_bytes {
-            return Err(BackupError::Corrupt {
-                kind: crate::error::Corruption::StoredHash,
-                what: format!("target snapshot {described}"),
-                detail: format!(
-                    "expected {} bytes with SHA-256 {}, fetched {size} bytes with {sha}",
-                    source.size_bytes, source.sha256
-                ),
-            });
-        }
-        Ok(())
+        let what = described.clone();
+        let chunks = get
+            .into_stream()
+            .map(move |c| c.map_err(|e| BackupError::store(what.clone(), e)));
+        super::target::write_checked(
+            chunks,
+            to,
+            source,
+            &format!("target snapshot {described}"),
+            progress,
+        )
+        .await
     }
 }
 

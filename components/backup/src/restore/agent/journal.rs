@@ -51,6 +51,9 @@ struct SpecEntry {
     snapshot_id: String,
     #[serde(default)]
     raw_size_bytes: u64,
+    /// Set when the node fetched a target the coordinator's node served.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    served_by: String,
     member_name: String,
     peer_urls: Vec<String>,
     initial_cluster: String,
@@ -100,6 +103,7 @@ impl Entry {
                 size_bytes: source.size_bytes,
                 snapshot_id: source.snapshot_id,
                 raw_size_bytes: source.raw_size_bytes,
+                served_by: source.served_by,
                 member_name: h.spec.member_name.clone(),
                 peer_urls: h.spec.peer_urls.clone(),
                 initial_cluster: h.spec.initial_cluster.clone(),
@@ -146,6 +150,7 @@ impl Entry {
                     size_bytes: self.spec.size_bytes,
                     snapshot_id: self.spec.snapshot_id,
                     raw_size_bytes: self.spec.raw_size_bytes,
+                    served_by: self.spec.served_by,
                 }),
                 member_name: self.spec.member_name,
                 peer_urls: self.spec.peer_urls,
@@ -370,6 +375,7 @@ mod tests {
                     size_bytes: 7,
                     snapshot_id: "20250102T030405Z-r42-abcd".into(),
                     raw_size_bytes: 9,
+                    served_by: String::new(),
                 }),
                 member_name: "m1".into(),
                 peer_urls: vec!["http://p".into()],

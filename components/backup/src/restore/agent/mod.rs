@@ -34,6 +34,7 @@
 //! | `steps` | prepare, restore member, start member, abort |
 //! | `static_pod` | the member from the static pod's manifest, the restore tool, etcd's ports |
 //! | `disk` | fetching the target, aside names and moves, the free-space check |
+//! | `target` | a point-in-time target served from the coordinator's node (`FetchTarget`) and fetched from there |
 
 mod disk;
 use disk::{aside_path, dir_size, free_bytes};
@@ -41,6 +42,8 @@ mod journal;
 mod preflight;
 mod static_pod;
 mod steps;
+mod target;
+pub use target::Offer;
 
 pub use static_pod::{EtcdCommand, Member};
 
@@ -91,6 +94,10 @@ pub struct Agent {
     agent_address: String,
     held: tokio::sync::Mutex<Option<Held>>,
     recorder_pause: RecorderPause,
+    /// Point-in-time targets this node's coordinator built and serves.
+    shelf: target::Shelf,
+    /// The identity to fetch a served target from another node with.
+    client_tls: Option<Arc<bulwark_common::tls::TlsMaterial>>,
 }
 
 impl Agent {
@@ -102,6 +109,8 @@ impl Agent {
             agent_address,
             held: tokio::sync::Mutex::new(None),
             recorder_pause: RecorderPause::default(),
+            shelf: target::Shelf::default(),
+            client_tls: None,
         }
     }
 

@@ -1,0 +1,222 @@
+//! A point-in-time target without the store: the coordinator builds it on
+//! its own node and offers the file here; the other agents stream it from
+//! this node's `FetchTarget` and the local agent copies it. Either way the
+//! bytes are hashed on the way in and checked against the source's
+//! SHA-256 and size, exactly as a target fetched from the store is.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bulwark_api::backup::v1 as pb;
+use bulwark_api::backup::v1::restore_agent_client::RestoreAgentClient;
+use bulwark_common::tls::TlsMaterial;
+use bytes::Bytes;
+use futures::{Stream, StreamExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::Agent;
+use crate::error::{BackupError, Corruption, Result};
+use crate::pipeline::hashing::Sha256;
+use crate::snapshot::read::DownloadProgress;
+
+/// Size of one `TargetChunk`.
+const CHUNK: usize = 1 << 20;
+
+/// Targets this node's coordinator built, by restore id.
+#[derive(Debug, Default)]
+pub(super) struct Shelf {
+    targets: std::sync::Mutex<HashMap<String, PathBuf>>,
+}
+
+impl Shelf {
+    fn get(&self, restore_id: &str) -> Option<PathBuf> {
+        self.targets
+            .lock()
+            .ok()
+            .and_then(|t| t.get(restore_id).cloned())
+    }
+}
+
+/// The offer of one built target; withdrawn when dropped (the restore's
+/// members are done with it, or it failed).
+#[derive(Debug)]
+pub struct Offer {
+    agent: Arc<Agent>,
+    restore_id: String,
+}
+
+impl Drop for Offer {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.agent.shelf.targets.lock() {
+            t.remove(&self.restore_id);
+        }
+    }
+}
+
+impl Agent {
+    /// Offers the target built for `restore_id` at `path` to the agents
+    /// (`FetchTarget`) until the returned offer is dropped; the source the
+    /// coordinator hands them names this node.
+    pub fn offer_target(
+        self: &Arc<Self>,
+        restore_id: &str,
+        path: &Path,
+        sha256: String,
+        size: u64,
+    ) -> (Offer, pb::SnapshotSource) {
+        if let Ok(mut t) = self.shelf.targets.lock() {
+            t.insert(restore_id.to_owned(), path.to_owned());
+        }
+        let source = pb::SnapshotSource {
+            object_key: String::new(),
+            sha256,
+            size_bytes: size,
+            snapshot_id: String::new(),
+            raw_size_bytes: size,
+            served_by: self.agent_address.clone(),
+        };
+        let offer = Offer {
+            agent: self.clone(),
+            restore_id: restore_id.to_owned(),
+        };
+        (offer, source)
+    }
+
+    /// The client identity this agent calls the coordinator's node with.
+    pub fn with_client_tls(mut self, tls: TlsMaterial) -> Self {
+        self.client_tls = Some(Arc::new(tls));
+        self
+    }
+
+    /// FetchTarget: the offered target's bytes in order, read as they are
+    /// sent (a slow reader holds one chunk, not the file).
+    pub async fn serve_target(
+        &self,
+        restore_id: &str,
+    ) -> Result<impl Stream<Item = Result<Vec<u8>>> + Send + 'static> {
+        let path = self
+            .shelf
+            .get(restore_id)
+            .ok_or_else(|| BackupError::NotFound {
+                what: format!(
+                    "a target built here for restore {restore_id} (the restore is over, or \
+                     another node coordinates it)"
+                ),
+            })?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| BackupError::local(format!("opening {}", path.display()), e))?;
+        Ok(futures::stream::try_unfold(
+            (file, path),
+            |(mut file, path)| async move {
+                let mut buf = vec![0u8; CHUNK];
+                let n = file
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| BackupError::local(format!("reading {}", path.display()), e))?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                buf.truncate(n);
+                Ok(Some((buf, (file, path))))
+            },
+        ))
+    }
+
+    /// A target `source.served_by` serves for `restore_id`, into `to`: the
+    /// local file when this node built it, else streamed from that node's
+    /// agent.
+    pub(super) async fn fetch_served(
+        &self,
+        restore_id: &str,
+        source: &pb::SnapshotSource,
+        to: &Path,
+        progress: DownloadProgress<'_>,
+    ) -> Result<()> {
+        let described = format!("target of restore {restore_id} from {}", source.served_by);
+        if let Some(local) = self.shelf.get(restore_id) {
+            let file = tokio::fs::File::open(&local)
+                .await
+                .map_err(|e| BackupError::local(format!("opening {}", local.display()), e))?;
+            let chunks = futures::stream::try_unfold(file, |mut file| async move {
+                let mut buf = vec![0u8; CHUNK];
+                let n = file.read(&mut buf).await?;
+                buf.truncate(n);
+                Ok::<_, std::io::Error>((n > 0).then(|| (Bytes::from(buf), file)))
+            })
+            .map(|c| c.map_err(|e| BackupError::local("reading the local target", e)));
+            return write_checked(chunks, to, source, &described, progress).await;
+        }
+        let tls = self.client_tls.as_ref().ok_or_else(|| {
+            BackupError::Refused(format!(
+                "{described}: this agent has no client identity to call other nodes"
+            ))
+        })?;
+        let channel = bulwark_common::grpc::channel(&source.served_by, tls, None).map_err(|e| {
+            BackupError::InvalidArgument(format!("agent address {}: {e}", source.served_by))
+        })?;
+        let stream = RestoreAgentClient::new(channel)
+            .fetch_target(pb::FetchTargetRequest {
+                restore_id: restore_id.to_owned(),
+            })
+            .await
+            .map_err(|s| status_error(&described, &s))?
+            .into_inner();
+        let what = described.clone();
+        let chunks = stream.map(move |c| {
+            c.map(|c| Bytes::from(c.data))
+                .map_err(|s| status_error(&what, &s))
+        });
+        write_checked(chunks, to, source, &described, progress).await
+    }
+}
+
+/// A failed FetchTarget call as the step's error.
+fn status_error(what: &str, s: &tonic::Status) -> BackupError {
+    BackupError::local(what, format!("{:?}: {}", s.code(), s.message()))
+}
+
+/// Writes `chunks` to `to`, synced, hashing them on the way; fails unless
+/// the SHA-256 and size are the source's.
+pub(super) async fn write_checked(
+    chunks: impl Stream<Item = Result<Bytes>>,
+    to: &Path,
+    source: &pb::SnapshotSource,
+    described: &str,
+    progress: DownloadProgress<'_>,
+) -> Result<()> {
+    let since = std::time::Instant::now();
+    let mut last_report = since;
+    let mut file = tokio::fs::File::create(to)
+        .await
+        .map_err(|e| BackupError::local(format!("creating {}", to.display()), e))?;
+    let mut h = Sha256::new();
+    let mut chunks = std::pin::pin!(chunks);
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        h.update(&chunk);
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| BackupError::local(format!("writing {}", to.display()), e))?;
+        if last_report.elapsed() >= std::time::Duration::from_secs(1) {
+            last_report = std::time::Instant::now();
+            progress(h.len(), source.size_bytes, since.elapsed());
+        }
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| BackupError::local(format!("writing {}", to.display()), e))?;
+    let (sha, size) = h.finish_hex();
+    if sha != source.sha256 || size != source.size_bytes {
+        return Err(BackupError::Corrupt {
+            kind: Corruption::StoredHash,
+            what: described.to_owned(),
+            detail: format!(
+                "expected {} bytes with SHA-256 {}, fetched {size} bytes with {sha}",
+                source.size_bytes, source.sha256
+            ),
+        });
+    }
+    Ok(())
+}

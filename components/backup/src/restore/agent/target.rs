@@ -220,3 +220,91 @@ pub(super) async fn write_checked(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(data: &[u8]) -> pb::SnapshotSource {
+        let mut h = Sha256::new();
+        h.update(data);
+        let (sha256, size) = h.finish_hex();
+        pb::SnapshotSource {
+            sha256,
+            size_bytes: size,
+            raw_size_bytes: size,
+            served_by: "node-0:7443".into(),
+            ..Default::default()
+        }
+    }
+
+    fn chunks(parts: &[&'static [u8]]) -> impl Stream<Item = Result<Bytes>> + use<> {
+        futures::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_served_target_is_written_whole_and_checked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let to = dir.path().join("staged.db");
+        let want = source(b"bbolt pages");
+        write_checked(
+            chunks(&[b"bbolt ", b"pages"]),
+            &to,
+            &want,
+            "t",
+            &|_, _, _| {},
+        )
+        .await
+        .expect("the right bytes pass");
+        assert_eq!(std::fs::read(&to).expect("staged"), b"bbolt pages");
+    }
+
+    #[tokio::test]
+    async fn a_flipped_or_short_target_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let to = dir.path().join("staged.db");
+        let want = source(b"bbolt pages");
+        for (parts, what) in [
+            (&[b"bbolt ".as_slice(), b"pageS"][..], "a flipped byte"),
+            (&[b"bbolt ".as_slice(), b"page"][..], "a short stream"),
+        ] {
+            let parts: Vec<&'static [u8]> = parts.to_vec();
+            let e = write_checked(chunks(&parts), &to, &want, "target of r1", &|_, _, _| {})
+                .await
+                .expect_err(what);
+            assert!(
+                matches!(
+                    e,
+                    BackupError::Corrupt {
+                        kind: Corruption::StoredHash,
+                        ..
+                    }
+                ),
+                "{what}: {e}"
+            );
+            assert!(e.to_string().contains("target of r1"), "{what}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_fails_with_its_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let to = dir.path().join("staged.db");
+        let broken = futures::stream::iter(vec![
+            Ok(Bytes::from_static(b"bbolt ")),
+            Err(BackupError::local(
+                "FetchTarget from node-0",
+                "Unavailable: gone",
+            )),
+        ]);
+        let e = write_checked(broken, &to, &source(b"bbolt pages"), "t", &|_, _, _| {})
+            .await
+            .expect_err("a broken stream");
+        assert!(e.to_string().contains("gone"), "{e}");
+    }
+}

@@ -12,11 +12,6 @@ use bytes::Bytes;
 use object_store::{MultipartUpload, PutPayload, PutPayloadMut, PutResult};
 use tokio::task::JoinSet;
 
-use object_store::ObjectStoreExt as _;
-
-use crate::error::{BackupError, Result};
-use crate::store::Store;
-
 /// An in-progress multipart upload.
 pub struct PartUploader {
     upload: Box<dyn MultipartUpload>,
@@ -120,48 +115,6 @@ impl PartUploader {
             tracing::warn!(error = %e, "aborting the multipart upload failed");
         }
     }
-}
-
-/// Uploads a local file to `object` (multipart, `part_size` parts, at most
-/// `concurrency` in flight); aborted on failure.
-pub async fn upload_file(
-    store: &Store,
-    path: &std::path::Path,
-    object: &object_store::path::Path,
-    part_size: usize,
-    concurrency: usize,
-) -> Result<()> {
-    use tokio::io::AsyncReadExt as _;
-    let described = store.describe(object);
-    let upload = store
-        .inner()
-        .put_multipart(object)
-        .await
-        .map_err(|e| BackupError::store(described.clone(), e))?;
-    let mut up = PartUploader::new(upload, part_size, concurrency);
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| BackupError::local(format!("opening {}", path.display()), e))?;
-    loop {
-        let mut buf = vec![0u8; 1 << 20];
-        let n = file
-            .read(&mut buf)
-            .await
-            .map_err(|e| BackupError::local(format!("reading {}", path.display()), e))?;
-        if n == 0 {
-            break;
-        }
-        buf.truncate(n);
-        up.put(bytes::Bytes::from(buf));
-        if let Err(e) = up.wait_for_capacity().await {
-            up.abort().await;
-            return Err(BackupError::store(described, e));
-        }
-    }
-    up.finish()
-        .await
-        .map_err(|e| BackupError::store(described, e))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ mod probecost;
 mod restore;
 mod stats;
 mod suite;
+mod upgrade;
 
 use std::process::ExitCode;
 
@@ -53,6 +54,10 @@ enum Cmd {
     /// Failover scenario suite (root only): bulwark beside keepalived +
     /// HAProxy on the same netns topology, in one run (`cargo xtask bench`).
     Suite(suite::Args),
+    /// Rolling upgrade (root only): the documented upgrade from one
+    /// bulwark-lb build to another and the rollback, node by node, under
+    /// client load through the VIP (`cargo xtask bench rolling-upgrade`).
+    RollingUpgrade(upgrade::Args),
     /// (internal) the suite's load driver, run inside the client host.
     Load(suite::load::Args),
     /// (internal) HTTPS test backends that terminate TLS.
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
         Cmd::Detection(a) => detection::run(&a),
         Cmd::Backend(a) => backend::run(&a),
         Cmd::Suite(a) => suite::run(&a),
+        Cmd::RollingUpgrade(a) => upgrade::run(&a),
         Cmd::Load(a) => suite::load::run(a),
     };
     match result {

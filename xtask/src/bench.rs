@@ -7,6 +7,10 @@
 //! namespaces need it. Results go to `bench/results/<date>-suite.{md,json}`
 //! and `bench/results/<date>-suite-*.svg` with `--quick`, to
 //! `<date>-suite-full.*` without; each scenario named appends `-<scenario>`.
+//!
+//! `cargo xtask bench rolling-upgrade [--from REV]` is not part of the
+//! suite: it builds an old revision and runs its own scenario
+//! ([`crate::upgrade`]).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,6 +18,7 @@ use std::process::Command;
 use anyhow::bail;
 
 use crate::setup::{SetupArgs, tools_dir};
+use crate::upgrade;
 use crate::{cargo, is_root, run_cmd, workspace_root};
 
 #[derive(clap::Args)]
@@ -27,6 +32,14 @@ pub struct BenchArgs {
     /// Where the results go.
     #[arg(long, default_value = "bench/results")]
     pub out_dir: PathBuf,
+    /// `rolling-upgrade` only: the git revision whose `bulwark-lb` the
+    /// cluster starts on (the last release before the lease-expiry
+    /// elector by default).
+    #[arg(long, default_value = "01c4b78")]
+    pub from: String,
+    /// `rolling-upgrade` only: upgrade-and-rollback trials.
+    #[arg(long)]
+    pub trials: Option<usize>,
 }
 
 /// The packages whose release binaries the suite runs: the load balancer,
@@ -40,6 +53,15 @@ const PACKAGES: &[&str] = &[
 ];
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.scenarios.iter().any(|s| s == upgrade::SCENARIO) {
+        if args.scenarios.len() > 1 {
+            bail!(
+                "{} runs on its own (it is not part of the suite): give it as the only scenario",
+                upgrade::SCENARIO
+            );
+        }
+        return upgrade::run(args);
+    }
     if !is_root() {
         bail!("the bench suite builds network namespaces: run it as root");
     }

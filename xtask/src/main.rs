@@ -6,12 +6,15 @@
 //!   suite. This is exactly what CI runs (`.ci/run`).
 //! - `cargo xtask demo`: the whole product on loopback, narrated.
 //! - `cargo xtask bench [SCENARIO...] [--quick]`: the failover scenario suite,
-//!   bulwark beside keepalived + HAProxy (root: network namespaces).
+//!   bulwark beside keepalived + HAProxy (root: network namespaces);
+//!   `cargo xtask bench rolling-upgrade --from REV`: the rolling upgrade
+//!   from REV's bulwark-lb to this one and back, under load.
 
 mod bench;
 mod demo;
 mod setup;
 mod test;
+mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +45,8 @@ enum Cmd {
     /// Build in release, setup, then run the failover scenario suite
     /// (bulwark beside keepalived + HAProxy, same topology, same run) as
     /// root; results in bench/results/<date>-suite[-full].{md,json,svg}.
+    /// `bench rolling-upgrade --from REV` builds REV's bulwark-lb and runs
+    /// the rolling upgrade and rollback instead.
     Bench(bench::BenchArgs),
 }
 

@@ -20,6 +20,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ use bulwark_lb::config::VipMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
-use super::{LbSpec, lb_process, serve_echo, test_timers};
+use super::{LbSpec, lb_process_of, serve_echo, test_timers};
 use crate::{Host, Lab, Pki, Process, TestDir, config};
 
 /// The VIP's port.
@@ -89,6 +90,12 @@ impl LbLab {
 
     /// [`LbLab::start`] with the VIP's families given.
     pub async fn start_stack(n: usize, stack: Stack) -> Option<Self> {
+        Self::start_binary(n, stack, &crate::tools::bin_path("bulwark-lb").unwrap()).await
+    }
+
+    /// [`LbLab::start_stack`] with every node running the `bulwark-lb` at
+    /// `binary` (the rolling-upgrade bench starts the previous release).
+    pub async fn start_binary(n: usize, stack: Stack, binary: &Path) -> Option<Self> {
         crate::install_crypto_provider();
         let lab = Lab::start_or_skip(n + 1).unwrap()?;
         let pki = Pki::new().unwrap();
@@ -137,7 +144,7 @@ impl LbLab {
             test_timers(&mut c);
             let config = spec.write(&c).unwrap();
             let process = host
-                .spawn(lb_process(&format!("lb-{id}"), &config).unwrap())
+                .spawn(lb_process_of(binary, &format!("lb-{id}"), &config))
                 .unwrap();
             nodes.push(process);
         }

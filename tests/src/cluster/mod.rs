@@ -84,10 +84,16 @@ pub fn test_timers(c: &mut LbConfig) {
 /// A `bulwark-lb` process named `name` reading `config` (not yet spawned:
 /// the caller picks where).
 pub fn lb_process(name: &str, config: &Path) -> anyhow::Result<ProcessBuilder> {
-    Ok(ProcessBuilder::new(name, tools::bin_path("bulwark-lb")?)
+    Ok(lb_process_of(&tools::bin_path("bulwark-lb")?, name, config))
+}
+
+/// [`lb_process`] running the `bulwark-lb` at `binary` (another build, e.g.
+/// the previous release in the rolling-upgrade bench).
+pub fn lb_process_of(binary: &Path, name: &str, config: &Path) -> ProcessBuilder {
+    ProcessBuilder::new(name, binary)
         .arg("--config")
         .arg(config)
-        .env("BULWARK_LOG_LEVEL", LB_LOG_LEVEL))
+        .env("BULWARK_LOG_LEVEL", LB_LOG_LEVEL)
 }
 
 /// A prober named `name` in `zone` probing `targets` (the apiservers,

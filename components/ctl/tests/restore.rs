@@ -210,14 +210,22 @@ impl Lab {
         let store = root.join("store");
         std::fs::create_dir_all(&store).unwrap();
         let mut listeners = Vec::new();
-        for _ in 0..3 {
-            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        for i in 0..3 {
+            // node-1 listens on every address with no restore.agentAddress,
+            // as an operator may set it up: it advertises 0.0.0.0, and the
+            // others reach it where restore.peers names it (the built
+            // target it serves as a coordinator included).
+            let host = if i == 1 { "0.0.0.0:0" } else { "127.0.0.1:0" };
+            let grpc = tokio::net::TcpListener::bind(host).await.unwrap();
             let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             listeners.push((grpc, admin));
         }
         let agents: Vec<String> = listeners
             .iter()
-            .map(|(g, _)| g.local_addr().unwrap().to_string())
+            .map(|(g, _)| {
+                let port = g.local_addr().unwrap().port();
+                SocketAddr::from(([127, 0, 0, 1], port)).to_string()
+            })
             .collect();
         let mut configs = Vec::new();
         let mut shutdowns = Vec::new();

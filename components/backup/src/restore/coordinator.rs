@@ -363,7 +363,7 @@ impl Coordinator {
         target: Target,
     ) -> std::result::Result<pb::RestoreSummary, Failed> {
         let planned = self.plan(run, req, snapshot, target).await?;
-        let staged = self.stage(run, &planned.plan).await?;
+        let staged = self.stage(run, &planned).await?;
         let outcome = self.on_members(run, req, &planned, &staged.source).await;
         // A built target is only for this restore's members.
         drop(staged.served);
@@ -398,7 +398,8 @@ impl Coordinator {
     /// built once here (BUILD) and served by this node's agent
     /// (`FetchTarget`) to the others, which stream it, and to itself,
     /// which copies it: it never goes through the store.
-    async fn stage(&self, run: &Run<'_>, plan: &Plan) -> std::result::Result<Staged, Failed> {
+    async fn stage(&self, run: &Run<'_>, planned: &Planned) -> std::result::Result<Staged, Failed> {
+        let plan = &planned.plan;
         if !plan.replays() {
             let b = &plan.base;
             let revision = plan.target_revision;
@@ -413,9 +414,24 @@ impl Coordinator {
             });
         }
         let (built, work) = self.build(run, plan).await?;
-        let (offer, source) =
-            self.local
-                .offer_target(&run.rid, &built.path, built.sha256.clone(), built.size);
+        // The other nodes dial this one where `restore.peers` (the same
+        // list on every node) names it; a coordinator outside that list
+        // serves at its own advertised address.
+        let me = &run.engine.node_name;
+        let served_by = planned
+            .nodes
+            .iter()
+            .find(|(info, _)| &info.node_name == me)
+            .map_or_else(
+                || self.local.address().to_owned(),
+                |(info, _)| info.agent_address.clone(),
+            );
+        let (offer, source) = self.local.offer_target(
+            &run.rid,
+            &built.path,
+            (built.sha256.clone(), built.size),
+            served_by,
+        );
         Ok(Staged {
             source,
             served: Some((offer, work)),
@@ -558,7 +574,13 @@ impl Coordinator {
                     ),
                     node: info.node_name,
                 }),
-                Ok(node) => nodes.push(node),
+                Ok((mut info, client)) => {
+                    // As the coordinator, and every node (they share
+                    // `restore.peers`), reaches it: its own advertised
+                    // address may be a wildcard.
+                    info.agent_address.clone_from(address);
+                    nodes.push((info, client));
+                }
                 Err(what) => problems.push(Problem {
                     node: format!("at {address}"),
                     what,

@@ -55,15 +55,16 @@ impl Drop for Offer {
 }
 
 impl Agent {
-    /// Offers the target built for `restore_id` at `path` to the agents
-    /// (`FetchTarget`) until the returned offer is dropped; the source the
-    /// coordinator hands them names this node.
+    /// Offers the target built for `restore_id` at `path` (its SHA-256
+    /// and size) to the agents (`FetchTarget`) until the returned offer is
+    /// dropped; the source the coordinator hands them names this node at
+    /// `served_by`.
     pub fn offer_target(
         self: &Arc<Self>,
         restore_id: &str,
         path: &Path,
-        sha256: String,
-        size: u64,
+        (sha256, size): (String, u64),
+        served_by: String,
     ) -> (Offer, pb::SnapshotSource) {
         if let Ok(mut t) = self.shelf.targets.lock() {
             t.insert(restore_id.to_owned(), path.to_owned());
@@ -74,13 +75,19 @@ impl Agent {
             size_bytes: size,
             snapshot_id: String::new(),
             raw_size_bytes: size,
-            served_by: self.agent_address.clone(),
+            served_by,
         };
         let offer = Offer {
             agent: self.clone(),
             restore_id: restore_id.to_owned(),
         };
         (offer, source)
+    }
+
+    /// The address this agent advertises (`restore.agentAddress`, else the
+    /// gRPC listen address).
+    pub fn address(&self) -> &str {
+        &self.agent_address
     }
 
     /// The client identity this agent calls the coordinator's node with.

@@ -9,10 +9,11 @@
 //! thread whose epoll saw a socket become ready is the one that reads it,
 //! copies, writes and goes back to epoll: nothing else is involved.
 //!
-//! The listener stays with the caller: one acceptor hands each new
-//! connection to the thread with the fewest live connections (ties rotate),
-//! so long-lived connections (watches, `kubectl logs -f`) spread evenly
-//! instead of landing wherever a wake-up happened to come first.
+//! Each thread normally accepts on a listener of its own
+//! ([`super::listeners`]) and serves what it accepts ([`Workers::run_on`]).
+//! Only when those listeners cannot be opened does one acceptor hand each
+//! new connection to the thread with the fewest live connections (ties
+//! rotate, [`Workers::spawn`]).
 
 use std::future::Future;
 use std::io;
@@ -82,6 +83,16 @@ impl Workers {
     /// How many threads there are.
     pub(super) fn len(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Runs `task` on thread `i` (modulo their number); its result comes
+    /// back through the handle, which any runtime may await.
+    pub(super) fn run_on<T: Send + 'static>(
+        &self,
+        i: usize,
+        task: impl Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        self.workers[i % self.workers.len()].handle.spawn(task)
     }
 
     /// Runs `connection` on the thread with the fewest live connections.
@@ -179,6 +190,21 @@ mod tests {
                 loads(&workers)
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A task given to thread `i` runs there and its result comes back.
+    #[tokio::test]
+    async fn run_on_runs_on_the_named_thread() {
+        let workers = Workers::start(2).unwrap();
+        for i in 0..2 {
+            let name = workers
+                .run_on(i, async {
+                    std::thread::current().name().map(str::to_owned)
+                })
+                .await
+                .unwrap();
+            assert_eq!(name.as_deref(), Some(format!("proxy-{i}").as_str()));
         }
     }
 

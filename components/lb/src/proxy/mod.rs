@@ -405,6 +405,7 @@ impl Accepting<'_> {
                 let (address, shared) = (self.address.to_owned(), self.shared.clone());
                 let (limit, tracker) = (self.limit.clone(), self.tracker.clone());
                 let stop = stop.clone();
+                let pool = workers.pool();
                 workers.run_on(i, async move {
                     let listener = register(l).map_err(|source| ProxyError::Listener {
                         address: address.clone(),
@@ -412,7 +413,7 @@ impl Accepting<'_> {
                     });
                     let result = match listener {
                         Ok(l) => {
-                            let mut here = Spawner::Here;
+                            let mut here = Spawner::Here(pool, i);
                             accept_loop(&l, &address, &shared, &limit, &tracker, &mut here, &stop)
                                 .await
                         }
@@ -475,8 +476,9 @@ impl Accepting<'_> {
 
 /// Where an accepted connection runs.
 enum Spawner<'a> {
-    /// On the accepting data-path thread itself.
-    Here,
+    /// On the accepting data-path thread (the pool's thread `usize`), or
+    /// on the least-loaded one when it is the busier.
+    Here(workers::Pool, usize),
     /// On the least-loaded data-path thread.
     HandOff(&'a mut Workers),
 }
@@ -484,9 +486,7 @@ enum Spawner<'a> {
 impl Spawner<'_> {
     fn spawn(&mut self, connection: impl std::future::Future<Output = ()> + Send + 'static) {
         match self {
-            Spawner::Here => {
-                tokio::spawn(connection);
-            }
+            Spawner::Here(pool, i) => pool.spawn_near(*i, connection),
             Spawner::HandOff(workers) => workers.spawn(connection),
         }
     }

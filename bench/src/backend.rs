@@ -1,9 +1,12 @@
-//! HTTPS backends for the data-path bench: hyper over rustls with a fresh
-//! self-signed ECDSA certificate, serving `/small` (a short body) and
-//! `/64k` (65 536 bytes) from static memory. They terminate TLS, like an
-//! apiserver, so the proxies in front of them only pass bytes through.
+//! HTTPS backends for the benches: hyper over rustls with a fresh
+//! self-signed ECDSA certificate, serving `/small` (a short body), `/64k`
+//! (65 536 bytes) and `/87k` (87 KiB, the size of the outside run's
+//! responses) from static memory. They terminate TLS, like an apiserver,
+//! so the proxies in front of them only pass bytes through; `--plain`
+//! serves the same over plain HTTP.
 //!
-//! A stand-in until the testkit's fixture apiserver can take its place.
+//! `bulwark-bench datapath` uses nginx by default and this server with
+//! `--backend builtin`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// Body of `/small`: about the size of a small apiserver answer.
-const SMALL: &[u8] = b"{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"status\":\"Success\",\"code\":200,\"message\":\"ok\"}\n";
+pub(crate) const SMALL: &[u8] = b"{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"status\":\"Success\",\"code\":200,\"message\":\"ok\"}\n";
 
 /// Flags of the internal `backend` subcommand.
 #[derive(clap::Args)]
@@ -35,7 +38,13 @@ pub struct Args {
     /// Key of `--cert` (PEM).
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    /// Serve plain HTTP instead of HTTPS.
+    #[arg(long, conflicts_with_all = ["cert", "key"])]
+    plain: bool,
 }
+
+/// Body size of `/87k`.
+pub(crate) const BODY_87K: usize = 87 * 1024;
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     bulwark_common::tls::install_crypto_provider();
@@ -61,7 +70,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
-    let big: &'static [u8] = Box::leak(vec![b'x'; 64 * 1024].into_boxed_slice());
+    let acceptor = (!args.plain).then_some(acceptor);
+    let big: &'static [u8] = Box::leak(vec![b'x'; BODY_87K].into_boxed_slice());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads)
         .enable_all()
@@ -82,12 +92,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                     let _ = tcp.set_nodelay(true);
                     let acceptor = acceptor.clone();
                     tokio::spawn(async move {
-                        let Ok(tls) = acceptor.accept(tcp).await else {
-                            return;
-                        };
                         let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                             let body = match req.uri().path() {
-                                "/64k" => Bytes::from_static(big),
+                                "/64k" => Bytes::from_static(&big[..64 * 1024]),
+                                "/87k" => Bytes::from_static(big),
                                 _ => Bytes::from_static(SMALL),
                             };
                             async move {
@@ -96,9 +104,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                                 )))
                             }
                         });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(tls), svc)
-                            .await;
+                        let http = hyper::server::conn::http1::Builder::new();
+                        let _ = match acceptor {
+                            Some(acceptor) => {
+                                let Ok(tls) = acceptor.accept(tcp).await else {
+                                    return;
+                                };
+                                http.serve_connection(TokioIo::new(tls), svc).await
+                            }
+                            None => http.serve_connection(TokioIo::new(tcp), svc).await,
+                        };
                     });
                 }
             }));

@@ -1,8 +1,15 @@
-//! Scenario `datapath`: HTTPS through TLS passthrough, measured with `wrk`
+//! Scenario `datapath`: HTTP(S) through an L4 proxy, measured with `wrk`
 //! against (a) one backend directly, (b) HAProxy in mode tcp, (c) bulwark's
-//! proxy, all in front of the same backends, in one invocation. Three
-//! workloads: small keep-alive, 64 KiB keep-alive, and a new connection (so
-//! a new TLS handshake and a new proxied TCP connection) per request.
+//! proxy, all in front of the same backends, in one invocation.
+//!
+//! The workloads are the shapes of the independent run quoted in issue 19
+//! (wrk, 1 thread, 32 connections, nginx backends): small keep-alive over
+//! TLS, an 87 KiB body over TLS keep-alive, and a new connection per
+//! request with `Connection: close`, both plain and with a new TLS
+//! connection each time (TLS passed through to a TLS backend, as bulwark
+//! does for the apiserver). Plain and TLS backends are separate stacks
+//! (nginx, HAProxy and each bulwark contender started afresh for each), as
+//! bulwark's listener routes to one backend set.
 //!
 //! Runs alternate the contenders' order so slow drift (thermal, noisy
 //! neighbours) does not favour one; each figure is the median of the runs.
@@ -32,14 +39,21 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// wrk threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     wrk_threads: usize,
     /// wrk connections (keep-alive workloads).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 32)]
     connections: usize,
-    /// wrk connections for the connection-per-request workload.
-    #[arg(long, default_value_t = 16)]
+    /// wrk connections for the connection-per-request workloads.
+    #[arg(long, default_value_t = 32)]
     close_connections: usize,
+    /// The backends: `nginx` (as the outside run) or `builtin` (this
+    /// binary's hyper server).
+    #[arg(long, value_enum, default_value_t = BackendKind::Nginx)]
+    backend: BackendKind,
+    /// nginx binary (`--backend nginx`).
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx: PathBuf,
     /// Threads of each proxy (HAProxy nbthread, bulwark's runtime workers).
     #[arg(long, default_value_t = 2)]
     proxy_threads: usize,
@@ -73,9 +87,16 @@ pub struct Args {
     /// wrk binary.
     #[arg(long, default_value = "/usr/bin/wrk")]
     wrk: PathBuf,
-    /// Where to write `<date>-datapath.md` and `.json`.
+    /// Where to write `<date>-datapath[-<tag>].md` and `.json`.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    /// Run only the workloads whose name contains one of these (repeatable;
+    /// e.g. `87 KiB`, `new TLS`); default: all.
+    #[arg(long = "workload")]
+    workloads: Vec<String>,
+    /// Suffix of the result files' names (e.g. `before-after`).
+    #[arg(long)]
+    tag: Option<String>,
     /// Print the table only; write no files.
     #[arg(long)]
     no_write: bool,
@@ -83,27 +104,46 @@ pub struct Args {
 
 const BACKENDS: usize = 3;
 
+/// Which server the backends are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BackendKind {
+    Nginx,
+    Builtin,
+}
+
 struct Workload {
     name: &'static str,
     path: &'static str,
+    /// A new connection per request (`Connection: close`).
     close: bool,
+    /// HTTPS (TLS passed through) rather than plain HTTP.
+    tls: bool,
 }
 
-const WORKLOADS: [Workload; 3] = [
+const WORKLOADS: [Workload; 4] = [
     Workload {
-        name: "small keep-alive",
+        name: "small keep-alive (TLS)",
         path: "/small",
         close: false,
+        tls: true,
     },
     Workload {
-        name: "64 KiB keep-alive",
-        path: "/64k",
+        name: "87 KiB keep-alive (TLS)",
+        path: "/87k",
         close: false,
+        tls: true,
     },
     Workload {
-        name: "new connection per request",
+        name: "new TLS connection per request",
         path: "/small",
         close: true,
+        tls: true,
+    },
+    Workload {
+        name: "new connection per request (plain)",
+        path: "/small",
+        close: true,
+        tls: false,
     },
 ];
 
@@ -264,6 +304,11 @@ struct Sample {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// wrk's per-thread latency statistics (mean, standard deviation and
+    /// maximum; with one wrk thread, of every request).
+    avg_ms: f64,
+    stdev_ms: f64,
+    max_ms: f64,
     errors: u64,
     /// CPU time (user + system, all threads) the contender's process spent
     /// per request during the run, µs; `None` for `direct`.
@@ -288,10 +333,19 @@ fn parse_wrk(out: &str) -> anyhow::Result<Sample> {
     let mut rps = None;
     let mut p50 = None;
     let mut p99 = None;
+    let mut stats = None;
     let mut errors = 0u64;
     for line in out.lines() {
         let t = line.trim();
-        if let Some(v) = t.strip_prefix("Requests/sec:") {
+        if let Some(v) = t.strip_prefix("Latency")
+            && !v.trim_start().starts_with("Distribution")
+        {
+            // "Latency   631.06us  218.09us   5.36ms   83.02%"
+            let f: Vec<Option<f64>> = v.split_whitespace().take(3).map(parse_latency).collect();
+            if let [Some(avg), Some(sd), Some(max)] = f[..] {
+                stats = Some((avg, sd, max));
+            }
+        } else if let Some(v) = t.strip_prefix("Requests/sec:") {
             rps = v.trim().parse::<f64>().ok();
         } else if let Some(v) = t.strip_prefix("50%") {
             p50 = parse_latency(v);
@@ -307,11 +361,14 @@ fn parse_wrk(out: &str) -> anyhow::Result<Sample> {
             errors += v.trim().parse::<u64>().unwrap_or(0);
         }
     }
-    match (rps, p50, p99) {
-        (Some(rps), Some(p50_ms), Some(p99_ms)) => Ok(Sample {
+    match (rps, p50, p99, stats) {
+        (Some(rps), Some(p50_ms), Some(p99_ms), Some((avg_ms, stdev_ms, max_ms))) => Ok(Sample {
             rps,
             p50_ms,
             p99_ms,
+            avg_ms,
+            stdev_ms,
+            max_ms,
             errors,
             cpu_us_per_req: None,
         }),
@@ -326,6 +383,12 @@ struct Row {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Median over the runs of each run's mean, standard deviation and
+    /// maximum latency, and the largest maximum of any run.
+    avg_ms: f64,
+    stdev_ms: f64,
+    max_ms: f64,
+    worst_max_ms: f64,
     errors: u64,
     rps_ratio_to_haproxy: Option<f64>,
     p99_ratio_to_haproxy: Option<f64>,
@@ -362,16 +425,30 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let load_before = loadavg();
     let dir = tempfile::tempdir().context("creating a temp dir")?;
-    let mut stack = Stack::start(args, &exe, dir.path())?;
-    let targets = stack.targets();
-    let samples = measure(args, &targets)?;
-    stack.check_alive()?;
-    let rows = rows(&samples, &targets);
+    let mut samples = Samples::new();
+    let mut names = Vec::new();
+    // One stack per scheme: bulwark's listener routes to one backend set.
+    for tls in [true, false] {
+        if !WORKLOADS.iter().any(|w| w.tls == tls && selected(args, w)) {
+            continue;
+        }
+        let sub = dir.path().join(if tls { "tls" } else { "plain" });
+        std::fs::create_dir_all(&sub)?;
+        let mut stack = Stack::start(args, &exe, &sub, tls)?;
+        let targets = stack.targets();
+        measure(args, &targets, tls, &mut samples)?;
+        stack.check_alive()?;
+        names = targets.into_iter().map(|t| t.name).collect();
+    }
+    let rows = rows(&samples, &names);
 
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let mut machine = crate::stats::machine();
     machine.insert("haproxy".into(), tool_version("haproxy", "-v"));
     machine.insert("wrk".into(), tool_version("wrk", "-v"));
+    if args.backend == BackendKind::Nginx {
+        machine.insert("nginx".into(), tool_version("nginx", "-v"));
+    }
     machine.insert("loadavg_before".into(), load_before);
     machine.insert("loadavg_after".into(), loadavg());
     let report = Report {
@@ -379,17 +456,26 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         machine,
         settings: settings(args),
-        note: "bulwark = the bulwark-lb binary (a one-node cluster: Raft, store and API \
-               running; the contender is its node-local listener), with the backends \
-               seeded from its configuration."
-            .into(),
+        note: format!(
+            "bulwark = the bulwark-lb binary (a one-node cluster: Raft, store and API \
+             running; the contender is its node-local listener), with the backends \
+             seeded from its configuration. Backends: {}.",
+            match args.backend {
+                BackendKind::Nginx => "nginx (three servers in one nginx)",
+                BackendKind::Builtin => "bulwark-bench's hyper server",
+            }
+        ),
         rows,
+    };
+    let scenario = match &args.tag {
+        Some(t) => format!("datapath-{t}"),
+        None => "datapath".into(),
     };
     publish(
         &args.out,
         args.no_write,
         &date,
-        "datapath",
+        &scenario,
         &markdown(&report),
         &report,
     )
@@ -398,7 +484,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// Every process of one datapath run (killed when dropped): the backends,
 /// HAProxy and each bulwark contender, all in front of the same backends.
 struct Stack {
-    backend: Proc,
+    backend: Backends,
     backend_addrs: Vec<SocketAddr>,
     haproxy: Proc,
     haproxy_addr: SocketAddr,
@@ -414,8 +500,9 @@ struct Target {
 }
 
 impl Stack {
-    fn start(args: &Args, exe: &Path, dir: &Path) -> anyhow::Result<Self> {
-        let (backend, backend_addrs) = start_backends(args, exe, dir)?;
+    /// Backends over TLS (`tls`) or plain HTTP, and the proxies in front.
+    fn start(args: &Args, exe: &Path, dir: &Path, tls: bool) -> anyhow::Result<Self> {
+        let (backend, backend_addrs) = start_backends(args, exe, dir, tls)?;
         let (haproxy, haproxy_addr) = start_haproxy(args, dir, &backend_addrs)?;
         let mut contenders = Vec::new();
         for (name, bin, buffered) in variants(args, exe) {
@@ -458,7 +545,7 @@ impl Stack {
     /// A contender that died mid-run would have made its figures (and the
     /// others', through the shared backends) meaningless.
     fn check_alive(&mut self) -> anyhow::Result<()> {
-        for p in [&mut self.backend, &mut self.haproxy]
+        for p in [&mut self.backend.proc, &mut self.haproxy]
             .into_iter()
             .chain(self.contenders.iter_mut().map(|(_, _, p)| p))
         {
@@ -470,22 +557,121 @@ impl Stack {
     }
 }
 
-fn start_backends(args: &Args, exe: &Path, dir: &Path) -> anyhow::Result<(Proc, Vec<SocketAddr>)> {
+/// The backends' process. nginx is stopped with SIGTERM first: its
+/// workers outlive a master killed with SIGKILL, still listening.
+struct Backends {
+    proc: Proc,
+    graceful: bool,
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        if !self.graceful {
+            return;
+        }
+        let pid = self.proc.child.id();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn start_backends(
+    args: &Args,
+    exe: &Path,
+    dir: &Path,
+    tls: bool,
+) -> anyhow::Result<(Backends, Vec<SocketAddr>)> {
     let addrs: Vec<SocketAddr> = (0..BACKENDS)
         .map(|_| free_port())
         .collect::<anyhow::Result<_>>()?;
-    let mut cmd = pinned(&args.cpus_backend, exe);
-    cmd.arg("backend")
-        .arg("--threads")
-        .arg(args.backend_threads.to_string());
+    let cmd = match args.backend {
+        BackendKind::Nginx => {
+            let cfg = nginx_files(dir, &addrs, args.backend_threads, tls)?;
+            let mut cmd = pinned(&args.cpus_backend, &args.nginx);
+            cmd.arg("-p").arg(dir).arg("-c").arg(cfg);
+            cmd
+        }
+        BackendKind::Builtin => {
+            let mut cmd = pinned(&args.cpus_backend, exe);
+            cmd.arg("backend")
+                .arg("--threads")
+                .arg(args.backend_threads.to_string());
+            if !tls {
+                cmd.arg("--plain");
+            }
+            for a in &addrs {
+                cmd.arg("--listen").arg(a.to_string());
+            }
+            cmd
+        }
+    };
+    let mut backend = Backends {
+        proc: spawn("backends", cmd, &dir.join("backends.log"))?,
+        graceful: args.backend == BackendKind::Nginx,
+    };
     for a in &addrs {
-        cmd.arg("--listen").arg(a.to_string());
-    }
-    let mut backend = spawn("backends", cmd, &dir.join("backends.log"))?;
-    for a in &addrs {
-        wait_listening(&mut backend, *a)?;
+        wait_listening(&mut backend.proc, *a)?;
     }
     Ok((backend, addrs))
+}
+
+/// Writes nginx's configuration, certificate and bodies under `dir`: one
+/// server per address, serving `/small` and `/87k` as static files, over
+/// TLS (a fresh self-signed ECDSA certificate, as an apiserver's) or plain.
+fn nginx_files(
+    dir: &Path,
+    addrs: &[SocketAddr],
+    workers: usize,
+    tls: bool,
+) -> anyhow::Result<PathBuf> {
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    std::fs::write(www.join("small"), crate::backend::SMALL)?;
+    std::fs::write(www.join("87k"), vec![b'x'; crate::backend::BODY_87K])?;
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .context("generating the backends' certificate")?;
+    std::fs::write(dir.join("backend.crt"), key.cert.pem())?;
+    std::fs::write(dir.join("backend.key"), key.signing_key.serialize_pem())?;
+    let d = dir.display();
+    let mut servers = String::new();
+    for a in addrs {
+        let ssl = if tls { " ssl" } else { "" };
+        let _ = writeln!(servers, "    server {{\n        listen {a}{ssl};");
+        if tls {
+            let _ = writeln!(
+                servers,
+                "        ssl_certificate {d}/backend.crt;\n        ssl_certificate_key {d}/backend.key;"
+            );
+        }
+        let _ = writeln!(
+            servers,
+            "        root {d}/www;\n        default_type application/json;\n    }}"
+        );
+    }
+    // Runs as root (the temp dir is private to root); no access log, as
+    // the outside run's backends would only have spent CPU on it.
+    let cfg = format!(
+        "daemon off;\nuser root;\nworker_processes {workers};\npid {d}/nginx.pid;\n\
+         error_log {d}/nginx-error.log warn;\n\
+         events {{\n    worker_connections 8192;\n}}\n\
+         http {{\n    access_log off;\n    sendfile on;\n    tcp_nodelay on;\n\
+         \x20   keepalive_requests 1000000;\n    keepalive_timeout 120s;\n\
+         \x20   client_body_temp_path {d}/tmp;\n    proxy_temp_path {d}/tmp;\n\
+         \x20   fastcgi_temp_path {d}/tmp;\n    uwsgi_temp_path {d}/tmp;\n    scgi_temp_path {d}/tmp;\n\
+         {servers}}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, cfg)?;
+    Ok(path)
 }
 
 fn start_haproxy(
@@ -523,17 +709,30 @@ fn variants(args: &Args, exe: &Path) -> Vec<(String, PathBuf, bool)> {
 /// Every (workload, contender) sample of every run.
 type Samples = BTreeMap<(usize, String), Vec<Sample>>;
 
-fn measure(args: &Args, targets: &[Target]) -> anyhow::Result<Samples> {
-    let mut samples = Samples::new();
+fn selected(args: &Args, w: &Workload) -> bool {
+    args.workloads.is_empty() || args.workloads.iter().any(|s| w.name.contains(s.as_str()))
+}
+
+/// Runs the workloads of one scheme (`tls` or plain) against `targets`.
+fn measure(
+    args: &Args,
+    targets: &[Target],
+    tls: bool,
+    samples: &mut Samples,
+) -> anyhow::Result<()> {
     for run in 0..args.runs {
-        for (wi, w) in WORKLOADS.iter().enumerate() {
+        for (wi, w) in WORKLOADS
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.tls == tls && selected(args, w))
+        {
             // Rotate the order every run: no contender always goes first.
             let n = targets.len();
             for k in 0..n {
                 let target = &targets[(k + run) % n];
                 let s = wrk(args, w, target)?;
                 eprintln!(
-                    "run {}/{} {:<28} {:<18} {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {}  cpu {}",
+                    "run {}/{} {:<34} {:<18} {:>8.0} req/s  p50 {:>6.3}  p99 {:>6.3}  max {:>7.2} ms  errors {}  cpu {}",
                     run + 1,
                     args.runs,
                     w.name,
@@ -541,6 +740,7 @@ fn measure(args: &Args, targets: &[Target]) -> anyhow::Result<Samples> {
                     s.rps,
                     s.p50_ms,
                     s.p99_ms,
+                    s.max_ms,
                     s.errors,
                     s.cpu_us_per_req
                         .map(|c| format!("{c:.1} µs/req"))
@@ -553,7 +753,7 @@ fn measure(args: &Args, targets: &[Target]) -> anyhow::Result<Samples> {
             }
         }
     }
-    Ok(samples)
+    Ok(())
 }
 
 /// One wrk run of workload `w` against `target`, with the CPU time its
@@ -575,7 +775,8 @@ fn wrk(args: &Args, w: &Workload, target: &Target) -> anyhow::Result<Sample> {
     if w.close {
         cmd.arg("-H").arg("Connection: close");
     }
-    cmd.arg(format!("https://{}{}", target.addr, w.path));
+    let scheme = if w.tls { "https" } else { "http" };
+    cmd.arg(format!("{scheme}://{}{}", target.addr, w.path));
     let cpu_before = target.pid.map(cpu_seconds).transpose()?;
     let started = Instant::now();
     let out = cmd.output().context("running wrk")?;
@@ -604,9 +805,13 @@ fn wrk(args: &Args, w: &Workload, target: &Target) -> anyhow::Result<Sample> {
 
 /// One row per (workload, contender): medians over the runs and the ratios
 /// to HAProxy's medians in the same run.
-fn rows(samples: &Samples, targets: &[Target]) -> Vec<Row> {
+fn rows(samples: &Samples, names: &[String]) -> Vec<Row> {
     let mut rows = Vec::new();
-    for (wi, w) in WORKLOADS.iter().enumerate() {
+    for (wi, w) in WORKLOADS.iter().enumerate().filter(|(wi, _)| {
+        names
+            .iter()
+            .any(|n| samples.contains_key(&(*wi, n.clone())))
+    }) {
         let get = |name: &str| {
             samples
                 .get(&(wi, name.to_owned()))
@@ -621,7 +826,7 @@ fn rows(samples: &Samples, targets: &[Target]) -> Vec<Row> {
             (!c.is_empty()).then(|| median(c))
         };
         let ha_cpu = cpu(&ha);
-        for Target { name, .. } in targets {
+        for name in names {
             let v = get(name);
             let rps = med(&v, |s| s.rps);
             let p99 = med(&v, |s| s.p99_ms);
@@ -632,6 +837,10 @@ fn rows(samples: &Samples, targets: &[Target]) -> Vec<Row> {
                 rps,
                 p50_ms: med(&v, |s| s.p50_ms),
                 p99_ms: p99,
+                avg_ms: med(&v, |s| s.avg_ms),
+                stdev_ms: med(&v, |s| s.stdev_ms),
+                max_ms: med(&v, |s| s.max_ms),
+                worst_max_ms: v.iter().map(|s| s.max_ms).fold(0.0, f64::max),
                 errors: v.iter().map(|s| s.errors).sum(),
                 rps_ratio_to_haproxy: (!is_ha).then(|| rps / ha_rps),
                 p99_ratio_to_haproxy: (!is_ha).then(|| p99 / ha_p99),
@@ -665,6 +874,15 @@ fn settings(args: &Args) -> BTreeMap<String, String> {
         ("close_connections", args.close_connections.to_string()),
         ("proxy_threads", args.proxy_threads.to_string()),
         ("backend_threads", args.backend_threads.to_string()),
+        ("workloads", args.workloads.join(" | ")),
+        (
+            "backend",
+            match args.backend {
+                BackendKind::Nginx => "nginx",
+                BackendKind::Builtin => "builtin",
+            }
+            .to_owned(),
+        ),
         ("cpus_load", args.cpus_load.clone()),
         ("cpus_backend", args.cpus_backend.clone()),
         ("cpus_proxy", args.cpus_proxy.clone()),
@@ -682,7 +900,8 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(
         s,
         "Figures are medians of {} alternating runs; ratios are to HAProxy \
-         (throughput: higher is better, ≥ 1.0 is the target; p99: lower is better, ≤ 1.0 is the target). \
+         (throughput: higher is better, ≥ 1.1 is issue 19's target; p99: lower is better, ≤ 1.0 is the \
+         target; CPU per request: ≤ 0.9 is the target). \
          CPU is the user + system time of the proxy's process (all threads) per request, from \
          /proc/<pid>/stat around each wrk run: it does not depend on what else the machine runs, \
          unlike throughput on a shared 2-core machine, where the load generator, the backends and \
@@ -691,19 +910,26 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "| workload | contender | req/s | p50 ms | p99 ms | errors | CPU µs/req | req/s ÷ HAProxy | p99 ÷ HAProxy | CPU ÷ HAProxy |"
+        "| workload | contender | req/s | p50 ms | p99 ms | avg ms | sd ms | max ms (median / worst) | errors | CPU µs/req | req/s ÷ HAProxy | p99 ÷ HAProxy | CPU ÷ HAProxy |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for row in &r.rows {
         let ratio = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "—".into());
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {:.3} | {:.3} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} / {:.2} | {} | {} | {} | {} | {} |",
             row.workload,
             row.contender,
             row.rps,
             row.p50_ms,
             row.p99_ms,
+            row.avg_ms,
+            row.stdev_ms,
+            row.max_ms,
+            row.worst_max_ms,
             row.errors,
             row.cpu_us_per_req
                 .map(|c| format!("{c:.1}"))
@@ -772,6 +998,9 @@ mod tests {
     fn reads_wrk_output() {
         let out = "Running 1s test @ https://127.0.0.1:1/small
   2 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   631.06us  218.09us   5.36ms   83.02%
+    Req/Sec     7.80k   311.65     8.41k    70.00%
   Latency Distribution
      50%  520.00us
      75%  600.00us
@@ -787,6 +1016,9 @@ Transfer/sec:    100.00KB
         assert!((s.p50_ms - 0.52).abs() < 1e-9);
         assert!((s.p99_ms - 2.5).abs() < 1e-9);
         assert_eq!(s.errors, 6);
+        assert!((s.avg_ms - 0.63106).abs() < 1e-9);
+        assert!((s.stdev_ms - 0.21809).abs() < 1e-9);
+        assert!((s.max_ms - 5.36).abs() < 1e-9);
         assert!(parse_wrk("garbage").is_err());
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
     }

@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install test and benchmark dependencies: Debian packages (etcd 3.4,
-    /// haproxy, keepalived, wrk, iproute2, nftables, kubectl) and, under
+    /// haproxy, keepalived, wrk, nginx, iproute2, nftables, kubectl) and, under
     /// `.tools/`, etcd 3.5.1 and the moto S3 server in a Python venv.
     Setup(setup::SetupArgs),
     /// Setup, `cargo fmt --check`, `cargo clippy -D warnings`, then every

@@ -11,8 +11,8 @@
 //! - `stamp`: what was installed, so a second run does nothing.
 //!
 //! Debian packages (installed with apt when missing, as root): etcd 3.4 for
-//! the older restore path, HAProxy, keepalived and wrk as benchmark
-//! baselines, iproute2/nftables/iptables/ping for network-namespace tests,
+//! the older restore path, HAProxy, keepalived, wrk and nginx (the datapath
+//! bench's backends) as benchmark baselines, iproute2/nftables/iptables/ping for network-namespace tests,
 //! Prometheus (server and promtool) for the monitoring rules and scrape test,
 //! protoc for etcd-client's build, and kubectl (`kubernetes-client`) when no
 //! kubectl is on the PATH.
@@ -41,6 +41,8 @@ const DEBIAN: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     ("keepalived", "/usr/sbin/keepalived"),
     ("wrk", "/usr/bin/wrk"),
+    // The backends of `bulwark-bench datapath` (as in the outside run).
+    ("nginx", "/usr/sbin/nginx"),
     ("procps", "/usr/bin/pgrep"),
     // etcd-client's build script compiles etcd's protos with protoc, which
     // needs the well-known types (google/protobuf/*.proto) beside it.
@@ -133,7 +135,7 @@ fn debian(args: &SetupArgs) -> anyhow::Result<()> {
     result?;
     // Some maintainer scripts start the daemon regardless; a system etcd on
     // the default ports would confuse anyone debugging a test.
-    for daemon in ["etcd", "haproxy", "keepalived", "prometheus"] {
+    for daemon in ["etcd", "haproxy", "keepalived", "nginx", "prometheus"] {
         let _ = Command::new("pkill").args(["-x", daemon]).status();
     }
     Ok(())

@@ -36,6 +36,7 @@ mod config;
 mod conn;
 mod copy;
 mod gate;
+mod listeners;
 mod splice;
 mod workers;
 
@@ -138,9 +139,10 @@ struct Shared {
 /// rest and returns. Errors only when the listener itself is unusable or
 /// the data-path threads cannot start.
 ///
-/// Accepting runs on the caller's runtime; the connections run on
-/// `proxy.workers` threads of their own ([`workers`]), which stop when this
-/// returns (or its future is dropped, which closes open connections).
+/// The connections run on `proxy.workers` threads of their own
+/// ([`workers`]), each accepting on its own listener on the same address
+/// ([`listeners`]), which stop when this returns (or its future is
+/// dropped, which closes open connections).
 ///
 /// Metric handles are resolved here: install the metrics recorder
 /// (`bulwark_common::telemetry::metrics_handle()`) before calling it.
@@ -215,21 +217,22 @@ async fn serve_until(
         address: address.clone(),
         source,
     })?;
-    // Accept without registering the new sockets here: each is registered
-    // once, by the thread that will serve it.
-    let listener = listener
-        .into_std()
-        .and_then(|l| {
-            // SAFETY: the std listener owns its descriptor, and the AsyncFd
-            // owns the listener until it is dropped, so the descriptor stays
-            // open and the same for the AsyncFd's whole life.
-            unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) }
-                .map_err(io::Error::from)
-        })
-        .map_err(|source| ProxyError::Listener {
-            address: address.clone(),
-            source,
-        })?;
+    let listener = listener.into_std().map_err(|source| ProxyError::Listener {
+        address: address.clone(),
+        source,
+    })?;
+    let listeners = match listeners::per_thread(listener, workers.len()) {
+        Ok(all) => all,
+        Err((one, e)) => {
+            tracing::warn!(listener = %address, error = %e, "cannot open a listener per data-path thread; one acceptor hands connections to the threads");
+            vec![one]
+        }
+    };
+    let inherit = inherit
+        && listeners[1..]
+            .iter()
+            .all(|l| set_listener_options(l, keepalive.as_ref()).is_ok());
+    let per_thread = listeners.len() == workers.len();
     // Resets on release, and on shutdown a grace first: bind mode's front
     // only serves while held, so its shutdown is a release.
     let (reset_on_close, grace_on_shutdown) = match front {
@@ -255,21 +258,23 @@ async fn serve_until(
     });
     let limit = Arc::new(Semaphore::new(shared.config.max_connections as usize));
     let tracker = TaskTracker::new();
-    tracing::info!(listener = %address, threads = workers.len(), routing = shared.backends.mode().as_str(), "proxy listening");
+    tracing::info!(listener = %address, threads = workers.len(), per_thread, routing = shared.backends.mode().as_str(), "proxy listening");
 
-    let result = accept_loop(
-        &listener,
-        &address,
-        &shared,
-        &limit,
-        &tracker,
-        &mut workers,
-        &shutdown,
-    )
-    .await;
-    // Stop accepting at once: the kernel refuses new connects from here on
-    // instead of queueing them for a listener nobody reads.
-    drop(listener);
+    let accepting = Accepting {
+        address: &address,
+        shared: &shared,
+        limit: &limit,
+        tracker: &tracker,
+        shutdown: &shutdown,
+    };
+    // Each loop drops its listener when it returns: the kernel refuses new
+    // connects from then on instead of queueing them for a listener
+    // nobody reads.
+    let result = if per_thread {
+        accepting.on_every_thread(listeners, &workers).await
+    } else {
+        accepting.handing_off(listeners, &mut workers).await
+    };
 
     tracker.close();
     if !grace_on_shutdown {
@@ -316,7 +321,7 @@ fn check_descriptor_limit(address: &str, config: &ProxyConfig) {
 }
 
 fn set_listener_options(
-    listener: &TcpListener,
+    listener: &impl std::os::fd::AsFd,
     keepalive: Option<&socket2::TcpKeepalive>,
 ) -> io::Result<()> {
     let sock = socket2::SockRef::from(listener);
@@ -327,17 +332,14 @@ fn set_listener_options(
     Ok(())
 }
 
-/// `accept4(2)` once the listener is readable: the new socket comes back
-/// non-blocking and close-on-exec in one call, ready for its thread to
-/// register.
-async fn accept(listener: &AsyncFd<std::net::TcpListener>) -> io::Result<std::net::TcpStream> {
-    loop {
-        let mut ready = listener.readable().await?;
-        match ready.try_io(|l| accept_nonblocking(l.get_ref())) {
-            Ok(result) => return result,
-            Err(_would_block) => continue,
-        }
-    }
+/// Registers a listener with the current thread's runtime, for readiness
+/// only: accepted sockets are registered by the thread that serves them.
+fn register(l: std::net::TcpListener) -> io::Result<AsyncFd<std::net::TcpListener>> {
+    // SAFETY: the std listener owns its descriptor, and the AsyncFd owns
+    // the listener until it is dropped, so the descriptor stays open and
+    // the same for the AsyncFd's whole life.
+    unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
 }
 
 fn accept_nonblocking(listener: &std::net::TcpListener) -> io::Result<std::net::TcpStream> {
@@ -378,44 +380,134 @@ async fn connection(
     conn::handle(shared, client, permit, close).await;
 }
 
+/// What every accept loop of one listener address shares.
+struct Accepting<'a> {
+    address: &'a str,
+    shared: &'a Arc<Shared>,
+    limit: &'a Arc<Semaphore>,
+    tracker: &'a TaskTracker,
+    shutdown: &'a CancellationToken,
+}
+
+impl Accepting<'_> {
+    /// One accept loop per data-path thread, each on its own listener and
+    /// serving what it accepts. A listener that fails stops all of them.
+    async fn on_every_thread(
+        &self,
+        listeners: Vec<std::net::TcpListener>,
+        workers: &Workers,
+    ) -> Result<(), ProxyError> {
+        let stop = self.shutdown.child_token();
+        let loops: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let (address, shared) = (self.address.to_owned(), self.shared.clone());
+                let (limit, tracker) = (self.limit.clone(), self.tracker.clone());
+                let stop = stop.clone();
+                let pool = workers.pool();
+                workers.run_on(i, async move {
+                    let listener = register(l).map_err(|source| ProxyError::Listener {
+                        address: address.clone(),
+                        source,
+                    });
+                    let result = match listener {
+                        Ok(l) => {
+                            let mut here = Spawner::Here(pool, i);
+                            accept_loop(&l, &address, &shared, &limit, &tracker, &mut here, &stop)
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if result.is_err() {
+                        stop.cancel();
+                    }
+                    result
+                })
+            })
+            .collect();
+        let mut result = Ok(());
+        for l in loops {
+            let r = l.await.unwrap_or_else(|e| {
+                Err(ProxyError::Listener {
+                    address: self.address.to_owned(),
+                    source: io::Error::other(e),
+                })
+            });
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+
+    /// One accept loop on the caller's runtime, handing each connection to
+    /// the least-loaded thread: the fallback when the per-thread listeners
+    /// cannot be opened.
+    async fn handing_off(
+        &self,
+        listeners: Vec<std::net::TcpListener>,
+        workers: &mut Workers,
+    ) -> Result<(), ProxyError> {
+        let mut result = Ok(());
+        for l in listeners {
+            let l = register(l).map_err(|source| ProxyError::Listener {
+                address: self.address.to_owned(),
+                source,
+            })?;
+            let mut spawner = Spawner::HandOff(workers);
+            let r = accept_loop(
+                &l,
+                self.address,
+                self.shared,
+                self.limit,
+                self.tracker,
+                &mut spawner,
+                self.shutdown,
+            )
+            .await;
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
+/// Where an accepted connection runs.
+enum Spawner<'a> {
+    /// On the accepting data-path thread (the pool's thread `usize`), or
+    /// on the least-loaded one when it is the busier.
+    Here(workers::Pool, usize),
+    /// On the least-loaded data-path thread.
+    HandOff(&'a mut Workers),
+}
+
+impl Spawner<'_> {
+    fn spawn(&mut self, connection: impl std::future::Future<Output = ()> + Send + 'static) {
+        match self {
+            Spawner::Here(pool, i) => pool.spawn_near(*i, connection),
+            Spawner::HandOff(workers) => workers.spawn(connection),
+        }
+    }
+}
+
+/// Accepts until `shutdown`. A connection is waited for before a
+/// connection slot (`maxConnections`): with a listener per thread, a slot
+/// held by a loop whose queue is empty would be one that a client queued
+/// on another thread's listener could not get.
 async fn accept_loop(
     listener: &AsyncFd<std::net::TcpListener>,
     address: &str,
     shared: &Arc<Shared>,
     limit: &Arc<Semaphore>,
     tracker: &TaskTracker,
-    workers: &mut Workers,
+    spawner: &mut Spawner<'_>,
     shutdown: &CancellationToken,
 ) -> Result<(), ProxyError> {
     let mut backoff = Backoff::default();
     let mut at_limit = false;
     loop {
-        let permit = match limit.clone().try_acquire_owned() {
-            Ok(p) => {
-                at_limit = false;
-                p
-            }
-            Err(_) => {
-                if !at_limit {
-                    at_limit = true;
-                    shared.metrics.max_connections_reached.increment(1);
-                    tracing::warn!(
-                        listener = address,
-                        max = shared.config.max_connections,
-                        "max connections reached: new clients wait in the accept queue"
-                    );
-                }
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => return Ok(()),
-                    p = limit.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        // The semaphore is never closed.
-                        Err(_) => return Ok(()),
-                    },
-                }
-            }
-        };
         if let Some(gate) = &shared.gate
             && !gate.is_open()
         {
@@ -427,18 +519,33 @@ async fn accept_loop(
                 () = gate.opened() => {}
             }
         }
-        let accepted = tokio::select! {
+        let ready = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
             // Released while waiting: wait for the next holding instead.
             () = until_closed(shared.gate.as_ref()) => continue,
-            r = accept(listener) => r,
+            r = listener.readable() => r,
+        };
+        let mut ready = ready.map_err(|source| ProxyError::Listener {
+            address: address.to_owned(),
+            source,
+        })?;
+        let Some(permit) = slot(address, shared, limit, &mut at_limit, shutdown).await else {
+            return Ok(());
+        };
+        if shared.gate.as_ref().is_some_and(|g| !g.is_open()) {
+            // Released while waiting for a slot.
+            continue;
+        }
+        let Ok(accepted) = ready.try_io(|l| accept_nonblocking(l.get_ref())) else {
+            // Nothing queued after all: the slot goes back.
+            continue;
         };
         match accepted {
             Ok(client) => {
                 backoff.recovered(address);
                 shared.metrics.accepted.increment(1);
-                spawn_connection(shared, tracker, workers, client, permit);
+                spawn_connection(shared, tracker, spawner, client, permit);
             }
             Err(e) => match classify_accept_error(&e) {
                 AcceptError::Connection => {}
@@ -463,6 +570,36 @@ async fn accept_loop(
     }
 }
 
+/// A connection slot, waiting for one while `maxConnections` are open
+/// (the client waits in the accept queue); `None` on shutdown.
+async fn slot(
+    address: &str,
+    shared: &Shared,
+    limit: &Arc<Semaphore>,
+    at_limit: &mut bool,
+    shutdown: &CancellationToken,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(p) = limit.clone().try_acquire_owned() {
+        *at_limit = false;
+        return Some(p);
+    }
+    if !*at_limit {
+        *at_limit = true;
+        shared.metrics.max_connections_reached.increment(1);
+        tracing::warn!(
+            listener = address,
+            max = shared.config.max_connections,
+            "max connections reached: new clients wait in the accept queue"
+        );
+    }
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => None,
+        // The semaphore is never closed.
+        p = limit.clone().acquire_owned() => p.ok(),
+    }
+}
+
 /// Resolves when a gated front's gate closes; never for other listeners.
 async fn until_closed(gate: Option<&FrontGate>) {
     match gate {
@@ -478,7 +615,7 @@ async fn until_closed(gate: Option<&FrontGate>) {
 fn spawn_connection(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
-    workers: &mut Workers,
+    workers: &mut Spawner<'_>,
     client: std::net::TcpStream,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {

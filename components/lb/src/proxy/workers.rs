@@ -9,10 +9,15 @@
 //! thread whose epoll saw a socket become ready is the one that reads it,
 //! copies, writes and goes back to epoll: nothing else is involved.
 //!
-//! The listener stays with the caller: one acceptor hands each new
-//! connection to the thread with the fewest live connections (ties rotate),
-//! so long-lived connections (watches, `kubectl logs -f`) spread evenly
-//! instead of landing wherever a wake-up happened to come first.
+//! Each thread normally accepts on a listener of its own
+//! ([`super::listeners`]) and serves what it accepts ([`Pool::spawn_near`]),
+//! unless it already serves more than one connection beyond the
+//! least-loaded thread: the kernel spreads new connections by a hash, not
+//! by load, and a few dozen long-lived connections (watches, keep-alive
+//! clients) would otherwise land unevenly and leave one thread the busier
+//! for their whole life. Only when the per-thread listeners cannot be
+//! opened does one acceptor hand each new connection to the thread with
+//! the fewest live connections (ties rotate, [`Workers::spawn`]).
 
 use std::future::Future;
 use std::io;
@@ -29,10 +34,55 @@ struct Worker {
     live: Arc<AtomicUsize>,
 }
 
+/// The threads, as the accept loops on them see them.
+#[derive(Clone)]
+pub(super) struct Pool(Arc<[Worker]>);
+
+impl Pool {
+    /// The thread with the fewest live connections, searching from `from`
+    /// (so ties go to `from`), and its count.
+    fn least_loaded(&self, from: usize) -> (usize, usize) {
+        let n = self.0.len();
+        let mut best = (from % n, usize::MAX);
+        for k in 0..n {
+            let i = (from + k) % n;
+            let load = self.0[i].live.load(Ordering::Relaxed);
+            if load < best.1 {
+                best = (i, load);
+            }
+        }
+        best
+    }
+
+    /// Runs `connection` on thread `here` (the one that accepted it), or on
+    /// the least-loaded thread when `here` serves more than one connection
+    /// beyond it.
+    pub(super) fn spawn_near(
+        &self,
+        here: usize,
+        connection: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let here = here % self.0.len();
+        let (best, best_load) = self.least_loaded(here);
+        let mine = self.0[here].live.load(Ordering::Relaxed);
+        let target = if mine <= best_load + 1 { here } else { best };
+        self.spawn_on(target, connection);
+    }
+
+    fn spawn_on(&self, i: usize, connection: impl Future<Output = ()> + Send + 'static) {
+        let worker = &self.0[i];
+        let live = LiveGuard::new(worker.live.clone());
+        worker.handle.spawn(async move {
+            let _live = live;
+            connection.await;
+        });
+    }
+}
+
 /// The threads of one listener. Dropping this stops them: a connection
 /// still open then is closed (serve drops it only after its grace).
 pub(super) struct Workers {
-    workers: Vec<Worker>,
+    workers: Pool,
     /// Where the search for the least-loaded thread starts next time.
     next: usize,
     stop: CancellationToken,
@@ -73,7 +123,7 @@ impl Workers {
             });
         }
         Ok(Self {
-            workers,
+            workers: Pool(workers.into()),
             next: 0,
             stop,
         })
@@ -81,31 +131,31 @@ impl Workers {
 
     /// How many threads there are.
     pub(super) fn len(&self) -> usize {
-        self.workers.len()
+        self.workers.0.len()
+    }
+
+    /// The threads, for the accept loops that run on them.
+    pub(super) fn pool(&self) -> Pool {
+        self.workers.clone()
+    }
+
+    /// Runs `task` on thread `i` (modulo their number); its result comes
+    /// back through the handle, which any runtime may await.
+    pub(super) fn run_on<T: Send + 'static>(
+        &self,
+        i: usize,
+        task: impl Future<Output = T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        self.workers.0[i % self.len()].handle.spawn(task)
     }
 
     /// Runs `connection` on the thread with the fewest live connections.
     /// The future is first polled there, so a socket it registers (e.g.
     /// `TcpStream::from_std` at its start) belongs to that thread's runtime.
     pub(super) fn spawn(&mut self, connection: impl Future<Output = ()> + Send + 'static) {
-        let n = self.workers.len();
-        let mut best = self.next % n;
-        let mut best_load = usize::MAX;
-        for k in 0..n {
-            let i = (self.next + k) % n;
-            let load = self.workers[i].live.load(Ordering::Relaxed);
-            if load < best_load {
-                best = i;
-                best_load = load;
-            }
-        }
+        let (best, _) = self.workers.least_loaded(self.next);
         self.next = best + 1;
-        let worker = &self.workers[best];
-        let live = LiveGuard::new(worker.live.clone());
-        worker.handle.spawn(async move {
-            let _live = live;
-            connection.await;
-        });
+        self.workers.spawn_on(best, connection);
     }
 }
 
@@ -165,6 +215,7 @@ mod tests {
         );
         let loads = |w: &Workers| -> Vec<usize> {
             w.workers
+                .0
                 .iter()
                 .map(|w| w.live.load(Ordering::Relaxed))
                 .collect()
@@ -179,6 +230,44 @@ mod tests {
                 loads(&workers)
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A connection stays on the thread that accepted it while that thread
+    /// is at most one connection above the least-loaded one, and goes to
+    /// the least-loaded one beyond that.
+    #[tokio::test]
+    async fn an_accepting_thread_keeps_connections_until_it_is_the_busier() {
+        let workers = Workers::start(2).unwrap();
+        let pool = workers.pool();
+        let stop = CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut names = Vec::new();
+        // Thread 0 accepts four in a row: 0, 0 (one above), then 1, 0.
+        for _ in 0..4 {
+            let (stop, tx) = (stop.clone(), tx.clone());
+            pool.spawn_near(0, async move {
+                let _ = tx.send(std::thread::current().name().map(str::to_owned));
+                stop.cancelled().await;
+            });
+            names.push(rx.recv().await.unwrap().unwrap_or_default());
+        }
+        assert_eq!(names, ["proxy-0", "proxy-0", "proxy-1", "proxy-0"]);
+        stop.cancel();
+    }
+
+    /// A task given to thread `i` runs there and its result comes back.
+    #[tokio::test]
+    async fn run_on_runs_on_the_named_thread() {
+        let workers = Workers::start(2).unwrap();
+        for i in 0..2 {
+            let name = workers
+                .run_on(i, async {
+                    std::thread::current().name().map(str::to_owned)
+                })
+                .await
+                .unwrap();
+            assert_eq!(name.as_deref(), Some(format!("proxy-{i}").as_str()));
         }
     }
 

@@ -220,9 +220,7 @@ impl Machine {
             return Ok(None);
         }
         let change = match (self.state, p.state) {
-            (State::Down, _) | (State::Init, _) | (State::Up, _)
-                if p.state == State::AdminDown =>
-            {
+            (State::Down, _) | (State::Init, _) | (State::Up, _) if p.state == State::AdminDown => {
                 self.go(State::Down, Diag::NEIGHBOR_DOWN)
             }
             (State::Down, State::Down) => self.go(State::Init, Diag::NONE),
@@ -306,7 +304,9 @@ mod tests {
         let mut m = Machine::new(T, 0xa1);
         m.receive(&from_peer(State::Down, 0), now).unwrap();
         assert_eq!(
-            m.receive(&from_peer(State::Up, 0xa1), now).unwrap().map(|c| c.to),
+            m.receive(&from_peer(State::Up, 0xa1), now)
+                .unwrap()
+                .map(|c| c.to),
             Some(State::Up)
         );
         assert_eq!(m.receive(&from_peer(State::Up, 0xa1), now), Ok(None));
@@ -333,7 +333,10 @@ mod tests {
         assert_eq!(m.packet().diag, Diag::NEIGHBOR_DOWN);
         let mut m = up(now);
         let c = m.receive(&from_peer(State::AdminDown, 0xa1), now).unwrap();
-        assert_eq!(c.map(|c| (c.to, c.diag)), Some((State::Down, Diag::NEIGHBOR_DOWN)));
+        assert_eq!(
+            c.map(|c| (c.to, c.diag)),
+            Some((State::Down, Diag::NEIGHBOR_DOWN))
+        );
         // Our own AdminDown ignores everything after it.
         let mut m = up(now);
         let p = m.admin_down();
@@ -395,14 +398,9 @@ mod tests {
             let d = m.next_tx(f64::from(k) / 100.0).unwrap();
             assert!(d <= i && d >= i.mul_f64(0.75), "{d:?}");
         }
-        let mut one = Machine::new(
-            Timers {
-                multiplier: 1,
-                ..T
-            },
-            7,
-        );
-        one.receive(&from_peer(State::Init, 7), Instant::now()).unwrap();
+        let mut one = Machine::new(Timers { multiplier: 1, ..T }, 7);
+        one.receive(&from_peer(State::Init, 7), Instant::now())
+            .unwrap();
         for k in 0..=100 {
             let d = one.next_tx(f64::from(k) / 100.0).unwrap();
             assert!(d <= i.mul_f64(0.9) && d >= i.mul_f64(0.75), "{d:?}");

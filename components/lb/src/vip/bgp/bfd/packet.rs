@@ -336,10 +336,7 @@ mod tests {
             Err(Error::Length { field: 24, got: 25 })
         );
         assert_eq!(with(&|b| b[2] = 0), Err(Error::ZeroMultiplier));
-        assert_eq!(
-            with(&|b| b[4..8].fill(0)),
-            Err(Error::ZeroDiscriminator)
-        );
+        assert_eq!(with(&|b| b[4..8].fill(0)), Err(Error::ZeroDiscriminator));
         assert_eq!(
             with(&|b| b[8..12].fill(0)),
             Err(Error::NoYourDiscriminator("Up"))

@@ -128,7 +128,12 @@ fn publish(m: &Machine, change: Option<Change>, status: &watch::Sender<BfdStatus
         metrics::counter!("bulwark_lb_bfd_session_down_total", "peer" => label.to_owned())
             .increment(1);
     } else {
-        tracing::info!(peer = label, from = c.from.as_str(), to = c.to.as_str(), "BFD session state");
+        tracing::info!(
+            peer = label,
+            from = c.from.as_str(),
+            to = c.to.as_str(),
+            "BFD session state"
+        );
     }
     let up = if c.to == State::Up { 1.0 } else { 0.0 };
     metrics::gauge!("bulwark_lb_bfd_session_up", "peer" => label.to_owned()).set(up);
@@ -163,10 +168,11 @@ mod tests {
     impl FakePeer {
         async fn next(&self) -> Packet {
             let mut buf = [0u8; 64];
-            let (n, _, ttl) = tokio::time::timeout(Duration::from_secs(5), socket::recv(&self.rx, &mut buf))
-                .await
-                .expect("a packet within 5s")
-                .unwrap();
+            let (n, _, ttl) =
+                tokio::time::timeout(Duration::from_secs(5), socket::recv(&self.rx, &mut buf))
+                    .await
+                    .expect("a packet within 5s")
+                    .unwrap();
             super::super::packet::accept(ttl, &buf[..n]).unwrap()
         }
 
@@ -221,7 +227,8 @@ mod tests {
         let init = peer.next().await;
         assert_eq!(init.state, State::Init, "answered at once on the change");
         assert_eq!(init.your_discriminator, 0x77);
-        peer.send(&theirs(State::Up, first.my_discriminator), our_port).await;
+        peer.send(&theirs(State::Up, first.my_discriminator), our_port)
+            .await;
         status.wait_for(|s| s.state == State::Up).await.unwrap();
         // Up: the fast rate, announced with a Poll.
         let p = loop {
@@ -237,10 +244,17 @@ mod tests {
         peer.send(&fin, our_port).await;
 
         // Silence: 3 × 50 ms later the session is Down, diag 1.
-        let s = status.wait_for(|s| s.state == State::Down).await.unwrap().clone();
+        let s = status
+            .wait_for(|s| s.state == State::Down)
+            .await
+            .unwrap()
+            .clone();
         assert_eq!(s.downs, 1);
         let change = s.last_change.unwrap();
-        assert_eq!((change.from, change.diag), (State::Up, Diag::DETECT_EXPIRED));
+        assert_eq!(
+            (change.from, change.diag),
+            (State::Up, Diag::DETECT_EXPIRED)
+        );
         cancel.cancel();
     }
 }

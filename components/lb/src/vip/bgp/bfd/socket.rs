@@ -52,7 +52,12 @@ pub fn listen(v6: bool, port: u16) -> io::Result<UdpSocket> {
     if v6 {
         // The IPv4 listener takes IPv4: no mapped addresses here.
         s.set_only_v6(true)?;
-        set_int(s.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, 1)?;
+        set_int(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RECVHOPLIMIT,
+            1,
+        )?;
     } else {
         set_int(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
     }
@@ -164,7 +169,12 @@ mod tests {
         let mut buf = [0u8; 64];
         let (n, from, ttl) = recv(&listener, &mut buf).await.unwrap();
         assert_eq!((&buf[..n], ttl), (&b"bfd"[..], Some(255)));
-        assert_eq!(from, gtsm.local_addr().map(|a| SocketAddr::new(to.ip(), a.port())).unwrap());
+        assert_eq!(
+            from,
+            gtsm.local_addr()
+                .map(|a| SocketAddr::new(to.ip(), a.port()))
+                .unwrap()
+        );
 
         let plain = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         plain.set_ttl(64).unwrap();

@@ -621,6 +621,20 @@ mod tests {
         watch::Receiver<PeerStatus>,
         CancellationToken,
     ) {
+        spawn_with_bfd(port, peer_asn, prefixes, None)
+    }
+
+    fn spawn_with_bfd(
+        port: u16,
+        peer_asn: u32,
+        prefixes: &[&str],
+        bfd: Option<watch::Receiver<BfdStatus>>,
+    ) -> (
+        watch::Sender<Desired>,
+        ValidUntil,
+        watch::Receiver<PeerStatus>,
+        CancellationToken,
+    ) {
         let (desired, desired_rx) = watch::channel(Desired::default());
         let (status, status_rx) = watch::channel(PeerStatus::default());
         let valid: ValidUntil = Arc::default();
@@ -639,7 +653,7 @@ mod tests {
             desired_rx,
             valid.clone(),
             status,
-            None,
+            bfd,
             cancel.clone(),
         ));
         (desired, valid, status_rx, cancel)
@@ -770,6 +784,72 @@ mod tests {
             .wait_for(|s| s.state != SessionState::Established)
             .await
             .unwrap();
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_bfd_down_takes_the_established_session_down_and_it_comes_back() {
+        use crate::vip::bgp::bfd::StateChange;
+        use crate::vip::bgp::bfd::packet::{Diag, State};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (bfd, bfd_rx) = watch::channel(BfdStatus {
+            state: State::Up,
+            ..BfdStatus::default()
+        });
+        let (_desired, _valid, mut status, cancel) =
+            spawn_with_bfd(port, 65001, &["198.18.0.10"], Some(bfd_rx));
+        let (mut peer, _) = FakePeer::accept(&listener, 65001).await;
+        status
+            .wait_for(|s| s.state == SessionState::Established)
+            .await
+            .unwrap();
+        bfd.send_modify(|s| {
+            s.state = State::Down;
+            s.downs = 1;
+            s.last_change = Some(StateChange {
+                at: SystemTime::now(),
+                from: State::Up,
+                to: State::Down,
+                diag: Diag::DETECT_EXPIRED,
+            });
+        });
+        // A Cease with RFC 9384's "BFD Down" subcode, then the session
+        // ends with the reason.
+        loop {
+            match peer.wire.next().await.unwrap() {
+                Message::Keepalive => {}
+                m => {
+                    assert_eq!(
+                        m,
+                        Message::Notification {
+                            code: notify::CEASE,
+                            subcode: CEASE_BFD_DOWN,
+                            data: vec![]
+                        }
+                    );
+                    break;
+                }
+            }
+        }
+        status
+            .wait_for(|s| {
+                s.state != SessionState::Established
+                    && s.last_error.as_deref()
+                        == Some("BFD session down (control detection time expired)")
+            })
+            .await
+            .unwrap();
+        // It connects again, and that earlier BFD Down does not end the
+        // new session.
+        let (_again, _) = FakePeer::accept(&listener, 65001).await;
+        status
+            .wait_for(|s| s.state == SessionState::Established)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(status.borrow().state, SessionState::Established);
         cancel.cancel();
     }
 

@@ -50,6 +50,10 @@ pub async fn run(
                 let _ = sock.send_to(&m.admin_down().encode(), to).await;
                 return;
             }
+            // Before the packets: a flood from the peer's address must not
+            // starve our own transmissions. A packet that is waiting still
+            // goes before the detection timer, so it is not missed.
+            () = tokio::time::sleep_until(next_tx) => send_now = true,
             p = packets.recv() => {
                 let Some(p) = p else { return };
                 match m.receive(&p, Instant::now()) {
@@ -65,7 +69,6 @@ pub async fn run(
                 send_now = change.is_some();
                 publish(&m, change, &status, &label);
             }
-            () = tokio::time::sleep_until(next_tx) => send_now = true,
         }
         if send_now {
             if let Err(e) = sock.send_to(&m.packet().encode(), to).await {

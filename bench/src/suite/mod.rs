@@ -210,8 +210,13 @@ pub struct Args {
     goaway_chance: f64,
     /// bulwark-bgp runs with BFD on every session, ours and BIRD's
     /// (100 ms × 3, the daemon's default). Through `cargo xtask bench`:
-    /// set the environment variable.
-    #[arg(long, env = "BULWARK_BENCH_BGP_BFD")]
+    /// set the environment variable (`1`, `true`, `yes`).
+    #[arg(
+        long,
+        env = "BULWARK_BENCH_BGP_BFD",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     bgp_bfd: bool,
 }
 

@@ -208,6 +208,16 @@ pub struct Args {
     /// with it off always run too).
     #[arg(long, default_value_t = distribution::DEFAULT_GOAWAY_CHANCE)]
     goaway_chance: f64,
+    /// bulwark-bgp runs with BFD on every session, ours and BIRD's
+    /// (100 ms × 3, the daemon's default). Through `cargo xtask bench`:
+    /// set the environment variable (`1`, `true`, `yes`).
+    #[arg(
+        long,
+        env = "BULWARK_BENCH_BGP_BFD",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    bgp_bfd: bool,
 }
 
 /// Durations and client counts of one run.
@@ -268,6 +278,8 @@ pub struct Topology {
     pub pki: Pki,
     pub apis: Vec<ApiServerProcess>,
     pub vip: Ipv4Addr,
+    /// bgp mode: BFD on the sessions, ours and BIRD's (`--bgp-bfd`).
+    pub bgp_bfd: bool,
     /// The apiservers' `--goaway-chance` now.
     pub goaway_chance: f64,
     ca: PathBuf,
@@ -313,6 +325,7 @@ impl Topology {
             pki,
             apis,
             vip,
+            bgp_bfd: false,
             goaway_chance: 0.0,
             ca,
             dir,
@@ -615,6 +628,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     };
     let load_before = crate::stats::loadavg();
     let mut topo = Topology::start().await?;
+    topo.bgp_bfd = args.bgp_bfd;
     let mut results = Vec::new();
     let mut failed = Vec::new();
     for (n, &scenario) in scenarios.iter().enumerate() {

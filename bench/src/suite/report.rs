@@ -34,6 +34,8 @@ pub struct Report {
     date: String,
     command: String,
     quick: bool,
+    /// bulwark-bgp ran with BFD (`--bgp-bfd`).
+    bgp_bfd: bool,
     /// The scenarios named on the command line (empty: all ran).
     only: Vec<Scenario>,
     duration_s: f64,
@@ -77,11 +79,15 @@ impl Report {
         if args.goaway_chance != distribution::DEFAULT_GOAWAY_CHANCE {
             let _ = write!(command, " --goaway-chance {}", args.goaway_chance);
         }
+        if args.bgp_bfd {
+            command.insert_str(0, "BULWARK_BENCH_BGP_BFD=1 ");
+        }
         Self {
             suite: "failover-suite",
             date,
             command,
             quick: args.quick,
+            bgp_bfd: args.bgp_bfd,
             only: args.scenarios.clone(),
             duration_s: took.as_secs_f64(),
             machine,
@@ -113,6 +119,9 @@ impl Report {
         }
         for s in &self.only {
             let _ = write!(stem, "-{}", s.key());
+        }
+        if self.bgp_bfd {
+            stem.push_str("-bgp-bfd");
         }
         stem
     }
@@ -193,7 +202,12 @@ impl Report {
         let p = &self.params;
         let _ = writeln!(
             s,
-            "Topology: network namespaces on one bridge: 3 LB hosts (zones a, b, c), 3 fixture apiservers (the testkit's kube-apiserver test double; shutdown delay 3 s, grace 5 s) on their own hosts in zones a, b, c, one client host, one router host. **bulwark**: `bulwark-lb` on each LB host, arp-mode VIP, default timers, and a `bulwark-prober` per zone on that zone's LB host (default probing) feeding the LB's health verdicts. **bulwark-bgp** (link-cut and sigkill): the same nodes and probers in bgp mode (default timers: hold time 3 s), the VIP (`10.255.0.10`, outside the bridge's subnet) bound on `lo` and announced over eBGP to BIRD 2 on the router host (`hold time 3`, `keepalive time 1`, learned routes exported to its kernel); the client host reaches that VIP only through its own link to the router (the testkit's bgp lab, the one `lb_bgp_netns.rs` tests), while the arp-mode VIP stays on the bridge. **keepalived+haproxy**: the kubeadm HA guide's setup: keepalived VRRP (defaults, advert 1 s, one MASTER at 101, two BACKUPs at 100) and HAProxy `mode tcp` with `option httpchk GET /healthz`, `http-check expect status 200`, `check check-ssl verify none`, `inter 2s fall 3 rise 2`, `retries 1`, `option redispatch`. All run on the same hosts in the same run, one after the other, order alternating by scenario.\n"
+            "Topology: network namespaces on one bridge: 3 LB hosts (zones a, b, c), 3 fixture apiservers (the testkit's kube-apiserver test double; shutdown delay 3 s, grace 5 s) on their own hosts in zones a, b, c, one client host, one router host. **bulwark**: `bulwark-lb` on each LB host, arp-mode VIP, default timers, and a `bulwark-prober` per zone on that zone's LB host (default probing) feeding the LB's health verdicts. **bulwark-bgp** (link-cut and sigkill): the same nodes and probers in bgp mode (default timers: hold time 3 s), the VIP (`10.255.0.10`, outside the bridge's subnet) bound on `lo` and announced over eBGP to BIRD 2 on the router host (`hold time 3`, `keepalive time 1`, learned routes exported to its kernel){bfd}; the client host reaches that VIP only through its own link to the router (the testkit's bgp lab, the one `lb_bgp_netns.rs` tests), while the arp-mode VIP stays on the bridge. **keepalived+haproxy**: the kubeadm HA guide's setup: keepalived VRRP (defaults, advert 1 s, one MASTER at 101, two BACKUPs at 100) and HAProxy `mode tcp` with `option httpchk GET /healthz`, `http-check expect status 200`, `check check-ssl verify none`, `inter 2s fall 3 rise 2`, `retries 1`, `option redispatch`. All run on the same hosts in the same run, one after the other, order alternating by scenario.\n",
+            bfd = if self.bgp_bfd {
+                ", **with BFD** on every session (`bfd: {enabled: true}` on the LB side, 100 ms × 3 by default; BIRD `protocol bfd` at 100 ms × 3 and `bfd on`)"
+            } else {
+                ""
+            }
         );
         let _ = writeln!(
             s,

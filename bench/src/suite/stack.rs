@@ -70,7 +70,13 @@ impl Stack {
             Contender::Bulwark | Contender::BulwarkBgp => {
                 let bgp = contender == Contender::BulwarkBgp;
                 if bgp {
-                    router = Some(Bird::start(t.router(), t.lb_hosts(), dir.path(), false)?);
+                    router = Some(Bird::start(
+                        t.router(),
+                        t.lb_hosts(),
+                        dir.path(),
+                        false,
+                        t.bgp_bfd,
+                    )?);
                 }
                 operator = Some(config::tls(&t.pki.admin()?).load()?);
                 for i in 0..t.lb_hosts().len() {
@@ -225,7 +231,7 @@ fn bulwark_node(t: &Topology, dir: &TestDir, i: usize, bgp: bool) -> anyhow::Res
     c.admin.address = SocketAddr::from(([127, 0, 0, 1], 9440));
     c.access.probers = Some(config::orgs(&["bulwark:probers"]));
     if bgp {
-        bgp::bgp_vip(&mut c, t.router(), VIP_PORT, false);
+        bgp::bgp_vip(&mut c, t.router(), VIP_PORT, false, t.bgp_bfd);
     } else {
         c.vip.mode = VipMode::Arp;
         c.vip.address = Some(IpAddr::V4(t.vip));

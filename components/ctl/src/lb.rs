@@ -177,6 +177,59 @@ struct BgpPeerView {
     state: String,
     announced: Vec<String>,
     last_error: String,
+    /// Null when BFD is off for this peer.
+    bfd: Option<BfdView>,
+}
+
+/// A peer's BFD session.
+#[derive(Serialize)]
+struct BfdView {
+    state: String,
+    remote_state: String,
+    /// The last state change: when (null if none), from what, and the
+    /// diagnostic after it.
+    last_change_at: Option<String>,
+    last_change_from: String,
+    last_change_diag: String,
+    downs: u64,
+    detection_time_seconds: Option<f64>,
+    error: String,
+}
+
+impl BfdView {
+    fn of(b: &lb::BfdSession) -> Self {
+        let name = |s| enum_name(s, lb::BfdState::as_str_name, "BFD_STATE_");
+        Self {
+            state: name(b.state),
+            remote_state: name(b.remote_state),
+            last_change_at: ts(b.last_change_at.as_ref()),
+            last_change_from: name(b.last_change_from),
+            last_change_diag: b.last_change_diag.clone(),
+            downs: b.downs,
+            detection_time_seconds: output::seconds(b.detection_time.as_ref()),
+            error: b.error.clone(),
+        }
+    }
+
+    /// `up (detect 300ms)`, `down since <when>: <diag>`, or the error.
+    fn cell(b: Option<&Self>) -> String {
+        let Some(b) = b else {
+            return "-".into();
+        };
+        if !b.error.is_empty() {
+            return format!("{}: {}", b.state, b.error);
+        }
+        if b.state == "up" {
+            return format!(
+                "up (detect {})",
+                output::duration_text(b.detection_time_seconds)
+            );
+        }
+        match &b.last_change_at {
+            Some(at) => format!("{} since {at}: {}", b.state, b.last_change_diag),
+            None => b.state.clone(),
+        }
+    }
 }
 
 impl BgpView {
@@ -195,6 +248,7 @@ impl BgpView {
                     ),
                     announced: p.announced.clone(),
                     last_error: p.last_error.clone(),
+                    bfd: p.bfd.as_ref().map(BfdView::of),
                 })
                 .collect(),
             last_announce: b.last_announce.as_ref().map(BgpEventView::of),
@@ -514,6 +568,7 @@ fn render_bgp(b: &BgpView) -> String {
                 } else {
                     p.announced.join(",")
                 },
+                BfdView::cell(p.bfd.as_ref()),
                 if p.last_error.is_empty() {
                     "-".into()
                 } else {
@@ -523,7 +578,7 @@ fn render_bgp(b: &BgpView) -> String {
         })
         .collect();
     out.push_str(&output::table(
-        &["PEER", "ASN", "STATE", "ANNOUNCED", "LAST ERROR"],
+        &["PEER", "ASN", "STATE", "ANNOUNCED", "BFD", "LAST ERROR"],
         &cells,
     ));
     out
@@ -814,14 +869,34 @@ mod tests {
                     announced: vec!["10.0.0.10/32".into()],
                     last_error: String::new(),
                     established_since: None,
+                    bfd: Some(lb::BfdSession {
+                        state: lb::BfdState::Up as i32,
+                        remote_state: lb::BfdState::Up as i32,
+                        detection_time: Some(prost_types::Duration {
+                            seconds: 0,
+                            nanos: 300_000_000,
+                        }),
+                        ..Default::default()
+                    }),
                 },
                 lb::BgpPeer {
                     address: "10.0.1.1:179".into(),
                     asn: 65000,
                     state: lb::BgpSessionState::Idle as i32,
                     announced: vec![],
-                    last_error: "connection refused".into(),
+                    last_error: "BFD session down (control detection time expired)".into(),
                     established_since: None,
+                    bfd: Some(lb::BfdSession {
+                        state: lb::BfdState::Down as i32,
+                        last_change_at: Some(prost_types::Timestamp {
+                            seconds: 1_800_000_000,
+                            nanos: 0,
+                        }),
+                        last_change_from: lb::BfdState::Up as i32,
+                        last_change_diag: "control detection time expired".into(),
+                        downs: 1,
+                        ..Default::default()
+                    }),
                 },
             ],
             last_announce: Some(lb::BgpEvent {
@@ -843,7 +918,12 @@ mod tests {
         );
         let down = lines.iter().find(|l| l.contains("10.0.1.1:179")).unwrap();
         assert!(
-            down.contains("idle") && down.contains("connection refused"),
+            down.contains("idle") && down.contains("BFD session down"),
+            "{down}"
+        );
+        assert!(up.contains("up (detect 300ms)"), "{up}");
+        assert!(
+            down.contains("down since 2027-01-15T08:00:00Z: control detection time expired"),
             "{down}"
         );
     }

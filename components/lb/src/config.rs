@@ -591,6 +591,76 @@ pub struct BgpPeerConfig {
     /// TCP MD5 signature key (RFC 2385), up to 80 bytes.
     #[serde(default)]
     pub password: Option<String>,
+    /// BFD (RFC 5880/5881, single hop) beside the session; the router
+    /// must run BFD for this peer too (docs/FAILOVER.md, deploy/GUIDE.md).
+    #[serde(default)]
+    pub bfd: BfdConfig,
+}
+
+/// BFD for one BGP peer: with it, a router that runs BFD drops a dead
+/// holder's route within `interval` × the multiplier instead of the hold
+/// time. Each field defaults on its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BfdConfig {
+    /// Run a BFD session with the peer (UDP 3784). Off by default: the
+    /// router has to be configured for it as well.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Our desired min TX and required min RX interval (10ms to 60s); the
+    /// agreed interval is the slower of ours and the router's.
+    #[serde(default = "d_bfd_interval", with = "duration")]
+    pub interval: Duration,
+    /// Our detect multiplier (1 to 255): the router declares us down after
+    /// this many intervals without a packet.
+    #[serde(default = "d_bfd_multiplier")]
+    pub multiplier: u32,
+}
+
+fn d_bfd_interval() -> Duration {
+    Duration::from_millis(100)
+}
+fn d_bfd_multiplier() -> u32 {
+    3
+}
+
+impl Default for BfdConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: d_bfd_interval(),
+            multiplier: d_bfd_multiplier(),
+        }
+    }
+}
+
+impl BfdConfig {
+    /// The session timers, when enabled.
+    pub fn timers(&self) -> Option<crate::vip::bgp::bfd::Timers> {
+        self.enabled.then(|| crate::vip::bgp::bfd::Timers {
+            interval: self.interval,
+            multiplier: u8::try_from(self.multiplier).unwrap_or(u8::MAX),
+        })
+    }
+}
+
+impl Validate for BfdConfig {
+    fn validate(&self, v: &mut Validator) {
+        let i = self.interval;
+        v.check(
+            (Duration::from_millis(10)..=Duration::from_secs(60)).contains(&i),
+            "interval",
+            format!(
+                "{} is out of range: 10ms to 60s",
+                humantime::format_duration(i)
+            ),
+        );
+        v.check(
+            (1..=255).contains(&self.multiplier),
+            "multiplier",
+            format!("{} is out of range: 1 to 255", self.multiplier),
+        );
+    }
 }
 
 fn d_bgp_hold() -> Duration {
@@ -627,6 +697,7 @@ impl BgpConfig {
                 asn: p.asn,
                 hold_time: p.hold_time,
                 password: p.password.clone(),
+                bfd: p.bfd.timers(),
             })
             .collect()
     }
@@ -657,7 +728,14 @@ impl BgpConfig {
             "at least one peer is needed to announce the VIP to",
         );
         let mut seen = BTreeSet::new();
+        let mut bfd = BTreeSet::new();
         for (i, p) in self.peers.iter().enumerate() {
+            // BFD sessions are told apart by the peer's address alone.
+            v.check(
+                !p.bfd.enabled || bfd.insert(p.address),
+                format!("peers[{i}].bfd.enabled"),
+                format!("{} already has a BFD session (one per address)", p.address),
+            );
             v.at(format!("peers[{i}]"), |v| p.validate(v));
             v.check(
                 asn_ok(p.asn),
@@ -704,6 +782,7 @@ impl Validate for BgpPeerConfig {
                 humantime::format_duration(h)
             ),
         );
+        v.at("bfd", |v| self.bfd.validate(v));
         if let Some(pw) = &self.password {
             v.check(
                 (1..=crate::vip::bgp::md5::MAX_KEY).contains(&pw.len()),
@@ -1765,6 +1844,25 @@ mod tests {
         .unwrap();
         assert_eq!(c.vip.addresses().len(), 2);
         assert_eq!(c.vip.bgp_interface(), "dummy0");
+        assert_eq!(p.bfd, None, "BFD is off unless enabled");
+    }
+
+    #[test]
+    fn bfd_fields_default_one_by_one() {
+        let c = parse(&bgp(
+            "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 65000, bfd: {enabled: true}}\n    - {address: 10.0.0.2, asn: 65000, bfd: {enabled: true, multiplier: 5}}\n    - {address: 10.0.0.3, asn: 65000, bfd: {interval: 300ms}}\n",
+        ))
+        .unwrap();
+        let peers = c.vip.bgp.as_ref().unwrap().peer_configs();
+        let timers = |interval, multiplier| {
+            Some(crate::vip::bgp::bfd::Timers {
+                interval: Duration::from_millis(interval),
+                multiplier,
+            })
+        };
+        assert_eq!(peers[0].bfd, timers(100, 3));
+        assert_eq!(peers[1].bfd, timers(100, 5));
+        assert_eq!(peers[2].bfd, None, "an interval alone does not enable it");
     }
 
     #[test]
@@ -1814,6 +1912,30 @@ mod tests {
             (
                 "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 1, holdtime: 3s}\n".to_owned(),
                 "vip.bgp.peers[0].holdtime: unknown field `holdtime`",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 1, bfd: {enabled: true, interval: 5ms}}\n".to_owned(),
+                "vip.bgp.peers[0].bfd.interval: 5ms is out of range: 10ms to 60s",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 1, bfd: {interval: 2m}}\n".to_owned(),
+                "vip.bgp.peers[0].bfd.interval: 2m is out of range",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 1, bfd: {multiplier: 0}}\n".to_owned(),
+                "vip.bgp.peers[0].bfd.multiplier: 0 is out of range: 1 to 255",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 1, bfd: {multiplier: 256}}\n".to_owned(),
+                "vip.bgp.peers[0].bfd.multiplier: 256 is out of range",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 1, bfd: {enabled: true}}\n    - {address: 10.0.0.1, asn: 1, port: 1179, bfd: {enabled: true}}\n".to_owned(),
+                "vip.bgp.peers[1].bfd.enabled: 10.0.0.1 already has a BFD session",
+            ),
+            (
+                "    localAsn: 65010\n    peers:\n    - {address: 10.0.0.1, asn: 1, bfd: {enable: true}}\n".to_owned(),
+                "vip.bgp.peers[0].bfd.enable: unknown field `enable`",
             ),
         ] {
             let e = errors(&bgp(&section));

@@ -96,6 +96,21 @@ pub const DEFS: &[MetricDef] = &[
         Counter,
         "bgp mode: times this node asked its sessions to withdraw the VIP (release, or its local address lost).",
     ),
+    MetricDef::dynamic(
+        "bulwark_lb_bfd_session_up",
+        Gauge,
+        "bgp mode with BFD: 1 while the BFD session with the peer (address) is Up, on every node.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_bfd_session_down_total",
+        Counter,
+        "bgp mode with BFD: times the BFD session with the peer (address) left Up; each takes that BGP session down.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_bfd_discarded_total",
+        Counter,
+        "bgp mode with BFD: received BFD packets discarded (TTL not 255, malformed, unknown sender or discriminator).",
+    ),
     // The data path.
     MetricDef::single(
         "bulwark_lb_backends_routable",

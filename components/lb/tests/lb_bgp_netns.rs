@@ -16,6 +16,10 @@
 //! the testkit's `cluster::bgp::BgpLab`, shared with the bench suite's bgp
 //! runs; this file holds the trials, the RIB witness and the assertions.
 //!
+//! The BFD variant runs BFD on every session (ours and bird's `protocol
+//! bfd`, 100 ms × 3): a link cut must then move the route well before
+//! bird's 3 s hold timer.
+//!
 //! The dual-stack variant adds an IPv6 VIP (`fd00:255::10`, announced as a
 //! /128 in MP_REACH_NLRI over IPv6 sessions to `fd00:18::4`); both routes
 //! must move together. Its IPv4 sessions carry a TCP MD5 password.
@@ -61,6 +65,21 @@ mod jepsen;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_bgp_cut_leader_link_moves_the_route() {
     trial(Trial::CutLink, false).await;
+}
+
+/// With BFD (ours and bird's, 100 ms × 3), a link cut of the holder costs
+/// the router's BFD detection time, not its 3 s hold timer: the route
+/// moves to the new holder within [`BFD_MOVE_BOUND`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_bgp_bfd_cut_leader_link_moves_the_route_before_the_hold_timer() {
+    trial(Trial::CutLinkBfd, false).await;
+}
+
+/// The same over IPv6 BFD sessions too (hop limit 255, UDP 3784 on the
+/// IPv6 listener): both routes move before the hold timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_bgp_dual_stack_bfd_cut_leader_link_moves_both_routes() {
+    trial(Trial::CutLinkBfd, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,9 +133,22 @@ async fn heavy_bgp_jepsen_partitions_never_route_to_two_live_holders() {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Trial {
     CutLink,
+    /// A link cut with BFD on every session.
+    CutLinkBfd,
     Kill,
     Freeze,
 }
+
+/// How soon, with BFD, the route must have moved after a link cut (the
+/// old holder's route gone, the new holder's the only one): the lease and
+/// election (about 0.3 s with the test timers), bird's BFD detection
+/// (0.3 s, overlapping), the new holder's UPDATE, and this test's 100 ms
+/// polling — about 0.35 s measured on a loaded 2-core machine. Without
+/// BFD the old route stays until bird's hold timer: 3 s after the last
+/// KEEPALIVE, sent every second, so never less than 2 s after the cut
+/// (1.9 s measured). 1.5 s leaves four times the BFD figure for a loaded
+/// CI host and still fails if the hold timer is what moved the route.
+const BFD_MOVE_BOUND: Duration = Duration::from_millis(1500);
 
 /// What the sampler saw.
 #[derive(Debug, Default)]
@@ -262,10 +294,14 @@ fn expected_announced(peer: &lb::BgpPeer, holder: bool) -> Vec<String> {
 }
 
 async fn trial(kind: Trial, dual: bool) {
-    let Some(mut l) = BgpLab::start(dual).await else {
+    let bfd = kind == Trial::CutLinkBfd;
+    let Some(mut l) = BgpLab::start(dual, bfd).await else {
         return;
     };
     let old = l.wait_for_route(None, Duration::from_secs(30)).await;
+    if bfd {
+        wait_for_bfd_up(&l).await;
+    }
 
     // Status: the holder announces the host route to each established
     // session (of that session's family); followers keep theirs up and
@@ -301,7 +337,7 @@ async fn trial(kind: Trial, dual: bool) {
 
     let started = Instant::now();
     match kind {
-        Trial::CutLink => l.lab.cut_link(l.lab.host(old)).unwrap(),
+        Trial::CutLink | Trial::CutLinkBfd => l.lab.cut_link(l.lab.host(old)).unwrap(),
         Trial::Kill => {
             l.nodes[old].kill().unwrap();
             sampler.set(old, Life::Dead(Instant::now()));
@@ -318,6 +354,20 @@ async fn trial(kind: Trial, dual: bool) {
     // goes with it.
     let new = l.wait_for_route(Some(old), Duration::from_secs(20)).await;
     let moved = started.elapsed();
+    if bfd {
+        assert!(
+            moved < BFD_MOVE_BOUND,
+            "with BFD the route took {moved:?} to move (bound {BFD_MOVE_BOUND:?}, hold timer 3s)\nbird:\n{}",
+            l.bird.protocols()
+        );
+        // And it was BFD that took the old holder's sessions down at the
+        // router, not its hold timer.
+        let protocols = l.bird.protocols();
+        assert!(
+            protocols.contains("BFD session down") && !protocols.contains("Hold timer expired"),
+            "bird:\n{protocols}"
+        );
+    }
     if kind == Trial::Freeze {
         // Wake it well after its lease: it is live again, must release
         // whatever it thinks it holds and announce nothing, while its
@@ -391,6 +441,37 @@ async fn trial(kind: Trial, dual: bool) {
     }
 }
 
+/// Waits until every node's BFD session with the router is Up (bird's
+/// side comes up with it: BFD is a three-way handshake).
+async fn wait_for_bfd_up(l: &BgpLab) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..NODES {
+        loop {
+            let peers = l
+                .status(i)
+                .await
+                .and_then(|s| s.vip?.bgp)
+                .map(|b| b.peers)
+                .unwrap_or_default();
+            let up = !peers.is_empty()
+                && peers.iter().all(|p| {
+                    p.bfd
+                        .as_ref()
+                        .is_some_and(|b| b.state == lb::BfdState::Up as i32)
+                });
+            if up {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i}'s BFD sessions did not come up: {peers:?}\nbird:\n{}",
+                l.bird.protocols()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// The figures of one partition trial.
 struct TrialFigures {
     faults: BTreeMap<&'static str, u64>,
@@ -422,7 +503,7 @@ impl fmt::Display for TrialFigures {
 /// One partition trial with `seed`; `None` when the lab cannot run here.
 /// Panics on a violation or if the cluster does not converge.
 async fn partition_trial(seed: u64, steps: usize) -> Option<TrialFigures> {
-    let mut l = BgpLab::start(false).await?;
+    let mut l = BgpLab::start(false, false).await?;
     l.wait_for_route(None, SETTLE).await;
     let sampler = Sampler::start(&l);
     let t0 = Instant::now();

@@ -14,7 +14,8 @@
 //!
 //! The VIP is outside every link's subnet, so nothing reaches it by ARP:
 //! only the route the holder announces brings the client's connections to
-//! it. Dual-stack adds an IPv6 VIP (`fd00:255::10`, a /128 over IPv6
+//! it. With BFD, bird runs a `protocol bfd` and `bfd on` on every BGP
+//! session, and the nodes enable BFD on theirs. Dual-stack adds an IPv6 VIP (`fd00:255::10`, a /128 over IPv6
 //! sessions) and a TCP MD5 password on the IPv4 sessions.
 //!
 //! The pieces ([`wire_client_behind_router`], [`Bird`], [`bgp_vip`], the
@@ -132,14 +133,22 @@ impl Bird {
     /// LB side proposes a 3s hold time; after an error bird would wait a
     /// minute before talking to that peer again. Dual-stack: a second
     /// session per host over IPv6, with an IPv6 channel, and the IPv4
-    /// sessions signed with [`PASSWORD`]. Waits until bird answers.
-    pub fn start(router: &Host, peers: &[Host], dir: &Path, dual: bool) -> anyhow::Result<Self> {
+    /// sessions signed with [`PASSWORD`]. With `bfd`, a BFD session beside
+    /// every BGP session ([`BFD_INTERVAL`] × [`BFD_MULTIPLIER`]). Waits
+    /// until bird answers.
+    pub fn start(
+        router: &Host,
+        peers: &[Host],
+        dir: &Path,
+        dual: bool,
+        bfd: bool,
+    ) -> anyhow::Result<Self> {
         let bird = tools::system("bird").context("bird (Debian bird2; cargo xtask setup)")?;
         let socket = dir.join("bird.ctl");
         let config = dir.join("bird.conf");
         std::fs::write(
             &config,
-            bird_conf(router, peers, &dir.join("bird.log"), dual),
+            bird_conf(router, peers, &dir.join("bird.log"), dual, bfd),
         )
         .with_context(|| format!("writing {}", config.display()))?;
         let process = router.spawn(
@@ -218,8 +227,27 @@ impl RibReader {
     }
 }
 
+/// The lab's BFD interval, both sides (the daemon's default).
+pub const BFD_INTERVAL: Duration = Duration::from_millis(100);
+/// The lab's BFD multiplier, both sides (the daemon's default).
+pub const BFD_MULTIPLIER: u32 = 3;
+
 /// bird's configuration (see [`Bird::start`]).
-fn bird_conf(router: &Host, peers: &[Host], log: &Path, dual: bool) -> String {
+fn bird_conf(router: &Host, peers: &[Host], log: &Path, dual: bool, bfd: bool) -> String {
+    // bird's BFD: one session per BGP neighbour (`bfd on`), sent from the
+    // session's local address; a BFD Down takes that BGP session down and
+    // withdraws its routes at once.
+    let (bfd_on, bfd_protocol) = if bfd {
+        let ms = BFD_INTERVAL.as_millis();
+        (
+            "\n  bfd on;",
+            format!(
+                "protocol bfd {{ interface \"*\" {{ min rx interval {ms} ms; min tx interval {ms} ms; multiplier {BFD_MULTIPLIER}; }}; }}\n"
+            ),
+        )
+    } else {
+        ("", String::new())
+    };
     let mut sessions: String = peers
         .iter()
         .enumerate()
@@ -244,7 +272,7 @@ template bgp lb6 {{
   hold time 3;
   keepalive time 1;
   connect retry time 1;
-  error wait time 1, 2;
+  error wait time 1, 2;{bfd_on}
   ipv6 {{ import all; export none; }};
 }}
 ",
@@ -268,10 +296,10 @@ template bgp lb {{
   hold time 3;
   keepalive time 1;
   connect retry time 1;
-  error wait time 1, 2;
+  error wait time 1, 2;{bfd_on}
   ipv4 {{ import all; export none; }};
 }}
-{sessions}",
+{bfd_protocol}{sessions}",
         rid = router.addr(),
         log = log.display(),
     )
@@ -312,8 +340,10 @@ pub fn rib(router: &Host, socket: &Path, vip: IpAddr) -> Option<Vec<IpAddr>> {
 /// Sets `c`'s VIP to bgp mode: [`VIP`] (and [`VIP6`] when `dual`) on port
 /// `port`, announced from AS [`LB_ASN`] to `router` (AS [`ROUTER_ASN`]),
 /// with an IPv6 session too and [`PASSWORD`] on the IPv4 one when `dual`.
+/// With `bfd`, BFD on every session at the daemon's default timers (which
+/// are [`BFD_INTERVAL`] × [`BFD_MULTIPLIER`], bird's in this lab).
 /// Everything else (hold time, router id) is the daemon's default.
-pub fn bgp_vip(c: &mut LbConfig, router: &Host, port: u16, dual: bool) {
+pub fn bgp_vip(c: &mut LbConfig, router: &Host, port: u16, dual: bool, bfd: bool) {
     c.vip.mode = VipMode::Bgp;
     c.vip.address = Some(IpAddr::V4(VIP));
     c.vip.address6 = dual.then_some(IpAddr::V6(VIP6));
@@ -323,6 +353,9 @@ pub fn bgp_vip(c: &mut LbConfig, router: &Host, port: u16, dual: bool) {
     let mut peers = vec![peer4];
     if dual {
         peers.push(config::bgp_peer(IpAddr::V6(router.addr6()), ROUTER_ASN));
+    }
+    for p in &mut peers {
+        p.bfd.enabled = bfd;
     }
     c.vip.bgp = Some(BgpConfig {
         local_asn: LB_ASN,
@@ -378,11 +411,12 @@ impl Drop for BgpLab {
 pub const LB_NODES: usize = 3;
 
 impl BgpLab {
-    /// Starts the lab; `None` when it cannot run here (no root) and the
-    /// harness says to skip. Each node's config passes `--check-config`
-    /// cleanly on its host (the interface check runs there) before it
-    /// starts.
-    pub async fn start(dual: bool) -> Option<Self> {
+    /// Starts the lab (dual-stack with `dual`, BFD on every session, ours
+    /// and bird's, with `bfd`); `None` when it cannot run here (no root)
+    /// and the harness says to skip. Each node's config passes
+    /// `--check-config` cleanly on its host (the interface check runs
+    /// there) before it starts.
+    pub async fn start(dual: bool, bfd: bool) -> Option<Self> {
         crate::install_crypto_provider();
         let lab = Lab::start_or_skip(LB_NODES + 2).unwrap()?;
         let dir = TestDir::new("lb-bgp").unwrap();
@@ -394,9 +428,9 @@ impl BgpLab {
 
         let backend_addr = SocketAddr::new(IpAddr::V4(client.addr()), BACKEND_PORT);
         let backend = serve_echo(client.tcp_listener(backend_addr).unwrap());
-        let bird = Bird::start(&router, &lb_hosts, dir.path(), dual).unwrap();
+        let bird = Bird::start(&router, &lb_hosts, dir.path(), dual, bfd).unwrap();
         let nodes = (0..LB_NODES)
-            .map(|i| start_lb(&lab, i, &pki, &dir, backend_addr, &router, dual))
+            .map(|i| start_lb(&lab, i, &pki, &dir, backend_addr, &router, (dual, bfd)))
             .collect();
         let mut vips = vec![IpAddr::V4(VIP)];
         if dual {
@@ -493,7 +527,7 @@ fn start_lb(
     dir: &TestDir,
     backend: SocketAddr,
     router: &Host,
-    dual: bool,
+    (dual, bfd): (bool, bool),
 ) -> Process {
     let host = lab.host(i);
     let id = i + 1;
@@ -511,7 +545,7 @@ fn start_lb(
     let sans = [host.addr().to_string(), host.addr6().to_string()];
     let (mut c, _) = spec.node(id as u64, &[&sans[0], &sans[1]]).unwrap();
     c.admin.address = SocketAddr::from(([127, 0, 0, 1], 9440));
-    bgp_vip(&mut c, router, VIP_PORT, dual);
+    bgp_vip(&mut c, router, VIP_PORT, dual, bfd);
     c.backends = vec![config::lb_backend("api-1", backend, "")];
     test_timers(&mut c);
     let config = spec.write(&c).unwrap();

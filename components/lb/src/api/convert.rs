@@ -8,6 +8,8 @@ use crate::health::{HealthStatus, View};
 use crate::raft::NodeId;
 use crate::raft::state::LbState;
 use crate::raft::types::LbNode;
+use crate::vip::bgp::bfd::BfdStatus;
+use crate::vip::bgp::bfd::packet::State;
 use crate::vip::bgp::session::SessionState;
 use crate::vip::bgp::{BgpStatus, Event};
 
@@ -35,10 +37,32 @@ pub fn bgp_status(b: &BgpStatus) -> lb::BgpStatus {
                 announced: s.announced.iter().map(ToString::to_string).collect(),
                 last_error: s.last_error.clone().unwrap_or_default(),
                 established_since: s.established_since.and_then(ts),
+                bfd: s.bfd.as_ref().map(bfd_session),
             })
             .collect(),
         last_announce: b.last_announce.as_ref().map(event),
         last_withdraw: b.last_withdraw.as_ref().map(event),
+    }
+}
+
+/// A BFD session as the API shows it.
+fn bfd_session(b: &BfdStatus) -> lb::BfdSession {
+    let state = |s: State| match s {
+        State::AdminDown => lb::BfdState::AdminDown,
+        State::Down => lb::BfdState::Down,
+        State::Init => lb::BfdState::Init,
+        State::Up => lb::BfdState::Up,
+    } as i32;
+    let change = b.last_change.as_ref();
+    lb::BfdSession {
+        state: state(b.state),
+        remote_state: state(b.remote_state),
+        last_change_at: change.and_then(|c| bulwark_api::time::timestamp_to_proto(c.at).ok()),
+        last_change_from: change.map_or(0, |c| state(c.from)),
+        last_change_diag: change.map_or_else(String::new, |c| c.diag.describe().to_owned()),
+        downs: b.downs,
+        detection_time: prost_types::Duration::try_from(b.detection_time).ok(),
+        error: b.error.clone().unwrap_or_default(),
     }
 }
 

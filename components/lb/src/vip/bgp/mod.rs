@@ -12,10 +12,16 @@
 //! by the router's hold timer (docs/FAILOVER.md); graceful restart is not
 //! advertised, so the router never keeps such a route past it.
 //!
+//! With BFD enabled for a peer ([`bfd`]), the router learns within its
+//! BFD detection time (300 ms by default) that a holder's host is gone,
+//! instead of after its hold timer, and our side takes a BGP session down
+//! when its BFD session leaves Up.
+//!
 //! No maintained crate on crates.io is a BGP *speaker* that fits (the Rust
 //! BGP crates are message codecs and MRT parsers), so [`codec`] is a
 //! minimal one, fuzzed like the other decoders (fuzz/fuzz_targets/bgp.rs).
 
+pub mod bfd;
 pub mod codec;
 pub mod md5;
 pub mod session;
@@ -56,6 +62,8 @@ pub struct BgpStatus {
 #[derive(Clone)]
 pub struct StatusSource {
     peers: Vec<(PeerConfig, watch::Receiver<PeerStatus>)>,
+    /// Each peer's BFD session, in `peers`' order (`None`: BFD off).
+    bfd: Vec<Option<watch::Receiver<bfd::BfdStatus>>>,
     events: Arc<Mutex<(Option<Event>, Option<Event>)>>,
 }
 
@@ -68,7 +76,12 @@ impl StatusSource {
             peers: self
                 .peers
                 .iter()
-                .map(|(c, s)| (c.clone(), s.borrow().clone()))
+                .zip(&self.bfd)
+                .map(|((c, s), b)| {
+                    let mut s = s.borrow().clone();
+                    s.bfd = b.as_ref().map(|b| b.borrow().clone());
+                    (c.clone(), s)
+                })
                 .collect(),
             last_announce,
             last_withdraw,
@@ -86,9 +99,10 @@ pub struct BgpVip {
     /// How long a release waits for the withdrawals to be written.
     flush: Duration,
     cancel: CancellationToken,
-    /// One task per peer session, each ending with its peer's address;
-    /// the VIP task watches them ([`BgpVip::background_ended`]).
-    sessions: JoinSet<SocketAddr>,
+    /// One task per peer session (with its BFD session, if any) and the
+    /// BFD listeners, each ending with what it was; the VIP task watches
+    /// them ([`BgpVip::background_ended`]).
+    sessions: JoinSet<String>,
 }
 
 impl BgpVip {
@@ -104,22 +118,42 @@ impl BgpVip {
         let valid_until: ValidUntil = Arc::default();
         let cancel = CancellationToken::new();
         let mut sources = Vec::with_capacity(peers.len());
+        let mut bfd_sources = Vec::with_capacity(peers.len());
         let mut sessions = JoinSet::new();
+        let mut hub = bfd::Hub::new(bfd::socket::PORT, bfd::socket::PORT);
         for peer in peers {
             let (status, status_rx) = watch::channel(PeerStatus::default());
             sources.push((peer.clone(), status_rx));
             let address = SocketAddr::new(peer.address, peer.port);
+            let (bfd_rx, bfd_run) = match peer.bfd {
+                Some(timers) => {
+                    let (rx, run) = hub.session(peer.address, timers, cancel.clone());
+                    (Some(rx), Some(run))
+                }
+                None => (None, None),
+            };
+            bfd_sources.push(bfd_rx.clone());
             let session = session::run(
                 peer,
                 speaker.clone(),
                 desired_rx.clone(),
                 valid_until.clone(),
                 status,
+                bfd_rx,
                 cancel.clone(),
             );
             sessions.spawn(async move {
-                session.await;
-                address
+                match bfd_run {
+                    Some(bfd) => drop(tokio::join!(session, bfd)),
+                    None => session.await,
+                }
+                format!("the BGP session to {address} ended")
+            });
+        }
+        for listener in hub.listeners(&cancel) {
+            sessions.spawn(async move {
+                listener.await;
+                "a BFD listener ended".to_owned()
             });
         }
         Self {
@@ -128,6 +162,7 @@ impl BgpVip {
             valid_until,
             status: StatusSource {
                 peers: sources,
+                bfd: bfd_sources,
                 events: Arc::default(),
             },
             flush,
@@ -143,7 +178,7 @@ impl BgpVip {
         let (sessions, local) = (&mut self.sessions, &mut self.local);
         let session = async {
             match sessions.join_next().await {
-                Some(Ok(peer)) => format!("the BGP session to {peer} ended"),
+                Some(Ok(what)) => what,
                 Some(Err(e)) if e.is_panic() => "a BGP session task panicked".to_owned(),
                 Some(Err(_)) => "a BGP session task was cancelled".to_owned(),
                 // No peers: nothing to watch.

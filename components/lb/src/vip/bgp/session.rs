@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::bfd::BfdStatus;
 use super::codec::{
     AFI_IPV4, AFI_IPV6, AS_TRANS, Capability, Message, Open, Prefix, SAFI_UNICAST, Speaker, notify,
 };
@@ -31,6 +32,9 @@ use super::codec::{
 /// How soon an announcement held back by a stale-looking lease is tried
 /// again (the VIP task's default check interval).
 const RECHECK: Duration = Duration::from_millis(10);
+
+/// The NOTIFICATION Cease subcode for "BFD Down" (RFC 9384).
+const CEASE_BFD_DOWN: u8 = 10;
 
 /// Pause between a session going down and the next connect.
 pub const CONNECT_RETRY: Duration = Duration::from_secs(1);
@@ -48,6 +52,8 @@ pub struct PeerConfig {
     pub hold_time: Duration,
     /// TCP MD5 signature key (RFC 2385), if any.
     pub password: Option<String>,
+    /// BFD beside the session, if enabled.
+    pub bfd: Option<super::bfd::Timers>,
 }
 
 /// What every session of this node shares.
@@ -104,6 +110,9 @@ pub struct PeerStatus {
     /// The [`Desired::generation`] last put on the wire (or found
     /// matching), so a release can wait for its withdrawal to be sent.
     pub applied: u64,
+    /// The peer's BFD session, when enabled (filled in by the status
+    /// reader, [`super::StatusSource::get`]).
+    pub bfd: Option<super::bfd::BfdStatus>,
 }
 
 /// What the holder wants announced.
@@ -129,15 +138,20 @@ enum SessionError {
     Notified { code: u8, subcode: u8 },
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    BfdDown(String),
 }
 
 /// Runs the session with `peer` until `cancel` (which sends a Cease).
+/// With `bfd` (the peer's BFD session), an established session that sees
+/// BFD leave Up is taken down and set up again like after any error.
 pub async fn run(
     peer: PeerConfig,
     local: LocalConfig,
     mut desired: watch::Receiver<Desired>,
     valid_until: ValidUntil,
     status: watch::Sender<PeerStatus>,
+    mut bfd: Option<watch::Receiver<BfdStatus>>,
     cancel: CancellationToken,
 ) {
     let name = SocketAddr::new(peer.address, peer.port);
@@ -154,7 +168,7 @@ pub async fn run(
         } {
             Ok(established) => {
                 established
-                    .run(&mut desired, &valid_until, &status, &cancel)
+                    .run(&mut desired, &valid_until, &status, &mut bfd, &cancel)
                     .await
             }
             Err(e) => Err(e),
@@ -368,6 +382,29 @@ async fn setup(
     })
 }
 
+/// Resolves once the peer's BFD session has gone down more than `since`
+/// times (never without BFD), saying why.
+async fn bfd_down(bfd: &mut Option<watch::Receiver<BfdStatus>>, since: u64) -> String {
+    let Some(rx) = bfd else {
+        return std::future::pending().await;
+    };
+    let why = match rx.wait_for(|s| s.downs > since).await {
+        Ok(s) => {
+            let diag = s
+                .last_change
+                .as_ref()
+                .map_or("unknown", |c| c.diag.describe());
+            Some(format!("BFD session down ({diag})"))
+        }
+        Err(_) => None,
+    };
+    match why {
+        Some(why) => why,
+        // The BFD task ended (shutdown): nothing more to watch.
+        None => std::future::pending().await,
+    }
+}
+
 /// An established session.
 struct Established {
     wire: Wire,
@@ -389,8 +426,12 @@ impl Established {
         desired: &mut watch::Receiver<Desired>,
         valid_until: &ValidUntil,
         status: &watch::Sender<PeerStatus>,
+        bfd: &mut Option<watch::Receiver<BfdStatus>>,
         cancel: &CancellationToken,
     ) -> Result<(), SessionError> {
+        // Only a BFD failure after this point ends this session: one that
+        // happened before it was set up is history.
+        let bfd_downs = bfd.as_ref().map_or(0, |b| b.borrow().downs);
         tracing::info!(peer = %self.name, peer_id = %self.peer_id, hold = ?self.hold, "BGP session established");
         status.send_modify(|s| {
             s.state = SessionState::Established;
@@ -461,6 +502,13 @@ impl Established {
                 () = tokio::time::sleep_until(hold_deadline) => {
                     let e = super::codec::Error { code: notify::HOLD_TIMER, subcode: 0, what: "hold timer expired".into() };
                     return Err(notify_and_fail(&mut self.wr, e.into()).await);
+                }
+                why = bfd_down(bfd, bfd_downs) => {
+                    let cease = Message::Notification { code: notify::CEASE, subcode: CEASE_BFD_DOWN, data: Vec::new() };
+                    // The path is likely gone: do not wait on a full send
+                    // buffer to say so.
+                    let _ = tokio::time::timeout(Duration::from_millis(50), send(&mut self.wr, &cease)).await;
+                    return Err(SessionError::BfdDown(why));
                 }
                 () = tokio::time::sleep(RECHECK), if recheck => {}
                 () = tokio::time::sleep_until(keepalive_at) => {
@@ -573,6 +621,20 @@ mod tests {
         watch::Receiver<PeerStatus>,
         CancellationToken,
     ) {
+        spawn_with_bfd(port, peer_asn, prefixes, None)
+    }
+
+    fn spawn_with_bfd(
+        port: u16,
+        peer_asn: u32,
+        prefixes: &[&str],
+        bfd: Option<watch::Receiver<BfdStatus>>,
+    ) -> (
+        watch::Sender<Desired>,
+        ValidUntil,
+        watch::Receiver<PeerStatus>,
+        CancellationToken,
+    ) {
         let (desired, desired_rx) = watch::channel(Desired::default());
         let (status, status_rx) = watch::channel(PeerStatus::default());
         let valid: ValidUntil = Arc::default();
@@ -583,6 +645,7 @@ mod tests {
             asn: peer_asn,
             hold_time: Duration::from_secs(3),
             password: None,
+            bfd: None,
         };
         tokio::spawn(run(
             peer,
@@ -590,6 +653,7 @@ mod tests {
             desired_rx,
             valid.clone(),
             status,
+            bfd,
             cancel.clone(),
         ));
         (desired, valid, status_rx, cancel)
@@ -723,6 +787,72 @@ mod tests {
         cancel.cancel();
     }
 
+    #[tokio::test]
+    async fn a_bfd_down_takes_the_established_session_down_and_it_comes_back() {
+        use crate::vip::bgp::bfd::StateChange;
+        use crate::vip::bgp::bfd::packet::{Diag, State};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (bfd, bfd_rx) = watch::channel(BfdStatus {
+            state: State::Up,
+            ..BfdStatus::default()
+        });
+        let (_desired, _valid, mut status, cancel) =
+            spawn_with_bfd(port, 65001, &["198.18.0.10"], Some(bfd_rx));
+        let (mut peer, _) = FakePeer::accept(&listener, 65001).await;
+        status
+            .wait_for(|s| s.state == SessionState::Established)
+            .await
+            .unwrap();
+        bfd.send_modify(|s| {
+            s.state = State::Down;
+            s.downs = 1;
+            s.last_change = Some(StateChange {
+                at: SystemTime::now(),
+                from: State::Up,
+                to: State::Down,
+                diag: Diag::DETECT_EXPIRED,
+            });
+        });
+        // A Cease with RFC 9384's "BFD Down" subcode, then the session
+        // ends with the reason.
+        loop {
+            match peer.wire.next().await.unwrap() {
+                Message::Keepalive => {}
+                m => {
+                    assert_eq!(
+                        m,
+                        Message::Notification {
+                            code: notify::CEASE,
+                            subcode: CEASE_BFD_DOWN,
+                            data: vec![]
+                        }
+                    );
+                    break;
+                }
+            }
+        }
+        status
+            .wait_for(|s| {
+                s.state != SessionState::Established
+                    && s.last_error.as_deref()
+                        == Some("BFD session down (control detection time expired)")
+            })
+            .await
+            .unwrap();
+        // It connects again, and that earlier BFD Down does not end the
+        // new session.
+        let (_again, _) = FakePeer::accept(&listener, 65001).await;
+        status
+            .wait_for(|s| s.state == SessionState::Established)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(status.borrow().state, SessionState::Established);
+        cancel.cancel();
+    }
+
     #[test]
     fn open_checks() {
         let peer = PeerConfig {
@@ -731,6 +861,7 @@ mod tests {
             asn: 4_200_000_001,
             hold_time: Duration::from_secs(9),
             password: None,
+            bfd: None,
         };
         let mut big = local(&["fd00::10"]);
         big.asn = 4_200_000_002;

@@ -492,6 +492,19 @@ fn lb_status_round_trips() {
                     announced: vec!["198.18.0.100/32".into()],
                     last_error: String::new(),
                     established_since: ts(1_700_000_000),
+                    bfd: Some(BfdSession {
+                        state: BfdState::Up as i32,
+                        remote_state: BfdState::Up as i32,
+                        last_change_at: ts(1_700_000_000),
+                        last_change_from: BfdState::Init as i32,
+                        last_change_diag: "no diagnostic".into(),
+                        downs: 1,
+                        detection_time: Some(prost_types::Duration {
+                            seconds: 0,
+                            nanos: 300_000_000,
+                        }),
+                        error: String::new(),
+                    }),
                 }],
                 last_announce: Some(BgpEvent {
                     at: ts(1_700_000_000),

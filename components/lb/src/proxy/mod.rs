@@ -221,11 +221,20 @@ async fn serve_until(
         address: address.clone(),
         source,
     })?;
-    let listeners = match listeners::per_thread(listener, workers.len()) {
-        Ok(all) => all,
-        Err((one, e)) => {
-            tracing::warn!(listener = %address, error = %e, "cannot open a listener per data-path thread; one acceptor hands connections to the threads");
-            vec![one]
+    // bind mode's front must refuse new connects the moment it is
+    // released: its holder shuts the one listening socket down there and
+    // then (vip/bind.rs), which sibling listeners in a reuseport group,
+    // closed only when their threads next run, would outlive. It keeps one
+    // acceptor.
+    let listeners = if matches!(front, Front::Vip) {
+        vec![listener]
+    } else {
+        match listeners::per_thread(listener, workers.len()) {
+            Ok(all) => all,
+            Err((one, e)) => {
+                tracing::warn!(listener = %address, error = %e, "cannot open a listener per data-path thread; one acceptor hands connections to the threads");
+                vec![one]
+            }
         }
     };
     let inherit = inherit

@@ -444,6 +444,39 @@ fn ts(seconds: i64) -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp { seconds, nanos: 0 })
 }
 
+/// A bgp-mode status with one established peer and its BFD session.
+fn bgp_status() -> lb::v1::BgpStatus {
+    use lb::v1::*;
+    BgpStatus {
+        peers: vec![BgpPeer {
+            address: "198.18.0.254:179".into(),
+            asn: 65000,
+            state: BgpSessionState::Established as i32,
+            announced: vec!["198.18.0.100/32".into()],
+            last_error: String::new(),
+            established_since: ts(1_700_000_000),
+            bfd: Some(BfdSession {
+                state: BfdState::Up as i32,
+                remote_state: BfdState::Up as i32,
+                last_change_at: ts(1_700_000_000),
+                last_change_from: BfdState::Init as i32,
+                last_change_diag: "no diagnostic".into(),
+                downs: 1,
+                detection_time: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 300_000_000,
+                }),
+                error: String::new(),
+            }),
+        }],
+        last_announce: Some(BgpEvent {
+            at: ts(1_700_000_000),
+            reason: "leader of term 7 with a fresh quorum lease".into(),
+        }),
+        last_withdraw: None,
+    }
+}
+
 #[test]
 fn lb_status_round_trips() {
     use lb::v1::*;
@@ -484,34 +517,7 @@ fn lb_status_round_trips() {
                 seconds: 0,
                 nanos: 300_000_000,
             }),
-            bgp: Some(BgpStatus {
-                peers: vec![BgpPeer {
-                    address: "198.18.0.254:179".into(),
-                    asn: 65000,
-                    state: BgpSessionState::Established as i32,
-                    announced: vec!["198.18.0.100/32".into()],
-                    last_error: String::new(),
-                    established_since: ts(1_700_000_000),
-                    bfd: Some(BfdSession {
-                        state: BfdState::Up as i32,
-                        remote_state: BfdState::Up as i32,
-                        last_change_at: ts(1_700_000_000),
-                        last_change_from: BfdState::Init as i32,
-                        last_change_diag: "no diagnostic".into(),
-                        downs: 1,
-                        detection_time: Some(prost_types::Duration {
-                            seconds: 0,
-                            nanos: 300_000_000,
-                        }),
-                        error: String::new(),
-                    }),
-                }],
-                last_announce: Some(BgpEvent {
-                    at: ts(1_700_000_000),
-                    reason: "leader of term 7 with a fresh quorum lease".into(),
-                }),
-                last_withdraw: None,
-            }),
+            bgp: Some(bgp_status()),
         }),
         recent_failovers: vec![Failover {
             at: ts(1_700_000_000),

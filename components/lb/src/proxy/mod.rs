@@ -186,6 +186,13 @@ pub async fn serve_front(
     serve_until(listener, backends, config, shutdown, Front::Gated(gate)).await
 }
 
+/// How a front is served: a listener per data-path thread (one
+/// `SO_REUSEPORT` group), or one acceptor handing connections over.
+enum Listening {
+    PerThread(Vec<std::net::TcpListener>),
+    HandOff(std::net::TcpListener),
+}
+
 async fn serve_until(
     listener: TcpListener,
     backends: Backends,
@@ -226,22 +233,25 @@ async fn serve_until(
     // then (vip/bind.rs), which sibling listeners in a reuseport group,
     // closed only when their threads next run, would outlive. It keeps one
     // acceptor.
-    let listeners = if matches!(front, Front::Vip) {
-        vec![listener]
+    let listening = if matches!(front, Front::Vip) {
+        Listening::HandOff(listener)
     } else {
         match listeners::per_thread(listener, workers.len()) {
-            Ok(all) => all,
+            Ok(all) => Listening::PerThread(all),
             Err((one, e)) => {
                 tracing::warn!(listener = %address, error = %e, "cannot open a listener per data-path thread; one acceptor hands connections to the threads");
-                vec![one]
+                Listening::HandOff(one)
             }
         }
     };
     let inherit = inherit
-        && listeners[1..]
-            .iter()
-            .all(|l| set_listener_options(l, keepalive.as_ref()).is_ok());
-    let per_thread = listeners.len() == workers.len();
+        && match &listening {
+            Listening::PerThread(all) => all[1..]
+                .iter()
+                .all(|l| set_listener_options(l, keepalive.as_ref()).is_ok()),
+            Listening::HandOff(_) => true,
+        };
+    let per_thread = matches!(listening, Listening::PerThread(_));
     // Resets on release, and on shutdown a grace first: bind mode's front
     // only serves while held, so its shutdown is a release.
     let (reset_on_close, grace_on_shutdown) = match front {
@@ -279,10 +289,9 @@ async fn serve_until(
     // Each loop drops its listener when it returns: the kernel refuses new
     // connects from then on instead of queueing them for a listener
     // nobody reads.
-    let result = if per_thread {
-        accepting.on_every_thread(listeners, &workers).await
-    } else {
-        accepting.handing_off(listeners, &mut workers).await
+    let result = match listening {
+        Listening::PerThread(all) => accepting.on_every_thread(all, &workers).await,
+        Listening::HandOff(one) => accepting.handing_off(one, &mut workers).await,
     };
 
     tracker.close();
@@ -455,31 +464,23 @@ impl Accepting<'_> {
     /// cannot be opened.
     async fn handing_off(
         &self,
-        listeners: Vec<std::net::TcpListener>,
+        listener: std::net::TcpListener,
         workers: &mut Workers,
     ) -> Result<(), ProxyError> {
-        let mut result = Ok(());
-        for l in listeners {
-            let l = register(l).map_err(|source| ProxyError::Listener {
-                address: self.address.to_owned(),
-                source,
-            })?;
-            let mut spawner = Spawner::HandOff(workers);
-            let r = accept_loop(
-                &l,
-                self.address,
-                self.shared,
-                self.limit,
-                self.tracker,
-                &mut spawner,
-                self.shutdown,
-            )
-            .await;
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result
+        let l = register(listener).map_err(|source| ProxyError::Listener {
+            address: self.address.to_owned(),
+            source,
+        })?;
+        accept_loop(
+            &l,
+            self.address,
+            self.shared,
+            self.limit,
+            self.tracker,
+            &mut Spawner::HandOff(workers),
+            self.shutdown,
+        )
+        .await
     }
 }
 

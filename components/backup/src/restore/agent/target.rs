@@ -111,24 +111,7 @@ impl Agent {
                      another node coordinates it)"
                 ),
             })?;
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| BackupError::local(format!("opening {}", path.display()), e))?;
-        Ok(futures::stream::try_unfold(
-            (file, path),
-            |(mut file, path)| async move {
-                let mut buf = vec![0u8; CHUNK];
-                let n = file
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| BackupError::local(format!("reading {}", path.display()), e))?;
-                if n == 0 {
-                    return Ok(None);
-                }
-                buf.truncate(n);
-                Ok(Some((buf, (file, path))))
-            },
-        ))
+        file_chunks(path).await
     }
 
     /// A target `source.served_by` serves for `restore_id`, into `to`: the
@@ -143,16 +126,7 @@ impl Agent {
     ) -> Result<()> {
         let described = format!("target of restore {restore_id} from {}", source.served_by);
         if let Some(local) = self.shelf.get(restore_id) {
-            let file = tokio::fs::File::open(&local)
-                .await
-                .map_err(|e| BackupError::local(format!("opening {}", local.display()), e))?;
-            let chunks = futures::stream::try_unfold(file, |mut file| async move {
-                let mut buf = vec![0u8; CHUNK];
-                let n = file.read(&mut buf).await?;
-                buf.truncate(n);
-                Ok::<_, std::io::Error>((n > 0).then(|| (Bytes::from(buf), file)))
-            })
-            .map(|c| c.map_err(|e| BackupError::local("reading the local target", e)));
+            let chunks = file_chunks(local).await?.map(|c| c.map(Bytes::from));
             return write_checked(chunks, to, source, &described, progress).await;
         }
         let tls = self.client_tls.as_ref().ok_or_else(|| {
@@ -177,6 +151,30 @@ impl Agent {
         });
         write_checked(chunks, to, source, &described, progress).await
     }
+}
+
+/// The file at `path` in `CHUNK`-sized pieces, read as they are taken.
+async fn file_chunks(
+    path: PathBuf,
+) -> Result<impl Stream<Item = Result<Vec<u8>>> + Send + 'static> {
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| BackupError::local(format!("opening {}", path.display()), e))?;
+    Ok(futures::stream::try_unfold(
+        (file, path),
+        |(mut file, path)| async move {
+            let mut buf = vec![0u8; CHUNK];
+            let n = file
+                .read(&mut buf)
+                .await
+                .map_err(|e| BackupError::local(format!("reading {}", path.display()), e))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            buf.truncate(n);
+            Ok(Some((buf, (file, path))))
+        },
+    ))
 }
 
 /// A failed FetchTarget call as the step's error.

@@ -266,9 +266,7 @@ async fn soak(l: &LbLab, seconds: u64, burners: usize) -> Soak {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let load_average = std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
+    let load_average = crate::stats::loadavg();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in threads {
         let _ = t.join();

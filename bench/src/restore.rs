@@ -50,7 +50,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{etcd_machine, fill};
-use crate::stats::{median, percentile};
+use crate::stats::{loadavg, median, percentile};
 
 /// `bulwark-bench restore`.
 #[derive(Debug, clap::Args)]
@@ -419,13 +419,6 @@ fn medians(
         total: med(&|r| r.baseline.total),
     };
     (baseline, member(|r| &r.single), member(|r| &r.three))
-}
-
-/// `/proc/loadavg` as it reads now (the machine may be shared).
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
 }
 
 /// `runs` rounds of: the baseline on the plain snapshot file, bulwark's

@@ -31,23 +31,29 @@ struct Node {
 /// Every key outside bulwark-backup's own election keys (their leases
 /// come and go around a restore), with values, at `revision` (0: now).
 async fn user_state(c: &mut etcd_client::Client, revision: i64) -> Vec<(String, String)> {
-    let mut opts = GetOptions::new().with_all_keys();
-    if revision > 0 {
-        opts = opts.with_revision(revision);
-    }
-    c.get("", Some(opts))
-        .await
-        .unwrap()
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
+    // A page of at most 3 keys stays under the client's 4 MiB message
+    // limit with the kill test's 1 MB values.
+    let mut state = Vec::new();
+    let mut from = vec![0u8];
+    loop {
+        let mut opts = GetOptions::new().with_from_key().with_limit(3);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let page = c.get(from.clone(), Some(opts)).await.unwrap();
+        for kv in page.kvs() {
+            state.push((
                 String::from_utf8_lossy(kv.key()).into_owned(),
                 String::from_utf8_lossy(kv.value()).into_owned(),
-            )
-        })
-        .filter(|(k, _)| !k.starts_with("bulwark-backup/"))
-        .collect()
+            ));
+        }
+        match page.kvs().last() {
+            Some(last) if page.more() => from = [last.key(), &[0]].concat(),
+            _ => break,
+        }
+    }
+    state.retain(|(k, _)| !k.starts_with("bulwark-backup/"));
+    state
 }
 
 async fn wait_for<F, Fut>(what: &str, mut f: F)
@@ -1280,7 +1286,9 @@ struct Kill {
 /// bulwark-backup SIGKILLed mid-restore, each instance a process of its
 /// own: the coordinator before any member is touched (pre-flight to
 /// prepare), once node-0's member is restored (RESTORE MEMBERS under way)
-/// and once START MEMBERS began; node-2's agent while it stops etcd and
+/// and once START MEMBERS began; node-1's agent while it fetches and
+/// decodes the snapshot (its half-written staging file must not outlive
+/// its restart); node-2's agent while it stops etcd and
 /// sets its data dir aside; node-1's agent once its member is restored
 /// (its restart holds the node for the coordinator); node-1's agent while
 /// it waits for its restarted member to be healthy (its kubelet holds the
@@ -1291,8 +1299,8 @@ struct Kill {
 /// finishes the job. Every time the cluster ends on the snapshot's state
 /// on every member (record `done`) or on the state it had before the
 /// restore on every member (record `failed`, rolled back), never a mix;
-/// every manifest is in place, no journal is left beside a data dir and
-/// no data dir was deleted.
+/// every manifest is in place, no journal is left beside a data dir, no
+/// staged target in a state dir, and no data dir was deleted.
 #[tokio::test]
 async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
     let root = tempfile::tempdir().unwrap();
@@ -1314,6 +1322,20 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             .await
             .unwrap();
     }
+    // Big enough (24 MB, incompressible beyond hex) that each agent's
+    // fetch and decode lasts long enough to be killed in.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    for i in 0..24 {
+        let value: String = (0..125_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                format!("{x:016x}")[..8].to_owned()
+            })
+            .collect();
+        c.put(format!("bulk/{i:02}"), value, None).await.unwrap();
+    }
     let want = user_state(&mut c, 0).await;
     lab.start_backup_processes().await;
     let snapshot_id = lab.scheduled_snapshot().await;
@@ -1330,11 +1352,16 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             victim: 0,
             hold_running: None,
             hold_start: None,
+            ready: |r| matches!(r.phase.as_str(), "preflight" | "prepare"),
+        },
+        Kill {
+            what: "node-1's agent while it fetches the snapshot",
+            victim: 1,
+            hold_running: None,
+            hold_start: None,
             ready: |r| {
-                matches!(
-                    r.phase.as_str(),
-                    "preflight" | "download" | "upload" | "prepare"
-                )
+                let s = last_step(r, "node-1");
+                r.phase == "prepare" && s.starts_with("fetch_snapshot") && !s.ends_with("done")
             },
         },
         Kill {
@@ -1511,6 +1538,19 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
                 })
                 .collect();
             assert!(left.is_empty(), "{what}: {left:?}");
+        }
+        // No staged target is left in any node's state dir, a killed
+        // fetch's included.
+        for i in 0..3 {
+            let state = lab.root.join(format!("node-{i}/state"));
+            let staged: Vec<PathBuf> = std::fs::read_dir(&state)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join("snapshot.db"))
+                .filter(|p| p.exists())
+                .collect();
+            assert!(staged.is_empty(), "{what}: {staged:?}");
         }
     }
     for p in &mut lab.processes {

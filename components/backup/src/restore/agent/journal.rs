@@ -304,6 +304,26 @@ impl Agent {
     /// or releases as the module header says. Returns the restore id found,
     /// if any. Call it before serving the agent.
     pub async fn recover(&self) -> Result<Option<String>> {
+        let found = self.recover_journal().await;
+        let keep = self
+            .held
+            .lock()
+            .await
+            .as_ref()
+            .map(|h| h.restore_id.clone());
+        let state_dir = self.config.state_dir.clone();
+        // Blocking directory reads, off the runtime.
+        let swept =
+            tokio::task::spawn_blocking(move || remove_stale_staged(&state_dir, keep.as_deref()))
+                .await;
+        if let Err(e) = swept {
+            tracing::warn!(error = %e, "could not look for staged targets left behind");
+        }
+        found
+    }
+
+    /// The journal part of [`Agent::recover`].
+    async fn recover_journal(&self) -> Result<Option<String>> {
         let Some(data_dir) = self.recovery_data_dir().await else {
             return Ok(None);
         };
@@ -358,6 +378,41 @@ impl Agent {
         }
         None
     }
+}
+
+/// Removes the staged targets (`<state dir>/<restore id>/snapshot.db`) an
+/// agent killed before it journalled its prepare left behind: a fetch is
+/// journalled only once it is complete and checked, so a staged file of a
+/// restore this node holds no journal for (`keep` is the one it holds) is
+/// a dead fetch's, possibly gigabytes, and nothing will ever read it. A
+/// dir holding etcd's manifest set aside is never touched, whatever its
+/// journal says; the restore's dir goes too once it is empty. Returns
+/// what was removed.
+fn remove_stale_staged(state_dir: &Path, keep: Option<&str>) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for dir in entries.flatten().map(|e| e.path()) {
+        let staged = dir.join(super::STAGED_FILE);
+        let held = keep.is_some_and(|k| dir.file_name().is_some_and(|n| n == k));
+        if held || dir.join("etcd.yaml").exists() || !staged.is_file() {
+            continue;
+        }
+        let bytes = std::fs::metadata(&staged).map_or(0, |m| m.len());
+        match std::fs::remove_file(&staged) {
+            Ok(()) => {
+                tracing::warn!(path = %staged.display(), bytes,
+                    "removed a staged target a killed restore left behind");
+                // Only an empty dir goes: a finished restore's journal stays.
+                let _ = std::fs::remove_dir(&dir);
+                removed.push(staged);
+            }
+            Err(e) => tracing::warn!(path = %staged.display(), error = %e,
+                "could not remove a staged target a killed restore left behind"),
+        }
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -450,5 +505,46 @@ mod tests {
         remove_entry(&path).unwrap();
         assert!(journals_beside(&h.member.data_dir).is_empty());
         remove_entry(&path).unwrap();
+    }
+
+    /// A staged file whose restore has no journal is a killed fetch's and
+    /// goes; the held restore's, and any beside a manifest set aside, stay.
+    #[test]
+    fn a_dead_fetchs_staged_file_is_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let stage = |id: &str| {
+            let d = state.join(id);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(super::super::STAGED_FILE), b"half a snapshot").unwrap();
+            d
+        };
+        let dead = stage("dead");
+        let held = stage("held");
+        let aside = stage("aside");
+        std::fs::write(aside.join("etcd.yaml"), "kind: Pod").unwrap();
+        let finished = stage("finished");
+        std::fs::write(finished.join("journal.json"), "{}").unwrap();
+
+        let removed = remove_stale_staged(&state, Some("held"));
+
+        let mut want = vec![
+            dead.join(super::super::STAGED_FILE),
+            finished.join(super::super::STAGED_FILE),
+        ];
+        let mut removed = removed;
+        removed.sort();
+        want.sort();
+        assert_eq!(removed, want);
+        assert!(!dead.exists(), "an emptied restore dir goes");
+        assert!(
+            finished.join("journal.json").exists(),
+            "a finished journal stays"
+        );
+        assert!(held.join(super::super::STAGED_FILE).exists());
+        assert!(aside.join(super::super::STAGED_FILE).exists());
+        assert!(aside.join("etcd.yaml").exists());
+        // No state dir yet: nothing to do, no error.
+        assert!(remove_stale_staged(&dir.path().join("none"), None).is_empty());
     }
 }

@@ -83,6 +83,9 @@ struct Held {
     expires: Instant,
 }
 
+/// The staged target's file name in `restore.stateDir/<restore id>/`.
+const STAGED_FILE: &str = "snapshot.db";
+
 /// Sink of one node's step events.
 pub type StepSink<'a> = &'a (dyn Fn(pb::NodeRestoreProgress) + Send + Sync);
 

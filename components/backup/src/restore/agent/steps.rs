@@ -84,7 +84,7 @@ impl Agent {
             .await
             .map_err(|e| BackupError::local(format!("creating {}", dir.display()), e))?;
         self.check_tool(&spec).await?;
-        let staged = dir.join("snapshot.db");
+        let staged = dir.join(super::STAGED_FILE);
         self.stage(&req.restore_id, &source, &staged, sink).await?;
         let data_aside = aside_path(&member.data_dir, &req.restore_id, "");
         let ttl = req

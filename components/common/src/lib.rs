@@ -11,6 +11,8 @@
 //! - [`admin`]: the `/livez`, `/readyz`, `/metrics` HTTP server;
 //! - [`shutdown`]: the root cancellation token, tracked and critical tasks,
 //!   signal handling with a grace period;
+//! - [`child`]: child processes that die with the daemon (scratch etcd,
+//!   the restore tool);
 //! - [`workers`]: each long-running task's state, last success and last
 //!   error (`/debug/workers`);
 //! - [`daemon`]: the one `main` every daemon runs (flags, config, logs,
@@ -18,6 +20,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod child;
 pub mod config;
 pub mod daemon;
 pub mod grpc;

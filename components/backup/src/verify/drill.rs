@@ -95,10 +95,15 @@ async fn attempt_drill(
         since,
     );
     let log_path = dir.join(format!("etcd-{attempt}.log"));
-    let mut child = member.start(tools, &log_path, &[]).map_err(|e| match e {
-        StartFailure::Log(what, e) => unhealthy(format!("{what}: {e}")),
-        StartFailure::Spawn(e) => unhealthy(format!("cannot start {}: {e}", tools.etcd.display())),
-    })?;
+    let mut child = member
+        .start(tools, &log_path, &[])
+        .await
+        .map_err(|e| match e {
+            StartFailure::Log(what, e) => unhealthy(format!("{what}: {e}")),
+            StartFailure::Spawn(e) => {
+                unhealthy(format!("cannot start {}: {e}", tools.etcd.display()))
+            }
+        })?;
     let outcome = wait_answers(&mut child, &member.client, &log_path, tools, cancel).await;
     let _ = child.kill().await;
     let (revision, key_count) = outcome?;

@@ -93,8 +93,8 @@ impl Member {
         tools: &DrillSettings,
         db: &Path,
     ) -> std::result::Result<(), ToolFailure> {
-        let out = tokio::process::Command::new(&tools.etcdutl)
-            .arg("snapshot")
+        let mut cmd = tokio::process::Command::new(&tools.etcdutl);
+        cmd.arg("snapshot")
             .arg("restore")
             .arg(db)
             .arg("--data-dir")
@@ -103,8 +103,10 @@ impl Member {
             .args(["--initial-advertise-peer-urls", &self.peer])
             .args(["--initial-cluster-token", &self.token()])
             .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
+            .kill_on_drop(true);
+        // Tied to this process: a killed bulwark-backup leaves no etcdutl
+        // writing behind it.
+        let out = bulwark_common::child::output(cmd)
             .await
             .map_err(ToolFailure::Spawn)?;
         if !out.status.success() {
@@ -117,8 +119,10 @@ impl Member {
     }
 
     /// Starts etcd on the restored data dir, its output in `log_path`,
-    /// with `extra` flags; killed when the child is dropped.
-    pub(crate) fn start(
+    /// with `extra` flags; killed when the child is dropped, or when this
+    /// process dies (a SIGKILLed bulwark-backup leaves no scratch etcd on
+    /// its ports and work dir).
+    pub(crate) async fn start(
         &self,
         tools: &DrillSettings,
         log_path: &Path,
@@ -129,8 +133,8 @@ impl Member {
         let log_err = log
             .try_clone()
             .map_err(|e| StartFailure::Log(format!("opening {}", log_path.display()), e))?;
-        tokio::process::Command::new(&tools.etcd)
-            .args(["--name", self.name])
+        let mut cmd = tokio::process::Command::new(&tools.etcd);
+        cmd.args(["--name", self.name])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--listen-client-urls", &self.client])
@@ -145,8 +149,9 @@ impl Member {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(true);
+        bulwark_common::child::spawn(cmd)
+            .await
             .map_err(StartFailure::Spawn)
     }
 }
@@ -181,6 +186,7 @@ impl ScratchEtcd {
                     &log_path,
                     &["--max-request-bytes", "33554432", "--max-txn-ops", "100000"],
                 )
+                .await
                 .map_err(|e| match e {
                     StartFailure::Log(what, e) => BackupError::local(what, e),
                     StartFailure::Spawn(e) => {

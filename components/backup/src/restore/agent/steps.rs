@@ -373,9 +373,10 @@ impl Agent {
             format!("{:?}", cmd.as_std()),
             String::new(),
         );
-        let out = cmd
-            .kill_on_drop(true)
-            .output()
+        cmd.kill_on_drop(true);
+        // Tied to this process: a killed agent leaves no tool writing into
+        // the output its restart rolls back.
+        let out = bulwark_common::child::output(cmd)
             .await
             .map_err(|e| BackupError::local(format!("running {}", tool.name), e))?;
         if !out.status.success() {

@@ -25,6 +25,7 @@ use crate::engine::Engine;
 use crate::error::BackupError;
 use crate::restore::agent;
 use crate::schedule::{election, service};
+use crate::verify::workdir;
 use crate::{api, delta, restore};
 
 /// The sockets [`run`] serves on, bound by the caller.
@@ -259,7 +260,13 @@ fn spawn_grpc(
     let access = config.grpc.access.clone();
     let token = shutdown.token();
     let recovery_token = shutdown.token();
+    let drill = engine.drill.clone();
     shutdown.spawn_critical("gRPC server", async move {
+        // A killed instance's drill or point-in-time build left its work
+        // dir (gigabytes on a big cluster); blocking reads, off the runtime.
+        if let Err(e) = tokio::task::spawn_blocking(move || workdir::sweep(&drill)).await {
+            tracing::warn!(error = %e, "could not look for work dirs left behind");
+        }
         // Restarted mid-restore: this node's journal is dealt with before
         // any call reaches the agent, and the restores this instance was
         // coordinating are finished once its own agent answers.

@@ -30,6 +30,7 @@ use crate::restore::rollback::abort_node;
 use crate::restore::timing::{Timings, phase_label};
 use crate::schedule::service::{RestoreRunning, Service};
 use crate::snapshot::manifest::timestamp;
+use crate::verify::workdir::WorkDir;
 
 pub(super) type Stream_<T> =
     Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
@@ -597,20 +598,10 @@ impl Coordinator {
         &self,
         run: &Run<'_>,
         plan: &Plan,
-    ) -> std::result::Result<(BuiltTarget, tempfile::TempDir), Failed> {
+    ) -> std::result::Result<(BuiltTarget, WorkDir), Failed> {
         self.set_phase(run, pb::RestorePhase::Download);
         let engine = &run.engine;
-        let parent = engine
-            .drill
-            .work_dir
-            .clone()
-            .unwrap_or_else(std::env::temp_dir);
-        let work = tempfile::Builder::new()
-            .prefix("bulwark-restore-")
-            .tempdir_in(&parent)
-            .map_err(|e| {
-                BackupError::local(format!("creating a work dir in {}", parent.display()), e)
-            })
+        let work = WorkDir::new(&engine.drill, "bulwark-restore-")
             .map_err(fail(pb::RestorePhase::Download))?;
         let events = run.events;
         let target_revision = plan.target_revision;
@@ -1029,7 +1020,7 @@ struct Staged {
     source: pb::SnapshotSource,
     /// A built target's offer to the agents and its work dir, both gone
     /// once the members are done with it.
-    served: Option<(crate::restore::agent::Offer, tempfile::TempDir)>,
+    served: Option<(crate::restore::agent::Offer, WorkDir)>,
     /// The target's revision, when known exactly.
     revision: Option<i64>,
     /// Delta segments applied.

@@ -7,9 +7,10 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
-use crate::error::{BackupError, Result};
+use crate::error::Result;
 use crate::snapshot::manifest::{FORMAT_VERSION, VerificationRecord};
 use crate::verify::drill::run_drill;
+use crate::verify::workdir::WorkDir;
 use crate::verify::{Stage, VerifyEvent, VerifyProgress};
 
 impl Engine {
@@ -26,22 +27,7 @@ impl Engine {
         let entry = self.get_snapshot(id).await?;
         let started = Instant::now();
         let workdir = if drill {
-            let parent = self
-                .drill
-                .work_dir
-                .clone()
-                .unwrap_or_else(std::env::temp_dir);
-            Some(
-                tempfile::Builder::new()
-                    .prefix("bulwark-drill-")
-                    .tempdir_in(&parent)
-                    .map_err(|e| {
-                        BackupError::local(
-                            format!("creating a drill directory in {}", parent.display()),
-                            e,
-                        )
-                    })?,
-            )
+            Some(WorkDir::new(&self.drill, "bulwark-drill-")?)
         } else {
             None
         };

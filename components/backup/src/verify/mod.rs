@@ -12,10 +12,12 @@
 //! | [`check`] | `Engine::verify_snapshot`: stream check, drill, record |
 //! | [`drill`] | restore, start and compare a throwaway etcd |
 //! | [`scratch`] | a throwaway loopback etcd restored from a snapshot file |
+//! | [`workdir`] | locked throwaway work dirs, and the start-up sweep of a killed instance's |
 
 pub mod check;
 pub mod drill;
 pub mod scratch;
+pub mod workdir;
 
 use std::time::Duration;
 

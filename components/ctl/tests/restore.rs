@@ -1557,3 +1557,141 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
         p.stop().await.unwrap();
     }
 }
+
+/// The processes whose command line names `needle` (a scratch etcd names
+/// its data dir under the work dir).
+fn processes_naming(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(needle))
+        .collect()
+}
+
+/// The coordinator SIGKILLed while it replays deltas onto its scratch etcd
+/// (a point-in-time build), the signal to its own pid only, as the OOM
+/// killer sends it: the scratch etcd dies with it (it is tied to the
+/// process), nothing was touched, the restarted instance rolls the
+/// restore back, and its start-up sweep removes the build's work dir,
+/// whose owner is gone.
+#[tokio::test]
+async fn heavy_a_coordinator_killed_mid_build_leaves_no_scratch_etcd_or_work_dir() {
+    let root = tempfile::tempdir().unwrap();
+    let mut lab = Lab::start(
+        root.path(),
+        LabSpec {
+            etcd: tools::etcd(EtcdVersion::V3_5).unwrap(),
+            data_dir: |_, dir| dir.join("etcd-data"),
+            configure: Box::new(|_, c| {
+                c.deltas.flush_interval = Duration::from_millis(200);
+            }),
+        },
+    )
+    .await;
+    lab.start_backup_processes().await;
+    let base_id = lab.scheduled_snapshot().await;
+    // Enough revisions that the replay lasts long enough to be killed in.
+    let c = lab.client().await;
+    for chunk in 0..40 {
+        let mut puts = tokio::task::JoinSet::new();
+        for i in 0..50 {
+            let mut c = c.clone();
+            puts.spawn(async move { c.put(format!("k/{chunk:02}/{i:02}"), "v", None).await });
+        }
+        for put in puts.join_all().await {
+            put.unwrap();
+        }
+    }
+    let mut c = lab.client().await;
+    let target = c.get("x", None).await.unwrap().header().unwrap().revision();
+    let before = user_state(&mut c, 0).await;
+    let old_cluster = c.status().await.unwrap().header().unwrap().cluster_id();
+    let engine = lab.engine();
+    wait_for("deltas to cover the writes", || {
+        let base_id = base_id.clone();
+        async move {
+            engine
+                .list_segments(Some(&base_id))
+                .await
+                .map(|s| s.last().is_some_and(|s| s.last_revision >= target))
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let operator = lab.pki.client("alice", &["system:masters"]).unwrap();
+    let (agent, op) = (lab.agents[0].clone(), operator.clone());
+    let restore = tokio::spawn(async move {
+        let target = target.to_string();
+        ctl(&["restore", "--to-revision", &target, "--yes"], &agent, &op).await
+    });
+    let at = wait_record(lab.engine(), "the replay", |r| {
+        r.state == bulwark_backup::restore::record::RecordState::Running
+            && r.phase == "download"
+            && !r.progress.is_empty()
+    })
+    .await;
+    let work_dirs = || -> Vec<PathBuf> {
+        std::fs::read_dir(root.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains("/bulwark-restore-"))
+            .collect()
+    };
+    let built_in = work_dirs();
+    assert_eq!(built_in.len(), 1, "{built_in:?}");
+    let needle = built_in[0].to_string_lossy().into_owned();
+    assert!(
+        !processes_naming(&needle).is_empty(),
+        "the scratch etcd runs during the replay ({})",
+        at.progress
+    );
+    // SIGKILL (9) to bulwark-backup alone, not its process group: only
+    // the kernel's parent-death signal can stop the scratch etcd then.
+    lab.processes[0].signal(9).unwrap();
+    println!("killed the coordinator during the build ({})", at.progress);
+    wait_for("the scratch etcd to die with its parent", || {
+        let gone = processes_naming(&needle).is_empty();
+        async move { gone }
+    })
+    .await;
+    lab.processes[0]
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let first = restore.await.unwrap();
+    assert!(!first.status.success(), "{}", text(&first));
+    assert_eq!(
+        work_dirs(),
+        built_in,
+        "the dead build's work dir is still there"
+    );
+
+    lab.processes[0].start().unwrap();
+    lab.processes[0]
+        .wait_for_port(lab.agents[0].parse().unwrap(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let ended = wait_record(lab.engine(), "the restore's end", |r| {
+        r.restore_id == at.restore_id
+            && r.state != bulwark_backup::restore::record::RecordState::Running
+    })
+    .await;
+    assert_eq!(
+        ended.state,
+        bulwark_backup::restore::record::RecordState::Failed,
+        "{ended:?}"
+    );
+    assert!(ended.rolled_back, "{ended:?}");
+    assert!(work_dirs().is_empty(), "{:?}", work_dirs());
+    let mut c = lab.client().await;
+    assert_eq!(user_state(&mut c, 0).await, before);
+    let cluster = c.status().await.unwrap().header().unwrap().cluster_id();
+    assert_eq!(cluster, old_cluster);
+    for p in &mut lab.processes {
+        p.stop().await.unwrap();
+    }
+}

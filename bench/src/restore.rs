@@ -10,7 +10,8 @@
 //! once). The machine's load average is recorded at the start and end: a
 //! ratio to the baseline of the same run is the figure to read. A
 //! point-in-time build is also timed: the same snapshot rolled forward by
-//! `--delta-writes` recorded puts.
+//! `--delta-writes` recorded puts, and the built target then moved to three
+//! nodes through the store and served by its node ([`targets`]).
 //!
 //! RPO: the delta recorder with its defaults (500 ms flush) follows etcd
 //! while a writer puts small keys at `--write-rate` per second for
@@ -28,6 +29,7 @@
 //! Results go to `bench/results/<date>-restore.md` and `.json`.
 
 mod members;
+mod targets;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -110,6 +112,7 @@ struct Report {
     three_ratio_to_single: f64,
     pitr_events: u64,
     pitr_build_seconds: f64,
+    pitr_target: targets::TargetTimes,
     rpo: Rpo,
 }
 
@@ -153,7 +156,7 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
 
     let recorder = Following::start(engine.clone());
     let mut client = etcd.client().await?;
-    let (pitr_events, pitr_build_seconds) = pitr(
+    let (pitr_events, pitr_build_seconds, pitr_target) = pitr(
         &engine,
         &manifest,
         &recorder,
@@ -181,6 +184,7 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
         three,
         pitr_events,
         pitr_build_seconds,
+        pitr_target,
         rpo,
     };
     write_report(&args.out, &report)
@@ -258,15 +262,17 @@ impl Following {
 }
 
 /// Point-in-time build: `--delta-writes` puts, recorded, replayed onto the
-/// snapshot. Returns the events replayed and the build's seconds.
+/// snapshot; then the built target moved to three nodes both ways
+/// ([`targets`]). Returns the events replayed, the build's seconds and the
+/// two ways' times.
 async fn pitr(
-    engine: &Engine,
+    engine: &Arc<Engine>,
     manifest: &Manifest,
     recorder: &Following,
     client: &mut Client,
     args: &Args,
     work: &Path,
-) -> anyhow::Result<(u64, f64)> {
+) -> anyhow::Result<(u64, f64, targets::TargetTimes)> {
     let mut last = 0;
     for i in 0..args.delta_writes {
         last = put(client, format!("delta/{i:06}"), format!("value-{i}")).await?;
@@ -292,8 +298,9 @@ async fn pitr(
         "pitr: {} events replayed, build {seconds:.2} s",
         built.events_applied
     );
+    let moved = targets::distribute(engine, &work.join("pitr-nodes"), &built).await?;
     std::fs::remove_dir_all(&dir)?;
-    Ok((built.events_applied, seconds))
+    Ok((built.events_applied, seconds, moved))
 }
 
 /// A put's revision.
@@ -489,6 +496,11 @@ fn write_report(dir: &Path, r: &Report) -> anyhow::Result<()> {
          | bulwark, three members at once | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2}× one member |\n\n\
          Point-in-time build: {} recorded events replayed onto the same snapshot in {:.2} s \
          (download and checks, scratch etcd, replay, snapshot of the result).\n\n\
+         The built target ({:.0} MiB) to three nodes' staging files, every node at once, \
+         hashes checked:\n\n\
+         | way | upload | nodes fetch | total |\n|---|---|---|---|\n\
+         | through the store (upload, every node downloads) | {:.2} s | {:.2} s | {:.2} s |\n\
+         | served (`FetchTarget`: its own node copies, the others stream over mTLS) | — | {:.2} s | {:.2} s |\n\n\
          ## Delta RPO under steady writes\n\n\
          {} writes at {} per second; recorder defaults (flush every 500 ms or 4 MiB).\n\n\
          | acknowledged → committed segment | |\n|---|---|\n| p50 | {:.0} ms |\n| p99 | {:.0} ms |\n| max | {:.0} ms |\n\n\
@@ -514,6 +526,12 @@ fn write_report(dir: &Path, r: &Report) -> anyhow::Result<()> {
         r.three_ratio_to_single,
         r.pitr_events,
         r.pitr_build_seconds,
+        r.pitr_target.bytes as f64 / 1048576.0,
+        r.pitr_target.store_upload,
+        r.pitr_target.store_fetch,
+        r.pitr_target.store_total,
+        r.pitr_target.served,
+        r.pitr_target.served,
         r.rpo.writes,
         r.rpo.write_rate,
         r.rpo.lag_p50_ms,

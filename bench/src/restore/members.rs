@@ -39,12 +39,20 @@ const HEALTHY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One control-plane node: its etcd pod under a kubelet stand-in, and its
 /// restore agent.
-struct Node {
+pub(super) struct Node {
     name: String,
     peer_url: String,
     client_url: String,
-    agent: Agent,
+    pub(super) agent: Arc<Agent>,
     _kubelet: Kubelet,
+}
+
+/// Makes node `i`'s agent from its restore config.
+pub(super) type MakeAgent<'a> = &'a dyn Fn(usize, RestoreConfig) -> Agent;
+
+/// The agent the snapshot-only runs use: in-process, no gRPC.
+fn plain_agent(engine: &Arc<Engine>) -> impl Fn(usize, RestoreConfig) -> Agent + '_ {
+    |_, config| Agent::new(engine.clone(), config, "127.0.0.1:1".into())
 }
 
 /// Seconds each part of one restore took (slowest node's, all at once).
@@ -103,8 +111,13 @@ async fn wait_healthy(client_url: &str) -> anyhow::Result<()> {
     }
 }
 
-/// `n` nodes under `root`, their etcd members running as one cluster.
-async fn start_nodes(engine: &Arc<Engine>, root: &Path, n: usize) -> anyhow::Result<Vec<Node>> {
+/// `n` nodes under `root`, their etcd members running as one cluster,
+/// each with the agent `agent` makes.
+pub(super) async fn start_nodes(
+    root: &Path,
+    n: usize,
+    agent: MakeAgent<'_>,
+) -> anyhow::Result<Vec<Node>> {
     let etcd = tools::etcd(EtcdVersion::V3_5)?;
     let ports = ports::free_ports(std::net::Ipv4Addr::LOCALHOST.into(), 2 * n)?;
     let url = |p: u16| format!("http://127.0.0.1:{p}");
@@ -133,16 +146,15 @@ async fn start_nodes(engine: &Arc<Engine>, root: &Path, n: usize) -> anyhow::Res
         )
         .write(&manifest)?;
         let kubelet = Kubelet::start(&manifest, name);
-        let agent = Agent::new(
-            engine.clone(),
+        let agent = Arc::new(agent(
+            i,
             RestoreConfig {
                 etcd_manifest: manifest,
                 state_dir: dir.join("state"),
                 health_timeout: HEALTHY_TIMEOUT,
                 ..Default::default()
             },
-            "127.0.0.1:1".into(),
-        );
+        ));
         clients.push(client_url.clone());
         nodes.push(Node {
             name: name.clone(),
@@ -158,10 +170,21 @@ async fn start_nodes(engine: &Arc<Engine>, root: &Path, n: usize) -> anyhow::Res
     Ok(nodes)
 }
 
-/// What each node's agent is asked to restore: the committed snapshot `m`
-/// itself, which it decodes (as the coordinator asks for a snapshot-only
-/// restore).
-fn specs(nodes: &[Node], m: &Manifest) -> Vec<pb::MemberRestoreSpec> {
+/// The committed snapshot `m` itself as a restore source, which each
+/// agent decodes (as the coordinator asks for a snapshot-only restore).
+fn stored_source(m: &Manifest) -> pb::SnapshotSource {
+    pb::SnapshotSource {
+        object_key: m.object_key.clone(),
+        sha256: m.stored_sha256.clone(),
+        size_bytes: m.stored_size_bytes,
+        snapshot_id: m.id.clone(),
+        raw_size_bytes: m.raw_size_bytes,
+        served_by: String::new(),
+    }
+}
+
+/// What each node's agent is asked to restore from `source`.
+pub(super) fn specs(nodes: &[Node], source: &pb::SnapshotSource) -> Vec<pb::MemberRestoreSpec> {
     let initial_cluster = nodes
         .iter()
         .map(|n| format!("{}={}", n.name, n.peer_url))
@@ -170,14 +193,7 @@ fn specs(nodes: &[Node], m: &Manifest) -> Vec<pb::MemberRestoreSpec> {
     nodes
         .iter()
         .map(|n| pb::MemberRestoreSpec {
-            snapshot: Some(pb::SnapshotSource {
-                object_key: m.object_key.clone(),
-                sha256: m.stored_sha256.clone(),
-                size_bytes: m.stored_size_bytes,
-                snapshot_id: m.id.clone(),
-                raw_size_bytes: m.raw_size_bytes,
-                served_by: String::new(),
-            }),
+            snapshot: Some(source.clone()),
             member_name: n.name.clone(),
             peer_urls: vec![n.peer_url.clone()],
             initial_cluster: initial_cluster.clone(),
@@ -196,22 +212,11 @@ pub(super) async fn restore(
     n: usize,
     m: &Manifest,
 ) -> anyhow::Result<MemberTimes> {
-    let nodes = start_nodes(engine, root, n).await?;
-    let specs = specs(&nodes, m);
+    let nodes = start_nodes(root, n, &plain_agent(engine)).await?;
+    let specs = specs(&nodes, &stored_source(m));
     let rid = "bench";
     let started = Instant::now();
-    let prepares = nodes.iter().zip(&specs).map(|(node, spec)| {
-        node.agent.prepare(pb::PrepareRestoreRequest {
-            restore_id: rid.into(),
-            coordinator: "bench".into(),
-            spec: Some(spec.clone()),
-            lock_ttl: None,
-            skip_space_check: false,
-        })
-    });
-    for r in futures::future::join_all(prepares).await {
-        r.context("prepare (fetch)")?;
-    }
+    prepare_all(&nodes, &specs, rid).await?;
     let fetched = Instant::now();
     restore_members(&nodes, &specs, rid).await?;
     let restored = Instant::now();
@@ -234,6 +239,28 @@ pub(super) async fn restore(
         start: (done - restored).as_secs_f64(),
         total: (done - started).as_secs_f64(),
     })
+}
+
+/// PREPARE on every node at once: each fetches its target into its
+/// staging file, hashes checked.
+pub(super) async fn prepare_all(
+    nodes: &[Node],
+    specs: &[pb::MemberRestoreSpec],
+    rid: &str,
+) -> anyhow::Result<()> {
+    let prepares = nodes.iter().zip(specs).map(|(node, spec)| {
+        node.agent.prepare(pb::PrepareRestoreRequest {
+            restore_id: rid.into(),
+            coordinator: "bench".into(),
+            spec: Some(spec.clone()),
+            lock_ttl: None,
+            skip_space_check: false,
+        })
+    });
+    for r in futures::future::join_all(prepares).await {
+        r.context("prepare (fetch)")?;
+    }
+    Ok(())
 }
 
 /// The old cluster's leader, by member name.

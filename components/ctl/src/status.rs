@@ -15,7 +15,6 @@
 use std::time::SystemTime;
 
 use bulwark_api::backup::v1 as bk;
-use bulwark_api::backup::v1::backup_client::BackupClient;
 use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
 use serde::Serialize;
@@ -435,13 +434,7 @@ async fn probers_part(svc: &Service<'_>) -> Result<Vec<ProberRow>, CliError> {
 }
 
 async fn backup_part(svc: &Service<'_>, now: SystemTime) -> Result<BackupView, CliError> {
-    let s = svc
-        .send(
-            BackupClient::new,
-            bk::GetStatusRequest::default(),
-            |mut c, r| async move { c.get_status(r).await },
-        )
-        .await?;
+    let s = crate::backup::get_status(svc).await?;
     Ok(backup_view(&s, now))
 }
 

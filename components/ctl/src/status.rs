@@ -293,12 +293,10 @@ fn node_ref(n: &lb::NodeInfo) -> String {
     }
 }
 
+/// The LB node's status with only the newest failover: the overview
+/// names the last one.
 async fn get_status(svc: &Service<'_>) -> Result<lb::GetStatusResponse, CliError> {
-    let req = lb::GetStatusRequest { max_failovers: 1 };
-    svc.send(LoadBalancerClient::new, req, |mut c, r| async move {
-        c.get_status(r).await
-    })
-    .await
+    crate::lb::get_status(svc, 1).await
 }
 
 async fn lb_part(svc: &Service<'_>) -> Result<LbView, CliError> {

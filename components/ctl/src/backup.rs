@@ -861,11 +861,7 @@ fn restore_line(r: &pb::RestoreInProgress, now: SystemTime) -> String {
         "{} (coordinator {}): {phase}{elapsed}{}",
         r.restore_id,
         r.coordinator,
-        if done.is_empty() {
-            String::new()
-        } else {
-            format!("; done: {}", done.join(", "))
-        }
+        output::part("; done: ", &done.join(", "), "")
     )
 }
 

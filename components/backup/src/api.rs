@@ -107,6 +107,26 @@ impl BackupApi {
         })
     }
 
+    /// Resumes an interrupted restore, or rolls it back, logging who asked.
+    fn finish_restore(
+        &self,
+        caller: Option<String>,
+        id: String,
+        rollback: bool,
+    ) -> Result<Response<Stream_<pb::RestoreProgress>>, Status> {
+        let c = self.coordinator()?;
+        if rollback {
+            tracing::warn!(caller = ?caller, restore_id = %id, "rolling a restore back");
+        } else {
+            tracing::warn!(caller = ?caller, restore_id = %id, "resuming a restore");
+        }
+        Ok(Response::new(c.finish_restore(
+            id,
+            rollback,
+            &self.shutdown,
+        )?))
+    }
+
     /// The tonic service to register.
     pub fn into_server(self) -> pb::backup_server::BackupServer<Self> {
         pb::backup_server::BackupServer::new(self)
@@ -635,14 +655,7 @@ impl pb::backup_server::Backup for BackupApi {
         request: Request<pb::ResumeRestoreRequest>,
     ) -> Result<Response<Self::ResumeRestoreStream>, Status> {
         let caller = bulwark_common::grpc::caller(&request).map(ToString::to_string);
-        let c = self.coordinator()?;
-        let id = request.into_inner().restore_id;
-        tracing::warn!(caller = ?caller, restore_id = %id, "resuming a restore");
-        Ok(Response::new(c.finish_restore(
-            id,
-            false,
-            &self.shutdown,
-        )?))
+        self.finish_restore(caller, request.into_inner().restore_id, false)
     }
 
     type RollbackRestoreStream = Stream_<pb::RestoreProgress>;
@@ -652,10 +665,7 @@ impl pb::backup_server::Backup for BackupApi {
         request: Request<pb::RollbackRestoreRequest>,
     ) -> Result<Response<Self::RollbackRestoreStream>, Status> {
         let caller = bulwark_common::grpc::caller(&request).map(ToString::to_string);
-        let c = self.coordinator()?;
-        let id = request.into_inner().restore_id;
-        tracing::warn!(caller = ?caller, restore_id = %id, "rolling a restore back");
-        Ok(Response::new(c.finish_restore(id, true, &self.shutdown)?))
+        self.finish_restore(caller, request.into_inner().restore_id, true)
     }
 
     type RestoreStream = Stream_<pb::RestoreProgress>;

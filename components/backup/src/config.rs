@@ -1262,73 +1262,32 @@ mod tests {
         );
     }
 
-    /// A section's name and the check of its type.
-    type SectionCheck = (&'static str, fn() -> Result<(), String>);
-
     #[test]
     fn every_section_merges_with_its_defaults() {
         use crate::snapshot::retention::Exponential;
+        use bulwark_common::config::{
+            SectionCheck, check_fields_merge as merges, check_sections_merge,
+        };
         // `retention.policy` is left out on purpose: it is a set of rules
         // (OR-combined), and a policy that is given is exactly the rules
         // it names (BACKUP.md); its `exponential` rule is a section.
         let sections: &[SectionCheck] = &[
-            (
-                "logging",
-                bulwark_common::config::check_fields_merge::<LoggingConfig>,
-            ),
-            (
-                "grpc",
-                bulwark_common::config::check_fields_merge::<GrpcConfig>,
-            ),
-            (
-                "grpc.access",
-                bulwark_common::config::check_fields_merge::<AccessPolicy>,
-            ),
-            (
-                "etcd",
-                bulwark_common::config::check_fields_merge::<EtcdConfig>,
-            ),
-            (
-                "store",
-                bulwark_common::config::check_fields_merge::<StoreConfig>,
-            ),
-            (
-                "compression",
-                bulwark_common::config::check_fields_merge::<CompressionConfig>,
-            ),
-            (
-                "encryption",
-                bulwark_common::config::check_fields_merge::<EncryptionConfig>,
-            ),
-            (
-                "schedule",
-                bulwark_common::config::check_fields_merge::<ScheduleConfig>,
-            ),
-            (
-                "retention",
-                bulwark_common::config::check_fields_merge::<RetentionConfig>,
-            ),
-            (
-                "retention.policy.exponential",
-                bulwark_common::config::check_fields_merge::<Exponential>,
-            ),
-            (
-                "drill",
-                bulwark_common::config::check_fields_merge::<DrillConfig>,
-            ),
-            (
-                "deltas",
-                bulwark_common::config::check_fields_merge::<DeltaConfig>,
-            ),
-            (
-                "restore",
-                bulwark_common::config::check_fields_merge::<RestoreConfig>,
-            ),
+            ("logging", merges::<LoggingConfig>),
+            ("grpc", merges::<GrpcConfig>),
+            ("grpc.access", merges::<AccessPolicy>),
+            ("etcd", merges::<EtcdConfig>),
+            ("store", merges::<StoreConfig>),
+            ("compression", merges::<CompressionConfig>),
+            ("encryption", merges::<EncryptionConfig>),
+            ("schedule", merges::<ScheduleConfig>),
+            ("retention", merges::<RetentionConfig>),
+            ("retention.policy.exponential", merges::<Exponential>),
+            ("drill", merges::<DrillConfig>),
+            ("deltas", merges::<DeltaConfig>),
+            ("restore", merges::<RestoreConfig>),
         ];
-        for (name, check) in sections {
-            if let Err(e) = check() {
-                panic!("{name}: {e}");
-            }
+        if let Err(e) = check_sections_merge(sections) {
+            panic!("{e}");
         }
         // Through the whole file too: the reported case.
         let c = parse(&minimal("schedule: {retries: 3}\n")).unwrap();

@@ -283,6 +283,18 @@ where
     Ok(())
 }
 
+/// A config section's path in the file and [`check_fields_merge`] for its
+/// type.
+pub type SectionCheck = (&'static str, fn() -> Result<(), String>);
+
+/// Runs the check of every section a daemon lists; the error names the
+/// first section that does not merge, then the field.
+pub fn check_sections_merge(sections: &[SectionCheck]) -> Result<(), String> {
+    sections
+        .iter()
+        .try_for_each(|(name, check)| check().map_err(|e| format!("{name}: {e}")))
+}
+
 /// Validates `value` as if it sat at `prefix`; convenient in tests.
 pub fn validate_at<V: Validate + ?Sized>(prefix: &str, value: &V) -> Vec<FieldError> {
     let mut v = Validator::default();
@@ -978,5 +990,41 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("x.yaml is not valid YAML"), "{err}");
+    }
+
+    /// A section whose missing field falls back to the type's zero rather
+    /// than to the default the type itself documents.
+    #[derive(Debug, serde::Serialize, Deserialize)]
+    struct Lossy {
+        #[serde(default)]
+        retries: u32,
+        #[serde(default)]
+        enabled: bool,
+    }
+
+    impl Default for Lossy {
+        fn default() -> Self {
+            Self {
+                retries: 3,
+                enabled: true,
+            }
+        }
+    }
+
+    #[derive(Debug, Default, serde::Serialize, Deserialize)]
+    #[serde(default)]
+    struct Merging {
+        retries: u32,
+    }
+
+    #[test]
+    fn the_section_that_does_not_merge_is_named() {
+        let sections: &[SectionCheck] = &[
+            ("merging", check_fields_merge::<Merging>),
+            ("lossy", check_fields_merge::<Lossy>),
+        ];
+        let err = check_sections_merge(sections).unwrap_err();
+        assert!(err.starts_with("lossy: "), "{err}");
+        assert!(check_sections_merge(&sections[..1]).is_ok());
     }
 }

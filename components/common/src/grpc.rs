@@ -196,6 +196,12 @@ impl GrpcServer {
     }
 }
 
+/// The name to verify `address`'s certificate under: `server_name`, or
+/// the address's host part.
+fn server_host(address: &str, server_name: Option<&str>) -> String {
+    server_name.map_or_else(|| host_of(address), str::to_owned)
+}
+
 /// A lazily connecting mTLS channel to `address` (`host:port`), verifying
 /// the server certificate under `server_name` (defaults to the host part).
 /// Each connection it makes (the first, and every reconnect) handshakes
@@ -205,9 +211,7 @@ pub fn channel(
     tls: &TlsMaterial,
     server_name: Option<&str>,
 ) -> Result<Channel, tonic::transport::Error> {
-    let host = server_name
-        .map(str::to_owned)
-        .unwrap_or_else(|| host_of(address));
+    let host = server_host(address, server_name);
     // TLS is the connector's, so the URI says http.
     let endpoint = with_options(Endpoint::from_shared(format!("http://{address}"))?);
     let (address, tls) = (address.to_owned(), tls.clone());
@@ -227,9 +231,7 @@ pub fn endpoint(
     tls: &TlsMaterial,
     server_name: Option<&str>,
 ) -> Result<Endpoint, tonic::transport::Error> {
-    let host = server_name
-        .map(str::to_owned)
-        .unwrap_or_else(|| host_of(address));
+    let host = server_host(address, server_name);
     Endpoint::from_shared(format!("https://{address}"))?
         .tls_config(tls.tonic_client(&host))
         .map(with_options)

@@ -32,6 +32,19 @@ fn panic_message(e: tokio::task::JoinError) -> String {
         .unwrap_or_else(|| "(no message)".to_owned())
 }
 
+/// Waits for `changed` (a watch receiver's next value) unless `token` is
+/// cancelled first: `false` when the watching task should end, because of
+/// the cancel or because the sender is gone.
+pub async fn next_change<E>(
+    token: &CancellationToken,
+    changed: impl Future<Output = Result<(), E>>,
+) -> bool {
+    tokio::select! {
+        () = token.cancelled() => false,
+        r = changed => r.is_ok(),
+    }
+}
+
 /// Exit code when a critical task failed.
 pub const EXIT_TASK_FAILED: u8 = 1;
 /// Exit code when shutdown did not finish within the grace period, or a
@@ -264,6 +277,19 @@ mod tests {
             ExitCode::SUCCESS
         );
         assert!(*done.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn next_change_is_false_once_cancelled_or_the_sender_is_gone() {
+        let token = CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::watch::channel(0);
+        tx.send(1).unwrap();
+        assert!(next_change(&token, rx.changed()).await);
+        drop(tx);
+        assert!(!next_change(&token, rx.changed()).await);
+        let (_tx, mut rx) = tokio::sync::watch::channel(0);
+        token.cancel();
+        assert!(!next_change(&token, rx.changed()).await);
     }
 
     #[tokio::test]

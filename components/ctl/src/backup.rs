@@ -356,18 +356,14 @@ async fn create(
     format: OutputFormat,
     req: pb::CreateSnapshotRequest,
 ) -> Result<(), CliError> {
-    let mut stream = service
+    let stream = service
         .send(BackupClient::new, req, |mut c, r| async move {
             c.create_snapshot(r).await
         })
         .await?;
     let progress = bar(None);
     progress.set_message("connecting");
-    while let Some(msg) = stream
-        .message()
-        .await
-        .map_err(|s| stream_error(service, s))?
-    {
+    let manifest = follow(service, stream, progress, "snapshot", |progress, msg| {
         match msg.event {
             Some(pb::snapshot_progress::Event::Connecting(c)) => progress.set_message(format!(
                 "snapshot {} from {} (revision {})",
@@ -382,33 +378,55 @@ async fn create(
             Some(pb::snapshot_progress::Event::Committing(_)) => {
                 progress.set_message("writing the manifest");
             }
-            Some(pb::snapshot_progress::Event::Done(done)) => {
-                progress.finish_and_clear();
-                let Some(m) = done.manifest else {
-                    return Err(CliError::new(Exit::Failure, "done without a manifest"));
-                };
-                return print_manifest(format, &m);
-            }
+            Some(pb::snapshot_progress::Event::Done(done)) => return Some(Ok(done.manifest)),
             Some(pb::snapshot_progress::Event::Failed(f)) => {
-                progress.finish_and_clear();
                 let exit = if f.etcd_hash_mismatch {
                     Exit::VerifyFailed
                 } else {
                     Exit::Failure
                 };
-                return Err(CliError::new(
+                return Some(Err(CliError::new(
                     exit,
                     format!("snapshot {} failed: {}", msg.snapshot_id, f.message),
                 )
-                .hint("nothing was committed; the partial upload was removed"));
+                .hint("nothing was committed; the partial upload was removed")));
             }
             None => {}
+        }
+        None
+    })
+    .await?;
+    let Some(m) = manifest else {
+        return Err(CliError::new(Exit::Failure, "done without a manifest"));
+    };
+    print_manifest(format, &m)
+}
+
+/// Reads a progress stream, shown on `progress`, until `step` turns a
+/// message into the outcome; the bar is cleared before that is returned,
+/// so the caller prints on a clean terminal. A stream that ends without
+/// an outcome is `Unavailable`, naming `what`.
+async fn follow<M, T>(
+    service: &Service<'_>,
+    mut stream: tonic::Streaming<M>,
+    progress: ProgressBar,
+    what: &str,
+    mut step: impl FnMut(&ProgressBar, M) -> Option<Result<T, CliError>>,
+) -> Result<T, CliError> {
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|s| stream_error(service, s))?
+    {
+        if let Some(result) = step(&progress, msg) {
+            progress.finish_and_clear();
+            return result;
         }
     }
     progress.finish_and_clear();
     Err(CliError::new(
         Exit::Unavailable,
-        "the snapshot stream ended without a result",
+        format!("the {what} stream ended without a result"),
     ))
 }
 
@@ -485,15 +503,7 @@ fn render_list(rows: &[Row]) -> String {
 
 /// `backup show ID|latest`.
 async fn show(service: &Service<'_>, format: OutputFormat, id: &str) -> Result<(), CliError> {
-    let req = pb::GetSnapshotRequest {
-        snapshot: Some(selector(id)),
-    };
-    let m = service
-        .send(BackupClient::new, req, |mut c, r| async move {
-            c.get_snapshot(r).await
-        })
-        .await?;
-    print_manifest(format, &m)
+    print_manifest(format, &get_snapshot(service, id).await?)
 }
 
 /// `backup verify ID|latest [--drill]`: follows the check to its result.
@@ -507,19 +517,19 @@ async fn verify(
         snapshot: Some(selector(id)),
         drill,
     };
-    let mut stream = service
+    let stream = service
         .send(BackupClient::new, req, |mut c, r| async move {
             c.verify_snapshot(r).await
         })
         .await?;
     let progress = bar(None);
     progress.set_message("downloading and checking");
-    while let Some(msg) = stream
-        .message()
-        .await
-        .map_err(|s| stream_error(service, s))?
-    {
-        match msg.event {
+    let result = follow(
+        service,
+        stream,
+        progress,
+        "verification",
+        |progress, msg| match msg.event {
             Some(pb::verify_progress::Event::Stage(stage)) => {
                 if let Some(t) = stage.transfer {
                     if let Some(total) = t.bytes_total {
@@ -530,19 +540,14 @@ async fn verify(
                 if !stage.detail.is_empty() {
                     progress.set_message(stage.detail);
                 }
+                None
             }
-            Some(pb::verify_progress::Event::Result(r)) => {
-                progress.finish_and_clear();
-                return print_verify(format, &r);
-            }
-            None => {}
-        }
-    }
-    progress.finish_and_clear();
-    Err(CliError::new(
-        Exit::Unavailable,
-        "the verification stream ended without a result",
-    ))
+            Some(pb::verify_progress::Event::Result(r)) => Some(Ok(r)),
+            None => None,
+        },
+    )
+    .await?;
+    print_verify(format, &result)
 }
 
 /// `backup delete ID|latest [--force]`. `latest` becomes one concrete id
@@ -555,14 +560,7 @@ async fn delete(
     force: bool,
 ) -> Result<(), CliError> {
     let id = if id == "latest" {
-        let req = pb::GetSnapshotRequest {
-            snapshot: Some(selector(id)),
-        };
-        let newest = service
-            .send(BackupClient::new, req, |mut c, r| async move {
-                c.get_snapshot(r).await
-            })
-            .await?;
+        let newest = get_snapshot(service, id).await?;
         output::note(&format!("latest is {}", newest.id));
         newest.id
     } else {
@@ -695,14 +693,31 @@ fn gc_text(v: &GcView) -> String {
 
 /// `backup status`.
 async fn status(service: &Service<'_>, format: OutputFormat) -> Result<(), CliError> {
-    let s = service
+    print_status(format, &get_status(service).await?)
+}
+
+/// The backup service's GetStatus, as `backup status`, `backup deltas`
+/// and the `status` overview read it.
+pub(crate) async fn get_status(service: &Service<'_>) -> Result<pb::GetStatusResponse, CliError> {
+    service
         .send(
             BackupClient::new,
             pb::GetStatusRequest::default(),
             |mut c, r| async move { c.get_status(r).await },
         )
-        .await?;
-    print_status(format, &s)
+        .await
+}
+
+/// The manifest `id` (or `latest`) names.
+async fn get_snapshot(service: &Service<'_>, id: &str) -> Result<pb::SnapshotManifest, CliError> {
+    let req = pb::GetSnapshotRequest {
+        snapshot: Some(selector(id)),
+    };
+    service
+        .send(BackupClient::new, req, |mut c, r| async move {
+            c.get_snapshot(r).await
+        })
+        .await
 }
 
 /// Verification result output.
@@ -846,11 +861,7 @@ fn restore_line(r: &pb::RestoreInProgress, now: SystemTime) -> String {
         "{} (coordinator {}): {phase}{elapsed}{}",
         r.restore_id,
         r.coordinator,
-        if done.is_empty() {
-            String::new()
-        } else {
-            format!("; done: {}", done.join(", "))
-        }
+        output::part("; done: ", &done.join(", "), "")
     )
 }
 
@@ -930,13 +941,7 @@ async fn all_segments(service: &Service<'_>) -> Result<Vec<pb::DeltaSegment>, Cl
 /// `backup deltas`: the coverage from GetStatus, its segments from
 /// ListDeltas (those that follow the newest snapshot).
 async fn deltas(service: &Service<'_>, format: OutputFormat, list: bool) -> Result<(), CliError> {
-    let s = service
-        .send(
-            BackupClient::new,
-            pb::GetStatusRequest::default(),
-            |mut c, r| async move { c.get_status(r).await },
-        )
-        .await?;
+    let s = get_status(service).await?;
     // The status counts no segment when a restore abandoned the newest
     // snapshot's timeline; those are then not coverage either.
     let counted = s.deltas.as_ref().is_some_and(|d| d.segment_count > 0);

@@ -601,26 +601,26 @@ contexts:
 # backups. The certificate carries O=bulwark:operators, which grants
 # nothing in Kubernetes (`bulwarkctl certs issue --operator NAME`, GUIDE.md
 # \"Certificates\").
-- name: {name}
-  ca: /etc/kubernetes/pki/ca.crt
-  cert: {cert}
-  key: {key}
-  lb:
-    endpoints: {lb}
-  backup:
-    endpoints: {backup}
 ",
         name = c.name,
-        cert = c.operator.cert.display(),
-        key = c.operator.key.display(),
-        lb = endpoints(c, API_PORT),
-        backup = endpoints(c, BACKUP_GRPC_PORT),
     );
+    text.push_str(&ctl_context(c, &c.name, &c.operator));
     if let Some(r) = &c.readonly {
-        text.push_str(&format!(
+        text.push_str(
             "# Read-only (status, lists, health): any certificate from the cluster CA
 # without an operator O, e.g. for monitoring scripts.
-- name: {name}-readonly
+",
+        );
+        text.push_str(&ctl_context(c, &format!("{}-readonly", c.name), r));
+    }
+    text
+}
+
+/// One bulwarkctl context: the cluster's endpoints, with `files` as the
+/// client identity.
+fn ctl_context(c: &ClusterDescription, name: &str, files: &CertPair) -> String {
+    format!(
+        "- name: {name}
   ca: /etc/kubernetes/pki/ca.crt
   cert: {cert}
   key: {key}
@@ -629,14 +629,11 @@ contexts:
   backup:
     endpoints: {backup}
 ",
-            name = c.name,
-            cert = r.cert.display(),
-            key = r.key.display(),
-            lb = endpoints(c, API_PORT),
-            backup = endpoints(c, BACKUP_GRPC_PORT),
-        ));
-    }
-    text
+        cert = files.cert.display(),
+        key = files.key.display(),
+        lb = endpoints(c, API_PORT),
+        backup = endpoints(c, BACKUP_GRPC_PORT),
+    )
 }
 
 /// Each daemon config through its daemon's validation (all but the file

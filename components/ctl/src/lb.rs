@@ -493,14 +493,21 @@ impl LbCommand {
 
 /// `lb status`.
 async fn status(svc: &Service<'_>, format: OutputFormat) -> Result<(), CliError> {
-    let s = svc
-        .send(
-            LoadBalancerClient::new,
-            lb::GetStatusRequest::default(),
-            |mut c, r| async move { c.get_status(r).await },
-        )
-        .await?;
+    let s = get_status(svc, 0).await?;
     output::print(format, &status_view(&s), render_status)
+}
+
+/// The LB node's GetStatus with up to `max_failovers` recent failovers
+/// (0: the server's default), for `lb status` and the `status` overview.
+pub(crate) async fn get_status(
+    svc: &Service<'_>,
+    max_failovers: u32,
+) -> Result<lb::GetStatusResponse, CliError> {
+    let req = lb::GetStatusRequest { max_failovers };
+    svc.send(LoadBalancerClient::new, req, |mut c, r| async move {
+        c.get_status(r).await
+    })
+    .await
 }
 
 fn status_view(s: &lb::GetStatusResponse) -> StatusView {

@@ -118,6 +118,16 @@ pub fn fields(pairs: &[(&str, String)]) -> String {
         .collect()
 }
 
+/// `text` between `before` and `after`, or nothing when `text` is empty:
+/// an optional part of a line (` (detail)`, `, error: …`).
+pub fn part(before: &str, text: &str, after: &str) -> String {
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!("{before}{text}{after}")
+    }
+}
+
 /// Bytes for people: `672 B`, `1.5 MiB`.
 pub fn size(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
@@ -237,5 +247,12 @@ mod tests {
             .unwrap(),
             "leader: 2\nvip:    x\n"
         );
+    }
+
+    #[test]
+    fn an_empty_part_leaves_no_separators() {
+        assert_eq!(part(" (", "", ")"), "");
+        assert_eq!(part(" (", "kept", ")"), " (kept)");
+        assert_eq!(part(", error: ", "refused", ""), ", error: refused");
     }
 }

@@ -129,6 +129,16 @@ struct TimingRow {
     took_seconds: f64,
 }
 
+impl From<pb::PhaseTiming> for TimingRow {
+    fn from(t: pb::PhaseTiming) -> Self {
+        Self {
+            name: t.name,
+            node: t.node_name,
+            took_seconds: output::seconds(t.took.as_ref()).unwrap_or(0.0),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct NodeRow {
     node: String,
@@ -439,21 +449,22 @@ fn phase_message(p: &pb::RestorePhaseProgress) -> String {
 
 /// One node's step: `  node step status path (detail)`.
 fn node_line(n: &pb::NodeRestoreProgress) -> String {
+    step_line(
+        &n.node_name,
+        &step_name(n.step),
+        &status_name(n.status),
+        &n.path,
+        &n.detail,
+    )
+}
+
+/// `  node step status path (detail)`, the path and the detail when
+/// given: as the progress and `restore status` show a node's step.
+fn step_line(node: &str, step: &str, status: &str, path: &str, detail: &str) -> String {
     format!(
-        "  {} {} {}{}{}",
-        n.node_name,
-        step_name(n.step),
-        status_name(n.status),
-        if n.path.is_empty() {
-            String::new()
-        } else {
-            format!(" {}", n.path)
-        },
-        if n.detail.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", n.detail)
-        },
+        "  {node} {step} {status}{}{}",
+        output::part(" ", path, ""),
+        output::part(" (", detail, ")"),
     )
 }
 
@@ -479,15 +490,7 @@ fn summary(restore_id: String, s: pb::RestoreSummary) -> Summary {
                 old_data_dir_kept_at: n.data_dir_aside_path,
             })
             .collect(),
-        timings: s
-            .timings
-            .into_iter()
-            .map(|t| TimingRow {
-                name: t.name,
-                node: t.node_name,
-                took_seconds: output::seconds(t.took.as_ref()).unwrap_or(0.0),
-            })
-            .collect(),
+        timings: s.timings.into_iter().map(TimingRow::from).collect(),
     }
 }
 
@@ -596,17 +599,9 @@ fn print_failure(r: &FailureReport, format: OutputFormat) -> Result<(), CliError
                 n.last_step,
                 n.manifest_in_place,
                 n.data_dir_moved,
-                if n.data_dir_aside.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", n.data_dir_aside)
-                },
+                output::part(" (", &n.data_dir_aside, ")"),
                 n.restored,
-                if n.error.is_empty() {
-                    String::new()
-                } else {
-                    format!(", error: {}", n.error)
-                },
+                output::part(", error: ", &n.error, ""),
             ));
             for c in &n.manual_rollback {
                 out.push_str(&format!("    {c}\n"));

@@ -15,7 +15,6 @@
 use std::time::SystemTime;
 
 use bulwark_api::backup::v1 as bk;
-use bulwark_api::backup::v1::backup_client::BackupClient;
 use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
 use serde::Serialize;
@@ -294,12 +293,10 @@ fn node_ref(n: &lb::NodeInfo) -> String {
     }
 }
 
+/// The LB node's status with only the newest failover: the overview
+/// names the last one.
 async fn get_status(svc: &Service<'_>) -> Result<lb::GetStatusResponse, CliError> {
-    let req = lb::GetStatusRequest { max_failovers: 1 };
-    svc.send(LoadBalancerClient::new, req, |mut c, r| async move {
-        c.get_status(r).await
-    })
-    .await
+    crate::lb::get_status(svc, 1).await
 }
 
 async fn lb_part(svc: &Service<'_>) -> Result<LbView, CliError> {
@@ -435,13 +432,7 @@ async fn probers_part(svc: &Service<'_>) -> Result<Vec<ProberRow>, CliError> {
 }
 
 async fn backup_part(svc: &Service<'_>, now: SystemTime) -> Result<BackupView, CliError> {
-    let s = svc
-        .send(
-            BackupClient::new,
-            bk::GetStatusRequest::default(),
-            |mut c, r| async move { c.get_status(r).await },
-        )
-        .await?;
+    let s = crate::backup::get_status(svc).await?;
     Ok(backup_view(&s, now))
 }
 

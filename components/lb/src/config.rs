@@ -2037,51 +2037,28 @@ mod tests {
         );
     }
 
-    /// A section's name and the check of its type.
-    type SectionCheck = (&'static str, fn() -> Result<(), String>);
-
     /// `api`, `tls` and the list entries have required fields (an error
     /// names them); every other section has a default for each field.
     #[test]
     fn every_section_merges_with_its_defaults() {
+        use bulwark_common::config::{
+            SectionCheck, check_fields_merge as merges, check_sections_merge,
+        };
         let sections: &[SectionCheck] = &[
-            (
-                "raft",
-                bulwark_common::config::check_fields_merge::<RaftConfig>,
-            ),
-            (
-                "access",
-                bulwark_common::config::check_fields_merge::<AccessPolicy>,
-            ),
-            (
-                "vip",
-                bulwark_common::config::check_fields_merge::<VipConfig>,
-            ),
-            (
-                "proxy",
-                bulwark_common::config::check_fields_merge::<ProxyConfig>,
-            ),
+            ("raft", merges::<RaftConfig>),
+            ("access", merges::<AccessPolicy>),
+            ("vip", merges::<VipConfig>),
+            ("proxy", merges::<ProxyConfig>),
             (
                 "proxy.tcpKeepalive",
-                bulwark_common::config::check_fields_merge::<crate::proxy::KeepaliveConfig>,
+                merges::<crate::proxy::KeepaliveConfig>,
             ),
-            (
-                "routing",
-                bulwark_common::config::check_fields_merge::<RoutingConfig>,
-            ),
-            (
-                "health",
-                bulwark_common::config::check_fields_merge::<HealthConfig>,
-            ),
-            (
-                "logging",
-                bulwark_common::config::check_fields_merge::<LoggingConfig>,
-            ),
+            ("routing", merges::<RoutingConfig>),
+            ("health", merges::<HealthConfig>),
+            ("logging", merges::<LoggingConfig>),
         ];
-        for (name, check) in sections {
-            if let Err(e) = check() {
-                panic!("{name}: {e}");
-            }
+        if let Err(e) = check_sections_merge(sections) {
+            panic!("{e}");
         }
     }
 }

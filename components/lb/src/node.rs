@@ -36,7 +36,7 @@ use bulwark_api::raft::v1::raft_server::RaftServer;
 use bulwark_common::admin::Health;
 use bulwark_common::daemon::Daemon;
 use bulwark_common::grpc::GrpcServer;
-use bulwark_common::shutdown::Shutdown;
+use bulwark_common::shutdown::{Shutdown, next_change};
 use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::TlsMaterial;
 use bulwark_common::tls::reload::spawn_follow;
@@ -621,9 +621,8 @@ async fn publish(
             tracing::error!(version = state.applied_index(), error = %e, "backend set refused by the data path");
         }
         crate::health::export_committed(&state);
-        tokio::select! {
-            () = token.cancelled() => return Ok(()),
-            r = rx.changed() => if r.is_err() { return Ok(()) },
+        if !next_change(&token, rx.changed()).await {
+            return Ok(());
         }
     }
 }
@@ -658,9 +657,8 @@ async fn readiness(
                 None => Err("no leader known".into()),
             },
         );
-        tokio::select! {
-            () = token.cancelled() => return Ok(()),
-            r = rx.changed() => if r.is_err() { return Ok(()) },
+        if !next_change(&token, rx.changed()).await {
+            return Ok(());
         }
     }
 }
@@ -717,9 +715,8 @@ async fn seed(
             }
             continue;
         }
-        tokio::select! {
-            () = token.cancelled() => return Ok(()),
-            r = rx.changed() => if r.is_err() { return Ok(()) },
+        if !next_change(&token, rx.changed()).await {
+            return Ok(());
         }
     }
 }

@@ -764,39 +764,22 @@ mod tests {
         assert!(split_address("h:x").is_err());
     }
 
-    /// A section's name and the check of its type.
-    type SectionCheck = (&'static str, fn() -> Result<(), String>);
-
     /// `admin`, `probing.tls` and the list entries have required fields (an
     /// error names them); every other section has a default for each field.
     #[test]
     fn every_section_merges_with_its_defaults() {
+        use bulwark_common::config::{
+            SectionCheck, check_fields_merge as merges, check_sections_merge,
+        };
         let sections: &[SectionCheck] = &[
-            (
-                "logging",
-                bulwark_common::config::check_fields_merge::<LoggingConfig>,
-            ),
-            (
-                "probing",
-                bulwark_common::config::check_fields_merge::<ProbingConfig>,
-            ),
-            (
-                "apiservers",
-                bulwark_common::config::check_fields_merge::<ApiserverTargets>,
-            ),
-            (
-                "etcd",
-                bulwark_common::config::check_fields_merge::<EtcdTargets>,
-            ),
-            (
-                "report",
-                bulwark_common::config::check_fields_merge::<ReportConfig>,
-            ),
+            ("logging", merges::<LoggingConfig>),
+            ("probing", merges::<ProbingConfig>),
+            ("apiservers", merges::<ApiserverTargets>),
+            ("etcd", merges::<EtcdTargets>),
+            ("report", merges::<ReportConfig>),
         ];
-        for (name, check) in sections {
-            if let Err(e) = check() {
-                panic!("{name}: {e}");
-            }
+        if let Err(e) = check_sections_merge(sections) {
+            panic!("{e}");
         }
     }
 }

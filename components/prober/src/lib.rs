@@ -32,7 +32,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bulwark_common::admin::{self, Health};
 use bulwark_common::daemon::Daemon;
-use bulwark_common::shutdown::Shutdown;
+use bulwark_common::shutdown::{Shutdown, next_change};
 use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::TlsError;
 use bulwark_common::tls::reload::spawn_follow;
@@ -154,9 +154,8 @@ fn spawn_reporter(reporter: Reporter, health: &Health, shutdown: &Shutdown) {
                 None => Err("not connected to the LB leader".to_owned()),
             };
             h.set_ready(READY_LEADER, state);
-            tokio::select! {
-                r = leader.changed() => if r.is_err() { return Ok(()) },
-                _ = token.cancelled() => return Ok(()),
+            if !next_change(&token, leader.changed()).await {
+                return Ok(());
             }
         }
     });

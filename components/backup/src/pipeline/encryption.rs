@@ -93,23 +93,18 @@ fn read_key_file(field: &str, path: &Path) -> Result<Vec<KeyLine>> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        let invalid = |what: &str, e: &dyn std::fmt::Display| {
+            BackupError::Key(format!(
+                "{field}: {} line {}: invalid age {what}: {e}",
+                path.display(),
+                n + 1
+            ))
+        };
         if line.starts_with("AGE-SECRET-KEY-1") {
-            let id = x25519::Identity::from_str(line).map_err(|e| {
-                BackupError::Key(format!(
-                    "{field}: {} line {}: invalid age identity: {e}",
-                    path.display(),
-                    n + 1
-                ))
-            })?;
+            let id = x25519::Identity::from_str(line).map_err(|e| invalid("identity", &e))?;
             keys.push(KeyLine::Identity(Box::new(id)));
         } else if line.starts_with("age1") {
-            let r = x25519::Recipient::from_str(line).map_err(|e| {
-                BackupError::Key(format!(
-                    "{field}: {} line {}: invalid age recipient: {e}",
-                    path.display(),
-                    n + 1
-                ))
-            })?;
+            let r = x25519::Recipient::from_str(line).map_err(|e| invalid("recipient", &e))?;
             keys.push(KeyLine::Recipient(r));
         } else {
             return Err(BackupError::Key(format!(

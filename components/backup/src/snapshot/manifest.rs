@@ -338,6 +338,16 @@ impl Mismatch {
         }
     }
 
+    /// A mismatch when `actual` is not `expected`; nothing when they agree.
+    pub fn unless_equal<T: PartialEq + ToString>(
+        kind: MismatchKind,
+        expected: T,
+        actual: T,
+        detail: &str,
+    ) -> Option<Self> {
+        (expected != actual).then(|| Self::values(kind, expected, actual, detail))
+    }
+
     fn to_proto(&self) -> pb::Mismatch {
         pb::Mismatch {
             kind: self.kind.to_proto() as i32,

@@ -206,22 +206,18 @@ pub(crate) fn mismatch_error(what: String, mismatches: &[Mismatch]) -> Option<Ba
 /// The stored object's size and SHA-256 against the manifest.
 fn compare_stored(m: &Manifest, stored: Sha256, mismatches: &mut Vec<Mismatch>) {
     let (stored_sha, stored_len) = stored.finish_hex();
-    if stored_len != m.stored_size_bytes {
-        mismatches.push(Mismatch::values(
-            MismatchKind::StoredSize,
-            m.stored_size_bytes,
-            stored_len,
-            "the stored object's size differs from the manifest (truncated or replaced)",
-        ));
-    }
-    if stored_sha != m.stored_sha256 {
-        mismatches.push(Mismatch::values(
-            MismatchKind::StoredHash,
-            &m.stored_sha256,
-            stored_sha,
-            "SHA-256 of the stored object differs from the manifest",
-        ));
-    }
+    mismatches.extend(Mismatch::unless_equal(
+        MismatchKind::StoredSize,
+        m.stored_size_bytes,
+        stored_len,
+        "the stored object's size differs from the manifest (truncated or replaced)",
+    ));
+    mismatches.extend(Mismatch::unless_equal(
+        MismatchKind::StoredHash,
+        m.stored_sha256.as_str(),
+        &stored_sha,
+        "SHA-256 of the stored object differs from the manifest",
+    ));
 }
 
 /// What the decoder saw against the manifest: etcd's size and trailing
@@ -232,22 +228,18 @@ fn compare_decoded(m: &Manifest, decoded: Decoded, mismatches: &mut Vec<Mismatch
             etcd_sha256,
             raw_size,
         } => {
-            if raw_size != m.raw_size_bytes {
-                mismatches.push(Mismatch::values(
-                    MismatchKind::EtcdHash,
-                    m.raw_size_bytes,
-                    raw_size,
-                    "decoded size differs from what etcd sent",
-                ));
-            }
-            if etcd_sha256 != m.etcd_sha256 {
-                mismatches.push(Mismatch::values(
-                    MismatchKind::EtcdHash,
-                    &m.etcd_sha256,
-                    etcd_sha256,
-                    "etcd's trailing SHA-256 differs from the one recorded at backup time",
-                ));
-            }
+            mismatches.extend(Mismatch::unless_equal(
+                MismatchKind::EtcdHash,
+                m.raw_size_bytes,
+                raw_size,
+                "decoded size differs from what etcd sent",
+            ));
+            mismatches.extend(Mismatch::unless_equal(
+                MismatchKind::EtcdHash,
+                m.etcd_sha256.as_str(),
+                &etcd_sha256,
+                "etcd's trailing SHA-256 differs from the one recorded at backup time",
+            ));
         }
         Decoded::Trailer(e) => {
             let (expected, actual) = match &e {

@@ -85,6 +85,13 @@ pub enum TlsError {
     ClientVerifier { path: PathBuf, detail: String },
 }
 
+impl TlsError {
+    /// A rustls failure while doing `context`, for `map_err`.
+    pub fn rustls(context: &'static str) -> impl FnOnce(rustls::Error) -> Self {
+        move |source| Self::Rustls { context, source }
+    }
+}
+
 /// Where one endpoint's TLS material lives: its certificate chain and key,
 /// and the CA bundle it trusts for the other side.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,22 +377,14 @@ impl TlsMaterial {
     /// next connection with).
     pub fn server_h2(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let current = self.current.load();
-        if let Some(c) = current.server_h2.get() {
-            return Ok(c.clone());
-        }
-        let config = Arc::new(current.server_config(H2)?);
-        Ok(current.server_h2.get_or_init(|| config).clone())
+        built_once(&current.server_h2, || current.server_config(H2))
     }
 
     /// The current HTTP/2 client config (what a gRPC channel dials its next
     /// connection with).
     pub fn client_h2(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let current = self.current.load();
-        if let Some(c) = current.client_h2.get() {
-            return Ok(c.clone());
-        }
-        let config = Arc::new(current.client_config(H2)?);
-        Ok(current.client_h2.get_or_init(|| config).clone())
+        built_once(&current.client_h2, || current.client_config(H2))
     }
 
     /// The current certificate chain, key and CA bundle as PEM, for a
@@ -443,10 +442,9 @@ impl Parsed {
     fn roots(&self) -> Result<RootCertStore, TlsError> {
         let mut roots = RootCertStore::empty();
         for ca in &self.ca {
-            roots.add(ca.clone()).map_err(|source| TlsError::Rustls {
-                context: "adding CA certificate",
-                source,
-            })?;
+            roots
+                .add(ca.clone())
+                .map_err(TlsError::rustls("adding CA certificate"))?;
         }
         Ok(roots)
     }
@@ -462,16 +460,10 @@ impl Parsed {
                 })?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|source| TlsError::Rustls {
-                context: "protocol versions",
-                source,
-            })?
+            .map_err(TlsError::rustls("protocol versions"))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|source| TlsError::Rustls {
-                context: "server certificate and key",
-                source,
-            })?;
+            .map_err(TlsError::rustls("server certificate and key"))?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(config)
     }
@@ -479,23 +471,30 @@ impl Parsed {
     fn client_config(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|source| TlsError::Rustls {
-                context: "protocol versions",
-                source,
-            })?
+            .map_err(TlsError::rustls("protocol versions"))?
             .with_root_certificates(self.roots()?)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|source| TlsError::Rustls {
-                context: "client certificate and key",
-                source,
-            })?;
+            .map_err(TlsError::rustls("client certificate and key"))?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(config)
     }
 }
 
+/// The config in `slot`, built the first time this material is asked for
+/// it. Two first callers may both build; one config is kept and both get it.
+fn built_once<T>(
+    slot: &OnceLock<Arc<T>>,
+    build: impl FnOnce() -> Result<T, TlsError>,
+) -> Result<Arc<T>, TlsError> {
+    if let Some(c) = slot.get() {
+        return Ok(c.clone());
+    }
+    let config = Arc::new(build()?);
+    Ok(slot.get_or_init(|| config).clone())
+}
+
 /// ring, the one crypto provider of every bulwark process.
-fn provider() -> Arc<CryptoProvider> {
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

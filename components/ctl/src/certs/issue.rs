@@ -170,11 +170,7 @@ fn read_config(path: &Path, problems: &mut Vec<String>) -> Option<Daemon> {
         match check_offline::<T>(text) {
             Ok(loaded) => Some(loaded.config),
             Err(e) => {
-                let errors = e.field_errors();
-                if errors.is_empty() {
-                    p.push(format!("{name}: {e}"));
-                }
-                p.extend(errors.iter().map(|f| format!("{name}: {f}")));
+                p.extend(super::config_problems(name, &e));
                 None
             }
         }

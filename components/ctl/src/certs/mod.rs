@@ -15,7 +15,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bulwark_common::config::{ComponentConfig, Overrides, check_offline, load_checked};
+use bulwark_common::config::{
+    ComponentConfig, ConfigError, Overrides, check_offline, load_checked,
+};
 use bulwark_common::telemetry::catalog::not_after;
 use bulwark_common::tls::TlsFiles;
 use serde::Serialize;
@@ -173,13 +175,7 @@ fn daemon<T: ComponentConfig>(
         Ok(loaded) => return files(&loaded.config),
         Err(e) => e,
     };
-    let errors = e.field_errors();
-    if errors.is_empty() {
-        report.problems.push(format!("{name}: {e}"));
-    }
-    report
-        .problems
-        .extend(errors.iter().map(|f| format!("{name}: {f}")));
+    report.problems.extend(config_problems(&name, &e));
     // A config refused only for files it cannot read still says which
     // certificates it wants: list them (their rows show what is missing).
     std::fs::read_to_string(path)
@@ -227,6 +223,16 @@ fn expiry(
 /// A certificate file's notAfter, RFC 3339.
 fn file_not_after(path: &Path) -> Option<String> {
     not_after(path, false).ok().map(rfc3339)
+}
+
+/// A refused config's problems, one a line, each led by the file's name:
+/// one per field, or the error itself when no field is to blame.
+fn config_problems(name: &str, e: &ConfigError) -> Vec<String> {
+    let errors = e.field_errors();
+    if errors.is_empty() {
+        return vec![format!("{name}: {e}")];
+    }
+    errors.iter().map(|f| format!("{name}: {f}")).collect()
 }
 
 fn output_table(header: &[&str], rows: &[Vec<String>]) -> String {

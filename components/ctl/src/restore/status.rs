@@ -10,7 +10,7 @@ use bulwark_api::backup::v1 as pb;
 use bulwark_api::backup::v1::backup_client::BackupClient;
 use serde::Serialize;
 
-use super::{TimingRow, phase_name, status_name, step_name, timing_lines};
+use super::{TimingRow, phase_name, status_name, step_line, step_name, timing_lines};
 use crate::connect::Service;
 use crate::error::CliError;
 use crate::output::{self, OutputFormat};
@@ -92,15 +92,7 @@ fn view(r: pb::RestoreRecord) -> RestoreView {
         error: r.error,
         rolled_back: r.rolled_back,
         progress: r.progress,
-        timings: r
-            .timings
-            .into_iter()
-            .map(|t| TimingRow {
-                name: t.name,
-                node: t.node_name,
-                took_seconds: output::seconds(t.took.as_ref()).unwrap_or(0.0),
-            })
-            .collect(),
+        timings: r.timings.into_iter().map(TimingRow::from).collect(),
         nodes: r
             .nodes
             .into_iter()
@@ -145,22 +137,8 @@ fn detail_text(v: &RestoreView) -> String {
     if !v.nodes.is_empty() {
         out.push_str("nodes:\n");
         for n in &v.nodes {
-            out.push_str(&format!(
-                "  {} {} {}{}{}\n",
-                n.node,
-                n.step,
-                n.status,
-                if n.path.is_empty() {
-                    String::new()
-                } else {
-                    format!(" {}", n.path)
-                },
-                if n.detail.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", n.detail)
-                },
-            ));
+            out.push_str(&step_line(&n.node, &n.step, &n.status, &n.path, &n.detail));
+            out.push('\n');
         }
     }
     if !v.timings.is_empty() {

@@ -37,7 +37,7 @@ use super::convert::{
     transfer_req_to_pb, transfer_resp_from_pb, vote_from_pb, vote_req_to_pb, vote_resp_from_pb,
     vote_to_pb,
 };
-use super::types::{LbNode, NodeId, Snapshot, TypeConfig, Vote};
+use super::types::{Ballot, LbNode, NodeId, Snapshot, TypeConfig, Vote};
 
 /// Request header carrying the sender's cluster id.
 pub const CLUSTER_ID_HEADER: &str = "bulwark-cluster-id";
@@ -271,6 +271,25 @@ impl Peer {
             .map_err(|e| unreachable(format!("node {}: {e}", self.target)))
     }
 
+    /// Sends a Vote or a PreVote: the same message on the matching RPC.
+    async fn ballot(
+        &self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+        ballot: Ballot,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut client = self.client()?;
+        let req = with_cluster(vote_req_to_pb(&rpc), &self.cluster);
+        let call = async move {
+            match ballot {
+                Ballot::Vote => client.vote(req).await,
+                Ballot::PreVote => client.pre_vote(req).await,
+            }
+        };
+        let resp = self.bounded(option.hard_ttl(), call).await?;
+        vote_resp_from_pb(&resp).map_err(|e| decode_err(self.target, e))
+    }
+
     async fn bounded<T, F>(&self, ttl: Duration, f: F) -> Result<T, RPCError<TypeConfig>>
     where
         F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -346,14 +365,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let mut client = self.client()?;
-        let resp = self
-            .bounded(
-                option.hard_ttl(),
-                client.vote(with_cluster(vote_req_to_pb(&rpc), &self.cluster)),
-            )
-            .await?;
-        vote_resp_from_pb(&resp).map_err(|e| decode_err(self.target, e))
+        self.ballot(rpc, option, Ballot::Vote).await
     }
 
     async fn pre_vote(
@@ -361,14 +373,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let mut client = self.client()?;
-        let resp = self
-            .bounded(
-                option.hard_ttl(),
-                client.pre_vote(with_cluster(vote_req_to_pb(&rpc), &self.cluster)),
-            )
-            .await?;
-        vote_resp_from_pb(&resp).map_err(|e| decode_err(self.target, e))
+        self.ballot(rpc, option, Ballot::PreVote).await
     }
 
     async fn full_snapshot(

@@ -28,13 +28,13 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{
-    append_req_from_pb, append_resp_to_pb, opt_log_id_to_pb, snapshot_meta_from_pb,
+    ConvertError, append_req_from_pb, append_resp_to_pb, opt_log_id_to_pb, snapshot_meta_from_pb,
     transfer_req_from_pb, transfer_resp_to_pb, vote_from_pb, vote_req_from_pb, vote_resp_to_pb,
     vote_to_pb,
 };
 use super::network::{CLUSTER_ID_HEADER, ClusterId};
 use super::store::Store;
-use super::types::{NodeId, Raft, Snapshot};
+use super::types::{Ballot, NodeId, Raft, Snapshot};
 
 /// What the Raft server observed, for the VIP task and failover records.
 #[derive(Debug)]
@@ -137,6 +137,36 @@ impl RaftService {
         }
     }
 
+    /// Admits the call, then turns its message into openraft's request.
+    fn decode<P, T>(
+        &self,
+        request: &Request<P>,
+        from_pb: fn(&P) -> Result<T, ConvertError>,
+    ) -> Result<T, Status> {
+        self.admit(request)?;
+        from_pb(request.get_ref()).map_err(bad)
+    }
+
+    /// Answers a Vote or a PreVote: the same checks, then the matching
+    /// openraft call.
+    async fn ballot(
+        &self,
+        request: Request<pb::VoteRequest>,
+        ballot: Ballot,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        let req = self.decode(&request, vote_req_from_pb)?;
+        // Only a real vote can come from a leadership transfer; a pre-vote
+        // is held back for the whole follower lease.
+        let transfer = ballot == Ballot::Vote && req.leadership_transfer;
+        self.hold_votes(transfer)?;
+        let resp = match ballot {
+            Ballot::Vote => self.raft.vote(req).await,
+            Ballot::PreVote => self.raft.pre_vote(req).await,
+        }
+        .map_err(fatal)?;
+        Ok(Response::new(vote_resp_to_pb(&resp)))
+    }
+
     fn hold_votes(&self, transfer: bool) -> Result<(), Status> {
         let up = self.signals.started.elapsed();
         if !transfer && up < self.vote_hold {
@@ -163,8 +193,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
-        self.admit(&request)?;
-        let req = append_req_from_pb(request.get_ref()).map_err(bad)?;
+        let req = self.decode(&request, append_req_from_pb)?;
         let leader = req.vote.leader_id.node_id;
         let committed = req.vote.committed;
         let resp = self.raft.append_entries(req).await.map_err(fatal)?;
@@ -178,22 +207,14 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
-        self.admit(&request)?;
-        let req = vote_req_from_pb(request.get_ref()).map_err(bad)?;
-        self.hold_votes(req.leadership_transfer)?;
-        let resp = self.raft.vote(req).await.map_err(fatal)?;
-        Ok(Response::new(vote_resp_to_pb(&resp)))
+        self.ballot(request, Ballot::Vote).await
     }
 
     async fn pre_vote(
         &self,
         request: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
-        self.admit(&request)?;
-        let req = vote_req_from_pb(request.get_ref()).map_err(bad)?;
-        self.hold_votes(false)?;
-        let resp = self.raft.pre_vote(req).await.map_err(fatal)?;
-        Ok(Response::new(vote_resp_to_pb(&resp)))
+        self.ballot(request, Ballot::PreVote).await
     }
 
     async fn install_snapshot(
@@ -255,8 +276,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
-        self.admit(&request)?;
-        let req = transfer_req_from_pb(request.get_ref()).map_err(bad)?;
+        let req = self.decode(&request, transfer_req_from_pb)?;
         // Recorded before the election can start, so that a win is known
         // to come from a transfer.
         self.signals.transfer();

@@ -81,6 +81,15 @@ impl LbState {
         &self.data.backends
     }
 
+    /// Where registered backend `id` sits in the sorted list; a command
+    /// naming one that is not registered is refused.
+    fn registered(&self, id: &str) -> Result<usize, ApplyError> {
+        self.data
+            .backends
+            .binary_search_by(|b| b.id.as_str().cmp(id))
+            .map_err(|_| ApplyError::NotFound { id: id.to_owned() })
+    }
+
     /// One backend by id.
     pub fn backend(&self, id: &str) -> Option<&pb::BackendRecord> {
         self.data
@@ -159,11 +168,7 @@ impl LbState {
                 Ok(())
             }
             C::RemoveBackend(r) => {
-                let i = self
-                    .data
-                    .backends
-                    .binary_search_by(|x| x.id.cmp(&r.id))
-                    .map_err(|_| ApplyError::NotFound { id: r.id.clone() })?;
+                let i = self.registered(&r.id)?;
                 self.data.backends.remove(i);
                 if let Ok(v) = self
                     .data
@@ -175,11 +180,7 @@ impl LbState {
                 Ok(())
             }
             C::SetAdminState(s) => {
-                let i = self
-                    .data
-                    .backends
-                    .binary_search_by(|x| x.id.cmp(&s.id))
-                    .map_err(|_| ApplyError::NotFound { id: s.id.clone() })?;
+                let i = self.registered(&s.id)?;
                 let b = &mut self.data.backends[i];
                 b.admin_state = s.admin_state;
                 b.drain_deadline = if s.admin_state == pb::AdminState::Drain as i32 {

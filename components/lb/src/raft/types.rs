@@ -28,6 +28,16 @@ openraft::declare_raft_types!(
 /// The Raft handle of a bulwark-lb node.
 pub type Raft = openraft::Raft<TypeConfig, StateMachineStore>;
 
+/// Which election a VoteRequest is for: both carry the same message, on
+/// two RPCs, and both ends treat them alike but for this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ballot {
+    /// A real vote, which can come from a leadership transfer.
+    Vote,
+    /// A pre-vote, which asks whether an election could be won.
+    PreVote,
+}
+
 /// Where a member can be reached: openraft's node record, persisted in
 /// every membership entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -56,27 +56,18 @@ pub enum Expect {
 pub fn client_config(tls: &ProbeTls) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in load_certs(&tls.ca_file, "CA bundle")? {
-        roots.add(ca).map_err(|source| TlsError::Rustls {
-            context: "adding CA certificate",
-            source,
-        })?;
+        roots
+            .add(ca)
+            .map_err(TlsError::rustls("adding CA certificate"))?;
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|source| TlsError::Rustls {
-        context: "protocol versions",
-        source,
-    })?
-    .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(bulwark_common::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::rustls("protocol versions"))?
+        .with_root_certificates(roots);
     let mut config = match (&tls.cert_file, &tls.key_file) {
         (Some(cert), Some(key)) => builder
             .with_client_auth_cert(load_certs(cert, "client certificate")?, load_key(key)?)
-            .map_err(|source| TlsError::Rustls {
-                context: "client certificate and key",
-                source,
-            })?,
+            .map_err(TlsError::rustls("client certificate and key"))?,
         _ => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

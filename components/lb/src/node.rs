@@ -198,7 +198,11 @@ pub async fn run(
     // The servers stop last: a leader's shutdown hands over through them.
     let servers = CancellationToken::new();
 
-    let service = raft_service(&config, &raft, &store, &cluster, &signals);
+    // Client tables the VIP holder shares, for this node's tickles after
+    // it takes the VIP over.
+    let received = crate::clients::Received::new();
+    let service = raft_service(&config, &raft, &store, &cluster, &signals)
+        .with_received_clients(received.clone());
     spawn_raft_server(shutdown, service, listeners.raft, &tls, &config, &servers);
     spawn_elector(shutdown, &config, &raft, &signals);
 
@@ -213,7 +217,23 @@ pub async fn run(
 
     // The VIP.
     if let Some(actuator) = vip_actuator(&config, &backends, &proxy, stale_checked) {
-        spawn_vip(shutdown, actuator, inbox, &config, &raft, &signals);
+        let tickles = config.vip.tickle_clients.then(|| crate::vip::Tickles {
+            received,
+            own: gate.clients().clone(),
+        });
+        let gated = !matches!(actuator, Actuator::Bind(_));
+        spawn_vip(shutdown, actuator, inbox, &config, &raft, &signals, tickles);
+        if gated && config.vip.tickle_clients {
+            let sharer = crate::clients::share::Sharer {
+                node_id,
+                raft: raft.clone(),
+                vip: vip.clone(),
+                table: gate.clients().clone(),
+                tls: tls.clone(),
+                cluster: cluster.clone(),
+            };
+            shutdown.spawn("vip-clients", sharer.run(shutdown.token()));
+        }
     }
     spawn_proxies(
         shutdown,
@@ -500,8 +520,9 @@ fn spawn_vip(
     config: &LbConfig,
     raft: &Raft,
     signals: &Arc<Signals>,
+    tickles: Option<crate::vip::Tickles>,
 ) {
-    let task = VipTask::new(
+    let mut task = VipTask::new(
         inbox,
         config.node_id,
         raft.clone(),
@@ -510,6 +531,9 @@ fn spawn_vip(
         signals.clone(),
     )
     .with_worker(shutdown.worker(crate::vip::WORKER));
+    if let Some(t) = tickles {
+        task = task.with_tickles(t);
+    }
     let token = shutdown.token();
     shutdown.spawn_critical(crate::vip::WORKER, task.run(token));
 }

@@ -217,23 +217,15 @@ pub async fn run(
 
     // The VIP.
     if let Some(actuator) = vip_actuator(&config, &backends, &proxy, stale_checked) {
-        let tickles = config.vip.tickle_clients.then(|| crate::vip::Tickles {
+        let tickles = spawn_sharer(
+            shutdown,
+            &config,
+            (&raft, &vip),
+            &gate,
             received,
-            own: gate.clients().clone(),
-        });
-        let gated = !matches!(actuator, Actuator::Bind(_));
+            (&tls, &cluster),
+        );
         spawn_vip(shutdown, actuator, inbox, &config, &raft, &signals, tickles);
-        if gated && config.vip.tickle_clients {
-            let sharer = crate::clients::share::Sharer {
-                node_id,
-                raft: raft.clone(),
-                vip: vip.clone(),
-                table: gate.clients().clone(),
-                tls: tls.clone(),
-                cluster: cluster.clone(),
-            };
-            shutdown.spawn("vip-clients", sharer.run(shutdown.token()));
-        }
     }
     spawn_proxies(
         shutdown,
@@ -510,6 +502,38 @@ fn spawn_elector(shutdown: &Shutdown, config: &LbConfig, raft: &Raft, signals: &
             shutdown.token(),
         ),
     );
+}
+
+/// arp and bgp mode with `vip.tickleClients`: shares the front's client
+/// table with the peers while this node holds the VIP (a task that may
+/// fail without stopping the node: tickles are a hint), and returns what
+/// the VIP task needs to tickle the previous holder's clients after a
+/// claim.
+fn spawn_sharer(
+    shutdown: &Shutdown,
+    config: &LbConfig,
+    (raft, vip): (&Raft, &VipHandle),
+    gate: &crate::proxy::FrontGate,
+    received: crate::clients::Received,
+    (tls, cluster): (&Arc<TlsMaterial>, &ClusterId),
+) -> Option<crate::vip::Tickles> {
+    let gated = matches!(config.vip.mode, VipMode::Arp | VipMode::Bgp);
+    if !gated || !config.vip.tickle_clients {
+        return None;
+    }
+    let sharer = crate::clients::share::Sharer {
+        node_id: config.node_id,
+        raft: raft.clone(),
+        vip: vip.clone(),
+        table: gate.clients().clone(),
+        tls: tls.clone(),
+        cluster: cluster.clone(),
+    };
+    shutdown.spawn("vip-clients", sharer.run(shutdown.token()));
+    Some(crate::vip::Tickles {
+        received,
+        own: gate.clients().clone(),
+    })
 }
 
 /// Runs the VIP task: it holds the VIP while this node leads.

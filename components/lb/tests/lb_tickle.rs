@@ -8,14 +8,14 @@
 //! With `vip.tickleClients` (the default) the old holder had shared its
 //! client table with its peers, and the new holder tickles the client
 //! right after its claim: the client's connection is reset within moments
-//! of the VIP moving. With it off, no reset comes.
+//! of the VIP moving, over IPv4 and over IPv6. With it off, no reset comes.
 
 // Helpers outside #[test] fns fail the test loudly too.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
-use bulwark_testkit::cluster::lab::{LbLab, echo};
+use bulwark_testkit::cluster::lab::{LbLab, Stack, echo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -91,7 +91,23 @@ async fn heavy_netns_the_new_holder_resets_a_cut_off_holders_clients() {
     let Some(l) = LbLab::start(3).await else {
         return;
     };
-    let (new, (cut, moved), reading) = cut_the_holder(&l).await;
+    a_cut_off_holders_client_is_reset(&l).await;
+}
+
+/// The same over IPv6: the tickle's IPv6 header and checksum are right,
+/// or the client's kernel would drop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_netns_the_new_holder_resets_a_cut_off_holders_clients_over_ipv6() {
+    let Some(l) = LbLab::start_stack(3, Stack::V6).await else {
+        return;
+    };
+    a_cut_off_holders_client_is_reset(&l).await;
+}
+
+/// Cuts the holder under a silent client and checks that the new holder's
+/// tickle resets the client's connection in time.
+async fn a_cut_off_holders_client_is_reset(l: &LbLab) {
+    let (new, (cut, moved), reading) = cut_the_holder(l).await;
     let (result, at) = tokio::time::timeout(Duration::from_secs(5), reading)
         .await
         .expect("the client's connection ended")

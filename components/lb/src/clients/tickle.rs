@@ -193,10 +193,13 @@ pub async fn send_all(flows: &[Flow]) -> Sent {
 async fn send_round(sockets: &mut Sockets, packets: &[(SockAddr, Vec<u8>)]) -> Sent {
     let mut done = Sent::default();
     let mut first_error = None;
+    let start = Instant::now();
     for (i, batch) in packets.chunks(BATCH).enumerate() {
-        if i > 0 {
-            tokio::time::sleep(PACE).await;
-        }
+        // On a schedule from the round's start, not a pause after each
+        // batch: a runtime that wakes us late (a loaded machine, the
+        // reconnects arriving meanwhile) catches up instead of stretching
+        // the round.
+        tokio::time::sleep_until(start + PACE * i as u32).await;
         for (to, p) in batch {
             let sent = sockets
                 .get(to.is_ipv6())

@@ -550,6 +550,17 @@ pub struct VipConfig {
     /// rounded up to whole seconds (1s with the default lease).
     #[serde(default, with = "duration::option")]
     pub address_lifetime: Option<Duration>,
+    /// arp and bgp mode: right after taking the VIP over, send each client
+    /// of the previous holder's front a tickle ACK, so that a connection
+    /// through a holder that vanished (a cut link) is reset at once instead
+    /// of at the client's own timeout (docs/FAILOVER.md). The holder shares
+    /// its client table with its peers for it. Needs CAP_NET_RAW.
+    #[serde(default = "d_true")]
+    pub tickle_clients: bool,
+}
+
+fn d_true() -> bool {
+    true
 }
 
 fn d_vip_port() -> u16 {
@@ -833,6 +844,7 @@ impl Default for VipConfig {
             garp_count: d_garp_count(),
             garp_interval: d_garp_interval(),
             address_lifetime: None,
+            tickle_clients: true,
         }
     }
 }

@@ -12,6 +12,9 @@
 //! node together (`run(config, listeners, shutdown)`), configured by
 //! [`config`].
 //!
+//! After a failover, [`clients`] lets the new holder reset the previous
+//! holder's client connections at once (tickle ACKs).
+//!
 //! Who decides a backend is down: [`health`] aggregates the probers'
 //! reports into verdicts that the leader commits.
 //!
@@ -20,6 +23,7 @@
 
 pub mod api;
 pub mod backends;
+pub mod clients;
 pub mod config;
 pub mod health;
 pub mod metrics;

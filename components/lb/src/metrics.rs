@@ -62,6 +62,36 @@ pub const DEFS: &[MetricDef] = &[
         "arp mode: times the VIP address was found missing while held and added again.",
     ),
     MetricDef::single(
+        "bulwark_lb_vip_tickles_sent_total",
+        Counter,
+        "Tickle ACKs this node sent, right after taking the VIP, to the previous holder's clients (two rounds per failover), so their connections are reset at once.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_vip_tickle_failures_total",
+        Counter,
+        "Tickle ACKs that could not be sent (no CAP_NET_RAW, a send error); those clients wait for their own timeouts.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_vip_clients_shared",
+        Gauge,
+        "While holding the VIP: the client connections in the table last pushed to the peers.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_vip_clients_omitted",
+        Gauge,
+        "While holding the VIP: client connections left out of the shared table (bounded at 65,536); they get no tickle after a failover.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_vip_clients_received",
+        Gauge,
+        "Client connections in the latest table the VIP holder pushed to this node (what it would tickle on taking the VIP over).",
+    ),
+    MetricDef::single(
+        "bulwark_lb_vip_client_share_failures_total",
+        Counter,
+        "Pushes of the holder's client table to a peer that failed (the next change or refresh tries again).",
+    ),
+    MetricDef::single(
         "bulwark_lb_failover_detect_seconds",
         Histogram,
         "Failovers: from the old leader's last contact to this node's election.",

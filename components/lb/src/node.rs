@@ -198,7 +198,11 @@ pub async fn run(
     // The servers stop last: a leader's shutdown hands over through them.
     let servers = CancellationToken::new();
 
-    let service = raft_service(&config, &raft, &store, &cluster, &signals);
+    // Client tables the VIP holder shares, for this node's tickles after
+    // it takes the VIP over.
+    let received = crate::clients::Received::new();
+    let service = raft_service(&config, &raft, &store, &cluster, &signals)
+        .with_received_clients(received.clone());
     spawn_raft_server(shutdown, service, listeners.raft, &tls, &config, &servers);
     spawn_elector(shutdown, &config, &raft, &signals);
 
@@ -213,7 +217,15 @@ pub async fn run(
 
     // The VIP.
     if let Some(actuator) = vip_actuator(&config, &backends, &proxy, stale_checked) {
-        spawn_vip(shutdown, actuator, inbox, &config, &raft, &signals);
+        let tickles = spawn_sharer(
+            shutdown,
+            &config,
+            (&raft, &vip),
+            &gate,
+            received,
+            (&tls, &cluster),
+        );
+        spawn_vip(shutdown, actuator, inbox, &config, &raft, &signals, tickles);
     }
     spawn_proxies(
         shutdown,
@@ -492,6 +504,38 @@ fn spawn_elector(shutdown: &Shutdown, config: &LbConfig, raft: &Raft, signals: &
     );
 }
 
+/// arp and bgp mode with `vip.tickleClients`: shares the front's client
+/// table with the peers while this node holds the VIP (a task that may
+/// fail without stopping the node: tickles are a hint), and returns what
+/// the VIP task needs to tickle the previous holder's clients after a
+/// claim.
+fn spawn_sharer(
+    shutdown: &Shutdown,
+    config: &LbConfig,
+    (raft, vip): (&Raft, &VipHandle),
+    gate: &crate::proxy::FrontGate,
+    received: crate::clients::Received,
+    (tls, cluster): (&Arc<TlsMaterial>, &ClusterId),
+) -> Option<crate::vip::Tickles> {
+    let gated = matches!(config.vip.mode, VipMode::Arp | VipMode::Bgp);
+    if !gated || !config.vip.tickle_clients {
+        return None;
+    }
+    let sharer = crate::clients::share::Sharer {
+        node_id: config.node_id,
+        raft: raft.clone(),
+        vip: vip.clone(),
+        table: gate.clients().clone(),
+        tls: tls.clone(),
+        cluster: cluster.clone(),
+    };
+    shutdown.spawn("vip-clients", sharer.run(shutdown.token()));
+    Some(crate::vip::Tickles {
+        received,
+        own: gate.clients().clone(),
+    })
+}
+
 /// Runs the VIP task: it holds the VIP while this node leads.
 fn spawn_vip(
     shutdown: &Shutdown,
@@ -500,8 +544,9 @@ fn spawn_vip(
     config: &LbConfig,
     raft: &Raft,
     signals: &Arc<Signals>,
+    tickles: Option<crate::vip::Tickles>,
 ) {
-    let task = VipTask::new(
+    let mut task = VipTask::new(
         inbox,
         config.node_id,
         raft.clone(),
@@ -510,6 +555,9 @@ fn spawn_vip(
         signals.clone(),
     )
     .with_worker(shutdown.worker(crate::vip::WORKER));
+    if let Some(t) = tickles {
+        task = task.with_tickles(t);
+    }
     let token = shutdown.token();
     shutdown.spawn_critical(crate::vip::WORKER, task.run(token));
 }

@@ -96,6 +96,25 @@ impl LbLab {
     /// [`LbLab::start_stack`] with every node running the `bulwark-lb` at
     /// `binary` (the rolling-upgrade bench starts the previous release).
     pub async fn start_binary(n: usize, stack: Stack, binary: &Path) -> Option<Self> {
+        Self::start_with(n, stack, binary, |_| {}).await
+    }
+
+    /// [`LbLab::start`] with every node's configuration passed through
+    /// `edit` before it is written (a test turning a feature off).
+    pub async fn start_edited(
+        n: usize,
+        edit: fn(&mut bulwark_lb::config::LbConfig),
+    ) -> Option<Self> {
+        let binary = crate::tools::bin_path("bulwark-lb").unwrap();
+        Self::start_with(n, Stack::V4, &binary, edit).await
+    }
+
+    async fn start_with(
+        n: usize,
+        stack: Stack,
+        binary: &Path,
+        edit: fn(&mut bulwark_lb::config::LbConfig),
+    ) -> Option<Self> {
         crate::install_crypto_provider();
         let lab = Lab::start_or_skip(n + 1).unwrap()?;
         let pki = Pki::new().unwrap();
@@ -142,6 +161,7 @@ impl LbLab {
             c.vip.interface = Some(host.interface().to_owned());
             c.backends = vec![config::lb_backend("api-1", backend_addr, "")];
             test_timers(&mut c);
+            edit(&mut c);
             let config = spec.write(&c).unwrap();
             let process = host
                 .spawn(lb_process_of(binary, &format!("lb-{id}"), &config))

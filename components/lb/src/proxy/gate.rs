@@ -25,6 +25,11 @@
 //! the next holding instead of being proxied by a node that does not hold
 //! the VIP. One accepted in the moment between `close` and the accept loop
 //! seeing it is reset at once.
+//!
+//! The gate also carries the holding's [`ClientTable`]: each connection is
+//! in it while open, and the holder shares it with its peers so that the
+//! next holder can reset those clients if this node vanishes without
+//! closing the gate ([`crate::clients`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +37,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::clients::ClientTable;
 
 /// Shared by the VIP actuator (which opens and closes it) and the front
 /// listeners of the VIP's addresses (one, or two for a dual-stack VIP).
@@ -48,6 +55,8 @@ struct Inner {
     /// Parent of every holding's close token: a front listener's shutdown
     /// grace ending cancels it and so closes every connection left.
     root: CancellationToken,
+    /// The open connections of the front listeners behind this gate.
+    clients: ClientTable,
 }
 
 /// The connections accepted during one holding of the VIP.
@@ -82,8 +91,15 @@ impl FrontGate {
                 holding: Mutex::new(None),
                 open: watch::Sender::new(false),
                 root: CancellationToken::new(),
+                clients: ClientTable::new(),
             }),
         }
+    }
+
+    /// The open client connections of the front listeners behind this
+    /// gate (the VIP task's sharer and tickles read it).
+    pub fn clients(&self) -> &ClientTable {
+        &self.inner.clients
     }
 
     /// Starts a holding: connections accepted from now on are proxied

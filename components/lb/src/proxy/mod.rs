@@ -132,6 +132,8 @@ struct Shared {
     /// Cancelled when the shutdown grace is over: open connections close.
     force_close: CancellationToken,
     metrics: Metrics,
+    /// A gated front's own address (VIP:port), for its client table.
+    front_address: Option<std::net::SocketAddr>,
 }
 
 /// Serves `listener` until `shutdown` is cancelled: stops accepting at
@@ -200,10 +202,8 @@ async fn serve_until(
     shutdown: CancellationToken,
     front: Front,
 ) -> Result<(), ProxyError> {
-    let address = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
+    let local = listener.local_addr().ok();
+    let address = local.map_or_else(|| "?".into(), |a| a.to_string());
     backends.set_drain_max_duration(config.drain_max_duration);
     check_descriptor_limit(&address, &config);
     let keepalive = config.tcp_keepalive.enabled.then(|| {
@@ -271,6 +271,7 @@ async fn serve_until(
         force_close: gate
             .as_ref()
             .map_or_else(CancellationToken::new, FrontGate::root),
+        front_address: gate.as_ref().and(local),
         gate,
         metrics: Metrics::new(&address),
         config,
@@ -360,23 +361,33 @@ fn register(l: std::net::TcpListener) -> io::Result<AsyncFd<std::net::TcpListene
         .map_err(io::Error::from)
 }
 
-fn accept_nonblocking(listener: &std::net::TcpListener) -> io::Result<std::net::TcpStream> {
+/// Accepts one connection, with the client's address (which the kernel
+/// hands over with the accept: no extra call).
+fn accept_nonblocking(
+    listener: &std::net::TcpListener,
+) -> io::Result<(std::net::TcpStream, Option<std::net::SocketAddr>)> {
     use std::os::fd::{AsRawFd, FromRawFd};
     // SAFETY: the listener's descriptor is open for the call (we borrow
-    // the listener), and null address pointers are allowed.
-    let fd = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // the listener), and `try_init` passes a storage and its length that
+    // accept4 may fill.
+    let (fd, peer) = unsafe {
+        socket2::SockAddr::try_init(|storage, len| {
+            let fd = libc::accept4(
+                listener.as_raw_fd(),
+                storage.cast(),
+                len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            );
+            if fd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(fd)
+            }
+        })
+    }?;
     // SAFETY: accept4 returned a new descriptor that nothing else owns.
-    Ok(unsafe { std::net::TcpStream::from_raw_fd(fd) })
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    Ok((stream, peer.as_socket()))
 }
 
 /// A connection's whole life on its data-path thread.
@@ -552,10 +563,10 @@ async fn accept_loop(
             continue;
         };
         match accepted {
-            Ok(client) => {
+            Ok((client, peer)) => {
                 backoff.recovered(address);
                 shared.metrics.accepted.increment(1);
-                spawn_connection(shared, tracker, spawner, client, permit);
+                spawn_connection(shared, tracker, spawner, (client, peer), permit);
             }
             Err(e) => match classify_accept_error(&e) {
                 AcceptError::Connection => {}
@@ -619,14 +630,15 @@ async fn until_closed(gate: Option<&FrontGate>) {
 }
 
 /// Hands an accepted client to a data-path thread, under the current
-/// holding of a gated front; a gated front that stopped holding the VIP
-/// while the accept was under way resets it instead, while the address
-/// may still be there to send the reset from.
+/// holding of a gated front, in the gate's client table while it is open;
+/// a gated front that stopped holding the VIP while the accept was under
+/// way resets it instead, while the address may still be there to send the
+/// reset from.
 fn spawn_connection(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     workers: &mut Spawner<'_>,
-    client: std::net::TcpStream,
+    (client, peer): (std::net::TcpStream, Option<std::net::SocketAddr>),
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let Some(gate) = &shared.gate else {
@@ -636,7 +648,17 @@ fn spawn_connection(
     };
     match gate.holding() {
         Some(h) => {
+            // One insert here and one remove when the task ends, on one of
+            // the table's shards: nothing else on the data path.
+            let registered = peer.zip(shared.front_address).map(|(client, vip)| {
+                gate.clients()
+                    .register(crate::clients::Flow { client, vip })
+            });
             let conn = connection(shared.clone(), client, permit, h.close);
+            let conn = async move {
+                conn.await;
+                drop(registered);
+            };
             workers.spawn(tracker.track_future(h.tracker.track_future(conn)));
         }
         None => {

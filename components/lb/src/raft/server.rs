@@ -15,6 +15,10 @@
 //!   leader (the failover's "last contact") and of an accepted leadership
 //!   transfer (whose election skips the voters' lease wait).
 //!
+//! Beside openraft's calls it takes the VIP holder's client table
+//! (`ShareClients`, [`crate::clients`]), kept for a tickle after a
+//! failover.
+//!
 //! Access (LB peers only) is enforced before any handler by the server's
 //! access layer from the protos' `ACCESS_PEER`.
 
@@ -35,6 +39,7 @@ use super::convert::{
 use super::network::{CLUSTER_ID_HEADER, ClusterId};
 use super::store::Store;
 use super::types::{Ballot, NodeId, Raft, Snapshot};
+use crate::clients::{self, Received};
 
 /// What the Raft server observed, for the VIP task and failover records.
 #[derive(Debug)]
@@ -90,6 +95,8 @@ pub struct RaftService {
     vote_hold: Duration,
     /// Serializes Join so two admissions cannot both see "no cluster".
     join_lock: tokio::sync::Mutex<()>,
+    /// The latest client table a VIP holder shared with this node.
+    received: Received,
 }
 
 impl RaftService {
@@ -110,7 +117,16 @@ impl RaftService {
             signals,
             vote_hold,
             join_lock: tokio::sync::Mutex::new(()),
+            received: Received::new(),
         }
+    }
+
+    /// Keeps shared client tables in `received` (the VIP task tickles
+    /// from it after a claim).
+    #[must_use]
+    pub fn with_received_clients(mut self, received: Received) -> Self {
+        self.received = received;
+        self
     }
 
     /// Refuses the call unless this node belongs to the caller's cluster.
@@ -300,6 +316,26 @@ impl RaftRpc for RaftService {
             cluster_id: self.cluster.get().unwrap_or_default(),
             last_log_id: opt_log_id_to_pb(last.as_ref()),
         }))
+    }
+
+    async fn share_clients(
+        &self,
+        request: Request<pb::ShareClientsRequest>,
+    ) -> Result<Response<pb::ShareClientsResponse>, Status> {
+        self.admit(&request)?;
+        let req = request.into_inner();
+        let flows = clients::decode(&req.fronts).map_err(bad)?;
+        let len = flows.len();
+        let kept = self.received.offer(clients::Shared {
+            holder: req.holder_node_id,
+            term: req.term,
+            flows,
+            at: Instant::now(),
+        });
+        if kept {
+            metrics::gauge!("bulwark_lb_vip_clients_received").set(len as f64);
+        }
+        Ok(Response::new(pb::ShareClientsResponse {}))
     }
 
     async fn join(

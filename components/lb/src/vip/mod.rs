@@ -16,6 +16,11 @@
 //! reports the deletion. Leadership
 //! transfers and shutdown go through [`VipHandle::hand_over`], which
 //! returns only once the VIP is released.
+//!
+//! In arp and bgp mode a claim that takes the VIP over from another node
+//! is followed by tickle ACKs to that node's clients ([`Tickles`],
+//! [`crate::clients`]): their connections ran through a holder that may be
+//! cut off, and are reset at once instead of at the clients' timeouts.
 
 pub mod arp;
 pub mod bgp;
@@ -39,6 +44,7 @@ use self::arp::{ArpVip, Renewal};
 use self::bgp::BgpVip;
 use self::bind::BindVip;
 use self::fence::{Action, Fence, FenceTiming, LeaderView, ReleaseReason};
+use crate::clients::{ClientTable, Flow, Received, tickle};
 use crate::raft::network::Handover;
 use crate::raft::server::Signals;
 use crate::raft::state::command;
@@ -205,6 +211,15 @@ struct Measure {
 /// The VIP task's name as a worker (`/debug/workers`).
 pub const WORKER: &str = "vip";
 
+/// What a claim needs to tickle the previous holder's clients
+/// (`vip.tickleClients`).
+pub struct Tickles {
+    /// The latest client table a holder shared with this node.
+    pub received: Received,
+    /// This node's own front connections, which are never tickled.
+    pub own: ClientTable,
+}
+
 /// The task that owns the VIP on one node.
 pub struct VipTask {
     node_id: NodeId,
@@ -217,6 +232,11 @@ pub struct VipTask {
     /// Where the task reports (`/debug/workers`): holding or standby,
     /// each claim and renewal, each failure.
     worker: Worker,
+    /// arp and bgp mode with `vip.tickleClients`.
+    tickles: Option<Tickles>,
+    /// Cancels the tickles of the current holding when it ends: they are
+    /// only for right after the claim.
+    tickling: CancellationToken,
 }
 
 /// The receiving half of a [`VipHandle`], turned into a task by
@@ -265,7 +285,20 @@ impl VipTask {
             rx: inbox.rx,
             state: inbox.state,
             worker: Worker::detached(WORKER),
+            tickles: None,
+            tickling: CancellationToken::new(),
         }
+    }
+
+    /// Tickles the previous holder's clients after each claim (arp and bgp
+    /// mode; bind mode moves no address, so the clients' answers would not
+    /// come here).
+    #[must_use]
+    pub fn with_tickles(mut self, tickles: Tickles) -> Self {
+        if !matches!(self.actuator, Actuator::Bind(_)) {
+            self.tickles = Some(tickles);
+        }
+        self
     }
 
     /// Reports through `worker` (the daemon's registry) from now on.
@@ -449,7 +482,49 @@ impl VipTask {
             since: Some(SystemTime::now()),
             lease_remaining: self.fence.lease_remaining(view, claimed),
         });
+        self.tickle(term);
         Ok((claimed, self.actuator.renew_interval().map(|i| claimed + i)))
+    }
+
+    /// Right after a claim: tickles the clients of the previous holder's
+    /// table (another node's, of an earlier term), leaving out any
+    /// connection this node's own front has, in a task of its own so the
+    /// loop goes on; a release stops it.
+    fn tickle(&mut self, term: u64) {
+        let Some(t) = &self.tickles else { return };
+        let Some(table) = t.received.take_for_claim(self.node_id, term) else {
+            return;
+        };
+        metrics::gauge!("bulwark_lb_vip_clients_received").set(0.0);
+        let flows: Vec<Flow> = table
+            .flows
+            .into_iter()
+            .filter(|f| !t.own.contains(f))
+            .collect();
+        if flows.is_empty() {
+            return;
+        }
+        let (from, age) = (table.holder, table.at.elapsed());
+        self.tickling = CancellationToken::new();
+        let stop = self.tickling.clone();
+        tokio::spawn(async move {
+            let Some(sent) = stop.run_until_cancelled(tickle::send_all(&flows)).await else {
+                tracing::info!(term, from, "released the VIP while tickling; stopped");
+                return;
+            };
+            metrics::counter!("bulwark_lb_vip_tickles_sent_total").increment(sent.sent as u64);
+            metrics::counter!("bulwark_lb_vip_tickle_failures_total").increment(sent.failed as u64);
+            tracing::info!(
+                term,
+                from,
+                clients = flows.len(),
+                sent = sent.sent,
+                failed = sent.failed,
+                first_round_took = ?sent.first_round,
+                table_age = ?age,
+                "tickled the previous holder's clients (two rounds)"
+            );
+        });
     }
 
     /// The VIP cannot be served or kept any more (`why`): releases it and
@@ -527,6 +602,7 @@ impl VipTask {
 
     async fn release(&mut self, reason: ReleaseReason) {
         let started = Instant::now();
+        self.tickling.cancel();
         if let Err(e) = self.actuator.release(reason.as_str()).await {
             // Nothing more can be done here; the fencing budget assumed it
             // works, so say so loudly.

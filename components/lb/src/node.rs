@@ -533,6 +533,7 @@ fn spawn_sharer(
     Some(crate::vip::Tickles {
         received,
         own: gate.clients().clone(),
+        vips: config.vip.addresses().iter().map(|a| a.ip).collect(),
     })
 }
 

@@ -323,9 +323,44 @@ impl Received {
     }
 }
 
+/// The flows of a previous holder's table that a new holder tickles: only
+/// those on one of its own VIP addresses (a tickle's source address; a
+/// peer's table cannot make this node send from any other), leaving out
+/// the connections its own front has.
+pub fn to_tickle(flows: Vec<Flow>, vips: &[IpAddr], own: &ClientTable) -> Vec<Flow> {
+    flows
+        .into_iter()
+        .filter(|f| vips.contains(&f.vip.ip()) && !own.contains(f))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_flows_on_this_nodes_vip_and_not_its_own_are_tickled() {
+        let own = ClientTable::new();
+        let mine = flow("198.18.0.9:40002", "198.18.0.100:6443");
+        let _held = own.register(mine);
+        let shared = vec![
+            flow("198.18.0.9:40000", "198.18.0.100:6443"),
+            flow("[2001:db8::9]:40000", "[2001:db8::100]:6443"),
+            flow("198.18.0.9:40001", "10.0.0.1:22"),
+            mine,
+        ];
+        let vips: Vec<IpAddr> = vec![
+            "198.18.0.100".parse().unwrap(),
+            "2001:db8::100".parse().unwrap(),
+        ];
+        assert_eq!(
+            to_tickle(shared, &vips, &own),
+            vec![
+                flow("198.18.0.9:40000", "198.18.0.100:6443"),
+                flow("[2001:db8::9]:40000", "[2001:db8::100]:6443"),
+            ]
+        );
+    }
 
     fn flow(client: &str, vip: &str) -> Flow {
         Flow {

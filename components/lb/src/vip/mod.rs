@@ -44,7 +44,7 @@ use self::arp::{ArpVip, Renewal};
 use self::bgp::BgpVip;
 use self::bind::BindVip;
 use self::fence::{Action, Fence, FenceTiming, LeaderView, ReleaseReason};
-use crate::clients::{ClientTable, Flow, Received, tickle};
+use crate::clients::{ClientTable, Received, tickle};
 use crate::raft::network::Handover;
 use crate::raft::server::Signals;
 use crate::raft::state::command;
@@ -218,6 +218,9 @@ pub struct Tickles {
     pub received: Received,
     /// This node's own front connections, which are never tickled.
     pub own: ClientTable,
+    /// The VIP's addresses: a tickle is only ever sent from one of them,
+    /// whatever a peer's table says.
+    pub vips: Vec<std::net::IpAddr>,
 }
 
 /// The task that owns the VIP on one node.
@@ -496,11 +499,20 @@ impl VipTask {
             return;
         };
         metrics::gauge!("bulwark_lb_vip_clients_received").set(0.0);
-        let flows: Vec<Flow> = table
+        let off_vip = table
             .flows
-            .into_iter()
-            .filter(|f| !t.own.contains(f))
-            .collect();
+            .iter()
+            .filter(|f| !t.vips.contains(&f.vip.ip()))
+            .count();
+        if off_vip > 0 {
+            tracing::warn!(
+                term,
+                from = table.holder,
+                off_vip,
+                "left out shared client connections that are not on this node's VIP addresses (a peer with another vip config?)"
+            );
+        }
+        let flows = crate::clients::to_tickle(table.flows, &t.vips, &t.own);
         if flows.is_empty() {
             return;
         }

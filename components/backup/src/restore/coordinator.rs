@@ -210,6 +210,19 @@ impl Coordinator {
         Ok(BackupClient::new(ch))
     }
 
+    /// The agent at `address` and its node's facts; what went wrong, as
+    /// the pre-flight words it, when it cannot be dialled or does not
+    /// answer.
+    pub(super) async fn ask_node(&self, address: &str) -> std::result::Result<Node, String> {
+        let mut c = self.client(address).map_err(|e| e.to_string())?;
+        let info = c
+            .get_node_info(pb::GetNodeInfoRequest {})
+            .await
+            .map_err(|s| unanswered(&s))?
+            .into_inner();
+        Ok((info, c))
+    }
+
     pub(super) fn client(&self, address: &str) -> Result<RestoreAgentClient<Channel>> {
         let ch = bulwark_common::grpc::channel(address, &self.client_tls, None)
             .map_err(|e| BackupError::InvalidArgument(format!("agent address {address}: {e}")))?;
@@ -555,15 +568,7 @@ impl Coordinator {
     /// that does not answer, or is held by another restore, is a problem
     /// the pre-flight reports with the others.
     async fn node_infos(&self) -> (Vec<Node>, Vec<Problem>) {
-        let asks = self.peers.iter().map(|address| async move {
-            let mut c = self.client(address).map_err(|e| e.to_string())?;
-            let info = c
-                .get_node_info(pb::GetNodeInfoRequest {})
-                .await
-                .map_err(|s| unanswered(&s))?
-                .into_inner();
-            Ok::<_, String>((info, c))
-        });
+        let asks = self.peers.iter().map(|address| self.ask_node(address));
         let mut nodes = Vec::new();
         let mut problems = Vec::new();
         for (address, answer) in self.peers.iter().zip(futures::future::join_all(asks).await) {

@@ -206,12 +206,7 @@ impl Coordinator {
 
     async fn node_states_once(&self, rid: &str) -> NodeStates {
         let asks = self.peers.iter().map(|address| async move {
-            let mut c = self.client(address).map_err(|e| e.to_string())?;
-            let info = c
-                .get_node_info(pb::GetNodeInfoRequest {})
-                .await
-                .map_err(|s| unanswered(&s))?
-                .into_inner();
+            let (info, mut c) = self.ask_node(address).await?;
             let state = match c
                 .get_restore_state(pb::GetRestoreStateRequest {
                     restore_id: rid.to_owned(),

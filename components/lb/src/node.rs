@@ -183,7 +183,14 @@ pub async fn run(
 
     // arp and bgp mode: the front listeners accept only while the VIP
     // task holds the VIP, and it resets their clients before it lets go.
-    let gate = crate::proxy::FrontGate::new();
+    // With tickles they also keep their client table.
+    let tickling =
+        matches!(config.vip.mode, VipMode::Arp | VipMode::Bgp) && config.vip.tickle_clients;
+    let gate = if tickling {
+        crate::proxy::FrontGate::tracking_clients()
+    } else {
+        crate::proxy::FrontGate::new()
+    };
     let stale_checked = remove_stale_vip(&config, &gate).await?;
 
     let store = Store::open(&config.data_dir)?;
@@ -504,11 +511,11 @@ fn spawn_elector(shutdown: &Shutdown, config: &LbConfig, raft: &Raft, signals: &
     );
 }
 
-/// arp and bgp mode with `vip.tickleClients`: shares the front's client
-/// table with the peers while this node holds the VIP (a task that may
-/// fail without stopping the node: tickles are a hint), and returns what
-/// the VIP task needs to tickle the previous holder's clients after a
-/// claim.
+/// When the gate keeps a client table (arp and bgp mode with
+/// `vip.tickleClients`): shares it with the peers while this node holds
+/// the VIP (a task that may fail without stopping the node: tickles are a
+/// hint), and returns what the VIP task needs to tickle the previous
+/// holder's clients after a claim.
 fn spawn_sharer(
     shutdown: &Shutdown,
     config: &LbConfig,
@@ -517,22 +524,19 @@ fn spawn_sharer(
     received: crate::clients::Received,
     (tls, cluster): (&Arc<TlsMaterial>, &ClusterId),
 ) -> Option<crate::vip::Tickles> {
-    let gated = matches!(config.vip.mode, VipMode::Arp | VipMode::Bgp);
-    if !gated || !config.vip.tickle_clients {
-        return None;
-    }
+    let table = gate.clients()?;
     let sharer = crate::clients::share::Sharer {
         node_id: config.node_id,
         raft: raft.clone(),
         vip: vip.clone(),
-        table: gate.clients().clone(),
+        table: table.clone(),
         tls: tls.clone(),
         cluster: cluster.clone(),
     };
     shutdown.spawn("vip-clients", sharer.run(shutdown.token()));
     Some(crate::vip::Tickles {
         received,
-        own: gate.clients().clone(),
+        own: table.clone(),
         vips: config.vip.addresses().iter().map(|a| a.ip).collect(),
     })
 }

@@ -26,8 +26,8 @@
 //! the VIP. One accepted in the moment between `close` and the accept loop
 //! seeing it is reset at once.
 //!
-//! The gate also carries the holding's [`ClientTable`]: each connection is
-//! in it while open, and the holder shares it with its peers so that the
+//! A gate made with [`FrontGate::tracking_clients`] also carries a
+//! [`ClientTable`]: each connection is in it while open, and the holder shares it with its peers so that the
 //! next holder can reset those clients if this node vanishes without
 //! closing the gate ([`crate::clients`]).
 
@@ -55,8 +55,10 @@ struct Inner {
     /// Parent of every holding's close token: a front listener's shutdown
     /// grace ending cancels it and so closes every connection left.
     root: CancellationToken,
-    /// The open connections of the front listeners behind this gate.
-    clients: ClientTable,
+    /// The open connections of the front listeners behind this gate, when
+    /// they are kept (`vip.tickleClients`); without it nothing is added to
+    /// the per-connection path.
+    clients: Option<ClientTable>,
 }
 
 /// The connections accepted during one holding of the VIP.
@@ -84,22 +86,33 @@ impl Default for FrontGate {
 }
 
 impl FrontGate {
-    /// A closed gate.
+    /// A closed gate that keeps no client table.
     pub fn new() -> Self {
+        Self::with_clients(None)
+    }
+
+    /// A closed gate whose front listeners keep their open connections in
+    /// a [`ClientTable`] (for the tickles after a failover).
+    pub fn tracking_clients() -> Self {
+        Self::with_clients(Some(ClientTable::new()))
+    }
+
+    fn with_clients(clients: Option<ClientTable>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 holding: Mutex::new(None),
                 open: watch::Sender::new(false),
                 root: CancellationToken::new(),
-                clients: ClientTable::new(),
+                clients,
             }),
         }
     }
 
     /// The open client connections of the front listeners behind this
-    /// gate (the VIP task's sharer and tickles read it).
-    pub fn clients(&self) -> &ClientTable {
-        &self.inner.clients
+    /// gate, when it keeps them (the VIP task's sharer and tickles read
+    /// it).
+    pub fn clients(&self) -> Option<&ClientTable> {
+        self.inner.clients.as_ref()
     }
 
     /// Starts a holding: connections accepted from now on are proxied

@@ -648,12 +648,13 @@ fn spawn_connection(
     };
     match gate.holding() {
         Some(h) => {
-            // One insert here and one remove when the task ends, on one of
-            // the table's shards: nothing else on the data path.
-            let registered = peer.zip(shared.front_address).map(|(client, vip)| {
-                gate.clients()
-                    .register(crate::clients::Flow { client, vip })
-            });
+            // With a client table, one insert here and one remove when the
+            // task ends, on one of its shards: nothing else on the data path.
+            let registered = gate
+                .clients()
+                .zip(peer)
+                .zip(shared.front_address)
+                .map(|((table, client), vip)| table.register(crate::clients::Flow { client, vip }));
             let conn = connection(shared.clone(), client, permit, h.close);
             let conn = async move {
                 conn.await;

@@ -9,8 +9,10 @@
 //! - it gets `PR_SET_PDEATHSIG=SIGKILL`, so it also dies when the test
 //!   process is killed (a nextest timeout, a Ctrl-C) and no Drop runs. That
 //!   signal fires when the *thread* that forked the child exits, not the
-//!   process, so every child is forked by one long-lived supervisor thread
-//!   rather than by whichever test or runtime thread asked;
+//!   process, so every child is forked by one long-lived thread rather
+//!   than by whichever test or runtime thread asked (both are
+//!   [`bulwark_common::child::spawn_std`], which the daemons' own children
+//!   use too);
 //! - when the handle drops while the thread is panicking (the test failed),
 //!   the log is printed to stderr; `BULWARK_KEEP_TEST_DIRS=1` keeps it and
 //!   the rest of the directory on disk.
@@ -28,8 +30,6 @@ use std::net::SocketAddr;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -586,41 +586,6 @@ fn kill_group(pid: u32) {
     }
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// Runs `job` on the supervisor thread, which lives as long as the test
-/// process: PR_SET_PDEATHSIG fires when the forking *thread* ends, so
-/// forking from a short-lived test or runtime thread would kill the child
-/// with it.
-fn on_supervisor_thread<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) -> R {
-    static JOBS: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
-    let jobs = JOBS.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("bulwark-testkit-supervisor".into())
-            .spawn(move || {
-                for job in rx {
-                    job();
-                }
-            })
-            .expect("the supervisor thread must start: nothing can be spawned without it");
-        Mutex::new(tx)
-    });
-    let (reply_tx, reply_rx) = mpsc::sync_channel(1);
-    let sent = jobs
-        .lock()
-        .map(|tx| {
-            tx.send(Box::new(move || {
-                let _ = reply_tx.send(job());
-            }))
-        })
-        .is_ok_and(|r| r.is_ok());
-    assert!(sent, "the supervisor thread is gone");
-    reply_rx
-        .recv()
-        .expect("the supervisor thread answers every job")
-}
-
 fn spawn_supervised(spec: &ProcessBuilder, dir: &Path, log: File) -> anyhow::Result<Child> {
     let mut cmd = match &spec.netns {
         Some(ns) => {
@@ -637,30 +602,9 @@ fn spawn_supervised(spec: &ProcessBuilder, dir: &Path, log: File) -> anyhow::Res
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe calls (prctl, getppid); it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The test process may have died between fork and prctl; then
-            // no signal will ever come, so do not start at all.
-            if libc::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    Ok(on_supervisor_thread(move || cmd.spawn())?)
+    // Tied to this process (PR_SET_PDEATHSIG), forked on a thread that
+    // lives as long as it does.
+    Ok(bulwark_common::child::spawn_std(cmd)?)
 }
 
 /// Exit status helper for messages: "exit code 0" or "signal 9".

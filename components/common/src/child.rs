@@ -28,7 +28,7 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Starts `cmd` as a child that gets SIGKILL when this process dies. Call
 /// it from within a tokio runtime.
 pub async fn spawn(mut cmd: Command) -> io::Result<Child> {
-    tie_to_parent(&mut cmd);
+    tie_to_parent(cmd.as_std_mut());
     let handle = Handle::current();
     let (tx, rx) = oneshot::channel();
     on_spawner_thread(Box::new(move || {
@@ -46,7 +46,20 @@ pub async fn output(mut cmd: Command) -> io::Result<Output> {
     spawn(cmd).await?.wait_with_output().await
 }
 
-fn tie_to_parent(cmd: &mut Command) {
+/// As [`spawn`] for a `std` command, waiting for the fork (the test
+/// harness's processes, which live outside any runtime).
+pub fn spawn_std(mut cmd: std::process::Command) -> io::Result<std::process::Child> {
+    tie_to_parent(&mut cmd);
+    let (tx, rx) = mpsc::sync_channel(1);
+    on_spawner_thread(Box::new(move || {
+        let _ = tx.send(cmd.spawn());
+    }))?;
+    rx.recv()
+        .map_err(|_| io::Error::other("the child spawner thread dropped the fork"))?
+}
+
+fn tie_to_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs between fork and exec and only makes
     // async-signal-safe calls (prctl, getppid); it allocates nothing.

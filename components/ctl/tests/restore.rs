@@ -385,17 +385,7 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
             .unwrap();
     }
     let r2 = c.get("x", None).await.unwrap().header().unwrap().revision();
-    wait_for("deltas to cover the writes", || {
-        let base_id = base_id.clone();
-        async move {
-            engine
-                .list_segments(Some(&base_id))
-                .await
-                .map(|s| s.last().is_some_and(|s| s.last_revision >= r2))
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    wait_deltas_cover(engine, &base_id, r2).await;
     let old_cluster = c.status().await.unwrap().header().unwrap().cluster_id();
     let operator = pki.client("alice", &["system:masters"]).unwrap();
     let viewer = pki.client("bob", &[]).unwrap();
@@ -1233,6 +1223,19 @@ async fn wait_record(
     }
 }
 
+/// Waits until the delta segments after snapshot `base_id` reach
+/// `revision`.
+async fn wait_deltas_cover(engine: &bulwark_backup::Engine, base_id: &str, revision: i64) {
+    wait_for("deltas to cover the writes", || async move {
+        engine
+            .list_segments(Some(base_id))
+            .await
+            .map(|s| s.last().is_some_and(|s| s.last_revision >= revision))
+            .unwrap_or(false)
+    })
+    .await;
+}
+
 /// Moves etcd's leadership to `nodes[to]` and waits until it holds it.
 async fn make_leader(nodes: &[Node], to: usize) {
     let status = |url: String| async move {
@@ -1609,18 +1612,7 @@ async fn heavy_a_coordinator_killed_mid_build_leaves_no_scratch_etcd_or_work_dir
     let target = c.get("x", None).await.unwrap().header().unwrap().revision();
     let before = user_state(&mut c, 0).await;
     let old_cluster = c.status().await.unwrap().header().unwrap().cluster_id();
-    let engine = lab.engine();
-    wait_for("deltas to cover the writes", || {
-        let base_id = base_id.clone();
-        async move {
-            engine
-                .list_segments(Some(&base_id))
-                .await
-                .map(|s| s.last().is_some_and(|s| s.last_revision >= target))
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    wait_deltas_cover(lab.engine(), &base_id, target).await;
     let operator = lab.pki.client("alice", &["system:masters"]).unwrap();
     let (agent, op) = (lab.agents[0].clone(), operator.clone());
     let restore = tokio::spawn(async move {

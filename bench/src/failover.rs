@@ -1,8 +1,8 @@
 //! Scenario `failover`: three `bulwark-lb` hosts in arp mode and a client
 //! host on a network-namespace bridge (root only). Each trial cuts the
-//! current leader's link while a client on the client host opens a fresh
-//! TCP connection to VIP:port over and over (100 ms timeout, an echo round
-//! trip each); the client-visible gap is from the last success before the
+//! current leader's link while a client on the client host starts a fresh
+//! TCP connection to VIP:port every 10 ms (100 ms timeout, an echo round
+//! trip each, overlapping); the client-visible gap is from the last success before the
 //! cut to the first success after it. The new holder's own failover record
 //! gives time to detect (last contact with the old leader to election won)
 //! and time to move (election won to VIP announced). Then the link comes
@@ -37,6 +37,10 @@ pub struct Args {
     /// the LB processes for the cores.
     #[arg(long, default_value_t = 4)]
     soak_burners: usize,
+    /// Busy-looping threads the bench runs during the trials (0: the
+    /// trials run on an otherwise idle machine).
+    #[arg(long, default_value_t = 0)]
+    trial_burners: usize,
     /// Where the report goes (`<date>-failover.md` and `.json`).
     #[arg(long, default_value = "bench/results")]
     out_dir: PathBuf,
@@ -83,6 +87,10 @@ struct Report {
     kernel: String,
     date: String,
     soak: Option<Soak>,
+    /// Busy threads competing with the LB processes during the trials.
+    trial_burners: usize,
+    /// `/proc/loadavg` after the last trial.
+    trial_load_average: String,
     trials: Vec<Trial>,
     gap: Summary,
     time_to_detect: Summary,
@@ -131,6 +139,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    let burners = Burners::start(args.trial_burners);
     for trial in 1..=args.trials {
         // Let every follower catch up and the old leader rejoin first.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -182,6 +191,8 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         trials.push(t);
         l.lab.restore_link(&cut_host)?;
     }
+    let trial_load_average = crate::stats::loadavg();
+    burners.stop();
     let w = sampler.finish();
 
     let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
@@ -198,6 +209,8 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         arp_windows: w.arp_windows,
         double_holder_samples: w.addr_violations.len() + w.arp_violations.len(),
         soak,
+        trial_burners: args.trial_burners,
+        trial_load_average,
         trials,
     };
     std::fs::create_dir_all(&args.out_dir)?;
@@ -233,22 +246,7 @@ async fn highest_term(l: &LbLab) -> u64 {
 /// connecting every 10 ms: elections and holder changes that no fault
 /// asked for.
 async fn soak(l: &LbLab, seconds: u64, burners: usize) -> Soak {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let threads: Vec<_> = (0..burners)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut x = 1u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    for _ in 0..10_000 {
-                        x = std::hint::black_box(
-                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
-                        );
-                    }
-                }
-            })
-        })
-        .collect();
+    let burning = Burners::start(burners);
     let term_before = highest_term(l).await;
     let mut holder = l.holders().first().copied();
     let (mut connects, mut failed, mut holder_changes) = (0u64, 0u64, 0u64);
@@ -267,10 +265,7 @@ async fn soak(l: &LbLab, seconds: u64, burners: usize) -> Soak {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let load_average = crate::stats::loadavg();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
+    burning.stop();
     let soak = Soak {
         seconds,
         burners,
@@ -293,6 +288,41 @@ async fn soak(l: &LbLab, seconds: u64, burners: usize) -> Soak {
     soak
 }
 
+/// Busy-looping threads that compete with the LB processes for the cores.
+struct Burners {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Burners {
+    fn start(n: usize) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 1u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        for _ in 0..10_000 {
+                            x = std::hint::black_box(
+                                x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                            );
+                        }
+                    }
+                })
+            })
+            .collect();
+        Burners { stop, threads }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
 fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Failover: leader link cut, arp mode ({})\n", r.date);
@@ -304,7 +334,12 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "Three `bulwark-lb` hosts and a client host in network namespaces on one bridge; default timers (heartbeat 50 ms, election timeout 150-250 ms, VIP lease 180 ms). Each trial cuts the current leader's link; the client opens a fresh TCP connection to VIP:6443 (100 ms timeout, echo round trip) in a loop.\n"
+        "Three `bulwark-lb` hosts and a client host in network namespaces on one bridge; default timers (heartbeat 50 ms, election timeout 150-250 ms, VIP lease 180 ms). Each trial cuts the current leader's link; the client starts a fresh TCP connection to VIP:6443 every 10 ms (each with a 100 ms timeout and an echo round trip, not waiting for the previous one).\n"
+    );
+    let _ = writeln!(
+        s,
+        "Trials with {} busy threads competing for the cores (load average after the last trial: {}).\n",
+        r.trial_burners, r.trial_load_average
     );
     let _ = writeln!(s, "| | median | p99 | max |\n|---|---|---|---|");
     for (name, v) in [

@@ -17,10 +17,13 @@
 //! off disturbs nobody. It fires only after `F` of silence, later than
 //! openraft's own first attempt, so it adds no election a healthy leader
 //! would see. The followers take turns (by node id, the old leader left
-//! out, `step` apart) so two of them rarely split the vote; if the first
-//! one cannot win (its log is behind, or it is cut off) the next one tries
-//! `step` later. Once per silence: a new append from any leader starts a
-//! new one.
+//! out, `step` apart) so two of them rarely split the vote. Each follower
+//! tries twice in its turn, at its start and half a turn later: on a busy
+//! machine the other voters may have accepted the last heartbeat a few
+//! milliseconds after this node did, so their leases run out a little later
+//! and the first pre-vote is refused. If a follower cannot win at all (its
+//! log is behind, or it is cut off) the next one tries in its own turn.
+//! Once per silence: a new append from any leader starts a new one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,15 +40,19 @@ use super::types::{NodeId, Raft};
 /// the same heartbeat, a little after this node's on a busy machine.
 const MARGIN: Duration = Duration::from_millis(5);
 
+/// Attempts per follower turn, half a turn apart.
+const TRIES_PER_TURN: u32 = 2;
+
 /// Pause when there is nothing to wait for (no leader heard yet, or this
-/// silence already had its attempt).
+/// silence already had its attempts).
 const IDLE: Duration = Duration::from_millis(20);
 
 /// When this follower should campaign for the silence that began at the
 /// last append it accepted, or `None` when it should not.
 #[derive(Debug, PartialEq, Eq)]
 enum Due {
-    /// Not a follower of a known leader, or not a voter.
+    /// Not a follower of a known leader, not a voter, or this silence
+    /// already had this follower's attempts.
     Never,
     /// At this instant.
     At(Instant),
@@ -71,18 +78,21 @@ pub async fn run(
     step: Duration,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    // The silence (its last contact) that already had its attempt.
-    let mut tried: Option<Instant> = None;
+    // The silence (its last contact) being campaigned in, and how many
+    // attempts it has had.
+    let mut tried: Option<(Instant, u32)> = None;
+    let attempts_in = |tried: Option<(Instant, u32)>, at: Instant| {
+        tried.filter(|(t, _)| *t == at).map_or(0, |(_, n)| n)
+    };
     loop {
         let due = match signals.last_contact() {
-            Some((at, _)) if tried == Some(at) => Due::Never,
-            Some((at, leader)) => due(&raft, me, leader, at, lease, step),
+            Some((at, leader)) => due(&raft, me, leader, at, lease, step, attempts_in(tried, at)),
             None => Due::Never,
         };
         let wake = match due {
             Due::At(when) if when <= Instant::now() => {
                 if let Some((at, _)) = signals.last_contact() {
-                    tried = Some(at);
+                    tried = Some((at, attempts_in(tried, at) + 1));
                 }
                 tracing::debug!(node = me, "leader lease ran out: campaigning (pre-vote)");
                 if let Err(e) = raft.trigger().elect(true).await {
@@ -107,6 +117,7 @@ fn due(
     at: Instant,
     lease: Duration,
     step: Duration,
+    attempts: u32,
 ) -> Due {
     let m = raft.metrics().borrow_watched().clone();
     if m.state == ServerState::Leader || leader == me {
@@ -114,9 +125,18 @@ fn due(
     }
     let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
     match turn(&voters, me, leader) {
-        Some(rank) => Due::At(at + lease + MARGIN + step * rank),
+        Some(rank) => attempt_at(at, lease, step, rank, attempts),
         None => Due::Never,
     }
+}
+
+/// When the follower of turn `rank` makes its attempt number `attempts`
+/// (from 0) for the silence that began at `at`.
+fn attempt_at(at: Instant, lease: Duration, step: Duration, rank: u32, attempts: u32) -> Due {
+    if attempts >= TRIES_PER_TURN {
+        return Due::Never;
+    }
+    Due::At(at + lease + MARGIN + step * rank + step / TRIES_PER_TURN * attempts)
 }
 
 #[cfg(test)]
@@ -131,5 +151,22 @@ mod tests {
         assert_eq!(turn(&[3, 1, 2], 3, 2), Some(1));
         // A learner (not a voter) never campaigns.
         assert_eq!(turn(&[1, 2, 3], 4, 1), None);
+    }
+
+    #[test]
+    fn each_turn_has_two_attempts_half_a_turn_apart() {
+        let at = Instant::now();
+        let lease = Duration::from_millis(250);
+        let step = Duration::from_millis(50);
+        let when = |rank, n| match attempt_at(at, lease, step, rank, n) {
+            Due::At(w) => Some(w - at),
+            Due::Never => None,
+        };
+        assert_eq!(when(0, 0), Some(Duration::from_millis(255)));
+        assert_eq!(when(0, 1), Some(Duration::from_millis(280)));
+        assert_eq!(when(0, 2), None);
+        // The next follower's turn begins after both of the first one's.
+        assert_eq!(when(1, 0), Some(Duration::from_millis(305)));
+        assert_eq!(when(1, 1), Some(Duration::from_millis(330)));
     }
 }

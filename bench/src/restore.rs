@@ -80,6 +80,9 @@ pub struct Args {
 #[derive(Debug, Serialize)]
 struct RestoreRun {
     baseline: members::BaselineTimes,
+    /// The baseline for three members restored and started at once on
+    /// this machine.
+    baseline_three: members::BaselineTimes,
     single: members::MemberTimes,
     three: members::MemberTimes,
 }
@@ -106,10 +109,17 @@ struct Report {
     load_after: String,
     runs: Vec<RestoreRun>,
     baseline: members::BaselineTimes,
+    baseline_three: members::BaselineTimes,
     single: members::MemberTimes,
     three: members::MemberTimes,
     single_ratio_to_baseline: f64,
     three_ratio_to_single: f64,
+    /// Three members against the three-member baseline on the same cores
+    /// and disk: the share of the three-member time bulwark adds.
+    three_ratio_to_baseline_three: f64,
+    /// The three-member baseline against the one-member one: what sharing
+    /// this machine's cores and disk between three members costs anyway.
+    baseline_three_ratio_to_baseline: f64,
     pitr_events: u64,
     pitr_build_seconds: f64,
     pitr_target: targets::TargetTimes,
@@ -167,7 +177,7 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
     .await?;
     let rpo = rpo(recorder, &mut client, args).await?;
 
-    let (baseline, single, three) = medians(&runs);
+    let (baseline, baseline_three, single, three) = medians(&runs);
     let report = Report {
         date: chrono::Utc::now().to_rfc3339(),
         command: cmdline,
@@ -178,8 +188,11 @@ async fn bench(args: &Args, cmdline: String) -> anyhow::Result<()> {
         load_after,
         single_ratio_to_baseline: single.total / baseline.total.max(1e-9),
         three_ratio_to_single: three.total / single.total.max(1e-9),
+        three_ratio_to_baseline_three: three.total / baseline_three.total.max(1e-9),
+        baseline_three_ratio_to_baseline: baseline_three.total / baseline.total.max(1e-9),
         runs,
         baseline,
+        baseline_three,
         single,
         three,
         pitr_events,
@@ -405,10 +418,12 @@ fn rpo_figures(
     }
 }
 
-/// Per-phase medians over the runs: baseline, one member, three members.
+/// Per-phase medians over the runs: the one- and three-member baselines,
+/// one member, three members.
 fn medians(
     runs: &[RestoreRun],
 ) -> (
+    members::BaselineTimes,
     members::BaselineTimes,
     members::MemberTimes,
     members::MemberTimes,
@@ -420,16 +435,21 @@ fn medians(
         start: med(&|r| pick(r).start),
         total: med(&|r| pick(r).total),
     };
-    let baseline = members::BaselineTimes {
-        etcdutl: med(&|r| r.baseline.etcdutl),
-        start: med(&|r| r.baseline.start),
-        total: med(&|r| r.baseline.total),
+    let baseline = |pick: fn(&RestoreRun) -> &members::BaselineTimes| members::BaselineTimes {
+        etcdutl: med(&|r| pick(r).etcdutl),
+        start: med(&|r| pick(r).start),
+        total: med(&|r| pick(r).total),
     };
-    (baseline, member(|r| &r.single), member(|r| &r.three))
+    (
+        baseline(|r| &r.baseline),
+        baseline(|r| &r.baseline_three),
+        member(|r| &r.single),
+        member(|r| &r.three),
+    )
 }
 
-/// `runs` rounds of: the baseline on the plain snapshot file, bulwark's
-/// restore of one member, and of three.
+/// `runs` rounds of: the baselines on the plain snapshot file for one
+/// member and for three, bulwark's restore of one member, and of three.
 async fn restore_runs(
     engine: &Arc<Engine>,
     manifest: &Manifest,
@@ -450,21 +470,25 @@ async fn restore_runs(
     let mut out = Vec::new();
     for run in 0..runs {
         let dir = work.join(format!("run-{run}"));
-        let baseline = members::baseline(&db, &dir.join("baseline")).await?;
+        let baseline = members::baseline(&db, &dir.join("baseline"), 1).await?;
+        std::fs::remove_dir_all(&dir)?;
+        let baseline_three = members::baseline(&db, &dir.join("baseline-three"), 3).await?;
         std::fs::remove_dir_all(&dir)?;
         let single = members::restore(engine, &dir.join("one"), 1, manifest).await?;
         std::fs::remove_dir_all(&dir)?;
         let three = members::restore(engine, &dir.join("three"), 3, manifest).await?;
         std::fs::remove_dir_all(&dir)?;
         eprintln!(
-            "run {run}: baseline {:.2} s; one member {:.2} s; three members {:.2} s (load {})",
+            "run {run}: baseline {:.2} s, for three {:.2} s; one member {:.2} s; three members {:.2} s (load {})",
             baseline.total,
+            baseline_three.total,
             single.total,
             three.total,
             loadavg()
         );
         out.push(RestoreRun {
             baseline,
+            baseline_three,
             single,
             three,
         });
@@ -493,7 +517,11 @@ fn write_report(dir: &Path, r: &Report) -> anyhow::Result<()> {
          |---|---|---|---|---|---|\n\
          | baseline: `etcdutl snapshot restore` of the plain file + etcd start | — | {:.2} s | {:.2} s | {:.2} s | 1.00× |\n\
          | bulwark, one member | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2}× the baseline |\n\
-         | bulwark, three members at once | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2}× one member |\n\n\
+         | bulwark, three members at once | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2}× one member |\n\
+         | baseline for three: three `etcdutl snapshot restore` at once + the three-member cluster started | — | {:.2} s | {:.2} s | {:.2} s | {:.2}× the one-member baseline |\n\n\
+         All three members share this machine's cores and disk. Bulwark's three members take \
+         **{:.2}× the three-member baseline** of the same run: the time bulwark adds on top of \
+         the physical work three restores cost here.\n\n\
          Point-in-time build: {} recorded events replayed onto the same snapshot in {:.2} s \
          (download and checks, scratch etcd, replay, snapshot of the result).\n\n\
          The built target ({:.0} MiB) to three nodes' staging files, every node at once, \
@@ -524,6 +552,11 @@ fn write_report(dir: &Path, r: &Report) -> anyhow::Result<()> {
         r.three.start,
         r.three.total,
         r.three_ratio_to_single,
+        r.baseline_three.etcdutl,
+        r.baseline_three.start,
+        r.baseline_three.total,
+        r.baseline_three_ratio_to_baseline,
+        r.three_ratio_to_baseline_three,
         r.pitr_events,
         r.pitr_build_seconds,
         r.pitr_target.bytes as f64 / 1048576.0,

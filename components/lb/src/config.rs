@@ -557,6 +557,15 @@ pub struct VipConfig {
     /// its client table with its peers for it. Needs CAP_NET_RAW.
     #[serde(default = "d_true")]
     pub tickle_clients: bool,
+    /// arp and bgp mode: drop the kernel's connection refusals (a reset
+    /// answering a SYN) sent from the VIP's port, with an nftables rule
+    /// that outlives this process. A holder killed without releasing
+    /// leaves its address behind for a moment; its clients' SYNs then go
+    /// unanswered and are sent again a second later, by when the new
+    /// holder has the VIP, instead of failing with "connection refused"
+    /// (docs/FAILOVER.md). Removed on a clean stop. Needs CAP_NET_ADMIN.
+    #[serde(default = "d_true")]
+    pub drop_refusals: bool,
 }
 
 fn d_true() -> bool {
@@ -845,6 +854,7 @@ impl Default for VipConfig {
             garp_interval: d_garp_interval(),
             address_lifetime: None,
             tickle_clients: true,
+            drop_refusals: true,
         }
     }
 }

@@ -564,7 +564,45 @@ fn spawn_vip(
         task = task.with_tickles(t);
     }
     let token = shutdown.token();
-    shutdown.spawn_critical(crate::vip::WORKER, task.run(token));
+    let filter = refusal_filter(config);
+    shutdown.spawn_critical(crate::vip::WORKER, async move {
+        let ended = task.run(token).await;
+        // After the release: refusals while the front closes are dropped
+        // too, and its clients retry onto the next holder.
+        if let Some(f) = filter {
+            f.remove();
+        }
+        ended
+    });
+}
+
+/// arp and bgp mode with `vip.dropRefusals`: the nftables rule that keeps
+/// a killed holder's lingering address from refusing connects
+/// ([`crate::vip::refusals`]). Without it (no nf_tables, no CAP_NET_ADMIN)
+/// the node runs on, and says what clients will see.
+fn refusal_filter(config: &LbConfig) -> Option<crate::vip::refusals::Filter> {
+    let (VipMode::Arp | VipMode::Bgp, Some(addr)) = (config.vip.mode, config.vip.socket_addr())
+    else {
+        return None;
+    };
+    if !config.vip.drop_refusals {
+        return None;
+    }
+    let ips: Vec<_> = config.vip.addresses().iter().map(|a| a.ip).collect();
+    match crate::vip::refusals::Filter::install(&ips, addr.port()) {
+        Ok(f) => {
+            tracing::info!(
+                table = crate::vip::refusals::TABLE,
+                port = addr.port(),
+                "the VIP's connection refusals are dropped (nftables), so a killed holder's clients retry instead of failing"
+            );
+            Some(f)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install the nftables rule that drops the VIP's connection refusals: after a SIGKILL of the holder, clients get \"connection refused\" until the new holder announces the VIP (vip.dropRefusals)");
+            None
+        }
+    }
 }
 
 /// The health aggregator's name as a worker (`/debug/workers`).

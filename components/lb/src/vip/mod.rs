@@ -17,6 +17,10 @@
 //! transfers and shutdown go through [`VipHandle::hand_over`], which
 //! returns only once the VIP is released.
 //!
+//! In arp and bgp mode an nftables rule ([`refusals`]) keeps a killed
+//! holder's lingering address from refusing connects: its clients retry
+//! their SYN onto the next holder instead of failing.
+//!
 //! In arp and bgp mode a claim that takes the VIP over from another node
 //! is followed by tickle ACKs to that node's clients ([`Tickles`],
 //! [`crate::clients`]): their connections ran through a holder that may be
@@ -27,6 +31,7 @@ pub mod bgp;
 pub mod bind;
 pub mod fence;
 pub mod iface;
+pub mod refusals;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};

@@ -86,28 +86,18 @@ impl Agent {
         self.check_tool(&spec).await?;
         let staged = dir.join(super::STAGED_FILE);
         self.stage(&req.restore_id, &source, &staged, sink).await?;
-        let data_aside = aside_path(&member.data_dir, &req.restore_id, "");
         let ttl = req
             .lock_ttl
             .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
             .unwrap_or(Duration::from_secs(600));
-        let h = Held {
-            restore_id: req.restore_id.clone(),
+        let h = Held::staged(
+            req.restore_id.clone(),
             spec,
             member,
-            staged: staged.clone(),
-            manifest_aside: dir.join("etcd.yaml"),
-            data_aside: data_aside.clone(),
-            manifest_moved: false,
-            data_moved: false,
-            partial: false,
-            restored: false,
-            started: false,
-            last_step: pb::NodeStep::FetchSnapshot,
-            last_status: pb::StepStatus::Done,
-            error: String::new(),
-            expires: Instant::now() + ttl,
-        };
+            &dir,
+            Instant::now() + ttl,
+        );
+        let data_aside = h.data_aside.clone();
         if let Err(e) = self.journal(&h).await {
             let _ = tokio::fs::remove_file(&staged).await;
             return Err(e);

@@ -208,7 +208,7 @@ pub async fn run(
     // Client tables the VIP holder shares, for this node's tickles after
     // it takes the VIP over.
     let received = crate::clients::Received::new();
-    let service = raft_service(&config, &raft, &store, &cluster, &signals)
+    let service = RaftService::new(&config, &raft, &store, &cluster, &signals)
         .with_received_clients(received.clone());
     spawn_raft_server(shutdown, service, listeners.raft, &tls, &config, &servers);
     spawn_elector(shutdown, &config, &raft, &signals);
@@ -451,25 +451,6 @@ fn vip_actuator(
         (VipMode::Arp | VipMode::Bgp, Some(_)) => stale_checked,
         _ => None,
     }
-}
-
-/// The Raft gRPC service: peers' RPCs, the bootstrap protocol and the
-/// leadership-transfer signals.
-fn raft_service(
-    config: &LbConfig,
-    raft: &Raft,
-    store: &Store,
-    cluster: &ClusterId,
-    signals: &Arc<Signals>,
-) -> RaftService {
-    RaftService::new(
-        config.node_id,
-        raft.clone(),
-        store.clone(),
-        cluster.clone(),
-        signals.clone(),
-        config.raft.election_timeout_max,
-    )
 }
 
 /// Serves the Raft service (LB peers only) until `servers` is cancelled.

@@ -44,7 +44,7 @@ use openraft::async_runtime::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{Api, ListenerInfo};
+use crate::api::Api;
 use crate::backends::Backends;
 use crate::config::{LbConfig, VipMode};
 use crate::health::HealthService;
@@ -123,22 +123,6 @@ impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node").field("state", &self.state).finish()
     }
-}
-
-/// The proxy listeners this node runs, with their routing modes, for
-/// GetStatus.
-fn listener_infos(config: &LbConfig) -> Vec<ListenerInfo> {
-    let vip = config.vip.socket_addr().map(|a| ListenerInfo {
-        name: "vip",
-        address: a.to_string(),
-        mode: config.routing.vip,
-    });
-    let local = config.local_listener.map(|a| ListenerInfo {
-        name: "local",
-        address: a.to_string(),
-        mode: config.routing.local,
-    });
-    vip.into_iter().chain(local).collect()
 }
 
 fn openraft_config(config: &LbConfig) -> anyhow::Result<openraft::Config> {
@@ -248,19 +232,16 @@ pub async fn run(
 
     // The API.
     let api = Api::new(
-        node_id,
+        &config,
         this,
-        raft.clone(),
-        sm.clone(),
-        backends.clone(),
-        vip.clone(),
-        config.vip.clone(),
-        tls.clone(),
-        cluster.clone(),
-        config.raft.election_timeout_max,
+        &raft,
+        &sm,
+        &backends,
+        &vip,
+        &tls,
+        &cluster,
         health_service,
-    )
-    .with_listeners(listener_infos(&config));
+    );
     spawn_api_server(shutdown, api, listeners.api, &tls, &config, &servers);
 
     if let Some(admin) = listeners.admin {

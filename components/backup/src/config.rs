@@ -1109,7 +1109,7 @@ mod tests {
     fn errors(body: &str) -> Vec<String> {
         match parse(body) {
             Ok(_) => Vec::new(),
-            Err(e) => e.field_errors().iter().map(|e| e.to_string()).collect(),
+            Err(e) => e.messages(),
         }
     }
 
@@ -1161,7 +1161,7 @@ mod tests {
         let err =
             bulwark_common::config::load_checked::<BackupConfig>(Some(&file), &Overrides::new())
                 .unwrap_err();
-        let e: Vec<String> = err.field_errors().iter().map(|e| e.to_string()).collect();
+        let e = err.messages();
         assert_eq!(e.len(), 3, "{e:#?}");
         assert!(
             e[0].starts_with("grpc.tls.certFile: ") && e[0].contains("lacks the clientAuth"),
@@ -1265,30 +1265,24 @@ mod tests {
     #[test]
     fn every_section_merges_with_its_defaults() {
         use crate::snapshot::retention::Exponential;
-        use bulwark_common::config::{
-            SectionCheck, check_fields_merge as merges, check_sections_merge,
-        };
         // `retention.policy` is left out on purpose: it is a set of rules
         // (OR-combined), and a policy that is given is exactly the rules
         // it names (BACKUP.md); its `exponential` rule is a section.
-        let sections: &[SectionCheck] = &[
-            ("logging", merges::<LoggingConfig>),
-            ("grpc", merges::<GrpcConfig>),
-            ("grpc.access", merges::<AccessPolicy>),
-            ("etcd", merges::<EtcdConfig>),
-            ("store", merges::<StoreConfig>),
-            ("compression", merges::<CompressionConfig>),
-            ("encryption", merges::<EncryptionConfig>),
-            ("schedule", merges::<ScheduleConfig>),
-            ("retention", merges::<RetentionConfig>),
-            ("retention.policy.exponential", merges::<Exponential>),
-            ("drill", merges::<DrillConfig>),
-            ("deltas", merges::<DeltaConfig>),
-            ("restore", merges::<RestoreConfig>),
-        ];
-        if let Err(e) = check_sections_merge(sections) {
-            panic!("{e}");
-        }
+        bulwark_common::assert_sections_merge!(
+            "logging" => LoggingConfig,
+            "grpc" => GrpcConfig,
+            "grpc.access" => AccessPolicy,
+            "etcd" => EtcdConfig,
+            "store" => StoreConfig,
+            "compression" => CompressionConfig,
+            "encryption" => EncryptionConfig,
+            "schedule" => ScheduleConfig,
+            "retention" => RetentionConfig,
+            "retention.policy.exponential" => Exponential,
+            "drill" => DrillConfig,
+            "deltas" => DeltaConfig,
+            "restore" => RestoreConfig,
+        );
         // Through the whole file too: the reported case.
         let c = parse(&minimal("schedule: {retries: 3}\n")).unwrap();
         assert_eq!(c.schedule.retries, 3);

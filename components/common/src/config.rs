@@ -102,6 +102,15 @@ impl ConfigError {
             _ => &[],
         }
     }
+
+    /// The field errors as `path: message` lines (none when the problem
+    /// is not with fields): what tests compare against.
+    pub fn messages(&self) -> Vec<String> {
+        self.field_errors()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
 }
 
 fn file_suffix(file: &Option<PathBuf>) -> String {
@@ -293,6 +302,20 @@ pub fn check_sections_merge(sections: &[SectionCheck]) -> Result<(), String> {
     sections
         .iter()
         .try_for_each(|(name, check)| check().map_err(|e| format!("{name}: {e}")))
+}
+
+/// A daemon's config test: each listed section (`"path" => Type`) merges
+/// with its defaults ([`check_fields_merge`]); panics naming the first
+/// section and field that does not.
+#[macro_export]
+macro_rules! assert_sections_merge {
+    ($($section:literal => $ty:ty),+ $(,)?) => {{
+        let sections: &[$crate::config::SectionCheck] =
+            &[$(($section, $crate::config::check_fields_merge::<$ty>)),+];
+        if let Err(e) = $crate::config::check_sections_merge(sections) {
+            panic!("{e}");
+        }
+    }};
 }
 
 /// Validates `value` as if it sat at `prefix`; convenient in tests.
@@ -834,7 +857,7 @@ mod tests {
             "nodeId: 1\ntimeout: soon\nlisten: nowhere\nbackends:\n- address: 10.0.0.1:1\n  weight: heavy\n  colour: red\n",
         )
         .unwrap_err();
-        let errs: Vec<String> = err.field_errors().iter().map(|e| e.to_string()).collect();
+        let errs = err.messages();
         assert_eq!(errs.len(), 4, "{errs:#?}");
         for field in [
             "listen:",
@@ -851,7 +874,7 @@ mod tests {
         // A required field with a bad value is reported once, not again as
         // missing after it was taken out.
         let errs = parse("nodeId: x\ntimeout: soon\n").unwrap_err();
-        let errs: Vec<String> = errs.field_errors().iter().map(|e| e.to_string()).collect();
+        let errs = errs.messages();
         assert_eq!(errs.len(), 2, "{errs:#?}");
         assert!(errs.iter().all(|e| !e.contains("missing")), "{errs:#?}");
     }
@@ -923,7 +946,7 @@ mod tests {
     fn validation_reports_every_problem() {
         let err =
             parse("nodeId: 0\nbackends:\n- address: 10.0.0.1:1\n  weight: 500\n").unwrap_err();
-        let errs: Vec<String> = err.field_errors().iter().map(|e| e.to_string()).collect();
+        let errs = err.messages();
         assert_eq!(
             errs,
             vec![

@@ -1403,12 +1403,7 @@ mod tests {
     }
 
     fn errors(body: &str) -> Vec<String> {
-        parse(body)
-            .unwrap_err()
-            .field_errors()
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        parse(body).unwrap_err().messages()
     }
 
     const MINIMAL: &str =
@@ -1645,7 +1640,7 @@ mod tests {
             "apiVersion: bulwark.dev/v1alpha1\nkind: LoadBalancerConfiguration\n{MINIMAL}tls:\n  certFile: /nonexistent/lb.crt\n  keyFile: /nonexistent/lb.key\n  caFile: /nonexistent/ca.crt\n"
         );
         let err = from_str_with::<LbConfig>(Some(&text), None, &Overrides::new()).unwrap_err();
-        let e: Vec<String> = err.field_errors().iter().map(ToString::to_string).collect();
+        let e = err.messages();
         assert!(
             e.iter()
                 .any(|m| m.starts_with("tls.certFile: cannot read /nonexistent/lb.crt")),
@@ -2043,7 +2038,7 @@ mod tests {
         write(&prober);
         let err = bulwark_common::config::load_checked::<LbConfig>(Some(&file), &Overrides::new())
             .unwrap_err();
-        let e: Vec<String> = err.field_errors().iter().map(ToString::to_string).collect();
+        let e = err.messages();
         assert_eq!(e.len(), 3, "{e:#?}");
         assert!(
             e[0].starts_with("tls.certFile: ") && e[0].contains("lacks the serverAuth"),
@@ -2063,24 +2058,15 @@ mod tests {
     /// names them); every other section has a default for each field.
     #[test]
     fn every_section_merges_with_its_defaults() {
-        use bulwark_common::config::{
-            SectionCheck, check_fields_merge as merges, check_sections_merge,
-        };
-        let sections: &[SectionCheck] = &[
-            ("raft", merges::<RaftConfig>),
-            ("access", merges::<AccessPolicy>),
-            ("vip", merges::<VipConfig>),
-            ("proxy", merges::<ProxyConfig>),
-            (
-                "proxy.tcpKeepalive",
-                merges::<crate::proxy::KeepaliveConfig>,
-            ),
-            ("routing", merges::<RoutingConfig>),
-            ("health", merges::<HealthConfig>),
-            ("logging", merges::<LoggingConfig>),
-        ];
-        if let Err(e) = check_sections_merge(sections) {
-            panic!("{e}");
-        }
+        bulwark_common::assert_sections_merge!(
+            "raft" => RaftConfig,
+            "access" => AccessPolicy,
+            "vip" => VipConfig,
+            "proxy" => ProxyConfig,
+            "proxy.tcpKeepalive" => crate::proxy::KeepaliveConfig,
+            "routing" => RoutingConfig,
+            "health" => HealthConfig,
+            "logging" => LoggingConfig,
+        );
     }
 }

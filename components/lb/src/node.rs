@@ -44,7 +44,7 @@ use openraft::async_runtime::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{Api, ListenerInfo};
+use crate::api::Api;
 use crate::backends::Backends;
 use crate::config::{LbConfig, VipMode};
 use crate::health::HealthService;
@@ -125,22 +125,6 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// The proxy listeners this node runs, with their routing modes, for
-/// GetStatus.
-fn listener_infos(config: &LbConfig) -> Vec<ListenerInfo> {
-    let vip = config.vip.socket_addr().map(|a| ListenerInfo {
-        name: "vip",
-        address: a.to_string(),
-        mode: config.routing.vip,
-    });
-    let local = config.local_listener.map(|a| ListenerInfo {
-        name: "local",
-        address: a.to_string(),
-        mode: config.routing.local,
-    });
-    vip.into_iter().chain(local).collect()
-}
-
 fn openraft_config(config: &LbConfig) -> anyhow::Result<openraft::Config> {
     let ms = |d: Duration| d.as_millis() as u64;
     let c = openraft::Config {
@@ -208,7 +192,7 @@ pub async fn run(
     // Client tables the VIP holder shares, for this node's tickles after
     // it takes the VIP over.
     let received = crate::clients::Received::new();
-    let service = raft_service(&config, &raft, &store, &cluster, &signals)
+    let service = RaftService::new(&config, &raft, &store, &cluster, &signals)
         .with_received_clients(received.clone());
     spawn_raft_server(shutdown, service, listeners.raft, &tls, &config, &servers);
     spawn_elector(shutdown, &config, &raft, &signals);
@@ -248,19 +232,16 @@ pub async fn run(
 
     // The API.
     let api = Api::new(
-        node_id,
+        &config,
         this,
-        raft.clone(),
-        sm.clone(),
-        backends.clone(),
-        vip.clone(),
-        config.vip.clone(),
-        tls.clone(),
-        cluster.clone(),
-        config.raft.election_timeout_max,
+        &raft,
+        &sm,
+        &backends,
+        &vip,
+        &tls,
+        &cluster,
         health_service,
-    )
-    .with_listeners(listener_infos(&config));
+    );
     spawn_api_server(shutdown, api, listeners.api, &tls, &config, &servers);
 
     if let Some(admin) = listeners.admin {
@@ -451,25 +432,6 @@ fn vip_actuator(
         (VipMode::Arp | VipMode::Bgp, Some(_)) => stale_checked,
         _ => None,
     }
-}
-
-/// The Raft gRPC service: peers' RPCs, the bootstrap protocol and the
-/// leadership-transfer signals.
-fn raft_service(
-    config: &LbConfig,
-    raft: &Raft,
-    store: &Store,
-    cluster: &ClusterId,
-    signals: &Arc<Signals>,
-) -> RaftService {
-    RaftService::new(
-        config.node_id,
-        raft.clone(),
-        store.clone(),
-        cluster.clone(),
-        signals.clone(),
-        config.raft.election_timeout_max,
-    )
 }
 
 /// Serves the Raft service (LB peers only) until `servers` is cancelled.

@@ -612,12 +612,7 @@ mod tests {
     }
 
     fn errors(body: &str) -> Vec<String> {
-        parse(body)
-            .unwrap_err()
-            .field_errors()
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        parse(body).unwrap_err().messages()
     }
 
     /// A report certificate made for serving only, with another
@@ -647,7 +642,7 @@ mod tests {
         let err =
             bulwark_common::config::load_checked::<ProberConfig>(Some(&file), &Overrides::new())
                 .unwrap_err();
-        let e: Vec<String> = err.field_errors().iter().map(ToString::to_string).collect();
+        let e = err.messages();
         assert_eq!(e.len(), 2, "{e:#?}");
         assert!(
             e[0].starts_with("report.tls.keyFile: ")
@@ -768,18 +763,12 @@ mod tests {
     /// error names them); every other section has a default for each field.
     #[test]
     fn every_section_merges_with_its_defaults() {
-        use bulwark_common::config::{
-            SectionCheck, check_fields_merge as merges, check_sections_merge,
-        };
-        let sections: &[SectionCheck] = &[
-            ("logging", merges::<LoggingConfig>),
-            ("probing", merges::<ProbingConfig>),
-            ("apiservers", merges::<ApiserverTargets>),
-            ("etcd", merges::<EtcdTargets>),
-            ("report", merges::<ReportConfig>),
-        ];
-        if let Err(e) = check_sections_merge(sections) {
-            panic!("{e}");
-        }
+        bulwark_common::assert_sections_merge!(
+            "logging" => LoggingConfig,
+            "probing" => ProbingConfig,
+            "apiservers" => ApiserverTargets,
+            "etcd" => EtcdTargets,
+            "report" => ReportConfig,
+        );
     }
 }

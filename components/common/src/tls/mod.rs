@@ -697,8 +697,22 @@ mod tests {
         );
     }
 
-    fn check_errors(files: &TlsFiles, want: &CertUse<'_>) -> Vec<String> {
-        crate::config::validate_at("", &Checked(files, want))
+    /// What checking `files` as an LB node's finds: it serves and dials,
+    /// peers reach it by `hosts`, `access.peers` admits organization
+    /// `bulwark:lb`, and peers trust the same CA.
+    fn lb_peer_errors(files: &TlsFiles, hosts: &[(&str, &str)]) -> Vec<String> {
+        let rule = IdentityRule {
+            common_names: vec![],
+            organizations: vec!["bulwark:lb".into()],
+        };
+        let want = CertUse {
+            server: true,
+            client: true,
+            hosts: hosts.iter().map(|&(f, h)| (f, h.to_owned())).collect(),
+            identity: Some(("access.peers", &rule)),
+            same_ca: true,
+        };
+        crate::config::validate_at("", &Checked(files, &want))
             .iter()
             .map(ToString::to_string)
             .collect()
@@ -721,21 +735,11 @@ mod tests {
             &["bulwark:lb"],
             &["10.0.0.11", "*.cp.example"],
         );
-        let rule = IdentityRule {
-            common_names: vec![],
-            organizations: vec!["bulwark:lb".into()],
-        };
-        let want = CertUse {
-            server: true,
-            client: true,
-            hosts: vec![
-                ("raft.address", "10.0.0.11".into()),
-                ("api.advertiseAddress", "lb-1.cp.example".into()),
-            ],
-            identity: Some(("access.peers", &rule)),
-            same_ca: true,
-        };
-        assert_eq!(check_errors(&files, &want), Vec::<String>::new());
+        let hosts = [
+            ("raft.address", "10.0.0.11"),
+            ("api.advertiseAddress", "lb-1.cp.example"),
+        ];
+        assert_eq!(lb_peer_errors(&files, &hosts), Vec::<String>::new());
     }
 
     #[test]
@@ -753,18 +757,8 @@ mod tests {
         let other = Pki::new();
         let stranger = other.issue("stranger", "stranger", &["bulwark:lb"], &["10.0.0.11"]);
         files.key_file = pki.issue("x", "x", &[], &[]).key_file;
-        let rule = IdentityRule {
-            common_names: vec![],
-            organizations: vec!["bulwark:lb".into()],
-        };
-        let want = CertUse {
-            server: true,
-            client: true,
-            hosts: vec![("raft.advertiseAddress", "10.0.0.11".into())],
-            identity: Some(("access.peers", &rule)),
-            same_ca: true,
-        };
-        let errs = check_errors(&files, &want);
+        let hosts = [("raft.advertiseAddress", "10.0.0.11")];
+        let errs = lb_peer_errors(&files, &hosts);
         assert_eq!(errs.len(), 4, "{errs:#?}");
         assert!(
             errs[0].starts_with("tls.keyFile: ")
@@ -790,14 +784,14 @@ mod tests {
         // Another CA's certificate, otherwise fine.
         let mut foreign = stranger.clone();
         foreign.ca_file = pki.dir.path().join("ca.crt");
-        let errs = check_errors(&foreign, &want);
+        let errs = lb_peer_errors(&foreign, &hosts);
         assert_eq!(errs.len(), 1, "{errs:#?}");
         assert!(errs[0].contains("is not issued by a CA in"), "{errs:#?}");
 
         // An unreadable file stops the checks of that certificate, at its field.
         let mut missing = stranger;
         missing.ca_file = pki.dir.path().join("nope.crt");
-        let errs = check_errors(&missing, &want);
+        let errs = lb_peer_errors(&missing, &hosts);
         assert_eq!(errs.len(), 1, "{errs:#?}");
         assert!(
             errs[0].starts_with("tls.caFile: cannot read CA bundle"),

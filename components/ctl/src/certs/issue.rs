@@ -770,57 +770,47 @@ mod tests {
         }
     }
 
+    /// Node cp-1's three configs in `dir`, their certificates (not issued
+    /// yet) under `dir/pki` and trusting `ca`.
     fn configs(dir: &Path, ca: &Path) {
+        use bulwark_testkit::config as tk;
         let pki = dir.join("pki");
-        let ca = ca.display();
-        let p = pki.display();
-        std::fs::write(
-            dir.join("lb.yaml"),
-            format!(
-                "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: 1
-name: cp-1
-raft: {{address: 127.0.0.1:9441}}
-api: {{address: 0.0.0.0:9442, advertiseAddress: 'cp-1.example:9442'}}
-tls: {{certFile: {p}/bulwark-lb.crt, keyFile: {p}/bulwark-lb.key, caFile: {ca}}}
-access:
-  probers: {{organizations: ['bulwark:probers']}}
-  peers: {{organizations: ['bulwark:lb']}}
-"
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("prober.yaml"),
-            format!(
-                "apiVersion: bulwark.dev/v1alpha1
-kind: ProberConfiguration
-nodeName: cp-1
-tcp: [{{id: cp-1, address: '127.0.0.1:6443'}}]
-report:
-  endpoints: ['127.0.0.1:9442']
-  tls: {{certFile: {p}/prober.crt, keyFile: {p}/prober.key, caFile: {ca}}}
-"
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("backup.yaml"),
-            format!(
-                "apiVersion: bulwark.dev/v1alpha1
-kind: BackupConfiguration
-nodeName: cp-1
-store: {{url: 'file:///tmp/x'}}
-etcd: {{endpoints: ['http://127.0.0.1:2379'], tls: null}}
-grpc:
-  address: 127.0.0.1:9445
-  tls: {{certFile: {p}/backup.crt, keyFile: {p}/backup.key, caFile: {ca}}}
-  access: {{peers: {{organizations: ['bulwark:backup']}}}}
-"
-            ),
-        )
-        .unwrap();
+        let files = |name: &str| bulwark_common::tls::TlsFiles {
+            cert_file: pki.join(format!("{name}.crt")),
+            key_file: pki.join(format!("{name}.key")),
+            ca_file: ca.to_owned(),
+        };
+
+        let mut lb = tk::lb(1);
+        lb.name = Some("cp-1".into());
+        lb.raft.address = "127.0.0.1:9441".parse().unwrap();
+        lb.api.address = "0.0.0.0:9442".parse().unwrap();
+        lb.api.advertise_address = Some("cp-1.example:9442".into());
+        lb.tls = files("bulwark-lb");
+        lb.access.probers = Some(tk::orgs(&["bulwark:probers"]));
+        lb.access.peers = Some(tk::orgs(&["bulwark:lb"]));
+        tk::write(dir.join("lb.yaml"), &lb).unwrap();
+
+        let mut prober = tk::prober();
+        prober.node_name = "cp-1".into();
+        prober.tcp = vec![bulwark_prober::config::TcpTarget {
+            id: "cp-1".into(),
+            address: "127.0.0.1:6443".into(),
+            zone: String::new(),
+        }];
+        prober.report.endpoints = vec!["127.0.0.1:9442".into()];
+        prober.report.tls = files("prober");
+        tk::write(dir.join("prober.yaml"), &prober).unwrap();
+
+        let mut backup = tk::backup();
+        backup.node_name = "cp-1".into();
+        backup.store.url = "file:///tmp/x".into();
+        backup.etcd.endpoints = vec!["http://127.0.0.1:2379".into()];
+        backup.etcd.tls = None;
+        backup.grpc.address = "127.0.0.1:9445".parse().unwrap();
+        backup.grpc.tls = files("backup");
+        backup.grpc.access.peers = Some(tk::orgs(&["bulwark:backup"]));
+        tk::write(dir.join("backup.yaml"), &backup).unwrap();
     }
 
     fn issue_args(dir: &Path, ca: &CaArgs) -> IssueArgs {

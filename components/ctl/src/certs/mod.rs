@@ -280,29 +280,13 @@ mod tests {
     use super::*;
 
     fn lb_config(dir: &Path, cert: &bulwark_testkit::CertFiles) {
-        std::fs::write(
-            dir.join("lb.yaml"),
-            format!(
-                "apiVersion: bulwark.dev/v1alpha1
-kind: LoadBalancerConfiguration
-nodeId: 1
-raft:
-  address: 127.0.0.1:9441
-api:
-  address: 127.0.0.1:9442
-tls:
-  certFile: {}
-  keyFile: {}
-  caFile: {}
-access:
-  peers: {{organizations: ['bulwark:lb']}}
-",
-                cert.cert.display(),
-                cert.key.display(),
-                cert.ca.display()
-            ),
-        )
-        .unwrap();
+        use bulwark_testkit::config as tk;
+        let mut c = tk::lb(1);
+        c.raft.address = "127.0.0.1:9441".parse().unwrap();
+        c.api.address = "127.0.0.1:9442".parse().unwrap();
+        c.tls = tk::tls(cert);
+        c.access.peers = Some(tk::orgs(&["bulwark:lb"]));
+        tk::write(dir.join("lb.yaml"), &c).unwrap();
     }
 
     #[test]

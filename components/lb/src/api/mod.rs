@@ -35,7 +35,7 @@ use tonic::{Request, Response, Status};
 
 use self::convert::{backend_entry, backend_to_api, node_info};
 use crate::backends::{Backends, RoutingMode};
-use crate::config::{MAX_WEIGHT, VipConfig, VipMode, valid_backend_id};
+use crate::config::{LbConfig, MAX_WEIGHT, VipConfig, VipMode, valid_backend_id};
 use crate::health::HealthService;
 use crate::raft::network::ClusterId;
 use crate::raft::state::{ApplyError, LbState, command};
@@ -61,6 +61,22 @@ pub struct Api {
     listeners: Arc<[ListenerInfo]>,
 }
 
+/// The proxy listeners the node runs, with their routing modes, for
+/// GetStatus.
+fn listener_infos(config: &LbConfig) -> Vec<ListenerInfo> {
+    let vip = config.vip.socket_addr().map(|a| ListenerInfo {
+        name: "vip",
+        address: a.to_string(),
+        mode: config.routing.vip,
+    });
+    let local = config.local_listener.map(|a| ListenerInfo {
+        name: "local",
+        address: a.to_string(),
+        mode: config.routing.local,
+    });
+    vip.into_iter().chain(local).collect()
+}
+
 /// One proxy listener of this node, as GetStatus reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerInfo {
@@ -81,41 +97,34 @@ impl std::fmt::Debug for Api {
 }
 
 impl Api {
-    /// The API of node `node_id`.
+    /// The API of the node `config` describes (`node` as its peers see
+    /// it), over that node's Raft, state, backends, VIP and health.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        node_id: NodeId,
+        config: &LbConfig,
         node: LbNode,
-        raft: Raft,
-        sm: StateMachineStore,
-        backends: Backends,
-        vip: VipHandle,
-        vip_config: VipConfig,
-        tls: Arc<TlsMaterial>,
-        cluster: ClusterId,
-        election_timeout_max: Duration,
+        raft: &Raft,
+        sm: &StateMachineStore,
+        backends: &Backends,
+        vip: &VipHandle,
+        tls: &Arc<TlsMaterial>,
+        cluster: &ClusterId,
         health: HealthService,
     ) -> Self {
         Self {
-            node_id,
+            node_id: config.node_id,
             node,
-            raft,
-            sm,
-            backends,
-            vip,
-            vip_config,
-            tls,
-            cluster,
-            election_timeout_max,
+            raft: raft.clone(),
+            sm: sm.clone(),
+            backends: backends.clone(),
+            vip: vip.clone(),
+            vip_config: config.vip.clone(),
+            tls: tls.clone(),
+            cluster: cluster.clone(),
+            election_timeout_max: config.raft.election_timeout_max,
             health,
-            listeners: Arc::new([]),
+            listeners: listener_infos(config).into(),
         }
-    }
-
-    /// The proxy listeners GetStatus reports (none by default).
-    pub fn with_listeners(mut self, listeners: Vec<ListenerInfo>) -> Self {
-        self.listeners = listeners.into();
-        self
     }
 
     /// Each listener's routing as the current snapshot applies it.

@@ -40,6 +40,7 @@ use super::network::{CLUSTER_ID_HEADER, ClusterId};
 use super::store::Store;
 use super::types::{Ballot, NodeId, Raft, Snapshot};
 use crate::clients::{self, Received};
+use crate::config::LbConfig;
 
 /// What the Raft server observed, for the VIP task and failover records.
 #[derive(Debug)]
@@ -100,22 +101,23 @@ pub struct RaftService {
 }
 
 impl RaftService {
-    /// The service of node `node_id`; `vote_hold` is the follower lease.
+    /// The service of node `config.nodeId`, whose follower lease is
+    /// `raft.electionTimeoutMax`: peers' RPCs, the bootstrap protocol and
+    /// the leadership-transfer signals.
     pub fn new(
-        node_id: NodeId,
-        raft: Raft,
-        store: Store,
-        cluster: ClusterId,
-        signals: Arc<Signals>,
-        vote_hold: Duration,
+        config: &LbConfig,
+        raft: &Raft,
+        store: &Store,
+        cluster: &ClusterId,
+        signals: &Arc<Signals>,
     ) -> Self {
         Self {
-            node_id,
-            raft,
-            store,
-            cluster,
-            signals,
-            vote_hold,
+            node_id: config.node_id,
+            raft: raft.clone(),
+            store: store.clone(),
+            cluster: cluster.clone(),
+            signals: signals.clone(),
+            vote_hold: config.raft.election_timeout_max,
             join_lock: tokio::sync::Mutex::new(()),
             received: Received::new(),
         }

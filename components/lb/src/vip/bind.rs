@@ -126,17 +126,22 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn release_refuses_new_connects_at_once() {
-        // Find a free port, then hold it as a "VIP" on loopback.
+    /// A "VIP" on a free loopback port, not yet claimed.
+    fn loopback_vip() -> (SocketAddr, BindVip) {
         let probe = StdListener::bind("127.0.0.1:0").unwrap();
         let address = probe.local_addr().unwrap();
         drop(probe);
-        let mut vip = BindVip::new(
+        let vip = BindVip::new(
             address,
             Backends::default(),
             Arc::new(ProxyConfig::default()),
         );
+        (address, vip)
+    }
+
+    #[tokio::test]
+    async fn release_refuses_new_connects_at_once() {
+        let (address, mut vip) = loopback_vip();
         vip.claim().unwrap();
         assert!(vip.held());
         tokio::net::TcpStream::connect(address).await.unwrap();
@@ -151,14 +156,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_vip_task_learns_when_the_front_listener_stops_while_held() {
-        let probe = StdListener::bind("127.0.0.1:0").unwrap();
-        let address = probe.local_addr().unwrap();
-        drop(probe);
-        let mut vip = BindVip::new(
-            address,
-            Backends::default(),
-            Arc::new(ProxyConfig::default()),
-        );
+        let (address, mut vip) = loopback_vip();
         // Not held: nothing to watch.
         let idle = tokio::time::timeout(Duration::from_millis(50), vip.serving_ended()).await;
         assert!(idle.is_err());

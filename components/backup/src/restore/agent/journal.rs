@@ -420,10 +420,9 @@ mod tests {
     use super::*;
 
     fn held(dir: &Path) -> Held {
-        let data_dir = dir.join("etcd");
-        Held {
-            restore_id: "r1".into(),
-            spec: pb::MemberRestoreSpec {
+        Held::staged(
+            "r1".into(),
+            pb::MemberRestoreSpec {
                 snapshot: Some(pb::SnapshotSource {
                     object_key: "k".into(),
                     sha256: "s".into(),
@@ -439,25 +438,15 @@ mod tests {
                 bump_revision: 3,
                 mark_compacted: true,
             },
-            member: Member {
+            Member {
                 name: "m1".into(),
                 peer_urls: vec!["http://p".into()],
                 client_urls: vec!["http://c".into()],
-                data_dir: data_dir.clone(),
+                data_dir: dir.join("etcd"),
             },
-            staged: dir.join("state/r1/snapshot.db"),
-            manifest_aside: dir.join("state/r1/etcd.yaml"),
-            data_aside: aside_path(&data_dir, "r1", ""),
-            manifest_moved: false,
-            data_moved: false,
-            partial: false,
-            restored: false,
-            started: false,
-            last_step: pb::NodeStep::FetchSnapshot,
-            last_status: pb::StepStatus::Done,
-            error: String::new(),
-            expires: Instant::now(),
-        }
+            &dir.join("state/r1"),
+            Instant::now(),
+        )
     }
 
     /// The flags come from the disk: a kill between a rename and the

@@ -47,7 +47,7 @@ pub use target::Offer;
 
 pub use static_pod::{EtcdCommand, Member};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -81,6 +81,38 @@ struct Held {
     last_status: pb::StepStatus,
     error: String,
     expires: Instant,
+}
+
+impl Held {
+    /// Restore `restore_id` of `member` with its target staged in `dir`
+    /// (`restore.stateDir/<restore id>/`), held until `expires`: the
+    /// fetch done, nothing on the node touched yet.
+    fn staged(
+        restore_id: String,
+        spec: pb::MemberRestoreSpec,
+        member: Member,
+        dir: &Path,
+        expires: Instant,
+    ) -> Self {
+        let data_aside = aside_path(&member.data_dir, &restore_id, "");
+        Self {
+            restore_id,
+            spec,
+            member,
+            staged: dir.join(STAGED_FILE),
+            manifest_aside: dir.join("etcd.yaml"),
+            data_aside,
+            manifest_moved: false,
+            data_moved: false,
+            partial: false,
+            restored: false,
+            started: false,
+            last_step: pb::NodeStep::FetchSnapshot,
+            last_status: pb::StepStatus::Done,
+            error: String::new(),
+            expires,
+        }
+    }
 }
 
 /// The staged target's file name in `restore.stateDir/<restore id>/`.

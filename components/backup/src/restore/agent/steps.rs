@@ -86,28 +86,18 @@ impl Agent {
         self.check_tool(&spec).await?;
         let staged = dir.join(super::STAGED_FILE);
         self.stage(&req.restore_id, &source, &staged, sink).await?;
-        let data_aside = aside_path(&member.data_dir, &req.restore_id, "");
         let ttl = req
             .lock_ttl
             .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
             .unwrap_or(Duration::from_secs(600));
-        let h = Held {
-            restore_id: req.restore_id.clone(),
+        let h = Held::staged(
+            req.restore_id.clone(),
             spec,
             member,
-            staged: staged.clone(),
-            manifest_aside: dir.join("etcd.yaml"),
-            data_aside: data_aside.clone(),
-            manifest_moved: false,
-            data_moved: false,
-            partial: false,
-            restored: false,
-            started: false,
-            last_step: pb::NodeStep::FetchSnapshot,
-            last_status: pb::StepStatus::Done,
-            error: String::new(),
-            expires: Instant::now() + ttl,
-        };
+            &dir,
+            Instant::now() + ttl,
+        );
+        let data_aside = h.data_aside.clone();
         if let Err(e) = self.journal(&h).await {
             let _ = tokio::fs::remove_file(&staged).await;
             return Err(e);
@@ -196,9 +186,10 @@ impl Agent {
                 "the spec differs from the prepared one".into(),
             ));
         }
-        let rid = req.restore_id.clone();
-        let ev = |step, status, detail: String, path: String| {
-            sink(self.event(&rid, step, status, detail, path))
+        let ev = StepEvents {
+            agent: self,
+            restore_id: &req.restore_id,
+            sink,
         };
         if req.dry_run {
             for step in [
@@ -207,25 +198,15 @@ impl Agent {
                 pb::NodeStep::MoveDataDirAside,
                 pb::NodeStep::RestoreSnapshot,
             ] {
-                ev(
-                    step,
-                    pb::StepStatus::Skipped,
-                    "dry run".into(),
-                    String::new(),
-                );
+                ev.skipped(step, "dry run");
             }
             return Ok(());
         }
-        let result = self.do_restore(h, &ev).await;
+        let result = self.do_restore(h, ev).await;
         if let Err(e) = &result {
             h.last_status = pb::StepStatus::Failed;
             h.error = e.to_string();
-            ev(
-                h.last_step,
-                pb::StepStatus::Failed,
-                e.to_string(),
-                String::new(),
-            );
+            ev.failed(h.last_step, e);
         }
         result
     }
@@ -233,7 +214,7 @@ impl Agent {
     /// RestoreMember's steps, each skipped when an earlier attempt of this
     /// restore did it: stop etcd, wait until it stopped, move the data dir
     /// aside, restore the snapshot.
-    pub(super) async fn do_restore(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
+    async fn do_restore(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
         h.expires = Instant::now() + Duration::from_secs(24 * 3600);
         self.recorder_pause.hold(&h.restore_id, h.expires);
         self.stop_etcd(h, ev).await?;
@@ -242,12 +223,7 @@ impl Agent {
         if !h.restored {
             self.restore_snapshot(h, ev).await?;
         }
-        ev(
-            h.last_step,
-            pb::StepStatus::Done,
-            String::new(),
-            h.member.data_dir.display().to_string(),
-        );
+        ev.done(h.last_step, h.member.data_dir.display().to_string());
         h.last_status = pb::StepStatus::Done;
         Ok(())
     }
@@ -258,36 +234,16 @@ impl Agent {
         let manifest = &self.config.etcd_manifest;
         h.last_step = pb::NodeStep::StopEtcd;
         if !h.manifest_moved {
-            ev(
-                h.last_step,
-                pb::StepStatus::Started,
-                format!("moving {}", manifest.display()),
-                String::new(),
-            );
+            ev.started(h.last_step, format!("moving {}", manifest.display()));
             rename(manifest, &h.manifest_aside).await?;
             h.manifest_moved = true;
             self.journal(h).await?;
         }
-        ev(
-            h.last_step,
-            pb::StepStatus::Done,
-            String::new(),
-            h.manifest_aside.display().to_string(),
-        );
+        ev.done(h.last_step, h.manifest_aside.display().to_string());
         h.last_step = pb::NodeStep::WaitStopped;
-        ev(
-            h.last_step,
-            pb::StepStatus::Started,
-            String::new(),
-            String::new(),
-        );
+        ev.started(h.last_step, "");
         wait_ports_closed(&h.member, self.config.stop_timeout).await?;
-        ev(
-            h.last_step,
-            pb::StepStatus::Done,
-            String::new(),
-            String::new(),
-        );
+        ev.done(h.last_step, "");
         Ok(())
     }
 
@@ -303,27 +259,15 @@ impl Agent {
         {
             // Started/Done around the rename: the coordinator times steps
             // (a copy across file systems can take long).
-            ev(
-                h.last_step,
-                pb::StepStatus::Started,
-                String::new(),
-                String::new(),
-            );
+            ev.started(h.last_step, "");
             rename(&h.member.data_dir, &h.data_aside).await?;
             h.data_moved = true;
             self.journal(h).await?;
-            ev(
-                h.last_step,
-                pb::StepStatus::Done,
-                String::new(),
-                h.data_aside.display().to_string(),
-            );
+            ev.done(h.last_step, h.data_aside.display().to_string());
         } else {
-            ev(
+            ev.skipped(
                 h.last_step,
-                pb::StepStatus::Skipped,
                 format!("{} does not exist", h.member.data_dir.display()),
-                String::new(),
             );
         }
         Ok(())
@@ -367,12 +311,7 @@ impl Agent {
         if spec.mark_compacted {
             cmd.arg("--mark-compacted");
         }
-        ev(
-            h.last_step,
-            pb::StepStatus::Started,
-            format!("{:?}", cmd.as_std()),
-            String::new(),
-        );
+        ev.started(h.last_step, format!("{:?}", cmd.as_std()));
         cmd.kill_on_drop(true);
         // Tied to this process: a killed agent leaves no tool writing into
         // the output its restart rolls back.
@@ -447,8 +386,50 @@ fn raw_size(source: &pb::SnapshotSource) -> u64 {
     }
 }
 
-/// A step's event: step, status, detail, path.
-type StepEvents<'a> = &'a (dyn Fn(pb::NodeStep, pb::StepStatus, String, String) + Send + Sync);
+/// Where RestoreMember's steps report: the call's stream, each event
+/// stamped with the restore and this node.
+#[derive(Clone, Copy)]
+struct StepEvents<'a> {
+    agent: &'a Agent,
+    restore_id: &'a str,
+    sink: StepSink<'a>,
+}
+
+impl StepEvents<'_> {
+    /// A step's event: status, detail, and the path it left something at.
+    fn send(
+        &self,
+        step: pb::NodeStep,
+        status: pb::StepStatus,
+        detail: impl Into<String>,
+        path: impl Into<String>,
+    ) {
+        (self.sink)(
+            self.agent
+                .event(self.restore_id, step, status, detail, path),
+        );
+    }
+
+    /// `step` began, doing `detail`.
+    fn started(&self, step: pb::NodeStep, detail: impl Into<String>) {
+        self.send(step, pb::StepStatus::Started, detail, "");
+    }
+
+    /// `step` is done; what it made or moved is at `path`.
+    fn done(&self, step: pb::NodeStep, path: impl Into<String>) {
+        self.send(step, pb::StepStatus::Done, "", path);
+    }
+
+    /// `step` failed with `e`.
+    fn failed(&self, step: pb::NodeStep, e: &BackupError) {
+        self.send(step, pb::StepStatus::Failed, e.to_string(), "");
+    }
+
+    /// `step` was not needed, for `why`.
+    fn skipped(&self, step: pb::NodeStep, why: impl Into<String>) {
+        self.send(step, pb::StepStatus::Skipped, why, "");
+    }
+}
 
 impl Agent {
     /// StartMember: manifest back, wait until the member answers.
@@ -469,39 +450,26 @@ impl Agent {
             )));
         }
         let rid = req.restore_id.clone();
+        let ev = StepEvents {
+            agent: self,
+            restore_id: &rid,
+            sink,
+        };
         let timeout = req
             .health_timeout
             .and_then(|d| bulwark_api::time::duration_from_proto(&d).ok())
             .unwrap_or(self.config.health_timeout);
         h.last_step = pb::NodeStep::StartEtcd;
-        sink(self.event(
-            &rid,
-            h.last_step,
-            pb::StepStatus::Started,
-            String::new(),
-            String::new(),
-        ));
+        ev.started(h.last_step, "");
         if h.manifest_moved {
             rename(&h.manifest_aside, &self.config.etcd_manifest).await?;
             h.manifest_moved = false;
         }
         h.started = true;
         self.journal(h).await?;
-        sink(self.event(
-            &rid,
-            h.last_step,
-            pb::StepStatus::Done,
-            String::new(),
-            self.config.etcd_manifest.display().to_string(),
-        ));
+        ev.done(h.last_step, self.config.etcd_manifest.display().to_string());
         h.last_step = pb::NodeStep::WaitHealthy;
-        sink(self.event(
-            &rid,
-            h.last_step,
-            pb::StepStatus::Started,
-            String::new(),
-            String::new(),
-        ));
+        ev.started(h.last_step, "");
         let connector = self
             .engine
             .etcd
@@ -513,16 +481,15 @@ impl Agent {
                 && me.leader != 0
             {
                 h.last_status = pb::StepStatus::Done;
-                sink(self.event(
-                    &rid,
+                ev.send(
                     h.last_step,
                     pb::StepStatus::Done,
                     format!(
                         "member {:x} of cluster {:x} at revision {}",
                         me.member_id, me.cluster_id, me.revision
                     ),
-                    String::new(),
-                ));
+                    "",
+                );
                 // Done: the lock goes; the old data dir stays where it was moved.
                 let member_id = me.member_id;
                 let _ = tokio::fs::remove_file(&h.staged).await;
@@ -538,13 +505,7 @@ impl Agent {
                 );
                 h.last_status = pb::StepStatus::Failed;
                 h.error = e.to_string();
-                sink(self.event(
-                    &rid,
-                    h.last_step,
-                    pb::StepStatus::Failed,
-                    e.to_string(),
-                    String::new(),
-                ));
+                ev.failed(h.last_step, &e);
                 return Err(e);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;

@@ -659,18 +659,29 @@ mod tests {
         (desired, valid, status_rx, cancel)
     }
 
-    #[tokio::test]
-    async fn announces_only_while_fresh_and_withdraws_on_release() {
+    /// Where a [`FakePeer`] accepts: a loopback listener and its port.
+    async fn fake_peer_listener() -> (TcpListener, u16) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (desired, valid, mut status, cancel) = spawn(port, 65001, &["198.18.0.10", "fd00::10"]);
-        let (mut peer, open) = FakePeer::accept(&listener, 65001).await;
-        assert_eq!(open.asn(), 65010);
-        assert!(open.offers(AFI_IPV4, SAFI_UNICAST));
+        (listener, port)
+    }
+
+    /// Waits until the session is up.
+    async fn established(status: &mut watch::Receiver<PeerStatus>) {
         status
             .wait_for(|s| s.state == SessionState::Established)
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn announces_only_while_fresh_and_withdraws_on_release() {
+        let (listener, port) = fake_peer_listener().await;
+        let (desired, valid, mut status, cancel) = spawn(port, 65001, &["198.18.0.10", "fd00::10"]);
+        let (mut peer, open) = FakePeer::accept(&listener, 65001).await;
+        assert_eq!(open.asn(), 65010);
+        assert!(open.offers(AFI_IPV4, SAFI_UNICAST));
+        established(&mut status).await;
 
         // Asked to announce with a stale lease: nothing goes out.
         *valid.lock().unwrap() = Some(Instant::now());
@@ -727,8 +738,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_peer_as_is_refused_and_retried() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, port) = fake_peer_listener().await;
         let (_desired, _valid, mut status, cancel) = spawn(port, 65001, &["198.18.0.10"]);
         let (mut peer, _) = FakePeer::accept(&listener, 65999).await;
         // Our KEEPALIVE never comes: a NOTIFICATION "bad peer AS" does.
@@ -751,24 +761,17 @@ mod tests {
             .unwrap();
         // And it connects again.
         let (_again, _) = FakePeer::accept(&listener, 65001).await;
-        status
-            .wait_for(|s| s.state == SessionState::Established)
-            .await
-            .unwrap();
+        established(&mut status).await;
         cancel.cancel();
         drop(peer.wr);
     }
 
     #[tokio::test]
     async fn a_silent_peer_trips_the_hold_timer() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, port) = fake_peer_listener().await;
         let (_desired, _valid, mut status, cancel) = spawn(port, 65001, &["198.18.0.10"]);
         let (mut peer, _) = FakePeer::accept(&listener, 65001).await;
-        status
-            .wait_for(|s| s.state == SessionState::Established)
-            .await
-            .unwrap();
+        established(&mut status).await;
         // The peer never sends another KEEPALIVE: 3s later we give up.
         loop {
             match peer.wire.next().await.unwrap() {
@@ -792,8 +795,7 @@ mod tests {
         use crate::vip::bgp::bfd::StateChange;
         use crate::vip::bgp::bfd::packet::{Diag, State};
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, port) = fake_peer_listener().await;
         let (bfd, bfd_rx) = watch::channel(BfdStatus {
             state: State::Up,
             ..BfdStatus::default()
@@ -801,10 +803,7 @@ mod tests {
         let (_desired, _valid, mut status, cancel) =
             spawn_with_bfd(port, 65001, &["198.18.0.10"], Some(bfd_rx));
         let (mut peer, _) = FakePeer::accept(&listener, 65001).await;
-        status
-            .wait_for(|s| s.state == SessionState::Established)
-            .await
-            .unwrap();
+        established(&mut status).await;
         bfd.send_modify(|s| {
             s.state = State::Down;
             s.downs = 1;
@@ -844,10 +843,7 @@ mod tests {
         // It connects again, and that earlier BFD Down does not end the
         // new session.
         let (_again, _) = FakePeer::accept(&listener, 65001).await;
-        status
-            .wait_for(|s| s.state == SessionState::Established)
-            .await
-            .unwrap();
+        established(&mut status).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(status.borrow().state, SessionState::Established);
         cancel.cancel();

@@ -165,16 +165,7 @@ pub async fn run(
     let health = Health::new();
     health.set_ready("raft", Err("no leader known yet".into()));
 
-    // arp and bgp mode: the front listeners accept only while the VIP
-    // task holds the VIP, and it resets their clients before it lets go.
-    // With tickles they also keep their client table.
-    let tickling =
-        matches!(config.vip.mode, VipMode::Arp | VipMode::Bgp) && config.vip.tickle_clients;
-    let gate = if tickling {
-        crate::proxy::FrontGate::tracking_clients()
-    } else {
-        crate::proxy::FrontGate::new()
-    };
+    let gate = front_gate(&config);
     let stale_checked = remove_stale_vip(&config, &gate).await?;
 
     let store = Store::open(&config.data_dir)?;
@@ -275,6 +266,19 @@ pub async fn run(
         backends,
         vip,
     })
+}
+
+/// The front listeners' gate. arp and bgp mode: they accept only while
+/// the VIP task holds the VIP, and it resets their clients before it lets
+/// go; with tickles they also keep their client table.
+fn front_gate(config: &LbConfig) -> crate::proxy::FrontGate {
+    let tickling =
+        matches!(config.vip.mode, VipMode::Arp | VipMode::Bgp) && config.vip.tickle_clients;
+    if tickling {
+        crate::proxy::FrontGate::tracking_clients()
+    } else {
+        crate::proxy::FrontGate::new()
+    }
 }
 
 /// The data path: one front listener per VIP address (two for a

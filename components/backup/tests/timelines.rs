@@ -157,3 +157,41 @@ async fn heavy_a_cluster_rebuilt_outside_bulwark_is_a_timeline_of_its_own() {
     let (got, _) = common::restored_state(&engine_b, None, Target::Revision(mid)).await;
     assert_eq!(got, b_at_mid);
 }
+
+/// A cluster record is written once: on S3 (moto) the first write wins
+/// and a second, different one leaves it as it was; the same on a file
+/// store.
+#[tokio::test]
+async fn heavy_cluster_records_are_written_once_on_s3_and_file_stores() {
+    use bulwark_backup::snapshot::clusters::ClusterRecord;
+    let s3 = bulwark_testkit::S3Server::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for store in [
+        common::s3_store(&s3, "backups"),
+        common::file_store(dir.path()),
+    ] {
+        let engine = common::offline_engine(store, Keyring::none(), "prod");
+        let first = ClusterRecord {
+            cluster_id: 0xcdf8_1819_4e3a_8c32,
+            first_seen_at: "2026-12-05T10:00:00Z".parse().unwrap(),
+            first_revision: 42,
+            first_snapshot_id: "20261205T100000Z-r42-abcd".into(),
+            restore_id: String::new(),
+            back_filled: false,
+        };
+        assert!(engine.record_cluster(&first).await.unwrap());
+        let later = ClusterRecord {
+            first_revision: 7,
+            restore_id: "r-later".into(),
+            ..first.clone()
+        };
+        assert!(!engine.record_cluster(&later).await.unwrap());
+        assert_eq!(engine.cluster_records().await.unwrap(), [first]);
+        let keys = common::all_keys(&engine.store).await;
+        assert!(
+            keys.iter()
+                .any(|k| k.ends_with("prod/clusters/cdf818194e3a8c32.json")),
+            "{keys:?}"
+        );
+    }
+}

@@ -903,6 +903,10 @@ pub(super) async fn verify_cluster(
     summary: &mut pb::RestoreSummary,
 ) -> std::result::Result<(), Failed> {
     run.events.enter_phase("check");
+    // START MEMBERS' time in the record says the check is under way
+    // (`restore status`), however long a member takes to answer.
+    let timings = run.events.timings_so_far();
+    run.events.record.update(|r| r.set_timings(&timings));
     let urls: Vec<String> = nodes
         .iter()
         .flat_map(|(n, _)| n.client_urls.clone())

@@ -738,6 +738,17 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     // cluster id; revision-bumped where etcdutl bumps), then from that
     // snapshot; never the abandoned r2.
     let new_cluster = format!("{:016x}", status.header().unwrap().cluster_id());
+    // The restored cluster is on record (`clusters/<id>.json`): written by
+    // the restore as it finished, or by its first snapshot if that won.
+    let records = engine.cluster_records().await.unwrap();
+    let made = records
+        .iter()
+        .find(|r| format!("{:016x}", r.cluster_id) == new_cluster)
+        .unwrap_or_else(|| panic!("no record of cluster {new_cluster}: {records:?}"));
+    assert!(
+        !made.restore_id.is_empty() || !made.first_snapshot_id.is_empty(),
+        "{made:?}"
+    );
     for agent in agents {
         let out = ctl(&["backup", "status", "-o", "json"], agent, &operator).await;
         assert!(out.status.success(), "{}", text(&out));

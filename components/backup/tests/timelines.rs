@@ -3,7 +3,9 @@
 //! as after `etcdutl snapshot restore` by hand or a new kubeadm cluster) is
 //! a root timeline of its own. Its revisions overlap the first cluster's;
 //! each resolves in its own history, the first one's stays reachable with
-//! `--timeline 1`, and the numbers hold as retention and garbage collection
+//! `--timeline 1`; a store without cluster records (an older version's)
+//! numbers them the same from its snapshots and writes the records at the
+//! next snapshot; and the numbers hold as retention and garbage collection
 //! delete the first cluster's snapshots.
 
 // Tests panic on failure: the harness then prints the processes' logs.
@@ -15,6 +17,7 @@ use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::manifest::Manifest;
 use bulwark_testkit::Etcd;
+use object_store::ObjectStoreExt as _;
 use tokio_util::sync::CancellationToken;
 
 /// Writes `n` keys `<prefix>/<i>`, has the recorder capture them as deltas
@@ -138,6 +141,29 @@ async fn heavy_a_cluster_rebuilt_outside_bulwark_is_a_timeline_of_its_own() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("is not covered"), "{e}");
+
+    // A store written before the records: the snapshots present stand in
+    // (each cluster seen at its oldest), and the next snapshot writes
+    // them down, marked back-filled.
+    for r in &records {
+        let path = engine_b.layout.cluster_record(r.cluster_id);
+        engine_b.store.inner().delete(&path).await.unwrap();
+    }
+    assert!(engine_b.cluster_records().await.unwrap().is_empty());
+    assert_eq!(engine_b.timelines().await.unwrap(), timelines);
+    common::snapshot(&engine_b).await;
+    let records = engine_b.cluster_records().await.unwrap();
+    let filled: Vec<(u64, &str, bool)> = records
+        .iter()
+        .map(|r| (r.cluster_id, r.first_snapshot_id.as_str(), r.back_filled))
+        .collect();
+    assert_eq!(
+        filled,
+        [
+            (a_base.cluster_id(), a_base.id.as_str(), true),
+            (b_base.cluster_id(), b_base.id.as_str(), true),
+        ]
+    );
 
     // Retention deletes A's snapshots, oldest first; garbage collection
     // runs. The records stay and so do the numbers: B is still 2.

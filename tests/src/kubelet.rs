@@ -6,13 +6,16 @@
 //! when the file goes away, restarts it when the file changes, and
 //! restarts it after it exits, like `restartPolicy: Always`.
 //! [`Kubelet::pause`] makes it ignore the manifest (a stuck kubelet), for
-//! testing what a restore does when etcd does not stop.
+//! testing what a restore does when etcd does not stop; [`Kubelet::freeze`]
+//! stops the running process with SIGSTOP (up, but answering nothing) until
+//! it is thawed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::process::{Process, ProcessBuilder};
@@ -25,7 +28,20 @@ pub struct Kubelet {
     running: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
     holding: Arc<AtomicBool>,
+    signals: mpsc::Sender<SignalRequest>,
     manifest: PathBuf,
+}
+
+/// A signal for the running process, and where to say how sending it went.
+type SignalRequest = (i32, oneshot::Sender<anyhow::Result<()>>);
+
+/// Sends `signal` to the process `current` runs, if any. The process is the
+/// watcher's unreaped child, so its pid cannot have been recycled.
+fn send_signal(current: &Option<(String, Process)>, signal: i32) -> anyhow::Result<()> {
+    match current {
+        Some((_, p)) => p.signal(signal),
+        None => anyhow::bail!("no process runs from the manifest"),
+    }
 }
 
 /// The command line of the first container of a static pod manifest.
@@ -131,6 +147,7 @@ impl Kubelet {
         let running = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
         let holding = Arc::new(AtomicBool::new(false));
+        let (signals, mut requests) = mpsc::channel::<SignalRequest>(1);
         let (c, s, r, z, hold, path, name) = (
             cancel.clone(),
             starts.clone(),
@@ -146,6 +163,10 @@ impl Kubelet {
                 if z.load(Ordering::SeqCst) {
                     tokio::select! {
                         _ = c.cancelled() => break,
+                        Some((signal, reply)) = requests.recv() => {
+                            let _ = reply.send(send_signal(&current, signal));
+                            continue;
+                        }
                         _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                     }
                 }
@@ -189,6 +210,9 @@ impl Kubelet {
                 }
                 tokio::select! {
                     _ = c.cancelled() => break,
+                    Some((signal, reply)) = requests.recv() => {
+                        let _ = reply.send(send_signal(&current, signal));
+                    }
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 }
             }
@@ -203,8 +227,25 @@ impl Kubelet {
             running,
             paused,
             holding,
+            signals,
             manifest: manifest.to_owned(),
         }
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the running process: a member
+    /// whose process is up and whose port accepts connections, but which
+    /// answers nothing (a frozen VM, a stalled disk), for as long as a test
+    /// needs. Fails when no process runs.
+    pub async fn freeze(&self, frozen: bool) -> anyhow::Result<()> {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        let (reply, answer) = oneshot::channel();
+        self.signals
+            .send((signal, reply))
+            .await
+            .map_err(|_| anyhow::anyhow!("the kubelet stand-in has stopped"))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the kubelet stand-in has stopped"))?
     }
 
     /// Stops or resumes reacting to the manifest (the process keeps

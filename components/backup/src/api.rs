@@ -349,7 +349,11 @@ impl pb::backup_server::Backup for BackupApi {
         } else {
             String::new()
         };
-        let timelines = self.service.engine().timelines().await?;
+        let timelines = self
+            .service
+            .engine()
+            .timelines_for(entries.iter().map(|e| &e.manifest))
+            .await?;
         Ok(Response::new(pb::ListSnapshotsResponse {
             snapshots: page
                 .iter()
@@ -471,19 +475,21 @@ impl pb::backup_server::Backup for BackupApi {
                 }
             };
         let leader = leader_info.name.clone();
-        let latest = engine.list_snapshots().await?.into_iter().next();
-        // One read of the restore records for the restore point and the
-        // timeline (0: unknown).
-        let (last_restore, timeline) = match engine.restore_records().await {
-            Ok(records) => (
-                crate::restore::record::last_done(&records).cloned(),
-                crate::restore::timeline::Timelines::new(&records).current(),
-            ),
+        let snapshots = engine.list_snapshots().await?;
+        let latest = snapshots.first().cloned();
+        // One read of the restore and cluster records for the restore point
+        // and the timelines (0: unknown).
+        let (last_restore, timelines) = match engine
+            .restore_point_and_timelines(snapshots.iter().map(|e| &e.manifest))
+            .await
+        {
+            Ok((point, timelines)) => (point, Some(timelines)),
             Err(e) => {
-                tracing::warn!(error = %e, "status: could not read the restore records");
-                (None, 0)
+                tracing::warn!(error = %e, "status: could not read the restore or cluster records");
+                (None, None)
             }
         };
+        let timeline = timelines.as_ref().map_or(0, |t| t.current());
         // A restore after the newest snapshot abandoned its timeline.
         let abandoned = last_restore
             .as_ref()
@@ -528,9 +534,10 @@ impl pb::backup_server::Backup for BackupApi {
             }),
             newest_revision_covered: covered.unwrap_or(0),
             timeline,
-            last_success: latest
-                .as_ref()
-                .map(|l| l.manifest.to_summary(l.last_verification.as_ref())),
+            last_success: latest.as_ref().map(|l| pb::SnapshotSummary {
+                timeline: timelines.as_ref().map_or(0, |t| t.of_manifest(&l.manifest)),
+                ..l.manifest.to_summary(l.last_verification.as_ref())
+            }),
             last_error: s.last_error().map(|e| pb::ErrorRecord {
                 at: Some(timestamp(e.at)),
                 operation: e.operation,

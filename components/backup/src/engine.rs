@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`crate::snapshot::take`] | `take_snapshot` |
 //! | [`crate::snapshot::catalog`] | `scan`, `list_snapshots`, `get_snapshot`, `latest_snapshot`, `record_verification`, `delete_snapshot`, `apply_retention` |
+//! | [`crate::snapshot::clusters`] | `cluster_records`, `seen_clusters`, `record_cluster`, `note_cluster` |
 //! | [`crate::snapshot::gc`] | `collect_garbage` |
 //! | [`crate::snapshot::read`] | `stream_check` (the read path) |
 //! | [`crate::verify::check`] | `verify_snapshot` (with a drill when asked) |

@@ -7,82 +7,16 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bulwark_backup::Engine;
-use bulwark_backup::delta::{DeltaSettings, DeltaStatus, Recorder};
+use bulwark_backup::delta::{DeltaSettings, DeltaStatus};
 use bulwark_backup::error::BackupError;
 use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::restore::pitr::Target;
-use bulwark_backup::snapshot::SnapshotOptions;
 use bulwark_testkit::Etcd;
 use object_store::{ObjectStoreExt, PutPayload};
 use tokio_util::sync::CancellationToken;
-
-fn ok() -> bulwark_backup::error::Result<()> {
-    Ok(())
-}
-
-async fn snapshot(engine: &Engine) -> bulwark_backup::snapshot::manifest::Manifest {
-    engine
-        .take_snapshot(
-            SnapshotOptions::manual("test"),
-            &(),
-            &CancellationToken::new(),
-            &ok,
-        )
-        .await
-        .unwrap()
-}
-
-/// Starts a recorder that takes real snapshots after a gap.
-fn start_recorder(
-    engine: &Arc<Engine>,
-    cancel: &CancellationToken,
-) -> (Arc<Mutex<DeltaStatus>>, tokio::task::JoinHandle<()>) {
-    let status = Arc::new(Mutex::new(DeltaStatus::default()));
-    let recorder = Recorder::new(
-        engine.clone(),
-        DeltaSettings {
-            flush_interval: Duration::from_millis(200),
-            max_segment_bytes: 1 << 20,
-            rpo_target: Duration::from_secs(1),
-        },
-        status.clone(),
-    );
-    let engine = engine.clone();
-    let cancel = cancel.clone();
-    let task = tokio::spawn(async move {
-        let e = engine.clone();
-        recorder
-            .run(&cancel, &|| {
-                let e = e.clone();
-                Box::pin(async move {
-                    snapshot(&e).await;
-                    Ok(())
-                })
-            })
-            .await;
-    });
-    (status, task)
-}
-
-/// Polls until committed segments of `base` reach `revision`.
-async fn wait_covered(engine: &Engine, base: &str, revision: i64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let segs = engine.list_segments(Some(base)).await.unwrap();
-        if segs.last().is_some_and(|s| s.last_revision >= revision) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "deltas never reached revision {revision}: {segs:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test]
 async fn heavy_deltas_capture_writes_and_restore_to_revision_time_and_latest() {
@@ -90,9 +24,9 @@ async fn heavy_deltas_capture_writes_and_restore_to_revision_time_and_latest() {
     let store_dir = tempfile::tempdir().unwrap();
     let engine = common::engine(&etcd, common::file_store(store_dir.path()), Keyring::none());
     common::put_small(&etcd, 20).await;
-    let base = snapshot(&engine).await;
+    let base = common::snapshot(&engine).await;
     let cancel = CancellationToken::new();
-    let (status, task) = start_recorder(&engine, &cancel);
+    let (status, task) = common::start_recorder(&engine, &cancel);
     let mut c = etcd.client().await.unwrap();
 
     // Batch 1, including a delete and an overwrite, then a transaction
@@ -113,7 +47,7 @@ async fn heavy_deltas_capture_writes_and_restore_to_revision_time_and_latest() {
     .unwrap();
     let (at_one, r1) = common::state(&mut c, 0).await;
     let written = std::time::Instant::now();
-    wait_covered(&engine, &base.id, r1).await;
+    common::wait_covered(&engine, &base.id, r1).await;
     println!(
         "deltas covered revision {r1} {:?} after the last write",
         written.elapsed()
@@ -137,7 +71,7 @@ async fn heavy_deltas_capture_writes_and_restore_to_revision_time_and_latest() {
         .await
         .unwrap();
     let (at_two, r2) = common::state(&mut c, 0).await;
-    wait_covered(&engine, &base.id, r2).await;
+    common::wait_covered(&engine, &base.id, r2).await;
 
     // Segments are contiguous from the snapshot on.
     let segs = engine.list_segments(Some(&base.id)).await.unwrap();
@@ -218,7 +152,7 @@ async fn heavy_compaction_gap_forces_a_new_full_snapshot() {
     let store_dir = tempfile::tempdir().unwrap();
     let engine = common::engine(&etcd, common::file_store(store_dir.path()), Keyring::none());
     common::put_small(&etcd, 5).await;
-    let base = snapshot(&engine).await;
+    let base = common::snapshot(&engine).await;
     let mut c = etcd.client().await.unwrap();
 
     // Writes the recorder never saw, then compacted away: the history after
@@ -230,7 +164,7 @@ async fn heavy_compaction_gap_forces_a_new_full_snapshot() {
     c.compact(now, None).await.unwrap();
 
     let cancel = CancellationToken::new();
-    let (status, task) = start_recorder(&engine, &cancel);
+    let (status, task) = common::start_recorder(&engine, &cancel);
     // The recorder finds the gap and takes a new full snapshot, then
     // follows it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -249,7 +183,7 @@ async fn heavy_compaction_gap_forces_a_new_full_snapshot() {
     assert!(newer.revision >= now);
     c.put("after/gap", "y", None).await.unwrap();
     let (_, r) = common::state(&mut c, 0).await;
-    wait_covered(&engine, &newer.id, r).await;
+    common::wait_covered(&engine, &newer.id, r).await;
     assert!(
         engine
             .list_segments(Some(&base.id))
@@ -308,7 +242,7 @@ async fn heavy_the_recorder_pauses_while_a_restore_holds_the_node() {
     let store_dir = tempfile::tempdir().unwrap();
     let engine = common::engine(&etcd, common::file_store(store_dir.path()), Keyring::none());
     common::put_small(&etcd, 5).await;
-    let base = snapshot(&engine).await;
+    let base = common::snapshot(&engine).await;
     let (_leader, leading) = tokio::sync::watch::channel(LeaderState {
         is_leader: true,
         term: 1,
@@ -343,7 +277,7 @@ async fn heavy_the_recorder_pauses_while_a_restore_holds_the_node() {
         }
     };
     let first = put(&mut c, "before").await;
-    wait_covered(&engine, &base.id, first).await;
+    common::wait_covered(&engine, &base.id, first).await;
 
     service
         .recorder_pause()
@@ -362,7 +296,7 @@ async fn heavy_the_recorder_pauses_while_a_restore_holds_the_node() {
     );
 
     service.recorder_pause().release("r1");
-    wait_covered(&engine, &base.id, during).await;
+    common::wait_covered(&engine, &base.id, during).await;
     let segs = engine.list_segments(Some(&base.id)).await.unwrap();
     bulwark_backup::delta::check_continuity(base.revision, &segs).unwrap();
     cancel.cancel();

@@ -473,12 +473,19 @@ async fn heavy_retention_and_garbage_collection_on_a_real_store() {
         .collect();
     assert_eq!(left, vec![ids[3].clone(), ids[2].clone()]);
     assert!(!staging.exists());
-    // Only the two kept snapshots' objects remain.
+    // Only the two kept snapshots' objects remain, and the record of the
+    // etcd cluster they are of (never deleted: it numbers the timelines).
+    let cluster = engine.get_snapshot(&ids[3]).await.unwrap().manifest;
+    let record = engine
+        .layout
+        .cluster_record(cluster.cluster_id())
+        .to_string();
     let keys = common::all_keys(&engine.store).await;
-    assert_eq!(keys.len(), 4, "{keys:#?}");
+    assert_eq!(keys.len(), 5, "{keys:#?}");
     assert!(
         keys.iter()
-            .all(|k| k.contains(&ids[3]) || k.contains(&ids[2]))
+            .all(|k| k.contains(&ids[3]) || k.contains(&ids[2]) || *k == record),
+        "{keys:#?}"
     );
 
     // Deleting the newest needs force; deleting removes manifest and data.

@@ -887,7 +887,8 @@ struct DeltasView {
     /// The snapshot the deltas follow (the newest one).
     base_snapshot: Option<String>,
     /// The timeline (history) that snapshot and its deltas belong to: 1
-    /// for the original cluster, one more after each restore.
+    /// for the original cluster, one more after each restore and for each
+    /// cluster rebuilt outside bulwark.
     timeline: Option<u32>,
     /// Coverage starts at the base snapshot's revision…
     from_revision: i64,

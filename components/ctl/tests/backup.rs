@@ -80,6 +80,17 @@ async fn heavy_bulwarkctl_backup_commands() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("passed: true"));
     let out = ctl(&["backup", "status"], &addr, &viewer).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("ctl-node"));
+    // `backup deltas` names the newest snapshot's timeline: 1, the only
+    // etcd cluster this store has seen.
+    let out = ctl(&["backup", "deltas", "-o", "json"], &addr, &viewer).await;
+    let deltas: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "backup deltas -o json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(deltas["timeline"], 1, "{deltas}");
+    assert_eq!(deltas["base_snapshot"], id.as_str(), "{deltas}");
 
     // The newest snapshot needs --force (exit 6), then it is gone (exit 5).
     let out = ctl(&["backup", "delete", &id], &addr, &operator).await;

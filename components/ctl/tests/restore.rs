@@ -738,6 +738,17 @@ async fn heavy_whole_cluster_restore_through_the_kubelet_with_bulwarkctl() {
     // cluster id; revision-bumped where etcdutl bumps), then from that
     // snapshot; never the abandoned r2.
     let new_cluster = format!("{:016x}", status.header().unwrap().cluster_id());
+    // The restored cluster is on record (`clusters/<id>.json`): written by
+    // the restore as it finished, or by its first snapshot if that won.
+    let records = engine.cluster_records().await.unwrap();
+    let made = records
+        .iter()
+        .find(|r| format!("{:016x}", r.cluster_id) == new_cluster)
+        .unwrap_or_else(|| panic!("no record of cluster {new_cluster}: {records:?}"));
+    assert!(
+        !made.restore_id.is_empty() || !made.first_snapshot_id.is_empty(),
+        "{made:?}"
+    );
     for agent in agents {
         let out = ctl(&["backup", "status", "-o", "json"], agent, &operator).await;
         assert!(out.status.success(), "{}", text(&out));
@@ -1273,6 +1284,9 @@ fn last_step(r: &bulwark_backup::restore::record::RestoreRecord, node: &str) -> 
         .unwrap_or_default()
 }
 
+/// A condition on a restore's record.
+type RecordTest = fn(&bulwark_backup::restore::record::RestoreRecord) -> bool;
+
 /// One round of the kill test.
 struct Kill {
     what: &'static str,
@@ -1280,10 +1294,15 @@ struct Kill {
     victim: usize,
     /// A node whose kubelet keeps its etcd running until the kill.
     hold_running: Option<usize>,
-    /// A node whose kubelet holds its member's start until the kill.
+    /// A node whose kubelet holds its member's start until the kill (or
+    /// until `freeze` freezes its node).
     hold_start: Option<usize>,
+    /// A node whose etcd is frozen (SIGSTOP) once the condition holds,
+    /// until the kill: a member that stops answering after it was healthy,
+    /// which holds the final check's status call.
+    freeze: Option<(usize, RecordTest)>,
     /// When to kill.
-    ready: fn(&bulwark_backup::restore::record::RestoreRecord) -> bool,
+    ready: RecordTest,
 }
 
 /// bulwark-backup SIGKILLed mid-restore, each instance a process of its
@@ -1295,7 +1314,8 @@ struct Kill {
 /// sets its data dir aside; node-1's agent once its member is restored
 /// (its restart holds the node for the coordinator); node-1's agent while
 /// it waits for its restarted member to be healthy (its kubelet holds the
-/// start until the kill). The killed
+/// start until the kill); the coordinator during the final check (held
+/// there by a member frozen with SIGSTOP once healthy). The killed
 /// process is restarted; agents recover from their journals, the
 /// coordinator finishes what its record says it was running, and where
 /// that leaves a node unreachable the operator's `restore rollback`
@@ -1355,6 +1375,7 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             victim: 0,
             hold_running: None,
             hold_start: None,
+            freeze: None,
             ready: |r| matches!(r.phase.as_str(), "preflight" | "prepare"),
         },
         Kill {
@@ -1362,6 +1383,7 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             victim: 1,
             hold_running: None,
             hold_start: None,
+            freeze: None,
             ready: |r| {
                 let s = last_step(r, "node-1");
                 r.phase == "prepare" && s.starts_with("fetch_snapshot") && !s.ends_with("done")
@@ -1372,6 +1394,7 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             victim: 0,
             hold_running: Some(2),
             hold_start: None,
+            freeze: None,
             ready: |r| {
                 r.phase == "restore_members" && last_step(r, "node-0") == "restore_snapshot done"
             },
@@ -1381,6 +1404,7 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             victim: 0,
             hold_running: None,
             hold_start: None,
+            freeze: None,
             ready: |r| r.phase == "start_members",
         },
         Kill {
@@ -1388,6 +1412,7 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             victim: 2,
             hold_running: None,
             hold_start: None,
+            freeze: None,
             ready: |r| {
                 let s = last_step(r, "node-2");
                 r.phase == "restore_members"
@@ -1401,6 +1426,7 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             victim: 1,
             hold_running: Some(2),
             hold_start: None,
+            freeze: None,
             ready: |r| {
                 r.phase == "restore_members" && last_step(r, "node-1") == "restore_snapshot done"
             },
@@ -1410,8 +1436,29 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             victim: 1,
             hold_running: None,
             hold_start: Some(1),
+            freeze: None,
             ready: |r| {
                 r.phase == "start_members" && last_step(r, "node-1").starts_with("wait_healthy")
+            },
+        },
+        // The final check is one status call per member: node-1's start is
+        // held until node-2's member is healthy, node-2's etcd is then
+        // frozen, and the check's status call to it hangs (for etcd's
+        // request timeout, 15 s) while the coordinator is killed.
+        Kill {
+            what: "the coordinator during the final check",
+            victim: 0,
+            hold_running: None,
+            hold_start: Some(1),
+            freeze: Some((2, |r| {
+                r.phase == "start_members" && last_step(r, "node-2") == "wait_healthy done"
+            })),
+            // START MEMBERS timed: the coordinator is in the check.
+            ready: |r| {
+                r.phase == "start_members"
+                    && r.timings
+                        .iter()
+                        .any(|t| t.name == "start_members" && t.node.is_empty())
             },
         },
     ];
@@ -1422,6 +1469,7 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             victim,
             hold_running: held,
             hold_start: start_held,
+            freeze,
             ready,
         },
     ) in cases.into_iter().enumerate()
@@ -1452,11 +1500,24 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             )
             .await
         });
+        if let Some((f, when)) = freeze {
+            wait_record(lab.engine(), what, |r| {
+                r.state == bulwark_backup::restore::record::RecordState::Running && when(r)
+            })
+            .await;
+            lab.kubelets[f].freeze(true).await.unwrap();
+            if let Some(h) = start_held {
+                lab.kubelets[h].hold_starts(false);
+            }
+        }
         let at = wait_record(lab.engine(), what, |r| {
             r.state == bulwark_backup::restore::record::RecordState::Running && ready(r)
         })
         .await;
         lab.processes[victim].kill().unwrap();
+        if let Some((f, _)) = freeze {
+            lab.kubelets[f].freeze(false).await.unwrap();
+        }
         if let Some(h) = held {
             lab.kubelets[h].pause(false);
         }

@@ -865,10 +865,31 @@ impl Coordinator {
                 r.set_timings(&summary.timings);
             })
             .await;
+        if !summary.dry_run && summary.cluster_id != 0 {
+            record_made_cluster(run, &summary).await;
+        }
         tracing::info!(restore_id = %run.rid, revision = summary.revision, "restore finished");
         run.events
             .send(pb::restore_progress::Event::Done(summary))
             .await;
+    }
+}
+
+/// Writes down the cluster a finished restore made (`clusters/<id>.json`),
+/// unless its first snapshot did already. The timelines go by the restore
+/// record; this one only says to a reader of the store where the cluster
+/// came from, so failing to write it is logged, not fatal.
+async fn record_made_cluster(run: &Run<'_>, summary: &pb::RestoreSummary) {
+    let record = crate::snapshot::clusters::ClusterRecord {
+        cluster_id: summary.cluster_id,
+        first_seen_at: Utc::now(),
+        first_revision: summary.revision,
+        first_snapshot_id: String::new(),
+        restore_id: run.rid.clone(),
+        back_filled: false,
+    };
+    if let Err(e) = run.engine.record_cluster(&record).await {
+        tracing::warn!(restore_id = %run.rid, error = %e, "could not record the restored etcd cluster");
     }
 }
 
@@ -882,6 +903,10 @@ pub(super) async fn verify_cluster(
     summary: &mut pb::RestoreSummary,
 ) -> std::result::Result<(), Failed> {
     run.events.enter_phase("check");
+    // START MEMBERS' time in the record says the check is under way
+    // (`restore status`), however long a member takes to answer.
+    let timings = run.events.timings_so_far();
+    run.events.record.update(|r| r.set_timings(&timings));
     let urls: Vec<String> = nodes
         .iter()
         .flat_map(|(n, _)| n.client_urls.clone())

@@ -143,7 +143,13 @@ impl Engine {
         target: Target,
         timeline: Option<u32>,
     ) -> Result<Plan> {
-        let timelines = self.timelines().await?;
+        let all: Vec<Manifest> = self
+            .list_snapshots()
+            .await?
+            .into_iter()
+            .map(|e| e.manifest)
+            .collect();
+        let timelines = self.timelines_for(&all).await?;
         let (base, target, upper) = match snapshot {
             Some(id) => (
                 self.explicit_base(&timelines, id, timeline).await?,
@@ -152,7 +158,7 @@ impl Engine {
             ),
             None => {
                 let n = timeline.unwrap_or_else(|| timelines.current());
-                self.choose_base(&timelines, n, target).await?
+                self.choose_base(&all, &timelines, n, target).await?
             }
         };
         let all = self.list_segments(Some(&base.id)).await?;
@@ -210,16 +216,11 @@ impl Engine {
     /// timeline may contribute (when it is an ancestor of `n`).
     async fn choose_base(
         &self,
+        all: &[Manifest],
         timelines: &Timelines,
         n: u32,
         target: Target,
     ) -> Result<(Manifest, Target, Option<i64>)> {
-        let all: Vec<Manifest> = self
-            .list_snapshots()
-            .await?
-            .into_iter()
-            .map(|e| e.manifest)
-            .collect();
         let located = timelines.locate(n, target)?;
         // Nothing of n's own reaches a latest, snapshot or time target:
         // n then holds only the state it began with.
@@ -232,7 +233,7 @@ impl Engine {
             _ => None,
         };
         for l in std::iter::once(located).chain(began_with) {
-            if let Some(m) = newest_fit(&all, timelines, &l) {
+            if let Some(m) = newest_fit(all, timelines, &l) {
                 return Ok((m.clone(), l.target, l.upper));
             }
         }

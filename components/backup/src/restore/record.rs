@@ -346,7 +346,32 @@ impl Engine {
 
     /// Every timeline of this cluster's store ([`Timelines`]).
     pub async fn timelines(&self) -> Result<Timelines> {
-        Ok(Timelines::new(&self.restore_records().await?))
+        let snapshots = self.list_snapshots().await?;
+        self.timelines_for(snapshots.iter().map(|e| &e.manifest))
+            .await
+    }
+
+    /// [`Self::timelines`] with the snapshots present already listed
+    /// (their clusters without a record are back-filled).
+    pub async fn timelines_for<'a>(
+        &self,
+        snapshots: impl IntoIterator<Item = &'a Manifest>,
+    ) -> Result<Timelines> {
+        Ok(self.restore_point_and_timelines(snapshots).await?.1)
+    }
+
+    /// The newest restore that finished at its target ([`last_done`]) and
+    /// the timelines, from one read of the restore records.
+    pub async fn restore_point_and_timelines<'a>(
+        &self,
+        snapshots: impl IntoIterator<Item = &'a Manifest>,
+    ) -> Result<(Option<RestoreRecord>, Timelines)> {
+        let records = self.restore_records().await?;
+        let clusters = self.seen_clusters(snapshots).await?;
+        Ok((
+            last_done(&records).cloned(),
+            Timelines::new(&records, &clusters),
+        ))
     }
 }
 

@@ -1,33 +1,43 @@
 //! Timelines: every restore starts a new history, as a PostgreSQL recovery
-//! starts a new timeline.
+//! starts a new timeline; so does a cluster rebuilt outside bulwark.
 //!
 //! A restore to revision R of some history makes a new etcd cluster (a new
 //! cluster id) whose revisions continue after R (plus the bump). The
 //! revisions after R of the history restored from still exist in the store
 //! (snapshots and deltas of the abandoned cluster), so "revision 205" can
-//! mean two different states. A timeline names one history:
+//! mean two different states. A cluster rebuilt by hand (`etcdutl snapshot
+//! restore`, a new kubeadm cluster) and then backed up into the same store
+//! is worse: its revisions restart or overlap the old ones with no branch
+//! point at all. A timeline names one history:
 //!
-//! - timeline 1 is the original cluster (every cluster id no restore made);
-//! - the k-th restore that finished at its target starts timeline k + 1:
-//!   the cluster id it made, branched from its base snapshot's timeline at
-//!   the revision it restored to.
+//! - a root timeline is an etcd cluster no restore made, with no parent:
+//!   the original cluster, and every cluster rebuilt outside bulwark;
+//! - a restore that finished at its target starts a timeline branched from
+//!   its base snapshot's timeline at the revision it restored to.
 //!
-//! Nothing new is stored: a snapshot's timeline follows from the cluster id
-//! in its manifest, a delta segment's from its base snapshot, and the
-//! timelines themselves from the restore records (`restores/<id>.json`),
-//! which retention and garbage collection never delete, so the numbers
-//! stay stable.
+//! They are numbered from 1 in the order they began: a root when backups
+//! first saw its cluster (`clusters/<id>.json`, snapshot/clusters.rs), a
+//! restore's when it finished. Timeline 1 is the oldest root (unknown, with
+//! no cluster id, when no record names the cluster the first restore came
+//! from). Those records and the restore records (`restores/<id>.json`) are
+//! never deleted by retention or garbage collection, so the numbers stay as
+//! snapshots expire. A snapshot's timeline follows from the cluster id in
+//! its manifest, a delta segment's from its base snapshot.
 //!
 //! Timeline n's history is its parent's up to the branch revision, then its
-//! own. A revision or time is resolved along that path ([`Timelines::locate`]),
-//! so a plain restore never lands in an abandoned history, and going back to
-//! one is `--timeline N`.
+//! own; a root's is only its own. A revision or time is resolved along that
+//! path ([`Timelines::locate`]), so a plain restore never lands in an
+//! abandoned history or another root's, and going back to one is
+//! `--timeline N`.
 
 use chrono::{DateTime, Utc};
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::pitr::Target;
 use super::record::{RecordState, RestoreRecord};
 use crate::error::{BackupError, Result};
+use crate::snapshot::clusters::ClusterRecord;
 use crate::snapshot::manifest::Manifest;
 
 /// The original cluster's timeline.
@@ -36,18 +46,28 @@ pub const ROOT: u32 = 1;
 /// One history.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Timeline {
-    /// 1 for the original cluster, then one per finished restore.
+    /// From 1, in the order the timelines began.
     pub number: u32,
-    /// The cluster id the restore made; `None` for timeline 1.
+    /// Its etcd cluster id: the one its restore made, or a root's cluster;
+    /// `None` only for timeline 1 when no record names its cluster.
     pub cluster_id: Option<u64>,
-    /// The timeline restored from; `None` for timeline 1.
+    /// The timeline restored from; `None` for a root.
     pub parent: Option<u32>,
-    /// The parent's revision this timeline starts from (0 for timeline 1).
+    /// The parent's revision this timeline starts from (0 for a root).
     pub branch_revision: i64,
-    /// When its restore finished (`None` for timeline 1).
+    /// When its restore finished, or when backups first saw a root's
+    /// cluster (`None` when unknown).
     pub began_at: Option<DateTime<Utc>>,
-    /// The restore that started it (`None` for timeline 1).
+    /// The restore that started it (`None` for a root).
     pub restore_id: Option<String>,
+}
+
+/// How a timeline began, for ordering them.
+enum Began<'a> {
+    /// Backups first saw this cluster, which no restore made.
+    Root(u64),
+    /// This restore finished at its target.
+    Restore(&'a RestoreRecord),
 }
 
 /// Where a target lies in one timeline's history.
@@ -70,51 +90,62 @@ pub struct Timelines {
 }
 
 impl Timelines {
-    /// The timelines the restore records describe: one per restore that
-    /// finished at its target, in the order they finished.
-    pub fn new(records: &[RestoreRecord]) -> Self {
-        let mut done: Vec<&RestoreRecord> = records
-            .iter()
-            .filter(|r| r.state == RecordState::Done && r.cluster_id != 0)
-            .collect();
-        done.sort_by(|a, b| {
-            let at = |r: &RestoreRecord| r.finished_at.or(r.started_at);
-            at(a)
-                .cmp(&at(b))
-                .then_with(|| a.restore_id.cmp(&b.restore_id))
-        });
-        let mut t = Timelines {
-            list: vec![Timeline {
-                number: ROOT,
-                cluster_id: None,
-                parent: None,
-                branch_revision: 0,
-                began_at: None,
-                restore_id: None,
-            }],
-        };
-        for r in done {
-            // Records from before `fromClusterId` was kept: the history the
-            // cluster had when the restore ran, which is the newest one.
-            let parent = match r.from_cluster_id {
-                0 => t.current(),
-                id => t.of_cluster(id),
-            };
-            let number = t.current() + 1;
-            t.list.push(Timeline {
-                number,
-                cluster_id: Some(r.cluster_id),
-                parent: Some(parent),
-                branch_revision: r.revision,
-                began_at: r.finished_at,
-                restore_id: Some(r.restore_id.clone()),
-            });
+    /// The timelines the restore records and the clusters backups have
+    /// seen ([`crate::Engine::seen_clusters`]) describe, numbered in the
+    /// order they began.
+    pub fn new(records: &[RestoreRecord], clusters: &[ClusterRecord]) -> Self {
+        let mut t = Timelines { list: Vec::new() };
+        for (at, began) in began(records, clusters) {
+            match began {
+                Began::Root(id) => t.push(Some(id), None, 0, at, None),
+                Began::Restore(r) => {
+                    if t.list.is_empty() {
+                        // The cluster the first restore came from is on no
+                        // record: timeline 1 is that unknown original.
+                        t.push(None, None, 0, None, None);
+                    }
+                    // Records from before `fromClusterId` was kept: the
+                    // history that was newest when the restore ran.
+                    let parent = match r.from_cluster_id {
+                        0 => t.current(),
+                        id => t.of_cluster(id),
+                    };
+                    t.push(
+                        Some(r.cluster_id),
+                        Some(parent),
+                        r.revision,
+                        r.finished_at,
+                        Some(r.restore_id.clone()),
+                    );
+                }
+            }
+        }
+        if t.list.is_empty() {
+            t.push(None, None, 0, None, None);
         }
         t
     }
 
+    fn push(
+        &mut self,
+        cluster_id: Option<u64>,
+        parent: Option<u32>,
+        branch_revision: i64,
+        began_at: Option<DateTime<Utc>>,
+        restore_id: Option<String>,
+    ) {
+        self.list.push(Timeline {
+            number: self.list.len() as u32 + 1,
+            cluster_id,
+            parent,
+            branch_revision,
+            began_at,
+            restore_id,
+        });
+    }
+
     /// The newest timeline: the live cluster's, unless it was rebuilt
-    /// outside bulwark.
+    /// outside bulwark and has not been backed up since.
     pub fn current(&self) -> u32 {
         self.list.last().map_or(ROOT, |t| t.number)
     }
@@ -135,7 +166,7 @@ impl Timelines {
     }
 
     /// The timeline of an etcd cluster id: the restore that made it, or
-    /// the original cluster's.
+    /// the root it is; timeline 1 for an id on no record.
     pub fn of_cluster(&self, cluster_id: u64) -> u32 {
         self.list
             .iter()
@@ -186,6 +217,51 @@ impl Timelines {
     }
 }
 
+/// Every timeline's start, oldest first: each restore that finished at its
+/// target (when it finished), and each cluster seen that no restore made
+/// or is making (when first seen). A restore's source cluster was backed up
+/// before the restore ran, so it counts as seen by then even when its
+/// snapshots and record are gone. Ties put roots first, then go by id.
+fn began<'a>(
+    records: &'a [RestoreRecord],
+    clusters: &[ClusterRecord],
+) -> Vec<(Option<DateTime<Utc>>, Began<'a>)> {
+    let done: Vec<&RestoreRecord> = records
+        .iter()
+        .filter(|r| r.state == RecordState::Done && r.cluster_id != 0)
+        .collect();
+    let made: BTreeSet<u64> = records
+        .iter()
+        .filter(|r| matches!(r.state, RecordState::Done | RecordState::Running))
+        .map(|r| r.cluster_id)
+        .collect();
+    let mut roots: BTreeMap<u64, DateTime<Utc>> = BTreeMap::new();
+    let sources = done
+        .iter()
+        .filter_map(|r| Some((r.from_cluster_id, r.started_at.or(r.finished_at)?)));
+    let seen = clusters.iter().map(|c| (c.cluster_id, c.first_seen_at));
+    for (id, at) in seen.chain(sources) {
+        if id != 0 && !made.contains(&id) {
+            let first = roots.entry(id).or_insert(at);
+            *first = (*first).min(at);
+        }
+    }
+    let mut out: Vec<(Option<DateTime<Utc>>, Began<'a>)> = roots
+        .into_iter()
+        .map(|(id, at)| (Some(at), Began::Root(id)))
+        .collect();
+    out.extend(
+        done.into_iter()
+            .map(|r| (r.finished_at.or(r.started_at), Began::Restore(r))),
+    );
+    let key = |b: &Began<'_>| match b {
+        Began::Root(id) => (0, format!("{id:016x}")),
+        Began::Restore(r) => (1, r.restore_id.clone()),
+    };
+    out.sort_by(|(a, x), (b, y)| a.cmp(b).then_with(|| key(x).cmp(&key(y))));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,11 +286,14 @@ mod tests {
         failed.state = RecordState::Failed;
         // Restore 1 from the original cluster (0xa) at 104 made 0xb; then
         // restore 2 went back to the original history at 205 and made 0xc.
-        let t = Timelines::new(&[
-            done("r-2", 20, 205, 0xc, 0xa),
-            failed,
-            done("r-1", 10, 104, 0xb, 0xa),
-        ]);
+        let t = Timelines::new(
+            &[
+                done("r-2", 20, 205, 0xc, 0xa),
+                failed,
+                done("r-1", 10, 104, 0xb, 0xa),
+            ],
+            &[],
+        );
         assert_eq!(t.current(), 3);
         assert_eq!(t.of_cluster(0xa), 1);
         assert_eq!(t.of_cluster(0xb), 2);
@@ -228,10 +307,13 @@ mod tests {
 
     #[test]
     fn a_revision_before_the_branch_is_found_in_the_parent_capped_there() {
-        let t = Timelines::new(&[
-            done("r-1", 10, 104, 0xb, 0xa),
-            done("r-2", 20, 2_000_000_150, 0xc, 0xb),
-        ]);
+        let t = Timelines::new(
+            &[
+                done("r-1", 10, 104, 0xb, 0xa),
+                done("r-2", 20, 2_000_000_150, 0xc, 0xb),
+            ],
+            &[],
+        );
         // Timeline 3 = 1 up to 104, then 2 up to 2_000_000_150, then 3.
         assert_eq!(
             t.locate(3, Target::Revision(90)).unwrap(),
@@ -270,7 +352,7 @@ mod tests {
 
     #[test]
     fn a_time_before_a_timeline_began_is_found_in_its_parent() {
-        let t = Timelines::new(&[done("r-1", 10, 104, 0xb, 0xa)]);
+        let t = Timelines::new(&[done("r-1", 10, 104, 0xb, 0xa)], &[]);
         assert_eq!(t.locate(2, Target::Time(at(5))).unwrap().timeline, 1);
         assert_eq!(t.locate(2, Target::Time(at(5))).unwrap().upper, Some(104));
         assert_eq!(t.locate(2, Target::Time(at(12))).unwrap().timeline, 2);
@@ -278,8 +360,137 @@ mod tests {
 
     #[test]
     fn records_without_the_source_cluster_branch_from_the_newest_timeline() {
-        let t = Timelines::new(&[done("r-1", 10, 104, 0xb, 0), done("r-2", 20, 5, 0xc, 0)]);
+        let t = Timelines::new(
+            &[done("r-1", 10, 104, 0xb, 0), done("r-2", 20, 5, 0xc, 0)],
+            &[],
+        );
         assert_eq!(t.get(2).unwrap().parent, Some(1));
         assert_eq!(t.get(3).unwrap().parent, Some(2));
+    }
+
+    fn seen(cluster: u64, minute: u32) -> ClusterRecord {
+        ClusterRecord {
+            cluster_id: cluster,
+            first_seen_at: at(minute),
+            first_revision: 1,
+            first_snapshot_id: format!("s-{cluster:x}"),
+            restore_id: String::new(),
+            back_filled: false,
+        }
+    }
+
+    /// The original cluster 0xa, a restore to 104 that made 0xb, then 0xc
+    /// rebuilt by hand (first backed up at minute 30) and a restore from
+    /// it to 77 that made 0xd.
+    fn rebuilt_by_hand() -> Timelines {
+        let records = [
+            done("r-2", 40, 77, 0xd, 0xc),
+            done("r-1", 10, 104, 0xb, 0xa),
+        ];
+        // The restore wrote 0xb's record too; it is numbered as a restore.
+        let clusters = [seen(0xc, 30), seen(0xb, 11), seen(0xa, 0)];
+        Timelines::new(&records, &clusters)
+    }
+
+    #[test]
+    fn a_cluster_rebuilt_outside_bulwark_is_a_root_timeline_of_its_own() {
+        let t = rebuilt_by_hand();
+        let numbers: Vec<(u32, Option<u64>, Option<u32>)> = t
+            .all()
+            .iter()
+            .map(|t| (t.number, t.cluster_id, t.parent))
+            .collect();
+        assert_eq!(
+            numbers,
+            [
+                (1, Some(0xa), None),
+                (2, Some(0xb), Some(1)),
+                (3, Some(0xc), None),
+                (4, Some(0xd), Some(3)),
+            ]
+        );
+        assert_eq!(t.current(), 4);
+        assert_eq!(t.get(3).unwrap().began_at, Some(at(30)));
+        assert_eq!(t.get(3).unwrap().restore_id, None);
+        // Timeline 3's revisions and times are its own, however far back:
+        // its history is not timeline 1's or 2's.
+        for target in [
+            Target::Revision(5),
+            Target::Revision(500),
+            Target::Time(at(1)),
+            Target::Latest,
+        ] {
+            assert_eq!(
+                t.locate(3, target).unwrap(),
+                Located {
+                    timeline: 3,
+                    target,
+                    upper: None
+                },
+                "{target:?}"
+            );
+        }
+        assert_eq!(t.start_of(3).unwrap(), None);
+        // The restore from it branches from it, not from timeline 1.
+        assert_eq!(
+            t.locate(4, Target::Revision(50)).unwrap(),
+            Located {
+                timeline: 3,
+                target: Target::Revision(50),
+                upper: Some(77)
+            }
+        );
+        // An id on no record is the original's, as before records.
+        assert_eq!(t.of_cluster(0xeeee), 1);
+    }
+
+    #[test]
+    fn numbers_stay_as_retention_deletes_the_oldest_snapshots() {
+        use crate::snapshot::clusters::back_fill;
+        use crate::snapshot::manifest::tests::sample;
+        let snap = |id: &str, cluster: u64, minute: u32| {
+            let mut m = sample();
+            m.id = id.into();
+            m.etcd.cluster_id = format!("{cluster:016x}");
+            m.started_at = at(minute);
+            m
+        };
+        let records = [done("r-1", 10, 104, 0xb, 0xa)];
+        let mut snapshots = vec![
+            snap("a-0", 0xa, 0),
+            snap("a-5", 0xa, 5),
+            snap("b-12", 0xb, 12),
+            snap("c-30", 0xc, 30),
+            snap("c-35", 0xc, 35),
+        ];
+        // A store from before the records: the clusters of the snapshots
+        // present count as seen at their oldest, and the next commit
+        // writes that down.
+        let recorded = back_fill(&[], &snapshots);
+        let before = Timelines::new(&records, &recorded);
+        assert_eq!(before.of_cluster(0xc), 3);
+        // Retention deletes the oldest snapshots, then every one of the
+        // original cluster and of the restored one.
+        for gone in [vec!["a-0", "c-30"], vec!["a-5", "b-12"]] {
+            snapshots.retain(|m| !gone.contains(&m.id.as_str()));
+            let mut seen = recorded.clone();
+            seen.extend(back_fill(&seen, &snapshots));
+            assert_eq!(Timelines::new(&records, &seen), before, "after {gone:?}");
+        }
+        // Without the records, the rebuilt cluster would move up once the
+        // original's snapshots were gone.
+        let unrecorded = Timelines::new(&[], &back_fill(&[], &snapshots));
+        assert_eq!(unrecorded.of_cluster(0xc), 1);
+    }
+
+    #[test]
+    fn a_running_restore_s_cluster_is_no_root() {
+        let mut running = RestoreRecord::started("r-3", "node-0", at(50));
+        running.cluster_id = 0xe;
+        // Its first snapshot was recorded before the restore's record said
+        // done: not a history of its own meanwhile.
+        let t = Timelines::new(&[running], &[seen(0xa, 0), seen(0xe, 51)]);
+        assert_eq!(t.current(), 1);
+        assert_eq!(t.of_cluster(0xa), 1);
     }
 }

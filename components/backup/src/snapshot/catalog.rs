@@ -276,8 +276,9 @@ impl Engine {
         if snapshots.is_empty() || clusters.contains(&live) {
             return Ok(());
         }
+        // Clusters a restore made, and every one backups saw before.
         let restored: Vec<u64> = self
-            .timelines()
+            .timelines_for(snapshots.iter().map(|s| &s.manifest))
             .await?
             .all()
             .iter()

@@ -212,12 +212,19 @@ impl Engine {
                 })
                 .await;
             match &result {
-                Ok(m) => tracing::info!(
-                    raw = m.raw_size_bytes,
-                    stored = m.stored_size_bytes,
-                    revision = m.revision,
-                    "snapshot committed"
-                ),
+                Ok(m) => {
+                    tracing::info!(
+                        raw = m.raw_size_bytes,
+                        stored = m.stored_size_bytes,
+                        revision = m.revision,
+                        "snapshot committed"
+                    );
+                    // The snapshot stands either way; the next commit
+                    // writes a record this one could not.
+                    if let Err(e) = self.note_cluster(m).await {
+                        tracing::warn!(error = %e, "could not record the snapshot's etcd cluster; the next snapshot will");
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "snapshot failed; nothing committed"),
             }
             result

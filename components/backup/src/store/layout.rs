@@ -8,6 +8,7 @@
 //!   delta/<base id>/…                    continuous deltas (delta/segments.rs)
 //!   restore/<restore id>/target.db       a point-in-time restore's target while its members fetch it
 //!   restores/<restore id>.json           what a finished restore left (restore/record.rs)
+//!   clusters/<etcd cluster id>.json      each etcd cluster backups have seen (snapshot/clusters.rs)
 //! ```
 //!
 //! `<id>` is `<yyyymmddThhmmssZ>-r<revision>-<4 hex>`: it sorts by time,
@@ -32,6 +33,10 @@ pub const DELTA_DIR: &str = "delta";
 /// Directory of restore targets (deleted when their restore ends; garbage
 /// collection removes what a crash left).
 pub const RESTORE_DIR: &str = "restore";
+
+/// Directory of the records of the etcd clusters backups have seen (never
+/// deleted: they number the timelines).
+pub const CLUSTERS_DIR: &str = "clusters";
 
 const TIME_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 
@@ -178,6 +183,17 @@ impl Layout {
             .join(format!("{}.json", format_time(at)))
     }
 
+    /// `<root>/clusters`.
+    pub fn clusters_dir(&self) -> Path {
+        self.root.clone().join(CLUSTERS_DIR)
+    }
+
+    /// The record of etcd cluster `cluster_id`: `clusters/<16 hex>.json`,
+    /// the id as manifests write it.
+    pub fn cluster_record(&self, cluster_id: u64) -> Path {
+        self.clusters_dir().join(format!("{cluster_id:016x}.json"))
+    }
+
     /// A path relative to the store location (what manifests record).
     pub fn relative(&self, prefix: &Path, path: &Path) -> String {
         match path.prefix_match(prefix) {
@@ -267,6 +283,11 @@ mod tests {
             })
         );
         assert_eq!(l.classify(&Path::from("backups/etcd/prod/delta/x")), None);
+        assert_eq!(
+            l.cluster_record(0xab).as_ref(),
+            "backups/etcd/prod/clusters/00000000000000ab.json"
+        );
+        assert_eq!(l.classify(&l.cluster_record(0xab)), None);
         assert_eq!(
             l.relative(&Path::from("backups/etcd"), &l.data(id, true, false)),
             "prod/full/20250102T030405Z-r42-abcd/snapshot.db.zst"

@@ -5,14 +5,17 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bulwark_backup::config::{EtcdConfig, MemberChoice};
+use bulwark_backup::delta::{DeltaSettings, DeltaStatus, Recorder};
 use bulwark_backup::engine::{DrillSettings, Engine, PipelineSettings};
 use bulwark_backup::etcd::EtcdConnector;
 use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::restore::pitr::Target;
+use bulwark_backup::snapshot::SnapshotOptions;
+use bulwark_backup::snapshot::manifest::Manifest;
 use bulwark_backup::store::{Store, StoreSpec};
 use bulwark_backup::verify::scratch::ScratchEtcd;
 use bulwark_testkit::{Etcd, EtcdVersion, S3Server, tools};
@@ -119,6 +122,71 @@ pub fn offline_engine(store: Store, keys: Keyring, cluster: &str) -> Engine {
     )
 }
 
+fn ok() -> bulwark_backup::error::Result<()> {
+    Ok(())
+}
+
+/// Takes and commits a manual snapshot.
+pub async fn snapshot(engine: &Engine) -> Manifest {
+    engine
+        .take_snapshot(
+            SnapshotOptions::manual("test"),
+            &(),
+            &CancellationToken::new(),
+            &ok,
+        )
+        .await
+        .expect("snapshot")
+}
+
+/// Starts a delta recorder that takes real snapshots after a gap.
+pub fn start_recorder(
+    engine: &Arc<Engine>,
+    cancel: &CancellationToken,
+) -> (Arc<Mutex<DeltaStatus>>, tokio::task::JoinHandle<()>) {
+    let status = Arc::new(Mutex::new(DeltaStatus::default()));
+    let recorder = Recorder::new(
+        engine.clone(),
+        DeltaSettings {
+            flush_interval: Duration::from_millis(200),
+            max_segment_bytes: 1 << 20,
+            rpo_target: Duration::from_secs(1),
+        },
+        status.clone(),
+    );
+    let engine = engine.clone();
+    let cancel = cancel.clone();
+    let task = tokio::spawn(async move {
+        let e = engine.clone();
+        recorder
+            .run(&cancel, &|| {
+                let e = e.clone();
+                Box::pin(async move {
+                    snapshot(&e).await;
+                    Ok(())
+                })
+            })
+            .await;
+    });
+    (status, task)
+}
+
+/// Polls until committed segments of `base` reach `revision`.
+pub async fn wait_covered(engine: &Engine, base: &str, revision: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let segs = engine.list_segments(Some(base)).await.expect("segments");
+        if segs.last().is_some_and(|s| s.last_revision >= revision) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "deltas never reached revision {revision}: {segs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Writes `n` keys `k/<i>` with small text values.
 pub async fn put_small(etcd: &Etcd, n: usize) {
     let mut c = etcd.client().await.unwrap();
@@ -171,7 +239,21 @@ pub async fn restored_state(
     snapshot: Option<&str>,
     target: Target,
 ) -> (Vec<(String, String)>, i64) {
-    let plan = engine.plan_restore(snapshot, target).await.unwrap();
+    restored_state_on(engine, snapshot, target, None).await
+}
+
+/// [`restored_state`] resolved in timeline `timeline` (None: the current
+/// one).
+pub async fn restored_state_on(
+    engine: &Engine,
+    snapshot: Option<&str>,
+    target: Target,
+    timeline: Option<u32>,
+) -> (Vec<(String, String)>, i64) {
+    let plan = engine
+        .plan_restore_on(snapshot, target, timeline)
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let built = engine
         .build_target(&plan, dir.path(), &|_| {}, &CancellationToken::new())

@@ -254,11 +254,14 @@ pub(super) async fn wait_ports_closed(member: &Member, timeout: Duration) -> Res
         .filter_map(|u| url_addr(u))
         .collect();
     let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(100);
+    let mut backoff = Duration::from_millis(100);
     loop {
         let mut open = None;
+        let mut dialled = false;
         for a in &addrs {
-            if listening(a).await {
+            let probe = listening(a).await;
+            dialled |= probe.dialled;
+            if probe.open {
                 open = Some(a.clone());
                 break;
             }
@@ -273,11 +276,30 @@ pub(super) async fn wait_ports_closed(member: &Member, timeout: Duration) -> Res
                 ),
             ));
         }
-        tokio::time::sleep(pause).await;
-        // Backing off bounds the dialled probes of addresses this host
-        // cannot bind (below) to about one a second.
-        pause = (pause * 2).min(Duration::from_secs(1));
+        // A bind probe is silent and cheap: poll often, so the restore
+        // goes on within moments of etcd stopping (the old leader's node
+        // waits for the others' stops). Backing off bounds the dialled
+        // probes of addresses this host cannot bind (below), which etcd
+        // logs, to about one a second.
+        if dialled {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        } else {
+            tokio::time::sleep(BIND_PROBE_EVERY).await;
+        }
     }
+}
+
+/// How often a member's ports are probed while every probe is a bind.
+const BIND_PROBE_EVERY: Duration = Duration::from_millis(25);
+
+/// What a probe of one address found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Probe {
+    /// Something listens there.
+    pub(super) open: bool,
+    /// The address was dialled (etcd sees, and logs, that connect).
+    pub(super) dialled: bool,
 }
 
 /// Whether something listens on `addr` (host:port). An address of this
@@ -286,10 +308,14 @@ pub(super) async fn wait_ports_closed(member: &Member, timeout: Duration) -> Res
 /// listens there): etcd sees nothing, where a bare TCP connect on its TLS
 /// ports made it log a `rejected connection` warning on every probe. An
 /// address this host cannot bind (another host's) is dialled.
-pub(super) async fn listening(addr: &str) -> bool {
+pub(super) async fn listening(addr: &str) -> Probe {
+    let mut probe = Probe {
+        open: false,
+        dialled: false,
+    };
     let resolved: Vec<std::net::SocketAddr> = match tokio::net::lookup_host(addr).await {
         Ok(a) => a.collect(),
-        Err(_) => return false,
+        Err(_) => return probe,
     };
     for sa in resolved {
         let bound = (|| {
@@ -303,20 +329,25 @@ pub(super) async fn listening(addr: &str) -> bool {
         })();
         match bound {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                probe.open = true;
+                return probe;
+            }
             Err(_) => {
-                let probe = tokio::time::timeout(
+                probe.dialled = true;
+                let dialled = tokio::time::timeout(
                     Duration::from_millis(500),
                     tokio::net::TcpStream::connect(sa),
                 )
                 .await;
-                if matches!(probe, Ok(Ok(_))) {
-                    return true;
+                if matches!(dialled, Ok(Ok(_))) {
+                    probe.open = true;
+                    return probe;
                 }
             }
         }
     }
-    false
+    probe
 }
 
 #[cfg(test)]
@@ -330,11 +361,23 @@ mod tests {
     async fn the_port_probe_does_not_connect() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        assert!(listening(&addr).await);
+        assert_eq!(
+            listening(&addr).await,
+            Probe {
+                open: true,
+                dialled: false
+            }
+        );
         let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
         assert!(accepted.is_err(), "the probe connected: {accepted:?}");
         drop(listener);
-        assert!(!listening(&addr).await);
+        assert_eq!(
+            listening(&addr).await,
+            Probe {
+                open: false,
+                dialled: false
+            }
+        );
     }
 
     #[test]

@@ -13,6 +13,11 @@ use super::static_pod::{Member, wait_ports_closed};
 use super::{Agent, Held, StepSink};
 use crate::error::{BackupError, Result};
 
+/// How often a started member is asked whether it has a leader: a status
+/// call to this node's own etcd, cheap, and the restore is done (and its
+/// cluster's time measured) the moment it answers yes.
+const HEALTH_POLL: Duration = Duration::from_millis(50);
+
 impl Agent {
     /// PrepareRestore: checks, stages the target snapshot, takes the lock.
     pub async fn prepare(
@@ -508,7 +513,7 @@ impl Agent {
                 ev.failed(h.last_step, &e);
                 return Err(e);
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(HEALTH_POLL).await;
         }
     }
 

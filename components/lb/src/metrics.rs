@@ -72,6 +72,11 @@ pub const DEFS: &[MetricDef] = &[
         "Tickle ACKs that could not be sent (no CAP_NET_RAW, a send error); those clients wait for their own timeouts.",
     ),
     MetricDef::single(
+        "bulwark_lb_vip_refusal_filter_installed",
+        Gauge,
+        "arp and bgp mode with vip.dropRefusals: 1 while the nftables rule that drops the kernel's connection refusals from VIP:port is installed, 0 when it could not be (no nf_tables, no CAP_NET_ADMIN): clients of a killed holder are then refused until the next holder announces the VIP.",
+    ),
+    MetricDef::single(
         "bulwark_lb_vip_clients_shared",
         Gauge,
         "While holding the VIP: the client connections in the table last pushed to the peers.",

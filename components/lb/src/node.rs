@@ -555,7 +555,10 @@ fn refusal_filter(config: &LbConfig) -> Option<crate::vip::refusals::Filter> {
         return None;
     }
     let ips: Vec<_> = config.vip.addresses().iter().map(|a| a.ip).collect();
-    match crate::vip::refusals::Filter::install(&ips, addr.port()) {
+    let installed = crate::vip::refusals::Filter::install(&ips, addr.port());
+    metrics::gauge!("bulwark_lb_vip_refusal_filter_installed")
+        .set(f64::from(u8::from(installed.is_ok())));
+    match installed {
         Ok(f) => {
             tracing::info!(
                 table = crate::vip::refusals::TABLE,

@@ -120,7 +120,9 @@ fn due(
     attempts: u32,
 ) -> Due {
     let m = raft.metrics().borrow_watched().clone();
-    if m.state == ServerState::Leader || leader == me {
+    // A candidate's vote is under way: another attempt would start over
+    // with a higher term.
+    if matches!(m.state, ServerState::Leader | ServerState::Candidate) || leader == me {
         return Due::Never;
     }
     let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();

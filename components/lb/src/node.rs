@@ -547,13 +547,17 @@ fn spawn_vip(
 /// ([`crate::vip::refusals`]). Without it (no nf_tables, no CAP_NET_ADMIN)
 /// the node runs on, and says what clients will see.
 fn refusal_filter(config: &LbConfig) -> Option<crate::vip::refusals::Filter> {
-    let (VipMode::Arp | VipMode::Bgp, Some(addr)) = (config.vip.mode, config.vip.socket_addr())
-    else {
+    let wanted = match (config.vip.mode, config.vip.socket_addr()) {
+        (VipMode::Arp | VipMode::Bgp, Some(addr)) if config.vip.drop_refusals => Some(addr),
+        _ => None,
+    };
+    let Some(addr) = wanted else {
+        // A table an earlier run left behind (killed in arp or bgp mode)
+        // would keep dropping the refusals that bind mode's release relies
+        // on, or that the operator turned back on.
+        crate::vip::refusals::remove_leftover();
         return None;
     };
-    if !config.vip.drop_refusals {
-        return None;
-    }
     let ips: Vec<_> = config.vip.addresses().iter().map(|a| a.ip).collect();
     let installed = crate::vip::refusals::Filter::install(&ips, addr.port());
     metrics::gauge!("bulwark_lb_vip_refusal_filter_installed")

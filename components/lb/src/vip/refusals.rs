@@ -118,6 +118,16 @@ impl Filter {
     }
 }
 
+/// Removes the table an earlier run may have left (it was killed, so it
+/// could not remove it), for a run that installs none. Quiet: most runs
+/// find none, and a node without CAP_NET_ADMIN (bind mode needs no
+/// capability) cannot have made one.
+pub fn remove_leftover() {
+    if let Err(e) = send(&remove_batch()) {
+        tracing::debug!(error = %e, table = TABLE, "no leftover nftables table removed");
+    }
+}
+
 /// The batch that replaces the table with one holding the rules.
 fn install_batch(addresses: &[IpAddr], port: u16) -> Batch {
     let mut b = Batch::new();

@@ -171,7 +171,9 @@ impl Engine {
         })
     }
 
-    async fn get_bytes(&self, path: &Path) -> Result<bytes::Bytes> {
+    /// A whole (small) object: a manifest, a verification or cluster
+    /// record.
+    pub(crate) async fn get_bytes(&self, path: &Path) -> Result<bytes::Bytes> {
         let described = self.store.describe(path);
         self.store
             .inner()

@@ -139,19 +139,10 @@ impl Engine {
     }
 
     async fn read_cluster_record(&self, path: &object_store::path::Path) -> Result<ClusterRecord> {
-        let described = self.store.describe(path);
-        let bytes = self
-            .store
-            .inner()
-            .get(path)
-            .await
-            .map_err(|e| BackupError::store(described.clone(), e))?
-            .bytes()
-            .await
-            .map_err(|e| BackupError::store(described.clone(), e))?;
+        let bytes = self.get_bytes(path).await?;
         serde_json::from_slice(&bytes).map_err(|e| BackupError::Corrupt {
             kind: Corruption::Manifest,
-            what: described,
+            what: self.store.describe(path),
             detail: e.to_string(),
         })
     }

@@ -308,12 +308,18 @@ fn decode(
         verifier.update(&buf[..n]);
         if let Some(f) = file.as_mut() {
             f.write_all(&buf[..n])
-                .map_err(|e| BackupError::local("writing the drill's snapshot file", e))?;
+                .map_err(|e| BackupError::local("writing the decoded snapshot file", e))?;
         }
     }
     if let Some(mut f) = file {
+        // On disk before it counts as written: a restore agent journals
+        // its staged file as whole right after this, and a power cut must
+        // not leave a short file behind that journal. It also keeps the
+        // write-back of a 1 GB file out of the next step (etcdutl's own
+        // writes and fsyncs on the same disk).
         f.flush()
-            .map_err(|e| BackupError::local("writing the drill's snapshot file", e))?;
+            .and_then(|()| f.get_ref().sync_all())
+            .map_err(|e| BackupError::local("writing the decoded snapshot file", e))?;
     }
     Ok(match verifier.finish() {
         Ok((etcd_sha256, raw_size)) => Decoded::Whole {

@@ -52,7 +52,7 @@ async fn connect_once(client: &Host, vip: SocketAddr) -> Result<(), ErrorKind> {
 
 /// Starts a connect every 10 ms from just before the holder's SIGKILL
 /// until the new holder has had the VIP for a while, and tallies them.
-async fn connects_across_a_holder_kill(drop_refusals: bool) -> Option<Outcome> {
+async fn connects_across_a_holder_kill(drop_refusals: bool) -> Option<(Outcome, LbLab, usize)> {
     let mut l = if drop_refusals {
         LbLab::start(3).await?
     } else {
@@ -92,23 +92,54 @@ async fn connects_across_a_holder_kill(drop_refusals: bool) -> Option<Outcome> {
         old + 1,
         new + 1
     );
-    Some(o)
+    Some((o, l, old))
+}
+
+/// `nft list table inet bulwark_lb` on LB host `i`: the table, or `None`
+/// when there is none.
+fn refusal_table(l: &LbLab, i: usize) -> Option<String> {
+    l.lb_hosts()[i]
+        .exec_ok("nft", ["list", "table", "inet", "bulwark_lb"])
+        .ok()
+}
+
+/// The packets the rule's counter saw, from `nft list` output.
+fn dropped(table: &str) -> u64 {
+    let after = table
+        .split("counter packets ")
+        .nth(1)
+        .expect("the rule has a counter");
+    after
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a packet count")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_netns_a_killed_holder_refuses_no_connect() {
-    let Some(o) = connects_across_a_holder_kill(true).await else {
+    let Some((o, mut l, old)) = connects_across_a_holder_kill(true).await else {
         return;
     };
     assert_eq!(o.refused, 0, "connects refused by the dead holder: {o:?}");
     assert!(o.other.is_empty(), "connects that failed otherwise: {o:?}");
     assert!(o.ok > 100, "connects through the VIP: {o:?}");
+    // The rule outlived the killed process, and it is what kept the
+    // refusals from the clients.
+    let table = refusal_table(&l, old).expect("the killed holder's table is still there");
+    assert!(dropped(&table) > 0, "the rule dropped nothing:\n{table}");
+    // A clean stop removes its table.
+    let other = (old + 1) % 3;
+    assert!(refusal_table(&l, other).is_some(), "every node installs it");
+    l.nodes[other].stop().await.unwrap();
+    assert_eq!(refusal_table(&l, other), None, "left after a clean stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_netns_without_the_rule_a_killed_holder_refuses_connects() {
-    let Some(o) = connects_across_a_holder_kill(false).await else {
+    let Some((o, l, old)) = connects_across_a_holder_kill(false).await else {
         return;
     };
     assert!(o.refused > 0, "no connect was refused: {o:?}");
+    assert_eq!(refusal_table(&l, old), None, "installed although off");
 }

@@ -148,10 +148,6 @@ async fn check_golden(dir: &Path) {
     );
 }
 
-fn no_pause() -> bulwark_backup::error::Result<()> {
-    Ok(())
-}
-
 /// Runs the scenario against a real etcd and keeps the store as this
 /// version's golden files.
 async fn write_golden() {
@@ -177,7 +173,7 @@ async fn write_golden() {
             SnapshotOptions::manual("golden"),
             &(),
             &CancellationToken::new(),
-            &no_pause,
+            &common::ok,
         )
         .await
         .unwrap();

@@ -21,22 +21,7 @@ use bulwark_testkit::{Etcd, Pki, S3Server};
 use object_store::ObjectStoreExt;
 use tokio_util::sync::CancellationToken;
 
-fn ok() -> bulwark_backup::error::Result<()> {
-    Ok(())
-}
-
-async fn snapshot(
-    engine: &Engine,
-) -> bulwark_backup::error::Result<bulwark_backup::snapshot::manifest::Manifest> {
-    engine
-        .take_snapshot(
-            SnapshotOptions::manual("test"),
-            &(),
-            &CancellationToken::new(),
-            &ok,
-        )
-        .await
-}
+use common::{ok, try_snapshot as snapshot};
 
 async fn stored_bytes(engine: &Engine, object_key: &str) -> bytes::Bytes {
     let path = bulwark_backup::store::layout::object_path(engine.store.prefix(), object_key);

@@ -122,12 +122,13 @@ pub fn offline_engine(store: Store, keys: Keyring, cluster: &str) -> Engine {
     )
 }
 
-fn ok() -> bulwark_backup::error::Result<()> {
+/// The pause check of a snapshot nothing pauses.
+pub fn ok() -> bulwark_backup::error::Result<()> {
     Ok(())
 }
 
-/// Takes and commits a manual snapshot.
-pub async fn snapshot(engine: &Engine) -> Manifest {
+/// Takes and commits a manual snapshot, or says why it failed.
+pub async fn try_snapshot(engine: &Engine) -> bulwark_backup::error::Result<Manifest> {
     engine
         .take_snapshot(
             SnapshotOptions::manual("test"),
@@ -136,7 +137,11 @@ pub async fn snapshot(engine: &Engine) -> Manifest {
             &ok,
         )
         .await
-        .expect("snapshot")
+}
+
+/// Takes and commits a manual snapshot.
+pub async fn snapshot(engine: &Engine) -> Manifest {
+    try_snapshot(engine).await.expect("snapshot")
 }
 
 /// Starts a delta recorder that takes real snapshots after a gap.

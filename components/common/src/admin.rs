@@ -177,6 +177,7 @@ async fn debug_workers(State(s): State<AdminState>) -> Response {
 async fn metrics(State(s): State<AdminState>) -> Response {
     match &s.metrics {
         Some(handle) => {
+            crate::telemetry::scrape::publish_all();
             let mut body = handle.render();
             if let Some(stats) = crate::telemetry::process::read() {
                 body.push_str(&crate::telemetry::process::render(&stats));

@@ -3,10 +3,13 @@
 //!
 //! - [`catalog`]: each daemon's declared metrics (`# HELP`, series created
 //!   at zero), build info and certificate expiry;
-//! - [`process`]: the standard `process_*` metrics, read at scrape time.
+//! - [`process`]: the standard `process_*` metrics, read at scrape time;
+//! - [`scrape`]: counters the data path keeps itself, published into the
+//!   recorder at scrape time.
 
 pub mod catalog;
 pub mod process;
+pub mod scrape;
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;

@@ -383,7 +383,7 @@ impl Backends {
                 .live
                 .get(&spec.id)
                 .cloned()
-                .unwrap_or_else(|| Arc::new(BackendStats::new(&spec.id)));
+                .unwrap_or_else(|| BackendStats::shared(&spec.id));
             let close = stats.apply_admin(&spec.admin, drain_max, now);
             next.insert(spec.id.clone(), stats.clone());
             live.push((stats, close));

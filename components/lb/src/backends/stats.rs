@@ -1,9 +1,16 @@
 //! Live per-backend state that outlives snapshots: connection and byte
 //! counters (atomics, plus `metrics` handles resolved once per backend) and
 //! the close token that a drain deadline cancels.
+//!
+//! Bytes are counted after every write of the data path, so they are
+//! kept per thread ([`ByteShard`]): a counter shared by the data-path
+//! threads would bounce its cache line between cores on every message.
+//! Reads sum the shards; the Prometheus counters get the sums at scrape
+//! time ([`bulwark_common::telemetry::scrape`]).
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use metrics::{Counter, Gauge};
@@ -11,6 +18,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::{AdminState, BackendSpec, arm_deadline};
+use bulwark_common::telemetry::scrape::{Publish, publish_on_scrape};
 
 /// Why a connect to a backend failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -105,13 +113,42 @@ struct DrainControl {
     timer: Option<(SystemTime, Option<tokio::task::AbortHandle>)>,
 }
 
+/// How many byte counters each backend keeps: threads share one only
+/// beyond this many (the data path has one thread per core).
+const BYTE_SHARDS: usize = 8;
+
+/// One thread's byte counters, alone on its cache lines (two: the CPU
+/// fetches adjacent lines in pairs).
+#[derive(Default)]
+#[repr(align(128))]
+struct ByteShard {
+    r#in: AtomicU64,
+    out: AtomicU64,
+}
+
+/// This thread's shard, handed out in turn to threads as they first count.
+fn my_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+    SHARD.with(|s| {
+        s.get().unwrap_or_else(|| {
+            let i = NEXT.fetch_add(1, Relaxed) % BYTE_SHARDS;
+            s.set(Some(i));
+            i
+        })
+    })
+}
+
 /// Live counters of one backend, shared by its connections and every
 /// snapshot that lists it.
 pub struct BackendStats {
     active: AtomicU64,
     total: AtomicU64,
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
+    bytes: [ByteShard; BYTE_SHARDS],
+    /// Bytes in and out already added to the Prometheus counters.
+    published: Mutex<(u64, u64)>,
     connect_errors: AtomicU64,
     retries: AtomicU64,
     m: Handles,
@@ -125,14 +162,23 @@ impl std::fmt::Debug for BackendStats {
 }
 
 impl BackendStats {
-    pub(super) fn new(id: &str) -> Self {
+    /// The counters of backend `id`, registered for publishing at scrape
+    /// time.
+    pub(super) fn shared(id: &str) -> Arc<Self> {
+        let stats = Arc::new(Self::new(id));
+        let weak: Weak<dyn Publish> = Arc::downgrade(&stats) as Weak<dyn Publish>;
+        publish_on_scrape(weak);
+        stats
+    }
+
+    fn new(id: &str) -> Self {
         let b = id.to_owned();
         let err = |k: ConnectErrorKind| metrics::counter!("bulwark_lb_connect_errors_total", "backend" => b.clone(), "reason" => k.as_str());
         Self {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
+            bytes: Default::default(),
+            published: Mutex::new((0, 0)),
             connect_errors: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             m: Handles {
@@ -152,8 +198,8 @@ impl BackendStats {
         StatsSnapshot {
             active_connections: self.active.load(Relaxed),
             total_connections: self.total.load(Relaxed),
-            bytes_in: self.bytes_in.load(Relaxed),
-            bytes_out: self.bytes_out.load(Relaxed),
+            bytes_in: self.bytes.iter().map(|s| s.r#in.load(Relaxed)).sum(),
+            bytes_out: self.bytes.iter().map(|s| s.out.load(Relaxed)).sum(),
             connect_errors: self.connect_errors.load(Relaxed),
             retries: self.retries.load(Relaxed),
         }
@@ -194,14 +240,12 @@ impl BackendStats {
 
     #[inline]
     pub(crate) fn add_bytes_in(&self, n: u64) {
-        self.bytes_in.fetch_add(n, Relaxed);
-        self.m.bytes_in.increment(n);
+        self.bytes[my_shard()].r#in.fetch_add(n, Relaxed);
     }
 
     #[inline]
     pub(crate) fn add_bytes_out(&self, n: u64) {
-        self.bytes_out.fetch_add(n, Relaxed);
-        self.m.bytes_out.increment(n);
+        self.bytes[my_shard()].out.fetch_add(n, Relaxed);
     }
 
     pub(crate) fn connect_failed(&self, kind: ConnectErrorKind) {
@@ -269,5 +313,63 @@ impl Drop for DrainControl {
         if let Some((_, Some(timer))) = self.timer.take() {
             timer.abort();
         }
+    }
+}
+
+impl Publish for BackendStats {
+    fn publish(&self) {
+        let now = self.snapshot();
+        // Under the lock, so two scrapes never add the same bytes twice.
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        self.m.bytes_in.increment(now.bytes_in - published.0);
+        self.m.bytes_out.increment(now.bytes_out - published.1);
+        *published = (now.bytes_in, now.bytes_out);
+    }
+}
+
+impl Drop for BackendStats {
+    /// The backend left the registry and its last connection ended: what
+    /// it counted since the last scrape still reaches the counters.
+    fn drop(&mut self) {
+        self.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes counted on several threads add up, in the API's snapshot and,
+    /// at each scrape, in the Prometheus counters, each byte once.
+    #[test]
+    fn bytes_from_every_thread_reach_snapshot_and_counters_once() {
+        let handle = bulwark_common::telemetry::metrics_handle();
+        let stats = BackendStats::shared("stats-shard-test");
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        stats.add_bytes_in(3);
+                        stats.add_bytes_out(5);
+                    }
+                });
+            }
+        });
+        let snap = stats.snapshot();
+        assert_eq!((snap.bytes_in, snap.bytes_out), (12_000, 20_000));
+        let series = |name: &str| {
+            let text = handle.render();
+            let prefix = format!("{name}{{backend=\"stats-shard-test\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .map(|v| v.parse::<u64>().unwrap())
+        };
+        bulwark_common::telemetry::scrape::publish_all();
+        bulwark_common::telemetry::scrape::publish_all();
+        assert_eq!(series("bulwark_lb_bytes_in_total"), Some(12_000));
+        assert_eq!(series("bulwark_lb_bytes_out_total"), Some(20_000));
+        stats.add_bytes_in(7);
+        drop(stats);
+        assert_eq!(series("bulwark_lb_bytes_in_total"), Some(12_007));
     }
 }

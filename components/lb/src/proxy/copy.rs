@@ -178,13 +178,15 @@ enum Side {
 }
 
 /// Moves bytes one way until `from` would block, `to` would block, or the
-/// direction is finished (EOF forwarded as a write shutdown). `UP` is the
+/// direction is finished (EOF forwarded as a write shutdown, or left to the
+/// close when the other direction is over, `peer_done`). `UP` is the
 /// client→backend direction, which keeps the first flight; the other one
 /// closes the window on the backend's first byte.
 #[allow(clippy::too_many_arguments)] // one call per direction, all state borrowed
 fn poll_half<const UP: bool>(
     cx: &mut Context<'_>,
     h: &mut Half,
+    peer_done: bool,
     first_flight: &mut FirstFlight,
     buf: &mut [u8],
     from: &mut TcpStream,
@@ -219,7 +221,14 @@ fn poll_half<const UP: bool>(
             }
         }
         if h.eof {
-            ready!(Pin::new(&mut *to).poll_shutdown(cx)).map_err(Side::To)?;
+            // When the other direction is already over, this EOF ends the
+            // connection: both sockets are closed next, and the close
+            // sends `to` its FIN (nothing is left unread on it, its peer
+            // sent FIN). A shutdown first would be one more syscall per
+            // connection for the same packets.
+            if !peer_done {
+                ready!(Pin::new(&mut *to).poll_shutdown(cx)).map_err(Side::To)?;
+            }
             h.done = true;
             return Poll::Ready(Ok(()));
         }
@@ -304,6 +313,7 @@ impl Future for Bidirectional<'_> {
             && let Poll::Ready(Err(side)) = poll_half::<true>(
                 cx,
                 &mut this.up,
+                this.down.done,
                 ff,
                 up_buf,
                 this.client,
@@ -321,6 +331,7 @@ impl Future for Bidirectional<'_> {
             && let Poll::Ready(Err(side)) = poll_half::<false>(
                 cx,
                 &mut this.down,
+                this.up.done,
                 ff,
                 down_buf,
                 &mut this.backend,

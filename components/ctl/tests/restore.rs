@@ -1419,8 +1419,7 @@ async fn heavy_a_kill_mid_restore_ends_restored_or_original_never_a_mix() {
             hold_start: None,
             freeze: None,
             ready: |r| {
-                r.phase == "restore_members"
-                    && last_step(r, "node-2").starts_with("wait_stopped")
+                r.phase == "restore_members" && last_step(r, "node-2").starts_with("wait_stopped")
             },
         },
         Kill {

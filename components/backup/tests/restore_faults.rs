@@ -83,11 +83,16 @@ async fn heavy_download_breaking_off_mid_object_touches_no_node() {
         restore_id: "r1".into(),
         coordinator: "test".into(),
         spec: Some(pb::MemberRestoreSpec {
+            // The committed snapshot itself, decoded by the agent (as a
+            // snapshot-only restore asks): the prepare restores a member
+            // from it, which needs a real database.
             snapshot: Some(pb::SnapshotSource {
                 object_key: m.object_key.clone(),
                 sha256: m.stored_sha256.clone(),
                 size_bytes: m.stored_size_bytes,
-                ..Default::default()
+                snapshot_id: m.id.clone(),
+                raw_size_bytes: m.raw_size_bytes,
+                served_by: String::new(),
             }),
             member_name: "m1".into(),
             peer_urls: vec!["http://127.0.0.1:2".into()],
@@ -100,6 +105,7 @@ async fn heavy_download_breaking_off_mid_object_touches_no_node() {
         skip_space_check: false,
     };
     let staged = state_dir.join("r1/snapshot.db");
+    let prebuilt = node.path().join("etcd-data.bulwark-r1-prebuilt");
     faults.fail_downloads(1);
     let err = agent.prepare(request.clone()).await.unwrap_err();
     assert_eq!(faults.injected(), 2);
@@ -116,20 +122,22 @@ async fn heavy_download_breaking_off_mid_object_touches_no_node() {
         b"old data"
     );
     assert!(!staged.exists(), "a half-downloaded {}", staged.display());
+    assert!(!prebuilt.exists(), "no member restored from it");
     assert!(matches!(
         agent.state("r1").await,
         Err(BackupError::NotFound { .. })
     ));
 
-    // The store behaves again: the same prepare stages the whole object,
-    // and aborting it leaves the node as it was.
+    // The store behaves again: the same prepare stages the whole decoded
+    // snapshot and restores the member beside the running one; aborting
+    // leaves the node as it was.
     agent.prepare(request).await.unwrap();
-    assert_eq!(
-        std::fs::metadata(&staged).unwrap().len(),
-        m.stored_size_bytes
-    );
+    assert_eq!(std::fs::metadata(&staged).unwrap().len(), m.raw_size_bytes);
+    assert!(prebuilt.join("member/wal").is_dir(), "the prebuilt member");
+    assert_eq!(std::fs::read_to_string(&manifest).unwrap(), pod);
     agent.abort("r1", "test over", &|_| {}).await.unwrap();
     assert!(!staged.exists());
+    assert!(!prebuilt.exists());
     assert_eq!(std::fs::read_to_string(&manifest).unwrap(), pod);
     assert!(data_dir.join("member/sentinel").exists());
 }
@@ -277,9 +285,10 @@ async fn heavy_an_agent_decodes_the_stored_snapshot_straight_into_its_staging_fi
 /// tool's complete output cannot be renamed into place (the data dir's
 /// path is taken by a dangling symlink, which a directory cannot replace),
 /// the restore fails naming both paths and the rollback removes that
-/// `-partial` output, and only it.
+/// `-prebuilt` output, and only it.
 #[tokio::test]
-async fn heavy_space_check_refuses_up_front_and_the_rollback_removes_an_unrenamed_partial() {
+async fn heavy_space_check_refuses_up_front_and_the_rollback_removes_an_unrenamed_prebuilt_member()
+{
     let etcd = Etcd::start().await.unwrap();
     common::put_small(&etcd, 50).await;
     let dir = tempfile::tempdir().unwrap();
@@ -335,8 +344,8 @@ async fn heavy_space_check_refuses_up_front_and_the_rollback_removes_an_unrename
     let err = agent.prepare(prepare(1 << 60, true)).await.unwrap_err();
     assert!(matches!(err, BackupError::Corrupt { .. }), "{err:?}");
 
-    // The real size: prepared; the member is restored into its -partial
-    // dir, which cannot take the data dir's place.
+    // The real size: prepared, the member restored beside the running
+    // one into its -prebuilt dir, which cannot take the data dir's place.
     agent.prepare(prepare(built.size, false)).await.unwrap();
     let err = agent
         .restore_member(
@@ -349,7 +358,7 @@ async fn heavy_space_check_refuses_up_front_and_the_rollback_removes_an_unrename
         )
         .await
         .unwrap_err();
-    let partial = node.path().join("etcd-data.bulwark-r2-partial");
+    let partial = node.path().join("etcd-data.bulwark-r2-prebuilt");
     assert!(
         err.to_string().contains(&format!(
             "moving {} to {}",
@@ -357,6 +366,10 @@ async fn heavy_space_check_refuses_up_front_and_the_rollback_removes_an_unrename
             data_dir.display()
         )),
         "{err}"
+    );
+    assert!(
+        !node.path().join("etcd-data.bulwark-r2-partial").exists(),
+        "the prebuilt member is moved, not restored again"
     );
     assert!(partial.join("member/wal").is_dir(), "the tool's output");
     let state = agent.state("r2").await.unwrap();
@@ -772,15 +785,21 @@ async fn heavy_preflight_names_every_problem_on_every_node_and_fetches_nothing()
                 restore_id: "r7".into(),
                 coordinator: "node-9".into(),
                 spec: Some(pb::MemberRestoreSpec {
+                    // The snapshot itself, decoded by each agent: the
+                    // prepare restores each member from it beside the old.
                     snapshot: Some(pb::SnapshotSource {
                         object_key: snapshot.object_key.clone(),
                         sha256: snapshot.stored_sha256.clone(),
                         size_bytes: snapshot.stored_size_bytes,
-                        ..Default::default()
+                        snapshot_id: snapshot.id.clone(),
+                        raw_size_bytes: snapshot.raw_size_bytes,
+                        served_by: String::new(),
                     }),
                     member_name: format!("m{i}"),
                     peer_urls: vec![format!("http://127.0.{i}.1:2380")],
-                    initial_cluster: "m0=http://127.0.0.1:2380".into(),
+                    initial_cluster:
+                        "m0=http://127.0.0.1:2380,m1=http://127.0.1.1:2380,m2=http://127.0.2.1:2380"
+                            .into(),
                     cluster_token: "t".into(),
                     bump_revision: 0,
                     mark_compacted: false,
@@ -825,6 +844,12 @@ async fn heavy_preflight_names_every_problem_on_every_node_and_fetches_nothing()
             !n.data_dir
                 .with_file_name("etcd-data.bulwark-r7.journal")
                 .exists()
+        );
+        assert!(
+            !n.data_dir
+                .with_file_name("etcd-data.bulwark-r7-prebuilt")
+                .exists(),
+            "node-{i}'s prebuilt member removed by the rollback"
         );
     }
     let record = client
@@ -975,14 +1000,11 @@ async fn heavy_a_restarted_agent_holds_a_restored_node_and_rolls_back_a_half_don
     assert_eq!(agent.recover().await.unwrap(), None);
 
     // Killed after the manifest and the data dir were moved, no member
-    // restored (the tool failed on a damaged staged snapshot and the
-    // coordinator never got to roll back): rolled back on restart.
-    let staged = agent
-        .prepare(prepare("r6"))
-        .await
-        .unwrap()
-        .staged_snapshot_path;
-    std::fs::write(&staged, b"not a snapshot").unwrap();
+    // restored (the member prepare built beside the old one is gone when
+    // it should take the data dir's place, and the coordinator never got
+    // to roll back): rolled back on restart.
+    agent.prepare(prepare("r6")).await.unwrap();
+    std::fs::remove_dir_all(node.path().join("etcd-data.bulwark-r6-prebuilt")).unwrap();
     agent
         .restore_member(restore("r6"), &|_| {})
         .await

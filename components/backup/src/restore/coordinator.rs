@@ -508,7 +508,8 @@ impl Coordinator {
         if req.skip_space_check {
             warnings.push(
                 "the nodes' free-space check is skipped (--skip-space-check): a node whose \
-                 disk fills up during the restore makes every node roll back"
+                 disk fills up while it fetches or rebuilds its member fails the restore \
+                 before any etcd stops"
                     .to_owned(),
             );
         }
@@ -683,8 +684,8 @@ impl Coordinator {
         Ok(true)
     }
 
-    /// PREPARE: every agent at once fetches the target, checks it and
-    /// takes its lock. Every agent asked is remembered for the rollback,
+    /// PREPARE: every agent at once fetches the target, checks it,
+    /// restores its member beside the running one and takes its lock. Every agent asked is remembered for the rollback,
     /// even one whose prepare failed (it may hold the lock).
     async fn prepare(
         &self,
@@ -718,8 +719,10 @@ impl Coordinator {
     /// its followers still run, first tries to hand its leadership to one
     /// of them, and when they are stopping too that waits out etcd's
     /// request timeout (seconds). So the leader's node starts once every
-    /// other node's etcd is down (its restore tool then still runs beside
-    /// theirs), and not at all when another node's restore failed.
+    /// other node's etcd is down, and not at all when another node's
+    /// restore failed. That wait costs only the followers' stop: every
+    /// member was rebuilt in PREPARE, and here each node only stops etcd,
+    /// sets its data dir aside and renames the prebuilt member into place.
     async fn restore_members(
         &self,
         run: &mut Run<'_>,

@@ -8,12 +8,14 @@
 //!          restore tool and its flags, manifest, data dir); every problem on
 //!          every node, and every agent that does not answer, in one refusal
 //! DOWNLOAD/BUILD  point in time only: the target snapshot, once (pitr); every check fails here, before any node
-//! PREPARE  every agent at once fetches the target and checks it, takes its lock (dry run ends here);
+//! PREPARE  every agent at once fetches the target and checks it, restores its member from it
+//!          with etcdutl (etcdctl on 3.4) beside the running one, takes its lock (dry run ends here);
 //!          snapshot only: the committed snapshot object itself, streamed through the decoder
 //!          into the staging file, the stored and etcd's hashes checked against its manifest;
 //!          point in time: the built target, served by this node's agent (FetchTarget) and
 //!          copied by it, never through the store
-//! RESTORE  every agent at once: manifest out, wait stopped, data dir aside, etcdutl (etcdctl on 3.4) restore
+//! RESTORE  every agent at once (the old leader's once the others stopped): manifest out,
+//!          wait stopped, data dir aside, the prebuilt member renamed into its place
 //! START    every agent at once: manifest back, wait healthy
 //! VERIFY   the restored members answer and hold at least the target revision
 //! ROLLBACK (on any failure after PREPARE) AbortRestore on every prepared agent

@@ -85,6 +85,10 @@ struct Entry {
     manifest_moved: bool,
     data_moved: bool,
     partial: bool,
+    /// The prebuilt member is complete (written after the tool succeeded;
+    /// absent from older agents' journals).
+    #[serde(default)]
+    prebuilt: bool,
     restored: bool,
     started: bool,
     /// `NodeStep` name of the step under way or last done.
@@ -123,6 +127,7 @@ impl Entry {
             manifest_moved: h.manifest_moved,
             data_moved: h.data_moved,
             partial: h.partial,
+            prebuilt: h.prebuilt,
             restored: h.restored,
             started: h.started,
             last_step: h.last_step.as_str_name().to_owned(),
@@ -136,6 +141,8 @@ impl Entry {
         let exists = |p: &Path| std::fs::symlink_metadata(p).is_ok();
         let data_dir = self.member.data_dir.clone();
         let partial_path = aside_path(&data_dir, &self.restore_id, "-partial");
+        let prebuilt =
+            self.prebuilt && exists(&aside_path(&data_dir, &self.restore_id, super::PREBUILT));
         let manifest_moved = !exists(manifest) && exists(&self.manifest_aside);
         // The tool's output renamed into place is the only way a data dir
         // appears once the tool began (the manifest is out, etcd is down).
@@ -171,6 +178,9 @@ impl Entry {
             data_aside: self.data_aside,
             manifest_moved,
             partial: exists(&partial_path),
+            // Complete only if the journal said so after the tool: a
+            // killed tool's output is removed by the rollback.
+            prebuilt,
             restored,
             started: restored && !manifest_moved,
             last_step: pb::NodeStep::from_str_name(&self.last_step)
@@ -494,6 +504,48 @@ mod tests {
         remove_entry(&path).unwrap();
         assert!(journals_beside(&h.member.data_dir).is_empty());
         remove_entry(&path).unwrap();
+    }
+
+    /// A member PREPARE built beside the running one: complete only when
+    /// the journal said so after the tool (a killed tool's output is not),
+    /// and never mistaken for a restored member while the old data dir is
+    /// still in place. Once RESTORE marked its swap and renamed it into
+    /// the data dir's place, it is the restored member.
+    #[test]
+    fn a_prebuilt_member_is_not_restored_until_it_takes_the_data_dirs_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("manifests/etcd.yaml");
+        std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+        std::fs::write(&manifest, "kind: Pod").unwrap();
+        std::fs::create_dir_all(dir.path().join("state/r1")).unwrap();
+        let mut h = held(dir.path());
+        std::fs::create_dir_all(&h.member.data_dir).unwrap();
+        let prebuilt = aside_path(&h.member.data_dir, "r1", super::super::PREBUILT);
+        std::fs::create_dir_all(&prebuilt).unwrap();
+
+        // The tool was killed: its output is there, the journal never said
+        // it was complete.
+        let back = Entry::of(&h).into_held(&manifest);
+        assert!(!back.prebuilt && !back.restored && !back.manifest_moved);
+
+        // Complete, etcd still running on its data dir.
+        h.prebuilt = true;
+        let back = Entry::of(&h).into_held(&manifest);
+        assert!(back.prebuilt && !back.restored, "{back:?}");
+
+        // RESTORE: manifest and data dir moved, the swap marked; killed
+        // before the rename: not restored, the prebuilt member still there.
+        std::fs::rename(&manifest, &h.manifest_aside).unwrap();
+        std::fs::rename(&h.member.data_dir, &h.data_aside).unwrap();
+        h.partial = true;
+        let entry = Entry::of(&h);
+        let back = entry.clone().into_held(&manifest);
+        assert!(back.prebuilt && !back.restored && back.data_moved);
+
+        // Killed right after the rename: the restored member.
+        std::fs::rename(&prebuilt, &h.member.data_dir).unwrap();
+        let back = entry.into_held(&manifest);
+        assert!(back.restored && !back.prebuilt && !back.partial);
     }
 
     /// A staged file whose restore has no journal is a killed fetch's and

@@ -6,16 +6,22 @@
 //! (into `restore.stateDir/<restore id>/`) and waits until etcd's ports are
 //! closed, and starts it by moving the manifest back. The old data dir is
 //! renamed to `<dataDir>.bulwark-<restore id>` next to it and never
-//! deleted; the member is restored with `etcdutl snapshot restore` (or,
+//! deleted. The member is restored with `etcdutl snapshot restore` (or,
 //! where `restore.etcdctl` is set for etcd 3.4, `etcdctl snapshot restore`)
-//! into `<dataDir>.bulwark-<restore id>-partial`, renamed to a fresh
-//! `<dataDir>` only once the tool succeeded, so the manifest (its
-//! `--data-dir` and its hostPath volume) stays as it was and a tool that
-//! fails half-way (a full disk) leaves nothing where etcd would start
-//! from. [`Agent::abort`] undoes each step that was done, in reverse,
-//! keeping the restored data as `<dataDir>.bulwark-<restore id>-restored`
-//! and removing a `-partial` output that never took the data dir's place
-//! (its final rename failed).
+//! during PREPARE, right after the fetch and while the old etcd still
+//! runs, into `<dataDir>.bulwark-<restore id>-prebuilt`: the tool's time
+//! (seconds for a large database) is no longer time etcd is down, every
+//! node's tool runs at once even though the old leader stops last, and a
+//! tool that fails (a full disk, a snapshot it rejects) fails the restore
+//! before any member was touched. RESTORE then stops etcd, sets its data
+//! dir aside and renames the prebuilt member to a fresh `<dataDir>`, so
+//! the manifest (its `--data-dir` and its hostPath volume) stays as it
+//! was. (A journal from an agent without that step restores with the tool
+//! there, into `<dataDir>.bulwark-<restore id>-partial`, renamed into place
+//! once complete.) [`Agent::abort`] undoes each step that was done, in
+//! reverse, keeping the restored data as
+//! `<dataDir>.bulwark-<restore id>-restored` and removing a `-prebuilt` or
+//! `-partial` output that never took the data dir's place.
 //!
 //! Before anything is fetched, the coordinator's pre-flight asks every
 //! agent's [`Agent::check`] for every problem at once (free space, restore
@@ -75,6 +81,10 @@ struct Held {
     /// exist: the tool ran and its output was neither renamed into place
     /// nor removed (a failed final rename); the rollback removes it.
     partial: bool,
+    /// PREPARE ran the restore tool into `<dataDir>.bulwark-<id>-prebuilt`
+    /// and it succeeded: RESTORE only moves that output into place once
+    /// etcd is down and its data dir set aside.
+    prebuilt: bool,
     restored: bool,
     started: bool,
     last_step: pb::NodeStep,
@@ -105,6 +115,7 @@ impl Held {
             manifest_moved: false,
             data_moved: false,
             partial: false,
+            prebuilt: false,
             restored: false,
             started: false,
             last_step: pb::NodeStep::FetchSnapshot,
@@ -117,6 +128,10 @@ impl Held {
 
 /// The staged target's file name in `restore.stateDir/<restore id>/`.
 const STAGED_FILE: &str = "snapshot.db";
+
+/// The aside suffix of the member PREPARE restores beside the running one:
+/// `<dataDir>.bulwark-<restore id>-prebuilt`.
+const PREBUILT: &str = "-prebuilt";
 
 /// Sink of one node's step events.
 pub type StepSink<'a> = &'a (dyn Fn(pb::NodeRestoreProgress) + Send + Sync);
@@ -234,6 +249,10 @@ impl Agent {
     fn state_of(&self, h: &Held) -> pb::NodeRestoreState {
         let manifest = self.config.etcd_manifest.display().to_string();
         let mut manual = Vec::new();
+        let prebuilt = aside_path(&h.member.data_dir, &h.restore_id, PREBUILT);
+        if prebuilt.exists() {
+            manual.push(format!("rm -rf {}", prebuilt.display()));
+        }
         if h.partial {
             manual.push(format!(
                 "rm -rf {}",

@@ -128,7 +128,7 @@ fn data_dir_problems(data_dir: &Path, restore_id: &str) -> Vec<String> {
             data_dir.display()
         ));
     }
-    for suffix in ["", "-partial", "-restored"] {
+    for suffix in ["", "-partial", super::PREBUILT, "-restored"] {
         let p = aside_path(data_dir, restore_id, suffix);
         if std::fs::symlink_metadata(&p).is_ok() {
             problems.push(format!(

@@ -64,6 +64,7 @@ impl Agent {
                 )));
             }
             // An expired lock of a restore that never touched etcd.
+            remove_prebuilt(h).await;
             self.drop_journal(h).await;
         }
         if !self.config.etcd_manifest.exists() {
@@ -105,6 +106,14 @@ impl Agent {
         let data_aside = h.data_aside.clone();
         if let Err(e) = self.journal(&h).await {
             let _ = tokio::fs::remove_file(&staged).await;
+            return Err(e);
+        }
+        let mut h = h;
+        if let Err(e) = self.prebuild(&mut h, sink).await {
+            // Nothing was touched: the node is left as it was, unheld.
+            remove_prebuilt(&h).await;
+            let _ = tokio::fs::remove_file(&staged).await;
+            self.drop_journal(&h).await;
             return Err(e);
         }
         *held = Some(h);
@@ -278,11 +287,106 @@ impl Agent {
         Ok(())
     }
 
+    /// PREPARE's last step: the restore tool into
+    /// `<dataDir>.bulwark-<id>-prebuilt` beside the running member, which
+    /// it does not touch. Journaled once complete; a killed or failed
+    /// tool's output is removed by the caller or the rollback.
+    async fn prebuild(&self, h: &mut Held, sink: StepSink<'_>) -> Result<()> {
+        let ev = StepEvents {
+            agent: self,
+            restore_id: &h.restore_id,
+            sink,
+        };
+        let out = aside_path(&h.member.data_dir, &h.restore_id, super::PREBUILT);
+        h.last_step = pb::NodeStep::RestoreSnapshot;
+        let (tool, mut cmd) = self.tool_command(h, &out);
+        ev.started(
+            h.last_step,
+            format!("beside the running member: {:?}", cmd.as_std()),
+        );
+        cmd.kill_on_drop(true);
+        let result = bulwark_common::child::output(cmd)
+            .await
+            .map_err(|e| BackupError::local(format!("running {}", tool.name), e))?;
+        if !result.status.success() {
+            return Err(tool_failed(h, tool.name, &out, &result).await);
+        }
+        h.prebuilt = true;
+        self.journal(h).await?;
+        ev.send(
+            h.last_step,
+            pb::StepStatus::Running,
+            "prebuilt; moved into place once etcd is down",
+            out.display().to_string(),
+        );
+        Ok(())
+    }
+
+    /// `snapshot restore` of the staged target into `out`, with the
+    /// spec's member, cluster and revision flags.
+    fn tool_command(
+        &self,
+        h: &Held,
+        out: &Path,
+    ) -> (super::static_pod::RestoreTool<'_>, tokio::process::Command) {
+        let spec = &h.spec;
+        let tool = self.restore_tool();
+        let mut cmd = tool.command();
+        cmd.arg("snapshot")
+            .arg("restore")
+            .arg(&h.staged)
+            .arg("--data-dir")
+            .arg(out)
+            .args(["--name", &spec.member_name])
+            .args(["--initial-cluster", &spec.initial_cluster])
+            .args(["--initial-cluster-token", &spec.cluster_token])
+            .args(["--initial-advertise-peer-urls", &spec.peer_urls.join(",")]);
+        if spec.bump_revision > 0 {
+            cmd.arg(format!("--bump-revision={}", spec.bump_revision));
+        }
+        if spec.mark_compacted {
+            cmd.arg("--mark-compacted");
+        }
+        (tool, cmd)
+    }
+
+    /// The member PREPARE prebuilt, renamed into the data dir's place (set
+    /// aside or absent by now). `partial` marks, in the journal, that a
+    /// data dir found from here on is the restored one.
+    async fn swap_in_prebuilt(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
+        let prebuilt = aside_path(&h.member.data_dir, &h.restore_id, super::PREBUILT);
+        ev.started(
+            h.last_step,
+            format!(
+                "moving the prebuilt member {} into place",
+                prebuilt.display()
+            ),
+        );
+        h.partial = true;
+        self.journal(h).await?;
+        if let Err(e) = rename(&prebuilt, &h.member.data_dir).await {
+            // Nothing took the data dir's place: whatever is there is not
+            // the restored member (the journal must not say so).
+            h.partial = false;
+            self.journal(h).await?;
+            return Err(e);
+        }
+        h.partial = false;
+        h.prebuilt = false;
+        h.restored = true;
+        self.journal(h).await?;
+        Ok(())
+    }
+
     /// The restore tool into `<dataDir>.bulwark-<id>-partial`, renamed into
     /// place once complete: a tool that fails half-way (a full disk, a
     /// kill) never leaves a half-written member where etcd, or the
-    /// rollback, expects the data dir.
+    /// rollback, expects the data dir. Only for a restore prepared without
+    /// a prebuilt member (a journal of an earlier agent).
     async fn restore_snapshot(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
+        if h.prebuilt {
+            return self.swap_in_prebuilt(h, ev).await;
+        }
         let partial = aside_path(&h.member.data_dir, &h.restore_id, "-partial");
         if h.partial {
             // Our own output of an earlier attempt whose final rename
@@ -298,24 +402,7 @@ impl Agent {
         // Before the tool: a data dir found after a crash from here on is
         // the restored one.
         self.journal(h).await?;
-        let spec = &h.spec;
-        let tool = self.restore_tool();
-        let mut cmd = tool.command();
-        cmd.arg("snapshot")
-            .arg("restore")
-            .arg(&h.staged)
-            .arg("--data-dir")
-            .arg(&partial)
-            .args(["--name", &spec.member_name])
-            .args(["--initial-cluster", &spec.initial_cluster])
-            .args(["--initial-cluster-token", &spec.cluster_token])
-            .args(["--initial-advertise-peer-urls", &spec.peer_urls.join(",")]);
-        if spec.bump_revision > 0 {
-            cmd.arg(format!("--bump-revision={}", spec.bump_revision));
-        }
-        if spec.mark_compacted {
-            cmd.arg("--mark-compacted");
-        }
+        let (tool, mut cmd) = self.tool_command(h, &partial);
         ev.started(h.last_step, format!("{:?}", cmd.as_std()));
         cmd.kill_on_drop(true);
         // Tied to this process: a killed agent leaves no tool writing into
@@ -333,6 +420,17 @@ impl Agent {
         h.restored = true;
         self.journal(h).await?;
         Ok(())
+    }
+}
+
+/// Removes the member PREPARE built beside the running one, if any: only
+/// the restore tool's output, by its restore-specific name (the
+/// pre-flight refuses a restore whose name is taken). Best effort: the
+/// rollback tries again.
+async fn remove_prebuilt(h: &Held) {
+    let prebuilt = aside_path(&h.member.data_dir, &h.restore_id, super::PREBUILT);
+    if let Err(e) = remove_partial(&prebuilt).await {
+        tracing::warn!(path = %prebuilt.display(), error = %e, "could not remove the prebuilt member");
     }
 }
 
@@ -574,6 +672,15 @@ impl Agent {
             }
             h.partial = false;
         }
+        let prebuilt = aside_path(&h.member.data_dir, restore_id, super::PREBUILT);
+        if remove_partial(&prebuilt).await? {
+            ev(
+                pb::StepStatus::Running,
+                "the member prebuilt beside the running one was removed".into(),
+                prebuilt.display().to_string(),
+            );
+        }
+        h.prebuilt = false;
         // Before the original data dir comes back: a data dir found after
         // a crash from here on is the original, never one to set aside.
         self.journal(h).await?;

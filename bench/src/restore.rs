@@ -513,12 +513,14 @@ fn write_report(dir: &Path, r: &Report) -> anyhow::Result<()> {
         "\n## Restore, DB {:.0} MiB ({:.0} MiB stored, zstd 1, file store)\n\n\
          Load average (1, 5, 15 min) before the restore runs: {}; after: {}.\n\n\
          Medians of {} runs, from the first command to a member with a leader:\n\n\
-         | | fetch (store → decoder → staging file, both hashes) | restore (stop, set aside, etcdutl) | start to healthy | total | ratio |\n\
+         | | prepare (store → decoder → staging file, both hashes; bulwark: `etcdutl snapshot restore` beside the running member) | restore (bulwark: stop, set aside, the prebuilt member into place; baseline: `etcdutl snapshot restore`) | start to healthy | total | ratio |\n\
          |---|---|---|---|---|---|\n\
          | baseline: `etcdutl snapshot restore` of the plain file + etcd start | — | {:.2} s | {:.2} s | {:.2} s | 1.00× |\n\
          | bulwark, one member | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2}× the baseline |\n\
          | bulwark, three members at once | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2}× one member |\n\
          | baseline for three: three `etcdutl snapshot restore` at once + the three-member cluster started | — | {:.2} s | {:.2} s | {:.2} s | {:.2}× the one-member baseline |\n\n\
+         etcd is down for the last two columns (restore, start to healthy); an operator doing \
+         it by hand stops etcd before `etcdutl snapshot restore`. \
          All three members share this machine's cores and disk. Bulwark's three members take \
          **{:.2}× the three-member baseline** of the same run: the time bulwark adds on top of \
          the physical work three restores cost here.\n\n\

@@ -4,10 +4,11 @@
 //! coordinator calls it over gRPC) doing its three steps on every node at
 //! once, exactly as `bulwarkctl restore --snapshot-only` drives them:
 //!
-//! - fetch: the committed snapshot streamed from the store through the
-//!   decoder into the node's staging file, both hashes checked;
-//! - restore: the manifest out, etcd stopped, the data dir aside,
-//!   `etcdutl snapshot restore`;
+//! - prepare: the committed snapshot streamed from the store through the
+//!   decoder into the node's staging file, both hashes checked, then
+//!   `etcdutl snapshot restore` beside the running member;
+//! - restore: the manifest out, etcd stopped, the data dir aside, the
+//!   prebuilt member renamed into its place;
 //! - start: the manifest back, until the member has a leader.
 //!
 //! The baseline does what an operator does by hand with a plain snapshot

@@ -292,14 +292,33 @@ impl Agent {
     /// it does not touch. Journaled once complete; a killed or failed
     /// tool's output is removed by the caller or the rollback.
     async fn prebuild(&self, h: &mut Held, sink: StepSink<'_>) -> Result<()> {
+        let restore_id = h.restore_id.clone();
         let ev = StepEvents {
             agent: self,
-            restore_id: &h.restore_id,
+            restore_id: &restore_id,
             sink,
         };
         let out = aside_path(&h.member.data_dir, &h.restore_id, super::PREBUILT);
-        h.last_step = pb::NodeStep::RestoreSnapshot;
-        let (tool, mut cmd) = self.tool_command(h, &out);
+        h.last_step = pb::NodeStep::PrebuildMember;
+        if let Err(e) = self.restore_tool_into(h, &out, ev).await {
+            ev.failed(h.last_step, &e);
+            return Err(e);
+        }
+        h.prebuilt = true;
+        self.journal(h).await?;
+        ev.send(
+            h.last_step,
+            pb::StepStatus::Done,
+            "moved into place once etcd is down",
+            out.display().to_string(),
+        );
+        Ok(())
+    }
+
+    /// The restore tool into `out`, beside the running member; its output
+    /// removed when it fails.
+    async fn restore_tool_into(&self, h: &mut Held, out: &Path, ev: StepEvents<'_>) -> Result<()> {
+        let (tool, mut cmd) = self.tool_command(h, out);
         ev.started(
             h.last_step,
             format!("beside the running member: {:?}", cmd.as_std()),
@@ -309,16 +328,8 @@ impl Agent {
             .await
             .map_err(|e| BackupError::local(format!("running {}", tool.name), e))?;
         if !result.status.success() {
-            return Err(tool_failed(h, tool.name, &out, &result).await);
+            return Err(tool_failed(h, tool.name, out, &result).await);
         }
-        h.prebuilt = true;
-        self.journal(h).await?;
-        ev.send(
-            h.last_step,
-            pb::StepStatus::Running,
-            "prebuilt; moved into place once etcd is down",
-            out.display().to_string(),
-        );
         Ok(())
     }
 

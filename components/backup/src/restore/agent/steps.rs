@@ -1,6 +1,7 @@
 //! The agent's steps, one per `RestoreAgent` call: prepare (checks, fetch,
-//! lock), restore the member (manifest out, data dir aside, restore tool),
-//! start it (manifest back, wait healthy) and abort (undo, newest first).
+//! the member prebuilt beside the running one, lock), restore the member
+//! (manifest out, data dir aside, the prebuilt member into place), start
+//! it (manifest back, wait healthy) and abort (undo, newest first).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -185,7 +186,8 @@ impl Agent {
         }
     }
 
-    /// RestoreMember: stop etcd, move the data dir aside, restore.
+    /// RestoreMember: stop etcd, move the data dir aside, the restored
+    /// member into its place.
     pub async fn restore_member(
         &self,
         req: pb::RestoreMemberRequest,
@@ -227,7 +229,7 @@ impl Agent {
 
     /// RestoreMember's steps, each skipped when an earlier attempt of this
     /// restore did it: stop etcd, wait until it stopped, move the data dir
-    /// aside, restore the snapshot.
+    /// aside, the restored member into its place.
     async fn do_restore(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
         h.expires = Instant::now() + Duration::from_secs(24 * 3600);
         self.recorder_pause.hold(&h.restore_id, h.expires);

@@ -269,6 +269,18 @@ mod tests {
         stop.cancel();
     }
 
+    /// The imbalance a thread keeps before it hands off grows with the
+    /// load: one connection when the least-loaded thread serves fewer than
+    /// eight, an eighth more above that.
+    #[test]
+    fn the_slack_is_one_connection_plus_an_eighth() {
+        assert_eq!(slack(0), 1);
+        assert_eq!(slack(7), 1);
+        assert_eq!(slack(8), 2);
+        assert_eq!(slack(16), 3);
+        assert_eq!(slack(80), 11);
+    }
+
     /// A task given to thread `i` runs there and its result comes back.
     #[tokio::test]
     async fn run_on_runs_on_the_named_thread() {

@@ -131,13 +131,32 @@ async fn heavy_download_breaking_off_mid_object_touches_no_node() {
     // The store behaves again: the same prepare stages the whole decoded
     // snapshot and restores the member beside the running one; aborting
     // leaves the node as it was.
-    agent.prepare(request).await.unwrap();
+    agent.prepare(request.clone()).await.unwrap();
     assert_eq!(std::fs::metadata(&staged).unwrap().len(), m.raw_size_bytes);
     assert!(prebuilt.join("member/wal").is_dir(), "the prebuilt member");
     assert_eq!(std::fs::read_to_string(&manifest).unwrap(), pod);
     agent.abort("r1", "test over", &|_| {}).await.unwrap();
     assert!(!staged.exists());
     assert!(!prebuilt.exists());
+
+    // Something at the prebuilt member's path that this restore did not
+    // make (the pre-flight refuses it; a direct prepare must too): refused
+    // after the fetch, left as it was, the node released.
+    std::fs::create_dir_all(prebuilt.join("member")).unwrap();
+    std::fs::write(prebuilt.join("member/theirs"), b"not ours").unwrap();
+    let err = agent.prepare(request).await.unwrap_err();
+    assert!(matches!(err, BackupError::Refused(_)), "{err:?}");
+    assert!(err.to_string().contains("not touching it"), "{err}");
+    assert_eq!(
+        std::fs::read(prebuilt.join("member/theirs")).unwrap(),
+        b"not ours"
+    );
+    assert!(!staged.exists());
+    assert!(matches!(
+        agent.state("r1").await,
+        Err(BackupError::NotFound { .. })
+    ));
+    assert_eq!(std::fs::read_to_string(&manifest).unwrap(), pod);
     assert_eq!(std::fs::read_to_string(&manifest).unwrap(), pod);
     assert!(data_dir.join("member/sentinel").exists());
 }

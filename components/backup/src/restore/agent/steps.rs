@@ -109,15 +109,18 @@ impl Agent {
             let _ = tokio::fs::remove_file(&staged).await;
             return Err(e);
         }
-        let mut h = h;
-        if let Err(e) = self.prebuild(&mut h, sink).await {
-            // Nothing was touched: the node is left as it was, unheld.
-            remove_prebuilt(&h).await;
+        // Held from here: should this call be dropped while the tool runs
+        // (a client gone), the node stays locked until the rollback or the
+        // lock's expiry, which remove what the tool left.
+        let h = held.insert(h);
+        if let Err(e) = self.prebuild(h, sink).await {
+            // Nothing was touched, and the prebuild left nothing of its
+            // own: the node is released as it was.
             let _ = tokio::fs::remove_file(&staged).await;
-            self.drop_journal(&h).await;
+            self.drop_journal(h).await;
+            *held = None;
             return Err(e);
         }
-        *held = Some(h);
         drop(held);
         self.recorder_pause
             .hold(&req.restore_id, Instant::now() + ttl);
@@ -291,8 +294,10 @@ impl Agent {
 
     /// PREPARE's last step: the restore tool into
     /// `<dataDir>.bulwark-<id>-prebuilt` beside the running member, which
-    /// it does not touch. Journaled once complete; a killed or failed
-    /// tool's output is removed by the caller or the rollback.
+    /// it does not touch. Journaled once complete. On error nothing of its
+    /// own is left (a failed tool's output is removed; a path it did not
+    /// make is refused, never touched); a killed tool's output is removed
+    /// by the rollback or the lock's expiry.
     async fn prebuild(&self, h: &mut Held, sink: StepSink<'_>) -> Result<()> {
         let restore_id = h.restore_id.clone();
         let ev = StepEvents {
@@ -302,12 +307,25 @@ impl Agent {
         };
         let out = aside_path(&h.member.data_dir, &h.restore_id, super::PREBUILT);
         h.last_step = pb::NodeStep::PrebuildMember;
+        if tokio::fs::symlink_metadata(&out).await.is_ok() {
+            let e = BackupError::Refused(format!(
+                "{} already exists and is not this restore's output; not touching it",
+                out.display()
+            ));
+            ev.failed(h.last_step, &e);
+            return Err(e);
+        }
         if let Err(e) = self.restore_tool_into(h, &out, ev).await {
             ev.failed(h.last_step, &e);
             return Err(e);
         }
         h.prebuilt = true;
-        self.journal(h).await?;
+        if let Err(e) = self.journal(h).await {
+            remove_prebuilt(h).await;
+            h.prebuilt = false;
+            ev.failed(h.last_step, &e);
+            return Err(e);
+        }
         ev.send(
             h.last_step,
             pb::StepStatus::Done,

@@ -26,12 +26,14 @@ fn sources() -> &'static Mutex<Vec<Weak<dyn Publish>>> {
 }
 
 /// Registers `source` until it is dropped (a dropped source is forgotten
-/// at the next scrape; it should publish its last counts in its `Drop`).
+/// at the next registration or scrape; it should publish its last counts
+/// in its `Drop`). Registrations are rare (a backend added), so the list
+/// is pruned here too: a daemon whose metrics are never scraped does not
+/// keep every backend it ever had.
 pub fn publish_on_scrape(source: Weak<dyn Publish>) {
-    sources()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(source);
+    let mut all = sources().lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|s| s.strong_count() > 0);
+    all.push(source);
 }
 
 /// Publishes every live source and forgets the dropped ones. Called by the

@@ -8,7 +8,6 @@
 //! Reads sum the shards; the Prometheus counters get the sums at scrape
 //! time ([`bulwark_common::telemetry::scrape`]).
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -130,15 +129,9 @@ struct ByteShard {
 fn my_shard() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static SHARD: Cell<Option<usize>> = const { Cell::new(None) };
+        static SHARD: usize = NEXT.fetch_add(1, Relaxed) % BYTE_SHARDS;
     }
-    SHARD.with(|s| {
-        s.get().unwrap_or_else(|| {
-            let i = NEXT.fetch_add(1, Relaxed) % BYTE_SHARDS;
-            s.set(Some(i));
-            i
-        })
-    })
+    SHARD.with(|s| *s)
 }
 
 /// Live counters of one backend, shared by its connections and every
@@ -166,8 +159,7 @@ impl BackendStats {
     /// time.
     pub(super) fn shared(id: &str) -> Arc<Self> {
         let stats = Arc::new(Self::new(id));
-        let weak: Weak<dyn Publish> = Arc::downgrade(&stats) as Weak<dyn Publish>;
-        publish_on_scrape(weak);
+        publish_on_scrape(Arc::downgrade(&stats) as Weak<dyn Publish>);
         stats
     }
 

@@ -12,10 +12,10 @@
 //! Each thread normally accepts on a listener of its own
 //! ([`super::listeners`]) and serves what it accepts ([`Pool::spawn_near`]),
 //! unless it already serves clearly more than the least-loaded thread
-//! (one connection plus an eighth): the kernel spreads new connections by a hash, not
-//! by load, and a few dozen long-lived connections (watches, keep-alive
-//! clients) would otherwise land unevenly and leave one thread the busier
-//! for their whole life. Only when the per-thread listeners cannot be
+//! (one connection plus an eighth): the kernel spreads new connections by
+//! a hash, not by load, and a few dozen long-lived connections (watches,
+//! keep-alive clients) would otherwise land unevenly and leave one thread
+//! the busier for their whole life. Only when the per-thread listeners cannot be
 //! opened does one acceptor hand each new connection to the thread with
 //! the fewest live connections (ties rotate, [`Workers::spawn`]).
 

@@ -213,13 +213,14 @@ pub(super) fn aside_path(dir: &Path, restore_id: &str, suffix: &str) -> PathBuf 
     dir.with_file_name(format!("{name}.bulwark-{restore_id}{suffix}"))
 }
 
-/// Removes the restore tool's `-partial` output; false when there was none.
-pub(super) async fn remove_partial(partial: &Path) -> Result<bool> {
-    match tokio::fs::remove_dir_all(partial).await {
+/// Removes the restore tool's output (`-prebuilt`, or an older agent's
+/// `-partial`); false when there was none.
+pub(super) async fn remove_tool_output(output: &Path) -> Result<bool> {
+    match tokio::fs::remove_dir_all(output).await {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(BackupError::local(
-            format!("removing {}", partial.display()),
+            format!("removing {}", output.display()),
             e,
         )),
     }

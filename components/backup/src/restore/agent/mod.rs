@@ -16,12 +16,11 @@
 //! before any member was touched. RESTORE then stops etcd, sets its data
 //! dir aside and renames the prebuilt member to a fresh `<dataDir>`, so
 //! the manifest (its `--data-dir` and its hostPath volume) stays as it
-//! was. (A journal from an agent without that step restores with the tool
-//! there, into `<dataDir>.bulwark-<restore id>-partial`, renamed into place
-//! once complete.) [`Agent::abort`] undoes each step that was done, in
-//! reverse, keeping the restored data as
-//! `<dataDir>.bulwark-<restore id>-restored` and removing a `-prebuilt` or
-//! `-partial` output that never took the data dir's place.
+//! was. [`Agent::abort`] undoes each step that was done, in reverse,
+//! keeping the restored data as `<dataDir>.bulwark-<restore id>-restored`
+//! and removing a `-prebuilt` output that never took the data dir's place
+//! (or the `-partial` one an older agent, which ran the tool after etcd
+//! stopped, left behind when it was killed).
 //!
 //! Before anything is fetched, the coordinator's pre-flight asks every
 //! agent's [`Agent::check`] for every problem at once (free space, restore
@@ -77,9 +76,10 @@ struct Held {
     data_aside: PathBuf,
     manifest_moved: bool,
     data_moved: bool,
-    /// The restore tool's output `<dataDir>.bulwark-<id>-partial` may
-    /// exist: the tool ran and its output was neither renamed into place
-    /// nor removed (a failed final rename); the rollback removes it.
+    /// Written to the journal while the prebuilt member is renamed into
+    /// place: a data dir found after a crash from then on is the restored
+    /// one. Read back from the disk, it says an older agent's tool output
+    /// `<dataDir>.bulwark-<id>-partial` is there; the rollback removes it.
     partial: bool,
     /// PREPARE ran the restore tool into `<dataDir>.bulwark-<id>-prebuilt`
     /// and it succeeded: RESTORE only moves that output into place once
@@ -123,6 +123,13 @@ impl Held {
             error: String::new(),
             expires,
         }
+    }
+}
+
+impl Held {
+    /// Where PREPARE restores the member, beside the running one.
+    fn prebuilt_path(&self) -> PathBuf {
+        aside_path(&self.member.data_dir, &self.restore_id, PREBUILT)
     }
 }
 
@@ -249,7 +256,7 @@ impl Agent {
     fn state_of(&self, h: &Held) -> pb::NodeRestoreState {
         let manifest = self.config.etcd_manifest.display().to_string();
         let mut manual = Vec::new();
-        let prebuilt = aside_path(&h.member.data_dir, &h.restore_id, PREBUILT);
+        let prebuilt = h.prebuilt_path();
         if prebuilt.exists() {
             manual.push(format!("rm -rf {}", prebuilt.display()));
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bulwark_api::backup::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-use super::disk::{aside_path, check_space, free_bytes, remove_partial, rename};
+use super::disk::{aside_path, check_space, free_bytes, remove_tool_output, rename};
 use super::static_pod::{Member, wait_ports_closed};
 use super::{Agent, Held, StepSink};
 use crate::error::{BackupError, Result};
@@ -305,7 +305,7 @@ impl Agent {
             restore_id: &restore_id,
             sink,
         };
-        let out = aside_path(&h.member.data_dir, &h.restore_id, super::PREBUILT);
+        let out = h.prebuilt_path();
         h.last_step = pb::NodeStep::PrebuildMember;
         if tokio::fs::symlink_metadata(&out).await.is_ok() {
             let e = BackupError::Refused(format!(
@@ -339,10 +339,9 @@ impl Agent {
     /// removed when it fails.
     async fn restore_tool_into(&self, h: &mut Held, out: &Path, ev: StepEvents<'_>) -> Result<()> {
         let (tool, mut cmd) = self.tool_command(h, out);
-        ev.started(
-            h.last_step,
-            format!("beside the running member: {:?}", cmd.as_std()),
-        );
+        ev.started(h.last_step, format!("{:?}", cmd.as_std()));
+        // Tied to this process: a killed agent leaves no tool writing into
+        // the output its restart rolls back.
         cmd.kill_on_drop(true);
         let result = bulwark_common::child::output(cmd)
             .await
@@ -383,9 +382,18 @@ impl Agent {
 
     /// The member PREPARE prebuilt, renamed into the data dir's place (set
     /// aside or absent by now). `partial` marks, in the journal, that a
-    /// data dir found from here on is the restored one.
-    async fn swap_in_prebuilt(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
-        let prebuilt = aside_path(&h.member.data_dir, &h.restore_id, super::PREBUILT);
+    /// data dir found from here on is the restored one. A restore is only
+    /// ever held here by the prepare of this process, which prebuilt the
+    /// member or failed (a restarted agent holds only a restored node, and
+    /// rolls back any other).
+    async fn restore_snapshot(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
+        let prebuilt = h.prebuilt_path();
+        if !h.prebuilt {
+            return Err(BackupError::local(
+                "restoring the member",
+                format!("{} was never completed by PREPARE", prebuilt.display()),
+            ));
+        }
         ev.started(
             h.last_step,
             format!(
@@ -408,50 +416,6 @@ impl Agent {
         self.journal(h).await?;
         Ok(())
     }
-
-    /// The restore tool into `<dataDir>.bulwark-<id>-partial`, renamed into
-    /// place once complete: a tool that fails half-way (a full disk, a
-    /// kill) never leaves a half-written member where etcd, or the
-    /// rollback, expects the data dir. Only for a restore prepared without
-    /// a prebuilt member (a journal of an earlier agent).
-    async fn restore_snapshot(&self, h: &mut Held, ev: StepEvents<'_>) -> Result<()> {
-        if h.prebuilt {
-            return self.swap_in_prebuilt(h, ev).await;
-        }
-        let partial = aside_path(&h.member.data_dir, &h.restore_id, "-partial");
-        if h.partial {
-            // Our own output of an earlier attempt whose final rename
-            // failed: redone from scratch.
-            remove_partial(&partial).await?;
-        } else if tokio::fs::try_exists(&partial).await.unwrap_or(false) {
-            return Err(BackupError::Refused(format!(
-                "{} already exists and is not this restore's output; not touching it",
-                partial.display()
-            )));
-        }
-        h.partial = true;
-        // Before the tool: a data dir found after a crash from here on is
-        // the restored one.
-        self.journal(h).await?;
-        let (tool, mut cmd) = self.tool_command(h, &partial);
-        ev.started(h.last_step, format!("{:?}", cmd.as_std()));
-        cmd.kill_on_drop(true);
-        // Tied to this process: a killed agent leaves no tool writing into
-        // the output its restart rolls back.
-        let out = bulwark_common::child::output(cmd)
-            .await
-            .map_err(|e| BackupError::local(format!("running {}", tool.name), e))?;
-        if !out.status.success() {
-            return Err(tool_failed(h, tool.name, &partial, &out).await);
-        }
-        // Should this fail, the complete output stays at `partial`
-        // (`h.partial` still set) and the rollback removes it.
-        rename(&partial, &h.member.data_dir).await?;
-        h.partial = false;
-        h.restored = true;
-        self.journal(h).await?;
-        Ok(())
-    }
 }
 
 /// Removes the member PREPARE built beside the running one, if any: only
@@ -459,8 +423,8 @@ impl Agent {
 /// pre-flight refuses a restore whose name is taken). Best effort: the
 /// rollback tries again.
 async fn remove_prebuilt(h: &Held) {
-    let prebuilt = aside_path(&h.member.data_dir, &h.restore_id, super::PREBUILT);
-    if let Err(e) = remove_partial(&prebuilt).await {
+    let prebuilt = h.prebuilt_path();
+    if let Err(e) = remove_tool_output(&prebuilt).await {
         tracing::warn!(path = %prebuilt.display(), error = %e, "could not remove the prebuilt member");
     }
 }
@@ -693,7 +657,7 @@ impl Agent {
             // name (never a data dir etcd ran from): it was never renamed
             // into place.
             let partial = aside_path(&h.member.data_dir, restore_id, "-partial");
-            if remove_partial(&partial).await? {
+            if remove_tool_output(&partial).await? {
                 ev(
                     pb::StepStatus::Running,
                     "the restore tool's output that never took the data dir's place was removed"
@@ -703,8 +667,8 @@ impl Agent {
             }
             h.partial = false;
         }
-        let prebuilt = aside_path(&h.member.data_dir, restore_id, super::PREBUILT);
-        if remove_partial(&prebuilt).await? {
+        let prebuilt = h.prebuilt_path();
+        if remove_tool_output(&prebuilt).await? {
             ev(
                 pb::StepStatus::Running,
                 "the member prebuilt beside the running one was removed".into(),

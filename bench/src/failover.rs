@@ -41,6 +41,11 @@ pub struct Args {
     /// trials run on an otherwise idle machine).
     #[arg(long, default_value_t = 0)]
     trial_burners: usize,
+    /// Run the LB nodes with `realtimePriority: 0` (ordinary threads), to
+    /// compare with the default real-time control threads in the same
+    /// session.
+    #[arg(long)]
+    no_realtime: bool,
     /// Where the report goes (`<date>-failover.md` and `.json`).
     #[arg(long, default_value = "bench/results")]
     out_dir: PathBuf,
@@ -87,6 +92,9 @@ struct Report {
     kernel: String,
     date: String,
     soak: Option<Soak>,
+    /// The LB nodes' control threads: `SCHED_RR` (the default
+    /// `realtimePriority`) or ordinary (`--no-realtime`).
+    realtime: bool,
     /// Busy threads competing with the LB processes during the trials.
     trial_burners: usize,
     /// `/proc/loadavg` after the last trial.
@@ -127,7 +135,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: &Args) -> anyhow::Result<()> {
-    let Some(l) = LbLab::start(3).await else {
+    let lab = if args.no_realtime {
+        LbLab::start_edited(3, |c| c.realtime_priority = 0).await
+    } else {
+        LbLab::start(3).await
+    };
+    let Some(l) = lab else {
         bail!("the failover scenario needs root (network namespaces)");
     };
     let sampler = Sampler::start(&l);
@@ -209,6 +222,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         arp_windows: w.arp_windows,
         double_holder_samples: w.addr_violations.len() + w.arp_violations.len(),
         soak,
+        realtime: !args.no_realtime,
         trial_burners: args.trial_burners,
         trial_load_average,
         trials,
@@ -336,9 +350,14 @@ fn markdown(r: &Report) -> String {
         s,
         "Three `bulwark-lb` hosts and a client host in network namespaces on one bridge; default timers (heartbeat 50 ms, election timeout 150-250 ms, VIP lease 180 ms). Each trial cuts the current leader's link; the client starts a fresh TCP connection to VIP:6443 every 10 ms (each with a 100 ms timeout and an echo round trip, not waiting for the previous one).\n"
     );
+    let threads = if r.realtime {
+        "under SCHED_RR (the default `realtimePriority`)"
+    } else {
+        "ordinary threads (`realtimePriority: 0`)"
+    };
     let _ = writeln!(
         s,
-        "Trials with {} busy threads competing for the cores (load average after the last trial: {}).\n",
+        "The LB nodes' control threads: {threads}. Trials with {} busy threads competing for the cores (load average after the last trial: {}).\n",
         r.trial_burners, r.trial_load_average
     );
     let _ = writeln!(s, "| | median | p99 | max |\n|---|---|---|---|");

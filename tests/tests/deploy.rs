@@ -3,7 +3,8 @@
 //!
 //! - every static pod manifest parses and has what a control-plane static
 //!   pod needs (host network, `system-node-critical`, no capability beyond
-//!   NET_ADMIN/NET_RAW for the arp-mode VIP, read-only key material, probes
+//!   NET_ADMIN/NET_RAW for the arp-mode VIP, SYS_NICE for the LB's
+//!   real-time control threads, read-only key material, probes
 //!   on the admin port its config sets);
 //! - every file a shipped config names is visible inside the container
 //!   (mounted, or installed by the Containerfile), writable where the daemon
@@ -391,6 +392,10 @@ fn manifests_are_control_plane_static_pods() {
     let lb_uses_arp = NODES
         .iter()
         .any(|n| str_at(&node_config(n, "bulwark-lb"), "vip.mode") == "arp");
+    // `realtimePriority` defaults to 10: SCHED_RR needs SYS_NICE.
+    let lb_realtime = NODES
+        .iter()
+        .any(|n| at(&node_config(n, "bulwark-lb"), "realtimePriority").as_u64() != Some(0));
     for d in manifests() {
         let what = format!("manifests/{}.yaml", d.name);
         let pod = &d.pod;
@@ -442,11 +447,13 @@ fn manifests_are_control_plane_static_pods() {
         );
         let mut added = strings(at(sc, "capabilities.add"));
         added.sort();
-        let expected: Vec<&str> = if d.name == "bulwark-lb" && lb_uses_arp {
-            vec!["NET_ADMIN", "NET_RAW"]
-        } else {
-            vec![]
-        };
+        let mut expected: Vec<&str> = Vec::new();
+        if d.name == "bulwark-lb" && lb_uses_arp {
+            expected.extend(["NET_ADMIN", "NET_RAW"]);
+        }
+        if d.name == "bulwark-lb" && lb_realtime {
+            expected.push("SYS_NICE");
+        }
         assert_eq!(added, expected, "{what}: capabilities added");
 
         // Key material and configs are never writable from the container.

@@ -23,8 +23,8 @@ use bulwark_backup::pipeline::encryption::Keyring;
 use bulwark_backup::restore::agent::Agent;
 use bulwark_backup::restore::pitr::Target;
 use bulwark_backup::snapshot::SnapshotOptions;
-use bulwark_backup::store::faults::{Faults, UnreliableStore};
 use bulwark_testkit::{Etcd, config};
+use common::faults::{Faults, UnreliableStore};
 use object_store::{ObjectStoreExt as _, PutPayload};
 use tokio_util::sync::CancellationToken;
 

@@ -18,7 +18,7 @@
 //! ```text
 //! load config ──invalid──▶ exit 2      (--check-config valid ──▶ exit 0)
 //!     │
-//! logs, runtime, metrics, signal handlers
+//! logs, runtime (control threads real-time if asked), metrics, signals
 //!     │
 //! Daemon::bind ──error──▶ "<name> failed to start", exit 1
 //!     │
@@ -60,6 +60,12 @@ pub trait Daemon {
     fn grace(config: &Self::Config) -> Duration;
     /// Declares the daemon's metrics (after the recorder is installed).
     fn register_metrics(config: &Self::Config);
+    /// The `SCHED_RR` priority of the runtime's threads (0: the ordinary
+    /// policy); see [`crate::sched`]. Threads the daemon starts itself
+    /// (the LB's data path) stay ordinary.
+    fn realtime_priority(_config: &Self::Config) -> u8 {
+        0
+    }
     /// The span every log line carries (the LB: its node id).
     fn span(_config: &Self::Config) -> tracing::Span {
         tracing::Span::none()
@@ -87,10 +93,7 @@ pub fn main<D: Daemon>(args: &DaemonArgs, overrides: Overrides) -> ExitCode {
         eprintln!("error: cannot start logging: {e:#}");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(D::realtime_priority(&config)).build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
@@ -112,6 +115,38 @@ pub fn main<D: Daemon>(args: &DaemonArgs, overrides: Overrides) -> ExitCode {
         }
         .instrument(span),
     )
+}
+
+/// The daemon's runtime: every thread of it under `SCHED_RR` at
+/// `priority` when that is nonzero and the kernel allows it; a refusal is
+/// logged and the daemon runs on with ordinary threads.
+fn runtime(priority: u8) -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if priority == 0 {
+        return builder;
+    }
+    // The calling thread first: it tells whether the kernel allows it, and
+    // it starts the runtime's threads.
+    match crate::sched::make_realtime(priority) {
+        Ok(()) => {
+            tracing::info!(priority, "control threads run under SCHED_RR");
+            builder.on_thread_start(move || {
+                if let Err(e) = crate::sched::make_realtime(priority) {
+                    tracing::warn!(error = %e, "a runtime thread could not be made real-time");
+                }
+            });
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            priority,
+            "cannot run the control threads under SCHED_RR (the container needs \
+             the SYS_NICE capability); they run as ordinary threads, so failover \
+             timers can run late while this node's CPUs are busy \
+             (realtimePriority: 0 asks for ordinary threads and ends this warning)"
+        ),
+    }
+    builder
 }
 
 /// Binds, runs and waits: the part of [`main`] inside the runtime.

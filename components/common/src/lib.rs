@@ -13,6 +13,7 @@
 //!   signal handling with a grace period;
 //! - [`child`]: child processes that die with the daemon (scratch etcd,
 //!   the restore tool);
+//! - [`sched`]: real-time scheduling for a daemon's control threads;
 //! - [`workers`]: each long-running task's state, last success and last
 //!   error (`/debug/workers`);
 //! - [`daemon`]: the one `main` every daemon runs (flags, config, logs,
@@ -24,6 +25,7 @@ pub mod child;
 pub mod config;
 pub mod daemon;
 pub mod grpc;
+pub mod sched;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -117,6 +117,14 @@ pub struct LbConfig {
     /// How long SIGTERM may take before the process exits anyway.
     #[serde(default = "d_shutdown_grace", with = "duration")]
     pub shutdown_grace: Duration,
+    /// `SCHED_RR` priority (1-99) of the threads that run Raft, the VIP,
+    /// health and the API, so their timers fire on time while the node's
+    /// CPUs are busy; the data path's threads stay ordinary. Needs the
+    /// `SYS_NICE` capability (the shipped manifest adds it); without it
+    /// the node logs a warning and runs with ordinary threads. 0: ordinary
+    /// threads. See docs/FAILOVER.md "Timers on a busy node".
+    #[serde(default = "d_realtime_priority")]
+    pub realtime_priority: u8,
 }
 
 impl ComponentConfig for LbConfig {
@@ -240,6 +248,9 @@ fn d_admin() -> AdminConfig {
 }
 fn d_shutdown_grace() -> Duration {
     Duration::from_secs(15)
+}
+fn d_realtime_priority() -> u8 {
+    10
 }
 
 /// A listening gRPC endpoint.
@@ -1320,6 +1331,15 @@ impl Validate for LbConfig {
             self.shutdown_grace,
             Duration::from_secs(1),
             Duration::from_secs(3600),
+        );
+        v.check(
+            self.realtime_priority <= bulwark_common::sched::MAX_PRIORITY,
+            "realtimePriority",
+            format!(
+                "{} is out of range: expected 0 (ordinary threads) to {}",
+                self.realtime_priority,
+                bulwark_common::sched::MAX_PRIORITY
+            ),
         );
         self.check_listeners(v);
         self.warn_vip_lease(v);

@@ -77,6 +77,11 @@ pub const DEFS: &[MetricDef] = &[
         "arp and bgp mode with vip.dropRefusals: 1 while the nftables rule that drops the kernel's connection refusals from VIP:port is installed, 0 when it could not be (no nf_tables, no CAP_NET_ADMIN): clients of a killed holder are then refused until the next holder announces the VIP.",
     ),
     MetricDef::single(
+        "bulwark_lb_realtime_priority",
+        Gauge,
+        "The SCHED_RR priority the threads running Raft, the VIP, health and the API run at (realtimePriority); 0 when it is off or the kernel refused it (no SYS_NICE capability): failover timers then wait behind the node's other work while its CPUs are busy.",
+    ),
+    MetricDef::single(
         "bulwark_lb_vip_clients_shared",
         Gauge,
         "While holding the VIP: the client connections in the table last pushed to the peers.",
@@ -271,6 +276,8 @@ pub fn register(config: &crate::config::LbConfig) {
     catalog::register_build_info("lb", env!("CARGO_PKG_VERSION"));
     let files: Vec<_> = config.certificates().into_iter().map(|(_, f)| f).collect();
     catalog::register_certificates("lb", &files);
+    metrics::gauge!("bulwark_lb_realtime_priority")
+        .set(f64::from(bulwark_common::sched::applied()));
 }
 
 #[cfg(test)]

@@ -854,6 +854,10 @@ impl Daemon for Lb {
         crate::metrics::register(config);
     }
 
+    fn realtime_priority(config: &LbConfig) -> u8 {
+        config.realtime_priority
+    }
+
     fn span(config: &LbConfig) -> tracing::Span {
         tracing::info_span!("lb", node = config.node_id)
     }

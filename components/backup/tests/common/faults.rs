@@ -149,7 +149,7 @@ impl ObjectStore for UnreliableStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        if location.filename() == Some(crate::store::layout::MANIFEST)
+        if location.filename() == Some(bulwark_backup::store::layout::MANIFEST)
             && self.faults.take(&self.faults.manifest_failures)
         {
             return Err(injected("manifest put"));
@@ -270,70 +270,5 @@ impl MultipartUpload for UnreliableUpload {
 
     async fn abort(&mut self) -> object_store::Result<()> {
         self.inner.abort().await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use object_store::ObjectStoreExt;
-    use object_store::memory::InMemory;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn faults_fire_as_often_as_armed() {
-        let faults = Faults::new();
-        let store = UnreliableStore::new(Arc::new(InMemory::new()), faults.clone());
-        faults.fail_manifest_puts(1);
-        let m = Path::from("x/manifest.json");
-        assert!(store.put(&m, PutPayload::from_static(b"{}")).await.is_err());
-        assert!(store.put(&m, PutPayload::from_static(b"{}")).await.is_ok());
-        // Other objects are never affected by the manifest fault.
-        faults.fail_manifest_puts(1);
-        assert!(
-            store
-                .put(&Path::from("x/data"), PutPayload::from_static(b"d"))
-                .await
-                .is_ok()
-        );
-
-        faults.fail_parts(1, 1);
-        let mut up = store.put_multipart(&Path::from("x/big")).await.unwrap();
-        assert!(up.put_part(PutPayload::from_static(b"a")).await.is_ok());
-        assert!(up.put_part(PutPayload::from_static(b"b")).await.is_err());
-        assert!(up.put_part(PutPayload::from_static(b"c")).await.is_ok());
-        faults.fail_completes(1);
-        assert!(up.complete().await.is_err());
-        assert_eq!(faults.injected(), 3);
-        assert_eq!(faults.parts_seen(), 3);
-
-        // A download breaks off half-way, once; manifests are not affected.
-        let data = Path::from("x/snapshot.db.zst");
-        store
-            .put(&data, PutPayload::from(vec![7u8; 1000]))
-            .await
-            .unwrap();
-        faults.fail_downloads(1);
-        assert!(store.get(&m).await.unwrap().bytes().await.is_ok());
-        let mut body = store.get(&data).await.unwrap().into_stream();
-        let mut got = 0;
-        let err = loop {
-            match body.next().await {
-                Some(Ok(c)) => got += c.len(),
-                Some(Err(e)) => break e,
-                None => panic!("the download did not break off"),
-            }
-        };
-        assert_eq!(got, 500);
-        assert!(
-            err.to_string().contains("injected failure: download"),
-            "{err}"
-        );
-        assert!(body.next().await.is_none());
-        assert_eq!(
-            store.get(&data).await.unwrap().bytes().await.unwrap().len(),
-            1000
-        );
-        assert_eq!(faults.injected(), 4);
     }
 }

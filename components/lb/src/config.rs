@@ -1332,15 +1332,14 @@ impl Validate for LbConfig {
             Duration::from_secs(1),
             Duration::from_secs(3600),
         );
-        v.check(
-            self.realtime_priority <= bulwark_common::sched::MAX_PRIORITY,
-            "realtimePriority",
-            format!(
-                "{} is out of range: expected 0 (ordinary threads) to {}",
-                self.realtime_priority,
-                bulwark_common::sched::MAX_PRIORITY
-            ),
-        );
+        let (priority, max) = (self.realtime_priority, bulwark_common::sched::MAX_PRIORITY);
+        if priority > max {
+            v.at("realtimePriority", |v| {
+                v.error(format!(
+                    "{priority} is out of range: expected 0 (ordinary threads) to {max}"
+                ))
+            });
+        }
         self.check_listeners(v);
         self.warn_vip_lease(v);
         if let Some(w) = self.zone_warning() {
@@ -1428,6 +1427,22 @@ mod tests {
 
     const MINIMAL: &str =
         "nodeId: 1\nraft:\n  address: 127.0.0.1:9441\napi:\n  address: 127.0.0.1:9442\n";
+
+    #[test]
+    fn realtime_priority_defaults_to_ten_and_stays_in_the_kernels_range() {
+        assert_eq!(parse(MINIMAL).unwrap().realtime_priority, 10);
+        let off = parse(&format!("{MINIMAL}realtimePriority: 0\n")).unwrap();
+        assert_eq!(off.realtime_priority, 0);
+        assert_eq!(
+            errors(&format!("{MINIMAL}realtimePriority: 100\n")),
+            ["realtimePriority: 100 is out of range: expected 0 (ordinary threads) to 99"]
+        );
+        let e = errors(&format!("{MINIMAL}realtimePriority: -1\n"));
+        assert!(
+            e.iter().any(|m| m.starts_with("realtimePriority:")),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn minimal_config_gets_the_documented_defaults() {

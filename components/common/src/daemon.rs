@@ -141,9 +141,8 @@ fn runtime(priority: u8) -> tokio::runtime::Builder {
             error = %e,
             priority,
             "cannot run the control threads under SCHED_RR (the container needs \
-             the SYS_NICE capability); they run as ordinary threads, so failover \
-             timers can run late while this node's CPUs are busy \
-             (realtimePriority: 0 asks for ordinary threads and ends this warning)"
+             the SYS_NICE capability); they run as ordinary threads \
+             (realtimePriority: 0, the default, asks for that and ends this warning)"
         ),
     }
     builder

@@ -15,8 +15,10 @@
 //! (the data path's threads, a child process) begin as ordinary ones, so
 //! only the threads that ask for it run ahead of the node's other work.
 //! The kernel's real-time throttling (`kernel.sched_rt_runtime_us`, 95 %
-//! by default) still leaves the rest of the machine its share should such
-//! a thread ever spin.
+//! by default) leaves the rest of the machine only 5 % should such threads
+//! stay busy, which is why the LB asks for it only when configured
+//! (`realtimePriority`, default 0): in the reconnect-storm bench its
+//! real-time control threads stayed busy for 45 s and starved the node.
 
 use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};

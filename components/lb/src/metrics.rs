@@ -79,7 +79,7 @@ pub const DEFS: &[MetricDef] = &[
     MetricDef::single(
         "bulwark_lb_realtime_priority",
         Gauge,
-        "The SCHED_RR priority the threads running Raft, the VIP, health and the API run at (realtimePriority); 0 when it is off or the kernel refused it (no SYS_NICE capability): failover timers then wait behind the node's other work while its CPUs are busy.",
+        "The SCHED_RR priority the threads running Raft, the VIP, health and the API run at (realtimePriority, default 0); 0 when it is off or the kernel refused it (no SYS_NICE capability).",
     ),
     MetricDef::single(
         "bulwark_lb_vip_clients_shared",

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bulwark_api::lb::v1::{ProbeReport, ReportKind};
 use bulwark_api::raft::v1 as pb;
 use bulwark_common::workers::Worker;
+use openraft::RaftMetrics;
 use openraft::async_runtime::WatchReceiver;
+use openraft::type_config::alias::WatchReceiverOf;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +32,7 @@ use super::{HealthAggregator, HealthConfig, HealthStatus, ReportError, ReportOut
 use crate::backends::{BackendSpec, Verdict};
 use crate::raft::state::{LbState, command};
 use crate::raft::store::StateMachineStore;
-use crate::raft::{NodeId, Raft};
+use crate::raft::{NodeId, Raft, TypeConfig};
 
 /// How often the leader re-evaluates without a report (staleness, the end
 /// of the warm-up).
@@ -133,10 +135,7 @@ impl HealthService {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let leading = {
-                let m = metrics_rx.borrow_watched();
-                m.state == openraft::ServerState::Leader && m.current_leader == Some(node_id)
-            };
+            let leading = leads(&metrics_rx.borrow_watched(), node_id);
             let state = state_rx.borrow_and_update().clone();
             self.follow_leadership(leading, &state);
             worker.set_state(if leading { "leading" } else { "following" });
@@ -145,7 +144,7 @@ impl HealthService {
             }
             tokio::select! {
                 () = token.cancelled() => return Ok(()),
-                r = metrics_rx.changed() => if r.is_err() { return Ok(()) },
+                alive = leadership_flip(&mut metrics_rx, node_id, leading) => if !alive { return Ok(()) },
                 r = state_rx.changed() => if r.is_err() { return Ok(()) },
                 () = self.inner.wake.notified() => {}
                 _ = tick.tick() => {}
@@ -276,6 +275,34 @@ impl HealthService {
     }
 }
 
+/// Whether Raft's metrics say `node_id` leads.
+fn leads(m: &RaftMetrics<TypeConfig>, node_id: NodeId) -> bool {
+    m.state == openraft::ServerState::Leader && m.current_leader == Some(node_id)
+}
+
+/// Resolves when `node_id` starts or stops leading; `false` once Raft is
+/// gone. Raft's metrics change with nearly every message its core handles,
+/// and only leadership matters to the loop: waking on every change made a
+/// leader cut off from its followers retry its refused verdict write in a
+/// loop, each refusal itself a metrics change (both cores busy, a warning
+/// per try, 7,500 a second in the reconnect-storm bench). Reports, state
+/// changes and the tick still wake the loop, so a refused write is retried
+/// at their pace.
+async fn leadership_flip(
+    rx: &mut WatchReceiverOf<TypeConfig, RaftMetrics<TypeConfig>>,
+    node_id: NodeId,
+    was: bool,
+) -> bool {
+    loop {
+        if rx.changed().await.is_err() {
+            return false;
+        }
+        if leads(&rx.borrow_watched(), node_id) != was {
+            return true;
+        }
+    }
+}
+
 fn set_prober_gauges(status: Option<&HealthStatus>) {
     let (total, isolated, stale) = status.map_or((0, 0, 0), |s| {
         (
@@ -356,6 +383,38 @@ mod tests {
     use openraft::vote::RaftLeaderId;
 
     use super::*;
+
+    /// Only a change of leadership ends the wait: the metrics' other
+    /// changes (one per message Raft's core handles) do not wake the loop.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_change_of_leadership_ends_the_wait() {
+        use openraft::async_runtime::watch::{Watch as _, WatchSender as _};
+        use openraft::type_config::alias::WatchOf;
+
+        let mut m = RaftMetrics::<TypeConfig>::new_initial(1);
+        m.state = openraft::ServerState::Leader;
+        m.current_leader = Some(1);
+        let (tx, mut rx) = WatchOf::<TypeConfig>::channel(m.clone());
+        {
+            let wait = leadership_flip(&mut rx, 1, true);
+            tokio::pin!(wait);
+            for i in 0..20 {
+                m.last_log_index = Some(i);
+                m.current_term = i;
+                tx.send(m.clone()).unwrap();
+                let woke = tokio::time::timeout(Duration::from_millis(5), &mut wait).await;
+                assert!(woke.is_err(), "woke on a change that kept the leader: {i}");
+            }
+            m.state = openraft::ServerState::Follower;
+            m.current_leader = Some(2);
+            tx.send(m).unwrap();
+            assert!(wait.await, "stepping down ends the wait");
+        }
+
+        let gone = leadership_flip(&mut rx, 1, false);
+        drop(tx);
+        assert!(!gone.await, "Raft gone: false");
+    }
     use crate::raft::types::{Entry, LeaderId, LogId};
 
     fn apply(state: &mut LbState, index: u64, c: pb::command::Command) {

@@ -12,6 +12,9 @@
 //! client's neighbour entry must name the new holder's MAC) and with a
 //! dual-stack VIP, whose two addresses must move together: no sweep of
 //! `ip addr` may find them on two hosts.
+//!
+//! With `realtimePriority` set, the node's runtime threads run under
+//! `SCHED_RR` and its data-path threads stay ordinary.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -469,4 +472,57 @@ async fn holder_stops_answering(how: Stop) {
         );
     }
     assert_eq!(l.holders(), vec![new]);
+}
+
+/// Each thread of process `pid`: its name, scheduling policy and
+/// real-time priority (`/proc/<pid>/task/<tid>/stat` fields 41 and 40).
+fn thread_policies(pid: u32) -> Vec<(String, i32, i32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the node's threads");
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue; // a thread that ended meanwhile
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            panic!("unreadable stat: {stat}");
+        };
+        // Fields from the third (state) on.
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let number = |i: usize| fields[i].parse::<i32>().expect("a number");
+        out.push((stat[open + 1..close].to_owned(), number(38), number(37)));
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_netns_realtime_priority_makes_the_runtime_real_time_and_not_the_data_path() {
+    let Some(l) = LbLab::start_edited(1, |c| c.realtime_priority = 10).await else {
+        return;
+    };
+    l.wait_for_holder(None, Duration::from_secs(20)).await;
+    let pid = l.nodes[0].pid().unwrap();
+    let threads = thread_policies(pid);
+    let of = |prefix: &str| -> Vec<&(String, i32, i32)> {
+        threads
+            .iter()
+            .filter(|(n, _, _)| n.starts_with(prefix))
+            .collect()
+    };
+    let (control, data) = (of("tokio-rt-worker"), of("proxy-"));
+    assert!(!control.is_empty() && !data.is_empty(), "{threads:?}");
+    for (name, policy, priority) in control.iter().chain(&of("bulwark-lb")) {
+        assert_eq!(
+            (*policy, *priority),
+            (libc::SCHED_RR, 10),
+            "{name}: {threads:?}"
+        );
+    }
+    for (name, policy, priority) in data {
+        assert_eq!(
+            (*policy, *priority),
+            (libc::SCHED_OTHER, 0),
+            "{name}: {threads:?}"
+        );
+    }
 }

@@ -131,18 +131,21 @@ fn runtime(priority: u8) -> tokio::runtime::Builder {
     match crate::sched::make_realtime(priority) {
         Ok(()) => {
             tracing::info!(priority, "control threads run under SCHED_RR");
-            builder.on_thread_start(move || {
-                if let Err(e) = crate::sched::make_realtime(priority) {
+            builder.on_thread_start(|| {
+                if let Err(e) = crate::sched::adopt() {
                     tracing::warn!(error = %e, "a runtime thread could not be made real-time");
                 }
             });
+            if let Err(e) = crate::sched::spawn_guard(priority, crate::sched::Budget::default()) {
+                tracing::warn!(error = %e, "cannot start the real-time guard");
+            }
         }
         Err(e) => tracing::warn!(
             error = %e,
             priority,
             "cannot run the control threads under SCHED_RR (the container needs \
              the SYS_NICE capability); they run as ordinary threads \
-             (realtimePriority: 0, the default, asks for that and ends this warning)"
+             (realtimePriority: 0 asks for that and ends this warning)"
         ),
     }
     builder

@@ -8,6 +8,7 @@
 //! `unknown`, as `bulwarkctl lb status` and `bulwarkctl health` print them.
 
 use bulwark_common::telemetry::catalog::{self, MetricDef, MetricKind::*};
+use bulwark_common::telemetry::scrape::Publish;
 
 use crate::health::VERDICT_LABELS;
 
@@ -79,7 +80,12 @@ pub const DEFS: &[MetricDef] = &[
     MetricDef::single(
         "bulwark_lb_realtime_priority",
         Gauge,
-        "The SCHED_RR priority the threads running Raft, the VIP, health and the API run at (realtimePriority, default 0); 0 when it is off or the kernel refused it (no SYS_NICE capability).",
+        "The SCHED_RR priority the threads running Raft, the VIP, health and the API run at now (realtimePriority, default 10); 0 when it is off, the kernel refused it (no SYS_NICE capability), or they used more than their budget of half a core and run as ordinary threads for the moment.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_realtime_demotions_total",
+        Counter,
+        "Times the real-time control threads used more than half a core for two seconds and were run as ordinary threads (real-time again after a minute under it): a bug or an overload in the control plane, see the log.",
     ),
     MetricDef::single(
         "bulwark_lb_vip_clients_shared",
@@ -276,8 +282,28 @@ pub fn register(config: &crate::config::LbConfig) {
     catalog::register_build_info("lb", env!("CARGO_PKG_VERSION"));
     let files: Vec<_> = config.certificates().into_iter().map(|(_, f)| f).collect();
     catalog::register_certificates("lb", &files);
+    publish_scheduling();
+    static SCHEDULING: std::sync::OnceLock<std::sync::Arc<Scheduling>> = std::sync::OnceLock::new();
+    let source = SCHEDULING.get_or_init(|| std::sync::Arc::new(Scheduling));
+    let weak = std::sync::Arc::downgrade(source) as std::sync::Weak<dyn Publish>;
+    bulwark_common::telemetry::scrape::publish_on_scrape(weak);
+}
+
+/// The control threads' policy, which the real-time guard may change at any
+/// time: read when `/metrics` is scraped.
+struct Scheduling;
+
+impl Publish for Scheduling {
+    fn publish(&self) {
+        publish_scheduling();
+    }
+}
+
+fn publish_scheduling() {
     metrics::gauge!("bulwark_lb_realtime_priority")
         .set(f64::from(bulwark_common::sched::applied()));
+    metrics::counter!("bulwark_lb_realtime_demotions_total")
+        .absolute(bulwark_common::sched::demotions());
 }
 
 #[cfg(test)]

@@ -525,4 +525,9 @@ async fn heavy_netns_realtime_priority_makes_the_runtime_real_time_and_not_the_d
             "{name}: {threads:?}"
         );
     }
+    // The guard over them, one priority above, so their busy loops cannot
+    // starve it.
+    let guard = of("rt-guard");
+    assert_eq!(guard.len(), 1, "{threads:?}");
+    assert_eq!((guard[0].1, guard[0].2), (libc::SCHED_RR, 11), "{threads:?}");
 }

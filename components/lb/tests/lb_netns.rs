@@ -529,5 +529,9 @@ async fn heavy_netns_realtime_priority_makes_the_runtime_real_time_and_not_the_d
     // starve it.
     let guard = of("rt-guard");
     assert_eq!(guard.len(), 1, "{threads:?}");
-    assert_eq!((guard[0].1, guard[0].2), (libc::SCHED_RR, 11), "{threads:?}");
+    assert_eq!(
+        (guard[0].1, guard[0].2),
+        (libc::SCHED_RR, 11),
+        "{threads:?}"
+    );
 }

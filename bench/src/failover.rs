@@ -41,11 +41,11 @@ pub struct Args {
     /// trials run on an otherwise idle machine).
     #[arg(long, default_value_t = 0)]
     trial_burners: usize,
-    /// Run the LB nodes with `realtimePriority: 0` (ordinary control
-    /// threads) instead of the default real-time ones, to compare the two
+    /// Run the LB nodes with `realtimePriority: 10` (real-time control
+    /// threads) instead of the default ordinary ones, to compare the two
     /// in one session.
     #[arg(long)]
-    ordinary: bool,
+    realtime: bool,
     /// Where the report goes (`<date>-failover.md` and `.json`).
     #[arg(long, default_value = "bench/results")]
     out_dir: PathBuf,
@@ -92,8 +92,8 @@ struct Report {
     kernel: String,
     date: String,
     soak: Option<Soak>,
-    /// The LB nodes' control threads: `SCHED_RR` (the default
-    /// `realtimePriority: 10`) or ordinary (`--ordinary`).
+    /// The LB nodes' control threads: `SCHED_RR` (`--realtime`) or
+    /// ordinary (the default `realtimePriority: 0`).
     realtime: bool,
     /// Busy threads competing with the LB processes during the trials.
     trial_burners: usize,
@@ -135,8 +135,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: &Args) -> anyhow::Result<()> {
-    let lab = if args.ordinary {
-        LbLab::start_edited(3, |c| c.realtime_priority = 0).await
+    let lab = if args.realtime {
+        LbLab::start_edited(3, |c| c.realtime_priority = 10).await
     } else {
         LbLab::start(3).await
     };
@@ -222,7 +222,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         arp_windows: w.arp_windows,
         double_holder_samples: w.addr_violations.len() + w.arp_violations.len(),
         soak,
-        realtime: !args.ordinary,
+        realtime: args.realtime,
         trial_burners: args.trial_burners,
         trial_load_average,
         trials,
@@ -351,9 +351,9 @@ fn markdown(r: &Report) -> String {
         "Three `bulwark-lb` hosts and a client host in network namespaces on one bridge; default timers (heartbeat 50 ms, election timeout 150-250 ms, VIP lease 180 ms). Each trial cuts the current leader's link; the client starts a fresh TCP connection to VIP:6443 every 10 ms (each with a 100 ms timeout and an echo round trip, not waiting for the previous one).\n"
     );
     let threads = if r.realtime {
-        "under SCHED_RR (`realtimePriority: 10`, the default)"
+        "under SCHED_RR (`realtimePriority: 10`)"
     } else {
-        "ordinary threads (`realtimePriority: 0`, `--ordinary`)"
+        "ordinary threads (`realtimePriority: 0`, the default)"
     };
     let _ = writeln!(
         s,

@@ -3,8 +3,8 @@
 //!
 //! - every static pod manifest parses and has what a control-plane static
 //!   pod needs (host network, `system-node-critical`, no capability beyond
-//!   NET_ADMIN/NET_RAW for the arp-mode VIP, SYS_NICE for the LB's
-//!   real-time control threads unless a shipped config turns them off, read-only key material, probes
+//!   NET_ADMIN/NET_RAW for the arp-mode VIP, SYS_NICE only for LB
+//!   real-time control threads a shipped config asks for, read-only key material, probes
 //!   on the admin port its config sets);
 //! - every file a shipped config names is visible inside the container
 //!   (mounted, or installed by the Containerfile), writable where the daemon
@@ -392,10 +392,10 @@ fn manifests_are_control_plane_static_pods() {
     let lb_uses_arp = NODES
         .iter()
         .any(|n| str_at(&node_config(n, "bulwark-lb"), "vip.mode") == "arp");
-    // `realtimePriority` (default 10) above 0 asks for SCHED_RR: SYS_NICE.
+    // `realtimePriority` (default 0) above 0 asks for SCHED_RR: SYS_NICE.
     let lb_realtime = NODES.iter().any(|n| {
         let priority = at(&node_config(n, "bulwark-lb"), "realtimePriority").as_u64();
-        priority.unwrap_or(10) != 0
+        priority.unwrap_or(0) != 0
     });
     for d in manifests() {
         let what = format!("manifests/{}.yaml", d.name);

@@ -121,10 +121,10 @@ pub struct LbConfig {
     /// health and the API, so their timers fire on time while the node's
     /// CPUs are busy; the data path's threads stay ordinary. Needs the
     /// `SYS_NICE` capability; without it the node logs a warning and runs
-    /// with ordinary threads. 0: ordinary threads. Default 10. Should they
-    /// use more than half a core for two seconds, they run as ordinary
-    /// threads until they have used less for a minute (docs/FAILOVER.md
-    /// "Timers on a busy node").
+    /// with ordinary threads. Should they use more than half a core for two
+    /// seconds, they run as ordinary threads until they have used less for
+    /// a minute. Default 0 (ordinary threads): see docs/FAILOVER.md "Timers
+    /// on a busy node" before turning it on.
     #[serde(default = "d_realtime_priority")]
     pub realtime_priority: u8,
 }
@@ -252,7 +252,7 @@ fn d_shutdown_grace() -> Duration {
     Duration::from_secs(15)
 }
 fn d_realtime_priority() -> u8 {
-    10
+    0
 }
 
 /// A listening gRPC endpoint.
@@ -1431,10 +1431,10 @@ mod tests {
         "nodeId: 1\nraft:\n  address: 127.0.0.1:9441\napi:\n  address: 127.0.0.1:9442\n";
 
     #[test]
-    fn realtime_priority_is_10_by_default_and_stays_in_the_kernels_range() {
-        assert_eq!(parse(MINIMAL).unwrap().realtime_priority, 10);
-        let off = parse(&format!("{MINIMAL}realtimePriority: 0\n")).unwrap();
-        assert_eq!(off.realtime_priority, 0);
+    fn realtime_priority_is_off_by_default_and_stays_in_the_kernels_range() {
+        assert_eq!(parse(MINIMAL).unwrap().realtime_priority, 0);
+        let on = parse(&format!("{MINIMAL}realtimePriority: 10\n")).unwrap();
+        assert_eq!(on.realtime_priority, 10);
         assert_eq!(
             errors(&format!("{MINIMAL}realtimePriority: 100\n")),
             ["realtimePriority: 100 is out of range: expected 0 (ordinary threads) to 99"]

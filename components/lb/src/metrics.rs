@@ -80,7 +80,7 @@ pub const DEFS: &[MetricDef] = &[
     MetricDef::single(
         "bulwark_lb_realtime_priority",
         Gauge,
-        "The SCHED_RR priority the threads running Raft, the VIP, health and the API run at now (realtimePriority, default 10); 0 when it is off, the kernel refused it (no SYS_NICE capability), or they used more than their budget of half a core and run as ordinary threads for the moment.",
+        "The SCHED_RR priority the threads running Raft, the VIP, health and the API run at now (realtimePriority, default 0); 0 when it is off, the kernel refused it (no SYS_NICE capability), or they used more than their budget of half a core and run as ordinary threads for the moment.",
     ),
     MetricDef::single(
         "bulwark_lb_realtime_demotions_total",

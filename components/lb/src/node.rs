@@ -740,10 +740,7 @@ async fn seed(
         if sm.current().seeded() {
             return Ok(());
         }
-        let leading = {
-            let m = rx.borrow_watched();
-            m.state == openraft::ServerState::Leader && m.current_leader == Some(config.node_id)
-        };
+        let leading = crate::raft::leads(&rx.borrow_watched(), config.node_id);
         if leading {
             let backends = config
                 .backends
@@ -796,7 +793,7 @@ async fn lifecycle(
 ) -> anyhow::Result<()> {
     token.cancelled().await;
     let m = raft.metrics().borrow_watched().clone();
-    if m.state == openraft::ServerState::Leader && m.current_leader == Some(node_id) {
+    if crate::raft::leads(&m, node_id) {
         let target = m
             .membership_config
             .membership()

@@ -41,7 +41,7 @@ pub fn role(m: &Metrics, me: NodeId) -> lb::NodeRole {
 pub fn list(m: &Metrics, me: NodeId) -> Vec<lb::Member> {
     let voters = voters(m);
     let last = m.last_log_index.unwrap_or(0);
-    let leading = m.state == ServerState::Leader && m.current_leader == Some(me);
+    let leading = crate::raft::leads(m, me);
     let mut out: Vec<lb::Member> = m
         .membership_config
         .membership()

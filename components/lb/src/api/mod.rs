@@ -171,7 +171,7 @@ impl Api {
     /// FAILED_PRECONDITION with a leader hint unless this node leads.
     fn require_leader(&self) -> Result<(), Status> {
         let m = self.metrics();
-        if m.current_leader == Some(self.node_id) && m.state == openraft::ServerState::Leader {
+        if crate::raft::leads(&m, self.node_id) {
             Ok(())
         } else {
             Err(bulwark_api::leader_hint::not_leader(

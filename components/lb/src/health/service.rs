@@ -32,7 +32,7 @@ use super::{HealthAggregator, HealthConfig, HealthStatus, ReportError, ReportOut
 use crate::backends::{BackendSpec, Verdict};
 use crate::raft::state::{LbState, command};
 use crate::raft::store::StateMachineStore;
-use crate::raft::{NodeId, Raft, TypeConfig};
+use crate::raft::{NodeId, Raft, TypeConfig, leads};
 
 /// How often the leader re-evaluates without a report (staleness, the end
 /// of the warm-up).
@@ -273,11 +273,6 @@ impl HealthService {
             zones_down,
         })
     }
-}
-
-/// Whether Raft's metrics say `node_id` leads.
-fn leads(m: &RaftMetrics<TypeConfig>, node_id: NodeId) -> bool {
-    m.state == openraft::ServerState::Leader && m.current_leader == Some(node_id)
 }
 
 /// Resolves when `node_id` starts or stops leading; `false` once Raft is

@@ -27,3 +27,9 @@ pub mod store;
 pub mod types;
 
 pub use types::{Cmd, CmdResult, LbNode, NodeId, Raft, TypeConfig};
+
+/// Whether Raft's metrics say `node_id` leads: in the leader state and
+/// itself the leader it knows.
+pub fn leads(m: &openraft::RaftMetrics<TypeConfig>, node_id: NodeId) -> bool {
+    m.state == openraft::ServerState::Leader && m.current_leader == Some(node_id)
+}

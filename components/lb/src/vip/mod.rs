@@ -39,7 +39,6 @@ use std::time::{Duration, SystemTime};
 use bulwark_api::raft::v1 as pb;
 use bulwark_common::workers::Worker;
 use futures::future::BoxFuture;
-use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -318,7 +317,7 @@ impl VipTask {
 
     fn view(&self) -> LeaderView {
         let m = self.raft.metrics().borrow_watched().clone();
-        let leading = m.state == ServerState::Leader && m.current_leader == Some(self.node_id);
+        let leading = crate::raft::leads(&m, self.node_id);
         // A lone voter is its own quorum: nothing acknowledges it, and
         // nothing else can lead while it does.
         let alone = m
@@ -702,9 +701,7 @@ impl VipTask {
             // records itself).
             while let Err(e) = raft.client_write(cmd.clone()).await {
                 let m = raft.metrics().borrow_watched().clone();
-                let ours = m.current_term == term
-                    && m.state == ServerState::Leader
-                    && m.current_leader == Some(node_id);
+                let ours = m.current_term == term && crate::raft::leads(&m, node_id);
                 if !ours {
                     tracing::warn!(term, error = %e, "could not record the VIP holder; no longer leading this term");
                     return;

@@ -306,20 +306,18 @@ impl Usage {
     /// (0 at the first); threads that ended are forgotten.
     fn share_since_last(&mut self) -> f64 {
         let now = Instant::now();
-        let tids = {
-            let mut threads = lock_threads();
-            threads.retain(|&tid| cpu_time(tid).is_some());
-            threads.clone()
-        };
-        let mut used = Duration::ZERO;
-        let mut seen = std::collections::HashMap::with_capacity(tids.len());
-        for tid in tids {
-            let Some(total) = cpu_time(tid) else { continue };
-            if let Some(before) = self.seen.get(&tid) {
-                used += total.saturating_sub(*before);
+        let mut seen = std::collections::HashMap::new();
+        lock_threads().retain(|&tid| match cpu_time(tid) {
+            Some(total) => {
+                seen.insert(tid, total);
+                true
             }
-            seen.insert(tid, total);
-        }
+            None => false,
+        });
+        let used: Duration = seen
+            .iter()
+            .filter_map(|(tid, total)| Some(total.saturating_sub(*self.seen.get(tid)?)))
+            .sum();
         self.seen = seen;
         let share = match self.at {
             Some(at) => used.as_secs_f64() / now.duration_since(at).as_secs_f64().max(1e-3),

@@ -79,6 +79,22 @@ pub fn adopt() -> io::Result<()> {
     Ok(())
 }
 
+/// Runs the calling thread `above` priorities over the control threads
+/// when those are real-time (capped at [`MAX_PRIORITY`]), and as an
+/// ordinary thread when they are not. For a thread that does almost no
+/// work but must run on time, whatever the control threads do: the guard,
+/// the VIP's lease watchdog. The guard does not watch it. Returns the
+/// priority it got (0: ordinary).
+pub fn make_sentinel(above: u8) -> io::Result<u8> {
+    let control = applied();
+    if control == 0 {
+        return Ok(0);
+    }
+    let priority = control.saturating_add(above).min(MAX_PRIORITY);
+    set_policy(0, priority)?;
+    Ok(priority)
+}
+
 /// The real-time priority this process's control threads run at: 0 when
 /// none was asked for, the kernel refused it or the guard stepped them
 /// down.

@@ -63,6 +63,11 @@ pub const DEFS: &[MetricDef] = &[
         "arp mode: times the VIP address was found missing while held and added again.",
     ),
     MetricDef::single(
+        "bulwark_lb_vip_watchdog_releases_total",
+        Counter,
+        "arp and bgp mode: times the lease watchdog deleted the VIP because the VIP task had not released it one check interval after its lease ran out (a busy or stalled node).",
+    ),
+    MetricDef::single(
         "bulwark_lb_vip_tickles_sent_total",
         Counter,
         "Tickle ACKs this node sent, right after taking the VIP, to the previous holder's clients (two rounds per failover), so their connections are reset at once.",

@@ -371,6 +371,7 @@ async fn remove_stale_vip(
         announcements,
         config.vip.garp_interval,
         config.vip.address_lifetime(),
+        config.vip.check_interval,
     )?;
     arp.gate_front(gate.clone(), config.vip.release_budget);
     if arp.remove_stale().await.context("removing a stale VIP")? {

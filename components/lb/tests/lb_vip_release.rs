@@ -309,3 +309,108 @@ async fn heavy_netns_arp_mode_release_resets_the_old_holders_clients() {
         next + 1
     );
 }
+
+/// Whether `ip` is on `interface`, asked with `ip addr` from the calling
+/// thread's network namespace.
+fn on_interface(interface: &str, ip: std::net::Ipv4Addr) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "dev", interface])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip addr: {out:?}");
+    String::from_utf8_lossy(&out.stdout).contains(&format!("inet {ip}/"))
+}
+
+/// The lease watchdog releases without the runtime. A holder whose VIP
+/// task cannot run (its runtime's only thread is blocked, as a starved or
+/// stuck runtime would be) has its address deleted once the lease it last
+/// recorded and one check interval have passed, never before, and its
+/// front gate closed (its clients reset), long before the address's 30 s
+/// kernel lifetime would have removed it. A lease moved on in time is left
+/// alone, and after the task's own release nothing more happens.
+#[test]
+fn heavy_netns_the_lease_watchdog_deletes_a_stalled_holders_vip() {
+    use bulwark_lb::vip::arp::{ArpVip, VipAddress};
+    use bulwark_testkit::Lab;
+    use std::time::Instant as StdInstant;
+    use tokio::time::Instant;
+
+    let Some(lab) = Lab::start_or_skip(1).unwrap() else {
+        return;
+    };
+    let host = lab.host(0);
+    let (interface, vip) = (host.interface().to_owned(), lab.spare_addr(7));
+    let grace = Duration::from_millis(10);
+    host.in_netns(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let address = VipAddress {
+                ip: vip.into(),
+                prefix: 32,
+            };
+            let mut arp = ArpVip::new(
+                interface.clone(),
+                vec![address],
+                0,
+                Duration::from_millis(100),
+                Duration::from_secs(30),
+                grace,
+            )
+            .unwrap();
+            let gate = FrontGate::new();
+            arp.gate_front(gate.clone(), Duration::from_millis(25));
+
+            // Held with a 300 ms lease, then the task stalls: this thread
+            // blocks, so nothing on the runtime runs until it is done.
+            let lease = Duration::from_millis(300);
+            let until = Instant::now() + lease;
+            arp.hold_until(until, true);
+            arp.claim().await.unwrap();
+            assert!(on_interface(&interface, vip), "claimed");
+            assert!(gate.is_open());
+            let deadline = until.into_std() + grace;
+            let mut gone_at = None;
+            while StdInstant::now() < deadline + Duration::from_secs(3) {
+                let checked = StdInstant::now();
+                if !on_interface(&interface, vip) {
+                    gone_at = Some(checked);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let gone_at = gone_at.expect("the watchdog deleted the stalled holder's VIP");
+            assert!(
+                gone_at >= deadline,
+                "deleted {:?} before the lease and its grace ran out",
+                deadline - gone_at
+            );
+            assert_eq!(arp.watchdog_releases(), 1);
+            assert!(!gate.is_open(), "the holding's clients were reset");
+
+            // Claimed again; the task (here: this thread) moves the lease
+            // on every 20 ms for 1 s: the watchdog leaves it alone.
+            arp.hold_until(Instant::now() + lease, true);
+            arp.claim().await.unwrap();
+            let started = StdInstant::now();
+            while started.elapsed() < Duration::from_secs(1) {
+                arp.hold_until(Instant::now() + lease, true);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                on_interface(&interface, vip),
+                "kept while the lease moves on"
+            );
+            assert_eq!(arp.watchdog_releases(), 1);
+
+            // The task releases on time itself: disarmed, no second release.
+            arp.release().await.unwrap();
+            assert!(!on_interface(&interface, vip));
+            std::thread::sleep(lease + grace * 4);
+            assert_eq!(arp.watchdog_releases(), 1);
+        });
+    })
+    .unwrap();
+}

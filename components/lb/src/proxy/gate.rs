@@ -137,23 +137,38 @@ impl FrontGate {
     /// delete the address right after; a bounded wait, because the fencing
     /// budget counts the whole release.
     pub async fn close(&self, within: Duration) -> Closed {
-        let holding = self.lock().take();
-        self.inner.open.send_replace(false);
-        let Some(h) = holding else {
+        let Some((reset, tracker)) = self.end_holding() else {
             return Closed::default();
         };
+        if reset > 0 {
+            let _ = tokio::time::timeout(within, tracker.wait()).await;
+        }
+        Closed {
+            reset,
+            left: tracker.len(),
+        }
+    }
+
+    /// Ends the holding like [`FrontGate::close`] without waiting for the
+    /// resets: for a caller off the runtime that must delete the address
+    /// next whatever happens (the lease watchdog). Returns how many
+    /// connections are being reset.
+    pub fn close_now(&self) -> usize {
+        self.end_holding().map_or(0, |(reset, _)| reset)
+    }
+
+    /// Stops accepting and starts resetting the holding's connections;
+    /// how many there were and the tracker that sees them end.
+    fn end_holding(&self) -> Option<(usize, TaskTracker)> {
+        let holding = self.lock().take();
+        self.inner.open.send_replace(false);
+        let h = holding?;
         // Counted before the cancel: the connections' threads start
         // closing at once.
         let reset = h.tracker.len();
         h.close.cancel();
         h.tracker.close();
-        if reset > 0 {
-            let _ = tokio::time::timeout(within, h.tracker.wait()).await;
-        }
-        Closed {
-            reset,
-            left: h.tracker.len(),
-        }
+        Some((reset, h.tracker))
     }
 
     /// Whether a holding is open.

@@ -30,7 +30,7 @@
 //! resets from the VIP, and the clients would wait for their own timeouts).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -47,6 +47,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::watchdog::Watchdog;
 use crate::proxy::FrontGate;
 
 /// One address of the VIP and the prefix length it is added with.
@@ -86,12 +87,14 @@ pub struct ArpVip {
     connection: Option<tokio::task::JoinHandle<()>>,
     /// Announcements still being sent for the current claim.
     announcing: Option<tokio::task::JoinHandle<()>>,
-    /// Until when the holder's lease is known to be fresh; announcements
-    /// go out only before it. A holder frozen in the middle of its
-    /// announcements must not send the rest when it wakes up: its lease is
-    /// gone, another node holds the VIP, and a late gratuitous ARP would
-    /// point clients at an address it no longer has.
-    valid_until: Arc<Mutex<Option<Instant>>>,
+    /// Until when the holder's lease is known to be fresh, kept by the
+    /// lease watchdog, which deletes the addresses itself if the VIP task
+    /// has not released one check interval after it ([`super::watchdog`]).
+    /// Announcements go out only before it: a holder frozen in the middle
+    /// of its announcements must not send the rest when it wakes up: its
+    /// lease is gone, another node holds the VIP, and a late gratuitous
+    /// ARP would point clients at an address it no longer has.
+    watchdog: Watchdog,
     /// The front listeners' gate, and how long a release waits for the
     /// resets before it deletes the addresses anyway.
     gate: Option<(FrontGate, Duration)>,
@@ -107,8 +110,10 @@ fn nl_err(what: &str, e: impl std::fmt::Display) -> std::io::Error {
 }
 
 impl ArpVip {
-    /// Opens a netlink connection (its task runs on the current runtime).
-    /// The addresses are added with `lifetime`, rounded up to whole seconds
+    /// Opens a netlink connection (its task runs on the current runtime)
+    /// and starts the lease watchdog, which releases `grace`
+    /// (`vip.checkInterval`) after the lease if the VIP task has not. The
+    /// addresses are added with `lifetime`, rounded up to whole seconds
     /// (the kernel's unit), at least one.
     pub fn new(
         interface: String,
@@ -116,7 +121,9 @@ impl ArpVip {
         announcements: u32,
         interval: Duration,
         lifetime: Duration,
+        grace: Duration,
     ) -> std::io::Result<Self> {
+        let watchdog = Watchdog::start(addresses.clone(), grace)?;
         let (connection, handle, _) = rtnetlink::new_connection()?;
         let connection = Some(tokio::spawn(connection));
         let vanished = Arc::new(Notify::new());
@@ -135,7 +142,7 @@ impl ArpVip {
             handle,
             connection,
             announcing: None,
-            valid_until: Arc::default(),
+            watchdog,
             gate: None,
             vanished,
             watching,
@@ -156,6 +163,7 @@ impl ArpVip {
     /// `release_budget` (`vip.releaseBudget`) for the resets, leaving the
     /// other half for the delete: the fencing counts the whole release.
     pub fn gate_front(&mut self, gate: FrontGate, release_budget: Duration) {
+        self.watchdog.gate(gate.clone());
         self.gate = Some((gate, release_budget / 2));
     }
 
@@ -237,15 +245,15 @@ impl ArpVip {
             .map_err(|e| nl_err(&format!("adding the VIP {}", a.ip), e))
     }
 
-    /// Deletes `address` from interface `index` if it is there.
+    /// Deletes `address` from interface `index` if it is there (gone in
+    /// the meantime, deleted by the lease watchdog, is fine too).
     async fn delete(&self, index: u32, address: IpAddr) -> std::io::Result<()> {
         for msg in self.present(index, address).await? {
-            self.handle
-                .address()
-                .del(msg)
-                .execute()
-                .await
-                .map_err(|e| nl_err(&format!("deleting the VIP {address}"), e))?;
+            match self.handle.address().del(msg).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => {}
+                Err(e) => return Err(nl_err(&format!("deleting the VIP {address}"), e)),
+            }
         }
         Ok(())
     }
@@ -271,18 +279,13 @@ impl ArpVip {
         }
         let (addresses, count, interval) =
             (self.addresses.clone(), self.announcements, self.interval);
-        let valid_until = self.valid_until.clone();
+        let lease = self.watchdog.lease();
         self.announcing = Some(tokio::spawn(async move {
             for i in 0..count {
                 if i > 0 {
                     tokio::time::sleep(interval).await;
                 }
-                let fresh = valid_until
-                    .lock()
-                    .ok()
-                    .and_then(|v| *v)
-                    .is_some_and(|v| Instant::now() < v);
-                if !fresh {
+                if !lease.fresh() {
                     return;
                 }
                 // Every family in the same round: both move at once.
@@ -312,11 +315,18 @@ impl ArpVip {
     }
 
     /// Records that the holder's lease is fresh until `until`
-    /// (announcements stop after it).
-    pub fn hold_until(&self, until: Instant) {
-        if let Ok(mut v) = self.valid_until.lock() {
-            *v = Some(until);
-        }
+    /// (announcements stop after it). When `fenced`, the lease watchdog
+    /// releases one check interval after it unless this moves it on first;
+    /// a sole voter is not fenced by time (nothing else can lead while it
+    /// does), so a stall does not cost it its VIP.
+    pub fn hold_until(&self, until: Instant, fenced: bool) {
+        self.watchdog.hold_until(until, fenced);
+    }
+
+    /// How many times the lease watchdog released the VIP because the VIP
+    /// task had not.
+    pub fn watchdog_releases(&self) -> u64 {
+        self.watchdog.fired()
     }
 
     /// Adds every address and starts announcing them. If one cannot be
@@ -327,8 +337,10 @@ impl ArpVip {
         if let Some((gate, _)) = &self.gate {
             gate.open();
         }
+        self.watchdog.arm(index);
         for a in &self.addresses {
             if let Err(e) = self.add(index, *a).await {
+                self.watchdog.disarm();
                 self.reset_clients().await;
                 if let Err(d) = self.delete_all(index).await {
                     return Err(nl_err(
@@ -366,6 +378,9 @@ impl ArpVip {
                 "the lease ran out before the renewal could be sent",
             ));
         }
+        // Armed again: a renewal after the watchdog released adds the
+        // addresses back (the lease is fresh again).
+        self.watchdog.arm(index);
         for (a, gone) in self.addresses.iter().zip(&vanished) {
             match self.add(index, *a).await {
                 Ok(()) => {}
@@ -386,9 +401,7 @@ impl ArpVip {
     }
 
     fn stop_announcing(&mut self) {
-        if let Ok(mut v) = self.valid_until.lock() {
-            *v = None;
-        }
+        self.watchdog.disarm();
         if let Some(task) = self.announcing.take() {
             task.abort();
         }

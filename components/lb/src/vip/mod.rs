@@ -32,6 +32,7 @@ pub mod bind;
 pub mod fence;
 pub mod iface;
 pub mod refusals;
+pub mod watchdog;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -102,12 +103,13 @@ impl Actuator {
         }
     }
 
-    /// Tells the actuator the holder's lease is fresh until `until`.
-    fn hold_until(&self, until: Instant) {
+    /// Tells the actuator the holder's lease is fresh until `until`, and
+    /// whether the lease watchdog enforces it (not for a sole voter).
+    fn hold_until(&self, until: Instant, fenced: bool) {
         match self {
             Actuator::Bind(_) => {}
-            Actuator::Arp(a) => a.hold_until(until),
-            Actuator::Bgp(g) => g.hold_until(until),
+            Actuator::Arp(a) => a.hold_until(until, fenced),
+            Actuator::Bgp(g) => g.hold_until(until, fenced),
         }
     }
 
@@ -315,7 +317,7 @@ impl VipTask {
         self
     }
 
-    fn view(&self) -> LeaderView {
+    fn view(&self) -> (LeaderView, bool) {
         let m = self.raft.metrics().borrow_watched().clone();
         let leading = crate::raft::leads(&m, self.node_id);
         // A lone voter is its own quorum: nothing acknowledges it, and
@@ -326,20 +328,22 @@ impl VipTask {
             .voter_ids()
             .eq([self.node_id]);
         if leading && alone {
-            return LeaderView {
+            let view = LeaderView {
                 leader_term: Some(m.current_term),
                 last_quorum_acked: Some(Instant::now()),
             };
+            return (view, true);
         }
         let acked = m.last_quorum_acked.map(|a| {
             // openraft's instant wraps tokio's; map through "elapsed".
             let age = openraft::Instant::elapsed(&a.into_inner());
             Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
         });
-        LeaderView {
+        let view = LeaderView {
             leader_term: leading.then_some(m.current_term),
             last_quorum_acked: if leading { acked } else { None },
-        }
+        };
+        (view, false)
     }
 
     fn transfer_recent(&self, now: Instant) -> bool {
@@ -396,7 +400,7 @@ impl VipTask {
                 // The held address was deleted: renew (add it back) now.
                 () = notified(vanished.as_deref()) => renew_at = renew_at.map(|_| Instant::now()),
             }
-            let view = self.view();
+            let (view, alone) = self.view();
             let now = Instant::now();
             if view.leader_term.is_none()
                 && let Some(contact) = self.signals.last_contact()
@@ -418,7 +422,7 @@ impl VipTask {
             if self.fence.holding()
                 && let Some(remaining) = self.fence.lease_remaining(&view, now)
             {
-                self.actuator.hold_until(now + remaining);
+                self.actuator.hold_until(now + remaining, !alone);
             }
             match action {
                 // Renew only right after the fence said "keep holding".

@@ -269,9 +269,11 @@ impl BgpVip {
         self.local.release().await
     }
 
-    /// Records that the lease is fresh until `until`.
-    pub fn hold_until(&self, until: Instant) {
-        self.local.hold_until(until);
+    /// Records that the lease is fresh until `until`; `fenced` as for
+    /// [`ArpVip::hold_until`] (the lease watchdog deletes the local
+    /// address; the withdrawals stay the VIP task's).
+    pub fn hold_until(&self, until: Instant, fenced: bool) {
+        self.local.hold_until(until, fenced);
         if let Ok(mut v) = self.valid_until.lock() {
             *v = Some(until);
         }

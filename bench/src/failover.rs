@@ -106,6 +106,9 @@ struct Report {
     ip_addr_sweeps: u64,
     arp_windows: u64,
     double_holder_samples: usize,
+    /// Releases the nodes' lease watchdogs made because a VIP task had not
+    /// released in time (counted in their logs).
+    watchdog_releases: usize,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -221,6 +224,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         ip_addr_sweeps: w.addr_samples,
         arp_windows: w.arp_windows,
         double_holder_samples: w.addr_violations.len() + w.arp_violations.len(),
+        watchdog_releases: watchdog_releases(&l),
         soak,
         realtime: args.realtime,
         trial_burners: args.trial_burners,
@@ -243,6 +247,19 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// How many times the nodes' lease watchdogs released the VIP (the line
+/// `components/lb/src/vip/watchdog.rs` logs), over the whole run.
+fn watchdog_releases(l: &LbLab) -> usize {
+    l.nodes
+        .iter()
+        .map(|n| {
+            n.log()
+                .matches("the lease watchdog deleted the VIP")
+                .count()
+        })
+        .sum()
 }
 
 /// The highest Raft term any node reports.
@@ -377,11 +394,12 @@ fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "\n{} trials. Witnesses: {} `ip addr` sweeps and {} ARP probe windows saw {} instants with two holders.\n",
+        "\n{} trials. Witnesses: {} `ip addr` sweeps and {} ARP probe windows saw {} instants with two holders. The lease watchdogs released the VIP {} times (a VIP task late by more than a check interval after its lease).\n",
         r.trials.len(),
         r.ip_addr_sweeps,
         r.arp_windows,
-        r.double_holder_samples
+        r.double_holder_samples,
+        r.watchdog_releases
     );
     if let Some(k) = &r.soak {
         let _ = writeln!(

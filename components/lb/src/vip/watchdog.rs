@@ -357,10 +357,10 @@ mod tests {
         dog.arm(3);
         for _ in 0..20 {
             dog.hold_until(
-                tokio::time::Instant::now() + Duration::from_millis(40),
+                tokio::time::Instant::now() + Duration::from_millis(300),
                 true,
             );
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(50));
         }
         dog.disarm();
         std::thread::sleep(Duration::from_millis(100));

@@ -107,8 +107,9 @@ struct Report {
     arp_windows: u64,
     double_holder_samples: usize,
     /// Releases the nodes' lease watchdogs made because a VIP task had not
-    /// released in time (counted in their logs).
-    watchdog_releases: usize,
+    /// released in time: their log lines (how late the watchdog itself
+    /// was, how long the release took).
+    watchdog_releases: Vec<String>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -249,17 +250,40 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How many times the nodes' lease watchdogs released the VIP (the line
-/// `components/lb/src/vip/watchdog.rs` logs), over the whole run.
-fn watchdog_releases(l: &LbLab) -> usize {
+/// The lines the nodes' lease watchdogs logged when they released the VIP
+/// (`components/lb/src/vip/watchdog.rs`), over the whole run, each with
+/// the node's name in front and how much later the node's VIP task then
+/// logged its own release: what the watchdog saved.
+fn watchdog_releases(l: &LbLab) -> Vec<String> {
     l.nodes
         .iter()
-        .map(|n| {
-            n.log()
-                .matches("the lease watchdog deleted the VIP")
-                .count()
+        .enumerate()
+        .flat_map(|(i, n)| {
+            let log = n.log();
+            let lines: Vec<&str> = log.lines().collect();
+            lines
+                .iter()
+                .enumerate()
+                .filter(|(_, line)| line.contains("the lease watchdog deleted the VIP"))
+                .map(|(at, line)| {
+                    let task = lines[at..]
+                        .iter()
+                        .find(|l| l.contains("released the VIP reason="))
+                        .and_then(|task| Some((logged_at(task)?, logged_at(line)?)))
+                        .and_then(|(task, dog)| task.duration_since(dog).ok())
+                        .map_or("the VIP task's release was not logged".to_owned(), |d| {
+                            format!("the VIP task released {:.1} ms later", ms(d))
+                        });
+                    format!("lb-{}: {} ({task})", i + 1, line.trim())
+                })
+                .collect::<Vec<_>>()
         })
-        .sum()
+        .collect()
+}
+
+/// The time stamp a text log line starts with.
+fn logged_at(line: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(line.split_whitespace().next()?).ok()
 }
 
 /// The highest Raft term any node reports.
@@ -399,8 +423,14 @@ fn markdown(r: &Report) -> String {
         r.ip_addr_sweeps,
         r.arp_windows,
         r.double_holder_samples,
-        r.watchdog_releases
+        r.watchdog_releases.len()
     );
+    for line in &r.watchdog_releases {
+        let _ = writeln!(s, "    {line}");
+    }
+    if !r.watchdog_releases.is_empty() {
+        s.push('\n');
+    }
     if let Some(k) = &r.soak {
         let _ = writeln!(
             s,

@@ -418,7 +418,7 @@ fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "\n{} trials. Witnesses: {} `ip addr` sweeps and {} ARP probe windows saw {} instants with two holders. The lease watchdogs released the VIP {} times (a VIP task late by more than a check interval after its lease).\n",
+        "\n{} trials. Witnesses: {} `ip addr` sweeps and {} ARP probe windows saw {} instants with two holders. Lease watchdog releases (a VIP task not yet released one check interval after its lease): {}.\n",
         r.trials.len(),
         r.ip_addr_sweeps,
         r.arp_windows,

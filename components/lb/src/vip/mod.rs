@@ -124,6 +124,16 @@ impl Actuator {
         }
     }
 
+    /// How many times the lease watchdog released the VIP (arp and bgp
+    /// mode).
+    fn watchdog_releases(&self) -> u64 {
+        match self {
+            Actuator::Bind(_) => 0,
+            Actuator::Arp(a) => a.watchdog_releases(),
+            Actuator::Bgp(g) => g.watchdog_releases(),
+        }
+    }
+
     /// Renews a held VIP if still before `valid_until`.
     async fn renew(&mut self, valid_until: Instant) -> std::io::Result<Renewal> {
         match self {
@@ -246,6 +256,8 @@ pub struct VipTask {
     /// Cancels the tickles of the current holding when it ends: they are
     /// only for right after the claim.
     tickling: CancellationToken,
+    /// The lease watchdog's releases this task has accounted for.
+    watchdog_seen: u64,
 }
 
 /// The receiving half of a [`VipHandle`], turned into a task by
@@ -296,6 +308,7 @@ impl VipTask {
             worker: Worker::detached(WORKER),
             tickles: None,
             tickling: CancellationToken::new(),
+            watchdog_seen: 0,
         }
     }
 
@@ -603,11 +616,22 @@ impl VipTask {
                 None
             }
             Ok(Renewal::Readded) => {
-                tracing::warn!(
-                    term,
-                    "the VIP had vanished from the interface while this node still held it; added and announced it again"
-                );
-                metrics::counter!("bulwark_lb_vip_readded_total").increment(1);
+                let released = self.actuator.watchdog_releases();
+                if released > self.watchdog_seen {
+                    // Counted by the watchdog already; not someone else's
+                    // deletion.
+                    self.watchdog_seen = released;
+                    tracing::warn!(
+                        term,
+                        "this VIP task ran late and its lease watchdog released the VIP, but the lease is fresh again; added and announced it again"
+                    );
+                } else {
+                    tracing::warn!(
+                        term,
+                        "the VIP had vanished from the interface while this node still held it; added and announced it again"
+                    );
+                    metrics::counter!("bulwark_lb_vip_readded_total").increment(1);
+                }
                 Some(Instant::now() + interval)
             }
             Err(e) => {
@@ -630,7 +654,11 @@ impl VipTask {
             self.worker.failed(&format_args!("releasing the VIP: {e}"));
         }
         self.worker.set_state("standby");
-        tracing::warn!(reason = reason.as_str(), took = ?started.elapsed(), "released the VIP");
+        // The watchdog may have deleted the addresses already.
+        let released = self.actuator.watchdog_releases();
+        let watchdog_first = released > self.watchdog_seen;
+        self.watchdog_seen = released;
+        tracing::warn!(reason = reason.as_str(), took = ?started.elapsed(), watchdog_first, "released the VIP");
         metrics::counter!("bulwark_lb_vip_releases_total", "reason" => reason.as_str())
             .increment(1);
         metrics::gauge!("bulwark_lb_vip_held").set(0.0);

@@ -269,6 +269,11 @@ impl BgpVip {
         self.local.release().await
     }
 
+    /// How many times the lease watchdog deleted the local address.
+    pub fn watchdog_releases(&self) -> u64 {
+        self.local.watchdog_releases()
+    }
+
     /// Records that the lease is fresh until `until`; `fenced` as for
     /// [`ArpVip::hold_until`] (the lease watchdog deletes the local
     /// address; the withdrawals stay the VIP task's).

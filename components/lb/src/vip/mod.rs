@@ -15,7 +15,10 @@
 //! under a live holder is renewed (added back) as soon as the kernel
 //! reports the deletion. Leadership
 //! transfers and shutdown go through [`VipHandle::hand_over`], which
-//! returns only once the VIP is released.
+//! returns only once the VIP is released. In arp and bgp mode the task
+//! records its lease with a [`watchdog`] thread that releases in its place
+//! if the task, running late on a busy node, has not released one
+//! `checkInterval` after the lease.
 //!
 //! In arp and bgp mode an nftables rule ([`refusals`]) keeps a killed
 //! holder's lingering address from refusing connects: its clients retry

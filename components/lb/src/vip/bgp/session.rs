@@ -10,7 +10,7 @@
 //! send one UPDATE: no TCP or OPEN round trips on the failover path.
 //!
 //! An announcement goes out only while the holder's lease is known fresh
-//! ([`Desired::valid_until`]): a process frozen between "claim" and the
+//! ([`ValidUntil`]): a process frozen between "claim" and the
 //! write must not announce after its lease ran out.
 
 use std::net::{IpAddr, SocketAddr};

@@ -254,14 +254,14 @@ impl Tally {
 }
 
 /// Starts the guard over the threads [`make_realtime`] and [`adopt`] made
-/// real-time at `priority`: see the module header. The guard runs at one
-/// priority above them (so their busy loops cannot starve it) when the
-/// kernel allows, and for the rest of the process.
+/// real-time at `priority` (call it after them): see the module header.
+/// The guard runs at one priority above them (so their busy loops cannot
+/// starve it) when the kernel allows, and for the rest of the process.
 pub fn spawn_guard(priority: u8, budget: Budget) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("rt-guard".into())
         .spawn(move || {
-            if let Err(e) = set_policy(0, priority.saturating_add(1).min(MAX_PRIORITY)) {
+            if let Err(e) = make_sentinel(1) {
                 tracing::warn!(error = %e, "the real-time guard runs as an ordinary thread");
             }
             guard(priority, budget);

@@ -251,7 +251,7 @@ impl ArpVip {
         for msg in self.present(index, address).await? {
             match self.handle.address().del(msg).execute().await {
                 Ok(()) => {}
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => {}
+                Err(rtnetlink::Error::NetlinkError(e)) if already_gone(e.raw_code()) => {}
                 Err(e) => return Err(nl_err(&format!("deleting the VIP {address}"), e)),
             }
         }
@@ -518,6 +518,13 @@ pub fn bind_front(address: SocketAddr) -> std::io::Result<std::net::TcpListener>
     socket.bind(&address.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
+}
+
+/// Whether netlink's answer `code` (a negative errno) to deleting an
+/// address means it is not there (any more): deleted meanwhile, by the
+/// VIP task or the lease watchdog, or its interface gone.
+pub(super) fn already_gone(code: i32) -> bool {
+    code == -libc::EADDRNOTAVAIL || code == -libc::ENODEV
 }
 
 /// Whether the kernel's entry for an address has no lifetime (valid

@@ -619,11 +619,9 @@ impl VipTask {
                 None
             }
             Ok(Renewal::Readded) => {
-                let released = self.actuator.watchdog_releases();
-                if released > self.watchdog_seen {
+                if self.watchdog_released() {
                     // Counted by the watchdog already; not someone else's
                     // deletion.
-                    self.watchdog_seen = released;
                     tracing::warn!(
                         term,
                         "this VIP task ran late and its lease watchdog released the VIP, but the lease is fresh again; added and announced it again"
@@ -658,14 +656,21 @@ impl VipTask {
         }
         self.worker.set_state("standby");
         // The watchdog may have deleted the addresses already.
-        let released = self.actuator.watchdog_releases();
-        let watchdog_first = released > self.watchdog_seen;
-        self.watchdog_seen = released;
+        let watchdog_first = self.watchdog_released();
         tracing::warn!(reason = reason.as_str(), took = ?started.elapsed(), watchdog_first, "released the VIP");
         metrics::counter!("bulwark_lb_vip_releases_total", "reason" => reason.as_str())
             .increment(1);
         metrics::gauge!("bulwark_lb_vip_held").set(0.0);
         self.state.send_replace(VipState::default());
+    }
+
+    /// Whether the lease watchdog released the VIP since this was last
+    /// asked.
+    fn watchdog_released(&mut self) -> bool {
+        let released = self.actuator.watchdog_releases();
+        let new = released > self.watchdog_seen;
+        self.watchdog_seen = released;
+        new
     }
 
     /// Logs, measures and proposes the failover record.

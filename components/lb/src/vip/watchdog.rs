@@ -31,7 +31,7 @@ use rtnetlink::packet_core::{
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
-use super::arp::{VipAddress, address_message};
+use super::arp::{VipAddress, address_message, already_gone};
 use crate::proxy::FrontGate;
 
 /// Real-time priorities above the control threads' (the guard is one
@@ -127,12 +127,8 @@ impl Watchdog {
         }
     }
 
-    /// Whether the lease is still fresh (announcements go out only then).
-    pub fn fresh(&self) -> bool {
-        self.shared.fresh()
-    }
-
-    /// A handle for a task that only asks [`Watchdog::fresh`].
+    /// A handle for a task that only asks whether the lease is still fresh
+    /// (announcements go out only then).
     pub fn lease(&self) -> Lease {
         Lease(self.shared.clone())
     }
@@ -279,7 +275,7 @@ impl Deleter {
         self.socket.send(&bytes, 0)?;
         match self.ack()? {
             0 => Ok(true),
-            code if -code == libc::EADDRNOTAVAIL || -code == libc::ENODEV => Ok(false),
+            code if already_gone(code) => Ok(false),
             code => Err(std::io::Error::from_raw_os_error(-code)),
         }
     }
@@ -335,7 +331,7 @@ mod tests {
         let (dog, fired) = recording(grace);
         let until = tokio::time::Instant::now() + Duration::from_millis(60);
         dog.hold_until(until, true);
-        assert!(dog.fresh());
+        assert!(dog.lease().fresh());
         dog.arm(7);
         wait_for(&dog, 1);
         let log = fired.lock().unwrap().clone();
@@ -345,7 +341,7 @@ mod tests {
             log[0].1 >= until.into_std() + grace,
             "never before the deadline and its grace"
         );
-        assert!(!dog.fresh(), "the lease is forgotten once released");
+        assert!(!dog.lease().fresh(), "the lease is forgotten once released");
         // Disarmed by its own release: nothing more happens.
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(dog.fired(), 1);

@@ -366,9 +366,12 @@ mod tests {
         dog.hold_until(tokio::time::Instant::now(), true);
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(dog.fired(), 0);
-        // A sole voter's lease is not enforced: armed, run out, kept.
-        dog.arm(3);
+        // A sole voter's lease is not enforced: run out, armed, kept. (The
+        // lease is recorded before the arming, as the VIP task does before
+        // a claim: armed first, the lease above, run out and fenced, would
+        // be released at once.)
         dog.hold_until(tokio::time::Instant::now(), false);
+        dog.arm(3);
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(dog.fired(), 0);
         assert!(fired.lock().unwrap().is_empty());

@@ -46,6 +46,20 @@ pub struct Args {
     /// in one session.
     #[arg(long)]
     realtime: bool,
+    /// The LB nodes' `raft.heartbeatInterval` (default: the LB's default),
+    /// to compare timer settings in one session.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// The LB nodes' `raft.electionTimeoutMin` (default: the LB's default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    election_timeout_min: Option<Duration>,
+    /// The LB nodes' `raft.electionTimeoutMax`, the voters' lease `F`
+    /// (default: the LB's default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    election_timeout_max: Option<Duration>,
+    /// The LB nodes' `vip.lease` (default: the LB's default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    lease: Option<Duration>,
     /// Where the report goes (`<date>-failover.md` and `.json`).
     #[arg(long, default_value = "bench/results")]
     out_dir: PathBuf,
@@ -68,6 +82,57 @@ struct Summary {
     max_ms: f64,
 }
 
+/// The timers the LB nodes ran with (milliseconds in the JSON).
+#[derive(Serialize)]
+struct Timers {
+    #[serde(rename = "heartbeat_interval_ms", serialize_with = "as_ms")]
+    heartbeat_interval: Duration,
+    #[serde(rename = "election_timeout_min_ms", serialize_with = "as_ms")]
+    election_timeout_min: Duration,
+    #[serde(rename = "election_timeout_max_ms", serialize_with = "as_ms")]
+    election_timeout_max: Duration,
+    #[serde(rename = "lease_ms", serialize_with = "as_ms")]
+    lease: Duration,
+    #[serde(rename = "check_interval_ms", serialize_with = "as_ms")]
+    check_interval: Duration,
+}
+
+fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(ms(*d))
+}
+
+impl Timers {
+    /// The LB's defaults with the flags' overrides.
+    fn from_args(args: &Args) -> Self {
+        let (raft, vip) = (
+            bulwark_lb::config::RaftConfig::default(),
+            bulwark_lb::config::VipConfig::default(),
+        );
+        Self {
+            heartbeat_interval: args.heartbeat_interval.unwrap_or(raft.heartbeat_interval),
+            election_timeout_min: args
+                .election_timeout_min
+                .unwrap_or(raft.election_timeout_min),
+            election_timeout_max: args
+                .election_timeout_max
+                .unwrap_or(raft.election_timeout_max),
+            lease: args.lease.unwrap_or(vip.lease),
+            check_interval: vip.check_interval,
+        }
+    }
+
+    /// Writes these timers (and `realtime`) into a node's configuration.
+    fn apply(&self, c: &mut bulwark_lb::config::LbConfig, realtime: bool) {
+        c.raft.heartbeat_interval = self.heartbeat_interval;
+        c.raft.election_timeout_min = self.election_timeout_min;
+        c.raft.election_timeout_max = self.election_timeout_max;
+        c.vip.lease = self.lease;
+        if realtime {
+            c.realtime_priority = 10;
+        }
+    }
+}
+
 /// Steady state under load with no fault: elections here are spurious.
 #[derive(Serialize)]
 struct Soak {
@@ -79,6 +144,9 @@ struct Soak {
     elections: u64,
     /// Times the VIP holder changed.
     holder_changes: u64,
+    /// Times a node released the VIP (its lease lapsed, say, and it claimed
+    /// again): each is a short outage that no fault asked for.
+    vip_releases: u64,
     /// Connects from the client host during the soak, and how many failed.
     connects: u64,
     failed_connects: u64,
@@ -95,6 +163,7 @@ struct Report {
     /// The LB nodes' control threads: `SCHED_RR` (`--realtime`) or
     /// ordinary (the default `realtimePriority: 0`).
     realtime: bool,
+    timers: Timers,
     /// Busy threads competing with the LB processes during the trials.
     trial_burners: usize,
     /// `/proc/loadavg` after the last trial.
@@ -139,11 +208,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: &Args) -> anyhow::Result<()> {
-    let lab = if args.realtime {
-        LbLab::start_edited(3, |c| c.realtime_priority = 10).await
-    } else {
-        LbLab::start(3).await
-    };
+    let timers = Timers::from_args(args);
+    let lab = LbLab::start_edited(3, |c| timers.apply(c, args.realtime)).await;
     let Some(l) = lab else {
         bail!("the failover scenario needs root (network namespaces)");
     };
@@ -228,6 +294,7 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         watchdog_releases: watchdog_releases(&l),
         soak,
         realtime: args.realtime,
+        timers,
         trial_burners: args.trial_burners,
         trial_load_average,
         trials,
@@ -268,7 +335,7 @@ fn watchdog_releases(l: &LbLab) -> Vec<String> {
                 .map(|(at, line)| {
                     let task = lines[at..]
                         .iter()
-                        .find(|l| l.contains("released the VIP reason="))
+                        .find(|l| l.contains(RELEASED))
                         .and_then(|task| Some((logged_at(task)?, logged_at(line)?)))
                         .and_then(|(task, dog)| task.duration_since(dog).ok())
                         .map_or("the VIP task's release was not logged".to_owned(), |d| {
@@ -280,6 +347,16 @@ fn watchdog_releases(l: &LbLab) -> Vec<String> {
         })
         .collect()
 }
+
+/// How many times the nodes' VIP tasks have released the VIP so far.
+fn vip_releases(l: &LbLab) -> u64 {
+    let released = |log: String| log.lines().filter(|l| l.contains(RELEASED)).count() as u64;
+    l.nodes.iter().map(|n| released(n.log())).sum()
+}
+
+/// What the VIP task logs when it releases the VIP
+/// (`components/lb/src/vip/mod.rs`).
+const RELEASED: &str = "released the VIP reason=";
 
 /// The time stamp a text log line starts with.
 fn logged_at(line: &str) -> Option<SystemTime> {
@@ -303,6 +380,7 @@ async fn highest_term(l: &LbLab) -> u64 {
 async fn soak(l: &LbLab, seconds: u64, burners: usize) -> Soak {
     let burning = Burners::start(burners);
     let term_before = highest_term(l).await;
+    let releases_before = vip_releases(l);
     let mut holder = l.holders().first().copied();
     let (mut connects, mut failed, mut holder_changes) = (0u64, 0u64, 0u64);
     let client = l.client();
@@ -327,16 +405,18 @@ async fn soak(l: &LbLab, seconds: u64, burners: usize) -> Soak {
         load_average,
         elections: highest_term(l).await.saturating_sub(term_before),
         holder_changes,
+        vip_releases: vip_releases(l).saturating_sub(releases_before),
         connects,
         failed_connects: failed,
     };
     eprintln!(
-        "soak: {} s, {} burners, load {}: {} elections, {} holder changes, {}/{} connects failed",
+        "soak: {} s, {} burners, load {}: {} elections, {} holder changes, {} VIP releases, {}/{} connects failed",
         soak.seconds,
         soak.burners,
         soak.load_average,
         soak.elections,
         soak.holder_changes,
+        soak.vip_releases,
         soak.failed_connects,
         soak.connects
     );
@@ -398,8 +478,14 @@ fn markdown(r: &Report) -> String {
     };
     let _ = writeln!(
         s,
-        "The LB nodes' control threads: {threads}. Trials with {} busy threads competing for the cores (load average after the last trial: {}).\n",
-        r.trial_burners, r.trial_load_average
+        "The LB nodes' control threads: {threads}. Timers: heartbeat {:?}, election timeout {:?}-{:?}, lease {:?}, check interval {:?}. Trials with {} busy threads competing for the cores (load average after the last trial: {}).\n",
+        r.timers.heartbeat_interval,
+        r.timers.election_timeout_min,
+        r.timers.election_timeout_max,
+        r.timers.lease,
+        r.timers.check_interval,
+        r.trial_burners,
+        r.trial_load_average
     );
     let _ = writeln!(s, "| | median | p99 | max |\n|---|---|---|---|");
     for (name, v) in [
@@ -434,12 +520,13 @@ fn markdown(r: &Report) -> String {
     if let Some(k) = &r.soak {
         let _ = writeln!(
             s,
-            "Spurious elections: before the trials, {} s of steady state with no fault while {} busy threads compete for the cores (load average at the end: {}) and the client connects every 10 ms: **{} elections**, {} VIP holder changes, {} of {} connects failed.\n",
+            "Spurious elections: before the trials, {} s of steady state with no fault while {} busy threads compete for the cores (load average at the end: {}) and the client connects every 10 ms: **{} elections**, {} VIP holder changes, {} VIP releases, {} of {} connects failed.\n",
             k.seconds,
             k.burners,
             k.load_average,
             k.elections,
             k.holder_changes,
+            k.vip_releases,
             k.failed_connects,
             k.connects
         );

@@ -360,13 +360,13 @@ fn d_raft_address() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9441))
 }
 fn d_heartbeat() -> Duration {
-    Duration::from_millis(50)
+    Duration::from_millis(40)
 }
 fn d_election_min() -> Duration {
     Duration::from_millis(150)
 }
 fn d_election_max() -> Duration {
-    Duration::from_millis(250)
+    Duration::from_millis(220)
 }
 fn d_snapshot_every() -> u64 {
     1000
@@ -830,7 +830,7 @@ impl Validate for BgpPeerConfig {
     }
 }
 fn d_lease() -> Duration {
-    Duration::from_millis(180)
+    Duration::from_millis(150)
 }
 fn d_check() -> Duration {
     Duration::from_millis(10)
@@ -1450,11 +1450,11 @@ mod tests {
     fn minimal_config_gets_the_documented_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.node_name(), "node-1");
-        assert_eq!(c.raft.heartbeat_interval, Duration::from_millis(50));
+        assert_eq!(c.raft.heartbeat_interval, Duration::from_millis(40));
         assert_eq!(c.raft.election_timeout_min, Duration::from_millis(150));
-        assert_eq!(c.raft.election_timeout_max, Duration::from_millis(250));
+        assert_eq!(c.raft.election_timeout_max, Duration::from_millis(220));
         assert_eq!(c.vip.mode, VipMode::Disabled);
-        assert_eq!(c.vip.lease, Duration::from_millis(180));
+        assert_eq!(c.vip.lease, Duration::from_millis(150));
         assert_eq!(
             c.access.peers.as_ref().unwrap().organizations,
             ["bulwark:lb"]
@@ -2039,8 +2039,8 @@ mod tests {
         ));
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(
-            w[0].starts_with("vip.lease: 400ms is longer than raft.electionTimeoutMax (250ms)")
-                && w[0].contains("(150ms)"),
+            w[0].starts_with("vip.lease: 400ms is longer than raft.electionTimeoutMax (220ms)")
+                && w[0].contains("(180ms)"),
             "{w:?}"
         );
     }

@@ -278,7 +278,7 @@ async fn heavy_netns_partitioned_leader_releases_within_its_lease() {
     }
     let released = cut.elapsed();
     eprintln!(
-        "partitioned leader h{} released the VIP {released:?} after the cut (lease 180ms + last ack age)",
+        "partitioned leader h{} released the VIP {released:?} after the cut (lease 150ms + last ack age)",
         leader + 1
     );
     let new = l

@@ -283,7 +283,7 @@ async fn heavy_netns_arp_mode_release_resets_the_old_holders_clients() {
         .wait_for_holder(Some(leader), Duration::from_secs(10))
         .await;
     eprintln!(
-        "partitioned leader h{}: its client reset {reset:?} after the cut (lease 180 ms); VIP now on h{}",
+        "partitioned leader h{}: its client reset {reset:?} after the cut (lease 150 ms); VIP now on h{}",
         leader + 1,
         new + 1
     );

@@ -103,7 +103,7 @@ impl LbLab {
     /// `edit` before it is written (a test turning a feature off).
     pub async fn start_edited(
         n: usize,
-        edit: fn(&mut bulwark_lb::config::LbConfig),
+        edit: impl Fn(&mut bulwark_lb::config::LbConfig),
     ) -> Option<Self> {
         let binary = crate::tools::bin_path("bulwark-lb").unwrap();
         Self::start_with(n, Stack::V4, &binary, edit).await
@@ -113,7 +113,7 @@ impl LbLab {
         n: usize,
         stack: Stack,
         binary: &Path,
-        edit: fn(&mut bulwark_lb::config::LbConfig),
+        edit: impl Fn(&mut bulwark_lb::config::LbConfig),
     ) -> Option<Self> {
         crate::install_crypto_provider();
         let lab = Lab::start_or_skip(n + 1).unwrap()?;

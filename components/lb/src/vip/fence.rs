@@ -258,7 +258,7 @@ mod tests {
         assert_eq!(
             t.claim_delay(false),
             Duration::ZERO,
-            "defaults need no wait"
+            "F = 250 ms needs no wait"
         );
         assert_eq!(t.claim_delay(true), hold);
         let long = FenceTiming {
@@ -266,6 +266,17 @@ mod tests {
             ..t
         };
         assert!(long.claim_delay(false) > Duration::from_millis(190));
+    }
+
+    #[test]
+    fn the_default_timers_need_no_claim_delay_and_keep_their_slack() {
+        let t = crate::config::VipConfig::default().timing(&crate::config::RaftConfig::default());
+        // (150 + 10) / 0.99 + 25 = 186.6 ms, times 1.01 = 188.5 ms, against
+        // F = 220 ms: the new leader claims at once, and a running old
+        // holder has let go about 30 ms before the voters' lease ends.
+        assert_eq!(t.claim_delay(false), Duration::ZERO);
+        let slack = t.follower_lease - t.max_hold_after_ack().mul_f64(1.0 + t.clock_drift);
+        assert!(slack > Duration::from_millis(30), "{slack:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use bulwark_testkit::cluster::lab::{LbLab, Sampler, measure_gap};
 
-use crate::stats::{kernel, machine_summary, median, percentile};
+use crate::stats::{kernel, machine_summary, median, ms, percentile};
 
 /// Flags of `bulwark-bench failover`.
 #[derive(clap::Args)]
@@ -85,20 +85,28 @@ struct Summary {
 /// The timers the LB nodes ran with (milliseconds in the JSON).
 #[derive(Serialize)]
 struct Timers {
-    #[serde(rename = "heartbeat_interval_ms", serialize_with = "as_ms")]
+    #[serde(
+        rename = "heartbeat_interval_ms",
+        serialize_with = "crate::stats::serialize_ms"
+    )]
     heartbeat_interval: Duration,
-    #[serde(rename = "election_timeout_min_ms", serialize_with = "as_ms")]
+    #[serde(
+        rename = "election_timeout_min_ms",
+        serialize_with = "crate::stats::serialize_ms"
+    )]
     election_timeout_min: Duration,
-    #[serde(rename = "election_timeout_max_ms", serialize_with = "as_ms")]
+    #[serde(
+        rename = "election_timeout_max_ms",
+        serialize_with = "crate::stats::serialize_ms"
+    )]
     election_timeout_max: Duration,
-    #[serde(rename = "lease_ms", serialize_with = "as_ms")]
+    #[serde(rename = "lease_ms", serialize_with = "crate::stats::serialize_ms")]
     lease: Duration,
-    #[serde(rename = "check_interval_ms", serialize_with = "as_ms")]
+    #[serde(
+        rename = "check_interval_ms",
+        serialize_with = "crate::stats::serialize_ms"
+    )]
     check_interval: Duration,
-}
-
-fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(ms(*d))
 }
 
 impl Timers {
@@ -121,15 +129,12 @@ impl Timers {
         }
     }
 
-    /// Writes these timers (and `realtime`) into a node's configuration.
-    fn apply(&self, c: &mut bulwark_lb::config::LbConfig, realtime: bool) {
+    /// Writes these timers into a node's configuration.
+    fn apply(&self, c: &mut bulwark_lb::config::LbConfig) {
         c.raft.heartbeat_interval = self.heartbeat_interval;
         c.raft.election_timeout_min = self.election_timeout_min;
         c.raft.election_timeout_max = self.election_timeout_max;
         c.vip.lease = self.lease;
-        if realtime {
-            c.realtime_priority = 10;
-        }
     }
 }
 
@@ -181,10 +186,6 @@ struct Report {
     watchdog_releases: Vec<String>,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 fn pb_ms(d: Option<prost_types::Duration>) -> Option<f64> {
     d.map(|d| d.seconds as f64 * 1000.0 + f64::from(d.nanos) / 1e6)
 }
@@ -209,7 +210,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
 async fn run_async(args: &Args) -> anyhow::Result<()> {
     let timers = Timers::from_args(args);
-    let lab = LbLab::start_edited(3, |c| timers.apply(c, args.realtime)).await;
+    let lab = LbLab::start_edited(3, |c| {
+        timers.apply(c);
+        if args.realtime {
+            c.realtime_priority = 10;
+        }
+    })
+    .await;
     let Some(l) = lab else {
         bail!("the failover scenario needs root (network namespaces)");
     };

@@ -114,6 +114,19 @@ pub fn tool_version(prog: &str, arg: &str) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// A duration in milliseconds, the unit every report gives times in.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Serializes a duration as [`ms`] (`#[serde(serialize_with = ...)]`).
+pub fn serialize_ms<S: serde::Serializer>(
+    d: &std::time::Duration,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(ms(*d))
+}
+
 /// The 1/5/15-minute load averages, as /proc/loadavg writes them.
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -166,6 +179,23 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+
+    #[test]
+    fn durations_are_reported_in_milliseconds_with_their_fraction() {
+        assert_eq!(ms(Duration::from_micros(1500)), 1.5);
+        let json = serde_json::to_string(&{
+            #[derive(serde::Serialize)]
+            struct T {
+                #[serde(serialize_with = "serialize_ms")]
+                d: Duration,
+            }
+            T {
+                d: Duration::from_millis(40),
+            }
+        })
+        .unwrap();
+        assert_eq!(json, r#"{"d":40.0}"#);
+    }
 
     #[test]
     fn median_of_an_odd_count_is_the_middle_value() {

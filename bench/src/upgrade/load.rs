@@ -19,6 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use bulwark_testkit::Host;
 use bulwark_testkit::cluster::lab::{LbLab, echo};
 
+use crate::stats::ms;
+
 /// Kept-alive request loops beside the connect loop.
 pub const KEEPALIVE_LOOPS: usize = 3;
 
@@ -127,10 +129,6 @@ impl Load {
             requests: total(&|s| s > 0),
         }
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// The longest interval between consecutive successes (`ok`, in time

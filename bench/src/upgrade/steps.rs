@@ -18,6 +18,7 @@ use bulwark_testkit::cluster::lab::{BACKEND_PORT, LbLab, Sampler};
 use bulwark_testkit::cluster::lb_process_of;
 
 use super::load::{Load, Window};
+use crate::stats::ms;
 
 /// How long a replaced node may take to be a voter with lag 0 again.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
@@ -89,10 +90,6 @@ pub struct Upgrade {
     retired: Vec<Process>,
     pub steps: Vec<Step>,
     pub mixed: Vec<MixedCheck>,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// The `--config` path a node was started with.

@@ -1465,7 +1465,7 @@ mod tests {
         assert_eq!(c.vip.address_lifetime(), Duration::from_secs(1));
         // The defaults satisfy the fencing inequality without a claim delay.
         let t = c.vip.timing(&c.raft);
-        assert_eq!(t.claim_delay(false), Duration::ZERO);
+        assert_eq!(t.claim_delay(false, t.own()), Duration::ZERO);
     }
 
     #[test]

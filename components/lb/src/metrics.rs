@@ -68,6 +68,16 @@ pub const DEFS: &[MetricDef] = &[
         "arp and bgp mode: times the lease watchdog deleted the VIP because the VIP task had not released it one check interval after its lease ran out (a busy or stalled node).",
     ),
     MetricDef::single(
+        "bulwark_lb_fence_claim_delay_seconds",
+        Gauge,
+        "How long this node, elected in a normal election now, would wait before taking the VIP: the longest hold among the nodes it knows of (their lease, check interval, clock drift and release budget), less the shortest electionTimeoutMax. 0 with the same default timers on every node.",
+    ),
+    MetricDef::single(
+        "bulwark_lb_fence_peers_differing",
+        Gauge,
+        "Peers, heard of in the last minute over Raft, whose fence timers (vip.lease, vip.checkInterval, vip.clockDrift, vip.releaseBudget, raft.electionTimeoutMax) differ from this node's; claims then wait out the longest hold. Expected during a rolling change of those settings only.",
+    ),
+    MetricDef::single(
         "bulwark_lb_vip_tickles_sent_total",
         Counter,
         "Tickle ACKs this node sent, right after taking the VIP, to the previous holder's clients (two rounds per failover), so their connections are reset at once.",

@@ -38,6 +38,7 @@ use bulwark_common::daemon::Daemon;
 use bulwark_common::grpc::GrpcServer;
 use bulwark_common::shutdown::{Shutdown, next_change};
 use bulwark_common::telemetry::LoggingConfig;
+use bulwark_common::telemetry::scrape::Publish;
 use bulwark_common::tls::TlsMaterial;
 use bulwark_common::tls::reload::spawn_follow;
 use openraft::async_runtime::WatchReceiver;
@@ -54,6 +55,7 @@ use crate::raft::network::{ClusterId, Network};
 use crate::raft::server::{RaftService, Signals};
 use crate::raft::state::command;
 use crate::raft::store::{StateMachineStore, Store};
+use crate::raft::timers::PeerTimers;
 use crate::raft::types::LbNode;
 use crate::vip::arp::{ArpVip, bind_front};
 use crate::vip::bgp::BgpVip;
@@ -174,8 +176,9 @@ pub async fn run(
     tracing::info!(node = node_id, store = %store.path().display(), cluster = ?cluster.get(), applied = sm.current().applied_index(), "store open");
 
     let signals = Arc::new(Signals::new());
+    let timers = peer_timers(&config);
     let (vip, inbox) = crate::vip::channel();
-    let raft = start_raft(&config, &tls, &cluster, &vip, &store, &sm).await?;
+    let raft = start_raft(&config, &tls, (&cluster, &timers), &vip, &store, &sm).await?;
 
     // The servers stop last: a leader's shutdown hands over through them.
     let servers = CancellationToken::new();
@@ -183,7 +186,7 @@ pub async fn run(
     // Client tables the VIP holder shares, for this node's tickles after
     // it takes the VIP over.
     let received = crate::clients::Received::new();
-    let service = RaftService::new(&config, &raft, &store, &cluster, &signals)
+    let service = RaftService::new(&config, &raft, &store, &cluster, (&signals, &timers))
         .with_received_clients(received.clone());
     spawn_raft_server(shutdown, service, listeners.raft, &tls, &config, &servers);
     spawn_elector(shutdown, &config, &raft, &signals);
@@ -207,7 +210,15 @@ pub async fn run(
             received,
             (&tls, &cluster),
         );
-        spawn_vip(shutdown, actuator, inbox, &config, &raft, &signals, tickles);
+        spawn_vip(
+            shutdown,
+            actuator,
+            inbox,
+            &config,
+            &raft,
+            (&signals, &timers),
+            tickles,
+        );
     }
     spawn_proxies(
         shutdown,
@@ -319,16 +330,32 @@ fn spawn_proxies(
     }
 }
 
+/// The table of the peers' fence timers, published on every scrape.
+fn peer_timers(config: &LbConfig) -> Arc<PeerTimers> {
+    let timers = Arc::new(PeerTimers::new(
+        config.node_id,
+        &config.vip.timing(&config.raft),
+    ));
+    let weak = Arc::downgrade(&timers) as std::sync::Weak<dyn Publish>;
+    bulwark_common::telemetry::scrape::publish_on_scrape(weak);
+    timers
+}
+
 /// Starts the Raft node over the open store.
 async fn start_raft(
     config: &LbConfig,
     tls: &Arc<bulwark_common::tls::TlsMaterial>,
-    cluster: &ClusterId,
+    (cluster, timers): (&ClusterId, &Arc<PeerTimers>),
     vip: &VipHandle,
     store: &Store,
     sm: &StateMachineStore,
 ) -> anyhow::Result<Raft> {
-    let network = Network::new(tls.clone(), cluster.clone(), Arc::new(vip.clone()));
+    let network = Network::new(
+        tls.clone(),
+        cluster.clone(),
+        Arc::new(vip.clone()),
+        timers.clone(),
+    );
     Raft::new(
         config.node_id,
         Arc::new(openraft_config(config)?),
@@ -515,7 +542,7 @@ fn spawn_vip(
     inbox: crate::vip::VipInbox,
     config: &LbConfig,
     raft: &Raft,
-    signals: &Arc<Signals>,
+    (signals, timers): (&Arc<Signals>, &Arc<PeerTimers>),
     tickles: Option<crate::vip::Tickles>,
 ) {
     let mut task = VipTask::new(
@@ -524,7 +551,7 @@ fn spawn_vip(
         raft.clone(),
         config.vip.timing(&config.raft),
         actuator,
-        signals.clone(),
+        (signals.clone(), timers.clone()),
     )
     .with_worker(shutdown.worker(crate::vip::WORKER));
     if let Some(t) = tickles {

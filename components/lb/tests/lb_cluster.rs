@@ -488,3 +488,116 @@ async fn heavy_sigterm_on_the_leader_releases_then_hands_over() {
     );
     assert!(log.contains("handing leadership over"), "{log}");
 }
+
+/// A node restarted with a longer VIP lease than its peers': every node
+/// learns its timers over Raft and says so, and a new leader waits out that
+/// node's longer hold before it claims, though its own is shorter: after a
+/// transfer the whole hold, after a normal election the rest of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_a_node_with_a_longer_lease_makes_every_claim_wait_out_its_hold() {
+    let mut c = LbCluster::start(Options {
+        nodes: 3,
+        ..Default::default()
+    })
+    .await;
+    let holder = c.wait_for_holder(None, Duration::from_secs(10)).await;
+    let slow = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|&id| id != holder)
+        .unwrap();
+    // vip.lease 400 ms: a hold of (400 + 10) / 0.99 + 25 = 439.1 ms, so a
+    // claim after a normal election waits 439.1 × 1.01 − 220 = 223.5 ms.
+    let node = c.node_mut(slow);
+    node.process.stop().await.unwrap();
+    set_vip_lease(&node.config, "400ms");
+    node.process.start().unwrap();
+    let api = node.api;
+    node.process
+        .wait_for_port(api, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    for n in &c.nodes {
+        let differing = if n.id == slow { 2.0 } else { 1.0 };
+        let (got, delay) = wait_for_fence_metrics(n.admin, differing).await;
+        eprintln!("node {}: {got} peers differ, claim delay {delay} s", n.id);
+        assert_eq!(got, differing, "node {}", n.id);
+        assert!((0.220..0.227).contains(&delay), "node {}: {delay}", n.id);
+    }
+    let log = c.node(holder).process.log();
+    assert!(
+        log.contains(&format!("node {slow} runs other fence timers")),
+        "{log}"
+    );
+
+    // A transfer to the third node, which runs the defaults (its own hold
+    // is 186.6 ms): it waits out the slow node's, 439.1 × 1.01 = 443.5 ms.
+    let other = c
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|&id| id != holder && id != slow)
+        .unwrap();
+    let moved = c
+        .client(holder)
+        .transfer_leadership(lb::TransferLeadershipRequest {
+            to_node_id: Some(other),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.new_leader.map(|n| n.id), Some(other));
+    let f = &c.wait_for_failover(other, other).await;
+    assert_eq!(f.cause, lb::FailoverCause::Transfer as i32, "{f:?}");
+    assert_claimed_after(f, Duration::from_micros(443_500));
+
+    c.node_mut(other).process.kill().unwrap();
+    let new = c
+        .wait_for_holder(Some(other), Duration::from_secs(15))
+        .await;
+    assert_claimed_after(
+        &c.wait_for_failover(new, new).await,
+        Duration::from_millis(223),
+    );
+}
+
+/// The failover's claim came at least `delay` after the election.
+fn assert_claimed_after(f: &lb::Failover, delay: Duration) {
+    let waited = f.time_to_move_vip.unwrap();
+    let waited = Duration::new(waited.seconds as u64, waited.nanos as u32);
+    eprintln!(
+        "node {} took the VIP {waited:?} after its election",
+        f.to_node_id
+    );
+    assert!(waited >= delay, "{f:?}");
+}
+
+/// Rewrites `vip.lease` in a node's config file.
+fn set_vip_lease(config: &std::path::Path, lease: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    doc["vip"]["lease"] = lease.into();
+    std::fs::write(config, serde_yaml_ng::to_string(&doc).unwrap()).unwrap();
+}
+
+/// Polls `/metrics` until `bulwark_lb_fence_peers_differing` reads
+/// `differing`; returns it (the last value read, at the deadline) and the
+/// claim delay in seconds.
+async fn wait_for_fence_metrics(admin: std::net::SocketAddr, differing: f64) -> (f64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = bulwark_testkit::admin::http_get(admin, "/metrics").await;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let got = value("bulwark_lb_fence_peers_differing");
+        if got == differing || Instant::now() > deadline {
+            return (got, value("bulwark_lb_fence_claim_delay_seconds"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

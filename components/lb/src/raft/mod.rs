@@ -13,6 +13,9 @@
 //!   or just-restarted node from voting too early.
 //! - [`membership`]: bootstrap from the initial members and the join
 //!   handshake that admits a node with an empty data dir.
+//! - [`timers`]: the fence timers each peer runs, carried on every Raft
+//!   request and answer, so a claim waits out the longest hold in the
+//!   cluster, not this node's.
 //! - [`elector`]: a follower's campaign the moment the silent leader's lease
 //!   runs out, instead of one election timeout after openraft's first,
 //!   refused, attempt.
@@ -24,6 +27,7 @@ pub mod network;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod timers;
 pub mod types;
 
 pub use types::{Cmd, CmdResult, LbNode, NodeId, Raft, TypeConfig};

@@ -10,6 +10,9 @@
 //! PartialSuccess-style: we report the prefix that went through); snapshots
 //! stream in 1 MiB chunks.
 //!
+//! Every request and answer carries the fence timers this node knows
+//! ([`super::timers`]), and those the peer sends back are recorded.
+//!
 //! Before it asks a peer to take over leadership, this node releases the
 //! VIP ([`Handover`]): a transfer election skips the voters' lease wait, so
 //! the old holder must be gone first.
@@ -37,6 +40,7 @@ use super::convert::{
     transfer_req_to_pb, transfer_resp_from_pb, vote_from_pb, vote_req_to_pb, vote_resp_from_pb,
     vote_to_pb,
 };
+use super::timers::{self, PeerTimers};
 use super::types::{Ballot, LbNode, NodeId, Snapshot, TypeConfig, Vote};
 
 /// Request header carrying the sender's cluster id.
@@ -83,15 +87,23 @@ impl ClusterId {
 pub struct Network {
     cluster: ClusterId,
     handover: Arc<dyn Handover>,
+    timers: Arc<PeerTimers>,
     channels: Channels,
 }
 
 impl Network {
-    /// A factory using our TLS identity.
-    pub fn new(tls: Arc<TlsMaterial>, cluster: ClusterId, handover: Arc<dyn Handover>) -> Self {
+    /// A factory using our TLS identity, telling and learning the fence
+    /// timers in `timers`.
+    pub fn new(
+        tls: Arc<TlsMaterial>,
+        cluster: ClusterId,
+        handover: Arc<dyn Handover>,
+        timers: Arc<PeerTimers>,
+    ) -> Self {
         Self {
             cluster,
             handover,
+            timers,
             channels: Channels::new(tls),
         }
     }
@@ -226,6 +238,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             channels: self.channels.clone(),
             cluster: self.cluster.clone(),
             handover: self.handover.clone(),
+            timers: self.timers.clone(),
         }
     }
 }
@@ -237,6 +250,7 @@ pub struct Peer {
     channels: Channels,
     cluster: ClusterId,
     handover: Arc<dyn Handover>,
+    timers: Arc<PeerTimers>,
 }
 
 fn unreachable(msg: impl ToString) -> RPCError<TypeConfig> {
@@ -271,6 +285,16 @@ impl Peer {
             .map_err(|e| unreachable(format!("node {}: {e}", self.target)))
     }
 
+    /// `msg` with the cluster id and the fence timers we know.
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = with_cluster(msg, &self.cluster);
+        let value = self.timers.header(tokio::time::Instant::now());
+        if let Ok(v) = tonic::metadata::MetadataValue::try_from(value) {
+            req.metadata_mut().insert(timers::HEADER, v);
+        }
+        req
+    }
+
     /// Sends a Vote or a PreVote: the same message on the matching RPC.
     async fn ballot(
         &self,
@@ -279,7 +303,7 @@ impl Peer {
         ballot: Ballot,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let mut client = self.client()?;
-        let req = with_cluster(vote_req_to_pb(&rpc), &self.cluster);
+        let req = self.request(vote_req_to_pb(&rpc));
         let call = async move {
             match ballot {
                 Ballot::Vote => client.vote(req).await,
@@ -308,7 +332,14 @@ impl Peer {
         };
         self.channels.record(self.target, &self.address, answered);
         match result {
-            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Ok(r)) => {
+                if let Some(v) = r.metadata().get(timers::HEADER)
+                    && let Ok(v) = v.to_str()
+                {
+                    self.timers.record(v, tokio::time::Instant::now());
+                }
+                Ok(r.into_inner())
+            }
             Ok(Err(s)) => Err(status_err(self.target, s)),
             Err(_) => Err(unreachable(format!(
                 "node {}: no answer within {ttl:?}",
@@ -346,10 +377,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         let sent_last = req.entries.last().and_then(|e| e.log_id);
         let mut client = self.client()?;
         let resp = self
-            .bounded(
-                option.hard_ttl(),
-                client.append_entries(with_cluster(req, &self.cluster)),
-            )
+            .bounded(option.hard_ttl(), client.append_entries(self.request(req)))
             .await?;
         let resp = append_resp_from_pb(&resp).map_err(|e| decode_err(self.target, e))?;
         Ok(match (resp, truncated) {
@@ -404,8 +432,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
             RPCError::Unreachable(u) => StreamingError::Unreachable(u),
             other => StreamingError::Network(NetworkError::from_string(other)),
         })?;
-        let call =
-            client.install_snapshot(with_cluster(futures::stream::iter(chunks), &self.cluster));
+        let call = client.install_snapshot(self.request(futures::stream::iter(chunks)));
         let result = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
             r = tokio::time::timeout(option.hard_ttl().max(Duration::from_secs(10)), call) => r,
@@ -446,7 +473,7 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         let resp = self
             .bounded(
                 option.hard_ttl(),
-                client.transfer_leader(with_cluster(transfer_req_to_pb(&req), &self.cluster)),
+                client.transfer_leader(self.request(transfer_req_to_pb(&req))),
             )
             .await?;
         transfer_resp_from_pb(&resp).map_err(|e| decode_err(self.target, e))

@@ -15,6 +15,9 @@
 //!   leader (the failover's "last contact") and of an accepted leadership
 //!   transfer (whose election skips the voters' lease wait).
 //!
+//! Each call's fence timers header ([`super::timers`]) is recorded, and
+//! every answer to openraft's calls carries ours.
+//!
 //! Beside openraft's calls it takes the VIP holder's client table
 //! (`ShareClients`, [`crate::clients`]), kept for a tickle after a
 //! failover.
@@ -38,6 +41,7 @@ use super::convert::{
 };
 use super::network::{CLUSTER_ID_HEADER, ClusterId};
 use super::store::Store;
+use super::timers::{self, PeerTimers};
 use super::types::{Ballot, NodeId, Raft, Snapshot};
 use crate::clients::{self, Received};
 use crate::config::LbConfig;
@@ -93,6 +97,7 @@ pub struct RaftService {
     store: Store,
     cluster: ClusterId,
     signals: Arc<Signals>,
+    timers: Arc<PeerTimers>,
     vote_hold: Duration,
     /// Serializes Join so two admissions cannot both see "no cluster".
     join_lock: tokio::sync::Mutex<()>,
@@ -103,13 +108,13 @@ pub struct RaftService {
 impl RaftService {
     /// The service of node `config.nodeId`, whose follower lease is
     /// `raft.electionTimeoutMax`: peers' RPCs, the bootstrap protocol and
-    /// the leadership-transfer signals.
+    /// the leadership-transfer signals. Peers' fence timers go to `timers`.
     pub fn new(
         config: &LbConfig,
         raft: &Raft,
         store: &Store,
         cluster: &ClusterId,
-        signals: &Arc<Signals>,
+        (signals, timers): (&Arc<Signals>, &Arc<PeerTimers>),
     ) -> Self {
         Self {
             node_id: config.node_id,
@@ -117,6 +122,7 @@ impl RaftService {
             store: store.clone(),
             cluster: cluster.clone(),
             signals: signals.clone(),
+            timers: timers.clone(),
             vote_hold: config.raft.election_timeout_max,
             join_lock: tokio::sync::Mutex::new(()),
             received: Received::new(),
@@ -131,8 +137,19 @@ impl RaftService {
         self
     }
 
-    /// Refuses the call unless this node belongs to the caller's cluster.
+    /// Refuses the call unless this node belongs to the caller's cluster;
+    /// records the caller's fence timers.
     fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.same_cluster(req)?;
+        if let Some(v) = req.metadata().get(timers::HEADER)
+            && let Ok(v) = v.to_str()
+        {
+            self.timers.record(v, Instant::now());
+        }
+        Ok(())
+    }
+
+    fn same_cluster<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let ours = self.cluster.get().ok_or_else(|| {
             Status::failed_precondition(format!(
                 "node {} has no Raft data (new or wiped data dir); it takes part only after an operator adds it (bulwarkctl lb add-member)",
@@ -182,7 +199,17 @@ impl RaftService {
             Ballot::PreVote => self.raft.pre_vote(req).await,
         }
         .map_err(fatal)?;
-        Ok(Response::new(vote_resp_to_pb(&resp)))
+        Ok(self.answer(vote_resp_to_pb(&resp)))
+    }
+
+    /// An answer to a peer's Raft call, with the fence timers we know.
+    fn answer<T>(&self, msg: T) -> Response<T> {
+        let mut resp = Response::new(msg);
+        let value = self.timers.header(Instant::now());
+        if let Ok(v) = tonic::metadata::MetadataValue::try_from(value) {
+            resp.metadata_mut().insert(timers::HEADER, v);
+        }
+        resp
     }
 
     fn hold_votes(&self, transfer: bool) -> Result<(), Status> {
@@ -218,7 +245,7 @@ impl RaftRpc for RaftService {
         if committed && resp.is_success() {
             self.signals.contact(leader);
         }
-        Ok(Response::new(append_resp_to_pb(&resp)))
+        Ok(self.answer(append_resp_to_pb(&resp)))
     }
 
     async fn vote(
@@ -285,7 +312,7 @@ impl RaftRpc for RaftService {
             )
             .await
             .map_err(fatal)?;
-        Ok(Response::new(pb::InstallSnapshotResponse {
+        Ok(self.answer(pb::InstallSnapshotResponse {
             vote: Some(vote_to_pb(&resp.vote)),
         }))
     }
@@ -299,7 +326,7 @@ impl RaftRpc for RaftService {
         // to come from a transfer.
         self.signals.transfer();
         let resp = self.raft.handle_transfer_leader(req).await.map_err(fatal)?;
-        Ok(Response::new(transfer_resp_to_pb(&resp)))
+        Ok(self.answer(transfer_resp_to_pb(&resp)))
     }
 
     async fn get_node_state(

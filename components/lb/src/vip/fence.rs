@@ -7,6 +7,11 @@
 //! these make two holders impossible, and the choice of defaults, is in
 //! docs/FAILOVER.md; this module is its executable form.
 //!
+//! Nodes need not run the same timers (a rolling change of them, one node
+//! configured by hand): a claim waits out the longest hold and counts the
+//! shortest voter lease of any node this one knows of
+//! ([`crate::raft::timers`]), not its own.
+//!
 //! [`Fence`] is pure: it is fed the leader's view and the time, and says
 //! claim, release or nothing. The VIP task calls it every `checkInterval`
 //! (openraft reports nothing while a partitioned leader waits for acks, so
@@ -35,7 +40,39 @@ pub struct FenceTiming {
     pub follower_lease: Duration,
 }
 
+/// The two timers of one node that another node's claim depends on; or,
+/// for a whole cluster, the longest hold and the shortest lease among its
+/// nodes ([`NodeTimers::worst`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeTimers {
+    /// [`FenceTiming::max_hold_after_ack`]: how long the node may keep the
+    /// VIP after the send time of its last quorum-acknowledged heartbeat.
+    pub hold: Duration,
+    /// Its follower lease (`electionTimeoutMax`): how long, as a voter, it
+    /// grants no vote after a heartbeat.
+    pub lease: Duration,
+}
+
+impl NodeTimers {
+    /// The pair a claim must respect when `self` and `other` may both be
+    /// in the cluster: the longer hold, the shorter lease.
+    pub fn worst(self, other: NodeTimers) -> NodeTimers {
+        NodeTimers {
+            hold: self.hold.max(other.hold),
+            lease: self.lease.min(other.lease),
+        }
+    }
+}
+
 impl FenceTiming {
+    /// This node's own [`NodeTimers`].
+    pub fn own(&self) -> NodeTimers {
+        NodeTimers {
+            hold: self.max_hold_after_ack(),
+            lease: self.follower_lease,
+        }
+    }
+
     /// Longest real time a holder may keep the VIP after the send time of
     /// its last quorum-acknowledged heartbeat: its lease and one check
     /// interval on a clock that may run slow, plus the removal itself.
@@ -44,23 +81,24 @@ impl FenceTiming {
     }
 
     /// How long a new leader waits after winning before it claims, on its
-    /// own clock.
+    /// own clock, in a cluster whose longest hold and shortest follower
+    /// lease are `cluster` (with identical nodes: [`FenceTiming::own`]).
     ///
     /// After a normal election, every voter in the winning quorum waited
-    /// `follower_lease` (on its clock, possibly fast) after the last
+    /// its follower lease (on its clock, possibly fast) after the last
     /// heartbeat it acknowledged, and some voter of that quorum is in the
     /// quorum that acknowledged the old holder's last lease heartbeat. So
     /// the old holder's last acknowledged send time precedes the election by
-    /// at least `follower_lease / (1 + drift)`, and only the rest of its
+    /// at least `cluster.lease / (1 + drift)`, and only the rest of its
     /// hold remains. After a leadership transfer voters skip that wait, so
     /// the whole hold is waited out. Our clock may run fast, hence the
     /// final `(1 + drift)`.
-    pub fn claim_delay(&self, after_transfer: bool) -> Duration {
-        let hold = self.max_hold_after_ack().mul_f64(1.0 + self.clock_drift);
+    pub fn claim_delay(&self, after_transfer: bool, cluster: NodeTimers) -> Duration {
+        let hold = cluster.hold.mul_f64(1.0 + self.clock_drift);
         if after_transfer {
             hold
         } else {
-            hold.saturating_sub(self.follower_lease)
+            hold.saturating_sub(cluster.lease)
         }
     }
 }
@@ -73,6 +111,9 @@ pub struct LeaderView {
     /// Send time of the last heartbeat a quorum acknowledged (openraft's
     /// `last_quorum_acked`), while leader.
     pub last_quorum_acked: Option<Instant>,
+    /// The longest hold and shortest follower lease among the nodes known
+    /// now, this one included.
+    pub cluster: NodeTimers,
 }
 
 /// Why the VIP was released.
@@ -195,7 +236,8 @@ impl Fence {
             Some((term, elected_at, after_transfer))
                 if fresh
                     && self.fenced_through.is_none_or(|f| term > f)
-                    && now >= elected_at + self.timing.claim_delay(after_transfer) =>
+                    && now
+                        >= elected_at + self.timing.claim_delay(after_transfer, view.cluster) =>
             {
                 self.holding = true;
                 Action::Claim {
@@ -246,6 +288,7 @@ mod tests {
         LeaderView {
             leader_term: term,
             last_quorum_acked: acked,
+            cluster: timing().own(),
         }
     }
 
@@ -256,16 +299,16 @@ mod tests {
         let hold = t.max_hold_after_ack().mul_f64(1.01);
         assert!(hold > Duration::from_millis(219) && hold < Duration::from_millis(220));
         assert_eq!(
-            t.claim_delay(false),
+            t.claim_delay(false, t.own()),
             Duration::ZERO,
             "F = 250 ms needs no wait"
         );
-        assert_eq!(t.claim_delay(true), hold);
+        assert_eq!(t.claim_delay(true, t.own()), hold);
         let long = FenceTiming {
             lease: Duration::from_millis(400),
             ..t
         };
-        assert!(long.claim_delay(false) > Duration::from_millis(190));
+        assert!(long.claim_delay(false, long.own()) > Duration::from_millis(190));
     }
 
     #[test]
@@ -274,7 +317,7 @@ mod tests {
         // (150 + 10) / 0.99 + 25 = 186.6 ms, times 1.01 = 188.5 ms, against
         // F = 220 ms: the new leader claims at once, and a running old
         // holder has let go about 30 ms before the voters' lease ends.
-        assert_eq!(t.claim_delay(false), Duration::ZERO);
+        assert_eq!(t.claim_delay(false, t.own()), Duration::ZERO);
         let slack = t.follower_lease - t.max_hold_after_ack().mul_f64(1.0 + t.clock_drift);
         assert!(slack > Duration::from_millis(30), "{slack:?}");
     }
@@ -323,7 +366,7 @@ mod tests {
     async fn a_transfer_winner_waits_out_the_whole_hold() {
         let mut f = Fence::new(timing());
         let elected = Instant::now();
-        let delay = timing().claim_delay(true);
+        let delay = timing().claim_delay(true, timing().own());
         assert_eq!(
             f.decide(&view(Some(9), Some(elected)), elected, true),
             Action::None
@@ -343,6 +386,43 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_waits_out_the_longest_hold_among_the_nodes() {
+        let mut f = Fence::new(timing());
+        // A peer that holds for 300 ms after its last ack, and votes after
+        // 220 ms: this node's own timers would claim at once.
+        let peer = NodeTimers {
+            hold: Duration::from_millis(300),
+            lease: Duration::from_millis(220),
+        };
+        let cluster = timing().own().worst(peer);
+        assert_eq!(cluster.hold, peer.hold);
+        assert_eq!(cluster.lease, peer.lease);
+        let delay = timing().claim_delay(false, cluster);
+        // 300 ms × 1.01 − 220 ms.
+        assert!(
+            delay > Duration::from_millis(82) && delay < Duration::from_millis(84),
+            "{delay:?}"
+        );
+        let elected = Instant::now();
+        let at = |now| LeaderView {
+            leader_term: Some(5),
+            last_quorum_acked: Some(now),
+            cluster,
+        };
+        assert_eq!(f.decide(&at(elected), elected, false), Action::None);
+        tokio::time::advance(Duration::from_millis(80)).await;
+        assert_eq!(
+            f.decide(&at(Instant::now()), Instant::now(), false),
+            Action::None
+        );
+        tokio::time::advance(Duration::from_millis(4)).await;
+        assert!(matches!(
+            f.decide(&at(Instant::now()), Instant::now(), false),
+            Action::Claim { term: 5, .. }
+        ));
     }
 
     #[tokio::test(start_paused = true)]

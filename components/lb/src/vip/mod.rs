@@ -56,6 +56,7 @@ use crate::clients::{ClientTable, Received, tickle};
 use crate::raft::network::Handover;
 use crate::raft::server::Signals;
 use crate::raft::state::command;
+use crate::raft::timers::PeerTimers;
 use crate::raft::{NodeId, Raft};
 
 /// How the VIP is taken and released.
@@ -249,6 +250,9 @@ pub struct VipTask {
     fence: Fence,
     actuator: Actuator,
     signals: Arc<Signals>,
+    /// The fence timers of the other nodes: a claim waits out the longest
+    /// hold among them.
+    timers: Arc<PeerTimers>,
     rx: mpsc::Receiver<Control>,
     state: watch::Sender<VipState>,
     /// Where the task reports (`/debug/workers`): holding or standby,
@@ -295,7 +299,7 @@ impl VipTask {
         raft: Raft,
         timing: FenceTiming,
         actuator: Actuator,
-        signals: Arc<Signals>,
+        (signals, timers): (Arc<Signals>, Arc<PeerTimers>),
     ) -> Self {
         if let Actuator::Bgp(g) = &actuator {
             let _ = inbox.bgp.set(g.status());
@@ -306,6 +310,7 @@ impl VipTask {
             fence: Fence::new(timing),
             actuator,
             signals,
+            timers,
             rx: inbox.rx,
             state: inbox.state,
             worker: Worker::detached(WORKER),
@@ -347,6 +352,7 @@ impl VipTask {
             let view = LeaderView {
                 leader_term: Some(m.current_term),
                 last_quorum_acked: Some(Instant::now()),
+                cluster: self.timers.cluster(Instant::now()),
             };
             return (view, true);
         }
@@ -358,6 +364,7 @@ impl VipTask {
         let view = LeaderView {
             leader_term: leading.then_some(m.current_term),
             last_quorum_acked: if leading { acked } else { None },
+            cluster: self.timers.cluster(Instant::now()),
         };
         (view, false)
     }

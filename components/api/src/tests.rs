@@ -506,6 +506,16 @@ fn lb_status_round_trips() {
                     nanos: 40_000_000,
                 }),
             }),
+            fence_timers: Some(FenceTimers {
+                hold: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 186_617_000,
+                }),
+                election_timeout_max: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 220_000_000,
+                }),
+            }),
         }],
         vip: Some(VipStatus {
             address: "198.18.0.100".into(),

@@ -341,6 +341,9 @@ struct MemberView {
     matched_index: Option<u64>,
     lag: Option<u64>,
     last_ack_age_seconds: Option<f64>,
+    /// Its fence timers as the answering node heard them (docs/FAILOVER.md).
+    fence_hold_seconds: Option<f64>,
+    election_timeout_max_seconds: Option<f64>,
 }
 
 /// One `routing <listener>:` line per listener.
@@ -391,6 +394,10 @@ fn member_view(m: &lb::Member) -> MemberView {
         matched_index: r.and_then(|r| r.matched_index),
         lag: r.map(|r| r.lag_entries),
         last_ack_age_seconds: r.and_then(|r| seconds(r.last_ack_age.as_ref())),
+        fence_hold_seconds: m.fence_timers.and_then(|t| seconds(t.hold.as_ref())),
+        election_timeout_max_seconds: m
+            .fence_timers
+            .and_then(|t| seconds(t.election_timeout_max.as_ref())),
     }
 }
 
@@ -730,7 +737,36 @@ async fn members(svc: &Service<'_>, format: OutputFormat) -> Result<(), CliError
         .await?;
     let rows: Vec<MemberView> = list.members.iter().map(member_view).collect();
     let leader = list.leader.as_ref().map(|l| l.id);
-    output::print(format, &rows, |rows| render_members(rows, leader))
+    let delay = seconds(list.claim_delay.as_ref());
+    output::print(format, &rows, |rows| {
+        render_members(rows, leader) + &claim_delay_note(rows, delay)
+    })
+}
+
+/// Under the table, when a VIP claim would wait: why, and what to do.
+fn claim_delay_note(rows: &[MemberView], delay: Option<f64>) -> String {
+    let Some(delay) = delay.filter(|d| *d > 0.0) else {
+        return String::new();
+    };
+    let timers: std::collections::BTreeSet<String> = rows.iter().map(fence_cell).collect();
+    let why = if timers.len() > 1 {
+        "the members run different fence timers (FENCE: the hold, then \
+         raft.electionTimeoutMax); set the same vip.* and raft.* timers on every node"
+    } else {
+        "vip.lease is too long for raft.electionTimeoutMax"
+    };
+    format!(
+        "note: a new leader waits {} before it takes the VIP: {why} (docs/FAILOVER.md)\n",
+        duration_text(Some(delay))
+    )
+}
+
+/// A member's hold and election timeout, `186ms/220ms`; `-` when unknown.
+fn fence_cell(m: &MemberView) -> String {
+    match (m.fence_hold_seconds, m.election_timeout_max_seconds) {
+        (Some(h), Some(f)) => format!("{}/{}", duration_text(Some(h)), duration_text(Some(f))),
+        _ => "-".into(),
+    }
 }
 
 /// `lb members` as a table, the leader starred.
@@ -753,12 +789,14 @@ fn render_members(rows: &[MemberView], leader: Option<u64>) -> String {
                 cell(m.matched_index),
                 cell(m.lag),
                 duration_text(m.last_ack_age_seconds),
+                fence_cell(m),
             ]
         })
         .collect();
     output::table(
         &[
             "LEADER", "ID", "NAME", "ROLE", "RAFT", "API", "ZONE", "MATCHED", "LAG", "LAST-ACK",
+            "FENCE",
         ],
         &cells,
     )
@@ -953,9 +991,20 @@ mod tests {
                     nanos: 503_000_000,
                 }),
             }),
+            fence_timers: Some(lb::FenceTimers {
+                hold: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 186_617_000,
+                }),
+                election_timeout_max: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 220_000_000,
+                }),
+            }),
         };
         let unknown = lb::Member {
             replication: None,
+            fence_timers: None,
             ..caught_up.clone()
         };
         let rows = vec![member_view(&caught_up), member_view(&unknown)];
@@ -966,8 +1015,43 @@ mod tests {
         assert_eq!(json[0]["last_ack_age_seconds"], 0.503);
         assert!(json[1]["lag"].is_null(), "{json}");
         assert!(json[1]["last_ack_age_seconds"].is_null(), "{json}");
+        assert_eq!(json[0]["fence_hold_seconds"], 0.186617);
+        assert_eq!(json[0]["election_timeout_max_seconds"], 0.22);
+        assert!(json[1]["fence_hold_seconds"].is_null(), "{json}");
         let table = render_members(&rows, Some(1));
-        assert!(table.contains("41       2    503ms"), "{table}");
-        assert!(table.contains("-        -    -"), "{table}");
+        assert!(
+            table.contains("41       2    503ms     186ms/220ms"),
+            "{table}"
+        );
+        assert!(table.contains("-        -    -         -"), "{table}");
+    }
+
+    #[test]
+    fn a_claim_delay_is_explained_under_the_members() {
+        let view = |hold: f64| MemberView {
+            id: 1,
+            name: String::new(),
+            role: "voter".into(),
+            raft_address: String::new(),
+            api_address: String::new(),
+            zone: String::new(),
+            matched_index: None,
+            lag: None,
+            last_ack_age_seconds: None,
+            fence_hold_seconds: Some(hold),
+            election_timeout_max_seconds: Some(0.22),
+        };
+        let same = [view(0.1866), view(0.1866)];
+        let mixed = [view(0.1866), view(0.4391)];
+        assert_eq!(claim_delay_note(&same, Some(0.0)), "");
+        assert_eq!(claim_delay_note(&mixed, None), "");
+        let note = claim_delay_note(&mixed, Some(0.2235));
+        assert!(
+            note.starts_with("note: a new leader waits 223ms before it takes the VIP: the members run different fence timers"),
+            "{note}"
+        );
+        let note = claim_delay_note(&same, Some(0.05));
+        assert!(note.contains("waits 50ms"), "{note}");
+        assert!(note.contains("vip.lease is too long"), "{note}");
     }
 }

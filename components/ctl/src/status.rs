@@ -902,11 +902,13 @@ mod tests {
                     node: Some(node(1, "cp-1")),
                     role: lb::MemberRole::Voter as i32,
                     replication: None,
+                    fence_timers: None,
                 },
                 lb::Member {
                     node: Some(node(2, "cp-2")),
                     role: lb::MemberRole::Learner as i32,
                     replication: None,
+                    fence_timers: None,
                 },
             ],
             vip: Some(lb::VipStatus {

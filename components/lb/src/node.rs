@@ -175,10 +175,9 @@ pub async fn run(
     let sm = store.state_machine().await?;
     tracing::info!(node = node_id, store = %store.path().display(), cluster = ?cluster.get(), applied = sm.current().applied_index(), "store open");
 
-    let signals = Arc::new(Signals::new());
-    let timers = peer_timers(&config);
+    let signals = Arc::new(Signals::new(peer_timers(&config)));
     let (vip, inbox) = crate::vip::channel();
-    let raft = start_raft(&config, &tls, (&cluster, &timers), &vip, &store, &sm).await?;
+    let raft = start_raft(&config, &tls, (&cluster, &signals), &vip, &store, &sm).await?;
 
     // The servers stop last: a leader's shutdown hands over through them.
     let servers = CancellationToken::new();
@@ -186,7 +185,7 @@ pub async fn run(
     // Client tables the VIP holder shares, for this node's tickles after
     // it takes the VIP over.
     let received = crate::clients::Received::new();
-    let service = RaftService::new(&config, &raft, &store, &cluster, (&signals, &timers))
+    let service = RaftService::new(&config, &raft, &store, &cluster, &signals)
         .with_received_clients(received.clone());
     spawn_raft_server(shutdown, service, listeners.raft, &tls, &config, &servers);
     spawn_elector(shutdown, &config, &raft, &signals);
@@ -210,15 +209,7 @@ pub async fn run(
             received,
             (&tls, &cluster),
         );
-        spawn_vip(
-            shutdown,
-            actuator,
-            inbox,
-            &config,
-            &raft,
-            (&signals, &timers),
-            tickles,
-        );
+        spawn_vip(shutdown, actuator, inbox, &config, &raft, &signals, tickles);
     }
     spawn_proxies(
         shutdown,
@@ -241,7 +232,7 @@ pub async fn run(
         &backends,
         &vip,
         &tls,
-        &cluster,
+        (&cluster, signals.timers()),
         health_service,
     );
     spawn_api_server(shutdown, api, listeners.api, &tls, &config, &servers);
@@ -345,7 +336,7 @@ fn peer_timers(config: &LbConfig) -> Arc<PeerTimers> {
 async fn start_raft(
     config: &LbConfig,
     tls: &Arc<bulwark_common::tls::TlsMaterial>,
-    (cluster, timers): (&ClusterId, &Arc<PeerTimers>),
+    (cluster, signals): (&ClusterId, &Arc<Signals>),
     vip: &VipHandle,
     store: &Store,
     sm: &StateMachineStore,
@@ -354,7 +345,7 @@ async fn start_raft(
         tls.clone(),
         cluster.clone(),
         Arc::new(vip.clone()),
-        timers.clone(),
+        signals.timers().clone(),
     );
     Raft::new(
         config.node_id,
@@ -542,7 +533,7 @@ fn spawn_vip(
     inbox: crate::vip::VipInbox,
     config: &LbConfig,
     raft: &Raft,
-    (signals, timers): (&Arc<Signals>, &Arc<PeerTimers>),
+    signals: &Arc<Signals>,
     tickles: Option<crate::vip::Tickles>,
 ) {
     let mut task = VipTask::new(
@@ -551,7 +542,7 @@ fn spawn_vip(
         raft.clone(),
         config.vip.timing(&config.raft),
         actuator,
-        (signals.clone(), timers.clone()),
+        signals.clone(),
     )
     .with_worker(shutdown.worker(crate::vip::WORKER));
     if let Some(t) = tickles {

@@ -531,6 +531,26 @@ async fn heavy_a_node_with_a_longer_lease_makes_every_claim_wait_out_its_hold() 
         log.contains(&format!("node {slow} runs other fence timers")),
         "{log}"
     );
+    // ListMembers (`bulwarkctl lb members`) shows each node's timers and
+    // the wait.
+    let list = c
+        .client(holder)
+        .list_members(lb::ListMembersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let ms = |d: &Option<prost_types::Duration>| {
+        let d = d.unwrap();
+        d.seconds as f64 * 1e3 + f64::from(d.nanos) / 1e6
+    };
+    for m in &list.members {
+        let t = m.fence_timers.unwrap();
+        let id = m.node.as_ref().unwrap().id;
+        let hold = if id == slow { 439.142 } else { 186.617 };
+        assert!((ms(&t.hold) - hold).abs() < 0.01, "node {id}: {t:?}");
+        assert_eq!(ms(&t.election_timeout_max), 220.0, "node {id}");
+    }
+    assert!((ms(&list.claim_delay) - 223.5).abs() < 0.1, "{list:?}");
 
     // A transfer to the third node, which runs the defaults (its own hold
     // is 186.6 ms): it waits out the slow node's, 439.1 × 1.01 = 443.5 ms.

@@ -15,6 +15,7 @@ use crate::config::valid_host_port;
 use crate::raft::NodeId;
 use crate::raft::membership::{JoinError, admit};
 use crate::raft::types::{LbNode, TypeConfig};
+use crate::vip::fence::NodeTimers;
 
 type Metrics = RaftMetrics<TypeConfig>;
 
@@ -37,8 +38,9 @@ pub fn role(m: &Metrics, me: NodeId) -> lb::NodeRole {
     }
 }
 
-/// Every member, voters first; replication details when we lead.
-pub fn list(m: &Metrics, me: NodeId) -> Vec<lb::Member> {
+/// Every member, voters first; replication details when we lead; each
+/// one's fence timers where `timers` has them.
+pub fn list(m: &Metrics, me: NodeId, timers: &BTreeMap<NodeId, NodeTimers>) -> Vec<lb::Member> {
     let voters = voters(m);
     let last = m.last_log_index.unwrap_or(0);
     let leading = crate::raft::leads(m, me);
@@ -77,6 +79,10 @@ pub fn list(m: &Metrics, me: NodeId) -> Vec<lb::Member> {
                     lb::MemberRole::Learner
                 } as i32,
                 replication,
+                fence_timers: timers.get(id).map(|t| lb::FenceTimers {
+                    hold: bulwark_api::time::duration_to_proto(t.hold).ok(),
+                    election_timeout_max: bulwark_api::time::duration_to_proto(t.lease).ok(),
+                }),
             }
         })
         .collect();
@@ -194,9 +200,13 @@ pub async fn add(api: &Api, r: lb::AddMemberRequest) -> Result<lb::AddMemberResp
         resp.log_id.index
     };
     let m = api.metrics();
-    let member = list(&m, api.node_id)
-        .into_iter()
-        .find(|x| x.node.as_ref().is_some_and(|n| n.id == id));
+    let member = list(
+        &m,
+        api.node_id,
+        &api.timers.known(tokio::time::Instant::now()),
+    )
+    .into_iter()
+    .find(|x| x.node.as_ref().is_some_and(|n| n.id == id));
     Ok(lb::AddMemberResponse {
         member,
         membership_log_index: log_index,

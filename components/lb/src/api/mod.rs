@@ -31,6 +31,7 @@ use bulwark_common::tls::TlsMaterial;
 use futures::Stream;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, RaftError};
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use self::convert::{backend_entry, backend_to_api, node_info};
@@ -40,6 +41,7 @@ use crate::health::HealthService;
 use crate::raft::network::ClusterId;
 use crate::raft::state::{ApplyError, LbState, command};
 use crate::raft::store::StateMachineStore;
+use crate::raft::timers::PeerTimers;
 use crate::raft::types::LbNode;
 use crate::raft::{NodeId, Raft};
 use crate::vip::VipHandle;
@@ -56,6 +58,8 @@ pub struct Api {
     vip_config: VipConfig,
     tls: Arc<TlsMaterial>,
     cluster: ClusterId,
+    /// The fence timers of this node and its peers (ListMembers).
+    timers: Arc<PeerTimers>,
     election_timeout_max: Duration,
     health: HealthService,
     listeners: Arc<[ListenerInfo]>,
@@ -108,7 +112,7 @@ impl Api {
         backends: &Backends,
         vip: &VipHandle,
         tls: &Arc<TlsMaterial>,
-        cluster: &ClusterId,
+        (cluster, timers): (&ClusterId, &Arc<PeerTimers>),
         health: HealthService,
     ) -> Self {
         Self {
@@ -121,6 +125,7 @@ impl Api {
             vip_config: config.vip.clone(),
             tls: tls.clone(),
             cluster: cluster.clone(),
+            timers: timers.clone(),
             election_timeout_max: config.raft.election_timeout_max,
             health,
             listeners: listener_infos(config).into(),
@@ -336,7 +341,7 @@ impl LoadBalancer for Api {
         };
         let m = self.metrics();
         let state = self.sm.current();
-        let members = members::list(&m, self.node_id);
+        let members = members::list(&m, self.node_id, &self.timers.known(Instant::now()));
         let leader = m.current_leader.and_then(|id| {
             m.membership_config
                 .membership()
@@ -555,8 +560,9 @@ impl LoadBalancer for Api {
         _request: Request<lb::ListMembersRequest>,
     ) -> Result<Response<lb::ListMembersResponse>, Status> {
         let m = self.metrics();
+        let now = Instant::now();
         Ok(Response::new(lb::ListMembersResponse {
-            members: members::list(&m, self.node_id),
+            members: members::list(&m, self.node_id, &self.timers.known(now)),
             leader: m.current_leader.and_then(|id| {
                 m.membership_config
                     .membership()
@@ -565,6 +571,7 @@ impl LoadBalancer for Api {
             }),
             membership_log_index: m.membership_config.log_id().map_or(0, |l| l.index),
             membership_changing: m.membership_config.membership().get_joint_config().len() > 1,
+            claim_delay: bulwark_api::time::duration_to_proto(self.timers.claim_delay(now)).ok(),
         }))
     }
 
@@ -674,7 +681,7 @@ where
     F: FnMut(&openraft::RaftMetrics<crate::raft::TypeConfig>) -> bool,
 {
     let mut rx = raft.metrics();
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = Instant::now() + timeout;
     loop {
         if done(&rx.borrow_watched()) {
             return true;

@@ -46,22 +46,31 @@ use super::types::{Ballot, NodeId, Raft, Snapshot};
 use crate::clients::{self, Received};
 use crate::config::LbConfig;
 
-/// What the Raft server observed, for the VIP task and failover records.
+/// What the Raft server and client observed, for the VIP task and failover
+/// records.
 #[derive(Debug)]
 pub struct Signals {
     started: Instant,
     last_contact: Mutex<Option<(Instant, NodeId)>>,
     transfer_at: Mutex<Option<Instant>>,
+    timers: Arc<PeerTimers>,
 }
 
 impl Signals {
-    /// Signals of a node starting now.
-    pub fn new() -> Self {
+    /// Signals of a node starting now, which learns its peers' fence
+    /// timers into `timers`.
+    pub fn new(timers: Arc<PeerTimers>) -> Self {
         Self {
             started: Instant::now(),
             last_contact: Mutex::new(None),
             transfer_at: Mutex::new(None),
+            timers,
         }
+    }
+
+    /// The fence timers of this node and its peers.
+    pub fn timers(&self) -> &Arc<PeerTimers> {
+        &self.timers
     }
 
     /// The last append accepted from a leader, and which leader.
@@ -84,12 +93,6 @@ impl Signals {
     }
 }
 
-impl Default for Signals {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// The service.
 pub struct RaftService {
     node_id: NodeId,
@@ -97,7 +100,6 @@ pub struct RaftService {
     store: Store,
     cluster: ClusterId,
     signals: Arc<Signals>,
-    timers: Arc<PeerTimers>,
     vote_hold: Duration,
     /// Serializes Join so two admissions cannot both see "no cluster".
     join_lock: tokio::sync::Mutex<()>,
@@ -108,13 +110,13 @@ pub struct RaftService {
 impl RaftService {
     /// The service of node `config.nodeId`, whose follower lease is
     /// `raft.electionTimeoutMax`: peers' RPCs, the bootstrap protocol and
-    /// the leadership-transfer signals. Peers' fence timers go to `timers`.
+    /// the leadership-transfer signals (and the peers' fence timers).
     pub fn new(
         config: &LbConfig,
         raft: &Raft,
         store: &Store,
         cluster: &ClusterId,
-        (signals, timers): (&Arc<Signals>, &Arc<PeerTimers>),
+        signals: &Arc<Signals>,
     ) -> Self {
         Self {
             node_id: config.node_id,
@@ -122,7 +124,6 @@ impl RaftService {
             store: store.clone(),
             cluster: cluster.clone(),
             signals: signals.clone(),
-            timers: timers.clone(),
             vote_hold: config.raft.election_timeout_max,
             join_lock: tokio::sync::Mutex::new(()),
             received: Received::new(),
@@ -144,7 +145,7 @@ impl RaftService {
         if let Some(v) = req.metadata().get(timers::HEADER)
             && let Ok(v) = v.to_str()
         {
-            self.timers.record(v, Instant::now());
+            self.signals.timers.record(v, Instant::now());
         }
         Ok(())
     }
@@ -205,7 +206,7 @@ impl RaftService {
     /// An answer to a peer's Raft call, with the fence timers we know.
     fn answer<T>(&self, msg: T) -> Response<T> {
         let mut resp = Response::new(msg);
-        let value = self.timers.header(Instant::now());
+        let value = self.signals.timers.header(Instant::now());
         if let Ok(v) = tonic::metadata::MetadataValue::try_from(value) {
             resp.metadata_mut().insert(timers::HEADER, v);
         }

@@ -36,6 +36,16 @@ pub const HEADER: &str = "bulwark-fence-timers";
 /// Entries read from one header at most (a cluster has a handful).
 const MAX_ENTRIES: usize = 64;
 
+/// The longest hold a valid config gives: `vip.lease` 60 s and
+/// `checkInterval` 1 s on a clock that may run 50 % slow, plus a
+/// `releaseBudget` of 10 s. A header saying more is malformed (it would
+/// keep every claim waiting).
+const MAX_HOLD: Duration = Duration::from_secs(132);
+
+/// The range of a valid `raft.electionTimeoutMax`.
+const LEASE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(20)..=Duration::from_secs(60);
+
 /// How long an entry is kept after it was last heard of: a minute, or
 /// twice the node's hold if that is longer. A node's hold bounds how long
 /// it may keep the VIP after the last heartbeat a quorum acknowledged, and
@@ -157,6 +167,18 @@ impl PeerTimers {
             .fold(self.own, |worst, h| worst.worst(h.timers))
     }
 
+    /// This node's timers and those of the peers known at `now`.
+    pub fn known(&self, now: Instant) -> BTreeMap<NodeId, NodeTimers> {
+        let mut out: BTreeMap<NodeId, NodeTimers> = self
+            .lock()
+            .iter()
+            .filter(|(_, h)| fresh(h, now))
+            .map(|(id, h)| (*id, h.timers))
+            .collect();
+        out.insert(self.me, self.own);
+        out
+    }
+
     /// How many peers known at `now` run other timers than this node.
     pub fn differing(&self, now: Instant) -> usize {
         self.lock()
@@ -220,13 +242,14 @@ fn parse(value: &str) -> Result<Vec<(NodeId, NodeTimers)>, &'static str> {
         else {
             return Err("an entry is not id:hold_us:lease_us");
         };
-        out.push((
-            id,
-            NodeTimers {
-                hold: Duration::from_micros(hold),
-                lease: Duration::from_micros(lease),
-            },
-        ));
+        let timers = NodeTimers {
+            hold: Duration::from_micros(hold),
+            lease: Duration::from_micros(lease),
+        };
+        if timers.hold > MAX_HOLD || !LEASE_RANGE.contains(&timers.lease) {
+            return Err("a hold or lease no valid config gives");
+        }
+        out.push((id, timers));
     }
     Ok(out)
 }
@@ -326,11 +349,15 @@ mod tests {
         let t = timing(150, 220);
         let a = PeerTimers::new(1, &t);
         let now = Instant::now();
-        for bad in ["", "2", "2:1", "2:1:x", "2:1:2:3", "2:1:2,,", "-1:2:3"] {
+        let too_long = "2:132000001:220000";
+        let no_lease = "2:186617:0";
+        for bad in [
+            "", "2", "2:1", "2:1:x", "2:1:2:3", "2:1:2,,", "-1:2:3", too_long, no_lease,
+        ] {
             a.record(bad, now);
             assert_eq!(a.cluster(now), whole_micros(t.own()), "{bad:?}");
         }
-        let many = vec!["2:1:2"; MAX_ENTRIES + 1].join(",");
+        let many = vec!["2:1:20000"; MAX_ENTRIES + 1].join(",");
         assert!(parse(&many).is_err());
         a.record("2:900000:100000", now);
         assert_eq!(a.differing(now), 1);
@@ -339,5 +366,8 @@ mod tests {
         b.record("1:900000:100000,2:900000:100000", now);
         assert_eq!(b.differing(now), 1);
         assert_eq!(b.cluster(now).hold, Duration::from_millis(900));
+        // The longest hold a valid config gives is taken.
+        b.record("3:132000000:60000000", now);
+        assert_eq!(b.cluster(now).hold, MAX_HOLD);
     }
 }

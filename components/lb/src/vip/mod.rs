@@ -56,7 +56,6 @@ use crate::clients::{ClientTable, Received, tickle};
 use crate::raft::network::Handover;
 use crate::raft::server::Signals;
 use crate::raft::state::command;
-use crate::raft::timers::PeerTimers;
 use crate::raft::{NodeId, Raft};
 
 /// How the VIP is taken and released.
@@ -249,10 +248,9 @@ pub struct VipTask {
     raft: Raft,
     fence: Fence,
     actuator: Actuator,
+    /// What Raft observed, and the fence timers of the other nodes: a
+    /// claim waits out the longest hold among them.
     signals: Arc<Signals>,
-    /// The fence timers of the other nodes: a claim waits out the longest
-    /// hold among them.
-    timers: Arc<PeerTimers>,
     rx: mpsc::Receiver<Control>,
     state: watch::Sender<VipState>,
     /// Where the task reports (`/debug/workers`): holding or standby,
@@ -299,7 +297,7 @@ impl VipTask {
         raft: Raft,
         timing: FenceTiming,
         actuator: Actuator,
-        (signals, timers): (Arc<Signals>, Arc<PeerTimers>),
+        signals: Arc<Signals>,
     ) -> Self {
         if let Actuator::Bgp(g) = &actuator {
             let _ = inbox.bgp.set(g.status());
@@ -310,7 +308,6 @@ impl VipTask {
             fence: Fence::new(timing),
             actuator,
             signals,
-            timers,
             rx: inbox.rx,
             state: inbox.state,
             worker: Worker::detached(WORKER),
@@ -352,7 +349,7 @@ impl VipTask {
             let view = LeaderView {
                 leader_term: Some(m.current_term),
                 last_quorum_acked: Some(Instant::now()),
-                cluster: self.timers.cluster(Instant::now()),
+                cluster: self.signals.timers().cluster(Instant::now()),
             };
             return (view, true);
         }
@@ -364,7 +361,7 @@ impl VipTask {
         let view = LeaderView {
             leader_term: leading.then_some(m.current_term),
             last_quorum_acked: if leading { acked } else { None },
-            cluster: self.timers.cluster(Instant::now()),
+            cluster: self.signals.timers().cluster(Instant::now()),
         };
         (view, false)
     }

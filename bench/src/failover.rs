@@ -476,7 +476,7 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "Three `bulwark-lb` hosts and a client host in network namespaces on one bridge; default timers (heartbeat 50 ms, election timeout 150-250 ms, VIP lease 180 ms). Each trial cuts the current leader's link; the client starts a fresh TCP connection to VIP:6443 every 10 ms (each with a 100 ms timeout and an echo round trip, not waiting for the previous one).\n"
+        "Three `bulwark-lb` hosts and a client host in network namespaces on one bridge, with the timers below. Each trial cuts the current leader's link; the client starts a fresh TCP connection to VIP:6443 every 10 ms (each with a 100 ms timeout and an echo round trip, not waiting for the previous one).\n"
     );
     let threads = if r.realtime {
         "under SCHED_RR (`realtimePriority: 10`)"

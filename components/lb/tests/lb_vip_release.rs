@@ -330,7 +330,7 @@ fn on_interface(interface: &str, ip: std::net::Ipv4Addr) -> bool {
 /// alone, and after the task's own release nothing more happens.
 #[test]
 fn heavy_netns_the_lease_watchdog_deletes_a_stalled_holders_vip() {
-    use bulwark_lb::vip::arp::{ArpVip, VipAddress};
+    use bulwark_lb::vip::arp::{ArpVip, Renewal, VipAddress};
     use bulwark_testkit::Lab;
     use std::time::Instant as StdInstant;
     use tokio::time::Instant;
@@ -392,11 +392,18 @@ fn heavy_netns_the_lease_watchdog_deletes_a_stalled_holders_vip() {
             assert_eq!(arp.watchdog_releases(), 1);
             assert!(!gate.is_open(), "the holding's clients were reset");
 
-            // Claimed again; the task (here: this thread) moves a 1 s
-            // lease on every 20 ms for 1 s: the watchdog leaves it alone.
+            // The task catches up and its lease is fresh again: its next
+            // renewal adds the address back and opens the gate again (the
+            // front would otherwise refuse every client while "holding").
             let lease = Duration::from_secs(1);
             arp.hold_until(Instant::now() + lease, true);
-            arp.claim().await.unwrap();
+            let renewed = arp.renew(Instant::now() + lease).await.unwrap();
+            assert!(matches!(renewed, Renewal::Readded), "{renewed:?}");
+            assert!(on_interface(&interface, vip), "added back");
+            assert!(gate.is_open(), "the front accepts again");
+
+            // The task (here: this thread) moves the 1 s lease on every
+            // 20 ms for 1 s: the watchdog leaves it alone.
             let started = StdInstant::now();
             while started.elapsed() < Duration::from_secs(1) {
                 arp.hold_until(Instant::now() + lease, true);

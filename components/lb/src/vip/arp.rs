@@ -379,8 +379,14 @@ impl ArpVip {
             ));
         }
         // Armed again: a renewal after the watchdog released adds the
-        // addresses back (the lease is fresh again).
+        // addresses back (the lease is fresh again), and opens the front
+        // gate the watchdog closed, before the addresses take traffic.
         self.watchdog.arm(index);
+        if let Some((gate, _)) = &self.gate
+            && !gate.is_open()
+        {
+            gate.open();
+        }
         for (a, gone) in self.addresses.iter().zip(&vanished) {
             match self.add(index, *a).await {
                 Ok(()) => {}

@@ -528,6 +528,10 @@ fn lb_status_round_trips() {
                 nanos: 300_000_000,
             }),
             bgp: Some(bgp_status()),
+            claim_delay: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 223_533_000,
+            }),
         }),
         recent_failovers: vec![Failover {
             at: ts(1_700_000_000),

@@ -124,6 +124,9 @@ pub struct VipView {
     pub held_since: Option<String>,
     /// For how long, in seconds, by the answering node's clock.
     pub held_for_seconds: Option<f64>,
+    /// How long a new leader would wait before taking it, in seconds
+    /// (nonzero when the members' fence timers differ).
+    pub claim_delay_seconds: Option<f64>,
 }
 
 /// One Raft member.
@@ -355,6 +358,7 @@ fn lb_view(s: &lb::GetStatusResponse, list: &lb::ListBackendsResponse) -> LbView
                 time_of(vip.held_since.as_ref()),
                 time_of(s.observed_at.as_ref()),
             ),
+            claim_delay_seconds: output::seconds(vip.claim_delay.as_ref()),
         },
         fail_open: s.fail_open,
         zones_down: s.zones_down.clone(),
@@ -659,6 +663,16 @@ fn render_lb(out: &mut String, l: &LbView) {
             "every backend looks down to the probers; routing to all".into(),
         ));
     }
+    if let Some(delay) = l.vip.claim_delay_seconds.filter(|d| *d > 0.0) {
+        pairs.push((
+            "claim delay",
+            format!(
+                "a new leader waits {} before it takes the VIP (the members' fence timers: \
+                 bulwarkctl lb members)",
+                output::duration_text(Some(delay))
+            ),
+        ));
+    }
     if let Some(f) = &l.last_failover {
         pairs.push(("last failover", failover_text(f)));
     }
@@ -916,6 +930,10 @@ mod tests {
                 mode: lb::VipMode::L2 as i32,
                 holder_node_id: Some(1),
                 held_since: ts_at(1_000),
+                claim_delay: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 223_533_000,
+                }),
                 ..Default::default()
             }),
             observed_at: ts_at(1_000 + 3 * 3600 + 62),
@@ -961,6 +979,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("*1 "), "{text}");
+        assert!(text.contains("claim delay:"), "{text}");
+        assert!(
+            text.contains("a new leader waits 223ms before it takes the VIP"),
+            "{text}"
+        );
         assert!(text.contains("not_ready"), "{text}");
         assert!(
             text.contains(

@@ -373,6 +373,10 @@ impl LoadBalancer for Api {
                 .lease_remaining
                 .and_then(|d| bulwark_api::time::duration_to_proto(d).ok()),
             bgp: self.vip.bgp().map(|b| convert::bgp_status(&b)),
+            claim_delay: bulwark_api::time::duration_to_proto(
+                self.timers.claim_delay(Instant::now()),
+            )
+            .ok(),
         };
         let set = self.backends.load();
         let resp = lb::GetStatusResponse {

@@ -507,14 +507,8 @@ fn lb_status_round_trips() {
                 }),
             }),
             fence_timers: Some(FenceTimers {
-                hold: Some(prost_types::Duration {
-                    seconds: 0,
-                    nanos: 186_617_000,
-                }),
-                election_timeout_max: Some(prost_types::Duration {
-                    seconds: 0,
-                    nanos: 220_000_000,
-                }),
+                hold: duration_to_proto(Duration::from_micros(186_617)).ok(),
+                election_timeout_max: duration_to_proto(Duration::from_millis(220)).ok(),
             }),
         }],
         vip: Some(VipStatus {
@@ -528,10 +522,7 @@ fn lb_status_round_trips() {
                 nanos: 300_000_000,
             }),
             bgp: Some(bgp_status()),
-            claim_delay: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 223_533_000,
-            }),
+            claim_delay: duration_to_proto(Duration::from_micros(223_533)).ok(),
         }),
         recent_failovers: vec![Failover {
             at: ts(1_700_000_000),

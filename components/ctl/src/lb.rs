@@ -901,6 +901,8 @@ async fn transfer_leadership(
 
 #[cfg(test)]
 mod tests {
+    use bulwark_api::time::duration_to_proto;
+
     use super::*;
 
     #[test]
@@ -992,14 +994,8 @@ mod tests {
                 }),
             }),
             fence_timers: Some(lb::FenceTimers {
-                hold: Some(prost_types::Duration {
-                    seconds: 0,
-                    nanos: 186_617_000,
-                }),
-                election_timeout_max: Some(prost_types::Duration {
-                    seconds: 0,
-                    nanos: 220_000_000,
-                }),
+                hold: duration_to_proto(Duration::from_micros(186_617)).ok(),
+                election_timeout_max: duration_to_proto(Duration::from_millis(220)).ok(),
             }),
         };
         let unknown = lb::Member {

@@ -930,10 +930,8 @@ mod tests {
                 mode: lb::VipMode::L2 as i32,
                 holder_node_id: Some(1),
                 held_since: ts_at(1_000),
-                claim_delay: Some(prost_types::Duration {
-                    seconds: 0,
-                    nanos: 223_533_000,
-                }),
+                claim_delay: bulwark_api::time::duration_to_proto(Duration::from_micros(223_533))
+                    .ok(),
                 ..Default::default()
             }),
             observed_at: ts_at(1_000 + 3 * 3600 + 62),

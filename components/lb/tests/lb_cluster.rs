@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use bulwark_api::lb::v1 as lb;
+use bulwark_api::time::duration_from_proto;
 use bulwark_testkit::cluster::{LbCluster, Options, echo_backend, echo_through};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,8 +541,10 @@ async fn heavy_a_node_with_a_longer_lease_makes_every_claim_wait_out_its_hold() 
         .unwrap()
         .into_inner();
     let ms = |d: &Option<prost_types::Duration>| {
-        let d = d.unwrap();
-        d.seconds as f64 * 1e3 + f64::from(d.nanos) / 1e6
+        duration_from_proto(d.as_ref().unwrap())
+            .unwrap()
+            .as_secs_f64()
+            * 1e3
     };
     for m in &list.members {
         let t = m.fence_timers.unwrap();
@@ -585,8 +588,7 @@ async fn heavy_a_node_with_a_longer_lease_makes_every_claim_wait_out_its_hold() 
 
 /// The failover's claim came at least `delay` after the election.
 fn assert_claimed_after(f: &lb::Failover, delay: Duration) {
-    let waited = f.time_to_move_vip.unwrap();
-    let waited = Duration::new(waited.seconds as u64, waited.nanos as u32);
+    let waited = duration_from_proto(f.time_to_move_vip.as_ref().unwrap()).unwrap();
     eprintln!(
         "node {} took the VIP {waited:?} after its election",
         f.to_node_id

@@ -14,8 +14,8 @@ use super::{Api, voters, wait_metrics};
 use crate::config::valid_host_port;
 use crate::raft::NodeId;
 use crate::raft::membership::{JoinError, admit};
+use crate::raft::timers::PeerTimers;
 use crate::raft::types::{LbNode, TypeConfig};
-use crate::vip::fence::NodeTimers;
 
 type Metrics = RaftMetrics<TypeConfig>;
 
@@ -39,8 +39,9 @@ pub fn role(m: &Metrics, me: NodeId) -> lb::NodeRole {
 }
 
 /// Every member, voters first; replication details when we lead; each
-/// one's fence timers where `timers` has them.
-pub fn list(m: &Metrics, me: NodeId, timers: &BTreeMap<NodeId, NodeTimers>) -> Vec<lb::Member> {
+/// one's fence timers where `timers` knows them.
+pub fn list(m: &Metrics, me: NodeId, timers: &PeerTimers) -> Vec<lb::Member> {
+    let timers = timers.known(tokio::time::Instant::now());
     let voters = voters(m);
     let last = m.last_log_index.unwrap_or(0);
     let leading = crate::raft::leads(m, me);
@@ -200,13 +201,9 @@ pub async fn add(api: &Api, r: lb::AddMemberRequest) -> Result<lb::AddMemberResp
         resp.log_id.index
     };
     let m = api.metrics();
-    let member = list(
-        &m,
-        api.node_id,
-        &api.timers.known(tokio::time::Instant::now()),
-    )
-    .into_iter()
-    .find(|x| x.node.as_ref().is_some_and(|n| n.id == id));
+    let member = list(&m, api.node_id, &api.timers)
+        .into_iter()
+        .find(|x| x.node.as_ref().is_some_and(|n| n.id == id));
     Ok(lb::AddMemberResponse {
         member,
         membership_log_index: log_index,

@@ -341,7 +341,7 @@ impl LoadBalancer for Api {
         };
         let m = self.metrics();
         let state = self.sm.current();
-        let members = members::list(&m, self.node_id, &self.timers.known(Instant::now()));
+        let members = members::list(&m, self.node_id, &self.timers);
         let leader = m.current_leader.and_then(|id| {
             m.membership_config
                 .membership()
@@ -564,9 +564,8 @@ impl LoadBalancer for Api {
         _request: Request<lb::ListMembersRequest>,
     ) -> Result<Response<lb::ListMembersResponse>, Status> {
         let m = self.metrics();
-        let now = Instant::now();
         Ok(Response::new(lb::ListMembersResponse {
-            members: members::list(&m, self.node_id, &self.timers.known(now)),
+            members: members::list(&m, self.node_id, &self.timers),
             leader: m.current_leader.and_then(|id| {
                 m.membership_config
                     .membership()
@@ -575,7 +574,10 @@ impl LoadBalancer for Api {
             }),
             membership_log_index: m.membership_config.log_id().map_or(0, |l| l.index),
             membership_changing: m.membership_config.membership().get_joint_config().len() > 1,
-            claim_delay: bulwark_api::time::duration_to_proto(self.timers.claim_delay(now)).ok(),
+            claim_delay: bulwark_api::time::duration_to_proto(
+                self.timers.claim_delay(Instant::now()),
+            )
+            .ok(),
         }))
     }
 

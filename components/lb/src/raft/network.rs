@@ -40,7 +40,7 @@ use super::convert::{
     transfer_req_to_pb, transfer_resp_from_pb, vote_from_pb, vote_req_to_pb, vote_resp_from_pb,
     vote_to_pb,
 };
-use super::timers::{self, PeerTimers};
+use super::timers::PeerTimers;
 use super::types::{Ballot, LbNode, NodeId, Snapshot, TypeConfig, Vote};
 
 /// Request header carrying the sender's cluster id.
@@ -288,10 +288,7 @@ impl Peer {
     /// `msg` with the cluster id and the fence timers we know.
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = with_cluster(msg, &self.cluster);
-        let value = self.timers.header(tokio::time::Instant::now());
-        if let Ok(v) = tonic::metadata::MetadataValue::try_from(value) {
-            req.metadata_mut().insert(timers::HEADER, v);
-        }
+        self.timers.tell(req.metadata_mut());
         req
     }
 
@@ -333,11 +330,7 @@ impl Peer {
         self.channels.record(self.target, &self.address, answered);
         match result {
             Ok(Ok(r)) => {
-                if let Some(v) = r.metadata().get(timers::HEADER)
-                    && let Ok(v) = v.to_str()
-                {
-                    self.timers.record(v, tokio::time::Instant::now());
-                }
+                self.timers.learn(r.metadata());
                 Ok(r.into_inner())
             }
             Ok(Err(s)) => Err(status_err(self.target, s)),

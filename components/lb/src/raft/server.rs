@@ -41,7 +41,7 @@ use super::convert::{
 };
 use super::network::{CLUSTER_ID_HEADER, ClusterId};
 use super::store::Store;
-use super::timers::{self, PeerTimers};
+use super::timers::PeerTimers;
 use super::types::{Ballot, NodeId, Raft, Snapshot};
 use crate::clients::{self, Received};
 use crate::config::LbConfig;
@@ -142,11 +142,7 @@ impl RaftService {
     /// records the caller's fence timers.
     fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
         self.same_cluster(req)?;
-        if let Some(v) = req.metadata().get(timers::HEADER)
-            && let Ok(v) = v.to_str()
-        {
-            self.signals.timers.record(v, Instant::now());
-        }
+        self.signals.timers.learn(req.metadata());
         Ok(())
     }
 
@@ -206,10 +202,7 @@ impl RaftService {
     /// An answer to a peer's Raft call, with the fence timers we know.
     fn answer<T>(&self, msg: T) -> Response<T> {
         let mut resp = Response::new(msg);
-        let value = self.signals.timers.header(Instant::now());
-        if let Ok(v) = tonic::metadata::MetadataValue::try_from(value) {
-            resp.metadata_mut().insert(timers::HEADER, v);
-        }
+        self.signals.timers.tell(resp.metadata_mut());
         resp
     }
 

@@ -87,9 +87,23 @@ impl PeerTimers {
         self.heard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Puts the [`HEADER`] on an outgoing request or answer.
+    pub fn tell(&self, metadata: &mut tonic::metadata::MetadataMap) {
+        if let Ok(v) = tonic::metadata::MetadataValue::try_from(self.header(Instant::now())) {
+            metadata.insert(HEADER, v);
+        }
+    }
+
+    /// Records the [`HEADER`] of a peer's request or answer, if it has one.
+    pub fn learn(&self, metadata: &tonic::metadata::MetadataMap) {
+        if let Some(v) = metadata.get(HEADER).and_then(|v| v.to_str().ok()) {
+            self.record(v, Instant::now());
+        }
+    }
+
     /// The header to send at `now`: our timers, then the peers' heard
     /// first-hand and not yet forgotten.
-    pub fn header(&self, now: Instant) -> String {
+    fn header(&self, now: Instant) -> String {
         let mut out = entry(self.me, self.own);
         for (id, h) in self.lock().iter() {
             if h.first_hand && fresh(h, now) {
@@ -103,7 +117,7 @@ impl PeerTimers {
     /// Records a peer's header received at `now`. A malformed one is
     /// ignored as a whole (and said at debug level): the peer then counts
     /// as one that sent none, an older version whose timers are unknown.
-    pub fn record(&self, value: &str, now: Instant) {
+    fn record(&self, value: &str, now: Instant) {
         let entries = match parse(value) {
             Ok(e) => e,
             Err(e) => {

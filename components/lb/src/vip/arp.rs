@@ -329,14 +329,21 @@ impl ArpVip {
         self.watchdog.fired()
     }
 
+    /// Opens the front gate (a no-op while it is open): before any address
+    /// is added, by a claim and by every renewal, which may follow a lease
+    /// watchdog's release that closed it.
+    fn open_front(&self) {
+        if let Some((gate, _)) = &self.gate {
+            gate.open();
+        }
+    }
+
     /// Adds every address and starts announcing them. If one cannot be
     /// added, those already added are deleted again and the error names
     /// the address: a dual-stack VIP is held whole or not at all.
     pub async fn claim(&mut self) -> std::io::Result<()> {
         let (index, mac) = self.link().await?;
-        if let Some((gate, _)) = &self.gate {
-            gate.open();
-        }
+        self.open_front();
         self.watchdog.arm(index);
         for a in &self.addresses {
             if let Err(e) = self.add(index, *a).await {
@@ -382,11 +389,7 @@ impl ArpVip {
         // addresses back (the lease is fresh again), and opens the front
         // gate the watchdog closed, before the addresses take traffic.
         self.watchdog.arm(index);
-        if let Some((gate, _)) = &self.gate
-            && !gate.is_open()
-        {
-            gate.open();
-        }
+        self.open_front();
         for (a, gone) in self.addresses.iter().zip(&vanished) {
             match self.add(index, *a).await {
                 Ok(()) => {}

@@ -337,6 +337,7 @@ impl VipTask {
 
     fn view(&self) -> (LeaderView, bool) {
         let m = self.raft.metrics().borrow_watched().clone();
+        let cluster = self.signals.timers().cluster(Instant::now());
         let leading = crate::raft::leads(&m, self.node_id);
         // A lone voter is its own quorum: nothing acknowledges it, and
         // nothing else can lead while it does.
@@ -349,7 +350,7 @@ impl VipTask {
             let view = LeaderView {
                 leader_term: Some(m.current_term),
                 last_quorum_acked: Some(Instant::now()),
-                cluster: self.signals.timers().cluster(Instant::now()),
+                cluster,
             };
             return (view, true);
         }
@@ -361,7 +362,7 @@ impl VipTask {
         let view = LeaderView {
             leader_term: leading.then_some(m.current_term),
             last_quorum_acked: if leading { acked } else { None },
-            cluster: self.signals.timers().cluster(Instant::now()),
+            cluster,
         };
         (view, false)
     }

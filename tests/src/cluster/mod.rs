@@ -36,8 +36,13 @@ pub mod loopback;
 pub use loopback::{LbCluster, LbNode, Options, echo_backend, echo_through, new_vip, serve_echo};
 
 /// The log filter every LB node runs with: openraft's info lines are
-/// per-heartbeat noise in a test log.
+/// per-heartbeat noise in a test log. [`LB_LOG_LEVEL_ENV`] replaces it.
 pub const LB_LOG_LEVEL: &str = "info,openraft=warn";
+
+/// Names a log filter for every LB node a test or bench starts, instead
+/// of [`LB_LOG_LEVEL`] (e.g. `info,openraft=info` to read an election
+/// step by step).
+pub const LB_LOG_LEVEL_ENV: &str = "BULWARK_LB_LOG_LEVEL";
 
 /// An LB cluster's shared facts: its members, the CA that issues each
 /// node's certificate, and the directory the configs and data dirs go in.
@@ -93,7 +98,10 @@ pub fn lb_process_of(binary: &Path, name: &str, config: &Path) -> ProcessBuilder
     ProcessBuilder::new(name, binary)
         .arg("--config")
         .arg(config)
-        .env("BULWARK_LOG_LEVEL", LB_LOG_LEVEL)
+        .env(
+            "BULWARK_LOG_LEVEL",
+            std::env::var(LB_LOG_LEVEL_ENV).unwrap_or_else(|_| LB_LOG_LEVEL.to_owned()),
+        )
 }
 
 /// A prober named `name` in `zone` probing `targets` (the apiservers,

@@ -51,7 +51,8 @@ use crate::config::LbConfig;
 #[derive(Debug)]
 pub struct Signals {
     started: Instant,
-    last_contact: Mutex<Option<(Instant, NodeId)>>,
+    last_contact: Mutex<Option<Heard>>,
+    last_granted: Mutex<Option<Heard>>,
     transfer_at: Mutex<Option<Instant>>,
     timers: Arc<PeerTimers>,
 }
@@ -63,6 +64,7 @@ impl Signals {
         Self {
             started: Instant::now(),
             last_contact: Mutex::new(None),
+            last_granted: Mutex::new(None),
             transfer_at: Mutex::new(None),
             timers,
         }
@@ -75,7 +77,17 @@ impl Signals {
 
     /// The last append accepted from a leader, and which leader.
     pub fn last_contact(&self) -> Option<(Instant, NodeId)> {
+        self.last_append().map(|h| (h.at, h.from))
+    }
+
+    /// The last append accepted from a leader.
+    pub fn last_append(&self) -> Option<Heard> {
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last real vote this node granted.
+    pub fn last_granted(&self) -> Option<Heard> {
+        *self.last_granted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// When this node last accepted a leadership transfer.
@@ -83,13 +95,40 @@ impl Signals {
         *self.transfer_at.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn contact(&self, leader: NodeId) {
+    fn contact(&self, leader: NodeId, term: u64) {
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Instant::now(), leader));
+            Some(Heard::now(leader, term));
+    }
+
+    fn granted(&self, candidate: NodeId, term: u64) {
+        *self.last_granted.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Heard::now(candidate, term));
     }
 
     fn transfer(&self) {
         *self.transfer_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+}
+
+/// An append from a leader or a vote request from a candidate that this
+/// node accepted: when, from whom, in which term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heard {
+    /// When the server had it accepted.
+    pub at: Instant,
+    /// The leader or candidate.
+    pub from: NodeId,
+    /// Its term.
+    pub term: u64,
+}
+
+impl Heard {
+    fn now(from: NodeId, term: u64) -> Self {
+        Self {
+            at: Instant::now(),
+            from,
+            term,
+        }
     }
 }
 
@@ -187,6 +226,7 @@ impl RaftService {
         ballot: Ballot,
     ) -> Result<Response<pb::VoteResponse>, Status> {
         let req = self.decode(&request, vote_req_from_pb)?;
+        let (candidate, term) = (req.vote.leader_id.node_id, req.vote.leader_id.term);
         // Only a real vote can come from a leadership transfer; a pre-vote
         // is held back for the whole follower lease.
         let transfer = ballot == Ballot::Vote && req.leadership_transfer;
@@ -196,6 +236,11 @@ impl RaftService {
             Ballot::PreVote => self.raft.pre_vote(req).await,
         }
         .map_err(fatal)?;
+        if ballot == Ballot::Vote && resp.vote_granted {
+            // Like an append, a granted vote starts a new silence for the
+            // elector: the candidate is about to lead.
+            self.signals.granted(candidate, term);
+        }
         Ok(self.answer(vote_resp_to_pb(&resp)))
     }
 
@@ -233,11 +278,11 @@ impl RaftRpc for RaftService {
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
         let req = self.decode(&request, append_req_from_pb)?;
-        let leader = req.vote.leader_id.node_id;
+        let (leader, term) = (req.vote.leader_id.node_id, req.vote.leader_id.term);
         let committed = req.vote.committed;
         let resp = self.raft.append_entries(req).await.map_err(fatal)?;
         if committed && resp.is_success() {
-            self.signals.contact(leader);
+            self.signals.contact(leader, term);
         }
         Ok(self.answer(append_resp_to_pb(&resp)))
     }

@@ -13,9 +13,14 @@
 //!
 //! Runs alternate the contenders' order so slow drift (thermal, noisy
 //! neighbours) does not favour one; each figure is the median of the runs.
+//!
+//! After the plain workloads, each proxy's resident memory is read with
+//! `--idle-connections` keep-alive connections open through it, each idle
+//! after one request (what thousands of watches cost a node).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::{Read, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -97,6 +102,11 @@ pub struct Args {
     /// Suffix of the result files' names (e.g. `before-after`).
     #[arg(long)]
     tag: Option<String>,
+    /// Keep-alive connections held open and idle through each proxy (one
+    /// plain request each) while its resident memory is read, after the
+    /// plain workloads; 0 skips it.
+    #[arg(long, default_value_t = 2000)]
+    idle_connections: usize,
     /// Print the table only; write no files.
     #[arg(long)]
     no_write: bool,
@@ -406,6 +416,93 @@ struct Report {
     settings: BTreeMap<String, String>,
     note: String,
     rows: Vec<Row>,
+    idle_memory: Vec<IdleMemory>,
+}
+
+/// A proxy's resident memory with idle keep-alive connections open.
+#[derive(Serialize)]
+struct IdleMemory {
+    contender: String,
+    connections: usize,
+    rss_before_kib: u64,
+    rss_idle_kib: u64,
+    /// (idle − before) ÷ connections.
+    per_connection_kib: f64,
+}
+
+/// Opens `n` keep-alive connections through each proxy, sends one plain
+/// request on each and reads the answer, then reads the proxy's resident
+/// memory while all of them are open and idle (and closes them).
+fn idle_memory(targets: &[Target], n: usize) -> anyhow::Result<Vec<IdleMemory>> {
+    let mut out = Vec::new();
+    for t in targets {
+        let Some(pid) = t.pid else { continue };
+        let before = rss_kib(pid)?;
+        let held = (0..n)
+            .map(|_| one_request(t.addr))
+            .collect::<anyhow::Result<Vec<TcpStream>>>()
+            .with_context(|| format!("holding {n} idle connections through {}", t.name))?;
+        // The proxy has written every answer; give its threads a moment to
+        // finish their side of the last ones.
+        std::thread::sleep(Duration::from_millis(500));
+        let idle = rss_kib(pid)?;
+        drop(held);
+        eprintln!(
+            "idle connections: {:<18} {n} open: RSS {before} KiB -> {idle} KiB",
+            t.name
+        );
+        out.push(IdleMemory {
+            contender: t.name.clone(),
+            connections: n,
+            rss_before_kib: before,
+            rss_idle_kib: idle,
+            per_connection_kib: (idle as f64 - before as f64) / n as f64,
+        });
+    }
+    Ok(out)
+}
+
+/// A connection to `addr` that has carried one `GET /small` and its whole
+/// answer, left open.
+fn one_request(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /small HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !whole_response(&got) {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            bail!("the connection closed before the whole answer");
+        }
+        got.extend_from_slice(&chunk[..n]);
+    }
+    Ok(s)
+}
+
+/// Whether `got` holds an HTTP response's head and its `Content-Length`
+/// bytes of body.
+fn whole_response(got: &[u8]) -> bool {
+    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    got.len() >= end + 4 + length
+}
+
+/// `VmRSS` of process `pid`, KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 
 fn haproxy_config(listen: SocketAddr, backends: &[SocketAddr], threads: usize) -> String {
@@ -425,7 +522,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let load_before = loadavg();
     let dir = tempfile::tempdir().context("creating a temp dir")?;
+    // The held idle connections, and the proxies and nginx they reach,
+    // need more descriptors than the usual 1,024 (spawned ones inherit it).
+    crate::suite::raise_nofile()?;
     let mut samples = Samples::new();
+    let mut memory = Vec::new();
     let mut names = Vec::new();
     // One stack per scheme: bulwark's listener routes to one backend set.
     for tls in [true, false] {
@@ -437,6 +538,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let mut stack = Stack::start(args, &exe, &sub, tls)?;
         let targets = stack.targets();
         measure(args, &targets, tls, &mut samples)?;
+        if !tls && args.idle_connections > 0 {
+            memory = idle_memory(&targets, args.idle_connections)?;
+        }
         stack.check_alive()?;
         names = targets.into_iter().map(|t| t.name).collect();
     }
@@ -466,6 +570,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             }
         ),
         rows,
+        idle_memory: memory,
     };
     let scenario = match &args.tag {
         Some(t) => format!("datapath-{t}"),
@@ -939,7 +1044,32 @@ fn markdown(r: &Report) -> String {
             ratio(row.cpu_ratio_to_haproxy)
         );
     }
+    idle_memory_table(&mut s, &r.idle_memory);
     s
+}
+
+fn idle_memory_table(s: &mut String, rows: &[IdleMemory]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nResident memory (VmRSS) of each proxy's process with {} keep-alive connections \
+         open through it, each idle after one plain request (after the plain workloads):\n",
+        rows[0].connections
+    );
+    let _ = writeln!(
+        s,
+        "| contender | RSS before | RSS with them open | per idle connection |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    for m in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} KiB | {} KiB | {:.1} KiB |",
+            m.contender, m.rss_before_kib, m.rss_idle_kib, m.per_connection_kib
+        );
+    }
 }
 
 /// Prints a scenario's report (markdown) and, unless `no_write`, writes it
@@ -1020,6 +1150,11 @@ Transfer/sec:    100.00KB
         assert!((s.stdev_ms - 0.21809).abs() < 1e-9);
         assert!((s.max_ms - 5.36).abs() < 1e-9);
         assert!(parse_wrk("garbage").is_err());
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+        assert!(!whole_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"));
+        assert!(!whole_response(&[&head[..], b"abc"].concat()));
+        assert!(whole_response(&[&head[..], b"abcde"].concat()));
+        assert!(whole_response(b"HTTP/1.1 204 No Content\r\n\r\n"));
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
     }
 }

@@ -157,7 +157,7 @@ impl std::fmt::Debug for BackendStats {
 impl BackendStats {
     /// The counters of backend `id`, registered for publishing at scrape
     /// time.
-    pub(super) fn shared(id: &str) -> Arc<Self> {
+    pub(crate) fn shared(id: &str) -> Arc<Self> {
         let stats = Arc::new(Self::new(id));
         publish_on_scrape(Arc::downgrade(&stats) as Weak<dyn Publish>);
         stats

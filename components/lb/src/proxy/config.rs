@@ -34,8 +34,9 @@ pub struct ProxyConfig {
     pub connect_attempts: u32,
     /// Client connections served at once; beyond it the proxy stops
     /// accepting and new clients wait in the kernel's accept queue. Each
-    /// connection costs two descriptors (its two sockets) and
-    /// `2 × bufferSize` of memory; with `splice` on, up to six (a pipe of
+    /// connection costs two descriptors (its two sockets) and, while bytes
+    /// wait to be written, up to `2 × bufferSize` of memory (an idle one
+    /// holds no buffer); with `splice` on, up to six descriptors (a pipe of
     /// two more for each direction that carries bulk data), which is what
     /// the startup check of the descriptor limit counts.
     #[serde(default = "d_max_connections")]
@@ -67,8 +68,10 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// Copy buffer per direction, in bytes, for the exchanges that do not
     /// go through splice. 16 KiB holds a full TLS record (as HAProxy's
-    /// default buffer does) and keeps an idle watch at 32 KiB of buffers;
-    /// bulk transfers move through pipes instead when `splice` is on. Also
+    /// default buffer does). A direction borrows its buffer from the
+    /// data-path thread only while it has bytes to write, so an idle watch
+    /// holds none; bulk transfers move through pipes instead when `splice`
+    /// is on. Also
     /// the bound on the client's first flight that is kept for a replay
     /// until the backend's first byte.
     #[serde(default = "d_buffer_size")]

@@ -17,6 +17,9 @@
 //! for creating pipes. If a pipe cannot be created (descriptor limit) the
 //! direction simply stays buffered.
 //!
+//! A direction holds a copy buffer only while it has bytes to write
+//! ([`super::buffers`]): an idle connection holds none.
+//!
 //! Until the backend's first byte, the client's bytes are kept (appended in
 //! the client→backend buffer, at most `bufferSize` of them) instead of
 //! being overwritten: if the backend closes or resets before answering (a
@@ -38,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::buffers::Buffer;
 use super::splice::Pipe;
 use crate::backends::BackendStats;
 
@@ -80,6 +84,9 @@ impl FirstFlight {
 /// One direction's state.
 #[derive(Default)]
 struct Half {
+    /// Lent while bytes `buf[pos..cap]` wait to be written, or while the
+    /// first flight is kept in it.
+    buf: Option<Buffer>,
     /// Bytes `buf[pos..cap]` read but not yet written.
     pos: usize,
     cap: usize,
@@ -93,14 +100,25 @@ struct Half {
     done: bool,
 }
 
+impl Half {
+    /// Gives the buffer back once everything in it is written, unless it
+    /// is the client→backend one keeping the first flight.
+    fn release_unless_kept<const UP: bool>(&mut self, first_flight: &FirstFlight) {
+        if self.pos == self.cap && !(UP && first_flight.open) {
+            self.buf = None;
+            self.pos = 0;
+            self.cap = 0;
+        }
+    }
+}
+
 /// Copies until both directions have seen EOF and forwarded it.
 pub(crate) struct Bidirectional<'a> {
     client: &'a mut TcpStream,
     backend: TcpStream,
     stats: Arc<BackendStats>,
-    /// Both directions' buffers in one allocation: `[..half]` carries
-    /// client→backend, `[half..]` backend→client.
-    buf: Box<[u8]>,
+    /// Each direction's buffer size (`proxy.bufferSize`).
+    buffer_size: usize,
     up: Half,
     down: Half,
     active: bool,
@@ -121,7 +139,7 @@ impl<'a> Bidirectional<'a> {
             client,
             backend,
             stats,
-            buf: vec![0u8; buffer_size * 2].into_boxed_slice(),
+            buffer_size,
             up: Half {
                 may_splice: splice,
                 ..Half::default()
@@ -188,14 +206,14 @@ fn poll_half<const UP: bool>(
     h: &mut Half,
     peer_done: bool,
     first_flight: &mut FirstFlight,
-    buf: &mut [u8],
+    size: usize,
     from: &mut TcpStream,
     to: &mut TcpStream,
     active: &mut bool,
     mut count: impl FnMut(u64),
 ) -> Poll<Result<(), Side>> {
     loop {
-        while h.pos < h.cap {
+        while let Some(buf) = h.buf.as_deref().filter(|_| h.pos < h.cap) {
             let n =
                 ready!(Pin::new(&mut *to).poll_write(cx, &buf[h.pos..h.cap])).map_err(Side::To)?;
             if n == 0 {
@@ -249,6 +267,7 @@ fn poll_half<const UP: bool>(
             // A full buffer closes the window (beyond it, no replay), but
             // only once the client has more to send: a first flight of
             // exactly `bufferSize` bytes is still kept whole.
+            let buf = h.buf.get_or_insert_with(|| Buffer::take(size));
             let start = if UP && first_flight.open {
                 if h.cap < buf.len() {
                     h.cap
@@ -304,8 +323,6 @@ impl Future for Bidirectional<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let half = this.buf.len() / 2;
-        let (up_buf, down_buf) = this.buf.split_at_mut(half);
         let stats = &*this.stats;
         let ff = &mut this.first_flight;
 
@@ -315,7 +332,7 @@ impl Future for Bidirectional<'_> {
                 &mut this.up,
                 this.down.done,
                 ff,
-                up_buf,
+                this.buffer_size,
                 this.client,
                 &mut this.backend,
                 &mut this.active,
@@ -333,7 +350,7 @@ impl Future for Bidirectional<'_> {
                 &mut this.down,
                 this.up.done,
                 ff,
-                down_buf,
+                this.buffer_size,
                 &mut this.backend,
                 this.client,
                 &mut this.active,
@@ -348,7 +365,72 @@ impl Future for Bidirectional<'_> {
         if this.up.done && this.down.done {
             Poll::Ready(Ok(()))
         } else {
+            // Waiting: a direction with nothing left to write gives its
+            // buffer back to the thread, unless it keeps the first flight
+            // (checked after both directions ran: the backend's first byte
+            // closes the window for the client→backend buffer too).
+            this.up.release_unless_kept::<true>(ff);
+            this.down.release_unless_kept::<false>(ff);
             Poll::Pending
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::super::buffers::pooled;
+    use super::*;
+
+    /// Two connected sockets: (the end we drive, the end the copy gets).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (theirs, _) = listener.accept().await.unwrap();
+        (ours, theirs)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idle_connection_gives_its_buffers_back_and_borrows_them_again() {
+        let (mut client, mut proxied_client) = pair().await;
+        let (mut backend, proxied_backend) = pair().await;
+        let stats = BackendStats::shared("b");
+        // The replay window closes on the backend's first byte, so the
+        // client→backend buffer is given back after the first exchange.
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut copy = Bidirectional::new(
+            &mut proxied_client,
+            proxied_backend,
+            stats,
+            1024,
+            false,
+            until,
+        );
+        let exchanges = async {
+            let mut free_while_idle = Vec::new();
+            for round in 0..3u8 {
+                let mut got = [0u8; 4];
+                client.write_all(&[b'q', round, 0, 0]).await.unwrap();
+                backend.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, [b'q', round, 0, 0]);
+                backend.write_all(&[b'a', round, 0, 0]).await.unwrap();
+                client.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, [b'a', round, 0, 0]);
+                // The copy ran to its next (blocked) read before the answer
+                // reached the client: nothing is held while both wait.
+                free_while_idle.push(pooled());
+            }
+            free_while_idle
+        };
+        tokio::select! {
+            r = &mut copy => panic!("the copy ended: {r:?}"),
+            free = exchanges => assert_eq!(free, [2, 2, 2], "both buffers are back in the pool between exchanges"),
         }
     }
 }

@@ -31,6 +31,7 @@
 //! // closes it (resetting the holding's connections) before deleting it.
 //! ```
 
+mod buffers;
 mod close;
 mod config;
 mod conn;

@@ -47,7 +47,9 @@ impl Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.0);
-        FREE.with(|free| {
+        // A buffer dropped while the thread's pool is being torn down (the
+        // thread is ending) is simply freed.
+        let _ = FREE.try_with(|free| {
             let mut free = free.borrow_mut();
             // One size per pool (a thread serves one listener): a buffer of
             // another size, or one beyond the bound, is freed.

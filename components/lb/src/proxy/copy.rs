@@ -267,6 +267,11 @@ fn poll_half<const UP: bool>(
             // A full buffer closes the window (beyond it, no replay), but
             // only once the client has more to send: a first flight of
             // exactly `bufferSize` bytes is still kept whole.
+            if h.buf.is_none() {
+                // Borrow a buffer only once the socket says it has
+                // something: a direction that waits takes none.
+                ready!(from.poll_read_ready(cx)).map_err(Side::From)?;
+            }
             let buf = h.buf.get_or_insert_with(|| Buffer::take(size));
             let start = if UP && first_flight.open {
                 if h.cap < buf.len() {

@@ -97,13 +97,14 @@ pub async fn run(
         tried.filter(|(t, _)| *t == at).map_or(0, |(_, n)| n)
     };
     loop {
-        let due = match silence(&signals) {
+        let silence = silence(&signals);
+        let due = match silence {
             Some(s) => due(&raft, me, s, lease, step, attempts_in(tried, s.at)),
             None => Due::Never,
         };
         let wake = match due {
             Due::At(when) if when <= Instant::now() => {
-                if let Some(s) = silence(&signals) {
+                if let Some(s) = silence {
                     tried = Some((s.at, attempts_in(tried, s.at) + 1));
                 }
                 tracing::debug!(node = me, "leader lease ran out: campaigning (pre-vote)");
@@ -129,12 +130,10 @@ fn silence(signals: &Signals) -> Option<Heard> {
     later(signals.last_append(), signals.last_granted())
 }
 
-/// The later of two events, either of which may be absent.
+/// The later of two events, either of which may be absent (`a` on a tie:
+/// `max_by_key` keeps the last of equal ones).
 fn later(a: Option<Heard>, b: Option<Heard>) -> Option<Heard> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(if b.at > a.at { b } else { a }),
-        (a, b) => a.or(b),
-    }
+    b.into_iter().chain(a).max_by_key(|h| h.at)
 }
 
 fn due(

@@ -51,7 +51,7 @@ use crate::config::LbConfig;
 #[derive(Debug)]
 pub struct Signals {
     started: Instant,
-    last_contact: Mutex<Option<Heard>>,
+    last_append: Mutex<Option<Heard>>,
     last_granted: Mutex<Option<Heard>>,
     transfer_at: Mutex<Option<Instant>>,
     timers: Arc<PeerTimers>,
@@ -63,7 +63,7 @@ impl Signals {
     pub fn new(timers: Arc<PeerTimers>) -> Self {
         Self {
             started: Instant::now(),
-            last_contact: Mutex::new(None),
+            last_append: Mutex::new(None),
             last_granted: Mutex::new(None),
             transfer_at: Mutex::new(None),
             timers,
@@ -75,14 +75,9 @@ impl Signals {
         &self.timers
     }
 
-    /// The last append accepted from a leader, and which leader.
-    pub fn last_contact(&self) -> Option<(Instant, NodeId)> {
-        self.last_append().map(|h| (h.at, h.from))
-    }
-
     /// The last append accepted from a leader.
     pub fn last_append(&self) -> Option<Heard> {
-        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner())
+        *self.last_append.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The last real vote this node granted.
@@ -95,8 +90,8 @@ impl Signals {
         *self.transfer_at.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn contact(&self, leader: NodeId, term: u64) {
-        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) =
+    fn appended(&self, leader: NodeId, term: u64) {
+        *self.last_append.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(Heard::now(leader, term));
     }
 
@@ -282,7 +277,7 @@ impl RaftRpc for RaftService {
         let committed = req.vote.committed;
         let resp = self.raft.append_entries(req).await.map_err(fatal)?;
         if committed && resp.is_success() {
-            self.signals.contact(leader, term);
+            self.signals.appended(leader, term);
         }
         Ok(self.answer(append_resp_to_pb(&resp)))
     }

@@ -54,7 +54,7 @@ use self::bind::BindVip;
 use self::fence::{Action, Fence, FenceTiming, LeaderView, ReleaseReason};
 use crate::clients::{ClientTable, Received, tickle};
 use crate::raft::network::Handover;
-use crate::raft::server::Signals;
+use crate::raft::server::{Heard, Signals};
 use crate::raft::state::command;
 use crate::raft::{NodeId, Raft};
 
@@ -223,8 +223,8 @@ async fn notified(n: Option<&tokio::sync::Notify>) {
 
 /// Failover metrics and records.
 struct Measure {
-    /// The leader we last followed, and the last contact with it.
-    previous: Option<(Instant, NodeId)>,
+    /// The leader we last followed, and its last append we accepted.
+    previous: Option<Heard>,
 }
 
 /// The VIP task's name as a worker (`/debug/workers`).
@@ -424,9 +424,9 @@ impl VipTask {
             let (view, alone) = self.view();
             let now = Instant::now();
             if view.leader_term.is_none()
-                && let Some(contact) = self.signals.last_contact()
+                && let Some(append) = self.signals.last_append()
             {
-                measure.previous = Some(contact);
+                measure.previous = Some(append);
             }
             // A new leader learns its first quorum acknowledgement from the
             // next heartbeat round, up to a heartbeat interval away: ask for
@@ -687,14 +687,9 @@ impl VipTask {
         after_transfer: bool,
         measure: &Measure,
     ) {
-        let from = measure
-            .previous
-            .map(|(_, id)| id)
-            .filter(|id| *id != self.node_id);
-        let detect = measure
-            .previous
-            .filter(|(_, id)| *id != self.node_id)
-            .map(|(at, _)| elected_at.saturating_duration_since(at));
+        let previous = measure.previous.filter(|h| h.from != self.node_id);
+        let from = previous.map(|h| h.from);
+        let detect = previous.map(|h| elected_at.saturating_duration_since(h.at));
         let moved = claimed.saturating_duration_since(elected_at);
         let cause = match (from, after_transfer) {
             (None, _) => pb::FailoverCause::Startup,

@@ -77,32 +77,40 @@ impl Signals {
 
     /// The last append accepted from a leader.
     pub fn last_append(&self) -> Option<Heard> {
-        *self.last_append.lock().unwrap_or_else(|p| p.into_inner())
+        get(&self.last_append)
     }
 
     /// The last real vote this node granted.
     pub fn last_granted(&self) -> Option<Heard> {
-        *self.last_granted.lock().unwrap_or_else(|p| p.into_inner())
+        get(&self.last_granted)
     }
 
     /// When this node last accepted a leadership transfer.
     pub fn transfer_at(&self) -> Option<Instant> {
-        *self.transfer_at.lock().unwrap_or_else(|p| p.into_inner())
+        get(&self.transfer_at)
     }
 
     fn appended(&self, leader: NodeId, term: u64) {
-        *self.last_append.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Heard::now(leader, term));
+        set(&self.last_append, Some(Heard::now(leader, term)));
     }
 
     fn granted(&self, candidate: NodeId, term: u64) {
-        *self.last_granted.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Heard::now(candidate, term));
+        set(&self.last_granted, Some(Heard::now(candidate, term)));
     }
 
     fn transfer(&self) {
-        *self.transfer_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        set(&self.transfer_at, Some(Instant::now()));
     }
+}
+
+/// A signal's value. A poisoned lock still holds the last value written
+/// (each write is one store), so it is read as it is.
+fn get<T: Copy>(signal: &Mutex<T>) -> T {
+    *signal.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn set<T>(signal: &Mutex<T>, value: T) {
+    *signal.lock().unwrap_or_else(|p| p.into_inner()) = value;
 }
 
 /// An append from a leader or a vote request from a candidate that this

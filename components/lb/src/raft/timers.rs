@@ -54,9 +54,9 @@ fn keep(timers: &NodeTimers) -> Duration {
     (timers.hold * 2).max(Duration::from_secs(60))
 }
 
-/// One entry of the table.
+/// One entry of the table: a node's timers as this node learnt them.
 #[derive(Clone, Copy, Debug)]
-struct Heard {
+struct Learnt {
     timers: NodeTimers,
     /// Heard from the node itself (else from a peer that did).
     first_hand: bool,
@@ -69,7 +69,7 @@ pub struct PeerTimers {
     me: NodeId,
     timing: FenceTiming,
     own: NodeTimers,
-    heard: Mutex<BTreeMap<NodeId, Heard>>,
+    heard: Mutex<BTreeMap<NodeId, Learnt>>,
 }
 
 impl PeerTimers {
@@ -83,7 +83,7 @@ impl PeerTimers {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Heard>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Learnt>> {
         self.heard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -146,7 +146,7 @@ impl PeerTimers {
             }
             heard.insert(
                 id,
-                Heard {
+                Learnt {
                     timers,
                     first_hand,
                     at: now,
@@ -216,7 +216,7 @@ impl bulwark_common::telemetry::scrape::Publish for PeerTimers {
     }
 }
 
-fn fresh(h: &Heard, now: Instant) -> bool {
+fn fresh(h: &Learnt, now: Instant) -> bool {
     now.saturating_duration_since(h.at) < keep(&h.timers)
 }
 

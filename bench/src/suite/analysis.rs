@@ -190,7 +190,10 @@ pub fn analyse(i: Input<'_>) -> RunResult {
     let watches = watch_recovery(&i, fault);
     let vip_scenario = !matches!(
         i.scenario,
-        Scenario::ApiserverKill | Scenario::ApiserverShutdown | Scenario::ProberIsolated
+        Scenario::ApiserverKill
+            | Scenario::ApiserverShutdown
+            | Scenario::ProberIsolated
+            | Scenario::StormReset
     );
     let record = i
         .failovers

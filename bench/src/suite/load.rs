@@ -26,7 +26,10 @@
 //!
 //! Starts on `--ready-file` being written (every watcher has its stream),
 //! stops on SIGTERM, then writes every event to `--out` as CSV:
-//! `kind,client,start_ns,end_ns,ok,detail`.
+//! `kind,client,start_ns,end_ns,ok,detail`. SIGUSR1 drops every client's
+//! connection at once (the `storm-reset` scenario): each watch stream is
+//! lost there and then, and every client reconnects as after a failure,
+//! as if each had learnt of its dead connection at the same instant.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -38,6 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use bulwark_testkit::fixture::{HttpsClient, HttpsConnection};
 use http_body_util::BodyExt;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// The short request's path.
@@ -359,6 +363,8 @@ struct WatcherState {
     log: Log,
     /// Whether its first stream has come up (counted in `ready`).
     counted: bool,
+    /// Changes on SIGUSR1: the stream is dropped.
+    resets: watch::Receiver<u64>,
 }
 
 /// One watch: up on the watcher's connection, then events (and side
@@ -369,7 +375,7 @@ async fn watch_once(
     client: &HttpsClient,
     ready: &AtomicUsize,
 ) -> Option<WatchOutcome> {
-    let (id, conns, log) = (w.id, &mut w.conns, &mut w.log);
+    let (id, conns, log, resets) = (w.id, &mut w.conns, &mut w.log, &mut w.resets);
     let c = conns.usable(client, args, id, log).await?;
     let start = now_ns();
     let path = watch_path(args, id, w.round);
@@ -407,8 +413,10 @@ async fn watch_once(
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     // A slow request delays the next instead of a burst catching up.
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resets.borrow_and_update();
     let ended = loop {
         tokio::select! {
+            _ = resets.changed() => break Err("reset by the driver".to_owned()),
             frame = tokio::time::timeout(args.watch_idle, body.frame()) => match frame {
                 Ok(Some(Ok(_))) => {}
                 Ok(Some(Err(e))) => break Err(format!("stream error: {e}")),
@@ -446,6 +454,7 @@ async fn watcher(
     args: Arc<Args>,
     client: Arc<HttpsClient>,
     ready: Arc<AtomicUsize>,
+    resets: watch::Receiver<u64>,
     stop: CancellationToken,
 ) -> Log {
     let mut w = WatcherState {
@@ -454,6 +463,7 @@ async fn watcher(
         conns: WatcherConns::default(),
         log: Log::new(),
         counted: false,
+        resets,
     };
     while !stop.is_cancelled() {
         w.round += 1;
@@ -479,6 +489,7 @@ async fn requester(
     keep: bool,
     args: Arc<Args>,
     client: Arc<HttpsClient>,
+    mut resets: watch::Receiver<u64>,
     stop: CancellationToken,
 ) -> Log {
     let mut log = Log::new();
@@ -492,6 +503,10 @@ async fn requester(
         }
         // Paced, not bursting: a late request pushes the schedule back.
         next = (next + period).max(tokio::time::Instant::now());
+        if resets.has_changed().unwrap_or(false) {
+            resets.borrow_and_update();
+            conn = None;
+        }
         let work = async {
             if args.follow_goaway && conn.as_ref().is_some_and(HttpsConnection::is_closed) {
                 conn = None;
@@ -571,6 +586,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
     let args = Arc::new(args);
     let stop = CancellationToken::new();
     let ready = Arc::new(AtomicUsize::new(0));
+    let (reset, resets) = watch::channel(0u64);
     let mut tasks = Vec::new();
     for id in 0..args.watchers {
         tasks.push(tokio::spawn(watcher(
@@ -578,6 +594,7 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             args.clone(),
             client.clone(),
             ready.clone(),
+            resets.clone(),
             stop.clone(),
         )));
         // Ramp up instead of one SYN flood: the storm comes later, on purpose.
@@ -592,14 +609,21 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             j % 2 == 0,
             args.clone(),
             client.clone(),
+            resets.clone(),
             stop.clone(),
         )));
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut announced = false;
     loop {
         tokio::select! {
             _ = term.recv() => break,
+            _ = usr1.recv() => {
+                reset.send_modify(|n| *n += 1);
+                continue;
+            }
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
         if !announced && ready.load(Ordering::Relaxed) >= args.watchers {

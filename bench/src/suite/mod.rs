@@ -78,6 +78,12 @@ pub enum Scenario {
     /// Many long-lived watch clients, then the holder's link is cut: time
     /// until every watch stream is re-established.
     ReconnectStorm,
+    /// The reconnect storm's floor: the same watch clients, and the load
+    /// driver drops every client connection at once (SIGUSR1) while the
+    /// front stays healthy. No failover and no detection: the time until
+    /// all are back is what the clients, the front and the apiservers
+    /// need to re-establish them on this machine.
+    StormReset,
     /// Watch streams and short requests through the VIP: each apiserver's
     /// share of connections and requests, watches lost when one is
     /// SIGKILLed, and the time until it carries its share again after a
@@ -86,7 +92,7 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    const ALL: [Scenario; 10] = [
+    const ALL: [Scenario; 11] = [
         Scenario::LinkCut,
         Scenario::Sigkill,
         Scenario::Partition,
@@ -96,6 +102,7 @@ impl Scenario {
         Scenario::RollingRestart,
         Scenario::ProberIsolated,
         Scenario::ReconnectStorm,
+        Scenario::StormReset,
         Scenario::Distribution,
     ];
 
@@ -111,6 +118,7 @@ impl Scenario {
             Scenario::RollingRestart => "rolling-restart",
             Scenario::ProberIsolated => "prober-isolated",
             Scenario::ReconnectStorm => "reconnect-storm",
+            Scenario::StormReset => "storm-reset",
             Scenario::Distribution => "distribution",
         }
     }
@@ -128,6 +136,11 @@ impl Scenario {
             v.reverse();
         }
         v
+    }
+
+    /// Whether it runs with the storm's many watch clients.
+    fn is_storm(self) -> bool {
+        matches!(self, Scenario::ReconnectStorm | Scenario::StormReset)
     }
 
     /// One line for the report.
@@ -153,6 +166,9 @@ impl Scenario {
             }
             Scenario::ReconnectStorm => {
                 "many watch clients, then the holder's link is cut: time until all are back"
+            }
+            Scenario::StormReset => {
+                "the reconnect storm's floor: its watch clients all drop their connections at once (the front healthy): time until all are back"
             }
             Scenario::Distribution => {
                 "spread over the apiservers; apiserver a SIGKILLed and restarted: time until it carries its share"
@@ -307,10 +323,13 @@ impl Topology {
         // apiservers. A namespace starts with the kernel's defaults
         // (28k ephemeral ports, SYN backlog 128 per listener at most
         // `tcp_max_syn_backlog`); widen them on every host, for both fronts
-        // alike.
+        // alike. The ports stay above every listener of the suite (6443,
+        // 9441, 9442, BGP's 179): with the range from 1024, an outgoing
+        // connection that happened to take 9442 as its source port made
+        // the next bulwark-lb on that host fail to bind its API listener.
         for host in lab.hosts() {
             for setting in [
-                "net.ipv4.ip_local_port_range=1024 65535",
+                "net.ipv4.ip_local_port_range=10000 65535",
                 "net.ipv4.tcp_max_syn_backlog=8192",
                 "net.core.somaxconn=8192",
             ] {
@@ -698,7 +717,7 @@ async fn run_one(
     let lb_hosts = topo.lb_hosts().to_vec();
     let vip = topo.vip_of(contender);
     let mut front = start_front(topo, contender).await?;
-    let watchers = if scenario == Scenario::ReconnectStorm {
+    let watchers = if scenario.is_storm() {
         p.storm_watchers
     } else {
         p.watchers
@@ -740,7 +759,7 @@ async fn run_one(
         },
     );
 
-    let markers = inject(topo, &mut front, scenario, holder, p).await?;
+    let markers = inject(topo, &mut front, &load, scenario, holder, p).await?;
     tokio::time::sleep(Duration::from_secs_f64(p.after_s)).await;
 
     load.stop().await?;
@@ -860,6 +879,7 @@ fn mark(markers: &mut Vec<Marker>, label: impl Into<String>) {
 async fn inject(
     topo: &mut Topology,
     front: &mut Stack,
+    load: &Process,
     scenario: Scenario,
     holder: usize,
     p: &Params,
@@ -882,6 +902,11 @@ async fn inject(
                     topo.lab.partition(&lb[holder], h)?;
                 }
             }
+        }
+        Scenario::StormReset => {
+            mark(&mut m, "every client connection dropped");
+            load.signal(libc::SIGUSR1)
+                .context("asking the load driver to drop its connections")?;
         }
         Scenario::ProberIsolated => {
             let i = (holder + 1) % lb.len();

@@ -41,6 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use bulwark_testkit::fixture::{HttpsClient, HttpsConnection};
 use http_body_util::BodyExt;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -613,7 +614,6 @@ async fn run_async(args: Args) -> anyhow::Result<()> {
             stop.clone(),
         )));
     }
-    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut announced = false;

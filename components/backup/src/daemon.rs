@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use bulwark_common::admin::Health;
 use bulwark_common::daemon::Daemon;
 use bulwark_common::grpc::GrpcServer;
+use bulwark_common::listen;
 use bulwark_common::shutdown::Shutdown;
 use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::TlsMaterial;
@@ -185,12 +186,8 @@ impl Daemon for Backup {
     }
 
     async fn bind(config: &BackupConfig) -> anyhow::Result<Listeners> {
-        let grpc = TcpListener::bind(config.grpc.address)
-            .await
-            .with_context(|| format!("binding grpc.address {}", config.grpc.address))?;
-        let admin = TcpListener::bind(config.admin.address)
-            .await
-            .with_context(|| format!("binding admin.address {}", config.admin.address))?;
+        let grpc = listen::bind(config.grpc.address, "gRPC (grpc.address)").await?;
+        let admin = listen::bind(config.admin.address, "admin (admin.address)").await?;
         Ok(Listeners { grpc, admin })
     }
 

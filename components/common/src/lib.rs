@@ -17,7 +17,9 @@
 //! - [`workers`]: each long-running task's state, last success and last
 //!   error (`/debug/workers`);
 //! - [`daemon`]: the one `main` every daemon runs (flags, config, logs,
-//!   bind, `run`, graceful shutdown).
+//!   bind, `run`, graceful shutdown);
+//! - [`listen`]: binding a listener, with an error that says why a port is
+//!   taken (another listener, or the host's ephemeral port range).
 
 pub mod admin;
 pub mod authz;
@@ -25,6 +27,7 @@ pub mod child;
 pub mod config;
 pub mod daemon;
 pub mod grpc;
+pub mod listen;
 pub mod sched;
 pub mod shutdown;
 pub mod telemetry;

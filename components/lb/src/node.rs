@@ -23,7 +23,6 @@
 //! then Raft stops, and only then the gRPC servers (the transfer needs
 //! them).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +35,7 @@ use bulwark_api::raft::v1::raft_server::RaftServer;
 use bulwark_common::admin::Health;
 use bulwark_common::daemon::Daemon;
 use bulwark_common::grpc::GrpcServer;
+use bulwark_common::listen;
 use bulwark_common::shutdown::{Shutdown, next_change};
 use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::telemetry::scrape::Publish;
@@ -81,26 +81,23 @@ pub struct Listeners {
 impl Listeners {
     /// Binds everything the configuration names.
     pub async fn bind(config: &LbConfig) -> anyhow::Result<Self> {
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the {what} listener on {addr}"))
-        };
         let mut front = Vec::new();
         if matches!(config.vip.mode, VipMode::Arp | VipMode::Bgp) {
             for addr in config.vip.socket_addrs() {
-                let std = bind_front(addr).with_context(|| {
-                    format!("binding the front listener on {addr} (IP_FREEBIND)")
-                })?;
+                let std = bind_front(addr)
+                    .map_err(|e| listen::explained(e, addr.port()))
+                    .with_context(|| {
+                        format!("binding the front listener on {addr} (IP_FREEBIND)")
+                    })?;
                 front.push(TcpListener::from_std(std)?);
             }
         }
         Ok(Self {
-            raft: bind(config.raft.address, "Raft").await?,
-            api: bind(config.api.address, "API").await?,
-            admin: Some(bind(config.admin.address, "admin").await?),
+            raft: listen::bind(config.raft.address, "Raft").await?,
+            api: listen::bind(config.api.address, "API").await?,
+            admin: Some(listen::bind(config.admin.address, "admin").await?),
             local: match config.local_listener {
-                Some(a) => Some(bind(a, "node-local proxy").await?),
+                Some(a) => Some(listen::bind(a, "node-local proxy").await?),
                 None => None,
             },
             front,

@@ -32,6 +32,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bulwark_common::admin::{self, Health};
 use bulwark_common::daemon::Daemon;
+use bulwark_common::listen;
 use bulwark_common::shutdown::{Shutdown, next_change};
 use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::TlsError;
@@ -188,9 +189,7 @@ impl Daemon for Prober {
     }
 
     async fn bind(config: &ProberConfig) -> anyhow::Result<Listeners> {
-        let admin = TcpListener::bind(config.admin.address)
-            .await
-            .with_context(|| format!("binding the admin address {}", config.admin.address))?;
+        let admin = listen::bind(config.admin.address, "admin (admin.address)").await?;
         Ok(Listeners { admin: Some(admin) })
     }
 

@@ -94,20 +94,26 @@ fn check_config_accepts_a_valid_file_and_names_every_bad_field() {
     assert!(stderr.contains("probes: unknown field"), "{stderr}");
 }
 
+/// Node cp-1 with its admin endpoints on `admin`, checking one TCP port.
+fn probing_one_port(admin: SocketAddr, target: SocketAddr) -> bulwark_prober::config::ProberConfig {
+    let mut c = config::prober();
+    c.node_name = "cp-1".into();
+    c.admin.address = admin;
+    c.tcp = vec![TcpTarget {
+        id: "cp-1".into(),
+        address: target.to_string(),
+        zone: String::new(),
+    }];
+    c
+}
+
 #[tokio::test]
 async fn runs_serves_admin_and_stops_gracefully_on_sigterm() {
     let dir = TestDir::new("prober-daemon").unwrap();
     let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = ports::loopback_port().unwrap();
     let admin = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut c = config::prober();
-    c.node_name = "cp-1".into();
-    c.admin.address = admin;
-    c.tcp = vec![TcpTarget {
-        id: "cp-1".into(),
-        address: target.local_addr().unwrap().to_string(),
-        zone: String::new(),
-    }];
+    let c = probing_one_port(admin, target.local_addr().unwrap());
     let config = config::write(dir.join("prober.yaml"), &c).unwrap();
     let mut process = ProcessBuilder::new("bulwark-prober", BIN)
         .arg("--config")
@@ -144,4 +150,42 @@ async fn runs_serves_admin_and_stops_gracefully_on_sigterm() {
     let log = process.log();
     assert!(log.contains("\"message\":\"prober stopped\""), "{log}");
     drop(target);
+}
+
+/// A port that an outgoing connection of the host holds (the kernel took
+/// it from the ephemeral range) fails the start with the reason and the
+/// fix, not only "address already in use".
+#[tokio::test]
+async fn a_port_held_by_an_outgoing_connection_fails_the_start_with_the_reason() {
+    let dir = TestDir::new("prober-port-taken").unwrap();
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let outgoing = tokio::net::TcpStream::connect(server.local_addr().unwrap())
+        .await
+        .unwrap();
+    let taken = outgoing.local_addr().unwrap();
+    let c = probing_one_port(taken, server.local_addr().unwrap());
+    let config = config::write(dir.join("prober.yaml"), &c).unwrap();
+    let mut process = ProcessBuilder::new("bulwark-prober", BIN)
+        .arg("--config")
+        .arg(&config)
+        .spawn()
+        .unwrap();
+    let status = process.wait_exit(WAIT).await.unwrap();
+    let log = process.log();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "binding the admin (admin.address) listener on {taken}: Address already in use (os error 98): "
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("inside net.ipv4.ip_local_port_range")
+            && log.contains(&format!(
+                "net.ipv4.ip_local_reserved_ports={}",
+                taken.port()
+            )),
+        "{log}"
+    );
+    drop(outgoing);
 }

@@ -35,26 +35,22 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// message followed by the likely cause and the fix; any other error as
 /// it is.
 pub fn explained(error: io::Error, port: u16) -> anyhow::Error {
-    let hint = in_use_hint(port, &error);
-    if hint.is_empty() {
-        error.into()
-    } else {
-        anyhow::anyhow!("{error}{hint}")
+    match in_use_hint(port, &error) {
+        Some(hint) => anyhow::anyhow!("{error}{hint}"),
+        None => error.into(),
     }
 }
 
 /// For an `AddrInUse` error on `port`, the likely cause and the fix, as a
-/// clause to append to the error (empty for other errors).
-fn in_use_hint(port: u16, error: &io::Error) -> String {
+/// clause to append to the error; `None` for other errors, or when the
+/// kernel's range cannot be read.
+fn in_use_hint(port: u16, error: &io::Error) -> Option<String> {
     if error.kind() != io::ErrorKind::AddrInUse {
-        return String::new();
+        return None;
     }
-    let range = std::fs::read_to_string(PORT_RANGE).ok();
+    let range = parse_range(&std::fs::read_to_string(PORT_RANGE).ok()?)?;
     let reserved = std::fs::read_to_string(RESERVED_PORTS).unwrap_or_default();
-    match range.as_deref().and_then(parse_range) {
-        Some(range) => hint(port, &range, &reserved),
-        None => String::new(),
-    }
+    Some(hint(port, &range, &reserved))
 }
 
 /// The clause for `port` given the host's ephemeral `range` and its
@@ -164,7 +160,7 @@ mod tests {
     #[tokio::test]
     async fn other_errors_get_no_hint() {
         let e = io::Error::from(io::ErrorKind::PermissionDenied);
-        assert_eq!(in_use_hint(80, &e), "");
+        assert_eq!(in_use_hint(80, &e), None);
         let ok = bind("127.0.0.1:0".parse().unwrap(), "admin").await;
         assert!(ok.is_ok());
     }

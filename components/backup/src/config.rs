@@ -15,7 +15,7 @@ use bulwark_common::authz::AccessPolicy;
 use bulwark_common::config::{ComponentConfig, Validate, Validator, duration};
 use bulwark_common::telemetry::LoggingConfig;
 use bulwark_common::tls::{
-    CertUse, KUBEADM_APISERVER_ETCD_CLIENT_CERT, KUBEADM_APISERVER_ETCD_CLIENT_KEY,
+    CertFiles, CertUse, KUBEADM_APISERVER_ETCD_CLIENT_CERT, KUBEADM_APISERVER_ETCD_CLIENT_KEY,
     KUBEADM_ETCD_CA_CERT, TlsFiles,
 };
 use serde::{Deserialize, Deserializer, Serialize};
@@ -100,15 +100,15 @@ fn default_grace() -> Duration {
 impl BackupConfig {
     /// Every TLS identity this instance uses, with the field naming it:
     /// what the expiry metric and `bulwarkctl certs check` read.
-    pub fn certificates(&self) -> Vec<(&'static str, &TlsFiles)> {
-        let mut files = vec![("grpc.tls", &self.grpc.tls)];
+    pub fn certificates(&self) -> Vec<(&'static str, CertFiles)> {
+        let mut files = vec![("grpc.tls", (&self.grpc.tls).into())];
         files.extend(
             self.restore
                 .client_tls
                 .as_ref()
-                .map(|t| ("restore.clientTls", t)),
+                .map(|t| ("restore.clientTls", t.into())),
         );
-        files.extend(self.etcd.tls.as_ref().map(|t| ("etcd.tls", t)));
+        files.extend(self.etcd.tls.as_ref().map(|t| ("etcd.tls", t.into())));
         files
     }
 }

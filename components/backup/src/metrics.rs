@@ -172,7 +172,7 @@ pub const DEFS: &[MetricDef] = &[
 
 /// Declares the catalogue, the build info and the certificate expiry of
 /// the gRPC (and restore client) identities. Call once at start.
-pub fn register(certificates: &[&bulwark_common::tls::TlsFiles]) {
+pub fn register(certificates: &[bulwark_common::tls::CertFiles]) {
     catalog::register(DEFS);
     catalog::register_build_info("backup", env!("CARGO_PKG_VERSION"));
     catalog::register_certificates("backup", certificates);

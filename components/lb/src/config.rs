@@ -42,7 +42,7 @@ use bulwark_common::admin::AdminConfig;
 use bulwark_common::authz::{AccessPolicy, IdentityRule};
 use bulwark_common::config::{ComponentConfig, Validate, Validator, duration};
 use bulwark_common::telemetry::LoggingConfig;
-use bulwark_common::tls::{CertUse, TlsFiles};
+use bulwark_common::tls::{CertFiles, CertUse, TlsFiles};
 use serde::{Deserialize, Serialize};
 
 use crate::backends::{RoutingMode, RoutingPolicy};
@@ -198,8 +198,8 @@ impl LbConfig {
 
     /// Every TLS identity this node uses, with the field naming it: what
     /// the expiry metric and `bulwarkctl certs check` read.
-    pub fn certificates(&self) -> Vec<(&'static str, &TlsFiles)> {
-        vec![("tls", &self.tls)]
+    pub fn certificates(&self) -> Vec<(&'static str, CertFiles)> {
+        vec![("tls", (&self.tls).into())]
     }
 
     /// This node's name.

@@ -29,7 +29,7 @@ use std::time::Duration;
 use bulwark_common::admin::AdminConfig;
 use bulwark_common::config::{ComponentConfig, Validate, Validator};
 use bulwark_common::telemetry::LoggingConfig;
-use bulwark_common::tls::{CertUse, KUBEADM_CA_CERT, KUBEADM_ETCD_CA_CERT, TlsFiles};
+use bulwark_common::tls::{CertFiles, CertUse, KUBEADM_CA_CERT, KUBEADM_ETCD_CA_CERT, TlsFiles};
 use serde::{Deserialize, Serialize};
 
 /// kubeadm's client certificate for etcd health checks.
@@ -74,10 +74,23 @@ pub struct ProberConfig {
 }
 
 impl ProberConfig {
-    /// The TLS identity this prober reports with, with the field naming
-    /// it: what the expiry metric and `bulwarkctl certs check` read.
-    pub fn certificates(&self) -> Vec<(&'static str, &TlsFiles)> {
-        vec![("report.tls", &self.report.tls)]
+    /// Every TLS identity this prober uses, with the field naming it:
+    /// what the expiry metric and `bulwarkctl certs check` read. A group
+    /// with nothing to dial (no report endpoints, no apiserver targets,
+    /// no etcd members) uses none: its default kubeadm paths are not
+    /// read, so they are not listed either.
+    pub fn certificates(&self) -> Vec<(&'static str, CertFiles)> {
+        let mut files = Vec::new();
+        if !self.report.endpoints.is_empty() {
+            files.push(("report.tls", (&self.report.tls).into()));
+        }
+        if !self.apiservers.targets.is_empty() {
+            files.push(("apiservers.tls", (&self.apiservers.tls).into()));
+        }
+        if !self.etcd.members.is_empty() {
+            files.push(("etcd.tls", (&self.etcd.tls).into()));
+        }
+        files
     }
 }
 
@@ -221,6 +234,15 @@ pub struct ProbeTls {
     /// Key of `certFile`.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+}
+
+impl From<&ProbeTls> for CertFiles {
+    fn from(tls: &ProbeTls) -> Self {
+        Self {
+            cert: tls.cert_file.clone(),
+            ca: tls.ca_file.clone(),
+        }
+    }
 }
 
 impl Validate for ProbeTls {
@@ -613,6 +635,55 @@ mod tests {
 
     fn errors(body: &str) -> Vec<String> {
         parse(body).unwrap_err().messages()
+    }
+
+    fn certificates_of(body: &str) -> Vec<(&'static str, CertFiles)> {
+        let text = format!(
+            "apiVersion: bulwark.dev/v1alpha1\nkind: ProberConfiguration\nnodeName: cp-1\n{body}"
+        );
+        bulwark_common::config::check_offline::<ProberConfig>(&text)
+            .unwrap()
+            .config
+            .certificates()
+    }
+
+    /// The expiry metric and `bulwarkctl certs check` list what the
+    /// prober dials with, and only that: a tcp-only prober that reports
+    /// nowhere has no certificate to watch (its default kubeadm paths
+    /// used to be read and warned about at start).
+    #[test]
+    fn certificates_are_those_of_the_groups_in_use() {
+        assert_eq!(
+            certificates_of("tcp:\n- {id: t1, address: 10.0.0.1:6443}\n"),
+            []
+        );
+
+        let all = certificates_of(
+            "apiservers:\n  targets:\n  - {id: cp-1, address: 10.0.0.1:6443}\n\
+             etcd:\n  members:\n  - {name: cp-1, address: 10.0.0.1:2379}\n\
+             report:\n  endpoints: ['10.0.0.1:9442']\n",
+        );
+        let kubeadm = |cert: Option<&str>, ca: &str| CertFiles {
+            cert: cert.map(PathBuf::from),
+            ca: PathBuf::from(ca),
+        };
+        assert_eq!(
+            all,
+            [
+                (
+                    "report.tls",
+                    kubeadm(
+                        Some("/etc/kubernetes/pki/bulwark/prober.crt"),
+                        KUBEADM_CA_CERT
+                    )
+                ),
+                ("apiservers.tls", kubeadm(None, KUBEADM_CA_CERT)),
+                (
+                    "etcd.tls",
+                    kubeadm(Some(KUBEADM_ETCD_HEALTHCHECK_CERT), KUBEADM_ETCD_CA_CERT)
+                ),
+            ]
+        );
     }
 
     /// A report certificate made for serving only, with another

@@ -68,8 +68,8 @@ pub const DEFS: &[MetricDef] = &[
     ),
 ];
 
-/// Declares the catalogue, the build info and the report stream's
-/// certificate expiry. Call once at start.
+/// Declares the catalogue, the build info and the expiry of every
+/// certificate the config uses. Call once at start.
 pub fn register(config: &ProberConfig) {
     catalog::register(DEFS);
     catalog::register_build_info("prober", env!("CARGO_PKG_VERSION"));

@@ -17,7 +17,7 @@
 
 use std::path::Path;
 
-use crate::tls::TlsFiles;
+use crate::tls::CertFiles;
 
 /// A metric's Prometheus type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,18 +176,17 @@ pub const CERT_EXPIRY: &str = "bulwark_certificate_expiry_timestamp_seconds";
 /// `certFile`), `role="ca"` for the CA bundle (its earliest expiry: one
 /// expired CA in the bundle is enough to break a chain). A file that
 /// cannot be read or parsed is left out with a warning; the daemon's own
-/// TLS loading reports it as an error.
-pub fn register_certificates(component: &'static str, files: &[&TlsFiles]) {
+/// TLS loading reports it as an error. Pass only the identities the
+/// config uses: a warning about a file nothing reads misleads.
+pub fn register_certificates(component: &'static str, files: &[CertFiles]) {
     let _ = super::metrics_handle();
     metrics::describe_gauge!(
         CERT_EXPIRY,
         "When the certificate expires (notAfter), in seconds since the Unix epoch; role is certificate (this side's leaf) or ca (earliest in the bundle)."
     );
     for tls in files {
-        for (path, role, earliest) in [
-            (&tls.cert_file, "certificate", false),
-            (&tls.ca_file, "ca", true),
-        ] {
+        let cert = tls.cert.iter().map(|c| (c, "certificate", false));
+        for (path, role, earliest) in cert.chain([(&tls.ca, "ca", true)]) {
             match not_after(path, earliest) {
                 Ok(at) => metrics::gauge!(
                     CERT_EXPIRY,
@@ -382,7 +381,7 @@ mod tests {
         assert!(leaf > now && ca > now, "leaf {leaf}, ca {ca}, now {now}");
 
         let handle = super::super::metrics_handle();
-        register_certificates("common-test", &[&files]);
+        register_certificates("common-test", &[CertFiles::from(&files)]);
         let text = handle.render();
         let file = files.cert_file.display().to_string();
         assert!(

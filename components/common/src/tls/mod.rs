@@ -105,6 +105,28 @@ pub struct TlsFiles {
     pub ca_file: PathBuf,
 }
 
+/// The files of one TLS identity whose expiry an operator watches: the
+/// certificate this side presents, when it presents one, and the CA
+/// bundle it trusts. What the expiry metric
+/// (`bulwark_certificate_expiry_timestamp_seconds`) and `bulwarkctl certs
+/// check` read, for every identity a daemon's config actually uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertFiles {
+    /// This side's certificate (leaf first), if it presents one.
+    pub cert: Option<PathBuf>,
+    /// The CA bundle it trusts for the other side.
+    pub ca: PathBuf,
+}
+
+impl From<&TlsFiles> for CertFiles {
+    fn from(files: &TlsFiles) -> Self {
+        Self {
+            cert: Some(files.cert_file.clone()),
+            ca: files.ca_file.clone(),
+        }
+    }
+}
+
 impl TlsFiles {
     /// The defaults for a bulwark component on a kubeadm node:
     /// `/etc/kubernetes/pki/bulwark/<component>.{crt,key}` trusting the cluster CA.

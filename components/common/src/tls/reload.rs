@@ -132,7 +132,7 @@ impl Reloadable for TlsMaterial {
     }
 
     fn applied(&self, component: &'static str) -> String {
-        crate::telemetry::catalog::register_certificates(component, &[&self.files]);
+        crate::telemetry::catalog::register_certificates(component, &[(&self.files).into()]);
         format!("valid until {}", self.not_after())
     }
 

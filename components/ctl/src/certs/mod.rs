@@ -19,7 +19,7 @@ use bulwark_common::config::{
     ComponentConfig, ConfigError, Overrides, check_offline, load_checked,
 };
 use bulwark_common::telemetry::catalog::not_after;
-use bulwark_common::tls::TlsFiles;
+use bulwark_common::tls::CertFiles;
 use serde::Serialize;
 
 use crate::error::{CliError, Exit};
@@ -128,15 +128,21 @@ pub fn check(args: &CheckArgs, now: i64) -> Result<Report, CliError> {
         }
         found += 1;
         let files = match name {
-            "lb.yaml" => daemon::<bulwark_lb::config::LbConfig>(&path, &mut report, |c| {
-                owned(c.certificates())
-            }),
-            "prober.yaml" => daemon::<bulwark_prober::ProberConfig>(&path, &mut report, |c| {
-                owned(c.certificates())
-            }),
-            _ => daemon::<bulwark_backup::BackupConfig>(&path, &mut report, |c| {
-                owned(c.certificates())
-            }),
+            "lb.yaml" => daemon(
+                &path,
+                &mut report,
+                bulwark_lb::config::LbConfig::certificates,
+            ),
+            "prober.yaml" => daemon(
+                &path,
+                &mut report,
+                bulwark_prober::ProberConfig::certificates,
+            ),
+            _ => daemon(
+                &path,
+                &mut report,
+                bulwark_backup::BackupConfig::certificates,
+            ),
         };
         for (field, tls) in files {
             expiry(name, field, &tls, now, args.warn_days, &mut report);
@@ -155,10 +161,6 @@ pub fn check(args: &CheckArgs, now: i64) -> Result<Report, CliError> {
     Ok(report)
 }
 
-fn owned(files: Vec<(&'static str, &TlsFiles)>) -> Vec<(&'static str, TlsFiles)> {
-    files.into_iter().map(|(f, t)| (f, t.clone())).collect()
-}
-
 /// Loads one daemon config the way the daemon does at start (preflight
 /// included) and records its problems; returns its certificate files.
 /// Without a config that parses, the files are unknown (its errors say
@@ -166,8 +168,8 @@ fn owned(files: Vec<(&'static str, &TlsFiles)>) -> Vec<(&'static str, TlsFiles)>
 fn daemon<T: ComponentConfig>(
     path: &Path,
     report: &mut Report,
-    files: impl FnOnce(&T) -> Vec<(&'static str, TlsFiles)>,
-) -> Vec<(&'static str, TlsFiles)> {
+    files: impl FnOnce(&T) -> Vec<(&'static str, CertFiles)>,
+) -> Vec<(&'static str, CertFiles)> {
     let name = path
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -190,22 +192,25 @@ fn daemon<T: ComponentConfig>(
 fn expiry(
     config: &str,
     field: &str,
-    tls: &TlsFiles,
+    tls: &CertFiles,
     now: i64,
     warn_days: u32,
     report: &mut Report,
 ) {
-    for (file, role, earliest) in [
-        (&tls.cert_file, "certificate", false),
-        (&tls.ca_file, "ca", true),
-    ] {
+    let cert = tls.cert.iter().map(|c| (c, "certificate", false));
+    for (file, role, earliest) in cert.chain([(&tls.ca, "ca", true)]) {
         let at = not_after(file, earliest);
         let days_left = at.as_ref().ok().map(|t| (t - now).div_euclid(86_400));
         if let Some(d) = days_left
             && d < i64::from(warn_days)
         {
+            let when = if d < 0 {
+                format!("expired {} days ago", -d)
+            } else {
+                format!("expires in {d} days (--warn-days {warn_days})")
+            };
             report.problems.push(format!(
-                "{config}: {field}: {} ({role}) expires in {d} days (--warn-days {warn_days}): renew it",
+                "{config}: {field}: {} ({role}) {when}: renew it",
                 file.display()
             ));
         }
@@ -315,9 +320,8 @@ mod tests {
         let later = now() + 86_400 * (leaf.days_left.unwrap() + 2);
         let r = check(&args, later).unwrap();
         assert!(
-            r.problems.iter().any(
-                |p| p.starts_with("lb.yaml: tls: ") && p.contains("(certificate) expires in -")
-            ),
+            r.problems.iter().any(|p| p.starts_with("lb.yaml: tls: ")
+                && p.contains("(certificate) expired 2 days ago")),
             "{:?}",
             r.problems
         );

@@ -55,7 +55,14 @@ impl BindVip {
         // TIME_WAIT connections of a previous holding must not block us.
         socket.set_reuse_address(true)?;
         socket.set_nonblocking(true)?;
-        socket.bind(&self.address.into())?;
+        // "Address already in use" says who may hold the port (another
+        // listener, e.g. an apiserver bound to all addresses, or an
+        // outgoing connection), as every other listener of ours does.
+        socket.bind(&self.address.into()).map_err(|e| {
+            let kind = e.kind();
+            let explained = bulwark_common::listen::explained(e, self.address.port());
+            std::io::Error::new(kind, format!("binding {}: {explained}", self.address))
+        })?;
         socket.listen(4096)?;
         let listener: StdListener = socket.into();
         let ours = listener.try_clone()?;
@@ -152,6 +159,29 @@ mod tests {
         // And it can be taken again (by us or, on this host, by another node).
         vip.claim().unwrap();
         tokio::net::TcpStream::connect(address).await.unwrap();
+    }
+
+    /// The usual mistake in bind mode: the node's apiserver listens on
+    /// every address at the VIP's port. The claim fails (and is retried)
+    /// with an error that says what holds the port and how to see it.
+    #[tokio::test]
+    async fn a_port_held_by_a_wildcard_listener_fails_the_claim_with_the_reason() {
+        let apiserver = StdListener::bind("0.0.0.0:0").unwrap();
+        let port = apiserver.local_addr().unwrap().port();
+        let mut vip = BindVip::new(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Backends::default(),
+            Arc::new(ProxyConfig::default()),
+        );
+        let err = vip.claim().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!("binding 127.0.0.1:{port}: "))
+                && text.contains(&format!("ss -ltnp 'sport = :{port}'")),
+            "{text}"
+        );
+        assert!(!vip.held());
     }
 
     #[tokio::test]

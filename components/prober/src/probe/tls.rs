@@ -98,7 +98,9 @@ impl Reloadable for ProbeTlsSource {
         }
     }
 
-    fn applied(&self, _component: &'static str) -> String {
+    /// The expiry metric follows the renewed files.
+    fn applied(&self, component: &'static str) -> String {
+        bulwark_common::telemetry::catalog::register_certificates(component, &[(&self.tls).into()]);
         "new probe connections use it".into()
     }
 

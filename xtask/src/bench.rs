@@ -84,7 +84,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .arg("suite")
         .arg("--out-dir")
         .arg(&args.out_dir)
-        .env("BULWARK_TOOLS_DIR", tools_dir());
+        .env("BULWARK_TOOLS_DIR", tools_dir())
+        // The report's command: what the operator typed.
+        .env(
+            "BULWARK_BENCH_COMMAND",
+            std::iter::once("cargo xtask".to_owned())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
     if args.quick {
         cmd.arg("--quick");
     }

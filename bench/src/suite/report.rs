@@ -19,6 +19,44 @@ use super::analysis::{Latency, RunResult};
 use super::distribution::{self, DistParams, DistributionResult};
 use super::{Args, Contender, Params, Scenario};
 
+/// How `cargo xtask bench` tells the suite the command it was given, for
+/// the report.
+pub const COMMAND_ENV: &str = "BULWARK_BENCH_COMMAND";
+const BGP_BFD_ENV: &str = "BULWARK_BENCH_BGP_BFD";
+const TOOLS_ENV: &str = "BULWARK_TOOLS_DIR";
+
+/// The command that produced a report, as typed: xtask's (`cargo xtask
+/// bench …`, which sets the tools directory itself) when xtask ran the
+/// suite, else this process's arguments with the program by its file
+/// name; led by the variables of `env` that were set and that the
+/// command does not already say.
+fn command_line(
+    xtask: Option<String>,
+    mut argv: impl Iterator<Item = String>,
+    env: &[(&str, Option<String>)],
+) -> String {
+    let via_xtask = xtask.is_some();
+    let command = xtask.unwrap_or_else(|| {
+        let program = argv.next().unwrap_or_default();
+        let program = Path::new(&program)
+            .file_name()
+            .map_or(program.clone(), |n| n.to_string_lossy().into_owned());
+        std::iter::once(program)
+            .chain(argv)
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    let mut line = String::new();
+    for (name, value) in env {
+        if let Some(value) = value
+            && !(via_xtask && *name == TOOLS_ENV)
+        {
+            let _ = write!(line, "{name}={value} ");
+        }
+    }
+    line + &command
+}
+
 /// A scenario run that did not complete, and why.
 #[derive(Serialize)]
 pub struct FailedRun {
@@ -69,19 +107,12 @@ impl Report {
             version("/usr/sbin/keepalived", "--version"),
         );
         let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        let mut command = String::from("cargo xtask bench");
-        for s in &args.scenarios {
-            let _ = write!(command, " {}", s.key());
-        }
-        if args.quick {
-            command.push_str(" --quick");
-        }
-        if args.goaway_chance != distribution::DEFAULT_GOAWAY_CHANCE {
-            let _ = write!(command, " --goaway-chance {}", args.goaway_chance);
-        }
-        if args.bgp_bfd {
-            command.insert_str(0, "BULWARK_BENCH_BGP_BFD=1 ");
-        }
+        let env = |name| std::env::var(name).ok();
+        let command = command_line(
+            env(COMMAND_ENV),
+            std::env::args(),
+            &[(BGP_BFD_ENV, env(BGP_BFD_ENV)), (TOOLS_ENV, env(TOOLS_ENV))],
+        );
         Self {
             suite: "failover-suite",
             date,
@@ -541,6 +572,40 @@ pub(super) fn markers_and_legend<'a, 'b: 'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The report says the command that ran it: a direct run as typed
+    /// (it used to say `cargo xtask bench` whatever ran it), xtask's own
+    /// line when xtask ran it, each with the variables that changed it.
+    #[test]
+    fn the_command_line_is_the_one_that_ran() {
+        let argv = |s: &str| {
+            s.split(' ')
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let direct = command_line(
+            None,
+            argv("/w/target/release/bulwark-bench suite --out-dir d storm-reset"),
+            &[(BGP_BFD_ENV, None), (TOOLS_ENV, Some("/w/.tools".into()))],
+        );
+        assert_eq!(
+            direct,
+            "BULWARK_TOOLS_DIR=/w/.tools bulwark-bench suite --out-dir d storm-reset"
+        );
+        let xtask = command_line(
+            Some("cargo xtask bench link-cut --quick".into()),
+            argv("/w/target/release/bulwark-bench suite --out-dir d --quick link-cut"),
+            &[
+                (BGP_BFD_ENV, Some("1".into())),
+                (TOOLS_ENV, Some("/w/.tools".into())),
+            ],
+        );
+        assert_eq!(
+            xtask,
+            "BULWARK_BENCH_BGP_BFD=1 cargo xtask bench link-cut --quick"
+        );
+    }
 
     fn lat(n: usize, p99_ms: f64) -> Latency {
         Latency {

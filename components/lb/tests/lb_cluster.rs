@@ -46,6 +46,16 @@ async fn heavy_sigkill_of_the_leader_moves_the_vip() {
     assert_eq!(f.from_node_id, Some(holder));
     assert_eq!(f.cause, lb::FailoverCause::LeaderLost as i32);
     assert!(f.time_to_detect.is_some() && f.time_to_move_vip.is_some());
+    // Detection counts from the old holder's last append the new one
+    // accepted, which came before the kill: it cannot exceed the gap
+    // clients saw by more than a heartbeat interval (a stale "last
+    // append" would make it seconds longer).
+    let detect =
+        bulwark_api::time::duration_from_proto(f.time_to_detect.as_ref().unwrap()).unwrap();
+    assert!(
+        detect <= gap + Duration::from_millis(500),
+        "detection {detect:?} against a gap of {gap:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

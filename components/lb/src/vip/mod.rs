@@ -54,7 +54,7 @@ use self::bind::BindVip;
 use self::fence::{Action, Fence, FenceTiming, LeaderView, ReleaseReason};
 use crate::clients::{ClientTable, Received, tickle};
 use crate::raft::network::Handover;
-use crate::raft::server::{Heard, Signals};
+use crate::raft::server::Signals;
 use crate::raft::state::command;
 use crate::raft::{NodeId, Raft};
 
@@ -221,12 +221,6 @@ async fn notified(n: Option<&tokio::sync::Notify>) {
     }
 }
 
-/// Failover metrics and records.
-struct Measure {
-    /// The leader we last followed, and its last append we accepted.
-    previous: Option<Heard>,
-}
-
 /// The VIP task's name as a worker (`/debug/workers`).
 pub const WORKER: &str = "vip";
 
@@ -382,7 +376,11 @@ impl VipTask {
         let mut metrics = self.raft.metrics();
         let mut tick = tokio::time::interval(self.fence.timing().check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut measure = Measure { previous: None };
+        // Only a leader or a holder has anything to decide as time passes
+        // (a claim delay running out, its lease): a follower that holds
+        // nothing decides only when Raft's metrics change, so it does not
+        // wake every check interval for nothing.
+        let mut ticking = false;
         let mut kicked = None;
         let mut recorded_term = None;
         // When the held address is due for renewal (arp mode).
@@ -414,7 +412,7 @@ impl VipTask {
                         return Ok(());
                     }
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick(), if ticking => {}
                 why = self.actuator.background_ended() => {
                     return Err(self.background_failed(why).await);
                 }
@@ -423,11 +421,6 @@ impl VipTask {
             }
             let (view, alone) = self.view();
             let now = Instant::now();
-            if view.leader_term.is_none()
-                && let Some(append) = self.signals.last_append()
-            {
-                measure.previous = Some(append);
-            }
             // A new leader learns its first quorum acknowledgement from the
             // next heartbeat round, up to a heartbeat interval away: ask for
             // one at once, so the claim does not wait for the tick.
@@ -465,7 +458,7 @@ impl VipTask {
                             renew_at = renew;
                             if first_in_term {
                                 recorded_term = Some(term);
-                                self.record(term, elected_at, claimed, after_transfer, &measure);
+                                self.record(term, elected_at, claimed, after_transfer);
                             }
                         }
                         Err(retry) => claim_after = Some(retry),
@@ -473,6 +466,7 @@ impl VipTask {
                 }
                 Action::Release(reason) => self.release(reason).await,
             }
+            ticking = view.leader_term.is_some() || self.fence.holding();
             if self.fence.holding() {
                 let remaining = self.fence.lease_remaining(&view, now);
                 self.state.send_if_modified(|s| {
@@ -679,15 +673,14 @@ impl VipTask {
     }
 
     /// Logs, measures and proposes the failover record.
-    fn record(
-        &self,
-        term: u64,
-        elected_at: Instant,
-        claimed: Instant,
-        after_transfer: bool,
-        measure: &Measure,
-    ) {
-        let previous = measure.previous.filter(|h| h.from != self.node_id);
+    fn record(&self, term: u64, elected_at: Instant, claimed: Instant, after_transfer: bool) {
+        // The leader this node last followed, and its last append this
+        // node accepted: unchanged since the election, since a leader
+        // accepts no other leader's append without stepping down.
+        let previous = self
+            .signals
+            .last_append()
+            .filter(|h| h.from != self.node_id);
         let from = previous.map(|h| h.from);
         let detect = previous.map(|h| elected_at.saturating_duration_since(h.at));
         let moved = claimed.saturating_duration_since(elected_at);

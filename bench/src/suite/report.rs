@@ -219,9 +219,14 @@ impl Report {
     fn markdown(&self, plots: &[(Scenario, String)]) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "# Failover suite ({})\n", self.date);
+        let how = if self.command.contains("cargo xtask bench") {
+            "as root; it builds bulwark-lb, bulwark-prober, the fixture apiserver and bulwark-bench in release, runs setup, then `bulwark-bench suite`"
+        } else {
+            "as root, with bulwark-lb, bulwark-prober and the fixture apiserver built in release beside bulwark-bench, as `cargo xtask bench` builds them"
+        };
         let _ = writeln!(
             s,
-            "Command: `{}` (as root; it builds bulwark-lb, bulwark-prober, the fixture apiserver and bulwark-bench in release, runs setup, then `bulwark-bench suite`). The run took {:.0} s.\n",
+            "Command: `{}` ({how}). The run took {:.0} s.\n",
             self.command, self.duration_s
         );
         let _ = writeln!(s, "Machine: {}.\n", crate::datapath::kv(&self.machine));

@@ -708,18 +708,21 @@ async fn publish(
 }
 
 /// Ready while a leader is known; also exports the Raft role metrics.
+/// Follows openraft's server metrics (role, leader, vote), which change
+/// only when one of them does, not its full metrics, which are sent
+/// again after every heartbeat handled.
 async fn readiness(
     raft: Raft,
     node_id: u64,
     health: Health,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut rx = raft.metrics();
+    let mut rx = raft.server_metrics();
     let mut last_term = None;
     loop {
         let (leader, term, state) = {
             let m = rx.borrow_watched();
-            (m.current_leader, m.current_term, m.state)
+            (m.current_leader, m.vote.leader_id.term, m.state)
         };
         if last_term != Some(term) {
             if last_term.is_some() {

@@ -56,6 +56,28 @@ async fn heavy_sigkill_of_the_leader_moves_the_vip() {
         detect <= gap + Duration::from_millis(500),
         "detection {detect:?} against a gap of {gap:?}"
     );
+    // Its role metrics follow the election it won: leader, in a later
+    // term than the one it started in, one election counted.
+    let admin = c.node(new).admin;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (leader, term, elections) = loop {
+        let (_, text) = bulwark_testkit::admin::http_get(admin, "/metrics").await;
+        let value = |name: &str| unlabelled_value(&text, name);
+        let read = (
+            value("bulwark_lb_is_leader"),
+            value("bulwark_lb_term"),
+            value("bulwark_lb_elections_total"),
+        );
+        if read.0 == 1.0 || Instant::now() > deadline {
+            break read;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(leader, 1.0, "bulwark_lb_is_leader on the new holder");
+    assert!(
+        term >= 2.0 && elections >= 1.0,
+        "term {term}, elections {elections}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,6 +636,13 @@ fn set_vip_lease(config: &std::path::Path, lease: &str) {
     std::fs::write(config, serde_yaml_ng::to_string(&doc).unwrap()).unwrap();
 }
 
+/// The value of an unlabelled metric in a `/metrics` text; NaN when absent.
+fn unlabelled_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// Polls `/metrics` until `bulwark_lb_fence_peers_differing` reads
 /// `differing`; returns it (the last value read, at the deadline) and the
 /// claim delay in seconds.
@@ -621,11 +650,7 @@ async fn wait_for_fence_metrics(admin: std::net::SocketAddr, differing: f64) -> 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, text) = bulwark_testkit::admin::http_get(admin, "/metrics").await;
-        let value = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-                .unwrap_or(f64::NAN)
-        };
+        let value = |name: &str| unlabelled_value(&text, name);
         let got = value("bulwark_lb_fence_peers_differing");
         if got == differing || Instant::now() > deadline {
             return (got, value("bulwark_lb_fence_claim_delay_seconds"));

@@ -145,6 +145,23 @@ fn config_files(named: &[PathBuf], dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Why there is nothing to `verb`: no config found, or configs that name
+/// no bulwark certificate.
+fn nothing_to(verb: &str, named: &[PathBuf], dir: &Path) -> String {
+    let found = config_files(named, dir);
+    if found.is_empty() {
+        return format!(
+            "nothing to {verb}: no lb.yaml, prober.yaml or backup.yaml in {}",
+            dir.display()
+        );
+    }
+    let found: Vec<_> = found.iter().map(|p| p.display().to_string()).collect();
+    format!(
+        "nothing to {verb}: no config read names a bulwark certificate ({}; a prober without report endpoints uses none)",
+        found.join(", ")
+    )
+}
+
 /// A daemon config, parsed and validated without reading the files it
 /// names.
 enum Daemon {
@@ -273,6 +290,9 @@ fn plan(args: &IssueArgs, problems: &mut Vec<String>) -> Vec<Target> {
                     organizations(c.access.peers.as_ref(), "access.peers", &cn, "bulwark:lb");
                 push(config, "tls", &c.tls, orgs, leaf(cn, sans, true, true));
             }
+            // A prober that reports nowhere (no report endpoints) never
+            // reads its report identity: nothing to issue.
+            Daemon::Prober(c) if c.report.endpoints.is_empty() => {}
             Daemon::Prober(c) => {
                 let cn = format!("bulwark-prober-{}", c.node_name);
                 let orgs = organizations(
@@ -383,14 +403,10 @@ pub fn issue(args: &IssueArgs, now: i64) -> Result<Outcome, CliError> {
         targets.extend(plan(args, &mut problems));
     }
     if targets.is_empty() && problems.is_empty() {
-        return Err(CliError::new(
-            Exit::Usage,
-            format!(
-                "nothing to issue: no lb.yaml, prober.yaml or backup.yaml in {}",
-                args.dir.display()
-            ),
-        )
-        .hint("name the daemon configs, pass --dir, or --operator NAME"));
+        return Err(
+            CliError::new(Exit::Usage, nothing_to("issue", &args.configs, &args.dir))
+                .hint("name the daemon configs, pass --dir, or --operator NAME"),
+        );
     }
     let ca = ClusterCa::load(&args.ca.ca_cert, &args.ca.ca_key)?;
     dedupe(&mut targets, &mut problems);
@@ -527,14 +543,10 @@ pub fn renew(args: &RenewArgs, now: i64) -> Result<Outcome, CliError> {
         });
     }
     if targets.is_empty() && problems.is_empty() {
-        return Err(CliError::new(
-            Exit::Usage,
-            format!(
-                "nothing to renew: no lb.yaml, prober.yaml or backup.yaml in {}",
-                args.dir.display()
-            ),
-        )
-        .hint("name the daemon configs, pass --dir, or --file CERT"));
+        return Err(
+            CliError::new(Exit::Usage, nothing_to("renew", &args.configs, &args.dir))
+                .hint("name the daemon configs, pass --dir, or --file CERT"),
+        );
     }
     let ca = ClusterCa::load(&args.ca.ca_cert, &args.ca.ca_key)?;
     dedupe(&mut targets, &mut problems);
@@ -906,6 +918,37 @@ mod tests {
                 assert!(t.not_after.is_some(), "{t:?}");
             }
         }
+    }
+
+    /// A prober that reports nowhere never reads its report identity, so
+    /// `issue` and `renew` make none (as `certs check` lists none).
+    #[test]
+    fn a_prober_without_report_endpoints_gets_no_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("prober.yaml"),
+            "apiVersion: bulwark.dev/v1alpha1\nkind: ProberConfiguration\nnodeName: cp-1\n\
+             tcp:\n- {id: t1, address: 10.0.0.1:6443}\n",
+        )
+        .unwrap();
+        let ca = CaArgs {
+            ca_cert: PathBuf::from(KUBEADM_CA_CERT),
+            ca_key: PathBuf::from(KUBEADM_CA_KEY),
+        };
+        let mut problems = Vec::new();
+        let targets = plan(&issue_args(dir.path(), &ca), &mut problems);
+        assert_eq!(problems, Vec::<String>::new());
+        assert!(
+            targets.is_empty(),
+            "{:?}",
+            targets.iter().map(|t| &t.file).collect::<Vec<_>>()
+        );
+        let why = nothing_to("issue", &[], dir.path());
+        assert!(
+            why.starts_with("nothing to issue: no config read names a bulwark certificate (")
+                && why.contains("prober.yaml"),
+            "{why}"
+        );
     }
 
     /// The GUIDE's certificate table is what `issue` makes of the shipped

@@ -32,12 +32,12 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// A failed bind of `port`: for "address already in use", the kernel's
-/// message followed by the likely cause and the fix; any other error as
-/// it is.
-pub fn explained(error: io::Error, port: u16) -> anyhow::Error {
+/// message followed by the likely cause and the fix (the error's kind
+/// kept); any other error as it is.
+pub fn explained(error: io::Error, port: u16) -> io::Error {
     match in_use_hint(port, &error) {
-        Some(hint) => anyhow::anyhow!("{error}{hint}"),
-        None => error.into(),
+        Some(hint) => io::Error::new(error.kind(), format!("{error}{hint}")),
+        None => error,
     }
 }
 

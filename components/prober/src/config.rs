@@ -81,8 +81,8 @@ impl ProberConfig {
     /// read, so they are not listed either.
     pub fn certificates(&self) -> Vec<(&'static str, CertFiles)> {
         let mut files = Vec::new();
-        if !self.report.endpoints.is_empty() {
-            files.push(("report.tls", (&self.report.tls).into()));
+        if let Some(tls) = self.report.identity() {
+            files.push(("report.tls", tls.into()));
         }
         if !self.apiservers.targets.is_empty() {
             files.push(("apiservers.tls", (&self.apiservers.tls).into()));
@@ -102,14 +102,14 @@ impl ComponentConfig for ProberConfig {
     /// the LB's config; its CA is the LB's, not necessarily `caFile`.)
     fn preflight(&self, v: &mut Validator) {
         // Unreadable files are already reported by validation.
-        if self.report.endpoints.is_empty() || self.report.tls.load().is_err() {
+        let Some(tls) = self.report.identity().filter(|t| t.load().is_ok()) else {
             return;
-        }
+        };
         let want = CertUse {
             client: true,
             ..CertUse::default()
         };
-        v.at("report.tls", |v| self.report.tls.check(&want, v));
+        v.at("report.tls", |v| tls.check(&want, v));
     }
 }
 
@@ -413,6 +413,15 @@ pub struct ReportConfig {
     pub max_backoff: Duration,
 }
 
+impl ReportConfig {
+    /// The identity the prober reports with: `None` when it reports
+    /// nowhere (no endpoints), and then its files are never read, checked,
+    /// issued or watched for expiry.
+    pub fn identity(&self) -> Option<&TlsFiles> {
+        (!self.endpoints.is_empty()).then_some(&self.tls)
+    }
+}
+
 fn default_report_tls() -> TlsFiles {
     TlsFiles::kubeadm_default("prober")
 }
@@ -446,11 +455,11 @@ impl Validate for ReportConfig {
                 }
             });
         }
-        if !self.endpoints.is_empty() && v.reads_files() {
-            // Only needed when reporting; a probe-only prober needs no
-            // identity toward the LB.
+        if let Some(tls) = self.identity()
+            && v.reads_files()
+        {
             v.at("tls", |v| {
-                if let Err(e) = self.tls.load() {
+                if let Err(e) = tls.load() {
                     v.error(e.to_string());
                 }
             });

@@ -185,8 +185,7 @@ pub fn register_certificates(component: &'static str, files: &[CertFiles]) {
         "When the certificate expires (notAfter), in seconds since the Unix epoch; role is certificate (this side's leaf) or ca (earliest in the bundle)."
     );
     for tls in files {
-        let cert = tls.cert.iter().map(|c| (c, "certificate", false));
-        for (path, role, earliest) in cert.chain([(&tls.ca, "ca", true)]) {
+        for (path, role, earliest) in tls.roles() {
             match not_after(path, earliest) {
                 Ok(at) => metrics::gauge!(
                     CERT_EXPIRY,

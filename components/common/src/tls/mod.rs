@@ -118,6 +118,19 @@ pub struct CertFiles {
     pub ca: PathBuf,
 }
 
+impl CertFiles {
+    /// Each file with its role (`certificate`, `ca`) and whether its expiry
+    /// is the earliest in the file (a CA bundle: one expired CA breaks a
+    /// chain) rather than the first certificate's (this side's leaf).
+    pub fn roles(&self) -> impl Iterator<Item = (&Path, &'static str, bool)> {
+        let cert = self
+            .cert
+            .iter()
+            .map(|c| (c.as_path(), "certificate", false));
+        cert.chain(std::iter::once((self.ca.as_path(), "ca", true)))
+    }
+}
+
 impl From<&TlsFiles> for CertFiles {
     fn from(files: &TlsFiles) -> Self {
         Self {

@@ -290,10 +290,11 @@ fn plan(args: &IssueArgs, problems: &mut Vec<String>) -> Vec<Target> {
                     organizations(c.access.peers.as_ref(), "access.peers", &cn, "bulwark:lb");
                 push(config, "tls", &c.tls, orgs, leaf(cn, sans, true, true));
             }
-            // A prober that reports nowhere (no report endpoints) never
-            // reads its report identity: nothing to issue.
-            Daemon::Prober(c) if c.report.endpoints.is_empty() => {}
+            // A prober that reports nowhere has no identity to issue.
             Daemon::Prober(c) => {
+                let Some(tls) = c.report.identity() else {
+                    continue;
+                };
                 let cn = format!("bulwark-prober-{}", c.node_name);
                 let orgs = organizations(
                     probers_rule.as_ref(),
@@ -304,7 +305,7 @@ fn plan(args: &IssueArgs, problems: &mut Vec<String>) -> Vec<Target> {
                 push(
                     config,
                     "report.tls",
-                    &c.report.tls,
+                    tls,
                     orgs,
                     leaf(cn, Vec::new(), false, true),
                 );

@@ -197,8 +197,7 @@ fn expiry(
     warn_days: u32,
     report: &mut Report,
 ) {
-    let cert = tls.cert.iter().map(|c| (c, "certificate", false));
-    for (file, role, earliest) in cert.chain([(&tls.ca, "ca", true)]) {
+    for (file, role, earliest) in tls.roles() {
         let at = not_after(file, earliest);
         let days_left = at.as_ref().ok().map(|t| (t - now).div_euclid(86_400));
         if let Some(d) = days_left

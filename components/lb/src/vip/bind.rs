@@ -59,9 +59,8 @@ impl BindVip {
         // listener, e.g. an apiserver bound to all addresses, or an
         // outgoing connection), as every other listener of ours does.
         socket.bind(&self.address.into()).map_err(|e| {
-            let kind = e.kind();
-            let explained = bulwark_common::listen::explained(e, self.address.port());
-            std::io::Error::new(kind, format!("binding {}: {explained}", self.address))
+            let e = bulwark_common::listen::explained(e, self.address.port());
+            std::io::Error::new(e.kind(), format!("binding {}: {e}", self.address))
         })?;
         socket.listen(4096)?;
         let listener: StdListener = socket.into();

@@ -10,6 +10,10 @@
 //! in use". Where a program can bind port 0 itself and report what it got
 //! (our fixture apiserver, moto), the harness does that instead and there is
 //! no race at all.
+//!
+//! A test that needs a port where nothing listens takes a [`ClosedPort`]: a
+//! released port can be taken again at once by a parallel test's listener,
+//! and then the "dead" backend answers.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -66,6 +70,45 @@ pub fn free_ports(ip: IpAddr, n: usize) -> anyhow::Result<Vec<u16>> {
     Ok(ports)
 }
 
+/// A loopback port that refuses every connect for as long as this value
+/// lives.
+///
+/// The socket is bound but never listens, so a SYN gets a reset ("connection
+/// refused"), and, bound without `SO_REUSEADDR`, it keeps every other bind
+/// and every outgoing connection's local port off the port.
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    address: SocketAddr,
+}
+
+impl ClosedPort {
+    /// A closed port on 127.0.0.1.
+    pub fn loopback() -> anyhow::Result<Self> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .context("creating a socket to hold a closed port")?;
+        socket
+            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+            .context("binding 127.0.0.1:0 to hold a closed port")?;
+        let address = socket
+            .local_addr()?
+            .as_socket()
+            .context("a bound TCP socket has an inet address")?;
+        Ok(Self {
+            _socket: socket,
+            address,
+        })
+    }
+
+    /// Where a connect is refused.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
 /// True when `err` is a child that exited because its port was taken.
 pub fn is_addr_in_use(err: &anyhow::Error) -> bool {
     err.chain().any(|cause| {
@@ -97,5 +140,20 @@ where
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_port_refuses_and_cannot_be_taken() {
+        let closed = ClosedPort::loopback().unwrap();
+        let err = std::net::TcpStream::connect(closed.address()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+        // std's listener sets SO_REUSEADDR, like tokio's and most servers'.
+        let err = TcpListener::bind(closed.address()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     }
 }

@@ -61,6 +61,7 @@ struct Lab {
     c: LbCluster,
     apis: Vec<ApiServerProcess>,
     _probers: Vec<Process>,
+    _closed: Vec<ports::ClosedPort>,
     _dir: TestDir,
 }
 
@@ -106,18 +107,21 @@ async fn lab() -> Lab {
         .map(|z| prober(&dir, &pki, &format!("prober-{z}"), z, &targets, &lb_apis))
         .collect();
     // Cut off from every backend, and only it: its targets refuse.
+    let closed: Vec<ports::ClosedPort> = targets
+        .iter()
+        .map(|_| ports::ClosedPort::loopback().unwrap())
+        .collect();
     let nowhere: Vec<(String, SocketAddr, &str)> = targets
         .iter()
-        .map(|(id, _, z)| {
-            let port = ports::loopback_port().unwrap();
-            (id.clone(), SocketAddr::from(([127, 0, 0, 1], port)), *z)
-        })
+        .zip(&closed)
+        .map(|((id, _, z), port)| (id.clone(), port.address(), *z))
         .collect();
     probers.push(prober(&dir, &pki, "prober-cut", "c", &nowhere, &lb_apis));
     Lab {
         c,
         apis,
         _probers: probers,
+        _closed: closed,
         _dir: dir,
     }
 }

@@ -173,11 +173,11 @@ async fn six_hundred_concurrent_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_port_backend_costs_no_client_connection() {
     let good = TestBackend::start("good", Mode::Echo).await;
-    let closed = closed_port_spec("closed-port-retry-test").await;
+    let closed = ClosedBackend::new("closed-port-retry-test");
     let p = TestProxy::start(
         ProxyConfig::default(),
         RoutingPolicy::default(),
-        vec![closed, good.spec("z")],
+        vec![closed.spec(""), good.spec("z")],
     )
     .await;
     for _ in 0..50 {

@@ -133,8 +133,7 @@ async fn local_zone_is_preferred_and_spills_over_when_short() {
 #[tokio::test]
 async fn a_failed_local_connect_retries_in_another_zone() {
     let b1 = TestBackend::start("b1", Mode::Echo).await;
-    let mut dead_local = closed_port_spec("dead-local").await;
-    dead_local.zone = "zone-a".into();
+    let dead_local = ClosedBackend::new("dead-local");
     let p = TestProxy::start_mode(
         ProxyConfig::default(),
         RoutingPolicy {
@@ -142,7 +141,7 @@ async fn a_failed_local_connect_retries_in_another_zone() {
             min_local_healthy_share: 0.5,
         },
         RoutingMode::ZonePreferred,
-        vec![dead_local, b1.spec("zone-b")],
+        vec![dead_local.spec("zone-a"), b1.spec("zone-b")],
     )
     .await;
     // The verdict still says healthy (no prober yet): the retry leaves the

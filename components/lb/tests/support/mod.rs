@@ -15,6 +15,7 @@ use bulwark_lb::backends::{
     AdminState, BackendSpec, Backends, RoutingMode, RoutingPolicy, Verdict,
 };
 use bulwark_lb::proxy::{self, ProxyConfig};
+use bulwark_testkit::ports::ClosedPort;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
@@ -121,18 +122,30 @@ impl Drop for TestBackend {
     }
 }
 
-/// A spec for an address where nothing listens.
-pub async fn closed_port_spec(id: &str) -> BackendSpec {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = l.local_addr().unwrap();
-    drop(l);
-    BackendSpec {
-        id: id.into(),
-        address,
-        zone: String::new(),
-        weight: 1,
-        admin: AdminState::Active,
-        verdict: Verdict::Healthy,
+/// A backend address where nothing listens, held closed while this lives
+/// (a released port could be taken by a parallel test's listener).
+pub struct ClosedBackend {
+    pub id: String,
+    port: ClosedPort,
+}
+
+impl ClosedBackend {
+    pub fn new(id: &str) -> Self {
+        Self {
+            id: id.into(),
+            port: ClosedPort::loopback().unwrap(),
+        }
+    }
+
+    pub fn spec(&self, zone: &str) -> BackendSpec {
+        BackendSpec {
+            id: self.id.clone(),
+            address: self.port.address(),
+            zone: zone.into(),
+            weight: 1,
+            admin: AdminState::Active,
+            verdict: Verdict::Healthy,
+        }
     }
 }
 

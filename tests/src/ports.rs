@@ -71,11 +71,12 @@ pub fn free_ports(ip: IpAddr, n: usize) -> anyhow::Result<Vec<u16>> {
 }
 
 /// A loopback port that refuses every connect for as long as this value
-/// lives.
+/// lives, except while a listener from [`ClosedPort::listen`] is open.
 ///
 /// The socket is bound but never listens, so a SYN gets a reset ("connection
-/// refused"), and, bound without `SO_REUSEADDR`, it keeps every other bind
-/// and every outgoing connection's local port off the port.
+/// refused"). It is bound without `SO_REUSEADDR`, which keeps every other
+/// bind and every outgoing connection's local port off the port; it has
+/// `SO_REUSEPORT` only so that its own [`ClosedPort::listen`] can share it.
 pub struct ClosedPort {
     _socket: socket2::Socket,
     address: SocketAddr,
@@ -84,12 +85,7 @@ pub struct ClosedPort {
 impl ClosedPort {
     /// A closed port on 127.0.0.1.
     pub fn loopback() -> anyhow::Result<Self> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )
-        .context("creating a socket to hold a closed port")?;
+        let socket = reuseport_socket()?;
         socket
             .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
             .context("binding 127.0.0.1:0 to hold a closed port")?;
@@ -107,6 +103,30 @@ impl ClosedPort {
     pub fn address(&self) -> SocketAddr {
         self.address
     }
+
+    /// A listener on this port, for a test whose target answers first and
+    /// then dies: once the listener is dropped the port refuses again, and
+    /// is still held.
+    pub fn listen(&self) -> anyhow::Result<std::net::TcpListener> {
+        let socket = reuseport_socket()?;
+        socket
+            .bind(&self.address.into())
+            .with_context(|| format!("binding {} beside the closed port", self.address))?;
+        socket.listen(128)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
+    }
+}
+
+fn reuseport_socket() -> anyhow::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .context("creating a socket for a closed port")?;
+    socket.set_reuse_port(true)?;
+    Ok(socket)
 }
 
 /// True when `err` is a child that exited because its port was taken.
@@ -153,6 +173,18 @@ mod tests {
         let err = std::net::TcpStream::connect(closed.address()).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
         // std's listener sets SO_REUSEADDR, like tokio's and most servers'.
+        let err = TcpListener::bind(closed.address()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn a_closed_port_listens_and_then_refuses_again() {
+        let closed = ClosedPort::loopback().unwrap();
+        let listener = closed.listen().unwrap();
+        std::net::TcpStream::connect(closed.address()).unwrap();
+        drop(listener);
+        let err = std::net::TcpStream::connect(closed.address()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
         let err = TcpListener::bind(closed.address()).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     }

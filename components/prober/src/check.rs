@@ -426,8 +426,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_listener_settles_down_as_refused() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        // Held after the listener goes, so no other test can take it.
+        let port = bulwark_testkit::ports::ClosedPort::loopback().unwrap();
+        let listener = port.listen().unwrap();
+        let addr = port.address().to_string();
         let check = Check::new(
             "t",
             &addr,

@@ -17,6 +17,7 @@ use bulwark_prober::config::{ProberConfig, ReportConfig, TcpTarget};
 use bulwark_prober::observations::Observations;
 use bulwark_prober::report::{self, Reporter};
 use bulwark_testkit::admin::http_get;
+use bulwark_testkit::ports::ClosedPort;
 use bulwark_testkit::{Pki, config};
 use support::{LbDouble, Mode, eventually, next_report, prober_identity};
 use tokio::sync::mpsc;
@@ -185,7 +186,8 @@ async fn no_leader_backs_off_and_tries_the_next_endpoint() {
         tx.clone(),
     );
     // An endpoint where nothing listens, then a leader.
-    let dead = LbDouble::bind().await.local_addr().unwrap().to_string();
+    let closed = ClosedPort::loopback().unwrap();
+    let dead = closed.address().to_string();
     let c = LbDouble::serve(
         "c",
         LbDouble::bind().await,

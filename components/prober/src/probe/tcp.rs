@@ -54,8 +54,10 @@ mod tests {
 
     #[tokio::test]
     async fn connects_pass_and_refusals_fail() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        // Held after the listener goes, so no other test can take it.
+        let port = bulwark_testkit::ports::ClosedPort::loopback().unwrap();
+        let listener = port.listen().unwrap();
+        let addr = port.address().to_string();
         let mut probe = TcpProbe::new(&addr).unwrap();
         let ok = probe.run(Duration::from_secs(2)).await;
         assert!(ok.ok, "{ok:?}");

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant, SystemTime};
 use bulwark_api::lb::v1::{ProbeReport, ReportKind};
 use bulwark_api::raft::v1 as pb;
 use bulwark_common::workers::Worker;
-use openraft::RaftMetrics;
 use openraft::async_runtime::WatchReceiver;
 use openraft::type_config::alias::WatchReceiverOf;
 use tokio::sync::{Notify, watch};
@@ -32,7 +31,7 @@ use super::{HealthAggregator, HealthConfig, HealthStatus, ReportError, ReportOut
 use crate::backends::{BackendSpec, Verdict};
 use crate::raft::state::{LbState, command};
 use crate::raft::store::StateMachineStore;
-use crate::raft::{NodeId, Raft, TypeConfig, leads};
+use crate::raft::{NodeId, Raft, ServerMetrics, TypeConfig, server_leads};
 
 /// How often the leader re-evaluates without a report (staleness, the end
 /// of the warm-up).
@@ -130,12 +129,12 @@ impl HealthService {
         token: CancellationToken,
         worker: Worker,
     ) -> anyhow::Result<()> {
-        let mut metrics_rx = raft.metrics();
+        let mut metrics_rx = raft.server_metrics();
         let mut state_rx = sm.subscribe();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let leading = leads(&metrics_rx.borrow_watched(), node_id);
+            let leading = server_leads(&metrics_rx.borrow_watched(), node_id);
             let state = state_rx.borrow_and_update().clone();
             self.follow_leadership(leading, &state);
             worker.set_state(if leading { "leading" } else { "following" });
@@ -276,15 +275,17 @@ impl HealthService {
 }
 
 /// Resolves when `node_id` starts or stops leading; `false` once Raft is
-/// gone. Raft's metrics change with nearly every message its core handles,
-/// and only leadership matters to the loop: waking on every change made a
-/// leader cut off from its followers retry its refused verdict write in a
-/// loop, each refusal itself a metrics change (both cores busy, a warning
-/// per try, 7,500 a second in the reconnect-storm bench). Reports, state
-/// changes and the tick still wake the loop, so a refused write is retried
-/// at their pace.
+/// gone. Only leadership matters to the loop: waking on every change of
+/// Raft's full metrics (one per message its core handles) made a leader
+/// cut off from its followers retry its refused verdict write in a loop,
+/// each refusal itself a metrics change (both cores busy, a warning per
+/// try, 7,500 a second in the reconnect-storm bench), and woke every
+/// follower on each heartbeat. It follows the server metrics (role, leader,
+/// vote, membership), and of those only a change of leadership ends it.
+/// Reports, state changes and the tick still wake the loop, so a refused
+/// write is retried at their pace.
 async fn leadership_flip(
-    rx: &mut WatchReceiverOf<TypeConfig, RaftMetrics<TypeConfig>>,
+    rx: &mut WatchReceiverOf<TypeConfig, ServerMetrics>,
     node_id: NodeId,
     was: bool,
 ) -> bool {
@@ -292,7 +293,7 @@ async fn leadership_flip(
         if rx.changed().await.is_err() {
             return false;
         }
-        if leads(&rx.borrow_watched(), node_id) != was {
+        if server_leads(&rx.borrow_watched(), node_id) != was {
             return true;
         }
     }
@@ -379,23 +380,27 @@ mod tests {
 
     use super::*;
 
-    /// Only a change of leadership ends the wait: the metrics' other
-    /// changes (one per message Raft's core handles) do not wake the loop.
+    /// Only a change of leadership ends the wait: the server metrics'
+    /// other changes (vote, membership) do not.
     #[tokio::test(start_paused = true)]
     async fn only_a_change_of_leadership_ends_the_wait() {
         use openraft::async_runtime::watch::{Watch as _, WatchSender as _};
         use openraft::type_config::alias::WatchOf;
 
-        let mut m = RaftMetrics::<TypeConfig>::new_initial(1);
-        m.state = openraft::ServerState::Leader;
-        m.current_leader = Some(1);
+        let mut m = ServerMetrics {
+            id: 1,
+            vote: crate::raft::types::Vote::new_committed(1, 1),
+            state: openraft::ServerState::Leader,
+            current_leader: Some(1),
+            membership_config: Default::default(),
+            committed_membership_config: Default::default(),
+        };
         let (tx, mut rx) = WatchOf::<TypeConfig>::channel(m.clone());
         {
             let wait = leadership_flip(&mut rx, 1, true);
             tokio::pin!(wait);
             for i in 0..20 {
-                m.last_log_index = Some(i);
-                m.current_term = i;
+                m.vote = crate::raft::types::Vote::new_committed(i + 1, 1);
                 tx.send(m.clone()).unwrap();
                 let woke = tokio::time::timeout(Duration::from_millis(5), &mut wait).await;
                 assert!(woke.is_err(), "woke on a change that kept the leader: {i}");

@@ -32,8 +32,83 @@ pub mod types;
 
 pub use types::{Cmd, CmdResult, LbNode, NodeId, Raft, TypeConfig};
 
+/// openraft's server metrics: role, leader, vote (as flushed) and membership.
+pub type ServerMetrics = openraft::metrics::RaftServerMetrics<TypeConfig>;
+
 /// Whether Raft's metrics say `node_id` leads: in the leader state and
 /// itself the leader it knows.
 pub fn leads(m: &openraft::RaftMetrics<TypeConfig>, node_id: NodeId) -> bool {
     m.state == openraft::ServerState::Leader && m.current_leader == Some(node_id)
+}
+
+/// The term `node_id` leads, from Raft's server metrics (which change only
+/// on a change of role, leader, vote or membership): the leader state,
+/// itself the leader it knows, and its own committed vote on disk. The vote
+/// in these metrics is the flushed one, so a leader whose committed vote is
+/// still being written is not leading yet; the flush changes the metrics.
+pub fn leader_term(m: &ServerMetrics, node_id: NodeId) -> Option<u64> {
+    let vote = &m.vote;
+    let ours = server_leads(m, node_id) && vote.committed && vote.leader_id.node_id == node_id;
+    ours.then_some(vote.leader_id.term)
+}
+
+/// [`leads`] from Raft's server metrics, which change only on a change of
+/// role, leader, vote or membership (the full metrics are sent again after
+/// every message Raft's core handles).
+pub fn server_leads(m: &ServerMetrics, node_id: NodeId) -> bool {
+    m.state == openraft::ServerState::Leader && m.current_leader == Some(node_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use openraft::ServerState;
+
+    use super::*;
+
+    fn server(state: ServerState, leader: Option<NodeId>, vote: types::Vote) -> ServerMetrics {
+        ServerMetrics {
+            id: 1,
+            vote,
+            state,
+            current_leader: leader,
+            membership_config: Arc::default(),
+            committed_membership_config: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn a_node_leads_the_term_of_its_own_committed_vote_on_disk() {
+        let leading = server(
+            ServerState::Leader,
+            Some(1),
+            types::Vote::new_committed(7, 1),
+        );
+        assert_eq!(leader_term(&leading, 1), Some(7));
+        // Elected, but the committed vote is still being written: the
+        // flushed one is the candidate's.
+        let unflushed = server(ServerState::Leader, Some(1), types::Vote::new(7, 1));
+        assert_eq!(leader_term(&unflushed, 1), None);
+        // Elected before an older vote for another node reached the disk.
+        let older = server(
+            ServerState::Leader,
+            Some(1),
+            types::Vote::new_committed(6, 2),
+        );
+        assert_eq!(leader_term(&older, 1), None);
+        let following = server(
+            ServerState::Follower,
+            Some(2),
+            types::Vote::new_committed(7, 2),
+        );
+        assert_eq!(leader_term(&following, 1), None);
+        // A stepped-down leader that has not learnt the new leader yet.
+        let stepped_down = server(
+            ServerState::Follower,
+            None,
+            types::Vote::new_committed(7, 1),
+        );
+        assert_eq!(leader_term(&stepped_down, 1), None);
+    }
 }

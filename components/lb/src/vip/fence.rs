@@ -16,7 +16,8 @@
 //! claim, release or nothing. The VIP task calls it every `checkInterval`
 //! (openraft reports nothing while a partitioned leader waits for acks, so
 //! waiting for metric changes alone would hold a stale lease forever) and
-//! on every metrics change. Tested with paused Tokio time.
+//! on every change of role, leader, vote or membership (and, while it
+//! leads, of quorum acknowledgements). Tested with paused Tokio time.
 
 use std::time::Duration;
 

@@ -5,10 +5,12 @@
 //! same local address, announced as a host route over BGP; [`iface`]:
 //! which address families an interface has, for the config check).
 //!
-//! One task per node ([`VipTask`]) owns the VIP. It wakes on every Raft
-//! metrics change and every `checkInterval`, asks the [`fence::Fence`]
-//! what to do, and does it. A claim is followed by a `RecordVipHolder`
-//! proposal carrying the failover's measured durations. In arp mode the
+//! One task per node ([`VipTask`]) owns the VIP. It wakes on a change of
+//! Raft's role, leader, vote or membership, while it leads also on every
+//! quorum acknowledgement, and while it leads or holds every
+//! `checkInterval`; it asks the [`fence::Fence`] what to do, and does it.
+//! A claim is followed by a `RecordVipHolder` proposal carrying the
+//! failover's measured durations. In arp mode the
 //! holder also renews the address's kernel lifetime every quarter of it
 //! while the fence still passes, so a holder that dies or freezes without
 //! releasing loses the address anyway; an address someone else deletes
@@ -56,7 +58,9 @@ use crate::clients::{ClientTable, Received, tickle};
 use crate::raft::network::Handover;
 use crate::raft::server::Signals;
 use crate::raft::state::command;
-use crate::raft::{NodeId, Raft};
+use crate::raft::{NodeId, Raft, ServerMetrics, TypeConfig};
+
+type DataMetrics = openraft::metrics::RaftDataMetrics<TypeConfig>;
 
 /// How the VIP is taken and released.
 pub enum Actuator {
@@ -329,33 +333,36 @@ impl VipTask {
         self
     }
 
-    fn view(&self) -> (LeaderView, bool) {
-        let m = self.raft.metrics().borrow_watched().clone();
+    /// What the fence decides on, from Raft's server metrics (role, term,
+    /// membership) and data metrics (the last quorum acknowledgement).
+    /// openraft sends the data metrics before the server metrics, so a wake
+    /// on a role change reads acknowledgements at least as new as it.
+    fn view(&self, server: &ServerMetrics, data: &DataMetrics) -> (LeaderView, bool) {
         let cluster = self.signals.timers().cluster(Instant::now());
-        let leading = crate::raft::leads(&m, self.node_id);
+        let leader_term = crate::raft::leader_term(server, self.node_id);
         // A lone voter is its own quorum: nothing acknowledges it, and
         // nothing else can lead while it does.
-        let alone = m
+        let alone = server
             .membership_config
             .membership()
             .voter_ids()
             .eq([self.node_id]);
-        if leading && alone {
+        if leader_term.is_some() && alone {
             let view = LeaderView {
-                leader_term: Some(m.current_term),
+                leader_term,
                 last_quorum_acked: Some(Instant::now()),
                 cluster,
             };
             return (view, true);
         }
-        let acked = m.last_quorum_acked.map(|a| {
+        let acked = data.last_quorum_acked.map(|a| {
             // openraft's instant wraps tokio's; map through "elapsed".
             let age = openraft::Instant::elapsed(&a.into_inner());
             Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
         });
         let view = LeaderView {
-            leader_term: leading.then_some(m.current_term),
-            last_quorum_acked: if leading { acked } else { None },
+            leader_term,
+            last_quorum_acked: leader_term.and(acked),
             cluster,
         };
         (view, false)
@@ -373,13 +380,17 @@ impl VipTask {
     /// Runs until `shutdown`, then releases the VIP for good.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         self.worker.set_state("standby");
-        let mut metrics = self.raft.metrics();
+        // Not openraft's full metrics: those are sent again after every
+        // message Raft handles, changed or not.
+        let mut server = self.raft.server_metrics();
+        let mut data = self.raft.data_metrics();
         let mut tick = tokio::time::interval(self.fence.timing().check_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Only a leader or a holder has anything to decide as time passes
-        // (a claim delay running out, its lease): a follower that holds
-        // nothing decides only when Raft's metrics change, so it does not
-        // wake every check interval for nothing.
+        // (a claim delay running out, its lease), and only a leader as
+        // quorum acknowledgements come in: a follower that holds nothing
+        // decides only when its role, leader, vote or membership changes.
+        let mut leading = false;
         let mut ticking = false;
         let mut kicked = None;
         let mut recorded_term = None;
@@ -403,15 +414,14 @@ impl VipTask {
                     }
                     let _ = done.send(());
                 }
-                r = metrics.changed() => {
-                    if r.is_err() {
-                        // Raft stopped: nothing may be held without it.
-                        if self.fence.fence_forever() {
-                            self.release(ReleaseReason::LostLeadership).await;
-                        }
-                        return Ok(());
-                    }
-                }
+                r = server.changed() => if r.is_err() {
+                    self.raft_stopped().await;
+                    return Ok(());
+                },
+                r = data.changed(), if leading => if r.is_err() {
+                    self.raft_stopped().await;
+                    return Ok(());
+                },
                 _ = tick.tick(), if ticking => {}
                 why = self.actuator.background_ended() => {
                     return Err(self.background_failed(why).await);
@@ -419,7 +429,7 @@ impl VipTask {
                 // The held address was deleted: renew (add it back) now.
                 () = notified(vanished.as_deref()) => renew_at = renew_at.map(|_| Instant::now()),
             }
-            let (view, alone) = self.view();
+            let (view, alone) = self.view(&server.borrow_watched(), &data.borrow_watched());
             let now = Instant::now();
             // A new leader learns its first quorum acknowledgement from the
             // next heartbeat round, up to a heartbeat interval away: ask for
@@ -466,7 +476,8 @@ impl VipTask {
                 }
                 Action::Release(reason) => self.release(reason).await,
             }
-            ticking = view.leader_term.is_some() || self.fence.holding();
+            leading = view.leader_term.is_some();
+            ticking = leading || self.fence.holding();
             if self.fence.holding() {
                 let remaining = self.fence.lease_remaining(&view, now);
                 self.state.send_if_modified(|s| {
@@ -475,6 +486,13 @@ impl VipTask {
                     changed
                 });
             }
+        }
+    }
+
+    /// Raft stopped: nothing may be held without it.
+    async fn raft_stopped(&mut self) {
+        if self.fence.fence_forever() {
+            self.release(ReleaseReason::LostLeadership).await;
         }
     }
 

@@ -720,9 +720,10 @@ async fn readiness(
     let mut rx = raft.server_metrics();
     let mut last_term = None;
     loop {
-        let (leader, term, state) = {
+        let (leader, term, leading) = {
             let m = rx.borrow_watched();
-            (m.current_leader, m.vote.leader_id.term, m.state)
+            let leading = crate::raft::server_leads(&m, node_id);
+            (m.current_leader, m.vote.leader_id.term, leading)
         };
         if last_term != Some(term) {
             if last_term.is_some() {
@@ -731,7 +732,6 @@ async fn readiness(
             last_term = Some(term);
             metrics::gauge!("bulwark_lb_term").set(term as f64);
         }
-        let leading = state == openraft::ServerState::Leader && leader == Some(node_id);
         metrics::gauge!("bulwark_lb_is_leader").set(f64::from(u8::from(leading)));
         health.set_ready(
             "raft",

@@ -35,6 +35,10 @@ pub use types::{Cmd, CmdResult, LbNode, NodeId, Raft, TypeConfig};
 /// openraft's server metrics: role, leader, vote (as flushed) and membership.
 pub type ServerMetrics = openraft::metrics::RaftServerMetrics<TypeConfig>;
 
+/// openraft's data metrics: logs, and a leader's replication progress and
+/// last quorum acknowledgement.
+pub type DataMetrics = openraft::metrics::RaftDataMetrics<TypeConfig>;
+
 /// Whether Raft's metrics say `node_id` leads: in the leader state and
 /// itself the leader it knows.
 pub fn leads(m: &openraft::RaftMetrics<TypeConfig>, node_id: NodeId) -> bool {
@@ -42,13 +46,23 @@ pub fn leads(m: &openraft::RaftMetrics<TypeConfig>, node_id: NodeId) -> bool {
 }
 
 /// The term `node_id` leads, from Raft's server metrics (which change only
-/// on a change of role, leader, vote or membership): the leader state,
-/// itself the leader it knows, and its own committed vote on disk. The vote
-/// in these metrics is the flushed one, so a leader whose committed vote is
-/// still being written is not leading yet; the flush changes the metrics.
-pub fn leader_term(m: &ServerMetrics, node_id: NodeId) -> Option<u64> {
-    let vote = &m.vote;
-    let ours = server_leads(m, node_id) && vote.committed && vote.leader_id.node_id == node_id;
+/// on a change of role, leader, vote or membership) and data metrics: the
+/// leader state, itself the leader it knows, its own committed vote on
+/// disk, and data metrics that come from a leader too.
+///
+/// - The vote in the server metrics is the flushed one, so a leader whose
+///   committed vote is still being written is not leading yet; the flush
+///   changes the metrics.
+/// - openraft sends the data metrics first, then the server metrics: data
+///   metrics without replication progress (a leader's only) next to server
+///   metrics that still say leader mean the node has just stepped down, and
+///   the server metrics are about to say so.
+pub fn leader_term(server: &ServerMetrics, data: &DataMetrics, node_id: NodeId) -> Option<u64> {
+    let vote = &server.vote;
+    let ours = server_leads(server, node_id)
+        && vote.committed
+        && vote.leader_id.node_id == node_id
+        && data.replication.is_some();
     ours.then_some(vote.leader_id.term)
 }
 
@@ -80,35 +94,58 @@ mod tests {
 
     #[test]
     fn a_node_leads_the_term_of_its_own_committed_vote_on_disk() {
+        let from_leader = DataMetrics {
+            replication: Some(Default::default()),
+            ..Default::default()
+        };
+        let term = |state, leader, vote| leader_term(&server(state, leader, vote), &from_leader, 1);
+        assert_eq!(
+            term(
+                ServerState::Leader,
+                Some(1),
+                types::Vote::new_committed(7, 1)
+            ),
+            Some(7)
+        );
+        // Elected, but the committed vote is still being written: the
+        // flushed one is the candidate's.
+        assert_eq!(
+            term(ServerState::Leader, Some(1), types::Vote::new(7, 1)),
+            None
+        );
+        // Elected before an older vote for another node reached the disk.
+        assert_eq!(
+            term(
+                ServerState::Leader,
+                Some(1),
+                types::Vote::new_committed(6, 2)
+            ),
+            None
+        );
+        assert_eq!(
+            term(
+                ServerState::Follower,
+                Some(2),
+                types::Vote::new_committed(7, 2)
+            ),
+            None
+        );
+        // A stepped-down leader that has not learnt the new leader yet.
+        assert_eq!(
+            term(
+                ServerState::Follower,
+                None,
+                types::Vote::new_committed(7, 1)
+            ),
+            None
+        );
+        // Stepped down between the two sends: the data metrics already
+        // come from a follower, the server metrics not yet.
         let leading = server(
             ServerState::Leader,
             Some(1),
             types::Vote::new_committed(7, 1),
         );
-        assert_eq!(leader_term(&leading, 1), Some(7));
-        // Elected, but the committed vote is still being written: the
-        // flushed one is the candidate's.
-        let unflushed = server(ServerState::Leader, Some(1), types::Vote::new(7, 1));
-        assert_eq!(leader_term(&unflushed, 1), None);
-        // Elected before an older vote for another node reached the disk.
-        let older = server(
-            ServerState::Leader,
-            Some(1),
-            types::Vote::new_committed(6, 2),
-        );
-        assert_eq!(leader_term(&older, 1), None);
-        let following = server(
-            ServerState::Follower,
-            Some(2),
-            types::Vote::new_committed(7, 2),
-        );
-        assert_eq!(leader_term(&following, 1), None);
-        // A stepped-down leader that has not learnt the new leader yet.
-        let stepped_down = server(
-            ServerState::Follower,
-            None,
-            types::Vote::new_committed(7, 1),
-        );
-        assert_eq!(leader_term(&stepped_down, 1), None);
+        assert_eq!(leader_term(&leading, &DataMetrics::default(), 1), None);
     }
 }

@@ -58,9 +58,7 @@ use crate::clients::{ClientTable, Received, tickle};
 use crate::raft::network::Handover;
 use crate::raft::server::Signals;
 use crate::raft::state::command;
-use crate::raft::{NodeId, Raft, ServerMetrics, TypeConfig};
-
-type DataMetrics = openraft::metrics::RaftDataMetrics<TypeConfig>;
+use crate::raft::{DataMetrics, NodeId, Raft, ServerMetrics};
 
 /// How the VIP is taken and released.
 pub enum Actuator {
@@ -336,10 +334,12 @@ impl VipTask {
     /// What the fence decides on, from Raft's server metrics (role, term,
     /// membership) and data metrics (the last quorum acknowledgement).
     /// openraft sends the data metrics before the server metrics, so a wake
-    /// on a role change reads acknowledgements at least as new as it.
+    /// on a role change reads acknowledgements at least as new as it, and
+    /// a wake on the data metrics of a leader that has just stepped down
+    /// sees it in them ([`crate::raft::leader_term`]).
     fn view(&self, server: &ServerMetrics, data: &DataMetrics) -> (LeaderView, bool) {
         let cluster = self.signals.timers().cluster(Instant::now());
-        let leader_term = crate::raft::leader_term(server, self.node_id);
+        let leader_term = crate::raft::leader_term(server, data, self.node_id);
         // A lone voter is its own quorum: nothing acknowledges it, and
         // nothing else can lead while it does.
         let alone = server

@@ -751,8 +751,11 @@ impl VipTask {
             // commits or the term is no longer ours (the next leader
             // records itself).
             while let Err(e) = raft.client_write(cmd.clone()).await {
-                let m = raft.metrics().borrow_watched().clone();
-                let ours = m.current_term == term && crate::raft::leads(&m, node_id);
+                let ours = crate::raft::leader_term(
+                    &raft.server_metrics().borrow_watched(),
+                    &raft.data_metrics().borrow_watched(),
+                    node_id,
+                ) == Some(term);
                 if !ours {
                     tracing::warn!(term, error = %e, "could not record the VIP holder; no longer leading this term");
                     return;

@@ -101,14 +101,7 @@ impl TestBackend {
     }
 
     pub fn spec(&self, zone: &str) -> BackendSpec {
-        BackendSpec {
-            id: self.id.clone(),
-            address: self.address,
-            zone: zone.into(),
-            weight: 1,
-            admin: AdminState::Active,
-            verdict: Verdict::Healthy,
-        }
+        healthy_spec(&self.id, self.address, zone)
     }
 
     pub fn accepted(&self) -> usize {
@@ -138,14 +131,19 @@ impl ClosedBackend {
     }
 
     pub fn spec(&self, zone: &str) -> BackendSpec {
-        BackendSpec {
-            id: self.id.clone(),
-            address: self.port.address(),
-            zone: zone.into(),
-            weight: 1,
-            admin: AdminState::Active,
-            verdict: Verdict::Healthy,
-        }
+        healthy_spec(&self.id, self.port.address(), zone)
+    }
+}
+
+/// An active, healthy backend of weight 1 (no prober has said otherwise).
+fn healthy_spec(id: &str, address: SocketAddr, zone: &str) -> BackendSpec {
+    BackendSpec {
+        id: id.into(),
+        address,
+        zone: zone.into(),
+        weight: 1,
+        admin: AdminState::Active,
+        verdict: Verdict::Healthy,
     }
 }
 

@@ -1,9 +1,10 @@
 //! `cargo xtask test`: the one command that says whether main is good.
 //!
 //! setup → `cargo fmt --check` → `cargo clippy --all-targets -D warnings` →
-//! `cargo deny check licenses bans sources` → build every binary (tests
-//! start them as real processes) → `cargo nextest run --workspace`. Run as root it also demands that privileged tests
-//! (network namespaces) and every tool actually run rather than skip.
+//! `cargo deny check licenses bans sources` → build every binary and every
+//! test (tests start the binaries as real processes) → `cargo nextest run
+//! --workspace`. Run as root it also demands that privileged tests (network
+//! namespaces) and every tool actually run rather than skip.
 
 use std::time::Instant;
 
@@ -61,8 +62,14 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
             run_cmd(cargo().args(["deny", "check", "licenses", "bans", "sources"]))
         })?;
     }
-    step("build binaries", || {
-        run_cmd(cargo().args(["build", "--workspace", "--bins", "--locked"]))
+    // Binaries and tests in one build: with the tests in it, the binaries
+    // get the dev-dependencies' features (tokio's test-util, common's
+    // faults) as `cargo nextest run` resolves them, so nextest rebuilds
+    // nothing. A build of the binaries alone resolves fewer features, and
+    // nextest then rebuilt tokio and everything above it (about 150 s on
+    // two cores) and overwrote those binaries anyway.
+    step("build binaries and tests", || {
+        run_cmd(cargo().args(["build", "--workspace", "--bins", "--tests", "--locked"]))
     })?;
     if output_of(cargo().args(["nextest", "--version"])).is_none() {
         step("install cargo-nextest", || {

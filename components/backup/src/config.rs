@@ -718,7 +718,9 @@ impl Validate for BackupConfig {
         v.nested("etcd", &self.etcd);
         v.nested("store", &self.store);
         v.nested("compression", &self.compression);
-        v.nested("encryption", &self.encryption);
+        // At the top: the key loader's messages name their field in full
+        // (`encryption.recipientFile: …`), as the daemon logs them at start.
+        self.encryption.validate(v);
         v.nested("schedule", &self.schedule);
         v.nested("retention", &self.retention);
         v.nested("deltas", &self.deltas);
@@ -805,11 +807,14 @@ impl Validate for EncryptionConfig {
         if !v.reads_files() {
             return;
         }
-        if let Err(e) = crate::pipeline::encryption::Keyring::load(
+        match crate::pipeline::encryption::Keyring::load(
             self.recipient_file.as_deref(),
             &self.identity_files,
         ) {
-            v.error(e.to_string());
+            Ok(_) => {}
+            // Not "encryption key: …" in a list of field errors.
+            Err(crate::error::BackupError::Key(message)) => v.error(message),
+            Err(e) => v.at("encryption", |v| v.error(e.to_string())),
         }
     }
 }
@@ -1241,9 +1246,9 @@ mod tests {
         assert!(has("compression.level: 22 is out of range"), "{errs:#?}");
         assert!(has("schedule: set either interval or cron"), "{errs:#?}");
         assert!(
-            errs.iter().any(|e| e
-                .starts_with("encryption: encryption key: encryption.recipientFile")
-                && e.contains("/nonexistent/key.txt")),
+            errs.iter()
+                .any(|e| e.starts_with("encryption.recipientFile: cannot read")
+                    && e.contains("/nonexistent/key.txt")),
             "{errs:#?}"
         );
 

@@ -143,6 +143,37 @@ const APISERVER_PORT: u16 = 6443;
 const ETCD_CLIENT_PORT: u16 = 2379;
 const LOCAL_LISTENER: &str = "127.0.0.1:7445";
 
+/// Ports something on every control-plane node listens on at all of the
+/// node's addresses, the VIP's included: a front on VIP:port could not
+/// bind there. (Raft, the LB API, the backup API and etcd listen on the
+/// node's own address only.)
+const WILDCARD_PORTS: [(u16, &str); 6] = [
+    (
+        APISERVER_PORT,
+        "the apiserver's port: kube-apiserver listens on it at every address of the node (kubeadm's default bind address, 0.0.0.0)",
+    ),
+    (
+        10250,
+        "the kubelet's port: it listens on every address of the node",
+    ),
+    (
+        10256,
+        "kube-proxy's health check port: it listens on every address of the node",
+    ),
+    (
+        LB_ADMIN_PORT,
+        "bulwark-lb's admin port (admin.address 0.0.0.0:9440)",
+    ),
+    (
+        PROBER_ADMIN_PORT,
+        "bulwark-prober's admin port (admin.address 0.0.0.0:9443)",
+    ),
+    (
+        BACKUP_ADMIN_PORT,
+        "bulwark-backup's admin port (admin.address 0.0.0.0:9446)",
+    ),
+];
+
 /// One generated file: where it goes under `--out`, and its text.
 #[derive(Debug, PartialEq)]
 pub struct File {
@@ -164,7 +195,11 @@ pub fn run_init(args: &InitArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::new(Exit::Usage, format!("{}: {e}", args.from.display())))?;
     check_all(&files)?;
     write_all(&args.out, &files, args.force)?;
-    print_next_steps(&args.out, &cluster)
+    print_next_steps(&args.out, &cluster)?;
+    if let Some(w) = fault_tolerance_warning(cluster.nodes.len()) {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
 }
 
 /// Runs `bulwarkctl manifest DAEMON`.
@@ -215,10 +250,36 @@ pub fn parse(text: &str) -> Result<ClusterDescription, String> {
             ));
         }
     }
+    problems.extend(vip_port_problem(c.vip.port));
     match problems.is_empty() {
         true => Ok(c),
         false => Err(problems.join("; ")),
     }
+}
+
+/// A VIP port another listener on every node already holds at all of its
+/// addresses: each node's front would fail to bind it at start.
+fn vip_port_problem(port: u16) -> Option<String> {
+    let (_, owner) = WILDCARD_PORTS.iter().find(|(p, _)| *p == port)?;
+    Some(format!(
+        "vip.port: {port} is {owner}, so no node's front could listen on VIP:{port}; \
+         leave vip.port out for the default, {}",
+        default_vip_port()
+    ))
+}
+
+/// What a cluster of fewer than three nodes cannot survive. The LB's Raft
+/// group and kubeadm's stacked etcd each need a majority of the nodes.
+fn fault_tolerance_warning(nodes: usize) -> Option<String> {
+    (nodes < 3).then(|| {
+        format!(
+            "{nodes} control-plane node{s}: the LB's Raft group and etcd each need a majority \
+             ({majority} of {nodes}), so losing any one node stops the VIP and etcd; \
+             three nodes survive the loss of one",
+            s = if nodes == 1 { "" } else { "s" },
+            majority = nodes / 2 + 1,
+        )
+    })
 }
 
 /// Every file `init` writes, in order.
@@ -781,6 +842,33 @@ mod tests {
         assert!(e.contains("nodes[1]: cp-2 (10.0.0.11) repeats"), "{e}");
         let e = parse(&example().replace("zone: zone-a", "zone: zone-a, rack: 3")).unwrap_err();
         assert!(e.contains("unknown field `rack`"), "{e}");
+    }
+
+    #[test]
+    fn a_vip_port_a_node_already_listens_on_everywhere_is_refused() {
+        for (port, owner) in [(6443, "the apiserver's port"), (9443, "bulwark-prober's")] {
+            let e = parse(&example().replace("port: 8443", &format!("port: {port}"))).unwrap_err();
+            assert!(e.contains(&format!("vip.port: {port} is {owner}")), "{e}");
+            assert!(e.contains("the default, 8443"), "{e}");
+        }
+        // The LB's own admin port is in the table too, so it gets the same
+        // message before the generated lb.yaml's check would refuse it.
+        let e = parse(&example().replace("port: 8443", "port: 9440")).unwrap_err();
+        assert!(e.contains("bulwark-lb's admin port"), "{e}");
+        // Ports bound to the node's own address only are no clash.
+        assert!(parse(&example().replace("port: 8443", "port: 9441")).is_ok());
+    }
+
+    #[test]
+    fn fewer_than_three_nodes_are_warned_of() {
+        assert_eq!(fault_tolerance_warning(3), None);
+        assert_eq!(fault_tolerance_warning(5), None);
+        let two = fault_tolerance_warning(2).unwrap();
+        assert!(two.starts_with("2 control-plane nodes:"), "{two}");
+        assert!(two.contains("(2 of 2)"), "{two}");
+        let one = fault_tolerance_warning(1).unwrap();
+        assert!(one.starts_with("1 control-plane node:"), "{one}");
+        assert!(one.contains("(1 of 1)"), "{one}");
     }
 
     #[test]

@@ -91,10 +91,52 @@ pub struct ClusterDescription {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VipDescription {
     pub address: IpAddr,
+    /// Dual-stack: the IPv6 VIP, held together with an IPv4 `address`.
+    #[serde(default)]
+    pub address6: Option<IpAddr>,
     #[serde(default = "default_vip_port")]
     pub port: u16,
-    #[serde(default = "default_interface")]
-    pub interface: String,
+    /// arp mode: the interface on the nodes' shared segment (default
+    /// eth0). bgp mode: where the holder binds the VIP (default lo).
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// A routed network: the leader announces the VIP over BGP (the LB's
+    /// bgp mode) to the routers each node names in `nodes[].bgp`.
+    #[serde(default)]
+    pub bgp: Option<BgpDescription>,
+}
+
+/// bgp mode, cluster-wide.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpDescription {
+    /// The LB nodes' AS number, the same on every node.
+    pub local_asn: u32,
+}
+
+/// bgp mode, one node: its routers (usually its top-of-rack pair).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeBgpDescription {
+    pub peers: Vec<PeerDescription>,
+    /// The BGP identifier. Default: the node's address, which must then
+    /// be IPv4.
+    #[serde(default)]
+    pub router_id: Option<std::net::Ipv4Addr>,
+}
+
+/// One router a node announces the VIP to.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerDescription {
+    pub address: IpAddr,
+    pub asn: u32,
+    /// TCP MD5 signature key (RFC 2385).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Run BFD with this router (it must run BFD for this node too).
+    #[serde(default)]
+    pub bfd: bool,
 }
 
 /// The backup store.
@@ -114,6 +156,9 @@ pub struct NodeDescription {
     pub name: String,
     pub address: IpAddr,
     pub zone: String,
+    /// bgp mode (`vip.bgp`): this node's routers.
+    #[serde(default)]
+    pub bgp: Option<NodeBgpDescription>,
 }
 
 /// A certificate and its key.
@@ -128,9 +173,8 @@ fn default_vip_port() -> u16 {
     8443
 }
 
-fn default_interface() -> String {
-    "eth0".into()
-}
+/// arp mode's interface when the description names none.
+const DEFAULT_ARP_INTERFACE: &str = "eth0";
 
 /// Ports every node uses (deploy/GUIDE.md's table).
 const RAFT_PORT: u16 = 9441;
@@ -232,29 +276,83 @@ pub fn parse(text: &str) -> Result<ClusterDescription, String> {
     if c.nodes.is_empty() {
         problems.push("nodes: at least one node is needed".into());
     }
-    let mut seen = std::collections::BTreeSet::new();
     for (i, n) in c.nodes.iter().enumerate() {
-        if n.name.is_empty() || n.zone.is_empty() {
-            problems.push(format!("nodes[{i}]: name and zone must not be empty"));
-        }
-        if !seen.insert(n.name.as_str()) || c.nodes[..i].iter().any(|m| m.address == n.address) {
-            problems.push(format!(
-                "nodes[{i}]: {} ({}) repeats another node's name or address",
-                n.name, n.address
-            ));
-        }
-        if n.address == c.vip.address {
-            problems.push(format!(
-                "nodes[{i}].address: {} is the VIP; the VIP must be an address no node owns",
-                n.address
-            ));
-        }
+        problems.extend(node_problems(&c, i, n));
     }
     problems.extend(vip_port_problem(c.vip.port));
+    problems.extend(address6_problem(&c.vip));
     match problems.is_empty() {
         true => Ok(c),
         false => Err(problems.join("; ")),
     }
+}
+
+/// What is wrong with the description's node `i`.
+fn node_problems(c: &ClusterDescription, i: usize, n: &NodeDescription) -> Vec<String> {
+    let mut problems = Vec::new();
+    if n.name.is_empty() || n.zone.is_empty() {
+        problems.push(format!("nodes[{i}]: name and zone must not be empty"));
+    }
+    let earlier = &c.nodes[..i];
+    if earlier
+        .iter()
+        .any(|m| m.name == n.name || m.address == n.address)
+    {
+        problems.push(format!(
+            "nodes[{i}]: {} ({}) repeats another node's name or address",
+            n.name, n.address
+        ));
+    }
+    if n.address == c.vip.address || Some(n.address) == c.vip.address6 {
+        problems.push(format!(
+            "nodes[{i}].address: {} is the VIP; the VIP must be an address no node owns",
+            n.address
+        ));
+    }
+    match (&c.vip.bgp, &n.bgp) {
+        (Some(_), None) => problems.push(format!(
+            "nodes[{i}].bgp: vip.bgp is set (bgp mode), so each node names its routers \
+             (bgp: {{peers: [{{address: …, asn: …}}]}})"
+        )),
+        (Some(_), Some(b)) if b.peers.is_empty() => problems.push(format!(
+            "nodes[{i}].bgp.peers: at least one router is needed"
+        )),
+        (None, Some(_)) => problems.push(format!(
+            "nodes[{i}].bgp: routers are for bgp mode; set vip.bgp (localAsn) too, or remove this"
+        )),
+        _ => {}
+    }
+    if let Some(id) = router_id(n)
+        && let Some(other) = earlier.iter().find(|m| router_id(m) == Some(id))
+    {
+        problems.push(format!(
+            "nodes[{i}].bgp.routerId: {id} is {}'s BGP identifier too; each node needs its own",
+            other.name
+        ));
+    }
+    problems
+}
+
+/// The BGP identifier node `n`'s lb.yaml ends up with: the one given, else
+/// its IPv4 address (the LB takes it from the Raft address).
+fn router_id(n: &NodeDescription) -> Option<std::net::Ipv4Addr> {
+    let bgp = n.bgp.as_ref()?;
+    bgp.router_id.or(match n.address {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// A dual-stack VIP is an IPv4 `address` with an IPv6 `address6`.
+fn address6_problem(vip: &VipDescription) -> Option<String> {
+    let v6 = vip.address6?;
+    (!v6.is_ipv6() || !vip.address.is_ipv4()).then(|| {
+        format!(
+            "vip.address6: {v6} with vip.address {}: a dual-stack VIP is an IPv4 address \
+             with an IPv6 address6",
+            vip.address
+        )
+    })
 }
 
 /// A VIP port another listener on every node already holds at all of its
@@ -397,23 +495,12 @@ initialMembers:
 # leader admits it (`bulwarkctl lb add-member --id {id} ...`, GUIDE.md)."
         )?;
     }
+    vip_section(&mut s, c, n)?;
     writeln!(
         s,
-        "# The VIP clients use (kubeadm's controlPlaneEndpoint, {endpoint}).
-# Port {port}, not {APISERVER_PORT}: the apiserver on this host already listens on
-# 0.0.0.0:{APISERVER_PORT}, and every node keeps a front listener on VIP:port.
-vip:
-  mode: arp
-  address: {vip}
-  port: {port}
-  interface: {iface}
-# KubePrism-style listener: this node's kubelet and controllers may use
+        "# KubePrism-style listener: this node's kubelet and controllers may use
 # https://{LOCAL_LISTENER} and keep working while the VIP moves.
-localListener: '{LOCAL_LISTENER}'",
-        endpoint = addr(c.vip.address, c.vip.port),
-        vip = c.vip.address,
-        port = c.vip.port,
-        iface = c.vip.interface,
+localListener: '{LOCAL_LISTENER}'"
     )?;
     if i == 0 {
         writeln!(
@@ -430,6 +517,62 @@ backends:
         )?;
     }
     Ok(s)
+}
+
+/// lb.yaml's `vip:` section: arp mode, or bgp mode with node `n`'s routers.
+fn vip_section(s: &mut String, c: &ClusterDescription, n: &NodeDescription) -> std::fmt::Result {
+    let vip = &c.vip;
+    writeln!(
+        s,
+        "# The VIP clients use (kubeadm's controlPlaneEndpoint, {endpoint}).
+# Port {port}, not {APISERVER_PORT}: the apiserver on this host already listens on
+# 0.0.0.0:{APISERVER_PORT}, and every node keeps a front listener on VIP:port.",
+        endpoint = addr(vip.address, vip.port),
+        port = vip.port,
+    )?;
+    let (Some(bgp), Some(node_bgp)) = (&vip.bgp, &n.bgp) else {
+        writeln!(s, "vip:\n  mode: arp\n  address: {}", vip.address)?;
+        address6_and_port(s, vip)?;
+        let iface = vip.interface.as_deref().unwrap_or(DEFAULT_ARP_INTERFACE);
+        return writeln!(s, "  interface: {iface}");
+    };
+    writeln!(
+        s,
+        "# A routed network (GUIDE.md, \"A routed network: bgp mode\"): the holder
+# binds the VIP on {iface} and announces it to this node's routers.
+vip:
+  mode: bgp
+  address: {address}",
+        iface = vip.interface.as_deref().unwrap_or("lo"),
+        address = vip.address,
+    )?;
+    address6_and_port(s, vip)?;
+    if let Some(iface) = &vip.interface {
+        writeln!(s, "  interface: {iface}")?;
+    }
+    writeln!(s, "  bgp:\n    localAsn: {}", bgp.local_asn)?;
+    if let Some(id) = node_bgp.router_id {
+        writeln!(s, "    routerId: {id}")?;
+    }
+    writeln!(s, "    peers:")?;
+    for p in &node_bgp.peers {
+        write!(s, "    - {{address: '{}', asn: {}", p.address, p.asn)?;
+        if let Some(password) = &p.password {
+            write!(s, ", password: '{}'", password.replace('\'', "''"))?;
+        }
+        if p.bfd {
+            write!(s, ", bfd: {{enabled: true}}")?;
+        }
+        writeln!(s, "}}")?;
+    }
+    Ok(())
+}
+
+fn address6_and_port(s: &mut String, vip: &VipDescription) -> std::fmt::Result {
+    if let Some(v6) = vip.address6 {
+        writeln!(s, "  address6: '{v6}'")?;
+    }
+    writeln!(s, "  port: {}", vip.port)
 }
 
 /// The nodes that join the first one's LB cluster, for its comments.
@@ -629,7 +772,7 @@ apiServer:
   # serving certificate's SANs (clients verify the apiserver's certificate
   # through the TCP passthrough): the VIP, and 127.0.0.1 for each node's
   # node-local listener ({LOCAL_LISTENER}, the kubelet's server; GUIDE.md).
-  certSANs: [{vip}, 127.0.0.1]
+  certSANs: [{sans}, 127.0.0.1]
   extraArgs:
     # Now and then (0.1 % of requests) tell an HTTP/2 client to reconnect,
     # so clients that piled onto the survivors while an apiserver was down
@@ -645,7 +788,10 @@ etcd:
         port = c.vip.port,
         cluster = c.name,
         endpoint = addr(c.vip.address, c.vip.port),
-        vip = c.vip.address,
+        sans = match c.vip.address6 {
+            Some(v6) => format!("{}, '{v6}'", c.vip.address),
+            None => c.vip.address.to_string(),
+        },
     )
 }
 
@@ -857,6 +1003,124 @@ mod tests {
         assert!(e.contains("bulwark-lb's admin port"), "{e}");
         // Ports bound to the node's own address only are no clash.
         assert!(parse(&example().replace("port: 8443", "port: 9441")).is_ok());
+    }
+
+    fn shipped(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/config")
+            .join(name);
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    fn text_of<'a>(files: &'a [File], path: &str) -> &'a str {
+        &files
+            .iter()
+            .find(|f| f.path == Path::new(path))
+            .unwrap()
+            .text
+    }
+
+    fn lb_of(files: &[File], node: &str) -> bulwark_lb::config::LbConfig {
+        let text = text_of(files, &format!("{node}/lb.yaml"));
+        check_offline::<bulwark_lb::config::LbConfig>(text)
+            .unwrap()
+            .config
+    }
+
+    /// The routed example: every node announces the VIP to its own
+    /// routers, and the daemons accept what init writes.
+    #[test]
+    fn a_routed_description_gives_each_node_its_own_routers() {
+        use bulwark_lb::config::VipMode;
+        let files = generate(&parse(&shipped("cluster-routed.yaml")).unwrap()).unwrap();
+        check_all(&files).unwrap();
+        for (node, rack) in [("cp-1", 1u8), ("cp-2", 2), ("cp-3", 3)] {
+            let vip = lb_of(&files, node).vip;
+            assert_eq!(vip.mode, VipMode::Bgp, "{node}");
+            assert_eq!(vip.address, Some("10.255.0.10".parse().unwrap()));
+            assert_eq!(
+                vip.interface, None,
+                "{node}: bgp mode binds on lo by default"
+            );
+            let bgp = vip.bgp.unwrap();
+            assert_eq!(bgp.local_asn, 65010);
+            let peers: Vec<_> = bgp
+                .peers
+                .iter()
+                .map(|p| (p.address, p.asn, p.bfd.enabled))
+                .collect();
+            assert_eq!(
+                peers,
+                [1, 2].map(|r| (
+                    IpAddr::from([10, 1, rack, r]),
+                    65000 + u32::from(rack),
+                    true
+                )),
+                "{node}"
+            );
+        }
+        let kubeadm = text_of(&files, "kubeadm-config.yaml");
+        assert!(
+            kubeadm.contains("controlPlaneEndpoint: 10.255.0.10:8443"),
+            "{kubeadm}"
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_vip_is_held_and_served_under_both_addresses() {
+        let text = example().replace(
+            "address: 10.0.0.10,",
+            "address: 10.0.0.10, address6: 'fd00::10',",
+        );
+        let files = generate(&parse(&text).unwrap()).unwrap();
+        check_all(&files).unwrap();
+        let vip = lb_of(&files, "cp-2").vip;
+        assert_eq!(vip.address6, Some("fd00::10".parse().unwrap()));
+        assert_eq!(vip.interface.as_deref(), Some("eth0"));
+        let kubeadm = text_of(&files, "kubeadm-config.yaml");
+        assert!(
+            kubeadm.contains("certSANs: [10.0.0.10, 'fd00::10', 127.0.0.1]"),
+            "{kubeadm}"
+        );
+        // The IPv6 VIP is no node's address either, and is IPv6.
+        let e = parse(&text.replace("address: 10.0.0.13", "address: 'fd00::10'")).unwrap_err();
+        assert!(e.contains("nodes[2].address: fd00::10 is the VIP"), "{e}");
+        let e = parse(&text.replace("address6: 'fd00::10'", "address6: 10.0.0.9")).unwrap_err();
+        assert!(
+            e.contains("vip.address6: 10.0.0.9 with vip.address 10.0.0.10"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn routers_and_bgp_mode_come_together() {
+        let routed = shipped("cluster-routed.yaml");
+        let e = parse(&routed.replace("  bgp: {localAsn: 65010}\n", "")).unwrap_err();
+        assert!(
+            e.contains("nodes[0].bgp: routers are for bgp mode; set vip.bgp"),
+            "{e}"
+        );
+        let node0 = "  bgp:\n    peers:\n    - {address: 10.1.1.1, asn: 65001, bfd: true}\n    - {address: 10.1.1.2, asn: 65001, bfd: true}\n";
+        assert!(routed.contains(node0));
+        let e = parse(&routed.replacen(node0, "", 1)).unwrap_err();
+        assert!(
+            e.contains("nodes[0].bgp: vip.bgp is set (bgp mode), so each node names its routers"),
+            "{e}"
+        );
+        assert!(!e.contains("nodes[1]"), "{e}");
+        let e = parse(&routed.replacen(node0, "  bgp: {peers: []}\n", 1)).unwrap_err();
+        assert_eq!(e, "nodes[0].bgp.peers: at least one router is needed");
+        // cp-2 given cp-1's address as its identifier.
+        let e = parse(&routed.replacen(
+            "    peers:\n    - {address: 10.1.2.1",
+            "    routerId: 10.1.1.11\n    peers:\n    - {address: 10.1.2.1",
+            1,
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "nodes[1].bgp.routerId: 10.1.1.11 is cp-1's BGP identifier too; each node needs its own"
+        );
     }
 
     #[test]

@@ -703,6 +703,7 @@ impl Default for RestoreConfig {
 impl Validate for BackupConfig {
     fn validate(&self, v: &mut Validator) {
         check_listeners(v, self);
+        warn_node_local_store(v, self);
         v.check(
             !self.node_name.trim().is_empty(),
             "nodeName",
@@ -1010,6 +1011,27 @@ fn is_http_url(u: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// A `file://` store on a cluster of more than one node is each node's own
+/// disk unless every node mounts the same file system: the backups land
+/// on whichever node was elected, and go with it when it is lost. Legal
+/// (a shared mount is fine), so a warning.
+fn warn_node_local_store(v: &mut Validator, config: &BackupConfig) {
+    let local = crate::store::StoreSpec::parse(&config.store.url, &config.store.options)
+        .is_ok_and(|spec| spec.scheme() == crate::store::Scheme::File);
+    let nodes = config.restore.peers.len();
+    if local && nodes > 1 {
+        v.at("store.url", |v| {
+            v.warn(format!(
+                "{} on a cluster of {nodes} nodes (restore.peers): unless every node mounts \
+                 this directory from one shared file system, each backup stays on the disk of \
+                 the node that took it and is lost with that node; use an object store \
+                 (s3://, gs://, az://) for a control plane of more than one node",
+                config.store.url
+            ));
+        });
+    }
+}
+
 /// Every socket the instance binds, each once.
 fn check_listeners(v: &mut Validator, config: &BackupConfig) {
     v.distinct_listeners(&[
@@ -1125,6 +1147,34 @@ mod tests {
             "grpc:\n  tls: {{certFile: /proc/self/status, keyFile: /proc/self/status, caFile: /proc/self/status}}\n\
              etcd:\n  endpoints: [http://127.0.0.1:2379]\n  tls: null\n{extra}"
         )
+    }
+
+    #[test]
+    fn a_local_store_on_more_than_one_node_is_warned_of() {
+        let warnings = |extra: &str| {
+            let text = format!(
+                "apiVersion: bulwark.dev/v1alpha1\nkind: BackupConfiguration\n{}",
+                minimal(extra)
+            );
+            let loaded = bulwark_common::config::check_offline::<BackupConfig>(&text).unwrap();
+            loaded
+                .warnings
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        let three = "restore: {peers: ['10.0.0.11:9445', '10.0.0.12:9445', '10.0.0.13:9445']}\n";
+        let w = warnings(three);
+        assert_eq!(w.len(), 1, "{w:#?}");
+        assert!(
+            w[0].starts_with(
+                "store.url: file:///var/lib/bulwark/backups on a cluster of 3 nodes (restore.peers)"
+            ),
+            "{w:#?}"
+        );
+        // One node, or an object store: nothing to warn of.
+        assert!(warnings("restore: {peers: ['10.0.0.11:9445']}\n").is_empty());
+        assert!(warnings(&format!("{three}store: {{url: 's3://b/p'}}\n")).is_empty());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! `resume ID` and `rollback ID` finish one that stopped half-way.
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::time::SystemTime;
 
 use bulwark_api::backup::v1 as pb;
 use bulwark_api::backup::v1::backup_client::BackupClient;
@@ -38,12 +39,17 @@ pub struct RestoreArgs {
     #[arg(long, default_value = "latest")]
     pub snapshot: String,
     /// Roll the snapshot forward with deltas to exactly this etcd revision.
-    #[arg(long, conflicts_with_all = ["to_time", "to_latest"])]
+    #[arg(
+        long,
+        conflicts_with_all = ["to_time", "to_latest"],
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i64).range(1..),
+    )]
     pub to_revision: Option<i64>,
     /// Roll forward to the last change recorded at or before this time
     /// (RFC 3339, e.g. 2025-01-02T03:04:05Z).
-    #[arg(long, conflicts_with = "to_latest")]
-    pub to_time: Option<String>,
+    #[arg(long, conflicts_with = "to_latest", value_parser = parse_time)]
+    pub to_time: Option<SystemTime>,
     /// Roll forward through every recorded delta (the default when the
     /// snapshot is `latest` and no other target is given).
     #[arg(long)]
@@ -201,23 +207,11 @@ impl RestoreArgs {
             }),
         };
         let target = if let Some(r) = self.to_revision {
-            if r <= 0 {
-                return Err(CliError::new(
-                    Exit::Usage,
-                    format!("--to-revision {r}: expected a positive etcd revision"),
-                ));
-            }
             Some(pb::restore_target::Target::Revision(r))
-        } else if let Some(t) = &self.to_time {
-            let at = humantime::parse_rfc3339_weak(t).map_err(|e| {
-                CliError::new(
-                    Exit::Usage,
-                    format!("--to-time {t:?}: {e} (expected RFC 3339, e.g. 2025-01-02T03:04:05Z)"),
-                )
-            })?;
+        } else if let Some(at) = self.to_time {
             Some(pb::restore_target::Target::Time(
                 bulwark_api::time::timestamp_to_proto(at)
-                    .map_err(|e| CliError::new(Exit::Usage, format!("--to-time {t:?}: {e}")))?,
+                    .map_err(|e| CliError::new(Exit::Usage, format!("--to-time: {e}")))?,
             ))
         } else if self.snapshot_only {
             None
@@ -313,6 +307,15 @@ pub async fn run(
         })
         .await?;
     follow(stream, service, format, false).await
+}
+
+/// `--to-time`'s parser: checked with the other flags, before anything is
+/// asked of a service.
+fn parse_time(t: &str) -> Result<SystemTime, String> {
+    let at = humantime::parse_rfc3339_weak(t)
+        .map_err(|e| format!("{e} (expected RFC 3339, e.g. 2025-01-02T03:04:05Z)"))?;
+    bulwark_api::time::timestamp_to_proto(at).map_err(|e| e.to_string())?;
+    Ok(at)
 }
 
 /// Follows a restore's progress (plan, phases, node steps) to its summary
@@ -710,6 +713,32 @@ mod tests {
         assert!(parse(&["--yes", "status"]).is_err());
         let plain = parse(&["--snapshot", "s1", "--yes"]).unwrap();
         assert!(plain.action.is_none() && plain.yes && plain.snapshot == "s1");
+    }
+
+    /// A target that cannot be is refused with the other flags, before the
+    /// context is read or a service asked.
+    #[test]
+    fn bad_targets_are_refused_when_the_flags_are_parsed() {
+        for (args, expected) in [
+            (&["--to-revision", "0"][..], "0 is not in 1.."),
+            (&["--to-revision", "-5"], "-5 is not in 1.."),
+            (&["--to-time", "yesterday"], "expected RFC 3339"),
+            (&["--to-time", "2025-13-01T00:00:00Z"], "expected RFC 3339"),
+        ] {
+            let e = parse(args).unwrap_err().to_string();
+            assert!(e.contains(expected), "{args:?}: {e}");
+        }
+        let at = parse(&["--to-time", "2025-01-02T03:04:05Z"]).unwrap();
+        let target = at.request().unwrap().target.unwrap().target.unwrap();
+        let pb::restore_target::Target::Time(t) = target else {
+            panic!("{target:?}");
+        };
+        assert_eq!(t.seconds, 1_735_787_045);
+        let at = parse(&["--to-revision", "42"]).unwrap();
+        assert_eq!(
+            at.request().unwrap().target.unwrap().target,
+            Some(pb::restore_target::Target::Revision(42))
+        );
     }
 
     /// The summary's revision is the one restored; the live one is beside it.

@@ -39,8 +39,8 @@ pub const MANIFESTS: [(&str, &str); 3] = [
 /// `bulwarkctl init`'s arguments.
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
-    /// The cluster description (kind: ClusterDescription; the example is
-    /// deploy/config/cluster.yaml).
+    /// The cluster description (kind: ClusterDescription; the examples are
+    /// deploy/config/cluster.yaml, and cluster-routed.yaml for bgp mode).
     #[arg(long = "from", value_name = "FILE")]
     pub from: PathBuf,
     /// Where to write `<node>/{lb,prober,backup}.yaml`, `kubeadm-config.yaml`,

@@ -939,7 +939,48 @@ fn print_next_steps(out: &Path, c: &ClusterDescription) -> Result<(), CliError> 
         c.nodes[0].name,
         out.display()
     ));
+    text.push_str(&router_steps(c));
     crate::output::emit(text.as_bytes())
+}
+
+/// bgp mode: what each node's routers need (GUIDE.md has a BIRD example).
+fn router_steps(c: &ClusterDescription) -> String {
+    let Some(bgp) = &c.vip.bgp else {
+        return String::new();
+    };
+    let routes = match c.vip.address6 {
+        Some(v6) => format!("{}/32 and {v6}/128", c.vip.address),
+        None => format!("{}/{}", c.vip.address, host_prefix(c.vip.address)),
+    };
+    let mut text = format!(
+        "routers (GUIDE.md, \"A routed network: bgp mode\"): each peers with its node, \
+         AS {}, and accepts only {routes} from it:\n",
+        bgp.local_asn
+    );
+    for n in &c.nodes {
+        for p in n.bgp.iter().flat_map(|b| &b.peers) {
+            let bfd = if p.bfd { ", with BFD" } else { "" };
+            // A session runs over the peer's family: the description knows
+            // one address of each node.
+            let neighbor = match p.address.is_ipv4() == n.address.is_ipv4() {
+                true => format!("{} ({})", n.address, n.name),
+                false => format!(
+                    "{}'s IPv{} address",
+                    n.name,
+                    if p.address.is_ipv4() { 4 } else { 6 }
+                ),
+            };
+            text.push_str(&format!(
+                "  {} (AS {}): neighbor {neighbor}{bfd}\n",
+                p.address, p.asn
+            ));
+        }
+    }
+    text
+}
+
+fn host_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
 }
 
 #[cfg(test)]
@@ -1059,6 +1100,27 @@ mod tests {
                 "{node}"
             );
         }
+        let steps = router_steps(&parse(&shipped("cluster-routed.yaml")).unwrap());
+        let lines: Vec<&str> = steps.lines().collect();
+        assert_eq!(lines.len(), 7, "{steps}");
+        assert!(
+            lines[0].contains("AS 65010, and accepts only 10.255.0.10/32"),
+            "{steps}"
+        );
+        assert_eq!(
+            lines[3],
+            "  10.1.2.1 (AS 65002): neighbor 10.1.2.11 (cp-2), with BFD"
+        );
+        assert_eq!(router_steps(&parse(&example()).unwrap()), "");
+        let dual = shipped("cluster-routed.yaml").replace(
+            "    - {address: 10.1.1.2, asn: 65001, bfd: true}",
+            "    - {address: 'fd01:1::1', asn: 65001}",
+        );
+        let steps = router_steps(&parse(&dual).unwrap());
+        assert!(
+            steps.contains("  fd01:1::1 (AS 65001): neighbor cp-1's IPv6 address\n"),
+            "{steps}"
+        );
         let kubeadm = text_of(&files, "kubeadm-config.yaml");
         assert!(
             kubeadm.contains("controlPlaneEndpoint: 10.255.0.10:8443"),

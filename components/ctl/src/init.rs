@@ -206,15 +206,15 @@ const WILDCARD_PORTS: [(u16, &str); 6] = [
     ),
     (
         LB_ADMIN_PORT,
-        "bulwark-lb's admin port (admin.address 0.0.0.0:9440)",
+        "bulwark-lb's admin port (its generated admin.address listens on 0.0.0.0)",
     ),
     (
         PROBER_ADMIN_PORT,
-        "bulwark-prober's admin port (admin.address 0.0.0.0:9443)",
+        "bulwark-prober's admin port (its generated admin.address listens on 0.0.0.0)",
     ),
     (
         BACKUP_ADMIN_PORT,
-        "bulwark-backup's admin port (admin.address 0.0.0.0:9446)",
+        "bulwark-backup's admin port (its generated admin.address listens on 0.0.0.0)",
     ),
 ];
 

@@ -91,6 +91,10 @@ pub enum ConfigError {
     Invalid {
         file: Option<PathBuf>,
         errors: Vec<FieldError>,
+        /// What validation also found legal but probably unintended:
+        /// shown beside the errors, so one `--check-config` run lists
+        /// everything to fix.
+        warnings: Vec<FieldError>,
     },
 }
 
@@ -99,6 +103,15 @@ impl ConfigError {
     pub fn field_errors(&self) -> &[FieldError] {
         match self {
             ConfigError::Invalid { errors, .. } => errors,
+            _ => &[],
+        }
+    }
+
+    /// The warnings found beside the field errors (none when validation
+    /// did not get that far).
+    pub fn warnings(&self) -> &[FieldError] {
+        match self {
+            ConfigError::Invalid { warnings, .. } => warnings,
             _ => &[],
         }
     }
@@ -459,9 +472,10 @@ fn build<T: ComponentConfig>(
     overrides: &Overrides,
     mode: Mode,
 ) -> Result<Loaded<T>, ConfigError> {
-    let invalid = |errors: Vec<FieldError>| ConfigError::Invalid {
+    let invalid = |errors: Vec<FieldError>, warnings: Vec<FieldError>| ConfigError::Invalid {
         file: origin.map(Path::to_owned),
         errors,
+        warnings,
     };
     let mut root = match text {
         None => Mapping::new(),
@@ -476,13 +490,16 @@ fn build<T: ComponentConfig>(
                 // so the header check below gives the useful message.
                 Value::Null => Mapping::new(),
                 other => {
-                    return Err(invalid(vec![FieldError {
-                        path: String::new(),
-                        message: format!(
-                            "expected a mapping with apiVersion and kind at the top level, found {}",
-                            kind_of(&other)
-                        ),
-                    }]));
+                    return Err(invalid(
+                        vec![FieldError {
+                            path: String::new(),
+                            message: format!(
+                                "expected a mapping with apiVersion and kind at the top level, found {}",
+                                kind_of(&other)
+                            ),
+                        }],
+                        Vec::new(),
+                    ));
                 }
             }
         }
@@ -493,12 +510,12 @@ fn build<T: ComponentConfig>(
         check_header(&mut root, "apiVersion", API_VERSION, &mut errors);
         check_header(&mut root, "kind", T::KIND, &mut errors);
         if !errors.is_empty() {
-            return Err(invalid(errors));
+            return Err(invalid(errors, Vec::new()));
         }
     }
     overrides.apply(&mut root);
 
-    let config: T = deserialize_all(root).map_err(invalid)?;
+    let config: T = deserialize_all(root).map_err(|errors| invalid(errors, Vec::new()))?;
     let mut v = Validator {
         offline: mode == Mode::Offline,
         ..Validator::default()
@@ -519,7 +536,7 @@ fn build<T: ComponentConfig>(
     if errors.is_empty() {
         Ok(Loaded { config, warnings })
     } else {
-        Err(invalid(errors))
+        Err(invalid(errors, warnings))
     }
 }
 
@@ -937,6 +954,8 @@ mod tests {
         write(13);
         let err = load_checked::<Warned>(Some(&file), &Overrides::new()).unwrap_err();
         assert_eq!(err.field_errors()[0].to_string(), "n: is unlucky");
+        // The warning found beside the error comes with it.
+        assert_eq!(err.warnings()[0].to_string(), "n: is large");
         // Parsing from text skips the preflight checks.
         let text = std::fs::read_to_string(&file).unwrap();
         assert!(from_str_with::<Warned>(Some(&text), None, &Overrides::new()).is_ok());

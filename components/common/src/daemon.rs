@@ -224,6 +224,9 @@ impl DaemonArgs {
         let loaded = match self.load::<T>(overrides) {
             Err(e) => {
                 eprintln!("error: {e}");
+                for w in e.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 return Err(ExitCode::from(EXIT_CONFIG));
             }
             Ok(loaded) => loaded,

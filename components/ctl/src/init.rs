@@ -921,6 +921,11 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 fn print_next_steps(out: &Path, c: &ClusterDescription) -> Result<(), CliError> {
+    crate::output::emit(next_steps(out, c).as_bytes())
+}
+
+/// What to do with the files, node by node.
+fn next_steps(out: &Path, c: &ClusterDescription) -> String {
     let mut text = format!(
         "wrote the configs of {} nodes under {}\nnext (deploy/GUIDE.md walks each step):\n",
         c.nodes.len(),
@@ -939,8 +944,19 @@ fn print_next_steps(out: &Path, c: &ClusterDescription) -> Result<(), CliError> 
         c.nodes[0].name,
         out.display()
     ));
+    // The advertise address is also the one kubeadm's etcd member listens
+    // on: the probers and backups dial each node's etcd there.
+    for n in &c.nodes[1..] {
+        text.push_str(&format!(
+            "  {}: kubeadm join {} --control-plane --apiserver-advertise-address {} \
+             (plus the token, CA hash and certificate key kubeadm init printed)\n",
+            n.name,
+            addr(c.vip.address, c.vip.port),
+            n.address
+        ));
+    }
     text.push_str(&router_steps(c));
-    crate::output::emit(text.as_bytes())
+    text
 }
 
 /// bgp mode: what each node's routers need (GUIDE.md has a BIRD example).
@@ -1182,6 +1198,24 @@ mod tests {
         assert_eq!(
             e,
             "nodes[1].bgp.routerId: 10.1.1.11 is cp-1's BGP identifier too; each node needs its own"
+        );
+    }
+
+    /// Each joining node advertises the address its configs name (kubeadm
+    /// would pick the default route's on a node with several).
+    #[test]
+    fn the_next_steps_join_each_node_under_its_own_address() {
+        let steps = next_steps(Path::new("out"), &parse(&example()).unwrap());
+        let joins: Vec<&str> = steps
+            .lines()
+            .filter(|l| l.contains("kubeadm join"))
+            .collect();
+        assert_eq!(joins.len(), 2, "{steps}");
+        assert!(
+            joins[1].starts_with(
+                "  cp-3: kubeadm join 10.0.0.10:8443 --control-plane --apiserver-advertise-address 10.0.0.13 "
+            ),
+            "{steps}"
         );
     }
 

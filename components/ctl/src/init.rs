@@ -1219,6 +1219,19 @@ mod tests {
         );
     }
 
+    /// Clouds name nodes by their FQDN; such a name is the node's backend
+    /// id as it is.
+    #[test]
+    fn nodes_named_by_their_fqdn_keep_their_names() {
+        let fqdn = "ip-10-0-0-11.eu-west-1.compute.internal";
+        let text = example().replace("name: cp-1,", &format!("name: {fqdn},"));
+        let files = generate(&parse(&text).unwrap()).unwrap();
+        check_all(&files).unwrap();
+        let lb = lb_of(&files, fqdn);
+        assert_eq!(lb.backends[0].id, fqdn);
+        assert_eq!(lb.name.as_deref(), Some(fqdn));
+    }
+
     #[test]
     fn fewer_than_three_nodes_are_warned_of() {
         assert_eq!(fault_tolerance_warning(3), None);

@@ -39,7 +39,7 @@ pub enum LbCommand {
     },
     /// Register an apiserver backend.
     AddBackend {
-        /// Backend id (a DNS label, e.g. the node name).
+        /// Backend id (a lowercase DNS name, e.g. the node name).
         id: String,
         /// IP:port of the apiserver.
         #[arg(long)]

@@ -1210,7 +1210,7 @@ impl Default for RoutingConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendConfig {
-    /// Backend id (a DNS label).
+    /// Backend id (a lowercase DNS name, e.g. the node name).
     pub id: String,
     /// host:port of the apiserver.
     pub address: SocketAddr,
@@ -1226,14 +1226,25 @@ fn d_weight() -> u32 {
     100
 }
 
-/// Whether `id` is a valid backend id: a DNS label.
+/// Whether `id` is a valid backend id: a lowercase DNS name (RFC 1123),
+/// as a Kubernetes node name is, so the node's name can be its apiserver's
+/// id also where nodes are named by their FQDN (`ip-10-0-0-11.ec2.internal`).
 pub fn valid_backend_id(id: &str) -> bool {
-    (1..=63).contains(&id.len())
-        && id
+    id.len() <= 253 && id.split('.').all(valid_dns_label)
+}
+
+/// What [`valid_backend_id`] expects, for error messages.
+pub const BACKEND_ID_FORMAT: &str = "expected a lowercase DNS name like a node name: labels of \
+     1-63 letters, digits or '-' (not starting or ending with '-') joined by '.', at most 253 \
+     characters";
+
+fn valid_dns_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !id.starts_with('-')
-        && !id.ends_with('-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
 }
 
 /// Largest backend weight.
@@ -1244,10 +1255,7 @@ impl Validate for BackendConfig {
         v.check(
             valid_backend_id(&self.id),
             "id",
-            format!(
-                "{:?} is not a valid id: expected 1-63 lowercase letters, digits or '-', not starting or ending with '-'",
-                self.id
-            ),
+            format!("{:?} is not a valid id: {BACKEND_ID_FORMAT}", self.id),
         );
         v.check(
             self.address.port() != 0 && !self.address.ip().is_unspecified(),
@@ -1429,6 +1437,38 @@ mod tests {
 
     const MINIMAL: &str =
         "nodeId: 1\nraft:\n  address: 127.0.0.1:9441\napi:\n  address: 127.0.0.1:9442\n";
+
+    /// Kubernetes node names are DNS names; ids take them as they are.
+    #[test]
+    fn backend_ids_are_lowercase_dns_names() {
+        for ok in [
+            "cp-1",
+            "a",
+            "ip-10-0-0-11.eu-west-1.compute.internal",
+            "0.a-b.c",
+        ] {
+            assert!(valid_backend_id(ok), "{ok}");
+        }
+        let long_label = "a".repeat(64);
+        let too_long = vec!["abcdefghi"; 26].join(".");
+        assert_eq!(too_long.len(), 259);
+        for bad in [
+            "",
+            "Bad_Id",
+            "CP-1",
+            "-a",
+            "a-",
+            "a..b",
+            ".a",
+            "a.",
+            "a.-b",
+            "a b",
+            &long_label,
+            &too_long,
+        ] {
+            assert!(!valid_backend_id(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn realtime_priority_is_off_by_default_and_stays_in_the_kernels_range() {

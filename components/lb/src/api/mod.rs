@@ -36,7 +36,9 @@ use tonic::{Request, Response, Status};
 
 use self::convert::{backend_entry, backend_to_api, node_info};
 use crate::backends::{Backends, RoutingMode};
-use crate::config::{LbConfig, MAX_WEIGHT, VipConfig, VipMode, valid_backend_id};
+use crate::config::{
+    BACKEND_ID_FORMAT, LbConfig, MAX_WEIGHT, VipConfig, VipMode, valid_backend_id,
+};
 use crate::health::HealthService;
 use crate::raft::network::ClusterId;
 use crate::raft::state::{ApplyError, LbState, command};
@@ -287,7 +289,7 @@ pub fn check_id(id: &str) -> Result<(), Status> {
         Ok(())
     } else {
         Err(Status::invalid_argument(format!(
-            "field `id`: {} is not a valid backend id: expected 1-63 lowercase letters, digits or '-', not starting or ending with '-'",
+            "field `id`: {} is not a valid backend id: {BACKEND_ID_FORMAT}",
             clip(id)
         )))
     }

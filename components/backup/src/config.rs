@@ -771,9 +771,16 @@ impl Validate for EtcdConfig {
     }
 }
 
+impl StoreConfig {
+    /// The store the URL and options name, checked (nothing is contacted).
+    pub fn spec(&self) -> Result<crate::store::StoreSpec, String> {
+        crate::store::StoreSpec::parse(&self.url, &self.options)
+    }
+}
+
 impl Validate for StoreConfig {
     fn validate(&self, v: &mut Validator) {
-        if let Err(e) = crate::store::StoreSpec::parse(&self.url, &self.options) {
+        if let Err(e) = self.spec() {
             v.error(e);
         }
         v.check(
@@ -1016,7 +1023,9 @@ fn is_http_url(u: &str) -> bool {
 /// on whichever node was elected, and go with it when it is lost. Legal
 /// (a shared mount is fine), so a warning.
 fn warn_node_local_store(v: &mut Validator, config: &BackupConfig) {
-    let local = crate::store::StoreSpec::parse(&config.store.url, &config.store.options)
+    let local = config
+        .store
+        .spec()
         .is_ok_and(|spec| spec.scheme() == crate::store::Scheme::File);
     let nodes = config.restore.peers.len();
     if local && nodes > 1 {
@@ -1090,7 +1099,9 @@ impl crate::engine::Engine {
     /// Builds the engine from a validated config: reads key and TLS files
     /// and builds the store client (nothing is contacted yet).
     pub fn from_config(config: &BackupConfig) -> crate::error::Result<Self> {
-        let spec = crate::store::StoreSpec::parse(&config.store.url, &config.store.options)
+        let spec = config
+            .store
+            .spec()
             .map_err(crate::error::BackupError::InvalidArgument)?;
         let store = spec.build()?;
         let keys = crate::pipeline::encryption::Keyring::load(

@@ -276,8 +276,8 @@ pub fn parse(text: &str) -> Result<ClusterDescription, String> {
     if c.nodes.is_empty() {
         problems.push("nodes: at least one node is needed".into());
     }
-    for (i, n) in c.nodes.iter().enumerate() {
-        problems.extend(node_problems(&c, i, n));
+    for i in 0..c.nodes.len() {
+        problems.extend(node_problems(&c, i));
     }
     problems.extend(vip_port_problem(c.vip.port));
     problems.extend(address6_problem(&c.vip));
@@ -288,7 +288,8 @@ pub fn parse(text: &str) -> Result<ClusterDescription, String> {
 }
 
 /// What is wrong with the description's node `i`.
-fn node_problems(c: &ClusterDescription, i: usize, n: &NodeDescription) -> Vec<String> {
+fn node_problems(c: &ClusterDescription, i: usize) -> Vec<String> {
+    let n = &c.nodes[i];
     let mut problems = Vec::new();
     if n.name.is_empty() || n.zone.is_empty() {
         problems.push(format!("nodes[{i}]: name and zone must not be empty"));

@@ -13,7 +13,6 @@
 //! `resume ID` and `rollback ID` finish one that stopped half-way.
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
-use std::time::SystemTime;
 
 use bulwark_api::backup::v1 as pb;
 use bulwark_api::backup::v1::backup_client::BackupClient;
@@ -49,7 +48,7 @@ pub struct RestoreArgs {
     /// Roll forward to the last change recorded at or before this time
     /// (RFC 3339, e.g. 2025-01-02T03:04:05Z).
     #[arg(long, conflicts_with = "to_latest", value_parser = parse_time)]
-    pub to_time: Option<SystemTime>,
+    pub to_time: Option<prost_types::Timestamp>,
     /// Roll forward through every recorded delta (the default when the
     /// snapshot is `latest` and no other target is given).
     #[arg(long)]
@@ -198,7 +197,7 @@ fn status_name(s: i32) -> String {
 }
 
 impl RestoreArgs {
-    fn request(&self) -> Result<pb::RestoreRequest, CliError> {
+    fn request(&self) -> pb::RestoreRequest {
         let snapshot = pb::SnapshotSelector {
             selector: Some(if self.snapshot == "latest" {
                 pb::snapshot_selector::Selector::Latest(true)
@@ -209,10 +208,7 @@ impl RestoreArgs {
         let target = if let Some(r) = self.to_revision {
             Some(pb::restore_target::Target::Revision(r))
         } else if let Some(at) = self.to_time {
-            Some(pb::restore_target::Target::Time(
-                bulwark_api::time::timestamp_to_proto(at)
-                    .map_err(|e| CliError::new(Exit::Usage, format!("--to-time: {e}")))?,
-            ))
+            Some(pb::restore_target::Target::Time(at))
         } else if self.snapshot_only {
             None
         } else if self.to_latest || self.snapshot == "latest" {
@@ -220,7 +216,7 @@ impl RestoreArgs {
         } else {
             None
         };
-        Ok(pb::RestoreRequest {
+        pb::RestoreRequest {
             snapshot: Some(snapshot),
             target: target.map(|t| pb::RestoreTarget { target: Some(t) }),
             dry_run: self.dry_run,
@@ -228,7 +224,7 @@ impl RestoreArgs {
             skip_space_check: self.skip_space_check,
             timeline: self.timeline,
             ..Default::default()
-        })
+        }
     }
 
     fn confirm(&self) -> Result<(), CliError> {
@@ -299,7 +295,7 @@ pub async fn run(
         }
         None => {}
     }
-    let req = args.request()?;
+    let req = args.request();
     args.confirm()?;
     let stream = service
         .send(BackupClient::new, req, |mut c, r| async move {
@@ -311,11 +307,10 @@ pub async fn run(
 
 /// `--to-time`'s parser: checked with the other flags, before anything is
 /// asked of a service.
-fn parse_time(t: &str) -> Result<SystemTime, String> {
+fn parse_time(t: &str) -> Result<prost_types::Timestamp, String> {
     let at = humantime::parse_rfc3339_weak(t)
         .map_err(|e| format!("{e} (expected RFC 3339, e.g. 2025-01-02T03:04:05Z)"))?;
-    bulwark_api::time::timestamp_to_proto(at).map_err(|e| e.to_string())?;
-    Ok(at)
+    bulwark_api::time::timestamp_to_proto(at).map_err(|e| e.to_string())
 }
 
 /// Follows a restore's progress (plan, phases, node steps) to its summary
@@ -729,14 +724,14 @@ mod tests {
             assert!(e.contains(expected), "{args:?}: {e}");
         }
         let at = parse(&["--to-time", "2025-01-02T03:04:05Z"]).unwrap();
-        let target = at.request().unwrap().target.unwrap().target.unwrap();
+        let target = at.request().target.unwrap().target.unwrap();
         let pb::restore_target::Target::Time(t) = target else {
             panic!("{target:?}");
         };
         assert_eq!(t.seconds, 1_735_787_045);
         let at = parse(&["--to-revision", "42"]).unwrap();
         assert_eq!(
-            at.request().unwrap().target.unwrap().target,
+            at.request().target.unwrap().target,
             Some(pb::restore_target::Target::Revision(42))
         );
     }

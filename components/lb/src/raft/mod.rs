@@ -42,7 +42,7 @@ pub type DataMetrics = openraft::metrics::RaftDataMetrics<TypeConfig>;
 /// Whether Raft's metrics say `node_id` leads: in the leader state and
 /// itself the leader it knows.
 pub fn leads(m: &openraft::RaftMetrics<TypeConfig>, node_id: NodeId) -> bool {
-    m.state == openraft::ServerState::Leader && m.current_leader == Some(node_id)
+    is_leader(m.state, m.current_leader, node_id)
 }
 
 /// The term `node_id` leads, from Raft's server metrics (which change only
@@ -70,7 +70,12 @@ pub fn leader_term(server: &ServerMetrics, data: &DataMetrics, node_id: NodeId) 
 /// role, leader, vote or membership (the full metrics are sent again after
 /// every message Raft's core handles).
 pub fn server_leads(m: &ServerMetrics, node_id: NodeId) -> bool {
-    m.state == openraft::ServerState::Leader && m.current_leader == Some(node_id)
+    is_leader(m.state, m.current_leader, node_id)
+}
+
+/// The one leadership rule of both metrics.
+fn is_leader(state: openraft::ServerState, leader: Option<NodeId>, node_id: NodeId) -> bool {
+    state == openraft::ServerState::Leader && leader == Some(node_id)
 }
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 //! writes follow the leader hint a follower answers with (see
 //! [`crate::connect`]).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bulwark_api::lb::v1 as lb;
 use bulwark_api::lb::v1::load_balancer_client::LoadBalancerClient;
+use bulwark_lb::api::fields;
 use clap::Subcommand;
 use serde::Serialize;
 
@@ -40,19 +42,34 @@ pub enum LbCommand {
     /// Register an apiserver backend.
     AddBackend {
         /// Backend id (a lowercase DNS name, e.g. the node name).
+        #[arg(value_parser = fields::backend_id)]
         id: String,
         /// IP:port of the apiserver.
-        #[arg(long)]
-        address: String,
+        #[arg(long, value_parser = fields::backend_address)]
+        address: SocketAddr,
         /// Zone of the backend.
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", value_parser = fields::zone)]
         zone: String,
         /// Relative weight, 1-10000 (default 100).
-        #[arg(long)]
+        #[arg(long, value_parser = weight)]
         weight: Option<u32>,
         /// Register it drained.
         #[arg(long)]
         drained: bool,
+    },
+    /// Change a registered backend's weight or zone (its address is
+    /// changed by removing and adding it).
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)))]
+    UpdateBackend {
+        /// Backend id.
+        #[arg(value_parser = fields::backend_id)]
+        id: String,
+        /// New relative weight, 1-10000.
+        #[arg(long, group = "change", value_parser = weight)]
+        weight: Option<u32>,
+        /// New zone ("" for none).
+        #[arg(long, group = "change", value_parser = fields::zone)]
+        zone: Option<String>,
     },
     /// Unregister a backend.
     RemoveBackend {
@@ -64,22 +81,22 @@ pub enum LbCommand {
     /// Add a node to the Raft group (learner, catch up, then voter).
     AddMember {
         /// Raft node id (never reused).
-        #[arg(long)]
+        #[arg(long, value_parser = node_id)]
         id: u64,
         /// Host name.
         #[arg(long, default_value = "")]
         name: String,
         /// Raft address, host:port.
-        #[arg(long)]
+        #[arg(long, value_parser = fields::host_port)]
         raft_address: String,
         /// API address, host:port.
-        #[arg(long)]
+        #[arg(long, value_parser = fields::host_port)]
         api_address: String,
         /// Node-local proxy address, host:port.
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", value_parser = proxy_address)]
         proxy_address: String,
         /// Zone.
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", value_parser = fields::zone)]
         zone: String,
         /// Keep it a learner.
         #[arg(long)]
@@ -102,6 +119,31 @@ pub enum LbCommand {
         #[arg(long)]
         to: Option<u64>,
     },
+}
+
+/// `--weight`: a number the LB's own check accepts.
+fn weight(s: &str) -> Result<u32, String> {
+    let w = s
+        .parse::<u32>()
+        .map_err(|_| "not a whole number".to_owned())?;
+    fields::weight(w)
+}
+
+/// `--id` of a new member: a number the LB's own check accepts.
+fn node_id(s: &str) -> Result<u64, String> {
+    let id = s
+        .parse::<u64>()
+        .map_err(|_| "not a whole number".to_owned())?;
+    fields::node_id(id)
+}
+
+/// `--proxy-address`: host:port, or empty for none.
+fn proxy_address(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Ok(String::new())
+    } else {
+        fields::host_port(s)
+    }
 }
 
 fn ts(t: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -459,12 +501,20 @@ impl LbCommand {
             } => {
                 let req = lb::AddBackendRequest {
                     id: id.clone(),
-                    address: address.clone(),
+                    address: address.to_string(),
                     zone: zone.clone(),
                     weight: *weight,
                     drained: *drained,
                 };
                 add_backend(svc, format, req).await
+            }
+            LbCommand::UpdateBackend { id, weight, zone } => {
+                let req = lb::UpdateBackendRequest {
+                    id: id.clone(),
+                    weight: *weight,
+                    zone: zone.clone(),
+                };
+                update_backend(svc, format, req).await
             }
             LbCommand::RemoveBackend { id } => remove_backend(svc, format, id).await,
             LbCommand::Members => members(svc, format).await,
@@ -703,6 +753,20 @@ async fn add_backend(
     print_backends(format, &[backend_view(&b)])
 }
 
+/// `lb update-backend ID [--weight W] [--zone Z]`.
+async fn update_backend(
+    svc: &Service<'_>,
+    format: OutputFormat,
+    req: lb::UpdateBackendRequest,
+) -> Result<(), CliError> {
+    let b = svc
+        .send(LoadBalancerClient::new, req, |mut c, r| async move {
+            c.update_backend(r).await
+        })
+        .await?;
+    print_backends(format, &[backend_view(&b)])
+}
+
 /// `lb remove-backend ID`.
 async fn remove_backend(svc: &Service<'_>, format: OutputFormat, id: &str) -> Result<(), CliError> {
     let req = lb::RemoveBackendRequest { id: id.to_owned() };
@@ -904,6 +968,125 @@ mod tests {
     use bulwark_api::time::duration_to_proto;
 
     use super::*;
+
+    fn parse(args: &[&str]) -> Result<LbCommand, clap::Error> {
+        use clap::Parser as _;
+        let cli =
+            crate::cli::Cli::try_parse_from(["bulwarkctl", "lb"].iter().chain(args).copied())?;
+        match cli.command {
+            crate::cli::Command::Lb(c) => Ok(c),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn refusal(args: &[&str]) -> String {
+        let e = parse(args).expect_err("refused");
+        assert_eq!(e.exit_code(), 2, "{e}");
+        e.to_string()
+    }
+
+    /// Backend and member flags are refused with the LB's own words before
+    /// anything connects (no context file is needed to learn of a typo).
+    #[test]
+    fn bad_backend_and_member_flags_are_refused_when_parsed() {
+        let e = refusal(&["add-backend", "cp-4", "--address", "10.0.0.14"]);
+        assert!(
+            e.contains("invalid value '10.0.0.14' for '--address <ADDRESS>': not an IP:port an apiserver listens on"),
+            "{e}"
+        );
+        let e = refusal(&["add-backend", "CP_4", "--address", "10.0.0.14:6443"]);
+        assert!(
+            e.contains("'CP_4' for '<ID>': not a valid backend id: expected a lowercase DNS name"),
+            "{e}"
+        );
+        let e = refusal(&[
+            "add-backend",
+            "cp-4",
+            "--address",
+            "10.0.0.14:6443",
+            "--weight",
+            "0",
+        ]);
+        assert!(
+            e.contains("'0' for '--weight <WEIGHT>': out of range: expected between 1 and 10000"),
+            "{e}"
+        );
+        let e = refusal(&["update-backend", "cp-4", "--weight", "heavy"]);
+        assert!(
+            e.contains("'heavy' for '--weight <WEIGHT>': not a whole number"),
+            "{e}"
+        );
+        let e = refusal(&["update-backend", "cp-4", "--zone", "zone a"]);
+        assert!(
+            e.contains("not a zone: at most 63 printable ASCII characters"),
+            "{e}"
+        );
+        let e = refusal(&["update-backend", "cp-4"]);
+        assert!(e.contains("--weight <WEIGHT>|--zone <ZONE>"), "{e}");
+        let member = [
+            "add-member",
+            "--raft-address",
+            "10.0.0.14:9441",
+            "--api-address",
+            "10.0.0.14:9442",
+        ];
+        let e = refusal(&[&member[..], &["--id", "0"]].concat());
+        assert!(
+            e.contains("'0' for '--id <ID>': not a node id: it must be greater than 0"),
+            "{e}"
+        );
+        let e = refusal(&[&member[..], &["--id", "4", "--proxy-address", "10.0.0.14"]].concat());
+        assert!(
+            e.contains("'10.0.0.14' for '--proxy-address <PROXY_ADDRESS>': not host:port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn good_backend_and_member_flags_become_the_requests_values() {
+        let add = parse(&[
+            "add-backend",
+            "cp-4.example",
+            "--address",
+            "[fd00::14]:6443",
+            "--weight",
+            "200",
+        ])
+        .unwrap();
+        assert!(
+            matches!(
+                add,
+                LbCommand::AddBackend { ref id, address, weight: Some(200), ref zone, drained: false }
+                    if id == "cp-4.example" && address.to_string() == "[fd00::14]:6443" && zone.is_empty()
+            ),
+            "{add:?}"
+        );
+        let update = parse(&["update-backend", "cp-4", "--zone", "zone-b"]).unwrap();
+        assert!(
+            matches!(
+                update,
+                LbCommand::UpdateBackend { ref id, weight: None, zone: Some(ref z) } if id == "cp-4" && z == "zone-b"
+            ),
+            "{update:?}"
+        );
+        let member = parse(&[
+            "add-member",
+            "--id",
+            "4",
+            "--raft-address",
+            "lb-4.example:9441",
+            "--api-address",
+            "10.0.0.14:9442",
+        ])
+        .unwrap();
+        assert!(
+            matches!(
+                member,
+                LbCommand::AddMember { id: 4, ref proxy_address, .. } if proxy_address.is_empty()
+            ),
+            "{member:?}"
+        );
+    }
 
     #[test]
     fn bgp_sessions_are_rendered_per_peer() {

@@ -485,6 +485,24 @@ async fn heavy_bulwarkctl_lb_commands() {
         ],
     )
     .await;
+    let updated = ctl(
+        &c,
+        &[
+            "update-backend",
+            "api-2",
+            "--weight",
+            "50",
+            "--zone",
+            "zone-b",
+        ],
+    )
+    .await;
+    assert_eq!(updated[0]["weight"], 50);
+    assert_eq!(updated[0]["zone"], "zone-b");
+    assert_eq!(updated[0]["address"], "127.0.0.1:9");
+    let backends = ctl(&c, &["backends", "--zone", "zone-b"]).await;
+    assert_eq!(backends[0]["id"], "api-2");
+    assert_eq!(backends[0]["weight"], 50);
     ctl(&c, &["remove-backend", "api-2"]).await;
     let backends = ctl(&c, &["backends"]).await;
     assert_eq!(backends.as_array().unwrap().len(), 1);

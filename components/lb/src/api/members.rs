@@ -10,8 +10,7 @@ use openraft::{ChangeMembers, RaftMetrics, ServerState};
 use tonic::Status;
 
 use super::convert::{failover_to_api, node_info};
-use super::{Api, voters, wait_metrics};
-use crate::config::valid_host_port;
+use super::{Api, fields, voters, wait_metrics};
 use crate::raft::NodeId;
 use crate::raft::membership::{JoinError, admit};
 use crate::raft::timers::PeerTimers;
@@ -105,27 +104,16 @@ pub async fn add(api: &Api, r: lb::AddMemberRequest) -> Result<lb::AddMemberResp
     let info = r
         .node
         .ok_or_else(|| Status::invalid_argument("field `node` is required"))?;
-    if info.id == 0 {
-        return Err(Status::invalid_argument(
-            "field `node.id` must be greater than 0",
-        ));
-    }
-    for (field, value) in [
+    fields::node_id(info.id).map_err(|why| fields::invalid("node.id", info.id, &why))?;
+    let mut addresses = vec![
         ("node.raft_address", &info.raft_address),
         ("node.api_address", &info.api_address),
-    ] {
-        if !valid_host_port(value) {
-            return Err(Status::invalid_argument(format!(
-                "field `{field}`: {} is not host:port",
-                super::clip(value)
-            )));
-        }
+    ];
+    if !info.proxy_address.is_empty() {
+        addresses.push(("node.proxy_address", &info.proxy_address));
     }
-    if !info.proxy_address.is_empty() && !valid_host_port(&info.proxy_address) {
-        return Err(Status::invalid_argument(format!(
-            "field `node.proxy_address`: {} is not host:port",
-            super::clip(&info.proxy_address)
-        )));
+    for (field, value) in addresses {
+        fields::host_port(value).map_err(|why| fields::invalid(field, super::clip(value), &why))?;
     }
     let timeout = match r.catch_up_timeout {
         None => Duration::from_secs(60),

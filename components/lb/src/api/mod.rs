@@ -14,6 +14,7 @@
 //! GetHealth shows it (leader only, where aggregation runs).
 
 mod convert;
+pub mod fields;
 mod members;
 mod reports;
 
@@ -36,9 +37,7 @@ use tonic::{Request, Response, Status};
 
 use self::convert::{backend_entry, backend_to_api, node_info};
 use crate::backends::{Backends, RoutingMode};
-use crate::config::{
-    BACKEND_ID_FORMAT, LbConfig, MAX_WEIGHT, VipConfig, VipMode, valid_backend_id,
-};
+use crate::config::{LbConfig, VipConfig, VipMode};
 use crate::health::HealthService;
 use crate::raft::network::ClusterId;
 use crate::raft::state::{ApplyError, LbState, command};
@@ -285,48 +284,26 @@ pub(crate) fn clip(value: &str) -> String {
 
 /// Request validation (pub for the fuzz targets): a backend id field.
 pub fn check_id(id: &str) -> Result<(), Status> {
-    if valid_backend_id(id) {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "field `id`: {} is not a valid backend id: {BACKEND_ID_FORMAT}",
-            clip(id)
-        )))
-    }
+    fields::backend_id(id)
+        .map(drop)
+        .map_err(|why| fields::invalid("id", clip(id), &why))
 }
 
 /// Request validation: a backend address field (IP:port, neither 0).
 pub fn check_address(address: &str) -> Result<SocketAddr, Status> {
-    match address.parse::<SocketAddr>() {
-        Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => Ok(a),
-        _ => Err(Status::invalid_argument(format!(
-            "field `address`: {} is not an IP:port an apiserver listens on (e.g. 10.0.0.11:6443)",
-            clip(address)
-        ))),
-    }
+    fields::backend_address(address).map_err(|why| fields::invalid("address", clip(address), &why))
 }
 
 /// Request validation: a weight field (1..=MAX_WEIGHT).
 pub fn check_weight(w: u32) -> Result<u32, Status> {
-    if (1..=MAX_WEIGHT).contains(&w) {
-        Ok(w)
-    } else {
-        Err(Status::invalid_argument(format!(
-            "field `weight`: {w} is out of range: expected between 1 and {MAX_WEIGHT}"
-        )))
-    }
+    fields::weight(w).map_err(|why| fields::invalid("weight", w, &why))
 }
 
 /// Request validation: a zone field (at most 63 printable ASCII).
 pub fn check_zone(zone: &str) -> Result<(), Status> {
-    if zone.len() <= 63 && zone.bytes().all(|b| b.is_ascii_graphic()) {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "field `zone`: {} must be at most 63 printable ASCII characters",
-            clip(zone)
-        )))
-    }
+    fields::zone(zone)
+        .map(drop)
+        .map_err(|why| fields::invalid("zone", clip(zone), &why))
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<lb::BackendSet, Status>> + Send>>;

@@ -733,7 +733,7 @@ impl Validate for BackupConfig {
 impl Validate for GrpcConfig {
     fn validate(&self, v: &mut Validator) {
         v.nested("access", &self.access);
-        check_tls(v, "tls", &self.tls);
+        v.nested("tls", &self.tls);
     }
 }
 
@@ -752,7 +752,7 @@ impl Validate for EtcdConfig {
             );
         }
         if let Some(tls) = &self.tls {
-            check_tls(v, "tls", tls);
+            v.nested("tls", tls);
         }
         let secs = Duration::from_secs;
         v.duration_in(
@@ -904,7 +904,7 @@ impl Validate for RestoreConfig {
             v.file_exists("etcdctl", etcdctl);
         }
         if let Some(tls) = &self.client_tls {
-            check_tls(v, "clientTls", tls);
+            v.nested("clientTls", tls);
         }
         v.duration_in(
             "stopTimeout",
@@ -1047,14 +1047,6 @@ fn check_listeners(v: &mut Validator, config: &BackupConfig) {
         ("admin.address", config.admin.address),
         ("grpc.address", config.grpc.address),
     ]);
-}
-
-fn check_tls(v: &mut Validator, field: &str, tls: &TlsFiles) {
-    v.at(field, |v| {
-        v.file_exists("certFile", &tls.cert_file);
-        v.file_exists("keyFile", &tls.key_file);
-        v.file_exists("caFile", &tls.ca_file);
-    });
 }
 
 // Building the daemon's parts from a validated config. These sit here, at

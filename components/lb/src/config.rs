@@ -1286,11 +1286,7 @@ impl Validate for LbConfig {
         );
         v.nested("raft", &self.raft);
         v.nested("api", &self.api);
-        v.at("tls", |v| {
-            v.file_exists("certFile", &self.tls.cert_file);
-            v.file_exists("keyFile", &self.tls.key_file);
-            v.file_exists("caFile", &self.tls.ca_file);
-        });
+        v.nested("tls", &self.tls);
         v.nested("access", &self.access);
         v.check(
             self.access.peers.is_some(),

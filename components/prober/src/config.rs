@@ -101,8 +101,9 @@ impl ComponentConfig for ProberConfig {
     /// that is its own. (Whether the LB's `access.probers` admits it is in
     /// the LB's config; its CA is the LB's, not necessarily `caFile`.)
     fn preflight(&self, v: &mut Validator) {
-        // Unreadable files are already reported by validation.
-        let Some(tls) = self.report.identity().filter(|t| t.load().is_ok()) else {
+        // A file validation found unreadable is not reported again (the
+        // loader drops a second error for the same field).
+        let Some(tls) = self.report.identity() else {
             return;
         };
         let want = CertUse {
@@ -455,14 +456,8 @@ impl Validate for ReportConfig {
                 }
             });
         }
-        if let Some(tls) = self.identity()
-            && v.reads_files()
-        {
-            v.at("tls", |v| {
-                if let Err(e) = tls.load() {
-                    v.error(e.to_string());
-                }
-            });
+        if let Some(tls) = self.identity() {
+            v.nested("tls", tls);
         }
         v.duration_in(
             "initialBackoff",
@@ -733,6 +728,21 @@ mod tests {
             e[1].starts_with("report.tls.certFile: ") && e[1].contains("lacks the clientAuth"),
             "{e:#?}"
         );
+
+        // A readable file that holds no certificate is named by its field.
+        let garbage = dir.path().join("garbage.crt");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        let text = std::fs::read_to_string(&file).unwrap().replace(
+            &server.cert_file.display().to_string(),
+            &garbage.display().to_string(),
+        );
+        std::fs::write(&file, text).unwrap();
+        let err =
+            bulwark_common::config::load_checked::<ProberConfig>(Some(&file), &Overrides::new())
+                .unwrap_err();
+        let e = err.messages();
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(e[0].starts_with("report.tls.certFile: "), "{e:#?}");
     }
 
     #[test]
@@ -812,7 +822,9 @@ mod tests {
             "tcp[0].address: \"nohost\" has no port",
             "tcp[1].address: \"h:0\" has an invalid port",
             "report.endpoints[1]: duplicate of endpoints[0]",
-            "report.tls: cannot read certificate /n/c",
+            "report.tls.certFile: cannot read /n/c",
+            "report.tls.keyFile: cannot read /n/k",
+            "report.tls.caFile: cannot read /n/ca",
         ];
         assert_eq!(errs.len(), expected_prefixes.len(), "{errs:#?}");
         for (e, p) in errs.iter().zip(expected_prefixes) {

@@ -36,7 +36,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::authz::IdentityRule;
-use crate::config::Validator;
+use crate::config::{Validate, Validator};
 
 pub mod reload;
 pub mod transport;
@@ -103,6 +103,16 @@ pub struct TlsFiles {
     pub key_file: PathBuf,
     /// PEM bundle of CAs trusted to have issued the other side's certificate.
     pub ca_file: PathBuf,
+}
+
+/// Field validation: each of the three files can be read (what they hold
+/// is the preflight's [`TlsFiles::check`]).
+impl Validate for TlsFiles {
+    fn validate(&self, v: &mut Validator) {
+        v.file_exists("certFile", &self.cert_file);
+        v.file_exists("keyFile", &self.key_file);
+        v.file_exists("caFile", &self.ca_file);
+    }
 }
 
 /// The files of one TLS identity whose expiry an operator watches: the

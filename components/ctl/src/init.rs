@@ -240,7 +240,11 @@ pub fn run_init(args: &InitArgs) -> Result<(), CliError> {
     check_all(&files)?;
     write_all(&args.out, &files, args.force)?;
     print_next_steps(&args.out, &cluster)?;
-    if let Some(w) = fault_tolerance_warning(cluster.nodes.len()) {
+    let warnings = [
+        fault_tolerance_warning(cluster.nodes.len()),
+        zone_majority_warning(&cluster.nodes),
+    ];
+    for w in warnings.into_iter().flatten() {
         eprintln!("warning: {w}");
     }
     Ok(())
@@ -370,15 +374,47 @@ fn vip_port_problem(port: u16) -> Option<String> {
 /// What a cluster of fewer than three nodes cannot survive. The LB's Raft
 /// group and kubeadm's stacked etcd each need a majority of the nodes.
 fn fault_tolerance_warning(nodes: usize) -> Option<String> {
-    (nodes < 3).then(|| {
-        format!(
+    let majority = nodes / 2 + 1;
+    if nodes < 3 {
+        return Some(format!(
             "{nodes} control-plane node{s}: the LB's Raft group and etcd each need a majority \
              ({majority} of {nodes}), so losing any one node stops the VIP and etcd; \
              three nodes survive the loss of one",
             s = if nodes == 1 { "" } else { "s" },
-            majority = nodes / 2 + 1,
+        ));
+    }
+    (nodes % 2 == 0).then(|| {
+        format!(
+            "{nodes} control-plane nodes: the LB's Raft group and etcd each need a majority \
+             ({majority} of {nodes}), so they survive the loss of {lost}, as {odd} nodes do; \
+             {odd} or {next} nodes would tolerate as much or more with no more members to keep \
+             in step",
+            lost = nodes - majority,
+            odd = nodes - 1,
+            next = nodes + 1,
         )
     })
+}
+
+/// A zone that holds a majority of the nodes takes the LB's Raft group
+/// and etcd down with it; only said when the nodes are spread over zones
+/// at all.
+fn zone_majority_warning(nodes: &[NodeDescription]) -> Option<String> {
+    let mut per_zone = std::collections::BTreeMap::<&str, usize>::new();
+    for n in nodes {
+        *per_zone.entry(n.zone.as_str()).or_default() += 1;
+    }
+    let majority = nodes.len() / 2 + 1;
+    if per_zone.len() < 2 {
+        return None;
+    }
+    let (zone, count) = per_zone.into_iter().find(|&(_, c)| c >= majority)?;
+    Some(format!(
+        "zone {zone} holds {count} of the {n} control-plane nodes, a majority: losing that \
+         zone stops the VIP and etcd; spread the nodes so that no zone holds a majority (one \
+         per zone over three zones)",
+        n = nodes.len(),
+    ))
 }
 
 /// Every file `init` writes, in order.
@@ -1243,6 +1279,40 @@ mod tests {
         let one = fault_tolerance_warning(1).unwrap();
         assert!(one.starts_with("1 control-plane node:"), "{one}");
         assert!(one.contains("(1 of 1)"), "{one}");
+    }
+
+    #[test]
+    fn an_even_count_and_a_zone_with_a_majority_are_warned_of() {
+        let four = fault_tolerance_warning(4).unwrap();
+        assert!(
+            four.contains("(3 of 4), so they survive the loss of 1, as 3 nodes do"),
+            "{four}"
+        );
+        assert!(
+            fault_tolerance_warning(6)
+                .unwrap()
+                .contains("loss of 2, as 5 nodes do")
+        );
+
+        let c = parse(&example()).unwrap();
+        assert_eq!(zone_majority_warning(&c.nodes), None, "one node per zone");
+        let two_in_a = parse(&example().replace("zone: zone-b", "zone: zone-a")).unwrap();
+        let w = zone_majority_warning(&two_in_a.nodes).unwrap();
+        assert!(
+            w.starts_with("zone zone-a holds 2 of the 3 control-plane nodes, a majority"),
+            "{w}"
+        );
+        let one_zone = parse(
+            &example()
+                .replace("zone: zone-b", "zone: zone-a")
+                .replace("zone: zone-c", "zone: zone-a"),
+        )
+        .unwrap();
+        assert_eq!(
+            zone_majority_warning(&one_zone.nodes),
+            None,
+            "no zones to spread over"
+        );
     }
 
     #[test]

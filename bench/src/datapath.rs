@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::stats::{cpu_seconds, loadavg, median, tool_version};
+use crate::stats::{cpu_seconds, loadavg, median, report_machine};
 
 use anyhow::{Context, bail};
 use bulwark_common::tls::TlsFiles;
@@ -308,9 +308,10 @@ pub(crate) fn wait_listening(p: &mut Proc, addr: SocketAddr) -> anyhow::Result<(
     bail!("{} is not listening on {addr} after 15 s", p.name)
 }
 
-/// One wrk run's figures.
+/// wrk's throughput and latency figures: one run's, or the medians of
+/// several.
 #[derive(Clone, Copy, Debug, Serialize)]
-struct Sample {
+struct Figures {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -319,6 +320,28 @@ struct Sample {
     avg_ms: f64,
     stdev_ms: f64,
     max_ms: f64,
+}
+
+impl Figures {
+    /// The median of each figure over `samples`.
+    fn median(samples: &[Sample]) -> Self {
+        let med = |f: fn(&Self) -> f64| median(samples.iter().map(|s| f(&s.figures)));
+        Self {
+            rps: med(|f| f.rps),
+            p50_ms: med(|f| f.p50_ms),
+            p99_ms: med(|f| f.p99_ms),
+            avg_ms: med(|f| f.avg_ms),
+            stdev_ms: med(|f| f.stdev_ms),
+            max_ms: med(|f| f.max_ms),
+        }
+    }
+}
+
+/// One wrk run's figures.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Sample {
+    #[serde(flatten)]
+    figures: Figures,
     errors: u64,
     /// CPU time (user + system, all threads) the contender's process spent
     /// per request during the run, µs; `None` for `direct`.
@@ -373,12 +396,14 @@ fn parse_wrk(out: &str) -> anyhow::Result<Sample> {
     }
     match (rps, p50, p99, stats) {
         (Some(rps), Some(p50_ms), Some(p99_ms), Some((avg_ms, stdev_ms, max_ms))) => Ok(Sample {
-            rps,
-            p50_ms,
-            p99_ms,
-            avg_ms,
-            stdev_ms,
-            max_ms,
+            figures: Figures {
+                rps,
+                p50_ms,
+                p99_ms,
+                avg_ms,
+                stdev_ms,
+                max_ms,
+            },
             errors,
             cpu_us_per_req: None,
         }),
@@ -390,14 +415,10 @@ fn parse_wrk(out: &str) -> anyhow::Result<Sample> {
 struct Row {
     workload: String,
     contender: String,
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    /// Median over the runs of each run's mean, standard deviation and
-    /// maximum latency, and the largest maximum of any run.
-    avg_ms: f64,
-    stdev_ms: f64,
-    max_ms: f64,
+    /// The median of each figure over the runs.
+    #[serde(flatten)]
+    median: Figures,
+    /// The largest maximum latency of any run.
     worst_max_ms: f64,
     errors: u64,
     rps_ratio_to_haproxy: Option<f64>,
@@ -410,10 +431,8 @@ struct Row {
 
 #[derive(Serialize)]
 struct Report {
-    date: String,
-    command: String,
-    machine: BTreeMap<String, String>,
-    settings: BTreeMap<String, String>,
+    #[serde(flatten)]
+    head: ReportHead,
     note: String,
     rows: Vec<Row>,
     idle_memory: Vec<IdleMemory>,
@@ -546,20 +565,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     let rows = rows(&samples, &names);
 
-    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let mut machine = crate::stats::machine();
-    machine.insert("haproxy".into(), tool_version("haproxy", "-v"));
-    machine.insert("wrk".into(), tool_version("wrk", "-v"));
+    let mut tools = vec![("haproxy", "-v"), ("wrk", "-v")];
     if args.backend == BackendKind::Nginx {
-        machine.insert("nginx".into(), tool_version("nginx", "-v"));
+        tools.push(("nginx", "-v"));
     }
-    machine.insert("loadavg_before".into(), load_before);
-    machine.insert("loadavg_after".into(), loadavg());
     let report = Report {
-        date: date.clone(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine,
-        settings: settings(args),
+        head: ReportHead::new(report_machine(&tools, load_before), settings(args)),
         note: format!(
             "bulwark = the bulwark-lb binary (a one-node cluster: Raft, store and API \
              running; the contender is its node-local listener), with the backends \
@@ -579,7 +590,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     publish(
         &args.out,
         args.no_write,
-        &date,
+        &report.head,
         &scenario,
         &markdown(&report),
         &report,
@@ -842,10 +853,10 @@ fn measure(
                     args.runs,
                     w.name,
                     target.name,
-                    s.rps,
-                    s.p50_ms,
-                    s.p99_ms,
-                    s.max_ms,
+                    s.figures.rps,
+                    s.figures.p50_ms,
+                    s.figures.p99_ms,
+                    s.figures.max_ms,
                     s.errors,
                     s.cpu_us_per_req
                         .map(|c| format!("{c:.1} µs/req"))
@@ -900,7 +911,7 @@ fn wrk(args: &Args, w: &Workload, target: &Target) -> anyhow::Result<Sample> {
     // slightly overstates the cost per request, the same way for every
     // contender.
     if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
-        let requests = s.rps * elapsed;
+        let requests = s.figures.rps * elapsed;
         if requests > 0.0 {
             s.cpu_us_per_req = Some((b - a) * 1e6 / requests);
         }
@@ -923,9 +934,8 @@ fn rows(samples: &Samples, names: &[String]) -> Vec<Row> {
                 .cloned()
                 .unwrap_or_default()
         };
-        let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f));
         let ha = get("haproxy");
-        let (ha_rps, ha_p99) = (med(&ha, |s| s.rps), med(&ha, |s| s.p99_ms));
+        let ha_median = Figures::median(&ha);
         let cpu = |v: &[Sample]| {
             let c: Vec<f64> = v.iter().filter_map(|s| s.cpu_us_per_req).collect();
             (!c.is_empty()).then(|| median(c))
@@ -933,22 +943,16 @@ fn rows(samples: &Samples, names: &[String]) -> Vec<Row> {
         let ha_cpu = cpu(&ha);
         for name in names {
             let v = get(name);
-            let rps = med(&v, |s| s.rps);
-            let p99 = med(&v, |s| s.p99_ms);
+            let m = Figures::median(&v);
             let is_ha = name == "haproxy";
             rows.push(Row {
                 workload: w.name.into(),
                 contender: name.clone(),
-                rps,
-                p50_ms: med(&v, |s| s.p50_ms),
-                p99_ms: p99,
-                avg_ms: med(&v, |s| s.avg_ms),
-                stdev_ms: med(&v, |s| s.stdev_ms),
-                max_ms: med(&v, |s| s.max_ms),
-                worst_max_ms: v.iter().map(|s| s.max_ms).fold(0.0, f64::max),
+                median: m,
+                worst_max_ms: v.iter().map(|s| s.figures.max_ms).fold(0.0, f64::max),
                 errors: v.iter().map(|s| s.errors).sum(),
-                rps_ratio_to_haproxy: (!is_ha).then(|| rps / ha_rps),
-                p99_ratio_to_haproxy: (!is_ha).then(|| p99 / ha_p99),
+                rps_ratio_to_haproxy: (!is_ha).then(|| m.rps / ha_median.rps),
+                p99_ratio_to_haproxy: (!is_ha).then(|| m.p99_ms / ha_median.p99_ms),
                 cpu_us_per_req: cpu(&v),
                 cpu_ratio_to_haproxy: match (is_ha, cpu(&v), ha_cpu) {
                     (false, Some(c), Some(h)) if h > 0.0 => Some(c / h),
@@ -1000,7 +1004,7 @@ fn settings(args: &Args) -> BTreeMap<String, String> {
 }
 
 fn markdown(r: &Report) -> String {
-    let mut s = markdown_head("datapath", &r.date, &r.command, &r.machine, &r.settings);
+    let mut s = r.head.markdown("datapath");
     let _ = writeln!(s, "Note: {}\n", r.note);
     let _ = writeln!(
         s,
@@ -1011,7 +1015,7 @@ fn markdown(r: &Report) -> String {
          /proc/<pid>/stat around each wrk run: it does not depend on what else the machine runs, \
          unlike throughput on a shared 2-core machine, where the load generator, the backends and \
          the proxy compete for the same cores.\n",
-        r.settings.get("runs").map(String::as_str).unwrap_or("?")
+        r.head.setting("runs")
     );
     let _ = writeln!(
         s,
@@ -1028,12 +1032,12 @@ fn markdown(r: &Report) -> String {
             "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} / {:.2} | {} | {} | {} | {} | {} |",
             row.workload,
             row.contender,
-            row.rps,
-            row.p50_ms,
-            row.p99_ms,
-            row.avg_ms,
-            row.stdev_ms,
-            row.max_ms,
+            row.median.rps,
+            row.median.p50_ms,
+            row.median.p99_ms,
+            row.median.avg_ms,
+            row.median.stdev_ms,
+            row.median.max_ms,
             row.worst_max_ms,
             row.errors,
             row.cpu_us_per_req
@@ -1073,11 +1077,12 @@ fn idle_memory_table(s: &mut String, rows: &[IdleMemory]) {
 }
 
 /// Prints a scenario's report (markdown) and, unless `no_write`, writes it
-/// as `<out>/<day>-<scenario>.md` and `.json`.
+/// as `<out>/<day>-<scenario>.md` and `.json`, `<day>` being the date of
+/// its `head`.
 pub(crate) fn publish(
     out: &std::path::Path,
     no_write: bool,
-    date: &str,
+    head: &ReportHead,
     scenario: &str,
     md: &str,
     report: &impl Serialize,
@@ -1087,7 +1092,7 @@ pub(crate) fn publish(
         return Ok(());
     }
     std::fs::create_dir_all(out)?;
-    let day = &date[..10];
+    let day = &head.date[..10];
     let md_path = out.join(format!("{day}-{scenario}.md"));
     let json_path = out.join(format!("{day}-{scenario}.json"));
     std::fs::write(&md_path, md)?;
@@ -1096,20 +1101,46 @@ pub(crate) fn publish(
     Ok(())
 }
 
-/// A scenario report's first lines: title and date, command, machine,
-/// settings.
-pub(crate) fn markdown_head(
-    scenario: &str,
-    date: &str,
-    command: &str,
-    machine: &BTreeMap<String, String>,
-    settings: &BTreeMap<String, String>,
-) -> String {
-    format!(
-        "# {scenario} — {date}\n\nCommand: `{command}`\n\nMachine: {}\n\nSettings: {}\n\n",
-        kv(machine),
-        kv(settings)
-    )
+/// The head of a scenario's report: when, by which command and on what
+/// machine it ran, with which settings.
+#[derive(Serialize)]
+pub(crate) struct ReportHead {
+    date: String,
+    command: String,
+    machine: BTreeMap<String, String>,
+    settings: BTreeMap<String, String>,
+}
+
+impl ReportHead {
+    /// The head of a report made now by this process's command line.
+    pub(crate) fn new(
+        machine: BTreeMap<String, String>,
+        settings: BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            machine,
+            settings,
+        }
+    }
+
+    /// The value of setting `key`, `?` when there is none.
+    pub(crate) fn setting(&self, key: &str) -> &str {
+        self.settings.get(key).map(String::as_str).unwrap_or("?")
+    }
+
+    /// The report's first lines in markdown: title and date, command,
+    /// machine, settings.
+    pub(crate) fn markdown(&self, scenario: &str) -> String {
+        format!(
+            "# {scenario} — {}\n\nCommand: `{}`\n\nMachine: {}\n\nSettings: {}\n\n",
+            self.date,
+            self.command,
+            kv(&self.machine),
+            kv(&self.settings)
+        )
+    }
 }
 
 pub(crate) fn kv(m: &BTreeMap<String, String>) -> String {
@@ -1142,13 +1173,13 @@ Requests/sec:   1234.56
 Transfer/sec:    100.00KB
 ";
         let s = parse_wrk(out).unwrap();
-        assert_eq!(s.rps, 1234.56);
-        assert!((s.p50_ms - 0.52).abs() < 1e-9);
-        assert!((s.p99_ms - 2.5).abs() < 1e-9);
+        assert_eq!(s.figures.rps, 1234.56);
+        assert!((s.figures.p50_ms - 0.52).abs() < 1e-9);
+        assert!((s.figures.p99_ms - 2.5).abs() < 1e-9);
         assert_eq!(s.errors, 6);
-        assert!((s.avg_ms - 0.63106).abs() < 1e-9);
-        assert!((s.stdev_ms - 0.21809).abs() < 1e-9);
-        assert!((s.max_ms - 5.36).abs() < 1e-9);
+        assert!((s.figures.avg_ms - 0.63106).abs() < 1e-9);
+        assert!((s.figures.stdev_ms - 0.21809).abs() < 1e-9);
+        assert!((s.figures.max_ms - 5.36).abs() < 1e-9);
         assert!(parse_wrk("garbage").is_err());
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
         assert!(!whole_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"));

@@ -35,7 +35,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bulwark_lb::config::MemberConfig;
@@ -44,8 +44,8 @@ use bulwark_testkit::{Pki, cluster, config};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::datapath::{free_port, markdown_head, publish};
-use crate::stats::{loadavg, machine, median, tool_version};
+use crate::datapath::{ReportHead, free_port, publish};
+use crate::stats::{loadavg, median, report_machine};
 
 const ZONES: [&str; 3] = ["a", "b", "c"];
 /// Longest a trial waits for a front to react.
@@ -108,19 +108,14 @@ struct Row {
 
 #[derive(Serialize)]
 struct Report {
-    date: String,
-    command: String,
-    machine: BTreeMap<String, String>,
-    settings: BTreeMap<String, String>,
+    #[serde(flatten)]
+    head: ReportHead,
     rows: Vec<Row>,
     trials: Vec<Trial>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
+    crate::runtime::two_workers()
         .context("starting the runtime")?
         .block_on(run_async(args))
 }
@@ -482,23 +477,18 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     }
     let rows = rows(&trials);
 
-    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let mut machine = machine();
-    machine.insert("haproxy".into(), tool_version("haproxy", "-v"));
-    machine.insert("loadavg_before".into(), load_before);
-    machine.insert("loadavg_after".into(), loadavg());
     let report = Report {
-        date: date.clone(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine,
-        settings: settings(args),
+        head: ReportHead::new(
+            report_machine(&[("haproxy", "-v")], load_before),
+            settings(args),
+        ),
         rows,
         trials,
     };
     publish(
         &args.out,
         args.no_write,
-        &date,
+        &report.head,
         "detection",
         &markdown(&report),
         &report,
@@ -690,7 +680,7 @@ fn settings(args: &Args) -> BTreeMap<String, String> {
 }
 
 fn markdown(r: &Report) -> String {
-    let mut s = markdown_head("detection", &r.date, &r.command, &r.machine, &r.settings);
+    let mut s = r.head.markdown("detection");
     let _ = writeln!(
         s,
         "Time from the signal to the front taking the backend out of rotation \
@@ -699,7 +689,7 @@ fn markdown(r: &Report) -> String {
          new-connection requests through the front that failed during the trials. \
          Last served: the last new request the shutting-down backend served after \
          the signal (graceful only).\n",
-        r.settings.get("trials").map(String::as_str).unwrap_or("?")
+        r.head.setting("trials")
     );
     let _ = writeln!(
         s,

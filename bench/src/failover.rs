@@ -13,7 +13,7 @@
 //! checks describe the same thing.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use bulwark_testkit::cluster::lab::{LbLab, Sampler, measure_gap};
 
-use crate::stats::{kernel, machine_summary, median, ms, percentile};
+use crate::stats::{kernel, machine_summary, median, ms, ms_cell, percentile};
 
 /// Flags of `bulwark-bench failover`.
 #[derive(clap::Args)]
@@ -157,13 +157,54 @@ struct Soak {
     failed_connects: u64,
 }
 
+/// The head of a lab scenario's report: which scenario, by which command,
+/// on what machine (in one line) and kernel, and when.
+#[derive(Serialize)]
+pub(crate) struct LabReportHead {
+    pub(crate) scenario: &'static str,
+    pub(crate) command: String,
+    pub(crate) machine: String,
+    pub(crate) kernel: String,
+    pub(crate) date: String,
+}
+
+impl LabReportHead {
+    /// The head of `scenario`'s report, made now by this process's command
+    /// line.
+    pub(crate) fn new(scenario: &'static str) -> Self {
+        Self {
+            scenario,
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            machine: machine_summary(),
+            kernel: kernel(),
+            date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        }
+    }
+
+    /// Writes the report it heads, `report` and its markdown `md`, as
+    /// `<out_dir>/<day>-<scenario>.json` and `.md`, and prints `md`.
+    pub(crate) fn write(
+        &self,
+        out_dir: &Path,
+        md: &str,
+        report: &impl Serialize,
+    ) -> anyhow::Result<()> {
+        std::fs::create_dir_all(out_dir)?;
+        let stem = out_dir.join(format!("{}-{}", &self.date[..10], self.scenario));
+        std::fs::write(
+            stem.with_extension("json"),
+            serde_json::to_string_pretty(report)?,
+        )?;
+        std::fs::write(stem.with_extension("md"), md)?;
+        println!("{md}");
+        Ok(())
+    }
+}
+
 #[derive(Serialize)]
 struct Report {
-    scenario: &'static str,
-    command: String,
-    machine: String,
-    kernel: String,
-    date: String,
+    #[serde(flatten)]
+    head: LabReportHead,
     soak: Option<Soak>,
     /// The LB nodes' control threads: `SCHED_RR` (`--realtime`) or
     /// ordinary (the default `realtimePriority: 0`).
@@ -201,11 +242,7 @@ fn summary(mut v: Vec<f64>) -> Summary {
 
 /// Runs the scenario.
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+    crate::runtime::two_workers()?.block_on(run_async(args))
 }
 
 async fn run_async(args: &Args) -> anyhow::Result<()> {
@@ -285,13 +322,8 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
     burners.stop();
     let w = sampler.finish();
 
-    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let report = Report {
-        scenario: "failover",
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine: machine_summary(),
-        kernel: kernel(),
-        date: date.clone(),
+        head: LabReportHead::new("failover"),
         gap: summary(trials.iter().map(|t| t.gap_ms).collect()),
         time_to_detect: summary(trials.iter().filter_map(|t| t.time_to_detect_ms).collect()),
         time_to_move: summary(trials.iter().filter_map(|t| t.time_to_move_ms).collect()),
@@ -306,14 +338,9 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         trial_load_average,
         trials,
     };
-    std::fs::create_dir_all(&args.out_dir)?;
-    let stem = args.out_dir.join(format!("{}-failover", &date[..10]));
-    std::fs::write(
-        stem.with_extension("json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    std::fs::write(stem.with_extension("md"), markdown(&report))?;
-    println!("{}", markdown(&report));
+    report
+        .head
+        .write(&args.out_dir, &markdown(&report), &report)?;
     if report.double_holder_samples > 0 {
         bail!(
             "the witnesses saw two VIP holders: {:?} {:?}",
@@ -467,12 +494,20 @@ impl Burners {
 
 fn markdown(r: &Report) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "# Failover: leader link cut, arp mode ({})\n", r.date);
-    let _ = writeln!(s, "Machine: {} (kernel {}).\n", r.machine, r.kernel);
+    let _ = writeln!(
+        s,
+        "# Failover: leader link cut, arp mode ({})\n",
+        r.head.date
+    );
+    let _ = writeln!(
+        s,
+        "Machine: {} (kernel {}).\n",
+        r.head.machine, r.head.kernel
+    );
     let _ = writeln!(
         s,
         "Command: `{}` (as root, after `cargo build --release -p bulwark-lb -p bulwark-bench`).\n",
-        r.command
+        r.head.command
     );
     let _ = writeln!(
         s,
@@ -543,7 +578,6 @@ fn markdown(r: &Report) -> String {
         "| trial | from | to | gap | detect | move |\n|---|---|---|---|---|---|"
     );
     for t in &r.trials {
-        let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
         let _ = writeln!(
             s,
             "| {} | h{} | h{} | {:.0} ms | {} | {} |",
@@ -551,8 +585,8 @@ fn markdown(r: &Report) -> String {
             t.from_host,
             t.to_host,
             t.gap_ms,
-            f(t.time_to_detect_ms),
-            f(t.time_to_move_ms)
+            ms_cell(t.time_to_detect_ms),
+            ms_cell(t.time_to_move_ms)
         );
     }
     s

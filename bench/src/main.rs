@@ -13,6 +13,7 @@ mod detection;
 mod failover;
 mod probecost;
 mod restore;
+mod runtime;
 mod stats;
 mod suite;
 mod upgrade;

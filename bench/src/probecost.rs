@@ -18,14 +18,14 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bulwark_testkit::config;
 use serde::Serialize;
 
-use crate::datapath::{free_port, markdown_head, publish, spawn, wait_listening};
-use crate::stats::{cpu_seconds, loadavg, machine, median};
+use crate::datapath::{ReportHead, free_port, publish, spawn, wait_listening};
+use crate::stats::{cpu_seconds, loadavg, median, report_machine};
 
 /// Flags of `bulwark-bench probe-cost`.
 #[derive(clap::Args)]
@@ -76,10 +76,8 @@ struct Row {
 
 #[derive(Serialize)]
 struct Report {
-    date: String,
-    command: String,
-    machine: BTreeMap<String, String>,
-    settings: BTreeMap<String, String>,
+    #[serde(flatten)]
+    head: ReportHead,
     rows: Vec<Row>,
 }
 
@@ -199,10 +197,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let mut machine = machine();
-    machine.insert("loadavg_before".into(), load_before);
-    machine.insert("loadavg_after".into(), loadavg());
+    let machine = report_machine(&[], load_before);
     let settings: BTreeMap<String, String> = [
         (
             "duration",
@@ -220,16 +215,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let report = Report {
-        date: date.clone(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine,
-        settings,
+        head: ReportHead::new(machine, settings),
         rows,
     };
     publish(
         &args.out,
         args.no_write,
-        &date,
+        &report.head,
         "probe-cost",
         &markdown(&report),
         &report,
@@ -300,12 +292,12 @@ fn measure(
 }
 
 fn markdown(r: &Report) -> String {
-    let mut s = markdown_head("probe-cost", &r.date, &r.command, &r.machine, &r.settings);
+    let mut s = r.head.markdown("probe-cost");
     let _ = writeln!(
         s,
         "CPU of the bulwark-prober process and of the probed HTTPS servers \
          (one process for all targets), % of one core; medians of {} alternating runs.\n",
-        r.settings.get("runs").map(String::as_str).unwrap_or("?")
+        r.head.setting("runs")
     );
     let _ = writeln!(
         s,

@@ -5,9 +5,9 @@
 //!   ones for an even count, NaN (written `null` in JSON) for none;
 //! - [`percentile`]: nearest rank (the smallest sample with at least p % of
 //!   the samples at or below it), NaN for none;
-//! - [`machine`], [`machine_summary`], [`loadavg`], [`load_1m`]: what ran the
-//!   benchmark and how busy it was (other work on the machine is the largest
-//!   source of noise, so every report says);
+//! - [`machine`], [`report_machine`], [`machine_summary`], [`loadavg`],
+//!   [`load_1m`]: what ran the benchmark and how busy it was (other work on
+//!   the machine is the largest source of noise, so every report says);
 //! - [`cpu_seconds`]: CPU time a process has used, for CPU-per-request and
 //!   CPU-per-GiB figures.
 //!
@@ -51,6 +51,20 @@ pub fn machine() -> BTreeMap<String, String> {
     m.insert("cores".into(), cores().to_string());
     m.insert("memory".into(), format!("{} GiB", memory_gib()));
     m.insert("kernel".into(), kernel());
+    m
+}
+
+/// The machine as a scenario's report describes it: [`machine`], the
+/// version of each tool in `tools` (a program and the flag that makes it
+/// print its version, keyed by the program), and the load averages before
+/// the run (`load_before`, from [`loadavg`]) and now, after it.
+pub fn report_machine(tools: &[(&str, &str)], load_before: String) -> BTreeMap<String, String> {
+    let mut m = machine();
+    for &(prog, arg) in tools {
+        m.insert(prog.into(), tool_version(prog, arg));
+    }
+    m.insert("loadavg_before".into(), load_before);
+    m.insert("loadavg_after".into(), loadavg());
     m
 }
 
@@ -117,6 +131,12 @@ pub fn tool_version(prog: &str, arg: &str) -> String {
 /// A duration in milliseconds, the unit every report gives times in.
 pub fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// An optional time in milliseconds as reports and progress lines show
+/// it: rounded to whole milliseconds (`12 ms`), `-` when there is none.
+pub fn ms_cell(v: Option<f64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v:.0} ms"))
 }
 
 /// Serializes a duration as [`ms`] (`#[serde(serialize_with = ...)]`).

@@ -27,14 +27,15 @@ mod steps;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 
 use bulwark_testkit::cluster::lab::{LbLab, Stack};
 
-use crate::stats::{kernel, loadavg, machine_summary, median};
+use crate::failover::LabReportHead;
+use crate::stats::{loadavg, median};
 use load::Load;
 use steps::{MixedCheck, Step, Upgrade};
 
@@ -63,11 +64,8 @@ pub struct Args {
 
 #[derive(Serialize)]
 struct Report {
-    scenario: &'static str,
-    command: String,
-    machine: String,
-    kernel: String,
-    date: String,
+    #[serde(flatten)]
+    head: LabReportHead,
     load_average_before: String,
     load_average_after: String,
     old_lb: String,
@@ -94,11 +92,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     anyhow::ensure!(args.trials > 0, "--trials must be at least 1");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+    crate::runtime::two_workers()?.block_on(run_async(args))
 }
 
 async fn run_async(args: &Args) -> anyhow::Result<()> {
@@ -129,13 +123,8 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         return Err(e);
     }
 
-    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let report = Report {
-        scenario: "rolling-upgrade",
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        machine: machine_summary(),
-        kernel: kernel(),
-        date: date.clone(),
+        head: LabReportHead::new("rolling-upgrade"),
         load_average_before: load_before,
         load_average_after: loadavg(),
         old_lb: old.display().to_string(),
@@ -149,16 +138,9 @@ async fn run_async(args: &Args) -> anyhow::Result<()> {
         mixed_checks: std::mem::take(&mut up.mixed),
         error_log_lines: errors,
     };
-    std::fs::create_dir_all(&args.out_dir)?;
-    let stem = args
-        .out_dir
-        .join(format!("{}-rolling-upgrade", &date[..10]));
-    std::fs::write(
-        stem.with_extension("json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    std::fs::write(stem.with_extension("md"), markdown(&report))?;
-    println!("{}", markdown(&report));
+    report
+        .head
+        .write(&args.out_dir, &markdown(&report), &report)?;
     if report.double_holder_samples > 0 {
         bail!("the witnesses saw two VIP holders during the upgrade");
     }
@@ -181,15 +163,15 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(
         s,
         "# Rolling upgrade and rollback under load ({})\n",
-        r.date
+        r.head.date
     );
-    let _ = writeln!(s, "Machine: {} (kernel {}).", r.machine, r.kernel);
+    let _ = writeln!(s, "Machine: {} (kernel {}).", r.head.machine, r.head.kernel);
     let _ = writeln!(
         s,
         "Load average (1, 5, 15 min) before: {}; after: {}. The machine is shared with other builds and benches, so absolute times carry their noise.\n",
         r.load_average_before, r.load_average_after
     );
-    let _ = writeln!(s, "Command: `{}` (as root).\n", r.command);
+    let _ = writeln!(s, "Command: `{}` (as root).\n", r.head.command);
     let _ = writeln!(
         s,
         "Old: `{}` ({}). New: `{}` ({}).\n",
@@ -253,10 +235,10 @@ fn summary_table(s: &mut String, r: &Report) {
             s,
             "| {phase}: {kind} | {} | {} | {} | {} | {} | {} | {} |",
             v.len(),
-            med_max(&|x| Some(x.connect_gap_ms)),
-            med_max(&|x| Some(x.request_gap_ms)),
-            v.iter().map(|x| x.failed_connects).sum::<usize>(),
-            v.iter().map(|x| x.failed_requests).sum::<usize>(),
+            med_max(&|x| Some(x.window.connect_gap_ms)),
+            med_max(&|x| Some(x.window.request_gap_ms)),
+            v.iter().map(|x| x.window.failed_connects).sum::<usize>(),
+            v.iter().map(|x| x.window.failed_requests).sum::<usize>(),
             med_max(&|x| x.caught_up_ms),
             v.iter().filter(|x| x.leader_changed).count(),
         );

@@ -762,15 +762,51 @@ async fn probers_kept_reporting(plane: &Plane, before: &[u64]) {
     }
 }
 
+/// What a rotation runs under and is checked against: the probers'
+/// sequences, a watch stream and the logs' lengths from before it, and the
+/// load.
+struct UnderLoad {
+    reported: Vec<u64>,
+    watch: tonic::Streaming<lb::BackendSet>,
+    marks: Vec<usize>,
+    load: Load,
+}
+
+impl UnderLoad {
+    /// Waits for every prober to report and for the backup leader to
+    /// record, opens the watch, marks the logs, starts the load and lets
+    /// it run for a second.
+    async fn start(plane: &Plane) -> Self {
+        let reported = prober_sequences(plane).await;
+        backup_leader_records(plane).await;
+        let watch = open_watch(plane).await;
+        let marks = log_marks(plane);
+        let load = Load::start(plane).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Self {
+            reported,
+            watch,
+            marks,
+            load,
+        }
+    }
+
+    /// Stops the load and checks that nothing failed during `step`, the
+    /// probers kept reporting, the watch still delivers and no peer
+    /// connection failed.
+    async fn stop_and_check(mut self, plane: &Plane, step: &str) {
+        let totals = self.load.stop().await;
+        assert_nothing_failed(&totals, step);
+        probers_kept_reporting(plane, &self.reported).await;
+        watch_still_delivers(plane, &mut self.watch).await;
+        no_peer_failures_since(plane, &self.marks);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_every_certificate_rotates_under_load_and_a_corrupt_one_is_refused() {
     let plane = Plane::start().await;
-    let reported = prober_sequences(&plane).await;
-    backup_leader_records(&plane).await;
-    let mut watch = open_watch(&plane).await;
-    let marks = log_marks(&plane);
-    let load = Load::start(&plane).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let under_load = UnderLoad::start(&plane).await;
 
     // Every certificate and key, renewed in place with new keys.
     let before = all_reloads(&plane).await;
@@ -805,11 +841,7 @@ async fn heavy_every_certificate_rotates_under_load_and_a_corrupt_one_is_refused
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let totals = load.stop().await;
-    assert_nothing_failed(&totals, "rotation");
-    probers_kept_reporting(&plane, &reported).await;
-    watch_still_delivers(&plane, &mut watch).await;
-    no_peer_failures_since(&plane, &marks);
+    under_load.stop_and_check(&plane, "rotation").await;
     // Those two were refused, and nothing else was. (A backup instance
     // follows its files twice: as its server's and as its peer client's.)
     let corrupted = [
@@ -828,12 +860,7 @@ async fn heavy_every_certificate_rotates_under_load_and_a_corrupt_one_is_refused
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_the_ca_rotates_through_a_two_ca_bundle_under_load() {
     let plane = Plane::start().await;
-    let reported = prober_sequences(&plane).await;
-    backup_leader_records(&plane).await;
-    let mut watch = open_watch(&plane).await;
-    let marks = log_marks(&plane);
-    let load = Load::start(&plane).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let under_load = UnderLoad::start(&plane).await;
     // Every daemon and the operator read one bundle here (each node's
     // /etc/kubernetes/pki/ca.crt in a real cluster).
     let bundle = plane.pki().ca_path().to_owned();
@@ -860,11 +887,7 @@ async fn heavy_the_ca_rotates_through_a_two_ca_bundle_under_load() {
     wait_applied(&plane, &before, "3. new CA only").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let totals = load.stop().await;
-    assert_nothing_failed(&totals, "CA rotation");
-    probers_kept_reporting(&plane, &reported).await;
-    watch_still_delivers(&plane, &mut watch).await;
-    no_peer_failures_since(&plane, &marks);
+    under_load.stop_and_check(&plane, "CA rotation").await;
 
     // Only the new CA is trusted now: servers present certificates of the
     // new CA (the operator trusts nothing else), and a client certificate

@@ -33,7 +33,7 @@ use serde::Serialize;
 
 use super::load::{Event, Kind};
 use super::{Contender, Marker, Params, Scenario};
-use crate::stats::percentile;
+use crate::stats::{ms_cell, percentile};
 
 /// What one run produced.
 pub struct Input<'a> {
@@ -119,7 +119,6 @@ pub struct RunResult {
 impl RunResult {
     /// A progress line.
     pub fn one_line(&self) -> String {
-        let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
         format!(
             "gap {:.0} ms, failed req {}/{}, failed conn {}/{}, watches lost {} (all back {}), detect {}, VIP moved {}",
             self.gap_ms,
@@ -128,9 +127,9 @@ impl RunResult {
             self.failed_connects,
             self.connects_after_fault,
             self.watch_streams_lost,
-            f(self.watch_all_back_ms),
-            f(self.time_to_detect_ms),
-            f(self.vip_moved_ms),
+            ms_cell(self.watch_all_back_ms),
+            ms_cell(self.time_to_detect_ms),
+            ms_cell(self.vip_moved_ms),
         )
     }
 }

@@ -41,7 +41,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::load::{self, Event, Kind, now_ns};
-use super::report::FailedRun;
+use super::report::{self, FailedRun};
 use super::{Contender, LoadSpec, Marker, Scenario, Topology, ZONES};
 
 /// The goaway chance of the runs with it on, unless `--goaway-chance`
@@ -566,38 +566,30 @@ pub fn plot(path: &std::path::Path, runs: &[DistributionResult]) -> anyhow::Resu
         * 1.1;
     let colors = [BLUE, RED, RGBColor(0, 150, 0)];
     for (area, r) in panels.iter().zip(runs) {
-        let mut chart = ChartBuilder::on(area)
-            .caption(
-                format!(
-                    "distribution — {}, goaway-chance {}",
-                    r.contender.key(),
-                    r.goaway_chance
-                ),
-                ("sans-serif", 15),
-            )
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(55)
-            .build_cartesian_2d(x0..x1, 0f64..ymax)?;
-        chart
-            .configure_mesh()
-            .x_desc("s from the SIGKILL")
-            .y_desc("live connections")
-            .draw()?;
-        for (k, color) in colors.iter().enumerate() {
-            let color = *color;
-            chart
-                .draw_series(LineSeries::new(
-                    r.series
-                        .iter()
-                        .filter_map(|p| p.active[k].map(|a| (p.t_s, a as f64))),
-                    color.stroke_width(2),
-                ))?
-                .label(format!("api-{}", ZONES[k]))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        let caption = format!(
+            "distribution — {}, goaway-chance {}",
+            r.contender.key(),
+            r.goaway_chance
+        );
+        let mut chart = report::panel(
+            area,
+            &caption,
+            x0..x1,
+            ymax,
+            ("s from the SIGKILL", "live connections"),
+        )?;
+        for (k, color) in colors.into_iter().enumerate() {
+            report::line(
+                &mut chart,
+                format!("api-{}", ZONES[k]),
+                color,
+                r.series
+                    .iter()
+                    .filter_map(|p| p.active[k].map(|a| (p.t_s, a as f64))),
+            )?;
         }
         let kill = r.markers.first().map_or(0, |m| m.at_ns);
-        super::report::markers_and_legend(&mut chart, &r.markers, kill, ymax)?;
+        report::markers_and_legend(&mut chart, &r.markers, kill, ymax)?;
     }
     root.present()?;
     Ok(())

@@ -571,11 +571,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "the descriptor limit is {nofile}: too low for {} watchers",
         args.watchers
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+    crate::runtime::two_workers()?.block_on(run_async(args))
 }
 
 async fn run_async(args: Args) -> anyhow::Result<()> {

@@ -626,11 +626,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         nofile >= needed,
         "the descriptor limit is {nofile}, the reconnect storm needs about {needed}: raise ulimit -n (as root the suite raises it itself)"
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+    crate::runtime::two_workers()?.block_on(run_async(args))
 }
 
 async fn run_async(args: &Args) -> anyhow::Result<()> {

@@ -8,9 +8,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::ops::Range;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use plotters::coord::Shift;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::Serialize;
@@ -18,6 +20,7 @@ use serde::Serialize;
 use super::analysis::{Latency, RunResult};
 use super::distribution::{self, DistParams, DistributionResult};
 use super::{Args, Contender, Params, Scenario};
+use crate::stats::ms_cell;
 
 /// How `cargo xtask bench` tells the suite the command it was given, for
 /// the report.
@@ -281,7 +284,6 @@ impl Report {
             *s,
             "| scenario | front | gap | failed req | failed conn | watches lost | all back | detect | VIP moved | two holders | p50/p99 before | during | after |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
-        let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
         for sc in self.scenarios() {
             for r in self.runs_of(sc) {
                 let back = match (r.watch_never_back, r.watch_all_back_ms) {
@@ -305,8 +307,8 @@ impl Report {
                     r.watch_streams_lost,
                     r.watchers,
                     back,
-                    f(r.time_to_detect_ms),
-                    f(r.vip_moved_ms),
+                    ms_cell(r.time_to_detect_ms),
+                    ms_cell(r.vip_moved_ms),
                     r.two_holders_ms,
                     latency_cell(&r.latency_before),
                     latency_cell(&r.latency_during),
@@ -361,7 +363,6 @@ impl Report {
             *s,
             "\n## bulwark, bgp mode beside arp mode (same run)\n\n| scenario | gap bgp / arp | failed conn bgp, arp | failed req bgp, arp | watch streams all back, bgp / arp | route moved | two routes | detect bgp, arp |\n|---|---|---|---|---|---|---|---|"
         );
-        let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
         for (sc, g, a) in pairs {
             let _ = writeln!(
                 *s,
@@ -379,10 +380,10 @@ impl Report {
                 a.failed_requests,
                 a.requests_after_fault,
                 back_ratio(g, a),
-                f(g.route_moved_ms),
-                f(g.two_routes_ms),
-                f(g.time_to_detect_ms),
-                f(a.time_to_detect_ms),
+                ms_cell(g.route_moved_ms),
+                ms_cell(g.two_routes_ms),
+                ms_cell(g.time_to_detect_ms),
+                ms_cell(a.time_to_detect_ms),
             );
         }
     }
@@ -504,25 +505,19 @@ fn plot(path: &Path, scenario: Scenario, runs: &[&RunResult]) -> anyhow::Result<
         * 1.1;
     for (area, r) in panels.iter().zip(runs) {
         let fault = r.markers.first().map_or(0, |m| m.at_ns);
-        let mut chart = ChartBuilder::on(area)
-            .caption(
-                format!(
-                    "{} — {}: {}",
-                    scenario.key(),
-                    r.contender.key(),
-                    scenario.describe()
-                ),
-                ("sans-serif", 15),
-            )
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(55)
-            .build_cartesian_2d(x0..x1, 0f64..ymax)?;
-        chart
-            .configure_mesh()
-            .x_desc("s from the first fault")
-            .y_desc("per second")
-            .draw()?;
+        let caption = format!(
+            "{} — {}: {}",
+            scenario.key(),
+            r.contender.key(),
+            scenario.describe()
+        );
+        let mut chart = panel(
+            area,
+            &caption,
+            x0..x1,
+            ymax,
+            ("s from the first fault", "per second"),
+        )?;
         let series: [(&str, RGBColor, BucketValue); 3] = [
             ("requests ok/s", BLUE, |b| b.ok_rps),
             ("failed requests+connects/s", RED, |b| b.failed_rps),
@@ -531,13 +526,12 @@ fn plot(path: &Path, scenario: Scenario, runs: &[&RunResult]) -> anyhow::Result<
             }),
         ];
         for (label, color, value) in series {
-            chart
-                .draw_series(LineSeries::new(
-                    r.series.iter().map(|b| (b.t_s, value(b))),
-                    color.stroke_width(2),
-                ))?
-                .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            line(
+                &mut chart,
+                label,
+                color,
+                r.series.iter().map(|b| (b.t_s, value(b))),
+            )?;
         }
         markers_and_legend(&mut chart, &r.markers, fault, ymax)?;
     }
@@ -545,10 +539,53 @@ fn plot(path: &Path, scenario: Scenario, runs: &[&RunResult]) -> anyhow::Result<
     Ok(())
 }
 
+/// A plot panel: seconds across, a figure up.
+pub(super) type Chart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A panel on `area` with `caption` above it, `x` (seconds) across and 0
+/// to `ymax` up, its mesh drawn with the axis descriptions `x_desc` and
+/// `y_desc`.
+pub(super) fn panel<'a, 'b: 'a>(
+    area: &DrawingArea<SVGBackend<'b>, Shift>,
+    caption: &str,
+    x: Range<f64>,
+    ymax: f64,
+    (x_desc, y_desc): (&str, &str),
+) -> anyhow::Result<Chart<'a, 'b>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 15))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(55)
+        .build_cartesian_2d(x, 0f64..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()?;
+    Ok(chart)
+}
+
+/// Draws `points` on a panel as a 2-pixel `color` line with the legend
+/// entry `label`.
+pub(super) fn line<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    label: impl Into<String>,
+    color: RGBColor,
+    points: impl IntoIterator<Item = (f64, f64)>,
+) -> anyhow::Result<()> {
+    chart
+        .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    Ok(())
+}
+
 /// A panel's fault markers (a vertical line and its label each, time 0 at
 /// `origin_ns`) and its legend box.
 pub(super) fn markers_and_legend<'a, 'b: 'a>(
-    chart: &mut ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    chart: &mut Chart<'a, 'b>,
     markers: &[super::Marker],
     origin_ns: u64,
     ymax: f64,

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use bulwark_testkit::Host;
@@ -46,6 +47,7 @@ pub struct Load {
 }
 
 /// What the load saw between two instants.
+#[derive(Serialize)]
 pub struct Window {
     /// Longest time without a successful fresh connection.
     pub connect_gap_ms: f64,

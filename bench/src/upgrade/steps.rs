@@ -18,7 +18,7 @@ use bulwark_testkit::cluster::lab::{BACKEND_PORT, LbLab, Sampler};
 use bulwark_testkit::cluster::lb_process_of;
 
 use super::load::{Load, Window};
-use crate::stats::ms;
+use crate::stats::{ms, ms_cell};
 
 /// How long a replaced node may take to be a voter with lag 0 again.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
@@ -42,12 +42,9 @@ pub struct Step {
     pub node: usize,
     /// The build each node runs after the step (`old`/`new`, node order).
     pub builds_after: Vec<&'static str>,
-    pub connect_gap_ms: f64,
-    pub request_gap_ms: f64,
-    pub failed_connects: usize,
-    pub failed_requests: usize,
-    pub connects: usize,
-    pub requests: usize,
+    /// What the load saw during the step.
+    #[serde(flatten)]
+    pub window: Window,
     pub ip_addr_sweeps: u64,
     pub arp_windows: u64,
     /// Witness samples (an `ip addr` sweep or an ARP window) that saw two
@@ -170,26 +167,13 @@ impl Upgrade {
         let (leader_after, term_after) = self.leader_term().await?;
         let w = b.sampler.finish();
         let end = Instant::now();
-        let Window {
-            connect_gap_ms,
-            request_gap_ms,
-            failed_connects,
-            failed_requests,
-            connects,
-            requests,
-        } = load.window(b.at, end);
         let step = Step {
             trial,
             phase,
             kind,
             node: node + 1,
             builds_after: self.builds.clone(),
-            connect_gap_ms,
-            request_gap_ms,
-            failed_connects,
-            failed_requests,
-            connects,
-            requests,
+            window: load.window(b.at, end),
             ip_addr_sweeps: w.addr_samples,
             arp_windows: w.arp_windows,
             double_holder_samples: w.addr_violations.len() + w.arp_violations.len(),
@@ -205,12 +189,12 @@ impl Upgrade {
         eprintln!(
             "trial {trial} {phase} {kind} h{}: connect gap {:.0} ms, request gap {:.0} ms, failed {}/{} connects, {}/{} requests, caught up {:?} ms, leader {} -> {}, two holders {}",
             step.node,
-            step.connect_gap_ms,
-            step.request_gap_ms,
-            step.failed_connects,
-            step.connects,
-            step.failed_requests,
-            step.requests,
+            step.window.connect_gap_ms,
+            step.window.request_gap_ms,
+            step.window.failed_connects,
+            step.window.connects,
+            step.window.failed_requests,
+            step.window.requests,
             step.caught_up_ms.map(f64::round),
             step.leader_before,
             step.leader_after,
@@ -476,7 +460,6 @@ pub fn step_table(s: &mut String, steps: &[Step]) {
         s,
         "| trial | phase | step | node | builds after | connect gap | request gap | failed connects | failed requests | SIGTERM -> exit | caught up | leader | term | two holders |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
-    let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
     for x in steps {
         let _ = writeln!(
             s,
@@ -486,14 +469,14 @@ pub fn step_table(s: &mut String, steps: &[Step]) {
             x.kind,
             x.node,
             x.builds_after.join(" "),
-            x.connect_gap_ms,
-            x.request_gap_ms,
-            x.failed_connects,
-            x.connects,
-            x.failed_requests,
-            x.requests,
-            f(x.stop_ms),
-            f(x.caught_up_ms),
+            x.window.connect_gap_ms,
+            x.window.request_gap_ms,
+            x.window.failed_connects,
+            x.window.connects,
+            x.window.failed_requests,
+            x.window.requests,
+            ms_cell(x.stop_ms),
+            ms_cell(x.caught_up_ms),
             x.leader_before,
             x.leader_after,
             x.term_before,
@@ -509,7 +492,6 @@ pub fn mixed_table(s: &mut String, checks: &[MixedCheck]) {
         s,
         "\nRegistry writes while mixed (add a drained backend through the leader, then remove it; visible = listed by / gone from every node's `ListBackends`):\n\n| trial | nodes | leader build | visible everywhere | add visible | remove visible | error |\n|---|---|---|---|---|---|---|"
     );
-    let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
     for c in checks {
         let _ = writeln!(
             s,
@@ -518,8 +500,8 @@ pub fn mixed_table(s: &mut String, checks: &[MixedCheck]) {
             c.state,
             c.leader_build,
             if c.visible_everywhere { "yes" } else { "NO" },
-            f(c.add_visible_ms),
-            f(c.remove_visible_ms),
+            ms_cell(c.add_visible_ms),
+            ms_cell(c.remove_visible_ms),
             c.error.as_deref().unwrap_or("-")
         );
     }

@@ -383,7 +383,7 @@ fn fault_tolerance_warning(nodes: usize) -> Option<String> {
             s = if nodes == 1 { "" } else { "s" },
         ));
     }
-    (nodes % 2 == 0).then(|| {
+    nodes.is_multiple_of(2).then(|| {
         format!(
             "{nodes} control-plane nodes: the LB's Raft group and etcd each need a majority \
              ({majority} of {nodes}), so they survive the loss of {lost}, as {odd} nodes do; \

@@ -29,6 +29,7 @@
 // (see the crate docs); what the bench calls returns errors.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::fmt::Display;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -265,19 +266,8 @@ fn bird_conf(router: &Host, peers: &[Host], log: &Path, dual: bool, bfd: bool) -
         })
         .collect();
     if dual {
-        sessions.push_str(&format!(
-            "protocol kernel {{ ipv6 {{ import none; export all; }}; }}
-template bgp lb6 {{
-  local {rid6} as {ROUTER_ASN};
-  hold time 3;
-  keepalive time 1;
-  connect retry time 1;
-  error wait time 1, 2;{bfd_on}
-  ipv6 {{ import all; export none; }};
-}}
-",
-            rid6 = router.addr6()
-        ));
+        sessions.push_str("protocol kernel { ipv6 { import none; export all; }; }\n");
+        sessions.push_str(&session_template("lb6", router.addr6(), "ipv6", bfd_on));
         for (i, h) in peers.iter().enumerate() {
             sessions.push_str(&format!(
                 "protocol bgp lb{n}v6 from lb6 {{ neighbor {addr} as {LB_ASN}; }}\n",
@@ -291,17 +281,28 @@ template bgp lb6 {{
 log \"{log}\" all;
 protocol device {{ scan time 1; }}
 protocol kernel {{ ipv4 {{ import none; export all; }}; }}
-template bgp lb {{
-  local {rid} as {ROUTER_ASN};
+{template}{bfd_protocol}{sessions}",
+        rid = router.addr(),
+        log = log.display(),
+        template = session_template("lb", router.addr(), "ipv4", bfd_on),
+    )
+}
+
+/// bird's template `name` for the sessions with the LB nodes over one
+/// address family (`channel`: `ipv4` or `ipv6`): the router's `local`
+/// address and AS, short timers, `bfd_on`, and routes imported, none
+/// exported.
+fn session_template(name: &str, local: impl Display, channel: &str, bfd_on: &str) -> String {
+    format!(
+        "template bgp {name} {{
+  local {local} as {ROUTER_ASN};
   hold time 3;
   keepalive time 1;
   connect retry time 1;
   error wait time 1, 2;{bfd_on}
-  ipv4 {{ import all; export none; }};
+  {channel} {{ import all; export none; }};
 }}
-{bfd_protocol}{sessions}",
-        rid = router.addr(),
-        log = log.display(),
+"
     )
 }
 

@@ -441,7 +441,7 @@ pub fn arp_probe(
     me: Ipv4Addr,
     vip: Ipv4Addr,
     stop: &AtomicBool,
-    mut on_window: impl FnMut(BTreeSet<[u8; 6]>),
+    on_window: impl FnMut(BTreeSet<[u8; 6]>),
 ) {
     const ETH_P_ARP: u16 = 0x0806;
     // SAFETY: plain libc socket calls on descriptors owned by this function;
@@ -468,17 +468,6 @@ pub fn arp_probe(
         for (d, s) in mac.iter_mut().zip(ifr.ifr_ifru.ifru_hwaddr.sa_data.iter()) {
             *d = *s as u8;
         }
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 5_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
         let mut sll: libc::sockaddr_ll = std::mem::zeroed();
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = ETH_P_ARP.to_be();
@@ -497,36 +486,71 @@ pub fn arp_probe(
         req[22..28].copy_from_slice(&mac);
         req[28..32].copy_from_slice(&me.octets());
         req[38..42].copy_from_slice(&vip.octets());
-        let mut buf = [0u8; 1500];
-        while !stop.load(Ordering::Relaxed) {
+        probe_windows(fd, &req, &sll, stop, on_window, |reply| {
+            // An ARP reply whose sender IP is the VIP.
+            let answers = reply.len() >= 42
+                && reply[12..14] == ETH_P_ARP.to_be_bytes()
+                && reply[20..22] == [0, 2]
+                && reply[28..32] == vip.octets();
+            answers.then(|| reply[22..28].try_into().unwrap())
+        });
+        libc::close(fd);
+    }
+}
+
+/// The probers' loop, until `stop`: sends `request` on the raw socket `fd`
+/// to `dest` (a `sockaddr_*` of `fd`'s family), reads replies for a 20 ms
+/// window (each `recv` waiting at most 5 ms), and hands the set of MACs
+/// `answer` finds in them (a reply's MAC, or `None` for a reply that is
+/// not an answer) to `on_window`, once per window.
+fn probe_windows<A>(
+    fd: libc::c_int,
+    request: &[u8],
+    dest: &A,
+    stop: &AtomicBool,
+    mut on_window: impl FnMut(BTreeSet<[u8; 6]>),
+    answer: impl Fn(&[u8]) -> Option<[u8; 6]>,
+) {
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 5_000,
+    };
+    // SAFETY: `tv` outlives the call and the length is its size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+    }
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: `request` and `dest` outlive the call and the lengths are
+        // their sizes.
+        unsafe {
             libc::sendto(
                 fd,
-                req.as_ptr().cast(),
-                req.len(),
+                request.as_ptr().cast(),
+                request.len(),
                 0,
-                (&raw const sll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                std::ptr::from_ref(dest).cast(),
+                std::mem::size_of::<A>() as libc::socklen_t,
             );
-            let window = Instant::now() + Duration::from_millis(20);
-            let mut seen = BTreeSet::new();
-            while Instant::now() < window {
-                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
-                if n < 42 {
-                    continue;
-                }
-                // An ARP reply whose sender IP is the VIP.
-                if buf[12..14] == ETH_P_ARP.to_be_bytes()
-                    && buf[20..22] == [0, 2]
-                    && buf[28..32] == vip.octets()
-                {
-                    let mut m = [0u8; 6];
-                    m.copy_from_slice(&buf[22..28]);
-                    seen.insert(m);
-                }
-            }
-            on_window(seen);
         }
-        libc::close(fd);
+        let window = Instant::now() + Duration::from_millis(20);
+        let mut seen = BTreeSet::new();
+        while Instant::now() < window {
+            // SAFETY: `buf` outlives the call and the length is its size.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if let Ok(n) = usize::try_from(n)
+                && let Some(mac) = answer(&buf[..n])
+            {
+                seen.insert(mac);
+            }
+        }
+        on_window(seen);
     }
 }
 
@@ -572,7 +596,7 @@ pub fn nd_probe(
     me: Ipv6Addr,
     vip: Ipv6Addr,
     stop: &AtomicBool,
-    mut on_window: impl FnMut(BTreeSet<[u8; 6]>),
+    on_window: impl FnMut(BTreeSet<[u8; 6]>),
 ) {
     let o = vip.octets();
     let group = Ipv6Addr::new(
@@ -621,43 +645,15 @@ pub fn nd_probe(
                 std::io::Error::last_os_error()
             );
         }
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 5_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
         let in6_len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
         assert_eq!(libc::bind(fd, (&raw const from).cast(), in6_len), 0);
-        let mut buf = [0u8; 1500];
-        while !stop.load(Ordering::Relaxed) {
-            libc::sendto(
-                fd,
-                ns.as_ptr().cast(),
-                ns.len(),
-                0,
-                (&raw const to).cast(),
-                in6_len,
-            );
-            let window = Instant::now() + Duration::from_millis(20);
-            let mut seen = BTreeSet::new();
-            while Instant::now() < window {
-                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
-                // A neighbour advertisement for the VIP with a target
-                // link-layer address option.
-                if n >= 32 && buf[0] == 136 && buf[8..24] == o && buf[24] == 2 {
-                    let mut m = [0u8; 6];
-                    m.copy_from_slice(&buf[26..32]);
-                    seen.insert(m);
-                }
-            }
-            on_window(seen);
-        }
+        probe_windows(fd, &ns, &to, stop, on_window, |reply| {
+            // A neighbour advertisement for the VIP with a target
+            // link-layer address option.
+            let answers =
+                reply.len() >= 32 && reply[0] == 136 && reply[8..24] == o && reply[24] == 2;
+            answers.then(|| reply[26..32].try_into().unwrap())
+        });
         libc::close(fd);
     }
 }

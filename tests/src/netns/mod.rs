@@ -335,22 +335,16 @@ impl Lab {
     /// Takes the host's link down at the bridge: the host sees no carrier
     /// and nothing gets in or out, as if its cable were pulled.
     pub fn cut_link(&self, host: &Host) -> anyhow::Result<()> {
-        run(
-            "ip",
-            [
-                "-n",
-                &self.bridge_netns,
-                "link",
-                "set",
-                &host.bridge_port,
-                "down",
-            ],
-        )
-        .map(drop)
+        self.set_link(host, "down")
     }
 
     /// Brings the host's link back up.
     pub fn restore_link(&self, host: &Host) -> anyhow::Result<()> {
+        self.set_link(host, "up")
+    }
+
+    /// Sets the host's port on the bridge `up` or `down`.
+    fn set_link(&self, host: &Host, state: &str) -> anyhow::Result<()> {
         run(
             "ip",
             [
@@ -359,7 +353,7 @@ impl Lab {
                 "link",
                 "set",
                 &host.bridge_port,
-                "up",
+                state,
             ],
         )
         .map(drop)

@@ -387,11 +387,11 @@ fn fault_tolerance_warning(nodes: usize) -> Option<String> {
         format!(
             "{nodes} control-plane nodes: the LB's Raft group and etcd each need a majority \
              ({majority} of {nodes}), so they survive the loss of {lost}, as {odd} nodes do; \
-             {odd} or {next} nodes would tolerate as much or more with no more members to keep \
-             in step",
+             {next} nodes would survive the loss of {more}",
             lost = nodes - majority,
             odd = nodes - 1,
             next = nodes + 1,
+            more = nodes - majority + 1,
         )
     })
 }
@@ -1285,7 +1285,10 @@ mod tests {
     fn an_even_count_and_a_zone_with_a_majority_are_warned_of() {
         let four = fault_tolerance_warning(4).unwrap();
         assert!(
-            four.contains("(3 of 4), so they survive the loss of 1, as 3 nodes do"),
+            four.contains(
+                "(3 of 4), so they survive the loss of 1, as 3 nodes do; 5 nodes would survive \
+                 the loss of 2"
+            ),
             "{four}"
         );
         assert!(

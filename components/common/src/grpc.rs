@@ -212,13 +212,32 @@ pub fn channel(
     server_name: Option<&str>,
 ) -> Result<Channel, tonic::transport::Error> {
     let host = server_host(address, server_name);
-    // TLS is the connector's, so the URI says http.
-    let endpoint = with_options(Endpoint::from_shared(format!("http://{address}"))?);
+    // TLS is the connector's, so the URI says http. The connect timeout is
+    // the connector's too: tonic reports a failure inside the connector as
+    // UNAVAILABLE, as callers expect of a node that is down, but its own
+    // connect timeout (which wraps the connector) as an UNKNOWN "transport
+    // error", and callers would not try the next node.
+    let endpoint = with_keepalives(Endpoint::from_shared(format!("http://{address}"))?);
     let (address, tls) = (address.to_owned(), tls.clone());
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
             let (address, host, tls) = (address.clone(), host.clone(), tls.clone());
-            async move { crate::tls::transport::connect(&address, &host, &tls).await }
+            async move {
+                tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    crate::tls::transport::connect(&address, &host, &tls),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "{NO_CONNECTION} {}s (TCP and TLS)",
+                            CONNECT_TIMEOUT.as_secs()
+                        ),
+                    ))
+                })
+            }
         })),
     )
 }
@@ -237,10 +256,22 @@ pub fn endpoint(
         .map(with_options)
 }
 
+/// How long a bulwark client waits for a connection (TCP and TLS) to be
+/// made.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How [`channel`]'s connection error begins when no connection was made
+/// within [`CONNECT_TIMEOUT`].
+pub const NO_CONNECTION: &str = "no connection within";
+
 /// Timeouts and keep-alives of every bulwark client connection.
 fn with_options(e: Endpoint) -> Endpoint {
-    e.connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
+    with_keepalives(e.connect_timeout(CONNECT_TIMEOUT))
+}
+
+/// The keep-alives of every bulwark client connection.
+fn with_keepalives(e: Endpoint) -> Endpoint {
+    e.tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
@@ -267,6 +298,39 @@ mod tests {
         assert_eq!(host_of("127.0.0.1:9443"), "127.0.0.1");
         assert_eq!(host_of("[::1]:9443"), "::1");
         assert_eq!(host_of("lb-1.example:9443"), "lb-1.example");
+    }
+
+    /// A node that accepts connections and never answers (its host hangs)
+    /// is UNAVAILABLE after the connect timeout, as a refused connect is, so
+    /// callers try their next node.
+    #[tokio::test]
+    async fn a_connection_not_made_in_time_is_unavailable() {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_client::HealthClient;
+
+        crate::tls::install_crypto_provider();
+        let pki = crate::test_pki::Pki::new();
+        let client = pki.issue("viewer", "viewer", &[], &[]).load().unwrap();
+        let hung = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = hung.local_addr().unwrap().to_string();
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = hung.accept().await {
+                held.push(conn);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let status = HealthClient::new(channel(&addr, &client, None).unwrap())
+            .check(HealthCheckRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().starts_with("no connection within 3s"),
+            "{status:?}"
+        );
+        assert!(started.elapsed() >= CONNECT_TIMEOUT);
+        held.abort();
     }
 
     #[tokio::test]

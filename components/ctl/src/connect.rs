@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use bulwark_common::tls::{TlsError, TlsFiles, TlsMaterial};
@@ -22,6 +23,10 @@ const DIAGNOSIS_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Session {
     tls: TlsMaterial,
     resolved: Resolved,
+    /// Endpoints that did not answer during this command. Later calls try
+    /// them last, so a node that is down costs its connect timeout once
+    /// per command, not once per call (`status` makes several).
+    unreachable: Mutex<Vec<String>>,
 }
 
 impl Session {
@@ -30,7 +35,11 @@ impl Session {
         bulwark_common::tls::install_crypto_provider();
         let tls = resolved.tls.load()?;
         check_key_matches(&tls, &resolved.tls)?;
-        Ok(Self { tls, resolved })
+        Ok(Self {
+            tls,
+            resolved,
+            unreachable: Mutex::default(),
+        })
     }
 
     /// bulwark-lb's API.
@@ -62,6 +71,7 @@ impl Session {
             tls: &self.tls,
             ca_file: &self.resolved.tls.ca_file,
             timeout: self.resolved.timeout,
+            unreachable: &self.unreachable,
         })
     }
 }
@@ -95,6 +105,8 @@ pub struct Service<'a> {
     /// The CA bundle the services are verified against, for messages.
     ca_file: &'a Path,
     timeout: Duration,
+    /// The session's endpoints that did not answer.
+    unreachable: &'a Mutex<Vec<String>>,
 }
 
 impl<'a> Service<'a> {
@@ -115,6 +127,7 @@ impl<'a> Service<'a> {
             tls: self.tls,
             ca_file: self.ca_file,
             timeout: self.timeout,
+            unreachable: self.unreachable,
         }
     }
 
@@ -145,7 +158,11 @@ impl<'a> Service<'a> {
         let broken = match status.code() {
             tonic::Code::Unknown | tonic::Code::Cancelled => true,
             // A refused or timed-out connect is no certificate problem.
-            tonic::Code::Unavailable => !crate::error::cause_chain(status).contains("tcp connect"),
+            tonic::Code::Unavailable => {
+                let cause = crate::error::cause_chain(status);
+                !cause.contains("tcp connect")
+                    && !cause.starts_with(bulwark_common::grpc::NO_CONNECTION)
+            }
             _ => false,
         };
         if !broken {
@@ -210,7 +227,8 @@ impl<'a> Service<'a> {
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let mut last: Option<(tonic::Status, String)> = None;
-        let mut queue: Vec<String> = self.endpoints.endpoints.iter().rev().cloned().collect();
+        let mut queue = self.attempt_order();
+        queue.reverse();
         let mut redirects = 0;
         while let Some(address) = queue.pop() {
             let result = match tokio::time::timeout(self.timeout, f(self.channel(&address)?)).await
@@ -222,7 +240,10 @@ impl<'a> Service<'a> {
                 ))),
             };
             match result {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.answered(&address, true);
+                    return Ok(v);
+                }
                 Err(status) => {
                     if let Some(hint) = bulwark_api::leader_hint::from_status(&status)
                         && !hint.address.is_empty()
@@ -235,7 +256,9 @@ impl<'a> Service<'a> {
                         status.code(),
                         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
                     ) {
-                        // Try the next endpoint; remember why this one failed.
+                        // Try the next endpoint; remember why this one
+                        // failed, and try it last from now on.
+                        self.answered(&address, false);
                     } else {
                         return Err(self.failure(&status, &address).await);
                     }
@@ -248,6 +271,35 @@ impl<'a> Service<'a> {
         Err(self.failure(&status, &address).await)
     }
 
+    /// The endpoints in the order a call tries them: as configured (or
+    /// preferred), those that did not answer earlier in this command last.
+    fn attempt_order(&self) -> Vec<String> {
+        let unreachable = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (late, mut order): (Vec<String>, Vec<String>) = self
+            .endpoints
+            .endpoints
+            .iter()
+            .cloned()
+            .partition(|e| unreachable.contains(e));
+        order.extend(late);
+        order
+    }
+
+    /// Records whether `address` answered.
+    fn answered(&self, address: &str, answered: bool) {
+        let mut unreachable = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        unreachable.retain(|e| e != address);
+        if !answered {
+            unreachable.push(address.to_owned());
+        }
+    }
+
     /// The error for a call that failed at `address`, naming a refused
     /// certificate when one was the reason.
     async fn failure(&self, status: &tonic::Status, address: &str) -> CliError {
@@ -255,5 +307,123 @@ impl<'a> Service<'a> {
             Some(refusal) => refusal.error(self.name, address, Some(self.ca_file)),
             None => CliError::from_call(status, self.name, address, Some(self.ca_file)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bulwark_common::authz::AccessPolicy;
+    use bulwark_common::grpc::GrpcServer;
+    use bulwark_common::shutdown::Shutdown;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    use super::*;
+    use crate::context::ServiceEndpoints;
+
+    /// A node whose host hangs (it accepts connections and never answers)
+    /// costs one connect timeout per command: the calls after the first
+    /// try the other node first, and the hung one again only when nothing
+    /// else answers.
+    #[tokio::test]
+    async fn an_endpoint_that_did_not_answer_is_tried_last_for_the_rest_of_the_command() {
+        let pki = bulwark_testkit::Pki::new().unwrap();
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hung_addr = hung.local_addr().unwrap().to_string();
+        let dialled = Arc::new(AtomicUsize::new(0));
+        let count = dialled.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = hung.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap().to_string();
+        let material = pki
+            .server("lb", &["127.0.0.1"])
+            .unwrap()
+            .tls_files()
+            .load()
+            .unwrap();
+        let shutdown = Shutdown::new();
+        let token = shutdown.token();
+        tokio::spawn(async move {
+            GrpcServer::new()
+                .serve(live, &material, AccessPolicy::default(), token)
+                .await
+        });
+
+        let session = Session::open(Resolved {
+            context: None,
+            tls: pki.client("viewer", &[]).unwrap().tls_files(),
+            lb: Some(ServiceEndpoints {
+                endpoints: vec![hung_addr.clone(), live_addr.clone()],
+                server_name: None,
+            }),
+            backup: None,
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+        let svc = session.lb().unwrap();
+        let check = || {
+            svc.send(
+                HealthClient::new,
+                HealthCheckRequest::default(),
+                |mut c, r| async move { c.check(r).await },
+            )
+        };
+        for call in 0..3 {
+            check().await.unwrap();
+            assert_eq!(dialled.load(Ordering::SeqCst), 1, "call {call}");
+        }
+        // Preferring it puts it first only while it is not known to hang.
+        let preferring = svc.preferring(&hung_addr);
+        preferring
+            .send(
+                HealthClient::new,
+                HealthCheckRequest::default(),
+                |mut c, r| async move { c.check(r).await },
+            )
+            .await
+            .unwrap();
+        assert_eq!(dialled.load(Ordering::SeqCst), 1);
+
+        // With no other node to ask, the hung one is reported as
+        // unreachable (exit 3), once.
+        let alone = Session::open(Resolved {
+            context: None,
+            tls: pki.client("viewer", &[]).unwrap().tls_files(),
+            lb: Some(ServiceEndpoints {
+                endpoints: vec![hung_addr.clone()],
+                server_name: None,
+            }),
+            backup: None,
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+        let e = alone
+            .lb()
+            .unwrap()
+            .send(
+                HealthClient::new,
+                HealthCheckRequest::default(),
+                |mut c, r| async move { c.check(r).await },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.exit(), Exit::Unavailable, "{e}");
+        assert!(
+            e.to_string().starts_with(&format!(
+                "bulwark-lb at {hung_addr}: no connection within 3s"
+            )),
+            "{e}"
+        );
+        assert_eq!(dialled.load(Ordering::SeqCst), 2);
+        shutdown.token().cancel();
     }
 }

@@ -340,13 +340,16 @@ pub fn classify(
     }
     // A stream cut by the member going away surfaces as an h2 error, or as
     // a response that ends without its gRPC status (a member stopped
-    // mid-call, as a restore does).
+    // mid-call, as a restore does). A member whose host is off or hangs
+    // runs out the dial timeout, which tonic reports as an UNKNOWN
+    // "transport error" caused by tokio's "deadline has elapsed".
     let connection_lost = [
         "h2 protocol error",
         "missing grpc-status trailer",
         "broken pipe",
         "connection reset",
         "connection refused",
+        "deadline has elapsed",
     ]
     .iter()
     .any(|w| lower.contains(w));
@@ -443,6 +446,15 @@ mod tests {
         ));
         assert!(matches!(
             classify(&eps, "campaign", &cut),
+            BackupError::EtcdUnavailable { .. }
+        ));
+        // What tonic reports when the dial timeout runs out (a member whose
+        // host is off or hangs): UNKNOWN, with the timeout as its cause.
+        let timed_out = etcd_client::Error::GRpcStatus(tonic::Status::from_error(Box::new(
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline has elapsed"),
+        )));
+        assert!(matches!(
+            classify(&eps, "status", &timed_out),
             BackupError::EtcdUnavailable { .. }
         ));
     }

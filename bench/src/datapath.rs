@@ -1091,14 +1091,28 @@ pub(crate) fn publish(
     if no_write {
         return Ok(());
     }
-    std::fs::create_dir_all(out)?;
-    let day = &head.date[..10];
-    let md_path = out.join(format!("{day}-{scenario}.md"));
-    let json_path = out.join(format!("{day}-{scenario}.json"));
-    std::fs::write(&md_path, md)?;
-    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)?;
+    let (md_path, json_path) = write_report(out, &head.date, scenario, md, report)?;
     eprintln!("wrote {} and {}", md_path.display(), json_path.display());
     Ok(())
+}
+
+/// Writes a report made at `date` (RFC 3339), its markdown `md` and
+/// `report` as JSON, to `<out>/<day>-<scenario>.md` and `.json`; returns
+/// the two paths.
+pub(crate) fn write_report(
+    out: &Path,
+    date: &str,
+    scenario: &str,
+    md: &str,
+    report: &impl Serialize,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(out)?;
+    let stem = format!("{}-{scenario}", &date[..10]);
+    let md_path = out.join(format!("{stem}.md"));
+    let json_path = out.join(format!("{stem}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)?;
+    std::fs::write(&md_path, md)?;
+    Ok((md_path, json_path))
 }
 
 /// The head of a scenario's report: when, by which command and on what

@@ -189,13 +189,7 @@ impl LabReportHead {
         md: &str,
         report: &impl Serialize,
     ) -> anyhow::Result<()> {
-        std::fs::create_dir_all(out_dir)?;
-        let stem = out_dir.join(format!("{}-{}", &self.date[..10], self.scenario));
-        std::fs::write(
-            stem.with_extension("json"),
-            serde_json::to_string_pretty(report)?,
-        )?;
-        std::fs::write(stem.with_extension("md"), md)?;
+        crate::datapath::write_report(out_dir, &self.date, self.scenario, md, report)?;
         println!("{md}");
         Ok(())
     }

@@ -232,7 +232,7 @@ pub fn channel(
                     Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         format!(
-                            "{NO_CONNECTION} {}s (TCP and TLS)",
+                            "no connection within {}s (TCP and TLS)",
                             CONNECT_TIMEOUT.as_secs()
                         ),
                     ))
@@ -259,10 +259,6 @@ pub fn endpoint(
 /// How long a bulwark client waits for a connection (TCP and TLS) to be
 /// made.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// How [`channel`]'s connection error begins when no connection was made
-/// within [`CONNECT_TIMEOUT`].
-pub const NO_CONNECTION: &str = "no connection within";
 
 /// Timeouts and keep-alives of every bulwark client connection.
 fn with_options(e: Endpoint) -> Endpoint {

@@ -158,11 +158,7 @@ impl<'a> Service<'a> {
         let broken = match status.code() {
             tonic::Code::Unknown | tonic::Code::Cancelled => true,
             // A refused or timed-out connect is no certificate problem.
-            tonic::Code::Unavailable => {
-                let cause = crate::error::cause_chain(status);
-                !cause.contains("tcp connect")
-                    && !cause.starts_with(bulwark_common::grpc::NO_CONNECTION)
-            }
+            tonic::Code::Unavailable => !crate::error::never_connected(status),
             _ => false,
         };
         if !broken {
@@ -358,64 +354,20 @@ mod tests {
                 .await
         });
 
-        let session = Session::open(Resolved {
-            context: None,
-            tls: pki.client("viewer", &[]).unwrap().tls_files(),
-            lb: Some(ServiceEndpoints {
-                endpoints: vec![hung_addr.clone(), live_addr.clone()],
-                server_name: None,
-            }),
-            backup: None,
-            timeout: Duration::from_secs(10),
-        })
-        .unwrap();
+        let session = lb_session(&pki, vec![hung_addr.clone(), live_addr]);
         let svc = session.lb().unwrap();
-        let check = || {
-            svc.send(
-                HealthClient::new,
-                HealthCheckRequest::default(),
-                |mut c, r| async move { c.check(r).await },
-            )
-        };
         for call in 0..3 {
-            check().await.unwrap();
+            health_check(&svc).await.unwrap();
             assert_eq!(dialled.load(Ordering::SeqCst), 1, "call {call}");
         }
         // Preferring it puts it first only while it is not known to hang.
-        let preferring = svc.preferring(&hung_addr);
-        preferring
-            .send(
-                HealthClient::new,
-                HealthCheckRequest::default(),
-                |mut c, r| async move { c.check(r).await },
-            )
-            .await
-            .unwrap();
+        health_check(&svc.preferring(&hung_addr)).await.unwrap();
         assert_eq!(dialled.load(Ordering::SeqCst), 1);
 
         // With no other node to ask, the hung one is reported as
         // unreachable (exit 3), once.
-        let alone = Session::open(Resolved {
-            context: None,
-            tls: pki.client("viewer", &[]).unwrap().tls_files(),
-            lb: Some(ServiceEndpoints {
-                endpoints: vec![hung_addr.clone()],
-                server_name: None,
-            }),
-            backup: None,
-            timeout: Duration::from_secs(10),
-        })
-        .unwrap();
-        let e = alone
-            .lb()
-            .unwrap()
-            .send(
-                HealthClient::new,
-                HealthCheckRequest::default(),
-                |mut c, r| async move { c.check(r).await },
-            )
-            .await
-            .unwrap_err();
+        let alone = lb_session(&pki, vec![hung_addr.clone()]);
+        let e = health_check(&alone.lb().unwrap()).await.unwrap_err();
         assert_eq!(e.exit(), Exit::Unavailable, "{e}");
         assert!(
             e.to_string().starts_with(&format!(
@@ -425,5 +377,31 @@ mod tests {
         );
         assert_eq!(dialled.load(Ordering::SeqCst), 2);
         shutdown.token().cancel();
+    }
+
+    /// A viewer's session with `endpoints` as the LB's.
+    fn lb_session(pki: &bulwark_testkit::Pki, endpoints: Vec<String>) -> Session {
+        Session::open(Resolved {
+            context: None,
+            tls: pki.client("viewer", &[]).unwrap().tls_files(),
+            lb: Some(ServiceEndpoints {
+                endpoints,
+                server_name: None,
+            }),
+            backup: None,
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap()
+    }
+
+    /// The gRPC health check, through `svc`.
+    async fn health_check(svc: &Service<'_>) -> Result<(), CliError> {
+        svc.send(
+            HealthClient::new,
+            HealthCheckRequest::default(),
+            |mut c, r| async move { c.check(r).await },
+        )
+        .await
+        .map(drop)
     }
 }

@@ -260,6 +260,25 @@ pub(crate) fn tls_refusal(status: &tonic::Status) -> Option<TlsRefusal> {
     None
 }
 
+/// Whether the call failed before any connection was made: refused, or
+/// not made within the channel's connect timeout (its connector's
+/// `TimedOut`). No certificate was shown then.
+pub(crate) fn never_connected(status: &tonic::Status) -> bool {
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
+            )
+        }) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Every distinct message in `status`'s source chain, outermost first.
 pub(crate) fn cause_chain(status: &tonic::Status) -> String {
     let mut parts = vec![status.message().to_owned()];

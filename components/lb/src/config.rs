@@ -1250,6 +1250,12 @@ fn valid_dns_label(label: &str) -> bool {
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 10_000;
 
+/// Whether a backend address can be dialled: neither its IP nor its port
+/// is 0.
+pub fn connectable(address: SocketAddr) -> bool {
+    address.port() != 0 && !address.ip().is_unspecified()
+}
+
 impl Validate for BackendConfig {
     fn validate(&self, v: &mut Validator) {
         v.check(
@@ -1258,7 +1264,7 @@ impl Validate for BackendConfig {
             format!("{:?} is not a valid id: {BACKEND_ID_FORMAT}", self.id),
         );
         v.check(
-            self.address.port() != 0 && !self.address.ip().is_unspecified(),
+            connectable(self.address),
             "address",
             format!("{} cannot be connected to", self.address),
         );

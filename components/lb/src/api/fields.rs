@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 
 use tonic::Status;
 
-use crate::config::{BACKEND_ID_FORMAT, MAX_WEIGHT, valid_backend_id, valid_host_port};
+use crate::config::{
+    BACKEND_ID_FORMAT, MAX_WEIGHT, connectable, valid_backend_id, valid_host_port,
+};
 
 /// A backend id: a lowercase DNS name, as a node name is.
 pub fn backend_id(id: &str) -> Result<String, String> {
@@ -25,7 +27,7 @@ pub fn backend_id(id: &str) -> Result<String, String> {
 /// A backend address: IP:port, neither of them 0.
 pub fn backend_address(address: &str) -> Result<SocketAddr, String> {
     match address.parse::<SocketAddr>() {
-        Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => Ok(a),
+        Ok(a) if connectable(a) => Ok(a),
         _ => Err("not an IP:port an apiserver listens on (e.g. 10.0.0.11:6443)".to_owned()),
     }
 }

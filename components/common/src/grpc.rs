@@ -211,35 +211,97 @@ pub fn channel(
     tls: &TlsMaterial,
     server_name: Option<&str>,
 ) -> Result<Channel, tonic::transport::Error> {
+    channel_from(address, tls, server_name, None)
+}
+
+/// A connection made as [`channel`]'s connector makes one: TCP, then TLS,
+/// within [`CONNECT_TIMEOUT`]. For a caller that dials several endpoints
+/// at once and keeps the first that answers ([`channel_over`]).
+pub async fn dial(
+    address: &str,
+    tls: &TlsMaterial,
+    server_name: Option<&str>,
+) -> std::io::Result<Dialled> {
+    dial_host(address, &server_host(address, server_name), tls).await
+}
+
+/// A connection [`dial`] made.
+pub type Dialled = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// The same channel as [`channel`], whose first connection is `first`,
+/// made by [`dial`] to the same `address`; it dials again as [`channel`]
+/// does when that connection breaks.
+pub fn channel_over(
+    first: Dialled,
+    address: &str,
+    tls: &TlsMaterial,
+    server_name: Option<&str>,
+) -> Result<Channel, tonic::transport::Error> {
+    channel_from(address, tls, server_name, Some(first))
+}
+
+/// `failure`, a failed [`dial`], as the status a call through a
+/// [`channel`] whose connect failed that way carries: UNAVAILABLE, with the
+/// error in its source chain.
+pub fn dial_failure(failure: std::io::Error) -> tonic::Status {
+    tonic::Status::from_error(Box::new(tonic::ConnectError(Box::new(failure))))
+}
+
+fn channel_from(
+    address: &str,
+    tls: &TlsMaterial,
+    server_name: Option<&str>,
+    first: Option<Dialled>,
+) -> Result<Channel, tonic::transport::Error> {
     let host = server_host(address, server_name);
     // TLS is the connector's, so the URI says http. The connect timeout is
     // the connector's too: tonic reports a failure inside the connector as
     // UNAVAILABLE, as callers expect of a node that is down, but its own
     // connect timeout (which wraps the connector) as an UNKNOWN "transport
     // error", and callers would not try the next node.
-    let endpoint = with_keepalives(Endpoint::from_shared(format!("http://{address}"))?);
+    let endpoint = with_keepalives(plain_endpoint(address)?);
     let (address, tls) = (address.to_owned(), tls.clone());
+    let first = Arc::new(std::sync::Mutex::new(first));
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
             let (address, host, tls) = (address.clone(), host.clone(), tls.clone());
+            let made = first
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
             async move {
-                tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    crate::tls::transport::connect(&address, &host, &tls),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "no connection within {}s (TCP and TLS)",
-                            CONNECT_TIMEOUT.as_secs()
-                        ),
-                    ))
-                })
+                match made {
+                    Some(connection) => Ok(connection),
+                    None => dial_host(&address, &host, &tls).await,
+                }
             }
         })),
     )
+}
+
+/// The endpoint [`channel`] builds for `address`; an error when `address`
+/// is no `host:port` a channel can be built for (callers that [`dial`]
+/// first check it before dialling).
+pub fn plain_endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Endpoint::from_shared(format!("http://{address}"))
+}
+
+/// [`dial`] with the name the server's certificate is checked against.
+async fn dial_host(address: &str, host: &str, tls: &TlsMaterial) -> std::io::Result<Dialled> {
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        crate::tls::transport::connect(address, host, tls),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no connection within {}s (TCP and TLS)",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        ))
+    })
 }
 
 /// An endpoint to `address` with TLS from the material current now, fixed
@@ -301,12 +363,7 @@ mod tests {
     /// callers try their next node.
     #[tokio::test]
     async fn a_connection_not_made_in_time_is_unavailable() {
-        use tonic_health::pb::HealthCheckRequest;
-        use tonic_health::pb::health_client::HealthClient;
-
-        crate::tls::install_crypto_provider();
-        let pki = crate::test_pki::Pki::new();
-        let client = pki.issue("viewer", "viewer", &[], &[]).load().unwrap();
+        let (_pki, client) = viewer();
         let hung = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = hung.local_addr().unwrap().to_string();
         let held = tokio::spawn(async move {
@@ -316,8 +373,7 @@ mod tests {
             }
         });
         let started = tokio::time::Instant::now();
-        let status = HealthClient::new(channel(&addr, &client, None).unwrap())
-            .check(HealthCheckRequest::default())
+        let status = health(channel(&addr, &client, None).unwrap())
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
@@ -327,6 +383,89 @@ mod tests {
         );
         assert!(started.elapsed() >= CONNECT_TIMEOUT);
         held.abort();
+    }
+
+    /// A caller that dials itself ([`dial`], as bulwarkctl does to race
+    /// endpoints) sees a failed dial as a [`channel`]'s call sees the same
+    /// failed connect, and its channel's first call uses the connection it
+    /// made; the next connection is dialled anew.
+    #[tokio::test]
+    async fn a_dial_of_our_own_fails_and_serves_as_the_channel_would() {
+        let (pki, viewer) = viewer();
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let through_channel = health(channel(&refused, &viewer, None).unwrap())
+            .await
+            .unwrap_err();
+        let dialled = dial_failure(dial(&refused, &viewer, None).await.unwrap_err());
+        assert_eq!(dialled.code(), tonic::Code::Unavailable, "{dialled:?}");
+        assert_eq!(dialled.code(), through_channel.code());
+        assert_eq!(dialled.message(), through_channel.message());
+
+        let server_tls = pki.issue("server", "bulwark-lb", &[], &["127.0.0.1"]);
+        let (addr, shutdown, server) = start_server(server_tls.load().unwrap()).await;
+        // Over a connection to the server, a channel to the closed port
+        // answers: its first call used the connection.
+        let connection = dial(&addr, &viewer, None).await.unwrap();
+        let over = channel_over(connection, &refused, &viewer, None).unwrap();
+        health(over.clone()).await.unwrap();
+        // Once that connection is gone, it dials the closed port.
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+        // (A call can still meet the closing connection before the channel
+        // has seen it close.)
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let again = loop {
+            match health(over.clone()).await {
+                Err(s) if s.code() == tonic::Code::Unavailable => break s,
+                other => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still not a dial of the closed port: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(again.message(), through_channel.message());
+    }
+
+    /// The test CA and a viewer's client material.
+    fn viewer() -> (crate::test_pki::Pki, TlsMaterial) {
+        crate::tls::install_crypto_provider();
+        let pki = crate::test_pki::Pki::new();
+        let viewer = pki.issue("viewer", "viewer", &[], &[]).load().unwrap();
+        (pki, viewer)
+    }
+
+    /// A server with `material` and the default access policy on a port
+    /// of its own: its address, what stops it, and its task.
+    async fn start_server(
+        material: TlsMaterial,
+    ) -> (
+        String,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                GrpcServer::new()
+                    .serve(listener, &material, AccessPolicy::default(), shutdown)
+                    .await
+            }
+        });
+        (addr, shutdown, server)
+    }
+
+    /// The gRPC health check over `channel`.
+    async fn health(channel: Channel) -> Result<(), tonic::Status> {
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .map(drop)
     }
 
     #[tokio::test]
@@ -348,18 +487,7 @@ mod tests {
             .load()
             .unwrap();
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let shutdown = CancellationToken::new();
-        let material = server_tls.load().unwrap();
-        let server = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                GrpcServer::new()
-                    .serve(listener, &material, AccessPolicy::default(), shutdown)
-                    .await
-            }
-        });
+        let (addr, shutdown, server) = start_server(server_tls.load().unwrap()).await;
 
         // Health answers any authenticated client.
         let mut health = HealthClient::new(channel(&addr, &viewer, None).unwrap());

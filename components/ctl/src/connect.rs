@@ -1,12 +1,17 @@
-//! Reaching a service: try its endpoints in turn, follow leader hints, apply
-//! the per-call deadline, and turn failures into errors with a next step.
+//! Reaching a service: dial its endpoints in turn, each with a head start
+//! over the next, follow leader hints, apply the per-call deadline, and
+//! turn failures into errors with a next step.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use bulwark_common::grpc::Dialled;
 use bulwark_common::tls::{TlsError, TlsFiles, TlsMaterial};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::context::{Resolved, ServiceEndpoints};
@@ -18,6 +23,22 @@ const MAX_REDIRECTS: usize = 3;
 
 /// How long the handshake that explains a broken connection may take.
 const DIAGNOSIS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long an endpoint may take to connect (TCP and TLS) before the next
+/// one is dialled as well: a node that is off, whose host drops the SYN,
+/// costs this instead of the connect timeout. Happy Eyeballs (RFC 8305)
+/// waits 250 ms; a control-plane node under load can take longer.
+const HEAD_START: Duration = Duration::from_millis(300);
+
+/// An endpoint a call may try.
+#[derive(Clone, Debug)]
+struct Candidate {
+    address: String,
+    /// Only this endpoint can give the answer wanted (the preferred one, or
+    /// the leader a hint named): it is dialled alone, for as long as its
+    /// connect may take, before anything else.
+    alone: bool,
+}
 
 /// The connection settings with TLS material loaded.
 pub struct Session {
@@ -71,6 +92,7 @@ impl Session {
             tls: &self.tls,
             ca_file: &self.resolved.tls.ca_file,
             timeout: self.resolved.timeout,
+            preferred: None,
             unreachable: &self.unreachable,
         })
     }
@@ -105,6 +127,8 @@ pub struct Service<'a> {
     /// The CA bundle the services are verified against, for messages.
     ca_file: &'a Path,
     timeout: Duration,
+    /// The endpoint [`Service::preferring`] put first.
+    preferred: Option<String>,
     /// The session's endpoints that did not answer.
     unreachable: &'a Mutex<Vec<String>>,
 }
@@ -115,8 +139,9 @@ impl<'a> Service<'a> {
         self.name
     }
 
-    /// The same service with `address` tried first (e.g. the leader, for
-    /// what only the leader knows); the configured endpoints follow.
+    /// The same service with `address` tried first, alone (e.g. the
+    /// leader, for what only the leader knows); the configured endpoints
+    /// follow.
     pub fn preferring(&self, address: &str) -> Service<'a> {
         let mut endpoints = self.endpoints.clone();
         endpoints.endpoints.retain(|e| e != address);
@@ -127,18 +152,35 @@ impl<'a> Service<'a> {
             tls: self.tls,
             ca_file: self.ca_file,
             timeout: self.timeout,
+            preferred: Some(address.to_owned()),
             unreachable: self.unreachable,
         }
     }
 
-    fn channel(&self, address: &str) -> Result<Channel, CliError> {
-        bulwark_common::grpc::channel(address, self.tls, self.endpoints.server_name.as_deref())
-            .map_err(|e| {
-                CliError::new(
-                    Exit::Usage,
-                    format!("{}: bad endpoint {address:?}: {e}", self.name),
-                )
-            })
+    /// The channel over `connection`, just made to `address`.
+    fn channel(&self, connection: Dialled, address: &str) -> Result<Channel, CliError> {
+        bulwark_common::grpc::channel_over(
+            connection,
+            address,
+            self.tls,
+            self.endpoints.server_name.as_deref(),
+        )
+        .map_err(|e| self.bad_endpoint(address, &e))
+    }
+
+    /// Fails for an `address` no channel can be built for, before it is
+    /// dialled.
+    fn check_endpoint(&self, address: &str) -> Result<(), CliError> {
+        bulwark_common::grpc::plain_endpoint(address)
+            .map(drop)
+            .map_err(|e| self.bad_endpoint(address, &e))
+    }
+
+    fn bad_endpoint(&self, address: &str, e: &dyn std::fmt::Display) -> CliError {
+        CliError::new(
+            Exit::Usage,
+            format!("{}: bad endpoint {address:?}: {e}", self.name),
+        )
     }
 
     /// Whether a refused certificate is why a call failed: from the error
@@ -224,11 +266,9 @@ impl<'a> Service<'a> {
     {
         let mut last: Option<(tonic::Status, String)> = None;
         let mut queue = self.attempt_order();
-        queue.reverse();
         let mut redirects = 0;
-        while let Some(address) = queue.pop() {
-            let result = match tokio::time::timeout(self.timeout, f(self.channel(&address)?)).await
-            {
+        while let Some((address, channel)) = self.connect_next(&mut queue, &mut last).await? {
+            let result = match tokio::time::timeout(self.timeout, f(channel)).await {
                 Ok(r) => r,
                 Err(_) => Err(tonic::Status::deadline_exceeded(format!(
                     "no answer within {} (raise --timeout if the cluster is slow)",
@@ -247,7 +287,10 @@ impl<'a> Service<'a> {
                         && redirects < MAX_REDIRECTS
                     {
                         redirects += 1;
-                        queue.push(hint.address.clone());
+                        queue.push_front(Candidate {
+                            address: hint.address.clone(),
+                            alone: true,
+                        });
                     } else if matches!(
                         status.code(),
                         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
@@ -267,9 +310,75 @@ impl<'a> Service<'a> {
         Err(self.failure(&status, &address).await)
     }
 
+    /// Takes endpoints from the front of `queue` and dials them until one
+    /// connects: its address and channel. Each gets [`HEAD_START`] before
+    /// the next is dialled as well, and the first to connect wins; one that
+    /// must answer alone is dialled alone. An endpoint whose dial failed is
+    /// recorded as not answering, its failure kept in `last`; those the
+    /// winner overtook go back to the front of the queue, and are tried
+    /// last by the rest of the command's calls. `None` once every endpoint
+    /// failed.
+    async fn connect_next(
+        &self,
+        queue: &mut VecDeque<Candidate>,
+        last: &mut Option<(tonic::Status, String)>,
+    ) -> Result<Option<(String, Channel)>, CliError> {
+        let mut dials = JoinSet::new();
+        let mut dialling: Vec<Candidate> = Vec::new();
+        let mut next_at = Instant::now();
+        loop {
+            let may_start = queue.front().is_some_and(|next| {
+                dialling.is_empty()
+                    || (!next.alone && !dialling[0].alone && Instant::now() >= next_at)
+            });
+            if may_start {
+                let next = queue.pop_front().expect("checked above");
+                self.check_endpoint(&next.address)?;
+                let (address, tls) = (next.address.clone(), self.tls.clone());
+                let server_name = self.endpoints.server_name.clone();
+                dials.spawn(async move {
+                    let dialled =
+                        bulwark_common::grpc::dial(&address, &tls, server_name.as_deref()).await;
+                    (address, dialled)
+                });
+                dialling.push(next);
+                next_at = Instant::now() + HEAD_START;
+                continue;
+            }
+            let may_add = queue.front().is_some_and(|next| !next.alone)
+                && dialling.first().is_some_and(|d| !d.alone);
+            let joined = tokio::select! {
+                joined = dials.join_next() => joined,
+                () = tokio::time::sleep_until(next_at), if may_add => continue,
+            };
+            let Some(joined) = joined else {
+                return Ok(None);
+            };
+            let (address, dialled) =
+                joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            dialling.retain(|d| d.address != address);
+            match dialled {
+                Ok(connection) => {
+                    for overtaken in dialling.into_iter().rev() {
+                        self.answered(&overtaken.address, false);
+                        queue.push_front(overtaken);
+                    }
+                    let channel = self.channel(connection, &address)?;
+                    return Ok(Some((address, channel)));
+                }
+                Err(e) => {
+                    self.answered(&address, false);
+                    *last = Some((bulwark_common::grpc::dial_failure(e), address));
+                    // The next endpoint need not wait for the head start.
+                    next_at = Instant::now();
+                }
+            }
+        }
+    }
+
     /// The endpoints in the order a call tries them: as configured (or
     /// preferred), those that did not answer earlier in this command last.
-    fn attempt_order(&self) -> Vec<String> {
+    fn attempt_order(&self) -> VecDeque<Candidate> {
         let unreachable = self
             .unreachable
             .lock()
@@ -282,6 +391,13 @@ impl<'a> Service<'a> {
             .partition(|e| unreachable.contains(e));
         order.extend(late);
         order
+            .into_iter()
+            .enumerate()
+            .map(|(i, address)| Candidate {
+                alone: i == 0 && self.preferred.as_ref() == Some(&address),
+                address,
+            })
+            .collect()
     }
 
     /// Records whether `address` answered.
@@ -321,23 +437,13 @@ mod tests {
     use crate::context::ServiceEndpoints;
 
     /// A node whose host hangs (it accepts connections and never answers)
-    /// costs one connect timeout per command: the calls after the first
-    /// try the other node first, and the hung one again only when nothing
-    /// else answers.
+    /// costs a head start, not a connect timeout: the next node is dialled
+    /// as well and answers. The calls after the first try the other node
+    /// first, and the hung one again only when nothing else answers.
     #[tokio::test]
-    async fn an_endpoint_that_did_not_answer_is_tried_last_for_the_rest_of_the_command() {
+    async fn a_hung_endpoint_is_overtaken_and_tried_last_for_the_rest_of_the_command() {
         let pki = bulwark_testkit::Pki::new().unwrap();
-        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let hung_addr = hung.local_addr().unwrap().to_string();
-        let dialled = Arc::new(AtomicUsize::new(0));
-        let count = dialled.clone();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((conn, _)) = hung.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                held.push(conn);
-            }
-        });
+        let (hung_addr, dialled) = hung_listener().await;
         let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let live_addr = live.local_addr().unwrap().to_string();
         let material = pki
@@ -354,15 +460,32 @@ mod tests {
                 .await
         });
 
-        let session = lb_session(&pki, vec![hung_addr.clone(), live_addr]);
+        let session = lb_session(&pki, vec![hung_addr.clone(), live_addr.clone()]);
         let svc = session.lb().unwrap();
-        for call in 0..3 {
+        let started = Instant::now();
+        health_check(&svc).await.unwrap();
+        assert!(
+            started.elapsed() < bulwark_common::grpc::CONNECT_TIMEOUT,
+            "the call waited {:?} for the hung node",
+            started.elapsed()
+        );
+        for call in 1..3 {
             health_check(&svc).await.unwrap();
             assert_eq!(dialled.load(Ordering::SeqCst), 1, "call {call}");
         }
         // Preferring it puts it first only while it is not known to hang.
         health_check(&svc.preferring(&hung_addr)).await.unwrap();
         assert_eq!(dialled.load(Ordering::SeqCst), 1);
+
+        // A preferred endpoint not yet known to hang is dialled alone, for
+        // the whole connect timeout: only it has the answer wanted.
+        let fresh = lb_session(&pki, vec![live_addr, hung_addr.clone()]);
+        let started = Instant::now();
+        health_check(&fresh.lb().unwrap().preferring(&hung_addr))
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= bulwark_common::grpc::CONNECT_TIMEOUT);
+        assert_eq!(dialled.load(Ordering::SeqCst), 2);
 
         // With no other node to ask, the hung one is reported as
         // unreachable (exit 3), once.
@@ -375,8 +498,25 @@ mod tests {
             )),
             "{e}"
         );
-        assert_eq!(dialled.load(Ordering::SeqCst), 2);
+        assert_eq!(dialled.load(Ordering::SeqCst), 3);
         shutdown.token().cancel();
+    }
+
+    /// A listener that accepts connections and never answers, as a host
+    /// that hangs: its address, and how many connections it took.
+    async fn hung_listener() -> (String, Arc<AtomicUsize>) {
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = hung.local_addr().unwrap().to_string();
+        let dialled = Arc::new(AtomicUsize::new(0));
+        let count = dialled.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = hung.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+        (address, dialled)
     }
 
     /// A viewer's session with `endpoints` as the LB's.

@@ -499,6 +499,30 @@ impl BgpLab {
         }
     }
 
+    /// Waits until the router's RIB has no route via host `old` for any
+    /// VIP address (its sessions went down, or it withdrew): how long that
+    /// took. Other routes may or may not be there yet.
+    pub async fn wait_for_withdrawal(&self, old: usize, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        let hosts = self.lb_hosts();
+        loop {
+            let ribs = self.ribs().unwrap_or_default();
+            let via_old = ribs
+                .iter()
+                .flatten()
+                .any(|hop| host_of(&hosts, *hop) == Some(old));
+            if ribs.len() == self.vips.len() && !via_old {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "the route via host {old} still there after {timeout:?}: RIBs {ribs:?}\nbird:\n{}",
+                self.bird.protocols()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Node `i`'s status over the API, from the client host.
     pub async fn status(&self, i: usize) -> Option<lb::GetStatusResponse> {
         let addr = SocketAddr::new(IpAddr::V4(self.lab.host(i).addr()), 9442);

@@ -9,7 +9,9 @@
 //!   and the bootstrap protocol;
 //! - the publisher: every applied state becomes a new backend snapshot for
 //!   the data path (versioned by the applied log index);
-//! - the seeder: a leader proposes the configured backends once;
+//! - the seeder: a leader proposes the configured backends once; and the
+//!   drift watch, which logs where this node's lb.yaml and the registry
+//!   part (`backends::drift`);
 //! - the VIP task (bind or arp mode) and, in arp mode, the front listener
 //!   on VIP:port that every node keeps;
 //! - the node-local proxy listener, when configured;
@@ -246,6 +248,10 @@ pub async fn run(
     shutdown.spawn(
         "seeder",
         seed(raft.clone(), sm.clone(), config.clone(), shutdown.token()),
+    );
+    shutdown.spawn(
+        "backend-drift",
+        crate::backends::drift::watch(sm.clone(), config.backends.clone(), shutdown.token()),
     );
     spawn_bootstrap(shutdown, &config, &raft, &store, &cluster, &tls);
     shutdown.spawn_critical(

@@ -506,6 +506,29 @@ async fn heavy_bulwarkctl_lb_commands() {
     ctl(&c, &["remove-backend", "api-2"]).await;
     let backends = ctl(&c, &["backends"]).await;
     assert_eq!(backends.as_array().unwrap().len(), 1);
+
+    // lb.yaml seeded api-1 with weight 100: every node says its file and
+    // the registry part, and again when they match.
+    ctl(&c, &["update-backend", "api-1", "--weight", "7"]).await;
+    every_log_says(&c, "set otherwise in lb.yaml: api-1: weight 100 → 7").await;
+    ctl(&c, &["update-backend", "api-1", "--weight", "100"]).await;
+    every_log_says(&c, "lb.yaml's backends match the registry again").await;
+}
+
+/// Waits until every node's log holds `line`.
+async fn every_log_says(c: &LbCluster, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for node in &c.nodes {
+        while !node.process.log().contains(line) {
+            assert!(
+                Instant::now() < deadline,
+                "lb-{} never logged {line:?}:\n{}",
+                node.id,
+                node.process.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

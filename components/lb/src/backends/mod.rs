@@ -14,6 +14,7 @@
 //! cancels the backend's close token; every connection to that backend
 //! selects on the token, so nothing polls.
 
+pub mod drift;
 mod set;
 mod stats;
 

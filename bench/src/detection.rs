@@ -44,7 +44,8 @@ use bulwark_testkit::{Pki, cluster, config};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::datapath::{ReportHead, free_port, publish};
+use crate::datapath::free_port;
+use crate::report::{ReportHead, publish};
 use crate::stats::{loadavg, median, report_machine};
 
 const ZONES: [&str; 3] = ["a", "b", "c"];

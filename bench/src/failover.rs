@@ -13,7 +13,7 @@
 //! checks describe the same thing.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
@@ -21,7 +21,8 @@ use serde::Serialize;
 
 use bulwark_testkit::cluster::lab::{LbLab, Sampler, measure_gap};
 
-use crate::stats::{kernel, machine_summary, median, ms, ms_cell, percentile};
+use crate::report::LabReportHead;
+use crate::stats::{median, ms, ms_cell, percentile};
 
 /// Flags of `bulwark-bench failover`.
 #[derive(clap::Args)]
@@ -155,44 +156,6 @@ struct Soak {
     /// Connects from the client host during the soak, and how many failed.
     connects: u64,
     failed_connects: u64,
-}
-
-/// The head of a lab scenario's report: which scenario, by which command,
-/// on what machine (in one line) and kernel, and when.
-#[derive(Serialize)]
-pub(crate) struct LabReportHead {
-    pub(crate) scenario: &'static str,
-    pub(crate) command: String,
-    pub(crate) machine: String,
-    pub(crate) kernel: String,
-    pub(crate) date: String,
-}
-
-impl LabReportHead {
-    /// The head of `scenario`'s report, made now by this process's command
-    /// line.
-    pub(crate) fn new(scenario: &'static str) -> Self {
-        Self {
-            scenario,
-            command: std::env::args().collect::<Vec<_>>().join(" "),
-            machine: machine_summary(),
-            kernel: kernel(),
-            date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        }
-    }
-
-    /// Writes the report it heads, `report` and its markdown `md`, as
-    /// `<out_dir>/<day>-<scenario>.json` and `.md`, and prints `md`.
-    pub(crate) fn write(
-        &self,
-        out_dir: &Path,
-        md: &str,
-        report: &impl Serialize,
-    ) -> anyhow::Result<()> {
-        crate::datapath::write_report(out_dir, &self.date, self.scenario, md, report)?;
-        println!("{md}");
-        Ok(())
-    }
 }
 
 #[derive(Serialize)]

@@ -12,6 +12,7 @@ mod datapath;
 mod detection;
 mod failover;
 mod probecost;
+mod report;
 mod restore;
 mod runtime;
 mod stats;

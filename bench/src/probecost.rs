@@ -24,7 +24,8 @@ use anyhow::{Context, bail};
 use bulwark_testkit::config;
 use serde::Serialize;
 
-use crate::datapath::{ReportHead, free_port, publish, spawn, wait_listening};
+use crate::datapath::{free_port, spawn, wait_listening};
+use crate::report::{ReportHead, publish};
 use crate::stats::{cpu_seconds, loadavg, median, report_machine};
 
 /// Flags of `bulwark-bench probe-cost`.

@@ -34,7 +34,7 @@ use serde::Serialize;
 
 use bulwark_testkit::cluster::lab::{LbLab, Stack};
 
-use crate::failover::LabReportHead;
+use crate::report::LabReportHead;
 use crate::stats::{loadavg, median};
 use load::Load;
 use steps::{MixedCheck, Step, Upgrade};

@@ -232,7 +232,7 @@ impl Report {
             "Command: `{}` ({how}). The run took {:.0} s.\n",
             self.command, self.duration_s
         );
-        let _ = writeln!(s, "Machine: {}.\n", crate::datapath::kv(&self.machine));
+        let _ = writeln!(s, "Machine: {}.\n", crate::report::kv(&self.machine));
         let _ = writeln!(
             s,
             "Load average (1/5/15 min) before: {}, after: {}. The machine is shared with other builds: compare the fronts (and bulwark's bgp mode with its arp mode) within this run, not across runs.\n",

@@ -270,10 +270,7 @@ impl<'a> Service<'a> {
         while let Some((address, channel)) = self.connect_next(&mut queue, &mut last).await? {
             let result = match tokio::time::timeout(self.timeout, f(channel)).await {
                 Ok(r) => r,
-                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                    "no answer within {} (raise --timeout if the cluster is slow)",
-                    humantime::format_duration(self.timeout)
-                ))),
+                Err(_) => Err(self.no_answer()),
             };
             match result {
                 Ok(v) => {
@@ -310,8 +307,9 @@ impl<'a> Service<'a> {
         Err(self.failure(&status, &address).await)
     }
 
-    /// Takes endpoints from the front of `queue` and dials them until one
-    /// connects: its address and channel. Each gets [`HEAD_START`] before
+    /// Takes endpoints from the front of `queue` and dials them, each
+    /// within the per-call deadline, until one connects: its address and
+    /// channel. Each gets [`HEAD_START`] before
     /// the next is dialled as well, and the first to connect wins; one that
     /// must answer alone is dialled alone. An endpoint whose dial failed is
     /// recorded as not answering, its failure kept in `last`; those the
@@ -336,9 +334,13 @@ impl<'a> Service<'a> {
                 self.check_endpoint(&next.address)?;
                 let (address, tls) = (next.address.clone(), self.tls.clone());
                 let server_name = self.endpoints.server_name.clone();
+                let (timeout, no_answer) = (self.timeout, self.no_answer());
                 dials.spawn(async move {
-                    let dialled =
-                        bulwark_common::grpc::dial(&address, &tls, server_name.as_deref()).await;
+                    let dial = bulwark_common::grpc::dial(&address, &tls, server_name.as_deref());
+                    let dialled = match tokio::time::timeout(timeout, dial).await {
+                        Ok(dialled) => dialled.map_err(bulwark_common::grpc::dial_failure),
+                        Err(_) => Err(no_answer),
+                    };
                     (address, dialled)
                 });
                 dialling.push(next);
@@ -366,14 +368,23 @@ impl<'a> Service<'a> {
                     let channel = self.channel(connection, &address)?;
                     return Ok(Some((address, channel)));
                 }
-                Err(e) => {
+                Err(status) => {
                     self.answered(&address, false);
-                    *last = Some((bulwark_common::grpc::dial_failure(e), address));
+                    *last = Some((status, address));
                     // The next endpoint need not wait for the head start.
                     next_at = Instant::now();
                 }
             }
         }
+    }
+
+    /// The status of a call, or a dial, that did not end within the
+    /// per-call deadline.
+    fn no_answer(&self) -> tonic::Status {
+        tonic::Status::deadline_exceeded(format!(
+            "no answer within {} (raise --timeout if the cluster is slow)",
+            humantime::format_duration(self.timeout)
+        ))
     }
 
     /// The endpoints in the order a call tries them: as configured (or

@@ -544,7 +544,8 @@ localListener: '{LOCAL_LISTENER}'"
             s,
             "# Seeded once, by the first leader, into an empty registry; afterwards
 # the registry is what Raft says (`bulwarkctl lb add-backend` adds
-# {others} once their apiservers have joined).
+# {others} once their apiservers have joined), and editing this
+# list changes nothing: bulwark-lb logs where it and the registry part.
 backends:
 - {{id: {name}, address: '{api}', zone: {zone}}}",
             others = others_than_first(c),

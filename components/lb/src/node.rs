@@ -11,7 +11,7 @@
 //!   the data path (versioned by the applied log index);
 //! - the seeder: a leader proposes the configured backends once; and the
 //!   drift watch, which logs where this node's lb.yaml and the registry
-//!   part (`backends::drift`);
+//!   part (both in `raft::seed`);
 //! - the VIP task (bind or arp mode) and, in arp mode, the front listener
 //!   on VIP:port that every node keeps;
 //! - the node-local proxy listener, when configured;
@@ -32,7 +32,6 @@ use anyhow::Context;
 use bulwark_api::lb::v1::backend_watch_server::BackendWatchServer;
 use bulwark_api::lb::v1::load_balancer_server::LoadBalancerServer;
 use bulwark_api::lb::v1::probe_reports_server::ProbeReportsServer;
-use bulwark_api::raft::v1 as pb;
 use bulwark_api::raft::v1::raft_server::RaftServer;
 use bulwark_common::admin::Health;
 use bulwark_common::daemon::Daemon;
@@ -54,8 +53,8 @@ use crate::health::HealthService;
 use crate::raft::Raft;
 use crate::raft::membership::{self, Bootstrap};
 use crate::raft::network::{ClusterId, Network};
+use crate::raft::seed;
 use crate::raft::server::{RaftService, Signals};
-use crate::raft::state::command;
 use crate::raft::store::{StateMachineStore, Store};
 use crate::raft::timers::PeerTimers;
 use crate::raft::types::LbNode;
@@ -247,11 +246,11 @@ pub async fn run(
     );
     shutdown.spawn(
         "seeder",
-        seed(raft.clone(), sm.clone(), config.clone(), shutdown.token()),
+        seed::seed(raft.clone(), sm.clone(), config.clone(), shutdown.token()),
     );
     shutdown.spawn(
         "backend-drift",
-        crate::backends::drift::watch(sm.clone(), config.backends.clone(), shutdown.token()),
+        seed::watch_drift(sm.clone(), config.backends.clone(), shutdown.token()),
     );
     spawn_bootstrap(shutdown, &config, &raft, &store, &cluster, &tls);
     shutdown.spawn_critical(
@@ -746,61 +745,6 @@ async fn readiness(
                 None => Err("no leader known".into()),
             },
         );
-        if !next_change(&token, rx.changed()).await {
-            return Ok(());
-        }
-    }
-}
-
-/// As leader, proposes the configured backends once, if the registry was
-/// never seeded.
-async fn seed(
-    raft: Raft,
-    sm: StateMachineStore,
-    config: LbConfig,
-    token: CancellationToken,
-) -> anyhow::Result<()> {
-    let mut rx = raft.metrics();
-    loop {
-        if sm.current().seeded() {
-            return Ok(());
-        }
-        let leading = crate::raft::leads(&rx.borrow_watched(), config.node_id);
-        if leading {
-            let backends = config
-                .backends
-                .iter()
-                .map(|b| pb::BackendRecord {
-                    id: b.id.clone(),
-                    address: b.address.to_string(),
-                    zone: b.zone.clone(),
-                    weight: b.weight,
-                    admin_state: pb::AdminState::Active as i32,
-                    drain_deadline: None,
-                })
-                .collect();
-            let cmd = command(
-                std::time::SystemTime::now(),
-                pb::command::Command::SeedBackends(pb::SeedBackends { backends }),
-            );
-            match raft.client_write(cmd).await {
-                Ok(_) => {
-                    tracing::info!(
-                        count = config.backends.len(),
-                        "seeded the backend registry from the configuration"
-                    );
-                    continue;
-                }
-                // A new leader accepts writes once a quorum acknowledged
-                // it (openraft's check-quorum lease): try again shortly.
-                Err(e) => tracing::debug!(error = %e, "seeding the backend registry: retrying"),
-            }
-            tokio::select! {
-                () = token.cancelled() => return Ok(()),
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-            continue;
-        }
         if !next_change(&token, rx.changed()).await {
             return Ok(());
         }

@@ -14,7 +14,6 @@
 //! cancels the backend's close token; every connection to that backend
 //! selects on the token, so nothing polls.
 
-pub mod drift;
 mod set;
 mod stats;
 

@@ -24,6 +24,7 @@ pub mod convert;
 pub mod elector;
 pub mod membership;
 pub mod network;
+pub mod seed;
 pub mod server;
 pub mod state;
 pub mod store;

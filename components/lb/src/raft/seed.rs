@@ -1,24 +1,84 @@
-//! lb.yaml's `backends` against the registry. The file seeds an empty
-//! registry once; from then on the registry (changed with `bulwarkctl lb
-//! add-backend`, `update-backend`, `remove-backend`) is what every node
-//! routes to, and a later edit of the file changes nothing. An operator who
-//! edited it and restarted the node would see no effect and no reason, so
-//! each node says, in its log, where its file and the registry part.
+//! lb.yaml's `backends` and the registry. A leader seeds an empty registry
+//! with them, once ([`seed`]); from then on the registry (changed with
+//! `bulwarkctl lb add-backend`, `update-backend`, `remove-backend`) is what
+//! every node routes to, and a later edit of the file changes nothing. An
+//! operator who edited it and restarted the node would see no effect and no
+//! reason, so each node says, in its log, where its file and the registry
+//! part ([`watch_drift`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use bulwark_api::raft::v1 as pb;
+use bulwark_common::shutdown::next_change;
+use openraft::async_runtime::WatchReceiver;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, LbConfig};
+use crate::raft::Raft;
+use crate::raft::state::command;
 use crate::raft::store::StateMachineStore;
 
 /// How long the registry must stay unchanged before it is compared: a
 /// restarted node replays its log, and the states it passes on the way say
 /// nothing about the file.
 const SETTLED: Duration = Duration::from_secs(2);
+
+/// As leader, proposes the configured backends once, if the registry was
+/// never seeded.
+pub async fn seed(
+    raft: Raft,
+    sm: StateMachineStore,
+    config: LbConfig,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut rx = raft.metrics();
+    loop {
+        if sm.current().seeded() {
+            return Ok(());
+        }
+        let leading = crate::raft::leads(&rx.borrow_watched(), config.node_id);
+        if leading {
+            let backends = config
+                .backends
+                .iter()
+                .map(|b| pb::BackendRecord {
+                    id: b.id.clone(),
+                    address: b.address.to_string(),
+                    zone: b.zone.clone(),
+                    weight: b.weight,
+                    admin_state: pb::AdminState::Active as i32,
+                    drain_deadline: None,
+                })
+                .collect();
+            let cmd = command(
+                std::time::SystemTime::now(),
+                pb::command::Command::SeedBackends(pb::SeedBackends { backends }),
+            );
+            match raft.client_write(cmd).await {
+                Ok(_) => {
+                    tracing::info!(
+                        count = config.backends.len(),
+                        "seeded the backend registry from the configuration"
+                    );
+                    continue;
+                }
+                // A new leader accepts writes once a quorum acknowledged
+                // it (openraft's check-quorum lease): try again shortly.
+                Err(e) => tracing::debug!(error = %e, "seeding the backend registry: retrying"),
+            }
+            tokio::select! {
+                () = token.cancelled() => return Ok(()),
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            continue;
+        }
+        if !next_change(&token, rx.changed()).await {
+            return Ok(());
+        }
+    }
+}
 
 /// Where lb.yaml's backends and the registry part, by backend id.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -110,7 +170,7 @@ fn differences(c: &BackendConfig, r: &pb::BackendRecord) -> Vec<String> {
 /// time it settles after a change, and logs each new difference: a warning
 /// when lb.yaml says something the registry does not do, else a note. A
 /// file that lists no backends seeds nothing and is not compared.
-pub async fn watch(
+pub async fn watch_drift(
     sm: StateMachineStore,
     configured: Vec<BackendConfig>,
     token: CancellationToken,
@@ -132,7 +192,7 @@ pub async fn watch(
                 said = drift;
             }
         }
-        if !bulwark_common::shutdown::next_change(&token, rx.changed()).await {
+        if !next_change(&token, rx.changed()).await {
             return Ok(());
         }
     }

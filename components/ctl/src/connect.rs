@@ -31,7 +31,7 @@ const DIAGNOSIS_TIMEOUT: Duration = Duration::from_secs(3);
 const HEAD_START: Duration = Duration::from_millis(300);
 
 /// An endpoint a call may try.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Candidate {
     address: String,
     /// Only this endpoint can give the answer wanted (the preferred one, or

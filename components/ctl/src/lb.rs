@@ -506,7 +506,10 @@ impl LbCommand {
                     weight: *weight,
                     drained: *drained,
                 };
-                add_backend(svc, format, req).await
+                change_backend(svc, format, req, |mut c, r| async move {
+                    c.add_backend(r).await
+                })
+                .await
             }
             LbCommand::UpdateBackend { id, weight, zone } => {
                 let req = lb::UpdateBackendRequest {
@@ -514,7 +517,10 @@ impl LbCommand {
                     weight: *weight,
                     zone: zone.clone(),
                 };
-                update_backend(svc, format, req).await
+                change_backend(svc, format, req, |mut c, r| async move {
+                    c.update_backend(r).await
+                })
+                .await
             }
             LbCommand::RemoveBackend { id } => remove_backend(svc, format, id).await,
             LbCommand::Members => members(svc, format).await,
@@ -720,50 +726,34 @@ async fn drain(
         id: id.to_owned(),
         max_drain_duration: max_duration.map(pb_duration).transpose()?,
     };
-    let b = svc
-        .send(LoadBalancerClient::new, req, |mut c, r| async move {
-            c.drain_backend(r).await
-        })
-        .await?;
-    print_backends(format, &[backend_view(&b)])
+    change_backend(svc, format, req, |mut c, r| async move {
+        c.drain_backend(r).await
+    })
+    .await
 }
 
 /// `lb undrain ID`.
 async fn undrain(svc: &Service<'_>, format: OutputFormat, id: &str) -> Result<(), CliError> {
     let req = lb::UndrainBackendRequest { id: id.to_owned() };
-    let b = svc
-        .send(LoadBalancerClient::new, req, |mut c, r| async move {
-            c.undrain_backend(r).await
-        })
-        .await?;
-    print_backends(format, &[backend_view(&b)])
+    change_backend(svc, format, req, |mut c, r| async move {
+        c.undrain_backend(r).await
+    })
+    .await
 }
 
-/// `lb add-backend`.
-async fn add_backend(
+/// Sends a change of one backend (drain, undrain, add, update) with `rpc`
+/// and prints the backend as the answer gives it.
+async fn change_backend<Req, Fut>(
     svc: &Service<'_>,
     format: OutputFormat,
-    req: lb::AddBackendRequest,
-) -> Result<(), CliError> {
-    let b = svc
-        .send(LoadBalancerClient::new, req, |mut c, r| async move {
-            c.add_backend(r).await
-        })
-        .await?;
-    print_backends(format, &[backend_view(&b)])
-}
-
-/// `lb update-backend ID [--weight W] [--zone Z]`.
-async fn update_backend(
-    svc: &Service<'_>,
-    format: OutputFormat,
-    req: lb::UpdateBackendRequest,
-) -> Result<(), CliError> {
-    let b = svc
-        .send(LoadBalancerClient::new, req, |mut c, r| async move {
-            c.update_backend(r).await
-        })
-        .await?;
+    req: Req,
+    rpc: impl Fn(LoadBalancerClient<tonic::transport::Channel>, Req) -> Fut,
+) -> Result<(), CliError>
+where
+    Req: Clone,
+    Fut: std::future::Future<Output = Result<tonic::Response<lb::Backend>, tonic::Status>>,
+{
+    let b = svc.send(LoadBalancerClient::new, req, rpc).await?;
     print_backends(format, &[backend_view(&b)])
 }
 

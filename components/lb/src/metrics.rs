@@ -219,6 +219,11 @@ pub const DEFS: &[MetricDef] = &[
         "Connections that left this backend for another after a failed connect, by backend.",
     ),
     MetricDef::dynamic(
+        "bulwark_lb_backend_avoided_total",
+        Counter,
+        "Times new connections started to avoid this backend after a failed connect to it (one trial connection a second until a connect succeeds), by backend.",
+    ),
+    MetricDef::dynamic(
         "bulwark_lb_connections_accepted_total",
         Counter,
         "Client connections accepted, by listener.",

@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 pub use set::{Backend, BackendSet};
-pub use stats::{BackendStats, BackendStatus, ConnectErrorKind, StatsSnapshot};
+pub use stats::{
+    AVOID_AFTER_FAILURE, BackendStats, BackendStatus, ConnectErrorKind, StatsSnapshot,
+};
 
 /// One apiserver endpoint as the registry describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -244,9 +244,15 @@ impl BackendSet {
     /// skipping the indices in `exclude` (backends this connection already
     /// failed to reach). `None` when no eligible backend is left. No lock,
     /// no await, no allocation.
+    ///
+    /// A backend avoided after a failed connect (stats.rs) is taken only
+    /// when no tier offers another: it stays a last resort, never excluded.
+    /// One whose avoidance ran out is picked as before, and that pick is
+    /// its trial.
     pub fn pick(&self, mode: RoutingMode, exclude: &[usize]) -> Option<&Backend> {
         let tiers: [&[usize]; 3] = [self.first_tier(mode), &self.routable, &self.fail_open];
         let mut last_len = usize::MAX;
+        let mut last_resort = None;
         for tier in tiers {
             // `routable` repeats the first tier when balanced, or when no
             // zone preference is in effect: same length means same list.
@@ -255,12 +261,19 @@ impl BackendSet {
             }
             last_len = tier.len();
             if let Some(i) = self.p2c(tier, exclude) {
-                return Some(&self.backends[i]);
+                if !self.avoided(i) {
+                    self.backends[i].stats.picked();
+                    return Some(&self.backends[i]);
+                }
+                last_resort.get_or_insert(i);
             }
         }
-        None
+        last_resort.map(|i| &self.backends[i])
     }
 
+    /// Power of two choices over `tier` without `exclude`; an avoided
+    /// draw loses to one that is not, and when the choice is avoided the
+    /// lightest candidate that is not (if any) is taken instead.
     fn p2c(&self, tier: &[usize], exclude: &[usize]) -> Option<usize> {
         let available = if exclude.is_empty() {
             tier.len()
@@ -279,9 +292,9 @@ impl BackendSet {
                     .unwrap_or(tier[0])
             }
         };
-        match available {
-            0 => None,
-            1 => Some(nth(0)),
+        let choice = match available {
+            0 => return None,
+            1 => nth(0),
             n => {
                 let a = below(n);
                 let mut b = below(n - 1);
@@ -289,9 +302,31 @@ impl BackendSet {
                     b += 1;
                 }
                 let (a, b) = (nth(a), nth(b));
-                Some(if self.lighter(b, a) { b } else { a })
+                match (self.avoided(a), self.avoided(b)) {
+                    (false, true) => a,
+                    (true, false) => b,
+                    _ if self.lighter(b, a) => b,
+                    _ => a,
+                }
             }
+        };
+        if !self.avoided(choice) {
+            return Some(choice);
         }
+        let others = tier
+            .iter()
+            .copied()
+            .filter(|i| !exclude.contains(i) && !self.avoided(*i));
+        Some(
+            others
+                .reduce(|x, y| if self.lighter(y, x) { y } else { x })
+                .unwrap_or(choice),
+        )
+    }
+
+    #[inline]
+    fn avoided(&self, i: usize) -> bool {
+        self.backends[i].stats.avoided()
     }
 
     /// Whether `x` carries clearly less load per unit of weight than `y`:

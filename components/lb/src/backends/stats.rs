@@ -7,10 +7,20 @@
 //! threads would bounce its cache line between cores on every message.
 //! Reads sum the shards; the Prometheus counters get the sums at scrape
 //! time ([`bulwark_common::telemetry::scrape`]).
+//!
+//! A failed connect also marks the backend *avoided* for
+//! [`AVOID_AFTER_FAILURE`]: selection prefers any other candidate until
+//! then (`set.rs`). When that runs out, the next connection picked for it
+//! is its trial and renews the avoidance for everyone else while it
+//! connects; the first connect that succeeds ends it. This is the node's
+//! own data path steering around what it just saw fail, in the time before
+//! the probers' verdict: an apiserver whose host went dark (a stacked
+//! control-plane node powered off) would otherwise cost every new
+//! connection sent there the whole connect timeout.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use metrics::{Counter, Gauge};
 use serde::Serialize;
@@ -61,6 +71,13 @@ impl ConnectErrorKind {
     }
 }
 
+/// How long new connections prefer other backends after a connect to a
+/// backend failed, and after each trial connection picked for it since.
+/// Long enough that the probers' verdict on a dead apiserver (a few
+/// seconds) costs a few trial connections; short enough that a backend
+/// that failed once under a burst is back in the rotation at once.
+pub const AVOID_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
 /// A backend's counters at one instant.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -100,6 +117,7 @@ struct Handles {
     bytes_out: Counter,
     connect_errors: [Counter; 4],
     retries: Counter,
+    avoided: Counter,
 }
 
 /// Drain bookkeeping; only publishers touch it.
@@ -110,6 +128,15 @@ struct DrainControl {
     since: Option<SystemTime>,
     /// The armed deadline and its timer.
     timer: Option<(SystemTime, Option<tokio::task::AbortHandle>)>,
+}
+
+/// Monotonic nanoseconds since the first call in this process (at least 1).
+fn mono_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
 }
 
 /// How many byte counters each backend keeps: threads share one only
@@ -144,6 +171,10 @@ pub struct BackendStats {
     published: Mutex<(u64, u64)>,
     connect_errors: AtomicU64,
     retries: AtomicU64,
+    /// Until when new connections prefer other backends, on [`mono_ns`]'s
+    /// scale; 0 once a connect succeeded. Set by a failed connect and by
+    /// a trial's pick.
+    avoid_until: AtomicU64,
     m: Handles,
     drain: Mutex<DrainControl>,
 }
@@ -173,6 +204,7 @@ impl BackendStats {
             published: Mutex::new((0, 0)),
             connect_errors: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            avoid_until: AtomicU64::new(0),
             m: Handles {
                 active: metrics::gauge!("bulwark_lb_connections_active", "backend" => b.clone()),
                 total: metrics::counter!("bulwark_lb_connections_total", "backend" => b.clone()),
@@ -180,6 +212,7 @@ impl BackendStats {
                 bytes_out: metrics::counter!("bulwark_lb_bytes_out_total", "backend" => b.clone()),
                 connect_errors: ConnectErrorKind::ALL.map(err),
                 retries: metrics::counter!("bulwark_lb_backend_retries_total", "backend" => b.clone()),
+                avoided: metrics::counter!("bulwark_lb_backend_avoided_total", "backend" => b.clone()),
             },
             drain: Mutex::new(DrainControl::default()),
         }
@@ -223,8 +256,12 @@ impl BackendStats {
         self.active.fetch_sub(1, Relaxed);
     }
 
-    /// Counts the reserved slot as an established connection.
+    /// Counts the reserved slot as an established connection (which ends
+    /// any avoidance).
     pub(crate) fn confirm(&self) {
+        if self.avoid_until.load(Relaxed) != 0 {
+            self.avoid_until.store(0, Relaxed);
+        }
         self.total.fetch_add(1, Relaxed);
         self.m.active.increment(1.0);
         self.m.total.increment(1);
@@ -240,9 +277,40 @@ impl BackendStats {
         self.bytes[my_shard()].out.fetch_add(n, Relaxed);
     }
 
-    pub(crate) fn connect_failed(&self, kind: ConnectErrorKind) {
+    /// Counts a failed connect and avoids the backend for
+    /// [`AVOID_AFTER_FAILURE`] from now. True when that starts an
+    /// avoidance: a connect to it had succeeded since its last failure
+    /// (a failed trial goes on with the same one).
+    pub(crate) fn connect_failed(&self, kind: ConnectErrorKind) -> bool {
         self.connect_errors.fetch_add(1, Relaxed);
         self.m.connect_errors[kind.index()].increment(1);
+        let now = mono_ns();
+        let until = now + AVOID_AFTER_FAILURE.as_nanos() as u64;
+        let started = self.avoid_until.swap(until, Relaxed) == 0;
+        if started {
+            self.m.avoided.increment(1);
+        }
+        started
+    }
+
+    /// Whether new connections should prefer other backends now. Reads
+    /// the clock only while an avoidance is recorded.
+    #[inline]
+    pub(crate) fn avoided(&self) -> bool {
+        let until = self.avoid_until.load(Relaxed);
+        until != 0 && until > mono_ns()
+    }
+
+    /// Notes that a new connection picked it while it was not avoided. If
+    /// an avoidance ran out with no successful connect since, this
+    /// connection is the trial: the others keep avoiding it for another
+    /// [`AVOID_AFTER_FAILURE`] unless the trial's connect succeeds.
+    #[inline]
+    pub(crate) fn picked(&self) {
+        if self.avoid_until.load(Relaxed) != 0 {
+            let until = mono_ns() + AVOID_AFTER_FAILURE.as_nanos() as u64;
+            self.avoid_until.store(until, Relaxed);
+        }
     }
 
     pub(crate) fn retried(&self) {

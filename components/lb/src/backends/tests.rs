@@ -200,6 +200,99 @@ fn exclusion_leaves_the_zone_before_giving_up() {
     assert!(set.pick(ZP, &[0, 1]).is_none());
 }
 
+#[test]
+fn a_backend_whose_connect_failed_is_avoided_until_one_to_it_succeeds() {
+    let b = Backends::default();
+    b.publish(
+        vec![healthy("a", "z"), healthy("b", "z"), healthy("c", "z")],
+        1,
+    )
+    .unwrap();
+    let set = b.load();
+    let a = set.by_id("a").unwrap().stats().clone();
+    // The lightest by far, and still never picked while avoided.
+    for id in ["b", "c"] {
+        for _ in 0..50 {
+            set.by_id(id).unwrap().stats().reserve();
+        }
+    }
+    assert!(a.connect_failed(ConnectErrorKind::Timeout), "starts");
+    assert!(!a.connect_failed(ConnectErrorKind::Timeout), "extends");
+    assert_eq!(picks(&b, 300), HashSet::from(["b".into(), "c".into()]));
+    // With the others excluded it is the last resort, not gone.
+    let (bi, ci) = (
+        set.by_id("b").unwrap().index(),
+        set.by_id("c").unwrap().index(),
+    );
+    assert_eq!(set.pick(b.mode(), &[bi, ci]).unwrap().id(), "a");
+
+    // A connect to it that succeeds (one that raced the failure) ends it.
+    a.reserve();
+    a.confirm();
+    assert!(!a.avoided());
+    assert!(picks(&b, 100).contains("a"));
+}
+
+#[test]
+fn an_avoidance_runs_out_into_one_trial_at_a_time() {
+    let b = Backends::default();
+    b.publish(vec![healthy("a", "z"), healthy("b", "z")], 1)
+        .unwrap();
+    let set = b.load();
+    let a = set.by_id("a").unwrap().stats().clone();
+    assert!(a.connect_failed(ConnectErrorKind::Refused));
+    assert_eq!(picks(&b, 50), HashSet::from(["b".into()]));
+    std::thread::sleep(AVOID_AFTER_FAILURE + Duration::from_millis(20));
+    assert!(!a.avoided());
+    // The first pick that takes it is its trial; the others avoid it
+    // while the trial connects.
+    let picked: Vec<String> = (0..100)
+        .map(|_| set.pick(b.mode(), &[]).unwrap().id().to_owned())
+        .collect();
+    assert_eq!(
+        picked.iter().filter(|id| *id == "a").count(),
+        1,
+        "{picked:?}"
+    );
+    assert!(a.avoided());
+    // A failed trial goes on with the same avoidance; a success ends it,
+    // and the next failure starts a new one.
+    assert!(!a.connect_failed(ConnectErrorKind::Refused));
+    a.reserve();
+    a.confirm();
+    assert!(!a.avoided());
+    assert!(a.connect_failed(ConnectErrorKind::Refused));
+}
+
+#[test]
+fn an_avoided_local_backend_sends_zone_preferred_picks_to_other_zones() {
+    let b = Backends::new(policy(Some("a"), 0.5));
+    b.publish(
+        vec![healthy("a1", "a"), healthy("b1", "b"), healthy("c1", "c")],
+        1,
+    )
+    .unwrap();
+    let set = b.load();
+    assert_eq!(set.pick(ZP, &[]).unwrap().id(), "a1");
+    set.by_id("a1")
+        .unwrap()
+        .stats()
+        .connect_failed(ConnectErrorKind::Timeout);
+    let ids: HashSet<String> = (0..100)
+        .map(|_| set.pick(ZP, &[]).unwrap().id().to_owned())
+        .collect();
+    assert_eq!(ids, HashSet::from(["b1".into(), "c1".into()]));
+    // Every backend avoided: picks go on, among all of them.
+    for id in ["b1", "c1"] {
+        set.by_id(id)
+            .unwrap()
+            .stats()
+            .connect_failed(ConnectErrorKind::Timeout);
+    }
+    assert_eq!(set.pick(ZP, &[]).unwrap().id(), "a1");
+    assert!(set.pick(RoutingMode::Balanced, &[]).is_some());
+}
+
 /// Long-lived connections through `mode`: each pick keeps its slot.
 /// Returns the open connections per backend id.
 fn hold(set: &BackendSet, mode: RoutingMode, n: usize) -> std::collections::BTreeMap<String, u64> {

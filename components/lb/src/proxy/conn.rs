@@ -26,7 +26,7 @@ use super::Shared;
 use super::close::{CloseReason, CloseSignals};
 use super::config::MAX_CONNECT_ATTEMPTS;
 use super::copy::{Bidirectional, CopyError};
-use crate::backends::{BackendStats, ConnectErrorKind};
+use crate::backends::{AVOID_AFTER_FAILURE, BackendStats, ConnectErrorKind};
 
 /// A slot reserved on a backend while connecting; released unless the
 /// connect succeeded, including when the attempt is dropped by shutdown.
@@ -296,14 +296,25 @@ async fn connect_some_backend(
         };
         drop(reservation);
         let kind = ConnectErrorKind::of(&error);
-        stats.connect_failed(kind);
-        tracing::debug!(
-            backend = backend.id(),
-            address = %backend.address(),
-            reason = kind.as_str(),
-            error = %error,
-            "connect failed; trying another backend"
-        );
+        // The failure that starts an avoidance is worth an operator's eye;
+        // the failed trials within it are not.
+        if stats.connect_failed(kind) {
+            tracing::info!(
+                backend = backend.id(),
+                address = %backend.address(),
+                reason = kind.as_str(),
+                error = %error,
+                "connect failed; trying another backend (new connections prefer the others, trying it again with one connection every {AVOID_AFTER_FAILURE:?} until one succeeds)"
+            );
+        } else {
+            tracing::debug!(
+                backend = backend.id(),
+                address = %backend.address(),
+                reason = kind.as_str(),
+                error = %error,
+                "connect failed; trying another backend"
+            );
+        }
     }
     shared.metrics.all_attempts_failed.increment(1);
     tracing::warn!(attempts, "every connect attempt failed");

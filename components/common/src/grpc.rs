@@ -225,6 +225,63 @@ pub async fn dial(
     dial_host(address, &server_host(address, server_name), tls).await
 }
 
+/// How long [`dial_first`] gives each endpoint before it dials the next one
+/// as well.
+pub const DIAL_HEAD_START: Duration = Duration::from_millis(300);
+
+/// Dials `addresses` in order, as [`dial`] does, each given
+/// [`DIAL_HEAD_START`] before the next is dialled as well (at once when
+/// one fails): the first connection made wins and the dials still running
+/// are dropped. A node whose host is off (its SYNs unanswered) then costs
+/// the head start, not the whole connect timeout. The winner's address
+/// and connection, or the last failure (with its address) when none
+/// connected.
+pub async fn dial_first(
+    addresses: &[String],
+    tls: &TlsMaterial,
+    server_name: Option<&str>,
+) -> Result<(String, Dialled), (String, std::io::Error)> {
+    let mut dials = tokio::task::JoinSet::new();
+    let mut queue = addresses.iter();
+    let mut next_at = tokio::time::Instant::now();
+    let mut last = None;
+    loop {
+        if (dials.is_empty() || tokio::time::Instant::now() >= next_at)
+            && let Some(address) = queue.next()
+        {
+            let (address, tls) = (address.clone(), tls.clone());
+            let name = server_name.map(str::to_owned);
+            dials.spawn(async move {
+                let dialled = dial(&address, &tls, name.as_deref()).await;
+                (address, dialled)
+            });
+            next_at = tokio::time::Instant::now() + DIAL_HEAD_START;
+            continue;
+        }
+        let more = queue.len() > 0;
+        let joined = tokio::select! {
+            joined = dials.join_next() => joined,
+            () = tokio::time::sleep_until(next_at), if more => continue,
+        };
+        let Some(joined) = joined else {
+            break;
+        };
+        match joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())) {
+            (address, Ok(connection)) => return Ok((address, connection)),
+            (address, Err(e)) => {
+                last = Some((address, e));
+                next_at = tokio::time::Instant::now();
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        (
+            String::new(),
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no endpoints to dial"),
+        )
+    }))
+}
+
 /// A connection [`dial`] made.
 pub type Dialled = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
@@ -364,14 +421,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_not_made_in_time_is_unavailable() {
         let (_pki, client) = viewer();
-        let hung = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = hung.local_addr().unwrap().to_string();
-        let held = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((conn, _)) = hung.accept().await {
-                held.push(conn);
-            }
-        });
+        let (addr, held) = hung_listener().await;
         let started = tokio::time::Instant::now();
         let status = health(channel(&addr, &client, None).unwrap())
             .await
@@ -427,6 +477,61 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         assert_eq!(again.message(), through_channel.message());
+    }
+
+    /// [`dial_first`]: a hung node first is overtaken after its head
+    /// start, a refused one is passed at once, and the server wins; with
+    /// no server the last failure comes back with its address.
+    #[tokio::test]
+    async fn the_first_endpoint_to_connect_wins_and_a_hung_one_is_overtaken() {
+        let (pki, viewer) = viewer();
+        let (hung, held) = hung_listener().await;
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let server_tls = pki.issue("server", "bulwark-lb", &[], &["127.0.0.1"]);
+        let (addr, shutdown, server) = start_server(server_tls.load().unwrap()).await;
+
+        let started = tokio::time::Instant::now();
+        let order = [hung.clone(), refused.clone(), addr.clone()];
+        let (won, connection) = dial_first(&order, &viewer, None).await.unwrap();
+        assert_eq!(won, addr);
+        // Overtaken, not waited for: well inside the hung dial's timeout.
+        assert!(
+            started.elapsed() < CONNECT_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+        health(channel_over(connection, &won, &viewer, None).unwrap())
+            .await
+            .unwrap();
+
+        // The refused dial fails first; the hung one's timeout is the last
+        // failure.
+        let (failed, error) = dial_first(&[hung.clone(), refused], &viewer, None)
+            .await
+            .unwrap_err();
+        assert_eq!(failed, hung);
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+        let (_, none) = dial_first(&[], &viewer, None).await.unwrap_err();
+        assert_eq!(none.kind(), std::io::ErrorKind::InvalidInput);
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+        held.abort();
+    }
+
+    /// A listener whose connections are accepted and never answered (a
+    /// hung host): its address and the task holding them.
+    async fn hung_listener() -> (String, tokio::task::JoinHandle<()>) {
+        let hung = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = hung.local_addr().unwrap().to_string();
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = hung.accept().await {
+                held.push(conn);
+            }
+        });
+        (addr, held)
     }
 
     /// The test CA and a viewer's client material.

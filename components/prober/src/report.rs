@@ -14,7 +14,20 @@
 //! status) and the prober goes there at once. Errors, an empty hint, an
 //! UNAVAILABLE "no leader", a closed stream or an ack that does not come
 //! move on to the next configured endpoint after an exponential backoff with
-//! jitter; a stream that got acknowledged resets the backoff.
+//! jitter; a stream that got acknowledged resets the backoff. Each stream
+//! is opened over the first connection made of a race
+//! ([`bulwark_common::grpc::dial_first`]): the endpoint it aims at first,
+//! then every other configured endpoint 300 ms apart, the one whose stream
+//! just failed last. A leader whose host went dark (its SYNs unanswered)
+//! then costs 300 ms, not the whole connect timeout, and a follower that
+//! answers instead points at the new leader.
+//!
+//! Noticing a leader that is gone: the leader acknowledges each report as
+//! it reads it, so a report unacknowledged for [`ACK_WAIT`] (or a
+//! heartbeat, if longer) ends the stream, as does silence for three
+//! heartbeats. A check that changes sends a report at once, so when the
+//! leader's node goes dark with an apiserver on it, the prober learns it
+//! within a second of seeing the apiserver go.
 //!
 //! Never blocking probing: the checks write to [`Observations`] and never
 //! wait for the stream. The stream's send queue holds two reports; when
@@ -46,8 +59,11 @@ const QUEUE: usize = 2;
 
 /// The reporter's name as a worker (`/debug/workers`).
 pub const WORKER: &str = "reporter";
-/// How long opening a stream may take.
+/// How long opening a stream may take once connected.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a report may wait for its acknowledgement (at least a
+/// heartbeat) before the stream counts as dead.
+const ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// A fresh identity for this process: node name, zone and a random
 /// instance id.
@@ -98,6 +114,16 @@ struct Open {
     s: Stream,
 }
 
+impl End {
+    /// An error that warrants trying the next endpoint.
+    fn error(detail: String) -> Self {
+        End::Retry {
+            cause: "error",
+            detail,
+        }
+    }
+}
+
 /// Per-stream state.
 struct Stream {
     /// Outcome class of each check as last sent on this stream.
@@ -110,6 +136,9 @@ struct Stream {
     last_ack: Instant,
     acked_seq: u64,
     acked: bool,
+    /// Since when the oldest report not yet acknowledged waits (as far as
+    /// acknowledgements tell: a partial one restarts the wait).
+    unacked_since: Option<Instant>,
 }
 
 impl Reporter {
@@ -161,9 +190,12 @@ impl Reporter {
         let mut next_endpoint = 1usize;
         let mut backoff = self.initial_backoff;
         let mut redirects = 0usize;
+        // The endpoint whose stream failed last: dialled last for now.
+        let mut failed: Option<String> = None;
         loop {
             self.worker.set_state("connecting");
-            let (end, acked) = self.session(&target, &mut sequence, &cancel).await;
+            let order = dial_order(&self.endpoints, &target, failed.as_deref());
+            let (end, acked, used) = self.session(&order, &mut sequence, &cancel).await;
             self.leader.send_replace(None);
             metrics::connected(false);
             if acked {
@@ -174,8 +206,8 @@ impl Reporter {
                 End::Cancelled => return,
                 // Follow a hint at once, unless hints go round in circles
                 // (a leader election in progress).
-                End::Redirect(addr) if addr != target && redirects <= self.endpoints.len() => {
-                    tracing::info!(from = %target, to = %addr, "following the leader hint");
+                End::Redirect(addr) if addr != used && redirects <= self.endpoints.len() => {
+                    tracing::info!(from = %used, to = %addr, "following the leader hint");
                     metrics::reconnect("redirect");
                     redirects += 1;
                     target = addr;
@@ -188,12 +220,12 @@ impl Reporter {
                 End::Retry { cause, detail } => (cause, detail),
             };
             metrics::reconnect(cause);
-            self.worker.failed(&format_args!(
-                "stream to {target} ended ({cause}): {detail}"
-            ));
+            self.worker
+                .failed(&format_args!("stream to {used} ended ({cause}): {detail}"));
             redirects = 0;
             let wait = jitter(backoff);
-            tracing::warn!(endpoint = %target, cause, %detail, retry_in = ?wait, "report stream ended");
+            tracing::warn!(endpoint = %used, cause, %detail, retry_in = ?wait, "report stream ended");
+            failed = Some(used);
             backoff = (backoff * 2).min(self.max_backoff);
             target = self.endpoints[next_endpoint % self.endpoints.len()].clone();
             next_endpoint += 1;
@@ -204,34 +236,64 @@ impl Reporter {
         }
     }
 
-    /// One stream to `address`. Returns how it ended and whether the LB
-    /// acknowledged anything on it (it is the leader).
+    /// One stream to the first endpoint of `order` that connects. Returns
+    /// how it ended, whether the LB acknowledged anything on it (it is the
+    /// leader) and the endpoint's address.
     async fn session(
         &self,
-        address: &str,
+        order: &[String],
         sequence: &mut u64,
         cancel: &CancellationToken,
-    ) -> (End, bool) {
-        match self.open(address, sequence, cancel).await {
-            Ok(open) => self.pump(address, open, sequence, cancel).await,
-            Err(end) => (end, false),
+    ) -> (End, bool, String) {
+        match self.open(order, sequence, cancel).await {
+            Ok((open, address)) => {
+                let (end, acked) = self.pump(&address, open, sequence, cancel).await;
+                (end, acked, address)
+            }
+            Err((end, address)) => (end, false, address),
         }
     }
 
-    /// Opens the stream with the first FULL report in the call itself.
+    /// Connects to the first endpoint of `order` that answers and opens the
+    /// stream there, with the first FULL report in the call itself.
     async fn open(
         &self,
-        address: &str,
+        order: &[String],
         sequence: &mut u64,
         cancel: &CancellationToken,
-    ) -> Result<Open, End> {
-        let retry = |detail: String| End::Retry {
-            cause: "error",
-            detail,
+    ) -> Result<(Open, String), (End, String)> {
+        let server_name = self.server_name.as_deref();
+        let dialled = tokio::select! {
+            d = bulwark_common::grpc::dial_first(order, &self.tls, server_name) => d,
+            _ = cancel.cancelled() => return Err((End::Cancelled, order[0].clone())),
         };
-        let channel =
-            bulwark_common::grpc::channel(address, &self.tls, self.server_name.as_deref())
-                .map_err(|e| retry(format!("bad endpoint {address}: {e}")))?;
+        let (address, connection) = dialled.map_err(|(address, e)| {
+            (
+                End::error(format!("no endpoint connected; the last, {address}: {e}")),
+                address,
+            )
+        })?;
+        self.open_over(connection, address, sequence, cancel).await
+    }
+
+    /// Opens the stream over `connection` to `address`.
+    async fn open_over(
+        &self,
+        connection: bulwark_common::grpc::Dialled,
+        address: String,
+        sequence: &mut u64,
+        cancel: &CancellationToken,
+    ) -> Result<(Open, String), (End, String)> {
+        let server_name = self.server_name.as_deref();
+        let channel = match bulwark_common::grpc::channel_over(
+            connection,
+            &address,
+            &self.tls,
+            server_name,
+        ) {
+            Ok(channel) => channel,
+            Err(e) => return Err((End::error(format!("bad endpoint {address}: {e}")), address)),
+        };
         let mut client = ProbeReportsClient::new(channel);
         let (tx, rx) = mpsc::channel::<ProbeReport>(QUEUE);
         let mut changes = self.table.subscribe();
@@ -246,26 +308,33 @@ impl Reporter {
             last_ack: now,
             acked_seq: 0,
             acked: false,
+            unacked_since: None,
         };
         changes.borrow_and_update();
         if let Some(full) = self.build(&mut s, sequence)
             && tx.try_send(full).is_err()
         {
-            return Err(retry("report queue unavailable".into()));
+            return Err((End::error("report queue unavailable".into()), address));
         }
         let opened = tokio::select! {
             r = tokio::time::timeout(OPEN_TIMEOUT, client.report(ReceiverStream::new(rx))) => r,
-            _ = cancel.cancelled() => return Err(End::Cancelled),
+            _ = cancel.cancelled() => return Err((End::Cancelled, address)),
         };
         match opened {
-            Err(_) => Err(retry(format!("no answer within {OPEN_TIMEOUT:?}"))),
-            Ok(Err(status)) => Err(end_of_status(&status)),
-            Ok(Ok(response)) => Ok(Open {
-                acks: response.into_inner(),
-                tx,
-                changes,
-                s,
-            }),
+            Err(_) => Err((
+                End::error(format!("no answer within {OPEN_TIMEOUT:?}")),
+                address,
+            )),
+            Ok(Err(status)) => Err((end_of_status(&status), address)),
+            Ok(Ok(response)) => Ok((
+                Open {
+                    acks: response.into_inner(),
+                    tx,
+                    changes,
+                    s,
+                },
+                address,
+            )),
         }
     }
 
@@ -286,10 +355,10 @@ impl Reporter {
         } = open;
         loop {
             let heartbeat_at = s.last_sent + s.heartbeat;
-            // An ack that does not come for three heartbeats means a hung
-            // leader; TCP keepalive would take far longer to tell.
-            let ack_deadline =
-                (s.last_sent_seq > s.acked_seq).then(|| s.last_ack + s.heartbeat * 3);
+            // A report unacknowledged for ACK_WAIT, or silence for three
+            // heartbeats, means the leader is gone or hung; TCP keepalive
+            // would take far longer to tell.
+            let ack_deadline = s.ack_deadline();
             let want = s.need_full || s.dirty || Instant::now() >= heartbeat_at;
             tokio::select! {
                 biased;
@@ -315,10 +384,11 @@ impl Reporter {
                 }
                 _ = tokio::time::sleep_until(heartbeat_at), if !want => {}
                 _ = tokio::time::sleep_until(ack_deadline.unwrap_or(heartbeat_at)), if ack_deadline.is_some() => {
+                    let waited = s.unacked_since.unwrap_or(s.last_ack).elapsed();
                     return (
                         End::Retry {
                             cause: "ack_timeout",
-                            detail: format!("no acknowledgement for {:?}", s.heartbeat * 3),
+                            detail: format!("a report unacknowledged for {waited:.1?}"),
                         },
                         s.acked,
                     );
@@ -369,6 +439,9 @@ impl Reporter {
         };
         s.need_full = false;
         s.dirty = false;
+        if s.last_sent_seq <= s.acked_seq {
+            s.unacked_since = Some(now);
+        }
         *sequence += 1;
         s.last_sent = now;
         s.last_sent_seq = *sequence;
@@ -416,6 +489,7 @@ impl Reporter {
         s.last_ack = Instant::now();
         self.worker.succeeded();
         s.acked_seq = s.acked_seq.max(ack.accepted_sequence);
+        s.unacked_since = (s.acked_seq < s.last_sent_seq).then_some(s.last_ack);
         if ack.resync_required {
             tracing::info!(
                 accepted = ack.accepted_sequence,
@@ -425,9 +499,43 @@ impl Reporter {
             s.need_full = true;
             // The LB is alive and answered; what it lacks is resent now.
             s.acked_seq = s.last_sent_seq;
+            s.unacked_since = None;
         }
         None
     }
+}
+
+impl Stream {
+    /// When the stream counts as dead unless an acknowledgement comes:
+    /// [`ACK_WAIT`] (at least a heartbeat) after the oldest unacknowledged
+    /// report, and never later than three heartbeats of silence. `None`
+    /// while nothing waits.
+    fn ack_deadline(&self) -> Option<Instant> {
+        if self.last_sent_seq <= self.acked_seq {
+            return None;
+        }
+        let silent = self.last_ack + self.heartbeat * 3;
+        Some(
+            self.unacked_since
+                .map_or(silent, |t| silent.min(t + self.heartbeat.max(ACK_WAIT))),
+        )
+    }
+}
+
+/// The endpoints a stream aims at, in the order they are dialled: `first`,
+/// the other configured `endpoints`, and `failed` (whose stream failed
+/// last, when it is one of them) at the end.
+fn dial_order(endpoints: &[String], first: &str, failed: Option<&str>) -> Vec<String> {
+    let mut order = vec![first.to_owned()];
+    let others = endpoints.iter().filter(|e| *e != first);
+    order.extend(
+        others
+            .clone()
+            .filter(|e| Some(e.as_str()) != failed)
+            .cloned(),
+    );
+    order.extend(others.filter(|e| Some(e.as_str()) == failed).cloned());
+    order
 }
 
 fn keyed(o: &bulwark_api::lb::v1::Observation) -> Option<(CheckKey, OutcomeClass)> {
@@ -474,6 +582,48 @@ mod tests {
             end_of_status(&bulwark_api::leader_hint::not_leader(None)),
             End::Retry { cause: "error", .. }
         ));
+    }
+
+    #[test]
+    fn the_endpoint_that_failed_is_dialled_last() {
+        let eps: Vec<String> = ["a:1", "b:1", "c:1"].map(String::from).to_vec();
+        assert_eq!(dial_order(&eps, "a:1", None), ["a:1", "b:1", "c:1"]);
+        assert_eq!(dial_order(&eps, "b:1", Some("a:1")), ["b:1", "c:1", "a:1"]);
+        // A hint outside the list goes first; the failed one stays last.
+        assert_eq!(
+            dial_order(&eps, "h:1", Some("b:1")),
+            ["h:1", "a:1", "c:1", "b:1"]
+        );
+        // Aimed at again (a hint naming it): first, once.
+        assert_eq!(dial_order(&eps, "c:1", Some("c:1")), ["c:1", "a:1", "b:1"]);
+    }
+
+    #[test]
+    fn an_unacknowledged_report_ends_the_stream_after_the_ack_wait() {
+        let t0 = Instant::now();
+        let mut s = Stream {
+            sent: BTreeMap::new(),
+            need_full: false,
+            dirty: false,
+            heartbeat: Duration::from_secs(1),
+            last_sent: t0,
+            last_sent_seq: 4,
+            last_ack: t0,
+            acked_seq: 4,
+            acked: true,
+            unacked_since: None,
+        };
+        assert_eq!(s.ack_deadline(), None, "nothing waits");
+        // A report sent 2.5 s after the last ack: its own wait decides.
+        let sent = t0 + Duration::from_millis(2500);
+        (s.last_sent_seq, s.unacked_since) = (5, Some(sent));
+        assert_eq!(s.ack_deadline(), Some(t0 + Duration::from_secs(3)));
+        let sent = t0 + Duration::from_millis(500);
+        s.unacked_since = Some(sent);
+        assert_eq!(s.ack_deadline(), Some(sent + ACK_WAIT));
+        // Long heartbeats wait a heartbeat.
+        s.heartbeat = Duration::from_secs(5);
+        assert_eq!(s.ack_deadline(), Some(sent + Duration::from_secs(5)));
     }
 
     #[test]

@@ -366,3 +366,92 @@ async fn run_is_ready_while_a_leader_acknowledges_and_stops_on_cancel() {
     assert_eq!(code, std::process::ExitCode::SUCCESS);
     drop(target);
 }
+
+/// A listener whose connections are accepted and never answered: an LB
+/// node whose host hangs. Its address and the task holding them.
+async fn hung_listener() -> (String, tokio::task::JoinHandle<()>) {
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = hung.local_addr().unwrap().to_string();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = hung.accept().await {
+            held.push(conn);
+        }
+    });
+    (address, held)
+}
+
+#[tokio::test]
+async fn a_hung_endpoint_is_overtaken_and_a_silent_leader_left_after_the_ack_wait() {
+    bulwark_testkit::install_crypto_provider();
+    let pki = Pki::new().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (hung, held) = hung_listener().await;
+    let heartbeat = Duration::from_secs(2);
+    let b = LbDouble::serve(
+        "b",
+        LbDouble::bind().await,
+        &pki,
+        Mode::Leader {
+            heartbeat: Some(heartbeat),
+        },
+        tx,
+    );
+    let table = Observations::new();
+    table.update(obs("cp-1", ProbeKind::Readyz, true));
+    let reporter = Reporter::new(
+        report::identity("node-1", ""),
+        &report_config(&pki, vec![hung, b.address().to_owned()]),
+        table.clone(),
+    )
+    .unwrap();
+    let mut leader = reporter.leader();
+    let cancel = CancellationToken::new();
+    let started = tokio::time::Instant::now();
+    let task = tokio::spawn(reporter.run(cancel.clone()));
+
+    // The first endpoint never answers; the second is dialled 300 ms
+    // later and wins, long before the first's 3 s connect timeout.
+    let (from, r) = next_report(&mut rx, WAIT).await;
+    assert_eq!((from, kind(&r)), ("b", ReportKind::Full));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited for the hung endpoint: {:?}",
+        started.elapsed()
+    );
+    leader.wait_for(Option::is_some).await.unwrap();
+
+    // The leader goes silent (its host went dark): a check changes, its
+    // report is not acknowledged, and the stream ends after one heartbeat
+    // (2 s), not after three heartbeats of silence (6 s from the last ack).
+    // (The double still reads the one report it already waits for.)
+    b.pause(true);
+    table.update(obs("cp-1", ProbeKind::Readyz, false));
+    let (_, r) = next_report(&mut rx, WAIT).await;
+    assert_eq!(kind(&r), ReportKind::Changes);
+    let changed = tokio::time::Instant::now();
+    table.update(obs("cp-1", ProbeKind::Livez, false));
+    tokio::time::timeout(WAIT, leader.wait_for(Option::is_none))
+        .await
+        .unwrap()
+        .unwrap();
+    let waited = changed.elapsed();
+    assert!(
+        waited < Duration::from_secs(4),
+        "left the silent leader after {waited:?}"
+    );
+
+    // Back: the prober finds it again and starts over with a FULL.
+    b.pause(false);
+    let full = loop {
+        let (from, r) = next_report(&mut rx, WAIT).await;
+        if from == "b" && kind(&r) == ReportKind::Full && r.sequence > 2 {
+            break r;
+        }
+    };
+    assert_eq!(full.observations.len(), 2, "{full:?}");
+    assert!(full.observations.iter().all(|o| !o.ok), "{full:?}");
+    cancel.cancel();
+    task.await.unwrap();
+    held.abort();
+}

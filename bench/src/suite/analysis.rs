@@ -99,6 +99,10 @@ pub struct RunResult {
     pub watch_never_back: usize,
     pub latency_before: Latency,
     pub latency_during: Latency,
+    /// Successful connects (TCP, TLS and HTTP/2 handshakes through the
+    /// front) started in the same window: what a client that connects
+    /// then waits, a backend the front tries first and in vain included.
+    pub connect_latency_during: Latency,
     pub latency_after: Latency,
     pub time_to_detect_ms: Option<f64>,
     /// Where `time_to_detect_ms` comes from.
@@ -220,6 +224,13 @@ pub fn analyse(i: Input<'_>) -> RunResult {
         watch_never_back: watches.never,
         latency_before: phase(i.load_ready_ns, fault),
         latency_during: phase(fault, during_end),
+        connect_latency_during: latency(
+            connects
+                .iter()
+                .filter(|e| e.ok && e.start_ns < during_end)
+                .map(|e| ms(e.end_ns - e.start_ns))
+                .collect(),
+        ),
         latency_after: phase(during_end, i.load_end_ns),
         time_to_detect_ms: detect,
         detect_source: source,

@@ -225,8 +225,11 @@ pub async fn dial(
     dial_host(address, &server_host(address, server_name), tls).await
 }
 
-/// How long [`dial_first`] gives each endpoint before it dials the next one
-/// as well.
+/// How long an endpoint may take to connect (TCP and TLS) before the next
+/// one is dialled as well ([`dial_first`], bulwarkctl's race): a node that
+/// is off, whose host drops the SYN, costs this instead of the connect
+/// timeout. Happy Eyeballs (RFC 8305) waits 250 ms; a control-plane node
+/// under load can take longer.
 pub const DIAL_HEAD_START: Duration = Duration::from_millis(300);
 
 /// Dials `addresses` in order, as [`dial`] does, each given

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use bulwark_common::grpc::Dialled;
+use bulwark_common::grpc::{DIAL_HEAD_START, Dialled};
 use bulwark_common::tls::{TlsError, TlsFiles, TlsMaterial};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -23,12 +23,6 @@ const MAX_REDIRECTS: usize = 3;
 
 /// How long the handshake that explains a broken connection may take.
 const DIAGNOSIS_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// How long an endpoint may take to connect (TCP and TLS) before the next
-/// one is dialled as well: a node that is off, whose host drops the SYN,
-/// costs this instead of the connect timeout. Happy Eyeballs (RFC 8305)
-/// waits 250 ms; a control-plane node under load can take longer.
-const HEAD_START: Duration = Duration::from_millis(300);
 
 /// An endpoint a call may try.
 #[derive(Debug)]
@@ -309,7 +303,7 @@ impl<'a> Service<'a> {
 
     /// Takes endpoints from the front of `queue` and dials them, each
     /// within the per-call deadline, until one connects: its address and
-    /// channel. Each gets [`HEAD_START`] before
+    /// channel. Each gets [`DIAL_HEAD_START`] before
     /// the next is dialled as well, and the first to connect wins; one that
     /// must answer alone is dialled alone. An endpoint whose dial failed is
     /// recorded as not answering, its failure kept in `last`; those the
@@ -344,7 +338,7 @@ impl<'a> Service<'a> {
                     (address, dialled)
                 });
                 dialling.push(next);
-                next_at = Instant::now() + HEAD_START;
+                next_at = Instant::now() + DIAL_HEAD_START;
                 continue;
             }
             let may_add = queue.front().is_some_and(|next| !next.alone)

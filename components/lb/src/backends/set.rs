@@ -260,8 +260,8 @@ impl BackendSet {
                 continue;
             }
             last_len = tier.len();
-            if let Some(i) = self.p2c(tier, exclude) {
-                if !self.avoided(i) {
+            if let Some((i, avoided)) = self.p2c(tier, exclude) {
+                if !avoided {
                     self.backends[i].stats.picked();
                     return Some(&self.backends[i]);
                 }
@@ -272,9 +272,10 @@ impl BackendSet {
     }
 
     /// Power of two choices over `tier` without `exclude`; an avoided
-    /// draw loses to one that is not, and when the choice is avoided the
-    /// lightest candidate that is not (if any) is taken instead.
-    fn p2c(&self, tier: &[usize], exclude: &[usize]) -> Option<usize> {
+    /// draw loses to one that is not, and when both are avoided the
+    /// lightest candidate that is not (if any) is taken instead. The
+    /// choice, and whether it is avoided (then every candidate is).
+    fn p2c(&self, tier: &[usize], exclude: &[usize]) -> Option<(usize, bool)> {
         let available = if exclude.is_empty() {
             tier.len()
         } else {
@@ -292,9 +293,12 @@ impl BackendSet {
                     .unwrap_or(tier[0])
             }
         };
-        let choice = match available {
+        let (choice, avoided) = match available {
             0 => return None,
-            1 => nth(0),
+            1 => {
+                let only = nth(0);
+                (only, self.avoided(only))
+            }
             n => {
                 let a = below(n);
                 let mut b = below(n - 1);
@@ -303,25 +307,21 @@ impl BackendSet {
                 }
                 let (a, b) = (nth(a), nth(b));
                 match (self.avoided(a), self.avoided(b)) {
-                    (false, true) => a,
-                    (true, false) => b,
-                    _ if self.lighter(b, a) => b,
-                    _ => a,
+                    (false, true) => (a, false),
+                    (true, false) => (b, false),
+                    (both, _) => (if self.lighter(b, a) { b } else { a }, both),
                 }
             }
         };
-        if !self.avoided(choice) {
-            return Some(choice);
+        if !avoided {
+            return Some((choice, false));
         }
-        let others = tier
+        let unavoided = tier
             .iter()
             .copied()
-            .filter(|i| !exclude.contains(i) && !self.avoided(*i));
-        Some(
-            others
-                .reduce(|x, y| if self.lighter(y, x) { y } else { x })
-                .unwrap_or(choice),
-        )
+            .filter(|i| !exclude.contains(i) && !self.avoided(*i))
+            .reduce(|x, y| if self.lighter(y, x) { y } else { x });
+        Some(unavoided.map_or((choice, true), |i| (i, false)))
     }
 
     #[inline]

@@ -211,7 +211,7 @@ pub const DEFS: &[MetricDef] = &[
     MetricDef::dynamic(
         "bulwark_lb_connect_errors_total",
         Counter,
-        "Failed connects to a backend, by backend and reason (retried on another backend).",
+        "Failed connects to a backend, by backend and reason (retried on another backend; overtaken: still pending when a later connect to another backend succeeded).",
     ),
     MetricDef::dynamic(
         "bulwark_lb_backend_retries_total",
@@ -242,6 +242,11 @@ pub const DEFS: &[MetricDef] = &[
         "bulwark_lb_retries_total",
         Counter,
         "Connect retries on another backend, by listener.",
+    ),
+    MetricDef::dynamic(
+        "bulwark_lb_connect_hedges_total",
+        Counter,
+        "Second connects raced beside one still pending after proxy.connectHedgeAfter, on another backend, by listener.",
     ),
     MetricDef::dynamic(
         "bulwark_lb_first_flight_replays_total",

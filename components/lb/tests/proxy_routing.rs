@@ -1,6 +1,7 @@
 //! Where new connections go, observed through the backend that answers:
 //! drain (with and without a deadline), zone preference and spill-over,
-//! per-listener routing modes, fail-open.
+//! per-listener routing modes, fail-open, and the race of a second connect
+//! beside one that hangs.
 
 // Helpers outside #[test] functions fail the test on a broken socket too.
 #![allow(clippy::unwrap_used)]
@@ -10,7 +11,9 @@ mod support;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use bulwark_lb::backends::{AdminState, Backends, RoutingMode, RoutingPolicy, Verdict};
+use bulwark_lb::backends::{
+    AdminState, BackendSpec, Backends, RoutingMode, RoutingPolicy, Verdict,
+};
 use bulwark_lb::proxy::ProxyConfig;
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -292,4 +295,135 @@ async fn a_client_that_arrives_before_any_backend_waits_for_the_first_one() {
         "reset after {:?}, before the connect timeout",
         start.elapsed()
     );
+}
+
+/// A proxy whose every first pick is `local` (zone-preferred, the local
+/// zone first), with `remote` reachable by a retry or a raced connect.
+async fn local_first(
+    config: ProxyConfig,
+    local: Vec<BackendSpec>,
+    remote: BackendSpec,
+) -> TestProxy {
+    let mut specs = local;
+    specs.push(remote);
+    TestProxy::start_mode(
+        config,
+        RoutingPolicy {
+            local_zone: Some("zone-a".into()),
+            min_local_healthy_share: 0.5,
+        },
+        RoutingMode::ZonePreferred,
+        specs,
+    )
+    .await
+}
+
+fn connect_errors(p: &TestProxy, id: &str) -> u64 {
+    p.backends
+        .load()
+        .by_id(id)
+        .unwrap()
+        .stats()
+        .snapshot()
+        .connect_errors
+}
+
+/// Connects once, returning who answered and how long it took.
+async fn timed_connect(p: &TestProxy) -> (String, Duration) {
+    let start = std::time::Instant::now();
+    let (id, _c) = p.connect().await.unwrap();
+    (id, start.elapsed())
+}
+
+#[tokio::test]
+async fn a_connect_that_hangs_is_overtaken_by_one_raced_to_another_backend() {
+    let hung = HungBackend::start("hung").await;
+    let b1 = TestBackend::start("b1", Mode::Echo).await;
+    // A connect timeout far above the race's 100 ms, so a client that
+    // waited for it could not pass for one that was raced.
+    let config = ProxyConfig {
+        connect_timeout: Duration::from_secs(5),
+        ..ProxyConfig::default()
+    };
+    let p = local_first(config, vec![hung.spec("zone-a")], b1.spec("zone-b")).await;
+
+    let (id, took) = timed_connect(&p).await;
+    assert_eq!(id, "b1");
+    assert!(
+        took >= Duration::from_millis(100) && took < Duration::from_millis(2500),
+        "the first client drew the hung backend and was raced after 100 ms, not after the 5 s connect timeout: {took:?}"
+    );
+    assert_eq!(connect_errors(&p, "hung"), 1, "counted as overtaken");
+    // Overtaken means avoided: the next clients go straight to b1, apart
+    // from one trial a second.
+    for _ in 0..10 {
+        let (id, took) = timed_connect(&p).await;
+        assert_eq!(id, "b1");
+        assert!(took < Duration::from_millis(2500), "{took:?}");
+    }
+    assert_eq!(b1.accepted(), 11);
+}
+
+#[tokio::test]
+async fn with_the_race_off_a_hung_connect_waits_the_connect_timeout() {
+    let hung = HungBackend::start("hung").await;
+    let b1 = TestBackend::start("b1", Mode::Echo).await;
+    let config = ProxyConfig {
+        connect_timeout: Duration::from_millis(300),
+        connect_hedge_after: Duration::ZERO,
+        ..ProxyConfig::default()
+    };
+    let p = local_first(config, vec![hung.spec("zone-a")], b1.spec("zone-b")).await;
+    let (id, took) = timed_connect(&p).await;
+    assert_eq!(id, "b1");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert_eq!(connect_errors(&p, "hung"), 1, "counted as timed out");
+}
+
+#[tokio::test]
+async fn at_most_two_connects_race_and_a_third_starts_when_one_times_out() {
+    let hung1 = HungBackend::start("hung1").await;
+    let hung2 = HungBackend::start("hung2").await;
+    let b1 = TestBackend::start("b1", Mode::Echo).await;
+    let config = ProxyConfig {
+        connect_timeout: Duration::from_secs(1),
+        ..ProxyConfig::default()
+    };
+    let p = local_first(
+        config,
+        vec![hung1.spec("zone-a"), hung2.spec("zone-a")],
+        b1.spec("zone-b"),
+    )
+    .await;
+    // One hung local backend, then the other raced 100 ms later; b1 only
+    // when the first times out, 1 s after the client came.
+    let (id, took) = timed_connect(&p).await;
+    assert_eq!(id, "b1");
+    assert!(
+        took >= Duration::from_secs(1),
+        "a third connect ran before one of two timed out: {took:?}"
+    );
+    // One timed out; the other was still pending when b1 connected.
+    assert_eq!(connect_errors(&p, "hung1") + connect_errors(&p, "hung2"), 2);
+}
+
+#[tokio::test]
+async fn a_single_connect_attempt_is_never_raced() {
+    let hung = HungBackend::start("hung").await;
+    let b1 = TestBackend::start("b1", Mode::Echo).await;
+    let config = ProxyConfig {
+        connect_timeout: Duration::from_millis(300),
+        connect_attempts: 1,
+        ..ProxyConfig::default()
+    };
+    let p = local_first(config, vec![hung.spec("zone-a")], b1.spec("zone-b")).await;
+    let start = std::time::Instant::now();
+    let r = p.connect().await;
+    assert!(r.is_err(), "{r:?}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(b1.accepted(), 0);
 }

@@ -226,6 +226,12 @@ impl BackendSet {
         self.local_share
     }
 
+    /// Whether a pick with nothing excluded finds a backend: anything is
+    /// routable, or fail-open offers the admin-active ones.
+    pub fn has_candidates(&self) -> bool {
+        !self.routable.is_empty() || !self.fail_open.is_empty()
+    }
+
     /// How many backends are routable by verdict and admin state.
     pub fn routable_len(&self) -> usize {
         self.routable.len()

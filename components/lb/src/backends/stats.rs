@@ -40,10 +40,19 @@ pub enum ConnectErrorKind {
     Reset,
     /// Anything else (unreachable network, no buffers, …).
     Other,
+    /// Still pending when a connect to another backend, started after it
+    /// (`proxy.connectHedgeAfter` later), had succeeded.
+    Overtaken,
 }
 
 impl ConnectErrorKind {
-    const ALL: [ConnectErrorKind; 4] = [Self::Refused, Self::Timeout, Self::Reset, Self::Other];
+    const ALL: [ConnectErrorKind; 5] = [
+        Self::Refused,
+        Self::Timeout,
+        Self::Reset,
+        Self::Other,
+        Self::Overtaken,
+    ];
 
     /// The `reason` label value.
     pub fn as_str(self) -> &'static str {
@@ -52,6 +61,7 @@ impl ConnectErrorKind {
             Self::Timeout => "timeout",
             Self::Reset => "reset",
             Self::Other => "other",
+            Self::Overtaken => "overtaken",
         }
     }
 
@@ -115,7 +125,7 @@ struct Handles {
     total: Counter,
     bytes_in: Counter,
     bytes_out: Counter,
-    connect_errors: [Counter; 4],
+    connect_errors: [Counter; 5],
     retries: Counter,
     avoided: Counter,
 }

@@ -26,6 +26,19 @@ pub struct ProxyConfig {
     /// before a client sees a failure: `connectAttempts × connectTimeout`.
     #[serde(default = "d_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
+    /// A connect still pending this long gets a second one raced beside
+    /// it, on another backend (a hedged connect): the first to connect
+    /// takes the client, the other is dropped, and a backend overtaken
+    /// that way is avoided like one whose connect failed. 100 ms: ten times
+    /// what an apiserver in the same region takes to answer a SYN, so it
+    /// only fires on a host that went dark or a full accept queue, and a
+    /// client that drew such a backend waits 100 ms instead of the whole
+    /// `connectTimeout`. The race counts against `connectAttempts` and
+    /// never runs more than two connects at once. `0s` turns it off; a
+    /// value of `connectTimeout` or more never fires (the timeout's retry
+    /// comes first).
+    #[serde(default = "d_connect_hedge_after", with = "duration")]
+    pub connect_hedge_after: Duration,
     /// Connect tries per client connection, each on a different backend,
     /// before the client's connection is closed. A backend that accepted
     /// but reset or closed before its first byte counts as one: the
@@ -113,6 +126,9 @@ pub struct KeepaliveConfig {
 fn d_connect_timeout() -> Duration {
     Duration::from_millis(500)
 }
+fn d_connect_hedge_after() -> Duration {
+    Duration::from_millis(100)
+}
 fn d_connect_attempts() -> u32 {
     3
 }
@@ -158,6 +174,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             connect_timeout: d_connect_timeout(),
+            connect_hedge_after: d_connect_hedge_after(),
             connect_attempts: d_connect_attempts(),
             max_connections: d_max_connections(),
             tcp_keepalive: KeepaliveConfig::default(),
@@ -177,6 +194,12 @@ impl Validate for ProxyConfig {
             "connectTimeout",
             self.connect_timeout,
             Duration::from_millis(1),
+            Duration::from_secs(60),
+        );
+        v.duration_in(
+            "connectHedgeAfter",
+            self.connect_hedge_after,
+            Duration::ZERO,
             Duration::from_secs(60),
         );
         v.check(
@@ -234,6 +257,14 @@ impl Validate for ProxyConfig {
     }
 }
 
+impl ProxyConfig {
+    /// When a pending connect gets a second one raced beside it; `None`
+    /// when hedging is off.
+    pub(super) fn hedge_after(&self) -> Option<Duration> {
+        (!self.connect_hedge_after.is_zero()).then_some(self.connect_hedge_after)
+    }
+}
+
 impl Validate for KeepaliveConfig {
     fn validate(&self, v: &mut Validator) {
         if !self.enabled {
@@ -285,6 +316,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         let c = ProxyConfig {
+            connect_hedge_after: Duration::from_secs(61),
             connect_attempts: 0,
             max_connections: 0,
             buffer_size: 10,
@@ -307,6 +339,7 @@ mod tests {
         assert_eq!(
             fields,
             [
+                "proxy.connectHedgeAfter",
                 "proxy.connectAttempts",
                 "proxy.maxConnections",
                 "proxy.tcpKeepalive.count",

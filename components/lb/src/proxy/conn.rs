@@ -1,5 +1,5 @@
-//! One client connection: choose and connect a backend (retrying elsewhere
-//! on failure), then copy until both sides are done, the idle timer fires,
+//! One client connection: choose and connect a backend ([`super::connect`]:
+//! retrying elsewhere on failure, racing another beside a hung connect), then copy until both sides are done, the idle timer fires,
 //! the backend's drain deadline passes or shutdown's grace is over. A
 //! backend that closes or resets before its first byte gets the client's
 //! first flight replayed to another backend ([`super::copy`] keeps it).
@@ -13,7 +13,6 @@
 //! at once turned every node's first client connections into failures.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,29 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::close::{CloseReason, CloseSignals};
-use super::config::MAX_CONNECT_ATTEMPTS;
+use super::connect::{Connected, Tried, connect_some_backend};
 use super::copy::{Bidirectional, CopyError};
-use crate::backends::{AVOID_AFTER_FAILURE, BackendStats, ConnectErrorKind};
-
-/// A slot reserved on a backend while connecting; released unless the
-/// connect succeeded, including when the attempt is dropped by shutdown.
-struct Reservation<'a>(Option<&'a BackendStats>);
-
-impl Reservation<'_> {
-    fn confirm(mut self) {
-        if let Some(s) = self.0.take() {
-            s.confirm();
-        }
-    }
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        if let Some(s) = self.0.take() {
-            s.release();
-        }
-    }
-}
+use crate::backends::{BackendStats, ConnectErrorKind};
 
 /// Decrements the backend's active count however the connection ends.
 struct Active(Arc<BackendStats>);
@@ -82,7 +61,12 @@ pub(super) async fn handle(
         }
         c = connect_some_backend(&shared, &mut tried, replay_until) => c,
     };
-    let Some((backend, stats, mut close)) = connected else {
+    let Some(Connected {
+        stream: backend,
+        stats,
+        mut close,
+    }) = connected
+    else {
         // Nothing could be reached: reset rather than close, so the client
         // fails at once instead of waiting for a TLS handshake that will
         // never come.
@@ -104,7 +88,7 @@ pub(super) async fn handle(
         active.0.connect_failed(ConnectErrorKind::of(&failed));
         tracing::debug!(
             error = %failed,
-            tried = tried.len,
+            tried = tried.len(),
             "backend closed before its first byte; replaying the client's first flight to another backend"
         );
         let next = tokio::select! {
@@ -117,7 +101,12 @@ pub(super) async fn handle(
             }
             c = connect_some_backend(&shared, &mut tried, replay_until) => c,
         };
-        let Some((backend, stats, token)) = next else {
+        let Some(Connected {
+            stream: backend,
+            stats,
+            close: token,
+        }) = next
+        else {
             copy.reset_peer_of(&CopyError::BeforeFirstByte(failed));
             return;
         };
@@ -184,147 +173,10 @@ async fn run(
     }
 }
 
-/// The backends one client connection has tried, by address: a replay may
-/// load a newer snapshot, where indices mean other backends. A fixed array,
-/// so a connection allocates nothing for it.
-struct Tried {
-    addresses: [SocketAddr; MAX_CONNECT_ATTEMPTS as usize],
-    len: usize,
-}
-
-impl Default for Tried {
-    fn default() -> Self {
-        Self {
-            addresses: [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_CONNECT_ATTEMPTS as usize],
-            len: 0,
-        }
-    }
-}
-
-impl Tried {
-    fn contains(&self, address: SocketAddr) -> bool {
-        self.addresses[..self.len].contains(&address)
-    }
-}
-
-/// How often a client that found no backend at all looks at the backend
-/// set again while it waits (a path taken only while a node has nothing
-/// to offer, so a short poll costs nothing on the data path).
-const NO_BACKEND_POLL: Duration = Duration::from_millis(10);
-
-/// Tries backends until one accepts, never one this connection tried
-/// before, at most `connectAttempts` per client connection counting the
-/// tries before a replay. Before its first try, a connection that finds no
-/// eligible backend waits for the set to offer one until `wait_until`.
-/// Returns the stream, the backend's counters (its active count already
-/// includes this connection) and its close token.
-async fn connect_some_backend(
-    shared: &Shared,
-    tried: &mut Tried,
-    wait_until: Instant,
-) -> Option<(
-    TcpStream,
-    Arc<BackendStats>,
-    tokio_util::sync::CancellationToken,
-)> {
-    let config = &shared.config;
-    // One snapshot for all attempts, so indices stay meaningful (a wait
-    // for a first backend, with nothing tried or excluded, takes a new one).
-    let mut set = shared.backends.load();
-    let mode = shared.backends.mode();
-    let mut exclude = [0usize; MAX_CONNECT_ATTEMPTS as usize];
-    let mut excluded = 0;
-    if tried.len > 0 {
-        for b in set.iter() {
-            if excluded < exclude.len() && tried.contains(b.address()) {
-                exclude[excluded] = b.index();
-                excluded += 1;
-            }
-        }
-    }
-    let attempts = (config.connect_attempts as usize).min(tried.addresses.len());
-    while tried.len < attempts {
-        let Some(backend) = set.pick(mode, &exclude[..excluded]) else {
-            if tried.len == 0 && Instant::now() < wait_until {
-                tokio::time::sleep(NO_BACKEND_POLL).await;
-                set = shared.backends.load();
-                continue;
-            }
-            if tried.len == 0 {
-                shared.metrics.no_backend.increment(1);
-                tracing::warn!(
-                    version = set.version(),
-                    "no backend available for a new connection"
-                );
-            } else {
-                shared.metrics.all_attempts_failed.increment(1);
-                tracing::warn!(
-                    attempts = tried.len,
-                    "every eligible backend failed to connect"
-                );
-            }
-            return None;
-        };
-        if excluded < exclude.len() {
-            exclude[excluded] = backend.index();
-            excluded += 1;
-        }
-        let first = tried.len == 0;
-        tried.addresses[tried.len] = backend.address();
-        tried.len += 1;
-        let stats = backend.stats();
-        // Reserve before connecting so concurrent picks see this load.
-        stats.reserve();
-        let reservation = Reservation(Some(stats));
-        if !first {
-            stats.retried();
-            shared.metrics.retries.increment(1);
-        }
-        let result = tokio::time::timeout(
-            config.connect_timeout,
-            TcpStream::connect(backend.address()),
-        )
-        .await;
-        let error = match result {
-            Ok(Ok(stream)) => {
-                reservation.confirm();
-                set_options(&stream, shared);
-                return Some((stream, stats.clone(), backend.close_token().clone()));
-            }
-            Ok(Err(e)) => e,
-            Err(_) => io::ErrorKind::TimedOut.into(),
-        };
-        drop(reservation);
-        let kind = ConnectErrorKind::of(&error);
-        // The failure that starts an avoidance is worth an operator's eye;
-        // the failed trials within it are not.
-        if stats.connect_failed(kind) {
-            tracing::info!(
-                backend = backend.id(),
-                address = %backend.address(),
-                reason = kind.as_str(),
-                error = %error,
-                "connect failed; trying another backend (new connections prefer the others, trying it again with one connection every {AVOID_AFTER_FAILURE:?} until one succeeds)"
-            );
-        } else {
-            tracing::debug!(
-                backend = backend.id(),
-                address = %backend.address(),
-                reason = kind.as_str(),
-                error = %error,
-                "connect failed; trying another backend"
-            );
-        }
-    }
-    shared.metrics.all_attempts_failed.increment(1);
-    tracing::warn!(attempts, "every connect attempt failed");
-    None
-}
-
 /// Latency first (the apiserver's requests are small and interactive), and
 /// keepalive so a vanished peer does not pin a connection forever. Failures
 /// only lose an optimisation, so they are not fatal.
-fn set_options(stream: &TcpStream, shared: &Shared) {
+pub(super) fn set_options(stream: &TcpStream, shared: &Shared) {
     let _ = stream.set_nodelay(true);
     if let Some(ka) = &shared.keepalive {
         let _ = socket2::SockRef::from(stream).set_tcp_keepalive(ka);

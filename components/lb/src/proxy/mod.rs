@@ -1,5 +1,6 @@
 //! The L4 data path: accept a client, pick a backend, connect (retrying on
-//! another backend before the client sees anything; replaying the client's
+//! another backend before the client sees anything, racing a second one
+//! beside a connect that hangs; replaying the client's
 //! first bytes elsewhere when a backend accepts but dies before answering),
 //! then copy bytes both ways without looking at them. TLS passes through untouched, so clients
 //! see the apiserver's own certificate.
@@ -35,6 +36,7 @@ mod buffers;
 mod close;
 mod config;
 mod conn;
+mod connect;
 mod copy;
 mod gate;
 mod listeners;
@@ -87,6 +89,7 @@ struct Metrics {
     accept_errors_other: Counter,
     max_connections_reached: Counter,
     retries: Counter,
+    hedges: Counter,
     replays: Counter,
     no_backend: Counter,
     all_attempts_failed: Counter,
@@ -101,6 +104,7 @@ impl Metrics {
             accept_errors_other: metrics::counter!("bulwark_lb_accept_errors_total", "listener" => l.clone(), "reason" => "other"),
             max_connections_reached: metrics::counter!("bulwark_lb_max_connections_reached_total", "listener" => l.clone()),
             retries: metrics::counter!("bulwark_lb_retries_total", "listener" => l.clone()),
+            hedges: metrics::counter!("bulwark_lb_connect_hedges_total", "listener" => l.clone()),
             replays: metrics::counter!("bulwark_lb_first_flight_replays_total", "listener" => l.clone()),
             no_backend: metrics::counter!("bulwark_lb_connections_failed_total", "listener" => l.clone(), "reason" => "no_backend"),
             all_attempts_failed: metrics::counter!("bulwark_lb_connections_failed_total", "listener" => l, "reason" => "connect_failed"),

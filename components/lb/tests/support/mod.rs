@@ -135,6 +135,37 @@ impl ClosedBackend {
     }
 }
 
+/// A backend whose host hangs: connects to it are never answered. Its
+/// listener's accept queue holds one connection, that one is taken, and
+/// nothing accepts, so the kernel drops every later SYN (as a host that
+/// went dark, or an apiserver whose accept queue overflowed).
+pub struct HungBackend {
+    pub id: String,
+    address: SocketAddr,
+    _listener: TcpListener,
+    _filler: TcpStream,
+}
+
+impl HungBackend {
+    pub async fn start(id: &str) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let address = listener.local_addr().unwrap();
+        let filler = TcpStream::connect(address).await.unwrap();
+        Self {
+            id: id.into(),
+            address,
+            _listener: listener,
+            _filler: filler,
+        }
+    }
+
+    pub fn spec(&self, zone: &str) -> BackendSpec {
+        healthy_spec(&self.id, self.address, zone)
+    }
+}
+
 /// An active, healthy backend of weight 1 (no prober has said otherwise).
 fn healthy_spec(id: &str, address: SocketAddr, zone: &str) -> BackendSpec {
     BackendSpec {

@@ -370,6 +370,10 @@ struct BackendView {
     active_connections: u64,
     total_connections: u64,
     connect_errors: u64,
+    /// RFC 3339, to the second.
+    last_connect_error_at: Option<String>,
+    /// New connections on the answering node prefer the other backends.
+    avoided: bool,
 }
 
 #[derive(Serialize)]
@@ -420,6 +424,8 @@ fn backend_view(b: &lb::Backend) -> BackendView {
         active_connections: t.active_connections,
         total_connections: t.total_connections,
         connect_errors: t.connect_errors,
+        last_connect_error_at: ts(t.last_connect_error_at.as_ref()),
+        avoided: t.avoided,
     }
 }
 
@@ -444,44 +450,50 @@ fn member_view(m: &lb::Member) -> MemberView {
 }
 
 fn print_backends(format: OutputFormat, rows: &[BackendView]) -> Result<(), CliError> {
-    output::print(format, &rows, |rows| {
-        let cells: Vec<Vec<String>> = rows
-            .iter()
-            .map(|b| {
-                vec![
-                    b.id.clone(),
-                    b.address.clone(),
-                    b.zone.clone(),
-                    b.weight.to_string(),
-                    b.admin.clone(),
-                    b.verdict.clone(),
-                    if b.routable {
-                        "yes".into()
-                    } else {
-                        "no".into()
-                    },
-                    b.active_connections.to_string(),
-                    b.total_connections.to_string(),
-                    b.connect_errors.to_string(),
-                ]
-            })
-            .collect();
-        output::table(
-            &[
-                "ID",
-                "ADDRESS",
-                "ZONE",
-                "WEIGHT",
-                "ADMIN",
-                "VERDICT",
-                "ROUTABLE",
-                "ACTIVE",
-                "TOTAL",
-                "CONNECT-ERRORS",
-            ],
-            &cells,
-        )
-    })
+    output::print(format, &rows, |rows| render_backends(rows))
+}
+
+fn render_backends(rows: &[BackendView]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.clone(),
+                b.address.clone(),
+                b.zone.clone(),
+                b.weight.to_string(),
+                b.admin.clone(),
+                b.verdict.clone(),
+                if b.routable {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                b.active_connections.to_string(),
+                b.total_connections.to_string(),
+                b.connect_errors.to_string(),
+                cell(b.last_connect_error_at.as_ref()),
+                if b.avoided { "yes".into() } else { "no".into() },
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "ID",
+            "ADDRESS",
+            "ZONE",
+            "WEIGHT",
+            "ADMIN",
+            "VERDICT",
+            "ROUTABLE",
+            "ACTIVE",
+            "TOTAL",
+            "CONNECT-ERRORS",
+            "LAST-CONNECT-ERROR",
+            "AVOIDED",
+        ],
+        &cells,
+    )
 }
 
 impl LbCommand {
@@ -1193,6 +1205,51 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("-        -    -         -"), "{table}");
+    }
+
+    #[test]
+    fn an_avoided_backend_shows_when_its_last_connect_failed() {
+        let avoided = lb::Backend {
+            id: "api-a".into(),
+            traffic: Some(lb::BackendTraffic {
+                connect_errors: 3,
+                last_connect_error_at: Some(prost_types::Timestamp {
+                    seconds: 1_800_000_000,
+                    nanos: 500_000_000,
+                }),
+                avoided: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let fine = lb::Backend {
+            id: "api-b".into(),
+            traffic: Some(lb::BackendTraffic::default()),
+            ..Default::default()
+        };
+        let rows = vec![backend_view(&avoided), backend_view(&fine)];
+        let json = output::render(OutputFormat::Json, &rows, |_| String::new()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(json[0]["avoided"], true);
+        assert_eq!(json[0]["last_connect_error_at"], "2027-01-15T08:00:00Z");
+        assert_eq!(json[1]["avoided"], false);
+        assert!(json[1]["last_connect_error_at"].is_null(), "{json}");
+        let table = render_backends(&rows);
+        let line = |id: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(id))
+                .unwrap()
+                .to_owned()
+        };
+        assert!(
+            line("api-a").ends_with("3               2027-01-15T08:00:00Z  yes"),
+            "{table}"
+        );
+        assert!(
+            line("api-b").ends_with("0               -                     no"),
+            "{table}"
+        );
     }
 
     #[test]

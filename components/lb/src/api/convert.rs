@@ -150,7 +150,10 @@ pub fn backend_to_api(
                 bytes_client_to_backend: s.bytes_in,
                 bytes_backend_to_client: s.bytes_out,
                 connect_errors: s.connect_errors,
-                last_connect_error_at: None,
+                last_connect_error_at: s
+                    .last_connect_error_at
+                    .and_then(|t| bulwark_api::time::timestamp_to_proto(t).ok()),
+                avoided: s.avoided,
             }
         }),
     }

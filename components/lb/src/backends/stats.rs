@@ -104,6 +104,11 @@ pub struct StatsSnapshot {
     pub connect_errors: u64,
     /// Connect attempts to it that were retries after another backend failed.
     pub retries: u64,
+    /// When its last connect failed on this node; `None` if never.
+    pub last_connect_error_at: Option<SystemTime>,
+    /// New connections on this node prefer other backends: a connect to
+    /// it failed and none has succeeded since (one trial a second).
+    pub avoided: bool,
 }
 
 /// A backend as the API shows it: its spec, whether it takes new
@@ -181,6 +186,9 @@ pub struct BackendStats {
     published: Mutex<(u64, u64)>,
     connect_errors: AtomicU64,
     retries: AtomicU64,
+    /// When the last connect failed, in milliseconds since the Unix
+    /// epoch; 0 if never.
+    last_error_unix_ms: AtomicU64,
     /// Until when new connections prefer other backends, on [`mono_ns`]'s
     /// scale; 0 once a connect succeeded. Set by a failed connect and by
     /// a trial's pick.
@@ -214,6 +222,7 @@ impl BackendStats {
             published: Mutex::new((0, 0)),
             connect_errors: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            last_error_unix_ms: AtomicU64::new(0),
             avoid_until: AtomicU64::new(0),
             m: Handles {
                 active: metrics::gauge!("bulwark_lb_connections_active", "backend" => b.clone()),
@@ -237,6 +246,11 @@ impl BackendStats {
             bytes_out: self.bytes.iter().map(|s| s.out.load(Relaxed)).sum(),
             connect_errors: self.connect_errors.load(Relaxed),
             retries: self.retries.load(Relaxed),
+            last_connect_error_at: match self.last_error_unix_ms.load(Relaxed) {
+                0 => None,
+                ms => Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+            },
+            avoided: self.avoid_until.load(Relaxed) != 0,
         }
     }
 
@@ -294,6 +308,9 @@ impl BackendStats {
     pub(crate) fn connect_failed(&self, kind: ConnectErrorKind) -> bool {
         self.connect_errors.fetch_add(1, Relaxed);
         self.m.connect_errors[kind.index()].increment(1);
+        let wall = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
+        let ms = wall.map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.last_error_unix_ms.store(ms.max(1), Relaxed);
         let now = mono_ns();
         let until = now + AVOID_AFTER_FAILURE.as_nanos() as u64;
         let started = self.avoid_until.swap(until, Relaxed) == 0;

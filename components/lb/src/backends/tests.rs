@@ -80,12 +80,20 @@ fn stats_survive_publishes_by_id() {
     a.confirm();
     a.add_bytes_in(10);
     a.add_bytes_out(20);
+    let before = std::time::SystemTime::now();
     a.connect_failed(ConnectErrorKind::Refused);
+    let after = std::time::SystemTime::now();
     b.publish(vec![healthy("b", "z"), healthy("a", "y")], 2)
         .unwrap();
     let stats = b.stats();
     assert_eq!(stats[1].spec.id, "a");
     assert_eq!(stats[1].spec.zone, "y");
+    let failed_at = stats[1].stats.last_connect_error_at.unwrap();
+    // Kept in whole milliseconds.
+    assert!(
+        failed_at + std::time::Duration::from_millis(1) > before && failed_at <= after,
+        "{failed_at:?} not within {before:?}..{after:?}"
+    );
     assert_eq!(
         stats[1].stats,
         StatsSnapshot {
@@ -94,7 +102,9 @@ fn stats_survive_publishes_by_id() {
             bytes_in: 10,
             bytes_out: 20,
             connect_errors: 1,
-            retries: 0
+            retries: 0,
+            last_connect_error_at: Some(failed_at),
+            avoided: true,
         }
     );
     assert_eq!(stats[0].stats, StatsSnapshot::default());
@@ -226,10 +236,14 @@ fn a_backend_whose_connect_failed_is_avoided_until_one_to_it_succeeds() {
     );
     assert_eq!(set.pick(b.mode(), &[bi, ci]).unwrap().id(), "a");
 
+    assert!(a.snapshot().avoided, "the API shows it");
+
     // A connect to it that succeeds (one that raced the failure) ends it.
     a.reserve();
     a.confirm();
     assert!(!a.avoided());
+    assert!(!a.snapshot().avoided);
+    assert!(a.snapshot().last_connect_error_at.is_some(), "still when");
     assert!(picks(&b, 100).contains("a"));
 }
 

@@ -84,7 +84,9 @@ pub struct Args {
     compare_buffered: bool,
     /// Another `bulwark-lb` binary (e.g. a build of an earlier commit) to
     /// run as one more contender, named after its file; repeatable. Compares
-    /// two builds in one run, on the same machine state.
+    /// two builds in one run, on the same machine state. Every build reads
+    /// a configuration holding only what differs from the defaults, so a
+    /// build from before a field was added starts too.
     #[arg(long = "also-lb")]
     also_lb: Vec<PathBuf>,
     /// HAProxy binary.
@@ -261,7 +263,9 @@ fn bulwark_lb(
         .enumerate()
         .map(|(i, b)| config::lb_backend(&format!("b{i}"), *b, ""))
         .collect();
-    let config = config::write(work.join("lb.yaml"), &c)?;
+    // Only what differs from the defaults: an --also-lb build from before
+    // a field was added reads the same file.
+    let config = config::write_lean(work.join("lb.yaml"), &c, &config::lb(1), &["nodeId"])?;
     let mut cmd = pinned(&args.cpus_proxy, bin);
     cmd.arg("--config")
         .arg(&config)

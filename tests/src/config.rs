@@ -53,6 +53,89 @@ pub fn write<T: ComponentConfig + Serialize>(
     Ok(path)
 }
 
+/// Writes the part of `config` that differs from `baseline` (the daemon's
+/// defaults, e.g. [`lb`] with the same node id), with `apiVersion`, `kind`
+/// and the top-level `keep` fields (the required ones) always, and
+/// returns the path. Such a file also starts an older build of the daemon
+/// as long as the fields it sets existed then: a field added since is at
+/// its default and left out, where [`write`]'s full file would be refused
+/// as an unknown field. For comparing builds (`bulwark-bench datapath
+/// --also-lb`); each build runs with its own defaults for the rest.
+///
+/// A section is pared down field by field only where that parses back to
+/// the same section: a partial section takes its fields' own defaults,
+/// which are not always the whole section's (an `access:` without
+/// `peers` has none, while a config without `access:` has the default
+/// peers), and such a section is written whole.
+pub fn write_lean<T: ComponentConfig + Serialize + DeserializeOwned>(
+    path: impl Into<PathBuf>,
+    config: &T,
+    baseline: &T,
+    keep: &[&str],
+) -> anyhow::Result<PathBuf> {
+    let (Value::Mapping(fields), Value::Mapping(base)) = (
+        serde_yaml_ng::to_value(config)?,
+        serde_yaml_ng::to_value(baseline)?,
+    ) else {
+        anyhow::bail!("a {} does not serialize to a mapping", T::KIND);
+    };
+    let mut lean = Mapping::new();
+    for (k, v) in &fields {
+        let kept = keep.iter().any(|f| k.as_str() == Some(*f));
+        let v = if kept {
+            Some(v.clone())
+        } else {
+            differing(v.clone(), base.get(k))?
+        };
+        if let Some(v) = v {
+            lean.insert(k.clone(), v);
+        }
+    }
+    // Sections whose pared-down form means something else go whole.
+    let back = serde_yaml_ng::to_value(serde_yaml_ng::from_value::<T>(Value::Mapping(
+        lean.clone(),
+    ))?)?;
+    for (k, v) in &fields {
+        if back.get(k) != Some(v) {
+            lean.insert(k.clone(), v.clone());
+        }
+    }
+    let mut doc = Mapping::new();
+    doc.insert("apiVersion".into(), API_VERSION.into());
+    doc.insert("kind".into(), T::KIND.into());
+    doc.extend(lean);
+    let path = path.into();
+    std::fs::write(&path, serde_yaml_ng::to_string(&doc)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// What of `value` differs from `base`: mappings key by key, recursively,
+/// anything else whole; `None` when nothing does. An error when `base` has
+/// a field that `value` leaves out (an unset option whose default is set),
+/// which a file without it could not say.
+fn differing(value: Value, base: Option<&Value>) -> anyhow::Result<Option<Value>> {
+    let Some(base) = base else {
+        return Ok(Some(value));
+    };
+    if &value == base {
+        return Ok(None);
+    }
+    let (Value::Mapping(fields), Value::Mapping(base)) = (&value, base) else {
+        return Ok(Some(value));
+    };
+    if let Some((missing, _)) = base.iter().find(|(k, _)| !fields.contains_key(*k)) {
+        anyhow::bail!("{missing:?} is set by default and unset here: a lean file cannot say so");
+    }
+    let mut kept = Mapping::new();
+    for (k, v) in fields {
+        if let Some(v) = differing(v.clone(), base.get(k))? {
+            kept.insert(k.clone(), v);
+        }
+    }
+    Ok(Some(Value::Mapping(kept)))
+}
+
 /// `config` as its daemon reads it from a file: serialized, parsed and
 /// validated (not preflighted). For in-process tests that hand the config
 /// to `run` directly, so it has passed the same checks as a file would.
@@ -191,6 +274,37 @@ mod tests {
 
     fn as_value<T: Serialize>(t: &T) -> Value {
         serde_yaml_ng::to_value(t).expect("serializes")
+    }
+
+    #[test]
+    fn a_lean_file_holds_what_differs_from_the_defaults_and_parses_back() {
+        let pki = crate::Pki::new().expect("pki");
+        let cert = pki
+            .peer("lb-1", &["bulwark:lb"], &["127.0.0.1"])
+            .expect("cert");
+        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let members = [lb_member(1, "lb-1", "a", a(9441), a(9442))];
+        let dir = tempfile::tempdir().expect("dir");
+        let mut c = lb_node(&members, 1, &cert, dir.path()).expect("node");
+        c.proxy.splice = false;
+        let path = write_lean(dir.path().join("lb.yaml"), &c, &lb(1), &["nodeId"]).expect("lean");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            text.starts_with(&format!(
+                "apiVersion: {API_VERSION}\nkind: LoadBalancerConfiguration\nnodeId: 1\n"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("proxy:\n  splice: false\n"), "{text}");
+        // A partial `access:` would lose the default peers: written whole.
+        assert!(text.contains("peers:"), "{text}");
+        assert!(
+            !text.contains("connectTimeout"),
+            "a default was written:\n{text}"
+        );
+        let back: LbConfig = from_str_with(Some(&text), None, &Overrides::new())
+            .unwrap_or_else(|e| panic!("{e}:\n{text}"));
+        assert_eq!(back, c);
     }
 
     #[test]

@@ -253,7 +253,9 @@ fn bulwark_lb(
         ..config::lb_member(1, "", "", raft, api)
     }];
     c.local_listener = Some(addr);
-    c.logging.level = "warn,bulwark_lb::node=info".into();
+    // The line `wait_seeded` waits for: from raft::seed since b565451,
+    // from node before (an --also-lb build may be older).
+    c.logging.level = "warn,bulwark_lb::raft::seed=info,bulwark_lb::node=info".into();
     c.proxy.splice = !buffered;
     if let Some(b) = args.buffer_size {
         c.proxy.buffer_size = b;

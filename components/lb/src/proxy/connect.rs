@@ -205,7 +205,7 @@ impl<'s, 't> Race<'s, 't> {
                     return None;
                 }
             }
-            let next = self.next_deadline(timeout);
+            let next = self.next_deadline(now, timeout);
             if next != timer.deadline() {
                 timer.as_mut().reset(next);
             }
@@ -251,6 +251,12 @@ impl<'s, 't> Race<'s, 't> {
         }
     }
 
+    /// Whether another connect may start: a pick has not come up empty
+    /// and tries are left.
+    fn can_start(&self) -> bool {
+        !self.exhausted && self.tried.len < self.attempts
+    }
+
     fn in_flight(&self) -> usize {
         self.slots.iter().flatten().count()
     }
@@ -259,7 +265,7 @@ impl<'s, 't> Race<'s, 't> {
     /// with hedging off, two in flight, or nothing left to try.
     fn hedge_at(&self) -> Option<Instant> {
         let after = self.shared.config.hedge_after()?;
-        if self.exhausted || self.tried.len >= self.attempts {
+        if !self.can_start() {
             return None;
         }
         match &self.slots {
@@ -269,20 +275,21 @@ impl<'s, 't> Race<'s, 't> {
     }
 
     /// The next moment the race must look at the clock: a connect's
-    /// timeout or the moment to race a second one.
-    fn next_deadline(&self, timeout: Duration) -> Instant {
+    /// timeout or the moment to race a second one (`now + timeout` with
+    /// nothing in flight, which `run` never waits on).
+    fn next_deadline(&self, now: Instant, timeout: Duration) -> Instant {
         let timeouts = self.slots.iter().flatten().map(|a| a.started + timeout);
         timeouts
             .chain(self.hedge_at())
             .min()
-            .unwrap_or_else(|| Instant::now() + timeout)
+            .unwrap_or(now + timeout)
     }
 
     /// Picks the next backend and reserves a slot on it (so concurrent
     /// picks see the load this connection is about to add). Its race slot
     /// and address, or `None` when nothing is left to try.
     fn start(&mut self, now: Instant) -> Option<(usize, SocketAddr)> {
-        if self.exhausted || self.tried.len >= self.attempts {
+        if !self.can_start() {
             return None;
         }
         let Some(backend) = self
